@@ -1,0 +1,1 @@
+"""bpfilter: iptables' legacy setsockopt ABI, enforced by eBPF programs at the netfilter hooks."""

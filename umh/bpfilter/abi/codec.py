@@ -1,0 +1,607 @@
+"""Parse, validate and rebuild the ipt_replace blob of IPT_SO_SET_REPLACE.
+
+parse_replace() refuses what the kernel's do_replace() -> translate_table()
+(net/ipv4/netfilter/ip_tables.c, net/netfilter/x_tables.c) refuses, with the
+same errno, and in the same order, so that the first error reported is the one
+the kernel would report.  What it does not do is find_check_entry(): looking
+up each extension and running its checkentry belongs to the layer above, which
+walks the entries in order and calls check_builtin_target() for the standard
+and error targets.
+"""
+import errno
+import struct
+
+from ..errors import BpfilterError, invalid
+from .xtables import (
+    BUILTIN_TABLES,
+    HOOK_NAMES,
+    INT_MAX,
+    IPT_F_MASK,
+    IPT_INV_MASK,
+    NF_ACCEPT,
+    NF_DROP,
+    NF_INET_NUMHOOKS,
+    NF_QUEUE,
+    SIZEOF_IPT_ENTRY,
+    SIZEOF_IPT_GET_ENTRIES,
+    SIZEOF_IPT_GETINFO,
+    SIZEOF_IPT_IP,
+    SIZEOF_IPT_REPLACE,
+    SIZEOF_XT_COUNTERS,
+    SIZEOF_XT_COUNTERS_INFO,
+    SIZEOF_XT_ENTRY_HEADER,
+    SIZEOF_XT_ERROR_TARGET,
+    SIZEOF_XT_STANDARD_TARGET,
+    SIZEOF_XT_TABLE_INFO,
+    USERSIZE,
+    XT_ALIGN,
+    XT_ERROR_TARGET,
+    XT_FUNCTION_MAXNAMELEN,
+    XT_MAX_TABLE_SIZE,
+    XT_RETURN,
+    XT_STANDARD_TARGET,
+    XT_TABLE_MAXNAMELEN,
+    RawEntry,
+    RawIp,
+    RawMatch,
+    RawTable,
+    RawTarget,
+    cstr,
+    ipt_entry,
+    ipt_get_entries,
+    ipt_getinfo,
+    ipt_replace,
+    name_field,
+    xt_counters,
+    xt_counters_info,
+    xt_entry_match,
+    xt_entry_target,
+)
+
+_UNSET = 0xFFFFFFFF
+_IN_PROGRESS = 1 << NF_INET_NUMHOOKS  # mark_source_chains' "on the current path" bit
+_UNCONDITIONAL_IP = bytes(SIZEOF_IPT_IP)
+
+
+def _hook_name(h: int) -> str:
+    return HOOK_NAMES[h]
+
+
+def _fault(message: str) -> BpfilterError:
+    return BpfilterError(errno.EFAULT, message)
+
+
+# ---------------------------------------------------------------- header
+
+
+def _parse_header(blob: bytes, optlen: "int | None"):
+    if optlen is not None and optlen < SIZEOF_IPT_REPLACE:
+        raise invalid(f"option length {optlen} is shorter than struct ipt_replace ({SIZEOF_IPT_REPLACE} bytes)")
+    if len(blob) < SIZEOF_IPT_REPLACE:
+        raise _fault(
+            f"only {len(blob)} bytes readable, the kernel would fault copying the "
+            f"{SIZEOF_IPT_REPLACE}-byte ipt_replace header"
+        )
+    hdr = ipt_replace.parse(blob[:SIZEOF_IPT_REPLACE])
+    if hdr.num_counters >= INT_MAX // SIZEOF_XT_COUNTERS:
+        raise BpfilterError(errno.ENOMEM, f"num_counters {hdr.num_counters} is too large")
+    if hdr.num_counters == 0:
+        raise invalid("num_counters is 0")
+    if optlen is not None and optlen < hdr.size + SIZEOF_IPT_REPLACE:
+        raise invalid(
+            f"option length {optlen} is shorter than the header plus the {hdr.size} bytes of entries it announces"
+        )
+    if SIZEOF_XT_TABLE_INFO + hdr.size >= XT_MAX_TABLE_SIZE:
+        raise BpfilterError(errno.ENOMEM, f"table size {hdr.size} exceeds the kernel's table size limit")
+    if len(blob) < SIZEOF_IPT_REPLACE + hdr.size:
+        raise _fault(
+            f"size announces {hdr.size} bytes of entries but only {len(blob) - SIZEOF_IPT_REPLACE} "
+            "follow the header; the kernel would fault copying them"
+        )
+    # xt_alloc_entry_offsets() refuses an offsets array larger than the table limit.
+    if hdr.num_entries > XT_MAX_TABLE_SIZE // 4:
+        raise BpfilterError(errno.ENOMEM, f"num_entries {hdr.num_entries} is too large")
+    # The kernel forces the last byte of the name to NUL before using it.
+    return RawTable(
+        name=cstr(hdr.name[: XT_TABLE_MAXNAMELEN - 1]),
+        valid_hooks=hdr.valid_hooks,
+        hook_entry=list(hdr.hook_entry),
+        underflow=list(hdr.underflow),
+        num_entries=hdr.num_entries,
+        size=hdr.size,
+        num_counters=hdr.num_counters,
+        counters_ptr=hdr.counters,
+    )
+
+
+# ---------------------------------------------------------------- entries
+
+
+def _verdict_ok(verdict: int) -> bool:
+    if verdict > 0:
+        return True
+    return verdict in (XT_RETURN, -NF_ACCEPT - 1, -NF_DROP - 1, -NF_QUEUE - 1)
+
+
+def _check_entry_offsets(raw: bytes, index: int, off: int, target_offset: int, next_offset: int) -> None:
+    """xt_check_entry_offsets(): the target and the match chain fit the entry."""
+    where = f"offset {off}: "
+    if target_offset < SIZEOF_IPT_ENTRY:
+        raise invalid(where + f"target_offset {target_offset} points inside the {SIZEOF_IPT_ENTRY}-byte ipt_entry", index)
+    if target_offset + SIZEOF_XT_ENTRY_HEADER > next_offset:
+        raise invalid(where + f"target_offset {target_offset} leaves no room for a target before next_offset {next_offset}", index)
+    target_size = struct.unpack_from("<H", raw, target_offset)[0]
+    if target_size < SIZEOF_XT_ENTRY_HEADER:
+        raise invalid(where + f"target_size {target_size} is smaller than the target header", index)
+    if target_offset + target_size > next_offset:
+        raise invalid(where + f"target (offset {target_offset}, size {target_size}) runs past next_offset {next_offset}", index)
+    name = cstr(raw[target_offset + 2 : target_offset + 2 + 29])
+    if name == XT_STANDARD_TARGET:
+        if XT_ALIGN(target_offset + SIZEOF_XT_STANDARD_TARGET) != next_offset:
+            raise invalid(
+                where + f"standard target at {target_offset} needs next_offset "
+                f"{XT_ALIGN(target_offset + SIZEOF_XT_STANDARD_TARGET)}, not {next_offset}",
+                index,
+            )
+        verdict = struct.unpack_from("<i", raw, target_offset + SIZEOF_XT_ENTRY_HEADER)[0]
+        if not _verdict_ok(verdict):
+            raise invalid(where + f"standard target verdict {verdict} is neither a jump nor ACCEPT/DROP/QUEUE/RETURN", index)
+    elif name == XT_ERROR_TARGET:
+        if target_size != SIZEOF_XT_ERROR_TARGET:
+            raise invalid(where + f"ERROR target size {target_size} is not {SIZEOF_XT_ERROR_TARGET}", index)
+        errorname = raw[target_offset + SIZEOF_XT_ENTRY_HEADER : target_offset + SIZEOF_XT_ENTRY_HEADER + XT_FUNCTION_MAXNAMELEN]
+        if b"\0" not in errorname:
+            raise invalid(where + "ERROR target name is not NUL-terminated", index)
+    _check_entry_match(raw, index, off, target_offset)
+
+
+def _check_entry_match(raw: bytes, index: int, off: int, target_offset: int) -> None:
+    """xt_check_entry_match(): the matches tile [112, target_offset) exactly."""
+    pos = SIZEOF_IPT_ENTRY
+    length = target_offset - pos
+    while length > 0:
+        where = f"offset {off}: match at {pos}: "
+        # The entry itself is 8-byte aligned here, so the in-entry offset decides.
+        if pos % 8:
+            raise invalid(where + "not 8-byte aligned", index)
+        if length < SIZEOF_XT_ENTRY_HEADER:
+            raise invalid(where + f"only {length} bytes left before the target, less than a match header", index)
+        match_size = struct.unpack_from("<H", raw, pos)[0]
+        if match_size < SIZEOF_XT_ENTRY_HEADER:
+            raise invalid(where + f"match_size {match_size} is smaller than the match header", index)
+        if match_size > length:
+            raise invalid(where + f"match_size {match_size} runs past target_offset {target_offset}", index)
+        length -= match_size
+        pos += match_size
+
+
+def _unconditional(e: RawEntry) -> bool:
+    return e.target_offset == SIZEOF_IPT_ENTRY and e.raw[:SIZEOF_IPT_IP] == _UNCONDITIONAL_IP
+
+
+def _std_verdict(e: RawEntry) -> "int | None":
+    if e.target.name != XT_STANDARD_TARGET:
+        return None
+    return struct.unpack_from("<i", e.raw, e.target_offset + SIZEOF_XT_ENTRY_HEADER)[0]
+
+
+def _check_underflow(e: RawEntry) -> bool:
+    """A chain policy: an unconditional standard ACCEPT or DROP."""
+    verdict = _std_verdict(e)
+    if not _unconditional(e) or verdict is None:
+        return False
+    return ((-verdict - 1) & 0xFFFFFFFF) in (NF_DROP, NF_ACCEPT)
+
+
+def _decode_entry(raw: bytes, index: int, off: int) -> RawEntry:
+    """Only for an entry that passed _check_entry_offsets()."""
+    h = ipt_entry.parse(raw[:SIZEOF_IPT_ENTRY])
+    matches = []
+    pos = SIZEOF_IPT_ENTRY
+    while pos < h.target_offset:
+        m = xt_entry_match.parse(raw[pos : pos + SIZEOF_XT_ENTRY_HEADER])
+        matches.append(
+            RawMatch(
+                name=cstr(m.name),
+                revision=m.revision,
+                size=m.match_size,
+                data=raw[pos + SIZEOF_XT_ENTRY_HEADER : pos + m.match_size],
+            )
+        )
+        pos += m.match_size
+    to = h.target_offset
+    t = xt_entry_target.parse(raw[to : to + SIZEOF_XT_ENTRY_HEADER])
+    target = RawTarget(
+        name=cstr(t.name),
+        revision=t.revision,
+        size=t.target_size,
+        data=raw[to + SIZEOF_XT_ENTRY_HEADER : to + t.target_size],
+    )
+    body = to + SIZEOF_XT_ENTRY_HEADER
+    if target.name == XT_STANDARD_TARGET:
+        # Read where the kernel reads it, even if target_size claims less.
+        target.verdict = struct.unpack_from("<i", raw, body)[0]
+    elif target.name == XT_ERROR_TARGET:
+        target.errorname = cstr(raw[body : body + XT_FUNCTION_MAXNAMELEN])
+    ip = h.ip
+    return RawEntry(
+        index=index,
+        offset=off,
+        ip=RawIp(
+            src=ip.src, dst=ip.dst, smsk=ip.smsk, dmsk=ip.dmsk,
+            iniface=ip.iniface, outiface=ip.outiface,
+            iniface_mask=ip.iniface_mask, outiface_mask=ip.outiface_mask,
+            proto=ip.proto, flags=ip.flags, invflags=ip.invflags,
+        ),
+        nfcache=h.nfcache,
+        target_offset=h.target_offset,
+        next_offset=h.next_offset,
+        comefrom=h.comefrom,
+        pcnt=h.counters.pcnt,
+        bcnt=h.counters.bcnt,
+        matches=matches,
+        target=target,
+        raw=raw,
+    )
+
+
+def _walk_entries(table: RawTable, body: bytes, hook_entry: list, underflow: list) -> None:
+    """translate_table()'s first pass: check_entry_size_and_hooks() on each entry."""
+    off = 0
+    index = 0
+    while off < table.size:
+        where = f"offset {off}: "
+        # entries[] is 8-byte aligned in the kernel, so only the offset matters.
+        if off % 8:
+            raise invalid(where + "entry is not 8-byte aligned (previous next_offset is not a multiple of 8)", index)
+        if off + SIZEOF_IPT_ENTRY >= table.size:
+            raise invalid(where + f"only {table.size - off} bytes left, not enough for an entry", index)
+        next_offset = struct.unpack_from("<H", body, off + 90)[0]
+        if off + next_offset > table.size:
+            raise invalid(where + f"next_offset {next_offset} runs past the end of the table ({table.size} bytes)", index)
+        if next_offset < SIZEOF_IPT_ENTRY + SIZEOF_XT_ENTRY_HEADER:
+            raise invalid(where + f"next_offset {next_offset} is smaller than an entry with a target", index)
+        raw = body[off : off + next_offset]
+        flags, invflags = raw[82], raw[83]
+        if flags & ~IPT_F_MASK:
+            raise invalid(where + f"unknown ip flags 0x{flags & ~IPT_F_MASK:02x}", index)
+        if invflags & ~IPT_INV_MASK:
+            raise invalid(where + f"unknown ip invflags 0x{invflags & ~IPT_INV_MASK:02x}", index)
+        target_offset = struct.unpack_from("<H", raw, 88)[0]
+        _check_entry_offsets(raw, index, off, target_offset, next_offset)
+        e = _decode_entry(raw, index, off)
+        for h in range(NF_INET_NUMHOOKS):
+            if not table.valid_hooks & (1 << h):
+                continue
+            if off == table.hook_entry[h]:
+                hook_entry[h] = off
+            if off == table.underflow[h]:
+                if not _check_underflow(e):
+                    raise invalid(
+                        where + f"underflow (policy) of {_hook_name(h)} is not an unconditional ACCEPT or DROP", index
+                    )
+                underflow[h] = off
+        table.entries.append(e)
+        off += next_offset
+        index += 1
+
+
+def _check_table_hooks(valid_hooks: int, hook_entry: list, underflow: list) -> None:
+    """xt_check_table_hooks(): every valid hook set, hooks in ascending order."""
+    max_entry = max_uflow = 0
+    seen = False
+    for h in range(NF_INET_NUMHOOKS):
+        if not valid_hooks & (1 << h):
+            continue
+        name = _hook_name(h)
+        if hook_entry[h] == _UNSET:
+            raise invalid(f"hook {name}: hook_entry does not point at the start of an entry")
+        if underflow[h] == _UNSET:
+            raise invalid(f"hook {name}: underflow does not point at the start of an entry")
+        if seen:
+            if max_uflow > underflow[h]:
+                raise invalid(f"hook {name}: underflow {underflow[h]} is below the previous hook's {max_uflow}")
+            if max_uflow == underflow[h]:
+                raise invalid(f"hook {name}: underflow {underflow[h]} duplicates the previous hook's")
+            if max_entry > hook_entry[h]:
+                raise invalid(f"hook {name}: hook_entry {hook_entry[h]} is below the previous hook's {max_entry}")
+            if max_entry == hook_entry[h]:
+                raise invalid(f"hook {name}: hook_entry {hook_entry[h]} duplicates the previous hook's")
+        max_entry, max_uflow = hook_entry[h], underflow[h]
+        seen = True
+
+
+def _eloop(e: RawEntry, message: str) -> BpfilterError:
+    return BpfilterError(errno.ELOOP, f"offset {e.offset}: {message}", e.index)
+
+
+def _mark_source_chains(table: RawTable, hook_entry: list) -> None:
+    """mark_source_chains(), step for step: a depth-first walk from every hook
+    that keeps its back pointers in the (zeroed) counters and its path marks in
+    comefrom, failing on a loop, a jump to no entry start or a fall off the end.
+    The comefrom values it leaves are stored as hook_mask."""
+    entries = table.entries
+    by_offset = {e.offset: e.index for e in entries}
+    comefrom = [0] * len(entries)
+    back = [0] * len(entries)
+    for hook in range(NF_INET_NUMHOOKS):
+        if not table.valid_hooks & (1 << hook):
+            continue
+        pos = hook_entry[hook]
+        i = by_offset[pos]
+        back[i] = pos
+        while True:
+            e = entries[i]
+            visited = comefrom[i] & (1 << hook)
+            if comefrom[i] & _IN_PROGRESS:
+                raise _eloop(e, f"rule loop: reached again from {_hook_name(hook)} while still on its path")
+            comefrom[i] |= (1 << hook) | _IN_PROGRESS
+            verdict = _std_verdict(e)
+            if (_unconditional(e) and verdict is not None and verdict < 0) or visited:
+                # A return or a chain's end: unwind to the last jump.
+                while True:
+                    comefrom[i] ^= _IN_PROGRESS
+                    oldpos, pos = pos, back[i]
+                    back[i] = 0
+                    if pos == oldpos:
+                        break
+                    i = by_offset[pos]
+                    if oldpos != pos + entries[i].next_offset:
+                        break
+                if pos == oldpos:
+                    break
+                e = entries[i]
+                nxt = pos + e.next_offset
+                if nxt >= table.size:
+                    raise _eloop(e, f"returning from a jump falls off the end of the table (reached from {_hook_name(hook)})")
+                i = by_offset[nxt]
+                back[i] = pos
+                pos = nxt
+            else:
+                if verdict is not None and verdict >= 0:
+                    if verdict not in by_offset:
+                        raise _eloop(e, f"jump to offset {verdict}, which is not the start of an entry")
+                    newpos = verdict
+                else:
+                    newpos = pos + e.next_offset
+                    if newpos >= table.size:
+                        raise _eloop(e, f"falls through past the last entry (reached from {_hook_name(hook)})")
+                i = by_offset[newpos]
+                back[i] = pos
+                pos = newpos
+    for e, mask in zip(entries, comefrom):
+        e.hook_mask = mask
+
+
+def parse_replace(blob: bytes, optlen: "int | None" = None, tables: "dict | None" = None) -> RawTable:
+    """Parse and validate what iptables passes to setsockopt(IPT_SO_SET_REPLACE).
+
+    optlen is the setsockopt option length when known; the kernel answers a
+    length shorter than the data it announces with EINVAL.  Without it, blob is
+    taken as all the caller's memory that could be read, so data announced but
+    missing is the EFAULT the kernel's copy_from_user would hit.
+
+    tables maps the table names that exist to their valid_hooks (default: the
+    kernel's built-in IPv4 tables); the num_counters == current rule count check
+    (EAGAIN) needs the live table and is the caller's.
+    """
+    blob = bytes(blob)
+    table = _parse_header(blob, optlen)
+    body = blob[SIZEOF_IPT_REPLACE : SIZEOF_IPT_REPLACE + table.size]
+    hook_entry = [_UNSET] * NF_INET_NUMHOOKS
+    underflow = [_UNSET] * NF_INET_NUMHOOKS
+    _walk_entries(table, body, hook_entry, underflow)
+    if len(table.entries) != table.num_entries:
+        raise invalid(f"num_entries is {table.num_entries} but the {table.size} bytes hold {len(table.entries)} entries")
+    _check_table_hooks(table.valid_hooks, hook_entry, underflow)
+    _mark_source_chains(table, hook_entry)
+    # __do_replace(): xt_counters_alloc(), then the table lookup.
+    if table.num_counters * SIZEOF_XT_COUNTERS > XT_MAX_TABLE_SIZE:
+        raise BpfilterError(errno.ENOMEM, f"num_counters {table.num_counters} is too large")
+    known = BUILTIN_TABLES if tables is None else tables
+    if table.name not in known:
+        raise BpfilterError(errno.ENOENT, f"no table named {table.name!r}")
+    if table.valid_hooks != known[table.name]:
+        raise invalid(
+            f"valid_hooks 0x{table.valid_hooks:x} differ from table {table.name!r}'s 0x{known[table.name]:x}"
+        )
+    return table
+
+
+def check_builtin_target(entry: RawEntry) -> None:
+    """find_check_entry()'s xt_check_target() for the two targets ip_tables
+    itself registers (revision 0, payload XT_ALIGN(sizeof(int)) and
+    XT_ALIGN(XT_FUNCTION_MAXNAMELEN)).  Call it in find_check_entry order:
+    after the entry's matches, instead of an extension's target check."""
+    t = entry.target
+    where = f"offset {entry.offset}: "
+    if t.name == XT_STANDARD_TARGET:
+        want, what = SIZEOF_XT_STANDARD_TARGET, "standard target"
+    elif t.name == XT_ERROR_TARGET:
+        want, what = SIZEOF_XT_ERROR_TARGET, "ERROR target"
+    else:
+        raise ValueError(f"{t.name!r} is not a built-in target")
+    if t.revision != 0:
+        raise BpfilterError(errno.EPROTOTYPE, where + f"{what} has no revision {t.revision}", entry.index)
+    if t.size != want:
+        raise invalid(where + f"{what} size {t.size} is not {want}", entry.index)
+
+
+# ---------------------------------------------------------------- building
+
+
+def _build_entry(e: RawEntry) -> bytes:
+    ip = e.ip
+    out = bytearray(
+        ipt_entry.build(
+            dict(
+                ip=dict(
+                    src=ip.src, dst=ip.dst, smsk=ip.smsk, dmsk=ip.dmsk,
+                    iniface=ip.iniface, outiface=ip.outiface,
+                    iniface_mask=ip.iniface_mask, outiface_mask=ip.outiface_mask,
+                    proto=ip.proto, flags=ip.flags, invflags=ip.invflags,
+                ),
+                nfcache=e.nfcache,
+                target_offset=e.target_offset,
+                next_offset=e.next_offset,
+                comefrom=e.comefrom,
+                counters=dict(pcnt=e.pcnt, bcnt=e.bcnt),
+            )
+        )
+    )
+    for m in e.matches:
+        out += xt_entry_match.build(dict(match_size=m.size, name=name_field(m.name, 29), revision=m.revision))
+        out += m.data
+    t = e.target
+    tpos = len(out)
+    out += xt_entry_target.build(dict(target_size=t.size, name=name_field(t.name, 29), revision=t.revision))
+    out += t.data
+    if len(out) < e.next_offset:
+        out += bytes(e.next_offset - len(out))
+    body = tpos + SIZEOF_XT_ENTRY_HEADER
+    if t.verdict is not None and body + 4 <= len(out):
+        struct.pack_into("<i", out, body, t.verdict)
+    if t.errorname is not None and body + XT_FUNCTION_MAXNAMELEN <= len(out):
+        out[body : body + XT_FUNCTION_MAXNAMELEN] = name_field(t.errorname, XT_FUNCTION_MAXNAMELEN)
+    return bytes(out)
+
+
+def build_replace(table: RawTable) -> bytes:
+    """The ipt_replace blob for table, from its fields (not from entry.raw).
+
+    Bytes nothing reads are written as zeros, as iptables writes them: those
+    after a name's NUL and those between an entry's target and next_offset.
+    verdict and errorname, when set, override the start of the target payload.
+    """
+    hdr = ipt_replace.build(
+        dict(
+            name=name_field(table.name, XT_TABLE_MAXNAMELEN),
+            valid_hooks=table.valid_hooks,
+            num_entries=table.num_entries,
+            size=table.size,
+            hook_entry=table.hook_entry,
+            underflow=table.underflow,
+            num_counters=table.num_counters,
+            counters=table.counters_ptr,
+        )
+    )
+    return hdr + b"".join(_build_entry(e) for e in table.entries)
+
+
+def _payload_to_user(kind: str, obj, size: int) -> bytes:
+    """xt_data_to_user(): the first usersize bytes, zeros up to the payload end."""
+    data = obj.data[: size - SIZEOF_XT_ENTRY_HEADER]
+    usersize = USERSIZE.get((kind, obj.name, obj.revision))
+    if kind == "target" and obj.name == XT_STANDARD_TARGET:
+        usersize = 4
+    elif kind == "target" and obj.name == XT_ERROR_TARGET:
+        usersize = XT_FUNCTION_MAXNAMELEN
+    if usersize is not None:
+        data = data[:usersize] + bytes(max(0, len(data) - usersize))
+    return data
+
+
+def entries_as_kernel_returns(table: RawTable, counters: "list[tuple[int, int]]") -> bytes:
+    """What IPT_SO_GET_ENTRIES returns for table (as accepted by parse_replace).
+
+    copy_entries_to_user() copies each ipt_entry header with comefrom as
+    mark_source_chains left it and counters[i] = (pcnt, bcnt) put in, then
+    rewrites every match and target through xt_match_to_user() /
+    xt_target_to_user(): size, the extension's name up to its NUL, revision,
+    and the payload with kernel-private bytes (past usersize, and the
+    alignment padding of the built-in targets) zeroed.  Bytes the kernel never
+    writes keep the caller's buffer, taken here to be zero-filled.
+    """
+    if len(counters) != len(table.entries):
+        raise ValueError(f"{len(counters)} counters for {len(table.entries)} entries")
+    out = bytearray(table.size)
+    for e, (pcnt, bcnt) in zip(table.entries, counters):
+        base = e.offset
+        out[base : base + SIZEOF_IPT_ENTRY] = e.raw[:SIZEOF_IPT_ENTRY]
+        struct.pack_into("<I", out, base + 92, e.hook_mask)
+        out[base + 96 : base + 112] = xt_counters.build(dict(pcnt=pcnt, bcnt=bcnt))
+        pos = base + SIZEOF_IPT_ENTRY
+        for m in e.matches:
+            hdr = xt_entry_match.build(dict(match_size=m.size, name=name_field(m.name, 29), revision=m.revision))
+            blob = hdr + _payload_to_user("match", m, m.size)
+            out[pos : pos + len(blob)] = blob
+            pos += m.size
+        t = e.target
+        tpos = base + e.target_offset
+        hdr = xt_entry_target.build(dict(target_size=t.size, name=name_field(t.name, 29), revision=t.revision))
+        blob = hdr + _payload_to_user("target", t, t.size)
+        out[tpos : tpos + len(blob)] = blob
+    return bytes(out)
+
+
+# ---------------------------------------------------------------- getsockopt replies
+
+
+def getinfo_bytes(table: RawTable) -> bytes:
+    """IPT_SO_GET_INFO's reply; hooks the table lacks read 0xFFFFFFFF, as
+    translate_table() leaves them."""
+    hook_entry = [table.hook_entry[h] if table.valid_hooks & (1 << h) else _UNSET for h in range(NF_INET_NUMHOOKS)]
+    underflow = [table.underflow[h] if table.valid_hooks & (1 << h) else _UNSET for h in range(NF_INET_NUMHOOKS)]
+    return ipt_getinfo.build(
+        dict(
+            name=name_field(table.name, XT_TABLE_MAXNAMELEN),
+            valid_hooks=table.valid_hooks,
+            hook_entry=hook_entry,
+            underflow=underflow,
+            num_entries=table.num_entries,
+            size=table.size,
+        )
+    )
+
+
+def parse_getinfo(data: bytes) -> dict:
+    if len(data) != SIZEOF_IPT_GETINFO:
+        raise invalid(f"ipt_getinfo is {SIZEOF_IPT_GETINFO} bytes, got {len(data)}")
+    g = ipt_getinfo.parse(data)
+    return dict(
+        name=cstr(g.name[: XT_TABLE_MAXNAMELEN - 1]),
+        valid_hooks=g.valid_hooks,
+        hook_entry=list(g.hook_entry),
+        underflow=list(g.underflow),
+        num_entries=g.num_entries,
+        size=g.size,
+    )
+
+
+def getinfo_request(name: str) -> bytes:
+    return name_field(name, SIZEOF_IPT_GETINFO)
+
+
+def get_entries_request(name: str, size: int) -> bytes:
+    """An ipt_get_entries header followed by room for size bytes of entries."""
+    return ipt_get_entries.build(dict(name=name_field(name, XT_TABLE_MAXNAMELEN), size=size)) + bytes(size)
+
+
+def parse_get_entries(data: bytes) -> dict:
+    """An ipt_get_entries as the kernel's get_entries() checks it: the option
+    length must be exactly the header plus size."""
+    if len(data) < SIZEOF_IPT_GET_ENTRIES:
+        raise invalid(f"ipt_get_entries is at least {SIZEOF_IPT_GET_ENTRIES} bytes, got {len(data)}")
+    g = ipt_get_entries.parse(data[:SIZEOF_IPT_GET_ENTRIES])
+    if len(data) != SIZEOF_IPT_GET_ENTRIES + g.size:
+        raise invalid(f"ipt_get_entries announces {g.size} bytes of entries but carries {len(data) - SIZEOF_IPT_GET_ENTRIES}")
+    return dict(name=cstr(g.name[: XT_TABLE_MAXNAMELEN - 1]), size=g.size, entries=data[SIZEOF_IPT_GET_ENTRIES:])
+
+
+def build_counters_info(name: str, counters: "list[tuple[int, int]]") -> bytes:
+    """The IPT_SO_SET_ADD_COUNTERS payload; counters are (pcnt, bcnt)."""
+    hdr = xt_counters_info.build(dict(name=name_field(name, XT_TABLE_MAXNAMELEN), num_counters=len(counters)))
+    return hdr + b"".join(xt_counters.build(dict(pcnt=p, bcnt=b)) for p, b in counters)
+
+
+def parse_counters_info(data: bytes) -> "tuple[str, list[tuple[int, int]]]":
+    """As xt_copy_counters_from_user() checks it: at least one counter, and
+    exactly num_counters of them."""
+    if len(data) <= SIZEOF_XT_COUNTERS_INFO:
+        raise invalid(f"xt_counters_info needs more than {SIZEOF_XT_COUNTERS_INFO} bytes, got {len(data)}")
+    h = xt_counters_info.parse(data[:SIZEOF_XT_COUNTERS_INFO])
+    rest = data[SIZEOF_XT_COUNTERS_INFO:]
+    if h.num_counters * SIZEOF_XT_COUNTERS != len(rest):
+        raise invalid(f"num_counters is {h.num_counters} but {len(rest)} bytes of counters follow")
+    counters = [struct.unpack_from("<QQ", rest, i * SIZEOF_XT_COUNTERS) for i in range(h.num_counters)]
+    return cstr(h.name[: XT_TABLE_MAXNAMELEN - 1]), [tuple(c) for c in counters]

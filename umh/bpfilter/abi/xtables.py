@@ -1,0 +1,255 @@
+"""The IPv4 iptables kernel ABI (x86_64 layouts) and its parsed, construct-free form.
+
+Layouts follow include/uapi/linux/netfilter_ipv4/ip_tables.h and
+include/uapi/linux/netfilter/x_tables.h as compiled for x86_64: the unmodified
+iptables binary hands us exactly these bytes through setsockopt/getsockopt.
+"""
+from dataclasses import dataclass, field
+
+from construct import Array, Bytes, Int8ul, Int16ul, Int32sl, Int32ul, Int64ul, Padding, Struct
+
+# setsockopt / getsockopt option numbers (IPT_BASE_CTL = 64).
+IPT_SO_SET_REPLACE = 64
+IPT_SO_SET_ADD_COUNTERS = 65
+IPT_SO_GET_INFO = 64
+IPT_SO_GET_ENTRIES = 65
+IPT_SO_GET_REVISION_MATCH = 66
+IPT_SO_GET_REVISION_TARGET = 67
+
+NF_INET_PRE_ROUTING = 0
+NF_INET_LOCAL_IN = 1
+NF_INET_FORWARD = 2
+NF_INET_LOCAL_OUT = 3
+NF_INET_POST_ROUTING = 4
+NF_INET_NUMHOOKS = 5
+HOOK_NAMES = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
+
+NF_DROP = 0
+NF_ACCEPT = 1
+NF_QUEUE = 3
+NF_REPEAT = 4
+# A standard target's verdict: >= 0 is a jump offset, < 0 is -NF_x - 1 or XT_RETURN.
+XT_RETURN = -NF_REPEAT - 1
+
+IPT_F_FRAG = 0x01
+IPT_F_GOTO = 0x02
+IPT_F_MASK = 0x03
+
+IPT_INV_VIA_IN = 0x01
+IPT_INV_VIA_OUT = 0x02
+IPT_INV_TOS = 0x04
+IPT_INV_SRCIP = 0x08
+IPT_INV_DSTIP = 0x10
+IPT_INV_FRAG = 0x20
+IPT_INV_PROTO = 0x40
+IPT_INV_MASK = 0x7F
+
+XT_TABLE_MAXNAMELEN = 32
+XT_EXTENSION_MAXNAMELEN = 29
+XT_FUNCTION_MAXNAMELEN = 30
+XT_STANDARD_TARGET = ""
+XT_ERROR_TARGET = "ERROR"
+
+# Kernel-internal limits that decide ENOMEM (include/linux/netfilter/x_tables.h).
+XT_MAX_TABLE_SIZE = 512 * 1024 * 1024
+SIZEOF_XT_TABLE_INFO = 64
+INT_MAX = 2**31 - 1
+
+
+def XT_ALIGN(size: int) -> int:
+    return (size + 7) & ~7
+
+
+ipt_ip = Struct(
+    "src" / Bytes(4),
+    "dst" / Bytes(4),
+    "smsk" / Bytes(4),
+    "dmsk" / Bytes(4),
+    "iniface" / Bytes(16),
+    "outiface" / Bytes(16),
+    "iniface_mask" / Bytes(16),
+    "outiface_mask" / Bytes(16),
+    "proto" / Int16ul,
+    "flags" / Int8ul,
+    "invflags" / Int8ul,
+)
+
+xt_counters = Struct("pcnt" / Int64ul, "bcnt" / Int64ul)
+
+ipt_entry = Struct(
+    "ip" / ipt_ip,
+    "nfcache" / Int32ul,
+    "target_offset" / Int16ul,
+    "next_offset" / Int16ul,
+    "comefrom" / Int32ul,
+    "counters" / xt_counters,
+)
+
+# The user view of the header; the payload (match_size - 32 bytes) follows it.
+xt_entry_match = Struct(
+    "match_size" / Int16ul,
+    "name" / Bytes(XT_EXTENSION_MAXNAMELEN),
+    "revision" / Int8ul,
+)
+xt_entry_target = Struct(
+    "target_size" / Int16ul,
+    "name" / Bytes(XT_EXTENSION_MAXNAMELEN),
+    "revision" / Int8ul,
+)
+xt_standard_target = Struct("target" / xt_entry_target, "verdict" / Int32sl, Padding(4))
+xt_error_target = Struct("target" / xt_entry_target, "errorname" / Bytes(XT_FUNCTION_MAXNAMELEN), Padding(2))
+
+ipt_replace = Struct(
+    "name" / Bytes(XT_TABLE_MAXNAMELEN),
+    "valid_hooks" / Int32ul,
+    "num_entries" / Int32ul,
+    "size" / Int32ul,
+    "hook_entry" / Array(NF_INET_NUMHOOKS, Int32ul),
+    "underflow" / Array(NF_INET_NUMHOOKS, Int32ul),
+    "num_counters" / Int32ul,
+    "counters" / Int64ul,
+)
+
+ipt_getinfo = Struct(
+    "name" / Bytes(XT_TABLE_MAXNAMELEN),
+    "valid_hooks" / Int32ul,
+    "hook_entry" / Array(NF_INET_NUMHOOKS, Int32ul),
+    "underflow" / Array(NF_INET_NUMHOOKS, Int32ul),
+    "num_entries" / Int32ul,
+    "size" / Int32ul,
+)
+
+# entrytable[] is 8-byte aligned, hence the padding after size.
+ipt_get_entries = Struct("name" / Bytes(XT_TABLE_MAXNAMELEN), "size" / Int32ul, Padding(4))
+
+xt_counters_info = Struct("name" / Bytes(XT_TABLE_MAXNAMELEN), "num_counters" / Int32ul, Padding(4))
+
+xt_get_revision = Struct("name" / Bytes(XT_EXTENSION_MAXNAMELEN), "revision" / Int8ul)
+
+SIZEOF_IPT_ENTRY = 112
+SIZEOF_IPT_IP = 84
+SIZEOF_XT_ENTRY_HEADER = 32
+SIZEOF_XT_STANDARD_TARGET = 40
+SIZEOF_XT_ERROR_TARGET = 64
+SIZEOF_IPT_REPLACE = 96
+SIZEOF_IPT_GETINFO = 84
+SIZEOF_IPT_GET_ENTRIES = 40
+SIZEOF_XT_COUNTERS_INFO = 40
+SIZEOF_XT_COUNTERS = 16
+
+# The valid_hooks each built-in IPv4 table registers with; __do_replace refuses
+# a replacement that names another table (ENOENT) or other hooks (EINVAL).
+BUILTIN_TABLES = {
+    "filter": 0b01110,
+    "mangle": 0b11111,
+    "nat": 0b11011,
+    "raw": 0b01001,
+    "security": 0b01110,
+}
+
+# Extensions whose payload ends in kernel-private state (a struct xt_match/xt_target
+# .usersize): GET_ENTRIES copies only the first `usersize` payload bytes and
+# zeroes the rest, so that kernel pointers never reach userspace.  Offsets are
+# x86_64, computed from the uapi structs.
+USERSIZE = {
+    ("match", "limit", 0): 8,
+    ("match", "hashlimit", 1): 48,
+    ("match", "hashlimit", 2): 296,
+    ("match", "hashlimit", 3): 304,
+    ("match", "connlimit", 1): 24,
+    ("match", "quota", 0): 16,
+    ("match", "statistic", 0): 16,
+    ("match", "string", 0): 152,
+    ("match", "string", 1): 152,
+    ("match", "rateest", 0): 56,
+    ("match", "bpf", 0): 520,
+    ("match", "bpf", 1): 520,
+    ("match", "cgroup", 1): 4104,
+    ("match", "cgroup", 2): 520,
+    ("match", "nfacct", 0): 32,
+    ("match", "nfacct", 1): 32,
+    ("target", "CT", 0): 32,
+    ("target", "CT", 1): 64,
+    ("target", "CT", 2): 64,
+    ("target", "TEE", 1): 32,
+    ("target", "RATEEST", 0): 24,
+    ("target", "IDLETIMER", 0): 32,
+    ("target", "IDLETIMER", 1): 40,
+    ("target", "SECMARK", 1): 260,
+    ("target", "LED", 0): 32,
+}
+
+
+def cstr(raw: bytes) -> str:
+    """A fixed-size C name field as the kernel's strcmp sees it."""
+    return raw.split(b"\0", 1)[0].decode("latin-1")
+
+
+def name_field(name: str, size: int) -> bytes:
+    return name.encode("latin-1").ljust(size, b"\0")
+
+
+@dataclass
+class RawMatch:
+    name: str
+    revision: int
+    size: int
+    data: bytes  # the payload after the 32-byte header (size - 32 bytes)
+
+
+@dataclass
+class RawTarget:
+    name: str
+    revision: int
+    size: int
+    data: bytes
+    verdict: "int | None" = None  # standard target only
+    errorname: "str | None" = None  # error target only
+
+
+@dataclass
+class RawIp:
+    src: bytes
+    dst: bytes
+    smsk: bytes
+    dmsk: bytes
+    iniface: bytes
+    outiface: bytes
+    iniface_mask: bytes
+    outiface_mask: bytes
+    proto: int
+    flags: int
+    invflags: int
+
+
+@dataclass
+class RawEntry:
+    index: int
+    offset: int
+    ip: RawIp
+    nfcache: int
+    target_offset: int
+    next_offset: int
+    comefrom: int  # as received; the kernel zeroes and recomputes it
+    pcnt: int
+    bcnt: int
+    matches: "list[RawMatch]"
+    target: RawTarget
+    raw: bytes  # the entry's exact bytes
+    # The comefrom mark_source_chains computes: the hooks (bits 0-4) this rule is
+    # reachable from.  Extensions' checkentry sees it as hook_mask, and
+    # GET_ENTRIES returns it as comefrom.
+    hook_mask: int = 0
+
+
+@dataclass
+class RawTable:
+    name: str
+    valid_hooks: int
+    hook_entry: "list[int]"
+    underflow: "list[int]"
+    num_entries: int
+    size: int
+    num_counters: int
+    counters_ptr: int
+    entries: "list[RawEntry]" = field(default_factory=list)

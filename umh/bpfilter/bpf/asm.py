@@ -1,0 +1,152 @@
+"""An assembler with symbolic labels: code is emitted in order, labels are placed as
+they are reached, and every reference is fixed up once the whole program is known.
+
+Long rule sets make jumps that cannot be expressed in a 16-bit offset (the policy at
+the end of a 100k-rule chain). Such jumps are relaxed: an unconditional one becomes
+the 32-bit `gotol` (BPF_JMP32|BPF_JA), a conditional one an inverted short jump over
+a `gotol`. Sizes change when that happens, so relaxation repeats until stable.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Union
+
+from . import insn as I
+from .insn import Insn, Kfunc, Label, MapRef
+
+S16 = range(-(1 << 15), 1 << 15)
+
+
+class AsmError(Exception):
+    pass
+
+
+class Assembler:
+    def __init__(self) -> None:
+        self.items: list[Insn] = []
+        self.labels: dict[Label, int] = {}
+        self._counter = 0
+
+    def label(self, name: str) -> Label:
+        self._counter += 1
+        return Label(f"{name}.{self._counter}")
+
+    def place(self, label: Label) -> None:
+        if label in self.labels:
+            raise AsmError(f"label {label} placed twice")
+        self.labels[label] = len(self.items)
+
+    def emit(self, *code: Union[Insn, Iterable[Insn]]) -> None:
+        for item in code:
+            if isinstance(item, Insn):
+                self.items.append(item)
+            else:
+                self.items.extend(item)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def assemble(self, map_fd: Callable[[MapRef], int] = None,
+                 kfunc_id: Callable[[Kfunc], int] = None) -> bytes:
+        return b"".join(i.encode() for i in self.resolve(map_fd, kfunc_id))
+
+    def resolve(self, map_fd=None, kfunc_id=None) -> list[Insn]:
+        for label in self._referenced_labels():
+            if label not in self.labels:
+                raise AsmError(f"label {label} referenced but never placed")
+        self._drop_unreachable()
+        long_jumps: set[int] = set()
+        while True:
+            positions = self._positions(long_jumps)
+            grown = {i for i, ins in enumerate(self.items)
+                     if isinstance(ins.off, Label) and i not in long_jumps
+                     and self._distance(i, ins.off, positions) not in S16}
+            if not grown:
+                break
+            long_jumps |= grown
+        out: list[Insn] = []
+        for i, ins in enumerate(self.items):
+            out.extend(self._lower(i, ins, positions, i in long_jumps, map_fd, kfunc_id))
+        return out
+
+    def _drop_unreachable(self) -> None:
+        """The verifier refuses code no path reaches, and rule sets produce it
+        naturally (the policy after an unconditional ACCEPT): keep only what is
+        reachable from the entry and from the subprograms reachable calls enter."""
+        items, start = self.items, {}
+        for label, pos in self.labels.items():
+            start.setdefault(pos, []).append(label)
+        reachable = [False] * len(items)
+        work = [0]
+        while work:
+            i = work.pop()
+            if i >= len(items) or reachable[i]:
+                continue
+            reachable[i] = True
+            ins = items[i]
+            if ins.code == I.BPF_LD | I.BPF_DW | I.BPF_IMM:
+                reachable[i + 1] = True
+                work.append(i + 2)
+                continue
+            if isinstance(ins.imm, Label) and ins.op == I.BPF_CALL:
+                work.append(self.labels[ins.imm])
+            if isinstance(ins.off, Label):
+                work.append(self.labels[ins.off])
+            if ins.op == I.BPF_EXIT or (ins.op == I.BPF_JA and ins.is_jump()):
+                continue
+            work.append(i + 1)
+        if all(reachable):
+            return
+        kept, new_index = [], []
+        for i, ins in enumerate(items):
+            new_index.append(len(kept))
+            if reachable[i]:
+                kept.append(ins)
+        new_index.append(len(kept))
+        self.items = kept
+        self.labels = {label: new_index[pos] for label, pos in self.labels.items()}
+
+    def _referenced_labels(self):
+        for ins in self.items:
+            for ref in (ins.off, ins.imm):
+                if isinstance(ref, Label):
+                    yield ref
+
+    def _positions(self, long_jumps: set[int]) -> list[int]:
+        """Instruction slot of each item (and one past the end)."""
+        positions, pos = [], 0
+        for i, ins in enumerate(self.items):
+            positions.append(pos)
+            pos += self._size(ins) if i in long_jumps else 1
+        positions.append(pos)
+        return positions
+
+    @staticmethod
+    def _size(ins: Insn) -> int:
+        if ins.op == I.BPF_JA:
+            return 1
+        return 3 if ins.op == I.BPF_JSET else 2
+
+    def _distance(self, i: int, label: Label, positions: list[int]) -> int:
+        return positions[self.labels[label]] - (positions[i] + 1)
+
+    def _lower(self, i, ins, positions, long_jump, map_fd, kfunc_id) -> list[Insn]:
+        if isinstance(ins.imm, MapRef):
+            return [ins.with_(imm=map_fd(ins.imm))]
+        if isinstance(ins.imm, Kfunc):
+            return [ins.with_(imm=kfunc_id(ins.imm))]
+        if isinstance(ins.imm, Label):  # bpf-to-bpf call
+            return [ins.with_(imm=self._distance(i, ins.imm, positions))]
+        if not isinstance(ins.off, Label):
+            return [ins]
+        if not long_jump:
+            return [ins.with_(off=self._distance(i, ins.off, positions))]
+        if ins.op == I.BPF_JA:
+            return [Insn(I.BPF_JMP32 | I.BPF_JA, imm=self._distance(i, ins.off, positions))]
+        # the gotol is the last slot of the expansion, so its distance is measured from there
+        size = self._size(ins)
+        gotol = Insn(I.BPF_JMP32 | I.BPF_JA,
+                     imm=positions[self.labels[ins.off]] - (positions[i] + size))
+        if ins.op == I.BPF_JSET:
+            return [ins.with_(off=1), I.BPF_JMP_A(1), gotol]
+        inverse = (ins.code & ~0xF0) | I.INVERTED_JUMP[ins.op]
+        return [ins.with_(code=inverse, off=1), gotol]

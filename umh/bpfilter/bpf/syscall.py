@@ -1,0 +1,629 @@
+"""The bpf(2) syscall, called through cffi in ABI mode (no compiler needed).
+
+Each command gets its own cffi struct with the exact layout of its part of
+``union bpf_attr``, and the call passes that struct's size: the kernel zeroes
+the rest of the union and only insists that bytes past what it knows are zero,
+so a short struct is always accepted.
+
+File descriptors are plain ints (close them with ``os.close``); the kernel
+opens every bpf fd close-on-exec.
+"""
+import errno as _errno
+import os
+import platform
+import re
+import sys
+
+import cffi
+
+from .btf import Btf
+
+# enum bpf_cmd
+BPF_MAP_CREATE = 0
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
+BPF_MAP_GET_NEXT_KEY = 4
+BPF_PROG_LOAD = 5
+BPF_OBJ_PIN = 6
+BPF_OBJ_GET = 7
+BPF_PROG_TEST_RUN = 10
+BPF_PROG_GET_NEXT_ID = 11
+BPF_MAP_GET_NEXT_ID = 12
+BPF_PROG_GET_FD_BY_ID = 13
+BPF_MAP_GET_FD_BY_ID = 14
+BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_LINK_CREATE = 28
+BPF_LINK_GET_FD_BY_ID = 30
+BPF_LINK_GET_NEXT_ID = 31
+# Taken before any other BPF_ name exists, so it holds the commands only.
+_CMD_NAMES = {value: name for name, value in globals().items() if name.startswith("BPF_")}
+
+# enum bpf_map_type
+BPF_MAP_TYPE_HASH = 1
+BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_PROG_ARRAY = 3
+BPF_MAP_TYPE_PERCPU_HASH = 5
+BPF_MAP_TYPE_PERCPU_ARRAY = 6
+BPF_MAP_TYPE_LRU_HASH = 9
+BPF_MAP_TYPE_LPM_TRIE = 11
+BPF_MAP_TYPE_ARRAY_OF_MAPS = 12
+BPF_MAP_TYPE_HASH_OF_MAPS = 13
+
+# enum bpf_prog_type
+BPF_PROG_TYPE_SOCKET_FILTER = 1
+BPF_PROG_TYPE_SCHED_CLS = 3
+BPF_PROG_TYPE_XDP = 6
+BPF_PROG_TYPE_SYSCALL = 31
+BPF_PROG_TYPE_NETFILTER = 32
+
+# enum bpf_attach_type
+BPF_NETFILTER = 45
+
+# enum bpf_link_type
+BPF_LINK_TYPE_NETFILTER = 10
+
+# map update flags
+BPF_ANY = 0
+BPF_NOEXIST = 1
+BPF_EXIST = 2
+
+# map_create flags
+BPF_F_NO_PREALLOC = 1 << 0
+BPF_F_RDONLY_PROG = 1 << 7
+BPF_F_WRONLY_PROG = 1 << 8
+
+# link_create.netfilter.flags: have the link enable nf_defrag for the netns
+BPF_F_NETFILTER_IP_DEFRAG = 1 << 0
+
+# include/uapi/linux/netfilter.h
+NFPROTO_IPV4 = 2
+NFPROTO_IPV6 = 10
+NF_DROP = 0
+NF_ACCEPT = 1
+NF_INET_PRE_ROUTING = 0
+NF_INET_LOCAL_IN = 1
+NF_INET_FORWARD = 2
+NF_INET_LOCAL_OUT = 3
+NF_INET_POST_ROUTING = 4
+NF_INET_NUMHOOKS = 5
+
+# include/uapi/linux/netfilter_ipv4.h: the kernel refuses links at the two
+# extremes, which belong to netfilter's own bookkeeping.
+NF_IP_PRI_FIRST = -(1 << 31)
+NF_IP_PRI_CONNTRACK_DEFRAG = -400
+NF_IP_PRI_FILTER = 0
+NF_IP_PRI_LAST = (1 << 31) - 1
+
+_SYS_BPF = {"x86_64": 321, "aarch64": 280}
+
+BPF_OBJ_NAME_LEN = 16
+BPF_LOG_LEVEL1 = 1
+_LOG_MIN = 128              # the kernel rejects smaller log buffers
+_LOG_MAX = 64 << 20
+
+ffi = cffi.FFI()
+ffi.cdef("""
+long syscall(long number, ...);
+
+struct bpf_map_create_attr {
+    uint32_t map_type;
+    uint32_t key_size;
+    uint32_t value_size;
+    uint32_t max_entries;
+    uint32_t map_flags;
+    uint32_t inner_map_fd;
+    uint32_t numa_node;
+    char map_name[16];
+};
+
+struct bpf_map_elem_attr {
+    uint32_t map_fd;
+    uint64_t key;
+    uint64_t value;         /* next_key for BPF_MAP_GET_NEXT_KEY */
+    uint64_t flags;
+};
+
+struct bpf_prog_load_attr {
+    uint32_t prog_type;
+    uint32_t insn_cnt;
+    uint64_t insns;
+    uint64_t license;
+    uint32_t log_level;
+    uint32_t log_size;
+    uint64_t log_buf;
+    uint32_t kern_version;
+    uint32_t prog_flags;
+    char prog_name[16];
+    uint32_t prog_ifindex;
+    uint32_t expected_attach_type;
+    uint32_t prog_btf_fd;
+    uint32_t func_info_rec_size;
+    uint64_t func_info;
+    uint32_t func_info_cnt;
+    uint32_t line_info_rec_size;
+    uint64_t line_info;
+    uint32_t line_info_cnt;
+    uint32_t attach_btf_id;
+    uint32_t attach_prog_fd;
+    uint32_t core_relo_cnt;
+    uint64_t fd_array;
+    uint64_t core_relos;
+    uint32_t core_relo_rec_size;
+    uint32_t log_true_size;
+};
+
+struct bpf_obj_attr {
+    uint64_t pathname;
+    uint32_t bpf_fd;
+    uint32_t file_flags;
+    int32_t path_fd;
+};
+
+struct bpf_test_run_attr {
+    uint32_t prog_fd;
+    uint32_t retval;
+    uint32_t data_size_in;
+    uint32_t data_size_out;
+    uint64_t data_in;
+    uint64_t data_out;
+    uint32_t repeat;
+    uint32_t duration;
+    uint32_t ctx_size_in;
+    uint32_t ctx_size_out;
+    uint64_t ctx_in;
+    uint64_t ctx_out;
+    uint32_t flags;
+    uint32_t cpu;
+    uint32_t batch_size;
+};
+
+struct bpf_id_attr {
+    uint32_t id;            /* start_id for the *_GET_NEXT_ID commands */
+    uint32_t next_id;
+    uint32_t open_flags;
+};
+
+struct bpf_info_attr {
+    uint32_t bpf_fd;
+    uint32_t info_len;
+    uint64_t info;
+};
+
+struct bpf_link_create_attr {
+    uint32_t prog_fd;
+    uint32_t target_fd;
+    uint32_t attach_type;
+    uint32_t flags;
+    uint32_t nf_pf;
+    uint32_t nf_hooknum;
+    int32_t nf_priority;
+    uint32_t nf_flags;
+};
+
+struct bpf_prog_info {
+    uint32_t type;
+    uint32_t id;
+    uint8_t tag[8];
+    uint32_t jited_prog_len;
+    uint32_t xlated_prog_len;
+    uint64_t jited_prog_insns;
+    uint64_t xlated_prog_insns;
+    uint64_t load_time;
+    uint32_t created_by_uid;
+    uint32_t nr_map_ids;
+    uint64_t map_ids;
+    char name[16];
+};
+
+struct bpf_map_info {
+    uint32_t type;
+    uint32_t id;
+    uint32_t key_size;
+    uint32_t value_size;
+    uint32_t max_entries;
+    uint32_t map_flags;
+    char name[16];
+};
+
+struct bpf_link_info {
+    uint32_t type;
+    uint32_t id;
+    uint32_t prog_id;
+    uint32_t pad;           /* the kind-specific union is 8-aligned */
+    uint32_t nf_pf;
+    uint32_t nf_hooknum;
+    int32_t nf_priority;
+    uint32_t nf_flags;
+};
+""")
+_libc = ffi.dlopen(None)
+
+
+class BpfError(OSError):
+    def __init__(self, err: int, cmd: str, message: str = ""):
+        self.cmd = cmd
+        text = f"{cmd}: {message}: {os.strerror(err)}" if message else f"{cmd}: {os.strerror(err)}"
+        super().__init__(err, text)
+
+
+class VerifierError(BpfError):
+    def __init__(self, err: int, message: str, log: str):
+        self.log = log
+        # The reason is the last line before the closing statistics.
+        last = next((line for line in reversed(log.splitlines())
+                     if line.strip() and not line.startswith(("processed ", "verification time"))), "")
+        super().__init__(err, "BPF_PROG_LOAD", f"{message} rejected by the verifier: {last}")
+
+    def __str__(self):
+        tail = "\n".join(self.log.rstrip().splitlines()[-20:])
+        return f"{super().__str__()}\nverifier log (last lines; .log has it all):\n{tail}"
+
+
+def _sys_bpf(cmd: int, attr) -> int:
+    try:
+        number = _SYS_BPF[platform.machine()]
+    except KeyError:
+        raise OSError(_errno.ENOSYS, f"bpf(2) syscall number unknown for {platform.machine()}") from None
+    return _libc.syscall(ffi.cast("long", number), ffi.cast("long", cmd),
+                         ffi.cast("void *", attr), ffi.cast("long", ffi.sizeof(attr[0])))
+
+
+def _call(cmd: int, attr, message: str = "") -> int:
+    ret = _sys_bpf(cmd, attr)
+    if ret < 0:
+        raise BpfError(ffi.errno, _CMD_NAMES[cmd], message)
+    return ret
+
+
+def _ptr(buf) -> int:
+    return int(ffi.cast("uintptr_t", buf))
+
+
+def _obj_name(name: str) -> bytes:
+    """The kernel takes at most 15 characters from [A-Za-z0-9_.] for object names."""
+    return re.sub(r"[^A-Za-z0-9_.]", "_", name)[:BPF_OBJ_NAME_LEN - 1].encode()
+
+
+# -- maps -----------------------------------------------------------------
+
+def map_create(map_type: int, key_size: int, value_size: int, max_entries: int,
+               name: str = "", flags: int = 0, inner_map_fd: int = 0) -> int:
+    attr = ffi.new("struct bpf_map_create_attr *")
+    attr.map_type = map_type
+    attr.key_size = key_size
+    attr.value_size = value_size
+    attr.max_entries = max_entries
+    attr.map_flags = flags
+    attr.inner_map_fd = inner_map_fd
+    attr.map_name = _obj_name(name)
+    return _call(BPF_MAP_CREATE, attr, f"map {name!r}")
+
+
+def _elem_attr(fd: int, key, value=None, flags: int = 0):
+    attr = ffi.new("struct bpf_map_elem_attr *")
+    attr.map_fd = fd
+    attr.key = _ptr(key) if key is not None else 0
+    attr.value = _ptr(value) if value is not None else 0
+    attr.flags = flags
+    return attr
+
+
+def map_update(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+    kbuf = ffi.from_buffer(key)
+    vbuf = ffi.from_buffer(value)
+    _call(BPF_MAP_UPDATE_ELEM, _elem_attr(fd, kbuf, vbuf, flags))
+
+
+def map_lookup(fd: int, key: bytes, value_size: int) -> "bytes | None":
+    """``value_size`` must be percpu_value_size(...) for per-CPU maps."""
+    kbuf = ffi.from_buffer(key)
+    vbuf = ffi.new("char[]", value_size)
+    if _sys_bpf(BPF_MAP_LOOKUP_ELEM, _elem_attr(fd, kbuf, vbuf)) < 0:
+        err = ffi.errno
+        if err == _errno.ENOENT:
+            return None
+        raise BpfError(err, "BPF_MAP_LOOKUP_ELEM")
+    return ffi.buffer(vbuf)[:]
+
+
+def map_delete(fd: int, key: bytes) -> bool:
+    kbuf = ffi.from_buffer(key)
+    if _sys_bpf(BPF_MAP_DELETE_ELEM, _elem_attr(fd, kbuf)) < 0:
+        err = ffi.errno
+        if err == _errno.ENOENT:
+            return False
+        raise BpfError(err, "BPF_MAP_DELETE_ELEM")
+    return True
+
+
+def map_next_key(fd: int, key: "bytes | None", key_size: int) -> "bytes | None":
+    """The key after ``key`` (the first key for None), or None at the end."""
+    kbuf = ffi.from_buffer(key) if key is not None else None
+    nbuf = ffi.new("char[]", key_size)
+    if _sys_bpf(BPF_MAP_GET_NEXT_KEY, _elem_attr(fd, kbuf, nbuf)) < 0:
+        err = ffi.errno
+        if err == _errno.ENOENT:
+            return None
+        raise BpfError(err, "BPF_MAP_GET_NEXT_KEY")
+    return ffi.buffer(nbuf)[:]
+
+
+def cpu_list_count(text: str) -> int:
+    """How many CPUs a sysfs CPU list such as "0-1" or "0,2-3" names."""
+    count = 0
+    for part in text.strip().split(","):
+        lo, _, hi = part.partition("-")
+        count += int(hi or lo) - int(lo) + 1
+    return count
+
+
+def possible_cpus() -> int:
+    """Per-CPU maps hold one slot per *possible* CPU, not per online one."""
+    with open("/sys/devices/system/cpu/possible") as f:
+        return cpu_list_count(f.read())
+
+
+def percpu_value_size(value_size: int) -> int:
+    return (value_size + 7) // 8 * 8 * possible_cpus()
+
+
+# -- programs -------------------------------------------------------------
+
+def _prog_load_attr(prog_type, insns_buf, insn_cnt, name, license_buf,
+                    expected_attach_type, fd_array_buf):
+    attr = ffi.new("struct bpf_prog_load_attr *")
+    attr.prog_type = prog_type
+    attr.insns = _ptr(insns_buf)
+    attr.insn_cnt = insn_cnt
+    attr.license = _ptr(license_buf)
+    attr.prog_name = _obj_name(name)
+    attr.expected_attach_type = expected_attach_type
+    attr.fd_array = _ptr(fd_array_buf) if fd_array_buf is not None else 0
+    return attr
+
+
+def prog_load(prog_type: int, insns: bytes, name: str, license: str = "GPL",
+              expected_attach_type: int = 0, fd_array: "list[int] | None" = None,
+              log_size: int = 1 << 20) -> int:
+    """Load a program; on rejection raise VerifierError carrying the whole log.
+
+    ``fd_array`` backs BPF_PSEUDO_MAP_IDX loads and kfunc calls into module
+    BTF (insn.off indexes it). The first attempt runs without a log, which is
+    much faster for big programs; only a failure is repeated with one.
+    """
+    if len(insns) % 8:
+        raise ValueError(f"program {name!r}: {len(insns)} bytes is not a whole number of instructions")
+    insns_buf = ffi.from_buffer(insns)
+    license_buf = ffi.new("char[]", license.encode())
+    fd_array_buf = ffi.new("int[]", fd_array) if fd_array else None
+    attr = _prog_load_attr(prog_type, insns_buf, len(insns) // 8, name, license_buf,
+                           expected_attach_type, fd_array_buf)
+    fd = _sys_bpf(BPF_PROG_LOAD, attr)
+    if fd >= 0:
+        return fd
+    first_err = ffi.errno
+
+    size = max(log_size, _LOG_MIN)
+    while True:
+        log_buf = ffi.new("char[]", size)
+        attr = _prog_load_attr(prog_type, insns_buf, len(insns) // 8, name, license_buf,
+                               expected_attach_type, fd_array_buf)
+        attr.log_level = BPF_LOG_LEVEL1
+        attr.log_buf = _ptr(log_buf)
+        attr.log_size = size
+        fd = _sys_bpf(BPF_PROG_LOAD, attr)
+        if fd >= 0:
+            return fd
+        err = ffi.errno
+        # ENOSPC: the log was cut; log_true_size says how much it needs.
+        if err == _errno.ENOSPC and size < _LOG_MAX:
+            size = min(max(attr.log_true_size + 1, size * 2), _LOG_MAX)
+            continue
+        log = ffi.string(log_buf).decode(errors="replace")
+        if not log:
+            raise BpfError(first_err, "BPF_PROG_LOAD", f"program {name!r}")
+        raise VerifierError(err, f"program {name!r}", log)
+
+
+def prog_test_run(prog_fd: int, data: bytes, ctx: "bytes | None" = None,
+                  repeat: int = 1) -> "tuple[int, int]":
+    """Run a loaded program on ``data``; (return value, mean run time in ns)."""
+    data_buf = ffi.from_buffer(data)
+    ctx_buf = ffi.from_buffer(ctx) if ctx else None
+    attr = ffi.new("struct bpf_test_run_attr *")
+    attr.prog_fd = prog_fd
+    attr.data_in = _ptr(data_buf)
+    attr.data_size_in = len(data)
+    if ctx_buf is not None:
+        attr.ctx_in = _ptr(ctx_buf)
+        attr.ctx_size_in = len(ctx)
+    attr.repeat = repeat
+    _call(BPF_PROG_TEST_RUN, attr)
+    return attr.retval, attr.duration
+
+
+_ETH_P_IP = 0x0800
+_ETH_P_IPV6 = 0x86DD
+
+
+def nf_hook_state_ctx(hook: int, pf: int) -> bytes:
+    """A ``struct nf_hook_state`` with only hook and pf set, laid out per the running kernel."""
+    btf = Btf.vmlinux()
+    ctx = bytearray(btf.struct_size("nf_hook_state"))
+    for field, value in (("hook", hook), ("pf", pf)):
+        off, size = btf.member("nf_hook_state", field)
+        ctx[off:off + size] = value.to_bytes(size, sys.byteorder)
+    return bytes(ctx)
+
+
+def nf_test_run(prog_fd: int, hook: int, packet_ip: bytes, repeat: int = 1) -> "tuple[int, int]":
+    """Test-run a netfilter program on an IP packet as if at ``hook``; (verdict, ns).
+
+    What bpf_prog_test_run_nf (net/bpf/test_run.c) wants:
+
+    * ctx_in, if given, is a ``struct nf_hook_state`` of at most the kernel's
+      size whose in, out, net, sk and okfn are all NULL; only pf (IPv4 or
+      IPv6, else EINVAL) and hook are taken from it. Without ctx it runs as
+      IPv4 LOCAL_OUT.
+    * For LOCAL_OUT the data is the bare IP packet (at least 20 bytes) and
+      skb->protocol is set from pf; the skb's network header is not reset.
+    * For every other hook the data must start with a 14-byte Ethernet
+      header: the kernel runs eth_type_trans() against the netns' loopback
+      device, pulls the header off (the program sees skb->data at the IP
+      header) and insists that the ethertype agrees with pf (EINVAL, or
+      EPROTO for a non-IP ethertype). A zero destination MAC matches
+      loopback's address, so the packet counts as PACKET_HOST.
+    * state->in/out: the kernel chooses them by switching on the hook
+      *before* copying the caller's hook, i.e. always as for LOCAL_OUT:
+      out = the calling netns' loopback device, in = NULL, whatever the hook.
+    * The data (plus the kernel's headroom) must fit in a page, flags, cpu
+      and batch_size must be 0, and there is no data_out.
+
+    The address family comes from the IP version nibble of ``packet_ip``.
+    """
+    version = packet_ip[0] >> 4 if packet_ip else 0
+    if version not in (4, 6):
+        raise ValueError(f"not an IP packet (version {version})")
+    pf, ethertype = (NFPROTO_IPV4, _ETH_P_IP) if version == 4 else (NFPROTO_IPV6, _ETH_P_IPV6)
+    data = packet_ip
+    if hook != NF_INET_LOCAL_OUT:
+        data = bytes(12) + ethertype.to_bytes(2, "big") + packet_ip
+    return prog_test_run(prog_fd, data, nf_hook_state_ctx(hook, pf), repeat)
+
+
+# -- links, pins, ids -----------------------------------------------------
+
+def link_create_netfilter(prog_fd: int, pf: int, hooknum: int, priority: int,
+                          flags: int = 0) -> int:
+    """Attach a BPF_PROG_TYPE_NETFILTER program to a hook of the caller's netns.
+
+    The hook lives until the last fd (or pin) of the link is gone. The kernel
+    refuses priority NF_IP_PRI_FIRST/NF_IP_PRI_LAST (ERANGE), a priority at
+    or before NF_IP_PRI_CONNTRACK_DEFRAG with BPF_F_NETFILTER_IP_DEFRAG
+    (ERANGE), and a second BPF hook at the same pf/hook/priority (EBUSY).
+    """
+    attr = ffi.new("struct bpf_link_create_attr *")
+    attr.prog_fd = prog_fd
+    attr.attach_type = BPF_NETFILTER
+    attr.nf_pf = pf
+    attr.nf_hooknum = hooknum
+    attr.nf_priority = priority
+    attr.nf_flags = flags
+    return _call(BPF_LINK_CREATE, attr, f"netfilter pf {pf} hook {hooknum} priority {priority}")
+
+
+def obj_pin(fd: int, path: str) -> None:
+    path_buf = ffi.new("char[]", os.fsencode(path))
+    attr = ffi.new("struct bpf_obj_attr *")
+    attr.pathname = _ptr(path_buf)
+    attr.bpf_fd = fd
+    _call(BPF_OBJ_PIN, attr, path)
+
+
+def obj_get(path: str) -> int:
+    path_buf = ffi.new("char[]", os.fsencode(path))
+    attr = ffi.new("struct bpf_obj_attr *")
+    attr.pathname = _ptr(path_buf)
+    return _call(BPF_OBJ_GET, attr, path)
+
+
+def _get_fd_by_id(cmd: int, obj_id: int) -> int:
+    attr = ffi.new("struct bpf_id_attr *")
+    attr.id = obj_id
+    return _call(cmd, attr, f"id {obj_id}")
+
+
+def prog_get_fd_by_id(prog_id: int) -> int:
+    return _get_fd_by_id(BPF_PROG_GET_FD_BY_ID, prog_id)
+
+
+def map_get_fd_by_id(map_id: int) -> int:
+    return _get_fd_by_id(BPF_MAP_GET_FD_BY_ID, map_id)
+
+
+def link_get_fd_by_id(link_id: int) -> int:
+    return _get_fd_by_id(BPF_LINK_GET_FD_BY_ID, link_id)
+
+
+def _next_id(cmd: int, start: int) -> "int | None":
+    attr = ffi.new("struct bpf_id_attr *")
+    attr.id = start
+    if _sys_bpf(cmd, attr) < 0:
+        err = ffi.errno
+        if err == _errno.ENOENT:
+            return None
+        raise BpfError(err, _CMD_NAMES[cmd])
+    return attr.next_id
+
+
+def prog_get_next_id(start: int = 0) -> "int | None":
+    return _next_id(BPF_PROG_GET_NEXT_ID, start)
+
+
+def map_get_next_id(start: int = 0) -> "int | None":
+    return _next_id(BPF_MAP_GET_NEXT_ID, start)
+
+
+def link_get_next_id(start: int = 0) -> "int | None":
+    return _next_id(BPF_LINK_GET_NEXT_ID, start)
+
+
+# -- object info ----------------------------------------------------------
+
+def _obj_info(fd: int, info) -> None:
+    attr = ffi.new("struct bpf_info_attr *")
+    attr.bpf_fd = fd
+    attr.info_len = ffi.sizeof(info[0])
+    attr.info = _ptr(info)
+    _call(BPF_OBJ_GET_INFO_BY_FD, attr, f"fd {fd}")
+
+
+def prog_info(fd: int) -> dict:
+    info = ffi.new("struct bpf_prog_info *")
+    _obj_info(fd, info)
+    map_ids = []
+    if info.nr_map_ids:
+        # The kernel fills map_ids only when handed a buffer and its length.
+        ids = ffi.new("uint32_t[]", info.nr_map_ids)
+        count = info.nr_map_ids
+        info = ffi.new("struct bpf_prog_info *")
+        info.nr_map_ids = count
+        info.map_ids = _ptr(ids)
+        _obj_info(fd, info)
+        map_ids = list(ids)[:min(count, info.nr_map_ids)]
+    return {
+        "id": info.id,
+        "type": info.type,
+        "name": ffi.string(info.name).decode(),
+        "tag": bytes(info.tag).hex(),
+        "xlated_prog_len": info.xlated_prog_len,
+        "jited_prog_len": info.jited_prog_len,
+        "load_time": info.load_time,
+        "nr_map_ids": info.nr_map_ids,
+        "map_ids": map_ids,
+    }
+
+
+def map_info(fd: int) -> dict:
+    info = ffi.new("struct bpf_map_info *")
+    _obj_info(fd, info)
+    return {
+        "id": info.id,
+        "type": info.type,
+        "key_size": info.key_size,
+        "value_size": info.value_size,
+        "max_entries": info.max_entries,
+        "map_flags": info.map_flags,
+        "name": ffi.string(info.name).decode(),
+    }
+
+
+def link_info(fd: int) -> dict:
+    info = ffi.new("struct bpf_link_info *")
+    _obj_info(fd, info)
+    out = {"id": info.id, "type": info.type, "prog_id": info.prog_id}
+    if info.type == BPF_LINK_TYPE_NETFILTER:
+        out.update(pf=info.nf_pf, hooknum=info.nf_hooknum,
+                   priority=info.nf_priority, flags=info.nf_flags)
+    return out

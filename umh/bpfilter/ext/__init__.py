@@ -1,0 +1,82 @@
+"""iptables extensions, one module each: its ABI struct (construct), its model and its
+code generation live together so that adding an extension touches one place.
+
+The generic part of the kernel's xt_check_match() (known name and revision, payload
+size, the protocol a match requires) is checked here once for every match.
+"""
+from __future__ import annotations
+
+import errno
+from typing import ClassVar, Optional
+
+from ..bpf.asm import Assembler
+from ..errors import BpfilterError
+from ..model import Family, IpHeader, Match
+
+
+def xt_align(size: int) -> int:
+    return (size + 7) & ~7
+
+
+class MatchExtension:
+    """What bpfilter knows of one match (name, revision) of one family."""
+
+    name: ClassVar[str]
+    revision: ClassVar[int] = 0
+    families: ClassVar[tuple[Family, ...]] = (Family.IPV4,)
+    proto: ClassVar[Optional[int]] = None   # the kernel's xt_match.proto
+    struct: ClassVar  # construct Struct of the payload
+
+    @classmethod
+    def payload_size(cls) -> int:
+        return xt_align(cls.struct.sizeof())
+
+    def decode(self, payload: bytes, where: str) -> Match:
+        """Model of the payload; rejects what the kernel's checkentry rejects."""
+        raise NotImplementedError
+
+    def emit(self, match: Match, asm: Assembler, fail, hotdrop) -> None:
+        """Code that jumps to `fail` when the packet does not match, to `hotdrop`
+        when the kernel's match would set par->hotdrop, and falls through otherwise."""
+        raise NotImplementedError
+
+
+_MATCHES: dict[tuple[str, int, Family], MatchExtension] = {}
+
+
+def register_match(ext: type[MatchExtension]) -> type[MatchExtension]:
+    for family in ext.families:
+        _MATCHES[(ext.name, ext.revision, family)] = ext()
+    return ext
+
+
+def match_extension(name: str, revision: int, family: Family, where: str) -> MatchExtension:
+    ext = _MATCHES.get((name, revision, family))
+    if ext is None:
+        known = sorted(r for (n, r, f) in _MATCHES if n == name and f == family)
+        detail = f" (bpfilter implements revision {known})" if known else ""
+        raise BpfilterError(errno.EOPNOTSUPP,
+                            f"{where}: match '{name}' revision {revision} is not supported by "
+                            f"bpfilter{detail}; the whole table is refused")
+    return ext
+
+
+def decode_match(name: str, revision: int, payload: bytes, ip: IpHeader, family: Family,
+                 where: str) -> Match:
+    ext = match_extension(name, revision, family, where)
+    if len(payload) != ext.payload_size():
+        raise BpfilterError(errno.EINVAL, f"{where}: match '{name}': invalid size {len(payload)} "
+                                          f"(kernel expects {ext.payload_size()})")
+    if ext.proto is not None and (ip.proto != ext.proto or ip.invert_proto):
+        raise BpfilterError(errno.EINVAL, f"{where}: match '{name}' is only valid for protocol "
+                                          f"{ext.proto} (use -p without '!')")
+    match = ext.decode(payload, where)
+    return match
+
+
+def emit_match(match: Match, family: Family, asm: Assembler, fail, hotdrop) -> None:
+    _MATCHES[(match.name, match.revision, family)].emit(match, asm, fail, hotdrop)
+
+
+# Registration happens on import of each extension module.
+from . import icmp, tcp, udp  # noqa: E402,F401

@@ -1,0 +1,27 @@
+"""What tcp and udp share: the port ranges of struct xt_tcp/xt_udp and their code."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..bpf.asm import Assembler
+from ..compiler import facts
+from ..compiler.primitives import emit_at_least, emit_nonzero, emit_range
+
+
+@dataclass(frozen=True)
+class PortRange:
+    lo: int = 0
+    hi: int = 0xFFFF
+    invert: bool = False
+
+
+def emit_transport_header(asm: Assembler, header_size: int, fail, hotdrop) -> None:
+    """tcp_mt()/udp_mt()/icmp_match(): never match a non-first fragment, and drop the
+    packet (hotdrop) when the header is shorter than the struct they read."""
+    emit_nonzero(asm, facts.FRAGOFF, 2, invert=True, fail=fail)
+    emit_at_least(asm, facts.L4_AVAIL, 1, header_size, hotdrop)
+
+
+def emit_ports(asm: Assembler, sport: PortRange, dport: PortRange, fail) -> None:
+    emit_range(asm, facts.SPORT, 2, sport.lo, sport.hi, sport.invert, fail)
+    emit_range(asm, facts.DPORT, 2, dport.lo, dport.hi, dport.invert, fail)

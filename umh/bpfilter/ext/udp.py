@@ -1,0 +1,49 @@
+"""-p udp / -m udp: --sport, --dport (struct xt_udp, revision 0)."""
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+
+from construct import Int8un, Int16un, Struct
+
+from ..compiler import facts
+from ..errors import BpfilterError
+from ..model import Match
+from . import MatchExtension, register_match
+from .ports import PortRange, emit_ports, emit_transport_header
+
+IPPROTO_UDP = 17
+XT_UDP_INV_SRCPT, XT_UDP_INV_DSTPT = 0x01, 0x02
+XT_UDP_INV_MASK = 0x03
+
+xt_udp = Struct(
+    "spts" / Int16un[2],
+    "dpts" / Int16un[2],
+    "invflags" / Int8un,
+)
+
+
+@dataclass(frozen=True)
+class UdpMatch(Match):
+    sport: PortRange
+    dport: PortRange
+    name = "udp"
+    revision = 0
+
+
+@register_match
+class Udp(MatchExtension):
+    name = "udp"
+    proto = IPPROTO_UDP
+    struct = xt_udp
+
+    def decode(self, payload: bytes, where: str) -> UdpMatch:
+        p = xt_udp.parse(payload)
+        if p.invflags & ~XT_UDP_INV_MASK:
+            raise BpfilterError(errno.EINVAL, f"{where}: udp: unknown inversion flags {p.invflags:#x}")
+        return UdpMatch(sport=PortRange(p.spts[0], p.spts[1], bool(p.invflags & XT_UDP_INV_SRCPT)),
+                        dport=PortRange(p.dpts[0], p.dpts[1], bool(p.invflags & XT_UDP_INV_DSTPT)))
+
+    def emit(self, match: UdpMatch, asm, fail, hotdrop) -> None:
+        emit_transport_header(asm, facts.SMALL_HEADER, fail, hotdrop)
+        emit_ports(asm, match.sport, match.dport, fail)

@@ -1,0 +1,168 @@
+"""The neutral model of an iptables table: what the rules mean, not how the kernel
+ABI spells them. The codec builds it, the compiler reads it; it knows nothing of
+construct, cffi or BPF.
+
+Counters live with the table entries they belong to: every rule, every built-in
+chain's policy and every user chain's implicit RETURN is one entry, numbered as in
+the blob iptables sent, so counters can be reported per entry exactly like the kernel.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+
+class Family(enum.IntEnum):
+    """Values are the kernel's NFPROTO_* numbers."""
+
+    IPV4 = 2
+    IPV6 = 10
+
+    @property
+    def addr_len(self) -> int:
+        return 4 if self is Family.IPV4 else 16
+
+
+class Hook(enum.IntEnum):
+    """Values are the kernel's NF_INET_* hook numbers."""
+
+    PRE_ROUTING = 0
+    LOCAL_IN = 1
+    FORWARD = 2
+    LOCAL_OUT = 3
+    POST_ROUTING = 4
+
+    @property
+    def chain_name(self) -> str:
+        return _BUILTIN_CHAIN[self]
+
+
+_BUILTIN_CHAIN = {
+    Hook.PRE_ROUTING: "PREROUTING", Hook.LOCAL_IN: "INPUT", Hook.FORWARD: "FORWARD",
+    Hook.LOCAL_OUT: "OUTPUT", Hook.POST_ROUTING: "POSTROUTING",
+}
+
+
+class Verdict(enum.Enum):
+    ACCEPT = "ACCEPT"
+    DROP = "DROP"
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """addr/mask as the kernel compares them: (packet & mask) != addr is a mismatch."""
+
+    addr: bytes
+    mask: bytes
+    invert: bool = False
+
+    @property
+    def is_any(self) -> bool:
+        return not any(self.mask) and not any(self.addr) and not self.invert
+
+
+@dataclass(frozen=True)
+class Interface:
+    """A 16-byte interface name compared under a byte mask ("eth+" masks only "eth")."""
+
+    name: bytes
+    mask: bytes
+    invert: bool = False
+
+    @property
+    def is_any(self) -> bool:
+        return not any(self.mask) and not self.invert
+
+
+@dataclass(frozen=True)
+class IpHeader:
+    """The part of every rule that the kernel checks before any match (ipt_ip)."""
+
+    src: Prefix
+    dst: Prefix
+    in_iface: Interface
+    out_iface: Interface
+    proto: int = 0           # 0: any protocol, the inversion flag is then ignored
+    invert_proto: bool = False
+    fragment: bool = False   # -f: only non-first fragments
+    invert_fragment: bool = False
+
+
+class Match:
+    """Base of every extension match's model (one subclass per extension, in bpfilter.ext)."""
+
+    name: str = ""
+    revision: int = 0
+
+
+class ExtensionTarget:
+    """Base of the models of non-standard targets (REJECT, LOG, ...)."""
+
+    name: str = ""
+    revision: int = 0
+
+
+@dataclass(frozen=True)
+class Accept:
+    pass
+
+
+@dataclass(frozen=True)
+class Drop:
+    pass
+
+
+@dataclass(frozen=True)
+class Return:
+    pass
+
+
+@dataclass(frozen=True)
+class Fallthrough:
+    """A rule without a target: it only counts."""
+
+
+@dataclass(frozen=True)
+class Jump:
+    chain: str
+
+
+@dataclass(frozen=True)
+class Goto:
+    chain: str
+
+
+Target = Union[Accept, Drop, Return, Fallthrough, Jump, Goto, ExtensionTarget]
+
+
+@dataclass
+class Rule:
+    entry: int               # index of the entry in the table: its counter slot
+    ip: IpHeader
+    matches: list[Match]
+    target: Target
+
+
+@dataclass
+class Chain:
+    name: str
+    rules: list[Rule] = field(default_factory=list)
+    hook: Optional[Hook] = None         # set for built-in chains
+    policy: Optional[Verdict] = None    # built-in chains only
+    tail_entry: int = -1                # the policy entry, or a user chain's final RETURN
+
+    @property
+    def builtin(self) -> bool:
+        return self.hook is not None
+
+
+@dataclass
+class Table:
+    name: str
+    family: Family
+    chains: dict[str, Chain]
+    num_entries: int
+
+    def hook_chains(self) -> list[Chain]:
+        return sorted((c for c in self.chains.values() if c.builtin), key=lambda c: c.hook)

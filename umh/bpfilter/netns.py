@@ -1,0 +1,55 @@
+"""Entering network namespaces, which Python 3.11's os module cannot do (no os.setns).
+
+Netfilter BPF links and iptables tables belong to the netns of the thread
+that creates them, so the service switches the calling *thread* (setns only
+ever moves the caller) into a namespace for the duration of a request.
+"""
+import contextlib
+import os
+
+import cffi
+
+CLONE_NEWNET = 0x40000000
+NETNS_RUN_DIR = "/run/netns"
+_SELF = "/proc/thread-self/ns/net"
+
+_ffi = cffi.FFI()
+_ffi.cdef("int setns(int fd, int nstype);")
+_libc = _ffi.dlopen(None)
+
+
+def path_of(path_or_name: str) -> str:
+    """A name as made by ``ip netns add`` lives in /run/netns; anything with a slash is a path."""
+    if "/" in path_or_name:
+        return path_or_name
+    return os.path.join(NETNS_RUN_DIR, path_or_name)
+
+
+def _setns(fd: int, what: str) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = _ffi.errno
+        raise OSError(err, f"setns({what}): {os.strerror(err)}")
+
+
+@contextlib.contextmanager
+def entered(path_or_name: str):
+    """Run the body with the calling thread in the given network namespace."""
+    path = path_of(path_or_name)
+    original = os.open(_SELF, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _setns(target, path)
+        finally:
+            os.close(target)
+        try:
+            yield
+        finally:
+            _setns(original, "the original netns")
+    finally:
+        os.close(original)
+
+
+def ident(path: "str | None" = None) -> int:
+    """The inode number that identifies a netns (the calling thread's by default)."""
+    return os.stat(path_of(path) if path else _SELF).st_ino
