@@ -28,9 +28,6 @@ table 100, reached by frames arriving on vin0 and by the lab's raw socket
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import errno
 import itertools
 import os
 import select
@@ -39,35 +36,12 @@ import struct
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
-try:
-    from bpfilter.netns import entered
-except ImportError:
-    _libc = ctypes.CDLL(None, use_errno=True)
-    _CLONE_NEWNET = 0x40000000
-
-    def _setns(fd: int) -> None:
-        if _libc.setns(fd, _CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-
-    @contextlib.contextmanager
-    def entered(name_or_path: str) -> Iterator[None]:
-        path = name_or_path if "/" in name_or_path else f"/run/netns/{name_or_path}"
-        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-        try:
-            target = os.open(path, os.O_RDONLY)
-            try:
-                _setns(target)
-            finally:
-                os.close(target)
-            try:
-                yield
-            finally:
-                _setns(home)
-        finally:
-            os.close(home)
+from bpfilter.abi import codec, sockopt
+from bpfilter.loader import load_filter_table
+from bpfilter.netns import entered
+from bpfilter.scratch import replace_blob
 
 
 PATHS = ("input", "forward", "output")
@@ -90,13 +64,11 @@ PROTO_NUMBERS = {"icmp": socket.IPPROTO_ICMP, "tcp": socket.IPPROTO_TCP,
 
 _SO_MARK = 36
 _SO_RCVBUFFORCE = 33
+_SOL_PACKET = 263
 _PACKET_IGNORE_OUTGOING = 23
 _ETH_P_IP = 0x0800
 _RCVBUF = 8 << 20
-_IPT_SO_GET_INFO = 64
-_IPT_SO_GET_ENTRIES = 65
-_IPT_ENTRY_SIZE = 112
-_IPT_GET_ENTRIES_HDR = 40  # name[32] + size, padded to ipt_entry's u64 alignment
+_INJECT_ETH = bytes.fromhex((T_IN_MAC + S_IN_MAC).replace(":", "")) + struct.pack("!H", _ETH_P_IP)
 
 _seq = itertools.count()
 
@@ -215,36 +187,19 @@ def _check_case(case: Case) -> None:
         raise ValueError(f"{case.path} case needs a non-local dst, got {p.dst}")
 
 
-# ---------------------------------------------------------------- kernel ABI
+# ---------------------------------------------------------------- backends
 
-_libc_gs = ctypes.CDLL(None, use_errno=True).getsockopt
-
-
-def _getsockopt(sock: socket.socket, opt: int, buf: bytes) -> bytes:
-    b = ctypes.create_string_buffer(buf, len(buf))
-    n = ctypes.c_uint(len(buf))
-    if _libc_gs(sock.fileno(), socket.IPPROTO_IP, opt, b, ctypes.byref(n)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return b.raw[:n.value]
-
-
-def kernel_counters(sock: socket.socket, table: str = "filter") -> list[tuple[int, int]]:
-    """(packets, bytes) per entry of the kernel's iptables `table`."""
-    name = table.encode().ljust(32, b"\0")
-    info = _getsockopt(sock, _IPT_SO_GET_INFO, name.ljust(84, b"\0"))
-    size = struct.unpack_from("I", info, 80)[0]
-    raw = _getsockopt(sock, _IPT_SO_GET_ENTRIES,
-                      (name + struct.pack("I", size)).ljust(_IPT_GET_ENTRIES_HDR + size, b"\0"))
-    out, off, end = [], _IPT_GET_ENTRIES_HDR, _IPT_GET_ENTRIES_HDR + size
-    while off < end:
-        next_offset = struct.unpack_from("H", raw, off + 90)[0]
-        out.append(struct.unpack_from("QQ", raw, off + 96))
-        off += next_offset
+def kernel_counters(netns: str, table: str = "filter") -> list[tuple[int, int]]:
+    """(packets, bytes) per entry of the kernel's iptables `table` in `netns`."""
+    with entered(netns):
+        size = codec.parse_getinfo(sockopt.get_info(table))["size"]
+        entries = codec.parse_get_entries(sockopt.get_entries(table, size))["entries"]
+    out, off = [], 0
+    while off < len(entries):
+        out.append(struct.unpack_from("<QQ", entries, off + 96))
+        off += struct.unpack_from("<H", entries, off + 90)[0]
     return out
 
-
-# ---------------------------------------------------------------- backends
 
 class KernelBackend:
     """The kernel's own iptables in the target namespace: the reference."""
@@ -253,7 +208,7 @@ class KernelBackend:
         lab.iptables_restore(lab.netns(target), ruleset)
 
     def counters(self, lab: "Lab", target: str) -> list[tuple[int, int]]:
-        return kernel_counters(lab._targets[target].ctl)
+        return kernel_counters(lab.netns(target))
 
     def close(self, lab: "Lab", target: str) -> None:
         pass
@@ -266,8 +221,7 @@ class BpfilterBackend:
         self._table = None
 
     def load(self, lab: "Lab", target: str, ruleset: str) -> None:
-        from bpfilter.loader import load_filter_table
-        blob = lab.replace_blob(ruleset)
+        blob = replace_blob(ruleset)
         self.close(lab, target)
         self._table = load_filter_table(blob, lab.netns(target))
 
@@ -312,7 +266,6 @@ class _Target:
         self.inject: "socket.socket | None" = None   # S, AF_PACKET on s_in
         self.wire: list[socket.socket] = []         # S, AF_PACKET captures
         self.emit: "socket.socket | None" = None     # T, raw IP_HDRINCL
-        self.ctl: "socket.socket | None" = None      # T, for iptables getsockopt
         self.local: dict[int, socket.socket] = {}    # T, raw per protocol
 
 
@@ -333,7 +286,6 @@ class Lab:
             name: _Target(name, i, f"{self.prefix}-{name}",
                           BACKENDS[kind]() if isinstance(kind, str) else kind)
             for i, (name, kind) in enumerate(targets.items())}
-        self._scratch: "str | None" = None
         self._namespaces: list[str] = []
         self._tags = itertools.count(1)
 
@@ -379,7 +331,7 @@ class Lab:
                 for ifname in (t.s_in, t.s_out):
                     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW,
                                       socket.htons(_ETH_P_IP))
-                    s.setsockopt(socket.SOL_PACKET, _PACKET_IGNORE_OUTGOING, 1)
+                    s.setsockopt(_SOL_PACKET, _PACKET_IGNORE_OUTGOING, 1)
                     s.bind((ifname, _ETH_P_IP))
                     t.wire.append(_rcvbuf(s))
 
@@ -415,7 +367,6 @@ rule add fwmark {LAB_MARK} lookup {ROUTE_TABLE} pref 101
         with entered(t.netns):
             t.emit = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
             t.emit.setsockopt(socket.SOL_SOCKET, _SO_MARK, LAB_MARK)
-            t.ctl = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
 
     def close(self) -> None:
         errors = []
@@ -424,10 +375,10 @@ rule add fwmark {LAB_MARK} lookup {ROUTE_TABLE} pref 101
                 t.backend.close(self, t.name)
             except Exception as e:  # keep tearing down; report at the end
                 errors.append(e)
-            for s in [t.inject, t.emit, t.ctl, *t.wire, *t.local.values()]:
+            for s in [t.inject, t.emit, *t.wire, *t.local.values()]:
                 if s is not None:
                     s.close()
-            t.inject = t.emit = t.ctl = None
+            t.inject = t.emit = None
             t.wire, t.local = [], {}
         while self._namespaces:
             name = self._namespaces.pop()
@@ -442,16 +393,6 @@ rule add fwmark {LAB_MARK} lookup {ROUTE_TABLE} pref 101
     @staticmethod
     def iptables_restore(netns: str, ruleset: str) -> None:
         _run(["ip", "netns", "exec", netns, "iptables-legacy-restore", "-w", "10"], ruleset)
-
-    def replace_blob(self, ruleset: str) -> bytes:
-        """The ipt_replace blob the kernel builds from `ruleset` (via a scratch netns)."""
-        from bpfilter.abi.sockopt import read_replace
-        if self._scratch is None:
-            self._scratch = f"{self.prefix}-scratch"
-            self._add_netns(self._scratch)
-        self.iptables_restore(self._scratch, ruleset)
-        with entered(self._scratch):
-            return read_replace("filter")
 
     def load(self, ruleset: str) -> None:
         for t in self._targets.values():
@@ -534,9 +475,7 @@ rule add fwmark {LAB_MARK} lookup {ROUTE_TABLE} pref 101
             except PermissionError:
                 pass  # LOCAL_OUT dropped it: that is an observation, not an error
         else:
-            eth = bytes.fromhex(T_IN_MAC.replace(":", "")) + \
-                bytes.fromhex(S_IN_MAC.replace(":", "")) + struct.pack("!H", _ETH_P_IP)
-            t.inject.send(eth + pkt)
+            t.inject.send(_INJECT_ETH + pkt)
 
     @staticmethod
     def _drain(s: socket.socket, handle: "Callable[[bytes], None] | None") -> None:

@@ -63,10 +63,6 @@ _IN_PROGRESS = 1 << NF_INET_NUMHOOKS  # mark_source_chains' "on the current path
 _UNCONDITIONAL_IP = bytes(SIZEOF_IPT_IP)
 
 
-def _hook_name(h: int) -> str:
-    return HOOK_NAMES[h]
-
-
 def _fault(message: str) -> BpfilterError:
     return BpfilterError(errno.EFAULT, message)
 
@@ -278,7 +274,7 @@ def _walk_entries(table: RawTable, body: bytes, hook_entry: list, underflow: lis
             if off == table.underflow[h]:
                 if not _check_underflow(e):
                     raise invalid(
-                        where + f"underflow (policy) of {_hook_name(h)} is not an unconditional ACCEPT or DROP", index
+                        where + f"underflow (policy) of {HOOK_NAMES[h]} is not an unconditional ACCEPT or DROP", index
                     )
                 underflow[h] = off
         table.entries.append(e)
@@ -293,7 +289,7 @@ def _check_table_hooks(valid_hooks: int, hook_entry: list, underflow: list) -> N
     for h in range(NF_INET_NUMHOOKS):
         if not valid_hooks & (1 << h):
             continue
-        name = _hook_name(h)
+        name = HOOK_NAMES[h]
         if hook_entry[h] == _UNSET:
             raise invalid(f"hook {name}: hook_entry does not point at the start of an entry")
         if underflow[h] == _UNSET:
@@ -334,7 +330,7 @@ def _mark_source_chains(table: RawTable, hook_entry: list) -> None:
             e = entries[i]
             visited = comefrom[i] & (1 << hook)
             if comefrom[i] & _IN_PROGRESS:
-                raise _eloop(e, f"rule loop: reached again from {_hook_name(hook)} while still on its path")
+                raise _eloop(e, f"rule loop: reached again from {HOOK_NAMES[hook]} while still on its path")
             comefrom[i] |= (1 << hook) | _IN_PROGRESS
             verdict = _std_verdict(e)
             if (_unconditional(e) and verdict is not None and verdict < 0) or visited:
@@ -353,7 +349,7 @@ def _mark_source_chains(table: RawTable, hook_entry: list) -> None:
                 e = entries[i]
                 nxt = pos + e.next_offset
                 if nxt >= table.size:
-                    raise _eloop(e, f"returning from a jump falls off the end of the table (reached from {_hook_name(hook)})")
+                    raise _eloop(e, f"returning from a jump falls off the end of the table (reached from {HOOK_NAMES[hook]})")
                 i = by_offset[nxt]
                 back[i] = pos
                 pos = nxt
@@ -365,7 +361,7 @@ def _mark_source_chains(table: RawTable, hook_entry: list) -> None:
                 else:
                     newpos = pos + e.next_offset
                     if newpos >= table.size:
-                        raise _eloop(e, f"falls through past the last entry (reached from {_hook_name(hook)})")
+                        raise _eloop(e, f"falls through past the last entry (reached from {HOOK_NAMES[hook]})")
                 i = by_offset[newpos]
                 back[i] = pos
                 pos = newpos
@@ -373,17 +369,18 @@ def _mark_source_chains(table: RawTable, hook_entry: list) -> None:
         e.hook_mask = mask
 
 
-def parse_replace(blob: bytes, optlen: "int | None" = None, tables: "dict | None" = None) -> RawTable:
-    """Parse and validate what iptables passes to setsockopt(IPT_SO_SET_REPLACE).
+def parse_replace(blob: bytes, optlen: "int | None" = None) -> RawTable:
+    """Parse and validate what iptables passes to setsockopt(IPT_SO_SET_REPLACE),
+    as do_replace() and translate_table() do up to find_check_entry().
 
     optlen is the setsockopt option length when known; the kernel answers a
     length shorter than the data it announces with EINVAL.  Without it, blob is
     taken as all the caller's memory that could be read, so data announced but
     missing is the EFAULT the kernel's copy_from_user would hit.
 
-    tables maps the table names that exist to their valid_hooks (default: the
-    kernel's built-in IPv4 tables); the num_counters == current rule count check
-    (EAGAIN) needs the live table and is the caller's.
+    The kernel then runs, in this order: find_check_entry() on each entry (the
+    extensions, and check_builtin_target()), check_do_replace(), and the
+    EAGAIN check that num_counters equals the live table's rule count.
     """
     blob = bytes(blob)
     table = _parse_header(blob, optlen)
@@ -395,17 +392,19 @@ def parse_replace(blob: bytes, optlen: "int | None" = None, tables: "dict | None
         raise invalid(f"num_entries is {table.num_entries} but the {table.size} bytes hold {len(table.entries)} entries")
     _check_table_hooks(table.valid_hooks, hook_entry, underflow)
     _mark_source_chains(table, hook_entry)
-    # __do_replace(): xt_counters_alloc(), then the table lookup.
+    return table
+
+
+def check_do_replace(table: RawTable, tables: "dict[str, int]" = BUILTIN_TABLES) -> None:
+    """__do_replace()'s checks before it swaps tables: room for the old
+    counters, a table by that name (tables maps the existing ones to their
+    valid_hooks), and the same valid_hooks."""
     if table.num_counters * SIZEOF_XT_COUNTERS > XT_MAX_TABLE_SIZE:
         raise BpfilterError(errno.ENOMEM, f"num_counters {table.num_counters} is too large")
-    known = BUILTIN_TABLES if tables is None else tables
-    if table.name not in known:
+    if table.name not in tables:
         raise BpfilterError(errno.ENOENT, f"no table named {table.name!r}")
-    if table.valid_hooks != known[table.name]:
-        raise invalid(
-            f"valid_hooks 0x{table.valid_hooks:x} differ from table {table.name!r}'s 0x{known[table.name]:x}"
-        )
-    return table
+    if table.valid_hooks != tables[table.name]:
+        raise invalid(f"valid_hooks 0x{table.valid_hooks:x} differ from table {table.name!r}'s 0x{tables[table.name]:x}")
 
 
 def check_builtin_target(entry: RawEntry) -> None:
@@ -422,7 +421,7 @@ def check_builtin_target(entry: RawEntry) -> None:
     else:
         raise ValueError(f"{t.name!r} is not a built-in target")
     if t.revision != 0:
-        raise BpfilterError(errno.EPROTOTYPE, where + f"{what} has no revision {t.revision}", entry.index)
+        raise BpfilterError(errno.ENOENT, where + f"{what} has no revision {t.revision}", entry.index)
     if t.size != want:
         raise invalid(where + f"{what} size {t.size} is not {want}", entry.index)
 

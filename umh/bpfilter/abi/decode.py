@@ -1,10 +1,14 @@
 """From a validated raw table (codec.parse_replace) to the neutral model.
 
+First the checks the kernel still makes after translate_table(), in its order, so a
+bad blob gets the kernel's errno: each entry's matches then its target
+(find_check_entry), then the table itself (__do_replace). Only then what bpfilter
+itself cannot do, refused with EOPNOTSUPP and a message, never approximated.
+
 The kernel accepts any entry layout that passes translate_table(); libiptc only ever
 writes one: built-in chains in hook order, each ending in its policy, then user
 chains, each an ERROR head naming it, its rules and an unconditional RETURN, then a
-final ERROR entry. bpfilter models chains, so it requires that layout and refuses
-anything else (e.g. a jump into the middle of a chain) with a message, never a guess.
+final ERROR entry. bpfilter models chains, so it requires that layout.
 """
 from __future__ import annotations
 
@@ -13,10 +17,12 @@ import errno
 from .. import ext
 from ..errors import BpfilterError
 from ..model import (Accept, Chain, Drop, Fallthrough, Family, Goto, Hook, Interface, IpHeader,
-                     Jump, Prefix, Return, Rule, Table, Verdict)
+                     Jump, Match, Prefix, Return, Rule, Table, Verdict)
 from . import xtables as X
+from .codec import check_builtin_target, check_do_replace
 from .xtables import RawEntry, RawTable
 
+SUPPORTED_TABLES = ("filter",)
 _STANDARD_VERDICTS = {-X.NF_ACCEPT - 1: Accept(), -X.NF_DROP - 1: Drop(), X.XT_RETURN: Return()}
 
 
@@ -37,44 +43,81 @@ def _unconditional(entry: RawEntry) -> bool:
 
 def table_from_raw(raw: RawTable, family: Family = Family.IPV4) -> Table:
     entries = raw.entries
-    by_offset = {e.offset: e.index for e in entries}
-    hooks = [Hook(h) for h in range(X.NF_INET_NUMHOOKS) if raw.valid_hooks & (1 << h)]
+    starts = _chain_starts(raw)
+    spans = _chain_spans(starts, len(entries))
+    where = {}
+    for first, end in spans.values():
+        chain = starts[first]
+        for e in entries[first:end]:
+            what = f"rule {e.index - first + 1}" if e.index < end - 1 else (
+                "policy" if chain.builtin else "final RETURN")
+            where[e.index] = f"chain {chain.name} {what} (entry {e.index})"
 
-    # Chain starts: each hook entry, and the entry after every user chain's ERROR head.
-    starts: dict[int, Chain] = {}
-    for hook in hooks:
-        starts[by_offset[raw.hook_entry[hook]]] = Chain(hook.chain_name, hook=hook)
-    for e in entries[:-1]:
-        if _is_error(e):
-            name = e.target.errorname
-            if e.index + 1 in starts:
-                raise _unsupported(f"user chain '{name}' starts at a hook entry", e.index)
-            starts[e.index + 1] = Chain(name)
+    matches: dict[int, list[Match]] = {}
+    for e in entries:
+        place = where.get(e.index, f"entry {e.index}")
+        ip = _ip_header(e)
+        matches[e.index] = [ext.decode_match(m.name, m.revision, m.data, ip, family, place)
+                            for m in e.matches]
+        if e.target.name in (X.XT_STANDARD_TARGET, X.XT_ERROR_TARGET):
+            check_builtin_target(e)
+        else:
+            raise _unsupported(f"{place}: target '{e.target.name}' revision {e.target.revision} "
+                               "is not supported by bpfilter")
+    check_do_replace(raw)
+    if raw.name not in SUPPORTED_TABLES:
+        raise _unsupported(f"table '{raw.name}' is not supported by bpfilter yet "
+                           f"(supported: {', '.join(SUPPORTED_TABLES)})")
+
     if not _is_error(entries[-1]):
         raise _unsupported("the table does not end with an ERROR entry", entries[-1].index)
-
-    chains = {starts[index].name: starts[index] for index in sorted(starts)}
+    by_offset = {e.offset: e.index for e in entries}
     chain_of_jump = {index: c.name for index, c in starts.items() if not c.builtin}
-
-    order = sorted(starts)
-    for pos, first in enumerate(order):
+    for first, (start, end) in spans.items():
         chain = starts[first]
+        body = entries[start:end]
+        if not body:
+            raise _unsupported(f"chain '{chain.name}' has no final policy/RETURN entry", first)
+        _check_tail(raw, chain, body[-1])
+        chain.tail_entry = body[-1].index
+        for e in body[:-1]:
+            target = _target(e, where[e.index], by_offset, chain_of_jump)
+            chain.rules.append(Rule(e.index, _ip_header(e), matches[e.index], target))
+    return Table(raw.name, family, {starts[i].name: starts[i] for i in sorted(starts)},
+                 raw.num_entries)
+
+
+def _chain_starts(raw: RawTable) -> dict[int, Chain]:
+    """Entry index -> chain starting there: each hook entry, and the entry after
+    every user chain's ERROR head."""
+    by_offset = {e.offset: e.index for e in raw.entries}
+    starts: dict[int, Chain] = {}
+    for h in range(X.NF_INET_NUMHOOKS):
+        if raw.valid_hooks & (1 << h):
+            hook = Hook(h)
+            starts[by_offset[raw.hook_entry[h]]] = Chain(hook.chain_name, hook=hook)
+    for e in raw.entries[:-1]:
+        if _is_error(e):
+            if e.index + 1 in starts:
+                raise _unsupported(f"user chain '{e.target.errorname}' starts at a hook entry",
+                                   e.index)
+            starts[e.index + 1] = Chain(e.target.errorname)
+    return starts
+
+
+def _chain_spans(starts: dict[int, Chain], count: int) -> dict[int, tuple[int, int]]:
+    """Chain start -> (first, end) entry indexes of its body, policy/RETURN included."""
+    order = sorted(starts)
+    spans = {}
+    for pos, first in enumerate(order):
         if pos + 1 == len(order):
-            end = len(entries) - 1             # the final ERROR entry
+            end = count - 1                    # the final ERROR entry
         else:
             end = order[pos + 1]
             if not starts[end].builtin:
                 end -= 1                       # the next user chain's ERROR head
-        body = entries[first:end]
-        if not body:
-            raise _unsupported(f"chain '{chain.name}' has no final policy/RETURN entry", first)
-        tail = body[-1]
-        _check_tail(raw, chain, tail)
-        chain.tail_entry = tail.index
-        for e in body[:-1]:
-            chain.rules.append(_rule(e, chain, e.index - first + 1, by_offset, chain_of_jump,
-                                     family))
-    return Table(raw.name, family, chains, raw.num_entries)
+        spans[first] = (first, end)
+    return spans
 
 
 def _check_tail(raw: RawTable, chain: Chain, tail: RawEntry) -> None:
@@ -90,21 +133,10 @@ def _check_tail(raw: RawTable, chain: Chain, tail: RawEntry) -> None:
                            tail.index)
 
 
-def _rule(e: RawEntry, chain: Chain, position: int, by_offset, chain_of_jump,
-          family: Family) -> Rule:
-    where = f"chain {chain.name} rule {position} (entry {e.index})"
-    ip = _ip_header(e)
-    matches = [ext.decode_match(m.name, m.revision, m.data, ip, family, where) for m in e.matches]
-    return Rule(e.index, ip, matches, _target(e, where, by_offset, chain_of_jump))
-
-
 def _target(e: RawEntry, where: str, by_offset, chain_of_jump):
     t = e.target
     if t.name == X.XT_ERROR_TARGET:
         raise _unsupported(f"{where}: ERROR target inside a chain")
-    if t.name != X.XT_STANDARD_TARGET:
-        raise _unsupported(f"{where}: target '{t.name}' revision {t.revision} is not supported "
-                           "by bpfilter")
     if t.verdict < 0:
         if t.verdict not in _STANDARD_VERDICTS:
             name = "QUEUE" if t.verdict == -X.NF_QUEUE - 1 else f"verdict {t.verdict}"

@@ -35,6 +35,10 @@ class MatchExtension:
         """Model of the payload; rejects what the kernel's checkentry rejects."""
         raise NotImplementedError
 
+    def describe(self, match: Match) -> str:
+        """The match as `iptables -L -n` shows it."""
+        raise NotImplementedError
+
     def emit(self, match: Match, asm: Assembler, fail, hotdrop) -> None:
         """Code that jumps to `fail` when the packet does not match, to `hotdrop`
         when the kernel's match would set par->hotdrop, and falls through otherwise."""
@@ -70,12 +74,15 @@ def decode_match(name: str, revision: int, payload: bytes, ip: IpHeader, family:
     if ext.proto is not None and (ip.proto != ext.proto or ip.invert_proto):
         raise BpfilterError(errno.EINVAL, f"{where}: match '{name}' is only valid for protocol "
                                           f"{ext.proto} (use -p without '!')")
-    match = ext.decode(payload, where)
-    return match
+    return ext.decode(payload, where)
 
 
 def emit_match(match: Match, family: Family, asm: Assembler, fail, hotdrop) -> None:
     _MATCHES[(match.name, match.revision, family)].emit(match, asm, fail, hotdrop)
+
+
+def describe_match(match: Match, family: Family) -> str:
+    return _MATCHES[(match.name, match.revision, family)].describe(match)
 
 
 # Registration happens on import of each extension module.

@@ -65,3 +65,12 @@ class Icmp(MatchExtension):
         if match.invert:
             asm.emit(BPF_JMP_A(fail))
             asm.place(differs)
+
+    def describe(self, match: IcmpMatch) -> str:
+        if match.type == ANY_TYPE:
+            return "icmp " + ("!" if match.invert else "") + "type any"
+        bang = "!" if match.invert else ""
+        codes = "" if (match.code_lo, match.code_hi) == (0, 0xFF) else (
+            f" code {match.code_lo}" if match.code_lo == match.code_hi
+            else f" codes {match.code_lo}-{match.code_hi}")
+        return f"icmp {bang}type {match.type}{codes}"

@@ -25,3 +25,13 @@ def emit_transport_header(asm: Assembler, header_size: int, fail, hotdrop) -> No
 def emit_ports(asm: Assembler, sport: PortRange, dport: PortRange, fail) -> None:
     emit_range(asm, facts.SPORT, 2, sport.lo, sport.hi, sport.invert, fail)
     emit_range(asm, facts.DPORT, 2, dport.lo, dport.hi, dport.invert, fail)
+
+
+def describe_ports(label: str, ports: PortRange) -> str:
+    """`iptables -L -n` spelling: dpt:22, dpts:1000:2000, dpt:!22; empty for any."""
+    if (ports.lo, ports.hi) == (0, 0xFFFF) and not ports.invert:
+        return ""
+    bang = "!" if ports.invert else ""
+    if ports.lo == ports.hi:
+        return f"{label}:{bang}{ports.lo}"
+    return f"{label}s:{bang}{ports.lo}:{ports.hi}"

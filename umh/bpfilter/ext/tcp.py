@@ -6,16 +6,19 @@ from dataclasses import dataclass
 
 from construct import Int8un, Int16un, Struct
 
+from ..bpf import insn as I
+from ..bpf.insn import BPF_H, BPF_JMP_IMM, BPF_LDX_MEM, R1, R6
 from ..compiler import facts
 from ..compiler.primitives import emit_masked_equal
 from ..errors import BpfilterError
 from ..model import Match
 from . import MatchExtension, register_match
-from .ports import PortRange, emit_ports, emit_transport_header
+from .ports import PortRange, describe_ports, emit_ports, emit_transport_header
 
 IPPROTO_TCP = 6
 XT_TCP_INV_SRCPT, XT_TCP_INV_DSTPT, XT_TCP_INV_FLAGS, XT_TCP_INV_OPTION = 0x01, 0x02, 0x04, 0x08
 XT_TCP_INV_MASK = 0x0F
+EVIL_FRAGMENT_OFFSET = 1
 
 xt_tcp = Struct(
     "spts" / Int16un[2],
@@ -58,7 +61,18 @@ class Tcp(MatchExtension):
             invert_flags=bool(p.invflags & XT_TCP_INV_FLAGS))
 
     def emit(self, match: TcpMatch, asm, fail, hotdrop) -> None:
+        # tcp_mt() drops a fragment at offset 1 (8 bytes) outright: it could
+        # overwrite the flags of the first fragment to sneak past direction checks.
+        asm.emit(BPF_LDX_MEM(BPF_H, R1, R6, facts.FRAGOFF),
+                 BPF_JMP_IMM(I.BPF_JEQ, R1, EVIL_FRAGMENT_OFFSET, hotdrop))
         emit_transport_header(asm, facts.TCP_HEADER, fail, hotdrop)
         emit_ports(asm, match.sport, match.dport, fail)
         emit_masked_equal(asm, facts.TCP_FLAGS, 1, match.flags_mask, match.flags_cmp,
                           match.invert_flags, fail)
+
+    def describe(self, match: TcpMatch) -> str:
+        parts = ["tcp", describe_ports("spt", match.sport), describe_ports("dpt", match.dport)]
+        if match.flags_mask or match.invert_flags:
+            bang = "!" if match.invert_flags else ""
+            parts.append(f"flags:{bang}0x{match.flags_mask:02X}/0x{match.flags_cmp:02X}")
+        return " ".join(p for p in parts if p)

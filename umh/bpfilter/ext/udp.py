@@ -10,7 +10,7 @@ from ..compiler import facts
 from ..errors import BpfilterError
 from ..model import Match
 from . import MatchExtension, register_match
-from .ports import PortRange, emit_ports, emit_transport_header
+from .ports import PortRange, describe_ports, emit_ports, emit_transport_header
 
 IPPROTO_UDP = 17
 XT_UDP_INV_SRCPT, XT_UDP_INV_DSTPT = 0x01, 0x02
@@ -47,3 +47,7 @@ class Udp(MatchExtension):
     def emit(self, match: UdpMatch, asm, fail, hotdrop) -> None:
         emit_transport_header(asm, facts.SMALL_HEADER, fail, hotdrop)
         emit_ports(asm, match.sport, match.dport, fail)
+
+    def describe(self, match: UdpMatch) -> str:
+        parts = ["udp", describe_ports("spt", match.sport), describe_ports("dpt", match.dport)]
+        return " ".join(p for p in parts if p)

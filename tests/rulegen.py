@@ -1,0 +1,270 @@
+"""Seeded random filter-table rulesets (iptables-restore text) and packet cases.
+
+generate(seed) -> (ruleset, cases).  The ruleset uses only what bpfilter
+implements; the cases are built from the values the rules mention (inside
+and just outside their networks, port ranges, flag sets, ICMP types) so
+that rules match often, plus random packets, fragments, truncated transport
+headers and odd protocols.  Every address lies in 198.18.0.0/15.
+"""
+from __future__ import annotations
+
+import ipaddress
+import random
+from dataclasses import dataclass, field
+
+from netlab import T_IN_ADDR, T_LOCAL, T_OUT_ADDR, Case, Packet
+
+BUILTIN = ("INPUT", "FORWARD", "OUTPUT")
+IFACES = ("vin0", "vout0", "vin+", "vout+", "v+", "lo", "nosuch0")
+PROTO_NUMBERS = (6, 17, 1, 47, 50, 89, 132)
+PORTS = (0, 1, 22, 53, 80, 443, 1023, 1024, 8080, 65535)
+TCP_FLAG_BITS = {"FIN": 0x01, "SYN": 0x02, "RST": 0x04, "PSH": 0x08, "ACK": 0x10, "URG": 0x20}
+COMMON_FLAGS = (0x02, 0x12, 0x10, 0x18, 0x04, 0x14, 0x01, 0x11, 0x00, 0x3F, 0xC2)
+# iptables' ICMP names: type, and code (None: every code of the type).
+ICMP_NAMES = {
+    "any": (None, None),
+    "echo-reply": (0, None), "destination-unreachable": (3, None),
+    "network-unreachable": (3, 0), "host-unreachable": (3, 1),
+    "port-unreachable": (3, 3), "fragmentation-needed": (3, 4),
+    "host-prohibited": (3, 10), "source-quench": (4, None), "redirect": (5, None),
+    "host-redirect": (5, 1), "echo-request": (8, None),
+    "router-advertisement": (9, None), "time-exceeded": (11, None),
+    "ttl-zero-during-transit": (11, 0), "ttl-zero-during-reassembly": (11, 1),
+    "parameter-problem": (12, None), "ip-header-bad": (12, 0),
+    "timestamp-request": (13, None), "address-mask-reply": (18, None),
+}
+LAB_LO = int(ipaddress.IPv4Address("198.18.0.0"))
+LAB_SIZE = 1 << 17
+# Network and broadcast addresses of T's subnets: no use as a source.
+SUBNET_EDGES = T_LOCAL - {T_IN_ADDR, T_OUT_ADDR}
+OPTIONS = (b"\x01\x01\x01\x00", b"\x94\x04\x00\x00")  # NOPs + EOL; router alert
+
+
+@dataclass
+class _Hints:
+    """Values the rules mention, to aim packets at them."""
+    nets: list[tuple[int, int]] = field(default_factory=list)
+    protos: list[int] = field(default_factory=list)
+    ports: list[int] = field(default_factory=list)
+    flags: list[int] = field(default_factory=list)
+    icmp: list[tuple[int, "int | None"]] = field(default_factory=list)
+
+
+def _bang(rng: random.Random, p: float = 0.25) -> str:
+    return "! " if rng.random() < p else ""
+
+
+def _addr(n: int) -> str:
+    return str(ipaddress.IPv4Address(n))
+
+
+def _lab_addr(rng: random.Random) -> int:
+    return LAB_LO + rng.randrange(LAB_SIZE)
+
+
+def _net(rng: random.Random, hints: _Hints) -> str:
+    base = rng.choice([LAB_LO + 1, LAB_LO + 2, LAB_LO + LAB_SIZE // 2 + 1,
+                       LAB_LO + LAB_SIZE // 2 + 2, _lab_addr(rng)])
+    mask = rng.choice([0, 8, 15, 16, 24, 30, 32, 32, rng.randint(0, 32)])
+    hints.nets.append((base, mask))
+    return f"{_addr(base)}/{mask}"
+
+
+def _ports(rng: random.Random, hints: _Hints) -> str:
+    def port() -> int:
+        return rng.choice(PORTS) if rng.random() < 0.6 else rng.randrange(65536)
+    kind = rng.random()
+    if kind < 0.5:
+        p = port()
+        hints.ports.append(p)
+        return str(p)
+    lo, hi = sorted((port(), port()))
+    hints.ports += [lo, hi]
+    if kind < 0.6:
+        return f":{hi}"
+    if kind < 0.7:
+        return f"{lo}:"
+    return f"{lo}:{hi}"
+
+
+def _flag_set(rng: random.Random) -> tuple[str, int]:
+    r = rng.random()
+    if r < 0.1:
+        return "ALL", 0x3F
+    if r < 0.2:
+        return "NONE", 0
+    names = rng.sample(sorted(TCP_FLAG_BITS), rng.randint(1, 4))
+    return ",".join(names), sum(TCP_FLAG_BITS[n] for n in names)
+
+
+def _tcp_udp(rng: random.Random, proto: str, hints: _Hints) -> list[str]:
+    out = []
+    if rng.random() < 0.4:
+        out.append(f"{_bang(rng)}--sport {_ports(rng, hints)}")
+    if rng.random() < 0.6:
+        out.append(f"{_bang(rng)}--dport {_ports(rng, hints)}")
+    if proto == "tcp" and rng.random() < 0.6:
+        if rng.random() < 0.4:
+            out.append(f"{_bang(rng)}--syn")
+            hints.flags += [0x02, 0x12]
+        else:
+            (mname, mask), (cname, comp) = _flag_set(rng), _flag_set(rng)
+            if rng.random() < 0.8:  # comparisons that can match
+                comp &= mask
+                cname = ",".join(n for n, b in TCP_FLAG_BITS.items() if comp & b) or "NONE"
+            out.append(f"{_bang(rng)}--tcp-flags {mname} {cname}")
+            hints.flags.append(comp)
+    return out
+
+
+def _icmp(rng: random.Random, hints: _Hints) -> list[str]:
+    if rng.random() < 0.3:
+        return []
+    r = rng.random()
+    if r < 0.6:
+        name = rng.choice(sorted(ICMP_NAMES))
+        t, c = ICMP_NAMES[name]
+        spec = name
+    elif r < 0.8:
+        t, c = rng.choice([0, 3, 5, 8, 11, 12, 13, rng.randrange(255)]), None
+        spec = str(t)
+    else:
+        t, c = rng.choice([3, 5, 11, 12, rng.randrange(255)]), rng.randrange(16)
+        spec = f"{t}/{c}"
+    if t is not None:
+        hints.icmp.append((t, c))
+    return [f"{_bang(rng)}--icmp-type {spec}"]
+
+
+def _rule(rng: random.Random, chain: str, index: "int | None", chains: list[str],
+          hints: _Hints) -> str:
+    parts = [f"-A {chain}"]
+    if rng.random() < 0.3:
+        parts.append(f"{_bang(rng)}-s {_net(rng, hints)}")
+    if rng.random() < 0.3:
+        parts.append(f"{_bang(rng)}-d {_net(rng, hints)}")
+    # iptables refuses -i in OUTPUT and -o in INPUT; user chains may have both.
+    if chain != "OUTPUT" and rng.random() < 0.2:
+        parts.append(f"{_bang(rng)}-i {rng.choice(IFACES)}")
+    if chain != "INPUT" and rng.random() < 0.2:
+        parts.append(f"{_bang(rng)}-o {rng.choice(IFACES)}")
+    if rng.random() < 0.55:
+        r = rng.random()
+        if r < 0.7:
+            proto = rng.choice(["tcp", "tcp", "udp", "udp", "icmp", "icmp", "all"])
+            inverted = proto != "all" and rng.random() < 0.15
+            parts.append(f"{'! ' if inverted else ''}-p {proto}")
+            hints.protos.append({"tcp": 6, "udp": 17, "icmp": 1, "all": 0}[proto])
+            # Protocol matches need the plain, non-inverted protocol.
+            if not inverted and proto in ("tcp", "udp"):
+                parts += _tcp_udp(rng, proto, hints)
+            elif not inverted and proto == "icmp":
+                parts += _icmp(rng, hints)
+        else:
+            num = rng.choice(PROTO_NUMBERS)
+            parts.append(f"{_bang(rng, 0.2)}-p {num}")
+            hints.protos.append(num)
+    if rng.random() < 0.08:
+        parts.append(f"{_bang(rng, 0.5)}-f")
+    later = chains[index + 1:] if index is not None else chains
+    targets = ["ACCEPT", "DROP", "RETURN", None] + \
+        [f"-j {c}" for c in later] * 2 + [f"-g {c}" for c in later]
+    target = rng.choice(targets)
+    if target in ("ACCEPT", "DROP", "RETURN"):
+        parts.append(f"-j {target}")
+    elif target is not None:
+        parts.append(target)
+    return " ".join(parts)
+
+
+def ruleset(rng: random.Random, hints: _Hints) -> str:
+    chains = [f"c{i}" for i in range(rng.randint(0, 5))]
+    lines = ["*filter"]
+    lines += [f":{c} {rng.choice(['ACCEPT', 'DROP'])} [0:0]" for c in BUILTIN]
+    lines += [f":{c} - [0:0]" for c in chains]
+    for chain in BUILTIN:
+        lines += [_rule(rng, chain, None, chains, hints) for _ in range(rng.randint(0, 8))]
+    for i, chain in enumerate(chains):
+        lines += [_rule(rng, chain, i, chains, hints) for _ in range(rng.randint(0, 6))]
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- cases
+
+def _aimed_addr(rng: random.Random, hints: _Hints) -> int:
+    """An address inside, or just outside, a network a rule names."""
+    if not hints.nets or rng.random() < 0.3:
+        return rng.choice([LAB_LO + 2, LAB_LO + LAB_SIZE // 2 + 2, _lab_addr(rng)])
+    base, mask = rng.choice(hints.nets)
+    if mask <= 15:
+        return _lab_addr(rng)
+    host_bits = 32 - mask
+    inside = (base >> host_bits << host_bits) | rng.getrandbits(host_bits) if host_bits else base
+    if rng.random() < 0.7:
+        return inside
+    return inside ^ (1 << host_bits)
+
+
+def _addr_for(rng: random.Random, hints: _Hints, allowed) -> str:
+    while True:
+        a = _addr(_aimed_addr(rng, hints))
+        if allowed(a):
+            return a
+
+
+def _port(rng: random.Random, hints: _Hints) -> int:
+    if hints.ports and rng.random() < 0.6:
+        return max(0, min(65535, rng.choice(hints.ports) + rng.choice([0, 0, 0, -1, 1])))
+    return rng.choice(PORTS) if rng.random() < 0.5 else rng.randrange(65536)
+
+
+def _case(rng: random.Random, hints: _Hints) -> Case:
+    path = rng.choices(["input", "forward", "output"], [0.35, 0.4, 0.25])[0]
+    if hints.protos and rng.random() < 0.7:
+        proto = rng.choice(hints.protos) or rng.choice(PROTO_NUMBERS)
+    else:
+        proto = rng.choice(PROTO_NUMBERS)
+    kw: dict = {"proto": proto, "payload_len": rng.randint(8, 48)}
+    if path == "input":
+        kw["dst"] = rng.choice([T_IN_ADDR, T_OUT_ADDR])
+    else:
+        kw["dst"] = _addr_for(rng, hints, lambda a: a not in T_LOCAL)
+    kw["src"] = _addr_for(rng, hints, lambda a: a not in SUBNET_EDGES)
+    if proto in (6, 17):
+        kw["sport"], kw["dport"] = _port(rng, hints), _port(rng, hints)
+    if proto == 6:
+        if hints.flags and rng.random() < 0.6:
+            f = rng.choice(hints.flags)
+            kw["tcp_flags"] = f ^ (1 << rng.randrange(8)) if rng.random() < 0.3 else f
+        else:
+            kw["tcp_flags"] = rng.choice(COMMON_FLAGS) if rng.random() < 0.7 \
+                else rng.randrange(256)
+    if proto == 1:
+        if hints.icmp and rng.random() < 0.7:
+            t, c = rng.choice(hints.icmp)
+            kw["icmp_type"] = t
+            kw["icmp_code"] = c if c is not None and rng.random() < 0.8 else rng.randrange(16)
+        else:
+            kw["icmp_type"] = rng.choice([0, 3, 5, 8, 11, 12, rng.randrange(256)])
+            kw["icmp_code"] = rng.randrange(16)
+    if path != "input" and rng.random() < 0.12:
+        if rng.random() < 0.7:
+            kw["frag_offset"] = 1 if rng.random() < 0.3 else rng.randint(2, 200)
+            kw["more_fragments"] = rng.random() < 0.5
+        else:
+            kw["more_fragments"] = True
+    header_len = Packet(src="", dst="", proto=proto).header_len
+    if header_len and not kw.get("frag_offset") and rng.random() < 0.07 \
+            and not (path == "input" and proto == 1):
+        kw["truncate_l4"] = rng.randrange(header_len)
+    if rng.random() < 0.05:
+        kw["options"] = rng.choice(OPTIONS)
+    return Case(Packet(**kw), path)
+
+
+def generate(seed: int, n_cases: int = 200) -> tuple[str, list[Case]]:
+    rng = random.Random(seed)
+    hints = _Hints()
+    text = ruleset(rng, hints)
+    return text, [_case(rng, hints) for _ in range(n_cases)]

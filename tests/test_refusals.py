@@ -1,0 +1,199 @@
+"""What bpfilter cannot translate refuses the whole table, loudly and precisely.
+
+The error is a BpfilterError with the errno iptables will print (EOPNOTSUPP for
+what bpfilter does not implement, EINVAL for what the kernel itself refuses) and
+a message that names the chain, the rule's position in it and the extension. And
+nothing stays loaded: no BPF program, map or link is left behind in this process.
+"""
+import errno
+import os
+import subprocess
+import uuid
+
+import pytest
+
+from bpfilter import loader
+from bpfilter.abi import codec, sockopt
+from bpfilter.abi.xtables import IPT_INV_PROTO, ipt_replace
+from bpfilter.errors import BpfilterError
+from bpfilter.loader import load_filter_table
+from bpfilter.netns import entered
+from bpfilter.scratch import replace_blob
+
+pytestmark = pytest.mark.kernel
+
+HEADER = ipt_replace.sizeof()      # struct ipt_replace, before the entries
+IP_PROTO, IP_INVFLAGS = 80, 83     # offsets in struct ipt_ip, at the start of each entry
+
+
+def ruleset(*lines: str) -> str:
+    """INPUT/FORWARD/OUTPUT ACCEPT, user chains X and Y, then the rules."""
+    return "\n".join(["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]",
+                      ":OUTPUT ACCEPT [0:0]", ":X - [0:0]", ":Y - [0:0]",
+                      *lines, "COMMIT", ""])
+
+
+def bpf_fds() -> list[str]:
+    """This process's BPF objects (programs, maps, links) by fd."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:
+            continue
+        if target.startswith("anon_inode:bpf"):
+            found.append(f"{fd} -> {target}")
+    return sorted(found)
+
+
+@pytest.fixture
+def netns():
+    name = f"bpfl-refuse-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=True)
+
+
+def refused(blob: bytes, netns_name: str) -> BpfilterError:
+    """Load (and attach in netns_name) and return the refusal; no fds may be left."""
+    before = bpf_fds()
+    with pytest.raises(BpfilterError) as info:
+        table = load_filter_table(blob, netns_name)
+        table.close()   # not reached when refused; keeps a wrong acceptance from leaking
+    assert bpf_fds() == before
+    return info.value
+
+
+# Each: a rule, where it sits, and what the message must name. The offending rule is
+# the second of chain Y, reached from OUTPUT through X, so the position is not trivial.
+UNSUPPORTED = [
+    ("-p tcp -m multiport --dports 22,80 -j ACCEPT", "match 'multiport'"),
+    ("-m conntrack --ctstate NEW -j ACCEPT", "match 'conntrack'"),
+    ("-m comment --comment hello", "match 'comment'"),
+    ("-j LOG --log-prefix x", "target 'LOG'"),
+    ("-p tcp -j REJECT --reject-with tcp-reset", "target 'REJECT'"),
+    ("-j NFQUEUE --queue-num 3", "target 'NFQUEUE'"),
+    ("-j QUEUE", "QUEUE"),
+    ("-p tcp --tcp-option 2 -j DROP", "tcp --tcp-option"),
+    ("-p tcp ! --tcp-option 2 -j DROP", "tcp --tcp-option"),
+]
+
+
+@pytest.mark.parametrize("rule, names", UNSUPPORTED, ids=[r for r, _ in UNSUPPORTED])
+def test_unsupported_extension_refuses_the_table(netns, rule, names):
+    blob = replace_blob(ruleset("-A OUTPUT -p udp -j ACCEPT", "-A OUTPUT -j X",
+                                "-A X -j Y", "-A Y -p udp", f"-A Y {rule}", "-A Y -j DROP"))
+    err = refused(blob, netns)
+    assert err.errno == errno.EOPNOTSUPP, err
+    assert "chain Y rule 2" in str(err)
+    assert names in str(err)
+    assert "whole table is refused" in str(err)
+
+
+def test_unsupported_rule_in_a_chain_no_hook_reaches_still_refuses(netns):
+    """The kernel checks every entry, reachable or not; so does bpfilter."""
+    blob = replace_blob(ruleset("-A X -m comment --comment unused"))
+    err = refused(blob, netns)
+    assert err.errno == errno.EOPNOTSUPP
+    assert "chain X rule 1" in str(err) and "match 'comment'" in str(err)
+
+
+def tcp_rule_blob(proto: int, invert_proto: bool) -> bytes:
+    """`-A OUTPUT -p tcp --dport 80 -j DROP`, with the rule's protocol rewritten:
+    what no iptables writes, a tcp match on a rule that is not (only) tcp."""
+    blob = bytearray(replace_blob(ruleset("-A OUTPUT -p tcp --dport 80 -j DROP")))
+    rule = codec.parse_replace(bytes(blob)).entries[2]     # INPUT, FORWARD policies first
+    assert [m.name for m in rule.matches] == ["tcp"]
+    at = HEADER + rule.offset
+    blob[at + IP_PROTO:at + IP_PROTO + 2] = proto.to_bytes(2, "little")
+    if invert_proto:
+        blob[at + IP_INVFLAGS] |= IPT_INV_PROTO
+    return bytes(blob)
+
+
+@pytest.mark.parametrize("proto, invert, spelled", [
+    (0, False, "-m tcp without -p"),
+    (17, False, "-p udp -m tcp"),
+    (6, True, "! -p tcp -m tcp"),
+])
+def test_tcp_match_without_tcp_protocol_is_invalid(netns, proto, invert, spelled):
+    blob = tcp_rule_blob(proto, invert)
+    err = refused(blob, netns)
+    assert err.errno == errno.EINVAL, err
+    assert "chain OUTPUT rule 1" in str(err) and "'tcp'" in str(err)
+
+
+def test_the_kernel_also_refuses_a_tcp_match_without_tcp(netns):
+    """The EINVAL above is the kernel's answer too (xt_check_match's protocol check)."""
+    blob = bytearray(tcp_rule_blob(0, False))
+    subprocess.run(["ip", "netns", "exec", netns, "iptables-legacy", "-L", "-n"], check=True,
+                   capture_output=True)                     # instantiate the filter table
+    with entered(netns):
+        live = codec.parse_getinfo(sockopt.get_info("filter"))["num_entries"]
+        header = ipt_replace.parse(bytes(blob[:HEADER]))
+        header.num_counters = live
+        blob[:HEADER] = ipt_replace.build(header)
+        with pytest.raises(BpfilterError) as info:
+            sockopt.set_replace(bytes(blob))
+    assert info.value.errno == errno.EINVAL
+
+
+def nested_chains(depth: int) -> str:
+    names = [f"C{i}" for i in range(1, depth + 1)]
+    return "\n".join(["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]",
+                      ":OUTPUT ACCEPT [0:0]", *[f":{n} - [0:0]" for n in names],
+                      "-A OUTPUT -j C1", *[f"-A {a} -j {b}" for a, b in zip(names, names[1:])],
+                      f"-A {names[-1]} -j DROP", "COMMIT", ""])
+
+
+def test_user_chains_nested_deeper_than_bpf_call_frames_refuse(netns):
+    # main program + 7 user chains = BPF's 8 call frames; the 8th chain has no frame
+    err = refused(replace_blob(nested_chains(8)), netns)
+    assert err.errno == errno.EOPNOTSUPP, err
+    assert "chain OUTPUT" in str(err) and "nest 8 deep" in str(err) and "at most 7" in str(err)
+
+
+def test_seven_nested_user_chains_load(netns):
+    before = bpf_fds()
+    table = load_filter_table(replace_blob(nested_chains(7)), netns)
+    try:
+        assert len(bpf_fds()) > len(before)
+    finally:
+        table.close()
+    assert bpf_fds() == before
+
+
+# ---------------------------------------------------------------- rollback
+
+def test_a_kernel_refusal_midway_unloads_what_was_loaded(netns, monkeypatch):
+    """The OUTPUT program fails to load after INPUT's and FORWARD's are in."""
+    real, calls = loader.bpf.prog_load, []
+
+    def prog_load(prog_type, insns, name, *args, **kw):
+        calls.append(name)
+        if name.startswith("filter_OUTPUT"):
+            raise BpfilterError(errno.E2BIG, "refused for the test")
+        return real(prog_type, insns, name, *args, **kw)
+
+    monkeypatch.setattr(loader.bpf, "prog_load", prog_load)
+    err = refused(replace_blob(ruleset("-A OUTPUT -p tcp -j DROP")), netns)
+    assert err.errno == errno.E2BIG
+    assert len(calls) == 5   # INPUT + dispatcher, FORWARD + dispatcher, OUTPUT
+
+
+def test_an_attach_failure_detaches_and_unloads_everything(netns, monkeypatch):
+    real, calls = loader.bpf.link_create_netfilter, []
+
+    def link_create(prog_fd, pf, hooknum, priority, *args, **kw):
+        calls.append(hooknum)
+        if len(calls) == 3:
+            raise BpfilterError(errno.EBUSY, "refused for the test")
+        return real(prog_fd, pf, hooknum, priority, *args, **kw)
+
+    monkeypatch.setattr(loader.bpf, "link_create_netfilter", link_create)
+    err = refused(replace_blob(ruleset("-A OUTPUT -p tcp -j DROP")), netns)
+    assert err.errno == errno.EBUSY
+    assert len(calls) == 3

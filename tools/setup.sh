@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Everything bpfilter needs on a fresh Debian machine (run as root): the reference
+# iptables/nftables, iproute2 and bpftool from Debian, and the package itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+packages=(iptables nftables iproute2 bpftool tcpdump kmod)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test]'

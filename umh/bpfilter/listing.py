@@ -1,0 +1,59 @@
+"""A table with its live counters, in the shape of `iptables -L -v -n -x`."""
+from __future__ import annotations
+
+import ipaddress
+
+from . import ext
+from .model import Accept, Drop, Fallthrough, Goto, Interface, Jump, Prefix, Return, Table
+
+_PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp"}
+
+
+def _target(target) -> str:
+    return {Accept: "ACCEPT", Drop: "DROP", Return: "RETURN", Fallthrough: ""}.get(
+        type(target)) if not isinstance(target, (Jump, Goto)) else target.chain
+
+
+def _prefix(p: Prefix) -> str:
+    net = ipaddress.ip_network((bytes(p.addr), bin(int.from_bytes(p.mask, "big")).count("1")),
+                               strict=False)
+    text = str(net) if net.prefixlen != len(p.addr) * 8 else str(net.network_address)
+    return ("!" if p.invert else "") + text
+
+
+def _iface(i: Interface) -> str:
+    if i.is_any:
+        return "*"
+    used = sum(1 for b in i.mask if b)
+    name = i.name[:used].rstrip(b"\0").decode(errors="replace")
+    wildcard = "+" if used and i.name[used - 1:used] != b"\0" else ""
+    return ("!" if i.invert else "") + name + wildcard
+
+
+def render(table: Table, counters: list[tuple[int, int]]) -> str:
+    lines = []
+    for chain in table.chains.values():
+        if chain.builtin:
+            pkts, byts = counters[chain.tail_entry]
+            lines.append(f"Chain {chain.name} (policy {chain.policy.value} {pkts} packets, "
+                         f"{byts} bytes)")
+        else:
+            refs = sum(1 for c in table.chains.values() for r in c.rules
+                       if isinstance(r.target, (Jump, Goto)) and r.target.chain == chain.name)
+            lines.append(f"Chain {chain.name} ({refs} references)")
+        lines.append(f"{'pkts':>8} {'bytes':>10} {'target':<12} {'prot':<5}{'opt':<4}"
+                     f"{'in':<8}{'out':<8}{'source':<20}{'destination':<20}")
+        for rule in chain.rules:
+            ip = rule.ip
+            pkts, byts = counters[rule.entry]
+            proto = ("!" if ip.invert_proto else "") + _PROTO_NAMES.get(ip.proto, str(ip.proto)) \
+                if ip.proto else "all"
+            opt = ("!" if ip.invert_fragment else "") + ("f" if ip.fragment else "-")
+            extra = " ".join(ext.describe_match(m, table.family) for m in rule.matches)
+            if isinstance(rule.target, Goto):
+                extra = (extra + " [goto]").strip()
+            lines.append(f"{pkts:>8} {byts:>10} {_target(rule.target):<12} {proto:<5}{opt:<4}"
+                         f"{_iface(ip.in_iface):<8}{_iface(ip.out_iface):<8}"
+                         f"{_prefix(ip.src):<20}{_prefix(ip.dst):<20}{extra}".rstrip())
+        lines.append("")
+    return "\n".join(lines)
