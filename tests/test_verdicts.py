@@ -251,6 +251,10 @@ CASES = [
     case("udp ! --dport", "-A OUTPUT -p udp ! --dport 53 -j DROP",
          [(OUT, udp(dport=53), ACCEPT), (OUT, udp(dport=5353), DROP)],
          {"OUTPUT 1": (1, 44), "OUTPUT policy": (1, 44)}),
+    case("udp ports after IP options", "-A OUTPUT -p udp --dport 53 -j DROP",
+         [(OUT, udp(dport=53, options=b"\x01" * 12), DROP),
+          (OUT, udp(dport=54, options=b"\x01" * 12), ACCEPT)],
+         {"OUTPUT 1": (1, 56), "OUTPUT policy": (1, 56)}),
     case("udp header exactly 8 bytes is enough", "-A OUTPUT -p udp --dport 53 -j DROP",
          (OUT, udp(dport=53, payload_len=0), DROP), {"OUTPUT 1": (1, 28)}),
 
@@ -283,6 +287,9 @@ CASES = [
     case("hotdrop after counted rules",
          "-A OUTPUT -p tcp\n-A OUTPUT -p tcp --dport 80 -j ACCEPT\n-A OUTPUT -j ACCEPT",
          (OUT, tcp(truncate_l4=19), DROP), {"OUTPUT 1": (1, 39)}),
+    case("truncation is measured after the IP options",
+         "-A OUTPUT -p tcp --dport 80 -j ACCEPT",
+         (OUT, tcp(options=b"\x01\x01\x01\x01", truncate_l4=16), DROP), {}),
     case("tcp needs 20 bytes: 8 is not enough", "-A OUTPUT -p tcp --sport 40000 -j ACCEPT",
          (OUT, tcp(truncate_l4=8), DROP), {}),
     case("no hotdrop when the ip part does not match",
@@ -491,6 +498,28 @@ def test_entry_layout_helper_agrees_with_the_blob():
         assert index[f"{chain.name} {tail}"] == chain.tail_entry
         assert [index[f"{chain.name} {p}"] for p in range(1, len(chain.rules) + 1)] == \
             [r.entry for r in chain.rules]
+
+
+def test_a_table_too_long_for_16_bit_jumps():
+    """3000 rules: the prologue's and every rule's jumps past the end need gotol; the
+    verdicts of the last rule and of the policy prove the relaxed code right."""
+    n = 3000
+    hosts = [f"10.0.{i // 250}.{i % 250 + 1}" for i in range(n)]
+    rules = "\n".join(f"-A OUTPUT -s {h}/32 -j DROP" for h in hosts)
+    table = load_filter_table(blob_of(rules), attach=False)
+    try:
+        assert table.hooks[OUT].insn_count > 32767
+        got = [table.test_run(OUT, udp(src=hosts[-1]).build(1, 0)),
+               table.test_run(OUT, udp(src=hosts[0]).build(1, 0)),
+               table.test_run(OUT, udp(src="11.0.0.1").build(1, 0))]
+        counters = table.counters()
+    finally:
+        table.close()
+    assert got == [DROP, DROP, ACCEPT]
+    index = entry_index(rules)
+    assert named(Case("big", rules, []), counters) == {
+        "OUTPUT 1": (1, 44), f"OUTPUT {n}": (1, 44), "OUTPUT policy": (1, 44)}
+    assert index["OUTPUT policy"] == 2 + n
 
 
 # ---------------------------------------------------------------- against the kernel
