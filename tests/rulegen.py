@@ -12,7 +12,7 @@ import ipaddress
 import random
 from dataclasses import dataclass, field
 
-from netlab import T_IN_ADDR, T_LOCAL, T_OUT_ADDR, Case, Packet
+from bpfilter.lab import T_IN_ADDR, T_LOCAL, T_OUT_ADDR, Case, Packet
 
 BUILTIN = ("INPUT", "FORWARD", "OUTPUT")
 IFACES = ("vin0", "vout0", "vin+", "vout+", "v+", "lo", "nosuch0")

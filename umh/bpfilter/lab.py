@@ -38,10 +38,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
-from bpfilter.abi import codec, sockopt
-from bpfilter.loader import load_filter_table
-from bpfilter.netns import entered
-from bpfilter.scratch import replace_blob
+from .abi import codec, sockopt
+from .loader import load_filter_table
+from .netns import entered
+from .scratch import replace_blob
 
 
 PATHS = ("input", "forward", "output")
@@ -218,20 +218,20 @@ class BpfilterBackend:
     """bpfilter's BPF programs, loaded from the blob the kernel made of the ruleset."""
 
     def __init__(self) -> None:
-        self._table = None
+        self.loaded = None
 
     def load(self, lab: "Lab", target: str, ruleset: str) -> None:
         blob = replace_blob(ruleset)
         self.close(lab, target)
-        self._table = load_filter_table(blob, lab.netns(target))
+        self.loaded = load_filter_table(blob, lab.netns(target))
 
     def counters(self, lab: "Lab", target: str) -> list[tuple[int, int]]:
-        return list(self._table.counters())
+        return list(self.loaded.counters())
 
     def close(self, lab: "Lab", target: str) -> None:
-        if self._table is not None:
-            self._table.close()
-            self._table = None
+        if self.loaded is not None:
+            self.loaded.close()
+            self.loaded = None
 
 
 BACKENDS: dict[str, Callable[[], object]] = {"kernel": KernelBackend,
@@ -295,6 +295,9 @@ class Lab:
 
     def netns(self, target: str) -> str:
         return self._targets[target].netns
+
+    def backend(self, target: str):
+        return self._targets[target].backend
 
     # -- lifecycle
 
