@@ -1,4 +1,6 @@
 import os
+import subprocess
+import uuid
 
 import pytest
 
@@ -18,3 +20,15 @@ def pytest_runtest_makereport(item, call):
     if report.skipped and not hasattr(report, "wasxfail"):
         report.outcome = "failed"
         report.longrepr = f"skipped tests are not allowed here: {report.longrepr}"
+
+
+@pytest.fixture
+def fresh_netns():
+    """A new, empty network namespace (loopback up), deleted afterwards."""
+    name = f"bpft-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=True)

@@ -45,17 +45,6 @@ def accept_prog():
 
 
 @pytest.fixture
-def fresh_netns():
-    name = f"bpft-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], check=True)
-
-
-@pytest.fixture
 def bpffs():
     with open("/proc/self/mounts") as f:
         if any(line.split()[1:3] == ["/sys/fs/bpf", "bpf"] for line in f):

@@ -46,17 +46,6 @@ def bpf_fds() -> list[str]:
     return sorted(found)
 
 
-@pytest.fixture
-def netns():
-    name = f"bpfl-refuse-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=True)
-
-
 def refused(blob: bytes, netns_name: str) -> BpfilterError:
     """Load (and attach in netns_name) and return the refusal; no fds may be left."""
     before = bpf_fds()
@@ -83,20 +72,20 @@ UNSUPPORTED = [
 
 
 @pytest.mark.parametrize("rule, names", UNSUPPORTED, ids=[r for r, _ in UNSUPPORTED])
-def test_unsupported_extension_refuses_the_table(netns, rule, names):
+def test_unsupported_extension_refuses_the_table(fresh_netns, rule, names):
     blob = replace_blob(ruleset("-A OUTPUT -p udp -j ACCEPT", "-A OUTPUT -j X",
                                 "-A X -j Y", "-A Y -p udp", f"-A Y {rule}", "-A Y -j DROP"))
-    err = refused(blob, netns)
+    err = refused(blob, fresh_netns)
     assert err.errno == errno.EOPNOTSUPP, err
     assert "chain Y rule 2" in str(err)
     assert names in str(err)
     assert "whole table is refused" in str(err)
 
 
-def test_unsupported_rule_in_a_chain_no_hook_reaches_still_refuses(netns):
+def test_unsupported_rule_in_a_chain_no_hook_reaches_still_refuses(fresh_netns):
     """The kernel checks every entry, reachable or not; so does bpfilter."""
     blob = replace_blob(ruleset("-A X -m comment --comment unused"))
-    err = refused(blob, netns)
+    err = refused(blob, fresh_netns)
     assert err.errno == errno.EOPNOTSUPP
     assert "chain X rule 1" in str(err) and "match 'comment'" in str(err)
 
@@ -119,19 +108,19 @@ def tcp_rule_blob(proto: int, invert_proto: bool) -> bytes:
     (17, False, "-p udp -m tcp"),
     (6, True, "! -p tcp -m tcp"),
 ])
-def test_tcp_match_without_tcp_protocol_is_invalid(netns, proto, invert, spelled):
+def test_tcp_match_without_tcp_protocol_is_invalid(fresh_netns, proto, invert, spelled):
     blob = tcp_rule_blob(proto, invert)
-    err = refused(blob, netns)
+    err = refused(blob, fresh_netns)
     assert err.errno == errno.EINVAL, err
     assert "chain OUTPUT rule 1" in str(err) and "'tcp'" in str(err)
 
 
-def test_the_kernel_also_refuses_a_tcp_match_without_tcp(netns):
+def test_the_kernel_also_refuses_a_tcp_match_without_tcp(fresh_netns):
     """The EINVAL above is the kernel's answer too (xt_check_match's protocol check)."""
     blob = bytearray(tcp_rule_blob(0, False))
-    subprocess.run(["ip", "netns", "exec", netns, "iptables-legacy", "-L", "-n"], check=True,
+    subprocess.run(["ip", "netns", "exec", fresh_netns, "iptables-legacy", "-L", "-n"], check=True,
                    capture_output=True)                     # instantiate the filter table
-    with entered(netns):
+    with entered(fresh_netns):
         live = codec.parse_getinfo(sockopt.get_info("filter"))["num_entries"]
         header = ipt_replace.parse(bytes(blob[:HEADER]))
         header.num_counters = live
@@ -149,16 +138,16 @@ def nested_chains(depth: int) -> str:
                       f"-A {names[-1]} -j DROP", "COMMIT", ""])
 
 
-def test_user_chains_nested_deeper_than_bpf_call_frames_refuse(netns):
+def test_user_chains_nested_deeper_than_bpf_call_frames_refuse(fresh_netns):
     # main program + 7 user chains = BPF's 8 call frames; the 8th chain has no frame
-    err = refused(replace_blob(nested_chains(8)), netns)
+    err = refused(replace_blob(nested_chains(8)), fresh_netns)
     assert err.errno == errno.EOPNOTSUPP, err
     assert "chain OUTPUT" in str(err) and "nest 8 deep" in str(err) and "at most 7" in str(err)
 
 
-def test_seven_nested_user_chains_load(netns):
+def test_seven_nested_user_chains_load(fresh_netns):
     before = bpf_fds()
-    table = load_filter_table(replace_blob(nested_chains(7)), netns)
+    table = load_filter_table(replace_blob(nested_chains(7)), fresh_netns)
     try:
         assert len(bpf_fds()) > len(before)
     finally:
@@ -168,7 +157,7 @@ def test_seven_nested_user_chains_load(netns):
 
 # ---------------------------------------------------------------- rollback
 
-def test_a_kernel_refusal_midway_unloads_what_was_loaded(netns, monkeypatch):
+def test_a_kernel_refusal_midway_unloads_what_was_loaded(fresh_netns, monkeypatch):
     """The OUTPUT program fails to load after INPUT's and FORWARD's are in."""
     real, calls = loader.bpf.prog_load, []
 
@@ -179,12 +168,12 @@ def test_a_kernel_refusal_midway_unloads_what_was_loaded(netns, monkeypatch):
         return real(prog_type, insns, name, *args, **kw)
 
     monkeypatch.setattr(loader.bpf, "prog_load", prog_load)
-    err = refused(replace_blob(ruleset("-A OUTPUT -p tcp -j DROP")), netns)
+    err = refused(replace_blob(ruleset("-A OUTPUT -p tcp -j DROP")), fresh_netns)
     assert err.errno == errno.E2BIG
     assert len(calls) == 5   # INPUT + dispatcher, FORWARD + dispatcher, OUTPUT
 
 
-def test_an_attach_failure_detaches_and_unloads_everything(netns, monkeypatch):
+def test_an_attach_failure_detaches_and_unloads_everything(fresh_netns, monkeypatch):
     real, calls = loader.bpf.link_create_netfilter, []
 
     def link_create(prog_fd, pf, hooknum, priority, *args, **kw):
@@ -194,6 +183,6 @@ def test_an_attach_failure_detaches_and_unloads_everything(netns, monkeypatch):
         return real(prog_fd, pf, hooknum, priority, *args, **kw)
 
     monkeypatch.setattr(loader.bpf, "link_create_netfilter", link_create)
-    err = refused(replace_blob(ruleset("-A OUTPUT -p tcp -j DROP")), netns)
+    err = refused(replace_blob(ruleset("-A OUTPUT -p tcp -j DROP")), fresh_netns)
     assert err.errno == errno.EBUSY
     assert len(calls) == 3

@@ -20,8 +20,8 @@ from .bpf.btf import Btf
 from .compiler import facts
 from .compiler.codegen import COUNTERS, PROG_ARRAY, HookProgram, compile_table, dispatcher
 from .model import Hook, Table
+from .netfilter import NF_IP_PRI_FILTER
 
-NF_IP_PRI_FILTER = 0
 COUNTER_SIZE = 16   # struct { u64 packets; u64 bytes; }
 
 

@@ -8,6 +8,7 @@ up each extension and running its checkentry belongs to the layer above, which
 walks the entries in order and calls check_builtin_target() for the standard
 and error targets.
 """
+import dataclasses
 import errno
 import struct
 
@@ -223,12 +224,7 @@ def _decode_entry(raw: bytes, index: int, off: int) -> RawEntry:
     return RawEntry(
         index=index,
         offset=off,
-        ip=RawIp(
-            src=ip.src, dst=ip.dst, smsk=ip.smsk, dmsk=ip.dmsk,
-            iniface=ip.iniface, outiface=ip.outiface,
-            iniface_mask=ip.iniface_mask, outiface_mask=ip.outiface_mask,
-            proto=ip.proto, flags=ip.flags, invflags=ip.invflags,
-        ),
+        ip=RawIp(**{f.name: ip[f.name] for f in dataclasses.fields(RawIp)}),
         nfcache=h.nfcache,
         target_offset=h.target_offset,
         next_offset=h.next_offset,
@@ -430,16 +426,10 @@ def check_builtin_target(entry: RawEntry) -> None:
 
 
 def _build_entry(e: RawEntry) -> bytes:
-    ip = e.ip
     out = bytearray(
         ipt_entry.build(
             dict(
-                ip=dict(
-                    src=ip.src, dst=ip.dst, smsk=ip.smsk, dmsk=ip.dmsk,
-                    iniface=ip.iniface, outiface=ip.outiface,
-                    iniface_mask=ip.iniface_mask, outiface_mask=ip.outiface_mask,
-                    proto=ip.proto, flags=ip.flags, invflags=ip.invflags,
-                ),
+                ip=dataclasses.asdict(e.ip),
                 nfcache=e.nfcache,
                 target_offset=e.target_offset,
                 next_offset=e.next_offset,

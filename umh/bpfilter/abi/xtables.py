@@ -8,6 +8,10 @@ from dataclasses import dataclass, field
 
 from construct import Array, Bytes, Int8ul, Int16ul, Int32sl, Int32ul, Int64ul, Padding, Struct
 
+from ..netfilter import (NF_ACCEPT, NF_DROP, NF_INET_FORWARD, NF_INET_LOCAL_IN,  # noqa: F401
+                          NF_INET_LOCAL_OUT, NF_INET_NUMHOOKS, NF_INET_POST_ROUTING,
+                          NF_INET_PRE_ROUTING, NF_QUEUE, NF_REPEAT)
+
 # setsockopt / getsockopt option numbers (IPT_BASE_CTL = 64).
 IPT_SO_SET_REPLACE = 64
 IPT_SO_SET_ADD_COUNTERS = 65
@@ -16,18 +20,8 @@ IPT_SO_GET_ENTRIES = 65
 IPT_SO_GET_REVISION_MATCH = 66
 IPT_SO_GET_REVISION_TARGET = 67
 
-NF_INET_PRE_ROUTING = 0
-NF_INET_LOCAL_IN = 1
-NF_INET_FORWARD = 2
-NF_INET_LOCAL_OUT = 3
-NF_INET_POST_ROUTING = 4
-NF_INET_NUMHOOKS = 5
 HOOK_NAMES = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
 
-NF_DROP = 0
-NF_ACCEPT = 1
-NF_QUEUE = 3
-NF_REPEAT = 4
 # A standard target's verdict: >= 0 is a jump offset, < 0 is -NF_x - 1 or XT_RETURN.
 XT_RETURN = -NF_REPEAT - 1
 

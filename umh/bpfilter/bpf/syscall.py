@@ -76,24 +76,10 @@ BPF_F_WRONLY_PROG = 1 << 8
 # link_create.netfilter.flags: have the link enable nf_defrag for the netns
 BPF_F_NETFILTER_IP_DEFRAG = 1 << 0
 
-# include/uapi/linux/netfilter.h
-NFPROTO_IPV4 = 2
-NFPROTO_IPV6 = 10
-NF_DROP = 0
-NF_ACCEPT = 1
-NF_INET_PRE_ROUTING = 0
-NF_INET_LOCAL_IN = 1
-NF_INET_FORWARD = 2
-NF_INET_LOCAL_OUT = 3
-NF_INET_POST_ROUTING = 4
-NF_INET_NUMHOOKS = 5
-
-# include/uapi/linux/netfilter_ipv4.h: the kernel refuses links at the two
-# extremes, which belong to netfilter's own bookkeeping.
-NF_IP_PRI_FIRST = -(1 << 31)
-NF_IP_PRI_CONNTRACK_DEFRAG = -400
-NF_IP_PRI_FILTER = 0
-NF_IP_PRI_LAST = (1 << 31) - 1
+from ..netfilter import (NF_ACCEPT, NF_DROP, NF_INET_FORWARD, NF_INET_LOCAL_IN,  # noqa: F401,E402
+                         NF_INET_LOCAL_OUT, NF_INET_NUMHOOKS, NF_INET_POST_ROUTING,
+                         NF_INET_PRE_ROUTING, NF_IP_PRI_CONNTRACK_DEFRAG, NF_IP_PRI_FILTER,
+                         NF_IP_PRI_FIRST, NF_IP_PRI_LAST, NFPROTO_IPV4, NFPROTO_IPV6)
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280}
 
