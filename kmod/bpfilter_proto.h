@@ -1,0 +1,53 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * The request protocol between whoever receives iptables' socket options
+ * (bpfilter.ko, or the LD_PRELOAD shim of `bpfilter exec`) and the translator
+ * service. umh/bpfilter/proto.py is its construct twin; a test checks they agree.
+ *
+ * One request, one reply, on a stream. A request is a header followed by `len`
+ * payload bytes: for a set, the caller's optval; for a get, the caller's optval
+ * buffer as passed in (the kernel's get handlers read their input from it), whose
+ * size is the caller's optlen. The caller's network namespace travels as a file
+ * descriptor (SCM_RIGHTS) with the request; netns_cookie/netns_inum identify it.
+ *
+ * The reply's payload: for a get, the bytes to copy back to optval (at most
+ * optlen; *optlen becomes len); for IPT_SO_SET_REPLACE, the old counters to write
+ * to ipt_replace.counters; otherwise nothing.
+ */
+#ifndef _BPFILTER_PROTO_H
+#define _BPFILTER_PROTO_H
+
+#include <linux/types.h>
+
+#define BPFILTER_MAGIC		0x62706674	/* "bpft" */
+#define BPFILTER_PROTO_VERSION	1
+#define BPFILTER_MAX_PAYLOAD	(512u << 20)	/* XT_MAX_TABLE_SIZE */
+
+enum bpfilter_op {
+	BPFILTER_OP_GETSOCKOPT = 1,
+	BPFILTER_OP_SETSOCKOPT = 2,
+	BPFILTER_OP_TABLE_NAMES = 3,	/* payload: none; reply: "name\n" per table */
+};
+
+struct bpfilter_request {
+	__u32 magic;
+	__u16 version;
+	__u16 op;		/* enum bpfilter_op */
+	__u32 family;		/* NFPROTO_IPV4 or NFPROTO_IPV6 */
+	__s32 optname;
+	__u64 netns_cookie;
+	__u32 netns_inum;
+	__u32 pid;		/* the calling thread, for logs */
+	__u32 len;		/* payload bytes that follow */
+	__u32 reserved;
+};
+
+struct bpfilter_reply {
+	__u32 magic;
+	__u16 version;
+	__u16 reserved;
+	__s32 status;		/* 0 or -errno */
+	__u32 len;		/* payload bytes that follow */
+};
+
+#endif /* _BPFILTER_PROTO_H */
