@@ -10,17 +10,17 @@ from .errors import BpfilterError
 def _check(args) -> int:
     from .abi import codec
     from .abi.decode import table_from_raw
-    from .loader import load_table
+    from .loader import load_ruleset
     from .scratch import replace_blob
 
     text = sys.stdin.read() if args.file == "-" else open(args.file).read()
     table = table_from_raw(codec.parse_replace(replace_blob(text)))
-    loaded = load_table(table, attach=False)
+    ruleset = load_ruleset(table)
     try:
-        for hook, objs in loaded.hooks.items():
-            print(f"{objs.program.name}: {objs.insn_count} instructions, verified by the kernel")
+        for rules in ruleset.hooks.values():
+            print(f"{rules.program.name}: {rules.insn_count} instructions, verified by the kernel")
     finally:
-        loaded.close()
+        ruleset.close()
     return 0
 
 

@@ -80,10 +80,9 @@ def run(verbose: bool = False) -> int:
         print("\nbpfilter's counters (the kernel's must be identical, entry by entry):\n")
         print(render(loaded.table, ours))
         print("The BPF programs doing the filtering:")
-        ids = {objs.hook: objs for objs in loaded.hooks.values()}
-        for objs in ids.values():
-            print(f"  {objs.program.name}: {objs.insn_count} instructions, attached at "
-                  f"{objs.hook.name} via dispatcher bpfilter_{objs.hook.chain_name}"[:100])
+        for rules in loaded.hooks.values():
+            print(f"  {rules.program.name}: {rules.insn_count} instructions, attached at "
+                  f"{rules.hook.name} through dispatcher bpfilter_{rules.hook.chain_name}")
         if verbose:
             print(subprocess.run(["bpftool", "prog", "show"], capture_output=True,
                                  text=True).stdout)

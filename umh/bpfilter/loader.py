@@ -1,8 +1,16 @@
 """Turning a compiled table into kernel objects: maps, programs, netfilter links.
 
-Per table: one per-CPU counters map shared by its hooks. Per hook: the ruleset
-program, a one-slot prog array holding it, and a dispatcher program attached with a
-netfilter link that tail-calls through the slot (see compiler.codegen.dispatcher).
+Two lifetimes:
+  Ruleset     one table's compiled programs (one per hook) and its counters; replaced
+              as a whole by every IPT_SO_SET_REPLACE.
+  HookSlot    what is attached at one hook: a one-slot prog array and a dispatcher
+              program tail-calling through it, attached with a netfilter link. It
+              outlives rulesets: replacing a table is one prog-array update per hook,
+              atomic for every packet (see compiler.codegen.dispatcher).
+
+Counters are per-CPU (packets, bytes) per table entry, plus a plain array of offsets
+that IPT_SO_SET_ADD_COUNTERS adds to: the programs never touch it, so userspace
+additions never race with packet accounting.
 """
 from __future__ import annotations
 
@@ -13,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from . import netns
-from .abi import codec  # noqa: F401 (filled by the codec helper)
+from .abi import codec
 from .abi.decode import table_from_raw
 from .bpf import syscall as bpf
 from .bpf.btf import Btf
@@ -22,97 +30,164 @@ from .compiler.codegen import COUNTERS, PROG_ARRAY, HookProgram, compile_table, 
 from .model import Hook, Table
 from .netfilter import NF_IP_PRI_FILTER
 
-COUNTER_SIZE = 16   # struct { u64 packets; u64 bytes; }
+COUNTER = struct.Struct("<QQ")   # struct { u64 packets; u64 bytes; }
+_KEY0 = struct.pack("<I", 0)
 
 
 @dataclass
-class HookObjects:
+class HookRules:
     hook: Hook
-    program: HookProgram
+    program: Optional[HookProgram]   # None when recovered from a pin (not recompiled)
     prog_fd: int
     insn_count: int
-    prog_array_fd: int
-    dispatcher_fd: int
-    link_fd: Optional[int] = None
 
 
 @dataclass
-class LoadedTable:
+class Ruleset:
     table: Table
     counters_fd: int
-    hooks: dict[Hook, HookObjects] = field(default_factory=dict)
+    offsets_fd: int
+    hooks: dict[Hook, HookRules] = field(default_factory=dict)
 
     def counters(self) -> list[tuple[int, int]]:
-        """(packets, bytes) per table entry, summed over CPUs."""
-        size = bpf.percpu_value_size(COUNTER_SIZE)
+        """(packets, bytes) per table entry: summed over CPUs, plus added offsets."""
+        size = bpf.percpu_value_size(COUNTER.size)
         result = []
         for entry in range(self.table.num_entries):
-            value = bpf.map_lookup(self.counters_fd, struct.pack("<I", entry), size)
-            per_cpu = struct.iter_unpack("<QQ", value)
-            packets = bytes_ = 0
-            for p, b in per_cpu:
+            key = struct.pack("<I", entry)
+            packets, bytes_ = COUNTER.unpack(bpf.map_lookup(self.offsets_fd, key, COUNTER.size))
+            for p, b in COUNTER.iter_unpack(bpf.map_lookup(self.counters_fd, key, size)):
                 packets += p
                 bytes_ += b
             result.append((packets, bytes_))
         return result
 
-    def test_run(self, hook: Hook, packet: bytes) -> int:
-        """The verdict (0 drop, 1 accept) of the hook's ruleset program for an IP packet."""
-        return bpf.nf_test_run(self.hooks[hook].prog_fd, hook, packet)[0]
+    def add_counters(self, added: list[tuple[int, int]]) -> None:
+        for entry, (packets, bytes_) in enumerate(added):
+            if packets or bytes_:
+                key = struct.pack("<I", entry)
+                p, b = COUNTER.unpack(bpf.map_lookup(self.offsets_fd, key, COUNTER.size))
+                mask = (1 << 64) - 1
+                bpf.map_update(self.offsets_fd, key,
+                               COUNTER.pack((p + packets) & mask, (b + bytes_) & mask))
 
     def fds(self) -> list[int]:
-        fds = [self.counters_fd]
-        for h in self.hooks.values():
-            fds += [h.prog_fd, h.prog_array_fd, h.dispatcher_fd]
-            if h.link_fd is not None:
-                fds.append(h.link_fd)
-        return fds
+        return [self.counters_fd, self.offsets_fd] + [h.prog_fd for h in self.hooks.values()]
 
     def close(self) -> None:
-        for fd in reversed(self.fds()):
+        for fd in self.fds():
             os.close(fd)
         self.hooks.clear()
 
 
-def load_table(table: Table, netns_name: Optional[str] = None, attach: bool = True) -> LoadedTable:
-    """Compile and load `table`; attach it at its hooks in `netns_name` (or the
-    calling thread's netns). On any failure nothing stays loaded or attached."""
+@dataclass
+class HookSlot:
+    hook: Hook
+    prog_array_fd: int
+    dispatcher_fd: int
+    link_fd: Optional[int] = None
+
+    def fill(self, rules: HookRules) -> None:
+        bpf.map_update(self.prog_array_fd, _KEY0, struct.pack("<I", rules.prog_fd))
+
+    def fds(self) -> list[int]:
+        return [fd for fd in (self.prog_array_fd, self.dispatcher_fd, self.link_fd)
+                if fd is not None]
+
+    def close(self) -> None:
+        for fd in self.fds():
+            os.close(fd)
+
+
+def _owned(undo: ExitStack, fd: int) -> int:
+    undo.callback(os.close, fd)
+    return fd
+
+
+def load_ruleset(table: Table) -> Ruleset:
+    """Compile and load `table` (nothing attached). On failure nothing stays loaded."""
     btf = Btf.vmlinux()
     programs = compile_table(table, facts.KernelOffsets.from_btf(btf))
-    kfunc_id = lambda k: btf.kfunc_id(k.name)   # noqa: E731
+    size = max(table.num_entries, 1)
     with ExitStack() as undo:
-        def owned(fd: int) -> int:
-            undo.callback(os.close, fd)
-            return fd
-
-        counters_fd = owned(bpf.map_create(bpf.BPF_MAP_TYPE_PERCPU_ARRAY, 4, COUNTER_SIZE,
-                                           max(table.num_entries, 1), f"{table.name}_ctrs"))
-        loaded = LoadedTable(table, counters_fd)
+        counters_fd = _owned(undo, bpf.map_create(bpf.BPF_MAP_TYPE_PERCPU_ARRAY, 4, COUNTER.size,
+                                                  size, f"{table.name}_ctrs"))
+        offsets_fd = _owned(undo, bpf.map_create(bpf.BPF_MAP_TYPE_ARRAY, 4, COUNTER.size, size,
+                                                 f"{table.name}_added"))
+        ruleset = Ruleset(table, counters_fd, offsets_fd)
         for program in programs:
-            name = program.hook.chain_name
             code = program.asm.assemble(map_fd={COUNTERS: counters_fd}.__getitem__,
-                                        kfunc_id=kfunc_id)
-            prog_fd = owned(bpf.prog_load(bpf.BPF_PROG_TYPE_NETFILTER, code, program.name,
-                                          expected_attach_type=bpf.BPF_NETFILTER))
-            array_fd = owned(bpf.map_create(bpf.BPF_MAP_TYPE_PROG_ARRAY, 4, 4, 1,
-                                            f"{table.name}_{name}"[:15]))
-            bpf.map_update(array_fd, struct.pack("<I", 0), struct.pack("<I", prog_fd))
-            disp = dispatcher().assemble(map_fd={PROG_ARRAY: array_fd}.__getitem__)
-            disp_fd = owned(bpf.prog_load(bpf.BPF_PROG_TYPE_NETFILTER, disp,
-                                          f"bpfilter_{name}"[:15],
-                                          expected_attach_type=bpf.BPF_NETFILTER))
-            loaded.hooks[program.hook] = HookObjects(program.hook, program, prog_fd,
-                                                     len(code) // 8, array_fd, disp_fd)
-        if attach:
-            with netns.entered(netns_name) if netns_name else nullcontext():
-                for objs in loaded.hooks.values():
-                    objs.link_fd = owned(bpf.link_create_netfilter(
-                        objs.dispatcher_fd, table.family, objs.hook, NF_IP_PRI_FILTER))
+                                        kfunc_id=lambda k: btf.kfunc_id(k.name))
+            prog_fd = _owned(undo, bpf.prog_load(bpf.BPF_PROG_TYPE_NETFILTER, code, program.name,
+                                                 expected_attach_type=bpf.BPF_NETFILTER))
+            ruleset.hooks[program.hook] = HookRules(program.hook, program, prog_fd,
+                                                    len(code) // 8)
         undo.pop_all()
-        return loaded
+        return ruleset
+
+
+def attach_slots(ruleset: Ruleset, netns_path: Optional[str] = None) -> dict[Hook, HookSlot]:
+    """A slot per hook of `ruleset`, filled with it and linked in `netns_path` (or the
+    calling thread's netns). On failure nothing stays attached."""
+    table = ruleset.table
+    slots: dict[Hook, HookSlot] = {}
+    with ExitStack() as undo:
+        for hook, rules in ruleset.hooks.items():
+            array_fd = _owned(undo, bpf.map_create(bpf.BPF_MAP_TYPE_PROG_ARRAY, 4, 4, 1,
+                                                   f"{table.name}_{hook.chain_name}"))
+            code = dispatcher().assemble(map_fd={PROG_ARRAY: array_fd}.__getitem__)
+            disp_fd = _owned(undo, bpf.prog_load(bpf.BPF_PROG_TYPE_NETFILTER, code,
+                                                 f"bpfilter_{hook.chain_name}",
+                                                 expected_attach_type=bpf.BPF_NETFILTER))
+            slots[hook] = HookSlot(hook, array_fd, disp_fd)
+            slots[hook].fill(rules)
+        with netns.entered(netns_path) if netns_path else nullcontext():
+            for slot in slots.values():
+                slot.link_fd = _owned(undo, bpf.link_create_netfilter(
+                    slot.dispatcher_fd, table.family, slot.hook, NF_IP_PRI_FILTER))
+        undo.pop_all()
+    return slots
+
+
+@dataclass
+class LoadedTable:
+    """A ruleset with its own slots: the simple, non-replaceable case (tests, demo)."""
+
+    ruleset: Ruleset
+    slots: dict[Hook, HookSlot] = field(default_factory=dict)
+
+    @property
+    def table(self) -> Table:
+        return self.ruleset.table
+
+    @property
+    def hooks(self) -> dict[Hook, HookRules]:
+        return self.ruleset.hooks
+
+    def counters(self) -> list[tuple[int, int]]:
+        return self.ruleset.counters()
+
+    def test_run(self, hook: Hook, packet: bytes) -> int:
+        """The verdict (0 drop, 1 accept) of the hook's ruleset program for an IP packet."""
+        return bpf.nf_test_run(self.ruleset.hooks[hook].prog_fd, hook, packet)[0]
+
+    def fds(self) -> list[int]:
+        return self.ruleset.fds() + [fd for s in self.slots.values() for fd in s.fds()]
+
+    def close(self) -> None:
+        for slot in self.slots.values():
+            slot.close()
+        self.slots.clear()
+        self.ruleset.close()
 
 
 def load_filter_table(replace_blob: bytes, netns_name: Optional[str] = None,
                       attach: bool = True) -> LoadedTable:
-    """The whole path for an IPT_SO_SET_REPLACE payload: validate, model, compile, load."""
-    return load_table(table_from_raw(codec.parse_replace(replace_blob)), netns_name, attach)
+    """The whole path for an IPT_SO_SET_REPLACE payload: validate, model, compile, load,
+    and unless told otherwise attach in `netns_name`."""
+    ruleset = load_ruleset(table_from_raw(codec.parse_replace(replace_blob)))
+    try:
+        return LoadedTable(ruleset, attach_slots(ruleset, netns_name) if attach else {})
+    except BaseException:
+        ruleset.close()
+        raise

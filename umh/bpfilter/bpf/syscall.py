@@ -36,6 +36,7 @@ BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_LINK_CREATE = 28
 BPF_LINK_GET_FD_BY_ID = 30
 BPF_LINK_GET_NEXT_ID = 31
+BPF_LINK_DETACH = 34
 # Taken before any other BPF_ name exists, so it holds the commands only.
 _CMD_NAMES = {value: name for name, value in globals().items() if name.startswith("BPF_")}
 
@@ -137,6 +138,10 @@ struct bpf_prog_load_attr {
     uint64_t core_relos;
     uint32_t core_relo_rec_size;
     uint32_t log_true_size;
+};
+
+struct bpf_link_detach_attr {
+    uint32_t link_fd;
 };
 
 struct bpf_obj_attr {
@@ -497,6 +502,17 @@ def link_create_netfilter(prog_fd: int, pf: int, hooknum: int, priority: int,
     attr.nf_priority = priority
     attr.nf_flags = flags
     return _call(BPF_LINK_CREATE, attr, f"netfilter pf {pf} hook {hooknum} priority {priority}")
+
+
+def link_detach(link_fd: int) -> None:
+    """Unhook a link now, whoever else still holds or pins it.
+
+    Needed because a netfilter link holds a reference on its network namespace:
+    a namespace deleted while bpfilter's links are pinned would live on, unreachable,
+    until they are detached."""
+    attr = ffi.new("struct bpf_link_detach_attr *")
+    attr.link_fd = link_fd
+    _call(BPF_LINK_DETACH, attr, f"link fd {link_fd}")
 
 
 def obj_pin(fd: int, path: str) -> None:
