@@ -5,6 +5,8 @@ import argparse
 import sys
 
 from .errors import BpfilterError
+from .service import DEFAULT_SOCKET
+from .store import DEFAULT_ROOT
 
 
 def _check(args) -> int:
@@ -24,9 +26,29 @@ def _check(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from .daemon import run_service
+    return run_service(args.socket, args.bpffs, daemon=args.daemon)
+
+
+def _flush(args) -> int:
+    from .daemon import flush
+    return flush(args.socket, args.bpffs)
+
+
+def _show(args) -> int:
+    from .show import show
+    return show(args.bpffs, bpf=args.bpf)
+
+
 def _demo(args) -> int:
     from .demo import run
     return run(verbose=args.verbose)
+
+
+def _exec(args) -> int:
+    from .execute import run
+    return run(args.argv)
 
 
 def main(argv=None) -> int:
@@ -36,10 +58,29 @@ def main(argv=None) -> int:
                                     "side by side with the kernel's iptables")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=_demo)
+    p = sub.add_parser("serve", help="answer iptables' socket options (what `exec` and "
+                                     "bpfilter.ko forward) on a root-only unix socket")
+    p.add_argument("--daemon", action="store_true",
+                   help="detach once listening; log to /run/bpfilter/bpfilter.log")
+    p.set_defaults(func=_serve)
+    p = sub.add_parser("flush", help="stop the service and detach everything bpfilter attached")
+    p.set_defaults(func=_flush)
+    p = sub.add_parser("show", help="tables, chains and rules with their counters, per netns")
+    p.add_argument("--bpf", action="store_true",
+                   help="also the programs (disassembled), instruction counts and maps")
+    p.set_defaults(func=_show)
+    for p in sub.choices.values():
+        p.add_argument("--socket", default=DEFAULT_SOCKET, help="the service's unix socket")
+        p.add_argument("--bpffs", default=DEFAULT_ROOT, help="where tables are pinned")
     p = sub.add_parser("check", help="validate, compile and load (without attaching) an "
                                      "iptables-save file's filter table")
     p.add_argument("file", nargs="?", default="-")
     p.set_defaults(func=_check)
+    p = sub.add_parser("exec", help="run a command (iptables-legacy, say) with its iptables "
+                                    "socket options sent to the service, starting one if needed",
+                       usage="%(prog)s [-h] -- CMD [ARGS...]")
+    p.add_argument("argv", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.set_defaults(func=_exec)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -594,3 +594,30 @@ def parse_counters_info(data: bytes) -> "tuple[str, list[tuple[int, int]]]":
         raise invalid(f"num_counters is {h.num_counters} but {len(rest)} bytes of counters follow")
     counters = [struct.unpack_from("<QQ", rest, i * SIZEOF_XT_COUNTERS) for i in range(h.num_counters)]
     return cstr(h.name[: XT_TABLE_MAXNAMELEN - 1]), [tuple(c) for c in counters]
+
+
+def initial_replace(name: str) -> bytes:
+    """The table the kernel creates when a namespace first uses `name`
+    (xt_alloc_initial_table): an unconditional ACCEPT policy per hook, then ERROR."""
+    valid_hooks = BUILTIN_TABLES[name]
+    no_ip = RawIp(bytes(4), bytes(4), bytes(4), bytes(4), bytes(16), bytes(16), bytes(16),
+                  bytes(16), 0, 0, 0)
+    accept = -NF_ACCEPT - 1
+    policy = RawTarget(XT_STANDARD_TARGET, 0, SIZEOF_XT_STANDARD_TARGET,
+                       struct.pack("<i4x", accept), verdict=accept)
+    error = RawTarget(XT_ERROR_TARGET, 0, SIZEOF_XT_ERROR_TARGET,
+                      name_field(XT_ERROR_TARGET, SIZEOF_XT_ERROR_TARGET - SIZEOF_XT_ENTRY_HEADER),
+                      errorname=XT_ERROR_TARGET)
+    hooks = [h for h in range(NF_INET_NUMHOOKS) if valid_hooks & (1 << h)]
+    entries, offset = [], 0
+    for target in [policy] * len(hooks) + [error]:
+        size = SIZEOF_IPT_ENTRY + target.size
+        entries.append(RawEntry(len(entries), offset, no_ip, 0, SIZEOF_IPT_ENTRY, size, 0, 0, 0,
+                                [], target, b""))
+        offset += size
+    starts = [_UNSET] * NF_INET_NUMHOOKS
+    for position, hook in enumerate(hooks):
+        starts[hook] = entries[position].offset
+    table = RawTable(name, valid_hooks, starts, list(starts), len(entries), offset, len(entries),
+                     0, entries)
+    return build_replace(table)

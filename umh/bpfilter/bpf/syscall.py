@@ -607,6 +607,17 @@ def prog_info(fd: int) -> dict:
     }
 
 
+def prog_xlated_insns(fd: int) -> bytes:
+    """The program as the verifier rewrote it (what bpftool's `dump xlated` shows)."""
+    size = prog_info(fd)["xlated_prog_len"]
+    buf = ffi.new("uint8_t[]", size)
+    info = ffi.new("struct bpf_prog_info *")
+    info.xlated_prog_len = size
+    info.xlated_prog_insns = _ptr(buf)
+    _obj_info(fd, info)
+    return bytes(ffi.buffer(buf, min(size, info.xlated_prog_len)))
+
+
 def map_info(fd: int) -> dict:
     info = ffi.new("struct bpf_map_info *")
     _obj_info(fd, info)

@@ -54,10 +54,15 @@ def register_match(ext: type[MatchExtension]) -> type[MatchExtension]:
     return ext
 
 
+def known_match_revisions(name: str, family: Family) -> list[int]:
+    """What IPT_SO_GET_REVISION_MATCH answers for: the revisions bpfilter implements."""
+    return sorted(r for (n, r, f) in _MATCHES if n == name and f == family)
+
+
 def match_extension(name: str, revision: int, family: Family, where: str) -> MatchExtension:
     ext = _MATCHES.get((name, revision, family))
     if ext is None:
-        known = sorted(r for (n, r, f) in _MATCHES if n == name and f == family)
+        known = known_match_revisions(name, family)
         detail = f" (bpfilter implements revision {known})" if known else ""
         raise BpfilterError(errno.EOPNOTSUPP,
                             f"{where}: match '{name}' revision {revision} is not supported by "

@@ -1,0 +1,97 @@
+"""Running the service: in the foreground, as a daemon, and stopping it for good."""
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import sys
+import time
+import traceback
+
+from .service import log, serve
+from .store import Store
+
+
+def _paths(socket_path: str) -> tuple[str, str, str]:
+    return socket_path + ".pid", socket_path + ".lock", os.path.join(
+        os.path.dirname(socket_path), "bpfilter.log")
+
+
+def _lock(socket_path: str) -> int:
+    """One service per socket and bpffs: a second would fight over the same pins."""
+    os.makedirs(os.path.dirname(socket_path), mode=0o700, exist_ok=True)
+    fd = os.open(_paths(socket_path)[1], os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SystemExit(f"bpfilter: a service already runs for {socket_path}")
+    return fd
+
+
+def run_service(socket_path: str, bpffs: str, daemon: bool) -> int:
+    if not daemon:
+        _lock(socket_path)
+        serve(socket_path, bpffs)
+        return 0
+    ready_r, ready_w = os.pipe()
+    if os.fork():
+        os.close(ready_w)
+        ok = os.read(ready_r, 1) == b"1"
+        if not ok:
+            print(f"bpfilter: the service did not start; see {_paths(socket_path)[2]}",
+                  file=sys.stderr)
+        return 0 if ok else 1
+    os.close(ready_r)
+    os.setsid()
+    pidfile, _, logfile = _paths(socket_path)
+    status = 1
+    try:
+        _lock(socket_path)
+        null = os.open(os.devnull, os.O_RDONLY)
+        out = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(null, 0)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        with open(pidfile, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        serve(socket_path, bpffs, ready=lambda: os.write(ready_w, b"1"))
+        status = 0
+    except SystemExit as stop:
+        status = 0 if stop.code in (0, None) else 1
+        if status:
+            print(stop.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(status)
+
+
+def stop_service(socket_path: str) -> None:
+    pidfile = _paths(socket_path)[0]
+    try:
+        pid = int(open(pidfile).read())
+        os.kill(pid, signal.SIGTERM)
+    except (OSError, ValueError):
+        return
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    if os.path.exists(pidfile):
+        os.unlink(pidfile)
+
+
+def flush(socket_path: str, bpffs: str) -> int:
+    """Stop the service, then detach and unpin every table it left behind."""
+    stop_service(socket_path)
+    store = Store(bpffs)
+    count = 0
+    for key in list(store.keys()):
+        store.remove(key)
+        count += 1
+        log(f"detached table {key.table} of netns {key.inum}")
+    print(f"bpfilter: flushed {count} table(s)")
+    return 0

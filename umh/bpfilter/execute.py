@@ -1,0 +1,101 @@
+"""`bpfilter exec -- CMD ARGS...`: run an unmodified iptables against the service.
+
+Without bpfilter.ko nothing routes iptables' socket options to the service, so
+the command runs with the preload shim (umh/bpfilter/shim/preload.c) that does.
+"""
+from __future__ import annotations
+
+import errno
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from .errors import BpfilterError
+from .service import DEFAULT_SOCKET
+
+START_TIMEOUT = 10.0
+
+
+def shim_path() -> str:
+    spec = importlib.util.find_spec("bpfilter._preload")
+    if spec is None or not spec.origin or not os.path.exists(spec.origin):
+        raise BpfilterError(errno.ENOENT, "the preload shim bpfilter._preload is not built; "
+                                          "reinstall the package (pip install -e .)")
+    return spec.origin
+
+
+def answers(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+def _same_mount_ns_as_init() -> bool:
+    ours, init = os.stat("/proc/self/ns/mnt"), os.stat("/proc/1/ns/mnt")
+    return (ours.st_dev, ours.st_ino) == (init.st_dev, init.st_ino)
+
+
+def _without(shim: str, preload: str) -> str:
+    return " ".join(p for p in preload.replace(":", " ").split() if p != shim)
+
+
+def start_service(path: str, shim: str) -> None:
+    """Start `bpfilter serve --daemon` on path and wait until it answers."""
+    argv = [sys.executable, "-m", "bpfilter", "serve", "--daemon", "--socket", path]
+    # The service pins its bpffs under /run; a private mount namespace (as
+    # `ip netns exec` makes) would take those mounts with it when it goes.
+    if not _same_mount_ns_as_init():
+        argv = ["nsenter", "--target", "1", "--mount", "--", *argv]
+    env = dict(os.environ, BPFILTER_SOCKET=path)
+    # A shimmed service would send its own kernel calls to itself.
+    preload = _without(shim, env.pop("LD_PRELOAD", ""))
+    if preload:
+        env["LD_PRELOAD"] = preload
+    deadline = time.monotonic() + START_TIMEOUT
+    # A file, not a pipe, for its stderr: a daemon that keeps the descriptor
+    # would otherwise hold our caller's pipe open long after we are gone.
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(argv, env=env, cwd="/", stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=log)
+        while not answers(path):
+            rc = proc.poll()
+            if rc not in (None, 0) or time.monotonic() > deadline:
+                if rc is None:
+                    proc.kill()
+                    proc.wait()
+                log.seek(0)
+                detail = log.read().decode(errors="replace").strip()
+                why = f"exited with {rc}" if rc is not None else f"did not listen within {START_TIMEOUT:g} s"
+                raise BpfilterError(errno.ECONNREFUSED, f"the bpfilter service at {path} {why}"
+                                                        + (f": {detail}" if detail else ""))
+            time.sleep(0.05)
+        try:
+            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            # Listening but never detached: leave it running, it serves.
+            pass
+
+
+def run(argv: "list[str]") -> int:
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    if not argv:
+        raise BpfilterError(errno.EINVAL, "exec needs a command: bpfilter exec -- iptables ...")
+    shim = shim_path()
+    path = os.path.abspath(DEFAULT_SOCKET)
+    if not answers(path):
+        start_service(path, shim)
+    env = dict(os.environ, BPFILTER_SOCKET=path)
+    env["LD_PRELOAD"] = shim + (f":{env['LD_PRELOAD']}" if env.get("LD_PRELOAD") else "")
+    try:
+        os.execvpe(argv[0], argv, env)
+    except OSError as err:
+        print(f"bpfilter: cannot run {argv[0]}: {err.strerror}", file=sys.stderr)
+        return 127 if err.errno == errno.ENOENT else 126

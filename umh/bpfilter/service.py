@@ -1,0 +1,384 @@
+"""The translator service: iptables' socket options answered as the kernel answers
+them, per network namespace, backed by BPF.
+
+Requests come one at a time (kmod/bpfilter_proto.h), from bpfilter.ko or from the
+preload shim of `bpfilter exec`. A bad request gets an errno and a log line saying
+why; nothing a client sends can stop the service or change a table it did not
+validly replace. Tables live in a bpffs (store.py), so they keep filtering when the
+service exits or is killed, and a new service takes them over.
+"""
+from __future__ import annotations
+
+import array
+import errno
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Optional
+
+from . import netns, proto
+from .abi import codec
+from .abi import xtables as X
+from .abi.decode import SUPPORTED_TABLES, table_from_raw
+from .bpf.syscall import BpfError
+from .errors import BpfilterError
+from .ext import known_match_revisions
+from .loader import HookSlot, Ruleset, attach_slots, load_ruleset
+from .model import Family, Hook, Table
+from .store import DEFAULT_ROOT, Store, TableKey, ensure_bpffs
+
+DEFAULT_SOCKET = os.environ.get("BPFILTER_SOCKET", "/run/bpfilter/bpfilter.sock")
+SO_NETNS_COOKIE = 71
+CAP_NET_ADMIN = 12
+CLIENT_TIMEOUT = 5.0
+SWEEP_INTERVAL = 2.0
+
+# Targets ip_tables itself provides; iptables asks for their revisions too.
+_BUILTIN_TARGETS = {X.XT_STANDARD_TARGET: 0, X.XT_ERROR_TARGET: 0}
+
+
+def log(message: str) -> None:
+    print(f"bpfilter: {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class TableState:
+    key: TableKey
+    raw: X.RawTable
+    ruleset: Ruleset
+    slots: dict[Hook, HookSlot] = field(default_factory=dict)
+
+    def close(self) -> None:
+        for slot in self.slots.values():
+            slot.close()
+        self.ruleset.close()
+
+
+def netns_identity(netns_fd: int) -> tuple[int, int]:
+    """(inum, cookie) of a network namespace given as an nsfs file descriptor."""
+    inum = os.fstat(netns_fd).st_ino
+    with netns.entered(f"/proc/self/fd/{netns_fd}"):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            cookie = struct.unpack("<Q", probe.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
+    return inum, cookie
+
+
+def _table_of_blob(blob: bytes):
+    return table_from_raw(codec.parse_replace(blob))
+
+
+class Service:
+    def __init__(self, store: Store):
+        self.store = store
+        self.tables: dict[TableKey, TableState] = {}
+        self._recover()
+
+    # -- lifetime -------------------------------------------------------------
+
+    def _recover(self) -> None:
+        for key in list(self.store.keys()):
+            try:
+                blob, ruleset, slots = self.store.load(key, _table_of_blob)
+            except (OSError, BpfilterError) as err:
+                log(f"cannot recover {self.store.path(key)}: {err}; leaving it as it is")
+                continue
+            self.tables[key] = TableState(key, codec.parse_replace(blob), ruleset, slots)
+            log(f"recovered table {key.table} of netns {key.inum}")
+
+    def sweep(self, live_inums: set[int]) -> None:
+        """Drop the tables of namespaces nothing uses any more. Our links hold a
+        reference on their namespace, so without this a deleted namespace would
+        stay alive, hooked, forever."""
+        for key in [k for k in self.tables if k.inum not in live_inums]:
+            log(f"netns {key.inum} is gone: detaching table {key.table}")
+            self.tables.pop(key).close()
+            self.store.remove(key)
+
+    def close(self) -> None:
+        """Let go of file descriptors only: what is pinned keeps filtering."""
+        for state in self.tables.values():
+            state.close()
+        self.tables.clear()
+
+    # -- requests -------------------------------------------------------------
+
+    def handle(self, req, payload: bytes, netns_fd: Optional[int]) -> tuple[int, bytes]:
+        if req.version != proto.VERSION:
+            raise BpfilterError(errno.EPROTO, f"protocol version {req.version}, "
+                                              f"this service speaks {proto.VERSION}")
+        if req.family != Family.IPV4:
+            raise BpfilterError(errno.EAFNOSUPPORT, f"family {req.family} is not supported yet")
+        if netns_fd is None:
+            raise BpfilterError(errno.EINVAL, "request without its network namespace")
+        inum, cookie = netns_identity(netns_fd)
+        where = _Caller(self, inum, cookie, netns_fd)
+        if req.op == proto.Op.TABLE_NAMES:
+            names = sorted(k.table for k in self.tables if (k.inum, k.cookie) == (inum, cookie))
+            return 0, "".join(f"{n}\n" for n in names).encode()
+        if req.op == proto.Op.GETSOCKOPT:
+            return where.get(req.optname, payload)
+        if req.op == proto.Op.SETSOCKOPT:
+            return where.set(req.optname, payload)
+        raise BpfilterError(errno.EINVAL, f"unknown operation {req.op}")
+
+
+def _name(raw: bytes) -> str:
+    # the kernel forces the last byte of every name field to NUL
+    return X.cstr(raw[:-1])
+
+
+class _Caller:
+    """One request's view: the service seen from the caller's network namespace."""
+
+    def __init__(self, service: Service, inum: int, cookie: int, netns_fd: int):
+        self.service, self.inum, self.cookie, self.netns_fd = service, inum, cookie, netns_fd
+
+    def key(self, table: str) -> TableKey:
+        return TableKey(self.inum, self.cookie, Family.IPV4, table)
+
+    def table(self, name: str) -> TableState:
+        """The table by that name, created as the kernel creates it on first use."""
+        key = self.key(name)
+        state = self.service.tables.get(key)
+        if state is None:
+            if name not in SUPPORTED_TABLES:
+                raise BpfilterError(errno.ENOENT, f"table '{name}' does not exist in bpfilter "
+                                                  f"(supported: {', '.join(SUPPORTED_TABLES)})")
+            blob = codec.initial_replace(name)
+            raw = codec.parse_replace(blob)
+            state = self._install(key, blob, raw, table_from_raw(raw), previous=None)
+        return state
+
+    def _install(self, key: TableKey, blob: bytes, raw: X.RawTable, table: Table,
+                 previous: Optional[TableState]) -> TableState:
+        ruleset = load_ruleset(table)
+        store = self.service.store
+        slots = previous.slots if previous else {}
+        try:
+            if previous is None:
+                slots = attach_slots(ruleset, f"/proc/self/fd/{self.netns_fd}")
+                store.save_slots(key, slots)
+            for hook, slot in slots.items():
+                slot.fill(ruleset.hooks[hook])
+            store.save_ruleset(key, ruleset, blob)
+        except BaseException:
+            if previous is None:
+                for slot in slots.values():
+                    slot.close()
+                if os.path.isdir(store.path(key)):
+                    store.remove(key)
+            else:
+                for hook, slot in slots.items():
+                    slot.fill(previous.ruleset.hooks[hook])
+            ruleset.close()
+            raise
+        state = TableState(key, raw, ruleset, slots)
+        self.service.tables[key] = state
+        return state
+
+    # -- getsockopt -----------------------------------------------------------
+
+    def get(self, optname: int, payload: bytes) -> tuple[int, bytes]:
+        if optname == X.IPT_SO_GET_INFO:
+            if len(payload) != X.SIZEOF_IPT_GETINFO:
+                raise BpfilterError(errno.EINVAL, f"IPT_SO_GET_INFO with length {len(payload)}")
+            return 0, codec.getinfo_bytes(self.table(_name(payload[:X.XT_TABLE_MAXNAMELEN])).raw)
+        if optname == X.IPT_SO_GET_ENTRIES:
+            header = codec.parse_get_entries(payload)
+            state = self.table(header["name"])
+            if header["size"] != state.raw.size:
+                raise BpfilterError(errno.EAGAIN, f"IPT_SO_GET_ENTRIES: size {header['size']} "
+                                                  f"but the table has {state.raw.size}")
+            entries = codec.entries_as_kernel_returns(state.raw, state.ruleset.counters())
+            return 0, payload[:X.SIZEOF_IPT_GET_ENTRIES] + entries
+        if optname in (X.IPT_SO_GET_REVISION_MATCH, X.IPT_SO_GET_REVISION_TARGET):
+            return self._revision(optname, payload)
+        raise BpfilterError(errno.EINVAL, f"unknown getsockopt {optname}")
+
+    @staticmethod
+    def _revision(optname: int, payload: bytes) -> tuple[int, bytes]:
+        if len(payload) != X.xt_get_revision.sizeof():
+            raise BpfilterError(errno.EINVAL, f"GET_REVISION with length {len(payload)}")
+        name, revision = _name(payload[:X.XT_EXTENSION_MAXNAMELEN]), payload[-1]
+        if optname == X.IPT_SO_GET_REVISION_MATCH:
+            known = known_match_revisions(name, Family.IPV4)
+        else:
+            known = [_BUILTIN_TARGETS[name]] if name in _BUILTIN_TARGETS else []
+        if not known:
+            return -errno.ENOENT, b""
+        if revision not in known:
+            return -errno.EPROTONOSUPPORT, b""
+        return 0, payload
+
+    # -- setsockopt -----------------------------------------------------------
+
+    def set(self, optname: int, payload: bytes) -> tuple[int, bytes]:
+        if optname == X.IPT_SO_SET_REPLACE:
+            return self._replace(payload)
+        if optname == X.IPT_SO_SET_ADD_COUNTERS:
+            name, counters = codec.parse_counters_info(payload)
+            state = self.table(name)
+            if len(counters) != state.raw.num_entries:
+                raise BpfilterError(errno.EINVAL, f"IPT_SO_SET_ADD_COUNTERS: {len(counters)} "
+                                                  f"counters for {state.raw.num_entries} entries")
+            state.ruleset.add_counters(counters)
+            return 0, b""
+        raise BpfilterError(errno.EINVAL, f"unknown setsockopt {optname}")
+
+    def _replace(self, blob: bytes) -> tuple[int, bytes]:
+        raw = codec.parse_replace(blob, optlen=len(blob))
+        table = table_from_raw(raw)   # the kernel's remaining checks, and ours
+        previous = self.table(raw.name)
+        if raw.num_counters != previous.raw.num_entries:
+            raise BpfilterError(errno.EAGAIN, f"num_counters {raw.num_counters} but table "
+                                              f"'{raw.name}' has {previous.raw.num_entries} entries")
+        state = self._install(previous.key, blob, raw, table, previous)
+        old = previous.ruleset.counters()
+        previous.ruleset.close()
+        log(f"netns {self.inum}: table {raw.name} replaced: {raw.num_entries} entries, "
+            + ", ".join(f"{r.hook.chain_name} {r.insn_count} insns"
+                        for r in state.ruleset.hooks.values()))
+        return 0, b"".join(struct.pack("<QQ", p, b) for p, b in old)
+
+
+# -- transport ----------------------------------------------------------------
+
+def peer_may_administer(sock: socket.socket) -> bool:
+    """The kernel demands CAP_NET_ADMIN for iptables' socket options; the peer must
+    hold it (effective) in the service's user namespace, the one owning what it
+    attaches."""
+    pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            caps = next(int(line.split()[1], 16) for line in status if line.startswith("CapEff:"))
+        same_userns = os.readlink(f"/proc/{pid}/ns/user") == os.readlink("/proc/self/ns/user")
+    except OSError:
+        return False
+    return same_userns and bool(caps & (1 << CAP_NET_ADMIN))
+
+
+def _recv_exact(sock: socket.socket, size: int, fds: list[int]) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk, ancdata, _, _ = sock.recvmsg(size - len(data), socket.CMSG_SPACE(4 * 4))
+        for level, kind, cdata in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.extend(array.array("i", cdata[:len(cdata) - len(cdata) % 4]))
+        if not chunk:
+            raise BpfilterError(errno.EPROTO, f"client hung up after {len(data)} of {size} bytes")
+        data += chunk
+    return bytes(data)
+
+
+def serve_connection(service: Service, conn: socket.socket) -> None:
+    conn.settimeout(CLIENT_TIMEOUT)
+    fds: list[int] = []
+    try:
+        try:
+            header = _recv_exact(conn, proto.request.sizeof(), fds)
+            req = proto.request.parse(header)
+        except (BpfilterError, OSError) as err:
+            log(f"dropped a client: {err}")
+            return
+        except Exception as err:   # construct's errors: the magic is wrong
+            log(f"garbage on the socket ({type(err).__name__}): ignored")
+            conn.sendall(proto.build_reply(-errno.EPROTO, b"bad request header"))
+            return
+        if req.len > proto.MAX_PAYLOAD:
+            conn.sendall(proto.build_reply(-errno.EINVAL, b"payload too large"))
+            return
+        try:
+            payload = _recv_exact(conn, req.len, fds)
+        except (BpfilterError, OSError) as err:
+            log(f"dropped a client: {err}")
+            return
+        status, reply = _answer(service, conn, req, payload, fds[0] if fds else None)
+        conn.sendall(proto.build_reply(status, reply))
+    except OSError as err:
+        log(f"client went away: {err}")
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _answer(service: Service, conn, req, payload: bytes, netns_fd) -> tuple[int, bytes]:
+    """Never raises: every failure becomes an errno and a message for the caller."""
+    what = f"pid {req.pid} op {req.op} optname {req.optname}"
+    if not peer_may_administer(conn):
+        log(f"{what}: refused, the caller lacks CAP_NET_ADMIN")
+        return -errno.EPERM, b"bpfilter: permission denied (you must be root)"
+    try:
+        return service.handle(req, payload, netns_fd)
+    except BpfilterError as err:
+        log(f"{what}: {err}")
+        return -err.errno, str(err).encode()
+    except BpfError as err:
+        log(f"{what}: the kernel refused: {err}")
+        return -(err.errno or errno.EINVAL), str(err).encode()
+    except Exception as err:
+        log(f"{what}: internal error, request refused:\n{traceback.format_exc()}")
+        return -errno.EIO, f"bpfilter internal error: {err}".encode()
+
+
+def live_netns_inums() -> set[int]:
+    """Every network namespace something still uses: a task's, an open fd's, a
+    bind mount's (ip netns add). Ours are excluded by construction: we hold none."""
+    live: set[int] = set()
+
+    def note(link: str) -> None:
+        if link.startswith("net:["):
+            live.add(int(link[5:-1]))
+
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        base = f"/proc/{pid}"
+        try:
+            for tid in os.listdir(f"{base}/task"):
+                note(os.readlink(f"{base}/task/{tid}/ns/net"))
+            for fd in os.listdir(f"{base}/fd"):
+                note(os.readlink(f"{base}/fd/{fd}"))
+            with open(f"{base}/mountinfo") as mounts:
+                for line in mounts:
+                    fields = line.split()
+                    if fields[fields.index("-") + 1] == "nsfs":
+                        note(fields[3])
+        except OSError:
+            continue
+    return live
+
+
+def serve(socket_path: str = DEFAULT_SOCKET, bpffs: str = DEFAULT_ROOT, ready=None) -> None:
+    ensure_bpffs(bpffs)
+    service = Service(Store(bpffs))
+    os.makedirs(os.path.dirname(socket_path), mode=0o700, exist_ok=True)
+    if os.path.exists(socket_path):
+        os.unlink(socket_path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        listener.bind(socket_path)
+    finally:
+        os.umask(old_umask)
+    listener.listen(16)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    log(f"serving on {socket_path}, tables pinned under {bpffs}")
+    if ready:
+        ready()
+    next_sweep = 0.0
+    try:
+        while True:
+            if time.monotonic() >= next_sweep:
+                service.sweep(live_netns_inums())
+                next_sweep = time.monotonic() + SWEEP_INTERVAL
+            if select.select([listener], [], [], SWEEP_INTERVAL)[0]:
+                conn, _ = listener.accept()
+                with conn:
+                    serve_connection(service, conn)
+    finally:
+        listener.close()
+        service.close()
