@@ -12,7 +12,9 @@
  *
  * The reply's payload: for a get, the bytes to copy back to optval (at most
  * optlen; *optlen becomes len); for IPT_SO_SET_REPLACE, the old counters to write
- * to ipt_replace.counters; otherwise nothing.
+ * to ipt_replace.counters; otherwise nothing. A reply with a negative status
+ * carries a message (text, no NUL) naming the rule and the reason, for the log or
+ * the caller's stderr.
  */
 #ifndef _BPFILTER_PROTO_H
 #define _BPFILTER_PROTO_H

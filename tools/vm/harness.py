@@ -16,6 +16,7 @@ module), which the kernel unpacks over the first.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import lzma
@@ -34,13 +35,13 @@ log = logging.getLogger("bpfilter.vm")
 
 HERE = Path(__file__).resolve().parent
 FLAVOUR = "cloud-amd64"
-# The meta-package follows Debian's current 6.12 ABI; its one dependency names it.
-KERNEL_META = f"linux-headers-6.12-{FLAVOUR}"
 DEFAULT_TIMEOUT = 180
-APPEND = "console=ttyS0 panic=-1 oops=panic quiet"
+APPEND = "console=ttyS0 panic=-1 oops=panic"
 
-# Host programs copied into the guest, found on this PATH.
-HOST_TOOLS = ("ip", "bpftool", "xtables-legacy-multi")
+# Host programs copied into the guest, found on this PATH. Debian's busybox prefers
+# its own applets to anything on PATH (its `ip` cannot do netns), so the guest's sh is
+# dash, as on Debian, and busybox only provides commands nothing else does.
+HOST_TOOLS = ("dash", "ip", "bpftool", "xtables-legacy-multi")
 TOOL_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 # Shipped with whatever they depend on; everything else stays out of the guest, and
 # what is shipped is only loaded on demand (modprobe), so ip_tables stays unloaded
@@ -83,25 +84,20 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return proc
 
 
-def _apt_fields(package: str) -> dict[str, str]:
-    proc = subprocess.run(["apt-cache", "show", "--no-all-versions", package],
-                          capture_output=True, text=True)
-    if proc.returncode or not proc.stdout.strip():
-        raise VMError(f"apt knows no {package}: run tools/vm/setup.sh, which adds the "
-                      "suite that has it and updates apt's lists")
-    return dict(re.findall(r"^([\w-]+): (.*)$", proc.stdout, re.M))
-
-
+@functools.lru_cache(maxsize=None)
 def kernel_release() -> str:
-    """The guest's `uname -r`: $BPFILTER_VM_KVER, or Debian's current 6.12 cloud kernel."""
+    """The guest's `uname -r`: $BPFILTER_VM_KVER, or the newest 6.12 cloud kernel in
+    apt's lists (from bookworm-security, or backports where setup.sh had to add it)."""
     pinned = os.environ.get("BPFILTER_VM_KVER")
     if pinned:
         return pinned
-    depends = _apt_fields(KERNEL_META)["Depends"]
-    match = re.search(rf"linux-headers-(\S+-{FLAVOUR})\b", depends)
-    if not match:
-        raise VMError(f"cannot read the kernel release from {KERNEL_META}: {depends}")
-    return match.group(1)
+    names = _run(["apt-cache", "search", "--names-only",
+                  rf"^linux-headers-6\.12\.[0-9]+\+deb12-{FLAVOUR}$"]).stdout
+    found = re.findall(rf"^linux-headers-(6\.12\.(\d+)\+deb12-{FLAVOUR}) ", names, re.M)
+    if not found:
+        raise VMError(f"apt knows no {FLAVOUR} 6.12 kernel: run tools/vm/setup.sh, which "
+                      "adds the suite that has it and updates apt's lists")
+    return max(found, key=lambda kver_patch: int(kver_patch[1]))[0]
 
 
 def _fetch(packages: list[str], dest: Path,
@@ -154,8 +150,9 @@ def kernel_build_dir(kver: Optional[str] = None) -> Path:
 
 
 def _busybox() -> Path:
-    version = _apt_fields("busybox-static")["Version"]
-    return _fetch(["busybox-static"], cache_dir() / f"busybox-{version}") / "bin/busybox"
+    # Static, and only a toolbox around the programs under test: the first one fetched
+    # serves for good.
+    return _fetch(["busybox-static"], cache_dir() / "busybox") / "bin/busybox"
 
 
 def _udp_sender() -> Path:
@@ -224,22 +221,25 @@ def _host_file(path: str) -> tuple[str, Path]:
                                    os.path.basename(path))), Path(os.path.realpath(path))
 
 
-def _userland() -> dict[str, Path]:
-    """Guest path -> host file for the host tools, iptables' extensions and every
-    shared library they load."""
-    tools = []
+def _host_programs() -> list[str]:
+    """The host tools and iptables' extensions (which it loads with dlopen)."""
+    found = []
     for name in HOST_TOOLS:
-        found = shutil.which(name, path=TOOL_PATH)
-        if not found:
+        path = shutil.which(name, path=TOOL_PATH)
+        if not path:
             raise VMError(f"{name} is not installed: run tools/vm/setup.sh")
-        tools.append(found)
-    tools += map(str, Path("/usr/lib").glob("*/xtables/*.so"))
+        found.append(path)
+    return found + sorted(map(str, Path("/usr/lib").glob("*/xtables/*.so")))
+
+
+def _with_libraries(programs: list[str]) -> dict[str, Path]:
+    """Guest path -> host file for programs and every shared library they load."""
     libs = set()
-    for line in _run(["ldd", *tools]).stdout.splitlines():
+    for line in _run(["ldd", *programs]).stdout.splitlines():
         match = re.match(r"\s+(?:\S+ => )?(/\S+) \(0x", line)
         if match:
             libs.add(match.group(1))
-    return dict(_host_file(p) for p in [*tools, *libs])
+    return dict(_host_file(p) for p in [*programs, *libs])
 
 
 def _module_subset(kver: str) -> Path:
@@ -284,14 +284,15 @@ def _base_initramfs(kver: str) -> tuple[Path, frozenset[str]]:
     """The archive every run starts from, and the directories it creates."""
     busybox = _busybox()
     udp = _udp_sender()
-    userland = _userland()
+    programs = _host_programs()
     key = hashlib.sha256()
     for part in (kver, str(busybox), str(udp), Path(__file__).read_bytes(),
                  (HERE / "init.sh").read_bytes()):
         key.update(part if isinstance(part, bytes) else part.encode())
-    for guest, host in sorted(userland.items()):
-        st = host.stat()
-        key.update(f"{guest}={host}:{st.st_size}:{st.st_mtime_ns}".encode())
+    # A library upgraded alone leaves the archive consistent, so the programs decide.
+    for program in programs:
+        st = os.stat(program)
+        key.update(f"{program}:{st.st_size}:{st.st_mtime_ns}".encode())
     image = cache_dir() / f"base-{key.hexdigest()[:16]}.cpio"
     dirs_file = image.with_suffix(".dirs")
     if image.exists() and dirs_file.exists():
@@ -300,6 +301,7 @@ def _base_initramfs(kver: str) -> tuple[Path, frozenset[str]]:
     started = time.monotonic()
     for old in cache_dir().glob("base-*"):
         old.unlink()
+    userland = _with_libraries(programs)
     modules = _module_subset(kver)
     try:
         with open(f"{image}.tmp", "wb") as out:
@@ -321,11 +323,11 @@ def _base_initramfs(kver: str) -> tuple[Path, frozenset[str]]:
             for alias in sorted(Path(multi).parent.glob("*-legacy*")):
                 if alias.is_symlink() and os.path.realpath(alias) == os.path.realpath(multi):
                     cpio.symlink(guest_path(str(alias)), "xtables-legacy-multi")
-            real_tools = {os.path.basename(g) for g in userland}
+            cpio.symlink("usr/bin/sh", "dash")
+            taken = {os.path.basename(g) for g in userland} | {"busybox", "sh", "init", "linuxrc"}
             for applet in _run([str(busybox), "--list-full"]).stdout.split():
-                path = guest_path(applet)
-                if os.path.basename(path) not in real_tools | {"init", "linuxrc"}:
-                    cpio.symlink(path, "/usr/bin/busybox")
+                if os.path.basename(applet) not in taken:
+                    cpio.symlink(guest_path(applet), "/usr/bin/busybox")
             _add_tree(cpio, modules / "lib/modules", "usr/lib/modules")
             cpio.close()
     finally:

@@ -37,9 +37,30 @@ def answers(path: str) -> bool:
     return True
 
 
-def _same_mount_ns_as_init() -> bool:
-    ours, init = os.stat("/proc/self/ns/mnt"), os.stat("/proc/1/ns/mnt")
-    return (ours.st_dev, ours.st_ino) == (init.st_dev, init.st_ino)
+def _ancestry() -> "list[int]":
+    """This process and its ancestors, up to PID 1 of our pid namespace."""
+    chain = [os.getpid()]
+    while chain[-1] != 1:
+        with open(f"/proc/{chain[-1]}/stat") as f:
+            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        if ppid == 0:
+            break
+        chain.append(ppid)
+    return chain
+
+
+def _host_mount_owner() -> "int | None":
+    """A process in the host's mount namespace, or None when that is ours.
+
+    PID 1's, where we may look at it; some sandboxes deny that even to root,
+    and then the outermost ancestor we may look at stands in for it."""
+    ours = os.stat("/proc/self/ns/mnt")
+    for pid in reversed(_ancestry()):
+        try:
+            theirs = os.stat(f"/proc/{pid}/ns/mnt")
+        except OSError:
+            continue
+        return None if (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino) else pid
 
 
 def _without(shim: str, preload: str) -> str:
@@ -49,11 +70,13 @@ def _without(shim: str, preload: str) -> str:
 def start_service(path: str, shim: str) -> None:
     """Start `bpfilter serve --daemon` on path and wait until it answers."""
     argv = [sys.executable, "-m", "bpfilter", "serve", "--daemon", "--socket", path]
-    # The service pins its bpffs under /run; a private mount namespace (as
-    # `ip netns exec` makes) would take those mounts with it when it goes.
-    if not _same_mount_ns_as_init():
-        argv = ["nsenter", "--target", "1", "--mount", "--", *argv]
-    env = dict(os.environ, BPFILTER_SOCKET=path)
+    # The service mounts the bpffs its tables are pinned in; made in a private
+    # mount namespace (as `ip netns exec` gives), that mount would be seen by no
+    # one else and would go with the namespace.
+    owner = _host_mount_owner()
+    if owner is not None:
+        argv = ["nsenter", "--target", str(owner), "--mount", "--", *argv]
+    env = dict(os.environ)
     # A shimmed service would send its own kernel calls to itself.
     preload = _without(shim, env.pop("LD_PRELOAD", ""))
     if preload:
@@ -62,8 +85,12 @@ def start_service(path: str, shim: str) -> None:
     # A file, not a pipe, for its stderr: a daemon that keeps the descriptor
     # would otherwise hold our caller's pipe open long after we are gone.
     with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(argv, env=env, cwd="/", stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            proc = subprocess.Popen(argv, env=env, cwd="/", stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=log)
+        except OSError as err:
+            raise BpfilterError(err.errno, f"cannot start the bpfilter service: {argv[0]}: "
+                                           f"{err.strerror}") from None
         while not answers(path):
             rc = proc.poll()
             if rc not in (None, 0) or time.monotonic() > deadline:

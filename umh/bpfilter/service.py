@@ -263,6 +263,10 @@ def peer_may_administer(sock: socket.socket) -> bool:
     return same_userns and bool(caps & (1 << CAP_NET_ADMIN))
 
 
+class _Probe(Exception):
+    pass
+
+
 def _recv_exact(sock: socket.socket, size: int, fds: list[int]) -> bytes:
     data = bytearray()
     while len(data) < size:
@@ -271,6 +275,8 @@ def _recv_exact(sock: socket.socket, size: int, fds: list[int]) -> bytes:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.extend(array.array("i", cdata[:len(cdata) - len(cdata) % 4]))
         if not chunk:
+            if not data and not fds:
+                raise _Probe()
             raise BpfilterError(errno.EPROTO, f"client hung up after {len(data)} of {size} bytes")
         data += chunk
     return bytes(data)
@@ -283,6 +289,8 @@ def serve_connection(service: Service, conn: socket.socket) -> None:
         try:
             header = _recv_exact(conn, proto.request.sizeof(), fds)
             req = proto.request.parse(header)
+        except _Probe:
+            return   # a connect-and-close: someone checking that we listen
         except (BpfilterError, OSError) as err:
             log(f"dropped a client: {err}")
             return
@@ -312,7 +320,7 @@ def _answer(service: Service, conn, req, payload: bytes, netns_fd) -> tuple[int,
     what = f"pid {req.pid} op {req.op} optname {req.optname}"
     if not peer_may_administer(conn):
         log(f"{what}: refused, the caller lacks CAP_NET_ADMIN")
-        return -errno.EPERM, b"bpfilter: permission denied (you must be root)"
+        return -errno.EPERM, b"permission denied: iptables needs CAP_NET_ADMIN"
     try:
         return service.handle(req, payload, netns_fd)
     except BpfilterError as err:

@@ -289,11 +289,28 @@ static int ask(struct bpfilter_request *req, const void *payload,
 	return sock;
 }
 
+/*
+ * A refusal's payload says which rule and why: the caller's stderr is where a
+ * person running iptables will look, next to iptables' own "line N failed".
+ */
+static void print_refusal(int sock, uint32_t len)
+{
+	char message[4096];
+	size_t size = len < sizeof(message) - 1 ? len : sizeof(message) - 1;
+
+	if (size && read_full(sock, message, size) == 0) {
+		message[size] = '\0';
+		fprintf(stderr, "bpfilter: %s\n", message);
+	}
+}
+
 /* Reads the reply payload into dst, closes the connection and returns the status. */
 static int finish(int sock, const struct bpfilter_reply *reply, void *dst, const char *path)
 {
 	int err = reply->status == 0 && read_full(sock, dst, reply->len) < 0 ? errno : 0;
 
+	if (reply->status)
+		print_refusal(sock, reply->len);
 	close(sock);
 	if (err)
 		return lost(path, err);
