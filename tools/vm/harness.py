@@ -8,8 +8,8 @@ keeping ip_tables unloaded.
 
 The kernel, its headers and busybox come from Debian's archive through apt (no install,
 only `apt-get download`) and are unpacked once into $BPFILTER_VM_CACHE (default
-~/.cache/bpfilter-vm). iptables-legacy, ip and bpftool are the host's own, with the
-shared libraries ldd names. The initramfs holding all that is built once per kernel
+~/.cache/bpfilter-vm). iptables-legacy, ip, bpftool and dash (the guest's sh) are the
+host's own, with the shared libraries ldd names. The initramfs holding all that is built once per kernel
 and host tools; each run appends a small second archive (scenario, extra files,
 module), which the kernel unpacks over the first.
 """
@@ -73,6 +73,8 @@ class Result:
 
 def cache_dir() -> Path:
     path = Path(os.environ.get("BPFILTER_VM_CACHE") or Path.home() / ".cache" / "bpfilter-vm")
+    # Absolute: the headers' Makefile is rewritten to include from here.
+    path = path.resolve()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -111,13 +113,22 @@ def _fetch(packages: list[str], dest: Path,
     try:
         debs = work / "debs"
         debs.mkdir()
-        # apt's unprivileged downloader cannot write into root's cache.
-        _run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", *packages], cwd=debs)
+        try:
+            # apt's unprivileged downloader cannot write into root's cache.
+            _run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", *packages],
+                 cwd=debs)
+        except VMError as e:
+            raise VMError(f"{e}apt's lists may be out of date: run tools/vm/setup.sh") from None
         for deb in sorted(debs.iterdir()):
             _run(["dpkg-deb", "-x", str(deb), str(work / "root")])
         if prepare:
             prepare(work / "root")
-        (work / "root").rename(dest)
+        try:
+            (work / "root").rename(dest)
+        except OSError:
+            if not dest.is_dir():
+                raise
+            return dest  # another run got there first
     finally:
         shutil.rmtree(work)
     log.info("fetched %s in %.1f s", " ".join(packages), time.monotonic() - started)
@@ -242,10 +253,10 @@ def _with_libraries(programs: list[str]) -> dict[str, Path]:
     return dict(_host_file(p) for p in [*programs, *libs])
 
 
-def _module_subset(kver: str) -> Path:
-    """A lib/modules/<kver> holding GUEST_MODULES and their dependencies, uncompressed
-    (busybox's modprobe reads neither .xz nor the kernel's in-kernel decompression
-    flag) and indexed by the host's depmod."""
+def _module_subset(kver: str, root: Path):
+    """Writes root/lib/modules/<kver> holding GUEST_MODULES and their dependencies,
+    uncompressed (busybox's modprobe can neither unpack .xz nor ask the kernel to) and
+    indexed by the host's depmod."""
     src = kernel_tree(kver) / "lib/modules" / kver
     deps = {}
     for line in (src / "modules.dep").read_text().splitlines():
@@ -258,16 +269,14 @@ def _module_subset(kver: str) -> Path:
         if module not in wanted:
             wanted.add(module)
             todo.extend(deps[module])
-    staging = Path(tempfile.mkdtemp(prefix="modules.", dir=cache_dir()))
-    dest = staging / "lib/modules" / kver
+    dest = root / "lib/modules" / kver
     for module in wanted:
         out = dest / module.removesuffix(".xz")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(lzma.decompress((src / module).read_bytes()))
     for index in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
         shutil.copy(src / index, dest / index)
-    _run(["depmod", "-b", str(staging), kver])
-    return staging
+    _run(["depmod", "-b", str(root), kver])
 
 
 def _add_tree(cpio: Cpio, root: Path, under: str):
@@ -299,12 +308,12 @@ def _base_initramfs(kver: str) -> tuple[Path, frozenset[str]]:
         return image, frozenset(dirs_file.read_text().split("\n"))
 
     started = time.monotonic()
-    for old in cache_dir().glob("base-*"):
-        old.unlink()
     userland = _with_libraries(programs)
-    modules = _module_subset(kver)
-    try:
-        with open(f"{image}.tmp", "wb") as out:
+    with tempfile.TemporaryDirectory(dir=cache_dir(), prefix="base.") as work:
+        modules = Path(work) / "modules"
+        _module_subset(kver, modules)
+        built = Path(work) / "base.cpio"
+        with open(built, "wb") as out:
             cpio = Cpio(out)
             for d in ("proc", "sys", "dev", "run", "root", "etc/bpfilter-vm"):
                 cpio.dir(d)
@@ -330,10 +339,11 @@ def _base_initramfs(kver: str) -> tuple[Path, frozenset[str]]:
                     cpio.symlink(guest_path(applet), "/usr/bin/busybox")
             _add_tree(cpio, modules / "lib/modules", "usr/lib/modules")
             cpio.close()
-    finally:
-        shutil.rmtree(modules)
-    os.rename(f"{image}.tmp", image)
-    dirs_file.write_text("\n".join(sorted(cpio.dirs)))
+        dirs_file.write_text("\n".join(sorted(cpio.dirs)))
+        built.rename(image)
+    for old in cache_dir().glob("base-*"):
+        if old not in (image, dirs_file):
+            old.unlink()
     log.info("built the initramfs (%d MiB) in %.1f s", image.stat().st_size >> 20,
              time.monotonic() - started)
     return image, frozenset(cpio.dirs)
@@ -384,7 +394,7 @@ def _tail(console: bytes, lines: int = 40) -> str:
 def run_scenario(script: str, extra_files: Optional[Mapping[str, str]] = None,
                  module: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT,
                  console_to: Optional[IO[str]] = None) -> Result:
-    """Boots a fresh guest, runs script with busybox sh as root in /tmp and returns its
+    """Boots a fresh guest, runs script with sh (dash) as root in /tmp and returns its
     exit status and output (stdout and stderr together).
 
     extra_files maps a path in the guest to a host file copied there (mode kept).
@@ -401,9 +411,9 @@ def run_scenario(script: str, extra_files: Optional[Mapping[str, str]] = None,
         with open(initrd, "wb") as out:
             with open(base, "rb") as src:
                 shutil.copyfileobj(src, out)
-            # Created over the base archive's; a directory entry there would replace
-            # the symlinks /bin, /lib... so only new directories are written.
-            cpio = Cpio(out, base_dirs | set(MERGED_USR))
+            # Unpacked over the base archive, whose directories are left alone: an entry
+            # would reset their mode (/tmp's 1777).
+            cpio = Cpio(out, base_dirs)
             cpio.file("etc/bpfilter-vm/scenario", script.encode())
             for guest, host in (extra_files or {}).items():
                 cpio.file(guest_path(guest), Path(host).read_bytes(),

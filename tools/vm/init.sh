@@ -1,13 +1,12 @@
 #!/bin/sh
-# PID 1 of the test guest (busybox sh). The kernel's log goes to ttyS0; the scenario's
-# output alone goes to ttyS1 between markers, so no printk can interleave with it and
-# the harness can tell a finished scenario, and its status, from a crash or a hang.
+# PID 1 of the test guest (dash, busybox for the common commands). The kernel's log
+# goes to ttyS0; the scenario's output alone goes to ttyS1 between markers, so no
+# printk can interleave with it and the harness can tell a finished scenario, and its
+# status, from a crash or a hang.
 export PATH=/usr/sbin:/usr/bin HOME=/root
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-mount -t tmpfs tmpfs /run
-mount -t tmpfs tmpfs /tmp
 mount -t bpf bpf /sys/fs/bpf
 mount -t tracefs tracefs /sys/kernel/tracing
 # Module autoloading (ip_tables on first use, veth, xt_* matches) goes through here.
@@ -29,7 +28,7 @@ run() {
 }
 
 [ -f /etc/bpfilter-vm/module ] && export BPFILTER_VM_MODULE="$(cat /etc/bpfilter-vm/module)"
-# Without output post-processing the harness reads exactly the bytes written ("\n", not "\r\n").
+# Without output post-processing the harness reads the bytes written ("\n", not "\r\n").
 stty -F /dev/ttyS1 -opost
 {
 	echo "@@BPFILTER-VM-BEGIN@@"

@@ -2,11 +2,14 @@
 """Runs shell commands in a fresh qemu guest with Debian's 6.12 cloud kernel, prints
 their output and exits with their status. The first run downloads the kernel (about
 50 MB, cached); later ones boot in seconds. Needs tools/vm/setup.sh once, as root.
+Exits 124 when the guest gives no result (timeout, kernel panic), 125 when --module
+does not load.
 
     python3 tools/vm/run.py -c 'iptables-legacy -L -v -n'
-    python3 tools/vm/run.py --module kmod/bpfilter.ko --scenario tests/vm/load.sh
+    python3 tools/vm/run.py --scenario tools/vm/scenarios/iptables-udp-drop.sh
     python3 tools/vm/run.py --extra build/helper:/usr/bin/helper -c 'helper --version'
     make -C "$(python3 tools/vm/run.py --kernel-build-dir)" M=$PWD/kmod modules
+    python3 tools/vm/run.py --module kmod/bpfilter.ko -c 'lsmod; dmesg | tail'
 """
 import argparse
 import logging

@@ -26,12 +26,15 @@ def _netns_names() -> dict[int, list[str]]:
     names: dict[int, list[str]] = {}
     if not os.path.isdir(netns.NETNS_RUN_DIR):
         return names
+    # A name whose bind mount is gone is a plain file, its inode number meaningless.
+    nsfs = os.stat(f"/proc/{os.getpid()}/ns/net").st_dev
     for name in sorted(os.listdir(netns.NETNS_RUN_DIR)):
         try:
-            inum = os.stat(os.path.join(netns.NETNS_RUN_DIR, name)).st_ino
+            st = os.stat(os.path.join(netns.NETNS_RUN_DIR, name))
         except OSError:
             continue
-        names.setdefault(inum, []).append(name)
+        if st.st_dev == nsfs:
+            names.setdefault(st.st_ino, []).append(name)
     return names
 
 

@@ -18,7 +18,11 @@ loaded ip_tables && echo "ip_tables: loaded on first use"
 
 ip netns exec rcv udp recv 9 2 >/tmp/port9 &
 ip netns exec rcv udp recv 10 2 >/tmp/port10 &
-until grep -q listening /tmp/port9 && grep -q listening /tmp/port10; do sleep 0.1; done
+tries=0
+until grep -q listening /tmp/port9 && grep -q listening /tmp/port10; do
+	tries=$((tries + 1)); [ $tries -lt 100 ] || exit 1
+	sleep 0.1
+done
 ip netns exec snd udp send 198.18.0.2 9 5
 ip netns exec snd udp send 198.18.0.2 10 3
 wait
