@@ -8,7 +8,14 @@
  * payload bytes: for a set, the caller's optval; for a get, the caller's optval
  * buffer as passed in (the kernel's get handlers read their input from it), whose
  * size is the caller's optlen. The caller's network namespace travels as a file
- * descriptor (SCM_RIGHTS) with the request; netns_cookie/netns_inum identify it.
+ * descriptor: from the shim, by SCM_RIGHTS on the unix socket (netns_fd is -1);
+ * from bpfilter.ko, installed in the helper's fd table, its number in netns_fd.
+ *
+ * bpfilter.ko's transport is the misc device /dev/bpfilter, which only the helper
+ * the module spawned may open: read() blocks until a request is pending and returns
+ * its header and payload as a stream (as many reads as the helper's buffer needs);
+ * write() takes the reply the same way, and the caller's syscall returns once the
+ * whole reply is in.
  *
  * The reply's payload: for a get, the bytes to copy back to optval (at most
  * optlen; *optlen becomes len); for IPT_SO_SET_REPLACE, the old counters to write
@@ -29,6 +36,7 @@ enum bpfilter_op {
 	BPFILTER_OP_GETSOCKOPT = 1,
 	BPFILTER_OP_SETSOCKOPT = 2,
 	BPFILTER_OP_TABLE_NAMES = 3,	/* payload: none; reply: "name\n" per table */
+	BPFILTER_OP_SHUTDOWN = 4,	/* bpfilter.ko is unloading: detach every table, exit */
 };
 
 struct bpfilter_request {
@@ -41,7 +49,7 @@ struct bpfilter_request {
 	__u32 netns_inum;
 	__u32 pid;		/* the calling thread, for logs */
 	__u32 len;		/* payload bytes that follow */
-	__u32 reserved;
+	__s32 netns_fd;		/* see above; -1 when it comes by SCM_RIGHTS */
 };
 
 struct bpfilter_reply {

@@ -218,8 +218,8 @@ def test_list_fresh_table(stub, fresh_netns, fresh_filter):
     assert ino != netns.ident()
     for r in s.requests:
         h = r.header
-        assert (h["magic"], h["version"], h["family"], h["netns_cookie"], h["reserved"]) == \
-               (proto.MAGIC, proto.VERSION, NFPROTO_IPV4, 0, 0)
+        assert (h["magic"], h["version"], h["family"], h["netns_cookie"], h["netns_fd"]) == \
+               (proto.MAGIC, proto.VERSION, NFPROTO_IPV4, 0, -1)
         assert h["netns_inum"] == r.netns_ino == ino
         assert h["pid"] > 0 and h["pid"] != os.getpid()
         assert h["len"] == len(r.payload)

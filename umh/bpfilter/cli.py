@@ -27,6 +27,10 @@ def _check(args) -> int:
 
 
 def _serve(args) -> int:
+    if args.device:
+        from .service import serve_device
+        serve_device(args.device, args.bpffs)
+        return 0
     from .daemon import run_service
     return run_service(args.socket, args.bpffs, daemon=args.daemon)
 
@@ -62,6 +66,8 @@ def main(argv=None) -> int:
                                      "bpfilter.ko forward) on a root-only unix socket")
     p.add_argument("--daemon", action="store_true",
                    help="detach once listening; log to /run/bpfilter/bpfilter.log")
+    p.add_argument("--device", help="serve bpfilter.ko through this device (the module's "
+                                    "helper mode) instead of a unix socket")
     p.set_defaults(func=_serve)
     p = sub.add_parser("flush", help="stop the service and detach everything bpfilter attached")
     p.set_defaults(func=_flush)

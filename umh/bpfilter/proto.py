@@ -16,6 +16,7 @@ class Op(enum.IntEnum):
     GETSOCKOPT = 1
     SETSOCKOPT = 2
     TABLE_NAMES = 3
+    SHUTDOWN = 4
 
 
 request = Struct(
@@ -28,7 +29,7 @@ request = Struct(
     "netns_inum" / Int32un,
     "pid" / Int32un,
     "len" / Int32un,
-    "reserved" / Int32un,
+    "netns_fd" / Int32sn,
 )
 
 reply = Struct(

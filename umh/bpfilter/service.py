@@ -43,8 +43,18 @@ SWEEP_INTERVAL = 2.0
 _BUILTIN_TARGETS = {X.XT_STANDARD_TARGET: 0, X.XT_ERROR_TARGET: 0}
 
 
+_log_sink = None   # None: stderr
+
+
 def log(message: str) -> None:
-    print(f"bpfilter: {message}", file=sys.stderr, flush=True)
+    for line in message.splitlines() or [""]:
+        print(f"bpfilter: {line}", file=_log_sink or sys.stderr, flush=True)
+
+
+def log_to_kernel() -> None:
+    """A helper spawned by bpfilter.ko has no stderr: its lines go to the kernel log."""
+    global _log_sink
+    _log_sink = open("/dev/kmsg", "w", buffering=1)
 
 
 @dataclass
@@ -316,11 +326,15 @@ def serve_connection(service: Service, conn: socket.socket) -> None:
 
 
 def _answer(service: Service, conn, req, payload: bytes, netns_fd) -> tuple[int, bytes]:
+    if not peer_may_administer(conn):
+        log(f"pid {req.pid}: refused, the caller lacks CAP_NET_ADMIN")
+        return -errno.EPERM, b"permission denied: iptables needs CAP_NET_ADMIN"
+    return _handled(service, req, payload, netns_fd)
+
+
+def _handled(service: Service, req, payload: bytes, netns_fd) -> tuple[int, bytes]:
     """Never raises: every failure becomes an errno and a message for the caller."""
     what = f"pid {req.pid} op {req.op} optname {req.optname}"
-    if not peer_may_administer(conn):
-        log(f"{what}: refused, the caller lacks CAP_NET_ADMIN")
-        return -errno.EPERM, b"permission denied: iptables needs CAP_NET_ADMIN"
     try:
         return service.handle(req, payload, netns_fd)
     except BpfilterError as err:
@@ -358,6 +372,48 @@ def live_netns_inums() -> set[int]:
         except OSError:
             continue
     return live
+
+
+def _read_exact(fd: int, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = os.read(fd, size - len(data))
+        if not chunk:
+            raise EOFError("the device closed")
+        data += chunk
+    return bytes(data)
+
+
+def serve_device(device: str, bpffs: str = DEFAULT_ROOT) -> None:
+    """The helper of bpfilter.ko: requests come from /dev/bpfilter, which the module
+    lets only the process it spawned open; the module already checked the caller's
+    CAP_NET_ADMIN and put the caller's netns in our fd table."""
+    log_to_kernel()
+    ensure_bpffs(bpffs)
+    service = Service(Store(bpffs))
+    dev = os.open(device, os.O_RDWR)
+    log(f"serving bpfilter.ko through {device}, tables pinned under {bpffs}")
+    try:
+        while True:
+            req = proto.request.parse(_read_exact(dev, proto.request.sizeof()))
+            payload = _read_exact(dev, req.len)
+            netns_fd = req.netns_fd if req.netns_fd >= 0 else None
+            try:
+                if req.op == proto.Op.SHUTDOWN:
+                    log("bpfilter.ko is unloading: detaching every table")
+                    service.close()
+                    for key in list(service.store.keys()):
+                        service.store.remove(key)
+                    os.write(dev, proto.build_reply(0))
+                    return
+                status, reply = _handled(service, req, payload, netns_fd)
+            finally:
+                if netns_fd is not None:
+                    os.close(netns_fd)
+            os.write(dev, proto.build_reply(status, reply))
+    finally:
+        os.close(dev)
+        service.close()
 
 
 def serve(socket_path: str = DEFAULT_SOCKET, bpffs: str = DEFAULT_ROOT, ready=None) -> None:

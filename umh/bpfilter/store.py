@@ -15,10 +15,10 @@ so a crash leaves either the old or the new object, never none.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import struct
-import subprocess
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -44,7 +44,10 @@ def ensure_bpffs(root: str) -> None:
             fstype = fields[fields.index("-") + 1]
             if fields[4] == real and fstype == BPF_FS_MAGIC:
                 return
-    subprocess.run(["mount", "-t", "bpf", "-o", "mode=0700", "bpffs", real], check=True)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(b"bpffs", os.fsencode(real), b"bpf", 0, b"mode=0700") != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mounting a bpffs on {real}: {os.strerror(err)}")
 
 
 def _pin(fd: int, path: str) -> None:

@@ -251,7 +251,7 @@ static int ask(struct bpfilter_request *req, const void *payload,
 	req->netns_cookie = 0;
 	req->netns_inum = st.st_ino;
 	req->pid = gettid();
-	req->reserved = 0;
+	req->netns_fd = -1;
 
 	sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (sock < 0) {
