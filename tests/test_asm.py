@@ -11,7 +11,7 @@ import pytest
 
 from bpfilter.bpf import insn as I
 from bpfilter.bpf import syscall as bpf
-from bpfilter.bpf.asm import Assembler, AsmError
+from bpfilter.bpf.asm import S16, VERIFIER_HEADROOM_REACH, Assembler, AsmError
 from bpfilter.bpf.btf import Btf
 from bpfilter.bpf.insn import (BPF_ADD, BPF_ALU32_IMM, BPF_ALU64_IMM, BPF_ALU64_REG,
                                BPF_ATOMIC_OP, BPF_B, BPF_CALL_KFUNC, BPF_CALL_REL, BPF_DW,
@@ -195,7 +195,7 @@ def filler(n: int) -> list:
 
 def test_offset_32767_stays_short_32768_is_relaxed():
     for gap, relaxed in ((32767, False), (32768, True)):
-        asm = Assembler()
+        asm = Assembler(short_reach=S16)
         far = asm.label("far")
         asm.emit(BPF_MOV64_IMM(R0, 0), BPF_JMP_IMM(BPF_JEQ, R1, 0, far), filler(gap))
         asm.place(far)
@@ -209,7 +209,7 @@ def test_offset_32767_stays_short_32768_is_relaxed():
 
 
 def test_backward_offset_minus_32768_stays_short():
-    asm = Assembler()
+    asm = Assembler(short_reach=S16)
     top = asm.label("top")
     asm.place(top)
     asm.emit(filler(32767), BPF_JMP_IMM(BPF_JEQ, R1, 0, top), BPF_EXIT_INSN())
@@ -269,7 +269,7 @@ def test_far_unconditional_jump_becomes_gotol_backward_too():
 
 def test_relaxation_repeats_until_stable():
     """A jump that fits only until another jump inside its span grows must grow too."""
-    asm = Assembler()
+    asm = Assembler(short_reach=S16)
     outer, inner = asm.label("outer"), asm.label("inner")
     asm.emit(BPF_JMP_IMM(BPF_JEQ, R1, 0, outer))        # spans exactly 32767 slots...
     asm.emit(BPF_JMP_IMM(BPF_JEQ, R2, 0, inner))        # ...until this one becomes 2
@@ -398,3 +398,14 @@ def test_label_at_the_very_end_after_dropped_code_resolves():
     out = asm.resolve()
     assert out == [BPF_MOV64_IMM(R0, 1), BPF_EXIT_INSN()]
     assert run(asm, 20) == [1]
+
+
+def test_jumps_past_half_the_16_bit_reach_are_relaxed_for_the_verifier():
+    """The verifier inlines code after assembly; a jump kept short must stay short."""
+    for gap, relaxed in ((VERIFIER_HEADROOM_REACH - 1, False), (VERIFIER_HEADROOM_REACH, True)):
+        asm = Assembler()
+        end = asm.label("end")
+        asm.emit(BPF_JMP_IMM(BPF_JEQ, R1, 0, end), filler(gap))
+        asm.place(end)
+        asm.emit(BPF_EXIT_INSN())
+        assert (asm.resolve()[1].code == I.BPF_JMP32 | I.BPF_JA) == relaxed

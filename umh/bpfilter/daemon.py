@@ -67,6 +67,17 @@ def run_service(socket_path: str, bpffs: str, daemon: bool) -> int:
         os._exit(status)
 
 
+def _running(pid: int) -> bool:
+    """Whether pid still runs. A daemon's parent is init, which may be slow to reap
+    it (or, in some containers, never does): a zombie holds nothing any more."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
 def stop_service(socket_path: str) -> None:
     pidfile = _paths(socket_path)[0]
     try:
@@ -75,9 +86,7 @@ def stop_service(socket_path: str) -> None:
     except (OSError, ValueError):
         return
     for _ in range(100):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _running(pid):
             break
         time.sleep(0.05)
     if os.path.exists(pidfile):

@@ -13,7 +13,12 @@ from typing import Callable, Iterable, Union
 from . import insn as I
 from .insn import Insn, Kfunc, Label, MapRef
 
-S16 = range(-(1 << 15), 1 << 15)
+S16 = 1 << 15
+# The verifier rewrites code after we have placed it (it inlines map lookups, for
+# instance), which lengthens jumps, and it refuses one that no longer fits 16 bits
+# ("cannot be patched due to 16-bit range"). Relaxing every jump that spans more
+# than half the 16-bit reach leaves room for the code between to double.
+VERIFIER_HEADROOM_REACH = 1 << 14
 
 
 class AsmError(Exception):
@@ -21,7 +26,10 @@ class AsmError(Exception):
 
 
 class Assembler:
-    def __init__(self) -> None:
+    def __init__(self, short_reach: int = VERIFIER_HEADROOM_REACH) -> None:
+        """`short_reach`: the longest jump (in slots) kept as a 16-bit offset."""
+        assert 0 < short_reach <= S16
+        self.short = range(-short_reach, short_reach)
         self.items: list[Insn] = []
         self.labels: dict[Label, int] = {}
         self._counter = 0
@@ -59,7 +67,7 @@ class Assembler:
             positions = self._positions(long_jumps)
             grown = {i for i, ins in enumerate(self.items)
                      if isinstance(ins.off, Label) and i not in long_jumps
-                     and self._distance(i, ins.off, positions) not in S16}
+                     and self._distance(i, ins.off, positions) not in self.short}
             if not grown:
                 break
             long_jumps |= grown

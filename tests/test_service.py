@@ -1,0 +1,894 @@
+"""The service end to end, driven by the unmodified Debian iptables-legacy binaries
+through `bpfilter exec`, side by side with the kernel's own legacy iptables.
+
+Every test has its own service: its own socket, its own private bpffs (mounted here,
+flushed and unmounted at the end), its own xtables lock and its own scratch network
+namespaces, so tests see neither each other nor a service a person runs.
+"""
+from __future__ import annotations
+
+import errno
+import importlib.util
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import uuid
+
+import pytest
+
+from bpfilter import netns, proto
+from bpfilter.abi import codec
+from bpfilter.abi import xtables as X
+from bpfilter.demo import RULESET as DEMO_RULESET
+from bpfilter.lab import Case, KernelBackend, Lab, Packet, ServiceBackend, T_IN_ADDR, \
+    service_counters, service_request
+from bpfilter.scratch import replace_blob
+from rulegen import generate
+from test_differential import ROUTER, ROUTER_TRAFFIC
+
+pytestmark = pytest.mark.kernel
+
+PY = sys.executable
+SHIM = importlib.util.find_spec("bpfilter._preload").origin
+FRESH = ["-P INPUT ACCEPT", "-P FORWARD ACCEPT", "-P OUTPUT ACCEPT"]
+
+
+def _strip_save(text: str) -> str:
+    """iptables-legacy-save without its dated '# Generated'/'# Completed' comments."""
+    return "".join(line for line in text.splitlines(keepends=True)
+                   if not line.startswith(("# Generated", "# Completed")))
+
+
+class Service:
+    """One test's service: a socket, a private bpffs, an xtables lock, a log."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="bpft-svc-")
+        self.socket = os.path.join(self.dir, "bpfilter.sock")
+        self.bpffs = os.path.join(self.dir, "bpffs")
+        self.log = os.path.join(self.dir, "bpfilter.log")
+        os.mkdir(self.bpffs)
+        subprocess.run(["mount", "-t", "bpf", "-o", "mode=0700", "bpffs", self.bpffs], check=True)
+        self.env = dict(os.environ, BPFILTER_SOCKET=self.socket, BPFILTER_BPFFS=self.bpffs,
+                        XTABLES_LOCKFILE=os.path.join(self.dir, "xtables.lock"))
+        self.env.pop("LD_PRELOAD", None)
+
+    # -- the service
+
+    def start(self) -> int:
+        done = subprocess.run([PY, "-m", "bpfilter", "serve", "--daemon", "--socket", self.socket,
+                               "--bpffs", self.bpffs], env=self.env, capture_output=True,
+                              text=True, timeout=30)
+        assert done.returncode == 0, done.stderr + self.log_text()
+        return self.pid
+
+    @property
+    def pid(self) -> int:
+        with open(self.socket + ".pid") as f:
+            return int(f.read())
+
+    def running(self) -> bool:
+        try:
+            pid = self.pid
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, ValueError):
+            return False
+        return state not in ("Z", "X")
+
+    def log_text(self) -> str:
+        try:
+            with open(self.log) as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        """`bpfilter <command> --socket S --bpffs B`."""
+        return subprocess.run([PY, "-m", "bpfilter", *args, "--socket", self.socket,
+                               "--bpffs", self.bpffs], env=self.env, capture_output=True,
+                              text=True, timeout=60)
+
+    # -- commands in namespaces
+
+    def exec(self, ns: str, *argv: str, input: "str | None" = None,
+             env: "dict | None" = None) -> subprocess.CompletedProcess:
+        """argv inside ns under `bpfilter exec`."""
+        return subprocess.run(["ip", "netns", "exec", ns, PY, "-m", "bpfilter", "exec", "--",
+                               *argv], input=input, env=env or self.env, capture_output=True,
+                              text=True, timeout=60)
+
+    def kernel(self, ns: str, *argv: str, input: "str | None" = None) -> subprocess.CompletedProcess:
+        """argv inside ns, no shim: the kernel's own iptables."""
+        return subprocess.run(["ip", "netns", "exec", ns, *argv], input=input, env=self.env,
+                              capture_output=True, text=True, timeout=60)
+
+    def ok(self, ns: str, *argv: str, input: "str | None" = None) -> str:
+        done = self.exec(ns, *argv, input=input)
+        assert done.returncode == 0, f"{argv}: {done.stderr}"
+        return done.stdout
+
+    def kok(self, ns: str, *argv: str, input: "str | None" = None) -> str:
+        done = self.kernel(ns, *argv, input=input)
+        assert done.returncode == 0, f"{argv}: {done.stderr}"
+        return done.stdout
+
+    def counters(self, ns: str) -> list[tuple[int, int]]:
+        return service_counters(self.socket, netns.path_of(ns))
+
+    # -- what is pinned
+
+    def pinned(self) -> dict[int, list[str]]:
+        """{netns inum: [table dirs]} pinned in the bpffs."""
+        out = {}
+        for d in os.listdir(self.bpffs):
+            inum, _, cookie = d.partition("-")
+            if inum.isdigit() and cookie.isdigit():
+                out[int(inum)] = sorted(os.listdir(os.path.join(self.bpffs, d)))
+        return out
+
+    def link_ids(self, inum: int) -> list[int]:
+        """Ids of the netfilter links pinned for the namespace inum."""
+        from bpfilter.bpf import syscall as bpf
+        ids = []
+        (netns_dir,) = [d for d in os.listdir(self.bpffs) if d.startswith(f"{inum}-")]
+        base = os.path.join(self.bpffs, netns_dir)
+        for table in os.listdir(base):
+            for name in os.listdir(os.path.join(base, table)):
+                if name.startswith("link_"):
+                    fd = bpf.obj_get(os.path.join(base, table, name))
+                    try:
+                        ids.append(bpf.link_info(fd)["id"])
+                    finally:
+                        os.close(fd)
+        return sorted(ids)
+
+    def close(self) -> None:
+        errors = []
+        done = self.cli("flush")
+        if done.returncode:
+            errors.append(f"bpfilter flush: {done.stderr}")
+        with open("/proc/self/mounts") as f:
+            mounted = f" {self.bpffs} " in f.read()
+        if mounted:
+            left = self.pinned()
+            if left:
+                errors.append(f"flush left pins behind: {left}")
+            if subprocess.run(["umount", self.bpffs]).returncode:
+                errors.append(f"umount {self.bpffs} failed")
+        if self.running():
+            errors.append(f"the service (pid {self.pid}) survived bpfilter flush")
+        shutil.rmtree(self.dir, ignore_errors=True)
+        assert not errors, errors
+
+
+@pytest.fixture
+def svc():
+    service = Service()
+    try:
+        service.start()
+        yield service
+    finally:
+        service.close()
+
+
+@pytest.fixture
+def nets():
+    """make(n): n scratch network namespaces (loopback up), deleted at the end."""
+    made = []
+
+    def make(n: int = 1) -> list[str]:
+        names = []
+        for _ in range(n):
+            name = f"bpft-svc-{uuid.uuid4().hex[:8]}"
+            subprocess.run(["ip", "netns", "add", name], check=True)
+            made.append(name)
+            subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+            names.append(name)
+        return names
+
+    yield make
+    for name in made:
+        if os.path.exists(netns.path_of(name)):
+            subprocess.run(["ip", "netns", "del", name], check=True)
+
+
+def inum_of(ns: str) -> int:
+    return os.stat(netns.path_of(ns)).st_ino
+
+
+def kernel_tables(svc: Service, ns: str) -> str:
+    """The kernel's own iptables table names in ns (no shim: /proc itself)."""
+    return svc.kok(ns, "cat", "/proc/net/ip_tables_names")
+
+
+# ---------------------------------------------------------------- local traffic
+#
+# A namespace filters its own loopback traffic at OUTPUT: datagrams to a
+# listener (accepted) and to a port LOCAL_RULES drops (sendto says EPERM).
+
+LOCAL_RULES = """\
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A OUTPUT -p udp -m udp --dport 9 -j DROP
+-A OUTPUT -p udp -m udp --dport 7777 -j ACCEPT
+COMMIT
+"""
+DATAGRAM = 20 + 8 + 10
+
+
+def local_traffic(ns: str, accepted: int = 2, dropped: int = 2) -> tuple[int, int]:
+    """Send to 7777 and to 9 in ns; how many arrived at 7777 and how many of those
+    to 9 got through (sendto not refused)."""
+    got = passed9 = 0
+    with netns.entered(ns):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx, \
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx, \
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink:
+            rx.bind(("127.0.0.1", 7777))
+            sink.bind(("127.0.0.1", 9))   # no ICMP port unreachable crossing the hooks
+            rx.settimeout(2)
+            for _ in range(accepted):
+                tx.sendto(b"0123456789", ("127.0.0.1", 7777))
+                try:
+                    rx.recv(100)
+                    got += 1
+                except socket.timeout:
+                    pass
+            for _ in range(dropped):
+                try:
+                    tx.sendto(b"0123456789", ("127.0.0.1", 9))
+                    passed9 += 1
+                except PermissionError:
+                    pass
+    return got, passed9
+
+
+def assert_filters(ns: str) -> None:
+    """LOCAL_RULES is in force in ns."""
+    assert local_traffic(ns) == (2, 0), "the ruleset no longer filters"
+
+
+# ---------------------------------------------------------------- 1. commands
+
+# (command, whether the kernel refuses it)
+COMMANDS = [
+    ("-N web", False),
+    ("-N ssh", False),
+    ("-A INPUT -i lo -j ACCEPT", False),
+    ("-A INPUT -p tcp --dport 22 -j ssh", False),
+    ("-A INPUT -p tcp -m tcp --dport 80 -j web", False),
+    ("-I INPUT -s 10.0.0.0/8 -j DROP", False),
+    ("-I INPUT 3 -p udp --dport 53 -c 3 300 -j ACCEPT", False),
+    ("-A web -s 192.168.1.0/24 -c 7 700 -j ACCEPT", False),
+    ("-A web -j DROP", False),
+    ("-A ssh -s 10.1.1.1 -j ACCEPT", False),
+    ("-A ssh -j RETURN", False),
+    ("-A OUTPUT -o lo -p icmp --icmp-type echo-request -j ACCEPT", False),
+    ("-A FORWARD -i vin0 -o vout+ -p tcp ! --syn -g web", False),
+    ("-C INPUT -p udp --dport 53 -j ACCEPT", False),
+    ("-C INPUT -s 1.1.1.1 -j DROP", True),
+    ("-R INPUT 1 -s 172.16.0.0/12 -c 11 1100 -j DROP", False),
+    ("-D INPUT -p udp --dport 53 -j ACCEPT", False),
+    ("-D INPUT 1", False),
+    ("-P FORWARD DROP", False),
+    ("-P OUTPUT DROP", False),
+    ("-P OUTPUT ACCEPT", False),
+    ("-E web www", False),
+    ("-L -v -n", False),
+    ("-L www -v -n -x --line-numbers", False),
+    ("-S www", False),
+    ("-S -v", False),
+    ("-Z INPUT", False),
+    ("-L -v -n -x", False),
+    ("-Z", False),
+    # the kernel's refusals (all found by libiptc, from the table it read)
+    ("-D INPUT -s 9.9.9.9 -j DROP", True),
+    ("-D INPUT 99", True),
+    ("-X www", True),
+    ("-A nosuch -j ACCEPT", True),
+    ("-A INPUT -j NOSUCHTARGET", True),
+    ("-N www", True),
+    ("-P www DROP", True),
+    ("-R INPUT 42 -j ACCEPT", True),
+    ("-I INPUT 50 -j ACCEPT", True),
+    ("-F nosuch", True),
+    ("-X INPUT", True),
+    ("-E www ssh", True),
+    ("-L nosuch", True),
+    # and tearing down
+    ("-F ssh", False),
+    ("-D INPUT -p tcp --dport 22 -j ssh", False),
+    ("-X ssh", False),
+    ("-A INPUT -s 10.5.5.5 -c 2 200 -j DROP", False),
+    ("-F", False),
+    ("-X", False),
+    ("-P FORWARD ACCEPT", False),
+]
+
+
+LISTINGS = {"S": "iptables-legacy -S", "L": "iptables-legacy -L -v -n -x",
+            "save": "iptables-legacy-save", "save_c": "iptables-legacy-save -c"}
+
+
+def side_by_side(svc: Service, kns: str, bns: str, steps: "list[str]") -> dict[str, list[dict]]:
+    """Run the shell command lines `steps` in kns (the kernel's iptables) and, under one
+    `bpfilter exec`, in bns; after each, list the table every way. Every output of
+    every step must be the same on both sides. Returns them, per side."""
+    results = {}
+    for side, ns in (("kernel", kns), ("bpfilter", bns)):
+        outdir = os.path.join(svc.dir, f"{side}-{uuid.uuid4().hex[:6]}")
+        os.mkdir(outdir)
+        lines = ["set -u", f"cd {outdir}"]
+        for i, step in enumerate(steps):
+            lines.append(f"{step} >{i}.out 2>{i}.err; echo $? >{i}.rc")
+            lines += [f"{cmd} >{i}.{kind} 2>&1" for kind, cmd in LISTINGS.items()]
+        script = outdir + ".sh"
+        with open(script, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        done = svc.kernel(ns, "sh", script) if side == "kernel" else svc.exec(ns, "sh", script)
+        assert done.returncode == 0, done.stderr
+        results[side] = []
+        for i in range(len(steps)):
+            step = {}
+            for kind in ("rc", "out", "err", *LISTINGS):
+                with open(os.path.join(outdir, f"{i}.{kind}")) as f:
+                    step[kind] = f.read()
+            step["rc"] = int(step["rc"])
+            for kind in ("save", "save_c", "out"):
+                step[kind] = _strip_save(step[kind])
+            results[side].append(step)
+    for i, (step, k, b) in enumerate(zip(steps, results["kernel"], results["bpfilter"])):
+        for kind in k:
+            assert b[kind] == k[kind], f"step {i} `{step}`: {kind} differs\n" \
+                                       f"--- kernel\n{k[kind]}--- bpfilter\n{b[kind]}"
+    return results
+
+
+def test_commands_behave_as_with_the_kernel(svc, nets):
+    kns, bns = nets(2)
+    results = side_by_side(svc, kns, bns, [f"iptables-legacy {c}" for c, _ in COMMANDS])
+    for i, ((command, refused), k) in enumerate(zip(COMMANDS, results["kernel"])):
+        assert (k["rc"] != 0) == refused, f"step {i} `{command}`: the kernel said {k['rc']}: {k['err']}"
+    # The sequence got somewhere: user chains, counters set by -c, then zeroed.
+    by_command = dict(zip((c for c, _ in COMMANDS), results["kernel"]))
+    assert "-A www -s 192.168.1.0/24 -j ACCEPT" in by_command["-E web www"]["S"]
+    assert re.search(r"^\s+11\s+1100 DROP .* 172\.16\.0\.0/12", by_command["-R INPUT 1 -s 172.16.0.0/12 -c 11 1100 -j DROP"]["L"], re.M)
+    assert re.search(r"^\s+7\s+700 ACCEPT .* 192\.168\.1\.0/24", by_command["-Z INPUT"]["L"], re.M)
+    assert not re.search(r"^\s+[1-9]", by_command["-Z"]["L"], re.M)
+    assert results["bpfilter"][-1]["S"].splitlines() == FRESH
+
+    # The kernel's own table in the bpfilter namespace was never touched...
+    assert kernel_tables(svc, bns) == ""
+    # ...and creating it now gives the kernel's fresh table, nothing of ours.
+    assert svc.kok(bns, "iptables-legacy", "-S").splitlines() == FRESH
+    svc.ok(bns, "iptables-legacy", "-A", "INPUT", "-s", "10.7.7.7", "-j", "DROP")
+    assert svc.kok(bns, "iptables-legacy", "-S").splitlines() == FRESH
+    assert "-A INPUT -s 10.7.7.7/32 -j DROP" in svc.ok(bns, "iptables-legacy", "-S").splitlines()
+
+
+# ---------------------------------------------------------------- 2. save and restore
+
+NOFLUSH = """\
+*filter
+:icmp-ok - [0:0]
+:extra - [0:0]
+-A INPUT -s 198.18.5.5/32 -j extra
+-A extra -j DROP
+-I FORWARD 1 -p udp -j ACCEPT
+-D INPUT -i lo -j ACCEPT
+-A icmp-ok -p icmp -j ACCEPT
+COMMIT
+"""
+COUNTED = """\
+*filter
+:INPUT ACCEPT [5:500]
+:FORWARD DROP [6:600]
+:OUTPUT ACCEPT [7:700]
+:c1 - [0:0]
+[1:100] -A INPUT -p tcp -j c1
+[2:200] -A c1 -s 198.18.0.1/32 -j ACCEPT
+[3:300] -A OUTPUT -p udp -m udp --dport 53 -j ACCEPT
+COMMIT
+"""
+MORE_COUNTED = """\
+*filter
+:c2 - [8:800]
+[9:900] -A INPUT -s 198.18.0.9/32 -j c2
+[4:400] -A c2 -j DROP
+COMMIT
+"""
+BROKEN = """\
+*filter
+:INPUT DROP [0:0]
+-A INPUT -p udp -j ACCEPT
+-A nosuch -j ACCEPT
+COMMIT
+"""
+RANDOM_SEEDS = (7, 21, 1234)
+
+
+def test_save_and_restore_match_the_kernel(svc, nets):
+    kns, bns = nets(2)
+    files = {}
+    rulesets = [("demo", DEMO_RULESET), ("router", ROUTER)] + \
+        [(f"seed{s}", generate(s)[0]) for s in RANDOM_SEEDS] + \
+        [("noflush", NOFLUSH), ("counted", COUNTED), ("more", MORE_COUNTED), ("broken", BROKEN)]
+    for name, text in rulesets:
+        files[name] = os.path.join(svc.dir, f"{name}.rules")
+        with open(files[name], "w") as f:
+            f.write(text)
+    steps = [f"iptables-legacy-restore {files[name]}" for name, _ in rulesets[:5]] + [
+        f"iptables-legacy-restore {files['router']}",
+        f"iptables-legacy-restore -n {files['noflush']}",
+        f"iptables-legacy-restore -c {files['counted']}",
+        f"iptables-legacy-restore --noflush --counters {files['more']}",
+        f"iptables-legacy-restore {files['broken']}",
+        f"iptables-legacy-restore {files['counted']}",
+    ]
+    results = side_by_side(svc, kns, bns, steps)["kernel"]
+
+    # What the steps did, so that agreeing on nothing cannot pass.
+    for (name, text), step in zip(rulesets[:5], results):
+        assert step["rc"] == 0, step["err"]
+        rules = [line for line in text.splitlines() if line.startswith("-A ")]
+        assert len([line for line in step["save"].splitlines() if line.startswith("-A ")]) \
+            == len(rules), name
+    noflush = results[6]["save"].splitlines()
+    assert "-A blocklist -f -j DROP" in noflush and "-A extra -j DROP" in noflush
+    assert "-A icmp-ok -p icmp -j ACCEPT" in noflush        # the declared chain was flushed
+    assert not [line for line in noflush if line.startswith("-A icmp-ok") and "icmp-type" in line]
+    assert "-A INPUT -i lo -j ACCEPT" not in noflush and noflush.index("-A FORWARD -p udp -j ACCEPT") \
+        < noflush.index("-A FORWARD -j blocklist")
+    counted = results[7]
+    assert "Chain INPUT (policy ACCEPT 5 packets, 500 bytes)" in counted["L"]
+    assert "[2:200] -A c1 -s 198.18.0.1/32 -j ACCEPT" in counted["save_c"].splitlines()
+    more = results[8]["save_c"].splitlines()
+    assert "[9:900] -A INPUT -s 198.18.0.9/32 -j c2" in more and "[1:100] -A INPUT -p tcp -j c1" in more
+    assert results[9]["rc"] != 0 and results[9]["save_c"] == results[8]["save_c"]
+    assert "[0:0] -A c1 -s 198.18.0.1/32 -j ACCEPT" in results[10]["save_c"].splitlines()
+    assert not re.search(r"\[[1-9]", results[10]["save_c"])
+
+
+# ---------------------------------------------------------------- 3. real traffic
+
+def _compare(lab: Lab, cases: list, ruleset: str) -> None:
+    lab.load(ruleset)
+    arrived = lab.run(cases)
+    kernel, ours = lab.counters("kernel"), lab.counters("service")
+    verdicts = [(i, c.path, c.packet, k) for i, (c, k, b) in
+                enumerate(zip(cases, arrived["kernel"], arrived["service"])) if k != b]
+    assert not verdicts, f"arrivals differ (case, path, packet, kernel's): {verdicts[:10]}"
+    assert len(ours) == len(kernel), (kernel, ours)
+    counters = [(e, k, b) for e, (k, b) in enumerate(zip(kernel, ours)) if k != b]
+    assert not counters, f"counters differ (entry, kernel, service): {counters[:10]}"
+    assert sum(p for p, _ in kernel) > 0 and any(arrived["kernel"]) and not all(arrived["kernel"])
+
+
+def test_counters_after_real_traffic(svc):
+    service = ServiceBackend(svc.socket, svc.bpffs, env=svc.env)
+    with Lab({"kernel": KernelBackend(), "service": service}) as lab:
+        _compare(lab, ROUTER_TRAFFIC, ROUTER)
+        for seed in (1000, 1001, 1002, 1003):
+            ruleset, cases = generate(seed)
+            _compare(lab, cases, ruleset)
+        # iptables' own view of the last one: save -c through the shim, per rule and policy
+        ours = service.exec(lab, "service", ["iptables-legacy-save", "-c"])
+        assert ours.returncode == 0, ours.stderr
+        theirs = subprocess.run(["ip", "netns", "exec", lab.netns("kernel"),
+                                 "iptables-legacy-save", "-c"], capture_output=True, text=True,
+                                check=True)
+        assert _strip_save(ours.stdout) == _strip_save(theirs.stdout)
+        assert re.search(r"^:(INPUT|FORWARD|OUTPUT) \w+ \[[1-9]", ours.stdout, re.M)
+
+
+# ---------------------------------------------------------------- 4. kill -9 under traffic
+
+SRC, ELSEWHERE = "198.18.0.2", "198.19.7.7"
+KILL_RULES = """\
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+-A INPUT -p udp -m udp --dport 9 -j DROP
+-A INPUT -p udp -m udp --dport 53 -j ACCEPT
+-A FORWARD -p tcp -m tcp --dport 80 -j ACCEPT
+-A OUTPUT -p udp -m udp --dport 9 -j DROP
+COMMIT
+"""
+# (case, whether it passes)
+KILL_CASES = [
+    (Case(Packet(SRC, T_IN_ADDR, "udp", dport=9), "input"), False),
+    (Case(Packet(SRC, T_IN_ADDR, "udp", dport=53), "input"), True),
+    (Case(Packet(SRC, T_IN_ADDR, "udp", dport=123), "input"), True),
+    (Case(Packet(SRC, ELSEWHERE, "tcp", dport=80), "forward"), True),
+    (Case(Packet(SRC, ELSEWHERE, "tcp", dport=22), "forward"), False),
+    (Case(Packet(T_IN_ADDR, ELSEWHERE, "udp", dport=9), "output"), False),
+    (Case(Packet(T_IN_ADDR, ELSEWHERE, "udp", dport=10), "output"), True),
+]
+
+
+class Traffic(threading.Thread):
+    """lab.run(cases) over and over until stopped; every round's arrivals, timed."""
+
+    def __init__(self, lab: Lab, cases: list, targets: "list[str] | None" = None):
+        super().__init__(daemon=True)
+        self.lab, self.cases, self.targets = lab, cases, targets
+        self.rounds: list[tuple[float, float, dict]] = []
+        self.stop = threading.Event()
+        self.error: "BaseException | None" = None
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                start = time.monotonic()
+                arrived = self.lab.run(self.cases, self.targets)
+                self.rounds.append((start, time.monotonic(), arrived))
+        except BaseException as err:   # reported by finish()
+            self.error = err
+
+    def wait_rounds(self, n: int, after: float = 0.0, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while sum(1 for start, _, _ in self.rounds if start > after) < n:
+            assert self.error is None, self.error
+            assert time.monotonic() < deadline, f"only {len(self.rounds)} rounds of traffic"
+            time.sleep(0.02)
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.join(30)
+        assert not self.is_alive()
+        if self.error is not None:
+            raise self.error
+
+
+def test_killing_the_service_during_traffic(svc):
+    service = ServiceBackend(svc.socket, svc.bpffs, env=svc.env)
+    cases = [c for c, _ in KILL_CASES]
+    want = [passes for _, passes in KILL_CASES]
+    with Lab({"kernel": KernelBackend(), "service": service}) as lab:
+        lab.load(KILL_RULES)
+        pid = svc.pid
+        traffic = Traffic(lab, cases)
+        traffic.start()
+        try:
+            traffic.wait_rounds(3)
+            os.kill(pid, signal.SIGKILL)
+            killed = time.monotonic()
+            deadline = killed + 5
+            while svc.running():
+                assert time.monotonic() < deadline, "kill -9 did not kill the service"
+                time.sleep(0.01)
+            traffic.wait_rounds(3, after=time.monotonic())
+        finally:
+            traffic.finish()
+        for start, end, arrived in traffic.rounds:
+            for target in ("kernel", "service"):
+                wrong = [(c.path, c.packet) for c, a, w in zip(cases, arrived[target], want)
+                         if a != w]
+                assert not wrong, f"{target}, round {start - killed:+.2f}s from the kill: {wrong}"
+        assert any(end < killed for _, end, _ in traffic.rounds)
+        assert sum(1 for start, _, _ in traffic.rounds if start > killed) >= 3
+        rounds = len(traffic.rounds)
+        from bpfilter.execute import answers
+        assert not answers(svc.socket)
+
+        # The next command starts a service, which takes over the pinned table.
+        ours = service.exec(lab, "service", ["iptables-legacy", "-L", "-v", "-x", "-n"])
+        assert ours.returncode == 0, ours.stderr
+        assert svc.running() and svc.pid != pid
+        assert f"recovered table filter of netns {inum_of(lab.netns('service'))}" in svc.log_text()
+        theirs = subprocess.run(["ip", "netns", "exec", lab.netns("kernel"), "iptables-legacy",
+                                 "-L", "-v", "-x", "-n"], capture_output=True, text=True, check=True)
+        assert ours.stdout == theirs.stdout
+        assert f"Chain INPUT (policy ACCEPT {rounds} packets, {rounds * 44} bytes)" in ours.stdout
+        assert f"Chain FORWARD (policy DROP {rounds} packets, {rounds * 56} bytes)" in ours.stdout
+        assert lab.counters("service") == lab.counters("kernel")
+
+
+# ---------------------------------------------------------------- 5. atomic replace
+
+SWAP_A = """\
+*filter
+:INPUT DROP [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+-A INPUT -p udp -m udp --dport 53 -j ACCEPT
+-A INPUT -p udp -m udp --dport 100 -j ACCEPT
+-A INPUT -p udp -m udp --dport 9 -j DROP
+-A FORWARD -p tcp -m tcp --dport 80 -j ACCEPT
+COMMIT
+"""
+SWAP_B = """\
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:svc - [0:0]
+-A INPUT -p udp -j svc
+-A INPUT -p tcp -j DROP
+-A FORWARD -p tcp -m tcp --dport 22 -j DROP
+-A svc -p udp -m udp --dport 9 -j DROP
+-A svc -p udp -m udp --dport 100 -j DROP
+-A svc -p udp -m udp --dport 53 -j ACCEPT
+-A svc -j DROP
+COMMIT
+"""
+# (case, verdict under A, verdict under B)
+SWAP_CASES = [
+    (Case(Packet(SRC, T_IN_ADDR, "udp", dport=53), "input"), True, True),
+    (Case(Packet(SRC, T_IN_ADDR, "udp", dport=9), "input"), False, False),
+    (Case(Packet(SRC, T_IN_ADDR, "udp", dport=7), "input"), False, False),
+    (Case(Packet(SRC, T_IN_ADDR, "tcp", dport=80), "input"), False, False),
+    (Case(Packet(SRC, ELSEWHERE, "tcp", dport=80), "forward"), True, True),
+    (Case(Packet(SRC, ELSEWHERE, "tcp", dport=22), "forward"), False, False),
+    (Case(Packet(SRC, T_IN_ADDR, "udp", dport=100), "input"), True, False),
+    (Case(Packet(SRC, ELSEWHERE, "tcp", dport=443), "forward"), False, True),
+]
+
+
+def test_replace_is_atomic_under_traffic(svc):
+    service = ServiceBackend(svc.socket, svc.bpffs, env=svc.env)
+    cases = [c for c, _, _ in SWAP_CASES] * 4
+    verdicts = [(a, b) for _, a, b in SWAP_CASES] * 4
+    files = []
+    for name, text in (("a", SWAP_A), ("b", SWAP_B)):
+        files.append(os.path.join(svc.dir, f"swap-{name}.rules"))
+        with open(files[-1], "w") as f:
+            f.write(text)
+    stop = os.path.join(svc.dir, "stop")
+    loop = (f"n=0; while [ ! -e {stop} ]; do iptables-legacy-restore {files[0]} || exit 1; "
+            f"iptables-legacy-restore {files[1]} || exit 1; n=$((n+2)); done; echo $n")
+    with Lab({"service": service}, grace=0.15) as lab:
+        lab.load(SWAP_A)
+        replacer = subprocess.Popen(["ip", "netns", "exec", lab.netns("service"), PY, "-m",
+                                     "bpfilter", "exec", "--", "sh", "-c", loop], env=svc.env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        seen = set()
+        try:
+            start = time.monotonic()
+            rounds = 0
+            while time.monotonic() - start < 8:
+                arrived = lab.run(cases)["service"]
+                rounds += 1
+                for i, (got, (a, b)) in enumerate(zip(arrived, verdicts)):
+                    if a == b:
+                        assert got == a, f"round {rounds}: {cases[i].path} {cases[i].packet} " \
+                                         f"{'dropped' if a else 'passed'} while both rulesets " \
+                                         f"{'pass' if a else 'drop'} it"
+                    else:
+                        seen.add((i % len(SWAP_CASES), got))
+                if rounds >= 8 and len(seen) == 4 and time.monotonic() - start > 1.5:
+                    break
+        finally:
+            open(stop, "w").close()
+            out, err = replacer.communicate(timeout=60)
+        assert replacer.returncode == 0, err
+        # Both rulesets really took turns while the packets flowed.
+        assert len(seen) == 4, f"the differing flows only ever saw {seen}"
+        assert int(out) >= 6, f"only {out.strip()} replacements"
+
+
+# ---------------------------------------------------------------- 6. bad input
+
+def _header(op=proto.Op.GETSOCKOPT, optname=X.IPT_SO_GET_INFO, length=0, version=proto.VERSION,
+            family=2, magic=None) -> bytes:
+    data = proto.request.build(dict(version=version, op=op, family=family, optname=optname,
+                                    netns_cookie=0, netns_inum=0, pid=os.getpid(), len=length,
+                                    netns_fd=-1))
+    return data if magic is None else struct.pack("<I", magic) + data[4:]
+
+
+def _raw(svc: Service, data: bytes, ns: "str | None" = None, timeout: float = 10) -> "tuple | None":
+    """Send data as a client would (the netns of ns by SCM_RIGHTS), half-close, and
+    read what comes back: (status, message), or None when the service hung up."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(svc.socket)
+        if ns is None:
+            s.sendall(data)
+        else:
+            fd = os.open(netns.path_of(ns), os.O_RDONLY)
+            try:
+                s.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
+            finally:
+                os.close(fd)
+        s.shutdown(socket.SHUT_WR)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    if not reply:
+        return None
+    head = proto.reply.parse(reply[:proto.reply.sizeof()])
+    body = reply[proto.reply.sizeof():]
+    assert head.len == len(body) and head.version == proto.VERSION
+    return head.status, body.decode()
+
+
+USER_CHAINS = """\
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:X - [0:0]
+:Y - [0:0]
+-A OUTPUT -p udp -m udp --dport 9 -j DROP
+-A OUTPUT -p udp -m udp --dport 7777 -j ACCEPT
+-A OUTPUT -p tcp -j X
+-A X -p tcp -m tcp --dport 1 -j Y
+-A Y -p tcp -m tcp --dport 2 -j ACCEPT
+COMMIT
+"""
+
+
+def _malformed(blob: bytes) -> list[tuple[str, bytes, "int | None", int]]:
+    """(what, blob, optlen, the kernel's errno) corruptions of a valid ipt_replace."""
+    table = codec.parse_replace(blob)
+    by_name = {e.target.errorname: e for e in table.entries if e.target.errorname}
+    head_x = by_name["X"]
+    rule_y = table.entries[by_name["Y"].index + 1]
+    out_rule = table.entries[table.hook_entry[X.NF_INET_LOCAL_OUT] // 1 and 0]
+    out_rule = next(e for e in table.entries if e.offset == table.hook_entry[X.NF_INET_LOCAL_OUT])
+    H = X.SIZEOF_IPT_REPLACE
+
+    def patched(fmt: str, at: int, value, base: bytes = blob) -> bytes:
+        b = bytearray(base)
+        struct.pack_into("<" + fmt, b, at, value)
+        return bytes(b)
+
+    def verdict_at(e) -> int:
+        return H + e.offset + e.target_offset + 32
+
+    name_nosuch = bytearray(blob)
+    name_nosuch[0:32] = b"nosuch".ljust(32, b"\0")
+    cases = [
+        ("optlen shorter than announced", blob, len(blob) - 8, errno.EINVAL),
+        ("optlen shorter than the header", blob, 40, errno.EINVAL),
+        ("size beyond the caller's memory", patched("I", 40, table.size + 512), len(blob) + 512,
+         errno.EFAULT),
+        ("hook entry past the end", patched("I", 44 + 4 * X.NF_INET_LOCAL_IN, table.size + 8),
+         None, errno.EINVAL),
+        ("misaligned underflow", patched("I", 64 + 4 * X.NF_INET_FORWARD,
+                                         table.underflow[X.NF_INET_FORWARD] + 2), None, errno.EINVAL),
+        ("next_offset 0", patched("H", H + out_rule.offset + 90, 0), None, errno.EINVAL),
+        ("target_offset past next_offset", patched("H", H + out_rule.offset + 88,
+                                                   out_rule.next_offset + 8), None, errno.EINVAL),
+        ("num_entries off by one", patched("I", 36, table.num_entries + 1), None, errno.EINVAL),
+        ("a loop: Y jumps back to X", patched("i", verdict_at(rule_y), head_x.offset), None,
+         errno.ELOOP),
+        ("a jump into the middle of an entry", patched("i", verdict_at(rule_y), head_x.offset + 4),
+         None, errno.ELOOP),
+        ("an unknown verdict", patched("i", verdict_at(out_rule), -7), None, errno.EINVAL),
+        ("num_counters 0", patched("I", 84, 0), None, errno.EINVAL),
+        ("num_counters of another table", patched("I", 84, table.num_counters + 1), None,
+         errno.EAGAIN),
+        ("no such table", bytes(name_nosuch), None, errno.ENOENT),
+    ]
+    return [(what, b, optlen, err) for what, b, optlen, err in cases]
+
+
+SET_REPLACE_CHILD = """\
+import json, sys
+from bpfilter.abi import sockopt
+from bpfilter.errors import BpfilterError
+out = []
+for blob, optlen in json.load(open(sys.argv[1])):
+    try:
+        sockopt.set_replace(bytes.fromhex(blob), optlen)
+        out.append(0)
+    except BpfilterError as err:
+        out.append(err.errno)
+print(json.dumps(out))
+"""
+
+
+def test_bad_input_leaves_the_ruleset_filtering(svc, nets):
+    ns, kns = nets(2)
+    svc.ok(ns, "iptables-legacy-restore", input=USER_CHAINS)
+    svc.kok(kns, "iptables-legacy-restore", input=USER_CHAINS)
+    saved = svc.ok(ns, "iptables-legacy-save", "-c")
+    assert_filters(ns)
+    pid = svc.pid
+
+    def unchanged():
+        assert svc.running() and svc.pid == pid
+        assert svc.ok(ns, "iptables-legacy-save", "-c") == saved   # and answers
+        assert_filters(ns)
+
+    # -- garbage on the socket
+    noise = random.Random(4).randbytes(400)
+    assert struct.unpack_from("<I", noise)[0] != proto.MAGIC
+    info = codec.getinfo_request("filter")
+    EPROTO, EINVAL = -errno.EPROTO, -errno.EINVAL
+    answered = [
+        ("random bytes", noise, None, EPROTO),
+        ("wrong magic", _header(length=len(info), magic=0x74667062) + info, ns, EPROTO),
+        ("wrong version", _header(length=len(info), version=proto.VERSION + 1) + info, ns, EPROTO),
+        ("more than the protocol allows", _header(length=proto.MAX_PAYLOAD + 1), ns, EINVAL),
+        ("no network namespace", _header(length=len(info)) + info, None, EINVAL),
+        ("unknown operation", _header(op=9, length=len(info)) + info, ns, EINVAL),
+        ("IPv6", _header(length=len(info), family=10) + info, ns, -errno.EAFNOSUPPORT),
+        ("GET_INFO of the wrong size", _header(length=20) + info[:20], ns, EINVAL),
+        ("unknown getsockopt", _header(optname=99, length=len(info)) + info, ns, EINVAL),
+        ("SET_ADD_COUNTERS for no entries", _header(op=proto.Op.SETSOCKOPT,
+                                                    optname=X.IPT_SO_SET_ADD_COUNTERS,
+                                                    length=40) + bytes(40), ns, EINVAL),
+    ]
+    for what, data, via, status in answered:
+        reply = _raw(svc, data, via)
+        assert reply is not None and reply[0] == status and reply[1], (what, reply)
+        assert svc.running() and svc.pid == pid, what
+    hung_up = [
+        ("a length larger than sent", _header(length=len(info)) + info[:10]),
+        ("a truncated header", _header(length=len(info))[:17]),
+        ("nothing at all", b""),
+    ]
+    for what, data in hung_up:
+        assert _raw(svc, data, ns) is None, what
+    unchanged()
+
+    # -- malformed IPT_SO_SET_REPLACE through the shim, from a ctypes program,
+    #    next to the kernel given the same bytes
+    with netns.entered(kns):
+        from bpfilter.abi import sockopt
+        blob = sockopt.read_replace("filter")
+    cases = _malformed(blob)
+    spec = os.path.join(svc.dir, "replaces.json")
+    with open(spec, "w") as f:
+        json.dump([(b.hex(), optlen) for _, b, optlen, _ in cases], f)
+    child = os.path.join(svc.dir, "set_replace.py")
+    with open(child, "w") as f:
+        f.write(SET_REPLACE_CHILD)
+    kernel = json.loads(svc.kok(kns, PY, child, spec))
+    ours = json.loads(svc.ok(ns, PY, child, spec))
+    expected = [err for _, _, _, err in cases]
+    assert kernel == expected, [(w, k) for (w, *_), k in zip(cases, kernel)]
+    assert ours == kernel, [(w, k, o) for (w, *_), k, o in zip(cases, kernel, ours) if k != o]
+    unchanged()
+
+    # -- a client that connects and says nothing holds the service at most 5 s;
+    #    the ruleset filters meanwhile, and the next command waits its turn
+    staller = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    staller.settimeout(15)
+    staller.connect(svc.socket)
+    stalled = time.monotonic()
+    waiting: dict = {}
+    queued = threading.Thread(target=lambda: waiting.update(
+        done=svc.exec(ns, "iptables-legacy", "-S"), at=time.monotonic()))
+    queued.start()
+    assert_filters(ns)
+    assert staller.recv(100) == b""      # the service hung up on it
+    held = time.monotonic() - stalled
+    staller.close()
+    queued.join(30)
+    assert 4.0 < held < 9.0, held
+    assert waiting["done"].returncode == 0 and "-A X -p tcp -m tcp --dpt:1" not in waiting["done"].stdout
+    assert "-A Y -p tcp -m tcp --dport 2 -j ACCEPT" in waiting["done"].stdout.splitlines()
+    unchanged()
+
+    # -- what bpfilter does not implement: refused whole, by rule and extension
+    for rule, names in (("-p tcp -m multiport --dports 22,80 -j ACCEPT", "match 'multiport'"),
+                        ("-p tcp -j LOG --log-prefix x", "target 'LOG'")):
+        text = USER_CHAINS.replace("COMMIT", f"-A X {rule}\nCOMMIT")
+        done = svc.exec(ns, "iptables-legacy-restore", input=text)
+        assert done.returncode != 0
+        line = len(text.splitlines()) - 1 + 1   # the rule's line; COMMIT fails
+        assert "chain X rule 2" in done.stderr and names in done.stderr, done.stderr
+        assert "iptables-restore: line" in done.stderr and "failed" in done.stderr
+        unchanged()
+    log = svc.log_text()
+    assert "garbage on the socket" in log and "dropped a client" in log
