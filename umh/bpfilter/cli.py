@@ -52,7 +52,7 @@ def _demo(args) -> int:
 
 def _exec(args) -> int:
     from .execute import run
-    return run(args.argv)
+    return run(args.argv, args.socket, args.bpffs)
 
 
 def main(argv=None) -> int:
@@ -75,18 +75,20 @@ def main(argv=None) -> int:
     p.add_argument("--bpf", action="store_true",
                    help="also the programs (disassembled), instruction counts and maps")
     p.set_defaults(func=_show)
-    for p in sub.choices.values():
-        p.add_argument("--socket", default=DEFAULT_SOCKET, help="the service's unix socket")
-        p.add_argument("--bpffs", default=DEFAULT_ROOT, help="where tables are pinned")
     p = sub.add_parser("check", help="validate, compile and load (without attaching) an "
                                      "iptables-save file's filter table")
     p.add_argument("file", nargs="?", default="-")
     p.set_defaults(func=_check)
     p = sub.add_parser("exec", help="run a command (iptables-legacy, say) with its iptables "
                                     "socket options sent to the service, starting one if needed",
-                       usage="%(prog)s [-h] -- CMD [ARGS...]")
+                       usage="%(prog)s [-h] [--socket S] [--bpffs B] -- CMD [ARGS...]")
     p.add_argument("argv", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     p.set_defaults(func=_exec)
+    for name in ("serve", "flush", "show", "exec"):
+        sub.choices[name].add_argument("--socket", default=DEFAULT_SOCKET,
+                                       help="the service's unix socket")
+        sub.choices[name].add_argument("--bpffs", default=DEFAULT_ROOT,
+                                       help="where tables are pinned")
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -78,8 +78,27 @@ def _running(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def _service_holds_lock(socket_path: str) -> bool:
+    try:
+        fd = os.open(_paths(socket_path)[1], os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def stop_service(socket_path: str) -> None:
     pidfile = _paths(socket_path)[0]
+    # After a crash the pid file is stale and its pid may be someone else's now.
+    if not _service_holds_lock(socket_path):
+        if os.path.exists(pidfile):
+            os.unlink(pidfile)
+        return
     try:
         pid = int(open(pidfile).read())
         os.kill(pid, signal.SIGTERM)

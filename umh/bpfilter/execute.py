@@ -16,6 +16,7 @@ import time
 
 from .errors import BpfilterError
 from .service import DEFAULT_SOCKET
+from .store import DEFAULT_ROOT
 
 START_TIMEOUT = 10.0
 
@@ -67,9 +68,10 @@ def _without(shim: str, preload: str) -> str:
     return " ".join(p for p in preload.replace(":", " ").split() if p != shim)
 
 
-def start_service(path: str, shim: str) -> None:
+def start_service(path: str, bpffs: str, shim: str) -> None:
     """Start `bpfilter serve --daemon` on path and wait until it answers."""
-    argv = [sys.executable, "-m", "bpfilter", "serve", "--daemon", "--socket", path]
+    argv = [sys.executable, "-m", "bpfilter", "serve", "--daemon", "--socket", path,
+            "--bpffs", bpffs]
     # The service mounts the bpffs its tables are pinned in; made in a private
     # mount namespace (as `ip netns exec` gives), that mount would be seen by no
     # one else and would go with the namespace.
@@ -110,15 +112,15 @@ def start_service(path: str, shim: str) -> None:
             pass
 
 
-def run(argv: "list[str]") -> int:
+def run(argv: "list[str]", socket_path: str = DEFAULT_SOCKET, bpffs: str = DEFAULT_ROOT) -> int:
     if argv[:1] == ["--"]:
         argv = argv[1:]
     if not argv:
         raise BpfilterError(errno.EINVAL, "exec needs a command: bpfilter exec -- iptables ...")
     shim = shim_path()
-    path = os.path.abspath(DEFAULT_SOCKET)
+    path = os.path.abspath(socket_path)
     if not answers(path):
-        start_service(path, shim)
+        start_service(path, os.path.abspath(bpffs), shim)
     env = dict(os.environ, BPFILTER_SOCKET=path)
     env["LD_PRELOAD"] = shim + (f":{env['LD_PRELOAD']}" if env.get("LD_PRELOAD") else "")
     try:

@@ -326,7 +326,9 @@ def serve_connection(service: Service, conn: socket.socket) -> None:
 
 
 def _answer(service: Service, conn, req, payload: bytes, netns_fd) -> tuple[int, bytes]:
-    if not peer_may_administer(conn):
+    # The kernel's /proc/net/ip_tables_names is root's to read (0440), CAP_NET_ADMIN
+    # or not; only root reaches this socket (0600).
+    if req.op != proto.Op.TABLE_NAMES and not peer_may_administer(conn):
         log(f"pid {req.pid}: refused, the caller lacks CAP_NET_ADMIN")
         return -errno.EPERM, b"permission denied: iptables needs CAP_NET_ADMIN"
     return _handled(service, req, payload, netns_fd)

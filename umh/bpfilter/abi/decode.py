@@ -62,8 +62,10 @@ def table_from_raw(raw: RawTable, family: Family = Family.IPV4) -> Table:
         if e.target.name in (X.XT_STANDARD_TARGET, X.XT_ERROR_TARGET):
             check_builtin_target(e)
         else:
-            raise _unsupported(f"{place}: target '{e.target.name}' revision {e.target.revision} "
-                               "is not supported by bpfilter")
+            raise BpfilterError(ext.unknown_errno(e.target.name, ext.LINUX_TARGETS),
+                                f"{place}: target '{e.target.name}' revision "
+                                f"{e.target.revision} is not supported by bpfilter; the whole "
+                                "table is refused")
     check_do_replace(raw)
     if raw.name not in SUPPORTED_TABLES:
         raise _unsupported(f"table '{raw.name}' is not supported by bpfilter yet "

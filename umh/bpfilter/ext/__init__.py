@@ -54,6 +54,26 @@ def register_match(ext: type[MatchExtension]) -> type[MatchExtension]:
     return ext
 
 
+# Matches Linux has (net/netfilter/xt_*.c, net/ipv4/netfilter/ipt_*.c): a blob naming
+# one bpfilter lacks is refused as unsupported (EOPNOTSUPP); any other name does not
+# exist, and the kernel answers ENOENT.
+LINUX_MATCHES = frozenset("""
+    addrtype ah bpf cgroup cluster comment connbytes connlabel connlimit connmark conntrack cpu
+    dccp devgroup dscp ecn esp hashlimit helper icmp iprange ipcomp ipvs l2tp length limit mac
+    mark multiport nfacct osf owner physdev pkttype policy quota rateest realm recent rpfilter
+    sctp set socket state statistic string tcp tcpmss time tos ttl u32 udp udplite
+""".split())
+LINUX_TARGETS = frozenset("""
+    AUDIT CHECKSUM CLASSIFY CLUSTERIP CONNMARK CONNSECMARK CT DNAT DSCP ECN HMARK IDLETIMER LED
+    LOG MARK MASQUERADE NETMAP NFLOG NFQUEUE NOTRACK RATEEST REDIRECT REJECT SECMARK SET SNAT
+    SYNPROXY TCPMSS TCPOPTSTRIP TEE TOS TPROXY TRACE TTL
+""".split())
+
+
+def unknown_errno(name: str, known_to_linux: frozenset) -> int:
+    return errno.EOPNOTSUPP if name in known_to_linux else errno.ENOENT
+
+
 def known_match_revisions(name: str, family: Family) -> list[int]:
     """What IPT_SO_GET_REVISION_MATCH answers for: the revisions bpfilter implements."""
     return sorted(r for (n, r, f) in _MATCHES if n == name and f == family)
@@ -64,7 +84,7 @@ def match_extension(name: str, revision: int, family: Family, where: str) -> Mat
     if ext is None:
         known = known_match_revisions(name, family)
         detail = f" (bpfilter implements revision {known})" if known else ""
-        raise BpfilterError(errno.EOPNOTSUPP,
+        raise BpfilterError(unknown_errno(name, LINUX_MATCHES),
                             f"{where}: match '{name}' revision {revision} is not supported by "
                             f"bpfilter{detail}; the whole table is refused")
     return ext

@@ -1,0 +1,1006 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * bpfilter.ko: iptables' socket options (IPv4 and IPv6) and
+ * /proc/net/ip{,6}_tables_names, answered by a user-space helper that turns
+ * rulesets into BPF programs attached at the netfilter hooks.
+ *
+ * The helper is embedded in the module (bpfilter_umh_blob.S), written to
+ * umh_path and started as a usermode helper; it serves requests through
+ * /dev/bpfilter (protocol: bpfilter_proto.h), one at a time. A helper that dies
+ * or stalls is replaced on the next request; the BPF objects it attached stay
+ * pinned, and keep filtering, until its successor takes them over. Unloading
+ * asks the helper to detach everything and exit.
+ */
+#define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
+
+#include <linux/compat.h>
+#include <linux/file.h>
+#include <linux/fs.h>
+#include <linux/miscdevice.h>
+#include <linux/module.h>
+#include <linux/mount.h>
+#include <linux/namei.h>
+#include <linux/netfilter.h>
+#include <linux/netfilter_ipv4/ip_tables.h>
+#include <linux/netfilter_ipv6/ip6_tables.h>
+#include <linux/pid.h>
+#include <linux/proc_fs.h>
+#include <linux/refcount.h>
+#include <linux/sched/signal.h>
+#include <linux/seq_file.h>
+#include <linux/seq_file_net.h>
+#include <linux/slab.h>
+#include <linux/sockptr.h>
+#include <linux/string.h>
+#include <linux/umh.h>
+#include <linux/wait.h>
+#include <linux/workqueue.h>
+#include <net/net_namespace.h>
+#include <net/sock.h>
+
+#include "bpfilter_proto.h"
+
+#define BPFILTER_DEVICE		"/dev/bpfilter"
+/* The helper's refusals explain themselves; a log line needs no more. */
+#define BPFILTER_MSG_MAX	1024
+
+static char *umh_path = "/run/bpfilter-umh";
+module_param(umh_path, charp, 0444);
+MODULE_PARM_DESC(umh_path, "where the embedded helper is written, root-only, to be started (default /run/bpfilter-umh)");
+
+static unsigned int timeout = 60;
+module_param(timeout, uint, 0644);
+MODULE_PARM_DESC(timeout, "seconds the helper has to start or to answer a request before it is killed (default 60)");
+
+extern const char bpfilter_umh_start[], bpfilter_umh_end[];
+
+struct bpfilter_call {
+	refcount_t ref;		/* the caller's, and bpfilter.call's while outstanding */
+	struct bpfilter_request req;
+	void *payload;		/* req.len bytes */
+	struct net *net;	/* the caller's, for netns_fd; NULL for SHUTDOWN */
+	struct bpfilter_reply rep;
+	void *reply;		/* rep.len bytes */
+	int err;		/* why there is no reply */
+	bool done;
+};
+
+static struct {
+	struct mutex call_lock;		/* one call, and one spawn, at a time */
+	struct mutex lock;		/* everything below */
+	wait_queue_head_t helper_wq;	/* the helper waiting for a request */
+	wait_queue_head_t caller_wq;	/* callers waiting for the helper or a reply */
+	struct pid *spawned;		/* what call_usermodehelper started */
+	struct pid *helper;		/* the process serving through helper_file */
+	struct file *helper_file;
+	int open_files;			/* helper_file and files of helpers we killed */
+	struct bpfilter_call *call;	/* outstanding: sent, or being sent, and unanswered */
+	size_t read_pos;
+	size_t write_pos;
+	bool request_pending;		/* call is not completely read yet */
+	bool ready;
+	bool exiting;
+} bpfilter = {
+	.call_lock = __MUTEX_INITIALIZER(bpfilter.call_lock),
+	.lock = __MUTEX_INITIALIZER(bpfilter.lock),
+	.helper_wq = __WAIT_QUEUE_HEAD_INITIALIZER(bpfilter.helper_wq),
+	.caller_wq = __WAIT_QUEUE_HEAD_INITIALIZER(bpfilter.caller_wq),
+};
+
+static unsigned long bpfilter_timeout(void)
+{
+	return max(READ_ONCE(timeout), 1U) * HZ;
+}
+
+static struct bpfilter_call *bpfilter_call_new(u16 op, u32 family, int optname,
+					       struct net *net, u32 len)
+{
+	struct bpfilter_call *call = kzalloc(sizeof(*call), GFP_KERNEL);
+
+	if (!call)
+		return NULL;
+	if (len) {
+		call->payload = kvmalloc(len, GFP_KERNEL_ACCOUNT);
+		if (!call->payload) {
+			kfree(call);
+			return NULL;
+		}
+	}
+	refcount_set(&call->ref, 1);
+	call->req = (struct bpfilter_request) {
+		.magic = BPFILTER_MAGIC,
+		.version = BPFILTER_PROTO_VERSION,
+		.op = op,
+		.family = family,
+		.optname = optname,
+		.pid = task_pid_nr(current),
+		.len = len,
+		.netns_fd = -1,
+	};
+	if (net) {
+		call->net = get_net(net);
+		call->req.netns_cookie = net->net_cookie;
+		call->req.netns_inum = net->ns.inum;
+	}
+	return call;
+}
+
+static void bpfilter_call_put(struct bpfilter_call *call)
+{
+	if (!refcount_dec_and_test(&call->ref))
+		return;
+	if (call->net)
+		put_net(call->net);
+	kvfree(call->payload);
+	kvfree(call->reply);
+	kfree(call);
+}
+
+/* Ends the outstanding call, answered (err 0) or not; bpfilter.lock held. */
+static void bpfilter_finish(int err)
+{
+	struct bpfilter_call *call = bpfilter.call;
+
+	bpfilter.call = NULL;
+	bpfilter.request_pending = false;
+	call->err = err;
+	call->done = true;
+	wake_up_all(&bpfilter.caller_wq);
+	bpfilter_call_put(call);
+}
+
+/* bpfilter.lock held. */
+static void bpfilter_forget_helper(void)
+{
+	bpfilter.helper_file = NULL;
+	put_pid(bpfilter.helper);
+	bpfilter.helper = NULL;
+	put_pid(bpfilter.spawned);
+	bpfilter.spawned = NULL;
+	/* A reader of a file that is no longer the helper's must give up. */
+	wake_up_all(&bpfilter.helper_wq);
+}
+
+/* bpfilter.lock held. */
+static void bpfilter_kill(int err)
+{
+	struct task_struct *p;
+
+	if (bpfilter.helper)
+		kill_pid(bpfilter.helper, SIGKILL, 1);
+	/*
+	 * PyInstaller's bootloader runs the service in a child, which may not
+	 * have opened the device yet: orphaned, it would go on starting up.
+	 */
+	if (bpfilter.spawned) {
+		rcu_read_lock();
+		for_each_process(p)
+			if (task_tgid(rcu_dereference(p->real_parent)) == bpfilter.spawned)
+				send_sig(SIGKILL, p, 1);
+		rcu_read_unlock();
+		kill_pid(bpfilter.spawned, SIGKILL, 1);
+	}
+	if (bpfilter.call)
+		bpfilter_finish(err);
+	bpfilter_forget_helper();
+}
+
+/* bpfilter.lock held. */
+static bool bpfilter_spawned_alive(void)
+{
+	return bpfilter.spawned && pid_has_task(bpfilter.spawned, PIDTYPE_TGID);
+}
+
+static int bpfilter_unlink(const char *path)
+{
+	const char *name = kbasename(path);
+	struct dentry *dentry;
+	struct path dir;
+	char *dirname;
+	int err;
+
+	dirname = kstrndup(path, name - path, GFP_KERNEL);
+	if (!dirname)
+		return -ENOMEM;
+	err = kern_path(dirname, LOOKUP_DIRECTORY, &dir);
+	kfree(dirname);
+	if (err)
+		return err;
+	err = mnt_want_write(dir.mnt);
+	if (err)
+		goto out;
+	inode_lock_nested(d_inode(dir.dentry), I_MUTEX_PARENT);
+	dentry = lookup_one_len(name, dir.dentry, strlen(name));
+	if (IS_ERR(dentry)) {
+		err = PTR_ERR(dentry);
+	} else {
+		if (d_really_is_positive(dentry))
+			err = vfs_unlink(mnt_idmap(dir.mnt), d_inode(dir.dentry), dentry, NULL);
+		else
+			err = -ENOENT;
+		dput(dentry);
+	}
+	inode_unlock(d_inode(dir.dentry));
+	mnt_drop_write(dir.mnt);
+out:
+	path_put(&dir);
+	return err;
+}
+
+static int bpfilter_write_umh(void)
+{
+	size_t size = bpfilter_umh_end - bpfilter_umh_start;
+	struct file *file;
+	loff_t pos = 0;
+	ssize_t n;
+	int err;
+
+	/*
+	 * A fresh file, never the old one: a helper from it may still be running
+	 * (ETXTBSY), and whatever was at the path is not trusted.
+	 */
+	err = bpfilter_unlink(umh_path);
+	if (err && err != -ENOENT)
+		return err;
+	file = filp_open(umh_path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_LARGEFILE, 0700);
+	if (IS_ERR(file))
+		return PTR_ERR(file);
+	err = 0;
+	while (pos < size) {
+		n = kernel_write(file, bpfilter_umh_start + pos, size - pos, &pos);
+		if (n <= 0) {
+			err = n ? n : -EIO;
+			break;
+		}
+	}
+	filp_close(file, NULL);
+	/*
+	 * exec refuses a file that is still open for writing (ETXTBSY), and a
+	 * kernel thread's last fput is deferred: complete it now.
+	 */
+	flush_delayed_fput();
+	if (err)
+		bpfilter_unlink(umh_path);
+	return err;
+}
+
+struct bpfilter_umh_work {
+	struct work_struct work;
+	bool remove;
+	int err;
+};
+
+static void bpfilter_umh_work_fn(struct work_struct *work)
+{
+	struct bpfilter_umh_work *w = container_of(work, struct bpfilter_umh_work, work);
+
+	w->err = w->remove ? bpfilter_unlink(umh_path) : bpfilter_write_umh();
+}
+
+/*
+ * The file is written and removed by a kernel thread: it resolves umh_path in
+ * the filesystem a usermode helper is started in (init's), whoever loaded or
+ * unloads the module, and its root credentials do not depend on theirs.
+ */
+static int bpfilter_umh_file(bool remove)
+{
+	struct bpfilter_umh_work w = { .remove = remove };
+
+	INIT_WORK_ONSTACK(&w.work, bpfilter_umh_work_fn);
+	schedule_work(&w.work);
+	flush_work(&w.work);
+	destroy_work_on_stack(&w.work);
+	return w.err;
+}
+
+/*
+ * A usermode helper starts without stdin, stdout and stderr: the helper's
+ * first files would take their numbers, and anything printing to stderr (a
+ * Python traceback, the bootloader) would write into them. Its output goes to
+ * the kernel log instead.
+ */
+static void bpfilter_umh_stdio(void)
+{
+	static const char * const paths[] = { "/dev/null", "/dev/kmsg", "/dev/kmsg" };
+	struct file *file;
+	int fd, i;
+
+	for (i = 0; i < ARRAY_SIZE(paths); i++) {
+		fd = get_unused_fd_flags(0);
+		if (fd < 0)
+			return;
+		if (fd != i) {
+			put_unused_fd(fd);
+			return;
+		}
+		file = filp_open(paths[i], i ? O_WRONLY : O_RDONLY, 0);
+		if (IS_ERR(file)) {
+			put_unused_fd(fd);
+			return;
+		}
+		fd_install(fd, file);
+	}
+}
+
+/* Runs in the new process, before it executes the helper. */
+static int bpfilter_umh_setup(struct subprocess_info *info, struct cred *new)
+{
+	bpfilter_umh_stdio();
+	mutex_lock(&bpfilter.lock);
+	put_pid(bpfilter.spawned);
+	bpfilter.spawned = get_pid(task_tgid(current));
+	mutex_unlock(&bpfilter.lock);
+	return 0;
+}
+
+/* bpfilter.call_lock held, bpfilter.lock not. */
+static int bpfilter_spawn(void)
+{
+	static char *envp[] = { "HOME=/", "PATH=/sbin:/bin:/usr/sbin:/usr/bin", NULL };
+	char *argv[] = { umh_path, "serve", "--device", BPFILTER_DEVICE, NULL };
+	struct subprocess_info *info;
+	int err;
+
+	err = bpfilter_umh_file(false);
+	if (err) {
+		pr_err("cannot write the helper to %s: error %d\n", umh_path, err);
+		return err;
+	}
+	info = call_usermodehelper_setup(umh_path, argv, envp, GFP_KERNEL,
+					 bpfilter_umh_setup, NULL, NULL);
+	if (!info)
+		return -ENOMEM;
+	err = call_usermodehelper_exec(info, UMH_WAIT_EXEC);
+	mutex_lock(&bpfilter.lock);
+	if (err) {
+		pr_err("cannot start the helper %s: error %d\n", umh_path, err);
+		put_pid(bpfilter.spawned);
+		bpfilter.spawned = NULL;
+	} else {
+		pr_info("started the helper %s (pid %d)\n", umh_path, pid_nr(bpfilter.spawned));
+	}
+	mutex_unlock(&bpfilter.lock);
+	return err;
+}
+
+/*
+ * Waits until a helper serves the device and has no call outstanding (one a
+ * caller gave up on may still be), starting a helper if none is running.
+ * bpfilter.call_lock and bpfilter.lock held; bpfilter.lock is dropped while
+ * waiting.
+ */
+static int bpfilter_wait_idle(void)
+{
+	unsigned long deadline = jiffies + bpfilter_timeout();
+	bool spawned = false;
+	long ret;
+	int err;
+
+	for (;;) {
+		if (bpfilter.helper_file && !bpfilter.call)
+			return 0;
+		if (!bpfilter.helper_file && !bpfilter_spawned_alive()) {
+			if (spawned) {
+				pr_err("the helper exited before it opened " BPFILTER_DEVICE "\n");
+				return -EPIPE;
+			}
+			mutex_unlock(&bpfilter.lock);
+			err = bpfilter_spawn();
+			mutex_lock(&bpfilter.lock);
+			if (err)
+				return err;
+			spawned = true;
+			continue;
+		}
+		if (time_after_eq(jiffies, deadline)) {
+			if (bpfilter.helper_file)
+				pr_err("the helper did not answer within %u s: killing it\n", timeout);
+			else
+				pr_err("the helper did not open " BPFILTER_DEVICE " within %u s: killing it\n",
+				       timeout);
+			bpfilter_kill(-ETIMEDOUT);
+			return -ETIMEDOUT;
+		}
+		mutex_unlock(&bpfilter.lock);
+		/* Polled: nothing tells us when a helper dies before it opens the device. */
+		ret = wait_event_killable_timeout(bpfilter.caller_wq,
+						  READ_ONCE(bpfilter.helper_file) &&
+						  !READ_ONCE(bpfilter.call), HZ / 10);
+		mutex_lock(&bpfilter.lock);
+		if (ret < 0)
+			return -EINTR;
+	}
+}
+
+/* Sends a call and waits for its reply: 0 with call->rep filled in, or -errno. */
+static int bpfilter_transact(struct bpfilter_call *call)
+{
+	long ret;
+	int err;
+
+	if (mutex_lock_killable(&bpfilter.call_lock))
+		return -EINTR;
+	mutex_lock(&bpfilter.lock);
+	err = bpfilter_wait_idle();
+	if (err)
+		goto out;
+	refcount_inc(&call->ref);
+	bpfilter.call = call;
+	bpfilter.read_pos = 0;
+	bpfilter.write_pos = 0;
+	bpfilter.request_pending = true;
+	wake_up_interruptible(&bpfilter.helper_wq);
+	mutex_unlock(&bpfilter.lock);
+
+	ret = wait_event_killable_timeout(bpfilter.caller_wq, READ_ONCE(call->done),
+					  bpfilter_timeout());
+	mutex_lock(&bpfilter.lock);
+	if (!call->done) {
+		if (!ret) {
+			pr_err("the helper did not answer within %u s (op %u, optname %d): killing it\n",
+			       timeout, call->req.op, call->req.optname);
+			bpfilter_kill(-ETIMEDOUT);
+		} else if (!bpfilter.read_pos) {
+			bpfilter_finish(-EINTR);
+		}
+		/*
+		 * Otherwise the helper has begun to read it: it stays outstanding,
+		 * its reply unread, so that the stream stays in step.
+		 */
+	}
+	err = call->done ? call->err : -EINTR;
+out:
+	mutex_unlock(&bpfilter.lock);
+	mutex_unlock(&bpfilter.call_lock);
+	return err;
+}
+
+/* The helper's answer to a transacted call, its message (if any) logged. */
+static int bpfilter_status(const struct bpfilter_call *call)
+{
+	if (call->rep.status < 0 && call->rep.len)
+		pr_info("%.*s\n", (int)min_t(u32, call->rep.len, BPFILTER_MSG_MAX),
+			(const char *)call->reply);
+	return call->rep.status;
+}
+
+static int bpfilter_may_call(struct sock *sk)
+{
+	if (!ns_capable(sock_net(sk)->user_ns, CAP_NET_ADMIN))
+		return -EPERM;
+	/* The helper reads the native layout; ip_tables translates 32-bit callers'. */
+	if (in_compat_syscall())
+		return -EOPNOTSUPP;
+	if (!READ_ONCE(bpfilter.ready))
+		return -EAGAIN;
+	return 0;
+}
+
+/*
+ * IPT_SO_SET_REPLACE hands back the replaced table's counters through
+ * ipt_replace.counters. As in ip_tables, the new table is in place by now: a
+ * fault is only worth a warning.
+ */
+static int bpfilter_put_counters(const struct bpfilter_call *call)
+{
+	const struct ipt_replace *repl = call->payload;
+
+	BUILD_BUG_ON(offsetof(struct ipt_replace, counters) !=
+		     offsetof(struct ip6t_replace, counters));
+	BUILD_BUG_ON(offsetof(struct ipt_replace, num_counters) !=
+		     offsetof(struct ip6t_replace, num_counters));
+	if (!call->rep.len)
+		return 0;
+	if (call->req.len < sizeof(*repl) ||
+	    call->rep.len > (u64)repl->num_counters * sizeof(struct xt_counters)) {
+		pr_err("the helper returned %u bytes of counters for a replace of %u\n",
+		       call->rep.len, call->req.len < sizeof(*repl) ? 0 : repl->num_counters);
+		return -EIO;
+	}
+	if (copy_to_user(repl->counters, call->reply, call->rep.len))
+		net_warn_ratelimited("bpfilter: counters copy to user failed while replacing table\n");
+	return 0;
+}
+
+static int bpfilter_set(struct sock *sk, int optname, sockptr_t arg, unsigned int len,
+			u32 family)
+{
+	struct bpfilter_call *call;
+	int err;
+
+	err = bpfilter_may_call(sk);
+	if (err)
+		return err;
+	if (len > BPFILTER_MAX_PAYLOAD)
+		return -ENOMEM;
+	call = bpfilter_call_new(BPFILTER_OP_SETSOCKOPT, family, optname, sock_net(sk), len);
+	if (!call)
+		return -ENOMEM;
+	if (copy_from_sockptr(call->payload, arg, len)) {
+		err = -EFAULT;
+		goto out;
+	}
+	err = bpfilter_transact(call);
+	if (!err)
+		err = bpfilter_status(call);
+	if (!err && optname == IPT_SO_SET_REPLACE)
+		err = bpfilter_put_counters(call);
+out:
+	bpfilter_call_put(call);
+	return err;
+}
+
+static int bpfilter_get(struct sock *sk, int optname, void __user *user, int *len,
+			u32 family)
+{
+	struct bpfilter_call *call;
+	int err;
+
+	err = bpfilter_may_call(sk);
+	if (err)
+		return err;
+	if (*len < 0)
+		return -EINVAL;
+	if (*len > BPFILTER_MAX_PAYLOAD)
+		return -ENOMEM;
+	call = bpfilter_call_new(BPFILTER_OP_GETSOCKOPT, family, optname, sock_net(sk), *len);
+	if (!call)
+		return -ENOMEM;
+	if (copy_from_user(call->payload, user, *len)) {
+		err = -EFAULT;
+		goto out;
+	}
+	err = bpfilter_transact(call);
+	if (!err)
+		err = bpfilter_status(call);
+	if (err)
+		goto out;
+	if (call->rep.len > *len) {
+		pr_err("the helper returned %u bytes for a %d-byte buffer\n", call->rep.len, *len);
+		err = -EIO;
+	} else if (copy_to_user(user, call->reply, call->rep.len)) {
+		err = -EFAULT;
+	} else {
+		*len = call->rep.len;
+	}
+out:
+	bpfilter_call_put(call);
+	return err;
+}
+
+static int bpfilter_ipv4_set(struct sock *sk, int optname, sockptr_t arg, unsigned int len)
+{
+	return bpfilter_set(sk, optname, arg, len, NFPROTO_IPV4);
+}
+
+static int bpfilter_ipv4_get(struct sock *sk, int optname, void __user *user, int *len)
+{
+	return bpfilter_get(sk, optname, user, len, NFPROTO_IPV4);
+}
+
+static int bpfilter_ipv6_set(struct sock *sk, int optname, sockptr_t arg, unsigned int len)
+{
+	return bpfilter_set(sk, optname, arg, len, NFPROTO_IPV6);
+}
+
+static int bpfilter_ipv6_get(struct sock *sk, int optname, void __user *user, int *len)
+{
+	return bpfilter_get(sk, optname, user, len, NFPROTO_IPV6);
+}
+
+/* The ranges of ip_tables and ip6_tables, which cannot be loaded beside us. */
+static struct nf_sockopt_ops bpfilter_ipv4_sockopts = {
+	.pf		= PF_INET,
+	.set_optmin	= IPT_BASE_CTL,
+	.set_optmax	= IPT_SO_SET_MAX + 1,
+	.set		= bpfilter_ipv4_set,
+	.get_optmin	= IPT_BASE_CTL,
+	.get_optmax	= IPT_SO_GET_MAX + 1,
+	.get		= bpfilter_ipv4_get,
+	.owner		= THIS_MODULE,
+};
+
+static struct nf_sockopt_ops bpfilter_ipv6_sockopts = {
+	.pf		= PF_INET6,
+	.set_optmin	= IP6T_BASE_CTL,
+	.set_optmax	= IP6T_SO_SET_MAX + 1,
+	.set		= bpfilter_ipv6_set,
+	.get_optmin	= IP6T_BASE_CTL,
+	.get_optmax	= IP6T_SO_GET_MAX + 1,
+	.get		= bpfilter_ipv6_get,
+	.owner		= THIS_MODULE,
+};
+
+static int bpfilter_open(struct inode *inode, struct file *file)
+{
+	struct task_struct *parent;
+	struct pid *tgid = task_tgid(current);
+	bool ours;
+	int err;
+
+	mutex_lock(&bpfilter.lock);
+	rcu_read_lock();
+	parent = rcu_dereference(current->real_parent);
+	/* The service may run in a child of what we started (PyInstaller's bootloader). */
+	ours = bpfilter.spawned &&
+	       (tgid == bpfilter.spawned || task_tgid(parent) == bpfilter.spawned);
+	rcu_read_unlock();
+	if (!ours) {
+		err = -EPERM;
+	} else if (bpfilter.helper_file) {
+		err = -EBUSY;
+	} else {
+		err = stream_open(inode, file);
+		if (!err) {
+			bpfilter.helper_file = file;
+			bpfilter.helper = get_pid(tgid);
+			bpfilter.open_files++;
+			wake_up_all(&bpfilter.caller_wq);
+		}
+	}
+	mutex_unlock(&bpfilter.lock);
+	return err;
+}
+
+static int bpfilter_release(struct inode *inode, struct file *file)
+{
+	mutex_lock(&bpfilter.lock);
+	if (bpfilter.helper_file == file) {
+		if (bpfilter.call) {
+			pr_err("the helper exited without answering (op %u, optname %d)\n",
+			       bpfilter.call->req.op, bpfilter.call->req.optname);
+			bpfilter_finish(-EPIPE);
+		} else if (!bpfilter.exiting) {
+			pr_warn("the helper exited; the next request starts another\n");
+		}
+		bpfilter_forget_helper();
+	}
+	bpfilter.open_files--;
+	wake_up_all(&bpfilter.caller_wq);
+	mutex_unlock(&bpfilter.lock);
+	return 0;
+}
+
+static ssize_t bpfilter_read(struct file *file, char __user *buf, size_t count, loff_t *ppos)
+{
+	const size_t hdr = sizeof(struct bpfilter_request);
+	struct bpfilter_call *call;
+	size_t pos, n = 0;
+	ssize_t ret;
+	int fd;
+
+	mutex_lock(&bpfilter.lock);
+	for (;;) {
+		if (bpfilter.helper_file != file) {
+			ret = -EPIPE;
+			goto out;
+		}
+		call = bpfilter.call;
+		if (bpfilter.request_pending) {
+			if (bpfilter.read_pos || !call->net || call->req.netns_fd >= 0)
+				break;
+			/* Installed here: this runs in the helper, and the number is its own. */
+			fd = open_related_ns(&call->net->ns, get_net_ns);
+			if (fd >= 0) {
+				call->req.netns_fd = fd;
+				break;
+			}
+			pr_err("cannot give the helper the caller's netns: error %d\n", fd);
+			bpfilter_finish(fd);
+		}
+		mutex_unlock(&bpfilter.lock);
+		if (file->f_flags & O_NONBLOCK)
+			return -EAGAIN;
+		if (wait_event_interruptible(bpfilter.helper_wq,
+					     READ_ONCE(bpfilter.request_pending) ||
+					     READ_ONCE(bpfilter.helper_file) != file))
+			return -ERESTARTSYS;
+		mutex_lock(&bpfilter.lock);
+	}
+	call = bpfilter.call;
+	pos = bpfilter.read_pos;
+	count = min_t(size_t, count, hdr + call->req.len - pos);
+	if (pos < hdr) {
+		n = min_t(size_t, count, hdr - pos);
+		if (copy_to_user(buf, (u8 *)&call->req + pos, n)) {
+			ret = -EFAULT;
+			goto out;
+		}
+	}
+	if (count > n && copy_to_user(buf + n, call->payload + pos + n - hdr, count - n)) {
+		ret = -EFAULT;
+		goto out;
+	}
+	bpfilter.read_pos += count;
+	if (bpfilter.read_pos == hdr + call->req.len)
+		bpfilter.request_pending = false;
+	ret = count;
+out:
+	mutex_unlock(&bpfilter.lock);
+	return ret;
+}
+
+static int bpfilter_check_reply(const struct bpfilter_reply *rep)
+{
+	if (rep->magic != BPFILTER_MAGIC || rep->version != BPFILTER_PROTO_VERSION)
+		return -EPROTO;
+	if (rep->status > 0 || rep->status < -MAX_ERRNO || rep->len > BPFILTER_MAX_PAYLOAD)
+		return -EPROTO;
+	return 0;
+}
+
+static ssize_t bpfilter_write(struct file *file, const char __user *buf, size_t count,
+			      loff_t *ppos)
+{
+	const size_t hdr = sizeof(struct bpfilter_reply);
+	struct bpfilter_call *call;
+	size_t pos, n = 0;
+	ssize_t ret;
+
+	mutex_lock(&bpfilter.lock);
+	call = bpfilter.call;
+	if (bpfilter.helper_file != file) {
+		ret = -EPIPE;
+		goto out;
+	}
+	if (!call || bpfilter.request_pending) {
+		pr_err("the helper wrote a reply to no request\n");
+		ret = -EPROTO;
+		goto out;
+	}
+	pos = bpfilter.write_pos;
+	if (pos < hdr) {
+		n = min_t(size_t, count, hdr - pos);
+		if (copy_from_user((u8 *)&call->rep + pos, buf, n)) {
+			ret = -EFAULT;
+			goto out;
+		}
+		pos += n;
+		if (pos == hdr) {
+			ret = bpfilter_check_reply(&call->rep);
+			if (ret) {
+				pr_err("the helper wrote a malformed reply\n");
+				bpfilter_finish(-EIO);
+				goto out;
+			}
+			if (call->rep.len) {
+				call->reply = kvmalloc(call->rep.len, GFP_KERNEL);
+				if (!call->reply) {
+					bpfilter_finish(-ENOMEM);
+					ret = -ENOMEM;
+					goto out;
+				}
+			}
+		}
+	}
+	if (count > n) {
+		if (count - n > hdr + call->rep.len - pos) {
+			pr_err("the helper wrote more than its reply\n");
+			bpfilter_finish(-EIO);
+			ret = -EPROTO;
+			goto out;
+		}
+		if (copy_from_user(call->reply + pos - hdr, buf + n, count - n)) {
+			ret = -EFAULT;
+			goto out;
+		}
+		pos += count - n;
+	}
+	bpfilter.write_pos = pos;
+	if (pos == hdr + call->rep.len)
+		bpfilter_finish(0);
+	ret = count;
+out:
+	mutex_unlock(&bpfilter.lock);
+	return ret;
+}
+
+/*
+ * No .owner: the helper holds the device open for as long as the module is
+ * loaded, and a reference from it would make the module impossible to unload.
+ * Module exit waits for every file to be released instead.
+ */
+static const struct file_operations bpfilter_fops = {
+	.open		= bpfilter_open,
+	.release	= bpfilter_release,
+	.read		= bpfilter_read,
+	.write		= bpfilter_write,
+};
+
+static struct miscdevice bpfilter_dev = {
+	.minor	= MISC_DYNAMIC_MINOR,
+	.name	= "bpfilter",
+	.fops	= &bpfilter_fops,
+	.mode	= 0600,
+};
+
+static int bpfilter_names_show(struct seq_file *seq, u32 family)
+{
+	struct bpfilter_call *call;
+	int err;
+
+	call = bpfilter_call_new(BPFILTER_OP_TABLE_NAMES, family, 0, seq_file_single_net(seq), 0);
+	if (!call)
+		return -ENOMEM;
+	err = bpfilter_transact(call);
+	if (!err)
+		err = bpfilter_status(call);
+	if (!err)
+		seq_write(seq, call->reply, call->rep.len);
+	/* A family the helper does not support has no tables to list. */
+	if (err == -EAFNOSUPPORT)
+		err = 0;
+	bpfilter_call_put(call);
+	return err;
+}
+
+static int bpfilter_ipv4_names_show(struct seq_file *seq, void *v)
+{
+	return bpfilter_names_show(seq, NFPROTO_IPV4);
+}
+
+static int bpfilter_ipv6_names_show(struct seq_file *seq, void *v)
+{
+	return bpfilter_names_show(seq, NFPROTO_IPV6);
+}
+
+/*
+ * iptables-legacy looks for these to tell whether the kernel speaks iptables
+ * (else it runs `modprobe ip_tables`), and iptables-save lists tables from them.
+ */
+static int __net_init bpfilter_net_init(struct net *net)
+{
+	kuid_t root_uid = make_kuid(net->user_ns, 0);
+	kgid_t root_gid = make_kgid(net->user_ns, 0);
+	struct proc_dir_entry *v4, *v6;
+
+	v4 = proc_create_net_single("ip_tables_names", 0440, net->proc_net,
+				    bpfilter_ipv4_names_show, NULL);
+	if (!v4)
+		return -ENOMEM;
+	v6 = proc_create_net_single("ip6_tables_names", 0440, net->proc_net,
+				    bpfilter_ipv6_names_show, NULL);
+	if (!v6) {
+		remove_proc_entry("ip_tables_names", net->proc_net);
+		return -ENOMEM;
+	}
+	if (uid_valid(root_uid) && gid_valid(root_gid)) {
+		proc_set_user(v4, root_uid, root_gid);
+		proc_set_user(v6, root_uid, root_gid);
+	}
+	return 0;
+}
+
+static void __net_exit bpfilter_net_exit(struct net *net)
+{
+	remove_proc_entry("ip6_tables_names", net->proc_net);
+	remove_proc_entry("ip_tables_names", net->proc_net);
+}
+
+static struct pernet_operations bpfilter_net_ops = {
+	.init = bpfilter_net_init,
+	.exit = bpfilter_net_exit,
+};
+
+/*
+ * ip_tables would find its socket options taken only after creating
+ * /proc/net/ip_tables_names over ours (a kernel warning): it is refused
+ * before it starts.
+ */
+static int bpfilter_module_notify(struct notifier_block *nb, unsigned long action, void *data)
+{
+	struct module *mod = data;
+
+	if (action != MODULE_STATE_COMING ||
+	    (strcmp(mod->name, "ip_tables") && strcmp(mod->name, "ip6_tables")))
+		return NOTIFY_DONE;
+	pr_err("refusing to load %s: bpfilter handles iptables; rmmod bpfilter first\n", mod->name);
+	return notifier_from_errno(-EBUSY);
+}
+
+static struct notifier_block bpfilter_module_nb = {
+	.notifier_call = bpfilter_module_notify,
+};
+
+/* Asks the helper to detach every table and exit, and waits until it has let go of the device. */
+static void bpfilter_shutdown(void)
+{
+	struct bpfilter_call *call;
+	int err = -ENOMEM;
+
+	mutex_lock(&bpfilter.lock);
+	bpfilter.exiting = true;
+	mutex_unlock(&bpfilter.lock);
+	call = bpfilter_call_new(BPFILTER_OP_SHUTDOWN, NFPROTO_UNSPEC, 0, NULL, 0);
+	if (call) {
+		err = bpfilter_transact(call);
+		if (!err)
+			err = bpfilter_status(call);
+		bpfilter_call_put(call);
+	}
+	if (err)
+		pr_err("the helper did not shut down (error %d): what it attached stays pinned under /run/bpfilter/bpffs\n",
+		       err);
+	if (!wait_event_timeout(bpfilter.caller_wq, !READ_ONCE(bpfilter.open_files),
+				bpfilter_timeout())) {
+		pr_err("the helper did not exit within %u s: killing it\n", timeout);
+		mutex_lock(&bpfilter.lock);
+		bpfilter_kill(-ETIMEDOUT);
+		mutex_unlock(&bpfilter.lock);
+	}
+	/* The device's operations are this module's code. */
+	wait_event(bpfilter.caller_wq, !READ_ONCE(bpfilter.open_files));
+	mutex_lock(&bpfilter.lock);
+	bpfilter_forget_helper();
+	mutex_unlock(&bpfilter.lock);
+}
+
+static int __init bpfilter_init(void)
+{
+	int err;
+
+	if (umh_path[0] != '/' || !*kbasename(umh_path)) {
+		pr_err("umh_path must be an absolute file name, not \"%s\"\n", umh_path);
+		return -EINVAL;
+	}
+	err = register_module_notifier(&bpfilter_module_nb);
+	if (err)
+		return err;
+	err = nf_register_sockopt(&bpfilter_ipv4_sockopts);
+	if (err) {
+		pr_err("cannot take iptables' socket options (error %d)%s\n", err,
+		       err == -EBUSY ? ": ip_tables is loaded; unload it (and iptable_*) first" : "");
+		goto err_notifier;
+	}
+	err = nf_register_sockopt(&bpfilter_ipv6_sockopts);
+	if (err) {
+		pr_err("cannot take ip6tables' socket options (error %d)%s\n", err,
+		       err == -EBUSY ? ": ip6_tables is loaded; unload it (and ip6table_*) first" : "");
+		goto err_ipv4;
+	}
+	err = misc_register(&bpfilter_dev);
+	if (err)
+		goto err_ipv6;
+	err = register_pernet_subsys(&bpfilter_net_ops);
+	if (err)
+		goto err_dev;
+	mutex_lock(&bpfilter.call_lock);
+	err = bpfilter_spawn();
+	mutex_unlock(&bpfilter.call_lock);
+	if (err)
+		goto err_pernet;
+	WRITE_ONCE(bpfilter.ready, true);
+	return 0;
+
+err_pernet:
+	unregister_pernet_subsys(&bpfilter_net_ops);
+err_dev:
+	misc_deregister(&bpfilter_dev);
+err_ipv6:
+	nf_unregister_sockopt(&bpfilter_ipv6_sockopts);
+err_ipv4:
+	nf_unregister_sockopt(&bpfilter_ipv4_sockopts);
+err_notifier:
+	unregister_module_notifier(&bpfilter_module_nb);
+	return err;
+}
+
+static void __exit bpfilter_exit(void)
+{
+	int err;
+
+	unregister_pernet_subsys(&bpfilter_net_ops);
+	nf_unregister_sockopt(&bpfilter_ipv6_sockopts);
+	nf_unregister_sockopt(&bpfilter_ipv4_sockopts);
+	bpfilter_shutdown();
+	misc_deregister(&bpfilter_dev);
+	err = bpfilter_umh_file(true);
+	if (err && err != -ENOENT)
+		pr_warn("cannot remove %s: error %d\n", umh_path, err);
+	unregister_module_notifier(&bpfilter_module_nb);
+}
+
+module_init(bpfilter_init);
+module_exit(bpfilter_exit);
+MODULE_DESCRIPTION("iptables backed by BPF programs at the netfilter hooks");
+MODULE_LICENSE("GPL");

@@ -1,0 +1,168 @@
+"""Namespaces for the packet-rate measurement: one sender/receiver pair per system.
+
+    <prefix>-<system>-s  v0 198.18.0.2/24, 198.18.0.3/24  <-- veth -->  v0 198.18.0.1/24  <prefix>-<system>-r
+
+Every pair is wired identically, so the same ruleset means the same thing in every
+receiver, and systems never share a netns: iptables-legacy, nftables and bpfilter
+tables are per netns, so all of them stay loaded side by side and the measurements
+can be interleaved. Only the measured flows cross the veth: IPv6 is off and the
+neighbours are static (no ARP, ND or MLD).
+
+The rate is Ip InDelivers of the receiver's netns: packets that passed the INPUT
+hook and reached UDP, whatever the sink then manages to read.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+
+from rules import FLOWS, Flow
+
+PAYLOAD = 18   # UDP payload: 14 + 20 + 8 + 18 = 60-byte frame, 64 on the wire with its FCS
+S_MAC, R_MAC = "02:bb:00:00:00:02", "02:bb:00:00:00:01"
+SEND_CPU, SINK_CPU = 0, 1
+WARMUP = 0.15
+SETTLE_TIMEOUT = 10.0
+
+
+def run(argv: list[str], stdin: "str | None" = None) -> None:
+    done = subprocess.run(argv, input=stdin, text=True, capture_output=True)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}): "
+                           f"{(done.stderr or done.stdout).strip()}")
+
+
+def build_flood(src: str, out_dir: str) -> str:
+    binary = os.path.join(out_dir, "udpflood")
+    run(["cc", "-O2", "-Wall", "-Werror", "-o", binary, src])
+    return binary
+
+
+@dataclass
+class Pair:
+    sender: str
+    receiver: str
+    sink: "subprocess.Popen | None" = None
+
+    def delivered(self) -> int:
+        """Ip InDelivers of the receiver's netns, read through the sink that lives there."""
+        with open(f"/proc/{self.sink.pid}/net/snmp") as f:
+            names, values = f.readline().split(), f.readline().split()
+        return int(values[names.index("InDelivers")])
+
+
+class Lab:
+    """The pairs, as a context manager that deletes every namespace it made."""
+
+    def __init__(self, prefix: str, systems: list[str], flood: str) -> None:
+        self.prefix, self.flood = prefix, flood
+        self.pairs = {s: Pair(f"{prefix}-{s}-s", f"{prefix}-{s}-r") for s in systems}
+        self._made: list[str] = []
+        cpus = os.cpu_count() or 1
+        self.send_cpu, self.sink_cpu = SEND_CPU, SINK_CPU % cpus
+
+    def __enter__(self) -> "Lab":
+        try:
+            for pair in self.pairs.values():
+                self._build(pair)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _netns(self, name: str) -> None:
+        run(["ip", "netns", "add", name])
+        self._made.append(name)
+        run(["ip", "netns", "exec", name, "sysctl", "-q", "-w",
+             "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"])
+
+    def _build(self, pair: Pair) -> None:
+        self._netns(pair.sender)
+        self._netns(pair.receiver)
+        run(["ip", "-n", pair.sender, "link", "add", "v0", "address", S_MAC, "type", "veth",
+             "peer", "name", "v0", "address", R_MAC, "netns", pair.receiver])
+        run(["ip", "-n", pair.sender, "-batch", "-"], f"""\
+link set lo up
+addr add 198.18.0.2/24 dev v0
+addr add 198.18.0.3/24 dev v0
+link set v0 up
+neigh replace 198.18.0.1 lladdr {R_MAC} dev v0 nud permanent
+""")
+        run(["ip", "-n", pair.receiver, "-batch", "-"], f"""\
+link set lo up
+addr add 198.18.0.1/24 dev v0
+link set v0 up
+neigh replace 198.18.0.2 lladdr {S_MAC} dev v0 nud permanent
+neigh replace 198.18.0.3 lladdr {S_MAC} dev v0 nud permanent
+""")
+        ports = sorted({str(f.dport) for f in FLOWS.values()})
+        pair.sink = subprocess.Popen(
+            ["ip", "netns", "exec", pair.receiver, self.flood, "sink", str(self.sink_cpu), *ports],
+            stdout=subprocess.PIPE, text=True)
+        if pair.sink.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the sink in {pair.receiver} did not start")
+
+    def close(self) -> None:
+        errors = []
+        for pair in self.pairs.values():
+            if pair.sink is not None and pair.sink.poll() is None:
+                pair.sink.terminate()
+                try:
+                    pair.sink.wait(5)
+                except subprocess.TimeoutExpired:
+                    pair.sink.kill()
+                    pair.sink.wait()
+            pair.sink = None
+        while self._made:
+            name = self._made.pop()
+            done = subprocess.run(["ip", "netns", "del", name], capture_output=True, text=True)
+            if done.returncode:
+                errors.append(f"ip netns del {name}: {done.stderr.strip()}")
+        if errors:
+            raise RuntimeError("; ".join(errors))
+
+    def receiver(self, system: str) -> str:
+        return self.pairs[system].receiver
+
+    # -- the measurement
+
+    def rate(self, system: str, flow: Flow, window: float) -> float:
+        """Packets per second that `system`'s receiver delivered while the sender
+        flooded `flow`, over `window` seconds of steady state."""
+        pair = self.pairs[system]
+        sender = subprocess.Popen(
+            ["ip", "netns", "exec", pair.sender, self.flood, "send", flow.src, str(flow.sport),
+             flow.dst, str(flow.dport), str(PAYLOAD), str(WARMUP + window + 30),
+             str(self.send_cpu)], stdout=subprocess.DEVNULL)
+        try:
+            time.sleep(WARMUP)
+            c0, t0 = pair.delivered(), time.monotonic()
+            time.sleep(window)
+            c1, t1 = pair.delivered(), time.monotonic()
+        finally:
+            sender.send_signal(signal.SIGTERM)
+            sender.wait()
+        if sender.returncode:
+            raise RuntimeError(f"the flood into {pair.receiver} failed ({sender.returncode})")
+        self._settle(pair)
+        return (c1 - c0) / (t1 - t0)
+
+    @staticmethod
+    def _settle(pair: Pair) -> None:
+        """Wait until the packets queued in the backlog have been processed: behind a
+        slow filter that is up to a second of softirq work, and it would be charged
+        to the next measurement."""
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        last = pair.delivered()
+        while time.monotonic() < deadline:
+            time.sleep(0.03)
+            now = pair.delivered()
+            if now == last:
+                return
+            last = now

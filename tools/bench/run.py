@@ -1,0 +1,267 @@
+#!/usr/bin/env python3
+"""The packet-filter benchmark: bpfilter against the kernel's iptables-legacy and
+nftables, on the same rulesets, in network namespaces this command makes and removes.
+
+    python3 tools/bench/run.py [--sizes 1,100,1000,10000,100000]
+                               [--mixes blocklist,ports,classbench] [--quick]
+                               [--out results/bench-<date>]
+
+For each mix and size N it loads the same N-rule INPUT chain (rules.py) into every
+system, each in its own receiver namespace, then measures
+  - the packet rate of 64-byte UDP frames flooded from a sender namespace over veth,
+    relative to a receiver without rules measured in between (netlab.py);
+  - the time to apply the ruleset and to append one rule, whole commands;
+  - for bpfilter, its INPUT program's BPF_PROG_TEST_RUN time per packet, its
+    instructions and map bytes, and where the time of loading the ruleset goes.
+Output: a table on stdout; results.json, results.csv, table.txt and bench.png in the
+out directory. Needs root; all state (namespaces, the private bpfilter service and
+its bpffs) is removed on exit, even a failed one, and a run that was killed outright
+is cleaned up by the next.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import rules  # noqa: E402
+from rules import FLOWS  # noqa: E402
+from systems import SYSTEMS, ApplyError, environment  # noqa: E402
+
+QUICK_SIZES = (1, 100, 1000)
+FULL_SIZES = (1, 100, 1000, 10000, 100000)
+NS_PREFIX = "bpb"
+PRIVATE_ROOT = "/run"
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _flush_bpfilter(private: str) -> None:
+    env = environment(private)
+    subprocess.run([sys.executable, "-m", "bpfilter", "flush", "--socket", env["BPFILTER_SOCKET"],
+                    "--bpffs", env["BPFILTER_BPFFS"]], capture_output=True)
+    if os.path.ismount(env["BPFILTER_BPFFS"]):
+        subprocess.run(["umount", env["BPFILTER_BPFFS"]], capture_output=True)
+
+
+def sweep_stale() -> None:
+    """What a run killed without its cleanup (SIGKILL, a crash of the machine's
+    sessions) left: its namespaces and its bpfilter service."""
+    pattern = re.compile(rf"^{NS_PREFIX}(\d+)-")
+    for name in os.listdir("/run/netns") if os.path.isdir("/run/netns") else ():
+        m = pattern.match(name)
+        if m and not _alive(int(m.group(1))):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    for name in os.listdir(PRIVATE_ROOT):
+        m = re.match(r"^bpbench-(\d+)$", name)
+        if m and not _alive(int(m.group(1))):
+            private = os.path.join(PRIVATE_ROOT, name)
+            _flush_bpfilter(private)
+            shutil.rmtree(private, ignore_errors=True)
+
+
+def _median(values: list[float]) -> "float | None":
+    return statistics.median(values) if values else None
+
+
+def measure_rates(lab, active: list[str], window: float, reps: int) -> dict:
+    """Samples per system and flow. Each group starts with the no-rules receiver and
+    the order of the others rotates, so drift and ordering effects spread evenly."""
+    samples = {s: {f: [] for f in FLOWS} for s in ["none", *active]}
+    for rep in range(reps):
+        for flow in FLOWS:
+            k = rep % len(active) if active else 0
+            for s in ["none", *active[k:], *active[:k]]:
+                samples[s][flow].append(lab.rate(s, FLOWS[flow], window))
+    return samples
+
+
+def bench_one(lab, systems: dict, mix: str, n: int, args) -> dict:
+    from bpfstats import footprint, input_program, ns_per_packet, replay_load, table_dir
+    from bpfilter.scratch import replace_blob
+
+    ruleset = rules.generate(mix, n, args.seed)
+    run = {"mix": mix, "n": n, "systems": {s: {} for s in systems}}
+    active = []
+    for name, system in systems.items():
+        rec = run["systems"][name]
+        if name == "none":
+            continue
+        if not system.supports(mix):
+            rec["unsupported"] = True
+            continue
+        system.clear()
+        try:
+            rec["apply_s"] = system.apply(ruleset)
+            active.append(name)
+            log(f"{mix} N={n}: {name} applied in {rec['apply_s']:.2f} s")
+        except ApplyError as err:
+            rec["error"] = str(err)
+            log(f"{mix} N={n}: {name} refused: {err}")
+
+    if "bpfilter" in active:
+        pins = table_dir(args.env["BPFILTER_BPFFS"], lab.receiver("bpfilter"))
+        with input_program(pins) as prog:
+            run["bpfilter"] = {
+                "repeat": args.repeat,
+                "ns_per_packet": {f: ns_per_packet(prog, FLOWS[f], args.repeat) for f in FLOWS},
+                "footprint": footprint(pins, prog)}
+    elif "bpfilter" in systems:
+        run["bpfilter"] = {}
+
+    samples = measure_rates(lab, active, args.window, args.reps)
+    base = {f: _median(samples["none"][f]) for f in FLOWS}
+    for name, by_flow in samples.items():
+        rec = run["systems"][name]
+        rec["samples_pps"] = by_flow
+        rec["rate"] = {f: _median(v) for f, v in by_flow.items()}
+        rec["rel"] = {f: rec["rate"][f] / base[f] if base[f] else None for f in FLOWS}
+    log(f"{mix} N={n}: rate vs no rules (match, miss): " + ", ".join(
+        f"{s} {run['systems'][s]['rel']['match']:.3g} {run['systems'][s]['rel']['miss']:.3g}"
+        for s in active))
+
+    for name in active:
+        rec = run["systems"][name]
+        try:
+            rec["append_s"] = systems[name].append(ruleset)
+        except ApplyError as err:
+            rec["append_error"] = str(err)
+
+    if "bpfilter" in systems:
+        run["bpfilter"]["replay"] = replay_load(replace_blob(ruleset.iptables_restore()))
+        log(f"{mix} N={n}: bpfilter load replay: " + ", ".join(
+            f"{k} {v:.2f} s" for k, v in run["bpfilter"]["replay"]["stages_s"].items()))
+    return run
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", help=f"rule counts (default {','.join(map(str, FULL_SIZES))}; "
+                                   f"with --quick {','.join(map(str, QUICK_SIZES))})")
+    p.add_argument("--mixes", default=",".join(rules.MIXES),
+                   help=f"rule mixes (default {','.join(rules.MIXES)})")
+    p.add_argument("--quick", action="store_true",
+                   help="N up to 1000, one 1 s window per system and flow")
+    p.add_argument("--out", help="result directory (default results/bench-<date>)")
+    p.add_argument("--window", type=float, help="seconds per rate sample (default 1)")
+    p.add_argument("--reps", type=int, help="samples per system and flow, the median is kept "
+                                            "(default 3, 1 with --quick)")
+    p.add_argument("--repeat", type=int, default=100000,
+                   help="BPF_PROG_TEST_RUN repetitions (default 100000)")
+    p.add_argument("--seed", type=int, default=1, help="ruleset seed (default 1)")
+    args = p.parse_args(argv)
+    args.sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else \
+        list(QUICK_SIZES if args.quick else FULL_SIZES)
+    args.mixes = args.mixes.split(",")
+    for mix in args.mixes:
+        if mix not in rules.MIXES:
+            p.error(f"unknown mix {mix!r} (known: {', '.join(rules.MIXES)})")
+    if args.window is None:
+        args.window = 1.0
+    if args.reps is None:
+        args.reps = 1 if args.quick else 3
+    if not args.out:
+        args.out = os.path.join("results", "bench-" +
+                                datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    return args
+
+
+def _ensure_tools() -> None:
+    missing = [t for t in ("cc", "ip", "nft", "iptables-legacy-restore") if not shutil.which(t)]
+    if missing:
+        sys.exit(f"bench: missing {', '.join(missing)} (Debian: gcc iproute2 nftables iptables)")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        log("installing matplotlib for the plot")
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                        "--root-user-action=ignore", "matplotlib"], check=True)
+
+
+def _host() -> dict:
+    model = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"kernel": platform.release(), "cpus": os.cpu_count(), "cpu_model": model,
+            "loadavg_at_start": os.getloadavg()}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        sys.exit("bench: needs root (namespaces, iptables, BPF)")
+    _ensure_tools()
+    from netlab import PAYLOAD, Lab, build_flood
+    import report
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
+
+    sweep_stale()
+    os.makedirs(args.out, exist_ok=True)
+    private = os.path.join(PRIVATE_ROOT, f"bpbench-{os.getpid()}")
+    os.makedirs(private, mode=0o700)
+    args.env = environment(private)
+    started = time.monotonic()
+    results = {"config": {"command": " ".join([os.path.relpath(__file__), *sys.argv[1:]]),
+                          "started": datetime.datetime.now().isoformat(timespec="seconds"),
+                          "sizes": args.sizes, "mixes": args.mixes, "window_s": args.window,
+                          "reps": args.reps, "repeat": args.repeat, "seed": args.seed,
+                          "udp_payload": PAYLOAD, "frame_bytes_with_fcs": 64,
+                          "flows": {f: vars(v) for f, v in FLOWS.items()},
+                          "rate_counter": "Ip InDelivers of the receiver netns",
+                          "host": _host()},
+               "runs": []}
+    try:
+        flood = build_flood(os.path.join(HERE, "udpflood.c"), private)
+        names = ["none", "legacy", "nft", "nftset", "bpfilter"]
+        with Lab(f"{NS_PREFIX}{os.getpid()}", names, flood) as lab:
+            systems = {s: SYSTEMS[s](lab.receiver(s), args.env) for s in names}
+            systems["bpfilter"].clear()   # starts the private service
+            for mix in args.mixes:
+                for n in args.sizes:
+                    results["runs"].append(bench_one(lab, systems, mix, n, args))
+    finally:
+        service_log = os.path.join(private, "bpfilter.log")
+        if os.path.exists(service_log):
+            shutil.copy(service_log, os.path.join(args.out, "bpfilter-service.log"))
+        _flush_bpfilter(private)
+        shutil.rmtree(private, ignore_errors=True)
+    results["runtime_s"] = round(time.monotonic() - started, 1)
+    paths = report.write(results, args.out)
+    sys.stdout.write(report.tables(results))
+    print(f"\nruntime {results['runtime_s']:.0f} s; results in {', '.join(paths.values())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Builds bpfilter.ko's helper, the translator service frozen with PyInstaller into one
+# executable (build/bpfilter-umh), then the module with that helper embedded.
+#
+#   tools/build-helper.sh                 helper, then the module for the running kernel
+#   tools/build-helper.sh --kdir DIR      ... for the kernel whose build directory is DIR
+#   tools/build-helper.sh --helper-only   the helper alone (what a DKMS source tree needs)
+#
+# The helper is rebuilt only when the package's sources, Python or PyInstaller change.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+
+kdir=/lib/modules/$(uname -r)/build
+module=yes
+while [ $# -gt 0 ]; do
+    case $1 in
+    --kdir) kdir=$2; shift 2 ;;
+    --helper-only) module=no; shift ;;
+    *) echo "usage: $0 [--kdir DIR] [--helper-only]" >&2; exit 2 ;;
+    esac
+done
+
+python=${PYTHON:-python3}
+helper=build/bpfilter-umh
+work=build/pyinstaller
+
+if ! "$python" -c 'import PyInstaller' 2>/dev/null; then
+    "$python" -m pip install -q --disable-pip-version-check --root-user-action=ignore pyinstaller
+fi
+
+# What the frozen helper is made of: a different interpreter or freezer gives a
+# different executable even from the same sources.
+key=$({
+    "$python" -c 'import sys, PyInstaller; print(sys.version, sys.executable, PyInstaller.__version__)'
+    sha256sum "$0"
+    find umh/bpfilter -name '*.py' -not -path '*/__pycache__/*' -print0 | sort -z | xargs -0 sha256sum
+} | sha256sum | cut -d' ' -f1)
+
+if [ -x "$helper" ] && [ "$(cat "$helper.key" 2>/dev/null)" = "$key" ]; then
+    echo "helper: $helper is up to date"
+else
+    started=$(date +%s.%N)
+    mkdir -p "$work"
+    cat >"$work/bpfilter-umh.py" <<'EOF'
+import sys
+
+from bpfilter.cli import main
+
+sys.exit(main())
+EOF
+    # The preload shim (an extension next to the package) serves `bpfilter exec`, never
+    # the module's helper. construct imports numpy and cryptography lazily, for
+    # constructs bpfilter never uses, and cffi needs no compiler toolchain in ABI mode:
+    # left in, they would triple the helper's size and its unpacking time (hashlib
+    # falls back to its built-in hashes without OpenSSL).
+    excluded=(bpfilter._preload numpy cryptography yaml setuptools distutils
+              charset_normalizer ssl asyncio http xml email lzma bz2 tkinter
+              unittest pydoc pytest _hashlib readline decimal _decimal)
+    "$python" -m PyInstaller --noconfirm --clean --log-level WARN --onefile --strip \
+        --name bpfilter-umh --distpath "$work/dist" --workpath "$work/work" \
+        --specpath "$work" --paths "$root/umh" --collect-submodules bpfilter \
+        "${excluded[@]/#/--exclude-module=}" "$work/bpfilter-umh.py"
+    mv "$work/dist/bpfilter-umh" "$helper"
+    echo "$key" >"$helper.key"
+    printf 'helper: built %s (%s bytes) in %.0f s\n' "$helper" "$(stat -c %s "$helper")" \
+        "$(echo "$(date +%s.%N) - $started" | bc)"
+fi
+
+if [ $module = yes ]; then
+    make -C "$kdir" M="$root" modules
+fi
