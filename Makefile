@@ -1,8 +1,17 @@
 # bpfilter.ko for the running kernel, or for the kernel built in KDIR. The helper it
 # embeds must be built first: tools/build-helper.sh does both.
 KDIR ?= /lib/modules/$(shell uname -r)/build
+VERSION := $(shell sed -n 's/^PACKAGE_VERSION="\(.*\)"/\1/p' dkms.conf)
+DKMS_SOURCE ?= /usr/src/bpfilter-$(VERSION)
 
 modules clean:
 	$(MAKE) -C $(KDIR) M=$(CURDIR) $@
 
-.PHONY: modules clean
+# What DKMS builds from: the module's sources and the helper, built beforehand.
+dkms-source: build/bpfilter-umh
+	install -d $(DKMS_SOURCE)/kmod $(DKMS_SOURCE)/build
+	install -m 644 Kbuild Makefile dkms.conf $(DKMS_SOURCE)/
+	install -m 644 kmod/bpfilter.c kmod/bpfilter_proto.h kmod/bpfilter_umh_blob.S $(DKMS_SOURCE)/kmod/
+	install -m 755 build/bpfilter-umh $(DKMS_SOURCE)/build/
+
+.PHONY: modules clean dkms-source

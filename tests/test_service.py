@@ -1073,7 +1073,7 @@ def test_show_and_flush(svc, nets):
             assert re.search(rf"^{hook}: link \d+ at ipv4 \w+, priority", section, re.M), section
         ids = sorted(int(i) for i in re.findall(r"^\w+: link (\d+) at", section, re.M))
         assert ids == links[ns]
-        assert re.search(r"^  dispatcher prog \d+ bpfilter_OUTPUT", section, re.M)
+        assert re.search(r"^  dispatcher prog \d+ bpfilter_OUT", section, re.M)
 
     # flush: the service stops, every link goes, every pin goes, traffic is unfiltered
     done = svc.cli("flush")

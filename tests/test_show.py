@@ -152,7 +152,7 @@ def test_bpf_objects_and_disassembly(pinned, capsys):
     link, prog_id = _pinned_objects(root, key, "OUTPUT")
     section = out.split("\nOUTPUT: ", 1)[1].split("\n\n", 1)[0].splitlines()
     assert section[0] == f"link {link['id']} at ipv4 LOCAL_OUT, priority 0"
-    assert re.fullmatch(rf"  dispatcher prog {link['prog_id']} bpfilter_OUTPUT: 6 insns, "
+    assert re.fullmatch(rf"  dispatcher prog {link['prog_id']} bpfilter_OUT: 6 insns, "
                         r"\d+ bytes jited", section[1])
     assert re.fullmatch(rf"  ruleset    prog {prog_id} filter_OUTPUT: \d+ insns, \d+ bytes jited",
                         section[2])

@@ -13,4 +13,6 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+# The qemu guest, its Debian 6.12 kernel and a module toolchain (tests marked vm).
+bash tools/vm/setup.sh
 python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test]'

@@ -6,8 +6,10 @@ set -euo pipefail
 
 # qemu runs the guest; iptables, iproute2, bpftool and dash are copied into it; gcc-12
 # (the compiler Debian built the kernel with), make and pahole (module BTF; the
-# headers' kbuild calls it) build modules; libc6-dev has the static libc of the helper.
-packages=(qemu-system-x86 iptables iproute2 bpftool dash kmod gcc gcc-12 libc6-dev make dwarves)
+# headers' kbuild calls it) build modules; libc6-dev has the static libc of the helper;
+# dkms builds bpfilter.ko from its installed sources (tests/test_kmod.py).
+packages=(qemu-system-x86 iptables iproute2 bpftool dash kmod gcc gcc-12 libc6-dev make dwarves
+          dkms)
 
 export DEBIAN_FRONTEND=noninteractive
 

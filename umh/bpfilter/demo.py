@@ -1,16 +1,20 @@
-"""`bpfilter demo`: one ruleset, the kernel's iptables and bpfilter side by side.
+"""`bpfilter demo`: the unmodified iptables drives bpfilter, next to the kernel's own.
 
 A sender namespace sends the same real packets over veth to two identically wired
-namespaces: one filtered by the kernel's legacy iptables, one by bpfilter's BPF
-programs (loaded from the exact blob `iptables-legacy-restore` produced). The demo
-shows what arrived where and both sets of per-rule counters, and fails if they differ.
+namespaces. In one, the kernel's legacy iptables filters. In the other, the same
+ruleset goes in with the unmodified `iptables-legacy-restore` run under `bpfilter
+exec`, so BPF programs filter. The demo shows what arrived where and both namespaces'
+`iptables-legacy -L -v`, and fails if they differ.
 """
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
+import tempfile
 
-from .lab import Case, Lab, Packet, T_IN_ADDR
-from .listing import render
+from .daemon import flush
+from .lab import Case, Lab, Packet, ServiceBackend, T_IN_ADDR
 
 RULESET = """\
 *filter
@@ -62,31 +66,62 @@ def _word(arrived: bool) -> str:
     return "passed" if arrived else "dropped"
 
 
-def run(verbose: bool = False) -> int:
-    print("The ruleset, loaded with iptables-legacy-restore into the kernel and into bpfilter:\n")
-    print(RULESET)
-    with Lab({"kernel": "kernel", "bpfilter": "bpfilter"}) as lab:
-        lab.load(RULESET)
-        cases = [case for _, case in TRAFFIC]
-        arrived = lab.run(cases)
-        print(f"{'packet':<32}{'kernel iptables':<18}bpfilter")
-        for i, (what, _) in enumerate(TRAFFIC):
-            k, b = arrived["kernel"][i], arrived["bpfilter"][i]
-            flag = "" if k == b else "   <-- DIFFERENT"
-            print(f"{what:<32}{_word(k):<18}{_word(b)}{flag}")
+def _listing(lab: Lab, target: str, backend) -> str:
+    argv = ["iptables-legacy", "-L", "-v", "-n", "-x"]
+    if target == "bpfilter":
+        done = backend.exec(lab, target, argv)
+    else:
+        done = subprocess.run(["ip", "netns", "exec", lab.netns(target), *argv],
+                              capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(argv)} in {target}: {done.stderr.strip()}")
+    return done.stdout
 
-        loaded = lab.backend("bpfilter").loaded
-        ours, theirs = lab.counters("bpfilter"), lab.counters("kernel")
-        print("\nbpfilter's counters (the kernel's must be identical, entry by entry):\n")
-        print(render(loaded.table, ours))
-        print("The BPF programs doing the filtering:")
-        for rules in loaded.hooks.values():
-            print(f"  {rules.program.name}: {rules.insn_count} instructions, attached at "
-                  f"{rules.hook.name} through dispatcher bpfilter_{rules.hook.chain_name}")
-        if verbose:
-            print(subprocess.run(["bpftool", "prog", "show"], capture_output=True,
-                                 text=True).stdout)
-        same = arrived["kernel"] == arrived["bpfilter"] and ours == theirs
-        print("\nverdicts identical:", arrived["kernel"] == arrived["bpfilter"],
-              "| counters identical:", ours == theirs)
-        return 0 if same else 1
+
+def _bpf_programs() -> str:
+    shown = subprocess.run(["bpftool", "prog", "show"], capture_output=True, text=True).stdout
+    return "\n".join(line for line in shown.splitlines()
+                     if " name filter_" in line or " name bpfilter_" in line)
+
+
+def run(verbose: bool = False) -> int:
+    print("The ruleset, given to the unmodified iptables-legacy-restore in both namespaces:\n")
+    print(RULESET)
+    with tempfile.TemporaryDirectory(prefix="bpfilter-demo-") as private:
+        socket_path, bpffs = os.path.join(private, "bpfilter.sock"), os.path.join(private, "bpffs")
+        service = ServiceBackend(socket_path, bpffs)
+        try:
+            with Lab({"kernel": "kernel", "bpfilter": service}) as lab:
+                return _show(lab, service, verbose)
+        finally:
+            flush(socket_path, bpffs)
+            subprocess.run(["umount", bpffs], capture_output=True)
+
+
+def _show(lab: Lab, service: ServiceBackend, verbose: bool) -> int:
+    lab.load(RULESET)
+    cases = [case for _, case in TRAFFIC]
+    arrived = lab.run(cases)
+    print(f"{'packet':<32}{'kernel iptables':<18}bpfilter")
+    for i, (what, _) in enumerate(TRAFFIC):
+        k, b = arrived["kernel"][i], arrived["bpfilter"][i]
+        flag = "" if k == b else "   <-- DIFFERENT"
+        print(f"{what:<32}{_word(k):<18}{_word(b)}{flag}")
+
+    ours, theirs = _listing(lab, "bpfilter", service), _listing(lab, "kernel", service)
+    print("\n$ bpfilter exec -- iptables-legacy -L -v -n -x    (bpfilter's namespace)\n")
+    print(ours)
+    if ours != theirs:
+        print("$ iptables-legacy -L -v -n -x    (the kernel's namespace: DIFFERENT)\n")
+        print(theirs)
+    print("The netfilter BPF programs doing the filtering (bpftool prog show):")
+    print(_bpf_programs())
+    if verbose:
+        print(subprocess.run([sys.executable, "-m", "bpfilter", "show", "--bpf",
+                              "--bpffs", service.bpffs], capture_output=True, text=True).stdout)
+    same_verdicts = arrived["kernel"] == arrived["bpfilter"]
+    same_counters = lab.counters("kernel") == lab.counters("bpfilter")
+    print(f"\nverdicts identical to the kernel's: {same_verdicts} | "
+          f"iptables -L -v identical: {ours == theirs} | per-entry counters identical: "
+          f"{same_counters}")
+    return 0 if same_verdicts and same_counters and ours == theirs else 1

@@ -137,7 +137,7 @@ def attach_slots(ruleset: Ruleset, netns_path: Optional[str] = None) -> dict[Hoo
                                                    f"{table.name}_{hook.chain_name}"))
             code = dispatcher().assemble(map_fd={PROG_ARRAY: array_fd}.__getitem__)
             disp_fd = _owned(undo, bpf.prog_load(bpf.BPF_PROG_TYPE_NETFILTER, code,
-                                                 f"bpfilter_{hook.chain_name}",
+                                                 f"bpfilter_{hook.short_name}",
                                                  expected_attach_type=bpf.BPF_NETFILTER))
             slots[hook] = HookSlot(hook, array_fd, disp_fd)
             slots[hook].fill(rules)

@@ -37,10 +37,21 @@ class Hook(enum.IntEnum):
     def chain_name(self) -> str:
         return _BUILTIN_CHAIN[self]
 
+    @property
+    def short_name(self) -> str:
+        """Fits BPF's 15-character object names next to a prefix."""
+        return _SHORT[self]
+
 
 _BUILTIN_CHAIN = {
     Hook.PRE_ROUTING: "PREROUTING", Hook.LOCAL_IN: "INPUT", Hook.FORWARD: "FORWARD",
     Hook.LOCAL_OUT: "OUTPUT", Hook.POST_ROUTING: "POSTROUTING",
+}
+
+
+_SHORT = {
+    Hook.PRE_ROUTING: "PRE", Hook.LOCAL_IN: "IN", Hook.FORWARD: "FWD", Hook.LOCAL_OUT: "OUT",
+    Hook.POST_ROUTING: "POST",
 }
 
 

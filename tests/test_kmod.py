@@ -1,0 +1,179 @@
+"""bpfilter.ko: built with its frozen helper (tools/build-helper.sh), then in a qemu
+guest with Debian's 6.12 kernel (tools/vm) installed where modprobe finds it and driven
+by the unmodified iptables-legacy, its BPF programs filtering packets between two
+namespaces (tools/vm/scenarios/kmod.sh); and built by DKMS against the same headers."""
+import hashlib
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools" / "vm"))
+import harness  # noqa: E402
+
+pytestmark = pytest.mark.vm
+
+LIB = "/usr/lib/x86_64-linux-gnu"
+
+
+def _run(cmd, **kw):
+    proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    assert proc.returncode == 0, f"{' '.join(map(str, cmd))}:\n{proc.stdout}{proc.stderr}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def module():
+    """bpfilter.ko for the guest's kernel, its helper (re)built only if stale."""
+    _run(["bash", str(ROOT / "tools/build-helper.sh"), "--kdir", str(harness.kernel_build_dir())])
+    return ROOT / "bpfilter.ko"
+
+
+@pytest.fixture(scope="module")
+def nocap():
+    source = ROOT / "tools/vm/nocap.c"
+    binary = harness.cache_dir() / f"nocap-{hashlib.sha256(source.read_bytes()).hexdigest()[:16]}"
+    if not binary.exists():
+        _run(["gcc", "-static", "-O2", "-Wall", "-Werror", "-o", f"{binary}.tmp", str(source)])
+        Path(f"{binary}.tmp").rename(binary)
+    return binary
+
+
+def system_libraries() -> dict[str, str]:
+    """Guest path -> host file for the C library and zlib, which every Debian system has
+    and the frozen helper links against; the guest otherwise only holds what its own
+    tools need."""
+    listed = _run(["dpkg", "-L", "libc6", "zlib1g"]).stdout.split()
+    return {path: str(Path(path).resolve()) for path in listed
+            if re.fullmatch(r"(/usr)?/lib/x86_64-linux-gnu/[^/]+\.so[.0-9]*", path)}
+
+
+def sections(output: str) -> dict[str, str]:
+    parts = re.split(r"^== (.+)$", output, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def helper_start_times(log: str) -> list[float]:
+    """Seconds from each helper's start to its serving the device, from the kernel log."""
+    times, started = [], None
+    for line in log.splitlines():
+        stamp, _, text = line.partition(" ")
+        if text.startswith("bpfilter: started the helper"):
+            started = float(stamp)
+        elif text.startswith("bpfilter: serving bpfilter.ko") and started is not None:
+            times.append(round(float(stamp) - started, 1))
+            started = None
+    return times
+
+
+def test_kmod_end_to_end(module, nocap):
+    kver = harness.kernel_release()
+    extra = {**system_libraries(), "/usr/bin/nocap": str(nocap),
+             f"/lib/modules/{kver}/extra/bpfilter.ko": str(module)}
+    script = (ROOT / "tools/vm/scenarios/kmod.sh").read_text()
+    result = harness.run_scenario(script, extra, timeout=300)
+    out = result.output
+    assert result.status == 0, out
+    s = sections(out)
+    print(f"guest run: {result.seconds:.1f} s; helper start-up (s): "
+          f"{helper_start_times(s['log'])}")
+
+    # modprobe finds it; the helper is written root-only; ip_tables is not involved.
+    assert "ip_tables: not loaded\nbpfilter: loaded by modprobe" in s["install"]
+    assert "crw------- root /dev/bpfilter" in s["install"]
+    assert "-rwx------ root /run/bpfilter-umh" in s["install"]
+
+    # One rule: dropped and counted; tables listed per netns.
+    assert "traffic: 9:0 10:3" in s["rule"]
+    assert re.search(r"^\s*3\s+87\s+DROP\s+(17|udp)\s.*udp dpt:9\s*$", s["rule"], re.M), s["rule"]
+    assert "tables: filter\n" in s["rule"]
+    assert "tables in the root netns: []" in s["rule"]
+
+    # A restored ruleset with a user chain, and its counters.
+    assert "traffic: 9:0 10:3 11:0" in s["restore"]
+    assert re.search(r"^\s*9\s+261\s+udp_in\s", s["restore"], re.M), s["restore"]
+    assert re.search(r"^\s*3\s+87\s+DROP\s.*udp dpt:11\s*$", s["restore"], re.M), s["restore"]
+    assert re.search(r"^\s*3\s+87\s+RETURN\s", s["restore"], re.M), s["restore"]
+
+    assert "-A udp_in -p udp -m udp --dport 11 -j DROP" in s["save"]
+    assert "save round trip: equal" in s["save"]
+
+    # The filtering is BPF: the dispatchers and rulesets, netfilter links, no ip_tables.
+    assert "bpf programs: 6 netfilter links: 3" in s["bpf"]
+    for name in ("bpfilter_INPUT", "filter_INPUT", "filter_FORWARD", "filter_OUTPUT"):
+        assert f"program {name}\n" in s["bpf"]
+    assert "ip_tables: not loaded" in s["bpf"]
+
+    # Without CAP_NET_ADMIN, even root is refused, and nothing changes.
+    assert s["unprivileged"].count("Permission denied (you must be root)") == 2, s["unprivileged"]
+    assert "rules after: 5" in s["unprivileged"]
+
+    # IPv6's socket options are claimed too; the helper does not speak IPv6 yet.
+    assert "Address family not supported by protocol" in s["ipv6"]
+
+    # A killed helper: the pinned rules keep filtering, the next command starts another.
+    kill = s["kill"]
+    assert "helper killed\ntraffic: 9:0 10:3 11:0\niptables after the kill: ok" in kill
+    assert "helper: a new one serves\ntraffic: 9:0 10:3 11:0 12:0" in kill
+
+    # A stalled helper: the caller gets ETIMEDOUT, the rules survive, a new helper serves.
+    stall = s["stall"]
+    assert "Connection timed out" in stall
+    assert "-A INPUT -p udp -m udp --dport 12 -j DROP" in stall
+    assert "traffic: 9:0 10:3" in stall
+
+    assert "modprobe ip_tables: refused\nip_tables: not loaded" in s["conflict"]
+
+    # rmmod: everything detached, the helper's file and the proc files gone.
+    rmmod = s["rmmod"]
+    assert "bpfilter: unloaded\nbpf programs: 0 netfilter links: 0" in rmmod
+    assert "helper file: removed\nip_tables_names: removed" in rmmod
+    assert "traffic: 9:3 10:3" in rmmod
+
+    assert "modprobe ip_tables: loaded\nmodprobe bpfilter: refused" in s["ip_tables first"]
+
+    log = s["log"]
+    assert "bpfilter: the helper exited; the next request starts another" in log
+    assert "bpfilter: recovered table filter of netns" in log
+    assert "bpfilter: the helper did not answer within 3 s (op 1, optname 64): killing it" in log
+    assert "bpfilter: refusing to load ip_tables: bpfilter handles iptables" in log
+    assert "bpfilter: bpfilter.ko is unloading: detaching every table" in log
+    assert "ip_tables is loaded; unload it (and iptable_*) first" in log
+    for bad in ("WARNING:", "BUG:", "Call Trace:"):
+        assert bad not in result.console, result.console
+
+
+def test_dkms_builds_and_installs(module, tmp_path):
+    """DKMS builds the module from an installed source tree (the helper built
+    beforehand) against the guest kernel's headers, and installs it."""
+    kver = harness.kernel_release()
+    version = re.search(r'^PACKAGE_VERSION="(.+)"', (ROOT / "dkms.conf").read_text(), re.M)[1]
+    sources, tree = tmp_path / "src", tmp_path / "dkms"
+    tree.mkdir()
+    _run(["make", "-C", str(ROOT), "dkms-source", f"DKMS_SOURCE={sources}/bpfilter-{version}"])
+    dkms = ["dkms", "--sourcetree", str(sources), "--dkmstree", str(tree), "-k", kver,
+            "--kernelsourcedir", str(harness.kernel_build_dir())]
+    _run([*dkms, "build", f"bpfilter/{version}"])
+    built = tree / "bpfilter" / version / kver / "x86_64/module/bpfilter.ko"
+    info = _run(["modinfo", "-F", "vermagic", str(built)]).stdout
+    assert info.startswith(f"{kver} "), info
+
+    # Installing needs the kernel's module directory, which this host may not have.
+    moddir = Path("/lib/modules") / kver
+    created = not moddir.exists()
+    if created:
+        shutil.copytree(harness.kernel_tree(kver) / "lib/modules" / kver, moddir, symlinks=True,
+                        ignore=shutil.ignore_patterns("kernel"))
+    try:
+        _run([*dkms, "install", "--no-depmod", f"bpfilter/{version}"])
+        installed = moddir / "updates/dkms/bpfilter.ko"
+        assert installed.read_bytes() == built.read_bytes()
+        _run([*dkms, "remove", f"bpfilter/{version}"])
+        assert not installed.exists()
+    finally:
+        if created:
+            shutil.rmtree(moddir)
