@@ -17,6 +17,7 @@
 #include <linux/file.h>
 #include <linux/fs.h>
 #include <linux/miscdevice.h>
+#include <linux/poll.h>
 #include <linux/module.h>
 #include <linux/mount.h>
 #include <linux/namei.h>
@@ -46,11 +47,11 @@
 
 static char *umh_path = "/run/bpfilter-umh";
 module_param(umh_path, charp, 0444);
-MODULE_PARM_DESC(umh_path, "where the embedded helper is written, root-only, to be started (default /run/bpfilter-umh)");
+MODULE_PARM_DESC(umh_path, "where the embedded helper is written, root-only, to be started");
 
 static unsigned int timeout = 60;
 module_param(timeout, uint, 0644);
-MODULE_PARM_DESC(timeout, "seconds the helper has to start or to answer a request before it is killed (default 60)");
+MODULE_PARM_DESC(timeout, "seconds the helper has to start or to answer before it is killed");
 
 extern const char bpfilter_umh_start[], bpfilter_umh_end[];
 
@@ -141,10 +142,10 @@ static void bpfilter_finish(int err)
 {
 	struct bpfilter_call *call = bpfilter.call;
 
-	bpfilter.call = NULL;
-	bpfilter.request_pending = false;
+	WRITE_ONCE(bpfilter.call, NULL);
+	WRITE_ONCE(bpfilter.request_pending, false);
 	call->err = err;
-	call->done = true;
+	WRITE_ONCE(call->done, true);
 	wake_up_all(&bpfilter.caller_wq);
 	bpfilter_call_put(call);
 }
@@ -152,7 +153,7 @@ static void bpfilter_finish(int err)
 /* bpfilter.lock held. */
 static void bpfilter_forget_helper(void)
 {
-	bpfilter.helper_file = NULL;
+	WRITE_ONCE(bpfilter.helper_file, NULL);
 	put_pid(bpfilter.helper);
 	bpfilter.helper = NULL;
 	put_pid(bpfilter.spawned);
@@ -425,10 +426,10 @@ static int bpfilter_transact(struct bpfilter_call *call)
 	if (err)
 		goto out;
 	refcount_inc(&call->ref);
-	bpfilter.call = call;
+	WRITE_ONCE(bpfilter.call, call);
 	bpfilter.read_pos = 0;
 	bpfilter.write_pos = 0;
-	bpfilter.request_pending = true;
+	WRITE_ONCE(bpfilter.request_pending, true);
 	wake_up_interruptible(&bpfilter.helper_wq);
 	mutex_unlock(&bpfilter.lock);
 
@@ -632,9 +633,9 @@ static int bpfilter_open(struct inode *inode, struct file *file)
 	} else {
 		err = stream_open(inode, file);
 		if (!err) {
-			bpfilter.helper_file = file;
+			WRITE_ONCE(bpfilter.helper_file, file);
 			bpfilter.helper = get_pid(tgid);
-			bpfilter.open_files++;
+			WRITE_ONCE(bpfilter.open_files, bpfilter.open_files + 1);
 			wake_up_all(&bpfilter.caller_wq);
 		}
 	}
@@ -655,7 +656,7 @@ static int bpfilter_release(struct inode *inode, struct file *file)
 		}
 		bpfilter_forget_helper();
 	}
-	bpfilter.open_files--;
+	WRITE_ONCE(bpfilter.open_files, bpfilter.open_files - 1);
 	wake_up_all(&bpfilter.caller_wq);
 	mutex_unlock(&bpfilter.lock);
 	return 0;
@@ -713,7 +714,7 @@ static ssize_t bpfilter_read(struct file *file, char __user *buf, size_t count, 
 	}
 	bpfilter.read_pos += count;
 	if (bpfilter.read_pos == hdr + call->req.len)
-		bpfilter.request_pending = false;
+		WRITE_ONCE(bpfilter.request_pending, false);
 	ret = count;
 out:
 	mutex_unlock(&bpfilter.lock);
@@ -798,12 +799,26 @@ out:
 /*
  * No .owner: the helper holds the device open for as long as the module is
  * loaded, and a reference from it would make the module impossible to unload.
- * Module exit waits for every file to be released instead.
+ * Module exit waits for every file to be released instead; a release that has
+ * counted itself out has nothing left to run but its return.
  */
+/*
+ * Readable when a request waits: the helper sleeps in poll() between requests so
+ * that it can also wake on a timer, to drop the tables of deleted namespaces.
+ */
+static __poll_t bpfilter_poll(struct file *file, poll_table *wait)
+{
+	poll_wait(file, &bpfilter.helper_wq, wait);
+	if (READ_ONCE(bpfilter.helper_file) != file)
+		return EPOLLERR;
+	return READ_ONCE(bpfilter.request_pending) ? EPOLLIN | EPOLLRDNORM : 0;
+}
+
 static const struct file_operations bpfilter_fops = {
 	.open		= bpfilter_open,
 	.release	= bpfilter_release,
 	.read		= bpfilter_read,
+	.poll		= bpfilter_poll,
 	.write		= bpfilter_write,
 };
 
@@ -823,13 +838,11 @@ static int bpfilter_names_show(struct seq_file *seq, u32 family)
 	if (!call)
 		return -ENOMEM;
 	err = bpfilter_transact(call);
-	if (!err)
-		err = bpfilter_status(call);
-	if (!err)
-		seq_write(seq, call->reply, call->rep.len);
 	/* A family the helper does not support has no tables to list. */
-	if (err == -EAFNOSUPPORT)
-		err = 0;
+	if (!err && call->rep.status != -EAFNOSUPPORT)
+		err = bpfilter_status(call);
+	if (!err && !call->rep.status)
+		seq_write(seq, call->reply, call->rep.len);
 	bpfilter_call_put(call);
 	return err;
 }

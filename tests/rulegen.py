@@ -177,6 +177,80 @@ def _rule(rng: random.Random, chain: str, index: "int | None", chains: list[str]
     return " ".join(parts)
 
 
+@dataclass(frozen=True)
+class _RunStyle:
+    """What a run's rules vary in, kept to a few field shapes as real lists are
+    (blocklists, service ports), so that the classifier takes the run."""
+    src_masks: tuple
+    dst_masks: tuple
+    protos: tuple
+    ports: bool
+    ranges: bool = True
+
+
+def _run_style(rng: random.Random) -> _RunStyle:
+    return _RunStyle(src_masks=tuple(rng.sample([None, 32, 24, 16, 8, 0], rng.randint(1, 2))),
+                     dst_masks=tuple(rng.sample([None, 32, 24], rng.randint(1, 2))),
+                     protos=tuple(rng.sample(["tcp", "udp", "all", "47", None],
+                                             rng.randint(1, 2))),
+                     ports=rng.random() < 0.7)
+
+
+def _simple_rule(rng: random.Random, chain: str, style: _RunStyle, hints: _Hints) -> str:
+    """A rule the classifier takes: verdict target, no `!`, no interface, no -f, at
+    most a tcp/udp port match without flags."""
+    parts = [f"-A {chain}"]
+    for flag, masks in (("-s", style.src_masks), ("-d", style.dst_masks)):
+        mask = rng.choice(masks)
+        if mask is not None:
+            base = rng.choice([LAB_LO + 2, _lab_addr(rng)])
+            hints.nets.append((base, mask))
+            parts.append(f"{flag} {_addr(base)}/{mask}")
+    proto = rng.choice(style.protos)
+    if proto:
+        parts.append(f"-p {proto}")
+        hints.protos.append({"tcp": 6, "udp": 17, "all": 0, "47": 47}[proto])
+    if proto in ("tcp", "udp") and style.ports:
+        port = rng.choice(PORTS) if rng.random() < 0.5 else rng.randrange(65536)
+        hints.ports.append(port)
+        ranged = style.ranges and rng.random() < 0.2
+        parts.append(f"--dport {port}:65535" if ranged else f"--dport {port}")
+    parts.append(f"-j {rng.choice(['ACCEPT', 'DROP'])}")
+    return " ".join(parts)
+
+
+def runs_ruleset(rng: random.Random, hints: _Hints) -> str:
+    """Long runs of simple rules (what the classifier takes), broken now and then by
+    rules of any shape, in built-in chains and in a user chain."""
+    lines = ["*filter"]
+    lines += [f":{c} {rng.choice(['ACCEPT', 'DROP'])} [0:0]" for c in BUILTIN]
+    lines.append(":runs - [0:0]")
+    for chain in BUILTIN + ("runs",):
+        for _ in range(rng.randint(1, 3)):
+            style = _run_style(rng)
+            lines += [_simple_rule(rng, chain, style, hints) for _ in range(rng.randint(16, 90))]
+            if chain != "runs" and rng.random() < 0.5:
+                lines.append(f"-A {chain} -j runs")
+            else:
+                lines.append(_rule(rng, chain, 0 if chain == "runs" else None, ["runs"], hints))
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def large_ruleset(rng: random.Random, hints: _Hints, size: int) -> str:
+    """`size` rules in INPUT and FORWARD as long lists are written: a source blocklist,
+    then per-port service rules, then a short tail of rules of any shape."""
+    blocklist = _RunStyle((32, 24), (None,), (None,), False)
+    services = _RunStyle((None,), (None, 32), ("tcp", "udp"), True, ranges=False)
+    lines = ["*filter"] + [f":{c} {rng.choice(['ACCEPT', 'DROP'])} [0:0]" for c in BUILTIN]
+    for chain in ("INPUT", "FORWARD"):
+        for style, count in ((blocklist, size // 4), (services, size // 4)):
+            lines += [_simple_rule(rng, chain, style, hints) for _ in range(count)]
+        lines += [_rule(rng, chain, None, [], hints) for _ in range(5)]
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
 def ruleset(rng: random.Random, hints: _Hints) -> str:
     chains = [f"c{i}" for i in range(rng.randint(0, 5))]
     lines = ["*filter"]
@@ -263,8 +337,14 @@ def _case(rng: random.Random, hints: _Hints) -> Case:
     return Case(Packet(**kw), path)
 
 
-def generate(seed: int, n_cases: int = 200) -> tuple[str, list[Case]]:
+def generate(seed: int, n_cases: int = 200, runs: bool = False,
+             size: "int | None" = None) -> tuple[str, list[Case]]:
+    """A ruleset and packets aimed at it; `runs`: made of long runs of simple rules;
+    `size`: that many rules, as large real lists are written."""
     rng = random.Random(seed)
     hints = _Hints()
-    text = ruleset(rng, hints)
+    if size is not None:
+        text = large_ruleset(rng, hints, size)
+    else:
+        text = (runs_ruleset if runs else ruleset)(rng, hints)
     return text, [_case(rng, hints) for _ in range(n_cases)]

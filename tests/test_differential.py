@@ -11,6 +11,7 @@ import os
 import pytest
 
 from bpfilter.demo import RULESET as HOST_FIREWALL, TRAFFIC as HOST_TRAFFIC
+from bpfilter.compiler import classifier
 from bpfilter.lab import Case, Lab, Packet
 from rulegen import generate
 
@@ -101,4 +102,27 @@ def test_router_forward_chain_with_user_chains(lab):
 @pytest.mark.parametrize("seed", range(FIRST, FIRST + SEEDS))
 def test_random_ruleset(lab, seed):
     ruleset, cases = generate(seed)
+    assert_identical(lab, ruleset, cases)
+
+
+@pytest.mark.parametrize("seed", range(FIRST + 5000, FIRST + 5000 + SEEDS))
+def test_random_long_runs_through_the_classifier(lab, seed):
+    """Long runs of simple rules, which the tuple space classifies, broken by rules of
+    any shape, in built-in and user chains."""
+    ruleset, cases = generate(seed, runs=True)
+    assert_identical(lab, ruleset, cases)
+
+
+@pytest.mark.parametrize("seed", range(FIRST + 9000, FIRST + 9000 + SEEDS // 2))
+def test_random_ruleset_with_every_short_run_classified(lab, seed, monkeypatch):
+    """The general rulesets with runs of two or more simple rules classified too."""
+    monkeypatch.setattr(classifier, "MIN_RUN", 2)
+    ruleset, cases = generate(seed)
+    assert_identical(lab, ruleset, cases)
+
+
+def test_ten_thousand_rules(lab):
+    """10k rules (blocklists and service ports in INPUT and FORWARD): exact at scale."""
+    ruleset, cases = generate(424242, n_cases=400, size=10_000)
+    assert ruleset.count("\n-A ") >= 10_000
     assert_identical(lab, ruleset, cases)

@@ -31,6 +31,7 @@ from bpfilter.loader import load_filter_table
 from bpfilter.model import Hook
 from bpfilter.netns import entered
 from bpfilter.scratch import replace_blob
+from bpfilter.compiler import classifier
 from bpfilter.lab import Packet
 
 pytestmark = pytest.mark.kernel
@@ -473,8 +474,14 @@ def verdict_name(v: int) -> str:
 
 # ---------------------------------------------------------------- the tests
 
+@pytest.mark.parametrize("classified", [False, True], ids=["walked", "classified"])
 @pytest.mark.parametrize("c", CASES)
-def test_verdicts_and_counters(c: Case):
+def test_verdicts_and_counters(c: Case, classified: bool, monkeypatch):
+    """Each case twice: walked rule by rule, and with every rule the tuple space can
+    take classified (runs from one rule on), which must not change a thing."""
+    if classified:
+        monkeypatch.setattr(classifier, "MIN_RUN", 1)
+        monkeypatch.setattr(classifier, "RULES_PER_TUPLE", 0)
     table = load_filter_table(blob_of(c.rules), attach=False)
     try:
         got = [verdict_name(table.test_run(hook, p.build(1, 0))) for hook, p, _ in c.steps]
@@ -500,15 +507,20 @@ def test_entry_layout_helper_agrees_with_the_blob():
             [r.entry for r in chain.rules]
 
 
-def test_a_table_too_long_for_16_bit_jumps():
-    """3000 rules: the prologue's and every rule's jumps past the end need gotol; the
-    verdicts of the last rule and of the policy prove the relaxed code right."""
+@pytest.mark.parametrize("classified", [False, True], ids=["walked", "classified"])
+def test_a_table_too_long_for_16_bit_jumps(classified, monkeypatch):
+    """3000 rules. Walked, the prologue's and every rule's jumps past the end need
+    gotol; classified (a blocklist is one run), the program is small. The verdicts of
+    the first and last rules and of the policy, and the counters, prove both right."""
+    if not classified:
+        monkeypatch.setattr(classifier, "MIN_RUN", 10**9)
     n = 3000
     hosts = [f"10.0.{i // 250}.{i % 250 + 1}" for i in range(n)]
     rules = "\n".join(f"-A OUTPUT -s {h}/32 -j DROP" for h in hosts)
     table = load_filter_table(blob_of(rules), attach=False)
     try:
-        assert table.hooks[OUT].insn_count > 32767
+        assert (table.hooks[OUT].insn_count < 1000) if classified else \
+            (table.hooks[OUT].insn_count > 32767)
         got = [table.test_run(OUT, udp(src=hosts[-1]).build(1, 0)),
                table.test_run(OUT, udp(src=hosts[0]).build(1, 0)),
                table.test_run(OUT, udp(src="11.0.0.1").build(1, 0))]

@@ -15,6 +15,7 @@ COLORS = {"legacy": "tab:red", "nft": "tab:green", "nftset": "tab:olive",
           "bpfilter": "tab:blue"}
 MIX_STYLES = {"blocklist": "-", "ports": "--", "classbench": ":"}
 CSV_FIELDS = ("mix", "n", "system", "rate_match_pps", "rate_miss_pps", "rel_match", "rel_miss",
+              "wall_rate_match_pps", "wall_rate_miss_pps", "wall_rel_match", "wall_rel_miss",
               "apply_s", "append_s", "ns_per_pkt_match", "ns_per_pkt_miss", "test_run_repeat",
               "xlated_insns", "jited_bytes", "map_bytes", "error")
 
@@ -35,9 +36,9 @@ def tables(results: dict) -> str:
     runs = results["runs"]
     out = []
     w = results["config"]
-    out.append(f"Packet rate at the receiver relative to no rules, median of {w['reps']} x "
-               f"{w['window_s']:g} s (64-byte frames: UDP payload {w['udp_payload']}); "
-               f"'match last / no match'")
+    out.append(f"Packets delivered past INPUT per CPU-second of the sending core, relative to "
+               f"no rules; median of {w['reps']} x {w['window_s']:g} s; 64-byte frames "
+               f"(UDP payload {w['udp_payload']}); 'match last / no match'")
     head = f"{'mix':<11}{'N':>7}  {'no rules kpps':>15}" + "".join(
         f"  {LABELS[s]:>17}" for s in RULE_SYSTEMS)
     out += [head, "-" * len(head)]
@@ -61,9 +62,8 @@ def tables(results: dict) -> str:
         for s in RULE_SYSTEMS:
             r = run["systems"].get(s, {})
             cell = "n/a" if r.get("unsupported") else \
+                f"refused {_num(r.get('apply_s'), '.3g')}" if r.get("error") else \
                 f"{_num(r.get('apply_s'), '.3g')} / {_num(r.get('append_s'), '.3g')}"
-            if r.get("error"):
-                cell = f"refused {_num(r.get('apply_s'), '.3g')}"
             line += f"  {cell:>17}"
         out.append(line)
 
@@ -87,8 +87,9 @@ def tables(results: dict) -> str:
                             ("verify", 7))))
         out.append(line)
 
-    errors = [(run["mix"], run["n"], s, r["error"]) for run in runs
-              for s, r in run["systems"].items() if r.get("error")]
+    errors = [(run["mix"], run["n"], f"{s}{what}", r[key]) for run in runs
+              for s, r in run["systems"].items()
+              for key, what in (("error", ""), ("append_error", " append")) if r.get(key)]
     errors += [(run["mix"], run["n"], "bpfilter replay", run["bpfilter"]["replay"]["error"])
                for run in runs if (run.get("bpfilter") or {}).get("replay", {}).get("error")]
     if errors:
@@ -107,6 +108,10 @@ def csv_rows(results: dict) -> list[dict]:
                    "rate_match_pps": r.get("rate", {}).get("match"),
                    "rate_miss_pps": r.get("rate", {}).get("miss"),
                    "rel_match": _rel(r, "match"), "rel_miss": _rel(r, "miss"),
+                   "wall_rate_match_pps": r.get("rate_wall", {}).get("match"),
+                   "wall_rate_miss_pps": r.get("rate_wall", {}).get("miss"),
+                   "wall_rel_match": r.get("rel_wall", {}).get("match"),
+                   "wall_rel_miss": r.get("rel_wall", {}).get("miss"),
                    "apply_s": r.get("apply_s"), "append_s": r.get("append_s"),
                    "error": r.get("error") or ("unsupported" if r.get("unsupported") else None)}
             if s == "bpfilter":
@@ -151,23 +156,36 @@ def plot(results: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
     mixes = list(dict.fromkeys(run["mix"] for run in results["runs"]))
     sizes = sorted({run["n"] for run in results["runs"]})
-    fig, axes = plt.subplots(2, max(len(mixes), 3), figsize=(6 * max(len(mixes), 3), 10.5),
-                             squeeze=False)
+    cols = max(len(mixes), 3)
+    fig, axes = plt.subplots(2, cols, figsize=(6 * cols, 10.5), squeeze=False)
     cfg = results["config"]
-    fig.suptitle(f"bpfilter baseline: packet rate vs rule count ({cfg['host']['kernel']}, "
-                 f"{cfg['host']['cpus']} CPUs; 64-byte frames; solid = matching rule last, "
-                 f"dashed = no rule matches)", fontsize=12)
+    fig.suptitle(f"Packet filters vs rule count, {cfg['host']['kernel']}, {cfg['host']['cpus']} CPUs, "
+                 f"64-byte UDP frames.  Solid: the matching rule is last; dashed: no rule "
+                 f"matches (policy ACCEPT).", fontsize=12)
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
 
-    def logx(ax):
+    def axes_setup(ax, ylabel, yticks):
         ax.set_xscale("log")
-        ax.set_xticks(sizes)
-        ax.set_xticklabels([f"{n:,}" for n in sizes])
-        ax.set_xlabel("rules (N)")
-        ax.grid(True, which="major", alpha=0.3)
+        ax.set_yscale("log")
+        ax.xaxis.set_major_locator(FixedLocator(sizes))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        ax.yaxis.set_major_locator(FixedLocator(yticks))
+        ax.yaxis.set_minor_locator(NullLocator())
+        ax.yaxis.set_major_formatter(plain)
+        ax.set_xlabel("rules in INPUT (N)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
 
+    decades = [m * 10.0 ** e for e in range(-4, 7) for m in (1, 2, 5)]
+    rels = [_rel(run["systems"].get(s, {}), f) for run in results["runs"]
+            for s in RULE_SYSTEMS for f in FLOW_NAMES]
+    low = min([r for r in rels if r] or [0.5])
     for col, mix in enumerate(mixes):
         ax = axes[0][col]
         for s in RULE_SYSTEMS:
@@ -178,50 +196,56 @@ def plot(results: dict, path: str) -> None:
                             label=LABELS[s] if flow == "match" else None)
             refused = [run["n"] for run in results["runs"]
                        if run["mix"] == mix and run["systems"].get(s, {}).get("error")]
-            for n in refused:
-                ax.annotate(f"{LABELS[s]}\nrefused", (n, 1.0), xycoords=("data", "axes fraction"),
-                            xytext=(0, -4), textcoords="offset points", ha="center", va="top",
-                            fontsize=8, color=COLORS[s])
-                ax.plot([n], [0.0], "x", color=COLORS[s], ms=9, mew=2,
-                        transform=ax.get_xaxis_transform(), clip_on=False)
+            if refused:
+                ax.plot(refused, [low / 1.6] * len(refused), "X", color=COLORS[s], ms=10,
+                        label=f"{LABELS[s]} refused the ruleset")
         ax.axhline(1.0, color="black", lw=1, alpha=0.5)
-        ax.set_yscale("log")
-        ax.set_ylim(top=1.5)
-        ax.set_title(f"{mix}: packets received / no-rules rate")
-        ax.set_ylabel("rate relative to no rules (log)")
-        logx(ax)
-        ax.legend(fontsize=9, loc="lower left")
+        ax.set_ylim(low / 2.2, 1.4)
+        ax.set_title(f"{mix}: delivered packet rate relative to no rules")
+        axes_setup(ax, "delivered per CPU-second, relative to no rules",
+                   [t for t in decades if t <= 1])
+        ax.legend(fontsize=9, loc="best")
 
     ax = axes[1][0]
+    mix_colors = dict(zip(mixes, ("tab:blue", "tab:purple", "tab:cyan", "tab:gray")))
     for mix in mixes:
         for flow, style in (("match", "-"), ("miss", "--")):
             xs, ys = _series(results, mix, lambda run: (run.get("bpfilter") or {})
                              .get("ns_per_packet", {}).get(flow))
             if xs:
-                ax.plot(xs, ys, style, marker="o", ms=4, label=f"{mix}" if flow == "match" else None,
-                        color={"blocklist": "tab:blue", "ports": "tab:purple",
-                               "classbench": "tab:cyan"}.get(mix))
-    ax.set_yscale("log")
-    ax.set_title("bpfilter INPUT program: BPF_PROG_TEST_RUN ns/packet")
-    ax.set_ylabel("ns per packet (log)")
-    logx(ax)
-    ax.legend(fontsize=9)
+                ax.plot(xs, ys, style, marker="o", ms=4, color=mix_colors[mix],
+                        label=mix if flow == "match" else None)
+    ax.set_title("bpfilter's INPUT program: BPF_PROG_TEST_RUN time per packet")
+    axes_setup(ax, "ns per packet", decades)
+    if ax.get_lines():
+        ax.legend(fontsize=9, loc="upper left")
+    else:
+        ax.text(0.5, 0.5, "no ruleset loaded", transform=ax.transAxes, ha="center")
 
-    for ax, key, title in ((axes[1][1], "apply_s", "time to apply N rules"),
-                           (axes[1][2], "append_s", "time to append one rule to N")):
+    for ax, key, title in ((axes[1][1], "apply_s", "Time to apply the N rules"),
+                           (axes[1][2], "append_s", "Time to append one rule to the N")):
         for s in RULE_SYSTEMS:
             for mix in mixes:
                 xs, ys = _series(results, mix, lambda run: None if run["systems"].get(s, {})
                                  .get("error") else run["systems"].get(s, {}).get(key))
                 if xs:
-                    ax.plot(xs, ys, MIX_STYLES.get(mix, "-"), marker="o", ms=4, color=COLORS[s],
-                            label=f"{LABELS[s]}, {mix}")
-        ax.set_yscale("log")
-        ax.set_title(f"{title} (solid blocklist, dashed ports, dotted classbench)")
-        ax.set_ylabel("seconds, whole command (log)")
-        logx(ax)
-        ax.legend(fontsize=7, ncol=2)
-    for ax in axes[1][3:]:
+                    ax.plot(xs, ys, MIX_STYLES.get(mix, "-"), marker="o", ms=4, color=COLORS[s])
+                refused = [(run["n"], run["systems"][s]["apply_s"]) for run in results["runs"]
+                           if run["mix"] == mix and key == "apply_s"
+                           and run["systems"].get(s, {}).get("error")
+                           and run["systems"][s].get("apply_s")]
+                if refused:
+                    ax.plot(*zip(*refused), "X", color=COLORS[s], ms=10)
+        ax.set_title(f"{title} (whole command)")
+        axes_setup(ax, "seconds", decades)
+        handles = [Line2D([], [], color=COLORS[s], lw=2, label=LABELS[s]) for s in RULE_SYSTEMS]
+        handles += [Line2D([], [], color="gray", ls=MIX_STYLES.get(m, "-"), label=m) for m in mixes]
+        if key == "apply_s" and any(r.get("error") for run in results["runs"]
+                                    for r in run["systems"].values()):
+            handles.append(Line2D([], [], color="gray", marker="X", ls="", ms=9,
+                                  label="refused after"))
+        ax.legend(handles=handles, fontsize=8, loc="upper left", ncol=2)
+    for ax in [*axes[0][len(mixes):], *axes[1][3:]]:
         ax.axis("off")
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.savefig(path, dpi=110)

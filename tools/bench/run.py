@@ -105,12 +105,10 @@ def bench_one(lab, systems: dict, mix: str, n: int, args) -> dict:
     from bpfilter.scratch import replace_blob
 
     ruleset = rules.generate(mix, n, args.seed)
-    run = {"mix": mix, "n": n, "systems": {s: {} for s in systems}}
+    run = {"mix": mix, "n": n, "systems": {s: {} for s in ["none", *systems]}}
     active = []
     for name, system in systems.items():
         rec = run["systems"][name]
-        if name == "none":
-            continue
         if not system.supports(mix):
             rec["unsupported"] = True
             continue
@@ -120,8 +118,8 @@ def bench_one(lab, systems: dict, mix: str, n: int, args) -> dict:
             active.append(name)
             log(f"{mix} N={n}: {name} applied in {rec['apply_s']:.2f} s")
         except ApplyError as err:
-            rec["error"] = str(err)
-            log(f"{mix} N={n}: {name} refused: {err}")
+            rec["error"], rec["apply_s"] = str(err), err.seconds
+            log(f"{mix} N={n}: {name} refused after {err.seconds:.2f} s: {err}")
 
     if "bpfilter" in active:
         pins = table_dir(args.env["BPFILTER_BPFFS"], lab.receiver("bpfilter"))
@@ -134,11 +132,12 @@ def bench_one(lab, systems: dict, mix: str, n: int, args) -> dict:
         run["bpfilter"] = {}
 
     samples = measure_rates(lab, active, args.window, args.reps)
+    for name, by_flow in samples.items():
+        run["systems"][name]["samples"] = by_flow
     for key, field in (("rate", "pps_cpu"), ("rate_wall", "pps")):
         base = {f: _median([x[field] for x in samples["none"][f]]) for f in FLOWS}
         for name, by_flow in samples.items():
             rec = run["systems"][name]
-            rec["samples"] = by_flow
             rec[key] = {f: _median([x[field] for x in v]) for f, v in by_flow.items()}
             rec[key.replace("rate", "rel")] = {f: rec[key][f] / base[f] if base[f] else None
                                                for f in FLOWS}
@@ -151,7 +150,7 @@ def bench_one(lab, systems: dict, mix: str, n: int, args) -> dict:
         try:
             rec["append_s"] = systems[name].append(ruleset)
         except ApplyError as err:
-            rec["append_error"] = str(err)
+            rec["append_error"], rec["append_s"] = str(err), err.seconds
 
     if "bpfilter" in systems:
         run["bpfilter"]["replay"] = replay_load(replace_blob(ruleset.iptables_restore()))
@@ -161,7 +160,7 @@ def bench_one(lab, systems: dict, mix: str, n: int, args) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", help=f"rule counts (default {','.join(map(str, FULL_SIZES))}; "
                                    f"with --quick {','.join(map(str, QUICK_SIZES))})")
@@ -203,6 +202,19 @@ def _ensure_tools() -> None:
         log("installing matplotlib for the plot")
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
                         "--root-user-action=ignore", "matplotlib"], check=True)
+
+
+def _bpfilter_source() -> dict:
+    """Which bpfilter was measured: the one `import bpfilter` finds (PYTHONPATH can
+    point at another checkout), and its revision when that is a git work tree."""
+    import bpfilter
+    where = os.path.dirname(os.path.abspath(bpfilter.__file__))
+    git = ["git", "-C", where]
+    rev = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run([*git, "status", "--porcelain", "--", "."], capture_output=True,
+                           text=True)
+    return {"path": where, "git_head": rev.stdout.strip() or None,
+            "uncommitted_changes": bool(dirty.stdout.strip()) if rev.returncode == 0 else None}
 
 
 def _host() -> dict:
@@ -254,13 +266,12 @@ def main(argv=None) -> int:
                           "rate": "Ip InDelivers of the receiver netns per second of CPU time "
                                   "the flood and ksoftirqd got on the sending core (rate_wall: "
                                   "per second of wall clock)",
-                          "host": _host()},
+                          "host": _host(), "bpfilter": _bpfilter_source()},
                "runs": []}
     try:
         flood = build_flood(os.path.join(HERE, "udpflood.c"), private)
-        names = ["none", "legacy", "nft", "nftset", "bpfilter"]
-        with Lab(f"{NS_PREFIX}{os.getpid()}", names, flood) as lab:
-            systems = {s: SYSTEMS[s](lab.receiver(s), args.env) for s in names}
+        with Lab(f"{NS_PREFIX}{os.getpid()}", ["none", *SYSTEMS], flood) as lab:
+            systems = {s: cls(lab.receiver(s), args.env) for s, cls in SYSTEMS.items()}
             systems["bpfilter"].clear()   # starts the private service
             for mix in args.mixes:
                 for n in args.sizes:

@@ -20,11 +20,13 @@ EMPTY_TABLE = iptables_restore([])
 class ApplyError(RuntimeError):
     """The system refused the ruleset: a result, not a failure of the bench."""
 
+    def __init__(self, message: str, seconds: float) -> None:
+        super().__init__(message)
+        self.seconds = seconds
+
 
 class System:
     name = ""
-    label = ""
-    color = ""
 
     def __init__(self, netns: str, env: dict) -> None:
         self.netns, self.env = netns, env
@@ -39,8 +41,8 @@ class System:
         spent = time.perf_counter() - start
         if done.returncode:
             lines = (done.stderr or done.stdout).strip().splitlines()
-            raise ApplyError(f"{argv[0]} exited {done.returncode} after {spent:.1f} s: "
-                             f"{lines[0] if lines else 'no message'}")
+            raise ApplyError(f"exit {done.returncode}: {lines[0] if lines else 'no message'}",
+                             spent)
         return spent
 
     def clear(self) -> None:
@@ -53,41 +55,34 @@ class System:
         raise NotImplementedError
 
 
-class Baseline(System):
-    name, label, color = "none", "no rules", "black"
-
-    def clear(self) -> None:
-        pass
-
-    def apply(self, ruleset: Ruleset) -> float:
-        return 0.0
-
-    def append(self, ruleset: Ruleset) -> float:
-        return 0.0
-
-
 class Legacy(System):
-    name, label, color = "legacy", "iptables-legacy", "tab:red"
-    prefix: list[str] = []
+    name = "legacy"
+
+    def _iptables(self, command: str) -> list[str]:
+        return [command]
 
     def clear(self) -> None:
-        self._timed([*self.prefix, "iptables-legacy-restore"], EMPTY_TABLE)
+        self._timed(self._iptables("iptables-legacy-restore"), EMPTY_TABLE)
 
     def apply(self, ruleset: Ruleset) -> float:
-        return self._timed([*self.prefix, "iptables-legacy-restore"], ruleset.iptables_restore())
+        return self._timed(self._iptables("iptables-legacy-restore"), ruleset.iptables_restore())
 
     def append(self, ruleset: Ruleset) -> float:
-        return self._timed([*self.prefix, "iptables-legacy", *ruleset.extra.iptables().split()])
+        return self._timed([*self._iptables("iptables-legacy"),
+                            *ruleset.extra.iptables().split()])
 
 
 class Bpfilter(Legacy):
     """The same iptables-legacy binaries, their socket options sent to bpfilter."""
-    name, label, color = "bpfilter", "bpfilter", "tab:blue"
-    prefix = [sys.executable, "-m", "bpfilter", "exec", "--"]
+    name = "bpfilter"
+
+    def _iptables(self, command: str) -> list[str]:
+        return [sys.executable, "-m", "bpfilter", "exec", "--socket", self.env["BPFILTER_SOCKET"],
+                "--bpffs", self.env["BPFILTER_BPFFS"], "--", command]
 
 
 class Nft(System):
-    name, label, color = "nft", "nftables", "tab:green"
+    name = "nft"
 
     def clear(self) -> None:
         self._timed(["nft", "flush", "ruleset"])
@@ -100,7 +95,7 @@ class Nft(System):
 
 
 class NftSets(Nft):
-    name, label, color = "nftset", "nftables sets", "tab:olive"
+    name = "nftset"
 
     def supports(self, mix: str) -> bool:
         return mix in SET_MIXES
@@ -112,7 +107,7 @@ class NftSets(Nft):
         return self._timed(["nft", *ruleset.nft_sets_append().split()])
 
 
-SYSTEMS = {cls.name: cls for cls in (Baseline, Legacy, Nft, NftSets, Bpfilter)}
+SYSTEMS = {cls.name: cls for cls in (Legacy, Nft, NftSets, Bpfilter)}
 
 
 def environment(private_dir: str) -> dict:

@@ -26,7 +26,9 @@ from .abi.decode import table_from_raw
 from .bpf import syscall as bpf
 from .bpf.btf import Btf
 from .compiler import facts
-from .compiler.codegen import COUNTERS, PROG_ARRAY, HookProgram, compile_table, dispatcher
+from .compiler.classifier import KEY_SIZE, VALUE_SIZE, TupleSpace
+from .compiler.codegen import (CLASSIFIER, COUNTERS, PROG_ARRAY, HookProgram, compile_table,
+                               dispatcher)
 from .model import Hook, Table
 from .netfilter import NF_IP_PRI_FILTER
 
@@ -107,16 +109,19 @@ def _owned(undo: ExitStack, fd: int) -> int:
 def load_ruleset(table: Table) -> Ruleset:
     """Compile and load `table` (nothing attached). On failure nothing stays loaded."""
     btf = Btf.vmlinux()
-    programs = compile_table(table, facts.KernelOffsets.from_btf(btf))
+    compiled = compile_table(table, facts.KernelOffsets.from_btf(btf))
     size = max(table.num_entries, 1)
-    with ExitStack() as undo:
+    with ExitStack() as undo, ExitStack() as transient:
         counters_fd = _owned(undo, bpf.map_create(bpf.BPF_MAP_TYPE_PERCPU_ARRAY, 4, COUNTER.size,
                                                   size, f"{table.name}_ctrs"))
         offsets_fd = _owned(undo, bpf.map_create(bpf.BPF_MAP_TYPE_ARRAY, 4, COUNTER.size, size,
                                                  f"{table.name}_added"))
         ruleset = Ruleset(table, counters_fd, offsets_fd)
-        for program in programs:
-            code = program.asm.assemble(map_fd={COUNTERS: counters_fd}.__getitem__,
+        maps = {COUNTERS: counters_fd}
+        if compiled.tuple_space.entries:
+            maps[CLASSIFIER] = _owned(transient, _classifier_map(table, compiled.tuple_space))
+        for program in compiled.programs:
+            code = program.asm.assemble(map_fd=maps.__getitem__,
                                         kfunc_id=lambda k: btf.kfunc_id(k.name))
             prog_fd = _owned(undo, bpf.prog_load(bpf.BPF_PROG_TYPE_NETFILTER, code, program.name,
                                                  expected_attach_type=bpf.BPF_NETFILTER))
@@ -124,6 +129,19 @@ def load_ruleset(table: Table) -> Ruleset:
                                                     len(code) // 8)
         undo.pop_all()
         return ruleset
+
+
+def _classifier_map(table: Table, space: TupleSpace) -> int:
+    """The tuple space's keys. The programs hold the map, so the ruleset need not."""
+    fd = bpf.map_create(bpf.BPF_MAP_TYPE_HASH, KEY_SIZE, VALUE_SIZE, len(space.entries),
+                        f"{table.name}_cls")
+    try:
+        for key, (entry, verdict) in space.entries.items():
+            bpf.map_update(fd, key, struct.pack("<II", entry, verdict))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def attach_slots(ruleset: Ruleset, netns_path: Optional[str] = None) -> dict[Hook, HookSlot]:

@@ -334,13 +334,15 @@ def _answer(service: Service, conn, req, payload: bytes, netns_fd) -> tuple[int,
     return _handled(service, req, payload, netns_fd)
 
 
-def _handled(service: Service, req, payload: bytes, netns_fd) -> tuple[int, bytes]:
+def _handled(service: Service, req, payload: bytes, netns_fd,
+             log_refusals: bool = True) -> tuple[int, bytes]:
     """Never raises: every failure becomes an errno and a message for the caller."""
     what = f"pid {req.pid} op {req.op} optname {req.optname}"
     try:
         return service.handle(req, payload, netns_fd)
     except BpfilterError as err:
-        log(f"{what}: {err}")
+        if log_refusals:
+            log(f"{what}: {err}")
         return -err.errno, str(err).encode()
     except BpfError as err:
         log(f"{what}: the kernel refused: {err}")
@@ -395,8 +397,13 @@ def serve_device(device: str, bpffs: str = DEFAULT_ROOT) -> None:
     service = Service(Store(bpffs))
     dev = os.open(device, os.O_RDWR)
     log(f"serving bpfilter.ko through {device}, tables pinned under {bpffs}")
+    waiting = select.poll()
+    waiting.register(dev, select.POLLIN)
     try:
         while True:
+            service.sweep(live_netns_inums())
+            if not waiting.poll(SWEEP_INTERVAL * 1000):
+                continue
             req = proto.request.parse(_read_exact(dev, proto.request.sizeof()))
             payload = _read_exact(dev, req.len)
             netns_fd = req.netns_fd if req.netns_fd >= 0 else None
@@ -408,7 +415,8 @@ def serve_device(device: str, bpffs: str = DEFAULT_ROOT) -> None:
                         service.store.remove(key)
                     os.write(dev, proto.build_reply(0))
                     return
-                status, reply = _handled(service, req, payload, netns_fd)
+                # bpfilter.ko prints refusals itself, with the caller's context
+                status, reply = _handled(service, req, payload, netns_fd, log_refusals=False)
             finally:
                 if netns_fd is not None:
                     os.close(netns_fd)

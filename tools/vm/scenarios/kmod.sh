@@ -35,12 +35,13 @@ bpf_objects() {
 }
 
 say install
-mkdir -p "/lib/modules/$(uname -r)/extra"
 depmod -a
 loaded ip_tables && echo "ip_tables: loaded" || echo "ip_tables: not loaded"
 modprobe bpfilter
 loaded bpfilter && echo "bpfilter: loaded by modprobe"
-stat -c '%A %U %n' /dev/bpfilter /run/bpfilter-umh
+stat -c '%A %u %n' /dev/bpfilter /run/bpfilter-umh
+# Only the helper bpfilter started may open its device, root or not.
+cat /dev/bpfilter 2>&1 || true
 
 ip netns add snd
 ip netns add rcv
@@ -113,10 +114,24 @@ say stall
 echo 3 >/sys/module/bpfilter/parameters/timeout
 pid=$(helper_pid)
 kill -STOP "$pid"
-ip netns exec rcv iptables-legacy -L -n 2>&1 | head -1 || true
+# One request, no retry (iptables tries twice, the second time with a new helper).
+start=$(date +%s)
+ip netns exec rcv cat /proc/net/ip_tables_names 2>&1 || true
+echo "stalled request answered in $(( $(date +%s) - start )) s"
 echo 60 >/sys/module/bpfilter/parameters/timeout
 ip netns exec rcv iptables-legacy -S INPUT
 traffic 9 10
+
+say death
+# The helper dies with a request pending: the caller gets EPIPE at once.
+pid=$(helper_pid)
+kill -STOP "$pid"
+ip netns exec rcv cat /proc/net/ip_tables_names >/tmp/names 2>&1 &
+sleep 1
+kill -9 "$pid"
+wait
+cat /tmp/names
+ip netns exec rcv iptables-legacy -S INPUT | grep -c '^-A' | sed 's/^/rules after: /'
 
 say conflict
 modprobe ip_tables 2>/dev/null && echo "modprobe ip_tables: loaded" || echo "modprobe ip_tables: refused"

@@ -8,9 +8,13 @@ up each extension and running its checkentry belongs to the layer above, which
 walks the entries in order and calls check_builtin_target() for the standard
 and error targets.
 """
-import dataclasses
 import errno
+import gc
 import struct
+from contextlib import contextmanager
+from functools import lru_cache
+from itertools import starmap
+from operator import attrgetter
 
 from ..errors import BpfilterError, invalid
 from .xtables import (
@@ -48,24 +52,69 @@ from .xtables import (
     RawTable,
     RawTarget,
     cstr,
-    ipt_entry,
+    ipt_entry_packed,
     ipt_get_entries,
     ipt_getinfo,
+    ipt_ip_packed,
     ipt_replace,
     name_field,
-    xt_counters,
     xt_counters_info,
-    xt_entry_match,
-    xt_entry_target,
+    xt_counters_packed,
+    xt_entry_match_packed,
+    xt_entry_target_packed,
+    xt_error_target_packed,
+    xt_standard_target_packed,
 )
 
 _UNSET = 0xFFFFFFFF
 _IN_PROGRESS = 1 << NF_INET_NUMHOOKS  # mark_source_chains' "on the current path" bit
 _UNCONDITIONAL_IP = bytes(SIZEOF_IPT_IP)
 
+# Where the per-rule layouts' fields sit in their unpacked tuples.
+_E_IP = ipt_entry_packed.index("ip")
+_E_FLAGS = ipt_entry_packed.index("ip.flags")
+_E_INVFLAGS = ipt_entry_packed.index("ip.invflags")
+_E_NFCACHE = ipt_entry_packed.index("nfcache")
+_E_TARGET_OFFSET = ipt_entry_packed.index("target_offset")
+_E_NEXT_OFFSET = ipt_entry_packed.index("next_offset")
+_E_COMEFROM = ipt_entry_packed.index("comefrom")
+_E_PCNT = ipt_entry_packed.index("counters.pcnt")
+_E_BCNT = ipt_entry_packed.index("counters.bcnt")
+_M_SIZE = xt_entry_match_packed.index("match_size")
+_M_NAME = xt_entry_match_packed.index("name")
+_M_REVISION = xt_entry_match_packed.index("revision")
+_T_SIZE = xt_entry_target_packed.index("target_size")
+_T_NAME = xt_entry_target_packed.index("name")
+_T_REVISION = xt_entry_target_packed.index("revision")
+_MATCH_HEADER = (xt_entry_match_packed, _M_SIZE, _M_NAME, _M_REVISION)
+_TARGET_HEADER = (xt_entry_target_packed, _T_SIZE, _T_NAME, _T_REVISION)
+# The built-in targets' payloads are read and written alone: build_replace keeps
+# the caller's bytes around them.
+_VERDICT_AT, _VERDICT = xt_standard_target_packed.field("verdict")
+_ERRORNAME_AT, _ERRORNAME = xt_error_target_packed.field("errorname")
+# RawIp's fields are ipt_ip's, in its order (tests/test_abi_bridge.py holds them so).
+_ip_values = attrgetter(*ipt_ip_packed.names)
+# Extension names repeat from rule to rule; bounded, as the blob is the caller's.
+_name = lru_cache(maxsize=1024)(cstr)
+
 
 def _fault(message: str) -> BpfilterError:
     return BpfilterError(errno.EFAULT, message)
+
+
+@contextmanager
+def gc_paused():
+    """For decoding a whole table: it allocates objects by the million, none in
+    a cycle and all kept, so the cyclic collector would only rescan an ever
+    larger heap, again and again (half the time of a 100k-rule table)."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 # ---------------------------------------------------------------- header
@@ -120,162 +169,130 @@ def _verdict_ok(verdict: int) -> bool:
     return verdict in (XT_RETURN, -NF_ACCEPT - 1, -NF_DROP - 1, -NF_QUEUE - 1)
 
 
-def _check_entry_offsets(raw: bytes, index: int, off: int, target_offset: int, next_offset: int) -> None:
-    """xt_check_entry_offsets(): the target and the match chain fit the entry."""
-    where = f"offset {off}: "
+def _check_entry_offsets(raw: bytes, index: int, off: int, target_offset: int, next_offset: int):
+    """xt_check_entry_offsets(): the target and the match chain fit the entry.
+    Returns them, decoded: (matches, target)."""
     if target_offset < SIZEOF_IPT_ENTRY:
-        raise invalid(where + f"target_offset {target_offset} points inside the {SIZEOF_IPT_ENTRY}-byte ipt_entry", index)
+        raise invalid(f"offset {off}: target_offset {target_offset} points inside the {SIZEOF_IPT_ENTRY}-byte ipt_entry", index)
     if target_offset + SIZEOF_XT_ENTRY_HEADER > next_offset:
-        raise invalid(where + f"target_offset {target_offset} leaves no room for a target before next_offset {next_offset}", index)
-    target_size = struct.unpack_from("<H", raw, target_offset)[0]
+        raise invalid(f"offset {off}: target_offset {target_offset} leaves no room for a target before next_offset {next_offset}", index)
+    header = xt_entry_target_packed.unpack_from(raw, target_offset)
+    target_size = header[_T_SIZE]
     if target_size < SIZEOF_XT_ENTRY_HEADER:
-        raise invalid(where + f"target_size {target_size} is smaller than the target header", index)
+        raise invalid(f"offset {off}: target_size {target_size} is smaller than the target header", index)
     if target_offset + target_size > next_offset:
-        raise invalid(where + f"target (offset {target_offset}, size {target_size}) runs past next_offset {next_offset}", index)
-    name = cstr(raw[target_offset + 2 : target_offset + 2 + 29])
-    if name == XT_STANDARD_TARGET:
+        raise invalid(f"offset {off}: target (offset {target_offset}, size {target_size}) runs past next_offset {next_offset}", index)
+    target = RawTarget(_name(header[_T_NAME]), header[_T_REVISION], target_size,
+                       raw[target_offset + SIZEOF_XT_ENTRY_HEADER : target_offset + target_size])
+    # The built-in targets' payloads are read where the kernel reads them, even
+    # when target_size claims less.
+    if target.name == XT_STANDARD_TARGET:
         if XT_ALIGN(target_offset + SIZEOF_XT_STANDARD_TARGET) != next_offset:
             raise invalid(
-                where + f"standard target at {target_offset} needs next_offset "
+                f"offset {off}: standard target at {target_offset} needs next_offset "
                 f"{XT_ALIGN(target_offset + SIZEOF_XT_STANDARD_TARGET)}, not {next_offset}",
                 index,
             )
-        verdict = struct.unpack_from("<i", raw, target_offset + SIZEOF_XT_ENTRY_HEADER)[0]
-        if not _verdict_ok(verdict):
-            raise invalid(where + f"standard target verdict {verdict} is neither a jump nor ACCEPT/DROP/QUEUE/RETURN", index)
-    elif name == XT_ERROR_TARGET:
+        target.verdict = _VERDICT.unpack_from(raw, target_offset + _VERDICT_AT)[0]
+        if not _verdict_ok(target.verdict):
+            raise invalid(f"offset {off}: standard target verdict {target.verdict} is neither a jump nor ACCEPT/DROP/QUEUE/RETURN", index)
+    elif target.name == XT_ERROR_TARGET:
         if target_size != SIZEOF_XT_ERROR_TARGET:
-            raise invalid(where + f"ERROR target size {target_size} is not {SIZEOF_XT_ERROR_TARGET}", index)
-        errorname = raw[target_offset + SIZEOF_XT_ENTRY_HEADER : target_offset + SIZEOF_XT_ENTRY_HEADER + XT_FUNCTION_MAXNAMELEN]
+            raise invalid(f"offset {off}: ERROR target size {target_size} is not {SIZEOF_XT_ERROR_TARGET}", index)
+        errorname = _ERRORNAME.unpack_from(raw, target_offset + _ERRORNAME_AT)[0]
         if b"\0" not in errorname:
-            raise invalid(where + "ERROR target name is not NUL-terminated", index)
-    _check_entry_match(raw, index, off, target_offset)
+            raise invalid(f"offset {off}: ERROR target name is not NUL-terminated", index)
+        target.errorname = cstr(errorname)
+    return _check_entry_match(raw, index, off, target_offset), target
 
 
-def _check_entry_match(raw: bytes, index: int, off: int, target_offset: int) -> None:
-    """xt_check_entry_match(): the matches tile [112, target_offset) exactly."""
+def _check_entry_match(raw: bytes, index: int, off: int, target_offset: int) -> "list[RawMatch]":
+    """xt_check_entry_match(): the matches tile [112, target_offset) exactly.
+    Returns them, decoded."""
+    matches = []
     pos = SIZEOF_IPT_ENTRY
     length = target_offset - pos
     while length > 0:
-        where = f"offset {off}: match at {pos}: "
         # The entry itself is 8-byte aligned here, so the in-entry offset decides.
         if pos % 8:
-            raise invalid(where + "not 8-byte aligned", index)
+            raise invalid(f"offset {off}: match at {pos}: not 8-byte aligned", index)
         if length < SIZEOF_XT_ENTRY_HEADER:
-            raise invalid(where + f"only {length} bytes left before the target, less than a match header", index)
-        match_size = struct.unpack_from("<H", raw, pos)[0]
+            raise invalid(f"offset {off}: match at {pos}: only {length} bytes left before the target, less than a match header", index)
+        header = xt_entry_match_packed.unpack_from(raw, pos)
+        match_size = header[_M_SIZE]
         if match_size < SIZEOF_XT_ENTRY_HEADER:
-            raise invalid(where + f"match_size {match_size} is smaller than the match header", index)
+            raise invalid(f"offset {off}: match at {pos}: match_size {match_size} is smaller than the match header", index)
         if match_size > length:
-            raise invalid(where + f"match_size {match_size} runs past target_offset {target_offset}", index)
+            raise invalid(f"offset {off}: match at {pos}: match_size {match_size} runs past target_offset {target_offset}", index)
+        matches.append(RawMatch(_name(header[_M_NAME]), header[_M_REVISION], match_size,
+                                raw[pos + SIZEOF_XT_ENTRY_HEADER : pos + match_size]))
         length -= match_size
         pos += match_size
+    return matches
 
 
 def _unconditional(e: RawEntry) -> bool:
     return e.target_offset == SIZEOF_IPT_ENTRY and e.raw[:SIZEOF_IPT_IP] == _UNCONDITIONAL_IP
 
 
-def _std_verdict(e: RawEntry) -> "int | None":
-    if e.target.name != XT_STANDARD_TARGET:
-        return None
-    return struct.unpack_from("<i", e.raw, e.target_offset + SIZEOF_XT_ENTRY_HEADER)[0]
-
-
 def _check_underflow(e: RawEntry) -> bool:
     """A chain policy: an unconditional standard ACCEPT or DROP."""
-    verdict = _std_verdict(e)
+    verdict = e.target.verdict
     if not _unconditional(e) or verdict is None:
         return False
     return ((-verdict - 1) & 0xFFFFFFFF) in (NF_DROP, NF_ACCEPT)
 
 
-def _decode_entry(raw: bytes, index: int, off: int) -> RawEntry:
-    """Only for an entry that passed _check_entry_offsets()."""
-    h = ipt_entry.parse(raw[:SIZEOF_IPT_ENTRY])
-    matches = []
-    pos = SIZEOF_IPT_ENTRY
-    while pos < h.target_offset:
-        m = xt_entry_match.parse(raw[pos : pos + SIZEOF_XT_ENTRY_HEADER])
-        matches.append(
-            RawMatch(
-                name=cstr(m.name),
-                revision=m.revision,
-                size=m.match_size,
-                data=raw[pos + SIZEOF_XT_ENTRY_HEADER : pos + m.match_size],
-            )
-        )
-        pos += m.match_size
-    to = h.target_offset
-    t = xt_entry_target.parse(raw[to : to + SIZEOF_XT_ENTRY_HEADER])
-    target = RawTarget(
-        name=cstr(t.name),
-        revision=t.revision,
-        size=t.target_size,
-        data=raw[to + SIZEOF_XT_ENTRY_HEADER : to + t.target_size],
-    )
-    body = to + SIZEOF_XT_ENTRY_HEADER
-    if target.name == XT_STANDARD_TARGET:
-        # Read where the kernel reads it, even if target_size claims less.
-        target.verdict = struct.unpack_from("<i", raw, body)[0]
-    elif target.name == XT_ERROR_TARGET:
-        target.errorname = cstr(raw[body : body + XT_FUNCTION_MAXNAMELEN])
-    ip = h.ip
-    return RawEntry(
-        index=index,
-        offset=off,
-        ip=RawIp(**{f.name: ip[f.name] for f in dataclasses.fields(RawIp)}),
-        nfcache=h.nfcache,
-        target_offset=h.target_offset,
-        next_offset=h.next_offset,
-        comefrom=h.comefrom,
-        pcnt=h.counters.pcnt,
-        bcnt=h.counters.bcnt,
-        matches=matches,
-        target=target,
-        raw=raw,
-    )
-
-
 def _walk_entries(table: RawTable, body: bytes, hook_entry: list, underflow: list) -> None:
     """translate_table()'s first pass: check_entry_size_and_hooks() on each entry."""
+    hook_offsets = {table.hook_entry[h] for h in range(NF_INET_NUMHOOKS) if table.valid_hooks & (1 << h)}
+    hook_offsets.update(table.underflow[h] for h in range(NF_INET_NUMHOOKS) if table.valid_hooks & (1 << h))
+    entries = table.entries
     off = 0
     index = 0
     while off < table.size:
-        where = f"offset {off}: "
         # entries[] is 8-byte aligned in the kernel, so only the offset matters.
         if off % 8:
-            raise invalid(where + "entry is not 8-byte aligned (previous next_offset is not a multiple of 8)", index)
+            raise invalid(f"offset {off}: entry is not 8-byte aligned (previous next_offset is not a multiple of 8)", index)
         if off + SIZEOF_IPT_ENTRY >= table.size:
-            raise invalid(where + f"only {table.size - off} bytes left, not enough for an entry", index)
-        next_offset = struct.unpack_from("<H", body, off + 90)[0]
+            raise invalid(f"offset {off}: only {table.size - off} bytes left, not enough for an entry", index)
+        header = ipt_entry_packed.unpack_from(body, off)
+        next_offset = header[_E_NEXT_OFFSET]
         if off + next_offset > table.size:
-            raise invalid(where + f"next_offset {next_offset} runs past the end of the table ({table.size} bytes)", index)
+            raise invalid(f"offset {off}: next_offset {next_offset} runs past the end of the table ({table.size} bytes)", index)
         if next_offset < SIZEOF_IPT_ENTRY + SIZEOF_XT_ENTRY_HEADER:
-            raise invalid(where + f"next_offset {next_offset} is smaller than an entry with a target", index)
+            raise invalid(f"offset {off}: next_offset {next_offset} is smaller than an entry with a target", index)
         raw = body[off : off + next_offset]
-        flags, invflags = raw[82], raw[83]
+        flags, invflags = header[_E_FLAGS], header[_E_INVFLAGS]
         if flags & ~IPT_F_MASK:
-            raise invalid(where + f"unknown ip flags 0x{flags & ~IPT_F_MASK:02x}", index)
+            raise invalid(f"offset {off}: unknown ip flags 0x{flags & ~IPT_F_MASK:02x}", index)
         if invflags & ~IPT_INV_MASK:
-            raise invalid(where + f"unknown ip invflags 0x{invflags & ~IPT_INV_MASK:02x}", index)
-        target_offset = struct.unpack_from("<H", raw, 88)[0]
-        _check_entry_offsets(raw, index, off, target_offset, next_offset)
-        e = _decode_entry(raw, index, off)
-        for h in range(NF_INET_NUMHOOKS):
-            if not table.valid_hooks & (1 << h):
-                continue
-            if off == table.hook_entry[h]:
-                hook_entry[h] = off
-            if off == table.underflow[h]:
-                if not _check_underflow(e):
-                    raise invalid(
-                        where + f"underflow (policy) of {HOOK_NAMES[h]} is not an unconditional ACCEPT or DROP", index
-                    )
-                underflow[h] = off
-        table.entries.append(e)
+            raise invalid(f"offset {off}: unknown ip invflags 0x{invflags & ~IPT_INV_MASK:02x}", index)
+        target_offset = header[_E_TARGET_OFFSET]
+        matches, target = _check_entry_offsets(raw, index, off, target_offset, next_offset)
+        e = RawEntry(index, off, RawIp(*header[_E_IP]), header[_E_NFCACHE], target_offset, next_offset,
+                     header[_E_COMEFROM], header[_E_PCNT], header[_E_BCNT], matches, target, raw)
+        if off in hook_offsets:
+            _check_hooks(table, e, hook_entry, underflow)
+        entries.append(e)
         off += next_offset
         index += 1
+
+
+def _check_hooks(table: RawTable, e: RawEntry, hook_entry: list, underflow: list) -> None:
+    """check_entry_size_and_hooks()'s note of the hook entries and underflows at e."""
+    for h in range(NF_INET_NUMHOOKS):
+        if not table.valid_hooks & (1 << h):
+            continue
+        if e.offset == table.hook_entry[h]:
+            hook_entry[h] = e.offset
+        if e.offset == table.underflow[h]:
+            if not _check_underflow(e):
+                raise invalid(
+                    f"offset {e.offset}: underflow (policy) of {HOOK_NAMES[h]} is not an unconditional ACCEPT or DROP",
+                    e.index,
+                )
+            underflow[h] = e.offset
 
 
 def _check_table_hooks(valid_hooks: int, hook_entry: list, underflow: list) -> None:
@@ -328,8 +345,8 @@ def _mark_source_chains(table: RawTable, hook_entry: list) -> None:
             if comefrom[i] & _IN_PROGRESS:
                 raise _eloop(e, f"rule loop: reached again from {HOOK_NAMES[hook]} while still on its path")
             comefrom[i] |= (1 << hook) | _IN_PROGRESS
-            verdict = _std_verdict(e)
-            if (_unconditional(e) and verdict is not None and verdict < 0) or visited:
+            verdict = e.target.verdict
+            if (verdict is not None and verdict < 0 and _unconditional(e)) or visited:
                 # A return or a chain's end: unwind to the last jump.
                 while True:
                     comefrom[i] ^= _IN_PROGRESS
@@ -365,6 +382,7 @@ def _mark_source_chains(table: RawTable, hook_entry: list) -> None:
         e.hook_mask = mask
 
 
+@gc_paused()
 def parse_replace(blob: bytes, optlen: "int | None" = None) -> RawTable:
     """Parse and validate what iptables passes to setsockopt(IPT_SO_SET_REPLACE),
     as do_replace() and translate_table() do up to find_check_entry().
@@ -425,34 +443,46 @@ def check_builtin_target(entry: RawEntry) -> None:
 # ---------------------------------------------------------------- building
 
 
-def _build_entry(e: RawEntry) -> bytes:
-    out = bytearray(
-        ipt_entry.build(
-            dict(
-                ip=dataclasses.asdict(e.ip),
-                nfcache=e.nfcache,
-                target_offset=e.target_offset,
-                next_offset=e.next_offset,
-                comefrom=e.comefrom,
-                counters=dict(pcnt=e.pcnt, bcnt=e.bcnt),
-            )
-        )
-    )
-    for m in e.matches:
-        out += xt_entry_match.build(dict(match_size=m.size, name=name_field(m.name, 29), revision=m.revision))
-        out += m.data
+def _pack_entry_header(out: bytearray, pos: int, e: RawEntry, comefrom: int, pcnt: int, bcnt: int) -> None:
+    values = [0] * ipt_entry_packed.count
+    values[_E_IP] = _ip_values(e.ip)
+    values[_E_NFCACHE] = e.nfcache
+    values[_E_TARGET_OFFSET] = e.target_offset
+    values[_E_NEXT_OFFSET] = e.next_offset
+    values[_E_COMEFROM] = comefrom
+    values[_E_PCNT] = pcnt
+    values[_E_BCNT] = bcnt
+    ipt_entry_packed.pack_into(out, pos, *values)
+
+
+@lru_cache(maxsize=1024)
+def _extension_header(layout: tuple, size: int, name: str, revision: int) -> bytes:
+    """A match's or target's 32-byte header, the name NUL-padded; rules repeat them."""
+    packed, size_at, name_at, revision_at = layout
+    values = [0] * packed.count
+    values[size_at], values[name_at], values[revision_at] = size, name.encode("latin-1"), revision
+    return packed.pack(*values)
+
+
+def _build_entry(e: RawEntry) -> bytearray:
     t = e.target
-    tpos = len(out)
-    out += xt_entry_target.build(dict(target_size=t.size, name=name_field(t.name, 29), revision=t.revision))
-    out += t.data
-    if len(out) < e.next_offset:
-        out += bytes(e.next_offset - len(out))
-    body = tpos + SIZEOF_XT_ENTRY_HEADER
-    if t.verdict is not None and body + 4 <= len(out):
-        struct.pack_into("<i", out, body, t.verdict)
-    if t.errorname is not None and body + XT_FUNCTION_MAXNAMELEN <= len(out):
-        out[body : body + XT_FUNCTION_MAXNAMELEN] = name_field(t.errorname, XT_FUNCTION_MAXNAMELEN)
-    return bytes(out)
+    tpos = SIZEOF_IPT_ENTRY + sum(SIZEOF_XT_ENTRY_HEADER + len(m.data) for m in e.matches)
+    end = tpos + SIZEOF_XT_ENTRY_HEADER + len(t.data)
+    out = bytearray(max(end, e.next_offset))
+    _pack_entry_header(out, 0, e, e.comefrom, e.pcnt, e.bcnt)
+    pos = SIZEOF_IPT_ENTRY
+    for m in e.matches:
+        out[pos : pos + SIZEOF_XT_ENTRY_HEADER] = _extension_header(_MATCH_HEADER, m.size, m.name, m.revision)
+        pos += SIZEOF_XT_ENTRY_HEADER
+        out[pos : pos + len(m.data)] = m.data
+        pos += len(m.data)
+    out[tpos : tpos + SIZEOF_XT_ENTRY_HEADER] = _extension_header(_TARGET_HEADER, t.size, t.name, t.revision)
+    out[tpos + SIZEOF_XT_ENTRY_HEADER : end] = t.data
+    if t.verdict is not None and tpos + _VERDICT_AT + _VERDICT.size <= len(out):
+        _VERDICT.pack_into(out, tpos + _VERDICT_AT, t.verdict)
+    if t.errorname is not None and tpos + _ERRORNAME_AT + _ERRORNAME.size <= len(out):
+        _ERRORNAME.pack_into(out, tpos + _ERRORNAME_AT, t.errorname.encode("latin-1"))
+    return out
 
 
 def build_replace(table: RawTable) -> bytes:
@@ -505,21 +535,18 @@ def entries_as_kernel_returns(table: RawTable, counters: "list[tuple[int, int]]"
         raise ValueError(f"{len(counters)} counters for {len(table.entries)} entries")
     out = bytearray(table.size)
     for e, (pcnt, bcnt) in zip(table.entries, counters):
-        base = e.offset
-        out[base : base + SIZEOF_IPT_ENTRY] = e.raw[:SIZEOF_IPT_ENTRY]
-        struct.pack_into("<I", out, base + 92, e.hook_mask)
-        out[base + 96 : base + 112] = xt_counters.build(dict(pcnt=pcnt, bcnt=bcnt))
-        pos = base + SIZEOF_IPT_ENTRY
+        _pack_entry_header(out, e.offset, e, e.hook_mask, pcnt, bcnt)
+        pos = e.offset + SIZEOF_IPT_ENTRY
         for m in e.matches:
-            hdr = xt_entry_match.build(dict(match_size=m.size, name=name_field(m.name, 29), revision=m.revision))
-            blob = hdr + _payload_to_user("match", m, m.size)
-            out[pos : pos + len(blob)] = blob
+            out[pos : pos + SIZEOF_XT_ENTRY_HEADER] = _extension_header(_MATCH_HEADER, m.size, m.name, m.revision)
+            data = _payload_to_user("match", m, m.size)
+            out[pos + SIZEOF_XT_ENTRY_HEADER : pos + SIZEOF_XT_ENTRY_HEADER + len(data)] = data
             pos += m.size
         t = e.target
-        tpos = base + e.target_offset
-        hdr = xt_entry_target.build(dict(target_size=t.size, name=name_field(t.name, 29), revision=t.revision))
-        blob = hdr + _payload_to_user("target", t, t.size)
-        out[tpos : tpos + len(blob)] = blob
+        tpos = e.offset + e.target_offset
+        out[tpos : tpos + SIZEOF_XT_ENTRY_HEADER] = _extension_header(_TARGET_HEADER, t.size, t.name, t.revision)
+        data = _payload_to_user("target", t, t.size)
+        out[tpos + SIZEOF_XT_ENTRY_HEADER : tpos + SIZEOF_XT_ENTRY_HEADER + len(data)] = data
     return bytes(out)
 
 
@@ -580,7 +607,8 @@ def parse_get_entries(data: bytes) -> dict:
 def build_counters_info(name: str, counters: "list[tuple[int, int]]") -> bytes:
     """The IPT_SO_SET_ADD_COUNTERS payload; counters are (pcnt, bcnt)."""
     hdr = xt_counters_info.build(dict(name=name_field(name, XT_TABLE_MAXNAMELEN), num_counters=len(counters)))
-    return hdr + b"".join(xt_counters.build(dict(pcnt=p, bcnt=b)) for p, b in counters)
+    # (pcnt, bcnt) is xt_counters' order (tests/test_abi_bridge.py holds it so).
+    return hdr + b"".join(starmap(xt_counters_packed.pack, counters))
 
 
 def parse_counters_info(data: bytes) -> "tuple[str, list[tuple[int, int]]]":
@@ -592,8 +620,7 @@ def parse_counters_info(data: bytes) -> "tuple[str, list[tuple[int, int]]]":
     rest = data[SIZEOF_XT_COUNTERS_INFO:]
     if h.num_counters * SIZEOF_XT_COUNTERS != len(rest):
         raise invalid(f"num_counters is {h.num_counters} but {len(rest)} bytes of counters follow")
-    counters = [struct.unpack_from("<QQ", rest, i * SIZEOF_XT_COUNTERS) for i in range(h.num_counters)]
-    return cstr(h.name[: XT_TABLE_MAXNAMELEN - 1]), [tuple(c) for c in counters]
+    return cstr(h.name[: XT_TABLE_MAXNAMELEN - 1]), list(xt_counters_packed.iter_unpack(rest))
 
 
 def initial_replace(name: str) -> bytes:

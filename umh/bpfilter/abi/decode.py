@@ -13,13 +13,14 @@ final ERROR entry. bpfilter models chains, so it requires that layout.
 from __future__ import annotations
 
 import errno
+from functools import lru_cache
 
 from .. import ext
 from ..errors import BpfilterError
 from ..model import (Accept, Chain, Drop, Fallthrough, Family, Goto, Hook, Interface, IpHeader,
                      Jump, Match, Prefix, Return, Rule, Table, Verdict)
 from . import xtables as X
-from .codec import check_builtin_target, check_do_replace
+from .codec import check_builtin_target, check_do_replace, gc_paused
 from .xtables import RawEntry, RawTable
 
 SUPPORTED_TABLES = ("filter",)
@@ -41,6 +42,7 @@ def _unconditional(entry: RawEntry) -> bool:
         + ip.outiface_mask) and ip.proto == 0 and ip.flags == 0 and ip.invflags == 0)
 
 
+@gc_paused()
 def table_from_raw(raw: RawTable, family: Family = Family.IPV4) -> Table:
     entries = raw.entries
     starts = _chain_starts(raw)
@@ -53,12 +55,12 @@ def table_from_raw(raw: RawTable, family: Family = Family.IPV4) -> Table:
                 "policy" if chain.builtin else "final RETURN")
             where[e.index] = f"chain {chain.name} {what} (entry {e.index})"
 
-    matches: dict[int, list[Match]] = {}
-    for e in entries:
+    ips = [_ip_header(e) for e in entries]
+    matches: list[list[Match]] = []
+    for e, ip in zip(entries, ips):
         place = where.get(e.index, f"entry {e.index}")
-        ip = _ip_header(e)
-        matches[e.index] = [ext.decode_match(m.name, m.revision, m.data, ip, family, place)
-                            for m in e.matches]
+        matches.append([ext.decode_match(m.name, m.revision, m.data, ip, family, place)
+                        for m in e.matches])
         if e.target.name in (X.XT_STANDARD_TARGET, X.XT_ERROR_TARGET):
             check_builtin_target(e)
         else:
@@ -84,7 +86,7 @@ def table_from_raw(raw: RawTable, family: Family = Family.IPV4) -> Table:
         chain.tail_entry = body[-1].index
         for e in body[:-1]:
             target = _target(e, where[e.index], by_offset, chain_of_jump)
-            chain.rules.append(Rule(e.index, _ip_header(e), matches[e.index], target))
+            chain.rules.append(Rule(e.index, ips[e.index], matches[e.index], target))
     return Table(raw.name, family, {starts[i].name: starts[i] for i in sorted(starts)},
                  raw.num_entries)
 
@@ -154,13 +156,19 @@ def _target(e: RawEntry, where: str, by_offset, chain_of_jump):
     return Goto(name) if e.ip.flags & X.IPT_F_GOTO else Jump(name)
 
 
+# Rules repeat addresses and interfaces (most often "any"), and building a frozen
+# dataclass costs a microsecond: equal values are shared, they are immutable.
+_prefix = lru_cache(maxsize=4096)(Prefix)
+_interface = lru_cache(maxsize=1024)(Interface)
+
+
 def _ip_header(e: RawEntry) -> IpHeader:
     ip, inv = e.ip, e.ip.invflags
     return IpHeader(
-        src=Prefix(ip.src, ip.smsk, bool(inv & X.IPT_INV_SRCIP)),
-        dst=Prefix(ip.dst, ip.dmsk, bool(inv & X.IPT_INV_DSTIP)),
-        in_iface=Interface(ip.iniface, ip.iniface_mask, bool(inv & X.IPT_INV_VIA_IN)),
-        out_iface=Interface(ip.outiface, ip.outiface_mask, bool(inv & X.IPT_INV_VIA_OUT)),
+        src=_prefix(ip.src, ip.smsk, bool(inv & X.IPT_INV_SRCIP)),
+        dst=_prefix(ip.dst, ip.dmsk, bool(inv & X.IPT_INV_DSTIP)),
+        in_iface=_interface(ip.iniface, ip.iniface_mask, bool(inv & X.IPT_INV_VIA_IN)),
+        out_iface=_interface(ip.outiface, ip.outiface_mask, bool(inv & X.IPT_INV_VIA_OUT)),
         proto=ip.proto,
         invert_proto=bool(inv & X.IPT_INV_PROTO),
         fragment=bool(ip.flags & X.IPT_F_FRAG),

@@ -4,9 +4,12 @@ Layouts follow include/uapi/linux/netfilter_ipv4/ip_tables.h and
 include/uapi/linux/netfilter/x_tables.h as compiled for x86_64: the unmodified
 iptables binary hands us exactly these bytes through setsockopt/getsockopt.
 """
+import struct
+import sys
 from dataclasses import dataclass, field
 
-from construct import Array, Bytes, Int8ul, Int16ul, Int32sl, Int32ul, Int64ul, Padding, Struct
+from construct import (Array, Bytes, FormatField, Int8ul, Int16ul, Int32sl, Int32ul, Int64ul, Padded,
+                       Padding, Pass, Renamed, Struct)
 
 from ..netfilter import (NF_ACCEPT, NF_DROP, NF_INET_FORWARD, NF_INET_LOCAL_IN,  # noqa: F401
                           NF_INET_LOCAL_OUT, NF_INET_NUMHOOKS, NF_INET_POST_ROUTING,
@@ -52,6 +55,127 @@ INT_MAX = 2**31 - 1
 
 def XT_ALIGN(size: int) -> int:
     return (size + 7) & ~7
+
+
+class Packed:
+    """A construct Struct run by one precompiled struct.Struct.
+
+    construct stays the only description of a layout; this derives from it the
+    struct format and the order of the values, so that code parsing or building
+    one layout per rule does it at C speed (construct interprets each field, some
+    100 times slower).  Values are flat, in layout order: an Array's elements
+    and a nested Struct's fields in place.  index() says where a field lands,
+    field() gives one field's bytes alone, and parse() and build() regroup the
+    values as construct's parse and build do.
+    Supported: FormatField, Bytes, Array(n, FormatField), Padding, nested Struct.
+    """
+
+    def __init__(self, con: Struct):
+        fmt: list[str] = []
+        orders: set[str] = set()
+        self._where: dict[str, "int | slice"] = {}
+        self._leaves: dict[str, tuple[int, str]] = {}  # path -> (byte offset, format)
+        self.count = 0  # how many values a flat tuple holds
+        self.names: list[str] = []  # the leaves' dotted paths, in layout order
+        self._shape = self._compile(con, "", fmt, orders)
+        if len(orders) > 1:
+            raise TypeError(f"mixed byte orders {sorted(orders)}: one struct.Struct cannot hold them")
+        self._order = orders.pop() if orders else "<"
+        self.struct = struct.Struct(self._order + "".join(fmt))
+        self.size = self.struct.size
+        self.unpack_from = self.struct.unpack_from
+        self.iter_unpack = self.struct.iter_unpack
+        self.pack = self.struct.pack
+        self.pack_into = self.struct.pack_into
+
+    def _compile(self, con: Struct, prefix: str, fmt: list, orders: set) -> list:
+        if not isinstance(con, Struct):
+            raise TypeError(f"{con!r} is not a construct Struct")
+        shape = []
+        for sub in con.subcons:
+            name = None
+            if isinstance(sub, Renamed):
+                name, sub = sub.name, sub.subcon
+            zeros = (isinstance(sub, Padded) and sub.subcon is Pass and isinstance(sub.length, int)
+                     and not sub.pattern.strip(b"\0"))
+            if name is None and zeros:
+                fmt.append(f"{sub.length}x")
+                continue
+            if name is None:
+                raise TypeError(f"{prefix}: unnamed {sub!r}: construct would parse and drop it")
+            path, first, offset = prefix + name, self.count, struct.calcsize("<" + "".join(fmt))
+            if isinstance(sub, FormatField):
+                fmt.append(self._scalar(sub, orders))
+                shape.append((name, None))
+                self.count += 1
+            elif isinstance(sub, Bytes) and isinstance(sub.length, int):
+                fmt.append(f"{sub.length}s")
+                shape.append((name, None))
+                self.count += 1
+            elif isinstance(sub, Array) and isinstance(sub.count, int) and isinstance(sub.subcon, FormatField):
+                fmt.append(f"{sub.count}{self._scalar(sub.subcon, orders)}")
+                shape.append((name, sub.count))
+                self.count += sub.count
+            elif isinstance(sub, Struct):
+                shape.append((name, self._compile(sub, path + ".", fmt, orders)))
+            else:
+                raise TypeError(f"{path}: {sub!r} has no struct.Struct equivalent")
+            self._where[path] = first if shape[-1][1] is None else slice(first, self.count)
+            if not isinstance(sub, Struct):
+                self.names.append(path)
+                self._leaves[path] = (offset, fmt[-1])
+        return shape
+
+    @staticmethod
+    def _scalar(con: FormatField, orders: set) -> str:
+        order, code = con.fmtstr[0], con.fmtstr[1:]
+        if order == "=":
+            order = "<" if sys.byteorder == "little" else ">"
+        orders.add(order)
+        return code
+
+    def index(self, path: str) -> "int | slice":
+        """Where a field's values are in a flat tuple: an int for one value, a
+        slice for an Array or a nested Struct; paths are dotted ("ip.src")."""
+        return self._where[path]
+
+    def field(self, path: str) -> "tuple[int, struct.Struct]":
+        """A leaf's byte offset and a struct.Struct of it alone, to read or write
+        it without touching its neighbours (padding included)."""
+        offset, fmt = self._leaves[path]
+        return offset, struct.Struct(self._order + fmt)
+
+    def parse(self, data: bytes, offset: int = 0) -> dict:
+        return self._regroup(self._shape, iter(self.unpack_from(data, offset)))
+
+    def build(self, obj: dict) -> bytes:
+        flat: list = []
+        self._flatten(self._shape, obj, flat)
+        return self.pack(*flat)
+
+    @classmethod
+    def _regroup(cls, shape: list, values) -> dict:
+        obj = {}
+        for name, sub in shape:
+            if sub is None:
+                obj[name] = next(values)
+            elif isinstance(sub, int):
+                obj[name] = [next(values) for _ in range(sub)]
+            else:
+                obj[name] = cls._regroup(sub, values)
+        return obj
+
+    @classmethod
+    def _flatten(cls, shape: list, obj: dict, flat: list) -> None:
+        for name, sub in shape:
+            if sub is None:
+                flat.append(obj[name])
+            elif isinstance(sub, int):
+                if len(obj[name]) != sub:
+                    raise ValueError(f"{name}: {len(obj[name])} elements, the layout has {sub}")
+                flat.extend(obj[name])
+            else:
+                cls._flatten(sub, obj[name], flat)
 
 
 ipt_ip = Struct(
@@ -120,6 +244,15 @@ xt_counters_info = Struct("name" / Bytes(XT_TABLE_MAXNAMELEN), "num_counters" / 
 
 xt_get_revision = Struct("name" / Bytes(XT_EXTENSION_MAXNAMELEN), "revision" / Int8ul)
 
+# The layouts read or written once per rule.
+ipt_ip_packed = Packed(ipt_ip)
+ipt_entry_packed = Packed(ipt_entry)
+xt_entry_match_packed = Packed(xt_entry_match)
+xt_entry_target_packed = Packed(xt_entry_target)
+xt_standard_target_packed = Packed(xt_standard_target)
+xt_error_target_packed = Packed(xt_error_target)
+xt_counters_packed = Packed(xt_counters)
+
 SIZEOF_IPT_ENTRY = 112
 SIZEOF_IPT_IP = 84
 SIZEOF_XT_ENTRY_HEADER = 32
@@ -183,7 +316,8 @@ def name_field(name: str, size: int) -> bytes:
     return name.encode("latin-1").ljust(size, b"\0")
 
 
-@dataclass
+# The per-rule records take slots: a 100k-rule table holds half a million of them.
+@dataclass(slots=True)
 class RawMatch:
     name: str
     revision: int
@@ -191,7 +325,7 @@ class RawMatch:
     data: bytes  # the payload after the 32-byte header (size - 32 bytes)
 
 
-@dataclass
+@dataclass(slots=True)
 class RawTarget:
     name: str
     revision: int
@@ -201,7 +335,7 @@ class RawTarget:
     errorname: "str | None" = None  # error target only
 
 
-@dataclass
+@dataclass(slots=True)
 class RawIp:
     src: bytes
     dst: bytes
@@ -216,7 +350,7 @@ class RawIp:
     invflags: int
 
 
-@dataclass
+@dataclass(slots=True)
 class RawEntry:
     index: int
     offset: int

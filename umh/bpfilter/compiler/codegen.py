@@ -26,19 +26,24 @@ from dataclasses import dataclass
 from .. import ext
 from ..bpf import insn as I
 from ..bpf.asm import Assembler
-from ..bpf.insn import (BPF_ATOMIC_OP, BPF_DW, BPF_CALL_REL, BPF_EMIT_CALL, BPF_EXIT_INSN,
-                        BPF_JMP_A, BPF_JMP_IMM, BPF_LD_MAP_FD, BPF_LDX_MEM, BPF_MOV64_IMM,
-                        BPF_MOV64_REG, BPF_ALU64_IMM, BPF_ST_MEM, BPF_W, FP, R0, R1, R2, R6, MapRef)
+from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU64_IMM, BPF_ATOMIC_OP, BPF_B, BPF_CALL_REL, BPF_DW,
+                        BPF_EMIT_CALL, BPF_EXIT_INSN, BPF_H, BPF_JMP32_IMM, BPF_JMP_A,
+                        BPF_JMP_IMM, BPF_JMP_REG, BPF_LD_MAP_FD, BPF_LDX_MEM, BPF_MOV32_IMM,
+                        BPF_MOV64_IMM, BPF_MOV64_REG, BPF_ST_MEM, BPF_STX_MEM, BPF_W, FP, R0,
+                        R1, R2, R3, R6, R7, R8, R9, MapRef)
 from ..errors import BpfilterError
+from ..ext.tcp import EVIL_FRAGMENT_OFFSET, IPPROTO_TCP
+from ..ext.udp import IPPROTO_UDP
 from ..model import (Accept, Chain, Drop, Fallthrough, Goto, Hook, IpHeader, Jump, Return, Rule,
                      Table, Verdict)
-from . import facts
+from . import classifier, facts
 from .primitives import emit_masked_equal, emit_name_equal, emit_nonzero
 
 NF_DROP, NF_ACCEPT = 0, 1
 CONTINUE = 2
 
 COUNTERS = MapRef("counters")
+CLASSIFIER = MapRef("classifier")
 PROG_ARRAY = MapRef("prog_array")
 
 # BPF allows 8 frames; the main program is one of them.
@@ -55,10 +60,21 @@ class HookProgram:
     asm: Assembler
 
 
-def compile_table(table: Table, offsets: facts.KernelOffsets) -> list[HookProgram]:
-    return [HookProgram(chain.hook, f"{table.name}_{chain.name}"[:15],
-                        _HookCompiler(table, offsets).compile(chain))
-            for chain in table.hook_chains()]
+@dataclass
+class CompiledTable:
+    programs: list[HookProgram]
+    tuple_space: classifier.TupleSpace   # the contents of the CLASSIFIER map
+
+
+def compile_table(table: Table, offsets: facts.KernelOffsets) -> CompiledTable:
+    space = classifier.TupleSpace()
+    segments = {}
+    for chain in table.chains.values():
+        segments[chain.name] = classifier.segments(chain.rules, space)
+    programs = [HookProgram(chain.hook, f"{table.name}_{chain.name}"[:15],
+                            _HookCompiler(table, offsets, segments).compile(chain))
+                for chain in table.hook_chains()]
+    return CompiledTable(programs, space)
 
 
 def dispatcher() -> Assembler:
@@ -81,9 +97,10 @@ def call_depth(table: Table, chain: Chain) -> int:
 
 
 class _HookCompiler:
-    def __init__(self, table: Table, offsets: facts.KernelOffsets):
+    def __init__(self, table: Table, offsets: facts.KernelOffsets, segments):
         self.table = table
         self.offsets = offsets
+        self.segments = segments
         self.asm = Assembler()
         self.entries: dict[str, object] = {}   # user chain name -> its subprogram label
 
@@ -129,7 +146,11 @@ class _HookCompiler:
         asm.emit(BPF_MOV64_IMM(R0, NF_DROP), BPF_EXIT_INSN())
 
     def _emit_rules(self, chain: Chain, policy, drop, key_fp: int) -> None:
-        for rule in chain.rules:
+        for segment in self.segments[chain.name]:
+            if isinstance(segment, classifier.Run):
+                self._emit_run(segment, drop, key_fp)
+                continue
+            rule = segment
             next_rule = self.asm.label(f"e{rule.entry}_next")
             self._emit_ip(rule.ip, next_rule)
             for match in rule.matches:
@@ -179,11 +200,94 @@ class _HookCompiler:
             raise BpfilterError(errno.EOPNOTSUPP, f"entry {rule.entry}: target "
                                                   f"'{target.name}' has no code generator")
 
-    def _emit_count(self, entry: int, key_fp: int) -> None:
+    def _emit_run(self, run: classifier.Run, drop, key_fp: int) -> None:
+        """The first match of a run: the smallest entry any tuple's lookup finds
+        (R7, with its verdict in R8), or nothing and on to the code after the run."""
+        asm = self.asm
+        C = classifier
+        tuple_fp = key_fp - C.KEY_SIZE
+        after, projected, lookups = asm.label("run_end"), asm.label("ip_only"), asm.label("run")
+        decide = asm.label("run_decide")
+        # Which lookups: the ip projection for packets a port match would hotdrop.
+        asm.emit(BPF_LDX_MEM(BPF_B, R1, R6, facts.PROTO),
+                 BPF_LDX_MEM(BPF_H, R2, R6, facts.FRAGOFF),
+                 BPF_LDX_MEM(BPF_B, R3, R6, facts.L4_AVAIL))
+        for proto, header in ((IPPROTO_TCP, facts.TCP_HEADER), (IPPROTO_UDP, facts.SMALL_HEADER)):
+            other = asm.label("not_proto")
+            asm.emit(BPF_JMP_IMM(I.BPF_JNE, R1, proto, other))
+            if proto == IPPROTO_TCP:
+                asm.emit(BPF_JMP_IMM(I.BPF_JEQ, R2, EVIL_FRAGMENT_OFFSET, projected))
+            asm.emit(BPF_JMP_IMM(I.BPF_JNE, R2, 0, lookups),
+                     BPF_JMP_IMM(I.BPF_JLT, R3, header, projected),
+                     BPF_JMP_A(lookups))
+            asm.place(other)
+        asm.place(lookups)
+        # the l4 bit: port matches may look at this packet (first fragments only)
+        l4_known = asm.label("l4_known")
+        asm.emit(BPF_MOV64_IMM(R9, 0), BPF_JMP_IMM(I.BPF_JNE, R2, 0, l4_known),
+                 BPF_MOV64_IMM(R9, 1))
+        asm.place(l4_known)
+        self._emit_lookups(run.tuples, tuple_fp, decide)
+        asm.place(projected)
+        self._emit_lookups(run.ip_tuples, tuple_fp, decide)
+        asm.place(decide)
+        accept = asm.label("run_accept")
+        asm.emit(BPF_JMP32_IMM(I.BPF_JEQ, R7, C.INF, after),
+                 BPF_JMP_IMM(I.BPF_JEQ, R8, C.VERDICT_HOTDROP, drop))
+        self._emit_count(R7, key_fp, entry_in_register=True)
+        asm.emit(BPF_JMP_IMM(I.BPF_JEQ, R8, C.VERDICT_ACCEPT, accept),
+                 BPF_MOV64_IMM(R0, NF_DROP), BPF_EXIT_INSN())
+        asm.place(accept)
+        asm.emit(BPF_MOV64_IMM(R0, NF_ACCEPT), BPF_EXIT_INSN())
+        asm.place(after)
+
+    def _emit_lookups(self, tuples, tuple_fp: int, decide) -> None:
+        """R7/R8 = the smallest (entry, verdict) over the tuples' lookups, then to
+        `decide`. R9 holds the packet's l4 bit."""
+        asm = self.asm
+        C = classifier
+        asm.emit(BPF_MOV32_IMM(R7, C.INF), BPF_MOV64_IMM(R8, 0),
+                 BPF_ST_MEM(BPF_DW, FP, tuple_fp + 16, 0))
+        fields = ((facts.SADDR, BPF_W, C.K_SADDR, "saddr", 0xFFFFFFFF),
+                  (facts.DADDR, BPF_W, C.K_DADDR, "daddr", 0xFFFFFFFF),
+                  (facts.SPORT, BPF_H, C.K_SPORT, "sport", 0xFFFF),
+                  (facts.DPORT, BPF_H, C.K_DPORT, "dport", 0xFFFF),
+                  (facts.PROTO, BPF_B, C.K_PROTO, "proto", 0xFF))
+        for tid, masks in tuples:
+            missed = asm.label("miss")
+            asm.emit(BPF_ST_MEM(BPF_W, FP, tuple_fp + C.K_TUPLE, tid))
+            for fact, size, key_off, name, full in fields:
+                mask = getattr(masks, name)
+                if not mask:
+                    asm.emit(BPF_ST_MEM(size, FP, tuple_fp + key_off, 0))
+                    continue
+                asm.emit(BPF_LDX_MEM(size, R1, R6, fact))
+                if mask != full:
+                    asm.emit(BPF_ALU32_IMM(I.BPF_AND, R1, mask))
+                asm.emit(BPF_STX_MEM(size, FP, R1, tuple_fp + key_off))
+            if masks.l4:
+                asm.emit(BPF_STX_MEM(BPF_B, FP, R9, tuple_fp + C.K_L4))
+            else:
+                asm.emit(BPF_ST_MEM(BPF_B, FP, tuple_fp + C.K_L4, 0))
+            asm.emit(BPF_LD_MAP_FD(R1, CLASSIFIER),
+                     BPF_MOV64_REG(R2, FP), BPF_ALU64_IMM(I.BPF_ADD, R2, tuple_fp),
+                     BPF_EMIT_CALL(I.BPF_FUNC_map_lookup_elem),
+                     BPF_JMP_IMM(I.BPF_JEQ, R0, 0, missed),
+                     BPF_LDX_MEM(BPF_W, R1, R0, 0),
+                     BPF_JMP_REG(I.BPF_JGE, R1, R7, missed),
+                     BPF_MOV64_REG(R7, R1),
+                     BPF_LDX_MEM(BPF_W, R8, R0, 4))
+            asm.place(missed)
+        asm.emit(BPF_JMP_A(decide))
+
+    def _emit_count(self, entry: int, key_fp: int, entry_in_register: bool = False) -> None:
+        """Count the packet for `entry`, an entry index or (entry_in_register) the
+        register holding one."""
         asm = self.asm
         skip = asm.label("uncounted")
         asm.emit(
-            BPF_ST_MEM(BPF_W, FP, key_fp, entry),
+            BPF_STX_MEM(BPF_W, FP, entry, key_fp) if entry_in_register
+            else BPF_ST_MEM(BPF_W, FP, key_fp, entry),
             BPF_LD_MAP_FD(R1, COUNTERS),
             BPF_MOV64_REG(R2, FP), BPF_ALU64_IMM(I.BPF_ADD, R2, key_fp),
             BPF_EMIT_CALL(I.BPF_FUNC_map_lookup_elem),

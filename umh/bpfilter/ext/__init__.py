@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 from typing import ClassVar, Optional
 
+from ..abi.xtables import Packed
 from ..bpf.asm import Assembler
 from ..errors import BpfilterError
 from ..model import Family, IpHeader, Match
@@ -26,10 +27,11 @@ class MatchExtension:
     families: ClassVar[tuple[Family, ...]] = (Family.IPV4,)
     proto: ClassVar[Optional[int]] = None   # the kernel's xt_match.proto
     struct: ClassVar  # construct Struct of the payload
+    packed: ClassVar[Packed]  # struct, compiled by register_match for decode()
 
     @classmethod
     def payload_size(cls) -> int:
-        return xt_align(cls.struct.sizeof())
+        return xt_align(cls.packed.size)
 
     def decode(self, payload: bytes, where: str) -> Match:
         """Model of the payload; rejects what the kernel's checkentry rejects."""
@@ -49,6 +51,7 @@ _MATCHES: dict[tuple[str, int, Family], MatchExtension] = {}
 
 
 def register_match(ext: type[MatchExtension]) -> type[MatchExtension]:
+    ext.packed = Packed(ext.struct)
     for family in ext.families:
         _MATCHES[(ext.name, ext.revision, family)] = ext()
     return ext

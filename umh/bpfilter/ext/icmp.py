@@ -42,10 +42,11 @@ class Icmp(MatchExtension):
     struct = ipt_icmp
 
     def decode(self, payload: bytes, where: str) -> IcmpMatch:
-        p = ipt_icmp.parse(payload)
-        if p.invflags & ~IPT_ICMP_INV:
-            raise BpfilterError(errno.EINVAL, f"{where}: icmp: unknown inversion flags {p.invflags:#x}")
-        return IcmpMatch(p.type, p.code[0], p.code[1], bool(p.invflags & IPT_ICMP_INV))
+        p = self.packed.unpack_from(payload)
+        (code_lo, code_hi), invflags = p[_CODE], p[_INVFLAGS]
+        if invflags & ~IPT_ICMP_INV:
+            raise BpfilterError(errno.EINVAL, f"{where}: icmp: unknown inversion flags {invflags:#x}")
+        return IcmpMatch(p[_TYPE], code_lo, code_hi, bool(invflags & IPT_ICMP_INV))
 
     def emit(self, match: IcmpMatch, asm, fail, hotdrop) -> None:
         emit_transport_header(asm, facts.SMALL_HEADER, fail, hotdrop)
@@ -74,3 +75,6 @@ class Icmp(MatchExtension):
             f" code {match.code_lo}" if match.code_lo == match.code_hi
             else f" codes {match.code_lo}-{match.code_hi}")
         return f"icmp {bang}type {match.type}{codes}"
+
+
+_TYPE, _CODE, _INVFLAGS = map(Icmp.packed.index, ("type", "code", "invflags"))

@@ -48,17 +48,19 @@ class Tcp(MatchExtension):
     struct = xt_tcp
 
     def decode(self, payload: bytes, where: str) -> TcpMatch:
-        p = xt_tcp.parse(payload)
-        if p.invflags & ~XT_TCP_INV_MASK:
-            raise BpfilterError(errno.EINVAL, f"{where}: tcp: unknown inversion flags {p.invflags:#x}")
-        if p.option or p.invflags & XT_TCP_INV_OPTION:
+        p = self.packed.unpack_from(payload)
+        (spt_lo, spt_hi), (dpt_lo, dpt_hi) = p[_SPTS], p[_DPTS]
+        invflags = p[_INVFLAGS]
+        if invflags & ~XT_TCP_INV_MASK:
+            raise BpfilterError(errno.EINVAL, f"{where}: tcp: unknown inversion flags {invflags:#x}")
+        if p[_OPTION] or invflags & XT_TCP_INV_OPTION:
             raise BpfilterError(errno.EOPNOTSUPP, f"{where}: tcp --tcp-option is not supported by "
                                                   "bpfilter yet; the whole table is refused")
         return TcpMatch(
-            sport=PortRange(p.spts[0], p.spts[1], bool(p.invflags & XT_TCP_INV_SRCPT)),
-            dport=PortRange(p.dpts[0], p.dpts[1], bool(p.invflags & XT_TCP_INV_DSTPT)),
-            flags_mask=p.flg_mask, flags_cmp=p.flg_cmp,
-            invert_flags=bool(p.invflags & XT_TCP_INV_FLAGS))
+            sport=PortRange(spt_lo, spt_hi, bool(invflags & XT_TCP_INV_SRCPT)),
+            dport=PortRange(dpt_lo, dpt_hi, bool(invflags & XT_TCP_INV_DSTPT)),
+            flags_mask=p[_FLG_MASK], flags_cmp=p[_FLG_CMP],
+            invert_flags=bool(invflags & XT_TCP_INV_FLAGS))
 
     def emit(self, match: TcpMatch, asm, fail, hotdrop) -> None:
         # tcp_mt() drops a fragment at offset 1 (8 bytes) outright: it could
@@ -76,3 +78,7 @@ class Tcp(MatchExtension):
             bang = "!" if match.invert_flags else ""
             parts.append(f"flags:{bang}0x{match.flags_mask:02X}/0x{match.flags_cmp:02X}")
         return " ".join(p for p in parts if p)
+
+
+_SPTS, _DPTS, _OPTION, _FLG_MASK, _FLG_CMP, _INVFLAGS = map(
+    Tcp.packed.index, ("spts", "dpts", "option", "flg_mask", "flg_cmp", "invflags"))

@@ -38,11 +38,13 @@ class Udp(MatchExtension):
     struct = xt_udp
 
     def decode(self, payload: bytes, where: str) -> UdpMatch:
-        p = xt_udp.parse(payload)
-        if p.invflags & ~XT_UDP_INV_MASK:
-            raise BpfilterError(errno.EINVAL, f"{where}: udp: unknown inversion flags {p.invflags:#x}")
-        return UdpMatch(sport=PortRange(p.spts[0], p.spts[1], bool(p.invflags & XT_UDP_INV_SRCPT)),
-                        dport=PortRange(p.dpts[0], p.dpts[1], bool(p.invflags & XT_UDP_INV_DSTPT)))
+        p = self.packed.unpack_from(payload)
+        (spt_lo, spt_hi), (dpt_lo, dpt_hi) = p[_SPTS], p[_DPTS]
+        invflags = p[_INVFLAGS]
+        if invflags & ~XT_UDP_INV_MASK:
+            raise BpfilterError(errno.EINVAL, f"{where}: udp: unknown inversion flags {invflags:#x}")
+        return UdpMatch(sport=PortRange(spt_lo, spt_hi, bool(invflags & XT_UDP_INV_SRCPT)),
+                        dport=PortRange(dpt_lo, dpt_hi, bool(invflags & XT_UDP_INV_DSTPT)))
 
     def emit(self, match: UdpMatch, asm, fail, hotdrop) -> None:
         emit_transport_header(asm, facts.SMALL_HEADER, fail, hotdrop)
@@ -51,3 +53,6 @@ class Udp(MatchExtension):
     def describe(self, match: UdpMatch) -> str:
         parts = ["udp", describe_ports("spt", match.sport), describe_ports("dpt", match.dport)]
         return " ".join(p for p in parts if p)
+
+
+_SPTS, _DPTS, _INVFLAGS = map(Udp.packed.index, ("spts", "dpts", "invflags"))

@@ -1,0 +1,210 @@
+"""Long runs of simple rules, classified by a tuple space search instead of a walk.
+
+Where it applies (chosen per run of a chain, see `segments`): a run is a maximal
+sequence of consecutive rules, each
+  - with a final verdict (ACCEPT or DROP),
+  - matching on source/destination under any mask (no `!`), on the protocol exactly
+    or any (no `!`), on no interface and no fragment flag,
+  - with at most one match: tcp or udp port ranges (no `!`, no tcp flag test).
+Blocklists, per-port service lists and ClassBench-style 5-tuple ACLs are such runs.
+Runs shorter than MIN_RUN stay plain code: a few compares are cheaper than hashing,
+and plain code handles every rule shape.
+
+How: each rule becomes keys of one or more "tuples", a tuple being one combination of
+field masks (a port range becomes the prefix blocks covering it). All keys live in one
+hash map per table, the tuple id being part of the key, and map to the first rule (the
+smallest entry index) having that key. A packet costs one lookup per tuple of the run,
+whatever the number of rules; the smallest entry found is the kernel's first match.
+
+Exactness where the kernel is subtle:
+  - tcp/udp matches never match a non-first fragment: their rules require an "l4" bit
+    in the key that such packets do not set.
+  - a packet whose transport header is too short for tcp/udp, or a tcp fragment at
+    offset 1, makes the first rule whose ip part matches drop it ("hotdrop") if that
+    rule has a port match. Such packets look up the run's projection on the ip part
+    (ports ignored): its value says whether the first rule there hotdrops.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from ..ext.tcp import IPPROTO_TCP, TcpMatch
+from ..ext.udp import IPPROTO_UDP, UdpMatch
+from ..model import Accept, Drop, Rule
+
+MIN_RUN = 16
+# A run is classified only when its lookups are few and far fewer than its rules: a
+# lookup costs about what a dozen compares do, and each one adds paths the verifier
+# walks. Runs of varied prefixes and port ranges (more tuples than rules) stay code.
+MAX_TUPLES = 32
+RULES_PER_TUPLE = 4
+INF = 0xFFFFFFFF
+VERDICT_DROP, VERDICT_ACCEPT, VERDICT_HOTDROP = 0, 1, 2
+
+# The lookup key, as built on the stack.
+KEY_SIZE = 24
+K_TUPLE, K_SADDR, K_DADDR, K_SPORT, K_DPORT, K_PROTO, K_L4 = 0, 4, 8, 12, 14, 16, 17
+VALUE_SIZE = 8   # u32 entry, u32 verdict
+
+
+@dataclass(frozen=True)
+class Masks:
+    """One tuple: which bits of each field its keys compare."""
+
+    saddr: int
+    daddr: int
+    proto: int
+    sport: int
+    dport: int
+    l4: int
+    ip_only: bool = False   # the projection's tuples: their values say "hotdrop"
+
+
+@dataclass
+class Run:
+    rules: list[Rule]
+    tuples: list[tuple[int, Masks]] = field(default_factory=list)        # (id, masks)
+    ip_tuples: list[tuple[int, Masks]] = field(default_factory=list)     # projection
+
+
+Segment = Union[Rule, Run]
+
+
+def _port_match(rule: Rule) -> Optional[Union[TcpMatch, UdpMatch]]:
+    return rule.matches[0] if rule.matches else None
+
+
+def eligible(rule: Rule) -> bool:
+    ip = rule.ip
+    if not isinstance(rule.target, (Accept, Drop)):
+        return False
+    if ip.src.invert or ip.dst.invert or ip.invert_proto or ip.fragment or ip.invert_fragment:
+        return False
+    if not (ip.in_iface.is_any and ip.out_iface.is_any):
+        return False
+    if len(ip.src.addr) != 4 or len(rule.matches) > 1:
+        return False
+    if not rule.matches:
+        return True
+    m = rule.matches[0]
+    if isinstance(m, TcpMatch):
+        if m.flags_mask or m.invert_flags:
+            return False
+    elif not isinstance(m, UdpMatch):
+        return False
+    return not (m.sport.invert or m.dport.invert)
+
+
+def segments(rules: list[Rule], space: "TupleSpace") -> list[Segment]:
+    """The chain's rules, with runs worth classifying grouped (and their keys added to
+    `space`). A run ends where a rule is not eligible or would take the run past
+    MAX_TUPLES lookups; what is left of a run too short or too varied stays code."""
+    out: list[Segment] = []
+    pending: list[Rule] = []
+    masks: set[Masks] = set()
+
+    def flush() -> None:
+        run = Run(list(pending))
+        if len(pending) >= MIN_RUN and space.add_run(run):
+            out.append(run)
+        else:
+            out.extend(pending)
+        pending.clear()
+        masks.clear()
+
+    for rule in rules:
+        if not eligible(rule):
+            flush()
+            out.append(rule)
+            continue
+        mine = {m for m, _, _, _ in rule_keys(rule)}
+        if len(masks | mine) > MAX_TUPLES:
+            flush()
+        pending.append(rule)
+        masks.update(mine)
+    flush()
+    return out
+
+
+def port_blocks(lo: int, hi: int) -> list[tuple[int, int]]:
+    """(value, mask) prefix blocks covering exactly [lo, hi] of 16-bit ports."""
+    blocks = []
+    while lo <= hi:
+        size = lo & -lo if lo else 1 << 16
+        while size > hi - lo + 1:
+            size >>= 1
+        blocks.append((lo, 0xFFFF & ~(size - 1)))
+        lo += size
+    return blocks
+
+
+def _le32(raw: bytes) -> int:
+    return int.from_bytes(raw, "little")
+
+
+def rule_keys(rule: Rule):
+    """(masks, key fields, entry, verdict) of every key a rule puts in its run's tuples,
+    its ip projection included; nothing for a rule the kernel can never match."""
+    ip = rule.ip
+    smask, dmask = _le32(ip.src.mask), _le32(ip.dst.mask)
+    saddr, daddr = _le32(ip.src.addr), _le32(ip.dst.addr)
+    if saddr & ~smask or daddr & ~dmask:
+        return   # the kernel compares (packet & mask) == addr: never true
+    pmask = 0xFF if ip.proto else 0
+    verdict = VERDICT_ACCEPT if isinstance(rule.target, Accept) else VERDICT_DROP
+    ports = _port_match(rule)
+    if ports is None:
+        yield Masks(smask, dmask, pmask, 0, 0, 0), (saddr, daddr, 0, 0, ip.proto, 0), \
+            rule.entry, verdict
+    else:
+        for sp, spm in port_blocks(ports.sport.lo, ports.sport.hi):
+            for dp, dpm in port_blocks(ports.dport.lo, ports.dport.hi):
+                yield Masks(smask, dmask, pmask, spm, dpm, 1), \
+                    (saddr, daddr, sp, dp, ip.proto, 1), rule.entry, verdict
+    yield Masks(smask, dmask, pmask, 0, 0, 0, ip_only=True), \
+        (saddr, daddr, 0, 0, ip.proto, 0), rule.entry, \
+        VERDICT_HOTDROP if ports is not None else verdict
+
+
+class TupleSpace:
+    """The keys of every run of a table, in one map per table."""
+
+    def __init__(self) -> None:
+        self.entries: dict[bytes, tuple[int, int]] = {}   # key -> (entry, verdict)
+        self.tuple_count = 0   # ids are per run: two runs never see each other's keys
+
+    def add_run(self, run: Run) -> bool:
+        """Adds the run's keys if classifying it pays (see MAX_TUPLES)."""
+        groups: dict[Masks, list] = {}
+        for rule in run.rules:
+            for masks, fields, entry, verdict in rule_keys(rule):
+                groups.setdefault(masks, []).append((fields, entry, verdict))
+        if len(groups) > MAX_TUPLES or len(groups) * RULES_PER_TUPLE > len(run.rules):
+            return False
+        for masks, members in groups.items():
+            tid = self.tuple_count
+            self.tuple_count += 1
+            (run.ip_tuples if masks.ip_only else run.tuples).append((tid, masks))
+            for fields, entry, verdict in members:
+                self._add(_key(tid, *fields), entry, verdict)
+        return True
+
+    def _add(self, key: bytes, entry: int, verdict: int) -> None:
+        if key not in self.entries or self.entries[key][0] > entry:
+            self.entries[key] = (entry, verdict)
+
+
+def _key(tid: int, saddr: int, daddr: int, sport: int, dport: int, proto: int, l4: int) -> bytes:
+    return (tid.to_bytes(4, "little") + saddr.to_bytes(4, "little") + daddr.to_bytes(4, "little")
+            + sport.to_bytes(2, "little") + dport.to_bytes(2, "little") + bytes([proto, l4])
+            + bytes(6))
+
+
+def needs_ip_projection(proto: int, fragoff: int, l4_avail: int) -> bool:
+    """Python mirror of the emitted test, for documentation and tests."""
+    if proto == IPPROTO_TCP:
+        return fragoff == 1 or (fragoff == 0 and l4_avail < 20)
+    if proto == IPPROTO_UDP:
+        return fragoff == 0 and l4_avail < 8
+    return False
