@@ -78,10 +78,31 @@ def _listing(lab: Lab, target: str, backend) -> str:
     return done.stdout
 
 
-def _bpf_programs() -> str:
-    shown = subprocess.run(["bpftool", "prog", "show"], capture_output=True, text=True).stdout
-    return "\n".join(line for line in shown.splitlines()
-                     if " name filter_" in line or " name bpfilter_" in line)
+def _bpf_programs(bpffs: str) -> str:
+    """The programs behind the demo's table, found from its pins as `bpftool prog
+    show id N` would list them."""
+    from .bpf import syscall as bpf
+    from .service import _table_of_blob
+    from .store import Store
+
+    lines = []
+    store = Store(bpffs)
+    for key in store.keys():
+        _, ruleset, slots = store.load(key, _table_of_blob)
+        try:
+            for hook, slot in slots.items():
+                link = bpf.link_info(slot.link_fd)
+                rules = bpf.prog_info(ruleset.hooks[hook].prog_fd)
+                lines.append(f"  {hook.chain_name:<8} netfilter link {link['id']} (hook "
+                             f"{link['hooknum']}, priority {link['priority']}) -> dispatcher "
+                             f"prog {link['prog_id']} -> prog {rules['id']} {rules['name']} "
+                             f"({rules['xlated_prog_len'] // 8} insns, "
+                             f"{rules['jited_prog_len']} bytes jited)")
+        finally:
+            for slot in slots.values():
+                slot.close()
+            ruleset.close()
+    return "\n".join(lines)
 
 
 def run(verbose: bool = False) -> int:
@@ -114,8 +135,8 @@ def _show(lab: Lab, service: ServiceBackend, verbose: bool) -> int:
     if ours != theirs:
         print("$ iptables-legacy -L -v -n -x    (the kernel's namespace: DIFFERENT)\n")
         print(theirs)
-    print("The netfilter BPF programs doing the filtering (bpftool prog show):")
-    print(_bpf_programs())
+    print("The BPF programs doing the filtering, attached with netfilter links:")
+    print(_bpf_programs(service.bpffs))
     if verbose:
         print(subprocess.run([sys.executable, "-m", "bpfilter", "show", "--bpf",
                               "--bpffs", service.bpffs], capture_output=True, text=True).stdout)

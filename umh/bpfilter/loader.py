@@ -53,16 +53,17 @@ class Ruleset:
 
     def counters(self) -> list[tuple[int, int]]:
         """(packets, bytes) per table entry: summed over CPUs, plus added offsets."""
-        size = bpf.percpu_value_size(COUNTER.size)
-        result = []
-        for entry in range(self.table.num_entries):
-            key = struct.pack("<I", entry)
-            packets, bytes_ = COUNTER.unpack(bpf.map_lookup(self.offsets_fd, key, COUNTER.size))
-            for p, b in COUNTER.iter_unpack(bpf.map_lookup(self.counters_fd, key, size)):
-                packets += p
-                bytes_ += b
-            result.append((packets, bytes_))
-        return result
+        count = self.table.num_entries
+        cpus = bpf.possible_cpus()
+        _, added = bpf.map_lookup_batch(self.offsets_fd, 4, COUNTER.size, count)
+        _, per_cpu = bpf.map_lookup_batch(self.counters_fd, 4,
+                                          bpf.percpu_value_size(COUNTER.size), count)
+        totals = [list(pair) for pair in COUNTER.iter_unpack(added)]
+        for slot, (packets, bytes_) in enumerate(COUNTER.iter_unpack(per_cpu)):
+            total = totals[slot // cpus]
+            total[0] += packets
+            total[1] += bytes_
+        return [tuple(t) for t in totals]
 
     def add_counters(self, added: list[tuple[int, int]]) -> None:
         for entry, (packets, bytes_) in enumerate(added):
@@ -136,8 +137,9 @@ def _classifier_map(table: Table, space: TupleSpace) -> int:
     fd = bpf.map_create(bpf.BPF_MAP_TYPE_HASH, KEY_SIZE, VALUE_SIZE, len(space.entries),
                         f"{table.name}_cls")
     try:
-        for key, (entry, verdict) in space.entries.items():
-            bpf.map_update(fd, key, struct.pack("<II", entry, verdict))
+        values = b"".join(struct.pack("<II", entry, verdict)
+                          for entry, verdict in space.entries.values())
+        bpf.map_update_batch(fd, b"".join(space.entries), values, len(space.entries))
     except BaseException:
         os.close(fd)
         raise

@@ -33,6 +33,8 @@ BPF_MAP_GET_NEXT_ID = 12
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_MAP_GET_FD_BY_ID = 14
 BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_MAP_LOOKUP_BATCH = 24
+BPF_MAP_UPDATE_BATCH = 26
 BPF_LINK_CREATE = 28
 BPF_LINK_GET_FD_BY_ID = 30
 BPF_LINK_GET_NEXT_ID = 31
@@ -138,6 +140,17 @@ struct bpf_prog_load_attr {
     uint64_t core_relos;
     uint32_t core_relo_rec_size;
     uint32_t log_true_size;
+};
+
+struct bpf_batch_attr {
+    uint64_t in_batch;
+    uint64_t out_batch;
+    uint64_t keys;
+    uint64_t values;
+    uint32_t count;
+    uint32_t map_fd;
+    uint64_t elem_flags;
+    uint64_t flags;
 };
 
 struct bpf_link_detach_attr {
@@ -338,6 +351,47 @@ def map_next_key(fd: int, key: "bytes | None", key_size: int) -> "bytes | None":
             return None
         raise BpfError(err, "BPF_MAP_GET_NEXT_KEY")
     return ffi.buffer(nbuf)[:]
+
+
+def map_update_batch(fd: int, keys: bytes, values: bytes, count: int) -> None:
+    """Write `count` consecutive keys and values in one call (a 100k-key table would
+    otherwise cost 100k syscalls)."""
+    kbuf, vbuf = ffi.from_buffer(keys), ffi.from_buffer(values)
+    done = 0
+    key_size, value_size = len(keys) // max(count, 1), len(values) // max(count, 1)
+    while done < count:
+        attr = ffi.new("struct bpf_batch_attr *")
+        attr.map_fd = fd
+        attr.keys = _ptr(kbuf) + done * key_size
+        attr.values = _ptr(vbuf) + done * value_size
+        attr.count = count - done
+        if _sys_bpf(BPF_MAP_UPDATE_BATCH, attr) < 0:
+            raise BpfError(ffi.errno, "BPF_MAP_UPDATE_BATCH", f"map fd {fd}")
+        done += attr.count
+
+
+def map_lookup_batch(fd: int, key_size: int, value_size: int, count: int) -> tuple[bytes, bytes]:
+    """Every key and value (value_size per key; per-CPU maps: percpu_value_size), in
+    the map's order, for a map holding `count` keys."""
+    keys = ffi.new("char[]", max(count, 1) * key_size)
+    values = ffi.new("char[]", max(count, 1) * value_size)
+    cursor = ffi.new("char[]", max(key_size, 8))
+    got = 0
+    while got < count:
+        attr = ffi.new("struct bpf_batch_attr *")
+        attr.map_fd = fd
+        attr.in_batch = _ptr(cursor) if got else 0
+        attr.out_batch = _ptr(cursor)
+        attr.keys = _ptr(keys) + got * key_size
+        attr.values = _ptr(values) + got * value_size
+        attr.count = count - got
+        failed = _sys_bpf(BPF_MAP_LOOKUP_BATCH, attr) < 0
+        got += attr.count
+        if failed:
+            if ffi.errno == _errno.ENOENT:
+                break
+            raise BpfError(ffi.errno, "BPF_MAP_LOOKUP_BATCH", f"map fd {fd}")
+    return ffi.buffer(keys, got * key_size)[:], ffi.buffer(values, got * value_size)[:]
 
 
 def cpu_list_count(text: str) -> int:

@@ -26,6 +26,7 @@ Exactness where the kernel is subtle:
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -64,6 +65,7 @@ class Masks:
 @dataclass
 class Run:
     rules: list[Rule]
+    keys: list = field(default_factory=list)                              # rule_keys of all
     tuples: list[tuple[int, Masks]] = field(default_factory=list)        # (id, masks)
     ip_tuples: list[tuple[int, Masks]] = field(default_factory=list)     # projection
 
@@ -101,16 +103,16 @@ def segments(rules: list[Rule], space: "TupleSpace") -> list[Segment]:
     `space`). A run ends where a rule is not eligible or would take the run past
     MAX_TUPLES lookups; what is left of a run too short or too varied stays code."""
     out: list[Segment] = []
-    pending: list[Rule] = []
+    run = Run([])
     masks: set[Masks] = set()
 
     def flush() -> None:
-        run = Run(list(pending))
-        if len(pending) >= MIN_RUN and space.add_run(run):
+        nonlocal run
+        if len(run.rules) >= MIN_RUN and space.add_run(run):
             out.append(run)
         else:
-            out.extend(pending)
-        pending.clear()
+            out.extend(run.rules)
+        run = Run([])
         masks.clear()
 
     for rule in rules:
@@ -118,16 +120,19 @@ def segments(rules: list[Rule], space: "TupleSpace") -> list[Segment]:
             flush()
             out.append(rule)
             continue
-        mine = {m for m, _, _, _ in rule_keys(rule)}
-        if len(masks | mine) > MAX_TUPLES:
+        keys = list(rule_keys(rule))
+        mine = {k[0] for k in keys}
+        if not mine <= masks and len(masks | mine) > MAX_TUPLES:
             flush()
-        pending.append(rule)
+        run.rules.append(rule)
+        run.keys += keys
         masks.update(mine)
     flush()
     return out
 
 
-def port_blocks(lo: int, hi: int) -> list[tuple[int, int]]:
+@functools.lru_cache(maxsize=4096)
+def port_blocks(lo: int, hi: int) -> tuple[tuple[int, int], ...]:
     """(value, mask) prefix blocks covering exactly [lo, hi] of 16-bit ports."""
     blocks = []
     while lo <= hi:
@@ -136,7 +141,7 @@ def port_blocks(lo: int, hi: int) -> list[tuple[int, int]]:
             size >>= 1
         blocks.append((lo, 0xFFFF & ~(size - 1)))
         lo += size
-    return blocks
+    return tuple(blocks)
 
 
 def _le32(raw: bytes) -> int:
@@ -177,9 +182,8 @@ class TupleSpace:
     def add_run(self, run: Run) -> bool:
         """Adds the run's keys if classifying it pays (see MAX_TUPLES)."""
         groups: dict[Masks, list] = {}
-        for rule in run.rules:
-            for masks, fields, entry, verdict in rule_keys(rule):
-                groups.setdefault(masks, []).append((fields, entry, verdict))
+        for masks, fields, entry, verdict in run.keys:
+            groups.setdefault(masks, []).append((fields, entry, verdict))
         if len(groups) > MAX_TUPLES or len(groups) * RULES_PER_TUPLE > len(run.rules):
             return False
         for masks, members in groups.items():
