@@ -14,10 +14,12 @@ LABELS = {"none": "no rules", "legacy": "iptables-legacy", "nft": "nftables",
 COLORS = {"legacy": "tab:red", "nft": "tab:green", "nftset": "tab:olive",
           "bpfilter": "tab:blue"}
 MIX_STYLES = {"blocklist": "-", "ports": "--", "classbench": ":"}
+LOAD_STAGES = ("parse", "decode", "compile", "assemble", "verify")
 CSV_FIELDS = ("mix", "n", "system", "rate_match_pps", "rate_miss_pps", "rel_match", "rel_miss",
               "wall_rate_match_pps", "wall_rate_miss_pps", "wall_rel_match", "wall_rel_miss",
               "apply_s", "append_s", "ns_per_pkt_match", "ns_per_pkt_miss", "test_run_repeat",
-              "xlated_insns", "jited_bytes", "map_bytes", "error")
+              "xlated_insns", "jited_bytes", "map_bytes", *(f"load_{k}_s" for k in LOAD_STAGES),
+              "error")
 
 
 def _num(value: Optional[float], fmt: str) -> str:
@@ -69,22 +71,25 @@ def tables(results: dict) -> str:
 
     out.append("")
     out.append("bpfilter: INPUT program (BPF_PROG_TEST_RUN ns/packet, match last / no match), "
-               "its size, its maps; a replay of the load (seconds per stage)")
+               "its size, its maps; the load replayed in-process (seconds per stage)")
     head = (f"{'mix':<11}{'N':>7}  {'ns/packet':>17} {'insns':>8} {'jited B':>9} "
             f"{'maps B':>10}  {'parse':>6} {'decode':>6} {'compile':>7} {'assemble':>8} "
-            f"{'verify':>7}")
+            f"{'verify':>7} {'other':>6}")
     out += [head, "-" * len(head)]
     for run in runs:
         b = run.get("bpfilter") or {}
         ns = b.get("ns_per_packet", {})
         fp = b.get("footprint", {})
-        stages = (b.get("replay") or {}).get("stages_s", {})
+        replay = b.get("replay") or {}
+        stages = dict(replay.get("stages_s", {}))
+        if stages:
+            stages["other"] = replay["total_s"] - sum(stages.values())
         line = (f"{run['mix']:<11}{run['n']:>7}  {_pair(ns.get('match'), ns.get('miss'), '.0f'):>17} "
                 f"{_num(fp.get('xlated_insns'), 'd'):>8} {_num(fp.get('jited_bytes'), 'd'):>9} "
                 f"{_num(fp.get('map_bytes'), 'd'):>10}  "
                 + " ".join(f"{_num(stages.get(k), '.2f'):>{w}}" for k, w in
                            (("parse", 6), ("decode", 6), ("compile", 7), ("assemble", 8),
-                            ("verify", 7))))
+                            ("verify", 7), ("other", 6))))
         out.append(line)
 
     errors = [(run["mix"], run["n"], f"{s}{what}", r[key]) for run in runs
@@ -120,7 +125,9 @@ def csv_rows(results: dict) -> list[dict]:
                            ns_per_pkt_miss=b.get("ns_per_packet", {}).get("miss"),
                            test_run_repeat=b.get("repeat"),
                            xlated_insns=fp.get("xlated_insns"),
-                           jited_bytes=fp.get("jited_bytes"), map_bytes=fp.get("map_bytes"))
+                           jited_bytes=fp.get("jited_bytes"), map_bytes=fp.get("map_bytes"),
+                           **{f"load_{k}_s": (b.get("replay") or {}).get("stages_s", {}).get(k)
+                              for k in LOAD_STAGES})
             rows.append(row)
     return rows
 
@@ -172,6 +179,7 @@ def plot(results: dict, path: str) -> None:
     def axes_setup(ax, ylabel, yticks):
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xlim(sizes[0] / 1.5, sizes[-1] * 1.5)
         ax.xaxis.set_major_locator(FixedLocator(sizes))
         ax.xaxis.set_minor_locator(NullLocator())
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))

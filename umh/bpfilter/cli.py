@@ -5,8 +5,7 @@ import argparse
 import sys
 
 from .errors import BpfilterError
-from .service import DEFAULT_SOCKET
-from .store import DEFAULT_ROOT
+from .paths import DEFAULT_ROOT, DEFAULT_SOCKET
 
 
 def _check(args) -> int:

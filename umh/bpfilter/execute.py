@@ -15,8 +15,7 @@ import tempfile
 import time
 
 from .errors import BpfilterError
-from .service import DEFAULT_SOCKET
-from .store import DEFAULT_ROOT
+from .paths import DEFAULT_ROOT, DEFAULT_SOCKET
 
 START_TIMEOUT = 10.0
 

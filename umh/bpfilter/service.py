@@ -31,9 +31,9 @@ from .errors import BpfilterError
 from .ext import known_match_revisions
 from .loader import HookSlot, Ruleset, attach_slots, load_ruleset
 from .model import Family, Hook, Table
-from .store import DEFAULT_ROOT, Store, TableKey, ensure_bpffs
+from .paths import DEFAULT_ROOT, DEFAULT_SOCKET
+from .store import Store, TableKey, ensure_bpffs
 
-DEFAULT_SOCKET = os.environ.get("BPFILTER_SOCKET", "/run/bpfilter/bpfilter.sock")
 SO_NETNS_COOKIE = 71
 CAP_NET_ADMIN = 12
 CLIENT_TIMEOUT = 5.0

@@ -24,9 +24,9 @@ from typing import Iterator
 
 from .bpf import syscall as bpf
 from .loader import HookRules, HookSlot, Ruleset
+from .paths import DEFAULT_ROOT
 from .model import Family, Hook, Table
 
-DEFAULT_ROOT = os.environ.get("BPFILTER_BPFFS", "/run/bpfilter/bpffs")
 BPF_FS_MAGIC = "bpf"
 _CHUNK = 1 << 16
 _LEN = struct.Struct("<Q")
