@@ -66,13 +66,12 @@ class Ruleset:
         return [tuple(t) for t in totals]
 
     def add_counters(self, added: list[tuple[int, int]]) -> None:
-        for entry, (packets, bytes_) in enumerate(added):
-            if packets or bytes_:
-                key = struct.pack("<I", entry)
-                p, b = COUNTER.unpack(bpf.map_lookup(self.offsets_fd, key, COUNTER.size))
-                mask = (1 << 64) - 1
-                bpf.map_update(self.offsets_fd, key,
-                               COUNTER.pack((p + packets) & mask, (b + bytes_) & mask))
+        count = self.table.num_entries
+        keys, current = bpf.map_lookup_batch(self.offsets_fd, 4, COUNTER.size, count)
+        mask = (1 << 64) - 1
+        summed = b"".join(COUNTER.pack((p + ap) & mask, (b + ab) & mask)
+                          for (p, b), (ap, ab) in zip(COUNTER.iter_unpack(current), added))
+        bpf.map_update_batch(self.offsets_fd, keys, summed, count)
 
     def fds(self) -> list[int]:
         return [self.counters_fd, self.offsets_fd] + [h.prog_fd for h in self.hooks.values()]
