@@ -593,3 +593,25 @@ def test_kernel_agrees(kernel_netns, c: Case):
     assert verdicts == [verdict_name(v) for _, _, v in c.steps]
     assert named(c, counters) == named(c, expected_counters(c))
     assert counters == expected_counters(c)
+
+
+def test_thousands_of_rules_with_many_conditions_pass_the_verifier():
+    """2,500 rules that the classifier does not take (ranges on two ports, inverted
+    tests): each rule leaves one pending branch, not one per condition, so the
+    verifier's 8,192 pending branches are not exhausted (they were at ~1,500 rules)."""
+    n = 2500
+    rules = "\n".join(
+        f"-A OUTPUT -s 10.{i % 250}.{i // 250}.0/24 ! -d 10.255.0.1 -p udp "
+        f"--sport {1000 + i}:{2000 + i} ! --dport 7:9 -j DROP" for i in range(n))
+    table = load_filter_table(blob_of(rules), attach=False)
+    try:
+        last = f"10.{(n - 1) % 250}.{(n - 1) // 250}.7"
+        got = [table.test_run(OUT, udp(src="10.0.0.9", sport=1000, dport=53).build(1, 0)),
+               table.test_run(OUT, udp(src=last, sport=2000 + n - 1, dport=53).build(1, 0)),
+               table.test_run(OUT, udp(src=last, sport=2000 + n - 1, dport=8).build(1, 0))]
+        counters = table.counters()
+    finally:
+        table.close()
+    assert got == [DROP, DROP, ACCEPT]
+    assert named(Case("many", rules, []), counters) == {
+        "OUTPUT 1": (1, 44), f"OUTPUT {n}": (1, 44), "OUTPUT policy": (1, 44)}

@@ -37,7 +37,7 @@ from ..ext.udp import IPPROTO_UDP
 from ..model import (Accept, Chain, Drop, Fallthrough, Goto, Hook, IpHeader, Jump, Return, Rule,
                      Table, Verdict)
 from . import classifier, facts
-from .primitives import emit_masked_equal, emit_name_equal, emit_nonzero
+from .primitives import RuleOutcome, emit_masked_equal, emit_name_equal, emit_nonzero
 
 NF_DROP, NF_ACCEPT = 0, 1
 CONTINUE = 2
@@ -152,29 +152,31 @@ class _HookCompiler:
                 continue
             rule = segment
             next_rule = self.asm.label(f"e{rule.entry}_next")
-            self._emit_ip(rule.ip, next_rule)
+            out = RuleOutcome(self.asm)
+            self._emit_ip(rule.ip, out)
             for match in rule.matches:
-                ext.emit_match(match, self.table.family, self.asm, next_rule, drop)
+                ext.emit_match(match, self.table.family, self.asm, out)
+            out.finish(next_rule, drop)
             self._emit_count(rule.entry, key_fp)
             self._emit_target(rule, policy, next_rule)
             self.asm.place(next_rule)
 
-    def _emit_ip(self, ip: IpHeader, fail) -> None:
+    def _emit_ip(self, ip: IpHeader, out: RuleOutcome) -> None:
         asm = self.asm
         for prefix, off in ((ip.src, facts.SADDR), (ip.dst, facts.DADDR)):
             if not prefix.is_any:
                 emit_masked_equal(asm, off, 4, int.from_bytes(prefix.mask, "little"),
-                                  int.from_bytes(prefix.addr, "little"), prefix.invert, fail)
+                                  int.from_bytes(prefix.addr, "little"), prefix.invert, out)
         for iface, off in ((ip.in_iface, facts.IN_NAME), (ip.out_iface, facts.OUT_NAME)):
             if not iface.is_any:
-                emit_name_equal(asm, off, iface.name, iface.mask, iface.invert, fail)
+                emit_name_equal(asm, off, iface.name, iface.mask, iface.invert, out)
         if ip.proto:
-            emit_masked_equal(asm, facts.PROTO, 1, 0xFF, ip.proto, ip.invert_proto, fail)
+            emit_masked_equal(asm, facts.PROTO, 1, 0xFF, ip.proto, ip.invert_proto, out)
         # NF_INVF(IPT_INV_FRAG, (flags & IPT_F_FRAG) && !isfrag) must be false
         if ip.fragment:
-            emit_nonzero(asm, facts.FRAGOFF, 2, ip.invert_fragment, fail)
+            emit_nonzero(asm, facts.FRAGOFF, 2, ip.invert_fragment, out)
         elif ip.invert_fragment:
-            asm.emit(BPF_JMP_A(fail))
+            out.never()
 
     def _emit_target(self, rule: Rule, policy, next_rule) -> None:
         asm = self.asm

@@ -1,35 +1,97 @@
 """Tests on packet facts, shared by the ip header part of rules and by extensions.
 
-Each emitter jumps to `fail` when the test does not hold and falls through when it
-does; `invert` is iptables' `!`. A test that always holds emits nothing, one that
-never holds emits an unconditional jump, so trivially true parts of rules cost nothing.
+A rule's tests do not branch: each one folds into the rule's outcome (RuleOutcome),
+and the rule branches once at its end. The verifier walks code branch by branch and
+keeps every branch it has not walked yet pending, up to 8192; a branch per test
+would leave several pending per rule and cap chains at a couple of thousand rules.
+
+Each emitter takes `invert` as iptables' `!`. A test that always holds emits nothing,
+one that never holds marks the rule as never matching.
 """
 from __future__ import annotations
 
 from ..bpf import insn as I
 from ..bpf.asm import Assembler
-from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU64_REG, BPF_B, BPF_DW, BPF_H, BPF_JMP32_IMM,
-                        BPF_JMP_A, BPF_JMP_IMM, BPF_LD_IMM64, BPF_LDX_MEM, BPF_W, R1, R2, R3, R6)
+from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_DW, BPF_H,
+                        BPF_JMP_IMM, BPF_LD_IMM64, BPF_LDX_MEM, BPF_MOV64_IMM, BPF_MOV64_REG,
+                        BPF_W, R0, R1, R2, R3, R4, R5, R6)
 
 _SIZE = {1: BPF_B, 2: BPF_H, 4: BPF_W}
+MISMATCH, HOTDROP = R4, R5
+
+
+def emit_nonzero_bit(asm: Assembler, reg: int, tmp: int) -> None:
+    """reg = 1 if reg != 0 else 0, for any 64-bit value: x | -x has its top bit set
+    exactly when x is not zero."""
+    asm.emit(BPF_MOV64_REG(tmp, reg), BPF_ALU64_IMM(I.BPF_NEG, tmp, 0),
+             BPF_ALU64_REG(I.BPF_OR, reg, tmp), BPF_ALU64_IMM(I.BPF_RSH, reg, 63))
+
+
+class RuleOutcome:
+    """One rule's outcome, folded without branches: MISMATCH (R4) is non-zero once a
+    test failed; HOTDROP (R5) is 1 once a match would drop the packet (the kernel's
+    par->hotdrop) while every test before it held. finish() branches: to `drop` on a
+    hotdrop, to `next` on a mismatch, on through otherwise."""
+
+    def __init__(self, asm: Assembler):
+        self.asm = asm
+        self.hotdrops = False
+        asm.emit(BPF_MOV64_IMM(MISMATCH, 0), BPF_MOV64_IMM(HOTDROP, 0))
+
+    def never(self) -> None:
+        self.asm.emit(BPF_ALU64_IMM(I.BPF_OR, MISMATCH, 1))
+
+    def mismatch(self, reg: int) -> None:
+        """The test failed if `reg` is not zero."""
+        self.asm.emit(BPF_ALU64_REG(I.BPF_OR, MISMATCH, reg))
+
+    def hotdrop(self, bit: int) -> None:
+        """The match drops the packet if `bit` (0 or 1) is set and no test failed yet."""
+        self.hotdrops = True
+        asm = self.asm
+        asm.emit(BPF_MOV64_REG(R0, MISMATCH))
+        emit_nonzero_bit(asm, R0, R3)
+        asm.emit(BPF_ALU64_IMM(I.BPF_XOR, R0, 1), BPF_ALU64_REG(I.BPF_AND, bit, R0),
+                 BPF_ALU64_REG(I.BPF_OR, HOTDROP, bit))
+
+    def finish(self, next_rule, drop) -> None:
+        # A hotdrop outranks any later mismatch: clear MISMATCH then, so that the
+        # mismatch branch comes first and the drop branch, pushed last, is walked first.
+        asm = self.asm
+        if self.hotdrops:
+            asm.emit(BPF_MOV64_REG(R0, HOTDROP), BPF_ALU64_IMM(I.BPF_SUB, R0, 1),
+                     BPF_ALU64_REG(I.BPF_AND, MISMATCH, R0))
+        asm.emit(BPF_JMP_IMM(I.BPF_JNE, MISMATCH, 0, next_rule))
+        if self.hotdrops:
+            asm.emit(BPF_JMP_IMM(I.BPF_JNE, HOTDROP, 0, drop))
+
+
+def _invert_bit(asm: Assembler, reg: int) -> None:
+    emit_nonzero_bit(asm, reg, R3)
+    asm.emit(BPF_ALU64_IMM(I.BPF_XOR, reg, 1))
 
 
 def emit_masked_equal(asm: Assembler, off: int, size: int, mask: int, value: int,
-                      invert: bool, fail) -> None:
+                      invert: bool, out: RuleOutcome) -> None:
     """Holds iff ((field & mask) == value) != invert, the kernel's comparison of
     addresses, protocols and tcp flags (value bits outside mask never match)."""
     full = (1 << (8 * size)) - 1
     if mask == 0:
         if (value == 0) == invert:
-            asm.emit(BPF_JMP_A(fail))
+            out.never()
         return
     asm.emit(BPF_LDX_MEM(_SIZE[size], R1, R6, off))
     if mask != full:
         asm.emit(BPF_ALU32_IMM(I.BPF_AND, R1, mask))
-    asm.emit(BPF_JMP32_IMM(I.BPF_JEQ if invert else I.BPF_JNE, R1, value, fail))
+    if value:
+        asm.emit(BPF_ALU32_IMM(I.BPF_XOR, R1, value))
+    if invert:
+        _invert_bit(asm, R1)
+    out.mismatch(R1)
 
 
-def emit_name_equal(asm: Assembler, off: int, name: bytes, mask: bytes, invert: bool, fail) -> None:
+def emit_name_equal(asm: Assembler, off: int, name: bytes, mask: bytes, invert: bool,
+                    out: RuleOutcome) -> None:
     """Holds iff ((field ^ name) & mask) == 0 over 16 bytes, != invert: the kernel's
     ifname_compare_aligned(), compared 8 bytes at a time as it does."""
     chunks = [(o, int.from_bytes(name[o:o + 8], "little"), int.from_bytes(mask[o:o + 8], "little"))
@@ -37,7 +99,7 @@ def emit_name_equal(asm: Assembler, off: int, name: bytes, mask: bytes, invert: 
     chunks = [c for c in chunks if c[2]]
     if not chunks:
         if invert:
-            asm.emit(BPF_JMP_A(fail))
+            out.never()
         return
     for i, (o, value, m) in enumerate(chunks):
         acc = R1 if i == 0 else R2
@@ -46,36 +108,56 @@ def emit_name_equal(asm: Assembler, off: int, name: bytes, mask: bytes, invert: 
                  BPF_LD_IMM64(R3, m), BPF_ALU64_REG(I.BPF_AND, acc, R3))
         if i:
             asm.emit(BPF_ALU64_REG(I.BPF_OR, R1, R2))
-    asm.emit(BPF_JMP_IMM(I.BPF_JEQ if invert else I.BPF_JNE, R1, 0, fail))
+    if invert:
+        _invert_bit(asm, R1)
+    out.mismatch(R1)
 
 
-def emit_range(asm: Assembler, off: int, size: int, lo: int, hi: int, invert: bool, fail) -> None:
+def emit_outside(asm: Assembler, dst: int, off: int, size: int, lo: int, hi: int) -> None:
+    """dst = 1 if the field is outside [lo, hi], else 0 (fields are at most 16 bits,
+    so a 64-bit difference is negative exactly when the bound is crossed)."""
+    full = (1 << (8 * size)) - 1
+    asm.emit(BPF_LDX_MEM(_SIZE[size], R3, R6, off), BPF_MOV64_IMM(dst, 0))
+    if lo > 0:
+        asm.emit(BPF_MOV64_REG(dst, R3), BPF_ALU64_IMM(I.BPF_SUB, dst, lo),
+                 BPF_ALU64_IMM(I.BPF_RSH, dst, 63))
+    if hi < full:
+        asm.emit(BPF_MOV64_IMM(R0, hi), BPF_ALU64_REG(I.BPF_SUB, R0, R3),
+                 BPF_ALU64_IMM(I.BPF_RSH, R0, 63), BPF_ALU64_REG(I.BPF_OR, dst, R0))
+
+
+def emit_range(asm: Assembler, off: int, size: int, lo: int, hi: int, invert: bool,
+               out: RuleOutcome) -> None:
     """Holds iff (lo <= field <= hi) != invert, as the kernel's port_match()."""
     full = (1 << (8 * size)) - 1
     if lo == 0 and hi >= full:
         if invert:
-            asm.emit(BPF_JMP_A(fail))
+            out.never()
         return
-    asm.emit(BPF_LDX_MEM(_SIZE[size], R1, R6, off))
-    if not invert:
-        if lo > 0:
-            asm.emit(BPF_JMP_IMM(I.BPF_JLT, R1, lo, fail))
-        if hi < full:
-            asm.emit(BPF_JMP_IMM(I.BPF_JGT, R1, hi, fail))
-        return
-    outside = asm.label("out_of_range")
-    asm.emit(BPF_JMP_IMM(I.BPF_JLT, R1, lo, outside), BPF_JMP_IMM(I.BPF_JGT, R1, hi, outside),
-             BPF_JMP_A(fail))
-    asm.place(outside)
+    emit_outside(asm, R1, off, size, lo, hi)
+    if invert:
+        asm.emit(BPF_ALU64_IMM(I.BPF_XOR, R1, 1))
+    out.mismatch(R1)
 
 
-def emit_nonzero(asm: Assembler, off: int, size: int, invert: bool, fail) -> None:
+def emit_nonzero(asm: Assembler, off: int, size: int, invert: bool, out: RuleOutcome) -> None:
     """Holds iff (field != 0) != invert."""
-    asm.emit(BPF_LDX_MEM(_SIZE[size], R1, R6, off),
-             BPF_JMP_IMM(I.BPF_JNE if invert else I.BPF_JEQ, R1, 0, fail))
+    asm.emit(BPF_LDX_MEM(_SIZE[size], R1, R6, off))
+    emit_nonzero_bit(asm, R1, R3)
+    if not invert:
+        asm.emit(BPF_ALU64_IMM(I.BPF_XOR, R1, 1))
+    out.mismatch(R1)
 
 
-def emit_at_least(asm: Assembler, off: int, size: int, minimum: int, target) -> None:
-    """Jumps to `target` when field < minimum (used for the matches' hotdrop)."""
-    asm.emit(BPF_LDX_MEM(_SIZE[size], R1, R6, off),
-             BPF_JMP_IMM(I.BPF_JLT, R1, minimum, target))
+def emit_below(asm: Assembler, off: int, size: int, minimum: int, out: RuleOutcome) -> None:
+    """A hotdrop when field < minimum (a transport header too short for the match)."""
+    asm.emit(BPF_LDX_MEM(_SIZE[size], R1, R6, off), BPF_ALU64_IMM(I.BPF_SUB, R1, minimum),
+             BPF_ALU64_IMM(I.BPF_RSH, R1, 63))
+    out.hotdrop(R1)
+
+
+def emit_equal_hotdrop(asm: Assembler, off: int, size: int, value: int, out: RuleOutcome) -> None:
+    """A hotdrop when field == value."""
+    asm.emit(BPF_LDX_MEM(_SIZE[size], R1, R6, off), BPF_ALU64_IMM(I.BPF_XOR, R1, value))
+    _invert_bit(asm, R1)
+    out.hotdrop(R1)

@@ -41,9 +41,9 @@ class MatchExtension:
         """The match as `iptables -L -n` shows it."""
         raise NotImplementedError
 
-    def emit(self, match: Match, asm: Assembler, fail, hotdrop) -> None:
-        """Code that jumps to `fail` when the packet does not match, to `hotdrop`
-        when the kernel's match would set par->hotdrop, and falls through otherwise."""
+    def emit(self, match: Match, asm: Assembler, out) -> None:
+        """Code that folds into `out` (compiler.primitives.RuleOutcome) whether the
+        packet fails the match, or makes the kernel's match set par->hotdrop."""
         raise NotImplementedError
 
 
@@ -105,8 +105,8 @@ def decode_match(name: str, revision: int, payload: bytes, ip: IpHeader, family:
     return ext.decode(payload, where)
 
 
-def emit_match(match: Match, family: Family, asm: Assembler, fail, hotdrop) -> None:
-    _MATCHES[(match.name, match.revision, family)].emit(match, asm, fail, hotdrop)
+def emit_match(match: Match, family: Family, asm: Assembler, out) -> None:
+    _MATCHES[(match.name, match.revision, family)].emit(match, asm, out)
 
 
 def describe_match(match: Match, family: Family) -> str:

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from construct import Int8un, Struct
 
 from ..bpf import insn as I
-from ..bpf.insn import BPF_B, BPF_JMP_A, BPF_JMP_IMM, BPF_LDX_MEM, R1, R6
+from ..bpf.insn import BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_LDX_MEM, R1, R2, R3, R6
+from ..compiler.primitives import emit_nonzero_bit, emit_outside
 from ..compiler import facts
 from ..errors import BpfilterError
 from ..model import Match
@@ -48,24 +49,21 @@ class Icmp(MatchExtension):
             raise BpfilterError(errno.EINVAL, f"{where}: icmp: unknown inversion flags {invflags:#x}")
         return IcmpMatch(p[_TYPE], code_lo, code_hi, bool(invflags & IPT_ICMP_INV))
 
-    def emit(self, match: IcmpMatch, asm, fail, hotdrop) -> None:
-        emit_transport_header(asm, facts.SMALL_HEADER, fail, hotdrop)
+    def emit(self, match: IcmpMatch, asm, out) -> None:
+        emit_transport_header(asm, facts.SMALL_HEADER, out)
         # icmp_type_code_match(): type 0xFF matches every packet, before inversion
         if match.type == ANY_TYPE:
             if match.invert:
-                asm.emit(BPF_JMP_A(fail))
+                out.never()
             return
-        differs = fail if not match.invert else asm.label("icmp_differs")
-        asm.emit(
-            BPF_LDX_MEM(BPF_B, R1, R6, facts.ICMP_TYPE),
-            BPF_JMP_IMM(I.BPF_JNE, R1, match.type, differs),
-            BPF_LDX_MEM(BPF_B, R1, R6, facts.ICMP_CODE),
-            BPF_JMP_IMM(I.BPF_JLT, R1, match.code_lo, differs),
-            BPF_JMP_IMM(I.BPF_JGT, R1, match.code_hi, differs),
-        )
+        asm.emit(BPF_LDX_MEM(BPF_B, R1, R6, facts.ICMP_TYPE),
+                 BPF_ALU64_IMM(I.BPF_XOR, R1, match.type))
+        emit_outside(asm, R2, facts.ICMP_CODE, 1, match.code_lo, match.code_hi)
+        asm.emit(BPF_ALU64_REG(I.BPF_OR, R1, R2))
         if match.invert:
-            asm.emit(BPF_JMP_A(fail))
-            asm.place(differs)
+            emit_nonzero_bit(asm, R1, R3)
+            asm.emit(BPF_ALU64_IMM(I.BPF_XOR, R1, 1))
+        out.mismatch(R1)
 
     def describe(self, match: IcmpMatch) -> str:
         if match.type == ANY_TYPE:

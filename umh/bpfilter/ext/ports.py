@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from ..bpf.asm import Assembler
 from ..compiler import facts
-from ..compiler.primitives import emit_at_least, emit_nonzero, emit_range
+from ..compiler.primitives import RuleOutcome, emit_below, emit_nonzero, emit_range
 
 
 @dataclass(frozen=True)
@@ -15,16 +15,16 @@ class PortRange:
     invert: bool = False
 
 
-def emit_transport_header(asm: Assembler, header_size: int, fail, hotdrop) -> None:
+def emit_transport_header(asm: Assembler, header_size: int, out: RuleOutcome) -> None:
     """tcp_mt()/udp_mt()/icmp_match(): never match a non-first fragment, and drop the
     packet (hotdrop) when the header is shorter than the struct they read."""
-    emit_nonzero(asm, facts.FRAGOFF, 2, invert=True, fail=fail)
-    emit_at_least(asm, facts.L4_AVAIL, 1, header_size, hotdrop)
+    emit_nonzero(asm, facts.FRAGOFF, 2, invert=True, out=out)
+    emit_below(asm, facts.L4_AVAIL, 1, header_size, out)
 
 
-def emit_ports(asm: Assembler, sport: PortRange, dport: PortRange, fail) -> None:
-    emit_range(asm, facts.SPORT, 2, sport.lo, sport.hi, sport.invert, fail)
-    emit_range(asm, facts.DPORT, 2, dport.lo, dport.hi, dport.invert, fail)
+def emit_ports(asm: Assembler, sport: PortRange, dport: PortRange, out: RuleOutcome) -> None:
+    emit_range(asm, facts.SPORT, 2, sport.lo, sport.hi, sport.invert, out)
+    emit_range(asm, facts.DPORT, 2, dport.lo, dport.hi, dport.invert, out)
 
 
 def describe_ports(label: str, ports: PortRange) -> str:

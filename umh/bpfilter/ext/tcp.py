@@ -6,10 +6,8 @@ from dataclasses import dataclass
 
 from construct import Int8un, Int16un, Struct
 
-from ..bpf import insn as I
-from ..bpf.insn import BPF_H, BPF_JMP_IMM, BPF_LDX_MEM, R1, R6
 from ..compiler import facts
-from ..compiler.primitives import emit_masked_equal
+from ..compiler.primitives import emit_equal_hotdrop, emit_masked_equal
 from ..errors import BpfilterError
 from ..model import Match
 from . import MatchExtension, register_match
@@ -62,15 +60,14 @@ class Tcp(MatchExtension):
             flags_mask=p[_FLG_MASK], flags_cmp=p[_FLG_CMP],
             invert_flags=bool(invflags & XT_TCP_INV_FLAGS))
 
-    def emit(self, match: TcpMatch, asm, fail, hotdrop) -> None:
+    def emit(self, match: TcpMatch, asm, out) -> None:
         # tcp_mt() drops a fragment at offset 1 (8 bytes) outright: it could
         # overwrite the flags of the first fragment to sneak past direction checks.
-        asm.emit(BPF_LDX_MEM(BPF_H, R1, R6, facts.FRAGOFF),
-                 BPF_JMP_IMM(I.BPF_JEQ, R1, EVIL_FRAGMENT_OFFSET, hotdrop))
-        emit_transport_header(asm, facts.TCP_HEADER, fail, hotdrop)
-        emit_ports(asm, match.sport, match.dport, fail)
+        emit_equal_hotdrop(asm, facts.FRAGOFF, 2, EVIL_FRAGMENT_OFFSET, out)
+        emit_transport_header(asm, facts.TCP_HEADER, out)
+        emit_ports(asm, match.sport, match.dport, out)
         emit_masked_equal(asm, facts.TCP_FLAGS, 1, match.flags_mask, match.flags_cmp,
-                          match.invert_flags, fail)
+                          match.invert_flags, out)
 
     def describe(self, match: TcpMatch) -> str:
         parts = ["tcp", describe_ports("spt", match.sport), describe_ports("dpt", match.dport)]

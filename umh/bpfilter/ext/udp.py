@@ -46,9 +46,9 @@ class Udp(MatchExtension):
         return UdpMatch(sport=PortRange(spt_lo, spt_hi, bool(invflags & XT_UDP_INV_SRCPT)),
                         dport=PortRange(dpt_lo, dpt_hi, bool(invflags & XT_UDP_INV_DSTPT)))
 
-    def emit(self, match: UdpMatch, asm, fail, hotdrop) -> None:
-        emit_transport_header(asm, facts.SMALL_HEADER, fail, hotdrop)
-        emit_ports(asm, match.sport, match.dport, fail)
+    def emit(self, match: UdpMatch, asm, out) -> None:
+        emit_transport_header(asm, facts.SMALL_HEADER, out)
+        emit_ports(asm, match.sport, match.dport, out)
 
     def describe(self, match: UdpMatch) -> str:
         parts = ["udp", describe_ports("spt", match.sport), describe_ports("dpt", match.dport)]
