@@ -69,8 +69,10 @@ def test_demo_programs_as_bpftool_prints_them(kallsyms):
                     r"\(85\) call bpf_dynptr_slice#-?\d+", r"\(85\) call pc\+\d+",
                     r"\(18\) r1 = map\[id:\d+\]", r"\(18\) r3 = 0x[0-9a-f]+",
                     r"\(db\) lock \*\(u64 \*\)\(r0 \+8\) \+= r1", r"\(dc\) r1 = be16 r1",
-                    r"\(54\) w1 &= \d+", r"\(64\) w9 <<= 2", r"\(56\) if w1 != 0x6 goto pc\+\d+",
-                    r"\(a5\) if r1 < 0x14 goto pc\+\d+", r"\(05\) goto pc\+\d+",
+                    r"\(54\) w1 &= \d+", r"\(64\) w9 <<= 2", r"\(a4\) w1 \^= (0x[0-9a-f]+|\d+)",
+                    r"\(87\) r3 = -r3", r"\(77\) r1 >>= 63", r"\(4f\) r4 \|= r1",
+                    r"\(55\) if r4 != 0x0 goto pc\+\d+", r"\(55\) if r5 != 0x0 goto pc\+\d+",
+                    r"\(05\) goto pc\+\d+",
                     r"\(bf\) r0 = &\(void __percpu \*\)\(r0\)", r"\(b7\) r0 = 1", r"\(95\) exit"):
         assert re.search(pattern, text), pattern
 
