@@ -6,7 +6,6 @@ import struct
 import subprocess
 import tempfile
 import time
-import uuid
 
 import pytest
 

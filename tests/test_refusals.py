@@ -8,7 +8,6 @@ nothing stays loaded: no BPF program, map or link is left behind in this process
 import errno
 import os
 import subprocess
-import uuid
 
 import pytest
 

@@ -17,7 +17,6 @@ non-first fragment 36, raw protocol 36.
 """
 from __future__ import annotations
 
-import os
 import re
 import socket
 import subprocess

@@ -30,8 +30,8 @@ import functools
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional, Union
 
-from ..ext.tcp import IPPROTO_TCP, TcpMatch
-from ..ext.udp import IPPROTO_UDP, UdpMatch
+from ..ext.tcp import TcpMatch
+from ..ext.udp import UdpMatch
 from ..model import Accept, Drop, Rule
 
 MIN_RUN = 16
@@ -203,12 +203,3 @@ def _key(tid: int, saddr: int, daddr: int, sport: int, dport: int, proto: int, l
     return (tid.to_bytes(4, "little") + saddr.to_bytes(4, "little") + daddr.to_bytes(4, "little")
             + sport.to_bytes(2, "little") + dport.to_bytes(2, "little") + bytes([proto, l4])
             + bytes(6))
-
-
-def needs_ip_projection(proto: int, fragoff: int, l4_avail: int) -> bool:
-    """Python mirror of the emitted test, for documentation and tests."""
-    if proto == IPPROTO_TCP:
-        return fragoff == 1 or (fragoff == 0 and l4_avail < 20)
-    if proto == IPPROTO_UDP:
-        return fragoff == 0 and l4_avail < 8
-    return False
