@@ -78,17 +78,21 @@ def lab():
         yield lab
 
 
-def assert_identical(lab: Lab, ruleset: str, cases: list) -> None:
+def assert_identical(lab: Lab, ruleset: str, cases: list, target: str = "bpfilter") -> dict:
+    """Load `ruleset` everywhere, send `cases`; the kernel's and `target`'s arrivals
+    and per-entry counters must be identical. Returns the arrivals."""
     lab.load(ruleset)
     arrived = lab.run(cases)
-    kernel, ours = lab.counters("kernel"), lab.counters("bpfilter")
+    kernel, ours = lab.counters("kernel"), lab.counters(target)
     verdicts = [(i, c.path, c.packet, k) for i, (c, k, b) in
-                enumerate(zip(cases, arrived["kernel"], arrived["bpfilter"])) if k != b]
-    counters = [(e, k, b) for e, (k, b) in enumerate(zip(kernel, ours)) if k != b]
+                enumerate(zip(cases, arrived["kernel"], arrived[target])) if k != b]
     assert not verdicts, f"arrivals differ (case, path, packet, kernel's): {verdicts[:10]}"
-    assert not counters, f"counters differ (entry, kernel, bpfilter): {counters[:10]}"
+    assert len(ours) == len(kernel), (kernel, ours)
+    counters = [(e, k, b) for e, (k, b) in enumerate(zip(kernel, ours)) if k != b]
+    assert not counters, f"counters differ (entry, kernel, {target}): {counters[:10]}"
     # A test that passes because nothing happened proves nothing.
     assert sum(p for p, _ in kernel) > 0
+    return arrived
 
 
 def test_host_firewall(lab):
