@@ -904,13 +904,17 @@ def test_unprivileged_callers_are_refused(svc, nets):
     lock = os.path.join(svc.dir, "nobody.lock")
     open(lock, "w").close()
     os.chmod(lock, 0o666)
+    # The shim where nobody can load it, wherever this checkout lives (a 0700 clone
+    # directory would otherwise refuse it before the socket does).
+    shim = shutil.copy(SHIM, os.path.join(svc.dir, "preload.so"))
+    os.chmod(shim, 0o755)
 
     # Not root: iptables (given CAP_NET_RAW for its raw socket, so that it gets as
     # far as asking) cannot connect to the service.
     nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     done = subprocess.run(["ip", "netns", "exec", ns, *nobody, "--inh-caps=+net_raw",
                            "--ambient-caps=+net_raw", "env", f"XTABLES_LOCKFILE={lock}",
-                           f"LD_PRELOAD={SHIM}", f"BPFILTER_SOCKET={svc.socket}",
+                           f"LD_PRELOAD={shim}", f"BPFILTER_SOCKET={svc.socket}",
                            "iptables-legacy", "-S"], capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and done.stdout == ""
     assert f"bpfilter: cannot reach the bpfilter service at {svc.socket}: " \
