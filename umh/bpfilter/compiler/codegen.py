@@ -112,7 +112,7 @@ class _HookCompiler:
                                 f"supports at most {MAX_CALL_FRAMES - 1} (BPF call frames)")
         asm = self.asm
         drop = asm.label("drop")
-        facts.emit_prologue(asm, self.offsets, drop)
+        facts.emit_prologue(asm, self.offsets, drop, self._facts_needed())
         policy = asm.label("policy")
         self._emit_rules(chain, policy=policy, drop=drop, key_fp=_MAIN_KEY_FP)
         asm.place(policy)
@@ -128,6 +128,11 @@ class _HookCompiler:
                 done.add(name)
                 self._emit_subprog(self.table.chains[name])
         return asm
+
+    def _facts_needed(self) -> frozenset:
+        family = self.table.family
+        return frozenset().union(*(ext.facts_needed(m, family) for chain in self.table.chains.values()
+                                   for rule in chain.rules for m in rule.matches))
 
     def _subprog(self, name: str):
         if name not in self.entries:

@@ -74,11 +74,18 @@ class KernelOffsets:
         )
 
 
-def emit_prologue(asm: Assembler, k: KernelOffsets, drop) -> None:
+# Facts that cost more than a load or two, read only for tables whose rules look at
+# them: group name -> emitter(asm, offsets), run with R6 = &facts, R7 = skb,
+# R8 = hook state, R9 = transport header offset. Extensions add theirs here.
+OPTIONAL: dict = {}
+
+
+def emit_prologue(asm: Assembler, k: KernelOffsets, drop, needs: frozenset = frozenset()) -> None:
     """Fill the facts from the netfilter context in R1; leaves R6 = &facts.
 
     `drop` is where to go when the IP header cannot be read, which the kernel's
     ip_rcv()/__ip_local_out() make impossible; failing closed is the safe answer.
+    `needs` names the OPTIONAL groups to read.
     """
     asm.emit(
         BPF_LDX_MEM(BPF_DW, R7, R1, k.ctx_skb),
@@ -120,6 +127,8 @@ def emit_prologue(asm: Assembler, k: KernelOffsets, drop) -> None:
             BPF_LDX_MEM(BPF_DW, R2, R1, k.dev_name + 8), BPF_STX_MEM(BPF_DW, R6, R2, name_off + 8),
         )
         asm.place(no_dev)
+    for group in sorted(needs):
+        OPTIONAL[group](asm, k)
 
     # Transport header: matches look at it only in first fragments (fragoff == 0).
     done = asm.label("l4_done")

@@ -26,6 +26,9 @@ class MatchExtension:
     revision: ClassVar[int] = 0
     families: ClassVar[tuple[Family, ...]] = (Family.IPV4,)
     proto: ClassVar[Optional[int]] = None   # the kernel's xt_match.proto
+    # Fact groups (compiler.facts.OPTIONAL) the match reads: the prologue reads a
+    # group only for tables that have a rule needing it.
+    facts: ClassVar[frozenset[str]] = frozenset()
     struct: ClassVar  # construct Struct of the payload
     packed: ClassVar[Packed]  # struct, compiled by register_match for decode()
 
@@ -107,6 +110,10 @@ def decode_match(name: str, revision: int, payload: bytes, ip: IpHeader, family:
 
 def emit_match(match: Match, family: Family, asm: Assembler, out) -> None:
     _MATCHES[(match.name, match.revision, family)].emit(match, asm, out)
+
+
+def facts_needed(match: Match, family: Family) -> frozenset[str]:
+    return _MATCHES[(match.name, match.revision, family)].facts
 
 
 def describe_match(match: Match, family: Family) -> str:
