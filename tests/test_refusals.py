@@ -59,7 +59,7 @@ def refused(blob: bytes, netns_name: str) -> BpfilterError:
 # the second of chain Y, reached from OUTPUT through X, so the position is not trivial.
 UNSUPPORTED = [
     ("-p tcp -m multiport --dports 22,80 -j ACCEPT", "match 'multiport'"),
-    ("-m conntrack --ctstate NEW -j ACCEPT", "match 'conntrack'"),
+    ("-m conntrack --ctstate NEW --ctexpire 1:2 -j ACCEPT", "conntrack --ctexpire"),
     ("-m comment --comment hello", "match 'comment'"),
     ("-j LOG --log-prefix x", "target 'LOG'"),
     ("-p tcp -j REJECT --reject-with tcp-reset", "target 'REJECT'"),

@@ -281,6 +281,11 @@ COMMANDS = [
     ("-A ssh -j RETURN", False),
     ("-A OUTPUT -o lo -p icmp --icmp-type echo-request -j ACCEPT", False),
     ("-A FORWARD -i vin0 -o vout+ -p tcp ! --syn -g web", False),
+    ("-I INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT", False),
+    ("-A ssh -m state --state INVALID -j DROP", False),
+    ("-A ssh -p tcp -m conntrack ! --ctstate NEW --ctorigdst 10.0.0.0/8 --ctdir REPLY "
+     "--ctstatus ASSURED --ctrepldstport 1000:2000 -j ACCEPT", False),
+    ("-D INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT", False),
     ("-C INPUT -p udp --dport 53 -j ACCEPT", False),
     ("-C INPUT -s 1.1.1.1 -j DROP", True),
     ("-R INPUT 1 -s 172.16.0.0/12 -c 11 1100 -j DROP", False),

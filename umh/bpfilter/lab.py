@@ -101,6 +101,9 @@ class Packet:
     options: bytes = b""          # raw IP options, padded to 4 bytes with EOL
     payload_len: int = 16
     truncate_l4: "int | None" = None  # keep only this many transport header bytes
+    seq: int = 1                  # tcp sequence and acknowledgement numbers
+    ack: int = 0
+    quoted: bytes = b""           # an ICMP error's quote of the packet it is about
 
     @property
     def proto_number(self) -> int:
@@ -116,10 +119,12 @@ class Packet:
 
         The payload starts with four zero bytes so that, as the body of an
         ICMP error, it never parses as an embedded IP header (which could
-        make T update route exceptions); the nonce follows.
+        make T update route exceptions); the nonce follows. Only `quoted`,
+        for conntrack's RELATED, puts a header there.
         """
         payload = (bytes(4) + struct.pack("!I", nonce & 0xFFFFFFFF)).ljust(
             self.payload_len, b"\0")[:self.payload_len]
+        payload = self.quoted + payload if self.quoted else payload
         if self.frag_offset:
             body = payload
         else:
@@ -141,7 +146,7 @@ class Packet:
     def _transport(self, payload: bytes) -> bytes:
         p = self.proto_number
         if p == 6:
-            seg = struct.pack("!HHIIBBHHH", self.sport, self.dport, 1, 0, 5 << 4,
+            seg = struct.pack("!HHIIBBHHH", self.sport, self.dport, self.seq, self.ack, 5 << 4,
                               self.tcp_flags, 65535, 0, 0) + payload
         elif p == 17:
             seg = struct.pack("!HHHH", self.sport, self.dport, 8 + len(payload), 0) + payload

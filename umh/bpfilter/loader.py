@@ -20,7 +20,7 @@ from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import Optional
 
-from . import netns
+from . import ctnetns, netns
 from .abi import codec
 from .abi.decode import table_from_raw
 from .bpf import syscall as bpf
@@ -28,7 +28,7 @@ from .bpf.btf import Btf
 from .compiler import facts
 from .compiler.classifier import KEY_SIZE, VALUE_SIZE, TupleSpace
 from .compiler.codegen import (CLASSIFIER, COUNTERS, PROG_ARRAY, HookProgram, compile_table,
-                               dispatcher)
+                               dispatcher, uses_conntrack)
 from .model import Hook, Table
 from .netfilter import NF_IP_PRI_FILTER
 
@@ -174,6 +174,8 @@ class LoadedTable:
 
     ruleset: Ruleset
     slots: dict[Hook, HookSlot] = field(default_factory=dict)
+    conntrack: bool = False          # it keeps conntrack on in conntrack_netns
+    conntrack_netns: Optional[str] = None
 
     @property
     def table(self) -> Table:
@@ -198,6 +200,9 @@ class LoadedTable:
             slot.close()
         self.slots.clear()
         self.ruleset.close()
+        if self.conntrack:
+            self.conntrack = False
+            ctnetns.release(self.conntrack_netns)
 
 
 def load_filter_table(replace_blob: bytes, netns_name: Optional[str] = None,
@@ -205,8 +210,15 @@ def load_filter_table(replace_blob: bytes, netns_name: Optional[str] = None,
     """The whole path for an IPT_SO_SET_REPLACE payload: validate, model, compile, load,
     and unless told otherwise attach in `netns_name`."""
     ruleset = load_ruleset(table_from_raw(codec.parse_replace(replace_blob)))
+    conntrack = attach and uses_conntrack(ruleset.table)
+    where = netns_name and netns.path_of(netns_name)
     try:
-        return LoadedTable(ruleset, attach_slots(ruleset, netns_name) if attach else {})
+        if conntrack:
+            ctnetns.hold(where)
+        return LoadedTable(ruleset, attach_slots(ruleset, netns_name) if attach else {},
+                           conntrack=conntrack, conntrack_netns=where)
     except BaseException:
+        if conntrack:
+            ctnetns.release(where)
         ruleset.close()
         raise

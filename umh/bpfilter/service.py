@@ -22,12 +22,13 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Optional
 
-from . import netns, proto
+from . import ctnetns, netns, proto
 from .abi import codec
 from .abi import xtables as X
 from .abi.decode import SUPPORTED_TABLES, table_from_raw
 from .bpf.syscall import BpfError
 from .errors import BpfilterError
+from .compiler.codegen import uses_conntrack
 from .ext import known_match_revisions
 from .loader import HookSlot, Ruleset, attach_slots, load_ruleset
 from .model import Family, Hook, Table
@@ -170,9 +171,14 @@ class _Caller:
         ruleset = load_ruleset(table)
         store = self.service.store
         slots = previous.slots if previous else {}
+        netns_path = f"/proc/self/fd/{self.netns_fd}"
+        had_conntrack = previous is not None and uses_conntrack(previous.ruleset.table)
+        needs_conntrack = uses_conntrack(table)
         try:
+            if needs_conntrack and not had_conntrack:
+                ctnetns.hold(netns_path)   # before the first packet meets the new rules
             if previous is None:
-                slots = attach_slots(ruleset, f"/proc/self/fd/{self.netns_fd}")
+                slots = attach_slots(ruleset, netns_path)
                 store.save_slots(key, slots)
             for hook, slot in slots.items():
                 slot.fill(ruleset.hooks[hook])
@@ -187,7 +193,11 @@ class _Caller:
                 for hook, slot in slots.items():
                     slot.fill(previous.ruleset.hooks[hook])
             ruleset.close()
+            if needs_conntrack and not had_conntrack:
+                ctnetns.release(netns_path)
             raise
+        if had_conntrack and not needs_conntrack:
+            ctnetns.release(netns_path)
         state = TableState(key, raw, ruleset, slots)
         self.service.tables[key] = state
         return state

@@ -77,6 +77,16 @@ def compile_table(table: Table, offsets: facts.KernelOffsets) -> CompiledTable:
     return CompiledTable(programs, space)
 
 
+def facts_needed(table: Table) -> frozenset:
+    """The optional fact groups the table's matches read (facts.OPTIONAL)."""
+    return frozenset().union(*(ext.facts_needed(m, table.family) for chain in table.chains.values()
+                               for rule in chain.rules for m in rule.matches))
+
+
+def uses_conntrack(table: Table) -> bool:
+    return "ct" in facts_needed(table)
+
+
 def dispatcher() -> Assembler:
     """The program attached at a hook: a tail call into the current ruleset's program.
 
@@ -112,7 +122,7 @@ class _HookCompiler:
                                 f"supports at most {MAX_CALL_FRAMES - 1} (BPF call frames)")
         asm = self.asm
         drop = asm.label("drop")
-        facts.emit_prologue(asm, self.offsets, drop, self._facts_needed())
+        facts.emit_prologue(asm, self.offsets, drop, facts_needed(self.table))
         policy = asm.label("policy")
         self._emit_rules(chain, policy=policy, drop=drop, key_fp=_MAIN_KEY_FP)
         asm.place(policy)
@@ -128,11 +138,6 @@ class _HookCompiler:
                 done.add(name)
                 self._emit_subprog(self.table.chains[name])
         return asm
-
-    def _facts_needed(self) -> frozenset:
-        family = self.table.family
-        return frozenset().union(*(ext.facts_needed(m, family) for chain in self.table.chains.values()
-                                   for rule in chain.rules for m in rule.matches))
 
     def _subprog(self, name: str):
         if name not in self.entries:

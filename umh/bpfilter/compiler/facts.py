@@ -38,9 +38,22 @@ TCP_FLAGS = 52     # u8, byte 13 of the tcp header
 ICMP_TYPE = 53
 ICMP_CODE = 54
 SIZE = 56
+# Optional fact groups (see OPTIONAL) each reserve a region of this area after SIZE.
+OPTIONAL_AREA = 128
+_reserved = SIZE
+
+
+def reserve(group: str, size: int) -> int:
+    """Offset of a new optional group's region of `size` bytes (8-aligned)."""
+    global _reserved
+    offset, _reserved = _reserved, _reserved + (size + 7) // 8 * 8
+    if _reserved > SIZE + OPTIONAL_AREA:
+        raise RuntimeError(f"fact group {group!r} does not fit in the optional area")
+    return offset
+
 
 # The main frame's stack: the facts, then scratch for the packet reads.
-FACTS_FP = -SIZE
+FACTS_FP = -(SIZE + OPTIONAL_AREA)
 DYNPTR_FP = FACTS_FP - 16
 SLICE_FP = DYNPTR_FP - 24
 
@@ -76,7 +89,8 @@ class KernelOffsets:
 
 # Facts that cost more than a load or two, read only for tables whose rules look at
 # them: group name -> emitter(asm, offsets), run with R6 = &facts, R7 = skb,
-# R8 = hook state, R9 = transport header offset. Extensions add theirs here.
+# R8 = hook state, R9 = transport header offset (keep R8, R9); each initialises its
+# own region (reserve()). Extensions add theirs here.
 OPTIONAL: dict = {}
 
 

@@ -121,4 +121,4 @@ def describe_match(match: Match, family: Family) -> str:
 
 
 # Registration happens on import of each extension module.
-from . import icmp, tcp, udp  # noqa: E402,F401
+from . import conntrack, icmp, tcp, udp  # noqa: E402,F401
