@@ -15,6 +15,8 @@ Paths:
            T (one per IP protocol) see it after LOCAL_IN.
   forward  S injects on s<k>i; T routes it out vout0 (or back out vin0 for
            198.18.0.2); S captures it on s<k>o / s<k>i.
+  reverse  S injects on s<k>o, to 198.18.0.2; T routes it out vin0; S captures
+           it on s<k>i: the other way through FORWARD, for replies.
   output   a raw IP_HDRINCL socket inside T emits it (LOCAL_OUT); S captures
            it on s<k>o / s<k>i.
 
@@ -23,7 +25,7 @@ IPv6 is off (no ND/MLD), neighbours are static (no ARP), S has no addresses
 and no routes (it never answers), and T's main routing table is empty, so
 everything T's own stack would send back (TCP RSTs, echo replies, ICMP
 errors) fails its route lookup before LOCAL_OUT.  T's real routes live in
-table 100, reached by frames arriving on vin0 and by the lab's raw socket
+table 100, reached by frames arriving on vin0 or vout0 and by the lab's raw socket
 (SO_MARK 0x42).
 """
 from __future__ import annotations
@@ -44,7 +46,7 @@ from .netns import entered
 from .scratch import replace_blob
 
 
-PATHS = ("input", "forward", "output")
+PATHS = ("input", "forward", "reverse", "output")
 
 T_IN, T_OUT = "vin0", "vout0"
 T_IN_ADDR, S_IN_ADDR = "198.18.0.1", "198.18.0.2"
@@ -68,7 +70,8 @@ _SOL_PACKET = 263
 _PACKET_IGNORE_OUTGOING = 23
 _ETH_P_IP = 0x0800
 _RCVBUF = 8 << 20
-_INJECT_ETH = bytes.fromhex((T_IN_MAC + S_IN_MAC).replace(":", "")) + struct.pack("!H", _ETH_P_IP)
+_INJECT_ETH = {iface: bytes.fromhex((t_mac + s_mac).replace(":", "")) + struct.pack("!H", _ETH_P_IP)
+               for iface, t_mac, s_mac in (("in", T_IN_MAC, S_IN_MAC), ("out", T_OUT_MAC, S_OUT_MAC))}
 
 _seq = itertools.count()
 
@@ -188,6 +191,8 @@ def _check_case(case: Case) -> None:
         if p.proto_number == 1 and p.truncate_l4 is not None:
             raise ValueError("raw ICMP sockets drop truncated ICMP (icmp_filter); "
                              "use the forward or output path")
+    elif case.path == "reverse" and p.dst != S_IN_ADDR:
+        raise ValueError(f"reverse case goes to {S_IN_ADDR}, not {p.dst}")
     elif p.dst in T_LOCAL:
         raise ValueError(f"{case.path} case needs a non-local dst, got {p.dst}")
 
@@ -268,7 +273,7 @@ class _Target:
     def __init__(self, name: str, index: int, netns: str, backend) -> None:
         self.name, self.index, self.netns, self.backend = name, index, netns, backend
         self.s_in, self.s_out = f"s{index}i", f"s{index}o"
-        self.inject: "socket.socket | None" = None   # S, AF_PACKET on s_in
+        self.inject: dict[str, socket.socket] = {}  # S, AF_PACKET on s_in ("in"), s_out
         self.wire: list[socket.socket] = []         # S, AF_PACKET captures
         self.emit: "socket.socket | None" = None     # T, raw IP_HDRINCL
         self.local: dict[int, socket.socket] = {}    # T, raw per protocol
@@ -334,8 +339,9 @@ class Lab:
                      for t in self._targets.values()))
         with entered(self.sender):
             for t in self._targets.values():
-                t.inject = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
-                t.inject.bind((t.s_in, 0))
+                for side, ifname in (("in", t.s_in), ("out", t.s_out)):
+                    t.inject[side] = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+                    t.inject[side].bind((ifname, 0))
                 for ifname in (t.s_in, t.s_out):
                     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW,
                                       socket.htons(_ETH_P_IP))
@@ -370,6 +376,7 @@ neigh replace {S_OUT_ADDR} lladdr {S_OUT_MAC} dev {T_OUT} nud permanent
 route add {S_IN_ADDR}/32 dev {T_IN} table {ROUTE_TABLE}
 route add {LAB_NET} via {S_OUT_ADDR} dev {T_OUT} onlink table {ROUTE_TABLE}
 rule add iif {T_IN} lookup {ROUTE_TABLE} pref 100
+rule add iif {T_OUT} lookup {ROUTE_TABLE} pref 100
 rule add fwmark {LAB_MARK} lookup {ROUTE_TABLE} pref 101
 """)
         with entered(t.netns):
@@ -383,10 +390,10 @@ rule add fwmark {LAB_MARK} lookup {ROUTE_TABLE} pref 101
                 t.backend.close(self, t.name)
             except Exception as e:  # keep tearing down; report at the end
                 errors.append(e)
-            for s in [t.inject, t.emit, *t.wire, *t.local.values()]:
+            for s in [*t.inject.values(), t.emit, *t.wire, *t.local.values()]:
                 if s is not None:
                     s.close()
-            t.inject = t.emit = None
+            t.inject, t.emit = {}, None
             t.wire, t.local = [], {}
         while self._namespaces:
             name = self._namespaces.pop()
@@ -483,7 +490,8 @@ rule add fwmark {LAB_MARK} lookup {ROUTE_TABLE} pref 101
             except PermissionError:
                 pass  # LOCAL_OUT dropped it: that is an observation, not an error
         else:
-            t.inject.send(_INJECT_ETH + pkt)
+            side = "out" if case.path == "reverse" else "in"
+            t.inject[side].send(_INJECT_ETH[side] + pkt)
 
     @staticmethod
     def _drain(s: socket.socket, handle: "Callable[[bytes], None] | None") -> None:
