@@ -131,8 +131,8 @@ class _HookCompiler:
 
     def _facts_needed(self) -> frozenset:
         family = self.table.family
-        return frozenset().union(*(ext.facts_needed(m, family) for chain in self.table.chains.values()
-                                   for rule in chain.rules for m in rule.matches))
+        return frozenset().union(*(ext.facts_needed(rule, family)
+                                   for chain in self.table.chains.values() for rule in chain.rules))
 
     def _subprog(self, name: str):
         if name not in self.entries:
@@ -204,8 +204,7 @@ class _HookCompiler:
                 asm.emit(BPF_JMP_IMM(I.BPF_JEQ, R0, CONTINUE, policy))
             asm.emit(BPF_EXIT_INSN())
         else:
-            raise BpfilterError(errno.EOPNOTSUPP, f"entry {rule.entry}: target "
-                                                  f"'{target.name}' has no code generator")
+            ext.emit_target(target, self.table.family, asm, next_rule)
 
     def _emit_run(self, run: classifier.Run, drop, key_fp: int) -> None:
         """The first match of a run: the smallest entry any tuple's lookup finds
