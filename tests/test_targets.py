@@ -222,17 +222,32 @@ def test_log_needs_a_ring():
     assert err.errno == errno.EOPNOTSUPP and "log ring" in str(err)
 
 
-def test_a_packet_too_short_for_its_headers_is_logged_as_the_kernel_does():
-    """The TRUNCATED/INCOMPLETE spellings come from skb->len, not from what was copied."""
+def line_of(packet: bytes, level: int = 5) -> tuple[int, bytes]:
+    """format_line() of the record an OUTPUT LOG rule would write for `packet`."""
     record = bytearray(klog.RECORD_SIZE)
-    packet = Packet("10.0.0.1", "10.0.0.2", "tcp").build(1, 1)[:30]
-    struct.pack_into("<IIIBB", record, 0, klog.PROC_NET_INIT_INO, 0, len(packet), 5, 0)
+    struct.pack_into("<IIIBB", record, 0, klog.PROC_NET_INIT_INO, 0, len(packet), level, 0)
     struct.pack_into("<H", record, klog.R_CAPTURED, len(packet))
     record[klog.R_OUT:klog.R_OUT + 2] = b"lo"
     record[klog.R_PACKET:klog.R_PACKET + len(packet)] = packet
-    level, text = klog.format_line(klog.Record(bytes(record)))
-    assert (level, text) == (5, b"IN= OUT=lo SRC=10.0.0.1 DST=10.0.0.2 LEN=56 TOS=0x00 "
-                                b"PREC=0x00 TTL=64 ID=1 PROTO=TCP INCOMPLETE [10 bytes] ")
+    return klog.format_line(klog.Record(bytes(record)))
+
+
+def test_a_packet_too_short_for_its_headers_is_logged_as_the_kernel_does():
+    """The TRUNCATED/INCOMPLETE spellings come from skb->len, not from what was copied."""
+    packet = Packet("10.0.0.1", "10.0.0.2", "tcp").build(1, 1)[:30]
+    assert line_of(packet) == (5, b"IN= OUT=lo SRC=10.0.0.1 DST=10.0.0.2 LEN=56 TOS=0x00 "
+                                  b"PREC=0x00 TTL=64 ID=1 PROTO=TCP INCOMPLETE [10 bytes] ")
+
+
+def test_tcp_reserved_bits_and_ae_as_the_kernel_prints_them():
+    """The lab's packets cannot set them; the expected line is the kernel's (6.18) for
+    this packet sent through a LOG rule in OUTPUT."""
+    tcp = struct.pack("!HHIIBBHHH", 1, 2, 0, 0, (5 << 4) | 0x0F, 0x02, 100, 0, 0)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 1, 0, 64, 6, 0, bytes([127, 0, 0, 1]),
+                     bytes([127, 0, 0, 1]))
+    assert line_of(ip + tcp)[1] == (b"IN= OUT=lo SRC=127.0.0.1 DST=127.0.0.1 LEN=40 TOS=0x00 "
+                                    b"PREC=0x00 TTL=64 ID=1 PROTO=TCP SPT=1 DPT=2 WINDOW=100 "
+                                    b"RES=0x38 AE SYN URGP=0 ")
 
 
 def test_lines_the_kernel_would_rate_limit_are_counted_lost(ring, tmp_path):
