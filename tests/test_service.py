@@ -35,6 +35,7 @@ from bpfilter.demo import RULESET as DEMO_RULESET
 from bpfilter.execute import answers
 from bpfilter.lab import Case, KernelBackend, Lab, Packet, ServiceBackend, T_IN_ADDR, \
     service_counters
+from kmsg import KERNEL, PRINTK_DEVKMSG, USER, Kmsg, logging_everywhere, sysctls
 from rulegen import generate
 from test_differential import ROUTER, ROUTER_TRAFFIC, assert_identical
 
@@ -497,6 +498,83 @@ def test_counters_after_real_traffic(svc):
         assert re.search(r"^:(INPUT|FORWARD|OUTPUT) \w+ \[[1-9]", ours.stdout, re.M)
 
 
+# ---------------------------------------------------------------- 3b. LOG lines
+
+LOG_RULES = """\
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:logged - [0:0]
+-A INPUT -p udp -j LOG --log-prefix "in-udp: "
+-A INPUT -p tcp -j LOG --log-prefix "in-tcp: " --log-level 6 --log-tcp-sequence --log-tcp-options --log-ip-options
+-A INPUT -p icmp -j LOG --log-prefix "in-icmp: " --log-macdecode
+-A INPUT -p udp --dport 9 -j DROP
+-A FORWARD -j logged
+-A logged -j LOG --log-prefix "fwd: " --log-level 7 --log-ip-options
+-A logged -p tcp -j DROP
+-A OUTPUT -j LOG --log-prefix "out: " --log-level 3
+COMMIT
+"""
+PEER, FAR = "198.18.0.2", "198.19.9.9"
+ROUTER_ALERT = b"\x94\x04\x00\x00"
+LOG_TRAFFIC = [
+    Case(Packet(PEER, T_IN_ADDR, "udp", dport=53), "input"),
+    Case(Packet(PEER, T_IN_ADDR, "udp", dport=9), "input"),
+    Case(Packet(PEER, T_IN_ADDR, "tcp", dport=22, tcp_flags=0xFF, options=ROUTER_ALERT), "input"),
+    Case(Packet(PEER, T_IN_ADDR, "icmp", icmp_type=8), "input"),
+    Case(Packet(PEER, FAR, "udp", ttl=9, options=ROUTER_ALERT), "forward"),
+    Case(Packet(PEER, FAR, "udp", truncate_l4=4), "forward"),
+    Case(Packet(PEER, FAR, "tcp", frag_offset=3, more_fragments=True), "forward"),
+    Case(Packet(PEER, FAR, "icmp", icmp_type=3, icmp_code=4, payload_len=40), "forward"),
+    Case(Packet(PEER, FAR, "icmp", icmp_type=5, payload_len=8), "forward"),
+    Case(Packet(PEER, FAR, "icmp", icmp_type=5, payload_len=28), "forward"),
+    Case(Packet(PEER, FAR, "icmp", icmp_type=0, truncate_l4=2), "forward"),
+    Case(Packet(PEER, FAR, 50), "forward"),
+    Case(Packet(PEER, FAR, 51), "forward"),
+    Case(Packet(PEER, FAR, 47), "forward"),
+    Case(Packet(T_IN_ADDR, FAR, "tcp", sport=5000, dport=443, tcp_flags=0x12), "output"),
+    Case(Packet(T_IN_ADDR, FAR, "udp", options=ROUTER_ALERT), "output"),
+]
+
+
+def test_log_lines_are_the_kernels(svc):
+    """LOG through the service: for the same packets, the lines bpfilter writes to
+    /dev/kmsg are the kernel LOG target's, text and level, in order; only the
+    facility differs (user, not kernel). And LOG lets the packet go on."""
+    service = ServiceBackend(svc.socket, svc.bpffs, env=svc.env)
+    with logging_everywhere(), Lab({"kernel": KernelBackend(), "service": service}) as lab:
+        kmsg = Kmsg()
+        try:
+            assert_identical(lab, LOG_RULES, LOG_TRAFFIC, target="service")
+
+            def logged(facility: int, lines) -> list[tuple[int, str]]:
+                return [(level, text) for f, level, text in lines
+                        if f == facility and re.match(r"(in-\w+|fwd|out): IN=", text)]
+            lines = kmsg.wait(lambda lines: len(logged(USER, lines)) >= len(logged(KERNEL, lines)))
+        finally:
+            kmsg.close()
+    kernel, ours = logged(KERNEL, lines), logged(USER, lines)
+    assert ours == kernel, "\n".join(f"kernel: {k}\nours:   {o}" for k, o in zip(kernel, ours)
+                                      if k != o) or (kernel, ours)
+    # every kind of line is there, so the comparison covers them
+    for piece in ("in-udp: IN=vin0 OUT= MAC=", "in-tcp: ", "OPT (94040000)", "SEQ=", "URGP=",
+                  "MACSRC=", "PROTO=ICMP TYPE=8", "fwd: IN=vin0 OUT=vout0", "INCOMPLETE [",
+                  "FRAG:3", "MF", "TYPE=3 CODE=4 [SRC=", "MTU=", "GATEWAY=", "PROTO=ESP SPI=",
+                  "PROTO=AH SPI=", "PROTO=47 ", "out: IN= OUT=vout0", "MARK=0x42"):
+        assert any(piece in text for _, text in ours), piece
+    assert {level for level, _ in ours} == {3, 4, 6, 7}
+
+
+def test_log_is_refused_while_the_kernel_would_rate_limit_its_lines(svc, nets):
+    (ns,) = nets(1)
+    with sysctls({PRINTK_DEVKMSG: "ratelimit"}):
+        done = svc.exec(ns, "iptables-legacy-restore", input=LOG_RULES)
+    assert done.returncode != 0
+    assert "LOG rules need kernel.printk_devkmsg=on" in done.stderr, done.stderr
+    assert svc.ok(ns, "iptables-legacy", "-S").splitlines() == FRESH
+
+
 # ---------------------------------------------------------------- 4. kill -9 under traffic
 
 SRC, ELSEWHERE = "198.18.0.2", "198.19.7.7"
@@ -887,7 +965,8 @@ def test_bad_input_leaves_the_ruleset_filtering(svc, nets):
 
     # -- what bpfilter does not implement: refused whole, by rule and extension
     for rule, names in (("-p tcp -m multiport --dports 22,80 -j ACCEPT", "match 'multiport'"),
-                        ("-p tcp -j LOG --log-prefix x", "target 'LOG'")):
+                        ("-p tcp -j REJECT --reject-with tcp-reset",
+                         "target 'REJECT' needs bpfilter.ko (kernel module mode)")):
         text = USER_CHAINS.replace("COMMIT", f"-A X {rule}\nCOMMIT")
         done = svc.exec(ns, "iptables-legacy-restore", input=text)
         assert done.returncode != 0

@@ -11,17 +11,25 @@ from .paths import DEFAULT_ROOT, DEFAULT_SOCKET
 def _check(args) -> int:
     from .abi import codec
     from .abi.decode import table_from_raw
+    from .ext.log import logs
+    from .klog import LogRing
     from .loader import load_ruleset
     from .scratch import replace_blob
 
     text = sys.stdin.read() if args.file == "-" else open(args.file).read()
     table = table_from_raw(codec.parse_replace(replace_blob(text)))
-    ruleset = load_ruleset(table)
+    log = LogRing.create() if logs(table) else None   # only for the programs to verify
     try:
-        for rules in ruleset.hooks.values():
-            print(f"{rules.program.name}: {rules.insn_count} instructions, verified by the kernel")
+        ruleset = load_ruleset(table, log)
+        try:
+            for rules in ruleset.hooks.values():
+                print(f"{rules.program.name}: {rules.insn_count} instructions, verified by "
+                      "the kernel")
+        finally:
+            ruleset.close()
     finally:
-        ruleset.close()
+        if log:
+            log.close()
     return 0
 
 

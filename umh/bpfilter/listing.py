@@ -4,14 +4,18 @@ from __future__ import annotations
 import ipaddress
 
 from . import ext
-from .model import Accept, Drop, Fallthrough, Goto, Interface, Jump, Prefix, Return, Table
+from .model import (Accept, Drop, ExtensionTarget, Fallthrough, Goto, Interface, Jump, Prefix,
+                    Return, Table)
 
 _PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp"}
 
 
 def _target(target) -> str:
-    return {Accept: "ACCEPT", Drop: "DROP", Return: "RETURN", Fallthrough: ""}.get(
-        type(target)) if not isinstance(target, (Jump, Goto)) else target.chain
+    if isinstance(target, (Jump, Goto)):
+        return target.chain
+    if isinstance(target, ExtensionTarget):
+        return target.name
+    return {Accept: "ACCEPT", Drop: "DROP", Return: "RETURN", Fallthrough: ""}[type(target)]
 
 
 def _prefix(p: Prefix) -> str:
@@ -52,6 +56,8 @@ def render(table: Table, counters: list[tuple[int, int]]) -> str:
             extra = " ".join(ext.describe_match(m, table.family) for m in rule.matches)
             if isinstance(rule.target, Goto):
                 extra = (extra + " [goto]").strip()
+            elif isinstance(rule.target, ExtensionTarget):
+                extra = (extra + " " + ext.describe_target(rule.target, table.family)).strip()
             lines.append(f"{pkts:>8} {byts:>10} {_target(rule.target):<12} {proto:<5}{opt:<4}"
                          f"{_iface(ip.in_iface):<8}{_iface(ip.out_iface):<8}"
                          f"{_prefix(ip.src):<20}{_prefix(ip.dst):<20}{extra}".rstrip())

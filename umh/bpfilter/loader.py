@@ -14,6 +14,7 @@ additions never race with packet accounting.
 """
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from contextlib import ExitStack, nullcontext
@@ -27,6 +28,9 @@ from .bpf import syscall as bpf
 from .bpf.btf import Btf
 from .compiler import facts
 from .compiler.classifier import KEY_SIZE, VALUE_SIZE, TupleSpace
+from .bpf.insn import MapRef
+from .errors import BpfilterError
+from .klog import LOG_LOST, LOG_RING, LogRing
 from .compiler.codegen import (CLASSIFIER, COUNTERS, PROG_ARRAY, HookProgram, compile_table,
                                dispatcher, uses_conntrack)
 from .model import Hook, Table
@@ -106,8 +110,9 @@ def _owned(undo: ExitStack, fd: int) -> int:
     return fd
 
 
-def load_ruleset(table: Table) -> Ruleset:
-    """Compile and load `table` (nothing attached). On failure nothing stays loaded."""
+def load_ruleset(table: Table, log: Optional[LogRing] = None) -> Ruleset:
+    """Compile and load `table` (nothing attached); its LOG rules write to `log`. On
+    failure nothing stays loaded."""
     btf = Btf.vmlinux()
     compiled = compile_table(table, facts.KernelOffsets.from_btf(btf))
     size = max(table.num_entries, 1)
@@ -117,11 +122,11 @@ def load_ruleset(table: Table) -> Ruleset:
         offsets_fd = _owned(undo, bpf.map_create(bpf.BPF_MAP_TYPE_ARRAY, 4, COUNTER.size, size,
                                                  f"{table.name}_added"))
         ruleset = Ruleset(table, counters_fd, offsets_fd)
-        maps = {COUNTERS: counters_fd}
+        maps = {COUNTERS: counters_fd, **(log.maps() if log else {})}
         if compiled.tuple_space.entries:
             maps[CLASSIFIER] = _owned(transient, _classifier_map(table, compiled.tuple_space))
         for program in compiled.programs:
-            code = program.asm.assemble(map_fd=maps.__getitem__,
+            code = program.asm.assemble(map_fd=lambda ref: _map_fd(maps, ref),
                                         kfunc_id=lambda k: btf.kfunc_id(k.name))
             prog_fd = _owned(undo, bpf.prog_load(bpf.BPF_PROG_TYPE_NETFILTER, code, program.name,
                                                  expected_attach_type=bpf.BPF_NETFILTER))
@@ -129,6 +134,13 @@ def load_ruleset(table: Table) -> Ruleset:
                                                     len(code) // 8)
         undo.pop_all()
         return ruleset
+
+
+def _map_fd(maps: dict[MapRef, int], ref: MapRef) -> int:
+    if ref not in maps and ref in (LOG_RING, LOG_LOST):
+        raise BpfilterError(errno.EOPNOTSUPP, "LOG rules need a log ring to write to, which "
+                                              "this way of loading lacks (bpfilter serve has one)")
+    return maps[ref]
 
 
 def _classifier_map(table: Table, space: TupleSpace) -> int:
@@ -206,10 +218,10 @@ class LoadedTable:
 
 
 def load_filter_table(replace_blob: bytes, netns_name: Optional[str] = None,
-                      attach: bool = True) -> LoadedTable:
+                      attach: bool = True, log: Optional[LogRing] = None) -> LoadedTable:
     """The whole path for an IPT_SO_SET_REPLACE payload: validate, model, compile, load,
-    and unless told otherwise attach in `netns_name`."""
-    ruleset = load_ruleset(table_from_raw(codec.parse_replace(replace_blob)))
+    and unless told otherwise attach in `netns_name`; LOG rules write to `log`."""
+    ruleset = load_ruleset(table_from_raw(codec.parse_replace(replace_blob)), log)
     conntrack = attach and uses_conntrack(ruleset.table)
     where = netns_name and netns.path_of(netns_name)
     try:

@@ -29,7 +29,9 @@ from .abi.decode import SUPPORTED_TABLES, table_from_raw
 from .bpf.syscall import BpfError
 from .errors import BpfilterError
 from .compiler.codegen import uses_conntrack
-from .ext import known_match_revisions
+from .ext import known_match_revisions, known_target_revisions
+from .ext.log import logs
+from .klog import KernelLog, LogRing, devkmsg_unlimited
 from .loader import HookSlot, Ruleset, attach_slots, load_ruleset
 from .model import Family, Hook, Table
 from .paths import DEFAULT_ROOT, DEFAULT_SOCKET
@@ -39,9 +41,6 @@ SO_NETNS_COOKIE = 71
 CAP_NET_ADMIN = 12
 CLIENT_TIMEOUT = 5.0
 SWEEP_INTERVAL = 2.0
-
-# Targets ip_tables itself provides; iptables asks for their revisions too.
-_BUILTIN_TARGETS = {X.XT_STANDARD_TARGET: 0, X.XT_ERROR_TARGET: 0}
 
 
 _log_sink = None   # None: stderr
@@ -88,6 +87,7 @@ class Service:
     def __init__(self, store: Store):
         self.store = store
         self.tables: dict[TableKey, TableState] = {}
+        self.log_ring = LogRing.pinned(store.root)
         self._recover()
 
     # -- lifetime -------------------------------------------------------------
@@ -116,6 +116,7 @@ class Service:
         for state in self.tables.values():
             state.close()
         self.tables.clear()
+        self.log_ring.close()
 
     # -- requests -------------------------------------------------------------
 
@@ -168,7 +169,7 @@ class _Caller:
 
     def _install(self, key: TableKey, blob: bytes, raw: X.RawTable, table: Table,
                  previous: Optional[TableState]) -> TableState:
-        ruleset = load_ruleset(table)
+        ruleset = load_ruleset(table, self.service.log_ring)
         store = self.service.store
         slots = previous.slots if previous else {}
         netns_path = f"/proc/self/fd/{self.netns_fd}"
@@ -226,10 +227,8 @@ class _Caller:
         if len(payload) != X.xt_get_revision.sizeof():
             raise BpfilterError(errno.EINVAL, f"GET_REVISION with length {len(payload)}")
         name, revision = _name(payload[:X.XT_EXTENSION_MAXNAMELEN]), payload[-1]
-        if optname == X.IPT_SO_GET_REVISION_MATCH:
-            known = known_match_revisions(name, Family.IPV4)
-        else:
-            known = [_BUILTIN_TARGETS[name]] if name in _BUILTIN_TARGETS else []
+        known = (known_match_revisions if optname == X.IPT_SO_GET_REVISION_MATCH
+                 else known_target_revisions)(name, Family.IPV4)
         if not known:
             return -errno.ENOENT, b""
         if revision not in known:
@@ -254,6 +253,10 @@ class _Caller:
     def _replace(self, blob: bytes) -> tuple[int, bytes]:
         raw = codec.parse_replace(blob, optlen=len(blob))
         table = table_from_raw(raw)   # the kernel's remaining checks, and ours
+        if logs(table) and not devkmsg_unlimited():
+            raise BpfilterError(errno.EOPNOTSUPP, "LOG rules need kernel.printk_devkmsg=on: "
+                                                  "otherwise the kernel drops most of the lines "
+                                                  "bpfilter writes to /dev/kmsg for them")
         previous = self.table(raw.name)
         if raw.num_counters != previous.raw.num_entries:
             raise BpfilterError(errno.EAGAIN, f"num_counters {raw.num_counters} but table "
@@ -406,13 +409,18 @@ def serve_device(device: str, bpffs: str = DEFAULT_ROOT) -> None:
     ensure_bpffs(bpffs)
     service = Service(Store(bpffs))
     dev = os.open(device, os.O_RDWR)
+    kernel_log = KernelLog(service.log_ring, log)
     log(f"serving bpfilter.ko through {device}, tables pinned under {bpffs}")
     waiting = select.poll()
     waiting.register(dev, select.POLLIN)
+    waiting.register(service.log_ring, select.POLLIN)
     try:
         while True:
             service.sweep(live_netns_inums())
-            if not waiting.poll(SWEEP_INTERVAL * 1000):
+            ready = {fd for fd, _ in waiting.poll(SWEEP_INTERVAL * 1000)}
+            if service.log_ring.fileno() in ready:
+                kernel_log.drain()
+            if dev not in ready:
                 continue
             req = proto.request.parse(_read_exact(dev, proto.request.sizeof()))
             payload = _read_exact(dev, req.len)
@@ -433,6 +441,8 @@ def serve_device(device: str, bpffs: str = DEFAULT_ROOT) -> None:
             os.write(dev, proto.build_reply(status, reply))
     finally:
         os.close(dev)
+        kernel_log.drain()
+        kernel_log.close()
         service.close()
 
 
@@ -449,6 +459,7 @@ def serve(socket_path: str = DEFAULT_SOCKET, bpffs: str = DEFAULT_ROOT, ready=No
     finally:
         os.umask(old_umask)
     listener.listen(16)
+    kernel_log = KernelLog(service.log_ring, log)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     log(f"serving on {socket_path}, tables pinned under {bpffs}")
     if ready:
@@ -459,10 +470,15 @@ def serve(socket_path: str = DEFAULT_SOCKET, bpffs: str = DEFAULT_ROOT, ready=No
             if time.monotonic() >= next_sweep:
                 service.sweep(live_netns_inums())
                 next_sweep = time.monotonic() + SWEEP_INTERVAL
-            if select.select([listener], [], [], SWEEP_INTERVAL)[0]:
+            ready = select.select([listener, service.log_ring], [], [], SWEEP_INTERVAL)[0]
+            if service.log_ring in ready:
+                kernel_log.drain()
+            if listener in ready:
                 conn, _ = listener.accept()
                 with conn:
                     serve_connection(service, conn)
     finally:
         listener.close()
+        kernel_log.drain()
+        kernel_log.close()
         service.close()

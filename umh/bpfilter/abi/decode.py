@@ -17,8 +17,8 @@ from functools import lru_cache
 
 from .. import ext
 from ..errors import BpfilterError
-from ..model import (Accept, Chain, Drop, Fallthrough, Family, Goto, Hook, Interface, IpHeader,
-                     Jump, Match, Prefix, Return, Rule, Table, Verdict)
+from ..model import (Accept, Chain, Drop, ExtensionTarget, Fallthrough, Family, Goto, Hook,
+                     Interface, IpHeader, Jump, Match, Prefix, Return, Rule, Table, Verdict)
 from . import xtables as X
 from .codec import check_builtin_target, check_do_replace, gc_paused
 from .xtables import RawEntry, RawTable
@@ -57,21 +57,25 @@ def table_from_raw(raw: RawTable, family: Family = Family.IPV4) -> Table:
 
     ips = [_ip_header(e) for e in entries]
     matches: list[list[Match]] = []
+    targets: dict[int, ExtensionTarget] = {}
     for e, ip in zip(entries, ips):
         place = where.get(e.index, f"entry {e.index}")
         matches.append([ext.decode_match(m.name, m.revision, m.data, ip, family, place)
                         for m in e.matches])
-        if e.target.name in (X.XT_STANDARD_TARGET, X.XT_ERROR_TARGET):
+        t = e.target
+        if t.name in (X.XT_STANDARD_TARGET, X.XT_ERROR_TARGET):
             check_builtin_target(e)
         else:
-            raise BpfilterError(ext.unknown_errno(e.target.name, ext.LINUX_TARGETS),
-                                f"{place}: target '{e.target.name}' revision "
-                                f"{e.target.revision} is not supported by bpfilter; the whole "
-                                "table is refused")
+            targets[e.index] = ext.decode_target(t.name, t.revision, t.data, ip, family, place)
     check_do_replace(raw)
     if raw.name not in SUPPORTED_TABLES:
         raise _unsupported(f"table '{raw.name}' is not supported by bpfilter yet "
                            f"(supported: {', '.join(SUPPORTED_TABLES)})")
+    for index, target in targets.items():
+        reason = ext.unsupported_target(target, family)
+        if reason:
+            raise _unsupported(f"{where.get(index, f'entry {index}')}: target '{target.name}' "
+                               f"{reason}")
 
     if not _is_error(entries[-1]):
         raise _unsupported("the table does not end with an ERROR entry", entries[-1].index)
@@ -85,7 +89,8 @@ def table_from_raw(raw: RawTable, family: Family = Family.IPV4) -> Table:
         _check_tail(raw, chain, body[-1])
         chain.tail_entry = body[-1].index
         for e in body[:-1]:
-            target = _target(e, where[e.index], by_offset, chain_of_jump)
+            target = targets[e.index] if e.index in targets else _target(
+                e, where[e.index], by_offset, chain_of_jump)
             chain.rules.append(Rule(e.index, ips[e.index], matches[e.index], target))
     return Table(raw.name, family, {starts[i].name: starts[i] for i in sorted(starts)},
                  raw.num_entries)

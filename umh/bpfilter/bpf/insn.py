@@ -41,6 +41,10 @@ FP = R10
 # helper function ids (uapi enum bpf_func_id, stable ABI)
 BPF_FUNC_map_lookup_elem = 1
 BPF_FUNC_tail_call = 12
+BPF_FUNC_probe_read_kernel = 113
+BPF_FUNC_ringbuf_reserve = 131
+BPF_FUNC_ringbuf_submit = 132
+BPF_FUNC_dynptr_read = 201
 
 # the condition that holds when the original one does not, for relaxing far jumps
 INVERTED_JUMP = {
@@ -146,6 +150,12 @@ def BPF_LD_IMM64(dst, imm: int) -> list[Insn]:
 
 def BPF_LD_MAP_FD(dst, map_ref: MapRef) -> list[Insn]:
     return BPF_LD_IMM64_RAW(dst, BPF_PSEUDO_MAP_FD, map_ref)
+
+
+def BPF_LD_MAP_VALUE(dst, map_ref: MapRef, value_off: int) -> list[Insn]:
+    """dst = the address of an array map's first value, plus value_off."""
+    return [Insn(BPF_LD | BPF_DW | BPF_IMM, dst, BPF_PSEUDO_MAP_VALUE, 0, map_ref),
+            Insn(0, 0, 0, 0, value_off)]
 
 
 # memory

@@ -79,8 +79,8 @@ def compile_table(table: Table, offsets: facts.KernelOffsets) -> CompiledTable:
 
 def facts_needed(table: Table) -> frozenset:
     """The optional fact groups the table's matches read (facts.OPTIONAL)."""
-    return frozenset().union(*(ext.facts_needed(m, table.family) for chain in table.chains.values()
-                               for rule in chain.rules for m in rule.matches))
+    return frozenset().union(*(ext.facts_needed(rule, table.family)
+                               for chain in table.chains.values() for rule in chain.rules))
 
 
 def uses_conntrack(table: Table) -> bool:
@@ -209,8 +209,7 @@ class _HookCompiler:
                 asm.emit(BPF_JMP_IMM(I.BPF_JEQ, R0, CONTINUE, policy))
             asm.emit(BPF_EXIT_INSN())
         else:
-            raise BpfilterError(errno.EOPNOTSUPP, f"entry {rule.entry}: target "
-                                                  f"'{target.name}' has no code generator")
+            ext.emit_target(target, self.table.family, asm, next_rule)
 
     def _emit_run(self, run: classifier.Run, drop, key_fp: int) -> None:
         """The first match of a run: the smallest entry any tuple's lookup finds

@@ -37,7 +37,10 @@ DPORT = 50
 TCP_FLAGS = 52     # u8, byte 13 of the tcp header
 ICMP_TYPE = 53
 ICMP_CODE = 54
-SIZE = 56
+# Read only for tables whose targets need them (OPTIONAL group "skb", ext/log.py):
+SKB = 56           # the sk_buff pointer, for targets that read more of it
+NETNS = 64         # u32 inode number of the hook's network namespace
+SIZE = 72
 # Optional fact groups (see OPTIONAL) each reserve a region of this area after SIZE.
 OPTIONAL_AREA = 128
 _reserved = SIZE

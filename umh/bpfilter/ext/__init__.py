@@ -1,40 +1,49 @@
 """iptables extensions, one module each: its ABI struct (construct), its model and its
 code generation live together so that adding an extension touches one place.
 
-The generic part of the kernel's xt_check_match() (known name and revision, payload
-size, the protocol a match requires) is checked here once for every match.
+The generic part of the kernel's xt_check_match()/xt_check_target() (known name and
+revision, payload size, the protocol the extension requires) is checked here once for
+every match and target.
 """
 from __future__ import annotations
 
 import errno
 from typing import ClassVar, Optional
 
-from ..abi.xtables import Packed
+from ..abi.xtables import XT_ERROR_TARGET, XT_STANDARD_TARGET, Packed
 from ..bpf.asm import Assembler
 from ..errors import BpfilterError
-from ..model import Family, IpHeader, Match
+from ..model import ExtensionTarget, Family, IpHeader, Match, Rule
 
 
 def xt_align(size: int) -> int:
     return (size + 7) & ~7
 
 
-class MatchExtension:
-    """What bpfilter knows of one match (name, revision) of one family."""
+class _Extension:
+    """What both kinds of extension share: a name, a revision, the families it
+    exists in, and a payload whose layout is a construct Struct."""
 
+    kind: ClassVar[str]
     name: ClassVar[str]
     revision: ClassVar[int] = 0
     families: ClassVar[tuple[Family, ...]] = (Family.IPV4,)
-    proto: ClassVar[Optional[int]] = None   # the kernel's xt_match.proto
-    # Fact groups (compiler.facts.OPTIONAL) the match reads: the prologue reads a
+    proto: ClassVar[Optional[int]] = None   # the kernel's xt_match.proto / xt_target.proto
+    # Fact groups (compiler.facts.OPTIONAL) the extension reads: the prologue reads a
     # group only for tables that have a rule needing it.
     facts: ClassVar[frozenset[str]] = frozenset()
     struct: ClassVar  # construct Struct of the payload
-    packed: ClassVar[Packed]  # struct, compiled by register_match for decode()
+    packed: ClassVar[Packed]  # struct, compiled on registration for decode()
 
     @classmethod
     def payload_size(cls) -> int:
         return xt_align(cls.packed.size)
+
+
+class MatchExtension(_Extension):
+    """What bpfilter knows of one match (name, revision) of one family."""
+
+    kind = "match"
 
     def decode(self, payload: bytes, where: str) -> Match:
         """Model of the payload; rejects what the kernel's checkentry rejects."""
@@ -50,14 +59,72 @@ class MatchExtension:
         raise NotImplementedError
 
 
-_MATCHES: dict[tuple[str, int, Family], MatchExtension] = {}
+class TargetExtension(_Extension):
+    """What bpfilter knows of one target (name, revision) of one family."""
+
+    kind = "target"
+
+    def decode(self, payload: bytes, ip: IpHeader, where: str) -> ExtensionTarget:
+        """Model of the payload; rejects what the kernel's checkentry rejects (which
+        may look at the rule's ip part, as REJECT's tcp-reset does)."""
+        raise NotImplementedError
+
+    def unsupported(self, target: ExtensionTarget) -> Optional[str]:
+        """Why bpfilter cannot honour this valid target exactly, or None. Asked only
+        once the whole table passed the kernel's checks, so that a bad blob gets the
+        kernel's errno rather than bpfilter's refusal."""
+        return None
+
+    def describe(self, target: ExtensionTarget) -> str:
+        """The target's options as `iptables -L -n` shows them after the addresses."""
+        raise NotImplementedError
+
+    def emit(self, target: ExtensionTarget, asm: Assembler, next_rule) -> None:
+        """Code run once the rule matched and was counted, R6 = &facts. A
+        non-terminating target falls through (or jumps to `next_rule`); a
+        terminating one exits with the verdict."""
+        raise NotImplementedError
 
 
-def register_match(ext: type[MatchExtension]) -> type[MatchExtension]:
-    ext.packed = Packed(ext.struct)
-    for family in ext.families:
-        _MATCHES[(ext.name, ext.revision, family)] = ext()
-    return ext
+class _Registry:
+    def __init__(self, kind: str, known_to_linux: frozenset):
+        self.kind, self.known_to_linux = kind, known_to_linux
+        self.extensions: dict[tuple[str, int, Family], _Extension] = {}
+
+    def register(self, ext: type[_Extension]) -> type[_Extension]:
+        ext.packed = Packed(ext.struct)
+        for family in ext.families:
+            self.extensions[(ext.name, ext.revision, family)] = ext()
+        return ext
+
+    def revisions(self, name: str, family: Family) -> list[int]:
+        return sorted(r for (n, r, f) in self.extensions if n == name and f == family)
+
+    def find(self, name: str, revision: int, family: Family, where: str) -> _Extension:
+        ext = self.extensions.get((name, revision, family))
+        if ext is None:
+            known = self.revisions(name, family)
+            detail = f" (bpfilter implements revision {known})" if known else ""
+            raise BpfilterError(unknown_errno(name, self.known_to_linux),
+                                f"{where}: {self.kind} '{name}' revision {revision} is not "
+                                f"supported by bpfilter{detail}; the whole table is refused")
+        return ext
+
+    def checked(self, name: str, revision: int, payload: bytes, ip: IpHeader, family: Family,
+                where: str) -> _Extension:
+        """The extension, after xt_check_match()/xt_check_target()'s generic checks:
+        the payload size, then the protocol the extension requires."""
+        ext = self.find(name, revision, family, where)
+        if len(payload) != ext.payload_size():
+            raise BpfilterError(errno.EINVAL, f"{where}: {self.kind} '{name}': invalid size "
+                                              f"{len(payload)} (kernel expects {ext.payload_size()})")
+        if ext.proto is not None and (ip.proto != ext.proto or ip.invert_proto):
+            raise BpfilterError(errno.EINVAL, f"{where}: {self.kind} '{name}' is only valid for "
+                                              f"protocol {ext.proto} (use -p without '!')")
+        return ext
+
+    def of(self, model, family: Family) -> _Extension:
+        return self.extensions[(model.name, model.revision, family)]
 
 
 # Matches Linux has (net/netfilter/xt_*.c, net/ipv4/netfilter/ipt_*.c): a blob naming
@@ -80,45 +147,63 @@ def unknown_errno(name: str, known_to_linux: frozenset) -> int:
     return errno.EOPNOTSUPP if name in known_to_linux else errno.ENOENT
 
 
+_MATCHES = _Registry("match", LINUX_MATCHES)
+_TARGETS = _Registry("target", LINUX_TARGETS)
+register_match = _MATCHES.register
+register_target = _TARGETS.register
+
+
 def known_match_revisions(name: str, family: Family) -> list[int]:
     """What IPT_SO_GET_REVISION_MATCH answers for: the revisions bpfilter implements."""
-    return sorted(r for (n, r, f) in _MATCHES if n == name and f == family)
+    return _MATCHES.revisions(name, family)
 
 
-def match_extension(name: str, revision: int, family: Family, where: str) -> MatchExtension:
-    ext = _MATCHES.get((name, revision, family))
-    if ext is None:
-        known = known_match_revisions(name, family)
-        detail = f" (bpfilter implements revision {known})" if known else ""
-        raise BpfilterError(unknown_errno(name, LINUX_MATCHES),
-                            f"{where}: match '{name}' revision {revision} is not supported by "
-                            f"bpfilter{detail}; the whole table is refused")
-    return ext
+def known_target_revisions(name: str, family: Family) -> list[int]:
+    """What IPT_SO_GET_REVISION_TARGET answers for: ip_tables' own two targets, and
+    the revisions of the target extensions bpfilter implements."""
+    if name in (XT_STANDARD_TARGET, XT_ERROR_TARGET):
+        return [0]
+    return _TARGETS.revisions(name, family)
 
 
 def decode_match(name: str, revision: int, payload: bytes, ip: IpHeader, family: Family,
                  where: str) -> Match:
-    ext = match_extension(name, revision, family, where)
-    if len(payload) != ext.payload_size():
-        raise BpfilterError(errno.EINVAL, f"{where}: match '{name}': invalid size {len(payload)} "
-                                          f"(kernel expects {ext.payload_size()})")
-    if ext.proto is not None and (ip.proto != ext.proto or ip.invert_proto):
-        raise BpfilterError(errno.EINVAL, f"{where}: match '{name}' is only valid for protocol "
-                                          f"{ext.proto} (use -p without '!')")
-    return ext.decode(payload, where)
+    return _MATCHES.checked(name, revision, payload, ip, family, where).decode(payload, where)
 
 
 def emit_match(match: Match, family: Family, asm: Assembler, out) -> None:
-    _MATCHES[(match.name, match.revision, family)].emit(match, asm, out)
-
-
-def facts_needed(match: Match, family: Family) -> frozenset[str]:
-    return _MATCHES[(match.name, match.revision, family)].facts
+    _MATCHES.of(match, family).emit(match, asm, out)
 
 
 def describe_match(match: Match, family: Family) -> str:
-    return _MATCHES[(match.name, match.revision, family)].describe(match)
+    return _MATCHES.of(match, family).describe(match)
+
+
+def decode_target(name: str, revision: int, payload: bytes, ip: IpHeader, family: Family,
+                  where: str) -> ExtensionTarget:
+    ext = _TARGETS.checked(name, revision, payload, ip, family, where)
+    return ext.decode(payload, ip, where)
+
+
+def unsupported_target(target: ExtensionTarget, family: Family) -> Optional[str]:
+    return _TARGETS.of(target, family).unsupported(target)
+
+
+def emit_target(target: ExtensionTarget, family: Family, asm: Assembler, next_rule) -> None:
+    _TARGETS.of(target, family).emit(target, asm, next_rule)
+
+
+def describe_target(target: ExtensionTarget, family: Family) -> str:
+    return _TARGETS.of(target, family).describe(target)
+
+
+def facts_needed(rule: Rule, family: Family) -> frozenset[str]:
+    """The fact groups a rule's matches and target read."""
+    needed = [_MATCHES.of(m, family).facts for m in rule.matches]
+    if isinstance(rule.target, ExtensionTarget):
+        needed.append(_TARGETS.of(rule.target, family).facts)
+    return frozenset().union(*needed)
 
 
 # Registration happens on import of each extension module.
-from . import conntrack, icmp, tcp, udp  # noqa: E402,F401
+from . import conntrack, icmp, log, reject, tcp, udp  # noqa: E402,F401

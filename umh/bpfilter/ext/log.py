@@ -1,0 +1,220 @@
+"""-j LOG (struct xt_log_info, revision 0): --log-level, --log-prefix, and the
+--log-tcp-sequence, --log-tcp-options, --log-ip-options, --log-macdecode flags.
+
+The rule copies what the kernel's log line is made of into the log ring, and the
+service writes the line (klog.py); then the packet goes on to the next rule, as
+after the kernel's log_tg() (XT_CONTINUE).
+"""
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from functools import lru_cache
+
+from construct import Bytes, Int8un, Struct
+
+from .. import klog as K
+from ..bpf import insn as I
+from ..bpf.btf import Btf, BtfError
+from ..bpf.insn import (BPF_ALU64_IMM, BPF_ALU64_REG, BPF_ATOMIC_OP, BPF_B, BPF_DW, BPF_EMIT_CALL,
+                        BPF_H, BPF_JMP_A, BPF_JMP_IMM, BPF_LD_MAP_FD, BPF_LD_MAP_VALUE,
+                        BPF_LDX_MEM, BPF_MOV64_IMM, BPF_MOV64_REG, BPF_ST_MEM, BPF_STX_MEM, BPF_W,
+                        R0, R1, R2, R3, R4, R5, R6, R7, R8, R9)
+from ..compiler import facts
+from ..errors import BpfilterError
+from ..model import ExtensionTarget, Family, IpHeader, Table
+from . import TargetExtension, register_target
+
+PREFIX_SIZE = 30
+LEVELS = 8
+
+xt_log_info = Struct(
+    "level" / Int8un,
+    "logflags" / Int8un,
+    "prefix" / Bytes(PREFIX_SIZE),
+)
+
+
+@dataclass(frozen=True)
+class LogTarget(ExtensionTarget):
+    level: int
+    logflags: int
+    prefix: bytes      # up to the NUL
+    name = "LOG"
+    revision = 0
+
+
+@register_target
+class Log(TargetExtension):
+    name = "LOG"
+    families = (Family.IPV4,)
+    struct = xt_log_info
+    facts = frozenset({"skb"})
+
+    def decode(self, payload: bytes, ip: IpHeader, where: str) -> LogTarget:
+        level, logflags, prefix = self.packed.unpack_from(payload)
+        # log_tg_check()
+        if level >= LEVELS:
+            raise BpfilterError(errno.EINVAL, f"{where}: LOG: level {level} is not below {LEVELS}")
+        if prefix[-1]:
+            raise BpfilterError(errno.EINVAL, f"{where}: LOG: the prefix is not NUL-terminated")
+        return LogTarget(level, logflags, prefix.split(b"\0", 1)[0])
+
+    def unsupported(self, target: LogTarget) -> "str | None":
+        if target.logflags & K.XT_LOG_UID:
+            return ("--log-uid is not supported by bpfilter: it prints the credentials of the "
+                    "file behind the packet's socket, which a netfilter BPF program cannot read")
+        return None
+
+    def describe(self, target: LogTarget) -> str:
+        prefix = f' prefix "{target.prefix.decode(errors="replace")}"' if target.prefix else ""
+        return f"LOG flags {target.logflags} level {target.level}{prefix}"
+
+    def emit(self, target: LogTarget, asm, next_rule) -> None:
+        o = _offsets()
+        lost, done = asm.label("log_lost"), asm.label("log_done")
+        asm.emit(BPF_LD_MAP_FD(R1, K.LOG_RING), BPF_MOV64_IMM(R2, K.RECORD_SIZE),
+                 BPF_MOV64_IMM(R3, 0), BPF_EMIT_CALL(I.BPF_FUNC_ringbuf_reserve),
+                 BPF_JMP_IMM(I.BPF_JEQ, R0, 0, lost), BPF_MOV64_REG(R7, R0))
+        # R7 = the record; R8 = the skb; R9 = its device
+        asm.emit(BPF_ST_MEM(BPF_B, R7, K.R_LEVEL, target.level),
+                 BPF_ST_MEM(BPF_B, R7, K.R_LOGFLAGS, target.logflags))
+        prefix = target.prefix.ljust(32, b"\0")
+        for off in range(0, 32, 4):
+            asm.emit(BPF_ST_MEM(BPF_W, R7, K.R_PREFIX + off,
+                                int.from_bytes(prefix[off:off + 4], "little")))
+        # the in and out names are adjacent in the facts and in the record
+        for off in range(0, 2 * facts.IFNAMSIZ, 8):
+            asm.emit(BPF_LDX_MEM(BPF_DW, R1, R6, facts.IN_NAME + off),
+                     BPF_STX_MEM(BPF_DW, R7, R1, K.R_IN + off))
+        asm.emit(BPF_LDX_MEM(BPF_W, R1, R6, facts.NETNS), BPF_STX_MEM(BPF_W, R7, R1, K.R_NETNS),
+                 BPF_LDX_MEM(BPF_W, R1, R6, facts.LEN), BPF_STX_MEM(BPF_W, R7, R1, K.R_LEN),
+                 BPF_LDX_MEM(BPF_DW, R8, R6, facts.SKB),
+                 BPF_LDX_MEM(BPF_DW, R9, R8, o.skb_dev))
+        for base, src_off, size, dst_off in (
+                (R8, o.skb_mark, BPF_W, K.R_MARK),
+                (R8, o.skb_mac_header, BPF_H, K.R_MAC_HEADER),
+                (R8, o.skb_network_header, BPF_H, K.R_NETWORK_HEADER),
+                (R8, o.skb_vlan_proto, BPF_H, K.R_VLAN_PROTO),
+                (R8, o.skb_vlan_tci, BPF_H, K.R_VLAN_TCI),
+                (R9, o.dev_type, BPF_H, K.R_DEV_TYPE),
+                (R9, o.dev_hard_header_len, BPF_H, K.R_HARD_HEADER_LEN)):
+            asm.emit(BPF_LDX_MEM(size, R1, base, src_off), BPF_STX_MEM(size, R7, R1, dst_off))
+        if o.bridge_nf is None:
+            asm.emit(BPF_ST_MEM(BPF_B, R7, K.R_BRIDGED, 0))
+        else:
+            extensions_off, bit = o.bridge_nf
+            asm.emit(BPF_LDX_MEM(BPF_B, R1, R8, extensions_off),
+                     BPF_ALU64_IMM(I.BPF_AND, R1, 1 << bit),
+                     BPF_STX_MEM(BPF_B, R7, R1, K.R_BRIDGED))
+        self._emit_mac_copy(asm, o)
+        self._emit_packet_copy(asm)
+        asm.emit(BPF_MOV64_REG(R1, R7), BPF_MOV64_IMM(R2, 0),
+                 BPF_EMIT_CALL(I.BPF_FUNC_ringbuf_submit), BPF_JMP_A(done))
+        asm.place(lost)
+        asm.emit(BPF_LD_MAP_VALUE(R1, K.LOG_LOST, 0), BPF_MOV64_IMM(R2, 1),
+                 BPF_ATOMIC_OP(BPF_DW, I.BPF_ADD, R1, R2, 0))
+        asm.place(done)
+
+    @staticmethod
+    def _emit_mac_copy(asm, o: "_Offsets") -> None:
+        """The link-layer header, which dump_mac_header() prints for packets with an
+        input device: it lies before skb->data, out of the dynptr's reach."""
+        copied, no_mac = asm.label("mac_copied"), asm.label("no_mac")
+        at_least, at_most = asm.label("mac_min"), asm.label("mac_max")
+        asm.emit(BPF_ST_MEM(BPF_B, R7, K.R_MAC_READ, K.MAC_NONE),
+                 BPF_LDX_MEM(BPF_B, R1, R6, facts.IN_NAME),
+                 BPF_JMP_IMM(I.BPF_JEQ, R1, 0, no_mac),
+                 BPF_LDX_MEM(BPF_H, R3, R8, o.skb_mac_header),
+                 BPF_JMP_IMM(I.BPF_JEQ, R3, K.MAC_UNSET, no_mac),
+                 BPF_LDX_MEM(BPF_DW, R1, R8, o.skb_head),
+                 BPF_ALU64_REG(I.BPF_ADD, R3, R1),
+                 # --log-macdecode reads an ethernet header whatever hard_header_len says
+                 BPF_LDX_MEM(BPF_H, R2, R7, K.R_HARD_HEADER_LEN),
+                 BPF_JMP_IMM(I.BPF_JGE, R2, K.ETH_HLEN, at_least),
+                 BPF_MOV64_IMM(R2, K.ETH_HLEN))
+        asm.place(at_least)
+        asm.emit(BPF_JMP_IMM(I.BPF_JLE, R2, K.MAC_MAX, at_most), BPF_MOV64_IMM(R2, K.MAC_MAX))
+        asm.place(at_most)
+        asm.emit(BPF_MOV64_REG(R1, R7), BPF_ALU64_IMM(I.BPF_ADD, R1, K.R_MAC),
+                 BPF_EMIT_CALL(I.BPF_FUNC_probe_read_kernel),
+                 BPF_MOV64_IMM(R1, K.MAC_COPIED),
+                 BPF_JMP_IMM(I.BPF_JEQ, R0, 0, copied),
+                 BPF_MOV64_IMM(R1, K.MAC_FAILED))
+        asm.place(copied)
+        asm.emit(BPF_STX_MEM(BPF_B, R7, R1, K.R_MAC_READ))
+        asm.place(no_mac)
+
+    @staticmethod
+    def _emit_packet_copy(asm) -> None:
+        """The packet's first bytes, through the prologue's skb dynptr (which reads
+        paged data too)."""
+        short = asm.label("short_packet")
+        asm.emit(BPF_LDX_MEM(BPF_W, R2, R6, facts.LEN),
+                 BPF_JMP_IMM(I.BPF_JLE, R2, K.PACKET_MAX, short),
+                 BPF_MOV64_IMM(R2, K.PACKET_MAX))
+        asm.place(short)
+        asm.emit(BPF_STX_MEM(BPF_H, R7, R2, K.R_CAPTURED),
+                 BPF_MOV64_REG(R1, R7), BPF_ALU64_IMM(I.BPF_ADD, R1, K.R_PACKET),
+                 BPF_MOV64_REG(R3, R6), BPF_ALU64_IMM(I.BPF_ADD, R3, facts.DYNPTR_FP - facts.FACTS_FP),
+                 BPF_MOV64_IMM(R4, 0), BPF_MOV64_IMM(R5, 0),
+                 BPF_EMIT_CALL(I.BPF_FUNC_dynptr_read),
+                 BPF_STX_MEM(BPF_B, R7, R0, K.R_PACKET_READ))
+
+
+@dataclass(frozen=True)
+class _Offsets:
+    state_net: int
+    net_inum: int
+    skb_dev: int
+    skb_head: int
+    skb_mark: int
+    skb_mac_header: int
+    skb_network_header: int
+    skb_vlan_proto: int
+    skb_vlan_tci: int
+    # (skb->active_extensions, bit of SKB_EXT_BRIDGE_NF); None without br_netfilter
+    bridge_nf: "tuple[int, int] | None"
+    dev_type: int
+    dev_hard_header_len: int
+
+
+@lru_cache(maxsize=1)
+def _offsets() -> _Offsets:
+    btf = Btf.vmlinux()
+    try:
+        bridge_nf = (btf.member("sk_buff", "active_extensions")[0],
+                     btf.enum_value("skb_ext_id", "SKB_EXT_BRIDGE_NF"))
+    except BtfError:
+        bridge_nf = None
+    return _Offsets(
+        state_net=btf.member("nf_hook_state", "net")[0],
+        net_inum=btf.member("net", "ns.inum")[0],
+        skb_dev=btf.member("sk_buff", "dev")[0],
+        skb_head=btf.member("sk_buff", "head")[0],
+        skb_mark=btf.member("sk_buff", "mark")[0],
+        skb_mac_header=btf.member("sk_buff", "mac_header")[0],
+        skb_network_header=btf.member("sk_buff", "network_header")[0],
+        skb_vlan_proto=btf.member("sk_buff", "vlan_proto")[0],
+        skb_vlan_tci=btf.member("sk_buff", "vlan_tci")[0],
+        bridge_nf=bridge_nf,
+        dev_type=btf.member("net_device", "type")[0],
+        dev_hard_header_len=btf.member("net_device", "hard_header_len")[0],
+    )
+
+
+def _emit_skb_facts(asm, k: facts.KernelOffsets) -> None:
+    """The "skb" fact group: the skb itself (R7 in the prologue) and the netns inode."""
+    o = _offsets()
+    asm.emit(BPF_STX_MEM(BPF_DW, R6, R7, facts.SKB),
+             BPF_LDX_MEM(BPF_DW, R1, R8, o.state_net),
+             BPF_LDX_MEM(BPF_W, R1, R1, o.net_inum),
+             BPF_STX_MEM(BPF_W, R6, R1, facts.NETNS))
+
+
+facts.OPTIONAL["skb"] = _emit_skb_facts
+
+
+def logs(table: Table) -> bool:
+    return any(isinstance(rule.target, LogTarget)
+               for chain in table.chains.values() for rule in chain.rules)

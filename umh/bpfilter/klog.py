@@ -1,0 +1,467 @@
+"""The LOG target's kernel log lines, written from userspace.
+
+A netfilter BPF program cannot print, so a LOG rule copies what the kernel's line
+is made of (devices, skb->mark, the packet's first bytes, the link-layer header)
+into a BPF ring buffer as one Record, and the service drains the ring and writes to
+/dev/kmsg the line net/netfilter/nf_log_syslog.c would have printed for that
+packet: nf_log_dump_packet_common(), dump_mac_header() and dump_ipv4_packet() are
+re-done here byte for byte, on the copied bytes.
+
+What cannot be the kernel's line exactly is not written; it is counted as lost with
+lines the full ring dropped, and the count is logged (see README, LOG).
+"""
+from __future__ import annotations
+
+import ipaddress
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+from .bpf import syscall as bpf
+from .bpf.insn import MapRef
+
+# struct xt_log_info's logflags (include/uapi/linux/netfilter/xt_LOG.h)
+XT_LOG_TCPSEQ = 0x01
+XT_LOG_TCPOPT = 0x02
+XT_LOG_IPOPT = 0x04
+XT_LOG_UID = 0x08
+XT_LOG_MACDECODE = 0x20
+
+LOG_RING = MapRef("log_ring")
+LOG_LOST = MapRef("log_lost")
+
+# The Record a LOG rule reserves in the ring. Multi-byte fields are in host order
+# except VLAN_PROTO, copied as the skb holds it (network order).
+R_NETNS = 0          # u32 inum of the hook's network namespace
+R_MARK = 4           # u32 skb->mark
+R_LEN = 8            # u32 skb->len
+R_LEVEL = 12         # u8 --log-level
+R_LOGFLAGS = 13      # u8
+R_MAC_READ = 14      # u8, one of MAC_*
+R_BRIDGED = 15       # u8 skb->active_extensions, bit SKB_EXT_BRIDGE_NF
+R_DEV_TYPE = 16      # u16 skb->dev->type
+R_HARD_HEADER_LEN = 18
+R_MAC_HEADER = 20    # u16 skb->mac_header
+R_NETWORK_HEADER = 22
+R_VLAN_PROTO = 24    # u16 skb->vlan_proto
+R_VLAN_TCI = 26      # u16 skb->vlan_tci
+R_CAPTURED = 28      # u16 packet bytes copied to R_PACKET
+R_PACKET_READ = 30   # u8 0: copied
+R_IN = 32            # 16 bytes, zero without an input device
+R_OUT = 48
+R_PREFIX = 64        # 30 bytes, NUL-terminated, padded to 32
+R_MAC = 96
+MAC_MAX = 64         # link-layer header bytes copied (dump_mac_header reads at most this)
+R_PACKET = R_MAC + MAC_MAX
+# The most dump_ipv4_packet() reads: ip header with options, icmp header, the
+# embedded ip header with options, a tcp header with options (60 + 8 + 60 + 60).
+PACKET_MAX = 192
+RECORD_SIZE = R_PACKET + PACKET_MAX
+
+MAC_NONE, MAC_COPIED, MAC_FAILED = 0, 1, 2
+MAC_UNSET = 0xFFFF   # skb->mac_header when no mac header was set
+ETH_HLEN = 14
+ARPHRD_ETHER, ARPHRD_SIT = 1, 776
+
+RING_SIZE = 1 << 22  # 4 MiB, some 10000 lines in flight
+
+# nf_log_buf's size (S_SIZE): a piece that does not fit is dropped whole
+S_SIZE = 1024 - 4
+KERN_SOH = 0x01
+# The initial network namespace's inode, fixed since Linux 6.18 (PROC_NET_INIT_INO):
+# nf_log_allowed() logs other namespaces only with nf_log_all_netns set.
+PROC_NET_INIT_INO = 0xEFFFFFF9
+NF_LOG_ALL_NETNS = "/proc/sys/net/netfilter/nf_log_all_netns"
+PRINTK_DEVKMSG = "/proc/sys/kernel/printk_devkmsg"
+
+_NR_ICMP_TYPES = 18
+_ICMP_REQUIRED_LEN = {0: 4, 3: 28, 4: 28, 5: 28, 8: 4, 11: 28, 12: 28, 13: 20, 14: 20,
+                      17: 12, 18: 12}
+
+
+class Unreproducible(Exception):
+    """The kernel's line for this record cannot be rebuilt exactly."""
+
+
+def _u32(value: int) -> int:
+    # the kernel prints skb->len - offset as unsigned int, wrapping when negative
+    return value & 0xFFFFFFFF
+
+
+def _ip(raw: bytes) -> str:
+    return str(ipaddress.IPv4Address(raw))
+
+
+def _mac(raw: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in raw)
+
+
+def _cstr(raw: bytes) -> bytes:
+    return raw.split(b"\0", 1)[0]
+
+
+class _LineBuffer:
+    """nf_log_buf: nf_log_buf_add() appends a piece only if it leaves room for the NUL."""
+
+    def __init__(self) -> None:
+        self.text = bytearray()
+
+    def add(self, piece) -> None:
+        piece = piece.encode() if isinstance(piece, str) else piece
+        if len(self.text) + len(piece) < S_SIZE:
+            self.text += piece
+
+
+@dataclass
+class Record:
+    raw: bytes
+
+    def u8(self, off: int) -> int:
+        return self.raw[off]
+
+    def u16(self, off: int) -> int:
+        return struct.unpack_from("<H", self.raw, off)[0]
+
+    def u32(self, off: int) -> int:
+        return struct.unpack_from("<I", self.raw, off)[0]
+
+    @property
+    def skb_len(self) -> int:
+        return self.u32(R_LEN)
+
+    def header(self, offset: int, size: int) -> Optional[bytes]:
+        """skb_header_pointer(): the bytes, or None past skb->len."""
+        if offset + size > self.skb_len:
+            return None
+        if offset + size > self.u16(R_CAPTURED):
+            raise Unreproducible(f"the line reads packet bytes past the {PACKET_MAX} copied")
+        return self.raw[R_PACKET + offset:R_PACKET + offset + size]
+
+
+def format_line(record: Record) -> tuple[int, bytes]:
+    """(level, text) of nf_log_ip_packet()'s line, as printk stores it."""
+    r = record
+    if r.u8(R_PACKET_READ):
+        raise Unreproducible("the packet could not be copied")
+    if r.u8(R_BRIDGED):
+        raise Unreproducible("bridged packet: PHYSIN=/PHYSOUT= need br_netfilter's state")
+    m = _LineBuffer()
+    level = r.u8(R_LEVEL)
+    in_name, out_name = _cstr(r.raw[R_IN:R_IN + 16]), _cstr(r.raw[R_OUT:R_OUT + 16])
+    m.add(bytes([KERN_SOH, ord("0") + level]) + _cstr(r.raw[R_PREFIX:R_PREFIX + 30])
+          + b"IN=" + in_name + b" OUT=" + out_name + b" ")
+    if in_name:
+        _dump_mac_header(m, r)
+    _dump_ipv4_packet(m, r, 0)
+    return _printk_store(bytes(m.text))
+
+
+def _printk_store(text: bytes) -> tuple[int, bytes]:
+    """What vprintk_store() keeps of a kernel line: leading KERN_SOH pairs set the
+    level and are stripped (a --log-prefix may start with some too)."""
+    level = None
+    while len(text) >= 2 and text[0] == KERN_SOH and text[1] in b"01234567c":
+        if text[1] == ord("c"):
+            raise Unreproducible("the prefix makes the kernel line a continuation line")
+        level = text[1] - ord("0")
+        text = text[2:]
+    return level, text
+
+
+def _dump_mac_header(m: _LineBuffer, r: Record) -> None:
+    dev_type, hard_len = r.u16(R_DEV_TYPE), r.u16(R_HARD_HEADER_LEN)
+    mac_header, network_header = r.u16(R_MAC_HEADER), r.u16(R_NETWORK_HEADER)
+
+    def mac_bytes(size: int) -> bytes:
+        if r.u8(R_MAC_READ) != MAC_COPIED or size > MAC_MAX:
+            raise Unreproducible(f"{size} link-layer header bytes could not be copied")
+        return r.raw[R_MAC:R_MAC + size]
+
+    if r.u8(R_LOGFLAGS) & XT_LOG_MACDECODE and dev_type == ARPHRD_ETHER:
+        if mac_header == MAC_UNSET or network_header - mac_header < ETH_HLEN:
+            return
+        eth = mac_bytes(ETH_HLEN)
+        m.add(f"MACSRC={_mac(eth[6:12])} MACDST={_mac(eth[0:6])} ")
+        vlan_proto = struct.unpack_from("!H", r.raw, R_VLAN_PROTO)[0]
+        if vlan_proto or r.u16(R_VLAN_TCI):
+            m.add(f"VPROTO={vlan_proto:04x} VID={r.u16(R_VLAN_TCI)} ")
+        m.add(f"MACPROTO={struct.unpack_from('!H', eth, 12)[0]:04x} ")
+        return
+    m.add("MAC=")
+    if hard_len and mac_header != network_header:
+        if dev_type == ARPHRD_SIT:
+            raise Unreproducible("sit tunnel: MAC= reads before the link-layer header")
+        m.add(f"{mac_bytes(hard_len)[0]:02x}")
+        for b in mac_bytes(hard_len)[1:]:
+            m.add(f":{b:02x}")
+    m.add(" ")
+
+
+def _dump_ipv4_packet(m: _LineBuffer, r: Record, iphoff: int) -> None:
+    flags = r.u8(R_LOGFLAGS)
+    ih = r.header(iphoff, 20)
+    if ih is None:
+        m.add("TRUNCATED")
+        return
+    ver_ihl, tos, tot_len, ident, frag_off, ttl, proto = struct.unpack_from("!BBHHHBB", ih)
+    ihl = (ver_ihl & 0x0F) * 4
+    m.add(f"SRC={_ip(ih[12:16])} DST={_ip(ih[16:20])} ")
+    # iph_totlen(): tot_len 0 is skb->len for a BIG TCP packet, and ip_rcv_core()
+    # and ip_local_out() let no other packet with tot_len 0 reach the hooks
+    length = tot_len or (r.skb_len if iphoff == 0 and proto == 6 else 0)
+    m.add(f"LEN={length} TOS=0x{tos & 0x1E:02X} PREC=0x{tos & 0xE0:02X} TTL={ttl} ID={ident} ")
+    for bit, name in ((0x8000, "CE "), (0x4000, "DF "), (0x2000, "MF ")):
+        if frag_off & bit:
+            m.add(name)
+    fragment = frag_off & 0x1FFF
+    if fragment:
+        m.add(f"FRAG:{fragment} ")
+    if flags & XT_LOG_IPOPT and ihl > 20:
+        opts = r.header(iphoff + 20, ihl - 20)
+        if opts is None:
+            m.add("TRUNCATED")
+            return
+        m.add("OPT (" + opts.hex().upper() + ") ")
+    thoff = iphoff + ihl
+    if proto == 6:
+        if _dump_tcp_header(m, r, fragment, thoff, flags):
+            return
+    elif proto in (17, 136):
+        if _dump_udp_header(m, r, proto, fragment, thoff):
+            return
+    elif proto == 1:
+        _dump_icmp(m, r, iphoff, fragment, thoff)
+    elif proto == 51:
+        if not fragment:
+            m.add("PROTO=AH ")
+            _dump_spi(m, r, thoff, 12, 4)   # struct ip_auth_hdr
+    elif proto == 50:
+        m.add("PROTO=ESP ")
+        if not fragment:
+            _dump_spi(m, r, thoff, 8, 0)    # struct ip_esp_hdr
+    else:
+        m.add(f"PROTO={proto} ")
+    mark = r.u32(R_MARK)
+    if iphoff == 0 and mark:
+        m.add(f"MARK=0x{mark:x} ")
+
+
+def _dump_spi(m: _LineBuffer, r: Record, thoff: int, header_size: int, spi_at: int) -> None:
+    hdr = r.header(thoff, header_size)
+    if hdr is None:
+        m.add(f"INCOMPLETE [{_u32(r.skb_len - thoff)} bytes] ")
+        return
+    m.add(f"SPI=0x{struct.unpack_from('!I', hdr, spi_at)[0]:x} ")
+
+
+def _dump_tcp_header(m: _LineBuffer, r: Record, fragment: int, offset: int, flags: int) -> bool:
+    m.add("PROTO=TCP ")
+    if fragment:
+        return False
+    th = r.header(offset, 20)
+    if th is None:
+        m.add(f"INCOMPLETE [{_u32(r.skb_len - offset)} bytes] ")
+        return True
+    # word: tcp_flag_word(), data offset, reserved bits, flags and window
+    sport, dport, seq, ack, word, _, urgp = struct.unpack_from("!HHIIIHH", th)
+    m.add(f"SPT={sport} DPT={dport} ")
+    if flags & XT_LOG_TCPSEQ:
+        m.add(f"SEQ={seq} ACK={ack} ")
+    m.add(f"WINDOW={word & 0xFFFF} ")
+    m.add(f"RES=0x{(word & 0x0E000000) >> 22:02x} ")
+    for bit, name in ((0x01000000, "AE "), (0x00800000, "CWR "), (0x00400000, "ECE "),
+                      (0x00200000, "URG "), (0x00100000, "ACK "), (0x00080000, "PSH "),
+                      (0x00040000, "RST "), (0x00020000, "SYN "), (0x00010000, "FIN ")):
+        if word & bit:
+            m.add(name)
+    m.add(f"URGP={urgp} ")
+    doff = (word >> 28) * 4
+    if flags & XT_LOG_TCPOPT and doff > 20:
+        opts = r.header(offset + 20, doff - 20)
+        if opts is None:
+            m.add("OPT (TRUNCATED)")
+            return True
+        m.add("OPT (" + opts.hex().upper() + ") ")
+    return False
+
+
+def _dump_udp_header(m: _LineBuffer, r: Record, proto: int, fragment: int, offset: int) -> bool:
+    m.add("PROTO=UDP " if proto == 17 else "PROTO=UDPLITE ")
+    if fragment:
+        return False
+    uh = r.header(offset, 8)
+    if uh is None:
+        m.add(f"INCOMPLETE [{_u32(r.skb_len - offset)} bytes] ")
+        return True
+    sport, dport, length = struct.unpack_from("!HHH", uh)
+    m.add(f"SPT={sport} DPT={dport} LEN={length} ")
+    return False
+
+
+def _dump_icmp(m: _LineBuffer, r: Record, iphoff: int, fragment: int, offset: int) -> None:
+    m.add("PROTO=ICMP ")
+    if fragment:
+        return
+    ich = r.header(offset, 8)
+    left = _u32(r.skb_len - offset)
+    if ich is None:
+        m.add(f"INCOMPLETE [{left} bytes] ")
+        return
+    icmp_type, code = ich[0], ich[1]
+    m.add(f"TYPE={icmp_type} CODE={code} ")
+    required = _ICMP_REQUIRED_LEN.get(icmp_type, 0) if icmp_type <= _NR_ICMP_TYPES else 0
+    if required and left < required:
+        m.add(f"INCOMPLETE [{left} bytes] ")
+        return
+    if icmp_type in (0, 8):
+        m.add("ID={} SEQ={} ".format(*struct.unpack_from("!HH", ich, 4)))
+    elif icmp_type == 12:
+        m.add(f"PARAMETER={ich[4]} ")
+    elif icmp_type in (3, 4, 5, 11):
+        if icmp_type == 5:
+            m.add(f"GATEWAY={_ip(ich[4:8])} ")
+        if iphoff == 0:   # only recurse once
+            m.add("[")
+            _dump_ipv4_packet(m, r, offset + 8)
+            m.add("] ")
+        if icmp_type == 3 and code == 4:
+            m.add(f"MTU={struct.unpack_from('!H', ich, 6)[0]} ")
+
+
+# ---------------------------------------------------------------- the ring
+
+
+class LogRing:
+    """The ring buffer every LOG rule writes to, and its count of records the full
+    ring refused. One per service, pinned next to the tables so that a restarted
+    service drains what its predecessor's programs still write."""
+
+    def __init__(self, ring_fd: int, lost_fd: int):
+        self.ring_fd, self.lost_fd = ring_fd, lost_fd
+        page = mmap.PAGESIZE
+        self._consumer = mmap.mmap(ring_fd, page, mmap.MAP_SHARED,
+                                   mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+        # the data pages are mapped twice in a row, so a record never wraps
+        self._producer = mmap.mmap(ring_fd, page + 2 * RING_SIZE, mmap.MAP_SHARED,
+                                   mmap.PROT_READ, offset=page)
+        self._data = memoryview(self._producer)[page:]
+        self._lost_seen = self.dropped()
+
+    @classmethod
+    def create(cls) -> "LogRing":
+        ring_fd = bpf.map_create(bpf.BPF_MAP_TYPE_RINGBUF, 0, 0, RING_SIZE, "bpfilter_log")
+        try:
+            lost_fd = bpf.map_create(bpf.BPF_MAP_TYPE_ARRAY, 4, 8, 1, "bpfilter_lost")
+        except BaseException:
+            os.close(ring_fd)
+            raise
+        return cls(ring_fd, lost_fd)
+
+    @classmethod
+    def pinned(cls, root: str) -> "LogRing":
+        """The ring pinned under `root`, made and pinned there if missing."""
+        ring_path, lost_path = os.path.join(root, "log_ring"), os.path.join(root, "log_lost")
+        if os.path.exists(ring_path) and os.path.exists(lost_path):
+            return cls(bpf.obj_get(ring_path), bpf.obj_get(lost_path))
+        ring = cls.create()
+        for fd, path in ((ring.ring_fd, ring_path), (ring.lost_fd, lost_path)):
+            if os.path.exists(path):
+                os.unlink(path)
+            bpf.obj_pin(fd, path)
+        return ring
+
+    def maps(self) -> dict[MapRef, int]:
+        return {LOG_RING: self.ring_fd, LOG_LOST: self.lost_fd}
+
+    def fileno(self) -> int:
+        """Readable (poll, select) when records wait."""
+        return self.ring_fd
+
+    def dropped(self) -> int:
+        """Records the full ring refused, ever."""
+        return struct.unpack("<Q", bpf.map_lookup(self.lost_fd, struct.pack("<I", 0), 8))[0]
+
+    def records(self) -> Iterator[Record]:
+        """The records written so far, each consumed once."""
+        consumer = struct.unpack_from("<Q", self._consumer, 0)[0]
+        producer = struct.unpack_from("<Q", self._producer, 0)[0]
+        busy, discarded = 1 << 31, 1 << 30
+        while consumer < producer:
+            head = consumer & (RING_SIZE - 1)
+            length = struct.unpack_from("<I", self._data, head)[0]
+            if length & busy:
+                break   # reserved, not yet submitted: the rest comes next time
+            size = length & ~(busy | discarded)
+            if not length & discarded:
+                yield Record(bytes(self._data[head + 8:head + 8 + size]))
+            consumer += (size + 8 + 7) & ~7
+            struct.pack_into("<Q", self._consumer, 0, consumer)
+
+    def newly_dropped(self) -> int:
+        now = self.dropped()
+        count, self._lost_seen = now - self._lost_seen, now
+        return count
+
+    def close(self) -> None:
+        self._data.release()
+        self._producer.close()
+        self._consumer.close()
+        os.close(self.ring_fd)
+        os.close(self.lost_fd)
+
+
+def _sysctl(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()
+
+
+def devkmsg_unlimited() -> bool:
+    """Whether /dev/kmsg takes every line: with printk_devkmsg=ratelimit (the
+    default) the kernel silently drops a writer's lines past 10 in 5 seconds, and
+    with "off" all of them."""
+    return _sysctl(PRINTK_DEVKMSG) == "on"
+
+
+class KernelLog:
+    """Drains a LogRing into /dev/kmsg; `note` gets bpfilter's own remarks (lost
+    lines), which must not go through the LOG lines' path."""
+
+    def __init__(self, ring: LogRing, note, kmsg: str = "/dev/kmsg"):
+        self.ring, self.note = ring, note
+        self._kmsg = os.open(kmsg, os.O_WRONLY)
+        self.lost = 0
+
+    def drain(self) -> int:
+        """Write every waiting record's line; how many were written."""
+        written, lost, why = 0, 0, set()
+        writable = devkmsg_unlimited()
+        log_all_netns = _sysctl(NF_LOG_ALL_NETNS) != "0"
+        for record in self.ring.records():
+            if record.u32(R_NETNS) != PROC_NET_INIT_INO and not log_all_netns:
+                continue   # nf_log_allowed(): the kernel would not log it either
+            try:
+                level, text = format_line(record)
+            except Unreproducible as err:
+                lost += 1
+                why.add(str(err))
+                continue
+            if not writable:
+                lost += 1
+                why.add("kernel.printk_devkmsg is not 'on'")
+                continue
+            os.write(self._kmsg, b"<%d>" % level + text + b"\n")
+            written += 1
+        full = self.ring.newly_dropped()
+        if full:
+            why.add("the ring buffer was full")
+        lost += full
+        if lost:
+            self.lost += lost
+            self.note(f"LOG: {lost} lines lost ({'; '.join(sorted(why))}), "
+                      f"{self.lost} since start")
+        return written
+
+    def close(self) -> None:
+        os.close(self._kmsg)
