@@ -287,6 +287,7 @@ COMMANDS = [
     ("-A ssh -p tcp -m conntrack ! --ctstate NEW --ctorigdst 10.0.0.0/8 --ctdir REPLY "
      "--ctstatus ASSURED --ctrepldstport 1000:2000 -j ACCEPT", False),
     ("-D INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT", False),
+    ("-A OUTPUT -m owner --uid-owner 1000-2000 ! --gid-owner 5 --socket-exists -j DROP", False),
     ("-C INPUT -p udp --dport 53 -j ACCEPT", False),
     ("-C INPUT -s 1.1.1.1 -j DROP", True),
     ("-R INPUT 1 -s 172.16.0.0/12 -c 11 1100 -j DROP", False),

@@ -13,7 +13,7 @@ from typing import ClassVar, Optional
 from ..abi.xtables import XT_ERROR_TARGET, XT_STANDARD_TARGET, Packed
 from ..bpf.asm import Assembler
 from ..errors import BpfilterError
-from ..model import ExtensionTarget, Family, IpHeader, Match, Rule
+from ..model import ExtensionTarget, Family, Hook, IpHeader, Match, Rule
 
 
 def xt_align(size: int) -> int:
@@ -29,6 +29,7 @@ class _Extension:
     revision: ClassVar[int] = 0
     families: ClassVar[tuple[Family, ...]] = (Family.IPV4,)
     proto: ClassVar[Optional[int]] = None   # the kernel's xt_match.proto / xt_target.proto
+    hooks: ClassVar[Optional[int]] = None   # xt_match.hooks / xt_target.hooks: 1 << NF_INET_*
     # Fact groups (compiler.facts.OPTIONAL) the extension reads: the prologue reads a
     # group only for tables that have a rule needing it.
     facts: ClassVar[frozenset[str]] = frozenset()
@@ -111,13 +112,17 @@ class _Registry:
         return ext
 
     def checked(self, name: str, revision: int, payload: bytes, ip: IpHeader, family: Family,
-                where: str) -> _Extension:
+                where: str, hook_mask: int = 0) -> _Extension:
         """The extension, after xt_check_match()/xt_check_target()'s generic checks:
-        the payload size, then the protocol the extension requires."""
+        the payload size, the hooks the rule is reachable from, then the protocol."""
         ext = self.find(name, revision, family, where)
         if len(payload) != ext.payload_size():
             raise BpfilterError(errno.EINVAL, f"{where}: {self.kind} '{name}': invalid size "
                                               f"{len(payload)} (kernel expects {ext.payload_size()})")
+        if ext.hooks is not None and hook_mask & ~ext.hooks:
+            raise BpfilterError(errno.EINVAL, f"{where}: {self.kind} '{name}' is used from hooks "
+                                              f"{_hook_names(hook_mask)}, but only valid from "
+                                              f"{_hook_names(ext.hooks)}")
         if ext.proto is not None and (ip.proto != ext.proto or ip.invert_proto):
             raise BpfilterError(errno.EINVAL, f"{where}: {self.kind} '{name}' is only valid for "
                                               f"protocol {ext.proto} (use -p without '!')")
@@ -167,8 +172,13 @@ def known_target_revisions(name: str, family: Family) -> list[int]:
 
 
 def decode_match(name: str, revision: int, payload: bytes, ip: IpHeader, family: Family,
-                 where: str) -> Match:
-    return _MATCHES.checked(name, revision, payload, ip, family, where).decode(payload, where)
+                 where: str, hook_mask: int = 0) -> Match:
+    ext = _MATCHES.checked(name, revision, payload, ip, family, where, hook_mask)
+    return ext.decode(payload, where)
+
+
+def _hook_names(mask: int) -> str:
+    return "/".join(h.chain_name for h in Hook if mask & (1 << h.value))
 
 
 def emit_match(match: Match, family: Family, asm: Assembler, out) -> None:
@@ -206,4 +216,4 @@ def facts_needed(rule: Rule, family: Family) -> frozenset[str]:
 
 
 # Registration happens on import of each extension module.
-from . import conntrack, icmp, log, reject, tcp, udp  # noqa: E402,F401
+from . import conntrack, icmp, log, owner, reject, tcp, udp  # noqa: E402,F401

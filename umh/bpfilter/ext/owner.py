@@ -1,0 +1,201 @@
+"""-m owner: --uid-owner, --gid-owner, --socket-exists (struct xt_owner_match_info, revision 1).
+
+The kernel's owner_mt() looks at the packet's socket: skb_to_full_sk(skb), then the
+file behind it and that file's credentials (fsuid, fsgid). The "owner" fact group
+reads the same chain of pointers once per packet, with bpf_probe_read_kernel at BTF
+offsets (a request socket stands for its listener, a time-wait socket for no socket,
+as sk_to_full_sk() has it). --suppl-groups, which walks the supplementary groups, is
+refused.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+from dataclasses import dataclass
+
+from construct import Int8un, Int32un, Struct
+
+from ..bpf import insn as I
+from ..bpf.btf import Btf
+from ..bpf.insn import (BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_DW, BPF_EMIT_CALL, BPF_JMP_IMM,
+                        BPF_JMP_REG, BPF_LD_IMM64, BPF_LDX_MEM, BPF_MOV64_IMM, BPF_MOV64_REG,
+                        BPF_ST_MEM, BPF_STX_MEM, BPF_W, FP, R0, R1, R2, R3, R6, R7,
+                        R8)
+from ..compiler import facts
+from ..errors import BpfilterError
+from ..model import Hook, Match
+from . import MatchExtension, register_match
+from .conntrack import BPF_FUNC_probe_read_kernel
+
+XT_OWNER_UID, XT_OWNER_GID, XT_OWNER_SOCKET, XT_OWNER_SUPPL_GROUPS = 1, 2, 4, 8
+XT_OWNER_MASK = 0x0F
+INVALID_ID = 0xFFFFFFFF                 # (uid_t)-1: make_kuid() gives no valid id
+TCP_TIME_WAIT, TCP_NEW_SYN_RECV = 6, 12
+
+OWNER = facts.reserve("owner", 16)
+OWNER_SOCKET = OWNER        # u8: a full socket of this namespace, with a struct socket
+OWNER_FILE = OWNER + 1      # u8: ... and a file behind it
+OWNER_FSUID = OWNER + 4     # u32: the file's f_cred->fsuid
+OWNER_FSGID = OWNER + 8     # u32: ... and fsgid
+
+# Scratch in the main frame's slice buffer, free while the prologue reads the socket.
+_SK = facts.SLICE_FP
+_TMP = facts.SLICE_FP + 8
+
+
+@dataclass(frozen=True)
+class SockOffsets:
+    skb_sk: int
+    sk_state: int
+    rsk_listener: int
+    sk_net: int
+    sk_socket: int
+    socket_file: int
+    file_cred: int
+    fsuid: int
+    fsgid: int
+    state_net: int
+
+    @classmethod
+    def from_btf(cls, btf: Btf) -> "SockOffsets":
+        return cls(skb_sk=btf.member("sk_buff", "sk")[0],
+                   sk_state=btf.member("sock", "__sk_common.skc_state")[0],
+                   rsk_listener=btf.member("request_sock", "__req_common.skc_listener")[0],
+                   sk_net=btf.member("sock", "__sk_common.skc_net")[0],
+                   sk_socket=btf.member("sock", "sk_socket")[0],
+                   socket_file=btf.member("socket", "file")[0],
+                   file_cred=btf.member("file", "f_cred")[0],
+                   fsuid=btf.member("cred", "fsuid")[0],
+                   fsgid=btf.member("cred", "fsgid")[0],
+                   state_net=btf.member("nf_hook_state", "net")[0])
+
+
+@functools.lru_cache(maxsize=1)
+def _offsets() -> SockOffsets:
+    return SockOffsets.from_btf(Btf.vmlinux())
+
+
+def _read_pointer(asm, base_slot: int, field: int, gone) -> None:
+    """*_TMP = *(u64 *)(*base_slot + field); to `gone` if that is NULL."""
+    asm.emit(BPF_MOV64_REG(R1, FP), BPF_ALU64_IMM(I.BPF_ADD, R1, _TMP),
+             BPF_MOV64_IMM(R2, 8),
+             BPF_LDX_MEM(BPF_DW, R3, FP, base_slot), BPF_ALU64_IMM(I.BPF_ADD, R3, field),
+             BPF_EMIT_CALL(BPF_FUNC_probe_read_kernel),
+             BPF_LDX_MEM(BPF_DW, R1, FP, _TMP),
+             BPF_JMP_IMM(I.BPF_JEQ, R1, 0, gone))
+
+
+def _emit_owner_facts(asm, k) -> None:
+    o = _offsets()
+    done, full = asm.label("owner_done"), asm.label("owner_full_sk")
+    asm.emit(BPF_ST_MEM(BPF_DW, R6, OWNER, 0), BPF_ST_MEM(BPF_DW, R6, OWNER + 8, 0),
+             BPF_LDX_MEM(BPF_DW, R1, R7, o.skb_sk),
+             BPF_JMP_IMM(I.BPF_JEQ, R1, 0, done),
+             BPF_STX_MEM(BPF_DW, FP, R1, _SK))
+    # sk_to_full_sk()
+    asm.emit(BPF_MOV64_REG(R1, FP), BPF_ALU64_IMM(I.BPF_ADD, R1, _TMP), BPF_MOV64_IMM(R2, 1),
+             BPF_LDX_MEM(BPF_DW, R3, FP, _SK), BPF_ALU64_IMM(I.BPF_ADD, R3, o.sk_state),
+             BPF_EMIT_CALL(BPF_FUNC_probe_read_kernel),
+             BPF_LDX_MEM(BPF_B, R1, FP, _TMP),
+             BPF_JMP_IMM(I.BPF_JEQ, R1, TCP_TIME_WAIT, done),
+             BPF_JMP_IMM(I.BPF_JNE, R1, TCP_NEW_SYN_RECV, full))
+    _read_pointer(asm, _SK, o.rsk_listener, done)
+    asm.emit(BPF_STX_MEM(BPF_DW, FP, R1, _SK))
+    asm.place(full)
+    # owner_mt(): a socket of another namespace counts as none
+    _read_pointer(asm, _SK, o.sk_net, done)
+    asm.emit(BPF_LDX_MEM(BPF_DW, R2, R8, o.state_net),
+             BPF_JMP_REG(I.BPF_JNE, R1, R2, done))
+    _read_pointer(asm, _SK, o.sk_socket, done)
+    asm.emit(BPF_ST_MEM(BPF_B, R6, OWNER_SOCKET, 1), BPF_STX_MEM(BPF_DW, FP, R1, _SK))
+    _read_pointer(asm, _SK, o.socket_file, done)
+    asm.emit(BPF_STX_MEM(BPF_DW, FP, R1, _SK))
+    _read_pointer(asm, _SK, o.file_cred, done)
+    asm.emit(BPF_ST_MEM(BPF_B, R6, OWNER_FILE, 1), BPF_STX_MEM(BPF_DW, FP, R1, _SK))
+    for field, off in ((o.fsuid, OWNER_FSUID), (o.fsgid, OWNER_FSGID)):
+        asm.emit(BPF_MOV64_REG(R1, R6), BPF_ALU64_IMM(I.BPF_ADD, R1, off), BPF_MOV64_IMM(R2, 4),
+                 BPF_LDX_MEM(BPF_DW, R3, FP, _SK), BPF_ALU64_IMM(I.BPF_ADD, R3, field),
+                 BPF_EMIT_CALL(BPF_FUNC_probe_read_kernel))
+    asm.place(done)
+
+
+facts.OPTIONAL["owner"] = _emit_owner_facts
+
+
+@dataclass(frozen=True)
+class OwnerMatch(Match):
+    uid: tuple[int, int]
+    gid: tuple[int, int]
+    match: int
+    invert: int
+    name = "owner"
+    revision = 1
+
+
+def _emit_outside_u32(asm, dst: int, off: int, lo: int, hi: int) -> None:
+    """dst = 1 if the u32 field is outside [lo, hi]; 64-bit differences of 32-bit
+    values are negative exactly when a bound is crossed."""
+    asm.emit(BPF_LDX_MEM(BPF_W, R3, R6, off),
+             BPF_MOV64_REG(dst, R3), BPF_LD_IMM64(R0, lo), BPF_ALU64_REG(I.BPF_SUB, dst, R0),
+             BPF_ALU64_IMM(I.BPF_RSH, dst, 63),
+             BPF_LD_IMM64(R0, hi), BPF_ALU64_REG(I.BPF_SUB, R0, R3),
+             BPF_ALU64_IMM(I.BPF_RSH, R0, 63), BPF_ALU64_REG(I.BPF_OR, dst, R0))
+
+
+@register_match
+class Owner(MatchExtension):
+    name = "owner"
+    revision = 1
+    struct = Struct("uid_min" / Int32un, "uid_max" / Int32un, "gid_min" / Int32un,
+                    "gid_max" / Int32un, "match" / Int8un, "invert" / Int8un)
+    hooks = (1 << Hook.LOCAL_OUT) | (1 << Hook.POST_ROUTING)
+    facts = frozenset({"owner"})
+
+    def decode(self, payload: bytes, where: str) -> OwnerMatch:
+        uid_min, uid_max, gid_min, gid_max, match, invert = self.packed.unpack_from(payload)
+        for flag, lo, hi, what in ((XT_OWNER_UID, uid_min, uid_max, "uid"),
+                                   (XT_OWNER_GID, gid_min, gid_max, "gid")):
+            if match & flag and (INVALID_ID in (lo, hi) or hi < lo):
+                raise BpfilterError(errno.EINVAL, f"{where}: owner: invalid {what} range "
+                                                  f"{lo}-{hi}")
+        if match & XT_OWNER_SUPPL_GROUPS:
+            raise BpfilterError(errno.EOPNOTSUPP, f"{where}: owner --suppl-groups is not "
+                                                  "supported by bpfilter; the whole table is refused")
+        _offsets()
+        return OwnerMatch((uid_min, uid_max), (gid_min, gid_max), match & XT_OWNER_MASK,
+                          invert & XT_OWNER_MASK)
+
+    def emit(self, m: OwnerMatch, asm, out) -> None:
+        """owner_mt(), its early returns folded: with a file the id tests decide;
+        with a socket but no file, the flags alone; without a socket, likewise."""
+        asm.emit(BPF_MOV64_IMM(R1, 0))
+        for flag, (lo, hi), off in ((XT_OWNER_UID, m.uid, OWNER_FSUID),
+                                    (XT_OWNER_GID, m.gid, OWNER_FSGID)):
+            if m.match & flag:
+                # fails when (id in range) == invert, i.e. outside != invert
+                _emit_outside_u32(asm, R2, off, lo, hi)
+                if m.invert & flag:
+                    asm.emit(BPF_ALU64_IMM(I.BPF_XOR, R2, 1))
+                asm.emit(BPF_ALU64_REG(I.BPF_OR, R1, R2))
+        asm.emit(BPF_LDX_MEM(BPF_B, R2, R6, OWNER_FILE), BPF_ALU64_REG(I.BPF_AND, R1, R2),
+                 BPF_LDX_MEM(BPF_B, R3, R6, OWNER_SOCKET))
+        differ = m.match ^ m.invert
+        if differ & (XT_OWNER_UID | XT_OWNER_GID):       # a socket without a file fails
+            asm.emit(BPF_MOV64_REG(R0, R2), BPF_ALU64_IMM(I.BPF_XOR, R0, 1),
+                     BPF_ALU64_REG(I.BPF_AND, R0, R3), BPF_ALU64_REG(I.BPF_OR, R1, R0))
+        if differ:                                        # no socket fails
+            asm.emit(BPF_MOV64_REG(R0, R3), BPF_ALU64_IMM(I.BPF_XOR, R0, 1),
+                     BPF_ALU64_REG(I.BPF_OR, R1, R0))
+        if m.match & m.invert & XT_OWNER_SOCKET:          # ! --socket-exists with a socket
+            asm.emit(BPF_ALU64_REG(I.BPF_OR, R1, R3))
+        out.mismatch(R1)
+
+    def describe(self, m: OwnerMatch) -> str:
+        parts = []
+        for flag, (lo, hi), what in ((XT_OWNER_UID, m.uid, "UID"), (XT_OWNER_GID, m.gid, "GID")):
+            if m.match & flag:
+                bang = "!" if m.invert & flag else ""
+                parts.append(f"owner {what} match {bang}{lo}" + (f"-{hi}" if hi != lo else ""))
+        if m.match & XT_OWNER_SOCKET:
+            parts.append(("! " if m.invert & XT_OWNER_SOCKET else "") + "owner socket exists")
+        return " ".join(parts)
