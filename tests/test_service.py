@@ -1116,6 +1116,9 @@ def test_show_and_flush(svc, nets):
     a, b = nets(2)
     for ns in (a, b):
         svc.ok(ns, "iptables-legacy-restore", input=LOCAL_RULES)
+    svc.ok(a, "iptables-legacy", "-A", "INPUT", "-m", "conntrack", "--ctstate", "INVALID",
+           "-j", "DROP")
+    assert "bpfilter_conntrack" in svc.kok(a, "nft", "list", "tables")
     assert local_traffic(a, accepted=2, dropped=3) == (2, 0)
     assert local_traffic(b, accepted=1, dropped=1) == (1, 0)
     inums = {a: inum_of(a), b: inum_of(b)}
@@ -1164,4 +1167,5 @@ def test_show_and_flush(svc, nets):
     assert svc.pinned() == {}
     assert not (set(links[a]) | set(links[b])) & bpf_link_ids()
     assert local_traffic(a) == (2, 2) and local_traffic(b) == (2, 2)
+    assert svc.kok(a, "nft", "list", "tables") == ""   # conntrack goes with its last user
     assert svc.cli("show").stdout == f"no tables pinned in {svc.bpffs}\n"

@@ -8,6 +8,8 @@ import sys
 import time
 import traceback
 
+from . import ctnetns, netns
+from .errors import BpfilterError
 from .service import log, serve
 from .store import Store
 
@@ -121,5 +123,11 @@ def flush(socket_path: str, bpffs: str) -> int:
         store.remove(key)
         count += 1
         log(f"detached table {key.table} of netns {key.inum}")
+        where = netns.find(key.inum)
+        if where is not None:
+            try:
+                ctnetns.release(where)   # as the kernel drops conntrack with its last user
+            except BpfilterError as err:
+                log(f"netns {key.inum}: {err}")
     print(f"bpfilter: flushed {count} table(s)")
     return 0

@@ -53,3 +53,19 @@ def entered(path_or_name: str):
 def ident(path: "str | None" = None) -> int:
     """The inode number that identifies a netns (the calling thread's by default)."""
     return os.stat(path_of(path) if path else _SELF).st_ino
+
+
+def find(inum: int) -> "str | None":
+    """A path to the live network namespace with inode `inum` (a name made by
+    `ip netns add`, or some task's), or None if none is found."""
+    candidates = []
+    if os.path.isdir(NETNS_RUN_DIR):
+        candidates += [os.path.join(NETNS_RUN_DIR, n) for n in os.listdir(NETNS_RUN_DIR)]
+    candidates += [f"/proc/{pid}/ns/net" for pid in os.listdir("/proc") if pid.isdigit()]
+    for path in candidates:
+        try:
+            if os.stat(path).st_ino == inum:
+                return path
+        except OSError:
+            continue
+    return None
