@@ -178,3 +178,87 @@ def test_conntrack_is_on_exactly_while_a_table_reads_it(lab):
     assert "table ip bpfilter_conntrack" in nft_tables(lab)
     lab.load("*filter\n-A INPUT -p udp -j ACCEPT\nCOMMIT\n")
     assert nft_tables(lab) == ""
+
+
+# ---------------------------------------------------------------- random
+
+STATES = ("NEW", "ESTABLISHED", "RELATED", "INVALID", "UNTRACKED")
+STATUSES = ("EXPECTED", "SEEN_REPLY", "ASSURED", "CONFIRMED")
+ADDRESSES = (T, P, "198.18.0.0/24", "10.0.0.0/8", f"{P}/255.255.0.255")
+
+
+def random_conntrack(rng) -> str:
+    """One conntrack or state match with a few random options."""
+    bang = lambda: "! " if rng.random() < 0.3 else ""   # noqa: E731
+    if rng.random() < 0.25:
+        return "-m state --state " + ",".join(rng.sample(STATES, rng.randint(1, 3)))
+    opts = []
+    if rng.random() < 0.7:
+        opts.append(f"{bang()}--ctstate " + ",".join(rng.sample(STATES, rng.randint(1, 3))))
+    proto = rng.choice((None, "udp", "tcp", "icmp"))
+    if proto:
+        opts.append(f"{bang()}--ctproto {proto}")
+    if proto in ("udp", "tcp") and rng.random() < 0.5:
+        which = rng.choice(("--ctorigsrcport", "--ctorigdstport", "--ctreplsrcport",
+                            "--ctrepldstport"))
+        lo = rng.choice((53, 80, 443, 45000, 45010))
+        opts.append(f"{bang()}{which} {lo}" + (f":{lo + rng.randint(1, 30)}"
+                                                if rng.random() < 0.5 else ""))
+    for which in ("--ctorigsrc", "--ctorigdst", "--ctreplsrc", "--ctrepldst"):
+        if rng.random() < 0.15:
+            opts.append(f"{bang()}{which} {rng.choice(ADDRESSES)}")
+    if rng.random() < 0.3:
+        opts.append(f"{bang()}--ctstatus " + ",".join(rng.sample(STATUSES, rng.randint(1, 2))))
+    if rng.random() < 0.3:
+        opts.append("--ctdir " + rng.choice(("ORIGINAL", "REPLY")))
+    return "-m conntrack " + " ".join(opts or ["--ctstate NEW"])
+
+
+def random_ruleset(rng) -> str:
+    lines = ["*filter", f":INPUT {rng.choice(('ACCEPT', 'DROP'))} [0:0]", ":FORWARD ACCEPT [0:0]",
+             f":OUTPUT {rng.choice(('ACCEPT', 'ACCEPT', 'DROP'))} [0:0]"]
+    for chain in ("INPUT", "OUTPUT"):
+        for _ in range(rng.randint(3, 8)):
+            proto = rng.choice(("", "", "-p udp ", "-p tcp ", "-p icmp "))
+            target = rng.choice(("-j ACCEPT", "-j DROP", "-j DROP", ""))
+            lines.append(f"-A {chain} {proto}{random_conntrack(rng)} {target}".rstrip())
+    return "\n".join(lines + ["COMMIT", ""])
+
+
+def random_flows(rng, base: int) -> list[Case]:
+    """Connections in both directions, with and without answers, interleaved."""
+    cases = []
+    for i in range(12):
+        port = base + i
+        kind = rng.choice(("udp", "udp", "tcp", "icmp", "error"))
+        outward = rng.random() < 0.6
+        first, second = (out, back) if outward else (back, out)
+        service = rng.choice((53, 80, 443, port + 100))
+        if kind == "udp":
+            cases.append(first("udp", port, service))
+            if rng.random() < 0.7:
+                cases.append(second("udp", service, port))
+        elif kind == "tcp":
+            cases.append(first("tcp", port, service, tcp_flags=SYN, seq=100))
+            if rng.random() < 0.7:
+                cases.append(second("tcp", service, port, tcp_flags=SYN_ACK, seq=700, ack=101))
+                if rng.random() < 0.7:
+                    cases.append(first("tcp", port, service, tcp_flags=ACK, seq=101, ack=701))
+        elif kind == "icmp":
+            cases.append(first("icmp", 0, 0, icmp_type=8))
+            if rng.random() < 0.7:
+                cases.append(second("icmp", 0, 0, icmp_type=0))
+        else:
+            sent = out("udp", port, service)
+            if rng.random() < 0.7:
+                cases.append(sent)
+            cases.append(port_unreachable_about(sent))
+    rng.shuffle(cases[len(cases) // 2:])   # later packets out of order: some become INVALID
+    return cases
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_conntrack_rulesets_agree_with_the_kernel(lab, seed):
+    import random
+    rng = random.Random(f"conntrack-{seed}")
+    assert_identical(lab, random_ruleset(rng), random_flows(rng, 46000 + 20 * seed))
