@@ -12,7 +12,7 @@ import pytest
 
 from bpfilter.demo import RULESET as HOST_FIREWALL, TRAFFIC as HOST_TRAFFIC
 from bpfilter.compiler import classifier
-from bpfilter.lab import Case, Lab, Packet
+from bpfilter.lab import T_IN_MAC, Case, Lab, Packet
 from rulegen import generate
 
 pytestmark = pytest.mark.kernel
@@ -130,3 +130,41 @@ def test_ten_thousand_rules(lab):
     ruleset, cases = generate(424242, n_cases=400, size=10_000)
     assert ruleset.count("\n-A ") >= 10_000
     assert_identical(lab, ruleset, cases)
+
+
+LINK_LAYER = """\
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A INPUT -m pkttype --pkt-type broadcast -p udp --dport 7 -j DROP
+-A INPUT -m pkttype --pkt-type multicast -p udp --dport 8 -j DROP
+-A INPUT -m pkttype ! --pkt-type unicast -p tcp
+-A INPUT -m mac --mac-source 02:bf:00:00:01:02 -p udp --dport 53 -j DROP
+-A INPUT -m mac ! --mac-source 02:bf:00:00:01:02 -p udp --dport 54 -j DROP
+-A INPUT -m mac ! --mac-source 02:bf:00:00:01:03 -p udp --dport 55 -j DROP
+-A INPUT -m mark --mark 0x42 -j DROP
+-A FORWARD -m mac --mac-source 02:bf:00:00:01:03 -j DROP
+-A FORWARD -m mark ! --mark 0 -j DROP
+-A FORWARD -m mac --mac-source 02:BF:00:00:01:02 -p tcp --dport 22 -j DROP
+-A OUTPUT -m mark --mark 0x42/0xff -p udp --dport 53 -j DROP
+-A OUTPUT -m mark ! --mark 0x2/0x2 -p udp --dport 54 -j DROP
+-A OUTPUT -m mark --mark 0x40/0xf0 -p udp --dport 55 -j DROP
+-A OUTPUT -m pkttype --pkt-type unicast -p udp --dport 56 -j DROP
+COMMIT
+"""
+BROADCAST_MAC, MULTICAST_MAC = "ff:ff:ff:ff:ff:ff", "01:00:5e:00:00:01"
+LINK_LAYER_TRAFFIC = [Case(Packet(LAN, "198.18.0.1", proto, dport=port, eth_dst=mac), "input")
+                      for proto in ("udp", "tcp") for port in (7, 8, 9, 53, 54, 55)
+                      for mac in (T_IN_MAC, BROADCAST_MAC, MULTICAST_MAC)] + \
+    [Case(Packet(LAN, WAN, proto, dport=port), "forward")
+     for proto in ("udp", "tcp") for port in (22, 53)] + \
+    [Case(Packet("198.18.0.1", WAN, "udp", dport=port), "output") for port in (53, 54, 55, 56, 57)]
+
+
+def test_mark_pkttype_and_mac_with_real_frames(lab):
+    """The link layer as only real frames have it: frames to our MAC, to broadcast and to
+    a multicast MAC (pkt_type), from the peer's MAC on an Ethernet device (mac), and the
+    lab's output socket marking its packets 0x42 (mark)."""
+    arrived = assert_identical(lab, LINK_LAYER, LINK_LAYER_TRAFFIC)
+    assert not all(arrived["kernel"]) and any(arrived["kernel"])

@@ -280,6 +280,41 @@ CASES = [
     case("icmp ! any never matches", "-A OUTPUT -p icmp ! --icmp-type any -j DROP",
          (OUT, icmp(8, 0), ACCEPT), {"OUTPUT policy": (1, 44)}),
 
+    # -- mark (test runs and the kernel's raw socket send with mark 0) -----------------
+    case("--mark 0 matches an unmarked packet", "-A OUTPUT -m mark --mark 0 -j DROP",
+         (OUT, udp(), DROP), {"OUTPUT 1": (1, 44)}),
+    case("--mark 1 misses it", "-A OUTPUT -m mark --mark 1 -j DROP",
+         (OUT, udp(), ACCEPT), {"OUTPUT policy": (1, 44)}),
+    case("! --mark 0xffffffff", "-A OUTPUT -m mark ! --mark 0xffffffff -j DROP",
+         (OUT, udp(), DROP), {"OUTPUT 1": (1, 44)}),
+    case("--mark 0/0xff0", "-A OUTPUT -m mark --mark 0x0/0xff0 -j DROP",
+         (OUT, udp(), DROP), {"OUTPUT 1": (1, 44)}),
+    case("--mark with bits outside its mask never matches",
+         "-A OUTPUT -m mark --mark 0x100/0xff -j DROP\n-A OUTPUT -m mark ! --mark 0x100/0xff",
+         (OUT, udp(), ACCEPT), {"OUTPUT 2": (1, 44), "OUTPUT policy": (1, 44)}),
+
+    # -- pkttype (locally sent packets are PACKET_HOST) ---------------------------------
+    case("--pkt-type unicast", "-A OUTPUT -m pkttype --pkt-type unicast -j DROP",
+         (OUT, udp(), DROP), {"OUTPUT 1": (1, 44)}),
+    case("--pkt-type broadcast misses a unicast packet",
+         "-A OUTPUT -m pkttype --pkt-type broadcast -j DROP",
+         (OUT, udp(), ACCEPT), {"OUTPUT policy": (1, 44)}),
+    case("! --pkt-type multicast", "-A OUTPUT -m pkttype ! --pkt-type multicast -j DROP",
+         (OUT, udp(), DROP), {"OUTPUT 1": (1, 44)}),
+    case("a multicast destination sent by this host is not PACKET_MULTICAST at OUTPUT",
+         "-A OUTPUT -m pkttype --pkt-type multicast -j DROP\n"
+         "-A OUTPUT -m pkttype --pkt-type host",
+         (OUT, udp(dst="224.0.0.5"), ACCEPT), {"OUTPUT 2": (1, 44), "OUTPUT policy": (1, 44)}),
+    case("--pkt-type at INPUT: a frame to our MAC is unicast",
+         "-A INPUT -m pkttype --pkt-type unicast -j DROP",
+         [(IN, udp(), DROP)], {"INPUT 1": (1, 44)}),
+
+    # -- mac (test runs see the loopback device, not Ethernet: see test_differential) ----
+    case("--mac-source never matches on a non-Ethernet device, inverted or not",
+         "-A INPUT -m mac --mac-source 00:00:00:00:00:00 -j DROP\n"
+         "-A INPUT -m mac ! --mac-source 00:00:00:00:00:01 -j DROP",
+         (IN, udp(), ACCEPT), {"INPUT policy": (1, 44)}),
+
     # -- truncated transport headers: the kernel's hotdrop ----------------------------
     case("truncated tcp hotdrops: DROP, rule not counted, policy not reached",
          "-A OUTPUT -p tcp --dport 80 -j ACCEPT",

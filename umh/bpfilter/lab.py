@@ -68,7 +68,7 @@ _SOL_PACKET = 263
 _PACKET_IGNORE_OUTGOING = 23
 _ETH_P_IP = 0x0800
 _RCVBUF = 8 << 20
-_INJECT_ETH = bytes.fromhex((T_IN_MAC + S_IN_MAC).replace(":", "")) + struct.pack("!H", _ETH_P_IP)
+_INJECT_SRC = bytes.fromhex(S_IN_MAC.replace(":", "")) + struct.pack("!H", _ETH_P_IP)
 
 _seq = itertools.count()
 
@@ -101,6 +101,7 @@ class Packet:
     options: bytes = b""          # raw IP options, padded to 4 bytes with EOL
     payload_len: int = 16
     truncate_l4: "int | None" = None  # keep only this many transport header bytes
+    eth_dst: str = T_IN_MAC       # the frame's destination on the input and forward paths
 
     @property
     def proto_number(self) -> int:
@@ -478,7 +479,7 @@ rule add fwmark {LAB_MARK} lookup {ROUTE_TABLE} pref 101
             except PermissionError:
                 pass  # LOCAL_OUT dropped it: that is an observation, not an error
         else:
-            t.inject.send(_INJECT_ETH + pkt)
+            t.inject.send(bytes.fromhex(case.packet.eth_dst.replace(":", "")) + _INJECT_SRC + pkt)
 
     @staticmethod
     def _drain(s: socket.socket, handle: "Callable[[bytes], None] | None") -> None:

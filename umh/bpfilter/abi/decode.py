@@ -59,8 +59,8 @@ def table_from_raw(raw: RawTable, family: Family = Family.IPV4) -> Table:
     matches: list[list[Match]] = []
     for e, ip in zip(entries, ips):
         place = where.get(e.index, f"entry {e.index}")
-        matches.append([ext.decode_match(m.name, m.revision, m.data, ip, family, place)
-                        for m in e.matches])
+        matches.append([ext.decode_match(m.name, m.revision, m.data, ip, family, place,
+                                         e.hook_mask) for m in e.matches])
         if e.target.name in (X.XT_STANDARD_TARGET, X.XT_ERROR_TARGET):
             check_builtin_target(e)
         else:

@@ -37,7 +37,15 @@ DPORT = 50
 TCP_FLAGS = 52     # u8, byte 13 of the tcp header
 ICMP_TYPE = 53
 ICMP_CODE = 54
-SIZE = 56
+# Read only by the OPTIONAL groups of the tables whose matches need them.
+MARK = 56          # u32 skb->mark
+PKTTYPE = 60       # u8: the packet type as xt_pkttype sees it
+MAC_OK = 61        # u8: 1 when xt_mac may read the Ethernet header
+TCPOPT_DROP = 62   # u8: 1 when tcp --tcp-option hotdrops (bad data offset, short options)
+MAC_SRC = 64       # 6 bytes: the Ethernet source address
+TCPOPT = 72        # 40 bytes: the tcp options, zero past their length
+TCPOPT_START = 112  # 40 bytes: 0x80 where tcp_find_option() looks at an option
+SIZE = 152
 
 # The main frame's stack: the facts, then scratch for the packet reads.
 FACTS_FP = -SIZE
@@ -61,6 +69,13 @@ class KernelOffsets:
     state_in: int
     state_out: int
     dev_name: int
+    dev_type: int
+    skb_mark: int
+    skb_pkt_type: int   # bit offset of the 3-bit field
+    skb_dev: int
+    skb_head: int
+    skb_data: int
+    skb_mac_header: int
 
     @classmethod
     def from_btf(cls, btf: Btf) -> "KernelOffsets":
@@ -71,6 +86,13 @@ class KernelOffsets:
             state_in=btf.member("nf_hook_state", "in")[0],
             state_out=btf.member("nf_hook_state", "out")[0],
             dev_name=btf.member("net_device", "name")[0],
+            dev_type=btf.member("net_device", "type")[0],
+            skb_mark=btf.member("sk_buff", "mark")[0],
+            skb_pkt_type=btf.bitfield("sk_buff", "pkt_type")[0],
+            skb_dev=btf.member("sk_buff", "dev")[0],
+            skb_head=btf.member("sk_buff", "head")[0],
+            skb_data=btf.member("sk_buff", "data")[0],
+            skb_mac_header=btf.member("sk_buff", "mac_header")[0],
         )
 
 

@@ -12,11 +12,18 @@ from typing import ClassVar, Optional
 from ..abi.xtables import Packed
 from ..bpf.asm import Assembler
 from ..errors import BpfilterError
-from ..model import Family, IpHeader, Match
+from ..model import Family, Hook, IpHeader, Match
 
 
 def xt_align(size: int) -> int:
     return (size + 7) & ~7
+
+
+def xt_invert(flag: int) -> Optional[bool]:
+    """How `(test) ^ info->invert` reads for a raw invert field (mark, pkttype, mac):
+    0 keeps the test, 1 inverts it, any other value makes the match hold whatever
+    the test says (None: emit no test)."""
+    return {0: False, 1: True}.get(flag)
 
 
 class MatchExtension:
@@ -26,6 +33,7 @@ class MatchExtension:
     revision: ClassVar[int] = 0
     families: ClassVar[tuple[Family, ...]] = (Family.IPV4,)
     proto: ClassVar[Optional[int]] = None   # the kernel's xt_match.proto
+    hooks: ClassVar[Optional[int]] = None   # the kernel's xt_match.hooks (a mask of Hook bits)
     # Fact groups (compiler.facts.OPTIONAL) the match reads: the prologue reads a
     # group only for tables that have a rule needing it.
     facts: ClassVar[frozenset[str]] = frozenset()
@@ -97,11 +105,16 @@ def match_extension(name: str, revision: int, family: Family, where: str) -> Mat
 
 
 def decode_match(name: str, revision: int, payload: bytes, ip: IpHeader, family: Family,
-                 where: str) -> Match:
+                 where: str, hook_mask: int = 0) -> Match:
+    """`hook_mask`: the hooks the entry is reachable from (the kernel's comefrom)."""
     ext = match_extension(name, revision, family, where)
     if len(payload) != ext.payload_size():
         raise BpfilterError(errno.EINVAL, f"{where}: match '{name}': invalid size {len(payload)} "
                                           f"(kernel expects {ext.payload_size()})")
+    if ext.hooks is not None and hook_mask & ~ext.hooks:
+        allowed = ", ".join(h.chain_name for h in Hook if ext.hooks & (1 << h))
+        raise BpfilterError(errno.EINVAL, f"{where}: match '{name}' is only valid in {allowed} "
+                                          "(the rule is reachable from elsewhere)")
     if ext.proto is not None and (ip.proto != ext.proto or ip.invert_proto):
         raise BpfilterError(errno.EINVAL, f"{where}: match '{name}' is only valid for protocol "
                                           f"{ext.proto} (use -p without '!')")
@@ -121,4 +134,4 @@ def describe_match(match: Match, family: Family) -> str:
 
 
 # Registration happens on import of each extension module.
-from . import icmp, tcp, udp  # noqa: E402,F401
+from . import icmp, mac, mark, pkttype, tcp, udp  # noqa: E402,F401
