@@ -7,6 +7,7 @@ hand-written realistic ones. A failing seed is reproduced with
 `BPFILTER_DIFF_SEEDS=1 BPFILTER_DIFF_FIRST=<seed> pytest tests/test_differential.py`.
 """
 import os
+import random
 
 import pytest
 
@@ -168,3 +169,36 @@ def test_mark_pkttype_and_mac_with_real_frames(lab):
     lab's output socket marking its packets 0x42 (mark)."""
     arrived = assert_identical(lab, LINK_LAYER, LINK_LAYER_TRAFFIC)
     assert not all(arrived["kernel"]) and any(arrived["kernel"])
+
+
+def tcp_option_case(rng: random.Random, path: str) -> Case:
+    """A tcp packet whose option area is random bytes, mostly made of options' kinds
+    and lengths, with a data offset that sometimes lies (under 5 words, past the end)."""
+    kinds = [0, 1, 2, 3, 4, 5, 8, 30, 200, 255]
+    size = rng.choice([0, 4, 8, 12, 20, 40])
+    options = bytes(rng.choice(kinds) if rng.random() < 0.6 else rng.randrange(6)
+                    for _ in range(size))
+    doff = rng.choice([None] * 8 + [0, 4, 5, 15])
+    dst = "198.18.0.1" if path == "input" else WAN
+    return Case(Packet(LAN if path != "output" else "198.18.0.1", dst, "tcp",
+                       dport=rng.choice([22, 80]), tcp_options=options, tcp_doff=doff,
+                       payload_len=rng.choice([0, 16])), path)
+
+
+TCP_OPTIONS = "\n".join(
+    ["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]"]
+    + [f"-A {chain} -p tcp {'! ' if inv else ''}--tcp-option {n}{' --dport 22' if port else ''}"
+       f"{' -j DROP' if drop else ''}"
+       for chain in ("FORWARD", "OUTPUT")
+       for n, inv, port, drop in ((2, False, False, False), (4, True, False, False),
+                                  (8, False, True, True), (255, False, False, False),
+                                  (1, True, True, False), (3, False, False, True),
+                                  (200, True, False, False), (30, False, False, True))]
+    + ["COMMIT", ""])
+
+
+@pytest.mark.parametrize("seed", range(FIRST, FIRST + 3))
+def test_tcp_option_walk_on_random_option_areas(lab, seed):
+    rng = random.Random(seed)
+    cases = [tcp_option_case(rng, rng.choice(["forward", "output"])) for _ in range(300)]
+    assert_identical(lab, TCP_OPTIONS, cases)

@@ -65,8 +65,6 @@ UNSUPPORTED = [
     ("-p tcp -j REJECT --reject-with tcp-reset", "target 'REJECT'"),
     ("-j NFQUEUE --queue-num 3", "target 'NFQUEUE'"),
     ("-j QUEUE", "QUEUE"),
-    ("-p tcp --tcp-option 2 -j DROP", "tcp --tcp-option"),
-    ("-p tcp ! --tcp-option 2 -j DROP", "tcp --tcp-option"),
 ]
 
 

@@ -102,6 +102,8 @@ class Packet:
     payload_len: int = 16
     truncate_l4: "int | None" = None  # keep only this many transport header bytes
     eth_dst: str = T_IN_MAC       # the frame's destination on the input and forward paths
+    tcp_options: bytes = b""      # raw, after the 20-byte tcp header
+    tcp_doff: "int | None" = None  # the data offset field; default: header and options
 
     @property
     def proto_number(self) -> int:
@@ -142,8 +144,9 @@ class Packet:
     def _transport(self, payload: bytes) -> bytes:
         p = self.proto_number
         if p == 6:
-            seg = struct.pack("!HHIIBBHHH", self.sport, self.dport, 1, 0, 5 << 4,
-                              self.tcp_flags, 65535, 0, 0) + payload
+            doff = 5 + len(self.tcp_options) // 4 if self.tcp_doff is None else self.tcp_doff
+            seg = struct.pack("!HHIIBBHHH", self.sport, self.dport, 1, 0, doff << 4,
+                              self.tcp_flags, 65535, 0, 0) + self.tcp_options + payload
         elif p == 17:
             seg = struct.pack("!HHHH", self.sport, self.dport, 8 + len(payload), 0) + payload
         elif p == 1:

@@ -48,6 +48,10 @@ class MatchExtension:
         """Model of the payload; rejects what the kernel's checkentry rejects."""
         raise NotImplementedError
 
+    def facts_of(self, match: Match) -> frozenset[str]:
+        """The fact groups this match reads; every one in `facts` unless overridden."""
+        return self.facts
+
     def describe(self, match: Match) -> str:
         """The match as `iptables -L -n` shows it."""
         raise NotImplementedError
@@ -126,7 +130,7 @@ def emit_match(match: Match, family: Family, asm: Assembler, out) -> None:
 
 
 def facts_needed(match: Match, family: Family) -> frozenset[str]:
-    return _MATCHES[(match.name, match.revision, family)].facts
+    return _MATCHES[(match.name, match.revision, family)].facts_of(match)
 
 
 def describe_match(match: Match, family: Family) -> str:

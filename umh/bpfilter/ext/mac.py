@@ -16,7 +16,6 @@ from . import MatchExtension, register_match, xt_invert
 
 ETH_ALEN, ETH_HLEN = 6, 14
 ARPHRD_ETHER = 1
-BPF_FUNC_probe_read_kernel = 113
 
 xt_mac_info = Struct(
     "srcaddr" / Bytes(ETH_ALEN),
@@ -55,7 +54,7 @@ def _read_mac(asm, k: facts.KernelOffsets) -> None:
         BPF_ALU64_IMM(I.BPF_ADD, R3, ETH_ALEN),          # h_source follows h_dest
         BPF_MOV64_REG(R1, R6), BPF_ALU64_IMM(I.BPF_ADD, R1, facts.MAC_SRC),
         BPF_MOV64_IMM(R2, ETH_ALEN),
-        BPF_EMIT_CALL(BPF_FUNC_probe_read_kernel),
+        BPF_EMIT_CALL(I.BPF_FUNC_probe_read_kernel),
         BPF_JMP_IMM(I.BPF_JNE, R0, 0, done),
         BPF_ST_MEM(BPF_B, R6, facts.MAC_OK, 1),
     )
