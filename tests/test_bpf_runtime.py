@@ -96,6 +96,15 @@ def test_btf_members():
     assert size == 2 and 0 < off < btf.struct_size("sk_buff")
 
 
+def test_btf_bitfields():
+    btf = Btf.vmlinux()
+    # pkt_type:3 starts the byte the kernel marks with __pkt_type_offset[0]
+    marker, _ = btf.member("sk_buff", "__pkt_type_offset")
+    assert btf.bitfield("sk_buff", "pkt_type") == (marker * 8, 3)
+    with pytest.raises(BtfError, match="sk_buff.len is not a bitfield"):
+        btf.bitfield("sk_buff", "len")
+
+
 def test_btf_enum_values():
     btf = Btf.vmlinux()
     assert btf.enum_value("bpf_prog_type", "BPF_PROG_TYPE_NETFILTER") == 32

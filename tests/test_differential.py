@@ -7,12 +7,13 @@ hand-written realistic ones. A failing seed is reproduced with
 `BPFILTER_DIFF_SEEDS=1 BPFILTER_DIFF_FIRST=<seed> pytest tests/test_differential.py`.
 """
 import os
+import random
 
 import pytest
 
 from bpfilter.demo import RULESET as HOST_FIREWALL, TRAFFIC as HOST_TRAFFIC
 from bpfilter.compiler import classifier
-from bpfilter.lab import Case, Lab, Packet
+from bpfilter.lab import T_IN_MAC, Case, Lab, Packet
 from rulegen import generate
 
 pytestmark = pytest.mark.kernel
@@ -130,3 +131,74 @@ def test_ten_thousand_rules(lab):
     ruleset, cases = generate(424242, n_cases=400, size=10_000)
     assert ruleset.count("\n-A ") >= 10_000
     assert_identical(lab, ruleset, cases)
+
+
+LINK_LAYER = """\
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A INPUT -m pkttype --pkt-type broadcast -p udp --dport 7 -j DROP
+-A INPUT -m pkttype --pkt-type multicast -p udp --dport 8 -j DROP
+-A INPUT -m pkttype ! --pkt-type unicast -p tcp
+-A INPUT -m mac --mac-source 02:bf:00:00:01:02 -p udp --dport 53 -j DROP
+-A INPUT -m mac ! --mac-source 02:bf:00:00:01:02 -p udp --dport 54 -j DROP
+-A INPUT -m mac ! --mac-source 02:bf:00:00:01:03 -p udp --dport 55 -j DROP
+-A INPUT -m mark --mark 0x42 -j DROP
+-A FORWARD -m mac --mac-source 02:bf:00:00:01:03 -j DROP
+-A FORWARD -m mark ! --mark 0 -j DROP
+-A FORWARD -m mac --mac-source 02:BF:00:00:01:02 -p tcp --dport 22 -j DROP
+-A OUTPUT -m mark --mark 0x42/0xff -p udp --dport 53 -j DROP
+-A OUTPUT -m mark ! --mark 0x2/0x2 -p udp --dport 54 -j DROP
+-A OUTPUT -m mark --mark 0x40/0xf0 -p udp --dport 55 -j DROP
+-A OUTPUT -m pkttype --pkt-type unicast -p udp --dport 56 -j DROP
+COMMIT
+"""
+BROADCAST_MAC, MULTICAST_MAC = "ff:ff:ff:ff:ff:ff", "01:00:5e:00:00:01"
+LINK_LAYER_TRAFFIC = [Case(Packet(LAN, "198.18.0.1", proto, dport=port, eth_dst=mac), "input")
+                      for proto in ("udp", "tcp") for port in (7, 8, 9, 53, 54, 55)
+                      for mac in (T_IN_MAC, BROADCAST_MAC, MULTICAST_MAC)] + \
+    [Case(Packet(LAN, WAN, proto, dport=port), "forward")
+     for proto in ("udp", "tcp") for port in (22, 53)] + \
+    [Case(Packet("198.18.0.1", WAN, "udp", dport=port), "output") for port in (53, 54, 55, 56, 57)]
+
+
+def test_mark_pkttype_and_mac_with_real_frames(lab):
+    """The link layer as only real frames have it: frames to our MAC, to broadcast and to
+    a multicast MAC (pkt_type), from the peer's MAC on an Ethernet device (mac), and the
+    lab's output socket marking its packets 0x42 (mark)."""
+    arrived = assert_identical(lab, LINK_LAYER, LINK_LAYER_TRAFFIC)
+    assert not all(arrived["kernel"]) and any(arrived["kernel"])
+
+
+def tcp_option_case(rng: random.Random, path: str) -> Case:
+    """A tcp packet whose option area is random bytes, mostly made of options' kinds
+    and lengths, with a data offset that sometimes lies (under 5 words, past the end)."""
+    kinds = [0, 1, 2, 3, 4, 5, 8, 30, 200, 255]
+    size = rng.choice([0, 4, 8, 12, 20, 40])
+    options = bytes(rng.choice(kinds) if rng.random() < 0.6 else rng.randrange(6)
+                    for _ in range(size))
+    doff = rng.choice([None] * 8 + [0, 4, 5, 15])
+    dst = "198.18.0.1" if path == "input" else WAN
+    return Case(Packet(LAN if path != "output" else "198.18.0.1", dst, "tcp",
+                       dport=rng.choice([22, 80]), tcp_options=options, tcp_doff=doff,
+                       payload_len=rng.choice([0, 16])), path)
+
+
+TCP_OPTIONS = "\n".join(
+    ["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]"]
+    + [f"-A {chain} -p tcp {'! ' if inv else ''}--tcp-option {n}{' --dport 22' if port else ''}"
+       f"{' -j DROP' if drop else ''}"
+       for chain in ("FORWARD", "OUTPUT")
+       for n, inv, port, drop in ((2, False, False, False), (4, True, False, False),
+                                  (8, False, True, True), (255, False, False, False),
+                                  (1, True, True, False), (3, False, False, True),
+                                  (200, True, False, False), (30, False, False, True))]
+    + ["COMMIT", ""])
+
+
+@pytest.mark.parametrize("seed", range(FIRST, FIRST + 3))
+def test_tcp_option_walk_on_random_option_areas(lab, seed):
+    rng = random.Random(seed)
+    cases = [tcp_option_case(rng, rng.choice(["forward", "output"])) for _ in range(300)]
+    assert_identical(lab, TCP_OPTIONS, cases)

@@ -13,7 +13,7 @@ import pytest
 
 from bpfilter import loader
 from bpfilter.abi import codec, sockopt
-from bpfilter.abi.xtables import IPT_INV_PROTO, ipt_replace
+from bpfilter.abi.xtables import IPT_INV_PROTO, SIZEOF_XT_ENTRY_HEADER, ipt_replace
 from bpfilter.errors import BpfilterError
 from bpfilter.loader import load_filter_table
 from bpfilter.netns import entered
@@ -66,8 +66,6 @@ UNSUPPORTED = [
     ("-j REJECT", "target 'REJECT' needs bpfilter.ko"),
     ("-j NFQUEUE --queue-num 3", "target 'NFQUEUE'"),
     ("-j QUEUE", "QUEUE"),
-    ("-p tcp --tcp-option 2 -j DROP", "tcp --tcp-option"),
-    ("-p tcp ! --tcp-option 2 -j DROP", "tcp --tcp-option"),
 ]
 
 
@@ -117,17 +115,43 @@ def test_tcp_match_without_tcp_protocol_is_invalid(fresh_netns, proto, invert, s
 
 def test_the_kernel_also_refuses_a_tcp_match_without_tcp(fresh_netns):
     """The EINVAL above is the kernel's answer too (xt_check_match's protocol check)."""
-    blob = bytearray(tcp_rule_blob(0, False))
-    subprocess.run(["ip", "netns", "exec", fresh_netns, "iptables-legacy", "-L", "-n"], check=True,
+    assert kernel_refusal(tcp_rule_blob(0, False), fresh_netns) == errno.EINVAL
+
+
+def kernel_refusal(blob: bytes, netns_name: str) -> int:
+    """The errno of the kernel's own IPT_SO_SET_REPLACE of `blob` in netns_name."""
+    blob = bytearray(blob)
+    subprocess.run(["ip", "netns", "exec", netns_name, "iptables-legacy", "-L", "-n"], check=True,
                    capture_output=True)                     # instantiate the filter table
-    with entered(fresh_netns):
+    with entered(netns_name):
         live = codec.parse_getinfo(sockopt.get_info("filter"))["num_entries"]
         header = ipt_replace.parse(bytes(blob[:HEADER]))
         header.num_counters = live
         blob[:HEADER] = ipt_replace.build(header)
         with pytest.raises(BpfilterError) as info:
             sockopt.set_replace(bytes(blob))
-    assert info.value.errno == errno.EINVAL
+    return info.value.errno
+
+
+def test_mac_reachable_from_output_is_invalid(fresh_netns):
+    """xt_mac only runs in PREROUTING, INPUT and FORWARD: a rule reachable from OUTPUT
+    (here OUTPUT's jump is turned from Y to X) is refused by the kernel with EINVAL."""
+    blob = bytearray(replace_blob(ruleset("-A INPUT -j X", "-A OUTPUT -j Y",
+                                          "-A X -m mac --mac-source 02:00:00:00:00:01")))
+    raw = codec.parse_replace(bytes(blob))
+    jump, x_first = raw.entries[3], raw.entries[6]
+    assert jump.target.name == "" and raw.entries[5].target.errorname == "X"
+    at = HEADER + jump.offset + jump.target_offset + SIZEOF_XT_ENTRY_HEADER
+    blob[at:at + 4] = x_first.offset.to_bytes(4, "little")
+    err = refused(bytes(blob), fresh_netns)
+    assert err.errno == errno.EINVAL, err
+    assert "chain X rule 1" in str(err) and "'mac'" in str(err) \
+        and "only valid from PREROUTING/INPUT/FORWARD" in str(err)
+    assert kernel_refusal(bytes(blob), fresh_netns) == errno.EINVAL
+    # reachable from INPUT only, the same rule loads
+    load_filter_table(replace_blob(ruleset("-A INPUT -j X", "-A OUTPUT -j Y",
+                                           "-A X -m mac --mac-source 02:00:00:00:00:01")),
+                      attach=False).close()
 
 
 def nested_chains(depth: int) -> str:

@@ -15,6 +15,7 @@ from bpfilter.abi import codec
 from bpfilter.abi.decode import table_from_raw
 from bpfilter.bpf import syscall as bpf
 from bpfilter.loader import attach_slots, load_ruleset
+from bpfilter.ext import describe_match
 from bpfilter.model import Family
 from bpfilter.scratch import replace_blob
 from bpfilter.show import show
@@ -177,3 +178,27 @@ def test_command_line(pinned, capsys):
                               capture_output=True, text=True, check=True)
         assert done.stderr == ""
         assert done.stdout == _shown(capsys, root, bpf=bool(flags))
+
+
+DESCRIBED = [
+    "-m mark --mark 0x5/0xff", "-m mark ! --mark 0xffffffff",
+    "-m pkttype --pkt-type broadcast", "-m pkttype ! --pkt-type host",
+    "-m mac --mac-source 42:01:0A:03:04:05", "-m mac ! --mac-source 42:01:0A:03:04:05",
+    "-p tcp --tcp-option 2", "-p tcp ! --tcp-option 255 --dport 22 --syn",
+]
+
+
+def test_matches_are_described_as_iptables_lists_them(fresh_netns):
+    """Each match's text in `bpfilter show` is what `iptables-legacy -L -n` prints
+    after the destination column for the same rule."""
+    ruleset = "\n".join(["*filter", *(f"-A INPUT {r}" for r in DESCRIBED), "COMMIT", ""])
+    subprocess.run(["ip", "netns", "exec", fresh_netns, "iptables-legacy-restore"],
+                   input=ruleset, text=True, check=True)
+    listed = subprocess.run(["ip", "netns", "exec", fresh_netns, "iptables-legacy", "-L", "INPUT",
+                             "-n"], capture_output=True, text=True, check=True).stdout
+    table = table_from_raw(codec.parse_replace(replace_blob(ruleset)))
+    rules = table.chains["INPUT"].rules
+    assert len(rules) == len(DESCRIBED)
+    for rule, line in zip(rules, listed.splitlines()[2:]):
+        text = " ".join(describe_match(m, Family.IPV4) for m in rule.matches)
+        assert line.rstrip().endswith("0.0.0.0/0            " + text), (line, text)

@@ -42,6 +42,7 @@ BUILTIN = ("INPUT", "FORWARD", "OUTPUT")
 FIN, SYN, RST, PSH, ACK, URG = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
 
 A, B = "10.1.2.3", "192.168.7.8"   # default source and destination
+MSS = b"\x02\x04\x05\xb4"              # tcp option 2 (maximum segment size), 4 bytes
 
 
 def tcp(dport=80, sport=40000, flags=SYN, src=A, dst=B, **kw) -> Packet:
@@ -239,6 +240,53 @@ CASES = [
           (OUT, tcp(dport=257, options=b"\x01\x01\x01\x01"), ACCEPT)],
          {"OUTPUT 1": (2, 60 + 64), "OUTPUT policy": (1, 60)}),
 
+    # -- tcp --tcp-option (tcp_find_option's walk) ----------------------------------------
+    case("--tcp-option 2 finds MSS", "-A OUTPUT -p tcp --tcp-option 2 -j DROP",
+         [(OUT, tcp(tcp_options=MSS), DROP), (OUT, tcp(), ACCEPT)],
+         {"OUTPUT 1": (1, 60), "OUTPUT policy": (1, 56)}),
+    case("an option's length byte is not a kind", "-A OUTPUT -p tcp --tcp-option 4 -j DROP",
+         (OUT, tcp(tcp_options=MSS), ACCEPT), {"OUTPUT policy": (1, 60)}),
+    case("NOP and EOL are one byte, and EOL does not end the walk",
+         "-A OUTPUT -p tcp --tcp-option 8 -j DROP",
+         [(OUT, tcp(tcp_options=b"\x01\x00\x08\x0a" + bytes(8)), DROP),
+          (OUT, tcp(tcp_options=b"\x00\x00\x00\x08"), DROP)],
+         {"OUTPUT 1": (2, 128)}),
+    case("a length of 0 steps one byte", "-A OUTPUT -p tcp --tcp-option 6 -j DROP",
+         (OUT, tcp(tcp_options=b"\x05\x00\x06\x02"), DROP), {"OUTPUT 1": (1, 60)}),
+    case("a length of 1 steps onto the length byte", "-A OUTPUT -p tcp --tcp-option 1 -j DROP",
+         (OUT, tcp(tcp_options=b"\x09\x01\x03\x02"), DROP), {"OUTPUT 1": (1, 60)}),
+    case("a length past the options ends the walk", "-A OUTPUT -p tcp --tcp-option 8 -j DROP",
+         (OUT, tcp(tcp_options=b"\x03\x10\x08\x02"), ACCEPT), {"OUTPUT policy": (1, 60)}),
+    case("an option in the 40th byte", "-A OUTPUT -p tcp --tcp-option 200 -j DROP",
+         [(OUT, tcp(tcp_options=b"\x01" * 39 + b"\xc8"), DROP),
+          (OUT, tcp(tcp_options=b"\x01" * 38 + b"\xc8\x01"), DROP),
+          (OUT, tcp(tcp_options=b"\x02\x28" + b"\xc8" * 38), ACCEPT)],
+         {"OUTPUT 1": (2, 192), "OUTPUT policy": (1, 96)}),
+    case("option 255", "-A OUTPUT -p tcp --tcp-option 255 -j DROP",
+         [(OUT, tcp(tcp_options=b"\x01\xff\x00\x00"), DROP),
+          (OUT, tcp(tcp_options=b"\x01\xfe\x00\x00"), ACCEPT)],
+         {"OUTPUT 1": (1, 60), "OUTPUT policy": (1, 60)}),
+    case("! --tcp-option", "-A OUTPUT -p tcp ! --tcp-option 2 -j DROP",
+         [(OUT, tcp(tcp_options=MSS), ACCEPT), (OUT, tcp(), DROP),
+          (OUT, tcp(tcp_options=b"\x03\x03\x02\x00"), DROP)],
+         {"OUTPUT 1": (2, 116), "OUTPUT policy": (1, 60)}),
+    case("a data offset under 5 words hotdrops, inverted or not",
+         "-A OUTPUT -p tcp ! --tcp-option 2 -j ACCEPT\n-A OUTPUT -j ACCEPT",
+         [(OUT, tcp(tcp_doff=4), DROP), (OUT, tcp(tcp_doff=0), DROP)], {}),
+    case("options cut short by the packet's end hotdrop",
+         "-A OUTPUT -p tcp --tcp-option 2 -j ACCEPT",
+         [(OUT, tcp(tcp_doff=15, payload_len=39), DROP),
+          (OUT, tcp(tcp_doff=15, payload_len=40), ACCEPT)],
+         {"OUTPUT policy": (1, 80)}),
+    case("no hotdrop when the ports already failed",
+         "-A OUTPUT -p tcp --dport 81 --tcp-option 2 -j ACCEPT",
+         (OUT, tcp(dport=80, tcp_doff=4), ACCEPT), {"OUTPUT policy": (1, 56)}),
+    case("ports, flags and option all needed",
+         "-A OUTPUT -p tcp --dport 80 --syn --tcp-option 2 -j DROP",
+         [(OUT, tcp(tcp_options=MSS), DROP), (OUT, tcp(tcp_options=MSS, flags=ACK), ACCEPT),
+          (OUT, tcp(dport=81, tcp_options=MSS), ACCEPT), (OUT, tcp(), ACCEPT)],
+         {"OUTPUT 1": (1, 60), "OUTPUT policy": (3, 176)}),
+
     # -- udp ------------------------------------------------------------------------
     case("udp --dport", "-A OUTPUT -p udp --dport 53 -j DROP",
          [(OUT, udp(dport=53), DROP), (OUT, udp(dport=54), ACCEPT),
@@ -279,6 +327,41 @@ CASES = [
          {"OUTPUT 1": (2, 88), "OUTPUT policy": (1, 44)}),
     case("icmp ! any never matches", "-A OUTPUT -p icmp ! --icmp-type any -j DROP",
          (OUT, icmp(8, 0), ACCEPT), {"OUTPUT policy": (1, 44)}),
+
+    # -- mark (test runs and the kernel's raw socket send with mark 0) -----------------
+    case("--mark 0 matches an unmarked packet", "-A OUTPUT -m mark --mark 0 -j DROP",
+         (OUT, udp(), DROP), {"OUTPUT 1": (1, 44)}),
+    case("--mark 1 misses it", "-A OUTPUT -m mark --mark 1 -j DROP",
+         (OUT, udp(), ACCEPT), {"OUTPUT policy": (1, 44)}),
+    case("! --mark 0xffffffff", "-A OUTPUT -m mark ! --mark 0xffffffff -j DROP",
+         (OUT, udp(), DROP), {"OUTPUT 1": (1, 44)}),
+    case("--mark 0/0xff0", "-A OUTPUT -m mark --mark 0x0/0xff0 -j DROP",
+         (OUT, udp(), DROP), {"OUTPUT 1": (1, 44)}),
+    case("--mark with bits outside its mask never matches",
+         "-A OUTPUT -m mark --mark 0x100/0xff -j DROP\n-A OUTPUT -m mark ! --mark 0x100/0xff",
+         (OUT, udp(), ACCEPT), {"OUTPUT 2": (1, 44), "OUTPUT policy": (1, 44)}),
+
+    # -- pkttype (locally sent packets are PACKET_HOST) ---------------------------------
+    case("--pkt-type unicast", "-A OUTPUT -m pkttype --pkt-type unicast -j DROP",
+         (OUT, udp(), DROP), {"OUTPUT 1": (1, 44)}),
+    case("--pkt-type broadcast misses a unicast packet",
+         "-A OUTPUT -m pkttype --pkt-type broadcast -j DROP",
+         (OUT, udp(), ACCEPT), {"OUTPUT policy": (1, 44)}),
+    case("! --pkt-type multicast", "-A OUTPUT -m pkttype ! --pkt-type multicast -j DROP",
+         (OUT, udp(), DROP), {"OUTPUT 1": (1, 44)}),
+    case("a multicast destination sent by this host is not PACKET_MULTICAST at OUTPUT",
+         "-A OUTPUT -m pkttype --pkt-type multicast -j DROP\n"
+         "-A OUTPUT -m pkttype --pkt-type host",
+         (OUT, udp(dst="224.0.0.5"), ACCEPT), {"OUTPUT 2": (1, 44), "OUTPUT policy": (1, 44)}),
+    case("--pkt-type at INPUT: a frame to our MAC is unicast",
+         "-A INPUT -m pkttype --pkt-type unicast -j DROP",
+         [(IN, udp(), DROP)], {"INPUT 1": (1, 44)}),
+
+    # -- mac (test runs see the loopback device, not Ethernet: see test_differential) ----
+    case("--mac-source never matches on a non-Ethernet device, inverted or not",
+         "-A INPUT -m mac --mac-source 00:00:00:00:00:00 -j DROP\n"
+         "-A INPUT -m mac ! --mac-source 00:00:00:00:00:01 -j DROP",
+         (IN, udp(), ACCEPT), {"INPUT policy": (1, 44)}),
 
     # -- truncated transport headers: the kernel's hotdrop ----------------------------
     case("truncated tcp hotdrops: DROP, rule not counted, policy not reached",

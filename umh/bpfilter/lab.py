@@ -70,8 +70,8 @@ _SOL_PACKET = 263
 _PACKET_IGNORE_OUTGOING = 23
 _ETH_P_IP = 0x0800
 _RCVBUF = 8 << 20
-_INJECT_ETH = {iface: bytes.fromhex((t_mac + s_mac).replace(":", "")) + struct.pack("!H", _ETH_P_IP)
-               for iface, t_mac, s_mac in (("in", T_IN_MAC, S_IN_MAC), ("out", T_OUT_MAC, S_OUT_MAC))}
+_INJECT_SRC = {side: bytes.fromhex(mac.replace(":", "")) + struct.pack("!H", _ETH_P_IP)
+               for side, mac in (("in", S_IN_MAC), ("out", S_OUT_MAC))}
 
 _seq = itertools.count()
 
@@ -107,6 +107,9 @@ class Packet:
     seq: int = 1                  # tcp sequence and acknowledgement numbers
     ack: int = 0
     quoted: bytes = b""           # an ICMP error's quote of the packet it is about
+    eth_dst: "str | None" = None  # the frame's destination MAC; default: T's on that side
+    tcp_options: bytes = b""      # raw, after the 20-byte tcp header
+    tcp_doff: "int | None" = None  # the data offset field; default: header and options
 
     @property
     def proto_number(self) -> int:
@@ -149,8 +152,9 @@ class Packet:
     def _transport(self, payload: bytes) -> bytes:
         p = self.proto_number
         if p == 6:
-            seg = struct.pack("!HHIIBBHHH", self.sport, self.dport, self.seq, self.ack, 5 << 4,
-                              self.tcp_flags, 65535, 0, 0) + payload
+            doff = 5 + len(self.tcp_options) // 4 if self.tcp_doff is None else self.tcp_doff
+            seg = struct.pack("!HHIIBBHHH", self.sport, self.dport, self.seq, self.ack, doff << 4,
+                              self.tcp_flags, 65535, 0, 0) + self.tcp_options + payload
         elif p == 17:
             seg = struct.pack("!HHHH", self.sport, self.dport, 8 + len(payload), 0) + payload
         elif p == 1:
@@ -491,7 +495,8 @@ rule add fwmark {LAB_MARK} lookup {ROUTE_TABLE} pref 101
                 pass  # LOCAL_OUT dropped it: that is an observation, not an error
         else:
             side = "out" if case.path == "reverse" else "in"
-            t.inject[side].send(_INJECT_ETH[side] + pkt)
+            dst = case.packet.eth_dst or (T_OUT_MAC if side == "out" else T_IN_MAC)
+            t.inject[side].send(bytes.fromhex(dst.replace(":", "")) + _INJECT_SRC[side] + pkt)
 
     @staticmethod
     def _drain(s: socket.socket, handle: "Callable[[bytes], None] | None") -> None:

@@ -182,12 +182,15 @@ class Btf:
                     return found[0], bit_off + found[1], found[2]
         return None
 
-    def member(self, struct_name: str, path: str) -> "tuple[int, int]":
-        """(byte offset, byte size) of the member at dotted ``path`` in a struct or union."""
+    def _walk(self, struct_name: str, path: str):
+        """(bit offset, bitfield size, type id, dotted name) of the member at dotted
+        ``path``; every part but the last must be a whole-byte member."""
         type_id = self._composite(struct_name)
         where = struct_name
-        bit_offset = 0
+        bit_offset = bits = 0
         for part in path.split("."):
+            if bits or bit_offset % 8 or self._int_bitfield(type_id):
+                raise BtfError(f"{self.origin}: {where} is a bitfield, it has no member {part!r}")
             container = self.resolve(type_id)
             if self._head(container)[1] not in (KIND_STRUCT, KIND_UNION):
                 raise BtfError(f"{self.origin}: {where} is a {self.kind(container)}, "
@@ -197,10 +200,28 @@ class Btf:
                 raise BtfError(f"{self.origin}: {where} has no member {part!r}")
             type_id, off, bits = found
             where = f"{where}.{part}"
-            if bits or off % 8 or self._int_bitfield(type_id):
-                raise BtfError(f"{self.origin}: {where} is a bitfield, it has no byte offset")
             bit_offset += off
+        return bit_offset, bits, type_id, where
+
+    def member(self, struct_name: str, path: str) -> "tuple[int, int]":
+        """(byte offset, byte size) of the member at dotted ``path`` in a struct or union."""
+        bit_offset, bits, type_id, where = self._walk(struct_name, path)
+        if bits or bit_offset % 8 or self._int_bitfield(type_id):
+            raise BtfError(f"{self.origin}: {where} is a bitfield, it has no byte offset")
         return bit_offset // 8, self.size(type_id)
+
+    def bitfield(self, struct_name: str, path: str) -> "tuple[int, int]":
+        """(bit offset, width in bits) of the bitfield at dotted ``path``: bit offsets
+        count from the struct's first byte, least significant bit first (x86 order)."""
+        bit_offset, bits, type_id, where = self._walk(struct_name, path)
+        if not bits:
+            if not self._int_bitfield(type_id):
+                raise BtfError(f"{self.origin}: {where} is not a bitfield")
+            # Structs without kind_flag keep the width in the int's encoding.
+            (encoding,) = struct.unpack_from("<I", self._types, self._head(self.resolve(type_id))[5])
+            bit_offset += (encoding >> 16) & 0xFF
+            bits = encoding & 0xFF
+        return bit_offset, bits
 
     def _int_bitfield(self, type_id: int) -> bool:
         # Structs without kind_flag encode bitfields in the int's own encoding.

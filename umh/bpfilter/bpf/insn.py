@@ -41,7 +41,10 @@ FP = R10
 # helper function ids (uapi enum bpf_func_id, stable ABI)
 BPF_FUNC_map_lookup_elem = 1
 BPF_FUNC_tail_call = 12
+BPF_FUNC_spin_lock = 93
+BPF_FUNC_spin_unlock = 94
 BPF_FUNC_probe_read_kernel = 113
+BPF_FUNC_jiffies64 = 118
 BPF_FUNC_ringbuf_reserve = 131
 BPF_FUNC_ringbuf_submit = 132
 BPF_FUNC_dynptr_read = 201

@@ -91,7 +91,7 @@ def eligible(rule: Rule) -> bool:
         return True
     m = rule.matches[0]
     if isinstance(m, TcpMatch):
-        if m.flags_mask or m.invert_flags:
+        if m.flags_mask or m.invert_flags or m.option:
             return False
     elif not isinstance(m, UdpMatch):
         return False

@@ -41,8 +41,9 @@ ICMP_CODE = 54
 SKB = 56           # the sk_buff pointer, for targets that read more of it
 NETNS = 64         # u32 inode number of the hook's network namespace
 SIZE = 72
-# Optional fact groups (see OPTIONAL) each reserve a region of this area after SIZE.
-OPTIONAL_AREA = 128
+# Optional fact groups (see OPTIONAL) each reserve a region of this area after SIZE;
+# the prologue zeroes the area for tables that read any of them.
+OPTIONAL_AREA = 208
 _reserved = SIZE
 
 
@@ -53,6 +54,17 @@ def reserve(group: str, size: int) -> int:
     if _reserved > SIZE + OPTIONAL_AREA:
         raise RuntimeError(f"fact group {group!r} does not fit in the optional area")
     return offset
+
+
+# The link-layer and packet-detail groups (mark, pkttype, mac, tcpopt):
+_LINK = reserve("link", 96)
+MARK = _LINK             # u32 skb->mark
+PKTTYPE = _LINK + 4      # u8: the packet type as xt_pkttype sees it
+MAC_OK = _LINK + 5       # u8: 1 when xt_mac may read the Ethernet header
+TCPOPT_DROP = _LINK + 6  # u8: 1 when tcp --tcp-option hotdrops (bad data offset, short options)
+MAC_SRC = _LINK + 8      # 6 bytes: the Ethernet source address
+TCPOPT = _LINK + 16      # 40 bytes: the tcp options, zero past their length
+TCPOPT_START = _LINK + 56   # 40 bytes: 0x80 where tcp_find_option() looks at an option
 
 
 # The main frame's stack: the facts, then scratch for the packet reads.
@@ -77,6 +89,13 @@ class KernelOffsets:
     state_in: int
     state_out: int
     dev_name: int
+    dev_type: int
+    skb_mark: int
+    skb_pkt_type: int   # bit offset of the 3-bit field
+    skb_dev: int
+    skb_head: int
+    skb_data: int
+    skb_mac_header: int
 
     @classmethod
     def from_btf(cls, btf: Btf) -> "KernelOffsets":
@@ -87,6 +106,13 @@ class KernelOffsets:
             state_in=btf.member("nf_hook_state", "in")[0],
             state_out=btf.member("nf_hook_state", "out")[0],
             dev_name=btf.member("net_device", "name")[0],
+            dev_type=btf.member("net_device", "type")[0],
+            skb_mark=btf.member("sk_buff", "mark")[0],
+            skb_pkt_type=btf.bitfield("sk_buff", "pkt_type")[0],
+            skb_dev=btf.member("sk_buff", "dev")[0],
+            skb_head=btf.member("sk_buff", "head")[0],
+            skb_data=btf.member("sk_buff", "data")[0],
+            skb_mac_header=btf.member("sk_buff", "mac_header")[0],
         )
 
 
@@ -144,6 +170,9 @@ def emit_prologue(asm: Assembler, k: KernelOffsets, drop, needs: frozenset = fro
             BPF_LDX_MEM(BPF_DW, R2, R1, k.dev_name + 8), BPF_STX_MEM(BPF_DW, R6, R2, name_off + 8),
         )
         asm.place(no_dev)
+    if needs:
+        for off in range(SIZE, _reserved, 8):
+            asm.emit(BPF_ST_MEM(BPF_DW, R6, off, 0))
     for group in sorted(needs):
         OPTIONAL[group](asm, k)
 

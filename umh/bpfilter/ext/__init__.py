@@ -20,6 +20,13 @@ def xt_align(size: int) -> int:
     return (size + 7) & ~7
 
 
+def xt_invert(flag: int) -> Optional[bool]:
+    """How `(test) ^ info->invert` reads for a raw invert field (mark, pkttype, mac):
+    0 keeps the test, 1 inverts it, any other value makes the match hold whatever
+    the test says (None: emit no test)."""
+    return {0: False, 1: True}.get(flag)
+
+
 class _Extension:
     """What both kinds of extension share: a name, a revision, the families it
     exists in, and a payload whose layout is a construct Struct."""
@@ -49,6 +56,10 @@ class MatchExtension(_Extension):
     def decode(self, payload: bytes, where: str) -> Match:
         """Model of the payload; rejects what the kernel's checkentry rejects."""
         raise NotImplementedError
+
+    def facts_of(self, match: Match) -> frozenset[str]:
+        """The fact groups this match reads; every one in `facts` unless overridden."""
+        return self.facts
 
     def describe(self, match: Match) -> str:
         """The match as `iptables -L -n` shows it."""
@@ -209,11 +220,11 @@ def describe_target(target: ExtensionTarget, family: Family) -> str:
 
 def facts_needed(rule: Rule, family: Family) -> frozenset[str]:
     """The fact groups a rule's matches and target read."""
-    needed = [_MATCHES.of(m, family).facts for m in rule.matches]
+    needed = [_MATCHES.of(m, family).facts_of(m) for m in rule.matches]
     if isinstance(rule.target, ExtensionTarget):
         needed.append(_TARGETS.of(rule.target, family).facts)
     return frozenset().union(*needed)
 
 
 # Registration happens on import of each extension module.
-from . import conntrack, icmp, log, owner, reject, tcp, udp  # noqa: E402,F401
+from . import conntrack, icmp, log, mac, mark, owner, pkttype, reject, tcp, udp  # noqa: E402,F401

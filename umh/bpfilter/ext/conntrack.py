@@ -127,8 +127,6 @@ def emit_ct_facts(asm, k) -> None:
     Runs in the prologue with R7 = skb; keeps R8 and R9."""
     o = ct_offsets()
     no_ct, original, done = asm.label("no_ct"), asm.label("ct_original"), asm.label("ct_done")
-    for off in range(CT, CT + CT_SIZE, 8):
-        asm.emit(BPF_ST_MEM(BPF_DW, R6, off, 0))
     asm.emit(
         BPF_LDX_MEM(BPF_DW, R1, R7, o.nfct),
         BPF_MOV64_REG(R2, R1), BPF_ALU64_IMM(I.BPF_AND, R2, NFCT_INFOMASK),

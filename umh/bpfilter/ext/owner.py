@@ -88,8 +88,7 @@ def _read_pointer(asm, base_slot: int, field: int, gone) -> None:
 def _emit_owner_facts(asm, k) -> None:
     o = _offsets()
     done, full = asm.label("owner_done"), asm.label("owner_full_sk")
-    asm.emit(BPF_ST_MEM(BPF_DW, R6, OWNER, 0), BPF_ST_MEM(BPF_DW, R6, OWNER + 8, 0),
-             BPF_LDX_MEM(BPF_DW, R1, R7, o.skb_sk),
+    asm.emit(BPF_LDX_MEM(BPF_DW, R1, R7, o.skb_sk),
              BPF_JMP_IMM(I.BPF_JEQ, R1, 0, done),
              BPF_STX_MEM(BPF_DW, FP, R1, _SK))
     # sk_to_full_sk()

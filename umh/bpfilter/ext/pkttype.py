@@ -1,0 +1,84 @@
+"""-m pkttype: --pkt-type TYPE (struct xt_pkttype_info, revision 0)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from construct import Int32sl, Struct
+
+from ..bpf import insn as I
+from ..bpf.btf import BtfError
+from ..bpf.insn import (BPF_ALU64_IMM, BPF_B, BPF_JMP_IMM, BPF_LDX_MEM, BPF_STX_MEM, R1, R6,
+                        R7)
+from ..compiler import facts
+from ..compiler.primitives import emit_masked_equal
+from ..model import Match
+from . import MatchExtension, register_match, xt_invert
+
+PACKET_HOST, PACKET_BROADCAST, PACKET_MULTICAST, PACKET_LOOPBACK = 0, 1, 2, 5
+# What iptables prints for a type (libxt_pkttype's first name for it), else the number.
+_NAMES = {PACKET_HOST: "unicast", PACKET_BROADCAST: "broadcast", PACKET_MULTICAST: "multicast"}
+
+xt_pkttype_info = Struct(
+    "pkttype" / Int32sl,
+    "invert" / Int32sl,
+)
+
+
+@dataclass(frozen=True)
+class PkttypeMatch(Match):
+    pkttype: int
+    invert: int    # raw, see xt_invert
+    name = "pkttype"
+    revision = 0
+
+
+def _read_pkttype(asm, k: facts.KernelOffsets) -> None:
+    """pkttype_mt()'s type: skb->pkt_type, except that looped-back packets (multicast
+    and broadcast sent by this host) count as multicast when the IPv4 destination is,
+    and as broadcast otherwise."""
+    byte, shift = divmod(k.skb_pkt_type, 8)
+    if shift + 3 > 8:
+        raise BtfError(f"sk_buff.pkt_type straddles a byte (bit {k.skb_pkt_type})")
+    store = asm.label("pkttype_store")
+    asm.emit(BPF_LDX_MEM(BPF_B, R1, R7, byte))
+    if shift:
+        asm.emit(BPF_ALU64_IMM(I.BPF_RSH, R1, shift))
+    asm.emit(BPF_ALU64_IMM(I.BPF_AND, R1, 7),
+             BPF_JMP_IMM(I.BPF_JNE, R1, PACKET_LOOPBACK, store),
+             # ipv4_is_multicast(daddr): the first octet is 224-239; then R1 = 1 + that
+             BPF_LDX_MEM(BPF_B, R1, R6, facts.DADDR),
+             BPF_ALU64_IMM(I.BPF_AND, R1, 0xF0), BPF_ALU64_IMM(I.BPF_XOR, R1, 0xE0),
+             BPF_ALU64_IMM(I.BPF_SUB, R1, 1), BPF_ALU64_IMM(I.BPF_RSH, R1, 63),
+             BPF_ALU64_IMM(I.BPF_ADD, R1, PACKET_BROADCAST))
+    asm.place(store)
+    asm.emit(BPF_STX_MEM(BPF_B, R6, R1, facts.PKTTYPE))
+
+
+facts.OPTIONAL["pkttype"] = _read_pkttype
+
+
+@register_match
+class Pkttype(MatchExtension):
+    name = "pkttype"
+    struct = xt_pkttype_info
+    facts = frozenset({"pkttype"})
+
+    def decode(self, payload: bytes, where: str) -> PkttypeMatch:
+        # pkttype has no checkentry: every payload of the right size is valid
+        pkttype, invert = self.packed.unpack_from(payload)
+        return PkttypeMatch(pkttype, invert)
+
+    def emit(self, match: PkttypeMatch, asm, out) -> None:
+        invert = xt_invert(match.invert)
+        if invert is None:
+            return
+        if not 0 <= match.pkttype <= 0xFF:
+            # the packet's type (0-7) never equals it
+            if not invert:
+                out.never()
+            return
+        emit_masked_equal(asm, facts.PKTTYPE, 1, 0xFF, match.pkttype, invert, out)
+
+    def describe(self, match: PkttypeMatch) -> str:
+        bang = "!" if match.invert else ""
+        return f"PKTTYPE {bang}= {_NAMES.get(match.pkttype, match.pkttype)}"
