@@ -23,6 +23,8 @@ RULESET = """\
 :OUTPUT ACCEPT [0:0]
 :SERVICES - [0:0]
 :ADMIN - [0:0]
+-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A INPUT -m conntrack --ctstate INVALID -j DROP
 -A INPUT -i lo -j ACCEPT
 -A INPUT -p icmp -m icmp --icmp-type 8 -j ACCEPT
 -A INPUT -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j SERVICES
@@ -42,6 +44,11 @@ ADMIN_HOST, STRANGER = "198.18.0.2", "198.18.0.200"
 ELSEWHERE = "198.19.7.7"
 
 TRAFFIC = [
+    ("our dns query to the admin host", Case(Packet(T_IN_ADDR, ADMIN_HOST, "udp", sport=40000,
+                                                    dport=53), "output")),
+    ("its answer", Case(Packet(ADMIN_HOST, T_IN_ADDR, "udp", sport=53, dport=40000), "input")),
+    ("an 'answer' nobody asked for", Case(Packet(ADMIN_HOST, T_IN_ADDR, "udp", sport=53,
+                                                 dport=40001), "input")),
     ("ping", Case(Packet(STRANGER, T_IN_ADDR, "icmp", icmp_type=8), "input")),
     ("icmp timestamp request", Case(Packet(STRANGER, T_IN_ADDR, "icmp", icmp_type=13), "input")),
     ("ssh SYN from the admin net", Case(Packet(ADMIN_HOST, T_IN_ADDR, "tcp", dport=22), "input")),
