@@ -53,7 +53,8 @@ def render(table: Table, counters: list[tuple[int, int]]) -> str:
             proto = ("!" if ip.invert_proto else "") + _PROTO_NAMES.get(ip.proto, str(ip.proto)) \
                 if ip.proto else "all"
             opt = ("!" if ip.invert_fragment else "-") + ("f" if ip.fragment else "-")
-            extra = " ".join(ext.describe_match(m, table.family) for m in rule.matches)
+            extra = " ".join(filter(None, (ext.describe_match(m, table.family)
+                                           for m in rule.matches)))
             if isinstance(rule.target, Goto):
                 extra = (extra + " [goto]").strip()
             elif isinstance(rule.target, ExtensionTarget):

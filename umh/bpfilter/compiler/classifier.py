@@ -5,7 +5,8 @@ sequence of consecutive rules, each
   - with a final verdict (ACCEPT or DROP),
   - matching on source/destination under any mask (no `!`), on the protocol exactly
     or any (no `!`), on no interface and no fragment flag,
-  - with at most one match: tcp or udp port ranges (no `!`, no tcp flag test).
+  - with at most one match that looks at packets: tcp or udp port ranges (no `!`,
+    no tcp flag test); comments do not count.
 Blocklists, per-port service lists and ClassBench-style 5-tuple ACLs are such runs.
 Runs shorter than MIN_RUN stay plain code: a few compares are cheaper than hashing,
 and plain code handles every rule shape.
@@ -30,6 +31,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional, Union
 
+from ..ext.comment import CommentMatch
 from ..ext.tcp import TcpMatch
 from ..ext.udp import UdpMatch
 from ..model import Accept, Drop, Rule
@@ -73,8 +75,13 @@ class Run:
 Segment = Union[Rule, Run]
 
 
+def _packet_matches(rule: Rule) -> list:
+    return [m for m in rule.matches if not isinstance(m, CommentMatch)]
+
+
 def _port_match(rule: Rule) -> Optional[Union[TcpMatch, UdpMatch]]:
-    return rule.matches[0] if rule.matches else None
+    matches = _packet_matches(rule)
+    return matches[0] if matches else None
 
 
 def eligible(rule: Rule) -> bool:
@@ -85,11 +92,12 @@ def eligible(rule: Rule) -> bool:
         return False
     if not (ip.in_iface.is_any and ip.out_iface.is_any):
         return False
-    if len(ip.src.addr) != 4 or len(rule.matches) > 1:
+    matches = _packet_matches(rule)
+    if len(ip.src.addr) != 4 or len(matches) > 1:
         return False
-    if not rule.matches:
+    if not matches:
         return True
-    m = rule.matches[0]
+    m = matches[0]
     if isinstance(m, TcpMatch):
         if m.flags_mask or m.invert_flags or m.option:
             return False

@@ -5,8 +5,8 @@ Reading once keeps every rule a few loads and compares, and lets user chains (BP
 subprograms) see the same facts through one pointer argument (R6 everywhere)
 instead of re-parsing the packet. The prologue mirrors what the kernel's
 ipt_do_table()/ip_packet_match() compute before walking the rules: addresses,
-protocol, fragment offset, device names, skb->len, and the first bytes of the
-transport header, whose availability decides the matches' "hotdrop".
+protocol, fragment offset, ttl, total length, device names, skb->len, and the
+first bytes of the transport header, whose availability decides the matches' "hotdrop".
 """
 from __future__ import annotations
 
@@ -30,16 +30,18 @@ IN_NAME = 8        # 16 bytes, zero when there is no input device
 OUT_NAME = 24
 LEN = 40           # u32 skb->len: what the kernel adds to byte counters
 PROTO = 44         # u8
-L4_AVAIL = 45      # u8: transport header bytes readable at thoff (0, 8 or 20)
+L4_AVAIL = 45      # u8: transport header bytes readable at thoff (0, 4, 8 or 20)
 FRAGOFF = 46       # u16, in 8-byte units as the kernel's par->fragoff
 SPORT = 48         # u16 host order (tcp/udp source port)
 DPORT = 50
 TCP_FLAGS = 52     # u8, byte 13 of the tcp header
 ICMP_TYPE = 53
 ICMP_CODE = 54
+TTL = 55           # u8
 # Read only for tables whose targets need them (OPTIONAL group "skb", ext/log.py):
 SKB = 56           # the sk_buff pointer, for targets that read more of it
 NETNS = 64         # u32 inode number of the hook's network namespace
+TOT_LEN = 68       # u16 host order: the IP header's total length
 SIZE = 72
 # Optional fact groups (see OPTIONAL) each reserve a region of this area after SIZE;
 # the prologue zeroes the area for tables that read any of them.
@@ -74,6 +76,7 @@ SLICE_FP = DYNPTR_FP - 24
 
 TCP_HEADER = 20    # sizeof(struct tcphdr): tcp needs it whole, as tcp_mt() does
 SMALL_HEADER = 8   # sizeof(struct udphdr) == sizeof(struct icmphdr)
+PORTS_HEADER = 4   # the two ports: all that multiport reads
 
 DYNPTR_FROM_SKB = Kfunc("bpf_dynptr_from_skb")
 DYNPTR_SLICE = Kfunc("bpf_dynptr_slice")
@@ -153,6 +156,9 @@ def emit_prologue(asm: Assembler, k: KernelOffsets, drop, needs: frozenset = fro
         BPF_LDX_MEM(BPF_W, R1, R0, 12), BPF_STX_MEM(BPF_W, R6, R1, SADDR),
         BPF_LDX_MEM(BPF_W, R1, R0, 16), BPF_STX_MEM(BPF_W, R6, R1, DADDR),
         BPF_LDX_MEM(BPF_B, R1, R0, 9), BPF_STX_MEM(BPF_B, R6, R1, PROTO),
+        BPF_LDX_MEM(BPF_B, R1, R0, 8), BPF_STX_MEM(BPF_B, R6, R1, TTL),
+        BPF_LDX_MEM(BPF_H, R1, R0, 2), BPF_ENDIAN(I.BPF_TO_BE, R1, 16),
+        BPF_STX_MEM(BPF_H, R6, R1, TOT_LEN),
         BPF_LDX_MEM(BPF_H, R1, R0, 6), BPF_ENDIAN(I.BPF_TO_BE, R1, 16),
         BPF_ALU32_IMM(I.BPF_AND, R1, IP_OFFSET_MASK), BPF_STX_MEM(BPF_H, R6, R1, FRAGOFF),
         # thoff = ihl * 4, kept in R9 for the transport header read
@@ -177,27 +183,24 @@ def emit_prologue(asm: Assembler, k: KernelOffsets, drop, needs: frozenset = fro
         OPTIONAL[group](asm, k)
 
     # Transport header: matches look at it only in first fragments (fragoff == 0).
+    # The longest read that succeeds says how much of it there is: tcp needs 20
+    # bytes, udp and icmp 8, multiport 4, and each drops a packet with less.
     done = asm.label("l4_done")
-    small = asm.label("l4_small")
     asm.emit(
         BPF_LDX_MEM(BPF_H, R1, R6, FRAGOFF),
         BPF_JMP_IMM(I.BPF_JNE, R1, 0, done),
     )
-    _emit_slice(asm, offset_reg=R9, size=TCP_HEADER)
-    asm.emit(
-        BPF_JMP_IMM(I.BPF_JEQ, R0, 0, small),
-        BPF_ST_MEM(BPF_B, R6, L4_AVAIL, TCP_HEADER),
-        BPF_LDX_MEM(BPF_B, R1, R0, 13), BPF_STX_MEM(BPF_B, R6, R1, TCP_FLAGS),
-    )
-    _emit_l4_first_word(asm)
-    asm.emit(BPF_JMP_A(done))
-    asm.place(small)
-    _emit_slice(asm, offset_reg=R9, size=SMALL_HEADER)
-    asm.emit(
-        BPF_JMP_IMM(I.BPF_JEQ, R0, 0, done),
-        BPF_ST_MEM(BPF_B, R6, L4_AVAIL, SMALL_HEADER),
-    )
-    _emit_l4_first_word(asm)
+    for size in (TCP_HEADER, SMALL_HEADER, PORTS_HEADER):
+        shorter = done if size == PORTS_HEADER else asm.label("l4_short")
+        _emit_slice(asm, offset_reg=R9, size=size)
+        asm.emit(BPF_JMP_IMM(I.BPF_JEQ, R0, 0, shorter),
+                 BPF_ST_MEM(BPF_B, R6, L4_AVAIL, size))
+        if size == TCP_HEADER:
+            asm.emit(BPF_LDX_MEM(BPF_B, R1, R0, 13), BPF_STX_MEM(BPF_B, R6, R1, TCP_FLAGS))
+        _emit_l4_first_word(asm)
+        if shorter is not done:
+            asm.emit(BPF_JMP_A(done))
+            asm.place(shorter)
     asm.place(done)
 
 

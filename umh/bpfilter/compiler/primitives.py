@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from ..bpf import insn as I
 from ..bpf.asm import Assembler
-from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_DW, BPF_H,
-                        BPF_JMP_IMM, BPF_LD_IMM64, BPF_LDX_MEM, BPF_MOV64_IMM, BPF_MOV64_REG,
+from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_DW, BPF_ENDIAN,
+                        BPF_H, BPF_JMP_IMM, BPF_LD_IMM64, BPF_LDX_MEM, BPF_MOV64_IMM, BPF_MOV64_REG,
                         BPF_W, R0, R1, R2, R3, R4, R5, R6)
 
 _SIZE = {1: BPF_B, 2: BPF_H, 4: BPF_W}
@@ -113,28 +113,54 @@ def emit_name_equal(asm: Assembler, off: int, name: bytes, mask: bytes, invert: 
     out.mismatch(R1)
 
 
-def emit_outside(asm: Assembler, dst: int, off: int, size: int, lo: int, hi: int) -> None:
-    """dst = 1 if the field is outside [lo, hi], else 0 (fields are at most 16 bits,
-    so a 64-bit difference is negative exactly when the bound is crossed)."""
+def _mov_const(asm: Assembler, reg: int, value: int) -> None:
+    """reg = value, an unsigned 32-bit value (a mov's immediate is sign-extended)."""
+    asm.emit(BPF_MOV64_IMM(reg, value) if value < 1 << 31 else BPF_LD_IMM64(reg, value))
+
+
+def _alu_const(asm: Assembler, op: int, reg: int, value: int) -> None:
+    """reg op= value, an unsigned 32-bit value, through R0 if it needs 64 bits."""
+    if value < 1 << 31:
+        asm.emit(BPF_ALU64_IMM(op, reg, value))
+    else:
+        asm.emit(BPF_LD_IMM64(R0, value), BPF_ALU64_REG(op, reg, R0))
+
+
+def emit_outside(asm: Assembler, dst: int, off: int, size: int, lo: int, hi: int,
+                 wire_order: bool = False) -> None:
+    """dst = 1 if the field is outside [lo, hi], else 0. Fields are at most 32 bits,
+    so a 64-bit difference is negative exactly when the bound is crossed. A
+    `wire_order` field (an address) is compared as the number it spells."""
     full = (1 << (8 * size)) - 1
-    asm.emit(BPF_LDX_MEM(_SIZE[size], R3, R6, off), BPF_MOV64_IMM(dst, 0))
+    asm.emit(BPF_LDX_MEM(_SIZE[size], R3, R6, off))
+    if wire_order:
+        asm.emit(BPF_ENDIAN(I.BPF_TO_BE, R3, 8 * size))
+    if lo == hi:
+        asm.emit(BPF_MOV64_REG(dst, R3))
+        if lo:
+            _alu_const(asm, I.BPF_XOR, dst, lo)
+        emit_nonzero_bit(asm, dst, R0)
+        return
+    asm.emit(BPF_MOV64_IMM(dst, 0))
     if lo > 0:
-        asm.emit(BPF_MOV64_REG(dst, R3), BPF_ALU64_IMM(I.BPF_SUB, dst, lo),
-                 BPF_ALU64_IMM(I.BPF_RSH, dst, 63))
+        asm.emit(BPF_MOV64_REG(dst, R3))
+        _alu_const(asm, I.BPF_SUB, dst, lo)
+        asm.emit(BPF_ALU64_IMM(I.BPF_RSH, dst, 63))
     if hi < full:
-        asm.emit(BPF_MOV64_IMM(R0, hi), BPF_ALU64_REG(I.BPF_SUB, R0, R3),
+        _mov_const(asm, R0, hi)
+        asm.emit(BPF_ALU64_REG(I.BPF_SUB, R0, R3),
                  BPF_ALU64_IMM(I.BPF_RSH, R0, 63), BPF_ALU64_REG(I.BPF_OR, dst, R0))
 
 
 def emit_range(asm: Assembler, off: int, size: int, lo: int, hi: int, invert: bool,
-               out: RuleOutcome) -> None:
+               out: RuleOutcome, wire_order: bool = False) -> None:
     """Holds iff (lo <= field <= hi) != invert, as the kernel's port_match()."""
     full = (1 << (8 * size)) - 1
     if lo == 0 and hi >= full:
         if invert:
             out.never()
         return
-    emit_outside(asm, R1, off, size, lo, hi)
+    emit_outside(asm, R1, off, size, lo, hi, wire_order)
     if invert:
         asm.emit(BPF_ALU64_IMM(I.BPF_XOR, R1, 1))
     out.mismatch(R1)

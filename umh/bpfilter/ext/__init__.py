@@ -29,7 +29,8 @@ def xt_invert(flag: int) -> Optional[bool]:
 
 class _Extension:
     """What both kinds of extension share: a name, a revision, the families it
-    exists in, and a payload whose layout is a construct Struct."""
+    exists in, and a payload whose layout is a construct Struct. bpfilter implements
+    every revision Linux has of the extensions it registers."""
 
     kind: ClassVar[str]
     name: ClassVar[str]
@@ -37,6 +38,10 @@ class _Extension:
     families: ClassVar[tuple[Family, ...]] = (Family.IPV4,)
     proto: ClassVar[Optional[int]] = None   # the kernel's xt_match.proto / xt_target.proto
     hooks: ClassVar[Optional[int]] = None   # xt_match.hooks / xt_target.hooks: 1 << NF_INET_*
+    # Linux registers the extension once for every family (NFPROTO_UNSPEC) rather
+    # than per family: its lookup then answers EPROTOTYPE, not ENOENT, for a revision
+    # it does not have.
+    family_independent: ClassVar[bool] = False
     # Fact groups (compiler.facts.OPTIONAL) the extension reads: the prologue reads a
     # group only for tables that have a rule needing it.
     facts: ClassVar[frozenset[str]] = frozenset()
@@ -46,6 +51,13 @@ class _Extension:
     @classmethod
     def payload_size(cls) -> int:
         return xt_align(cls.packed.size)
+
+    def check_ip(self, ip: IpHeader, where: str) -> None:
+        """xt_check_match()/xt_check_target()'s protocol test, for an extension that
+        names one protocol."""
+        if self.proto is not None and (ip.proto != self.proto or ip.invert_proto):
+            raise BpfilterError(errno.EINVAL, f"{where}: {self.kind} '{self.name}' is only valid "
+                                              f"for protocol {self.proto} (use -p without '!')")
 
 
 class MatchExtension(_Extension):
@@ -114,13 +126,18 @@ class _Registry:
 
     def find(self, name: str, revision: int, family: Family, where: str) -> _Extension:
         ext = self.extensions.get((name, revision, family))
-        if ext is None:
-            known = self.revisions(name, family)
-            detail = f" (bpfilter implements revision {known})" if known else ""
-            raise BpfilterError(unknown_errno(name, self.known_to_linux),
-                                f"{where}: {self.kind} '{name}' revision {revision} is not "
-                                f"supported by bpfilter{detail}; the whole table is refused")
-        return ext
+        if ext is not None:
+            return ext
+        known = self.revisions(name, family)
+        if known:
+            # a revision Linux lacks too: xt_find_match()/xt_find_target()'s answer
+            any_revision = self.extensions[(name, known[0], family)]
+            err = errno.EPROTOTYPE if any_revision.family_independent else errno.ENOENT
+            raise BpfilterError(err, f"{where}: {self.kind} '{name}' has no revision {revision} "
+                                     f"(Linux has {', '.join(map(str, known))})")
+        raise BpfilterError(unknown_errno(name, self.known_to_linux),
+                            f"{where}: {self.kind} '{name}' revision {revision} is not supported "
+                            "by bpfilter; the whole table is refused")
 
     def checked(self, name: str, revision: int, payload: bytes, ip: IpHeader, family: Family,
                 where: str, hook_mask: int = 0) -> _Extension:
@@ -134,9 +151,7 @@ class _Registry:
             raise BpfilterError(errno.EINVAL, f"{where}: {self.kind} '{name}' is used from hooks "
                                               f"{_hook_names(hook_mask)}, but only valid from "
                                               f"{_hook_names(ext.hooks)}")
-        if ext.proto is not None and (ip.proto != ext.proto or ip.invert_proto):
-            raise BpfilterError(errno.EINVAL, f"{where}: {self.kind} '{name}' is only valid for "
-                                              f"protocol {ext.proto} (use -p without '!')")
+        ext.check_ip(ip, where)
         return ext
 
     def of(self, model, family: Family) -> _Extension:
@@ -227,4 +242,5 @@ def facts_needed(rule: Rule, family: Family) -> frozenset[str]:
 
 
 # Registration happens on import of each extension module.
-from . import conntrack, icmp, log, mac, mark, owner, pkttype, reject, tcp, udp  # noqa: E402,F401
+from . import (comment, conntrack, icmp, iprange, length, log, mac, mark,  # noqa: E402,F401
+               multiport, owner, pkttype, reject, tcp, ttl, udp)

@@ -1,0 +1,55 @@
+"""-m ttl --ttl-eq/--ttl-lt/--ttl-gt N, ! --ttl-eq N (struct ipt_ttl_info)."""
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+
+from construct import Int8un, Struct
+
+from ..compiler import facts
+from ..compiler.primitives import emit_masked_equal, emit_range
+from ..errors import BpfilterError
+from ..model import Match
+from . import MatchExtension, register_match
+
+IPT_TTL_EQ, IPT_TTL_NE, IPT_TTL_LT, IPT_TTL_GT = 0, 1, 2, 3
+_OPERATOR = {IPT_TTL_EQ: "==", IPT_TTL_NE: "!=", IPT_TTL_LT: "<", IPT_TTL_GT: ">"}
+
+ipt_ttl_info = Struct(
+    "mode" / Int8un,
+    "ttl" / Int8un,
+)
+
+
+@dataclass(frozen=True)
+class TtlMatch(Match):
+    mode: int
+    ttl: int
+    name = "ttl"
+    revision = 0
+
+
+@register_match
+class Ttl(MatchExtension):
+    name = "ttl"
+    struct = ipt_ttl_info
+
+    def decode(self, payload: bytes, where: str) -> TtlMatch:
+        mode, ttl = self.packed.unpack_from(payload)
+        if mode not in _OPERATOR:
+            raise BpfilterError(errno.EINVAL, f"{where}: ttl: unknown mode {mode}")
+        return TtlMatch(mode, ttl)
+
+    def emit(self, match: TtlMatch, asm, out) -> None:
+        mode, ttl = match.mode, match.ttl
+        if mode in (IPT_TTL_EQ, IPT_TTL_NE):
+            emit_masked_equal(asm, facts.TTL, 1, 0xFF, ttl, mode == IPT_TTL_NE, out)
+        elif (mode == IPT_TTL_LT and ttl == 0) or (mode == IPT_TTL_GT and ttl == 0xFF):
+            out.never()
+        elif mode == IPT_TTL_LT:
+            emit_range(asm, facts.TTL, 1, 0, ttl - 1, False, out)
+        else:
+            emit_range(asm, facts.TTL, 1, ttl + 1, 0xFF, False, out)
+
+    def describe(self, match: TtlMatch) -> str:
+        return f"TTL match TTL {_OPERATOR[match.mode]} {match.ttl}"
