@@ -1,8 +1,9 @@
 """Seeded random filter-table rulesets (iptables-restore text) and packet cases.
 
 generate(seed) -> (ruleset, cases).  The ruleset uses only what bpfilter
-implements; the cases are built from the values the rules mention (inside
-and just outside their networks, port ranges, flag sets, ICMP types) so
+implements (matches other than tcp, udp and icmp only when asked); the
+cases are built from the values the rules mention (inside and just outside
+their networks and ranges, port ranges, flag sets, ICMP types, TTLs) so
 that rules match often, plus random packets, fragments, truncated transport
 headers and odd protocols.  Every address lies in 198.18.0.0/15.
 """
@@ -48,6 +49,8 @@ class _Hints:
     ports: list[int] = field(default_factory=list)
     flags: list[int] = field(default_factory=list)
     icmp: list[tuple[int, "int | None"]] = field(default_factory=list)
+    ranges: list[tuple[int, int]] = field(default_factory=list)   # iprange
+    ttls: list[int] = field(default_factory=list)
 
 
 def _bang(rng: random.Random, p: float = 0.25) -> str:
@@ -136,8 +139,56 @@ def _icmp(rng: random.Random, hints: _Hints) -> list[str]:
     return [f"{_bang(rng)}--icmp-type {spec}"]
 
 
+def _multiport(rng: random.Random, hints: _Hints) -> str:
+    """A list iptables accepts: at most 15 slots, a range taking two, lo < hi."""
+    items, slots = [], rng.randint(1, 15)
+    while slots > 0:
+        lo = rng.choice(PORTS) if rng.random() < 0.6 else rng.randrange(65535)
+        if slots >= 2 and lo < 65535 and rng.random() < 0.3:
+            hi = rng.randint(lo + 1, min(65535, lo + rng.choice([1, 10, 1000, 65535])))
+            items.append(f"{lo}:{hi}")
+            hints.ports += [lo, hi]
+            slots -= 2
+        else:
+            items.append(str(lo))
+            hints.ports.append(lo)
+            slots -= 1
+        if rng.random() < 0.3:
+            break
+    which = rng.choice(["--sports", "--dports", "--ports"])
+    return f"-m multiport {_bang(rng)}{which} {','.join(items)}"
+
+
+def _more_matches(rng: random.Random, hints: _Hints) -> list[str]:
+    """iprange, length, ttl and comment matches, any of them."""
+    out = []
+    if rng.random() < 0.3:
+        specs = []
+        for option in ("--src-range", "--dst-range"):
+            if rng.random() < 0.6:
+                lo = _aimed_addr(rng, hints)
+                hi = lo + rng.choice([0, 1, 7, 300, 70000]) if rng.random() < 0.9 else lo - 3
+                hints.ranges.append((lo, hi))
+                specs.append(f"{_bang(rng)}{option} {_addr(lo)}-{_addr(hi)}")
+        if specs:
+            out.append("-m iprange " + " ".join(specs))
+    if rng.random() < 0.25:
+        lo = rng.randint(0, 100)
+        span = f"{lo}" if rng.random() < 0.3 else f"{lo}:{lo + rng.randint(1, 40)}"
+        out.append(f"-m length {_bang(rng)}--length {span}")
+    if rng.random() < 0.25:
+        ttl = rng.choice([0, 1, 2, 63, 64, 65, 127, 128, 254, 255, rng.randrange(256)])
+        hints.ttls.append(ttl)
+        test = rng.choice(["--ttl-eq", "! --ttl-eq", "--ttl-lt", "--ttl-gt"])
+        out.append(f"-m ttl {test} {ttl}")
+    if rng.random() < 0.15:
+        out.append(f'-m comment --comment "rule {rng.randrange(1000)}"')
+    rng.shuffle(out)
+    return out
+
+
 def _rule(rng: random.Random, chain: str, index: "int | None", chains: list[str],
-          hints: _Hints) -> str:
+          hints: _Hints, more: bool = False) -> str:
     parts = [f"-A {chain}"]
     if rng.random() < 0.3:
         parts.append(f"{_bang(rng)}-s {_net(rng, hints)}")
@@ -158,12 +209,19 @@ def _rule(rng: random.Random, chain: str, index: "int | None", chains: list[str]
             # Protocol matches need the plain, non-inverted protocol.
             if not inverted and proto in ("tcp", "udp"):
                 parts += _tcp_udp(rng, proto, hints)
+                if more and rng.random() < 0.5:
+                    parts.append(_multiport(rng, hints))
             elif not inverted and proto == "icmp":
                 parts += _icmp(rng, hints)
         else:
             num = rng.choice(PROTO_NUMBERS)
-            parts.append(f"{_bang(rng, 0.2)}-p {num}")
+            inverted = rng.random() < 0.2
+            parts.append(f"{'! ' if inverted else ''}-p {num}")
             hints.protos.append(num)
+            if more and num == 132 and not inverted and rng.random() < 0.5:
+                parts.append(_multiport(rng, hints))
+    if more:
+        parts += _more_matches(rng, hints)
     if rng.random() < 0.08:
         parts.append(f"{_bang(rng, 0.5)}-f")
     later = chains[index + 1:] if index is not None else chains
@@ -251,15 +309,15 @@ def large_ruleset(rng: random.Random, hints: _Hints, size: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def ruleset(rng: random.Random, hints: _Hints) -> str:
+def ruleset(rng: random.Random, hints: _Hints, more: bool = False) -> str:
     chains = [f"c{i}" for i in range(rng.randint(0, 5))]
     lines = ["*filter"]
     lines += [f":{c} {rng.choice(['ACCEPT', 'DROP'])} [0:0]" for c in BUILTIN]
     lines += [f":{c} - [0:0]" for c in chains]
     for chain in BUILTIN:
-        lines += [_rule(rng, chain, None, chains, hints) for _ in range(rng.randint(0, 8))]
+        lines += [_rule(rng, chain, None, chains, hints, more) for _ in range(rng.randint(0, 8))]
     for i, chain in enumerate(chains):
-        lines += [_rule(rng, chain, i, chains, hints) for _ in range(rng.randint(0, 6))]
+        lines += [_rule(rng, chain, i, chains, hints, more) for _ in range(rng.randint(0, 6))]
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 
@@ -267,7 +325,10 @@ def ruleset(rng: random.Random, hints: _Hints) -> str:
 # ---------------------------------------------------------------- cases
 
 def _aimed_addr(rng: random.Random, hints: _Hints) -> int:
-    """An address inside, or just outside, a network a rule names."""
+    """An address inside, or just outside, a network or range a rule names."""
+    if hints.ranges and rng.random() < 0.3:
+        lo, hi = rng.choice(hints.ranges)
+        return max(LAB_LO, min(LAB_LO + LAB_SIZE - 1, rng.choice([lo, hi, lo - 1, hi + 1])))
     if not hints.nets or rng.random() < 0.3:
         return rng.choice([LAB_LO + 2, LAB_LO + LAB_SIZE // 2 + 2, _lab_addr(rng)])
     base, mask = rng.choice(hints.nets)
@@ -334,17 +395,20 @@ def _case(rng: random.Random, hints: _Hints) -> Case:
         kw["truncate_l4"] = rng.randrange(header_len)
     if rng.random() < 0.05:
         kw["options"] = rng.choice(OPTIONS)
+    if hints.ttls and rng.random() < 0.6:
+        kw["ttl"] = max(1, min(255, rng.choice(hints.ttls) + rng.choice([-1, 0, 1])))
     return Case(Packet(**kw), path)
 
 
 def generate(seed: int, n_cases: int = 200, runs: bool = False,
-             size: "int | None" = None) -> tuple[str, list[Case]]:
+             size: "int | None" = None, more: bool = False) -> tuple[str, list[Case]]:
     """A ruleset and packets aimed at it; `runs`: made of long runs of simple rules;
-    `size`: that many rules, as large real lists are written."""
+    `size`: that many rules, as large real lists are written; `more`: with the
+    multiport, iprange, length, ttl and comment matches too."""
     rng = random.Random(seed)
     hints = _Hints()
     if size is not None:
         text = large_ruleset(rng, hints, size)
     else:
-        text = (runs_ruleset if runs else ruleset)(rng, hints)
+        text = runs_ruleset(rng, hints) if runs else ruleset(rng, hints, more)
     return text, [_case(rng, hints) for _ in range(n_cases)]

@@ -73,6 +73,48 @@ ROUTER_TRAFFIC = [Case(p, "forward") for p in (
       Case(Packet("198.18.0.1", WAN, "tcp", dport=22), "output")]
 
 
+# multiport, comment, iprange, length and ttl together, on every path.
+SERVICES = """\
+*filter
+:INPUT DROP [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+:services - [0:0]
+-A INPUT -m ttl --ttl-lt 3 -m comment --comment "nothing from afar" -j DROP
+-A INPUT -p tcp -m multiport --dports 22,80,443,8000:8999 -m comment --comment svc -j services
+-A INPUT -p udp -m multiport --ports 53,123 -j ACCEPT
+-A INPUT -p icmp -m length --length 0:128 -j ACCEPT
+-A services -m iprange --src-range 198.18.0.10-198.18.0.99 -j ACCEPT
+-A services -p tcp -m multiport --dports 8000:8999 -m iprange ! --src-range 198.18.0.100-198.18.0.200 -j ACCEPT
+-A FORWARD -m iprange --src-range 198.18.0.2-198.18.0.50 --dst-range 198.19.1.0-198.19.1.255 -m length ! --length 1000:65535 -j ACCEPT
+-A FORWARD -p udp -m multiport ! --dports 1:1023 -m ttl --ttl-gt 10 -j ACCEPT
+-A FORWARD -p sctp -m multiport --dports 0 -j ACCEPT
+-A OUTPUT -p tcp -m multiport --sports 22,80 -m ttl ! --ttl-eq 64 -j DROP
+COMMIT
+"""
+T_ADDR, NEAR, MID, FAR, OUT_NET = "198.18.0.1", "198.18.0.20", "198.18.0.150", "198.18.0.240", \
+    "198.19.1.7"
+SERVICES_TRAFFIC = [Case(Packet(src, T_ADDR, proto, **kw), "input") for src, proto, kw in (
+    (NEAR, "tcp", dict(dport=22)), (NEAR, "tcp", dict(dport=22, ttl=2)),
+    (NEAR, "tcp", dict(dport=23)), (NEAR, "tcp", dict(dport=8500)), (MID, "tcp", dict(dport=8500)),
+    (FAR, "tcp", dict(dport=8999)), (FAR, "tcp", dict(dport=9000)), (MID, "tcp", dict(dport=443)),
+    (NEAR, "tcp", dict(dport=80, truncate_l4=3)), (NEAR, "tcp", dict(dport=80, truncate_l4=4)),
+    (MID, "udp", dict(sport=53, dport=40000)), (MID, "udp", dict(sport=40000, dport=123)),
+    (MID, "udp", dict(sport=40000, dport=124)), (MID, "icmp", dict(payload_len=100)),
+    (MID, "icmp", dict(payload_len=101)), (MID, "icmp", dict(payload_len=8, ttl=1)),
+)] + [Case(Packet(src, dst, proto, **kw), "forward") for src, dst, proto, kw in (
+    (NEAR, OUT_NET, "tcp", dict(dport=80)), (NEAR, OUT_NET, "udp", dict(payload_len=971)),
+    (NEAR, OUT_NET, "udp", dict(payload_len=972)), ("198.18.0.51", OUT_NET, "tcp", {}),
+    (NEAR, "198.19.2.1", "tcp", {}), (FAR, "198.19.9.9", "udp", dict(dport=1024)),
+    (FAR, "198.19.9.9", "udp", dict(dport=1024, ttl=11)),
+    (FAR, "198.19.9.9", "udp", dict(dport=1023)),
+    (FAR, "198.19.9.9", "udp", dict(dport=1024, frag_offset=20)), (FAR, "198.19.9.9", 132, {}),
+    (FAR, "198.19.9.9", 132, dict(payload_len=2)),
+)] + [Case(Packet("198.19.0.1", OUT_NET, "tcp", **kw), "output") for kw in (
+    dict(sport=22), dict(sport=22, ttl=65), dict(sport=80, ttl=1), dict(sport=81, ttl=1),
+)]
+
+
 @pytest.fixture(scope="module")
 def lab():
     with Lab({"kernel": "kernel", "bpfilter": "bpfilter"}) as lab:
@@ -104,9 +146,24 @@ def test_router_forward_chain_with_user_chains(lab):
     assert_identical(lab, ROUTER, ROUTER_TRAFFIC)
 
 
+def test_services_with_multiport_iprange_length_ttl_and_comments(lab):
+    arrived = assert_identical(lab, SERVICES, SERVICES_TRAFFIC)
+    # every path let something through and stopped something
+    for path in ("input", "forward", "output"):
+        seen = {a for c, a in zip(SERVICES_TRAFFIC, arrived["kernel"]) if c.path == path}
+        assert len(seen) == 2, (path, seen)
+
+
 @pytest.mark.parametrize("seed", range(FIRST, FIRST + SEEDS))
 def test_random_ruleset(lab, seed):
     ruleset, cases = generate(seed)
+    assert_identical(lab, ruleset, cases)
+
+
+@pytest.mark.parametrize("seed", range(FIRST + 12000, FIRST + 12000 + SEEDS))
+def test_random_ruleset_with_more_matches(lab, seed):
+    """The general rulesets with multiport, iprange, length, ttl and comment matches."""
+    ruleset, cases = generate(seed, more=True)
     assert_identical(lab, ruleset, cases)
 
 

@@ -58,9 +58,9 @@ def refused(blob: bytes, netns_name: str) -> BpfilterError:
 # Each: a rule, where it sits, and what the message must name. The offending rule is
 # the second of chain Y, reached from OUTPUT through X, so the position is not trivial.
 UNSUPPORTED = [
-    ("-p tcp -m multiport --dports 22,80 -j ACCEPT", "match 'multiport'"),
+    ("-m statistic --mode random --probability 0.5 -j ACCEPT", "match 'statistic'"),
     ("-m conntrack --ctstate NEW --ctexpire 1:2 -j ACCEPT", "conntrack --ctexpire"),
-    ("-m comment --comment hello", "match 'comment'"),
+    ("-m string --algo bm --string hello", "match 'string'"),
     ("-j LOG --log-prefix x --log-uid", "target 'LOG' --log-uid"),
     ("-p tcp -j REJECT --reject-with tcp-reset", "target 'REJECT' needs bpfilter.ko"),
     ("-j REJECT", "target 'REJECT' needs bpfilter.ko"),
@@ -82,10 +82,10 @@ def test_unsupported_extension_refuses_the_table(fresh_netns, rule, names):
 
 def test_unsupported_rule_in_a_chain_no_hook_reaches_still_refuses(fresh_netns):
     """The kernel checks every entry, reachable or not; so does bpfilter."""
-    blob = replace_blob(ruleset("-A X -m comment --comment unused"))
+    blob = replace_blob(ruleset("-A X -m string --algo bm --string unused"))
     err = refused(blob, fresh_netns)
     assert err.errno == errno.EOPNOTSUPP
-    assert "chain X rule 1" in str(err) and "match 'comment'" in str(err)
+    assert "chain X rule 1" in str(err) and "match 'string'" in str(err)
 
 
 def tcp_rule_blob(proto: int, invert_proto: bool) -> bytes:

@@ -288,6 +288,19 @@ COMMANDS = [
      "--ctstatus ASSURED --ctrepldstport 1000:2000 -j ACCEPT", False),
     ("-D INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT", False),
     ("-A OUTPUT -m owner --uid-owner 1000-2000 ! --gid-owner 5 --socket-exists -j DROP", False),
+    ('-A INPUT -p tcp -m multiport --dports 22,80:90 -m comment --comment "web and ssh" '
+     "-j ACCEPT", False),
+    ("-A OUTPUT -m iprange --src-range 10.0.0.1-10.0.0.9 ! --dst-range 10.9.0.0-10.9.255.255 "
+     "-m ttl --ttl-lt 5 -j DROP", False),
+    ("-I OUTPUT -p udp -m multiport ! --sports 53,123 -m length ! --length 0:100 -c 4 4000",
+     False),
+    ("-A FORWARD -m ttl ! --ttl-eq 64 -m comment --comment ttl -j DROP", False),
+    ("-A FORWARD -p sctp -m multiport --ports 9 -m length --length 60", False),
+    ('-C INPUT -p tcp -m multiport --dports 22,80:90 -m comment --comment "web and ssh" '
+     "-j ACCEPT", False),
+    ('-C INPUT -p tcp -m multiport --dports 22,80:91 -m comment --comment "web and ssh" '
+     "-j ACCEPT", True),
+    ("-D FORWARD -m ttl ! --ttl-eq 64 -m comment --comment ttl -j DROP", False),
     ("-C INPUT -p udp --dport 53 -j ACCEPT", False),
     ("-C INPUT -s 1.1.1.1 -j DROP", True),
     ("-R INPUT 1 -s 172.16.0.0/12 -c 11 1100 -j DROP", False),
@@ -973,7 +986,8 @@ def test_bad_input_leaves_the_ruleset_filtering(svc, nets):
     unchanged()
 
     # -- what bpfilter does not implement: refused whole, by rule and extension
-    for rule, names in (("-p tcp -m multiport --dports 22,80 -j ACCEPT", "match 'multiport'"),
+    for rule, names in (("-m statistic --mode nth --every 2 --packet 0 -j ACCEPT",
+                         "match 'statistic'"),
                         ("-p tcp -j REJECT --reject-with tcp-reset",
                          "target 'REJECT' needs bpfilter.ko (kernel module mode)")):
         text = USER_CHAINS.replace("COMMIT", f"-A X {rule}\nCOMMIT")

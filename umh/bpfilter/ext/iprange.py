@@ -44,11 +44,12 @@ class IprangeMatch(Match):
     revision = 1
 
 
-def _range(p: tuple, lo: int, hi: int, present: bool, invert: bool) -> Optional[AddressRange]:
-    if not present:
+def _range(p: tuple, lo: int, hi: int, flags: int, present: int,
+           invert: int) -> Optional[AddressRange]:
+    if not flags & present:
         return None
     return AddressRange(int.from_bytes(p[lo][:4], "big"), int.from_bytes(p[hi][:4], "big"),
-                        invert)
+                        bool(flags & invert))
 
 
 @register_match
@@ -62,9 +63,8 @@ class Iprange(MatchExtension):
         # an inversion flag without its range flag.
         p = self.packed.unpack_from(payload)
         flags = p[_FLAGS]
-        return IprangeMatch(
-            src=_range(p, _SRC_MIN, _SRC_MAX, bool(flags & IPRANGE_SRC), bool(flags & IPRANGE_SRC_INV)),
-            dst=_range(p, _DST_MIN, _DST_MAX, bool(flags & IPRANGE_DST), bool(flags & IPRANGE_DST_INV)))
+        return IprangeMatch(src=_range(p, _SRC_MIN, _SRC_MAX, flags, IPRANGE_SRC, IPRANGE_SRC_INV),
+                            dst=_range(p, _DST_MIN, _DST_MAX, flags, IPRANGE_DST, IPRANGE_DST_INV))
 
     def emit(self, match: IprangeMatch, asm, out) -> None:
         for r, field in ((match.src, facts.SADDR), (match.dst, facts.DADDR)):
