@@ -13,7 +13,8 @@ import pytest
 
 from bpfilter import loader
 from bpfilter.abi import codec, sockopt
-from bpfilter.abi.xtables import IPT_INV_PROTO, SIZEOF_XT_ENTRY_HEADER, ipt_replace
+from bpfilter.abi.xtables import (IPT_INV_PROTO, SIZEOF_IPT_ENTRY, SIZEOF_XT_ENTRY_HEADER,
+                                  ipt_replace)
 from bpfilter.errors import BpfilterError
 from bpfilter.loader import load_filter_table
 from bpfilter.netns import entered
@@ -113,13 +114,8 @@ def test_tcp_match_without_tcp_protocol_is_invalid(fresh_netns, proto, invert, s
     assert "chain OUTPUT rule 1" in str(err) and "'tcp'" in str(err)
 
 
-def test_the_kernel_also_refuses_a_tcp_match_without_tcp(fresh_netns):
-    """The EINVAL above is the kernel's answer too (xt_check_match's protocol check)."""
-    assert kernel_refusal(tcp_rule_blob(0, False), fresh_netns) == errno.EINVAL
-
-
 def kernel_refusal(blob: bytes, netns_name: str) -> int:
-    """The errno of the kernel's own IPT_SO_SET_REPLACE of `blob` in netns_name."""
+    """The errno the kernel's own iptables gives `blob` in netns_name (0: accepted)."""
     blob = bytearray(blob)
     subprocess.run(["ip", "netns", "exec", netns_name, "iptables-legacy", "-L", "-n"], check=True,
                    capture_output=True)                     # instantiate the filter table
@@ -128,9 +124,16 @@ def kernel_refusal(blob: bytes, netns_name: str) -> int:
         header = ipt_replace.parse(bytes(blob[:HEADER]))
         header.num_counters = live
         blob[:HEADER] = ipt_replace.build(header)
-        with pytest.raises(BpfilterError) as info:
+        try:
             sockopt.set_replace(bytes(blob))
-    return info.value.errno
+        except BpfilterError as err:
+            return err.errno
+    return 0
+
+
+def test_the_kernel_also_refuses_a_tcp_match_without_tcp(fresh_netns):
+    """The EINVAL above is the kernel's answer too (xt_check_match's protocol check)."""
+    assert kernel_refusal(tcp_rule_blob(0, False), fresh_netns) == errno.EINVAL
 
 
 def test_mac_reachable_from_output_is_invalid(fresh_netns):
@@ -152,6 +155,61 @@ def test_mac_reachable_from_output_is_invalid(fresh_netns):
     load_filter_table(replace_blob(ruleset("-A INPUT -j X", "-A OUTPUT -j Y",
                                            "-A X -m mac --mac-source 02:00:00:00:00:01")),
                       attach=False).close()
+
+
+# ---------------------------------------------------------------- bad match payloads
+
+MATCH_REVISION = SIZEOF_XT_ENTRY_HEADER - 1    # the last byte of the match header
+
+# What no iptables writes: the rule, then (where, offset, value) bytes to put in the
+# blob: "ip" at the rule's entry, "match" at its first match's header, "payload" at
+# that match's data; the errno the kernel answers, and what the message must name.
+BAD_MATCHES = [
+    ("-p tcp -m multiport --dports 22,80", [("payload", 0, 3)], errno.EINVAL,
+     "multiport: unknown flags 3"),
+    ("-p tcp -m multiport --dports 22,80", [("payload", 1, 16)], errno.EINVAL,
+     "multiport: 16 ports, more than 15"),
+    ("-p udp -m multiport --dports 53", [("ip", IP_PROTO, 1)], errno.EINVAL,
+     "multiport is only valid with -p tcp, udp, udplite, sctp or dccp"),
+    ("-p udp -m multiport --dports 53", [("ip", IP_PROTO, 0)], errno.EINVAL,
+     "multiport is only valid"),
+    ("-p udp -m multiport --dports 53", [("ip", IP_INVFLAGS, IPT_INV_PROTO)], errno.EINVAL,
+     "multiport is only valid"),
+    ("-p tcp -m multiport --dports 22", [("match", MATCH_REVISION, 0)], errno.ENOENT,
+     "match 'multiport' has no revision 0 (Linux has 1)"),
+    ("-m iprange --src-range 10.0.0.1-10.0.0.2", [("match", MATCH_REVISION, 0)], errno.ENOENT,
+     "match 'iprange' has no revision 0"),
+    ("-m length --length 10", [("match", MATCH_REVISION, 1)], errno.ENOENT,
+     "match 'length' has no revision 1"),
+    ("-m ttl --ttl-eq 1", [("match", MATCH_REVISION, 1)], errno.ENOENT,
+     "match 'ttl' has no revision 1"),
+    ("-p tcp --dport 22", [("match", MATCH_REVISION, 1)], errno.ENOENT,
+     "match 'tcp' has no revision 1"),
+    # comment is registered for every family at once: the kernel's lookup says so
+    ("-m comment --comment x", [("match", MATCH_REVISION, 1)], errno.EPROTOTYPE,
+     "match 'comment' has no revision 1"),
+]
+
+
+def bad_match_blob(rule: str, patches) -> bytes:
+    """The blob of `-A OUTPUT <rule> -j DROP` with `patches` applied to that rule."""
+    blob = bytearray(replace_blob(ruleset(f"-A OUTPUT {rule} -j DROP")))
+    entry = codec.parse_replace(bytes(blob)).entries[2]     # INPUT, FORWARD policies first
+    at = {"ip": HEADER + entry.offset, "match": HEADER + entry.offset + SIZEOF_IPT_ENTRY}
+    at["payload"] = at["match"] + SIZEOF_XT_ENTRY_HEADER
+    for where, offset, value in patches:
+        blob[at[where] + offset] = value
+    return bytes(blob)
+
+
+@pytest.mark.parametrize("rule, patches, err, names", BAD_MATCHES,
+                         ids=[f"{r} {p}" for r, p, _, _ in BAD_MATCHES])
+def test_bad_match_payloads_get_the_kernels_errno(fresh_netns, rule, patches, err, names):
+    blob = bad_match_blob(rule, patches)
+    assert kernel_refusal(blob, fresh_netns) == err
+    ours = refused(blob, fresh_netns)
+    assert ours.errno == err, ours
+    assert "chain OUTPUT rule 1" in str(ours) and names in str(ours)
 
 
 def nested_chains(depth: int) -> str:

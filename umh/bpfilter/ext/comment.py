@@ -23,6 +23,7 @@ class CommentMatch(Match):
 @register_match
 class Comment(MatchExtension):
     name = "comment"
+    family_independent = True
     struct = xt_comment_info
 
     def decode(self, payload: bytes, where: str) -> CommentMatch:

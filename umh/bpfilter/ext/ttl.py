@@ -1,14 +1,12 @@
 """-m ttl --ttl-eq/--ttl-lt/--ttl-gt N, ! --ttl-eq N (struct ipt_ttl_info)."""
 from __future__ import annotations
 
-import errno
 from dataclasses import dataclass
 
 from construct import Int8un, Struct
 
 from ..compiler import facts
 from ..compiler.primitives import emit_masked_equal, emit_range
-from ..errors import BpfilterError
 from ..model import Match
 from . import MatchExtension, register_match
 
@@ -35,14 +33,15 @@ class Ttl(MatchExtension):
     struct = ipt_ttl_info
 
     def decode(self, payload: bytes, where: str) -> TtlMatch:
-        mode, ttl = self.packed.unpack_from(payload)
-        if mode not in _OPERATOR:
-            raise BpfilterError(errno.EINVAL, f"{where}: ttl: unknown mode {mode}")
-        return TtlMatch(mode, ttl)
+        # Linux 6.18 accepts any mode (no checkentry), and ttl_mt() is false for
+        # the modes it does not know.
+        return TtlMatch(*self.packed.unpack_from(payload))
 
     def emit(self, match: TtlMatch, asm, out) -> None:
         mode, ttl = match.mode, match.ttl
-        if mode in (IPT_TTL_EQ, IPT_TTL_NE):
+        if mode not in _OPERATOR:
+            out.never()
+        elif mode in (IPT_TTL_EQ, IPT_TTL_NE):
             emit_masked_equal(asm, facts.TTL, 1, 0xFF, ttl, mode == IPT_TTL_NE, out)
         elif (mode == IPT_TTL_LT and ttl == 0) or (mode == IPT_TTL_GT and ttl == 0xFF):
             out.never()
@@ -52,4 +51,6 @@ class Ttl(MatchExtension):
             emit_range(asm, facts.TTL, 1, ttl + 1, 0xFF, False, out)
 
     def describe(self, match: TtlMatch) -> str:
-        return f"TTL match TTL {_OPERATOR[match.mode]} {match.ttl}"
+        # iptables prints no operator for a mode it does not know
+        op = f"TTL {_OPERATOR[match.mode]}" if match.mode in _OPERATOR else ""
+        return f"TTL match {op} {match.ttl}"
