@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from bpfilter.abi import codec, sockopt
+from bpfilter.abi.xtables import (SIZEOF_IPT_ENTRY, SIZEOF_IPT_REPLACE, SIZEOF_XT_ENTRY_HEADER,
+                                  ipt_replace)
 from bpfilter.loader import load_filter_table
 from bpfilter.model import Hook
 from bpfilter.netns import entered
@@ -69,12 +71,15 @@ class Case:
     rules: str                      # chain declarations (":X -", ":INPUT DROP") and -A lines
     steps: list                     # (hook, packet, expected verdict)
     counters: dict = field(default_factory=dict)   # "CHAIN n" | "CHAIN policy" | "X return"
+    # Bytes no iptables writes, put in the blob: (rule "CHAIN n", its match number
+    # from 0, offset in that match's payload, the bytes).
+    crafted: tuple = ()
 
 
-def case(name, rules, steps, counters):
+def case(name, rules, steps, counters, crafted=()):
     if isinstance(steps, tuple):
         steps = [steps]
-    return pytest.param(Case(name, rules, steps, counters), id=name)
+    return pytest.param(Case(name, rules, steps, counters, crafted), id=name)
 
 
 # three user chains, each jumping to the next: OUTPUT -> A -> B -> C
@@ -529,6 +534,51 @@ CASES = [
           (OUT, udp(dport=53, truncate_l4=3), DROP)],
          {"OUTPUT 1": (2, 144), "OUTPUT policy": (4, 233)}),
 
+    # -- payloads iptables never writes, which the kernel takes ----------------------
+    case("multiport: an invert byte of 2 holds whatever the ports (a bool of true ^ 2)",
+         "-A OUTPUT -p udp -m multiport --dports 53 -j DROP",
+         [(OUT, udp(dport=53), DROP), (OUT, udp(dport=54), DROP),
+          (OUT, udp(frag_offset=3), ACCEPT), (OUT, udp(truncate_l4=2), DROP)],
+         {"OUTPUT 1": (2, 88), "OUTPUT policy": (1, 36)},
+         crafted=[("OUTPUT 1", 0, 47, b"\x02")]),
+    case("multiport: no ports never match, ! no ports always",
+         "-A OUTPUT -p udp -m multiport --dports 53 -j DROP\n"
+         "-A OUTPUT -p udp -m multiport ! --dports 53",
+         (OUT, udp(dport=53), ACCEPT), {"OUTPUT 2": (1, 44), "OUTPUT policy": (1, 44)},
+         crafted=[("OUTPUT 1", 0, 1, b"\x00"), ("OUTPUT 2", 0, 1, b"\x00")]),
+    case("multiport: any non-zero pflag starts a range",
+         "-A OUTPUT -p tcp -m multiport --dports 100,200 -j DROP",
+         [(OUT, tcp(dport=150), DROP), (OUT, tcp(dport=201), ACCEPT)],
+         {"OUTPUT 1": (1, 56), "OUTPUT policy": (1, 56)},
+         crafted=[("OUTPUT 1", 0, 32, b"\x02")]),
+    case("length: an invert byte of 2 holds whatever the length",
+         "-A OUTPUT -m length --length 44 -j DROP",
+         [(OUT, udp(), DROP), (OUT, tcp(), DROP)], {"OUTPUT 1": (2, 100)},
+         crafted=[("OUTPUT 1", 0, 4, b"\x02")]),
+    case("length: min above max never matches, inverted always",
+         "-A OUTPUT -m length --length 40:50 -j DROP\n-A OUTPUT -m length ! --length 40:50",
+         (OUT, udp(), ACCEPT), {"OUTPUT 2": (1, 44), "OUTPUT policy": (1, 44)},
+         crafted=[("OUTPUT 1", 0, 0, (60).to_bytes(2, "little")),
+                  ("OUTPUT 2", 0, 0, (60).to_bytes(2, "little"))]),
+    case("ttl: a mode Linux does not know never matches",
+         "-A OUTPUT -m ttl --ttl-eq 64 -j DROP",
+         [(OUT, udp(ttl=64), ACCEPT), (OUT, udp(ttl=3), ACCEPT)], {"OUTPUT policy": (2, 88)},
+         crafted=[("OUTPUT 1", 0, 0, b"\x04")]),
+    case("iprange: an inversion flag without its range flag tests nothing",
+         "-A OUTPUT -m iprange --src-range 10.1.2.0-10.1.2.9 -j DROP",
+         [(OUT, udp(src="11.0.0.1"), DROP), (OUT, udp(src="10.1.2.5"), DROP)],
+         {"OUTPUT 1": (2, 88)}, crafted=[("OUTPUT 1", 0, 64, b"\x10")]),
+    case("iprange: unknown flags and the IPv6 part of the addresses are ignored",
+         "-A OUTPUT -m iprange --src-range 10.1.2.0-10.1.2.9 -j DROP",
+         [(OUT, udp(src="10.1.2.5"), DROP), (OUT, udp(src="10.1.2.10"), ACCEPT)],
+         {"OUTPUT 1": (1, 44), "OUTPUT policy": (1, 44)},
+         crafted=[("OUTPUT 1", 0, 64, b"\xc1"), ("OUTPUT 1", 0, 4, b"\xff" * 12),
+                  ("OUTPUT 1", 0, 20, b"\xff" * 12)]),
+    case("comment: a text without its NUL is still only a comment",
+         "-A OUTPUT -p udp -m comment --comment x -j DROP",
+         [(OUT, udp(), DROP), (OUT, tcp(), ACCEPT)], {"OUTPUT 1": (1, 44), "OUTPUT policy": (1, 56)},
+         crafted=[("OUTPUT 1", 0, 0, b"y" * 256)]),
+
     # -- truncated transport headers: the kernel's hotdrop ----------------------------
     case("truncated tcp hotdrops: DROP, rule not counted, policy not reached",
          "-A OUTPUT -p tcp --dport 80 -j ACCEPT",
@@ -709,11 +759,18 @@ def named(c: Case, counters) -> dict[str, tuple[int, int]]:
 _blobs: dict[str, bytes] = {}
 
 
-def blob_of(rules: str) -> bytes:
+def blob_of(rules: str, crafted: tuple = ()) -> bytes:
     text = ruleset(rules)
     if text not in _blobs:
         _blobs[text] = replace_blob(text)
-    return _blobs[text]
+    blob = bytearray(_blobs[text])
+    entries = codec.parse_replace(_blobs[text]).entries
+    for rule, match, offset, data in crafted:
+        entry = entries[entry_index(rules)[rule]]
+        at = SIZEOF_IPT_REPLACE + entry.offset + SIZEOF_IPT_ENTRY + \
+            sum(m.size for m in entry.matches[:match]) + SIZEOF_XT_ENTRY_HEADER + offset
+        blob[at:at + len(data)] = data
+    return bytes(blob)
 
 
 def verdict_name(v: int) -> str:
@@ -730,7 +787,7 @@ def test_verdicts_and_counters(c: Case, classified: bool, monkeypatch):
     if classified:
         monkeypatch.setattr(classifier, "MIN_RUN", 1)
         monkeypatch.setattr(classifier, "RULES_PER_TUPLE", 0)
-    table = load_filter_table(blob_of(c.rules), attach=False)
+    table = load_filter_table(blob_of(c.rules, c.crafted), attach=False)
     try:
         got = [verdict_name(table.test_run(hook, p.build(1, 0))) for hook, p, _ in c.steps]
         counters = table.counters()
@@ -805,10 +862,23 @@ def kernel_netns():
         subprocess.run(["ip", "netns", "del", name], check=True)
 
 
-def kernel_run(netns: str, c: Case) -> tuple[list[str], list[tuple[int, int]]]:
+def kernel_load(netns: str, c: Case) -> None:
+    """The case's ruleset into the kernel's iptables: through iptables-legacy-restore,
+    or as the crafted blob itself."""
     done = subprocess.run(["ip", "netns", "exec", netns, "iptables-legacy-restore"],
                           input=ruleset(c.rules), text=True, capture_output=True)
     assert done.returncode == 0, done.stderr
+    if c.crafted:
+        blob = bytearray(blob_of(c.rules, c.crafted))
+        with entered(netns):
+            header = ipt_replace.parse(bytes(blob[:SIZEOF_IPT_REPLACE]))
+            header.num_counters = codec.parse_getinfo(sockopt.get_info("filter"))["num_entries"]
+            blob[:SIZEOF_IPT_REPLACE] = ipt_replace.build(header)
+            sockopt.set_replace(bytes(blob))
+
+
+def kernel_run(netns: str, c: Case) -> tuple[list[str], list[tuple[int, int]]]:
+    kernel_load(netns, c)
     verdicts = []
     with entered(netns):
         s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)

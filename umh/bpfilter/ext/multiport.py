@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import struct
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -53,17 +52,26 @@ class MultiportMatch(Match):
     revision = 1
 
 
-def port_items(count: int, ports: tuple[int, ...], pflags: tuple[int, ...]) -> tuple[PortItem, ...]:
+def port_items(count: int, ports: tuple[int, ...], pflags: tuple[int, ...],
+               where: str) -> tuple[PortItem, ...]:
     """The list as ports_match_v1() walks it: a slot with its pflag set starts a
-    range ending at the next slot, which is read even past `count`."""
+    range that ends at the next slot. Linux 6.18 refuses a range whose end slot is
+    past `count` (the walk would read past the list), starts a range itself, or is
+    below its start."""
     items, i = [], 0
     while i < count:
-        if pflags[i]:
-            items.append(PortItem(ports[i], ports[i + 1], True))
-            i += 2
-        else:
+        if not pflags[i]:
             items.append(PortItem(ports[i], ports[i], False))
             i += 1
+            continue
+        problem = ("has no end among the ports" if i + 1 >= count else
+                   "ends where another range starts" if pflags[i + 1] else
+                   f"is reversed ({ports[i]}:{ports[i + 1]})" if ports[i] > ports[i + 1] else "")
+        if problem:
+            raise BpfilterError(errno.EINVAL, f"{where}: multiport: the range at port {i + 1} "
+                                              f"{problem}")
+        items.append(PortItem(ports[i], ports[i + 1], True))
+        i += 2
     return tuple(items)
 
 
@@ -86,10 +94,7 @@ class Multiport(MatchExtension):
         if count > XT_MULTI_PORTS:
             raise BpfilterError(errno.EINVAL, f"{where}: multiport: {count} ports, more than "
                                               f"{XT_MULTI_PORTS}")
-        # A range in the last slot ends at ports[15], one past the array: the kernel
-        # reads the first two pflags there, as a native u16.
-        ports = (*p[_PORTS], *struct.unpack_from("=H", payload, _PFLAGS_AT))
-        return MultiportMatch(flags, port_items(count, ports, p[_PFLAGS]), p[_INVERT])
+        return MultiportMatch(flags, port_items(count, p[_PORTS], p[_PFLAGS], where), p[_INVERT])
 
     def emit(self, match: MultiportMatch, asm, out) -> None:
         emit_transport_header(asm, facts.PORTS_HEADER, out)
@@ -119,4 +124,3 @@ class Multiport(MatchExtension):
 
 _FLAGS, _COUNT, _PORTS, _PFLAGS, _INVERT = map(
     Multiport.packed.index, ("flags", "count", "ports", "pflags", "invert"))
-_PFLAGS_AT = Multiport.packed.field("pflags")[0]
