@@ -17,8 +17,11 @@ non-first fragment 36, raw protocol 36.
 """
 from __future__ import annotations
 
+import ipaddress
+import random
 import re
 import socket
+import struct
 import subprocess
 import uuid
 from dataclasses import dataclass, field
@@ -28,6 +31,7 @@ import pytest
 from bpfilter.abi import codec, sockopt
 from bpfilter.abi.xtables import (SIZEOF_IPT_ENTRY, SIZEOF_IPT_REPLACE, SIZEOF_XT_ENTRY_HEADER,
                                   ipt_replace)
+from bpfilter.errors import BpfilterError
 from bpfilter.loader import load_filter_table
 from bpfilter.model import Hook
 from bpfilter.netns import entered
@@ -879,11 +883,16 @@ def kernel_load(netns: str, c: Case) -> None:
 
 def kernel_run(netns: str, c: Case) -> tuple[list[str], list[tuple[int, int]]]:
     kernel_load(netns, c)
+    return kernel_send(netns, [p for _, p, _ in c.steps])
+
+
+def kernel_send(netns: str, packets: list) -> tuple[list[str], list[tuple[int, int]]]:
+    """Each packet out of the kernel's OUTPUT: the verdicts, then every counter."""
     verdicts = []
     with entered(netns):
         s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
         try:
-            for _, p, _ in c.steps:
+            for p in packets:
                 try:
                     s.sendto(p.build(1, 0), (p.dst, 0))
                     verdicts.append("ACCEPT")
@@ -933,3 +942,82 @@ def test_thousands_of_rules_with_many_conditions_pass_the_verifier():
     assert got == [DROP, DROP, ACCEPT]
     assert named(Case("many", rules, []), counters) == {
         "OUTPUT 1": (1, 44), f"OUTPUT {n}": (1, 44), "OUTPUT policy": (1, 44)}
+
+
+# ---------------------------------------------------------------- random payloads
+
+def _random_payload_case(rng: random.Random) -> tuple[Case, list]:
+    """One OUTPUT rule whose match payload is random bytes (some the kernel refuses),
+    and packets aimed at what it says."""
+    kind = rng.choice(["multiport", "multiport", "length", "ttl", "iprange"])
+    if kind == "multiport":
+        proto = rng.choice(["tcp", "udp", "sctp"])
+        rule = f"-p {proto} -m multiport --dports 1"
+        count = rng.choice([0, 1, 2, 3, 5, 15, 16])
+        ports = [rng.choice([0, 1, 80, 81, 1000, 65535, rng.randrange(65536)]) for _ in range(15)]
+        pflags = [int(rng.random() < 0.3) * rng.choice([1, 2, 255]) for _ in range(15)]
+        data = bytes([rng.choice([0, 1, 2, 2, 3]), count]) + \
+            struct.pack("<15H", *ports) + bytes(pflags) + bytes([rng.choice([0, 1, 1, 2])])
+        make = {"tcp": tcp, "udp": udp, "sctp": lambda **kw: raw(132, **kw)}[proto]
+        packets = []
+        for _ in range(8):
+            sport, dport = (max(0, min(65535, rng.choice(ports) + rng.choice([-1, 0, 1])))
+                            for _ in range(2))
+            kw = dict(sport=sport, dport=dport) if proto != "sctp" else {}
+            r = rng.random()
+            if r < 0.1:
+                kw["frag_offset"] = rng.choice([1, 9])
+            elif r < 0.2 and proto != "sctp":
+                kw["truncate_l4"] = rng.randrange(8)
+            packets.append(make(**kw))
+    elif kind == "length":
+        rule = "-m length --length 1"
+        lo, hi = (rng.randrange(20, 90) for _ in range(2))
+        data = struct.pack("<HHB", lo, hi, rng.choice([0, 1, 2, 255])) + bytes(3)
+        packets = [udp(payload_len=max(0, rng.choice([lo, hi]) - 28 + rng.choice([-1, 0, 1])))
+                   for _ in range(6)]
+    elif kind == "ttl":
+        rule = "-m ttl --ttl-eq 1"
+        value = rng.choice([0, 1, 64, 254, 255, rng.randrange(256)])
+        data = bytes([rng.choice([0, 1, 2, 3, 4, 255]), value]) + bytes(6)
+        packets = [udp(ttl=max(0, min(255, value + rng.choice([-1, 0, 1])))) for _ in range(6)]
+    else:
+        rule = "-m iprange --src-range 1.1.1.1-1.1.1.2"
+        bounds = [int(ipaddress.IPv4Address(A)) + rng.randrange(-3, 4) for _ in range(2)] + \
+            [int(ipaddress.IPv4Address(B)) + rng.randrange(-3, 4) for _ in range(2)]
+        data = b"".join(struct.pack(">I", a) + rng.randbytes(12) for a in bounds) + \
+            bytes([rng.randrange(256)]) + bytes(7)
+        packets = [udp(src=str(ipaddress.IPv4Address(rng.choice(bounds[:2]) + rng.randrange(-1, 2))),
+                       dst=str(ipaddress.IPv4Address(rng.choice(bounds[2:]) + rng.randrange(-1, 2))))
+                   for _ in range(6)]
+    rules = f"-A OUTPUT {rule} -j DROP"
+    return Case(f"{kind} {data.hex()}", rules, [], crafted=(("OUTPUT 1", 0, 0, data),)), packets
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_payloads_as_the_kernel_takes_them(kernel_netns, seed):
+    """Random payloads the kernel refuses are refused with its errno; those it takes
+    give its verdicts and counters, packet by packet."""
+    rng = random.Random(seed)
+    taken = 0
+    for _ in range(25):
+        c, packets = _random_payload_case(rng)
+        try:
+            kernel_load(kernel_netns, c)
+            kernel_errno = 0
+        except BpfilterError as err:
+            kernel_errno = err.errno
+        try:
+            table = load_filter_table(blob_of(c.rules, c.crafted), attach=False)
+        except BpfilterError as err:
+            assert err.errno == kernel_errno, (c.name, str(err))
+            continue
+        assert kernel_errno == 0, c.name
+        taken += 1
+        try:
+            ours = [verdict_name(table.test_run(OUT, p.build(1, 0))) for p in packets]
+            counters = table.counters()
+        finally:
+            table.close()
+        assert (ours, counters) == kernel_send(kernel_netns, packets), c.name
+    assert taken >= 10
