@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from bpfilter import listing
 from bpfilter.abi import codec, sockopt
+from bpfilter.abi.decode import table_from_raw
 from bpfilter.abi.xtables import (SIZEOF_IPT_ENTRY, SIZEOF_IPT_REPLACE, SIZEOF_XT_ENTRY_HEADER,
                                   ipt_replace)
 from bpfilter.errors import BpfilterError
@@ -638,6 +640,10 @@ CASES = [
          ":OUTPUT DROP\n:X -\n-A OUTPUT -g X\n-A OUTPUT -j ACCEPT\n-A X -p udp -j ACCEPT",
          [(OUT, tcp(), DROP), (OUT, udp(), ACCEPT)],
          {"OUTPUT 1": (2, 100), "X return": (1, 56), "OUTPUT policy": (1, 56), "X 1": (1, 44)}),
+    case("-g X with matches", ":OUTPUT DROP\n:X -\n-A OUTPUT -p udp --dport 53 -m comment "
+         "--comment dns -g X\n-A X -j ACCEPT",
+         [(OUT, udp(dport=53), ACCEPT), (OUT, udp(dport=54), DROP)],
+         {"OUTPUT 1": (1, 44), "X 1": (1, 44), "OUTPUT policy": (1, 44)}),
     case("-g B from A: B's return skips the rest of A",
          ":A -\n:B -\n-A OUTPUT -j A\n-A OUTPUT -j DROP\n"
          "-A A -g B\n-A A -j ACCEPT\n-A B -p udp -j ACCEPT",
@@ -804,7 +810,6 @@ def test_verdicts_and_counters(c: Case, classified: bool, monkeypatch):
 
 def test_entry_layout_helper_agrees_with_the_blob():
     """The helper's entry numbering is the decoder's (chain tails and rule entries)."""
-    from bpfilter.abi.decode import table_from_raw
     rules = NESTED + "\n:INPUT DROP\n-A INPUT -p tcp\n-A FORWARD -j A"
     table = table_from_raw(codec.parse_replace(blob_of(rules)))
     index = entry_index(rules)
@@ -920,6 +925,29 @@ def test_kernel_agrees(kernel_netns, c: Case):
     assert verdicts == [verdict_name(v) for _, _, v in c.steps]
     assert named(c, counters) == named(c, expected_counters(c))
     assert counters == expected_counters(c)
+
+
+def kernel_listing(netns: str) -> dict[str, list[str]]:
+    """What `iptables-legacy -L -n` prints after each rule's addresses, per chain.
+    (The addresses of the cases are short enough to keep the columns in place.)"""
+    text = subprocess.run(["ip", "netns", "exec", netns, "iptables-legacy", "-L", "-n"],
+                          check=True, capture_output=True, text=True).stdout
+    chains: dict[str, list[str]] = {}
+    for block in text.strip().split("\n\n"):
+        head, columns, *rules = block.splitlines()
+        at = columns.index("destination") + 20
+        chains[head.split()[1]] = [line[at:].strip() for line in rules]
+    return chains
+
+
+@pytest.mark.parametrize("c", OUTPUT_ONLY)
+def test_listing_agrees(kernel_netns, c: Case):
+    """bpfilter's description of each rule's matches is what iptables prints."""
+    kernel_load(kernel_netns, c)
+    table = table_from_raw(codec.parse_replace(blob_of(c.rules, c.crafted)))
+    ours = {chain.name: [listing.options(rule, table.family) for rule in chain.rules]
+            for chain in table.chains.values()}
+    assert ours == kernel_listing(kernel_netns)
 
 
 def test_thousands_of_rules_with_many_conditions_pass_the_verifier():

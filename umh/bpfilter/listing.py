@@ -4,8 +4,8 @@ from __future__ import annotations
 import ipaddress
 
 from . import ext
-from .model import (Accept, Drop, ExtensionTarget, Fallthrough, Goto, Interface, Jump, Prefix,
-                    Return, Table)
+from .model import (Accept, Drop, ExtensionTarget, Fallthrough, Family, Goto, Interface, Jump,
+                    Prefix, Return, Rule, Table)
 
 _PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp"}
 
@@ -34,6 +34,16 @@ def _iface(i: Interface) -> str:
     return ("!" if i.invert else "") + name + wildcard
 
 
+def options(rule: Rule, family: Family) -> str:
+    """What `iptables -L -n` prints after the addresses: "[goto] ", then each match's
+    and an extension target's options, each after a space."""
+    parts = [ext.describe_match(m, family) for m in rule.matches]
+    if isinstance(rule.target, ExtensionTarget):
+        parts.append(ext.describe_target(rule.target, family))
+    goto = "[goto] " if isinstance(rule.target, Goto) else ""
+    return (goto + "".join(f" {p}" for p in parts if p)).strip()
+
+
 def render(table: Table, counters: list[tuple[int, int]]) -> str:
     lines = []
     for chain in table.chains.values():
@@ -53,12 +63,7 @@ def render(table: Table, counters: list[tuple[int, int]]) -> str:
             proto = ("!" if ip.invert_proto else "") + _PROTO_NAMES.get(ip.proto, str(ip.proto)) \
                 if ip.proto else "all"
             opt = ("!" if ip.invert_fragment else "-") + ("f" if ip.fragment else "-")
-            extra = " ".join(filter(None, (ext.describe_match(m, table.family)
-                                           for m in rule.matches)))
-            if isinstance(rule.target, Goto):
-                extra = (extra + " [goto]").strip()
-            elif isinstance(rule.target, ExtensionTarget):
-                extra = (extra + " " + ext.describe_target(rule.target, table.family)).strip()
+            extra = options(rule, table.family)
             lines.append(f"{pkts:>8} {byts:>10} {_target(rule.target):<12} {proto:<5}{opt:<4}"
                          f"{_iface(ip.in_iface):<8}{_iface(ip.out_iface):<8}"
                          f"{_prefix(ip.src):<20}{_prefix(ip.dst):<20}{extra}".rstrip())

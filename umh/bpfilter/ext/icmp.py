@@ -66,13 +66,12 @@ class Icmp(MatchExtension):
         out.mismatch(R1)
 
     def describe(self, match: IcmpMatch) -> str:
-        if match.type == ANY_TYPE:
-            return "icmp " + ("!" if match.invert else "") + "type any"
-        bang = "!" if match.invert else ""
+        # iptables -n glues the type to the name unless inverted ("icmptype 8",
+        # "icmp !type 8"), and prints "any" as the number it is
+        bang = " !" if match.invert else ""
         codes = "" if (match.code_lo, match.code_hi) == (0, 0xFF) else (
             f" code {match.code_lo}" if match.code_lo == match.code_hi
             else f" codes {match.code_lo}-{match.code_hi}")
-        return f"icmp {bang}type {match.type}{codes}"
-
+        return f"icmp{bang}type {match.type}{codes}"
 
 _TYPE, _CODE, _INVFLAGS = map(Icmp.packed.index, ("type", "code", "invflags"))
