@@ -412,6 +412,66 @@ def test_commands_behave_as_with_the_kernel(svc, nets):
     assert "-A INPUT -s 10.7.7.7/32 -j DROP" in svc.ok(bns, "iptables-legacy", "-S").splitlines()
 
 
+# Rules of iptables' own extension tests (extensions/libxt_multiport.t and the like):
+# (rule, whether iptables takes it). Each goes into one of the built-in chains in turn;
+# every other one taken is deleted again, by its spec.
+MATCH_RULES = [
+    ("-p tcp -m multiport --sports 53,1024:65535", True),
+    ("-p udp -m multiport --ports 53,1024:65535", True),
+    ("-p sctp -m multiport --dports 53,1024:65535", True),
+    ("-p dccp -m multiport --sports 53,1024:65535", True),
+    ("-p udplite -m multiport --dports 53,1024:65535", True),
+    ("-p tcp -m multiport --ports 1,2,3,4,6,7,8,9,10,11,12,13,14,15", True),
+    ("-p udp -m multiport ! --dports 1:1023,2049", True),
+    ("-p tcp -m multiport --sports 1024:65536", False),
+    ("-p tcp -m multiport --ports 1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16", False),
+    ("-p tcp -m multiport --dports 1:2,3:4,5:6,7:8,9:10,11:12,13:14,15:16", False),
+    ("-p icmp -m multiport --dports 1", False),
+    ("! -p tcp -m multiport --dports 1", False),
+    ("-m multiport", False),
+    ("-p tcp -m tcp --dport 22 -m comment --comment foo", True),
+    ("-p tcp -m comment --comment foo -m tcp --dport 22", True),
+    ('-m comment --comment "with spaces and \\"quotes\\""', True),
+    (f"-m comment --comment {'x' * 255}", True),
+    (f"-m comment --comment {'x' * 256}", True),     # iptables keeps 255 of them
+    ("-m comment", False),
+    ("-m iprange --src-range 1.1.1.1-1.1.1.10", True),
+    ("-m iprange ! --src-range 1.1.1.1-1.1.1.10", True),
+    ("-m iprange --dst-range 1.1.1.1-1.1.1.10", True),
+    ("-m iprange ! --dst-range 1.1.1.1-1.1.1.10 --src-range 10.0.0.9-10.0.0.1", True),
+    ("-m iprange", False),
+    ("-m length --length 1", True),
+    ("-m length --length :2", True),
+    ("-m length --length 4:", True),
+    ("-m length ! --length 0:65535", True),
+    ("-m length --length 4:3", True),       # iptables 1.8.9 takes it: it never matches
+    ("-m length --length 0:65536", False),
+    ("-m ttl --ttl-eq 0", True),
+    ("-m ttl ! --ttl-eq 255", True),
+    ("-m ttl --ttl-gt 0", True),
+    ("-m ttl --ttl-lt 0", True),
+    ("-m ttl --ttl-eq 256", False),
+    ("-m ttl", False),
+]
+
+
+def test_match_extensions_behave_as_with_the_kernel(svc, nets):
+    kns, bns = nets(2)
+    steps, expected = [], []
+    for i, (rule, taken) in enumerate(MATCH_RULES):
+        chain = ("INPUT", "FORWARD", "OUTPUT")[i % 3]
+        steps.append(f"iptables-legacy -A {chain} {rule} -j ACCEPT")
+        expected.append(taken)
+        if taken and i % 2:
+            steps.append(f"iptables-legacy -D {chain} {rule} -j ACCEPT")
+            expected.append(True)
+    results = side_by_side(svc, kns, bns, steps)["kernel"]
+    assert [k["rc"] == 0 for k in results] == expected, \
+        [(step, k["err"]) for step, k in zip(steps, results)]
+    kept = [rule for i, (rule, taken) in enumerate(MATCH_RULES) if taken and not i % 2]
+    assert len(results[-1]["S"].splitlines()) == 3 + len(kept)
+
+
 # ---------------------------------------------------------------- 2. save and restore
 
 NOFLUSH = """\
