@@ -93,3 +93,13 @@ def test_rules_that_can_never_match_put_no_key():
     odd = replace(rules[1], ip=replace(rules[1].ip, src=replace(rules[1].ip.src,
                                                                  mask=b"\xff\xff\xff\x00")))
     assert list(classifier.rule_keys(odd)) == []
+
+
+def test_comments_do_not_keep_rules_from_a_run():
+    rules = chain_rules("\n".join(f'-A INPUT -s 10.0.1.{i} -p tcp --dport {i} -m comment '
+                                  f'--comment "host {i}" -j DROP' for i in range(20)))
+    [run] = segments(rules, TupleSpace())
+    assert isinstance(run, Run) and len(run.rules) == 20
+    other = chain_rules("\n".join(f"-A INPUT -s 10.0.1.{i} -m ttl --ttl-eq 1 -j DROP"
+                                  for i in range(20)))
+    assert not any(isinstance(s, Run) for s in segments(other, TupleSpace()))
