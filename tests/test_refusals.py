@@ -159,12 +159,13 @@ def test_mac_reachable_from_output_is_invalid(fresh_netns):
 
 # ---------------------------------------------------------------- bad match payloads
 
-MATCH_REVISION = SIZEOF_XT_ENTRY_HEADER - 1    # the last byte of the match header
+REVISION = SIZEOF_XT_ENTRY_HEADER - 1    # the last byte of a match's or target's header
 
 # What no iptables writes: the rule, then (where, offset, value) bytes to put in the
 # blob: "ip" at the rule's entry, "match" at its first match's header, "payload" at
-# that match's data; the errno the kernel answers, and what the message must name.
-BAD_MATCHES = [
+# that match's data, "target" at its target's header; the errno the kernel answers,
+# and what the message must name.
+BAD_PAYLOADS = [
     ("-p tcp -m multiport --dports 22,80", [("payload", 0, 3)], errno.EINVAL,
      "multiport: unknown flags 3"),
     ("-p tcp -m multiport --dports 22,80", [("payload", 1, 16)], errno.EINVAL,
@@ -183,37 +184,47 @@ BAD_MATCHES = [
      "multiport is only valid"),
     ("-p udp -m multiport --dports 53", [("ip", IP_INVFLAGS, IPT_INV_PROTO)], errno.EINVAL,
      "multiport is only valid"),
-    ("-p tcp -m multiport --dports 22", [("match", MATCH_REVISION, 0)], errno.ENOENT,
+    ("-p tcp -m multiport --dports 22", [("match", REVISION, 0)], errno.ENOENT,
      "match 'multiport' has no revision 0 (Linux has 1)"),
-    ("-m iprange --src-range 10.0.0.1-10.0.0.2", [("match", MATCH_REVISION, 0)], errno.ENOENT,
+    ("-m iprange --src-range 10.0.0.1-10.0.0.2", [("match", REVISION, 0)], errno.ENOENT,
      "match 'iprange' has no revision 0"),
-    ("-m length --length 10", [("match", MATCH_REVISION, 1)], errno.ENOENT,
+    ("-m length --length 10", [("match", REVISION, 1)], errno.ENOENT,
      "match 'length' has no revision 1"),
-    ("-m ttl --ttl-eq 1", [("match", MATCH_REVISION, 1)], errno.ENOENT,
+    ("-m ttl --ttl-eq 1", [("match", REVISION, 1)], errno.ENOENT,
      "match 'ttl' has no revision 1"),
-    ("-p tcp --dport 22", [("match", MATCH_REVISION, 1)], errno.ENOENT,
+    ("-p tcp --dport 22", [("match", REVISION, 1)], errno.ENOENT,
      "match 'tcp' has no revision 1"),
-    # comment is registered for every family at once: the kernel's lookup says so
-    ("-m comment --comment x", [("match", MATCH_REVISION, 1)], errno.EPROTOTYPE,
+    ("-p udp --dport 22", [("match", REVISION, 1)], errno.ENOENT,
+     "match 'udp' has no revision 1"),
+    # comment and conntrack are registered for every family at once: the kernel's
+    # lookup says so
+    ("-m comment --comment x", [("match", REVISION, 1)], errno.EPROTOTYPE,
      "match 'comment' has no revision 1"),
+    ("-m conntrack --ctstate NEW", [("match", REVISION, 4)], errno.EPROTOTYPE,
+     "match 'conntrack' has no revision 4 (Linux has 1, 2, 3)"),
+    ("-m length --length 10 -j LOG", [("target", REVISION, 1)], errno.ENOENT,
+     "target 'LOG' has no revision 1"),
 ]
 
 
-def bad_match_blob(rule: str, patches) -> bytes:
-    """The blob of `-A OUTPUT <rule> -j DROP` with `patches` applied to that rule."""
-    blob = bytearray(replace_blob(ruleset(f"-A OUTPUT {rule} -j DROP")))
+def bad_payload_blob(rule: str, patches) -> bytes:
+    """The blob of `-A OUTPUT <rule>` (-j DROP unless it says) with `patches` applied
+    to that rule."""
+    target = "" if " -j " in rule else " -j DROP"
+    blob = bytearray(replace_blob(ruleset(f"-A OUTPUT {rule}{target}")))
     entry = codec.parse_replace(bytes(blob)).entries[2]     # INPUT, FORWARD policies first
-    at = {"ip": HEADER + entry.offset, "match": HEADER + entry.offset + SIZEOF_IPT_ENTRY}
+    at = {"ip": HEADER + entry.offset, "match": HEADER + entry.offset + SIZEOF_IPT_ENTRY,
+          "target": HEADER + entry.offset + entry.target_offset}
     at["payload"] = at["match"] + SIZEOF_XT_ENTRY_HEADER
     for where, offset, value in patches:
         blob[at[where] + offset] = value
     return bytes(blob)
 
 
-@pytest.mark.parametrize("rule, patches, err, names", BAD_MATCHES,
-                         ids=[f"{r} {p}" for r, p, _, _ in BAD_MATCHES])
-def test_bad_match_payloads_get_the_kernels_errno(fresh_netns, rule, patches, err, names):
-    blob = bad_match_blob(rule, patches)
+@pytest.mark.parametrize("rule, patches, err, names", BAD_PAYLOADS,
+                         ids=[f"{r} {p}" for r, p, _, _ in BAD_PAYLOADS])
+def test_bad_payloads_get_the_kernels_errno(fresh_netns, rule, patches, err, names):
+    blob = bad_payload_blob(rule, patches)
     assert kernel_refusal(blob, fresh_netns) == err
     ours = refused(blob, fresh_netns)
     assert ours.errno == err, ours

@@ -210,6 +210,7 @@ class StateMatch(Match):
 @register_match
 class State(MatchExtension):
     name = "state"
+    family_independent = True
     struct = Struct("statemask" / Int32un)
     facts = frozenset({"ct"})
 
@@ -284,6 +285,7 @@ def _mtinfo(revision: int) -> Struct:
 class _Conntrack(MatchExtension):
     name = "conntrack"
     families = (Family.IPV4,)
+    family_independent = True
     facts = frozenset({"ct"})
 
     def decode(self, payload: bytes, where: str) -> ConntrackMatch:
