@@ -580,8 +580,8 @@ CASES = [
                   ("OUTPUT 1", 0, 20, b"\xff" * 12)]),
     case("comment: a text without its NUL is still only a comment",
          "-A OUTPUT -p udp -m comment --comment x -j DROP",
-         [(OUT, udp(), DROP), (OUT, tcp(), ACCEPT)], {"OUTPUT 1": (1, 44), "OUTPUT policy": (1, 56)},
-         crafted=[("OUTPUT 1", 0, 0, b"y" * 256)]),
+         [(OUT, udp(), DROP), (OUT, tcp(), ACCEPT)],
+         {"OUTPUT 1": (1, 44), "OUTPUT policy": (1, 56)}, crafted=[("OUTPUT 1", 0, 0, b"y" * 256)]),
 
     # -- truncated transport headers: the kernel's hotdrop ----------------------------
     case("truncated tcp hotdrops: DROP, rule not counted, policy not reached",
@@ -1013,9 +1013,9 @@ def _random_payload_case(rng: random.Random) -> tuple[Case, list]:
             [int(ipaddress.IPv4Address(B)) + rng.randrange(-3, 4) for _ in range(2)]
         data = b"".join(struct.pack(">I", a) + rng.randbytes(12) for a in bounds) + \
             bytes([rng.randrange(256)]) + bytes(7)
-        packets = [udp(src=str(ipaddress.IPv4Address(rng.choice(bounds[:2]) + rng.randrange(-1, 2))),
-                       dst=str(ipaddress.IPv4Address(rng.choice(bounds[2:]) + rng.randrange(-1, 2))))
-                   for _ in range(6)]
+        def near(addresses) -> str:
+            return str(ipaddress.IPv4Address(rng.choice(addresses) + rng.randrange(-1, 2)))
+        packets = [udp(src=near(bounds[:2]), dst=near(bounds[2:])) for _ in range(6)]
     rules = f"-A OUTPUT {rule} -j DROP"
     return Case(f"{kind} {data.hex()}", rules, [], crafted=(("OUTPUT 1", 0, 0, data),)), packets
 
