@@ -196,10 +196,14 @@ BAD_PAYLOADS = [
      "match 'tcp' has no revision 1"),
     ("-p udp --dport 22", [("match", REVISION, 1)], errno.ENOENT,
      "match 'udp' has no revision 1"),
-    # comment and conntrack are registered for every family at once: the kernel's
-    # lookup says so
+    # comment, conntrack, mark and pkttype are registered for every family at once:
+    # the kernel's lookup says so
     ("-m comment --comment x", [("match", REVISION, 1)], errno.EPROTOTYPE,
      "match 'comment' has no revision 1"),
+    ("-m mark --mark 1", [("match", REVISION, 2)], errno.EPROTOTYPE,
+     "match 'mark' has no revision 2 (Linux has 1)"),
+    ("-m pkttype --pkt-type host", [("match", REVISION, 1)], errno.EPROTOTYPE,
+     "match 'pkttype' has no revision 1"),
     ("-m conntrack --ctstate NEW", [("match", REVISION, 4)], errno.EPROTOTYPE,
      "match 'conntrack' has no revision 4 (Linux has 1, 2, 3)"),
     ("-m length --length 10 -j LOG", [("target", REVISION, 1)], errno.ENOENT,

@@ -38,6 +38,7 @@ facts.OPTIONAL["mark"] = _read_mark
 class Mark(MatchExtension):
     name = "mark"
     revision = 1
+    family_independent = True
     struct = xt_mark_mtinfo1
     facts = frozenset({"mark"})
 

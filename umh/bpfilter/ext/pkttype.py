@@ -60,6 +60,7 @@ facts.OPTIONAL["pkttype"] = _read_pkttype
 @register_match
 class Pkttype(MatchExtension):
     name = "pkttype"
+    family_independent = True
     struct = xt_pkttype_info
     facts = frozenset({"pkttype"})
 
