@@ -227,4 +227,4 @@ def facts_needed(rule: Rule, family: Family) -> frozenset[str]:
 
 
 # Registration happens on import of each extension module.
-from . import conntrack, icmp, log, mac, mark, owner, pkttype, reject, tcp, udp  # noqa: E402,F401
+from . import conntrack, icmp, limit, log, mac, mark, owner, pkttype, reject, tcp, udp  # noqa: E402,F401
