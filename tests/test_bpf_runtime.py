@@ -153,7 +153,10 @@ def test_constants_match_kernel_enums():
 LAYOUTS = {
     "bpf_map_create_attr": ("bpf_attr", {f: f for f in (
         "map_type", "key_size", "value_size", "max_entries", "map_flags",
-        "inner_map_fd", "numa_node", "map_name")}),
+        "inner_map_fd", "numa_node", "map_name", "map_ifindex", "btf_fd", "btf_key_type_id",
+        "btf_value_type_id")}),
+    "bpf_btf_load_attr": ("bpf_attr", {f: f for f in (
+        "btf", "btf_log_buf", "btf_size", "btf_log_size", "btf_log_level")}),
     "bpf_map_elem_attr": ("bpf_attr", {f: f for f in ("map_fd", "key", "value", "flags")}),
     "bpf_prog_load_attr": ("bpf_attr", {f: f for f in (
         "prog_type", "insn_cnt", "insns", "license", "log_level", "log_size", "log_buf",

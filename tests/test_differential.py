@@ -8,6 +8,7 @@ hand-written realistic ones. A failing seed is reproduced with
 """
 import os
 import random
+import time
 
 import pytest
 
@@ -259,3 +260,55 @@ def test_tcp_option_walk_on_random_option_areas(lab, seed):
     rng = random.Random(seed)
     cases = [tcp_option_case(rng, rng.choice(["forward", "output"])) for _ in range(300)]
     assert_identical(lab, TCP_OPTIONS, cases)
+
+
+# limit at 1/hour: no token comes back while a test runs. INPUT has its own bucket;
+# FORWARD and OUTPUT share the one of the chain they both jump to.
+LIMITED = """\
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:rl - [0:0]
+-A INPUT -p udp --dport 7 -m limit --limit 1/hour --limit-burst 3 -j ACCEPT
+-A INPUT -p udp --dport 7 -j DROP
+-A FORWARD -p udp -j rl
+-A OUTPUT -p udp -j rl
+-A rl -m limit --limit 1/hour --limit-burst 4 -j RETURN
+-A rl -j DROP
+COMMIT
+"""
+LIMITED_TRAFFIC = [Case(Packet(LAN, "198.18.0.1", "udp", dport=port), "input")
+                   for port in (7, 8, 7, 7, 9, 7, 7)] + \
+    [Case(Packet(LAN, WAN, "udp", dport=53), "forward"),
+     Case(Packet("198.18.0.1", WAN, "udp", dport=53), "output")] * 3
+
+
+def test_limit_bursts_with_real_packets(lab):
+    arrived = assert_identical(lab, LIMITED, LIMITED_TRAFFIC)["kernel"]
+    assert arrived == [True, True, True, True, True, False, False] + [True] * 4 + [False] * 2
+
+
+# 12/min: a token every 5 seconds, two at most. A burst (sent well within 5 s) takes
+# the two; after 11 s the bucket is full again, however much longer the wait was.
+REFILLED = """\
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A INPUT -p udp --dport 7 -m limit --limit 12/min --limit-burst 2 -j ACCEPT
+-A INPUT -p udp --dport 7 -j DROP
+COMMIT
+"""
+REFILL_SECONDS = 11
+
+
+def test_limit_refills_with_time(lab):
+    burst = [Case(Packet(LAN, "198.18.0.1", "udp", dport=7), "input")] * 4
+    lab.load(REFILLED)
+    first = lab.run(burst)
+    time.sleep(REFILL_SECONDS)
+    second = lab.run(burst)
+    for arrived in (first, second):
+        assert arrived["bpfilter"] == arrived["kernel"] == [True, True, False, False]
+    assert lab.counters("bpfilter") == lab.counters("kernel")

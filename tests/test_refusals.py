@@ -7,6 +7,7 @@ nothing stays loaded: no BPF program, map or link is left behind in this process
 """
 import errno
 import os
+import struct
 import subprocess
 
 import pytest
@@ -291,3 +292,34 @@ def test_an_attach_failure_detaches_and_unloads_everything(fresh_netns, monkeypa
     err = refused(replace_blob(ruleset("-A OUTPUT -p tcp -j DROP")), fresh_netns)
     assert err.errno == errno.EBUSY
     assert len(calls) == 3
+
+
+def limit_blob(avg_burst: "tuple[int, int] | None" = None) -> bytes:
+    """OUTPUT -m limit --limit 1/day --limit-burst 1, its avg and burst then set to
+    `avg_burst` in the payload."""
+    blob = replace_blob(ruleset("-A OUTPUT -m limit --limit 1/day --limit-burst 1 -j ACCEPT"))
+    given = struct.pack("<II", 864000000, 1)
+    assert blob.count(given) == 1
+    return blob.replace(given, struct.pack("<II", *avg_burst)) if avg_burst else blob
+
+
+@pytest.mark.parametrize("avg, burst", [
+    (864000000, 5),       # 1/day, burst 5: avg * burst wraps in u32
+    (864000000, 2),       # 1/day, burst 2: user2credits(avg * burst) wraps
+    (10000, 0),           # a zero burst
+], ids=["avg times burst overflows", "credits overflow", "zero burst"])
+def test_limit_overflow_and_zero_burst_are_out_of_range(fresh_netns, avg, burst):
+    """limit_mt_check(): ERANGE, as the kernel answers the same blob."""
+    blob = limit_blob((avg, burst))
+    err = refused(blob, fresh_netns)
+    assert err.errno == errno.ERANGE, err
+    assert "chain OUTPUT rule 1" in str(err) and "limit" in str(err) and "overflows" in str(err)
+    assert kernel_refusal(blob, fresh_netns) == errno.ERANGE
+
+
+def test_limit_at_the_edge_of_overflow_loads(fresh_netns):
+    """Next to the refused ones, 1/day with burst 1 loads, in bpfilter as in the kernel."""
+    load_filter_table(limit_blob(), attach=False).close()
+    subprocess.run(["ip", "netns", "exec", fresh_netns, "iptables-legacy-restore"],
+                   input=ruleset("-A OUTPUT -m limit --limit 1/day --limit-burst 1 -j ACCEPT"),
+                   text=True, check=True)

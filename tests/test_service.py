@@ -317,6 +317,8 @@ COMMANDS = [
     ("-A web -m mac ! --mac-source 42:01:0a:03:04:05", False),
     ("-A INPUT -p tcp --tcp-option 2 --syn -j ACCEPT", False),
     ("-A OUTPUT -p tcp --dport 22 ! --tcp-option 8 -j DROP", False),
+    ("-A INPUT -p icmp -m limit --limit 5/sec --limit-burst 10 -j ACCEPT", False),
+    ("-A web -m limit --limit 7/min --limit-burst 1 -m limit --limit 3/hour", False),
     ("-E web www", False),
     ("-L -v -n", False),
     ("-L www -v -n -x --line-numbers", False),

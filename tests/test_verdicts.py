@@ -691,6 +691,45 @@ CASES = [
     case("a big packet counts all its bytes", "-A OUTPUT -p udp",
          (OUT, udp(payload_len=1000), ACCEPT), {"OUTPUT 1": (1, 1028), "OUTPUT policy": (1, 1028)}),
 
+    # -- limit (1/hour: no token comes back during a test) -------------------------
+    case("limit: the burst passes, then the bucket is empty",
+         "-A OUTPUT -m limit --limit 1/hour --limit-burst 3 -j DROP",
+         [(OUT, udp(), DROP)] * 3 + [(OUT, udp(), ACCEPT)] * 2,
+         {"OUTPUT 1": (3, 132), "OUTPUT policy": (2, 88)}),
+    case("limit: a packet an earlier test of the rule fails takes no token",
+         "-A OUTPUT -p tcp -m limit --limit 1/hour --limit-burst 2 -j DROP",
+         [(OUT, udp(), ACCEPT)] * 3 + [(OUT, tcp(), DROP)] * 2 + [(OUT, tcp(), ACCEPT)],
+         {"OUTPUT 1": (2, 112), "OUTPUT policy": (4, 188)}),
+    case("limit: a packet an earlier rule decides takes no token",
+         "-A OUTPUT -p udp -j ACCEPT\n-A OUTPUT -m limit --limit 1/hour --limit-burst 1 -j DROP",
+         [(OUT, udp(), ACCEPT), (OUT, udp(), ACCEPT), (OUT, tcp(), DROP), (OUT, tcp(), ACCEPT)],
+         {"OUTPUT 1": (2, 88), "OUTPUT 2": (1, 56), "OUTPUT policy": (1, 56)}),
+    case("limit: a later test of the rule failing still took the token",
+         "-A OUTPUT -p udp -m limit --limit 1/hour --limit-burst 2 -m udp --dport 53 -j DROP",
+         [(OUT, udp(dport=54), ACCEPT), (OUT, udp(dport=54), ACCEPT), (OUT, udp(), ACCEPT)],
+         {"OUTPUT policy": (3, 132)}),
+    case("limit: a hotdrop before the limit takes no token",
+         "-A OUTPUT -p tcp -m tcp --dport 80 -m limit --limit 1/hour --limit-burst 1 -j ACCEPT\n"
+         "-A OUTPUT -j DROP",
+         [(OUT, tcp(truncate_l4=10), DROP), (OUT, tcp(), ACCEPT), (OUT, tcp(), DROP)],
+         {"OUTPUT 1": (1, 56), "OUTPUT 2": (1, 56)}),
+    case("limit: each limit rule has its own bucket",
+         "-A OUTPUT -p udp -m limit --limit 1/hour --limit-burst 1 -j DROP\n"
+         "-A OUTPUT -m limit --limit 1/hour --limit-burst 1 -j DROP",
+         [(OUT, udp(), DROP), (OUT, udp(), DROP), (OUT, udp(), ACCEPT)],
+         {"OUTPUT 1": (1, 44), "OUTPUT 2": (1, 44), "OUTPUT policy": (1, 44)}),
+    case("limit: two limits in one rule, two buckets",
+         "-A OUTPUT -m limit --limit 1/hour --limit-burst 3 -m limit --limit 1/hour "
+         "--limit-burst 1 -j DROP",
+         [(OUT, udp(), DROP), (OUT, udp(), ACCEPT), (OUT, udp(), ACCEPT), (OUT, udp(), ACCEPT)],
+         {"OUTPUT 1": (1, 44), "OUTPUT policy": (3, 132)}),
+    case("limit: one bucket for a chain reached twice",
+         ":X -\n-A OUTPUT -j X\n-A OUTPUT -j X\n"
+         "-A X -m limit --limit 1/hour --limit-burst 3 -j RETURN\n-A X -j DROP",
+         [(OUT, udp(), ACCEPT), (OUT, udp(), DROP)],
+         {"OUTPUT 1": (2, 88), "OUTPUT 2": (2, 88), "X 1": (3, 132), "X 2": (1, 44),
+          "OUTPUT policy": (1, 44)}),
+
     # -- other hooks ------------------------------------------------------------------
     case("INPUT", ":INPUT DROP\n-A INPUT -p tcp --dport 22 -j ACCEPT\n-A OUTPUT -j DROP",
          [(IN, tcp(dport=22), ACCEPT), (IN, tcp(dport=23), DROP)],

@@ -27,6 +27,7 @@ from .abi.decode import table_from_raw
 from .bpf import syscall as bpf
 from .bpf.btf import Btf
 from .compiler import facts
+from .ext import limit
 from .compiler.classifier import KEY_SIZE, VALUE_SIZE, TupleSpace
 from .bpf.insn import MapRef
 from .errors import BpfilterError
@@ -125,6 +126,10 @@ def load_ruleset(table: Table, log: Optional[LogRing] = None) -> Ruleset:
         maps = {COUNTERS: counters_fd, **(log.maps() if log else {})}
         if compiled.tuple_space.entries:
             maps[CLASSIFIER] = _owned(transient, _classifier_map(table, compiled.tuple_space))
+        # fresh buckets with every load, as the kernel's checkentry makes them
+        limits_fd = limit.create_buckets(table)
+        if limits_fd is not None:
+            maps[limit.LIMITS] = _owned(transient, limits_fd)
         for program in compiled.programs:
             code = program.asm.assemble(map_fd=lambda ref: _map_fd(maps, ref),
                                         kfunc_id=lambda k: btf.kfunc_id(k.name))

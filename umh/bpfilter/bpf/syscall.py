@@ -33,6 +33,7 @@ BPF_MAP_GET_NEXT_ID = 12
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_MAP_GET_FD_BY_ID = 14
 BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_BTF_LOAD = 18
 BPF_MAP_LOOKUP_BATCH = 24
 BPF_MAP_UPDATE_BATCH = 26
 BPF_LINK_CREATE = 28
@@ -105,6 +106,18 @@ struct bpf_map_create_attr {
     uint32_t inner_map_fd;
     uint32_t numa_node;
     char map_name[16];
+    uint32_t map_ifindex;
+    uint32_t btf_fd;
+    uint32_t btf_key_type_id;
+    uint32_t btf_value_type_id;
+};
+
+struct bpf_btf_load_attr {
+    uint64_t btf;
+    uint64_t btf_log_buf;
+    uint32_t btf_size;
+    uint32_t btf_log_size;
+    uint32_t btf_log_level;
 };
 
 struct bpf_map_elem_attr {
@@ -293,8 +306,13 @@ def _obj_name(name: str) -> bytes:
 # -- maps -----------------------------------------------------------------
 
 def map_create(map_type: int, key_size: int, value_size: int, max_entries: int,
-               name: str = "", flags: int = 0, inner_map_fd: int = 0) -> int:
+               name: str = "", flags: int = 0, inner_map_fd: int = 0,
+               btf: "tuple[int, int, int] | None" = None) -> int:
+    """`btf` is (BTF fd, key type id, value type id), which a map whose value holds
+    a bpf_spin_lock needs."""
     attr = ffi.new("struct bpf_map_create_attr *")
+    if btf is not None:
+        attr.btf_fd, attr.btf_key_type_id, attr.btf_value_type_id = btf
     attr.map_type = map_type
     attr.key_size = key_size
     attr.value_size = value_size
@@ -303,6 +321,15 @@ def map_create(map_type: int, key_size: int, value_size: int, max_entries: int,
     attr.inner_map_fd = inner_map_fd
     attr.map_name = _obj_name(name)
     return _call(BPF_MAP_CREATE, attr, f"map {name!r}")
+
+
+def btf_load(raw: bytes) -> int:
+    """Load raw BTF (types for map keys and values); its fd."""
+    buf = ffi.from_buffer(raw)
+    attr = ffi.new("struct bpf_btf_load_attr *")
+    attr.btf = _ptr(buf)
+    attr.btf_size = len(raw)
+    return _call(BPF_BTF_LOAD, attr, "BTF")
 
 
 def _elem_attr(fd: int, key, value=None, flags: int = 0):

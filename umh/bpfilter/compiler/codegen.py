@@ -162,7 +162,7 @@ class _HookCompiler:
                 continue
             rule = segment
             next_rule = self.asm.label(f"e{rule.entry}_next")
-            out = RuleOutcome(self.asm)
+            out = RuleOutcome(self.asm, rule)
             self._emit_ip(rule.ip, out)
             for match in rule.matches:
                 ext.emit_match(match, self.table.family, self.asm, out)

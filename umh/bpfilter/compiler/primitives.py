@@ -33,8 +33,9 @@ class RuleOutcome:
     par->hotdrop) while every test before it held. finish() branches: to `drop` on a
     hotdrop, to `next` on a mismatch, on through otherwise."""
 
-    def __init__(self, asm: Assembler):
+    def __init__(self, asm: Assembler, rule=None):
         self.asm = asm
+        self.rule = rule    # matches with per-rule state (limit) key it by the rule
         self.hotdrops = False
         asm.emit(BPF_MOV64_IMM(MISMATCH, 0), BPF_MOV64_IMM(HOTDROP, 0))
 

@@ -242,5 +242,5 @@ def facts_needed(rule: Rule, family: Family) -> frozenset[str]:
 
 
 # Registration happens on import of each extension module.
-from . import (comment, conntrack, icmp, iprange, length, log, mac, mark,  # noqa: E402,F401
+from . import (comment, conntrack, icmp, iprange, length, limit, log, mac, mark,  # noqa: E402,F401
                multiport, owner, pkttype, reject, tcp, ttl, udp)

@@ -1,0 +1,282 @@
+"""-m limit: --limit RATE --limit-burst N (struct xt_rateinfo, revision 0).
+
+net/netfilter/xt_limit.c's token bucket, done as the kernel does it:
+
+* limit_mt_check() turns the rate into credits with user2credits(), whose result
+  depends on the kernel's HZ (read from its build configuration: a guess would be a
+  different rate), and starts every bucket full (credit = user2credits(avg * burst),
+  prev = jiffies). When the payload's cost is not zero the kernel keeps the payload's
+  credit_cap and cost as given; the starting credit is computed all the same.
+* limit_mt() adds (now - prev) * CREDITS_PER_JIFFY credits, in u32 arithmetic that
+  wraps as the kernel's does, caps them at credit_cap, and takes `cost` if there are
+  that many. Its fast path (too few credits and no jiffy elapsed) writes nothing,
+  which matters when credit exceeds credit_cap, so it is kept.
+
+Each limit match has its own bucket (the kernel's xt_limit_priv) in a hash map the
+loader creates with every table load: replacing a table re-runs checkentry in the
+kernel, which starts every bucket afresh, and so does a new map. The kernel updates
+a bucket with a cmpxchg loop; here a bpf_spin_lock in the bucket serialises the
+update, which gives one of the outcomes the kernel's loop can give.
+
+The rule's earlier tests gate the bucket: ipt_do_table() stops at the first match
+that fails (or hotdrops), so a packet an earlier test rejects takes no token.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import gzip
+import os
+import re
+import struct
+from dataclasses import dataclass
+from typing import Optional
+
+from construct import Int32ul, Int64ul, Padding, Struct
+
+from ..bpf import insn as I
+from ..bpf import syscall as bpf
+from ..bpf.asm import Assembler
+from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU32_REG, BPF_ALU64_IMM, BPF_ALU64_REG, BPF_DW,
+                        BPF_EMIT_CALL, BPF_EXIT_INSN, BPF_JMP32_IMM, BPF_JMP_IMM,
+                        BPF_JMP_REG, BPF_LD_IMM64, BPF_LD_MAP_FD, BPF_LD_MAP_VALUE, BPF_LDX_MEM,
+                        BPF_MOV32_IMM, BPF_MOV64_IMM, BPF_MOV64_REG, BPF_STX_MEM, BPF_W, MapRef,
+                        R0, R1, R2, R3, R6, R8, R9)
+from ..compiler import facts
+from ..compiler.primitives import HOTDROP, MISMATCH
+from ..errors import BpfilterError
+from ..model import Match, Table
+from . import MatchExtension, register_match
+
+XT_LIMIT_SCALE = 10000
+U32 = 0xFFFFFFFF
+
+xt_rateinfo = Struct(
+    "avg" / Int32ul,
+    "burst" / Int32ul,
+    # kernel-private: prev and credit moved to xt_limit_priv; master is its pointer
+    "prev" / Int64ul,
+    "credit" / Int32ul,
+    "credit_cap" / Int32ul,
+    "cost" / Int32ul,
+    Padding(4),
+    "master" / Int64ul,
+)
+
+LIMITS = MapRef("limits")
+
+# The bucket (value of the LIMITS map) and its BTF, which a value holding a
+# bpf_spin_lock needs: struct { struct bpf_spin_lock lock; u32 credit; u64 prev; }
+B_CREDIT, B_PREV = 4, 8
+BUCKET = struct.Struct("<IIQ")
+KEY = struct.Struct("<Q")          # entry << 32 | the match's position in the rule
+
+# The bucket's key, written where helpers can read it from any frame.
+_KEY = facts.reserve("limit", KEY.size)
+
+
+@functools.lru_cache(maxsize=1)
+def kernel_hz() -> int:
+    """CONFIG_HZ of the running kernel, on which every credit count depends."""
+    try:
+        with gzip.open("/proc/config.gz", "rt") as config:
+            found = re.search(r"^CONFIG_HZ=(\d+)$", config.read(), re.M)
+    except OSError:
+        found = None
+    if found is None:
+        raise BpfilterError(errno.EOPNOTSUPP, "limit: the kernel's HZ is unknown (no CONFIG_HZ "
+                                              "in /proc/config.gz), and xt_limit's credits depend "
+                                              "on it; the whole table is refused")
+    return int(found.group(1))
+
+
+def credits_per_jiffy(hz: int) -> int:
+    """CREDITS_PER_JIFFY: the power of two at or below 0xFFFFFFFF / (HZ*60*60*24)."""
+    return 1 << ((U32 // (hz * 60 * 60 * 24)).bit_length() - 1)
+
+
+def user2credits(user: int, hz: int) -> int:
+    """xt_limit's user2credits(), in its u32 arithmetic."""
+    cpj = credits_per_jiffy(hz)
+    if user > U32 // (hz * cpj):
+        return (user // XT_LIMIT_SCALE) * hz * cpj & U32
+    return (user * hz * cpj & U32) // XT_LIMIT_SCALE
+
+
+@dataclass(frozen=True)
+class LimitMatch(Match):
+    avg: int
+    burst: int
+    credit: int        # the full bucket every table load starts with
+    credit_cap: int
+    cost: int
+    shift: int         # log2(CREDITS_PER_JIFFY)
+    name = "limit"
+    revision = 0
+
+
+@register_match
+class Limit(MatchExtension):
+    name = "limit"
+    struct = xt_rateinfo
+
+    def decode(self, payload: bytes, where: str) -> LimitMatch:
+        avg, burst, _prev, _credit, credit_cap, cost, _master = self.packed.unpack_from(payload)
+        hz = kernel_hz()
+        full = user2credits(avg * burst & U32, hz)
+        # limit_mt_check()
+        if burst == 0 or full < user2credits(avg, hz):
+            raise BpfilterError(errno.ERANGE, f"{where}: limit: rate {avg}/{burst} overflows "
+                                              f"(the kernel says: Overflow, try lower)")
+        if cost == 0:
+            credit_cap, cost = full, user2credits(avg, hz)
+        return LimitMatch(avg, burst, full, credit_cap, cost,
+                          credits_per_jiffy(hz).bit_length() - 1)
+
+    def describe(self, m: LimitMatch) -> str:
+        return f"limit: avg {_rate(m.avg)} burst {m.burst}"
+
+    def emit(self, m: LimitMatch, asm, out) -> None:
+        """limit_mt() on the rule's bucket, if every earlier test of the rule held;
+        its answer folds into the outcome. R8 carries it across the helper calls:
+        0 a token was taken, 1 none, 2 no bucket (the loader makes one for every
+        limit match, so never; failing closed, it drops the packet)."""
+        done, outcome = asm.label("limit_done"), asm.label("limit_outcome")
+        update, capped = asm.label("limit_update"), asm.label("limit_capped")
+        store, unlock = asm.label("limit_store"), asm.label("limit_unlock")
+        out.hotdrops = True
+        asm.emit(BPF_MOV64_REG(R1, MISMATCH), BPF_ALU64_REG(I.BPF_OR, R1, HOTDROP),
+                 BPF_JMP_IMM(I.BPF_JNE, R1, 0, done),
+                 BPF_LD_IMM64(R1, bucket_key(out.rule, m)), BPF_STX_MEM(BPF_DW, R6, R1, _KEY),
+                 BPF_LD_MAP_FD(R1, LIMITS), BPF_MOV64_REG(R2, R6),
+                 BPF_ALU64_IMM(I.BPF_ADD, R2, _KEY),
+                 BPF_EMIT_CALL(I.BPF_FUNC_map_lookup_elem),
+                 BPF_MOV64_IMM(R8, 2), BPF_JMP_IMM(I.BPF_JEQ, R0, 0, outcome),
+                 BPF_MOV64_REG(R9, R0),
+                 BPF_EMIT_CALL(I.BPF_FUNC_jiffies64), BPF_MOV64_REG(R8, R0),
+                 BPF_MOV64_REG(R1, R9), BPF_EMIT_CALL(I.BPF_FUNC_spin_lock),
+                 # R1 = credit, R2 = prev, R3 = now; R8 = 1 until a token is taken
+                 BPF_LDX_MEM(BPF_W, R1, R9, B_CREDIT), BPF_LDX_MEM(BPF_DW, R2, R9, B_PREV),
+                 BPF_MOV64_REG(R3, R8), BPF_MOV64_IMM(R8, 1),
+                 # the fast path: too few credits and no jiffy elapsed, nothing written
+                 BPF_JMP32_IMM(I.BPF_JGE, R1, m.cost, update),
+                 BPF_JMP_REG(I.BPF_JEQ, R2, R3, unlock))
+        asm.place(update)
+        # credit += (now - xchg(&prev, now)) * CREDITS_PER_JIFFY, all in u32
+        asm.emit(BPF_STX_MEM(BPF_DW, R9, R3, B_PREV),
+                 BPF_ALU64_REG(I.BPF_SUB, R3, R2), BPF_ALU64_IMM(I.BPF_LSH, R3, m.shift),
+                 BPF_ALU32_REG(I.BPF_ADD, R1, R3),
+                 BPF_JMP32_IMM(I.BPF_JLE, R1, m.credit_cap, capped),
+                 BPF_MOV32_IMM(R1, m.credit_cap))
+        asm.place(capped)
+        asm.emit(BPF_JMP32_IMM(I.BPF_JLT, R1, m.cost, store),
+                 BPF_ALU32_IMM(I.BPF_SUB, R1, m.cost), BPF_MOV64_IMM(R8, 0))
+        asm.place(store)
+        asm.emit(BPF_STX_MEM(BPF_W, R9, R1, B_CREDIT))
+        asm.place(unlock)
+        asm.emit(BPF_MOV64_REG(R1, R9), BPF_EMIT_CALL(I.BPF_FUNC_spin_unlock))
+        asm.place(outcome)
+        asm.emit(BPF_MOV64_REG(MISMATCH, R8), BPF_ALU64_IMM(I.BPF_AND, MISMATCH, 1),
+                 BPF_MOV64_REG(HOTDROP, R8), BPF_ALU64_IMM(I.BPF_RSH, HOTDROP, 1))
+        asm.place(done)
+
+
+def bucket_key(rule, match: LimitMatch) -> int:
+    """The bucket of a limit match: its rule's entry and its position in the rule
+    (by identity: two equal limit matches in one rule have a bucket each)."""
+    position = next(i for i, other in enumerate(rule.matches) if other is match)
+    return rule.entry << 32 | position
+
+
+def buckets(table: Table) -> list[tuple[int, LimitMatch]]:
+    return [(bucket_key(rule, m), m) for chain in table.chains.values()
+            for rule in chain.rules for m in rule.matches if isinstance(m, LimitMatch)]
+
+
+def create_buckets(table: Table) -> Optional[int]:
+    """The LIMITS map for `table`, every bucket full and stamped with the current
+    jiffies as limit_mt_check() leaves it; None when the table has no limit match."""
+    found = buckets(table)
+    if not found:
+        return None
+    btf_fd = bpf.btf_load(_BUCKET_BTF)
+    try:
+        fd = bpf.map_create(bpf.BPF_MAP_TYPE_HASH, KEY.size, BUCKET.size, len(found),
+                            f"{table.name}_limit", btf=(btf_fd, _BTF_U64, _BTF_BUCKET))
+    finally:
+        os.close(btf_fd)
+    try:
+        now = jiffies()
+        keys = b"".join(KEY.pack(key) for key, _ in found)
+        values = b"".join(BUCKET.pack(0, m.credit, now) for _, m in found)
+        bpf.map_update_batch(fd, keys, values, len(found))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _btf_blob() -> tuple[bytes, int, int]:
+    """Raw BTF for the bucket: (blob, id of u64, id of the bucket struct)."""
+    strings = bytearray(b"\0")
+
+    def name(text: str) -> int:
+        strings.extend(text.encode() + b"\0")
+        return len(strings) - len(text) - 1
+
+    def integer(text: str, size: int, signed: bool) -> bytes:
+        return struct.pack("<IIII", name(text), 1 << 24, size, (signed << 24) | size * 8)
+
+    def composite(text: str, size: int, members) -> bytes:
+        head = struct.pack("<III", name(text), 4 << 24 | len(members), size)
+        return head + b"".join(struct.pack("<III", name(n), t, bits) for n, t, bits in members)
+
+    types = (integer("unsigned int", 4, False)                      # 1
+             + integer("int", 4, True)                              # 2
+             + composite("bpf_spin_lock", 4, [("val", 2, 0)])       # 3
+             + integer("unsigned long long", 8, False)              # 4
+             + composite("limit_bucket", BUCKET.size,               # 5
+                         [("lock", 3, 0), ("credit", 1, 8 * B_CREDIT), ("prev", 4, 8 * B_PREV)]))
+    header = struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, len(types), len(types), len(strings))
+    return header + types + bytes(strings), 4, 5
+
+
+_BUCKET_BTF, _BTF_U64, _BTF_BUCKET = _btf_blob()
+_JIFFIES = MapRef("jiffies")
+
+
+def jiffies() -> int:
+    """The kernel's jiffies now, as limit_mt_check() reads it: a two-instruction
+    program run once writes bpf_jiffies64() where this can read it."""
+    fd = bpf.map_create(bpf.BPF_MAP_TYPE_ARRAY, 4, 8, 1, "limit_jiffies")
+    try:
+        code = _jiffies_program().assemble(map_fd={_JIFFIES: fd}.__getitem__)
+        prog = bpf.prog_load(bpf.BPF_PROG_TYPE_NETFILTER, code, "limit_jiffies",
+                             expected_attach_type=bpf.BPF_NETFILTER)
+        try:
+            bpf.nf_test_run(prog, bpf.NF_INET_LOCAL_OUT, b"\x45" + bytes(19))
+        finally:
+            os.close(prog)
+        return struct.unpack("<Q", bpf.map_lookup(fd, bytes(4), 8))[0]
+    finally:
+        os.close(fd)
+
+
+def _jiffies_program():
+    asm = Assembler()
+    asm.emit(BPF_EMIT_CALL(I.BPF_FUNC_jiffies64), BPF_LD_MAP_VALUE(R1, _JIFFIES, 0),
+             BPF_STX_MEM(BPF_DW, R1, R0, 0), BPF_MOV64_IMM(R0, 1), BPF_EXIT_INSN())
+    return asm
+
+
+def _rate(avg: int) -> str:
+    """libxt_limit's print_rate(): the coarsest unit the period divides well."""
+    if avg == 0:
+        return "inf"
+    rates = (("day", XT_LIMIT_SCALE * 24 * 60 * 60), ("hour", XT_LIMIT_SCALE * 60 * 60),
+             ("min", XT_LIMIT_SCALE * 60), ("sec", XT_LIMIT_SCALE))
+    i = 1
+    while i < len(rates) and not (avg > rates[i][1] or rates[i][1] // avg < rates[i][1] % avg):
+        i += 1
+    name, mult = rates[i - 1]
+    return f"{mult // avg}/{name}"
