@@ -15,6 +15,7 @@ additions never race with packet accounting.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import struct
 from contextlib import ExitStack, nullcontext
@@ -55,6 +56,11 @@ class Ruleset:
     counters_fd: int
     offsets_fd: int
     hooks: dict[Hook, HookRules] = field(default_factory=dict)
+
+    @functools.cached_property
+    def uses_conntrack(self) -> bool:
+        """Whether its programs read conntrack (it must be on in their namespace)."""
+        return uses_conntrack(self.table)
 
     def counters(self) -> list[tuple[int, int]]:
         """(packets, bytes) per table entry: summed over CPUs, plus added offsets."""
@@ -227,7 +233,7 @@ def load_filter_table(replace_blob: bytes, netns_name: Optional[str] = None,
     """The whole path for an IPT_SO_SET_REPLACE payload: validate, model, compile, load,
     and unless told otherwise attach in `netns_name`; LOG rules write to `log`."""
     ruleset = load_ruleset(table_from_raw(codec.parse_replace(replace_blob)), log)
-    conntrack = attach and uses_conntrack(ruleset.table)
+    conntrack = attach and ruleset.uses_conntrack
     where = netns_name and netns.path_of(netns_name)
     try:
         if conntrack:

@@ -28,7 +28,6 @@ from .abi import xtables as X
 from .abi.decode import SUPPORTED_TABLES, table_from_raw
 from .bpf.syscall import BpfError
 from .errors import BpfilterError
-from .compiler.codegen import uses_conntrack
 from .ext import known_match_revisions, known_target_revisions
 from .ext.log import logs
 from .klog import KernelLog, LogRing, devkmsg_unlimited
@@ -173,8 +172,8 @@ class _Caller:
         store = self.service.store
         slots = previous.slots if previous else {}
         netns_path = f"/proc/self/fd/{self.netns_fd}"
-        had_conntrack = previous is not None and uses_conntrack(previous.ruleset.table)
-        needs_conntrack = uses_conntrack(table)
+        had_conntrack = previous is not None and previous.ruleset.uses_conntrack
+        needs_conntrack = ruleset.uses_conntrack
         try:
             if needs_conntrack and not had_conntrack:
                 ctnetns.hold(netns_path)   # before the first packet meets the new rules
