@@ -37,6 +37,8 @@
 #include <linux/wait.h>
 #include <linux/workqueue.h>
 #include <net/net_namespace.h>
+#include <net/netns/generic.h>
+#include <net/netfilter/nf_conntrack.h>
 #include <net/sock.h>
 
 #include "bpfilter_proto.h"
@@ -796,6 +798,64 @@ out:
 	return ret;
 }
 
+/* Conntrack references taken for the helper's tables, per namespace. */
+struct bpfilter_net {
+	unsigned int ct_users;
+};
+
+static unsigned int bpfilter_net_id __read_mostly;
+static DEFINE_MUTEX(bpfilter_ct_lock);
+
+static long bpfilter_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
+{
+	struct bpfilter_net *bn;
+	struct net *net;
+	long err = 0;
+
+	if (cmd != BPFILTER_IOC_CONNTRACK_GET && cmd != BPFILTER_IOC_CONNTRACK_PUT)
+		return -ENOTTY;
+	if (READ_ONCE(bpfilter.helper_file) != file)
+		return -EPERM;
+	net = get_net_ns_by_fd(arg);
+	if (IS_ERR(net))
+		return PTR_ERR(net);
+	bn = net_generic(net, bpfilter_net_id);
+	mutex_lock(&bpfilter_ct_lock);
+	if (cmd == BPFILTER_IOC_CONNTRACK_GET) {
+		err = nf_ct_netns_get(net, NFPROTO_IPV4);
+		if (!err)
+			bn->ct_users++;
+	} else if (bn->ct_users) {
+		nf_ct_netns_put(net, NFPROTO_IPV4);
+		bn->ct_users--;
+	} else {
+		err = -ENOENT;	/* nothing to give back: the helper's count is wrong */
+	}
+	mutex_unlock(&bpfilter_ct_lock);
+	put_net(net);
+	return err;
+}
+
+/*
+ * A namespace going away, or the module (after its helper detached every table):
+ * what was taken for it is given back, as ip_tables' rules give theirs back.
+ */
+static void __net_exit bpfilter_ct_net_exit(struct net *net)
+{
+	struct bpfilter_net *bn = net_generic(net, bpfilter_net_id);
+
+	mutex_lock(&bpfilter_ct_lock);
+	for (; bn->ct_users; bn->ct_users--)
+		nf_ct_netns_put(net, NFPROTO_IPV4);
+	mutex_unlock(&bpfilter_ct_lock);
+}
+
+static struct pernet_operations bpfilter_ct_net_ops = {
+	.exit = bpfilter_ct_net_exit,
+	.id = &bpfilter_net_id,
+	.size = sizeof(struct bpfilter_net),
+};
+
 /*
  * No .owner: the helper holds the device open for as long as the module is
  * loaded, and a reference from it would make the module impossible to unload.
@@ -820,6 +880,7 @@ static const struct file_operations bpfilter_fops = {
 	.read		= bpfilter_read,
 	.poll		= bpfilter_poll,
 	.write		= bpfilter_write,
+	.unlocked_ioctl	= bpfilter_ioctl,
 };
 
 static struct miscdevice bpfilter_dev = {
@@ -974,9 +1035,12 @@ static int __init bpfilter_init(void)
 	err = misc_register(&bpfilter_dev);
 	if (err)
 		goto err_ipv6;
-	err = register_pernet_subsys(&bpfilter_net_ops);
+	err = register_pernet_subsys(&bpfilter_ct_net_ops);
 	if (err)
 		goto err_dev;
+	err = register_pernet_subsys(&bpfilter_net_ops);
+	if (err)
+		goto err_ct;
 	mutex_lock(&bpfilter.call_lock);
 	err = bpfilter_spawn();
 	mutex_unlock(&bpfilter.call_lock);
@@ -987,6 +1051,8 @@ static int __init bpfilter_init(void)
 
 err_pernet:
 	unregister_pernet_subsys(&bpfilter_net_ops);
+err_ct:
+	unregister_pernet_subsys(&bpfilter_ct_net_ops);
 err_dev:
 	misc_deregister(&bpfilter_dev);
 err_ipv6:
@@ -1007,6 +1073,8 @@ static void __exit bpfilter_exit(void)
 	nf_unregister_sockopt(&bpfilter_ipv4_sockopts);
 	bpfilter_shutdown();
 	misc_deregister(&bpfilter_dev);
+	/* After the shutdown: the tables reading conntrack are gone by now. */
+	unregister_pernet_subsys(&bpfilter_ct_net_ops);
 	err = bpfilter_umh_file(true);
 	if (err && err != -ENOENT)
 		pr_warn("cannot remove %s: error %d\n", umh_path, err);

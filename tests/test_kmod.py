@@ -154,6 +154,43 @@ def test_kmod_end_to_end(module, nocap):
         assert bad not in result.console, result.console
 
 
+def test_kmod_conntrack_and_reject(module):
+    """Conntrack switched on by the module, and REJECT's answers sent by the kernel
+    through the module's kfuncs: the same probes, and the same counters, as with
+    the kernel's ip_tables in the same guest (tools/vm/scenarios/kmod-targets.sh)."""
+    kver = harness.kernel_release()
+    extra = {**system_libraries(), f"/lib/modules/{kver}/extra/bpfilter.ko": str(module)}
+    script = (ROOT / "tools/vm/scenarios/kmod-targets.sh").read_text()
+    result = harness.run_scenario(script, extra, timeout=300)
+    out = result.output
+    assert result.status == 0, out
+    s = sections(out)
+
+    # conntrack: replies and their ICMP errors pass, nothing unsolicited does, and
+    # new flows get entries (conntrack is on) as with ip_tables
+    for phase in ("reference conntrack", "bpfilter conntrack"):
+        ct = s[phase]
+        assert "reply to an outgoing flow: reply\n" in ct, ct
+        assert "icmp error of an outgoing flow: Connection refused\n" in ct, ct
+        assert "unsolicited: 0 received\n" in ct, ct
+        assert "new flow: conntrack entries +1\n" in ct, ct
+    assert _after(s["reference conntrack"], "Chain INPUT") == \
+        _after(s["bpfilter conntrack"], "Chain INPUT")
+    assert "nf_conntrack used by: bpfilter" in s["bpfilter conntrack"]
+    # conntrack stays on for the pinned tables while no helper runs
+    assert "helper killed\nreply to an outgoing flow: reply\n" in s["bpfilter conntrack"]
+    # rmmod gives every reference back: conntrack is off again
+    assert "bpfilter: unloaded\nnew flow: conntrack entries +0\n" in s["rmmod"]
+
+    assert "ip_tables: not loaded" in s["unload ip_tables"]
+    for bad in ("WARNING:", "BUG:", "Call Trace:"):
+        assert bad not in result.console, result.console
+
+
+def _after(text: str, marker: str) -> str:
+    return text[text.index(marker):]
+
+
 def test_dkms_builds_and_installs(module, tmp_path):
     """DKMS builds the module from an installed source tree (the helper built
     beforehand) against the guest kernel's headers, and installs it."""

@@ -224,13 +224,15 @@ def load_filter_table(replace_blob: bytes, netns_name: Optional[str] = None,
     ruleset = load_ruleset(table_from_raw(codec.parse_replace(replace_blob)), log)
     conntrack = attach and uses_conntrack(ruleset.table)
     where = netns_name and netns.path_of(netns_name)
+    held = False   # a hold that failed has nothing to give back
     try:
         if conntrack:
             ctnetns.hold(where)
+            held = True
         return LoadedTable(ruleset, attach_slots(ruleset, netns_name) if attach else {},
                            conntrack=conntrack, conntrack_netns=where)
     except BaseException:
-        if conntrack:
+        if held:
             ctnetns.release(where)
         ruleset.close()
         raise

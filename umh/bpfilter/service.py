@@ -175,9 +175,11 @@ class _Caller:
         netns_path = f"/proc/self/fd/{self.netns_fd}"
         had_conntrack = previous is not None and uses_conntrack(previous.ruleset.table)
         needs_conntrack = uses_conntrack(table)
+        held = False   # a hold that failed has nothing to give back
         try:
             if needs_conntrack and not had_conntrack:
                 ctnetns.hold(netns_path)   # before the first packet meets the new rules
+                held = True
             if previous is None:
                 slots = attach_slots(ruleset, netns_path)
                 store.save_slots(key, slots)
@@ -194,7 +196,7 @@ class _Caller:
                 for hook, slot in slots.items():
                     slot.fill(previous.ruleset.hooks[hook])
             ruleset.close()
-            if needs_conntrack and not had_conntrack:
+            if held:
                 ctnetns.release(netns_path)
             raise
         if had_conntrack and not needs_conntrack:
@@ -409,6 +411,7 @@ def serve_device(device: str, bpffs: str = DEFAULT_ROOT) -> None:
     ensure_bpffs(bpffs)
     service = Service(Store(bpffs))
     dev = os.open(device, os.O_RDWR)
+    ctnetns.use_device(dev)   # conntrack is switched on by the module, no nft needed
     kernel_log = KernelLog(service.log_ring, log)
     log(f"serving bpfilter.ko through {device}, tables pinned under {bpffs}")
     waiting = select.poll()
@@ -440,6 +443,7 @@ def serve_device(device: str, bpffs: str = DEFAULT_ROOT) -> None:
                     os.close(netns_fd)
             os.write(dev, proto.build_reply(status, reply))
     finally:
+        ctnetns.use_device(None)
         os.close(dev)
         kernel_log.drain()
         kernel_log.close()
