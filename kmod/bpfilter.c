@@ -13,9 +13,13 @@
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
+#include <linux/bpf.h>
+#include <linux/btf.h>
+#include <linux/btf_ids.h>
 #include <linux/compat.h>
 #include <linux/file.h>
 #include <linux/fs.h>
+#include <linux/icmp.h>
 #include <linux/miscdevice.h>
 #include <linux/poll.h>
 #include <linux/module.h>
@@ -23,6 +27,7 @@
 #include <linux/namei.h>
 #include <linux/netfilter.h>
 #include <linux/netfilter_ipv4/ip_tables.h>
+#include <linux/netfilter_ipv4/ipt_REJECT.h>
 #include <linux/netfilter_ipv6/ip6_tables.h>
 #include <linux/pid.h>
 #include <linux/proc_fs.h>
@@ -39,6 +44,7 @@
 #include <net/net_namespace.h>
 #include <net/netns/generic.h>
 #include <net/netfilter/nf_conntrack.h>
+#include <net/netfilter/ipv4/nf_reject.h>
 #include <net/sock.h>
 
 #include "bpfilter_proto.h"
@@ -857,6 +863,70 @@ static struct pernet_operations bpfilter_ct_net_ops = {
 };
 
 /*
+ * Kfuncs for the helper's netfilter programs: what iptables' targets do that a BPF
+ * program cannot. The program tests the rule, then calls the kfunc, then returns
+ * the target's verdict itself.
+ */
+__bpf_kfunc_start_defs();
+
+/**
+ * bpfilter_reject - send what ipt_REJECT's reject_tg() sends for @skb
+ * @skb: the packet, from the program's context
+ * @state: its hook state, from the program's context
+ * @with: enum ipt_reject_with, as in the rule
+ *
+ * The kernel's own nf_send_reset() and nf_send_unreach(), with the arguments
+ * reject_tg() passes them, so the answer is the kernel's to the byte. The caller
+ * returns NF_DROP, as reject_tg() does. Only where ipt_REJECT may run: IPv4, the
+ * filter table's hooks (any netfilter program may call this).
+ *
+ * Return: 0, or -EINVAL (nothing sent) for another family, hook or @with.
+ */
+__bpf_kfunc int bpfilter_reject(struct sk_buff *skb, const struct nf_hook_state *state, u32 with)
+{
+	static const u8 icmp_code[] = {
+		[IPT_ICMP_NET_UNREACHABLE] = ICMP_NET_UNREACH,
+		[IPT_ICMP_HOST_UNREACHABLE] = ICMP_HOST_UNREACH,
+		[IPT_ICMP_PROT_UNREACHABLE] = ICMP_PROT_UNREACH,
+		[IPT_ICMP_PORT_UNREACHABLE] = ICMP_PORT_UNREACH,
+		[IPT_ICMP_NET_PROHIBITED] = ICMP_NET_ANO,
+		[IPT_ICMP_HOST_PROHIBITED] = ICMP_HOST_ANO,
+		[IPT_ICMP_ADMIN_PROHIBITED] = ICMP_PKT_FILTERED,
+	};
+
+	if (state->pf != NFPROTO_IPV4)
+		return -EINVAL;
+	switch (state->hook) {
+	case NF_INET_LOCAL_IN:
+	case NF_INET_FORWARD:
+	case NF_INET_LOCAL_OUT:
+		break;
+	default:
+		return -EINVAL;
+	}
+	if (with == IPT_TCP_RESET) {
+		nf_send_reset(state->net, state->sk, skb, state->hook);
+		return 0;
+	}
+	/* echo-reply is refused by REJECT's checkentry: 0 here means no entry */
+	if (with >= ARRAY_SIZE(icmp_code) || with == IPT_ICMP_ECHOREPLY)
+		return -EINVAL;
+	nf_send_unreach(skb, icmp_code[with], state->hook);
+	return 0;
+}
+
+__bpf_kfunc_end_defs();
+
+BTF_KFUNCS_START(bpfilter_kfunc_ids)
+BTF_ID_FLAGS(func, bpfilter_reject, KF_TRUSTED_ARGS)
+BTF_KFUNCS_END(bpfilter_kfunc_ids)
+
+static const struct btf_kfunc_id_set bpfilter_kfunc_set = {
+	.owner = THIS_MODULE,
+	.set = &bpfilter_kfunc_ids,
+};
+
+/*
  * No .owner: the helper holds the device open for as long as the module is
  * loaded, and a reference from it would make the module impossible to unload.
  * Module exit waits for every file to be released instead; a release that has
@@ -1016,6 +1086,16 @@ static int __init bpfilter_init(void)
 	if (umh_path[0] != '/' || !*kbasename(umh_path)) {
 		pr_err("umh_path must be an absolute file name, not \"%s\"\n", umh_path);
 		return -EINVAL;
+	}
+	/*
+	 * No unregistering: the set goes with the module's BTF. A program calling a
+	 * kfunc holds the module, so bpfilter.ko stays loaded while a table with
+	 * REJECT exists, as ipt_REJECT does while a rule uses it.
+	 */
+	err = register_btf_kfunc_id_set(BPF_PROG_TYPE_NETFILTER, &bpfilter_kfunc_set);
+	if (err) {
+		pr_err("cannot register the kfuncs of REJECT (error %d)\n", err);
+		return err;
 	}
 	err = register_module_notifier(&bpfilter_module_nb);
 	if (err)

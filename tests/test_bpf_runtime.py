@@ -159,6 +159,7 @@ def sysfs_btf(monkeypatch):
         monkeypatch.setattr(btf_module, "SYSFS_DIR", str(directory))
         monkeypatch.setattr(btf_module, "VMLINUX_PATH", f"{directory}/vmlinux")
         monkeypatch.setattr(Btf, "_vmlinux", None)
+        monkeypatch.setattr(Btf, "_modules", {})
         ct_offsets.cache_clear()
     yield point
     ct_offsets.cache_clear()
@@ -183,6 +184,12 @@ def test_split_btf_continues_vmlinux_ids_and_strings(tmp_path, sysfs_btf):
                           check=True).stdout
     assert f"[{new_id}] STRUCT 'nf_conn' size={real.struct_size('nf_conn')}" in dump
     assert f"'status' type_id={real._find_member(real_id, 'status')[0]}" in dump
+    # read once while the module's file stays; a reloaded module's file is read again
+    assert Btf.module("nf_conntrack") is module
+    reloaded = directory / "nf_conntrack.new"
+    reloaded.write_bytes((directory / "nf_conntrack").read_bytes())
+    reloaded.rename(directory / "nf_conntrack")
+    assert Btf.module("nf_conntrack") is not module
 
 
 def test_conntrack_offsets_from_the_nf_conntrack_module(tmp_path, sysfs_btf):

@@ -118,8 +118,19 @@ serve rcv 3 7
 echo "reply to an outgoing flow: $(ip netns exec snd udp ask 198.18.0.2 7)"
 wait
 
+say bpfilter reject
+reject_probes
+
 say rmmod
-rmmod bpfilter
+# A program calling a module's kfunc holds the module, as a rule holds ipt_REJECT.
+rmmod bpfilter 2>/dev/null && echo "with REJECT rules: unloaded" || echo "with REJECT rules: in use"
+ip netns exec rcv iptables-legacy -F
+tries=0
+# The replaced programs are freed after an RCU grace period.
+until rmmod bpfilter 2>/dev/null; do
+	tries=$((tries + 1)); [ $tries -lt 50 ] || break
+	sleep 0.1
+done
 loaded bpfilter || echo "bpfilter: unloaded"
 ct_new_flow 4
 

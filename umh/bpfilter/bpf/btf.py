@@ -14,6 +14,7 @@ Type ids are positions in the type section, starting at 1 (0 is void).
 Loading makes a single pass that only records where each record starts and
 which ids carry which name; records are decoded when asked for.
 """
+import os
 import struct
 import threading
 
@@ -50,6 +51,7 @@ class BtfError(LookupError):
 class Btf:
     _vmlinux = None
     _vmlinux_lock = threading.Lock()
+    _modules: dict = {}   # sysfs path -> (that file's identity, its Btf)
 
     def __init__(self, raw: bytes, origin: str = "<bytes>", base: "Btf | None" = None):
         """`base`: the BTF that `raw` is split on (vmlinux's, for a module's)."""
@@ -90,16 +92,25 @@ class Btf:
     @classmethod
     def module(cls, name: str) -> "Btf":
         """A loaded module's BTF, split on vmlinux's; BtfError if the module is not
-        loaded or has no BTF. Read afresh on every call: a module can be reloaded,
-        a different build with different ids."""
+        loaded or has no BTF. Kept while its sysfs file is the same one: a module
+        loaded again (perhaps another build, with other ids) gets a new file."""
         path = f"{SYSFS_DIR}/{name}"
         try:
             with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                identity = (st.st_ino, st.st_mtime_ns, st.st_size)
+                with cls._vmlinux_lock:
+                    cached = cls._modules.get(path)
+                if cached is not None and cached[0] == identity:
+                    return cached[1]
                 raw = f.read()
         except FileNotFoundError:
             raise BtfError(f"{path}: module {name!r} is not loaded, or was built "
                            "without BTF") from None
-        return cls(raw, path, base=cls.vmlinux())
+        btf = cls(raw, path, base=cls.vmlinux())
+        with cls._vmlinux_lock:
+            cls._modules[path] = identity, btf
+        return btf
 
     def _index(self, pos: int):
         """Records the types from byte `pos` of the type section on."""
