@@ -188,6 +188,7 @@ def test_kmod_conntrack_and_reject(module):
         assert "udp 10: No route to host\n" in r, r          # icmp-host-prohibited
         assert "udp 11: no reply\n" in r, r                  # DROP, for contrast
         assert "udp 13: reply\n" in r, r
+        assert "udp 14: Network is unreachable\n" in r, r    # net-prohibited, in a user chain
         assert "tcp 9: Connection refused\n" in r, r         # tcp-reset
         assert "tcp 13: connected\n" in r, r
         # at OUTPUT the sender's own send fails, as NF_DROP at LOCAL_OUT makes it

@@ -66,23 +66,27 @@ RULES
 	ip netns exec snd iptables-legacy -L INPUT -v -n -x
 }
 
-# rcv answers for the firewall: REJECT, each way, beside a DROP and an open port.
+# rcv answers for the firewall: REJECT, each way (once from a user chain), beside a
+# DROP and an open port.
 reject_probes() {
 	ip netns exec rcv iptables-legacy-restore <<'RULES'
 *filter
 :INPUT ACCEPT [0:0]
 :FORWARD ACCEPT [0:0]
 :OUTPUT ACCEPT [0:0]
+:reject_net - [0:0]
 -A INPUT -p udp -m udp --dport 9 -j REJECT
+-A INPUT -p udp -m udp --dport 14 -j reject_net
 -A INPUT -p udp -m udp --dport 10 -j REJECT --reject-with icmp-host-prohibited
 -A INPUT -p tcp -m tcp --dport 9 -j REJECT --reject-with tcp-reset
 -A INPUT -p udp -m udp --dport 11 -j DROP
 -A OUTPUT -p udp -m udp --dport 12 -j REJECT --reject-with icmp-admin-prohibited
+-A reject_net -j REJECT --reject-with icmp-net-prohibited
 COMMIT
 RULES
-	serve rcv 9 9 10 11 13
-	serve snd 9 12
-	for port in 9 10 11 13; do
+	serve rcv 11 9 10 11 13 14
+	serve snd 11 12
+	for port in 9 10 11 13 14; do
 		echo "udp $port: $(ip netns exec snd udp ask 198.18.0.2 $port)"
 	done
 	for port in 9 13; do
