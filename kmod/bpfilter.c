@@ -13,9 +13,13 @@
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
+#include <linux/bpf.h>
+#include <linux/btf.h>
+#include <linux/btf_ids.h>
 #include <linux/compat.h>
 #include <linux/file.h>
 #include <linux/fs.h>
+#include <linux/icmp.h>
 #include <linux/miscdevice.h>
 #include <linux/poll.h>
 #include <linux/module.h>
@@ -23,6 +27,7 @@
 #include <linux/namei.h>
 #include <linux/netfilter.h>
 #include <linux/netfilter_ipv4/ip_tables.h>
+#include <linux/netfilter_ipv4/ipt_REJECT.h>
 #include <linux/netfilter_ipv6/ip6_tables.h>
 #include <linux/pid.h>
 #include <linux/proc_fs.h>
@@ -37,6 +42,9 @@
 #include <linux/wait.h>
 #include <linux/workqueue.h>
 #include <net/net_namespace.h>
+#include <net/netns/generic.h>
+#include <net/netfilter/nf_conntrack.h>
+#include <net/netfilter/ipv4/nf_reject.h>
 #include <net/sock.h>
 
 #include "bpfilter_proto.h"
@@ -796,6 +804,128 @@ out:
 	return ret;
 }
 
+/* Conntrack references taken for the helper's tables, per namespace. */
+struct bpfilter_net {
+	unsigned int ct_users;
+};
+
+static unsigned int bpfilter_net_id __read_mostly;
+static DEFINE_MUTEX(bpfilter_ct_lock);
+
+static long bpfilter_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
+{
+	struct bpfilter_net *bn;
+	struct net *net;
+	long err = 0;
+
+	if (cmd != BPFILTER_IOC_CONNTRACK_GET && cmd != BPFILTER_IOC_CONNTRACK_PUT)
+		return -ENOTTY;
+	if (READ_ONCE(bpfilter.helper_file) != file)
+		return -EPERM;
+	net = get_net_ns_by_fd(arg);
+	if (IS_ERR(net))
+		return PTR_ERR(net);
+	bn = net_generic(net, bpfilter_net_id);
+	mutex_lock(&bpfilter_ct_lock);
+	if (cmd == BPFILTER_IOC_CONNTRACK_GET) {
+		err = nf_ct_netns_get(net, NFPROTO_IPV4);
+		if (!err)
+			bn->ct_users++;
+	} else if (bn->ct_users) {
+		nf_ct_netns_put(net, NFPROTO_IPV4);
+		bn->ct_users--;
+	} else {
+		err = -ENOENT;	/* nothing to give back: the helper's count is wrong */
+	}
+	mutex_unlock(&bpfilter_ct_lock);
+	put_net(net);
+	return err;
+}
+
+/*
+ * A namespace going away, or the module (after its helper detached every table):
+ * what was taken for it is given back, as ip_tables' rules give theirs back.
+ */
+static void __net_exit bpfilter_ct_net_exit(struct net *net)
+{
+	struct bpfilter_net *bn = net_generic(net, bpfilter_net_id);
+
+	mutex_lock(&bpfilter_ct_lock);
+	for (; bn->ct_users; bn->ct_users--)
+		nf_ct_netns_put(net, NFPROTO_IPV4);
+	mutex_unlock(&bpfilter_ct_lock);
+}
+
+static struct pernet_operations bpfilter_ct_net_ops = {
+	.exit = bpfilter_ct_net_exit,
+	.id = &bpfilter_net_id,
+	.size = sizeof(struct bpfilter_net),
+};
+
+/*
+ * Kfuncs for the helper's netfilter programs: what iptables' targets do that a BPF
+ * program cannot. The program tests the rule, then calls the kfunc, then returns
+ * the target's verdict itself.
+ */
+__bpf_kfunc_start_defs();
+
+/**
+ * bpfilter_reject - send what ipt_REJECT's reject_tg() sends for @skb
+ * @skb: the packet, from the program's context
+ * @state: its hook state, from the program's context
+ * @with: enum ipt_reject_with, as in the rule
+ *
+ * The kernel's own nf_send_reset() and nf_send_unreach(), with the arguments
+ * reject_tg() passes them, so the answer is the kernel's to the byte. The caller
+ * returns NF_DROP, as reject_tg() does. Only where ipt_REJECT may run: IPv4, the
+ * filter table's hooks (any netfilter program may call this).
+ *
+ * Return: 0, or -EINVAL (nothing sent) for another family, hook or @with.
+ */
+__bpf_kfunc int bpfilter_reject(struct sk_buff *skb, const struct nf_hook_state *state, u32 with)
+{
+	static const u8 icmp_code[] = {
+		[IPT_ICMP_NET_UNREACHABLE] = ICMP_NET_UNREACH,
+		[IPT_ICMP_HOST_UNREACHABLE] = ICMP_HOST_UNREACH,
+		[IPT_ICMP_PROT_UNREACHABLE] = ICMP_PROT_UNREACH,
+		[IPT_ICMP_PORT_UNREACHABLE] = ICMP_PORT_UNREACH,
+		[IPT_ICMP_NET_PROHIBITED] = ICMP_NET_ANO,
+		[IPT_ICMP_HOST_PROHIBITED] = ICMP_HOST_ANO,
+		[IPT_ICMP_ADMIN_PROHIBITED] = ICMP_PKT_FILTERED,
+	};
+
+	if (state->pf != NFPROTO_IPV4)
+		return -EINVAL;
+	switch (state->hook) {
+	case NF_INET_LOCAL_IN:
+	case NF_INET_FORWARD:
+	case NF_INET_LOCAL_OUT:
+		break;
+	default:
+		return -EINVAL;
+	}
+	if (with == IPT_TCP_RESET) {
+		nf_send_reset(state->net, state->sk, skb, state->hook);
+		return 0;
+	}
+	/* echo-reply is refused by REJECT's checkentry: 0 here means no entry */
+	if (with >= ARRAY_SIZE(icmp_code) || with == IPT_ICMP_ECHOREPLY)
+		return -EINVAL;
+	nf_send_unreach(skb, icmp_code[with], state->hook);
+	return 0;
+}
+
+__bpf_kfunc_end_defs();
+
+BTF_KFUNCS_START(bpfilter_kfunc_ids)
+BTF_ID_FLAGS(func, bpfilter_reject, KF_TRUSTED_ARGS)
+BTF_KFUNCS_END(bpfilter_kfunc_ids)
+
+static const struct btf_kfunc_id_set bpfilter_kfunc_set = {
+	.owner = THIS_MODULE,
+	.set = &bpfilter_kfunc_ids,
+};
+
 /*
  * No .owner: the helper holds the device open for as long as the module is
  * loaded, and a reference from it would make the module impossible to unload.
@@ -820,6 +950,7 @@ static const struct file_operations bpfilter_fops = {
 	.read		= bpfilter_read,
 	.poll		= bpfilter_poll,
 	.write		= bpfilter_write,
+	.unlocked_ioctl	= bpfilter_ioctl,
 };
 
 static struct miscdevice bpfilter_dev = {
@@ -956,6 +1087,16 @@ static int __init bpfilter_init(void)
 		pr_err("umh_path must be an absolute file name, not \"%s\"\n", umh_path);
 		return -EINVAL;
 	}
+	/*
+	 * No unregistering: the set goes with the module's BTF. A program calling a
+	 * kfunc holds the module, so bpfilter.ko stays loaded while a table with
+	 * REJECT exists, as ipt_REJECT does while a rule uses it.
+	 */
+	err = register_btf_kfunc_id_set(BPF_PROG_TYPE_NETFILTER, &bpfilter_kfunc_set);
+	if (err) {
+		pr_err("cannot register the kfuncs of REJECT (error %d)\n", err);
+		return err;
+	}
 	err = register_module_notifier(&bpfilter_module_nb);
 	if (err)
 		return err;
@@ -974,9 +1115,12 @@ static int __init bpfilter_init(void)
 	err = misc_register(&bpfilter_dev);
 	if (err)
 		goto err_ipv6;
-	err = register_pernet_subsys(&bpfilter_net_ops);
+	err = register_pernet_subsys(&bpfilter_ct_net_ops);
 	if (err)
 		goto err_dev;
+	err = register_pernet_subsys(&bpfilter_net_ops);
+	if (err)
+		goto err_ct;
 	mutex_lock(&bpfilter.call_lock);
 	err = bpfilter_spawn();
 	mutex_unlock(&bpfilter.call_lock);
@@ -987,6 +1131,8 @@ static int __init bpfilter_init(void)
 
 err_pernet:
 	unregister_pernet_subsys(&bpfilter_net_ops);
+err_ct:
+	unregister_pernet_subsys(&bpfilter_ct_net_ops);
 err_dev:
 	misc_deregister(&bpfilter_dev);
 err_ipv6:
@@ -1007,6 +1153,8 @@ static void __exit bpfilter_exit(void)
 	nf_unregister_sockopt(&bpfilter_ipv4_sockopts);
 	bpfilter_shutdown();
 	misc_deregister(&bpfilter_dev);
+	/* After the shutdown: the tables reading conntrack are gone by now. */
+	unregister_pernet_subsys(&bpfilter_ct_net_ops);
 	err = bpfilter_umh_file(true);
 	if (err && err != -ENOENT)
 		pr_warn("cannot remove %s: error %d\n", umh_path, err);

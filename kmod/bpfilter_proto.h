@@ -26,6 +26,7 @@
 #ifndef _BPFILTER_PROTO_H
 #define _BPFILTER_PROTO_H
 
+#include <linux/ioctl.h>
 #include <linux/types.h>
 
 #define BPFILTER_MAGIC		0x62706674	/* "bpft" */
@@ -59,5 +60,17 @@ struct bpfilter_reply {
 	__s32 status;		/* 0 or -errno */
 	__u32 len;		/* payload bytes that follow */
 };
+
+/*
+ * ioctls the helper makes on its /dev/bpfilter file, the argument a file
+ * descriptor of a network namespace. What user space cannot do by itself:
+ * CONNTRACK_GET turns connection tracking on in the namespace as the kernel's
+ * iptables does for a conntrack match (nf_ct_netns_get(net, NFPROTO_IPV4)),
+ * CONNTRACK_PUT gives one such reference back. The references are the module's,
+ * not the helper's: they outlive a helper that dies, as its tables do, and are
+ * given back when the namespace goes or the module is unloaded.
+ */
+#define BPFILTER_IOC_CONNTRACK_GET	_IO('b', 1)
+#define BPFILTER_IOC_CONNTRACK_PUT	_IO('b', 2)
 
 #endif /* _BPFILTER_PROTO_H */

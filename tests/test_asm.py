@@ -108,8 +108,16 @@ def test_ld_map_fd_is_ld_imm64_with_pseudo_map_fd_resolved_by_the_assembler():
 def test_kfunc_call_has_src_reg_2_and_the_btf_id_as_imm():
     asm = Assembler()
     asm.emit(BPF_CALL_KFUNC(Kfunc("bpf_dynptr_from_skb")), BPF_EXIT_INSN())
-    code = asm.assemble(kfunc_id={Kfunc("bpf_dynptr_from_skb"): 0x1234}.__getitem__)
+    code = asm.assemble(kfunc_id={Kfunc("bpf_dynptr_from_skb"): (0x1234, 0)}.__getitem__)
     assert code[:8].hex(" ") == "85 20 00 00 34 12 00 00"
+
+
+def test_module_kfunc_call_names_its_btf_in_off():
+    """off indexes the program's fd_array, where the module's BTF fd is."""
+    asm = Assembler()
+    asm.emit(BPF_CALL_KFUNC(Kfunc("bpfilter_reject", "bpfilter")), BPF_EXIT_INSN())
+    code = asm.assemble(kfunc_id={Kfunc("bpfilter_reject", "bpfilter"): (0x1a36b, 1)}.__getitem__)
+    assert code[:8].hex(" ") == "85 20 01 00 6b a3 01 00"
 
 
 def test_bpf_to_bpf_call_has_src_reg_1_and_a_relative_imm():

@@ -130,6 +130,93 @@ def test_btf_errors_name_what_is_missing():
     assert issubclass(BtfError, LookupError)
 
 
+def _raw_btf(types: bytes, strings: bytes) -> bytes:
+    return struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, len(types), len(types),
+                       len(strings)) + types + strings
+
+
+def _moved_to_module(name: str, tmp_path):
+    """A kernel whose `struct name` is in a module's BTF rather than vmlinux's, as
+    where nf_conntrack is not built in: vmlinux's BTF with the struct's name
+    spelled differently, and a split BTF ("module") with the struct, whose members
+    keep naming vmlinux's strings and types. Returns the sysfs-like directory, the
+    base's type count and the real struct's id."""
+    with open("/sys/kernel/btf/vmlinux", "rb") as f:
+        raw = bytearray(f.read())
+    real = Btf.vmlinux()
+    type_id = real.type_id(name, "struct")
+    name_off, info, _ = struct.unpack_from("<III", real._types, real._offsets[type_id])
+    record = bytes(real._types[real._offsets[type_id]:][:12 + 12 * (info & 0xFFFF)])
+    hdr_len, _, _, str_off, str_len = struct.unpack_from("<IIIII", raw, 4)
+    where = hdr_len + str_off + name_off
+    assert raw[where:where + len(name) + 1] == name.encode() + b"\0"
+    raw[where + len(name) - 1] ^= 0x20      # nf_conn -> nf_coN
+    module_strings = b"\0" + name.encode() + b"\0"
+    split = _raw_btf(struct.pack("<I", str_len + 1) + record[4:], module_strings)
+    (tmp_path / "vmlinux").write_bytes(raw)
+    (tmp_path / "nf_conntrack").write_bytes(split)
+    return tmp_path, len(real._offsets) - 1, type_id
+
+
+@pytest.fixture
+def sysfs_btf(monkeypatch):
+    """Points Btf at another /sys/kernel/btf for one test."""
+    from bpfilter.bpf import btf as btf_module
+    from bpfilter.ext.conntrack import ct_offsets
+
+    def point(directory):
+        monkeypatch.setattr(btf_module, "SYSFS_DIR", str(directory))
+        monkeypatch.setattr(btf_module, "VMLINUX_PATH", f"{directory}/vmlinux")
+        monkeypatch.setattr(Btf, "_vmlinux", None)
+        monkeypatch.setattr(Btf, "_modules", {})
+        ct_offsets.cache_clear()
+    yield point
+    ct_offsets.cache_clear()
+
+
+def test_split_btf_continues_vmlinux_ids_and_strings(tmp_path, sysfs_btf):
+    directory, base_count, real_id = _moved_to_module("nf_conn", tmp_path)
+    sysfs_btf(directory)
+    assert Btf.vmlinux().ids("nf_conn") == []
+    module = Btf.module("nf_conntrack")
+    new_id = module.type_id("nf_conn", "struct")
+    assert new_id == base_count + 1               # the first id after vmlinux's
+    real = Btf(open("/sys/kernel/btf/vmlinux", "rb").read())
+    # its members: names from vmlinux's strings, types from vmlinux's ids
+    for member in ("status", "tuplehash", "ct_net", "mark"):
+        assert module.member("nf_conn", member) == real.member("nf_conn", member)
+    assert module.struct_size("nf_conn") == real.struct_size("nf_conn")
+    assert module.struct_size("sk_buff") == real.struct_size("sk_buff")   # vmlinux's own
+    # bpftool reads the same split blob the same way
+    dump = subprocess.run(["bpftool", "btf", "dump", "file", str(directory / "nf_conntrack"),
+                           "-B", str(directory / "vmlinux")], capture_output=True, text=True,
+                          check=True).stdout
+    assert f"[{new_id}] STRUCT 'nf_conn' size={real.struct_size('nf_conn')}" in dump
+    assert f"'status' type_id={real._find_member(real_id, 'status')[0]}" in dump
+    # read once while the module's file stays; a reloaded module's file is read again
+    assert Btf.module("nf_conntrack") is module
+    reloaded = directory / "nf_conntrack.new"
+    reloaded.write_bytes((directory / "nf_conntrack").read_bytes())
+    reloaded.rename(directory / "nf_conntrack")
+    assert Btf.module("nf_conntrack") is not module
+
+
+def test_conntrack_offsets_from_the_nf_conntrack_module(tmp_path, sysfs_btf):
+    """Where vmlinux's BTF lacks struct nf_conn, conntrack matches read nf_conntrack's."""
+    from bpfilter.errors import BpfilterError
+    from bpfilter.ext.conntrack import CtOffsets, ct_offsets
+    expected = CtOffsets.from_btf(Btf.vmlinux())
+    directory, _, _ = _moved_to_module("nf_conn", tmp_path)
+    sysfs_btf(directory)
+    assert ct_offsets() == expected
+    (directory / "nf_conntrack").unlink()
+    sysfs_btf(directory)
+    with pytest.raises(BpfilterError, match=r"no struct or union named 'nf_conn'.*"
+                                            r"module 'nf_conntrack' is not loaded") as refused:
+        ct_offsets()
+    assert refused.value.errno == errno.EOPNOTSUPP
+
+
 # -- uapi constants and layouts, checked against the running kernel ---------
 
 def test_constants_match_kernel_enums():

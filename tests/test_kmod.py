@@ -154,6 +154,59 @@ def test_kmod_end_to_end(module, nocap):
         assert bad not in result.console, result.console
 
 
+def test_kmod_conntrack_and_reject(module):
+    """Conntrack switched on by the module, and REJECT's answers sent by the kernel
+    through the module's kfuncs: the same probes, and the same counters, as with
+    the kernel's ip_tables in the same guest (tools/vm/scenarios/kmod-targets.sh)."""
+    kver = harness.kernel_release()
+    extra = {**system_libraries(), f"/lib/modules/{kver}/extra/bpfilter.ko": str(module)}
+    script = (ROOT / "tools/vm/scenarios/kmod-targets.sh").read_text()
+    result = harness.run_scenario(script, extra, timeout=300)
+    out = result.output
+    assert result.status == 0, out
+    s = sections(out)
+
+    # conntrack: replies and their ICMP errors pass, nothing unsolicited does, and
+    # new flows get entries (conntrack is on) as with ip_tables
+    for phase in ("reference conntrack", "bpfilter conntrack"):
+        ct = s[phase]
+        assert "reply to an outgoing flow: reply\n" in ct, ct
+        assert "icmp error of an outgoing flow: Connection refused\n" in ct, ct
+        assert "unsolicited: 0 received\n" in ct, ct
+        assert "new flow: conntrack entries +1\n" in ct, ct
+    assert _listing(s["reference conntrack"]) == _listing(s["bpfilter conntrack"])
+    assert "nf_conntrack used by: bpfilter" in s["bpfilter conntrack"]
+    # conntrack stays on for the pinned tables while no helper runs
+    assert "helper killed\nreply to an outgoing flow: reply\n" in s["bpfilter conntrack"]
+    # rmmod gives every reference back: conntrack is off again
+    assert "bpfilter: unloaded\nnew flow: conntrack entries +0\n" in s["rmmod"]
+
+    # REJECT: the kernel's answers, each kind, and the same counters as ip_tables'
+    for phase in ("reference reject", "bpfilter reject"):
+        r = s[phase]
+        assert "udp 9: Connection refused\n" in r, r         # icmp-port-unreachable
+        assert "udp 10: No route to host\n" in r, r          # icmp-host-prohibited
+        assert "udp 11: no reply\n" in r, r                  # DROP, for contrast
+        assert "udp 13: reply\n" in r, r
+        assert "udp 14: Network is unreachable\n" in r, r    # net-prohibited, in a user chain
+        assert "tcp 9: Connection refused\n" in r, r         # tcp-reset
+        assert "tcp 13: connected\n" in r, r
+        # at OUTPUT the sender's own send fails, as NF_DROP at LOCAL_OUT makes it
+        assert "udp 12 from rcv: Operation not permitted\n" in r, r
+    assert _listing(s["reference reject"]) == _listing(s["bpfilter reject"])
+    assert "with REJECT rules: in use\nbpfilter: unloaded\n" in s["rmmod"]
+
+    assert "ip_tables: not loaded" in s["unload ip_tables"]
+    for bad in ("WARNING:", "BUG:", "Call Trace:"):
+        assert bad not in result.console, result.console
+
+
+def _listing(text: str) -> str:
+    """The `iptables -L -v` lines of a section: its chains and their rules."""
+    return "\n".join(line for line in text.splitlines()
+                     if line.startswith(("Chain ", "    pkts")) or re.match(r"\s+\d+\s+\d+ ", line))
+
+
 def test_dkms_builds_and_installs(module, tmp_path):
     """DKMS builds the module from an installed source tree (the helper built
     beforehand) against the guest kernel's headers, and installs it."""

@@ -518,3 +518,16 @@ def test_editable_install_builds_the_shim(tmp_path):
     undefined = subprocess.run(["nm", "-D", "--undefined-only", origin], capture_output=True,
                                text=True, check=True).stdout
     assert "Py" not in undefined
+
+
+def test_ioctl_numbers_match_the_header(tmp_path):
+    """proto.py's /dev/bpfilter ioctls are the header's _IO() values."""
+    source = tmp_path / "ioc.c"
+    source.write_text('#include <stdio.h>\n#include "bpfilter_proto.h"\n'
+                      'int main(void) { printf("%u %u\\n", BPFILTER_IOC_CONNTRACK_GET, '
+                      'BPFILTER_IOC_CONNTRACK_PUT); return 0; }\n')
+    binary = tmp_path / "ioc"
+    subprocess.run(["gcc", "-I", os.path.join(MAIN, "kmod"), "-o", str(binary), str(source)],
+                   check=True)
+    numbers = subprocess.run([str(binary)], capture_output=True, text=True, check=True).stdout
+    assert numbers.split() == [str(proto.IOC_CONNTRACK_GET), str(proto.IOC_CONNTRACK_PUT)]

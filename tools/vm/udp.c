@@ -5,6 +5,14 @@
  *
  *   udp send ADDR PORT COUNT   COUNT one-byte datagrams to ADDR:PORT
  *   udp recv PORT SECONDS      print how many datagrams arrived on PORT in SECONDS
+ *   udp serve PORT SECONDS     for SECONDS, echo UDP datagrams and accept TCP
+ *                              connections on PORT (so that only a firewall can
+ *                              refuse them)
+ *   udp ask ADDR PORT          one datagram from a connect()ed socket, then what
+ *                              came back within 2 s: "reply", "no reply", or the
+ *                              error an ICMP answer raised (REJECT, conntrack's RELATED)
+ *   udp connect ADDR PORT      a TCP connect() within 2 s: "connected", "no answer",
+ *                              or its error (a reset: "Connection refused")
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -19,7 +27,8 @@
 
 static int usage(void)
 {
-	fprintf(stderr, "usage: udp send ADDR PORT COUNT | udp recv PORT SECONDS\n");
+	fprintf(stderr, "usage: udp send ADDR PORT COUNT | udp recv PORT SECONDS | "
+		"udp serve PORT SECONDS | udp ask ADDR PORT | udp connect ADDR PORT\n");
 	return 2;
 }
 
@@ -77,6 +86,113 @@ static int do_recv(int fd, int port, int seconds)
 	return 0;
 }
 
+static int do_serve(int fd, int port, int seconds)
+{
+	struct sockaddr_in me = { .sin_family = AF_INET, .sin_port = htons(port) };
+	long deadline = now_ms() + seconds * 1000L;
+	int tcp = socket(AF_INET, SOCK_STREAM, 0), one = 1, echoed = 0, accepted = 0;
+	char buf[2048];
+
+	if (tcp < 0 || setsockopt(tcp, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) ||
+	    bind(fd, (struct sockaddr *)&me, sizeof(me)) ||
+	    bind(tcp, (struct sockaddr *)&me, sizeof(me)) || listen(tcp, 16)) {
+		perror("serve");
+		return 1;
+	}
+	printf("listening %d\n", port);
+	fflush(stdout);
+	for (long left; (left = deadline - now_ms()) > 0;) {
+		struct pollfd p[2] = { { .fd = fd, .events = POLLIN }, { .fd = tcp, .events = POLLIN } };
+		struct sockaddr_in from;
+		socklen_t len = sizeof(from);
+		ssize_t n;
+
+		if (poll(p, 2, (int)left) < 0 && errno != EINTR) {
+			perror("poll");
+			return 1;
+		}
+		if (p[0].revents & POLLIN) {
+			n = recvfrom(fd, buf, sizeof(buf), 0, (struct sockaddr *)&from, &len);
+			if (n >= 0 && sendto(fd, buf, n, 0, (struct sockaddr *)&from, len) == n)
+				echoed++;
+		}
+		if (p[1].revents & POLLIN) {
+			int conn = accept(tcp, NULL, NULL);
+
+			/* Left open: the client's reset ends it, and nothing more is sent. */
+			if (conn >= 0)
+				accepted++;
+		}
+	}
+	printf("echoed %d accepted %d\n", echoed, accepted);
+	return 0;
+}
+
+static int peer(const char *addr, int port, struct sockaddr_in *to)
+{
+	*to = (struct sockaddr_in) { .sin_family = AF_INET, .sin_port = htons(port) };
+	return inet_pton(AF_INET, addr, &to->sin_addr) == 1 ? 0 : -1;
+}
+
+static int do_ask(int fd, const char *addr, int port)
+{
+	struct pollfd p = { .fd = fd, .events = POLLIN };
+	struct sockaddr_in to;
+	char buf[2048];
+
+	if (peer(addr, port, &to))
+		return usage();
+	if (connect(fd, (struct sockaddr *)&to, sizeof(to))) {
+		perror("connect");
+		return 1;
+	}
+	/* An error the send itself meets (a REJECT at OUTPUT) is the answer too. */
+	if (send(fd, "x", 1, 0) != 1) {
+		printf("%s\n", strerror(errno));
+		return 0;
+	}
+	if (poll(&p, 1, 2000) <= 0)
+		printf("no reply\n");
+	else if (recv(fd, buf, sizeof(buf), 0) < 0)
+		printf("%s\n", strerror(errno));
+	else
+		printf("reply\n");
+	return 0;
+}
+
+static int do_connect(const char *addr, int port)
+{
+	static const struct linger abort_now = { .l_onoff = 1, .l_linger = 0 };
+	int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0), err = 0;
+	struct pollfd p = { .fd = fd, .events = POLLOUT };
+	socklen_t len = sizeof(err);
+	struct sockaddr_in to;
+
+	if (fd < 0) {
+		perror("socket");
+		return 1;
+	}
+	if (peer(addr, port, &to))
+		return usage();
+	if (connect(fd, (struct sockaddr *)&to, sizeof(to)))
+		err = errno;
+	if (err == EINPROGRESS) {
+		if (poll(&p, 1, 2000) <= 0) {
+			printf("no answer\n");
+			return 0;
+		}
+		getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
+	}
+	printf("%s\n", err ? strerror(err) : "connected");
+	/*
+	 * Ended with a reset: a FIN exchange's packets depend on timing, and the
+	 * scenario compares counters.
+	 */
+	setsockopt(fd, SOL_SOCKET, SO_LINGER, &abort_now, sizeof(abort_now));
+	close(fd);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	int fd = socket(AF_INET, SOCK_DGRAM, 0);
@@ -89,5 +205,11 @@ int main(int argc, char **argv)
 		return do_send(fd, argv[2], atoi(argv[3]), atoi(argv[4]));
 	if (argc == 4 && !strcmp(argv[1], "recv"))
 		return do_recv(fd, atoi(argv[2]), atoi(argv[3]));
+	if (argc == 4 && !strcmp(argv[1], "serve"))
+		return do_serve(fd, atoi(argv[2]), atoi(argv[3]));
+	if (argc == 4 && !strcmp(argv[1], "ask"))
+		return do_ask(fd, argv[2], atoi(argv[3]));
+	if (argc == 4 && !strcmp(argv[1], "connect"))
+		return do_connect(argv[2], atoi(argv[3]));
 	return usage();
 }

@@ -3,21 +3,33 @@
 Conntrack only runs in a network namespace something asked it to run in: the
 kernel's iptables does it in the checkentry of conntrack/state matches with
 nf_ct_netns_get(), and drops it with nf_ct_netns_put() when the rule goes. That
-call is not reachable from user space, but nftables makes it for every rule with a
-`ct` expression, hooked or not. So while a bpfilter table has conntrack matches, the
-namespace holds one nftables table, `ip bpfilter_conntrack`, with an unhooked chain
-whose only rule reads `ct state`: it filters nothing and keeps conntrack on, exactly
-as long as the kernel's iptables would.
+call is not reachable from user space by itself, so it is made in one of two ways:
+
+- by bpfilter.ko, for its helper (`bpfilter serve --device`): an ioctl on
+  /dev/bpfilter with the namespace's fd, and the module makes exactly those calls
+  (kmod/bpfilter_proto.h);
+- elsewhere (`bpfilter serve`), by nftables, which makes the call for every rule
+  with a `ct` expression, hooked or not: the namespace holds one nftables table,
+  `ip bpfilter_conntrack`, with an unhooked chain whose only rule reads
+  `ct state`. It filters nothing and keeps conntrack on.
+
+Either way conntrack stays on exactly as long as the kernel's iptables would keep
+it: from before the first packet meets a table reading it until that table goes.
+The service takes one hold when a table starts reading conntrack and gives it
+back when the table stops: the module counts holds per namespace, nftables' table
+is one per namespace (enough while filter is the only table bpfilter has).
 """
 from __future__ import annotations
 
 import errno
+import fcntl
+import os
 import shutil
 import subprocess
 from contextlib import nullcontext
 from typing import Optional
 
-from . import netns
+from . import netns, proto
 from .errors import BpfilterError
 
 TABLE = "bpfilter_conntrack"
@@ -25,6 +37,15 @@ _OFF = f"add table ip {TABLE}\ndelete table ip {TABLE}\n"
 # Deleting and adding in one transaction: the new rule takes its reference before
 # the old one drops its own, so conntrack never stops in between.
 _ON = _OFF + f"table ip {TABLE} {{\n\tchain keep_conntrack_on {{\n\t\tct state invalid\n\t}}\n}}\n"
+
+# /dev/bpfilter's fd when this process is bpfilter.ko's helper (use_device()).
+_device: Optional[int] = None
+
+
+def use_device(device_fd: Optional[int]) -> None:
+    """Ask bpfilter.ko, through its device, from now on (None: nftables again)."""
+    global _device
+    _device = device_fd
 
 
 def _nft(script: str, netns_path: Optional[str]) -> None:
@@ -40,14 +61,33 @@ def _nft(script: str, netns_path: Optional[str]) -> None:
                                               f"nft: {r.stderr.strip()}")
 
 
+def _ioctl(request: int, netns_path: Optional[str]) -> None:
+    fd = os.open(netns_path or "/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(_device, request, fd)
+    except OSError as e:
+        on = request == proto.IOC_CONNTRACK_GET
+        raise BpfilterError(e.errno or errno.EIO, f"bpfilter.ko cannot turn connection tracking "
+                                                  f"{'on' if on else 'off'}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
 def hold(netns_path: Optional[str]) -> None:
-    """Conntrack on in the namespace (the calling thread's if None); idempotent."""
-    _nft(_ON, netns_path)
+    """Conntrack on in the namespace (the calling thread's if None), for one table."""
+    if _device is not None:
+        _ioctl(proto.IOC_CONNTRACK_GET, netns_path)
+    else:
+        _nft(_ON, netns_path)
 
 
 def release(netns_path: Optional[str]) -> None:
-    """Conntrack back to what the namespace had without bpfilter; idempotent."""
-    _nft(_OFF, netns_path)
+    """One table's hold given back: conntrack back to what the namespace had without
+    bpfilter once no table holds it."""
+    if _device is not None:
+        _ioctl(proto.IOC_CONNTRACK_PUT, netns_path)
+    else:
+        _nft(_OFF, netns_path)
 
 
 def switch(netns_path: Optional[str], before: bool, after: bool) -> None:

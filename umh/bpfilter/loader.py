@@ -30,7 +30,7 @@ from .bpf.btf import Btf
 from .compiler import facts
 from .ext import limit
 from .compiler.classifier import KEY_SIZE, VALUE_SIZE, TupleSpace
-from .bpf.insn import MapRef
+from .bpf.insn import Kfunc, MapRef
 from .errors import BpfilterError
 from .klog import LOG_LOST, LOG_RING, LogRing
 from .compiler.codegen import (CLASSIFIER, COUNTERS, PROG_ARRAY, HookProgram, compile_table,
@@ -136,15 +136,39 @@ def load_ruleset(table: Table, log: Optional[LogRing] = None) -> Ruleset:
         limits_fd = limit.create_buckets(table)
         if limits_fd is not None:
             maps[limit.LIMITS] = _owned(transient, limits_fd)
+        kfuncs = _Kfuncs(btf, transient)
         for program in compiled.programs:
-            code = program.asm.assemble(map_fd=lambda ref: _map_fd(maps, ref),
-                                        kfunc_id=lambda k: btf.kfunc_id(k.name))
+            code = program.asm.assemble(map_fd=lambda ref: _map_fd(maps, ref), kfunc_id=kfuncs)
             prog_fd = _owned(undo, bpf.prog_load(bpf.BPF_PROG_TYPE_NETFILTER, code, program.name,
-                                                 expected_attach_type=bpf.BPF_NETFILTER))
+                                                 expected_attach_type=bpf.BPF_NETFILTER,
+                                                 fd_array=kfuncs.fd_array()))
             ruleset.hooks[program.hook] = HookRules(program.hook, program, prog_fd,
                                                     len(code) // 8)
         undo.pop_all()
         return ruleset
+
+
+class _Kfuncs:
+    """(BTF id, fd_array index) of each kfunc the programs call, and their fd_array:
+    a module's kfunc is named by its id in the module's BTF and by the index of an
+    fd of that BTF in the program's fd_array (0 stands for vmlinux's)."""
+
+    def __init__(self, vmlinux: Btf, fds: ExitStack):
+        self.vmlinux, self.fds = vmlinux, fds
+        self.modules: dict[str, tuple[Btf, int]] = {}   # name -> (its BTF, its index)
+        self.array: list[int] = [-1]                    # index 0 is never read
+
+    def __call__(self, kfunc: Kfunc) -> tuple[int, int]:
+        if kfunc.module is None:
+            return self.vmlinux.kfunc_id(kfunc.name), 0
+        if kfunc.module not in self.modules:
+            self.array.append(_owned(self.fds, bpf.kernel_btf_fd(kfunc.module)))
+            self.modules[kfunc.module] = Btf.module(kfunc.module), len(self.array) - 1
+        btf, index = self.modules[kfunc.module]
+        return btf.kfunc_id(kfunc.name), index
+
+    def fd_array(self) -> Optional[list[int]]:
+        return self.array if self.modules else None
 
 
 def _map_fd(maps: dict[MapRef, int], ref: MapRef) -> int:
@@ -235,13 +259,15 @@ def load_filter_table(replace_blob: bytes, netns_name: Optional[str] = None,
     ruleset = load_ruleset(table_from_raw(codec.parse_replace(replace_blob)), log)
     conntrack = attach and ruleset.uses_conntrack
     where = netns_name and netns.path_of(netns_name)
+    held = False   # a hold that failed has nothing to give back
     try:
         if conntrack:
             ctnetns.hold(where)
+            held = True
         return LoadedTable(ruleset, attach_slots(ruleset, netns_name) if attach else {},
                            conntrack=conntrack, conntrack_netns=where)
     except BaseException:
-        if conntrack:
+        if held:
             ctnetns.release(where)
         ruleset.close()
         raise

@@ -12,6 +12,11 @@ MAX_PAYLOAD = 512 << 20
 HEADER = "kmod/bpfilter_proto.h"
 
 
+# _IO('b', nr): ioctls on /dev/bpfilter, the argument a netns file descriptor
+IOC_CONNTRACK_GET = ord("b") << 8 | 1
+IOC_CONNTRACK_PUT = ord("b") << 8 | 2
+
+
 class Op(enum.IntEnum):
     GETSOCKOPT = 1
     SETSOCKOPT = 2

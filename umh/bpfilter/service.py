@@ -174,9 +174,11 @@ class _Caller:
         netns_path = f"/proc/self/fd/{self.netns_fd}"
         had_conntrack = previous is not None and previous.ruleset.uses_conntrack
         needs_conntrack = ruleset.uses_conntrack
+        held = False   # a hold that failed has nothing to give back
         try:
             if needs_conntrack and not had_conntrack:
                 ctnetns.hold(netns_path)   # before the first packet meets the new rules
+                held = True
             if previous is None:
                 slots = attach_slots(ruleset, netns_path)
                 store.save_slots(key, slots)
@@ -193,7 +195,7 @@ class _Caller:
                 for hook, slot in slots.items():
                     slot.fill(previous.ruleset.hooks[hook])
             ruleset.close()
-            if needs_conntrack and not had_conntrack:
+            if held:
                 ctnetns.release(netns_path)
             raise
         if had_conntrack and not needs_conntrack:
@@ -408,6 +410,7 @@ def serve_device(device: str, bpffs: str = DEFAULT_ROOT) -> None:
     ensure_bpffs(bpffs)
     service = Service(Store(bpffs))
     dev = os.open(device, os.O_RDWR)
+    ctnetns.use_device(dev)   # conntrack is switched on by the module, no nft needed
     kernel_log = KernelLog(service.log_ring, log)
     log(f"serving bpfilter.ko through {device}, tables pinned under {bpffs}")
     waiting = select.poll()
@@ -439,6 +442,7 @@ def serve_device(device: str, bpffs: str = DEFAULT_ROOT) -> None:
                     os.close(netns_fd)
             os.write(dev, proto.build_reply(status, reply))
     finally:
+        ctnetns.use_device(None)
         os.close(dev)
         kernel_log.drain()
         kernel_log.close()

@@ -141,7 +141,9 @@ class Assembler:
         if isinstance(ins.imm, MapRef):
             return [ins.with_(imm=map_fd(ins.imm))]
         if isinstance(ins.imm, Kfunc):
-            return [ins.with_(imm=kfunc_id(ins.imm))]
+            # off: which fd_array entry holds the module's BTF (0: vmlinux's)
+            btf_id, btf_fd_index = kfunc_id(ins.imm)
+            return [ins.with_(imm=btf_id, off=btf_fd_index)]
         if isinstance(ins.imm, Label):  # bpf-to-bpf call
             return [ins.with_(imm=self._distance(i, ins.imm, positions))]
         if not isinstance(ins.off, Label):

@@ -2,7 +2,11 @@
 
 Programs call kfuncs by BTF id and read kernel structs at offsets that change
 between builds, so both are looked up in /sys/kernel/btf/vmlinux rather than
-written into the compiler.
+written into the compiler. A module's BTF (/sys/kernel/btf/<module>) is "split" on
+vmlinux's: its type ids continue after vmlinux's last one and its string offsets
+after vmlinux's string section, and its types refer to vmlinux's freely (a struct
+a module defines may embed one vmlinux defines). So a module's Btf is read as the
+continuation of vmlinux's: one id space and one string space, as the kernel has.
 
 The raw format is a header, then a type section (each record a fixed
 ``btf_type`` head followed by a kind-specific tail) and a string section.
@@ -10,10 +14,12 @@ Type ids are positions in the type section, starting at 1 (0 is void).
 Loading makes a single pass that only records where each record starts and
 which ids carry which name; records are decoded when asked for.
 """
+import os
 import struct
 import threading
 
-VMLINUX_PATH = "/sys/kernel/btf/vmlinux"
+SYSFS_DIR = "/sys/kernel/btf"
+VMLINUX_PATH = f"{SYSFS_DIR}/vmlinux"
 
 BTF_MAGIC = 0xEB9F
 
@@ -45,8 +51,10 @@ class BtfError(LookupError):
 class Btf:
     _vmlinux = None
     _vmlinux_lock = threading.Lock()
+    _modules: dict = {}   # sysfs path -> (that file's identity, its Btf)
 
-    def __init__(self, raw: bytes, origin: str = "<bytes>"):
+    def __init__(self, raw: bytes, origin: str = "<bytes>", base: "Btf | None" = None):
+        """`base`: the BTF that `raw` is split on (vmlinux's, for a module's)."""
         self.origin = origin
         magic, version, _flags, hdr_len = struct.unpack_from("<HBBI", raw, 0)
         if magic != BTF_MAGIC:
@@ -54,11 +62,24 @@ class Btf:
         if version != 1:
             raise BtfError(f"{origin}: BTF version {version} is not supported")
         type_off, type_len, str_off, str_len = struct.unpack_from("<IIII", raw, 8)
-        self._types = memoryview(raw)[hdr_len + type_off:hdr_len + type_off + type_len]
-        self._strings = bytes(raw[hdr_len + str_off:hdr_len + str_off + str_len])
-        self._offsets = [0]   # id 0 is void and has no record
-        self._by_name = {}
-        self._index()
+        types = raw[hdr_len + type_off:hdr_len + type_off + type_len]
+        strings = bytes(raw[hdr_len + str_off:hdr_len + str_off + str_len])
+        if base is None:
+            self._types = memoryview(types)
+            self._strings = strings
+            self._offsets = [0]   # id 0 is void and has no record
+            self._by_name = {}
+            start = 0
+        else:
+            # Ids and string offsets continue the base's: appending the sections to
+            # the base's makes every id and offset of either a plain index.
+            start = len(base._types)
+            self._types = memoryview(bytes(base._types) + bytes(types))
+            self._strings = base._strings + strings
+            self._offsets = list(base._offsets)
+            self._by_name = {name: ids if isinstance(ids, int) else list(ids)
+                             for name, ids in base._by_name.items()}
+        self._index(start)
 
     @classmethod
     def vmlinux(cls) -> "Btf":
@@ -68,12 +89,36 @@ class Btf:
                     cls._vmlinux = cls(f.read(), VMLINUX_PATH)
             return cls._vmlinux
 
-    def _index(self):
+    @classmethod
+    def module(cls, name: str) -> "Btf":
+        """A loaded module's BTF, split on vmlinux's; BtfError if the module is not
+        loaded or has no BTF. Kept while its sysfs file is the same one: a module
+        loaded again (perhaps another build, with other ids) gets a new file."""
+        path = f"{SYSFS_DIR}/{name}"
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                identity = (st.st_ino, st.st_mtime_ns, st.st_size)
+                with cls._vmlinux_lock:
+                    cached = cls._modules.get(path)
+                if cached is not None and cached[0] == identity:
+                    return cached[1]
+                raw = f.read()
+        except FileNotFoundError:
+            raise BtfError(f"{path}: module {name!r} is not loaded, or was built "
+                           "without BTF") from None
+        btf = cls(raw, path, base=cls.vmlinux())
+        with cls._vmlinux_lock:
+            cls._modules[path] = identity, btf
+        return btf
+
+    def _index(self, pos: int):
+        """Records the types from byte `pos` of the type section on."""
         types, strings = self._types, self._strings
         offsets, by_name = self._offsets, self._by_name
         unpack, find = _HEAD.unpack_from, strings.find
         fixed, per_vlen = _FIXED_TAIL, _PER_VLEN
-        pos, end = 0, len(types)
+        end = len(types)
         while pos < end:
             name_off, info, _ = unpack(types, pos)
             offsets.append(pos)

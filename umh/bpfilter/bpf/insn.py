@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, replace
-from typing import Union
+from typing import Optional, Union
 
 # instruction classes
 BPF_LD, BPF_LDX, BPF_ST, BPF_STX, BPF_ALU, BPF_JMP, BPF_JMP32, BPF_ALU64 = range(8)
@@ -78,9 +78,11 @@ class MapRef:
 
 @dataclass(frozen=True)
 class Kfunc:
-    """A kernel function called by name; its BTF id comes from the running kernel."""
+    """A kernel function called by name; its BTF id comes from the running kernel:
+    from vmlinux's BTF, or from the BTF of the module named `module`."""
 
     name: str
+    module: Optional[str] = None
 
 
 Target = Union[int, Label]

@@ -34,6 +34,8 @@ BPF_PROG_GET_FD_BY_ID = 13
 BPF_MAP_GET_FD_BY_ID = 14
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_BTF_LOAD = 18
+BPF_BTF_GET_FD_BY_ID = 19
+BPF_BTF_GET_NEXT_ID = 23
 BPF_MAP_LOOKUP_BATCH = 24
 BPF_MAP_UPDATE_BATCH = 26
 BPF_LINK_CREATE = 28
@@ -242,6 +244,15 @@ struct bpf_map_info {
     uint32_t max_entries;
     uint32_t map_flags;
     char name[16];
+};
+
+struct bpf_btf_info {
+    uint64_t btf;
+    uint32_t btf_size;
+    uint32_t id;
+    uint64_t name;
+    uint32_t name_len;
+    uint32_t kernel_btf;
 };
 
 struct bpf_link_info {
@@ -651,6 +662,31 @@ def map_get_next_id(start: int = 0) -> "int | None":
 
 def link_get_next_id(start: int = 0) -> "int | None":
     return _next_id(BPF_LINK_GET_NEXT_ID, start)
+
+
+def kernel_btf_fd(name: str) -> int:
+    """A file descriptor of the kernel's BTF object named `name` (a module's name,
+    or vmlinux): what a program's fd_array holds for calls to a module's kfuncs."""
+    btf_id = 0
+    while (btf_id := _next_id(BPF_BTF_GET_NEXT_ID, btf_id)) is not None:
+        try:
+            fd = _get_fd_by_id(BPF_BTF_GET_FD_BY_ID, btf_id)
+        except BpfError as e:
+            if e.errno == _errno.ENOENT:   # unloaded meanwhile
+                continue
+            raise
+        buf = ffi.new("char[]", 64)
+        info = ffi.new("struct bpf_btf_info *")
+        info.name, info.name_len = _ptr(buf), 64
+        try:
+            _obj_info(fd, info)
+        except BaseException:
+            os.close(fd)
+            raise
+        if info.kernel_btf and ffi.string(buf).decode() == name:
+            return fd
+        os.close(fd)
+    raise BpfError(_errno.ENOENT, "BPF_BTF_GET_NEXT_ID", f"no kernel BTF named {name!r}")
 
 
 # -- object info ----------------------------------------------------------

@@ -99,11 +99,17 @@ class CtOffsets:
 
 @functools.lru_cache(maxsize=1)
 def ct_offsets() -> CtOffsets:
+    # struct nf_conn is in vmlinux's BTF when built-in code uses it, else only in the
+    # nf_conntrack module's (split on vmlinux's, so sk_buff is found there too).
     try:
         offsets = CtOffsets.from_btf(Btf.vmlinux())
-    except BtfError as e:
-        raise BpfilterError(errno.EOPNOTSUPP, f"conntrack matches need struct nf_conn in the "
-                                              f"kernel's BTF ({e}); the whole table is refused")
+    except BtfError as in_vmlinux:
+        try:
+            offsets = CtOffsets.from_btf(Btf.module("nf_conntrack"))
+        except BtfError as in_module:
+            raise BpfilterError(errno.EOPNOTSUPP, f"conntrack matches need struct nf_conn in "
+                                                  f"the kernel's BTF ({in_vmlinux}; {in_module}); "
+                                                  "the whole table is refused") from None
     if offsets.tuple_size > TUPLE_BUF_SIZE:
         raise BpfilterError(errno.EOPNOTSUPP, f"struct nf_conntrack_tuple is {offsets.tuple_size} "
                                               f"bytes, bpfilter reads at most {TUPLE_BUF_SIZE}")

@@ -1,20 +1,29 @@
 """-j REJECT --reject-with TYPE (struct ipt_reject_info, revision 0).
 
 A netfilter BPF program can only answer NF_ACCEPT or NF_DROP: it cannot send the TCP
-reset or ICMP error REJECT sends (nf_send_reset()/nf_send_unreach()). Dropping
-silently instead would be a different firewall (peers time out instead of failing
-fast), so REJECT is decoded and checked as the kernel checks it, then refused: it
-needs kfuncs that bpfilter.ko would register (see README, "Targets").
+reset or ICMP error REJECT sends. bpfilter.ko registers a kfunc for netfilter
+programs, bpfilter_reject(skb, state, with), that calls the kernel's own
+nf_send_reset()/nf_send_unreach() exactly as ipt_REJECT's reject_tg() does; the
+rule calls it and returns NF_DROP, as reject_tg() does. Without the module (the
+kfunc is not in the kernel's BTF) REJECT is decoded and checked as the kernel checks
+it, then refused: dropping silently instead would be a different firewall (peers
+time out instead of failing fast).
 """
 from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
+from typing import Optional
 
 from construct import Int32un, Struct
 
+from ..bpf.btf import Btf, BtfError
+from ..bpf.insn import (BPF_CALL_KFUNC, BPF_DW, BPF_EXIT_INSN, BPF_LDX_MEM, BPF_MOV64_IMM,
+                        BPF_STX_MEM, R0, R1, R2, R3, R6, R8, Kfunc)
+from ..compiler import facts
 from ..errors import BpfilterError
 from ..model import ExtensionTarget, IpHeader
+from ..netfilter import NF_DROP
 from . import TargetExtension, register_target
 from .tcp import IPPROTO_TCP
 
@@ -32,7 +41,21 @@ REJECT_WITH = {
 }
 IPT_ICMP_ECHOREPLY, IPT_TCP_RESET = 4, 7
 
+MODULE = "bpfilter"
+REJECT_KFUNC = Kfunc("bpfilter_reject", MODULE)
+
 ipt_reject_info = Struct("with_" / Int32un)
+
+# The "nf_state" fact group: the hook state pointer (R8 in the prologue), which the
+# kfunc needs beside the skb and which user chains (subprograms) cannot get otherwise.
+NF_STATE = facts.reserve("nf_state", 8)
+
+
+def _emit_nf_state(asm, k: facts.KernelOffsets) -> None:
+    asm.emit(BPF_STX_MEM(BPF_DW, R6, R8, NF_STATE))
+
+
+facts.OPTIONAL["nf_state"] = _emit_nf_state
 
 
 @dataclass(frozen=True)
@@ -46,6 +69,7 @@ class RejectTarget(ExtensionTarget):
 class Reject(TargetExtension):
     name = "REJECT"
     struct = ipt_reject_info
+    facts = frozenset({"skb", "nf_state"})
 
     def decode(self, payload: bytes, ip: IpHeader, where: str) -> RejectTarget:
         (with_,) = self.packed.unpack_from(payload)
@@ -58,8 +82,23 @@ class Reject(TargetExtension):
                                               "only valid with -p tcp")
         return RejectTarget(with_)
 
-    def unsupported(self, target: RejectTarget) -> str:
-        answer = REJECT_WITH.get(target.with_, f"reject-with {target.with_}")
-        return (f"needs bpfilter.ko (kernel module mode) to send its {answer} answer: a "
-                "netfilter BPF program cannot, and dropping silently instead would change "
-                "what peers see (bpfilter.ko does not register the kfuncs for it yet)")
+    def unsupported(self, target: RejectTarget) -> Optional[str]:
+        try:
+            Btf.module(MODULE).kfunc_id(REJECT_KFUNC.name)
+        except BtfError as e:
+            answer = REJECT_WITH.get(target.with_, f"reject-with {target.with_}")
+            return (f"needs bpfilter.ko (kernel module mode) to send its {answer} answer: a "
+                    "netfilter BPF program cannot, and dropping silently instead would change "
+                    f"what peers see ({e})")
+        return None
+
+    def describe(self, target: RejectTarget) -> str:
+        answer = REJECT_WITH.get(target.with_, f"{target.with_}")
+        return f"reject-with {answer}"
+
+    def emit(self, target: RejectTarget, asm, next_rule) -> None:
+        asm.emit(BPF_LDX_MEM(BPF_DW, R1, R6, facts.SKB),
+                 BPF_LDX_MEM(BPF_DW, R2, R6, NF_STATE),
+                 BPF_MOV64_IMM(R3, target.with_),
+                 BPF_CALL_KFUNC(REJECT_KFUNC),
+                 BPF_MOV64_IMM(R0, NF_DROP), BPF_EXIT_INSN())
