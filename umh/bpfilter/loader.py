@@ -14,6 +14,7 @@ additions never race with packet accounting.
 """
 from __future__ import annotations
 
+import array
 import errno
 import os
 import struct
@@ -31,8 +32,9 @@ from .compiler.classifier import KEY_SIZE, VALUE_SIZE, TupleSpace
 from .bpf.insn import MapRef
 from .errors import BpfilterError
 from .klog import LOG_LOST, LOG_RING, LogRing
-from .compiler.codegen import (CLASSIFIER, COUNTERS, PROG_ARRAY, HookProgram, compile_table,
-                               dispatcher, uses_conntrack)
+from .compiler.codegen import (CLASSIFIER, CLASSIFIER_RECORDS, COUNTERS, PROG_ARRAY, HookProgram,
+                               compile_table, dispatcher, uses_conntrack)
+from .compiler.multifield import RECORD_SIZE
 from .model import Hook, Table
 from .netfilter import NF_IP_PRI_FILTER
 
@@ -125,6 +127,8 @@ def load_ruleset(table: Table, log: Optional[LogRing] = None) -> Ruleset:
         maps = {COUNTERS: counters_fd, **(log.maps() if log else {})}
         if compiled.tuple_space.entries:
             maps[CLASSIFIER] = _owned(transient, _classifier_map(table, compiled.tuple_space))
+        if compiled.tuple_space.records:
+            maps[CLASSIFIER_RECORDS] = _owned(transient, _records_map(table, compiled.tuple_space))
         for program in compiled.programs:
             code = program.asm.assemble(map_fd=lambda ref: _map_fd(maps, ref),
                                         kfunc_id=lambda k: btf.kfunc_id(k.name))
@@ -151,6 +155,19 @@ def _classifier_map(table: Table, space: TupleSpace) -> int:
         values = b"".join(struct.pack("<II", entry, verdict)
                           for entry, verdict in space.entries.values())
         bpf.map_update_batch(fd, b"".join(space.entries), values, len(space.entries))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _records_map(table: Table, space: TupleSpace) -> int:
+    """Multifield's bucket records, an array indexed from the classifier map."""
+    count = len(space.records)
+    fd = bpf.map_create(bpf.BPF_MAP_TYPE_ARRAY, 4, RECORD_SIZE, count, f"{table.name}_rec")
+    try:
+        bpf.map_update_batch(fd, array.array("I", range(count)).tobytes(),
+                             b"".join(space.records), count)
     except BaseException:
         os.close(fd)
         raise
