@@ -29,6 +29,7 @@ Exactness where the kernel is subtle:
 from __future__ import annotations
 
 import functools
+import struct
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional, Union
 
@@ -74,7 +75,6 @@ class Masks(NamedTuple):
 @dataclass
 class Run:
     rules: list[Rule]
-    keys: list = field(default_factory=list)                              # rule_keys of all
     tuples: list[tuple[int, Masks]] = field(default_factory=list)        # (id, masks)
     ip_tuples: list[tuple[int, Masks]] = field(default_factory=list)     # projection
 
@@ -114,18 +114,20 @@ def segments(rules: list[Rule], space: "TupleSpace") -> list[Segment]:
     are pooled for multifield; what it does not take stays code."""
     out: list[Segment] = []
     run = Run([])
-    masks: set[Masks] = set()
+    tuples: dict[tuple, frozenset] = {}   # the run's, as rule_tuples() factors them
+    count = 0
     pooled: list[Rule] = []
 
     def flush() -> None:
-        nonlocal run
+        nonlocal run, count
         if len(run.rules) >= MIN_RUN and space.add_run(run):
             flush_pooled()
             out.append(run)
         else:
             pooled.extend(run.rules)
         run = Run([])
-        masks.clear()
+        tuples.clear()
+        count = 0
 
     def flush_pooled() -> None:
         rest = pooled[:]
@@ -145,19 +147,20 @@ def segments(rules: list[Rule], space: "TupleSpace") -> list[Segment]:
             flush_pooled()
             out.append(rule)
             continue
-        keys = list(rule_keys(rule))
-        mine = {k[0] for k in keys}
-        if not mine <= masks and len(masks | mine) > MAX_TUPLES:
+        addr, ports = rule_tuples(rule)
+        new = len(ports - tuples.get(addr, frozenset()))
+        if new and count + new > MAX_TUPLES:
             flush()
+            new = len(ports)
         run.rules.append(rule)
-        run.keys += keys
-        masks.update(mine)
+        tuples[addr] = tuples.get(addr, frozenset()) | ports
+        count += new
     flush()
     flush_pooled()
     return out
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=1 << 16)
 def port_blocks(lo: int, hi: int) -> tuple[tuple[int, int], ...]:
     """(value, mask) prefix blocks covering exactly [lo, hi] of 16-bit ports."""
     blocks = []
@@ -172,6 +175,25 @@ def port_blocks(lo: int, hi: int) -> tuple[tuple[int, int], ...]:
 
 def _le32(raw: bytes) -> int:
     return int.from_bytes(raw, "little")
+
+
+def rule_tuples(rule: Rule) -> tuple[tuple, frozenset]:
+    """The tuples of rule_keys(rule), factored: the address and protocol masks, and the
+    (sport mask, dport mask, l4, ip_only) they come with. Cheaper than making the keys,
+    which a run too varied for the tuple space never needs; those of a rule that can
+    never match are counted too."""
+    ip = rule.ip
+    ports = _port_match(rule)
+    return ((ip.src.mask, ip.dst.mask, bool(ip.proto)),
+            _port_tuples(ports and (ports.sport.lo, ports.sport.hi, ports.dport.lo, ports.dport.hi)))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _port_tuples(ranges: Optional[tuple]) -> frozenset:
+    if ranges is None:
+        return frozenset(((0, 0, 0, False), (0, 0, 0, True)))
+    return frozenset([(spm, dpm, 1, False) for _, spm in port_blocks(*ranges[:2])
+                      for _, dpm in port_blocks(*ranges[2:])] + [(0, 0, 0, True)])
 
 
 def rule_keys(rule: Rule):
@@ -212,8 +234,9 @@ class TupleSpace:
     def add_run(self, run: Run) -> bool:
         """Adds the run's keys if classifying it pays (see MAX_TUPLES)."""
         groups: dict[Masks, list] = {}
-        for masks, fields, entry, verdict in run.keys:
-            groups.setdefault(masks, []).append((fields, entry, verdict))
+        for rule in run.rules:
+            for masks, fields, entry, verdict in rule_keys(rule):
+                groups.setdefault(masks, []).append((fields, entry, verdict))
         if len(groups) > MAX_TUPLES or len(groups) * RULES_PER_TUPLE > len(run.rules):
             return False
         for masks, members in groups.items():
@@ -229,10 +252,8 @@ class TupleSpace:
             self.entries[key] = (entry, verdict)
 
 
-def _key(tid: int, saddr: int, daddr: int, sport: int, dport: int, proto: int, l4: int) -> bytes:
-    return (tid.to_bytes(4, "little") + saddr.to_bytes(4, "little") + daddr.to_bytes(4, "little")
-            + sport.to_bytes(2, "little") + dport.to_bytes(2, "little") + bytes([proto, l4])
-            + bytes(6))
+# _key(tid, saddr, daddr, sport, dport, proto, l4), laid out as the K_* offsets say
+_key = struct.Struct("<IIIHHBB6x").pack
 
 
 def emit_key(asm: Assembler, tuple_fp: int, tid: int, masks: Masks) -> None:

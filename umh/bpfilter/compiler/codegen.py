@@ -72,8 +72,9 @@ def compile_table(table: Table, offsets: facts.KernelOffsets) -> CompiledTable:
     segments = {}
     for chain in table.chains.values():
         segments[chain.name] = classifier.segments(chain.rules, space)
+    needs = facts_needed(table)
     programs = [HookProgram(chain.hook, f"{table.name}_{chain.name}"[:15],
-                            _HookCompiler(table, offsets, segments).compile(chain))
+                            _HookCompiler(table, offsets, segments, needs).compile(chain))
                 for chain in table.hook_chains()]
     return CompiledTable(programs, space)
 
@@ -108,10 +109,11 @@ def call_depth(table: Table, chain: Chain) -> int:
 
 
 class _HookCompiler:
-    def __init__(self, table: Table, offsets: facts.KernelOffsets, segments):
+    def __init__(self, table: Table, offsets: facts.KernelOffsets, segments, needs: frozenset):
         self.table = table
         self.offsets = offsets
         self.segments = segments
+        self.needs = needs   # facts_needed(table), a walk of every rule: once per table
         self.asm = Assembler()
         self.entries: dict[str, object] = {}   # user chain name -> its subprogram label
 
@@ -123,7 +125,7 @@ class _HookCompiler:
                                 f"supports at most {MAX_CALL_FRAMES - 1} (BPF call frames)")
         asm = self.asm
         drop = asm.label("drop")
-        facts.emit_prologue(asm, self.offsets, drop, facts_needed(self.table))
+        facts.emit_prologue(asm, self.offsets, drop, self.needs)
         policy = asm.label("policy")
         self._emit_rules(chain, policy=policy, drop=drop, key_fp=_MAIN_KEY_FP)
         asm.place(policy)

@@ -131,9 +131,7 @@ class MultiFieldRun:
 
 def _prefix_len(mask: bytes) -> int:
     """Leading one bits of a mask in wire order: the prefix its keys may use."""
-    value = int.from_bytes(mask, "big")
-    inverted = ~value & 0xFFFFFFFF
-    return 32 - inverted.bit_length()
+    return 32 - (~int.from_bytes(mask, "big") & 0xFFFFFFFF).bit_length()
 
 
 def _addr_mask(bits: int) -> int:
@@ -148,9 +146,12 @@ ADDR_MASK = {b: _addr_mask(b) for b in range(33)}
 PORT_MASK = {b: _port_mask(b) for b in PORT_BITS}
 
 
+# by the bits [lo, hi] have in common: the most port bits a key may hold for it
+_BLOCK_BITS = [next(b for b in PORT_BITS if b <= common) for common in range(17)]
+
+
 def _block_bits(lo: int, hi: int) -> int:
-    """The most port bits a key may hold for [lo, hi]: the range lies in one block."""
-    return next(b for b in PORT_BITS if lo >> (16 - b) == hi >> (16 - b))
+    return _BLOCK_BITS[16 - (lo ^ hi).bit_length()]
 
 
 def _floor(bits: int) -> int:
@@ -188,10 +189,17 @@ def _fits(shape: Shape, profile: Shape) -> bool:
             and shape.sport <= profile.sport and shape.dport <= profile.dport)
 
 
+_SHAPE_MASKS: dict[Shape, tuple] = {}
+
+
 def _key(shape: Shape, m: _Member) -> tuple:
-    return (m.saddr & ADDR_MASK[shape.src], m.daddr & ADDR_MASK[shape.dst],
-            m.proto if shape.proto else 0, m.sport[0] & PORT_MASK[shape.sport],
-            m.dport[0] & PORT_MASK[shape.dport])
+    masks = _SHAPE_MASKS.get(shape)
+    if masks is None:
+        masks = _SHAPE_MASKS[shape] = (ADDR_MASK[shape.src], ADDR_MASK[shape.dst],
+                                       0xFF if shape.proto else 0, PORT_MASK[shape.sport],
+                                       PORT_MASK[shape.dport])
+    sm, dm, pm, spm, dpm = masks
+    return m.saddr & sm, m.daddr & dm, m.proto & pm, m.sport[0] & spm, m.dport[0] & dpm
 
 
 def _covers(q: _Member, m: _Member) -> bool:
@@ -225,9 +233,13 @@ class _Merged:
         """Place `m` (after every rule before it); False if no bucket can take it."""
         shapes = self._shapes_for(m.profile)
         for shape in shapes:
-            bucket = self.buckets[shape].get(_key(shape, m))
-            if bucket is None or len(bucket) < BUCKET:
-                self.buckets[shape].setdefault(_key(shape, m), []).append(m)
+            buckets, key = self.buckets[shape], _key(shape, m)
+            bucket = buckets.get(key)
+            if bucket is None:
+                buckets[key] = [m]
+                return True
+            if len(bucket) < BUCKET:
+                bucket.append(m)
                 return True
         crowded = [self.buckets[s][_key(s, m)] for s in shapes]
         if any(_covers(q, m) for bucket in crowded for q in bucket):
@@ -249,8 +261,8 @@ class _Merged:
         (one long address prefix is spread enough), then its finest grid tuple."""
         fine = Shape(_floor(p.src), _floor(p.dst), p.proto, p.sport, p.dport)
         if max(fine.src, fine.dst) >= SPREAD_BITS:
-            coarse = Shape(fine.src, 0, 0, 0, 0) if fine.src >= fine.dst \
-                else Shape(0, fine.dst, 0, 0, 0)
+            coarse = Shape(SPREAD_BITS, 0, 0, 0, 0) if fine.src >= fine.dst \
+                else Shape(0, SPREAD_BITS, 0, 0, 0)
             return coarse, fine
         return fine, fine
 
