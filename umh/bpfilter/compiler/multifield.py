@@ -55,17 +55,18 @@ from ..bpf.asm import Assembler
 from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_EMIT_CALL, BPF_H,
                         BPF_JMP32_IMM, BPF_JMP_A, BPF_JMP_IMM, BPF_JMP_REG, BPF_LD_MAP_FD,
                         BPF_LDX_MEM, BPF_MOV32_IMM, BPF_MOV64_IMM, BPF_MOV64_REG, BPF_STX_MEM,
-                        BPF_W, FP, R0, R1, R2, R3, R7, R8, R9, MapRef)
+                        BPF_W, FP, R0, R1, R2, R3, R4, R5, R7, R8, R9, MapRef)
 from ..model import Accept, Rule
 from . import classifier, facts
 from .classifier import Masks
 
 RECORDS = MapRef("classifier_records")
 
-# A bucket is walked by a loop the verifier unrolls: MAX_BUCKET bounds it. Past
-# BUCKET rules a bucket is crowded: the next rule opens a finer tuple if it can.
+# A bucket is walked by a loop the verifier unrolls, as often as the tuple's largest
+# bucket holds rules: MAX_BUCKET at most. Past BUCKET rules a bucket is crowded: the
+# next rule opens a finer tuple if it can.
 BUCKET = 4
-MAX_BUCKET = 32
+MAX_BUCKET = 16
 # Merged tuples key on these prefix lengths and port block sizes only: a coarse grid
 # keeps the tuples few, the bucket check makes up for the bits left out.
 ADDR_BITS = (32, 24, 16, 8, 0)
@@ -120,6 +121,7 @@ class Tuple(NamedTuple):
     tid: int
     masks: Masks    # what the key keeps of each fact
     first: int      # the smallest packed entry of its rules
+    width: int      # its largest bucket: the walk's bound, all the verifier unrolls
 
 
 @dataclass
@@ -310,7 +312,8 @@ class _Merged:
                 space.records += [m.record() for m in bucket]
             masks = Masks(ADDR_MASK[shape.src], ADDR_MASK[shape.dst], 0xFF if shape.proto else 0,
                           PORT_MASK[shape.sport], PORT_MASK[shape.dport], 0)
-            out.append(Tuple(tid, masks, min(b[0].packed for b in buckets.values())))
+            out.append(Tuple(tid, masks, min(b[0].packed for b in buckets.values()),
+                             max(map(len, buckets.values()))))
         return sorted(out, key=lambda t: t.first)
 
 
@@ -362,7 +365,7 @@ def emit_search(asm: Assembler, tuples: list[Tuple], tuple_fp: int, decide) -> N
                  BPF_MOV64_REG(R8, R0), BPF_MOV64_IMM(R9, 0))
         asm.place(loop)
         # R8: the bucket (u32 first record, u32 count); R9: records walked
-        asm.emit(BPF_JMP_IMM(I.BPF_JGE, R9, MAX_BUCKET, next_tuple),
+        asm.emit(BPF_JMP_IMM(I.BPF_JGE, R9, t.width, next_tuple),
                  BPF_LDX_MEM(BPF_W, R1, R8, 4),
                  BPF_JMP_REG(I.BPF_JGE, R9, R1, next_tuple),
                  BPF_LDX_MEM(BPF_W, R1, R8, 0), BPF_ALU64_REG(I.BPF_ADD, R1, R9),
@@ -386,19 +389,25 @@ def emit_search(asm: Assembler, tuples: list[Tuple], tuple_fp: int, decide) -> N
 
 def _emit_record_test(asm: Assembler, mismatch) -> None:
     """Fall through if the record at R0 matches the packet, else to `mismatch`: the
-    ip part, and for a port rule a first fragment with ports in its ranges."""
-    matched = asm.label("mf_match")
+    ip part, and for a port rule a first fragment with ports in its ranges. One
+    branch: the verifier keeps every untaken branch of the walk pending (up to 8192)."""
+    asm.emit(BPF_MOV64_IMM(R1, 0))
     for fact, value, mask, size in ((facts.SADDR, R_SADDR, R_SMASK, BPF_W),
                                     (facts.DADDR, R_DADDR, R_DMASK, BPF_W),
                                     (facts.PROTO, R_PROTO, R_PMASK, BPF_B)):
-        asm.emit(BPF_LDX_MEM(size, R1, I.R6, fact), BPF_LDX_MEM(size, R2, R0, mask),
-                 BPF_ALU64_REG(I.BPF_AND, R1, R2), BPF_LDX_MEM(size, R2, R0, value),
-                 BPF_JMP_REG(I.BPF_JNE, R1, R2, mismatch))
-    asm.emit(BPF_LDX_MEM(BPF_B, R1, R0, R_PORTS), BPF_JMP_IMM(I.BPF_JEQ, R1, 0, matched),
-             BPF_LDX_MEM(BPF_H, R1, I.R6, facts.FRAGOFF),
-             BPF_JMP_IMM(I.BPF_JNE, R1, 0, mismatch))
+        asm.emit(BPF_LDX_MEM(size, R2, I.R6, fact), BPF_LDX_MEM(size, R4, R0, mask),
+                 BPF_ALU64_REG(I.BPF_AND, R2, R4), BPF_LDX_MEM(size, R4, R0, value),
+                 BPF_ALU64_REG(I.BPF_XOR, R2, R4), BPF_ALU64_REG(I.BPF_OR, R1, R2))
+    # R2 = 1 if the ports fail: a later fragment (0 - fragoff < 0), or a port outside
+    # its range (u16 differences, negative exactly when a bound is crossed)
+    asm.emit(BPF_LDX_MEM(BPF_H, R4, I.R6, facts.FRAGOFF), BPF_MOV64_IMM(R2, 0),
+             BPF_ALU64_REG(I.BPF_SUB, R2, R4))
     for fact, bounds in ((facts.SPORT, R_SPORT), (facts.DPORT, R_DPORT)):
-        asm.emit(BPF_LDX_MEM(BPF_H, R1, I.R6, fact),
-                 BPF_LDX_MEM(BPF_H, R2, R0, bounds), BPF_JMP_REG(I.BPF_JLT, R1, R2, mismatch),
-                 BPF_LDX_MEM(BPF_H, R2, R0, bounds + 2), BPF_JMP_REG(I.BPF_JGT, R1, R2, mismatch))
-    asm.place(matched)
+        asm.emit(BPF_LDX_MEM(BPF_H, R5, I.R6, fact),
+                 BPF_LDX_MEM(BPF_H, R4, R0, bounds), BPF_ALU64_REG(I.BPF_SUB, R5, R4),
+                 BPF_ALU64_REG(I.BPF_OR, R2, R5),
+                 BPF_LDX_MEM(BPF_H, R4, R0, bounds + 2), BPF_LDX_MEM(BPF_H, R5, I.R6, fact),
+                 BPF_ALU64_REG(I.BPF_SUB, R4, R5), BPF_ALU64_REG(I.BPF_OR, R2, R4))
+    asm.emit(BPF_ALU64_IMM(I.BPF_RSH, R2, 63), BPF_LDX_MEM(BPF_B, R4, R0, R_PORTS),
+             BPF_ALU64_REG(I.BPF_AND, R2, R4), BPF_ALU64_REG(I.BPF_OR, R1, R2),
+             BPF_JMP_IMM(I.BPF_JNE, R1, 0, mismatch))
