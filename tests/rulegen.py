@@ -295,6 +295,53 @@ def runs_ruleset(rng: random.Random, hints: _Hints) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _acl_rule(rng: random.Random, chain: str, hints: _Hints) -> str:
+    """A ClassBench-style ACL rule (what multifield takes): source and destination
+    prefixes of any length or none, tcp or udp or any protocol, the source port mostly
+    any, the destination port exact, a range or any."""
+    parts = [f"-A {chain}"]
+    for flag in ("-s", "-d"):
+        length = rng.choice([0, 0, 16, 20, 24, 24, 28, 30, 32, 32, rng.randint(15, 32)])
+        if length:
+            base = rng.choice([LAB_LO + 2, LAB_LO + LAB_SIZE // 2 + 2, _lab_addr(rng)])
+            hints.nets.append((base, length))
+            parts.append(f"{flag} {_addr(base)}/{length}")
+    proto = rng.choices(["tcp", "udp", None], [5, 4, 1])[0]
+    if proto:
+        parts.append(f"-p {proto}")
+        hints.protos.append({"tcp": 6, "udp": 17}[proto])
+        for opt, weights in (("--sport", (70, 15, 15)), ("--dport", (20, 50, 30))):
+            kind = rng.choices(["any", "exact", "range"], weights)[0]
+            if kind == "exact":
+                port = rng.choice(PORTS) if rng.random() < 0.5 else rng.randrange(65536)
+                hints.ports.append(port)
+                parts.append(f"{opt} {port}")
+            elif kind == "range":
+                lo, hi = rng.choice([(0, 1023), (1024, 65535)]) if rng.random() < 0.4 else \
+                    sorted((rng.choice(PORTS), rng.randrange(65536)))
+                hints.ports += [lo, hi]
+                parts.append(f"{opt} {lo}:{hi}")
+    parts.append(f"-j {rng.choice(['ACCEPT', 'DROP'])}")
+    return " ".join(parts)
+
+
+def acl_ruleset(rng: random.Random, hints: _Hints) -> str:
+    """Long ClassBench-style ACL runs in built-in chains and a user chain, broken now
+    and then by rules of any shape."""
+    lines = ["*filter"]
+    lines += [f":{c} {rng.choice(['ACCEPT', 'DROP'])} [0:0]" for c in BUILTIN]
+    lines.append(":acl - [0:0]")
+    for chain in BUILTIN + ("acl",):
+        for _ in range(rng.randint(1, 2)):
+            lines += [_acl_rule(rng, chain, hints) for _ in range(rng.randint(100, 300))]
+            if chain != "acl" and rng.random() < 0.5:
+                lines.append(f"-A {chain} -j acl")
+            else:
+                lines.append(_rule(rng, chain, 0 if chain == "acl" else None, ["acl"], hints))
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
 def large_ruleset(rng: random.Random, hints: _Hints, size: int) -> str:
     """`size` rules in INPUT and FORWARD as long lists are written: a source blocklist,
     then per-port service rules, then a short tail of rules of any shape."""
@@ -401,14 +448,18 @@ def _case(rng: random.Random, hints: _Hints) -> Case:
 
 
 def generate(seed: int, n_cases: int = 200, runs: bool = False,
-             size: "int | None" = None, more: bool = False) -> tuple[str, list[Case]]:
+             size: "int | None" = None, acl: bool = False,
+             more: bool = False) -> tuple[str, list[Case]]:
     """A ruleset and packets aimed at it; `runs`: made of long runs of simple rules;
-    `size`: that many rules, as large real lists are written; `more`: with the
-    multiport, iprange, length, ttl and comment matches too."""
+    `acl`: of long ClassBench-style ACL runs; `size`: that many rules, as large real
+    lists are written; `more`: with the multiport, iprange, length, ttl and comment
+    matches too."""
     rng = random.Random(seed)
     hints = _Hints()
     if size is not None:
         text = large_ruleset(rng, hints, size)
+    elif acl:
+        text = acl_ruleset(rng, hints)
     else:
         text = runs_ruleset(rng, hints) if runs else ruleset(rng, hints, more)
     return text, [_case(rng, hints) for _ in range(n_cases)]

@@ -1,12 +1,18 @@
-"""The tuple space classifier's decisions and building blocks. Its verdicts and
-counters are proved against the kernel in test_differential.py and, case by case,
-in test_verdicts.py (each case both walked and classified)."""
+"""The classifiers' decisions and building blocks: the tuple space and multifield's
+merged tuples. Their verdicts and counters are proved against the kernel in
+test_differential.py and, case by case, in test_verdicts.py (each case walked,
+classified and in merged tuples); here multifield's structures are also searched by
+a model of its BPF code against the kernel's first match, packet by packet."""
 import random
+import socket
 
 from bpfilter.abi import codec
 from bpfilter.abi.decode import table_from_raw
-from bpfilter.compiler import classifier
+from bpfilter.compiler import classifier, multifield
 from bpfilter.compiler.classifier import Run, TupleSpace, port_blocks, segments
+from bpfilter.compiler.multifield import MultiFieldRun
+from bpfilter.ext.tcp import TcpMatch
+from bpfilter.model import Accept, Rule
 from bpfilter.scratch import replace_blob
 
 
@@ -51,6 +57,8 @@ def test_short_runs_and_varied_ranges_stay_code():
         f"-p tcp --sport {lo}:{lo + rng.randrange(1, 999)} --dport {lo}:{lo + rng.randrange(1, 5000)} "
         "-j DROP" for i, lo in enumerate(rng.randrange(60000) for _ in range(64))))
     assert not any(isinstance(s, Run) for s in segments(varied, TupleSpace()))
+    # nor, a few of them, for merged tuples
+    assert all(isinstance(s, Rule) for s in segments(varied[:20], TupleSpace()))
     one_field = chain_rules("\n".join(
         f"-A INPUT -p tcp --dport {lo}:{lo + rng.randrange(1, 5000)} -j DROP"
         for lo in (rng.randrange(60000) for _ in range(80))))
@@ -103,3 +111,195 @@ def test_comments_do_not_keep_rules_from_a_run():
     other = chain_rules("\n".join(f"-A INPUT -s 10.0.1.{i} -m ttl --ttl-eq 1 -j DROP"
                                   for i in range(20)))
     assert not any(isinstance(s, Run) for s in segments(other, TupleSpace()))
+
+
+# ---------------------------------------------------------------- multifield
+
+def acl_lines(rng: random.Random, n: int, nets: list, ports: list, space: str = "10.0.0.0/8"):
+    """ClassBench-style ACL rules in `space`: prefixes of every length or none, tcp,
+    udp or any protocol, ports exact, in ranges or any. The networks and ports they
+    name are appended to `nets` and `ports`, to aim packets at them."""
+    base, length = space.split("/")
+    lo = int.from_bytes(socket.inet_aton(base), "big")
+    size = 1 << (32 - int(length))
+    lines = []
+    for _ in range(n):
+        parts = ["-A INPUT"]
+        for flag in ("-s", "-d"):
+            bits = rng.choice([0, 0, 16, 20, 24, 24, 28, 30, 32, 32, rng.randint(int(length), 32)])
+            if bits:
+                addr = lo + rng.randrange(size)
+                nets.append((addr, bits))
+                parts.append(f"{flag} {socket.inet_ntoa(addr.to_bytes(4, 'big'))}/{bits}")
+        # a rule wild in both addresses names a protocol and a service, as ACLs do
+        wild = len(parts) == 1
+        proto = rng.choices(["tcp", "udp", None], [5, 4, 0 if wild else 1])[0]
+        if proto:
+            parts.append(f"-p {proto}")
+            for opt, weights in (("--sport", (70, 15, 15)),
+                                 ("--dport", (0, 1, 0) if wild else (20, 50, 30))):
+                kind = rng.choices(["any", "exact", "range"], weights)[0]
+                if kind == "exact":
+                    port = rng.choice([22, 53, 80, 443, rng.randrange(65536)])
+                    ports.append(port)
+                    parts.append(f"{opt} {port}")
+                elif kind == "range":
+                    a, b = rng.choice([(0, 1023), (1024, 65535),
+                                       sorted((rng.randrange(65536), rng.randrange(65536)))])
+                    ports += [a, b]
+                    parts.append(f"{opt} {a}:{b}")
+        parts.append(f"-j {rng.choice(['ACCEPT', 'DROP'])}")
+        lines.append(" ".join(parts))
+    return lines
+
+
+def le(addr: int) -> int:
+    """An address as the facts hold it: the wire bytes loaded little-endian."""
+    return int.from_bytes(addr.to_bytes(4, "big"), "little")
+
+
+def packet(rng: random.Random, nets: list, ports: list) -> dict:
+    """Facts of a packet aimed inside or just outside the rules' networks and ranges;
+    some later fragments (offset 1 among them) and short transport headers."""
+    def addr():
+        if rng.random() < 0.2:
+            return rng.randrange(1 << 32)
+        base, bits = rng.choice(nets)
+        inside = base >> (32 - bits) << (32 - bits) | rng.getrandbits(32 - bits)
+        return inside if rng.random() < 0.8 or bits == 0 else inside ^ (1 << (32 - bits))
+
+    def port():
+        return min(65535, max(0, rng.choice(ports) + rng.choice([0, 0, -1, 1]))) \
+            if rng.random() < 0.8 else rng.randrange(65536)
+
+    proto = rng.choice([6, 6, 17, 17, 1, 47])
+    fragoff = rng.choice([0] * 8 + [1, 2, 100])
+    l4 = 20 if fragoff == 0 else 0
+    if fragoff == 0 and proto in (6, 17) and rng.random() < 0.1:
+        l4 = rng.choice([0, 8])
+    read = l4 >= 8
+    return {"saddr": le(addr()), "daddr": le(addr()), "proto": proto, "fragoff": fragoff,
+            "l4": l4, "sport": port() if read else 0, "dport": port() if read else 0}
+
+
+def kernel_first(rules: list, p: dict):
+    """(entry, verdict) of the first rule ipt_do_table() stops at, VERDICT_HOTDROP
+    where a port match drops the packet; None if the packet runs off the run."""
+    C = classifier
+    for rule in rules:
+        ip = rule.ip
+        if any(p[fact] & int.from_bytes(prefix.mask, "little") != int.from_bytes(prefix.addr, "little")
+               for fact, prefix in (("saddr", ip.src), ("daddr", ip.dst))):
+            continue
+        if ip.proto and p["proto"] != ip.proto:
+            continue
+        verdict = C.VERDICT_ACCEPT if isinstance(rule.target, Accept) else C.VERDICT_DROP
+        if not rule.matches:
+            return rule.entry, verdict
+        m = rule.matches[0]
+        if p["fragoff"]:
+            if isinstance(m, TcpMatch) and p["fragoff"] == 1:
+                return rule.entry, C.VERDICT_HOTDROP
+            continue
+        if p["l4"] < (20 if isinstance(m, TcpMatch) else 8):
+            return rule.entry, C.VERDICT_HOTDROP
+        if m.sport.lo <= p["sport"] <= m.sport.hi and m.dport.lo <= p["dport"] <= m.dport.hi:
+            return rule.entry, verdict
+    return None
+
+
+def searched(space: TupleSpace, run: MultiFieldRun, p: dict):
+    """What multifield.emit_search's code finds, step by step (codegen's dispatch picks
+    the projection for packets a port match would hotdrop)."""
+    hotdrops = (p["proto"] == 6 and (p["fragoff"] == 1 or (p["fragoff"] == 0 and p["l4"] < 20))) \
+        or (p["proto"] == 17 and p["fragoff"] == 0 and p["l4"] < 8)
+    best = multifield.PACKED_INF
+    for t in run.ip_tuples if hotdrops else run.tuples:
+        if best < t.first:
+            break
+        m = t.masks
+        key = classifier._key(t.tid, p["saddr"] & m.saddr, p["daddr"] & m.daddr,
+                              p["sport"] & m.sport, p["dport"] & m.dport, p["proto"] & m.proto, 0)
+        first, count = space.entries.get(key, (0, 0))
+        assert count <= t.width <= multifield.MAX_BUCKET
+        for record in space.records[first:first + count]:
+            (saddr, smask, daddr, dmask, splo, sphi, dplo, dphi, packed, proto, pmask,
+             ports) = multifield._RECORD.unpack(record)
+            if packed >= best:
+                break
+            if (p["saddr"] & smask == saddr and p["daddr"] & dmask == daddr
+                    and p["proto"] & pmask == proto
+                    and (not ports or (p["fragoff"] == 0 and splo <= p["sport"] <= sphi
+                                       and dplo <= p["dport"] <= dphi))):
+                best = packed
+                break
+    return None if best == multifield.PACKED_INF else (best >> 2, best & 3)
+
+
+def test_a_classbench_acl_is_one_multifield_run_with_few_lookups():
+    """2,000 rules over the whole address space: hundreds of tuples for the tuple
+    space, a dozen or so merged ones."""
+    rng = random.Random(11)
+    rules = chain_rules("\n".join(acl_lines(rng, 2000, [], [], space="1.0.0.0/1")))
+    space = TupleSpace()
+    [run] = segments(rules, space)
+    assert isinstance(run, MultiFieldRun) and run.rules == rules
+    assert len(run.tuples) <= 16 and len(run.ip_tuples) <= 16
+    assert len(space.records) <= 2 * len(rules)
+    unmerged = {m for rule in rules for m in classifier.rule_keys(rule)}
+    assert len({masks for masks, *_ in unmerged}) > 100
+
+
+def test_multifield_finds_the_kernels_first_match():
+    """Overlapping rules in a /16 (crowded buckets, finer tuples, hits deep in the
+    run), against random packets: the model of the search finds the kernel's first
+    rule, or hotdrop, or nothing, for each."""
+    rng = random.Random(5)
+    nets, ports = [], []
+    rules = chain_rules("\n".join(acl_lines(rng, 800, nets, ports, space="10.0.0.0/12")))
+    space = TupleSpace()
+    runs = segments(rules, space)
+    assert all(isinstance(s, MultiFieldRun) for s in runs)
+    assert len(runs) == 1 or min(len(r.rules) for r in runs) > 16   # cut only where crowded
+    found = {"match": 0, "deep": 0, "hotdrop": 0, "none": 0}
+    for _ in range(4000):
+        p = packet(rng, nets, ports)
+        expected = kernel_first(rules, p)
+        got = None
+        for run in runs:
+            got = searched(space, run, p)
+            if got is not None:
+                break
+        assert got == expected, p
+        found["none" if got is None else "hotdrop" if got[1] == classifier.VERDICT_HOTDROP
+              else "deep" if got[0] > 200 else "match"] += 1
+    assert min(found.values()) >= 50, found
+
+
+def test_a_bucket_that_cannot_split_cuts_the_run(monkeypatch):
+    """Rules alike in every field a key can hold share a bucket in each tuple they
+    open (the coarse one and their finest); with both full the run is cut there and
+    goes on in another, in order."""
+    monkeypatch.setattr(multifield, "RULES_PER_LOOKUP", 0)
+    rules = chain_rules("\n".join(
+        f"-A INPUT -s 10.0.0.1 -d 10.0.0.2 -p tcp --sport {i}:{30000 + i} --dport 1000:60000 -j DROP"
+        for i in range(50)))
+    runs = segments(rules, TupleSpace())
+    assert [len(r.rules) for r in runs] == [2 * multifield.MAX_BUCKET, 50 - 2 * multifield.MAX_BUCKET]
+    assert [rule for run in runs for rule in run.rules] == rules
+
+
+def test_what_covers_a_rule():
+    """A covered rule is never first: not for whole packets, not for fragments (port
+    rules never match them) nor hotdrops (the projection decides those)."""
+    rules = chain_rules("\n".join([
+        "-A INPUT -s 10.0.0.0/8 -p tcp -j DROP",
+        "-A INPUT -s 10.1.0.0/16 -p tcp --dport 80 -j ACCEPT",
+        "-A INPUT -s 10.1.0.0/16 -p tcp --dport 1:1000 -j ACCEPT",
+        "-A INPUT -s 10.1.0.0/16 -p tcp -j ACCEPT",
+        "-A INPUT -s 10.1.0.0/16 -j ACCEPT"]))
+    ip_only, port80, ports, tcp16, any16 = (multifield.members(r)[0] for r in rules)
+    covers = multifield._covers
+    assert covers(ip_only, port80) and covers(ip_only, tcp16) and covers(ports, port80)
+    assert not covers(port80, ports) and not covers(ports, tcp16)   # a fragment matches tcp16
+    assert not covers(ip_only, any16) and covers(any16, tcp16)

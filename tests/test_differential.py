@@ -13,7 +13,10 @@ import time
 import pytest
 
 from bpfilter.demo import RULESET as HOST_FIREWALL, TRAFFIC as HOST_TRAFFIC
-from bpfilter.compiler import classifier
+from bpfilter.abi import codec
+from bpfilter.abi.decode import table_from_raw
+from bpfilter.compiler import classifier, multifield
+from bpfilter.scratch import replace_blob
 from bpfilter.lab import T_IN_MAC, Case, Lab, Packet
 from rulegen import generate
 
@@ -173,6 +176,23 @@ def test_random_long_runs_through_the_classifier(lab, seed):
     """Long runs of simple rules, which the tuple space classifies, broken by rules of
     any shape, in built-in and user chains."""
     ruleset, cases = generate(seed, runs=True)
+    assert_identical(lab, ruleset, cases)
+
+
+@pytest.mark.parametrize("seed", range(FIRST + 7000, FIRST + 7000 + SEEDS // 2))
+def test_random_acl_runs_through_multifield(lab, seed, monkeypatch):
+    """ClassBench-style ACL runs (prefixes of every length, port ranges), which the
+    tuple space cannot take, in multifield's merged tuples: packets aimed inside and
+    just outside the rules' networks and ranges, deep in the runs or missing them all,
+    fragments and truncated headers. Runs of a hundred rules are classified even where
+    plain code would be faster, to test more of them."""
+    monkeypatch.setattr(multifield, "RULES_PER_LOOKUP", 1)
+    ruleset, cases = generate(seed, n_cases=300, acl=True)
+    table = table_from_raw(codec.parse_replace(replace_blob(ruleset)))
+    runs = [s for chain in table.chains.values()
+            for s in classifier.segments(chain.rules, classifier.TupleSpace())
+            if isinstance(s, multifield.MultiFieldRun)]
+    assert sum(len(run.rules) for run in runs) >= 400
     assert_identical(lab, ruleset, cases)
 
 

@@ -38,7 +38,7 @@ from bpfilter.loader import load_filter_table
 from bpfilter.model import Hook
 from bpfilter.netns import entered
 from bpfilter.scratch import replace_blob
-from bpfilter.compiler import classifier
+from bpfilter.compiler import classifier, multifield
 from bpfilter.lab import Packet
 
 pytestmark = pytest.mark.kernel
@@ -826,14 +826,18 @@ def verdict_name(v: int) -> str:
 
 # ---------------------------------------------------------------- the tests
 
-@pytest.mark.parametrize("classified", [False, True], ids=["walked", "classified"])
+@pytest.mark.parametrize("how", ["walked", "classified", "multifield"])
 @pytest.mark.parametrize("c", CASES)
-def test_verdicts_and_counters(c: Case, classified: bool, monkeypatch):
-    """Each case twice: walked rule by rule, and with every rule the tuple space can
-    take classified (runs from one rule on), which must not change a thing."""
-    if classified:
+def test_verdicts_and_counters(c: Case, how: str, monkeypatch):
+    """Each case three times: walked rule by rule, with every rule the tuple space can
+    take classified (runs from one rule on), and with every such rule in multifield's
+    merged tuples instead; neither must change a thing."""
+    if how != "walked":
         monkeypatch.setattr(classifier, "MIN_RUN", 1)
         monkeypatch.setattr(classifier, "RULES_PER_TUPLE", 0)
+    if how == "multifield":
+        monkeypatch.setattr(classifier, "MAX_TUPLES", 0)
+        monkeypatch.setattr(multifield, "RULES_PER_LOOKUP", 0)
     table = load_filter_table(blob_of(c.rules, c.crafted), attach=False)
     try:
         got = [verdict_name(table.test_run(hook, p.build(1, 0))) for hook, p, _ in c.steps]

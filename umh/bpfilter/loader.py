@@ -14,6 +14,7 @@ additions never race with packet accounting.
 """
 from __future__ import annotations
 
+import array
 import errno
 import functools
 import os
@@ -33,8 +34,9 @@ from .compiler.classifier import KEY_SIZE, VALUE_SIZE, TupleSpace
 from .bpf.insn import Kfunc, MapRef
 from .errors import BpfilterError
 from .klog import LOG_LOST, LOG_RING, LogRing
-from .compiler.codegen import (CLASSIFIER, COUNTERS, PROG_ARRAY, HookProgram, compile_table,
-                               dispatcher, uses_conntrack)
+from .compiler.codegen import (CLASSIFIER, CLASSIFIER_RECORDS, COUNTERS, PROG_ARRAY, HookProgram,
+                               compile_table, dispatcher, uses_conntrack)
+from .compiler.multifield import RECORD_SIZE
 from .model import Hook, Table
 from .netfilter import NF_IP_PRI_FILTER
 
@@ -137,6 +139,8 @@ def load_ruleset(table: Table, log: Optional[LogRing] = None) -> Ruleset:
         if limits_fd is not None:
             maps[limit.LIMITS] = _owned(transient, limits_fd)
         kfuncs = _Kfuncs(btf, transient)
+        if compiled.tuple_space.records:
+            maps[CLASSIFIER_RECORDS] = _owned(transient, _records_map(table, compiled.tuple_space))
         for program in compiled.programs:
             code = program.asm.assemble(map_fd=lambda ref: _map_fd(maps, ref), kfunc_id=kfuncs)
             prog_fd = _owned(undo, bpf.prog_load(bpf.BPF_PROG_TYPE_NETFILTER, code, program.name,
@@ -186,6 +190,19 @@ def _classifier_map(table: Table, space: TupleSpace) -> int:
         values = b"".join(struct.pack("<II", entry, verdict)
                           for entry, verdict in space.entries.values())
         bpf.map_update_batch(fd, b"".join(space.entries), values, len(space.entries))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _records_map(table: Table, space: TupleSpace) -> int:
+    """Multifield's bucket records, an array indexed from the classifier map."""
+    count = len(space.records)
+    fd = bpf.map_create(bpf.BPF_MAP_TYPE_ARRAY, 4, RECORD_SIZE, count, f"{table.name}_rec")
+    try:
+        bpf.map_update_batch(fd, array.array("I", range(count)).tobytes(),
+                             b"".join(space.records), count)
     except BaseException:
         os.close(fd)
         raise

@@ -9,7 +9,9 @@ sequence of consecutive rules, each
     no tcp flag test); comments do not count.
 Blocklists, per-port service lists and ClassBench-style 5-tuple ACLs are such runs.
 Runs shorter than MIN_RUN stay plain code: a few compares are cheaper than hashing,
-and plain code handles every rule shape.
+and plain code handles every rule shape. Runs with too many tuples (ACLs mixing
+prefixes and port ranges) go to the merged tuples of multifield.py when they are long
+enough to pay, to plain code otherwise.
 
 How: each rule becomes keys of one or more "tuples", a tuple being one combination of
 field masks (a port range becomes the prefix blocks covering it). All keys live in one
@@ -28,13 +30,19 @@ Exactness where the kernel is subtle:
 from __future__ import annotations
 
 import functools
+import struct
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional, Union
 
+from ..bpf import insn as I
+from ..bpf.asm import Assembler
+from ..bpf.insn import (BPF_ALU32_IMM, BPF_B, BPF_DW, BPF_H, BPF_LDX_MEM, BPF_ST_MEM, BPF_STX_MEM,
+                        BPF_W, FP, R1, R6, R9, MapRef)
 from ..ext.comment import CommentMatch
 from ..ext.tcp import TcpMatch
 from ..ext.udp import UdpMatch
 from ..model import Accept, Drop, Rule
+from . import facts
 
 MIN_RUN = 16
 # A run is classified only when its lookups are few and far fewer than its rules: a
@@ -45,6 +53,8 @@ RULES_PER_TUPLE = 4
 INF = 0xFFFFFFFF
 VERDICT_DROP, VERDICT_ACCEPT, VERDICT_HOTDROP = 0, 1, 2
 
+# The hash map of every run's keys (the tuple space's and multifield's).
+MAP = MapRef("classifier")
 # The lookup key, as built on the stack.
 KEY_SIZE = 24
 K_TUPLE, K_SADDR, K_DADDR, K_SPORT, K_DPORT, K_PROTO, K_L4 = 0, 4, 8, 12, 14, 16, 17
@@ -67,12 +77,11 @@ class Masks(NamedTuple):
 @dataclass
 class Run:
     rules: list[Rule]
-    keys: list = field(default_factory=list)                              # rule_keys of all
     tuples: list[tuple[int, Masks]] = field(default_factory=list)        # (id, masks)
     ip_tuples: list[tuple[int, Masks]] = field(default_factory=list)     # projection
 
 
-Segment = Union[Rule, Run]
+Segment = Union[Rule, Run, "multifield.MultiFieldRun"]
 
 
 def _packet_matches(rule: Rule) -> list:
@@ -109,37 +118,57 @@ def eligible(rule: Rule) -> bool:
 def segments(rules: list[Rule], space: "TupleSpace") -> list[Segment]:
     """The chain's rules, with runs worth classifying grouped (and their keys added to
     `space`). A run ends where a rule is not eligible or would take the run past
-    MAX_TUPLES lookups; what is left of a run too short or too varied stays code."""
+    MAX_TUPLES lookups. Consecutive runs too short or too varied for the tuple space
+    are pooled for multifield; what it does not take stays code."""
     out: list[Segment] = []
     run = Run([])
-    masks: set[Masks] = set()
+    tuples: dict[tuple, frozenset] = {}   # the run's, as rule_tuples() factors them
+    count = 0
+    pooled: list[Rule] = []
 
     def flush() -> None:
-        nonlocal run
+        nonlocal run, count
         if len(run.rules) >= MIN_RUN and space.add_run(run):
+            flush_pooled()
             out.append(run)
         else:
-            out.extend(run.rules)
+            pooled.extend(run.rules)
         run = Run([])
-        masks.clear()
+        tuples.clear()
+        count = 0
+
+    def flush_pooled() -> None:
+        rest = pooled[:]
+        pooled.clear()
+        while len(rest) >= MIN_RUN:
+            plan = multifield.Plan(rest)
+            if plan.pays():
+                out.append(plan.commit(space))
+            else:
+                out.extend(plan.rules)
+            rest = rest[len(plan.rules):]
+        out.extend(rest)
 
     for rule in rules:
         if not eligible(rule):
             flush()
+            flush_pooled()
             out.append(rule)
             continue
-        keys = list(rule_keys(rule))
-        mine = {k[0] for k in keys}
-        if not mine <= masks and len(masks | mine) > MAX_TUPLES:
+        addr, ports = rule_tuples(rule)
+        new = len(ports - tuples.get(addr, frozenset()))
+        if new and count + new > MAX_TUPLES:
             flush()
+            new = len(ports)
         run.rules.append(rule)
-        run.keys += keys
-        masks.update(mine)
+        tuples[addr] = tuples.get(addr, frozenset()) | ports
+        count += new
     flush()
+    flush_pooled()
     return out
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=1 << 16)
 def port_blocks(lo: int, hi: int) -> tuple[tuple[int, int], ...]:
     """(value, mask) prefix blocks covering exactly [lo, hi] of 16-bit ports."""
     blocks = []
@@ -154,6 +183,25 @@ def port_blocks(lo: int, hi: int) -> tuple[tuple[int, int], ...]:
 
 def _le32(raw: bytes) -> int:
     return int.from_bytes(raw, "little")
+
+
+def rule_tuples(rule: Rule) -> tuple[tuple, frozenset]:
+    """The tuples of rule_keys(rule), factored: the address and protocol masks, and the
+    (sport mask, dport mask, l4, ip_only) they come with. Cheaper than making the keys,
+    which a run too varied for the tuple space never needs; those of a rule that can
+    never match are counted too."""
+    ip = rule.ip
+    ports = _port_match(rule)
+    return ((ip.src.mask, ip.dst.mask, bool(ip.proto)),
+            _port_tuples(ports and (ports.sport.lo, ports.sport.hi, ports.dport.lo, ports.dport.hi)))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _port_tuples(ranges: Optional[tuple]) -> frozenset:
+    if ranges is None:
+        return frozenset(((0, 0, 0, False), (0, 0, 0, True)))
+    return frozenset([(spm, dpm, 1, False) for _, spm in port_blocks(*ranges[:2])
+                      for _, dpm in port_blocks(*ranges[2:])] + [(0, 0, 0, True)])
 
 
 def rule_keys(rule: Rule):
@@ -181,17 +229,22 @@ def rule_keys(rule: Rule):
 
 
 class TupleSpace:
-    """The keys of every run of a table, in one map per table."""
+    """The keys of every run of a table, in one map per table (MAP), and the records of
+    multifield's buckets (multifield.RECORDS)."""
 
     def __init__(self) -> None:
-        self.entries: dict[bytes, tuple[int, int]] = {}   # key -> (entry, verdict)
+        # key -> (entry, verdict) for the tuple space's keys,
+        #        (first record, count) for multifield's
+        self.entries: dict[bytes, tuple[int, int]] = {}
+        self.records: list[bytes] = []
         self.tuple_count = 0   # ids are per run: two runs never see each other's keys
 
     def add_run(self, run: Run) -> bool:
         """Adds the run's keys if classifying it pays (see MAX_TUPLES)."""
         groups: dict[Masks, list] = {}
-        for masks, fields, entry, verdict in run.keys:
-            groups.setdefault(masks, []).append((fields, entry, verdict))
+        for rule in run.rules:
+            for masks, fields, entry, verdict in rule_keys(rule):
+                groups.setdefault(masks, []).append((fields, entry, verdict))
         if len(groups) > MAX_TUPLES or len(groups) * RULES_PER_TUPLE > len(run.rules):
             return False
         for masks, members in groups.items():
@@ -207,7 +260,33 @@ class TupleSpace:
             self.entries[key] = (entry, verdict)
 
 
-def _key(tid: int, saddr: int, daddr: int, sport: int, dport: int, proto: int, l4: int) -> bytes:
-    return (tid.to_bytes(4, "little") + saddr.to_bytes(4, "little") + daddr.to_bytes(4, "little")
-            + sport.to_bytes(2, "little") + dport.to_bytes(2, "little") + bytes([proto, l4])
-            + bytes(6))
+# _key(tid, saddr, daddr, sport, dport, proto, l4), laid out as the K_* offsets say
+_key = struct.Struct("<IIIHHBB6x").pack
+
+
+def emit_key(asm: Assembler, tuple_fp: int, tid: int, masks: Masks) -> None:
+    """The key of tuple `tid` for the packet (R6 = &facts) at `tuple_fp`; its l4 byte is
+    R9 if the tuple keeps it."""
+    asm.emit(BPF_ST_MEM(BPF_W, FP, tuple_fp + K_TUPLE, tid))
+    fields = ((facts.SADDR, BPF_W, K_SADDR, masks.saddr, 0xFFFFFFFF),
+              (facts.DADDR, BPF_W, K_DADDR, masks.daddr, 0xFFFFFFFF),
+              (facts.SPORT, BPF_H, K_SPORT, masks.sport, 0xFFFF),
+              (facts.DPORT, BPF_H, K_DPORT, masks.dport, 0xFFFF))
+    for fact, size, key_off, mask, full in fields:
+        if not mask:
+            asm.emit(BPF_ST_MEM(size, FP, tuple_fp + key_off, 0))
+            continue
+        asm.emit(BPF_LDX_MEM(size, R1, R6, fact))
+        if mask != full:
+            asm.emit(BPF_ALU32_IMM(I.BPF_AND, R1, mask))
+        asm.emit(BPF_STX_MEM(size, FP, R1, tuple_fp + key_off))
+    # proto, l4 and the padding
+    asm.emit(BPF_ST_MEM(BPF_DW, FP, tuple_fp + K_PROTO, 0))
+    if masks.proto:
+        asm.emit(BPF_LDX_MEM(BPF_B, R1, R6, facts.PROTO),
+                 BPF_STX_MEM(BPF_B, FP, R1, tuple_fp + K_PROTO))
+    if masks.l4:
+        asm.emit(BPF_STX_MEM(BPF_B, FP, R9, tuple_fp + K_L4))
+
+
+from . import multifield  # noqa: E402  (multifield builds on this module)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from .. import ext
 from ..bpf import insn as I
 from ..bpf.asm import Assembler
-from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU64_IMM, BPF_ATOMIC_OP, BPF_B, BPF_CALL_REL, BPF_DW,
+from ..bpf.insn import (BPF_ALU64_IMM, BPF_ATOMIC_OP, BPF_B, BPF_CALL_REL, BPF_DW,
                         BPF_EMIT_CALL, BPF_EXIT_INSN, BPF_H, BPF_JMP32_IMM, BPF_JMP_A,
                         BPF_JMP_IMM, BPF_JMP_REG, BPF_LD_MAP_FD, BPF_LDX_MEM, BPF_MOV32_IMM,
                         BPF_MOV64_IMM, BPF_MOV64_REG, BPF_ST_MEM, BPF_STX_MEM, BPF_W, FP, R0,
@@ -36,14 +36,15 @@ from ..ext.tcp import EVIL_FRAGMENT_OFFSET, IPPROTO_TCP
 from ..ext.udp import IPPROTO_UDP
 from ..model import (Accept, Chain, Drop, Fallthrough, Goto, Hook, IpHeader, Jump, Return, Rule,
                      Table, Verdict)
-from . import classifier, facts
+from . import classifier, facts, multifield
 from .primitives import RuleOutcome, emit_masked_equal, emit_name_equal, emit_nonzero
 
 NF_DROP, NF_ACCEPT = 0, 1
 CONTINUE = 2
 
 COUNTERS = MapRef("counters")
-CLASSIFIER = MapRef("classifier")
+CLASSIFIER = classifier.MAP
+CLASSIFIER_RECORDS = multifield.RECORDS
 PROG_ARRAY = MapRef("prog_array")
 
 # BPF allows 8 frames; the main program is one of them.
@@ -159,7 +160,7 @@ class _HookCompiler:
 
     def _emit_rules(self, chain: Chain, policy, drop, key_fp: int) -> None:
         for segment in self.segments[chain.name]:
-            if isinstance(segment, classifier.Run):
+            if isinstance(segment, (classifier.Run, multifield.MultiFieldRun)):
                 self._emit_run(segment, drop, key_fp)
                 continue
             rule = segment
@@ -213,9 +214,10 @@ class _HookCompiler:
         else:
             ext.emit_target(target, self.table.family, asm, next_rule)
 
-    def _emit_run(self, run: classifier.Run, drop, key_fp: int) -> None:
+    def _emit_run(self, run, drop, key_fp: int) -> None:
         """The first match of a run: the smallest entry any tuple's lookup finds
-        (R7, with its verdict in R8), or nothing and on to the code after the run."""
+        (R7, with its verdict in R8), or nothing and on to the code after the run.
+        Tuple space runs look their entries up, multifield runs search buckets."""
         asm = self.asm
         C = classifier
         tuple_fp = key_fp - C.KEY_SIZE
@@ -235,14 +237,19 @@ class _HookCompiler:
                      BPF_JMP_A(lookups))
             asm.place(other)
         asm.place(lookups)
-        # the l4 bit: port matches may look at this packet (first fragments only)
-        l4_known = asm.label("l4_known")
-        asm.emit(BPF_MOV64_IMM(R9, 0), BPF_JMP_IMM(I.BPF_JNE, R2, 0, l4_known),
-                 BPF_MOV64_IMM(R9, 1))
-        asm.place(l4_known)
-        self._emit_lookups(run.tuples, tuple_fp, decide)
-        asm.place(projected)
-        self._emit_lookups(run.ip_tuples, tuple_fp, decide)
+        if isinstance(run, multifield.MultiFieldRun):
+            multifield.emit_search(asm, run.tuples, tuple_fp, decide)
+            asm.place(projected)
+            multifield.emit_search(asm, run.ip_tuples, tuple_fp, decide)
+        else:
+            # the l4 bit: port matches may look at this packet (first fragments only)
+            l4_known = asm.label("l4_known")
+            asm.emit(BPF_MOV64_IMM(R9, 0), BPF_JMP_IMM(I.BPF_JNE, R2, 0, l4_known),
+                     BPF_MOV64_IMM(R9, 1))
+            asm.place(l4_known)
+            self._emit_lookups(run.tuples, tuple_fp, decide)
+            asm.place(projected)
+            self._emit_lookups(run.ip_tuples, tuple_fp, decide)
         asm.place(decide)
         accept = asm.label("run_accept")
         asm.emit(BPF_JMP32_IMM(I.BPF_JEQ, R7, C.INF, after),
@@ -258,30 +265,10 @@ class _HookCompiler:
         """R7/R8 = the smallest (entry, verdict) over the tuples' lookups, then to
         `decide`. R9 holds the packet's l4 bit."""
         asm = self.asm
-        C = classifier
-        asm.emit(BPF_MOV32_IMM(R7, C.INF), BPF_MOV64_IMM(R8, 0),
-                 BPF_ST_MEM(BPF_DW, FP, tuple_fp + 16, 0))
-        fields = ((facts.SADDR, BPF_W, C.K_SADDR, "saddr", 0xFFFFFFFF),
-                  (facts.DADDR, BPF_W, C.K_DADDR, "daddr", 0xFFFFFFFF),
-                  (facts.SPORT, BPF_H, C.K_SPORT, "sport", 0xFFFF),
-                  (facts.DPORT, BPF_H, C.K_DPORT, "dport", 0xFFFF),
-                  (facts.PROTO, BPF_B, C.K_PROTO, "proto", 0xFF))
+        asm.emit(BPF_MOV32_IMM(R7, classifier.INF), BPF_MOV64_IMM(R8, 0))
         for tid, masks in tuples:
             missed = asm.label("miss")
-            asm.emit(BPF_ST_MEM(BPF_W, FP, tuple_fp + C.K_TUPLE, tid))
-            for fact, size, key_off, name, full in fields:
-                mask = getattr(masks, name)
-                if not mask:
-                    asm.emit(BPF_ST_MEM(size, FP, tuple_fp + key_off, 0))
-                    continue
-                asm.emit(BPF_LDX_MEM(size, R1, R6, fact))
-                if mask != full:
-                    asm.emit(BPF_ALU32_IMM(I.BPF_AND, R1, mask))
-                asm.emit(BPF_STX_MEM(size, FP, R1, tuple_fp + key_off))
-            if masks.l4:
-                asm.emit(BPF_STX_MEM(BPF_B, FP, R9, tuple_fp + C.K_L4))
-            else:
-                asm.emit(BPF_ST_MEM(BPF_B, FP, tuple_fp + C.K_L4, 0))
+            classifier.emit_key(asm, tuple_fp, tid, masks)
             asm.emit(BPF_LD_MAP_FD(R1, CLASSIFIER),
                      BPF_MOV64_REG(R2, FP), BPF_ALU64_IMM(I.BPF_ADD, R2, tuple_fp),
                      BPF_EMIT_CALL(I.BPF_FUNC_map_lookup_elem),

@@ -1,0 +1,418 @@
+"""Runs the tuple space cannot take (ClassBench-style ACLs), classified by tuple merging.
+
+The problem. An ACL run mixes source and destination prefixes of every length, with
+wildcards, protocols and port ranges: its rules fall into hundreds of distinct
+(mask, mask, proto, port, port) tuples, so a tuple space search costs hundreds of
+lookups, and plain code costs a few compares per rule (linear, and past ~13k rules
+more than the verifier takes).
+
+The choice: tuple merging (after TupleMerge, Daly & Torng). A merged tuple keys on
+*fewer* bits than its rules have: "the first 24 bits of the source" takes every rule
+whose source prefix is /24 or longer, whatever its other fields. A key's bucket then
+holds a few candidate rules, sorted by entry, each checked exactly (all its fields,
+ports, fragments) by a short loop. A packet costs one hash lookup per merged tuple
+plus the rules of the buckets it hits, and both stay small:
+  - address prefixes of /16 or longer spread rules over 65k+ keys by themselves, so
+    one address field is enough for them: a handful of tuples (src/32, src/24, dst/24,
+    src/16, ...) take nearly every rule of a 100k-rule ACL, with 1 to 4 rules a bucket;
+  - rules wild in both addresses (shorter than /16) need the remaining fields: their
+    tuples add the protocol and the port blocks their ranges fall in.
+For the bench's ClassBench mix (tools/bench/rules.py) this gives 12 lookups at 100k
+rules against hundreds of tuples unmerged: 425 ns a packet in BPF_PROG_TEST_RUN, 73 ns
+without rules.
+
+Why not the alternatives:
+  - a decision tree (HiCuts, HyperSplit) walks ~20 nodes, cheap array reads, but
+    wildcards are copied into every leaf they overlap: building one for 100k rules is
+    tens of millions of rule-node steps, minutes in Python against a 5 s budget for
+    applying 100k rules. Merging is one pass over the rules, each tried against the
+    few tuples it fits (O(rules x tuples), ~2 s at 100k here).
+  - bit vectors (the LBVS floor) cost N/64 words a field a packet: 1.5k at 100k.
+  - partitioning plus a tuple space per partition only multiplies lookups.
+Memory: one hash key (24 bytes) per bucket and a 32-byte record per rule and structure
+(at most two), in two maps: about 200k keys and records for 100k rules. The program
+does not grow with the rules: a loop per merged tuple, which the verifier walks as many
+times as the tuple's largest bucket holds rules.
+
+Exactness where the kernel is subtle, as in classifier.py:
+  - the bucket check of a rule with a tcp/udp match fails on a non-first fragment;
+  - a packet the first ip-matching port rule would hotdrop (short transport header,
+    tcp fragment at offset 1) searches a second structure, the run's projection on
+    the ip part: one record for the first rule of each distinct ip part, "hotdrop" for
+    port rules, no port in any key.
+  - a rule that never matches (address bits outside its mask) is in neither; a port
+    rule whose range is empty only in the projection.
+  - a rule covered by an earlier one in the bucket it would crowd is dropped: every
+    packet it could match, in any mode the structure serves, the earlier one matches
+    first (port rules are covered only by ip-only rules or by port rules whose ranges
+    hold theirs, so hotdrop and fragments give the same first match).
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+from ..bpf import insn as I
+from ..bpf.asm import Assembler
+from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_EMIT_CALL, BPF_H,
+                        BPF_JMP32_IMM, BPF_JMP_A, BPF_JMP_IMM, BPF_JMP_REG, BPF_LD_MAP_FD,
+                        BPF_LDX_MEM, BPF_MOV32_IMM, BPF_MOV64_IMM, BPF_MOV64_REG, BPF_STX_MEM,
+                        BPF_W, FP, R0, R1, R2, R3, R4, R5, R7, R8, R9, MapRef)
+from ..model import Accept, Rule
+from . import classifier, facts
+from .classifier import Masks
+
+RECORDS = MapRef("classifier_records")
+
+# A bucket is walked by a loop the verifier unrolls, as often as the tuple's largest
+# bucket holds rules: MAX_BUCKET at most. Past BUCKET rules a bucket is crowded: the
+# next rule opens a finer tuple if it can.
+BUCKET = 4
+MAX_BUCKET = 16
+# Merged tuples key on these prefix lengths and port block sizes only: a coarse grid
+# keeps the tuples few, the bucket check makes up for the bits left out.
+ADDR_BITS = (32, 24, 16, 8, 0)
+PORT_BITS = (16, 8, 4, 0)
+SPREAD_BITS = 16   # an address prefix this long spreads rules well on its own
+# Plain code costs ~3.6 ns a rule of this kind, a lookup with its bucket ~30 ns
+# (BPF_PROG_TEST_RUN: 3.6 us for 1k rules as code; 12 lookups add 350 ns at 100k): a
+# run is merged when it has this many rules a lookup, a margin for the verifier's time
+# on code. Shorter runs stay code.
+RULES_PER_LOOKUP = 12
+
+# A record: one rule as its bucket check reads it (addresses as the facts hold them).
+RECORD_SIZE = 32
+R_SADDR, R_SMASK, R_DADDR, R_DMASK = 0, 4, 8, 12
+R_SPORT, R_DPORT = 16, 20          # u16 lo, u16 hi each
+R_PACKED, R_PROTO, R_PMASK, R_PORTS = 24, 28, 29, 30
+_RECORD = struct.Struct("<IIIIHHHHIBBBx")
+# R7 during a search: entry << 2 | verdict of the best rule so far (entries are unique,
+# so comparing packed values compares entries; a table's blob could not hold 2^30).
+PACKED_INF = 0xFFFFFFFF
+
+
+class Shape(NamedTuple):
+    """A merged tuple: how many leading bits of each field its keys hold."""
+
+    src: int
+    dst: int
+    proto: int     # 0 or 8
+    sport: int
+    dport: int
+
+
+class _Member(NamedTuple):
+    """A rule as a structure holds it."""
+
+    packed: int
+    saddr: int      # little-endian loads of the wire bytes, as facts.SADDR holds them
+    smask: int
+    daddr: int
+    dmask: int
+    proto: int
+    pmask: int
+    sport: tuple[int, int]
+    dport: tuple[int, int]
+    ports: bool
+    profile: Shape  # the finest shape it fits: prefix lengths, port block bits
+
+    def record(self) -> bytes:
+        return _RECORD.pack(self.saddr, self.smask, self.daddr, self.dmask, *self.sport,
+                            *self.dport, self.packed, self.proto, self.pmask, self.ports)
+
+
+class Tuple(NamedTuple):
+    tid: int
+    masks: Masks    # what the key keeps of each fact
+    first: int      # the smallest packed entry of its rules
+    width: int      # its largest bucket: the walk's bound, all the verifier unrolls
+
+
+@dataclass
+class MultiFieldRun:
+    rules: list[Rule]
+    tuples: list[Tuple]      # first fragments with their header, other protocols
+    ip_tuples: list[Tuple]   # the projection: packets a port match would hotdrop
+
+
+def _prefix_len(mask: bytes) -> int:
+    """Leading one bits of a mask in wire order: the prefix its keys may use."""
+    return 32 - (~int.from_bytes(mask, "big") & 0xFFFFFFFF).bit_length()
+
+
+def _addr_mask(bits: int) -> int:
+    return int.from_bytes((0xFFFFFFFF << (32 - bits) & 0xFFFFFFFF).to_bytes(4, "big"), "little")
+
+
+def _port_mask(bits: int) -> int:
+    return 0xFFFF << (16 - bits) & 0xFFFF
+
+
+ADDR_MASK = {b: _addr_mask(b) for b in range(33)}
+PORT_MASK = {b: _port_mask(b) for b in PORT_BITS}
+
+
+# by the bits [lo, hi] have in common: the most port bits a key may hold for it
+_BLOCK_BITS = [next(b for b in PORT_BITS if b <= common) for common in range(17)]
+
+
+def _block_bits(lo: int, hi: int) -> int:
+    return _BLOCK_BITS[16 - (lo ^ hi).bit_length()]
+
+
+def _floor(bits: int) -> int:
+    return next(b for b in ADDR_BITS if b <= bits)
+
+
+def members(rule: Rule) -> tuple[Optional[_Member], Optional[_Member]]:
+    """The rule in the main structure and in the projection (None: not there)."""
+    ip = rule.ip
+    smask, dmask = int.from_bytes(ip.src.mask, "little"), int.from_bytes(ip.dst.mask, "little")
+    saddr, daddr = int.from_bytes(ip.src.addr, "little"), int.from_bytes(ip.dst.addr, "little")
+    if saddr & ~smask or daddr & ~dmask:
+        return None, None
+    verdict = classifier.VERDICT_ACCEPT if isinstance(rule.target, Accept) \
+        else classifier.VERDICT_DROP
+    slen, dlen = _prefix_len(ip.src.mask), _prefix_len(ip.dst.mask)
+    pmask = 0xFF if ip.proto else 0
+    full = (0, 0xFFFF)
+    ports = classifier._port_match(rule)
+    ip_only = _Member(rule.entry << 2 | (classifier.VERDICT_HOTDROP if ports else verdict),
+                      saddr, smask, daddr, dmask, ip.proto, pmask, full, full, False,
+                      Shape(slen, dlen, pmask and 8, 0, 0))
+    if ports is None:
+        return ip_only._replace(packed=rule.entry << 2 | verdict), ip_only
+    sport, dport = (ports.sport.lo, ports.sport.hi), (ports.dport.lo, ports.dport.hi)
+    if sport[0] > sport[1] or dport[0] > dport[1]:
+        return None, ip_only
+    return _Member(rule.entry << 2 | verdict, saddr, smask, daddr, dmask, ip.proto, pmask,
+                   sport, dport, True, Shape(slen, dlen, pmask and 8, _block_bits(*sport),
+                                             _block_bits(*dport))), ip_only
+
+
+def _fits(shape: Shape, profile: Shape) -> bool:
+    return (shape.src <= profile.src and shape.dst <= profile.dst and shape.proto <= profile.proto
+            and shape.sport <= profile.sport and shape.dport <= profile.dport)
+
+
+_SHAPE_MASKS: dict[Shape, tuple] = {}
+
+
+def _key(shape: Shape, m: _Member) -> tuple:
+    masks = _SHAPE_MASKS.get(shape)
+    if masks is None:
+        masks = _SHAPE_MASKS[shape] = (ADDR_MASK[shape.src], ADDR_MASK[shape.dst],
+                                       0xFF if shape.proto else 0, PORT_MASK[shape.sport],
+                                       PORT_MASK[shape.dport])
+    sm, dm, pm, spm, dpm = masks
+    return m.saddr & sm, m.daddr & dm, m.proto & pm, m.sport[0] & spm, m.dport[0] & dpm
+
+
+def _covers(q: _Member, m: _Member) -> bool:
+    """Every packet `m` matches, `q` matches (see the module docstring)."""
+    return (q.smask & m.smask == q.smask and m.saddr & q.smask == q.saddr
+            and q.dmask & m.dmask == q.dmask and m.daddr & q.dmask == q.daddr
+            and q.pmask & m.pmask == q.pmask and m.proto & q.pmask == q.proto
+            and (not q.ports or (m.ports and q.sport[0] <= m.sport[0] and m.sport[1] <= q.sport[1]
+                                 and q.dport[0] <= m.dport[0] and m.dport[1] <= q.dport[1])))
+
+
+class _Merged:
+    """One structure being built: merged tuples and their buckets."""
+
+    def __init__(self) -> None:
+        self.buckets: dict[Shape, dict[tuple, list[_Member]]] = {}
+        self._fitting: dict[Shape, list[Shape]] = {}   # profile -> shapes it fits
+
+    def _shapes_for(self, profile: Shape) -> list[Shape]:
+        if profile not in self._fitting:
+            self._fitting[profile] = [s for s in self.buckets if _fits(s, profile)]
+        return self._fitting[profile]
+
+    def _open(self, shape: Shape) -> None:
+        self.buckets[shape] = {}
+        for profile, shapes in self._fitting.items():
+            if _fits(shape, profile):
+                shapes.append(shape)
+
+    def add(self, m: _Member) -> bool:
+        """Place `m` (after every rule before it); False if no bucket can take it."""
+        shapes = self._shapes_for(m.profile)
+        for shape in shapes:
+            buckets, key = self.buckets[shape], _key(shape, m)
+            bucket = buckets.get(key)
+            if bucket is None:
+                buckets[key] = [m]
+                return True
+            if len(bucket) < BUCKET:
+                bucket.append(m)
+                return True
+        crowded = [self.buckets[s][_key(s, m)] for s in shapes]
+        if any(_covers(q, m) for bucket in crowded for q in bucket):
+            return True
+        for shape in self._new_shapes(m.profile):
+            if shape not in self.buckets:
+                self._open(shape)
+                self.buckets[shape][_key(shape, m)] = [m]
+                return True
+        bucket = min(crowded, key=len)
+        if len(bucket) >= MAX_BUCKET:
+            return False
+        bucket.append(m)
+        return True
+
+    @staticmethod
+    def _new_shapes(p: Shape) -> tuple[Shape, Shape]:
+        """The tuples to open for a rule the existing ones cannot take: the coarse one
+        (one long address prefix is spread enough), then its finest grid tuple."""
+        fine = Shape(_floor(p.src), _floor(p.dst), p.proto, p.sport, p.dport)
+        if max(fine.src, fine.dst) >= SPREAD_BITS:
+            coarse = Shape(SPREAD_BITS, 0, 0, 0, 0) if fine.src >= fine.dst \
+                else Shape(0, SPREAD_BITS, 0, 0, 0)
+            return coarse, fine
+        return fine, fine
+
+    def merge_small(self) -> None:
+        """Fold tuples into the others where all their rules find room, smallest first:
+        a tuple costs every packet a lookup, a bucket rule only the packets hitting it."""
+        for shape in sorted(self.buckets, key=lambda s: sum(map(len, self.buckets[s].values()))):
+            others = [s for s in self.buckets if s != shape]
+            moves = self._rehome([m for b in self.buckets[shape].values() for m in b], others)
+            if moves is None:
+                continue
+            del self.buckets[shape]
+            for (target, key), m in moves:
+                self.buckets[target].setdefault(key, []).append(m)
+            for target, key in {place for place, _ in moves}:
+                self.buckets[target][key].sort()
+        self._fitting.clear()
+
+    def _rehome(self, rules: list[_Member], shapes: list[Shape]) -> Optional[list]:
+        """A bucket with room among `shapes` for each rule, or None."""
+        added: dict[tuple, int] = {}
+        moves = []
+        for m in rules:
+            for shape in shapes:
+                if _fits(shape, m.profile):
+                    place = (shape, _key(shape, m))
+                    if len(self.buckets[shape].get(place[1], ())) + added.get(place, 0) < BUCKET:
+                        break
+            else:
+                return None
+            added[place] = added.get(place, 0) + 1
+            moves.append((place, m))
+        return moves
+
+    def emit(self, space: classifier.TupleSpace) -> list[Tuple]:
+        """Add the keys and records to `space`; the tuples by their first rule."""
+        out = []
+        for shape, buckets in self.buckets.items():
+            tid = space.tuple_count
+            space.tuple_count += 1
+            for key, bucket in buckets.items():
+                saddr, daddr, proto, sport, dport = key
+                space.entries[classifier._key(tid, saddr, daddr, sport, dport, proto, 0)] = \
+                    (len(space.records), len(bucket))
+                space.records += [m.record() for m in bucket]
+            masks = Masks(ADDR_MASK[shape.src], ADDR_MASK[shape.dst], 0xFF if shape.proto else 0,
+                          PORT_MASK[shape.sport], PORT_MASK[shape.dport], 0)
+            out.append(Tuple(tid, masks, min(b[0].packed for b in buckets.values()),
+                             max(map(len, buckets.values()))))
+        return sorted(out, key=lambda t: t.first)
+
+
+class Plan:
+    """The structures for the longest prefix of a run they can take: `rules`."""
+
+    def __init__(self, rules: list[Rule]):
+        self.main, self.projection = _Merged(), _Merged()
+        seen_ip: set[tuple] = set()
+        taken = 0
+        for rule in rules:
+            m, ip_part = members(rule)
+            if m is not None and not self.main.add(m):
+                break
+            if ip_part is not None:
+                ident = ip_part[1:7]
+                if ident not in seen_ip:   # only the first rule of an ip part is ever first
+                    seen_ip.add(ident)
+                    if not self.projection.add(ip_part):
+                        break
+            taken += 1
+        self.rules = rules[:taken]
+        self.main.merge_small()
+        self.projection.merge_small()
+
+    def pays(self) -> bool:
+        """Whether the lookups cost less than walking the rules (RULES_PER_LOOKUP)."""
+        lookups = max(len(self.main.buckets), len(self.projection.buckets), 1)
+        return len(self.rules) >= RULES_PER_LOOKUP * lookups
+
+    def commit(self, space: classifier.TupleSpace) -> MultiFieldRun:
+        return MultiFieldRun(self.rules, self.main.emit(space), self.projection.emit(space))
+
+
+def emit_search(asm: Assembler, tuples: list[Tuple], tuple_fp: int, decide) -> None:
+    """R7 = the first entry (INF if none) and R8 its verdict over the tuples' buckets,
+    then to `decide`. Uses the key area at `tuple_fp`, also for record indices."""
+    done = asm.label("mf_done")
+    asm.emit(BPF_MOV32_IMM(R7, PACKED_INF))
+    for t in tuples:
+        next_tuple, loop = asm.label("mf_next"), asm.label("mf_loop")
+        # Tuples come by their first rule: once the best precedes it, it precedes all.
+        asm.emit(BPF_JMP32_IMM(I.BPF_JLT, R7, t.first, done))
+        classifier.emit_key(asm, tuple_fp, t.tid, t.masks)
+        asm.emit(BPF_LD_MAP_FD(R1, classifier.MAP),
+                 BPF_MOV64_REG(R2, FP), BPF_ALU64_IMM(I.BPF_ADD, R2, tuple_fp),
+                 BPF_EMIT_CALL(I.BPF_FUNC_map_lookup_elem),
+                 BPF_JMP_IMM(I.BPF_JEQ, R0, 0, next_tuple),
+                 BPF_MOV64_REG(R8, R0), BPF_MOV64_IMM(R9, 0))
+        asm.place(loop)
+        # R8: the bucket (u32 first record, u32 count); R9: records walked
+        asm.emit(BPF_JMP_IMM(I.BPF_JGE, R9, t.width, next_tuple),
+                 BPF_LDX_MEM(BPF_W, R1, R8, 4),
+                 BPF_JMP_REG(I.BPF_JGE, R9, R1, next_tuple),
+                 BPF_LDX_MEM(BPF_W, R1, R8, 0), BPF_ALU64_REG(I.BPF_ADD, R1, R9),
+                 BPF_STX_MEM(BPF_W, FP, R1, tuple_fp),
+                 BPF_ALU64_IMM(I.BPF_ADD, R9, 1),
+                 BPF_LD_MAP_FD(R1, RECORDS),
+                 BPF_MOV64_REG(R2, FP), BPF_ALU64_IMM(I.BPF_ADD, R2, tuple_fp),
+                 BPF_EMIT_CALL(I.BPF_FUNC_map_lookup_elem),
+                 BPF_JMP_IMM(I.BPF_JEQ, R0, 0, next_tuple),
+                 # records are sorted by entry: none after this one can beat the best
+                 BPF_LDX_MEM(BPF_W, R3, R0, R_PACKED),
+                 BPF_JMP_REG(I.BPF_JGE, R3, R7, next_tuple))
+        _emit_record_test(asm, loop)
+        asm.emit(BPF_MOV64_REG(R7, R3))
+        asm.place(next_tuple)
+    asm.place(done)
+    asm.emit(BPF_JMP32_IMM(I.BPF_JEQ, R7, PACKED_INF, decide),
+             BPF_MOV64_REG(R8, R7), BPF_ALU32_IMM(I.BPF_AND, R8, 3),
+             BPF_ALU32_IMM(I.BPF_RSH, R7, 2), BPF_JMP_A(decide))
+
+
+def _emit_record_test(asm: Assembler, mismatch) -> None:
+    """Fall through if the record at R0 matches the packet, else to `mismatch`: the
+    ip part, and for a port rule a first fragment with ports in its ranges. One
+    branch: the verifier keeps every untaken branch of the walk pending (up to 8192)."""
+    asm.emit(BPF_MOV64_IMM(R1, 0))
+    for fact, value, mask, size in ((facts.SADDR, R_SADDR, R_SMASK, BPF_W),
+                                    (facts.DADDR, R_DADDR, R_DMASK, BPF_W),
+                                    (facts.PROTO, R_PROTO, R_PMASK, BPF_B)):
+        asm.emit(BPF_LDX_MEM(size, R2, I.R6, fact), BPF_LDX_MEM(size, R4, R0, mask),
+                 BPF_ALU64_REG(I.BPF_AND, R2, R4), BPF_LDX_MEM(size, R4, R0, value),
+                 BPF_ALU64_REG(I.BPF_XOR, R2, R4), BPF_ALU64_REG(I.BPF_OR, R1, R2))
+    # R2 = 1 if the ports fail: a later fragment (0 - fragoff < 0), or a port outside
+    # its range (u16 differences, negative exactly when a bound is crossed)
+    asm.emit(BPF_LDX_MEM(BPF_H, R4, I.R6, facts.FRAGOFF), BPF_MOV64_IMM(R2, 0),
+             BPF_ALU64_REG(I.BPF_SUB, R2, R4))
+    for fact, bounds in ((facts.SPORT, R_SPORT), (facts.DPORT, R_DPORT)):
+        asm.emit(BPF_LDX_MEM(BPF_H, R5, I.R6, fact),
+                 BPF_LDX_MEM(BPF_H, R4, R0, bounds), BPF_ALU64_REG(I.BPF_SUB, R5, R4),
+                 BPF_ALU64_REG(I.BPF_OR, R2, R5),
+                 BPF_LDX_MEM(BPF_H, R4, R0, bounds + 2), BPF_LDX_MEM(BPF_H, R5, I.R6, fact),
+                 BPF_ALU64_REG(I.BPF_SUB, R4, R5), BPF_ALU64_REG(I.BPF_OR, R2, R4))
+    asm.emit(BPF_ALU64_IMM(I.BPF_RSH, R2, 63), BPF_LDX_MEM(BPF_B, R4, R0, R_PORTS),
+             BPF_ALU64_REG(I.BPF_AND, R2, R4), BPF_ALU64_REG(I.BPF_OR, R1, R2),
+             BPF_JMP_IMM(I.BPF_JNE, R1, 0, mismatch))
