@@ -61,7 +61,7 @@ def refused(blob: bytes, netns_name: str) -> BpfilterError:
 # the second of chain Y, reached from OUTPUT through X, so the position is not trivial.
 UNSUPPORTED = [
     ("-m statistic --mode random --probability 0.5 -j ACCEPT", "match 'statistic'"),
-    ("-m conntrack --ctstate NEW --ctexpire 1:2 -j ACCEPT", "conntrack --ctexpire"),
+    ("-m addrtype --dst-type LOCAL -j ACCEPT", "match 'addrtype'"),
     ("-m string --algo bm --string hello", "match 'string'"),
     ("-j LOG --log-prefix x --log-uid", "target 'LOG' --log-uid"),
     ("-p tcp -j REJECT --reject-with tcp-reset", "target 'REJECT' needs bpfilter.ko"),

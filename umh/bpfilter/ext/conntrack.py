@@ -21,8 +21,9 @@ from construct import Bytes, Int8un, Int16un, Int32un, Struct
 
 from ..bpf import insn as I
 from ..bpf.btf import Btf, BtfError
-from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_DW, BPF_EMIT_CALL,
-                        BPF_ENDIAN, BPF_H, BPF_JMP_A, BPF_JMP_IMM, BPF_LDX_MEM, BPF_MOV64_IMM,
+from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU32_REG, BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_DW,
+                        BPF_EMIT_CALL, BPF_ENDIAN, BPF_H, BPF_JMP32_IMM, BPF_JMP_A, BPF_JMP_IMM,
+                        BPF_LDX_MEM, BPF_MOV64_IMM,
                         BPF_MOV64_REG, BPF_ST_MEM, BPF_STX_MEM, BPF_W, FP, R0, R1, R2, R3, R4, R6,
                         R7)
 from ..compiler import facts
@@ -30,6 +31,7 @@ from ..compiler.primitives import MISMATCH, emit_masked_equal, emit_nonzero_bit,
 from ..errors import BpfilterError
 from ..model import Family, Match
 from . import MatchExtension, register_match
+from .limit import kernel_hz
 
 BPF_FUNC_probe_read_kernel = 113
 
@@ -61,6 +63,7 @@ CT_STATE_BIT = CT + 2    # u16: xt_state's statebit
 CT_CT_BIT = CT + 4       # u16: xt_conntrack's statebit, SNAT/DNAT bits included
 CT_PROTO = CT + 6        # u8: nf_ct_protonum()
 CT_STATUS = CT + 8       # u32: ct->status (its bits all fit)
+CT_EXPIRES = CT + 12     # u32: ct->timeout (jiffies); seconds left with "ct_expires"
 CT_PORTS = CT + 16       # u16 x 4 host order: orig src, orig dst, reply src, reply dst
 CT_ADDRS = CT + 24       # u32 x 4 as on the wire: orig src, orig dst, reply src, reply dst
 CT_TUPLE_BUF = CT + 40   # one struct nf_conntrack_tuple, read from the kernel
@@ -78,6 +81,7 @@ class CtOffsets:
     dst_ip: int
     dst_port: int
     protonum: int
+    timeout: int
 
     @classmethod
     def from_btf(cls, btf: Btf) -> "CtOffsets":
@@ -94,6 +98,7 @@ class CtOffsets:
             dst_ip=btf.member("nf_conntrack_tuple", "dst.u3")[0],
             dst_port=btf.member("nf_conntrack_tuple", "dst.u.all")[0],
             protonum=btf.member("nf_conntrack_tuple", "dst.protonum")[0],
+            timeout=btf.member("nf_conn", "timeout")[0],
         )
 
 
@@ -153,6 +158,7 @@ def emit_ct_facts(asm, k) -> None:
         BPF_STX_MEM(BPF_H, R6, R3, CT_CT_BIT),
     )
     _probe_read(asm, CT_STATUS, 4, o.status)
+    _probe_read(asm, CT_EXPIRES, 4, o.timeout)
     # xt_conntrack adds SNAT/DNAT from the status: bits 4 and 5 become state bits 6 and 7
     asm.emit(
         BPF_LDX_MEM(BPF_W, R1, R6, CT_STATUS),
@@ -186,6 +192,27 @@ def emit_ct_facts(asm, k) -> None:
 
 
 facts.OPTIONAL["ct"] = emit_ct_facts
+
+
+def emit_ct_expires(asm, k) -> None:
+    """nf_ct_expires(ct) / HZ, what --ctexpire compares: the timeout's distance from
+    the u32 jiffies as an s32, never below 0. Runs after the "ct" group."""
+    done, expired = asm.label("expires_done"), asm.label("expired")
+    asm.emit(BPF_LDX_MEM(BPF_B, R1, R6, CT_PRESENT),
+             BPF_JMP_IMM(I.BPF_JEQ, R1, 0, done),
+             BPF_EMIT_CALL(I.BPF_FUNC_jiffies64),
+             BPF_LDX_MEM(BPF_W, R1, R6, CT_EXPIRES),
+             BPF_ALU32_REG(I.BPF_SUB, R1, R0),
+             BPF_JMP32_IMM(I.BPF_JSLT, R1, 0, expired),
+             BPF_ALU32_IMM(I.BPF_DIV, R1, kernel_hz()),
+             BPF_STX_MEM(BPF_W, R6, R1, CT_EXPIRES),
+             BPF_JMP_A(done))
+    asm.place(expired)
+    asm.emit(BPF_ST_MEM(BPF_W, R6, CT_EXPIRES, 0))
+    asm.place(done)
+
+
+facts.OPTIONAL["ct_expires"] = emit_ct_expires
 
 
 def _emit_any_bit(asm, off: int, size, mask: int, invert: bool, out) -> None:
@@ -251,6 +278,7 @@ class ConntrackMatch(Match):
     l4proto: int
     addrs: tuple[Address, ...]                  # orig src, orig dst, reply src, reply dst
     ports: tuple[tuple[int, int], ...]          # (lo, hi) host order, same order
+    expires: tuple[int, int] = (0, 0)           # seconds, min and max
     revision: int = 3
     name = "conntrack"
 
@@ -298,8 +326,7 @@ class _Conntrack(MatchExtension):
         ct_offsets()
         p = self.struct.parse(payload)
         if p.match_flags & XT_CONNTRACK_EXPIRES:
-            raise BpfilterError(errno.EOPNOTSUPP, f"{where}: conntrack --ctexpire is not "
-                                                  "supported by bpfilter; the whole table is refused")
+            kernel_hz()   # refuses the table if the seconds cannot be counted as the kernel does
         addrs = tuple(
             Address(int.from_bytes(p[f"{d}_addr"][:4], "little"),
                     int.from_bytes(p[f"{d}_mask"][:4], "little"), bool(p.invert_flags & flag))
@@ -311,7 +338,10 @@ class _Conntrack(MatchExtension):
         return ConntrackMatch(revision=self.revision, flags=p.match_flags,
                               invert=p.invert_flags, state_mask=p.state_mask,
                               status_mask=p.status_mask, l4proto=p.l4proto, addrs=addrs,
-                              ports=ports)
+                              ports=ports, expires=(p.expires_min, p.expires_max))
+
+    def facts_of(self, match: ConntrackMatch) -> frozenset[str]:
+        return self.facts | ({"ct_expires"} if match.has(XT_CONNTRACK_EXPIRES) else set())
 
     def emit(self, match: ConntrackMatch, asm, out) -> None:
         """conntrack_mt(): the state test holds for every packet; the others need an
@@ -364,6 +394,9 @@ class _Conntrack(MatchExtension):
         if match.has(XT_CONNTRACK_STATUS):
             _emit_any_bit(asm, CT_STATUS, BPF_W, match.status_mask, match.inverts(XT_CONNTRACK_STATUS), out)
             emitted = True
+        if match.has(XT_CONNTRACK_EXPIRES):
+            emit_range(asm, CT_EXPIRES, 4, *match.expires, match.inverts(XT_CONNTRACK_EXPIRES), out)
+            emitted = True
         return emitted
 
     def describe(self, match: ConntrackMatch) -> str:
@@ -387,6 +420,10 @@ class _Conntrack(MatchExtension):
             bang = "! " if match.inverts(XT_CONNTRACK_STATUS) else ""
             names = [n for bit, n in _STATUS_NAMES if match.status_mask & bit] or ["NONE"]
             parts.append(f"{bang}ctstatus {','.join(names)}")
+        if match.has(XT_CONNTRACK_EXPIRES):
+            bang = "! " if match.inverts(XT_CONNTRACK_EXPIRES) else ""
+            lo, hi = match.expires
+            parts.append(f"{bang}ctexpire {lo}" + (f":{hi}" if hi != lo else ""))
         if match.has(XT_CONNTRACK_DIRECTION):
             parts.append("ctdir " + ("REPLY" if match.inverts(XT_CONNTRACK_DIRECTION)
                                      else "ORIGINAL"))
