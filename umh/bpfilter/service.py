@@ -63,6 +63,14 @@ class TableState:
     raw: X.RawTable
     ruleset: Ruleset
     slots: dict[Hook, HookSlot] = field(default_factory=dict)
+    _entries: Optional[bytes] = None
+
+    def entries(self) -> bytes:
+        """IPT_SO_GET_ENTRIES' answer: the table's entries as the kernel returns
+        them, built once per table, and the current counters."""
+        if self._entries is None:
+            self._entries = codec.kernel_entries(self.raw)
+        return codec.with_counters(self.raw, self._entries, self.ruleset.packed_counters())
 
     def close(self) -> None:
         for slot in self.slots.values():
@@ -205,8 +213,7 @@ class _Caller:
             if header["size"] != state.raw.size:
                 raise BpfilterError(errno.EAGAIN, f"IPT_SO_GET_ENTRIES: size {header['size']} "
                                                   f"but the table has {state.raw.size}")
-            entries = codec.entries_as_kernel_returns(state.raw, state.ruleset.counters())
-            return 0, payload[:X.SIZEOF_IPT_GET_ENTRIES] + entries
+            return 0, payload[:X.SIZEOF_IPT_GET_ENTRIES] + state.entries()
         if optname in (X.IPT_SO_GET_REVISION_MATCH, X.IPT_SO_GET_REVISION_TARGET):
             return self._revision(optname, payload)
         raise BpfilterError(errno.EINVAL, f"unknown getsockopt {optname}")
@@ -249,12 +256,12 @@ class _Caller:
             raise BpfilterError(errno.EAGAIN, f"num_counters {raw.num_counters} but table "
                                               f"'{raw.name}' has {previous.raw.num_entries} entries")
         state = self._install(previous.key, blob, raw, table, previous)
-        old = previous.ruleset.counters()
+        old = previous.ruleset.packed_counters()
         previous.ruleset.close()
         log(f"netns {self.inum}: table {raw.name} replaced: {raw.num_entries} entries, "
             + ", ".join(f"{r.hook.chain_name} {r.insn_count} insns"
                         for r in state.ruleset.hooks.values()))
-        return 0, b"".join(struct.pack("<QQ", p, b) for p, b in old)
+        return 0, old
 
 
 # -- transport ----------------------------------------------------------------

@@ -80,6 +80,7 @@ _E_NEXT_OFFSET = ipt_entry_packed.index("next_offset")
 _E_COMEFROM = ipt_entry_packed.index("comefrom")
 _E_PCNT = ipt_entry_packed.index("counters.pcnt")
 _E_BCNT = ipt_entry_packed.index("counters.bcnt")
+_COUNTERS_AT = ipt_entry_packed.field("counters.pcnt")[0]
 _M_SIZE = xt_entry_match_packed.index("match_size")
 _M_NAME = xt_entry_match_packed.index("name")
 _M_REVISION = xt_entry_match_packed.index("revision")
@@ -521,7 +522,16 @@ def _payload_to_user(kind: str, obj, size: int) -> bytes:
 
 
 def entries_as_kernel_returns(table: RawTable, counters: "list[tuple[int, int]]") -> bytes:
-    """What IPT_SO_GET_ENTRIES returns for table (as accepted by parse_replace).
+    """What IPT_SO_GET_ENTRIES returns for table (as accepted by parse_replace)."""
+    if len(counters) != len(table.entries):
+        raise ValueError(f"{len(counters)} counters for {len(table.entries)} entries")
+    return with_counters(table, kernel_entries(table),
+                         b"".join(starmap(xt_counters_packed.pack, counters)))
+
+
+def kernel_entries(table: RawTable) -> bytes:
+    """What IPT_SO_GET_ENTRIES returns for table with every counter zero: the
+    part that changes only with the table (see with_counters).
 
     copy_entries_to_user() copies each ipt_entry header with comefrom as
     mark_source_chains left it and counters[i] = (pcnt, bcnt) put in, then
@@ -531,11 +541,9 @@ def entries_as_kernel_returns(table: RawTable, counters: "list[tuple[int, int]]"
     alignment padding of the built-in targets) zeroed.  Bytes the kernel never
     writes keep the caller's buffer, taken here to be zero-filled.
     """
-    if len(counters) != len(table.entries):
-        raise ValueError(f"{len(counters)} counters for {len(table.entries)} entries")
     out = bytearray(table.size)
-    for e, (pcnt, bcnt) in zip(table.entries, counters):
-        _pack_entry_header(out, e.offset, e, e.hook_mask, pcnt, bcnt)
+    for e in table.entries:
+        _pack_entry_header(out, e.offset, e, e.hook_mask, 0, 0)
         pos = e.offset + SIZEOF_IPT_ENTRY
         for m in e.matches:
             out[pos : pos + SIZEOF_XT_ENTRY_HEADER] = _extension_header(_MATCH_HEADER, m.size, m.name, m.revision)
@@ -547,6 +555,20 @@ def entries_as_kernel_returns(table: RawTable, counters: "list[tuple[int, int]]"
         out[tpos : tpos + SIZEOF_XT_ENTRY_HEADER] = _extension_header(_TARGET_HEADER, t.size, t.name, t.revision)
         data = _payload_to_user("target", t, t.size)
         out[tpos + SIZEOF_XT_ENTRY_HEADER : tpos + SIZEOF_XT_ENTRY_HEADER + len(data)] = data
+    return bytes(out)
+
+
+def with_counters(table: RawTable, entries: bytes, counters: bytes) -> bytes:
+    """kernel_entries(table) with each entry's counters put in from `counters`,
+    an array of struct xt_counters in entry order."""
+    if len(counters) != len(table.entries) * SIZEOF_XT_COUNTERS:
+        raise ValueError(f"{len(counters) // SIZEOF_XT_COUNTERS} counters for {len(table.entries)} entries")
+    out = bytearray(entries)
+    at = 0
+    for e in table.entries:
+        pos = e.offset + _COUNTERS_AT
+        out[pos : pos + SIZEOF_XT_COUNTERS] = counters[at : at + SIZEOF_XT_COUNTERS]
+        at += SIZEOF_XT_COUNTERS
     return bytes(out)
 
 
