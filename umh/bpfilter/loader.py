@@ -37,6 +37,7 @@ from .netfilter import NF_IP_PRI_FILTER
 
 COUNTER = struct.Struct("<QQ")   # struct { u64 packets; u64 bytes; }
 _U64 = (1 << 64) - 1
+_CLASSIFIER_VALUE = struct.Struct("<II")   # entry, verdict
 _KEY0 = struct.pack("<I", 0)
 
 
@@ -54,6 +55,9 @@ class Ruleset:
     counters_fd: int
     offsets_fd: int
     hooks: dict[Hook, HookRules] = field(default_factory=dict)
+    # How the compiler classified the rules (classifier.TupleSpace.memo), for the
+    # compile of the table replacing this one.
+    classified: dict = field(default_factory=dict)
 
     def counters(self) -> list[tuple[int, int]]:
         """(packets, bytes) per table entry: summed over CPUs, plus added offsets."""
@@ -121,17 +125,19 @@ def _owned(undo: ExitStack, fd: int) -> int:
     return fd
 
 
-def load_ruleset(table: Table) -> Ruleset:
-    """Compile and load `table` (nothing attached). On failure nothing stays loaded."""
+def load_ruleset(table: Table, previous: Optional[Ruleset] = None) -> Ruleset:
+    """Compile and load `table` (nothing attached), the compile reusing what it can
+    of `previous`, the ruleset it replaces. On failure nothing stays loaded."""
     btf = Btf.vmlinux()
-    compiled = compile_table(table, facts.KernelOffsets.from_btf(btf))
+    compiled = compile_table(table, facts.KernelOffsets.from_btf(btf),
+                             previous.classified if previous else None)
     size = max(table.num_entries, 1)
     with ExitStack() as undo, ExitStack() as transient:
         counters_fd = _owned(undo, bpf.map_create(bpf.BPF_MAP_TYPE_PERCPU_ARRAY, 4, COUNTER.size,
                                                   size, f"{table.name}_ctrs"))
         offsets_fd = _owned(undo, bpf.map_create(bpf.BPF_MAP_TYPE_ARRAY, 4, COUNTER.size, size,
                                                  f"{table.name}_added"))
-        ruleset = Ruleset(table, counters_fd, offsets_fd)
+        ruleset = Ruleset(table, counters_fd, offsets_fd, classified=compiled.tuple_space.memo)
         maps = {COUNTERS: counters_fd}
         if compiled.tuple_space.entries:
             maps[CLASSIFIER] = _owned(transient, _classifier_map(table, compiled.tuple_space))
@@ -151,8 +157,7 @@ def _classifier_map(table: Table, space: TupleSpace) -> int:
     fd = bpf.map_create(bpf.BPF_MAP_TYPE_HASH, KEY_SIZE, VALUE_SIZE, len(space.entries),
                         f"{table.name}_cls")
     try:
-        values = b"".join(struct.pack("<II", entry, verdict)
-                          for entry, verdict in space.entries.values())
+        values = b"".join(itertools.starmap(_CLASSIFIER_VALUE.pack, space.entries.values()))
         bpf.map_update_batch(fd, b"".join(space.entries), values, len(space.entries))
     except BaseException:
         os.close(fd)

@@ -63,14 +63,22 @@ class TableState:
     raw: X.RawTable
     ruleset: Ruleset
     slots: dict[Hook, HookSlot] = field(default_factory=dict)
-    _entries: Optional[bytes] = None
+    kernel_entries: Optional[bytes] = None   # codec.kernel_entries(raw), once built
 
     def entries(self) -> bytes:
         """IPT_SO_GET_ENTRIES' answer: the table's entries as the kernel returns
         them, built once per table, and the current counters."""
-        if self._entries is None:
-            self._entries = codec.kernel_entries(self.raw)
-        return codec.with_counters(self.raw, self._entries, self.ruleset.packed_counters())
+        if self.kernel_entries is None:
+            self.kernel_entries = codec.kernel_entries(self.raw)
+        return codec.with_counters(self.raw, self.kernel_entries, self.ruleset.packed_counters())
+
+    def successor_entries(self, raw: X.RawTable) -> Optional[bytes]:
+        """kernel_entries of `raw`, parsed against this table, if this table has
+        its own: derived from them they are cheap, and the next iptables command
+        asks for them."""
+        if self.kernel_entries is None:
+            return None
+        return codec.kernel_entries(raw, (self.raw, self.kernel_entries))
 
     def close(self) -> None:
         for slot in self.slots.values():
@@ -175,7 +183,7 @@ class _Caller:
 
     def _install(self, key: TableKey, blob: bytes, raw: X.RawTable, table: Table,
                  previous: Optional[TableState]) -> TableState:
-        ruleset = load_ruleset(table)
+        ruleset = load_ruleset(table, previous.ruleset if previous else None)
         store = self.service.store
         slots = previous.slots if previous else {}
         try:
@@ -249,13 +257,19 @@ class _Caller:
         raise BpfilterError(errno.EINVAL, f"unknown setsockopt {optname}")
 
     def _replace(self, blob: bytes) -> tuple[int, bytes]:
-        raw = codec.parse_replace(blob, optlen=len(blob))
-        table = table_from_raw(raw)   # the kernel's remaining checks, and ours
+        # Most replaces change a few rules of a table: what did not change is
+        # taken over from the table in place rather than parsed and decoded again.
+        in_place = self.service.tables.get(self.key(codec.replace_name(blob)))
+        raw = codec.parse_replace(blob, optlen=len(blob), previous=in_place and in_place.raw)
+        # the kernel's remaining checks, and ours
+        table = table_from_raw(raw, previous=in_place and (in_place.raw, in_place.ruleset.table))
         previous = self.table(raw.name)
         if raw.num_counters != previous.raw.num_entries:
             raise BpfilterError(errno.EAGAIN, f"num_counters {raw.num_counters} but table "
                                               f"'{raw.name}' has {previous.raw.num_entries} entries")
+        entries = previous.successor_entries(raw)
         state = self._install(previous.key, blob, raw, table, previous)
+        state.kernel_entries = entries
         old = previous.ruleset.packed_counters()
         previous.ruleset.close()
         log(f"netns {self.inum}: table {raw.name} replaced: {raw.num_entries} entries, "

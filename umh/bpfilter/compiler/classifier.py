@@ -27,6 +27,7 @@ Exactness where the kernel is subtle:
 from __future__ import annotations
 
 import functools
+import struct
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional, Union
 
@@ -65,7 +66,7 @@ class Masks(NamedTuple):
 @dataclass
 class Run:
     rules: list[Rule]
-    keys: list = field(default_factory=list)                              # rule_keys of all
+    keys: list = field(default_factory=list)   # (entry, rule_keys) of each rule
     tuples: list[tuple[int, Masks]] = field(default_factory=list)        # (id, masks)
     ip_tuples: list[tuple[int, Masks]] = field(default_factory=list)     # projection
 
@@ -116,16 +117,16 @@ def segments(rules: list[Rule], space: "TupleSpace") -> list[Segment]:
         masks.clear()
 
     for rule in rules:
-        if not eligible(rule):
+        found = space.classify(rule)
+        if found is None:
             flush()
             out.append(rule)
             continue
-        keys = list(rule_keys(rule))
-        mine = {k[0] for k in keys}
+        keys, mine = found
         if not mine <= masks and len(masks | mine) > MAX_TUPLES:
             flush()
         run.rules.append(rule)
-        run.keys += keys
+        run.keys.append((rule.entry, keys))
         masks.update(mine)
     flush()
     return out
@@ -148,58 +149,90 @@ def _le32(raw: bytes) -> int:
     return int.from_bytes(raw, "little")
 
 
-def rule_keys(rule: Rule):
-    """(masks, key fields, entry, verdict) of every key a rule puts in its run's tuples,
-    its ip projection included; nothing for a rule the kernel can never match."""
+# A table has a few distinct masks and many rules: one object each.
+_masks = functools.lru_cache(maxsize=1024)(Masks)
+
+
+def rule_keys(rule: Rule) -> tuple:
+    """(masks, key fields, verdict) of every key a rule puts in its run's tuples, its
+    ip projection included; none for a rule the kernel can never match. The key
+    fields are the key's bytes after the tuple id."""
     ip = rule.ip
     smask, dmask = _le32(ip.src.mask), _le32(ip.dst.mask)
     saddr, daddr = _le32(ip.src.addr), _le32(ip.dst.addr)
     if saddr & ~smask or daddr & ~dmask:
-        return   # the kernel compares (packet & mask) == addr: never true
+        return ()   # the kernel compares (packet & mask) == addr: never true
     pmask = 0xFF if ip.proto else 0
     verdict = VERDICT_ACCEPT if isinstance(rule.target, Accept) else VERDICT_DROP
     ports = _port_match(rule)
+    ip_only = _KEY_FIELDS.pack(saddr, daddr, 0, 0, ip.proto, 0)
     if ports is None:
-        yield Masks(smask, dmask, pmask, 0, 0, 0), (saddr, daddr, 0, 0, ip.proto, 0), \
-            rule.entry, verdict
+        keys = [(_masks(smask, dmask, pmask, 0, 0, 0), ip_only, verdict)]
     else:
-        for sp, spm in port_blocks(ports.sport.lo, ports.sport.hi):
-            for dp, dpm in port_blocks(ports.dport.lo, ports.dport.hi):
-                yield Masks(smask, dmask, pmask, spm, dpm, 1), \
-                    (saddr, daddr, sp, dp, ip.proto, 1), rule.entry, verdict
-    yield Masks(smask, dmask, pmask, 0, 0, 0, ip_only=True), \
-        (saddr, daddr, 0, 0, ip.proto, 0), rule.entry, \
-        VERDICT_HOTDROP if ports is not None else verdict
+        keys = [(_masks(smask, dmask, pmask, spm, dpm, 1),
+                 _KEY_FIELDS.pack(saddr, daddr, sp, dp, ip.proto, 1), verdict)
+                for sp, spm in port_blocks(ports.sport.lo, ports.sport.hi)
+                for dp, dpm in port_blocks(ports.dport.lo, ports.dport.hi)]
+    keys.append((_masks(smask, dmask, pmask, 0, 0, 0, True), ip_only,
+                 VERDICT_HOTDROP if ports is not None else verdict))
+    return tuple(keys)
 
 
 class TupleSpace:
-    """The keys of every run of a table, in one map per table."""
+    """The keys of every run of a table, in one map per table.
 
-    def __init__(self) -> None:
+    How each rule classifies is remembered (`memo`): a table replacing this one
+    passes it on, and the rules it took over unchanged from this table's model
+    (abi.decode.table_from_raw's `previous`) are not classified again."""
+
+    def __init__(self, memo: "Optional[dict]" = None) -> None:
         self.entries: dict[bytes, tuple[int, int]] = {}   # key -> (entry, verdict)
         self.tuple_count = 0   # ids are per run: two runs never see each other's keys
+        # id(rule.ip) -> (rule.ip, rule.matches, target class, classify's answer). The
+        # model's objects are immutable, and kept alive here so that no other
+        # object takes their id: the same objects, the same answer.
+        self.memo: dict[int, tuple] = {}
+        self._previous = memo or {}
+
+    def classify(self, rule: Rule) -> "Optional[tuple[tuple, frozenset]]":
+        """None for a rule no run can hold, else its rule_keys and their masks."""
+        ip, matches, kind = rule.ip, rule.matches, type(rule.target)
+        known = self._previous.get(id(ip))
+        if known is not None and known[0] is ip and known[1] is matches and known[2] is kind:
+            self.memo[id(ip)] = known
+            return known[3]
+        if eligible(rule):
+            keys = rule_keys(rule)
+            answer = keys, frozenset(k[0] for k in keys)
+        else:
+            answer = None
+        self.memo[id(ip)] = (ip, matches, kind, answer)
+        return answer
 
     def add_run(self, run: Run) -> bool:
         """Adds the run's keys if classifying it pays (see MAX_TUPLES)."""
         groups: dict[Masks, list] = {}
-        for masks, fields, entry, verdict in run.keys:
-            groups.setdefault(masks, []).append((fields, entry, verdict))
+        for entry, keys in run.keys:
+            for masks, fields, verdict in keys:
+                groups.setdefault(masks, []).append((fields, entry, verdict))
         if len(groups) > MAX_TUPLES or len(groups) * RULES_PER_TUPLE > len(run.rules):
             return False
+        entries = self.entries
         for masks, members in groups.items():
             tid = self.tuple_count
             self.tuple_count += 1
             (run.ip_tuples if masks.ip_only else run.tuples).append((tid, masks))
+            prefix = _TUPLE_ID.pack(tid)
             for fields, entry, verdict in members:
-                self._add(_key(tid, *fields), entry, verdict)
+                key = prefix + fields
+                # the first rule (smallest entry) having a key is the one it finds
+                if key not in entries or entries[key][0] > entry:
+                    entries[key] = (entry, verdict)
         return True
 
-    def _add(self, key: bytes, entry: int, verdict: int) -> None:
-        if key not in self.entries or self.entries[key][0] > entry:
-            self.entries[key] = (entry, verdict)
 
-
-def _key(tid: int, saddr: int, daddr: int, sport: int, dport: int, proto: int, l4: int) -> bytes:
-    return (tid.to_bytes(4, "little") + saddr.to_bytes(4, "little") + daddr.to_bytes(4, "little")
-            + sport.to_bytes(2, "little") + dport.to_bytes(2, "little") + bytes([proto, l4])
-            + bytes(6))
+# The key after its tuple id: saddr, daddr, sport, dport, proto, l4, padding.
+_TUPLE_ID = struct.Struct("<I")
+_KEY_FIELDS = struct.Struct("<IIHHBB6x")
+assert _TUPLE_ID.size == K_SADDR and _TUPLE_ID.size + _KEY_FIELDS.size == KEY_SIZE
+assert struct.calcsize("<IIIHH") == K_PROTO

@@ -24,6 +24,7 @@ import errno
 from dataclasses import dataclass
 
 from .. import ext
+from ..abi.codec import gc_paused
 from ..bpf import insn as I
 from ..bpf.asm import Assembler
 from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU64_IMM, BPF_ATOMIC_OP, BPF_B, BPF_CALL_REL, BPF_DW,
@@ -66,15 +67,25 @@ class CompiledTable:
     tuple_space: classifier.TupleSpace   # the contents of the CLASSIFIER map
 
 
-def compile_table(table: Table, offsets: facts.KernelOffsets) -> CompiledTable:
-    space = classifier.TupleSpace()
+@gc_paused()
+def compile_table(table: Table, offsets: facts.KernelOffsets,
+                  classified: "dict | None" = None) -> CompiledTable:
+    """`classified`: the TupleSpace.memo of the table this one replaces."""
+    space = classifier.TupleSpace(classified)
     segments = {}
     for chain in table.chains.values():
         segments[chain.name] = classifier.segments(chain.rules, space)
+    needed = _facts_needed(table)
     programs = [HookProgram(chain.hook, f"{table.name}_{chain.name}"[:15],
-                            _HookCompiler(table, offsets, segments).compile(chain))
+                            _HookCompiler(table, offsets, segments, needed).compile(chain))
                 for chain in table.hook_chains()]
     return CompiledTable(programs, space)
+
+
+def _facts_needed(table: Table) -> frozenset:
+    family = table.family
+    return frozenset().union(*(ext.facts_needed(m, family) for chain in table.chains.values()
+                               for rule in chain.rules for m in rule.matches))
 
 
 def dispatcher() -> Assembler:
@@ -97,10 +108,11 @@ def call_depth(table: Table, chain: Chain) -> int:
 
 
 class _HookCompiler:
-    def __init__(self, table: Table, offsets: facts.KernelOffsets, segments):
+    def __init__(self, table: Table, offsets: facts.KernelOffsets, segments, facts_needed):
         self.table = table
         self.offsets = offsets
         self.segments = segments
+        self.facts_needed = facts_needed
         self.asm = Assembler()
         self.entries: dict[str, object] = {}   # user chain name -> its subprogram label
 
@@ -112,7 +124,7 @@ class _HookCompiler:
                                 f"supports at most {MAX_CALL_FRAMES - 1} (BPF call frames)")
         asm = self.asm
         drop = asm.label("drop")
-        facts.emit_prologue(asm, self.offsets, drop, self._facts_needed())
+        facts.emit_prologue(asm, self.offsets, drop, self.facts_needed)
         policy = asm.label("policy")
         self._emit_rules(chain, policy=policy, drop=drop, key_fp=_MAIN_KEY_FP)
         asm.place(policy)
@@ -128,11 +140,6 @@ class _HookCompiler:
                 done.add(name)
                 self._emit_subprog(self.table.chains[name])
         return asm
-
-    def _facts_needed(self) -> frozenset:
-        family = self.table.family
-        return frozenset().union(*(ext.facts_needed(m, family) for chain in self.table.chains.values()
-                                   for rule in chain.rules for m in rule.matches))
 
     def _subprog(self, name: str):
         if name not in self.entries:
