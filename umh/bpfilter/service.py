@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import array
 import errno
+import gc
 import os
 import select
 import signal
@@ -100,9 +101,16 @@ def _table_of_blob(blob: bytes):
 
 
 class Service:
+    """Python's cyclic collector would rescan every object of every table (a
+    100k-rule table makes millions, none in a cycle) at each of a request's
+    allocations past its thresholds, a second at a time: requests run without
+    it, what they leave is frozen out of its scans, and it runs when the
+    service is idle (collect_when_idle)."""
+
     def __init__(self, store: Store):
         self.store = store
         self.tables: dict[TableKey, TableState] = {}
+        self._last_request: Optional[float] = None   # since the last collection
         self._recover()
 
     # -- lifetime -------------------------------------------------------------
@@ -126,6 +134,17 @@ class Service:
             self.tables.pop(key).close()
             self.store.remove(key)
 
+    def collect_when_idle(self) -> None:
+        """The collection the requests since the last one skipped, once none came
+        for SWEEP_INTERVAL: their garbage in a cycle (construct's parses make a
+        few) is freed, and the tables are frozen out of the collector's scans."""
+        if self._last_request is None or time.monotonic() - self._last_request < SWEEP_INTERVAL:
+            return
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
+        self._last_request = None
+
     def close(self) -> None:
         """Let go of file descriptors only: what is pinned keeps filtering."""
         for state in self.tables.values():
@@ -135,6 +154,14 @@ class Service:
     # -- requests -------------------------------------------------------------
 
     def handle(self, req, payload: bytes, netns_fd: Optional[int]) -> tuple[int, bytes]:
+        self._last_request = time.monotonic()
+        try:
+            with codec.gc_paused():
+                return self._handle(req, payload, netns_fd)
+        finally:
+            gc.freeze()
+
+    def _handle(self, req, payload: bytes, netns_fd: Optional[int]) -> tuple[int, bytes]:
         if req.version != proto.VERSION:
             raise BpfilterError(errno.EPROTO, f"protocol version {req.version}, "
                                               f"this service speaks {proto.VERSION}")
@@ -424,6 +451,7 @@ def serve_device(device: str, bpffs: str = DEFAULT_ROOT) -> None:
         while True:
             service.sweep(live_netns_inums())
             if not waiting.poll(SWEEP_INTERVAL * 1000):
+                service.collect_when_idle()
                 continue
             req = proto.request.parse(_read_exact(dev, proto.request.sizeof()))
             payload = _read_exact(dev, req.len)
@@ -474,6 +502,8 @@ def serve(socket_path: str = DEFAULT_SOCKET, bpffs: str = DEFAULT_ROOT, ready=No
                 conn, _ = listener.accept()
                 with conn:
                     serve_connection(service, conn)
+            else:
+                service.collect_when_idle()
     finally:
         listener.close()
         service.close()
