@@ -69,9 +69,12 @@ class TableState:
     def entries(self) -> bytes:
         """IPT_SO_GET_ENTRIES' answer: the table's entries as the kernel returns
         them, built once per table, and the current counters."""
+        self.build_entries()
+        return codec.with_counters(self.raw, self.kernel_entries, self.ruleset.packed_counters())
+
+    def build_entries(self) -> None:
         if self.kernel_entries is None:
             self.kernel_entries = codec.kernel_entries(self.raw)
-        return codec.with_counters(self.raw, self.kernel_entries, self.ruleset.packed_counters())
 
     def successor_entries(self, raw: X.RawTable) -> Optional[bytes]:
         """kernel_entries of `raw`, parsed against this table, if this table has
@@ -105,7 +108,7 @@ class Service:
     100k-rule table makes millions, none in a cycle) at each of a request's
     allocations past its thresholds, a second at a time: requests run without
     it, what they leave is frozen out of its scans, and it runs when the
-    service is idle (collect_when_idle)."""
+    service is idle (when_idle)."""
 
     def __init__(self, store: Store):
         self.store = store
@@ -134,12 +137,16 @@ class Service:
             self.tables.pop(key).close()
             self.store.remove(key)
 
-    def collect_when_idle(self) -> None:
-        """The collection the requests since the last one skipped, once none came
-        for SWEEP_INTERVAL: their garbage in a cycle (construct's parses make a
-        few) is freed, and the tables are frozen out of the collector's scans."""
+    def when_idle(self) -> None:
+        """Once no request came for SWEEP_INTERVAL, the work the requests since the
+        last time left: the entries of the tables they replaced (every iptables
+        command starts by asking for them), and the collection they skipped, which
+        frees their garbage in a cycle (construct's parses make a few) and freezes
+        the tables out of the collector's scans."""
         if self._last_request is None or time.monotonic() - self._last_request < SWEEP_INTERVAL:
             return
+        for state in self.tables.values():
+            state.build_entries()
         gc.unfreeze()
         gc.collect()
         gc.freeze()
@@ -451,7 +458,7 @@ def serve_device(device: str, bpffs: str = DEFAULT_ROOT) -> None:
         while True:
             service.sweep(live_netns_inums())
             if not waiting.poll(SWEEP_INTERVAL * 1000):
-                service.collect_when_idle()
+                service.when_idle()
                 continue
             req = proto.request.parse(_read_exact(dev, proto.request.sizeof()))
             payload = _read_exact(dev, req.len)
@@ -503,7 +510,7 @@ def serve(socket_path: str = DEFAULT_SOCKET, bpffs: str = DEFAULT_ROOT, ready=No
                 with conn:
                     serve_connection(service, conn)
             else:
-                service.collect_when_idle()
+                service.when_idle()
     finally:
         listener.close()
         service.close()
