@@ -511,8 +511,8 @@ def service_request(socket_path: str, netns_path: str, op: int, optname: int = 0
             request = header + payload
             sent = s.sendmsg([request],
                              [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", ns_fd))])
-            # a large table's GET_ENTRIES request does not fit the socket buffer
-            s.sendall(request[sent:])
+            if sent < len(request):   # a large table's GET_ENTRIES outgrows the socket buffer
+                s.sendall(request[sent:])
             data = b""
             while len(data) < proto.reply.sizeof():
                 chunk = s.recv(proto.reply.sizeof() - len(data))
