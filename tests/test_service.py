@@ -659,6 +659,57 @@ def test_log_is_refused_while_the_kernel_would_rate_limit_its_lines(svc, nets):
     assert svc.ok(ns, "iptables-legacy", "-S").splitlines() == FRESH
 
 
+def _blocklisted(i: int) -> str:
+    return f"198.18.{16 + i // 256}.{i % 256}"
+
+
+BLOCKLIST_SIZE = 10000
+BLOCKLIST = ("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
+             + "".join(f"-A INPUT -s {_blocklisted(i)} -j {'DROP' if i % 5 else 'ACCEPT'}\n"
+                       for i in range(BLOCKLIST_SIZE))
+             + "COMMIT\n")
+# (command, whether it changes which of BLOCKLIST_TRAFFIC arrives)
+BLOCKLIST_EDITS = [
+    ("-A INPUT -s 198.18.99.1 -j DROP", True),
+    (f"-I INPUT 1 -s {_blocklisted(1)} -j ACCEPT", True),       # every entry moves
+    (f"-D INPUT -s {_blocklisted(3)} -j DROP", True),
+    ("-R INPUT 5001 -s 198.18.99.2 -j DROP", True),
+    ("-I INPUT 3 -p tcp --syn -j ACCEPT", False),                # the run is split
+    ("-P INPUT DROP", True),
+    ("-A INPUT -s 198.18.200.0/24 -p udp --dport 7 -j ACCEPT", True),
+]
+BLOCKLIST_TRAFFIC = [Case(Packet(src, T_IN_ADDR, "udp", dport=7), "input") for src in (
+    *map(_blocklisted, (0, 1, 2, 3, 5, *range(4998, 5003), BLOCKLIST_SIZE - 1)),
+    "198.18.99.1", "198.18.99.2", "198.18.200.1")]
+
+
+def test_editing_a_large_classified_table(svc):
+    """Edits of one rule of a 10k-rule blocklist, a classified run, as iptables
+    makes them: each replace takes most of the table over from the one in place.
+    Packets meet the edited rules, and every entry's counters, carried over each
+    edit by iptables, stay the kernel's."""
+    service = ServiceBackend(svc.socket, svc.bpffs, env=svc.env)
+    with Lab({"kernel": KernelBackend(), "service": service}) as lab:
+        def same_as_the_kernel() -> list[bool]:
+            arrived = lab.run(BLOCKLIST_TRAFFIC)
+            assert arrived["service"] == arrived["kernel"]
+            kernel, ours = lab.counters("kernel"), lab.counters("service")
+            assert len(ours) == len(kernel)
+            assert [(e, k, b) for e, (k, b) in enumerate(zip(kernel, ours)) if k != b] == []
+            return arrived["kernel"]
+
+        lab.load(BLOCKLIST)
+        arrived = same_as_the_kernel()
+        for command, changes in BLOCKLIST_EDITS:
+            subprocess.run(["ip", "netns", "exec", lab.netns("kernel"), "iptables-legacy", "-w",
+                            *command.split()], check=True)
+            done = service.exec(lab, "service", ["iptables-legacy", "-w", *command.split()])
+            assert done.returncode == 0, done.stderr
+            before, arrived = arrived, same_as_the_kernel()
+            assert (arrived != before) == changes, command
+        assert sum(p for p, _ in lab.counters("kernel")[:-4]) >= 2 * len(BLOCKLIST_TRAFFIC)
+
+
 # ---------------------------------------------------------------- 4. kill -9 under traffic
 
 SRC, ELSEWHERE = "198.18.0.2", "198.19.7.7"

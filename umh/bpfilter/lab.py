@@ -526,8 +526,11 @@ def service_request(socket_path: str, netns_path: str, op: int, optname: int = 0
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(30)
             s.connect(socket_path)
-            s.sendmsg([header + payload],
-                      [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", ns_fd))])
+            request = header + payload
+            sent = s.sendmsg([request],
+                             [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", ns_fd))])
+            if sent < len(request):   # a large table's GET_ENTRIES outgrows the socket buffer
+                s.sendall(request[sent:])
             data = b""
             while len(data) < proto.reply.sizeof():
                 chunk = s.recv(proto.reply.sizeof() - len(data))

@@ -17,6 +17,8 @@ from __future__ import annotations
 import array
 import errno
 import functools
+import itertools
+import operator
 import os
 import struct
 from contextlib import ExitStack, nullcontext
@@ -41,6 +43,8 @@ from .model import Hook, Table
 from .netfilter import NF_IP_PRI_FILTER
 
 COUNTER = struct.Struct("<QQ")   # struct { u64 packets; u64 bytes; }
+_U64 = (1 << 64) - 1
+_CLASSIFIER_VALUE = struct.Struct("<II")   # entry, verdict
 _KEY0 = struct.pack("<I", 0)
 
 
@@ -66,25 +70,31 @@ class Ruleset:
 
     def counters(self) -> list[tuple[int, int]]:
         """(packets, bytes) per table entry: summed over CPUs, plus added offsets."""
+        return list(COUNTER.iter_unpack(self.packed_counters()))
+
+    def packed_counters(self) -> bytes:
+        """counters() as an array of struct xt_counters, summed as the kernel sums
+        them (u64, wrapping). Whole columns at a time: a 100k-entry table has
+        100k counters per CPU."""
         count = self.table.num_entries
         cpus = bpf.possible_cpus()
         _, added = bpf.map_lookup_batch(self.offsets_fd, 4, COUNTER.size, count)
         _, per_cpu = bpf.map_lookup_batch(self.counters_fd, 4,
                                           bpf.percpu_value_size(COUNTER.size), count)
-        totals = [list(pair) for pair in COUNTER.iter_unpack(added)]
-        for slot, (packets, bytes_) in enumerate(COUNTER.iter_unpack(per_cpu)):
-            total = totals[slot // cpus]
-            total[0] += packets
-            total[1] += bytes_
-        return [tuple(t) for t in totals]
+        totals = array.array("Q", added)
+        per_cpu_words = memoryview(per_cpu).cast("Q")
+        for cpu in range(cpus):
+            for word in (0, 1):   # packets, bytes
+                totals[word::2] = _add64(totals[word::2], per_cpu_words[2 * cpu + word::2 * cpus])
+        return totals.tobytes()
 
     def add_counters(self, added: list[tuple[int, int]]) -> None:
+        """IPT_SO_SET_ADD_COUNTERS: (packets, bytes) per entry, added as the kernel
+        adds them (u64, wrapping)."""
         count = self.table.num_entries
         keys, current = bpf.map_lookup_batch(self.offsets_fd, 4, COUNTER.size, count)
-        mask = (1 << 64) - 1
-        summed = b"".join(COUNTER.pack((p + ap) & mask, (b + ab) & mask)
-                          for (p, b), (ap, ab) in zip(COUNTER.iter_unpack(current), added))
-        bpf.map_update_batch(self.offsets_fd, keys, summed, count)
+        summed = _add64(array.array("Q", current), itertools.chain.from_iterable(added))
+        bpf.map_update_batch(self.offsets_fd, keys, summed.tobytes(), count)
 
     def fds(self) -> list[int]:
         return [self.counters_fd, self.offsets_fd] + [h.prog_fd for h in self.hooks.values()]
@@ -112,6 +122,11 @@ class HookSlot:
     def close(self) -> None:
         for fd in self.fds():
             os.close(fd)
+
+
+def _add64(a, b) -> array.array:
+    """Element-wise a + b of two u64 sequences, wrapping as u64 arithmetic does."""
+    return array.array("Q", map(operator.and_, map(operator.add, a, b), itertools.repeat(_U64)))
 
 
 def _owned(undo: ExitStack, fd: int) -> int:
@@ -187,8 +202,7 @@ def _classifier_map(table: Table, space: TupleSpace) -> int:
     fd = bpf.map_create(bpf.BPF_MAP_TYPE_HASH, KEY_SIZE, VALUE_SIZE, len(space.entries),
                         f"{table.name}_cls")
     try:
-        values = b"".join(struct.pack("<II", entry, verdict)
-                          for entry, verdict in space.entries.values())
+        values = b"".join(itertools.starmap(_CLASSIFIER_VALUE.pack, space.entries.values()))
         bpf.map_update_batch(fd, b"".join(space.entries), values, len(space.entries))
     except BaseException:
         os.close(fd)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import array
 import errno
+import gc
 import os
 import select
 import signal
@@ -62,6 +63,25 @@ class TableState:
     raw: X.RawTable
     ruleset: Ruleset
     slots: dict[Hook, HookSlot] = field(default_factory=dict)
+    kernel_entries: Optional[bytes] = None   # codec.kernel_entries(raw), once built
+
+    def entries(self) -> bytes:
+        """IPT_SO_GET_ENTRIES' answer: the table's entries as the kernel returns
+        them, built once per table, and the current counters."""
+        self.build_entries()
+        return codec.with_counters(self.raw, self.kernel_entries, self.ruleset.packed_counters())
+
+    def build_entries(self) -> None:
+        if self.kernel_entries is None:
+            self.kernel_entries = codec.kernel_entries(self.raw)
+
+    def successor_entries(self, raw: X.RawTable) -> Optional[bytes]:
+        """kernel_entries of `raw`, parsed against this table, if this table has
+        its own: derived from them they are cheap, and the next iptables command
+        asks for them."""
+        if self.kernel_entries is None:
+            return None
+        return codec.kernel_entries(raw, (self.raw, self.kernel_entries))
 
     def close(self) -> None:
         for slot in self.slots.values():
@@ -83,10 +103,17 @@ def _table_of_blob(blob: bytes):
 
 
 class Service:
+    """Python's cyclic collector would rescan every object of every table (a
+    100k-rule table makes millions, none in a cycle) at each of a request's
+    allocations past its thresholds, a second at a time: requests run without
+    it, what they leave is frozen out of its scans, and it runs when the
+    service is idle (when_idle)."""
+
     def __init__(self, store: Store):
         self.store = store
         self.tables: dict[TableKey, TableState] = {}
         self.log_ring = LogRing.pinned(store.root)
+        self._last_request: Optional[float] = None   # since the last collection
         self._recover()
 
     # -- lifetime -------------------------------------------------------------
@@ -110,6 +137,21 @@ class Service:
             self.tables.pop(key).close()
             self.store.remove(key)
 
+    def when_idle(self) -> None:
+        """Once no request came for SWEEP_INTERVAL, the work the requests since the
+        last time left: the entries of the tables they replaced (every iptables
+        command starts by asking for them), and the collection they skipped, which
+        frees their garbage in a cycle (construct's parses make a few) and freezes
+        the tables out of the collector's scans."""
+        if self._last_request is None or time.monotonic() - self._last_request < SWEEP_INTERVAL:
+            return
+        for state in self.tables.values():
+            state.build_entries()
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
+        self._last_request = None
+
     def close(self) -> None:
         """Let go of file descriptors only: what is pinned keeps filtering."""
         for state in self.tables.values():
@@ -120,6 +162,14 @@ class Service:
     # -- requests -------------------------------------------------------------
 
     def handle(self, req, payload: bytes, netns_fd: Optional[int]) -> tuple[int, bytes]:
+        self._last_request = time.monotonic()
+        try:
+            with codec.gc_paused():
+                return self._handle(req, payload, netns_fd)
+        finally:
+            gc.freeze()
+
+    def _handle(self, req, payload: bytes, netns_fd: Optional[int]) -> tuple[int, bytes]:
         if req.version != proto.VERSION:
             raise BpfilterError(errno.EPROTO, f"protocol version {req.version}, "
                                               f"this service speaks {proto.VERSION}")
@@ -217,8 +267,7 @@ class _Caller:
             if header["size"] != state.raw.size:
                 raise BpfilterError(errno.EAGAIN, f"IPT_SO_GET_ENTRIES: size {header['size']} "
                                                   f"but the table has {state.raw.size}")
-            entries = codec.entries_as_kernel_returns(state.raw, state.ruleset.counters())
-            return 0, payload[:X.SIZEOF_IPT_GET_ENTRIES] + entries
+            return 0, payload[:X.SIZEOF_IPT_GET_ENTRIES] + state.entries()
         if optname in (X.IPT_SO_GET_REVISION_MATCH, X.IPT_SO_GET_REVISION_TARGET):
             return self._revision(optname, payload)
         raise BpfilterError(errno.EINVAL, f"unknown getsockopt {optname}")
@@ -252,8 +301,12 @@ class _Caller:
         raise BpfilterError(errno.EINVAL, f"unknown setsockopt {optname}")
 
     def _replace(self, blob: bytes) -> tuple[int, bytes]:
-        raw = codec.parse_replace(blob, optlen=len(blob))
-        table = table_from_raw(raw)   # the kernel's remaining checks, and ours
+        # Most replaces change a few rules of a table: what did not change is
+        # taken over from the table in place rather than parsed and decoded again.
+        in_place = self.service.tables.get(self.key(codec.replace_name(blob)))
+        raw = codec.parse_replace(blob, optlen=len(blob), previous=in_place and in_place.raw)
+        # the kernel's remaining checks, and ours
+        table = table_from_raw(raw, previous=in_place and (in_place.raw, in_place.ruleset.table))
         if logs(table) and not devkmsg_unlimited():
             raise BpfilterError(errno.EOPNOTSUPP, "LOG rules need kernel.printk_devkmsg=on: "
                                                   "otherwise the kernel drops most of the lines "
@@ -262,13 +315,15 @@ class _Caller:
         if raw.num_counters != previous.raw.num_entries:
             raise BpfilterError(errno.EAGAIN, f"num_counters {raw.num_counters} but table "
                                               f"'{raw.name}' has {previous.raw.num_entries} entries")
+        entries = previous.successor_entries(raw)
         state = self._install(previous.key, blob, raw, table, previous)
-        old = previous.ruleset.counters()
+        state.kernel_entries = entries
+        old = previous.ruleset.packed_counters()
         previous.ruleset.close()
         log(f"netns {self.inum}: table {raw.name} replaced: {raw.num_entries} entries, "
             + ", ".join(f"{r.hook.chain_name} {r.insn_count} insns"
                         for r in state.ruleset.hooks.values()))
-        return 0, b"".join(struct.pack("<QQ", p, b) for p, b in old)
+        return 0, old
 
 
 # -- transport ----------------------------------------------------------------
@@ -420,6 +475,8 @@ def serve_device(device: str, bpffs: str = DEFAULT_ROOT) -> None:
         while True:
             service.sweep(live_netns_inums())
             ready = {fd for fd, _ in waiting.poll(SWEEP_INTERVAL * 1000)}
+            if not ready:
+                service.when_idle()
             if service.log_ring.fileno() in ready:
                 kernel_log.drain()
             if dev not in ready:
@@ -480,6 +537,8 @@ def serve(socket_path: str = DEFAULT_SOCKET, bpffs: str = DEFAULT_ROOT, ready=No
                 conn, _ = listener.accept()
                 with conn:
                     serve_connection(service, conn)
+            else:
+                service.when_idle()
     finally:
         listener.close()
         kernel_log.drain()

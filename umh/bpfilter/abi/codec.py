@@ -80,6 +80,13 @@ _E_NEXT_OFFSET = ipt_entry_packed.index("next_offset")
 _E_COMEFROM = ipt_entry_packed.index("comefrom")
 _E_PCNT = ipt_entry_packed.index("counters.pcnt")
 _E_BCNT = ipt_entry_packed.index("counters.bcnt")
+_COUNTERS_AT = ipt_entry_packed.field("counters.pcnt")[0]
+_NEXT_OFFSET_AT, _NEXT_OFFSET = ipt_entry_packed.field("next_offset")
+_COMEFROM_AT, _COMEFROM = ipt_entry_packed.field("comefrom")
+# comefrom and the counters, the fields of an entry that neither the kernel's
+# checks nor the rule's meaning read.
+_VOLATILE = struct.Struct("<IQQ")
+assert _COMEFROM_AT + _VOLATILE.size == _COUNTERS_AT + SIZEOF_XT_COUNTERS == SIZEOF_IPT_ENTRY
 _M_SIZE = xt_entry_match_packed.index("match_size")
 _M_NAME = xt_entry_match_packed.index("name")
 _M_REVISION = xt_entry_match_packed.index("revision")
@@ -243,10 +250,21 @@ def _check_underflow(e: RawEntry) -> bool:
     return ((-verdict - 1) & 0xFFFFFFFF) in (NF_DROP, NF_ACCEPT)
 
 
-def _walk_entries(table: RawTable, body: bytes, hook_entry: list, underflow: list) -> None:
-    """translate_table()'s first pass: check_entry_size_and_hooks() on each entry."""
+def _rule_bytes(raw: bytes) -> bytes:
+    """An entry's bytes without comefrom and counters: entries equal in these
+    pass the same checks and mean the same rule."""
+    return raw[:_COMEFROM_AT] + raw[SIZEOF_IPT_ENTRY:]
+
+
+def _walk_entries(table: RawTable, body: bytes, hook_entry: list, underflow: list,
+                  previous: "RawTable | None") -> None:
+    """translate_table()'s first pass: check_entry_size_and_hooks() on each entry.
+    An entry with the bytes of one of `previous` takes that entry's parse, checks
+    included: they depend on nothing else (the position-dependent ones are made
+    here for every entry)."""
     hook_offsets = {table.hook_entry[h] for h in range(NF_INET_NUMHOOKS) if table.valid_hooks & (1 << h)}
     hook_offsets.update(table.underflow[h] for h in range(NF_INET_NUMHOOKS) if table.valid_hooks & (1 << h))
+    known = {_rule_bytes(e.raw): e for e in previous.entries} if previous else {}
     entries = table.entries
     off = 0
     index = 0
@@ -256,27 +274,38 @@ def _walk_entries(table: RawTable, body: bytes, hook_entry: list, underflow: lis
             raise invalid(f"offset {off}: entry is not 8-byte aligned (previous next_offset is not a multiple of 8)", index)
         if off + SIZEOF_IPT_ENTRY >= table.size:
             raise invalid(f"offset {off}: only {table.size - off} bytes left, not enough for an entry", index)
-        header = ipt_entry_packed.unpack_from(body, off)
-        next_offset = header[_E_NEXT_OFFSET]
+        next_offset = _NEXT_OFFSET.unpack_from(body, off + _NEXT_OFFSET_AT)[0]
         if off + next_offset > table.size:
             raise invalid(f"offset {off}: next_offset {next_offset} runs past the end of the table ({table.size} bytes)", index)
         if next_offset < SIZEOF_IPT_ENTRY + SIZEOF_XT_ENTRY_HEADER:
             raise invalid(f"offset {off}: next_offset {next_offset} is smaller than an entry with a target", index)
         raw = body[off : off + next_offset]
-        flags, invflags = header[_E_FLAGS], header[_E_INVFLAGS]
-        if flags & ~IPT_F_MASK:
-            raise invalid(f"offset {off}: unknown ip flags 0x{flags & ~IPT_F_MASK:02x}", index)
-        if invflags & ~IPT_INV_MASK:
-            raise invalid(f"offset {off}: unknown ip invflags 0x{invflags & ~IPT_INV_MASK:02x}", index)
-        target_offset = header[_E_TARGET_OFFSET]
-        matches, target = _check_entry_offsets(raw, index, off, target_offset, next_offset)
-        e = RawEntry(index, off, RawIp(*header[_E_IP]), header[_E_NFCACHE], target_offset, next_offset,
-                     header[_E_COMEFROM], header[_E_PCNT], header[_E_BCNT], matches, target, raw)
+        same = known.get(_rule_bytes(raw)) if known else None
+        if same is None:
+            e = _parse_entry(raw, index, off)
+        else:
+            e = RawEntry(index, off, same.ip, same.nfcache, same.target_offset, next_offset,
+                         *_VOLATILE.unpack_from(raw, _COMEFROM_AT), same.matches, same.target, raw)
+            table.same_as[index] = same.index
         if off in hook_offsets:
             _check_hooks(table, e, hook_entry, underflow)
         entries.append(e)
         off += next_offset
         index += 1
+
+
+def _parse_entry(raw: bytes, index: int, off: int) -> RawEntry:
+    """check_entry_size_and_hooks() on one entry, from its flags on."""
+    header = ipt_entry_packed.unpack_from(raw)
+    flags, invflags = header[_E_FLAGS], header[_E_INVFLAGS]
+    if flags & ~IPT_F_MASK:
+        raise invalid(f"offset {off}: unknown ip flags 0x{flags & ~IPT_F_MASK:02x}", index)
+    if invflags & ~IPT_INV_MASK:
+        raise invalid(f"offset {off}: unknown ip invflags 0x{invflags & ~IPT_INV_MASK:02x}", index)
+    target_offset, next_offset = header[_E_TARGET_OFFSET], header[_E_NEXT_OFFSET]
+    matches, target = _check_entry_offsets(raw, index, off, target_offset, next_offset)
+    return RawEntry(index, off, RawIp(*header[_E_IP]), header[_E_NFCACHE], target_offset, next_offset,
+                    header[_E_COMEFROM], header[_E_PCNT], header[_E_BCNT], matches, target, raw)
 
 
 def _check_hooks(table: RawTable, e: RawEntry, hook_entry: list, underflow: list) -> None:
@@ -383,7 +412,7 @@ def _mark_source_chains(table: RawTable, hook_entry: list) -> None:
 
 
 @gc_paused()
-def parse_replace(blob: bytes, optlen: "int | None" = None) -> RawTable:
+def parse_replace(blob: bytes, optlen: "int | None" = None, previous: "RawTable | None" = None) -> RawTable:
     """Parse and validate what iptables passes to setsockopt(IPT_SO_SET_REPLACE),
     as do_replace() and translate_table() do up to find_check_entry().
 
@@ -395,18 +424,27 @@ def parse_replace(blob: bytes, optlen: "int | None" = None) -> RawTable:
     The kernel then runs, in this order: find_check_entry() on each entry (the
     extensions, and check_builtin_target()), check_do_replace(), and the
     EAGAIN check that num_counters equals the live table's rule count.
+
+    previous, the table this blob replaces, makes the parse of a large table
+    that changes little cheap: see _walk_entries and RawTable.same_as.
     """
     blob = bytes(blob)
     table = _parse_header(blob, optlen)
     body = blob[SIZEOF_IPT_REPLACE : SIZEOF_IPT_REPLACE + table.size]
     hook_entry = [_UNSET] * NF_INET_NUMHOOKS
     underflow = [_UNSET] * NF_INET_NUMHOOKS
-    _walk_entries(table, body, hook_entry, underflow)
+    _walk_entries(table, body, hook_entry, underflow, previous)
     if len(table.entries) != table.num_entries:
         raise invalid(f"num_entries is {table.num_entries} but the {table.size} bytes hold {len(table.entries)} entries")
     _check_table_hooks(table.valid_hooks, hook_entry, underflow)
     _mark_source_chains(table, hook_entry)
     return table
+
+
+def replace_name(blob: bytes) -> str:
+    """The table an ipt_replace blob names, read as do_replace() reads it, whatever
+    else the blob holds (parse_replace judges that)."""
+    return cstr(bytes(blob[: XT_TABLE_MAXNAMELEN - 1]))
 
 
 def check_do_replace(table: RawTable, tables: "dict[str, int]" = BUILTIN_TABLES) -> None:
@@ -521,7 +559,18 @@ def _payload_to_user(kind: str, obj, size: int) -> bytes:
 
 
 def entries_as_kernel_returns(table: RawTable, counters: "list[tuple[int, int]]") -> bytes:
-    """What IPT_SO_GET_ENTRIES returns for table (as accepted by parse_replace).
+    """What IPT_SO_GET_ENTRIES returns for table (as accepted by parse_replace)."""
+    if len(counters) != len(table.entries):
+        raise ValueError(f"{len(counters)} counters for {len(table.entries)} entries")
+    return with_counters(table, kernel_entries(table),
+                         b"".join(starmap(xt_counters_packed.pack, counters)))
+
+
+def kernel_entries(table: RawTable, previous: "tuple[RawTable, bytes] | None" = None) -> bytes:
+    """What IPT_SO_GET_ENTRIES returns for table with every counter zero: the
+    part that changes only with the table (see with_counters). `previous`: the
+    table `table` was parsed against (parse_replace) and its kernel_entries, whose
+    entries the unchanged ones (RawTable.same_as) take, but for their comefrom.
 
     copy_entries_to_user() copies each ipt_entry header with comefrom as
     mark_source_chains left it and counters[i] = (pcnt, bcnt) put in, then
@@ -531,11 +580,17 @@ def entries_as_kernel_returns(table: RawTable, counters: "list[tuple[int, int]]"
     alignment padding of the built-in targets) zeroed.  Bytes the kernel never
     writes keep the caller's buffer, taken here to be zero-filled.
     """
-    if len(counters) != len(table.entries):
-        raise ValueError(f"{len(counters)} counters for {len(table.entries)} entries")
     out = bytearray(table.size)
-    for e, (pcnt, bcnt) in zip(table.entries, counters):
-        _pack_entry_header(out, e.offset, e, e.hook_mask, pcnt, bcnt)
+    old_table, old_entries = previous if previous else (None, b"")
+    same_as = table.same_as if previous else {}
+    for e in table.entries:
+        old = same_as.get(e.index)
+        if old is not None:
+            at = old_table.entries[old].offset
+            out[e.offset : e.offset + e.next_offset] = old_entries[at : at + e.next_offset]
+            _COMEFROM.pack_into(out, e.offset + _COMEFROM_AT, e.hook_mask)
+            continue
+        _pack_entry_header(out, e.offset, e, e.hook_mask, 0, 0)
         pos = e.offset + SIZEOF_IPT_ENTRY
         for m in e.matches:
             out[pos : pos + SIZEOF_XT_ENTRY_HEADER] = _extension_header(_MATCH_HEADER, m.size, m.name, m.revision)
@@ -547,6 +602,20 @@ def entries_as_kernel_returns(table: RawTable, counters: "list[tuple[int, int]]"
         out[tpos : tpos + SIZEOF_XT_ENTRY_HEADER] = _extension_header(_TARGET_HEADER, t.size, t.name, t.revision)
         data = _payload_to_user("target", t, t.size)
         out[tpos + SIZEOF_XT_ENTRY_HEADER : tpos + SIZEOF_XT_ENTRY_HEADER + len(data)] = data
+    return bytes(out)
+
+
+def with_counters(table: RawTable, entries: bytes, counters: bytes) -> bytes:
+    """kernel_entries(table) with each entry's counters put in from `counters`,
+    an array of struct xt_counters in entry order."""
+    if len(counters) != len(table.entries) * SIZEOF_XT_COUNTERS:
+        raise ValueError(f"{len(counters) // SIZEOF_XT_COUNTERS} counters for {len(table.entries)} entries")
+    out = bytearray(entries)
+    at = 0
+    for e in table.entries:
+        pos = e.offset + _COUNTERS_AT
+        out[pos : pos + SIZEOF_XT_COUNTERS] = counters[at : at + SIZEOF_XT_COUNTERS]
+        at += SIZEOF_XT_COUNTERS
     return bytes(out)
 
 

@@ -12,6 +12,7 @@ final ERROR entry. bpfilter models chains, so it requires that layout.
 """
 from __future__ import annotations
 
+import bisect
 import errno
 from functools import lru_cache
 
@@ -43,23 +44,30 @@ def _unconditional(entry: RawEntry) -> bool:
 
 
 @gc_paused()
-def table_from_raw(raw: RawTable, family: Family = Family.IPV4) -> Table:
+def table_from_raw(raw: RawTable, family: Family = Family.IPV4,
+                   previous: "tuple[RawTable, Table] | None" = None) -> Table:
+    """The model of `raw`. `previous` is the table it replaces, as parsed (the one
+    codec.parse_replace compared it with) and as decoded: the rules of entries that
+    did not change (RawTable.same_as) are taken over from it."""
     entries = raw.entries
     starts = _chain_starts(raw)
     spans = _chain_spans(starts, len(entries))
-    where = {}
-    for first, end in spans.values():
-        chain = starts[first]
-        for e in entries[first:end]:
-            what = f"rule {e.index - first + 1}" if e.index < end - 1 else (
-                "policy" if chain.builtin else "final RETURN")
-            where[e.index] = f"chain {chain.name} {what} (entry {e.index})"
-
-    ips = [_ip_header(e) for e in entries]
+    where = _Places(starts, spans)
+    reused = _reused_rules(raw, previous)
+    ips: list[IpHeader] = []
     matches: list[list[Match]] = []
     targets: dict[int, ExtensionTarget] = {}
-    for e, ip in zip(entries, ips):
-        place = where.get(e.index, f"entry {e.index}")
+    for e in entries:
+        rule = reused.get(e.index)
+        if rule is not None:
+            ips.append(rule.ip)
+            matches.append(rule.matches)
+            if isinstance(rule.target, ExtensionTarget):
+                targets[e.index] = rule.target
+            continue
+        ip = _ip_header(e)
+        ips.append(ip)
+        place = where[e.index]
         matches.append([ext.decode_match(m.name, m.revision, m.data, ip, family, place,
                                          e.hook_mask) for m in e.matches])
         t = e.target
@@ -74,7 +82,7 @@ def table_from_raw(raw: RawTable, family: Family = Family.IPV4) -> Table:
     for index, target in targets.items():
         reason = ext.unsupported_target(target, family)
         if reason:
-            raise _unsupported(f"{where.get(index, f'entry {index}')}: target '{target.name}' "
+            raise _unsupported(f"{where[index]}: target '{target.name}' "
                                f"{reason}")
 
     if not _is_error(entries[-1]):
@@ -90,10 +98,46 @@ def table_from_raw(raw: RawTable, family: Family = Family.IPV4) -> Table:
         chain.tail_entry = body[-1].index
         for e in body[:-1]:
             target = targets[e.index] if e.index in targets else _target(
-                e, where[e.index], by_offset, chain_of_jump)
+                e, where, by_offset, chain_of_jump)
             chain.rules.append(Rule(e.index, ips[e.index], matches[e.index], target))
     return Table(raw.name, family, {starts[i].name: starts[i] for i in sorted(starts)},
                  raw.num_entries)
+
+
+def _reused_rules(raw: RawTable, previous: "tuple[RawTable, Table] | None") -> dict[int, Rule]:
+    """Entry index -> the rule of `previous` whose decoding it can take over. How an
+    entry decodes, checks included, depends on its bytes, on the hooks it is
+    reachable from (extensions' checkentry sees them) and on the table, nothing
+    else; `previous` passed every check."""
+    if previous is None or not raw.same_as:
+        return {}
+    old_raw, old_table = previous
+    old_rules = {r.entry: r for chain in old_table.chains.values() for r in chain.rules}
+    reused = {}
+    for index, old in raw.same_as.items():
+        rule = old_rules.get(old)
+        if rule is not None and old_raw.entries[old].hook_mask == raw.entries[index].hook_mask:
+            reused[index] = rule
+    return reused
+
+
+class _Places:
+    """Where each entry is, as error messages say it: entry index -> text, made
+    when asked for (a message, or a rule decoded afresh)."""
+
+    def __init__(self, starts: dict[int, Chain], spans: dict[int, tuple[int, int]]):
+        self.starts, self.spans, self.firsts = starts, spans, sorted(spans)
+
+    def __getitem__(self, index: int) -> str:
+        at = bisect.bisect_right(self.firsts, index) - 1
+        if at >= 0:
+            first, end = self.spans[self.firsts[at]]
+            if index < end:
+                chain = self.starts[first]
+                what = f"rule {index - first + 1}" if index < end - 1 else (
+                    "policy" if chain.builtin else "final RETURN")
+                return f"chain {chain.name} {what} (entry {index})"
+        return f"entry {index}"
 
 
 def _chain_starts(raw: RawTable) -> dict[int, Chain]:
@@ -142,21 +186,21 @@ def _check_tail(raw: RawTable, chain: Chain, tail: RawEntry) -> None:
                            tail.index)
 
 
-def _target(e: RawEntry, where: str, by_offset, chain_of_jump):
+def _target(e: RawEntry, where: _Places, by_offset, chain_of_jump):
     t = e.target
     if t.name == X.XT_ERROR_TARGET:
-        raise _unsupported(f"{where}: ERROR target inside a chain")
+        raise _unsupported(f"{where[e.index]}: ERROR target inside a chain")
     if t.verdict < 0:
         if t.verdict not in _STANDARD_VERDICTS:
             name = "QUEUE" if t.verdict == -X.NF_QUEUE - 1 else f"verdict {t.verdict}"
-            raise _unsupported(f"{where}: {name} is not supported by bpfilter")
+            raise _unsupported(f"{where[e.index]}: {name} is not supported by bpfilter")
         return _STANDARD_VERDICTS[t.verdict]
     target_index = by_offset[t.verdict]
     if target_index == e.index + 1:
         return Fallthrough()
     if target_index not in chain_of_jump:
-        raise _unsupported(f"{where}: jumps to entry {target_index}, which does not start a "
-                           "user-defined chain (iptables never writes such a jump)")
+        raise _unsupported(f"{where[e.index]}: jumps to entry {target_index}, which does not "
+                           "start a user-defined chain (iptables never writes such a jump)")
     name = chain_of_jump[target_index]
     return Goto(name) if e.ip.flags & X.IPT_F_GOTO else Jump(name)
 

@@ -381,3 +381,7 @@ class RawTable:
     num_counters: int
     counters_ptr: int
     entries: "list[RawEntry]" = field(default_factory=list)
+    # Entry index -> index of an entry of the table this one replaces with the
+    # same bytes (comefrom and counters aside), whose parse was reused; see
+    # codec.parse_replace's `previous`.
+    same_as: "dict[int, int]" = field(default_factory=dict)

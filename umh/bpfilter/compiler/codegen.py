@@ -24,6 +24,7 @@ import errno
 from dataclasses import dataclass
 
 from .. import ext
+from ..abi.codec import gc_paused
 from ..bpf import insn as I
 from ..bpf.asm import Assembler
 from ..bpf.insn import (BPF_ALU64_IMM, BPF_ATOMIC_OP, BPF_B, BPF_CALL_REL, BPF_DW,
@@ -67,6 +68,7 @@ class CompiledTable:
     tuple_space: classifier.TupleSpace   # the contents of the CLASSIFIER map
 
 
+@gc_paused()
 def compile_table(table: Table, offsets: facts.KernelOffsets) -> CompiledTable:
     space = classifier.TupleSpace()
     segments = {}
