@@ -929,7 +929,8 @@ __bpf_kfunc int bpfilter_reject(struct sk_buff *skb, const struct nf_hook_state 
  * output device with --limit-iface-out, else none. The program tests
  * (1 << type) & mask itself.
  *
- * Return: inet_addr_type_dev_table() for @addr in the hook's namespace (RTN_*).
+ * Return: inet_dev_addr_type() for @addr in the hook's namespace (RTN_*), as
+ * match_type() has it: the device decides the type, not only the table.
  */
 __bpf_kfunc u32 bpfilter_addr_type(const struct nf_hook_state *state, __be32 addr, u32 flags)
 {
@@ -939,7 +940,7 @@ __bpf_kfunc u32 bpfilter_addr_type(const struct nf_hook_state *state, __be32 add
 		dev = state->in;
 	else if (flags & XT_ADDRTYPE_LIMIT_IFACE_OUT)
 		dev = state->out;
-	return inet_addr_type_dev_table(state->net, dev, addr);
+	return inet_dev_addr_type(state->net, dev, addr);
 }
 
 __bpf_kfunc_end_defs();

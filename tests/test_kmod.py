@@ -2,6 +2,7 @@
 guest with Debian's 6.12 kernel (tools/vm) installed where modprobe finds it and driven
 by the unmodified iptables-legacy, its BPF programs filtering packets between two
 namespaces (tools/vm/scenarios/kmod.sh); and built by DKMS against the same headers."""
+import difflib
 import hashlib
 import re
 import shutil
@@ -238,7 +239,9 @@ def test_kmod_addrtype_and_realworld_rulesets(module):
         for answer in answers:
             assert f"{name} {answer}\n" in ref, ref
         assert _answers(ref, name) == _answers(ours, name)
-        assert _listing(ref) == _listing(ours)
+        assert _listing(ref) == _listing(ours), "\n".join(difflib.unified_diff(
+            _listing(ref).splitlines(), _listing(ours).splitlines(), "ip_tables", "bpfilter",
+            lineterm=""))
     # the broadcasts reached a rule: addrtype's BROADCAST DROP, ufw's skip-to-policy
     assert re.search(r"^\s+5\s+\d+ DROP .*ADDRTYPE match dst-type BROADCAST",
                      s["bpfilter addrtype"], re.M), s["bpfilter addrtype"]

@@ -1,7 +1,7 @@
 """-m addrtype: --src-type/--dst-type TYPES, --limit-iface-in/out (struct
 xt_addrtype_info_v1, revision 1; struct xt_addrtype_info, revision 0).
 
-The kernel's match_type() holds when (1 << inet_addr_type_dev_table(net, dev, addr))
+The kernel's match_type() holds when (1 << inet_dev_addr_type(net, dev, addr))
 & mask: the address's type (RTN_LOCAL, RTN_BROADCAST, ...) comes from a route lookup
 in the hook's namespace, which a netfilter BPF program cannot make. bpfilter.ko's
 kfunc bpfilter_addr_type(state, addr, flags) makes that lookup on the device
