@@ -25,6 +25,7 @@
 #include <linux/module.h>
 #include <linux/mount.h>
 #include <linux/namei.h>
+#include <linux/netfilter/xt_addrtype.h>
 #include <linux/netfilter.h>
 #include <linux/netfilter_ipv4/ip_tables.h>
 #include <linux/netfilter_ipv4/ipt_REJECT.h>
@@ -45,6 +46,7 @@
 #include <net/netns/generic.h>
 #include <net/netfilter/nf_conntrack.h>
 #include <net/netfilter/ipv4/nf_reject.h>
+#include <net/route.h>
 #include <net/sock.h>
 
 #include "bpfilter_proto.h"
@@ -863,9 +865,10 @@ static struct pernet_operations bpfilter_ct_net_ops = {
 };
 
 /*
- * Kfuncs for the helper's netfilter programs: what iptables' targets do that a BPF
- * program cannot. The program tests the rule, then calls the kfunc, then returns
- * the target's verdict itself.
+ * Kfuncs for the helper's netfilter programs: what iptables' extensions do that a
+ * BPF program cannot. For REJECT the program tests the rule, then calls the kfunc,
+ * then returns the target's verdict itself; for addrtype it asks the kfunc for the
+ * address types its rules test.
  */
 __bpf_kfunc_start_defs();
 
@@ -915,10 +918,36 @@ __bpf_kfunc int bpfilter_reject(struct sk_buff *skb, const struct nf_hook_state 
 	return 0;
 }
 
+/**
+ * bpfilter_addr_type - the address type xt_addrtype's match_type() tests
+ * @state: the hook state, from the program's context
+ * @addr: an IPv4 address, as on the wire
+ * @flags: the rule's xt_addrtype_info_v1 flags (0 for revision 0)
+ *
+ * A netfilter program cannot look up routes. This is the lookup addrtype_mt_v1()
+ * makes, on the device it picks: the input device with --limit-iface-in, else the
+ * output device with --limit-iface-out, else none. The program tests
+ * (1 << type) & mask itself.
+ *
+ * Return: inet_dev_addr_type() for @addr in the hook's namespace (RTN_*), as
+ * match_type() has it: the device decides the type, not only the table.
+ */
+__bpf_kfunc u32 bpfilter_addr_type(const struct nf_hook_state *state, __be32 addr, u32 flags)
+{
+	const struct net_device *dev = NULL;
+
+	if (flags & XT_ADDRTYPE_LIMIT_IFACE_IN)
+		dev = state->in;
+	else if (flags & XT_ADDRTYPE_LIMIT_IFACE_OUT)
+		dev = state->out;
+	return inet_dev_addr_type(state->net, dev, addr);
+}
+
 __bpf_kfunc_end_defs();
 
 BTF_KFUNCS_START(bpfilter_kfunc_ids)
 BTF_ID_FLAGS(func, bpfilter_reject, KF_TRUSTED_ARGS)
+BTF_ID_FLAGS(func, bpfilter_addr_type, KF_TRUSTED_ARGS)
 BTF_KFUNCS_END(bpfilter_kfunc_ids)
 
 static const struct btf_kfunc_id_set bpfilter_kfunc_set = {
@@ -1090,11 +1119,11 @@ static int __init bpfilter_init(void)
 	/*
 	 * No unregistering: the set goes with the module's BTF. A program calling a
 	 * kfunc holds the module, so bpfilter.ko stays loaded while a table with
-	 * REJECT exists, as ipt_REJECT does while a rule uses it.
+	 * REJECT or addrtype exists, as ipt_REJECT does while a rule uses it.
 	 */
 	err = register_btf_kfunc_id_set(BPF_PROG_TYPE_NETFILTER, &bpfilter_kfunc_set);
 	if (err) {
-		pr_err("cannot register the kfuncs of REJECT (error %d)\n", err);
+		pr_err("cannot register the kfuncs of REJECT and addrtype (error %d)\n", err);
 		return err;
 	}
 	err = register_module_notifier(&bpfilter_module_nb);

@@ -2,6 +2,7 @@
 guest with Debian's 6.12 kernel (tools/vm) installed where modprobe finds it and driven
 by the unmodified iptables-legacy, its BPF programs filtering packets between two
 namespaces (tools/vm/scenarios/kmod.sh); and built by DKMS against the same headers."""
+import difflib
 import hashlib
 import re
 import shutil
@@ -199,6 +200,57 @@ def test_kmod_conntrack_and_reject(module):
     assert "ip_tables: not loaded" in s["unload ip_tables"]
     for bad in ("WARNING:", "BUG:", "Call Trace:"):
         assert bad not in result.console, result.console
+
+
+def test_kmod_addrtype_and_realworld_rulesets(module):
+    """addrtype through the module's kfunc, and the fail2ban and ufw fixtures
+    (tests/realworld/) that `bpfilter serve` refuses: the same answers, and the same
+    counters, as the kernel's ip_tables in the same guest
+    (tools/vm/scenarios/kmod-realworld.sh)."""
+    kver = harness.kernel_release()
+    extra = {**system_libraries(), f"/lib/modules/{kver}/extra/bpfilter.ko": str(module),
+             # as on Debian: limit's HZ (its kernel has no /proc/config.gz)
+             f"/boot/config-{kver}": str(harness.kernel_tree(kver) / f"boot/config-{kver}"),
+             **{f"/etc/bpfilter-vm/{name}.rules": str(ROOT / f"tests/realworld/{name}.rules")
+                for name in ("fail2ban", "ufw")}}
+    script = (ROOT / "tools/vm/scenarios/kmod-realworld.sh").read_text()
+    result = harness.run_scenario(script, extra, timeout=600)
+    out = result.output
+    assert result.status == 0, out
+    s = sections(out)
+    assert "ip_tables: not loaded" in s["unload ip_tables"]
+
+    # what the reference answers, so that a probe that tests nothing shows
+    expected = {
+        "addrtype": ["udp 10.1.0.1 9: reply", "udp 10.1.0.1 10: no reply",
+                     "udp 10.1.0.1 11: reply", "udp 10.2.0.2 9: reply",
+                     "udp 10.1.0.1 12: Operation not permitted", "udp 127.0.0.1 9: reply"],
+        "fail2ban": ["tcp 10.1.0.1 22: connected", "tcp 10.2.0.1 22: No route to host",
+                     "tcp 10.2.0.1 25: connected", "udp 10.1.0.1 7100: No route to host",
+                     "ping 10.2.0.1: answered", "udp 10.2.0.2 53: reply",
+                     "tcp 10.1.0.2 80: connected", "udp 10.1.0.2 53: No route to host"],
+        "ufw": ["tcp 10.1.0.1 22: connected", "udp 10.1.0.1 22: reply",
+                "tcp 10.2.0.1 80: no answer", "udp 10.2.0.1 137: no reply",
+                "ping 10.2.0.1: answered", "udp 10.2.0.2 53: reply",
+                "udp 10.1.0.1 9999: reply"],
+    }
+    for name, answers in expected.items():
+        ref, ours = s[f"reference {name}"], s[f"bpfilter {name}"]
+        for answer in answers:
+            assert f"{name} {answer}\n" in ref, ref
+        assert _answers(ref, name) == _answers(ours, name)
+        assert _listing(ref) == _listing(ours), "\n".join(difflib.unified_diff(
+            _listing(ref).splitlines(), _listing(ours).splitlines(), "ip_tables", "bpfilter",
+            lineterm=""))
+    # the broadcasts reached a rule: addrtype's BROADCAST DROP, ufw's skip-to-policy
+    assert re.search(r"^\s+5\s+\d+ DROP .*ADDRTYPE match dst-type BROADCAST",
+                     s["bpfilter addrtype"], re.M), s["bpfilter addrtype"]
+    for bad in ("WARNING:", "BUG:", "Call Trace:"):
+        assert bad not in result.console, result.console
+
+
+def _answers(text: str, name: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(f"{name} ")]
 
 
 def _listing(text: str) -> str:

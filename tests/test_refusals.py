@@ -61,7 +61,7 @@ def refused(blob: bytes, netns_name: str) -> BpfilterError:
 # the second of chain Y, reached from OUTPUT through X, so the position is not trivial.
 UNSUPPORTED = [
     ("-m statistic --mode random --probability 0.5 -j ACCEPT", "match 'statistic'"),
-    ("-m addrtype --dst-type LOCAL -j ACCEPT", "match 'addrtype'"),
+    ("-m addrtype --dst-type LOCAL -j ACCEPT", "match 'addrtype' needs bpfilter.ko"),
     ("-m string --algo bm --string hello", "match 'string'"),
     ("-j LOG --log-prefix x --log-uid", "target 'LOG' --log-uid"),
     ("-p tcp -j REJECT --reject-with tcp-reset", "target 'REJECT' needs bpfilter.ko"),
@@ -207,6 +207,14 @@ BAD_PAYLOADS = [
      "match 'pkttype' has no revision 1"),
     ("-m conntrack --ctstate NEW", [("match", REVISION, 4)], errno.EPROTOTYPE,
      "match 'conntrack' has no revision 4 (Linux has 1, 2, 3)"),
+    # addrtype: revisions 0 and 1, each registered per family
+    ("-m addrtype --dst-type LOCAL", [("match", REVISION, 2)], errno.ENOENT,
+     "match 'addrtype' has no revision 2 (Linux has 0, 1)"),
+    # flags (payload byte 4): --limit-iface-in with -out; -in from OUTPUT
+    ("-m addrtype --dst-type LOCAL", [("payload", 4, 0x0C)], errno.EINVAL,
+     "addrtype: both incoming and outgoing interface limitation cannot be selected"),
+    ("-m addrtype --dst-type LOCAL", [("payload", 4, 0x04)], errno.EINVAL,
+     "addrtype: input interface limitation not valid in POSTROUTING and OUTPUT"),
     ("-m length --length 10 -j LOG", [("target", REVISION, 1)], errno.ENOENT,
      "target 'LOG' has no revision 1"),
 ]

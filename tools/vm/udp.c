@@ -43,9 +43,15 @@ static long now_ms(void)
 static int do_send(int fd, const char *addr, int port, int count)
 {
 	struct sockaddr_in to = { .sin_family = AF_INET, .sin_port = htons(port) };
+	int on = 1;
 
 	if (inet_pton(AF_INET, addr, &to.sin_addr) != 1)
 		return usage();
+	/* Broadcast destinations too (addrtype BROADCAST rules). */
+	if (setsockopt(fd, SOL_SOCKET, SO_BROADCAST, &on, sizeof(on))) {
+		perror("SO_BROADCAST");
+		return 1;
+	}
 	for (int i = 0; i < count; i++) {
 		/* A DROP on the far side is silent, so every send should succeed. */
 		if (sendto(fd, "x", 1, 0, (struct sockaddr *)&to, sizeof(to)) != 1) {

@@ -79,6 +79,12 @@ def table_from_raw(raw: RawTable, family: Family = Family.IPV4,
     if raw.name not in SUPPORTED_TABLES:
         raise _unsupported(f"table '{raw.name}' is not supported by bpfilter yet "
                            f"(supported: {', '.join(SUPPORTED_TABLES)})")
+    for e, rule_matches in zip(entries, matches):
+        for match in rule_matches:
+            reason = ext.unsupported_match(match, family)
+            if reason:
+                raise _unsupported(f"{where.get(e.index, f'entry {e.index}')}: match "
+                                   f"'{match.name}' {reason}")
     for index, target in targets.items():
         reason = ext.unsupported_target(target, family)
         if reason:

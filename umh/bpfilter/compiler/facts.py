@@ -45,7 +45,7 @@ TOT_LEN = 68       # u16 host order: the IP header's total length
 SIZE = 72
 # Optional fact groups (see OPTIONAL) each reserve a region of this area after SIZE;
 # the prologue zeroes the area for tables that read any of them.
-OPTIONAL_AREA = 216
+OPTIONAL_AREA = 224
 _reserved = SIZE
 
 

@@ -12,6 +12,8 @@ from typing import ClassVar, Optional
 
 from ..abi.xtables import XT_ERROR_TARGET, XT_STANDARD_TARGET, Packed
 from ..bpf.asm import Assembler
+from ..bpf.btf import Btf, BtfError
+from ..bpf.insn import Kfunc
 from ..errors import BpfilterError
 from ..model import ExtensionTarget, Family, Hook, IpHeader, Match, Rule
 
@@ -52,6 +54,12 @@ class _Extension:
     def payload_size(cls) -> int:
         return xt_align(cls.packed.size)
 
+    def unsupported(self, model) -> Optional[str]:
+        """Why bpfilter cannot honour this valid match or target exactly, or None.
+        Asked only once the whole table passed the kernel's checks, so that a bad blob
+        gets the kernel's errno rather than bpfilter's refusal."""
+        return None
+
     def check_ip(self, ip: IpHeader, where: str) -> None:
         """xt_check_match()/xt_check_target()'s protocol test, for an extension that
         names one protocol."""
@@ -68,6 +76,10 @@ class MatchExtension(_Extension):
     def decode(self, payload: bytes, where: str) -> Match:
         """Model of the payload; rejects what the kernel's checkentry rejects."""
         raise NotImplementedError
+
+    def check_hooks(self, match: Match, hook_mask: int, where: str) -> None:
+        """What checkentry rejects for the hooks the rule is reachable from, beyond
+        `hooks` (which the generic check tests)."""
 
     def facts_of(self, match: Match) -> frozenset[str]:
         """The fact groups this match reads; every one in `facts` unless overridden."""
@@ -92,12 +104,6 @@ class TargetExtension(_Extension):
         """Model of the payload; rejects what the kernel's checkentry rejects (which
         may look at the rule's ip part, as REJECT's tcp-reset does)."""
         raise NotImplementedError
-
-    def unsupported(self, target: ExtensionTarget) -> Optional[str]:
-        """Why bpfilter cannot honour this valid target exactly, or None. Asked only
-        once the whole table passed the kernel's checks, so that a bad blob gets the
-        kernel's errno rather than bpfilter's refusal."""
-        return None
 
     def describe(self, target: ExtensionTarget) -> str:
         """The target's options as `iptables -L -n` shows them after the addresses."""
@@ -200,7 +206,9 @@ def known_target_revisions(name: str, family: Family) -> list[int]:
 def decode_match(name: str, revision: int, payload: bytes, ip: IpHeader, family: Family,
                  where: str, hook_mask: int = 0) -> Match:
     ext = _MATCHES.checked(name, revision, payload, ip, family, where, hook_mask)
-    return ext.decode(payload, where)
+    match = ext.decode(payload, where)
+    ext.check_hooks(match, hook_mask, where)
+    return match
 
 
 def _hook_names(mask: int) -> str:
@@ -221,8 +229,27 @@ def decode_target(name: str, revision: int, payload: bytes, ip: IpHeader, family
     return ext.decode(payload, ip, where)
 
 
+def unsupported_match(match: Match, family: Family) -> Optional[str]:
+    return _MATCHES.of(match, family).unsupported(match)
+
+
 def unsupported_target(target: ExtensionTarget, family: Family) -> Optional[str]:
     return _TARGETS.of(target, family).unsupported(target)
+
+
+# bpfilter.ko's kfuncs (kmod/bpfilter.c): what a netfilter program cannot do itself.
+MODULE = "bpfilter"
+
+
+def missing_kfunc(kfunc: Kfunc) -> Optional[str]:
+    """Why the programs cannot call `kfunc` of bpfilter.ko (the module is not loaded,
+    as with `bpfilter serve`, or is too old to have it), or None. The loader resolves
+    the same BTF to the id it calls (fd_array)."""
+    try:
+        Btf.module(kfunc.module).kfunc_id(kfunc.name)
+    except BtfError as e:
+        return str(e)
+    return None
 
 
 def emit_target(target: ExtensionTarget, family: Family, asm: Assembler, next_rule) -> None:
@@ -242,5 +269,5 @@ def facts_needed(rule: Rule, family: Family) -> frozenset[str]:
 
 
 # Registration happens on import of each extension module.
-from . import (comment, conntrack, icmp, iprange, length, limit, log, mac, mark,  # noqa: E402,F401
-               multiport, owner, pkttype, reject, tcp, ttl, udp)
+from . import (addrtype, comment, conntrack, icmp, iprange, length, limit, log,  # noqa: E402,F401
+               mac, mark, multiport, owner, pkttype, reject, tcp, ttl, udp)

@@ -77,17 +77,23 @@ _KEY = facts.reserve("limit", KEY.size)
 
 @functools.lru_cache(maxsize=1)
 def kernel_hz() -> int:
-    """CONFIG_HZ of the running kernel, on which every credit count depends."""
-    try:
-        with gzip.open("/proc/config.gz", "rt") as config:
-            found = re.search(r"^CONFIG_HZ=(\d+)$", config.read(), re.M)
-    except OSError:
-        found = None
-    if found is None:
-        raise BpfilterError(errno.EOPNOTSUPP, "limit: the kernel's HZ is unknown (no CONFIG_HZ "
-                                              "in /proc/config.gz), and xt_limit's credits depend "
-                                              "on it; the whole table is refused")
-    return int(found.group(1))
+    """CONFIG_HZ of the running kernel, on which every credit count depends: from
+    /proc/config.gz, or from /boot/config-RELEASE where distributions whose kernels
+    lack the former (Debian's) install the running kernel's build configuration."""
+    found = None
+    for path, opener in (("/proc/config.gz", gzip.open),
+                         (f"/boot/config-{os.uname().release}", open)):
+        try:
+            with opener(path, "rt") as config:
+                found = re.search(r"^CONFIG_HZ=(\d+)$", config.read(), re.M)
+        except OSError:
+            continue
+        if found:
+            return int(found.group(1))
+    raise BpfilterError(errno.EOPNOTSUPP, "limit: the kernel's HZ is unknown (no CONFIG_HZ "
+                                          "in /proc/config.gz or /boot/config-RELEASE), and "
+                                          "xt_limit's credits depend on it; the whole table is "
+                                          "refused")
 
 
 def credits_per_jiffy(hz: int) -> int:

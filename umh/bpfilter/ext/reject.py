@@ -17,14 +17,13 @@ from typing import Optional
 
 from construct import Int32un, Struct
 
-from ..bpf.btf import Btf, BtfError
 from ..bpf.insn import (BPF_CALL_KFUNC, BPF_DW, BPF_EXIT_INSN, BPF_LDX_MEM, BPF_MOV64_IMM,
                         BPF_STX_MEM, R0, R1, R2, R3, R6, R8, Kfunc)
 from ..compiler import facts
 from ..errors import BpfilterError
 from ..model import ExtensionTarget, IpHeader
 from ..netfilter import NF_DROP
-from . import TargetExtension, register_target
+from . import MODULE, TargetExtension, missing_kfunc, register_target
 from .tcp import IPPROTO_TCP
 
 # enum ipt_reject_with, and what iptables calls each
@@ -41,7 +40,6 @@ REJECT_WITH = {
 }
 IPT_ICMP_ECHOREPLY, IPT_TCP_RESET = 4, 7
 
-MODULE = "bpfilter"
 REJECT_KFUNC = Kfunc("bpfilter_reject", MODULE)
 
 ipt_reject_info = Struct("with_" / Int32un)
@@ -83,13 +81,12 @@ class Reject(TargetExtension):
         return RejectTarget(with_)
 
     def unsupported(self, target: RejectTarget) -> Optional[str]:
-        try:
-            Btf.module(MODULE).kfunc_id(REJECT_KFUNC.name)
-        except BtfError as e:
+        missing = missing_kfunc(REJECT_KFUNC)
+        if missing:
             answer = REJECT_WITH.get(target.with_, f"reject-with {target.with_}")
             return (f"needs bpfilter.ko (kernel module mode) to send its {answer} answer: a "
                     "netfilter BPF program cannot, and dropping silently instead would change "
-                    f"what peers see ({e})")
+                    f"what peers see ({missing})")
         return None
 
     def describe(self, target: RejectTarget) -> str:

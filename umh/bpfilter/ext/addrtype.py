@@ -1,0 +1,189 @@
+"""-m addrtype: --src-type/--dst-type TYPES, --limit-iface-in/out (struct
+xt_addrtype_info_v1, revision 1; struct xt_addrtype_info, revision 0).
+
+The kernel's match_type() holds when (1 << inet_dev_addr_type(net, dev, addr))
+& mask: the address's type (RTN_LOCAL, RTN_BROADCAST, ...) comes from a route lookup
+in the hook's namespace, which a netfilter BPF program cannot make. bpfilter.ko's
+kfunc bpfilter_addr_type(state, addr, flags) makes that lookup on the device
+addrtype_mt_v1() picks; without the module the table is refused (a type guessed from
+the address alone would be another match: LOCAL means "configured on this host").
+
+The types are packet facts: the prologue asks the kfunc once per packet for each
+(address, device) pair the table's rules test, since a kfunc call clobbers the
+registers that carry a rule's outcome. The lookup has no side effect, so asking
+before the rule is reached answers what the kernel asks when it reaches it.
+"""
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from typing import Optional
+
+from construct import Int16un, Int32un, Struct
+
+from ..bpf import insn as I
+from ..bpf.insn import (BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_CALL_KFUNC, BPF_LDX_MEM,
+                        BPF_MOV64_IMM, BPF_MOV64_REG, BPF_STX_MEM, BPF_W, R0, R1, R2, R3, R6,
+                        R8, Kfunc)
+from ..compiler import facts
+from ..errors import BpfilterError
+from ..model import Hook, Match
+from . import MODULE, MatchExtension, missing_kfunc, register_match
+
+ADDR_TYPE_KFUNC = Kfunc("bpfilter_addr_type", MODULE)
+
+# enum xt_addrtype_t bit i is route type i (RTN_*); iptables prints these names
+RTN_NAMES = ("UNSPEC", "UNICAST", "LOCAL", "BROADCAST", "ANYCAST", "MULTICAST", "BLACKHOLE",
+             "UNREACHABLE", "PROHIBIT", "THROW", "NAT", "XRESOLVE")
+
+XT_ADDRTYPE_INVERT_SOURCE = 0x0001
+XT_ADDRTYPE_INVERT_DEST = 0x0002
+XT_ADDRTYPE_LIMIT_IFACE_IN = 0x0004
+XT_ADDRTYPE_LIMIT_IFACE_OUT = 0x0008
+
+xt_addrtype_info = Struct(
+    "source" / Int16un,
+    "dest" / Int16un,
+    "invert_source" / Int32un,
+    "invert_dest" / Int32un,
+)
+xt_addrtype_info_v1 = Struct(
+    "source" / Int16un,
+    "dest" / Int16un,
+    "flags" / Int32un,
+)
+
+# One byte per (address, device) pair a rule can ask about: the type the kfunc
+# answered, read by the prologue only for the pairs the table's rules test.
+_ADDRESSES = (("src", facts.SADDR), ("dst", facts.DADDR))
+_LIMITS = ((0, ""), (XT_ADDRTYPE_LIMIT_IFACE_IN, "_in"), (XT_ADDRTYPE_LIMIT_IFACE_OUT, "_out"))
+_TYPES = facts.reserve("addrtype", len(_ADDRESSES) * len(_LIMITS))
+_GROUPS = {}   # (address, limit) -> (fact group, offset of its byte)
+
+
+def _reader(addr_off: int, limit: int, slot: int):
+    def read(asm, k: facts.KernelOffsets) -> None:
+        asm.emit(BPF_MOV64_REG(R1, R8),
+                 BPF_LDX_MEM(BPF_W, R2, R6, addr_off),
+                 BPF_MOV64_IMM(R3, limit),
+                 BPF_CALL_KFUNC(ADDR_TYPE_KFUNC),
+                 BPF_STX_MEM(BPF_B, R6, R0, slot))
+    return read
+
+
+for _a, (_addr, _addr_off) in enumerate(_ADDRESSES):
+    for _l, (_limit, _suffix) in enumerate(_LIMITS):
+        _group, _slot = f"addrtype_{_addr}{_suffix}", _TYPES + _a * len(_LIMITS) + _l
+        _GROUPS[(_addr, _limit)] = _group, _slot
+        facts.OPTIONAL[_group] = _reader(_addr_off, _limit, _slot)
+
+
+@dataclass(frozen=True)
+class AddrtypeMatch(Match):
+    source: int           # masks of types (bit i: RTN type i); 0 tests nothing
+    dest: int
+    invert_source: bool
+    invert_dest: bool
+    limit: int            # 0, XT_ADDRTYPE_LIMIT_IFACE_IN or _OUT: the device of the lookup
+    name = "addrtype"
+
+    def tests(self):
+        """(group, byte, mask, invert) of each address the match tests."""
+        return [(*_GROUPS[(addr, self.limit)], mask, invert)
+                for addr, mask, invert in (("src", self.source, self.invert_source),
+                                           ("dst", self.dest, self.invert_dest)) if mask]
+
+
+@dataclass(frozen=True)
+class AddrtypeMatchV0(AddrtypeMatch):
+    revision = 0
+
+
+@dataclass(frozen=True)
+class AddrtypeMatchV1(AddrtypeMatch):
+    revision = 1
+
+
+def _types(mask: int) -> str:
+    return ",".join(n for i, n in enumerate(RTN_NAMES) if mask & (1 << i))
+
+
+class _Addrtype(MatchExtension):
+    name = "addrtype"
+
+    def unsupported(self, match: AddrtypeMatch) -> Optional[str]:
+        if not match.tests():
+            return None     # no lookup: the match always holds
+        missing = missing_kfunc(ADDR_TYPE_KFUNC)
+        if missing:
+            return ("needs bpfilter.ko (kernel module mode) for the kernel's address type "
+                    f"lookup, which a netfilter BPF program cannot make ({missing})")
+        return None
+
+    def facts_of(self, match: AddrtypeMatch) -> frozenset[str]:
+        return frozenset(group for group, *_ in match.tests())
+
+    def emit(self, match: AddrtypeMatch, asm, out) -> None:
+        # fails unless ((mask >> type) & 1) != invert: the kernel's
+        # !!(mask & (1 << type)) ^ invert, without a branch
+        for _, slot, mask, invert in match.tests():
+            asm.emit(BPF_MOV64_IMM(R1, mask),
+                     BPF_LDX_MEM(BPF_B, R2, R6, slot),
+                     BPF_ALU64_REG(I.BPF_RSH, R1, R2),
+                     BPF_ALU64_IMM(I.BPF_AND, R1, 1))
+            if not invert:
+                asm.emit(BPF_ALU64_IMM(I.BPF_XOR, R1, 1))
+            out.mismatch(R1)
+
+    def describe(self, match: AddrtypeMatch) -> str:
+        # libxt_addrtype's print
+        parts = ["ADDRTYPE match"]
+        for what, mask, invert in (("src-type", match.source, match.invert_source),
+                                   ("dst-type", match.dest, match.invert_dest)):
+            if mask:
+                parts.append(f"{what} {'!' if invert else ''}{_types(mask)}")
+        parts += {XT_ADDRTYPE_LIMIT_IFACE_IN: ["limit-in"],
+                  XT_ADDRTYPE_LIMIT_IFACE_OUT: ["limit-out"]}.get(match.limit, [])
+        return " ".join(parts)
+
+
+@register_match
+class Addrtype(_Addrtype):
+    revision = 0
+    struct = xt_addrtype_info
+
+    def decode(self, payload: bytes, where: str) -> AddrtypeMatchV0:
+        # no checkentry. `ret &= match_type(...) ^ info->invert_source` keeps bit 0 of
+        # the u32 invert: ret is a bool, 0 or 1.
+        source, dest, invert_source, invert_dest = self.packed.unpack_from(payload)
+        return AddrtypeMatchV0(source, dest, bool(invert_source & 1), bool(invert_dest & 1), 0)
+
+
+_HOOKS_IN = (1 << Hook.PRE_ROUTING.value) | (1 << Hook.LOCAL_IN.value)
+_HOOKS_OUT = (1 << Hook.POST_ROUTING.value) | (1 << Hook.LOCAL_OUT.value)
+
+
+@register_match
+class AddrtypeV1(_Addrtype):
+    # registered per family since Linux 6.12 (no longer NFPROTO_UNSPEC): an unknown
+    # revision is ENOENT, as for revision 0's IPv4-only registration
+    revision = 1
+    struct = xt_addrtype_info_v1
+
+    def decode(self, payload: bytes, where: str) -> AddrtypeMatchV1:
+        source, dest, flags = self.packed.unpack_from(payload)
+        limit = flags & (XT_ADDRTYPE_LIMIT_IFACE_IN | XT_ADDRTYPE_LIMIT_IFACE_OUT)
+        if limit == XT_ADDRTYPE_LIMIT_IFACE_IN | XT_ADDRTYPE_LIMIT_IFACE_OUT:
+            raise BpfilterError(errno.EINVAL, f"{where}: addrtype: both incoming and outgoing "
+                                              "interface limitation cannot be selected")
+        return AddrtypeMatchV1(source, dest, bool(flags & XT_ADDRTYPE_INVERT_SOURCE),
+                               bool(flags & XT_ADDRTYPE_INVERT_DEST), limit)
+
+    def check_hooks(self, match: AddrtypeMatchV1, hook_mask: int, where: str) -> None:
+        # addrtype_mt_checkentry_v1(): a device the hook does not have
+        if hook_mask & _HOOKS_IN and match.limit == XT_ADDRTYPE_LIMIT_IFACE_OUT:
+            raise BpfilterError(errno.EINVAL, f"{where}: addrtype: output interface limitation "
+                                              "not valid in PREROUTING and INPUT")
+        if hook_mask & _HOOKS_OUT and match.limit == XT_ADDRTYPE_LIMIT_IFACE_IN:
+            raise BpfilterError(errno.EINVAL, f"{where}: addrtype: input interface limitation "
+                                              "not valid in POSTROUTING and OUTPUT")
