@@ -124,7 +124,7 @@ def test_the_entry_fields_agree_with_the_kernel(lab):
     assert_identical(lab, ruleset, cases)
 
 
-EXPIRING = f"""*filter
+EXPIRING = """*filter
 :INPUT ACCEPT [0:0]
 :FORWARD ACCEPT [0:0]
 :OUTPUT ACCEPT [0:0]

@@ -83,7 +83,7 @@ def table_from_raw(raw: RawTable, family: Family = Family.IPV4,
         for match in rule_matches:
             reason = ext.unsupported_match(match, family)
             if reason:
-                raise _unsupported(f"{where.get(e.index, f'entry {e.index}')}: match "
+                raise _unsupported(f"{where[e.index]}: match "
                                    f"'{match.name}' {reason}")
     for index, target in targets.items():
         reason = ext.unsupported_target(target, family)
