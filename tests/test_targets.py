@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from bpfilter import klog
-from bpfilter.abi import codec, sockopt
+from bpfilter.abi import codec
 from bpfilter.abi.decode import table_from_raw
 from bpfilter.abi.xtables import IPT_INV_PROTO, ipt_replace
 from bpfilter.bpf import syscall as bpf
@@ -20,11 +20,12 @@ from bpfilter.lab import Packet
 from bpfilter.listing import render
 from bpfilter.loader import load_filter_table
 from bpfilter.model import Hook
-from bpfilter.netns import entered
 from bpfilter.scratch import replace_blob
 from bpfilter.service import _Caller
 from bpfilter.abi import xtables as X
+
 from kmsg import NF_LOG_ALL_NETNS, PRINTK_DEVKMSG, logging_everywhere, sysctls
+from test_refusals import kernel_refusal
 
 pytestmark = pytest.mark.kernel
 
@@ -49,21 +50,6 @@ def patched(text: str, rule: int, payload_at: int, value: bytes, ip_at: "int | N
     if ip_at is not None:
         blob[HEADER + e.offset + ip_at:HEADER + e.offset + ip_at + len(ip_value)] = ip_value
     return bytes(blob)
-
-
-def kernel_errno(blob: bytes, netns: str) -> int:
-    """What the kernel's ip_tables answers IPT_SO_SET_REPLACE with `blob`."""
-    blob = bytearray(blob)
-    with entered(netns):
-        live = codec.parse_getinfo(sockopt.get_info("filter"))["num_entries"]
-        header = ipt_replace.parse(bytes(blob[:HEADER]))
-        header.num_counters = live
-        blob[:HEADER] = ipt_replace.build(header)
-        try:
-            sockopt.set_replace(bytes(blob))
-        except BpfilterError as err:
-            return err.errno
-    return 0
 
 
 def ours(blob: bytes, log=None) -> BpfilterError:
@@ -99,7 +85,7 @@ def test_bad_payloads_get_the_kernels_errno(fresh_netns, what, line, at, value, 
     err = ours(blob)
     assert err.errno == errno.EINVAL, err
     assert "chain OUTPUT rule 1" in str(err) and message in str(err), err
-    assert kernel_errno(blob, fresh_netns) == errno.EINVAL
+    assert kernel_refusal(blob, fresh_netns) == errno.EINVAL
 
 
 def test_a_bad_log_after_a_reject_still_gets_the_kernels_errno(fresh_netns):
@@ -109,7 +95,7 @@ def test_a_bad_log_after_a_reject_still_gets_the_kernels_errno(fresh_netns):
     log_entry = next(e.index for e in raw.entries if e.target.name == "LOG")
     blob = patched(text, log_entry, 0, b"\x09")
     assert ours(blob).errno == errno.EINVAL
-    assert kernel_errno(blob, fresh_netns) == errno.EINVAL
+    assert kernel_refusal(blob, fresh_netns) == errno.EINVAL
 
 
 @pytest.mark.parametrize("reject_with", ["icmp-net-unreachable", "icmp-host-unreachable",
@@ -123,7 +109,7 @@ def test_valid_reject_is_refused_as_needing_the_module(fresh_netns, reject_with)
     assert err.errno == errno.EOPNOTSUPP, err
     assert ("chain INPUT rule 3 (entry 2): target 'REJECT' needs bpfilter.ko (kernel module "
             f"mode) to send its {reject_with} answer") in str(err), err
-    assert kernel_errno(blob, fresh_netns) == 0   # the kernel takes it: a refusal, not a check
+    assert kernel_refusal(blob, fresh_netns) == 0   # the kernel takes it: a refusal, not a check
 
 
 def test_log_uid_is_refused():
