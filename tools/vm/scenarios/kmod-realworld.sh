@@ -7,6 +7,15 @@
 # (10.1.0.0/24), its vout0 wan (10.2.0.0/24), and it routes between them.
 set -e
 loaded() { grep -q "^$1 " /proc/modules; }
+# A deleted namespace lets go of its tables' modules later (cleanup_net runs
+# asynchronously), so rmmod may first find them busy.
+unload() {
+	tries=0
+	until rmmod "$1" 2>/dev/null; do
+		tries=$((tries + 1)); [ $tries -lt 50 ] || { rmmod "$1"; return 1; }
+		sleep 0.1
+	done
+}
 say() { echo "== $*"; }
 # bpfilter writes LOG's lines through /dev/kmsg, which ratelimits them unless told not to
 echo on >/proc/sys/kernel/printk_devkmsg
@@ -147,7 +156,7 @@ say unload ip_tables
 for ns in fw lan wan; do ip netns del $ns; done
 for m in iptable_filter ipt_REJECT xt_addrtype xt_conntrack xt_state xt_multiport xt_limit \
 	xt_LOG nf_log_syslog xt_tcpudp ip_tables; do
-	loaded $m && rmmod $m
+	loaded $m && unload $m
 done
 loaded ip_tables && echo "ip_tables: loaded" || echo "ip_tables: not loaded"
 depmod -a

@@ -6,6 +6,15 @@
 # in /lib/modules/$(uname -r)/extra and the shared libraries of a Debian system.
 set -e
 loaded() { grep -q "^$1 " /proc/modules; }
+# A deleted namespace lets go of its tables' modules later (cleanup_net runs
+# asynchronously), so rmmod may first find them busy.
+unload() {
+	tries=0
+	until rmmod "$1" 2>/dev/null; do
+		tries=$((tries + 1)); [ $tries -lt 50 ] || { rmmod "$1"; return 1; }
+		sleep 0.1
+	done
+}
 say() { echo "== $*"; }
 helper_pid() {
 	for fd in /proc/[0-9]*/fd/*; do
@@ -106,7 +115,7 @@ say unload ip_tables
 ip netns del snd
 ip netns del rcv
 for m in iptable_filter ipt_REJECT xt_conntrack xt_tcpudp ip_tables; do
-	loaded $m && rmmod $m
+	loaded $m && unload $m
 done
 loaded ip_tables && echo "ip_tables: loaded" || echo "ip_tables: not loaded"
 
