@@ -88,12 +88,3 @@ def release(netns_path: Optional[str]) -> None:
         _ioctl(proto.IOC_CONNTRACK_PUT, netns_path)
     else:
         _nft(_OFF, netns_path)
-
-
-def switch(netns_path: Optional[str], before: bool, after: bool) -> None:
-    """From a table that did (`before`) or did not read conntrack to one that does
-    (`after`) or does not."""
-    if after and not before:
-        hold(netns_path)
-    elif before and not after:
-        release(netns_path)

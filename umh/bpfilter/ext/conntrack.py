@@ -23,17 +23,14 @@ from ..bpf import insn as I
 from ..bpf.btf import Btf, BtfError
 from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU32_REG, BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_DW,
                         BPF_EMIT_CALL, BPF_ENDIAN, BPF_H, BPF_JMP32_IMM, BPF_JMP_A, BPF_JMP_IMM,
-                        BPF_LDX_MEM, BPF_MOV64_IMM,
-                        BPF_MOV64_REG, BPF_ST_MEM, BPF_STX_MEM, BPF_W, FP, R0, R1, R2, R3, R4, R6,
-                        R7)
+                        BPF_LDX_MEM, BPF_MOV64_IMM, BPF_MOV64_REG, BPF_ST_MEM, BPF_STX_MEM,
+                        BPF_W, FP, R0, R1, R2, R3, R6, R7)
 from ..compiler import facts
 from ..compiler.primitives import MISMATCH, emit_masked_equal, emit_nonzero_bit, emit_range
 from ..errors import BpfilterError
 from ..model import Family, Match
 from . import MatchExtension, register_match
 from .limit import kernel_hz
-
-BPF_FUNC_probe_read_kernel = 113
 
 # enum ip_conntrack_info / ip_conntrack_status (include/uapi/linux/netfilter/nf_conntrack_common.h)
 IP_CT_IS_REPLY = 3
@@ -130,7 +127,7 @@ def _probe_read(asm, dst_off: int, size: int, src_off: int) -> None:
     asm.emit(BPF_MOV64_REG(R1, R6), BPF_ALU64_IMM(I.BPF_ADD, R1, dst_off),
              BPF_MOV64_IMM(R2, size),
              BPF_LDX_MEM(BPF_DW, R3, FP, _CT_SLOT), BPF_ALU64_IMM(I.BPF_ADD, R3, src_off),
-             BPF_EMIT_CALL(BPF_FUNC_probe_read_kernel))
+             BPF_EMIT_CALL(I.BPF_FUNC_probe_read_kernel))
 
 
 def emit_ct_facts(asm, k) -> None:

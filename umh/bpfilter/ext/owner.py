@@ -18,14 +18,13 @@ from construct import Int8un, Int32un, Struct
 from ..bpf import insn as I
 from ..bpf.btf import Btf
 from ..bpf.insn import (BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_DW, BPF_EMIT_CALL, BPF_JMP_IMM,
-                        BPF_JMP_REG, BPF_LD_IMM64, BPF_LDX_MEM, BPF_MOV64_IMM, BPF_MOV64_REG,
-                        BPF_ST_MEM, BPF_STX_MEM, BPF_W, FP, R0, R1, R2, R3, R6, R7,
-                        R8)
+                        BPF_JMP_REG, BPF_LDX_MEM, BPF_MOV64_IMM, BPF_MOV64_REG, BPF_ST_MEM,
+                        BPF_STX_MEM, FP, R0, R1, R2, R3, R6, R7, R8)
 from ..compiler import facts
+from ..compiler.primitives import emit_outside
 from ..errors import BpfilterError
 from ..model import Hook, Match
 from . import MatchExtension, register_match
-from .conntrack import BPF_FUNC_probe_read_kernel
 
 XT_OWNER_UID, XT_OWNER_GID, XT_OWNER_SOCKET, XT_OWNER_SUPPL_GROUPS = 1, 2, 4, 8
 XT_OWNER_MASK = 0x0F
@@ -80,7 +79,7 @@ def _read_pointer(asm, base_slot: int, field: int, gone) -> None:
     asm.emit(BPF_MOV64_REG(R1, FP), BPF_ALU64_IMM(I.BPF_ADD, R1, _TMP),
              BPF_MOV64_IMM(R2, 8),
              BPF_LDX_MEM(BPF_DW, R3, FP, base_slot), BPF_ALU64_IMM(I.BPF_ADD, R3, field),
-             BPF_EMIT_CALL(BPF_FUNC_probe_read_kernel),
+             BPF_EMIT_CALL(I.BPF_FUNC_probe_read_kernel),
              BPF_LDX_MEM(BPF_DW, R1, FP, _TMP),
              BPF_JMP_IMM(I.BPF_JEQ, R1, 0, gone))
 
@@ -94,7 +93,7 @@ def _emit_owner_facts(asm, k) -> None:
     # sk_to_full_sk()
     asm.emit(BPF_MOV64_REG(R1, FP), BPF_ALU64_IMM(I.BPF_ADD, R1, _TMP), BPF_MOV64_IMM(R2, 1),
              BPF_LDX_MEM(BPF_DW, R3, FP, _SK), BPF_ALU64_IMM(I.BPF_ADD, R3, o.sk_state),
-             BPF_EMIT_CALL(BPF_FUNC_probe_read_kernel),
+             BPF_EMIT_CALL(I.BPF_FUNC_probe_read_kernel),
              BPF_LDX_MEM(BPF_B, R1, FP, _TMP),
              BPF_JMP_IMM(I.BPF_JEQ, R1, TCP_TIME_WAIT, done),
              BPF_JMP_IMM(I.BPF_JNE, R1, TCP_NEW_SYN_RECV, full))
@@ -114,7 +113,7 @@ def _emit_owner_facts(asm, k) -> None:
     for field, off in ((o.fsuid, OWNER_FSUID), (o.fsgid, OWNER_FSGID)):
         asm.emit(BPF_MOV64_REG(R1, R6), BPF_ALU64_IMM(I.BPF_ADD, R1, off), BPF_MOV64_IMM(R2, 4),
                  BPF_LDX_MEM(BPF_DW, R3, FP, _SK), BPF_ALU64_IMM(I.BPF_ADD, R3, field),
-                 BPF_EMIT_CALL(BPF_FUNC_probe_read_kernel))
+                 BPF_EMIT_CALL(I.BPF_FUNC_probe_read_kernel))
     asm.place(done)
 
 
@@ -129,16 +128,6 @@ class OwnerMatch(Match):
     invert: int
     name = "owner"
     revision = 1
-
-
-def _emit_outside_u32(asm, dst: int, off: int, lo: int, hi: int) -> None:
-    """dst = 1 if the u32 field is outside [lo, hi]; 64-bit differences of 32-bit
-    values are negative exactly when a bound is crossed."""
-    asm.emit(BPF_LDX_MEM(BPF_W, R3, R6, off),
-             BPF_MOV64_REG(dst, R3), BPF_LD_IMM64(R0, lo), BPF_ALU64_REG(I.BPF_SUB, dst, R0),
-             BPF_ALU64_IMM(I.BPF_RSH, dst, 63),
-             BPF_LD_IMM64(R0, hi), BPF_ALU64_REG(I.BPF_SUB, R0, R3),
-             BPF_ALU64_IMM(I.BPF_RSH, R0, 63), BPF_ALU64_REG(I.BPF_OR, dst, R0))
 
 
 @register_match
@@ -172,7 +161,7 @@ class Owner(MatchExtension):
                                     (XT_OWNER_GID, m.gid, OWNER_FSGID)):
             if m.match & flag:
                 # fails when (id in range) == invert, i.e. outside != invert
-                _emit_outside_u32(asm, R2, off, lo, hi)
+                emit_outside(asm, R2, off, 4, lo, hi)
                 if m.invert & flag:
                     asm.emit(BPF_ALU64_IMM(I.BPF_XOR, R2, 1))
                 asm.emit(BPF_ALU64_REG(I.BPF_OR, R1, R2))
