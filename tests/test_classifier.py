@@ -39,11 +39,10 @@ def test_port_blocks_cover_exactly_the_range():
 def test_a_blocklist_is_one_run_with_one_lookup_per_prefix_length():
     rules = chain_rules("\n".join(f"-A INPUT -s 10.1.{i // 256}.{i % 256} -j DROP"
                                   for i in range(300)))
-    space = TupleSpace()
-    [run] = segments(rules, space)
+    [run] = segments(rules, TupleSpace())
     assert isinstance(run, Run) and len(run.rules) == 300
     assert len(run.tuples) == 1 and len(run.ip_tuples) == 1
-    assert len(space.entries) == 2 * 300
+    assert len(run.keys) == 2 * 300
 
 
 def test_short_runs_and_varied_ranges_stay_code():
@@ -88,9 +87,8 @@ def test_runs_never_share_tuple_ids():
 def test_the_first_rule_wins_a_shared_key():
     rules = chain_rules("\n".join(["-A INPUT -s 10.0.0.1 -j ACCEPT"] * 2 +
                                   [f"-A INPUT -s 10.0.0.{i} -j DROP" for i in range(2, 20)]))
-    space = TupleSpace()
-    segments(rules, space)
-    entries = {entry for entry, _ in space.entries.values()}
+    [run] = segments(rules, TupleSpace())
+    entries = {entry for entry, _ in run.keys.values()}   # relative to the run's first
     assert 0 in entries and 1 not in entries
 
 
@@ -208,9 +206,10 @@ def kernel_first(rules: list, p: dict):
     return None
 
 
-def searched(space: TupleSpace, run: MultiFieldRun, p: dict):
+def searched(run: MultiFieldRun, p: dict):
     """What multifield.emit_search's code finds, step by step (codegen's dispatch picks
-    the projection for packets a port match would hotdrop)."""
+    the projection for packets a port match would hotdrop), and codegen makes of it:
+    (entry, verdict)."""
     hotdrops = (p["proto"] == 6 and (p["fragoff"] == 1 or (p["fragoff"] == 0 and p["l4"] < 20))) \
         or (p["proto"] == 17 and p["fragoff"] == 0 and p["l4"] < 8)
     best = multifield.PACKED_INF
@@ -220,9 +219,10 @@ def searched(space: TupleSpace, run: MultiFieldRun, p: dict):
         m = t.masks
         key = classifier._key(t.tid, p["saddr"] & m.saddr, p["daddr"] & m.daddr,
                               p["sport"] & m.sport, p["dport"] & m.dport, p["proto"] & m.proto, 0)
-        first, count = space.entries.get(key, (0, 0))
+        first, count = run.keys.get(key, (run.record_base, 0))
         assert count <= t.width <= multifield.MAX_BUCKET
-        for record in space.records[first:first + count]:
+        first -= run.record_base
+        for record in run.records[first:first + count]:
             (saddr, smask, daddr, dmask, splo, sphi, dplo, dphi, packed, proto, pmask,
              ports) = multifield._RECORD.unpack(record)
             if packed >= best:
@@ -233,7 +233,7 @@ def searched(space: TupleSpace, run: MultiFieldRun, p: dict):
                                        and dplo <= p["dport"] <= dphi))):
                 best = packed
                 break
-    return None if best == multifield.PACKED_INF else (best >> 2, best & 3)
+    return None if best == multifield.PACKED_INF else (run.base + (best >> 2), best & 3)
 
 
 def test_a_classbench_acl_is_one_multifield_run_with_few_lookups():
@@ -241,11 +241,10 @@ def test_a_classbench_acl_is_one_multifield_run_with_few_lookups():
     space, a dozen or so merged ones."""
     rng = random.Random(11)
     rules = chain_rules("\n".join(acl_lines(rng, 2000, [], [], space="1.0.0.0/1")))
-    space = TupleSpace()
-    [run] = segments(rules, space)
+    [run] = segments(rules, TupleSpace())
     assert isinstance(run, MultiFieldRun) and run.rules == rules
     assert len(run.tuples) <= 16 and len(run.ip_tuples) <= 16
-    assert len(space.records) <= 2 * len(rules)
+    assert len(run.records) <= 2 * len(rules)
     unmerged = {m for rule in rules for m in classifier.rule_keys(rule)}
     assert len({masks for masks, *_ in unmerged}) > 100
 
@@ -257,8 +256,7 @@ def test_multifield_finds_the_kernels_first_match():
     rng = random.Random(5)
     nets, ports = [], []
     rules = chain_rules("\n".join(acl_lines(rng, 800, nets, ports, space="10.0.0.0/12")))
-    space = TupleSpace()
-    runs = segments(rules, space)
+    runs = segments(rules, TupleSpace())
     assert all(isinstance(s, MultiFieldRun) for s in runs)
     assert len(runs) == 1 or min(len(r.rules) for r in runs) > 16   # cut only where crowded
     found = {"match": 0, "deep": 0, "hotdrop": 0, "none": 0}
@@ -267,7 +265,7 @@ def test_multifield_finds_the_kernels_first_match():
         expected = kernel_first(rules, p)
         got = None
         for run in runs:
-            got = searched(space, run, p)
+            got = searched(run, p)
             if got is not None:
                 break
         assert got == expected, p
@@ -298,7 +296,7 @@ def test_what_covers_a_rule():
         "-A INPUT -s 10.1.0.0/16 -p tcp --dport 1:1000 -j ACCEPT",
         "-A INPUT -s 10.1.0.0/16 -p tcp -j ACCEPT",
         "-A INPUT -s 10.1.0.0/16 -j ACCEPT"]))
-    ip_only, port80, ports, tcp16, any16 = (multifield.members(r)[0] for r in rules)
+    ip_only, port80, ports, tcp16, any16 = (multifield.members(r, r.entry)[0] for r in rules)
     covers = multifield._covers
     assert covers(ip_only, port80) and covers(ip_only, tcp16) and covers(ports, port80)
     assert not covers(port80, ports) and not covers(ports, tcp16)   # a fragment matches tcp16

@@ -1,26 +1,42 @@
 """A replace takes over from the table in place what did not change: its entries'
-parse, their decoding and GET_ENTRIES' bytes. Whatever the
-edit, the result must be what the same blob gives without a table in place. (The
-service end to end, verdicts and counters against the kernel: test_service.py.)"""
+parse, their decoding, GET_ENTRIES' bytes, and its classified runs with their map
+entries. Whatever the edit, the result must be what the same blob gives without a
+table in place: the same table and code, or for taken-over runs the same verdicts
+and counters. (The service end to end, verdicts and counters against the kernel:
+test_service.py.)"""
+from contextlib import closing
+from dataclasses import replace
+
 import pytest
 
 from bpfilter.abi import codec
 from bpfilter.abi.decode import table_from_raw
+from bpfilter.bpf import syscall as bpf
 from bpfilter.bpf.btf import Btf
-from bpfilter.compiler import facts
+from bpfilter.compiler import classifier, facts
 from bpfilter.compiler.codegen import compile_table
+from bpfilter.lab import Packet
+from bpfilter.loader import load_ruleset
+from bpfilter.model import Hook
 from bpfilter.scratch import replace_blob
 
 pytestmark = pytest.mark.kernel
 
 HEAD = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n:web - [0:0]\n"
-BLOCKLIST = [f"-A INPUT -s 198.18.{16 + i // 256}.{i % 256}/32 -j {'ACCEPT' if i % 7 else 'DROP'}"
-             for i in range(300)]
+BLOCKLIST_SIZE = 600   # split in two runs, each long enough to be taken over
+
+
+def _listed(i: int) -> str:
+    return f"198.18.{16 + i // 256}.{i % 256}"
+
+
+BLOCKLIST = [f"-A INPUT -s {_listed(i)}/32 -j {'ACCEPT' if i % 7 else 'DROP'}"
+             for i in range(BLOCKLIST_SIZE)]
 BASE = [
     "-A INPUT -i lo -j ACCEPT",
-    *BLOCKLIST[:150],
+    *BLOCKLIST[:300],
     "-A INPUT -p tcp -m tcp --dport 80 -j web",
-    *BLOCKLIST[150:],
+    *BLOCKLIST[300:],
     *[f"-A INPUT -p udp -m udp --dport {1000 + i} -j DROP" for i in range(40)],
     "-A FORWARD -p tcp -j web",
     "-A web -s 198.18.9.0/24 -j DROP",
@@ -32,6 +48,7 @@ EDITS = {
     "append": BASE + ["-A INPUT -s 198.18.99.1/32 -j DROP"],
     "insert first": [BASE[0].replace("-i lo", "-s 198.18.16.5/32")] + BASE,
     "delete": BASE[:3] + BASE[4:],
+    "delete the last": BASE[:-3] + BASE[-2:],
     "replace in a run": BASE[:200] + ["-A INPUT -s 198.18.99.2/32 -j DROP"] + BASE[201:],
     "a rule that splits a run": BASE[:100] + ["-A INPUT -p tcp --syn -j ACCEPT"] + BASE[100:],
     "a user chain grows": BASE + ["-A web -p tcp -m tcp --dport 443 -j ACCEPT"],
@@ -94,7 +111,7 @@ def test_a_replace_taking_over_the_table_in_place_gives_the_same_table(edit, bef
 
     compiled = compile_table(table, offsets)
     fresh = compile_table(table_from_raw(alone), offsets)
-    assert compiled.tuple_space.entries == fresh.tuple_space.entries
+    assert [run.keys for run in compiled.runs] == [run.keys for run in fresh.runs]
     assert _code(compiled) == _code(fresh)
 
     old_entries = codec.kernel_entries(old_raw)
@@ -110,3 +127,74 @@ def test_an_entry_reached_from_other_hooks_is_decoded_again(before):
     web_old, web = old_table.chains["web"].rules, table.chains["web"].rules
     assert [r.ip is o.ip for r, o in zip(web, web_old)] == [False, False]
     assert table.chains["INPUT"].rules[1].ip is old_table.chains["INPUT"].rules[1].ip
+
+
+# Packets meeting both runs of the blocklist, the udp rules, web and every edit.
+PACKETS = [Packet(src, "198.18.0.1", proto, dport=dport, sport=sport)
+           for src in [*map(_listed, range(0, BLOCKLIST_SIZE, 23)), _listed(5), _listed(299),
+                       _listed(300), _listed(BLOCKLIST_SIZE - 1), "198.18.99.1", "198.18.99.2",
+                       "198.18.9.7", "10.1.2.3"]
+           for proto, dport, sport in (("udp", 1007, 53), ("tcp", 80, 999), ("tcp", 443, 2000))]
+
+
+def _verdicts(ruleset) -> list[int]:
+    return [bpf.nf_test_run(ruleset.hooks[hook].prog_fd, hook, packet.build(1, 1))[0]
+            for hook in (Hook.LOCAL_IN, Hook.FORWARD, Hook.LOCAL_OUT) for packet in PACKETS]
+
+
+@pytest.mark.parametrize("edit", sorted(EDITS))
+def test_runs_taken_over_filter_as_a_fresh_load(edit, before):
+    """The new ruleset takes over the runs the edit left whole, keys and records
+    in the maps it shares with the one in place, and filters and counts as the
+    same table loaded afresh, before and after the keys of the runs it dropped go."""
+    old_raw, old_table = before
+    blob = replace_blob(_text(EDITS[edit]))
+    raw = codec.parse_replace(blob, previous=old_raw)
+    table = table_from_raw(raw, previous=(old_raw, old_table))
+    with closing(load_ruleset(old_table)) as old, \
+            closing(load_ruleset(table, previous=old)) as new, \
+            closing(load_ruleset(table_from_raw(codec.parse_replace(blob)))) as fresh:
+        taken = {r.serial for r in old.compiled.runs} & {r.serial for r in new.compiled.runs}
+        assert taken and new.classifier is old.classifier
+        expected = _verdicts(fresh)
+        assert 0 in expected and 1 in expected
+        assert _verdicts(new) == expected
+        bpf.wait_for_programs()
+        new.took_over(old)
+        live = sum(len(run.keys) for run in new.compiled.runs)
+        assert new.classifier.key_count == live == _map_keys(new.classifier.keys_fd)
+        assert _verdicts(new) == _verdicts(fresh) == expected
+        assert new.counters() == fresh.counters() and any(p for p, _ in fresh.counters())
+
+
+def _map_keys(fd: int) -> int:
+    count, key = 0, bpf.map_next_key(fd, None, 24)
+    while key is not None:
+        count, key = count + 1, bpf.map_next_key(fd, key, 24)
+    return count
+
+
+def test_appends_keep_the_runs_of_a_chain_few(offsets):
+    """Rules appended to a classified chain, each compile taking over from the
+    last: runs are taken over or merged so that the chain holds O(log n) of them.
+    A compile classifies again the rules after the last run of TAKEOVER_MIN rules or
+    more, and beyond those each rule O(log n) times on average."""
+    full = table_from_raw(codec.parse_replace(replace_blob(_text([
+        f"-A INPUT -s 10.{i // 65536}.{i // 256 % 256}.{i % 256}/32 -j DROP" for i in range(2000)]))))
+
+    def first(n: int):   # the table with INPUT's first n rules (the rules, the same objects)
+        chains = {name: replace(chain, rules=chain.rules[:n] if name == "INPUT" else chain.rules)
+                  for name, chain in full.chains.items()}
+        return replace(full, chains=chains)
+
+    compiled = compile_table(first(1000), offsets)
+    merged, most = 0, 0
+    for n in range(1001, 2001, 3):
+        before = {r.serial for r in compiled.runs}
+        compiled = compile_table(first(n), offsets, compiled)
+        classified = sum(len(r.rules) for r in compiled.runs if r.serial not in before)
+        merged += max(0, classified - classifier.TAKEOVER_MIN)
+        most = max(most, len(compiled.runs))
+        assert sum(len(r.rules) for r in compiled.runs) > n - classifier.MIN_RUN
+    assert most <= 4, most
+    assert 0 < merged < 2 * 1000, merged

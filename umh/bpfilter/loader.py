@@ -11,6 +11,10 @@ Two lifetimes:
 Counters are per-CPU (packets, bytes) per table entry, plus a plain array of offsets
 that IPT_SO_SET_ADD_COUNTERS adds to: the programs never touch it, so userspace
 additions never race with packet accounting.
+
+The classifier's maps (ClassifierMaps) have a third lifetime: a table's successive
+rulesets share them while their runs fit, so a replace that keeps most runs
+(compiler.classifier.EarlierRuns) writes only the keys of its new ones.
 """
 from __future__ import annotations
 
@@ -32,12 +36,13 @@ from .bpf import syscall as bpf
 from .bpf.btf import Btf
 from .compiler import facts
 from .ext import limit
-from .compiler.classifier import KEY_SIZE, VALUE_SIZE, TupleSpace
+from .compiler.classifier import KEY_SIZE, VALUE_SIZE, Classified, TupleSpace
 from .bpf.insn import Kfunc, MapRef
 from .errors import BpfilterError
 from .klog import LOG_LOST, LOG_RING, LogRing
-from .compiler.codegen import (CLASSIFIER, CLASSIFIER_RECORDS, COUNTERS, PROG_ARRAY, HookProgram,
-                               compile_table, dispatcher, uses_conntrack)
+from .compiler.codegen import (CLASSIFIER, CLASSIFIER_RECORDS, COUNTERS, PROG_ARRAY,
+                               CompiledTable, HookProgram, compile_table, dispatcher,
+                               facts_needed)
 from .compiler.multifield import RECORD_SIZE
 from .model import Hook, Table
 from .netfilter import NF_IP_PRI_FILTER
@@ -62,11 +67,14 @@ class Ruleset:
     counters_fd: int
     offsets_fd: int
     hooks: dict[Hook, HookRules] = field(default_factory=dict)
+    compiled: Optional[CompiledTable] = None        # None when recovered from a pin
+    classifier: Optional["ClassifierMaps"] = None   # shared with the rulesets after it
 
     @functools.cached_property
     def uses_conntrack(self) -> bool:
         """Whether its programs read conntrack (it must be on in their namespace)."""
-        return uses_conntrack(self.table)
+        needs = self.compiled.needs if self.compiled else facts_needed(self.table)
+        return "ct" in needs
 
     def counters(self) -> list[tuple[int, int]]:
         """(packets, bytes) per table entry: summed over CPUs, plus added offsets."""
@@ -96,6 +104,13 @@ class Ruleset:
         summed = _add64(array.array("Q", current), itertools.chain.from_iterable(added))
         bpf.map_update_batch(self.offsets_fd, keys, summed.tobytes(), count)
 
+    def took_over(self, previous: "Ruleset") -> None:
+        """Once its programs replaced those of `previous` at every hook, and
+        previous's programs have finished (bpf.wait_for_programs): keys of runs it
+        does not use go from the maps they shared."""
+        if self.classifier is not None and self.classifier is previous.classifier:
+            self.classifier.keep_only(self.compiled.runs)
+
     def fds(self) -> list[int]:
         return [self.counters_fd, self.offsets_fd] + [h.prog_fd for h in self.hooks.values()]
 
@@ -103,6 +118,78 @@ class Ruleset:
         for fd in self.fds():
             os.close(fd)
         self.hooks.clear()
+        if self.classifier is not None:
+            self.classifier.release()
+            self.classifier = None
+
+
+class ClassifierMaps:
+    """The classifier's maps of a table (codegen.CLASSIFIER, codegen.CLASSIFIER_RECORDS),
+    shared by its successive rulesets while the tuple space stays the same and its
+    runs fit: a ruleset writes the runs it classified anew, and once it took over
+    (Ruleset.took_over) the keys of the runs it dropped go. Keys of a ruleset that
+    failed to load stay until then, under tuple ids no program looks up."""
+
+    def __init__(self, name: str, space: TupleSpace, runs: list[Classified]):
+        live_keys = sum(len(run.keys) for run in runs)
+        # room for the keys of the ruleset in place beside the next one's, and for
+        # runs that appends add
+        self.key_capacity = 2 * live_keys + 1024
+        self.record_capacity = space.next_record + space.next_record // 4 + 1024
+        self.space = space
+        self.written: dict[int, Classified] = {}   # serial -> run whose keys are in
+        self.key_count = 0
+        self.users = 0
+        with ExitStack() as undo:
+            # elements allocated as written: the room costs nothing until used
+            self.keys_fd = _owned(undo, bpf.map_create(
+                bpf.BPF_MAP_TYPE_HASH, KEY_SIZE, VALUE_SIZE, self.key_capacity, f"{name}_cls",
+                flags=bpf.BPF_F_NO_PREALLOC))
+            self.records_fd = _owned(undo, bpf.map_create(
+                bpf.BPF_MAP_TYPE_ARRAY, 4, RECORD_SIZE, self.record_capacity, f"{name}_rec"))
+            undo.pop_all()
+
+    def room_for(self, space: TupleSpace, runs: list[Classified]) -> bool:
+        new_keys = sum(len(run.keys) for run in runs if run.serial not in self.written)
+        return (space is self.space and self.key_count + new_keys <= self.key_capacity
+                and space.next_record <= self.record_capacity)
+
+    def write(self, runs: list[Classified]) -> None:
+        """The keys and records of the runs not in the maps yet."""
+        new = [run for run in runs if run.serial not in self.written]
+        keys = [key for run in new for key in run.keys]
+        values = [value for run in new for value in run.keys.values()]
+        if keys:
+            bpf.map_update_batch(self.keys_fd, b"".join(keys),
+                                 b"".join(itertools.starmap(_CLASSIFIER_VALUE.pack, values)),
+                                 len(keys))
+        for run in new:
+            if run.records:
+                slots = range(run.record_base, run.record_base + len(run.records))
+                bpf.map_update_batch(self.records_fd, array.array("I", slots).tobytes(),
+                                     b"".join(run.records), len(run.records))
+            self.written[run.serial] = run
+            self.key_count += len(run.keys)
+
+    def keep_only(self, runs: list[Classified]) -> None:
+        """Delete the keys of every run but `runs`; their records are left, unread."""
+        keep = {run.serial for run in runs}
+        gone = [run for serial, run in self.written.items() if serial not in keep]
+        keys = [key for run in gone for key in run.keys]
+        if keys:
+            bpf.map_delete_batch(self.keys_fd, b"".join(keys), len(keys))
+        for run in gone:
+            del self.written[run.serial]
+            self.key_count -= len(run.keys)
+
+    def maps(self) -> dict[MapRef, int]:
+        return {CLASSIFIER: self.keys_fd, CLASSIFIER_RECORDS: self.records_fd}
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users == 0:
+            os.close(self.keys_fd)
+            os.close(self.records_fd)
 
 
 @dataclass
@@ -134,28 +221,36 @@ def _owned(undo: ExitStack, fd: int) -> int:
     return fd
 
 
-def load_ruleset(table: Table, log: Optional[LogRing] = None) -> Ruleset:
-    """Compile and load `table` (nothing attached); its LOG rules write to `log`. On
-    failure nothing stays loaded."""
+def load_ruleset(table: Table, log: Optional[LogRing] = None,
+                 previous: Optional[Ruleset] = None) -> Ruleset:
+    """Compile and load `table` (nothing attached); its LOG rules write to `log`.
+    `previous`, the ruleset it is to replace, lends its classified runs and their maps
+    (see ClassifierMaps). On failure nothing stays loaded."""
     btf = Btf.vmlinux()
-    compiled = compile_table(table, facts.KernelOffsets.from_btf(btf))
+    compiled = compile_table(table, facts.KernelOffsets.from_btf(btf),
+                             previous.compiled if previous else None)
     size = max(table.num_entries, 1)
     with ExitStack() as undo, ExitStack() as transient:
         counters_fd = _owned(undo, bpf.map_create(bpf.BPF_MAP_TYPE_PERCPU_ARRAY, 4, COUNTER.size,
                                                   size, f"{table.name}_ctrs"))
         offsets_fd = _owned(undo, bpf.map_create(bpf.BPF_MAP_TYPE_ARRAY, 4, COUNTER.size, size,
                                                  f"{table.name}_added"))
-        ruleset = Ruleset(table, counters_fd, offsets_fd)
+        ruleset = Ruleset(table, counters_fd, offsets_fd, compiled=compiled)
         maps = {COUNTERS: counters_fd, **(log.maps() if log else {})}
-        if compiled.tuple_space.entries:
-            maps[CLASSIFIER] = _owned(transient, _classifier_map(table, compiled.tuple_space))
+        if compiled.runs:
+            shared = previous and previous.classifier
+            classifier = shared if shared and shared.room_for(compiled.space, compiled.runs) \
+                else ClassifierMaps(table.name, compiled.space, compiled.runs)
+            classifier.users += 1
+            ruleset.classifier = classifier
+            undo.callback(classifier.release)
+            classifier.write(compiled.runs)
+            maps.update(classifier.maps())
         # fresh buckets with every load, as the kernel's checkentry makes them
         limits_fd = limit.create_buckets(table)
         if limits_fd is not None:
             maps[limit.LIMITS] = _owned(transient, limits_fd)
         kfuncs = _Kfuncs(btf, transient)
-        if compiled.tuple_space.records:
-            maps[CLASSIFIER_RECORDS] = _owned(transient, _records_map(table, compiled.tuple_space))
         for program in compiled.programs:
             code = program.asm.assemble(map_fd=lambda ref: _map_fd(maps, ref), kfunc_id=kfuncs)
             prog_fd = _owned(undo, bpf.prog_load(bpf.BPF_PROG_TYPE_NETFILTER, code, program.name,
@@ -195,32 +290,6 @@ def _map_fd(maps: dict[MapRef, int], ref: MapRef) -> int:
         raise BpfilterError(errno.EOPNOTSUPP, "LOG rules need a log ring to write to, which "
                                               "this way of loading lacks (bpfilter serve has one)")
     return maps[ref]
-
-
-def _classifier_map(table: Table, space: TupleSpace) -> int:
-    """The tuple space's keys. The programs hold the map, so the ruleset need not."""
-    fd = bpf.map_create(bpf.BPF_MAP_TYPE_HASH, KEY_SIZE, VALUE_SIZE, len(space.entries),
-                        f"{table.name}_cls")
-    try:
-        values = b"".join(itertools.starmap(_CLASSIFIER_VALUE.pack, space.entries.values()))
-        bpf.map_update_batch(fd, b"".join(space.entries), values, len(space.entries))
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _records_map(table: Table, space: TupleSpace) -> int:
-    """Multifield's bucket records, an array indexed from the classifier map."""
-    count = len(space.records)
-    fd = bpf.map_create(bpf.BPF_MAP_TYPE_ARRAY, 4, RECORD_SIZE, count, f"{table.name}_rec")
-    try:
-        bpf.map_update_batch(fd, array.array("I", range(count)).tobytes(),
-                             b"".join(space.records), count)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 def attach_slots(ruleset: Ruleset, netns_path: Optional[str] = None) -> dict[Hook, HookSlot]:

@@ -27,6 +27,7 @@ from . import ctnetns, netns, proto
 from .abi import codec
 from .abi import xtables as X
 from .abi.decode import SUPPORTED_TABLES, table_from_raw
+from .bpf import syscall as bpf
 from .bpf.syscall import BpfError
 from .errors import BpfilterError
 from .ext import known_match_revisions, known_target_revisions
@@ -218,7 +219,7 @@ class _Caller:
 
     def _install(self, key: TableKey, blob: bytes, raw: X.RawTable, table: Table,
                  previous: Optional[TableState]) -> TableState:
-        ruleset = load_ruleset(table, self.service.log_ring)
+        ruleset = load_ruleset(table, self.service.log_ring, previous and previous.ruleset)
         store = self.service.store
         slots = previous.slots if previous else {}
         netns_path = f"/proc/self/fd/{self.netns_fd}"
@@ -318,7 +319,11 @@ class _Caller:
         entries = previous.successor_entries(raw)
         state = self._install(previous.key, blob, raw, table, previous)
         state.kernel_entries = entries
+        # As the kernel does before it reads the old table's counters: wait until no
+        # packet is still in it.
+        bpf.wait_for_programs()
         old = previous.ruleset.packed_counters()
+        state.ruleset.took_over(previous.ruleset)
         previous.ruleset.close()
         log(f"netns {self.inum}: table {raw.name} replaced: {raw.num_entries} entries, "
             + ", ".join(f"{r.hook.chain_name} {r.insn_count} insns"

@@ -38,6 +38,7 @@ BPF_BTF_GET_FD_BY_ID = 19
 BPF_BTF_GET_NEXT_ID = 23
 BPF_MAP_LOOKUP_BATCH = 24
 BPF_MAP_UPDATE_BATCH = 26
+BPF_MAP_DELETE_BATCH = 27
 BPF_LINK_CREATE = 28
 BPF_LINK_GET_FD_BY_ID = 30
 BPF_LINK_GET_NEXT_ID = 31
@@ -407,6 +408,38 @@ def map_update_batch(fd: int, keys: bytes, values: bytes, count: int) -> None:
         if _sys_bpf(BPF_MAP_UPDATE_BATCH, attr) < 0:
             raise BpfError(ffi.errno, "BPF_MAP_UPDATE_BATCH", f"map fd {fd}")
         done += attr.count
+
+
+def map_delete_batch(fd: int, keys: bytes, count: int) -> None:
+    """Delete `count` consecutive keys, every one of which must be there."""
+    kbuf = ffi.from_buffer(keys)
+    done = 0
+    key_size = len(keys) // max(count, 1)
+    while done < count:
+        attr = ffi.new("struct bpf_batch_attr *")
+        attr.map_fd = fd
+        attr.keys = _ptr(kbuf) + done * key_size
+        attr.count = count - done
+        if _sys_bpf(BPF_MAP_DELETE_BATCH, attr) < 0:
+            raise BpfError(ffi.errno, "BPF_MAP_DELETE_BATCH", f"map fd {fd}")
+        done += attr.count
+
+
+_rcu_gate: "list[int]" = []   # an array of maps and the map it is updated with
+
+
+def wait_for_programs() -> None:
+    """Return once every BPF program that was running has finished: after a program
+    was swapped out, nothing runs it any more. Updating an array of maps from here
+    makes the kernel wait for that (maybe_wait_bpf_programs(), a synchronize_rcu()):
+    it is how the kernel's own BPF selftests wait for programs too."""
+    if not _rcu_gate:
+        inner = map_create(BPF_MAP_TYPE_ARRAY, 4, 4, 1, "bpfilter_rcu_in")
+        outer = map_create(BPF_MAP_TYPE_ARRAY_OF_MAPS, 4, 4, 1, "bpfilter_rcu",
+                           inner_map_fd=inner)
+        _rcu_gate[:] = [outer, inner]
+    outer, inner = _rcu_gate
+    map_update(outer, b"\0\0\0\0", inner.to_bytes(4, "little"))
 
 
 def map_lookup_batch(fd: int, key_size: int, value_size: int, count: int) -> tuple[bytes, bytes]:

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import functools
 import struct
-from dataclasses import dataclass, field
+import itertools
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple, Optional, Union
 
 from ..bpf import insn as I
@@ -41,10 +42,12 @@ from ..bpf.insn import (BPF_ALU32_IMM, BPF_B, BPF_DW, BPF_H, BPF_LDX_MEM, BPF_ST
 from ..ext.comment import CommentMatch
 from ..ext.tcp import TcpMatch
 from ..ext.udp import UdpMatch
-from ..model import Accept, Drop, Rule
+from ..model import Accept, Drop, IpHeader, Rule
 from . import facts
 
 MIN_RUN = 16
+# Runs of the ruleset being replaced are taken over from this size (EarlierRuns).
+TAKEOVER_MIN = 256
 # A run is classified only when its lookups are few and far fewer than its rules: a
 # lookup costs about what a dozen compares do, and each one adds paths the verifier
 # walks. Runs of varied prefixes and port ranges (more tuples than rules) stay code.
@@ -74,9 +77,32 @@ class Masks(NamedTuple):
     ip_only: bool = False   # the projection's tuples: their values say "hotdrop"
 
 
+_serials = itertools.count()
+
+
 @dataclass
-class Run:
+class Classified:
+    """A run of rules with what classifies it: its keys in MAP and (multifield) its
+    records. Entries there are relative to the run's first rule, so a run stays valid
+    wherever its rules move in the table (see `segments`, which takes runs over from
+    the ruleset being replaced)."""
+
     rules: list[Rule]
+    keys: dict[bytes, tuple[int, int]]   # MAP's entries: key -> its two u32s
+    records: list[bytes]
+    record_base: int                     # its records' first slot in multifield.RECORDS
+    cut_by: Optional[Rule]               # the rule it ended at for want of room, if any
+    # one per run classified, kept when it is taken over
+    serial: int = field(default_factory=_serials.__next__)
+
+    @property
+    def base(self) -> int:
+        """Its first rule's entry: what its relative entries count from."""
+        return self.rules[0].entry
+
+
+@dataclass
+class Run(Classified):
     tuples: list[tuple[int, Masks]] = field(default_factory=list)        # (id, masks)
     ip_tuples: list[tuple[int, Masks]] = field(default_factory=list)     # projection
 
@@ -115,25 +141,28 @@ def eligible(rule: Rule) -> bool:
     return not (m.sport.invert or m.dport.invert)
 
 
-def segments(rules: list[Rule], space: "TupleSpace") -> list[Segment]:
-    """The chain's rules, with runs worth classifying grouped (and their keys added to
-    `space`). A run ends where a rule is not eligible or would take the run past
-    MAX_TUPLES lookups. Consecutive runs too short or too varied for the tuple space
-    are pooled for multifield; what it does not take stays code."""
+def segments(rules: list[Rule], space: "TupleSpace",
+             earlier: "Optional[EarlierRuns]" = None) -> list[Segment]:
+    """The chain's rules, with runs worth classifying grouped (their keys and records
+    allocated in `space`). A run ends where a rule is not eligible or would take the
+    run past MAX_TUPLES lookups. Consecutive runs too short or too varied for the
+    tuple space are pooled for multifield; what it does not take stays code. Runs of
+    the ruleset being replaced whose rules come again are taken over (`earlier`)."""
     out: list[Segment] = []
-    run = Run([])
+    run: list[Rule] = []
     tuples: dict[tuple, frozenset] = {}   # the run's, as rule_tuples() factors them
     count = 0
     pooled: list[Rule] = []
 
-    def flush() -> None:
+    def flush(cut_by: Optional[Rule] = None) -> None:
         nonlocal run, count
-        if len(run.rules) >= MIN_RUN and space.add_run(run):
+        classified = space.add_run(run, cut_by) if len(run) >= MIN_RUN else None
+        if classified:
             flush_pooled()
-            out.append(run)
+            out.append(classified)
         else:
-            pooled.extend(run.rules)
-        run = Run([])
+            pooled.extend(run)
+        run = []
         tuples.clear()
         count = 0
 
@@ -142,30 +171,103 @@ def segments(rules: list[Rule], space: "TupleSpace") -> list[Segment]:
         pooled.clear()
         while len(rest) >= MIN_RUN:
             plan = multifield.Plan(rest)
+            taken = len(plan.rules)
             if plan.pays():
-                out.append(plan.commit(space))
+                out.append(plan.commit(space, rest[taken] if taken < len(rest) else None))
             else:
                 out.extend(plan.rules)
-            rest = rest[len(plan.rules):]
+            rest = rest[taken:]
         out.extend(rest)
 
-    for rule in rules:
+    at = 0
+    while at < len(rules):
+        rule = rules[at]
         if not eligible(rule):
             flush()
             flush_pooled()
             out.append(rule)
+            at += 1
+            continue
+        taken = earlier and earlier.take(rules, at)
+        if taken:
+            flush()
+            flush_pooled()
+            out.append(taken)
+            at += len(taken.rules)
             continue
         addr, ports = rule_tuples(rule)
         new = len(ports - tuples.get(addr, frozenset()))
         if new and count + new > MAX_TUPLES:
-            flush()
+            flush(cut_by=rule)
             new = len(ports)
-        run.rules.append(rule)
+        run.append(rule)
         tuples[addr] = tuples.get(addr, frozenset()) | ports
         count += new
+        at += 1
     flush()
     flush_pooled()
     return out
+
+
+def same_rule(old: Rule, new: Rule) -> bool:
+    """Whether `new` is `old` again, wherever its entry now is. Decoding shares the ip
+    header and the match list of an entry with the same bytes as one of the table in
+    place (decode.table_from_raw), so identity answers at once for most rules; equal
+    rules that are not the same objects (duplicates) compare field by field."""
+    return ((old.ip is new.ip or old.ip == new.ip)
+            and (old.matches is new.matches or old.matches == new.matches)
+            and old.target == new.target)
+
+
+class EarlierRuns:
+    """The classified runs of the ruleset being replaced, to take over where their
+    rules come again: an append to a 100k-rule chain then classifies one rule, and
+    the run keeps its keys and records in the table's maps, which the replace leaves
+    alone."""
+
+    def __init__(self, runs: list[Classified]):
+        self.by_first: dict[IpHeader, list[Classified]] = {}   # by their first rule's
+        for run in runs:
+            self.by_first.setdefault(run.rules[0].ip, []).append(run)
+        self.rules: list[Rule] = []   # the chain being segmented
+        self.stretch = (0, 0)         # eligible rules from, to (last one found)
+        self.merging_until = 0
+
+    def _stretch_end(self, rules: list[Rule], at: int) -> int:
+        """Where the stretch of eligible rules from rules[at] on ends."""
+        if rules is not self.rules:
+            self.rules, self.stretch, self.merging_until = rules, (0, 0), 0
+        start, end = self.stretch
+        if not start <= at < end:
+            end = at
+            while end < len(rules) and eligible(rules[end]):
+                end += 1
+            self.stretch = (at, end)
+        return end
+
+    def take(self, rules: list[Rule], at: int) -> Optional[Classified]:
+        """The earlier run whose rules are rules[at:...] again, rebased there, if
+        taking it over keeps the runs of its stretch of eligible rules few. It is taken
+        over if it has TAKEOVER_MIN rules (smaller ones cost little to classify again
+        with what follows them) and at least as many as the rest of the stretch, or if
+        it ended for want of room before the same rule as now. A run failing the size
+        test is classified again with the rest of the stretch: under appends the runs
+        of a stretch then halve in size from one to the next, as a binary counter's
+        bits do, and each rule is classified again O(log n) times."""
+        if rules is self.rules and at < self.merging_until:
+            return None
+        run = next((run for run in self.by_first.get(rules[at].ip, ())
+                    if at + len(run.rules) <= len(rules)
+                    and all(map(same_rule, run.rules, rules[at:at + len(run.rules)]))), None)
+        if run is None or len(run.rules) < TAKEOVER_MIN:
+            return None
+        after = at + len(run.rules)
+        end = self._stretch_end(rules, after)
+        cut_again = run.cut_by is not None and after < end and same_rule(run.cut_by, rules[after])
+        if not cut_again and len(run.rules) < end - after:
+            self.merging_until = end
+            return None
+        return replace(run, rules=rules[at:after])
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -229,35 +331,45 @@ def rule_keys(rule: Rule):
 
 
 class TupleSpace:
-    """The keys of every run of a table, in one map per table (MAP), and the records of
-    multifield's buckets (multifield.RECORDS)."""
+    """Tuple ids and record slots, handed out for good: the successive rulesets of a
+    table share its maps (loader.ClassifierMaps), where a run taken over keeps its
+    keys and records, and a new run gets ids and slots no run in them has."""
 
     def __init__(self) -> None:
-        # key -> (entry, verdict) for the tuple space's keys,
-        #        (first record, count) for multifield's
-        self.entries: dict[bytes, tuple[int, int]] = {}
-        self.records: list[bytes] = []
-        self.tuple_count = 0   # ids are per run: two runs never see each other's keys
+        self.next_tid = 0
+        self.next_record = 0
 
-    def add_run(self, run: Run) -> bool:
-        """Adds the run's keys if classifying it pays (see MAX_TUPLES)."""
+    def new_tid(self) -> int:
+        self.next_tid += 1
+        return self.next_tid - 1
+
+    def record_slots(self, count: int) -> int:
+        """The first of `count` new record slots."""
+        self.next_record += count
+        return self.next_record - count
+
+    def wasteful(self, live_records: int) -> bool:
+        """Whether slots of runs gone outnumber those in use: time for new maps."""
+        return self.next_record > 2 * live_records + 65536 or self.next_tid >= 1 << 31
+
+    def add_run(self, rules: list[Rule], cut_by: Optional[Rule]) -> Optional[Run]:
+        """The run classified by its keys, if that pays (see MAX_TUPLES)."""
         groups: dict[Masks, list] = {}
-        for rule in run.rules:
+        base = rules[0].entry
+        for rule in rules:
             for masks, fields, entry, verdict in rule_keys(rule):
-                groups.setdefault(masks, []).append((fields, entry, verdict))
-        if len(groups) > MAX_TUPLES or len(groups) * RULES_PER_TUPLE > len(run.rules):
-            return False
+                groups.setdefault(masks, []).append((fields, entry - base, verdict))
+        if len(groups) > MAX_TUPLES or len(groups) * RULES_PER_TUPLE > len(rules):
+            return None
+        run = Run(rules, {}, [], 0, cut_by)
         for masks, members in groups.items():
-            tid = self.tuple_count
-            self.tuple_count += 1
+            tid = self.new_tid()
             (run.ip_tuples if masks.ip_only else run.tuples).append((tid, masks))
             for fields, entry, verdict in members:
-                self._add(_key(tid, *fields), entry, verdict)
-        return True
-
-    def _add(self, key: bytes, entry: int, verdict: int) -> None:
-        if key not in self.entries or self.entries[key][0] > entry:
-            self.entries[key] = (entry, verdict)
+                key = _key(tid, *fields)
+                if key not in run.keys or run.keys[key][0] > entry:
+                    run.keys[key] = (entry, verdict)
+        return run
 
 
 # _key(tid, saddr, daddr, sport, dport, proto, l4), laid out as the K_* offsets say

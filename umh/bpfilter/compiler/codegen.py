@@ -27,7 +27,7 @@ from .. import ext
 from ..abi.codec import gc_paused
 from ..bpf import insn as I
 from ..bpf.asm import Assembler
-from ..bpf.insn import (BPF_ALU64_IMM, BPF_ATOMIC_OP, BPF_B, BPF_CALL_REL, BPF_DW,
+from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU64_IMM, BPF_ATOMIC_OP, BPF_B, BPF_CALL_REL, BPF_DW,
                         BPF_EMIT_CALL, BPF_EXIT_INSN, BPF_H, BPF_JMP32_IMM, BPF_JMP_A,
                         BPF_JMP_IMM, BPF_JMP_REG, BPF_LD_MAP_FD, BPF_LDX_MEM, BPF_MOV32_IMM,
                         BPF_MOV64_IMM, BPF_MOV64_REG, BPF_ST_MEM, BPF_STX_MEM, BPF_W, FP, R0,
@@ -65,30 +65,43 @@ class HookProgram:
 @dataclass
 class CompiledTable:
     programs: list[HookProgram]
-    tuple_space: classifier.TupleSpace   # the contents of the CLASSIFIER map
+    space: classifier.TupleSpace      # where its runs' keys and records are
+    runs: list[classifier.Classified]  # what the CLASSIFIER maps must hold for it
+    needs: frozenset                   # the optional fact groups its programs read
 
 
 @gc_paused()
-def compile_table(table: Table, offsets: facts.KernelOffsets) -> CompiledTable:
-    space = classifier.TupleSpace()
-    segments = {}
-    for chain in table.chains.values():
-        segments[chain.name] = classifier.segments(chain.rules, space)
-    needs = facts_needed(table)
+def compile_table(table: Table, offsets: facts.KernelOffsets,
+                  previous: "CompiledTable | None" = None) -> CompiledTable:
+    """The table's programs. With `previous`, the table it replaces, runs whose rules
+    are there again are taken over rather than classified anew (classifier.EarlierRuns),
+    in previous's tuple space, unless that space holds more slots of runs gone than
+    of runs in use."""
+    earlier = None
+    if previous is not None and not previous.space.wasteful(
+            sum(len(run.records) for run in previous.runs)):
+        space, earlier = previous.space, classifier.EarlierRuns(previous.runs)
+    else:
+        space = classifier.TupleSpace()
+    segments = {chain.name: classifier.segments(chain.rules, space, earlier)
+                for chain in table.chains.values()}
+    runs = {s.serial: s for chain in segments.values() for s in chain
+            if isinstance(s, classifier.Classified)}
+    needs = facts_needed(table, segments)
     programs = [HookProgram(chain.hook, f"{table.name}_{chain.name}"[:15],
                             _HookCompiler(table, offsets, segments, needs).compile(chain))
                 for chain in table.hook_chains()]
-    return CompiledTable(programs, space)
+    return CompiledTable(programs, space, list(runs.values()), needs)
 
 
-def facts_needed(table: Table) -> frozenset:
-    """The optional fact groups the table's matches read (facts.OPTIONAL)."""
+def facts_needed(table: Table, segments: "dict | None" = None) -> frozenset:
+    """The optional fact groups the table's matches read (facts.OPTIONAL). Given its
+    segments, only their plain rules are asked: classified ones read none
+    (classifier.eligible)."""
+    rules = (chain.rules for chain in table.chains.values()) if segments is None \
+        else segments.values()
     return frozenset().union(*(ext.facts_needed(rule, table.family)
-                               for chain in table.chains.values() for rule in chain.rules))
-
-
-def uses_conntrack(table: Table) -> bool:
-    return "ct" in facts_needed(table)
+                               for chain in rules for rule in chain if isinstance(rule, Rule)))
 
 
 def dispatcher() -> Assembler:
@@ -162,7 +175,7 @@ class _HookCompiler:
 
     def _emit_rules(self, chain: Chain, policy, drop, key_fp: int) -> None:
         for segment in self.segments[chain.name]:
-            if isinstance(segment, (classifier.Run, multifield.MultiFieldRun)):
+            if isinstance(segment, classifier.Classified):
                 self._emit_run(segment, drop, key_fp)
                 continue
             rule = segment
@@ -256,6 +269,8 @@ class _HookCompiler:
         accept = asm.label("run_accept")
         asm.emit(BPF_JMP32_IMM(I.BPF_JEQ, R7, C.INF, after),
                  BPF_JMP_IMM(I.BPF_JEQ, R8, C.VERDICT_HOTDROP, drop))
+        if run.base:   # the run's entries count from its first rule
+            asm.emit(BPF_ALU32_IMM(I.BPF_ADD, R7, run.base))
         self._emit_count(R7, key_fp, entry_in_register=True)
         asm.emit(BPF_JMP_IMM(I.BPF_JEQ, R8, C.VERDICT_ACCEPT, accept),
                  BPF_MOV64_IMM(R0, NF_DROP), BPF_EXIT_INSN())

@@ -50,7 +50,7 @@ Exactness where the kernel is subtle, as in classifier.py:
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
 from ..bpf import insn as I
@@ -130,10 +130,11 @@ class Tuple(NamedTuple):
 
 
 @dataclass
-class MultiFieldRun:
-    rules: list[Rule]
-    tuples: list[Tuple]      # first fragments with their header, other protocols
-    ip_tuples: list[Tuple]   # the projection: packets a port match would hotdrop
+class MultiFieldRun(classifier.Classified):
+    tuples: list[Tuple] = field(default_factory=list)      # first fragments with their
+                                                           # header, other protocols
+    ip_tuples: list[Tuple] = field(default_factory=list)   # the projection: packets a
+                                                           # port match would hotdrop
 
 
 def _prefix_len(mask: bytes) -> int:
@@ -165,8 +166,9 @@ def _floor(bits: int) -> int:
     return next(b for b in ADDR_BITS if b <= bits)
 
 
-def members(rule: Rule) -> tuple[Optional[_Member], Optional[_Member]]:
-    """The rule in the main structure and in the projection (None: not there)."""
+def members(rule: Rule, position: int) -> tuple[Optional[_Member], Optional[_Member]]:
+    """The rule, at `position` in its run, in the main structure and in the projection
+    (None: not there)."""
     ip = rule.ip
     smask, dmask = int.from_bytes(ip.src.mask, "little"), int.from_bytes(ip.dst.mask, "little")
     saddr, daddr = int.from_bytes(ip.src.addr, "little"), int.from_bytes(ip.dst.addr, "little")
@@ -178,15 +180,15 @@ def members(rule: Rule) -> tuple[Optional[_Member], Optional[_Member]]:
     pmask = 0xFF if ip.proto else 0
     full = (0, 0xFFFF)
     ports = classifier._port_match(rule)
-    ip_only = _Member(rule.entry << 2 | (classifier.VERDICT_HOTDROP if ports else verdict),
+    ip_only = _Member(position << 2 | (classifier.VERDICT_HOTDROP if ports else verdict),
                       saddr, smask, daddr, dmask, ip.proto, pmask, full, full, False,
                       Shape(slen, dlen, pmask and 8, 0, 0))
     if ports is None:
-        return ip_only._replace(packed=rule.entry << 2 | verdict), ip_only
+        return ip_only._replace(packed=position << 2 | verdict), ip_only
     sport, dport = (ports.sport.lo, ports.sport.hi), (ports.dport.lo, ports.dport.hi)
     if sport[0] > sport[1] or dport[0] > dport[1]:
         return None, ip_only
-    return _Member(rule.entry << 2 | verdict, saddr, smask, daddr, dmask, ip.proto, pmask,
+    return _Member(position << 2 | verdict, saddr, smask, daddr, dmask, ip.proto, pmask,
                    sport, dport, True, Shape(slen, dlen, pmask and 8, _block_bits(*sport),
                                              _block_bits(*dport))), ip_only
 
@@ -304,22 +306,24 @@ class _Merged:
             moves.append((place, m))
         return moves
 
-    def emit(self, space: classifier.TupleSpace) -> list[Tuple]:
-        """Add the keys and records to `space`; the tuples by their first rule."""
+    def emit(self, space: classifier.TupleSpace, run: MultiFieldRun) -> list[Tuple]:
+        """Add the keys and records to `run`; the tuples by their first rule."""
         out = []
         for shape, buckets in self.buckets.items():
-            tid = space.tuple_count
-            space.tuple_count += 1
+            tid = space.new_tid()
             for key, bucket in buckets.items():
                 saddr, daddr, proto, sport, dport = key
-                space.entries[classifier._key(tid, saddr, daddr, sport, dport, proto, 0)] = \
-                    (len(space.records), len(bucket))
-                space.records += [m.record() for m in bucket]
+                run.keys[classifier._key(tid, saddr, daddr, sport, dport, proto, 0)] = \
+                    (run.record_base + len(run.records), len(bucket))
+                run.records += [m.record() for m in bucket]
             masks = Masks(ADDR_MASK[shape.src], ADDR_MASK[shape.dst], 0xFF if shape.proto else 0,
                           PORT_MASK[shape.sport], PORT_MASK[shape.dport], 0)
             out.append(Tuple(tid, masks, min(b[0].packed for b in buckets.values()),
                              max(map(len, buckets.values()))))
         return sorted(out, key=lambda t: t.first)
+
+    def record_count(self) -> int:
+        return sum(len(bucket) for buckets in self.buckets.values() for bucket in buckets.values())
 
 
 class Plan:
@@ -329,8 +333,9 @@ class Plan:
         self.main, self.projection = _Merged(), _Merged()
         seen_ip: set[tuple] = set()
         taken = 0
+        base = rules[0].entry
         for rule in rules:
-            m, ip_part = members(rule)
+            m, ip_part = members(rule, rule.entry - base)
             if m is not None and not self.main.add(m):
                 break
             if ip_part is not None:
@@ -349,8 +354,14 @@ class Plan:
         lookups = max(len(self.main.buckets), len(self.projection.buckets), 1)
         return len(self.rules) >= RULES_PER_LOOKUP * lookups
 
-    def commit(self, space: classifier.TupleSpace) -> MultiFieldRun:
-        return MultiFieldRun(self.rules, self.main.emit(space), self.projection.emit(space))
+    def commit(self, space: classifier.TupleSpace, cut_by: Optional[Rule]) -> MultiFieldRun:
+        """The run, its keys and records allocated in `space`; `cut_by` is the rule it
+        could not take, if any."""
+        count = self.main.record_count() + self.projection.record_count()
+        run = MultiFieldRun(self.rules, {}, [], space.record_slots(count), cut_by)
+        run.tuples = self.main.emit(space, run)
+        run.ip_tuples = self.projection.emit(space, run)
+        return run
 
 
 def emit_search(asm: Assembler, tuples: list[Tuple], tuple_fp: int, decide) -> None:
