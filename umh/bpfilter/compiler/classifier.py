@@ -111,7 +111,10 @@ Segment = Union[Rule, Run, "multifield.MultiFieldRun"]
 
 
 def _packet_matches(rule: Rule) -> list:
-    return [m for m in rule.matches if not isinstance(m, CommentMatch)]
+    matches = rule.matches
+    if not matches or (len(matches) == 1 and not isinstance(matches[0], CommentMatch)):
+        return matches   # most rules: no copy
+    return [m for m in matches if not isinstance(m, CommentMatch)]
 
 
 def _port_match(rule: Rule) -> Optional[Union[TcpMatch, UdpMatch]]:

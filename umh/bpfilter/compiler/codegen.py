@@ -78,7 +78,7 @@ def compile_table(table: Table, offsets: facts.KernelOffsets,
     in previous's tuple space, unless that space holds more slots of runs gone than
     of runs in use."""
     earlier = None
-    if previous is not None and not previous.space.wasteful(
+    if previous is not None and previous.runs and not previous.space.wasteful(
             sum(len(run.records) for run in previous.runs)):
         space, earlier = previous.space, classifier.EarlierRuns(previous.runs)
     else:

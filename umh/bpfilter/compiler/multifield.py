@@ -49,6 +49,7 @@ Exactness where the kernel is subtle, as in classifier.py:
 """
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
@@ -116,10 +117,7 @@ class _Member(NamedTuple):
     dport: tuple[int, int]
     ports: bool
     profile: Shape  # the finest shape it fits: prefix lengths, port block bits
-
-    def record(self) -> bytes:
-        return _RECORD.pack(self.saddr, self.smask, self.daddr, self.dmask, *self.sport,
-                            *self.dport, self.packed, self.proto, self.pmask, self.ports)
+    record: bytes   # as the bucket check reads it (made with the member: most are used)
 
 
 class Tuple(NamedTuple):
@@ -166,31 +164,48 @@ def _floor(bits: int) -> int:
     return next(b for b in ADDR_BITS if b <= bits)
 
 
+@functools.lru_cache(maxsize=1024)
+def _mask(mask: bytes) -> tuple[int, int]:
+    """A wire-order mask as facts hold it (a little-endian load) and its prefix."""
+    return int.from_bytes(mask, "little"), _prefix_len(mask)
+
+
+_ANY_PORT = (0, 0xFFFF)
+
+
 def members(rule: Rule, position: int) -> tuple[Optional[_Member], Optional[_Member]]:
     """The rule, at `position` in its run, in the main structure and in the projection
     (None: not there)."""
     ip = rule.ip
-    smask, dmask = int.from_bytes(ip.src.mask, "little"), int.from_bytes(ip.dst.mask, "little")
+    smask, slen = _mask(ip.src.mask)
+    dmask, dlen = _mask(ip.dst.mask)
     saddr, daddr = int.from_bytes(ip.src.addr, "little"), int.from_bytes(ip.dst.addr, "little")
     if saddr & ~smask or daddr & ~dmask:
         return None, None
     verdict = classifier.VERDICT_ACCEPT if isinstance(rule.target, Accept) \
         else classifier.VERDICT_DROP
-    slen, dlen = _prefix_len(ip.src.mask), _prefix_len(ip.dst.mask)
-    pmask = 0xFF if ip.proto else 0
-    full = (0, 0xFFFF)
+    proto = ip.proto
+    pmask = 0xFF if proto else 0
+    ip_shape = Shape(slen, dlen, pmask and 8, 0, 0)
     ports = classifier._port_match(rule)
-    ip_only = _Member(position << 2 | (classifier.VERDICT_HOTDROP if ports else verdict),
-                      saddr, smask, daddr, dmask, ip.proto, pmask, full, full, False,
-                      Shape(slen, dlen, pmask and 8, 0, 0))
-    if ports is None:
-        return ip_only._replace(packed=position << 2 | verdict), ip_only
+    if ports is None:   # the same in both
+        packed = position << 2 | verdict
+        m = _Member(packed, saddr, smask, daddr, dmask, proto, pmask, _ANY_PORT, _ANY_PORT,
+                    False, ip_shape, _RECORD.pack(saddr, smask, daddr, dmask, *_ANY_PORT,
+                                                  *_ANY_PORT, packed, proto, pmask, False))
+        return m, m
+    packed = position << 2 | classifier.VERDICT_HOTDROP
+    ip_only = _Member(packed, saddr, smask, daddr, dmask, proto, pmask, _ANY_PORT, _ANY_PORT,
+                      False, ip_shape, _RECORD.pack(saddr, smask, daddr, dmask, *_ANY_PORT,
+                                                    *_ANY_PORT, packed, proto, pmask, False))
     sport, dport = (ports.sport.lo, ports.sport.hi), (ports.dport.lo, ports.dport.hi)
     if sport[0] > sport[1] or dport[0] > dport[1]:
         return None, ip_only
-    return _Member(position << 2 | verdict, saddr, smask, daddr, dmask, ip.proto, pmask,
-                   sport, dport, True, Shape(slen, dlen, pmask and 8, _block_bits(*sport),
-                                             _block_bits(*dport))), ip_only
+    packed = position << 2 | verdict
+    return _Member(packed, saddr, smask, daddr, dmask, proto, pmask, sport, dport, True,
+                   Shape(slen, dlen, pmask and 8, _block_bits(*sport), _block_bits(*dport)),
+                   _RECORD.pack(saddr, smask, daddr, dmask, *sport, *dport, packed, proto,
+                                pmask, True)), ip_only
 
 
 def _fits(shape: Shape, profile: Shape) -> bool:
@@ -315,7 +330,7 @@ class _Merged:
                 saddr, daddr, proto, sport, dport = key
                 run.keys[classifier._key(tid, saddr, daddr, sport, dport, proto, 0)] = \
                     (run.record_base + len(run.records), len(bucket))
-                run.records += [m.record() for m in bucket]
+                run.records.extend(m.record for m in bucket)
             masks = Masks(ADDR_MASK[shape.src], ADDR_MASK[shape.dst], 0xFF if shape.proto else 0,
                           PORT_MASK[shape.sport], PORT_MASK[shape.dport], 0)
             out.append(Tuple(tid, masks, min(b[0].packed for b in buckets.values()),
