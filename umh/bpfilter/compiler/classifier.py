@@ -16,8 +16,14 @@ enough to pay, to plain code otherwise.
 How: each rule becomes keys of one or more "tuples", a tuple being one combination of
 field masks (a port range becomes the prefix blocks covering it). All keys live in one
 hash map per table, the tuple id being part of the key, and map to the first rule (the
-smallest entry index) having that key. A packet costs one lookup per tuple of the run,
-whatever the number of rules; the smallest entry found is the kernel's first match.
+smallest entry index, counted from the run's first rule) having that key. A packet
+costs one lookup per tuple of the run, whatever the number of rules; the smallest entry
+found is the kernel's first match.
+
+Replaces: iptables sends the whole table for every command, and most commands change
+one rule. Runs of the ruleset in place whose rules come again are taken over, their
+keys and records already in the maps the table's rulesets share (EarlierRuns,
+loader.ClassifierMaps): an append to a 100k-rule chain classifies one rule.
 
 Exactness where the kernel is subtle:
   - tcp/udp matches never match a non-first fragment: their rules require an "l4" bit
@@ -30,8 +36,8 @@ Exactness where the kernel is subtle:
 from __future__ import annotations
 
 import functools
-import struct
 import itertools
+import struct
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple, Optional, Union
 
