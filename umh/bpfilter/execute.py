@@ -9,10 +9,7 @@ import errno
 import importlib.util
 import os
 import socket
-import subprocess
 import sys
-import tempfile
-import time
 
 from .errors import BpfilterError
 from .paths import DEFAULT_ROOT, DEFAULT_SOCKET
@@ -69,6 +66,11 @@ def _without(shim: str, preload: str) -> str:
 
 def start_service(path: str, bpffs: str, shim: str) -> None:
     """Start `bpfilter serve --daemon` on path and wait until it answers."""
+    # here, not at the top: every iptables command run through `bpfilter exec` would
+    # pay for importing what only the first one needs
+    import subprocess
+    import tempfile
+    import time
     argv = [sys.executable, "-m", "bpfilter", "serve", "--daemon", "--socket", path,
             "--bpffs", bpffs]
     # The service mounts the bpffs its tables are pinned in; made in a private
