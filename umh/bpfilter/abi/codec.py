@@ -176,9 +176,15 @@ def _verdict_ok(verdict: int) -> bool:
     return verdict in (XT_RETURN, -NF_ACCEPT - 1, -NF_DROP - 1, -NF_QUEUE - 1)
 
 
-def _check_entry_offsets(raw: bytes, index: int, off: int, target_offset: int, next_offset: int):
+def _check_entry_offsets(raw: bytes, index: int, off: int, target_offset: int, next_offset: int,
+                         targets: dict):
     """xt_check_entry_offsets(): the target and the match chain fit the entry.
-    Returns them, decoded: (matches, target)."""
+    Returns them, decoded: (matches, target). `targets` holds the targets parsed so
+    far by their bytes and place in the entry, which decide their checks: most
+    entries end in one of a few (ACCEPT, DROP, a jump), parsed once."""
+    seen = targets.get((raw[target_offset:], target_offset))
+    if seen is not None:
+        return _check_entry_match(raw, index, off, target_offset), seen
     if target_offset < SIZEOF_IPT_ENTRY:
         raise invalid(f"offset {off}: target_offset {target_offset} points inside the {SIZEOF_IPT_ENTRY}-byte ipt_entry", index)
     if target_offset + SIZEOF_XT_ENTRY_HEADER > next_offset:
@@ -210,6 +216,7 @@ def _check_entry_offsets(raw: bytes, index: int, off: int, target_offset: int, n
         if b"\0" not in errorname:
             raise invalid(f"offset {off}: ERROR target name is not NUL-terminated", index)
         target.errorname = cstr(errorname)
+    targets[raw[target_offset:], target_offset] = target
     return _check_entry_match(raw, index, off, target_offset), target
 
 
@@ -265,6 +272,7 @@ def _walk_entries(table: RawTable, body: bytes, hook_entry: list, underflow: lis
     hook_offsets = {table.hook_entry[h] for h in range(NF_INET_NUMHOOKS) if table.valid_hooks & (1 << h)}
     hook_offsets.update(table.underflow[h] for h in range(NF_INET_NUMHOOKS) if table.valid_hooks & (1 << h))
     known = {_rule_bytes(e.raw): e for e in previous.entries} if previous else {}
+    targets: dict = {}
     entries = table.entries
     off = 0
     index = 0
@@ -282,7 +290,7 @@ def _walk_entries(table: RawTable, body: bytes, hook_entry: list, underflow: lis
         raw = body[off : off + next_offset]
         same = known.get(_rule_bytes(raw)) if known else None
         if same is None:
-            e = _parse_entry(raw, index, off)
+            e = _parse_entry(raw, index, off, targets)
         else:
             e = RawEntry(index, off, same.ip, same.nfcache, same.target_offset, next_offset,
                          *_VOLATILE.unpack_from(raw, _COMEFROM_AT), same.matches, same.target, raw)
@@ -294,7 +302,7 @@ def _walk_entries(table: RawTable, body: bytes, hook_entry: list, underflow: lis
         index += 1
 
 
-def _parse_entry(raw: bytes, index: int, off: int) -> RawEntry:
+def _parse_entry(raw: bytes, index: int, off: int, targets: dict) -> RawEntry:
     """check_entry_size_and_hooks() on one entry, from its flags on."""
     header = ipt_entry_packed.unpack_from(raw)
     flags, invflags = header[_E_FLAGS], header[_E_INVFLAGS]
@@ -303,7 +311,7 @@ def _parse_entry(raw: bytes, index: int, off: int) -> RawEntry:
     if invflags & ~IPT_INV_MASK:
         raise invalid(f"offset {off}: unknown ip invflags 0x{invflags & ~IPT_INV_MASK:02x}", index)
     target_offset, next_offset = header[_E_TARGET_OFFSET], header[_E_NEXT_OFFSET]
-    matches, target = _check_entry_offsets(raw, index, off, target_offset, next_offset)
+    matches, target = _check_entry_offsets(raw, index, off, target_offset, next_offset, targets)
     return RawEntry(index, off, RawIp(*header[_E_IP]), header[_E_NFCACHE], target_offset, next_offset,
                     header[_E_COMEFROM], header[_E_PCNT], header[_E_BCNT], matches, target, raw)
 
