@@ -19,7 +19,7 @@ pytestmark = pytest.mark.kernel
 def test_bench_smoke(tmp_path):
     out = tmp_path / "bench"
     bench = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "tools", "bench", "run.py"), "--sizes", "1,10",
+        [sys.executable, os.path.join(ROOT, "tools", "bench", "run.py"), "--sizes", "0,1,10",
          "--mixes", "ports", "--window", "0.2", "--reps", "1", "--repeat", "1000",
          "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -32,7 +32,8 @@ def test_bench_smoke(tmp_path):
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     results = json.loads((out / "results.json").read_text())
-    assert [(r["mix"], r["n"]) for r in results["runs"]] == [("ports", 1), ("ports", 10)]
+    assert [(r["mix"], r["n"]) for r in results["runs"]] == [("ports", 0), ("ports", 1),
+                                                             ("ports", 10)]
     for run in results["runs"]:
         for system in ("none", "legacy", "nft", "nftset", "bpfilter"):
             rec = run["systems"][system]
@@ -49,9 +50,38 @@ def test_bench_smoke(tmp_path):
 
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 2 * 5
+    assert len(rows) == 3 * 5
     assert all(float(r["rate_match_pps"]) > 0 for r in rows)
+    # the sizes the targets name were not in this run: said so, not guessed
+    assert "Targets" in stdout and "not measured" in stdout
+    assert {t["met"] for t in results["targets"]} == {None}
 
     netns = os.listdir("/run/netns") if os.path.isdir("/run/netns") else []
     assert not [n for n in netns if n.startswith(f"bpb{bench.pid}-")]
     assert not os.path.exists(f"/run/bpbench-{bench.pid}")
+
+
+def _run(mix, n, rel, apply_s=1.0, append_s=0.1):
+    return {"mix": mix, "n": n, "systems": {"bpfilter": {
+        "rel": {"match": rel[0], "miss": rel[1]}, "apply_s": apply_s, "append_s": append_s}}}
+
+
+def test_targets_are_computed_from_the_runs():
+    """Rates relative to the same system's empty chain; each target met or not
+    from the figures, per mix; a refused ruleset meets no target."""
+    sys.path.insert(0, os.path.join(ROOT, "tools", "bench"))
+    import report
+    results = {"runs": [_run("ports", 0, (0.90, 0.95)),
+                        _run("ports", 10000, (0.85, 0.86), append_s=0.15),
+                        _run("ports", 100000, (0.70, 0.77), apply_s=5.5)]}
+    found = {t["target"]: t for t in report.targets(results)}
+    rate10k, rate100k = (found[what] for what, _, _ in report.RATE_TARGETS)
+    assert rate10k["value"] == pytest.approx([0.85 / 0.90, 0.86 / 0.95]) and rate10k["met"]
+    assert rate100k["value"] == pytest.approx([0.70 / 0.90, 0.77 / 0.95])
+    assert rate100k["met"] is False   # 0.778 for the matching flow
+    assert found[report.APPLY_TARGET[0]]["met"] is False
+    assert found[report.APPEND_TARGET[0]]["met"] is True
+    results["runs"][2]["systems"]["bpfilter"]["error"] = "refused"
+    found = {t["target"]: t for t in report.targets(results)}
+    assert found[report.APPLY_TARGET[0]]["met"] is False
+    assert found[report.APPLY_TARGET[0]]["measured"] == "refused"

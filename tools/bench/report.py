@@ -92,6 +92,13 @@ def tables(results: dict) -> str:
                             ("verify", 7), ("other", 6))))
         out.append(line)
 
+    out.append("")
+    out.append("Targets (issue 5), bpfilter; a rate is relative to its own with an empty "
+               "INPUT chain (N = 0), 'match last / no match'")
+    for t in targets(results):
+        out.append(f"  {t['target']:<46} {t['mix']:<11} {t['measured']:>17}  "
+                   f"{'met' if t['met'] else 'NOT met' if t['met'] is False else 'not measured'}")
+
     errors = [(run["mix"], run["n"], f"{s}{what}", r[key]) for run in runs
               for s, r in run["systems"].items()
               for key, what in (("error", ""), ("append_error", " append")) if r.get(key)]
@@ -102,6 +109,40 @@ def tables(results: dict) -> str:
         out.append("Refusals and failures:")
         out += [f"  {mix} N={n} {who}: {why}" for mix, n, who, why in errors]
     return "\n".join(out) + "\n"
+
+
+# (what, N, the rates' floor relative to N = 0)
+RATE_TARGETS = (("packet rate at 10k rules >= 0.90 of 0 rules", 10000, 0.90),
+                ("packet rate at 100k rules >= 0.80 of 0 rules", 100000, 0.80))
+APPLY_TARGET = ("apply 100k rules <= 5 s", 100000, 5.0)
+APPEND_TARGET = ("append one rule to 10k rules <= 0.2 s", 10000, 0.2)
+
+
+def targets(results: dict) -> list[dict]:
+    """Each target per mix: what was measured and whether it is met (None: a size
+    the run did not have)."""
+    runs = {(run["mix"], run["n"]): run["systems"].get("bpfilter", {})
+            for run in results["runs"]}
+    mixes = list(dict.fromkeys(run["mix"] for run in results["runs"]))
+    out = []
+    for mix in mixes:
+        empty = runs.get((mix, 0), {})
+        for what, n, floor in RATE_TARGETS:
+            rec = runs.get((mix, n), {})
+            ratios = [(_rel(rec, f) / _rel(empty, f)) if _rel(rec, f) and _rel(empty, f)
+                      else None for f in FLOW_NAMES]
+            known = None not in ratios
+            out.append({"target": what, "mix": mix, "n": n, "value": ratios,
+                        "measured": _pair(*ratios, ".3f"),
+                        "met": min(ratios) >= floor if known else None})
+        for (what, n, limit), key in ((APPLY_TARGET, "apply_s"), (APPEND_TARGET, "append_s")):
+            rec = runs.get((mix, n), {})
+            value = None if rec.get("error") else rec.get(key)
+            out.append({"target": what, "mix": mix, "n": n, "value": value,
+                        "measured": "refused" if rec.get("error") else f"{_num(value, '.3f')} s",
+                        "met": False if rec.get("error") else
+                        value <= limit if value is not None else None})
+    return out
 
 
 def csv_rows(results: dict) -> list[dict]:
@@ -136,7 +177,7 @@ def write(results: dict, out_dir: str) -> dict:
     paths = {name: os.path.join(out_dir, name) for name in
              ("results.json", "results.csv", "table.txt", "bench.png")}
     with open(paths["results.json"], "w") as f:
-        json.dump(results, f, indent=1)
+        json.dump(dict(results, targets=targets(results)), f, indent=1)
     with open(paths["results.csv"], "w", newline="") as f:
         writer = csv.DictWriter(f, CSV_FIELDS)
         writer.writeheader()
@@ -151,7 +192,7 @@ def write(results: dict, out_dir: str) -> dict:
 def _series(results: dict, mix: str, pick) -> tuple[list, list]:
     xs, ys = [], []
     for run in results["runs"]:
-        if run["mix"] == mix:
+        if run["mix"] == mix and run["n"]:   # N = 0 has no place on a log axis
             y = pick(run)
             if y is not None and y > 0 and math.isfinite(y):
                 xs.append(run["n"])
@@ -167,7 +208,7 @@ def plot(results: dict, path: str) -> None:
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
     mixes = list(dict.fromkeys(run["mix"] for run in results["runs"]))
-    sizes = sorted({run["n"] for run in results["runs"]})
+    sizes = sorted({run["n"] for run in results["runs"] if run["n"]})
     cols = max(len(mixes), 3)
     fig, axes = plt.subplots(2, cols, figsize=(6 * cols, 10.5), squeeze=False)
     cfg = results["config"]
@@ -208,6 +249,11 @@ def plot(results: dict, path: str) -> None:
                 ax.plot(refused, [low / 1.6] * len(refused), "X", color=COLORS[s], ms=10,
                         label=f"{LABELS[s]} refused the ruleset")
         ax.axhline(1.0, color="black", lw=1, alpha=0.5)
+        empty = next((_rel(run["systems"].get("bpfilter", {}), "match") for run in results["runs"]
+                      if run["mix"] == mix and run["n"] == 0), None)
+        if empty:
+            ax.axhline(empty, color=COLORS["bpfilter"], lw=1, ls=":",
+                       label="bpfilter, empty INPUT chain")
         ax.set_ylim(low / 2.2, 1.4)
         ax.set_title(f"{mix}: delivered packet rate relative to no rules")
         axes_setup(ax, "delivered per CPU-second, relative to no rules",

@@ -117,7 +117,8 @@ class Rule:
 @dataclass
 class Ruleset:
     mix: str
-    rules: list[Rule]      # N rules, the last one ACCEPTs MATCH
+    rules: list[Rule]      # N rules, the last one ACCEPTs MATCH (N = 0: none, the
+                           # policy accepts every flow: each system's own baseline)
     extra: Rule            # what the append test adds after them
 
     def iptables_restore(self) -> str:
@@ -135,7 +136,8 @@ class Ruleset:
         body = ", ".join(elements)
         decl = (f"\tset drops {{\n\t\ttype {spec.type};{spec.flags}\n"
                 + (f"\t\telements = {{ {body} }}\n" if elements else "") + "\t}\n")
-        return _nft_table([f"{spec.lookup} @drops drop", self.rules[-1].nft()], decl)
+        return _nft_table([f"{spec.lookup} @drops drop", *(r.nft() for r in self.rules[-1:])],
+                          decl)
 
     def nft_append(self) -> str:
         return f"add rule ip bench input {self.extra.nft()}"
@@ -274,12 +276,12 @@ def generate(mix: str, n: int, seed: int = 1) -> Ruleset:
     the same (mix, n, seed) always gives the same rules."""
     if mix not in _OTHERS:
         raise ValueError(f"unknown mix {mix!r} (known: {', '.join(MIXES)})")
-    if n < 1:
-        raise ValueError("a ruleset needs at least its matching rule")
+    if n < 0:
+        raise ValueError("a ruleset has no fewer than 0 rules")
     rng = random.Random(f"{mix}-{n}-{seed}")
-    others = _OTHERS[mix](rng, n)
+    others = _OTHERS[mix](rng, max(n, 1))
     extra, others = others[-1], others[:-1]
-    rules = others + [_LAST[mix]]
-    assert all(_misses(r) for r in others + [extra]) and rules[-1].matches(MATCH) \
-        and not rules[-1].matches(MISS)
+    rules = others + [_LAST[mix]] if n else []
+    assert all(_misses(r) for r in others + [extra])
+    assert not rules or (rules[-1].matches(MATCH) and not rules[-1].matches(MISS))
     return Ruleset(mix, rules, extra)

@@ -2,7 +2,7 @@
 """The packet-filter benchmark: bpfilter against the kernel's iptables-legacy and
 nftables, on the same rulesets, in network namespaces this command makes and removes.
 
-    python3 tools/bench/run.py [--sizes 1,100,1000,10000,100000]
+    python3 tools/bench/run.py [--sizes 0,1,100,1000,10000,100000]
                                [--mixes blocklist,ports,classbench] [--quick]
                                [--out results/bench-<date>]
 
@@ -40,8 +40,10 @@ import rules  # noqa: E402
 from rules import FLOWS  # noqa: E402
 from systems import SYSTEMS, ApplyError, environment  # noqa: E402
 
-QUICK_SIZES = (1, 100, 1000)
-FULL_SIZES = (1, 100, 1000, 10000, 100000)
+# N = 0, an empty INPUT chain, is each system's own baseline (the targets' "0-rule rate")
+QUICK_SIZES = (0, 1, 100, 1000)
+FULL_SIZES = (0, 1, 100, 1000, 10000, 100000)
+APPENDS = 3
 NS_PREFIX = "bpb"
 PRIVATE_ROOT = "/run"
 
@@ -145,10 +147,13 @@ def bench_one(lab, systems: dict, mix: str, n: int, args) -> dict:
         f"{s} {run['systems'][s]['rel']['match']:.3g} {run['systems'][s]['rel']['miss']:.3g}"
         for s in active))
 
+    # Appends one after another, N+1, N+2, ... rules: the median of a few, since a
+    # single command's time varies by tens of milliseconds here.
     for name in active:
         rec = run["systems"][name]
         try:
-            rec["append_s"] = systems[name].append(ruleset)
+            rec["append_samples_s"] = [systems[name].append(ruleset) for _ in range(APPENDS)]
+            rec["append_s"] = _median(rec["append_samples_s"])
         except ApplyError as err:
             rec["append_error"], rec["append_s"] = str(err), err.seconds
 

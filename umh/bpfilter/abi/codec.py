@@ -263,6 +263,12 @@ def _rule_bytes(raw: bytes) -> bytes:
     return raw[:_COMEFROM_AT] + raw[SIZEOF_IPT_ENTRY:]
 
 
+def _rule_index(table: RawTable) -> "dict[bytes, RawEntry]":
+    if table.by_rule_bytes is None:
+        table.by_rule_bytes = {_rule_bytes(e.raw): e for e in table.entries}
+    return table.by_rule_bytes
+
+
 def _walk_entries(table: RawTable, body: bytes, hook_entry: list, underflow: list,
                   previous: "RawTable | None") -> None:
     """translate_table()'s first pass: check_entry_size_and_hooks() on each entry.
@@ -271,7 +277,9 @@ def _walk_entries(table: RawTable, body: bytes, hook_entry: list, underflow: lis
     here for every entry)."""
     hook_offsets = {table.hook_entry[h] for h in range(NF_INET_NUMHOOKS) if table.valid_hooks & (1 << h)}
     hook_offsets.update(table.underflow[h] for h in range(NF_INET_NUMHOOKS) if table.valid_hooks & (1 << h))
-    known = {_rule_bytes(e.raw): e for e in previous.entries} if previous else {}
+    known = _rule_index(previous) if previous else {}
+    # made while looking entries up; a first parse leaves it to the next replace
+    by_rule_bytes = table.by_rule_bytes = {} if known else None
     targets: dict = {}
     entries = table.entries
     off = 0
@@ -288,7 +296,8 @@ def _walk_entries(table: RawTable, body: bytes, hook_entry: list, underflow: lis
         if next_offset < SIZEOF_IPT_ENTRY + SIZEOF_XT_ENTRY_HEADER:
             raise invalid(f"offset {off}: next_offset {next_offset} is smaller than an entry with a target", index)
         raw = body[off : off + next_offset]
-        same = known.get(_rule_bytes(raw)) if known else None
+        rule_bytes = _rule_bytes(raw) if known else None
+        same = known.get(rule_bytes) if known else None
         if same is None:
             e = _parse_entry(raw, index, off, targets)
         else:
@@ -298,6 +307,8 @@ def _walk_entries(table: RawTable, body: bytes, hook_entry: list, underflow: lis
         if off in hook_offsets:
             _check_hooks(table, e, hook_entry, underflow)
         entries.append(e)
+        if by_rule_bytes is not None:
+            by_rule_bytes[rule_bytes] = e
         off += next_offset
         index += 1
 

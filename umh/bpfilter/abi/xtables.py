@@ -385,3 +385,7 @@ class RawTable:
     # same bytes (comefrom and counters aside), whose parse was reused; see
     # codec.parse_replace's `previous`.
     same_as: "dict[int, int]" = field(default_factory=dict)
+    # Its entries by their bytes (comefrom and counters aside): what the parse of
+    # the table replacing this one looks entries up in (codec._rule_index).
+    by_rule_bytes: "dict[bytes, RawEntry] | None" = field(default=None, repr=False,
+                                                         compare=False)
