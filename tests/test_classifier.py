@@ -4,6 +4,7 @@ test_differential.py and, case by case, in test_verdicts.py (each case walked,
 classified and in merged tuples); here multifield's structures are also searched by
 a model of its BPF code against the kernel's first match, packet by packet."""
 import random
+import struct
 import socket
 
 from bpfilter.abi import codec
@@ -96,9 +97,9 @@ def test_rules_that_can_never_match_put_no_key():
     """(packet & mask) == addr never holds when addr has bits outside the mask."""
     from dataclasses import replace
     rules = chain_rules("\n".join(f"-A INPUT -s 10.0.0.{i} -j DROP" for i in range(20)))
-    odd = replace(rules[1], ip=replace(rules[1].ip, src=replace(rules[1].ip.src,
-                                                                 mask=b"\xff\xff\xff\x00")))
-    assert list(classifier.rule_keys(odd)) == []
+    ip = rules[1].ip
+    odd = replace(rules[1], ip=ip._replace(src=ip.src._replace(mask=b"\xff\xff\xff\x00")))
+    assert list(classifier.rule_keys(classifier.lower(odd))) == []
 
 
 def test_comments_do_not_keep_rules_from_a_run():
@@ -217,14 +218,16 @@ def searched(run: MultiFieldRun, p: dict):
         if best < t.first:
             break
         m = t.masks
-        key = classifier._key(t.tid, p["saddr"] & m.saddr, p["daddr"] & m.daddr,
-                              p["sport"] & m.sport, p["dport"] & m.dport, p["proto"] & m.proto, 0)
-        first, count = run.keys.get(key, (run.record_base, 0))
-        assert count <= t.width <= multifield.MAX_BUCKET
+        fields = (p["saddr"] & m.saddr, p["daddr"] & m.daddr, p["proto"] & m.proto,
+                  p["sport"] & m.sport, p["dport"] & m.dport)
+        slot = multifield.slot_index(fields, t.bits)
+        first, count = struct.unpack_from("<II", run.records,
+                                          (t.slots - run.record_base) * 32 + slot * 8)
+        assert count <= t.width <= 2 * multifield.MAX_BUCKET
         first -= run.record_base
-        for record in run.records[first:first + count]:
+        for at in range(first, first + count):
             (saddr, smask, daddr, dmask, splo, sphi, dplo, dphi, packed, proto, pmask,
-             ports) = multifield._RECORD.unpack(record)
+             ports) = multifield._RECORD.unpack_from(run.records, at * 32)
             if packed >= best:
                 break
             if (p["saddr"] & smask == saddr and p["daddr"] & dmask == daddr
@@ -244,8 +247,11 @@ def test_a_classbench_acl_is_one_multifield_run_with_few_lookups():
     [run] = segments(rules, TupleSpace())
     assert isinstance(run, MultiFieldRun) and run.rules == rules
     assert len(run.tuples) <= 16 and len(run.ip_tuples) <= 16
-    assert len(run.records) <= 2 * len(rules)
-    unmerged = {m for rule in rules for m in classifier.rule_keys(rule)}
+    tables = sum(1 << t.bits >> 2 for t in run.tuples + run.ip_tuples)
+    assert run.record_count - tables <= 2 * len(rules)
+    assert not run.keys   # no hash lookups: slot tables
+    assert tables <= 4 * multifield.SLOTS_PER_KEY * len(rules)
+    unmerged = {m for rule in rules for m in classifier.rule_keys(classifier.lower(rule))}
     assert len({masks for masks, *_ in unmerged}) > 100
 
 
@@ -296,7 +302,7 @@ def test_what_covers_a_rule():
         "-A INPUT -s 10.1.0.0/16 -p tcp --dport 1:1000 -j ACCEPT",
         "-A INPUT -s 10.1.0.0/16 -p tcp -j ACCEPT",
         "-A INPUT -s 10.1.0.0/16 -j ACCEPT"]))
-    ip_only, port80, ports, tcp16, any16 = (multifield.members(r, r.entry)[0] for r in rules)
+    ip_only, port80, ports, tcp16, any16 = (multifield.members(classifier.lower(r), r.entry)[0] for r in rules)
     covers = multifield._covers
     assert covers(ip_only, port80) and covers(ip_only, tcp16) and covers(ports, port80)
     assert not covers(port80, ports) and not covers(ports, tcp16)   # a fragment matches tcp16

@@ -36,14 +36,13 @@ from .bpf import syscall as bpf
 from .bpf.btf import Btf
 from .compiler import facts
 from .ext import limit
-from .compiler.classifier import KEY_SIZE, VALUE_SIZE, Classified, TupleSpace
+from .compiler.classifier import KEY_SIZE, RECORD_SIZE, VALUE_SIZE, Classified, TupleSpace
 from .bpf.insn import Kfunc, MapRef
 from .errors import BpfilterError
 from .klog import LOG_LOST, LOG_RING, LogRing
 from .compiler.codegen import (CLASSIFIER, CLASSIFIER_RECORDS, COUNTERS, PROG_ARRAY,
                                CompiledTable, HookProgram, compile_table, dispatcher,
                                facts_needed)
-from .compiler.multifield import RECORD_SIZE
 from .model import Hook, Table
 from .netfilter import NF_IP_PRI_FILTER
 
@@ -165,9 +164,9 @@ class ClassifierMaps:
                                  len(keys))
         for run in new:
             if run.records:
-                slots = range(run.record_base, run.record_base + len(run.records))
+                slots = range(run.record_base, run.record_base + run.record_count)
                 bpf.map_update_batch(self.records_fd, array.array("I", slots).tobytes(),
-                                     b"".join(run.records), len(run.records))
+                                     bytes(run.records), run.record_count)
             self.written[run.serial] = run
             self.key_count += len(run.keys)
 

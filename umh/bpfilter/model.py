@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 
 class Family(enum.IntEnum):
@@ -60,8 +60,9 @@ class Verdict(enum.Enum):
     DROP = "DROP"
 
 
-@dataclass(frozen=True)
-class Prefix:
+# The ip part's values are NamedTuples: immutable, compared and hashed by value, and
+# made at a fraction of a frozen dataclass's cost (decoding makes one of each per rule).
+class Prefix(NamedTuple):
     """addr/mask as the kernel compares them: (packet & mask) != addr is a mismatch."""
 
     addr: bytes
@@ -73,8 +74,7 @@ class Prefix:
         return not any(self.mask) and not any(self.addr) and not self.invert
 
 
-@dataclass(frozen=True)
-class Interface:
+class Interface(NamedTuple):
     """A 16-byte interface name compared under a byte mask ("eth+" masks only "eth")."""
 
     name: bytes
@@ -86,8 +86,7 @@ class Interface:
         return not any(self.mask) and not self.invert
 
 
-@dataclass(frozen=True)
-class IpHeader:
+class IpHeader(NamedTuple):
     """The part of every rule that the kernel checks before any match (ipt_ip)."""
 
     src: Prefix

@@ -57,6 +57,9 @@ def table_from_raw(raw: RawTable, family: Family = Family.IPV4,
     ips: list[IpHeader] = []
     matches: list[list[Match]] = []
     targets: dict[int, ExtensionTarget] = {}
+    # A match decodes, checks included, from its bytes, the rule's protocol and the
+    # hooks the rule is reachable from: rules repeating one share its model (immutable).
+    decoded: dict[tuple, Match] = {}
     for e in entries:
         rule = reused.get(e.index)
         if rule is not None:
@@ -68,8 +71,15 @@ def table_from_raw(raw: RawTable, family: Family = Family.IPV4,
         ip = _ip_header(e)
         ips.append(ip)
         place = _Place(where, e.index)
-        matches.append([ext.decode_match(m.name, m.revision, m.data, ip, family, place,
-                                         e.hook_mask) for m in e.matches])
+        rule_matches = []
+        for m in e.matches:
+            context = (m.name, m.revision, m.data, ip.proto, ip.invert_proto, e.hook_mask)
+            match = decoded.get(context)
+            if match is None:
+                match = decoded[context] = ext.decode_match(m.name, m.revision, m.data, ip,
+                                                            family, place, e.hook_mask)
+            rule_matches.append(match)
+        matches.append(rule_matches)
         t = e.target
         if t.name in (X.XT_STANDARD_TARGET, X.XT_ERROR_TARGET):
             check_builtin_target(e)
@@ -225,21 +235,16 @@ def _target(e: RawEntry, where: _Places, by_offset, chain_of_jump):
     return Goto(name) if e.ip.flags & X.IPT_F_GOTO else Jump(name)
 
 
-# Rules repeat addresses and interfaces (most often "any"), and building a frozen
-# dataclass costs a microsecond: equal values are shared, they are immutable.
-_prefix = lru_cache(maxsize=4096)(Prefix)
+# Rules repeat interfaces (most often "any"): equal values are shared, they are
+# immutable. Addresses mostly differ from rule to rule.
 _interface = lru_cache(maxsize=1024)(Interface)
 
 
 def _ip_header(e: RawEntry) -> IpHeader:
     ip, inv = e.ip, e.ip.invflags
-    return IpHeader(
-        src=_prefix(ip.src, ip.smsk, bool(inv & X.IPT_INV_SRCIP)),
-        dst=_prefix(ip.dst, ip.dmsk, bool(inv & X.IPT_INV_DSTIP)),
-        in_iface=_interface(ip.iniface, ip.iniface_mask, bool(inv & X.IPT_INV_VIA_IN)),
-        out_iface=_interface(ip.outiface, ip.outiface_mask, bool(inv & X.IPT_INV_VIA_OUT)),
-        proto=ip.proto,
-        invert_proto=bool(inv & X.IPT_INV_PROTO),
-        fragment=bool(ip.flags & X.IPT_F_FRAG),
-        invert_fragment=bool(inv & X.IPT_INV_FRAG),
-    )
+    return IpHeader(Prefix(ip.src, ip.smsk, bool(inv & X.IPT_INV_SRCIP)),
+                    Prefix(ip.dst, ip.dmsk, bool(inv & X.IPT_INV_DSTIP)),
+                    _interface(ip.iniface, ip.iniface_mask, bool(inv & X.IPT_INV_VIA_IN)),
+                    _interface(ip.outiface, ip.outiface_mask, bool(inv & X.IPT_INV_VIA_OUT)),
+                    ip.proto, bool(inv & X.IPT_INV_PROTO), bool(ip.flags & X.IPT_F_FRAG),
+                    bool(inv & X.IPT_INV_FRAG))

@@ -48,7 +48,7 @@ from ..bpf.insn import (BPF_ALU32_IMM, BPF_B, BPF_DW, BPF_H, BPF_LDX_MEM, BPF_ST
 from ..ext.comment import CommentMatch
 from ..ext.tcp import TcpMatch
 from ..ext.udp import UdpMatch
-from ..model import Accept, Drop, IpHeader, Rule
+from ..model import Accept, Drop, Interface, IpHeader, Rule
 from . import facts
 
 MIN_RUN = 16
@@ -68,6 +68,8 @@ MAP = MapRef("classifier")
 KEY_SIZE = 24
 K_TUPLE, K_SADDR, K_DADDR, K_SPORT, K_DPORT, K_PROTO, K_L4 = 0, 4, 8, 12, 14, 16, 17
 VALUE_SIZE = 8   # u32 entry, u32 verdict
+# multifield.RECORDS' values
+RECORD_SIZE = 32
 
 
 class Masks(NamedTuple):
@@ -95,11 +97,15 @@ class Classified:
 
     rules: list[Rule]
     keys: dict[bytes, tuple[int, int]]   # MAP's entries: key -> its two u32s
-    records: list[bytes]
+    records: bytearray                   # multifield.RECORDS' values, RECORD_SIZE bytes each
     record_base: int                     # its records' first slot in multifield.RECORDS
     cut_by: Optional[Rule]               # the rule it ended at for want of room, if any
     # one per run classified, kept when it is taken over
     serial: int = field(default_factory=_serials.__next__)
+
+    @property
+    def record_count(self) -> int:
+        return len(self.records) // RECORD_SIZE
 
     @property
     def base(self) -> int:
@@ -123,31 +129,68 @@ def _packet_matches(rule: Rule) -> list:
     return [m for m in matches if not isinstance(m, CommentMatch)]
 
 
-def _port_match(rule: Rule) -> Optional[Union[TcpMatch, UdpMatch]]:
+@functools.lru_cache(maxsize=1024)
+def _mask(mask: bytes) -> tuple[int, int]:
+    """A wire-order mask as facts hold it (a little-endian load) and its prefix length."""
+    return int.from_bytes(mask, "little"), 32 - (~int.from_bytes(mask, "big") & INF).bit_length()
+
+
+_VERDICTS = {Accept: VERDICT_ACCEPT, Drop: VERDICT_DROP}
+_NO_INTERFACE = Interface(bytes(16), bytes(16))   # what iptables writes without -i/-o
+
+
+class Lowered(NamedTuple):
+    """An eligible rule in the terms of keys and records, made once per rule: addresses
+    and masks as facts hold them (little-endian loads of the wire bytes)."""
+
+    entry: int
+    saddr: int
+    smask: int
+    slen: int      # the prefix the mask is, if it is one (its leading ones)
+    daddr: int
+    dmask: int
+    dlen: int
+    proto: int
+    ports: Optional[tuple[int, int, int, int]]   # sport lo, hi, dport lo, hi; None: no match
+    verdict: int
+
+
+def lower(rule: Rule) -> Optional[Lowered]:
+    """The rule as the classifier takes it, or None if it is not eligible (see the
+    module docstring)."""
+    ip = rule.ip
+    verdict = _VERDICTS.get(type(rule.target))
+    if verdict is None:
+        return None
+    src, dst = ip.src, ip.dst
+    if src.invert or dst.invert or ip.invert_proto or ip.fragment or ip.invert_fragment:
+        return None
+    if not ((ip.in_iface == _NO_INTERFACE or ip.in_iface.is_any)
+            and (ip.out_iface == _NO_INTERFACE or ip.out_iface.is_any)):
+        return None
     matches = _packet_matches(rule)
-    return matches[0] if matches else None
+    if len(src.addr) != 4 or len(matches) > 1:
+        return None
+    ports = None
+    if matches:
+        m = matches[0]
+        if isinstance(m, TcpMatch):
+            if m.flags_mask or m.invert_flags or m.option:
+                return None
+        elif not isinstance(m, UdpMatch):
+            return None
+        sport, dport = m.sport, m.dport
+        if sport.invert or dport.invert:
+            return None
+        ports = (sport.lo, sport.hi, dport.lo, dport.hi)
+    smask, slen = _mask(src.mask)
+    dmask, dlen = _mask(dst.mask)
+    return Lowered(rule.entry, int.from_bytes(src.addr, "little"), smask, slen,
+                   int.from_bytes(dst.addr, "little"), dmask, dlen, ip.proto, ports, verdict)
 
 
 def eligible(rule: Rule) -> bool:
-    ip = rule.ip
-    if not isinstance(rule.target, (Accept, Drop)):
-        return False
-    if ip.src.invert or ip.dst.invert or ip.invert_proto or ip.fragment or ip.invert_fragment:
-        return False
-    if not (ip.in_iface.is_any and ip.out_iface.is_any):
-        return False
-    matches = _packet_matches(rule)
-    if len(ip.src.addr) != 4 or len(matches) > 1:
-        return False
-    if not matches:
-        return True
-    m = matches[0]
-    if isinstance(m, TcpMatch):
-        if m.flags_mask or m.invert_flags or m.option:
-            return False
-    elif not isinstance(m, UdpMatch):
-        return False
-    return not (m.sport.invert or m.dport.invert)
+    return lower(rule) is not None
 
 
 def segments(rules: list[Rule], space: "TupleSpace",
@@ -158,14 +201,15 @@ def segments(rules: list[Rule], space: "TupleSpace",
     tuple space are pooled for multifield; what it does not take stays code. Runs of
     the ruleset being replaced whose rules come again are taken over (`earlier`)."""
     out: list[Segment] = []
-    run: list[Rule] = []
+    run: list[Lowered] = []
     tuples: dict[tuple, frozenset] = {}   # the run's, as rule_tuples() factors them
     count = 0
-    pooled: list[Rule] = []
+    pooled: list[Lowered] = []
+    by_entry = {rule.entry: rule for rule in rules}
 
     def flush(cut_by: Optional[Rule] = None) -> None:
         nonlocal run, count
-        classified = space.add_run(run, cut_by) if len(run) >= MIN_RUN else None
+        classified = space.add_run(run, by_entry, cut_by) if len(run) >= MIN_RUN else None
         if classified:
             flush_pooled()
             out.append(classified)
@@ -179,19 +223,21 @@ def segments(rules: list[Rule], space: "TupleSpace",
         rest = pooled[:]
         pooled.clear()
         while len(rest) >= MIN_RUN:
-            plan = multifield.Plan(rest)
+            plan = multifield.Plan(rest, by_entry)
             taken = len(plan.rules)
             if plan.pays():
-                out.append(plan.commit(space, rest[taken] if taken < len(rest) else None))
+                out.append(plan.commit(space, by_entry[rest[taken].entry]
+                                       if taken < len(rest) else None))
             else:
                 out.extend(plan.rules)
             rest = rest[taken:]
-        out.extend(rest)
+        out.extend(by_entry[low.entry] for low in rest)
 
     at = 0
     while at < len(rules):
         rule = rules[at]
-        if not eligible(rule):
+        low = lower(rule)
+        if low is None:
             flush()
             flush_pooled()
             out.append(rule)
@@ -204,12 +250,12 @@ def segments(rules: list[Rule], space: "TupleSpace",
             out.append(taken)
             at += len(taken.rules)
             continue
-        addr, ports = rule_tuples(rule)
+        addr, ports = rule_tuples(low)
         new = len(ports - tuples.get(addr, frozenset()))
         if new and count + new > MAX_TUPLES:
             flush(cut_by=rule)
             new = len(ports)
-        run.append(rule)
+        run.append(low)
         tuples[addr] = tuples.get(addr, frozenset()) | ports
         count += new
         at += 1
@@ -292,19 +338,12 @@ def port_blocks(lo: int, hi: int) -> tuple[tuple[int, int], ...]:
     return tuple(blocks)
 
 
-def _le32(raw: bytes) -> int:
-    return int.from_bytes(raw, "little")
-
-
-def rule_tuples(rule: Rule) -> tuple[tuple, frozenset]:
-    """The tuples of rule_keys(rule), factored: the address and protocol masks, and the
+def rule_tuples(low: Lowered) -> tuple[tuple, frozenset]:
+    """The tuples of rule_keys(low), factored: the address and protocol masks, and the
     (sport mask, dport mask, l4, ip_only) they come with. Cheaper than making the keys,
     which a run too varied for the tuple space never needs; those of a rule that can
     never match are counted too."""
-    ip = rule.ip
-    ports = _port_match(rule)
-    return ((ip.src.mask, ip.dst.mask, bool(ip.proto)),
-            _port_tuples(ports and (ports.sport.lo, ports.sport.hi, ports.dport.lo, ports.dport.hi)))
+    return (low.smask, low.dmask, bool(low.proto)), _port_tuples(low.ports)
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -315,28 +354,25 @@ def _port_tuples(ranges: Optional[tuple]) -> frozenset:
                       for _, dpm in port_blocks(*ranges[2:])] + [(0, 0, 0, True)])
 
 
-def rule_keys(rule: Rule):
+def rule_keys(low: Lowered):
     """(masks, key fields, entry, verdict) of every key a rule puts in its run's tuples,
     its ip projection included; nothing for a rule the kernel can never match."""
-    ip = rule.ip
-    smask, dmask = _le32(ip.src.mask), _le32(ip.dst.mask)
-    saddr, daddr = _le32(ip.src.addr), _le32(ip.dst.addr)
+    smask, dmask, saddr, daddr, proto = low.smask, low.dmask, low.saddr, low.daddr, low.proto
     if saddr & ~smask or daddr & ~dmask:
         return   # the kernel compares (packet & mask) == addr: never true
-    pmask = 0xFF if ip.proto else 0
-    verdict = VERDICT_ACCEPT if isinstance(rule.target, Accept) else VERDICT_DROP
-    ports = _port_match(rule)
+    pmask = 0xFF if proto else 0
+    ports = low.ports
     if ports is None:
-        yield Masks(smask, dmask, pmask, 0, 0, 0), (saddr, daddr, 0, 0, ip.proto, 0), \
-            rule.entry, verdict
+        yield Masks(smask, dmask, pmask, 0, 0, 0), (saddr, daddr, 0, 0, proto, 0), \
+            low.entry, low.verdict
     else:
-        for sp, spm in port_blocks(ports.sport.lo, ports.sport.hi):
-            for dp, dpm in port_blocks(ports.dport.lo, ports.dport.hi):
+        for sp, spm in port_blocks(*ports[:2]):
+            for dp, dpm in port_blocks(*ports[2:]):
                 yield Masks(smask, dmask, pmask, spm, dpm, 1), \
-                    (saddr, daddr, sp, dp, ip.proto, 1), rule.entry, verdict
+                    (saddr, daddr, sp, dp, proto, 1), low.entry, low.verdict
     yield Masks(smask, dmask, pmask, 0, 0, 0, ip_only=True), \
-        (saddr, daddr, 0, 0, ip.proto, 0), rule.entry, \
-        VERDICT_HOTDROP if ports is not None else verdict
+        (saddr, daddr, 0, 0, proto, 0), low.entry, \
+        VERDICT_HOTDROP if ports is not None else low.verdict
 
 
 class TupleSpace:
@@ -361,16 +397,18 @@ class TupleSpace:
         """Whether slots of runs gone outnumber those in use: time for new maps."""
         return self.next_record > 2 * live_records + 65536 or self.next_tid >= 1 << 31
 
-    def add_run(self, rules: list[Rule], cut_by: Optional[Rule]) -> Optional[Run]:
-        """The run classified by its keys, if that pays (see MAX_TUPLES)."""
+    def add_run(self, lows: list[Lowered], by_entry: dict[int, Rule],
+                cut_by: Optional[Rule]) -> Optional[Run]:
+        """The run of these rules (`by_entry` has them) classified by its keys, if that
+        pays (see MAX_TUPLES)."""
         groups: dict[Masks, list] = {}
-        base = rules[0].entry
-        for rule in rules:
-            for masks, fields, entry, verdict in rule_keys(rule):
+        base = lows[0].entry
+        for low in lows:
+            for masks, fields, entry, verdict in rule_keys(low):
                 groups.setdefault(masks, []).append((fields, entry - base, verdict))
-        if len(groups) > MAX_TUPLES or len(groups) * RULES_PER_TUPLE > len(rules):
+        if len(groups) > MAX_TUPLES or len(groups) * RULES_PER_TUPLE > len(lows):
             return None
-        run = Run(rules, {}, [], 0, cut_by)
+        run = Run([by_entry[low.entry] for low in lows], {}, bytearray(), 0, cut_by)
         for masks, members in groups.items():
             tid = self.new_tid()
             (run.ip_tuples if masks.ip_only else run.tuples).append((tid, masks))

@@ -79,7 +79,7 @@ def compile_table(table: Table, offsets: facts.KernelOffsets,
     of runs in use."""
     earlier = None
     if previous is not None and previous.runs and not previous.space.wasteful(
-            sum(len(run.records) for run in previous.runs)):
+            sum(run.record_count for run in previous.runs)):
         space, earlier = previous.space, classifier.EarlierRuns(previous.runs)
     else:
         space = classifier.TupleSpace()

@@ -10,16 +10,25 @@ The choice: tuple merging (after TupleMerge, Daly & Torng). A merged tuple keys 
 *fewer* bits than its rules have: "the first 24 bits of the source" takes every rule
 whose source prefix is /24 or longer, whatever its other fields. A key's bucket then
 holds a few candidate rules, sorted by entry, each checked exactly (all its fields,
-ports, fragments) by a short loop. A packet costs one hash lookup per merged tuple
-plus the rules of the buckets it hits, and both stay small:
+ports, fragments) by a short loop. A packet costs one lookup per merged tuple plus
+the rules of the buckets it hits, and both stay small:
   - address prefixes of /16 or longer spread rules over 65k+ keys by themselves, so
     one address field is enough for them: a handful of tuples (src/32, src/24, dst/24,
     src/16, ...) take nearly every rule of a 100k-rule ACL, with 1 to 4 rules a bucket;
   - rules wild in both addresses (shorter than /16) need the remaining fields: their
     tuples add the protocol and the port blocks their ranges fall in.
-For the bench's ClassBench mix (tools/bench/rules.py) this gives 12 lookups at 100k
-rules against hundreds of tuples unmerged: 425 ns a packet in BPF_PROG_TEST_RUN, 73 ns
-without rules.
+For the bench's ClassBench mix (tools/bench/rules.py) this gives 12 merged tuples at
+100k rules against hundreds of tuples unmerged.
+
+A merged tuple's keys are found without a hash map: the tuple's slot table, an array
+of bucket descriptors (first record, count) in RECORDS, is indexed by a multiplicative
+hash of the packet's key fields (slot_index), and a slot holds the buckets of every
+key hashing there, merged in entry order. The records' checks are exact, so a slot
+shared by two keys costs only its walk. An array read is one the verifier inlines: a
+tuple a packet misses costs a dozen instructions, against a helper call hashing a
+24-byte key in a hash map (BPF_PROG_TEST_RUN, the bench's 10k-rule ClassBench mix:
+232 ns a packet with hash lookups, 119 ns with slot tables, 45 ns for the run with no
+tuples; most of the rest is the 8 records of the 3 buckets the flow hits).
 
 Why not the alternatives:
   - a decision tree (HiCuts, HyperSplit) walks ~20 nodes, cheap array reads, but
@@ -29,10 +38,10 @@ Why not the alternatives:
     few tuples it fits (O(rules x tuples), ~2 s at 100k here).
   - bit vectors (the LBVS floor) cost N/64 words a field a packet: 1.5k at 100k.
   - partitioning plus a tuple space per partition only multiplies lookups.
-Memory: one hash key (24 bytes) per bucket and a 32-byte record per rule and structure
-(at most two), in two maps: about 200k keys and records for 100k rules. The program
-does not grow with the rules: a loop per merged tuple, which the verifier walks as many
-times as the tuple's largest bucket holds rules.
+Memory: a 32-byte record per rule and structure (at most two) and SLOTS_PER_KEY
+8-byte slots per key, in one array: about 530k records (17 MB) for 100k rules. The
+program does not grow with the rules: a loop per merged tuple, which the verifier walks
+as many times as the tuple's largest slot holds rules.
 
 Exactness where the kernel is subtle, as in classifier.py:
   - the bucket check of a rule with a tcp/udp match fails on a non-first fragment;
@@ -49,18 +58,17 @@ Exactness where the kernel is subtle, as in classifier.py:
 """
 from __future__ import annotations
 
-import functools
 import struct
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
 from ..bpf import insn as I
 from ..bpf.asm import Assembler
-from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_EMIT_CALL, BPF_H,
-                        BPF_JMP32_IMM, BPF_JMP_A, BPF_JMP_IMM, BPF_JMP_REG, BPF_LD_MAP_FD,
+from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU32_REG, BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B,
+                        BPF_EMIT_CALL, BPF_H, BPF_JMP32_IMM, BPF_JMP_A, BPF_JMP_IMM, BPF_JMP_REG, BPF_LD_MAP_FD,
                         BPF_LDX_MEM, BPF_MOV32_IMM, BPF_MOV64_IMM, BPF_MOV64_REG, BPF_STX_MEM,
                         BPF_W, FP, R0, R1, R2, R3, R4, R5, R7, R8, R9, MapRef)
-from ..model import Accept, Rule
+from ..model import Rule
 from . import classifier, facts
 from .classifier import Masks
 
@@ -83,11 +91,21 @@ SPREAD_BITS = 16   # an address prefix this long spreads rules well on its own
 RULES_PER_LOOKUP = 12
 
 # A record: one rule as its bucket check reads it (addresses as the facts hold them).
-RECORD_SIZE = 32
 R_SADDR, R_SMASK, R_DADDR, R_DMASK = 0, 4, 8, 12
 R_SPORT, R_DPORT = 16, 20          # u16 lo, u16 hi each
 R_PACKED, R_PROTO, R_PMASK, R_PORTS = 24, 28, 29, 30
 _RECORD = struct.Struct("<IIIIHHHHIBBBx")
+_SLOT = struct.Struct("<II")
+# A tuple's slot table has about this many slots per key (so a packet the tuple has no
+# key for finds an empty slot but for one time in as many), four to a record.
+SLOTS_PER_KEY = 8
+SLOT_MIN_BITS, SLOT_MAX_BITS = 2, 22          # log2 of a table's slots
+SLOT_SIZE = 8                                 # u32 first record, u32 count
+SLOTS_PER_RECORD_BITS = 2
+# The hash of a key, per field in _key's order (saddr, daddr, proto, sport, dport): the
+# xor of field x multiplier (mod 2^32; odd multipliers below 2^31 fit an instruction's
+# immediate), then its top bits.
+SLOT_MULTIPLIERS = (0x1E3779B1, 0x45EBCA77, 0x42B2AE3D, 0x27D4EB2F, 0x165667B1)
 # R7 during a search: entry << 2 | verdict of the best rule so far (entries are unique,
 # so comparing packed values compares entries; a table's blob could not hold 2^30).
 PACKED_INF = 0xFFFFFFFF
@@ -121,10 +139,11 @@ class _Member(NamedTuple):
 
 
 class Tuple(NamedTuple):
-    tid: int
     masks: Masks    # what the key keeps of each fact
     first: int      # the smallest packed entry of its rules
-    width: int      # its largest bucket: the walk's bound, all the verifier unrolls
+    width: int      # its largest slot: the walk's bound, all the verifier unrolls
+    slots: int      # its slot table's first record
+    bits: int       # log2 of its slots
 
 
 @dataclass
@@ -133,11 +152,6 @@ class MultiFieldRun(classifier.Classified):
                                                            # header, other protocols
     ip_tuples: list[Tuple] = field(default_factory=list)   # the projection: packets a
                                                            # port match would hotdrop
-
-
-def _prefix_len(mask: bytes) -> int:
-    """Leading one bits of a mask in wire order: the prefix its keys may use."""
-    return 32 - (~int.from_bytes(mask, "big") & 0xFFFFFFFF).bit_length()
 
 
 def _addr_mask(bits: int) -> int:
@@ -164,32 +178,21 @@ def _floor(bits: int) -> int:
     return next(b for b in ADDR_BITS if b <= bits)
 
 
-@functools.lru_cache(maxsize=1024)
-def _mask(mask: bytes) -> tuple[int, int]:
-    """A wire-order mask as facts hold it (a little-endian load) and its prefix."""
-    return int.from_bytes(mask, "little"), _prefix_len(mask)
-
-
 _ANY_PORT = (0, 0xFFFF)
 
 
-def members(rule: Rule, position: int) -> tuple[Optional[_Member], Optional[_Member]]:
+def members(low: classifier.Lowered, position: int
+            ) -> tuple[Optional[_Member], Optional[_Member]]:
     """The rule, at `position` in its run, in the main structure and in the projection
     (None: not there)."""
-    ip = rule.ip
-    smask, slen = _mask(ip.src.mask)
-    dmask, dlen = _mask(ip.dst.mask)
-    saddr, daddr = int.from_bytes(ip.src.addr, "little"), int.from_bytes(ip.dst.addr, "little")
+    saddr, smask, slen, daddr, dmask, dlen, proto = low[1:8]
     if saddr & ~smask or daddr & ~dmask:
         return None, None
-    verdict = classifier.VERDICT_ACCEPT if isinstance(rule.target, Accept) \
-        else classifier.VERDICT_DROP
-    proto = ip.proto
     pmask = 0xFF if proto else 0
     ip_shape = Shape(slen, dlen, pmask and 8, 0, 0)
-    ports = classifier._port_match(rule)
+    ports = low.ports
     if ports is None:   # the same in both
-        packed = position << 2 | verdict
+        packed = position << 2 | low.verdict
         m = _Member(packed, saddr, smask, daddr, dmask, proto, pmask, _ANY_PORT, _ANY_PORT,
                     False, ip_shape, _RECORD.pack(saddr, smask, daddr, dmask, *_ANY_PORT,
                                                   *_ANY_PORT, packed, proto, pmask, False))
@@ -198,14 +201,14 @@ def members(rule: Rule, position: int) -> tuple[Optional[_Member], Optional[_Mem
     ip_only = _Member(packed, saddr, smask, daddr, dmask, proto, pmask, _ANY_PORT, _ANY_PORT,
                       False, ip_shape, _RECORD.pack(saddr, smask, daddr, dmask, *_ANY_PORT,
                                                     *_ANY_PORT, packed, proto, pmask, False))
-    sport, dport = (ports.sport.lo, ports.sport.hi), (ports.dport.lo, ports.dport.hi)
+    sport, dport = ports[:2], ports[2:]
     if sport[0] > sport[1] or dport[0] > dport[1]:
         return None, ip_only
-    packed = position << 2 | verdict
+    packed = position << 2 | low.verdict
     return _Member(packed, saddr, smask, daddr, dmask, proto, pmask, sport, dport, True,
                    Shape(slen, dlen, pmask and 8, _block_bits(*sport), _block_bits(*dport)),
-                   _RECORD.pack(saddr, smask, daddr, dmask, *sport, *dport, packed, proto,
-                                pmask, True)), ip_only
+                   _RECORD.pack(saddr, smask, daddr, dmask, *ports, packed, proto, pmask,
+                                True)), ip_only
 
 
 def _fits(shape: Shape, profile: Shape) -> bool:
@@ -216,14 +219,29 @@ def _fits(shape: Shape, profile: Shape) -> bool:
 _SHAPE_MASKS: dict[Shape, tuple] = {}
 
 
-def _key(shape: Shape, m: _Member) -> tuple:
+def _shape_masks(shape: Shape) -> tuple:
+    """What its keys keep of each field, in _key's order."""
     masks = _SHAPE_MASKS.get(shape)
     if masks is None:
         masks = _SHAPE_MASKS[shape] = (ADDR_MASK[shape.src], ADDR_MASK[shape.dst],
                                        0xFF if shape.proto else 0, PORT_MASK[shape.sport],
                                        PORT_MASK[shape.dport])
-    sm, dm, pm, spm, dpm = masks
+    return masks
+
+
+def _key(shape: Shape, m: _Member) -> tuple:
+    """The key of `m` in tuple `shape` (as add() makes it, inlined)."""
+    sm, dm, pm, spm, dpm = _shape_masks(shape)
     return m.saddr & sm, m.daddr & dm, m.proto & pm, m.sport[0] & spm, m.dport[0] & dpm
+
+
+def slot_index(key: tuple, bits: int) -> int:
+    """The slot of a key (_key's fields, masked) in a table of 2**bits, as
+    _emit_slot computes it for a packet."""
+    h = 0
+    for value, multiplier in zip(key, SLOT_MULTIPLIERS):
+        h ^= value * multiplier & 0xFFFFFFFF
+    return h >> (32 - bits)
 
 
 def _covers(q: _Member, m: _Member) -> bool:
@@ -240,24 +258,28 @@ class _Merged:
 
     def __init__(self) -> None:
         self.buckets: dict[Shape, dict[tuple, list[_Member]]] = {}
-        self._fitting: dict[Shape, list[Shape]] = {}   # profile -> shapes it fits
+        # profile -> the shapes it fits, with their masks and buckets (add's inner loop)
+        self._fitting: dict[Shape, list[tuple[Shape, tuple, dict]]] = {}
 
-    def _shapes_for(self, profile: Shape) -> list[Shape]:
-        if profile not in self._fitting:
-            self._fitting[profile] = [s for s in self.buckets if _fits(s, profile)]
-        return self._fitting[profile]
+    def _shapes_for(self, profile: Shape) -> list[tuple[Shape, tuple, dict]]:
+        fitting = self._fitting.get(profile)
+        if fitting is None:
+            fitting = self._fitting[profile] = [(s, _shape_masks(s), b)
+                                                for s, b in self.buckets.items()
+                                                if _fits(s, profile)]
+        return fitting
 
     def _open(self, shape: Shape) -> None:
-        self.buckets[shape] = {}
-        for profile, shapes in self._fitting.items():
+        buckets = self.buckets[shape] = {}
+        for profile, fitting in self._fitting.items():
             if _fits(shape, profile):
-                shapes.append(shape)
+                fitting.append((shape, _shape_masks(shape), buckets))
 
     def add(self, m: _Member) -> bool:
         """Place `m` (after every rule before it); False if no bucket can take it."""
-        shapes = self._shapes_for(m.profile)
-        for shape in shapes:
-            buckets, key = self.buckets[shape], _key(shape, m)
+        fitting = self._shapes_for(m.profile)
+        for _, (sm, dm, pm, spm, dpm), buckets in fitting:
+            key = (m.saddr & sm, m.daddr & dm, m.proto & pm, m.sport[0] & spm, m.dport[0] & dpm)
             bucket = buckets.get(key)
             if bucket is None:
                 buckets[key] = [m]
@@ -265,6 +287,7 @@ class _Merged:
             if len(bucket) < BUCKET:
                 bucket.append(m)
                 return True
+        shapes = [shape for shape, _, _ in fitting]
         crowded = [self.buckets[s][_key(s, m)] for s in shapes]
         if any(_covers(q, m) for bucket in crowded for q in bucket):
             return True
@@ -321,36 +344,74 @@ class _Merged:
             moves.append((place, m))
         return moves
 
-    def emit(self, space: classifier.TupleSpace, run: MultiFieldRun) -> list[Tuple]:
-        """Add the keys and records to `run`; the tuples by their first rule."""
+    def layout(self) -> list[tuple[Masks, int, dict[int, list[_Member]]]]:
+        """Each tuple's masks, log2 of its slots, and its slots' rules: a table with
+        SLOTS_PER_KEY slots a key, larger if keys hashing alike would make a slot
+        longer than MAX_BUCKET."""
         out = []
         for shape, buckets in self.buckets.items():
-            tid = space.new_tid()
-            for key, bucket in buckets.items():
-                saddr, daddr, proto, sport, dport = key
-                run.keys[classifier._key(tid, saddr, daddr, sport, dport, proto, 0)] = \
-                    (run.record_base + len(run.records), len(bucket))
-                run.records.extend(m.record for m in bucket)
-            masks = Masks(ADDR_MASK[shape.src], ADDR_MASK[shape.dst], 0xFF if shape.proto else 0,
-                          PORT_MASK[shape.sport], PORT_MASK[shape.dport], 0)
-            out.append(Tuple(tid, masks, min(b[0].packed for b in buckets.values()),
-                             max(map(len, buckets.values()))))
-        return sorted(out, key=lambda t: t.first)
+            masks = _shape_masks(shape)
+            bits = max(SLOT_MIN_BITS, (len(buckets) * SLOTS_PER_KEY - 1).bit_length())
+            while True:
+                slots = _slots(buckets, bits)
+                if bits == SLOT_MAX_BITS or max(map(len, slots.values())) <= MAX_BUCKET:
+                    break
+                bits += 1
+            out.append((Masks(*masks, 0), bits, slots))
+        return out
 
-    def record_count(self) -> int:
-        return sum(len(bucket) for buckets in self.buckets.values() for bucket in buckets.values())
+
+def _slots(buckets: dict[tuple, list[_Member]], bits: int) -> dict[int, list[_Member]]:
+    """The buckets by their keys' slots, those sharing one merged in entry order."""
+    slots: dict[int, list[_Member]] = {}
+    m0, m1, m2, m3, m4 = SLOT_MULTIPLIERS
+    shift = 32 - bits
+    for (saddr, daddr, proto, sport, dport), bucket in buckets.items():
+        # slot_index(), inlined: the xor of untruncated products truncates alike
+        index = ((saddr * m0 ^ daddr * m1 ^ proto * m2 ^ sport * m3 ^ dport * m4)
+                 & 0xFFFFFFFF) >> shift
+        slot = slots.get(index)
+        if slot is None:
+            slots[index] = bucket
+        else:
+            slots[index] = sorted(slot + bucket)   # by entry: the walk stops at a match
+    return slots
+
+
+def _record_count(layout: list) -> int:
+    return sum((1 << bits >> SLOTS_PER_RECORD_BITS) + sum(map(len, slots.values()))
+               for _, bits, slots in layout)
+
+
+def _emit_layout(layout: list, run: MultiFieldRun) -> list[Tuple]:
+    """Add the tuples' slot tables and records to `run`; the tuples by their first rule."""
+    out = []
+    for masks, bits, slots in layout:
+        table = bytearray(SLOT_SIZE << bits)
+        at = run.record_count
+        record = at + (1 << bits >> SLOTS_PER_RECORD_BITS)   # the next rule's
+        rules = []
+        for index, members in slots.items():
+            _SLOT.pack_into(table, index * SLOT_SIZE, run.record_base + record, len(members))
+            rules.extend(m.record for m in members)
+            record += len(members)
+        run.records += table
+        run.records += b"".join(rules)
+        out.append(Tuple(masks, min(m[0].packed for m in slots.values()),
+                         max(map(len, slots.values())), run.record_base + at, bits))
+    return sorted(out, key=lambda t: t.first)
 
 
 class Plan:
     """The structures for the longest prefix of a run they can take: `rules`."""
 
-    def __init__(self, rules: list[Rule]):
+    def __init__(self, lows: list[classifier.Lowered], by_entry: dict[int, Rule]):
         self.main, self.projection = _Merged(), _Merged()
         seen_ip: set[tuple] = set()
         taken = 0
-        base = rules[0].entry
-        for rule in rules:
-            m, ip_part = members(rule, rule.entry - base)
+        base = lows[0].entry
+        for low in lows:
+            m, ip_part = members(low, low.entry - base)
             if m is not None and not self.main.add(m):
                 break
             if ip_part is not None:
@@ -360,7 +421,7 @@ class Plan:
                     if not self.projection.add(ip_part):
                         break
             taken += 1
-        self.rules = rules[:taken]
+        self.rules = [by_entry[low.entry] for low in lows[:taken]]
         self.main.merge_small()
         self.projection.merge_small()
 
@@ -370,32 +431,30 @@ class Plan:
         return len(self.rules) >= RULES_PER_LOOKUP * lookups
 
     def commit(self, space: classifier.TupleSpace, cut_by: Optional[Rule]) -> MultiFieldRun:
-        """The run, its keys and records allocated in `space`; `cut_by` is the rule it
-        could not take, if any."""
-        count = self.main.record_count() + self.projection.record_count()
-        run = MultiFieldRun(self.rules, {}, [], space.record_slots(count), cut_by)
-        run.tuples = self.main.emit(space, run)
-        run.ip_tuples = self.projection.emit(space, run)
+        """The run, its records allocated in `space`; `cut_by` is the rule it could
+        not take, if any."""
+        main, projection = self.main.layout(), self.projection.layout()
+        run = MultiFieldRun(self.rules, {}, bytearray(),
+                            space.record_slots(_record_count(main) + _record_count(projection)),
+                            cut_by)
+        run.tuples = _emit_layout(main, run)
+        run.ip_tuples = _emit_layout(projection, run)
         return run
 
 
 def emit_search(asm: Assembler, tuples: list[Tuple], tuple_fp: int, decide) -> None:
     """R7 = the first entry (INF if none) and R8 its verdict over the tuples' buckets,
-    then to `decide`. Uses the key area at `tuple_fp`, also for record indices."""
+    then to `decide`. Uses the stack at `tuple_fp` for record indices."""
     done = asm.label("mf_done")
     asm.emit(BPF_MOV32_IMM(R7, PACKED_INF))
     for t in tuples:
         next_tuple, loop = asm.label("mf_next"), asm.label("mf_loop")
         # Tuples come by their first rule: once the best precedes it, it precedes all.
         asm.emit(BPF_JMP32_IMM(I.BPF_JLT, R7, t.first, done))
-        classifier.emit_key(asm, tuple_fp, t.tid, t.masks)
-        asm.emit(BPF_LD_MAP_FD(R1, classifier.MAP),
-                 BPF_MOV64_REG(R2, FP), BPF_ALU64_IMM(I.BPF_ADD, R2, tuple_fp),
-                 BPF_EMIT_CALL(I.BPF_FUNC_map_lookup_elem),
-                 BPF_JMP_IMM(I.BPF_JEQ, R0, 0, next_tuple),
-                 BPF_MOV64_REG(R8, R0), BPF_MOV64_IMM(R9, 0))
+        _emit_slot(asm, t, tuple_fp, next_tuple)
+        asm.emit(BPF_MOV64_IMM(R9, 0))
         asm.place(loop)
-        # R8: the bucket (u32 first record, u32 count); R9: records walked
+        # R8: the slot (u32 first record, u32 count); R9: records walked
         asm.emit(BPF_JMP_IMM(I.BPF_JGE, R9, t.width, next_tuple),
                  BPF_LDX_MEM(BPF_W, R1, R8, 4),
                  BPF_JMP_REG(I.BPF_JGE, R9, R1, next_tuple),
@@ -416,6 +475,34 @@ def emit_search(asm: Assembler, tuples: list[Tuple], tuple_fp: int, decide) -> N
     asm.emit(BPF_JMP32_IMM(I.BPF_JEQ, R7, PACKED_INF, decide),
              BPF_MOV64_REG(R8, R7), BPF_ALU32_IMM(I.BPF_AND, R8, 3),
              BPF_ALU32_IMM(I.BPF_RSH, R7, 2), BPF_JMP_A(decide))
+
+
+def _emit_slot(asm: Assembler, t: Tuple, tuple_fp: int, missing) -> None:
+    """R8 = the packet's slot in t's table (slot_index), or to `missing` (never: its
+    index is in the table, but the verifier wants the check)."""
+    m = t.masks
+    asm.emit(BPF_MOV32_IMM(R8, 0))
+    for fact, size, mask, full, multiplier in zip(
+            (facts.SADDR, facts.DADDR, facts.PROTO, facts.SPORT, facts.DPORT),
+            (BPF_W, BPF_W, BPF_B, BPF_H, BPF_H),
+            (m.saddr, m.daddr, m.proto, m.sport, m.dport),
+            (0xFFFFFFFF, 0xFFFFFFFF, 0xFF, 0xFFFF, 0xFFFF), SLOT_MULTIPLIERS):
+        if not mask:
+            continue
+        asm.emit(BPF_LDX_MEM(size, R1, I.R6, fact))
+        if mask != full:
+            asm.emit(BPF_ALU32_IMM(I.BPF_AND, R1, mask))
+        asm.emit(BPF_ALU32_IMM(I.BPF_MUL, R1, multiplier), BPF_ALU32_REG(I.BPF_XOR, R8, R1))
+    # the slot's record: the table's first + slot / 4; its place there: slot % 4
+    asm.emit(BPF_ALU32_IMM(I.BPF_RSH, R8, 32 - t.bits),
+             BPF_MOV64_REG(R1, R8), BPF_ALU32_IMM(I.BPF_RSH, R1, SLOTS_PER_RECORD_BITS),
+             BPF_ALU32_IMM(I.BPF_ADD, R1, t.slots), BPF_STX_MEM(BPF_W, FP, R1, tuple_fp),
+             BPF_LD_MAP_FD(R1, RECORDS),
+             BPF_MOV64_REG(R2, FP), BPF_ALU64_IMM(I.BPF_ADD, R2, tuple_fp),
+             BPF_EMIT_CALL(I.BPF_FUNC_map_lookup_elem),
+             BPF_JMP_IMM(I.BPF_JEQ, R0, 0, missing),
+             BPF_ALU32_IMM(I.BPF_AND, R8, (1 << SLOTS_PER_RECORD_BITS) - 1),
+             BPF_ALU32_IMM(I.BPF_LSH, R8, 3), BPF_ALU64_REG(I.BPF_ADD, R8, R0))
 
 
 def _emit_record_test(asm: Assembler, mismatch) -> None:
