@@ -500,6 +500,19 @@ def _prog_load_attr(prog_type, insns_buf, insn_cnt, name, license_buf,
     return attr
 
 
+# The verifier gives up with EAGAIN when a signal is pending (a child exiting, a
+# debugger's stop): the load is tried again, as libbpf does.
+_PROG_LOAD_ATTEMPTS = 5
+
+
+def _prog_load(attr) -> int:
+    for _ in range(_PROG_LOAD_ATTEMPTS):
+        fd = _sys_bpf(BPF_PROG_LOAD, attr)
+        if fd >= 0 or ffi.errno != _errno.EAGAIN:
+            break
+    return fd
+
+
 def prog_load(prog_type: int, insns: bytes, name: str, license: str = "GPL",
               expected_attach_type: int = 0, fd_array: "list[int] | None" = None,
               log_size: int = 1 << 20) -> int:
@@ -516,7 +529,7 @@ def prog_load(prog_type: int, insns: bytes, name: str, license: str = "GPL",
     fd_array_buf = ffi.new("int[]", fd_array) if fd_array else None
     attr = _prog_load_attr(prog_type, insns_buf, len(insns) // 8, name, license_buf,
                            expected_attach_type, fd_array_buf)
-    fd = _sys_bpf(BPF_PROG_LOAD, attr)
+    fd = _prog_load(attr)
     if fd >= 0:
         return fd
     first_err = ffi.errno
@@ -529,7 +542,7 @@ def prog_load(prog_type: int, insns: bytes, name: str, license: str = "GPL",
         attr.log_level = BPF_LOG_LEVEL1
         attr.log_buf = _ptr(log_buf)
         attr.log_size = size
-        fd = _sys_bpf(BPF_PROG_LOAD, attr)
+        fd = _prog_load(attr)
         if fd >= 0:
             return fd
         err = ffi.errno

@@ -181,34 +181,49 @@ def _floor(bits: int) -> int:
 _ANY_PORT = (0, 0xFFFF)
 
 
+_SHAPES: dict[tuple, Shape] = {}
+
+
+def _shape(*bits: int) -> Shape:
+    """Shape(*bits), shared: members() makes two a rule, of few distinct values."""
+    shape = _SHAPES.get(bits)
+    if shape is None:
+        shape = _SHAPES[bits] = Shape(*bits)
+    return shape
+
+
+def _member(*fields) -> _Member:
+    return tuple.__new__(_Member, fields)   # _Member(*fields), without its Python __new__
+
+
 def members(low: classifier.Lowered, position: int
             ) -> tuple[Optional[_Member], Optional[_Member]]:
     """The rule, at `position` in its run, in the main structure and in the projection
     (None: not there)."""
-    saddr, smask, slen, daddr, dmask, dlen, proto = low[1:8]
+    _, saddr, smask, slen, daddr, dmask, dlen, proto, ports, verdict = low
     if saddr & ~smask or daddr & ~dmask:
         return None, None
     pmask = 0xFF if proto else 0
-    ip_shape = Shape(slen, dlen, pmask and 8, 0, 0)
-    ports = low.ports
+    ip_shape = _shape(slen, dlen, pmask and 8, 0, 0)
     if ports is None:   # the same in both
-        packed = position << 2 | low.verdict
-        m = _Member(packed, saddr, smask, daddr, dmask, proto, pmask, _ANY_PORT, _ANY_PORT,
-                    False, ip_shape, _RECORD.pack(saddr, smask, daddr, dmask, *_ANY_PORT,
-                                                  *_ANY_PORT, packed, proto, pmask, False))
+        packed = position << 2 | verdict
+        m = _member(packed, saddr, smask, daddr, dmask, proto, pmask, _ANY_PORT, _ANY_PORT,
+                    False, ip_shape, _RECORD.pack(saddr, smask, daddr, dmask, 0, 0xFFFF, 0,
+                                                  0xFFFF, packed, proto, pmask, False))
         return m, m
     packed = position << 2 | classifier.VERDICT_HOTDROP
-    ip_only = _Member(packed, saddr, smask, daddr, dmask, proto, pmask, _ANY_PORT, _ANY_PORT,
-                      False, ip_shape, _RECORD.pack(saddr, smask, daddr, dmask, *_ANY_PORT,
-                                                    *_ANY_PORT, packed, proto, pmask, False))
-    sport, dport = ports[:2], ports[2:]
-    if sport[0] > sport[1] or dport[0] > dport[1]:
+    ip_only = _member(packed, saddr, smask, daddr, dmask, proto, pmask, _ANY_PORT, _ANY_PORT,
+                      False, ip_shape, _RECORD.pack(saddr, smask, daddr, dmask, 0, 0xFFFF, 0,
+                                                    0xFFFF, packed, proto, pmask, False))
+    slo, shi, dlo, dhi = ports
+    if slo > shi or dlo > dhi:
         return None, ip_only
-    packed = position << 2 | low.verdict
-    return _Member(packed, saddr, smask, daddr, dmask, proto, pmask, sport, dport, True,
-                   Shape(slen, dlen, pmask and 8, _block_bits(*sport), _block_bits(*dport)),
-                   _RECORD.pack(saddr, smask, daddr, dmask, *ports, packed, proto, pmask,
-                                True)), ip_only
+    packed = position << 2 | verdict
+    return _member(packed, saddr, smask, daddr, dmask, proto, pmask, (slo, shi), (dlo, dhi),
+                   True, _shape(slen, dlen, pmask and 8, _block_bits(slo, shi),
+                                _block_bits(dlo, dhi)),
+                   _RECORD.pack(saddr, smask, daddr, dmask, slo, shi, dlo, dhi, packed, proto,
+                                pmask, True)), ip_only
 
 
 def _fits(shape: Shape, profile: Shape) -> bool:
