@@ -7,6 +7,7 @@ import random
 import struct
 import socket
 
+from bpfilter import forked
 from bpfilter.abi import codec
 from bpfilter.abi.decode import table_from_raw
 from bpfilter.compiler import classifier, multifield
@@ -221,10 +222,10 @@ def searched(run: MultiFieldRun, p: dict):
         fields = (p["saddr"] & m.saddr, p["daddr"] & m.daddr, p["proto"] & m.proto,
                   p["sport"] & m.sport, p["dport"] & m.dport)
         slot = multifield.slot_index(fields, t.bits)
-        first, count = struct.unpack_from("<II", run.records,
-                                          (t.slots - run.record_base) * 32 + slot * 8)
+        table = t.slots - run.record_base
+        first, count = struct.unpack_from("<II", run.records, table * 32 + slot * 8)
         assert count <= t.width <= 2 * multifield.MAX_BUCKET
-        first -= run.record_base
+        first += table   # a slot's records count from its table
         for at in range(first, first + count):
             (saddr, smask, daddr, dmask, splo, sphi, dplo, dphi, packed, proto, pmask,
              ports) = multifield._RECORD.unpack_from(run.records, at * 32)
@@ -253,6 +254,31 @@ def test_a_classbench_acl_is_one_multifield_run_with_few_lookups():
     assert tables <= 4 * multifield.SLOTS_PER_KEY * len(rules)
     unmerged = {m for rule in rules for m in classifier.rule_keys(classifier.lower(rule))}
     assert len({masks for masks, *_ in unmerged}) > 100
+
+
+def test_a_long_run_builds_its_projection_in_a_child_alike(monkeypatch):
+    """Past PARALLEL_MIN rules the projection is built by a forked child beside the
+    main structure: the run is the same, byte for byte, as one built in process."""
+    rng = random.Random(12)
+    rules = chain_rules("\n".join(acl_lines(rng, 1500, [], [], space="1.0.0.0/1")))
+
+    def built():
+        [run] = segments(rules, TupleSpace())
+        return run.rules, run.tuples, run.ip_tuples, bytes(run.records)
+
+    monkeypatch.setattr(multifield, "PARALLEL_MIN", 1 << 30)
+    alone = built()
+    monkeypatch.setattr(multifield, "PARALLEL_MIN", 1000)
+    children = []
+    real_child = forked.Child
+
+    def child(fn, args):
+        made = real_child(fn, args)
+        children.append(made.pid)
+        return made
+    monkeypatch.setattr(forked, "Child", child)
+    assert built() == alone
+    assert len(children) == 1 and children[0] is not None
 
 
 def test_multifield_finds_the_kernels_first_match():
@@ -302,7 +328,8 @@ def test_what_covers_a_rule():
         "-A INPUT -s 10.1.0.0/16 -p tcp --dport 1:1000 -j ACCEPT",
         "-A INPUT -s 10.1.0.0/16 -p tcp -j ACCEPT",
         "-A INPUT -s 10.1.0.0/16 -j ACCEPT"]))
-    ip_only, port80, ports, tcp16, any16 = (multifield.members(classifier.lower(r), r.entry)[0] for r in rules)
+    ip_only, port80, ports, tcp16, any16 = (multifield.main_member(classifier.lower(r), r.entry)
+                                               for r in rules)
     covers = multifield._covers
     assert covers(ip_only, port80) and covers(ip_only, tcp16) and covers(ports, port80)
     assert not covers(port80, ports) and not covers(ports, tcp16)   # a fragment matches tcp16

@@ -251,12 +251,14 @@ def segments(rules: list[Rule], space: "TupleSpace",
             at += len(taken.rules)
             continue
         addr, ports = rule_tuples(low)
-        new = len(ports - tuples.get(addr, frozenset()))
+        known = tuples.get(addr)
+        new = len(ports) if known is None else 0 if ports <= known else len(ports - known)
         if new and count + new > MAX_TUPLES:
             flush(cut_by=rule)
-            new = len(ports)
+            known, new = None, len(ports)
         run.append(low)
-        tuples[addr] = tuples.get(addr, frozenset()) | ports
+        if new:
+            tuples[addr] = ports if known is None else known | ports
         count += new
         at += 1
     flush()

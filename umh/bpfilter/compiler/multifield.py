@@ -68,9 +68,10 @@ from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU32_REG, BPF_ALU64_IMM, BPF_ALU64_R
                         BPF_EMIT_CALL, BPF_H, BPF_JMP32_IMM, BPF_JMP_A, BPF_JMP_IMM, BPF_JMP_REG, BPF_LD_MAP_FD,
                         BPF_LDX_MEM, BPF_MOV32_IMM, BPF_MOV64_IMM, BPF_MOV64_REG, BPF_STX_MEM,
                         BPF_W, FP, R0, R1, R2, R3, R4, R5, R7, R8, R9, MapRef)
+from ..forked import forked
 from ..model import Rule
 from . import classifier, facts
-from .classifier import Masks
+from .classifier import RECORD_SIZE, Masks
 
 RECORDS = MapRef("classifier_records")
 
@@ -142,7 +143,7 @@ class Tuple(NamedTuple):
     masks: Masks    # what the key keeps of each fact
     first: int      # the smallest packed entry of its rules
     width: int      # its largest slot: the walk's bound, all the verifier unrolls
-    slots: int      # its slot table's first record
+    slots: int      # its slot table's first record (its slots count from there)
     bits: int       # log2 of its slots
 
 
@@ -185,7 +186,7 @@ _SHAPES: dict[tuple, Shape] = {}
 
 
 def _shape(*bits: int) -> Shape:
-    """Shape(*bits), shared: members() makes two a rule, of few distinct values."""
+    """Shape(*bits), shared: every rule's member has one, of few distinct values."""
     shape = _SHAPES.get(bits)
     if shape is None:
         shape = _SHAPES[bits] = Shape(*bits)
@@ -196,34 +197,47 @@ def _member(*fields) -> _Member:
     return tuple.__new__(_Member, fields)   # _Member(*fields), without its Python __new__
 
 
-def members(low: classifier.Lowered, position: int
-            ) -> tuple[Optional[_Member], Optional[_Member]]:
-    """The rule, at `position` in its run, in the main structure and in the projection
-    (None: not there)."""
-    _, saddr, smask, slen, daddr, dmask, dlen, proto, ports, verdict = low
-    if saddr & ~smask or daddr & ~dmask:
-        return None, None
+def _ip_member(low: classifier.Lowered, packed: int) -> _Member:
+    _, saddr, smask, slen, daddr, dmask, dlen, proto, _, _ = low
     pmask = 0xFF if proto else 0
-    ip_shape = _shape(slen, dlen, pmask and 8, 0, 0)
-    if ports is None:   # the same in both
-        packed = position << 2 | verdict
-        m = _member(packed, saddr, smask, daddr, dmask, proto, pmask, _ANY_PORT, _ANY_PORT,
-                    False, ip_shape, _RECORD.pack(saddr, smask, daddr, dmask, 0, 0xFFFF, 0,
-                                                  0xFFFF, packed, proto, pmask, False))
-        return m, m
-    packed = position << 2 | classifier.VERDICT_HOTDROP
-    ip_only = _member(packed, saddr, smask, daddr, dmask, proto, pmask, _ANY_PORT, _ANY_PORT,
-                      False, ip_shape, _RECORD.pack(saddr, smask, daddr, dmask, 0, 0xFFFF, 0,
-                                                    0xFFFF, packed, proto, pmask, False))
+    return _member(packed, saddr, smask, daddr, dmask, proto, pmask, _ANY_PORT, _ANY_PORT,
+                   False, _shape(slen, dlen, pmask and 8, 0, 0),
+                   _RECORD.pack(saddr, smask, daddr, dmask, 0, 0xFFFF, 0, 0xFFFF, packed, proto,
+                                pmask, False))
+
+
+def _never_matches(low: classifier.Lowered) -> bool:
+    """Address bits outside the mask: (packet & mask) == addr never holds."""
+    return bool(low.saddr & ~low.smask or low.daddr & ~low.dmask)
+
+
+def main_member(low: classifier.Lowered, position: int) -> Optional[_Member]:
+    """The rule, at `position` in its run, in the main structure (None: not there)."""
+    if _never_matches(low):
+        return None
+    ports = low.ports
+    if ports is None:
+        return _ip_member(low, position << 2 | low.verdict)
     slo, shi, dlo, dhi = ports
     if slo > shi or dlo > dhi:
-        return None, ip_only
+        return None
+    _, saddr, smask, slen, daddr, dmask, dlen, proto, _, verdict = low
+    pmask = 0xFF if proto else 0
     packed = position << 2 | verdict
     return _member(packed, saddr, smask, daddr, dmask, proto, pmask, (slo, shi), (dlo, dhi),
                    True, _shape(slen, dlen, pmask and 8, _block_bits(slo, shi),
                                 _block_bits(dlo, dhi)),
                    _RECORD.pack(saddr, smask, daddr, dmask, slo, shi, dlo, dhi, packed, proto,
-                                pmask, True)), ip_only
+                                pmask, True))
+
+
+def projection_member(low: classifier.Lowered, position: int) -> Optional[_Member]:
+    """The rule, at `position` in its run, in the projection (None: not there): its ip
+    part, "hotdrop" for a port rule."""
+    if _never_matches(low):
+        return None
+    return _ip_member(low, position << 2 | (classifier.VERDICT_HOTDROP if low.ports
+                                            else low.verdict))
 
 
 def _fits(shape: Shape, profile: Shape) -> bool:
@@ -393,67 +407,106 @@ def _slots(buckets: dict[tuple, list[_Member]], bits: int) -> dict[int, list[_Me
     return slots
 
 
-def _record_count(layout: list) -> int:
-    return sum((1 << bits >> SLOTS_PER_RECORD_BITS) + sum(map(len, slots.values()))
-               for _, bits, slots in layout)
+class _Built(NamedTuple):
+    """One structure built over the first `taken` rules of a run, laid out: its
+    records (slot tables, then rules) and tuples counting from its first record."""
+
+    taken: int
+    lookups: int
+    tuples: list[Tuple]
+    records: bytes
+
+    @staticmethod
+    def main(lows: list[classifier.Lowered], base: int) -> "_Built":
+        merged, taken = _Merged(), len(lows)
+        for at, low in enumerate(lows):
+            m = main_member(low, low.entry - base)
+            if m is not None and not merged.add(m):
+                taken = at
+                break
+        return _Built.laid_out(merged, taken)
+
+    @staticmethod
+    def projection(lows: list[classifier.Lowered], base: int) -> "_Built":
+        merged, taken = _Merged(), len(lows)
+        seen_ip: set[tuple] = set()
+        for at, low in enumerate(lows):
+            m = projection_member(low, low.entry - base)
+            if m is None:
+                continue
+            ident = m[1:7]
+            if ident not in seen_ip:   # only the first rule of an ip part is ever first
+                seen_ip.add(ident)
+                if not merged.add(m):
+                    taken = at
+                    break
+        return _Built.laid_out(merged, taken)
+
+    @staticmethod
+    def laid_out(merged: "_Merged", taken: int) -> "_Built":
+        merged.merge_small()
+        records = bytearray()
+        tuples = []
+        for masks, bits, slots in merged.layout():
+            at = len(records) // RECORD_SIZE
+            table = bytearray(SLOT_SIZE << bits)
+            record = 1 << bits >> SLOTS_PER_RECORD_BITS   # the next rule's, from the table
+            rules = []
+            for index, members in slots.items():
+                _SLOT.pack_into(table, index * SLOT_SIZE, record, len(members))
+                rules.extend(m.record for m in members)
+                record += len(members)
+            records += table
+            records += b"".join(rules)
+            tuples.append(Tuple(masks, min(m[0].packed for m in slots.values()),
+                                max(map(len, slots.values())), at, bits))
+        return _Built(taken, len(merged.buckets), sorted(tuples, key=lambda t: t.first),
+                      bytes(records))
+
+    def placed(self, first_record: int) -> list[Tuple]:
+        """Its tuples, its records placed from `first_record` on."""
+        return [t._replace(slots=t.slots + first_record) for t in self.tuples]
 
 
-def _emit_layout(layout: list, run: MultiFieldRun) -> list[Tuple]:
-    """Add the tuples' slot tables and records to `run`; the tuples by their first rule."""
-    out = []
-    for masks, bits, slots in layout:
-        table = bytearray(SLOT_SIZE << bits)
-        at = run.record_count
-        record = at + (1 << bits >> SLOTS_PER_RECORD_BITS)   # the next rule's
-        rules = []
-        for index, members in slots.items():
-            _SLOT.pack_into(table, index * SLOT_SIZE, run.record_base + record, len(members))
-            rules.extend(m.record for m in members)
-            record += len(members)
-        run.records += table
-        run.records += b"".join(rules)
-        out.append(Tuple(masks, min(m[0].packed for m in slots.values()),
-                         max(map(len, slots.values())), run.record_base + at, bits))
-    return sorted(out, key=lambda t: t.first)
+# A run this long builds its projection in a child process, beside the main structure
+# (fork: the child shares the run's rules as they are); shorter ones do not pay the fork.
+PARALLEL_MIN = 20000
 
 
 class Plan:
     """The structures for the longest prefix of a run they can take: `rules`."""
 
     def __init__(self, lows: list[classifier.Lowered], by_entry: dict[int, Rule]):
-        self.main, self.projection = _Merged(), _Merged()
-        seen_ip: set[tuple] = set()
-        taken = 0
         base = lows[0].entry
-        for low in lows:
-            m, ip_part = members(low, low.entry - base)
-            if m is not None and not self.main.add(m):
-                break
-            if ip_part is not None:
-                ident = ip_part[1:7]
-                if ident not in seen_ip:   # only the first rule of an ip part is ever first
-                    seen_ip.add(ident)
-                    if not self.projection.add(ip_part):
-                        break
-            taken += 1
+        if len(lows) >= PARALLEL_MIN:
+            with forked(_Built.projection, lows, base) as projection:
+                main = _Built.main(lows, base)
+            projection = projection.result()
+        else:
+            main, projection = _Built.main(lows, base), _Built.projection(lows, base)
+        taken = min(main.taken, projection.taken)
+        # a structure that took more than the other is built again for the rules both took
+        if main.taken > taken:
+            main = _Built.main(lows[:taken], base)
+        if projection.taken > taken:
+            projection = _Built.projection(lows[:taken], base)
+        self.main, self.projection = main, projection
         self.rules = [by_entry[low.entry] for low in lows[:taken]]
-        self.main.merge_small()
-        self.projection.merge_small()
 
     def pays(self) -> bool:
         """Whether the lookups cost less than walking the rules (RULES_PER_LOOKUP)."""
-        lookups = max(len(self.main.buckets), len(self.projection.buckets), 1)
+        lookups = max(self.main.lookups, self.projection.lookups, 1)
         return len(self.rules) >= RULES_PER_LOOKUP * lookups
 
     def commit(self, space: classifier.TupleSpace, cut_by: Optional[Rule]) -> MultiFieldRun:
         """The run, its records allocated in `space`; `cut_by` is the rule it could
         not take, if any."""
-        main, projection = self.main.layout(), self.projection.layout()
-        run = MultiFieldRun(self.rules, {}, bytearray(),
-                            space.record_slots(_record_count(main) + _record_count(projection)),
-                            cut_by)
-        run.tuples = _emit_layout(main, run)
-        run.ip_tuples = _emit_layout(projection, run)
+        records = self.main.records + self.projection.records
+        run = MultiFieldRun(self.rules, {}, bytearray(records),
+                            space.record_slots(len(records) // RECORD_SIZE), cut_by)
+        run.tuples = self.main.placed(run.record_base)
+        run.ip_tuples = self.projection.placed(run.record_base
+                                               + len(self.main.records) // RECORD_SIZE)
         return run
 
 
@@ -469,11 +522,12 @@ def emit_search(asm: Assembler, tuples: list[Tuple], tuple_fp: int, decide) -> N
         _emit_slot(asm, t, tuple_fp, next_tuple)
         asm.emit(BPF_MOV64_IMM(R9, 0))
         asm.place(loop)
-        # R8: the slot (u32 first record, u32 count); R9: records walked
+        # R8: the slot (u32 first record from the table's, u32 count); R9: records walked
         asm.emit(BPF_JMP_IMM(I.BPF_JGE, R9, t.width, next_tuple),
                  BPF_LDX_MEM(BPF_W, R1, R8, 4),
                  BPF_JMP_REG(I.BPF_JGE, R9, R1, next_tuple),
                  BPF_LDX_MEM(BPF_W, R1, R8, 0), BPF_ALU64_REG(I.BPF_ADD, R1, R9),
+                 BPF_ALU64_IMM(I.BPF_ADD, R1, t.slots),
                  BPF_STX_MEM(BPF_W, FP, R1, tuple_fp),
                  BPF_ALU64_IMM(I.BPF_ADD, R9, 1),
                  BPF_LD_MAP_FD(R1, RECORDS),
