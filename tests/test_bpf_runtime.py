@@ -437,6 +437,39 @@ def test_verifier_log_grows_past_a_small_buffer():
     assert len(e.value.log) > 4096
 
 
+def _interrupted_loads(monkeypatch, times: int) -> list:
+    """BPF_PROG_LOAD answers EAGAIN `times` times, as the verifier does when a signal
+    is pending, then goes to the kernel; the loads it saw."""
+    real, seen = bpf._sys_bpf, []
+
+    def sys_bpf(cmd, attr):
+        if cmd == bpf.BPF_PROG_LOAD:
+            seen.append(cmd)
+            if len(seen) <= times:
+                bpf.ffi.errno = errno.EAGAIN
+                return -1
+        return real(cmd, attr)
+    monkeypatch.setattr(bpf, "_sys_bpf", sys_bpf)
+    return seen
+
+
+def test_a_load_the_verifier_gave_up_on_for_a_signal_is_tried_again(monkeypatch):
+    seen = _interrupted_loads(monkeypatch, 2)
+    fd = load_nf(ACCEPT, "interrupted")
+    try:
+        assert bpf.prog_info(fd)["name"] == "interrupted" and len(seen) == 3
+    finally:
+        os.close(fd)
+
+
+def test_a_load_interrupted_every_time_fails_with_eagain(monkeypatch):
+    seen = _interrupted_loads(monkeypatch, 1000)
+    with pytest.raises(bpf.BpfError) as e:
+        load_nf(ACCEPT, "interrupted")
+    assert e.value.errno == errno.EAGAIN
+    assert len(seen) == 2 * bpf._PROG_LOAD_ATTEMPTS   # without a log, then with one
+
+
 def test_netfilter_return_value_is_range_checked():
     with pytest.raises(bpf.VerifierError, match=r"should have been in \[0, 1\]"):
         load_nf(insn(MOV64_IMM, 0, imm=7) + insn(EXIT), "ret7")
