@@ -43,6 +43,7 @@ def test_bench_smoke(tmp_path):
                 assert rec["rel"][flow] > 0, (system, flow)
             if system != "none":
                 assert rec["apply_s"] > 0 and rec["append_s"] > 0, (system, rec)
+        assert run["systems"]["bpfilter"]["append_exec_s"] > 0
         b = run["bpfilter"]
         assert b["ns_per_packet"]["match"] > 0 and b["ns_per_packet"]["miss"] > 0
         assert b["footprint"]["xlated_insns"] > 0 and b["footprint"]["map_bytes"] > 0

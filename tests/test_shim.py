@@ -472,6 +472,23 @@ def test_exec_runs_the_command_with_the_shim(stub, fresh_netns, fresh_filter):
     assert done.returncode == 127 and "cannot run no-such-command-here" in done.stderr
 
 
+def test_env_gives_every_later_command_the_shim(stub, fresh_netns, fresh_filter):
+    """`eval "$(bpfilter env)"` once, and plain iptables commands reach the service;
+    evaluated again, it preloads the shim once, before what was preloaded already."""
+    info, entries, _ = fresh_filter
+    s = stub(kernel_like(info, entries))
+    env = dict(os.environ, BPFILTER_SOCKET=s.path, LD_PRELOAD="libm.so.6")
+    script = ('eval "$(bpfilter_env)" && eval "$(bpfilter_env)" && iptables-legacy -S && '
+              'printf "%s\\n%s\\n" "$LD_PRELOAD" "$BPFILTER_SOCKET"')
+    done = subprocess.run(["ip", "netns", "exec", fresh_netns, "bash", "-c",
+                           f'bpfilter_env() {{ "{sys.executable}" -m bpfilter env; }}; {script}'],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["-P INPUT ACCEPT", "-P FORWARD ACCEPT", "-P OUTPUT ACCEPT",
+                                        f"{SHIM}:libm.so.6", s.path]
+    assert ops(s) == [(proto.Op.GETSOCKOPT, IPT_SO_GET_INFO), (proto.Op.GETSOCKOPT, IPT_SO_GET_ENTRIES)]
+
+
 def test_exec_starts_the_service_outside_ip_netns_exec(fresh_netns):
     """No service yet: exec starts the real one, in the host's mount namespace
     (not the private one `ip netns exec` gives), and iptables then talks to it."""

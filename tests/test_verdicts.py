@@ -889,6 +889,28 @@ def test_a_table_too_long_for_16_bit_jumps(classified, monkeypatch):
     assert index["OUTPUT policy"] == 2 + n
 
 
+def test_counters_add_and_wrap_as_the_kernels_u64():
+    """Counters are u64 in the kernel: what IPT_SO_SET_ADD_COUNTERS adds and what the
+    programs count (per CPU) sum modulo 2^64, entry by entry."""
+    table = load_filter_table(blob_of("-A OUTPUT -p udp -j ACCEPT\n-A OUTPUT -j DROP"),
+                              attach=False)
+    try:
+        n = table.ruleset.table.num_entries
+        near = (1 << 64) - 3
+        table.ruleset.add_counters([(near - i, i) for i in range(n)])
+        table.ruleset.add_counters([(2, near)] * n)
+        assert table.test_run(OUT, udp().build(1, 0)) == ACCEPT
+        assert table.test_run(OUT, udp().build(1, 0)) == ACCEPT
+        counters = table.counters()
+    finally:
+        table.close()
+    udp_rule = entry_index("-A OUTPUT -p udp -j ACCEPT")["OUTPUT 1"]
+    u64 = (1 << 64) - 1
+    assert counters == [((near - i + 2 + (2 if i == udp_rule else 0)) & u64,
+                         (i + near + (2 * 44 if i == udp_rule else 0)) & u64)
+                        for i in range(n)]
+
+
 # ---------------------------------------------------------------- against the kernel
 
 OUTPUT_ONLY = [p for p in CASES if all(hook == OUT for hook, _, _ in p.values[0].steps)]

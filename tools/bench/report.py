@@ -17,7 +17,7 @@ MIX_STYLES = {"blocklist": "-", "ports": "--", "classbench": ":"}
 LOAD_STAGES = ("parse", "decode", "compile", "assemble", "verify")
 CSV_FIELDS = ("mix", "n", "system", "rate_match_pps", "rate_miss_pps", "rel_match", "rel_miss",
               "wall_rate_match_pps", "wall_rate_miss_pps", "wall_rel_match", "wall_rel_miss",
-              "apply_s", "append_s", "ns_per_pkt_match", "ns_per_pkt_miss", "test_run_repeat",
+              "apply_s", "append_s", "append_exec_s", "ns_per_pkt_match", "ns_per_pkt_miss", "test_run_repeat",
               "xlated_insns", "jited_bytes", "map_bytes", *(f"load_{k}_s" for k in LOAD_STAGES),
               "error")
 
@@ -71,10 +71,11 @@ def tables(results: dict) -> str:
 
     out.append("")
     out.append("bpfilter: INPUT program (BPF_PROG_TEST_RUN ns/packet, match last / no match), "
-               "its size, its maps; the load replayed in-process (seconds per stage)")
+               "its size, its maps; the load replayed in-process (seconds per stage); "
+               "appending through `bpfilter exec` (seconds)")
     head = (f"{'mix':<11}{'N':>7}  {'ns/packet':>17} {'insns':>8} {'jited B':>9} "
             f"{'maps B':>10}  {'parse':>6} {'decode':>6} {'compile':>7} {'assemble':>8} "
-            f"{'verify':>7} {'other':>6}")
+            f"{'verify':>7} {'other':>6}  {'exec append':>11}")
     out += [head, "-" * len(head)]
     for run in runs:
         b = run.get("bpfilter") or {}
@@ -89,7 +90,8 @@ def tables(results: dict) -> str:
                 f"{_num(fp.get('map_bytes'), 'd'):>10}  "
                 + " ".join(f"{_num(stages.get(k), '.2f'):>{w}}" for k, w in
                            (("parse", 6), ("decode", 6), ("compile", 7), ("assemble", 8),
-                            ("verify", 7), ("other", 6))))
+                            ("verify", 7), ("other", 6)))
+                + f"  {_num(run['systems'].get('bpfilter', {}).get('append_exec_s'), '.3g'):>11}")
         out.append(line)
 
     out.append("")
@@ -159,6 +161,7 @@ def csv_rows(results: dict) -> list[dict]:
                    "wall_rel_match": r.get("rel_wall", {}).get("match"),
                    "wall_rel_miss": r.get("rel_wall", {}).get("miss"),
                    "apply_s": r.get("apply_s"), "append_s": r.get("append_s"),
+                   "append_exec_s": r.get("append_exec_s"),
                    "error": r.get("error") or ("unsupported" if r.get("unsupported") else None)}
             if s == "bpfilter":
                 fp = b.get("footprint", {})

@@ -130,6 +130,11 @@ def bench_one(lab, systems: dict, mix: str, n: int, args) -> dict:
                 "repeat": args.repeat,
                 "ns_per_packet": {f: ns_per_packet(prog, FLOWS[f], args.repeat) for f in FLOWS},
                 "footprint": footprint(pins, prog)}
+        # a counter per entry: the N rules, 3 policies, the final ERROR entry. Anything
+        # else means the commands did not reach bpfilter (the kernel took them).
+        entries = run["bpfilter"]["footprint"]["maps"]["filter_ctrs"]["max_entries"]
+        if entries != n + 4:
+            raise RuntimeError(f"{mix} N={n}: bpfilter holds {entries} entries, not {n + 4}")
     elif "bpfilter" in systems:
         run["bpfilter"] = {}
 
@@ -154,6 +159,10 @@ def bench_one(lab, systems: dict, mix: str, n: int, args) -> dict:
         try:
             rec["append_samples_s"] = [systems[name].append(ruleset) for _ in range(APPENDS)]
             rec["append_s"] = _median(rec["append_samples_s"])
+            if name == "bpfilter":
+                rec["append_exec_samples_s"] = [systems[name].append_exec(ruleset)
+                                                for _ in range(APPENDS)]
+                rec["append_exec_s"] = _median(rec["append_exec_samples_s"])
         except ApplyError as err:
             rec["append_error"], rec["append_s"] = str(err), err.seconds
 

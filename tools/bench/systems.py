@@ -1,8 +1,12 @@
 """The filters under test, each driven in its receiver namespace as a person drives it.
 
 Times are wall-clock times of the whole command (`ip netns exec` included, the same
-few milliseconds for every system), so bpfilter's include starting `bpfilter exec`'s
-Python and the service's compile and verification.
+few milliseconds for every system). bpfilter runs the same iptables-legacy binaries as
+the kernel's, with the preload shim in their environment (`bpfilter env`: what a
+script does once, and the closest this machine has to bpfilter.ko, which needs no
+shim), so its times are the commands' and the service's compile and verification.
+Appends are also timed through `bpfilter exec`, which starts a Python interpreter
+for every command (`append_exec`).
 """
 from __future__ import annotations
 
@@ -76,9 +80,20 @@ class Bpfilter(Legacy):
     """The same iptables-legacy binaries, their socket options sent to bpfilter."""
     name = "bpfilter"
 
-    def _iptables(self, command: str) -> list[str]:
+    def _exec(self, command: str) -> list[str]:
         return [sys.executable, "-m", "bpfilter", "exec", "--socket", self.env["BPFILTER_SOCKET"],
                 "--bpffs", self.env["BPFILTER_BPFFS"], "--", command]
+
+    def clear(self) -> None:
+        """Also starts the service (the first time), and puts the shim in the
+        environment of every later command."""
+        self._timed(self._exec("iptables-legacy-restore"), EMPTY_TABLE)
+        from bpfilter.execute import environment
+        self.env = dict(self.env, **environment(self.env["BPFILTER_SOCKET"],
+                                                self.env["BPFILTER_BPFFS"]))
+
+    def append_exec(self, ruleset: Ruleset) -> float:
+        return self._timed([*self._exec("iptables-legacy"), *ruleset.extra.iptables().split()])
 
 
 class Nft(System):

@@ -62,6 +62,11 @@ def _exec(args) -> int:
     return run(args.argv, args.socket, args.bpffs)
 
 
+def _env(args) -> int:
+    from .execute import print_environment
+    return print_environment(args.socket, args.bpffs)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="bpfilter", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,7 +96,11 @@ def main(argv=None) -> int:
                        usage="%(prog)s [-h] [--socket S] [--bpffs B] -- CMD [ARGS...]")
     p.add_argument("argv", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     p.set_defaults(func=_exec)
-    for name in ("serve", "flush", "show", "exec"):
+    p = sub.add_parser("env", help="shell exports that send the iptables socket options of "
+                                   "every later command to the service (eval \"$(bpfilter env)\"), "
+                                   "starting one if needed")
+    p.set_defaults(func=_env)
+    for name in ("serve", "flush", "show", "exec", "env"):
         sub.choices[name].add_argument("--socket", default=DEFAULT_SOCKET,
                                        help="the service's unix socket")
         sub.choices[name].add_argument("--bpffs", default=DEFAULT_ROOT,

@@ -1,7 +1,12 @@
 """`bpfilter exec -- CMD ARGS...`: run an unmodified iptables against the service.
+`bpfilter env`: the same for every command of a shell or script.
 
 Without bpfilter.ko nothing routes iptables' socket options to the service, so
 the command runs with the preload shim (umh/bpfilter/shim/preload.c) that does.
+`exec` starts an interpreter for each command (tens of milliseconds); a script
+that runs iptables rule by rule (as Docker, ufw or fail2ban do) can instead
+`eval "$(bpfilter env)"` once: its iptables commands then reach the service as
+directly as they would through bpfilter.ko.
 """
 from __future__ import annotations
 
@@ -113,19 +118,34 @@ def start_service(path: str, bpffs: str, shim: str) -> None:
             pass
 
 
+def environment(socket_path: str = DEFAULT_SOCKET, bpffs: str = DEFAULT_ROOT) -> "dict[str, str]":
+    """What a command needs in its environment for its iptables socket options to
+    reach the service (started if it does not answer): the shim preloaded, and
+    where the service listens."""
+    shim = shim_path()
+    path = os.path.abspath(socket_path)
+    if not answers(path):
+        start_service(path, os.path.abspath(bpffs), shim)
+    others = _without(shim, os.environ.get("LD_PRELOAD", ""))   # once, however often asked
+    return {"BPFILTER_SOCKET": path, "LD_PRELOAD": f"{shim}:{others}" if others else shim}
+
+
 def run(argv: "list[str]", socket_path: str = DEFAULT_SOCKET, bpffs: str = DEFAULT_ROOT) -> int:
     if argv[:1] == ["--"]:
         argv = argv[1:]
     if not argv:
         raise BpfilterError(errno.EINVAL, "exec needs a command: bpfilter exec -- iptables ...")
-    shim = shim_path()
-    path = os.path.abspath(socket_path)
-    if not answers(path):
-        start_service(path, os.path.abspath(bpffs), shim)
-    env = dict(os.environ, BPFILTER_SOCKET=path)
-    env["LD_PRELOAD"] = shim + (f":{env['LD_PRELOAD']}" if env.get("LD_PRELOAD") else "")
+    env = dict(os.environ, **environment(socket_path, bpffs))
     try:
         os.execvpe(argv[0], argv, env)
     except OSError as err:
         print(f"bpfilter: cannot run {argv[0]}: {err.strerror}", file=sys.stderr)
         return 127 if err.errno == errno.ENOENT else 126
+
+
+def print_environment(socket_path: str = DEFAULT_SOCKET, bpffs: str = DEFAULT_ROOT) -> int:
+    """`bpfilter env`: the environment as shell exports, for eval."""
+    import shlex
+    for name, value in environment(socket_path, bpffs).items():
+        print(f"export {name}={shlex.quote(value)}")
+    return 0

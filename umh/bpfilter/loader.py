@@ -22,7 +22,6 @@ import array
 import errno
 import functools
 import itertools
-import operator
 import os
 import struct
 from contextlib import ExitStack, nullcontext
@@ -47,7 +46,6 @@ from .model import Hook, Table
 from .netfilter import NF_IP_PRI_FILTER
 
 COUNTER = struct.Struct("<QQ")   # struct { u64 packets; u64 bytes; }
-_U64 = (1 << 64) - 1
 _CLASSIFIER_VALUE = struct.Struct("<II")   # entry, verdict
 _KEY0 = struct.pack("<I", 0)
 
@@ -81,27 +79,21 @@ class Ruleset:
 
     def packed_counters(self) -> bytes:
         """counters() as an array of struct xt_counters, summed as the kernel sums
-        them (u64, wrapping). Whole columns at a time: a 100k-entry table has
-        100k counters per CPU."""
+        them (u64, wrapping)."""
         count = self.table.num_entries
         cpus = bpf.possible_cpus()
         _, added = bpf.map_lookup_batch(self.offsets_fd, 4, COUNTER.size, count)
         _, per_cpu = bpf.map_lookup_batch(self.counters_fd, 4,
                                           bpf.percpu_value_size(COUNTER.size), count)
-        totals = array.array("Q", added)
-        per_cpu_words = memoryview(per_cpu).cast("Q")
-        for cpu in range(cpus):
-            for word in (0, 1):   # packets, bytes
-                totals[word::2] = _add64(totals[word::2], per_cpu_words[2 * cpu + word::2 * cpus])
-        return totals.tobytes()
+        return _sum_u64([added, *(_cpu_values(per_cpu, cpu, cpus) for cpu in range(cpus))])
 
     def add_counters(self, added: list[tuple[int, int]]) -> None:
         """IPT_SO_SET_ADD_COUNTERS: (packets, bytes) per entry, added as the kernel
         adds them (u64, wrapping)."""
         count = self.table.num_entries
         keys, current = bpf.map_lookup_batch(self.offsets_fd, 4, COUNTER.size, count)
-        summed = _add64(array.array("Q", current), itertools.chain.from_iterable(added))
-        bpf.map_update_batch(self.offsets_fd, keys, summed.tobytes(), count)
+        summed = _sum_u64([current, b"".join(itertools.starmap(COUNTER.pack, added))])
+        bpf.map_update_batch(self.offsets_fd, keys, summed, count)
 
     def took_over(self, previous: "Ruleset") -> None:
         """Once its programs replaced those of `previous` at every hook, and
@@ -210,9 +202,34 @@ class HookSlot:
             os.close(fd)
 
 
-def _add64(a, b) -> array.array:
-    """Element-wise a + b of two u64 sequences, wrapping as u64 arithmetic does."""
-    return array.array("Q", map(operator.and_, map(operator.add, a, b), itertools.repeat(_U64)))
+def _cpu_values(per_cpu: bytes, cpu: int, cpus: int) -> bytes:
+    """One CPU's counters out of a per-CPU batch (each entry's CPUs in a row)."""
+    if cpus == 1:
+        return per_cpu
+    out = bytearray(len(per_cpu) // cpus)
+    for byte in range(COUNTER.size):
+        out[byte::COUNTER.size] = per_cpu[cpu * COUNTER.size + byte::cpus * COUNTER.size]
+    return out
+
+
+def _sum_u64(arrays: list[bytes]) -> bytes:
+    """The element-wise sum of equally long arrays of little-endian u64, wrapping as
+    u64 arithmetic does. A loop over 100k counters a CPU would cost a tenth of a
+    second; Python adds big integers at C speed: each array is spread to 128-bit
+    lanes (a lane's sum stays below 2^128, so no carry reaches the next one), read as
+    one integer, and the total's lanes are cut back to their low 64 bits."""
+    count = len(arrays[0]) // 8
+    total = 0
+    for words in arrays:
+        wide = bytearray(16 * count)
+        for byte in range(8):
+            wide[byte::16] = words[byte::8]
+        total += int.from_bytes(wide, "little")
+    wide = total.to_bytes(16 * count, "little")
+    out = bytearray(8 * count)
+    for byte in range(8):
+        out[byte::8] = wide[byte::16]
+    return bytes(out)
 
 
 def _owned(undo: ExitStack, fd: int) -> int:

@@ -281,29 +281,33 @@ def _walk_entries(table: RawTable, body: bytes, hook_entry: list, underflow: lis
     # made while looking entries up; a first parse leaves it to the next replace
     by_rule_bytes = table.by_rule_bytes = {} if known else None
     targets: dict = {}
-    entries = table.entries
+    entries, same_as, size = table.entries, table.same_as, table.size
+    volatile = _VOLATILE.unpack_from
     off = 0
     index = 0
-    while off < table.size:
+    while off < size:
         # entries[] is 8-byte aligned in the kernel, so only the offset matters.
         if off % 8:
             raise invalid(f"offset {off}: entry is not 8-byte aligned (previous next_offset is not a multiple of 8)", index)
-        if off + SIZEOF_IPT_ENTRY >= table.size:
-            raise invalid(f"offset {off}: only {table.size - off} bytes left, not enough for an entry", index)
+        if off + SIZEOF_IPT_ENTRY >= size:
+            raise invalid(f"offset {off}: only {size - off} bytes left, not enough for an entry", index)
         next_offset = _NEXT_OFFSET.unpack_from(body, off + _NEXT_OFFSET_AT)[0]
-        if off + next_offset > table.size:
-            raise invalid(f"offset {off}: next_offset {next_offset} runs past the end of the table ({table.size} bytes)", index)
+        if off + next_offset > size:
+            raise invalid(f"offset {off}: next_offset {next_offset} runs past the end of the table ({size} bytes)", index)
         if next_offset < SIZEOF_IPT_ENTRY + SIZEOF_XT_ENTRY_HEADER:
             raise invalid(f"offset {off}: next_offset {next_offset} is smaller than an entry with a target", index)
         raw = body[off : off + next_offset]
-        rule_bytes = _rule_bytes(raw) if known else None
-        same = known.get(rule_bytes) if known else None
+        if known:
+            rule_bytes = _rule_bytes(raw)
+            same = known.get(rule_bytes)
+        else:
+            same = None
         if same is None:
             e = _parse_entry(raw, index, off, targets)
         else:
             e = RawEntry(index, off, same.ip, same.nfcache, same.target_offset, next_offset,
-                         *_VOLATILE.unpack_from(raw, _COMEFROM_AT), same.matches, same.target, raw)
-            table.same_as[index] = same.index
+                         *volatile(raw, _COMEFROM_AT), same.matches, same.target, raw)
+            same_as[index] = same.index
         if off in hook_offsets:
             _check_hooks(table, e, hook_entry, underflow)
         entries.append(e)
