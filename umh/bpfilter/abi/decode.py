@@ -60,6 +60,10 @@ def table_from_raw(raw: RawTable, family: Family = Family.IPV4,
     # A match decodes, checks included, from its bytes, the rule's protocol and the
     # hooks the rule is reachable from: rules repeating one share its model (immutable).
     decoded: dict[tuple, Match] = {}
+    # Rules repeat their ip part too (every rule of a per-port list has the same one),
+    # and the parse shares equal targets, checked once.
+    ip_parts: dict[bytes, IpHeader] = {}
+    builtin_checked: set[int] = set()
     for e in entries:
         rule = reused.get(e.index)
         if rule is not None:
@@ -68,7 +72,10 @@ def table_from_raw(raw: RawTable, family: Family = Family.IPV4,
             if isinstance(rule.target, ExtensionTarget):
                 targets[e.index] = rule.target
             continue
-        ip = _ip_header(e)
+        ip_bytes = e.raw[:X.SIZEOF_IPT_IP]   # as parsed: the entry's ipt_ip
+        ip = ip_parts.get(ip_bytes)
+        if ip is None:
+            ip = ip_parts[ip_bytes] = _ip_header(e)
         ips.append(ip)
         place = _Place(where, e.index)
         rule_matches = []
@@ -82,7 +89,9 @@ def table_from_raw(raw: RawTable, family: Family = Family.IPV4,
         matches.append(rule_matches)
         t = e.target
         if t.name in (X.XT_STANDARD_TARGET, X.XT_ERROR_TARGET):
-            check_builtin_target(e)
+            if id(t) not in builtin_checked:
+                check_builtin_target(e)
+                builtin_checked.add(id(t))
         else:
             targets[e.index] = ext.decode_target(t.name, t.revision, t.data, ip, family, place)
     check_do_replace(raw)
