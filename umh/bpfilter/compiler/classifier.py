@@ -157,19 +157,21 @@ class Lowered(NamedTuple):
 
 def lower(rule: Rule) -> Optional[Lowered]:
     """The rule as the classifier takes it, or None if it is not eligible (see the
-    module docstring)."""
-    ip = rule.ip
+    module docstring). (Made for every rule of a chain: unpacked, not attribute by
+    attribute.)"""
     verdict = _VERDICTS.get(type(rule.target))
     if verdict is None:
         return None
-    src, dst = ip.src, ip.dst
-    if src.invert or dst.invert or ip.invert_proto or ip.fragment or ip.invert_fragment:
+    src, dst, in_iface, out_iface, proto, invert_proto, fragment, invert_fragment = rule.ip
+    saddr, smask, sinvert = src
+    daddr, dmask, dinvert = dst
+    if sinvert or dinvert or invert_proto or fragment or invert_fragment:
         return None
-    if not ((ip.in_iface == _NO_INTERFACE or ip.in_iface.is_any)
-            and (ip.out_iface == _NO_INTERFACE or ip.out_iface.is_any)):
+    if not ((in_iface == _NO_INTERFACE or in_iface.is_any)
+            and (out_iface == _NO_INTERFACE or out_iface.is_any)):
         return None
     matches = _packet_matches(rule)
-    if len(src.addr) != 4 or len(matches) > 1:
+    if len(saddr) != 4 or len(matches) > 1:
         return None
     ports = None
     if matches:
@@ -183,10 +185,11 @@ def lower(rule: Rule) -> Optional[Lowered]:
         if sport.invert or dport.invert:
             return None
         ports = (sport.lo, sport.hi, dport.lo, dport.hi)
-    smask, slen = _mask(src.mask)
-    dmask, dlen = _mask(dst.mask)
-    return Lowered(rule.entry, int.from_bytes(src.addr, "little"), smask, slen,
-                   int.from_bytes(dst.addr, "little"), dmask, dlen, ip.proto, ports, verdict)
+    smask, slen = _mask(smask)
+    dmask, dlen = _mask(dmask)
+    return tuple.__new__(Lowered, (rule.entry, int.from_bytes(saddr, "little"), smask, slen,
+                                   int.from_bytes(daddr, "little"), dmask, dlen, proto, ports,
+                                   verdict))
 
 
 def eligible(rule: Rule) -> bool:
