@@ -356,6 +356,15 @@ def large_ruleset(rng: random.Random, hints: _Hints, size: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def large_acl_ruleset(rng: random.Random, hints: _Hints, size: int) -> str:
+    """`size` ClassBench-style ACL rules in INPUT, then a short tail of any shape."""
+    lines = ["*filter"] + [f":{c} {rng.choice(['ACCEPT', 'DROP'])} [0:0]" for c in BUILTIN]
+    lines += [_acl_rule(rng, "INPUT", hints) for _ in range(size)]
+    lines += [_rule(rng, "INPUT", None, [], hints) for _ in range(5)]
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
 def ruleset(rng: random.Random, hints: _Hints, more: bool = False) -> str:
     chains = [f"c{i}" for i in range(rng.randint(0, 5))]
     lines = ["*filter"]
@@ -452,12 +461,12 @@ def generate(seed: int, n_cases: int = 200, runs: bool = False,
              more: bool = False) -> tuple[str, list[Case]]:
     """A ruleset and packets aimed at it; `runs`: made of long runs of simple rules;
     `acl`: of long ClassBench-style ACL runs; `size`: that many rules, as large real
-    lists are written; `more`: with the multiport, iprange, length, ttl and comment
+    lists are written (or, with `acl`, as one long ACL); `more`: with the multiport, iprange, length, ttl and comment
     matches too."""
     rng = random.Random(seed)
     hints = _Hints()
     if size is not None:
-        text = large_ruleset(rng, hints, size)
+        text = (large_acl_ruleset if acl else large_ruleset)(rng, hints, size)
     elif acl:
         text = acl_ruleset(rng, hints)
     else:

@@ -211,6 +211,19 @@ def test_ten_thousand_rules(lab):
     assert_identical(lab, ruleset, cases)
 
 
+def test_ten_thousand_acl_rules(lab, monkeypatch):
+    """A 10k-rule ClassBench-style ACL in INPUT: one multifield run, its slot tables
+    and records at scale, its projection built by a forked child (as past 20k rules),
+    against packets aimed inside and just outside its networks and ranges."""
+    monkeypatch.setattr(multifield, "PARALLEL_MIN", 1000)
+    ruleset, cases = generate(434343, n_cases=400, size=10_000, acl=True)
+    table = table_from_raw(codec.parse_replace(replace_blob(ruleset)))
+    runs = [s for s in classifier.segments(table.chains["INPUT"].rules, classifier.TupleSpace())
+            if isinstance(s, multifield.MultiFieldRun)]
+    assert sum(len(run.rules) for run in runs) >= 9_000
+    assert_identical(lab, ruleset, cases)
+
+
 LINK_LAYER = """\
 *filter
 :INPUT ACCEPT [0:0]
