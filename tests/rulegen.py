@@ -461,7 +461,8 @@ def generate(seed: int, n_cases: int = 200, runs: bool = False,
              more: bool = False) -> tuple[str, list[Case]]:
     """A ruleset and packets aimed at it; `runs`: made of long runs of simple rules;
     `acl`: of long ClassBench-style ACL runs; `size`: that many rules, as large real
-    lists are written (or, with `acl`, as one long ACL); `more`: with the multiport, iprange, length, ttl and comment
+    lists are written (or, with `acl`, as one long ACL); `more`: with the multiport,
+    iprange, length, ttl and comment
     matches too."""
     rng = random.Random(seed)
     hints = _Hints()

@@ -486,7 +486,8 @@ def test_env_gives_every_later_command_the_shim(stub, fresh_netns, fresh_filter)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["-P INPUT ACCEPT", "-P FORWARD ACCEPT", "-P OUTPUT ACCEPT",
                                         f"{SHIM}:libm.so.6", s.path]
-    assert ops(s) == [(proto.Op.GETSOCKOPT, IPT_SO_GET_INFO), (proto.Op.GETSOCKOPT, IPT_SO_GET_ENTRIES)]
+    assert ops(s) == [(proto.Op.GETSOCKOPT, IPT_SO_GET_INFO),
+                      (proto.Op.GETSOCKOPT, IPT_SO_GET_ENTRIES)]
 
 
 def test_exec_starts_the_service_outside_ip_netns_exec(fresh_netns):

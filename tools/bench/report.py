@@ -17,8 +17,8 @@ MIX_STYLES = {"blocklist": "-", "ports": "--", "classbench": ":"}
 LOAD_STAGES = ("parse", "decode", "compile", "assemble", "verify")
 CSV_FIELDS = ("mix", "n", "system", "rate_match_pps", "rate_miss_pps", "rel_match", "rel_miss",
               "wall_rate_match_pps", "wall_rate_miss_pps", "wall_rel_match", "wall_rel_miss",
-              "apply_s", "append_s", "append_exec_s", "ns_per_pkt_match", "ns_per_pkt_miss", "test_run_repeat",
-              "xlated_insns", "jited_bytes", "map_bytes", *(f"load_{k}_s" for k in LOAD_STAGES),
+              "apply_s", "append_s", "append_exec_s", "ns_per_pkt_match", "ns_per_pkt_miss",
+              "test_run_repeat", "xlated_insns", "jited_bytes", "map_bytes", *(f"load_{k}_s" for k in LOAD_STAGES),
               "error")
 
 

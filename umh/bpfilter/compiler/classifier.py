@@ -154,6 +154,12 @@ class Lowered(NamedTuple):
     ports: Optional[tuple[int, int, int, int]]   # sport lo, hi, dport lo, hi; None: no match
     verdict: int
 
+    @property
+    def never_matches(self) -> bool:
+        """Address bits outside the mask: the kernel compares (packet & mask) == addr,
+        never true then."""
+        return bool(self.saddr & ~self.smask or self.daddr & ~self.dmask)
+
 
 def lower(rule: Rule) -> Optional[Lowered]:
     """The rule as the classifier takes it, or None if it is not eligible (see the
@@ -362,9 +368,9 @@ def _port_tuples(ranges: Optional[tuple]) -> frozenset:
 def rule_keys(low: Lowered):
     """(masks, key fields, entry, verdict) of every key a rule puts in its run's tuples,
     its ip projection included; nothing for a rule the kernel can never match."""
+    if low.never_matches:
+        return
     smask, dmask, saddr, daddr, proto = low.smask, low.dmask, low.saddr, low.daddr, low.proto
-    if saddr & ~smask or daddr & ~dmask:
-        return   # the kernel compares (packet & mask) == addr: never true
     pmask = 0xFF if proto else 0
     ports = low.ports
     if ports is None:

@@ -65,8 +65,8 @@ from typing import NamedTuple, Optional
 from ..bpf import insn as I
 from ..bpf.asm import Assembler
 from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU32_REG, BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B,
-                        BPF_EMIT_CALL, BPF_H, BPF_JMP32_IMM, BPF_JMP_A, BPF_JMP_IMM, BPF_JMP_REG, BPF_LD_MAP_FD,
-                        BPF_LDX_MEM, BPF_MOV32_IMM, BPF_MOV64_IMM, BPF_MOV64_REG, BPF_STX_MEM,
+                        BPF_EMIT_CALL, BPF_H, BPF_JMP32_IMM, BPF_JMP_A, BPF_JMP_IMM, BPF_JMP_REG,
+                        BPF_LD_MAP_FD, BPF_LDX_MEM, BPF_MOV32_IMM, BPF_MOV64_IMM, BPF_MOV64_REG, BPF_STX_MEM,
                         BPF_W, FP, R0, R1, R2, R3, R4, R5, R7, R8, R9, MapRef)
 from ..forked import forked
 from ..model import Rule
@@ -206,14 +206,9 @@ def _ip_member(low: classifier.Lowered, packed: int) -> _Member:
                                 pmask, False))
 
 
-def _never_matches(low: classifier.Lowered) -> bool:
-    """Address bits outside the mask: (packet & mask) == addr never holds."""
-    return bool(low.saddr & ~low.smask or low.daddr & ~low.dmask)
-
-
 def main_member(low: classifier.Lowered, position: int) -> Optional[_Member]:
     """The rule, at `position` in its run, in the main structure (None: not there)."""
-    if _never_matches(low):
+    if low.never_matches:
         return None
     ports = low.ports
     if ports is None:
@@ -234,7 +229,7 @@ def main_member(low: classifier.Lowered, position: int) -> Optional[_Member]:
 def projection_member(low: classifier.Lowered, position: int) -> Optional[_Member]:
     """The rule, at `position` in its run, in the projection (None: not there): its ip
     part, "hotdrop" for a port rule."""
-    if _never_matches(low):
+    if low.never_matches:
         return None
     return _ip_member(low, position << 2 | (classifier.VERDICT_HOTDROP if low.ports
                                             else low.verdict))
@@ -571,7 +566,7 @@ def _emit_slot(asm: Assembler, t: Tuple, tuple_fp: int, missing) -> None:
              BPF_EMIT_CALL(I.BPF_FUNC_map_lookup_elem),
              BPF_JMP_IMM(I.BPF_JEQ, R0, 0, missing),
              BPF_ALU32_IMM(I.BPF_AND, R8, (1 << SLOTS_PER_RECORD_BITS) - 1),
-             BPF_ALU32_IMM(I.BPF_LSH, R8, 3), BPF_ALU64_REG(I.BPF_ADD, R8, R0))
+             BPF_ALU32_IMM(I.BPF_MUL, R8, SLOT_SIZE), BPF_ALU64_REG(I.BPF_ADD, R8, R0))
 
 
 def _emit_record_test(asm: Assembler, mismatch) -> None:
