@@ -21,7 +21,7 @@ from bpfilter.bpf.insn import (BPF_ADD, BPF_ALU32_IMM, BPF_ALU64_IMM, BPF_ALU64_
                                BPF_JSLE, BPF_LD_IMM64, BPF_LD_MAP_FD, BPF_LDX_MEM, BPF_MOV32_REG,
                                BPF_MOV64_IMM, BPF_MOV64_REG, BPF_ST_MEM, BPF_STX_MEM, BPF_W,
                                FP, R0, R1, R2, R3, R6, Kfunc, MapRef)
-from bpfilter.compiler.facts import KernelOffsets
+from bpfilter.packet.facts import KernelOffsets
 from bpfilter.model import Hook
 
 pytestmark = pytest.mark.kernel

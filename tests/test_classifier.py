@@ -9,9 +9,10 @@ import socket
 
 from bpfilter import forked
 from bpfilter.abi import codec
-from bpfilter.abi.decode import table_from_raw
+from bpfilter.decode import table_from_raw
 from bpfilter.compiler import classifier, multifield
-from bpfilter.compiler.classifier import Run, TupleSpace, port_blocks, segments
+from bpfilter.compiler.classifier import Run, segments
+from bpfilter.compiler.runs import VERDICT_ACCEPT, VERDICT_DROP, VERDICT_HOTDROP, TupleSpace, lower, port_blocks
 from bpfilter.compiler.multifield import MultiFieldRun
 from bpfilter.ext.tcp import TcpMatch
 from bpfilter.model import Accept, Rule
@@ -100,7 +101,7 @@ def test_rules_that_can_never_match_put_no_key():
     rules = chain_rules("\n".join(f"-A INPUT -s 10.0.0.{i} -j DROP" for i in range(20)))
     ip = rules[1].ip
     odd = replace(rules[1], ip=ip._replace(src=ip.src._replace(mask=b"\xff\xff\xff\x00")))
-    assert list(classifier.rule_keys(classifier.lower(odd))) == []
+    assert list(classifier.rule_keys(lower(odd))) == []
 
 
 def test_comments_do_not_keep_rules_from_a_run():
@@ -185,7 +186,6 @@ def packet(rng: random.Random, nets: list, ports: list) -> dict:
 def kernel_first(rules: list, p: dict):
     """(entry, verdict) of the first rule ipt_do_table() stops at, VERDICT_HOTDROP
     where a port match drops the packet; None if the packet runs off the run."""
-    C = classifier
     for rule in rules:
         ip = rule.ip
         if any(p[fact] & int.from_bytes(prefix.mask, "little") != int.from_bytes(prefix.addr, "little")
@@ -193,16 +193,16 @@ def kernel_first(rules: list, p: dict):
             continue
         if ip.proto and p["proto"] != ip.proto:
             continue
-        verdict = C.VERDICT_ACCEPT if isinstance(rule.target, Accept) else C.VERDICT_DROP
+        verdict = VERDICT_ACCEPT if isinstance(rule.target, Accept) else VERDICT_DROP
         if not rule.matches:
             return rule.entry, verdict
         m = rule.matches[0]
         if p["fragoff"]:
             if isinstance(m, TcpMatch) and p["fragoff"] == 1:
-                return rule.entry, C.VERDICT_HOTDROP
+                return rule.entry, VERDICT_HOTDROP
             continue
         if p["l4"] < (20 if isinstance(m, TcpMatch) else 8):
-            return rule.entry, C.VERDICT_HOTDROP
+            return rule.entry, VERDICT_HOTDROP
         if m.sport.lo <= p["sport"] <= m.sport.hi and m.dport.lo <= p["dport"] <= m.dport.hi:
             return rule.entry, verdict
     return None
@@ -252,7 +252,7 @@ def test_a_classbench_acl_is_one_multifield_run_with_few_lookups():
     assert run.record_count - tables <= 2 * len(rules)
     assert not run.keys   # no hash lookups: slot tables
     assert tables <= 4 * multifield.SLOTS_PER_KEY * len(rules)
-    unmerged = {m for rule in rules for m in classifier.rule_keys(classifier.lower(rule))}
+    unmerged = {m for rule in rules for m in classifier.rule_keys(lower(rule))}
     assert len({masks for masks, *_ in unmerged}) > 100
 
 
@@ -301,7 +301,7 @@ def test_multifield_finds_the_kernels_first_match():
             if got is not None:
                 break
         assert got == expected, p
-        found["none" if got is None else "hotdrop" if got[1] == classifier.VERDICT_HOTDROP
+        found["none" if got is None else "hotdrop" if got[1] == VERDICT_HOTDROP
               else "deep" if got[0] > 200 else "match"] += 1
     assert min(found.values()) >= 50, found
 
@@ -328,7 +328,7 @@ def test_what_covers_a_rule():
         "-A INPUT -s 10.1.0.0/16 -p tcp --dport 1:1000 -j ACCEPT",
         "-A INPUT -s 10.1.0.0/16 -p tcp -j ACCEPT",
         "-A INPUT -s 10.1.0.0/16 -j ACCEPT"]))
-    ip_only, port80, ports, tcp16, any16 = (multifield.main_member(classifier.lower(r), r.entry)
+    ip_only, port80, ports, tcp16, any16 = (multifield.main_member(lower(r), r.entry)
                                                for r in rules)
     covers = multifield._covers
     assert covers(ip_only, port80) and covers(ip_only, tcp16) and covers(ports, port80)

@@ -14,8 +14,9 @@ import pytest
 
 from bpfilter.demo import RULESET as HOST_FIREWALL, TRAFFIC as HOST_TRAFFIC
 from bpfilter.abi import codec
-from bpfilter.abi.decode import table_from_raw
+from bpfilter.decode import table_from_raw
 from bpfilter.compiler import classifier, multifield
+from bpfilter.compiler.runs import TupleSpace
 from bpfilter.scratch import replace_blob
 from bpfilter.lab import T_IN_MAC, Case, Lab, Packet
 from rulegen import generate
@@ -190,7 +191,7 @@ def test_random_acl_runs_through_multifield(lab, seed, monkeypatch):
     ruleset, cases = generate(seed, n_cases=300, acl=True)
     table = table_from_raw(codec.parse_replace(replace_blob(ruleset)))
     runs = [s for chain in table.chains.values()
-            for s in classifier.segments(chain.rules, classifier.TupleSpace())
+            for s in classifier.segments(chain.rules, TupleSpace())
             if isinstance(s, multifield.MultiFieldRun)]
     assert sum(len(run.rules) for run in runs) >= 400
     assert_identical(lab, ruleset, cases)
@@ -218,7 +219,7 @@ def test_ten_thousand_acl_rules(lab, monkeypatch):
     monkeypatch.setattr(multifield, "PARALLEL_MIN", 1000)
     ruleset, cases = generate(434343, n_cases=400, size=10_000, acl=True)
     table = table_from_raw(codec.parse_replace(replace_blob(ruleset)))
-    runs = [s for s in classifier.segments(table.chains["INPUT"].rules, classifier.TupleSpace())
+    runs = [s for s in classifier.segments(table.chains["INPUT"].rules, TupleSpace())
             if isinstance(s, multifield.MultiFieldRun)]
     assert sum(len(run.rules) for run in runs) >= 9_000
     assert_identical(lab, ruleset, cases)

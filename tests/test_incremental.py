@@ -10,10 +10,11 @@ from dataclasses import replace
 import pytest
 
 from bpfilter.abi import codec
-from bpfilter.abi.decode import table_from_raw
+from bpfilter.decode import table_from_raw
 from bpfilter.bpf import syscall as bpf
 from bpfilter.bpf.btf import Btf
-from bpfilter.compiler import classifier, facts
+from bpfilter.compiler import classifier
+from bpfilter.packet import facts
 from bpfilter.compiler.codegen import compile_table
 from bpfilter.lab import Packet
 from bpfilter.loader import load_ruleset

@@ -6,7 +6,7 @@ import pytest
 
 from bpfilter import ext
 from bpfilter.abi import codec
-from bpfilter.abi.decode import table_from_raw
+from bpfilter.decode import table_from_raw
 from bpfilter.ext import limit
 from bpfilter.scratch import replace_blob
 

@@ -12,7 +12,7 @@ import pytest
 
 from bpfilter import netns
 from bpfilter.abi import codec
-from bpfilter.abi.decode import table_from_raw
+from bpfilter.decode import table_from_raw
 from bpfilter.bpf import syscall as bpf
 from bpfilter.loader import attach_slots, load_ruleset
 from bpfilter.ext import describe_match

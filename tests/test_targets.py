@@ -12,7 +12,7 @@ import pytest
 
 from bpfilter import klog
 from bpfilter.abi import codec
-from bpfilter.abi.decode import table_from_raw
+from bpfilter.decode import table_from_raw
 from bpfilter.abi.xtables import IPT_INV_PROTO, ipt_replace
 from bpfilter.bpf import syscall as bpf
 from bpfilter.errors import BpfilterError

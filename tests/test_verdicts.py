@@ -30,7 +30,7 @@ import pytest
 
 from bpfilter import listing
 from bpfilter.abi import codec, sockopt
-from bpfilter.abi.decode import table_from_raw
+from bpfilter.decode import table_from_raw
 from bpfilter.abi.xtables import (SIZEOF_IPT_ENTRY, SIZEOF_IPT_REPLACE, SIZEOF_XT_ENTRY_HEADER,
                                   ipt_replace)
 from bpfilter.errors import BpfilterError

@@ -10,7 +10,7 @@ from .paths import DEFAULT_ROOT, DEFAULT_SOCKET
 
 def _check(args) -> int:
     from .abi import codec
-    from .abi.decode import table_from_raw
+    from .decode import table_from_raw
     from .ext.log import logs
     from .klog import LogRing
     from .loader import load_ruleset

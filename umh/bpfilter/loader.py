@@ -30,12 +30,13 @@ from typing import Optional
 
 from . import ctnetns, netns
 from .abi import codec
-from .abi.decode import table_from_raw
+from .decode import table_from_raw
 from .bpf import syscall as bpf
 from .bpf.btf import Btf
-from .compiler import facts
+from .packet import facts
 from .ext import limit
-from .compiler.classifier import KEY_SIZE, RECORD_SIZE, VALUE_SIZE, Classified, TupleSpace
+from .compiler.classifier import KEY_SIZE, VALUE_SIZE
+from .compiler.runs import RECORD_SIZE, Classified, TupleSpace
 from .bpf.insn import Kfunc, MapRef
 from .errors import BpfilterError
 from .klog import LOG_LOST, LOG_RING, LogRing

@@ -26,7 +26,7 @@ from typing import Optional
 from . import ctnetns, netns, proto
 from .abi import codec
 from .abi import xtables as X
-from .abi.decode import SUPPORTED_TABLES, table_from_raw
+from .decode import SUPPORTED_TABLES, table_from_raw
 from .bpf import syscall as bpf
 from .bpf.syscall import BpfError
 from .errors import BpfilterError

@@ -36,20 +36,19 @@ Exactness where the kernel is subtle:
 from __future__ import annotations
 
 import functools
-import itertools
 import struct
 from dataclasses import dataclass, field, replace
-from typing import NamedTuple, Optional, Union
+from typing import Optional, Union
 
 from ..bpf import insn as I
 from ..bpf.asm import Assembler
 from ..bpf.insn import (BPF_ALU32_IMM, BPF_B, BPF_DW, BPF_H, BPF_LDX_MEM, BPF_ST_MEM, BPF_STX_MEM,
                         BPF_W, FP, R1, R6, R9, MapRef)
-from ..ext.comment import CommentMatch
-from ..ext.tcp import TcpMatch
-from ..ext.udp import UdpMatch
-from ..model import Accept, Drop, Interface, IpHeader, Rule
-from . import facts
+from ..model import IpHeader, Rule
+from ..packet import facts
+from . import multifield
+from .runs import (VERDICT_HOTDROP, Classified, Lowered, Masks, TupleSpace, eligible, lower,
+                   port_blocks, same_rule)
 
 MIN_RUN = 16
 # Runs of the ruleset being replaced are taken over from this size (EarlierRuns).
@@ -59,8 +58,6 @@ TAKEOVER_MIN = 256
 # walks. Runs of varied prefixes and port ranges (more tuples than rules) stay code.
 MAX_TUPLES = 32
 RULES_PER_TUPLE = 4
-INF = 0xFFFFFFFF
-VERDICT_DROP, VERDICT_ACCEPT, VERDICT_HOTDROP = 0, 1, 2
 
 # The hash map of every run's keys (the tuple space's and multifield's).
 MAP = MapRef("classifier")
@@ -68,49 +65,6 @@ MAP = MapRef("classifier")
 KEY_SIZE = 24
 K_TUPLE, K_SADDR, K_DADDR, K_SPORT, K_DPORT, K_PROTO, K_L4 = 0, 4, 8, 12, 14, 16, 17
 VALUE_SIZE = 8   # u32 entry, u32 verdict
-# multifield.RECORDS' values
-RECORD_SIZE = 32
-
-
-class Masks(NamedTuple):
-    """One tuple: which bits of each field its keys compare. (A NamedTuple: runs of
-    100k rules hash these a few times per rule.)"""
-
-    saddr: int
-    daddr: int
-    proto: int
-    sport: int
-    dport: int
-    l4: int
-    ip_only: bool = False   # the projection's tuples: their values say "hotdrop"
-
-
-_serials = itertools.count()
-
-
-@dataclass
-class Classified:
-    """A run of rules with what classifies it: its keys in MAP and (multifield) its
-    records. Entries there are relative to the run's first rule, so a run stays valid
-    wherever its rules move in the table (see `segments`, which takes runs over from
-    the ruleset being replaced)."""
-
-    rules: list[Rule]
-    keys: dict[bytes, tuple[int, int]]   # MAP's entries: key -> its two u32s
-    records: bytearray                   # multifield.RECORDS' values, RECORD_SIZE bytes each
-    record_base: int                     # its records' first slot in multifield.RECORDS
-    cut_by: Optional[Rule]               # the rule it ended at for want of room, if any
-    # one per run classified, kept when it is taken over
-    serial: int = field(default_factory=_serials.__next__)
-
-    @property
-    def record_count(self) -> int:
-        return len(self.records) // RECORD_SIZE
-
-    @property
-    def base(self) -> int:
-        """Its first rule's entry: what its relative entries count from."""
-        return self.rules[0].entry
 
 
 @dataclass
@@ -120,86 +74,6 @@ class Run(Classified):
 
 
 Segment = Union[Rule, Run, "multifield.MultiFieldRun"]
-
-
-def _packet_matches(rule: Rule) -> list:
-    matches = rule.matches
-    if not matches or (len(matches) == 1 and not isinstance(matches[0], CommentMatch)):
-        return matches   # most rules: no copy
-    return [m for m in matches if not isinstance(m, CommentMatch)]
-
-
-@functools.lru_cache(maxsize=1024)
-def _mask(mask: bytes) -> tuple[int, int]:
-    """A wire-order mask as facts hold it (a little-endian load) and its prefix length."""
-    return int.from_bytes(mask, "little"), 32 - (~int.from_bytes(mask, "big") & INF).bit_length()
-
-
-_VERDICTS = {Accept: VERDICT_ACCEPT, Drop: VERDICT_DROP}
-_NO_INTERFACE = Interface(bytes(16), bytes(16))   # what iptables writes without -i/-o
-
-
-class Lowered(NamedTuple):
-    """An eligible rule in the terms of keys and records, made once per rule: addresses
-    and masks as facts hold them (little-endian loads of the wire bytes)."""
-
-    entry: int
-    saddr: int
-    smask: int
-    slen: int      # the prefix the mask is, if it is one (its leading ones)
-    daddr: int
-    dmask: int
-    dlen: int
-    proto: int
-    ports: Optional[tuple[int, int, int, int]]   # sport lo, hi, dport lo, hi; None: no match
-    verdict: int
-
-    @property
-    def never_matches(self) -> bool:
-        """Address bits outside the mask: the kernel compares (packet & mask) == addr,
-        never true then."""
-        return bool(self.saddr & ~self.smask or self.daddr & ~self.dmask)
-
-
-def lower(rule: Rule) -> Optional[Lowered]:
-    """The rule as the classifier takes it, or None if it is not eligible (see the
-    module docstring). (Made for every rule of a chain: unpacked, not attribute by
-    attribute.)"""
-    verdict = _VERDICTS.get(type(rule.target))
-    if verdict is None:
-        return None
-    src, dst, in_iface, out_iface, proto, invert_proto, fragment, invert_fragment = rule.ip
-    saddr, smask, sinvert = src
-    daddr, dmask, dinvert = dst
-    if sinvert or dinvert or invert_proto or fragment or invert_fragment:
-        return None
-    if not ((in_iface == _NO_INTERFACE or in_iface.is_any)
-            and (out_iface == _NO_INTERFACE or out_iface.is_any)):
-        return None
-    matches = _packet_matches(rule)
-    if len(saddr) != 4 or len(matches) > 1:
-        return None
-    ports = None
-    if matches:
-        m = matches[0]
-        if isinstance(m, TcpMatch):
-            if m.flags_mask or m.invert_flags or m.option:
-                return None
-        elif not isinstance(m, UdpMatch):
-            return None
-        sport, dport = m.sport, m.dport
-        if sport.invert or dport.invert:
-            return None
-        ports = (sport.lo, sport.hi, dport.lo, dport.hi)
-    smask, slen = _mask(smask)
-    dmask, dlen = _mask(dmask)
-    return tuple.__new__(Lowered, (rule.entry, int.from_bytes(saddr, "little"), smask, slen,
-                                   int.from_bytes(daddr, "little"), dmask, dlen, proto, ports,
-                                   verdict))
-
-
-def eligible(rule: Rule) -> bool:
-    return lower(rule) is not None
 
 
 def segments(rules: list[Rule], space: "TupleSpace",
@@ -218,7 +92,7 @@ def segments(rules: list[Rule], space: "TupleSpace",
 
     def flush(cut_by: Optional[Rule] = None) -> None:
         nonlocal run, count
-        classified = space.add_run(run, by_entry, cut_by) if len(run) >= MIN_RUN else None
+        classified = tuple_space_run(space, run, by_entry, cut_by) if len(run) >= MIN_RUN else None
         if classified:
             flush_pooled()
             out.append(classified)
@@ -275,16 +149,6 @@ def segments(rules: list[Rule], space: "TupleSpace",
     return out
 
 
-def same_rule(old: Rule, new: Rule) -> bool:
-    """Whether `new` is `old` again, wherever its entry now is. Decoding shares the ip
-    header and the match list of an entry with the same bytes as one of the table in
-    place (decode.table_from_raw), so identity answers at once for most rules; equal
-    rules that are not the same objects (duplicates) compare field by field."""
-    return ((old.ip is new.ip or old.ip == new.ip)
-            and (old.matches is new.matches or old.matches == new.matches)
-            and old.target == new.target)
-
-
 class EarlierRuns:
     """The classified runs of the ruleset being replaced, to take over where their
     rules come again: an append to a 100k-rule chain then classifies one rule, and
@@ -336,19 +200,6 @@ class EarlierRuns:
         return replace(run, rules=rules[at:after])
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def port_blocks(lo: int, hi: int) -> tuple[tuple[int, int], ...]:
-    """(value, mask) prefix blocks covering exactly [lo, hi] of 16-bit ports."""
-    blocks = []
-    while lo <= hi:
-        size = lo & -lo if lo else 1 << 16
-        while size > hi - lo + 1:
-            size >>= 1
-        blocks.append((lo, 0xFFFF & ~(size - 1)))
-        lo += size
-    return tuple(blocks)
-
-
 def rule_tuples(low: Lowered) -> tuple[tuple, frozenset]:
     """The tuples of rule_keys(low), factored: the address and protocol masks, and the
     (sport mask, dport mask, l4, ip_only) they come with. Cheaper than making the keys,
@@ -386,48 +237,26 @@ def rule_keys(low: Lowered):
         VERDICT_HOTDROP if ports is not None else low.verdict
 
 
-class TupleSpace:
-    """Tuple ids and record slots, handed out for good: the successive rulesets of a
-    table share its maps (loader.ClassifierMaps), where a run taken over keeps its
-    keys and records, and a new run gets ids and slots no run in them has."""
-
-    def __init__(self) -> None:
-        self.next_tid = 0
-        self.next_record = 0
-
-    def new_tid(self) -> int:
-        self.next_tid += 1
-        return self.next_tid - 1
-
-    def record_slots(self, count: int) -> int:
-        """The first of `count` new record slots."""
-        self.next_record += count
-        return self.next_record - count
-
-    def wasteful(self, live_records: int) -> bool:
-        """Whether slots of runs gone outnumber those in use: time for new maps."""
-        return self.next_record > 2 * live_records + 65536 or self.next_tid >= 1 << 31
-
-    def add_run(self, lows: list[Lowered], by_entry: dict[int, Rule],
-                cut_by: Optional[Rule]) -> Optional[Run]:
-        """The run of these rules (`by_entry` has them) classified by its keys, if that
-        pays (see MAX_TUPLES)."""
-        groups: dict[Masks, list] = {}
-        base = lows[0].entry
-        for low in lows:
-            for masks, fields, entry, verdict in rule_keys(low):
-                groups.setdefault(masks, []).append((fields, entry - base, verdict))
-        if len(groups) > MAX_TUPLES or len(groups) * RULES_PER_TUPLE > len(lows):
-            return None
-        run = Run([by_entry[low.entry] for low in lows], {}, bytearray(), 0, cut_by)
-        for masks, members in groups.items():
-            tid = self.new_tid()
-            (run.ip_tuples if masks.ip_only else run.tuples).append((tid, masks))
-            for fields, entry, verdict in members:
-                key = _key(tid, *fields)
-                if key not in run.keys or run.keys[key][0] > entry:
-                    run.keys[key] = (entry, verdict)
-        return run
+def tuple_space_run(space: TupleSpace, lows: list[Lowered], by_entry: dict[int, Rule],
+                    cut_by: Optional[Rule]) -> Optional[Run]:
+    """The run of these rules (`by_entry` has them) classified by its keys in `space`,
+    if that pays (see MAX_TUPLES)."""
+    groups: dict[Masks, list] = {}
+    base = lows[0].entry
+    for low in lows:
+        for masks, fields, entry, verdict in rule_keys(low):
+            groups.setdefault(masks, []).append((fields, entry - base, verdict))
+    if len(groups) > MAX_TUPLES or len(groups) * RULES_PER_TUPLE > len(lows):
+        return None
+    run = Run([by_entry[low.entry] for low in lows], {}, bytearray(), 0, cut_by)
+    for masks, members in groups.items():
+        tid = space.new_tid()
+        (run.ip_tuples if masks.ip_only else run.tuples).append((tid, masks))
+        for fields, entry, verdict in members:
+            key = _key(tid, *fields)
+            if key not in run.keys or run.keys[key][0] > entry:
+                run.keys[key] = (entry, verdict)
+    return run
 
 
 # _key(tid, saddr, daddr, sport, dport, proto, l4), laid out as the K_* offsets say
@@ -457,6 +286,3 @@ def emit_key(asm: Assembler, tuple_fp: int, tid: int, masks: Masks) -> None:
                  BPF_STX_MEM(BPF_B, FP, R1, tuple_fp + K_PROTO))
     if masks.l4:
         asm.emit(BPF_STX_MEM(BPF_B, FP, R9, tuple_fp + K_L4))
-
-
-from . import multifield  # noqa: E402  (multifield builds on this module)

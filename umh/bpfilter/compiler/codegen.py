@@ -37,8 +37,10 @@ from ..ext.tcp import EVIL_FRAGMENT_OFFSET, IPPROTO_TCP
 from ..ext.udp import IPPROTO_UDP
 from ..model import (Accept, Chain, Drop, Fallthrough, Goto, Hook, IpHeader, Jump, Return, Rule,
                      Table, Verdict)
-from . import classifier, facts, multifield
-from .primitives import RuleOutcome, emit_masked_equal, emit_name_equal, emit_nonzero
+from ..packet import facts
+from . import classifier, multifield
+from .runs import INF, VERDICT_ACCEPT, VERDICT_HOTDROP, Classified, TupleSpace
+from ..packet.primitives import RuleOutcome, emit_masked_equal, emit_name_equal, emit_nonzero
 
 NF_DROP, NF_ACCEPT = 0, 1
 CONTINUE = 2
@@ -65,8 +67,8 @@ class HookProgram:
 @dataclass
 class CompiledTable:
     programs: list[HookProgram]
-    space: classifier.TupleSpace      # where its runs' keys and records are
-    runs: list[classifier.Classified]  # what the CLASSIFIER maps must hold for it
+    space: TupleSpace      # where its runs' keys and records are
+    runs: list[Classified]  # what the CLASSIFIER maps must hold for it
     needs: frozenset                   # the optional fact groups its programs read
 
 
@@ -82,11 +84,11 @@ def compile_table(table: Table, offsets: facts.KernelOffsets,
             sum(run.record_count for run in previous.runs)):
         space, earlier = previous.space, classifier.EarlierRuns(previous.runs)
     else:
-        space = classifier.TupleSpace()
+        space = TupleSpace()
     segments = {chain.name: classifier.segments(chain.rules, space, earlier)
                 for chain in table.chains.values()}
     runs = {s.serial: s for chain in segments.values() for s in chain
-            if isinstance(s, classifier.Classified)}
+            if isinstance(s, Classified)}
     needs = facts_needed(table, segments)
     programs = [HookProgram(chain.hook, f"{table.name}_{chain.name}"[:15],
                             _HookCompiler(table, offsets, segments, needs).compile(chain))
@@ -97,7 +99,7 @@ def compile_table(table: Table, offsets: facts.KernelOffsets,
 def facts_needed(table: Table, segments: "dict | None" = None) -> frozenset:
     """The optional fact groups the table's matches read (facts.OPTIONAL). Given its
     segments, only their plain rules are asked: classified ones read none
-    (classifier.eligible)."""
+    (runs.eligible)."""
     rules = (chain.rules for chain in table.chains.values()) if segments is None \
         else segments.values()
     return frozenset().union(*(ext.facts_needed(rule, table.family)
@@ -175,7 +177,7 @@ class _HookCompiler:
 
     def _emit_rules(self, chain: Chain, policy, drop, key_fp: int) -> None:
         for segment in self.segments[chain.name]:
-            if isinstance(segment, classifier.Classified):
+            if isinstance(segment, Classified):
                 self._emit_run(segment, drop, key_fp)
                 continue
             rule = segment
@@ -267,12 +269,12 @@ class _HookCompiler:
             self._emit_lookups(run.ip_tuples, tuple_fp, decide)
         asm.place(decide)
         accept = asm.label("run_accept")
-        asm.emit(BPF_JMP32_IMM(I.BPF_JEQ, R7, C.INF, after),
-                 BPF_JMP_IMM(I.BPF_JEQ, R8, C.VERDICT_HOTDROP, drop))
+        asm.emit(BPF_JMP32_IMM(I.BPF_JEQ, R7, INF, after),
+                 BPF_JMP_IMM(I.BPF_JEQ, R8, VERDICT_HOTDROP, drop))
         if run.base:   # the run's entries count from its first rule
             asm.emit(BPF_ALU32_IMM(I.BPF_ADD, R7, run.base))
         self._emit_count(R7, key_fp, entry_in_register=True)
-        asm.emit(BPF_JMP_IMM(I.BPF_JEQ, R8, C.VERDICT_ACCEPT, accept),
+        asm.emit(BPF_JMP_IMM(I.BPF_JEQ, R8, VERDICT_ACCEPT, accept),
                  BPF_MOV64_IMM(R0, NF_DROP), BPF_EXIT_INSN())
         asm.place(accept)
         asm.emit(BPF_MOV64_IMM(R0, NF_ACCEPT), BPF_EXIT_INSN())
@@ -282,7 +284,7 @@ class _HookCompiler:
         """R7/R8 = the smallest (entry, verdict) over the tuples' lookups, then to
         `decide`. R9 holds the packet's l4 bit."""
         asm = self.asm
-        asm.emit(BPF_MOV32_IMM(R7, classifier.INF), BPF_MOV64_IMM(R8, 0))
+        asm.emit(BPF_MOV32_IMM(R7, INF), BPF_MOV64_IMM(R8, 0))
         for tid, masks in tuples:
             missed = asm.label("miss")
             classifier.emit_key(asm, tuple_fp, tid, masks)

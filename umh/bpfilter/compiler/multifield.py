@@ -70,8 +70,8 @@ from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU32_REG, BPF_ALU64_IMM, BPF_ALU64_R
                         BPF_W, FP, R0, R1, R2, R3, R4, R5, R7, R8, R9, MapRef)
 from ..forked import forked
 from ..model import Rule
-from . import classifier, facts
-from .classifier import RECORD_SIZE, Masks
+from ..packet import facts
+from .runs import RECORD_SIZE, VERDICT_HOTDROP, Classified, Lowered, Masks, TupleSpace
 
 RECORDS = MapRef("classifier_records")
 
@@ -148,7 +148,7 @@ class Tuple(NamedTuple):
 
 
 @dataclass
-class MultiFieldRun(classifier.Classified):
+class MultiFieldRun(Classified):
     tuples: list[Tuple] = field(default_factory=list)      # first fragments with their
                                                            # header, other protocols
     ip_tuples: list[Tuple] = field(default_factory=list)   # the projection: packets a
@@ -197,7 +197,7 @@ def _member(*fields) -> _Member:
     return tuple.__new__(_Member, fields)   # _Member(*fields), without its Python __new__
 
 
-def _ip_member(low: classifier.Lowered, packed: int) -> _Member:
+def _ip_member(low: Lowered, packed: int) -> _Member:
     _, saddr, smask, slen, daddr, dmask, dlen, proto, _, _ = low
     pmask = 0xFF if proto else 0
     return _member(packed, saddr, smask, daddr, dmask, proto, pmask, _ANY_PORT, _ANY_PORT,
@@ -206,7 +206,7 @@ def _ip_member(low: classifier.Lowered, packed: int) -> _Member:
                                 pmask, False))
 
 
-def main_member(low: classifier.Lowered, position: int) -> Optional[_Member]:
+def main_member(low: Lowered, position: int) -> Optional[_Member]:
     """The rule, at `position` in its run, in the main structure (None: not there)."""
     if low.never_matches:
         return None
@@ -226,12 +226,12 @@ def main_member(low: classifier.Lowered, position: int) -> Optional[_Member]:
                                 pmask, True))
 
 
-def projection_member(low: classifier.Lowered, position: int) -> Optional[_Member]:
+def projection_member(low: Lowered, position: int) -> Optional[_Member]:
     """The rule, at `position` in its run, in the projection (None: not there): its ip
     part, "hotdrop" for a port rule."""
     if low.never_matches:
         return None
-    return _ip_member(low, position << 2 | (classifier.VERDICT_HOTDROP if low.ports
+    return _ip_member(low, position << 2 | (VERDICT_HOTDROP if low.ports
                                             else low.verdict))
 
 
@@ -412,7 +412,7 @@ class _Built(NamedTuple):
     records: bytes
 
     @staticmethod
-    def main(lows: list[classifier.Lowered], base: int) -> "_Built":
+    def main(lows: list[Lowered], base: int) -> "_Built":
         merged, taken = _Merged(), len(lows)
         for at, low in enumerate(lows):
             m = main_member(low, low.entry - base)
@@ -422,7 +422,7 @@ class _Built(NamedTuple):
         return _Built.laid_out(merged, taken)
 
     @staticmethod
-    def projection(lows: list[classifier.Lowered], base: int) -> "_Built":
+    def projection(lows: list[Lowered], base: int) -> "_Built":
         merged, taken = _Merged(), len(lows)
         seen_ip: set[tuple] = set()
         for at, low in enumerate(lows):
@@ -471,7 +471,7 @@ PARALLEL_MIN = 20000
 class Plan:
     """The structures for the longest prefix of a run they can take: `rules`."""
 
-    def __init__(self, lows: list[classifier.Lowered], by_entry: dict[int, Rule]):
+    def __init__(self, lows: list[Lowered], by_entry: dict[int, Rule]):
         base = lows[0].entry
         if len(lows) >= PARALLEL_MIN:
             with forked(_Built.projection, lows, base) as projection:
@@ -493,7 +493,7 @@ class Plan:
         lookups = max(self.main.lookups, self.projection.lookups, 1)
         return len(self.rules) >= RULES_PER_LOOKUP * lookups
 
-    def commit(self, space: classifier.TupleSpace, cut_by: Optional[Rule]) -> MultiFieldRun:
+    def commit(self, space: TupleSpace, cut_by: Optional[Rule]) -> MultiFieldRun:
         """The run, its records allocated in `space`; `cut_by` is the rule it could
         not take, if any."""
         records = self.main.records + self.projection.records

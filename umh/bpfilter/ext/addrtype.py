@@ -25,7 +25,7 @@ from ..bpf import insn as I
 from ..bpf.insn import (BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_CALL_KFUNC, BPF_LDX_MEM,
                         BPF_MOV64_IMM, BPF_MOV64_REG, BPF_STX_MEM, BPF_W, R0, R1, R2, R3, R6,
                         R8, Kfunc)
-from ..compiler import facts
+from ..packet import facts
 from ..errors import BpfilterError
 from ..model import Hook, Match
 from . import MODULE, MatchExtension, missing_kfunc, register_match

@@ -25,8 +25,8 @@ from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU32_REG, BPF_ALU64_IMM, BPF_ALU64_R
                         BPF_EMIT_CALL, BPF_ENDIAN, BPF_H, BPF_JMP32_IMM, BPF_JMP_A, BPF_JMP_IMM,
                         BPF_LDX_MEM, BPF_MOV64_IMM, BPF_MOV64_REG, BPF_ST_MEM, BPF_STX_MEM,
                         BPF_W, FP, R0, R1, R2, R3, R6, R7)
-from ..compiler import facts
-from ..compiler.primitives import MISMATCH, emit_masked_equal, emit_nonzero_bit, emit_range
+from ..packet import facts
+from ..packet.primitives import MISMATCH, emit_masked_equal, emit_nonzero_bit, emit_range
 from ..errors import BpfilterError
 from ..model import Family, Match
 from . import MatchExtension, register_match

@@ -8,8 +8,8 @@ from construct import Int8un, Struct
 
 from ..bpf import insn as I
 from ..bpf.insn import BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_LDX_MEM, R1, R2, R3, R6
-from ..compiler.primitives import emit_nonzero_bit, emit_outside
-from ..compiler import facts
+from ..packet.primitives import emit_nonzero_bit, emit_outside
+from ..packet import facts
 from ..errors import BpfilterError
 from ..model import Match
 from . import MatchExtension, register_match

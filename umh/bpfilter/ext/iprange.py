@@ -8,8 +8,8 @@ from typing import Optional
 
 from construct import Bytes, Int8un, Struct
 
-from ..compiler import facts
-from ..compiler.primitives import emit_range
+from ..packet import facts
+from ..packet.primitives import emit_range
 from ..model import Match
 from . import MatchExtension, register_match
 

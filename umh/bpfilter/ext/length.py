@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from construct import Int8un, Int16un, Struct
 
-from ..compiler import facts
-from ..compiler.primitives import emit_range
+from ..packet import facts
+from ..packet.primitives import emit_range
 from ..model import Match
 from . import MatchExtension, register_match
 

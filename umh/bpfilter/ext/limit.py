@@ -42,8 +42,8 @@ from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU32_REG, BPF_ALU64_IMM, BPF_ALU64_R
                         BPF_JMP_REG, BPF_LD_IMM64, BPF_LD_MAP_FD, BPF_LD_MAP_VALUE, BPF_LDX_MEM,
                         BPF_MOV32_IMM, BPF_MOV64_IMM, BPF_MOV64_REG, BPF_STX_MEM, BPF_W, MapRef,
                         R0, R1, R2, R3, R6, R8, R9)
-from ..compiler import facts
-from ..compiler.primitives import HOTDROP, MISMATCH
+from ..packet import facts
+from ..packet.primitives import HOTDROP, MISMATCH
 from ..errors import BpfilterError
 from ..model import Match, Table
 from . import MatchExtension, register_match

@@ -20,7 +20,7 @@ from ..bpf.insn import (BPF_ALU64_IMM, BPF_ALU64_REG, BPF_ATOMIC_OP, BPF_B, BPF_
                         BPF_H, BPF_JMP_A, BPF_JMP_IMM, BPF_LD_MAP_FD, BPF_LD_MAP_VALUE,
                         BPF_LDX_MEM, BPF_MOV64_IMM, BPF_MOV64_REG, BPF_ST_MEM, BPF_STX_MEM, BPF_W,
                         R0, R1, R2, R3, R4, R5, R6, R7, R8, R9)
-from ..compiler import facts
+from ..packet import facts
 from ..errors import BpfilterError
 from ..model import ExtensionTarget, Family, IpHeader, Table
 from . import TargetExtension, register_target

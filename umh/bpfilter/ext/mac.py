@@ -9,8 +9,8 @@ from ..bpf import insn as I
 from ..bpf.insn import (BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_DW, BPF_EMIT_CALL, BPF_H,
                         BPF_JMP_IMM, BPF_JMP_REG, BPF_LDX_MEM, BPF_MOV64_IMM, BPF_MOV64_REG,
                         BPF_ST_MEM, R0, R1, R2, R3, R4, R6, R7)
-from ..compiler import facts
-from ..compiler.primitives import emit_masked_equal, emit_name_equal
+from ..packet import facts
+from ..packet.primitives import emit_masked_equal, emit_name_equal
 from ..model import Hook, Match
 from . import MatchExtension, register_match, xt_invert
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from construct import Int8un, Int32ul, Struct
 
 from ..bpf.insn import BPF_LDX_MEM, BPF_STX_MEM, BPF_W, R1, R6, R7
-from ..compiler import facts
-from ..compiler.primitives import emit_masked_equal
+from ..packet import facts
+from ..packet.primitives import emit_masked_equal
 from ..model import Match
 from . import MatchExtension, register_match, xt_invert
 

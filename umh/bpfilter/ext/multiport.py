@@ -10,8 +10,8 @@ from construct import Int8un, Int16un, Struct
 
 from ..bpf import insn as I
 from ..bpf.insn import BPF_ALU64_IMM, BPF_ALU64_REG, BPF_MOV64_IMM, R1, R2
-from ..compiler import facts
-from ..compiler.primitives import emit_outside
+from ..packet import facts
+from ..packet.primitives import emit_outside
 from ..errors import BpfilterError
 from ..model import IpHeader, Match
 from . import MatchExtension, register_match

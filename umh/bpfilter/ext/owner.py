@@ -20,8 +20,8 @@ from ..bpf.btf import Btf
 from ..bpf.insn import (BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_DW, BPF_EMIT_CALL, BPF_JMP_IMM,
                         BPF_JMP_REG, BPF_LDX_MEM, BPF_MOV64_IMM, BPF_MOV64_REG, BPF_ST_MEM,
                         BPF_STX_MEM, FP, R0, R1, R2, R3, R6, R7, R8)
-from ..compiler import facts
-from ..compiler.primitives import emit_outside
+from ..packet import facts
+from ..packet.primitives import emit_outside
 from ..errors import BpfilterError
 from ..model import Hook, Match
 from . import MatchExtension, register_match

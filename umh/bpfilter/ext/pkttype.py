@@ -9,8 +9,8 @@ from ..bpf import insn as I
 from ..bpf.btf import BtfError
 from ..bpf.insn import (BPF_ALU64_IMM, BPF_B, BPF_JMP_IMM, BPF_LDX_MEM, BPF_STX_MEM, R1, R6,
                         R7)
-from ..compiler import facts
-from ..compiler.primitives import emit_masked_equal
+from ..packet import facts
+from ..packet.primitives import emit_masked_equal
 from ..model import Match
 from . import MatchExtension, register_match, xt_invert
 

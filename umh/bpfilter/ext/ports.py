@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..bpf.asm import Assembler
-from ..compiler import facts
-from ..compiler.primitives import RuleOutcome, emit_below, emit_nonzero, emit_range
+from ..packet import facts
+from ..packet.primitives import RuleOutcome, emit_below, emit_nonzero, emit_range
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from construct import Int32un, Struct
 
 from ..bpf.insn import (BPF_CALL_KFUNC, BPF_DW, BPF_EXIT_INSN, BPF_LDX_MEM, BPF_MOV64_IMM,
                         BPF_STX_MEM, R0, R1, R2, R3, R6, R8, Kfunc)
-from ..compiler import facts
+from ..packet import facts
 from ..errors import BpfilterError
 from ..model import ExtensionTarget, IpHeader
 from ..netfilter import NF_DROP

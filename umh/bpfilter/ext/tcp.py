@@ -12,9 +12,9 @@ from ..bpf.insn import (BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_DW, BPF_EMIT_CA
                         BPF_JMP_A, BPF_JMP_IMM, BPF_LD_IMM64, BPF_LDX_MEM, BPF_MOV64_IMM,
                         BPF_MOV64_REG, BPF_ST_MEM, BPF_STX_MEM, FP, R0, R1, R2, R3, R4, R5, R6,
                         R9)
-from ..compiler import facts
-from ..compiler.facts import TCP_HEADER
-from ..compiler.primitives import (RuleOutcome, emit_equal_hotdrop, emit_masked_equal,
+from ..packet import facts
+from ..packet.facts import TCP_HEADER
+from ..packet.primitives import (RuleOutcome, emit_equal_hotdrop, emit_masked_equal,
                                    emit_nonzero_bit)
 from ..errors import BpfilterError
 from ..model import Match

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 from construct import Int8un, Struct
 
-from ..compiler import facts
-from ..compiler.primitives import emit_masked_equal, emit_range
+from ..packet import facts
+from ..packet.primitives import emit_masked_equal, emit_range
 from ..model import Match
 from . import MatchExtension, register_match
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from construct import Int8un, Int16un, Struct
 
-from ..compiler import facts
+from ..packet import facts
 from ..errors import BpfilterError
 from ..model import Match
 from . import MatchExtension, register_match

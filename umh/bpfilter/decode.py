@@ -16,13 +16,13 @@ import bisect
 import errno
 from functools import lru_cache
 
-from .. import ext
-from ..errors import BpfilterError
-from ..model import (Accept, Chain, Drop, ExtensionTarget, Fallthrough, Family, Goto, Hook,
+from . import ext
+from .errors import BpfilterError
+from .model import (Accept, Chain, Drop, ExtensionTarget, Fallthrough, Family, Goto, Hook,
                      Interface, IpHeader, Jump, Match, Prefix, Return, Rule, Table, Verdict)
-from . import xtables as X
-from .codec import check_builtin_target, check_do_replace, gc_paused
-from .xtables import RawEntry, RawTable
+from .abi import xtables as X
+from .abi.codec import check_builtin_target, check_do_replace, gc_paused
+from .abi.xtables import RawEntry, RawTable
 
 SUPPORTED_TABLES = ("filter",)
 _STANDARD_VERDICTS = {-X.NF_ACCEPT - 1: Accept(), -X.NF_DROP - 1: Drop(), X.XT_RETURN: Return()}
