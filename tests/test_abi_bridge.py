@@ -9,16 +9,19 @@ import pytest
 from construct import Array, Bytes, Int8ul, Int16ub, Int32ul, Padding, Struct
 
 from bpfilter import ext
+from bpfilter.abi import families, ipv4, ipv6
 from bpfilter.abi import xtables as X
 from bpfilter.abi.xtables import Packed
+from bpfilter.model import Family
 
 
 def _structs():
     """Every construct Struct a module of the ABI or of an extension defines."""
-    modules = [X, ext.icmp, ext.tcp, ext.udp]
+    modules = [X, ipv4, ipv6, ext.icmp, ext.tcp, ext.udp]
     found = {f"{m.__name__}.{name}": value for m in modules for name, value in vars(m).items()
              if isinstance(value, Struct)}
-    assert {"bpfilter.abi.xtables.ipt_entry", "bpfilter.ext.udp.xt_udp"} <= found.keys()
+    assert {"bpfilter.abi.ipv4.ipt_entry", "bpfilter.abi.ipv6.ip6t_entry",
+            "bpfilter.ext.udp.xt_udp"} <= found.keys()
     return sorted(found.items())
 
 
@@ -58,7 +61,9 @@ def test_fields_sit_where_construct_puts_them(name, con):
 
 
 def test_the_compiled_layouts_are_the_ones_in_use():
-    for con, packed in [(X.ipt_ip, X.ipt_ip_packed), (X.ipt_entry, X.ipt_entry_packed),
+    layouts = [families.of(f) for f in Family]
+    for con, packed in [*((f.ip, f.ip_packed) for f in layouts),
+                        *((f.entry, f.entry_packed) for f in layouts),
                         (X.xt_entry_match, X.xt_entry_match_packed),
                         (X.xt_entry_target, X.xt_entry_target_packed),
                         (X.xt_standard_target, X.xt_standard_target_packed),
@@ -70,9 +75,11 @@ def test_the_compiled_layouts_are_the_ones_in_use():
 
 
 def test_the_codec_tuples_follow_the_layouts():
-    """What the codec passes positionally: RawIp(*ipt_ip values) and the
-    (pcnt, bcnt) counter pairs."""
-    assert [f.name for f in dataclasses.fields(X.RawIp)] == X.ipt_ip_packed.names
+    """What the codec passes positionally: RawIp(*ipt_ip values), RawIp6(*ip6t_ip6
+    values) and the (pcnt, bcnt) counter pairs."""
+    for family in Family:
+        layout = families.of(family)
+        assert [f.name for f in dataclasses.fields(layout.raw_ip)] == layout.ip_packed.names
     assert X.xt_counters_packed.names == ["pcnt", "bcnt"]
 
 

@@ -18,6 +18,7 @@ import pytest
 
 from bpfilter import netns
 from bpfilter.abi import codec, sockopt
+from bpfilter.abi import ipv4, ipv6
 from bpfilter.abi import xtables as X
 from bpfilter.errors import BpfilterError
 
@@ -198,8 +199,10 @@ def tables_of(rules: str) -> "list[str]":
 
 
 def test_layouts_match_x86_64_abi():
-    assert X.ipt_ip.sizeof() == X.SIZEOF_IPT_IP == 84
-    assert X.ipt_entry.sizeof() == X.SIZEOF_IPT_ENTRY == 112
+    assert ipv4.ipt_ip.sizeof() == ipv4.SIZEOF_IPT_IP == 84
+    assert ipv4.ipt_entry.sizeof() == ipv4.SIZEOF_IPT_ENTRY == 112
+    assert ipv6.ip6t_ip6.sizeof() == ipv6.SIZEOF_IP6T_IP6 == 136
+    assert ipv6.ip6t_entry.sizeof() == ipv6.SIZEOF_IP6T_ENTRY == 168
     assert X.xt_entry_match.sizeof() == X.xt_entry_target.sizeof() == X.SIZEOF_XT_ENTRY_HEADER == 32
     assert X.xt_standard_target.sizeof() == X.SIZEOF_XT_STANDARD_TARGET == 40
     assert X.xt_error_target.sizeof() == X.SIZEOF_XT_ERROR_TARGET == 64

@@ -13,6 +13,7 @@ from test_abi_codec import Scratch
 
 from bpfilter import netns
 from bpfilter.abi import codec, sockopt
+from bpfilter.abi import ipv4
 from bpfilter.abi import xtables as X
 from bpfilter.errors import BpfilterError
 
@@ -101,7 +102,7 @@ class Blob:
             self.put(fmt, to + at, value)
 
     def match_size(self, i: int, value):
-        self.put("H", self.off(i) + X.SIZEOF_IPT_ENTRY, value)
+        self.put("H", self.off(i) + ipv4.SIZEOF_IPT_ENTRY, value)
 
     def e(self, i: int) -> X.RawEntry:
         return self.t.entries[i]
@@ -129,7 +130,7 @@ def _shrink_last_entry(b: Blob):
 
 
 def _errorname_unterminated(b: Blob):
-    to = b.off(USER_HEAD) + X.SIZEOF_IPT_ENTRY + 32
+    to = b.off(USER_HEAD) + ipv4.SIZEOF_IPT_ENTRY + 32
     b.b[to : to + 30] = b"A" * 30
 
 
@@ -310,7 +311,7 @@ def test_kernel_and_codec_accept(what):
         elif what == "queue_verdict":
             b.target(COND_DROP, "verdict", -X.NF_QUEUE - 1)
         elif what == "error_name_tail":
-            to = b.off(USER_HEAD) + X.SIZEOF_IPT_ENTRY + 32
+            to = b.off(USER_HEAD) + ipv4.SIZEOF_IPT_ENTRY + 32
             b.b[to + 5 : to + 30] = b"z" * 25
         assert codec_outcome(bytes(b.b)) is None
         assert kernel_outcome(ns, bytes(b.b)) is None
@@ -325,7 +326,7 @@ def test_kernel_and_codec_accept(what):
 
 
 def _entry(verdict=None, *, proto=0, error=None) -> X.RawEntry:
-    ip = X.RawIp(bytes(4), bytes(4), bytes(4), bytes(4), bytes(16), bytes(16), bytes(16), bytes(16), proto, 0, 0)
+    ip = ipv4.RawIp(bytes(4), bytes(4), bytes(4), bytes(4), bytes(16), bytes(16), bytes(16), bytes(16), proto, 0, 0)
     if error is not None:
         target = X.RawTarget("ERROR", 0, 64, X.name_field(error, 32), errorname=error)
     else:
@@ -343,7 +344,7 @@ def _table(entries, hooks: "dict[int, tuple[int, int]]", num_counters: int) -> X
     underflow = [0] * 5
     for h, (first, policy) in hooks.items():
         hook_entry[h], underflow[h] = entries[first].offset, entries[policy].offset
-    return X.RawTable("filter", 0x0E, hook_entry, underflow, len(entries), off, num_counters, 0, entries)
+    return X.RawTable(ipv4.IPV4, "filter", 0x0E, hook_entry, underflow, len(entries), off, num_counters, 0, entries)
 
 
 ACCEPT = -X.NF_ACCEPT - 1
@@ -416,7 +417,7 @@ def test_random_corruptions_differential(base):
     for e in t.entries:
         at = X.SIZEOF_IPT_REPLACE + e.offset
         judged_elsewhere.update((at + 80, at + 81, at + 83))
-        pos = at + X.SIZEOF_IPT_ENTRY
+        pos = at + ipv4.SIZEOF_IPT_ENTRY
         for m in e.matches:
             judged_elsewhere.update(range(pos + 2, pos + m.size))
             pos += m.size

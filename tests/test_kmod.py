@@ -145,7 +145,7 @@ def test_kmod_end_to_end(module, nocap):
 
     log = s["log"]
     assert "bpfilter: the helper exited; the next request starts another" in log
-    assert "bpfilter: recovered table filter of netns" in log
+    assert "bpfilter: recovered iptables table filter of netns" in log
     assert "bpfilter: the helper exited without answering (op 3, optname 0)" in log
     assert "bpfilter: the helper did not answer within 3 s (op 3, optname 0): killing it" in log
     assert "bpfilter: refusing to load ip_tables: bpfilter handles iptables" in log

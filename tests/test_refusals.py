@@ -14,8 +14,8 @@ import pytest
 
 from bpfilter import loader
 from bpfilter.abi import codec, sockopt
-from bpfilter.abi.xtables import (IPT_INV_PROTO, SIZEOF_IPT_ENTRY, SIZEOF_XT_ENTRY_HEADER,
-                                  ipt_replace)
+from bpfilter.abi.ipv4 import IPT_INV_PROTO, SIZEOF_IPT_ENTRY
+from bpfilter.abi.xtables import SIZEOF_XT_ENTRY_HEADER, ipt_replace
 from bpfilter.errors import BpfilterError
 from bpfilter.loader import load_filter_table
 from bpfilter.netns import entered

@@ -804,7 +804,7 @@ def test_killing_the_service_during_traffic(svc):
         ours = service.exec(lab, "service", ["iptables-legacy", "-L", "-v", "-x", "-n"])
         assert ours.returncode == 0, ours.stderr
         assert svc.running() and svc.pid != pid
-        assert f"recovered table filter of netns {inum_of(lab.netns('service'))}" in svc.log_text()
+        assert f"recovered iptables table filter of netns {inum_of(lab.netns('service'))}" in svc.log_text()
         theirs = subprocess.run(["ip", "netns", "exec", lab.netns("kernel"), "iptables-legacy",
                                  "-L", "-v", "-x", "-n"], capture_output=True, text=True,
                                 check=True)
@@ -1040,7 +1040,8 @@ def test_bad_input_leaves_the_ruleset_filtering(svc, nets):
         ("more than the protocol allows", _header(length=proto.MAX_PAYLOAD + 1), ns, EINVAL),
         ("no network namespace", _header(length=len(info)) + info, None, EINVAL),
         ("unknown operation", _header(op=9, length=len(info)) + info, ns, EINVAL),
-        ("IPv6", _header(length=len(info), family=10) + info, ns, -errno.EAFNOSUPPORT),
+        ("a family iptables has not", _header(length=len(info), family=7) + info, ns,
+         -errno.EAFNOSUPPORT),
         ("GET_INFO of the wrong size", _header(length=20) + info[:20], ns, EINVAL),
         ("unknown getsockopt", _header(optname=99, length=len(info)) + info, ns, EINVAL),
         ("SET_ADD_COUNTERS for no entries", _header(op=proto.Op.SETSOCKOPT,

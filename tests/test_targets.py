@@ -13,7 +13,8 @@ import pytest
 from bpfilter import klog
 from bpfilter.abi import codec
 from bpfilter.decode import table_from_raw
-from bpfilter.abi.xtables import IPT_INV_PROTO, ipt_replace
+from bpfilter.abi.ipv4 import IPT_INV_PROTO
+from bpfilter.abi.xtables import ipt_replace
 from bpfilter.bpf import syscall as bpf
 from bpfilter.errors import BpfilterError
 from bpfilter.lab import Packet
@@ -21,7 +22,8 @@ from bpfilter.listing import render
 from bpfilter.loader import load_filter_table
 from bpfilter.model import Hook
 from bpfilter.scratch import replace_blob
-from bpfilter.service import _Caller
+from bpfilter.service import revision_answer
+from bpfilter.abi import ipv4
 from bpfilter.abi import xtables as X
 
 from kmsg import NF_LOG_ALL_NETNS, PRINTK_DEVKMSG, logging_everywhere, sysctls
@@ -119,9 +121,9 @@ def test_log_uid_is_refused():
 
 
 def revision(kind: str, name: str, rev: int) -> int:
-    optname = X.IPT_SO_GET_REVISION_MATCH if kind == "match" else X.IPT_SO_GET_REVISION_TARGET
+    optname = ipv4.IPT_SO_GET_REVISION_MATCH if kind == "match" else ipv4.IPT_SO_GET_REVISION_TARGET
     payload = X.xt_get_revision.build(dict(name=name.encode().ljust(29, b"\0"), revision=rev))
-    return _Caller._revision(optname, payload)[0]
+    return revision_answer(ipv4.IPV4, optname, payload)[0]
 
 
 def test_get_revision_target_answers_from_the_registry():

@@ -31,8 +31,8 @@ import pytest
 from bpfilter import listing
 from bpfilter.abi import codec, sockopt
 from bpfilter.decode import table_from_raw
-from bpfilter.abi.xtables import (SIZEOF_IPT_ENTRY, SIZEOF_IPT_REPLACE, SIZEOF_XT_ENTRY_HEADER,
-                                  ipt_replace)
+from bpfilter.abi.ipv4 import SIZEOF_IPT_ENTRY
+from bpfilter.abi.xtables import SIZEOF_IPT_REPLACE, SIZEOF_XT_ENTRY_HEADER, ipt_replace
 from bpfilter.errors import BpfilterError
 from bpfilter.loader import load_filter_table
 from bpfilter.model import Hook

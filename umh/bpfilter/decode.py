@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import bisect
 import errno
-from functools import lru_cache
 
 from . import ext
 from .errors import BpfilterError
-from .model import (Accept, Chain, Drop, ExtensionTarget, Fallthrough, Family, Goto, Hook,
-                     Interface, IpHeader, Jump, Match, Prefix, Return, Rule, Table, Verdict)
+from .model import (Accept, AnyIpHeader, Chain, Drop, ExtensionTarget, Fallthrough, Goto, Hook,
+                    Jump, Match, Return, Rule, Table, Verdict)
 from .abi import xtables as X
-from .abi.codec import check_builtin_target, check_do_replace, gc_paused
+from .abi.codec import check_builtin_target, check_do_replace, gc_paused, unconditional
 from .abi.xtables import RawEntry, RawTable
+from .tables import implemented
 
-SUPPORTED_TABLES = ("filter",)
 _STANDARD_VERDICTS = {-X.NF_ACCEPT - 1: Accept(), -X.NF_DROP - 1: Drop(), X.XT_RETURN: Return()}
 
 
@@ -36,25 +35,18 @@ def _is_error(entry: RawEntry) -> bool:
     return entry.target.name == X.XT_ERROR_TARGET
 
 
-def _unconditional(entry: RawEntry) -> bool:
-    ip = entry.ip
-    return (entry.target_offset == X.SIZEOF_IPT_ENTRY and not any(
-        ip.src + ip.dst + ip.smsk + ip.dmsk + ip.iniface + ip.outiface + ip.iniface_mask
-        + ip.outiface_mask) and ip.proto == 0 and ip.flags == 0 and ip.invflags == 0)
-
-
 @gc_paused()
-def table_from_raw(raw: RawTable, family: Family = Family.IPV4,
-                   previous: "tuple[RawTable, Table] | None" = None) -> Table:
+def table_from_raw(raw: RawTable, previous: "tuple[RawTable, Table] | None" = None) -> Table:
     """The model of `raw`. `previous` is the table it replaces, as parsed (the one
     codec.parse_replace compared it with) and as decoded: the rules of entries that
     did not change (RawTable.same_as) are taken over from it."""
-    entries = raw.entries
+    entries, layout = raw.entries, raw.abi
+    family, decode_ip = layout.family, layout.decode_ip
     starts = _chain_starts(raw)
     spans = _chain_spans(starts, len(entries))
     where = _Places(starts, spans)
     reused = _reused_rules(raw, previous)
-    ips: list[IpHeader] = []
+    ips: list[AnyIpHeader] = []
     matches: list[list[Match]] = []
     targets: dict[int, ExtensionTarget] = {}
     # A match decodes, checks included, from its bytes, the rule's protocol and the
@@ -62,7 +54,7 @@ def table_from_raw(raw: RawTable, family: Family = Family.IPV4,
     decoded: dict[tuple, Match] = {}
     # Rules repeat their ip part too (every rule of a per-port list has the same one),
     # and the parse shares equal targets, checked once.
-    ip_parts: dict[bytes, IpHeader] = {}
+    ip_parts: dict[bytes, AnyIpHeader] = {}
     builtin_checked: set[int] = set()
     for e in entries:
         rule = reused.get(e.index)
@@ -72,10 +64,10 @@ def table_from_raw(raw: RawTable, family: Family = Family.IPV4,
             if isinstance(rule.target, ExtensionTarget):
                 targets[e.index] = rule.target
             continue
-        ip_bytes = e.raw[:X.SIZEOF_IPT_IP]   # as parsed: the entry's ipt_ip
+        ip_bytes = e.raw[:layout.ip_size]   # as parsed: the entry's ip part
         ip = ip_parts.get(ip_bytes)
         if ip is None:
-            ip = ip_parts[ip_bytes] = _ip_header(e)
+            ip = ip_parts[ip_bytes] = decode_ip(e.ip)
         ips.append(ip)
         place = _Place(where, e.index)
         rule_matches = []
@@ -95,9 +87,10 @@ def table_from_raw(raw: RawTable, family: Family = Family.IPV4,
         else:
             targets[e.index] = ext.decode_target(t.name, t.revision, t.data, ip, family, place)
     check_do_replace(raw)
-    if raw.name not in SUPPORTED_TABLES:
-        raise _unsupported(f"table '{raw.name}' is not supported by bpfilter yet "
-                           f"(supported: {', '.join(SUPPORTED_TABLES)})")
+    supported = implemented(family)
+    if raw.name not in supported:
+        raise _unsupported(f"{layout.command} table '{raw.name}' is not supported by bpfilter "
+                           f"yet (supported: {', '.join(supported)})")
     for e, rule_matches in zip(entries, matches):
         for match in rule_matches:
             reason = ext.unsupported_match(match, family)
@@ -123,7 +116,7 @@ def table_from_raw(raw: RawTable, family: Family = Family.IPV4,
         chain.tail_entry = body[-1].index
         for e in body[:-1]:
             target = targets[e.index] if e.index in targets else _target(
-                e, where, by_offset, chain_of_jump)
+                e, where, by_offset, chain_of_jump, layout.goto_flag)
             chain.rules.append(Rule(e.index, ips[e.index], matches[e.index], target))
     return Table(raw.name, family, {starts[i].name: starts[i] for i in sorted(starts)},
                  raw.num_entries)
@@ -219,13 +212,13 @@ def _check_tail(raw: RawTable, chain: Chain, tail: RawEntry) -> None:
             raise _unsupported(f"built-in chain {chain.name} does not end at its underflow "
                                "(policy) entry", tail.index)
         chain.policy = Verdict.ACCEPT if verdict == -X.NF_ACCEPT - 1 else Verdict.DROP
-    elif not (_unconditional(tail) and tail.target.name == X.XT_STANDARD_TARGET
+    elif not (unconditional(tail, raw.abi) and tail.target.name == X.XT_STANDARD_TARGET
               and verdict == X.XT_RETURN):
         raise _unsupported(f"user chain '{chain.name}' does not end with an unconditional RETURN",
                            tail.index)
 
 
-def _target(e: RawEntry, where: _Places, by_offset, chain_of_jump):
+def _target(e: RawEntry, where: _Places, by_offset, chain_of_jump, goto_flag: int):
     t = e.target
     if t.name == X.XT_ERROR_TARGET:
         raise _unsupported(f"{where[e.index]}: ERROR target inside a chain")
@@ -241,19 +234,4 @@ def _target(e: RawEntry, where: _Places, by_offset, chain_of_jump):
         raise _unsupported(f"{where[e.index]}: jumps to entry {target_index}, which does not "
                            "start a user-defined chain (iptables never writes such a jump)")
     name = chain_of_jump[target_index]
-    return Goto(name) if e.ip.flags & X.IPT_F_GOTO else Jump(name)
-
-
-# Rules repeat interfaces (most often "any"): equal values are shared, they are
-# immutable. Addresses mostly differ from rule to rule.
-_interface = lru_cache(maxsize=1024)(Interface)
-
-
-def _ip_header(e: RawEntry) -> IpHeader:
-    ip, inv = e.ip, e.ip.invflags
-    return IpHeader(Prefix(ip.src, ip.smsk, bool(inv & X.IPT_INV_SRCIP)),
-                    Prefix(ip.dst, ip.dmsk, bool(inv & X.IPT_INV_DSTIP)),
-                    _interface(ip.iniface, ip.iniface_mask, bool(inv & X.IPT_INV_VIA_IN)),
-                    _interface(ip.outiface, ip.outiface_mask, bool(inv & X.IPT_INV_VIA_OUT)),
-                    ip.proto, bool(inv & X.IPT_INV_PROTO), bool(ip.flags & X.IPT_F_FRAG),
-                    bool(inv & X.IPT_INV_FRAG))
+    return Goto(name) if e.ip.flags & goto_flag else Jump(name)

@@ -43,8 +43,8 @@ from .klog import LOG_LOST, LOG_RING, LogRing
 from .compiler.codegen import (CLASSIFIER, CLASSIFIER_RECORDS, COUNTERS, PROG_ARRAY,
                                CompiledTable, HookProgram, compile_table, dispatcher,
                                facts_needed)
-from .model import Hook, Table
-from .netfilter import NF_IP_PRI_FILTER
+from .model import Family, Hook, Table
+from .tables import TABLES
 
 COUNTER = struct.Struct("<QQ")   # struct { u64 packets; u64 bytes; }
 _CLASSIFIER_VALUE = struct.Struct("<II")   # entry, verdict
@@ -269,10 +269,13 @@ def load_ruleset(table: Table, log: Optional[LogRing] = None,
             maps[limit.LIMITS] = _owned(transient, limits_fd)
         kfuncs = _Kfuncs(btf, transient)
         for program in compiled.programs:
-            code = program.asm.assemble(map_fd=lambda ref: _map_fd(maps, ref), kfunc_id=kfuncs)
+            asm = program.asm
+            code = program.assemble(map_fd=lambda ref: _map_fd(maps, ref), kfunc_id=kfuncs)
             prog_fd = _owned(undo, bpf.prog_load(bpf.BPF_PROG_TYPE_NETFILTER, code, program.name,
                                                  expected_attach_type=bpf.BPF_NETFILTER,
-                                                 fd_array=kfuncs.fd_array()))
+                                                 fd_array=kfuncs.fd_array(),
+                                                 functions=asm.functions if asm.has_callbacks
+                                                 else None))
             ruleset.hooks[program.hook] = HookRules(program.hook, program, prog_fd,
                                                     len(code) // 8)
         undo.pop_all()
@@ -327,7 +330,8 @@ def attach_slots(ruleset: Ruleset, netns_path: Optional[str] = None) -> dict[Hoo
         with netns.entered(netns_path) if netns_path else nullcontext():
             for slot in slots.values():
                 slot.link_fd = _owned(undo, bpf.link_create_netfilter(
-                    slot.dispatcher_fd, table.family, slot.hook, NF_IP_PRI_FILTER))
+                    slot.dispatcher_fd, table.family, slot.hook,
+                    TABLES[table.name].priority(slot.hook)))
         undo.pop_all()
     return slots
 
@@ -370,10 +374,11 @@ class LoadedTable:
 
 
 def load_filter_table(replace_blob: bytes, netns_name: Optional[str] = None,
-                      attach: bool = True, log: Optional[LogRing] = None) -> LoadedTable:
-    """The whole path for an IPT_SO_SET_REPLACE payload: validate, model, compile, load,
-    and unless told otherwise attach in `netns_name`; LOG rules write to `log`."""
-    ruleset = load_ruleset(table_from_raw(codec.parse_replace(replace_blob)), log)
+                      attach: bool = True, log: Optional[LogRing] = None, *,
+                      family: Family = Family.IPV4) -> LoadedTable:
+    """The whole path for a SET_REPLACE payload of `family`: validate, model, compile,
+    load, and unless told otherwise attach in `netns_name`; LOG rules write to `log`."""
+    ruleset = load_ruleset(table_from_raw(codec.parse_replace(replace_blob, family=family)), log)
     conntrack = attach and ruleset.uses_conntrack
     where = netns_name and netns.path_of(netns_name)
     held = False   # a hold that failed has nothing to give back

@@ -87,7 +87,8 @@ class Interface(NamedTuple):
 
 
 class IpHeader(NamedTuple):
-    """The part of every rule that the kernel checks before any match (ipt_ip)."""
+    """The part of every IPv4 rule that the kernel checks before any match (ipt_ip,
+    ip_packet_match())."""
 
     src: Prefix
     dst: Prefix
@@ -97,6 +98,26 @@ class IpHeader(NamedTuple):
     invert_proto: bool = False
     fragment: bool = False   # -f: only non-first fragments
     invert_fragment: bool = False
+
+
+class Ip6Header(NamedTuple):
+    """The part of every IPv6 rule that the kernel checks before any match (ip6t_ip6,
+    ip6_packet_match()). Its first fields are IpHeader's: what extensions look at
+    (the protocol) reads the same in both."""
+
+    src: Prefix
+    dst: Prefix
+    in_iface: Interface
+    out_iface: Interface
+    proto: int = 0
+    invert_proto: bool = False
+    # -p given (IP6T_F_PROTO; `-p all` too): the packet's extension headers are walked
+    # to its upper-layer protocol, which is compared; a chain that cannot be walked
+    # drops the packet. Without it the protocol is not looked at.
+    proto_given: bool = False
+
+
+AnyIpHeader = Union[IpHeader, Ip6Header]
 
 
 class Match:
@@ -149,7 +170,7 @@ Target = Union[Accept, Drop, Return, Fallthrough, Jump, Goto, ExtensionTarget]
 @dataclass
 class Rule:
     entry: int               # index of the entry in the table: its counter slot
-    ip: IpHeader
+    ip: AnyIpHeader
     matches: list[Match]
     target: Target
 

@@ -15,11 +15,15 @@ import subprocess
 from . import netns
 from .abi import sockopt
 from .errors import BpfilterError
+from .model import Family
 
 _serial = itertools.count()
 
 
-def replace_blob(rules: str, table: str = "filter", restore: str = "iptables-legacy-restore") -> bytes:
+def replace_blob(rules: str, table: str = "filter", restore: "str | None" = None,
+                 family: Family = Family.IPV4) -> bytes:
+    restore = restore or ("ip6tables-legacy-restore" if family == Family.IPV6
+                          else "iptables-legacy-restore")
     name = f"bpfl-scratch-{os.getpid()}-{next(_serial)}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
@@ -29,6 +33,6 @@ def replace_blob(rules: str, table: str = "filter", restore: str = "iptables-leg
             raise BpfilterError(errno.EINVAL, f"{restore} refused the ruleset: "
                                               f"{done.stderr.strip() or done.stdout.strip()}")
         with netns.entered(name):
-            return sockopt.read_replace(table)
+            return sockopt.read_replace(table, family)
     finally:
         subprocess.run(["ip", "netns", "del", name], check=True)

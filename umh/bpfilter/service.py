@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from . import ctnetns, netns, proto
-from .abi import codec
+from .abi import codec, families
 from .abi import xtables as X
-from .decode import SUPPORTED_TABLES, table_from_raw
+from .decode import table_from_raw
 from .bpf import syscall as bpf
 from .bpf.syscall import BpfError
 from .errors import BpfilterError
@@ -37,6 +37,7 @@ from .loader import HookSlot, Ruleset, attach_slots, load_ruleset
 from .model import Family, Hook, Table
 from .paths import DEFAULT_ROOT, DEFAULT_SOCKET
 from .store import Store, TableKey, ensure_bpffs
+from .tables import implemented
 
 SO_NETNS_COOKIE = 71
 CAP_NET_ADMIN = 12
@@ -102,8 +103,8 @@ def netns_identity(netns_fd: int) -> tuple[int, int]:
     return inum, cookie
 
 
-def _table_of_blob(blob: bytes):
-    return table_from_raw(codec.parse_replace(blob))
+def _table_of_blob(blob: bytes, family: Family):
+    return table_from_raw(codec.parse_replace(blob, family=family))
 
 
 class Service:
@@ -129,8 +130,9 @@ class Service:
             except (OSError, BpfilterError) as err:
                 log(f"cannot recover {self.store.path(key)}: {err}; leaving it as it is")
                 continue
-            self.tables[key] = TableState(key, codec.parse_replace(blob), ruleset, slots)
-            log(f"recovered table {key.table} of netns {key.inum}")
+            self.tables[key] = TableState(key, codec.parse_replace(blob, family=key.family),
+                                          ruleset, slots)
+            log(f"recovered {families.of(key.family).command} table {key.table} of netns {key.inum}")
 
     def sweep(self, live_inums: set[int]) -> None:
         """Drop the tables of namespaces nothing uses any more. Our links hold a
@@ -179,14 +181,16 @@ class Service:
         if req.version != proto.VERSION:
             raise BpfilterError(errno.EPROTO, f"protocol version {req.version}, "
                                               f"this service speaks {proto.VERSION}")
-        if req.family != Family.IPV4:
-            raise BpfilterError(errno.EAFNOSUPPORT, f"family {req.family} is not supported yet")
+        if req.family not in set(Family):
+            raise BpfilterError(errno.EAFNOSUPPORT, f"family {req.family} is not supported")
+        family = Family(req.family)
         if netns_fd is None:
             raise BpfilterError(errno.EINVAL, "request without its network namespace")
         inum, cookie = netns_identity(netns_fd)
-        where = _Caller(self, inum, cookie, netns_fd)
+        where = _Caller(self, inum, cookie, netns_fd, family)
         if req.op == proto.Op.TABLE_NAMES:
-            names = sorted(k.table for k in self.tables if (k.inum, k.cookie) == (inum, cookie))
+            names = sorted(k.table for k in self.tables
+                           if (k.inum, k.cookie, k.family) == (inum, cookie, family))
             return 0, "".join(f"{n}\n" for n in names).encode()
         if req.op == proto.Op.GETSOCKOPT:
             return where.get(req.optname, payload)
@@ -200,25 +204,44 @@ def _name(raw: bytes) -> str:
     return X.cstr(raw[:-1])
 
 
+def revision_answer(abi: X.EntryFamily, optname: int, payload: bytes) -> tuple[int, bytes]:
+    """GET_REVISION_MATCH / _TARGET: whether bpfilter has that revision of the
+    extension in the family, as xt_find_revision() answers for the kernel's."""
+    if len(payload) != X.xt_get_revision.sizeof():
+        raise BpfilterError(errno.EINVAL, f"GET_REVISION with length {len(payload)}")
+    name, revision = _name(payload[:X.XT_EXTENSION_MAXNAMELEN]), payload[-1]
+    known = (known_match_revisions if optname == abi.so_get_revision_match
+             else known_target_revisions)(name, abi.family)
+    if not known:
+        return -errno.ENOENT, b""
+    if revision not in known:
+        return -errno.EPROTONOSUPPORT, b""
+    return 0, payload
+
+
 class _Caller:
     """One request's view: the service seen from the caller's network namespace."""
 
-    def __init__(self, service: Service, inum: int, cookie: int, netns_fd: int):
+    def __init__(self, service: Service, inum: int, cookie: int, netns_fd: int,
+                 family: Family):
         self.service, self.inum, self.cookie, self.netns_fd = service, inum, cookie, netns_fd
+        self.family, self.abi = family, families.of(family)
 
     def key(self, table: str) -> TableKey:
-        return TableKey(self.inum, self.cookie, Family.IPV4, table)
+        return TableKey(self.inum, self.cookie, self.family, table)
 
     def table(self, name: str) -> TableState:
         """The table by that name, created as the kernel creates it on first use."""
         key = self.key(name)
         state = self.service.tables.get(key)
         if state is None:
-            if name not in SUPPORTED_TABLES:
-                raise BpfilterError(errno.ENOENT, f"table '{name}' does not exist in bpfilter "
-                                                  f"(supported: {', '.join(SUPPORTED_TABLES)})")
-            blob = codec.initial_replace(name)
-            raw = codec.parse_replace(blob)
+            supported = implemented(self.family)
+            if name not in supported:
+                raise BpfilterError(errno.ENOENT, f"{self.abi.command} table '{name}' does not "
+                                                  f"exist in bpfilter (supported: "
+                                                  f"{', '.join(supported)})")
+            blob = codec.initial_replace(name, self.family)
+            raw = codec.parse_replace(blob, family=self.family)
             state = self._install(key, blob, raw, table_from_raw(raw), previous=None)
         return state
 
@@ -274,22 +297,12 @@ class _Caller:
                 raise BpfilterError(errno.EAGAIN, f"IPT_SO_GET_ENTRIES: size {header['size']} "
                                                   f"but the table has {state.raw.size}")
             return 0, payload[:X.SIZEOF_IPT_GET_ENTRIES] + state.entries()
-        if optname in (X.IPT_SO_GET_REVISION_MATCH, X.IPT_SO_GET_REVISION_TARGET):
+        if optname in (self.abi.so_get_revision_match, self.abi.so_get_revision_target):
             return self._revision(optname, payload)
         raise BpfilterError(errno.EINVAL, f"unknown getsockopt {optname}")
 
-    @staticmethod
-    def _revision(optname: int, payload: bytes) -> tuple[int, bytes]:
-        if len(payload) != X.xt_get_revision.sizeof():
-            raise BpfilterError(errno.EINVAL, f"GET_REVISION with length {len(payload)}")
-        name, revision = _name(payload[:X.XT_EXTENSION_MAXNAMELEN]), payload[-1]
-        known = (known_match_revisions if optname == X.IPT_SO_GET_REVISION_MATCH
-                 else known_target_revisions)(name, Family.IPV4)
-        if not known:
-            return -errno.ENOENT, b""
-        if revision not in known:
-            return -errno.EPROTONOSUPPORT, b""
-        return 0, payload
+    def _revision(self, optname: int, payload: bytes) -> tuple[int, bytes]:
+        return revision_answer(self.abi, optname, payload)
 
     # -- setsockopt -----------------------------------------------------------
 
@@ -311,7 +324,8 @@ class _Caller:
         # Most replaces change a few rules of a table: what did not change is
         # taken over from the table in place rather than parsed and decoded again.
         in_place = self.service.tables.get(self.key(codec.replace_name(blob)))
-        raw = codec.parse_replace(blob, optlen=len(blob), previous=in_place and in_place.raw)
+        raw = codec.parse_replace(blob, optlen=len(blob), previous=in_place and in_place.raw,
+                                  family=self.family)
         # the kernel's remaining checks, and ours
         table = table_from_raw(raw, previous=in_place and (in_place.raw, in_place.ruleset.table))
         if logs(table) and not devkmsg_unlimited():
@@ -331,7 +345,7 @@ class _Caller:
         old = previous.ruleset.packed_counters()
         state.ruleset.took_over(previous.ruleset)
         previous.ruleset.close()
-        log(f"netns {self.inum}: table {raw.name} replaced in {time.monotonic() - started:.3f} s: "
+        log(f"netns {self.inum}: {self.abi.command} table {raw.name} replaced in {time.monotonic() - started:.3f} s: "
             f"{raw.num_entries} entries, " + ", ".join(f"{r.hook.chain_name} {r.insn_count} insns"
                                                        for r in state.ruleset.hooks.values()))
         return 0, old

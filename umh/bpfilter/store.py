@@ -136,13 +136,13 @@ class Store:
                 yield TableKey(int(inum), int(cookie), Family[family.upper()], table)
 
     def load(self, key: TableKey, table_of_blob) -> tuple[bytes, Ruleset, dict[Hook, HookSlot]]:
-        """Reopen a pinned table; `table_of_blob` rebuilds its model from the blob."""
+        """Reopen a pinned table; `table_of_blob(blob, family)` rebuilds its model."""
         blob_fd = bpf.obj_get(self.path(key, "blob"))
         try:
             blob = read_blob(blob_fd)
         finally:
             os.close(blob_fd)
-        table: Table = table_of_blob(blob)
+        table: Table = table_of_blob(blob, key.family)
         ruleset = Ruleset(table, bpf.obj_get(self.path(key, "counters")),
                           bpf.obj_get(self.path(key, "added")))
         slots = {}

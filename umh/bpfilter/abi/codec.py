@@ -1,7 +1,9 @@
-"""Parse, validate and rebuild the ipt_replace blob of IPT_SO_SET_REPLACE.
+"""Parse, validate and rebuild the ipt_replace / ip6t_replace blob of
+IPT_SO_SET_REPLACE / IP6T_SO_SET_REPLACE.
 
 parse_replace() refuses what the kernel's do_replace() -> translate_table()
-(net/ipv4/netfilter/ip_tables.c, net/netfilter/x_tables.c) refuses, with the
+(net/ipv4/netfilter/ip_tables.c, net/ipv6/netfilter/ip6_tables.c, whose checks are
+the same but for the entry's layout and flags; net/netfilter/x_tables.c) refuses, with the
 same errno, and in the same order, so that the first error reported is the one
 the kernel would report.  What it does not do is find_check_entry(): looking
 up each extension and running its checkentry belongs to the layer above, which
@@ -14,23 +16,20 @@ import struct
 from contextlib import contextmanager
 from functools import lru_cache
 from itertools import starmap
-from operator import attrgetter
 
 from ..errors import BpfilterError, invalid
+from ..model import Family
+from ..tables import kernel_tables
+from . import families
 from .xtables import (
-    BUILTIN_TABLES,
     HOOK_NAMES,
     INT_MAX,
-    IPT_F_MASK,
-    IPT_INV_MASK,
     NF_ACCEPT,
     NF_DROP,
     NF_INET_NUMHOOKS,
     NF_QUEUE,
-    SIZEOF_IPT_ENTRY,
     SIZEOF_IPT_GET_ENTRIES,
     SIZEOF_IPT_GETINFO,
-    SIZEOF_IPT_IP,
     SIZEOF_IPT_REPLACE,
     SIZEOF_XT_COUNTERS,
     SIZEOF_XT_COUNTERS_INFO,
@@ -46,16 +45,14 @@ from .xtables import (
     XT_RETURN,
     XT_STANDARD_TARGET,
     XT_TABLE_MAXNAMELEN,
+    EntryFamily,
     RawEntry,
-    RawIp,
     RawMatch,
     RawTable,
     RawTarget,
     cstr,
-    ipt_entry_packed,
     ipt_get_entries,
     ipt_getinfo,
-    ipt_ip_packed,
     ipt_replace,
     name_field,
     xt_counters_info,
@@ -68,25 +65,7 @@ from .xtables import (
 
 _UNSET = 0xFFFFFFFF
 _IN_PROGRESS = 1 << NF_INET_NUMHOOKS  # mark_source_chains' "on the current path" bit
-_UNCONDITIONAL_IP = bytes(SIZEOF_IPT_IP)
 
-# Where the per-rule layouts' fields sit in their unpacked tuples.
-_E_IP = ipt_entry_packed.index("ip")
-_E_FLAGS = ipt_entry_packed.index("ip.flags")
-_E_INVFLAGS = ipt_entry_packed.index("ip.invflags")
-_E_NFCACHE = ipt_entry_packed.index("nfcache")
-_E_TARGET_OFFSET = ipt_entry_packed.index("target_offset")
-_E_NEXT_OFFSET = ipt_entry_packed.index("next_offset")
-_E_COMEFROM = ipt_entry_packed.index("comefrom")
-_E_PCNT = ipt_entry_packed.index("counters.pcnt")
-_E_BCNT = ipt_entry_packed.index("counters.bcnt")
-_COUNTERS_AT = ipt_entry_packed.field("counters.pcnt")[0]
-_NEXT_OFFSET_AT, _NEXT_OFFSET = ipt_entry_packed.field("next_offset")
-_COMEFROM_AT, _COMEFROM = ipt_entry_packed.field("comefrom")
-# comefrom and the counters, the fields of an entry that neither the kernel's
-# checks nor the rule's meaning read.
-_VOLATILE = struct.Struct("<IQQ")
-assert _COMEFROM_AT + _VOLATILE.size == _COUNTERS_AT + SIZEOF_XT_COUNTERS == SIZEOF_IPT_ENTRY
 _M_SIZE = xt_entry_match_packed.index("match_size")
 _M_NAME = xt_entry_match_packed.index("name")
 _M_REVISION = xt_entry_match_packed.index("revision")
@@ -99,8 +78,6 @@ _TARGET_HEADER = (xt_entry_target_packed, _T_SIZE, _T_NAME, _T_REVISION)
 # the caller's bytes around them.
 _VERDICT_AT, _VERDICT = xt_standard_target_packed.field("verdict")
 _ERRORNAME_AT, _ERRORNAME = xt_error_target_packed.field("errorname")
-# RawIp's fields are ipt_ip's, in its order (tests/test_abi_bridge.py holds them so).
-_ip_values = attrgetter(*ipt_ip_packed.names)
 # Extension names repeat from rule to rule; bounded, as the blob is the caller's.
 _name = lru_cache(maxsize=1024)(cstr)
 
@@ -127,7 +104,7 @@ def gc_paused():
 # ---------------------------------------------------------------- header
 
 
-def _parse_header(blob: bytes, optlen: "int | None"):
+def _parse_header(blob: bytes, optlen: "int | None", layout: EntryFamily):
     if optlen is not None and optlen < SIZEOF_IPT_REPLACE:
         raise invalid(f"option length {optlen} is shorter than struct ipt_replace ({SIZEOF_IPT_REPLACE} bytes)")
     if len(blob) < SIZEOF_IPT_REPLACE:
@@ -156,6 +133,7 @@ def _parse_header(blob: bytes, optlen: "int | None"):
         raise BpfilterError(errno.ENOMEM, f"num_entries {hdr.num_entries} is too large")
     # The kernel forces the last byte of the name to NUL before using it.
     return RawTable(
+        abi=layout,
         name=cstr(hdr.name[: XT_TABLE_MAXNAMELEN - 1]),
         valid_hooks=hdr.valid_hooks,
         hook_entry=list(hdr.hook_entry),
@@ -177,16 +155,16 @@ def _verdict_ok(verdict: int) -> bool:
 
 
 def _check_entry_offsets(raw: bytes, index: int, off: int, target_offset: int, next_offset: int,
-                         targets: dict):
+                         targets: dict, entry_size: int):
     """xt_check_entry_offsets(): the target and the match chain fit the entry.
     Returns them, decoded: (matches, target). `targets` holds the targets parsed so
     far by their bytes and place in the entry, which decide their checks: most
     entries end in one of a few (ACCEPT, DROP, a jump), parsed once."""
     seen = targets.get((raw[target_offset:], target_offset))
     if seen is not None:
-        return _check_entry_match(raw, index, off, target_offset), seen
-    if target_offset < SIZEOF_IPT_ENTRY:
-        raise invalid(f"offset {off}: target_offset {target_offset} points inside the {SIZEOF_IPT_ENTRY}-byte ipt_entry", index)
+        return _check_entry_match(raw, index, off, target_offset, entry_size), seen
+    if target_offset < entry_size:
+        raise invalid(f"offset {off}: target_offset {target_offset} points inside the {entry_size}-byte entry header", index)
     if target_offset + SIZEOF_XT_ENTRY_HEADER > next_offset:
         raise invalid(f"offset {off}: target_offset {target_offset} leaves no room for a target before next_offset {next_offset}", index)
     header = xt_entry_target_packed.unpack_from(raw, target_offset)
@@ -217,14 +195,15 @@ def _check_entry_offsets(raw: bytes, index: int, off: int, target_offset: int, n
             raise invalid(f"offset {off}: ERROR target name is not NUL-terminated", index)
         target.errorname = cstr(errorname)
     targets[raw[target_offset:], target_offset] = target
-    return _check_entry_match(raw, index, off, target_offset), target
+    return _check_entry_match(raw, index, off, target_offset, entry_size), target
 
 
-def _check_entry_match(raw: bytes, index: int, off: int, target_offset: int) -> "list[RawMatch]":
-    """xt_check_entry_match(): the matches tile [112, target_offset) exactly.
-    Returns them, decoded."""
+def _check_entry_match(raw: bytes, index: int, off: int, target_offset: int,
+                       entry_size: int) -> "list[RawMatch]":
+    """xt_check_entry_match(): the matches tile [entry header's end, target_offset)
+    exactly. Returns them, decoded."""
     matches = []
-    pos = SIZEOF_IPT_ENTRY
+    pos = entry_size
     length = target_offset - pos
     while length > 0:
         # The entry itself is 8-byte aligned here, so the in-entry offset decides.
@@ -245,27 +224,31 @@ def _check_entry_match(raw: bytes, index: int, off: int, target_offset: int) -> 
     return matches
 
 
-def _unconditional(e: RawEntry) -> bool:
-    return e.target_offset == SIZEOF_IPT_ENTRY and e.raw[:SIZEOF_IPT_IP] == _UNCONDITIONAL_IP
+def unconditional(e: RawEntry, layout: EntryFamily) -> bool:
+    """The kernel's test for a chain's end: no match, and an ip part all zero bytes
+    (padding included: it compares the whole struct)."""
+    return (e.target_offset == layout.entry_size
+            and e.raw[:layout.ip_size] == layout.unconditional_ip)
 
 
-def _check_underflow(e: RawEntry) -> bool:
+def _check_underflow(e: RawEntry, layout: EntryFamily) -> bool:
     """A chain policy: an unconditional standard ACCEPT or DROP."""
     verdict = e.target.verdict
-    if not _unconditional(e) or verdict is None:
+    if not unconditional(e, layout) or verdict is None:
         return False
     return ((-verdict - 1) & 0xFFFFFFFF) in (NF_DROP, NF_ACCEPT)
 
 
-def _rule_bytes(raw: bytes) -> bytes:
-    """An entry's bytes without comefrom and counters: entries equal in these
-    pass the same checks and mean the same rule."""
-    return raw[:_COMEFROM_AT] + raw[SIZEOF_IPT_ENTRY:]
+def _rule_bytes(raw: bytes, layout: EntryFamily) -> bytes:
+    """An entry's bytes without comefrom and counters (and the padding between them):
+    entries equal in these pass the same checks and mean the same rule."""
+    return raw[:layout.comefrom_at] + raw[layout.entry_size:]
 
 
 def _rule_index(table: RawTable) -> "dict[bytes, RawEntry]":
     if table.by_rule_bytes is None:
-        table.by_rule_bytes = {_rule_bytes(e.raw): e for e in table.entries}
+        layout = table.abi
+        table.by_rule_bytes = {_rule_bytes(e.raw, layout): e for e in table.entries}
     return table.by_rule_bytes
 
 
@@ -275,38 +258,41 @@ def _walk_entries(table: RawTable, body: bytes, hook_entry: list, underflow: lis
     An entry with the bytes of one of `previous` takes that entry's parse, checks
     included: they depend on nothing else (the position-dependent ones are made
     here for every entry)."""
+    layout = table.abi
+    entry_size = layout.entry_size
     hook_offsets = {table.hook_entry[h] for h in range(NF_INET_NUMHOOKS) if table.valid_hooks & (1 << h)}
     hook_offsets.update(table.underflow[h] for h in range(NF_INET_NUMHOOKS) if table.valid_hooks & (1 << h))
-    known = _rule_index(previous) if previous else {}
+    known = _rule_index(previous) if previous and previous.abi is layout else {}
     # made while looking entries up; a first parse leaves it to the next replace
     by_rule_bytes = table.by_rule_bytes = {} if known else None
     targets: dict = {}
     entries, same_as, size = table.entries, table.same_as, table.size
-    volatile = _VOLATILE.unpack_from
+    volatile = layout.volatile
+    next_offset_field, next_offset_at = layout.next_offset_field, layout.next_offset_at
     off = 0
     index = 0
     while off < size:
         # entries[] is 8-byte aligned in the kernel, so only the offset matters.
         if off % 8:
             raise invalid(f"offset {off}: entry is not 8-byte aligned (previous next_offset is not a multiple of 8)", index)
-        if off + SIZEOF_IPT_ENTRY >= size:
+        if off + entry_size >= size:
             raise invalid(f"offset {off}: only {size - off} bytes left, not enough for an entry", index)
-        next_offset = _NEXT_OFFSET.unpack_from(body, off + _NEXT_OFFSET_AT)[0]
+        next_offset = next_offset_field.unpack_from(body, off + next_offset_at)[0]
         if off + next_offset > size:
             raise invalid(f"offset {off}: next_offset {next_offset} runs past the end of the table ({size} bytes)", index)
-        if next_offset < SIZEOF_IPT_ENTRY + SIZEOF_XT_ENTRY_HEADER:
+        if next_offset < entry_size + SIZEOF_XT_ENTRY_HEADER:
             raise invalid(f"offset {off}: next_offset {next_offset} is smaller than an entry with a target", index)
         raw = body[off : off + next_offset]
         if known:
-            rule_bytes = _rule_bytes(raw)
+            rule_bytes = _rule_bytes(raw, layout)
             same = known.get(rule_bytes)
         else:
             same = None
         if same is None:
-            e = _parse_entry(raw, index, off, targets)
+            e = _parse_entry(raw, index, off, targets, layout)
         else:
             e = RawEntry(index, off, same.ip, same.nfcache, same.target_offset, next_offset,
-                         *volatile(raw, _COMEFROM_AT), same.matches, same.target, raw)
+                         *volatile(raw), same.matches, same.target, raw)
             same_as[index] = same.index
         if off in hook_offsets:
             _check_hooks(table, e, hook_entry, underflow)
@@ -317,18 +303,21 @@ def _walk_entries(table: RawTable, body: bytes, hook_entry: list, underflow: lis
         index += 1
 
 
-def _parse_entry(raw: bytes, index: int, off: int, targets: dict) -> RawEntry:
+def _parse_entry(raw: bytes, index: int, off: int, targets: dict, layout: EntryFamily) -> RawEntry:
     """check_entry_size_and_hooks() on one entry, from its flags on."""
-    header = ipt_entry_packed.unpack_from(raw)
-    flags, invflags = header[_E_FLAGS], header[_E_INVFLAGS]
-    if flags & ~IPT_F_MASK:
-        raise invalid(f"offset {off}: unknown ip flags 0x{flags & ~IPT_F_MASK:02x}", index)
-    if invflags & ~IPT_INV_MASK:
-        raise invalid(f"offset {off}: unknown ip invflags 0x{invflags & ~IPT_INV_MASK:02x}", index)
-    target_offset, next_offset = header[_E_TARGET_OFFSET], header[_E_NEXT_OFFSET]
-    matches, target = _check_entry_offsets(raw, index, off, target_offset, next_offset, targets)
-    return RawEntry(index, off, RawIp(*header[_E_IP]), header[_E_NFCACHE], target_offset, next_offset,
-                    header[_E_COMEFROM], header[_E_PCNT], header[_E_BCNT], matches, target, raw)
+    L = layout
+    header = L.entry_packed.unpack_from(raw)
+    flags, invflags = header[L.E_FLAGS], header[L.E_INVFLAGS]
+    if flags & ~L.flags_mask:
+        raise invalid(f"offset {off}: unknown ip flags 0x{flags & ~L.flags_mask:02x}", index)
+    if invflags & ~L.invflags_mask:
+        raise invalid(f"offset {off}: unknown ip invflags 0x{invflags & ~L.invflags_mask:02x}", index)
+    target_offset, next_offset = header[L.E_TARGET_OFFSET], header[L.E_NEXT_OFFSET]
+    matches, target = _check_entry_offsets(raw, index, off, target_offset, next_offset, targets,
+                                           L.entry_size)
+    return RawEntry(index, off, L.raw_ip(*header[L.E_IP]), header[L.E_NFCACHE], target_offset,
+                    next_offset, header[L.E_COMEFROM], header[L.E_PCNT], header[L.E_BCNT], matches,
+                    target, raw)
 
 
 def _check_hooks(table: RawTable, e: RawEntry, hook_entry: list, underflow: list) -> None:
@@ -339,7 +328,7 @@ def _check_hooks(table: RawTable, e: RawEntry, hook_entry: list, underflow: list
         if e.offset == table.hook_entry[h]:
             hook_entry[h] = e.offset
         if e.offset == table.underflow[h]:
-            if not _check_underflow(e):
+            if not _check_underflow(e, table.abi):
                 raise invalid(
                     f"offset {e.offset}: underflow (policy) of {HOOK_NAMES[h]} is not an unconditional ACCEPT or DROP",
                     e.index,
@@ -381,7 +370,7 @@ def _mark_source_chains(table: RawTable, hook_entry: list) -> None:
     that keeps its back pointers in the (zeroed) counters and its path marks in
     comefrom, failing on a loop, a jump to no entry start or a fall off the end.
     The comefrom values it leaves are stored as hook_mask."""
-    entries = table.entries
+    entries, layout = table.entries, table.abi
     by_offset = {e.offset: e.index for e in entries}
     comefrom = [0] * len(entries)
     back = [0] * len(entries)
@@ -398,7 +387,7 @@ def _mark_source_chains(table: RawTable, hook_entry: list) -> None:
                 raise _eloop(e, f"rule loop: reached again from {HOOK_NAMES[hook]} while still on its path")
             comefrom[i] |= (1 << hook) | _IN_PROGRESS
             verdict = e.target.verdict
-            if (verdict is not None and verdict < 0 and _unconditional(e)) or visited:
+            if (verdict is not None and verdict < 0 and unconditional(e, layout)) or visited:
                 # A return or a chain's end: unwind to the last jump.
                 while True:
                     comefrom[i] ^= _IN_PROGRESS
@@ -435,9 +424,11 @@ def _mark_source_chains(table: RawTable, hook_entry: list) -> None:
 
 
 @gc_paused()
-def parse_replace(blob: bytes, optlen: "int | None" = None, previous: "RawTable | None" = None) -> RawTable:
-    """Parse and validate what iptables passes to setsockopt(IPT_SO_SET_REPLACE),
-    as do_replace() and translate_table() do up to find_check_entry().
+def parse_replace(blob: bytes, optlen: "int | None" = None, previous: "RawTable | None" = None,
+                  family: Family = Family.IPV4) -> RawTable:
+    """Parse and validate what iptables (ip6tables, for Family.IPV6) passes to
+    setsockopt(IPT_SO_SET_REPLACE), as do_replace() and translate_table() do up to
+    find_check_entry().
 
     optlen is the setsockopt option length when known; the kernel answers a
     length shorter than the data it announces with EINVAL.  Without it, blob is
@@ -452,7 +443,7 @@ def parse_replace(blob: bytes, optlen: "int | None" = None, previous: "RawTable 
     that changes little cheap: see _walk_entries and RawTable.same_as.
     """
     blob = bytes(blob)
-    table = _parse_header(blob, optlen)
+    table = _parse_header(blob, optlen, families.of(family))
     body = blob[SIZEOF_IPT_REPLACE : SIZEOF_IPT_REPLACE + table.size]
     hook_entry = [_UNSET] * NF_INET_NUMHOOKS
     underflow = [_UNSET] * NF_INET_NUMHOOKS
@@ -470,16 +461,17 @@ def replace_name(blob: bytes) -> str:
     return cstr(bytes(blob[: XT_TABLE_MAXNAMELEN - 1]))
 
 
-def check_do_replace(table: RawTable, tables: "dict[str, int]" = BUILTIN_TABLES) -> None:
+def check_do_replace(table: RawTable) -> None:
     """__do_replace()'s checks before it swaps tables: room for the old
-    counters, a table by that name (tables maps the existing ones to their
-    valid_hooks), and the same valid_hooks."""
+    counters, a table of the family by that name, and the same valid_hooks."""
     if table.num_counters * SIZEOF_XT_COUNTERS > XT_MAX_TABLE_SIZE:
         raise BpfilterError(errno.ENOMEM, f"num_counters {table.num_counters} is too large")
-    if table.name not in tables:
+    known = kernel_tables(table.abi.family).get(table.name)
+    if known is None:
         raise BpfilterError(errno.ENOENT, f"no table named {table.name!r}")
-    if table.valid_hooks != tables[table.name]:
-        raise invalid(f"valid_hooks 0x{table.valid_hooks:x} differ from table {table.name!r}'s 0x{tables[table.name]:x}")
+    if table.valid_hooks != known.valid_hooks:
+        raise invalid(f"valid_hooks 0x{table.valid_hooks:x} differ from table {table.name!r}'s "
+                      f"0x{known.valid_hooks:x}")
 
 
 def check_builtin_target(entry: RawEntry) -> None:
@@ -504,16 +496,17 @@ def check_builtin_target(entry: RawEntry) -> None:
 # ---------------------------------------------------------------- building
 
 
-def _pack_entry_header(out: bytearray, pos: int, e: RawEntry, comefrom: int, pcnt: int, bcnt: int) -> None:
-    values = [0] * ipt_entry_packed.count
-    values[_E_IP] = _ip_values(e.ip)
-    values[_E_NFCACHE] = e.nfcache
-    values[_E_TARGET_OFFSET] = e.target_offset
-    values[_E_NEXT_OFFSET] = e.next_offset
-    values[_E_COMEFROM] = comefrom
-    values[_E_PCNT] = pcnt
-    values[_E_BCNT] = bcnt
-    ipt_entry_packed.pack_into(out, pos, *values)
+def _pack_entry_header(out: bytearray, pos: int, e: RawEntry, layout: EntryFamily) -> None:
+    L = layout
+    values = [0] * L.entry_packed.count
+    values[L.E_IP] = L.ip_values(e.ip)
+    values[L.E_NFCACHE] = e.nfcache
+    values[L.E_TARGET_OFFSET] = e.target_offset
+    values[L.E_NEXT_OFFSET] = e.next_offset
+    values[L.E_COMEFROM] = e.comefrom
+    values[L.E_PCNT] = e.pcnt
+    values[L.E_BCNT] = e.bcnt
+    L.entry_packed.pack_into(out, pos, *values)
 
 
 @lru_cache(maxsize=1024)
@@ -525,13 +518,13 @@ def _extension_header(layout: tuple, size: int, name: str, revision: int) -> byt
     return packed.pack(*values)
 
 
-def _build_entry(e: RawEntry) -> bytearray:
+def _build_entry(e: RawEntry, layout: EntryFamily) -> bytearray:
     t = e.target
-    tpos = SIZEOF_IPT_ENTRY + sum(SIZEOF_XT_ENTRY_HEADER + len(m.data) for m in e.matches)
+    tpos = layout.entry_size + sum(SIZEOF_XT_ENTRY_HEADER + len(m.data) for m in e.matches)
     end = tpos + SIZEOF_XT_ENTRY_HEADER + len(t.data)
     out = bytearray(max(end, e.next_offset))
-    _pack_entry_header(out, 0, e, e.comefrom, e.pcnt, e.bcnt)
-    pos = SIZEOF_IPT_ENTRY
+    _pack_entry_header(out, 0, e, layout)
+    pos = layout.entry_size
     for m in e.matches:
         out[pos : pos + SIZEOF_XT_ENTRY_HEADER] = _extension_header(_MATCH_HEADER, m.size, m.name, m.revision)
         pos += SIZEOF_XT_ENTRY_HEADER
@@ -547,7 +540,7 @@ def _build_entry(e: RawEntry) -> bytearray:
 
 
 def build_replace(table: RawTable) -> bytes:
-    """The ipt_replace blob for table, from its fields (not from entry.raw).
+    """The replace blob for table, from its fields (not from entry.raw).
 
     Bytes nothing reads are written as zeros, as iptables writes them: those
     after a name's NUL and those between an entry's target and next_offset.
@@ -565,7 +558,7 @@ def build_replace(table: RawTable) -> bytes:
             counters=table.counters_ptr,
         )
     )
-    return hdr + b"".join(_build_entry(e) for e in table.entries)
+    return hdr + b"".join(_build_entry(e, table.abi) for e in table.entries)
 
 
 def _payload_to_user(kind: str, obj, size: int) -> bytes:
@@ -595,8 +588,9 @@ def kernel_entries(table: RawTable, previous: "tuple[RawTable, bytes] | None" = 
     table `table` was parsed against (parse_replace) and its kernel_entries, whose
     entries the unchanged ones (RawTable.same_as) take, but for their comefrom.
 
-    copy_entries_to_user() copies each ipt_entry header with comefrom as
-    mark_source_chains left it and counters[i] = (pcnt, bcnt) put in, then
+    copy_entries_to_user() copies each entry header as the caller wrote it (padding
+    included) with comefrom as mark_source_chains left it and counters[i] =
+    (pcnt, bcnt) put in, then
     rewrites every match and target through xt_match_to_user() /
     xt_target_to_user(): size, the extension's name up to its NUL, revision,
     and the payload with kernel-private bytes (past usersize, and the
@@ -606,15 +600,19 @@ def kernel_entries(table: RawTable, previous: "tuple[RawTable, bytes] | None" = 
     out = bytearray(table.size)
     old_table, old_entries = previous if previous else (None, b"")
     same_as = table.same_as if previous else {}
+    layout = table.abi
+    entry_size, counters_at = layout.entry_size, layout.counters_at
+    comefrom_field, comefrom_at = layout.comefrom_field, layout.comefrom_at
     for e in table.entries:
         old = same_as.get(e.index)
         if old is not None:
             at = old_table.entries[old].offset
             out[e.offset : e.offset + e.next_offset] = old_entries[at : at + e.next_offset]
-            _COMEFROM.pack_into(out, e.offset + _COMEFROM_AT, e.hook_mask)
+            comefrom_field.pack_into(out, e.offset + comefrom_at, e.hook_mask)
             continue
-        _pack_entry_header(out, e.offset, e, e.hook_mask, 0, 0)
-        pos = e.offset + SIZEOF_IPT_ENTRY
+        out[e.offset : e.offset + counters_at] = e.raw[:counters_at]
+        comefrom_field.pack_into(out, e.offset + comefrom_at, e.hook_mask)
+        pos = e.offset + entry_size
         for m in e.matches:
             out[pos : pos + SIZEOF_XT_ENTRY_HEADER] = _extension_header(_MATCH_HEADER, m.size, m.name, m.revision)
             data = _payload_to_user("match", m, m.size)
@@ -635,8 +633,9 @@ def with_counters(table: RawTable, entries: bytes, counters: bytes) -> bytes:
         raise ValueError(f"{len(counters) // SIZEOF_XT_COUNTERS} counters for {len(table.entries)} entries")
     out = bytearray(entries)
     at = 0
+    counters_at = table.abi.counters_at
     for e in table.entries:
-        pos = e.offset + _COUNTERS_AT
+        pos = e.offset + counters_at
         out[pos : pos + SIZEOF_XT_COUNTERS] = counters[at : at + SIZEOF_XT_COUNTERS]
         at += SIZEOF_XT_COUNTERS
     return bytes(out)
@@ -715,12 +714,12 @@ def parse_counters_info(data: bytes) -> "tuple[str, list[tuple[int, int]]]":
     return cstr(h.name[: XT_TABLE_MAXNAMELEN - 1]), list(xt_counters_packed.iter_unpack(rest))
 
 
-def initial_replace(name: str) -> bytes:
+def initial_replace(name: str, family: Family = Family.IPV4) -> bytes:
     """The table the kernel creates when a namespace first uses `name`
     (xt_alloc_initial_table): an unconditional ACCEPT policy per hook, then ERROR."""
-    valid_hooks = BUILTIN_TABLES[name]
-    no_ip = RawIp(bytes(4), bytes(4), bytes(4), bytes(4), bytes(16), bytes(16), bytes(16),
-                  bytes(16), 0, 0, 0)
+    valid_hooks = kernel_tables(family)[name].valid_hooks
+    layout = families.of(family)
+    no_ip = layout.raw_ip(*layout.ip_packed.unpack_from(layout.unconditional_ip))
     accept = -NF_ACCEPT - 1
     policy = RawTarget(XT_STANDARD_TARGET, 0, SIZEOF_XT_STANDARD_TARGET,
                        struct.pack("<i4x", accept), verdict=accept)
@@ -730,13 +729,13 @@ def initial_replace(name: str) -> bytes:
     hooks = [h for h in range(NF_INET_NUMHOOKS) if valid_hooks & (1 << h)]
     entries, offset = [], 0
     for target in [policy] * len(hooks) + [error]:
-        size = SIZEOF_IPT_ENTRY + target.size
-        entries.append(RawEntry(len(entries), offset, no_ip, 0, SIZEOF_IPT_ENTRY, size, 0, 0, 0,
+        size = layout.entry_size + target.size
+        entries.append(RawEntry(len(entries), offset, no_ip, 0, layout.entry_size, size, 0, 0, 0,
                                 [], target, b""))
         offset += size
     starts = [_UNSET] * NF_INET_NUMHOOKS
     for position, hook in enumerate(hooks):
         starts[hook] = entries[position].offset
-    table = RawTable(name, valid_hooks, starts, list(starts), len(entries), offset, len(entries),
-                     0, entries)
+    table = RawTable(layout, name, valid_hooks, starts, list(starts), len(entries), offset,
+                     len(entries), 0, entries)
     return build_replace(table)

@@ -1,12 +1,16 @@
-"""The IPv4 iptables kernel ABI (x86_64 layouts) and its parsed, construct-free form.
+"""The x_tables kernel ABI both families share (x86_64 layouts), its parsed,
+construct-free form, and the descriptor each family fills in (EntryFamily).
 
-Layouts follow include/uapi/linux/netfilter_ipv4/ip_tables.h and
-include/uapi/linux/netfilter/x_tables.h as compiled for x86_64: the unmodified
-iptables binary hands us exactly these bytes through setsockopt/getsockopt.
+Layouts follow include/uapi/linux/netfilter/x_tables.h and, for what ip_tables.h and
+ip6_tables.h spell twice with the same layout (ipt_replace and ip6t_replace,
+ipt_getinfo and ip6t_getinfo, ...), the IPv4 names: the unmodified iptables and
+ip6tables binaries hand us exactly these bytes through setsockopt/getsockopt. What
+differs per family, the entry and its ip part, is in ipv4.py and ipv6.py.
 """
 import struct
 import sys
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from construct import (Array, Bytes, FormatField, Int8ul, Int16ul, Int32sl, Int32ul, Int64ul, Padded,
                        Padding, Pass, Renamed, Struct)
@@ -15,31 +19,17 @@ from ..netfilter import (NF_ACCEPT, NF_DROP, NF_INET_FORWARD, NF_INET_LOCAL_IN, 
                           NF_INET_LOCAL_OUT, NF_INET_NUMHOOKS, NF_INET_POST_ROUTING,
                           NF_INET_PRE_ROUTING, NF_QUEUE, NF_REPEAT)
 
-# setsockopt / getsockopt option numbers (IPT_BASE_CTL = 64).
+# setsockopt / getsockopt option numbers (IPT_BASE_CTL = IP6T_BASE_CTL = 64); the
+# GET_REVISION ones differ per family (EntryFamily).
 IPT_SO_SET_REPLACE = 64
 IPT_SO_SET_ADD_COUNTERS = 65
 IPT_SO_GET_INFO = 64
 IPT_SO_GET_ENTRIES = 65
-IPT_SO_GET_REVISION_MATCH = 66
-IPT_SO_GET_REVISION_TARGET = 67
 
 HOOK_NAMES = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
 
 # A standard target's verdict: >= 0 is a jump offset, < 0 is -NF_x - 1 or XT_RETURN.
 XT_RETURN = -NF_REPEAT - 1
-
-IPT_F_FRAG = 0x01
-IPT_F_GOTO = 0x02
-IPT_F_MASK = 0x03
-
-IPT_INV_VIA_IN = 0x01
-IPT_INV_VIA_OUT = 0x02
-IPT_INV_TOS = 0x04
-IPT_INV_SRCIP = 0x08
-IPT_INV_DSTIP = 0x10
-IPT_INV_FRAG = 0x20
-IPT_INV_PROTO = 0x40
-IPT_INV_MASK = 0x7F
 
 XT_TABLE_MAXNAMELEN = 32
 XT_EXTENSION_MAXNAMELEN = 29
@@ -178,30 +168,7 @@ class Packed:
                 cls._flatten(sub, obj[name], flat)
 
 
-ipt_ip = Struct(
-    "src" / Bytes(4),
-    "dst" / Bytes(4),
-    "smsk" / Bytes(4),
-    "dmsk" / Bytes(4),
-    "iniface" / Bytes(16),
-    "outiface" / Bytes(16),
-    "iniface_mask" / Bytes(16),
-    "outiface_mask" / Bytes(16),
-    "proto" / Int16ul,
-    "flags" / Int8ul,
-    "invflags" / Int8ul,
-)
-
 xt_counters = Struct("pcnt" / Int64ul, "bcnt" / Int64ul)
-
-ipt_entry = Struct(
-    "ip" / ipt_ip,
-    "nfcache" / Int32ul,
-    "target_offset" / Int16ul,
-    "next_offset" / Int16ul,
-    "comefrom" / Int32ul,
-    "counters" / xt_counters,
-)
 
 # The user view of the header; the payload (match_size - 32 bytes) follows it.
 xt_entry_match = Struct(
@@ -245,16 +212,12 @@ xt_counters_info = Struct("name" / Bytes(XT_TABLE_MAXNAMELEN), "num_counters" / 
 xt_get_revision = Struct("name" / Bytes(XT_EXTENSION_MAXNAMELEN), "revision" / Int8ul)
 
 # The layouts read or written once per rule.
-ipt_ip_packed = Packed(ipt_ip)
-ipt_entry_packed = Packed(ipt_entry)
 xt_entry_match_packed = Packed(xt_entry_match)
 xt_entry_target_packed = Packed(xt_entry_target)
 xt_standard_target_packed = Packed(xt_standard_target)
 xt_error_target_packed = Packed(xt_error_target)
 xt_counters_packed = Packed(xt_counters)
 
-SIZEOF_IPT_ENTRY = 112
-SIZEOF_IPT_IP = 84
 SIZEOF_XT_ENTRY_HEADER = 32
 SIZEOF_XT_STANDARD_TARGET = 40
 SIZEOF_XT_ERROR_TARGET = 64
@@ -263,16 +226,6 @@ SIZEOF_IPT_GETINFO = 84
 SIZEOF_IPT_GET_ENTRIES = 40
 SIZEOF_XT_COUNTERS_INFO = 40
 SIZEOF_XT_COUNTERS = 16
-
-# The valid_hooks each built-in IPv4 table registers with; __do_replace refuses
-# a replacement that names another table (ENOENT) or other hooks (EINVAL).
-BUILTIN_TABLES = {
-    "filter": 0b01110,
-    "mangle": 0b11111,
-    "nat": 0b11011,
-    "raw": 0b01001,
-    "security": 0b01110,
-}
 
 # Extensions whose payload ends in kernel-private state (a struct xt_match/xt_target
 # .usersize): GET_ENTRIES copies only the first `usersize` payload bytes and
@@ -336,25 +289,10 @@ class RawTarget:
 
 
 @dataclass(slots=True)
-class RawIp:
-    src: bytes
-    dst: bytes
-    smsk: bytes
-    dmsk: bytes
-    iniface: bytes
-    outiface: bytes
-    iniface_mask: bytes
-    outiface_mask: bytes
-    proto: int
-    flags: int
-    invflags: int
-
-
-@dataclass(slots=True)
 class RawEntry:
     index: int
     offset: int
-    ip: RawIp
+    ip: object  # the family's RawIp (EntryFamily.raw_ip)
     nfcache: int
     target_offset: int
     next_offset: int
@@ -372,6 +310,7 @@ class RawEntry:
 
 @dataclass
 class RawTable:
+    abi: "EntryFamily"
     name: str
     valid_hooks: int
     hook_entry: "list[int]"
@@ -389,3 +328,55 @@ class RawTable:
     # the table replacing this one looks entries up in (codec._rule_index).
     by_rule_bytes: "dict[bytes, RawEntry] | None" = field(default=None, repr=False,
                                                          compare=False)
+
+
+class EntryFamily:
+    """What an entry is in one family's ABI (ip_tables.c or ip6_tables.c): its header
+    layout and ip part, the flags its checkentry accepts, its own socket options, and
+    how its ip part reads in the neutral model. The codec walks, checks and rebuilds
+    entries of any family through it."""
+
+    def __init__(self, family, command: str, ip: Struct, entry: Struct, raw_ip: type,
+                 flags_mask: int, invflags_mask: int, goto_flag: int,
+                 so_get_revision_match: int, so_get_revision_target: int, names_file: str,
+                 socket_family: int, socket_level: int, decode_ip):
+        self.family = family                  # model.Family
+        self.command = command                # what users call it, for messages
+        self.ip, self.entry, self.raw_ip = ip, entry, raw_ip
+        self.flags_mask, self.invflags_mask, self.goto_flag = flags_mask, invflags_mask, goto_flag
+        self.so_get_revision_match = so_get_revision_match
+        self.so_get_revision_target = so_get_revision_target
+        self.names_file = names_file          # under /proc/net
+        self.socket_family, self.socket_level = socket_family, socket_level
+        self.decode_ip = decode_ip            # RawIp -> model.IpHeader / Ip6Header
+        self.ip_packed, self.entry_packed = Packed(ip), Packed(entry)
+        self.ip_size, self.entry_size = ip.sizeof(), entry.sizeof()
+        self.unconditional_ip = bytes(self.ip_size)
+        packed = self.entry_packed
+        # where the per-rule fields sit in the entry's unpacked tuple
+        self.E_IP = packed.index("ip")
+        self.E_FLAGS = packed.index("ip.flags")
+        self.E_INVFLAGS = packed.index("ip.invflags")
+        self.E_NFCACHE = packed.index("nfcache")
+        self.E_TARGET_OFFSET = packed.index("target_offset")
+        self.E_NEXT_OFFSET = packed.index("next_offset")
+        self.E_COMEFROM = packed.index("comefrom")
+        self.E_PCNT = packed.index("counters.pcnt")
+        self.E_BCNT = packed.index("counters.bcnt")
+        self.counters_at = packed.field("counters.pcnt")[0]
+        self.next_offset_at, self.next_offset_field = packed.field("next_offset")
+        self.comefrom_at, self.comefrom_field = packed.field("comefrom")
+        # RawIp's fields are the ip part's, in its order (tests/test_abi_bridge.py)
+        self.ip_values = attrgetter(*self.ip_packed.names)
+
+    def __repr__(self) -> str:
+        return f"EntryFamily({self.command})"
+
+    def volatile(self, raw: bytes) -> tuple[int, int, int]:
+        """comefrom, pcnt, bcnt of an entry's bytes: what neither the kernel's checks
+        nor the rule's meaning read."""
+        return (self.comefrom_field.unpack_from(raw, self.comefrom_at)[0],
+                *XT_COUNTERS.unpack_from(raw, self.counters_at))
+
+
+XT_COUNTERS = struct.Struct("<QQ")

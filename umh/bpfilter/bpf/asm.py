@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Callable, Iterable, Union
 
 from . import insn as I
-from .insn import Insn, Kfunc, Label, MapRef
+from .insn import Insn, Kfunc, Label, MapRef, Slot
 
 S16 = 1 << 15
 # The verifier rewrites code after we have placed it (it inlines map lookups, for
@@ -25,6 +25,16 @@ class AsmError(Exception):
     pass
 
 
+def _place_slots(ins: Insn, slots: "dict[str, int] | None") -> Insn:
+    def offset(value):
+        if not isinstance(value, Slot):
+            return value
+        if not slots or value.region not in slots:
+            raise AsmError(f"fact region {value.region!r} is not in this program's layout")
+        return slots[value.region] + value.offset
+    return ins.with_(off=offset(ins.off), imm=offset(ins.imm))
+
+
 class Assembler:
     def __init__(self, short_reach: int = VERIFIER_HEADROOM_REACH) -> None:
         """`short_reach`: the longest jump (in slots) kept as a 16-bit offset."""
@@ -33,6 +43,11 @@ class Assembler:
         self.items: list[Insn] = []
         self.labels: dict[Label, int] = {}
         self._counter = 0
+        self._subprograms: dict[str, tuple[Label, Callable[[], None]]] = {}
+        # after resolve(): (slot, name) of the main program and every subprogram, and
+        # whether one is a callback (its loading then needs them declared in BTF)
+        self.functions: list[tuple[int, str]] = []
+        self.has_callbacks = False
 
     def label(self, name: str) -> Label:
         self._counter += 1
@@ -42,6 +57,24 @@ class Assembler:
         if label in self.labels:
             raise AsmError(f"label {label} placed twice")
         self.labels[label] = len(self.items)
+
+    def subprogram(self, name: str, emit: Callable[[], None]) -> Label:
+        """The label of a subprogram (a callback, say) that `emit` writes once, when
+        emit_subprograms() lays the subprograms out after the code: a program's
+        subprograms must follow it, never sit inside another one's code."""
+        if name not in self._subprograms:
+            self._subprograms[name] = (self.label(name), emit)
+        return self._subprograms[name][0]
+
+    def emit_subprograms(self) -> None:
+        """Lay out every subprogram asked for, those they ask for included."""
+        done: set[str] = set()
+        while len(done) < len(self._subprograms):
+            for name, (label, emit) in list(self._subprograms.items()):
+                if name not in done:
+                    done.add(name)
+                    self.place(label)
+                    emit()
 
     def emit(self, *code: Union[Insn, Iterable[Insn]]) -> None:
         for item in code:
@@ -54,10 +87,13 @@ class Assembler:
         return len(self.items)
 
     def assemble(self, map_fd: Callable[[MapRef], int] = None,
-                 kfunc_id: Callable[[Kfunc], int] = None) -> bytes:
-        return b"".join(i.encode() for i in self.resolve(map_fd, kfunc_id))
+                 kfunc_id: Callable[[Kfunc], int] = None,
+                 slots: "dict[str, int] | None" = None) -> bytes:
+        """`slots`: where each region of packet facts the code names (a Slot as an
+        offset or immediate) starts, for this program (packet.facts.layout)."""
+        return b"".join(i.encode() for i in self.resolve(map_fd, kfunc_id, slots))
 
-    def resolve(self, map_fd=None, kfunc_id=None) -> list[Insn]:
+    def resolve(self, map_fd=None, kfunc_id=None, slots=None) -> list[Insn]:
         for label in self._referenced_labels():
             if label not in self.labels:
                 raise AsmError(f"label {label} referenced but never placed")
@@ -73,7 +109,14 @@ class Assembler:
             long_jumps |= grown
         out: list[Insn] = []
         for i, ins in enumerate(self.items):
+            if isinstance(ins.off, Slot) or isinstance(ins.imm, Slot):
+                ins = _place_slots(ins, slots)
             out.extend(self._lower(i, ins, positions, i in long_jumps, map_fd, kfunc_id))
+        targets = {ins.imm for ins in self.items if isinstance(ins.imm, Label)}
+        self.functions = [(0, "main")] + sorted((positions[self.labels[label]], label.name)
+                                                for label in targets)
+        self.has_callbacks = any(isinstance(ins.imm, Label) and ins.op != I.BPF_CALL
+                                 for ins in self.items)
         return out
 
     def _drop_unreachable(self) -> None:
@@ -94,6 +137,8 @@ class Assembler:
             if ins.code == I.BPF_LD | I.BPF_DW | I.BPF_IMM:
                 reachable[i + 1] = True
                 work.append(i + 2)
+                if isinstance(ins.imm, Label):   # a callback's address
+                    work.append(self.labels[ins.imm])
                 continue
             if isinstance(ins.imm, Label) and ins.op == I.BPF_CALL:
                 work.append(self.labels[ins.imm])
@@ -144,7 +189,7 @@ class Assembler:
             # off: which fd_array entry holds the module's BTF (0: vmlinux's)
             btf_id, btf_fd_index = kfunc_id(ins.imm)
             return [ins.with_(imm=btf_id, off=btf_fd_index)]
-        if isinstance(ins.imm, Label):  # bpf-to-bpf call
+        if isinstance(ins.imm, Label):  # bpf-to-bpf call, or a callback's address
             return [ins.with_(imm=self._distance(i, ins.imm, positions))]
         if not isinstance(ins.off, Label):
             return [ins]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, replace
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 # instruction classes
 BPF_LD, BPF_LDX, BPF_ST, BPF_STX, BPF_ALU, BPF_JMP, BPF_JMP32, BPF_ALU64 = range(8)
@@ -33,6 +33,7 @@ BPF_PSEUDO_MAP_FD = 1
 BPF_PSEUDO_MAP_VALUE = 2
 BPF_PSEUDO_CALL = 1
 BPF_PSEUDO_KFUNC_CALL = 2
+BPF_PSEUDO_FUNC = 4          # ld_imm64 of a subprogram's address (a callback)
 
 # registers
 R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, R10 = range(11)
@@ -45,6 +46,7 @@ BPF_FUNC_spin_lock = 93
 BPF_FUNC_spin_unlock = 94
 BPF_FUNC_probe_read_kernel = 113
 BPF_FUNC_jiffies64 = 118
+BPF_FUNC_loop = 181
 BPF_FUNC_ringbuf_reserve = 131
 BPF_FUNC_ringbuf_submit = 132
 BPF_FUNC_dynptr_read = 201
@@ -67,6 +69,17 @@ class Label:
 
     def __repr__(self) -> str:
         return f"<{self.name}>"
+
+
+class Slot(NamedTuple):
+    """An offset into a struct whose layout the program's assembly decides (the
+    packet facts' optional regions): region name and offset in it."""
+
+    region: str
+    offset: int = 0
+
+    def __add__(self, more: int) -> "Slot":
+        return Slot(self.region, self.offset + more)
 
 
 @dataclass(frozen=True)
@@ -93,8 +106,8 @@ class Insn:
     code: int
     dst: int = 0
     src: int = 0
-    off: Union[int, Label] = 0
-    imm: Union[int, Label, MapRef, Kfunc] = 0
+    off: Union[int, Label, Slot] = 0
+    imm: Union[int, Label, MapRef, Kfunc, Slot] = 0
 
     def encode(self) -> bytes:
         assert isinstance(self.off, int) and isinstance(self.imm, int), self
@@ -155,6 +168,11 @@ def BPF_LD_IMM64(dst, imm: int) -> list[Insn]:
 
 def BPF_LD_MAP_FD(dst, map_ref: MapRef) -> list[Insn]:
     return BPF_LD_IMM64_RAW(dst, BPF_PSEUDO_MAP_FD, map_ref)
+
+
+def BPF_LD_FUNC(dst, callback: Label) -> list[Insn]:
+    """dst = a subprogram, for helpers taking a callback (bpf_loop)."""
+    return BPF_LD_IMM64_RAW(dst, BPF_PSEUDO_FUNC, callback)
 
 
 def BPF_LD_MAP_VALUE(dst, map_ref: MapRef, value_off: int) -> list[Insn]:

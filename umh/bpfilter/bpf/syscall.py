@@ -17,6 +17,7 @@ import sys
 import cffi
 
 from .btf import Btf
+from .btfgen import functions_btf
 
 # enum bpf_cmd
 BPF_MAP_CREATE = 0
@@ -488,7 +489,7 @@ def percpu_value_size(value_size: int) -> int:
 # -- programs -------------------------------------------------------------
 
 def _prog_load_attr(prog_type, insns_buf, insn_cnt, name, license_buf,
-                    expected_attach_type, fd_array_buf):
+                    expected_attach_type, fd_array_buf, func_info):
     attr = ffi.new("struct bpf_prog_load_attr *")
     attr.prog_type = prog_type
     attr.insns = _ptr(insns_buf)
@@ -497,6 +498,12 @@ def _prog_load_attr(prog_type, insns_buf, insn_cnt, name, license_buf,
     attr.prog_name = _obj_name(name)
     attr.expected_attach_type = expected_attach_type
     attr.fd_array = _ptr(fd_array_buf) if fd_array_buf is not None else 0
+    if func_info is not None:
+        btf_fd, records, count = func_info
+        attr.prog_btf_fd = btf_fd
+        attr.func_info = _ptr(records)
+        attr.func_info_rec_size = 8
+        attr.func_info_cnt = count
     return attr
 
 
@@ -515,20 +522,38 @@ def _prog_load(attr) -> int:
 
 def prog_load(prog_type: int, insns: bytes, name: str, license: str = "GPL",
               expected_attach_type: int = 0, fd_array: "list[int] | None" = None,
-              log_size: int = 1 << 20) -> int:
+              log_size: int = 1 << 20, functions: "list[tuple[int, str]] | None" = None) -> int:
     """Load a program; on rejection raise VerifierError carrying the whole log.
 
     ``fd_array`` backs BPF_PSEUDO_MAP_IDX loads and kfunc calls into module
-    BTF (insn.off indexes it). The first attempt runs without a log, which is
-    much faster for big programs; only a failure is repeated with one.
+    BTF (insn.off indexes it). ``functions``, (first instruction, name) of the
+    main program and of each subprogram, declares them in BTF: a program passing
+    a callback must. The first attempt runs without a log, which is much faster
+    for big programs; only a failure is repeated with one.
     """
     if len(insns) % 8:
         raise ValueError(f"program {name!r}: {len(insns)} bytes is not a whole number of instructions")
+    if functions is None:
+        return _prog_load_logged(prog_type, insns, name, license, expected_attach_type,
+                                 fd_array, log_size, None)
+    blob, type_ids = functions_btf([fname for _, fname in functions])
+    btf_fd = btf_load(blob)
+    try:
+        records = ffi.new("uint32_t[]", [v for (slot, _), tid in zip(functions, type_ids)
+                                         for v in (slot, tid)])
+        return _prog_load_logged(prog_type, insns, name, license, expected_attach_type,
+                                 fd_array, log_size, (btf_fd, records, len(functions)))
+    finally:
+        os.close(btf_fd)
+
+
+def _prog_load_logged(prog_type, insns, name, license, expected_attach_type, fd_array,
+                      log_size, func_info) -> int:
     insns_buf = ffi.from_buffer(insns)
     license_buf = ffi.new("char[]", license.encode())
     fd_array_buf = ffi.new("int[]", fd_array) if fd_array else None
     attr = _prog_load_attr(prog_type, insns_buf, len(insns) // 8, name, license_buf,
-                           expected_attach_type, fd_array_buf)
+                           expected_attach_type, fd_array_buf, func_info)
     fd = _prog_load(attr)
     if fd >= 0:
         return fd
@@ -538,7 +563,7 @@ def prog_load(prog_type: int, insns: bytes, name: str, license: str = "GPL",
     while True:
         log_buf = ffi.new("char[]", size)
         attr = _prog_load_attr(prog_type, insns_buf, len(insns) // 8, name, license_buf,
-                               expected_attach_type, fd_array_buf)
+                               expected_attach_type, fd_array_buf, func_info)
         attr.log_level = BPF_LOG_LEVEL1
         attr.log_buf = _ptr(log_buf)
         attr.log_size = size

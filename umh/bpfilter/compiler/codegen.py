@@ -35,12 +35,12 @@ from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU64_IMM, BPF_ATOMIC_OP, BPF_B, BPF_
 from ..errors import BpfilterError
 from ..ext.tcp import EVIL_FRAGMENT_OFFSET, IPPROTO_TCP
 from ..ext.udp import IPPROTO_UDP
-from ..model import (Accept, Chain, Drop, Fallthrough, Goto, Hook, IpHeader, Jump, Return, Rule,
-                     Table, Verdict)
-from ..packet import facts
+from ..model import (Accept, Chain, Drop, Fallthrough, Goto, Hook, Jump, Return, Rule, Table,
+                     Verdict)
+from ..packet import facts, flavour
 from . import classifier, multifield
 from .runs import INF, VERDICT_ACCEPT, VERDICT_HOTDROP, Classified, TupleSpace
-from ..packet.primitives import RuleOutcome, emit_masked_equal, emit_name_equal, emit_nonzero
+from ..packet.primitives import RuleOutcome
 
 NF_DROP, NF_ACCEPT = 0, 1
 CONTINUE = 2
@@ -53,7 +53,7 @@ PROG_ARRAY = MapRef("prog_array")
 # BPF allows 8 frames; the main program is one of them.
 MAX_CALL_FRAMES = 8
 
-_MAIN_KEY_FP = facts.SLICE_FP - 8
+_MAIN_KEY_FP = facts.KEYS_FP - 8
 _SUBPROG_KEY_FP = -8
 
 
@@ -62,6 +62,10 @@ class HookProgram:
     hook: Hook
     name: str
     asm: Assembler
+    slots: dict      # where the fact regions it reads are (packet.facts.layout)
+
+    def assemble(self, map_fd, kfunc_id) -> bytes:
+        return self.asm.assemble(map_fd=map_fd, kfunc_id=kfunc_id, slots=self.slots)
 
 
 @dataclass
@@ -90,8 +94,9 @@ def compile_table(table: Table, offsets: facts.KernelOffsets,
     runs = {s.serial: s for chain in segments.values() for s in chain
             if isinstance(s, Classified)}
     needs = facts_needed(table, segments)
+    slots = facts.layout(needs)
     programs = [HookProgram(chain.hook, f"{table.name}_{chain.name}"[:15],
-                            _HookCompiler(table, offsets, segments, needs).compile(chain))
+                            _HookCompiler(table, offsets, segments, needs).compile(chain), slots)
                 for chain in table.hook_chains()]
     return CompiledTable(programs, space, list(runs.values()), needs)
 
@@ -131,6 +136,7 @@ class _HookCompiler:
         self.offsets = offsets
         self.segments = segments
         self.needs = needs   # the optional fact groups the prologue reads
+        self.flavour = flavour(table.family)
         self.asm = Assembler()
         self.entries: dict[str, object] = {}   # user chain name -> its subprogram label
 
@@ -142,7 +148,7 @@ class _HookCompiler:
                                 f"supports at most {MAX_CALL_FRAMES - 1} (BPF call frames)")
         asm = self.asm
         drop = asm.label("drop")
-        facts.emit_prologue(asm, self.offsets, drop, self.needs)
+        facts.emit_prologue(asm, self.offsets, drop, self.flavour, self.needs)
         policy = asm.label("policy")
         self._emit_rules(chain, policy=policy, drop=drop, key_fp=_MAIN_KEY_FP)
         asm.place(policy)
@@ -157,6 +163,7 @@ class _HookCompiler:
             for name in [n for n in self.entries if n not in done]:
                 done.add(name)
                 self._emit_subprog(self.table.chains[name])
+        asm.emit_subprograms()
         return asm
 
     def _subprog(self, name: str):
@@ -183,30 +190,13 @@ class _HookCompiler:
             rule = segment
             next_rule = self.asm.label(f"e{rule.entry}_next")
             out = RuleOutcome(self.asm, rule)
-            self._emit_ip(rule.ip, out)
+            self.flavour.emit_ip_match(self.asm, rule.ip, out)
             for match in rule.matches:
                 ext.emit_match(match, self.table.family, self.asm, out)
             out.finish(next_rule, drop)
             self._emit_count(rule.entry, key_fp)
             self._emit_target(rule, policy, next_rule)
             self.asm.place(next_rule)
-
-    def _emit_ip(self, ip: IpHeader, out: RuleOutcome) -> None:
-        asm = self.asm
-        for prefix, off in ((ip.src, facts.SADDR), (ip.dst, facts.DADDR)):
-            if not prefix.is_any:
-                emit_masked_equal(asm, off, 4, int.from_bytes(prefix.mask, "little"),
-                                  int.from_bytes(prefix.addr, "little"), prefix.invert, out)
-        for iface, off in ((ip.in_iface, facts.IN_NAME), (ip.out_iface, facts.OUT_NAME)):
-            if not iface.is_any:
-                emit_name_equal(asm, off, iface.name, iface.mask, iface.invert, out)
-        if ip.proto:
-            emit_masked_equal(asm, facts.PROTO, 1, 0xFF, ip.proto, ip.invert_proto, out)
-        # NF_INVF(IPT_INV_FRAG, (flags & IPT_F_FRAG) && !isfrag) must be false
-        if ip.fragment:
-            emit_nonzero(asm, facts.FRAGOFF, 2, ip.invert_fragment, out)
-        elif ip.invert_fragment:
-            out.never()
 
     def _emit_target(self, rule: Rule, policy, next_rule) -> None:
         asm = self.asm

@@ -11,7 +11,7 @@ from typing import NamedTuple, Optional
 from ..ext.comment import CommentMatch
 from ..ext.tcp import TcpMatch
 from ..ext.udp import UdpMatch
-from ..model import Accept, Drop, Interface, Rule
+from ..model import Accept, Drop, Interface, IpHeader, Rule
 
 INF = 0xFFFFFFFF
 VERDICT_DROP, VERDICT_ACCEPT, VERDICT_HOTDROP = 0, 1, 2
@@ -104,7 +104,7 @@ def lower(rule: Rule) -> Optional[Lowered]:
     module docstring). (Made for every rule of a chain: unpacked, not attribute by
     attribute.)"""
     verdict = _VERDICTS.get(type(rule.target))
-    if verdict is None:
+    if verdict is None or type(rule.ip) is not IpHeader:   # IPv6 rules stay code for now
         return None
     src, dst, in_iface, out_iface, proto, invert_proto, fragment, invert_fragment = rule.ip
     saddr, smask, sinvert = src

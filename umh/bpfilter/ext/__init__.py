@@ -18,6 +18,9 @@ from ..errors import BpfilterError
 from ..model import ExtensionTarget, Family, Hook, IpHeader, Match, Rule
 
 
+BOTH_FAMILIES = (Family.IPV4, Family.IPV6)
+
+
 def xt_align(size: int) -> int:
     return (size + 7) & ~7
 
@@ -49,6 +52,9 @@ class _Extension:
     facts: ClassVar[frozenset[str]] = frozenset()
     struct: ClassVar  # construct Struct of the payload
     packed: ClassVar[Packed]  # struct, compiled on registration for decode()
+
+    def __init__(self, family: Family):
+        self.family = family   # one instance per family it is registered in
 
     @classmethod
     def payload_size(cls) -> int:
@@ -124,7 +130,7 @@ class _Registry:
     def register(self, ext: type[_Extension]) -> type[_Extension]:
         ext.packed = Packed(ext.struct)
         for family in ext.families:
-            self.extensions[(ext.name, ext.revision, family)] = ext()
+            self.extensions[(ext.name, ext.revision, family)] = ext(family)
         return ext
 
     def revisions(self, name: str, family: Family) -> list[int]:

@@ -76,6 +76,7 @@ for _a, (_addr, _addr_off) in enumerate(_ADDRESSES):
         _group, _slot = f"addrtype_{_addr}{_suffix}", _TYPES + _a * len(_LIMITS) + _l
         _GROUPS[(_addr, _limit)] = _group, _slot
         facts.OPTIONAL[_group] = _reader(_addr_off, _limit, _slot)
+        facts.REGIONS_OF[_group] = ("addrtype",)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from construct import Bytes, Struct
 
 from ..model import Match
-from . import MatchExtension, register_match
+from . import BOTH_FAMILIES, MatchExtension, register_match
 
 XT_MAX_COMMENT_LEN = 256
 
@@ -23,6 +23,7 @@ class CommentMatch(Match):
 @register_match
 class Comment(MatchExtension):
     name = "comment"
+    families = BOTH_FAMILIES
     family_independent = True
     struct = xt_comment_info
 

@@ -37,6 +37,7 @@ from construct import Int32ul, Int64ul, Padding, Struct
 from ..bpf import insn as I
 from ..bpf import syscall as bpf
 from ..bpf.asm import Assembler
+from ..bpf.btfgen import BtfBuilder
 from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU32_REG, BPF_ALU64_IMM, BPF_ALU64_REG, BPF_DW,
                         BPF_EMIT_CALL, BPF_EXIT_INSN, BPF_JMP32_IMM, BPF_JMP_IMM,
                         BPF_JMP_REG, BPF_LD_IMM64, BPF_LD_MAP_FD, BPF_LD_MAP_VALUE, BPF_LDX_MEM,
@@ -46,7 +47,7 @@ from ..packet import facts
 from ..packet.primitives import HOTDROP, MISMATCH
 from ..errors import BpfilterError
 from ..model import Match, Table
-from . import MatchExtension, register_match
+from . import BOTH_FAMILIES, MatchExtension, register_match
 
 XT_LIMIT_SCALE = 10000
 U32 = 0xFFFFFFFF
@@ -124,7 +125,9 @@ class LimitMatch(Match):
 @register_match
 class Limit(MatchExtension):
     name = "limit"
+    families = BOTH_FAMILIES
     struct = xt_rateinfo
+    facts = frozenset({"limit"})   # its region: where helpers find the bucket key
 
     def decode(self, payload: bytes, where: str) -> LimitMatch:
         avg, burst, _prev, _credit, credit_cap, cost, _master = self.packed.unpack_from(payload)
@@ -224,27 +227,14 @@ def create_buckets(table: Table) -> Optional[int]:
 
 def _btf_blob() -> tuple[bytes, int, int]:
     """Raw BTF for the bucket: (blob, id of u64, id of the bucket struct)."""
-    strings = bytearray(b"\0")
-
-    def name(text: str) -> int:
-        strings.extend(text.encode() + b"\0")
-        return len(strings) - len(text) - 1
-
-    def integer(text: str, size: int, signed: bool) -> bytes:
-        return struct.pack("<IIII", name(text), 1 << 24, size, (signed << 24) | size * 8)
-
-    def composite(text: str, size: int, members) -> bytes:
-        head = struct.pack("<III", name(text), 4 << 24 | len(members), size)
-        return head + b"".join(struct.pack("<III", name(n), t, bits) for n, t, bits in members)
-
-    types = (integer("unsigned int", 4, False)                      # 1
-             + integer("int", 4, True)                              # 2
-             + composite("bpf_spin_lock", 4, [("val", 2, 0)])       # 3
-             + integer("unsigned long long", 8, False)              # 4
-             + composite("limit_bucket", BUCKET.size,               # 5
-                         [("lock", 3, 0), ("credit", 1, 8 * B_CREDIT), ("prev", 4, 8 * B_PREV)]))
-    header = struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, len(types), len(types), len(strings))
-    return header + types + bytes(strings), 4, 5
+    b = BtfBuilder()
+    u32 = b.integer("unsigned int", 4, False)
+    int32 = b.integer("int", 4, True)
+    lock = b.struct("bpf_spin_lock", 4, [("val", int32, 0)])
+    u64 = b.integer("unsigned long long", 8, False)
+    bucket = b.struct("limit_bucket", BUCKET.size,
+                      [("lock", lock, 0), ("credit", u32, 8 * B_CREDIT), ("prev", u64, 8 * B_PREV)])
+    return b.blob(), u64, bucket
 
 
 _BUCKET_BTF, _BTF_U64, _BTF_BUCKET = _btf_blob()

@@ -156,7 +156,7 @@ class Log(TargetExtension):
         asm.place(short)
         asm.emit(BPF_STX_MEM(BPF_H, R7, R2, K.R_CAPTURED),
                  BPF_MOV64_REG(R1, R7), BPF_ALU64_IMM(I.BPF_ADD, R1, K.R_PACKET),
-                 BPF_MOV64_REG(R3, R6), BPF_ALU64_IMM(I.BPF_ADD, R3, facts.DYNPTR_FP - facts.FACTS_FP),
+                 BPF_MOV64_REG(R3, R6), BPF_ALU64_IMM(I.BPF_ADD, R3, facts.DYNPTR_FROM_FACTS),
                  BPF_MOV64_IMM(R4, 0), BPF_MOV64_IMM(R5, 0),
                  BPF_EMIT_CALL(I.BPF_FUNC_dynptr_read),
                  BPF_STX_MEM(BPF_B, R7, R0, K.R_PACKET_READ))

@@ -12,7 +12,7 @@ from ..bpf.insn import (BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_DW, BPF_EMIT_CA
 from ..packet import facts
 from ..packet.primitives import emit_masked_equal, emit_name_equal
 from ..model import Hook, Match
-from . import MatchExtension, register_match, xt_invert
+from . import BOTH_FAMILIES, MatchExtension, register_match, xt_invert
 
 ETH_ALEN, ETH_HLEN = 6, 14
 ARPHRD_ETHER = 1
@@ -67,6 +67,7 @@ facts.OPTIONAL["mac"] = _read_mac
 @register_match
 class Mac(MatchExtension):
     name = "mac"
+    families = BOTH_FAMILIES
     struct = xt_mac_info
     hooks = (1 << Hook.PRE_ROUTING) | (1 << Hook.LOCAL_IN) | (1 << Hook.FORWARD)
     facts = frozenset({"mac"})

@@ -9,7 +9,7 @@ from ..bpf.insn import BPF_LDX_MEM, BPF_STX_MEM, BPF_W, R1, R6, R7
 from ..packet import facts
 from ..packet.primitives import emit_masked_equal
 from ..model import Match
-from . import MatchExtension, register_match, xt_invert
+from . import BOTH_FAMILIES, MatchExtension, register_match, xt_invert
 
 xt_mark_mtinfo1 = Struct(
     "mark" / Int32ul,
@@ -37,6 +37,7 @@ facts.OPTIONAL["mark"] = _read_mark
 @register_match
 class Mark(MatchExtension):
     name = "mark"
+    families = BOTH_FAMILIES
     revision = 1
     family_independent = True
     struct = xt_mark_mtinfo1

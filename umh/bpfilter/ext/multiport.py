@@ -14,7 +14,7 @@ from ..packet import facts
 from ..packet.primitives import emit_outside
 from ..errors import BpfilterError
 from ..model import IpHeader, Match
-from . import MatchExtension, register_match
+from . import BOTH_FAMILIES, MatchExtension, register_match
 from .ports import emit_transport_header
 
 XT_MULTI_PORTS = 15
@@ -78,6 +78,7 @@ def port_items(count: int, ports: tuple[int, ...], pflags: tuple[int, ...],
 @register_match
 class Multiport(MatchExtension):
     name = "multiport"
+    families = BOTH_FAMILIES
     revision = 1
     struct = xt_multiport_v1
 

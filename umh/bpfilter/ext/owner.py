@@ -24,7 +24,7 @@ from ..packet import facts
 from ..packet.primitives import emit_outside
 from ..errors import BpfilterError
 from ..model import Hook, Match
-from . import MatchExtension, register_match
+from . import BOTH_FAMILIES, MatchExtension, register_match
 
 XT_OWNER_UID, XT_OWNER_GID, XT_OWNER_SOCKET, XT_OWNER_SUPPL_GROUPS = 1, 2, 4, 8
 XT_OWNER_MASK = 0x0F
@@ -133,6 +133,7 @@ class OwnerMatch(Match):
 @register_match
 class Owner(MatchExtension):
     name = "owner"
+    families = BOTH_FAMILIES
     revision = 1
     struct = Struct("uid_min" / Int32un, "uid_max" / Int32un, "gid_min" / Int32un,
                     "gid_max" / Int32un, "match" / Int8un, "invert" / Int8un)

@@ -10,7 +10,7 @@ from construct import Int8un, Int16un, Struct
 from ..bpf import insn as I
 from ..bpf.insn import (BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_DW, BPF_EMIT_CALL, BPF_H,
                         BPF_JMP_A, BPF_JMP_IMM, BPF_LD_IMM64, BPF_LDX_MEM, BPF_MOV64_IMM,
-                        BPF_MOV64_REG, BPF_ST_MEM, BPF_STX_MEM, FP, R0, R1, R2, R3, R4, R5, R6,
+                        BPF_MOV64_REG, BPF_ST_MEM, BPF_STX_MEM, R0, R1, R2, R3, R4, R5, R6,
                         R9)
 from ..packet import facts
 from ..packet.facts import TCP_HEADER
@@ -18,7 +18,7 @@ from ..packet.primitives import (RuleOutcome, emit_equal_hotdrop, emit_masked_eq
                                    emit_nonzero_bit)
 from ..errors import BpfilterError
 from ..model import Match
-from . import MatchExtension, register_match
+from . import BOTH_FAMILIES, MatchExtension, register_match
 from .ports import PortRange, describe_ports, emit_ports, emit_transport_header
 
 IPPROTO_TCP = 6
@@ -54,6 +54,7 @@ class TcpMatch(Match):
 @register_match
 class Tcp(MatchExtension):
     name = "tcp"
+    families = BOTH_FAMILIES
     proto = IPPROTO_TCP
     struct = xt_tcp
 
@@ -174,7 +175,7 @@ def _emit_read(asm, offset: int, length) -> None:
     &dynptr, thoff + offset, 0): 0, or an error when the packet is too short."""
     asm.emit(BPF_MOV64_REG(R1, R6), BPF_ALU64_IMM(I.BPF_ADD, R1, facts.TCPOPT),
              BPF_MOV64_IMM(R2, 1) if length is None else BPF_MOV64_REG(R2, length),
-             BPF_MOV64_REG(R3, FP), BPF_ALU64_IMM(I.BPF_ADD, R3, facts.DYNPTR_FP),
+             BPF_MOV64_REG(R3, R6), BPF_ALU64_IMM(I.BPF_ADD, R3, facts.DYNPTR_FROM_FACTS),
              BPF_MOV64_REG(R4, R9), BPF_ALU64_IMM(I.BPF_ADD, R4, offset),
              BPF_MOV64_IMM(R5, 0), BPF_EMIT_CALL(I.BPF_FUNC_dynptr_read))
 

@@ -1,4 +1,6 @@
-"""-m ttl --ttl-eq/--ttl-lt/--ttl-gt N, ! --ttl-eq N (struct ipt_ttl_info)."""
+"""-m ttl --ttl-eq/--ttl-lt/--ttl-gt N, ! --ttl-eq N (struct ipt_ttl_info), and IPv6's
+twin -m hl --hl-eq/--hl-lt/--hl-gt (struct ip6t_hl_info, the same layout): both in
+net/netfilter/xt_hl.c, comparing the ttl or the hop limit (facts.TTL holds either)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,7 +9,7 @@ from construct import Int8un, Struct
 
 from ..packet import facts
 from ..packet.primitives import emit_masked_equal, emit_range
-from ..model import Match
+from ..model import Family, Match
 from . import MatchExtension, register_match
 
 IPT_TTL_EQ, IPT_TTL_NE, IPT_TTL_LT, IPT_TTL_GT = 0, 1, 2, 3
@@ -27,15 +29,23 @@ class TtlMatch(Match):
     revision = 0
 
 
+@dataclass(frozen=True)
+class HlMatch(TtlMatch):
+    name = "hl"
+
+
 @register_match
 class Ttl(MatchExtension):
     name = "ttl"
     struct = ipt_ttl_info
 
+    model = TtlMatch
+    field = "TTL"    # how iptables names what is compared
+
     def decode(self, payload: bytes, where: str) -> TtlMatch:
         # Linux 6.18 accepts any mode (no checkentry), and ttl_mt() is false for
         # the modes it does not know.
-        return TtlMatch(*self.packed.unpack_from(payload))
+        return self.model(*self.packed.unpack_from(payload))
 
     def emit(self, match: TtlMatch, asm, out) -> None:
         mode, ttl = match.mode, match.ttl
@@ -52,5 +62,13 @@ class Ttl(MatchExtension):
 
     def describe(self, match: TtlMatch) -> str:
         # iptables prints no operator for a mode it does not know
-        op = f"TTL {_OPERATOR[match.mode]}" if match.mode in _OPERATOR else ""
-        return f"TTL match {op} {match.ttl}"
+        op = f"{self.field} {_OPERATOR[match.mode]}" if match.mode in _OPERATOR else ""
+        return f"{self.field} match {op} {match.ttl}"
+
+
+@register_match
+class Hl(Ttl):
+    name = "hl"
+    families = (Family.IPV6,)
+    model = HlMatch
+    field = "HL"

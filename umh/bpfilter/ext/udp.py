@@ -9,7 +9,7 @@ from construct import Int8un, Int16un, Struct
 from ..packet import facts
 from ..errors import BpfilterError
 from ..model import Match
-from . import MatchExtension, register_match
+from . import BOTH_FAMILIES, MatchExtension, register_match
 from .ports import PortRange, describe_ports, emit_ports, emit_transport_header
 
 IPPROTO_UDP = 17
@@ -34,6 +34,7 @@ class UdpMatch(Match):
 @register_match
 class Udp(MatchExtension):
     name = "udp"
+    families = BOTH_FAMILIES
     proto = IPPROTO_UDP
     struct = xt_udp
 

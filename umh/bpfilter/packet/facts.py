@@ -4,9 +4,15 @@ hook invocation into a small struct on the main program's stack.
 Reading once keeps every rule a few loads and compares, and lets user chains (BPF
 subprograms) see the same facts through one pointer argument (R6 everywhere)
 instead of re-parsing the packet. The prologue mirrors what the kernel's
-ipt_do_table()/ip_packet_match() compute before walking the rules: addresses,
-protocol, fragment offset, ttl, total length, device names, skb->len, and the
-first bytes of the transport header, whose availability decides the matches' "hotdrop".
+ipt_do_table()/ip6t_do_table() and their ip_packet_match()/ip6_packet_match()
+compute before walking the rules: addresses, protocol, fragment offset, ttl (hop
+limit), length, device names, skb->len, and the first bytes of the transport
+header, whose availability decides the matches' "hotdrop".
+
+The layout is one for both families (addresses have room for IPv6's 16 bytes; IPv4
+uses the first 4), so that extensions read the same facts whatever the family. What
+differs is how the network header is read: each family's Flavour (ipv4.py, ipv6.py)
+fills the facts that come from it, then the shared part reads the rest.
 """
 from __future__ import annotations
 
@@ -15,64 +21,97 @@ from dataclasses import dataclass
 from ..bpf import insn as I
 from ..bpf.asm import Assembler
 from ..bpf.btf import Btf
-from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU64_IMM, BPF_B, BPF_CALL_KFUNC, BPF_DW, BPF_ENDIAN,
+from ..bpf.insn import (BPF_ALU64_IMM, BPF_B, BPF_CALL_KFUNC, BPF_DW, BPF_ENDIAN,
                         BPF_H, BPF_JMP_IMM, BPF_JMP_A, BPF_LDX_MEM, BPF_MOV64_IMM, BPF_MOV64_REG,
                         BPF_ST_MEM, BPF_STX_MEM, BPF_W, FP, R0, R1, R2, R3, R4, R6, R7, R8, R9,
-                        Kfunc)
+                        Kfunc, Slot)
 
 IFNAMSIZ = 16
 IP_OFFSET_MASK = 0x1FFF
 
 # Offsets inside the facts struct (R6 points at it in every frame).
-SADDR = 0          # u32, bytes as on the wire
-DADDR = 4
-IN_NAME = 8        # 16 bytes, zero when there is no input device
-OUT_NAME = 24
-LEN = 40           # u32 skb->len: what the kernel adds to byte counters
-PROTO = 44         # u8
-L4_AVAIL = 45      # u8: transport header bytes readable at thoff (0, 4, 8 or 20)
-FRAGOFF = 46       # u16, in 8-byte units as the kernel's par->fragoff
-SPORT = 48         # u16 host order (tcp/udp source port)
-DPORT = 50
-TCP_FLAGS = 52     # u8, byte 13 of the tcp header
-ICMP_TYPE = 53
-ICMP_CODE = 54
-TTL = 55           # u8
+SADDR = 0          # 16 bytes as on the wire (IPv4: the first 4, the rest zero)
+DADDR = 16
+IN_NAME = 32       # 16 bytes, zero when there is no input device
+OUT_NAME = 48
+LEN = 64           # u32 skb->len: what the kernel adds to byte counters
+PROTO = 68         # u8: IPv4's protocol; IPv6's upper-layer header (ipv6_find_hdr())
+L4_AVAIL = 69      # u8: transport header bytes readable at thoff (0, 4, 8 or 20)
+FRAGOFF = 70       # u16: the kernel's par->fragoff (IPv4: 8-byte units; IPv6: bytes)
+SPORT = 72         # u16 host order (tcp/udp source port)
+DPORT = 74
+TCP_FLAGS = 76     # u8, byte 13 of the tcp header
+ICMP_TYPE = 77
+ICMP_CODE = 78
+TTL = 79           # u8: IPv4's ttl, IPv6's hop limit
 # Read only for tables whose targets need them (OPTIONAL group "skb", ext/log.py):
-SKB = 56           # the sk_buff pointer, for targets that read more of it
-NETNS = 64         # u32 inode number of the hook's network namespace
-TOT_LEN = 68       # u16 host order: the IP header's total length
-SIZE = 72
-# Optional fact groups (see OPTIONAL) each reserve a region of this area after SIZE;
-# the prologue zeroes the area for tables that read any of them.
-OPTIONAL_AREA = 224
-_reserved = SIZE
+SKB = 80           # the sk_buff pointer, for targets that read more of it
+NETNS = 88         # u32 inode number of the hook's network namespace
+TOT_LEN = 92       # u16 host order: IPv4's total length; IPv6's payload length + 40
+THOFF = 96         # u32: where the transport header starts (par->thoff)
+FOUND = 100        # u8: IPv6: the extension headers were walked to the upper layer
+SIZE = 104
+# Optional fact groups (see OPTIONAL) keep what they read in regions of their own,
+# laid out after SIZE per table: a table's programs hold on their stack only the
+# regions of the groups its rules read (layout()), so that the stack left for user
+# chains (BPF's 512 bytes, shared by every frame of a call) stays large. A region's
+# fields are Slots, which the assembler turns into offsets with the table's layout.
 
 
-def reserve(group: str, size: int) -> int:
-    """Offset of a new optional group's region of `size` bytes (8-aligned)."""
-    global _reserved
-    offset, _reserved = _reserved, _reserved + (size + 7) // 8 * 8
-    if _reserved > SIZE + OPTIONAL_AREA:
-        raise RuntimeError(f"fact group {group!r} does not fit in the optional area")
-    return offset
+REGION_SIZES: dict[str, int] = {}
+# Groups that fill regions named otherwise than themselves: group -> regions.
+REGIONS_OF: dict[str, tuple[str, ...]] = {}
 
 
-# The link-layer and packet-detail groups (mark, pkttype, mac, tcpopt):
-_LINK = reserve("link", 96)
-MARK = _LINK             # u32 skb->mark
-PKTTYPE = _LINK + 4      # u8: the packet type as xt_pkttype sees it
-MAC_OK = _LINK + 5       # u8: 1 when xt_mac may read the Ethernet header
-TCPOPT_DROP = _LINK + 6  # u8: 1 when tcp --tcp-option hotdrops (bad data offset, short options)
-MAC_SRC = _LINK + 8      # 6 bytes: the Ethernet source address
-TCPOPT = _LINK + 16      # 40 bytes: the tcp options, zero past their length
-TCPOPT_START = _LINK + 56   # 40 bytes: 0x80 where tcp_find_option() looks at an option
+def reserve(region: str, size: int) -> Slot:
+    """A new region of `size` bytes (8-aligned); its first byte."""
+    if region in REGION_SIZES:
+        raise RuntimeError(f"fact region {region!r} reserved twice")
+    REGION_SIZES[region] = (size + 7) // 8 * 8
+    return Slot(region)
 
 
-# The main frame's stack: the facts, then scratch for the packet reads.
-FACTS_FP = -(SIZE + OPTIONAL_AREA)
-DYNPTR_FP = FACTS_FP - 16
-SLICE_FP = DYNPTR_FP - 24
+def layout(needs: frozenset) -> dict[str, int]:
+    """Where each region the groups `needs` read sits, in name order after SIZE."""
+    regions = {r for group in needs for r in REGIONS_OF.get(group, (group,))
+               if r in REGION_SIZES}
+    out, at = {}, SIZE
+    for region in sorted(regions):
+        out[region] = at
+        at += REGION_SIZES[region]
+    return out
+
+
+def extent(slots: dict[str, int]) -> int:
+    """The size of the facts with the regions of a layout."""
+    return max((at + REGION_SIZES[r] for r, at in slots.items()), default=SIZE)
+
+
+MARK = reserve("mark", 4)              # u32 skb->mark
+PKTTYPE = reserve("pkttype", 1)        # u8: the packet type as xt_pkttype sees it
+_MAC = reserve("mac", 16)
+MAC_OK = _MAC                          # u8: 1 when xt_mac may read the Ethernet header
+MAC_SRC = _MAC + 8                     # 6 bytes (compared as 8): the Ethernet source
+_TCPOPT = reserve("tcpopt", 88)
+TCPOPT_DROP = _TCPOPT                  # u8: 1 when tcp --tcp-option hotdrops (bad data
+#                                        offset, short options)
+TCPOPT = _TCPOPT + 8                   # 40 bytes: the tcp options, zero past their length
+TCPOPT_START = _TCPOPT + 48            # 40 bytes: 0x80 where tcp_find_option() looks
+
+
+# The main frame's stack, from the frame pointer down: scratch for packet reads and
+# for map keys at fixed places, then the facts (their size depends on the table's
+# layout), then the skb's dynptr, reached from the facts as DYNPTR_FROM_FACTS.
+SLICE_FP = -40             # 40 bytes: headers read through a dynptr slice
+KEYS_FP = SLICE_FP         # codegen's map keys go below this
+SCRATCH = 96               # bytes above the facts
+DYNPTR_FROM_FACTS = -16
+
+
+def facts_fp(slots: dict[str, int]) -> int:
+    """Where the facts start on the main frame's stack, for a table's layout."""
+    return -(SCRATCH + extent(slots))
+
 
 TCP_HEADER = 20    # sizeof(struct tcphdr): tcp needs it whole, as tcp_mt() does
 SMALL_HEADER = 8   # sizeof(struct udphdr) == sizeof(struct icmphdr)
@@ -121,52 +160,59 @@ class KernelOffsets:
 
 # Facts that cost more than a load or two, read only for tables whose rules look at
 # them: group name -> emitter(asm, offsets), run with R6 = &facts, R7 = skb,
-# R8 = hook state, R9 = transport header offset (keep R8, R9); each initialises its
-# own region (reserve()). Extensions add theirs here.
+# R8 = hook state, R9 = transport header offset (keep R8, R9), the network header's
+# facts read; each initialises its own region (reserve()). Extensions add theirs here.
 OPTIONAL: dict = {}
 
 
-def emit_prologue(asm: Assembler, k: KernelOffsets, drop, needs: frozenset = frozenset()) -> None:
+class Flavour:
+    """What one family's prologue and rules do differently (ipv4.py, ipv6.py)."""
+
+    def emit_network_header(self, asm: Assembler, k: KernelOffsets, drop,
+                            needs: frozenset) -> None:
+        """With R1..R5 free, R6 = &facts, R7 = skb, R8 = hook state and the skb's
+        dynptr at DYNPTR_FROM_FACTS: the facts from the network header (addresses, PROTO,
+        FRAGOFF, TTL, TOT_LEN, THOFF, FOUND); leaves R9 = THOFF."""
+        raise NotImplementedError
+
+    def transport_readable(self, asm: Assembler, skip) -> None:
+        """Jump to `skip` unless the transport header is one the matches may read."""
+        raise NotImplementedError
+
+    def emit_ip_match(self, asm: Assembler, ip, out) -> None:
+        """The rule's ip part (IpHeader / Ip6Header), folded into `out`."""
+        raise NotImplementedError
+
+
+def emit_prologue(asm: Assembler, k: KernelOffsets, drop, flavour: Flavour,
+                  needs: frozenset = frozenset()) -> None:
     """Fill the facts from the netfilter context in R1; leaves R6 = &facts.
 
     `drop` is where to go when the IP header cannot be read, which the kernel's
-    ip_rcv()/__ip_local_out() make impossible; failing closed is the safe answer.
-    `needs` names the OPTIONAL groups to read.
+    receive and output paths make impossible; failing closed is the safe answer.
+    `needs` names the OPTIONAL groups to read; the code must be assembled with
+    layout(needs).
     """
+    slots = layout(needs)
     asm.emit(
         BPF_LDX_MEM(BPF_DW, R7, R1, k.ctx_skb),
         BPF_LDX_MEM(BPF_DW, R8, R1, k.ctx_state),
         BPF_MOV64_REG(R6, FP),
-        BPF_ALU64_IMM(I.BPF_ADD, R6, FACTS_FP),
+        BPF_ALU64_IMM(I.BPF_ADD, R6, facts_fp(slots)),
     )
-    for off in range(0, SIZE, 8):
+    # the regions too: the network header's reading may fill some
+    for off in range(0, extent(slots), 8):
         asm.emit(BPF_ST_MEM(BPF_DW, R6, off, 0))
-
     asm.emit(
+        BPF_LDX_MEM(BPF_W, R1, R7, k.skb_len), BPF_STX_MEM(BPF_W, R6, R1, LEN),
         BPF_MOV64_REG(R1, R7),
         BPF_MOV64_IMM(R2, 0),
-        BPF_MOV64_REG(R3, FP),
-        BPF_ALU64_IMM(I.BPF_ADD, R3, DYNPTR_FP),
+        BPF_MOV64_REG(R3, R6),
+        BPF_ALU64_IMM(I.BPF_ADD, R3, DYNPTR_FROM_FACTS),
         BPF_CALL_KFUNC(DYNPTR_FROM_SKB),
         BPF_JMP_IMM(I.BPF_JNE, R0, 0, drop),
     )
-    _emit_slice(asm, offset_reg=None, size=20)
-    asm.emit(
-        BPF_JMP_IMM(I.BPF_JEQ, R0, 0, drop),
-        BPF_LDX_MEM(BPF_W, R1, R0, 12), BPF_STX_MEM(BPF_W, R6, R1, SADDR),
-        BPF_LDX_MEM(BPF_W, R1, R0, 16), BPF_STX_MEM(BPF_W, R6, R1, DADDR),
-        BPF_LDX_MEM(BPF_B, R1, R0, 9), BPF_STX_MEM(BPF_B, R6, R1, PROTO),
-        BPF_LDX_MEM(BPF_B, R1, R0, 8), BPF_STX_MEM(BPF_B, R6, R1, TTL),
-        BPF_LDX_MEM(BPF_H, R1, R0, 2), BPF_ENDIAN(I.BPF_TO_BE, R1, 16),
-        BPF_STX_MEM(BPF_H, R6, R1, TOT_LEN),
-        BPF_LDX_MEM(BPF_H, R1, R0, 6), BPF_ENDIAN(I.BPF_TO_BE, R1, 16),
-        BPF_ALU32_IMM(I.BPF_AND, R1, IP_OFFSET_MASK), BPF_STX_MEM(BPF_H, R6, R1, FRAGOFF),
-        # thoff = ihl * 4, kept in R9 for the transport header read
-        BPF_LDX_MEM(BPF_B, R9, R0, 0),
-        BPF_ALU32_IMM(I.BPF_AND, R9, 0x0F),
-        BPF_ALU32_IMM(I.BPF_LSH, R9, 2),
-        BPF_LDX_MEM(BPF_W, R1, R7, k.skb_len), BPF_STX_MEM(BPF_W, R6, R1, LEN),
-    )
+    flavour.emit_network_header(asm, k, drop, needs)
     for state_off, name_off in ((k.state_in, IN_NAME), (k.state_out, OUT_NAME)):
         no_dev = asm.label("no_dev")
         asm.emit(
@@ -176,23 +222,18 @@ def emit_prologue(asm: Assembler, k: KernelOffsets, drop, needs: frozenset = fro
             BPF_LDX_MEM(BPF_DW, R2, R1, k.dev_name + 8), BPF_STX_MEM(BPF_DW, R6, R2, name_off + 8),
         )
         asm.place(no_dev)
-    if needs:
-        for off in range(SIZE, _reserved, 8):
-            asm.emit(BPF_ST_MEM(BPF_DW, R6, off, 0))
     for group in sorted(needs):
-        OPTIONAL[group](asm, k)
+        if group in OPTIONAL:    # some groups only hold a region others fill
+            OPTIONAL[group](asm, k)
 
     # Transport header: matches look at it only in first fragments (fragoff == 0).
     # The longest read that succeeds says how much of it there is: tcp needs 20
     # bytes, udp and icmp 8, multiport 4, and each drops a packet with less.
     done = asm.label("l4_done")
-    asm.emit(
-        BPF_LDX_MEM(BPF_H, R1, R6, FRAGOFF),
-        BPF_JMP_IMM(I.BPF_JNE, R1, 0, done),
-    )
+    flavour.transport_readable(asm, done)
     for size in (TCP_HEADER, SMALL_HEADER, PORTS_HEADER):
         shorter = done if size == PORTS_HEADER else asm.label("l4_short")
-        _emit_slice(asm, offset_reg=R9, size=size)
+        emit_slice(asm, offset_reg=R9, size=size)
         asm.emit(BPF_JMP_IMM(I.BPF_JEQ, R0, 0, shorter),
                  BPF_ST_MEM(BPF_B, R6, L4_AVAIL, size))
         if size == TCP_HEADER:
@@ -204,11 +245,11 @@ def emit_prologue(asm: Assembler, k: KernelOffsets, drop, needs: frozenset = fro
     asm.place(done)
 
 
-def _emit_slice(asm: Assembler, offset_reg, size: int) -> None:
+def emit_slice(asm: Assembler, offset_reg, size: int) -> None:
     """R0 = bpf_dynptr_slice(&dynptr, offset, scratch, size), NULL if out of bounds."""
     asm.emit(
-        BPF_MOV64_REG(R1, FP),
-        BPF_ALU64_IMM(I.BPF_ADD, R1, DYNPTR_FP),
+        BPF_MOV64_REG(R1, R6),
+        BPF_ALU64_IMM(I.BPF_ADD, R1, DYNPTR_FROM_FACTS),
         BPF_MOV64_REG(R2, offset_reg) if offset_reg is not None else BPF_MOV64_IMM(R2, 0),
         BPF_MOV64_REG(R3, FP),
         BPF_ALU64_IMM(I.BPF_ADD, R3, SLICE_FP),
