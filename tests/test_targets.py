@@ -56,7 +56,7 @@ def patched(text: str, rule: int, payload_at: int, value: bytes, ip_at: "int | N
 
 def ours(blob: bytes, log=None) -> BpfilterError:
     with pytest.raises(BpfilterError) as info:
-        load_filter_table(blob, attach=False, log=log).close()
+        load_filter_table(blob, attach=False, environment=log and log.maps()).close()
     return info.value
 
 
@@ -158,7 +158,7 @@ def ring():
 def test_log_lines_and_the_rules_after_it(ring):
     """LOG writes its line and the packet goes on: to the user chain's LOG, then DROP;
     every rule on the way counts it."""
-    table = load_filter_table(replace_blob(LOGGED), attach=False, log=ring)
+    table = load_filter_table(replace_blob(LOGGED), attach=False, environment=ring.maps())
     try:
         assert table.test_run(Hook.LOCAL_OUT, UDP) == 0
         counts = [c for c, _ in table.counters()]
@@ -173,7 +173,7 @@ def test_log_lines_and_the_rules_after_it(ring):
 
 
 def test_no_line_for_a_packet_log_does_not_match(ring):
-    table = load_filter_table(replace_blob(LOGGED), attach=False, log=ring)
+    table = load_filter_table(replace_blob(LOGGED), attach=False, environment=ring.maps())
     try:
         tcp = Packet("10.0.0.1", "10.0.0.2", "tcp").build(1, 1)
         assert table.test_run(Hook.LOCAL_OUT, tcp) == 1
@@ -185,7 +185,7 @@ def test_no_line_for_a_packet_log_does_not_match(ring):
 def test_a_full_ring_loses_lines_and_counts_them(ring, tmp_path):
     """Lines the full ring refuses are counted, and the count logged. (TEST_RUN's hook
     state has no netns: nf_log_all_netns must let the lines through.)"""
-    table = load_filter_table(replace_blob(ruleset("-A OUTPUT -j LOG")), attach=False, log=ring)
+    table = load_filter_table(replace_blob(ruleset("-A OUTPUT -j LOG")), attach=False, environment=ring.maps())
     fit = klog.RING_SIZE // (klog.RECORD_SIZE + 8)    # each record has an 8-byte header
     try:
         bpf.nf_test_run(table.hooks[Hook.LOCAL_OUT].prog_fd, Hook.LOCAL_OUT, UDP,
@@ -241,7 +241,7 @@ def test_tcp_reserved_bits_and_ae_as_the_kernel_prints_them():
 def test_lines_the_kernel_would_rate_limit_are_counted_lost(ring, tmp_path):
     """With printk_devkmsg=ratelimit the kernel would drop most of what bpfilter writes
     to /dev/kmsg, silently: bpfilter writes none and counts them."""
-    table = load_filter_table(replace_blob(ruleset("-A OUTPUT -j LOG")), attach=False, log=ring)
+    table = load_filter_table(replace_blob(ruleset("-A OUTPUT -j LOG")), attach=False, environment=ring.maps())
     try:
         table.test_run(Hook.LOCAL_OUT, UDP)
     finally:

@@ -9,28 +9,10 @@ from .paths import DEFAULT_ROOT, DEFAULT_SOCKET
 
 
 def _check(args) -> int:
-    from .abi import codec
-    from .decode import table_from_raw
-    from .ext.log import logs
-    from .klog import LogRing
-    from .loader import load_ruleset
-    from .scratch import replace_blob
-
-    text = sys.stdin.read() if args.file == "-" else open(args.file).read()
-    table = table_from_raw(codec.parse_replace(replace_blob(text)))
-    log = LogRing.create() if logs(table) else None   # only for the programs to verify
-    try:
-        ruleset = load_ruleset(table, log)
-        try:
-            for rules in ruleset.hooks.values():
-                print(f"{rules.program.name}: {rules.insn_count} instructions, verified by "
-                      "the kernel")
-        finally:
-            ruleset.close()
-    finally:
-        if log:
-            log.close()
-    return 0
+    from .check import run
+    from .model import Family
+    family = Family.IPV6 if args.ipv6 else Family.IPV4 if args.ipv4 else None
+    return run(args.file, family)
 
 
 def _serve(args) -> int:
@@ -87,9 +69,14 @@ def main(argv=None) -> int:
     p.add_argument("--bpf", action="store_true",
                    help="also the programs (disassembled), instruction counts and maps")
     p.set_defaults(func=_show)
-    p = sub.add_parser("check", help="validate, compile and load (without attaching) an "
-                                     "iptables-save file's filter table")
+    p = sub.add_parser("check", help="every table of an iptables-save or ip6tables-save file "
+                                     "through the service's checks, compilation and the "
+                                     "kernel's verifier, nothing attached")
     p.add_argument("file", nargs="?", default="-")
+    family = p.add_mutually_exclusive_group()
+    family.add_argument("-4", dest="ipv4", action="store_true", help="an iptables-save file")
+    family.add_argument("-6", dest="ipv6", action="store_true",
+                        help="an ip6tables-save file (default: guessed from its addresses)")
     p.set_defaults(func=_check)
     p = sub.add_parser("exec", help="run a command (iptables-legacy, say) with its iptables "
                                     "socket options sent to the service, starting one if needed",

@@ -29,8 +29,10 @@ XT_LOG_IPOPT = 0x04
 XT_LOG_UID = 0x08
 XT_LOG_MACDECODE = 0x20
 
-LOG_RING = MapRef("log_ring")
-LOG_LOST = MapRef("log_lost")
+_SINK = ("LOG rules need the service's log ring (bpfilter serve and bpfilter.ko's helper "
+         "have one, and write its lines to /dev/kmsg, which needs kernel.printk_devkmsg=on)")
+LOG_RING = MapRef("log_ring", _SINK)
+LOG_LOST = MapRef("log_lost", _SINK)
 
 # The Record a LOG rule reserves in the ring. Multi-byte fields are in host order
 # except VLAN_PROTO, copied as the skb holds it (network order).

@@ -34,12 +34,11 @@ from .decode import table_from_raw
 from .bpf import syscall as bpf
 from .bpf.btf import Btf
 from .packet import facts
-from .ext import limit
+from . import ext
 from .compiler.classifier import KEY_SIZE, VALUE_SIZE
 from .compiler.runs import RECORD_SIZE, Classified, TupleSpace
 from .bpf.insn import Kfunc, MapRef
 from .errors import BpfilterError
-from .klog import LOG_LOST, LOG_RING, LogRing
 from .compiler.codegen import (CLASSIFIER, CLASSIFIER_RECORDS, COUNTERS, PROG_ARRAY,
                                CompiledTable, HookProgram, compile_table, dispatcher,
                                facts_needed)
@@ -238,11 +237,13 @@ def _owned(undo: ExitStack, fd: int) -> int:
     return fd
 
 
-def load_ruleset(table: Table, log: Optional[LogRing] = None,
+def load_ruleset(table: Table, environment: Optional[dict[MapRef, int]] = None,
                  previous: Optional[Ruleset] = None) -> Ruleset:
-    """Compile and load `table` (nothing attached); its LOG rules write to `log`.
-    `previous`, the ruleset it is to replace, lends its classified runs and their maps
-    (see ClassifierMaps). On failure nothing stays loaded."""
+    """Compile and load `table` (nothing attached). `environment`: the maps the loader's
+    caller provides to extensions (the service's log ring, for LOG rules; see
+    ext.environment_maps). `previous`, the ruleset it is to replace, lends its
+    classified runs and their maps (see ClassifierMaps). On failure nothing stays
+    loaded."""
     btf = Btf.vmlinux()
     compiled = compile_table(table, facts.KernelOffsets.from_btf(btf),
                              previous.compiled if previous else None)
@@ -253,7 +254,7 @@ def load_ruleset(table: Table, log: Optional[LogRing] = None,
         offsets_fd = _owned(undo, bpf.map_create(bpf.BPF_MAP_TYPE_ARRAY, 4, COUNTER.size, size,
                                                  f"{table.name}_added"))
         ruleset = Ruleset(table, counters_fd, offsets_fd, compiled=compiled)
-        maps = {COUNTERS: counters_fd, **(log.maps() if log else {})}
+        maps = {COUNTERS: counters_fd, **(environment or {})}
         if compiled.runs:
             shared = previous and previous.classifier
             classifier = shared if shared and shared.room_for(compiled.space, compiled.runs) \
@@ -263,10 +264,8 @@ def load_ruleset(table: Table, log: Optional[LogRing] = None,
             undo.callback(classifier.release)
             classifier.write(compiled.runs)
             maps.update(classifier.maps())
-        # fresh buckets with every load, as the kernel's checkentry makes them
-        limits_fd = limit.create_buckets(table)
-        if limits_fd is not None:
-            maps[limit.LIMITS] = _owned(transient, limits_fd)
+        for ref, fd in ext.table_maps(table).items():
+            maps[ref] = _owned(transient, fd)
         kfuncs = _Kfuncs(btf, transient)
         for program in compiled.programs:
             asm = program.asm
@@ -306,9 +305,9 @@ class _Kfuncs:
 
 
 def _map_fd(maps: dict[MapRef, int], ref: MapRef) -> int:
-    if ref not in maps and ref in (LOG_RING, LOG_LOST):
-        raise BpfilterError(errno.EOPNOTSUPP, "LOG rules need a log ring to write to, which "
-                                              "this way of loading lacks (bpfilter serve has one)")
+    if ref not in maps:
+        raise BpfilterError(errno.EOPNOTSUPP, f"{ref.purpose or f'map {ref.name} is needed'}; "
+                                              "none is available here")
     return maps[ref]
 
 
@@ -374,11 +373,13 @@ class LoadedTable:
 
 
 def load_filter_table(replace_blob: bytes, netns_name: Optional[str] = None,
-                      attach: bool = True, log: Optional[LogRing] = None, *,
-                      family: Family = Family.IPV4) -> LoadedTable:
+                      attach: bool = True, environment: Optional[dict[MapRef, int]] = None,
+                      *, family: Family = Family.IPV4) -> LoadedTable:
     """The whole path for a SET_REPLACE payload of `family`: validate, model, compile,
-    load, and unless told otherwise attach in `netns_name`; LOG rules write to `log`."""
-    ruleset = load_ruleset(table_from_raw(codec.parse_replace(replace_blob, family=family)), log)
+    load, and unless told otherwise attach in `netns_name`. `environment`: see
+    load_ruleset."""
+    ruleset = load_ruleset(table_from_raw(codec.parse_replace(replace_blob, family=family)),
+                           environment)
     conntrack = attach and ruleset.uses_conntrack
     where = netns_name and netns.path_of(netns_name)
     held = False   # a hold that failed has nothing to give back

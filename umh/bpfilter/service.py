@@ -31,7 +31,6 @@ from .bpf import syscall as bpf
 from .bpf.syscall import BpfError
 from .errors import BpfilterError
 from .ext import known_match_revisions, known_target_revisions
-from .ext.log import logs
 from .klog import KernelLog, LogRing, devkmsg_unlimited
 from .loader import HookSlot, Ruleset, attach_slots, load_ruleset
 from .model import Family, Hook, Table
@@ -158,6 +157,12 @@ class Service:
         gc.freeze()
         self._last_request = None
 
+    def environment(self) -> dict:
+        """The maps the service provides to the tables it loads: its log ring, whose
+        lines it writes to /dev/kmsg, only while the kernel does not rate-limit that
+        (otherwise it would drop most of the lines of LOG rules)."""
+        return self.log_ring.maps() if devkmsg_unlimited() else {}
+
     def close(self) -> None:
         """Let go of file descriptors only: what is pinned keeps filtering."""
         for state in self.tables.values():
@@ -247,7 +252,7 @@ class _Caller:
 
     def _install(self, key: TableKey, blob: bytes, raw: X.RawTable, table: Table,
                  previous: Optional[TableState]) -> TableState:
-        ruleset = load_ruleset(table, self.service.log_ring, previous and previous.ruleset)
+        ruleset = load_ruleset(table, self.service.environment(), previous and previous.ruleset)
         store = self.service.store
         slots = previous.slots if previous else {}
         netns_path = f"/proc/self/fd/{self.netns_fd}"
@@ -328,10 +333,6 @@ class _Caller:
                                   family=self.family)
         # the kernel's remaining checks, and ours
         table = table_from_raw(raw, previous=in_place and (in_place.raw, in_place.ruleset.table))
-        if logs(table) and not devkmsg_unlimited():
-            raise BpfilterError(errno.EOPNOTSUPP, "LOG rules need kernel.printk_devkmsg=on: "
-                                                  "otherwise the kernel drops most of the lines "
-                                                  "bpfilter writes to /dev/kmsg for them")
         previous = self.table(raw.name)
         if raw.num_counters != previous.raw.num_entries:
             raise BpfilterError(errno.EAGAIN, f"num_counters {raw.num_counters} but table "

@@ -8,7 +8,7 @@ the assembler in asm.py resolves them.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple, Optional, Union
 
 # instruction classes
@@ -87,6 +87,8 @@ class MapRef:
     """A map named in the code; the loader substitutes its file descriptor."""
 
     name: str
+    # what needs it and who provides it, for the refusal when it is missing
+    purpose: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)

@@ -8,14 +8,15 @@ every match and target.
 from __future__ import annotations
 
 import errno
+import os
 from typing import ClassVar, Optional
 
 from ..abi.xtables import XT_ERROR_TARGET, XT_STANDARD_TARGET, Packed
 from ..bpf.asm import Assembler
 from ..bpf.btf import Btf, BtfError
-from ..bpf.insn import Kfunc
+from ..bpf.insn import Kfunc, MapRef
 from ..errors import BpfilterError
-from ..model import ExtensionTarget, Family, Hook, IpHeader, Match, Rule
+from ..model import ExtensionTarget, Family, Hook, IpHeader, Match, Rule, Table
 
 
 BOTH_FAMILIES = (Family.IPV4, Family.IPV6)
@@ -52,6 +53,9 @@ class _Extension:
     facts: ClassVar[frozenset[str]] = frozenset()
     struct: ClassVar  # construct Struct of the payload
     packed: ClassVar[Packed]  # struct, compiled on registration for decode()
+    # Maps its code refers to that whoever loads the table provides (the service's log
+    # ring); loading without them refuses the table.
+    environment: ClassVar[tuple[MapRef, ...]] = ()
 
     def __init__(self, family: Family):
         self.family = family   # one instance per family it is registered in
@@ -59,6 +63,11 @@ class _Extension:
     @classmethod
     def payload_size(cls) -> int:
         return xt_align(cls.packed.size)
+
+    def table_maps(self, table) -> dict[MapRef, int]:
+        """Maps its code refers to, made afresh for every load of `table` (as the
+        kernel's checkentry makes per-rule state afresh); the caller closes them."""
+        return {}
 
     def unsupported(self, model) -> Optional[str]:
         """Why bpfilter cannot honour this valid match or target exactly, or None.
@@ -264,6 +273,38 @@ def emit_target(target: ExtensionTarget, family: Family, asm: Assembler, next_ru
 
 def describe_target(target: ExtensionTarget, family: Family) -> str:
     return _TARGETS.of(target, family).describe(target)
+
+
+def used(table: Table) -> list[_Extension]:
+    """The extensions the table's rules use, each once."""
+    found: dict[int, _Extension] = {}
+    for chain in table.chains.values():
+        for rule in chain.rules:
+            for m in rule.matches:
+                extension = _MATCHES.of(m, table.family)
+                found[id(extension)] = extension
+            if isinstance(rule.target, ExtensionTarget):
+                extension = _TARGETS.of(rule.target, table.family)
+                found[id(extension)] = extension
+    return list(found.values())
+
+
+def environment_maps(table: Table) -> set[MapRef]:
+    """The maps the table's extensions expect from whoever loads it."""
+    return {ref for extension in used(table) for ref in extension.environment}
+
+
+def table_maps(table: Table) -> dict[MapRef, int]:
+    """The maps the table's extensions make for this load of it; the caller owns them."""
+    maps: dict[MapRef, int] = {}
+    try:
+        for extension in used(table):
+            maps.update(extension.table_maps(table))
+    except BaseException:
+        for fd in maps.values():
+            os.close(fd)
+        raise
+    return maps
 
 
 def facts_needed(rule: Rule, family: Family) -> frozenset[str]:

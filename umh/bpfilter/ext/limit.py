@@ -129,6 +129,11 @@ class Limit(MatchExtension):
     struct = xt_rateinfo
     facts = frozenset({"limit"})   # its region: where helpers find the bucket key
 
+    def table_maps(self, table: Table) -> dict[MapRef, int]:
+        # fresh buckets with every load, as the kernel's checkentry makes them
+        fd = create_buckets(table)
+        return {} if fd is None else {LIMITS: fd}
+
     def decode(self, payload: bytes, where: str) -> LimitMatch:
         avg, burst, _prev, _credit, credit_cap, cost, _master = self.packed.unpack_from(payload)
         hz = kernel_hz()

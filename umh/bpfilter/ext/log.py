@@ -22,7 +22,7 @@ from ..bpf.insn import (BPF_ALU64_IMM, BPF_ALU64_REG, BPF_ATOMIC_OP, BPF_B, BPF_
                         R0, R1, R2, R3, R4, R5, R6, R7, R8, R9)
 from ..packet import facts
 from ..errors import BpfilterError
-from ..model import ExtensionTarget, Family, IpHeader, Table
+from ..model import ExtensionTarget, Family, IpHeader
 from . import TargetExtension, register_target
 
 PREFIX_SIZE = 30
@@ -50,6 +50,7 @@ class Log(TargetExtension):
     families = (Family.IPV4,)
     struct = xt_log_info
     facts = frozenset({"skb"})
+    environment = (K.LOG_RING, K.LOG_LOST)
 
     def decode(self, payload: bytes, ip: IpHeader, where: str) -> LogTarget:
         level, logflags, prefix = self.packed.unpack_from(payload)
@@ -213,8 +214,3 @@ def _emit_skb_facts(asm, k: facts.KernelOffsets) -> None:
 
 
 facts.OPTIONAL["skb"] = _emit_skb_facts
-
-
-def logs(table: Table) -> bool:
-    return any(isinstance(rule.target, LogTarget)
-               for chain in table.chains.values() for rule in chain.rules)
