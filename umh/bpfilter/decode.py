@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import errno
 
-from . import ext
+from . import ext, packet
 from .errors import BpfilterError
 from .model import (Accept, AnyIpHeader, Chain, Drop, ExtensionTarget, Fallthrough, Goto, Hook,
                     Jump, Match, Return, Rule, Table, Verdict)
@@ -91,7 +91,11 @@ def table_from_raw(raw: RawTable, previous: "tuple[RawTable, Table] | None" = No
     if raw.name not in supported:
         raise _unsupported(f"{layout.command} table '{raw.name}' is not supported by bpfilter "
                            f"yet (supported: {', '.join(supported)})")
+    flavour = packet.flavour(family)
     for e, rule_matches in zip(entries, matches):
+        reason = flavour.unsupported_ip(ips[e.index], ext.reads_transport(rule_matches, family))
+        if reason:
+            raise _unsupported(f"{where[e.index]}: {reason}")
         for match in rule_matches:
             reason = ext.unsupported_match(match, family)
             if reason:

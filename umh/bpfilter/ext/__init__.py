@@ -53,6 +53,8 @@ class _Extension:
     facts: ClassVar[frozenset[str]] = frozenset()
     struct: ClassVar  # construct Struct of the payload
     packed: ClassVar[Packed]  # struct, compiled on registration for decode()
+    # It reads the transport header at the offset ip_packet_match() found (par->thoff).
+    reads_transport: ClassVar[bool] = False
     # Maps its code refers to that whoever loads the table provides (the service's log
     # ring); loading without them refuses the table.
     environment: ClassVar[tuple[MapRef, ...]] = ()
@@ -228,6 +230,10 @@ def decode_match(name: str, revision: int, payload: bytes, ip: IpHeader, family:
 
 def _hook_names(mask: int) -> str:
     return "/".join(h.chain_name for h in Hook if mask & (1 << h.value))
+
+
+def reads_transport(matches: list[Match], family: Family) -> bool:
+    return any(_MATCHES.of(m, family).reads_transport for m in matches)
 
 
 def emit_match(match: Match, family: Family, asm: Assembler, out) -> None:

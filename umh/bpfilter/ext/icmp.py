@@ -46,6 +46,7 @@ class Icmp6Match(IcmpMatch):
 
 @register_match
 class Icmp(MatchExtension):
+    reads_transport = True
     name = "icmp"
     proto = IPPROTO_ICMP
     struct = ipt_icmp

@@ -77,6 +77,7 @@ def port_items(count: int, ports: tuple[int, ...], pflags: tuple[int, ...],
 
 @register_match
 class Multiport(MatchExtension):
+    reads_transport = True
     name = "multiport"
     families = BOTH_FAMILIES
     revision = 1

@@ -53,6 +53,7 @@ class TcpMatch(Match):
 
 @register_match
 class Tcp(MatchExtension):
+    reads_transport = True
     name = "tcp"
     families = BOTH_FAMILIES
     proto = IPPROTO_TCP

@@ -33,6 +33,7 @@ class UdpMatch(Match):
 
 @register_match
 class Udp(MatchExtension):
+    reads_transport = True
     name = "udp"
     families = BOTH_FAMILIES
     proto = IPPROTO_UDP

@@ -183,6 +183,11 @@ class Flavour:
         """The rule's ip part (IpHeader / Ip6Header), folded into `out`."""
         raise NotImplementedError
 
+    def unsupported_ip(self, ip, reads_transport: bool) -> "str | None":
+        """Why bpfilter cannot run a rule with this ip part exactly, if it cannot;
+        `reads_transport`: a match of the rule reads the transport header."""
+        return None
+
 
 def emit_prologue(asm: Assembler, k: KernelOffsets, drop, flavour: Flavour,
                   needs: frozenset = frozenset()) -> None:

@@ -110,6 +110,16 @@ class Ipv6(Flavour):
         asm.emit(BPF_LDX_MEM(BPF_B, R1, R6, WALK), BPF_JMP_IMM(I.BPF_JNE, R1, WALK_FOUND, skip),
                  BPF_LDX_MEM(BPF_H, R1, R6, FRAGOFF), BPF_JMP_IMM(I.BPF_JNE, R1, 0, skip))
 
+    def unsupported_ip(self, ip: Ip6Header, reads_transport: bool) -> "str | None":
+        # Without -p (IP6T_F_PROTO) no walk finds the transport header: the kernel's
+        # match reads it at offset 0, with whatever fragment offset an earlier rule's
+        # walk left. ip6tables sets IP6T_F_PROTO with every -p.
+        if reads_transport and not ip.proto_given:
+            return ("a match reads the transport header but the rule lacks IP6T_F_PROTO "
+                    "(ip6tables sets it with every -p); the kernel would read the IPv6 "
+                    "header in its place")
+        return None
+
     def emit_ip_match(self, asm, ip: Ip6Header, out: RuleOutcome) -> None:
         # ipv6_masked_addr_cmp(): ((packet ^ addr) & mask) != 0, address bits outside
         # the mask ignored
