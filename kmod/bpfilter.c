@@ -806,9 +806,11 @@ out:
 	return ret;
 }
 
-/* Conntrack references taken for the helper's tables, per namespace. */
+static const u8 bpfilter_ct_families[] = { NFPROTO_IPV4, NFPROTO_IPV6 };
+
+/* Conntrack references taken for the helper's tables, per namespace and family. */
 struct bpfilter_net {
-	unsigned int ct_users;
+	unsigned int ct_users[ARRAY_SIZE(bpfilter_ct_families)];
 };
 
 static unsigned int bpfilter_net_id __read_mostly;
@@ -816,26 +818,37 @@ static DEFINE_MUTEX(bpfilter_ct_lock);
 
 static long bpfilter_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 {
+	struct bpfilter_conntrack ct;
 	struct bpfilter_net *bn;
+	unsigned int *users;
 	struct net *net;
 	long err = 0;
+	int i;
 
 	if (cmd != BPFILTER_IOC_CONNTRACK_GET && cmd != BPFILTER_IOC_CONNTRACK_PUT)
 		return -ENOTTY;
 	if (READ_ONCE(bpfilter.helper_file) != file)
 		return -EPERM;
-	net = get_net_ns_by_fd(arg);
+	if (copy_from_user(&ct, (const void __user *)arg, sizeof(ct)))
+		return -EFAULT;
+	for (i = 0; i < ARRAY_SIZE(bpfilter_ct_families); i++)
+		if (ct.family == bpfilter_ct_families[i])
+			break;
+	if (i == ARRAY_SIZE(bpfilter_ct_families))
+		return -EINVAL;
+	net = get_net_ns_by_fd(ct.netns_fd);
 	if (IS_ERR(net))
 		return PTR_ERR(net);
 	bn = net_generic(net, bpfilter_net_id);
+	users = &bn->ct_users[i];
 	mutex_lock(&bpfilter_ct_lock);
 	if (cmd == BPFILTER_IOC_CONNTRACK_GET) {
-		err = nf_ct_netns_get(net, NFPROTO_IPV4);
+		err = nf_ct_netns_get(net, ct.family);
 		if (!err)
-			bn->ct_users++;
-	} else if (bn->ct_users) {
-		nf_ct_netns_put(net, NFPROTO_IPV4);
-		bn->ct_users--;
+			(*users)++;
+	} else if (*users) {
+		nf_ct_netns_put(net, ct.family);
+		(*users)--;
 	} else {
 		err = -ENOENT;	/* nothing to give back: the helper's count is wrong */
 	}
@@ -846,15 +859,18 @@ static long bpfilter_ioctl(struct file *file, unsigned int cmd, unsigned long ar
 
 /*
  * A namespace going away, or the module (after its helper detached every table):
- * what was taken for it is given back, as ip_tables' rules give theirs back.
+ * what was taken for it is given back, as ip_tables' and ip6_tables' rules give
+ * theirs back.
  */
 static void __net_exit bpfilter_ct_net_exit(struct net *net)
 {
 	struct bpfilter_net *bn = net_generic(net, bpfilter_net_id);
+	int i;
 
 	mutex_lock(&bpfilter_ct_lock);
-	for (; bn->ct_users; bn->ct_users--)
-		nf_ct_netns_put(net, NFPROTO_IPV4);
+	for (i = 0; i < ARRAY_SIZE(bpfilter_ct_families); i++)
+		for (; bn->ct_users[i]; bn->ct_users[i]--)
+			nf_ct_netns_put(net, bpfilter_ct_families[i]);
 	mutex_unlock(&bpfilter_ct_lock);
 }
 
