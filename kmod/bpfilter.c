@@ -30,6 +30,7 @@
 #include <linux/netfilter_ipv4/ip_tables.h>
 #include <linux/netfilter_ipv4/ipt_REJECT.h>
 #include <linux/netfilter_ipv6/ip6_tables.h>
+#include <linux/netfilter_ipv6/ip6t_REJECT.h>
 #include <linux/pid.h>
 #include <linux/proc_fs.h>
 #include <linux/refcount.h>
@@ -46,6 +47,7 @@
 #include <net/netns/generic.h>
 #include <net/netfilter/nf_conntrack.h>
 #include <net/netfilter/ipv4/nf_reject.h>
+#include <net/netfilter/ipv6/nf_reject.h>
 #include <net/route.h>
 #include <net/sock.h>
 
@@ -886,22 +888,9 @@ static struct pernet_operations bpfilter_ct_net_ops = {
  * then returns the target's verdict itself; for addrtype it asks the kfunc for the
  * address types its rules test.
  */
-__bpf_kfunc_start_defs();
 
-/**
- * bpfilter_reject - send what ipt_REJECT's reject_tg() sends for @skb
- * @skb: the packet, from the program's context
- * @state: its hook state, from the program's context
- * @with: enum ipt_reject_with, as in the rule
- *
- * The kernel's own nf_send_reset() and nf_send_unreach(), with the arguments
- * reject_tg() passes them, so the answer is the kernel's to the byte. The caller
- * returns NF_DROP, as reject_tg() does. Only where ipt_REJECT may run: IPv4, the
- * filter table's hooks (any netfilter program may call this).
- *
- * Return: 0, or -EINVAL (nothing sent) for another family, hook or @with.
- */
-__bpf_kfunc int bpfilter_reject(struct sk_buff *skb, const struct nf_hook_state *state, u32 with)
+/* ipt_REJECT's reject_tg(). */
+static int bpfilter_reject4(struct sk_buff *skb, const struct nf_hook_state *state, u32 with)
 {
 	static const u8 icmp_code[] = {
 		[IPT_ICMP_NET_UNREACHABLE] = ICMP_NET_UNREACH,
@@ -913,16 +902,6 @@ __bpf_kfunc int bpfilter_reject(struct sk_buff *skb, const struct nf_hook_state 
 		[IPT_ICMP_ADMIN_PROHIBITED] = ICMP_PKT_FILTERED,
 	};
 
-	if (state->pf != NFPROTO_IPV4)
-		return -EINVAL;
-	switch (state->hook) {
-	case NF_INET_LOCAL_IN:
-	case NF_INET_FORWARD:
-	case NF_INET_LOCAL_OUT:
-		break;
-	default:
-		return -EINVAL;
-	}
 	if (with == IPT_TCP_RESET) {
 		nf_send_reset(state->net, state->sk, skb, state->hook);
 		return 0;
@@ -932,6 +911,84 @@ __bpf_kfunc int bpfilter_reject(struct sk_buff *skb, const struct nf_hook_state 
 		return -EINVAL;
 	nf_send_unreach(skb, icmp_code[with], state->hook);
 	return 0;
+}
+
+/* ip6t_REJECT's reject_tg6(). */
+static int bpfilter_reject6(struct sk_buff *skb, const struct nf_hook_state *state, u32 with)
+{
+	u8 code;
+
+	switch (with) {
+	case IP6T_TCP_RESET:
+		nf_send_reset6(state->net, state->sk, skb, state->hook);
+		return 0;
+	case IP6T_ICMP6_NO_ROUTE:
+		code = ICMPV6_NOROUTE;
+		break;
+	case IP6T_ICMP6_ADM_PROHIBITED:
+		code = ICMPV6_ADM_PROHIBITED;
+		break;
+	case IP6T_ICMP6_NOT_NEIGHBOUR:
+		code = ICMPV6_NOT_NEIGHBOUR;
+		break;
+	case IP6T_ICMP6_ADDR_UNREACH:
+		code = ICMPV6_ADDR_UNREACH;
+		break;
+	case IP6T_ICMP6_PORT_UNREACH:
+		code = ICMPV6_PORT_UNREACH;
+		break;
+	case IP6T_ICMP6_POLICY_FAIL:
+		code = ICMPV6_POLICY_FAIL;
+		break;
+	case IP6T_ICMP6_REJECT_ROUTE:
+		code = ICMPV6_REJECT_ROUTE;
+		break;
+	default:
+		/* echo-reply, for which reject_tg6() sends nothing, or no such value */
+		return -EINVAL;
+	}
+	nf_send_unreach6(state->net, skb, code, state->hook);
+	return 0;
+}
+
+__bpf_kfunc_start_defs();
+
+/**
+ * bpfilter_reject - send what ipt_REJECT's reject_tg() or ip6t_REJECT's reject_tg6() sends
+ * @skb: the packet, from the program's context
+ * @state: its hook state, from the program's context
+ * @with: the rule's reject type: enum ipt_reject_with if @state->pf is NFPROTO_IPV4,
+ *        enum ip6t_reject_with if it is NFPROTO_IPV6
+ *
+ * The kernel's own nf_send_reset() and nf_send_unreach() (IPv4), nf_send_reset6()
+ * and nf_send_unreach6() (IPv6), with the arguments the targets pass them, so the
+ * answer is the kernel's to the byte. The caller returns NF_DROP, as both targets
+ * do. Only where the targets may run: the filter table's hooks LOCAL_IN, FORWARD
+ * and LOCAL_OUT (any netfilter program may call this).
+ *
+ * Return: 0 once the kernel's function has been called (which, as for the
+ * targets, may still send nothing: no reset for a reset, a bad checksum, ...), or
+ * -EINVAL, nothing sent: another family or hook; @with out of range, or
+ * echo-reply (which REJECT's checkentry refuses for both families).
+ */
+__bpf_kfunc int bpfilter_reject(struct sk_buff *skb, const struct nf_hook_state *state, u32 with)
+{
+	switch (state->hook) {
+	case NF_INET_LOCAL_IN:
+	case NF_INET_FORWARD:
+	case NF_INET_LOCAL_OUT:
+		break;
+	default:
+		return -EINVAL;
+	}
+	switch (state->pf) {
+	case NFPROTO_IPV4:
+		return bpfilter_reject4(skb, state, with);
+	case NFPROTO_IPV6:
+		return bpfilter_reject6(skb, state, with);
+	default:
+		return -EINVAL;
+	}
 }
 
 /**
