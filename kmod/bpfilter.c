@@ -29,6 +29,7 @@
 #include <linux/netfilter.h>
 #include <linux/netfilter_ipv4/ip_tables.h>
 #include <linux/netfilter_ipv4/ipt_REJECT.h>
+#include <linux/netfilter_ipv6.h>
 #include <linux/netfilter_ipv6/ip6_tables.h>
 #include <linux/netfilter_ipv6/ip6t_REJECT.h>
 #include <linux/pid.h>
@@ -41,8 +42,11 @@
 #include <linux/sockptr.h>
 #include <linux/string.h>
 #include <linux/umh.h>
+#include <linux/unaligned.h>
 #include <linux/wait.h>
 #include <linux/workqueue.h>
+#include <net/ip6_route.h>
+#include <net/ipv6.h>
 #include <net/net_namespace.h>
 #include <net/netns/generic.h>
 #include <net/netfilter/nf_conntrack.h>
@@ -951,6 +955,59 @@ static int bpfilter_reject6(struct sk_buff *skb, const struct nf_hook_state *sta
 	return 0;
 }
 
+/*
+ * xt_addrtype's match_lookup_rt6(net, dev, addr, mask) for a mask holding
+ * XT_ADDRTYPE_LOCAL, which is static there: the same calls, in the same order.
+ *
+ * Its mask only decides whether it asks nf_ipv6_chk_addr() about @dev, and that
+ * answer only ever sets XT_ADDRTYPE_LOCAL; the rest does not read the mask (a
+ * failed lookup answers XT_ADDRTYPE_UNREACHABLE alone, RTF_REJECT replaces the
+ * answer with it, RTF_LOCAL without a device and anycast add their bits). So its
+ * answers for two masks differ at most in the LOCAL bit, and only a mask that
+ * holds LOCAL reads that bit: mask & this answer is mask & match_lookup_rt6(...,
+ * mask) for every mask.
+ */
+static u32 bpfilter_lookup_rt6(struct net *net, const struct net_device *dev,
+			       const struct in6_addr *addr)
+{
+	struct dst_entry *dst;
+	struct flowi6 flow;
+	u32 ret = 0;
+
+	memset(&flow, 0, sizeof(flow));
+	flow.daddr = *addr;
+	if (dev)
+		flow.flowi6_oif = dev->ifindex;
+
+	if (dev && nf_ipv6_chk_addr(net, addr, dev, true))
+		ret = XT_ADDRTYPE_LOCAL;
+
+	if (nf_ip6_route(net, &dst, flowi6_to_flowi(&flow), false))
+		return XT_ADDRTYPE_UNREACHABLE;
+
+	if (dst_rt6_info(dst)->rt6i_flags & RTF_REJECT)
+		ret = XT_ADDRTYPE_UNREACHABLE;
+
+	if (!dev && dst_rt6_info(dst)->rt6i_flags & RTF_LOCAL)
+		ret |= XT_ADDRTYPE_LOCAL;
+	if (ipv6_anycast_destination(dst, addr))
+		ret |= XT_ADDRTYPE_ANYCAST;
+
+	dst_release(dst);
+	return ret;
+}
+
+/* addrtype_mt_v1()'s choice of device. */
+static const struct net_device *bpfilter_addr_type_dev(const struct nf_hook_state *state,
+							u32 flags)
+{
+	if (flags & XT_ADDRTYPE_LIMIT_IFACE_IN)
+		return state->in;
+	if (flags & XT_ADDRTYPE_LIMIT_IFACE_OUT)
+		return state->out;
+	return NULL;
+}
+
 __bpf_kfunc_start_defs();
 
 /**
@@ -1007,13 +1064,57 @@ __bpf_kfunc int bpfilter_reject(struct sk_buff *skb, const struct nf_hook_state 
  */
 __bpf_kfunc u32 bpfilter_addr_type(const struct nf_hook_state *state, __be32 addr, u32 flags)
 {
-	const struct net_device *dev = NULL;
+	return inet_dev_addr_type(state->net, bpfilter_addr_type_dev(state, flags), addr);
+}
 
-	if (flags & XT_ADDRTYPE_LIMIT_IFACE_IN)
-		dev = state->in;
-	else if (flags & XT_ADDRTYPE_LIMIT_IFACE_OUT)
-		dev = state->out;
-	return inet_dev_addr_type(state->net, dev, addr);
+/**
+ * bpfilter_addr_type6 - what xt_addrtype's match_type6() needs of an IPv6 address
+ * @state: the hook state, from the program's context
+ * @addr_hi: bytes 0 to 7 of the address as on the wire, read as a little-endian
+ *           u64 (what BPF_LDX_MEM(BPF_DW) loads on a little-endian machine):
+ *           byte 0 is bits 0-7, byte 7 bits 56-63
+ * @addr_lo: bytes 8 to 15, the same way
+ * @flags: the rule's xt_addrtype_info_v1 flags
+ *
+ * match_type6(net, dev, addr, mask) tests the kind of the address
+ * (ipv6_addr_type()) and, if the mask has LOCAL, ANYCAST or UNREACHABLE, makes
+ * match_lookup_rt6()'s route lookup, which a netfilter program cannot. This does
+ * both, for every mask at once, on the device addrtype_mt_v1() picks (the input
+ * device with XT_ADDRTYPE_LIMIT_IFACE_IN, else the output device with
+ * XT_ADDRTYPE_LIMIT_IFACE_OUT, else none), in the hook's namespace. Its answer v
+ * holds these XT_ADDRTYPE_* bits:
+ *
+ * - UNSPEC if ipv6_addr_type() is IPV6_ADDR_ANY; UNICAST if it has
+ *   IPV6_ADDR_UNICAST; MULTICAST if it has IPV6_ADDR_MULTICAST;
+ * - LOCAL, ANYCAST, UNREACHABLE: match_lookup_rt6(net, dev, addr, mask) for a mask
+ *   with XT_ADDRTYPE_LOCAL, whose bits any mask reads as its own lookup's
+ *   (see bpfilter_lookup_rt6()).
+ *
+ * With K = UNSPEC | UNICAST | MULTICAST and R = LOCAL | ANYCAST | UNREACHABLE, the
+ * program then has, for any mask:
+ *
+ *   match_type6(mask) == !(mask & K & ~v) && (!(mask & R) || (mask & R & v))
+ *
+ * Return: v.
+ */
+__bpf_kfunc u32 bpfilter_addr_type6(const struct nf_hook_state *state, u64 addr_hi, u64 addr_lo,
+				    u32 flags)
+{
+	struct in6_addr addr;
+	u32 ret = 0;
+	int type;
+
+	put_unaligned_le64(addr_hi, &addr.s6_addr[0]);
+	put_unaligned_le64(addr_lo, &addr.s6_addr[8]);
+
+	type = ipv6_addr_type(&addr);
+	if (type == IPV6_ADDR_ANY)
+		ret |= XT_ADDRTYPE_UNSPEC;
+	if (type & IPV6_ADDR_UNICAST)
+		ret |= XT_ADDRTYPE_UNICAST;
+	if (type & IPV6_ADDR_MULTICAST)
+		ret |= XT_ADDRTYPE_MULTICAST;
+	return ret | bpfilter_lookup_rt6(state->net, bpfilter_addr_type_dev(state, flags), &addr);
 }
 
 __bpf_kfunc_end_defs();
@@ -1021,6 +1122,7 @@ __bpf_kfunc_end_defs();
 BTF_KFUNCS_START(bpfilter_kfunc_ids)
 BTF_ID_FLAGS(func, bpfilter_reject, KF_TRUSTED_ARGS)
 BTF_ID_FLAGS(func, bpfilter_addr_type, KF_TRUSTED_ARGS)
+BTF_ID_FLAGS(func, bpfilter_addr_type6, KF_TRUSTED_ARGS)
 BTF_KFUNCS_END(bpfilter_kfunc_ids)
 
 static const struct btf_kfunc_id_set bpfilter_kfunc_set = {
