@@ -45,6 +45,7 @@
 #include <linux/unaligned.h>
 #include <linux/wait.h>
 #include <linux/workqueue.h>
+#include <net/dst_metadata.h>
 #include <net/ip6_route.h>
 #include <net/ipv6.h>
 #include <net/net_namespace.h>
@@ -891,6 +892,15 @@ static struct pernet_operations bpfilter_ct_net_ops = {
  * BPF program cannot. For REJECT the program tests the rule, then calls the kfunc,
  * then returns the target's verdict itself; for addrtype it asks the kfunc for the
  * address types its rules test.
+ *
+ * A netfilter program runs either at a hook, whose state has the packet's
+ * namespace, or under BPF_PROG_TEST_RUN, whose made-up state
+ * (bpf_prog_test_run_nf()) has no namespace and no socket, at most the loopback
+ * device, any hook number, and an skb without a route whose network header may
+ * not even be set. The verifier cannot tell them apart, so every kfunc checks for
+ * a namespace first and answers "nothing" without one: there is nothing to send
+ * an answer into or to look an address up in, and the kernel's functions would
+ * dereference it.
  */
 
 /* ipt_REJECT's reject_tg(). */
@@ -906,6 +916,13 @@ static int bpfilter_reject4(struct sk_buff *skb, const struct nf_hook_state *sta
 		[IPT_ICMP_ADMIN_PROHIBITED] = ICMP_PKT_FILTERED,
 	};
 
+	/*
+	 * Without a route both functions look one up in skb->dev's namespace: a
+	 * packet with neither would have them dereference NULL. None reaches the
+	 * hooks REJECT runs at, where packets are routed.
+	 */
+	if (!skb_valid_dst(skb) && !skb->dev)
+		return -EINVAL;
 	if (with == IPT_TCP_RESET) {
 		nf_send_reset(state->net, state->sk, skb, state->hook);
 		return 0;
@@ -924,6 +941,7 @@ static int bpfilter_reject6(struct sk_buff *skb, const struct nf_hook_state *sta
 
 	switch (with) {
 	case IP6T_TCP_RESET:
+		/* routes in state->net itself: neither route nor device needed */
 		nf_send_reset6(state->net, state->sk, skb, state->hook);
 		return 0;
 	case IP6T_ICMP6_NO_ROUTE:
@@ -951,6 +969,12 @@ static int bpfilter_reject6(struct sk_buff *skb, const struct nf_hook_state *sta
 		/* echo-reply, for which reject_tg6() sends nothing, or no such value */
 		return -EINVAL;
 	}
+	/*
+	 * As in bpfilter_reject4(), except that nf_send_unreach6() gives a packet
+	 * without a device the loopback device at LOCAL_OUT before it looks up a route.
+	 */
+	if (!skb_valid_dst(skb) && !skb->dev && state->hook != NF_INET_LOCAL_OUT)
+		return -EINVAL;
 	nf_send_unreach6(state->net, skb, code, state->hook);
 	return 0;
 }
@@ -1008,6 +1032,12 @@ static const struct net_device *bpfilter_addr_type_dev(const struct nf_hook_stat
 	return NULL;
 }
 
+/*
+ * What bpfilter_addr_type() answers without a namespace: a type no 16-bit mask
+ * has a bit for (RTN_UNSPEC would match --src-type UNSPEC), in a byte.
+ */
+#define BPFILTER_ADDR_TYPE_NONE 16
+
 __bpf_kfunc_start_defs();
 
 /**
@@ -1026,10 +1056,13 @@ __bpf_kfunc_start_defs();
  * Return: 0 once the kernel's function has been called (which, as for the
  * targets, may still send nothing: no reset for a reset, a bad checksum, ...), or
  * -EINVAL, nothing sent: another family or hook; @with out of range, or
- * echo-reply (which REJECT's checkentry refuses for both families).
+ * echo-reply (which REJECT's checkentry refuses for both families); no namespace
+ * (BPF_PROG_TEST_RUN); a packet with neither a route nor a device.
  */
 __bpf_kfunc int bpfilter_reject(struct sk_buff *skb, const struct nf_hook_state *state, u32 with)
 {
+	if (!state->net)
+		return -EINVAL;
 	switch (state->hook) {
 	case NF_INET_LOCAL_IN:
 	case NF_INET_FORWARD:
@@ -1060,10 +1093,13 @@ __bpf_kfunc int bpfilter_reject(struct sk_buff *skb, const struct nf_hook_state 
  * (1 << type) & mask itself.
  *
  * Return: inet_dev_addr_type() for @addr in the hook's namespace (RTN_*), as
- * match_type() has it: the device decides the type, not only the table.
+ * match_type() has it: the device decides the type, not only the table. Without a
+ * namespace (BPF_PROG_TEST_RUN) 16, which no mask matches.
  */
 __bpf_kfunc u32 bpfilter_addr_type(const struct nf_hook_state *state, __be32 addr, u32 flags)
 {
+	if (!state->net)
+		return BPFILTER_ADDR_TYPE_NONE;
 	return inet_dev_addr_type(state->net, bpfilter_addr_type_dev(state, flags), addr);
 }
 
@@ -1095,7 +1131,8 @@ __bpf_kfunc u32 bpfilter_addr_type(const struct nf_hook_state *state, __be32 add
  *
  *   match_type6(mask) == !(mask & K & ~v) && (!(mask & R) || (mask & R & v))
  *
- * Return: v.
+ * Return: v; without a namespace (BPF_PROG_TEST_RUN) 0, for which every mask with
+ * a bit of K or R fails.
  */
 __bpf_kfunc u32 bpfilter_addr_type6(const struct nf_hook_state *state, u64 addr_hi, u64 addr_lo,
 				    u32 flags)
@@ -1104,6 +1141,8 @@ __bpf_kfunc u32 bpfilter_addr_type6(const struct nf_hook_state *state, u64 addr_
 	u32 ret = 0;
 	int type;
 
+	if (!state->net)
+		return 0;
 	put_unaligned_le64(addr_hi, &addr.s6_addr[0]);
 	put_unaligned_le64(addr_lo, &addr.s6_addr[8]);
 

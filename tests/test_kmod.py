@@ -34,14 +34,24 @@ def module():
     return ROOT / "bpfilter.ko"
 
 
-@pytest.fixture(scope="module")
-def nocap():
-    source = ROOT / "tools/vm/nocap.c"
-    binary = harness.cache_dir() / f"nocap-{hashlib.sha256(source.read_bytes()).hexdigest()[:16]}"
+def _static_tool(name: str) -> Path:
+    """tools/vm/NAME.c built static for the guest, once per version of its source."""
+    source = ROOT / f"tools/vm/{name}.c"
+    binary = harness.cache_dir() / f"{name}-{hashlib.sha256(source.read_bytes()).hexdigest()[:16]}"
     if not binary.exists():
         _run(["gcc", "-static", "-O2", "-Wall", "-Werror", "-o", f"{binary}.tmp", str(source)])
         Path(f"{binary}.tmp").rename(binary)
     return binary
+
+
+@pytest.fixture(scope="module")
+def nocap():
+    return _static_tool("nocap")
+
+
+@pytest.fixture(scope="module")
+def kfuncs():
+    return _static_tool("kfuncs")
 
 
 def system_libraries() -> dict[str, str]:
@@ -246,6 +256,42 @@ def test_kmod_addrtype_and_realworld_rulesets(module):
     assert re.search(r"^\s+5\s+\d+ DROP .*ADDRTYPE match dst-type BROADCAST",
                      s["bpfilter addrtype"], re.M), s["bpfilter addrtype"]
     for bad in ("WARNING:", "BUG:", "Call Trace:"):
+        assert bad not in result.console, result.console
+
+
+def test_kmod_kfuncs_under_test_run(module, kfuncs):
+    """The module loads with what its kfuncs call (nf_reject_ipv6 too), they are in its
+    BTF, and a netfilter program of our own (tools/vm/kfuncs.c) calling each of them
+    under BPF_PROG_TEST_RUN, whose hook state has no namespace, no socket and no
+    route, gets their "nothing" answers, never an oops, at every hook and family
+    test_run takes (tools/vm/scenarios/kmod-kfuncs.sh)."""
+    kver = harness.kernel_release()
+    extra = {**system_libraries(), "/usr/bin/kfuncs": str(kfuncs),
+             f"/lib/modules/{kver}/extra/bpfilter.ko": str(module)}
+    script = (ROOT / "tools/vm/scenarios/kmod-kfuncs.sh").read_text()
+    result = harness.run_scenario(script, extra, timeout=300)
+    out = result.output
+    assert result.status == 0, out
+    s = sections(out)
+
+    depends = re.search(r"^depends: (.*)$", s["modprobe"], re.M)[1]
+    assert set(depends.split(",")) == {"nf_conntrack", "nf_reject_ipv4", "nf_reject_ipv6"}
+    for dep in ("nf_reject_ipv4", "nf_reject_ipv6", "nf_conntrack"):
+        assert f"{dep} used by: bpfilter," in s["modprobe"], s["modprobe"]
+
+    # the signatures the helper's programs are written against
+    assert "kfunc bpfilter_addr_type6: state addr_hi addr_lo flags\n" in s["btf"], s["btf"]
+    assert "kfunc bpfilter_addr_type: state addr flags\n" in s["btf"], s["btf"]
+    assert "kfunc bpfilter_reject: skb state with\n" in s["btf"], s["btf"]
+
+    # reject: -EINVAL three times; addr_type: 16 (no type) three times; addr_type6: 0
+    runs = re.findall(r"^(.+): (Return value: \d+); answers: (.*)$", s["test run"], re.M)
+    assert len(runs) == 2 + 6 * 4, s["test run"]
+    for name, ret, answers in runs:
+        assert (ret, answers) == ("Return value: 1", "-22 -22 -22 16 16 16 0 0 0"), name
+
+    assert "with the probe: in use\nbpfilter: unloaded" in s["rmmod"]
+    for bad in ("Oops", "BUG:", "WARNING:", "Call Trace:"):
         assert bad not in result.console, result.console
 
 
