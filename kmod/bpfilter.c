@@ -1057,7 +1057,8 @@ __bpf_kfunc_start_defs();
  * targets, may still send nothing: no reset for a reset, a bad checksum, ...), or
  * -EINVAL, nothing sent: another family or hook; @with out of range, or
  * echo-reply (which REJECT's checkentry refuses for both families); no namespace
- * (BPF_PROG_TEST_RUN); a packet with neither a route nor a device.
+ * (BPF_PROG_TEST_RUN); a packet without a route whose route the function would
+ * look up through skb->dev, and no device.
  */
 __bpf_kfunc int bpfilter_reject(struct sk_buff *skb, const struct nf_hook_state *state, u32 with)
 {
@@ -1109,7 +1110,7 @@ __bpf_kfunc u32 bpfilter_addr_type(const struct nf_hook_state *state, __be32 add
  * @addr_hi: bytes 0 to 7 of the address as on the wire, read as a little-endian
  *           u64 (what BPF_LDX_MEM(BPF_DW) loads on a little-endian machine):
  *           byte 0 is bits 0-7, byte 7 bits 56-63
- * @addr_lo: bytes 8 to 15, the same way
+ * @addr_lo: bytes 8 to 15, the same way (::1 is addr_hi 0, addr_lo 1 << 56)
  * @flags: the rule's xt_addrtype_info_v1 flags
  *
  * match_type6(net, dev, addr, mask) tests the kind of the address
