@@ -55,6 +55,7 @@ reject_probes() {
 
 # addrtype: the sources the probes come from (to srv, through rtr's FORWARD): cli's
 # own, rtr's on either side, rtr's anycast ones, unrouted, blackholed, unspecified
+# (which rtr drops before FORWARD: both runs must say so)
 SOURCES="2001:db8:1::2 2001:db8:1::1 2001:db8:2::1 2001:db8:1:: 2001:db8:2:: 2001:db8:ffff::1
 2001:db8:dead::1 ::"
 # enum xt_addrtype_t's IPv6 types; a reference rule per type, address and device
