@@ -29,7 +29,9 @@
 #include <linux/netfilter.h>
 #include <linux/netfilter_ipv4/ip_tables.h>
 #include <linux/netfilter_ipv4/ipt_REJECT.h>
+#include <linux/netfilter_ipv6.h>
 #include <linux/netfilter_ipv6/ip6_tables.h>
+#include <linux/netfilter_ipv6/ip6t_REJECT.h>
 #include <linux/pid.h>
 #include <linux/proc_fs.h>
 #include <linux/refcount.h>
@@ -40,12 +42,17 @@
 #include <linux/sockptr.h>
 #include <linux/string.h>
 #include <linux/umh.h>
+#include <linux/unaligned.h>
 #include <linux/wait.h>
 #include <linux/workqueue.h>
+#include <net/dst_metadata.h>
+#include <net/ip6_route.h>
+#include <net/ipv6.h>
 #include <net/net_namespace.h>
 #include <net/netns/generic.h>
 #include <net/netfilter/nf_conntrack.h>
 #include <net/netfilter/ipv4/nf_reject.h>
+#include <net/netfilter/ipv6/nf_reject.h>
 #include <net/route.h>
 #include <net/sock.h>
 
@@ -806,9 +813,11 @@ out:
 	return ret;
 }
 
-/* Conntrack references taken for the helper's tables, per namespace. */
+static const u8 bpfilter_ct_families[] = { NFPROTO_IPV4, NFPROTO_IPV6 };
+
+/* Conntrack references taken for the helper's tables, per namespace and family. */
 struct bpfilter_net {
-	unsigned int ct_users;
+	unsigned int ct_users[ARRAY_SIZE(bpfilter_ct_families)];
 };
 
 static unsigned int bpfilter_net_id __read_mostly;
@@ -816,26 +825,37 @@ static DEFINE_MUTEX(bpfilter_ct_lock);
 
 static long bpfilter_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 {
+	struct bpfilter_conntrack ct;
 	struct bpfilter_net *bn;
+	unsigned int *users;
 	struct net *net;
 	long err = 0;
+	int i;
 
 	if (cmd != BPFILTER_IOC_CONNTRACK_GET && cmd != BPFILTER_IOC_CONNTRACK_PUT)
 		return -ENOTTY;
 	if (READ_ONCE(bpfilter.helper_file) != file)
 		return -EPERM;
-	net = get_net_ns_by_fd(arg);
+	if (copy_from_user(&ct, (const void __user *)arg, sizeof(ct)))
+		return -EFAULT;
+	for (i = 0; i < ARRAY_SIZE(bpfilter_ct_families); i++)
+		if (ct.family == bpfilter_ct_families[i])
+			break;
+	if (i == ARRAY_SIZE(bpfilter_ct_families))
+		return -EINVAL;
+	net = get_net_ns_by_fd(ct.netns_fd);
 	if (IS_ERR(net))
 		return PTR_ERR(net);
 	bn = net_generic(net, bpfilter_net_id);
+	users = &bn->ct_users[i];
 	mutex_lock(&bpfilter_ct_lock);
 	if (cmd == BPFILTER_IOC_CONNTRACK_GET) {
-		err = nf_ct_netns_get(net, NFPROTO_IPV4);
+		err = nf_ct_netns_get(net, ct.family);
 		if (!err)
-			bn->ct_users++;
-	} else if (bn->ct_users) {
-		nf_ct_netns_put(net, NFPROTO_IPV4);
-		bn->ct_users--;
+			(*users)++;
+	} else if (*users) {
+		nf_ct_netns_put(net, ct.family);
+		(*users)--;
 	} else {
 		err = -ENOENT;	/* nothing to give back: the helper's count is wrong */
 	}
@@ -846,15 +866,18 @@ static long bpfilter_ioctl(struct file *file, unsigned int cmd, unsigned long ar
 
 /*
  * A namespace going away, or the module (after its helper detached every table):
- * what was taken for it is given back, as ip_tables' rules give theirs back.
+ * what was taken for it is given back, as ip_tables' and ip6_tables' rules give
+ * theirs back.
  */
 static void __net_exit bpfilter_ct_net_exit(struct net *net)
 {
 	struct bpfilter_net *bn = net_generic(net, bpfilter_net_id);
+	int i;
 
 	mutex_lock(&bpfilter_ct_lock);
-	for (; bn->ct_users; bn->ct_users--)
-		nf_ct_netns_put(net, NFPROTO_IPV4);
+	for (i = 0; i < ARRAY_SIZE(bpfilter_ct_families); i++)
+		for (; bn->ct_users[i]; bn->ct_users[i]--)
+			nf_ct_netns_put(net, bpfilter_ct_families[i]);
 	mutex_unlock(&bpfilter_ct_lock);
 }
 
@@ -869,23 +892,19 @@ static struct pernet_operations bpfilter_ct_net_ops = {
  * BPF program cannot. For REJECT the program tests the rule, then calls the kfunc,
  * then returns the target's verdict itself; for addrtype it asks the kfunc for the
  * address types its rules test.
+ *
+ * A netfilter program runs either at a hook, whose state has the packet's
+ * namespace, or under BPF_PROG_TEST_RUN, whose made-up state
+ * (bpf_prog_test_run_nf()) has no namespace and no socket, at most the loopback
+ * device, any hook number, and an skb without a route whose network header may
+ * not even be set. The verifier cannot tell them apart, so every kfunc checks for
+ * a namespace first and answers "nothing" without one: there is nothing to send
+ * an answer into or to look an address up in, and the kernel's functions would
+ * dereference it.
  */
-__bpf_kfunc_start_defs();
 
-/**
- * bpfilter_reject - send what ipt_REJECT's reject_tg() sends for @skb
- * @skb: the packet, from the program's context
- * @state: its hook state, from the program's context
- * @with: enum ipt_reject_with, as in the rule
- *
- * The kernel's own nf_send_reset() and nf_send_unreach(), with the arguments
- * reject_tg() passes them, so the answer is the kernel's to the byte. The caller
- * returns NF_DROP, as reject_tg() does. Only where ipt_REJECT may run: IPv4, the
- * filter table's hooks (any netfilter program may call this).
- *
- * Return: 0, or -EINVAL (nothing sent) for another family, hook or @with.
- */
-__bpf_kfunc int bpfilter_reject(struct sk_buff *skb, const struct nf_hook_state *state, u32 with)
+/* ipt_REJECT's reject_tg(). */
+static int bpfilter_reject4(struct sk_buff *skb, const struct nf_hook_state *state, u32 with)
 {
 	static const u8 icmp_code[] = {
 		[IPT_ICMP_NET_UNREACHABLE] = ICMP_NET_UNREACH,
@@ -897,16 +916,13 @@ __bpf_kfunc int bpfilter_reject(struct sk_buff *skb, const struct nf_hook_state 
 		[IPT_ICMP_ADMIN_PROHIBITED] = ICMP_PKT_FILTERED,
 	};
 
-	if (state->pf != NFPROTO_IPV4)
+	/*
+	 * Without a route both functions look one up in skb->dev's namespace: a
+	 * packet with neither would have them dereference NULL. None reaches the
+	 * hooks REJECT runs at, where packets are routed.
+	 */
+	if (!skb_valid_dst(skb) && !skb->dev)
 		return -EINVAL;
-	switch (state->hook) {
-	case NF_INET_LOCAL_IN:
-	case NF_INET_FORWARD:
-	case NF_INET_LOCAL_OUT:
-		break;
-	default:
-		return -EINVAL;
-	}
 	if (with == IPT_TCP_RESET) {
 		nf_send_reset(state->net, state->sk, skb, state->hook);
 		return 0;
@@ -916,6 +932,154 @@ __bpf_kfunc int bpfilter_reject(struct sk_buff *skb, const struct nf_hook_state 
 		return -EINVAL;
 	nf_send_unreach(skb, icmp_code[with], state->hook);
 	return 0;
+}
+
+/* ip6t_REJECT's reject_tg6(). */
+static int bpfilter_reject6(struct sk_buff *skb, const struct nf_hook_state *state, u32 with)
+{
+	u8 code;
+
+	switch (with) {
+	case IP6T_TCP_RESET:
+		/* routes in state->net itself: neither route nor device needed */
+		nf_send_reset6(state->net, state->sk, skb, state->hook);
+		return 0;
+	case IP6T_ICMP6_NO_ROUTE:
+		code = ICMPV6_NOROUTE;
+		break;
+	case IP6T_ICMP6_ADM_PROHIBITED:
+		code = ICMPV6_ADM_PROHIBITED;
+		break;
+	case IP6T_ICMP6_NOT_NEIGHBOUR:
+		code = ICMPV6_NOT_NEIGHBOUR;
+		break;
+	case IP6T_ICMP6_ADDR_UNREACH:
+		code = ICMPV6_ADDR_UNREACH;
+		break;
+	case IP6T_ICMP6_PORT_UNREACH:
+		code = ICMPV6_PORT_UNREACH;
+		break;
+	case IP6T_ICMP6_POLICY_FAIL:
+		code = ICMPV6_POLICY_FAIL;
+		break;
+	case IP6T_ICMP6_REJECT_ROUTE:
+		code = ICMPV6_REJECT_ROUTE;
+		break;
+	default:
+		/* echo-reply, for which reject_tg6() sends nothing, or no such value */
+		return -EINVAL;
+	}
+	/*
+	 * As in bpfilter_reject4(), except that nf_send_unreach6() gives a packet
+	 * without a device the loopback device at LOCAL_OUT before it looks up a route.
+	 */
+	if (!skb_valid_dst(skb) && !skb->dev && state->hook != NF_INET_LOCAL_OUT)
+		return -EINVAL;
+	nf_send_unreach6(state->net, skb, code, state->hook);
+	return 0;
+}
+
+/*
+ * xt_addrtype's match_lookup_rt6(net, dev, addr, mask) for a mask holding
+ * XT_ADDRTYPE_LOCAL, which is static there: the same calls, in the same order.
+ *
+ * Its mask only decides whether it asks nf_ipv6_chk_addr() about @dev, and that
+ * answer only ever sets XT_ADDRTYPE_LOCAL; the rest does not read the mask (a
+ * failed lookup answers XT_ADDRTYPE_UNREACHABLE alone, RTF_REJECT replaces the
+ * answer with it, RTF_LOCAL without a device and anycast add their bits). So its
+ * answers for two masks differ at most in the LOCAL bit, and only a mask that
+ * holds LOCAL reads that bit: mask & this answer is mask & match_lookup_rt6(...,
+ * mask) for every mask.
+ */
+static u32 bpfilter_lookup_rt6(struct net *net, const struct net_device *dev,
+			       const struct in6_addr *addr)
+{
+	struct dst_entry *dst;
+	struct flowi6 flow;
+	u32 ret = 0;
+
+	memset(&flow, 0, sizeof(flow));
+	flow.daddr = *addr;
+	if (dev)
+		flow.flowi6_oif = dev->ifindex;
+
+	if (dev && nf_ipv6_chk_addr(net, addr, dev, true))
+		ret = XT_ADDRTYPE_LOCAL;
+
+	if (nf_ip6_route(net, &dst, flowi6_to_flowi(&flow), false))
+		return XT_ADDRTYPE_UNREACHABLE;
+
+	if (dst_rt6_info(dst)->rt6i_flags & RTF_REJECT)
+		ret = XT_ADDRTYPE_UNREACHABLE;
+
+	if (!dev && dst_rt6_info(dst)->rt6i_flags & RTF_LOCAL)
+		ret |= XT_ADDRTYPE_LOCAL;
+	if (ipv6_anycast_destination(dst, addr))
+		ret |= XT_ADDRTYPE_ANYCAST;
+
+	dst_release(dst);
+	return ret;
+}
+
+/* addrtype_mt_v1()'s choice of device. */
+static const struct net_device *bpfilter_addr_type_dev(const struct nf_hook_state *state,
+							u32 flags)
+{
+	if (flags & XT_ADDRTYPE_LIMIT_IFACE_IN)
+		return state->in;
+	if (flags & XT_ADDRTYPE_LIMIT_IFACE_OUT)
+		return state->out;
+	return NULL;
+}
+
+/*
+ * What bpfilter_addr_type() answers without a namespace: a type no 16-bit mask
+ * has a bit for (RTN_UNSPEC would match --src-type UNSPEC), in a byte.
+ */
+#define BPFILTER_ADDR_TYPE_NONE 16
+
+__bpf_kfunc_start_defs();
+
+/**
+ * bpfilter_reject - send what ipt_REJECT's reject_tg() or ip6t_REJECT's reject_tg6() sends
+ * @skb: the packet, from the program's context
+ * @state: its hook state, from the program's context
+ * @with: the rule's reject type: enum ipt_reject_with if @state->pf is NFPROTO_IPV4,
+ *        enum ip6t_reject_with if it is NFPROTO_IPV6
+ *
+ * The kernel's own nf_send_reset() and nf_send_unreach() (IPv4), nf_send_reset6()
+ * and nf_send_unreach6() (IPv6), with the arguments the targets pass them, so the
+ * answer is the kernel's to the byte. The caller returns NF_DROP, as both targets
+ * do. Only where the targets may run: the filter table's hooks LOCAL_IN, FORWARD
+ * and LOCAL_OUT (any netfilter program may call this).
+ *
+ * Return: 0 once the kernel's function has been called (which, as for the
+ * targets, may still send nothing: no reset for a reset, a bad checksum, ...), or
+ * -EINVAL, nothing sent: another family or hook; @with out of range, or
+ * echo-reply (which REJECT's checkentry refuses for both families); no namespace
+ * (BPF_PROG_TEST_RUN); a packet without a route whose route the function would
+ * look up through skb->dev, and no device.
+ */
+__bpf_kfunc int bpfilter_reject(struct sk_buff *skb, const struct nf_hook_state *state, u32 with)
+{
+	if (!state->net)
+		return -EINVAL;
+	switch (state->hook) {
+	case NF_INET_LOCAL_IN:
+	case NF_INET_FORWARD:
+	case NF_INET_LOCAL_OUT:
+		break;
+	default:
+		return -EINVAL;
+	}
+	switch (state->pf) {
+	case NFPROTO_IPV4:
+		return bpfilter_reject4(skb, state, with);
+	case NFPROTO_IPV6:
+		return bpfilter_reject6(skb, state, with);
+	default:
+		return -EINVAL;
+	}
 }
 
 /**
@@ -930,17 +1094,67 @@ __bpf_kfunc int bpfilter_reject(struct sk_buff *skb, const struct nf_hook_state 
  * (1 << type) & mask itself.
  *
  * Return: inet_dev_addr_type() for @addr in the hook's namespace (RTN_*), as
- * match_type() has it: the device decides the type, not only the table.
+ * match_type() has it: the device decides the type, not only the table. Without a
+ * namespace (BPF_PROG_TEST_RUN) 16, which no mask matches.
  */
 __bpf_kfunc u32 bpfilter_addr_type(const struct nf_hook_state *state, __be32 addr, u32 flags)
 {
-	const struct net_device *dev = NULL;
+	if (!state->net)
+		return BPFILTER_ADDR_TYPE_NONE;
+	return inet_dev_addr_type(state->net, bpfilter_addr_type_dev(state, flags), addr);
+}
 
-	if (flags & XT_ADDRTYPE_LIMIT_IFACE_IN)
-		dev = state->in;
-	else if (flags & XT_ADDRTYPE_LIMIT_IFACE_OUT)
-		dev = state->out;
-	return inet_dev_addr_type(state->net, dev, addr);
+/**
+ * bpfilter_addr_type6 - what xt_addrtype's match_type6() needs of an IPv6 address
+ * @state: the hook state, from the program's context
+ * @addr_hi: bytes 0 to 7 of the address as on the wire, read as a little-endian
+ *           u64 (what BPF_LDX_MEM(BPF_DW) loads on a little-endian machine):
+ *           byte 0 is bits 0-7, byte 7 bits 56-63
+ * @addr_lo: bytes 8 to 15, the same way (::1 is addr_hi 0, addr_lo 1 << 56)
+ * @flags: the rule's xt_addrtype_info_v1 flags
+ *
+ * match_type6(net, dev, addr, mask) tests the kind of the address
+ * (ipv6_addr_type()) and, if the mask has LOCAL, ANYCAST or UNREACHABLE, makes
+ * match_lookup_rt6()'s route lookup, which a netfilter program cannot. This does
+ * both, for every mask at once, on the device addrtype_mt_v1() picks (the input
+ * device with XT_ADDRTYPE_LIMIT_IFACE_IN, else the output device with
+ * XT_ADDRTYPE_LIMIT_IFACE_OUT, else none), in the hook's namespace. Its answer v
+ * holds these XT_ADDRTYPE_* bits:
+ *
+ * - UNSPEC if ipv6_addr_type() is IPV6_ADDR_ANY; UNICAST if it has
+ *   IPV6_ADDR_UNICAST; MULTICAST if it has IPV6_ADDR_MULTICAST;
+ * - LOCAL, ANYCAST, UNREACHABLE: match_lookup_rt6(net, dev, addr, mask) for a mask
+ *   with XT_ADDRTYPE_LOCAL, whose bits any mask reads as its own lookup's
+ *   (see bpfilter_lookup_rt6()).
+ *
+ * With K = UNSPEC | UNICAST | MULTICAST and R = LOCAL | ANYCAST | UNREACHABLE, the
+ * program then has, for any mask:
+ *
+ *   match_type6(mask) == !(mask & K & ~v) && (!(mask & R) || (mask & R & v))
+ *
+ * Return: v; without a namespace (BPF_PROG_TEST_RUN) 0, for which every mask with
+ * a bit of K or R fails.
+ */
+__bpf_kfunc u32 bpfilter_addr_type6(const struct nf_hook_state *state, u64 addr_hi, u64 addr_lo,
+				    u32 flags)
+{
+	struct in6_addr addr;
+	u32 ret = 0;
+	int type;
+
+	if (!state->net)
+		return 0;
+	put_unaligned_le64(addr_hi, &addr.s6_addr[0]);
+	put_unaligned_le64(addr_lo, &addr.s6_addr[8]);
+
+	type = ipv6_addr_type(&addr);
+	if (type == IPV6_ADDR_ANY)
+		ret |= XT_ADDRTYPE_UNSPEC;
+	if (type & IPV6_ADDR_UNICAST)
+		ret |= XT_ADDRTYPE_UNICAST;
+	if (type & IPV6_ADDR_MULTICAST)
+		ret |= XT_ADDRTYPE_MULTICAST;
+	return ret | bpfilter_lookup_rt6(state->net, bpfilter_addr_type_dev(state, flags), &addr);
 }
 
 __bpf_kfunc_end_defs();
@@ -948,6 +1162,7 @@ __bpf_kfunc_end_defs();
 BTF_KFUNCS_START(bpfilter_kfunc_ids)
 BTF_ID_FLAGS(func, bpfilter_reject, KF_TRUSTED_ARGS)
 BTF_ID_FLAGS(func, bpfilter_addr_type, KF_TRUSTED_ARGS)
+BTF_ID_FLAGS(func, bpfilter_addr_type6, KF_TRUSTED_ARGS)
 BTF_KFUNCS_END(bpfilter_kfunc_ids)
 
 static const struct btf_kfunc_id_set bpfilter_kfunc_set = {

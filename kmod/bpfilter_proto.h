@@ -62,15 +62,21 @@ struct bpfilter_reply {
 };
 
 /*
- * ioctls the helper makes on its /dev/bpfilter file, the argument a file
- * descriptor of a network namespace. What user space cannot do by itself:
- * CONNTRACK_GET turns connection tracking on in the namespace as the kernel's
- * iptables does for a conntrack match (nf_ct_netns_get(net, NFPROTO_IPV4)),
- * CONNTRACK_PUT gives one such reference back. The references are the module's,
- * not the helper's: they outlive a helper that dies, as its tables do, and are
- * given back when the namespace goes or the module is unloaded.
+ * ioctls the helper makes on its /dev/bpfilter file. What user space cannot do by
+ * itself: CONNTRACK_GET turns connection tracking on in a namespace for one family,
+ * as the kernel's iptables (family NFPROTO_IPV4) or ip6tables (NFPROTO_IPV6) does
+ * for a conntrack match: nf_ct_netns_get(net, family). CONNTRACK_PUT gives one such
+ * reference back (ENOENT if that namespace and family hold none). The references
+ * are the module's, not the helper's: counted per namespace and family, they
+ * outlive a helper that dies, as its tables do, and are given back when the
+ * namespace goes or the module is unloaded. Another family is EINVAL.
  */
-#define BPFILTER_IOC_CONNTRACK_GET	_IO('b', 1)
-#define BPFILTER_IOC_CONNTRACK_PUT	_IO('b', 2)
+struct bpfilter_conntrack {
+	__s32 netns_fd;		/* a file descriptor of the network namespace */
+	__u32 family;		/* NFPROTO_IPV4 (2) or NFPROTO_IPV6 (10) */
+};
+
+#define BPFILTER_IOC_CONNTRACK_GET	_IOW('b', 1, struct bpfilter_conntrack)
+#define BPFILTER_IOC_CONNTRACK_PUT	_IOW('b', 2, struct bpfilter_conntrack)
 
 #endif /* _BPFILTER_PROTO_H */

@@ -34,14 +34,24 @@ def module():
     return ROOT / "bpfilter.ko"
 
 
-@pytest.fixture(scope="module")
-def nocap():
-    source = ROOT / "tools/vm/nocap.c"
-    binary = harness.cache_dir() / f"nocap-{hashlib.sha256(source.read_bytes()).hexdigest()[:16]}"
+def _static_tool(name: str) -> Path:
+    """tools/vm/NAME.c built static for the guest, once per version of its source."""
+    source = ROOT / f"tools/vm/{name}.c"
+    binary = harness.cache_dir() / f"{name}-{hashlib.sha256(source.read_bytes()).hexdigest()[:16]}"
     if not binary.exists():
         _run(["gcc", "-static", "-O2", "-Wall", "-Werror", "-o", f"{binary}.tmp", str(source)])
         Path(f"{binary}.tmp").rename(binary)
     return binary
+
+
+@pytest.fixture(scope="module")
+def nocap():
+    return _static_tool("nocap")
+
+
+@pytest.fixture(scope="module")
+def kfuncs():
+    return _static_tool("kfuncs")
 
 
 def system_libraries() -> dict[str, str]:
@@ -247,6 +257,99 @@ def test_kmod_addrtype_and_realworld_rulesets(module):
                      s["bpfilter addrtype"], re.M), s["bpfilter addrtype"]
     for bad in ("WARNING:", "BUG:", "Call Trace:"):
         assert bad not in result.console, result.console
+
+
+def test_kmod_kfuncs(module, kfuncs):
+    """bpfilter.ko's kfuncs called by netfilter programs of our own (tools/vm/kfuncs.c):
+    the module loads with what they call (nf_reject_ipv6 too) and they are in its BTF;
+    under BPF_PROG_TEST_RUN, whose hook state has no namespace, no socket and no route,
+    each answers "nothing", never an oops, at every hook and family test_run takes; at
+    a real IPv6 hook (a router's FORWARD), bpfilter_reject() gives the answers of the
+    kernel's ip6t_REJECT and bpfilter_addr_type6() the matches of its xt_addrtype,
+    which run first on the same probes (tools/vm/scenarios/kmod-kfuncs.sh)."""
+    kver = harness.kernel_release()
+    extra = {**system_libraries(), "/usr/bin/kfuncs": str(kfuncs),
+             f"/lib/modules/{kver}/extra/bpfilter.ko": str(module)}
+    script = (ROOT / "tools/vm/scenarios/kmod-kfuncs.sh").read_text()
+    result = harness.run_scenario(script, extra, timeout=600)
+    out = result.output
+    assert result.status == 0, out
+    s = sections(out)
+    assert "ip6_tables: not loaded" in s["unload ip6_tables"]
+
+    depends = re.search(r"^depends: (.*)$", s["modprobe"], re.M)[1]
+    assert set(depends.split(",")) == {"nf_conntrack", "nf_reject_ipv4", "nf_reject_ipv6"}
+    for dep in ("nf_reject_ipv4", "nf_reject_ipv6", "nf_conntrack"):
+        assert f"{dep} used by: bpfilter," in s["modprobe"], s["modprobe"]
+
+    # the signatures the helper's programs are written against
+    assert "kfunc bpfilter_addr_type6: state addr_hi addr_lo flags\n" in s["btf"], s["btf"]
+    assert "kfunc bpfilter_addr_type: state addr flags\n" in s["btf"], s["btf"]
+    assert "kfunc bpfilter_reject: skb state with\n" in s["btf"], s["btf"]
+
+    # test_run: reject -EINVAL three times, addr_type 16 (no type) three times,
+    # addr_type6 0 three times
+    runs = re.findall(r"^(.+): (Return value: \d+); answers: (.*)$", s["test run"], re.M)
+    assert len(runs) == 2 + 6 * 4, s["test run"]
+    for name, ret, answers in runs:
+        assert (ret, answers) == ("Return value: 1", "-22 -22 -22 16 16 16 0 0 0"), name
+
+    # REJECT at FORWARD, each kind ip6tables has; what the probes meet is the same
+    ref, ours = s["reference reject6"], s["bpfilter reject6"]
+    for answer in ("with 0 tcp: Network is unreachable", "with 1 udp: Permission denied",
+                   "with 3 tcp: No route to host", "with 4 udp: Connection refused",
+                   "with 6 udp: no reply", "with 6 tcp: Connection refused",
+                   "with 8 tcp: Permission denied"):
+        assert answer + "\n" in ref, ref
+    assert _answers(ref, "with") == [line for line in _answers(ours, "with")
+                                     if " kfunc: " not in line and not line.startswith("with 5 ")]
+    assert set(re.findall(r"^with [0-46-8] kfunc: (.*)$", ours, re.M)) == {"0"}, ours
+    # echo-reply sends nothing
+    assert "with 5 udp: no reply\nwith 5 tcp: no answer\nwith 5 kfunc: -22\n" in ours, ours
+
+    # addrtype at FORWARD: the reference rules (a type, an address, a device each) the
+    # kernel matched are those the kfunc's answers match by its contract
+    ref = dict(re.findall(r"^addrtype6 from (\S+): (.*)$", s["reference addrtype6"], re.M))
+    ours = dict(re.findall(r"^addrtype6 from (\S+): (.*)$", s["bpfilter addrtype6"], re.M))
+    assert ref.keys() == ours.keys() and len(ref) == 8, (ref, ours)
+    for src, matched in ref.items():
+        if matched == "not forwarded":
+            assert ours[src] == matched, src
+            continue
+        answers = [int(a) for a in ours[src].split()[2:8]]
+        assert _addrtype6_rules(answers) == [int(n) for n in matched.split()[1:]], src
+    # what the probes test: rtr's own address (LOCAL on its device only), its anycast
+    # address, unrouted and blackholed ones
+    assert " 9 " in ref["2001:db8:2::1"] and " 21 " not in ref["2001:db8:2::1"]
+    assert " 33" in ref["2001:db8:2::1"] and " 21 " in ref["2001:db8:1::1"]
+    assert " 10 " in ref["2001:db8:1::"]
+    assert " 12 " in ref["2001:db8:ffff::1"] and " 12 " in ref["2001:db8:dead::1"]
+
+    assert "with a program: in use\nbpfilter: unloaded" in s["rmmod"]
+    for bad in ("Oops", "BUG:", "WARNING:", "Call Trace:"):
+        assert bad not in result.console, result.console
+
+
+# enum xt_addrtype_t's types that IPv6 rules may test, in the scenario's order
+ADDRTYPE6 = (("UNSPEC", 1 << 0), ("UNICAST", 1 << 1), ("LOCAL", 1 << 2), ("ANYCAST", 1 << 4),
+             ("MULTICAST", 1 << 5), ("UNREACHABLE", 1 << 7))
+KIND6 = (1 << 0) | (1 << 1) | (1 << 5)      # UNSPEC, UNICAST, MULTICAST
+ROUTE6 = (1 << 2) | (1 << 4) | (1 << 7)     # LOCAL, ANYCAST, UNREACHABLE
+
+
+def _addrtype6_rules(answers: list[int]) -> list[int]:
+    """The scenario's reference rules (numbered from 1: no device, --limit-iface-in,
+    --limit-iface-out; in each the destination's six types, then the source's) that
+    match by bpfilter_addr_type6()'s contract, given its answers for the destination
+    then the source, each with flags 0, limit-iface-in, limit-iface-out."""
+    rules = []
+    for limit in range(3):
+        for address in range(2):
+            v = answers[address * 3 + limit]
+            for t, (_, mask) in enumerate(ADDRTYPE6):
+                if not mask & KIND6 & ~v and (not mask & ROUTE6 or mask & ROUTE6 & v):
+                    rules.append(limit * 12 + address * 6 + t + 1)
+    return rules
 
 
 def _answers(text: str, name: str) -> list[str]:

@@ -539,13 +539,17 @@ def test_editable_install_builds_the_shim(tmp_path):
 
 
 def test_ioctl_numbers_match_the_header(tmp_path):
-    """proto.py's /dev/bpfilter ioctls are the header's _IO() values."""
+    """proto.py's /dev/bpfilter ioctls are the header's _IOW() values, and their
+    argument has the header's layout."""
     source = tmp_path / "ioc.c"
-    source.write_text('#include <stdio.h>\n#include "bpfilter_proto.h"\n'
-                      'int main(void) { printf("%u %u\\n", BPFILTER_IOC_CONNTRACK_GET, '
-                      'BPFILTER_IOC_CONNTRACK_PUT); return 0; }\n')
+    source.write_text('#include <stddef.h>\n#include <stdio.h>\n#include "bpfilter_proto.h"\n'
+                      'int main(void) { printf("%u %u %zu %zu\\n", BPFILTER_IOC_CONNTRACK_GET, '
+                      'BPFILTER_IOC_CONNTRACK_PUT, sizeof(struct bpfilter_conntrack), '
+                      'offsetof(struct bpfilter_conntrack, family)); return 0; }\n')
     binary = tmp_path / "ioc"
     subprocess.run(["gcc", "-I", os.path.join(MAIN, "kmod"), "-o", str(binary), str(source)],
                    check=True)
     numbers = subprocess.run([str(binary)], capture_output=True, text=True, check=True).stdout
-    assert numbers.split() == [str(proto.IOC_CONNTRACK_GET), str(proto.IOC_CONNTRACK_PUT)]
+    built = proto.conntrack.build(dict(netns_fd=-1, family=0x0a0b0c0d))
+    assert numbers.split() == [str(proto.IOC_CONNTRACK_GET), str(proto.IOC_CONNTRACK_PUT),
+                               str(len(built)), str(built.index(bytes([0x0d, 0x0c, 0x0b, 0x0a])))]

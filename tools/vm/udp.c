@@ -3,6 +3,8 @@
  * The guest's UDP traffic, built static so it needs nothing from the initramfs:
  * busybox nc sends one datagram per run and cannot say how many it received.
  *
+ * ADDR is IPv4 or IPv6 (recv and serve listen on IPv4 only).
+ *
  *   udp send ADDR PORT COUNT   COUNT one-byte datagrams to ADDR:PORT
  *   udp recv PORT SECONDS      print how many datagrams arrived on PORT in SECONDS
  *   udp serve PORT SECONDS     for SECONDS, echo UDP datagrams and accept TCP
@@ -40,13 +42,39 @@ static long now_ms(void)
 	return ts.tv_sec * 1000L + ts.tv_nsec / 1000000L;
 }
 
-static int do_send(int fd, const char *addr, int port, int count)
+/* The socket address of ADDR:PORT, IPv4 or IPv6; its length, 0 if ADDR is neither. */
+static socklen_t peer(const char *addr, int port, struct sockaddr_storage *to)
 {
-	struct sockaddr_in to = { .sin_family = AF_INET, .sin_port = htons(port) };
-	int on = 1;
+	struct sockaddr_in *in = (struct sockaddr_in *)to;
+	struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)to;
 
-	if (inet_pton(AF_INET, addr, &to.sin_addr) != 1)
+	memset(to, 0, sizeof(*to));
+	if (inet_pton(AF_INET, addr, &in->sin_addr) == 1) {
+		in->sin_family = AF_INET;
+		in->sin_port = htons(port);
+		return sizeof(*in);
+	}
+	if (inet_pton(AF_INET6, addr, &in6->sin6_addr) == 1) {
+		in6->sin6_family = AF_INET6;
+		in6->sin6_port = htons(port);
+		return sizeof(*in6);
+	}
+	return 0;
+}
+
+static int do_send(const char *addr, int port, int count)
+{
+	struct sockaddr_storage to;
+	socklen_t len = peer(addr, port, &to);
+	int on = 1, fd;
+
+	if (!len)
 		return usage();
+	fd = socket(to.ss_family, SOCK_DGRAM, 0);
+	if (fd < 0) {
+		perror("socket");
+		return 1;
+	}
 	/* Broadcast destinations too (addrtype BROADCAST rules). */
 	if (setsockopt(fd, SOL_SOCKET, SO_BROADCAST, &on, sizeof(on))) {
 		perror("SO_BROADCAST");
@@ -54,7 +82,7 @@ static int do_send(int fd, const char *addr, int port, int count)
 	}
 	for (int i = 0; i < count; i++) {
 		/* A DROP on the far side is silent, so every send should succeed. */
-		if (sendto(fd, "x", 1, 0, (struct sockaddr *)&to, sizeof(to)) != 1) {
+		if (sendto(fd, "x", 1, 0, (struct sockaddr *)&to, len) != 1) {
 			perror("sendto");
 			return 1;
 		}
@@ -134,21 +162,22 @@ static int do_serve(int fd, int port, int seconds)
 	return 0;
 }
 
-static int peer(const char *addr, int port, struct sockaddr_in *to)
+static int do_ask(const char *addr, int port)
 {
-	*to = (struct sockaddr_in) { .sin_family = AF_INET, .sin_port = htons(port) };
-	return inet_pton(AF_INET, addr, &to->sin_addr) == 1 ? 0 : -1;
-}
-
-static int do_ask(int fd, const char *addr, int port)
-{
-	struct pollfd p = { .fd = fd, .events = POLLIN };
-	struct sockaddr_in to;
+	struct sockaddr_storage to;
+	socklen_t len = peer(addr, port, &to);
+	struct pollfd p = { .events = POLLIN };
 	char buf[2048];
+	int fd;
 
-	if (peer(addr, port, &to))
+	if (!len)
 		return usage();
-	if (connect(fd, (struct sockaddr *)&to, sizeof(to))) {
+	fd = p.fd = socket(to.ss_family, SOCK_DGRAM, 0);
+	if (fd < 0) {
+		perror("socket");
+		return 1;
+	}
+	if (connect(fd, (struct sockaddr *)&to, len)) {
 		perror("connect");
 		return 1;
 	}
@@ -169,18 +198,19 @@ static int do_ask(int fd, const char *addr, int port)
 static int do_connect(const char *addr, int port)
 {
 	static const struct linger abort_now = { .l_onoff = 1, .l_linger = 0 };
-	int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0), err = 0;
-	struct pollfd p = { .fd = fd, .events = POLLOUT };
-	socklen_t len = sizeof(err);
-	struct sockaddr_in to;
+	struct sockaddr_storage to;
+	socklen_t tolen = peer(addr, port, &to), len = sizeof(int);
+	struct pollfd p = { .events = POLLOUT };
+	int fd, err = 0;
 
+	if (!tolen)
+		return usage();
+	fd = p.fd = socket(to.ss_family, SOCK_STREAM | SOCK_NONBLOCK, 0);
 	if (fd < 0) {
 		perror("socket");
 		return 1;
 	}
-	if (peer(addr, port, &to))
-		return usage();
-	if (connect(fd, (struct sockaddr *)&to, sizeof(to)))
+	if (connect(fd, (struct sockaddr *)&to, tolen))
 		err = errno;
 	if (err == EINPROGRESS) {
 		if (poll(&p, 1, 2000) <= 0) {
@@ -201,20 +231,21 @@ static int do_connect(const char *addr, int port)
 
 int main(int argc, char **argv)
 {
-	int fd = socket(AF_INET, SOCK_DGRAM, 0);
+	int fd;
 
+	if (argc == 5 && !strcmp(argv[1], "send"))
+		return do_send(argv[2], atoi(argv[3]), atoi(argv[4]));
+	if (argc == 4 && !strcmp(argv[1], "ask"))
+		return do_ask(argv[2], atoi(argv[3]));
+	fd = socket(AF_INET, SOCK_DGRAM, 0);
 	if (fd < 0) {
 		perror("socket");
 		return 1;
 	}
-	if (argc == 5 && !strcmp(argv[1], "send"))
-		return do_send(fd, argv[2], atoi(argv[3]), atoi(argv[4]));
 	if (argc == 4 && !strcmp(argv[1], "recv"))
 		return do_recv(fd, atoi(argv[2]), atoi(argv[3]));
 	if (argc == 4 && !strcmp(argv[1], "serve"))
 		return do_serve(fd, atoi(argv[2]), atoi(argv[3]));
-	if (argc == 4 && !strcmp(argv[1], "ask"))
-		return do_ask(fd, argv[2], atoi(argv[3]));
 	if (argc == 4 && !strcmp(argv[1], "connect"))
 		return do_connect(argv[2], atoi(argv[3]));
 	return usage();

@@ -6,18 +6,20 @@ nf_ct_netns_get(), and drops it with nf_ct_netns_put() when the rule goes. That
 call is not reachable from user space by itself, so it is made in one of two ways:
 
 - by bpfilter.ko, for its helper (`bpfilter serve --device`): an ioctl on
-  /dev/bpfilter with the namespace's fd, and the module makes exactly those calls
+  /dev/bpfilter with the namespace's fd and the family, and the module makes exactly those calls
   (kmod/bpfilter_proto.h);
 - elsewhere (`bpfilter serve`), by nftables, which makes the call for every rule
   with a `ct` expression, hooked or not: the namespace holds one nftables table,
-  `ip bpfilter_conntrack`, with an unhooked chain whose only rule reads
+  `ip bpfilter_conntrack` (`ip6` for IPv6), with an unhooked chain whose only rule reads
   `ct state`. It filters nothing and keeps conntrack on.
 
 Either way conntrack stays on exactly as long as the kernel's iptables would keep
 it: from before the first packet meets a table reading it until that table goes.
 The service takes one hold when a table starts reading conntrack and gives it
-back when the table stops: the module counts holds per namespace, nftables' table
-is one per namespace (enough while filter is the only table bpfilter has).
+back when the table stops, for the table's family (conntrack runs per family:
+iptables' rules turn on IPv4's, ip6tables' IPv6's): the module counts holds per
+namespace and family, nftables' table is one per namespace and family (`ip` or
+`ip6`; enough while filter is the only table bpfilter has).
 """
 from __future__ import annotations
 
@@ -31,12 +33,23 @@ from typing import Optional
 
 from . import netns, proto
 from .errors import BpfilterError
+from .netfilter import NFPROTO_IPV4, NFPROTO_IPV6
 
 TABLE = "bpfilter_conntrack"
-_OFF = f"add table ip {TABLE}\ndelete table ip {TABLE}\n"
-# Deleting and adding in one transaction: the new rule takes its reference before
-# the old one drops its own, so conntrack never stops in between.
-_ON = _OFF + f"table ip {TABLE} {{\n\tchain keep_conntrack_on {{\n\t\tct state invalid\n\t}}\n}}\n"
+# nftables' table family: its ct expression takes conntrack for that family only
+_NFT_FAMILY = {NFPROTO_IPV4: "ip", NFPROTO_IPV6: "ip6"}
+
+
+def _off(family: int) -> str:
+    nft = _NFT_FAMILY[family]
+    return f"add table {nft} {TABLE}\ndelete table {nft} {TABLE}\n"
+
+
+def _on(family: int) -> str:
+    # Deleting and adding in one transaction: the new rule takes its reference before
+    # the old one drops its own, so conntrack never stops in between.
+    return _off(family) + (f"table {_NFT_FAMILY[family]} {TABLE} {{\n\tchain keep_conntrack_on "
+                           f"{{\n\t\tct state invalid\n\t}}\n}}\n")
 
 # /dev/bpfilter's fd when this process is bpfilter.ko's helper (use_device()).
 _device: Optional[int] = None
@@ -61,10 +74,10 @@ def _nft(script: str, netns_path: Optional[str]) -> None:
                                               f"nft: {r.stderr.strip()}")
 
 
-def _ioctl(request: int, netns_path: Optional[str]) -> None:
+def _ioctl(request: int, netns_path: Optional[str], family: int) -> None:
     fd = os.open(netns_path or "/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        fcntl.ioctl(_device, request, fd)
+        fcntl.ioctl(_device, request, proto.conntrack.build(dict(netns_fd=fd, family=family)))
     except OSError as e:
         on = request == proto.IOC_CONNTRACK_GET
         raise BpfilterError(e.errno or errno.EIO, f"bpfilter.ko cannot turn connection tracking "
@@ -73,18 +86,19 @@ def _ioctl(request: int, netns_path: Optional[str]) -> None:
         os.close(fd)
 
 
-def hold(netns_path: Optional[str]) -> None:
-    """Conntrack on in the namespace (the calling thread's if None), for one table."""
+def hold(netns_path: Optional[str], family: int = NFPROTO_IPV4) -> None:
+    """Conntrack on in the namespace (the calling thread's if None) for one table of
+    family (NFPROTO_IPV4 or NFPROTO_IPV6)."""
     if _device is not None:
-        _ioctl(proto.IOC_CONNTRACK_GET, netns_path)
+        _ioctl(proto.IOC_CONNTRACK_GET, netns_path, family)
     else:
-        _nft(_ON, netns_path)
+        _nft(_on(family), netns_path)
 
 
-def release(netns_path: Optional[str]) -> None:
+def release(netns_path: Optional[str], family: int = NFPROTO_IPV4) -> None:
     """One table's hold given back: conntrack back to what the namespace had without
-    bpfilter once no table holds it."""
+    bpfilter once no table of that family holds it."""
     if _device is not None:
-        _ioctl(proto.IOC_CONNTRACK_PUT, netns_path)
+        _ioctl(proto.IOC_CONNTRACK_PUT, netns_path, family)
     else:
-        _nft(_OFF, netns_path)
+        _nft(_off(family), netns_path)

@@ -12,9 +12,19 @@ MAX_PAYLOAD = 512 << 20
 HEADER = "kmod/bpfilter_proto.h"
 
 
-# _IO('b', nr): ioctls on /dev/bpfilter, the argument a netns file descriptor
-IOC_CONNTRACK_GET = ord("b") << 8 | 1
-IOC_CONNTRACK_PUT = ord("b") << 8 | 2
+# struct bpfilter_conntrack: the argument of the ioctls on /dev/bpfilter
+conntrack = Struct(
+    "netns_fd" / Int32sn,
+    "family" / Int32un,     # NFPROTO_IPV4 or NFPROTO_IPV6
+)
+
+
+def _IOW(type_: str, nr: int, size: int) -> int:
+    return 1 << 30 | size << 16 | ord(type_) << 8 | nr
+
+
+IOC_CONNTRACK_GET = _IOW("b", 1, conntrack.sizeof())
+IOC_CONNTRACK_PUT = _IOW("b", 2, conntrack.sizeof())
 
 
 class Op(enum.IntEnum):
