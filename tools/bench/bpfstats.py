@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from bpfilter import loader
-from bpfilter.abi import codec
+from bpfilter import decode
 from bpfilter.bpf import syscall as bpf
 from bpfilter.bpf.asm import Assembler
 from bpfilter.errors import BpfilterError
@@ -106,8 +106,8 @@ def footprint(pins: str, prog_fd: int) -> dict:
 # Where loader.load_filter_table spends its time, by the functions it calls for each
 # stage; the service runs the same path for every IPT_SO_SET_REPLACE.
 STAGES = {
-    "parse": (codec, "parse_replace"),          # the ipt_replace blob, validated
-    "decode": (loader, "table_from_raw"),       # into the rule model
+    "parse": (decode, "parse_replace"),         # the ipt_replace blob, validated
+    "decode": (decode, "table_from_raw"),       # into the rule model
     "compile": (loader, "compile_table"),       # into instructions
     "assemble": (Assembler, "assemble"),        # labels, far jumps, encoding
     "verify": (bpf, "prog_load"),               # BPF_PROG_LOAD: the kernel's verifier and JIT

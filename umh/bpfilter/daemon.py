@@ -126,7 +126,8 @@ def flush(socket_path: str, bpffs: str) -> int:
         where = netns.find(key.inum)
         if where is not None:
             try:
-                ctnetns.release(where)   # as the kernel drops conntrack with its last user
+                # as the kernel drops conntrack with its last user
+                ctnetns.release(where, key.family)
             except BpfilterError as err:
                 log(f"netns {key.inum}: {err}")
     print(f"bpfilter: flushed {count} table(s)")

@@ -17,10 +17,11 @@ import errno
 
 from . import ext, packet
 from .errors import BpfilterError
-from .model import (Accept, AnyIpHeader, Chain, Drop, ExtensionTarget, Fallthrough, Goto, Hook,
-                    Jump, Match, Return, Rule, Table, Verdict)
+from .model import (Accept, AnyIpHeader, Chain, Drop, ExtensionTarget, Fallthrough, Family, Goto,
+                    Hook, Jump, Match, Return, Rule, Table, Verdict)
 from .abi import xtables as X
-from .abi.codec import check_builtin_target, check_do_replace, gc_paused, unconditional
+from .abi.codec import (check_builtin_target, check_do_replace, gc_paused, parse_replace,
+                        unconditional)
 from .abi.xtables import RawEntry, RawTable
 from .tables import implemented
 
@@ -124,6 +125,16 @@ def table_from_raw(raw: RawTable, previous: "tuple[RawTable, Table] | None" = No
             chain.rules.append(Rule(e.index, ips[e.index], matches[e.index], target))
     return Table(raw.name, family, {starts[i].name: starts[i] for i in sorted(starts)},
                  raw.num_entries)
+
+
+def table_from_blob(blob: bytes, family: Family, optlen: "int | None" = None,
+                    previous: "tuple[RawTable, Table] | None" = None) -> tuple[RawTable, Table]:
+    """The pipeline's first half, for every user of a replace blob (the service's
+    requests and recovery, check, show): parsed and checked as the kernel's
+    translate_table() does (codec.parse_replace), then modelled and checked as its
+    find_check_entry() and __do_replace() do (table_from_raw)."""
+    raw = parse_replace(blob, optlen=optlen, previous=previous and previous[0], family=family)
+    return raw, table_from_raw(raw, previous)
 
 
 def _reused_rules(raw: RawTable, previous: "tuple[RawTable, Table] | None") -> dict[int, Rule]:

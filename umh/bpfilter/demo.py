@@ -89,13 +89,13 @@ def _bpf_programs(bpffs: str) -> str:
     """The programs behind the demo's table, found from its pins as `bpftool prog
     show id N` would list them."""
     from .bpf import syscall as bpf
-    from .service import _table_of_blob
+
     from .store import Store
 
     lines = []
     store = Store(bpffs)
     for key in store.keys():
-        _, ruleset, slots = store.load(key, _table_of_blob)
+        _, _, ruleset, slots = store.load(key)
         try:
             for hook, slot in slots.items():
                 link = bpf.link_info(slot.link_fd)

@@ -29,8 +29,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from . import ctnetns, netns
-from .abi import codec
-from .decode import table_from_raw
+from .decode import table_from_blob
 from .bpf import syscall as bpf
 from .bpf.btf import Btf
 from .packet import facts
@@ -369,7 +368,7 @@ class LoadedTable:
         self.ruleset.close()
         if self.conntrack:
             self.conntrack = False
-            ctnetns.release(self.conntrack_netns)
+            ctnetns.release(self.conntrack_netns, self.table.family)
 
 
 def load_filter_table(replace_blob: bytes, netns_name: Optional[str] = None,
@@ -378,19 +377,18 @@ def load_filter_table(replace_blob: bytes, netns_name: Optional[str] = None,
     """The whole path for a SET_REPLACE payload of `family`: validate, model, compile,
     load, and unless told otherwise attach in `netns_name`. `environment`: see
     load_ruleset."""
-    ruleset = load_ruleset(table_from_raw(codec.parse_replace(replace_blob, family=family)),
-                           environment)
+    ruleset = load_ruleset(table_from_blob(replace_blob, family)[1], environment)
     conntrack = attach and ruleset.uses_conntrack
     where = netns_name and netns.path_of(netns_name)
     held = False   # a hold that failed has nothing to give back
     try:
         if conntrack:
-            ctnetns.hold(where)
+            ctnetns.hold(where, family)
             held = True
         return LoadedTable(ruleset, attach_slots(ruleset, netns_name) if attach else {},
                            conntrack=conntrack, conntrack_netns=where)
     except BaseException:
         if held:
-            ctnetns.release(where)
+            ctnetns.release(where, family)
         ruleset.close()
         raise

@@ -26,7 +26,7 @@ from typing import Optional
 from . import ctnetns, netns, proto
 from .abi import codec, families
 from .abi import xtables as X
-from .decode import table_from_raw
+from .decode import table_from_blob
 from .bpf import syscall as bpf
 from .bpf.syscall import BpfError
 from .errors import BpfilterError
@@ -102,10 +102,6 @@ def netns_identity(netns_fd: int) -> tuple[int, int]:
     return inum, cookie
 
 
-def _table_of_blob(blob: bytes, family: Family):
-    return table_from_raw(codec.parse_replace(blob, family=family))
-
-
 class Service:
     """Python's cyclic collector would rescan every object of every table (a
     100k-rule table makes millions, none in a cycle) at each of a request's
@@ -118,6 +114,7 @@ class Service:
         self.tables: dict[TableKey, TableState] = {}
         self.log_ring = LogRing.pinned(store.root)
         self._last_request: Optional[float] = None   # since the last collection
+        self.closed = False
         self._recover()
 
     # -- lifetime -------------------------------------------------------------
@@ -125,12 +122,11 @@ class Service:
     def _recover(self) -> None:
         for key in list(self.store.keys()):
             try:
-                blob, ruleset, slots = self.store.load(key, _table_of_blob)
+                blob, raw, ruleset, slots = self.store.load(key)
             except (OSError, BpfilterError) as err:
                 log(f"cannot recover {self.store.path(key)}: {err}; leaving it as it is")
                 continue
-            self.tables[key] = TableState(key, codec.parse_replace(blob, family=key.family),
-                                          ruleset, slots)
+            self.tables[key] = TableState(key, raw, ruleset, slots)
             log(f"recovered {families.of(key.family).command} table {key.table} of netns {key.inum}")
 
     def sweep(self, live_inums: set[int]) -> None:
@@ -165,6 +161,9 @@ class Service:
 
     def close(self) -> None:
         """Let go of file descriptors only: what is pinned keeps filtering."""
+        if self.closed:
+            return
+        self.closed = True
         for state in self.tables.values():
             state.close()
         self.tables.clear()
@@ -246,8 +245,8 @@ class _Caller:
                                                   f"exist in bpfilter (supported: "
                                                   f"{', '.join(supported)})")
             blob = codec.initial_replace(name, self.family)
-            raw = codec.parse_replace(blob, family=self.family)
-            state = self._install(key, blob, raw, table_from_raw(raw), previous=None)
+            raw, table = table_from_blob(blob, self.family)
+            state = self._install(key, blob, raw, table, previous=None)
         return state
 
     def _install(self, key: TableKey, blob: bytes, raw: X.RawTable, table: Table,
@@ -261,7 +260,7 @@ class _Caller:
         held = False   # a hold that failed has nothing to give back
         try:
             if needs_conntrack and not had_conntrack:
-                ctnetns.hold(netns_path)   # before the first packet meets the new rules
+                ctnetns.hold(netns_path, self.family)   # before the first packet meets the new rules
                 held = True
             if previous is None:
                 slots = attach_slots(ruleset, netns_path)
@@ -280,10 +279,10 @@ class _Caller:
                     slot.fill(previous.ruleset.hooks[hook])
             ruleset.close()
             if held:
-                ctnetns.release(netns_path)
+                ctnetns.release(netns_path, self.family)
             raise
         if had_conntrack and not needs_conntrack:
-            ctnetns.release(netns_path)
+            ctnetns.release(netns_path, self.family)
         state = TableState(key, raw, ruleset, slots)
         self.service.tables[key] = state
         return state
@@ -329,10 +328,8 @@ class _Caller:
         # Most replaces change a few rules of a table: what did not change is
         # taken over from the table in place rather than parsed and decoded again.
         in_place = self.service.tables.get(self.key(codec.replace_name(blob)))
-        raw = codec.parse_replace(blob, optlen=len(blob), previous=in_place and in_place.raw,
-                                  family=self.family)
-        # the kernel's remaining checks, and ours
-        table = table_from_raw(raw, previous=in_place and (in_place.raw, in_place.ruleset.table))
+        raw, table = table_from_blob(blob, self.family, optlen=len(blob),
+                                     previous=in_place and (in_place.raw, in_place.ruleset.table))
         previous = self.table(raw.name)
         if raw.num_counters != previous.raw.num_entries:
             raise BpfilterError(errno.EAGAIN, f"num_counters {raw.num_counters} but table "
@@ -513,6 +510,7 @@ def serve_device(device: str, bpffs: str = DEFAULT_ROOT) -> None:
             try:
                 if req.op == proto.Op.SHUTDOWN:
                     log("bpfilter.ko is unloading: detaching every table")
+                    kernel_log.drain()
                     service.close()
                     for key in list(service.store.keys()):
                         service.store.remove(key)
@@ -527,7 +525,8 @@ def serve_device(device: str, bpffs: str = DEFAULT_ROOT) -> None:
     finally:
         ctnetns.use_device(None)
         os.close(dev)
-        kernel_log.drain()
+        if not service.closed:
+            kernel_log.drain()
         kernel_log.close()
         service.close()
 

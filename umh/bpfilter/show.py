@@ -14,7 +14,6 @@ from .errors import BpfilterError
 from .listing import render
 from .loader import HookSlot, Ruleset
 from .model import Family, Hook
-from .service import _table_of_blob
 from .store import Store, TableKey
 
 _MAP_TYPES = {value: name[len("BPF_MAP_TYPE_"):].lower()
@@ -81,7 +80,7 @@ def _show_hook(hook: Hook, ruleset: Ruleset, slot: HookSlot, kallsyms: Kallsyms)
 
 
 def _show_table(store: Store, key: TableKey, kallsyms) -> None:
-    _, ruleset, slots = store.load(key, _table_of_blob)
+    _, _, ruleset, slots = store.load(key)
     with ExitStack() as close:
         close.callback(ruleset.close)
         for slot in slots.values():

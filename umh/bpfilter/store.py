@@ -23,9 +23,11 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from .bpf import syscall as bpf
+from .abi.xtables import RawTable
+from .decode import table_from_blob
 from .loader import HookRules, HookSlot, Ruleset
 from .paths import DEFAULT_ROOT
-from .model import Family, Hook, Table
+from .model import Family, Hook
 
 BPF_FS_MAGIC = "bpf"
 _CHUNK = 1 << 16
@@ -135,14 +137,14 @@ class Store:
                 family, _, table = table_dir.partition("-")
                 yield TableKey(int(inum), int(cookie), Family[family.upper()], table)
 
-    def load(self, key: TableKey, table_of_blob) -> tuple[bytes, Ruleset, dict[Hook, HookSlot]]:
-        """Reopen a pinned table; `table_of_blob(blob, family)` rebuilds its model."""
+    def load(self, key: TableKey) -> tuple[bytes, RawTable, Ruleset, dict[Hook, HookSlot]]:
+        """Reopen a pinned table, its model rebuilt from its blob."""
         blob_fd = bpf.obj_get(self.path(key, "blob"))
         try:
             blob = read_blob(blob_fd)
         finally:
             os.close(blob_fd)
-        table: Table = table_of_blob(blob, key.family)
+        raw, table = table_from_blob(blob, key.family)
         ruleset = Ruleset(table, bpf.obj_get(self.path(key, "counters")),
                           bpf.obj_get(self.path(key, "added")))
         slots = {}
@@ -155,7 +157,7 @@ class Store:
             info = bpf.prog_info(prog_fd)
             ruleset.hooks[hook] = HookRules(hook, None, prog_fd, info["xlated_prog_len"] // 8)
             slots[hook] = HookSlot(hook, array_fd, dispatcher_fd=None, link_fd=link_fd)
-        return blob, ruleset, slots
+        return blob, raw, ruleset, slots
 
     def remove(self, key: TableKey) -> None:
         """Detach the table's links (pins alone would keep a dead netns hooked) and
