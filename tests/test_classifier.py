@@ -15,7 +15,7 @@ from bpfilter.compiler.classifier import Run, TupleSpace, port_blocks, segments
 from bpfilter.compiler.multifield import MultiFieldRun
 from bpfilter.ext.tcp import TcpMatch
 from bpfilter.model import Accept, Rule
-from bpfilter.scratch import replace_blob
+from bpfilter_lab.scratch import replace_blob
 
 
 def chain_rules(rules: str):

@@ -12,12 +12,12 @@ import time
 
 import pytest
 
-from bpfilter.demo import RULESET as HOST_FIREWALL, TRAFFIC as HOST_TRAFFIC
 from bpfilter.abi import codec
 from bpfilter.abi.decode import table_from_raw
 from bpfilter.compiler import classifier, multifield
-from bpfilter.scratch import replace_blob
-from bpfilter.lab import T_IN_MAC, Case, Lab, Packet
+from bpfilter_lab.demo import RULESET as HOST_FIREWALL, TRAFFIC as HOST_TRAFFIC
+from bpfilter_lab.lab import T_IN_MAC, Case, Lab, Packet
+from bpfilter_lab.scratch import replace_blob
 from rulegen import generate
 
 pytestmark = pytest.mark.kernel

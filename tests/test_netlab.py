@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from bpfilter.lab import Case, Lab, Packet
+from bpfilter_lab.lab import Case, Lab, Packet
 from rulegen import generate
 
 pytestmark = pytest.mark.kernel

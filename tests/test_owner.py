@@ -16,10 +16,10 @@ import pytest
 
 from bpfilter.abi import codec, sockopt
 from bpfilter.errors import BpfilterError
-from bpfilter.lab import kernel_counters
 from bpfilter.loader import load_filter_table
 from bpfilter.netns import entered
-from bpfilter.scratch import replace_blob
+from bpfilter_lab.lab import kernel_counters
+from bpfilter_lab.scratch import replace_blob
 
 pytestmark = pytest.mark.kernel
 

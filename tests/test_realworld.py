@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from bpfilter.lab import S_IN_ADDR, T_IN_ADDR, Case, KernelBackend, Lab, Packet, ServiceBackend
+from bpfilter_lab.lab import S_IN_ADDR, T_IN_ADDR, Case, KernelBackend, Lab, Packet, ServiceBackend
 
 from test_differential import assert_identical
 from test_service import Service

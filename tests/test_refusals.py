@@ -19,7 +19,7 @@ from bpfilter.abi.xtables import (IPT_INV_PROTO, SIZEOF_IPT_ENTRY, SIZEOF_XT_ENT
 from bpfilter.errors import BpfilterError
 from bpfilter.loader import load_filter_table
 from bpfilter.netns import entered
-from bpfilter.scratch import replace_blob
+from bpfilter_lab.scratch import replace_blob
 
 pytestmark = pytest.mark.kernel
 

@@ -31,9 +31,9 @@ from bpfilter import netns, proto
 from bpfilter.abi import codec, sockopt
 from bpfilter.abi import xtables as X
 from bpfilter.bpf import syscall as bpf
-from bpfilter.demo import RULESET as DEMO_RULESET
 from bpfilter.execute import answers
-from bpfilter.lab import Case, KernelBackend, Lab, Packet, ServiceBackend, T_IN_ADDR, \
+from bpfilter_lab.demo import RULESET as DEMO_RULESET
+from bpfilter_lab.lab import T_IN_ADDR, Case, KernelBackend, Lab, Packet, ServiceBackend, \
     service_counters
 from kmsg import KERNEL, PRINTK_DEVKMSG, USER, Kmsg, logging_everywhere, sysctls
 from rulegen import generate

@@ -16,13 +16,13 @@ from bpfilter.abi.decode import table_from_raw
 from bpfilter.abi.xtables import IPT_INV_PROTO, ipt_replace
 from bpfilter.bpf import syscall as bpf
 from bpfilter.errors import BpfilterError
-from bpfilter.lab import Packet
 from bpfilter.listing import render
 from bpfilter.loader import load_filter_table
 from bpfilter.model import Hook
-from bpfilter.scratch import replace_blob
 from bpfilter.service import _Caller
 from bpfilter.abi import xtables as X
+from bpfilter_lab.lab import Packet
+from bpfilter_lab.scratch import replace_blob
 
 from kmsg import NF_LOG_ALL_NETNS, PRINTK_DEVKMSG, logging_everywhere, sysctls
 from test_refusals import kernel_refusal

@@ -8,16 +8,34 @@ from .errors import BpfilterError
 from .paths import DEFAULT_ROOT, DEFAULT_SOCKET
 
 
+def _replace_blob(text: str) -> bytes:
+    """The ipt_replace the unmodified iptables-legacy-restore makes of text: given to
+    the kernel's own table in a namespace of our own, then read back (the kernel only
+    adds counters and its comefrom marks, which parse_replace recomputes anyway)."""
+    import errno
+    import subprocess
+
+    from . import netns
+    from .abi import sockopt
+
+    with netns.private():
+        done = subprocess.run(["iptables-legacy-restore"], input=text, text=True,
+                              capture_output=True)
+        if done.returncode:
+            raise BpfilterError(errno.EINVAL, "iptables-legacy-restore refused the ruleset: "
+                                              f"{done.stderr.strip() or done.stdout.strip()}")
+        return sockopt.read_replace("filter")
+
+
 def _check(args) -> int:
     from .abi import codec
     from .abi.decode import table_from_raw
     from .ext.log import logs
     from .klog import LogRing
     from .loader import load_ruleset
-    from .scratch import replace_blob
 
     text = sys.stdin.read() if args.file == "-" else open(args.file).read()
-    table = table_from_raw(codec.parse_replace(replace_blob(text)))
+    table = table_from_raw(codec.parse_replace(_replace_blob(text)))
     log = LogRing.create() if logs(table) else None   # only for the programs to verify
     try:
         ruleset = load_ruleset(table, log)
@@ -52,11 +70,6 @@ def _show(args) -> int:
     return show(args.bpffs, bpf=args.bpf)
 
 
-def _demo(args) -> int:
-    from .demo import run
-    return run(verbose=args.verbose)
-
-
 def _exec(args) -> int:
     from .execute import run
     return run(args.argv, args.socket, args.bpffs)
@@ -70,10 +83,6 @@ def _env(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="bpfilter", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="filter real traffic between namespaces it makes, "
-                                    "side by side with the kernel's iptables")
-    p.add_argument("-v", "--verbose", action="store_true")
-    p.set_defaults(func=_demo)
     p = sub.add_parser("serve", help="answer iptables' socket options (what `exec` and "
                                      "bpfilter.ko forward) on a root-only unix socket")
     p.add_argument("--daemon", action="store_true",

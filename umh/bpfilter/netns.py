@@ -14,7 +14,7 @@ NETNS_RUN_DIR = "/run/netns"
 _SELF = "/proc/thread-self/ns/net"
 
 _ffi = cffi.FFI()
-_ffi.cdef("int setns(int fd, int nstype);")
+_ffi.cdef("int setns(int fd, int nstype); int unshare(int flags);")
 _libc = _ffi.dlopen(None)
 
 
@@ -42,6 +42,24 @@ def entered(path_or_name: str):
             _setns(target, path)
         finally:
             os.close(target)
+        try:
+            yield
+        finally:
+            _setns(original, "the original netns")
+    finally:
+        os.close(original)
+
+
+@contextlib.contextmanager
+def private():
+    """Run the body with the calling thread in a new, empty network namespace of its
+    own (and the commands it starts: a child begins in its parent thread's namespace),
+    which goes away once nothing is left in it."""
+    original = os.open(_SELF, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.unshare(CLONE_NEWNET) != 0:
+            err = _ffi.errno
+            raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
         try:
             yield
         finally:

@@ -12,9 +12,9 @@ import itertools
 import os
 import subprocess
 
-from . import netns
-from .abi import sockopt
-from .errors import BpfilterError
+from bpfilter import netns
+from bpfilter.abi import sockopt
+from bpfilter.errors import BpfilterError
 
 _serial = itertools.count()
 

@@ -1,4 +1,4 @@
-"""`bpfilter demo`: the unmodified iptables drives bpfilter, next to the kernel's own.
+"""`python3 -m bpfilter_lab demo`: the unmodified iptables drives bpfilter, next to the kernel's own.
 
 A sender namespace sends the same real packets over veth to two identically wired
 namespaces. In one, the kernel's legacy iptables filters. In the other, the same
@@ -13,8 +13,9 @@ import subprocess
 import sys
 import tempfile
 
-from .daemon import flush
-from .lab import Case, Lab, Packet, ServiceBackend, T_IN_ADDR
+from bpfilter.daemon import flush
+
+from .lab import T_IN_ADDR, Case, Lab, Packet, ServiceBackend
 
 RULESET = """\
 *filter
@@ -88,9 +89,9 @@ def _listing(lab: Lab, target: str, backend) -> str:
 def _bpf_programs(bpffs: str) -> str:
     """The programs behind the demo's table, found from its pins as `bpftool prog
     show id N` would list them."""
-    from .bpf import syscall as bpf
-    from .service import _table_of_blob
-    from .store import Store
+    from bpfilter.bpf import syscall as bpf
+    from bpfilter.service import _table_of_blob
+    from bpfilter.store import Store
 
     lines = []
     store = Store(bpffs)

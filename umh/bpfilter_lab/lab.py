@@ -40,9 +40,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
-from .abi import codec, sockopt
-from .loader import load_filter_table
-from .netns import entered
+from bpfilter.abi import codec, sockopt
+from bpfilter.loader import load_filter_table
+from bpfilter.netns import entered
+
 from .scratch import replace_blob
 
 
@@ -516,7 +517,7 @@ def service_request(socket_path: str, netns_path: str, op: int, optname: int = 0
     """One request to a running `bpfilter serve` (kmod/bpfilter_proto.h), made as
     the preload shim makes it: the namespace `netns_path` names rides along by
     SCM_RIGHTS. Returns (status, reply payload)."""
-    from . import proto
+    from bpfilter import proto
 
     ns_fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -553,8 +554,8 @@ def service_counters(socket_path: str, netns_path: str,
                      table: str = "filter") -> list[tuple[int, int]]:
     """(packets, bytes) per entry of the service's `table` for the namespace at
     netns_path, read with IPT_SO_GET_INFO/GET_ENTRIES as iptables reads them."""
-    from . import proto
-    from .abi import xtables as X
+    from bpfilter import proto
+    from bpfilter.abi import xtables as X
 
     status, info = service_request(socket_path, netns_path, proto.Op.GETSOCKOPT,
                                    X.IPT_SO_GET_INFO, codec.getinfo_request(table))
@@ -602,7 +603,7 @@ class ServiceBackend:
                                f"({done.returncode}): {done.stderr.strip()}")
 
     def counters(self, lab: "Lab", target: str) -> list[tuple[int, int]]:
-        from .netns import path_of
+        from bpfilter.netns import path_of
         return service_counters(self.socket_path, path_of(lab.netns(target)))
 
     def close(self, lab: "Lab", target: str) -> None:
