@@ -525,13 +525,16 @@ def test_editable_install_builds_the_shim(tmp_path):
         ".git", "build", "*.egg-info", "__pycache__", ".pytest_cache", "*.so", "results"))
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    # only what the venv installed: a PYTHONPATH (a work tree's, say) would be found first
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([venv / "bin" / "pip", "install", "-q", "--no-deps",
                            "--disable-pip-version-check", "-e", src],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr
     origin = subprocess.run([venv / "bin" / "python", "-c",
                              "import importlib.util; print(importlib.util.find_spec('bpfilter._preload').origin)"],
-                            capture_output=True, text=True, check=True, cwd=tmp_path).stdout.strip()
+                            capture_output=True, text=True, check=True, cwd=tmp_path,
+                            env=env).stdout.strip()
     assert origin.startswith(str(src / "umh" / "bpfilter" / "_preload"))
     undefined = subprocess.run(["nm", "-D", "--undefined-only", origin], capture_output=True,
                                text=True, check=True).stdout
