@@ -24,6 +24,7 @@ import pytest
 
 from bpfilter import netns, proto
 from bpfilter.abi import codec, sockopt
+from bpfilter_lab import namespaces
 
 MAIN = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIM = importlib.util.find_spec("bpfilter._preload").origin
@@ -123,15 +124,10 @@ def shimmed(ns: str, path: str, *argv, preload: bool = True):
 @pytest.fixture(scope="module")
 def fresh_filter():
     """(GET_INFO reply, GET_ENTRIES reply, ipt_replace) of a new netns's filter table, from the kernel."""
-    name = f"bpft-shim-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        with netns.entered(name):
-            info = sockopt.get_info("filter")
-            entries = sockopt.get_entries("filter", codec.parse_getinfo(info)["size"])
-            replace = sockopt.read_replace("filter")
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=True)
+    with namespaces.scratch("bpft-shim") as name, netns.entered(name):
+        info = sockopt.get_info("filter")
+        entries = sockopt.get_entries("filter", codec.parse_getinfo(info)["size"])
+        replace = sockopt.read_replace("filter")
     return info, entries, replace
 
 

@@ -44,6 +44,7 @@ from bpfilter.abi import codec, sockopt
 from bpfilter.loader import load_filter_table
 from bpfilter.netns import entered
 
+from . import namespaces
 from .scratch import replace_blob
 
 
@@ -71,6 +72,9 @@ _SOL_PACKET = 263
 _PACKET_IGNORE_OUTGOING = 23
 _ETH_P_IP = 0x0800
 _RCVBUF = 8 << 20
+_IFA_F_NOPREFIXROUTE = 0x200
+_NUD_PERMANENT = 0x80
+_RTNH_F_ONLINK = 0x04
 _INJECT_SRC = {side: bytes.fromhex(mac.replace(":", "")) + struct.pack("!H", _ETH_P_IP)
                for side, mac in (("in", S_IN_MAC), ("out", S_OUT_MAC))}
 
@@ -255,19 +259,6 @@ BACKENDS: dict[str, Callable[[], object]] = {"kernel": KernelBackend,
 
 # ---------------------------------------------------------------- the lab
 
-def _run(argv: Sequence[str], stdin: "str | None" = None) -> None:
-    r = subprocess.run(argv, input=stdin, text=True, capture_output=True)
-    if r.returncode:
-        raise RuntimeError(f"{' '.join(argv)} failed ({r.returncode}): "
-                           f"{r.stderr.strip() or r.stdout.strip()}")
-
-
-def _sysctl(values: Mapping[str, "str | int"]) -> None:
-    for key, value in values.items():
-        with open("/proc/sys/" + key.replace(".", "/"), "w") as f:
-            f.write(str(value))
-
-
 def _rcvbuf(s: socket.socket) -> socket.socket:
     s.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, _RCVBUF)
     s.setblocking(False)
@@ -328,20 +319,20 @@ class Lab:
         self.close()
 
     def _add_netns(self, name: str) -> None:
-        _run(["ip", "netns", "add", name])
+        namespaces.add(name)
         self._namespaces.append(name)
-        with entered(name):
-            _sysctl({"net.ipv6.conf.all.disable_ipv6": 1,
-                     "net.ipv6.conf.default.disable_ipv6": 1,
-                     "net.ipv4.ip_forward": 0})
+        namespaces.write_sysctls(name, {"net.ipv6.conf.all.disable_ipv6": 1,
+                                        "net.ipv6.conf.default.disable_ipv6": 1,
+                                        "net.ipv4.ip_forward": 0})
 
     def _build(self) -> None:
         self._add_netns(self.sender)
         for t in self._targets.values():
             self._build_target(t)
-        _run(["ip", "-n", self.sender, "-batch", "-"],
-             "".join(f"link set {t.s_in} up\nlink set {t.s_out} up\n"
-                     for t in self._targets.values()))
+        with namespaces.netlink(self.sender) as ipr:
+            for t in self._targets.values():
+                for ifname in (t.s_in, t.s_out):
+                    ipr.link("set", index=ipr.link_lookup(ifname=ifname)[0], state="up")
         with entered(self.sender):
             for t in self._targets.values():
                 for side, ifname in (("in", t.s_in), ("out", t.s_out)):
@@ -358,32 +349,32 @@ class Lab:
         self._add_netns(t.netns)
         conf = {"forwarding": 1, "rp_filter": 0, "accept_local": 1,
                 "send_redirects": 0, "accept_redirects": 0}
-        with entered(t.netns):
-            _sysctl({f"net.ipv4.conf.{dev}.{k}": v for dev in ("all", "default")
-                     for k, v in conf.items()})
-        for s_if, s_mac, t_if, t_mac in ((t.s_in, S_IN_MAC, T_IN, T_IN_MAC),
-                                         (t.s_out, S_OUT_MAC, T_OUT, T_OUT_MAC)):
-            _run(["ip", "-n", self.sender, "link", "add", s_if, "address", s_mac,
-                  "type", "veth", "peer", "name", t_if, "address", t_mac,
-                  "netns", t.netns])
-        with entered(t.netns):
-            _sysctl({f"net.ipv4.conf.{dev}.{k}": v for dev in (T_IN, T_OUT)
-                     for k, v in conf.items()}
-                    | {f"net.ipv6.conf.{dev}.disable_ipv6": 1 for dev in (T_IN, T_OUT)})
-        _run(["ip", "-n", t.netns, "-batch", "-"], f"""\
-link set lo up
-addr add {T_IN_ADDR}/24 dev {T_IN} noprefixroute
-addr add {T_OUT_ADDR}/24 dev {T_OUT} noprefixroute
-link set {T_IN} up
-link set {T_OUT} up
-neigh replace {S_IN_ADDR} lladdr {S_IN_MAC} dev {T_IN} nud permanent
-neigh replace {S_OUT_ADDR} lladdr {S_OUT_MAC} dev {T_OUT} nud permanent
-route add {S_IN_ADDR}/32 dev {T_IN} table {ROUTE_TABLE}
-route add {LAB_NET} via {S_OUT_ADDR} dev {T_OUT} onlink table {ROUTE_TABLE}
-rule add iif {T_IN} lookup {ROUTE_TABLE} pref 100
-rule add iif {T_OUT} lookup {ROUTE_TABLE} pref 100
-rule add fwmark {LAB_MARK} lookup {ROUTE_TABLE} pref 101
-""")
+        namespaces.write_sysctls(t.netns, {f"net.ipv4.conf.{dev}.{k}": v
+                                           for dev in ("all", "default") for k, v in conf.items()})
+        with namespaces.netlink(self.sender) as ipr:
+            for s_if, s_mac, t_if, t_mac in ((t.s_in, S_IN_MAC, T_IN, T_IN_MAC),
+                                             (t.s_out, S_OUT_MAC, T_OUT, T_OUT_MAC)):
+                ipr.link("add", ifname=s_if, address=s_mac, kind="veth",
+                         peer={"ifname": t_if, "address": t_mac, "net_ns_fd": t.netns})
+        namespaces.write_sysctls(t.netns, {f"net.ipv4.conf.{dev}.{k}": v
+                                           for dev in (T_IN, T_OUT) for k, v in conf.items()}
+                                 | {f"net.ipv6.conf.{dev}.disable_ipv6": 1
+                                    for dev in (T_IN, T_OUT)})
+        with namespaces.netlink(t.netns) as ipr:
+            index = {dev: ipr.link_lookup(ifname=dev)[0] for dev in (T_IN, T_OUT)}
+            for dev, address in ((T_IN, T_IN_ADDR), (T_OUT, T_OUT_ADDR)):
+                ipr.addr("add", index=index[dev], address=address, prefixlen=24,
+                         flags=_IFA_F_NOPREFIXROUTE)
+                ipr.link("set", index=index[dev], state="up")
+            for address, mac, dev in ((S_IN_ADDR, S_IN_MAC, T_IN), (S_OUT_ADDR, S_OUT_MAC, T_OUT)):
+                ipr.neigh("replace", dst=address, lladdr=mac, ifindex=index[dev],
+                          state=_NUD_PERMANENT)
+            ipr.route("add", dst=f"{S_IN_ADDR}/32", oif=index[T_IN], table=ROUTE_TABLE)
+            ipr.route("add", dst=LAB_NET, gateway=S_OUT_ADDR, oif=index[T_OUT],
+                      table=ROUTE_TABLE, flags=_RTNH_F_ONLINK)
+            for dev in (T_IN, T_OUT):
+                ipr.rule("add", iifname=dev, table=ROUTE_TABLE, priority=100)
+            ipr.rule("add", fwmark=LAB_MARK, table=ROUTE_TABLE, priority=101)
         with entered(t.netns):
             t.emit = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
             t.emit.setsockopt(socket.SOL_SOCKET, _SO_MARK, LAB_MARK)
@@ -402,9 +393,10 @@ rule add fwmark {LAB_MARK} lookup {ROUTE_TABLE} pref 101
             t.wire, t.local = [], {}
         while self._namespaces:
             name = self._namespaces.pop()
-            r = subprocess.run(["ip", "netns", "del", name], capture_output=True, text=True)
-            if r.returncode:
-                errors.append(RuntimeError(f"ip netns del {name}: {r.stderr.strip()}"))
+            try:
+                namespaces.delete(name)
+            except OSError as e:
+                errors.append(RuntimeError(f"deleting netns {name}: {e}"))
         if errors:
             raise errors[0]
 
@@ -412,7 +404,11 @@ rule add fwmark {LAB_MARK} lookup {ROUTE_TABLE} pref 101
 
     @staticmethod
     def iptables_restore(netns: str, ruleset: str) -> None:
-        _run(["ip", "netns", "exec", netns, "iptables-legacy-restore", "-w", "10"], ruleset)
+        argv = ["ip", "netns", "exec", netns, "iptables-legacy-restore", "-w", "10"]
+        done = subprocess.run(argv, input=ruleset, text=True, capture_output=True)
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}): "
+                               f"{done.stderr.strip() or done.stdout.strip()}")
 
     def load(self, ruleset: str) -> None:
         for t in self._targets.values():

@@ -8,21 +8,17 @@ only adds counters and its comefrom marks, which parse_replace recomputes anyway
 from __future__ import annotations
 
 import errno
-import itertools
-import os
 import subprocess
 
 from bpfilter import netns
 from bpfilter.abi import sockopt
 from bpfilter.errors import BpfilterError
 
-_serial = itertools.count()
+from . import namespaces
 
 
 def replace_blob(rules: str, table: str = "filter", restore: str = "iptables-legacy-restore") -> bytes:
-    name = f"bpfl-scratch-{os.getpid()}-{next(_serial)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
+    with namespaces.scratch("bpfl-scratch") as name:
         done = subprocess.run(["ip", "netns", "exec", name, restore], input=rules, text=True,
                               capture_output=True)
         if done.returncode:
@@ -30,5 +26,3 @@ def replace_blob(rules: str, table: str = "filter", restore: str = "iptables-leg
                                               f"{done.stderr.strip() or done.stdout.strip()}")
         with netns.entered(name):
             return sockopt.read_replace(table)
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=True)
