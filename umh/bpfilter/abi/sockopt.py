@@ -3,12 +3,15 @@
 Python's socket.getsockopt cannot hand the kernel an input buffer, which
 IPT_SO_GET_INFO/GET_ENTRIES/GET_REVISION_* read their arguments from, so this
 goes through libc with cffi.  Calls act in the calling thread's netns.
+ip6tables' options have the same numbers and payload headers at level SOL_IPV6 of an
+AF_INET6 socket: `family` picks them.
 """
 import os
 
 from cffi import FFI
 
 from ..errors import BpfilterError
+from ..model import Family
 from . import codec
 from .xtables import (
     IPT_SO_GET_ENTRIES,
@@ -41,10 +44,17 @@ _AF_INET = 2
 _SOCK_RAW = 3
 _IPPROTO_RAW = 255
 _SOL_IP = 0
+# The socket and level of each family's options: AF_INET6 sockets at SOL_IPV6 for ip6tables.
+_SOCKET_LEVEL = {Family.IPV4: (_AF_INET, _SOL_IP), Family.IPV6: (10, 41)}
+_OPTION_PREFIX = {Family.IPV4: "IPT", Family.IPV6: "IP6T"}
 _PROT_NONE, _PROT_READ, _PROT_WRITE = 0, 1, 2
 _MAP_PRIVATE, _MAP_ANONYMOUS = 0x02, 0x20
 _MAP_FAILED = 2**64 - 1
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+
+# Where struct ipt_entry and struct ip6t_entry keep next_offset and their counters, and
+# their size (linux/netfilter_ipv4/ip_tables.h, linux/netfilter_ipv6/ip6_tables.h).
+ENTRY_LAYOUT = {Family.IPV4: (90, 96, SIZEOF_IPT_ENTRY), Family.IPV6: (142, 152, 168)}
 
 
 def _fail(what: str) -> BpfilterError:
@@ -53,34 +63,40 @@ def _fail(what: str) -> BpfilterError:
 
 
 class _Socket:
+    def __init__(self, domain: int = _AF_INET):
+        self.domain = domain
+
     def __enter__(self):
-        self.fd = _libc.socket(_AF_INET, _SOCK_RAW, _IPPROTO_RAW)
+        self.fd = _libc.socket(self.domain, _SOCK_RAW, _IPPROTO_RAW)
         if self.fd < 0:
-            raise _fail("socket(AF_INET, SOCK_RAW, IPPROTO_RAW)")
+            raise _fail(f"socket({self.domain}, SOCK_RAW, IPPROTO_RAW)")
         return self.fd
 
     def __exit__(self, *exc):
         _libc.close(self.fd)
 
 
-def _get(optname: int, request: bytes, what: str) -> bytes:
+def _get(optname: int, request: bytes, what: str, family: Family = Family.IPV4) -> bytes:
     buf = _ffi.new("char[]", request)
     optlen = _ffi.new("unsigned int *", len(request))
-    with _Socket() as fd:
-        if _libc.getsockopt(fd, _SOL_IP, optname, buf, optlen) < 0:
+    domain, level = _SOCKET_LEVEL[family]
+    with _Socket(domain) as fd:
+        if _libc.getsockopt(fd, level, optname, buf, optlen) < 0:
             raise _fail(what)
     return bytes(_ffi.buffer(buf, len(request)))
 
 
-def get_info(table: str = "filter") -> bytes:
-    """The kernel's struct ipt_getinfo for table."""
-    return _get(IPT_SO_GET_INFO, codec.getinfo_request(table), f"IPT_SO_GET_INFO {table}")
+def get_info(table: str = "filter", family: Family = Family.IPV4) -> bytes:
+    """The kernel's struct ipt_getinfo (ip6t_getinfo) for table."""
+    return _get(IPT_SO_GET_INFO, codec.getinfo_request(table),
+                f"{_OPTION_PREFIX[family]}_SO_GET_INFO {table}", family)
 
 
-def get_entries(table: str, size: int) -> bytes:
-    """The kernel's whole struct ipt_get_entries (header and entrytable) for
-    table, read into a zero-filled buffer; size must be the table's size."""
-    return _get(IPT_SO_GET_ENTRIES, codec.get_entries_request(table, size), f"IPT_SO_GET_ENTRIES {table}")
+def get_entries(table: str, size: int, family: Family = Family.IPV4) -> bytes:
+    """The kernel's whole struct ipt_get_entries (ip6t_get_entries: header and
+    entrytable) for table, read into a zero-filled buffer; size must be the table's size."""
+    return _get(IPT_SO_GET_ENTRIES, codec.get_entries_request(table, size),
+                f"{_OPTION_PREFIX[family]}_SO_GET_ENTRIES {table}", family)
 
 
 def get_revision(kind: str, name: str, revision: int) -> None:
@@ -125,15 +141,16 @@ def add_counters(blob: bytes) -> None:
     _set(IPT_SO_SET_ADD_COUNTERS, blob, None, "IPT_SO_SET_ADD_COUNTERS")
 
 
-def read_replace(table: str = "filter") -> bytes:
-    """The ipt_replace blob that would re-install the kernel's current table:
-    num_counters = num_entries, counters pointer 0, entries' counters zeroed."""
-    info = codec.parse_getinfo(get_info(table))
-    entries = bytearray(codec.parse_get_entries(get_entries(table, info["size"]))["entries"])
+def read_replace(table: str = "filter", family: Family = Family.IPV4) -> bytes:
+    """The ipt_replace (ip6t_replace) blob that would re-install the kernel's current
+    table: num_counters = num_entries, counters pointer 0, entries' counters zeroed."""
+    info = codec.parse_getinfo(get_info(table, family))
+    entries = bytearray(codec.parse_get_entries(get_entries(table, info["size"], family))["entries"])
+    next_at, counters_at, size = ENTRY_LAYOUT[family]
     off = 0
     while off < len(entries):
-        entries[off + 96 : off + SIZEOF_IPT_ENTRY] = bytes(16)
-        off += int.from_bytes(entries[off + 90 : off + 92], "little")
+        entries[off + counters_at : off + size] = bytes(16)
+        off += int.from_bytes(entries[off + next_at : off + next_at + 2], "little")
     header = ipt_replace.build(
         dict(
             name=name_field(info["name"], 32),
