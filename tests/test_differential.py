@@ -16,7 +16,8 @@ from bpfilter.abi import codec
 from bpfilter.abi.decode import table_from_raw
 from bpfilter.compiler import classifier, multifield
 from bpfilter_lab.demo import RULESET as HOST_FIREWALL, TRAFFIC as HOST_TRAFFIC
-from bpfilter_lab.lab import T_IN_MAC, Case, Lab, Packet
+from bpfilter_lab.lab import T_IN_MAC, Case, Lab
+from bpfilter_lab.packets import Packet
 from bpfilter_lab.scratch import replace_blob
 from rulegen import generate
 

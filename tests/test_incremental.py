@@ -17,7 +17,7 @@ from bpfilter.compiler import classifier, facts
 from bpfilter.compiler.codegen import compile_table
 from bpfilter.loader import load_ruleset
 from bpfilter.model import Hook
-from bpfilter_lab.lab import Packet
+from bpfilter_lab.packets import Packet
 from bpfilter_lab.scratch import replace_blob
 
 pytestmark = pytest.mark.kernel

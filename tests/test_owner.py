@@ -19,7 +19,7 @@ from bpfilter.errors import BpfilterError
 from bpfilter.loader import load_filter_table
 from bpfilter.netns import entered
 from bpfilter_lab import namespaces
-from bpfilter_lab.lab import kernel_counters
+from bpfilter_lab.backends import kernel_counters
 from bpfilter_lab.scratch import replace_blob
 
 pytestmark = pytest.mark.kernel

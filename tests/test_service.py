@@ -33,9 +33,10 @@ from bpfilter.abi import xtables as X
 from bpfilter.bpf import syscall as bpf
 from bpfilter.execute import answers
 from bpfilter_lab import namespaces
+from bpfilter_lab.backends import KernelBackend, ServiceBackend, service_counters
 from bpfilter_lab.demo import RULESET as DEMO_RULESET
-from bpfilter_lab.lab import T_IN_ADDR, Case, KernelBackend, Lab, Packet, ServiceBackend, \
-    service_counters
+from bpfilter_lab.lab import T_IN_ADDR, Case, Lab
+from bpfilter_lab.packets import Packet
 from kmsg import KERNEL, PRINTK_DEVKMSG, USER, Kmsg, logging_everywhere, sysctls
 from rulegen import generate
 from test_differential import ROUTER, ROUTER_TRAFFIC, assert_identical

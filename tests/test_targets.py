@@ -21,7 +21,7 @@ from bpfilter.loader import load_filter_table
 from bpfilter.model import Hook
 from bpfilter.service import _Caller
 from bpfilter.abi import xtables as X
-from bpfilter_lab.lab import Packet
+from bpfilter_lab.packets import Packet
 from bpfilter_lab.scratch import replace_blob
 
 from kmsg import NF_LOG_ALL_NETNS, PRINTK_DEVKMSG, logging_everywhere, sysctls

@@ -12,7 +12,7 @@ replays every case whose packets all go through OUTPUT against the kernel's own
 legacy iptables (raw IP_HDRINCL socket in a netns routing everything out of lo), to
 prove the expectations themselves.
 
-Packet sizes (bpfilter_lab.lab.Packet, 16 payload bytes unless said): tcp 56, udp 44, icmp 44,
+Packet sizes (bpfilter_lab.packets.Packet, 16 payload bytes unless said): tcp 56, udp 44, icmp 44,
 non-first fragment 36, raw protocol 36.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ from bpfilter.model import Hook
 from bpfilter.netns import entered
 from bpfilter.compiler import classifier, multifield
 from bpfilter_lab import namespaces
-from bpfilter_lab.lab import Packet
+from bpfilter_lab.packets import Packet
 from bpfilter_lab.scratch import replace_blob
 
 pytestmark = pytest.mark.kernel

@@ -15,7 +15,9 @@ import tempfile
 
 from bpfilter.daemon import flush
 
-from .lab import T_IN_ADDR, Case, Lab, Packet, ServiceBackend
+from .backends import ServiceBackend
+from .lab import T_IN_ADDR, Case, Lab
+from .packets import Packet
 
 RULESET = """\
 *filter

@@ -1,260 +1,286 @@
-"""A namespace lab for differential tests of the filter table.
+"""A namespace lab for differential tests of the filter table, IPv4 and IPv6.
 
 One sender namespace S and several target namespaces that are wired
 identically (same addresses, interface names and MACs), so that the same
 frame sent to each target meets the same routing and the same `-i`/`-o`
-names; only the filter behind the hooks differs.
+names; only the filter behind the hooks differs. Every target speaks both
+families; a packet's family follows its addresses.
 
 Per target T (names as seen from T):
 
-    S:s<k>i  <-- veth -->  T:vin0   198.18.0.1/24   (S side: 198.18.0.2)
-    S:s<k>o  <-- veth -->  T:vout0  198.19.0.1/24   (S side: 198.19.0.2)
+    S:s<k>i  <-- veth -->  T:vin0   198.18.0.1/24   (S side: 198.18.0.2, 2001:db8:1::2)
+    S:s<k>o  <-- veth -->  T:vout0  198.19.0.1/24   (S side: 198.19.0.2, 2001:db8:2::2)
+    T:lo     2001:db8:1::1/128, 2001:db8:2::1/128
 
 Paths:
   input    S injects a frame on s<k>i; T delivers it locally; raw sockets in
            T (one per IP protocol) see it after LOCAL_IN.
   forward  S injects on s<k>i; T routes it out vout0 (or back out vin0 for
-           198.18.0.2); S captures it on s<k>o / s<k>i.
-  reverse  S injects on s<k>o, to 198.18.0.2; T routes it out vin0; S captures
-           it on s<k>i: the other way through FORWARD, for replies.
-  output   a raw IP_HDRINCL socket inside T emits it (LOCAL_OUT); S captures
-           it on s<k>o / s<k>i.
+           the S side's address on vin0); S captures it on s<k>o / s<k>i.
+  reverse  S injects on s<k>o, to the S side's address on vin0; T routes it
+           out vin0; S captures it on s<k>i: the other way through FORWARD,
+           for replies.
+  output   a raw header-including socket inside T emits it (LOCAL_OUT); S
+           captures it on s<k>o / s<k>i.
+Forwarding may change the TTL (hop limit) and IPv4's header checksum, nothing else.
 
-Only test packets may cross T's hooks, or the counters would not be exact:
-IPv6 is off (no ND/MLD), neighbours are static (no ARP), S has no addresses
-and no routes (it never answers), and T's main routing table is empty, so
-everything T's own stack would send back (TCP RSTs, echo replies, ICMP
-errors) fails its route lookup before LOCAL_OUT.  T's real routes live in
-table 100, reached by frames arriving on vin0 or vout0 and by the lab's raw socket
-(SO_MARK 0x42).
+Only test packets may cross T's hooks, or the counters would not be exact.
+S has no addresses, no routes and no IPv6 (it never answers); neighbours are
+static. T's main routing tables are empty, so everything T's own stack would
+send back (TCP RSTs, echo replies, ICMP and ICMPv6 errors) fails its route
+lookup before LOCAL_OUT. T's real routes live in table 100, reached by frames
+arriving on vin0 or vout0 and by the lab's raw sockets (SO_MARK 0x42).
+What IPv6 sends without a route lookup is kept from starting at all:
+  - vin0 and vout0 have no IPv6 address (no link-local either: addr_gen_mode
+    none), so there is nothing to run DAD for, no router solicitation, and no
+    neighbour advertisement: T answers a solicitation only for an address of
+    the interface it came in on. T's IPv6 addresses live on lo, reached from
+    either side as IPv4's are.
+  - vin0 and vout0 have IFF_MULTICAST off when IPv6 forwarding is turned on,
+    so they never join the all-routers groups, the only groups they could
+    report in MLD (all-nodes is never reported; lo joins no solicited-node
+    groups); T's addresses are /128, so no subnet-router anycast either.
+  - router advertisements and redirects are not accepted.
 """
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import os
 import select
 import socket
 import struct
-import subprocess
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
-from bpfilter.abi import codec, sockopt
-from bpfilter.loader import load_filter_table
+from bpfilter.model import Family
 from bpfilter.netns import entered
 
 from . import namespaces
-from .scratch import replace_blob
-
+from .backends import BACKENDS
+from .packets import ICMPV6, Packet, checksum
 
 PATHS = ("input", "forward", "reverse", "output")
 
 T_IN, T_OUT = "vin0", "vout0"
-T_IN_ADDR, S_IN_ADDR = "198.18.0.1", "198.18.0.2"
-T_OUT_ADDR, S_OUT_ADDR = "198.19.0.1", "198.19.0.2"
 T_IN_MAC, S_IN_MAC = "02:bf:00:00:01:01", "02:bf:00:00:01:02"
 T_OUT_MAC, S_OUT_MAC = "02:bf:00:00:02:01", "02:bf:00:00:02:02"
-LAB_NET = "198.18.0.0/15"
-# Destinations a target treats as its own (local or broadcast); everything
-# else in LAB_NET is forwarded / sent out.
-T_LOCAL = frozenset({T_IN_ADDR, T_OUT_ADDR, "198.18.0.0", "198.18.0.255",
-                     "198.19.0.0", "198.19.0.255"})
 ROUTE_TABLE = 100
 LAB_MARK = 0x42
-
-PROTO_NUMBERS = {"icmp": socket.IPPROTO_ICMP, "tcp": socket.IPPROTO_TCP,
-                 "udp": socket.IPPROTO_UDP}
 
 _SO_MARK = 36
 _SO_RCVBUFFORCE = 33
 _SOL_PACKET = 263
 _PACKET_IGNORE_OUTGOING = 23
-_ETH_P_IP = 0x0800
-_RCVBUF = 8 << 20
-_IFA_F_NOPREFIXROUTE = 0x200
+_ETH_P_ALL = 0x0003
+_ETHERTYPE = {Family.IPV4: 0x0800, Family.IPV6: 0x86DD}
+_FAMILY_OF_ETHERTYPE = {v: k for k, v in _ETHERTYPE.items()}
+_IPV6_FLOWINFO = 11           # the socket option that has recvmsg report the flow info
+_IFF_MULTICAST = 0x1000
+_IFA_F_NODAD, _IFA_F_NOPREFIXROUTE = 0x02, 0x200
 _NUD_PERMANENT = 0x80
 _RTNH_F_ONLINK = 0x04
-_INJECT_SRC = {side: bytes.fromhex(mac.replace(":", "")) + struct.pack("!H", _ETH_P_IP)
-               for side, mac in (("in", S_IN_MAC), ("out", S_OUT_MAC))}
+_RCVBUF = 8 << 20
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """One family's addresses in the lab, as seen from T."""
+    family: Family
+    t_in: str
+    s_in: str
+    t_out: str
+    s_out: str
+    net: str                # everything in it but s_in is routed out vout0
+    t_devices: tuple        # where T's two addresses live
+    t_prefix: int           # their prefix length
+    t_flags: int            # and their flags (IFA_F_*)
+    local: frozenset        # destinations T takes as its own
+
+
+IPV4 = Wiring(Family.IPV4, "198.18.0.1", "198.18.0.2", "198.19.0.1", "198.19.0.2",
+              "198.18.0.0/15", (T_IN, T_OUT), 24, _IFA_F_NOPREFIXROUTE,
+              frozenset({"198.18.0.1", "198.19.0.1", "198.18.0.0", "198.18.0.255",
+                         "198.19.0.0", "198.19.0.255"}))
+IPV6 = Wiring(Family.IPV6, "2001:db8:1::1", "2001:db8:1::2", "2001:db8:2::1", "2001:db8:2::2",
+              "2001:db8::/32", ("lo", "lo"), 128, _IFA_F_NOPREFIXROUTE | _IFA_F_NODAD,
+              frozenset({"2001:db8:1::1", "2001:db8:2::1", "ff02::1"}))
+WIRING = {w.family: w for w in (IPV4, IPV6)}
+
+T_IN_ADDR, S_IN_ADDR, T_OUT_ADDR, S_OUT_ADDR = IPV4.t_in, IPV4.s_in, IPV4.t_out, IPV4.s_out
+LAB_NET, T_LOCAL = IPV4.net, IPV4.local
+T_IN6_ADDR, S_IN6_ADDR, T_OUT6_ADDR, S_OUT6_ADDR = IPV6.t_in, IPV6.s_in, IPV6.t_out, IPV6.s_out
+LAB_NET6, T_LOCAL6 = IPV6.net, IPV6.local
+
 
 _seq = itertools.count()
 
 
-# ---------------------------------------------------------------- packets
+# ---------------------------------------------------------------- what arrived
 
-def _csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
+def _mac(text: str) -> bytes:
+    return bytes.fromhex(text.replace(":", ""))
 
 
-@dataclass(frozen=True)
-class Packet:
-    """An IPv4 packet to build; see build() for the tag it carries."""
-    src: str
-    dst: str
-    proto: "str | int" = "udp"
-    sport: int = 40000
-    dport: int = 80
-    tcp_flags: int = 0x02
-    icmp_type: int = 8
-    icmp_code: int = 0
-    ttl: int = 64
-    frag_offset: int = 0          # in 8-byte units
-    more_fragments: bool = False
-    options: bytes = b""          # raw IP options, padded to 4 bytes with EOL
-    payload_len: int = 16
-    truncate_l4: "int | None" = None  # keep only this many transport header bytes
-    seq: int = 1                  # tcp sequence and acknowledgement numbers
-    ack: int = 0
-    quoted: bytes = b""           # an ICMP error's quote of the packet it is about
-    eth_dst: "str | None" = None  # the frame's destination MAC; default: T's on that side
-    tcp_options: bytes = b""      # raw, after the 20-byte tcp header
-    tcp_doff: "int | None" = None  # the data offset field; default: header and options
+def _multicast(address: str) -> bool:
+    return ipaddress.ip_address(address).is_multicast
 
-    @property
-    def proto_number(self) -> int:
-        return PROTO_NUMBERS.get(self.proto, self.proto) if isinstance(self.proto, str) \
-            else self.proto
 
-    @property
-    def header_len(self) -> int:
-        return {6: 20, 17: 8, 1: 8}.get(self.proto_number, 0)
+def _ipv6_delivered(pkt: bytes) -> "tuple[int, int] | None":
+    """(protocol, offset) of the first header T's local delivery hands to raw sockets:
+    the one after the IPv6 header, or after hop-by-hop options, which are processed
+    before any hook; None if T drops the packet for a hop-by-hop header it cannot read."""
+    if pkt[6] != 0:
+        return pkt[6], 40
+    if len(pkt) < 48 or len(pkt) < 40 + (pkt[41] + 1) * 8:
+        return None
+    return pkt[40], 40 + (pkt[41] + 1) * 8
 
-    def build(self, ident: int, nonce: int) -> bytes:
-        """The packet, tagged by IP ID `ident` and `nonce` in the payload.
 
-        The payload starts with four zero bytes so that, as the body of an
-        ICMP error, it never parses as an embedded IP header (which could
-        make T update route exceptions); the nonce follows. Only `quoted`,
-        for conntrack's RELATED, puts a header there.
-        """
-        payload = (bytes(4) + struct.pack("!I", nonce & 0xFFFFFFFF)).ljust(
-            self.payload_len, b"\0")[:self.payload_len]
-        payload = self.quoted + payload if self.quoted else payload
-        if self.frag_offset:
-            body = payload
-        else:
-            body = self._transport(payload)
-            if self.truncate_l4 is not None:
-                if not 0 <= self.truncate_l4 < self.header_len:
-                    raise ValueError(f"truncate_l4={self.truncate_l4} for proto "
-                                     f"{self.proto} (header {self.header_len})")
-                body = body[:self.truncate_l4]
-        opts = self.options + bytes(-len(self.options) % 4)
-        frag = (0x2000 if self.more_fragments else 0) | self.frag_offset
-        hdr = struct.pack("!BBHHHBBH4s4s", 0x45 + len(opts) // 4, 0,
-                          20 + len(opts) + len(body), ident, frag, self.ttl,
-                          self.proto_number, 0, socket.inet_aton(self.src),
-                          socket.inet_aton(self.dst)) + opts
-        hdr = hdr[:10] + struct.pack("!H", _csum(hdr)) + hdr[12:]
-        return hdr + body
+class _Arrivals:
+    """One family's way of recognizing a packet: its tag, the part of it that must
+    arrive unchanged, and what a raw socket in T reads of it."""
+    family: Family
 
-    def _transport(self, payload: bytes) -> bytes:
-        p = self.proto_number
-        if p == 6:
-            doff = 5 + len(self.tcp_options) // 4 if self.tcp_doff is None else self.tcp_doff
-            seg = struct.pack("!HHIIBBHHH", self.sport, self.dport, self.seq, self.ack, doff << 4,
-                              self.tcp_flags, 65535, 0, 0) + self.tcp_options + payload
-        elif p == 17:
-            seg = struct.pack("!HHHH", self.sport, self.dport, 8 + len(payload), 0) + payload
-        elif p == 1:
-            seg = struct.pack("!BBHI", self.icmp_type, self.icmp_code, 0, 0) + payload
-            return seg[:2] + struct.pack("!H", _csum(seg)) + seg[4:]
-        else:
-            return payload
-        pseudo = socket.inet_aton(self.src) + socket.inet_aton(self.dst) + \
-            struct.pack("!BBH", 0, p, len(seg))
-        off = 16 if p == 6 else 6
-        c = _csum(pseudo + seg) or (0xFFFF if p == 17 else 0)
-        return seg[:off] + struct.pack("!H", c) + seg[off + 2:]
+    def tag(self, what: bytes) -> int:
+        """The lab's tag, in a packet or in what must arrive of it."""
+        raise NotImplementedError
+
+    def sent_part(self, pkt: bytes) -> "bytes | None":
+        """The packet cut to its own length, with what forwarding changes masked."""
+        raise NotImplementedError
+
+    def local_socket(self, proto: int) -> socket.socket:
+        raise NotImplementedError
+
+    def local_expected(self, pkt: bytes) -> "tuple[int, bytes] | None":
+        """(protocol of the raw socket that sees it, what that socket's read gives)."""
+        raise NotImplementedError
+
+    def local_read(self, s: socket.socket) -> "tuple[Family, bytes] | None":
+        """(family, what the read gives) of one datagram read from a raw socket in T."""
+        raise NotImplementedError
+
+
+class _IPv4Arrivals(_Arrivals):
+    family = Family.IPV4
+
+    def tag(self, what: bytes) -> int:
+        return struct.unpack_from("!H", what, 4)[0]
+
+    def sent_part(self, pkt: bytes) -> "bytes | None":
+        if len(pkt) < 20:
+            return None
+        pkt = pkt[:struct.unpack_from("!H", pkt, 2)[0]]
+        return pkt[:8] + b"\0" + pkt[9:10] + b"\0\0" + pkt[12:]
+
+    def local_socket(self, proto: int) -> socket.socket:
+        return socket.socket(socket.AF_INET, socket.SOCK_RAW, proto)
+
+    def local_expected(self, pkt: bytes) -> "tuple[int, bytes] | None":
+        return pkt[9], self.sent_part(pkt)
+
+    def local_read(self, s: socket.socket) -> "tuple[Family, bytes] | None":
+        what = self.sent_part(s.recv(65535))   # IPv4 raw sockets read the whole packet
+        return None if what is None else (self.family, what)
+
+
+class _IPv6Arrivals(_Arrivals):
+    """An IPv6 raw socket reads from the header it is for on; the rest of what must
+    match (flow information, addresses) comes from its ancillary data."""
+    family = Family.IPV6
+
+    def tag(self, what: bytes) -> int:
+        return struct.unpack_from("!I", what, 0)[0] & 0xFFFFF
+
+    def sent_part(self, pkt: bytes) -> "bytes | None":
+        if len(pkt) < 40:
+            return None
+        pkt = pkt[:40 + struct.unpack_from("!H", pkt, 4)[0]]
+        return pkt[:7] + b"\0" + pkt[8:]
+
+    def local_socket(self, proto: int) -> socket.socket:
+        s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, proto)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+        s.setsockopt(socket.IPPROTO_IPV6, _IPV6_FLOWINFO, 1)
+        return s
+
+    def local_expected(self, pkt: bytes) -> "tuple[int, bytes] | None":
+        delivered = _ipv6_delivered(pkt)
+        if delivered is None:
+            return None
+        proto, offset = delivered
+        pkt = pkt[:40 + struct.unpack_from("!H", pkt, 4)[0]]
+        return proto, self._seen(pkt[:4], pkt[8:24], pkt[24:40], pkt[offset:])
+
+    def local_read(self, s: socket.socket) -> "tuple[Family, bytes] | None":
+        data, ancillary, _, source = s.recvmsg(65535, 256)
+        flowinfo, destination = bytes(4), None
+        for level, kind, value in ancillary:
+            if level == socket.IPPROTO_IPV6 and kind == _IPV6_FLOWINFO:
+                flowinfo = value[:4]      # sent only when not zero
+            elif level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO:
+                destination = value[:16]
+        if destination is None:
+            return None
+        return self.family, self._seen(flowinfo, socket.inet_pton(socket.AF_INET6, source[0]),
+                                       destination, data)
+
+    @staticmethod
+    def _seen(flowinfo: bytes, src: bytes, dst: bytes, data: bytes) -> bytes:
+        """Traffic class and flow label (not the version), addresses, the data read."""
+        return bytes([flowinfo[0] & 0x0F]) + flowinfo[1:4] + src + dst + data
+
+
+ARRIVALS = {a.family: a for a in (_IPv4Arrivals(), _IPv6Arrivals())}
+
+
+def _check_input(p: Packet) -> None:
+    """Refuse an input case no raw socket in T could see (though LOCAL_IN passed it)."""
+    if p.family is Family.IPV4:
+        if p.frag_offset or p.more_fragments:
+            raise ValueError("fragments are reassembled before LOCAL_IN; "
+                             "use the forward or output path")
+        proto = p.proto_number
+        if proto == 1 and p.truncate_l4 is not None:
+            raise ValueError("raw ICMP sockets drop truncated ICMP (icmp_filter); "
+                             "use the forward or output path")
+    else:
+        pkt = p.build(1, 0)
+        delivered = _ipv6_delivered(pkt)
+        if delivered is None:
+            return   # T drops it before any hook: it never arrives, and nothing to see
+        proto, offset = delivered
+        if proto == ICMPV6:
+            message = pkt[offset:]
+            pseudo = pkt[8:40] + struct.pack("!IxxxB", len(message), ICMPV6)
+            if len(message) < 4 or checksum(pseudo + message):
+                raise ValueError("raw ICMPv6 sockets drop ICMPv6 shorter than 4 bytes or "
+                                 "with a wrong checksum; use the forward or output path")
+    if proto in (0, socket.IPPROTO_RAW):
+        raise ValueError(f"no raw socket can receive protocol {proto}")
+
+
+def _check_case(case: Case) -> None:
+    p = case.packet
+    wiring = WIRING[p.family]
+    if case.path not in PATHS:
+        raise ValueError(f"unknown path {case.path!r}")
+    if case.path == "input":
+        if p.dst not in wiring.local:
+            raise ValueError(f"input case needs a local dst, got {p.dst}")
+        _check_input(p)
+    elif case.path == "reverse" and p.dst != wiring.s_in:
+        raise ValueError(f"reverse case goes to {wiring.s_in}, not {p.dst}")
+    elif p.dst in wiring.local or _multicast(p.dst):
+        raise ValueError(f"{case.path} case needs a unicast, non-local dst, got {p.dst}")
 
 
 @dataclass(frozen=True)
 class Case:
     packet: Packet
     path: str  # one of PATHS
-
-
-def _masked(pkt: bytes) -> bytes:
-    """TTL and header checksum change on the forward path; nothing else may."""
-    return pkt[:8] + b"\0" + pkt[9:10] + b"\0\0" + pkt[12:]
-
-
-def _check_case(case: Case) -> None:
-    p = case.packet
-    if case.path not in PATHS:
-        raise ValueError(f"unknown path {case.path!r}")
-    if case.path == "input":
-        if p.dst not in (T_IN_ADDR, T_OUT_ADDR):
-            raise ValueError(f"input case needs a local dst, got {p.dst}")
-        if p.frag_offset or p.more_fragments:
-            raise ValueError("fragments are reassembled before LOCAL_IN; "
-                             "use the forward or output path")
-        if p.proto_number in (0, socket.IPPROTO_RAW):
-            raise ValueError(f"no raw socket can receive protocol {p.proto_number}")
-        if p.proto_number == 1 and p.truncate_l4 is not None:
-            raise ValueError("raw ICMP sockets drop truncated ICMP (icmp_filter); "
-                             "use the forward or output path")
-    elif case.path == "reverse" and p.dst != S_IN_ADDR:
-        raise ValueError(f"reverse case goes to {S_IN_ADDR}, not {p.dst}")
-    elif p.dst in T_LOCAL:
-        raise ValueError(f"{case.path} case needs a non-local dst, got {p.dst}")
-
-
-# ---------------------------------------------------------------- backends
-
-def kernel_counters(netns: str, table: str = "filter") -> list[tuple[int, int]]:
-    """(packets, bytes) per entry of the kernel's iptables `table` in `netns`."""
-    with entered(netns):
-        size = codec.parse_getinfo(sockopt.get_info(table))["size"]
-        entries = codec.parse_get_entries(sockopt.get_entries(table, size))["entries"]
-    out, off = [], 0
-    while off < len(entries):
-        out.append(struct.unpack_from("<QQ", entries, off + 96))
-        off += struct.unpack_from("<H", entries, off + 90)[0]
-    return out
-
-
-class KernelBackend:
-    """The kernel's own iptables in the target namespace: the reference."""
-
-    def load(self, lab: "Lab", target: str, ruleset: str) -> None:
-        lab.iptables_restore(lab.netns(target), ruleset)
-
-    def counters(self, lab: "Lab", target: str) -> list[tuple[int, int]]:
-        return kernel_counters(lab.netns(target))
-
-    def close(self, lab: "Lab", target: str) -> None:
-        pass
-
-
-class BpfilterBackend:
-    """bpfilter's BPF programs, loaded from the blob the kernel made of the ruleset."""
-
-    def __init__(self) -> None:
-        self.loaded = None
-
-    def load(self, lab: "Lab", target: str, ruleset: str) -> None:
-        blob = replace_blob(ruleset)
-        self.close(lab, target)
-        self.loaded = load_filter_table(blob, lab.netns(target))
-
-    def counters(self, lab: "Lab", target: str) -> list[tuple[int, int]]:
-        return list(self.loaded.counters())
-
-    def close(self, lab: "Lab", target: str) -> None:
-        if self.loaded is not None:
-            self.loaded.close()
-            self.loaded = None
-
-
-BACKENDS: dict[str, Callable[[], object]] = {"kernel": KernelBackend,
-                                              "bpfilter": BpfilterBackend}
 
 
 # ---------------------------------------------------------------- the lab
@@ -269,10 +295,10 @@ class _Target:
     def __init__(self, name: str, index: int, netns: str, backend) -> None:
         self.name, self.index, self.netns, self.backend = name, index, netns, backend
         self.s_in, self.s_out = f"s{index}i", f"s{index}o"
-        self.inject: dict[str, socket.socket] = {}  # S, AF_PACKET on s_in ("in"), s_out
-        self.wire: list[socket.socket] = []         # S, AF_PACKET captures
-        self.emit: "socket.socket | None" = None     # T, raw IP_HDRINCL
-        self.local: dict[int, socket.socket] = {}    # T, raw per protocol
+        self.inject: dict[str, socket.socket] = {}   # S, AF_PACKET on s_in ("in"), s_out
+        self.wire: list[socket.socket] = []          # S, AF_PACKET captures
+        self.emit: dict[Family, socket.socket] = {}  # T, raw header-including, per family
+        self.local: dict[tuple[Family, int], socket.socket] = {}  # T, raw per protocol
 
 
 class Lab:
@@ -321,12 +347,12 @@ class Lab:
     def _add_netns(self, name: str) -> None:
         namespaces.add(name)
         self._namespaces.append(name)
-        namespaces.write_sysctls(name, {"net.ipv6.conf.all.disable_ipv6": 1,
-                                        "net.ipv6.conf.default.disable_ipv6": 1,
-                                        "net.ipv4.ip_forward": 0})
 
     def _build(self) -> None:
         self._add_netns(self.sender)
+        namespaces.write_sysctls(self.sender, {"net.ipv6.conf.all.disable_ipv6": 1,
+                                               "net.ipv6.conf.default.disable_ipv6": 1,
+                                               "net.ipv4.ip_forward": 0})
         for t in self._targets.values():
             self._build_target(t)
         with namespaces.netlink(self.sender) as ipr:
@@ -340,44 +366,65 @@ class Lab:
                     t.inject[side].bind((ifname, 0))
                 for ifname in (t.s_in, t.s_out):
                     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW,
-                                      socket.htons(_ETH_P_IP))
+                                      socket.htons(_ETH_P_ALL))
                     s.setsockopt(_SOL_PACKET, _PACKET_IGNORE_OUTGOING, 1)
-                    s.bind((ifname, _ETH_P_IP))
+                    s.bind((ifname, _ETH_P_ALL))
                     t.wire.append(_rcvbuf(s))
 
     def _build_target(self, t: _Target) -> None:
         self._add_netns(t.netns)
-        conf = {"forwarding": 1, "rp_filter": 0, "accept_local": 1,
-                "send_redirects": 0, "accept_redirects": 0}
-        namespaces.write_sysctls(t.netns, {f"net.ipv4.conf.{dev}.{k}": v
-                                           for dev in ("all", "default") for k, v in conf.items()})
+        ipv4_conf = {"forwarding": 1, "rp_filter": 0, "accept_local": 1,
+                     "send_redirects": 0, "accept_redirects": 0}
+        # What interfaces start with, so that vin0 and vout0 never begin any IPv6
+        # traffic of their own (see the module's docstring); forwarding comes later.
+        ipv6_quiet = {"accept_ra": 0, "accept_redirects": 0, "accept_dad": 0,
+                      "dad_transmits": 0, "router_solicitations": 0, "addr_gen_mode": 1,
+                      "autoconf": 0}
+        namespaces.write_sysctls(
+            t.netns, {f"net.ipv4.conf.{dev}.{k}": v for dev in ("all", "default")
+                      for k, v in ipv4_conf.items()}
+            | {f"net.ipv6.conf.default.{k}": v for k, v in ipv6_quiet.items()}
+            | {"net.ipv6.conf.all.accept_dad": 0})
         with namespaces.netlink(self.sender) as ipr:
             for s_if, s_mac, t_if, t_mac in ((t.s_in, S_IN_MAC, T_IN, T_IN_MAC),
                                              (t.s_out, S_OUT_MAC, T_OUT, T_OUT_MAC)):
                 ipr.link("add", ifname=s_if, address=s_mac, kind="veth",
                          peer={"ifname": t_if, "address": t_mac, "net_ns_fd": t.netns})
         namespaces.write_sysctls(t.netns, {f"net.ipv4.conf.{dev}.{k}": v
-                                           for dev in (T_IN, T_OUT) for k, v in conf.items()}
-                                 | {f"net.ipv6.conf.{dev}.disable_ipv6": 1
-                                    for dev in (T_IN, T_OUT)})
+                                           for dev in (T_IN, T_OUT)
+                                           for k, v in ipv4_conf.items()})
         with namespaces.netlink(t.netns) as ipr:
-            index = {dev: ipr.link_lookup(ifname=dev)[0] for dev in (T_IN, T_OUT)}
-            for dev, address in ((T_IN, T_IN_ADDR), (T_OUT, T_OUT_ADDR)):
-                ipr.addr("add", index=index[dev], address=address, prefixlen=24,
-                         flags=_IFA_F_NOPREFIXROUTE)
-                ipr.link("set", index=index[dev], state="up")
-            for address, mac, dev in ((S_IN_ADDR, S_IN_MAC, T_IN), (S_OUT_ADDR, S_OUT_MAC, T_OUT)):
-                ipr.neigh("replace", dst=address, lladdr=mac, ifindex=index[dev],
-                          state=_NUD_PERMANENT)
-            ipr.route("add", dst=f"{S_IN_ADDR}/32", oif=index[T_IN], table=ROUTE_TABLE)
-            ipr.route("add", dst=LAB_NET, gateway=S_OUT_ADDR, oif=index[T_OUT],
-                      table=ROUTE_TABLE, flags=_RTNH_F_ONLINK)
+            index = {dev: ipr.link_lookup(ifname=dev)[0] for dev in ("lo", T_IN, T_OUT)}
             for dev in (T_IN, T_OUT):
-                ipr.rule("add", iifname=dev, table=ROUTE_TABLE, priority=100)
-            ipr.rule("add", fwmark=LAB_MARK, table=ROUTE_TABLE, priority=101)
-        with entered(t.netns):
-            t.emit = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-            t.emit.setsockopt(socket.SOL_SOCKET, _SO_MARK, LAB_MARK)
+                ipr.link("set", index=index[dev], flags=0, change=_IFF_MULTICAST)
+            namespaces.write_sysctls(t.netns, {"net.ipv6.conf.all.forwarding": 1})
+            for w in (IPV4, IPV6):
+                for dev, address in zip(w.t_devices, (w.t_in, w.t_out)):
+                    ipr.addr("add", index=index[dev], address=address, prefixlen=w.t_prefix,
+                             flags=w.t_flags)
+            for dev in (T_IN, T_OUT):
+                ipr.link("set", index=index[dev], state="up")
+            for w in (IPV4, IPV6):
+                self._route_target(ipr, w, index)
+        for family in (Family.IPV4, Family.IPV6):
+            with entered(t.netns):
+                s = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            s.setsockopt(socket.SOL_SOCKET, _SO_MARK, LAB_MARK)
+            t.emit[family] = s
+
+    @staticmethod
+    def _route_target(ipr, w: Wiring, index: Mapping[str, int]) -> None:
+        """Static neighbours, table 100 and the rules that reach it, for one family."""
+        host = 32 if w.family is Family.IPV4 else 128
+        for address, mac, dev in ((w.s_in, S_IN_MAC, T_IN), (w.s_out, S_OUT_MAC, T_OUT)):
+            ipr.neigh("replace", dst=address, lladdr=mac, ifindex=index[dev],
+                      state=_NUD_PERMANENT)
+        ipr.route("add", dst=f"{w.s_in}/{host}", oif=index[T_IN], table=ROUTE_TABLE)
+        ipr.route("add", dst=w.net, gateway=w.s_out, oif=index[T_OUT], table=ROUTE_TABLE,
+                  flags=_RTNH_F_ONLINK)
+        for dev in (T_IN, T_OUT):
+            ipr.rule("add", family=w.family, iifname=dev, table=ROUTE_TABLE, priority=100)
+        ipr.rule("add", family=w.family, fwmark=LAB_MARK, table=ROUTE_TABLE, priority=101)
 
     def close(self) -> None:
         errors = []
@@ -386,11 +433,9 @@ class Lab:
                 t.backend.close(self, t.name)
             except Exception as e:  # keep tearing down; report at the end
                 errors.append(e)
-            for s in [*t.inject.values(), t.emit, *t.wire, *t.local.values()]:
-                if s is not None:
-                    s.close()
-            t.inject, t.emit = {}, None
-            t.wire, t.local = [], {}
+            for s in [*t.inject.values(), *t.emit.values(), *t.wire, *t.local.values()]:
+                s.close()
+            t.inject, t.emit, t.wire, t.local = {}, {}, [], {}
         while self._namespaces:
             name = self._namespaces.pop()
             try:
@@ -402,20 +447,12 @@ class Lab:
 
     # -- rulesets and counters
 
-    @staticmethod
-    def iptables_restore(netns: str, ruleset: str) -> None:
-        argv = ["ip", "netns", "exec", netns, "iptables-legacy-restore", "-w", "10"]
-        done = subprocess.run(argv, input=ruleset, text=True, capture_output=True)
-        if done.returncode:
-            raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}): "
-                               f"{done.stderr.strip() or done.stdout.strip()}")
-
-    def load(self, ruleset: str) -> None:
+    def load(self, ruleset: str, family: Family = Family.IPV4) -> None:
         for t in self._targets.values():
-            t.backend.load(self, t.name, ruleset)
+            t.backend.load(self, t.name, ruleset, family)
 
-    def counters(self, target: str) -> list[tuple[int, int]]:
-        return [tuple(c) for c in self._targets[target].backend.counters(self, target)]
+    def counters(self, target: str, family: Family = Family.IPV4) -> list[tuple[int, int]]:
+        return [tuple(c) for c in self._targets[target].backend.counters(self, target, family)]
 
     # -- traffic
 
@@ -434,40 +471,45 @@ class Lab:
             tag = next(self._tags)
             built.append(c.packet.build((tag - 1) % 0xFFFF + 1, tag))
         arrived = {n: [False] * len(cases) for n in names}
-        # expected[(target, "local" | "wire")][ip id] = [(masked bytes, case index)]
-        expected: dict[tuple[str, str], dict[int, list[tuple[bytes, int]]]] = {}
+        # expected[(target, "local" | "wire")][(family, tag)] = [(what must arrive, case index)]
+        expected: dict[tuple[str, str], dict[tuple[Family, int], list[tuple[bytes, int]]]] = {}
         for n in names:
             t = self._targets[n]
-            for proto in {c.packet.proto_number for c in cases if c.path == "input"}:
-                if proto not in t.local:
-                    with entered(t.netns):
-                        t.local[proto] = _rcvbuf(socket.socket(
-                            socket.AF_INET, socket.SOCK_RAW, proto))
             for i, (c, pkt) in enumerate(zip(cases, built)):
-                kind = "local" if c.path == "input" else "wire"
+                family = c.packet.family
+                arrivals = ARRIVALS[family]
+                if c.path == "input":
+                    seen = arrivals.local_expected(pkt)
+                    if seen is None:
+                        continue
+                    proto, what = seen
+                    if (family, proto) not in t.local:
+                        with entered(t.netns):
+                            t.local[family, proto] = _rcvbuf(arrivals.local_socket(proto))
+                    kind = "local"
+                else:
+                    what, kind = arrivals.sent_part(pkt), "wire"
                 expected.setdefault((n, kind), {}).setdefault(
-                    struct.unpack_from("!H", pkt, 4)[0], []).append((_masked(pkt), i))
-        socks = {}
+                    (family, arrivals.tag(what)), []).append((what, i))
+        # every socket of the run: (target, kind, its reader)
+        socks: dict[socket.socket, tuple[str, str, Callable]] = {}
         for n in names:
             t = self._targets[n]
-            socks.update({s: (n, "local", 0) for s in t.local.values()})
-            socks.update({s: (n, "wire", 14) for s in t.wire})
-        for s in socks:
-            self._drain(s, None)
+            socks.update({s: (n, "local", ARRIVALS[family].local_read)
+                          for (family, _), s in t.local.items()})
+            socks.update({s: (n, "wire", _wire_read) for s in t.wire})
+        for s, (_, _, read) in socks.items():
+            _drain(s, read, None)
 
         def receive(s: socket.socket) -> None:
-            n, kind, strip = socks[s]
+            n, kind, read = socks[s]
             table = expected.get((n, kind), {})
 
-            def match(frame: bytes) -> None:
-                pkt = frame[strip:]
-                if len(pkt) < 20:
-                    return
-                pkt = pkt[:struct.unpack_from("!H", pkt, 2)[0]]
-                for want, i in table.get(struct.unpack_from("!H", pkt, 4)[0], ()):
-                    if _masked(pkt) == want:
+            def match(family: Family, what: bytes) -> None:
+                for want, i in table.get((family, ARRIVALS[family].tag(what)), ()):
+                    if what == want:
                         arrived[n][i] = True
-            self._drain(s, match)
+            _drain(s, read, match)
 
         for k, (c, pkt) in enumerate(zip(cases, built)):
             for n in names:
@@ -485,122 +527,39 @@ class Lab:
 
     @staticmethod
     def _emit(t: _Target, case: Case, pkt: bytes) -> None:
+        p = case.packet
         if case.path == "output":
             try:
-                t.emit.sendto(pkt, (case.packet.dst, 0))
+                t.emit[p.family].sendto(pkt, (p.dst, 0))
             except PermissionError:
                 pass  # LOCAL_OUT dropped it: that is an observation, not an error
         else:
             side = "out" if case.path == "reverse" else "in"
-            dst = case.packet.eth_dst or (T_OUT_MAC if side == "out" else T_IN_MAC)
-            t.inject[side].send(bytes.fromhex(dst.replace(":", "")) + _INJECT_SRC[side] + pkt)
-
-    @staticmethod
-    def _drain(s: socket.socket, handle: "Callable[[bytes], None] | None") -> None:
-        while True:
-            try:
-                data = s.recv(65535)
-            except BlockingIOError:
-                return
-            if handle is not None:
-                handle(data)
+            if p.eth_dst is not None:
+                dst = _mac(p.eth_dst)
+            elif p.family is Family.IPV6 and _multicast(p.dst):   # RFC 2464 7
+                dst = b"\x33\x33" + socket.inet_pton(socket.AF_INET6, p.dst)[12:]
+            else:
+                dst = _mac(T_OUT_MAC if side == "out" else T_IN_MAC)
+            src = _mac(S_OUT_MAC if side == "out" else S_IN_MAC)
+            t.inject[side].send(dst + src + struct.pack("!H", _ETHERTYPE[p.family]) + pkt)
 
 
-# ---------------------------------------------------------------- the service
-
-def service_request(socket_path: str, netns_path: str, op: int, optname: int = 0,
-                    payload: bytes = b"", family: int = 2) -> tuple[int, bytes]:
-    """One request to a running `bpfilter serve` (kmod/bpfilter_proto.h), made as
-    the preload shim makes it: the namespace `netns_path` names rides along by
-    SCM_RIGHTS. Returns (status, reply payload)."""
-    from bpfilter import proto
-
-    ns_fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        header = proto.request.build(dict(
-            version=proto.VERSION, op=op, family=family, optname=optname, netns_cookie=0,
-            netns_inum=os.fstat(ns_fd).st_ino, pid=os.getpid(), len=len(payload), netns_fd=-1))
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(30)
-            s.connect(socket_path)
-            request = header + payload
-            sent = s.sendmsg([request],
-                             [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", ns_fd))])
-            if sent < len(request):   # a large table's GET_ENTRIES outgrows the socket buffer
-                s.sendall(request[sent:])
-            data = b""
-            while len(data) < proto.reply.sizeof():
-                chunk = s.recv(proto.reply.sizeof() - len(data))
-                if not chunk:
-                    raise ConnectionResetError(f"{socket_path} hung up without a reply")
-                data += chunk
-            reply = proto.reply.parse(data)
-            body = b""
-            while len(body) < reply.len:
-                chunk = s.recv(reply.len - len(body))
-                if not chunk:
-                    raise ConnectionResetError(f"{socket_path} hung up mid-reply")
-                body += chunk
-    finally:
-        os.close(ns_fd)
-    return reply.status, body
+def _wire_read(s: socket.socket) -> "tuple[Family, bytes] | None":
+    frame = s.recv(65535)
+    family = _FAMILY_OF_ETHERTYPE.get(struct.unpack_from("!H", frame, 12)[0]) \
+        if len(frame) >= 14 else None
+    if family is None:
+        return None
+    what = ARRIVALS[family].sent_part(frame[14:])
+    return None if what is None else (family, what)
 
 
-def service_counters(socket_path: str, netns_path: str,
-                     table: str = "filter") -> list[tuple[int, int]]:
-    """(packets, bytes) per entry of the service's `table` for the namespace at
-    netns_path, read with IPT_SO_GET_INFO/GET_ENTRIES as iptables reads them."""
-    from bpfilter import proto
-    from bpfilter.abi import xtables as X
-
-    status, info = service_request(socket_path, netns_path, proto.Op.GETSOCKOPT,
-                                   X.IPT_SO_GET_INFO, codec.getinfo_request(table))
-    if status:
-        raise OSError(-status, f"IPT_SO_GET_INFO: {info.decode(errors='replace')}")
-    size = codec.parse_getinfo(info)["size"]
-    status, reply = service_request(socket_path, netns_path, proto.Op.GETSOCKOPT,
-                                    X.IPT_SO_GET_ENTRIES, codec.get_entries_request(table, size))
-    if status:
-        raise OSError(-status, f"IPT_SO_GET_ENTRIES: {reply.decode(errors='replace')}")
-    entries = codec.parse_get_entries(reply)["entries"]
-    out, off = [], 0
-    while off < len(entries):
-        out.append(struct.unpack_from("<QQ", entries, off + 96))
-        off += struct.unpack_from("<H", entries, off + 90)[0]
-    return out
-
-
-class ServiceBackend:
-    """bpfilter's service, reached as a person reaches it: the unmodified
-    iptables-legacy-restore under `bpfilter exec` loads the ruleset (starting a
-    service on `socket_path` if none answers there), and the counters come back
-    from the service with the same socket options iptables uses."""
-
-    def __init__(self, socket_path: str, bpffs: "str | None" = None,
-                 env: "Mapping[str, str] | None" = None) -> None:
-        self.socket_path, self.bpffs = socket_path, bpffs
-        self.env = dict(os.environ if env is None else env, BPFILTER_SOCKET=socket_path)
-        if bpffs is not None:
-            self.env["BPFILTER_BPFFS"] = bpffs
-
-    def exec(self, lab: "Lab", target: str, argv: Sequence[str],
-             stdin: "str | None" = None) -> subprocess.CompletedProcess:
-        """argv in the target's namespace under `bpfilter exec`."""
-        import sys
-        return subprocess.run(["ip", "netns", "exec", lab.netns(target), sys.executable, "-m",
-                               "bpfilter", "exec", "--", *argv],
-                              input=stdin, text=True, capture_output=True, env=self.env,
-                              timeout=60)
-
-    def load(self, lab: "Lab", target: str, ruleset: str) -> None:
-        done = self.exec(lab, target, ["iptables-legacy-restore", "-w", "10"], ruleset)
-        if done.returncode:
-            raise RuntimeError(f"iptables-legacy-restore through bpfilter exec failed "
-                               f"({done.returncode}): {done.stderr.strip()}")
-
-    def counters(self, lab: "Lab", target: str) -> list[tuple[int, int]]:
-        from bpfilter.netns import path_of
-        return service_counters(self.socket_path, path_of(lab.netns(target)))
-
-    def close(self, lab: "Lab", target: str) -> None:
-        pass   # the service drops the table once the lab deletes the namespace
+def _drain(s: socket.socket, read: Callable, handle: "Callable | None") -> None:
+    while True:
+        try:
+            got = read(s)
+        except BlockingIOError:
+            return
+        if got is not None and handle is not None:
+            handle(*got)
