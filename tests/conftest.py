@@ -1,8 +1,8 @@
 import os
-import subprocess
-import uuid
 
 import pytest
+
+from bpfilter_lab import namespaces
 
 
 def pytest_sessionstart(session):
@@ -25,10 +25,5 @@ def pytest_runtest_makereport(item, call):
 @pytest.fixture
 def fresh_netns():
     """A new, empty network namespace (loopback up), deleted afterwards."""
-    name = f"bpft-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+    with namespaces.scratch() as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], check=True)

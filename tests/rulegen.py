@@ -13,7 +13,8 @@ import ipaddress
 import random
 from dataclasses import dataclass, field
 
-from bpfilter.lab import T_IN_ADDR, T_LOCAL, T_OUT_ADDR, Case, Packet
+from bpfilter_lab.lab import T_IN_ADDR, T_LOCAL, T_OUT_ADDR, Case
+from bpfilter_lab.packets import Packet
 
 BUILTIN = ("INPUT", "FORWARD", "OUTPUT")
 IFACES = ("vin0", "vout0", "vin+", "vout+", "v+", "lo", "nosuch0")

@@ -21,6 +21,7 @@ from bpfilter.abi import codec, sockopt
 from bpfilter.abi import ipv4, ipv6
 from bpfilter.abi import xtables as X
 from bpfilter.errors import BpfilterError
+from bpfilter_lab import namespaces
 
 _serial = itertools.count()
 
@@ -30,10 +31,10 @@ class Scratch:
 
     def __init__(self):
         self.name = f"bpft-{os.getpid()}-{next(_serial)}"
-        subprocess.run(["ip", "netns", "add", self.name], check=True)
+        namespaces.add(self.name)
 
     def delete(self):
-        subprocess.run(["ip", "netns", "del", self.name], check=True)
+        namespaces.delete(self.name)
 
     def sh(self, *argv, stdin=None):
         return subprocess.run(["ip", "netns", "exec", self.name, *argv], input=stdin, text=True,
@@ -252,7 +253,6 @@ def test_fresh_netns_table(scratch):
 def test_counters_are_filled_in(scratch):
     ns = scratch()
     ns.restore(RULESETS["chains"])
-    ns.sh("ip", "link", "set", "lo", "up")
     with netns.entered(ns.name):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             for _ in range(3):

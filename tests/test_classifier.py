@@ -16,7 +16,7 @@ from bpfilter.compiler.runs import VERDICT_ACCEPT, VERDICT_DROP, VERDICT_HOTDROP
 from bpfilter.compiler.multifield import MultiFieldRun
 from bpfilter.ext.tcp import TcpMatch
 from bpfilter.model import Accept, Rule
-from bpfilter.scratch import replace_blob
+from bpfilter_lab.scratch import replace_blob
 
 
 def chain_rules(rules: str):

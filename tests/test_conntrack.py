@@ -12,10 +12,10 @@ import subprocess
 import pytest
 
 from bpfilter.abi import codec
-from bpfilter.lab import S_IN_ADDR, T_IN_ADDR, Case, Lab, Packet
-from bpfilter.loader import load_filter_table
 from bpfilter.netns import entered
-from bpfilter.scratch import replace_blob
+from bpfilter_lab.lab import S_IN_ADDR, T_IN_ADDR, Case, Lab
+from bpfilter_lab.packets import Packet
+from bpfilter_lab.scratch import replace_blob
 
 from test_differential import assert_identical
 

@@ -12,13 +12,15 @@ import time
 
 import pytest
 
-from bpfilter.demo import RULESET as HOST_FIREWALL, TRAFFIC as HOST_TRAFFIC
 from bpfilter.abi import codec
 from bpfilter.decode import table_from_raw
 from bpfilter.compiler import classifier, multifield
 from bpfilter.compiler.runs import TupleSpace
-from bpfilter.scratch import replace_blob
-from bpfilter.lab import T_IN_MAC, Case, Lab, Packet
+from bpfilter.model import Family
+from bpfilter_lab.demo import RULESET as HOST_FIREWALL, TRAFFIC as HOST_TRAFFIC
+from bpfilter_lab.lab import T_IN_MAC, Case, Lab
+from bpfilter_lab.packets import Packet
+from bpfilter_lab.scratch import replace_blob
 from rulegen import generate
 
 pytestmark = pytest.mark.kernel
@@ -126,12 +128,13 @@ def lab():
         yield lab
 
 
-def assert_identical(lab: Lab, ruleset: str, cases: list, target: str = "bpfilter") -> dict:
+def assert_identical(lab: Lab, ruleset: str, cases: list, target: str = "bpfilter",
+                     family: Family = Family.IPV4) -> dict:
     """Load `ruleset` everywhere, send `cases`; the kernel's and `target`'s arrivals
     and per-entry counters must be identical. Returns the arrivals."""
-    lab.load(ruleset)
+    lab.load(ruleset, family)
     arrived = lab.run(cases)
-    kernel, ours = lab.counters("kernel"), lab.counters(target)
+    kernel, ours = lab.counters("kernel", family), lab.counters(target, family)
     verdicts = [(i, c.path, c.packet, k) for i, (c, k, b) in
                 enumerate(zip(cases, arrived["kernel"], arrived[target])) if k != b]
     assert not verdicts, f"arrivals differ (case, path, packet, kernel's): {verdicts[:10]}"

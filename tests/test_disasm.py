@@ -15,7 +15,6 @@ import subprocess
 
 import pytest
 
-from bpfilter import demo
 from bpfilter.bpf import insn as I
 from bpfilter.bpf import syscall as bpf
 from bpfilter.bpf.disasm import Kallsyms, disassemble
@@ -27,7 +26,8 @@ from bpfilter.bpf.insn import (BPF_ALU32_IMM, BPF_ALU32_REG, BPF_ALU64_IMM, BPF_
                                BPF_STX_MEM, BPF_W, FP, Insn, R0, R1, R2, R3, R4, R5, R6, R7)
 from bpfilter.compiler.codegen import PROG_ARRAY, dispatcher
 from bpfilter.loader import load_filter_table
-from bpfilter.scratch import replace_blob
+from bpfilter_lab import demo
+from bpfilter_lab.scratch import replace_blob
 
 
 def normalized(lines: list[str]) -> list[str]:

@@ -16,10 +16,10 @@ from bpfilter.bpf.btf import Btf
 from bpfilter.compiler import classifier
 from bpfilter.packet import facts
 from bpfilter.compiler.codegen import compile_table
-from bpfilter.lab import Packet
 from bpfilter.loader import load_ruleset
 from bpfilter.model import Hook
-from bpfilter.scratch import replace_blob
+from bpfilter_lab.packets import Packet
+from bpfilter_lab.scratch import replace_blob
 
 pytestmark = pytest.mark.kernel
 

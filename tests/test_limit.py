@@ -8,7 +8,7 @@ from bpfilter import ext
 from bpfilter.abi import codec
 from bpfilter.decode import table_from_raw
 from bpfilter.ext import limit
-from bpfilter.scratch import replace_blob
+from bpfilter_lab.scratch import replace_blob
 
 pytestmark = pytest.mark.kernel
 

@@ -4,7 +4,8 @@ import time
 
 import pytest
 
-from bpfilter.lab import Case, Lab, Packet
+from bpfilter_lab.lab import Case, Lab
+from bpfilter_lab.packets import Packet
 from rulegen import generate
 
 pytestmark = pytest.mark.kernel

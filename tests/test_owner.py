@@ -16,10 +16,11 @@ import pytest
 
 from bpfilter.abi import codec, sockopt
 from bpfilter.errors import BpfilterError
-from bpfilter.lab import kernel_counters
 from bpfilter.loader import load_filter_table
 from bpfilter.netns import entered
-from bpfilter.scratch import replace_blob
+from bpfilter_lab import namespaces
+from bpfilter_lab.backends import kernel_counters
+from bpfilter_lab.scratch import replace_blob
 
 pytestmark = pytest.mark.kernel
 
@@ -74,11 +75,10 @@ def connect_closed_port(netns: str) -> int:
 def two_namespaces():
     names = [f"bpft-own-{uuid.uuid4().hex[:6]}-{side}" for side in ("k", "b")]
     for n in names:
-        subprocess.run(["ip", "netns", "add", n], check=True)
-        subprocess.run(["ip", "-n", n, "link", "set", "lo", "up"], check=True)
+        namespaces.add(n)
     yield names
     for n in names:
-        subprocess.run(["ip", "netns", "del", n], check=True)
+        namespaces.delete(n)
 
 
 def test_owner_matches_as_the_kernel(two_namespaces):

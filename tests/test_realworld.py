@@ -13,7 +13,9 @@ import sys
 
 import pytest
 
-from bpfilter.lab import S_IN_ADDR, T_IN_ADDR, Case, KernelBackend, Lab, Packet, ServiceBackend
+from bpfilter_lab.backends import KernelBackend, ServiceBackend
+from bpfilter_lab.lab import S_IN_ADDR, T_IN_ADDR, Case, Lab
+from bpfilter_lab.packets import Packet
 
 from test_differential import assert_identical
 from test_service import Service

@@ -19,7 +19,7 @@ from bpfilter.abi.xtables import SIZEOF_XT_ENTRY_HEADER, ipt_replace
 from bpfilter.errors import BpfilterError
 from bpfilter.loader import load_filter_table
 from bpfilter.netns import entered
-from bpfilter.scratch import replace_blob
+from bpfilter_lab.scratch import replace_blob
 
 pytestmark = pytest.mark.kernel
 

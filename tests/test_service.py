@@ -31,10 +31,12 @@ from bpfilter import netns, proto
 from bpfilter.abi import codec, sockopt
 from bpfilter.abi import xtables as X
 from bpfilter.bpf import syscall as bpf
-from bpfilter.demo import RULESET as DEMO_RULESET
 from bpfilter.execute import answers
-from bpfilter.lab import Case, KernelBackend, Lab, Packet, ServiceBackend, T_IN_ADDR, \
-    service_counters
+from bpfilter_lab import namespaces
+from bpfilter_lab.backends import KernelBackend, ServiceBackend, service_counters
+from bpfilter_lab.demo import RULESET as DEMO_RULESET
+from bpfilter_lab.lab import T_IN_ADDR, Case, Lab
+from bpfilter_lab.packets import Packet
 from kmsg import KERNEL, PRINTK_DEVKMSG, USER, Kmsg, logging_everywhere, sysctls
 from rulegen import generate
 from test_differential import ROUTER, ROUTER_TRAFFIC, assert_identical
@@ -184,16 +186,15 @@ def nets():
         names = []
         for _ in range(n):
             name = f"bpft-svc-{uuid.uuid4().hex[:8]}"
-            subprocess.run(["ip", "netns", "add", name], check=True)
+            namespaces.add(name)
             made.append(name)
-            subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
             names.append(name)
         return names
 
     yield make
     for name in made:
         if os.path.exists(netns.path_of(name)):
-            subprocess.run(["ip", "netns", "del", name], check=True)
+            namespaces.delete(name)
 
 
 @pytest.fixture
@@ -1230,7 +1231,7 @@ def test_namespaces_are_separate(svc, nets):
     assert set(svc.pinned()) == {inum_a, inum_b}
     links_a, links_b = svc.link_ids(inum_a), svc.link_ids(inum_b)
     assert len(links_a) == len(links_b) == 3 and set(links_a) | set(links_b) <= bpf_link_ids()
-    subprocess.run(["ip", "netns", "del", a], check=True)
+    namespaces.delete(a)
     deadline = time.monotonic() + 8
     while inum_a in svc.pinned():
         assert time.monotonic() < deadline, "the table of a deleted netns is still pinned"

@@ -24,6 +24,7 @@ import pytest
 
 from bpfilter import netns, proto
 from bpfilter.abi import codec, sockopt
+from bpfilter_lab import namespaces
 
 MAIN = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIM = importlib.util.find_spec("bpfilter._preload").origin
@@ -123,15 +124,10 @@ def shimmed(ns: str, path: str, *argv, preload: bool = True):
 @pytest.fixture(scope="module")
 def fresh_filter():
     """(GET_INFO reply, GET_ENTRIES reply, ipt_replace) of a new netns's filter table, from the kernel."""
-    name = f"bpft-shim-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        with netns.entered(name):
-            info = sockopt.get_info("filter")
-            entries = sockopt.get_entries("filter", codec.parse_getinfo(info)["size"])
-            replace = sockopt.read_replace("filter")
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=True)
+    with namespaces.scratch("bpft-shim") as name, netns.entered(name):
+        info = sockopt.get_info("filter")
+        entries = sockopt.get_entries("filter", codec.parse_getinfo(info)["size"])
+        replace = sockopt.read_replace("filter")
     return info, entries, replace
 
 
@@ -525,13 +521,16 @@ def test_editable_install_builds_the_shim(tmp_path):
         ".git", "build", "*.egg-info", "__pycache__", ".pytest_cache", "*.so", "results"))
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    # only what the venv installed: a PYTHONPATH (a work tree's, say) would be found first
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([venv / "bin" / "pip", "install", "-q", "--no-deps",
                            "--disable-pip-version-check", "-e", src],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr
     origin = subprocess.run([venv / "bin" / "python", "-c",
                              "import importlib.util; print(importlib.util.find_spec('bpfilter._preload').origin)"],
-                            capture_output=True, text=True, check=True, cwd=tmp_path).stdout.strip()
+                            capture_output=True, text=True, check=True, cwd=tmp_path,
+                            env=env).stdout.strip()
     assert origin.startswith(str(src / "umh" / "bpfilter" / "_preload"))
     undefined = subprocess.run(["nm", "-D", "--undefined-only", origin], capture_output=True,
                                text=True, check=True).stdout

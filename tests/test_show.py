@@ -17,9 +17,9 @@ from bpfilter.bpf import syscall as bpf
 from bpfilter.loader import attach_slots, load_ruleset
 from bpfilter.ext import describe_match
 from bpfilter.model import Family
-from bpfilter.scratch import replace_blob
 from bpfilter.show import show
 from bpfilter.store import Store, TableKey
+from bpfilter_lab.scratch import replace_blob
 from test_disasm import bpftool_xlated, normalized
 
 RULESET = """\

@@ -17,14 +17,14 @@ from bpfilter.abi.ipv4 import IPT_INV_PROTO
 from bpfilter.abi.xtables import ipt_replace
 from bpfilter.bpf import syscall as bpf
 from bpfilter.errors import BpfilterError
-from bpfilter.lab import Packet
 from bpfilter.listing import render
 from bpfilter.loader import load_filter_table
 from bpfilter.model import Hook
-from bpfilter.scratch import replace_blob
 from bpfilter.service import revision_answer
 from bpfilter.abi import ipv4
 from bpfilter.abi import xtables as X
+from bpfilter_lab.packets import Packet
+from bpfilter_lab.scratch import replace_blob
 
 from kmsg import NF_LOG_ALL_NETNS, PRINTK_DEVKMSG, logging_everywhere, sysctls
 from test_refusals import kernel_refusal

@@ -12,7 +12,7 @@ replays every case whose packets all go through OUTPUT against the kernel's own
 legacy iptables (raw IP_HDRINCL socket in a netns routing everything out of lo), to
 prove the expectations themselves.
 
-Packet sizes (bpfilter.lab.Packet, 16 payload bytes unless said): tcp 56, udp 44, icmp 44,
+Packet sizes (bpfilter_lab.packets.Packet, 16 payload bytes unless said): tcp 56, udp 44, icmp 44,
 non-first fragment 36, raw protocol 36.
 """
 from __future__ import annotations
@@ -23,7 +23,6 @@ import re
 import socket
 import struct
 import subprocess
-import uuid
 from dataclasses import dataclass, field
 
 import pytest
@@ -37,9 +36,10 @@ from bpfilter.errors import BpfilterError
 from bpfilter.loader import load_filter_table
 from bpfilter.model import Hook
 from bpfilter.netns import entered
-from bpfilter.scratch import replace_blob
 from bpfilter.compiler import classifier, multifield
-from bpfilter.lab import Packet
+from bpfilter_lab import namespaces
+from bpfilter_lab.packets import Packet
+from bpfilter_lab.scratch import replace_blob
 
 pytestmark = pytest.mark.kernel
 
@@ -921,17 +921,12 @@ def kernel_netns():
     """A netns whose legacy iptables sees our packets at OUTPUT with out = lo, like
     the test runs: everything routes out of lo. What lo loops back is dropped in
     raw PREROUTING so that it never reaches the filter table's INPUT."""
-    name = f"bpfl-verdicts-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        for argv in (["ip", "link", "set", "lo", "up"],
-                     ["ip", "route", "add", "default", "dev", "lo"],
-                     ["iptables-legacy", "-t", "raw", "-A", "PREROUTING", "-j", "DROP"]):
-            subprocess.run(["ip", "netns", "exec", name, *argv], check=True,
-                           capture_output=True)
+    with namespaces.scratch("bpfl-verdicts") as name:
+        with namespaces.netlink(name) as ipr:
+            ipr.route("add", dst="0.0.0.0/0", oif=ipr.link_lookup(ifname="lo")[0])
+        subprocess.run(["ip", "netns", "exec", name, "iptables-legacy", "-t", "raw", "-A",
+                        "PREROUTING", "-j", "DROP"], check=True, capture_output=True)
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=True)
 
 
 def kernel_load(netns: str, c: Case) -> None:

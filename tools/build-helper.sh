@@ -50,12 +50,13 @@ from bpfilter.cli import main
 sys.exit(main())
 EOF
     # The preload shim (an extension next to the package) serves `bpfilter exec`, never
-    # the module's helper. construct imports numpy and cryptography lazily, for
-    # constructs bpfilter never uses, cffi needs no compiler toolchain in ABI mode, and
-    # the standard library's network, mail and markup modules serve nothing here: left
-    # in, they would make the helper six times bigger and slower to unpack at every
-    # start (hashlib falls back to its built-in hashes without OpenSSL).
-    excluded=(bpfilter._preload numpy cryptography yaml setuptools distutils
+    # the module's helper, and bpfilter_lab (the tests' lab, the demo) is no part of
+    # bpfilter. construct imports numpy and cryptography lazily, for constructs bpfilter
+    # never uses, cffi needs no compiler toolchain in ABI mode, and the standard
+    # library's network, mail and markup modules serve nothing here: left in, they
+    # would make the helper six times bigger and slower to unpack at every start
+    # (hashlib falls back to its built-in hashes without OpenSSL).
+    excluded=(bpfilter._preload bpfilter_lab numpy cryptography yaml setuptools distutils
               charset_normalizer ssl asyncio http xml email lzma bz2 tkinter
               unittest pydoc pytest _hashlib readline decimal _decimal)
     "$python" -m PyInstaller --noconfirm --clean --log-level WARN --onefile --strip \

@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
-exec python3 -m bpfilter demo "$@"
+exec python3 -m bpfilter_lab demo "$@"

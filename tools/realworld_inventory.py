@@ -20,7 +20,7 @@ from bpfilter.abi import codec  # noqa: E402
 from bpfilter.abi import xtables as X  # noqa: E402
 from bpfilter.decode import table_from_raw  # noqa: E402
 from bpfilter.errors import BpfilterError  # noqa: E402
-from bpfilter.scratch import replace_blob  # noqa: E402
+from bpfilter_lab.scratch import replace_blob  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "tests", "realworld")
 

@@ -14,8 +14,8 @@ from bpfilter import decode
 from bpfilter.bpf import syscall as bpf
 from bpfilter.bpf.asm import Assembler
 from bpfilter.errors import BpfilterError
-from bpfilter.lab import Packet
 from bpfilter.netfilter import NF_ACCEPT, NF_INET_LOCAL_IN
+from bpfilter_lab.packets import Packet
 
 from netlab import PAYLOAD
 from rules import Flow

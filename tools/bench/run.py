@@ -104,7 +104,7 @@ def measure_rates(lab, active: list[str], window: float, reps: int) -> dict:
 
 def bench_one(lab, systems: dict, mix: str, n: int, args) -> dict:
     from bpfstats import footprint, input_program, ns_per_packet, replay_load, table_dir
-    from bpfilter.scratch import replace_blob
+    from bpfilter_lab.scratch import replace_blob
 
     ruleset = rules.generate(mix, n, args.seed)
     run = {"mix": mix, "n": n, "systems": {s: {} for s in ["none", *systems]}}

@@ -34,11 +34,6 @@ def _show(args) -> int:
     return show(args.bpffs, bpf=args.bpf)
 
 
-def _demo(args) -> int:
-    from .demo import run
-    return run(verbose=args.verbose)
-
-
 def _exec(args) -> int:
     from .execute import run
     return run(args.argv, args.socket, args.bpffs)
@@ -52,10 +47,6 @@ def _env(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="bpfilter", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="filter real traffic between namespaces it makes, "
-                                    "side by side with the kernel's iptables")
-    p.add_argument("-v", "--verbose", action="store_true")
-    p.set_defaults(func=_demo)
     p = sub.add_parser("serve", help="answer iptables' socket options (what `exec` and "
                                      "bpfilter.ko forward) on a root-only unix socket")
     p.add_argument("--daemon", action="store_true",

@@ -181,7 +181,8 @@ class _Registry:
         return self.extensions[(model.name, model.revision, family)]
 
 
-# Matches Linux has (net/netfilter/xt_*.c, net/ipv4/netfilter/ipt_*.c): a blob naming
+# Matches Linux has (net/netfilter/xt_*.c, net/ipv4/netfilter/ipt_*.c,
+# net/ipv6/netfilter/ip6t_*.c): a blob naming
 # one bpfilter lacks is refused as unsupported (EOPNOTSUPP); any other name does not
 # exist, and the kernel answers ENOENT.
 LINUX_MATCHES = frozenset("""
@@ -189,11 +190,13 @@ LINUX_MATCHES = frozenset("""
     dccp devgroup dscp ecn esp hashlimit helper icmp iprange ipcomp ipvs l2tp length limit mac
     mark multiport nfacct osf owner physdev pkttype policy quota rateest realm recent rpfilter
     sctp set socket state statistic string tcp tcpmss time tos ttl u32 udp udplite
+    dst eui64 frag hbh hl icmp6 ipv6header mh rt srh
 """.split())
 LINUX_TARGETS = frozenset("""
     AUDIT CHECKSUM CLASSIFY CLUSTERIP CONNMARK CONNSECMARK CT DNAT DSCP ECN HMARK IDLETIMER LED
     LOG MARK MASQUERADE NETMAP NFLOG NFQUEUE NOTRACK RATEEST REDIRECT REJECT SECMARK SET SNAT
     SYNPROXY TCPMSS TCPOPTSTRIP TEE TOS TPROXY TRACE TTL
+    DNPT HL SNPT
 """.split())
 
 

@@ -1,4 +1,4 @@
-"""`bpfilter demo`: the unmodified iptables drives bpfilter, next to the kernel's own.
+"""`python3 -m bpfilter_lab demo`: the unmodified iptables drives bpfilter, next to the kernel's own.
 
 A sender namespace sends the same real packets over veth to two identically wired
 namespaces. In one, the kernel's legacy iptables filters. In the other, the same
@@ -13,8 +13,11 @@ import subprocess
 import sys
 import tempfile
 
-from .daemon import flush
-from .lab import Case, Lab, Packet, ServiceBackend, T_IN_ADDR
+from bpfilter.daemon import flush
+
+from .backends import ServiceBackend
+from .lab import T_IN_ADDR, Case, Lab
+from .packets import Packet
 
 RULESET = """\
 *filter
@@ -88,9 +91,8 @@ def _listing(lab: Lab, target: str, backend) -> str:
 def _bpf_programs(bpffs: str) -> str:
     """The programs behind the demo's table, found from its pins as `bpftool prog
     show id N` would list them."""
-    from .bpf import syscall as bpf
-
-    from .store import Store
+    from bpfilter.bpf import syscall as bpf
+    from bpfilter.store import Store
 
     lines = []
     store = Store(bpffs)
