@@ -2,6 +2,8 @@ import os
 
 import pytest
 
+from verdicts import kernel_netns  # noqa: F401  (a fixture for every test module)
+
 from bpfilter_lab import namespaces
 
 

@@ -1,16 +1,9 @@
-"""Verdicts and counters of translated filter tables, feature by feature.
+"""Verdicts and counters of translated IPv4 filter tables, feature by feature (the
+machinery, and what a case is: verdicts.py).
 
-Each case is an iptables-restore ruleset, packets sent at a hook with the verdict
-the kernel's ipt_do_table() gives them, and the counters of the entries that count
-afterwards (every other entry must stay at zero). The blob is the one
-iptables-legacy-restore really produces; the programs run with BPF_PROG_TEST_RUN,
-where the kernel sets state->in = NULL and state->out = "lo" at every hook, so
-interface tests use -o only.
-
-The expectations are iptables semantics written down by hand. test_kernel_agrees
+The expectations are iptables semantics written down by hand; test_kernel_agrees
 replays every case whose packets all go through OUTPUT against the kernel's own
-legacy iptables (raw IP_HDRINCL socket in a netns routing everything out of lo), to
-prove the expectations themselves.
+legacy iptables, to prove the expectations themselves.
 
 Packet sizes (bpfilter_lab.packets.Packet, 16 payload bytes unless said): tcp 56, udp 44, icmp 44,
 non-first fragment 36, raw protocol 36.
@@ -19,33 +12,22 @@ from __future__ import annotations
 
 import ipaddress
 import random
-import re
-import socket
 import struct
-import subprocess
-from dataclasses import dataclass, field
 
 import pytest
 
-from bpfilter import listing
-from bpfilter.abi import codec, sockopt
+from bpfilter.abi import codec
 from bpfilter.decode import table_from_raw
-from bpfilter.abi.ipv4 import SIZEOF_IPT_ENTRY
-from bpfilter.abi.xtables import SIZEOF_IPT_REPLACE, SIZEOF_XT_ENTRY_HEADER, ipt_replace
 from bpfilter.errors import BpfilterError
 from bpfilter.loader import load_filter_table
-from bpfilter.model import Hook
-from bpfilter.netns import entered
-from bpfilter.compiler import classifier, multifield
-from bpfilter_lab import namespaces
+from bpfilter.compiler import classifier
 from bpfilter_lab.packets import Packet
-from bpfilter_lab.scratch import replace_blob
+from verdicts import (ACCEPT, DROP, FWD, IN, OUT, Case, blob_of, case, entry_index, kernel_agrees,
+                      kernel_load, kernel_send, listing_agrees, named, output_only, run_case,
+                      verdict_name)
 
 pytestmark = pytest.mark.kernel
 
-IN, FWD, OUT = Hook.LOCAL_IN, Hook.FORWARD, Hook.LOCAL_OUT
-DROP, ACCEPT = 0, 1
-BUILTIN = ("INPUT", "FORWARD", "OUTPUT")
 
 FIN, SYN, RST, PSH, ACK, URG = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
 
@@ -70,23 +52,6 @@ def raw(proto: int, src=A, dst=B, **kw) -> Packet:
 
 
 # ---------------------------------------------------------------- the cases
-
-@dataclass
-class Case:
-    name: str
-    rules: str                      # chain declarations (":X -", ":INPUT DROP") and -A lines
-    steps: list                     # (hook, packet, expected verdict)
-    counters: dict = field(default_factory=dict)   # "CHAIN n" | "CHAIN policy" | "X return"
-    # Bytes no iptables writes, put in the blob: (rule "CHAIN n", its match number
-    # from 0, offset in that match's payload, the bytes).
-    crafted: tuple = ()
-
-
-def case(name, rules, steps, counters, crafted=()):
-    if isinstance(steps, tuple):
-        steps = [steps]
-    return pytest.param(Case(name, rules, steps, counters, crafted), id=name)
-
 
 # three user chains, each jumping to the next: OUTPUT -> A -> B -> C
 NESTED = """
@@ -751,102 +716,12 @@ CASES = [
 
 # ---------------------------------------------------------------- helpers
 
-def ruleset(rules: str) -> str:
-    """The iptables-restore text: built-in chains ACCEPT unless declared."""
-    lines = [line.strip() for line in rules.splitlines() if line.strip()]
-    decls = {m.group(1): m.group(2) for line in lines
-             if (m := re.fullmatch(r":(\S+)\s+(\S+)", line))}
-    head = [f":{c} {decls.get(c, 'ACCEPT')} [0:0]" for c in BUILTIN]
-    head += [f":{c} {p} [0:0]" for c, p in decls.items() if c not in BUILTIN]
-    body = [line for line in lines if not line.startswith(":")]
-    return "\n".join(["*filter", *head, *body, "COMMIT", ""])
-
-
-def entry_index(rules: str) -> dict[str, int]:
-    """Entry index of every rule, policy and user-chain RETURN, as libiptc lays them out:
-    INPUT, FORWARD, OUTPUT (rules, then policy), then user chains sorted by name (ERROR
-    head, rules, RETURN), then the final ERROR entry."""
-    text = ruleset(rules)
-    user = sorted({m.group(1) for m in re.finditer(r"^:(\S+) - ", text, re.M)})
-    rules_of = {c: len(re.findall(rf"^-A {re.escape(c)} ", text, re.M)) for c in [*BUILTIN, *user]}
-    index, n = {}, 0
-    for chain in BUILTIN:
-        for pos in range(1, rules_of[chain] + 1):
-            index[f"{chain} {pos}"] = n
-            n += 1
-        index[f"{chain} policy"] = n
-        n += 1
-    for chain in user:
-        n += 1                                  # ERROR head naming the chain
-        for pos in range(1, rules_of[chain] + 1):
-            index[f"{chain} {pos}"] = n
-            n += 1
-        index[f"{chain} return"] = n
-        n += 1
-    index["<end>"] = n                          # the final ERROR entry
-    return index
-
-
-def expected_counters(c: Case) -> list[tuple[int, int]]:
-    index = entry_index(c.rules)
-    unknown = set(c.counters) - set(index)
-    assert not unknown, f"case {c.name!r} names entries that do not exist: {unknown}"
-    counters = [(0, 0)] * (index["<end>"] + 1)
-    for key, value in c.counters.items():
-        counters[index[key]] = value
-    return counters
-
-
-def named(c: Case, counters) -> dict[str, tuple[int, int]]:
-    """Counters keyed like the cases, non-zero ones only, for readable failures."""
-    names = {i: k for k, i in entry_index(c.rules).items()}
-    return {names.get(i, f"entry {i}"): tuple(v) for i, v in enumerate(counters) if any(v)}
-
-
-_blobs: dict[str, bytes] = {}
-
-
-def blob_of(rules: str, crafted: tuple = ()) -> bytes:
-    text = ruleset(rules)
-    if text not in _blobs:
-        _blobs[text] = replace_blob(text)
-    blob = bytearray(_blobs[text])
-    entries = codec.parse_replace(_blobs[text]).entries
-    for rule, match, offset, data in crafted:
-        entry = entries[entry_index(rules)[rule]]
-        at = SIZEOF_IPT_REPLACE + entry.offset + SIZEOF_IPT_ENTRY + \
-            sum(m.size for m in entry.matches[:match]) + SIZEOF_XT_ENTRY_HEADER + offset
-        blob[at:at + len(data)] = data
-    return bytes(blob)
-
-
-def verdict_name(v: int) -> str:
-    return {DROP: "DROP", ACCEPT: "ACCEPT"}.get(v, str(v))
-
-
 # ---------------------------------------------------------------- the tests
 
 @pytest.mark.parametrize("how", ["walked", "classified", "multifield"])
 @pytest.mark.parametrize("c", CASES)
 def test_verdicts_and_counters(c: Case, how: str, monkeypatch):
-    """Each case three times: walked rule by rule, with every rule the tuple space can
-    take classified (runs from one rule on), and with every such rule in multifield's
-    merged tuples instead; neither must change a thing."""
-    if how != "walked":
-        monkeypatch.setattr(classifier, "MIN_RUN", 1)
-        monkeypatch.setattr(classifier, "RULES_PER_TUPLE", 0)
-    if how == "multifield":
-        monkeypatch.setattr(classifier, "MAX_TUPLES", 0)
-        monkeypatch.setattr(multifield, "RULES_PER_LOOKUP", 0)
-    table = load_filter_table(blob_of(c.rules, c.crafted), attach=False)
-    try:
-        got = [verdict_name(table.test_run(hook, p.build(1, 0))) for hook, p, _ in c.steps]
-        counters = table.counters()
-    finally:
-        table.close()
-    assert got == [verdict_name(v) for _, _, v in c.steps]
-    assert named(c, counters) == named(c, expected_counters(c))
-    assert counters == expected_counters(c)
+    run_case(c, how, monkeypatch)
 
 
 def test_entry_layout_helper_agrees_with_the_blob():
@@ -913,64 +788,7 @@ def test_counters_add_and_wrap_as_the_kernels_u64():
 
 # ---------------------------------------------------------------- against the kernel
 
-OUTPUT_ONLY = [p for p in CASES if all(hook == OUT for hook, _, _ in p.values[0].steps)]
-
-
-@pytest.fixture(scope="module")
-def kernel_netns():
-    """A netns whose legacy iptables sees our packets at OUTPUT with out = lo, like
-    the test runs: everything routes out of lo. What lo loops back is dropped in
-    raw PREROUTING so that it never reaches the filter table's INPUT."""
-    with namespaces.scratch("bpfl-verdicts") as name:
-        with namespaces.netlink(name) as ipr:
-            ipr.route("add", dst="0.0.0.0/0", oif=ipr.link_lookup(ifname="lo")[0])
-        subprocess.run(["ip", "netns", "exec", name, "iptables-legacy", "-t", "raw", "-A",
-                        "PREROUTING", "-j", "DROP"], check=True, capture_output=True)
-        yield name
-
-
-def kernel_load(netns: str, c: Case) -> None:
-    """The case's ruleset into the kernel's iptables: through iptables-legacy-restore,
-    or as the crafted blob itself."""
-    done = subprocess.run(["ip", "netns", "exec", netns, "iptables-legacy-restore"],
-                          input=ruleset(c.rules), text=True, capture_output=True)
-    assert done.returncode == 0, done.stderr
-    if c.crafted:
-        blob = bytearray(blob_of(c.rules, c.crafted))
-        with entered(netns):
-            header = ipt_replace.parse(bytes(blob[:SIZEOF_IPT_REPLACE]))
-            header.num_counters = codec.parse_getinfo(sockopt.get_info("filter"))["num_entries"]
-            blob[:SIZEOF_IPT_REPLACE] = ipt_replace.build(header)
-            sockopt.set_replace(bytes(blob))
-
-
-def kernel_run(netns: str, c: Case) -> tuple[list[str], list[tuple[int, int]]]:
-    kernel_load(netns, c)
-    return kernel_send(netns, [p for _, p, _ in c.steps])
-
-
-def kernel_send(netns: str, packets: list) -> tuple[list[str], list[tuple[int, int]]]:
-    """Each packet out of the kernel's OUTPUT: the verdicts, then every counter."""
-    verdicts = []
-    with entered(netns):
-        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-        try:
-            for p in packets:
-                try:
-                    s.sendto(p.build(1, 0), (p.dst, 0))
-                    verdicts.append("ACCEPT")
-                except PermissionError:       # NF_DROP at LOCAL_OUT is EPERM
-                    verdicts.append("DROP")
-        finally:
-            s.close()
-        size = codec.parse_getinfo(sockopt.get_info("filter"))["size"]
-        entries = codec.parse_get_entries(sockopt.get_entries("filter", size))["entries"]
-    counters, off = [], 0
-    while off < len(entries):
-        counters.append((int.from_bytes(entries[off + 96:off + 104], "little"),
-                         int.from_bytes(entries[off + 104:off + 112], "little")))
-        off += int.from_bytes(entries[off + 90:off + 92], "little")
-    return verdicts, counters
+OUTPUT_ONLY = output_only(CASES)
 
 
 def test_most_cases_are_checked_against_the_kernel():
@@ -979,33 +797,12 @@ def test_most_cases_are_checked_against_the_kernel():
 
 @pytest.mark.parametrize("c", OUTPUT_ONLY)
 def test_kernel_agrees(kernel_netns, c: Case):
-    verdicts, counters = kernel_run(kernel_netns, c)
-    assert verdicts == [verdict_name(v) for _, _, v in c.steps]
-    assert named(c, counters) == named(c, expected_counters(c))
-    assert counters == expected_counters(c)
-
-
-def kernel_listing(netns: str) -> dict[str, list[str]]:
-    """What `iptables-legacy -L -n` prints after each rule's addresses, per chain.
-    (The addresses of the cases are short enough to keep the columns in place.)"""
-    text = subprocess.run(["ip", "netns", "exec", netns, "iptables-legacy", "-L", "-n"],
-                          check=True, capture_output=True, text=True).stdout
-    chains: dict[str, list[str]] = {}
-    for block in text.strip().split("\n\n"):
-        head, columns, *rules = block.splitlines()
-        at = columns.index("destination") + 20
-        chains[head.split()[1]] = [line[at:].strip() for line in rules]
-    return chains
+    kernel_agrees(kernel_netns, c)
 
 
 @pytest.mark.parametrize("c", OUTPUT_ONLY)
 def test_listing_agrees(kernel_netns, c: Case):
-    """bpfilter's description of each rule's matches is what iptables prints."""
-    kernel_load(kernel_netns, c)
-    table = table_from_raw(codec.parse_replace(blob_of(c.rules, c.crafted)))
-    ours = {chain.name: [listing.options(rule, table.family) for rule in chain.rules]
-            for chain in table.chains.values()}
-    assert ours == kernel_listing(kernel_netns)
+    listing_agrees(kernel_netns, c)
 
 
 def test_thousands_of_rules_with_many_conditions_pass_the_verifier():

@@ -41,7 +41,8 @@ APPEND = "console=ttyS0 panic=-1 oops=panic"
 # Host programs copied into the guest, found on this PATH. Debian's busybox prefers
 # its own applets to anything on PATH (its `ip` cannot do netns), so the guest's sh is
 # dash, as on Debian, and busybox only provides commands nothing else does.
-HOST_TOOLS = ("dash", "ip", "bpftool", "xtables-legacy-multi")
+# nft: bpfilter asks the kernel through nftables how its IPv6 extension-header walk ends.
+HOST_TOOLS = ("dash", "ip", "bpftool", "xtables-legacy-multi", "nft")
 TOOL_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 # Shipped with whatever they depend on; everything else stays out of the guest, and
 # what is shipped is only loaded on demand (modprobe), so ip_tables stays unloaded

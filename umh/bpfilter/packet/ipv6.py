@@ -15,7 +15,9 @@ packet alone, so the prologue makes it once, with the kernel's steps:
   - a fragment header with a non-zero offset ends the walk: its next header is the
     protocol, with fragoff = that offset in bytes (thoff stays 0), unless the next
     header is itself an extension header: -ENOENT;
-  - a header longer than what is left of the packet is -EBADMSG.
+  - a header longer than what is left of the packet is -EBADMSG on kernels with the
+    stable fix "do not let ipv6_find_hdr() return an offset past the packet end";
+    older ones step past the end (ipv6_probe.py asks the running kernel which).
 
 The walk is a bpf_loop() callback: a packet may chain as many extension headers as
 its length allows, and a loop unrolled for a few would not be the kernel's walk.
@@ -37,6 +39,7 @@ from ..model import Ip6Header
 from . import facts
 from .facts import (DADDR, FRAGOFF, LEN, PROTO, SADDR, THOFF, TOT_LEN, TTL, Flavour,
                     KernelOffsets, emit_slice)
+from .ipv6_probe import walk_bounded_by_packet
 from .primitives import RuleOutcome, emit_name_equal
 
 IPV6_HEADER = 40
@@ -87,8 +90,9 @@ class Ipv6(Flavour):
             asm.emit(BPF_JMP_IMM(I.BPF_JEQ, R1, nexthdr, walk))
         asm.emit(BPF_JMP_A(walked))
         asm.place(walk)
-        callback = asm.subprogram(f"ipv6_walk{'_record' if 'exthdr' in needs else ''}",
-                                  lambda: _emit_walk_step(asm, record="exthdr" in needs))
+        record, bounded = "exthdr" in needs, walk_bounded_by_packet()
+        callback = asm.subprogram(f"ipv6_walk{'_record' if record else ''}",
+                                  lambda: _emit_walk_step(asm, record, bounded))
         clamped = asm.label("clamped")
         asm.emit(BPF_ST_MEM(BPF_B, R6, WALK, WALKING),
                  # every step moves 8 bytes on or ends the walk
@@ -163,10 +167,11 @@ def _emit_read(asm, size: int, failed) -> None:
              BPF_JMP_IMM(I.BPF_JNE, R0, 0, failed))
 
 
-def _emit_walk_step(asm, record: bool) -> None:
+def _emit_walk_step(asm, record: bool, bounded: bool) -> None:
     """One step of ipv6_find_hdr(skb, &thoff, -1, &fragoff, NULL), a bpf_loop()
     callback: R2 = &facts; PROTO holds the header to look at, THOFF where it starts.
-    Returns 1 once WALK says how the walk ended, 0 to go on."""
+    Returns 1 once WALK says how the walk ended, 0 to go on. `bounded`: a header
+    longer than the rest of the packet ends the walk (-EBADMSG)."""
     found, enoent, badmsg = asm.label("found"), asm.label("enoent"), asm.label("badmsg")
     extension, sized = asm.label("extension"), asm.label("sized")
     asm.emit(BPF_MOV64_REG(R6, R2),
@@ -217,9 +222,10 @@ def _emit_walk_step(asm, record: bool) -> None:
     asm.emit(BPF_ALU64_IMM(I.BPF_ADD, R3, 1), BPF_ALU64_IMM(I.BPF_LSH, R3, 3))
     asm.place(sized)
     # R3 = the header's length: the packet must hold it (skb->len - start < hdrlen)
-    asm.emit(BPF_LDX_MEM(BPF_W, R1, R6, LEN), BPF_ALU64_REG(I.BPF_SUB, R1, R8),
-             BPF_JMP_REG(I.BPF_JLT, R1, R3, badmsg),
-             BPF_LDX_MEM(BPF_B, R1, FP, _SCRATCH_FP), BPF_STX_MEM(BPF_B, R6, R1, PROTO),
+    if bounded:
+        asm.emit(BPF_LDX_MEM(BPF_W, R1, R6, LEN), BPF_ALU64_REG(I.BPF_SUB, R1, R8),
+                 BPF_JMP_REG(I.BPF_JLT, R1, R3, badmsg))
+    asm.emit(BPF_LDX_MEM(BPF_B, R1, FP, _SCRATCH_FP), BPF_STX_MEM(BPF_B, R6, R1, PROTO),
              BPF_ALU64_REG(I.BPF_ADD, R8, R3), BPF_STX_MEM(BPF_W, R6, R8, THOFF),
              BPF_MOV64_IMM(R0, 0), BPF_EXIT_INSN())
     for label, outcome in ((found, WALK_FOUND), (enoent, WALK_ENOENT), (badmsg, WALK_EBADMSG)):
