@@ -19,7 +19,7 @@ from bpfilter.bpf import syscall as bpf
 from bpfilter.errors import BpfilterError
 from bpfilter.listing import render
 from bpfilter.loader import load_filter_table
-from bpfilter.model import Hook
+from bpfilter.model import Family, Hook
 from bpfilter.service import revision_answer
 from bpfilter.abi import ipv4
 from bpfilter.abi import xtables as X
@@ -186,7 +186,7 @@ def test_a_full_ring_loses_lines_and_counts_them(ring, tmp_path):
     """Lines the full ring refuses are counted, and the count logged. (TEST_RUN's hook
     state has no netns: nf_log_all_netns must let the lines through.)"""
     table = load_filter_table(replace_blob(ruleset("-A OUTPUT -j LOG")), attach=False, environment=ring.maps())
-    fit = klog.RING_SIZE // (klog.RECORD_SIZE + 8)    # each record has an 8-byte header
+    fit = klog.RING_SIZE // (klog.record_size(192) + 8)    # each record has an 8-byte header
     try:
         bpf.nf_test_run(table.hooks[Hook.LOCAL_OUT].prog_fd, Hook.LOCAL_OUT, UDP,
                         repeat=fit + 500)
@@ -212,9 +212,10 @@ def test_log_needs_a_ring():
 
 def line_of(packet: bytes, level: int = 5) -> tuple[int, bytes]:
     """format_line() of the record an OUTPUT LOG rule would write for `packet`."""
-    record = bytearray(klog.RECORD_SIZE)
+    record = bytearray(klog.record_size(len(packet)))
     struct.pack_into("<IIIBB", record, 0, klog.PROC_NET_INIT_INO, 0, len(packet), level, 0)
     struct.pack_into("<H", record, klog.R_CAPTURED, len(packet))
+    record[klog.R_FAMILY] = Family.IPV4
     record[klog.R_OUT:klog.R_OUT + 2] = b"lo"
     record[klog.R_PACKET:klog.R_PACKET + len(packet)] = packet
     return klog.format_line(klog.Record(bytes(record)))

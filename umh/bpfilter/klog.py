@@ -4,8 +4,10 @@ A netfilter BPF program cannot print, so a LOG rule copies what the kernel's lin
 is made of (devices, skb->mark, the packet's first bytes, the link-layer header)
 into a BPF ring buffer as one Record, and the service drains the ring and writes to
 /dev/kmsg the line net/netfilter/nf_log_syslog.c would have printed for that
-packet: nf_log_dump_packet_common(), dump_mac_header() and dump_ipv4_packet() are
-re-done here byte for byte, on the copied bytes.
+packet: nf_log_dump_packet_common(), dump_mac_header(), and dump_ipv4_packet() or
+dump_ipv6_packet() by the record's family (one ring serves every table), with the
+transport headers both print (nf_log_dump_tcp_header(), nf_log_dump_udp_header()),
+are re-done here byte for byte, on the copied bytes.
 
 What cannot be the kernel's line exactly is not written; it is counted as lost with
 lines the full ring dropped, and the count is logged (see README, LOG).
@@ -21,6 +23,7 @@ from typing import Iterator, Optional
 
 from .bpf import syscall as bpf
 from .bpf.insn import MapRef
+from .model import Family
 
 # struct xt_log_info's logflags (include/uapi/linux/netfilter/xt_LOG.h)
 XT_LOG_TCPSEQ = 0x01
@@ -51,16 +54,35 @@ R_VLAN_PROTO = 24    # u16 skb->vlan_proto
 R_VLAN_TCI = 26      # u16 skb->vlan_tci
 R_CAPTURED = 28      # u16 packet bytes copied to R_PACKET
 R_PACKET_READ = 30   # u8 0: copied
+R_FAMILY = 31        # u8 the rule's family (NFPROTO_IPV4, NFPROTO_IPV6): which line to write
 R_IN = 32            # 16 bytes, zero without an input device
 R_OUT = 48
 R_PREFIX = 64        # 30 bytes, NUL-terminated, padded to 32
-R_MAC = 96
+# skb_is_gso() && skb_is_gso_tcp(), which the LEN= of a packet whose length field is
+# 0 depends on (iph_totlen(), ipv6_payload_len()): skb_shinfo()'s gso_size and gso_type
+R_GSO_READ = 96      # u8 0: both read
+R_GSO_SIZE = 98      # u16
+R_GSO_TYPE = 100     # u32
+R_MAC = 104
 MAC_MAX = 64         # link-layer header bytes copied (dump_mac_header reads at most this)
 R_PACKET = R_MAC + MAC_MAX
-# The most dump_ipv4_packet() reads: ip header with options, icmp header, the
-# embedded ip header with options, a tcp header with options (60 + 8 + 60 + 60).
-PACKET_MAX = 192
-RECORD_SIZE = R_PACKET + PACKET_MAX
+# How many packet bytes a record holds: min(skb->len, the class), in the smallest
+# class that fits, so that short packets take little of the ring. IPv4: everything
+# dump_ipv4_packet() can read (ip header with options, icmp header, the embedded ip
+# header with options, a tcp header with options: 60 + 8 + 60 + 60). IPv6 headers
+# have no such bound (an extension header takes up to 2 KiB, a chain of them the whole
+# packet): 1280 bytes, IPv6's minimum MTU, hold any ICMPv6 error whole (RFC 4443 2.4
+# keeps them within it) and any header chain a sane packet has (RFC 7112); a line
+# that reads further is lost.
+CAPTURE_CLASSES = {Family.IPV4: (192,), Family.IPV6: (128, 256, 512, 1280)}
+# skb_shinfo()->gso_type bits of skb_is_gso_tcp() (include/linux/skbuff.h)
+SKB_GSO_TCPV4, SKB_GSO_TCPV6 = 1 << 0, 1 << 4
+
+
+def record_size(captured: int) -> int:
+    """The size of the record for a class of `captured` packet bytes."""
+    return R_PACKET + captured
+
 
 MAC_NONE, MAC_COPIED, MAC_FAILED = 0, 1, 2
 MAC_UNSET = 0xFFFF   # skb->mac_header when no mac header was set
@@ -94,6 +116,11 @@ def _u32(value: int) -> int:
 
 def _ip(raw: bytes) -> str:
     return str(ipaddress.IPv4Address(raw))
+
+
+def _ip6(raw: bytes) -> str:
+    """%pI6: eight groups of four lowercase hex digits, nothing compressed."""
+    return ":".join(raw[i:i + 2].hex() for i in range(0, 16, 2))
 
 
 def _mac(raw: bytes) -> str:
@@ -137,14 +164,28 @@ class Record:
         """skb_header_pointer(): the bytes, or None past skb->len."""
         if offset + size > self.skb_len:
             return None
-        if offset + size > self.u16(R_CAPTURED):
-            raise Unreproducible(f"the line reads packet bytes past the {PACKET_MAX} copied")
+        captured = self.u16(R_CAPTURED)
+        if offset + size > captured:
+            raise Unreproducible(f"the line reads packet bytes past the {captured} copied")
         return self.raw[R_PACKET + offset:R_PACKET + offset + size]
+
+    def gso_tcp(self) -> bool:
+        """skb_is_gso(skb) && skb_is_gso_tcp(skb)."""
+        if self.u8(R_GSO_READ):
+            raise Unreproducible("the skb's gso state could not be read")
+        return bool(self.u16(R_GSO_SIZE) and
+                    self.u32(R_GSO_TYPE) & (SKB_GSO_TCPV4 | SKB_GSO_TCPV6))
 
 
 def format_line(record: Record) -> tuple[int, bytes]:
-    """(level, text) of nf_log_ip_packet()'s line, as printk stores it."""
+    """(level, text) of nf_log_ip_packet()'s or nf_log_ip6_packet()'s line, as printk
+    stores it."""
     r = record
+    dump = {Family.IPV4: _dump_ipv4_packet,
+            Family.IPV6: lambda m, r, offset: _dump_ipv6_packet(m, r, offset, True)
+            }.get(r.u8(R_FAMILY))
+    if dump is None:
+        raise Unreproducible(f"a record of unknown family {r.u8(R_FAMILY)}")
     if r.u8(R_PACKET_READ):
         raise Unreproducible("the packet could not be copied")
     if r.u8(R_BRIDGED):
@@ -156,7 +197,7 @@ def format_line(record: Record) -> tuple[int, bytes]:
           + b"IN=" + in_name + b" OUT=" + out_name + b" ")
     if in_name:
         _dump_mac_header(m, r)
-    _dump_ipv4_packet(m, r, 0)
+    dump(m, r, 0)   # skb_network_offset() is 0 at the IP hooks
     return _printk_store(bytes(m.text))
 
 
@@ -201,6 +242,9 @@ def _dump_mac_header(m: _LineBuffer, r: Record) -> None:
     m.add(" ")
 
 
+# ---------------------------------------------------------------- IPv4
+
+
 def _dump_ipv4_packet(m: _LineBuffer, r: Record, iphoff: int) -> None:
     flags = r.u8(R_LOGFLAGS)
     ih = r.header(iphoff, 20)
@@ -210,9 +254,8 @@ def _dump_ipv4_packet(m: _LineBuffer, r: Record, iphoff: int) -> None:
     ver_ihl, tos, tot_len, ident, frag_off, ttl, proto = struct.unpack_from("!BBHHHBB", ih)
     ihl = (ver_ihl & 0x0F) * 4
     m.add(f"SRC={_ip(ih[12:16])} DST={_ip(ih[16:20])} ")
-    # iph_totlen(): tot_len 0 is skb->len for a BIG TCP packet, and ip_rcv_core()
-    # and ip_local_out() let no other packet with tot_len 0 reach the hooks
-    length = tot_len or (r.skb_len if iphoff == 0 and proto == 6 else 0)
+    # iph_totlen(): tot_len 0 is skb->len for a BIG TCP packet
+    length = tot_len or (r.skb_len if r.gso_tcp() else 0)
     m.add(f"LEN={length} TOS=0x{tos & 0x1E:02X} PREC=0x{tos & 0xE0:02X} TTL={ttl} ID={ident} ")
     for bit, name in ((0x8000, "CE "), (0x4000, "DF "), (0x2000, "MF ")):
         if frag_off & bit:
@@ -258,6 +301,170 @@ def _dump_spi(m: _LineBuffer, r: Record, thoff: int, header_size: int, spi_at: i
     m.add(f"SPI=0x{struct.unpack_from('!I', hdr, spi_at)[0]:x} ")
 
 
+def _dump_icmp(m: _LineBuffer, r: Record, iphoff: int, fragment: int, offset: int) -> None:
+    m.add("PROTO=ICMP ")
+    if fragment:
+        return
+    ich = r.header(offset, 8)
+    left = _u32(r.skb_len - offset)
+    if ich is None:
+        m.add(f"INCOMPLETE [{left} bytes] ")
+        return
+    icmp_type, code = ich[0], ich[1]
+    m.add(f"TYPE={icmp_type} CODE={code} ")
+    required = _ICMP_REQUIRED_LEN.get(icmp_type, 0) if icmp_type <= _NR_ICMP_TYPES else 0
+    if required and left < required:
+        m.add(f"INCOMPLETE [{left} bytes] ")
+        return
+    if icmp_type in (0, 8):
+        m.add("ID={} SEQ={} ".format(*struct.unpack_from("!HH", ich, 4)))
+    elif icmp_type == 12:
+        m.add(f"PARAMETER={ich[4]} ")
+    elif icmp_type in (3, 4, 5, 11):
+        if icmp_type == 5:
+            m.add(f"GATEWAY={_ip(ich[4:8])} ")
+        if iphoff == 0:   # only recurse once
+            m.add("[")
+            _dump_ipv4_packet(m, r, offset + 8)
+            m.add("] ")
+        if icmp_type == 3 and code == 4:
+            m.add(f"MTU={struct.unpack_from('!H', ich, 6)[0]} ")
+
+
+# ---------------------------------------------------------------- IPv6
+
+NEXTHDR_HOP, NEXTHDR_ROUTING, NEXTHDR_FRAGMENT = 0, 43, 44
+NEXTHDR_ESP, NEXTHDR_AUTH, NEXTHDR_NONE, NEXTHDR_DEST = 50, 51, 59, 60
+# nf_ip6_ext_hdr(), less NEXTHDR_NONE, which ends dump_ipv6_packet()'s walk too
+_IPV6_WALKED = frozenset({NEXTHDR_HOP, NEXTHDR_ROUTING, NEXTHDR_FRAGMENT, NEXTHDR_ESP,
+                          NEXTHDR_AUTH, NEXTHDR_DEST})
+ICMPV6_DEST_UNREACH, ICMPV6_PKT_TOOBIG, ICMPV6_TIME_EXCEED, ICMPV6_PARAMPROB = 1, 2, 3, 4
+ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY = 128, 129
+
+
+def _dump_ipv6_packet(m: _LineBuffer, r: Record, ip6hoff: int, recurse: bool) -> None:
+    flags = r.u8(R_LOGFLAGS)
+    ipopt = flags & XT_LOG_IPOPT
+    ih = r.header(ip6hoff, 40)
+    if ih is None:
+        m.add("TRUNCATED")
+        return
+    word, payload_len, nexthdr, hop_limit = struct.unpack_from("!IHBB", ih)
+    m.add(f"SRC={_ip6(ih[8:24])} DST={_ip6(ih[24:40])} ")
+    # ipv6_payload_len(): 0 is what follows the header for a BIG TCP packet
+    if not payload_len and r.gso_tcp():
+        payload_len = _u32(r.skb_len - 40)
+    m.add(f"LEN={payload_len + 40} TC={(word & 0x0FF00000) >> 20} HOPLIMIT={hop_limit} "
+          f"FLOWLBL={word & 0x000FFFFF} ")
+
+    # The extension headers, each named and skipped as the kernel does: note that its
+    # walk stops at ESP, at a hop-by-hop, routing or destination header after a later
+    # fragment, and (logging nothing) at any header it cannot read.
+    fragment = False
+    ptr, current = ip6hoff + 40, nexthdr
+    while current in _IPV6_WALKED:
+        hp = r.header(ptr, 2)
+        if hp is None:
+            m.add("TRUNCATED")
+            return
+        if ipopt:
+            m.add("OPT ( ")
+        if current == NEXTHDR_FRAGMENT:
+            m.add("FRAG:")
+            fh = r.header(ptr, 8)
+            if fh is None:
+                m.add("TRUNCATED ")
+                return
+            frag_off, ident = struct.unpack_from("!2xHI", fh)
+            m.add(f"{frag_off & 0xFFF8} ")
+            if frag_off & 0x0001:
+                m.add("INCOMPLETE ")
+            m.add(f"ID:{ident:08x} ")
+            if frag_off & 0xFFF8:
+                fragment = True
+            hdrlen = 8
+        elif current in (NEXTHDR_DEST, NEXTHDR_ROUTING, NEXTHDR_HOP):
+            if fragment:
+                if ipopt:
+                    m.add(")")
+                return
+            hdrlen = (hp[1] + 1) * 8          # ipv6_optlen()
+        elif current == NEXTHDR_AUTH:
+            if ipopt:
+                m.add("AH ")
+                if fragment:
+                    m.add(")")
+                    return
+                ah = r.header(ptr, 12)        # struct ip_auth_hdr
+                if ah is None:
+                    m.add(f"INCOMPLETE [{_u32(r.skb_len - ptr)} bytes] )")
+                    return
+                m.add(f"SPI=0x{struct.unpack_from('!I', ah, 4)[0]:x} ")
+            # without --log-ip-options a later fragment's "AH" is skipped all the same
+            hdrlen = (hp[1] + 2) * 4          # ipv6_authlen()
+        else:                                 # NEXTHDR_ESP
+            if ipopt:
+                m.add("ESP ")
+                if fragment:
+                    m.add(")")
+                    return
+                eh = r.header(ptr, 8)         # struct ip_esp_hdr
+                if eh is None:
+                    m.add(f"INCOMPLETE [{_u32(r.skb_len - ptr)} bytes] )")
+                    return
+                m.add(f"SPI=0x{struct.unpack_from('!I', eh, 0)[0]:x} )")
+            return
+        if ipopt:
+            m.add(") ")
+        current = hp[0]
+        ptr += hdrlen
+
+    if current == 6:
+        if _dump_tcp_header(m, r, fragment, ptr, flags):
+            return
+    elif current in (17, 136):
+        if _dump_udp_header(m, r, current, fragment, ptr):
+            return
+    elif current == 58:
+        if _dump_icmpv6(m, r, fragment, ptr, recurse):
+            return
+    else:
+        m.add(f"PROTO={current} ")
+    mark = r.u32(R_MARK)
+    if recurse and mark:
+        m.add(f"MARK=0x{mark:x} ")
+
+
+def _dump_icmpv6(m: _LineBuffer, r: Record, fragment: bool, ptr: int, recurse: bool) -> bool:
+    """dump_ipv6_packet()'s ICMPv6 case; True when it returns from the dump."""
+    m.add("PROTO=ICMPv6 ")
+    if fragment:
+        return False
+    ic = r.header(ptr, 8)
+    if ic is None:
+        m.add(f"INCOMPLETE [{_u32(r.skb_len - ptr)} bytes] ")
+        return True
+    icmp_type, code, _, rest = struct.unpack_from("!BBHI", ic)
+    m.add(f"TYPE={icmp_type} CODE={code} ")
+    if icmp_type in (ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY):
+        m.add("ID={} SEQ={} ".format(*struct.unpack_from("!HH", ic, 4)))
+    elif icmp_type in (ICMPV6_DEST_UNREACH, ICMPV6_PKT_TOOBIG, ICMPV6_TIME_EXCEED,
+                       ICMPV6_PARAMPROB):
+        if icmp_type == ICMPV6_PARAMPROB:
+            m.add(f"POINTER={rest:08x} ")
+        if recurse:   # one level of recursion
+            m.add("[")
+            _dump_ipv6_packet(m, r, ptr + 8, False)
+            m.add("] ")
+        if icmp_type == ICMPV6_PKT_TOOBIG:
+            m.add(f"MTU={rest} ")
+    return False
+
+
+# ---------------------------------------------------------------- transport headers
+# (nf_log_dump_tcp_header() and nf_log_dump_udp_header(), for both families)
+
+
 def _dump_tcp_header(m: _LineBuffer, r: Record, fragment: int, offset: int, flags: int) -> bool:
     m.add("PROTO=TCP ")
     if fragment:
@@ -300,36 +507,6 @@ def _dump_udp_header(m: _LineBuffer, r: Record, proto: int, fragment: int, offse
     sport, dport, length = struct.unpack_from("!HHH", uh)
     m.add(f"SPT={sport} DPT={dport} LEN={length} ")
     return False
-
-
-def _dump_icmp(m: _LineBuffer, r: Record, iphoff: int, fragment: int, offset: int) -> None:
-    m.add("PROTO=ICMP ")
-    if fragment:
-        return
-    ich = r.header(offset, 8)
-    left = _u32(r.skb_len - offset)
-    if ich is None:
-        m.add(f"INCOMPLETE [{left} bytes] ")
-        return
-    icmp_type, code = ich[0], ich[1]
-    m.add(f"TYPE={icmp_type} CODE={code} ")
-    required = _ICMP_REQUIRED_LEN.get(icmp_type, 0) if icmp_type <= _NR_ICMP_TYPES else 0
-    if required and left < required:
-        m.add(f"INCOMPLETE [{left} bytes] ")
-        return
-    if icmp_type in (0, 8):
-        m.add("ID={} SEQ={} ".format(*struct.unpack_from("!HH", ich, 4)))
-    elif icmp_type == 12:
-        m.add(f"PARAMETER={ich[4]} ")
-    elif icmp_type in (3, 4, 5, 11):
-        if icmp_type == 5:
-            m.add(f"GATEWAY={_ip(ich[4:8])} ")
-        if iphoff == 0:   # only recurse once
-            m.add("[")
-            _dump_ipv4_packet(m, r, offset + 8)
-            m.add("] ")
-        if icmp_type == 3 and code == 4:
-            m.add(f"MTU={struct.unpack_from('!H', ich, 6)[0]} ")
 
 
 # ---------------------------------------------------------------- the ring

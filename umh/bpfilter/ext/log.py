@@ -1,5 +1,7 @@
 """-j LOG (struct xt_log_info, revision 0): --log-level, --log-prefix, and the
---log-tcp-sequence, --log-tcp-options, --log-ip-options, --log-macdecode flags.
+--log-tcp-sequence, --log-tcp-options, --log-ip-options, --log-macdecode flags; for
+iptables and ip6tables (xt_LOG registers the same target, payload and checkentry
+for both families).
 
 The rule copies what the kernel's log line is made of into the log ring, and the
 service writes the line (klog.py); then the packet goes on to the next rule, as
@@ -22,8 +24,8 @@ from ..bpf.insn import (BPF_ALU64_IMM, BPF_ALU64_REG, BPF_ATOMIC_OP, BPF_B, BPF_
                         R0, R1, R2, R3, R4, R5, R6, R7, R8, R9)
 from ..packet import facts
 from ..errors import BpfilterError
-from ..model import ExtensionTarget, Family, IpHeader
-from . import TargetExtension, register_target
+from ..model import ExtensionTarget, IpHeader
+from . import BOTH_FAMILIES, TargetExtension, register_target
 
 PREFIX_SIZE = 30
 LEVELS = 8
@@ -47,7 +49,7 @@ class LogTarget(ExtensionTarget):
 @register_target
 class Log(TargetExtension):
     name = "LOG"
-    families = (Family.IPV4,)
+    families = BOTH_FAMILIES
     struct = xt_log_info
     facts = frozenset({"skb"})
     environment = (K.LOG_RING, K.LOG_LOST)
@@ -74,11 +76,27 @@ class Log(TargetExtension):
     def emit(self, target: LogTarget, asm, next_rule) -> None:
         o = _offsets()
         lost, done = asm.label("log_lost"), asm.label("log_done")
-        asm.emit(BPF_LD_MAP_FD(R1, K.LOG_RING), BPF_MOV64_IMM(R2, K.RECORD_SIZE),
-                 BPF_MOV64_IMM(R3, 0), BPF_EMIT_CALL(I.BPF_FUNC_ringbuf_reserve),
-                 BPF_JMP_IMM(I.BPF_JEQ, R0, 0, lost), BPF_MOV64_REG(R7, R0))
-        # R7 = the record; R8 = the skb; R9 = its device
-        asm.emit(BPF_ST_MEM(BPF_B, R7, K.R_LEVEL, target.level),
+        filled = asm.label("log_packet_copied")
+        # A record of the smallest capture class that holds the packet (the largest
+        # class for a longer one), its packet bytes copied first: the copy's length
+        # must be known to fit the record, which the verifier sees only on this path.
+        # R7 = the record from here on.
+        classes = K.CAPTURE_CLASSES[self.family]
+        for captured in classes:
+            larger = asm.label("log_larger")
+            if captured != classes[-1]:
+                asm.emit(BPF_LDX_MEM(BPF_W, R1, R6, facts.LEN),
+                         BPF_JMP_IMM(I.BPF_JGT, R1, captured, larger))
+            asm.emit(BPF_LD_MAP_FD(R1, K.LOG_RING), BPF_MOV64_IMM(R2, K.record_size(captured)),
+                     BPF_MOV64_IMM(R3, 0), BPF_EMIT_CALL(I.BPF_FUNC_ringbuf_reserve),
+                     BPF_JMP_IMM(I.BPF_JEQ, R0, 0, lost), BPF_MOV64_REG(R7, R0))
+            self._emit_packet_copy(asm, captured)
+            asm.emit(BPF_JMP_A(filled))
+            asm.place(larger)
+        asm.place(filled)
+        # R8 = the skb; R9 = its device
+        asm.emit(BPF_ST_MEM(BPF_B, R7, K.R_FAMILY, self.family),
+                 BPF_ST_MEM(BPF_B, R7, K.R_LEVEL, target.level),
                  BPF_ST_MEM(BPF_B, R7, K.R_LOGFLAGS, target.logflags))
         prefix = target.prefix.ljust(32, b"\0")
         for off in range(0, 32, 4):
@@ -108,14 +126,34 @@ class Log(TargetExtension):
             asm.emit(BPF_LDX_MEM(BPF_B, R1, R8, extensions_off),
                      BPF_ALU64_IMM(I.BPF_AND, R1, 1 << bit),
                      BPF_STX_MEM(BPF_B, R7, R1, K.R_BRIDGED))
+        self._emit_gso_copy(asm, o)
         self._emit_mac_copy(asm, o)
-        self._emit_packet_copy(asm)
         asm.emit(BPF_MOV64_REG(R1, R7), BPF_MOV64_IMM(R2, 0),
                  BPF_EMIT_CALL(I.BPF_FUNC_ringbuf_submit), BPF_JMP_A(done))
         asm.place(lost)
         asm.emit(BPF_LD_MAP_VALUE(R1, K.LOG_LOST, 0), BPF_MOV64_IMM(R2, 1),
                  BPF_ATOMIC_OP(BPF_DW, I.BPF_ADD, R1, R2, 0))
         asm.place(done)
+
+    @staticmethod
+    def _emit_gso_copy(asm, o: "_Offsets") -> None:
+        """skb_shinfo(skb)->gso_size and gso_type, which say whether a length field of 0
+        stands for skb->len (BIG TCP): the shared info lies at skb->head + skb->end
+        (an offset: NET_SKBUFF_DATA_USES_OFFSET, as on every 64-bit kernel), beyond
+        what BTF lets a program read directly."""
+        read = asm.label("gso_read")
+        for field_off, size, dst_off in ((o.shinfo_gso_size, 2, K.R_GSO_SIZE),
+                                         (o.shinfo_gso_type, 4, K.R_GSO_TYPE)):
+            asm.emit(BPF_LDX_MEM(BPF_DW, R3, R8, o.skb_head),
+                     BPF_LDX_MEM(BPF_W, R1, R8, o.skb_end),
+                     BPF_ALU64_REG(I.BPF_ADD, R3, R1),
+                     BPF_ALU64_IMM(I.BPF_ADD, R3, field_off),
+                     BPF_MOV64_REG(R1, R7), BPF_ALU64_IMM(I.BPF_ADD, R1, dst_off),
+                     BPF_MOV64_IMM(R2, size),
+                     BPF_EMIT_CALL(I.BPF_FUNC_probe_read_kernel),
+                     BPF_JMP_IMM(I.BPF_JNE, R0, 0, read))
+        asm.place(read)
+        asm.emit(BPF_STX_MEM(BPF_B, R7, R0, K.R_GSO_READ))
 
     @staticmethod
     def _emit_mac_copy(asm, o: "_Offsets") -> None:
@@ -147,13 +185,13 @@ class Log(TargetExtension):
         asm.place(no_mac)
 
     @staticmethod
-    def _emit_packet_copy(asm) -> None:
-        """The packet's first bytes, through the prologue's skb dynptr (which reads
-        paged data too)."""
+    def _emit_packet_copy(asm, captured: int) -> None:
+        """The packet's first bytes, up to `captured`, through the prologue's skb
+        dynptr (which reads paged data too)."""
         short = asm.label("short_packet")
         asm.emit(BPF_LDX_MEM(BPF_W, R2, R6, facts.LEN),
-                 BPF_JMP_IMM(I.BPF_JLE, R2, K.PACKET_MAX, short),
-                 BPF_MOV64_IMM(R2, K.PACKET_MAX))
+                 BPF_JMP_IMM(I.BPF_JLE, R2, captured, short),
+                 BPF_MOV64_IMM(R2, captured))
         asm.place(short)
         asm.emit(BPF_STX_MEM(BPF_H, R7, R2, K.R_CAPTURED),
                  BPF_MOV64_REG(R1, R7), BPF_ALU64_IMM(I.BPF_ADD, R1, K.R_PACKET),
@@ -169,6 +207,9 @@ class _Offsets:
     net_inum: int
     skb_dev: int
     skb_head: int
+    skb_end: int              # u32, an offset from head
+    shinfo_gso_size: int
+    shinfo_gso_type: int
     skb_mark: int
     skb_mac_header: int
     skb_network_header: int
@@ -193,6 +234,9 @@ def _offsets() -> _Offsets:
         net_inum=btf.member("net", "ns.inum")[0],
         skb_dev=btf.member("sk_buff", "dev")[0],
         skb_head=btf.member("sk_buff", "head")[0],
+        skb_end=btf.member("sk_buff", "end")[0],
+        shinfo_gso_size=btf.member("skb_shared_info", "gso_size")[0],
+        shinfo_gso_type=btf.member("skb_shared_info", "gso_type")[0],
         skb_mark=btf.member("sk_buff", "mark")[0],
         skb_mac_header=btf.member("sk_buff", "mac_header")[0],
         skb_network_header=btf.member("sk_buff", "network_header")[0],
