@@ -35,8 +35,12 @@ from bpfilter.execute import answers
 from bpfilter_lab import namespaces
 from bpfilter_lab.backends import KernelBackend, ServiceBackend, service_counters
 from bpfilter_lab.demo import RULESET as DEMO_RULESET
-from bpfilter_lab.lab import T_IN_ADDR, Case, Lab
-from bpfilter_lab.packets import Packet
+from bpfilter.model import Family
+from bpfilter_lab.lab import (S_IN6_ADDR, S_IN_MAC, T_IN6_ADDR, T_IN_ADDR, T_OUT6_ADDR, Case,
+                              Lab)
+from bpfilter_lab.packets import (ROUTER_ALERT_MLD, AuthenticationHeader, DestinationOptions,
+                                  Fragment, HopByHop, Option, Packet, Routing, icmpv6_error,
+                                  mld_query, neighbour_advertisement, neighbour_solicitation)
 from kmsg import KERNEL, PRINTK_DEVKMSG, USER, Kmsg, logging_everywhere, sysctls
 from rulegen import generate
 from test_differential import ROUTER, ROUTER_TRAFFIC, assert_identical
@@ -623,19 +627,129 @@ LOG_TRAFFIC = [
 ]
 
 
-def test_log_lines_are_the_kernels(svc):
+# what the IPv4 lines must show between them, so that the comparison covers it
+LOG_PIECES = ("in-udp: IN=vin0 OUT= MAC=", "in-tcp: ", "OPT (94040000)", "SEQ=", "URGP=",
+              "MACSRC=", "PROTO=ICMP TYPE=8", "fwd: IN=vin0 OUT=vout0", "INCOMPLETE [",
+              "FRAG:3", "MF", "TYPE=3 CODE=4 [SRC=", "MTU=", "GATEWAY=", "PROTO=ESP SPI=",
+              "PROTO=AH SPI=", "PROTO=47 ", "out: IN= OUT=vout0", "MARK=0x42")
+
+# IPv6: every packet logged twice on its path, without and with the flags, so that
+# each extension header is seen both ways.
+LOG_RULES6 = """\
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:logged - [0:0]
+-A INPUT -j LOG --log-prefix "in6: "
+-A INPUT -j LOG --log-prefix "in6-all: " --log-level 6 --log-ip-options --log-tcp-sequence --log-tcp-options --log-macdecode
+-A INPUT -p udp --dport 9 -j DROP
+-A FORWARD -j logged
+-A logged -j LOG --log-prefix "fwd6: " --log-level 7
+-A logged -j LOG --log-prefix "fwd6-opt: " --log-level 5 --log-ip-options --log-tcp-options
+-A logged -p tcp -j DROP
+-A OUTPUT -j LOG --log-prefix "out6: " --log-level 3
+-A OUTPUT -j LOG --log-prefix "out6-opt: " --log-ip-options --log-tcp-sequence --log-tcp-options
+COMMIT
+"""
+PEER6, FAR6, FARTHER6 = S_IN6_ADDR, "2001:db8:7::7", "2001:db8:8::8"
+PEER6_LINK_LOCAL = "fe80::bf:102"
+# MSS, SACK permitted, timestamps, NOP, window scale
+TCP_OPTIONS = bytes.fromhex("020405b4" "0402" "080a0000000100000000" "01" "030307")
+UDP_OUT = Packet(T_IN6_ADDR, PEER6, "udp", dport=53)
+LOG_TRAFFIC6 = [
+    Case(Packet(PEER6, T_IN6_ADDR, "udp", dport=53), "input"),
+    Case(Packet(PEER6, T_IN6_ADDR, "udp", dport=9), "input"),
+    Case(Packet(PEER6, T_IN6_ADDR, "tcp", dport=22, tcp_flags=0xFF, seq=0xDEADBEEF, ack=7,
+                tcp_options=TCP_OPTIONS), "input"),
+    Case(Packet(PEER6, T_OUT6_ADDR, "icmp", icmp_rest=0x12340005), "input"),
+    Case(Packet(PEER6, T_IN6_ADDR, "tcp", truncate_l4=10), "input"),
+    Case(Packet(PEER6, T_IN6_ADDR, "ipv6-nonxt"), "input"),
+    # neighbour discovery, and MLD behind its hop-by-hop router alert
+    Case(neighbour_solicitation(PEER6, T_IN6_ADDR, T_IN6_ADDR, S_IN_MAC), "input"),
+    Case(mld_query(PEER6_LINK_LOCAL), "input"),
+    # ICMPv6 errors, each quoting a packet of ours
+    Case(icmpv6_error(PEER6, T_IN6_ADDR, UDP_OUT), "input"),
+    Case(icmpv6_error(PEER6, T_IN6_ADDR, Packet(T_IN6_ADDR, PEER6, "tcp", tcp_options=TCP_OPTIONS,
+                                                ext=[HopByHop(), Fragment(more=True)]),
+                      icmp_type=2, icmp_rest=1280), "input"),
+    Case(icmpv6_error(PEER6, T_IN6_ADDR, UDP_OUT, icmp_type=4, icmp_code=1, icmp_rest=42),
+         "input"),
+    Case(icmpv6_error(PEER6, T_IN6_ADDR, Packet(T_IN6_ADDR, PEER6, "icmp"), icmp_type=3),
+         "input"),
+    # extension header chains, fragments first and later
+    Case(Packet(PEER6, T_IN6_ADDR, "udp", ext=[
+        HopByHop(), DestinationOptions((Option(0x1E, b"ab"),)), Routing(0, 0, (FAR6,)),
+        AuthenticationHeader(spi=0xDEADBEEF)]), "input"),
+    Case(Packet(PEER6, T_IN6_ADDR, "udp", ext=[Fragment(more=True, ident=0x1234ABCD)]), "input"),
+    Case(Packet(PEER6, T_IN6_ADDR, "udp", ext=[Fragment(offset=5)]), "input"),
+    Case(Packet(PEER6, T_IN6_ADDR, "tcp", ext=[Fragment(offset=5), DestinationOptions()]),
+         "input"),
+    Case(Packet(PEER6, T_IN6_ADDR, "tcp", ext=[Fragment(offset=5), AuthenticationHeader()]),
+         "input"),
+    Case(Packet(PEER6, FAR6, "udp", ttl=9, tos=0xB8, flow_label=0x12345), "forward"),
+    Case(Packet(PEER6, FAR6, "tcp", ext=[Fragment(offset=3, more=True)]), "forward"),
+    Case(Packet(PEER6, FAR6, "tcp", tcp_flags=0x10, ext=[
+        HopByHop((ROUTER_ALERT_MLD,)), Routing(0, 2, (FAR6, FARTHER6))]), "forward"),
+    Case(Packet(PEER6, FAR6, 50), "forward"),
+    Case(Packet(PEER6, FAR6, "udp", ext=[AuthenticationHeader(spi=0x1234)]), "forward"),
+    Case(Packet(PEER6, FAR6, 47), "forward"),
+    Case(Packet(PEER6, FAR6, 136), "forward"),
+    Case(neighbour_advertisement(PEER6, FAR6, PEER6), "forward"),
+    Case(Packet(PEER6, FAR6, "icmp", icmp_type=129, truncate_l4=4), "forward"),
+    Case(icmpv6_error(PEER6, FAR6, Packet(FAR6, PEER6, "tcp", tcp_options=TCP_OPTIONS,
+                                          ext=[DestinationOptions()]), icmp_code=4), "forward"),
+    Case(icmpv6_error(PEER6, FAR6, Packet(FAR6, PEER6, 50), icmp_type=3), "forward"),
+    Case(icmpv6_error(PEER6, FAR6, bytes([0x60]) + bytes(19)), "forward"),
+    # headers that end before they say: the walk's TRUNCATED and INCOMPLETE cases
+    Case(Packet(PEER6, FAR6, "udp", ext=[AuthenticationHeader(spi=1)], truncate_ext=6),
+         "forward"),
+    Case(Packet(PEER6, FAR6, "udp", ext=[DestinationOptions(ext_len=255)]), "forward"),
+    Case(Packet(PEER6, FAR6, "udp", ext=[Fragment()], truncate_ext=4), "forward"),
+    Case(Packet(PEER6, FAR6, "udp", ext=[DestinationOptions(), Routing()], truncate_ext=9),
+         "forward"),
+    Case(Packet(T_IN6_ADDR, FAR6, "tcp", sport=5000, dport=443, tcp_flags=0x12,
+                tcp_options=TCP_OPTIONS[:4]), "output"),
+    Case(Packet(T_IN6_ADDR, FAR6, "udp", ext=[HopByHop(), Fragment(more=True)]), "output"),
+    Case(Packet(T_IN6_ADDR, FAR6, "icmp", truncate_l4=4), "output"),
+    Case(Packet(T_IN6_ADDR, FAR6, 50, payload_len=4), "output"),
+    Case(Packet(T_IN6_ADDR, FAR6, "udp", ext=[AuthenticationHeader(spi=7)]), "output"),
+    Case(icmpv6_error(T_IN6_ADDR, FAR6, Packet(FAR6, T_IN6_ADDR, "udp"), icmp_type=3), "output"),
+    Case(Packet(T_OUT6_ADDR, FAR6, "udp", payload_len=1200), "output"),
+    Case(Packet(T_OUT6_ADDR, FAR6, "udp", payload_len=1400), "output"),
+]
+LOG_PIECES6 = ("in6: IN=vin0 OUT= MAC=02:bf:00:00:01:01:02:bf:00:00:01:02:86:dd SRC=2001:0db8:",
+               "in6-all: ", "MACSRC=", "SEQ=3735928559 ACK=7", "OPT (020405B4", "CWR ECE URG",
+               "TC=184 ", "FLOWLBL=74565 ", "PROTO=59 ", "TYPE=135 CODE=0", "TYPE=130 ",
+               "OPT ( ) ", "TYPE=1 CODE=0 [SRC=", "MTU=1280", "POINTER=0000002a [",
+               "TYPE=3 CODE=0 [", "FRAG:0 INCOMPLETE ID:1234abcd ", "FRAG:40 ",
+               "OPT ( AH SPI=0xdeadbeef ) ", "AH )", "OPT ( ESP SPI=0x0 )", "PROTO=47 ",
+               "PROTO=UDPLITE ", "INCOMPLETE [4 bytes] ", "[TRUNCATED] ", "OPT ( ESP SPI=0x0 )] ",
+               "AH INCOMPLETE [6 bytes] )", "INCOMPLETE [42949", "FRAG:TRUNCATED ",
+               "PROTO=UDP SPT=", "out6: IN= OUT=vout0", "MARK=0x42", "LEN=1248 ", "LEN=1448 ",
+               "ESP INCOMPLETE [4 bytes] )", "OPT ( ) TRUNCATED")
+# (rules, traffic, the prefixes of the test's lines, pieces, levels)
+LOGGED = {Family.IPV4: (LOG_RULES, LOG_TRAFFIC, r"(in-\w+|fwd|out): IN=", LOG_PIECES,
+                        {3, 4, 6, 7}),
+          Family.IPV6: (LOG_RULES6, LOG_TRAFFIC6, r"(in6|fwd6|out6)(-\w+)?: IN=", LOG_PIECES6,
+                        {3, 4, 5, 6, 7})}
+
+
+@pytest.mark.parametrize("family", LOGGED, ids=lambda f: f.name.lower())
+def test_log_lines_are_the_kernels(svc, family):
     """LOG through the service: for the same packets, the lines bpfilter writes to
     /dev/kmsg are the kernel LOG target's, text and level, in order; only the
     facility differs (user, not kernel). And LOG lets the packet go on."""
+    rules, traffic, prefixes, pieces, levels = LOGGED[family]
     service = ServiceBackend(svc.socket, svc.bpffs, env=svc.env)
     with logging_everywhere(), Lab({"kernel": KernelBackend(), "service": service}) as lab:
         kmsg = Kmsg()
         try:
-            assert_identical(lab, LOG_RULES, LOG_TRAFFIC, target="service")
+            assert_identical(lab, rules, traffic, target="service", family=family)
 
             def logged(facility: int, lines) -> list[tuple[int, str]]:
                 return [(level, text) for f, level, text in lines
-                        if f == facility and re.match(r"(in-\w+|fwd|out): IN=", text)]
+                        if f == facility and re.match(prefixes, text)]
             lines = kmsg.wait(lambda lines: len(logged(USER, lines)) >= len(logged(KERNEL, lines)))
         finally:
             kmsg.close()
@@ -643,12 +757,9 @@ def test_log_lines_are_the_kernels(svc):
     assert ours == kernel, "\n".join(f"kernel: {k}\nours:   {o}" for k, o in zip(kernel, ours)
                                       if k != o) or (kernel, ours)
     # every kind of line is there, so the comparison covers them
-    for piece in ("in-udp: IN=vin0 OUT= MAC=", "in-tcp: ", "OPT (94040000)", "SEQ=", "URGP=",
-                  "MACSRC=", "PROTO=ICMP TYPE=8", "fwd: IN=vin0 OUT=vout0", "INCOMPLETE [",
-                  "FRAG:3", "MF", "TYPE=3 CODE=4 [SRC=", "MTU=", "GATEWAY=", "PROTO=ESP SPI=",
-                  "PROTO=AH SPI=", "PROTO=47 ", "out: IN= OUT=vout0", "MARK=0x42"):
+    for piece in pieces:
         assert any(piece in text for _, text in ours), piece
-    assert {level for level, _ in ours} == {3, 4, 6, 7}
+    assert {level for level, _ in ours} == levels
 
 
 def test_log_is_refused_while_the_kernel_would_rate_limit_its_lines(svc, nets):
