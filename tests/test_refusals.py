@@ -18,6 +18,7 @@ from bpfilter.abi.ipv4 import IPT_INV_PROTO, SIZEOF_IPT_ENTRY
 from bpfilter.abi.xtables import SIZEOF_XT_ENTRY_HEADER, ipt_replace
 from bpfilter.errors import BpfilterError
 from bpfilter.loader import load_filter_table
+from bpfilter.model import Family
 from bpfilter.netns import entered
 from bpfilter_lab.scratch import replace_blob
 
@@ -115,18 +116,20 @@ def test_tcp_match_without_tcp_protocol_is_invalid(fresh_netns, proto, invert, s
     assert "chain OUTPUT rule 1" in str(err) and "'tcp'" in str(err)
 
 
-def kernel_refusal(blob: bytes, netns_name: str) -> int:
-    """The errno the kernel's own iptables gives `blob` in netns_name (0: accepted)."""
+def kernel_refusal(blob: bytes, netns_name: str, family: Family = Family.IPV4) -> int:
+    """The errno the kernel's own iptables (ip6tables) gives `blob` in netns_name
+    (0: accepted). ip6t_replace's header is ipt_replace's."""
     blob = bytearray(blob)
-    subprocess.run(["ip", "netns", "exec", netns_name, "iptables-legacy", "-L", "-n"], check=True,
+    command = "iptables-legacy" if family is Family.IPV4 else "ip6tables-legacy"
+    subprocess.run(["ip", "netns", "exec", netns_name, command, "-L", "-n"], check=True,
                    capture_output=True)                     # instantiate the filter table
     with entered(netns_name):
-        live = codec.parse_getinfo(sockopt.get_info("filter"))["num_entries"]
+        live = codec.parse_getinfo(sockopt.get_info("filter", family))["num_entries"]
         header = ipt_replace.parse(bytes(blob[:HEADER]))
         header.num_counters = live
         blob[:HEADER] = ipt_replace.build(header)
         try:
-            sockopt.set_replace(bytes(blob))
+            sockopt.set_replace(bytes(blob), family=family)
         except BpfilterError as err:
             return err.errno
     return 0
