@@ -762,6 +762,76 @@ def test_log_lines_are_the_kernels(svc, family):
     assert {level for level, _ in ours} == levels
 
 
+# iptables' own test lines for LOG (extensions/libipt_LOG.t and, the same lines,
+# extensions/libip6t_LOG.t, iptables git f9ed681f): "rule;saved;result" added to each
+# chain of the first line; "=" saves as written
+LOG_T = """\
+:INPUT,FORWARD,OUTPUT
+-j LOG;-j LOG;OK
+-j LOG --log-prefix "test: ";=;OK
+-j LOG --log-prefix "test: " --log-level 1;=;OK
+# iptables displays the log-level output using the number; not the string
+-j LOG --log-prefix "test: " --log-level alert;-j LOG --log-prefix "test: " --log-level 1;OK
+-j LOG --log-prefix "test: " --log-tcp-sequence;=;OK
+-j LOG --log-prefix "test: " --log-tcp-options;=;OK
+-j LOG --log-prefix "test: " --log-ip-options;=;OK
+-j LOG --log-prefix "test: " --log-uid;=;OK
+-j LOG --log-prefix "test: " --log-level bad;;FAIL
+-j LOG --log-prefix;;FAIL
+"""
+TOOLS = {Family.IPV4: "iptables-legacy", Family.IPV6: "ip6tables-legacy"}
+
+
+def t_file_results(svc: Service, ns: str, family: Family, kernel: bool) -> list[dict]:
+    """Each rule of LOG_T in each of its chains, as iptables-test.py runs them: -A, the
+    table saved, -D; the exit status, stderr and the saved table of every -A."""
+    chains = LOG_T.splitlines()[0][1:].split(",")
+    tests = [line.split(";") for line in LOG_T.splitlines()[1:] if not line.startswith("#")]
+    tool = TOOLS[family]
+    outdir = os.path.join(svc.dir, f"t-{uuid.uuid4().hex[:6]}")
+    os.mkdir(outdir)
+    lines, steps = ["set -u", f"cd {outdir}"], []
+    for rule, saved, result in tests:
+        for chain in chains:
+            i = len(steps)
+            steps.append(dict(rule=rule, chain=chain, saved=rule if saved == "=" else saved,
+                              expected=result))
+            lines += [f"{tool} -A {chain} {rule} 2>{i}.err; echo $? >{i}.rc",
+                      f"{tool}-save >{i}.save", f"{tool} -D {chain} {rule} 2>/dev/null || :"]
+    script = outdir + ".sh"
+    with open(script, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    done = svc.kernel(ns, "sh", script) if kernel else svc.exec(ns, "sh", script)
+    assert done.returncode == 0, done.stderr
+    for i, step in enumerate(steps):
+        for kind in ("rc", "err", "save"):
+            with open(os.path.join(outdir, f"{i}.{kind}")) as f:
+                step[kind] = f.read()
+        step["rc"], step["save"] = int(step["rc"]), _strip_save(step["save"])
+    return steps
+
+
+@pytest.mark.parametrize("family", LOGGED, ids=lambda f: f.name.lower())
+def test_iptables_own_log_test_lines(svc, nets, family):
+    """libipt_LOG.t and libip6t_LOG.t through bpfilter exec: every rule taken or refused
+    as by the kernel, and saved the same, but --log-uid, which bpfilter refuses."""
+    kns, bns = nets(2)
+    kernel = t_file_results(svc, kns, family, kernel=True)
+    ours = t_file_results(svc, bns, family, kernel=False)
+    for k, b in zip(kernel, ours):
+        where = f"{b['chain']}: {b['rule']}"
+        # the kernel passes the test file itself
+        assert (k["rc"] == 0) == (k["expected"] == "OK"), (where, k)
+        if k["expected"] == "OK":
+            assert f"\n-A {k['chain']} {k['saved']}\n" in k["save"], (where, k["save"])
+        if "--log-uid" in b["rule"]:
+            assert b["rc"] != 0 and "--log-uid is not supported by bpfilter" in b["err"], \
+                (where, b)
+            assert f"-A {b['chain']} " not in b["save"], (where, b["save"])
+        else:
+            assert (b["rc"], b["err"], b["save"]) == (k["rc"], k["err"], k["save"]), (where, k, b)
+
+
 def test_log_is_refused_while_the_kernel_would_rate_limit_its_lines(svc, nets):
     (ns,) = nets(1)
     with sysctls({PRINTK_DEVKMSG: "ratelimit"}):
