@@ -487,7 +487,7 @@ def test_a_real_tcp_flows_lines_are_the_kernels(ring, family):
     skbs get the same lines. Segmentation offload makes most of them larger than the
     MTU (tcp sets gso only then), which the records' gso state must say: it is what
     LEN= comes from for a BIG TCP packet, whose length field is 0. (BIG TCP itself,
-    gso_max_size past 64k on the veth, does not give this kernel's tcp larger skbs.)"""
+    gso_max_size past 64k on the veth, gave no larger skbs when tried.)"""
     here, there, prefix = FLOW_ADDRESSES[family]
     with namespaces.scratch("bpft-tx") as tx, namespaces.scratch("bpft-rx") as rx:
         with namespaces.netlink(tx) as ipr:
