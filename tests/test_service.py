@@ -40,7 +40,8 @@ from bpfilter_lab.lab import (S_IN6_ADDR, S_IN_MAC, T_IN6_ADDR, T_IN_ADDR, T_OUT
                               Lab)
 from bpfilter_lab.packets import (ROUTER_ALERT_MLD, AuthenticationHeader, DestinationOptions,
                                   Fragment, HopByHop, Option, Packet, Routing, icmpv6_error,
-                                  mld_query, neighbour_advertisement, neighbour_solicitation)
+                                  mld_query, neighbour_advertisement, neighbour_solicitation,
+                                  pad_n)
 from kmsg import KERNEL, PRINTK_DEVKMSG, USER, Kmsg, logging_everywhere, sysctls
 from rulegen import generate
 from test_differential import ROUTER, ROUTER_TRAFFIC, assert_identical
@@ -701,6 +702,10 @@ LOG_TRAFFIC6 = [
                                           ext=[DestinationOptions()]), icmp_code=4), "forward"),
     Case(icmpv6_error(PEER6, FAR6, Packet(FAR6, PEER6, 50), icmp_type=3), "forward"),
     Case(icmpv6_error(PEER6, FAR6, bytes([0x60]) + bytes(19)), "forward"),
+    # a quote whose tcp header lies past the first 512 bytes
+    Case(icmpv6_error(PEER6, FAR6, Packet(FAR6, PEER6, "tcp", tcp_options=TCP_OPTIONS, ext=[
+        HopByHop(), DestinationOptions(tuple(pad_n(200) for _ in range(3)))]), icmp_type=3),
+         "forward"),
     # headers that end before they say: the walk's TRUNCATED and INCOMPLETE cases
     Case(Packet(PEER6, FAR6, "udp", ext=[AuthenticationHeader(spi=1)], truncate_ext=6),
          "forward"),
@@ -727,7 +732,7 @@ LOG_PIECES6 = ("in6: IN=vin0 OUT= MAC=02:bf:00:00:01:01:02:bf:00:00:01:02:86:dd 
                "PROTO=UDPLITE ", "INCOMPLETE [4 bytes] ", "[TRUNCATED] ", "OPT ( ESP SPI=0x0 )] ",
                "AH INCOMPLETE [6 bytes] )", "INCOMPLETE [42949", "FRAG:TRUNCATED ",
                "PROTO=UDP SPT=", "out6: IN= OUT=vout0", "MARK=0x42", "LEN=1248 ", "LEN=1448 ",
-               "ESP INCOMPLETE [4 bytes] )", "OPT ( ) TRUNCATED")
+               "ESP INCOMPLETE [4 bytes] )", "OPT ( ) TRUNCATED", "LEN=760 ")
 # (rules, traffic, the prefixes of the test's lines, pieces, levels)
 LOGGED = {Family.IPV4: (LOG_RULES, LOG_TRAFFIC, r"(in-\w+|fwd|out): IN=", LOG_PIECES,
                         {3, 4, 6, 7}),
