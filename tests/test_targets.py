@@ -290,6 +290,19 @@ def test_a_packet_too_short_for_its_headers_is_logged_as_the_kernel_does():
                                   b"PREC=0x00 TTL=64 ID=1 PROTO=TCP INCOMPLETE [10 bytes] ")
 
 
+def test_tcp_ae_before_the_kernel_named_it(monkeypatch):
+    """Kernels whose struct tcphdr has no AE bit (Debian's 6.12) count it among the
+    reserved bits and print no AE (nf_log_dump_tcp_header() with TCP_RESERVED_BITS
+    0x0F000000); this machine's prints the other form, checked below with the kernel."""
+    monkeypatch.setattr(klog, "tcp_has_ae", lambda: False)
+    tcp = struct.pack("!HHIIBBHHH", 1, 2, 0, 0, (5 << 4) | 0x0F, 0x02, 100, 0, 0)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 1, 0, 64, 6, 0, bytes([127, 0, 0, 1]),
+                     bytes([127, 0, 0, 1]))
+    assert line_of(ip + tcp)[1] == (b"IN= OUT=lo SRC=127.0.0.1 DST=127.0.0.1 LEN=40 TOS=0x00 "
+                                    b"PREC=0x00 TTL=64 ID=1 PROTO=TCP SPT=1 DPT=2 WINDOW=100 "
+                                    b"RES=0x3c SYN URGP=0 ")
+
+
 # ------------------------------------------- crafted packets, beside the kernel's LOG
 #
 # The same bytes through the kernel's LOG target (a raw socket writing the whole IP

@@ -14,6 +14,7 @@ lines the full ring dropped, and the count is logged (see README, LOG).
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import mmap
 import os
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 from .bpf import syscall as bpf
+from .bpf.btf import Btf, BtfError
 from .bpf.insn import MapRef
 from .model import Family
 
@@ -465,6 +467,18 @@ def _dump_icmpv6(m: _LineBuffer, r: Record, fragment: bool, ptr: int, recurse: b
 # (nf_log_dump_tcp_header() and nf_log_dump_udp_header(), for both families)
 
 
+@functools.lru_cache(maxsize=1)
+def tcp_has_ae() -> bool:
+    """Whether the running kernel names tcp's AE bit (AccECN, Linux 6.18): then struct
+    tcphdr has it, TCP_RESERVED_BITS leaves it out of RES= and the line says "AE";
+    before (Debian's 6.12), RES= counts it among the reserved bits."""
+    try:
+        Btf.vmlinux().bitfield("tcphdr", "ae")
+    except BtfError:
+        return False
+    return True
+
+
 def _dump_tcp_header(m: _LineBuffer, r: Record, fragment: int, offset: int, flags: int) -> bool:
     m.add("PROTO=TCP ")
     if fragment:
@@ -479,8 +493,11 @@ def _dump_tcp_header(m: _LineBuffer, r: Record, fragment: int, offset: int, flag
     if flags & XT_LOG_TCPSEQ:
         m.add(f"SEQ={seq} ACK={ack} ")
     m.add(f"WINDOW={word & 0xFFFF} ")
-    m.add(f"RES=0x{(word & 0x0E000000) >> 22:02x} ")
-    for bit, name in ((0x01000000, "AE "), (0x00800000, "CWR "), (0x00400000, "ECE "),
+    ae = tcp_has_ae()
+    m.add(f"RES=0x{(word & (0x0E000000 if ae else 0x0F000000)) >> 22:02x} ")
+    if ae and word & 0x01000000:
+        m.add("AE ")
+    for bit, name in ((0x00800000, "CWR "), (0x00400000, "ECE "),
                       (0x00200000, "URG "), (0x00100000, "ACK "), (0x00080000, "PSH "),
                       (0x00040000, "RST "), (0x00020000, "SYN "), (0x00010000, "FIN ")):
         if word & bit:
