@@ -183,11 +183,9 @@ def format_line(record: Record) -> tuple[int, bytes]:
     """(level, text) of nf_log_ip_packet()'s or nf_log_ip6_packet()'s line, as printk
     stores it."""
     r = record
-    dump = {Family.IPV4: _dump_ipv4_packet,
-            Family.IPV6: lambda m, r, offset: _dump_ipv6_packet(m, r, offset, True)
-            }.get(r.u8(R_FAMILY))
-    if dump is None:
-        raise Unreproducible(f"a record of unknown family {r.u8(R_FAMILY)}")
+    family = r.u8(R_FAMILY)
+    if family not in (Family.IPV4, Family.IPV6):
+        raise Unreproducible(f"a record of unknown family {family}")
     if r.u8(R_PACKET_READ):
         raise Unreproducible("the packet could not be copied")
     if r.u8(R_BRIDGED):
@@ -199,7 +197,11 @@ def format_line(record: Record) -> tuple[int, bytes]:
           + b"IN=" + in_name + b" OUT=" + out_name + b" ")
     if in_name:
         _dump_mac_header(m, r)
-    dump(m, r, 0)   # skb_network_offset() is 0 at the IP hooks
+    # skb_network_offset() is 0 at the IP hooks
+    if family == Family.IPV4:
+        _dump_ipv4_packet(m, r, 0)
+    else:
+        _dump_ipv6_packet(m, r, 0, recurse=True)
     return _printk_store(bytes(m.text))
 
 
@@ -353,15 +355,16 @@ def _dump_ipv6_packet(m: _LineBuffer, r: Record, ip6hoff: int, recurse: bool) ->
         return
     word, payload_len, nexthdr, hop_limit = struct.unpack_from("!IHBB", ih)
     m.add(f"SRC={_ip6(ih[8:24])} DST={_ip6(ih[24:40])} ")
-    # ipv6_payload_len(): 0 is what follows the header for a BIG TCP packet
+    # ipv6_payload_len(): a BIG TCP packet's 0 stands for all that follows the header
     if not payload_len and r.gso_tcp():
         payload_len = _u32(r.skb_len - 40)
     m.add(f"LEN={payload_len + 40} TC={(word & 0x0FF00000) >> 20} HOPLIMIT={hop_limit} "
           f"FLOWLBL={word & 0x000FFFFF} ")
 
-    # The extension headers, each named and skipped as the kernel does: note that its
-    # walk stops at ESP, at a hop-by-hop, routing or destination header after a later
-    # fragment, and (logging nothing) at any header it cannot read.
+    # The extension headers, each named and skipped as the kernel does. Its walk ends
+    # the line at ESP, at a hop-by-hop, routing or destination header after a later
+    # fragment, and at a header it cannot read (TRUNCATED): no transport header, no
+    # MARK= then.
     fragment = False
     ptr, current = ip6hoff + 40, nexthdr
     while current in _IPV6_WALKED:
