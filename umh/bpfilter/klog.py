@@ -93,8 +93,9 @@ ARPHRD_ETHER, ARPHRD_SIT = 1, 776
 
 RING_SIZE = 1 << 22  # 4 MiB, some 10000 lines in flight
 
-# nf_log_buf's size (S_SIZE): a piece that does not fit is dropped whole
-S_SIZE = 1024 - 4
+# nf_log_buf's buffer size, S_SIZE (net/netfilter/nf_log.c): 1024 less the count and
+# the NUL
+S_SIZE = 1024 - (4 + 1)
 KERN_SOH = 0x01
 # The initial network namespace's inode, fixed since Linux 6.18 (PROC_NET_INIT_INO):
 # nf_log_allowed() logs other namespaces only with nf_log_all_netns set.
@@ -134,15 +135,23 @@ def _cstr(raw: bytes) -> bytes:
 
 
 class _LineBuffer:
-    """nf_log_buf: nf_log_buf_add() appends a piece only if it leaves room for the NUL."""
+    """nf_log_buf: nf_log_buf_add() appends a piece while it leaves room for the NUL;
+    the first that does not is cut to the room left (vsnprintf() writes what fits)
+    and fills the buffer, so that nothing is added after it."""
 
     def __init__(self) -> None:
         self.text = bytearray()
+        self.full = False
 
     def add(self, piece) -> None:
+        if self.full:
+            return
         piece = piece.encode() if isinstance(piece, str) else piece
         if len(self.text) + len(piece) < S_SIZE:
             self.text += piece
+        else:
+            self.text += piece[:S_SIZE - 1 - len(self.text)]
+            self.full = True
 
 
 @dataclass
