@@ -819,10 +819,12 @@ def t_file_results(svc: Service, ns: str, family: Family, kernel: bool) -> list[
 @pytest.mark.parametrize("family", LOGGED, ids=lambda f: f.name.lower())
 def test_iptables_own_log_test_lines(svc, nets, family):
     """libipt_LOG.t and libip6t_LOG.t through bpfilter exec: every rule taken or refused
-    as by the kernel, and saved the same, but --log-uid, which bpfilter refuses."""
+    as by the kernel, and saved the same, but --log-uid, which bpfilter refuses. (LOG
+    rules need printk_devkmsg=on.)"""
     kns, bns = nets(2)
     kernel = t_file_results(svc, kns, family, kernel=True)
-    ours = t_file_results(svc, bns, family, kernel=False)
+    with logging_everywhere():
+        ours = t_file_results(svc, bns, family, kernel=False)
     for k, b in zip(kernel, ours):
         where = f"{b['chain']}: {b['rule']}"
         # the kernel passes the test file itself

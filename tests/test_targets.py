@@ -366,6 +366,8 @@ CRAFTED = {
             DST[Family.IPV6], SRC[Family.IPV6], "icmp", icmp_type=1,
             quoted=Packet(SRC[Family.IPV6], DST[Family.IPV6], "udp"))).build(1, 1),
         icmpv6_error(SRC[Family.IPV6], DST[Family.IPV6], QUOTED, icmp_type=3).build(1, 1),
+        # a line longer than nf_log_buf's 1019 bytes: "OPT ( ) " for each of 130 headers
+        six("udp", ext=[DestinationOptions()] * 130),
     ],
 }
 
