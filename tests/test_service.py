@@ -393,10 +393,21 @@ def side_by_side(svc: Service, kns: str, bns: str, steps: "list[str]",
                 step[kind] = _strip_save(step[kind])
             results[side].append(step)
     for i, (step, k, b) in enumerate(zip(steps, results["kernel"], results["bpfilter"])):
+        # The service's reason for a refusal comes on stderr, where the kernel writes
+        # its own to the kernel log: the rest is iptables' and must be the same.
+        reasons, b["err"] = _service_reasons(b["err"])
+        assert not reasons or b["rc"] != 0, f"step {i} `{step}`: {reasons} yet it succeeded"
         for kind in k:
             assert b[kind] == k[kind], f"step {i} `{step}`: {kind} differs\n" \
                                        f"--- kernel\n{k[kind]}--- bpfilter\n{b[kind]}"
     return results
+
+
+def _service_reasons(stderr: str) -> tuple[list[str], str]:
+    """The lines of stderr the shim printed for the service ("bpfilter: ..."), and the rest."""
+    lines = stderr.splitlines(keepends=True)
+    return ([line for line in lines if line.startswith("bpfilter: ")],
+            "".join(line for line in lines if not line.startswith("bpfilter: ")))
 
 
 def test_commands_behave_as_with_the_kernel(svc, nets):
