@@ -4,6 +4,7 @@ private services, namespaces and helpers of test_service.py.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -21,6 +22,7 @@ from test_service import (LOCAL_RULES, PY, USER_CHAINS, _strip_save, assert_filt
                           side_by_side)
 
 from bpfilter import netns
+from bpfilter.ext import linux
 from bpfilter.model import Family
 
 pytestmark = pytest.mark.kernel
@@ -490,22 +492,20 @@ for family, kind, name, revision in json.load(open(sys.argv[1])):
 print(json.dumps(out))
 """
 # What ip6tables asks about (IP6T_SO_GET_REVISION_MATCH/TARGET, 68/69), and iptables
-# (66/67): the extensions bpfilter has for the family, ip6_tables' and ip_tables'
-# own, what exists in the other family only and what exists nowhere.
-ASKED = [(family, kind, name, revision)
-         for family, kind, names in (
-             ("IPV6", "match", ("tcp", "udp", "icmp6", "hl", "multiport", "comment", "mark",
-                                "limit", "mac", "owner", "icmp", "ttl", "nosuch")),
-             ("IPV6", "target", ("", "ERROR", "NOSUCH")),
-             ("IPV4", "match", ("tcp", "udp", "icmp", "ttl", "multiport", "conntrack", "state",
-                                "iprange", "length", "pkttype", "addrtype", "icmp6", "hl")),
-             ("IPV4", "target", ("", "ERROR", "LOG")))
-         for name in names for revision in range(4)]
+# (66/67): every extension Linux has in either family (bpfilter's among them), under
+# both families' socket options, from revision 0 to one past the last, and names
+# that exist nowhere.
+ASKED = sorted({(family.name, kind, name, revision)
+                for (_, kind), known in linux.REVISIONS.items() for name in [*known, "nosuch"]
+                for family in (V4, V6) for revision in range(max(known.get(name, (0,))) + 2)})
 
 
 def test_revisions_answer_as_the_kernel(svc, nets):
     """GET_REVISION, each family's own socket option, through the shim and from the
-    kernel: the same answer (0, EPROTONOSUPPORT or ENOENT) to every question."""
+    kernel: the same answer (0, EPROTONOSUPPORT or ENOENT) to every question. bpfilter
+    answers for what Linux has, not only for what it implements: ip6tables then loads
+    an extension as it would with the kernel, and a rule bpfilter cannot honour is
+    refused by the replace, naming it (test_bad_ipv6_input_...)."""
     kns, bns = nets(2)
     spec = os.path.join(svc.dir, "revisions.json")
     with open(spec, "w") as f:
@@ -516,7 +516,7 @@ def test_revisions_answer_as_the_kernel(svc, nets):
     theirs = json.loads(svc.kok(kns, PY, child, spec))
     ours = json.loads(svc.ok(bns, PY, child, spec))
     assert [(q, o, t) for q, o, t in zip(ASKED, ours, theirs) if o != t] == []
-    assert set(theirs) == {0, 2, 93}      # yes, ENOENT, EPROTONOSUPPORT: all three asked
+    assert set(theirs) == {0, errno.ENOENT, errno.EPROTONOSUPPORT}
 
 
 # ---------------------------------------------------------------- 5. two families, one netns
@@ -583,10 +583,14 @@ def test_bad_ipv6_input_leaves_both_families_filtering(svc, nets):
     unchanged()
     # what bpfilter does not implement for IPv6: refused whole, by rule and extension
     for rule, names in (("-j LOG --log-prefix six", "target 'LOG'"),
-                        ("-p tcp -j REJECT --reject-with tcp-reset", "target 'REJECT'")):
+                        ("-p tcp -j REJECT --reject-with tcp-reset", "target 'REJECT'"),
+                        ("-m frag --fragid 5 --fragfirst", "match 'frag'"),
+                        ("-m conntrack --ctstate NEW", "match 'conntrack' revision 3")):
         done = svc.exec(ns, IP6TABLES, "-A", "X", *rule.split())
         assert done.returncode != 0
         assert "chain X rule 2" in done.stderr and names in done.stderr, done.stderr
-        assert "not supported by bpfilter" in done.stderr, done.stderr
+        assert "not supported by bpfilter" in done.stderr and "(ENOTSUP)" in done.stderr, \
+            done.stderr
+        assert "Warning" not in done.stderr      # ip6tables found the extension, as with the kernel
         assert svc.kernel(kns, IP6TABLES, "-A", "X", *rule.split()).returncode == 0
         unchanged()
