@@ -132,7 +132,10 @@ def test_get_revision_target_answers_from_the_registry():
     assert revision("target", "", 0) == 0            # the standard target
     assert revision("target", "ERROR", 0) == 0
     assert revision("target", "LOG", 1) == -errno.EPROTONOSUPPORT
-    assert revision("target", "NFQUEUE", 0) == -errno.ENOENT
+    # what Linux has, bpfilter too, as the kernel would (the replace refuses NFQUEUE)
+    assert revision("target", "NFQUEUE", 3) == 0
+    assert revision("target", "NFQUEUE", 4) == -errno.EPROTONOSUPPORT
+    assert revision("target", "NOSUCH", 0) == -errno.ENOENT
     assert revision("match", "LOG", 0) == -errno.ENOENT
 
 
