@@ -11,10 +11,11 @@
  *   udp serve PORT SECONDS     for SECONDS, echo UDP datagrams and accept TCP
  *                              connections on PORT (so that only a firewall can
  *                              refuse them)
- *   udp ask ADDR PORT [SIZE]   one datagram (SIZE bytes, default 1) from a connect()ed
- *                              socket, then what came back within 2 s: "reply", "no
- *                              reply", or the error an ICMP answer raised (REJECT,
- *                              conntrack's RELATED)
+ *   udp ask ADDR PORT [SIZE [FROM]]
+ *                              one datagram (SIZE bytes, default 1) from a connect()ed
+ *                              socket (bound to the local address FROM), then what
+ *                              came back within 2 s: "reply", "no reply", or the error
+ *                              an ICMP answer raised (REJECT, conntrack's RELATED)
  *   udp connect ADDR PORT      a TCP connect() within 2 s: "connected", "no answer",
  *                              or its error (a reset: "Connection refused")
  */
@@ -37,7 +38,7 @@ static char buf[MAX_DATAGRAM];
 static int usage(void)
 {
 	fprintf(stderr, "usage: udp send ADDR PORT COUNT | udp recv PORT SECONDS | "
-		"udp serve PORT SECONDS | udp ask ADDR PORT [SIZE] | udp connect ADDR PORT\n");
+		"udp serve PORT SECONDS | udp ask ADDR PORT [SIZE [FROM]] | udp connect ADDR PORT\n");
 	return 2;
 }
 
@@ -201,18 +202,22 @@ static int do_serve(int port, int seconds)
 	return 0;
 }
 
-static int do_ask(const char *addr, int port, int size)
+static int do_ask(const char *addr, int port, int size, const char *from)
 {
-	struct sockaddr_storage to;
-	socklen_t len = peer(addr, port, &to);
+	struct sockaddr_storage to, me;
+	socklen_t len = peer(addr, port, &to), melen = from ? peer(from, 0, &me) : 0;
 	struct pollfd p = { .events = POLLIN };
 	int fd;
 
-	if (!len || size < 1 || size > MAX_DATAGRAM)
+	if (!len || size < 1 || size > MAX_DATAGRAM || (from && melen != len))
 		return usage();
 	fd = p.fd = socket(to.ss_family, SOCK_DGRAM, 0);
 	if (fd < 0) {
 		perror("socket");
+		return 1;
+	}
+	if (from && bind(fd, (struct sockaddr *)&me, melen)) {
+		perror("bind");
 		return 1;
 	}
 	if (connect(fd, (struct sockaddr *)&to, len)) {
@@ -272,8 +277,9 @@ int main(int argc, char **argv)
 {
 	if (argc == 5 && !strcmp(argv[1], "send"))
 		return do_send(argv[2], atoi(argv[3]), atoi(argv[4]));
-	if ((argc == 4 || argc == 5) && !strcmp(argv[1], "ask"))
-		return do_ask(argv[2], atoi(argv[3]), argc == 5 ? atoi(argv[4]) : 1);
+	if (argc >= 4 && argc <= 6 && !strcmp(argv[1], "ask"))
+		return do_ask(argv[2], atoi(argv[3]), argc >= 5 ? atoi(argv[4]) : 1,
+			      argc == 6 ? argv[5] : NULL);
 	if (argc == 4 && !strcmp(argv[1], "recv"))
 		return do_recv(atoi(argv[2]), atoi(argv[3]));
 	if (argc == 4 && !strcmp(argv[1], "serve"))
