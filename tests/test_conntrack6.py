@@ -238,6 +238,8 @@ class Pair:
         except OSError as e:
             return os.strerror(e.errno)
         finally:
+            # ended with a reset: a FIN exchange's packets depend on timing
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             client.close()
             if server:
                 server.close()
