@@ -9,14 +9,12 @@ link-local addresses, so that only the test's packets cross F's hooks.
 """
 from __future__ import annotations
 
-import errno
 import os
 import socket
 import struct
 import subprocess
 import sys
 import tempfile
-import uuid
 
 import pytest
 
@@ -31,6 +29,8 @@ from bpfilter.model import Family
 from bpfilter.netns import entered
 from bpfilter.scratch import replace_blob
 
+from test_refusals import kernel_refusal
+from test_reject6_addrtype6 import kernels
 from test_service import Service, nets, svc  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.kernel
@@ -59,6 +59,10 @@ ADDRESSED = """*filter
 -A INPUT -m conntrack --ctorigsrc 2001:db8:0:0:8000::/65 --ctproto 17 --ctorigdstport 53
 COMMIT
 """
+# the same rules for iptables
+ADDRESSED4 = ADDRESSED.replace("2001:db8::/64", "10.0.0.0/8").replace("2001:db8::1", "10.0.0.1") \
+    .replace("2001:db8:ffff::/48", "10.1.0.0/16").replace("::1", "127.0.0.1") \
+    .replace("2001:db8:0:0:8000::/65", "10.0.0.128/25")
 
 
 def test_addresses_decode_with_their_16_bytes():
@@ -96,10 +100,7 @@ def test_ipv6_tables_read_their_own_fact_group():
         assert ruleset.uses_conntrack
     finally:
         ruleset.close()
-    v4 = ADDRESSED.replace("2001:db8::/64", "10.0.0.0/8").replace("2001:db8::1", "10.0.0.1") \
-        .replace("2001:db8:ffff::/48", "10.1.0.0/16").replace("::1", "127.0.0.1") \
-        .replace("2001:db8:0:0:8000::/65", "10.0.0.128/25")
-    _, table = table_from_blob(replace_blob(v4), V4)
+    _, table = table_from_blob(replace_blob(ADDRESSED4), V4)
     ruleset = load_ruleset(table, {})
     try:
         assert "ct" in ruleset.compiled.needs and "ct6" not in ruleset.compiled.needs
@@ -131,9 +132,7 @@ def test_conntrack_listed_as_iptables_lists_it(fresh_netns, family):
         masks = {1: bytes.fromhex("ffff" + "00" * 12 + "ffff")}
         command, anywhere = "ip6tables-legacy", "::/0"
     else:
-        text = ADDRESSED.replace("2001:db8::/64", "10.0.0.0/8") \
-            .replace("2001:db8::1", "10.0.0.1").replace("2001:db8:ffff::/48", "10.1.0.0/16") \
-            .replace("::1", "127.0.0.1").replace("2001:db8:0:0:8000::/65", "10.0.0.128/25")
+        text = ADDRESSED4
         masks = {1: bytes.fromhex("ff00ff00")}
         command, anywhere = "iptables-legacy", "0.0.0.0/0"
     text = text.replace("-A INPUT -m conntrack ! --ctorigdst",
@@ -143,12 +142,7 @@ def test_conntrack_listed_as_iptables_lists_it(fresh_netns, family):
     _, table = table_from_blob(blob, family)
     ours = [" ".join(ext.describe_match(m, family) for m in r.matches)
             for r in table.chains["INPUT"].rules]
-    from test_reject6_addrtype6 import kernels
-    if family == V6:
-        assert kernels(blob, fresh_netns) == 0
-    else:
-        from test_refusals import kernel_refusal
-        assert kernel_refusal(blob, fresh_netns) == 0
+    assert (kernels if family == V6 else kernel_refusal)(blob, fresh_netns) == 0
     out = subprocess.run(["ip", "netns", "exec", fresh_netns, command, "-L", "INPUT", "-n"],
                          capture_output=True, text=True, check=True).stdout
     theirs = [line.split(anywhere, 2)[-1].strip() for line in out.splitlines()[2:]]
@@ -156,6 +150,8 @@ def test_conntrack_listed_as_iptables_lists_it(fresh_netns, family):
     # the crafted mask is printed as a mask
     assert ("ctorigsrc 2001:db8::2/ffff::ffff" if family == V6
             else "ctorigsrc 10.0.0.2/255.0.255.0") in theirs[1]
+    if family == V6:
+        assert theirs[-1] == "ctorigdst ::1.2.3.4/120"
 
 
 # ---------------------------------------------------------------- real connections

@@ -21,8 +21,8 @@ from bpfilter.bpf import insn as I
 from bpfilter.bpf import syscall as bpf
 from bpfilter.bpf.asm import Assembler
 from bpfilter.bpf.insn import (BPF_ALU64_IMM, BPF_EXIT_INSN, BPF_JMP_IMM, BPF_LD_MAP_FD,
-                               BPF_LDX_MEM, BPF_MOV64_IMM, BPF_MOV64_REG, BPF_ST_MEM,
-                               BPF_STX_MEM, BPF_W, FP, R0, R1, R2, R6, R7, MapRef)
+                               BPF_MOV64_IMM, BPF_MOV64_REG, BPF_ST_MEM, BPF_STX_MEM, BPF_W, FP,
+                               R0, R1, R2, R6, R7, MapRef)
 from bpfilter.decode import table_from_blob
 from bpfilter.errors import BpfilterError
 from bpfilter.ext.addrtype import _GROUPS6, KIND6, ROUTE6, Addrtype6Match
