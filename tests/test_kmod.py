@@ -126,8 +126,9 @@ def test_kmod_end_to_end(module, nocap):
     assert s["unprivileged"].count("Permission denied (you must be root)") == 2, s["unprivileged"]
     assert "rules after: 5" in s["unprivileged"]
 
-    # IPv6's socket options are claimed too; the helper does not speak IPv6 yet.
-    assert "Address family not supported by protocol" in s["ipv6"]
+    # IPv6's socket options are claimed too, and the helper answers them
+    # (test_kmod_ipv6_reject_addrtype_conntrack drives ip6tables through it).
+    assert s["ipv6"].strip() == "Chain INPUT (policy ACCEPT)", s["ipv6"]
 
     # A killed helper: the pinned rules keep filtering, the next command starts another.
     kill = s["kill"]
@@ -255,6 +256,100 @@ def test_kmod_addrtype_and_realworld_rulesets(module):
     # the broadcasts reached a rule: addrtype's BROADCAST DROP, ufw's skip-to-policy
     assert re.search(r"^\s+5\s+\d+ DROP .*ADDRTYPE match dst-type BROADCAST",
                      s["bpfilter addrtype"], re.M), s["bpfilter addrtype"]
+    for bad in ("WARNING:", "BUG:", "Call Trace:"):
+        assert bad not in result.console, result.console
+
+
+def test_kmod_ipv6_reject_addrtype_conntrack(module):
+    """The guest's unmodified ip6tables-legacy through bpfilter.ko: REJECT with every
+    --reject-with ip6tables has, addrtype at each hook, and a stateful ruleset on the
+    kernel's IPv6 conntrack, which the module turns on. The same probes, answers and
+    `-L -v` counters as with the kernel's ip6_tables in the same guest, and rmmod
+    leaves nothing behind (tools/vm/scenarios/kmod6.sh)."""
+    kver = harness.kernel_release()
+    extra = {**system_libraries(), f"/lib/modules/{kver}/extra/bpfilter.ko": str(module)}
+    script = (ROOT / "tools/vm/scenarios/kmod6.sh").read_text()
+    result = harness.run_scenario(script, extra, timeout=900)
+    out = result.output
+    assert result.status == 0, out
+    s = sections(out)
+    print(f"guest run: {result.seconds:.1f} s")
+    assert "ip6_tables: not loaded\nip_tables: not loaded" in s["unload ip6_tables"]
+
+    # what the reference answers, so that a probe that tests nothing shows
+    expected = {
+        "reject": [
+            "udp 2001:db8::2 20: no reply",                       # no-route: not fatal to UDP
+            "tcp 2001:db8::2 20: Network is unreachable",
+            "udp 2001:db8::2 21: Permission denied",              # adm-prohibited
+            "tcp 2001:db8::2 21: Permission denied",
+            "udp 2001:db8::2 22: no reply",                       # addr-unreachable
+            "tcp 2001:db8::2 22: No route to host",
+            "udp 2001:db8::2 23: Connection refused",             # port-unreachable
+            "tcp 2001:db8::2 23: Connection refused",
+            "udp 2001:db8::2 24: Permission denied",              # policy-fail
+            "tcp 2001:db8::2 24: Permission denied",
+            "udp 2001:db8::2 25: Permission denied",              # reject-route
+            "tcp 2001:db8::2 25: Permission denied",
+            "tcp 2001:db8::2 26: Connection refused",             # tcp-reset
+            "udp 2001:db8::2 26: reply",
+            "udp 2001:db8::2 27: Connection refused",             # the default, in a user chain
+            "udp 2001:db8::2 28: no reply",                       # DROP
+            "udp 2001:db8::2 30: reply", "tcp 2001:db8::2 30: connected",
+            "udp 2001:db8::1 29: Operation not permitted",        # at OUTPUT
+        ],
+        "addrtype": [
+            "udp 2001:db8:1::1 9: reply", "udp 2001:db8:2::1 9: no reply",
+            "udp 2001:db8:1:: 9: no reply",
+            "udp 2001:db8:1::1 10: no reply",                     # LOCAL on the input device
+            "udp 2001:db8:2::1 10: no reply",
+            "udp 2001:db8:1::1 11: reply", "udp 2001:db8:2::2 9: reply",
+            "udp 2001:db8:2::2 13: reply",
+            "udp 2001:db8:1::1 12: Operation not permitted",      # LOCAL at OUTPUT
+            "udp ::1 9: reply",
+            "udp 2001:db8:1::1 9 from 2001:db8:dead::2: no reply",
+            "udp 2001:db8:1::1 9 from 2001:db8:ffff::2: no reply",
+            "multicast: sent 2",
+        ],
+    }
+    for name, answers in expected.items():
+        ref, ours = s[f"reference {name}"], s[f"bpfilter {name}"]
+        for answer in answers:
+            assert f"{name} {answer}\n" in ref, ref
+        assert _answers(ref, name) == _answers(ours, name)
+        assert _listing(ref) == _listing(ours), "\n".join(difflib.unified_diff(
+            _listing(ref).splitlines(), _listing(ours).splitlines(), "ip6_tables", "bpfilter",
+            lineterm=""))
+    for phase in ("reference reject", "bpfilter reject"):
+        assert "tables: filter\n" in s[phase]
+    # each REJECT rule met its probe; addrtype's probes reached the rules they test
+    assert len(re.findall(r"^\s+[12]\s+\d+ REJECT ", s["bpfilter reject"], re.M)) == 15
+    types = s["bpfilter addrtype"]
+    for count, rule in ((1, "dst-type ANYCAST"), (2, "dst-type MULTICAST"),
+                        (4, "src-type UNREACHABLE"), (1, "src-type UNICAST,LOCAL"),
+                        (1, "src-type UNICAST dst-type LOCAL limit-in")):
+        assert re.search(rf"^\s+{count}\s+\d+ .*ADDRTYPE match {rule}$", types, re.M), rule
+
+    # conntrack: replies (a fragmented one too: reassembled before the filter hooks),
+    # an ICMPv6 error and a NEW connection allowed in pass, nothing unsolicited does,
+    # and new flows get entries (conntrack is on) as with ip6_tables
+    for phase in ("reference conntrack", "bpfilter conntrack"):
+        ct = s[phase]
+        for line in ("reply to an outgoing flow: reply", "fragmented reply: reply",
+                     "icmp error of an outgoing flow: Connection refused",
+                     "tcp out: connected", "tcp in to 22: connected",
+                     "unsolicited: 0 received", "new flow: conntrack entries +1"):
+            assert line + "\n" in ct, ct
+    assert _listing(s["reference conntrack"]) == _listing(s["bpfilter conntrack"])
+    assert re.search(r"^\s+7\s+3515 ACCEPT .*ctstate RELATED,ESTABLISHED$",
+                     s["bpfilter conntrack"], re.M), s["bpfilter conntrack"]
+
+    # rmmod: REJECT rules hold the module; once flushed, nothing stays, conntrack is off
+    rmmod = s["rmmod"]
+    assert "with REJECT rules: in use\nbpfilter: unloaded\n" in rmmod
+    assert "bpf programs: 0 netfilter links: 0\nhelper file: removed\n" in rmmod
+    assert "ip6_tables_names: removed\nnew flow: conntrack entries +0" in rmmod
+    assert "refus" not in s["log"], s["log"]
     for bad in ("WARNING:", "BUG:", "Call Trace:"):
         assert bad not in result.console, result.console
 

@@ -28,7 +28,7 @@ import uuid
 import pytest
 
 from bpfilter import netns, proto
-from bpfilter.abi import codec, sockopt
+from bpfilter.abi import codec, families, sockopt
 from bpfilter.abi import xtables as X
 from bpfilter.bpf import syscall as bpf
 from bpfilter.execute import answers
@@ -42,6 +42,7 @@ from bpfilter_lab.packets import (ROUTER_ALERT_MLD, AuthenticationHeader, Destin
                                   Fragment, HopByHop, Option, Packet, Routing, icmpv6_error,
                                   mld_query, neighbour_advertisement, neighbour_solicitation,
                                   pad_n)
+from families import names_file, tool
 from kmsg import KERNEL, PRINTK_DEVKMSG, USER, Kmsg, logging_everywhere, sysctls
 from rulegen import generate
 from test_differential import ROUTER, ROUTER_TRAFFIC, assert_identical
@@ -217,9 +218,9 @@ def inum_of(ns: str) -> int:
     return os.stat(netns.path_of(ns)).st_ino
 
 
-def kernel_tables(svc: Service, ns: str) -> str:
-    """The kernel's own iptables table names in ns (no shim: /proc itself)."""
-    return svc.kok(ns, "cat", "/proc/net/ip_tables_names")
+def kernel_tables(svc: Service, ns: str, family: Family = Family.IPV4) -> str:
+    """The kernel's own iptables (ip6tables) table names in ns (no shim: /proc itself)."""
+    return svc.kok(ns, "cat", names_file(family))
 
 
 # ---------------------------------------------------------------- local traffic
@@ -237,21 +238,24 @@ LOCAL_RULES = """\
 COMMIT
 """
 DATAGRAM = 20 + 8 + 10
+LOOPBACK = {Family.IPV4: (socket.AF_INET, "127.0.0.1"), Family.IPV6: (socket.AF_INET6, "::1")}
 
 
-def local_traffic(ns: str, accepted: int = 2, dropped: int = 2) -> tuple[int, int]:
-    """Send to 7777 and to 9 in ns; how many arrived at 7777 and how many of those
-    to 9 got through (sendto not refused)."""
+def local_traffic(ns: str, accepted: int = 2, dropped: int = 2,
+                  family: Family = Family.IPV4) -> tuple[int, int]:
+    """Send to 7777 and to 9 in ns, over the family's loopback; how many arrived at
+    7777 and how many of those to 9 got through (sendto not refused)."""
     got = passed9 = 0
+    af, here = LOOPBACK[family]
     with netns.entered(ns):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx, \
-                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx, \
-                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink:
-            rx.bind(("127.0.0.1", 7777))
-            sink.bind(("127.0.0.1", 9))   # no ICMP port unreachable crossing the hooks
+        with socket.socket(af, socket.SOCK_DGRAM) as rx, \
+                socket.socket(af, socket.SOCK_DGRAM) as tx, \
+                socket.socket(af, socket.SOCK_DGRAM) as sink:
+            rx.bind((here, 7777))
+            sink.bind((here, 9))   # no ICMP port unreachable crossing the hooks
             rx.settimeout(2)
             for _ in range(accepted):
-                tx.sendto(b"0123456789", ("127.0.0.1", 7777))
+                tx.sendto(b"0123456789", (here, 7777))
                 try:
                     rx.recv(100)
                     got += 1
@@ -259,16 +263,16 @@ def local_traffic(ns: str, accepted: int = 2, dropped: int = 2) -> tuple[int, in
                     pass
             for _ in range(dropped):
                 try:
-                    tx.sendto(b"0123456789", ("127.0.0.1", 9))
+                    tx.sendto(b"0123456789", (here, 9))
                     passed9 += 1
                 except PermissionError:
                     pass
     return got, passed9
 
 
-def assert_filters(ns: str) -> None:
-    """LOCAL_RULES is in force in ns."""
-    assert local_traffic(ns) == (2, 0), "the ruleset no longer filters"
+def assert_filters(ns: str, family: Family = Family.IPV4) -> None:
+    """LOCAL_RULES (LOCAL_RULES6 for IPv6) is in force in ns."""
+    assert local_traffic(ns, family=family) == (2, 0), f"the {family.name} ruleset no longer filters"
 
 
 # ---------------------------------------------------------------- 1. commands
@@ -358,14 +362,18 @@ COMMANDS = [
 ]
 
 
-LISTINGS = {"S": "iptables-legacy -S", "L": "iptables-legacy -L -v -n -x",
-            "save": "iptables-legacy-save", "save_c": "iptables-legacy-save -c"}
+def listings(family: Family) -> dict[str, str]:
+    """Every way the family's binaries list the filter table."""
+    return {"S": f"{tool(family)} -S", "L": f"{tool(family)} -L -v -n -x",
+            "save": tool(family, "-save"), "save_c": f"{tool(family, '-save')} -c"}
 
 
-def side_by_side(svc: Service, kns: str, bns: str, steps: "list[str]") -> dict[str, list[dict]]:
+def side_by_side(svc: Service, kns: str, bns: str, steps: "list[str]",
+                 family: Family = Family.IPV4) -> dict[str, list[dict]]:
     """Run the shell command lines `steps` in kns (the kernel's iptables) and, under one
-    `bpfilter exec`, in bns; after each, list the table every way. Every output of
-    every step must be the same on both sides. Returns them, per side."""
+    `bpfilter exec`, in bns; after each, list the family's table every way. Every output
+    of every step must be the same on both sides. Returns them, per side."""
+    shown = listings(family)
     results = {}
     for side, ns in (("kernel", kns), ("bpfilter", bns)):
         outdir = os.path.join(svc.dir, f"{side}-{uuid.uuid4().hex[:6]}")
@@ -373,7 +381,7 @@ def side_by_side(svc: Service, kns: str, bns: str, steps: "list[str]") -> dict[s
         lines = ["set -u", f"cd {outdir}"]
         for i, step in enumerate(steps):
             lines.append(f"{step} >{i}.out 2>{i}.err; echo $? >{i}.rc")
-            lines += [f"{cmd} >{i}.{kind} 2>&1" for kind, cmd in LISTINGS.items()]
+            lines += [f"{cmd} >{i}.{kind} 2>&1" for kind, cmd in shown.items()]
         script = outdir + ".sh"
         with open(script, "w") as f:
             f.write("\n".join(lines) + "\n")
@@ -382,7 +390,7 @@ def side_by_side(svc: Service, kns: str, bns: str, steps: "list[str]") -> dict[s
         results[side] = []
         for i in range(len(steps)):
             step = {}
-            for kind in ("rc", "out", "err", *LISTINGS):
+            for kind in ("rc", "out", "err", *shown):
                 with open(os.path.join(outdir, f"{i}.{kind}")) as f:
                     step[kind] = f.read()
             step["rc"] = int(step["rc"])
@@ -390,10 +398,21 @@ def side_by_side(svc: Service, kns: str, bns: str, steps: "list[str]") -> dict[s
                 step[kind] = _strip_save(step[kind])
             results[side].append(step)
     for i, (step, k, b) in enumerate(zip(steps, results["kernel"], results["bpfilter"])):
+        # The service's reason for a refusal comes on stderr, where the kernel writes
+        # its own to the kernel log: the rest is iptables' and must be the same.
+        reasons, b["err"] = _service_reasons(b["err"])
+        assert not reasons or b["rc"] != 0, f"step {i} `{step}`: {reasons} yet it succeeded"
         for kind in k:
             assert b[kind] == k[kind], f"step {i} `{step}`: {kind} differs\n" \
                                        f"--- kernel\n{k[kind]}--- bpfilter\n{b[kind]}"
     return results
+
+
+def _service_reasons(stderr: str) -> tuple[list[str], str]:
+    """The lines of stderr the shim printed for the service ("bpfilter: ..."), and the rest."""
+    lines = stderr.splitlines(keepends=True)
+    return ([line for line in lines if line.startswith("bpfilter: ")],
+            "".join(line for line in lines if not line.startswith("bpfilter: ")))
 
 
 def test_commands_behave_as_with_the_kernel(svc, nets):
@@ -767,78 +786,6 @@ def test_log_lines_are_the_kernels(svc, family):
     assert {level for level, _ in ours} == levels
 
 
-# iptables' own test lines for LOG (extensions/libipt_LOG.t and, the same lines,
-# extensions/libip6t_LOG.t, iptables git f9ed681f): "rule;saved;result" added to each
-# chain of the first line; "=" saves as written
-LOG_T = """\
-:INPUT,FORWARD,OUTPUT
--j LOG;-j LOG;OK
--j LOG --log-prefix "test: ";=;OK
--j LOG --log-prefix "test: " --log-level 1;=;OK
-# iptables displays the log-level output using the number; not the string
--j LOG --log-prefix "test: " --log-level alert;-j LOG --log-prefix "test: " --log-level 1;OK
--j LOG --log-prefix "test: " --log-tcp-sequence;=;OK
--j LOG --log-prefix "test: " --log-tcp-options;=;OK
--j LOG --log-prefix "test: " --log-ip-options;=;OK
--j LOG --log-prefix "test: " --log-uid;=;OK
--j LOG --log-prefix "test: " --log-level bad;;FAIL
--j LOG --log-prefix;;FAIL
-"""
-TOOLS = {Family.IPV4: "iptables-legacy", Family.IPV6: "ip6tables-legacy"}
-
-
-def t_file_results(svc: Service, ns: str, family: Family, kernel: bool) -> list[dict]:
-    """Each rule of LOG_T in each of its chains, as iptables-test.py runs them: -A, the
-    table saved, -D; the exit status, stderr and the saved table of every -A."""
-    chains = LOG_T.splitlines()[0][1:].split(",")
-    tests = [line.split(";") for line in LOG_T.splitlines()[1:] if not line.startswith("#")]
-    tool = TOOLS[family]
-    outdir = os.path.join(svc.dir, f"t-{uuid.uuid4().hex[:6]}")
-    os.mkdir(outdir)
-    lines, steps = ["set -u", f"cd {outdir}"], []
-    for rule, saved, result in tests:
-        for chain in chains:
-            i = len(steps)
-            steps.append(dict(rule=rule, chain=chain, saved=rule if saved == "=" else saved,
-                              expected=result))
-            lines += [f"{tool} -A {chain} {rule} 2>{i}.err; echo $? >{i}.rc",
-                      f"{tool}-save >{i}.save", f"{tool} -D {chain} {rule} 2>/dev/null || :"]
-    script = outdir + ".sh"
-    with open(script, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    done = svc.kernel(ns, "sh", script) if kernel else svc.exec(ns, "sh", script)
-    assert done.returncode == 0, done.stderr
-    for i, step in enumerate(steps):
-        for kind in ("rc", "err", "save"):
-            with open(os.path.join(outdir, f"{i}.{kind}")) as f:
-                step[kind] = f.read()
-        step["rc"], step["save"] = int(step["rc"]), _strip_save(step["save"])
-    return steps
-
-
-@pytest.mark.parametrize("family", LOGGED, ids=lambda f: f.name.lower())
-def test_iptables_own_log_test_lines(svc, nets, family):
-    """libipt_LOG.t and libip6t_LOG.t through bpfilter exec: every rule taken or refused
-    as by the kernel, and saved the same, but --log-uid, which bpfilter refuses. (LOG
-    rules need printk_devkmsg=on.)"""
-    kns, bns = nets(2)
-    kernel = t_file_results(svc, kns, family, kernel=True)
-    with logging_everywhere():
-        ours = t_file_results(svc, bns, family, kernel=False)
-    for k, b in zip(kernel, ours):
-        where = f"{b['chain']}: {b['rule']}"
-        # the kernel passes the test file itself
-        assert (k["rc"] == 0) == (k["expected"] == "OK"), (where, k)
-        if k["expected"] == "OK":
-            assert f"\n-A {k['chain']} {k['saved']}\n" in k["save"], (where, k["save"])
-        if "--log-uid" in b["rule"]:
-            assert b["rc"] != 0 and "--log-uid is not supported by bpfilter" in b["err"], \
-                (where, b)
-            assert f"-A {b['chain']} " not in b["save"], (where, b["save"])
-        else:
-            assert (b["rc"], b["err"], b["save"]) == (k["rc"], k["err"], k["save"]), (where, k, b)
-
-
 def test_log_is_refused_while_the_kernel_would_rate_limit_its_lines(svc, nets):
     (ns,) = nets(1)
     with sysctls({PRINTK_DEVKMSG: "ratelimit"}):
@@ -1144,9 +1091,13 @@ COMMIT
 """
 
 
-def _malformed(blob: bytes) -> list[tuple[str, bytes, "int | None", int]]:
-    """(what, blob, optlen, the kernel's errno) corruptions of a valid ipt_replace."""
-    table = codec.parse_replace(blob)
+def _malformed(blob: bytes, family: Family = Family.IPV4) -> list[tuple[str, bytes, "int | None", int]]:
+    """(what, blob, optlen, the kernel's errno) corruptions of a valid ipt_replace
+    (ip6t_replace) of USER_CHAINS (USER_CHAINS6)."""
+    table = codec.parse_replace(blob, family=family)
+    layout = families.of(family)
+    next_offset_at = layout.next_offset_at
+    target_offset_at = layout.entry_packed.field("target_offset")[0]
     by_name = {e.target.errorname: e for e in table.entries if e.target.errorname}
     head_x = by_name["X"]
     rule_y = table.entries[by_name["Y"].index + 1]
@@ -1173,8 +1124,8 @@ def _malformed(blob: bytes) -> list[tuple[str, bytes, "int | None", int]]:
         ("misaligned underflow",
          patched("I", 64 + 4 * X.NF_INET_FORWARD, table.underflow[X.NF_INET_FORWARD] + 2),
          None, errno.EINVAL),
-        ("next_offset 0", patched("H", H + out_rule.offset + 90, 0), None, errno.EINVAL),
-        ("target_offset past next_offset", patched("H", H + out_rule.offset + 88,
+        ("next_offset 0", patched("H", H + out_rule.offset + next_offset_at, 0), None, errno.EINVAL),
+        ("target_offset past next_offset", patched("H", H + out_rule.offset + target_offset_at,
                                                    out_rule.next_offset + 8), None, errno.EINVAL),
         ("num_entries off by one", patched("I", 36, table.num_entries + 1), None, errno.EINVAL),
         ("a loop: Y jumps back to X", patched("i", verdict_at(rule_y), head_x.offset), None,
@@ -1194,15 +1145,37 @@ SET_REPLACE_CHILD = """\
 import json, sys
 from bpfilter.abi import sockopt
 from bpfilter.errors import BpfilterError
+from bpfilter.model import Family
 out = []
 for blob, optlen in json.load(open(sys.argv[1])):
     try:
-        sockopt.set_replace(bytes.fromhex(blob), optlen)
+        sockopt.set_replace(bytes.fromhex(blob), optlen, Family[sys.argv[2]])
         out.append(0)
     except BpfilterError as err:
         out.append(err.errno)
 print(json.dumps(out))
 """
+
+
+def malformed_replaces_answer_as_the_kernel(svc: Service, ns: str, kns: str,
+                                            family: Family = Family.IPV4) -> None:
+    """Malformed SET_REPLACEs of kns's USER_CHAINS table (the kernel's), sent from a
+    ctypes program through the shim in ns and straight to the kernel in kns: the
+    same errno from both, each the one _malformed expects."""
+    with netns.entered(kns):
+        blob = sockopt.read_replace("filter", family)
+    cases = _malformed(blob, family)
+    spec = os.path.join(svc.dir, f"replaces-{family.name}.json")
+    with open(spec, "w") as f:
+        json.dump([(b.hex(), optlen) for _, b, optlen, _ in cases], f)
+    child = os.path.join(svc.dir, "set_replace.py")
+    with open(child, "w") as f:
+        f.write(SET_REPLACE_CHILD)
+    kernel = json.loads(svc.kok(kns, PY, child, spec, family.name))
+    ours = json.loads(svc.ok(ns, PY, child, spec, family.name))
+    expected = [err for _, _, _, err in cases]
+    assert kernel == expected, [(w, k) for (w, *_), k in zip(cases, kernel)]
+    assert ours == kernel, [(w, k, o) for (w, *_), k, o in zip(cases, kernel, ours) if k != o]
 
 
 def test_bad_input_leaves_the_ruleset_filtering(svc, nets):
@@ -1251,22 +1224,7 @@ def test_bad_input_leaves_the_ruleset_filtering(svc, nets):
         assert _raw(svc, data, ns) is None, what
     unchanged()
 
-    # -- malformed IPT_SO_SET_REPLACE through the shim, from a ctypes program,
-    #    next to the kernel given the same bytes
-    with netns.entered(kns):
-        blob = sockopt.read_replace("filter")
-    cases = _malformed(blob)
-    spec = os.path.join(svc.dir, "replaces.json")
-    with open(spec, "w") as f:
-        json.dump([(b.hex(), optlen) for _, b, optlen, _ in cases], f)
-    child = os.path.join(svc.dir, "set_replace.py")
-    with open(child, "w") as f:
-        f.write(SET_REPLACE_CHILD)
-    kernel = json.loads(svc.kok(kns, PY, child, spec))
-    ours = json.loads(svc.ok(ns, PY, child, spec))
-    expected = [err for _, _, _, err in cases]
-    assert kernel == expected, [(w, k) for (w, *_), k in zip(cases, kernel)]
-    assert ours == kernel, [(w, k, o) for (w, *_), k, o in zip(cases, kernel, ours) if k != o]
+    malformed_replaces_answer_as_the_kernel(svc, ns, kns)
     unchanged()
 
     # -- a client that connects and says nothing holds the service at most 5 s;

@@ -3,7 +3,9 @@
 # iptables/nftables, iproute2 and bpftool from Debian, and the package itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-packages=(iptables nftables iproute2 bpftool tcpdump kmod)
+# strace: the codec tests capture what the binaries pass; nfct, nfacct: commands of
+# iptables' own .t test files (tests/iptables_suite.py)
+packages=(iptables nftables iproute2 bpftool tcpdump kmod strace nfct nfacct)
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

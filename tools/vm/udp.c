@@ -3,21 +3,25 @@
  * The guest's UDP traffic, built static so it needs nothing from the initramfs:
  * busybox nc sends one datagram per run and cannot say how many it received.
  *
- * ADDR is IPv4 or IPv6 (recv and serve listen on IPv4 only).
+ * ADDR is IPv4 or IPv6, an IPv6 one with its zone if it needs one (ff02::1%eth0);
+ * recv and serve listen on both.
  *
  *   udp send ADDR PORT COUNT   COUNT one-byte datagrams to ADDR:PORT
  *   udp recv PORT SECONDS      print how many datagrams arrived on PORT in SECONDS
  *   udp serve PORT SECONDS     for SECONDS, echo UDP datagrams and accept TCP
  *                              connections on PORT (so that only a firewall can
  *                              refuse them)
- *   udp ask ADDR PORT          one datagram from a connect()ed socket, then what
- *                              came back within 2 s: "reply", "no reply", or the
- *                              error an ICMP answer raised (REJECT, conntrack's RELATED)
+ *   udp ask ADDR PORT [SIZE [FROM]]
+ *                              one datagram (SIZE bytes, default 1) from a connect()ed
+ *                              socket (bound to the local address FROM), then what
+ *                              came back within 2 s: "reply", "no reply", or the error
+ *                              an ICMP answer raised (REJECT, conntrack's RELATED)
  *   udp connect ADDR PORT      a TCP connect() within 2 s: "connected", "no answer",
  *                              or its error (a reset: "Connection refused")
  */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <net/if.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <stdio.h>
@@ -27,10 +31,14 @@
 #include <time.h>
 #include <unistd.h>
 
+#define MAX_DATAGRAM 65536
+
+static char buf[MAX_DATAGRAM];
+
 static int usage(void)
 {
 	fprintf(stderr, "usage: udp send ADDR PORT COUNT | udp recv PORT SECONDS | "
-		"udp serve PORT SECONDS | udp ask ADDR PORT | udp connect ADDR PORT\n");
+		"udp serve PORT SECONDS | udp ask ADDR PORT [SIZE [FROM]] | udp connect ADDR PORT\n");
 	return 2;
 }
 
@@ -47,6 +55,7 @@ static socklen_t peer(const char *addr, int port, struct sockaddr_storage *to)
 {
 	struct sockaddr_in *in = (struct sockaddr_in *)to;
 	struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)to;
+	char host[INET6_ADDRSTRLEN + IF_NAMESIZE + 1], *zone;
 
 	memset(to, 0, sizeof(*to));
 	if (inet_pton(AF_INET, addr, &in->sin_addr) == 1) {
@@ -54,12 +63,42 @@ static socklen_t peer(const char *addr, int port, struct sockaddr_storage *to)
 		in->sin_port = htons(port);
 		return sizeof(*in);
 	}
-	if (inet_pton(AF_INET6, addr, &in6->sin6_addr) == 1) {
+	snprintf(host, sizeof(host), "%s", addr);
+	zone = strchr(host, '%');
+	if (zone) {
+		*zone++ = '\0';
+		in6->sin6_scope_id = if_nametoindex(zone);
+		if (!in6->sin6_scope_id)
+			return 0;
+	}
+	if (inet_pton(AF_INET6, host, &in6->sin6_addr) == 1) {
 		in6->sin6_family = AF_INET6;
 		in6->sin6_port = htons(port);
 		return sizeof(*in6);
 	}
 	return 0;
+}
+
+/*
+ * A socket of `type` bound to PORT of every address of `family`; an IPv6 one only
+ * for IPv6 (its IPv4 twin is the other socket). -1 after saying why.
+ */
+static int bound(int family, int type, int port)
+{
+	struct sockaddr_in me4 = { .sin_family = AF_INET, .sin_port = htons(port) };
+	struct sockaddr_in6 me6 = { .sin6_family = AF_INET6, .sin6_port = htons(port) };
+	int fd = socket(family, type, 0), one = 1;
+
+	if (fd < 0 ||
+	    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) ||
+	    (family == AF_INET6 && setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one))) ||
+	    (family == AF_INET ? bind(fd, (struct sockaddr *)&me4, sizeof(me4))
+			       : bind(fd, (struct sockaddr *)&me6, sizeof(me6))) ||
+	    (type == SOCK_STREAM && listen(fd, 16))) {
+		perror("bind");
+		return -1;
+	}
+	return fd;
 }
 
 static int do_send(const char *addr, int port, int count)
@@ -91,70 +130,71 @@ static int do_send(const char *addr, int port, int count)
 	return 0;
 }
 
-static int do_recv(int fd, int port, int seconds)
+static int do_recv(int port, int seconds)
 {
-	struct sockaddr_in me = { .sin_family = AF_INET, .sin_port = htons(port) };
 	long deadline = now_ms() + seconds * 1000L;
+	struct pollfd p[2] = {
+		{ .fd = bound(AF_INET, SOCK_DGRAM, port), .events = POLLIN },
+		{ .fd = bound(AF_INET6, SOCK_DGRAM, port), .events = POLLIN },
+	};
 	int received = 0;
-	char buf[2048];
 
-	if (bind(fd, (struct sockaddr *)&me, sizeof(me))) {
-		perror("bind");
+	if (p[0].fd < 0 || p[1].fd < 0)
 		return 1;
-	}
 	/* The sender starts after us; tell the scenario when it may. */
 	printf("listening %d\n", port);
 	fflush(stdout);
 	for (long left; (left = deadline - now_ms()) > 0;) {
-		struct pollfd p = { .fd = fd, .events = POLLIN };
-		int n = poll(&p, 1, (int)left);
+		int n = poll(p, 2, (int)left);
 
 		if (n < 0 && errno != EINTR) {
 			perror("poll");
 			return 1;
 		}
-		if (n > 0 && recv(fd, buf, sizeof(buf), 0) >= 0)
-			received++;
+		for (int i = 0; n > 0 && i < 2; i++)
+			if (p[i].revents & POLLIN && recv(p[i].fd, buf, sizeof(buf), 0) >= 0)
+				received++;
 	}
 	printf("received %d\n", received);
 	return 0;
 }
 
-static int do_serve(int fd, int port, int seconds)
+static int do_serve(int port, int seconds)
 {
-	struct sockaddr_in me = { .sin_family = AF_INET, .sin_port = htons(port) };
 	long deadline = now_ms() + seconds * 1000L;
-	int tcp = socket(AF_INET, SOCK_STREAM, 0), one = 1, echoed = 0, accepted = 0;
-	char buf[2048];
+	/* UDP then TCP, IPv4 then IPv6 */
+	struct pollfd p[4] = {
+		{ .fd = bound(AF_INET, SOCK_DGRAM, port), .events = POLLIN },
+		{ .fd = bound(AF_INET6, SOCK_DGRAM, port), .events = POLLIN },
+		{ .fd = bound(AF_INET, SOCK_STREAM, port), .events = POLLIN },
+		{ .fd = bound(AF_INET6, SOCK_STREAM, port), .events = POLLIN },
+	};
+	int echoed = 0, accepted = 0;
 
-	if (tcp < 0 || setsockopt(tcp, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) ||
-	    bind(fd, (struct sockaddr *)&me, sizeof(me)) ||
-	    bind(tcp, (struct sockaddr *)&me, sizeof(me)) || listen(tcp, 16)) {
-		perror("serve");
-		return 1;
-	}
+	for (int i = 0; i < 4; i++)
+		if (p[i].fd < 0)
+			return 1;
 	printf("listening %d\n", port);
 	fflush(stdout);
 	for (long left; (left = deadline - now_ms()) > 0;) {
-		struct pollfd p[2] = { { .fd = fd, .events = POLLIN }, { .fd = tcp, .events = POLLIN } };
-		struct sockaddr_in from;
-		socklen_t len = sizeof(from);
-		ssize_t n;
-
-		if (poll(p, 2, (int)left) < 0 && errno != EINTR) {
+		if (poll(p, 4, (int)left) < 0 && errno != EINTR) {
 			perror("poll");
 			return 1;
 		}
-		if (p[0].revents & POLLIN) {
-			n = recvfrom(fd, buf, sizeof(buf), 0, (struct sockaddr *)&from, &len);
-			if (n >= 0 && sendto(fd, buf, n, 0, (struct sockaddr *)&from, len) == n)
+		for (int i = 0; i < 2; i++) {
+			struct sockaddr_storage from;
+			socklen_t len = sizeof(from);
+			ssize_t n;
+
+			if (!(p[i].revents & POLLIN))
+				continue;
+			n = recvfrom(p[i].fd, buf, sizeof(buf), 0, (struct sockaddr *)&from, &len);
+			if (n >= 0 && sendto(p[i].fd, buf, n, 0, (struct sockaddr *)&from, len) == n)
 				echoed++;
 		}
-		if (p[1].revents & POLLIN) {
-			int conn = accept(tcp, NULL, NULL);
-
+		for (int i = 2; i < 4; i++) {
 			/* Left open: the client's reset ends it, and nothing more is sent. */
-			if (conn >= 0)
+			if (p[i].revents & POLLIN && accept(p[i].fd, NULL, NULL) >= 0)
 				accepted++;
 		}
 	}
@@ -162,19 +202,22 @@ static int do_serve(int fd, int port, int seconds)
 	return 0;
 }
 
-static int do_ask(const char *addr, int port)
+static int do_ask(const char *addr, int port, int size, const char *from)
 {
-	struct sockaddr_storage to;
-	socklen_t len = peer(addr, port, &to);
+	struct sockaddr_storage to, me;
+	socklen_t len = peer(addr, port, &to), melen = from ? peer(from, 0, &me) : 0;
 	struct pollfd p = { .events = POLLIN };
-	char buf[2048];
 	int fd;
 
-	if (!len)
+	if (!len || size < 1 || size > MAX_DATAGRAM || (from && melen != len))
 		return usage();
 	fd = p.fd = socket(to.ss_family, SOCK_DGRAM, 0);
 	if (fd < 0) {
 		perror("socket");
+		return 1;
+	}
+	if (from && bind(fd, (struct sockaddr *)&me, melen)) {
+		perror("bind");
 		return 1;
 	}
 	if (connect(fd, (struct sockaddr *)&to, len)) {
@@ -182,7 +225,8 @@ static int do_ask(const char *addr, int port)
 		return 1;
 	}
 	/* An error the send itself meets (a REJECT at OUTPUT) is the answer too. */
-	if (send(fd, "x", 1, 0) != 1) {
+	memset(buf, 'x', size);
+	if (send(fd, buf, size, 0) != size) {
 		printf("%s\n", strerror(errno));
 		return 0;
 	}
@@ -231,21 +275,15 @@ static int do_connect(const char *addr, int port)
 
 int main(int argc, char **argv)
 {
-	int fd;
-
 	if (argc == 5 && !strcmp(argv[1], "send"))
 		return do_send(argv[2], atoi(argv[3]), atoi(argv[4]));
-	if (argc == 4 && !strcmp(argv[1], "ask"))
-		return do_ask(argv[2], atoi(argv[3]));
-	fd = socket(AF_INET, SOCK_DGRAM, 0);
-	if (fd < 0) {
-		perror("socket");
-		return 1;
-	}
+	if (argc >= 4 && argc <= 6 && !strcmp(argv[1], "ask"))
+		return do_ask(argv[2], atoi(argv[3]), argc >= 5 ? atoi(argv[4]) : 1,
+			      argc == 6 ? argv[5] : NULL);
 	if (argc == 4 && !strcmp(argv[1], "recv"))
-		return do_recv(fd, atoi(argv[2]), atoi(argv[3]));
+		return do_recv(atoi(argv[2]), atoi(argv[3]));
 	if (argc == 4 && !strcmp(argv[1], "serve"))
-		return do_serve(fd, atoi(argv[2]), atoi(argv[3]));
+		return do_serve(atoi(argv[2]), atoi(argv[3]));
 	if (argc == 4 && !strcmp(argv[1], "connect"))
 		return do_connect(argv[2], atoi(argv[3]));
 	return usage();

@@ -34,6 +34,7 @@ from .bpf import syscall as bpf
 from .bpf.btf import Btf
 from .packet import facts
 from . import ext
+from .ext.conntrack import GROUPS as CONNTRACK_GROUPS
 from .compiler.classifier import KEY_SIZE, VALUE_SIZE
 from .compiler.runs import RECORD_SIZE, Classified, TupleSpace
 from .bpf.insn import Kfunc, MapRef
@@ -70,7 +71,7 @@ class Ruleset:
     def uses_conntrack(self) -> bool:
         """Whether its programs read conntrack (it must be on in their namespace)."""
         needs = self.compiled.needs if self.compiled else facts_needed(self.table)
-        return "ct" in needs
+        return bool(needs & CONNTRACK_GROUPS)
 
     def counters(self) -> list[tuple[int, int]]:
         """(packets, bytes) per table entry: summed over CPUs, plus added offsets."""

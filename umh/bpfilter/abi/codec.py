@@ -240,9 +240,13 @@ def _check_underflow(e: RawEntry, layout: EntryFamily) -> bool:
 
 
 def _rule_bytes(raw: bytes, layout: EntryFamily) -> bytes:
-    """An entry's bytes without comefrom and counters (and the padding between them):
-    entries equal in these pass the same checks and mean the same rule."""
-    return raw[:layout.comefrom_at] + raw[layout.entry_size:]
+    """An entry's bytes without comefrom and counters: entries equal in these pass the
+    same checks and mean the same rule. The padding between them (ip6t_entry's 4
+    bytes) stays: GET_ENTRIES returns the caller's, so an entry that changes only
+    there is not the same."""
+    comefrom_end = layout.comefrom_at + layout.comefrom_field.size
+    return (raw[:layout.comefrom_at] + raw[comefrom_end:layout.counters_at]
+            + raw[layout.entry_size:])
 
 
 def _rule_index(table: RawTable) -> "dict[bytes, RawEntry]":

@@ -17,6 +17,7 @@ from ..bpf.btf import Btf, BtfError
 from ..bpf.insn import Kfunc, MapRef
 from ..errors import BpfilterError
 from ..model import ExtensionTarget, Family, Hook, IpHeader, Match, Rule, Table
+from . import linux
 
 
 BOTH_FAMILIES = (Family.IPV4, Family.IPV6)
@@ -134,8 +135,8 @@ class TargetExtension(_Extension):
 
 
 class _Registry:
-    def __init__(self, kind: str, known_to_linux: frozenset):
-        self.kind, self.known_to_linux = kind, known_to_linux
+    def __init__(self, kind: str):
+        self.kind = kind
         self.extensions: dict[tuple[str, int, Family], _Extension] = {}
 
     def register(self, ext: type[_Extension]) -> type[_Extension]:
@@ -158,7 +159,10 @@ class _Registry:
             err = errno.EPROTOTYPE if any_revision.family_independent else errno.ENOENT
             raise BpfilterError(err, f"{where}: {self.kind} '{name}' has no revision {revision} "
                                      f"(Linux has {', '.join(map(str, known))})")
-        raise BpfilterError(unknown_errno(name, self.known_to_linux),
+        # one Linux has for the family is refused as unsupported (EOPNOTSUPP); any
+        # other name does not exist, and the kernel answers ENOENT
+        raise BpfilterError(errno.EOPNOTSUPP if linux.revisions(self.kind, name, family)
+                            else errno.ENOENT,
                             f"{where}: {self.kind} '{name}' revision {revision} is not supported "
                             "by bpfilter; the whole table is refused")
 
@@ -181,46 +185,26 @@ class _Registry:
         return self.extensions[(model.name, model.revision, family)]
 
 
-# Matches Linux has (net/netfilter/xt_*.c, net/ipv4/netfilter/ipt_*.c,
-# net/ipv6/netfilter/ip6t_*.c): a blob naming
-# one bpfilter lacks is refused as unsupported (EOPNOTSUPP); any other name does not
-# exist, and the kernel answers ENOENT.
-LINUX_MATCHES = frozenset("""
-    addrtype ah bpf cgroup cluster comment connbytes connlabel connlimit connmark conntrack cpu
-    dccp devgroup dscp ecn esp hashlimit helper icmp iprange ipcomp ipvs l2tp length limit mac
-    mark multiport nfacct osf owner physdev pkttype policy quota rateest realm recent rpfilter
-    sctp set socket state statistic string tcp tcpmss time tos ttl u32 udp udplite
-    dst eui64 frag hbh hl icmp6 ipv6header mh rt srh
-""".split())
-LINUX_TARGETS = frozenset("""
-    AUDIT CHECKSUM CLASSIFY CLUSTERIP CONNMARK CONNSECMARK CT DNAT DSCP ECN HMARK IDLETIMER LED
-    LOG MARK MASQUERADE NETMAP NFLOG NFQUEUE NOTRACK RATEEST REDIRECT REJECT SECMARK SET SNAT
-    SYNPROXY TCPMSS TCPOPTSTRIP TEE TOS TPROXY TRACE TTL
-    DNPT HL SNPT
-""".split())
-
-
-def unknown_errno(name: str, known_to_linux: frozenset) -> int:
-    return errno.EOPNOTSUPP if name in known_to_linux else errno.ENOENT
-
-
-_MATCHES = _Registry("match", LINUX_MATCHES)
-_TARGETS = _Registry("target", LINUX_TARGETS)
+_MATCHES = _Registry("match")
+_TARGETS = _Registry("target")
 register_match = _MATCHES.register
 register_target = _TARGETS.register
 
 
 def known_match_revisions(name: str, family: Family) -> list[int]:
-    """What IPT_SO_GET_REVISION_MATCH answers for: the revisions bpfilter implements."""
-    return _MATCHES.revisions(name, family)
+    """What (IP6)IPT_SO_GET_REVISION_MATCH answers for: the revisions Linux has (all
+    that bpfilter implements among them). iptables then loads the extension as with
+    the kernel, and a rule bpfilter cannot honour is refused by the replace, with a
+    message naming it, rather than by iptables not finding the extension."""
+    return sorted({*_MATCHES.revisions(name, family), *linux.revisions("match", name, family)})
 
 
 def known_target_revisions(name: str, family: Family) -> list[int]:
-    """What IPT_SO_GET_REVISION_TARGET answers for: ip_tables' own two targets, and
-    the revisions of the target extensions bpfilter implements."""
+    """What (IP6)IPT_SO_GET_REVISION_TARGET answers for: as known_match_revisions, and
+    ip_tables' own two targets."""
     if name in (XT_STANDARD_TARGET, XT_ERROR_TARGET):
         return [0]
-    return _TARGETS.revisions(name, family)
+    return sorted({*_TARGETS.revisions(name, family), *linux.revisions("target", name, family)})
 
 
 def decode_match(name: str, revision: int, payload: bytes, ip: IpHeader, family: Family,

@@ -1,5 +1,5 @@
 """-m addrtype: --src-type/--dst-type TYPES, --limit-iface-in/out (struct
-xt_addrtype_info_v1, revision 1; struct xt_addrtype_info, revision 0).
+xt_addrtype_info_v1, revision 1; struct xt_addrtype_info, revision 0, IPv4 only).
 
 The kernel's match_type() holds when (1 << inet_dev_addr_type(net, dev, addr))
 & mask: the address's type (RTN_LOCAL, RTN_BROADCAST, ...) comes from a route lookup
@@ -12,6 +12,13 @@ The types are packet facts: the prologue asks the kfunc once per packet for each
 (address, device) pair the table's rules test, since a kfunc call clobbers the
 registers that carry a rule's outcome. The lookup has no side effect, so asking
 before the rule is reached answers what the kernel asks when it reaches it.
+
+IPv6 (revision 1 only, as the kernel registers it) has no single route type: the
+kernel's match_type6() tests the address's kind (ipv6_addr_type()) and, for LOCAL,
+ANYCAST and UNREACHABLE, a route lookup whose answer depends on the mask.
+bpfilter.ko's bpfilter_addr_type6() answers for every mask at once with a set of
+XT_ADDRTYPE_* bits v, from which the rule computes match_type6() for its own mask
+(see Addrtype6.emit).
 """
 from __future__ import annotations
 
@@ -22,15 +29,17 @@ from typing import Optional
 from construct import Int16un, Int32un, Struct
 
 from ..bpf import insn as I
-from ..bpf.insn import (BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_CALL_KFUNC, BPF_LDX_MEM,
-                        BPF_MOV64_IMM, BPF_MOV64_REG, BPF_STX_MEM, BPF_W, R0, R1, R2, R3, R6,
-                        R8, Kfunc)
+from ..bpf.insn import (BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_CALL_KFUNC, BPF_DW,
+                        BPF_LDX_MEM, BPF_MOV64_IMM, BPF_MOV64_REG, BPF_STX_MEM, BPF_W, R0, R1,
+                        R2, R3, R4, R6, R8, Kfunc)
 from ..packet import facts
 from ..errors import BpfilterError
-from ..model import Hook, Match
+from ..model import Family, Hook, Match
+from ..packet.primitives import emit_nonzero_bit
 from . import MODULE, MatchExtension, missing_kfunc, register_match
 
 ADDR_TYPE_KFUNC = Kfunc("bpfilter_addr_type", MODULE)
+ADDR_TYPE6_KFUNC = Kfunc("bpfilter_addr_type6", MODULE)
 
 # enum xt_addrtype_t bit i is route type i (RTN_*); iptables prints these names
 RTN_NAMES = ("UNSPEC", "UNICAST", "LOCAL", "BROADCAST", "ANYCAST", "MULTICAST", "BLACKHOLE",
@@ -40,6 +49,14 @@ XT_ADDRTYPE_INVERT_SOURCE = 0x0001
 XT_ADDRTYPE_INVERT_DEST = 0x0002
 XT_ADDRTYPE_LIMIT_IFACE_IN = 0x0004
 XT_ADDRTYPE_LIMIT_IFACE_OUT = 0x0008
+
+# enum xt_addrtype_t bits IPv6 tells apart: by the address's kind alone ...
+XT_ADDRTYPE_UNSPEC, XT_ADDRTYPE_UNICAST, XT_ADDRTYPE_MULTICAST = 1 << 0, 1 << 1, 1 << 5
+KIND6 = XT_ADDRTYPE_UNSPEC | XT_ADDRTYPE_UNICAST | XT_ADDRTYPE_MULTICAST
+# ... and by a route lookup
+XT_ADDRTYPE_LOCAL, XT_ADDRTYPE_ANYCAST, XT_ADDRTYPE_UNREACHABLE = 1 << 2, 1 << 4, 1 << 7
+ROUTE6 = XT_ADDRTYPE_LOCAL | XT_ADDRTYPE_ANYCAST | XT_ADDRTYPE_UNREACHABLE
+XT_ADDRTYPE_BROADCAST, XT_ADDRTYPE_BLACKHOLE, XT_ADDRTYPE_PROHIBIT = 1 << 3, 1 << 6, 1 << 8
 
 xt_addrtype_info = Struct(
     "source" / Int16un,
@@ -78,6 +95,31 @@ for _a, (_addr, _addr_off) in enumerate(_ADDRESSES):
         facts.OPTIONAL[_group] = _reader(_addr_off, _limit, _slot)
         facts.REGIONS_OF[_group] = ("addrtype",)
 
+# IPv6: a u32 answer of bpfilter_addr_type6() per (address, device) pair, in a region
+# of its own (IPv4 tables keep their six bytes).
+_TYPES6 = facts.reserve("addrtype6", 4 * len(_ADDRESSES) * len(_LIMITS))
+_GROUPS6 = {}
+
+
+def _reader6(addr_off: int, limit: int, slot):
+    def read(asm, k: facts.KernelOffsets) -> None:
+        # the address as two little-endian halves, as the kfunc takes it
+        asm.emit(BPF_MOV64_REG(R1, R8),
+                 BPF_LDX_MEM(BPF_DW, R2, R6, addr_off),
+                 BPF_LDX_MEM(BPF_DW, R3, R6, addr_off + 8),
+                 BPF_MOV64_IMM(R4, limit),
+                 BPF_CALL_KFUNC(ADDR_TYPE6_KFUNC),
+                 BPF_STX_MEM(BPF_W, R6, R0, slot))
+    return read
+
+
+for _a, (_addr, _addr_off) in enumerate(_ADDRESSES):
+    for _l, (_limit, _suffix) in enumerate(_LIMITS):
+        _group, _slot = f"addrtype6_{_addr}{_suffix}", _TYPES6 + 4 * (_a * len(_LIMITS) + _l)
+        _GROUPS6[(_addr, _limit)] = _group, _slot
+        facts.OPTIONAL[_group] = _reader6(_addr_off, _limit, _slot)
+        facts.REGIONS_OF[_group] = ("addrtype6",)
+
 
 @dataclass(frozen=True)
 class AddrtypeMatch(Match):
@@ -87,10 +129,11 @@ class AddrtypeMatch(Match):
     invert_dest: bool
     limit: int            # 0, XT_ADDRTYPE_LIMIT_IFACE_IN or _OUT: the device of the lookup
     name = "addrtype"
+    groups = _GROUPS      # (address, limit) -> (fact group, offset of its answer)
 
     def tests(self):
-        """(group, byte, mask, invert) of each address the match tests."""
-        return [(*_GROUPS[(addr, self.limit)], mask, invert)
+        """(group, answer's offset, mask, invert) of each address the match tests."""
+        return [(*self.groups[(addr, self.limit)], mask, invert)
                 for addr, mask, invert in (("src", self.source, self.invert_source),
                                            ("dst", self.dest, self.invert_dest)) if mask]
 
@@ -105,6 +148,11 @@ class AddrtypeMatchV1(AddrtypeMatch):
     revision = 1
 
 
+@dataclass(frozen=True)
+class Addrtype6Match(AddrtypeMatchV1):
+    groups = _GROUPS6
+
+
 def _types(mask: int) -> str:
     return ",".join(n for i, n in enumerate(RTN_NAMES) if mask & (1 << i))
 
@@ -112,10 +160,12 @@ def _types(mask: int) -> str:
 class _Addrtype(MatchExtension):
     name = "addrtype"
 
+    kfunc = ADDR_TYPE_KFUNC
+
     def unsupported(self, match: AddrtypeMatch) -> Optional[str]:
         if not match.tests():
             return None     # no lookup: the match always holds
-        missing = missing_kfunc(ADDR_TYPE_KFUNC)
+        missing = missing_kfunc(self.kfunc)
         if missing:
             return ("needs bpfilter.ko (kernel module mode) for the kernel's address type "
                     f"lookup, which a netfilter BPF program cannot make ({missing})")
@@ -188,3 +238,56 @@ class AddrtypeV1(_Addrtype):
         if hook_mask & _HOOKS_OUT and match.limit == XT_ADDRTYPE_LIMIT_IFACE_IN:
             raise BpfilterError(errno.EINVAL, f"{where}: addrtype: input interface limitation "
                                               "not valid in POSTROUTING and OUTPUT")
+
+
+@register_match
+class Addrtype6(AddrtypeV1):
+    families = (Family.IPV6,)
+    kfunc = ADDR_TYPE6_KFUNC
+
+    def decode(self, payload: bytes, where: str) -> Addrtype6Match:
+        v1 = super().decode(payload, where)
+        # addrtype_mt_checkentry_v1() for NFPROTO_IPV6: types match_type6() cannot tell
+        types = v1.source | v1.dest
+        if types & XT_ADDRTYPE_BLACKHOLE:
+            raise BpfilterError(errno.EINVAL, f"{where}: addrtype: ipv6 BLACKHOLE matching "
+                                              "not supported")
+        if types >= XT_ADDRTYPE_PROHIBIT:
+            raise BpfilterError(errno.EINVAL, f"{where}: addrtype: ipv6 PROHIBIT (THROW, NAT ..) "
+                                              "matching not supported")
+        if types & XT_ADDRTYPE_BROADCAST:
+            raise BpfilterError(errno.EINVAL, f"{where}: addrtype: ipv6 does not support "
+                                              "BROADCAST matching")
+        return Addrtype6Match(v1.source, v1.dest, v1.invert_source, v1.invert_dest, v1.limit)
+
+    def emit(self, match: Addrtype6Match, asm, out) -> None:
+        """addrtype_mt6(): match_type6(mask) ^ invert for each address tested, from the
+        kfunc's answer v, without a branch:
+
+            match_type6(mask) == !(mask & KIND6 & ~v) && (!(mask & ROUTE6) || (mask & ROUTE6 & v))
+
+        (the kind bits the mask asks for must all be the address's; of the route
+        types, one must be). `^ (flags & XT_ADDRTYPE_INVERT_SOURCE)` and `^
+        !!(flags & XT_ADDRTYPE_INVERT_DEST)` both read as a 0 or 1 invert: the
+        source's flag is bit 0."""
+        for _, slot, mask, invert in match.tests():
+            kind, route = mask & KIND6, mask & ROUTE6   # checkentry left no other bit
+            asm.emit(BPF_LDX_MEM(BPF_W, R1, R6, slot))
+            if kind:
+                # R2 = 1 if a kind bit of the mask is not the address's
+                asm.emit(BPF_MOV64_REG(R2, R1), BPF_ALU64_IMM(I.BPF_AND, R2, kind),
+                         BPF_ALU64_IMM(I.BPF_XOR, R2, kind))
+                emit_nonzero_bit(asm, R2, R3)
+            if route:
+                # R1 = 1 if none of the mask's route types is the address's
+                asm.emit(BPF_ALU64_IMM(I.BPF_AND, R1, route))
+                emit_nonzero_bit(asm, R1, R3)
+                asm.emit(BPF_ALU64_IMM(I.BPF_XOR, R1, 1))
+                if kind:
+                    asm.emit(BPF_ALU64_REG(I.BPF_OR, R1, R2))
+            else:
+                asm.emit(BPF_MOV64_REG(R1, R2))
+            # R1 is now !match_type6(): the test fails when it differs from invert
+            if invert:
+                asm.emit(BPF_ALU64_IMM(I.BPF_XOR, R1, 1))
+            out.mismatch(R1)

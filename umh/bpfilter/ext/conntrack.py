@@ -10,11 +10,18 @@ nf_ct_netns_get() does for the kernel's iptables.
 
 iptables-legacy sends `-m state` as conntrack revision 3 with the STATE_ALIAS flag;
 xt_state itself (revision 0) is kept for other senders.
+
+Both are one registration for every family in the kernel (NFPROTO_UNSPEC); what
+differs per family is only the tuples' addresses (union nf_inet_addr: IPv4 compares
+its first 4 bytes, IPv6 all 16), so each family has its own fact group, "ct" or
+"ct6", which read the same entry into the same "ct" region and the addresses into
+a region of the family's own (CtFamily).
 """
 from __future__ import annotations
 
 import errno
 import functools
+import socket
 from dataclasses import dataclass
 
 from construct import Bytes, Int8un, Int16un, Int32un, Struct
@@ -26,10 +33,11 @@ from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU32_REG, BPF_ALU64_IMM, BPF_ALU64_R
                         BPF_LDX_MEM, BPF_MOV64_IMM, BPF_MOV64_REG, BPF_ST_MEM, BPF_STX_MEM,
                         BPF_W, FP, R0, R1, R2, R3, R6, R7)
 from ..packet import facts
-from ..packet.primitives import MISMATCH, emit_masked_equal, emit_nonzero_bit, emit_range
+from ..packet.primitives import (MISMATCH, emit_masked_equal, emit_name_equal,
+                                 emit_nonzero_bit, emit_range)
 from ..errors import BpfilterError
 from ..model import Family, Match
-from . import MatchExtension, register_match
+from . import BOTH_FAMILIES, MatchExtension, register_match
 from .limit import kernel_hz
 
 # enum ip_conntrack_info / ip_conntrack_status (include/uapi/linux/netfilter/nf_conntrack_common.h)
@@ -51,7 +59,7 @@ STATE_NAMES = ((STATE_INVALID, "INVALID"), (1 << 1, "ESTABLISHED"), (1 << 2, "RE
  XT_CONNTRACK_REPLDST_PORT, XT_CONNTRACK_DIRECTION, XT_CONNTRACK_STATE_ALIAS) = (
     1 << n for n in range(14))
 
-# The "ct" fact group.
+# The "ct" region, filled by the "ct" (IPv4) or "ct6" (IPv6) fact group.
 CT_SIZE = 88
 CT = facts.reserve("ct", CT_SIZE)
 CT_PRESENT = CT          # u8: the skb has a conntrack entry (nf_ct_get() != NULL)
@@ -62,9 +70,11 @@ CT_PROTO = CT + 6        # u8: nf_ct_protonum()
 CT_STATUS = CT + 8       # u32: ct->status (its bits all fit)
 CT_EXPIRES = CT + 12     # u32: ct->timeout (jiffies); seconds left with "ct_expires"
 CT_PORTS = CT + 16       # u16 x 4 host order: orig src, orig dst, reply src, reply dst
-CT_ADDRS = CT + 24       # u32 x 4 as on the wire: orig src, orig dst, reply src, reply dst
+CT_ADDRS = CT + 24       # IPv4: u32 x 4 as on the wire: orig src, orig dst, reply src, reply dst
 CT_TUPLE_BUF = CT + 40   # one struct nf_conntrack_tuple, read from the kernel
 TUPLE_BUF_SIZE = 48
+# IPv6: 16 bytes x 4 as on the wire, the same order
+CT6_ADDRS = facts.reserve("ct6", 64)
 
 
 @dataclass(frozen=True)
@@ -130,8 +140,9 @@ def _probe_read(asm, dst_off: int, size: int, src_off: int) -> None:
              BPF_EMIT_CALL(I.BPF_FUNC_probe_read_kernel))
 
 
-def emit_ct_facts(asm, k) -> None:
-    """nf_ct_get(skb, &ctinfo), then the entry's state bits, status and both tuples.
+def emit_ct_facts(asm, k, copy_addresses) -> None:
+    """nf_ct_get(skb, &ctinfo), then the entry's state bits, status and both tuples,
+    whose addresses `copy_addresses(asm, offsets, direction)` takes from CT_TUPLE_BUF.
     Runs in the prologue with R7 = skb; keeps R8 and R9."""
     o = ct_offsets()
     no_ct, original, done = asm.label("no_ct"), asm.label("ct_original"), asm.label("ct_done")
@@ -166,9 +177,7 @@ def emit_ct_facts(asm, k) -> None:
     )
     for direction, tuple_off in enumerate(o.tuple):
         _probe_read(asm, CT_TUPLE_BUF, o.tuple_size, tuple_off)
-        for i, field in enumerate((o.src_ip, o.dst_ip)):
-            asm.emit(BPF_LDX_MEM(BPF_W, R1, R6, CT_TUPLE_BUF + field),
-                     BPF_STX_MEM(BPF_W, R6, R1, CT_ADDRS + 8 * direction + 4 * i))
+        copy_addresses(asm, o, direction)
         for i, field in enumerate((o.src_port, o.dst_port)):
             asm.emit(BPF_LDX_MEM(BPF_H, R1, R6, CT_TUPLE_BUF + field),
                      BPF_ENDIAN(I.BPF_TO_BE, R1, 16),
@@ -188,7 +197,27 @@ def emit_ct_facts(asm, k) -> None:
     asm.place(done)
 
 
-facts.OPTIONAL["ct"] = emit_ct_facts
+def _copy_addresses(asm, o: CtOffsets, direction: int) -> None:
+    """IPv4: the first 4 bytes of each union nf_inet_addr."""
+    for i, field in enumerate((o.src_ip, o.dst_ip)):
+        asm.emit(BPF_LDX_MEM(BPF_W, R1, R6, CT_TUPLE_BUF + field),
+                 BPF_STX_MEM(BPF_W, R6, R1, CT_ADDRS + 8 * direction + 4 * i))
+
+
+def _copy_addresses6(asm, o: CtOffsets, direction: int) -> None:
+    """IPv6: all 16 bytes, 4 at a time (the tuple's dst.u3 is only 4-aligned, and
+    stack accesses must be aligned)."""
+    for i, field in enumerate((o.src_ip, o.dst_ip)):
+        for word in range(0, 16, 4):
+            asm.emit(BPF_LDX_MEM(BPF_W, R1, R6, CT_TUPLE_BUF + field + word),
+                     BPF_STX_MEM(BPF_W, R6, R1, CT6_ADDRS + 32 * direction + 16 * i + word))
+
+
+facts.OPTIONAL["ct"] = lambda asm, k: emit_ct_facts(asm, k, _copy_addresses)
+facts.OPTIONAL["ct6"] = lambda asm, k: emit_ct_facts(asm, k, _copy_addresses6)
+facts.REGIONS_OF["ct6"] = ("ct", "ct6")
+# the groups that read conntrack: whoever loads a table using one turns it on
+GROUPS = frozenset({"ct", "ct6"})
 
 
 def emit_ct_expires(asm, k) -> None:
@@ -237,12 +266,64 @@ class StateMatch(Match):
     revision = 0
 
 
+@dataclass(frozen=True)
+class Address:
+    addr: bytes   # union nf_inet_addr as on the wire (16 bytes; IPv4 uses the first 4)
+    mask: bytes
+    invert: bool
+
+
+class CtFamily:
+    """What conntrack matches do differently per family: the fact group that reads
+    the tuples' addresses, their compare (conntrack_addrcmp()) and their text
+    (libxt_conntrack's conntrack_dump_addr())."""
+
+    group = "ct"
+    family, size = socket.AF_INET, 4
+
+    def emit_address(self, asm, i: int, address: Address, out) -> None:
+        # ((kaddr->ip ^ uaddr->ip) & umask->ip) == 0
+        addr, mask = (int.from_bytes(b[:4], "little") for b in (address.addr, address.mask))
+        emit_masked_equal(asm, CT_ADDRS + 4 * i, 4, mask, addr & mask, address.invert, out)
+
+    def text(self, address: Address) -> str:
+        # xtables_ipaddr_to_numeric() / xtables_ip6addr_to_numeric() are inet_ntop():
+        # glibc's spells ::102:304 as ::1.2.3.4, which Python's ipaddress does not
+        addr, mask = address.addr[:self.size], address.mask[:self.size]
+        return socket.inet_ntop(self.family, addr) + self._mask_text(mask)
+
+    def _mask_text(self, mask: bytes) -> str:
+        """xtables_ipmask_to_numeric() / xtables_ip6mask_to_numeric(): nothing for a
+        host mask, /N for a prefix, the mask itself otherwise."""
+        bits, width = int.from_bytes(mask, "big"), 8 * len(mask)
+        length = bin(bits).count("1")
+        if bits != ((1 << length) - 1) << (width - length):
+            return "/" + socket.inet_ntop(self.family, mask)
+        return "" if length == width else f"/{length}"
+
+
+class CtFamily6(CtFamily):
+    group = "ct6"
+    family, size = socket.AF_INET6, 16
+
+    def emit_address(self, asm, i: int, address: Address, out) -> None:
+        # ipv6_masked_addr_cmp(kaddr, umask, uaddr) == 0: ((k ^ u) & m) over 16 bytes
+        emit_name_equal(asm, CT6_ADDRS + 16 * i, address.addr, address.mask, address.invert,
+                        out)
+
+
+CT_FAMILIES = {Family.IPV4: CtFamily(), Family.IPV6: CtFamily6()}
+
+
 @register_match
 class State(MatchExtension):
     name = "state"
+    families = BOTH_FAMILIES
     family_independent = True
     struct = Struct("statemask" / Int32un)
-    facts = frozenset({"ct"})
+
+    def facts_of(self, match) -> frozenset[str]:
+        return frozenset({CT_FAMILIES[self.family].group})
 
     def decode(self, payload: bytes, where: str) -> StateMatch:
         ct_offsets()
@@ -257,13 +338,6 @@ class State(MatchExtension):
 
     def describe(self, match: StateMatch) -> str:
         return "state " + _state_names(match.mask, XT_STATE_UNTRACKED)
-
-
-@dataclass(frozen=True)
-class Address:
-    addr: int     # as loaded from the wire, little-endian
-    mask: int
-    invert: bool
 
 
 @dataclass(frozen=True)
@@ -315,19 +389,20 @@ def _mtinfo(revision: int) -> Struct:
 
 class _Conntrack(MatchExtension):
     name = "conntrack"
-    families = (Family.IPV4,)
+    families = BOTH_FAMILIES
     family_independent = True
-    facts = frozenset({"ct"})
+
+    def __init__(self, family: Family):
+        super().__init__(family)
+        self.ct_family = CT_FAMILIES[family]
 
     def decode(self, payload: bytes, where: str) -> ConntrackMatch:
         ct_offsets()
         p = self.struct.parse(payload)
         if p.match_flags & XT_CONNTRACK_EXPIRES:
             kernel_hz()   # refuses the table if the seconds cannot be counted as the kernel does
-        addrs = tuple(
-            Address(int.from_bytes(p[f"{d}_addr"][:4], "little"),
-                    int.from_bytes(p[f"{d}_mask"][:4], "little"), bool(p.invert_flags & flag))
-            for d, flag in zip(_DIRECTIONS, _ADDR_FLAGS))
+        addrs = tuple(Address(p[f"{d}_addr"], p[f"{d}_mask"], bool(p.invert_flags & flag))
+                      for d, flag in zip(_DIRECTIONS, _ADDR_FLAGS))
         if self.revision == 3:
             ports = tuple((p[f"{d}_port"], p[f"{d}_port_high"]) for d in _DIRECTIONS)
         else:   # one __be16 port, compared as such with the tuple's
@@ -338,7 +413,8 @@ class _Conntrack(MatchExtension):
                               ports=ports, expires=(p.expires_min, p.expires_max))
 
     def facts_of(self, match: ConntrackMatch) -> frozenset[str]:
-        return self.facts | ({"ct_expires"} if match.has(XT_CONNTRACK_EXPIRES) else set())
+        return frozenset({self.ct_family.group}
+                         | ({"ct_expires"} if match.has(XT_CONNTRACK_EXPIRES) else set()))
 
     def emit(self, match: ConntrackMatch, asm, out) -> None:
         """conntrack_mt(): the state test holds for every packet; the others need an
@@ -359,8 +435,7 @@ class _Conntrack(MatchExtension):
                      BPF_ALU64_REG(I.BPF_OR, MISMATCH, R1))
         asm.emit(BPF_ALU64_REG(I.BPF_OR, MISMATCH, saved))
 
-    @staticmethod
-    def _emit_entry_tests(match: ConntrackMatch, asm, out) -> bool:
+    def _emit_entry_tests(self, match: ConntrackMatch, asm, out) -> bool:
         """The tests that read the entry, in conntrack_mt()'s order; False if none."""
         emitted = False
         if match.has(XT_CONNTRACK_DIRECTION):
@@ -372,9 +447,7 @@ class _Conntrack(MatchExtension):
             emitted = True
         for i, (flag, addr) in enumerate(zip(_ADDR_FLAGS, match.addrs)):
             if match.has(flag):
-                # conntrack_addrcmp(): ((ct ^ addr) & mask) == 0
-                emit_masked_equal(asm, CT_ADDRS + 4 * i, 4, addr.mask, addr.addr & addr.mask,
-                                  addr.invert, out)
+                self.ct_family.emit_address(asm, i, addr, out)
                 emitted = True
         if match.has(XT_CONNTRACK_PROTO):
             invert = match.inverts(XT_CONNTRACK_PROTO)
@@ -408,7 +481,7 @@ class _Conntrack(MatchExtension):
         for flag, name, addr in zip(_ADDR_FLAGS, _ADDR_NAMES, match.addrs):
             if match.has(flag):
                 bang = "! " if addr.invert else ""
-                parts.append(f"{bang}{name} {_dotted(addr.addr)}{_prefix(addr.mask)}")
+                parts.append(f"{bang}{name} {self.ct_family.text(addr)}")
         for flag, name, (lo, hi) in zip(_PORT_FLAGS, _PORT_NAMES, match.ports):
             if match.has(flag):
                 bang = "! " if match.inverts(flag) else ""
@@ -429,15 +502,6 @@ class _Conntrack(MatchExtension):
 
 def _ntohs(le: int) -> int:
     return int.from_bytes(le.to_bytes(2, "little"), "big")
-
-
-def _dotted(le: int) -> str:
-    return ".".join(str(b) for b in le.to_bytes(4, "little"))
-
-
-def _prefix(le_mask: int) -> str:
-    bits = bin(le_mask).count("1")
-    return "" if bits == 32 else f"/{bits}"
 
 
 for _revision in (1, 2, 3):

@@ -1,4 +1,5 @@
-"""-j REJECT --reject-with TYPE (struct ipt_reject_info, revision 0).
+"""-j REJECT --reject-with TYPE (struct ipt_reject_info, revision 0), and ip6tables'
+REJECT (struct ip6t_reject_info: the same u32, read as enum ip6t_reject_with).
 
 A netfilter BPF program can only answer NF_ACCEPT or NF_DROP: it cannot send the TCP
 reset or ICMP error REJECT sends. bpfilter.ko registers a kfunc for netfilter
@@ -8,6 +9,9 @@ rule calls it and returns NF_DROP, as reject_tg() does. Without the module (the
 kfunc is not in the kernel's BTF) REJECT is decoded and checked as the kernel checks
 it, then refused: dropping silently instead would be a different firewall (peers
 time out instead of failing fast).
+
+The kfunc reads `with` by the hook's family (state->pf), as ipt_REJECT and ip6t_REJECT
+are two targets: the IPv6 class differs only in its names and its checkentry.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from ..bpf.insn import (BPF_CALL_KFUNC, BPF_DW, BPF_EXIT_INSN, BPF_LDX_MEM, BPF_
                         BPF_STX_MEM, R0, R1, R2, R3, R6, R8, Kfunc)
 from ..packet import facts
 from ..errors import BpfilterError
-from ..model import ExtensionTarget, IpHeader
+from ..model import ExtensionTarget, Family, Ip6Header, IpHeader
 from ..netfilter import NF_DROP
 from . import MODULE, TargetExtension, missing_kfunc, register_target
 from .tcp import IPPROTO_TCP
@@ -39,6 +43,21 @@ REJECT_WITH = {
     8: "icmp-admin-prohibited",
 }
 IPT_ICMP_ECHOREPLY, IPT_TCP_RESET = 4, 7
+
+# enum ip6t_reject_with, and what libip6t_REJECT prints for each: it has no name for
+# IP6T_ICMP6_NOT_NEIGHBOUR (2), and glibc's printf prints its NULL as "(null)"
+REJECT6_WITH = {
+    0: "icmp6-no-route",
+    1: "icmp6-adm-prohibited",
+    2: "(null)",
+    3: "icmp6-addr-unreachable",
+    4: "icmp6-port-unreachable",
+    5: "echo-reply",
+    6: "tcp-reset",
+    7: "icmp6-policy-fail",
+    8: "icmp6-reject-route",
+}
+IP6T_ICMP6_ECHOREPLY, IP6T_TCP_RESET = 5, 6
 
 REJECT_KFUNC = Kfunc("bpfilter_reject", MODULE)
 
@@ -68,6 +87,7 @@ class Reject(TargetExtension):
     name = "REJECT"
     struct = ipt_reject_info
     facts = frozenset({"skb", "nf_state"})
+    names = REJECT_WITH
 
     def decode(self, payload: bytes, ip: IpHeader, where: str) -> RejectTarget:
         (with_,) = self.packed.unpack_from(payload)
@@ -83,19 +103,42 @@ class Reject(TargetExtension):
     def unsupported(self, target: RejectTarget) -> Optional[str]:
         missing = missing_kfunc(REJECT_KFUNC)
         if missing:
-            answer = REJECT_WITH.get(target.with_, f"reject-with {target.with_}")
+            answer = self.names.get(target.with_, "(null)")
+            if answer == "(null)":   # a value iptables has no name for
+                answer = f"reject-with {target.with_}"
             return (f"needs bpfilter.ko (kernel module mode) to send its {answer} answer: a "
                     "netfilter BPF program cannot, and dropping silently instead would change "
                     f"what peers see ({missing})")
         return None
 
     def describe(self, target: RejectTarget) -> str:
-        answer = REJECT_WITH.get(target.with_, f"{target.with_}")
+        answer = self.names.get(target.with_, f"{target.with_}")
         return f"reject-with {answer}"
 
     def emit(self, target: RejectTarget, asm, next_rule) -> None:
+        # the kfunc does what reject_tg() or reject_tg6() does for `with` (a value
+        # neither knows sends nothing), and the rule drops as they do
         asm.emit(BPF_LDX_MEM(BPF_DW, R1, R6, facts.SKB),
                  BPF_LDX_MEM(BPF_DW, R2, R6, NF_STATE),
                  BPF_MOV64_IMM(R3, target.with_),
                  BPF_CALL_KFUNC(REJECT_KFUNC),
                  BPF_MOV64_IMM(R0, NF_DROP), BPF_EXIT_INSN())
+
+
+@register_target
+class Reject6(Reject):
+    families = (Family.IPV6,)
+    names = REJECT6_WITH
+
+    def decode(self, payload: bytes, ip: Ip6Header, where: str) -> RejectTarget:
+        (with_,) = self.packed.unpack_from(payload)
+        # reject_tg6_check(): IPv6 rules say whether -p was given (IP6T_F_PROTO), and
+        # tcp-reset wants it given, as tcp, without `!`
+        if with_ == IP6T_ICMP6_ECHOREPLY:
+            raise BpfilterError(errno.EINVAL, f"{where}: REJECT: --reject-with echo-reply is "
+                                              "not supported by the kernel")
+        if with_ == IP6T_TCP_RESET and (not ip.proto_given or ip.proto != IPPROTO_TCP
+                                        or ip.invert_proto):
+            raise BpfilterError(errno.EINVAL, f"{where}: REJECT: --reject-with tcp-reset is "
+                                              "only valid with -p tcp")
+        return RejectTarget(with_)
