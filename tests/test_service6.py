@@ -582,7 +582,7 @@ def test_bad_ipv6_input_leaves_both_families_filtering(svc, nets):
     malformed_replaces_answer_as_the_kernel(svc, ns, kns, V6)
     unchanged()
     # what bpfilter does not implement for IPv6: refused whole, by rule and extension
-    for rule, names in (("-j LOG --log-prefix six", "target 'LOG'"),
+    for rule, names in (("-j LOG --log-prefix six --log-uid", "target 'LOG' --log-uid"),
                         ("-p tcp -j REJECT --reject-with tcp-reset", "target 'REJECT'"),
                         ("-m frag --fragid 5 --fragfirst", "match 'frag'"),
                         ("-m conntrack --ctstate NEW", "match 'conntrack' revision 3")):
