@@ -2,8 +2,8 @@
 bpfilter, real packets over veth from a peer namespace. Which packets arrive, and
 every per-entry counter, must be identical.
 
-Seeded random rulesets (BPFILTER_DIFF_SEEDS, default 40, of 200 packets each) and
-hand-written realistic ones. A failing seed is reproduced with
+Seeded random rulesets (BPFILTER_DIFF_SEEDS, default 40 for IPv4 and 12 for IPv6, of
+200 packets each) and hand-written realistic ones, of both families. A failing seed is reproduced with
 `BPFILTER_DIFF_SEEDS=1 BPFILTER_DIFF_FIRST=<seed> pytest tests/test_differential.py`.
 """
 import os
@@ -26,6 +26,7 @@ from rulegen import generate
 pytestmark = pytest.mark.kernel
 
 SEEDS = int(os.environ.get("BPFILTER_DIFF_SEEDS", "40"))
+SEEDS6 = int(os.environ.get("BPFILTER_DIFF_SEEDS", "12"))
 FIRST = int(os.environ.get("BPFILTER_DIFF_FIRST", "1000"))
 
 ROUTER = """\
@@ -170,9 +171,28 @@ def test_random_ruleset(lab, seed):
 
 @pytest.mark.parametrize("seed", range(FIRST + 12000, FIRST + 12000 + SEEDS))
 def test_random_ruleset_with_more_matches(lab, seed):
-    """The general rulesets with multiport, iprange, length, ttl and comment matches."""
-    ruleset, cases = generate(seed, more=True)
+    """The general rulesets with multiport, iprange, length, ttl and comment matches,
+    and with mark, pkttype, mac, owner and limit."""
+    ruleset, cases = generate(seed, more=True, extras=True)
     assert_identical(lab, ruleset, cases)
+
+
+@pytest.mark.parametrize("seed", range(FIRST + 20000, FIRST + 20000 + SEEDS6))
+def test_random_ipv6_ruleset(lab, seed):
+    """IPv6 rulesets (addresses and prefixes of the lab's IPv6 networks, interfaces, -p
+    with names, numbers, all and extension headers, tcp, udp, icmp6) against packets
+    with and without chains of extension headers, first and later fragments, headers
+    cut short, neighbour discovery, ICMPv6 errors, connections both ways."""
+    ruleset, cases = generate(seed, family=Family.IPV6)
+    assert_identical(lab, ruleset, cases, family=Family.IPV6)
+
+
+@pytest.mark.parametrize("seed", range(FIRST + 22000, FIRST + 22000 + SEEDS6))
+def test_random_ipv6_ruleset_with_more_matches(lab, seed):
+    """The IPv6 rulesets with multiport, iprange, length, hl and comment, and with mark,
+    pkttype, mac, owner and limit."""
+    ruleset, cases = generate(seed, family=Family.IPV6, more=True, extras=True)
+    assert_identical(lab, ruleset, cases, family=Family.IPV6)
 
 
 @pytest.mark.parametrize("seed", range(FIRST + 5000, FIRST + 5000 + SEEDS))
