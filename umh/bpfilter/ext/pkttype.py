@@ -14,9 +14,11 @@ from ..packet.primitives import emit_masked_equal
 from ..model import Family, Match
 from . import BOTH_FAMILIES, MatchExtension, register_match, xt_invert
 
-PACKET_HOST, PACKET_BROADCAST, PACKET_MULTICAST, PACKET_LOOPBACK = 0, 1, 2, 5
+PACKET_HOST, PACKET_BROADCAST, PACKET_MULTICAST, PACKET_OTHERHOST = 0, 1, 2, 3
+PACKET_LOOPBACK = 5
 # What iptables prints for a type (libxt_pkttype's first name for it), else the number.
-_NAMES = {PACKET_HOST: "unicast", PACKET_BROADCAST: "broadcast", PACKET_MULTICAST: "multicast"}
+_NAMES = {PACKET_HOST: "unicast", PACKET_BROADCAST: "broadcast", PACKET_MULTICAST: "multicast",
+          PACKET_OTHERHOST: "otherhost"}
 
 xt_pkttype_info = Struct(
     "pkttype" / Int32sl,
