@@ -615,8 +615,15 @@ PACKET_PROTOS6 = (6, 17, 58, 47, 50, 132, 59, 44, 60)
 def _extension(rng: random.Random, first: bool, dst: str):
     """One extension header: hop-by-hop mostly first, routing headers with segments
     left or none (only the last address's owner processes them), first and later
-    fragments (some followed by an extension header, which the walk cannot pass), AH."""
-    kind = rng.choice(["hbh" if first else "dst", "dst", "rt", "first", "later", "ah"])
+    fragments (some followed by an extension header, which the walk cannot pass), AH;
+    now and then one whose length byte lies, running into what follows or past the
+    packet's end (where kernels' walks differ: packet/ipv6_probe.py)."""
+    kind = rng.choice(["hbh" if first else "dst", "dst", "rt", "first", "later", "ah"] * 4 +
+                      ["lying"])
+    if kind == "lying":
+        if rng.random() < 0.5:
+            return DestinationOptions(ext_len=rng.choice([1, 3, 9, 255]))
+        return AuthenticationHeader(ext_len=rng.choice([0, 1, 6, 255]))
     if kind == "hbh":
         return HopByHop()
     if kind == "dst":
@@ -666,6 +673,10 @@ def _packet6(rng: random.Random, hints: _Hints, path: str, src: str, dst: str,
         # a zero payload length after hop-by-hop (a jumbogram's) leaves the receiving
         # skb untrimmed: skb->len and what the header says differ
         kw["payload_length"] = 0
+    elif path != "output" and r < 0.17:
+        # less than the packet holds: the receiving stack trims it to that before any
+        # hook (and drops it if it holds less than its header says)
+        kw["payload_length"] = rng.choice([0, 4, 8, 16, 24])
     elif path == "output" and r < 0.15:
         kw["payload_length"] = rng.choice([0, 8, 100, 1500])   # a raw socket's header lies
     _hop_limit(rng, hints, kw)
