@@ -30,7 +30,8 @@ xt_iprange_mtinfo = Struct(
 
 
 # the bytes of an address in union nf_inet_addr, and how iptables prints one (IPv6:
-# xtables_ip6addr_to_numeric(), which is inet_ntop(): "::0.0.0.2" for ::2, say)
+# xtables_ip6addr_to_numeric(), which is inet_ntop(): "::1.2.3.4", where Python's
+# ipaddress says "::102:304")
 _WIDTH = {Family.IPV4: 4, Family.IPV6: 16}
 _SPELLING = {Family.IPV4: socket.AF_INET, Family.IPV6: socket.AF_INET6}
 
