@@ -672,13 +672,13 @@ def _packet6(rng: random.Random, hints: _Hints, path: str, src: str, dst: str,
     elif path != "output" and hop_by_hop_first and r < 0.15:
         # a zero payload length after hop-by-hop (a jumbogram's) leaves the receiving
         # skb untrimmed: skb->len and what the header says differ
-        kw["payload_length"] = 0
+        kw["stated_length"] = 0
     elif path != "output" and r < 0.17:
         # less than the packet holds: the receiving stack trims it to that before any
         # hook (and drops it if it holds less than its header says)
-        kw["payload_length"] = rng.choice([0, 4, 8, 16, 24])
+        kw["stated_length"] = rng.choice([0, 4, 8, 16, 24])
     elif path == "output" and r < 0.15:
-        kw["payload_length"] = rng.choice([0, 8, 100, 1500])   # a raw socket's header lies
+        kw["stated_length"] = rng.choice([0, 8, 100, 1500])   # a raw socket's header lies
     _hop_limit(rng, hints, kw)
     return Packet(**{**kw, **fields})
 

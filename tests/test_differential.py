@@ -3,8 +3,10 @@ bpfilter, real packets over veth from a peer namespace. Which packets arrive, an
 every per-entry counter, must be identical.
 
 Seeded random rulesets (BPFILTER_DIFF_SEEDS, default 40 for IPv4 and 12 for IPv6, of
-200 packets each) and hand-written realistic ones, of both families. A failing seed is reproduced with
-`BPFILTER_DIFF_SEEDS=1 BPFILTER_DIFF_FIRST=<seed> pytest tests/test_differential.py`.
+200 packets each) and hand-written realistic ones, of both families. A failing seed is
+reproduced with
+`BPFILTER_DIFF_SEEDS=1 BPFILTER_DIFF_FIRST=<seed> pytest tests/test_differential.py`
+(the IPv6 tests' seeds start 20000 and 22000 after FIRST).
 """
 import os
 import random
@@ -237,7 +239,7 @@ IPV6_HOST_ROUTER = """\
 COMMIT
 """
 S6, T6, FAR6 = S_IN6_ADDR, T_IN6_ADDR, "2001:db8:7::7"
-JUMBO_LESS = dict(ext=(HopByHop(),), payload_length=0)   # skb->len 72, the header says 40
+JUMBO_LESS = dict(ext=(HopByHop(),), stated_length=0)   # skb->len 72, the header says 40
 IPV6_HOST_ROUTER_TRAFFIC = [Case(p, "input") for p in (
     neighbour_solicitation(S6, T6, T6, S_IN_MAC), neighbour_solicitation(S6, T6, T6, ttl=254),
     neighbour_advertisement(S6, "ff02::1", S6, target_lladdr=S_IN_MAC),
@@ -266,7 +268,7 @@ IPV6_HOST_ROUTER_TRAFFIC = [Case(p, "input") for p in (
     (S6, "udp", dict(dport=9)), (S6, "udp", dict(dport=10)), (S6, "tcp", dict(tcp_flags=0x14)),
     (FAR6, "tcp", dict(tcp_options=b"\x02\x04\x05\xb4")),
     ("2001:db8:7::100", "tcp", dict(tcp_options=b"\x02\x04\x05\xb4")), (FAR6, "tcp", {}),
-    (FAR6, "udp", dict(dport=9, payload_length=8)),
+    (FAR6, "udp", dict(dport=9, stated_length=8)),
 )]
 
 

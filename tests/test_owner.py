@@ -1,8 +1,8 @@
 """-m owner against the kernel: the same OUTPUT rules in two namespaces, one the
 kernel's iptables (ip6tables) and one bpfilter, and sockets of several users and
-groups sending through them, over IPv4 and IPv6. Datagrams a rule drops make sendto() fail with EPERM; the kernel's own
-answers (a TCP reset to a closed port, sent from a socket with no file behind it)
-show in the counters, which must be equal entry by entry.
+groups sending through them, over IPv4 and IPv6. Datagrams a rule drops make sendto()
+fail with EPERM; the kernel's own answers (a TCP reset to a closed port, sent from a
+socket with no file behind it) show in the counters, which must be equal entry by entry.
 """
 from __future__ import annotations
 

@@ -410,7 +410,7 @@ CASES = [
     v6case("length is the packet's, whatever its header says",
            "-A OUTPUT -m length --length 48\n-A OUTPUT -m length --length 1040\n"
            "-A OUTPUT -m length --length 64 -j DROP",
-           [(OUT, udp(payload_length=8), DROP), (OUT, udp(payload_length=1000), DROP)],
+           [(OUT, udp(stated_length=8), DROP), (OUT, udp(stated_length=1000), DROP)],
            {"OUTPUT 3": (2, 128)}),
     v6case("length of later fragments and unwalkable packets too (no walk)",
            "-A OUTPUT -m length --length 41 -j DROP\n-A OUTPUT -m length --length 64 -j DROP",
