@@ -77,7 +77,8 @@ class Ipv6(Flavour):
         asm.emit(BPF_JMP_IMM(I.BPF_JEQ, R0, 0, drop))
         asm.emit(
             BPF_LDX_MEM(BPF_B, R1, R0, 7), BPF_STX_MEM(BPF_B, R6, R1, TTL),
-            # length_mt6()'s u16 sum: payload length plus the header
+            # the header's own length (payload length plus the header, as a u16);
+            # length_mt6() reads skb->len instead
             BPF_LDX_MEM(BPF_H, R1, R0, 4), BPF_ENDIAN(I.BPF_TO_BE, R1, 16),
             BPF_ALU64_IMM(I.BPF_ADD, R1, IPV6_HEADER), BPF_ALU32_IMM(I.BPF_AND, R1, 0xFFFF),
             BPF_STX_MEM(BPF_H, R6, R1, TOT_LEN),
