@@ -27,7 +27,7 @@ from bpfilter.ext import conntrack as ct
 from bpfilter.loader import load_ruleset
 from bpfilter.model import Family
 from bpfilter.netns import entered
-from bpfilter.scratch import replace_blob
+from bpfilter_lab.scratch import replace_blob
 
 from test_refusals import kernel_refusal
 from test_reject6_addrtype6 import kernels

@@ -2,9 +2,11 @@
 bpfilter, real packets over veth from a peer namespace. Which packets arrive, and
 every per-entry counter, must be identical.
 
-Seeded random rulesets (BPFILTER_DIFF_SEEDS, default 40, of 200 packets each) and
-hand-written realistic ones. A failing seed is reproduced with
-`BPFILTER_DIFF_SEEDS=1 BPFILTER_DIFF_FIRST=<seed> pytest tests/test_differential.py`.
+Seeded random rulesets (BPFILTER_DIFF_SEEDS, default 40 for IPv4 and 12 for IPv6, of
+200 packets each) and hand-written realistic ones, of both families. A failing seed is
+reproduced with
+`BPFILTER_DIFF_SEEDS=1 BPFILTER_DIFF_FIRST=<seed> pytest tests/test_differential.py`
+(the IPv6 tests' seeds start 20000 and 22000 after FIRST).
 """
 import os
 import random
@@ -18,14 +20,17 @@ from bpfilter.compiler import classifier, multifield
 from bpfilter.compiler.runs import TupleSpace
 from bpfilter.model import Family
 from bpfilter_lab.demo import RULESET as HOST_FIREWALL, TRAFFIC as HOST_TRAFFIC
-from bpfilter_lab.lab import T_IN_MAC, Case, Lab
-from bpfilter_lab.packets import Packet
+from bpfilter_lab.lab import S_IN6_ADDR, S_IN_MAC, T_IN6_ADDR, T_IN_MAC, T_OUT6_ADDR, Case, Lab
+from bpfilter_lab.packets import (AuthenticationHeader, DestinationOptions, Fragment, HopByHop,
+                                  Packet, icmpv6_error, neighbour_advertisement,
+                                  neighbour_solicitation)
 from bpfilter_lab.scratch import replace_blob
 from rulegen import generate
 
 pytestmark = pytest.mark.kernel
 
 SEEDS = int(os.environ.get("BPFILTER_DIFF_SEEDS", "40"))
+SEEDS6 = int(os.environ.get("BPFILTER_DIFF_SEEDS", "12"))
 FIRST = int(os.environ.get("BPFILTER_DIFF_FIRST", "1000"))
 
 ROUTER = """\
@@ -170,9 +175,113 @@ def test_random_ruleset(lab, seed):
 
 @pytest.mark.parametrize("seed", range(FIRST + 12000, FIRST + 12000 + SEEDS))
 def test_random_ruleset_with_more_matches(lab, seed):
-    """The general rulesets with multiport, iprange, length, ttl and comment matches."""
-    ruleset, cases = generate(seed, more=True)
+    """The general rulesets with multiport, iprange, length, ttl and comment matches,
+    and with mark, pkttype, mac, owner and limit."""
+    ruleset, cases = generate(seed, more=True, extras=True)
     assert_identical(lab, ruleset, cases)
+
+
+@pytest.mark.parametrize("seed", range(FIRST + 20000, FIRST + 20000 + SEEDS6))
+def test_random_ipv6_ruleset(lab, seed):
+    """IPv6 rulesets (addresses and prefixes of the lab's IPv6 networks, interfaces, -p
+    with names, numbers, all and extension headers, tcp, udp, icmp6) against packets
+    with and without chains of extension headers, first and later fragments, headers
+    cut short, neighbour discovery, ICMPv6 errors, connections both ways."""
+    ruleset, cases = generate(seed, family=Family.IPV6)
+    assert_identical(lab, ruleset, cases, family=Family.IPV6)
+
+
+@pytest.mark.parametrize("seed", range(FIRST + 22000, FIRST + 22000 + SEEDS6))
+def test_random_ipv6_ruleset_with_more_matches(lab, seed):
+    """The IPv6 rulesets with multiport, iprange, length, hl and comment, and with mark,
+    pkttype, mac, owner and limit."""
+    ruleset, cases = generate(seed, family=Family.IPV6, more=True, extras=True)
+    assert_identical(lab, ruleset, cases, family=Family.IPV6)
+
+
+# An IPv6 host and router: neighbour discovery and ICMPv6 errors let in by type and
+# hop limit, services by MAC, multiport and source range, mDNS by packet type, short
+# datagrams by length (skb->len: a hop-by-hop header with a zero payload length leaves
+# the received skb longer than its header says), forwarding one way with answers back,
+# a later fragment's protocol, and OUTPUT by mark, owner, tcp flags and options.
+IPV6_HOST_ROUTER = """\
+*filter
+:INPUT DROP [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+:icmp6-in - [0:0]
+:services - [0:0]
+:lan-out - [0:0]
+-A INPUT -p all -m hl --hl-lt 2 -j DROP
+-A INPUT -p icmpv6 -g icmp6-in
+-A INPUT -m pkttype --pkt-type multicast -p udp --dport 5353 -j ACCEPT
+-A INPUT -m mac --mac-source 02:bf:00:00:01:02 -p tcp -m multiport --dports 22,80,443 -j services
+-A INPUT -p udp -m length --length 41:80 -m comment --comment "short datagrams" -j ACCEPT
+-A icmp6-in -p icmpv6 --icmpv6-type neighbour-solicitation -m hl --hl-eq 255 -j ACCEPT
+-A icmp6-in -p icmpv6 --icmpv6-type neighbour-advertisement -m hl --hl-eq 255 -j ACCEPT
+-A icmp6-in -p icmpv6 --icmpv6-type echo-request -m limit --limit 1/hour --limit-burst 2 -j ACCEPT
+-A icmp6-in -p icmpv6 --icmpv6-type destination-unreachable -j ACCEPT
+-A icmp6-in -p icmpv6 --icmpv6-type packet-too-big -j ACCEPT
+-A services -p tcp --syn -m iprange --src-range 2001:db8:1::2-2001:db8:1::ff -j ACCEPT
+-A services -p tcp ! --syn -j ACCEPT
+-A services -j RETURN
+-A FORWARD -i vin0 -o vout0 -j lan-out
+-A FORWARD -i vout0 -o vin0 -p tcp ! --syn -j ACCEPT
+-A FORWARD -i vout0 -o vin0 -p udp --sport 53 -j ACCEPT
+-A FORWARD -p udp -m length --length 72 -j ACCEPT
+-A lan-out -p 44 -j DROP
+-A lan-out -p tcp -m multiport --dports 80,443 -j ACCEPT
+-A lan-out -p udp --dport 53 -j ACCEPT
+-A lan-out -p icmpv6 -j ACCEPT
+-A OUTPUT -m mark --mark 0x42 -m owner --uid-owner 0 -p udp --dport 9 -j DROP
+-A OUTPUT -p tcp --tcp-flags RST RST -m comment --comment "no resets" -j DROP
+-A OUTPUT -p tcp --tcp-option 2 -m iprange --dst-range 2001:db8:7::-2001:db8:7::ff -j DROP
+COMMIT
+"""
+S6, T6, FAR6 = S_IN6_ADDR, T_IN6_ADDR, "2001:db8:7::7"
+JUMBO_LESS = dict(ext=(HopByHop(),), stated_length=0)   # skb->len 72, the header says 40
+IPV6_HOST_ROUTER_TRAFFIC = [Case(p, "input") for p in (
+    neighbour_solicitation(S6, T6, T6, S_IN_MAC), neighbour_solicitation(S6, T6, T6, ttl=254),
+    neighbour_advertisement(S6, "ff02::1", S6, target_lladdr=S_IN_MAC),
+    *[Packet(S6, T6, "icmpv6")] * 3,
+    icmpv6_error(S6, T6, Packet(T6, S6, "udp", dport=53)),
+    icmpv6_error(S6, T6, Packet(T6, S6, "tcp", ext=(DestinationOptions(),)), icmp_type=2,
+                 icmp_rest=1280),
+    icmpv6_error(S6, T6, Packet(T6, S6, "udp"), icmp_type=3),
+    Packet(S6, "ff02::1", "udp", dport=5353), Packet(S6, T_OUT6_ADDR, "udp", dport=5353,
+                                                      payload_len=100),
+    Packet(S6, T6, "udp", dport=5353), Packet(S6, T6, "udp", dport=5353, ttl=1),
+    Packet(S6, T6, "udp", dport=7, **JUMBO_LESS),
+    Packet(S6, T6, "udp", dport=7, ext=(HopByHop(),), truncate_ext=1, payload_len=0),
+    Packet(S6, T6, "tcp", dport=22), Packet("2001:db8:1::100", T6, "tcp", dport=22),
+    Packet("2001:db8:1::100", T6, "tcp", dport=443, tcp_flags=0x10),
+    Packet(S6, T6, "tcp", dport=23), Packet(S6, T6, "tcp", dport=80, ext=(Fragment(offset=9),)),
+)] + [Case(Packet(S6, FAR6, proto, **kw), "forward") for proto, kw in (
+    ("tcp", dict(dport=80)), ("tcp", dict(dport=22)), ("udp", dict(dport=53)),
+    ("udp", dict(dport=54)), ("udp", dict(dport=54, **JUMBO_LESS)), ("icmpv6", {}),
+    ("tcp", dict(dport=80, ext=(Fragment(offset=20),))),
+    ("tcp", dict(dport=443, ext=(HopByHop(), AuthenticationHeader(), Fragment(more=True)))),
+)] + [Case(Packet(FAR6, S6, proto, **kw), "reverse") for proto, kw in (
+    ("tcp", dict(sport=80, tcp_flags=0x12)), ("tcp", dict(sport=80)), ("udp", dict(sport=53)),
+    ("udp", dict(sport=54)),
+)] + [Case(Packet(T6, dst, proto, **kw), "output") for dst, proto, kw in (
+    (S6, "udp", dict(dport=9)), (S6, "udp", dict(dport=10)), (S6, "tcp", dict(tcp_flags=0x14)),
+    (FAR6, "tcp", dict(tcp_options=b"\x02\x04\x05\xb4")),
+    ("2001:db8:7::100", "tcp", dict(tcp_options=b"\x02\x04\x05\xb4")), (FAR6, "tcp", {}),
+    (FAR6, "udp", dict(dport=9, stated_length=8)),
+)]
+
+
+def test_ipv6_host_and_router(lab):
+    arrived = assert_identical(lab, IPV6_HOST_ROUTER, IPV6_HOST_ROUTER_TRAFFIC,
+                               family=Family.IPV6)
+    # every path let something through and stopped something
+    for path in ("input", "forward", "reverse", "output"):
+        seen = {a for c, a in zip(IPV6_HOST_ROUTER_TRAFFIC, arrived["kernel"]) if c.path == path}
+        assert len(seen) == 2, (path, seen)
+    # the forwarded datagram the length rule let through: by skb->len, not the header's 40
+    assert arrived["kernel"][IPV6_HOST_ROUTER_TRAFFIC.index(
+        Case(Packet(S6, FAR6, "udp", dport=54, **JUMBO_LESS), "forward"))]
 
 
 @pytest.mark.parametrize("seed", range(FIRST + 5000, FIRST + 5000 + SEEDS))

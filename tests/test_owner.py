@@ -1,15 +1,14 @@
 """-m owner against the kernel: the same OUTPUT rules in two namespaces, one the
-kernel's iptables and one bpfilter, and sockets of several users and groups sending
-through them. Datagrams a rule drops make sendto() fail with EPERM; the kernel's own
-answers (a TCP reset to a closed port, sent from a socket with no file behind it)
-show in the counters, which must be equal entry by entry.
+kernel's iptables (ip6tables) and one bpfilter, and sockets of several users and
+groups sending through them, over IPv4 and IPv6. Datagrams a rule drops make sendto()
+fail with EPERM; the kernel's own answers (a TCP reset to a closed port, sent from a
+socket with no file behind it) show in the counters, which must be equal entry by entry.
 """
 from __future__ import annotations
 
 import errno
 import os
 import socket
-import subprocess
 import uuid
 
 import pytest
@@ -19,7 +18,8 @@ from bpfilter.errors import BpfilterError
 from bpfilter.loader import load_filter_table
 from bpfilter.netns import entered
 from bpfilter_lab import namespaces
-from bpfilter_lab.backends import kernel_counters
+from bpfilter.model import Family
+from bpfilter_lab.backends import kernel_counters, restore_in
 from bpfilter_lab.scratch import replace_blob
 
 pytestmark = pytest.mark.kernel
@@ -40,10 +40,13 @@ RULES = """*filter
 COMMIT
 """
 USERS = [(0, 0), (1000, 500), (1001, 550), (1500, 100), (2000, 600), (4294967294, 4294967294)]
+LOOPBACK = {Family.IPV4: (socket.AF_INET, "127.0.0.1"), Family.IPV6: (socket.AF_INET6, "::1")}
 
 
-def send_as(netns: str, uid: int, gid: int, port: int) -> int:
-    """0 if a datagram from (uid, gid) to 127.0.0.1:port left, else the errno."""
+def send_as(netns: str, uid: int, gid: int, port: int, family: Family = Family.IPV4) -> int:
+    """0 if a datagram from (uid, gid) to the loopback address's port left, else the
+    errno."""
+    domain, loopback = LOOPBACK[family]
     pid = os.fork()
     if pid == 0:
         code = 100
@@ -52,9 +55,9 @@ def send_as(netns: str, uid: int, gid: int, port: int) -> int:
                 os.setgroups([])
                 os.setgid(gid)
                 os.setuid(uid)
-                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                with socket.socket(domain, socket.SOCK_DGRAM) as s:
                     try:
-                        s.sendto(b"x", ("127.0.0.1", port))
+                        s.sendto(b"x", (loopback, port))
                         code = 0
                     except OSError as e:
                         code = e.errno
@@ -63,12 +66,13 @@ def send_as(netns: str, uid: int, gid: int, port: int) -> int:
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
-def connect_closed_port(netns: str) -> int:
+def connect_closed_port(netns: str, family: Family = Family.IPV4) -> int:
     """A SYN to a closed port: the kernel answers with a reset from its own socket."""
+    domain, loopback = LOOPBACK[family]
     with entered(netns):
-        with socket.socket() as s:
+        with socket.socket(domain) as s:
             s.settimeout(0.5)
-            return s.connect_ex(("127.0.0.1", 7100))
+            return s.connect_ex((loopback, 7100))
 
 
 @pytest.fixture
@@ -81,22 +85,22 @@ def two_namespaces():
         namespaces.delete(n)
 
 
-def test_owner_matches_as_the_kernel(two_namespaces):
+@pytest.mark.parametrize("family", [Family.IPV4, Family.IPV6], ids=["ipv4", "ipv6"])
+def test_owner_matches_as_the_kernel(two_namespaces, family):
     kns, bns = two_namespaces
-    subprocess.run(["ip", "netns", "exec", kns, "iptables-legacy-restore"], input=RULES,
-                   text=True, check=True)
-    table = load_filter_table(replace_blob(RULES), bns)
+    restore_in(kns, RULES, family)
+    table = load_filter_table(replace_blob(RULES, family=family), bns, family=family)
     try:
         results = {}
         for ns in (kns, bns):
-            results[ns] = [send_as(ns, uid, gid, port) for uid, gid in USERS
+            results[ns] = [send_as(ns, uid, gid, port, family) for uid, gid in USERS
                            for port in range(7001, 7006)]
-            results[ns].append(connect_closed_port(ns))
+            results[ns].append(connect_closed_port(ns, family))
         ours = table.counters()
     finally:
         table.close()
     assert results[bns] == results[kns]
-    assert ours == kernel_counters(kns)
+    assert ours == kernel_counters(kns, family=family)
     # the cases did something: drops for some users, a reset counted as fileless
     dropped = results[kns][:-1].count(errno.EPERM)
     assert 0 < dropped < len(USERS) * 5

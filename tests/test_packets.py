@@ -101,6 +101,14 @@ def test_truncation():
         Packet(S, T, "udp", truncate_l4=8).build(1, 0)
 
 
+def test_a_stated_length_that_lies():
+    whole = Packet(S, T, "udp").build(1, 0)
+    lying = Packet(S, T, "udp", stated_length=8).build(1, 0)
+    assert struct.unpack_from("!H", lying, 4)[0] == 8 and lying[6:] == whole[6:]
+    with pytest.raises(ValueError):
+        Packet("198.18.0.2", "198.18.0.1", stated_length=8).build(1, 0)
+
+
 @pytest.mark.parametrize("packet,proto", [
     (Packet(S, T, "tcp", tcp_options=b"\x02\x04\x05\xb4"), 6),
     (Packet(S, T, "udp", ext=[HopByHop(), Fragment(more=True)]), 17),

@@ -31,7 +31,7 @@ from bpfilter.model import Family, Interface, Ip6Header, Prefix
 from bpfilter.netns import entered
 from bpfilter.packet import facts
 from bpfilter.packet.primitives import MISMATCH, RuleOutcome
-from bpfilter.scratch import replace_blob
+from bpfilter_lab.scratch import replace_blob
 from bpfilter.service import revision_answer
 from bpfilter.abi import ipv6
 

@@ -1093,7 +1093,8 @@ COMMIT
 
 def _malformed(blob: bytes, family: Family = Family.IPV4) -> list[tuple[str, bytes, "int | None", int]]:
     """(what, blob, optlen, the kernel's errno) corruptions of a valid ipt_replace
-    (ip6t_replace) of USER_CHAINS (USER_CHAINS6)."""
+    (ip6t_replace) of USER_CHAINS (USER_CHAINS6), and valid replaces whose counters
+    go nowhere."""
     table = codec.parse_replace(blob, family=family)
     layout = families.of(family)
     next_offset_at = layout.next_offset_at
@@ -1137,6 +1138,9 @@ def _malformed(blob: bytes, family: Family = Family.IPV4) -> list[tuple[str, byt
         ("num_counters of another table", patched("I", 84, table.num_counters + 1), None,
          errno.EAGAIN),
         ("no such table", bytes(name_nosuch), None, errno.ENOENT),
+        # valid ones: the table replaced, the old counters lost in silence
+        ("a NULL counters pointer", patched("Q", 88, 0), None, 0),
+        ("a counters pointer nothing can write to", patched("Q", 88, 8), None, 0),
     ]
     return cases
 

@@ -582,10 +582,10 @@ def test_bad_ipv6_input_leaves_both_families_filtering(svc, nets):
     malformed_replaces_answer_as_the_kernel(svc, ns, kns, V6)
     unchanged()
     # what bpfilter does not implement for IPv6: refused whole, by rule and extension
-    for rule, names in (("-j LOG --log-prefix six --log-uid", "target 'LOG' --log-uid"),
-                        ("-p tcp -j REJECT --reject-with tcp-reset", "target 'REJECT'"),
-                        ("-m frag --fragid 5 --fragfirst", "match 'frag'"),
-                        ("-m conntrack --ctstate NEW", "match 'conntrack' revision 3")):
+    for rule, names in (("-j NFLOG --nflog-group 3", "target 'NFLOG'"),
+                        ("-m recent --set", "match 'recent'"),
+                        ("-m string --algo bm --string six", "match 'string'"),
+                        ("-p tcp -m connlimit --connlimit-above 2", "match 'connlimit'")):
         done = svc.exec(ns, IP6TABLES, "-A", "X", *rule.split())
         assert done.returncode != 0
         assert "chain X rule 2" in done.stderr and names in done.stderr, done.stderr

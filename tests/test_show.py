@@ -16,6 +16,7 @@ from bpfilter.decode import table_from_raw
 from bpfilter.bpf import syscall as bpf
 from bpfilter.loader import attach_slots, load_ruleset
 from bpfilter.ext import describe_match
+from bpfilter.listing import render
 from bpfilter.model import Family
 from bpfilter.show import show
 from bpfilter.store import Store, TableKey
@@ -202,3 +203,50 @@ def test_matches_are_described_as_iptables_lists_them(fresh_netns):
     for rule, line in zip(rules, listed.splitlines()[2:]):
         text = " ".join(describe_match(m, Family.IPV4) for m in rule.matches)
         assert line.rstrip().endswith("0.0.0.0/0            " + text), (line, text)
+
+
+LISTED = {
+    Family.IPV4: """\
+*filter
+:INPUT DROP [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:a-chain - [0:0]
+:b - [0:0]
+-A INPUT -s 10.1.2.0/24 ! -d 10.9.0.0/255.255.0.255 -i eth+ -p tcp -m tcp --dport 22 -j ACCEPT
+-A INPUT ! -p udp -f -j a-chain
+-A INPUT ! -i lo ! -s 192.168.0.1 -g b
+-A INPUT -p icmp -m icmp --icmp-type 8 -m comment --comment "ping me"
+-A FORWARD ! -o veth0 -m mark --mark 0x4/0x6 -j DROP
+-A a-chain -j RETURN
+COMMIT
+""",
+    Family.IPV6: """\
+*filter
+:INPUT DROP [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:a-chain - [0:0]
+-A INPUT -s 2001:db8::/32 ! -d ::ffff:10.0.0.1/128 -i eth+ -p tcp -m tcp --dport 22 -j ACCEPT
+-A INPUT ! -p udp -j a-chain
+-A INPUT -s 2001:db8::/ffff:0:ffff:: -p all -g a-chain
+-A INPUT -p ipv6-icmp -m icmp6 --icmpv6-type 135 -j ACCEPT
+-A OUTPUT -d ::1.2.3.4 -o lo -j DROP
+-A a-chain -m hl --hl-lt 3 -j RETURN
+COMMIT
+""",
+}
+
+
+@pytest.mark.parametrize("family", list(Family), ids=["ipv4", "ipv6"])
+def test_tables_are_listed_as_iptables_lists_them(fresh_netns, family):
+    """`bpfilter show`'s listing is `iptables-legacy -L -v -n -x` to the byte (and
+    ip6tables-legacy's for IPv6)."""
+    command = {Family.IPV4: "iptables-legacy", Family.IPV6: "ip6tables-legacy"}[family]
+    rules = LISTED[family]
+    subprocess.run(["ip", "netns", "exec", fresh_netns, f"{command}-restore"], input=rules,
+                   text=True, check=True)
+    kernel = subprocess.run(["ip", "netns", "exec", fresh_netns, command, "-L", "-v", "-n", "-x"],
+                            capture_output=True, text=True, check=True).stdout
+    table = table_from_raw(codec.parse_replace(replace_blob(rules, family=family), family=family))
+    assert render(table, [(0, 0)] * table.num_entries) == kernel

@@ -42,7 +42,8 @@ class Case:
     steps: list                     # (hook, packet, expected verdict)
     counters: dict = field(default_factory=dict)   # "CHAIN n" | "CHAIN policy" | "X return"
     # Bytes no iptables writes, put in the blob: (rule "CHAIN n", its match number
-    # from 0, offset in that match's payload, the bytes).
+    # from 0, offset in that match's payload, the bytes); match None: offset in the
+    # entry itself (its ip part: ipt_ip / ip6t_ip6 starts it).
     crafted: tuple = ()
     family: Family = Family.IPV4
 
@@ -122,8 +123,10 @@ def blob_of(rules: str, crafted: tuple = (), family: Family = Family.IPV4) -> by
     entries = codec.parse_replace(made, family=family).entries
     for rule, match, offset, data in crafted:
         entry = entries[entry_index(rules)[rule]]
-        at = SIZEOF_IPT_REPLACE + entry.offset + families.of(family).entry_size + \
-            sum(m.size for m in entry.matches[:match]) + SIZEOF_XT_ENTRY_HEADER + offset
+        at = SIZEOF_IPT_REPLACE + entry.offset + offset
+        if match is not None:
+            at += families.of(family).entry_size + sum(m.size for m in entry.matches[:match]) + \
+                SIZEOF_XT_ENTRY_HEADER
         blob[at:at + len(data)] = data
     return bytes(blob)
 
@@ -223,15 +226,18 @@ def kernel_agrees(netns: str, c: Case) -> None:
 
 
 def kernel_listing(netns: str, family: Family = Family.IPV4) -> dict[str, list[str]]:
-    """What `iptables-legacy -L -n` prints after each rule's addresses, per chain.
-    (The addresses of the cases are short enough to keep the columns in place.)"""
+    """What `iptables-legacy -L -n` prints after each rule's addresses, per chain. The
+    columns before the source keep their places; an address longer than its column
+    (IPv6's often are) pushes the rest to the right, and a `!` takes the place of the
+    space before an address: the two addresses are the two words from there on."""
     text = subprocess.run(["ip", "netns", "exec", netns, COMMAND[family], "-L", "-n"],
                           check=True, capture_output=True, text=True).stdout
     chains: dict[str, list[str]] = {}
     for block in text.strip().split("\n\n"):
         head, columns, *rules = block.splitlines()
-        at = columns.index("destination") + 20
-        chains[head.split()[1]] = [line[at:].strip() for line in rules]
+        at = columns.index("source") - 1
+        chains[head.split()[1]] = [(line[at:].split(None, 2) + [""])[2].strip()
+                                   for line in rules]
     return chains
 
 

@@ -1,13 +1,14 @@
-"""A table with its live counters, in the shape of `iptables -L -v -n -x`."""
+"""A table with its live counters, as `iptables-legacy -L -v -n -x` (ip6tables-legacy
+for IPv6) prints it: the columns and spacing of iptables' print_header(),
+print_rule_details(), print_fragment(), print_ifaces() and print_ipv4_addresses() /
+print_ipv6_addresses(), then each match's and the target's own text."""
 from __future__ import annotations
 
-import ipaddress
+import socket
 
 from . import ext
-from .model import (Accept, Drop, ExtensionTarget, Fallthrough, Family, Goto, Interface, Jump,
-                    Prefix, Return, Rule, Table)
-
-_PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp"}
+from .model import (Accept, AnyIpHeader, Drop, ExtensionTarget, Fallthrough, Family, Goto,
+                    Interface, Jump, Prefix, Return, Rule, Table)
 
 
 def _target(target) -> str:
@@ -18,20 +19,24 @@ def _target(target) -> str:
     return {Accept: "ACCEPT", Drop: "DROP", Return: "RETURN", Fallthrough: ""}[type(target)]
 
 
-def _prefix(p: Prefix) -> str:
-    net = ipaddress.ip_network((bytes(p.addr), bin(int.from_bytes(p.mask, "big")).count("1")),
-                               strict=False)
-    text = str(net) if net.prefixlen != len(p.addr) * 8 else str(net.network_address)
-    return ("!" if p.invert else "") + text
+def _address(p: Prefix, family: Family) -> str:
+    """The address as stored (inet_ntop's spelling, as iptables prints it) and its
+    mask: a prefix length, nothing for a host, the mask spelled out when it is no
+    prefix."""
+    af = socket.AF_INET if family == Family.IPV4 else socket.AF_INET6
+    mask = int.from_bytes(p.mask, "big")
+    width = 8 * len(p.mask)
+    ones = bin(mask).count("1")
+    if mask != ((1 << ones) - 1) << (width - ones):
+        suffix = "/" + socket.inet_ntop(af, bytes(p.mask))
+    else:
+        suffix = "" if ones == width else f"/{ones}"
+    return socket.inet_ntop(af, bytes(p.addr)) + suffix
 
 
-def _iface(i: Interface) -> str:
-    if i.is_any:
-        return "*"
-    used = sum(1 for b in i.mask if b)
-    name = i.name[:used].rstrip(b"\0").decode(errors="replace")
-    wildcard = "+" if used and i.name[used - 1:used] != b"\0" else ""
-    return ("!" if i.invert else "") + name + wildcard
+def _iface(i: Interface, inverted_flag: bool) -> str:
+    name = i.name.split(b"\0", 1)[0].decode(errors="replace")
+    return ("!" if inverted_flag else "") + (name or "*")
 
 
 def options(rule: Rule, family: Family) -> str:
@@ -44,28 +49,42 @@ def options(rule: Rule, family: Family) -> str:
     return (goto + "".join(f" {p}" for p in parts if p)).strip()
 
 
+def _fragment(ip: AnyIpHeader, family: Family) -> str:
+    if family == Family.IPV6:
+        return "--"    # ip6tables prints no fragment flag
+    return ("!" if ip.invert_fragment else "-") + ("f" if ip.fragment else "-")
+
+
+def _rule_line(rule: Rule, family: Family, pkts: int, byts: int) -> str:
+    ip = rule.ip
+    parts = [ext.describe_match(m, family) for m in rule.matches]
+    if isinstance(rule.target, ExtensionTarget):
+        parts.append(ext.describe_target(rule.target, family))
+    return (f"{pkts:8d} {byts:8d} {_target(rule.target):<9} "
+            f"{'!' if ip.invert_proto else ' '}{ip.proto:<4} {_fragment(ip, family)} "
+            f" {_iface(ip.in_iface, ip.in_iface.invert):<6} "
+            f"{_iface(ip.out_iface, ip.out_iface.invert):<6} "
+            f"{'!' if ip.src.invert else ' '}{_address(ip.src, family):<19} "
+            f"{'!' if ip.dst.invert else ' '}{_address(ip.dst, family):<19} "
+            + ("[goto] " if isinstance(rule.target, Goto) else "")
+            + "".join(f" {p}" for p in parts if p))
+
+
+_COLUMNS = (f"{'pkts':>8} {'bytes':>10} {'target':<9}  prot opt {'in':<6} {'out':<6}  "
+            f"{'source':<19}  {'destination':<19} ")
+
+
 def render(table: Table, counters: list[tuple[int, int]]) -> str:
-    lines = []
+    chains = []
     for chain in table.chains.values():
         if chain.builtin:
             pkts, byts = counters[chain.tail_entry]
-            lines.append(f"Chain {chain.name} (policy {chain.policy.value} {pkts} packets, "
-                         f"{byts} bytes)")
+            head = f"Chain {chain.name} (policy {chain.policy.value} {pkts} packets, {byts} bytes)"
         else:
             refs = sum(1 for c in table.chains.values() for r in c.rules
                        if isinstance(r.target, (Jump, Goto)) and r.target.chain == chain.name)
-            lines.append(f"Chain {chain.name} ({refs} references)")
-        lines.append(f"{'pkts':>8} {'bytes':>10} {'target':<12} {'prot':<5}{'opt':<4}"
-                     f"{'in':<8}{'out':<8}{'source':<20}{'destination':<20}")
-        for rule in chain.rules:
-            ip = rule.ip
-            pkts, byts = counters[rule.entry]
-            proto = ("!" if ip.invert_proto else "") + _PROTO_NAMES.get(ip.proto, str(ip.proto)) \
-                if ip.proto else "all"
-            opt = ("!" if ip.invert_fragment else "-") + ("f" if ip.fragment else "-")
-            extra = options(rule, table.family)
-            lines.append(f"{pkts:>8} {byts:>10} {_target(rule.target):<12} {proto:<5}{opt:<4}"
-                         f"{_iface(ip.in_iface):<8}{_iface(ip.out_iface):<8}"
-                         f"{_prefix(ip.src):<20}{_prefix(ip.dst):<20}{extra}".rstrip())
-        lines.append("")
-    return "\n".join(lines)
+            head = f"Chain {chain.name} ({refs} references)"
+        lines = [head, _COLUMNS]
+        lines += [_rule_line(rule, table.family, *counters[rule.entry]) for rule in chain.rules]
+        chains.append("\n".join(lines) + "\n")
+    return "\n".join(chains)

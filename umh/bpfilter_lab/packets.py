@@ -12,7 +12,8 @@ IPv4 (RFC 791)
   12 source   16 destination   20 options, padded to 4 bytes with EOL (0)
 IPv6 (RFC 8200)
    0 version 6, traffic class (8 bits), flow label (20 bits; default: ident)
-   4 payload length: every byte after these 40, as sent   6 next header   7 hop limit
+   4 payload length: every byte after these 40, as sent (default)   6 next header
+   7 hop limit
    8 source   24 destination
   then the extension headers in the order given, each naming the one after it:
   hop-by-hop options (0) and destination options (60)
@@ -233,6 +234,7 @@ class Packet:
     ext: tuple = ()               # IPv6 extension headers, in order
     next_header: "int | None" = None  # IPv6 header's next header; default: what follows
     truncate_ext: "int | None" = None  # IPv6: keep only this many extension header bytes
+    stated_length: "int | None" = None  # IPv6: the payload length its header states
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ext", tuple(self.ext))
@@ -268,7 +270,7 @@ class Packet:
         if family_of(self.src) is not self.family:
             raise ValueError(f"{self.src} and {self.dst} are of different families")
         foreign = (("options", "frag_offset", "more_fragments") if self.family is Family.IPV6
-                   else ("flow_label", "ext", "next_header", "truncate_ext"))
+                   else ("flow_label", "ext", "next_header", "truncate_ext", "stated_length"))
         for name in foreign:
             if getattr(self, name) not in (None, 0, False, b"", ()):
                 raise ValueError(f"{name} is not a field of {self.family.name} packets")
@@ -305,7 +307,8 @@ class Packet:
                     "!IxxxB", length, self.proto_number))
         label = ident if self.flow_label is None else self.flow_label
         return struct.pack("!IHBB16s16s", 6 << 28 | self.tos << 20 | label & 0xFFFFF,
-                           len(chain) + len(body),
+                           len(chain) + len(body) if self.stated_length is None
+                           else self.stated_length,
                            numbers[0] if self.next_header is None else self.next_header,
                            self.ttl, socket.inet_pton(socket.AF_INET6, self.src),
                            socket.inet_pton(socket.AF_INET6, self.dst)) + chain + body

@@ -1,5 +1,8 @@
-"""-m length [!] --length MIN[:MAX] (struct xt_length_info): the total length the IP
-header states, which length_mt() reads, not skb->len."""
+"""-m length [!] --length MIN[:MAX] (struct xt_length_info). IPv4's length_mt() reads the
+total length the IP header states, not skb->len; IPv6's length_mt6() reads skb->len
+(since Linux 6.3: payload length + 40 was wrong for jumbograms), which differs from the
+header's payload length + 40 when a raw socket writes a header that lies, or when a
+hop-by-hop header's zero payload length leaves the receiving skb untrimmed."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,8 +11,8 @@ from construct import Int8un, Int16un, Struct
 
 from ..packet import facts
 from ..packet.primitives import emit_range
-from ..model import Match
-from . import MatchExtension, register_match
+from ..model import Family, Match
+from . import BOTH_FAMILIES, MatchExtension, register_match
 
 xt_length_info = Struct(
     "min" / Int16un,
@@ -27,9 +30,14 @@ class LengthMatch(Match):
     revision = 0
 
 
+# (fact, its size) each family's match compares
+_LENGTH = {Family.IPV4: (facts.TOT_LEN, 2), Family.IPV6: (facts.LEN, 4)}
+
+
 @register_match
 class Length(MatchExtension):
     name = "length"
+    families = BOTH_FAMILIES
     struct = xt_length_info
 
     def decode(self, payload: bytes, where: str) -> LengthMatch:
@@ -41,7 +49,7 @@ class Length(MatchExtension):
         # than 0 and 1 makes it true whatever the length.
         if match.invert > 1:
             return
-        emit_range(asm, facts.TOT_LEN, 2, match.min, match.max, bool(match.invert), out)
+        emit_range(asm, *_LENGTH[self.family], match.min, match.max, bool(match.invert), out)
 
     def describe(self, match: LengthMatch) -> str:
         bang = "!" if match.invert else ""

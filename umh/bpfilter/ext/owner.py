@@ -180,11 +180,14 @@ class Owner(MatchExtension):
         out.mismatch(R1)
 
     def describe(self, m: OwnerMatch) -> str:
+        # libxt_owner's owner_mt_print(): the socket test first, each test's `!` before
+        # its label
         parts = []
-        for flag, (lo, hi), what in ((XT_OWNER_UID, m.uid, "UID"), (XT_OWNER_GID, m.gid, "GID")):
+        for flag, label, ids in ((XT_OWNER_SOCKET, "owner socket exists", None),
+                                 (XT_OWNER_UID, "owner UID match", m.uid),
+                                 (XT_OWNER_GID, "owner GID match", m.gid)):
             if m.match & flag:
-                bang = "!" if m.invert & flag else ""
-                parts.append(f"owner {what} match {bang}{lo}" + (f"-{hi}" if hi != lo else ""))
-        if m.match & XT_OWNER_SOCKET:
-            parts.append(("! " if m.invert & XT_OWNER_SOCKET else "") + "owner socket exists")
+                text = label if ids is None else \
+                    f"{label} {ids[0]}" + (f"-{ids[1]}" if ids[1] != ids[0] else "")
+                parts.append(("! " if m.invert & flag else "") + text)
         return " ".join(parts)

@@ -47,7 +47,7 @@ TTL = 79           # u8: IPv4's ttl, IPv6's hop limit
 # Read only for tables whose targets need them (OPTIONAL group "skb", ext/log.py):
 SKB = 80           # the sk_buff pointer, for targets that read more of it
 NETNS = 88         # u32 inode number of the hook's network namespace
-TOT_LEN = 92       # u16 host order: IPv4's total length; IPv6's payload length + 40
+TOT_LEN = 92       # u16 host order: IPv4's total length (length_mt6 reads LEN)
 THOFF = 96         # u32: where the transport header starts (par->thoff)
 FOUND = 100        # u8: IPv6: the extension headers were walked to the upper layer
 SIZE = 104
@@ -172,7 +172,7 @@ class Flavour:
                             needs: frozenset) -> None:
         """With R1..R5 free, R6 = &facts, R7 = skb, R8 = hook state and the skb's
         dynptr at DYNPTR_FROM_FACTS: the facts from the network header (addresses, PROTO,
-        FRAGOFF, TTL, TOT_LEN, THOFF, FOUND); leaves R9 = THOFF."""
+        FRAGOFF, TTL, TOT_LEN for IPv4, THOFF, FOUND); leaves R9 = THOFF."""
         raise NotImplementedError
 
     def transport_readable(self, asm: Assembler, skip) -> None:

@@ -31,13 +31,13 @@ this walk meets, in order, and fails where it fails -EBADMSG or stops, -ENOENT.
 from __future__ import annotations
 
 from ..bpf import insn as I
-from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_EMIT_CALL,
+from ..bpf.insn import (BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_EMIT_CALL,
                         BPF_ENDIAN, BPF_EXIT_INSN, BPF_H, BPF_JMP_A, BPF_JMP_IMM, BPF_JMP_REG,
                         BPF_LD_FUNC, BPF_LDX_MEM, BPF_MOV64_IMM, BPF_MOV64_REG, BPF_ST_MEM,
                         BPF_STX_MEM, BPF_W, FP, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9)
 from ..model import Ip6Header
 from . import facts
-from .facts import (DADDR, FRAGOFF, LEN, PROTO, SADDR, THOFF, TOT_LEN, TTL, Flavour,
+from .facts import (DADDR, FRAGOFF, LEN, PROTO, SADDR, THOFF, TTL, Flavour,
                     KernelOffsets, emit_slice)
 from .ipv6_probe import walk_bounded_by_packet
 from .primitives import RuleOutcome, emit_name_equal
@@ -77,10 +77,6 @@ class Ipv6(Flavour):
         asm.emit(BPF_JMP_IMM(I.BPF_JEQ, R0, 0, drop))
         asm.emit(
             BPF_LDX_MEM(BPF_B, R1, R0, 7), BPF_STX_MEM(BPF_B, R6, R1, TTL),
-            # length_mt6()'s u16 sum: payload length plus the header
-            BPF_LDX_MEM(BPF_H, R1, R0, 4), BPF_ENDIAN(I.BPF_TO_BE, R1, 16),
-            BPF_ALU64_IMM(I.BPF_ADD, R1, IPV6_HEADER), BPF_ALU32_IMM(I.BPF_AND, R1, 0xFFFF),
-            BPF_STX_MEM(BPF_H, R6, R1, TOT_LEN),
             BPF_LDX_MEM(BPF_B, R1, R0, 6), BPF_STX_MEM(BPF_B, R6, R1, PROTO),
             BPF_ST_MEM(BPF_W, R6, THOFF, IPV6_HEADER),
             BPF_ST_MEM(BPF_B, R6, WALK, WALK_FOUND),

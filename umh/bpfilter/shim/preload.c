@@ -25,6 +25,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -347,19 +348,35 @@ EXPORT int getsockopt(int fd, int level, int optname, void *restrict optval,
 }
 
 /*
- * The kernel writes the replaced table's counters to ipt_replace.counters;
- * returns where they go, after checking that the caller made room for them.
+ * The kernel writes the replaced table's counters to ipt_replace.counters once the
+ * new table is in place, and a pointer it cannot write to fails nothing (it only
+ * warns): the counters are copied the same way, through the kernel, which refuses a
+ * bad pointer with EFAULT instead of crashing the caller. False when the reply does
+ * not fit the room the caller announced (a protocol error).
  */
-static void *counters_of(const void *optval, socklen_t optlen, uint32_t len)
+static bool put_counters(int sock, const void *optval, socklen_t optlen, uint32_t len)
 {
 	struct ipt_replace repl;
+	struct iovec local, remote;
+	void *buf;
+	bool ok;
 
 	if (optlen < sizeof(repl))
-		return NULL;
+		return false;
 	memcpy(&repl, optval, sizeof(repl));
 	if (len > (uint64_t)repl.num_counters * sizeof(struct xt_counters))
-		return NULL;
-	return repl.counters;
+		return false;
+	buf = malloc(len);
+	if (!buf)
+		return false;
+	ok = read_full(sock, buf, len) == 0;
+	if (ok) {
+		local = (struct iovec){ .iov_base = buf, .iov_len = len };
+		remote = (struct iovec){ .iov_base = repl.counters, .iov_len = len };
+		process_vm_writev(getpid(), &local, 1, &remote, 1, 0);
+	}
+	free(buf);
+	return ok;
 }
 
 EXPORT int setsockopt(int fd, int level, int optname, const void *optval, socklen_t optlen)
@@ -368,7 +385,6 @@ EXPORT int setsockopt(int fd, int level, int optname, const void *optval, sockle
 	const char *path = service_path();
 	struct bpfilter_request req;
 	struct bpfilter_reply reply;
-	void *counters = NULL;
 	int sock;
 
 	if (!family) {
@@ -384,14 +400,14 @@ EXPORT int setsockopt(int fd, int level, int optname, const void *optval, sockle
 		return -1;
 	if (reply.status == 0 && reply.len) {
 		/* IPT_SO_SET_REPLACE == IP6T_SO_SET_REPLACE */
-		if (optname == IPT_SO_SET_REPLACE)
-			counters = counters_of(optval, optlen, reply.len);
-		if (!counters) {
+		if (optname != IPT_SO_SET_REPLACE ||
+		    !put_counters(sock, optval, optlen, reply.len)) {
 			close(sock);
 			return bad_reply(path, "payload the caller has no room for");
 		}
+		reply.len = 0;
 	}
-	return finish(sock, &reply, counters, path);
+	return finish(sock, &reply, NULL, path);
 }
 
 /* The NFPROTO_* family whose table names path lists, or 0 for any other file. */
