@@ -327,3 +327,5 @@ def facts_needed(rule: Rule, family: Family) -> frozenset[str]:
 # Registration happens on import of each extension module.
 from . import (addrtype, comment, conntrack, icmp, iprange, length, limit, log,  # noqa: E402,F401
                mac, mark, multiport, owner, pkttype, reject, tcp, ttl, udp)
+# IPv6's extension-header matches, esp (both families) and IPv4's ah
+from . import ah, esp, eui64, frag, hbh, ipv6header, mh, rt  # noqa: E402,F401
