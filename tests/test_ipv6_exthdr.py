@@ -31,7 +31,7 @@ from bpfilter.model import Family
 from bpfilter.packet import ipv6_probe
 from bpfilter.packet.ipv6_probe import walk_bounded_by_packet
 from bpfilter_lab.packets import (ROUTER_ALERT_MLD, AuthenticationHeader, DestinationOptions,
-                                  Fragment, HopByHop, Option, Packet, Pad1, Routing)
+                                  Fragment, HopByHop, Option, Packet, Pad1, Routing, checksum)
 from verdicts import (ACCEPT, DROP, IN, OUT, Case, blob_of, case, kernel_agrees, kernel_load,
                       kernel_send, listing_agrees, output_only, run_case, verdict_name)
 
@@ -46,11 +46,18 @@ ESP, MOBILITY, NONE = 50, 135, 59
 @dataclass(frozen=True)
 class Upper(Packet):
     """A packet whose upper-layer header is written byte for byte (ESP's SPI and
-    sequence number, a mobility header), before the payload."""
+    sequence number, a mobility header), before the payload; with `checksum_at`, the
+    16-bit checksum there covers the IPv6 pseudo-header and everything after it (a
+    mobility header's, which raw sockets check)."""
     header: bytes = b""
+    checksum_at: "int | None" = None
 
     def _transport(self, body: bytes, pseudo) -> bytes:
-        return self.header + body
+        seg = self.header + body
+        if self.checksum_at is None or len(seg) < self.checksum_at + 2:
+            return seg
+        at = self.checksum_at
+        return seg[:at] + checksum(pseudo(len(seg)) + seg).to_bytes(2, "big") + seg[at + 2:]
 
 
 @dataclass(frozen=True)
@@ -77,7 +84,8 @@ def esp(spi: int, src=A, dst=B, header_len=8, **kw) -> Packet:
 
 def mobility(mh_type: int, proto=NONE, header_len=6, **kw) -> Packet:
     """A mobility header: payload proto, length 0 (8 bytes), type, reserved, checksum."""
-    return Upper(A, B, MOBILITY, header=bytes([proto, 0, mh_type, 0, 0, 0])[:header_len], **kw)
+    return Upper(A, B, MOBILITY, header=bytes([proto, 0, mh_type, 0, 0, 0])[:header_len],
+                 checksum_at=4, **kw)
 
 
 def v6case(name, rules, steps, counters, crafted=()):
