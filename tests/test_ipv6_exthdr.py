@@ -18,6 +18,7 @@ payload bytes and no transport header.
 """
 from __future__ import annotations
 
+import errno
 import random
 import socket
 import struct
@@ -30,6 +31,7 @@ from bpfilter.loader import load_filter_table
 from bpfilter.model import Family
 from bpfilter.packet import ipv6_probe
 from bpfilter.packet.ipv6_probe import walk_bounded_by_packet
+from bpfilter_lab.scratch import replace_blob
 from bpfilter_lab.packets import (ROUTER_ALERT_MLD, AuthenticationHeader, DestinationOptions,
                                   Fragment, HopByHop, Option, Packet, Pad1, Routing, checksum)
 from verdicts import (ACCEPT, DROP, IN, OUT, Case, blob_of, case, kernel_agrees, kernel_load,
@@ -257,8 +259,10 @@ HBH_CASES = [
     v6case("--hbh-opts: more options than the header holds",
            "-A OUTPUT -m hbh --hbh-opts 5:2,1:0,1 -j DROP\n-A OUTPUT -m hbh --hbh-opts 5:2,1 -j ACCEPT",
            [(OUT, udp(ext=(OPTS,)), ACCEPT)], {"OUTPUT 2": (1, 72)}),
+    # (past the header come the udp header's bytes, then the payload's zeros: Pad1s
+    # to a walk that would not stop)
     v6case("--hbh-opts: only the last option may run past the header",
-           "-A OUTPUT -m hbh --hbh-opts 5:2,7:16,1 -j DROP\n"
+           "-A OUTPUT -m hbh --hbh-opts 5:2,7:16,0 -j DROP\n"
            "-A OUTPUT -m hbh --hbh-opts 5:2,7:16 -j ACCEPT\n-A OUTPUT -j DROP",
            [(OUT, udp(ext=(RUNNING_OVER,)), ACCEPT)], {"OUTPUT 2": (1, 72)}),
     v6case("hbh: cut short, or longer than the packet, drops it uncounted",
@@ -448,6 +452,45 @@ def test_either_kernel_s_walk(bounded, monkeypatch):
     monkeypatch.setattr(ipv6_probe, "walk_bounded_by_packet", lambda: bounded)
     monkeypatch.setattr("bpfilter.packet.ipv6.walk_bounded_by_packet", lambda: bounded)
     run_case(rt_overrun_case(bounded).values[0], "walked", monkeypatch)
+
+
+# ---------------------------------------------------------------- limits
+
+EVERY_MATCH = [f"-m rt --rt-type 0 --rt-0-addrs {C},{D} --rt-0-not-strict",
+               "-m hbh --hbh-opts 5:2,1", "-m dst --dst-opts 5", "-m ipv6header --header hop --soft",
+               "-m frag --fragmore", "-m ah --ahspi 5", "-p esp -m esp --espspi 3",
+               "-p mobility-header -m mh --mh-type 4", "-p tcp --tcp-option 2",
+               "-m mac --mac-source 00:11:22:33:44:55", "-m eui64"]
+
+
+def nested(depth: int, rules: list[str]) -> bytes:
+    """INPUT jumping to C1, C1 to C2 ... down to C`depth`, each holding `rules`."""
+    names = [f"C{i}" for i in range(1, depth + 1)]
+    return replace_blob("\n".join(
+        ["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]",
+         *(f":{n} - [0:0]" for n in names), "-A INPUT -j C1",
+         *(f"-A {a} -j {b}" for a, b in zip(names, names[1:])),
+         *(f"-A {n} {rule} -j DROP" for n in names for rule in rules), "COMMIT", ""]),
+        family=Family.IPV6)
+
+
+def test_every_match_at_once_six_chains_deep():
+    """All of them (and tcp's options and mac, which keep facts too) in every chain
+    of six nested ones: their facts and the chains' frames fit BPF's stack, and
+    rt's not-strict loop its call frame."""
+    load_filter_table(nested(6, EVERY_MATCH), attach=False, family=Family.IPV6).close()
+
+
+def test_a_match_loop_takes_a_call_frame():
+    """rt --rt-0-not-strict loops in a bpf_loop() callback, a frame of its own: below
+    seven nested chains (eight frames with the main program's, BPF's most) it has none
+    left, and the table is refused, as chains nested eight deep are."""
+    with pytest.raises(BpfilterError) as refused:
+        load_filter_table(nested(7, EVERY_MATCH[:1]), attach=False, family=Family.IPV6)
+    assert refused.value.errno == errno.EOPNOTSUPP
+    assert "user chains nest 7 deep and a match loops in a frame below them" in str(refused.value)
+    # seven deep without the loop: frames enough
+    load_filter_table(nested(7, EVERY_MATCH[1:]), attach=False, family=Family.IPV6).close()
 
 
 # ---------------------------------------------------------------- random payloads

@@ -102,6 +102,11 @@ class MatchExtension(_Extension):
         """The fact groups this match reads; every one in `facts` unless overridden."""
         return self.facts
 
+    def frames(self, match: Match) -> int:
+        """BPF call frames the match's code opens below its rule's (a bpf_loop()
+        callback runs in one of its own): a program nests at most 8."""
+        return 0
+
     def describe(self, match: Match) -> str:
         """The match as `iptables -L -n` shows it."""
         raise NotImplementedError
@@ -237,6 +242,11 @@ def _hook_names(mask: int) -> str:
 
 def reads_transport(matches: list[Match], family: Family) -> bool:
     return any(_MATCHES.of(m, family).reads_transport for m in matches)
+
+
+def frames(rule: Rule, family: Family) -> int:
+    """The call frames a rule's matches open below its chain's."""
+    return max((_MATCHES.of(m, family).frames(m) for m in rule.matches), default=0)
 
 
 def emit_match(match: Match, family: Family, asm: Assembler, out) -> None:

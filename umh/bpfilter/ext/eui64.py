@@ -25,7 +25,7 @@ from ..bpf import insn as I
 from ..bpf.btf import Btf
 from ..bpf.insn import (BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_DW, BPF_EMIT_CALL, BPF_H,
                         BPF_JMP_A, BPF_JMP_IMM, BPF_JMP_REG, BPF_LDX_MEM, BPF_MOV64_IMM,
-                        BPF_MOV64_REG, BPF_ST_MEM, BPF_STX_MEM, R0, R1, R2, R3, R4, R5, R6, R7)
+                        BPF_MOV64_REG, BPF_ST_MEM, R0, R1, R2, R3, R4, R5, R6, R7)
 from ..model import Family, Hook, Match
 from ..packet import facts
 from ..packet.primitives import emit_equal_hotdrop, emit_masked_equal
@@ -37,11 +37,10 @@ ETH_P_IPV6 = 0x86DD
 MAC_UNSET = 0xFFFF       # skb_mac_header_was_set(): mac_header != (u16)~0U
 _NO, _YES, _HOTDROP = 0, 1, 2
 
-_REGION = facts.reserve("eui64", 32)
+_REGION = facts.reserve("eui64", 16)
 _ETH = _REGION             # 14 bytes: the Ethernet header
-_EUI = _REGION + 16        # 8 bytes: the EUI-64 made of h_source
-_RESULT = _REGION + 24     # u8: _NO, _YES or _HOTDROP
-_VERSION = _REGION + 25    # u8: the network header's first byte
+_RESULT = _REGION + 14     # u8: _NO, _YES or _HOTDROP
+_VERSION = _REGION + 15    # u8: the network header's first byte
 
 
 @dataclass(frozen=True)
@@ -112,15 +111,16 @@ def _read_eui64(asm, k: facts.KernelOffsets) -> None:
         BPF_LDX_MEM(BPF_B, R1, R6, _VERSION), BPF_ALU64_IMM(I.BPF_RSH, R1, 4),
         BPF_JMP_IMM(I.BPF_JNE, R1, 6, done),
     )
-    # eui64: h_source[0..2], ff, fe, h_source[3..5]; then eui64[0] ^= 0x02
+    # eui64: h_source[0..2], ff, fe, h_source[3..5], then eui64[0] ^= 0x02; built in
+    # R1 as the 8 bytes load as a little-endian u64, byte i at bits 8i
     source = _ETH + ETH_ALEN
+    asm.emit(BPF_MOV64_IMM(R1, 0xFE), BPF_ALU64_IMM(I.BPF_LSH, R1, 32))
     for i, at in enumerate((0, 1, 2, 5, 6, 7)):
-        asm.emit(BPF_LDX_MEM(BPF_B, R1, R6, source + i))
-        if at == 0:
-            asm.emit(BPF_ALU64_IMM(I.BPF_XOR, R1, 0x02))
-        asm.emit(BPF_STX_MEM(BPF_B, R6, R1, _EUI + at))
-    asm.emit(BPF_ST_MEM(BPF_B, R6, _EUI + 3, 0xFF), BPF_ST_MEM(BPF_B, R6, _EUI + 4, 0xFE),
-             BPF_LDX_MEM(BPF_DW, R1, R6, _EUI), BPF_LDX_MEM(BPF_DW, R2, R6, facts.SADDR + 8),
+        asm.emit(BPF_LDX_MEM(BPF_B, R2, R6, source + i), BPF_ALU64_IMM(I.BPF_LSH, R2, 8 * at),
+                 BPF_ALU64_REG(I.BPF_OR, R1, R2))
+    asm.emit(BPF_MOV64_IMM(R2, 0xFF), BPF_ALU64_IMM(I.BPF_LSH, R2, 24),
+             BPF_ALU64_REG(I.BPF_OR, R1, R2), BPF_ALU64_IMM(I.BPF_XOR, R1, 0x02),
+             BPF_LDX_MEM(BPF_DW, R2, R6, facts.SADDR + 8),
              BPF_JMP_REG(I.BPF_JNE, R1, R2, done),
              BPF_ST_MEM(BPF_B, R6, _RESULT, _YES),
              BPF_JMP_A(done))

@@ -12,8 +12,10 @@ fails the match when the header has no room for the option's type (or length), a
 before the last of the rule's options, when the option runs past the header or the
 packet. Since the header was checked to lie inside the packet, its reads never fail.
 
-The walk is a bpf_loop() callback shared by every rule: the rule's options are
-copied into the facts (fact group "ipv6_opts") before the call.
+The walk is unrolled, one step per option of the rule (whose type and length are
+then constants), and branch-free: a step that breaks the kernel's loop or fails the
+match sets a flag the later steps keep, so their reads at whatever offsets follow
+change nothing. Its state lives in the facts, where the match read its header.
 """
 from __future__ import annotations
 
@@ -24,15 +26,14 @@ from construct import Int8un, Int16un, Int32un, Padding, Struct
 
 from ..bpf import insn as I
 from ..bpf.insn import (BPF_ALU32_REG, BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B,
-                        BPF_DW, BPF_EMIT_CALL, BPF_EXIT_INSN, BPF_H, BPF_JMP_IMM,
-                        BPF_JMP_REG, BPF_LD_FUNC, BPF_LD_IMM64, BPF_LDX_MEM, BPF_MOV64_IMM, BPF_MOV64_REG, BPF_ST_MEM, BPF_STX_MEM, BPF_W, R0, R1,
+                        BPF_EMIT_CALL, BPF_LDX_MEM, BPF_MOV64_IMM, BPF_MOV64_REG, BPF_ST_MEM, BPF_STX_MEM, BPF_W, R0, R1,
                         R2, R3, R4, R5, R6, R7, R8, R9)
 from ..errors import BpfilterError
 from ..model import Family, Match
 from ..packet import facts
-from ..packet.primitives import HOTDROP, MISMATCH, emit_masked_equal
+from ..packet.primitives import HOTDROP, MISMATCH, emit_masked_equal, emit_nonzero_bit
 from . import MatchExtension, register_match
-from .exthdr import HDRLEN, SEARCHES, emit_find, emit_fits, emit_length, emit_read
+from .exthdr import BUF, HDRLEN, SEARCHES, emit_find, emit_fits, emit_length, emit_read
 
 NEXTHDR_HOP, NEXTHDR_DEST = 0, 60
 IP6T_OPTS_OPTSNR = 16
@@ -50,18 +51,15 @@ ip6t_opts = Struct(
     Padding(1),
 )
 
-# The options walk (fact group "ipv6_opts"): the rule's options as the struct holds
-# them (type << 8 | length), how many, where the next option starts, how many header
-# bytes are left, and how many options matched.
-_WALK = facts.reserve("ipv6_opts", 2 * IP6T_OPTS_OPTSNR + 24)
-_OPTS = _WALK
-_OPTSNR = _WALK + 32       # u32
-_AT = _WALK + 36           # u32: ptr
-_LEFT = _WALK + 40         # u32: hdrlen, as the kernel's unsigned int
-_DONE = _WALK + 44         # u32: options matched
-_SPEC = _WALK + 48         # u16: the rule's option of this turn
-_TYPE = _WALK + 50         # u8: the packet option's type
-_LENGTH = _WALK + 51       # u8: and its data length
+# The options walk's state, where the header's own two bytes were read (no longer
+# needed once its length is known): where the next option starts, how many header
+# bytes are left (the kernel's unsigned ints), whether the loop broke or failed, and
+# the option bytes read.
+_AT = BUF                  # u32: ptr
+_LEFT = BUF + 4            # u32: hdrlen
+_FAILED = BUF + 8          # u8
+_TYPE = BUF + 9            # u8: the option's type
+_LENGTH = BUF + 10         # u8: and its data length
 
 
 @dataclass(frozen=True)
@@ -102,9 +100,6 @@ class Hbh(MatchExtension):
                                               "match is not implemented by Linux")
         return self.model(hdrlen, flags, invflags, tuple(opts[:optsnr]))
 
-    def facts_of(self, match: OptsMatch) -> frozenset[str]:
-        return self.facts | ({"ipv6_opts"} if _walks(match) else set())
-
     def emit(self, m: OptsMatch, asm, out) -> None:
         emit_find(asm, self.nexthdr, out)
         emit_read(asm, 0, 2, out)          # struct ipv6_opt_hdr
@@ -115,24 +110,17 @@ class Hbh(MatchExtension):
                               bool(m.invflags & IP6T_OPTS_INV_LEN), out)
         if not _walks(m):
             return
-        opts = list(m.opts) + [0] * (IP6T_OPTS_OPTSNR - len(m.opts))
-        for at in range(0, IP6T_OPTS_OPTSNR, 4):
-            word = sum(o << (16 * i) for i, o in enumerate(opts[at:at + 4]))
-            asm.emit(*BPF_LD_IMM64(R1, word), BPF_STX_MEM(BPF_DW, R6, R1, _OPTS + 2 * at))
-        callback = asm.subprogram("ipv6_opts_step", lambda: _emit_step(asm))
-        asm.emit(BPF_ST_MEM(BPF_W, R6, _OPTSNR, len(m.opts)),
-                 # past the next-header and length bytes
-                 BPF_MOV64_REG(R1, R7), BPF_ALU64_IMM(I.BPF_ADD, R1, 2),
+        # ptr += 2; hdrlen -= 2: past the next-header and length bytes
+        asm.emit(BPF_MOV64_REG(R1, R7), BPF_ALU64_IMM(I.BPF_ADD, R1, 2),
                  BPF_STX_MEM(BPF_W, R6, R1, _AT),
                  BPF_LDX_MEM(BPF_W, R1, R6, HDRLEN), BPF_ALU64_IMM(I.BPF_SUB, R1, 2),
                  BPF_STX_MEM(BPF_W, R6, R1, _LEFT),
-                 BPF_ST_MEM(BPF_W, R6, _DONE, 0),
-                 BPF_MOV64_REG(R8, MISMATCH), BPF_MOV64_REG(R9, HOTDROP),
-                 BPF_MOV64_IMM(R1, len(m.opts)), *BPF_LD_FUNC(R2, callback),
-                 BPF_MOV64_REG(R3, R6), BPF_MOV64_IMM(R4, 0),
-                 BPF_EMIT_CALL(I.BPF_FUNC_loop),
-                 BPF_MOV64_REG(MISMATCH, R8), BPF_MOV64_REG(HOTDROP, R9),
-                 BPF_LDX_MEM(BPF_W, R1, R6, _DONE), BPF_ALU64_IMM(I.BPF_XOR, R1, len(m.opts)))
+                 BPF_ST_MEM(BPF_B, R6, _FAILED, 0),
+                 BPF_MOV64_REG(R8, MISMATCH), BPF_MOV64_REG(R9, HOTDROP))
+        for temp, option in enumerate(m.opts):
+            _emit_step(asm, option, last=temp == len(m.opts) - 1)
+        asm.emit(BPF_MOV64_REG(MISMATCH, R8), BPF_MOV64_REG(HOTDROP, R9),
+                 BPF_LDX_MEM(BPF_B, R1, R6, _FAILED))
         out.mismatch(R1)
 
     def describe(self, m: OptsMatch) -> str:
@@ -162,59 +150,69 @@ def _walks(m: OptsMatch) -> bool:
 
 
 def _emit_read_byte(asm, at: int, dst) -> None:
-    """R0 = bpf_dynptr_read(dst, 1, &skb, R8 + at, 0): 0, or an error past the end."""
+    """R7 = 0 if bpf_dynptr_read(dst, 1, &skb, ptr + at, 0) read the byte, else 1."""
     asm.emit(BPF_MOV64_REG(R1, R6), BPF_ALU64_IMM(I.BPF_ADD, R1, dst), BPF_MOV64_IMM(R2, 1),
              BPF_MOV64_REG(R3, R6), BPF_ALU64_IMM(I.BPF_ADD, R3, facts.DYNPTR_FROM_FACTS),
-             BPF_MOV64_REG(R4, R8), BPF_ALU64_IMM(I.BPF_ADD, R4, at), BPF_MOV64_IMM(R5, 0),
-             BPF_EMIT_CALL(I.BPF_FUNC_dynptr_read))
+             BPF_LDX_MEM(BPF_W, R4, R6, _AT), BPF_ALU64_IMM(I.BPF_ADD, R4, at),
+             BPF_MOV64_IMM(R5, 0),
+             BPF_EMIT_CALL(I.BPF_FUNC_dynptr_read),
+             BPF_MOV64_REG(R7, R0))
+    emit_nonzero_bit(asm, R7, R3)
 
 
-def _emit_step(asm) -> None:
-    """One turn of hbh_mt6()'s loop, R1 = temp, R2 = &facts: 0 after an option that
-    matched, 1 to leave the loop (the match then fails: fewer options matched than
-    the rule has). R7 = temp, R8 = ptr, R9 = hdrlen, the option's length in R3;
-    ptr and hdrlen are the kernel's unsigned ints, hence the 32-bit arithmetic."""
-    stop, length_ok, sized, advance = (asm.label(n) for n in
-                                       ("stop", "length_ok", "sized", "advance"))
-    asm.emit(BPF_MOV64_REG(R6, R2), BPF_MOV64_REG(R7, R1),
-             BPF_ALU64_IMM(I.BPF_AND, R7, IP6T_OPTS_OPTSNR - 1),
-             BPF_LDX_MEM(BPF_W, R8, R6, _AT), BPF_LDX_MEM(BPF_W, R9, R6, _LEFT),
-             # type field exists?
-             BPF_JMP_IMM(I.BPF_JEQ, R9, 0, stop))
+def _emit_below(asm, dst: int, reg: int, bound) -> None:
+    """dst |= 1 if reg < bound (a register or a constant), both u32 values."""
+    asm.emit(BPF_MOV64_REG(R2, reg))
+    if isinstance(bound, int):
+        asm.emit(BPF_ALU64_IMM(I.BPF_SUB, R2, bound))
+    else:
+        asm.emit(BPF_ALU64_REG(I.BPF_SUB, R2, bound))
+    asm.emit(BPF_ALU64_IMM(I.BPF_RSH, R2, 63), BPF_ALU64_REG(I.BPF_OR, dst, R2))
+
+
+def _emit_step(asm, option: int, last: bool) -> None:
+    """One turn of hbh_mt6()'s loop for the rule's option (type << 8 | length):
+
+        if (hdrlen < 1) break;                  read the type, or break;
+        if (type != option's) return false;
+        if (type) { if (hdrlen < 2) break;      read the length, or break;
+                    if (its length is not 0xFF and != the length) return false;
+                    optlen = length + 2; } else optlen = 1;
+        if ((ptr > skb->len - optlen || hdrlen < optlen) && not the last) break;
+        ptr += optlen; hdrlen -= optlen;
+
+    Breaking and failing both fail the match: either sets _FAILED. The packet's type
+    equals the rule's whenever it matters, so whether it is Pad1 is known here."""
+    kind, length = option >> 8, option & 0xFF
+    # R7: this turn fails; R9 keeps HOTDROP, R8 MISMATCH
     _emit_read_byte(asm, 0, _TYPE)
-    asm.emit(BPF_JMP_IMM(I.BPF_JNE, R0, 0, stop),
-             # the rule's option opts[temp]: its type must be the packet's
-             BPF_MOV64_REG(R1, R7), BPF_ALU64_IMM(I.BPF_LSH, R1, 1),
-             BPF_ALU64_REG(I.BPF_ADD, R1, R6), BPF_LDX_MEM(BPF_H, R2, R1, _OPTS),
-             BPF_STX_MEM(BPF_H, R6, R2, _SPEC),
-             BPF_ALU64_IMM(I.BPF_RSH, R2, 8),
-             BPF_LDX_MEM(BPF_B, R3, R6, _TYPE),
-             BPF_JMP_REG(I.BPF_JNE, R3, R2, stop),
-             # Pad1 is one byte, without a length
-             BPF_MOV64_IMM(R3, 1),
-             BPF_JMP_IMM(I.BPF_JEQ, R2, 0, sized),
-             # length field exists?
-             BPF_JMP_IMM(I.BPF_JLT, R9, 2, stop))
-    _emit_read_byte(asm, 1, _LENGTH)
-    asm.emit(BPF_JMP_IMM(I.BPF_JNE, R0, 0, stop),
-             BPF_LDX_MEM(BPF_H, R2, R6, _SPEC), BPF_ALU64_IMM(I.BPF_AND, R2, 0xFF),
-             BPF_LDX_MEM(BPF_B, R3, R6, _LENGTH),
-             BPF_JMP_IMM(I.BPF_JEQ, R2, ANY_LENGTH, length_ok),
-             BPF_JMP_REG(I.BPF_JNE, R2, R3, stop))
-    asm.place(length_ok)
-    asm.emit(BPF_ALU64_IMM(I.BPF_ADD, R3, 2))
-    asm.place(sized)
-    # (ptr > skb->len - optlen || hdrlen < optlen) && temp < optsnr - 1: break
-    asm.emit(BPF_LDX_MEM(BPF_W, R1, R6, _OPTSNR), BPF_ALU64_IMM(I.BPF_SUB, R1, 1),
-             BPF_JMP_REG(I.BPF_JGE, R7, R1, advance),
-             BPF_LDX_MEM(BPF_W, R1, R6, facts.LEN), BPF_ALU32_REG(I.BPF_SUB, R1, R3),
-             BPF_JMP_REG(I.BPF_JGT, R8, R1, stop),
-             BPF_JMP_REG(I.BPF_JLT, R9, R3, stop))
-    asm.place(advance)
-    asm.emit(BPF_ALU32_REG(I.BPF_ADD, R8, R3), BPF_ALU32_REG(I.BPF_SUB, R9, R3),
-             BPF_STX_MEM(BPF_W, R6, R8, _AT), BPF_STX_MEM(BPF_W, R6, R9, _LEFT),
-             BPF_MOV64_REG(R1, R7), BPF_ALU64_IMM(I.BPF_ADD, R1, 1),
-             BPF_STX_MEM(BPF_W, R6, R1, _DONE),
-             BPF_MOV64_IMM(R0, 0), BPF_EXIT_INSN())
-    asm.place(stop)
-    asm.emit(BPF_MOV64_IMM(R0, 1), BPF_EXIT_INSN())
+    asm.emit(BPF_MOV64_REG(R1, R7), BPF_LDX_MEM(BPF_W, R3, R6, _LEFT))
+    _emit_below(asm, R1, R3, 1)
+    asm.emit(BPF_LDX_MEM(BPF_B, R2, R6, _TYPE), BPF_ALU64_IMM(I.BPF_XOR, R2, kind))
+    emit_nonzero_bit(asm, R2, R3)
+    asm.emit(BPF_ALU64_REG(I.BPF_OR, R1, R2), BPF_STX_MEM(BPF_B, R6, R1, _TYPE))
+    # _TYPE now holds this turn's failure so far (the type itself is no longer needed)
+    if kind:
+        _emit_read_byte(asm, 1, _LENGTH)
+        asm.emit(BPF_LDX_MEM(BPF_B, R1, R6, _TYPE), BPF_ALU64_REG(I.BPF_OR, R1, R7),
+                 BPF_LDX_MEM(BPF_W, R3, R6, _LEFT))
+        _emit_below(asm, R1, R3, 2)
+        if length != ANY_LENGTH:
+            asm.emit(BPF_LDX_MEM(BPF_B, R2, R6, _LENGTH), BPF_ALU64_IMM(I.BPF_XOR, R2, length))
+            emit_nonzero_bit(asm, R2, R3)
+            asm.emit(BPF_ALU64_REG(I.BPF_OR, R1, R2))
+        # R4 = optlen
+        asm.emit(BPF_LDX_MEM(BPF_B, R4, R6, _LENGTH), BPF_ALU64_IMM(I.BPF_ADD, R4, 2))
+    else:
+        asm.emit(BPF_LDX_MEM(BPF_B, R1, R6, _TYPE), BPF_MOV64_IMM(R4, 1))
+    asm.emit(BPF_LDX_MEM(BPF_W, R5, R6, _AT), BPF_LDX_MEM(BPF_W, R3, R6, _LEFT))
+    if not last:
+        # ptr > skb->len - optlen, in u32 (skb->len - optlen wraps as the kernel's)
+        asm.emit(BPF_LDX_MEM(BPF_W, R2, R6, facts.LEN), BPF_ALU32_REG(I.BPF_SUB, R2, R4),
+                 BPF_ALU64_REG(I.BPF_SUB, R2, R5), BPF_ALU64_IMM(I.BPF_RSH, R2, 63),
+                 BPF_ALU64_REG(I.BPF_OR, R1, R2))
+        _emit_below(asm, R1, R3, R4)
+    asm.emit(BPF_ALU32_REG(I.BPF_ADD, R5, R4), BPF_STX_MEM(BPF_W, R6, R5, _AT),
+             BPF_ALU32_REG(I.BPF_SUB, R3, R4), BPF_STX_MEM(BPF_W, R6, R3, _LEFT),
+             BPF_LDX_MEM(BPF_B, R2, R6, _FAILED), BPF_ALU64_REG(I.BPF_OR, R2, R1),
+             BPF_STX_MEM(BPF_B, R6, R2, _FAILED))

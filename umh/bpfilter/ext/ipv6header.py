@@ -54,12 +54,13 @@ ip6t_ipv6header_info = Struct(
     "modeflag" / Int8un,
 )
 
-_WALK = facts.reserve("ipv6header", 16)
+_WALK = facts.reserve("ipv6header", 8)
 _AT = _WALK                # u32: ptr
-_NEXT = _WALK + 4          # u8: nexthdr
-_SEEN = _WALK + 5          # u8: the headers met (temp)
-_STATE = _WALK + 6         # u8: _WALKING until the walk says how the match goes
-_HDR = _WALK + 8           # 2 bytes: struct ipv6_opt_hdr
+_SEEN = _WALK + 4          # u8: the headers met (temp)
+_STATE = _WALK + 5         # u8: _WALKING until the walk says how the match goes
+_NEXT = _WALK + 6          # u8: nexthdr; a header's two bytes are read here, so that
+_HDR = _NEXT               # its nexthdr becomes the walk's (the step keeps the current
+#                            one in a register)
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,7 @@ def _emit_step(asm) -> None:
     asm.place(flagged)
     asm.emit(BPF_LDX_MEM(BPF_B, R1, R6, _SEEN), BPF_ALU64_REG(I.BPF_OR, R1, R2),
              BPF_STX_MEM(BPF_B, R6, R1, _SEEN),
-             BPF_LDX_MEM(BPF_B, R1, R6, _HDR), BPF_STX_MEM(BPF_B, R6, R1, _NEXT),
+             # (nexthdr = hp->nexthdr: read into place)
              BPF_ALU64_REG(I.BPF_ADD, R8, R3), BPF_STX_MEM(BPF_W, R6, R8, _AT),
              # "if (ptr > skb->len) break;"
              BPF_LDX_MEM(BPF_W, R1, R6, facts.LEN),

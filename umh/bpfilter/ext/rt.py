@@ -22,14 +22,15 @@ from dataclasses import dataclass
 from construct import Bytes, Int8un, Int32un, Padding, Struct
 
 from ..bpf import insn as I
-from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_DW,
+from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU64_IMM, BPF_ALU64_REG, BPF_DW,
                         BPF_EMIT_CALL, BPF_EXIT_INSN, BPF_JMP_A, BPF_JMP_IMM, BPF_LD_FUNC,
                         BPF_LD_IMM64, BPF_LDX_MEM, BPF_MOV64_IMM, BPF_MOV64_REG, BPF_ST_MEM,
                         BPF_STX_MEM, BPF_W, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9)
 from ..errors import BpfilterError
 from ..model import Family, Match
 from ..packet import facts
-from ..packet.primitives import (HOTDROP, MISMATCH, emit_masked_equal, emit_range)
+from ..packet.primitives import (HOTDROP, MISMATCH, emit_masked_equal, emit_nonzero_bit,
+                                 emit_range)
 from . import MatchExtension, register_match
 from .exthdr import BUF, HDRLEN, PTR, SEARCHES, emit_find, emit_fits, emit_length, emit_read
 
@@ -53,11 +54,10 @@ ip6t_rt = Struct(
     Padding(3),
 )
 
-# The not-strict walk's state (fact group "rt_addrs"): addresses matched so far, and
-# a read that failed.
-_LOOP = facts.reserve("rt_addrs", 8)
-_MATCHED = _LOOP
-_DROP = _LOOP + 4
+# The not-strict walk counts the addresses matched where the header's length was
+# (no longer needed by then); a read that failed leaves _READ_FAILED there.
+_MATCHED = HDRLEN
+_READ_FAILED = 0x100
 
 
 @dataclass(frozen=True)
@@ -102,10 +102,8 @@ class Rt(MatchExtension):
         return RtMatch(rt_type, (seg_lo, seg_hi), hdrlen, flags, invflags,
                        tuple(addrs[16 * i:16 * i + 16] for i in range(addrnr)))
 
-    def facts_of(self, match: RtMatch) -> frozenset[str]:
-        strictness = match.flags & (IP6T_RT_FST | IP6T_RT_FST_NSTRICT)
-        loop = strictness == IP6T_RT_FST | IP6T_RT_FST_NSTRICT
-        return self.facts | ({"rt_addrs"} if loop else set())
+    def frames(self, match: RtMatch) -> int:
+        return 1 if _not_strict(match) else 0
 
     def emit(self, m: RtMatch, asm, out) -> None:
         emit_find(asm, NEXTHDR_ROUTING, out)
@@ -128,7 +126,7 @@ class Rt(MatchExtension):
         addrnr = len(m.addrs)
         asm.emit(BPF_LDX_MEM(BPF_W, R1, R6, HDRLEN), BPF_ALU64_IMM(I.BPF_SUB, R1, RT0_HEADER),
                  BPF_ALU64_IMM(I.BPF_RSH, R1, 4))
-        if m.flags & IP6T_RT_FST_NSTRICT:
+        if _not_strict(m):
             # addrnr > n: false
             asm.emit(BPF_MOV64_IMM(R2, addrnr), BPF_ALU64_REG(I.BPF_SUB, R1, R2),
                      BPF_ALU64_IMM(I.BPF_RSH, R1, 63))
@@ -152,16 +150,19 @@ class Rt(MatchExtension):
                                   lambda: _emit_subsequence_step(asm, m.addrs))
         asm.emit(BPF_MOV64_REG(R8, MISMATCH), BPF_MOV64_REG(R9, HOTDROP),
                  BPF_STX_MEM(BPF_W, R6, R7, PTR),
-                 BPF_ST_MEM(BPF_W, R6, _MATCHED, 0), BPF_ST_MEM(BPF_B, R6, _DROP, 0),
                  BPF_LDX_MEM(BPF_W, R1, R6, HDRLEN), BPF_ALU64_IMM(I.BPF_SUB, R1, RT0_HEADER),
                  BPF_ALU64_IMM(I.BPF_RSH, R1, 4),
+                 BPF_ST_MEM(BPF_W, R6, _MATCHED, 0),
                  *BPF_LD_FUNC(R2, callback), BPF_MOV64_REG(R3, R6), BPF_MOV64_IMM(R4, 0),
                  BPF_EMIT_CALL(I.BPF_FUNC_loop),
                  BPF_MOV64_REG(MISMATCH, R8), BPF_MOV64_REG(HOTDROP, R9),
-                 BPF_LDX_MEM(BPF_B, R1, R6, _DROP))
+                 BPF_LDX_MEM(BPF_W, R2, R6, _MATCHED),
+                 BPF_MOV64_REG(R1, R2), BPF_ALU64_IMM(I.BPF_XOR, R1, _READ_FAILED))
+        emit_nonzero_bit(asm, R1, R3)
+        asm.emit(BPF_ALU64_IMM(I.BPF_XOR, R1, 1))
         out.hotdrop(R1)
-        asm.emit(BPF_LDX_MEM(BPF_W, R1, R6, _MATCHED), BPF_ALU64_IMM(I.BPF_XOR, R1, len(m.addrs)))
-        out.mismatch(R1)
+        asm.emit(BPF_ALU64_IMM(I.BPF_XOR, R2, len(m.addrs)))
+        out.mismatch(R2)
 
     def describe(self, m: RtMatch) -> str:
         # rt_print(); the type with %d
@@ -185,6 +186,10 @@ class Rt(MatchExtension):
         if m.flags & IP6T_RT_FST_NSTRICT:
             parts.append("0-not-strict")
         return " ".join(parts)
+
+
+def _not_strict(m: RtMatch) -> bool:
+    return bool(m.flags & IP6T_RT_FST and m.flags & IP6T_RT_FST_NSTRICT)
 
 
 def _emit_address_differs(asm, dst: int, addr: bytes) -> None:
@@ -211,7 +216,7 @@ def _emit_subsequence_step(asm, addrs: tuple[bytes, ...]) -> None:
              BPF_MOV64_IMM(R5, 0),
              BPF_EMIT_CALL(I.BPF_FUNC_dynptr_read),
              BPF_JMP_IMM(I.BPF_JEQ, R0, 0, next_turn),
-             BPF_ST_MEM(BPF_B, R6, _DROP, 1))
+             BPF_ST_MEM(BPF_W, R6, _MATCHED, _READ_FAILED))
     asm.place(stop)
     asm.emit(BPF_MOV64_IMM(R0, 1), BPF_EXIT_INSN())
     asm.place(next_turn)
