@@ -257,7 +257,8 @@ HBH_CASES = [
             (OUT, udp(ext=(OPTS,)), ACCEPT)],
            {"OUTPUT 1": (1, 72), "OUTPUT policy": (1, 72)}),
     v6case("--hbh-opts: more options than the header holds",
-           "-A OUTPUT -m hbh --hbh-opts 5:2,1:0,1 -j DROP\n-A OUTPUT -m hbh --hbh-opts 5:2,1 -j ACCEPT",
+           "-A OUTPUT -m hbh --hbh-opts 5:2,1:0,1 -j DROP\n"
+           "-A OUTPUT -m hbh --hbh-opts 5:2,1 -j ACCEPT",
            [(OUT, udp(ext=(OPTS,)), ACCEPT)], {"OUTPUT 2": (1, 72)}),
     # (past the header come the udp header's bytes, then the payload's zeros: Pad1s
     # to a walk that would not stop)
@@ -379,7 +380,8 @@ ESP_MH_CASES = [
            {"OUTPUT 1": (1, 62), "OUTPUT 2": (1, 62), "OUTPUT policy": (1, 62)}),
     v6case("mh: a payload proto other than 59, or a header cut short: dropped uncounted",
            "-A OUTPUT -p mobility-header -m mh -j ACCEPT\n-A OUTPUT -j ACCEPT",
-           [(OUT, mobility(5, proto=6), DROP), (OUT, mobility(5, header_len=5, payload_len=0), DROP),
+           [(OUT, mobility(5, proto=6), DROP),
+            (OUT, mobility(5, header_len=5, payload_len=0), DROP),
             (OUT, mobility(5, ext=(Fragment(offset=8),)), ACCEPT)],
            {"OUTPUT 2": (1, 64)}),
 ]
@@ -392,7 +394,8 @@ IPV4_CASES = [
             (OUT, esp(5, src=A4, dst=B4, frag_offset=3), ACCEPT)],
            {"OUTPUT 1": (1, 44), "OUTPUT 2": (2, 80)}),
     v4case("IPv4 ah --ahspi",
-           "-A OUTPUT -p ah -m ah --ahspi 0x1234 -j DROP\n-A OUTPUT -p ah -m ah ! --ahspi 7 -j ACCEPT\n"
+           "-A OUTPUT -p ah -m ah --ahspi 0x1234 -j DROP\n"
+           "-A OUTPUT -p ah -m ah ! --ahspi 7 -j ACCEPT\n"
            ":OUTPUT DROP",
            [(OUT, Upper(A4, B4, 51, header=bytes([17, 4, 0, 0, 0, 0, 0x12, 0x34, 0, 0, 0, 1])),
              DROP),
@@ -457,7 +460,8 @@ def test_either_kernel_s_walk(bounded, monkeypatch):
 # ---------------------------------------------------------------- limits
 
 EVERY_MATCH = [f"-m rt --rt-type 0 --rt-0-addrs {C},{D} --rt-0-not-strict",
-               "-m hbh --hbh-opts 5:2,1", "-m dst --dst-opts 5", "-m ipv6header --header hop --soft",
+               "-m hbh --hbh-opts 5:2,1", "-m dst --dst-opts 5",
+               "-m ipv6header --header hop --soft",
                "-m frag --fragmore", "-m ah --ahspi 5", "-p esp -m esp --espspi 3",
                "-p mobility-header -m mh --mh-type 4", "-p tcp --tcp-option 2",
                "-m mac --mac-source 00:11:22:33:44:55", "-m eui64"]
@@ -633,7 +637,8 @@ def _random_esp(rng, family: Family):
 
 
 def _random_mh(rng):
-    data = bytes([*_pick_range(rng, [0, 1, 5, 6, 255]), rng.choice([0, 0, 1, rng.randrange(256)])]) \
+    data = bytes([*_pick_range(rng, [0, 1, 5, 6, 255]),
+                  rng.choice([0, 0, 1, rng.randrange(256)])]) \
         + bytes(5)
     packets = []
     for _ in range(8):

@@ -34,8 +34,8 @@ from __future__ import annotations
 
 from ..bpf import insn as I
 from ..bpf.insn import (BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_EMIT_CALL, BPF_LDX_MEM,
-                        BPF_MOV64_IMM, BPF_MOV64_REG, BPF_STX_MEM, BPF_W, R0, R1, R2, R3, R4, R5, R6, R7,
-                        R8, R9)
+                        BPF_MOV64_IMM, BPF_MOV64_REG, BPF_STX_MEM, BPF_W, R0, R1, R2, R3, R4,
+                        R5, R6, R7, R8, R9)
 from ..packet import facts, ipv6
 from ..packet.primitives import HOTDROP, MISMATCH, RuleOutcome, emit_nonzero_bit
 

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from construct import Int8un, Int16un, Int32un, Padding, Struct
 
 from ..bpf import insn as I
-from ..bpf.insn import (BPF_ALU32_REG, BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B,
-                        BPF_EMIT_CALL, BPF_LDX_MEM, BPF_MOV64_IMM, BPF_MOV64_REG, BPF_ST_MEM, BPF_STX_MEM, BPF_W, R0, R1,
-                        R2, R3, R4, R5, R6, R7, R8, R9)
+from ..bpf.insn import (BPF_ALU32_REG, BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_EMIT_CALL,
+                        BPF_LDX_MEM, BPF_MOV64_IMM, BPF_MOV64_REG, BPF_ST_MEM, BPF_STX_MEM,
+                        BPF_W, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9)
 from ..errors import BpfilterError
 from ..model import Family, Match
 from ..packet import facts
