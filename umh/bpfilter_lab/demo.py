@@ -1,10 +1,12 @@
-"""`python3 -m bpfilter_lab demo`: the unmodified iptables drives bpfilter, next to the kernel's own.
+"""`python3 -m bpfilter_lab demo`: the unmodified iptables and ip6tables drive
+bpfilter, next to the kernel's own.
 
 A sender namespace sends the same real packets over veth to two identically wired
-namespaces. In one, the kernel's legacy iptables filters. In the other, the same
-ruleset goes in with the unmodified `iptables-legacy-restore` run under `bpfilter
-exec`, so BPF programs filter. The demo shows what arrived where and both namespaces'
-`iptables-legacy -L -v`, and fails if they differ.
+namespaces. In one, the kernel's legacy iptables and ip6tables filter. In the other,
+the same rulesets go in with the unmodified `iptables-legacy-restore` and
+`ip6tables-legacy-restore` run under `bpfilter exec`, so BPF programs filter. The demo
+shows what arrived where and both namespaces' `-L -v` listings, and fails if they
+differ.
 """
 from __future__ import annotations
 
@@ -15,9 +17,11 @@ import tempfile
 
 from bpfilter.daemon import flush
 
+from bpfilter.model import Family
+
 from .backends import ServiceBackend
-from .lab import T_IN_ADDR, Case, Lab
-from .packets import Packet
+from .lab import S_IN6_ADDR, T_IN6_ADDR, T_IN_ADDR, Case, Lab
+from .packets import DestinationOptions, Fragment, HopByHop, Packet, Routing, icmpv6_error
 
 RULESET = """\
 *filter
@@ -72,12 +76,73 @@ TRAFFIC = [
 ]
 
 
+# A host that is also a router, as a distribution's IPv6 firewall sets it up: type 0
+# routing headers refused (ufw), replies and ICMPv6 errors about its own flows let in,
+# neighbour discovery and ping allowed, ssh from the admin network only.
+RULESET6 = """\
+*filter
+:INPUT DROP [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+:SERVICES - [0:0]
+-A INPUT -m rt --rt-type 0 -j DROP
+-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A INPUT -m conntrack --ctstate INVALID -j DROP
+-A INPUT -p ipv6-icmp -m icmp6 --icmpv6-type 135 -j ACCEPT
+-A INPUT -p ipv6-icmp -m icmp6 --icmpv6-type 128 -j ACCEPT
+-A INPUT -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j SERVICES
+-A SERVICES -s 2001:db8:1::/64 -p tcp -m tcp --dport 22 -j ACCEPT
+-A SERVICES -p tcp -m multiport --dports 80,443 -j ACCEPT
+-A FORWARD -m rt --rt-type 0 -j DROP
+-A FORWARD -i vin0 -o vout0 -p udp -m udp --dport 5000:5099 -j ACCEPT
+-A OUTPUT -p udp -m udp --dport 9 -j DROP
+COMMIT
+"""
+
+STRANGER6, ELSEWHERE6 = "2001:db8:9::7", "2001:db8:2::77"
+
+TRAFFIC6 = [
+    ("our dns query to the admin host", Case(Packet(T_IN6_ADDR, S_IN6_ADDR, "udp",
+                                                     sport=40000, dport=53), "output")),
+    ("its answer", Case(Packet(S_IN6_ADDR, T_IN6_ADDR, "udp", sport=53, dport=40000),
+                        "input")),
+    ("an 'answer' nobody asked for", Case(Packet(S_IN6_ADDR, T_IN6_ADDR, "udp", sport=53,
+                                                 dport=40001), "input")),
+    ("an ICMPv6 error about our query", Case(icmpv6_error(S_IN6_ADDR, T_IN6_ADDR, Packet(
+        T_IN6_ADDR, S_IN6_ADDR, "udp", sport=40000, dport=53)), "input")),
+    ("ping", Case(Packet(STRANGER6, T_IN6_ADDR, "icmpv6", icmp_type=128), "input")),
+    ("node information query", Case(Packet(STRANGER6, T_IN6_ADDR, "icmpv6", icmp_type=139),
+                                    "input")),
+    ("ssh SYN from the admin net", Case(Packet(S_IN6_ADDR, T_IN6_ADDR, "tcp", dport=22),
+                                        "input")),
+    ("ssh SYN from elsewhere", Case(Packet(STRANGER6, T_IN6_ADDR, "tcp", dport=22), "input")),
+    ("https SYN past a hop-by-hop header", Case(Packet(STRANGER6, T_IN6_ADDR, "tcp", dport=443,
+                                                       ext=(HopByHop(),)), "input")),
+    ("https SYN via a type 0 routing header", Case(Packet(
+        STRANGER6, T_IN6_ADDR, "tcp", dport=443, ext=(Routing(type=0),)), "input")),
+    ("smtp SYN", Case(Packet(STRANGER6, T_IN6_ADDR, "tcp", dport=25), "input")),
+    ("routed udp to port 5001", Case(Packet(STRANGER6, ELSEWHERE6, "udp", dport=5001),
+                                     "forward")),
+    ("... past destination options", Case(Packet(
+        STRANGER6, ELSEWHERE6, "udp", dport=5001, ext=(DestinationOptions(),)), "forward")),
+    ("routed udp to port 6000", Case(Packet(STRANGER6, ELSEWHERE6, "udp", dport=6000),
+                                     "forward")),
+    ("routed later fragment", Case(Packet(STRANGER6, ELSEWHERE6, "udp", dport=5001,
+                                          ext=(Fragment(offset=8),)), "forward")),
+    ("sent udp to discard (9)", Case(Packet(T_IN6_ADDR, ELSEWHERE6, "udp", dport=9),
+                                     "output")),
+]
+
+FAMILIES = {Family.IPV4: ("iptables-legacy", RULESET, TRAFFIC),
+            Family.IPV6: ("ip6tables-legacy", RULESET6, TRAFFIC6)}
+
+
 def _word(arrived: bool) -> str:
     return "passed" if arrived else "dropped"
 
 
-def _listing(lab: Lab, target: str, backend) -> str:
-    argv = ["iptables-legacy", "-L", "-v", "-n", "-x"]
+def _listing(lab: Lab, target: str, backend, family: Family) -> str:
+    argv = [FAMILIES[family][0], "-L", "-v", "-n", "-x"]
     if target == "bpfilter":
         done = backend.exec(lab, target, argv)
     else:
@@ -102,7 +167,8 @@ def _bpf_programs(bpffs: str) -> str:
             for hook, slot in slots.items():
                 link = bpf.link_info(slot.link_fd)
                 rules = bpf.prog_info(ruleset.hooks[hook].prog_fd)
-                lines.append(f"  {hook.chain_name:<8} netfilter link {link['id']} (hook "
+                lines.append(f"  {key.family.name.lower()} {hook.chain_name:<8} netfilter link "
+                             f"{link['id']} (hook "
                              f"{link['hooknum']}, priority {link['priority']}) -> dispatcher "
                              f"prog {link['prog_id']} -> prog {rules['id']} {rules['name']} "
                              f"({rules['xlated_prog_len'] // 8} insns, "
@@ -115,8 +181,6 @@ def _bpf_programs(bpffs: str) -> str:
 
 
 def run(verbose: bool = False) -> int:
-    print("The ruleset, given to the unmodified iptables-legacy-restore in both namespaces:\n")
-    print(RULESET)
     with tempfile.TemporaryDirectory(prefix="bpfilter-demo-") as private:
         socket_path, bpffs = os.path.join(private, "bpfilter.sock"), os.path.join(private, "bpffs")
         service = ServiceBackend(socket_path, bpffs)
@@ -129,29 +193,38 @@ def run(verbose: bool = False) -> int:
 
 
 def _show(lab: Lab, service: ServiceBackend, verbose: bool) -> int:
-    lab.load(RULESET)
-    cases = [case for _, case in TRAFFIC]
-    arrived = lab.run(cases)
-    print(f"{'packet':<32}{'kernel iptables':<18}bpfilter")
-    for i, (what, _) in enumerate(TRAFFIC):
-        k, b = arrived["kernel"][i], arrived["bpfilter"][i]
-        flag = "" if k == b else "   <-- DIFFERENT"
-        print(f"{what:<32}{_word(k):<18}{_word(b)}{flag}")
-
-    ours, theirs = _listing(lab, "bpfilter", service), _listing(lab, "kernel", service)
-    print("\n$ bpfilter exec -- iptables-legacy -L -v -n -x    (bpfilter's namespace)\n")
-    print(ours)
-    if ours != theirs:
-        print("$ iptables-legacy -L -v -n -x    (the kernel's namespace: DIFFERENT)\n")
-        print(theirs)
+    same = True
+    for family, (command, ruleset, traffic) in FAMILIES.items():
+        print(f"The ruleset, given to the unmodified {command}-restore in both namespaces:\n")
+        print(ruleset)
+        same &= _compare(lab, service, family, traffic)
+        print()
     print("The BPF programs doing the filtering, attached with netfilter links:")
     print(_bpf_programs(service.bpffs))
     if verbose:
         print(subprocess.run([sys.executable, "-m", "bpfilter", "show", "--bpf",
                               "--bpffs", service.bpffs], capture_output=True, text=True).stdout)
+    return 0 if same else 1
+
+
+def _compare(lab: Lab, service: ServiceBackend, family: Family, traffic: list) -> bool:
+    command = FAMILIES[family][0]
+    lab.load(FAMILIES[family][1], family)
+    arrived = lab.run([case for _, case in traffic])
+    print(f"{'packet':<40}{'kernel ' + command.split('-')[0]:<22}bpfilter")
+    for i, (what, _) in enumerate(traffic):
+        k, b = arrived["kernel"][i], arrived["bpfilter"][i]
+        flag = "" if k == b else "   <-- DIFFERENT"
+        print(f"{what:<40}{_word(k):<22}{_word(b)}{flag}")
+    ours = _listing(lab, "bpfilter", service, family)
+    theirs = _listing(lab, "kernel", service, family)
+    print(f"\n$ bpfilter exec -- {command} -L -v -n -x    (bpfilter's namespace)\n")
+    print(ours)
+    if ours != theirs:
+        print(f"$ {command} -L -v -n -x    (the kernel's namespace: DIFFERENT)\n")
+        print(theirs)
     same_verdicts = arrived["kernel"] == arrived["bpfilter"]
-    same_counters = lab.counters("kernel") == lab.counters("bpfilter")
-    print(f"\nverdicts identical to the kernel's: {same_verdicts} | "
-          f"iptables -L -v identical: {ours == theirs} | per-entry counters identical: "
-          f"{same_counters}")
-    return 0 if same_verdicts and same_counters and ours == theirs else 1
+    same_counters = lab.counters("kernel", family) == lab.counters("bpfilter", family)
+    print(f"{command}: verdicts identical to the kernel's: {same_verdicts} | "
+          f"-L -v identical: {ours == theirs} | per-entry counters identical: {same_counters}")
+    return same_verdicts and same_counters and ours == theirs

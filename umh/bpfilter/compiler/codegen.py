@@ -124,10 +124,14 @@ def dispatcher() -> Assembler:
     return asm
 
 
-def call_depth(table: Table, chain: Chain) -> int:
-    """Frames needed to run `chain`: 1 plus the deepest chain it calls."""
+def call_depth(table: Table, chain: Chain, loops: bool = True) -> int:
+    """Frames needed to run `chain`: 1 plus the deepest chain it calls or, with
+    `loops`, the frames its matches' loops open (ext.frames), if more."""
     callees = {r.target.chain for r in chain.rules if isinstance(r.target, (Jump, Goto))}
-    return 1 + max((call_depth(table, table.chains[c]) for c in callees), default=0)
+    below = [call_depth(table, table.chains[c], loops) for c in callees]
+    if loops:
+        below += [ext.frames(r, table.family) for r in chain.rules]
+    return 1 + max(below, default=0)
 
 
 class _HookCompiler:
@@ -143,9 +147,11 @@ class _HookCompiler:
     def compile(self, chain: Chain) -> Assembler:
         depth = call_depth(self.table, chain)
         if depth > MAX_CALL_FRAMES:
+            chains = call_depth(self.table, chain, loops=False)
+            loop = "" if chains == depth else " and a match loops in a frame below them"
             raise BpfilterError(errno.EOPNOTSUPP,
-                                f"chain {chain.name}: user chains nest {depth - 1} deep; bpfilter "
-                                f"supports at most {MAX_CALL_FRAMES - 1} (BPF call frames)")
+                                f"chain {chain.name}: user chains nest {chains - 1} deep{loop}; "
+                                f"bpfilter supports at most {MAX_CALL_FRAMES - 1} (BPF call frames)")
         asm = self.asm
         drop = asm.label("drop")
         facts.emit_prologue(asm, self.offsets, drop, self.flavour, self.needs)

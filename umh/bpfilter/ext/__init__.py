@@ -103,6 +103,11 @@ class MatchExtension(_Extension):
         """The fact groups this match reads; every one in `facts` unless overridden."""
         return self.facts
 
+    def frames(self, match: Match) -> int:
+        """BPF call frames the match's code opens below its rule's (a bpf_loop()
+        callback runs in one of its own): a program nests at most 8."""
+        return 0
+
     def describe(self, match: Match) -> str:
         """The match as `iptables -L -n` shows it."""
         raise NotImplementedError
@@ -223,6 +228,11 @@ def reads_transport(matches: list[Match], family: Family) -> bool:
     return any(_MATCHES.of(m, family).reads_transport for m in matches)
 
 
+def frames(rule: Rule, family: Family) -> int:
+    """The call frames a rule's matches open below its chain's."""
+    return max((_MATCHES.of(m, family).frames(m) for m in rule.matches), default=0)
+
+
 def emit_match(match: Match, family: Family, asm: Assembler, out) -> None:
     _MATCHES.of(match, family).emit(match, asm, out)
 
@@ -311,3 +321,5 @@ def facts_needed(rule: Rule, family: Family) -> frozenset[str]:
 # Registration happens on import of each extension module.
 from . import (addrtype, comment, conntrack, icmp, iprange, length, limit, log,  # noqa: E402,F401
                mac, mark, multiport, owner, pkttype, reject, tcp, ttl, udp)
+# IPv6's extension-header matches, esp (both families) and IPv4's ah
+from . import ah, esp, eui64, frag, hbh, ipv6header, mh, rt  # noqa: E402,F401
