@@ -18,7 +18,7 @@ pytestmark = pytest.mark.kernel
 svc, nets = test_service.svc, test_service.nets     # a private service
 
 _COMMON = """
-    match ah: revision N is not supported by bpfilter
+    match addrtype: needs bpfilter.ko (kernel module mode) for the kernel's address type lookup, which a netfilter BPF program cannot make
     match bpf: revision N is not supported by bpfilter
     match connbytes: revision N is not supported by bpfilter
     match connlabel: revision N is not supported by bpfilter
@@ -27,7 +27,6 @@ _COMMON = """
     match dccp: revision N is not supported by bpfilter
     match dscp: revision N is not supported by bpfilter
     match ecn: revision N is not supported by bpfilter
-    match esp: revision N is not supported by bpfilter
     match hashlimit: revision N is not supported by bpfilter
     match helper: revision N is not supported by bpfilter
     match ipcomp: revision N is not supported by bpfilter
@@ -49,20 +48,20 @@ _COMMON = """
     target AUDIT: revision N is not supported by bpfilter
     target HMARK: revision N is not supported by bpfilter
     target IDLETIMER: revision N is not supported by bpfilter
+    target LOG: --log-uid is not supported by bpfilter
     target MARK: revision N is not supported by bpfilter
     target NFLOG: revision N is not supported by bpfilter
     target NFQUEUE: revision N is not supported by bpfilter
     target RATEEST: revision N is not supported by bpfilter
+    target SYNPROXY: revision N is not supported by bpfilter
     target TEE: revision N is not supported by bpfilter
 """
 # What the kernel takes and bpfilter (`bpfilter serve`, no bpfilter.ko) refuses, per
 # family: "<match|target> NAME: the reason's first clause", or "table NAME".
 UNSUPPORTED = {
     Family.IPV4: _COMMON + """
-    match addrtype: needs bpfilter.ko (kernel module mode) for the kernel's address type lookup, which a netfilter BPF program cannot make
     match osf: revision N is not supported by bpfilter
     match realm: revision N is not supported by bpfilter
-    target LOG: --log-uid is not supported by bpfilter
     target REJECT: needs bpfilter.ko (kernel module mode) to send its icmp-admin-prohibited answer
     target REJECT: needs bpfilter.ko (kernel module mode) to send its icmp-host-prohibited answer
     target REJECT: needs bpfilter.ko (kernel module mode) to send its icmp-host-unreachable answer
@@ -70,26 +69,16 @@ UNSUPPORTED = {
     target REJECT: needs bpfilter.ko (kernel module mode) to send its icmp-net-unreachable answer
     target REJECT: needs bpfilter.ko (kernel module mode) to send its icmp-port-unreachable answer
     target REJECT: needs bpfilter.ko (kernel module mode) to send its icmp-proto-unreachable answer
-    target SYNPROXY: revision N is not supported by bpfilter
     """,
-    # IPv6 has, beyond the ip part: tcp, udp, icmp6, hl, multiport, comment, mark,
-    # limit, mac, owner (issue 12's core); the rest is still to come
     Family.IPV6: _COMMON + """
-    match addrtype: revision N is not supported by bpfilter
-    match conntrack: revision N is not supported by bpfilter
-    match dst: revision N is not supported by bpfilter
-    match eui64: revision N is not supported by bpfilter
-    match frag: revision N is not supported by bpfilter
-    match hbh: revision N is not supported by bpfilter
-    match iprange: revision N is not supported by bpfilter
-    match ipv6header: revision N is not supported by bpfilter
-    match length: revision N is not supported by bpfilter
-    match mh: revision N is not supported by bpfilter
-    match pkttype: revision N is not supported by bpfilter
-    match rt: revision N is not supported by bpfilter
     match srh: revision N is not supported by bpfilter
-    target LOG: --log-uid is not supported by bpfilter
-    target REJECT: revision N is not supported by bpfilter
+    target REJECT: needs bpfilter.ko (kernel module mode) to send its icmp6-addr-unreachable answer
+    target REJECT: needs bpfilter.ko (kernel module mode) to send its icmp6-adm-prohibited answer
+    target REJECT: needs bpfilter.ko (kernel module mode) to send its icmp6-no-route answer
+    target REJECT: needs bpfilter.ko (kernel module mode) to send its icmp6-policy-fail answer
+    target REJECT: needs bpfilter.ko (kernel module mode) to send its icmp6-port-unreachable answer
+    target REJECT: needs bpfilter.ko (kernel module mode) to send its icmp6-reject-route answer
+    target REJECT: needs bpfilter.ko (kernel module mode) to send its tcp-reset answer
     """,
 }
 
