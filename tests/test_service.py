@@ -277,6 +277,32 @@ def assert_filters(ns: str, family: Family = Family.IPV4) -> None:
 
 # ---------------------------------------------------------------- 1. commands
 
+# What both families' command lists do in their middle, with the chains they made
+# (www, renamed from web, and ssh): list every way, zero, and be refused chain commands.
+LIST_AND_REFUSE = [
+    ("-L -v -n", False),
+    ("-L www -v -n -x --line-numbers", False),
+    ("-L INPUT -n --line-numbers", False),
+    ("-S www", False),
+    ("-S -v", False),
+    ("-Z INPUT", False),
+    ("-L -v -n -x", False),
+    ("-Z", False),
+    # refusals: exit codes and messages must be the kernel's
+    ("-D INPUT 99", True),
+    ("-X www", True),
+    ("-A nosuch -j ACCEPT", True),
+    ("-A INPUT -j NOSUCHTARGET", True),
+    ("-N www", True),
+    ("-P www DROP", True),
+    ("-R INPUT 42 -j ACCEPT", True),
+    ("-I INPUT 50 -j ACCEPT", True),
+    ("-F nosuch", True),
+    ("-X INPUT", True),
+    ("-E www ssh", True),
+    ("-L nosuch", True),
+]
+
 # (command, whether the kernel refuses it)
 COMMANDS = [
     ("-N web", False),
@@ -330,27 +356,8 @@ COMMANDS = [
     ("-A INPUT -p icmp -m limit --limit 5/sec --limit-burst 10 -j ACCEPT", False),
     ("-A web -m limit --limit 7/min --limit-burst 1 -m limit --limit 3/hour", False),
     ("-E web www", False),
-    ("-L -v -n", False),
-    ("-L www -v -n -x --line-numbers", False),
-    ("-S www", False),
-    ("-S -v", False),
-    ("-Z INPUT", False),
-    ("-L -v -n -x", False),
-    ("-Z", False),
-    # refusals: exit codes and messages must be the kernel's
     ("-D INPUT -s 9.9.9.9 -j DROP", True),
-    ("-D INPUT 99", True),
-    ("-X www", True),
-    ("-A nosuch -j ACCEPT", True),
-    ("-A INPUT -j NOSUCHTARGET", True),
-    ("-N www", True),
-    ("-P www DROP", True),
-    ("-R INPUT 42 -j ACCEPT", True),
-    ("-I INPUT 50 -j ACCEPT", True),
-    ("-F nosuch", True),
-    ("-X INPUT", True),
-    ("-E www ssh", True),
-    ("-L nosuch", True),
+    *LIST_AND_REFUSE,
     # and tearing down
     ("-F ssh", False),
     ("-D INPUT -p tcp --dport 22 -j ssh", False),

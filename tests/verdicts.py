@@ -23,6 +23,7 @@ from bpfilter.abi.xtables import SIZEOF_IPT_REPLACE, SIZEOF_XT_ENTRY_HEADER, ipt
 from bpfilter.compiler import classifier, multifield
 from bpfilter.decode import table_from_blob
 from bpfilter.loader import load_filter_table
+from bpfilter.errors import BpfilterError
 from bpfilter.model import Family, Hook
 from bpfilter.netns import entered
 from bpfilter_lab import namespaces
@@ -223,6 +224,31 @@ def kernel_agrees(netns: str, c: Case) -> None:
     assert verdicts == [verdict_name(v) for _, _, v in c.steps]
     assert named(c, counters) == named(c, expected_counters(c))
     assert counters == expected_counters(c)
+
+
+def payload_agrees(netns: str, c: Case, packets: list) -> bool:
+    """A case whose crafted payload the kernel may refuse: bpfilter refuses it with the
+    kernel's errno, or takes it as the kernel does and gives, for each of the packets
+    out of OUTPUT, the kernel's verdict, and its counters. Whether it was taken."""
+    try:
+        kernel_load(netns, c)
+        kernel_errno = 0
+    except BpfilterError as err:
+        kernel_errno = err.errno
+    try:
+        table = load_filter_table(blob_of(c.rules, c.crafted, c.family), attach=False,
+                                  family=c.family)
+    except BpfilterError as err:
+        assert err.errno == kernel_errno, (c.name, str(err))
+        return False
+    assert kernel_errno == 0, c.name
+    try:
+        ours = [verdict_name(table.test_run(OUT, p.build(1, 0))) for p in packets]
+        counters = table.counters()
+    finally:
+        table.close()
+    assert (ours, counters) == kernel_send(netns, packets, c.family), c.name
+    return True
 
 
 def kernel_listing(netns: str, family: Family = Family.IPV4) -> dict[str, list[str]]:

@@ -34,6 +34,8 @@ from typing import IO, Callable, Mapping, Optional
 log = logging.getLogger("bpfilter.vm")
 
 HERE = Path(__file__).resolve().parent
+# the shell functions scenarios share, in every guest as /etc/bpfilter-vm/lib.sh
+SCENARIO_LIB = HERE / "scenarios" / "lib.sh"
 FLAVOUR = "cloud-amd64"
 DEFAULT_TIMEOUT = 180
 APPEND = "console=ttyS0 panic=-1 oops=panic"
@@ -396,7 +398,8 @@ def run_scenario(script: str, extra_files: Optional[Mapping[str, str]] = None,
                  module: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT,
                  console_to: Optional[IO[str]] = None) -> Result:
     """Boots a fresh guest, runs script with sh (dash) as root in /tmp and returns its
-    exit status and output (stdout and stderr together).
+    exit status and output (stdout and stderr together). The script may read
+    /etc/bpfilter-vm/lib.sh, the functions the scenarios share.
 
     extra_files maps a path in the guest to a host file copied there (mode kept).
     module, a host .ko built against kernel_build_dir(), is loaded (dependencies first)
@@ -416,6 +419,7 @@ def run_scenario(script: str, extra_files: Optional[Mapping[str, str]] = None,
             # would reset their mode (/tmp's 1777).
             cpio = Cpio(out, base_dirs)
             cpio.file("etc/bpfilter-vm/scenario", script.encode())
+            cpio.file("etc/bpfilter-vm/lib.sh", SCENARIO_LIB.read_bytes())
             for guest, host in (extra_files or {}).items():
                 cpio.file(guest_path(guest), Path(host).read_bytes(),
                           stat.S_IMODE(os.stat(host).st_mode))

@@ -1,7 +1,6 @@
 # What bpfilter.ko's tests will do, here with the kernel's own iptables: two network
 # namespaces joined by veth, UDP to port 9 dropped in one and sent from the other.
-set -e
-loaded() { grep -q "^$1 " /proc/modules; }
+. /etc/bpfilter-vm/lib.sh
 
 loaded ip_tables && echo "ip_tables: loaded at boot" || echo "ip_tables: not loaded at boot"
 ip netns add snd

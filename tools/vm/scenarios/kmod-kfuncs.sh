@@ -6,18 +6,7 @@
 # ip6t_REJECT's and xt_addrtype's, which run first on the same probes (the
 # reference). Needs bpfilter.ko in /lib/modules/$(uname -r)/extra, /usr/bin/kfuncs
 # and the shared libraries of a Debian system.
-set -e
-say() { echo "== $*"; }
-loaded() { grep -q "^$1 " /proc/modules; }
-# A deleted namespace lets go of its tables' modules later (cleanup_net runs
-# asynchronously), so rmmod may first find them busy.
-unload() {
-	tries=0
-	until rmmod "$1" 2>/dev/null; do
-		tries=$((tries + 1)); [ $tries -lt 50 ] || { rmmod "$1"; return 1; }
-		sleep 0.1
-	done
-}
+. /etc/bpfilter-vm/lib.sh
 
 # cli -- rtr -- srv, rtr forwarding: at rtr's FORWARD hook only the probes pass (its
 # own neighbour discovery and answers go through INPUT and OUTPUT). Being a router,

@@ -5,18 +5,7 @@
 #
 # fw is the firewall host the rulesets are written for: its vin0 faces lan
 # (10.1.0.0/24), its vout0 wan (10.2.0.0/24), and it routes between them.
-set -e
-loaded() { grep -q "^$1 " /proc/modules; }
-# A deleted namespace lets go of its tables' modules later (cleanup_net runs
-# asynchronously), so rmmod may first find them busy.
-unload() {
-	tries=0
-	until rmmod "$1" 2>/dev/null; do
-		tries=$((tries + 1)); [ $tries -lt 50 ] || { rmmod "$1"; return 1; }
-		sleep 0.1
-	done
-}
-say() { echo "== $*"; }
+. /etc/bpfilter-vm/lib.sh
 # bpfilter writes LOG's lines through /dev/kmsg, which ratelimits them unless told not to
 echo on >/proc/sys/kernel/printk_devkmsg
 
@@ -38,21 +27,7 @@ namespaces() {
 	ip -n wan route add default via 10.2.0.1
 	ip netns exec fw sh -c 'echo 1 >/proc/sys/net/ipv4/ip_forward'
 }
-# serve NS SECONDS PORT...: UDP echo and TCP accept on each port, in the background.
-serve() {
-	ns=$1 seconds=$2; shift 2
-	for port in "$@"; do rm -f "/tmp/serve.$ns.$port"; done
-	for port in "$@"; do ip netns exec $ns udp serve "$port" "$seconds" >"/tmp/serve.$ns.$port" & done
-	for port in "$@"; do
-		tries=0
-		until grep -q listening "/tmp/serve.$ns.$port"; do
-			tries=$((tries + 1)); [ $tries -lt 100 ] || { echo "no server on $port"; exit 1; }
-			sleep 0.1
-		done
-	done
-}
 ask() { echo "$1 udp $3 $4: $(ip netns exec $2 udp ask $3 $4)"; }
-connect() { echo "$1 tcp $3 $4: $(ip netns exec $2 udp connect $3 $4)"; }
 ping1() { ip netns exec $2 ping -c 1 -W 1 $3 >/dev/null 2>&1 && echo "$1 ping $3: answered" || echo "$1 ping $3: no answer"; }
 listing() { ip netns exec fw iptables-legacy -L -v -n -x; }
 

@@ -4,24 +4,7 @@
 # first against the kernel's ip_tables (the reference), then, ip_tables unloaded,
 # against bpfilter.ko; their answers and counters must be the same. Needs bpfilter.ko
 # in /lib/modules/$(uname -r)/extra and the shared libraries of a Debian system.
-set -e
-loaded() { grep -q "^$1 " /proc/modules; }
-# A deleted namespace lets go of its tables' modules later (cleanup_net runs
-# asynchronously), so rmmod may first find them busy.
-unload() {
-	tries=0
-	until rmmod "$1" 2>/dev/null; do
-		tries=$((tries + 1)); [ $tries -lt 50 ] || { rmmod "$1"; return 1; }
-		sleep 0.1
-	done
-}
-say() { echo "== $*"; }
-helper_pid() {
-	for fd in /proc/[0-9]*/fd/*; do
-		[ "$(readlink "$fd" 2>/dev/null)" = /dev/bpfilter ] && { p=${fd#/proc/}; echo "${p%%/*}"; return; }
-	done
-	return 0
-}
+. /etc/bpfilter-vm/lib.sh
 # Fresh namespaces for each phase: no conntrack entry survives from the previous one.
 namespaces() {
 	for ns in snd rcv; do ip netns del $ns 2>/dev/null || true; ip netns add $ns; done
@@ -32,19 +15,6 @@ namespaces() {
 	ip -n snd link set veth0 up
 	ip -n rcv link set veth1 up
 }
-# serve NS SECONDS PORT...: UDP echo and TCP accept on each port, in the background.
-serve() {
-	ns=$1 seconds=$2; shift 2
-	for port in "$@"; do ip netns exec $ns udp serve "$port" "$seconds" >"/tmp/serve.$ns.$port" & done
-	for port in "$@"; do
-		tries=0
-		until grep -q listening "/tmp/serve.$ns.$port"; do
-			tries=$((tries + 1)); [ $tries -lt 100 ] || { echo "no server on $port"; exit 1; }
-			sleep 0.1
-		done
-	done
-}
-ct_count() { ip netns exec snd cat /proc/sys/net/netfilter/nf_conntrack_count; }
 # A new flow from snd: does conntrack make an entry for it?
 ct_new_flow() {
 	before=$(ct_count)

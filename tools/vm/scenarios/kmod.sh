@@ -2,16 +2,7 @@
 # unmodified iptables-legacy drives it, packets between two namespaces are filtered by
 # its BPF programs. Needs the module in /lib/modules/$(uname -r)/extra, nocap (nocap.c)
 # and the shared libraries a Debian system has (the frozen helper is dynamically linked).
-set -e
-loaded() { grep -q "^$1 " /proc/modules; }
-say() { echo "== $*"; }
-# The pid of the helper process serving /dev/bpfilter (PyInstaller's bootloader is its parent).
-helper_pid() {
-	for fd in /proc/[0-9]*/fd/*; do
-		[ "$(readlink "$fd" 2>/dev/null)" = /dev/bpfilter ] && { p=${fd#/proc/}; echo "${p%%/*}"; return; }
-	done
-	return 0
-}
+. /etc/bpfilter-vm/lib.sh
 # traffic PORT...: 3 datagrams to each port of rcv, then what arrived where.
 traffic() {
 	rm -f /tmp/port.*
@@ -28,10 +19,6 @@ traffic() {
 	line=
 	for port in "$@"; do line="$line $port:$(sed -n 's/received //p' "/tmp/port.$port")"; done
 	echo "traffic:$line"
-}
-bpf_objects() {
-	echo "bpf programs: $(bpftool prog show | grep -c -E 'name (bpfilter|filter)_')" \
-	     "netfilter links: $(bpftool link show | grep -c -E '^[0-9]+: (type 10|netfilter) ')"
 }
 
 say install

@@ -9,22 +9,7 @@
 # interface has a link-local address (no DAD, no router solicitation), neighbours
 # are static (no neighbour discovery), and each phase waits for the MLD reports of
 # the solicited-node groups its addresses joined before it loads rules.
-set -e
-loaded() { grep -q "^$1 " /proc/modules; }
-# A deleted namespace lets go of its tables' modules later (cleanup_net runs
-# asynchronously), so rmmod may first find them busy.
-unload() {
-	tries=0
-	until rmmod "$1" 2>/dev/null; do
-		tries=$((tries + 1)); [ $tries -lt 50 ] || { rmmod "$1"; return 1; }
-		sleep 0.1
-	done
-}
-say() { echo "== $*"; }
-bpf_objects() {
-	echo "bpf programs: $(bpftool prog show | grep -c -E 'name (bpfilter|filter)_')" \
-	     "netfilter links: $(bpftool link show | grep -c -E '^[0-9]+: (type 10|netfilter) ')"
-}
+. /etc/bpfilter-vm/lib.sh
 
 # link NS DEV MAC ADDR/LEN PEER-NS PEER-DEV PEER-MAC PEER-ADDR/LEN: a veth with an
 # address and a static neighbour at each end
@@ -71,22 +56,8 @@ router() {
 	ip -n lan addr add 2001:db8:ffff::2/128 dev eth0 nodad
 	settle
 }
-# serve NS SECONDS PORT...: UDP echo and TCP accept on each port, in the background.
-serve() {
-	ns=$1 seconds=$2; shift 2
-	for port in "$@"; do rm -f "/tmp/serve.$ns.$port"; done
-	for port in "$@"; do ip netns exec $ns udp serve "$port" "$seconds" >"/tmp/serve.$ns.$port" & done
-	for port in "$@"; do
-		tries=0
-		until grep -qs listening "/tmp/serve.$ns.$port"; do
-			tries=$((tries + 1)); [ $tries -lt 100 ] || { echo "no server on $port"; exit 1; }
-			sleep 0.1
-		done
-	done
-}
 # ask NAME NS ADDR PORT [SIZE [FROM]]
 ask() { echo "$1 udp $3 $4${6:+ from $6}: $(ip netns exec $2 udp ask $3 $4 $5 $6)"; }
-connect() { echo "$1 tcp $3 $4: $(ip netns exec $2 udp connect $3 $4)"; }
 listing() { ip netns exec "$1" ip6tables-legacy -L -v -n -x; }
 
 # rcv answers for the firewall: REJECT with each answer ip6tables has, over UDP and
@@ -180,7 +151,6 @@ RULES
 	listing fw
 }
 
-ct_count() { ip netns exec snd cat /proc/sys/net/netfilter/nf_conntrack_count; }
 # A new flow from snd: does conntrack make an entry for it?
 ct_new_flow() {
 	before=$(ct_count)
