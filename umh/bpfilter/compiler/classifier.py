@@ -25,6 +25,10 @@ one rule. Runs of the ruleset in place whose rules come again are taken over, th
 keys and records already in the maps the table's rulesets share (EarlierRuns,
 loader.ClassifierMaps): an append to a 100k-rule chain classifies one rule.
 
+Both families: a table's keys are laid out for its family (KEYS: IPv6's hold two
+16-byte addresses), and its runs are of its family's rules. Multifield's merged tuples
+take IPv4 runs only: an IPv6 run the tuple space cannot take stays code.
+
 Exactness where the kernel is subtle:
   - tcp/udp matches never match a non-first fragment: their rules require an "l4" bit
     in the key that such packets do not set.
@@ -32,23 +36,32 @@ Exactness where the kernel is subtle:
     offset 1, makes the first rule whose ip part matches drop it ("hotdrop") if that
     rule has a port match. Such packets look up the run's projection on the ip part
     (ports ignored): its value says whether the first rule there hotdrops.
+  - IPv6 addresses compare as ((packet ^ addr) & mask): a rule's address bits
+    outside its mask are left out of its keys (IPv4's never match: no keys at all).
+  - an IPv6 rule's protocol is the one found by walking the extension headers, and
+    only with -p (runs.lower()). A packet whose walk fails is dropped by the first rule
+    with -p whose addresses match, and matched by a rule without -p: such packets look
+    up a second projection (runs.UNWALKED), on addresses only, whose values say
+    "hotdrop" for the rules with -p.
+A projection whose keys and values are those of a main tuple (a blocklist's: no port
+rule, no -p) is that tuple: it shares its id and keys.
 """
 from __future__ import annotations
 
 import functools
 import struct
 from dataclasses import dataclass, field, replace
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 from ..bpf import insn as I
 from ..bpf.asm import Assembler
 from ..bpf.insn import (BPF_ALU32_IMM, BPF_B, BPF_DW, BPF_H, BPF_LDX_MEM, BPF_ST_MEM, BPF_STX_MEM,
                         BPF_W, FP, R1, R6, R9, MapRef)
-from ..model import IpHeader, Rule
+from ..model import Family, IpHeader, Rule
 from ..packet import facts
 from . import multifield
-from .runs import (VERDICT_HOTDROP, Classified, Lowered, Masks, TupleSpace, eligible, lower,
-                   port_blocks, same_rule)
+from .runs import (MAIN, PROJECTION, UNWALKED, VERDICT_HOTDROP, Classified, Lowered, Masks,
+                   TupleSpace, eligible, lower, port_blocks, same_rule)
 
 MIN_RUN = 16
 # Runs of the ruleset being replaced are taken over from this size (EarlierRuns).
@@ -61,16 +74,51 @@ RULES_PER_TUPLE = 4
 
 # The hash map of every run's keys (the tuple space's and multifield's).
 MAP = MapRef("classifier")
-# The lookup key, as built on the stack.
-KEY_SIZE = 24
-K_TUPLE, K_SADDR, K_DADDR, K_SPORT, K_DPORT, K_PROTO, K_L4 = 0, 4, 8, 12, 14, 16, 17
 VALUE_SIZE = 8   # u32 entry, u32 verdict
+
+
+@dataclass(frozen=True)
+class KeyLayout:
+    """A family's lookup key: where its fields are, as built on the stack (8-aligned:
+    addresses move 8 bytes at a time where their masks allow), and how it is packed
+    for the map. The protocol, the l4 bit and the padding are its last 8 bytes."""
+
+    size: int
+    saddr: int
+    daddr: int
+    sport: int
+    dport: int
+    proto: int
+    addr_size: int
+    pack: Callable   # (tid, saddr, daddr, sport, dport, proto, l4) -> bytes
+    tuple: int = 0
+
+    @property
+    def l4(self) -> int:
+        return self.proto + 1
+
+
+_pack6 = struct.Struct("<IHH16s16sBB6x").pack
+
+
+def _key6(tid: int, saddr: int, daddr: int, sport: int, dport: int, proto: int, l4: int) -> bytes:
+    return _pack6(tid, sport, dport, saddr.to_bytes(16, "little"), daddr.to_bytes(16, "little"),
+                  proto, l4)
+
+
+KEYS = {
+    Family.IPV4: KeyLayout(24, saddr=4, daddr=8, sport=12, dport=14, proto=16, addr_size=4,
+                           pack=struct.Struct("<IIIHHBB6x").pack),
+    Family.IPV6: KeyLayout(48, saddr=8, daddr=24, sport=4, dport=6, proto=40, addr_size=16,
+                           pack=_key6),
+}
 
 
 @dataclass
 class Run(Classified):
     tuples: list[tuple[int, Masks]] = field(default_factory=list)        # (id, masks)
     ip_tuples: list[tuple[int, Masks]] = field(default_factory=list)     # projection
+    unwalked_tuples: list[tuple[int, Masks]] = field(default_factory=list)   # IPv6's
 
 
 Segment = Union[Rule, Run, "multifield.MultiFieldRun"]
@@ -81,14 +129,15 @@ def segments(rules: list[Rule], space: "TupleSpace",
     """The chain's rules, with runs worth classifying grouped (their keys and records
     allocated in `space`). A run ends where a rule is not eligible or would take the
     run past MAX_TUPLES lookups. Consecutive runs too short or too varied for the
-    tuple space are pooled for multifield; what it does not take stays code. Runs of
-    the ruleset being replaced whose rules come again are taken over (`earlier`)."""
+    tuple space are pooled for multifield (IPv4); what it does not take stays code.
+    Runs of the ruleset being replaced whose rules come again are taken over
+    (`earlier`)."""
     out: list[Segment] = []
     run: list[Lowered] = []
-    tuples: dict[tuple, frozenset] = {}   # the run's, as rule_tuples() factors them
-    count = 0
+    count = TupleCount(space.family)
     pooled: list[Lowered] = []
     by_entry = {rule.entry: rule for rule in rules}
+    merged = space.family in multifield.FAMILIES
 
     def flush(cut_by: Optional[Rule] = None) -> None:
         nonlocal run, count
@@ -99,13 +148,12 @@ def segments(rules: list[Rule], space: "TupleSpace",
         else:
             pooled.extend(run)
         run = []
-        tuples.clear()
-        count = 0
+        count = TupleCount(space.family)
 
     def flush_pooled() -> None:
         rest = pooled[:]
         pooled.clear()
-        while len(rest) >= MIN_RUN:
+        while merged and len(rest) >= MIN_RUN:
             plan = multifield.Plan(rest, by_entry)
             taken = len(plan.rules)
             if plan.pays():
@@ -133,16 +181,10 @@ def segments(rules: list[Rule], space: "TupleSpace",
             out.append(taken)
             at += len(taken.rules)
             continue
-        addr, ports = rule_tuples(low)
-        known = tuples.get(addr)
-        new = len(ports) if known is None else 0 if ports <= known else len(ports - known)
-        if new and count + new > MAX_TUPLES:
+        if not count.add(low, MAX_TUPLES):
             flush(cut_by=rule)
-            known, new = None, len(ports)
+            count.add(low)
         run.append(low)
-        if new:
-            tuples[addr] = ports if known is None else known | ports
-        count += new
         at += 1
     flush()
     flush_pooled()
@@ -200,25 +242,69 @@ class EarlierRuns:
         return replace(run, rules=rules[at:after])
 
 
+_PLAIN = frozenset([(0, 0, 0)])   # a rule without ports: one main tuple, no port in it
+
+
 def rule_tuples(low: Lowered) -> tuple[tuple, frozenset]:
-    """The tuples of rule_keys(low), factored: the address and protocol masks, and the
-    (sport mask, dport mask, l4, ip_only) they come with. Cheaper than making the keys,
-    which a run too varied for the tuple space never needs; those of a rule that can
-    never match are counted too."""
+    """The main tuples of rule_keys(low), factored: the address and protocol masks, and
+    the (sport mask, dport mask, l4) they come with. Cheaper than making the keys,
+    which a run too varied for the tuple space never needs."""
     return (low.smask, low.dmask, bool(low.proto)), _port_tuples(low.ports)
 
 
 @functools.lru_cache(maxsize=1 << 16)
 def _port_tuples(ranges: Optional[tuple]) -> frozenset:
     if ranges is None:
-        return frozenset(((0, 0, 0, False), (0, 0, 0, True)))
-    return frozenset([(spm, dpm, 1, False) for _, spm in port_blocks(*ranges[:2])
-                      for _, dpm in port_blocks(*ranges[2:])] + [(0, 0, 0, True)])
+        return _PLAIN
+    return frozenset((spm, dpm, 1) for _, spm in port_blocks(*ranges[:2])
+                     for _, dpm in port_blocks(*ranges[2:]))
 
 
-def rule_keys(low: Lowered):
+def _ids(ports: frozenset) -> int:
+    """The tuple ids of one address and protocol mask: its main tuples, and its
+    projection's unless that is its plain main tuple (no port rule has those masks)."""
+    return len(ports) + (ports != _PLAIN)
+
+
+class TupleCount:
+    """The tuple ids of a run being grown, as tuple_space_run gives them (or more, for
+    rules that can never match, which put no keys)."""
+
+    def __init__(self, family: Family):
+        self.unwalked = family is Family.IPV6
+        self.ports: dict[tuple, frozenset] = {}   # rule_tuples(), merged per address masks
+        # IPv6: the address masks whose UNWALKED tuple has keys of its own, those of a
+        # rule with -p among them; without, it is their plain main tuple without protocol
+        self.own_unwalked: set[tuple] = set()
+        self.count = 0
+
+    def add(self, low: Lowered, limit: Optional[int] = None) -> bool:
+        """Count the tuples `low` adds, unless that takes the count past `limit` (then
+        False, and nothing counted); a rule adding none always fits."""
+        addr, ports = rule_tuples(low)
+        known = self.ports.get(addr)
+        if known is None:
+            grown, new = ports, _ids(ports)
+        elif ports <= known:
+            grown, new = known, 0
+        else:
+            grown = known | ports
+            new = _ids(grown) - _ids(known)
+        # (an IPv6 rule with a protocol or ports has -p: low.walks)
+        own_unwalked = self.unwalked and low.walks and addr[:2] not in self.own_unwalked
+        new += own_unwalked
+        if new and limit is not None and self.count + new > limit:
+            return False
+        self.ports[addr] = grown
+        if own_unwalked:
+            self.own_unwalked.add(addr[:2])
+        self.count += new
+        return True
+
+
+def rule_keys(low: Lowered, family: Family):
     """(masks, key fields, entry, verdict) of every key a rule puts in its run's tuples,
-    its ip projection included; nothing for a rule the kernel can never match."""
+    its projections included; nothing for a rule the kernel can never match."""
     if low.never_matches:
         return
     smask, dmask, saddr, daddr, proto = low.smask, low.dmask, low.saddr, low.daddr, low.proto
@@ -232,9 +318,12 @@ def rule_keys(low: Lowered):
             for dp, dpm in port_blocks(*ports[2:]):
                 yield Masks(smask, dmask, pmask, spm, dpm, 1), \
                     (saddr, daddr, sp, dp, proto, 1), low.entry, low.verdict
-    yield Masks(smask, dmask, pmask, 0, 0, 0, ip_only=True), \
+    yield Masks(smask, dmask, pmask, 0, 0, 0, PROJECTION), \
         (saddr, daddr, 0, 0, proto, 0), low.entry, \
         VERDICT_HOTDROP if ports is not None else low.verdict
+    if family is Family.IPV6:
+        yield Masks(smask, dmask, 0, 0, 0, 0, UNWALKED), (saddr, daddr, 0, 0, 0, 0), \
+            low.entry, VERDICT_HOTDROP if low.walks else low.verdict
 
 
 def tuple_space_run(space: TupleSpace, lows: list[Lowered], by_entry: dict[int, Rule],
@@ -244,45 +333,80 @@ def tuple_space_run(space: TupleSpace, lows: list[Lowered], by_entry: dict[int, 
     groups: dict[Masks, list] = {}
     base = lows[0].entry
     for low in lows:
-        for masks, fields, entry, verdict in rule_keys(low):
+        for masks, fields, entry, verdict in rule_keys(low, space.family):
             groups.setdefault(masks, []).append((fields, entry - base, verdict))
-    if len(groups) > MAX_TUPLES or len(groups) * RULES_PER_TUPLE > len(lows):
+    # a projection with the keys and values of a main tuple is that tuple
+    twins = {masks: twin for masks in groups if masks.structure != MAIN
+             and groups.get(twin := masks._replace(structure=MAIN)) == groups[masks]}
+    ids = len(groups) - len(twins)
+    if ids > MAX_TUPLES or ids * RULES_PER_TUPLE > len(lows):
         return None
     run = Run([by_entry[low.entry] for low in lows], {}, bytearray(), 0, cut_by)
-    for masks, members in groups.items():
-        tid = space.new_tid()
-        (run.ip_tuples if masks.ip_only else run.tuples).append((tid, masks))
+    structures = {MAIN: run.tuples, PROJECTION: run.ip_tuples, UNWALKED: run.unwalked_tuples}
+    pack = KEYS[space.family].pack
+    tids: dict[Masks, int] = {}
+    for masks, members in sorted(groups.items(), key=lambda group: group[0].structure):
+        twin = twins.get(masks)
+        if twin is not None:
+            structures[masks.structure].append((tids[twin], masks))
+            continue
+        tid = tids[masks] = space.new_tid()
+        structures[masks.structure].append((tid, masks))
         for fields, entry, verdict in members:
-            key = _key(tid, *fields)
-            if key not in run.keys or run.keys[key][0] > entry:
+            key = pack(tid, *fields)
+            if key not in run.keys:   # members come in entry order: the first rule wins
                 run.keys[key] = (entry, verdict)
     return run
 
 
-# _key(tid, saddr, daddr, sport, dport, proto, l4), laid out as the K_* offsets say
-_key = struct.Struct("<IIIHHBB6x").pack
-
-
-def emit_key(asm: Assembler, tuple_fp: int, tid: int, masks: Masks) -> None:
+def emit_key(asm: Assembler, layout: KeyLayout, tuple_fp: int, tid: int, masks: Masks) -> None:
     """The key of tuple `tid` for the packet (R6 = &facts) at `tuple_fp`; its l4 byte is
     R9 if the tuple keeps it."""
-    asm.emit(BPF_ST_MEM(BPF_W, FP, tuple_fp + K_TUPLE, tid))
-    fields = ((facts.SADDR, BPF_W, K_SADDR, masks.saddr, 0xFFFFFFFF),
-              (facts.DADDR, BPF_W, K_DADDR, masks.daddr, 0xFFFFFFFF),
-              (facts.SPORT, BPF_H, K_SPORT, masks.sport, 0xFFFF),
-              (facts.DPORT, BPF_H, K_DPORT, masks.dport, 0xFFFF))
-    for fact, size, key_off, mask, full in fields:
+    asm.emit(BPF_ST_MEM(BPF_W, FP, tuple_fp + layout.tuple, tid))
+    for fact, key_off, mask in ((facts.SADDR, layout.saddr, masks.saddr),
+                                (facts.DADDR, layout.daddr, masks.daddr)):
+        _emit_masked_address(asm, fact, tuple_fp + key_off, layout.addr_size, mask)
+    for fact, key_off, mask in ((facts.SPORT, layout.sport, masks.sport),
+                                (facts.DPORT, layout.dport, masks.dport)):
         if not mask:
-            asm.emit(BPF_ST_MEM(size, FP, tuple_fp + key_off, 0))
+            asm.emit(BPF_ST_MEM(BPF_H, FP, tuple_fp + key_off, 0))
             continue
-        asm.emit(BPF_LDX_MEM(size, R1, R6, fact))
-        if mask != full:
+        asm.emit(BPF_LDX_MEM(BPF_H, R1, R6, fact))
+        if mask != 0xFFFF:
             asm.emit(BPF_ALU32_IMM(I.BPF_AND, R1, mask))
-        asm.emit(BPF_STX_MEM(size, FP, R1, tuple_fp + key_off))
+        asm.emit(BPF_STX_MEM(BPF_H, FP, R1, tuple_fp + key_off))
     # proto, l4 and the padding
-    asm.emit(BPF_ST_MEM(BPF_DW, FP, tuple_fp + K_PROTO, 0))
+    asm.emit(BPF_ST_MEM(BPF_DW, FP, tuple_fp + layout.proto, 0))
     if masks.proto:
         asm.emit(BPF_LDX_MEM(BPF_B, R1, R6, facts.PROTO),
-                 BPF_STX_MEM(BPF_B, FP, R1, tuple_fp + K_PROTO))
+                 BPF_STX_MEM(BPF_B, FP, R1, tuple_fp + layout.proto))
     if masks.l4:
-        asm.emit(BPF_STX_MEM(BPF_B, FP, R9, tuple_fp + K_L4))
+        asm.emit(BPF_STX_MEM(BPF_B, FP, R9, tuple_fp + layout.l4))
+
+
+_WORD = 0xFFFFFFFF
+
+
+def _emit_masked_address(asm: Assembler, fact: int, at: int, size: int, mask: int) -> None:
+    """The address fact masked (a little-endian `mask` of `size` bytes) into the key at
+    `at`: by 4-byte words, 8 bytes at once where both words are whole or both masked
+    out (an IPv6 prefix of /64 is two moves)."""
+    words = [mask >> (32 * i) & _WORD for i in range(size // 4)]
+    i = 0
+    while i < len(words):
+        word, offset = words[i], 4 * i
+        if (i + 1 < len(words) and words[i + 1] == word and word in (0, _WORD)
+                and (at + offset) % 8 == 0 and (fact + offset) % 8 == 0):
+            asm.emit(*((BPF_LDX_MEM(BPF_DW, R1, R6, fact + offset),
+                        BPF_STX_MEM(BPF_DW, FP, R1, at + offset)) if word
+                       else (BPF_ST_MEM(BPF_DW, FP, at + offset, 0),)))
+            i += 2
+            continue
+        if not word:
+            asm.emit(BPF_ST_MEM(BPF_W, FP, at + offset, 0))
+        else:
+            asm.emit(BPF_LDX_MEM(BPF_W, R1, R6, fact + offset))
+            if word != _WORD:
+                asm.emit(BPF_ALU32_IMM(I.BPF_AND, R1, word))
+            asm.emit(BPF_STX_MEM(BPF_W, FP, R1, at + offset))
+        i += 1
