@@ -6,6 +6,10 @@ cases are built from the values the rules mention (inside and just outside
 their networks and ranges, port ranges, flag sets, ICMP types, TTLs) so
 that rules match often, plus random packets, fragments, truncated transport
 headers and odd protocols.  Every address lies in 198.18.0.0/15.
+
+generate_large6(seed, size) -> (ruleset, cases): the same for IPv6 long lists
+(ip6tables-restore text), with extension headers, later fragments and chains that
+cannot be walked among the packets.
 """
 from __future__ import annotations
 
@@ -13,8 +17,9 @@ import ipaddress
 import random
 from dataclasses import dataclass, field
 
-from bpfilter_lab.lab import T_IN_ADDR, T_LOCAL, T_OUT_ADDR, Case
-from bpfilter_lab.packets import Packet
+from bpfilter_lab.lab import (LAB_NET6, S_IN6_ADDR, T_IN6_ADDR, T_IN_ADDR, T_LOCAL, T_LOCAL6,
+                              T_OUT6_ADDR, T_OUT_ADDR, Case)
+from bpfilter_lab.packets import DestinationOptions, Fragment, HopByHop, Packet
 
 BUILTIN = ("INPUT", "FORWARD", "OUTPUT")
 IFACES = ("vin0", "vout0", "vin+", "vout+", "v+", "lo", "nosuch0")
@@ -474,3 +479,108 @@ def generate(seed: int, n_cases: int = 200, runs: bool = False,
     else:
         text = runs_ruleset(rng, hints) if runs else ruleset(rng, hints, more)
     return text, [_case(rng, hints) for _ in range(n_cases)]
+
+
+# ---------------------------------------------------------------- IPv6 long lists
+
+SOURCES6 = ipaddress.IPv6Network("2000::/12")   # where blocklisted sources are drawn from
+LAB6 = ipaddress.IPv6Network(LAB_NET6)          # forwarded destinations, routed by T
+BLOCK_LENGTHS6 = ((128, 64, 56, 48, 40, 32, 96, 127), (50, 25, 6, 8, 2, 3, 3, 3))
+
+
+def _prefix6(rng: random.Random, space: ipaddress.IPv6Network, length: int) -> tuple[int, int]:
+    base = int(space.network_address) | rng.getrandbits(128 - space.prefixlen)
+    return base >> (128 - length) << (128 - length), length
+
+
+def _text6(addr: int, length: int) -> str:
+    return f"{ipaddress.IPv6Address(addr)}/{length}"
+
+
+def large_ruleset6(rng: random.Random, hints: _Hints, size: int) -> str:
+    """`size` IPv6 rules in INPUT and FORWARD as long lists are written: a source
+    blocklist of prefixes /32 to /128 (some with -p, whose rules drop what cannot be
+    walked), per-port tcp and udp service rules (some for one destination), then a
+    short tail of rules the classifier does not take."""
+    lines = ["*filter"] + [f":{c} {rng.choice(['ACCEPT', 'DROP'])} [0:0]" for c in BUILTIN]
+    for chain in ("INPUT", "FORWARD"):
+        for _ in range(size // 4):
+            net = _prefix6(rng, SOURCES6, rng.choices(*BLOCK_LENGTHS6)[0])
+            hints.nets.append(net)
+            proto = rng.choices(["", " -p tcp", " -p udp", " -p all"], (80, 8, 8, 4))[0]
+            lines.append(f"-A {chain} -s {_text6(*net)}{proto} -j {rng.choice(['DROP', 'ACCEPT'])}")
+        for _ in range(size // 4):
+            proto = rng.choice(["tcp", "udp"])
+            port = rng.choice(PORTS) if rng.random() < 0.2 else rng.randrange(65536)
+            hints.ports.append(port)
+            hints.protos.append({"tcp": 6, "udp": 17}[proto])
+            dst = ""
+            if rng.random() < 0.3:
+                net = _prefix6(rng, LAB6, rng.choice([128, 64]))
+                hints.nets.append(net)
+                dst = f" -d {_text6(*net)}"
+            lines.append(f"-A {chain}{dst} -p {proto} --dport {port} "
+                         f"-j {rng.choice(['DROP', 'ACCEPT'])}")
+        lines += [f"-A {chain} -p ipv6-icmp -j ACCEPT", f"-A {chain} ! -s {T_IN6_ADDR}/64 -p tcp --syn -j DROP",
+                  f"-A {chain} -i vin0 -p udp ! --dport 53 -j ACCEPT"]
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def _aimed6(rng: random.Random, hints: _Hints, space: ipaddress.IPv6Network) -> str:
+    """An address of `space`, inside or just outside a network a rule names there."""
+    nets = [(a, n) for a, n in hints.nets if ipaddress.IPv6Address(a) in space]
+    if nets and rng.random() < 0.8:
+        base, length = rng.choice(nets)
+        host = 128 - length
+        addr = base | rng.getrandbits(host) if host else base
+        if rng.random() < 0.3:
+            addr ^= 1 << host if host < 128 else 0
+    else:
+        addr = int(space.network_address) | rng.getrandbits(128 - space.prefixlen)
+    return str(ipaddress.IPv6Address(addr))
+
+
+def _case6(rng: random.Random, hints: _Hints) -> Case:
+    path = rng.choices(["input", "forward", "output"], [0.35, 0.4, 0.25])[0]
+    proto = rng.choice(hints.protos) if hints.protos and rng.random() < 0.7 else \
+        rng.choice([6, 17, 58, 47])
+    kw: dict = {"proto": proto, "payload_len": rng.randint(8, 48)}
+    if path == "input":
+        kw["dst"] = rng.choice([T_IN6_ADDR, T_OUT6_ADDR])
+    else:
+        while (dst := _aimed6(rng, hints, LAB6)) in T_LOCAL6 | {S_IN6_ADDR}:
+            pass
+        kw["dst"] = dst
+    kw["src"] = _aimed6(rng, hints, SOURCES6 if rng.random() < 0.8 else LAB6)
+    if proto in (6, 17):
+        kw["sport"], kw["dport"] = _port(rng, hints), _port(rng, hints)
+    if proto == 6:
+        kw["tcp_flags"] = rng.choice(COMMON_FLAGS)
+    kind = rng.choices(["plain", "options", "first", "later", "unwalkable", "short"],
+                       (60, 10, 6, 8, 8, 8))[0]
+    if kind == "options":
+        kw["ext"] = rng.choice([(HopByHop(),), (DestinationOptions(),),
+                                (HopByHop(), DestinationOptions())])
+    elif kind == "first":
+        kw["ext"] = (Fragment(more=True),)
+    elif kind == "later":
+        kw["ext"] = (Fragment(offset=rng.choice([1, 2, 100])),)
+    elif kind == "unwalkable":
+        # a destination options header cut short, or a later fragment followed by an
+        # extension header: -p walks fail on either (hop-by-hop would be dropped first)
+        if rng.random() < 0.5:
+            kw["ext"], kw["truncate_ext"] = (DestinationOptions(),), 1
+        else:
+            kw["ext"] = (Fragment(offset=8, next_header=60),)
+    elif kind == "short" and proto in (6, 17):
+        kw["truncate_l4"] = rng.randrange({6: 20, 17: 8}[proto])
+    return Case(Packet(**kw), path)
+
+
+def generate_large6(seed: int, size: int, n_cases: int = 400) -> tuple[str, list[Case]]:
+    """An IPv6 ruleset of `size` long-list rules (large_ruleset6) and packets aimed at it."""
+    rng = random.Random(seed)
+    hints = _Hints()
+    text = large_ruleset6(rng, hints, size)
+    return text, [_case6(rng, hints) for _ in range(n_cases)]

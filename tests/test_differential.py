@@ -13,7 +13,7 @@ import time
 import pytest
 
 from bpfilter.abi import codec
-from bpfilter.decode import table_from_raw
+from bpfilter.decode import table_from_blob, table_from_raw
 from bpfilter.compiler import classifier, multifield
 from bpfilter.compiler.runs import TupleSpace
 from bpfilter.model import Family
@@ -21,7 +21,7 @@ from bpfilter_lab.demo import RULESET as HOST_FIREWALL, TRAFFIC as HOST_TRAFFIC
 from bpfilter_lab.lab import T_IN_MAC, Case, Lab
 from bpfilter_lab.packets import Packet
 from bpfilter_lab.scratch import replace_blob
-from rulegen import generate
+from rulegen import generate, generate_large6
 
 pytestmark = pytest.mark.kernel
 
@@ -213,6 +213,21 @@ def test_ten_thousand_rules(lab):
     ruleset, cases = generate(424242, n_cases=400, size=10_000)
     assert ruleset.count("\n-A ") >= 10_000
     assert_identical(lab, ruleset, cases)
+
+
+def test_ten_thousand_ipv6_rules(lab):
+    """10k IPv6 rules (a source blocklist of /32 to /128 prefixes, some with -p, and
+    service ports, some for one destination, in INPUT and FORWARD), nearly all in
+    tuple space runs, against ip6tables-legacy: packets aimed inside and just outside
+    the prefixes, with extension headers, first and later fragments, chains that
+    cannot be walked and short transport headers."""
+    ruleset, cases = generate_large6(525252, 10_000)
+    table = table_from_blob(replace_blob(ruleset, family=Family.IPV6), Family.IPV6)[1]
+    runs = [s for chain in table.chains.values()
+            for s in classifier.segments(chain.rules, TupleSpace(Family.IPV6))
+            if isinstance(s, classifier.Run)]
+    assert sum(len(run.rules) for run in runs) >= 9_900
+    assert_identical(lab, ruleset, cases, family=Family.IPV6)
 
 
 def test_ten_thousand_acl_rules(lab, monkeypatch):
