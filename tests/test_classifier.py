@@ -16,8 +16,8 @@ from bpfilter import forked
 from bpfilter.decode import table_from_blob
 from bpfilter.compiler import classifier, multifield
 from bpfilter.compiler.classifier import Run, segments
-from bpfilter.compiler.runs import (MAIN, PROJECTION, UNWALKED, VERDICT_ACCEPT, VERDICT_DROP,
-                                    VERDICT_HOTDROP, TupleSpace, lower, port_blocks)
+from bpfilter.compiler.runs import (MAIN, PROJECTION, RECORD_SIZE, UNWALKED, VERDICT_ACCEPT,
+                                    VERDICT_DROP, VERDICT_HOTDROP, TupleSpace, lower, port_blocks)
 from bpfilter.compiler.multifield import MultiFieldRun
 from bpfilter.ext.tcp import TcpMatch
 from bpfilter.model import Accept, Family, Rule
@@ -33,7 +33,7 @@ def chain_rules(rules: str, family: Family = IPV4):
 
 
 def ids(tuples) -> list[int]:
-    return [tid for tid, _ in tuples]
+    return [t.tid for t in tuples]
 
 
 def covered(blocks):
@@ -56,7 +56,7 @@ def test_a_blocklist_is_one_run_with_one_lookup_per_prefix_length():
     [run] = segments(rules, TupleSpace())
     assert isinstance(run, Run) and len(run.rules) == 300
     # its projection has the keys of its one tuple: it is that tuple
-    assert len(run.tuples) == 1 and [t for t, _ in run.ip_tuples] == [t for t, _ in run.tuples]
+    assert len(run.tuples) == 1 and ids(run.ip_tuples) == ids(run.tuples)
     assert len(run.keys) == 300
 
 
@@ -95,8 +95,8 @@ def test_runs_never_share_tuple_ids():
     lines += ["-A INPUT -i lo -j ACCEPT"]
     lines += [f"-A INPUT -s 10.0.2.{i} -j ACCEPT" for i in range(20)]
     first, _, second = segments(chain_rules("\n".join(lines)), TupleSpace())
-    ids = [{t for t, _ in run.tuples + run.ip_tuples} for run in (first, second)]
-    assert not ids[0] & ids[1]
+    first_ids, second_ids = ({t.tid for t in run.tuples + run.ip_tuples} for run in (first, second))
+    assert not first_ids & second_ids
 
 
 def test_the_first_rule_wins_a_shared_key():
@@ -396,16 +396,21 @@ def hotdrop_structure(p: dict) -> bool:
 
 def looked_up(run: Run, p: dict, family: Family):
     """What codegen's lookups find in a tuple space run (its dispatch, emit_key's
-    keys, the smallest entry), and what it makes of it: (entry, verdict)."""
+    keys, each tuple's filter, the smallest entry), and what it makes of it: (entry,
+    verdict). A filter must never hide a key."""
     layout = classifier.KEYS[family]
     tuples = run.unwalked_tuples if not p["walked"] else \
         run.ip_tuples if hotdrop_structure(p) else run.tuples
     best = None
-    for tid, m in tuples:
-        key = layout.pack(tid, p["saddr"] & m.saddr, p["daddr"] & m.daddr, p["sport"] & m.sport,
+    for t in tuples:
+        m = t.masks
+        key = layout.pack(t.tid, p["saddr"] & m.saddr, p["daddr"] & m.daddr, p["sport"] & m.sport,
                           p["dport"] & m.dport, p["proto"] if m.proto else 0,
                           int(p["fragoff"] == 0) if m.l4 else 0)
+        bit = (t.filter - run.record_base) * 8 * RECORD_SIZE + \
+            classifier.filter_slot(key, layout, m, t.bits)
         found = run.keys.get(key)
+        assert run.records[bit >> 3] >> (bit & 7) & 1 or found is None
         if found is not None and (best is None or found[0] < best[0]):
             best = found
     return None if best is None else (run.base + best[0], best[1])

@@ -18,7 +18,10 @@ field masks (a port range becomes the prefix blocks covering it). All keys live 
 hash map per table, the tuple id being part of the key, and map to the first rule (the
 smallest entry index, counted from the run's first rule) having that key. A packet
 costs one lookup per tuple of the run, whatever the number of rules; the smallest entry
-found is the kernel's first match.
+found is the kernel's first match. A lookup is a helper hashing the whole key (two
+16-byte addresses for IPv6): each tuple also has a filter, a bit per slot of a
+multiplicative hash of its keys in the records array, which an array read the verifier
+inlines checks first, so that most tuples a packet has no key in cost no lookup.
 
 Replaces: iptables sends the whole table for every command, and most commands change
 one rule. Runs of the ruleset in place whose rules come again are taken over, their
@@ -53,15 +56,19 @@ import struct
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional, Union
 
+from typing import NamedTuple
+
 from ..bpf import insn as I
 from ..bpf.asm import Assembler
-from ..bpf.insn import (BPF_ALU32_IMM, BPF_B, BPF_DW, BPF_H, BPF_LDX_MEM, BPF_ST_MEM, BPF_STX_MEM,
-                        BPF_W, FP, R1, R6, R9, MapRef)
+from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU32_REG, BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_DW,
+                        BPF_EMIT_CALL, BPF_H, BPF_JMP_IMM, BPF_LD_MAP_FD, BPF_LDX_MEM,
+                        BPF_MOV32_IMM, BPF_MOV64_REG, BPF_ST_MEM, BPF_STX_MEM, BPF_W, FP, R0, R1,
+                        R2, R6, R9, MapRef)
 from ..model import Family, IpHeader, Rule
 from ..packet import facts
 from . import multifield
-from .runs import (MAIN, PROJECTION, UNWALKED, VERDICT_HOTDROP, Classified, Lowered, Masks,
-                   TupleSpace, eligible, lower, port_blocks, same_rule)
+from .runs import (MAIN, PROJECTION, RECORD_SIZE, UNWALKED, VERDICT_HOTDROP, Classified, Lowered,
+                   Masks, TupleSpace, eligible, lower, port_blocks, same_rule)
 
 MIN_RUN = 16
 # Runs of the ruleset being replaced are taken over from this size (EarlierRuns).
@@ -114,11 +121,34 @@ KEYS = {
 }
 
 
+# A tuple's filter: bits = the power of two at least FILTER_BITS_PER_KEY a key (a packet
+# without a key there finds its bit set about once in that many), in RECORD_SIZE
+# records of the records array (multifield.RECORDS).
+FILTER_BITS_PER_KEY = 32
+FILTER_MIN_BITS, FILTER_MAX_BITS = 8, 26           # log2: one record, 2M of them
+_RECORD_BITS_LOG2 = (8 * RECORD_SIZE).bit_length() - 1
+# The filter's hash: the xor of the key's 32-bit words (its tuple id aside), each times
+# its own odd multiplier (mod 2^32), then its top bits.
+FILTER_MULTIPLIERS = tuple((0x9E3779B1 * (2 * i + 1) | 1) & 0xFFFFFFFF for i in range(12))
+
+
+class LookupTuple(NamedTuple):
+    """A tuple of a run as its lookups see it: its id in the keys, what they keep of
+    each field, and its filter (first record in the records array, log2 of its bits)."""
+
+    tid: int
+    masks: Masks
+    filter: int
+    bits: int
+
+
 @dataclass
 class Run(Classified):
-    tuples: list[tuple[int, Masks]] = field(default_factory=list)        # (id, masks)
-    ip_tuples: list[tuple[int, Masks]] = field(default_factory=list)     # projection
-    unwalked_tuples: list[tuple[int, Masks]] = field(default_factory=list)   # IPv6's
+    """A run in the tuple space; `records` are its tuples' filters."""
+
+    tuples: list[LookupTuple] = field(default_factory=list)
+    ip_tuples: list[LookupTuple] = field(default_factory=list)          # projection
+    unwalked_tuples: list[LookupTuple] = field(default_factory=list)    # IPv6's
 
 
 Segment = Union[Rule, Run, "multifield.MultiFieldRun"]
@@ -342,21 +372,93 @@ def tuple_space_run(space: TupleSpace, lows: list[Lowered], by_entry: dict[int, 
     if ids > MAX_TUPLES or ids * RULES_PER_TUPLE > len(lows):
         return None
     run = Run([by_entry[low.entry] for low in lows], {}, bytearray(), 0, cut_by)
-    structures = {MAIN: run.tuples, PROJECTION: run.ip_tuples, UNWALKED: run.unwalked_tuples}
-    pack = KEYS[space.family].pack
-    tids: dict[Masks, int] = {}
+    layout = KEYS[space.family]
+    made: dict[Masks, tuple] = {}   # tid, filter (relative), bits
     for masks, members in sorted(groups.items(), key=lambda group: group[0].structure):
-        twin = twins.get(masks)
-        if twin is not None:
-            structures[masks.structure].append((tids[twin], masks))
+        if masks in twins:
+            made[masks] = made[twins[masks]]
             continue
-        tid = tids[masks] = space.new_tid()
-        structures[masks.structure].append((tid, masks))
+        tid = space.new_tid()
+        keys = []
         for fields, entry, verdict in members:
-            key = pack(tid, *fields)
+            key = layout.pack(tid, *fields)
             if key not in run.keys:   # members come in entry order: the first rule wins
                 run.keys[key] = (entry, verdict)
+                keys.append(key)
+        bits = filter_bits(len(keys))
+        made[masks] = tid, len(run.records) // RECORD_SIZE, bits
+        run.records += filter_of(layout, masks, keys, bits)
+    run.record_base = space.record_slots(run.record_count)
+    structures = {MAIN: run.tuples, PROJECTION: run.ip_tuples, UNWALKED: run.unwalked_tuples}
+    for masks in groups:
+        tid, first, bits = made[masks]
+        structures[masks.structure].append(LookupTuple(tid, masks, run.record_base + first, bits))
     return run
+
+
+def filter_bits(keys: int) -> int:
+    return min(FILTER_MAX_BITS, max(FILTER_MIN_BITS, (FILTER_BITS_PER_KEY * keys - 1).bit_length()))
+
+
+@functools.lru_cache(maxsize=1024)
+def _hashed_words(layout: "KeyLayout", masks: Masks) -> tuple[tuple[int, int], ...]:
+    """(offset, multiplier) of the key words a tuple's filter hashes: those its masks
+    keep something of (the others are zero in every key)."""
+    kept = layout.pack(0, masks.saddr, masks.daddr, masks.sport, masks.dport,
+                       0xFF if masks.proto else 0, 0xFF if masks.l4 else 0)
+    return tuple((4 * i, FILTER_MULTIPLIERS[i])
+                 for i, (word,) in enumerate(struct.iter_unpack("<I", kept)) if i and word)
+
+
+def filter_slot(key: bytes, layout: "KeyLayout", masks: Masks, bits: int) -> int:
+    """The bit of a key in its tuple's filter, as emit_filter_check computes it."""
+    h = 0
+    for offset, multiplier in _hashed_words(layout, masks):
+        h ^= int.from_bytes(key[offset:offset + 4], "little") * multiplier & 0xFFFFFFFF
+    return h >> (32 - bits)
+
+
+def filter_of(layout: "KeyLayout", masks: Masks, keys: list[bytes], bits: int) -> bytearray:
+    """The filter of a tuple with these keys: 2**bits bits (whole records)."""
+    out = bytearray(1 << bits >> 3)
+    words = _hashed_words(layout, masks)
+    shift = 32 - bits
+    unpack = struct.Struct(f"<{layout.size // 4}I").unpack
+    for key in keys:
+        values = unpack(key)
+        h = 0
+        for offset, multiplier in words:
+            h ^= values[offset >> 2] * multiplier
+        slot = (h & 0xFFFFFFFF) >> shift
+        out[slot >> 3] |= 1 << (slot & 7)
+    return out
+
+
+def emit_filter_check(asm: Assembler, layout: "KeyLayout", tuple_fp: int, scratch_fp: int,
+                      t: LookupTuple, missed) -> None:
+    """On to `missed` unless the filter of tuple t has the bit of the key at `tuple_fp`
+    set. Uses the 8 bytes at `scratch_fp` (the record's index, the bit's)."""
+    asm.emit(BPF_MOV32_IMM(R1, 0))
+    for offset, multiplier in _hashed_words(layout, t.masks):
+        asm.emit(BPF_LDX_MEM(BPF_W, R2, FP, tuple_fp + offset),
+                 BPF_ALU32_IMM(I.BPF_MUL, R2, multiplier), BPF_ALU32_REG(I.BPF_XOR, R1, R2))
+    asm.emit(BPF_ALU32_IMM(I.BPF_RSH, R1, 32 - t.bits),
+             BPF_STX_MEM(BPF_W, FP, R1, scratch_fp + 4),
+             BPF_ALU32_IMM(I.BPF_RSH, R1, _RECORD_BITS_LOG2),
+             BPF_ALU32_IMM(I.BPF_ADD, R1, t.filter),
+             BPF_STX_MEM(BPF_W, FP, R1, scratch_fp),
+             BPF_LD_MAP_FD(R1, multifield.RECORDS),
+             BPF_MOV64_REG(R2, FP), BPF_ALU64_IMM(I.BPF_ADD, R2, scratch_fp),
+             BPF_EMIT_CALL(I.BPF_FUNC_map_lookup_elem),
+             BPF_JMP_IMM(I.BPF_JEQ, R0, 0, missed),
+             # the byte of the record, then the bit of the byte
+             BPF_LDX_MEM(BPF_W, R1, FP, scratch_fp + 4),
+             BPF_MOV64_REG(R2, R1), BPF_ALU64_IMM(I.BPF_RSH, R2, 3),
+             BPF_ALU64_IMM(I.BPF_AND, R2, RECORD_SIZE - 1), BPF_ALU64_REG(I.BPF_ADD, R0, R2),
+             BPF_LDX_MEM(BPF_B, R2, R0, 0),
+             BPF_ALU64_IMM(I.BPF_AND, R1, 7), BPF_ALU64_REG(I.BPF_RSH, R2, R1),
+             BPF_ALU64_IMM(I.BPF_AND, R2, 1),
+             BPF_JMP_IMM(I.BPF_JEQ, R2, 0, missed))
 
 
 def emit_key(asm: Assembler, layout: KeyLayout, tuple_fp: int, tid: int, masks: Masks) -> None:

@@ -263,12 +263,12 @@ class _HookCompiler:
             asm.emit(BPF_MOV64_IMM(R9, 0), BPF_JMP_IMM(I.BPF_JNE, R2, 0, l4_known),
                      BPF_MOV64_IMM(R9, 1))
             asm.place(l4_known)
-            self._emit_lookups(run.tuples, layout, tuple_fp, decide)
+            self._emit_lookups(run.tuples, layout, tuple_fp, key_fp, decide)
             asm.place(projected)
-            self._emit_lookups(run.ip_tuples, layout, tuple_fp, decide)
+            self._emit_lookups(run.ip_tuples, layout, tuple_fp, key_fp, decide)
             if self.table.family is Family.IPV6:
                 asm.place(unwalked)
-                self._emit_lookups(run.unwalked_tuples, layout, tuple_fp, decide)
+                self._emit_lookups(run.unwalked_tuples, layout, tuple_fp, key_fp, decide)
         asm.place(decide)
         accept = asm.label("run_accept")
         asm.emit(BPF_JMP32_IMM(I.BPF_JEQ, R7, INF, after),
@@ -282,14 +282,16 @@ class _HookCompiler:
         asm.emit(BPF_MOV64_IMM(R0, NF_ACCEPT), BPF_EXIT_INSN())
         asm.place(after)
 
-    def _emit_lookups(self, tuples, layout, tuple_fp: int, decide) -> None:
+    def _emit_lookups(self, tuples, layout, tuple_fp: int, key_fp: int, decide) -> None:
         """R7/R8 = the smallest (entry, verdict) over the tuples' lookups, then to
-        `decide`. R9 holds the packet's l4 bit."""
+        `decide`. R9 holds the packet's l4 bit; the counter's key (key_fp) is free
+        until the run decides: the filters' scratch."""
         asm = self.asm
         asm.emit(BPF_MOV32_IMM(R7, INF), BPF_MOV64_IMM(R8, 0))
-        for tid, masks in tuples:
+        for t in tuples:
             missed = asm.label("miss")
-            classifier.emit_key(asm, layout, tuple_fp, tid, masks)
+            classifier.emit_key(asm, layout, tuple_fp, t.tid, t.masks)
+            classifier.emit_filter_check(asm, layout, tuple_fp, key_fp, t, missed)
             asm.emit(BPF_LD_MAP_FD(R1, CLASSIFIER),
                      BPF_MOV64_REG(R2, FP), BPF_ALU64_IMM(I.BPF_ADD, R2, tuple_fp),
                      BPF_EMIT_CALL(I.BPF_FUNC_map_lookup_elem),
