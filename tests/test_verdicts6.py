@@ -200,6 +200,17 @@ LONG_LISTS = [
             (OUT, udp(dport=55), ACCEPT), (OUT, unwalkable(), DROP)],
            {"OUTPUT 1": (4, 233), "blk 1": (1, 64), "blk 2": (1, 64), "blk return": (1, 64),
             "OUTPUT policy": (1, 64)}),
+    # every frame builds its lookup key in the main frame's: BPF's 512 bytes of stack
+    # are shared by all 8 frames
+    v6case("runs in user chains nested as deep as BPF allows",
+           "\n".join([*(f":c{i} -" for i in range(1, 8)), "-A OUTPUT -j c1",
+                      *(f"-A c{i} -d 2001:db8:9::/48 -j DROP\n-A c{i} -j c{i + 1}"
+                        for i in range(1, 7)),
+                      "-A c7 -d 2001:db8:9::/48 -j DROP", "-A c7 -p udp --dport 53 -j DROP"]),
+           [(OUT, udp(dport=53), DROP), (OUT, udp(dport=54), ACCEPT)],
+           {"OUTPUT 1": (2, 128), **{f"c{i} 2": (2, 128) for i in range(1, 7)},
+            **{f"c{i} return": (1, 64) for i in range(1, 8)}, "c7 2": (1, 64),
+            "OUTPUT policy": (1, 64)}),
 ]
 CASES += LONG_LISTS
 

@@ -434,13 +434,13 @@ def filter_of(layout: "KeyLayout", masks: Masks, keys: list[bytes], bits: int) -
     return out
 
 
-def emit_filter_check(asm: Assembler, layout: "KeyLayout", tuple_fp: int, scratch_fp: int,
+def emit_filter_check(asm: Assembler, layout: "KeyLayout", key: int, scratch_fp: int,
                       t: LookupTuple, missed) -> None:
-    """On to `missed` unless the filter of tuple t has the bit of the key at `tuple_fp`
-    set. Uses the 8 bytes at `scratch_fp` (the record's index, the bit's)."""
+    """On to `missed` unless the filter of tuple t has the bit of the key (at R6 + `key`)
+    set. Uses the frame's 8 bytes at `scratch_fp` (the record's index, the bit's)."""
     asm.emit(BPF_MOV32_IMM(R1, 0))
     for offset, multiplier in _hashed_words(layout, t.masks):
-        asm.emit(BPF_LDX_MEM(BPF_W, R2, FP, tuple_fp + offset),
+        asm.emit(BPF_LDX_MEM(BPF_W, R2, R6, key + offset),
                  BPF_ALU32_IMM(I.BPF_MUL, R2, multiplier), BPF_ALU32_REG(I.BPF_XOR, R1, R2))
     asm.emit(BPF_ALU32_IMM(I.BPF_RSH, R1, 32 - t.bits),
              BPF_STX_MEM(BPF_W, FP, R1, scratch_fp + 4),
@@ -461,38 +461,38 @@ def emit_filter_check(asm: Assembler, layout: "KeyLayout", tuple_fp: int, scratc
              BPF_JMP_IMM(I.BPF_JEQ, R2, 0, missed))
 
 
-def emit_key(asm: Assembler, layout: KeyLayout, tuple_fp: int, tid: int, masks: Masks) -> None:
-    """The key of tuple `tid` for the packet (R6 = &facts) at `tuple_fp`; its l4 byte is
-    R9 if the tuple keeps it."""
-    asm.emit(BPF_ST_MEM(BPF_W, FP, tuple_fp + layout.tuple, tid))
+def emit_key(asm: Assembler, layout: KeyLayout, key: int, tid: int, masks: Masks) -> None:
+    """The key of tuple `tid` for the packet (R6 = &facts) at R6 + `key` (8-aligned);
+    its l4 byte is R9 if the tuple keeps it."""
+    asm.emit(BPF_ST_MEM(BPF_W, R6, key + layout.tuple, tid))
     for fact, key_off, mask in ((facts.SADDR, layout.saddr, masks.saddr),
                                 (facts.DADDR, layout.daddr, masks.daddr)):
-        _emit_masked_address(asm, fact, tuple_fp + key_off, layout.addr_size, mask)
+        _emit_masked_address(asm, fact, key + key_off, layout.addr_size, mask)
     for fact, key_off, mask in ((facts.SPORT, layout.sport, masks.sport),
                                 (facts.DPORT, layout.dport, masks.dport)):
         if not mask:
-            asm.emit(BPF_ST_MEM(BPF_H, FP, tuple_fp + key_off, 0))
+            asm.emit(BPF_ST_MEM(BPF_H, R6, key + key_off, 0))
             continue
         asm.emit(BPF_LDX_MEM(BPF_H, R1, R6, fact))
         if mask != 0xFFFF:
             asm.emit(BPF_ALU32_IMM(I.BPF_AND, R1, mask))
-        asm.emit(BPF_STX_MEM(BPF_H, FP, R1, tuple_fp + key_off))
+        asm.emit(BPF_STX_MEM(BPF_H, R6, R1, key + key_off))
     # proto, l4 and the padding
-    asm.emit(BPF_ST_MEM(BPF_DW, FP, tuple_fp + layout.proto, 0))
+    asm.emit(BPF_ST_MEM(BPF_DW, R6, key + layout.proto, 0))
     if masks.proto:
         asm.emit(BPF_LDX_MEM(BPF_B, R1, R6, facts.PROTO),
-                 BPF_STX_MEM(BPF_B, FP, R1, tuple_fp + layout.proto))
+                 BPF_STX_MEM(BPF_B, R6, R1, key + layout.proto))
     if masks.l4:
-        asm.emit(BPF_STX_MEM(BPF_B, FP, R9, tuple_fp + layout.l4))
+        asm.emit(BPF_STX_MEM(BPF_B, R6, R9, key + layout.l4))
 
 
 _WORD = 0xFFFFFFFF
 
 
 def _emit_masked_address(asm: Assembler, fact: int, at: int, size: int, mask: int) -> None:
-    """The address fact masked (a little-endian `mask` of `size` bytes) into the key at
-    `at`: by 4-byte words, 8 bytes at once where both words are whole or both masked
-    out (an IPv6 prefix of /64 is two moves)."""
+    """The address fact masked (a little-endian `mask` of `size` bytes) into R6 + `at`:
+    by 4-byte words, 8 bytes at once where both words are whole or both masked out
+    (an IPv6 prefix of /64 is two moves)."""
     words = [mask >> (32 * i) & _WORD for i in range(size // 4)]
     i = 0
     while i < len(words):
@@ -500,15 +500,15 @@ def _emit_masked_address(asm: Assembler, fact: int, at: int, size: int, mask: in
         if (i + 1 < len(words) and words[i + 1] == word and word in (0, _WORD)
                 and (at + offset) % 8 == 0 and (fact + offset) % 8 == 0):
             asm.emit(*((BPF_LDX_MEM(BPF_DW, R1, R6, fact + offset),
-                        BPF_STX_MEM(BPF_DW, FP, R1, at + offset)) if word
-                       else (BPF_ST_MEM(BPF_DW, FP, at + offset, 0),)))
+                        BPF_STX_MEM(BPF_DW, R6, R1, at + offset)) if word
+                       else (BPF_ST_MEM(BPF_DW, R6, at + offset, 0),)))
             i += 2
             continue
         if not word:
-            asm.emit(BPF_ST_MEM(BPF_W, FP, at + offset, 0))
+            asm.emit(BPF_ST_MEM(BPF_W, R6, at + offset, 0))
         else:
             asm.emit(BPF_LDX_MEM(BPF_W, R1, R6, fact + offset))
             if word != _WORD:
                 asm.emit(BPF_ALU32_IMM(I.BPF_AND, R1, word))
-            asm.emit(BPF_STX_MEM(BPF_W, FP, R1, at + offset))
+            asm.emit(BPF_STX_MEM(BPF_W, R6, R1, at + offset))
         i += 1

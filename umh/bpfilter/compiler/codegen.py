@@ -54,11 +54,14 @@ PROG_ARRAY = MapRef("prog_array")
 # BPF allows 8 frames; the main program is one of them.
 MAX_CALL_FRAMES = 8
 
-# The counters' key; a run's lookup key goes below it (the main frame has room for
-# the largest, IPv6's: facts.SCRATCH)
+# The counters' key, in each frame (a run's scratch until it decides). A run's lookup
+# key goes below the main frame's, which has room for the largest, IPv6's (within
+# facts.SCRATCH): every frame builds it there, through R6, so that runs in user chains
+# take no stack of their own for it (BPF's 512 bytes are shared by every frame).
 _MAIN_KEY_FP = facts.KEYS_FP - 8
 _SUBPROG_KEY_FP = -8
-assert _MAIN_KEY_FP - max(k.size for k in classifier.KEYS.values()) >= -facts.SCRATCH
+_LOOKUP_KEY_FP = {family: _MAIN_KEY_FP - key.size for family, key in classifier.KEYS.items()}
+assert min(_LOOKUP_KEY_FP.values()) >= -facts.SCRATCH
 
 
 @dataclass
@@ -141,6 +144,8 @@ class _HookCompiler:
         self.segments = segments
         self.needs = needs   # the optional fact groups the prologue reads
         self.flavour = flavour(table.family)
+        # the lookup key, from R6 (&facts): in the main frame's scratch above the facts
+        self.lookup_key = _LOOKUP_KEY_FP[table.family] - facts.facts_fp(facts.layout(needs))
         self.asm = Assembler()
         self.entries: dict[str, object] = {}   # user chain name -> its subprogram label
 
@@ -230,8 +235,6 @@ class _HookCompiler:
         (R7, with its verdict in R8), or nothing and on to the code after the run.
         Tuple space runs look their entries up, multifield runs search buckets."""
         asm = self.asm
-        layout = classifier.KEYS[self.table.family]
-        tuple_fp = key_fp - layout.size
         after, projected, lookups = asm.label("run_end"), asm.label("ip_only"), asm.label("run")
         decide, unwalked = asm.label("run_decide"), asm.label("unwalked")
         # Which lookups: IPv6's projection for packets whose extension headers cannot
@@ -254,21 +257,21 @@ class _HookCompiler:
             asm.place(other)
         asm.place(lookups)
         if isinstance(run, multifield.MultiFieldRun):
-            multifield.emit_search(asm, run.tuples, tuple_fp, decide)
+            multifield.emit_search(asm, run.tuples, key_fp, decide)
             asm.place(projected)
-            multifield.emit_search(asm, run.ip_tuples, tuple_fp, decide)
+            multifield.emit_search(asm, run.ip_tuples, key_fp, decide)
         else:
             # the l4 bit: port matches may look at this packet (first fragments only)
             l4_known = asm.label("l4_known")
             asm.emit(BPF_MOV64_IMM(R9, 0), BPF_JMP_IMM(I.BPF_JNE, R2, 0, l4_known),
                      BPF_MOV64_IMM(R9, 1))
             asm.place(l4_known)
-            self._emit_lookups(run.tuples, layout, tuple_fp, key_fp, decide)
+            self._emit_lookups(run.tuples, key_fp, decide)
             asm.place(projected)
-            self._emit_lookups(run.ip_tuples, layout, tuple_fp, key_fp, decide)
+            self._emit_lookups(run.ip_tuples, key_fp, decide)
             if self.table.family is Family.IPV6:
                 asm.place(unwalked)
-                self._emit_lookups(run.unwalked_tuples, layout, tuple_fp, key_fp, decide)
+                self._emit_lookups(run.unwalked_tuples, key_fp, decide)
         asm.place(decide)
         accept = asm.label("run_accept")
         asm.emit(BPF_JMP32_IMM(I.BPF_JEQ, R7, INF, after),
@@ -282,18 +285,19 @@ class _HookCompiler:
         asm.emit(BPF_MOV64_IMM(R0, NF_ACCEPT), BPF_EXIT_INSN())
         asm.place(after)
 
-    def _emit_lookups(self, tuples, layout, tuple_fp: int, key_fp: int, decide) -> None:
+    def _emit_lookups(self, tuples, key_fp: int, decide) -> None:
         """R7/R8 = the smallest (entry, verdict) over the tuples' lookups, then to
-        `decide`. R9 holds the packet's l4 bit; the counter's key (key_fp) is free
-        until the run decides: the filters' scratch."""
+        `decide`. R9 holds the packet's l4 bit; the counter's key (key_fp) is the
+        filters' scratch."""
         asm = self.asm
+        layout, key = classifier.KEYS[self.table.family], self.lookup_key
         asm.emit(BPF_MOV32_IMM(R7, INF), BPF_MOV64_IMM(R8, 0))
         for t in tuples:
             missed = asm.label("miss")
-            classifier.emit_key(asm, layout, tuple_fp, t.tid, t.masks)
-            classifier.emit_filter_check(asm, layout, tuple_fp, key_fp, t, missed)
+            classifier.emit_key(asm, layout, key, t.tid, t.masks)
+            classifier.emit_filter_check(asm, layout, key, key_fp, t, missed)
             asm.emit(BPF_LD_MAP_FD(R1, CLASSIFIER),
-                     BPF_MOV64_REG(R2, FP), BPF_ALU64_IMM(I.BPF_ADD, R2, tuple_fp),
+                     BPF_MOV64_REG(R2, R6), BPF_ALU64_IMM(I.BPF_ADD, R2, key),
                      BPF_EMIT_CALL(I.BPF_FUNC_map_lookup_elem),
                      BPF_JMP_IMM(I.BPF_JEQ, R0, 0, missed),
                      BPF_LDX_MEM(BPF_W, R1, R0, 0),
