@@ -380,9 +380,11 @@ def tuple_space_run(space: TupleSpace, lows: list[Lowered], by_entry: dict[int, 
             continue
         tid = space.new_tid()
         keys = []
+        seen: set[tuple] = set()   # (a projection's rules share few keys: a list's, one)
         for fields, entry, verdict in members:
-            key = layout.pack(tid, *fields)
-            if key not in run.keys:   # members come in entry order: the first rule wins
+            if fields not in seen:   # members come in entry order: the first rule wins
+                seen.add(fields)
+                key = layout.pack(tid, *fields)
                 run.keys[key] = (entry, verdict)
                 keys.append(key)
         bits = filter_bits(len(keys))
