@@ -57,6 +57,9 @@ class _Hints:
     icmp: list[tuple[int, "int | None"]] = field(default_factory=list)
     ranges: list[tuple[int, int]] = field(default_factory=list)   # iprange
     ttls: list[int] = field(default_factory=list)
+    # whole rules, to aim a packet at all their fields at once: (src net, dst net,
+    # protocol, sport range, dport range), a None net or range for any
+    rules: list[tuple] = field(default_factory=list)
 
 
 def _bang(rng: random.Random, p: float = 0.25) -> str:
@@ -530,18 +533,43 @@ def large_ruleset6(rng: random.Random, hints: _Hints, size: int) -> str:
 def _aimed6(rng: random.Random, hints: _Hints, space: ipaddress.IPv6Network) -> str:
     """An address of `space`, inside or just outside a network a rule names there."""
     nets = [(a, n) for a, n in hints.nets if ipaddress.IPv6Address(a) in space]
+    addr = int(space.network_address) | rng.getrandbits(128 - space.prefixlen)
     if nets and rng.random() < 0.8:
         base, length = rng.choice(nets)
         host = 128 - length
-        addr = base | rng.getrandbits(host) if host else base
-        if rng.random() < 0.3:
-            addr ^= 1 << host if host < 128 else 0
-    else:
-        addr = int(space.network_address) | rng.getrandbits(128 - space.prefixlen)
+        inside = base | rng.getrandbits(host) if host else base
+        outside = inside ^ (1 << host) if host < 128 else inside
+        addr = outside if rng.random() < 0.3 and ipaddress.IPv6Address(outside) in space \
+            else inside
     return str(ipaddress.IPv6Address(addr))
 
 
+def _inside6(rng: random.Random, net: "tuple[int, int] | None", space) -> str:
+    if net is None:
+        return _aimed6(rng, _Hints(), space)
+    base, length = net
+    return str(ipaddress.IPv6Address(base | rng.getrandbits(128 - length)))
+
+
+def _aimed_at_rule6(rng: random.Random, hints: _Hints) -> Case:
+    """A forwarded packet every field of one rule matches (or, now and then, one port
+    just past its range)."""
+    src, dst, proto, sports, dports = rng.choice(hints.rules)
+    while (address := _inside6(rng, dst, LAB6)) in T_LOCAL6 | {S_IN6_ADDR}:
+        pass
+
+    def port(span):
+        if span is None:
+            return rng.randrange(65536)
+        lo, hi = span
+        return rng.choice([lo, hi, rng.randint(lo, hi), min(65535, hi + 1)])
+    return Case(Packet(_inside6(rng, src, SOURCES6), address, proto, sport=port(sports),
+                       dport=port(dports), tcp_flags=rng.choice(COMMON_FLAGS)), "forward")
+
+
 def _case6(rng: random.Random, hints: _Hints) -> Case:
+    if hints.rules and rng.random() < 0.5:
+        return _aimed_at_rule6(rng, hints)
     path = rng.choices(["input", "forward", "output"], [0.35, 0.4, 0.25])[0]
     proto = rng.choice(hints.protos) if hints.protos and rng.random() < 0.7 else \
         rng.choice([6, 17, 58, 47])
@@ -578,9 +606,48 @@ def _case6(rng: random.Random, hints: _Hints) -> Case:
     return Case(Packet(**kw), path)
 
 
-def generate_large6(seed: int, size: int, n_cases: int = 400) -> tuple[str, list[Case]]:
-    """An IPv6 ruleset of `size` long-list rules (large_ruleset6) and packets aimed at it."""
+def acl_ruleset6(rng: random.Random, hints: _Hints, size: int) -> str:
+    """`size` ClassBench-style IPv6 ACL rules in FORWARD (prefixes of every length from
+    /32 on, or none; tcp or udp; port ranges), which neither classifier takes: code."""
+    lines = ["*filter"] + [f":{c} {rng.choice(['ACCEPT', 'DROP'])} [0:0]" for c in BUILTIN]
+    for _ in range(size):
+        parts = ["-A FORWARD"]
+        aim: list = []
+        for flag, space in (("-s", SOURCES6), ("-d", LAB6)):
+            net = None
+            # no rule wild in both addresses: it would catch most packets of its protocol
+            if rng.random() < 0.8 or (flag == "-d" and aim == [None]):
+                shortest = space.prefixlen + 16   # (LAB6 is a /32: no rule takes it all)
+                net = _prefix6(rng, space, rng.choice([max(32, shortest), 48, 56, 64, 128,
+                                                       rng.randint(shortest, 128)]))
+                hints.nets.append(net)
+                parts.append(f"{flag} {_text6(*net)}")
+            aim.append(net)
+        proto = rng.choice(["tcp", "udp"])
+        hints.protos.append({"tcp": 6, "udp": 17}[proto])
+        parts.append(f"-p {proto}")
+        aim.append({"tcp": 6, "udp": 17}[proto])
+        for option in ("--sport", "--dport"):
+            span = None
+            if rng.random() < 0.7:
+                lo = rng.choice(PORTS) if rng.random() < 0.3 else rng.randrange(65536)
+                hi = min(65535, lo + rng.choice([0, 1, 100, 5000]))
+                hints.ports += [lo, hi]
+                parts.append(f"{option} {lo}:{hi}" if hi > lo else f"{option} {lo}")
+                span = (lo, hi)
+            aim.append(span)
+        hints.rules.append(tuple(aim))
+        parts.append(f"-j {rng.choice(['ACCEPT', 'DROP'])}")
+        lines.append(" ".join(parts))
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def generate_large6(seed: int, size: int, n_cases: int = 400,
+                    acl: bool = False) -> tuple[str, list[Case]]:
+    """An IPv6 ruleset of `size` long-list rules (large_ruleset6; `acl`: acl_ruleset6)
+    and packets aimed at it."""
     rng = random.Random(seed)
     hints = _Hints()
-    text = large_ruleset6(rng, hints, size)
+    text = (acl_ruleset6 if acl else large_ruleset6)(rng, hints, size)
     return text, [_case6(rng, hints) for _ in range(n_cases)]

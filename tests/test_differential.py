@@ -16,7 +16,7 @@ from bpfilter.abi import codec
 from bpfilter.decode import table_from_blob, table_from_raw
 from bpfilter.compiler import classifier, multifield
 from bpfilter.compiler.runs import TupleSpace
-from bpfilter.model import Family
+from bpfilter.model import Family, Rule
 from bpfilter_lab.demo import RULESET as HOST_FIREWALL, TRAFFIC as HOST_TRAFFIC
 from bpfilter_lab.lab import T_IN_MAC, Case, Lab
 from bpfilter_lab.packets import Packet
@@ -227,6 +227,16 @@ def test_ten_thousand_ipv6_rules(lab):
             for s in classifier.segments(chain.rules, TupleSpace(Family.IPV6))
             if isinstance(s, classifier.Run)]
     assert sum(len(run.rules) for run in runs) >= 9_900
+    assert_identical(lab, ruleset, cases, family=Family.IPV6)
+
+
+def test_two_thousand_ipv6_acl_rules_as_code(lab):
+    """A 2k-rule ClassBench-style IPv6 ACL in FORWARD: merged tuples are IPv4's and
+    the tuple space cannot take it, so it is code, rule after rule, verified whole."""
+    ruleset, cases = generate_large6(535353, 2_000, acl=True)
+    table = table_from_blob(replace_blob(ruleset, family=Family.IPV6), Family.IPV6)[1]
+    assert all(isinstance(s, Rule) for s in classifier.segments(table.chains["FORWARD"].rules,
+                                                                TupleSpace(Family.IPV6)))
     assert_identical(lab, ruleset, cases, family=Family.IPV6)
 
 
