@@ -215,15 +215,19 @@ class Lab:
         sender = subprocess.Popen(
             ["ip", "netns", "exec", pair.sender, self.flood, "send", flow.src, str(flow.sport),
              flow.dst, str(flow.dport), str(PAYLOAD[family]), str(WARMUP + window + 30),
-             str(SEND_CPU)], stdout=subprocess.DEVNULL)
+             str(SEND_CPU)], stdout=subprocess.PIPE, text=True)
         try:
+            # the warm-up counts from the flood's start, however late a busy machine
+            # starts it
+            if sender.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"the flood into {pair.receiver} did not start")
             time.sleep(WARMUP)
             c0, t0, cpu0 = pair.delivered(family), time.monotonic(), self._cpu(sender.pid)
             time.sleep(window)
             c1, t1, cpu1 = pair.delivered(family), time.monotonic(), self._cpu(sender.pid)
         finally:
             sender.send_signal(signal.SIGTERM)
-            sender.wait()
+            sender.communicate()
         if sender.returncode:
             raise RuntimeError(f"the flood into {pair.receiver} failed ({sender.returncode})")
         self._settle(pair, family)

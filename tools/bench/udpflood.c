@@ -6,7 +6,8 @@
  *
  * `send` floods one 5-tuple (IPv4 or IPv6, as its addresses say) through a
  * connected socket with sendmmsg, so the cost per packet is the kernel's, not an
- * interpreter's; it prints how many datagrams the kernel took. `sink` binds the
+ * interpreter's; it prints "ready" as it starts, and at the end how many datagrams
+ * the kernel took. `sink` binds the
  * ports, IPv4 and IPv6, and never reads: once a socket's buffer is full UDP drops
  * at the socket, after the INPUT hook, and the bench counts what got that far (Ip
  * InDelivers or Ip6InDelivers of the sink's netns, read through /proc/PID/net/snmp
@@ -104,6 +105,9 @@ static int flood(char **argv)
 		die("bind");
 	if (connect(fd, (struct sockaddr *)&dst, dst_len))
 		die("connect");
+	/* The bench's window starts once we send: a loaded machine may start us late. */
+	printf("ready\n");
+	fflush(stdout);
 	memset(msgs, 0, sizeof(msgs));
 	for (i = 0; i < BATCH; i++) {
 		msgs[i].msg_hdr.msg_iov = &iov;

@@ -47,16 +47,14 @@ Exactness where the kernel is subtle:
     up a second projection (runs.UNWALKED), on addresses only, whose values say
     "hotdrop" for the rules with -p.
 A projection whose keys and values are those of a main tuple (a blocklist's: no port
-rule, no -p) is that tuple: it shares its id and keys.
+rule, no -p) is that tuple: it shares its id, keys and filter.
 """
 from __future__ import annotations
 
 import functools
 import struct
 from dataclasses import dataclass, field, replace
-from typing import Callable, Optional, Union
-
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Optional, Union
 
 from ..bpf import insn as I
 from ..bpf.asm import Assembler
