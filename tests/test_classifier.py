@@ -156,13 +156,14 @@ def test_projections_have_keys_of_their_own_where_they_differ():
     def values(tuples):
         return {value for tid in ids(tuples) for value in by_tid[tid]}
     drop, accept, hotdrop = VERDICT_DROP, VERDICT_ACCEPT, VERDICT_HOTDROP
-    # s/64 without protocol (-p all), s/64 udp port 53-ish, d/128
+    # entries 0-7: -p all; 8-15: udp ports; 16-23: no -p
     assert values(run.tuples) == {(e, drop) for e in range(16)} | {(e, accept) for e in range(16, 24)}
     assert values(run.ip_tuples) == ({(e, drop) for e in range(8)} | {(e, hotdrop) for e in range(8, 16)}
                                      | {(e, accept) for e in range(16, 24)})
     assert values(run.unwalked_tuples) == {(e, hotdrop) for e in range(16)} | \
         {(e, accept) for e in range(16, 24)}
-    # the destination rules' projections are their main tuple; the others' are not
+    # projections that are main tuples: both of the destination rules', and the one
+    # of the -p all rules for short transport headers (no port rule there)
     shared = set(ids(run.tuples)) & (set(ids(run.ip_tuples)) | set(ids(run.unwalked_tuples)))
     assert len(shared) == 2 and len(set(ids(run.tuples + run.ip_tuples + run.unwalked_tuples))) == 5
 
