@@ -19,9 +19,10 @@ from bpfilter.netfilter import NF_ACCEPT, NF_INET_LOCAL_IN
 from bpfilter_lab.packets import Packet
 
 from netlab import PAYLOAD
-from rules import IPV4, Flow
+from rules import IPV4, IPV6, Flow
 
-_FAMILY = {IPV4: Family.IPV4, 6: Family.IPV6}
+# rules' families as bpfilter names them
+FAMILY = {IPV4: Family.IPV4, IPV6: Family.IPV6}
 
 BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
 _PERCPU = {bpf.BPF_MAP_TYPE_PERCPU_ARRAY, bpf.BPF_MAP_TYPE_PERCPU_HASH,
@@ -147,7 +148,7 @@ def replay_load(blob: bytes, family: int) -> dict:
     error = None
     with _stopwatch() as spent:
         try:
-            loader.load_filter_table(blob, attach=False, family=_FAMILY[family]).close()
+            loader.load_filter_table(blob, attach=False, family=FAMILY[family]).close()
         except (BpfilterError, OSError) as err:
             error = str(err).splitlines()[0]
     return {"stages_s": spent, "total_s": time.perf_counter() - start, "error": error}

@@ -28,20 +28,21 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
 
 from bpfilter_lab import namespaces
 
-from rules import IPV6, PORTS, Flow
+from rules import IPV4, IPV6, PORTS, Flow
 
 # UDP payload per family: 14 + 20 + 8 + 18 = 60-byte IPv4 frame, 64 on the wire with
 # its FCS; IPv6's smallest, 14 + 40 + 8 = 62, 66 on the wire
-PAYLOAD = {4: 18, IPV6: 0}
+PAYLOAD = {IPV4: 18, IPV6: 0}
 S_MAC, R_MAC = "02:bb:00:00:00:02", "02:bb:00:00:00:01"
-S_ADDRS = {4: ("198.18.0.2", "198.18.0.3"), IPV6: ("2001:db8:1::2", "2001:db8:1::3")}
-R_ADDRS = {4: ("198.18.0.1",), IPV6: ("2001:db8:1::1",)}
+S_ADDRS = {IPV4: ("198.18.0.2", "198.18.0.3"), IPV6: ("2001:db8:1::2", "2001:db8:1::3")}
+R_ADDRS = {IPV4: ("198.18.0.1",), IPV6: ("2001:db8:1::1",)}
 SEND_CPU = 0
 WARMUP = 0.15
 SETTLE_TIMEOUT = 10.0
@@ -49,12 +50,11 @@ UP_TIMEOUT = 5.0
 
 _NUD_PERMANENT = 0x80
 _IFA_F_NODAD = 0x02
-_AF_INET6 = 10
 # v0 begins no IPv6 traffic of its own (see the module's docstring)
 _IPV6_QUIET = {"accept_ra": 0, "accept_dad": 0, "dad_transmits": 0, "router_solicitations": 0,
                "addr_gen_mode": 1, "autoconf": 0}
 # /proc/PID/net/<file>: the counter of packets delivered to UDP, per family
-_DELIVERED = {4: ("snmp", "Ip", "InDelivers"), IPV6: ("snmp6", None, "Ip6InDelivers")}
+_DELIVERED = {IPV4: ("snmp", "Ip", "InDelivers"), IPV6: ("snmp6", None, "Ip6InDelivers")}
 
 
 def run(argv: list[str], stdin: "str | None" = None) -> None:
@@ -169,7 +169,7 @@ class Lab:
                 for family, addresses in peers.items():
                     for address in addresses:
                         if family == IPV6:
-                            ipr.route("add", dst=f"{address}/128", oif=v0, family=_AF_INET6)
+                            ipr.route("add", dst=f"{address}/128", oif=v0, family=socket.AF_INET6)
                         ipr.neigh("replace", dst=address, lladdr=peer_mac, ifindex=v0,
                                   state=_NUD_PERMANENT)
         for ns in (pair.sender, pair.receiver):

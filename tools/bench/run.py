@@ -109,8 +109,7 @@ def measure_rates(lab, active: list[str], flows: dict, window: float, reps: int)
 
 
 def bench_one(lab, systems: dict, mix: str, n: int, args) -> dict:
-    from bpfstats import footprint, input_program, ns_per_packet, replay_load, table_dir
-    from bpfilter.model import Family
+    from bpfstats import FAMILY, footprint, input_program, ns_per_packet, replay_load, table_dir
     from bpfilter_lab.scratch import replace_blob
 
     ruleset = rules.generate(mix, n, args.seed)
@@ -176,9 +175,9 @@ def bench_one(lab, systems: dict, mix: str, n: int, args) -> dict:
             rec["append_error"], rec["append_s"] = str(err), err.seconds
 
     if "bpfilter" in systems:
-        family = Family.IPV4 if ruleset.family == rules.IPV4 else Family.IPV6
         run["bpfilter"]["replay"] = replay_load(
-            replace_blob(ruleset.iptables_restore(), family=family), ruleset.family)
+            replace_blob(ruleset.iptables_restore(), family=FAMILY[ruleset.family]),
+            ruleset.family)
         log(f"{mix} N={n}: bpfilter load replay: " + ", ".join(
             f"{k} {v:.2f} s" for k, v in run["bpfilter"]["replay"]["stages_s"].items()))
     return run
