@@ -13,6 +13,10 @@ What the families share is written once; a Dialect says what differs in the rule
 packet cases: IPv4's with IP options and fragment offsets, IPv6's with chains of
 extension headers, first and later fragments, extension headers cut short, neighbour
 discovery, ICMPv6 errors quoting a packet, and connections both ways.
+
+generate_large6(seed, size) -> (ruleset, cases): IPv6 long lists (blocklists of /32 to
+/128 prefixes, per-port service rules, or a ClassBench-style ACL), with extension
+headers, later fragments and chains that cannot be walked among the packets.
 """
 from __future__ import annotations
 
@@ -22,8 +26,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from bpfilter.model import Family
-from bpfilter_lab.lab import (IPV4, IPV6, S_IN_MAC, S_OUT_MAC, T_IN_ADDR, T_LOCAL, T_LOCAL6,
-                              T_OUT_ADDR, Case, Wiring)
+from bpfilter_lab.lab import (IPV4, IPV6, LAB_NET6, S_IN6_ADDR, S_IN_MAC, S_OUT_MAC, T_IN6_ADDR,
+                              T_IN_ADDR, T_LOCAL, T_LOCAL6, T_OUT6_ADDR, T_OUT_ADDR, Case,
+                              Wiring)
 from bpfilter_lab.packets import (AuthenticationHeader, DestinationOptions, Fragment, HopByHop,
                                   Packet, Routing, icmpv6_error, mld_query,
                                   neighbour_advertisement, neighbour_solicitation, redirect,
@@ -154,6 +159,9 @@ class _Hints:
     icmp: list[tuple[int, "int | None"]] = field(default_factory=list)
     ranges: list[tuple[int, int]] = field(default_factory=list)   # iprange
     ttls: list[int] = field(default_factory=list)
+    # whole rules, to aim a packet at all their fields at once: (src net, dst net,
+    # protocol, sport range, dport range), a None net or range for any
+    rules: list[tuple] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- rules
@@ -783,7 +791,7 @@ def generate(seed: int, n_cases: int = 200, runs: bool = False,
     rng = random.Random(seed)
     hints = _Hints()
     if family is not Family.IPV4 and (runs or acl or size is not None):
-        raise ValueError("long runs are IPv4's: the classifiers take IPv4 rules only")
+        raise ValueError("these long runs are IPv4's: IPv6's long lists are generate_large6's")
     if size is not None:
         text = (large_acl_ruleset if acl else large_ruleset)(rng, hints, size)
     elif acl:
@@ -796,3 +804,172 @@ def generate(seed: int, n_cases: int = 200, runs: bool = False,
     while len(cases) < n_cases:
         cases += _CASES[family](rng, hints)
     return text, cases[:n_cases]
+
+
+# ---------------------------------------------------------------- IPv6 long lists
+
+SOURCES6 = ipaddress.IPv6Network("2000::/12")   # where blocklisted sources are drawn from
+LAB6 = ipaddress.IPv6Network(LAB_NET6)          # forwarded destinations, routed by T
+BLOCK_LENGTHS6 = ((128, 64, 56, 48, 40, 32, 96, 127), (50, 25, 6, 8, 2, 3, 3, 3))
+
+
+def _prefix6(rng: random.Random, space: ipaddress.IPv6Network, length: int) -> tuple[int, int]:
+    base = int(space.network_address) | rng.getrandbits(128 - space.prefixlen)
+    return base >> (128 - length) << (128 - length), length
+
+
+def _text6(addr: int, length: int) -> str:
+    return f"{ipaddress.IPv6Address(addr)}/{length}"
+
+
+def large_ruleset6(rng: random.Random, hints: _Hints, size: int) -> str:
+    """`size` IPv6 rules in INPUT and FORWARD as long lists are written: a source
+    blocklist of prefixes /32 to /128 (some with -p, whose rules drop what cannot be
+    walked), per-port tcp and udp service rules (some for one destination), then a
+    short tail of rules the classifier does not take."""
+    lines = ["*filter"] + [f":{c} {rng.choice(['ACCEPT', 'DROP'])} [0:0]" for c in BUILTIN]
+    for chain in ("INPUT", "FORWARD"):
+        for _ in range(size // 4):
+            net = _prefix6(rng, SOURCES6, rng.choices(*BLOCK_LENGTHS6)[0])
+            hints.nets.append(net)
+            proto = rng.choices(["", " -p tcp", " -p udp", " -p all"], (80, 8, 8, 4))[0]
+            lines.append(f"-A {chain} -s {_text6(*net)}{proto} -j {rng.choice(['DROP', 'ACCEPT'])}")
+        for _ in range(size // 4):
+            proto = rng.choice(["tcp", "udp"])
+            port = rng.choice(PORTS) if rng.random() < 0.2 else rng.randrange(65536)
+            hints.ports.append(port)
+            hints.protos.append({"tcp": 6, "udp": 17}[proto])
+            dst = ""
+            if rng.random() < 0.3:
+                net = _prefix6(rng, LAB6, rng.choice([128, 64]))
+                hints.nets.append(net)
+                dst = f" -d {_text6(*net)}"
+            lines.append(f"-A {chain}{dst} -p {proto} --dport {port} "
+                         f"-j {rng.choice(['DROP', 'ACCEPT'])}")
+        lines += [f"-A {chain} -p ipv6-icmp -j ACCEPT", f"-A {chain} ! -s {T_IN6_ADDR}/64 -p tcp --syn -j DROP",
+                  f"-A {chain} -i vin0 -p udp ! --dport 53 -j ACCEPT"]
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def _aimed6(rng: random.Random, hints: _Hints, space: ipaddress.IPv6Network) -> str:
+    """An address of `space`, inside or just outside a network a rule names there."""
+    nets = [(a, n) for a, n in hints.nets if ipaddress.IPv6Address(a) in space]
+    addr = int(space.network_address) | rng.getrandbits(128 - space.prefixlen)
+    if nets and rng.random() < 0.8:
+        base, length = rng.choice(nets)
+        host = 128 - length
+        inside = base | rng.getrandbits(host) if host else base
+        outside = inside ^ (1 << host) if host < 128 else inside
+        addr = outside if rng.random() < 0.3 and ipaddress.IPv6Address(outside) in space \
+            else inside
+    return str(ipaddress.IPv6Address(addr))
+
+
+def _inside6(rng: random.Random, net: "tuple[int, int] | None", space) -> str:
+    if net is None:
+        return _aimed6(rng, _Hints(), space)
+    base, length = net
+    return str(ipaddress.IPv6Address(base | rng.getrandbits(128 - length)))
+
+
+def _aimed_at_rule6(rng: random.Random, hints: _Hints) -> Case:
+    """A forwarded packet every field of one rule matches (or, now and then, one port
+    just past its range)."""
+    src, dst, proto, sports, dports = rng.choice(hints.rules)
+    while (address := _inside6(rng, dst, LAB6)) in T_LOCAL6 | {S_IN6_ADDR}:
+        pass
+
+    def port(span):
+        if span is None:
+            return rng.randrange(65536)
+        lo, hi = span
+        return rng.choice([lo, hi, rng.randint(lo, hi), min(65535, hi + 1)])
+    return Case(Packet(_inside6(rng, src, SOURCES6), address, proto, sport=port(sports),
+                       dport=port(dports), tcp_flags=rng.choice(COMMON_FLAGS)), "forward")
+
+
+def _long_list_case6(rng: random.Random, hints: _Hints) -> Case:
+    if hints.rules and rng.random() < 0.5:
+        return _aimed_at_rule6(rng, hints)
+    path = rng.choices(["input", "forward", "output"], [0.35, 0.4, 0.25])[0]
+    proto = rng.choice(hints.protos) if hints.protos and rng.random() < 0.7 else \
+        rng.choice([6, 17, 58, 47])
+    kw: dict = {"proto": proto, "payload_len": rng.randint(8, 48)}
+    if path == "input":
+        kw["dst"] = rng.choice([T_IN6_ADDR, T_OUT6_ADDR])
+    else:
+        while (dst := _aimed6(rng, hints, LAB6)) in T_LOCAL6 | {S_IN6_ADDR}:
+            pass
+        kw["dst"] = dst
+    kw["src"] = _aimed6(rng, hints, SOURCES6 if rng.random() < 0.8 else LAB6)
+    if proto in (6, 17):
+        kw["sport"], kw["dport"] = _port(rng, hints), _port(rng, hints)
+    if proto == 6:
+        kw["tcp_flags"] = rng.choice(COMMON_FLAGS)
+    kind = rng.choices(["plain", "options", "first", "later", "unwalkable", "short"],
+                       (60, 10, 6, 8, 8, 8))[0]
+    if kind == "options":
+        kw["ext"] = rng.choice([(HopByHop(),), (DestinationOptions(),),
+                                (HopByHop(), DestinationOptions())])
+    elif kind == "first":
+        kw["ext"] = (Fragment(more=True),)
+    elif kind == "later":
+        kw["ext"] = (Fragment(offset=rng.choice([1, 2, 100])),)
+    elif kind == "unwalkable":
+        # a destination options header cut short, or a later fragment followed by an
+        # extension header: -p walks fail on either (hop-by-hop would be dropped first)
+        if rng.random() < 0.5:
+            kw["ext"], kw["truncate_ext"] = (DestinationOptions(),), 1
+        else:
+            kw["ext"] = (Fragment(offset=8, next_header=60),)
+    elif kind == "short" and proto in (6, 17):
+        kw["truncate_l4"] = rng.randrange({6: 20, 17: 8}[proto])
+    return Case(Packet(**kw), path)
+
+
+def acl_ruleset6(rng: random.Random, hints: _Hints, size: int) -> str:
+    """`size` ClassBench-style IPv6 ACL rules in FORWARD (prefixes of every length from
+    /32 on, or none; tcp or udp; port ranges), which neither classifier takes: code."""
+    lines = ["*filter"] + [f":{c} {rng.choice(['ACCEPT', 'DROP'])} [0:0]" for c in BUILTIN]
+    for _ in range(size):
+        parts = ["-A FORWARD"]
+        aim: list = []
+        for flag, space in (("-s", SOURCES6), ("-d", LAB6)):
+            net = None
+            # no rule wild in both addresses: it would catch most packets of its protocol
+            if rng.random() < 0.8 or (flag == "-d" and aim == [None]):
+                shortest = space.prefixlen + 16   # (LAB6 is a /32: no rule takes it all)
+                net = _prefix6(rng, space, rng.choice([max(32, shortest), 48, 56, 64, 128,
+                                                       rng.randint(shortest, 128)]))
+                hints.nets.append(net)
+                parts.append(f"{flag} {_text6(*net)}")
+            aim.append(net)
+        proto = rng.choice(["tcp", "udp"])
+        hints.protos.append({"tcp": 6, "udp": 17}[proto])
+        parts.append(f"-p {proto}")
+        aim.append({"tcp": 6, "udp": 17}[proto])
+        for option in ("--sport", "--dport"):
+            span = None
+            if rng.random() < 0.7:
+                lo = rng.choice(PORTS) if rng.random() < 0.3 else rng.randrange(65536)
+                hi = min(65535, lo + rng.choice([0, 1, 100, 5000]))
+                hints.ports += [lo, hi]
+                parts.append(f"{option} {lo}:{hi}" if hi > lo else f"{option} {lo}")
+                span = (lo, hi)
+            aim.append(span)
+        hints.rules.append(tuple(aim))
+        parts.append(f"-j {rng.choice(['ACCEPT', 'DROP'])}")
+        lines.append(" ".join(parts))
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def generate_large6(seed: int, size: int, n_cases: int = 400,
+                    acl: bool = False) -> tuple[str, list[Case]]:
+    """An IPv6 ruleset of `size` long-list rules (large_ruleset6; `acl`: acl_ruleset6)
+    and packets aimed at it."""
+    rng = random.Random(seed)
+    hints = _Hints()
+    text = (acl_ruleset6 if acl else large_ruleset6)(rng, hints, size)
+    return text, [_long_list_case6(rng, hints) for _ in range(n_cases)]

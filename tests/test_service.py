@@ -803,55 +803,83 @@ def test_log_is_refused_while_the_kernel_would_rate_limit_its_lines(svc, nets):
     assert svc.ok(ns, "iptables-legacy", "-S").splitlines() == FRESH
 
 
-def _blocklisted(i: int) -> str:
-    return f"198.18.{16 + i // 256}.{i % 256}"
+def _blocklisted(i: int, family: Family = Family.IPV4) -> str:
+    if family is Family.IPV4:
+        return f"198.18.{16 + i // 256}.{i % 256}"
+    return f"2001:db8:{16 + i // 256:x}::{i % 256:x}"
+
+
+def _blocklist(family: Family) -> str:
+    return ("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
+            + "".join(f"-A INPUT -s {_blocklisted(i, family)} -j {'DROP' if i % 5 else 'ACCEPT'}\n"
+                      for i in range(BLOCKLIST_SIZE))
+            + "COMMIT\n")
 
 
 BLOCKLIST_SIZE = 10000
-BLOCKLIST = ("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
-             + "".join(f"-A INPUT -s {_blocklisted(i)} -j {'DROP' if i % 5 else 'ACCEPT'}\n"
-                       for i in range(BLOCKLIST_SIZE))
-             + "COMMIT\n")
-# (command, whether it changes which of BLOCKLIST_TRAFFIC arrives)
-BLOCKLIST_EDITS = [
-    ("-A INPUT -s 198.18.99.1 -j DROP", True),
-    (f"-I INPUT 1 -s {_blocklisted(1)} -j ACCEPT", True),       # every entry moves
-    (f"-D INPUT -s {_blocklisted(3)} -j DROP", True),
-    ("-R INPUT 5001 -s 198.18.99.2 -j DROP", True),
-    ("-I INPUT 3 -p tcp --syn -j ACCEPT", False),                # the run is split
-    ("-P INPUT DROP", True),
-    ("-A INPUT -s 198.18.200.0/24 -p udp --dport 7 -j ACCEPT", True),
-]
-BLOCKLIST_TRAFFIC = [Case(Packet(src, T_IN_ADDR, "udp", dport=7), "input") for src in (
-    *map(_blocklisted, (0, 1, 2, 3, 5, *range(4998, 5003), BLOCKLIST_SIZE - 1)),
-    "198.18.99.1", "198.18.99.2", "198.18.200.1")]
+# (command, whether it changes which of the traffic arrives)
+BLOCKLIST_EDITS = {
+    Family.IPV4: [
+        ("-A INPUT -s 198.18.99.1 -j DROP", True),
+        (f"-I INPUT 1 -s {_blocklisted(1)} -j ACCEPT", True),       # every entry moves
+        (f"-D INPUT -s {_blocklisted(3)} -j DROP", True),
+        ("-R INPUT 5001 -s 198.18.99.2 -j DROP", True),
+        ("-I INPUT 3 -p tcp --syn -j ACCEPT", False),                # the run is split
+        ("-P INPUT DROP", True),
+        ("-A INPUT -s 198.18.200.0/24 -p udp --dport 7 -j ACCEPT", True),
+    ],
+    Family.IPV6: [
+        ("-A INPUT -s 2001:db8:99::1 -j DROP", True),
+        (f"-I INPUT 1 -s {_blocklisted(1, Family.IPV6)} -j ACCEPT", True),
+        (f"-D INPUT -s {_blocklisted(3, Family.IPV6)} -j DROP", True),
+        ("-R INPUT 5001 -s 2001:db8:99::2 -j DROP", True),
+        # the run is split, and with -p the rule drops every packet that cannot be
+        # walked from there on, uncounted
+        ("-I INPUT 3 -p tcp --syn -j ACCEPT", True),
+        ("-P INPUT DROP", True),
+        ("-A INPUT -s 2001:db8:200::/48 -p udp --dport 7 -j ACCEPT", True),
+    ],
+}
+_LISTED = (0, 1, 2, 3, 5, *range(4998, 5003), BLOCKLIST_SIZE - 1)
+BLOCKLIST_TRAFFIC = {
+    Family.IPV4: [Case(Packet(src, T_IN_ADDR, "udp", dport=7), "input") for src in (
+        *(_blocklisted(i) for i in _LISTED), "198.18.99.1", "198.18.99.2", "198.18.200.1")],
+    Family.IPV6: [Case(Packet(src, T_IN6_ADDR, "udp", dport=7, **kw), "input")
+                  for src in (*(_blocklisted(i, Family.IPV6) for i in _LISTED),
+                              "2001:db8:99::1", "2001:db8:99::2", "2001:db8:200::1")
+                  # a destination options header cut short: no -p walk gets past it
+                  for kw in ({}, {"ext": (DestinationOptions(),), "truncate_ext": 1})],
+}
+COMMAND = {Family.IPV4: "iptables-legacy", Family.IPV6: "ip6tables-legacy"}
 
 
-def test_editing_a_large_classified_table(svc):
-    """Edits of one rule of a 10k-rule blocklist, a classified run, as iptables
-    makes them: each replace takes most of the table over from the one in place.
-    Packets meet the edited rules, and every entry's counters, carried over each
+@pytest.mark.parametrize("family", list(Family), ids=["ipv4", "ipv6"])
+def test_editing_a_large_classified_table(svc, family):
+    """Edits of one rule of a 10k-rule blocklist, a classified run, as iptables (and
+    ip6tables) makes them: each replace takes most of the table over from the one in
+    place. Packets meet the edited rules, and every entry's counters, carried over each
     edit by iptables, stay the kernel's."""
     service = ServiceBackend(svc.socket, svc.bpffs, env=svc.env)
+    traffic, command = BLOCKLIST_TRAFFIC[family], COMMAND[family]
     with Lab({"kernel": KernelBackend(), "service": service}) as lab:
         def same_as_the_kernel() -> list[bool]:
-            arrived = lab.run(BLOCKLIST_TRAFFIC)
+            arrived = lab.run(traffic)
             assert arrived["service"] == arrived["kernel"]
-            kernel, ours = lab.counters("kernel"), lab.counters("service")
+            kernel, ours = lab.counters("kernel", family), lab.counters("service", family)
             assert len(ours) == len(kernel)
             assert [(e, k, b) for e, (k, b) in enumerate(zip(kernel, ours)) if k != b] == []
             return arrived["kernel"]
 
-        lab.load(BLOCKLIST)
+        lab.load(_blocklist(family), family)
         arrived = same_as_the_kernel()
-        for command, changes in BLOCKLIST_EDITS:
-            subprocess.run(["ip", "netns", "exec", lab.netns("kernel"), "iptables-legacy", "-w",
-                            *command.split()], check=True)
-            done = service.exec(lab, "service", ["iptables-legacy", "-w", *command.split()])
+        for edit, changes in BLOCKLIST_EDITS[family]:
+            subprocess.run(["ip", "netns", "exec", lab.netns("kernel"), command, "-w",
+                            *edit.split()], check=True)
+            done = service.exec(lab, "service", [command, "-w", *edit.split()])
             assert done.returncode == 0, done.stderr
             before, arrived = arrived, same_as_the_kernel()
-            assert (arrived != before) == changes, command
-        assert sum(p for p, _ in lab.counters("kernel")[:-4]) >= 2 * len(BLOCKLIST_TRAFFIC)
+            assert (arrived != before) == changes, edit
+        assert sum(p for p, _ in lab.counters("kernel", family)[:-4]) >= 2 * len(traffic)
 
 
 # ---------------------------------------------------------------- 4. kill -9 under traffic

@@ -15,6 +15,10 @@ ip6tables'. Not here: -i (test runs have no input device) and what only real fra
 and sockets have (mac, pkttype of received frames and looped-back multicast, owner):
 test_differential.py, test_pkttype.py and test_owner.py compare those with the kernel.
 
+Long lists (LONG_LISTS): every case runs walked and classified (runs of one rule on,
+verdicts.run_case); those cases aim at the tuple space's corners, each of which
+the walked code and the kernel decide too.
+
 Packet sizes (bpfilter_lab.packets.Packet, 16 payload bytes unless said): tcp 76,
 udp 64, icmpv6 64, a protocol without a header 56; each extension header adds its
 bytes: hop-by-hop, destination options, routing and fragment headers 8 here, AH 24.
@@ -449,6 +453,92 @@ CASES = [
            {"INPUT 1": (1, 84), "INPUT policy": (1, 76), "FORWARD 1": (1, 64),
             "FORWARD policy": (1, 64)}),
 ]
+
+# A packet whose extension headers cannot be walked: 41 bytes, a hop-by-hop header
+# cut after its first byte.
+def unwalkable(dst=B) -> Packet:
+    return udp(dst=dst, ext=(HBH,), truncate_ext=1, payload_len=0)
+
+
+IP6_PROTO, IP6_FLAGS = 128, 131   # offsets of ip6t_ip6's proto and flags
+
+LONG_LISTS = [
+    v6case("a run: the first prefix that matches, /32 to /128, not the longest",
+           """-A OUTPUT -d 2001:db8:7::8/128 -j ACCEPT
+              -A OUTPUT -d 2001:db8::/32 -j DROP
+              -A OUTPUT -d 2001:db8:7::/48 -j ACCEPT
+              -A OUTPUT -s 2001:db8:1::/64 -d 2001:db9::/56 -j DROP
+              -A OUTPUT -d 2001:db9::/127 -j DROP""",
+           [(OUT, udp(), ACCEPT), (OUT, udp(dst="2001:db8:7::9"), DROP),
+            (OUT, udp(dst="2001:db9::1"), DROP), (OUT, udp(dst="2001:db9:0:100::1"), ACCEPT),
+            (OUT, udp(src="2001:db8:2::3", dst="2001:db9::1"), DROP)],
+           {"OUTPUT 1": (1, 64), "OUTPUT 2": (1, 64), "OUTPUT 4": (1, 64), "OUTPUT 5": (1, 64),
+            "OUTPUT policy": (1, 64)}),
+    v6case("a run: address bits outside the mask do not count",
+           "-A OUTPUT -s 2001:db8:1::/48 -j DROP\n-A OUTPUT -d 2001:db8:5::/48 -j DROP",
+           [(OUT, udp(), DROP), (OUT, udp(src="2001:db8:2::3"), ACCEPT)],
+           {"OUTPUT 1": (1, 64), "OUTPUT policy": (1, 64)},
+           crafted=[("OUTPUT 1", None, 15, b"\x01")]),
+    v6case("a run: a rule without -p looks at no protocol, whatever its field holds",
+           "-A OUTPUT -d 2001:db8:7::/48 -j DROP\n-A OUTPUT -p udp -j ACCEPT",
+           [(OUT, udp(), DROP), (OUT, unwalkable(), DROP),
+            (OUT, udp(dst="2001:db8:6::1"), ACCEPT)],
+           {"OUTPUT 1": (2, 105), "OUTPUT 2": (1, 64)},
+           crafted=[("OUTPUT 1", None, IP6_PROTO, b"\x06\x00")]),
+    v6case("a run: what cannot be walked is dropped by the first rule with -p whose "
+           "addresses match, and matched by a rule without",
+           """-A OUTPUT -d 2001:db8:9::/48 -j ACCEPT
+              -A OUTPUT -d 2001:db8:7::/48 -p udp --dport 53 -j ACCEPT
+              -A OUTPUT -d 2001:db8:8::/48 -p all -j ACCEPT
+              -A OUTPUT -d 2001:db8:5::/48 -j DROP""",
+           [(OUT, unwalkable("2001:db8:9::1"), ACCEPT), (OUT, unwalkable(), DROP),
+            (OUT, unwalkable("2001:db8:8::1"), DROP), (OUT, unwalkable("2001:db8:5::1"), DROP),
+            (OUT, unwalkable("2001:db8:6::1"), ACCEPT), (OUT, udp(dport=53), ACCEPT)],
+           {"OUTPUT 1": (1, 41), "OUTPUT 2": (1, 64), "OUTPUT 4": (1, 41),
+            "OUTPUT policy": (1, 41)}),
+    v6case("a run: a short transport header is dropped by the first port rule whose ip "
+           "part matches",
+           """-A OUTPUT -d 2001:db8:5::/48 -p udp --dport 53 -j ACCEPT
+              -A OUTPUT -s 2001:db8:1::3/128 -p tcp -j ACCEPT
+              -A OUTPUT -p udp --dport 53 -j ACCEPT
+              -A OUTPUT -p tcp --sport 1024:65535 --dport 80:89 -j DROP
+              :OUTPUT DROP""",
+           [(OUT, udp(truncate_l4=4, payload_len=0), DROP),
+            (OUT, tcp(truncate_l4=12, payload_len=0), ACCEPT),
+            (OUT, tcp(truncate_l4=12, payload_len=0, src="2001:db8:2::3"), DROP),
+            (OUT, tcp(dport=81, src="2001:db8:2::3", ext=(FIRST,)), DROP)],
+           {"OUTPUT 2": (1, 52), "OUTPUT 4": (1, 84)}),
+    v6case("a run: a later fragment has the protocol but no ports, and offset 1 is "
+           "8 bytes (no evil fragment)",
+           """-A OUTPUT -p udp --dport 53 -j DROP
+              -A OUTPUT -p tcp --dport 80 -j DROP
+              -A OUTPUT -p tcp -j ACCEPT
+              :OUTPUT DROP""",
+           [(OUT, udp(ext=(LATER,)), DROP), (OUT, tcp(ext=(Fragment(offset=1),)), ACCEPT)],
+           {"OUTPUT 3": (1, 64), "OUTPUT policy": (1, 64)}),
+    v6case("a run in a user chain",
+           """:blk -
+              -A OUTPUT -j blk
+              -A blk -d 2001:db8:7::/48 -p udp --dport 53 -j DROP
+              -A blk -d 2001:db8:7::/48 -p udp --dport 54 -j ACCEPT
+              -A blk -s 2001:db8:1::/48 -p tcp -j DROP""",
+           [(OUT, udp(dport=53), DROP), (OUT, udp(dport=54), ACCEPT),
+            (OUT, udp(dport=55), ACCEPT), (OUT, unwalkable(), DROP)],
+           {"OUTPUT 1": (4, 233), "blk 1": (1, 64), "blk 2": (1, 64), "blk return": (1, 64),
+            "OUTPUT policy": (1, 64)}),
+    # every frame builds its lookup key in the main frame's: BPF's 512 bytes of stack
+    # are shared by all 8 frames
+    v6case("runs in user chains nested as deep as BPF allows",
+           "\n".join([*(f":c{i} -" for i in range(1, 8)), "-A OUTPUT -j c1",
+                      *(f"-A c{i} -d 2001:db8:9::/48 -j DROP\n-A c{i} -j c{i + 1}"
+                        for i in range(1, 7)),
+                      "-A c7 -d 2001:db8:9::/48 -j DROP", "-A c7 -p udp --dport 53 -j DROP"]),
+           [(OUT, udp(dport=53), DROP), (OUT, udp(dport=54), ACCEPT)],
+           {"OUTPUT 1": (2, 128), **{f"c{i} 2": (2, 128) for i in range(1, 7)},
+            **{f"c{i} return": (1, 64) for i in range(1, 8)}, "c7 2": (1, 64),
+            "OUTPUT policy": (1, 64)}),
+]
+CASES += LONG_LISTS
 
 OUTPUT_ONLY = output_only(CASES)
 

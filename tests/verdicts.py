@@ -43,8 +43,8 @@ class Case:
     steps: list                     # (hook, packet, expected verdict)
     counters: dict = field(default_factory=dict)   # "CHAIN n" | "CHAIN policy" | "X return"
     # Bytes no iptables writes, put in the blob: (rule "CHAIN n", its match number
-    # from 0, offset in that match's payload, the bytes); match None: offset in the
-    # entry itself (its ip part: ipt_ip / ip6t_ip6 starts it).
+    # from 0 or None for the entry's ip part, offset in that match's payload or in
+    # the ip part, the bytes).
     crafted: tuple = ()
     family: Family = Family.IPV4
 
@@ -126,8 +126,8 @@ def blob_of(rules: str, crafted: tuple = (), family: Family = Family.IPV4) -> by
         entry = entries[entry_index(rules)[rule]]
         at = SIZEOF_IPT_REPLACE + entry.offset + offset
         if match is not None:
-            at += families.of(family).entry_size + sum(m.size for m in entry.matches[:match]) + \
-                SIZEOF_XT_ENTRY_HEADER
+            at += families.of(family).entry_size + \
+                sum(m.size for m in entry.matches[:match]) + SIZEOF_XT_ENTRY_HEADER
         blob[at:at + len(data)] = data
     return bytes(blob)
 

@@ -14,21 +14,25 @@ from bpfilter import decode
 from bpfilter.bpf import syscall as bpf
 from bpfilter.bpf.asm import Assembler
 from bpfilter.errors import BpfilterError
+from bpfilter.model import Family
 from bpfilter.netfilter import NF_ACCEPT, NF_INET_LOCAL_IN
 from bpfilter_lab.packets import Packet
 
 from netlab import PAYLOAD
-from rules import Flow
+from rules import IPV4, IPV6, Flow
+
+# rules' families as bpfilter names them
+FAMILY = {IPV4: Family.IPV4, IPV6: Family.IPV6}
 
 BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
 _PERCPU = {bpf.BPF_MAP_TYPE_PERCPU_ARRAY, bpf.BPF_MAP_TYPE_PERCPU_HASH,
            BPF_MAP_TYPE_LRU_PERCPU_HASH}
 
 
-def table_dir(bpffs: str, netns: str) -> str:
-    """The pins of the filter table bpfilter holds for the named netns."""
+def table_dir(bpffs: str, netns: str, family: int) -> str:
+    """The pins of the filter table of `family` bpfilter holds for the named netns."""
     inum = os.stat(f"/run/netns/{netns}").st_ino
-    found = glob.glob(os.path.join(bpffs, f"{inum}-*", "ipv4-filter"))
+    found = glob.glob(os.path.join(bpffs, f"{inum}-*", f"ipv{family}-filter"))
     if len(found) != 1:
         raise RuntimeError(f"bpfilter holds {len(found)} filter tables for {netns} in {bpffs}")
     return found[0]
@@ -51,7 +55,7 @@ def input_program(pins: str) -> Iterator[int]:
 
 def test_packet(flow: Flow) -> bytes:
     return Packet(flow.src, flow.dst, "udp", flow.sport, flow.dport,
-                  payload_len=PAYLOAD).build(1, 1)
+                  payload_len=PAYLOAD[flow.family]).build(1, 1)
 
 
 def ns_per_packet(prog_fd: int, flow: Flow, repeat: int) -> float:
@@ -137,14 +141,14 @@ def _stopwatch() -> Iterator[dict]:
             setattr(owner, attr, originals[stage])
 
 
-def replay_load(blob: bytes) -> dict:
-    """Load the blob iptables-legacy-restore sends (without attaching), timing each
+def replay_load(blob: bytes, family: int) -> dict:
+    """Load the blob ip(6)tables-legacy-restore sends (without attaching), timing each
     stage; a refusal ends the replay where the service's load ends too."""
     start = time.perf_counter()
     error = None
     with _stopwatch() as spent:
         try:
-            loader.load_filter_table(blob, attach=False).close()
+            loader.load_filter_table(blob, attach=False, family=FAMILY[family]).close()
         except (BpfilterError, OSError) as err:
             error = str(err).splitlines()[0]
     return {"stages_s": spent, "total_s": time.perf_counter() - start, "error": error}

@@ -13,7 +13,8 @@ LABELS = {"none": "no rules", "legacy": "iptables-legacy", "nft": "nftables",
           "nftset": "nftables sets", "bpfilter": "bpfilter"}
 COLORS = {"legacy": "tab:red", "nft": "tab:green", "nftset": "tab:olive",
           "bpfilter": "tab:blue"}
-MIX_STYLES = {"blocklist": "-", "ports": "--", "classbench": ":"}
+MIX_STYLES = {"blocklist": "-", "ports": "--", "classbench": ":", "blocklist6": "-.",
+              "ports6": (0, (5, 1, 1, 1, 1, 1))}
 LOAD_STAGES = ("parse", "decode", "compile", "assemble", "verify")
 CSV_FIELDS = ("mix", "n", "system", "rate_match_pps", "rate_miss_pps", "rel_match", "rel_miss",
               "wall_rate_match_pps", "wall_rate_miss_pps", "wall_rel_match", "wall_rel_miss",
@@ -39,8 +40,8 @@ def tables(results: dict) -> str:
     out = []
     w = results["config"]
     out.append(f"Packets delivered past INPUT per CPU-second of the sending core, relative to "
-               f"no rules; median of {w['reps']} x {w['window_s']:g} s; 64-byte frames "
-               f"(UDP payload {w['udp_payload']}); 'match last / no match'")
+               f"no rules; median of {w['reps']} x {w['window_s']:g} s; the smallest UDP frames "
+               f"(64 bytes on the wire for IPv4, 66 for IPv6); 'match last / no match'")
     head = f"{'mix':<11}{'N':>7}  {'no rules kpps':>15}" + "".join(
         f"  {LABELS[s]:>17}" for s in RULE_SYSTEMS)
     out += [head, "-" * len(head)]
@@ -94,12 +95,17 @@ def tables(results: dict) -> str:
                 + f"  {_num(run['systems'].get('bpfilter', {}).get('append_exec_s'), '.3g'):>11}")
         out.append(line)
 
-    out.append("")
-    out.append("Targets (issue 5), bpfilter; a rate is relative to its own with an empty "
-               "INPUT chain (N = 0), 'match last / no match'")
-    for t in targets(results):
-        out.append(f"  {t['target']:<46} {t['mix']:<11} {t['measured']:>17}  "
-                   f"{'met' if t['met'] else 'NOT met' if t['met'] is False else 'not measured'}")
+    found = targets(results)
+    for family, (issue, _) in TARGETS.items():
+        mine = [t for t in found if t["family"] == family]
+        if not mine:
+            continue
+        out.append("")
+        out.append(f"Targets ({issue}, IPv{family}), bpfilter; a rate is relative to its own "
+                   "with an empty INPUT chain (N = 0), 'match last / no match'")
+        for t in mine:
+            out.append(f"  {t['target']:<46} {t['mix']:<11} {t['measured']:>17}  "
+                       f"{'met' if t['met'] else 'NOT met' if t['met'] is False else 'not measured'}")
 
     errors = [(run["mix"], run["n"], f"{s}{what}", r[key]) for run in runs
               for s, r in run["systems"].items()
@@ -118,6 +124,14 @@ RATE_TARGETS = (("packet rate at 10k rules >= 0.90 of 0 rules", 10000, 0.90),
                 ("packet rate at 100k rules >= 0.80 of 0 rules", 100000, 0.80))
 APPLY_TARGET = ("apply 100k rules <= 5 s", 100000, 5.0)
 APPEND_TARGET = ("append one rule to 10k rules <= 0.2 s", 10000, 0.2)
+# The targets of each family's mixes: the rates, and for IPv4 (issue 5) the times of
+# applying and appending, with the figure each is read from; IPv6's are issue 12's
+TARGETS = {4: ("issue 5", ((APPLY_TARGET, "apply_s"), (APPEND_TARGET, "append_s"))),
+           6: ("issue 12", ())}
+
+
+def _family(results: dict, mix: str) -> int:
+    return next((run.get("family", 4) for run in results["runs"] if run["mix"] == mix), 4)
 
 
 def targets(results: dict) -> list[dict]:
@@ -128,19 +142,20 @@ def targets(results: dict) -> list[dict]:
     mixes = list(dict.fromkeys(run["mix"] for run in results["runs"]))
     out = []
     for mix in mixes:
+        family = _family(results, mix)
         empty = runs.get((mix, 0), {})
         for what, n, floor in RATE_TARGETS:
             rec = runs.get((mix, n), {})
             ratios = [(_rel(rec, f) / _rel(empty, f)) if _rel(rec, f) and _rel(empty, f)
                       else None for f in FLOW_NAMES]
             known = None not in ratios
-            out.append({"target": what, "mix": mix, "n": n, "value": ratios,
+            out.append({"target": what, "mix": mix, "family": family, "n": n, "value": ratios,
                         "measured": _pair(*ratios, ".3f"),
                         "met": min(ratios) >= floor if known else None})
-        for (what, n, limit), key in ((APPLY_TARGET, "apply_s"), (APPEND_TARGET, "append_s")):
+        for (what, n, limit), key in TARGETS[family][1]:
             rec = runs.get((mix, n), {})
             value = None if rec.get("error") else rec.get(key)
-            out.append({"target": what, "mix": mix, "n": n, "value": value,
+            out.append({"target": what, "mix": mix, "family": family, "n": n, "value": value,
                         "measured": "refused" if rec.get("error") else f"{_num(value, '.3f')} s",
                         "met": False if rec.get("error") else
                         value <= limit if value is not None else None})
@@ -216,8 +231,8 @@ def plot(results: dict, path: str) -> None:
     fig, axes = plt.subplots(2, cols, figsize=(6 * cols, 10.5), squeeze=False)
     cfg = results["config"]
     fig.suptitle(f"Packet filters vs rule count, {cfg['host']['kernel']}, {cfg['host']['cpus']} CPUs, "
-                 f"64-byte UDP frames.  Solid: the matching rule is last; dashed: no rule "
-                 f"matches (policy ACCEPT).", fontsize=12)
+                 f"the smallest UDP frames (IPv4 64 bytes, IPv6 66).  Solid: the matching rule "
+                 f"is last; dashed: no rule matches (policy ACCEPT).", fontsize=12)
     plain = FuncFormatter(lambda v, _: f"{v:g}")
 
     def axes_setup(ax, ylabel, yticks):
@@ -264,7 +279,8 @@ def plot(results: dict, path: str) -> None:
         ax.legend(fontsize=9, loc="best")
 
     ax = axes[1][0]
-    mix_colors = dict(zip(mixes, ("tab:blue", "tab:purple", "tab:cyan", "tab:gray")))
+    mix_colors = dict(zip(mixes, ("tab:blue", "tab:purple", "tab:cyan", "tab:gray", "tab:brown",
+                                  "tab:pink")))
     for mix in mixes:
         for flow, style in (("match", "-"), ("miss", "--")):
             xs, ys = _series(results, mix, lambda run: (run.get("bpfilter") or {})
@@ -286,7 +302,8 @@ def plot(results: dict, path: str) -> None:
                 xs, ys = _series(results, mix, lambda run: None if run["systems"].get(s, {})
                                  .get("error") else run["systems"].get(s, {}).get(key))
                 if xs:
-                    ax.plot(xs, ys, MIX_STYLES.get(mix, "-"), marker="o", ms=4, color=COLORS[s])
+                    ax.plot(xs, ys, linestyle=MIX_STYLES.get(mix, "-"), marker="o", ms=4,
+                            color=COLORS[s])
                 refused = [(run["n"], run["systems"][s]["apply_s"]) for run in results["runs"]
                            if run["mix"] == mix and key == "apply_s"
                            and run["systems"].get(s, {}).get("error")

@@ -1,10 +1,13 @@
 """The benchmark's rulesets: one neutral list of rules per mix and size, rendered for
-iptables-restore, for plain nftables and, where the mix allows, for nftables sets.
+ip(6)tables-restore, for plain nftables and, where the mix allows, for nftables sets.
 
-Every ruleset is built around two UDP flows from the sender namespace:
+The mixes of IPv4 (blocklist, ports, classbench) and of IPv6 (blocklist6, ports6)
+are each built around two UDP flows of their family from the sender namespace:
 
-  MATCH   198.18.0.2:40000 -> 198.18.0.1:5001; only the last rule matches it (ACCEPT)
-  MISS    198.18.0.3:40001 -> 198.18.0.1:5002; no rule matches it (policy ACCEPT)
+  MATCH   198.18.0.2:40000 -> 198.18.0.1:5001    (IPv6: 2001:db8:1::2 -> 2001:db8:1::1);
+          only the last rule matches it (ACCEPT)
+  MISS    198.18.0.3:40001 -> 198.18.0.1:5002    (IPv6: 2001:db8:1::3 -> 2001:db8:1::1);
+          no rule matches it (policy ACCEPT)
 
 so one loaded ruleset serves both variants and both flows are counted at the
 receiver. Every other rule is checked against both flows and redrawn if it would
@@ -14,11 +17,13 @@ from __future__ import annotations
 
 import random
 import socket
-import struct
 from dataclasses import dataclass
 from typing import Optional
 
-MIXES = ("blocklist", "ports", "classbench")
+MIXES = ("blocklist", "ports", "classbench", "blocklist6", "ports6")
+IPV4, IPV6 = 4, 6
+FAMILY = {"blocklist": IPV4, "ports": IPV4, "classbench": IPV4, "blocklist6": IPV6,
+          "ports6": IPV6}
 
 
 @dataclass(frozen=True)
@@ -28,31 +33,47 @@ class Flow:
     dst: str
     dport: int
 
+    @property
+    def family(self) -> int:
+        return _family(self.dst)
 
-MATCH = Flow("198.18.0.2", 40000, "198.18.0.1", 5001)
-MISS = Flow("198.18.0.3", 40001, "198.18.0.1", 5002)
-FLOWS = {"match": MATCH, "miss": MISS}
+
+FLOWS = {IPV4: {"match": Flow("198.18.0.2", 40000, "198.18.0.1", 5001),
+                "miss": Flow("198.18.0.3", 40001, "198.18.0.1", 5002)},
+         IPV6: {"match": Flow("2001:db8:1::2", 40000, "2001:db8:1::1", 5001),
+                "miss": Flow("2001:db8:1::3", 40001, "2001:db8:1::1", 5002)}}
+FLOW_NAMES = ("match", "miss")
+PORTS = sorted({f.dport for flows in FLOWS.values() for f in flows.values()})
 
 Range = tuple[int, int]
+_SOCKET_FAMILY = {IPV4: socket.AF_INET, IPV6: socket.AF_INET6}
+_BITS = {IPV4: 32, IPV6: 128}
+
+
+def _family(address: str) -> int:
+    return IPV6 if ":" in address else IPV4
 
 
 def _addr(text: str) -> int:
-    return struct.unpack("!I", socket.inet_aton(text))[0]
+    return int.from_bytes(socket.inet_pton(_SOCKET_FAMILY[_family(text)], text), "big")
 
 
 def _span(prefix: str) -> Range:
-    """The first and last address of a.b.c.d/len."""
+    """The first and last address of addr/len."""
     addr, length = prefix.split("/")
-    size = 1 << (32 - int(length))
+    size = 1 << (_BITS[_family(addr)] - int(length))
     lo = _addr(addr) & ~(size - 1)
     return lo, lo + size - 1
 
 
-def _prefix(lo: int, length: int) -> str:
-    return f"{socket.inet_ntoa(struct.pack('!I', lo))}/{length}"
+def _prefix(lo: int, length: int, family: int = IPV4) -> str:
+    size = _BITS[family] // 8
+    return f"{socket.inet_ntop(_SOCKET_FAMILY[family], lo.to_bytes(size, 'big'))}/{length}"
 
 
-_LAB = _span("198.18.0.0/15")
+_LAB = {IPV4: _span("198.18.0.0/15"), IPV6: _span("2001:db8::/32")}
+# what nft calls a family's table, its addresses and its protocol field
+_NFT = {IPV4: ("ip", "ip", "ip protocol"), IPV6: ("ip6", "ip6", "meta l4proto")}
 
 
 @dataclass(frozen=True)
@@ -94,18 +115,19 @@ class Rule:
         parts.append(f"-j {self.action}")
         return " ".join(parts)
 
-    def nft(self) -> str:
+    def nft(self, family: int) -> str:
         def ports(field: str, r: Range) -> str:
             return f"{self.proto} {field} {r[0]}" if r[0] == r[1] else \
                 f"{self.proto} {field} {r[0]}-{r[1]}"
 
+        _, addresses, protocol = _NFT[family]
         parts = []
         if self.src:
-            parts.append(f"ip saddr {self.src}")
+            parts.append(f"{addresses} saddr {self.src}")
         if self.dst:
-            parts.append(f"ip daddr {self.dst}")
+            parts.append(f"{addresses} daddr {self.dst}")
         if self.proto and not (self.sport or self.dport):
-            parts.append(f"ip protocol {self.proto}")
+            parts.append(f"{protocol} {self.proto}")
         if self.sport:
             parts.append(ports("sport", self.sport))
         if self.dport:
@@ -121,11 +143,19 @@ class Ruleset:
                            # policy accepts every flow: each system's own baseline)
     extra: Rule            # what the append test adds after them
 
+    @property
+    def family(self) -> int:
+        return FAMILY[self.mix]
+
+    @property
+    def flows(self) -> dict[str, Flow]:
+        return FLOWS[self.family]
+
     def iptables_restore(self) -> str:
         return iptables_restore(self.rules)
 
     def nft_plain(self) -> str:
-        return _nft_table([r.nft() for r in self.rules])
+        return _nft_table([r.nft(self.family) for r in self.rules], self.family)
 
     def nft_sets(self) -> Optional[str]:
         """The same filter as set lookups, or None where the mix has no set form."""
@@ -136,15 +166,15 @@ class Ruleset:
         body = ", ".join(elements)
         decl = (f"\tset drops {{\n\t\ttype {spec.type};{spec.flags}\n"
                 + (f"\t\telements = {{ {body} }}\n" if elements else "") + "\t}\n")
-        return _nft_table([f"{spec.lookup} @drops drop", *(r.nft() for r in self.rules[-1:])],
-                          decl)
+        return _nft_table([f"{spec.lookup} @drops drop",
+                           *(r.nft(self.family) for r in self.rules[-1:])], self.family, decl)
 
     def nft_append(self) -> str:
-        return f"add rule ip bench input {self.extra.nft()}"
+        return f"add rule {_NFT[self.family][0]} bench input {self.extra.nft(self.family)}"
 
     def nft_sets_append(self) -> Optional[str]:
         spec = SET_MIXES.get(self.mix)
-        return spec and f"add element ip bench drops {{ {spec.key(self.extra)} }}"
+        return spec and f"add element {_NFT[self.family][0]} bench drops {{ {spec.key(self.extra)} }}"
 
 
 def iptables_restore(rules: list[Rule]) -> str:
@@ -152,9 +182,9 @@ def iptables_restore(rules: list[Rule]) -> str:
                       ":OUTPUT ACCEPT [0:0]", *(r.iptables() for r in rules), "COMMIT", ""])
 
 
-def _nft_table(rules: list[str], decl: str = "") -> str:
+def _nft_table(rules: list[str], family: int, decl: str = "") -> str:
     body = "".join(f"\t\t{r}\n" for r in rules)
-    return (f"table ip bench {{\n{decl}\tchain input {{\n"
+    return (f"table {_NFT[family][0]} bench {{\n{decl}\tchain input {{\n"
             f"\t\ttype filter hook input priority 0; policy accept;\n{body}\t}}\n}}\n")
 
 
@@ -167,37 +197,52 @@ class _SetSpec:
     order: object
 
 
-SET_MIXES = {
-    # Mixed prefix lengths need an interval set; the generator keeps them disjoint,
-    # which nft demands of a set's intervals.
-    "blocklist": _SetSpec("ipv4_addr", " flags interval;", "ip saddr",
-                          lambda r: r.src, lambda e: _span(e)[0]),
-    # Past 65533 rules ports repeat (a port space is that small): the set holds each once.
-    "ports": _SetSpec("inet_service", "", "udp dport", lambda r: str(r.dport[0]), int),
-}
+# Mixed prefix lengths need an interval set; the generator keeps them disjoint,
+# which nft demands of a set's intervals.
+_ADDRESS_SET = {family: _SetSpec(f"ipv{family}_addr", " flags interval;",
+                                 f"{_NFT[family][1]} saddr", lambda r: r.src,
+                                 lambda e: _span(e)[0])
+                for family in (IPV4, IPV6)}
+# Past 65533 rules ports repeat (a port space is that small): the set holds each once.
+_PORT_SET = _SetSpec("inet_service", "", "udp dport", lambda r: str(r.dport[0]), int)
+SET_MIXES = {"blocklist": _ADDRESS_SET[IPV4], "ports": _PORT_SET,
+             "blocklist6": _ADDRESS_SET[IPV6], "ports6": _PORT_SET}
 
 
 # ---------------------------------------------------------------- the mixes
 
-def _misses(rule: Rule) -> bool:
-    return not any(rule.matches(f) for f in FLOWS.values())
+def _misses(rule: Rule, family: int = IPV4) -> bool:
+    return not any(rule.matches(f) for f in FLOWS[family].values())
 
 
-def _random_prefix(rng: random.Random, length: int) -> str:
-    """A prefix of unicast space outside the lab's 198.18.0.0/15, host bits clear."""
-    size = 1 << (32 - length)
+# unicast space a random prefix is drawn from: IPv4's, IPv6's global unicast 2000::/3
+_UNICAST = {IPV4: (1 << 24, 224 << 24), IPV6: (1 << 125, 2 << 125)}
+
+
+def _random_prefix(rng: random.Random, length: int, family: int = IPV4) -> str:
+    """A prefix of unicast space outside the lab's (198.18.0.0/15, 2001:db8::/32), host
+    bits clear."""
+    size = 1 << (_BITS[family] - length)
+    lab = _LAB[family]
     while True:
-        lo = rng.randrange(1 << 24, 224 << 24) & ~(size - 1)
-        if lo + size - 1 < _LAB[0] or lo > _LAB[1]:
-            return _prefix(lo, length)
+        lo = rng.randrange(*_UNICAST[family]) & ~(size - 1)
+        if lo + size - 1 < lab[0] or lo > lab[1]:
+            return _prefix(lo, length, family)
 
 
-def _blocklist(rng: random.Random, count: int) -> list[Rule]:
-    """A blocklist as people keep one: mostly hosts, some /24s, a few larger nets,
-    never overlapping (so the set form is the same filter)."""
+# Prefix lengths of blocklists and their shares: IPv4's mostly hosts, some /24s, a
+# few larger nets; IPv6's mostly hosts and /64s (a host's subnet), then sites and
+# providers' allocations.
+BLOCK_LENGTHS = {IPV4: ((32, 24, 20, 16), (85, 10, 4, 1)),
+                 IPV6: ((128, 64, 56, 48, 40, 32), (70, 15, 5, 6, 2, 2))}
+
+
+def _blocklist(rng: random.Random, count: int, family: int = IPV4) -> list[Rule]:
+    """A blocklist as people keep one (BLOCK_LENGTHS), never overlapping (so the set
+    form is the same filter)."""
     nets: list[str] = []
     while len(nets) < count:
-        nets += [_random_prefix(rng, rng.choices((32, 24, 20, 16), (85, 10, 4, 1))[0])
+        nets += [_random_prefix(rng, rng.choices(*BLOCK_LENGTHS[family])[0], family)
                  for _ in range(count - len(nets) + 16)]
         nets.sort(key=lambda net: _span(net)[0])
         disjoint, end = [], -1
@@ -211,7 +256,7 @@ def _blocklist(rng: random.Random, count: int) -> list[Rule]:
 
 
 def _ports(rng: random.Random, count: int) -> list[Rule]:
-    space = [p for p in range(1, 65536) if p not in (MATCH.dport, MISS.dport)]
+    space = [p for p in range(1, 65536) if p not in PORTS]
     out: list[int] = []
     while len(out) < count:
         rng.shuffle(space)
@@ -262,26 +307,32 @@ def _classbench(rng: random.Random, count: int) -> list[Rule]:
     return out
 
 
+MATCH, MATCH6 = FLOWS[IPV4]["match"], FLOWS[IPV6]["match"]
 _LAST = {
     "blocklist": Rule("ACCEPT", src=f"{MATCH.src}/32"),
     "ports": Rule("ACCEPT", proto="udp", dport=(MATCH.dport, MATCH.dport)),
     "classbench": Rule("ACCEPT", src=f"{MATCH.src}/32", dst=f"{MATCH.dst}/32", proto="udp",
                        sport=(MATCH.sport, MATCH.sport), dport=(MATCH.dport, MATCH.dport)),
+    "blocklist6": Rule("ACCEPT", src=f"{MATCH6.src}/128"),
+    "ports6": Rule("ACCEPT", proto="udp", dport=(MATCH6.dport, MATCH6.dport)),
 }
-_OTHERS = {"blocklist": _blocklist, "ports": _ports, "classbench": _classbench}
+_OTHERS = {"blocklist": _blocklist, "ports": _ports, "classbench": _classbench,
+           "blocklist6": lambda rng, count: _blocklist(rng, count, IPV6), "ports6": _ports}
 
 
 def generate(mix: str, n: int, seed: int = 1) -> Ruleset:
-    """N rules of `mix` (the last ACCEPTs MATCH) and one more for the append test;
-    the same (mix, n, seed) always gives the same rules."""
+    """N rules of `mix` (the last ACCEPTs its MATCH flow) and one more for the append
+    test; the same (mix, n, seed) always gives the same rules."""
     if mix not in _OTHERS:
         raise ValueError(f"unknown mix {mix!r} (known: {', '.join(MIXES)})")
     if n < 0:
         raise ValueError("a ruleset has no fewer than 0 rules")
     rng = random.Random(f"{mix}-{n}-{seed}")
+    family = FAMILY[mix]
     others = _OTHERS[mix](rng, max(n, 1))
     extra, others = others[-1], others[:-1]
     rules = others + [_LAST[mix]] if n else []
-    assert all(_misses(r) for r in others + [extra])
-    assert not rules or (rules[-1].matches(MATCH) and not rules[-1].matches(MISS))
+    flows = FLOWS[family]
+    assert all(_misses(r, family) for r in others + [extra])
+    assert not rules or (rules[-1].matches(flows["match"]) and not rules[-1].matches(flows["miss"]))
     return Ruleset(mix, rules, extra)

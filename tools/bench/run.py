@@ -3,12 +3,14 @@
 nftables, on the same rulesets, in network namespaces this command makes and removes.
 
     python3 tools/bench/run.py [--sizes 0,1,100,1000,10000,100000]
-                               [--mixes blocklist,ports,classbench] [--quick]
-                               [--out results/bench-<date>]
+                               [--mixes blocklist,ports,classbench,blocklist6,ports6]
+                               [--quick] [--out results/bench-<date>]
 
-For each mix and size N it loads the same N-rule INPUT chain (rules.py) into every
-system, each in its own receiver namespace, then measures
-  - the packet rate of 64-byte UDP frames flooded from a sender namespace over veth,
+For each mix and size N it loads the same N-rule INPUT chain (rules.py; IPv4 mixes
+through iptables-legacy, IPv6 ones through ip6tables-legacy) into every system, each
+in its own receiver namespace, then measures
+  - the packet rate of the smallest UDP frames of the mix's family (64 bytes on the
+    wire for IPv4, 66 for IPv6) flooded from a sender namespace over veth,
     relative to a receiver without rules measured in between (netlab.py);
   - the time to apply the ruleset and to append one rule, whole commands;
   - for bpfilter, its INPUT program's BPF_PROG_TEST_RUN time per packet, its
@@ -73,11 +75,15 @@ def _flush_bpfilter(private: str) -> None:
 def sweep_stale() -> None:
     """What a run killed without its cleanup (SIGKILL, a crash of the machine's
     sessions) left: its namespaces and its bpfilter service."""
+    from bpfilter_lab import namespaces
     pattern = re.compile(rf"^{NS_PREFIX}(\d+)-")
     for name in os.listdir("/run/netns") if os.path.isdir("/run/netns") else ():
         m = pattern.match(name)
         if m and not _alive(int(m.group(1))):
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+            try:
+                namespaces.delete(name)
+            except OSError:
+                pass
     for name in os.listdir(PRIVATE_ROOT):
         m = re.match(r"^bpbench-(\d+)$", name)
         if m and not _alive(int(m.group(1))):
@@ -90,24 +96,26 @@ def _median(values: list[float]) -> "float | None":
     return statistics.median(values) if values else None
 
 
-def measure_rates(lab, active: list[str], window: float, reps: int) -> dict:
+def measure_rates(lab, active: list[str], flows: dict, window: float, reps: int) -> dict:
     """Samples per system and flow. Each group starts with the no-rules receiver and
     the order of the others rotates, so drift and ordering effects spread evenly."""
-    samples = {s: {f: [] for f in FLOWS} for s in ["none", *active]}
+    samples = {s: {f: [] for f in flows} for s in ["none", *active]}
     for rep in range(reps):
-        for flow in FLOWS:
+        for flow in flows:
             k = rep % len(active) if active else 0
             for s in ["none", *active[k:], *active[:k]]:
-                samples[s][flow].append(lab.rate(s, FLOWS[flow], window))
+                samples[s][flow].append(lab.rate(s, flows[flow], window))
     return samples
 
 
 def bench_one(lab, systems: dict, mix: str, n: int, args) -> dict:
-    from bpfstats import footprint, input_program, ns_per_packet, replay_load, table_dir
+    from bpfstats import FAMILY, footprint, input_program, ns_per_packet, replay_load, table_dir
     from bpfilter_lab.scratch import replace_blob
 
     ruleset = rules.generate(mix, n, args.seed)
-    run = {"mix": mix, "n": n, "systems": {s: {} for s in ["none", *systems]}}
+    flows = ruleset.flows
+    run = {"mix": mix, "n": n, "family": ruleset.family,
+           "systems": {s: {} for s in ["none", *systems]}}
     active = []
     for name, system in systems.items():
         rec = run["systems"][name]
@@ -124,11 +132,11 @@ def bench_one(lab, systems: dict, mix: str, n: int, args) -> dict:
             log(f"{mix} N={n}: {name} refused after {err.seconds:.2f} s: {err}")
 
     if "bpfilter" in active:
-        pins = table_dir(args.env["BPFILTER_BPFFS"], lab.receiver("bpfilter"))
+        pins = table_dir(args.env["BPFILTER_BPFFS"], lab.receiver("bpfilter"), ruleset.family)
         with input_program(pins) as prog:
             run["bpfilter"] = {
                 "repeat": args.repeat,
-                "ns_per_packet": {f: ns_per_packet(prog, FLOWS[f], args.repeat) for f in FLOWS},
+                "ns_per_packet": {f: ns_per_packet(prog, flows[f], args.repeat) for f in flows},
                 "footprint": footprint(pins, prog)}
         # a counter per entry: the N rules, 3 policies, the final ERROR entry. Anything
         # else means the commands did not reach bpfilter (the kernel took them).
@@ -138,16 +146,16 @@ def bench_one(lab, systems: dict, mix: str, n: int, args) -> dict:
     elif "bpfilter" in systems:
         run["bpfilter"] = {}
 
-    samples = measure_rates(lab, active, args.window, args.reps)
+    samples = measure_rates(lab, active, flows, args.window, args.reps)
     for name, by_flow in samples.items():
         run["systems"][name]["samples"] = by_flow
     for key, field in (("rate", "pps_cpu"), ("rate_wall", "pps")):
-        base = {f: _median([x[field] for x in samples["none"][f]]) for f in FLOWS}
+        base = {f: _median([x[field] for x in samples["none"][f]]) for f in flows}
         for name, by_flow in samples.items():
             rec = run["systems"][name]
             rec[key] = {f: _median([x[field] for x in v]) for f, v in by_flow.items()}
             rec[key.replace("rate", "rel")] = {f: rec[key][f] / base[f] if base[f] else None
-                                               for f in FLOWS}
+                                               for f in flows}
     log(f"{mix} N={n}: rate vs no rules (match, miss): " + ", ".join(
         f"{s} {run['systems'][s]['rel']['match']:.3g} {run['systems'][s]['rel']['miss']:.3g}"
         for s in active))
@@ -167,7 +175,9 @@ def bench_one(lab, systems: dict, mix: str, n: int, args) -> dict:
             rec["append_error"], rec["append_s"] = str(err), err.seconds
 
     if "bpfilter" in systems:
-        run["bpfilter"]["replay"] = replay_load(replace_blob(ruleset.iptables_restore()))
+        run["bpfilter"]["replay"] = replay_load(
+            replace_blob(ruleset.iptables_restore(), family=FAMILY[ruleset.family]),
+            ruleset.family)
         log(f"{mix} N={n}: bpfilter load replay: " + ", ".join(
             f"{k} {v:.2f} s" for k, v in run["bpfilter"]["replay"]["stages_s"].items()))
     return run
@@ -207,7 +217,8 @@ def parse_args(argv=None):
 
 
 def _ensure_tools() -> None:
-    missing = [t for t in ("cc", "ip", "nft", "iptables-legacy-restore") if not shutil.which(t)]
+    missing = [t for t in ("cc", "ip", "nft", "iptables-legacy-restore", "ip6tables-legacy-restore")
+               if not shutil.which(t)]
     if missing:
         sys.exit(f"bench: missing {', '.join(missing)} (Debian: gcc iproute2 nftables iptables)")
     try:
@@ -275,11 +286,13 @@ def main(argv=None) -> int:
                           "started": datetime.datetime.now().isoformat(timespec="seconds"),
                           "sizes": args.sizes, "mixes": args.mixes, "window_s": args.window,
                           "reps": args.reps, "repeat": args.repeat, "seed": args.seed,
-                          "udp_payload": PAYLOAD, "frame_bytes_with_fcs": 64,
-                          "flows": {f: vars(v) for f, v in FLOWS.items()},
-                          "rate": "Ip InDelivers of the receiver netns per second of CPU time "
-                                  "the flood and ksoftirqd got on the sending core (rate_wall: "
-                                  "per second of wall clock)",
+                          "udp_payload": {f"ipv{k}": v for k, v in PAYLOAD.items()},
+                          "frame_bytes_with_fcs": {"ipv4": 64, "ipv6": 66},
+                          "flows": {f"ipv{family}": {f: vars(v) for f, v in flows.items()}
+                                    for family, flows in FLOWS.items()},
+                          "rate": "Ip InDelivers (Ip6InDelivers) of the receiver netns per "
+                                  "second of CPU time the flood and ksoftirqd got on the "
+                                  "sending core (rate_wall: per second of wall clock)",
                           "host": _host(), "bpfilter": _bpfilter_source()},
                "runs": []}
     try:

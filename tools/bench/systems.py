@@ -1,12 +1,13 @@
 """The filters under test, each driven in its receiver namespace as a person drives it.
 
 Times are wall-clock times of the whole command (`ip netns exec` included, the same
-few milliseconds for every system). bpfilter runs the same iptables-legacy binaries as
-the kernel's, with the preload shim in their environment (`bpfilter env`: what a
-script does once, and the closest this machine has to bpfilter.ko, which needs no
-shim), so its times are the commands' and the service's compile and verification.
-Appends are also timed through `bpfilter exec`, which starts a Python interpreter
-for every command (`append_exec`).
+few milliseconds for every system). bpfilter runs the same iptables-legacy and
+ip6tables-legacy binaries as the kernel's, with the preload shim in their environment
+(`bpfilter env`: what a script does once, and the closest this machine has to
+bpfilter.ko, which needs no shim), so its times are the commands' and the service's
+compile and verification. Appends are also timed through `bpfilter exec`, which
+starts a Python interpreter for every command (`append_exec`). A mix's family picks
+the binaries (rules.FAMILY); clearing a system clears both families.
 """
 from __future__ import annotations
 
@@ -16,9 +17,12 @@ import sys
 import time
 from typing import Optional
 
-from rules import SET_MIXES, Ruleset, iptables_restore
+from rules import IPV4, IPV6, SET_MIXES, Ruleset, iptables_restore
 
 EMPTY_TABLE = iptables_restore([])
+# the commands of each family: restore a table, edit one
+IPTABLES = {IPV4: ("iptables-legacy-restore", "iptables-legacy"),
+            IPV6: ("ip6tables-legacy-restore", "ip6tables-legacy")}
 
 
 class ApplyError(RuntimeError):
@@ -66,14 +70,16 @@ class Legacy(System):
         return [command]
 
     def clear(self) -> None:
-        self._timed(self._iptables("iptables-legacy-restore"), EMPTY_TABLE)
+        for restore, _ in IPTABLES.values():
+            self._timed(self._iptables(restore), EMPTY_TABLE)
 
     def apply(self, ruleset: Ruleset) -> float:
-        return self._timed(self._iptables("iptables-legacy-restore"), ruleset.iptables_restore())
+        restore, _ = IPTABLES[ruleset.family]
+        return self._timed(self._iptables(restore), ruleset.iptables_restore())
 
     def append(self, ruleset: Ruleset) -> float:
-        return self._timed([*self._iptables("iptables-legacy"),
-                            *ruleset.extra.iptables().split()])
+        _, command = IPTABLES[ruleset.family]
+        return self._timed([*self._iptables(command), *ruleset.extra.iptables().split()])
 
 
 class Bpfilter(Legacy):
@@ -85,15 +91,16 @@ class Bpfilter(Legacy):
                 "--bpffs", self.env["BPFILTER_BPFFS"], "--", command]
 
     def clear(self) -> None:
-        """Also starts the service (the first time), and puts the shim in the
-        environment of every later command."""
-        self._timed(self._exec("iptables-legacy-restore"), EMPTY_TABLE)
+        """Also starts the service (the first time, as `bpfilter env` does), and puts
+        the shim in the environment of every later command."""
         from bpfilter.execute import environment
         self.env = dict(self.env, **environment(self.env["BPFILTER_SOCKET"],
                                                 self.env["BPFILTER_BPFFS"]))
+        super().clear()
 
     def append_exec(self, ruleset: Ruleset) -> float:
-        return self._timed([*self._exec("iptables-legacy"), *ruleset.extra.iptables().split()])
+        _, command = IPTABLES[ruleset.family]
+        return self._timed([*self._exec(command), *ruleset.extra.iptables().split()])
 
 
 class Nft(System):

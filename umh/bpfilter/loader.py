@@ -35,7 +35,7 @@ from .bpf.btf import Btf
 from .packet import facts
 from . import ext
 from .ext.conntrack import GROUPS as CONNTRACK_GROUPS
-from .compiler.classifier import KEY_SIZE, VALUE_SIZE
+from .compiler.classifier import KEYS, VALUE_SIZE
 from .compiler.runs import RECORD_SIZE, Classified, TupleSpace
 from .bpf.insn import Kfunc, MapRef
 from .errors import BpfilterError
@@ -134,7 +134,8 @@ class ClassifierMaps:
         with ExitStack() as undo:
             # elements allocated as written: the room costs nothing until used
             self.keys_fd = _owned(undo, bpf.map_create(
-                bpf.BPF_MAP_TYPE_HASH, KEY_SIZE, VALUE_SIZE, self.key_capacity, f"{name}_cls",
+                bpf.BPF_MAP_TYPE_HASH, KEYS[space.family].size, VALUE_SIZE, self.key_capacity,
+                f"{name}_cls",
                 flags=bpf.BPF_F_NO_PREALLOC))
             self.records_fd = _owned(undo, bpf.map_create(
                 bpf.BPF_MAP_TYPE_ARRAY, 4, RECORD_SIZE, self.record_capacity, f"{name}_rec"))

@@ -18,12 +18,19 @@ field masks (a port range becomes the prefix blocks covering it). All keys live 
 hash map per table, the tuple id being part of the key, and map to the first rule (the
 smallest entry index, counted from the run's first rule) having that key. A packet
 costs one lookup per tuple of the run, whatever the number of rules; the smallest entry
-found is the kernel's first match.
+found is the kernel's first match. A lookup is a helper hashing the whole key (two
+16-byte addresses for IPv6): each tuple also has a filter, a bit per slot of a
+multiplicative hash of its keys in the records array, which an array read the verifier
+inlines checks first, so that most tuples a packet has no key in cost no lookup.
 
 Replaces: iptables sends the whole table for every command, and most commands change
 one rule. Runs of the ruleset in place whose rules come again are taken over, their
 keys and records already in the maps the table's rulesets share (EarlierRuns,
 loader.ClassifierMaps): an append to a 100k-rule chain classifies one rule.
+
+Both families: a table's keys are laid out for its family (KEYS: IPv6's hold two
+16-byte addresses), and its runs are of its family's rules. Multifield's merged tuples
+take IPv4 runs only: an IPv6 run the tuple space cannot take stays code.
 
 Exactness where the kernel is subtle:
   - tcp/udp matches never match a non-first fragment: their rules require an "l4" bit
@@ -32,23 +39,34 @@ Exactness where the kernel is subtle:
     offset 1, makes the first rule whose ip part matches drop it ("hotdrop") if that
     rule has a port match. Such packets look up the run's projection on the ip part
     (ports ignored): its value says whether the first rule there hotdrops.
+  - IPv6 addresses compare as ((packet ^ addr) & mask): a rule's address bits
+    outside its mask are left out of its keys (IPv4's never match: no keys at all).
+  - an IPv6 rule's protocol is the one found by walking the extension headers, and
+    only with -p (runs.lower()). A packet whose walk fails is dropped by the first rule
+    with -p whose addresses match, and matched by a rule without -p: such packets look
+    up a second projection (runs.UNWALKED), on addresses only, whose values say
+    "hotdrop" for the rules with -p.
+A projection whose keys and values are those of a main tuple (a blocklist's: no port
+rule, no -p) is that tuple: it shares its id, keys and filter.
 """
 from __future__ import annotations
 
 import functools
 import struct
 from dataclasses import dataclass, field, replace
-from typing import Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 from ..bpf import insn as I
 from ..bpf.asm import Assembler
-from ..bpf.insn import (BPF_ALU32_IMM, BPF_B, BPF_DW, BPF_H, BPF_LDX_MEM, BPF_ST_MEM, BPF_STX_MEM,
-                        BPF_W, FP, R1, R6, R9, MapRef)
-from ..model import IpHeader, Rule
+from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU32_REG, BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_DW,
+                        BPF_EMIT_CALL, BPF_H, BPF_JMP_IMM, BPF_LD_MAP_FD, BPF_LDX_MEM,
+                        BPF_MOV32_IMM, BPF_MOV64_REG, BPF_ST_MEM, BPF_STX_MEM, BPF_W, FP, R0, R1,
+                        R2, R6, R9, MapRef)
+from ..model import Family, IpHeader, Rule
 from ..packet import facts
 from . import multifield
-from .runs import (VERDICT_HOTDROP, Classified, Lowered, Masks, TupleSpace, eligible, lower,
-                   port_blocks, same_rule)
+from .runs import (MAIN, PROJECTION, RECORD_SIZE, UNWALKED, VERDICT_HOTDROP, Classified, Lowered,
+                   Masks, TupleSpace, eligible, lower, port_blocks, same_rule)
 
 MIN_RUN = 16
 # Runs of the ruleset being replaced are taken over from this size (EarlierRuns).
@@ -61,16 +79,74 @@ RULES_PER_TUPLE = 4
 
 # The hash map of every run's keys (the tuple space's and multifield's).
 MAP = MapRef("classifier")
-# The lookup key, as built on the stack.
-KEY_SIZE = 24
-K_TUPLE, K_SADDR, K_DADDR, K_SPORT, K_DPORT, K_PROTO, K_L4 = 0, 4, 8, 12, 14, 16, 17
 VALUE_SIZE = 8   # u32 entry, u32 verdict
+
+
+@dataclass(frozen=True)
+class KeyLayout:
+    """A family's lookup key: where its fields are, as built on the stack (8-aligned:
+    addresses move 8 bytes at a time where their masks allow), and how it is packed
+    for the map. The protocol, the l4 bit and the padding are its last 8 bytes."""
+
+    size: int
+    saddr: int
+    daddr: int
+    sport: int
+    dport: int
+    proto: int
+    addr_size: int
+    pack: Callable   # (tid, saddr, daddr, sport, dport, proto, l4) -> bytes
+    tuple: int = 0
+
+    @property
+    def l4(self) -> int:
+        return self.proto + 1
+
+
+_pack6 = struct.Struct("<IHH16s16sBB6x").pack
+
+
+def _key6(tid: int, saddr: int, daddr: int, sport: int, dport: int, proto: int, l4: int) -> bytes:
+    return _pack6(tid, sport, dport, saddr.to_bytes(16, "little"), daddr.to_bytes(16, "little"),
+                  proto, l4)
+
+
+KEYS = {
+    Family.IPV4: KeyLayout(24, saddr=4, daddr=8, sport=12, dport=14, proto=16, addr_size=4,
+                           pack=struct.Struct("<IIIHHBB6x").pack),
+    Family.IPV6: KeyLayout(48, saddr=8, daddr=24, sport=4, dport=6, proto=40, addr_size=16,
+                           pack=_key6),
+}
+
+
+# A tuple's filter: bits = the power of two at least FILTER_BITS_PER_KEY a key (a packet
+# without a key there finds its bit set about once in that many), in RECORD_SIZE
+# records of the records array (multifield.RECORDS).
+FILTER_BITS_PER_KEY = 32
+FILTER_MIN_BITS, FILTER_MAX_BITS = 8, 26           # log2: one record, 2M of them
+_RECORD_BITS_LOG2 = (8 * RECORD_SIZE).bit_length() - 1
+# The filter's hash: the xor of the key's 32-bit words (its tuple id aside), each times
+# its own odd multiplier (mod 2^32), then its top bits.
+FILTER_MULTIPLIERS = tuple((0x9E3779B1 * (2 * i + 1) | 1) & 0xFFFFFFFF for i in range(12))
+
+
+class LookupTuple(NamedTuple):
+    """A tuple of a run as its lookups see it: its id in the keys, what they keep of
+    each field, and its filter (first record in the records array, log2 of its bits)."""
+
+    tid: int
+    masks: Masks
+    filter: int
+    bits: int
 
 
 @dataclass
 class Run(Classified):
-    tuples: list[tuple[int, Masks]] = field(default_factory=list)        # (id, masks)
-    ip_tuples: list[tuple[int, Masks]] = field(default_factory=list)     # projection
+    """A run in the tuple space; `records` are its tuples' filters."""
+
+    tuples: list[LookupTuple] = field(default_factory=list)
+    ip_tuples: list[LookupTuple] = field(default_factory=list)          # projection
+    unwalked_tuples: list[LookupTuple] = field(default_factory=list)    # IPv6's
 
 
 Segment = Union[Rule, Run, "multifield.MultiFieldRun"]
@@ -81,14 +157,15 @@ def segments(rules: list[Rule], space: "TupleSpace",
     """The chain's rules, with runs worth classifying grouped (their keys and records
     allocated in `space`). A run ends where a rule is not eligible or would take the
     run past MAX_TUPLES lookups. Consecutive runs too short or too varied for the
-    tuple space are pooled for multifield; what it does not take stays code. Runs of
-    the ruleset being replaced whose rules come again are taken over (`earlier`)."""
+    tuple space are pooled for multifield (IPv4); what it does not take stays code.
+    Runs of the ruleset being replaced whose rules come again are taken over
+    (`earlier`)."""
     out: list[Segment] = []
     run: list[Lowered] = []
-    tuples: dict[tuple, frozenset] = {}   # the run's, as rule_tuples() factors them
-    count = 0
+    count = TupleCount(space.family)
     pooled: list[Lowered] = []
     by_entry = {rule.entry: rule for rule in rules}
+    merged = space.family in multifield.FAMILIES
 
     def flush(cut_by: Optional[Rule] = None) -> None:
         nonlocal run, count
@@ -99,13 +176,12 @@ def segments(rules: list[Rule], space: "TupleSpace",
         else:
             pooled.extend(run)
         run = []
-        tuples.clear()
-        count = 0
+        count = TupleCount(space.family)
 
     def flush_pooled() -> None:
         rest = pooled[:]
         pooled.clear()
-        while len(rest) >= MIN_RUN:
+        while merged and len(rest) >= MIN_RUN:
             plan = multifield.Plan(rest, by_entry)
             taken = len(plan.rules)
             if plan.pays():
@@ -133,16 +209,10 @@ def segments(rules: list[Rule], space: "TupleSpace",
             out.append(taken)
             at += len(taken.rules)
             continue
-        addr, ports = rule_tuples(low)
-        known = tuples.get(addr)
-        new = len(ports) if known is None else 0 if ports <= known else len(ports - known)
-        if new and count + new > MAX_TUPLES:
+        if not count.add(low, MAX_TUPLES):
             flush(cut_by=rule)
-            known, new = None, len(ports)
+            count.add(low)
         run.append(low)
-        if new:
-            tuples[addr] = ports if known is None else known | ports
-        count += new
         at += 1
     flush()
     flush_pooled()
@@ -200,25 +270,69 @@ class EarlierRuns:
         return replace(run, rules=rules[at:after])
 
 
+_PLAIN = frozenset([(0, 0, 0)])   # a rule without ports: one main tuple, no port in it
+
+
 def rule_tuples(low: Lowered) -> tuple[tuple, frozenset]:
-    """The tuples of rule_keys(low), factored: the address and protocol masks, and the
-    (sport mask, dport mask, l4, ip_only) they come with. Cheaper than making the keys,
-    which a run too varied for the tuple space never needs; those of a rule that can
-    never match are counted too."""
+    """The main tuples of rule_keys(low), factored: the address and protocol masks, and
+    the (sport mask, dport mask, l4) they come with. Cheaper than making the keys,
+    which a run too varied for the tuple space never needs."""
     return (low.smask, low.dmask, bool(low.proto)), _port_tuples(low.ports)
 
 
 @functools.lru_cache(maxsize=1 << 16)
 def _port_tuples(ranges: Optional[tuple]) -> frozenset:
     if ranges is None:
-        return frozenset(((0, 0, 0, False), (0, 0, 0, True)))
-    return frozenset([(spm, dpm, 1, False) for _, spm in port_blocks(*ranges[:2])
-                      for _, dpm in port_blocks(*ranges[2:])] + [(0, 0, 0, True)])
+        return _PLAIN
+    return frozenset((spm, dpm, 1) for _, spm in port_blocks(*ranges[:2])
+                     for _, dpm in port_blocks(*ranges[2:]))
 
 
-def rule_keys(low: Lowered):
+def _ids(ports: frozenset) -> int:
+    """The tuple ids of one address and protocol mask: its main tuples, and its
+    projection's unless that is its plain main tuple (no port rule has those masks)."""
+    return len(ports) + (ports != _PLAIN)
+
+
+class TupleCount:
+    """The tuple ids of a run being grown, as tuple_space_run gives them (or more, for
+    rules that can never match, which put no keys)."""
+
+    def __init__(self, family: Family):
+        self.unwalked = family is Family.IPV6
+        self.ports: dict[tuple, frozenset] = {}   # rule_tuples(), merged per address masks
+        # IPv6: the address masks whose UNWALKED tuple has keys of its own, those of a
+        # rule with -p among them; without, it is their plain main tuple without protocol
+        self.own_unwalked: set[tuple] = set()
+        self.count = 0
+
+    def add(self, low: Lowered, limit: Optional[int] = None) -> bool:
+        """Count the tuples `low` adds, unless that takes the count past `limit` (then
+        False, and nothing counted); a rule adding none always fits."""
+        addr, ports = rule_tuples(low)
+        known = self.ports.get(addr)
+        if known is None:
+            grown, new = ports, _ids(ports)
+        elif ports <= known:
+            grown, new = known, 0
+        else:
+            grown = known | ports
+            new = _ids(grown) - _ids(known)
+        # (an IPv6 rule with a protocol or ports has -p: low.walks)
+        own_unwalked = self.unwalked and low.walks and addr[:2] not in self.own_unwalked
+        new += own_unwalked
+        if new and limit is not None and self.count + new > limit:
+            return False
+        self.ports[addr] = grown
+        if own_unwalked:
+            self.own_unwalked.add(addr[:2])
+        self.count += new
+        return True
+
+
+def rule_keys(low: Lowered, family: Family):
     """(masks, key fields, entry, verdict) of every key a rule puts in its run's tuples,
-    its ip projection included; nothing for a rule the kernel can never match."""
+    its projections included; nothing for a rule the kernel can never match."""
     if low.never_matches:
         return
     smask, dmask, saddr, daddr, proto = low.smask, low.dmask, low.saddr, low.daddr, low.proto
@@ -232,9 +346,12 @@ def rule_keys(low: Lowered):
             for dp, dpm in port_blocks(*ports[2:]):
                 yield Masks(smask, dmask, pmask, spm, dpm, 1), \
                     (saddr, daddr, sp, dp, proto, 1), low.entry, low.verdict
-    yield Masks(smask, dmask, pmask, 0, 0, 0, ip_only=True), \
+    yield Masks(smask, dmask, pmask, 0, 0, 0, PROJECTION), \
         (saddr, daddr, 0, 0, proto, 0), low.entry, \
         VERDICT_HOTDROP if ports is not None else low.verdict
+    if family is Family.IPV6:
+        yield Masks(smask, dmask, 0, 0, 0, 0, UNWALKED), (saddr, daddr, 0, 0, 0, 0), \
+            low.entry, VERDICT_HOTDROP if low.walks else low.verdict
 
 
 def tuple_space_run(space: TupleSpace, lows: list[Lowered], by_entry: dict[int, Rule],
@@ -244,45 +361,154 @@ def tuple_space_run(space: TupleSpace, lows: list[Lowered], by_entry: dict[int, 
     groups: dict[Masks, list] = {}
     base = lows[0].entry
     for low in lows:
-        for masks, fields, entry, verdict in rule_keys(low):
+        for masks, fields, entry, verdict in rule_keys(low, space.family):
             groups.setdefault(masks, []).append((fields, entry - base, verdict))
-    if len(groups) > MAX_TUPLES or len(groups) * RULES_PER_TUPLE > len(lows):
+    # a projection with the keys and values of a main tuple is that tuple
+    twins = {masks: twin for masks in groups if masks.structure != MAIN
+             and groups.get(twin := masks._replace(structure=MAIN)) == groups[masks]}
+    ids = len(groups) - len(twins)
+    if ids > MAX_TUPLES or ids * RULES_PER_TUPLE > len(lows):
         return None
     run = Run([by_entry[low.entry] for low in lows], {}, bytearray(), 0, cut_by)
-    for masks, members in groups.items():
+    layout = KEYS[space.family]
+    made: dict[Masks, tuple] = {}   # tid, filter (relative), bits
+    for masks, members in sorted(groups.items(), key=lambda group: group[0].structure):
+        if masks in twins:
+            made[masks] = made[twins[masks]]
+            continue
         tid = space.new_tid()
-        (run.ip_tuples if masks.ip_only else run.tuples).append((tid, masks))
+        keys = []
+        seen: set[tuple] = set()   # (a projection's rules share few keys: a list's, one)
         for fields, entry, verdict in members:
-            key = _key(tid, *fields)
-            if key not in run.keys or run.keys[key][0] > entry:
+            if fields not in seen:   # members come in entry order: the first rule wins
+                seen.add(fields)
+                key = layout.pack(tid, *fields)
                 run.keys[key] = (entry, verdict)
+                keys.append(key)
+        bits = filter_bits(len(keys))
+        made[masks] = tid, len(run.records) // RECORD_SIZE, bits
+        run.records += filter_of(layout, masks, keys, bits)
+    run.record_base = space.record_slots(run.record_count)
+    structures = {MAIN: run.tuples, PROJECTION: run.ip_tuples, UNWALKED: run.unwalked_tuples}
+    for masks in groups:
+        tid, first, bits = made[masks]
+        structures[masks.structure].append(LookupTuple(tid, masks, run.record_base + first, bits))
     return run
 
 
-# _key(tid, saddr, daddr, sport, dport, proto, l4), laid out as the K_* offsets say
-_key = struct.Struct("<IIIHHBB6x").pack
+def filter_bits(keys: int) -> int:
+    return min(FILTER_MAX_BITS, max(FILTER_MIN_BITS, (FILTER_BITS_PER_KEY * keys - 1).bit_length()))
 
 
-def emit_key(asm: Assembler, tuple_fp: int, tid: int, masks: Masks) -> None:
-    """The key of tuple `tid` for the packet (R6 = &facts) at `tuple_fp`; its l4 byte is
-    R9 if the tuple keeps it."""
-    asm.emit(BPF_ST_MEM(BPF_W, FP, tuple_fp + K_TUPLE, tid))
-    fields = ((facts.SADDR, BPF_W, K_SADDR, masks.saddr, 0xFFFFFFFF),
-              (facts.DADDR, BPF_W, K_DADDR, masks.daddr, 0xFFFFFFFF),
-              (facts.SPORT, BPF_H, K_SPORT, masks.sport, 0xFFFF),
-              (facts.DPORT, BPF_H, K_DPORT, masks.dport, 0xFFFF))
-    for fact, size, key_off, mask, full in fields:
+@functools.lru_cache(maxsize=1024)
+def _hashed_words(layout: "KeyLayout", masks: Masks) -> tuple[tuple[int, int], ...]:
+    """(offset, multiplier) of the key words a tuple's filter hashes: those its masks
+    keep something of (the others are zero in every key)."""
+    kept = layout.pack(0, masks.saddr, masks.daddr, masks.sport, masks.dport,
+                       0xFF if masks.proto else 0, 0xFF if masks.l4 else 0)
+    return tuple((4 * i, FILTER_MULTIPLIERS[i])
+                 for i, (word,) in enumerate(struct.iter_unpack("<I", kept)) if i and word)
+
+
+def filter_slot(key: bytes, layout: "KeyLayout", masks: Masks, bits: int) -> int:
+    """The bit of a key in its tuple's filter, as emit_filter_check computes it."""
+    h = 0
+    for offset, multiplier in _hashed_words(layout, masks):
+        h ^= int.from_bytes(key[offset:offset + 4], "little") * multiplier & 0xFFFFFFFF
+    return h >> (32 - bits)
+
+
+def filter_of(layout: "KeyLayout", masks: Masks, keys: list[bytes], bits: int) -> bytearray:
+    """The filter of a tuple with these keys: 2**bits bits (whole records)."""
+    out = bytearray(1 << bits >> 3)
+    words = _hashed_words(layout, masks)
+    shift = 32 - bits
+    unpack = struct.Struct(f"<{layout.size // 4}I").unpack
+    for key in keys:
+        values = unpack(key)
+        h = 0
+        for offset, multiplier in words:
+            h ^= values[offset >> 2] * multiplier
+        slot = (h & 0xFFFFFFFF) >> shift
+        out[slot >> 3] |= 1 << (slot & 7)
+    return out
+
+
+def emit_filter_check(asm: Assembler, layout: "KeyLayout", key: int, scratch_fp: int,
+                      t: LookupTuple, missed) -> None:
+    """On to `missed` unless the filter of tuple t has the bit of the key (at R6 + `key`)
+    set. Uses the frame's 8 bytes at `scratch_fp` (the record's index, the bit's)."""
+    asm.emit(BPF_MOV32_IMM(R1, 0))
+    for offset, multiplier in _hashed_words(layout, t.masks):
+        asm.emit(BPF_LDX_MEM(BPF_W, R2, R6, key + offset),
+                 BPF_ALU32_IMM(I.BPF_MUL, R2, multiplier), BPF_ALU32_REG(I.BPF_XOR, R1, R2))
+    asm.emit(BPF_ALU32_IMM(I.BPF_RSH, R1, 32 - t.bits),
+             BPF_STX_MEM(BPF_W, FP, R1, scratch_fp + 4),
+             BPF_ALU32_IMM(I.BPF_RSH, R1, _RECORD_BITS_LOG2),
+             BPF_ALU32_IMM(I.BPF_ADD, R1, t.filter),
+             BPF_STX_MEM(BPF_W, FP, R1, scratch_fp),
+             BPF_LD_MAP_FD(R1, multifield.RECORDS),
+             BPF_MOV64_REG(R2, FP), BPF_ALU64_IMM(I.BPF_ADD, R2, scratch_fp),
+             BPF_EMIT_CALL(I.BPF_FUNC_map_lookup_elem),
+             BPF_JMP_IMM(I.BPF_JEQ, R0, 0, missed),
+             # the byte of the record, then the bit of the byte
+             BPF_LDX_MEM(BPF_W, R1, FP, scratch_fp + 4),
+             BPF_MOV64_REG(R2, R1), BPF_ALU64_IMM(I.BPF_RSH, R2, 3),
+             BPF_ALU64_IMM(I.BPF_AND, R2, RECORD_SIZE - 1), BPF_ALU64_REG(I.BPF_ADD, R0, R2),
+             BPF_LDX_MEM(BPF_B, R2, R0, 0),
+             BPF_ALU64_IMM(I.BPF_AND, R1, 7), BPF_ALU64_REG(I.BPF_RSH, R2, R1),
+             BPF_ALU64_IMM(I.BPF_AND, R2, 1),
+             BPF_JMP_IMM(I.BPF_JEQ, R2, 0, missed))
+
+
+def emit_key(asm: Assembler, layout: KeyLayout, key: int, tid: int, masks: Masks) -> None:
+    """The key of tuple `tid` for the packet (R6 = &facts) at R6 + `key` (8-aligned);
+    its l4 byte is R9 if the tuple keeps it."""
+    asm.emit(BPF_ST_MEM(BPF_W, R6, key + layout.tuple, tid))
+    for fact, key_off, mask in ((facts.SADDR, layout.saddr, masks.saddr),
+                                (facts.DADDR, layout.daddr, masks.daddr)):
+        _emit_masked_address(asm, fact, key + key_off, layout.addr_size, mask)
+    for fact, key_off, mask in ((facts.SPORT, layout.sport, masks.sport),
+                                (facts.DPORT, layout.dport, masks.dport)):
         if not mask:
-            asm.emit(BPF_ST_MEM(size, FP, tuple_fp + key_off, 0))
+            asm.emit(BPF_ST_MEM(BPF_H, R6, key + key_off, 0))
             continue
-        asm.emit(BPF_LDX_MEM(size, R1, R6, fact))
-        if mask != full:
+        asm.emit(BPF_LDX_MEM(BPF_H, R1, R6, fact))
+        if mask != 0xFFFF:
             asm.emit(BPF_ALU32_IMM(I.BPF_AND, R1, mask))
-        asm.emit(BPF_STX_MEM(size, FP, R1, tuple_fp + key_off))
+        asm.emit(BPF_STX_MEM(BPF_H, R6, R1, key + key_off))
     # proto, l4 and the padding
-    asm.emit(BPF_ST_MEM(BPF_DW, FP, tuple_fp + K_PROTO, 0))
+    asm.emit(BPF_ST_MEM(BPF_DW, R6, key + layout.proto, 0))
     if masks.proto:
         asm.emit(BPF_LDX_MEM(BPF_B, R1, R6, facts.PROTO),
-                 BPF_STX_MEM(BPF_B, FP, R1, tuple_fp + K_PROTO))
+                 BPF_STX_MEM(BPF_B, R6, R1, key + layout.proto))
     if masks.l4:
-        asm.emit(BPF_STX_MEM(BPF_B, FP, R9, tuple_fp + K_L4))
+        asm.emit(BPF_STX_MEM(BPF_B, R6, R9, key + layout.l4))
+
+
+_WORD = 0xFFFFFFFF
+
+
+def _emit_masked_address(asm: Assembler, fact: int, at: int, size: int, mask: int) -> None:
+    """The address fact masked (a little-endian `mask` of `size` bytes) into R6 + `at`:
+    by 4-byte words, 8 bytes at once where both words are whole or both masked out
+    (an IPv6 prefix of /64 is two moves)."""
+    words = [mask >> (32 * i) & _WORD for i in range(size // 4)]
+    i = 0
+    while i < len(words):
+        word, offset = words[i], 4 * i
+        if (i + 1 < len(words) and words[i + 1] == word and word in (0, _WORD)
+                and (at + offset) % 8 == 0 and (fact + offset) % 8 == 0):
+            asm.emit(*((BPF_LDX_MEM(BPF_DW, R1, R6, fact + offset),
+                        BPF_STX_MEM(BPF_DW, R6, R1, at + offset)) if word
+                       else (BPF_ST_MEM(BPF_DW, R6, at + offset, 0),)))
+            i += 2
+            continue
+        if not word:
+            asm.emit(BPF_ST_MEM(BPF_W, R6, at + offset, 0))
+        else:
+            asm.emit(BPF_LDX_MEM(BPF_W, R1, R6, fact + offset))
+            if word != _WORD:
+                asm.emit(BPF_ALU32_IMM(I.BPF_AND, R1, word))
+            asm.emit(BPF_STX_MEM(BPF_W, R6, R1, at + offset))
+        i += 1

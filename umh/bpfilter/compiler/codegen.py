@@ -35,9 +35,10 @@ from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU64_IMM, BPF_ATOMIC_OP, BPF_B, BPF_
 from ..errors import BpfilterError
 from ..ext.tcp import EVIL_FRAGMENT_OFFSET, IPPROTO_TCP
 from ..ext.udp import IPPROTO_UDP
-from ..model import (Accept, Chain, Drop, Fallthrough, Goto, Hook, Jump, Return, Rule, Table,
-                     Verdict)
+from ..model import (Accept, Chain, Drop, Fallthrough, Family, Goto, Hook, Jump, Return, Rule,
+                     Table, Verdict)
 from ..packet import facts, flavour
+from ..packet.ipv6 import WALK, WALK_FOUND
 from . import classifier, multifield
 from .runs import INF, VERDICT_ACCEPT, VERDICT_HOTDROP, Classified, TupleSpace
 from ..packet.primitives import RuleOutcome
@@ -53,8 +54,14 @@ PROG_ARRAY = MapRef("prog_array")
 # BPF allows 8 frames; the main program is one of them.
 MAX_CALL_FRAMES = 8
 
+# The counters' key, in each frame (a run's scratch until it decides). A run's lookup
+# key goes below the main frame's, which has room for the largest, IPv6's (within
+# facts.SCRATCH): every frame builds it there, through R6, so that runs in user chains
+# take no stack of their own for it (BPF's 512 bytes are shared by every frame).
 _MAIN_KEY_FP = facts.KEYS_FP - 8
 _SUBPROG_KEY_FP = -8
+_LOOKUP_KEY_FP = {family: _MAIN_KEY_FP - key.size for family, key in classifier.KEYS.items()}
+assert min(_LOOKUP_KEY_FP.values()) >= -facts.SCRATCH
 
 
 @dataclass
@@ -88,7 +95,7 @@ def compile_table(table: Table, offsets: facts.KernelOffsets,
             sum(run.record_count for run in previous.runs)):
         space, earlier = previous.space, classifier.EarlierRuns(previous.runs)
     else:
-        space = TupleSpace()
+        space = TupleSpace(table.family)
     segments = {chain.name: classifier.segments(chain.rules, space, earlier)
                 for chain in table.chains.values()}
     runs = {s.serial: s for chain in segments.values() for s in chain
@@ -141,6 +148,8 @@ class _HookCompiler:
         self.segments = segments
         self.needs = needs   # the optional fact groups the prologue reads
         self.flavour = flavour(table.family)
+        # the lookup key, from R6 (&facts): in the main frame's scratch above the facts
+        self.lookup_key = _LOOKUP_KEY_FP[table.family] - facts.facts_fp(facts.layout(needs))
         self.asm = Assembler()
         self.entries: dict[str, object] = {}   # user chain name -> its subprogram label
 
@@ -232,11 +241,14 @@ class _HookCompiler:
         (R7, with its verdict in R8), or nothing and on to the code after the run.
         Tuple space runs look their entries up, multifield runs search buckets."""
         asm = self.asm
-        C = classifier
-        tuple_fp = key_fp - C.KEY_SIZE
         after, projected, lookups = asm.label("run_end"), asm.label("ip_only"), asm.label("run")
-        decide = asm.label("run_decide")
-        # Which lookups: the ip projection for packets a port match would hotdrop.
+        decide, unwalked = asm.label("run_decide"), asm.label("unwalked")
+        # Which lookups: IPv6's projection for packets whose extension headers cannot
+        # be walked (ip6_packet_match() decides those before any match), the ip
+        # projection for packets a port match would hotdrop.
+        if self.table.family is Family.IPV6:
+            asm.emit(BPF_LDX_MEM(BPF_B, R1, R6, WALK),
+                     BPF_JMP_IMM(I.BPF_JNE, R1, WALK_FOUND, unwalked))
         asm.emit(BPF_LDX_MEM(BPF_B, R1, R6, facts.PROTO),
                  BPF_LDX_MEM(BPF_H, R2, R6, facts.FRAGOFF),
                  BPF_LDX_MEM(BPF_B, R3, R6, facts.L4_AVAIL))
@@ -251,18 +263,21 @@ class _HookCompiler:
             asm.place(other)
         asm.place(lookups)
         if isinstance(run, multifield.MultiFieldRun):
-            multifield.emit_search(asm, run.tuples, tuple_fp, decide)
+            multifield.emit_search(asm, run.tuples, key_fp, decide)
             asm.place(projected)
-            multifield.emit_search(asm, run.ip_tuples, tuple_fp, decide)
+            multifield.emit_search(asm, run.ip_tuples, key_fp, decide)
         else:
             # the l4 bit: port matches may look at this packet (first fragments only)
             l4_known = asm.label("l4_known")
             asm.emit(BPF_MOV64_IMM(R9, 0), BPF_JMP_IMM(I.BPF_JNE, R2, 0, l4_known),
                      BPF_MOV64_IMM(R9, 1))
             asm.place(l4_known)
-            self._emit_lookups(run.tuples, tuple_fp, decide)
+            self._emit_lookups(run.tuples, key_fp, decide)
             asm.place(projected)
-            self._emit_lookups(run.ip_tuples, tuple_fp, decide)
+            self._emit_lookups(run.ip_tuples, key_fp, decide)
+            if self.table.family is Family.IPV6:
+                asm.place(unwalked)
+                self._emit_lookups(run.unwalked_tuples, key_fp, decide)
         asm.place(decide)
         accept = asm.label("run_accept")
         asm.emit(BPF_JMP32_IMM(I.BPF_JEQ, R7, INF, after),
@@ -276,16 +291,19 @@ class _HookCompiler:
         asm.emit(BPF_MOV64_IMM(R0, NF_ACCEPT), BPF_EXIT_INSN())
         asm.place(after)
 
-    def _emit_lookups(self, tuples, tuple_fp: int, decide) -> None:
+    def _emit_lookups(self, tuples, key_fp: int, decide) -> None:
         """R7/R8 = the smallest (entry, verdict) over the tuples' lookups, then to
-        `decide`. R9 holds the packet's l4 bit."""
+        `decide`. R9 holds the packet's l4 bit; the counter's key (key_fp) is the
+        filters' scratch."""
         asm = self.asm
+        layout, key = classifier.KEYS[self.table.family], self.lookup_key
         asm.emit(BPF_MOV32_IMM(R7, INF), BPF_MOV64_IMM(R8, 0))
-        for tid, masks in tuples:
+        for t in tuples:
             missed = asm.label("miss")
-            classifier.emit_key(asm, tuple_fp, tid, masks)
+            classifier.emit_key(asm, layout, key, t.tid, t.masks)
+            classifier.emit_filter_check(asm, layout, key, key_fp, t, missed)
             asm.emit(BPF_LD_MAP_FD(R1, CLASSIFIER),
-                     BPF_MOV64_REG(R2, FP), BPF_ALU64_IMM(I.BPF_ADD, R2, tuple_fp),
+                     BPF_MOV64_REG(R2, R6), BPF_ALU64_IMM(I.BPF_ADD, R2, key),
                      BPF_EMIT_CALL(I.BPF_FUNC_map_lookup_elem),
                      BPF_JMP_IMM(I.BPF_JEQ, R0, 0, missed),
                      BPF_LDX_MEM(BPF_W, R1, R0, 0),

@@ -69,11 +69,14 @@ from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU32_REG, BPF_ALU64_IMM, BPF_ALU64_R
                         BPF_LD_MAP_FD, BPF_LDX_MEM, BPF_MOV32_IMM, BPF_MOV64_IMM, BPF_MOV64_REG, BPF_STX_MEM,
                         BPF_W, FP, R0, R1, R2, R3, R4, R5, R7, R8, R9, MapRef)
 from ..forked import forked
-from ..model import Rule
+from ..model import Family, Rule
 from ..packet import facts
 from .runs import RECORD_SIZE, VERDICT_HOTDROP, Classified, Lowered, Masks, TupleSpace
 
 RECORDS = MapRef("classifier_records")
+# Records and slot hashes hold 4-byte addresses: IPv6 runs the tuple space cannot take
+# stay code.
+FAMILIES = (Family.IPV4,)
 
 # A bucket is walked by a loop the verifier unrolls, as often as the tuple's largest
 # bucket holds rules: MAX_BUCKET at most. Past BUCKET rules a bucket is crowded: the
@@ -198,7 +201,7 @@ def _member(*fields) -> _Member:
 
 
 def _ip_member(low: Lowered, packed: int) -> _Member:
-    _, saddr, smask, slen, daddr, dmask, dlen, proto, _, _ = low
+    _, saddr, smask, slen, daddr, dmask, dlen, proto, *_ = low
     pmask = 0xFF if proto else 0
     return _member(packed, saddr, smask, daddr, dmask, proto, pmask, _ANY_PORT, _ANY_PORT,
                    False, _shape(slen, dlen, pmask and 8, 0, 0),
@@ -216,7 +219,7 @@ def main_member(low: Lowered, position: int) -> Optional[_Member]:
     slo, shi, dlo, dhi = ports
     if slo > shi or dlo > dhi:
         return None
-    _, saddr, smask, slen, daddr, dmask, dlen, proto, _, verdict = low
+    _, saddr, smask, slen, daddr, dmask, dlen, proto, _, verdict, _ = low
     pmask = 0xFF if proto else 0
     packed = position << 2 | verdict
     return _member(packed, saddr, smask, daddr, dmask, proto, pmask, (slo, shi), (dlo, dhi),

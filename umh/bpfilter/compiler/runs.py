@@ -11,12 +11,23 @@ from typing import NamedTuple, Optional
 from ..ext.comment import CommentMatch
 from ..ext.tcp import TcpMatch
 from ..ext.udp import UdpMatch
-from ..model import Accept, Drop, Interface, IpHeader, Rule
+from ..model import Accept, Drop, Family, Interface, Ip6Header, IpHeader, Rule
 
 INF = 0xFFFFFFFF
 VERDICT_DROP, VERDICT_ACCEPT, VERDICT_HOTDROP = 0, 1, 2
 # multifield.RECORDS' values
 RECORD_SIZE = 32
+
+# Which packets look a tuple up (Masks.structure):
+#   MAIN        those whose transport header the run's port matches can read, or
+#               need not (no port match applies: other protocols, later fragments);
+#   PROJECTION  those a port match would drop (short transport header, tcp's
+#               fragment at offset 1): the run's projection on the ip part, whose
+#               port rules say "hotdrop";
+#   UNWALKED    IPv6's whose extension headers cannot be walked to the protocol:
+#               there a rule with -p drops the packet wherever its addresses match,
+#               a rule without matches it (ip6_packet_match()).
+MAIN, PROJECTION, UNWALKED = 0, 1, 2
 
 
 class Masks(NamedTuple):
@@ -29,7 +40,7 @@ class Masks(NamedTuple):
     sport: int
     dport: int
     l4: int
-    ip_only: bool = False   # the projection's tuples: their values say "hotdrop"
+    structure: int = MAIN
 
 
 _serials = itertools.count()
@@ -70,7 +81,9 @@ def _packet_matches(rule: Rule) -> list:
 @functools.lru_cache(maxsize=1024)
 def _mask(mask: bytes) -> tuple[int, int]:
     """A wire-order mask as facts hold it (a little-endian load) and its prefix length."""
-    return int.from_bytes(mask, "little"), 32 - (~int.from_bytes(mask, "big") & INF).bit_length()
+    bits = 8 * len(mask)
+    return (int.from_bytes(mask, "little"),
+            bits - (~int.from_bytes(mask, "big") & ((1 << bits) - 1)).bit_length())
 
 
 _VERDICTS = {Accept: VERDICT_ACCEPT, Drop: VERDICT_DROP}
@@ -79,7 +92,8 @@ _NO_INTERFACE = Interface(bytes(16), bytes(16))   # what iptables writes without
 
 class Lowered(NamedTuple):
     """An eligible rule in the terms of keys and records, made once per rule: addresses
-    and masks as facts hold them (little-endian loads of the wire bytes)."""
+    and masks as facts hold them (little-endian loads of the wire bytes; IPv4's 4
+    bytes, IPv6's 16)."""
 
     entry: int
     saddr: int
@@ -88,15 +102,41 @@ class Lowered(NamedTuple):
     daddr: int
     dmask: int
     dlen: int
-    proto: int
+    proto: int     # 0: any (IPv6: also a rule without -p, whose proto is not looked at)
     ports: Optional[tuple[int, int, int, int]]   # sport lo, hi, dport lo, hi; None: no match
     verdict: int
+    walks: bool    # IPv6 -p: a packet whose extension headers cannot be walked is
+    #                dropped (uncounted) wherever the rule's addresses match
 
     @property
     def never_matches(self) -> bool:
-        """Address bits outside the mask: the kernel compares (packet & mask) == addr,
-        never true then."""
+        """Address bits outside the mask: IPv4's kernel compares (packet & mask) ==
+        addr, never true then. (IPv6's ignores them: its rules are lowered without.)"""
         return bool(self.saddr & ~self.smask or self.daddr & ~self.dmask)
+
+
+def _ipv4_part(ip: IpHeader) -> Optional[tuple]:
+    """(src, dst, in_iface, out_iface, proto, walks) of an IPv4 ip part the classifiers
+    take (ip_packet_match()), None for one they do not."""
+    src, dst, in_iface, out_iface, proto, invert_proto, fragment, invert_fragment = ip
+    if invert_proto or fragment or invert_fragment:
+        return None
+    return src, dst, in_iface, out_iface, proto, False
+
+
+def _ipv6_part(ip: Ip6Header) -> Optional[tuple]:
+    """The same for IPv6 (ip6_packet_match()): without -p (IP6T_F_PROTO) the proto field
+    is not looked at, whatever it holds; with it the walk's protocol is compared."""
+    src, dst, in_iface, out_iface, proto, invert_proto, proto_given = ip
+    if not proto_given:
+        return src, dst, in_iface, out_iface, 0, False
+    # a protocol past 0xFF never matches the walk's, yet drops what cannot be walked
+    if invert_proto or proto > 0xFF:
+        return None
+    return src, dst, in_iface, out_iface, proto, True
+
+
+_IP_PARTS = {IpHeader: _ipv4_part, Ip6Header: _ipv6_part}
 
 
 def lower(rule: Rule) -> Optional[Lowered]:
@@ -104,18 +144,21 @@ def lower(rule: Rule) -> Optional[Lowered]:
     module docstring). (Made for every rule of a chain: unpacked, not attribute by
     attribute.)"""
     verdict = _VERDICTS.get(type(rule.target))
-    if verdict is None or type(rule.ip) is not IpHeader:   # IPv6 rules stay code for now
+    if verdict is None:
         return None
-    src, dst, in_iface, out_iface, proto, invert_proto, fragment, invert_fragment = rule.ip
+    part = _IP_PARTS[type(rule.ip)](rule.ip)
+    if part is None:
+        return None
+    src, dst, in_iface, out_iface, proto, walks = part
     saddr, smask, sinvert = src
     daddr, dmask, dinvert = dst
-    if sinvert or dinvert or invert_proto or fragment or invert_fragment:
+    if sinvert or dinvert:
         return None
     if not ((in_iface == _NO_INTERFACE or in_iface.is_any)
             and (out_iface == _NO_INTERFACE or out_iface.is_any)):
         return None
     matches = _packet_matches(rule)
-    if len(saddr) != 4 or len(matches) > 1:
+    if len(matches) > 1:
         return None
     ports = None
     if matches:
@@ -131,9 +174,14 @@ def lower(rule: Rule) -> Optional[Lowered]:
         ports = (sport.lo, sport.hi, dport.lo, dport.hi)
     smask, slen = _mask(smask)
     dmask, dlen = _mask(dmask)
-    return tuple.__new__(Lowered, (rule.entry, int.from_bytes(saddr, "little"), smask, slen,
-                                   int.from_bytes(daddr, "little"), dmask, dlen, proto, ports,
-                                   verdict))
+    saddr, daddr = int.from_bytes(saddr, "little"), int.from_bytes(daddr, "little")
+    if type(rule.ip) is Ip6Header:
+        # ipv6_masked_addr_cmp(): ((packet ^ addr) & mask), the bits of addr outside
+        # mask do not count
+        saddr &= smask
+        daddr &= dmask
+    return tuple.__new__(Lowered, (rule.entry, saddr, smask, slen, daddr, dmask, dlen, proto,
+                                   ports, verdict, walks))
 
 
 def eligible(rule: Rule) -> bool:
@@ -164,11 +212,13 @@ def port_blocks(lo: int, hi: int) -> tuple[tuple[int, int], ...]:
 
 
 class TupleSpace:
-    """Tuple ids and record slots, handed out for good: the successive rulesets of a
-    table share its maps (loader.ClassifierMaps), where a run taken over keeps its
-    keys and records, and a new run gets ids and slots no run in them has."""
+    """Tuple ids and record slots of a table's runs (its family's: the keys' layout
+    depends on it), handed out for good: the successive rulesets of a table share its
+    maps (loader.ClassifierMaps), where a run taken over keeps its keys and records,
+    and a new run gets ids and slots no run in them has."""
 
-    def __init__(self) -> None:
+    def __init__(self, family: Family = Family.IPV4) -> None:
+        self.family = family
         self.next_tid = 0
         self.next_record = 0
 
