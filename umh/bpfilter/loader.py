@@ -34,7 +34,6 @@ from .bpf import syscall as bpf
 from .bpf.btf import Btf
 from .packet import facts
 from . import ext
-from .ext.conntrack import GROUPS as CONNTRACK_GROUPS
 from .compiler.classifier import KEYS, VALUE_SIZE
 from .compiler.runs import RECORD_SIZE, Classified, TupleSpace
 from .bpf.insn import Kfunc, MapRef
@@ -71,7 +70,7 @@ class Ruleset:
     def uses_conntrack(self) -> bool:
         """Whether its programs read conntrack (it must be on in their namespace)."""
         needs = self.compiled.needs if self.compiled else facts_needed(self.table)
-        return bool(needs & CONNTRACK_GROUPS)
+        return bool(needs & facts.READ_CONNTRACK)
 
     def counters(self) -> list[tuple[int, int]]:
         """(packets, bytes) per table entry: summed over CPUs, plus added offsets."""

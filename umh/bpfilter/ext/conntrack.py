@@ -216,8 +216,7 @@ def _copy_addresses6(asm, o: CtOffsets, direction: int) -> None:
 facts.OPTIONAL["ct"] = lambda asm, k: emit_ct_facts(asm, k, _copy_addresses)
 facts.OPTIONAL["ct6"] = lambda asm, k: emit_ct_facts(asm, k, _copy_addresses6)
 facts.REGIONS_OF["ct6"] = ("ct", "ct6")
-# the groups that read conntrack: whoever loads a table using one turns it on
-GROUPS = frozenset({"ct", "ct6"})
+facts.READ_CONNTRACK.update({"ct", "ct6"})
 
 
 def emit_ct_expires(asm, k) -> None:

@@ -163,6 +163,9 @@ class KernelOffsets:
 # R8 = hook state, R9 = transport header offset (keep R8, R9), the network header's
 # facts read; each initialises its own region (reserve()). Extensions add theirs here.
 OPTIONAL: dict = {}
+# Groups that read the kernel's conntrack entry, which exists only in a namespace that
+# asked for conntrack (nf_ct_netns_get): whoever attaches a table reading one turns it on.
+READ_CONNTRACK: set[str] = set()
 
 
 class Flavour:
