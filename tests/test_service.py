@@ -422,28 +422,41 @@ def _service_reasons(stderr: str) -> tuple[list[str], str]:
             "".join(line for line in lines if not line.startswith("bpfilter: ")))
 
 
-def test_commands_behave_as_with_the_kernel(svc, nets):
+def commands_behave_as_with_the_kernel(svc: Service, nets, family: Family, commands: list,
+                                       accepted_net: str, replaced_net: str,
+                                       host: str) -> None:
+    """Every command of `commands` (its family's COMMANDS list), side by side: the kernel
+    refuses those marked so, and both sides print the same after each. accepted_net: the
+    source web's first rule accepts; replaced_net: the one `-R INPUT 1` drops; host: an
+    address, for a rule of the kernel's own table at the end."""
     kns, bns = nets(2)
-    results = side_by_side(svc, kns, bns, [f"iptables-legacy {c}" for c, _ in COMMANDS])
-    for i, ((command, refused), k) in enumerate(zip(COMMANDS, results["kernel"])):
+    results = side_by_side(svc, kns, bns, [f"{tool(family)} {c}" for c, _ in commands], family)
+    for i, ((command, refused), k) in enumerate(zip(commands, results["kernel"])):
         assert (k["rc"] != 0) == refused, \
             f"step {i} `{command}`: the kernel said {k['rc']}: {k['err']}"
     # The sequence got somewhere: user chains, counters set by -c, then zeroed.
-    by_command = dict(zip((c for c, _ in COMMANDS), results["kernel"]))
-    assert "-A www -s 192.168.1.0/24 -j ACCEPT" in by_command["-E web www"]["S"]
-    replaced = by_command["-R INPUT 1 -s 172.16.0.0/12 -c 11 1100 -j DROP"]
-    assert re.search(r"^\s+11\s+1100 DROP .* 172\.16\.0\.0/12", replaced["L"], re.M)
-    assert re.search(r"^\s+7\s+700 ACCEPT .* 192\.168\.1\.0/24", by_command["-Z INPUT"]["L"], re.M)
+    by_command = dict(zip((c for c, _ in commands), results["kernel"]))
+    assert f"-A www -s {accepted_net} -j ACCEPT" in by_command["-E web www"]["S"]
+    replaced = by_command[f"-R INPUT 1 -s {replaced_net} -c 11 1100 -j DROP"]
+    assert re.search(rf"^\s+11\s+1100 DROP .* {re.escape(replaced_net)}", replaced["L"], re.M)
+    assert re.search(rf"^\s+7\s+700 ACCEPT .* {re.escape(accepted_net)}",
+                     by_command["-Z INPUT"]["L"], re.M)
     assert not re.search(r"^\s+[1-9]", by_command["-Z"]["L"], re.M)
     assert results["bpfilter"][-1]["S"].splitlines() == FRESH
 
-    # The kernel's own table in the bpfilter namespace was never touched...
-    assert kernel_tables(svc, bns) == ""
-    # ...and creating it now gives the kernel's fresh table, nothing of ours.
-    assert svc.kok(bns, "iptables-legacy", "-S").splitlines() == FRESH
-    svc.ok(bns, "iptables-legacy", "-A", "INPUT", "-s", "10.7.7.7", "-j", "DROP")
-    assert svc.kok(bns, "iptables-legacy", "-S").splitlines() == FRESH
-    assert "-A INPUT -s 10.7.7.7/32 -j DROP" in svc.ok(bns, "iptables-legacy", "-S").splitlines()
+    # Neither family's kernel table in the bpfilter namespace was touched...
+    assert kernel_tables(svc, bns, Family.IPV4) == kernel_tables(svc, bns, Family.IPV6) == ""
+    # ...and creating the kernel's now gives its fresh table, nothing of ours.
+    assert svc.kok(bns, tool(family), "-S").splitlines() == FRESH
+    svc.ok(bns, tool(family), "-A", "INPUT", "-s", host, "-j", "DROP")
+    assert svc.kok(bns, tool(family), "-S").splitlines() == FRESH
+    full = "32" if family == Family.IPV4 else "128"
+    assert f"-A INPUT -s {host}/{full} -j DROP" in svc.ok(bns, tool(family), "-S").splitlines()
+
+
+def test_commands_behave_as_with_the_kernel(svc, nets):
+    commands_behave_as_with_the_kernel(svc, nets, Family.IPV4, COMMANDS, "192.168.1.0/24",
+                                       "172.16.0.0/12", "10.7.7.7")
 
 
 # Rules of iptables' own extension tests (extensions/libxt_multiport.t and the like):

@@ -18,7 +18,7 @@ import pytest
 import test_service
 from families import tool
 from test_service import (LIST_AND_REFUSE, LOCAL_RULES, PY, USER_CHAINS, _strip_save,
-                          assert_filters, inum_of, kernel_tables, local_traffic,
+                          assert_filters, commands_behave_as_with_the_kernel, inum_of, kernel_tables, local_traffic,
                           malformed_replaces_answer_as_the_kernel, side_by_side)
 
 from bpfilter import netns
@@ -109,27 +109,8 @@ COMMANDS = [
 
 
 def test_ip6tables_commands_behave_as_with_the_kernel(svc, nets):
-    kns, bns = nets(2)
-    results = side_by_side(svc, kns, bns, [f"{IP6TABLES} {c}" for c, _ in COMMANDS], V6)
-    for i, ((command, refused), k) in enumerate(zip(COMMANDS, results["kernel"])):
-        assert (k["rc"] != 0) == refused, \
-            f"step {i} `{command}`: the kernel said {k['rc']}: {k['err']}"
-    # The sequence got somewhere: user chains, counters set by -c, then zeroed.
-    by_command = dict(zip((c for c, _ in COMMANDS), results["kernel"]))
-    assert "-A www -s 2001:db8:1::/48 -j ACCEPT" in by_command["-E web www"]["S"]
-    replaced = by_command["-R INPUT 1 -s fc00::/7 -c 11 1100 -j DROP"]
-    assert re.search(r"^\s+11\s+1100 DROP .* fc00::/7", replaced["L"], re.M)
-    assert re.search(r"^\s+7\s+700 ACCEPT .* 2001:db8:1::/48", by_command["-Z INPUT"]["L"], re.M)
-    assert not re.search(r"^\s+[1-9]", by_command["-Z"]["L"], re.M)
-    assert results["bpfilter"][-1]["S"].splitlines() == FRESH
-
-    # Neither family's kernel table in the bpfilter namespace was touched...
-    assert kernel_tables(svc, bns, V6) == kernel_tables(svc, bns, V4) == ""
-    # ...and creating the kernel's now gives its fresh table, nothing of ours.
-    assert svc.kok(bns, IP6TABLES, "-S").splitlines() == FRESH
-    svc.ok(bns, IP6TABLES, "-A", "INPUT", "-s", "2001:db8::7", "-j", "DROP")
-    assert svc.kok(bns, IP6TABLES, "-S").splitlines() == FRESH
-    assert "-A INPUT -s 2001:db8::7/128 -j DROP" in svc.ok(bns, IP6TABLES, "-S").splitlines()
+    commands_behave_as_with_the_kernel(svc, nets, V6, COMMANDS, "2001:db8:1::/48", "fc00::/7",
+                                       "2001:db8::7")
 
 
 # ---------------------------------------------------------------- 2. save and restore

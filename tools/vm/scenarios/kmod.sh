@@ -127,13 +127,7 @@ loaded ip_tables && echo "ip_tables: loaded" || echo "ip_tables: not loaded"
 say rmmod
 rmmod bpfilter
 loaded bpfilter || echo "bpfilter: unloaded"
-tries=0
-# Unpinned links and programs are freed after an RCU grace period and deferred work.
-until [ "$(bpf_objects)" = "bpf programs: 0 netfilter links: 0" ]; do
-	tries=$((tries + 1)); [ $tries -lt 50 ] || break
-	sleep 0.1
-done
-bpf_objects
+bpf_objects_freed
 [ -e /run/bpfilter-umh ] && echo "helper file: left" || echo "helper file: removed"
 [ -e /proc/net/ip_tables_names ] && echo "ip_tables_names: left" || echo "ip_tables_names: removed"
 traffic 9 10

@@ -227,12 +227,7 @@ until rmmod bpfilter 2>/dev/null; do
 	sleep 0.1
 done
 loaded bpfilter && echo "bpfilter: loaded" || echo "bpfilter: unloaded"
-tries=0
-until [ "$(bpf_objects)" = "bpf programs: 0 netfilter links: 0" ]; do
-	tries=$((tries + 1)); [ $tries -lt 50 ] || break
-	sleep 0.1
-done
-bpf_objects
+bpf_objects_freed
 [ -e /run/bpfilter-umh ] && echo "helper file: left" || echo "helper file: removed"
 [ -e /proc/net/ip6_tables_names ] && echo "ip6_tables_names: left" || echo "ip6_tables_names: removed"
 ct_new_flow 4

@@ -23,6 +23,16 @@ bpf_objects() {
 	echo "bpf programs: $(bpftool prog show | grep -c -E 'name (bpfilter|filter)_')" \
 	     "netfilter links: $(bpftool link show | grep -c -E '^[0-9]+: (type 10|netfilter) ')"
 }
+# What is left once unpinned links and programs are freed (after an RCU grace period
+# and deferred work: wait a while for it).
+bpf_objects_freed() {
+	tries=0
+	until [ "$(bpf_objects)" = "bpf programs: 0 netfilter links: 0" ]; do
+		tries=$((tries + 1)); [ $tries -lt 50 ] || break
+		sleep 0.1
+	done
+	bpf_objects
+}
 # serve NS SECONDS PORT...: UDP echo and TCP accept on each port, in the background.
 serve() {
 	ns=$1 seconds=$2; shift 2
