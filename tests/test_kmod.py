@@ -214,22 +214,24 @@ def test_kmod_conntrack_and_reject(module):
 
 
 def test_kmod_addrtype_and_realworld_rulesets(module):
-    """addrtype through the module's kfunc, and the fail2ban and ufw fixtures
-    (tests/realworld/) that `bpfilter serve` refuses: the same answers, and the same
-    counters, as the kernel's ip_tables in the same guest
-    (tools/vm/scenarios/kmod-realworld.sh)."""
+    """addrtype through the module's kfunc, and the fixtures (tests/realworld/) that
+    `bpfilter serve` refuses: fail2ban and ufw through iptables, firewalld.ip6 and
+    ufw.ip6 through ip6tables, each on a router between two namespaces: the same
+    answers, and the same counters, as the kernel's ip_tables and ip6_tables in the same
+    guest (tools/vm/scenarios/kmod-realworld.sh)."""
     kver = harness.kernel_release()
     extra = {**system_libraries(), f"/lib/modules/{kver}/extra/bpfilter.ko": str(module),
              # as on Debian: limit's HZ (its kernel has no /proc/config.gz)
              f"/boot/config-{kver}": str(harness.kernel_tree(kver) / f"boot/config-{kver}"),
              **{f"/etc/bpfilter-vm/{name}.rules": str(ROOT / f"tests/realworld/{name}.rules")
-                for name in ("fail2ban", "ufw")}}
+                for name in ("fail2ban", "ufw", "firewalld.ip6", "ufw.ip6")}}
     script = (ROOT / "tools/vm/scenarios/kmod-realworld.sh").read_text()
-    result = harness.run_scenario(script, extra, timeout=600)
+    result = harness.run_scenario(script, extra, timeout=1200)
     out = result.output
     assert result.status == 0, out
     s = sections(out)
-    assert "ip_tables: not loaded" in s["unload ip_tables"]
+    print(f"guest run: {result.seconds:.1f} s")
+    assert "ip_tables: not loaded\nip6_tables: not loaded" in s["unload ip_tables ip6_tables"]
 
     # what the reference answers, so that a probe that tests nothing shows
     expected = {
@@ -244,6 +246,26 @@ def test_kmod_addrtype_and_realworld_rulesets(module):
                 "tcp 10.2.0.1 80: no answer", "udp 10.2.0.1 137: no reply",
                 "ping 10.2.0.1: answered", "udp 10.2.0.2 53: reply",
                 "udp 10.1.0.1 9999: reply"],
+        "firewalld6": [
+            "tcp 2001:db8:1::1 22: connected",
+            "tcp 2001:db8:1::1 80: Permission denied",            # icmp6-adm-prohibited
+            "udp 2001:db8:1::1 53: Permission denied",
+            "udp 2001:db8:1::1 9999: reply", "tcp 2001:db8:2::1 22: connected",
+            "ping 2001:db8:1::1: answered",
+            "solicit 2001:db8:1::1 hop limit 255: advertised",
+            "udp 2001:db8:2::2 53: reply",                        # fw's own flow
+            "udp 2001:db8:2::2 53: Permission denied",            # forwarded
+            "ping 2001:db8:2::2: answered"],
+        "ufw6": [
+            "tcp 2001:db8:1::1 22: connected", "tcp 2001:db8:1::1 443: connected",
+            "tcp 2001:db8:2::1 5432: connected", "tcp 2001:db8:2::1 25: no answer",
+            "udp 2001:db8:1::1 137: no reply", "udp 2001:db8:1::1 9999: no reply",
+            "ping 2001:db8:1::1: answered",
+            "solicit 2001:db8:1::1 hop limit 255: advertised",
+            "solicit 2001:db8:1::1 hop limit 64: no advertisement",
+            "udp 2001:db8:2::2 53: reply", "udp 2001:db8:1::1 9999: reply",   # fw's own
+            "udp 2001:db8:2::2 53: no reply",                                # forwarded
+            "ping 2001:db8:2::2: answered"],
     }
     for name, answers in expected.items():
         ref, ours = s[f"reference {name}"], s[f"bpfilter {name}"]
@@ -251,11 +273,18 @@ def test_kmod_addrtype_and_realworld_rulesets(module):
             assert f"{name} {answer}\n" in ref, ref
         assert _answers(ref, name) == _answers(ours, name)
         assert _listing(ref) == _listing(ours), "\n".join(difflib.unified_diff(
-            _listing(ref).splitlines(), _listing(ours).splitlines(), "ip_tables", "bpfilter",
+            _listing(ref).splitlines(), _listing(ours).splitlines(), "kernel", "bpfilter",
             lineterm=""))
     # the broadcasts reached a rule: addrtype's BROADCAST DROP, ufw's skip-to-policy
     assert re.search(r"^\s+5\s+\d+ DROP .*ADDRTYPE match dst-type BROADCAST",
                      s["bpfilter addrtype"], re.M), s["bpfilter addrtype"]
+    # firewalld's REJECTs (INPUT, FORWARD) each answered probes; ufw's neighbour
+    # discovery rules met the solicitation (INPUT) and the advertisement (OUTPUT),
+    # with their hop limit of 255
+    rejects = re.findall(r"^\s+(\d+)\s+\d+ REJECT ", s["bpfilter firewalld6"], re.M)
+    assert len(rejects) == 2 and "0" not in rejects, s["bpfilter firewalld6"]
+    assert len(re.findall(r"^\s+1\s+\d+ ACCEPT .*ipv6-icmptype 13[56] HL match HL == 255$",
+                          s["bpfilter ufw6"], re.M)) == 2, s["bpfilter ufw6"]
     for bad in ("WARNING:", "BUG:", "Call Trace:"):
         assert bad not in result.console, result.console
 

@@ -18,10 +18,16 @@
  *                              an ICMP answer raised (REJECT, conntrack's RELATED)
  *   udp connect ADDR PORT      a TCP connect() within 2 s: "connected", "no answer",
  *                              or its error (a reset: "Connection refused")
+ *   udp solicit ADDR HOPS      a neighbour solicitation for the IPv6 address ADDR, sent
+ *                              to ADDR itself with hop limit HOPS, then within 2 s:
+ *                              "advertised" (ADDR's neighbour advertisement came
+ *                              back) or "no advertisement"; the kernel answers only a
+ *                              hop limit of 255, firewalls often look at it too
  */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <net/if.h>
+#include <netinet/icmp6.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <stdio.h>
@@ -38,7 +44,8 @@ static char buf[MAX_DATAGRAM];
 static int usage(void)
 {
 	fprintf(stderr, "usage: udp send ADDR PORT COUNT | udp recv PORT SECONDS | "
-		"udp serve PORT SECONDS | udp ask ADDR PORT [SIZE [FROM]] | udp connect ADDR PORT\n");
+		"udp serve PORT SECONDS | udp ask ADDR PORT [SIZE [FROM]] | udp connect ADDR PORT | "
+		"udp solicit ADDR HOPS\n");
 	return 2;
 }
 
@@ -273,6 +280,49 @@ static int do_connect(const char *addr, int port)
 	return 0;
 }
 
+static int do_solicit(const char *addr, int hops)
+{
+	struct sockaddr_storage to;
+	struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&to;
+	socklen_t len = peer(addr, 0, &to);
+	/* No source link-layer address option: the neighbour entries are static. */
+	struct nd_neighbor_solicit ns = { .nd_ns_type = ND_NEIGHBOR_SOLICIT };
+	const struct nd_neighbor_advert *na = (const void *)buf;
+	struct pollfd p = { .events = POLLIN };
+	long deadline = now_ms() + 2000;
+	struct icmp6_filter filter;
+	int fd;
+
+	if (len != sizeof(*in6) || hops < 0 || hops > 255)
+		return usage();
+	ICMP6_FILTER_SETBLOCKALL(&filter);
+	ICMP6_FILTER_SETPASS(ND_NEIGHBOR_ADVERT, &filter);
+	fd = p.fd = socket(AF_INET6, SOCK_RAW, IPPROTO_ICMPV6);
+	if (fd < 0 ||
+	    setsockopt(fd, IPPROTO_ICMPV6, ICMP6_FILTER, &filter, sizeof(filter)) ||
+	    setsockopt(fd, IPPROTO_IPV6, IPV6_UNICAST_HOPS, &hops, sizeof(hops))) {
+		perror("socket");
+		return 1;
+	}
+	ns.nd_ns_target = in6->sin6_addr;
+	/* The kernel fills in an ICMPv6 raw socket's checksum. */
+	if (sendto(fd, &ns, sizeof(ns), 0, (struct sockaddr *)&to, len) != sizeof(ns)) {
+		printf("%s\n", strerror(errno));
+		return 0;
+	}
+	for (long left; (left = deadline - now_ms()) > 0;) {
+		if (poll(&p, 1, (int)left) <= 0)
+			break;
+		if (recv(fd, buf, sizeof(buf), 0) >= (ssize_t)sizeof(*na) &&
+		    !memcmp(&na->nd_na_target, &in6->sin6_addr, sizeof(in6->sin6_addr))) {
+			printf("advertised\n");
+			return 0;
+		}
+	}
+	printf("no advertisement\n");
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	if (argc == 5 && !strcmp(argv[1], "send"))
@@ -286,5 +336,7 @@ int main(int argc, char **argv)
 		return do_serve(atoi(argv[2]), atoi(argv[3]));
 	if (argc == 4 && !strcmp(argv[1], "connect"))
 		return do_connect(argv[2], atoi(argv[3]));
+	if (argc == 4 && !strcmp(argv[1], "solicit"))
+		return do_solicit(argv[2], atoi(argv[3]));
 	return usage();
 }

@@ -1,10 +1,12 @@
-# Real rulesets (tests/realworld/fail2ban.rules and ufw.rules, in /etc/bpfilter-vm/)
-# and addrtype's own probes through bpfilter.ko (tests/test_kmod.py): the same probes
-# run first against the kernel's ip_tables (the reference), then, ip_tables unloaded,
-# against bpfilter.ko; answers and `-L -v` counters must be the same.
+# Real rulesets (tests/realworld/fail2ban.rules, ufw.rules, firewalld.ip6.rules and
+# ufw.ip6.rules, in /etc/bpfilter-vm/) and addrtype's own probes through bpfilter.ko
+# (tests/test_kmod.py): the same probes run first against the kernel's ip_tables and
+# ip6_tables (the reference), then, both unloaded, against bpfilter.ko; answers and
+# `-L -v` counters must be the same.
 #
 # fw is the firewall host the rulesets are written for: its vin0 faces lan
-# (10.1.0.0/24), its vout0 wan (10.2.0.0/24), and it routes between them.
+# (10.1.0.0/24, 2001:db8:1::/64), its vout0 wan (10.2.0.0/24, 2001:db8:2::/64), and it
+# routes between them. The IPv6 phases build them with lib.sh's router.
 . /etc/bpfilter-vm/lib.sh
 # bpfilter writes LOG's lines through /dev/kmsg, which ratelimits them unless told not to
 echo on >/proc/sys/kernel/printk_devkmsg
@@ -27,9 +29,10 @@ namespaces() {
 	ip -n wan route add default via 10.2.0.1
 	ip netns exec fw sh -c 'echo 1 >/proc/sys/net/ipv4/ip_forward'
 }
-ask() { echo "$1 udp $3 $4: $(ip netns exec $2 udp ask $3 $4)"; }
 ping1() { ip netns exec $2 ping -c 1 -W 1 $3 >/dev/null 2>&1 && echo "$1 ping $3: answered" || echo "$1 ping $3: no answer"; }
-listing() { ip netns exec fw iptables-legacy -L -v -n -x; }
+solicit() { echo "$1 solicit $3 hop limit $4: $(ip netns exec $2 udp solicit $3 $4)"; }
+# listing [ip6tables]: fw's filter table
+listing() { ip netns exec fw ${1:-iptables}-legacy -L -v -n -x; }
 
 # addrtype alone: each kind of address, inverted, and limited to the input device.
 addrtype_probes() {
@@ -115,6 +118,53 @@ ufw_probes() {
 	listing
 }
 
+# firewalld's workstation zone: ssh and the high ports open, all ICMPv6 in, the rest
+# rejected (icmp6-adm-prohibited); forwarded only ICMPv6 and replies.
+firewalld6_probes() {
+	router
+	ip netns exec fw ip6tables-legacy-restore </etc/bpfilter-vm/firewalld.ip6.rules
+	serve fw 40 22 80 53 9999
+	serve wan 40 53
+	connect firewalld6 lan 2001:db8:1::1 22
+	connect firewalld6 lan 2001:db8:1::1 80
+	ask firewalld6 lan 2001:db8:1::1 53
+	ask firewalld6 lan 2001:db8:1::1 9999
+	connect firewalld6 wan 2001:db8:2::1 22    # from vout0: the default zone
+	ping1 firewalld6 lan 2001:db8:1::1
+	solicit firewalld6 lan 2001:db8:1::1 255
+	ask firewalld6 fw 2001:db8:2::2 53         # fw's own flow: the reply is ESTABLISHED
+	ask firewalld6 lan 2001:db8:2::2 53        # forwarded: rejected
+	ping1 firewalld6 lan 2001:db8:2::2
+	kill $(jobs -p) 2>/dev/null || true
+	wait
+	listing ip6tables
+}
+
+# ufw's: ssh, web and PostgreSQL open, ICMPv6 echo in and through, neighbour discovery
+# only with a hop limit of 255, the rest dropped (and logged).
+ufw6_probes() {
+	router
+	ip netns exec fw ip6tables-legacy-restore </etc/bpfilter-vm/ufw.ip6.rules
+	serve fw 40 22 443 5432 25 137 9999
+	serve wan 40 53
+	connect ufw6 lan 2001:db8:1::1 22
+	connect ufw6 lan 2001:db8:1::1 443
+	connect ufw6 wan 2001:db8:2::1 5432
+	connect ufw6 wan 2001:db8:2::1 25
+	ask ufw6 lan 2001:db8:1::1 137
+	ask ufw6 lan 2001:db8:1::1 9999
+	ping1 ufw6 lan 2001:db8:1::1
+	solicit ufw6 lan 2001:db8:1::1 255
+	solicit ufw6 lan 2001:db8:1::1 64
+	ask ufw6 fw 2001:db8:2::2 53               # fw's own flow: NEW out, ESTABLISHED back in
+	ask ufw6 fw 2001:db8:1::1 9999             # over lo
+	ask ufw6 lan 2001:db8:2::2 53              # FORWARD: dropped
+	ping1 ufw6 lan 2001:db8:2::2
+	kill $(jobs -p) 2>/dev/null || true
+	wait
+	listing ip6tables
+}
+
 phases() {
 	say "$1 addrtype"
 	addrtype_probes
@@ -122,18 +172,25 @@ phases() {
 	fail2ban_probes
 	say "$1 ufw"
 	ufw_probes
+	say "$1 firewalld6"
+	firewalld6_probes
+	say "$1 ufw6"
+	ufw6_probes
 }
 
 # bpfilter's refusals name the rule: show them, whatever ends the script
 trap 'say log; dmesg | sed -n "s/^\[ *\([0-9.]*\)\] \(bpfilter: .*\)/\1 \2/p"' EXIT
 phases reference
-say unload ip_tables
+say unload ip_tables ip6_tables
 for ns in fw lan wan; do ip netns del $ns; done
-for m in iptable_filter ipt_REJECT xt_addrtype xt_conntrack xt_state xt_multiport xt_limit \
-	xt_LOG nf_log_syslog xt_tcpudp ip_tables; do
+for m in iptable_filter ip6table_filter ipt_REJECT ip6t_REJECT ip6t_rt xt_addrtype \
+	xt_conntrack xt_state xt_multiport xt_limit xt_hl xt_comment xt_LOG nf_log_syslog \
+	xt_tcpudp ip_tables ip6_tables; do
 	loaded $m && unload $m
 done
-loaded ip_tables && echo "ip_tables: loaded" || echo "ip_tables: not loaded"
+for m in ip_tables ip6_tables; do
+	loaded $m && echo "$m: loaded" || echo "$m: not loaded"
+done
 depmod -a
 modprobe bpfilter
 phases bpfilter

@@ -50,3 +50,49 @@ serve() {
 connect() { echo "$1 tcp $3 $4: $(ip netns exec $2 udp connect $3 $4)"; }
 # ct_count: snd's conntrack entries
 ct_count() { ip netns exec snd cat /proc/sys/net/netfilter/nf_conntrack_count; }
+
+# IPv6 between namespaces, with only the probes crossing the hooks: no interface has a
+# link-local address (no DAD, no router solicitation), neighbours are static (no
+# neighbour discovery), and settle waits out the MLD reports of the solicited-node
+# groups the addresses joined.
+
+# link NS DEV MAC ADDR/LEN PEER-NS PEER-DEV PEER-MAC PEER-ADDR/LEN: a veth with an
+# address and a static neighbour at each end
+link() {
+	ip link add "$2" netns "$1" address "$3" type veth peer name "$6" netns "$5" address "$7"
+	for end in "$1 $2 $4 ${8%/*} $7" "$5 $6 $8 ${4%/*} $3"; do
+		set -- $end
+		ip -n "$1" link set "$2" addrgenmode none
+		ip -n "$1" addr add "$3" dev "$2" nodad
+		ip -n "$1" neigh add "$4" lladdr "$5" dev "$2" nud permanent
+		ip -n "$1" link set "$2" up
+	done
+}
+fresh() {
+	for ns in "$@"; do
+		ip netns del "$ns" 2>/dev/null || true
+		ip netns add "$ns"
+		ip -n "$ns" link set lo up
+		# REJECT's answers are ICMPv6 errors, which the kernel rate-limits per peer
+		ip netns exec "$ns" sh -c 'echo 0 >/proc/sys/net/ipv6/icmp/ratelimit'
+	done
+}
+settle() { sleep 3; }
+# lan -- fw -- wan, fw routing between them (which gives it the subnet-router anycast
+# addresses 2001:db8:1:: and 2001:db8:2::) and blackholing 2001:db8:dead::/48; lan
+# can also send from addresses fw has no route back to (blackholed, and none at all)
+router() {
+	fresh fw lan wan
+	ip netns exec fw sh -c 'echo 1 >/proc/sys/net/ipv6/conf/all/forwarding'
+	link fw vin0 02:bf:06:01:00:01 2001:db8:1::1/64 lan eth0 02:bf:06:01:00:02 2001:db8:1::2/64
+	link fw vout0 02:bf:06:02:00:01 2001:db8:2::1/64 wan eth0 02:bf:06:02:00:02 2001:db8:2::2/64
+	ip -n lan route add default via 2001:db8:1::1
+	ip -n wan route add default via 2001:db8:2::1
+	ip -n fw route add blackhole 2001:db8:dead::/48
+	ip -n lan neigh add 2001:db8:1:: lladdr 02:bf:06:01:00:01 dev eth0 nud permanent
+	ip -n lan addr add 2001:db8:dead::2/128 dev eth0 nodad
+	ip -n lan addr add 2001:db8:ffff::2/128 dev eth0 nodad
+	settle
+}
+# ask NAME NS ADDR PORT [SIZE [FROM]]: a UDP probe's outcome
+ask() { echo "$1 udp $3 $4${6:+ from $6}: $(ip netns exec $2 udp ask $3 $4 $5 $6)"; }
