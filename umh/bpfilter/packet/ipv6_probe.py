@@ -14,6 +14,7 @@ past (the service logs that it assumed so).
 """
 from __future__ import annotations
 
+import fcntl
 import functools
 import os
 import shutil
@@ -25,6 +26,7 @@ import sys
 import cffi
 
 CLONE_NEWNET = 0x40000000
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 _TABLE = "bpfilter_probe"
 _RULES = (f"table ip6 {_TABLE} {{\n\tchain out {{\n\t\ttype filter hook output priority 0;\n"
           "\t\tmeta l4proto udp counter\n\t}\n}\n")
@@ -43,13 +45,20 @@ def _overrunning_packet() -> bytes:
     return struct.pack("!IHBB", 6 << 28, len(payload), 60, 64) + loopback * 2 + payload
 
 
+def _loopback_up() -> None:
+    """The new namespace's lo up (SIOCSIFFLAGS: the probe needs nothing more of
+    netlink, and the frozen helper of bpfilter.ko carries no netlink library)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        request = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack_from("16sH", fcntl.ioctl(s, SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+
+
 def _probe_in_child(nft: str) -> int:
     """In a forked child: 0 if the kernel bounds the walk, 1 if it steps past."""
     if _libc.unshare(CLONE_NEWNET) != 0:
         return 3
-    from pyroute2 import IPRoute
-    with IPRoute() as ipr:
-        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+    _loopback_up()
     if subprocess.run([nft, "-f", "-"], input=_RULES, text=True, capture_output=True).returncode:
         return 3
     with socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW) as s:
