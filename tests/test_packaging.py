@@ -86,3 +86,5 @@ def test_no_import_cycle_between_folders_and_modules():
     # the kernel ABI and the model know nothing of BPF, the compiler or the service
     for low in ("model", "abi", "tables", "netfilter"):
         assert not reachable(low) & {"bpf", "packet", "ext", "compiler", "loader", "service"}, low
+    # the service answers requests; how they arrive (socket, device) sits above it
+    assert "transport" not in reachable("service") and "service" in edges["transport"]

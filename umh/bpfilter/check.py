@@ -45,7 +45,7 @@ class Outcome:
 class _Responder:
     """Answers iptables' socket options as a namespace of fresh kernel tables would,
     and runs each replacement through the pipeline (the interface
-    service.serve_connection drives)."""
+    transport.unix.serve_connection drives)."""
 
     def __init__(self, family: Family):
         self.family, self.abi = family, families.of(family)
@@ -121,7 +121,7 @@ def guess_family(text: str) -> Family:
 def check(text: str, family: Family) -> tuple[int, list[Outcome], str]:
     """(the restore's exit status, the outcome of each table it replaced, its stderr)."""
     from .execute import shim_path
-    from .service import serve_connection
+    from .transport.unix import serve_connection
     responder = _Responder(family)
     with tempfile.TemporaryDirectory(prefix="bpfilter-check-") as tmp:
         path = os.path.join(tmp, "check.sock")

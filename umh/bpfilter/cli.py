@@ -17,7 +17,7 @@ def _check(args) -> int:
 
 def _serve(args) -> int:
     if args.device:
-        from .service import serve_device
+        from .transport.device import serve_device
         serve_device(args.device, args.bpffs)
         return 0
     from .daemon import run_service

@@ -10,7 +10,8 @@ import traceback
 
 from . import ctnetns, netns
 from .errors import BpfilterError
-from .service import log, serve
+from .service import log
+from .transport.unix import serve
 from .store import Store
 
 

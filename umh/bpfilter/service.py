@@ -9,12 +9,9 @@ service exits or is killed, and a new service takes them over.
 """
 from __future__ import annotations
 
-import array
 import errno
 import gc
 import os
-import select
-import signal
 import socket
 import struct
 import sys
@@ -31,16 +28,13 @@ from .bpf import syscall as bpf
 from .bpf.syscall import BpfError
 from .errors import BpfilterError
 from .ext import known_match_revisions, known_target_revisions
-from .klog import KernelLog, LogRing, devkmsg_unlimited
+from .klog import LogRing, devkmsg_unlimited
 from .loader import HookSlot, Ruleset, attach_slots, load_ruleset
 from .model import Family, Hook, Table
-from .paths import DEFAULT_ROOT, DEFAULT_SOCKET
-from .store import Store, TableKey, ensure_bpffs
+from .store import Store, TableKey
 from .tables import implemented
 
 SO_NETNS_COOKIE = 71
-CAP_NET_ADMIN = 12
-CLIENT_TIMEOUT = 5.0
 SWEEP_INTERVAL = 2.0
 
 
@@ -349,84 +343,7 @@ class _Caller:
         return 0, old
 
 
-# -- transport ----------------------------------------------------------------
-
-def peer_may_administer(sock: socket.socket) -> bool:
-    """The kernel demands CAP_NET_ADMIN for iptables' socket options; the peer must
-    hold it (effective) in the service's user namespace, the one owning what it
-    attaches."""
-    pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            caps = next(int(line.split()[1], 16) for line in status if line.startswith("CapEff:"))
-        same_userns = os.readlink(f"/proc/{pid}/ns/user") == os.readlink("/proc/self/ns/user")
-    except OSError:
-        return False
-    return same_userns and bool(caps & (1 << CAP_NET_ADMIN))
-
-
-class _Probe(Exception):
-    pass
-
-
-def _recv_exact(sock: socket.socket, size: int, fds: list[int]) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        chunk, ancdata, _, _ = sock.recvmsg(size - len(data), socket.CMSG_SPACE(4 * 4))
-        for level, kind, cdata in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.extend(array.array("i", cdata[:len(cdata) - len(cdata) % 4]))
-        if not chunk:
-            if not data and not fds:
-                raise _Probe()
-            raise BpfilterError(errno.EPROTO, f"client hung up after {len(data)} of {size} bytes")
-        data += chunk
-    return bytes(data)
-
-
-def serve_connection(service: Service, conn: socket.socket) -> None:
-    conn.settimeout(CLIENT_TIMEOUT)
-    fds: list[int] = []
-    try:
-        try:
-            header = _recv_exact(conn, proto.request.sizeof(), fds)
-            req = proto.request.parse(header)
-        except _Probe:
-            return   # a connect-and-close: someone checking that we listen
-        except (BpfilterError, OSError) as err:
-            log(f"dropped a client: {err}")
-            return
-        except Exception as err:   # construct's errors: the magic is wrong
-            log(f"garbage on the socket ({type(err).__name__}): ignored")
-            conn.sendall(proto.build_reply(-errno.EPROTO, b"bad request header"))
-            return
-        if req.len > proto.MAX_PAYLOAD:
-            conn.sendall(proto.build_reply(-errno.EINVAL, b"payload too large"))
-            return
-        try:
-            payload = _recv_exact(conn, req.len, fds)
-        except (BpfilterError, OSError) as err:
-            log(f"dropped a client: {err}")
-            return
-        status, reply = _answer(service, conn, req, payload, fds[0] if fds else None)
-        conn.sendall(proto.build_reply(status, reply))
-    except OSError as err:
-        log(f"client went away: {err}")
-    finally:
-        for fd in fds:
-            os.close(fd)
-
-
-def _answer(service: Service, conn, req, payload: bytes, netns_fd) -> tuple[int, bytes]:
-    # The kernel's /proc/net/ip_tables_names is root's to read (0440), CAP_NET_ADMIN
-    # or not; only root reaches this socket (0600).
-    if req.op != proto.Op.TABLE_NAMES and not peer_may_administer(conn):
-        log(f"pid {req.pid}: refused, the caller lacks CAP_NET_ADMIN")
-        return -errno.EPERM, b"permission denied: iptables needs CAP_NET_ADMIN"
-    return _handled(service, req, payload, netns_fd)
-
-
-def _handled(service: Service, req, payload: bytes, netns_fd,
+def handled(service: Service, req, payload: bytes, netns_fd,
              log_refusals: bool = True) -> tuple[int, bytes]:
     """Never raises: every failure becomes an errno and a message for the caller."""
     what = f"pid {req.pid} op {req.op} optname {req.optname}"
@@ -468,104 +385,3 @@ def live_netns_inums() -> set[int]:
         except OSError:
             continue
     return live
-
-
-def _read_exact(fd: int, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        chunk = os.read(fd, size - len(data))
-        if not chunk:
-            raise EOFError("the device closed")
-        data += chunk
-    return bytes(data)
-
-
-def serve_device(device: str, bpffs: str = DEFAULT_ROOT) -> None:
-    """The helper of bpfilter.ko: requests come from /dev/bpfilter, which the module
-    lets only the process it spawned open; the module already checked the caller's
-    CAP_NET_ADMIN and put the caller's netns in our fd table."""
-    log_to_kernel()
-    ensure_bpffs(bpffs)
-    service = Service(Store(bpffs))
-    dev = os.open(device, os.O_RDWR)
-    ctnetns.use_device(dev)   # conntrack is switched on by the module, no nft needed
-    kernel_log = KernelLog(service.log_ring, log)
-    log(f"serving bpfilter.ko through {device}, tables pinned under {bpffs}")
-    waiting = select.poll()
-    waiting.register(dev, select.POLLIN)
-    waiting.register(service.log_ring, select.POLLIN)
-    try:
-        while True:
-            service.sweep(live_netns_inums())
-            ready = {fd for fd, _ in waiting.poll(SWEEP_INTERVAL * 1000)}
-            if not ready:
-                service.when_idle()
-            if service.log_ring.fileno() in ready:
-                kernel_log.drain()
-            if dev not in ready:
-                continue
-            req = proto.request.parse(_read_exact(dev, proto.request.sizeof()))
-            payload = _read_exact(dev, req.len)
-            netns_fd = req.netns_fd if req.netns_fd >= 0 else None
-            try:
-                if req.op == proto.Op.SHUTDOWN:
-                    log("bpfilter.ko is unloading: detaching every table")
-                    kernel_log.drain()
-                    service.close()
-                    for key in list(service.store.keys()):
-                        service.store.remove(key)
-                    os.write(dev, proto.build_reply(0))
-                    return
-                # bpfilter.ko prints refusals itself, with the caller's context
-                status, reply = _handled(service, req, payload, netns_fd, log_refusals=False)
-            finally:
-                if netns_fd is not None:
-                    os.close(netns_fd)
-            os.write(dev, proto.build_reply(status, reply))
-    finally:
-        ctnetns.use_device(None)
-        os.close(dev)
-        if not service.closed:
-            kernel_log.drain()
-        kernel_log.close()
-        service.close()
-
-
-def serve(socket_path: str = DEFAULT_SOCKET, bpffs: str = DEFAULT_ROOT, ready=None) -> None:
-    ensure_bpffs(bpffs)
-    service = Service(Store(bpffs))
-    os.makedirs(os.path.dirname(socket_path), mode=0o700, exist_ok=True)
-    if os.path.exists(socket_path):
-        os.unlink(socket_path)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)
-    try:
-        listener.bind(socket_path)
-    finally:
-        os.umask(old_umask)
-    listener.listen(16)
-    kernel_log = KernelLog(service.log_ring, log)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    log(f"serving on {socket_path}, tables pinned under {bpffs}")
-    if ready:
-        ready()
-    next_sweep = 0.0
-    try:
-        while True:
-            if time.monotonic() >= next_sweep:
-                service.sweep(live_netns_inums())
-                next_sweep = time.monotonic() + SWEEP_INTERVAL
-            ready = select.select([listener, service.log_ring], [], [], SWEEP_INTERVAL)[0]
-            if service.log_ring in ready:
-                kernel_log.drain()
-            if listener in ready:
-                conn, _ = listener.accept()
-                with conn:
-                    serve_connection(service, conn)
-            else:
-                service.when_idle()
-    finally:
-        listener.close()
-        kernel_log.drain()
-        kernel_log.close()
-        service.close()

@@ -1,0 +1,74 @@
+"""iptables' requests from bpfilter.ko, through the /dev/bpfilter the module lets
+only its spawned helper open."""
+from __future__ import annotations
+
+import os
+import select
+
+from .. import ctnetns, proto
+from ..klog import KernelLog
+from ..paths import DEFAULT_ROOT
+from ..service import (SWEEP_INTERVAL, Service, handled, live_netns_inums, log,
+                       log_to_kernel)
+from ..store import Store, ensure_bpffs
+
+
+def _read_exact(fd: int, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = os.read(fd, size - len(data))
+        if not chunk:
+            raise EOFError("the device closed")
+        data += chunk
+    return bytes(data)
+
+
+def serve_device(device: str, bpffs: str = DEFAULT_ROOT) -> None:
+    """The helper of bpfilter.ko: requests come from /dev/bpfilter, which the module
+    lets only the process it spawned open; the module already checked the caller's
+    CAP_NET_ADMIN and put the caller's netns in our fd table."""
+    log_to_kernel()
+    ensure_bpffs(bpffs)
+    service = Service(Store(bpffs))
+    dev = os.open(device, os.O_RDWR)
+    ctnetns.use_device(dev)   # conntrack is switched on by the module, no nft needed
+    kernel_log = KernelLog(service.log_ring, log)
+    log(f"serving bpfilter.ko through {device}, tables pinned under {bpffs}")
+    waiting = select.poll()
+    waiting.register(dev, select.POLLIN)
+    waiting.register(service.log_ring, select.POLLIN)
+    try:
+        while True:
+            service.sweep(live_netns_inums())
+            ready = {fd for fd, _ in waiting.poll(SWEEP_INTERVAL * 1000)}
+            if not ready:
+                service.when_idle()
+            if service.log_ring.fileno() in ready:
+                kernel_log.drain()
+            if dev not in ready:
+                continue
+            req = proto.request.parse(_read_exact(dev, proto.request.sizeof()))
+            payload = _read_exact(dev, req.len)
+            netns_fd = req.netns_fd if req.netns_fd >= 0 else None
+            try:
+                if req.op == proto.Op.SHUTDOWN:
+                    log("bpfilter.ko is unloading: detaching every table")
+                    kernel_log.drain()
+                    service.close()
+                    for key in list(service.store.keys()):
+                        service.store.remove(key)
+                    os.write(dev, proto.build_reply(0))
+                    return
+                # bpfilter.ko prints refusals itself, with the caller's context
+                status, reply = handled(service, req, payload, netns_fd, log_refusals=False)
+            finally:
+                if netns_fd is not None:
+                    os.close(netns_fd)
+            os.write(dev, proto.build_reply(status, reply))
+    finally:
+        ctnetns.use_device(None)
+        os.close(dev)
+        if not service.closed:
+            kernel_log.drain()
+        kernel_log.close()
+        service.close()
