@@ -806,6 +806,55 @@ def test_log_lines_are_the_kernels(svc, family):
     assert {level for level, _ in ours} == levels
 
 
+def _kmsg_lines_now() -> list[str]:
+    """The text of every line the kernel log still holds."""
+    fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+    lines = []
+    try:
+        while True:
+            try:
+                record = os.read(fd, 8192).decode(errors="replace")
+            except BlockingIOError:
+                return lines
+            except BrokenPipeError:      # overwritten while we read: go on
+                continue
+            lines.append(record.partition(";")[2].split("\n")[0])
+    finally:
+        os.close(fd)
+
+
+def test_a_log_flood_in_one_namespace_leaves_room_for_the_others(svc, nets):
+    """All namespaces' LOG records share one ring. While the service is not draining
+    it (stopped here; busy, in life), a namespace that floods gets at most its share
+    of the ring: the next namespace's lines still find room, and the flood's losses
+    are told, naming it. (The kernel's printk never refuses a line.)"""
+    tag = uuid.uuid4().hex[:6]
+    flood, quiet = nets(2)
+    for ns, prefix in ((flood, "flood"), (quiet, "quiet")):
+        svc.ok(ns, "iptables-legacy", "-A", "OUTPUT", "-p", "udp", "--dport", "9", "-j", "LOG",
+               "--log-prefix", f"{prefix}-{tag}: ")
+    ring_holds = (4 << 20) // 368           # RING_SIZE over an IPv4 record with its header
+    with logging_everywhere():
+        os.kill(svc.pid, signal.SIGSTOP)
+        try:
+            for ns, count in ((flood, ring_holds + 1000), (quiet, 5)):
+                with netns.entered(ns), \
+                        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink, \
+                        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+                    sink.bind(("127.0.0.1", 9))
+                    for _ in range(count):
+                        tx.sendto(b"x", ("127.0.0.1", 9))
+        finally:
+            os.kill(svc.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 20
+        while " lines lost (" not in svc.log_text():     # the drain is over
+            assert time.monotonic() < deadline, svc.log_text()[-2000:]
+            time.sleep(0.1)
+    quiet_lines = [line for line in _kmsg_lines_now() if line.startswith(f"quiet-{tag}: ")]
+    assert len(quiet_lines) == 5, "the flood of one namespace took the lines of another"
+    assert f"netns {inum_of(flood)} had its share of the ring in flight" in svc.log_text()
+
+
 def test_log_is_refused_while_the_kernel_would_rate_limit_its_lines(svc, nets):
     (ns,) = nets(1)
     with sysctls({PRINTK_DEVKMSG: "ratelimit"}):
