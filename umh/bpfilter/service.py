@@ -133,9 +133,13 @@ class Service:
         processes."""
         if self._netns_refs is None or not self.tables:
             return
-        ours = [bpf.link_info(slot.link_fd)["id"] for state in self.tables.values()
-                for slot in state.slots.values() if slot.link_fd is not None]
-        dead = self._netns_refs.dead(ours)
+        try:
+            ours = [bpf.link_info(slot.link_fd)["id"] for state in self.tables.values()
+                    for slot in state.slots.values() if slot.link_fd is not None]
+            dead = self._netns_refs.dead(ours)
+        except OSError as err:   # BpfError too; nothing known: nothing is detached
+            log(f"cannot tell which namespaces died: {err}")
+            return
         for key in [k for k in self.tables if k.cookie in dead]:
             log(f"netns {key.inum} is gone: detaching table {key.table}")
             self.tables.pop(key).close()
