@@ -25,6 +25,7 @@ import struct
 from typing import Iterable, Optional
 
 from .bpf import syscall as bpf
+from .bpf.asm import Assembler
 from .bpf.btf import Btf, BtfError
 from .bpf.insn import (BPF_DW, BPF_JEQ, BPF_JNE, BPF_W, FP, R0, R1, R2, R3, R6, R7, R8,
                        BPF_ALU64_IMM, BPF_ADD, BPF_EMIT_CALL, BPF_EXIT_INSN,
@@ -68,47 +69,31 @@ def _read(dst: int, size: int, src_reg: int, src_off: int) -> list:
 
 
 def _program(lay: dict) -> bytes:
-    code = [
+    asm = Assembler()
+    out = asm.label("out")
+    asm.emit(
         BPF_LDX_MEM(BPF_DW, R6, R1, 0),          # ctx->meta
         BPF_LDX_MEM(BPF_DW, R7, R1, 8),          # ctx->link, NULL at the end
-        BPF_JMP_IMM(BPF_JEQ, R7, 0, "out"),
+        BPF_JMP_IMM(BPF_JEQ, R7, 0, out),
         BPF_LDX_MEM(BPF_W, R8, R7, lay["type"]),
-        BPF_JMP_IMM(BPF_JNE, R8, lay["netfilter"], "out"),
+        BPF_JMP_IMM(BPF_JNE, R8, lay["netfilter"], out),
         BPF_LDX_MEM(BPF_W, R8, R7, lay["id"]),
         BPF_STX_MEM(BPF_W, FP, R8, _REC),
         BPF_ST_MEM(BPF_W, FP, _REC + 20, 0),     # the padding
-        *_read(_NET, 8, R7, lay["net"]),
+        _read(_NET, 8, R7, lay["net"]),
         BPF_LDX_MEM(BPF_DW, R7, FP, _NET),       # struct net *, a number to us
-        *_read(_REC + 4, 4, R7, lay["refs"]),
-        *_read(_REC + 8, 8, R7, lay["cookie"]),
-        *_read(_REC + 16, 4, R7, lay["inum"]),
-        # the reads are checked by reading back: a failed one leaves zeros, which
-        # the reader takes as "unknown", never as dead
-        BPF_MOV64_REG(R1, FP), BPF_ALU64_IMM(BPF_ADD, R1, _REC),
-        BPF_LDX_MEM(BPF_DW, R2, R6, 0),          # meta->seq
-        BPF_MOV64_REG(R3, R1), BPF_MOV64_REG(R1, R2), BPF_MOV64_REG(R2, R3),
+        # a read that fails leaves zeros, which dead() takes as "unknown", never
+        # as dead
+        _read(_REC + 4, 4, R7, lay["refs"]),
+        _read(_REC + 8, 8, R7, lay["cookie"]),
+        _read(_REC + 16, 4, R7, lay["inum"]),
+        BPF_LDX_MEM(BPF_DW, R1, R6, 0),          # meta->seq
+        BPF_MOV64_REG(R2, FP), BPF_ALU64_IMM(BPF_ADD, R2, _REC),
         BPF_MOV64_IMM(R3, RECORD.size),
-        BPF_EMIT_CALL(BPF_FUNC_seq_write),
-        "out",
-        BPF_MOV64_IMM(R0, 0),
-        BPF_EXIT_INSN(),
-    ]
-    return _assemble(code)
-
-
-def _assemble(code: list) -> bytes:
-    """Resolve the one label by hand: the program is a straight line."""
-    flat = []
-    for item in code:
-        flat.extend(item if isinstance(item, list) else [item])
-    out_at = flat.index("out")
-    flat.pop(out_at)
-    insns = []
-    for i, ins in enumerate(flat):
-        if ins.off == "out":
-            ins = ins.with_(off=out_at - i - 1)
-        insns.append(ins)
-    return b"".join(i.encode() for i in insns)
+        BPF_EMIT_CALL(BPF_FUNC_seq_write))
+    asm.place(out)
+    asm.emit(BPF_MOV64_IMM(R0, 0), BPF_EXIT_INSN())
+    return asm.assemble()
 
 
 class NetnsRefs:
