@@ -806,6 +806,55 @@ def test_log_lines_are_the_kernels(svc, family):
     assert {level for level, _ in ours} == levels
 
 
+def _kmsg_lines_now() -> list[str]:
+    """The text of every line the kernel log still holds."""
+    fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+    lines = []
+    try:
+        while True:
+            try:
+                record = os.read(fd, 8192).decode(errors="replace")
+            except BlockingIOError:
+                return lines
+            except BrokenPipeError:      # overwritten while we read: go on
+                continue
+            lines.append(record.partition(";")[2].split("\n")[0])
+    finally:
+        os.close(fd)
+
+
+def test_a_log_flood_in_one_namespace_leaves_room_for_the_others(svc, nets):
+    """All namespaces' LOG records share one ring. While the service is not draining
+    it (stopped here; busy, in life), a namespace that floods gets at most its share
+    of the ring: the next namespace's lines still find room, and the flood's losses
+    are told, naming it. (The kernel's printk never refuses a line.)"""
+    tag = uuid.uuid4().hex[:6]
+    flood, quiet = nets(2)
+    for ns, prefix in ((flood, "flood"), (quiet, "quiet")):
+        svc.ok(ns, "iptables-legacy", "-A", "OUTPUT", "-p", "udp", "--dport", "9", "-j", "LOG",
+               "--log-prefix", f"{prefix}-{tag}: ")
+    ring_holds = (4 << 20) // 368           # RING_SIZE over an IPv4 record with its header
+    with logging_everywhere():
+        os.kill(svc.pid, signal.SIGSTOP)
+        try:
+            for ns, count in ((flood, ring_holds + 1000), (quiet, 5)):
+                with netns.entered(ns), \
+                        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink, \
+                        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+                    sink.bind(("127.0.0.1", 9))
+                    for _ in range(count):
+                        tx.sendto(b"x", ("127.0.0.1", 9))
+        finally:
+            os.kill(svc.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 20
+        while " lines lost (" not in svc.log_text():     # the drain is over
+            assert time.monotonic() < deadline, svc.log_text()[-2000:]
+            time.sleep(0.1)
+    quiet_lines = [line for line in _kmsg_lines_now() if line.startswith(f"quiet-{tag}: ")]
+    assert len(quiet_lines) == 5, "the flood of one namespace took the lines of another"
+    assert f"netns {inum_of(flood)} had its share of the ring in flight" in svc.log_text()
+
+
 def test_log_is_refused_while_the_kernel_would_rate_limit_its_lines(svc, nets):
     (ns,) = nets(1)
     with sysctls({PRINTK_DEVKMSG: "ratelimit"}):
@@ -1444,6 +1493,88 @@ def test_namespaces_are_separate(svc, nets):
     assert local_traffic(b, accepted=1, dropped=1) == (1, 1)
     # two datagrams, each counted at OUTPUT and at INPUT
     assert sum(p for p, _ in svc.counters(b)) == sum(p for p, _ in before) + 4
+
+
+def _gone_within(svc: Service, inum: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while inum in svc.pinned():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def test_a_namespace_held_only_by_a_socket_keeps_its_firewall(svc, nets):
+    """A process made sockets in a namespace and left it; `ip netns del` took its
+    name. No task, mount or nsfs file names it any more, yet its sockets keep it
+    alive, and the kernel's own tables would keep filtering their packets: so must
+    bpfilter's, for as long as the sockets live, and no longer."""
+    (ns,) = nets(1)
+    svc.ok(ns, "iptables-legacy-restore", input=LOCAL_RULES)
+    inum = inum_of(ns)
+    links = svc.link_ids(inum)
+    with netns.entered(ns):
+        rx, tx, sink = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3))
+    try:
+        rx.bind(("127.0.0.1", 7777))
+        sink.bind(("127.0.0.1", 9))
+        rx.settimeout(2)
+        namespaces.delete(ns)
+        time.sleep(3 * 2.0)      # three sweeps of the service (SWEEP_INTERVAL)
+        assert inum in svc.pinned(), "the firewall of a live namespace was detached"
+        assert set(links) <= bpf_link_ids()
+        with pytest.raises(PermissionError):
+            tx.sendto(b"0123456789", ("127.0.0.1", 9))    # still dropped at OUTPUT
+        tx.sendto(b"0123456789", ("127.0.0.1", 7777))
+        assert rx.recv(100) == b"0123456789"
+        shown = svc.cli("show")
+        assert shown.returncode == 0 and f"# netns {inum} " in shown.stdout, shown.stdout
+    finally:
+        for sock in (rx, tx, sink):
+            sock.close()
+    # the last socket gone, the namespace dies: its table goes with it
+    assert _gone_within(svc, inum, 8), "the table of a dead netns is still pinned"
+    assert not set(links) & bpf_link_ids()
+    assert f"netns {inum} is gone: detaching table filter" in svc.log_text()
+
+
+AUDIT_PROC = """\
+import sys
+_out = open({log!r}, "a", buffering=1)
+def _hook(event, args):
+    if event == "os.listdir" and "serve" in sys.argv and str(args[0]).rstrip("/") == "/proc":
+        _out.write("listdir /proc\\n")
+sys.addaudithook(_hook)
+"""
+
+
+def test_sweeping_does_no_per_process_work(nets):
+    """The service finds dead namespaces without walking /proc: its cost is not the
+    host's number of processes, which any caller can raise. Seen from inside the
+    service by an audit hook on os.listdir, over requests and idle sweeps."""
+    service = Service()
+    site = os.path.join(service.dir, "site")
+    os.mkdir(site)
+    audit = os.path.join(service.dir, "audit.log")
+    with open(os.path.join(site, "sitecustomize.py"), "w") as f:
+        f.write(AUDIT_PROC.format(log=audit))
+    service.env["PYTHONPATH"] = os.pathsep.join([site, service.env.get("PYTHONPATH", "")])
+    try:
+        service.start()
+        a, b = nets(2)
+        for ns in (a, b):
+            service.ok(ns, "iptables-legacy-restore", input=LOCAL_RULES)
+        inum_a = inum_of(a)
+        namespaces.delete(a)
+        assert _gone_within(service, inum_a, 8), "the table of a deleted netns is still pinned"
+        service.ok(b, "iptables-legacy", "-S")
+        time.sleep(2 * 2.0)      # idle sweeps
+        assert os.path.exists(audit), "the audit hook did not run in the service"
+        with open(audit) as f:
+            walks = f.read().splitlines()
+        assert walks == [], f"the service listed /proc {len(walks)} times"
+    finally:
+        service.close()
 
 
 # ---------------------------------------------------------------- 9. show and flush

@@ -8,6 +8,7 @@ test_service.py, test_log_lines_are_the_kernels.)
 """
 import errno
 import ipaddress
+import os
 import re
 import socket
 import struct
@@ -245,6 +246,7 @@ def test_a_full_ring_loses_lines_and_counts_them(ring, tmp_path, family, size, c
     packet = Packet(SRC[family], DST[family], "udp", payload_len=16 + size - len(udp)).build(1, 1)
     assert len(packet) == size
     table = log_table(ruleset("-A OUTPUT -j LOG"), ring, family)
+    ring.set_budget(2 * klog.RING_SIZE)   # no share to keep: the ring is the limit
     fit = klog.RING_SIZE // (klog.record_size(captured) + 8)   # each record has an 8-byte header
     try:
         bpf.nf_test_run(table.hooks[Hook.LOCAL_OUT].prog_fd, Hook.LOCAL_OUT, packet,
@@ -257,6 +259,76 @@ def test_a_full_ring_loses_lines_and_counts_them(ring, tmp_path, family, size, c
     assert notes == ["LOG: 500 lines lost (the ring buffer was full), 500 since start"]
     src = ipaddress.ip_address(SRC[family]).exploded.encode()
     assert sink.count(b"<4>IN= OUT=lo SRC=" + src + b" ") == fit
+
+
+def test_a_namespace_has_its_share_of_the_ring_in_flight(ring, tmp_path):
+    """One namespace (TEST_RUN's, inum 0) may have at most its share of the ring in
+    flight: what it writes beyond is refused, counted as its own loss, and the rest
+    of the ring stays free for the lines of the others. Drained, its lines are
+    credited back and it may write a share again."""
+    family = Family.IPV4
+    packet = Packet(SRC[family], DST[family], "udp").build(1, 1)
+    charge = klog.record_size(192) + 8               # 8-byte header, 8-aligned already
+    share = klog.share_of(1)
+    assert ring.budget() == klog.share_of(0) == klog.RING_SIZE // 2
+    assert share == klog.RING_SIZE // 2 and klog.RING_SIZE // charge > 2 * (share // charge)
+    table = log_table(ruleset("-A OUTPUT -j LOG"), ring, family)
+    try:
+        run = table.hooks[Hook.LOCAL_OUT].prog_fd
+        flood = klog.RING_SIZE // charge + 100        # more than the whole ring
+        bpf.nf_test_run(run, Hook.LOCAL_OUT, packet, repeat=flood)
+        written, notes, _ = drained(ring, tmp_path)
+        fits = share // charge
+        assert written == fits and ring.dropped() == 0, "the ring itself filled up"
+        assert notes == [f"LOG: {flood - fits} lines lost (netns 0 had its share of the "
+                         f"ring in flight), {flood - fits} since start"]
+        # drained and nothing in flight: its entry is forgotten, its share whole again
+        bpf.nf_test_run(run, Hook.LOCAL_OUT, packet, repeat=fits)
+        assert drained(ring, tmp_path)[:2] == (fits, [])
+    finally:
+        table.close()
+
+
+def test_the_initial_namespace_is_known_on_every_kernel(monkeypatch, tmp_path):
+    """nf_log_allowed(): with nf_log_all_netns off only the initial namespace logs. Its
+    inode is PROC_NET_INIT_INO from Linux 6.18 only (Debian's 6.12 allocates it at
+    boot): the writer takes init's, whatever it is. Here the "initial namespace" is a
+    file's inode, as a kernel before 6.18 would have any."""
+    init = tmp_path / "init-netns"
+    init.write_bytes(b"")
+    monkeypatch.setattr(klog, "INIT_NETNS", str(init), raising=False)
+    inum = os.stat(init).st_ino
+    assert inum != klog.PROC_NET_INIT_INO
+    packet = Packet("10.0.0.1", "10.0.0.2", "udp").build(1, 1)
+
+    def record(netns: int, level: int) -> klog.Record:
+        raw = bytearray(klog.record_size(len(packet)))
+        struct.pack_into("<IIIBB", raw, 0, netns, 0, len(packet), level, 0)
+        struct.pack_into("<H", raw, klog.R_CAPTURED, len(packet))
+        raw[klog.R_FAMILY] = Family.IPV4
+        raw[klog.R_OUT:klog.R_OUT + 2] = b"lo"
+        raw[klog.R_PACKET:klog.R_PACKET + len(packet)] = packet
+        return klog.Record(bytes(raw))
+
+    class Ring:     # records of the initial namespace and of another one
+        def records(self):
+            return iter([record(inum, 4), record(klog.PROC_NET_INIT_INO, 6)])
+
+        def newly_dropped(self):
+            return 0
+
+        def lost_over_share(self):
+            return {}
+
+    notes, sink = [], tmp_path / "kmsg"
+    sink.write_bytes(b"")
+    writer = klog.KernelLog(Ring(), notes.append, kmsg=str(sink))
+    try:
+        with sysctls({NF_LOG_ALL_NETNS: "0", PRINTK_DEVKMSG: "on"}):
+            assert writer.drain() == 1
+    finally:
+        writer.close()
+    assert sink.read_bytes().startswith(b"<4>IN= OUT=lo SRC=10.0.0.1 ") and notes == []
 
 
 @FAMILIES

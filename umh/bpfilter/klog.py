@@ -38,6 +38,22 @@ _SINK = ("LOG rules need the service's log ring (bpfilter serve and bpfilter.ko'
          "have one, and write its lines to /dev/kmsg, which needs kernel.printk_devkmsg=on)")
 LOG_RING = MapRef("log_ring", _SINK)
 LOG_LOST = MapRef("log_lost", _SINK)
+# Every namespace's records share LOG_RING; a namespace may have at most its share
+# of the ring in flight (written, not yet drained), so that one namespace's flood
+# cannot evict the lines of the others (the kernel's printk never refuses a line).
+# LOG_SHARE (written by the programs only, by netns inum): SHARE.charged bytes
+# reserved in the ring ever, SHARE.lost records refused over the share; LOG_DRAINED
+# (written by the service only): bytes of the namespace's records drained ever;
+# LOG_BUDGET (the service's): BUDGET.share, the bytes a namespace may have in
+# flight, then zeros for a new LOG_SHARE entry.
+LOG_SHARE = MapRef("log_share", _SINK)
+LOG_DRAINED = MapRef("log_drained", _SINK)
+LOG_BUDGET = MapRef("log_budget", _SINK)
+SHARE = struct.Struct("<QQ")          # charged, lost
+BUDGET = struct.Struct("<Q16x")       # share, then the zeros
+SHARE_CHARGED, SHARE_LOST = 0, 8
+BUDGET_SHARE, BUDGET_ZEROS = 0, 8
+MAX_LOGGING_NETNS = 4096
 
 # The Record a LOG rule reserves in the ring. Multi-byte fields are in host order
 # except VLAN_PROTO, copied as the skb holds it (network order).
@@ -86,6 +102,18 @@ def record_size(captured: int) -> int:
     return R_PACKET + captured
 
 
+def ring_charge(size: int) -> int:
+    """What a record of `size` bytes takes of the ring: an 8-byte header, and the
+    whole rounded up to 8 (kernel/bpf/ringbuf.c)."""
+    return (size + 8 + 7) & ~7
+
+
+def share_of(logging: int) -> int:
+    """The bytes each of `logging` namespaces may have in flight: room is always
+    left for one more namespace, so a newcomer's first lines find space."""
+    return RING_SIZE // max(logging + 1, 2)
+
+
 MAC_NONE, MAC_COPIED, MAC_FAILED = 0, 1, 2
 MAC_UNSET = 0xFFFF   # skb->mac_header when no mac header was set
 ETH_HLEN = 14
@@ -97,9 +125,11 @@ RING_SIZE = 1 << 22  # 4 MiB, some 10000 lines in flight
 # the NUL
 S_SIZE = 1024 - (4 + 1)
 KERN_SOH = 0x01
-# The initial network namespace's inode, fixed since Linux 6.18 (PROC_NET_INIT_INO):
-# nf_log_allowed() logs other namespaces only with nf_log_all_netns set.
+# The initial network namespace's inode, fixed since Linux 6.18 (PROC_NET_INIT_INO),
+# allocated at boot before: initial_netns() reads it. nf_log_allowed() logs other
+# namespaces only with nf_log_all_netns set.
 PROC_NET_INIT_INO = 0xEFFFFFF9
+INIT_NETNS = "/proc/1/ns/net"
 NF_LOG_ALL_NETNS = "/proc/sys/net/netfilter/nf_log_all_netns"
 PRINTK_DEVKMSG = "/proc/sys/kernel/printk_devkmsg"
 
@@ -542,12 +572,22 @@ def _dump_udp_header(m: _LineBuffer, r: Record, proto: int, fragment: int, offse
 
 
 class LogRing:
-    """The ring buffer every LOG rule writes to, and its count of records the full
-    ring refused. One per service, pinned next to the tables so that a restarted
-    service drains what its predecessor's programs still write."""
+    """The ring buffer every LOG rule writes to, its count of records the full
+    ring refused, and each namespace's share of it (LOG_SHARE). One per service,
+    pinned next to the tables so that a restarted service drains what its
+    predecessor's programs still write."""
 
-    def __init__(self, ring_fd: int, lost_fd: int):
-        self.ring_fd, self.lost_fd = ring_fd, lost_fd
+    # name (pinned and MapRef), (map type, key size, value size, entries)
+    MAPS = {
+        "log_lost": (bpf.BPF_MAP_TYPE_ARRAY, 4, 8, 1),
+        "log_share": (bpf.BPF_MAP_TYPE_HASH, 4, SHARE.size, MAX_LOGGING_NETNS),
+        "log_drained": (bpf.BPF_MAP_TYPE_HASH, 4, 8, MAX_LOGGING_NETNS),
+        "log_budget": (bpf.BPF_MAP_TYPE_ARRAY, 4, BUDGET.size, 1),
+    }
+
+    def __init__(self, ring_fd: int, fds: dict[str, int]):
+        self.ring_fd, self.fds = ring_fd, fds
+        self.lost_fd = fds["log_lost"]
         page = mmap.PAGESIZE
         self._consumer = mmap.mmap(ring_fd, page, mmap.MAP_SHARED,
                                    mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
@@ -556,32 +596,66 @@ class LogRing:
                                    mmap.PROT_READ, offset=page)
         self._data = memoryview(self._producer)[page:]
         self._lost_seen = self.dropped()
+        self._share_lost_seen: dict[int, int] = {}
+        if self.budget() == 0:
+            self.set_budget(share_of(0))
+
+    @classmethod
+    def _create_map(cls, name: str) -> int:
+        kind, key, value, entries = cls.MAPS[name]
+        return bpf.map_create(kind, key, value, entries, "bpfilter_" + name[4:])
 
     @classmethod
     def create(cls) -> "LogRing":
+        fds: dict[str, int] = {}
         ring_fd = bpf.map_create(bpf.BPF_MAP_TYPE_RINGBUF, 0, 0, RING_SIZE, "bpfilter_log")
         try:
-            lost_fd = bpf.map_create(bpf.BPF_MAP_TYPE_ARRAY, 4, 8, 1, "bpfilter_lost")
+            for name in cls.MAPS:
+                fds[name] = cls._create_map(name)
         except BaseException:
-            os.close(ring_fd)
+            for fd in (ring_fd, *fds.values()):
+                os.close(fd)
             raise
-        return cls(ring_fd, lost_fd)
+        return cls(ring_fd, fds)
 
     @classmethod
     def pinned(cls, root: str) -> "LogRing":
-        """The ring pinned under `root`, made and pinned there if missing."""
-        ring_path, lost_path = os.path.join(root, "log_ring"), os.path.join(root, "log_lost")
-        if os.path.exists(ring_path) and os.path.exists(lost_path):
-            return cls(bpf.obj_get(ring_path), bpf.obj_get(lost_path))
-        ring = cls.create()
-        for fd, path in ((ring.ring_fd, ring_path), (ring.lost_fd, lost_path)):
-            if os.path.exists(path):
-                os.unlink(path)
-            bpf.obj_pin(fd, path)
-        return ring
+        """The ring pinned under `root`, made and pinned there if missing; the share
+        maps a service of an earlier version did not pin are made and pinned."""
+        paths = {name: os.path.join(root, name) for name in ("log_ring", *cls.MAPS)}
+        if not os.path.exists(paths["log_ring"]) or not os.path.exists(paths["log_lost"]):
+            ring = cls.create()
+            for name, path in paths.items():
+                if os.path.exists(path):
+                    os.unlink(path)
+                bpf.obj_pin(ring.ring_fd if name == "log_ring" else ring.fds[name], path)
+            return ring
+        fds: dict[str, int] = {}
+        try:
+            for name in cls.MAPS:
+                if os.path.exists(paths[name]):
+                    fds[name] = bpf.obj_get(paths[name])
+                else:
+                    fds[name] = cls._create_map(name)
+                    bpf.obj_pin(fds[name], paths[name])
+            ring_fd = bpf.obj_get(paths["log_ring"])
+        except BaseException:
+            for fd in fds.values():
+                os.close(fd)
+            raise
+        return cls(ring_fd, fds)
 
     def maps(self) -> dict[MapRef, int]:
-        return {LOG_RING: self.ring_fd, LOG_LOST: self.lost_fd}
+        return {LOG_RING: self.ring_fd, LOG_LOST: self.lost_fd,
+                LOG_SHARE: self.fds["log_share"], LOG_DRAINED: self.fds["log_drained"],
+                LOG_BUDGET: self.fds["log_budget"]}
+
+    def budget(self) -> int:
+        raw = bpf.map_lookup(self.fds["log_budget"], struct.pack("<I", 0), BUDGET.size)
+        return BUDGET.unpack(raw)[0]
+
+    def set_budget(self, share: int) -> None:
+        bpf.map_update(self.fds["log_budget"], struct.pack("<I", 0), BUDGET.pack(share))
 
     def fileno(self) -> int:
         """Readable (poll, select) when records wait."""
@@ -592,7 +666,15 @@ class LogRing:
         return struct.unpack("<Q", bpf.map_lookup(self.lost_fd, struct.pack("<I", 0), 8))[0]
 
     def records(self) -> Iterator[Record]:
-        """The records written so far, each consumed once."""
+        """The records written so far, each consumed once; what each took of the
+        ring is credited to its namespace's share when the iteration ends."""
+        drained: dict[int, int] = {}
+        try:
+            yield from self._records(drained)
+        finally:
+            self._credit(drained)
+
+    def _records(self, drained: dict[int, int]) -> Iterator[Record]:
         consumer = struct.unpack_from("<Q", self._consumer, 0)[0]
         producer = struct.unpack_from("<Q", self._producer, 0)[0]
         busy, discarded = 1 << 31, 1 << 30
@@ -602,10 +684,57 @@ class LogRing:
             if length & busy:
                 break   # reserved, not yet submitted: the rest comes next time
             size = length & ~(busy | discarded)
-            if not length & discarded:
-                yield Record(bytes(self._data[head + 8:head + 8 + size]))
-            consumer += (size + 8 + 7) & ~7
+            record = Record(bytes(self._data[head + 8:head + 8 + size]))
+            consumer += ring_charge(size)
             struct.pack_into("<Q", self._consumer, 0, consumer)
+            if size >= R_NETNS + 4:
+                inum = record.u32(R_NETNS)
+                drained[inum] = drained.get(inum, 0) + ring_charge(size)
+            if not length & discarded:
+                yield record
+
+    def _credit(self, drained: dict[int, int]) -> None:
+        """Credit the namespaces with what their records took of the ring; forget
+        the namespaces with nothing in flight (LOG_SHARE holds a bounded number),
+        and give each of those still logging its share."""
+        share, done = self.fds["log_share"], self.fds["log_drained"]
+        for inum, freed in drained.items():
+            key = struct.pack("<I", inum)
+            before = bpf.map_lookup(done, key, 8)
+            total = (struct.unpack("<Q", before)[0] if before else 0) + freed
+            bpf.map_update(done, key, struct.pack("<Q", total))
+        logging = 0
+        key = None
+        while (key := bpf.map_next_key(share, key, 4)) is not None:
+            value = bpf.map_lookup(share, key, SHARE.size)
+            done_raw = bpf.map_lookup(done, key, 8)
+            if value is None:
+                continue
+            charged, lost = SHARE.unpack(value)
+            inum = struct.unpack("<I", key)[0]
+            in_flight = charged - (struct.unpack("<Q", done_raw)[0] if done_raw else 0)
+            if in_flight == 0 and lost == self._share_lost_seen.get(inum, 0):
+                bpf.map_delete(share, key)
+                bpf.map_delete(done, key)
+                self._share_lost_seen.pop(inum, None)
+            else:
+                logging += 1
+        if self.budget() != share_of(logging):
+            self.set_budget(share_of(logging))
+
+    def lost_over_share(self) -> dict[int, int]:
+        """{netns inum: records refused over its share since the last call}."""
+        out = {}
+        share, key = self.fds["log_share"], None
+        while (key := bpf.map_next_key(share, key, 4)) is not None:
+            value = bpf.map_lookup(share, key, SHARE.size)
+            if value is None:
+                continue
+            inum, lost = struct.unpack("<I", key)[0], SHARE.unpack(value)[1]
+            if lost != self._share_lost_seen.get(inum, 0):
+                out[inum] = lost - self._share_lost_seen.get(inum, 0)
+            self._share_lost_seen[inum] = lost
+        return out
 
     def newly_dropped(self) -> int:
         now = self.dropped()
@@ -617,7 +746,8 @@ class LogRing:
         self._producer.close()
         self._consumer.close()
         os.close(self.ring_fd)
-        os.close(self.lost_fd)
+        for fd in self.fds.values():
+            os.close(fd)
 
 
 def _sysctl(path: str) -> str:
@@ -632,6 +762,17 @@ def devkmsg_unlimited() -> bool:
     return _sysctl(PRINTK_DEVKMSG) == "on"
 
 
+def initial_netns() -> int:
+    """The inode of the initial network namespace, init's: a constant only since
+    Linux 6.18. The service's own is the fallback: it runs there."""
+    for path in (INIT_NETNS, "/proc/self/ns/net"):
+        try:
+            return os.stat(path).st_ino
+        except OSError:
+            continue
+    return PROC_NET_INIT_INO
+
+
 class KernelLog:
     """Drains a LogRing into /dev/kmsg; `note` gets bpfilter's own remarks (lost
     lines), which must not go through the LOG lines' path."""
@@ -640,14 +781,21 @@ class KernelLog:
         self.ring, self.note = ring, note
         self._kmsg = os.open(kmsg, os.O_WRONLY)
         self.lost = 0
+        self.initial_netns = initial_netns()
 
     def drain(self) -> int:
         """Write every waiting record's line; how many were written."""
         written, lost, why = 0, 0, set()
         writable = devkmsg_unlimited()
         log_all_netns = _sysctl(NF_LOG_ALL_NETNS) != "0"
+        # before the records are credited: a namespace's entry goes once its losses
+        # are told
+        for inum, over in self.ring.lost_over_share().items():
+            if inum == self.initial_netns or log_all_netns:
+                lost += over
+                why.add(f"netns {inum} had its share of the ring in flight")
         for record in self.ring.records():
-            if record.u32(R_NETNS) != PROC_NET_INIT_INO and not log_all_netns:
+            if record.u32(R_NETNS) != self.initial_netns and not log_all_netns:
                 continue   # nf_log_allowed(): the kernel would not log it either
             try:
                 level, text = format_line(record)

@@ -20,7 +20,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Optional
 
-from . import ctnetns, netns, proto
+from . import ctnetns, netns, netnswatch, proto
 from .abi import codec, families
 from .abi import xtables as X
 from .decode import table_from_blob
@@ -107,6 +107,7 @@ class Service:
         self.store = store
         self.tables: dict[TableKey, TableState] = {}
         self.log_ring = LogRing.pinned(store.root)
+        self._netns_refs = netnswatch.open_watch(log)
         self._last_request: Optional[float] = None   # since the last collection
         self.closed = False
         self._recover()
@@ -123,11 +124,23 @@ class Service:
             self.tables[key] = TableState(key, raw, ruleset, slots)
             log(f"recovered {families.of(key.family).command} table {key.table} of netns {key.inum}")
 
-    def sweep(self, live_inums: set[int]) -> None:
-        """Drop the tables of namespaces nothing uses any more. Our links hold a
-        reference on their namespace, so without this a deleted namespace would
-        stay alive, hooked, forever."""
-        for key in [k for k in self.tables if k.inum not in live_inums]:
+    def sweep(self) -> None:
+        """Drop the tables of namespaces nothing but our links holds any more. Our
+        links hold a reference on their namespace, so without this a deleted
+        namespace would stay alive, hooked, forever; one held by anything else (a
+        task, an nsfs file or mount, a socket) is alive and keeps its firewall.
+        One pass over the host's bpf links (netnswatch), whatever the number of
+        processes."""
+        if self._netns_refs is None or not self.tables:
+            return
+        try:
+            ours = [bpf.link_info(slot.link_fd)["id"] for state in self.tables.values()
+                    for slot in state.slots.values() if slot.link_fd is not None]
+            dead = self._netns_refs.dead(ours)
+        except OSError as err:   # BpfError too; nothing known: nothing is detached
+            log(f"cannot tell which namespaces died: {err}")
+            return
+        for key in [k for k in self.tables if k.cookie in dead]:
             log(f"netns {key.inum} is gone: detaching table {key.table}")
             self.tables.pop(key).close()
             self.store.remove(key)
@@ -162,6 +175,8 @@ class Service:
             state.close()
         self.tables.clear()
         self.log_ring.close()
+        if self._netns_refs is not None:
+            self._netns_refs.close()
 
     # -- requests -------------------------------------------------------------
 
@@ -359,29 +374,3 @@ def handled(service: Service, req, payload: bytes, netns_fd,
     except Exception as err:
         log(f"{what}: internal error, request refused:\n{traceback.format_exc()}")
         return -errno.EIO, f"bpfilter internal error: {err}".encode()
-
-
-def live_netns_inums() -> set[int]:
-    """Every network namespace something still uses: a task's, an open fd's, a
-    bind mount's (ip netns add). Ours are excluded by construction: we hold none."""
-    live: set[int] = set()
-
-    def note(link: str) -> None:
-        if link.startswith("net:["):
-            live.add(int(link[5:-1]))
-
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        base = f"/proc/{pid}"
-        try:
-            for tid in os.listdir(f"{base}/task"):
-                note(os.readlink(f"{base}/task/{tid}/ns/net"))
-            for fd in os.listdir(f"{base}/fd"):
-                note(os.readlink(f"{base}/fd/{fd}"))
-            with open(f"{base}/mountinfo") as mounts:
-                for line in mounts:
-                    fields = line.split()
-                    if fields[fields.index("-") + 1] == "nsfs":
-                        note(fields[3])
-        except OSError:
-            continue
-    return live

@@ -9,7 +9,7 @@ service leaves every table filtering and a new one finds them again.
         blob            the ipt_replace blob iptables set (an array map of chunks)
 
 The ruleset programs need no pin: their slots hold them. The inum finds namespaces
-that died (see service.live_netns_inums); the cookie tells a reused inum apart.
+that died (see netnswatch); the cookie tells a reused inum apart.
 Files are replaced by pinning under a temporary name and renaming over the old one,
 so a crash leaves either the old or the new object, never none.
 """

@@ -44,6 +44,7 @@ BPF_LINK_CREATE = 28
 BPF_LINK_GET_FD_BY_ID = 30
 BPF_LINK_GET_NEXT_ID = 31
 BPF_LINK_DETACH = 34
+BPF_ITER_CREATE = 33
 # Taken before any other BPF_ name exists, so it holds the commands only.
 _CMD_NAMES = {value: name for name, value in globals().items() if name.startswith("BPF_")}
 
@@ -63,11 +64,13 @@ BPF_MAP_TYPE_RINGBUF = 27
 BPF_PROG_TYPE_SOCKET_FILTER = 1
 BPF_PROG_TYPE_SCHED_CLS = 3
 BPF_PROG_TYPE_XDP = 6
+BPF_PROG_TYPE_TRACING = 26
 BPF_PROG_TYPE_SYSCALL = 31
 BPF_PROG_TYPE_NETFILTER = 32
 
 # enum bpf_attach_type
 BPF_NETFILTER = 45
+BPF_TRACE_ITER = 28
 
 # enum bpf_link_type
 BPF_LINK_TYPE_NETFILTER = 10
@@ -489,7 +492,7 @@ def percpu_value_size(value_size: int) -> int:
 # -- programs -------------------------------------------------------------
 
 def _prog_load_attr(prog_type, insns_buf, insn_cnt, name, license_buf,
-                    expected_attach_type, fd_array_buf, func_info):
+                    expected_attach_type, fd_array_buf, func_info, attach_btf_id=0):
     attr = ffi.new("struct bpf_prog_load_attr *")
     attr.prog_type = prog_type
     attr.insns = _ptr(insns_buf)
@@ -497,6 +500,7 @@ def _prog_load_attr(prog_type, insns_buf, insn_cnt, name, license_buf,
     attr.license = _ptr(license_buf)
     attr.prog_name = _obj_name(name)
     attr.expected_attach_type = expected_attach_type
+    attr.attach_btf_id = attach_btf_id
     attr.fd_array = _ptr(fd_array_buf) if fd_array_buf is not None else 0
     if func_info is not None:
         btf_fd, records, count = func_info
@@ -522,38 +526,41 @@ def _prog_load(attr) -> int:
 
 def prog_load(prog_type: int, insns: bytes, name: str, license: str = "GPL",
               expected_attach_type: int = 0, fd_array: "list[int] | None" = None,
-              log_size: int = 1 << 20, functions: "list[tuple[int, str]] | None" = None) -> int:
+              log_size: int = 1 << 20, functions: "list[tuple[int, str]] | None" = None,
+              attach_btf_id: int = 0) -> int:
     """Load a program; on rejection raise VerifierError carrying the whole log.
 
     ``fd_array`` backs BPF_PSEUDO_MAP_IDX loads and kfunc calls into module
     BTF (insn.off indexes it). ``functions``, (first instruction, name) of the
     main program and of each subprogram, declares them in BTF: a program passing
-    a callback must. The first attempt runs without a log, which is much faster
+    a callback must. ``attach_btf_id``: the vmlinux function a tracing program
+    attaches to (an iterator's bpf_iter_* target). The first attempt runs without a log, which is much faster
     for big programs; only a failure is repeated with one.
     """
     if len(insns) % 8:
         raise ValueError(f"program {name!r}: {len(insns)} bytes is not a whole number of instructions")
     if functions is None:
         return _prog_load_logged(prog_type, insns, name, license, expected_attach_type,
-                                 fd_array, log_size, None)
+                                 fd_array, log_size, None, attach_btf_id)
     blob, type_ids = functions_btf([fname for _, fname in functions])
     btf_fd = btf_load(blob)
     try:
         records = ffi.new("uint32_t[]", [v for (slot, _), tid in zip(functions, type_ids)
                                          for v in (slot, tid)])
         return _prog_load_logged(prog_type, insns, name, license, expected_attach_type,
-                                 fd_array, log_size, (btf_fd, records, len(functions)))
+                                 fd_array, log_size, (btf_fd, records, len(functions)),
+                                 attach_btf_id)
     finally:
         os.close(btf_fd)
 
 
 def _prog_load_logged(prog_type, insns, name, license, expected_attach_type, fd_array,
-                      log_size, func_info) -> int:
+                      log_size, func_info, attach_btf_id=0) -> int:
     insns_buf = ffi.from_buffer(insns)
     license_buf = ffi.new("char[]", license.encode())
     fd_array_buf = ffi.new("int[]", fd_array) if fd_array else None
     attr = _prog_load_attr(prog_type, insns_buf, len(insns) // 8, name, license_buf,
-                           expected_attach_type, fd_array_buf, func_info)
+                           expected_attach_type, fd_array_buf, func_info, attach_btf_id)
     fd = _prog_load(attr)
     if fd >= 0:
         return fd
@@ -563,7 +570,7 @@ def _prog_load_logged(prog_type, insns, name, license, expected_attach_type, fd_
     while True:
         log_buf = ffi.new("char[]", size)
         attr = _prog_load_attr(prog_type, insns_buf, len(insns) // 8, name, license_buf,
-                               expected_attach_type, fd_array_buf, func_info)
+                               expected_attach_type, fd_array_buf, func_info, attach_btf_id)
         attr.log_level = BPF_LOG_LEVEL1
         attr.log_buf = _ptr(log_buf)
         attr.log_size = size
@@ -666,6 +673,21 @@ def link_create_netfilter(prog_fd: int, pf: int, hooknum: int, priority: int,
     attr.nf_priority = priority
     attr.nf_flags = flags
     return _call(BPF_LINK_CREATE, attr, f"netfilter pf {pf} hook {hooknum} priority {priority}")
+
+
+def iter_link_create(prog_fd: int) -> int:
+    """A BPF_TRACE_ITER program's link (for an iterator that takes no parameters)."""
+    attr = ffi.new("struct bpf_link_create_attr *")
+    attr.prog_fd = prog_fd
+    attr.attach_type = BPF_TRACE_ITER
+    return _call(BPF_LINK_CREATE, attr, f"iterator of program fd {prog_fd}")
+
+
+def iter_create(link_fd: int) -> int:
+    """A new pass of an iterator: read() the fd to the end to run it."""
+    attr = ffi.new("struct bpf_link_detach_attr *")   # {link_fd}, as bpf_iter_create's attr
+    attr.link_fd = link_fd
+    return _call(BPF_ITER_CREATE, attr, f"iterator link fd {link_fd}")
 
 
 def link_detach(link_fd: int) -> None:

@@ -19,7 +19,7 @@ from .. import klog as K
 from ..bpf import insn as I
 from ..bpf.btf import Btf, BtfError
 from ..bpf.insn import (BPF_ALU64_IMM, BPF_ALU64_REG, BPF_ATOMIC_OP, BPF_B, BPF_DW, BPF_EMIT_CALL,
-                        BPF_H, BPF_JMP_A, BPF_JMP_IMM, BPF_LD_MAP_FD, BPF_LD_MAP_VALUE,
+                        BPF_H, BPF_JMP_A, BPF_JMP_IMM, BPF_JMP_REG, BPF_LD_MAP_FD, BPF_LD_MAP_VALUE,
                         BPF_LDX_MEM, BPF_MOV64_IMM, BPF_MOV64_REG, BPF_ST_MEM, BPF_STX_MEM, BPF_W,
                         R0, R1, R2, R3, R4, R5, R6, R7, R8, R9)
 from ..packet import facts
@@ -29,6 +29,8 @@ from . import BOTH_FAMILIES, TargetExtension, register_target
 
 PREFIX_SIZE = 30
 LEVELS = 8
+BPF_FUNC_map_update_elem = 2
+BPF_NOEXIST = 1
 
 xt_log_info = Struct(
     "level" / Int8un,
@@ -52,7 +54,7 @@ class Log(TargetExtension):
     families = BOTH_FAMILIES
     struct = xt_log_info
     facts = frozenset({"skb"})
-    environment = (K.LOG_RING, K.LOG_LOST)
+    environment = (K.LOG_RING, K.LOG_LOST, K.LOG_SHARE, K.LOG_DRAINED, K.LOG_BUDGET)
 
     def decode(self, payload: bytes, ip: IpHeader, where: str) -> LogTarget:
         level, logflags, prefix = self.packed.unpack_from(payload)
@@ -76,6 +78,7 @@ class Log(TargetExtension):
     def emit(self, target: LogTarget, asm, next_rule) -> None:
         o = _offsets()
         lost, done = asm.label("log_lost"), asm.label("log_done")
+        over = asm.label("log_over_share")
         filled = asm.label("log_packet_copied")
         # A record of the smallest capture class that holds the packet (the largest
         # class for a longer one), its packet bytes copied first: the copy's length
@@ -87,9 +90,18 @@ class Log(TargetExtension):
             if captured != classes[-1]:
                 asm.emit(BPF_LDX_MEM(BPF_W, R1, R6, facts.LEN),
                          BPF_JMP_IMM(I.BPF_JGT, R1, captured, larger))
+            charge = K.ring_charge(K.record_size(captured))
+            self._emit_charge(asm, charge, lost, over)
+            reserved = asm.label("log_reserved")
             asm.emit(BPF_LD_MAP_FD(R1, K.LOG_RING), BPF_MOV64_IMM(R2, K.record_size(captured)),
                      BPF_MOV64_IMM(R3, 0), BPF_EMIT_CALL(I.BPF_FUNC_ringbuf_reserve),
-                     BPF_JMP_IMM(I.BPF_JEQ, R0, 0, lost), BPF_MOV64_REG(R7, R0))
+                     BPF_JMP_IMM(I.BPF_JNE, R0, 0, reserved),
+                     # the ring is full after all: the share gets its charge back
+                     BPF_MOV64_IMM(R1, -charge),
+                     BPF_ATOMIC_OP(BPF_DW, I.BPF_ADD, R9, R1, K.SHARE_CHARGED),
+                     BPF_JMP_A(lost))
+            asm.place(reserved)
+            asm.emit(BPF_MOV64_REG(R7, R0))
             self._emit_packet_copy(asm, captured)
             asm.emit(BPF_JMP_A(filled))
             asm.place(larger)
@@ -130,10 +142,48 @@ class Log(TargetExtension):
         self._emit_mac_copy(asm, o)
         asm.emit(BPF_MOV64_REG(R1, R7), BPF_MOV64_IMM(R2, 0),
                  BPF_EMIT_CALL(I.BPF_FUNC_ringbuf_submit), BPF_JMP_A(done))
+        asm.place(over)
+        asm.emit(BPF_MOV64_IMM(R1, 1), BPF_ATOMIC_OP(BPF_DW, I.BPF_ADD, R9, R1, K.SHARE_LOST),
+                 BPF_JMP_A(done))
         asm.place(lost)
         asm.emit(BPF_LD_MAP_VALUE(R1, K.LOG_LOST, 0), BPF_MOV64_IMM(R2, 1),
                  BPF_ATOMIC_OP(BPF_DW, I.BPF_ADD, R1, R2, 0))
         asm.place(done)
+
+    @staticmethod
+    def _emit_charge(asm, charge: int, lost, over) -> None:
+        """The namespace's share (R9 = its LOG_SHARE entry, made on its first
+        record) charged with `charge` bytes of the ring, unless its records in
+        flight (charged less drained) would then pass LOG_BUDGET's share: `over`.
+        The key is the netns inum in the facts."""
+        def share_key(map_ref):
+            return [*BPF_LD_MAP_FD(R1, map_ref), BPF_MOV64_REG(R2, R6),
+                    BPF_ALU64_IMM(I.BPF_ADD, R2, facts.NETNS)]
+
+        have, drained = asm.label("log_share_found"), asm.label("log_drained_read")
+        asm.emit(*share_key(K.LOG_SHARE), BPF_EMIT_CALL(I.BPF_FUNC_map_lookup_elem),
+                 BPF_JMP_IMM(I.BPF_JNE, R0, 0, have),
+                 *share_key(K.LOG_SHARE), BPF_LD_MAP_VALUE(R3, K.LOG_BUDGET, K.BUDGET_ZEROS),
+                 BPF_MOV64_IMM(R4, BPF_NOEXIST), BPF_EMIT_CALL(BPF_FUNC_map_update_elem),
+                 *share_key(K.LOG_SHARE), BPF_EMIT_CALL(I.BPF_FUNC_map_lookup_elem),
+                 BPF_JMP_IMM(I.BPF_JEQ, R0, 0, lost))   # every entry taken
+        asm.place(have)
+        asm.emit(BPF_MOV64_REG(R9, R0),
+                 *share_key(K.LOG_DRAINED), BPF_EMIT_CALL(I.BPF_FUNC_map_lookup_elem),
+                 BPF_MOV64_IMM(R8, 0),
+                 BPF_JMP_IMM(I.BPF_JEQ, R0, 0, drained),
+                 BPF_LDX_MEM(BPF_DW, R8, R0, 0))
+        asm.place(drained)
+        asm.emit(BPF_LDX_MEM(BPF_DW, R1, R9, K.SHARE_CHARGED),
+                 BPF_ALU64_REG(I.BPF_SUB, R1, R8),
+                 BPF_LD_MAP_VALUE(R2, K.LOG_BUDGET, K.BUDGET_SHARE),
+                 BPF_LDX_MEM(BPF_DW, R2, R2, 0),
+                 BPF_ALU64_IMM(I.BPF_ADD, R2, -charge),
+                 # signed: a share forgotten while a record was on its way drains
+                 # more than it was charged
+                 BPF_JMP_REG(I.BPF_JSGT, R1, R2, over),
+                 BPF_MOV64_IMM(R1, charge),
+                 BPF_ATOMIC_OP(BPF_DW, I.BPF_ADD, R9, R1, K.SHARE_CHARGED))
 
     @staticmethod
     def _emit_gso_copy(asm, o: "_Offsets") -> None:

@@ -8,7 +8,7 @@ import select
 from .. import ctnetns, proto
 from ..klog import KernelLog
 from ..paths import DEFAULT_ROOT
-from ..service import (SWEEP_INTERVAL, Service, handled, live_netns_inums, log,
+from ..service import (SWEEP_INTERVAL, Service, handled, log,
                        log_to_kernel)
 from ..store import Store, ensure_bpffs
 
@@ -39,7 +39,7 @@ def serve_device(device: str, bpffs: str = DEFAULT_ROOT) -> None:
     waiting.register(service.log_ring, select.POLLIN)
     try:
         while True:
-            service.sweep(live_netns_inums())
+            service.sweep()
             ready = {fd for fd, _ in waiting.poll(SWEEP_INTERVAL * 1000)}
             if not ready:
                 service.when_idle()

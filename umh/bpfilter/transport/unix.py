@@ -17,7 +17,7 @@ from .. import proto
 from ..errors import BpfilterError
 from ..klog import KernelLog
 from ..paths import DEFAULT_ROOT, DEFAULT_SOCKET
-from ..service import SWEEP_INTERVAL, Service, handled, live_netns_inums, log
+from ..service import SWEEP_INTERVAL, Service, handled, log
 from ..store import Store, ensure_bpffs
 
 CAP_NET_ADMIN = 12
@@ -121,7 +121,7 @@ def serve(socket_path: str = DEFAULT_SOCKET, bpffs: str = DEFAULT_ROOT, ready=No
     try:
         while True:
             if time.monotonic() >= next_sweep:
-                service.sweep(live_netns_inums())
+                service.sweep()
                 next_sweep = time.monotonic() + SWEEP_INTERVAL
             ready = select.select([listener, service.log_ring], [], [], SWEEP_INTERVAL)[0]
             if service.log_ring in ready:
