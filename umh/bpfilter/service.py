@@ -52,13 +52,29 @@ def log_to_kernel() -> None:
     _log_sink = open("/dev/kmsg", "w", buffering=1)
 
 
+def _logged(what: str, action) -> bool:
+    """Run `action`; if it fails, log it with `what` and go on (work after a commit
+    point, which must neither undo the commit nor be left half done)."""
+    try:
+        action()
+        return True
+    except Exception:
+        log(f"{what}:\n{traceback.format_exc()}")
+        return False
+
+
 @dataclass
 class TableState:
     key: TableKey
-    raw: X.RawTable
-    ruleset: Ruleset
+    raw: Optional[X.RawTable]    # None when broken
+    ruleset: Optional[Ruleset]   # None when broken
     slots: dict[Hook, HookSlot] = field(default_factory=dict)
     kernel_entries: Optional[bytes] = None   # codec.kernel_entries(raw), once built
+    generation: str = ""         # its committed generation in the store
+    # Why recovery could not take the table over: it stays attached, filtering with
+    # its last committed ruleset (as far as recovery could make it), and known (it is
+    # listed, and swept with its namespace), but every request on it is refused.
+    broken: Optional[str] = None
 
     def entries(self) -> bytes:
         """IPT_SO_GET_ENTRIES' answer: the table's entries as the kernel returns
@@ -67,7 +83,7 @@ class TableState:
         return codec.with_counters(self.raw, self.kernel_entries, self.ruleset.packed_counters())
 
     def build_entries(self) -> None:
-        if self.kernel_entries is None:
+        if self.kernel_entries is None and self.raw is not None:
             self.kernel_entries = codec.kernel_entries(self.raw)
 
     def successor_entries(self, raw: X.RawTable) -> Optional[bytes]:
@@ -84,7 +100,8 @@ class TableState:
     def close(self) -> None:
         for slot in self.slots.values():
             slot.close()
-        self.ruleset.close()
+        if self.ruleset is not None:
+            self.ruleset.close()
 
 
 def netns_identity(netns_fd: int) -> tuple[int, int]:
@@ -116,13 +133,51 @@ class Service:
 
     def _recover(self) -> None:
         for key in list(self.store.keys()):
+            what = f"{families.of(key.family).command} table {key.table} of netns {key.inum}"
             try:
-                blob, raw, ruleset, slots = self.store.load(key)
-            except (OSError, BpfilterError) as err:
-                log(f"cannot recover {self.store.path(key)}: {err}; leaving it as it is")
-                continue
-            self.tables[key] = TableState(key, raw, ruleset, slots)
-            log(f"recovered {families.of(key.family).command} table {key.table} of netns {key.inum}")
+                state = self._recover_table(key)
+            except Exception as err:
+                # Detaching it would fail open: every packet its rules drop would pass.
+                # It stays attached, its hooks running its committed rules if they
+                # could be swapped in (a blob that no longer decodes: its rules are
+                # fine), and known to the service, which refuses requests on it (it
+                # cannot show them) and sweeps it with its namespace.
+                log(f"CANNOT RECOVER {what} ({self.store.path(key)}): {err}\n"
+                    f"{traceback.format_exc()}it stays attached, filtering as it did, and "
+                    f"every request on it is refused; `bpfilter flush` detaches every table")
+                state = TableState(key, None, None, broken=f"cannot recover it: {err}")
+            if state is not None:
+                self.tables[key] = state
+                if state.broken is None:
+                    log(f"recovered {what}")
+
+    def _recover_table(self, key: TableKey) -> Optional[TableState]:
+        """Make the hooks run what the committed generation says (a service that died
+        between a commit and the swap of the slots leaves them running the previous
+        one), drop every other generation, and decode it. None: the table was being
+        created when its service died, never committed, never answered for: detached."""
+        store = self.store
+        if store.committed(key) is None:
+            if not store.unversioned(key):
+                log(f"{store.path(key)}: a table never committed, detached")
+                store.remove(key)
+                return None
+            store.migrate(key)
+        slots = store.open_slots(key)
+        gen = None
+        try:
+            gen = store.open_committed(key)
+            for hook, slot in slots.items():
+                slot.fill(gen.rules[hook])
+            store.discard_uncommitted(key)
+            raw, table = table_from_blob(gen.blob, key.family)
+        except BaseException:
+            if gen is not None:
+                gen.close()
+            for slot in slots.values():
+                slot.close()
+            raise
+        return TableState(key, raw, gen.ruleset(table), slots, generation=gen.name)
 
     def sweep(self) -> None:
         """Drop the tables of namespaces nothing but our links holds any more. Our
@@ -256,45 +311,82 @@ class _Caller:
             blob = codec.initial_replace(name, self.family)
             raw, table = table_from_blob(blob, self.family)
             state = self._install(key, blob, raw, table, previous=None)
+        if state.broken is not None:
+            raise BpfilterError(errno.EIO, f"{self.abi.command} table '{name}' of this namespace: "
+                                           f"{state.broken}; it filters as it did, and "
+                                           f"`bpfilter flush` detaches every table")
         return state
 
     def _install(self, key: TableKey, blob: bytes, raw: X.RawTable, table: Table,
                  previous: Optional[TableState]) -> TableState:
-        ruleset = load_ruleset(table, self.service.environment(), previous and previous.ruleset)
-        store = self.service.store
+        """`table` in place of `previous` (None: a table created), or an exception and
+        nothing changed. Loaded, then staged as a generation in the store, which one
+        rename commits (Store.commit): that is the replace's commit point. The hooks'
+        slots are swapped to it after: a service dying in between leaves its
+        recovery to swap them; a swap that fails commits `previous` again. A table
+        created is attached before its commit, running the kernel's initial rules
+        (every policy ACCEPT, as no table at all): a service dying before the
+        commit leaves it to the next one to detach."""
+        service, store = self.service, self.service.store
+        ruleset = load_ruleset(table, service.environment(), previous and previous.ruleset)
         slots = previous.slots if previous else {}
         netns_path = f"/proc/self/fd/{self.netns_fd}"
         had_conntrack = previous is not None and previous.ruleset.uses_conntrack
         needs_conntrack = ruleset.uses_conntrack
         held = False   # a hold that failed has nothing to give back
+        gen = None
         try:
             if needs_conntrack and not had_conntrack:
                 ctnetns.hold(netns_path, self.family)   # before the first packet meets the new rules
                 held = True
+            gen = store.stage(key, ruleset, blob)
             if previous is None:
                 slots = attach_slots(ruleset, netns_path)
                 store.save_slots(key, slots)
-            for hook, slot in slots.items():
-                slot.fill(ruleset.hooks[hook])
-            store.save_ruleset(key, ruleset, blob)
+            store.commit(key, gen)
+            if previous is not None:
+                self._swap(previous, ruleset, gen)
         except BaseException:
-            if previous is None:
-                for slot in slots.values():
-                    slot.close()
-                if os.path.isdir(store.path(key)):
-                    store.remove(key)
-            else:
-                for hook, slot in slots.items():
-                    slot.fill(previous.ruleset.hooks[hook])
-            ruleset.close()
+            undo = [slot.close for slot in slots.values()] if previous is None else []
+            if previous is None and os.path.isdir(store.path(key)):
+                undo.append(lambda: store.remove(key))
+            elif previous is not None and gen is not None and store.committed(key) != gen:
+                undo.append(lambda: store.discard(key, gen))   # (committed: see _swap)
+            undo.append(ruleset.close)
             if held:
-                ctnetns.release(netns_path, self.family)
+                undo.append(lambda: ctnetns.release(netns_path, self.family))
+            for action in undo:
+                _logged(f"netns {self.inum}: undoing a failed replace of table {key.table}", action)
             raise
+        # Committed and in force: nothing from here on may fail the request.
         if had_conntrack and not needs_conntrack:
-            ctnetns.release(netns_path, self.family)
-        state = TableState(key, raw, ruleset, slots)
-        self.service.tables[key] = state
+            _logged(f"netns {self.inum}: giving conntrack back",
+                    lambda: ctnetns.release(netns_path, self.family))
+        state = TableState(key, raw, ruleset, slots, generation=gen)
+        service.tables[key] = state
         return state
+
+    def _swap(self, previous: TableState, ruleset: Ruleset, gen: str) -> None:
+        """Every hook's slot to `ruleset`, committed as `gen`. If one fails, the
+        previous generation is committed again and the hooks swapped back: the
+        caller is told of a failure only with the previous rules in force."""
+        swapped = []
+        try:
+            for hook, slot in previous.slots.items():
+                slot.fill(ruleset.hooks[hook])
+                swapped.append(hook)
+        except BaseException:
+            key = previous.key
+            log(f"netns {self.inum}: table {key.table}: swapping the hooks failed: back to "
+                f"{previous.generation}")
+            store = self.service.store
+            if not _logged("committing it again", lambda: store.commit(key, previous.generation)):
+                # Committed stays the new one: a new service would swap the rest in.
+                log(f"netns {self.inum}: table {key.table} is {gen} in the store while its "
+                    f"hooks may run {previous.generation}: restart the service to recover it")
+            for hook in swapped:
+                _logged("swapping back", lambda: previous.slots[hook].fill(previous.ruleset.hooks[hook]))
+            raise
 
     # -- getsockopt -----------------------------------------------------------
 
@@ -337,6 +429,8 @@ class _Caller:
         # Most replaces change a few rules of a table: what did not change is
         # taken over from the table in place rather than parsed and decoded again.
         in_place = self.service.tables.get(self.key(codec.replace_name(blob)))
+        if in_place is not None and in_place.broken is not None:
+            in_place = None   # self.table() refuses it
         raw, table = table_from_blob(blob, self.family, optlen=len(blob),
                                      previous=in_place and (in_place.raw, in_place.ruleset.table))
         previous = self.table(raw.name)
@@ -346,16 +440,33 @@ class _Caller:
         entries = previous.successor_entries(raw)
         state = self._install(previous.key, blob, raw, table, previous)
         state.kernel_entries = entries
-        # As the kernel does before it reads the old table's counters: wait until no
-        # packet is still in it.
-        bpf.wait_for_programs()
-        old = previous.ruleset.packed_counters()
-        state.ruleset.took_over(previous.ruleset)
-        previous.ruleset.close()
+        old = self._retire(previous, state)
         log(f"netns {self.inum}: {self.abi.command} table {raw.name} replaced in {time.monotonic() - started:.3f} s: "
             f"{raw.num_entries} entries, " + ", ".join(f"{r.hook.chain_name} {r.insn_count} insns"
                                                        for r in state.ruleset.hooks.values()))
         return 0, old
+
+    def _retire(self, previous: TableState, state: TableState) -> bytes:
+        """After a replace took effect: the counters of `previous` (the answer) once no
+        packet is still in its programs, as the kernel reads them, then its programs,
+        maps and generation let go. Whatever fails is logged, not answered: the
+        replace took effect (as the kernel, whose failure to copy the counters out is
+        silent then); counters that cannot be read are answered as zeros."""
+        where = f"netns {self.inum}: after replacing table {previous.key.table}"
+        old = [bytes(X.xt_counters.sizeof() * previous.raw.num_entries)]
+
+        def counters() -> None:
+            bpf.wait_for_programs()
+            old[0] = previous.ruleset.packed_counters()
+        _logged(f"{where}, reading the previous counters", counters)
+        _logged(f"{where}, dropping the previous classified runs",
+                lambda: state.ruleset.took_over(previous.ruleset))
+        _logged(f"{where}, closing the previous ruleset", previous.ruleset.close)
+        # every generation but the new one: this replace's predecessor, and any an
+        # earlier replace failed to unpin
+        _logged(f"{where}, unpinning {previous.generation}",
+                lambda: self.service.store.discard_uncommitted(previous.key))
+        return old[0]
 
 
 def handled(service: Service, req, payload: bytes, netns_fd,

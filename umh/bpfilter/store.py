@@ -4,23 +4,31 @@ service leaves every table filtering and a new one finds them again.
     <root>/<netns inum>-<netns cookie>/<family>-<table>/
         link_<HOOK>     the netfilter link (keeps the dispatcher and the hook alive)
         slot_<HOOK>     the prog array the dispatcher tail-calls through
-        counters        per-CPU counters of the current ruleset
-        added           counter offsets from IPT_SO_SET_ADD_COUNTERS
-        blob            the ipt_replace blob iptables set (an array map of chunks)
+        current         a symlink naming the committed generation
+        gen_<n>/        a generation: one ruleset, whole
+            prog_<HOOK> its program for the hook
+            counters    its per-CPU counters
+            added       counter offsets from IPT_SO_SET_ADD_COUNTERS
+            blob        the ipt_replace blob iptables set (an array map of chunks)
 
-The ruleset programs need no pin: their slots hold them. The inum finds namespaces
-that died (see netnswatch); the cookie tells a reused inum apart.
-Files are replaced by pinning under a temporary name and renaming over the old one,
-so a crash leaves either the old or the new object, never none.
+A replace stages its ruleset as a new generation, then commits it by renaming a
+symlink to it over `current`: that one rename is the commit point. Only then are
+the hooks' slots swapped to its programs, and the previous generation dropped. A
+service that dies anywhere leaves `current` naming either the previous generation
+or the new one, complete either way; the next service (Service._recover) makes the
+slots run what it names and drops every other generation. The inum finds
+namespaces that died (see netnswatch); the cookie tells a reused inum apart.
 """
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import shutil
 import struct
+from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 from .bpf import syscall as bpf
 from .abi.xtables import RawTable
@@ -104,6 +112,45 @@ class TableKey:
         return f"{self.family.name.lower()}-{self.table}"
 
 
+CURRENT = "current"         # the symlink naming the committed generation
+_GENERATION = "gen_"
+_RULESET_PINS = ("blob", "counters", "added")   # in a table's own directory before generations
+_HOOK_OF = {hook.chain_name: hook for hook in Hook}
+
+
+@dataclass
+class Generation:
+    """A generation's pins, opened and not decoded: enough to make the hooks run it."""
+
+    name: str
+    blob: bytes
+    counters_fd: int
+    offsets_fd: int
+    rules: dict[Hook, HookRules]
+
+    def ruleset(self, table) -> Ruleset:
+        return Ruleset(table, self.counters_fd, self.offsets_fd, dict(self.rules))
+
+    def close(self) -> None:
+        for fd in [self.counters_fd, self.offsets_fd, *(r.prog_fd for r in self.rules.values())]:
+            os.close(fd)
+
+
+def _opened(undo: ExitStack, path: str) -> int:
+    fd = bpf.obj_get(path)
+    undo.callback(os.close, fd)
+    return fd
+
+
+def _slot_program(array_fd: int) -> int:
+    """An fd of the program a hook's slot holds."""
+    return bpf.prog_get_fd_by_id(struct.unpack("<I", bpf.map_lookup(array_fd, _KEY0, 4))[0])
+
+
+def _rules(hook: Hook, prog_fd: int) -> HookRules:
+    return HookRules(hook, None, prog_fd, bpf.prog_info(prog_fd)["xlated_prog_len"] // 8)
+
+
 class Store:
     def __init__(self, root: str = DEFAULT_ROOT):
         self.root = root
@@ -111,20 +158,77 @@ class Store:
     def path(self, key: TableKey, name: str = "") -> str:
         return os.path.join(self.root, key.netns_dir, key.table_dir, name)
 
-    def save_ruleset(self, key: TableKey, ruleset: Ruleset, blob: bytes) -> None:
-        blob_fd = write_blob(blob)
+    # -- a replace: stage, commit, and drop what it replaced
+
+    def stage(self, key: TableKey, ruleset: Ruleset, blob: bytes) -> str:
+        """Pin `ruleset` and its blob as a new generation of the table, uncommitted:
+        until commit() the table is what it was. On failure nothing is left."""
+        gen = _GENERATION + str(1 + max((int(g[len(_GENERATION):]) for g in self.generations(key)),
+                                        default=0))
+        path = self.path(key, gen)
+        os.makedirs(path, mode=0o700)
         try:
-            _pin(blob_fd, self.path(key, "blob"))
-        finally:
-            os.close(blob_fd)
-        _pin(ruleset.counters_fd, self.path(key, "counters"))
-        _pin(ruleset.offsets_fd, self.path(key, "added"))
+            blob_fd = write_blob(blob)
+            try:
+                bpf.obj_pin(blob_fd, os.path.join(path, "blob"))
+            finally:
+                os.close(blob_fd)
+            bpf.obj_pin(ruleset.counters_fd, os.path.join(path, "counters"))
+            bpf.obj_pin(ruleset.offsets_fd, os.path.join(path, "added"))
+            for hook, rules in ruleset.hooks.items():
+                bpf.obj_pin(rules.prog_fd, os.path.join(path, f"prog_{hook.chain_name}"))
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+        return gen
+
+    def commit(self, key: TableKey, gen: str) -> None:
+        """The commit point: `gen` becomes the table's generation in one rename."""
+        tmp = self.path(key, "new_" + CURRENT)
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.symlink(gen, tmp)
+        os.rename(tmp, self.path(key, CURRENT))
+
+    def committed(self, key: TableKey) -> Optional[str]:
+        try:
+            return os.readlink(self.path(key, CURRENT))
+        except FileNotFoundError:
+            return None
+
+    def generations(self, key: TableKey) -> list[str]:
+        try:
+            names = os.listdir(self.path(key))
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if n.startswith(_GENERATION))
+
+    def discard(self, key: TableKey, gen: str) -> None:
+        shutil.rmtree(self.path(key, gen))
+
+    def discard_uncommitted(self, key: TableKey) -> None:
+        """Every generation but the committed one (a replace that died before its
+        commit, or after it with its predecessor still there), and what a commit or a
+        migration that died left."""
+        keep = self.committed(key)
+        for gen in self.generations(key):
+            if gen != keep:
+                self.discard(key, gen)
+        for name in ("new_" + CURRENT, *_RULESET_PINS):
+            if os.path.lexists(self.path(key, name)):
+                os.unlink(self.path(key, name))
+
+    def save_ruleset(self, key: TableKey, ruleset: Ruleset, blob: bytes) -> None:
+        """Stage and commit at once (a table pinned from scratch)."""
+        self.commit(key, self.stage(key, ruleset, blob))
 
     def save_slots(self, key: TableKey, slots: dict[Hook, HookSlot]) -> None:
         os.makedirs(self.path(key), mode=0o700, exist_ok=True)
         for hook, slot in slots.items():
             _pin(slot.prog_array_fd, self.path(key, f"slot_{hook.chain_name}"))
             _pin(slot.link_fd, self.path(key, f"link_{hook.chain_name}"))
+
+    # -- finding tables again
 
     def keys(self) -> Iterator[TableKey]:
         if not os.path.isdir(self.root):
@@ -137,27 +241,71 @@ class Store:
                 family, _, table = table_dir.partition("-")
                 yield TableKey(int(inum), int(cookie), Family[family.upper()], table)
 
-    def load(self, key: TableKey) -> tuple[bytes, RawTable, Ruleset, dict[Hook, HookSlot]]:
-        """Reopen a pinned table, its model rebuilt from its blob."""
-        blob_fd = bpf.obj_get(self.path(key, "blob"))
-        try:
+    def unversioned(self, key: TableKey) -> bool:
+        """Pinned by a bpfilter from before generations: its ruleset's pins in the
+        table's own directory, its programs held by its slots only."""
+        return self.committed(key) is None and os.path.lexists(self.path(key, "blob"))
+
+    def migrate(self, key: TableKey) -> None:
+        """An unversioned table made generation 1 of itself: its pins copied into it,
+        its programs pinned from its slots, committed, and only then the old pins
+        unlinked (discard_uncommitted). A migration that dies is made again."""
+        for gen in self.generations(key):
+            self.discard(key, gen)
+        path = self.path(key, _GENERATION + "1")
+        os.mkdir(path, mode=0o700)
+        with ExitStack() as fds:
+            for name in _RULESET_PINS:
+                bpf.obj_pin(_opened(fds, self.path(key, name)), os.path.join(path, name))
+            for name in os.listdir(self.path(key)):
+                if name.startswith("slot_"):
+                    prog_fd = _slot_program(_opened(fds, self.path(key, name)))
+                    fds.callback(os.close, prog_fd)
+                    bpf.obj_pin(prog_fd, os.path.join(path, "prog_" + name[len("slot_"):]))
+        self.commit(key, _GENERATION + "1")
+
+    def open_committed(self, key: TableKey) -> Generation:
+        gen = self.committed(key)
+        if gen is None:
+            raise OSError(errno.ENOENT, f"{self.path(key)} has no committed generation")
+        path = self.path(key, gen)
+        with ExitStack() as undo:
+            blob_fd = _opened(undo, os.path.join(path, "blob"))
             blob = read_blob(blob_fd)
-        finally:
-            os.close(blob_fd)
-        raw, table = table_from_blob(blob, key.family)
-        ruleset = Ruleset(table, bpf.obj_get(self.path(key, "counters")),
-                          bpf.obj_get(self.path(key, "added")))
+            counters_fd = _opened(undo, os.path.join(path, "counters"))
+            offsets_fd = _opened(undo, os.path.join(path, "added"))
+            rules = {}
+            for name in sorted(os.listdir(path)):
+                if name.startswith("prog_"):
+                    hook = _HOOK_OF[name[len("prog_"):]]
+                    rules[hook] = _rules(hook, _opened(undo, os.path.join(path, name)))
+            undo.pop_all()
+        os.close(blob_fd)
+        return Generation(gen, blob, counters_fd, offsets_fd, rules)
+
+    def open_slots(self, key: TableKey) -> dict[Hook, HookSlot]:
         slots = {}
-        for chain in table.hook_chains():
-            hook = chain.hook
-            array_fd = bpf.obj_get(self.path(key, f"slot_{hook.chain_name}"))
-            link_fd = bpf.obj_get(self.path(key, f"link_{hook.chain_name}"))
-            prog_id = struct.unpack("<I", bpf.map_lookup(array_fd, _KEY0, 4))[0]
-            prog_fd = bpf.prog_get_fd_by_id(prog_id)
-            info = bpf.prog_info(prog_fd)
-            ruleset.hooks[hook] = HookRules(hook, None, prog_fd, info["xlated_prog_len"] // 8)
-            slots[hook] = HookSlot(hook, array_fd, dispatcher_fd=None, link_fd=link_fd)
-        return blob, raw, ruleset, slots
+        with ExitStack() as undo:
+            for name in sorted(os.listdir(self.path(key))):
+                if name.startswith("slot_"):
+                    chain = name[len("slot_"):]
+                    slots[_HOOK_OF[chain]] = HookSlot(
+                        _HOOK_OF[chain], _opened(undo, self.path(key, name)), dispatcher_fd=None,
+                        link_fd=_opened(undo, self.path(key, f"link_{chain}")))
+            undo.pop_all()
+        return slots
+
+    def load(self, key: TableKey) -> tuple[bytes, RawTable, Ruleset, dict[Hook, HookSlot]]:
+        """Reopen a pinned table as its committed generation says, its model rebuilt
+        from its blob (nothing changed: `bpfilter show`)."""
+        gen = self.open_committed(key)
+        try:
+            raw, table = table_from_blob(gen.blob, key.family)
+            slots = self.open_slots(key)
+        except BaseException:
+            gen.close()
+            raise
+        return gen.blob, raw, gen.ruleset(table), slots
 
     def remove(self, key: TableKey) -> None:
         """Detach the table's links (pins alone would keep a dead netns hooked) and
