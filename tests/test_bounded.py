@@ -11,7 +11,6 @@ which a stall cannot take the test down with.
 from __future__ import annotations
 
 import errno
-import os
 import subprocess
 import sys
 import tempfile
@@ -123,3 +122,25 @@ def test_check_answers_the_ladder_within_the_bound(family=Family.IPV4):
     elapsed = time.monotonic() - start
     assert "REFUSED: chain INPUT: user chains nest 29 deep" in done.stdout, done.stdout
     assert elapsed < BOUND + 3, elapsed    # + the restore's and the interpreter's start
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=FAMILY_IDS)
+def test_a_run_too_varied_for_the_tuple_space_makes_no_key(family, monkeypatch):
+    """Two wide port ranges make about 900 keys per rule, a run of such rules far
+    more than MAX_TUPLES tuples: the count, known from the ranges, refuses the run
+    before a key is made (it made them all: 2,000 rules took 24 s)."""
+    from bpfilter.compiler import classifier
+    from bpfilter.compiler.runs import TupleSpace
+    from bpfilter.decode import table_from_blob
+    rule = "-A INPUT -p tcp --sport 1:65534 --dport 2:65533 -j ACCEPT\n"
+    text = ladder(1).replace("COMMIT", rule * 500 + "COMMIT")
+    rules = table_from_blob(replace_blob(text, family=family), family)[1].chains["INPUT"].rules
+    made = []
+    keys = classifier.rule_keys
+    monkeypatch.setattr(classifier, "rule_keys",
+                        lambda low, f: made.append(low.entry) or keys(low, f))
+    start = time.monotonic()
+    segments = classifier.segments(rules, TupleSpace(family))
+    assert not made, f"{len(made)} rules' keys made"
+    assert not any(isinstance(s, classifier.Run) for s in segments)
+    assert time.monotonic() - start < BOUND
