@@ -144,3 +144,23 @@ def test_a_run_too_varied_for_the_tuple_space_makes_no_key(family, monkeypatch):
     assert not made, f"{len(made)} rules' keys made"
     assert not any(isinstance(s, classifier.Run) for s in segments)
     assert time.monotonic() - start < BOUND
+
+
+def test_add_counters_are_not_unpacked_before_their_count_is_checked():
+    """IPT_SO_SET_ADD_COUNTERS carries up to 32M counters; the kernel compares their
+    number with the table's (do_add_counters) before it adds any. Parsing the
+    request unpacked them all into Python tuples first (2M: over 200 MB)."""
+    import tracemalloc
+    from bpfilter.abi import codec
+    count = 2_000_000
+    header = bytearray(codec.build_counters_info("filter", []))
+    header[32:36] = count.to_bytes(4, "little")          # num_counters, after the name
+    payload = bytes(header) + bytes(16 * count)
+    tracemalloc.start()
+    try:
+        name, counters = codec.parse_counters_info(payload)
+        assert (name, len(counters)) == ("filter", count)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 1024 * 1024, f"{peak} bytes to parse {count} counters"
