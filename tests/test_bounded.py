@@ -164,3 +164,20 @@ def test_add_counters_are_not_unpacked_before_their_count_is_checked():
     finally:
         tracemalloc.stop()
     assert peak < 4 * 1024 * 1024, f"{peak} bytes to parse {count} counters"
+
+
+def test_check_reports_the_verifiers_refusal(monkeypatch):
+    """A table the verifier refuses (here: said to, as it refuses one too complex
+    after tens of seconds) is REFUSED with the verifier's reason; check said "ok"
+    for it, with no program, and failed the restore."""
+    from bpfilter import check
+    from bpfilter.bpf.syscall import VerifierError
+
+    def refused(table, maps):
+        raise VerifierError(errno.E2BIG, "program 'filter_INPUT'",
+                            "The sequence of 8193 jumps is too complex.\nprocessed 1 insns\n")
+    monkeypatch.setattr(check, "load_ruleset", refused)
+    status, outcomes, stderr = check.check(ladder(2), Family.IPV4)
+    assert status == 0, stderr
+    assert [o.table for o in outcomes] == ["filter"]
+    assert "8193 jumps is too complex" in (outcomes[0].refusal or ""), outcomes
