@@ -17,7 +17,7 @@ import tempfile
 import time
 
 import pytest
-from families import FAMILIES, FAMILY_IDS
+from families import FAMILIES, FAMILY_IDS, tool
 
 from bpfilter.model import Family
 from bpfilter_lab.scratch import replace_blob
@@ -181,3 +181,31 @@ def test_check_reports_the_verifiers_refusal(monkeypatch):
     assert status == 0, stderr
     assert [o.table for o in outcomes] == ["filter"]
     assert "8193 jumps is too complex" in (outcomes[0].refusal or ""), outcomes
+
+
+# The issue's scenario: through the service, as `bpfilter exec -- iptables-legacy-restore`
+# sends it, with a private service (test_service's fixtures).
+from test_service import nets, svc  # noqa: E402,F401  (fixtures)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=FAMILY_IDS)
+def test_the_service_answers_the_ladder_within_the_bound(svc, nets, family):
+    """The restore of the ladder fails with bpfilter's reason, and the service then
+    answers the next request at once: the namespace keeps its fresh table."""
+    (ns,) = nets(1)
+    restore = tool(family, "-restore")
+    svc.ok(ns, restore, input=ladder(1))                  # the service is up, the table made
+    before = svc.ok(ns, tool(family), "-S")
+    start = time.monotonic()
+    try:
+        done = svc.exec(ns, restore, input=COUSINS["ladder"][0])
+    except subprocess.TimeoutExpired:
+        pytest.fail("the service did not answer the ladder within 60 s")
+    elapsed = time.monotonic() - start
+    assert done.returncode != 0
+    assert "user chains nest 29 deep" in done.stderr, done.stderr
+    start = time.monotonic()
+    listed = svc.ok(ns, tool(family), "-S")
+    assert listed == before
+    once = time.monotonic() - start    # one request's overhead: the interpreter, the shim
+    assert elapsed < once + BOUND, (elapsed, once)
