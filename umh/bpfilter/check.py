@@ -25,6 +25,7 @@ from typing import Optional
 from . import proto
 from .abi import codec, families
 from .abi import xtables as X
+from .bpf.syscall import BpfError
 from .decode import table_from_raw
 from .errors import BpfilterError
 from .klog import LogRing
@@ -99,7 +100,7 @@ def _verify(table) -> tuple[Optional[str], list[tuple[str, int]]]:
     ring = LogRing.create()
     try:
         ruleset = load_ruleset(table, ring.maps())
-    except BpfilterError as err:
+    except (BpfilterError, BpfError) as err:   # the verifier's refusal is bpfilter's too
         return str(err), []
     finally:
         ring.close()

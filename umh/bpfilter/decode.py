@@ -18,7 +18,7 @@ import errno
 from . import ext, packet
 from .errors import BpfilterError
 from .model import (Accept, AnyIpHeader, Chain, Drop, ExtensionTarget, Fallthrough, Family, Goto,
-                    Hook, Jump, Match, Return, Rule, Table, Verdict)
+                    Hook, Jump, Match, Return, Rule, Stray, Table, Verdict)
 from .abi import xtables as X
 from .abi.codec import (check_builtin_target, check_do_replace, gc_paused, parse_replace,
                         unconditional)
@@ -111,7 +111,7 @@ def table_from_raw(raw: RawTable, previous: "tuple[RawTable, Table] | None" = No
     if not _is_error(entries[-1]):
         raise _unsupported("the table does not end with an ERROR entry", entries[-1].index)
     by_offset = {e.offset: e.index for e in entries}
-    chain_of_jump = {index: c.name for index, c in starts.items() if not c.builtin}
+    chain_of_jump = {index: c.key for index, c in starts.items() if not c.builtin}
     for first, (start, end) in spans.items():
         chain = starts[first]
         body = entries[start:end]
@@ -122,8 +122,9 @@ def table_from_raw(raw: RawTable, previous: "tuple[RawTable, Table] | None" = No
         for e in body[:-1]:
             target = targets[e.index] if e.index in targets else _target(
                 e, where, by_offset, chain_of_jump, layout.goto_flag)
-            chain.rules.append(Rule(e.index, ips[e.index], matches[e.index], target))
-    return Table(raw.name, family, {starts[i].name: starts[i] for i in sorted(starts)},
+            chain.rules.append(Rule(e.index, ips[e.index], matches[e.index], target,
+                                    _reached(e)))
+    return Table(raw.name, family, {starts[i].key: starts[i] for i in sorted(starts)},
                  raw.num_entries)
 
 
@@ -202,7 +203,28 @@ def _chain_starts(raw: RawTable) -> dict[int, Chain]:
                 raise _unsupported(f"user chain '{e.target.errorname}' starts at a hook entry",
                                    e.index)
             starts[e.index + 1] = Chain(e.target.errorname)
+    _key_chains(starts)
     return starts
+
+
+def _key_chains(starts: dict[int, Chain]) -> None:
+    """Give every chain a key of its own (Chain.key). The kernel knows chains by
+    offset only: it accepts two user chains of one name, and one named like a
+    built-in chain, and runs each as written; keyed by name, they would merge. A
+    built-in chain, then the first user chain of a name, keep the name; another
+    is keyed by name and entry index."""
+    taken = {c.name for c in starts.values() if c.builtin}
+    names = {c.name for c in starts.values()}
+    for first in sorted(starts):
+        chain = starts[first]
+        if chain.builtin:
+            continue
+        if chain.name in taken:
+            key = f"{chain.name}@{first}"
+            while key in taken or key in names:
+                key += "'"
+            chain.key = key
+        taken.add(chain.key)
 
 
 def _chain_spans(starts: dict[int, Chain], count: int) -> dict[int, tuple[int, int]]:
@@ -233,6 +255,10 @@ def _check_tail(raw: RawTable, chain: Chain, tail: RawEntry) -> None:
                            tail.index)
 
 
+def _reached(e: RawEntry) -> bool:
+    return bool(e.hook_mask & ((1 << X.NF_INET_NUMHOOKS) - 1))
+
+
 def _target(e: RawEntry, where: _Places, by_offset, chain_of_jump, goto_flag: int):
     t = e.target
     if t.name == X.XT_ERROR_TARGET:
@@ -242,9 +268,11 @@ def _target(e: RawEntry, where: _Places, by_offset, chain_of_jump, goto_flag: in
             name = "QUEUE" if t.verdict == -X.NF_QUEUE - 1 else f"verdict {t.verdict}"
             raise _unsupported(f"{where[e.index]}: {name} is not supported by bpfilter")
         return _STANDARD_VERDICTS[t.verdict]
-    target_index = by_offset[t.verdict]
+    target_index = by_offset.get(t.verdict)
     if target_index == e.index + 1:
         return Fallthrough()
+    if target_index not in chain_of_jump and not _reached(e):
+        return Stray(t.verdict)
     if target_index not in chain_of_jump:
         raise _unsupported(f"{where[e.index]}: jumps to entry {target_index}, which does not "
                            "start a user-defined chain (iptables never writes such a jump)")

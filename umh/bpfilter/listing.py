@@ -8,12 +8,14 @@ import socket
 
 from . import ext
 from .model import (Accept, AnyIpHeader, Drop, ExtensionTarget, Fallthrough, Family, Goto,
-                    Interface, Jump, Prefix, Return, Rule, Table)
+                    Interface, Jump, Prefix, Return, Rule, Stray, Table)
 
 
-def _target(target) -> str:
+def _target(target, table: Table) -> str:
     if isinstance(target, (Jump, Goto)):
-        return target.chain
+        return table.chains[target.chain].name   # by key: names may repeat
+    if isinstance(target, Stray):
+        return str(target.offset)                 # the raw verdict, as the blob holds it
     if isinstance(target, ExtensionTarget):
         return target.name
     return {Accept: "ACCEPT", Drop: "DROP", Return: "RETURN", Fallthrough: ""}[type(target)]
@@ -55,12 +57,12 @@ def _fragment(ip: AnyIpHeader, family: Family) -> str:
     return ("!" if ip.invert_fragment else "-") + ("f" if ip.fragment else "-")
 
 
-def _rule_line(rule: Rule, family: Family, pkts: int, byts: int) -> str:
-    ip = rule.ip
+def _rule_line(rule: Rule, table: Table, pkts: int, byts: int) -> str:
+    ip, family = rule.ip, table.family
     parts = [ext.describe_match(m, family) for m in rule.matches]
     if isinstance(rule.target, ExtensionTarget):
         parts.append(ext.describe_target(rule.target, family))
-    return (f"{pkts:8d} {byts:8d} {_target(rule.target):<9} "
+    return (f"{pkts:8d} {byts:8d} {_target(rule.target, table):<9} "
             f"{'!' if ip.invert_proto else ' '}{ip.proto:<4} {_fragment(ip, family)} "
             f" {_iface(ip.in_iface, ip.in_iface.invert):<6} "
             f"{_iface(ip.out_iface, ip.out_iface.invert):<6} "
@@ -76,15 +78,18 @@ _COLUMNS = (f"{'pkts':>8} {'bytes':>10} {'target':<9}  prot opt {'in':<6} {'out'
 
 def render(table: Table, counters: list[tuple[int, int]]) -> str:
     chains = []
+    refs: dict[str, int] = {}   # chain key -> rules jumping to it, counted in one pass
+    for c in table.chains.values():
+        for r in c.rules:
+            if isinstance(r.target, (Jump, Goto)):
+                refs[r.target.chain] = refs.get(r.target.chain, 0) + 1
     for chain in table.chains.values():
         if chain.builtin:
             pkts, byts = counters[chain.tail_entry]
             head = f"Chain {chain.name} (policy {chain.policy.value} {pkts} packets, {byts} bytes)"
         else:
-            refs = sum(1 for c in table.chains.values() for r in c.rules
-                       if isinstance(r.target, (Jump, Goto)) and r.target.chain == chain.name)
-            head = f"Chain {chain.name} ({refs} references)"
+            head = f"Chain {chain.name} ({refs.get(chain.key, 0)} references)"
         lines = [head, _COLUMNS]
-        lines += [_rule_line(rule, table.family, *counters[rule.entry]) for rule in chain.rules]
+        lines += [_rule_line(rule, table, *counters[rule.entry]) for rule in chain.rules]
         chains.append("\n".join(lines) + "\n")
     return "\n".join(chains)

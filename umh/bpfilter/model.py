@@ -154,6 +154,9 @@ class Fallthrough:
     """A rule without a target: it only counts."""
 
 
+# A jump names its chain by the chain's key in Table.chains (Chain.key), not by its
+# name: the kernel identifies chains by offset, and accepts two user chains of one
+# name, or one named like a built-in chain.
 @dataclass(frozen=True)
 class Jump:
     chain: str
@@ -164,7 +167,16 @@ class Goto:
     chain: str
 
 
-Target = Union[Accept, Drop, Return, Fallthrough, Jump, Goto, ExtensionTarget]
+@dataclass(frozen=True)
+class Stray:
+    """The jump of an entry no hook reaches to an offset where no user chain starts:
+    the kernel checks only the jumps it can reach (mark_source_chains), so it
+    accepts it; it never runs."""
+
+    offset: int
+
+
+Target = Union[Accept, Drop, Return, Fallthrough, Jump, Goto, Stray, ExtensionTarget]
 
 
 @dataclass
@@ -173,6 +185,10 @@ class Rule:
     ip: AnyIpHeader
     matches: list[Match]
     target: Target
+    # Whether a hook reaches the entry (its comefrom, as mark_source_chains leaves
+    # it): an entry none reaches never runs, so it is compiled into nothing, and its
+    # jumps are no edges of the call graph (they may loop, and the kernel allows it).
+    reachable: bool = True
 
 
 @dataclass
@@ -182,6 +198,10 @@ class Chain:
     hook: Optional[Hook] = None         # set for built-in chains
     policy: Optional[Verdict] = None    # built-in chains only
     tail_entry: int = -1                # the policy entry, or a user chain's final RETURN
+    key: str = ""                       # its key in Table.chains; its name unless taken
+
+    def __post_init__(self) -> None:
+        self.key = self.key or self.name
 
     @property
     def builtin(self) -> bool:
@@ -192,7 +212,7 @@ class Chain:
 class Table:
     name: str
     family: Family
-    chains: dict[str, Chain]
+    chains: dict[str, Chain]    # by Chain.key, in entry order
     num_entries: int
 
     def hook_chains(self) -> list[Chain]:

@@ -706,16 +706,37 @@ def build_counters_info(name: str, counters: "list[tuple[int, int]]") -> bytes:
     return hdr + b"".join(starmap(xt_counters_packed.pack, counters))
 
 
-def parse_counters_info(data: bytes) -> "tuple[str, list[tuple[int, int]]]":
+class Counters:
+    """The (pcnt, bcnt) pairs of an xt_counters_info, unpacked only when read: up to
+    32M of them fit a request, and the kernel compares their number with the
+    table's (do_add_counters) before it adds any, so a count the table refuses
+    costs nothing here."""
+
+    __slots__ = ("packed",)
+
+    def __init__(self, packed: bytes):
+        self.packed = packed
+
+    def __len__(self) -> int:
+        return len(self.packed) // SIZEOF_XT_COUNTERS
+
+    def __iter__(self):
+        return xt_counters_packed.iter_unpack(self.packed)
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other)
+
+
+def parse_counters_info(data: bytes) -> "tuple[str, Counters]":
     """As xt_copy_counters_from_user() checks it: at least one counter, and
     exactly num_counters of them."""
     if len(data) <= SIZEOF_XT_COUNTERS_INFO:
         raise invalid(f"xt_counters_info needs more than {SIZEOF_XT_COUNTERS_INFO} bytes, got {len(data)}")
     h = xt_counters_info.parse(data[:SIZEOF_XT_COUNTERS_INFO])
-    rest = data[SIZEOF_XT_COUNTERS_INFO:]
+    rest = memoryview(data)[SIZEOF_XT_COUNTERS_INFO:]   # not a copy
     if h.num_counters * SIZEOF_XT_COUNTERS != len(rest):
         raise invalid(f"num_counters is {h.num_counters} but {len(rest)} bytes of counters follow")
-    return cstr(h.name[: XT_TABLE_MAXNAMELEN - 1]), list(xt_counters_packed.iter_unpack(rest))
+    return cstr(h.name[: XT_TABLE_MAXNAMELEN - 1]), Counters(rest)
 
 
 def initial_replace(name: str, family: Family = Family.IPV4) -> bytes:

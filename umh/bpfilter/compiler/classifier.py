@@ -294,6 +294,19 @@ def _ids(ports: frozenset) -> int:
     return len(ports) + (ports != _PLAIN)
 
 
+def _main_tuples(lows: list[Lowered]) -> int:
+    """How many main tuples tuple_space_run would make of these rules (it makes
+    projections besides, some of them twins of main tuples): counted from their
+    factored port tuples (rule_tuples), each distinct set once, without making the
+    keys, of which two wide port ranges make about 900 per rule."""
+    sets: dict[tuple, set] = {}
+    for low in lows:
+        if not low.never_matches:   # it puts no keys
+            addr, ports = rule_tuples(low)
+            sets.setdefault(addr, set()).add(ports)
+    return sum(len(frozenset().union(*distinct)) for distinct in sets.values())
+
+
 class TupleCount:
     """The tuple ids of a run being grown, as tuple_space_run gives them (or more, for
     rules that can never match, which put no keys)."""
@@ -358,6 +371,8 @@ def tuple_space_run(space: TupleSpace, lows: list[Lowered], by_entry: dict[int, 
                     cut_by: Optional[Rule]) -> Optional[Run]:
     """The run of these rules (`by_entry` has them) classified by its keys in `space`,
     if that pays (see MAX_TUPLES)."""
+    if _main_tuples(lows) * RULES_PER_TUPLE > min(len(lows), MAX_TUPLES * RULES_PER_TUPLE):
+        return None   # known from the factored tuples, before a key is made
     groups: dict[Masks, list] = {}
     base = lows[0].entry
     for low in lows:

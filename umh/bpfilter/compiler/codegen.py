@@ -54,6 +54,16 @@ PROG_ARRAY = MapRef("prog_array")
 # BPF allows 8 frames; the main program is one of them.
 MAX_CALL_FRAMES = 8
 
+# The instructions the verifier may walk for one hook's program beyond the program
+# itself, counted as it walks them: a user chain's code once for each path of calls
+# reaching it (it verifies a call of a static subprogram anew at each call site), so
+# a few hundred rules can expand to billions. Its own limit is 1,000,000 processed
+# instructions (BPF_COMPLEXITY_LIMIT_INSNS), reached only after tens of seconds in
+# the caller's bpf(): a table whose calls expand beyond this budget is refused at
+# once rather than left to it (200k: under a second of verification). Real tables'
+# calls add a few thousand.
+VERIFIER_BUDGET = 200_000
+
 # The counters' key, in each frame (a run's scratch until it decides). A run's lookup
 # key goes below the main frame's, which has room for the largest, IPv6's (within
 # facts.SCRATCH): every frame builds it there, through R6, so that runs in user chains
@@ -90,14 +100,16 @@ def compile_table(table: Table, offsets: facts.KernelOffsets,
     are there again are taken over rather than classified anew (classifier.EarlierRuns),
     in previous's tuple space, unless that space holds more slots of runs gone than
     of runs in use."""
+    check_frames(table)   # before any classification: a refusal costs one walk
     earlier = None
     if previous is not None and previous.runs and not previous.space.wasteful(
             sum(run.record_count for run in previous.runs)):
         space, earlier = previous.space, classifier.EarlierRuns(previous.runs)
     else:
         space = TupleSpace(table.family)
-    segments = {chain.name: classifier.segments(chain.rules, space, earlier)
-                for chain in table.chains.values()}
+    # Entries no hook reaches never run: they are compiled into nothing.
+    segments = {key: classifier.segments([r for r in chain.rules if r.reachable], space, earlier)
+                for key, chain in table.chains.items()}
     runs = {s.serial: s for chain in segments.values() for s in chain
             if isinstance(s, Classified)}
     needs = facts_needed(table, segments)
@@ -131,14 +143,52 @@ def dispatcher() -> Assembler:
     return asm
 
 
-def call_depth(table: Table, chain: Chain, loops: bool = True) -> int:
-    """Frames needed to run `chain`: 1 plus the deepest chain it calls or, with
-    `loops`, the frames its matches' loops open (ext.frames), if more."""
-    callees = {r.target.chain for r in chain.rules if isinstance(r.target, (Jump, Goto))}
-    below = [call_depth(table, table.chains[c], loops) for c in callees]
-    if loops:
-        below += [ext.frames(r, table.family) for r in chain.rules]
-    return 1 + max(below, default=0)
+def call_frames(table: Table) -> dict[str, tuple[int, int]]:
+    """Chain key -> (frames needed to run it, frames of its calls alone): 1 plus the
+    deepest chain it calls or, in the first, the frames its matches' loops open
+    (ext.frames), if more. One post-order walk of the call graph, each chain once
+    (a table of a few hundred rules can hold more paths than atoms in the universe);
+    without recursion, however deep the nesting. Only reached rules are edges:
+    mark_source_chains refused every loop among them."""
+    callees, loops = {}, {}
+    for key, chain in table.chains.items():
+        reached = [r for r in chain.rules if r.reachable]
+        callees[key] = {r.target.chain for r in reached if isinstance(r.target, (Jump, Goto))}
+        loops[key] = max((ext.frames(r, table.family) for r in reached), default=0)
+    frames: dict[str, tuple[int, int]] = {}
+    for root in table.chains:
+        if root in frames:
+            continue
+        path, on_path = [(root, iter(callees[root]))], {root}
+        while path:
+            key, todo = path[-1]
+            for callee in todo:
+                if callee not in frames:
+                    if callee in on_path:
+                        raise BpfilterError(errno.ELOOP, f"chain {table.chains[callee].name} "
+                                            "calls itself")
+                    on_path.add(callee)
+                    path.append((callee, iter(callees[callee])))
+                    break
+            else:
+                path.pop()
+                on_path.discard(key)
+                below = [frames[c] for c in callees[key]]
+                frames[key] = (1 + max([f for f, _ in below] + [loops[key]]),
+                               1 + max((c for _, c in below), default=0))
+    return frames
+
+
+def check_frames(table: Table) -> None:
+    """Refuse a table whose hooks would nest more BPF call frames than BPF allows."""
+    frames = call_frames(table)
+    for chain in table.hook_chains():
+        depth, chains = frames[chain.key]
+        if depth > MAX_CALL_FRAMES:
+            loop = "" if chains == depth else " and a match loops in a frame below them"
+            raise BpfilterError(errno.EOPNOTSUPP,
+                                f"chain {chain.name}: user chains nest {chains - 1} deep{loop}; "
+                                f"bpfilter supports at most {MAX_CALL_FRAMES - 1} (BPF call frames)")
 
 
 class _HookCompiler:
@@ -151,16 +201,13 @@ class _HookCompiler:
         # the lookup key, from R6 (&facts): in the main frame's scratch above the facts
         self.lookup_key = _LOOKUP_KEY_FP[table.family] - facts.facts_fp(facts.layout(needs))
         self.asm = Assembler()
-        self.entries: dict[str, object] = {}   # user chain name -> its subprogram label
+        self.entries: dict[str, object] = {}   # user chain key -> its subprogram label
+        self.called: list[str] = []            # those keys, in the order first called
+        self.size: dict[str, int] = {}         # chain key -> its code's instructions
+        self.calls: dict[str, list[str]] = {}  # chain key -> the key each call site calls
 
     def compile(self, chain: Chain) -> Assembler:
-        depth = call_depth(self.table, chain)
-        if depth > MAX_CALL_FRAMES:
-            chains = call_depth(self.table, chain, loops=False)
-            loop = "" if chains == depth else " and a match loops in a frame below them"
-            raise BpfilterError(errno.EOPNOTSUPP,
-                                f"chain {chain.name}: user chains nest {chains - 1} deep{loop}; "
-                                f"bpfilter supports at most {MAX_CALL_FRAMES - 1} (BPF call frames)")
+        """The hook program of `chain` (check_frames passed)."""
         asm = self.asm
         drop = asm.label("drop")
         facts.emit_prologue(asm, self.offsets, drop, self.flavour, self.needs)
@@ -172,23 +219,48 @@ class _HookCompiler:
                  BPF_EXIT_INSN())
         asm.place(drop)
         asm.emit(BPF_MOV64_IMM(R0, NF_DROP), BPF_EXIT_INSN())
-        # Subprograms are laid out after main, each emitted once however often called.
-        done: set[str] = set()
-        while len(done) < len(self.entries):
-            for name in [n for n in self.entries if n not in done]:
-                done.add(name)
-                self._emit_subprog(self.table.chains[name])
+        self.size[chain.key] = len(asm.items)
+        # Subprograms are laid out after main, each emitted once however often called;
+        # emitting one may ask for more (self.entries grows, in order).
+        emitted = 0
+        while emitted < len(self.called):
+            self._emit_subprog(self.table.chains[self.called[emitted]])
+            emitted += 1
+        self._check_expansion(chain)
         asm.emit_subprograms()
         return asm
 
-    def _subprog(self, name: str):
-        if name not in self.entries:
-            self.entries[name] = self.asm.label(f"chain_{name}")
-        return self.entries[name]
+    def _check_expansion(self, chain: Chain) -> None:
+        """Refuse a program the verifier would walk beyond VERIFIER_BUDGET (its
+        calls expanded): each chain's expansion once, in a memo, so counting costs
+        what emitting did. Recursion is bounded: check_frames passed."""
+        expanded: dict[str, int] = {}
+
+        def walk(key: str) -> int:
+            if key not in expanded:
+                expanded[key] = self.size[key] + sum(walk(c) for c in self.calls.get(key, ()))
+            return expanded[key]
+        total = walk(chain.key)
+        if total - sum(self.size.values()) > VERIFIER_BUDGET:
+            widest = max(self.called, key=lambda k: len(self.calls.get(k, ())), default=chain.key)
+            raise BpfilterError(
+                errno.EOPNOTSUPP,
+                f"chain {chain.name}: its calls of user chains expand to {total} instructions "
+                f"for the BPF verifier, which checks a user chain anew at every call site "
+                f"(chain {self.table.chains[widest].name} alone makes "
+                f"{len(self.calls.get(widest, ()))} calls); bpfilter refuses more than "
+                f"{VERIFIER_BUDGET} beyond the program's own")
+
+    def _subprog(self, key: str):
+        if key not in self.entries:
+            self.entries[key] = self.asm.label(f"chain_{self.table.chains[key].name}")
+            self.called.append(key)
+        return self.entries[key]
 
     def _emit_subprog(self, chain: Chain) -> None:
         asm = self.asm
-        asm.place(self.entries[chain.name])
+        start = len(asm.items)
+        asm.place(self.entries[chain.key])
         asm.emit(BPF_MOV64_REG(R6, R1))
         drop = asm.label("drop")
         self._emit_rules(chain, policy=None, drop=drop, key_fp=_SUBPROG_KEY_FP)
@@ -196,9 +268,11 @@ class _HookCompiler:
         asm.emit(BPF_MOV64_IMM(R0, CONTINUE), BPF_EXIT_INSN())
         asm.place(drop)
         asm.emit(BPF_MOV64_IMM(R0, NF_DROP), BPF_EXIT_INSN())
+        self.size[chain.key] = len(asm.items) - start
 
     def _emit_rules(self, chain: Chain, policy, drop, key_fp: int) -> None:
-        for segment in self.segments[chain.name]:
+        self.caller = chain.key
+        for segment in self.segments[chain.key]:
             if isinstance(segment, Classified):
                 self._emit_run(segment, drop, key_fp)
                 continue
@@ -228,6 +302,7 @@ class _HookCompiler:
             pass
         elif isinstance(target, (Jump, Goto)):
             asm.emit(BPF_MOV64_REG(R1, R6), BPF_CALL_REL(self._subprog(target.chain)))
+            self.calls.setdefault(self.caller, []).append(target.chain)
             if isinstance(target, Jump):
                 asm.emit(BPF_JMP_IMM(I.BPF_JEQ, R0, CONTINUE, next_rule))
             elif policy is not None:
