@@ -111,9 +111,10 @@ def _verify(table) -> tuple[Optional[str], list[tuple[str, int]]]:
 
 
 def guess_family(text: str) -> Family:
-    """What an -save file holds, when not told: ip6tables-save writes IPv6 addresses
-    (::/0 at least in -L output, and in rules with an address) and ICMPv6 names."""
-    if re.search(r"(^|[\s/])[0-9a-fA-F]*::|ipv6-icmp|icmpv6|-m (hl|rt|frag|hbh|dst|mh|eui64|"
+    """What an -save file holds, when not told: ip6tables-save signs its output and
+    writes IPv6 addresses (::/0 at least in -L output, and in rules with an address)
+    and ICMPv6 names. A file with none of these reads the same in both families."""
+    if re.search(r"(^|[\s/])[0-9a-fA-F]*::|ip6tables|ipv6-icmp|icmpv6|-m (hl|rt|frag|hbh|dst|mh|eui64|"
                  r"ipv6header)\b", text, re.M):
         return Family.IPV6
     return Family.IPV4
