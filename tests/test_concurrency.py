@@ -264,6 +264,35 @@ def test_peer_credentials_are_the_connected_process(svc, nets):
             sleeper.wait()
 
 
+# ---------------------------------------------------------------- where the daemon runs
+
+def test_the_daemon_runs_in_the_hosts_namespaces(nets):
+    """Started by `bpfilter exec` inside `ip netns exec blue`, the service moves to
+    the host's network and mount namespaces: `ip netns del blue` then frees blue,
+    and the service sweeps its table."""
+    service = Service()   # not started: `bpfilter exec` starts it
+    try:
+        (blue,) = nets(1)
+        inum = inum_of(blue)
+        done = subprocess.run(["ip", "netns", "exec", blue, PY, "-m", "bpfilter", "exec", "--",
+                               "iptables-legacy", "-A", "INPUT", "-j", "ACCEPT"],
+                              env=service.env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr + service.log_text()
+        for ns in ("net", "mnt"):
+            assert os.stat(f"/proc/{service.pid}/ns/{ns}").st_ino == \
+                os.stat(f"/proc/self/ns/{ns}").st_ino, ns
+        assert inum in service.pinned()
+        namespaces.delete(blue)
+        deadline = time.monotonic() + 15
+        while inum in service.pinned() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert inum not in service.pinned(), service.log_text()
+        shown = service.cli("show")
+        assert shown.returncode == 0 and "(no ip netns name)" not in shown.stdout, shown.stdout
+    finally:
+        service.close()
+
+
 # ---------------------------------------------------------------- the kernel's own table
 
 def test_the_kernels_own_table_is_named_as_what_is_in_the_way(svc, nets):
