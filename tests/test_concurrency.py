@@ -144,6 +144,30 @@ def test_a_trickling_client_holds_up_no_one(svc, nets):
     assert "client sent" in svc.log_text()
 
 
+def test_connections_are_capped_per_peer(svc, nets):
+    """One process holds at most MAX_PER_PEER connections: the next is refused at
+    once (EAGAIN), and other processes are still answered."""
+    from bpfilter.transport.unix import MAX_PER_PEER
+    (ns,) = nets(1)
+    svc.ok(ns, "iptables-legacy-restore", input=LOCAL_RULES)
+    silent = []
+    try:
+        for _ in range(MAX_PER_PEER):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            silent.append(s)
+            s.connect(svc.socket)
+        fd = os.open(netns.path_of(ns), os.O_RDONLY)
+        try:
+            assert get_info(svc, fd, timeout=ANSWER_WITHIN)[0] == -errno.EAGAIN
+        finally:
+            os.close(fd)
+        assert timed_list(svc, ns) < ANSWER_WITHIN
+    finally:
+        for s in silent:
+            s.close()
+    assert "refused a connection, too many at once" in svc.log_text()
+
+
 # ---------------------------------------------------------------- item 9: socket mode
 
 def test_a_netns_descriptor_that_is_a_fifo_is_refused_at_once(svc, nets):
