@@ -168,6 +168,75 @@ def test_connections_are_capped_per_peer(svc, nets):
     assert "refused a connection, too many at once" in svc.log_text()
 
 
+def test_replaces_of_one_namespace_take_turns(nets, monkeypatch):
+    """The service in this process, its replace held at its wait for the old
+    programs: a second replace of the same namespace waits for the first to end
+    (then replaces the first's table), while another namespace is answered.
+    Unserialised, both would replace the same table, and close it twice."""
+    from bpfilter import service as svcmod
+    from bpfilter.store import Store
+    from bpfilter_lab.scratch import replace_blob
+    same, other = nets(2)
+    blobs = [replace_blob(LOCAL_RULES.replace("7777", str(port))) for port in (7777, 7778, 7779)]
+    # the first replaces the table as created (its 4 entries), the others one of 6
+    offset = X.SIZEOF_IPT_REPLACE - 12   # ipt_replace's num_counters
+    blobs[0] = blobs[0][:offset] + struct.pack("I", 4) + blobs[0][offset + 4:]
+    held, release = threading.Event(), threading.Event()
+    waits = []
+
+    def wait_for_programs() -> None:
+        waits.append(threading.current_thread().name)
+        held.set()
+        assert release.wait(30)
+
+    t = Service()   # a private bpffs; its own service is never started
+    fds = {ns: os.open(netns.path_of(ns), os.O_RDONLY) for ns in (same, other)}
+    service = svcmod.Service(Store(t.bpffs))
+    try:
+        def request(ns: str, op: int, optname: int, payload: bytes) -> tuple[int, bytes]:
+            req = proto.request.parse(proto.request.build(dict(
+                version=proto.VERSION, op=op, family=2, optname=optname, netns_cookie=0,
+                netns_inum=0, pid=os.getpid(), len=len(payload), netns_fd=-1)))
+            return svcmod.handled(service, req, payload, fds[ns])
+
+        def replace(ns: str, blob: bytes, answers: dict) -> None:
+            answers[threading.current_thread().name] = request(
+                ns, proto.Op.SETSOCKOPT, X.IPT_SO_SET_REPLACE, blob)
+
+        assert request(same, proto.Op.SETSOCKOPT, X.IPT_SO_SET_REPLACE, blobs[0])[0] == 0
+        monkeypatch.setattr(svcmod.bpf, "wait_for_programs", wait_for_programs)
+        answers: dict = {}
+        first = threading.Thread(target=replace, args=(same, blobs[1], answers), name="first")
+        second = threading.Thread(target=replace, args=(same, blobs[2], answers), name="second")
+        first.start()
+        assert held.wait(30)
+        second.start()
+        started = time.monotonic()
+        status, _ = request(other, proto.Op.GETSOCKOPT, X.IPT_SO_GET_INFO,
+                            codec.getinfo_request("filter"))
+        assert status == 0 and time.monotonic() - started < ANSWER_WITHIN
+        second.join(0.5)
+        assert waits == ["first"] and second.is_alive()   # it waits its turn
+        release.set()
+        first.join(30)
+        second.join(30)
+        assert answers["first"][0] == 0 and answers["second"][0] == 0, answers
+        assert waits == ["first", "second"]
+        # the table is the second's, which replaced the first's
+        status, info = request(same, proto.Op.GETSOCKOPT, X.IPT_SO_GET_INFO,
+                               codec.getinfo_request("filter"))
+        size = codec.parse_getinfo(info)["size"]
+        status, reply = request(same, proto.Op.GETSOCKOPT, X.IPT_SO_GET_ENTRIES,
+                                codec.get_entries_request("filter", size))
+        assert status == 0 and reply[X.SIZEOF_IPT_GET_ENTRIES:] == blobs[2][-size:]
+    finally:
+        release.set()
+        service.close()
+        for fd in fds.values():
+            os.close(fd)
+        t.close()
+
+
 # ---------------------------------------------------------------- item 9: socket mode
 
 def test_a_netns_descriptor_that_is_a_fifo_is_refused_at_once(svc, nets):
