@@ -386,6 +386,28 @@ def test_the_daemon_runs_in_the_hosts_namespaces(nets):
         service.close()
 
 
+def test_a_foreground_service_runs_in_the_hosts_namespaces(nets):
+    """`bpfilter serve` in the foreground, started in a namespace, moves too."""
+    service = Service()
+    (blue,) = nets(1)
+    proc = subprocess.Popen(["ip", "netns", "exec", blue, PY, "-m", "bpfilter", "serve",
+                             "--socket", service.socket, "--bpffs", service.bpffs],
+                            env=service.env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(service.socket) and proc.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert os.path.exists(service.socket), proc.stderr.read() if proc.poll() else ""
+        for ns in ("net", "mnt"):
+            assert os.stat(f"/proc/{proc.pid}/ns/{ns}").st_ino == \
+                os.stat(f"/proc/self/ns/{ns}").st_ino, ns
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        service.close()
+
+
 # ---------------------------------------------------------------- the kernel's own table
 
 def test_the_kernels_own_table_is_named_as_what_is_in_the_way(svc, nets):

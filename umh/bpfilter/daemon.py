@@ -60,13 +60,13 @@ def _host_namespaces() -> "int | None":
 
 
 def _enter_host_namespaces() -> None:
-    """The daemon outlives whoever started it, and its namespaces with it: started
-    in `ip netns exec blue`, it would keep blue's network namespace alive after
-    `ip netns del blue` (and every table in it attached), and pin its tables in a
-    private mount namespace (`ip netns exec` makes one, with its own /sys) that
-    no one else sees. So it moves to the host's, while it is still one thread
-    (setns refuses a mount namespace to a threaded process), before it binds or
-    pins anything."""
+    """The service outlives whoever started it (a daemon), and would keep its
+    namespaces alive: started in `ip netns exec blue`, it would keep blue's network
+    namespace alive after `ip netns del blue` (and every table in it attached), and
+    pin its tables in a private mount namespace (`ip netns exec` makes one, with its
+    own /sys) that no one else sees. So it moves to the host's, while it is still
+    one thread (setns refuses a mount namespace to a threaded process), before it
+    binds or pins anything."""
     owner = _host_namespaces()
     if owner is None:
         return
@@ -76,18 +76,22 @@ def _enter_host_namespaces() -> None:
     try:
         for nstype, fd in fds.items():
             netns.enter_for_good(f"/proc/self/fd/{fd}", nstype)
+    except OSError as err:   # a container may forbid it: serve where we are
+        log(f"cannot move to the host's namespaces (those of pid {owner}): {err}; "
+            f"the service keeps those it was started in")
     finally:
         for fd in fds.values():
             os.close(fd)
 
 
 def run_service(socket_path: str, bpffs: str, daemon: bool) -> int:
+    # entering a mount namespace moves to its root: paths from here on are absolute
+    socket_path, bpffs = os.path.abspath(socket_path), os.path.abspath(bpffs)
+    _enter_host_namespaces()
     if not daemon:
         _lock(socket_path)
         serve(socket_path, bpffs)
         return 0
-    # entering a mount namespace moves to its root: paths from here on are absolute
-    socket_path, bpffs = os.path.abspath(socket_path), os.path.abspath(bpffs)
     ready_r, ready_w = os.pipe()
     if os.fork():
         os.close(ready_w)
@@ -101,7 +105,6 @@ def run_service(socket_path: str, bpffs: str, daemon: bool) -> int:
     pidfile, _, logfile = _paths(socket_path)
     status = 1
     try:
-        _enter_host_namespaces()
         _lock(socket_path)
         null = os.open(os.devnull, os.O_RDONLY)
         out = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
