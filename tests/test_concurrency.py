@@ -427,3 +427,17 @@ def test_the_kernels_own_table_is_named_as_what_is_in_the_way(svc, nets):
     # iptables' own words for it
     assert f"can't initialize iptables table `filter': {os.strerror(errno.EBUSY)}" in done.stderr
     assert inum_of(ns) not in svc.pinned()
+
+
+def test_an_nftables_chain_at_the_tables_priority_is_named(svc, nets):
+    """An nftables base chain at priority filter (0) at one of filter's hooks: the
+    same refusal by netfilter, told as what it is."""
+    (ns,) = nets(1)
+    svc.kok(ns, "nft", "-f", "-", input="table ip t {\n chain c {\n"
+                                        "  type filter hook output priority 0;\n }\n}\n")
+    done = svc.exec(ns, "iptables-legacy", "-S")
+    assert done.returncode != 0
+    assert "another netfilter hook of this network namespace has the priority of table " \
+        "'filter' (0)" in done.stderr and "nft list ruleset" in done.stderr, done.stderr
+    assert "BPF_LINK_CREATE" not in done.stderr
+    assert inum_of(ns) not in svc.pinned()

@@ -37,7 +37,7 @@ from .klog import LogRing, devkmsg_unlimited
 from .loader import HookSlot, Ruleset, attach_slots, load_ruleset
 from .model import Family, Hook, Table
 from .store import Store, TableKey
-from .tables import implemented
+from .tables import implemented, kernel_tables
 
 SO_NETNS_COOKIE = 71
 NS_GET_NSTYPE = 0xb703   # linux/nsfs.h: _IO(0xb7, 0x3)
@@ -328,8 +328,9 @@ class _Caller:
         return state
 
     def _priority_taken(self, name: str) -> str:
-        """Why netfilter refused our hook (nf_hook_entries_grow(): a BPF hook shares
-        its priority with no other hook), and what to do."""
+        """Why netfilter refused our hook, and what to do: nf_hook_entries_grow()
+        admits no BPF hook at a priority another hook of that hook point has (the
+        other way round it lets the kernel's own hook in beside ours)."""
         with netns.entered(f"/proc/self/fd/{self.netns_fd}"):
             # thread-self: /proc/net is the thread group leader's namespace
             with open(f"/proc/thread-self/net/{self.abi.names_file}") as names:
@@ -342,8 +343,13 @@ class _Caller:
                     f"The kernel keeps its table until the namespace goes or its module does "
                     f"(`rmmod {module}`, which drops it in every namespace): use bpfilter in "
                     f"another namespace, or unload {module}")
-        return (f"another BPF netfilter program holds the priority of table '{name}' in this "
-                f"network namespace (another bpfilter service, with another bpffs?)")
+        kind = kernel_tables(self.family)[name]
+        priorities = " ".join(str(p) for p in sorted(set(kind.priorities)))
+        return (f"another netfilter hook of this network namespace has the priority of table "
+                f"'{name}' ({priorities}), where netfilter admits no BPF program beside "
+                f"it: an nftables base chain "
+                f"(`nft list ruleset`; priority filter is 0), or another bpfilter service's "
+                f"table; move or delete it")
 
     def _install(self, key: TableKey, blob: bytes, raw: X.RawTable, table: Table,
                  previous: Optional[TableState]) -> TableState:
