@@ -5,8 +5,9 @@ Requests come from bpfilter.ko or from the preload shim of `bpfilter exec`
 (kmod/bpfilter_proto.h), the shim's each in its own thread (transport/unix.py): the
 requests of one network namespace are serialised, those of others go on beside them.
 A bad request gets an errno and a log line saying why; nothing a client sends can
-stop the service or change a table it did not validly replace. Tables live in a bpffs (store.py), so they keep filtering when the
-service exits or is killed, and a new service takes them over.
+stop the service or change a table it did not validly replace. Tables live in a
+bpffs (store.py), so they keep filtering when the service exits or is killed, and a
+new service takes them over.
 """
 from __future__ import annotations
 
