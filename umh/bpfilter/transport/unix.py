@@ -33,6 +33,7 @@ CLIENT_TIMEOUT = 5.0
 # Connections served at once, in all and per peer process: what tricklers can hold.
 MAX_CONNECTIONS = 64
 MAX_PER_PEER = 8
+SWITCH_INTERVAL = 0.001
 
 
 @dataclass
@@ -251,6 +252,11 @@ def serve(socket_path: str = DEFAULT_SOCKET, bpffs: str = DEFAULT_ROOT, ready=No
     listener.listen(128)
     kernel_log = KernelLog(service.log_ring, log)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # A thread waiting for the interpreter gets it after at most this long: a
+    # request's thread takes it back after each of its system calls, so this,
+    # times a few dozen, is how long a long compile of another namespace holds an
+    # answer up (5 ms by default).
+    sys.setswitchinterval(SWITCH_INTERVAL)
     log(f"serving on {socket_path}, tables pinned under {bpffs}")
     if ready:
         ready()
