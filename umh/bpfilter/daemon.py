@@ -32,7 +32,62 @@ def _lock(socket_path: str) -> int:
     return fd
 
 
+def _ancestry() -> "list[int]":
+    """This process and its ancestors, up to PID 1 of our pid namespace."""
+    chain = [os.getpid()]
+    while chain[-1] != 1:
+        with open(f"/proc/{chain[-1]}/stat") as f:
+            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        if ppid == 0:
+            break
+        chain.append(ppid)
+    return chain
+
+
+def _host_namespaces() -> "int | None":
+    """A process in the host's network and mount namespaces, or None when those are
+    ours: PID 1, where we may look at it; some sandboxes deny that even to root,
+    and then the outermost ancestor we may look at stands in for it."""
+    for pid in reversed(_ancestry()):
+        try:
+            theirs = [os.stat(f"/proc/{pid}/ns/{ns}") for ns in ("net", "mnt")]
+        except OSError:
+            continue
+        ours = [os.stat(f"/proc/self/ns/{ns}") for ns in ("net", "mnt")]
+        same = all((a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) for a, b in zip(theirs, ours))
+        return None if same else pid
+    return None
+
+
+def _enter_host_namespaces() -> None:
+    """The service outlives whoever started it (a daemon), and would keep its
+    namespaces alive: started in `ip netns exec blue`, it would keep blue's network
+    namespace alive after `ip netns del blue` (and every table in it attached), and
+    pin its tables in a private mount namespace (`ip netns exec` makes one, with its
+    own /sys) that no one else sees. So it moves to the host's, while it is still
+    one thread (setns refuses a mount namespace to a threaded process), before it
+    binds or pins anything."""
+    owner = _host_namespaces()
+    if owner is None:
+        return
+    # opened both before entering either: /proc may differ once the mounts do
+    fds = {nstype: os.open(f"/proc/{owner}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
+           for ns, nstype in (("net", netns.CLONE_NEWNET), ("mnt", netns.CLONE_NEWNS))}
+    try:
+        for nstype, fd in fds.items():
+            netns.enter_for_good(f"/proc/self/fd/{fd}", nstype)
+    except OSError as err:   # a container may forbid it: serve where we are
+        log(f"cannot move to the host's namespaces (those of pid {owner}): {err}; "
+            f"the service keeps those it was started in")
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
 def run_service(socket_path: str, bpffs: str, daemon: bool) -> int:
+    # entering a mount namespace moves to its root: paths from here on are absolute
+    socket_path, bpffs = os.path.abspath(socket_path), os.path.abspath(bpffs)
+    _enter_host_namespaces()
     if not daemon:
         _lock(socket_path)
         serve(socket_path, bpffs)

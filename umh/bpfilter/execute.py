@@ -39,32 +39,6 @@ def answers(path: str) -> bool:
     return True
 
 
-def _ancestry() -> "list[int]":
-    """This process and its ancestors, up to PID 1 of our pid namespace."""
-    chain = [os.getpid()]
-    while chain[-1] != 1:
-        with open(f"/proc/{chain[-1]}/stat") as f:
-            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        if ppid == 0:
-            break
-        chain.append(ppid)
-    return chain
-
-
-def _host_mount_owner() -> "int | None":
-    """A process in the host's mount namespace, or None when that is ours.
-
-    PID 1's, where we may look at it; some sandboxes deny that even to root,
-    and then the outermost ancestor we may look at stands in for it."""
-    ours = os.stat("/proc/self/ns/mnt")
-    for pid in reversed(_ancestry()):
-        try:
-            theirs = os.stat(f"/proc/{pid}/ns/mnt")
-        except OSError:
-            continue
-        return None if (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino) else pid
-
-
 def _without(shim: str, preload: str) -> str:
     return " ".join(p for p in preload.replace(":", " ").split() if p != shim)
 
@@ -76,14 +50,9 @@ def start_service(path: str, bpffs: str, shim: str) -> None:
     import subprocess
     import tempfile
     import time
+    # It moves to the host's network and mount namespaces by itself (daemon.py).
     argv = [sys.executable, "-m", "bpfilter", "serve", "--daemon", "--socket", path,
             "--bpffs", bpffs]
-    # The service mounts the bpffs its tables are pinned in; made in a private
-    # mount namespace (as `ip netns exec` gives), that mount would be seen by no
-    # one else and would go with the namespace.
-    owner = _host_mount_owner()
-    if owner is not None:
-        argv = ["nsenter", "--target", str(owner), "--mount", "--", *argv]
     env = dict(os.environ)
     # A shimmed service would send its own kernel calls to itself.
     preload = _without(shim, env.pop("LD_PRELOAD", ""))

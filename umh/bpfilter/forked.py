@@ -1,10 +1,16 @@
 """Work done in a child process beside the caller's own.
 
-The service is one thread, and compiling a long chain leaves the machine's other cores
+Compiling a long chain holds the interpreter, and leaves the machine's other cores
 idle: a part of the work that depends only on what the caller already has is handed to
 a forked child, which sees it as it is (copy on write, nothing to send) and sends back
 only its result, pickled. Whatever goes wrong with the child (no fork, a crash, a bad
 answer), the work is done in the caller instead: the result never depends on it.
+
+The service serves requests in threads, and a child has only the thread that forked
+it: a lock another thread held at the fork stays held in the child forever. So fn is
+pure computation on what it is given (no lock of ours, no I/O but its pipe, no
+import); the interpreter's own locks are made anew in the child, and it leaves by
+os._exit, running nothing else (no atexit, no flush of a buffer another thread held).
 """
 from __future__ import annotations
 

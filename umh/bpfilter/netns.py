@@ -10,8 +10,9 @@ import os
 import cffi
 
 CLONE_NEWNET = 0x40000000
+CLONE_NEWNS = 0x00020000
 NETNS_RUN_DIR = "/run/netns"
-_SELF = "/proc/thread-self/ns/net"
+SELF = "/proc/thread-self/ns/net"
 
 _ffi = cffi.FFI()
 _ffi.cdef("int setns(int fd, int nstype);")
@@ -25,8 +26,8 @@ def path_of(path_or_name: str) -> str:
     return os.path.join(NETNS_RUN_DIR, path_or_name)
 
 
-def _setns(fd: int, what: str) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
+def _setns(fd: int, what: str, nstype: int = CLONE_NEWNET) -> None:
+    if _libc.setns(fd, nstype) != 0:
         err = _ffi.errno
         raise OSError(err, f"setns({what}): {os.strerror(err)}")
 
@@ -35,7 +36,7 @@ def _setns(fd: int, what: str) -> None:
 def entered(path_or_name: str):
     """Run the body with the calling thread in the given network namespace."""
     path = path_of(path_or_name)
-    original = os.open(_SELF, os.O_RDONLY | os.O_CLOEXEC)
+    original = os.open(SELF, os.O_RDONLY | os.O_CLOEXEC)
     try:
         target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -50,9 +51,18 @@ def entered(path_or_name: str):
         os.close(original)
 
 
+def enter_for_good(path: str, nstype: int) -> None:
+    """Move the calling thread into the namespace at path (of kind nstype) and stay."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _setns(fd, path, nstype)
+    finally:
+        os.close(fd)
+
+
 def ident(path: "str | None" = None) -> int:
     """The inode number that identifies a netns (the calling thread's by default)."""
-    return os.stat(path_of(path) if path else _SELF).st_ino
+    return os.stat(path_of(path) if path else SELF).st_ino
 
 
 def find(inum: int) -> "str | None":

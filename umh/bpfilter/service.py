@@ -1,24 +1,30 @@
 """The translator service: iptables' socket options answered as the kernel answers
 them, per network namespace, backed by BPF.
 
-Requests come one at a time (kmod/bpfilter_proto.h), from bpfilter.ko or from the
-preload shim of `bpfilter exec`. A bad request gets an errno and a log line saying
-why; nothing a client sends can stop the service or change a table it did not
-validly replace. Tables live in a bpffs (store.py), so they keep filtering when the
-service exits or is killed, and a new service takes them over.
+Requests come from bpfilter.ko or from the preload shim of `bpfilter exec`
+(kmod/bpfilter_proto.h), the shim's each in its own thread (transport/unix.py): the
+requests of one network namespace are serialised, those of others go on beside them.
+A bad request gets an errno and a log line saying why; nothing a client sends can
+stop the service or change a table it did not validly replace. Tables live in a
+bpffs (store.py), so they keep filtering when the service exits or is killed, and a
+new service takes them over.
 """
 from __future__ import annotations
 
 import errno
+import fcntl
 import gc
 import os
 import socket
+import stat
 import struct
 import sys
+import threading
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 from . import ctnetns, netns, netnswatch, proto
 from .abi import codec, families
@@ -32,9 +38,10 @@ from .klog import LogRing, devkmsg_unlimited
 from .loader import HookSlot, Ruleset, attach_slots, load_ruleset
 from .model import Family, Hook, Table
 from .store import Store, TableKey
-from .tables import implemented
+from .tables import implemented, kernel_tables
 
 SO_NETNS_COOKIE = 71
+NS_GET_NSTYPE = 0xb703   # linux/nsfs.h: _IO(0xb7, 0x3)
 SWEEP_INTERVAL = 2.0
 
 
@@ -104,8 +111,25 @@ class TableState:
             self.ruleset.close()
 
 
+def _is_netns(fd: int) -> bool:
+    """Whether fd is a network namespace, asked of the fd itself, which never
+    blocks (opening it again would: a FIFO without a writer waits forever): nsfs
+    inodes are regular files of nsfs's own device, and only nsfs answers NS_GET_NSTYPE
+    (asked only then: a device's driver might read the number as its own)."""
+    mode = os.fstat(fd)
+    if not stat.S_ISREG(mode.st_mode) or mode.st_dev != os.stat(netns.SELF).st_dev:
+        return False
+    try:
+        return fcntl.ioctl(fd, NS_GET_NSTYPE) == netns.CLONE_NEWNET
+    except OSError:
+        return False
+
+
 def netns_identity(netns_fd: int) -> tuple[int, int]:
     """(inum, cookie) of a network namespace given as an nsfs file descriptor."""
+    if not _is_netns(netns_fd):
+        raise BpfilterError(errno.EINVAL, "the request's namespace descriptor is not a "
+                                          "network namespace")
     inum = os.fstat(netns_fd).st_ino
     with netns.entered(f"/proc/self/fd/{netns_fd}"):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
@@ -118,7 +142,15 @@ class Service:
     100k-rule table makes millions, none in a cycle) at each of a request's
     allocations past its thresholds, a second at a time: requests run without
     it, what they leave is frozen out of its scans, and it runs when the
-    service is idle (when_idle)."""
+    service is idle (when_idle).
+
+    Requests may come from several threads at once. Those that read or change the
+    tables of one network namespace hold its lock (locked()), as the kernel's
+    take the table's: a GET sees one table with its counters, a replace meets no
+    other. A namespace, not a table: its tables share a directory of the store
+    (made by the first, removed with the last) and conntrack's hold per family
+    (ctnetns). Requests of other namespaces go on meanwhile: a long compile holds
+    the interpreter only a few milliseconds at a time, and bpf() lets go of it."""
 
     def __init__(self, store: Store):
         self.store = store
@@ -127,6 +159,10 @@ class Service:
         self._netns_refs = netnswatch.open_watch(log)
         self._last_request: Optional[float] = None   # since the last collection
         self.closed = False
+        # {(inum, cookie): [lock, threads holding or waiting for it]}, under _guard
+        self._netns_locks: dict[tuple[int, int], list] = {}
+        self._guard = threading.Lock()
+        self._in_flight = 0   # requests being handled, under _guard
         self._recover()
 
     # -- lifetime -------------------------------------------------------------
@@ -179,26 +215,47 @@ class Service:
             raise
         return TableState(key, raw, gen.ruleset(table), slots, generation=gen.name)
 
+    @contextmanager
+    def locked(self, inum: int, cookie: int, wait: bool = True) -> Iterator[bool]:
+        """The body holding the namespace's lock (see the class); without wait,
+        only if no one holds it, and the body is told whether it does."""
+        with self._guard:
+            entry = self._netns_locks.setdefault((inum, cookie), [threading.Lock(), 0])
+            entry[1] += 1
+        held = entry[0].acquire(wait)
+        try:
+            yield held
+        finally:
+            if held:
+                entry[0].release()
+            with self._guard:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._netns_locks[(inum, cookie)]
+
     def sweep(self) -> None:
         """Drop the tables of namespaces nothing but our links holds any more. Our
         links hold a reference on their namespace, so without this a deleted
         namespace would stay alive, hooked, forever; one held by anything else (a
         task, an nsfs file or mount, a socket) is alive and keeps its firewall.
         One pass over the host's bpf links (netnswatch), whatever the number of
-        processes."""
+        processes. A namespace a request is busy with waits for the next sweep."""
         if self._netns_refs is None or not self.tables:
             return
         try:
-            ours = [bpf.link_info(slot.link_fd)["id"] for state in self.tables.values()
+            ours = [bpf.link_info(slot.link_fd)["id"] for state in list(self.tables.values())
                     for slot in state.slots.values() if slot.link_fd is not None]
             dead = self._netns_refs.dead(ours)
         except OSError as err:   # BpfError too; nothing known: nothing is detached
             log(f"cannot tell which namespaces died: {err}")
             return
-        for key in [k for k in self.tables if k.cookie in dead]:
-            log(f"netns {key.inum} is gone: detaching table {key.table}")
-            self.tables.pop(key).close()
-            self.store.remove(key)
+        for key in [k for k in list(self.tables) if k.cookie in dead]:
+            with self.locked(key.inum, key.cookie, wait=False) as held:
+                if not held or key not in self.tables:
+                    continue
+                log(f"netns {key.inum} is gone: detaching table {key.table}")
+                self.tables.pop(key).close()
+                self.store.remove(key)
 
     def when_idle(self) -> None:
         """Once no request came for SWEEP_INTERVAL, the work the requests since the
@@ -208,8 +265,13 @@ class Service:
         the tables out of the collector's scans."""
         if self._last_request is None or time.monotonic() - self._last_request < SWEEP_INTERVAL:
             return
-        for state in self.tables.values():
-            state.build_entries()
+        for key, state in list(self.tables.items()):
+            with self.locked(key.inum, key.cookie, wait=False) as held:
+                if held:
+                    state.build_entries()
+        with self._guard:
+            if self._in_flight:
+                return   # a long request still runs: collect after it
         gc.unfreeze()
         gc.collect()
         gc.freeze()
@@ -237,13 +299,29 @@ class Service:
 
     def handle(self, req, payload: bytes, netns_fd: Optional[int]) -> tuple[int, bytes]:
         self._last_request = time.monotonic()
-        with codec.gc_paused():
-            try:
-                return self._handle(req, payload, netns_fd)
-            finally:
-                # before the collector is back: its first pass would scan all the
-                # request made (a third of a second for a 100k-rule table)
-                gc.freeze()
+        with self._paused_collector():
+            return self._handle(req, payload, netns_fd)
+
+    @contextmanager
+    def _paused_collector(self) -> Iterator[None]:
+        """codec.gc_paused() for requests that overlap: the collector stays off
+        from the first one in to the last one out."""
+        with self._guard:
+            self._in_flight += 1
+            if self._in_flight == 1:
+                self._collector_was_on = gc.isenabled()
+                gc.disable()
+        try:
+            yield
+        finally:
+            with self._guard:
+                self._in_flight -= 1
+                if not self._in_flight:
+                    # before the collector is back: its first pass would scan all the
+                    # request made (a third of a second for a 100k-rule table)
+                    gc.freeze()
+                    if self._collector_was_on:
+                        gc.enable()
 
     def _handle(self, req, payload: bytes, netns_fd: Optional[int]) -> tuple[int, bytes]:
         if req.version != proto.VERSION:
@@ -257,14 +335,15 @@ class Service:
         inum, cookie = netns_identity(netns_fd)
         where = _Caller(self, inum, cookie, netns_fd, family)
         if req.op == proto.Op.TABLE_NAMES:
-            names = sorted(k.table for k in self.tables
+            names = sorted(k.table for k in list(self.tables)
                            if (k.inum, k.cookie, k.family) == (inum, cookie, family))
             return 0, "".join(f"{n}\n" for n in names).encode()
-        if req.op == proto.Op.GETSOCKOPT:
-            return where.get(req.optname, payload)
-        if req.op == proto.Op.SETSOCKOPT:
+        if req.op not in (proto.Op.GETSOCKOPT, proto.Op.SETSOCKOPT):
+            raise BpfilterError(errno.EINVAL, f"unknown operation {req.op}")
+        with self.locked(inum, cookie):
+            if req.op == proto.Op.GETSOCKOPT:
+                return where.get(req.optname, payload)
             return where.set(req.optname, payload)
-        raise BpfilterError(errno.EINVAL, f"unknown operation {req.op}")
 
 
 def _name(raw: bytes) -> str:
@@ -310,12 +389,41 @@ class _Caller:
                                                   f"{', '.join(supported)})")
             blob = codec.initial_replace(name, self.family)
             raw, table = table_from_blob(blob, self.family)
-            state = self._install(key, blob, raw, table, previous=None)
+            try:
+                state = self._install(key, blob, raw, table, previous=None)
+            except BpfError as err:
+                if err.errno != errno.EBUSY:
+                    raise
+                raise BpfilterError(errno.EBUSY, self._priority_taken(name)) from None
         if state.broken is not None:
             raise BpfilterError(errno.EIO, f"{self.abi.command} table '{name}' of this namespace: "
                                            f"{state.broken}; it filters as it did, and "
                                            f"`bpfilter flush` detaches every table")
         return state
+
+    def _priority_taken(self, name: str) -> str:
+        """Why netfilter refused our hook, and what to do: nf_hook_entries_grow()
+        admits no BPF hook at a priority another hook of that hook point has (the
+        other way round it lets the kernel's own hook in beside ours)."""
+        with netns.entered(f"/proc/self/fd/{self.netns_fd}"):
+            # thread-self: /proc/net is the thread group leader's namespace
+            with open(f"/proc/thread-self/net/{self.abi.names_file}") as names:
+                kernels = name in names.read().split()
+        module = f"{'ip6' if self.family == Family.IPV6 else 'ip'}table_{name}"
+        if kernels:
+            return (f"the kernel's own {self.abi.command} table '{name}' exists in this network "
+                    f"namespace ({self.abi.command} was run here without bpfilter) and holds "
+                    f"the hooks' priority: two '{name}' tables cannot filter one namespace. "
+                    f"The kernel keeps its table until the namespace goes or its module does "
+                    f"(`rmmod {module}`, which drops it in every namespace): use bpfilter in "
+                    f"another namespace, or unload {module}")
+        kind = kernel_tables(self.family)[name]
+        priorities = " ".join(str(p) for p in sorted(set(kind.priorities)))
+        return (f"another netfilter hook of this network namespace has the priority of table "
+                f"'{name}' ({priorities}), where netfilter admits no BPF program beside "
+                f"it: an nftables base chain "
+                f"(`nft list ruleset`; priority filter is 0), or another bpfilter service's "
+                f"table; move or delete it")
 
     def _install(self, key: TableKey, blob: bytes, raw: X.RawTable, table: Table,
                  previous: Optional[TableState]) -> TableState:
