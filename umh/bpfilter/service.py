@@ -181,7 +181,11 @@ class Service:
                 log(f"CANNOT RECOVER {what} ({self.store.path(key)}): {err}\n"
                     f"{traceback.format_exc()}it stays attached, filtering as it did, and "
                     f"every request on it is refused; `bpfilter flush` detaches every table")
-                state = TableState(key, None, None, broken=f"cannot recover it: {err}")
+                try:   # its links, for the sweep to know when only they hold its namespace
+                    slots = self.store.open_slots(key)
+                except OSError:
+                    slots = {}
+                state = TableState(key, None, None, slots, broken=f"cannot recover it: {err}")
             if state is not None:
                 self.tables[key] = state
                 if state.broken is None:
