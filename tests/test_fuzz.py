@@ -9,14 +9,23 @@ kernel's own answer (IPT_SO_SET_REPLACE in a scratch namespace).
 """
 from __future__ import annotations
 
+import errno
 import os
+import struct
 import sys
 
 import pytest
+from families import FAMILIES, FAMILY_IDS
+from test_abi_codec import Scratch
+
+from bpfilter.abi import xtables as X
+from bpfilter.decode import table_from_blob
+from bpfilter.errors import BpfilterError
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "tools", "fuzz"))
 import run  # noqa: E402
+from seeds import NUM_COUNTERS_AT  # noqa: E402
 
 # A few thousand inputs each: about a minute for the three.
 RUNS = {"decoder": 3000, "proto": 2000, "klog": 3000}
@@ -39,3 +48,39 @@ def test_short_fuzz_run(tmp_path, target):
         kernel = run.kernel_compare(corpus[:200])
         assert not kernel["disagreements"], kernel
         assert kernel["compared"] >= 20 and len(kernel["kernel_outcomes"]) >= 3, kernel
+
+
+# ---------------------------------------------------------------- findings
+
+DEAD_RULE = """*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A INPUT -j ACCEPT
+-A INPUT -p tcp -j DROP
+COMMIT
+"""
+_VERDICT_AT, _VERDICT = X.xt_standard_target_packed.field("verdict")
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=FAMILY_IDS)
+def test_dead_rule_jumping_to_no_entry_is_refused_not_an_internal_error(family):
+    """A rule no hook reaches (behind INPUT's unconditional ACCEPT) whose verdict is an
+    offset inside itself: translate_table() walks reachable entries only, so the kernel
+    accepts it; bpfilter refused it with a KeyError (EIO, an internal error)."""
+    ns = Scratch(family)
+    try:
+        blob = bytearray(ns.restore(DEAD_RULE)["filter"])
+        dead = ns.parse(bytes(blob)).entries[1]
+        _VERDICT.pack_into(blob, X.SIZEOF_IPT_REPLACE + dead.offset + dead.target_offset
+                           + _VERDICT_AT, dead.offset + 8)
+        # the counters of the table in place, which restore made of this one
+        struct.pack_into("<I", blob, NUM_COUNTERS_AT, ns.parse(ns.kernel()[0]).num_entries)
+        blob = bytes(blob)
+        with pytest.raises(BpfilterError) as refused:
+            table_from_blob(blob, family, optlen=len(blob))
+        assert refused.value.errno == errno.EOPNOTSUPP
+        assert f"jumps to offset {dead.offset + 8}, where no entry starts" in str(refused.value)
+        ns.set_replace(blob)    # the kernel's answer: accepted
+    finally:
+        ns.delete()

@@ -242,7 +242,12 @@ def _target(e: RawEntry, where: _Places, by_offset, chain_of_jump, goto_flag: in
             name = "QUEUE" if t.verdict == -X.NF_QUEUE - 1 else f"verdict {t.verdict}"
             raise _unsupported(f"{where[e.index]}: {name} is not supported by bpfilter")
         return _STANDARD_VERDICTS[t.verdict]
-    target_index = by_offset[t.verdict]
+    target_index = by_offset.get(t.verdict)
+    if target_index is None:
+        # translate_table() checks the jumps of the entries a hook reaches only: this
+        # one none reaches, and the kernel accepts it as dead code
+        raise _unsupported(f"{where[e.index]}: jumps to offset {t.verdict}, where no entry "
+                           "starts (iptables never writes such a jump)")
     if target_index == e.index + 1:
         return Fallthrough()
     if target_index not in chain_of_jump:
