@@ -36,6 +36,11 @@ from .tables import implemented
 
 SO_NETNS_COOKIE = 71
 SWEEP_INTERVAL = 2.0
+# Requests that come without a pause of SWEEP_INTERVAL never let when_idle collect:
+# what each leaves in a cycle (construct's parse contexts, some 5 KB a request) would
+# stay frozen as long as they keep coming. Every this many requests one collects
+# (a 100k-rule table makes that a second: a hundredth of one per request).
+COLLECT_EVERY = 100
 
 
 _log_sink = None   # None: stderr
@@ -108,6 +113,7 @@ class Service:
         self.tables: dict[TableKey, TableState] = {}
         self.log_ring = LogRing.pinned(store.root)
         self._last_request: Optional[float] = None   # since the last collection
+        self._uncollected = 0                          # requests since the last collection
         self.closed = False
         self._recover()
 
@@ -142,10 +148,14 @@ class Service:
             return
         for state in self.tables.values():
             state.build_entries()
+        self._collect()
+        self._last_request = None
+
+    def _collect(self) -> None:
         gc.unfreeze()
         gc.collect()
         gc.freeze()
-        self._last_request = None
+        self._uncollected = 0
 
     def environment(self) -> dict:
         """The maps the service provides to the tables it loads: its log ring, whose
@@ -167,6 +177,7 @@ class Service:
 
     def handle(self, req, payload: bytes, netns_fd: Optional[int]) -> tuple[int, bytes]:
         self._last_request = time.monotonic()
+        self._uncollected += 1
         with codec.gc_paused():
             try:
                 return self._handle(req, payload, netns_fd)
@@ -174,6 +185,8 @@ class Service:
                 # before the collector is back: its first pass would scan all the
                 # request made (a third of a second for a 100k-rule table)
                 gc.freeze()
+                if self._uncollected >= COLLECT_EVERY:
+                    self._collect()
 
     def _handle(self, req, payload: bytes, netns_fd: Optional[int]) -> tuple[int, bytes]:
         if req.version != proto.VERSION:
