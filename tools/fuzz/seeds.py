@@ -2,8 +2,9 @@
 
 - decoder: the blobs the real iptables-legacy-restore / ip6tables-legacy-restore hand
   the kernel (read back from the kernel's table, as bpfilter_lab.scratch does), for the
-  real-world rulesets of tests/realworld, the random rulesets of tests/rulegen.py with
-  every match bpfilter implements, and a table bpfilter only refuses (nat).
+  ABI tests' base ruleset, the real-world rulesets of tests/realworld, the random
+  rulesets of tests/rulegen.py with every match bpfilter implements, and a table
+  bpfilter only refuses (nat).
 - proto: a request of every kind the shim and bpfilter.ko send (GET_INFO, GET_ENTRIES,
   GET_REVISION_*, SET_REPLACE, SET_ADD_COUNTERS, TABLE_NAMES), both families.
 - klog: the records a LOG rule writes for real packets of both families (TCP with
@@ -26,39 +27,15 @@ import targets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RESTORE = {Family.IPV4: "iptables-legacy-restore", Family.IPV6: "ip6tables-legacy-restore"}
-# Each family's rulesets by the tables they write, small first: a small blob is
-# mutated through more of its fields per input.
-SMALL = {
-    Family.IPV4: """*filter
-:INPUT ACCEPT [0:0]
-:FORWARD DROP [0:0]
-:OUTPUT ACCEPT [0:0]
-:user - [0:0]
--A INPUT -p tcp -m tcp --dport 22 -j user
--A INPUT -s 10.0.0.1/32 -j DROP
--A OUTPUT -p udp -j ACCEPT
--A user -p tcp -j ACCEPT
-COMMIT
-""",
-    Family.IPV6: """*filter
-:INPUT ACCEPT [0:0]
-:FORWARD DROP [0:0]
-:OUTPUT ACCEPT [0:0]
-:user - [0:0]
--A INPUT -p tcp -m tcp --dport 22 -j user
--A INPUT -s 2001:db8::1/128 -j DROP
--A OUTPUT -p udp -j ACCEPT
--A user -p tcp -j ACCEPT
-COMMIT
-""",
-}
 NAT = "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n" \
       ":POSTROUTING ACCEPT [0:0]\n-A POSTROUTING -o lo -j MASQUERADE\nCOMMIT\n"
 
 
 def rulesets(family: Family, generated: int) -> "list[str]":
     from rulegen import generate
-    out = [SMALL[family], NAT]
+    from test_abi_validation import BASE
+    # a small blob first: it is mutated through more of its fields per input
+    out = [BASE[family], NAT]
     suffix = ".ip6.rules" if family == Family.IPV6 else ".rules"
     for path in sorted(glob.glob(os.path.join(ROOT, "tests", "realworld", "*.rules"))):
         if path.endswith(".ip6.rules") == (family == Family.IPV6):
