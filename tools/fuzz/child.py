@@ -31,7 +31,6 @@ import atheris  # noqa: E402
 
 with atheris.instrument_imports(include=["bpfilter"]):
     import targets  # noqa: E402
-    from bpfilter_lab import namespaces  # noqa: E402,F401  (the proto target's netns)
 
 
 def rss() -> int:

@@ -36,6 +36,8 @@ from bpfilter.bpf.syscall import BpfError
 from bpfilter.decode import table_from_blob
 from bpfilter.errors import BpfilterError
 from bpfilter.model import Family
+from bpfilter.service import Service
+from bpfilter.store import Store
 
 
 class Finding(AssertionError):
@@ -138,8 +140,6 @@ class Protocol(Target):
     max_len = 1 << 14
 
     def open(self, seeds):
-        from bpfilter.service import Service
-        from bpfilter.store import Store
         from bpfilter_lab import namespaces
         self.netns = f"bpft-fuzz-{uuid.uuid4().hex[:8]}"
         namespaces.add(self.netns)
