@@ -18,6 +18,7 @@ import pytest
 from families import FAMILIES, FAMILY_IDS
 from test_abi_codec import Scratch
 
+from bpfilter.abi import families
 from bpfilter.abi import xtables as X
 from bpfilter.decode import table_from_blob
 from bpfilter.errors import BpfilterError
@@ -52,6 +53,35 @@ def test_short_fuzz_run(tmp_path, target):
 
 # ---------------------------------------------------------------- findings
 
+def ours_and_the_kernels(family, rules: str, mutate) -> "tuple[BpfilterError | None, int | None]":
+    """The filter table iptables-legacy-restore writes for `rules`, changed by
+    mutate(blob, parsed): the decoder's refusal (or None) and the kernel's errno (or
+    None) for it, num_counters set to the kernel's count of the table in place."""
+    ns = Scratch(family)
+    try:
+        blob = bytearray(ns.restore(rules)["filter"])
+        mutate(blob, ns.parse(bytes(blob)))
+        struct.pack_into("<I", blob, NUM_COUNTERS_AT, ns.parse(ns.kernel()[0]).num_entries)
+        blob = bytes(blob)
+        try:
+            table_from_blob(blob, family, optlen=len(blob))
+            ours = None
+        except BpfilterError as err:
+            ours = err
+        try:
+            ns.set_replace(blob)
+            theirs = None
+        except BpfilterError as err:
+            theirs = err.errno
+        return ours, theirs
+    finally:
+        ns.delete()
+
+
+def _at(raw: X.RawTable, index: int, within: int) -> int:
+    return X.SIZEOF_IPT_REPLACE + raw.entries[index].offset + within
+
+
 DEAD_RULE = """*filter
 :INPUT ACCEPT [0:0]
 :FORWARD ACCEPT [0:0]
@@ -68,19 +98,26 @@ def test_dead_rule_jumping_to_no_entry_is_refused_not_an_internal_error(family):
     """A rule no hook reaches (behind INPUT's unconditional ACCEPT) whose verdict is an
     offset inside itself: translate_table() walks reachable entries only, so the kernel
     accepts it; bpfilter refused it with a KeyError (EIO, an internal error)."""
-    ns = Scratch(family)
-    try:
-        blob = bytearray(ns.restore(DEAD_RULE)["filter"])
-        dead = ns.parse(bytes(blob)).entries[1]
-        _VERDICT.pack_into(blob, X.SIZEOF_IPT_REPLACE + dead.offset + dead.target_offset
-                           + _VERDICT_AT, dead.offset + 8)
-        # the counters of the table in place, which restore made of this one
-        struct.pack_into("<I", blob, NUM_COUNTERS_AT, ns.parse(ns.kernel()[0]).num_entries)
-        blob = bytes(blob)
-        with pytest.raises(BpfilterError) as refused:
-            table_from_blob(blob, family, optlen=len(blob))
-        assert refused.value.errno == errno.EOPNOTSUPP
-        assert f"jumps to offset {dead.offset + 8}, where no entry starts" in str(refused.value)
-        ns.set_replace(blob)    # the kernel's answer: accepted
-    finally:
-        ns.delete()
+    def mutate(blob, raw):
+        dead = raw.entries[1]
+        _VERDICT.pack_into(blob, _at(raw, 1, dead.target_offset + _VERDICT_AT), dead.offset + 8)
+    ours, theirs = ours_and_the_kernels(family, DEAD_RULE, mutate)
+    assert theirs is None
+    assert ours is not None and ours.errno == errno.EOPNOTSUPP, ours
+    assert "where no entry starts" in str(ours)
+
+
+LIMITED = "*filter\n-A INPUT -m limit --limit 5/sec -j ACCEPT\nCOMMIT\n"
+MATCH_REVISION_AT = X.XT_EXTENSION_MAXNAMELEN + 2   # after match_size and the name
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=FAMILY_IDS)
+def test_a_revision_of_limit_linux_lacks_is_eprototype(family):
+    """xt_limit registers for every family (NFPROTO_UNSPEC): xt_find_match() answers
+    EPROTOTYPE for a revision it lacks, as for comment, mark or conntrack; bpfilter
+    answered ENOENT."""
+    def mutate(blob, raw):
+        blob[_at(raw, 0, families.of(family).entry_size + MATCH_REVISION_AT)] = 255
+    ours, theirs = ours_and_the_kernels(family, LIMITED, mutate)
+    assert theirs == errno.EPROTOTYPE
+    assert ours is not None and ours.errno == errno.EPROTOTYPE, ours
