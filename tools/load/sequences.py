@@ -28,6 +28,9 @@ from dataclasses import dataclass, field
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path[:0] = [os.path.join(ROOT, "umh"), os.path.join(ROOT, "tests")]
+# the service and `bpfilter exec` it starts run this tree's code too, not an installed one
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [os.path.join(ROOT, "umh"), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 from bpfilter.model import Family  # noqa: E402
 
