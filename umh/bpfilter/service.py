@@ -43,6 +43,11 @@ from .tables import implemented, kernel_tables
 SO_NETNS_COOKIE = 71
 NS_GET_NSTYPE = 0xb703   # linux/nsfs.h: _IO(0xb7, 0x3)
 SWEEP_INTERVAL = 2.0
+# Requests that come without a pause of SWEEP_INTERVAL never let when_idle collect:
+# what each leaves in a cycle (construct's parse contexts, some 5 KB a request) would
+# stay frozen as long as they keep coming. Every this many requests one collects
+# (a 100k-rule table makes that a second: a hundredth of one per request).
+COLLECT_EVERY = 100
 
 
 _log_sink = None   # None: stderr
@@ -158,6 +163,7 @@ class Service:
         self.log_ring = LogRing.pinned(store.root)
         self._netns_refs = netnswatch.open_watch(log)
         self._last_request: Optional[float] = None   # since the last collection
+        self._uncollected = 0                          # requests since the last collection
         self.closed = False
         # {(inum, cookie): [lock, threads holding or waiting for it]}, under _guard
         self._netns_locks: dict[tuple[int, int], list] = {}
@@ -276,10 +282,14 @@ class Service:
         with self._guard:
             if self._in_flight:
                 return   # a long request still runs: collect after it
+        self._collect()
+        self._last_request = None
+
+    def _collect(self) -> None:
         gc.unfreeze()
         gc.collect()
         gc.freeze()
-        self._last_request = None
+        self._uncollected = 0
 
     def environment(self) -> dict:
         """The maps the service provides to the tables it loads: its log ring, whose
@@ -309,12 +319,15 @@ class Service:
     @contextmanager
     def _paused_collector(self) -> Iterator[None]:
         """codec.gc_paused() for requests that overlap: the collector stays off
-        from the first one in to the last one out."""
+        from the first one in to the last one out, who collects once COLLECT_EVERY
+        requests have gone by without a pause (when_idle's turn)."""
         with self._guard:
             self._in_flight += 1
+            self._uncollected += 1
             if self._in_flight == 1:
                 self._collector_was_on = gc.isenabled()
                 gc.disable()
+        collect = False
         try:
             yield
         finally:
@@ -326,6 +339,9 @@ class Service:
                     gc.freeze()
                     if self._collector_was_on:
                         gc.enable()
+                    collect = self._uncollected >= COLLECT_EVERY
+            if collect:
+                self._collect()
 
     def _handle(self, req, payload: bytes, netns_fd: Optional[int]) -> tuple[int, bytes]:
         if req.version != proto.VERSION:

@@ -126,6 +126,7 @@ class LimitMatch(Match):
 class Limit(MatchExtension):
     name = "limit"
     families = BOTH_FAMILIES
+    family_independent = True   # xt_limit registers for NFPROTO_UNSPEC
     struct = xt_rateinfo
     facts = frozenset({"limit"})   # its region: where helpers find the bucket key
 

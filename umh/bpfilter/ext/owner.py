@@ -147,12 +147,15 @@ class Owner(MatchExtension):
             if match & flag and (INVALID_ID in (lo, hi) or hi < lo):
                 raise BpfilterError(errno.EINVAL, f"{where}: owner: invalid {what} range "
                                                   f"{lo}-{hi}")
-        if match & XT_OWNER_SUPPL_GROUPS:
-            raise BpfilterError(errno.EOPNOTSUPP, f"{where}: owner --suppl-groups is not "
-                                                  "supported by bpfilter; the whole table is refused")
         _offsets()
         return OwnerMatch((uid_min, uid_max), (gid_min, gid_max), match & XT_OWNER_MASK,
                           invert & XT_OWNER_MASK)
+
+    def unsupported(self, m: OwnerMatch) -> "str | None":
+        # asked once the whole table passed the kernel's checks, which take it
+        if m.match & XT_OWNER_SUPPL_GROUPS:
+            return "--suppl-groups is not supported by bpfilter"
+        return None
 
     def emit(self, m: OwnerMatch, asm, out) -> None:
         """owner_mt(), its early returns folded: with a file the id tests decide;
