@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import select
 
-from .. import ctnetns, proto
+from .. import ctnetns, forked, proto
 from ..klog import KernelLog
 from ..paths import DEFAULT_ROOT
 from ..service import (SWEEP_INTERVAL, Service, handled, live_netns_inums, log,
@@ -14,13 +14,33 @@ from ..store import Store, ensure_bpffs
 
 
 def _read_exact(fd: int, size: int) -> bytes:
+    """size bytes of a request the module has begun to hand us: it keeps the rest
+    for us, so a non-blocking read that finds nothing only has to wait."""
     data = bytearray()
     while len(data) < size:
-        chunk = os.read(fd, size - len(data))
+        try:
+            chunk = os.read(fd, size - len(data))
+        except BlockingIOError:
+            select.select([fd], [], [])
+            continue
         if not chunk:
             raise EOFError("the device closed")
         data += chunk
     return bytes(data)
+
+
+def _next_header(fd: int) -> bytes | None:
+    """A request's header, or None if the one poll() announced is gone: the module
+    takes back a request whose caller gave up before we began to read it, and a
+    blocking read would then wait for the next caller, with the log and the sweep
+    waiting behind it."""
+    try:
+        first = os.read(fd, proto.request.sizeof())
+    except BlockingIOError:
+        return None
+    if not first:
+        raise EOFError("the device closed")
+    return first + _read_exact(fd, proto.request.sizeof() - len(first))
 
 
 def serve_device(device: str, bpffs: str = DEFAULT_ROOT) -> None:
@@ -30,7 +50,8 @@ def serve_device(device: str, bpffs: str = DEFAULT_ROOT) -> None:
     log_to_kernel()
     ensure_bpffs(bpffs)
     service = Service(Store(bpffs))
-    dev = os.open(device, os.O_RDWR)
+    dev = os.open(device, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    forked.close_in_children(dev)
     ctnetns.use_device(dev)   # conntrack is switched on by the module, no nft needed
     kernel_log = KernelLog(service.log_ring, log)
     log(f"serving bpfilter.ko through {device}, tables pinned under {bpffs}")
@@ -47,7 +68,10 @@ def serve_device(device: str, bpffs: str = DEFAULT_ROOT) -> None:
                 kernel_log.drain()
             if dev not in ready:
                 continue
-            req = proto.request.parse(_read_exact(dev, proto.request.sizeof()))
+            header = _next_header(dev)
+            if header is None:
+                continue
+            req = proto.request.parse(header)
             payload = _read_exact(dev, req.len)
             netns_fd = req.netns_fd if req.netns_fd >= 0 else None
             try:
@@ -67,6 +91,7 @@ def serve_device(device: str, bpffs: str = DEFAULT_ROOT) -> None:
             os.write(dev, proto.build_reply(status, reply))
     finally:
         ctnetns.use_device(None)
+        forked.keep_in_children(dev)
         os.close(dev)
         if not service.closed:
             kernel_log.drain()

@@ -1,0 +1,105 @@
+"""bpfilter.ko's device loop (transport/device.py) on a stand-in for /dev/bpfilter:
+a FIFO, and a poll() that says what the test needs it to."""
+import os
+import select
+import threading
+
+import pytest
+
+from bpfilter.transport import device
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Ring:
+    def fileno(self):
+        return -1
+
+
+class _Service:
+    closed = False
+
+    def __init__(self, store):
+        self.log_ring = _Ring()
+
+    def sweep(self, live):
+        pass
+
+    def when_idle(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+class _Log:
+    def __init__(self, *args):
+        pass
+
+    def drain(self):
+        pass
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def loop(monkeypatch, tmp_path):
+    """serve_device on a FIFO nobody writes to, whose poll() reports it readable once
+    (a request the module took back: its caller gave up before we read it), then
+    ends the loop."""
+    polls = []
+
+    class Poll:
+        def register(self, fd, events):
+            pass
+
+        def poll(self, timeout):
+            polls.append(timeout)
+            if len(polls) == 1:
+                return [(dev_fd[0], select.POLLIN)]
+            raise _Stop
+
+    dev_fd = []
+    real_open = os.open
+
+    def open_(path, flags, *args):
+        fd = real_open(path, flags, *args)
+        if path == str(fifo):
+            dev_fd.append(fd)
+        return fd
+
+    fifo = tmp_path / "bpfilter"
+    os.mkfifo(fifo)
+    for name, value in (("log_to_kernel", lambda: None), ("ensure_bpffs", lambda root: None),
+                        ("Service", _Service), ("Store", lambda root: None),
+                        ("KernelLog", _Log), ("live_netns_inums", set)):
+        monkeypatch.setattr(device, name, value)
+    monkeypatch.setattr(device.select, "poll", Poll)
+    monkeypatch.setattr(device.os, "open", open_)
+    monkeypatch.setattr(device.ctnetns, "use_device", lambda fd: None)
+    return fifo, polls
+
+
+def test_a_request_taken_back_after_poll_does_not_block_the_loop(loop):
+    fifo, polls = loop
+    ended = []
+
+    def serve():
+        try:
+            device.serve_device(str(fifo), "/nonexistent")
+        except BaseException as e:
+            ended.append(e)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    thread.join(2)
+    if thread.is_alive():
+        # unblock it (a header it refuses) so that it does not outlive the test
+        with open(fifo, "wb") as f:
+            f.write(bytes(64))
+        thread.join(2)
+        pytest.fail("the loop blocked in read() after poll() said readable")
+    assert len(polls) == 2 and isinstance(ended[0], _Stop), ended
