@@ -355,6 +355,39 @@ def test_replies_are_bounded_by_the_caller(stub, fresh_netns):
     assert [len(r.payload) for r in s.requests] == [84, 84, 40]
 
 
+def test_a_bad_optlen_is_efault_as_in_the_kernel(stub, fresh_netns):
+    """The kernel reads and writes *optlen with get_user()/put_user(): an unmapped or
+    read-only optlen is EFAULT, never a crash of the caller; the same calls without the
+    shim are the reference."""
+    s = stub(lambda req: (0, b"A" * 20))
+    code = """
+        import mmap
+        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, 255)
+        buf = ctypes.create_string_buffer(96)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_long]
+        page = libc.mmap(None, 4096, mmap.PROT_READ | mmap.PROT_WRITE,
+                         mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        ctypes.c_uint.from_address(page).value = 84
+        libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.mprotect(page, 4096, mmap.PROT_READ)
+        libc.getsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                    ctypes.c_void_p]
+        out = {}
+        for name, optlen in (("null", None), ("unmapped", 8), ("read-only", page)):
+            rc = libc.getsockopt(s.fileno(), 0, 64, buf, optlen)
+            out[name] = [rc, ctypes.get_errno() if rc else 0]
+        print(json.dumps(out))
+    """
+    out = child(fresh_netns, s.path, code)
+    assert out["null"] == out["unmapped"] == [-1, errno.EFAULT], out
+    # answered, but the length cannot be written back: ip_getsockopt()'s put_user()
+    assert out["read-only"] == [-1, errno.EFAULT], out
+    kernel = child(fresh_netns, s.path, code, preload=False)
+    assert kernel["null"] == kernel["unmapped"] == [-1, errno.EFAULT], kernel
+
+
 def test_concurrent_calls_and_both_fopens(stub, fresh_netns):
     """Threads calling at once each get their own reply; fopen64 is answered like fopen."""
     def answer(req):
