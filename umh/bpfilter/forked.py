@@ -36,7 +36,7 @@ def keep_in_children(fd: int) -> None:
     _not_inherited.discard(fd)
 
 
-def _become_worker(parent: int) -> None:
+def become_worker(parent: int) -> None:
     """In the child, before the work: die with the parent, drop what is not ours."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0):
@@ -70,7 +70,7 @@ class Child:
         if pid == 0:   # the child: compute, answer, and leave without running anything else
             status = 1
             try:
-                _become_worker(parent)
+                become_worker(parent)
                 os.close(read)
                 data = pickle.dumps(fn(*args), pickle.HIGHEST_PROTOCOL)
                 with os.fdopen(write, "wb") as out:
