@@ -98,6 +98,7 @@ static struct {
 	bool request_pending;		/* call is not completely read yet */
 	bool ready;
 	bool exiting;
+	bool closed;			/* unloading, and the helper was told: no more opens */
 } bpfilter = {
 	.call_lock = __MUTEX_INITIALIZER(bpfilter.call_lock),
 	.lock = __MUTEX_INITIALIZER(bpfilter.lock),
@@ -183,20 +184,28 @@ static void bpfilter_forget_helper(void)
 static void bpfilter_kill(int err)
 {
 	struct task_struct *p;
+	bool children = false;
 
 	if (bpfilter.helper)
 		kill_pid(bpfilter.helper, SIGKILL, 1);
 	/*
 	 * PyInstaller's bootloader runs the service in a child, which may not
-	 * have opened the device yet: orphaned, it would go on starting up.
+	 * have opened the device yet: orphaned, it would go on starting up. The
+	 * bootloader itself removes what it unpacked (TMPDIR/_MEI*) once its child
+	 * is gone, and exits: killed too, it would leave that behind at every
+	 * timeout. It is killed only while it has no child, still unpacking.
 	 */
 	if (bpfilter.spawned) {
 		rcu_read_lock();
-		for_each_process(p)
-			if (task_tgid(rcu_dereference(p->real_parent)) == bpfilter.spawned)
+		for_each_process(p) {
+			if (task_tgid(rcu_dereference(p->real_parent)) == bpfilter.spawned) {
 				send_sig(SIGKILL, p, 1);
+				children = true;
+			}
+		}
 		rcu_read_unlock();
-		kill_pid(bpfilter.spawned, SIGKILL, 1);
+		if (!children)
+			kill_pid(bpfilter.spawned, SIGKILL, 1);
 	}
 	if (bpfilter.call)
 		bpfilter_finish(err);
@@ -354,9 +363,10 @@ static int bpfilter_umh_setup(struct subprocess_info *info, struct cred *new)
 /* bpfilter.call_lock held, bpfilter.lock not. */
 static int bpfilter_spawn(void)
 {
-	static char *envp[] = { "HOME=/", "PATH=/sbin:/bin:/usr/sbin:/usr/bin", NULL };
 	char *argv[] = { umh_path, "serve", "--device", BPFILTER_DEVICE, NULL };
+	char *envp[] = { "HOME=/", "PATH=/sbin:/bin:/usr/sbin:/usr/bin", NULL, NULL };
 	struct subprocess_info *info;
+	char *tmpdir;
 	int err;
 
 	err = bpfilter_umh_file(false);
@@ -364,11 +374,24 @@ static int bpfilter_spawn(void)
 		pr_err("cannot write the helper to %s: error %d\n", umh_path, err);
 		return err;
 	}
+	/*
+	 * PyInstaller's bootloader unpacks the helper's libraries into TMPDIR and
+	 * maps them executable: beside the helper, where executing is allowed (it is
+	 * executed from there), not in a /tmp that may be mounted noexec.
+	 */
+	tmpdir = kasprintf(GFP_KERNEL, "TMPDIR=%.*s", (int)(kbasename(umh_path) - umh_path),
+			   umh_path);
+	if (!tmpdir)
+		return -ENOMEM;
+	envp[2] = tmpdir;
 	info = call_usermodehelper_setup(umh_path, argv, envp, GFP_KERNEL,
 					 bpfilter_umh_setup, NULL, NULL);
-	if (!info)
+	if (!info) {
+		kfree(tmpdir);
 		return -ENOMEM;
+	}
 	err = call_usermodehelper_exec(info, UMH_WAIT_EXEC);
+	kfree(tmpdir);
 	mutex_lock(&bpfilter.lock);
 	if (err) {
 		pr_err("cannot start the helper %s: error %d\n", umh_path, err);
@@ -476,9 +499,10 @@ out:
 /* The helper's answer to a transacted call, its message (if any) logged. */
 static int bpfilter_status(const struct bpfilter_call *call)
 {
+	/* the caller decides how often there is one: a flood must not fill the log */
 	if (call->rep.status < 0 && call->rep.len)
-		pr_info("%.*s\n", (int)min_t(u32, call->rep.len, BPFILTER_MSG_MAX),
-			(const char *)call->reply);
+		pr_info_ratelimited("%.*s\n", (int)min_t(u32, call->rep.len, BPFILTER_MSG_MAX),
+				    (const char *)call->reply);
 	return call->rep.status;
 }
 
@@ -629,6 +653,8 @@ static struct nf_sockopt_ops bpfilter_ipv6_sockopts = {
 	.owner		= THIS_MODULE,
 };
 
+static const struct file_operations bpfilter_fops;
+
 static int bpfilter_open(struct inode *inode, struct file *file)
 {
 	struct task_struct *parent;
@@ -643,7 +669,10 @@ static int bpfilter_open(struct inode *inode, struct file *file)
 	ours = bpfilter.spawned &&
 	       (tgid == bpfilter.spawned || task_tgid(parent) == bpfilter.spawned);
 	rcu_read_unlock();
-	if (!ours) {
+	if (bpfilter.closed) {
+		/* the module is going: nothing may begin to use its code */
+		err = -ENODEV;
+	} else if (!ours) {
 		err = -EPERM;
 	} else if (bpfilter.helper_file) {
 		err = -EBUSY;
@@ -654,6 +683,8 @@ static int bpfilter_open(struct inode *inode, struct file *file)
 			bpfilter.helper = get_pid(tgid);
 			WRITE_ONCE(bpfilter.open_files, bpfilter.open_files + 1);
 			wake_up_all(&bpfilter.caller_wq);
+			/* last: a failed open puts the file's operations (see bpfilter_fops) */
+			replace_fops(file, &bpfilter_fops);
 		}
 	}
 	mutex_unlock(&bpfilter.lock);
@@ -662,6 +693,11 @@ static int bpfilter_open(struct inode *inode, struct file *file)
 
 static int bpfilter_release(struct inode *inode, struct file *file)
 {
+	/*
+	 * Put back by __fput() once this has returned (bpfilter_fops.owner): module
+	 * exit, which may go on as soon as open_files is 0, waits for it.
+	 */
+	__module_get(THIS_MODULE);
 	mutex_lock(&bpfilter.lock);
 	if (bpfilter.helper_file == file) {
 		if (bpfilter.call) {
@@ -1171,12 +1207,6 @@ static const struct btf_kfunc_id_set bpfilter_kfunc_set = {
 };
 
 /*
- * No .owner: the helper holds the device open for as long as the module is
- * loaded, and a reference from it would make the module impossible to unload.
- * Module exit waits for every file to be released instead; a release that has
- * counted itself out has nothing left to run but its return.
- */
-/*
  * Readable when a request waits: the helper sleeps in poll() between requests so
  * that it can also wake on a timer, to drop the tables of deleted namespaces.
  */
@@ -1188,8 +1218,21 @@ static __poll_t bpfilter_poll(struct file *file, poll_table *wait)
 	return READ_ONCE(bpfilter.request_pending) ? EPOLLIN | EPOLLRDNORM : 0;
 }
 
+/*
+ * The helper holds the device open for as long as the module is loaded: a
+ * reference to the module from its open file would make the module impossible to
+ * unload, and the helper is only told to exit by module exit. So the file holds
+ * none while open; module exit refuses new opens (bpfilter.closed) and waits for
+ * every open file to be released (open_files). What may still run the module's
+ * code after that is covered by a reference: bpfilter_release() takes one, which
+ * __fput() puts back through .owner once the release has returned, and module exit
+ * waits for it too. bpfilter_open() installs these operations on success only:
+ * the ones the misc device opens with have no owner, so that a helper spawned
+ * while the module is unloading (to detach the tables) can still open it, which
+ * fops_get() would refuse.
+ */
 static const struct file_operations bpfilter_fops = {
-	.open		= bpfilter_open,
+	.owner		= THIS_MODULE,
 	.release	= bpfilter_release,
 	.read		= bpfilter_read,
 	.poll		= bpfilter_poll,
@@ -1197,10 +1240,14 @@ static const struct file_operations bpfilter_fops = {
 	.unlocked_ioctl	= bpfilter_ioctl,
 };
 
+static const struct file_operations bpfilter_open_fops = {
+	.open		= bpfilter_open,
+};
+
 static struct miscdevice bpfilter_dev = {
 	.minor	= MISC_DYNAMIC_MINOR,
 	.name	= "bpfilter",
-	.fops	= &bpfilter_fops,
+	.fops	= &bpfilter_open_fops,
 	.mode	= 0600,
 };
 
@@ -1309,6 +1356,10 @@ static void bpfilter_shutdown(void)
 	if (err)
 		pr_err("the helper did not shut down (error %d): what it attached stays pinned under /run/bpfilter/bpffs\n",
 		       err);
+	/* From here open_files only goes down. */
+	mutex_lock(&bpfilter.lock);
+	bpfilter.closed = true;
+	mutex_unlock(&bpfilter.lock);
 	if (!wait_event_timeout(bpfilter.caller_wq, !READ_ONCE(bpfilter.open_files),
 				bpfilter_timeout())) {
 		pr_err("the helper did not exit within %u s: killing it\n", timeout);
@@ -1317,10 +1368,21 @@ static void bpfilter_shutdown(void)
 		mutex_unlock(&bpfilter.lock);
 	}
 	/* The device's operations are this module's code. */
-	wait_event(bpfilter.caller_wq, !READ_ONCE(bpfilter.open_files));
 	mutex_lock(&bpfilter.lock);
+	while (bpfilter.open_files) {
+		mutex_unlock(&bpfilter.lock);
+		wait_event(bpfilter.caller_wq, !READ_ONCE(bpfilter.open_files));
+		mutex_lock(&bpfilter.lock);
+	}
 	bpfilter_forget_helper();
 	mutex_unlock(&bpfilter.lock);
+	/*
+	 * And the end of the last release: its reference is put back after it has
+	 * returned (bpfilter_fops). While unloading nothing else can take one
+	 * (try_module_get() fails), so what is left is -1, "unloading".
+	 */
+	while (module_refcount(THIS_MODULE) >= 0)
+		schedule_timeout_uninterruptible(1);
 }
 
 static int __init bpfilter_init(void)
