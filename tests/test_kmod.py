@@ -460,6 +460,19 @@ def test_kmod_kfuncs(module, kfuncs):
 BAD_CONSOLE = re.compile(r"BUG:|Oops|WARNING:|lockdep|KASAN|Call Trace:|blocked for more than")
 
 
+def _module_scenario(module, name: str, timeout: int) -> dict[str, str]:
+    """tools/vm/scenarios/NAME run with bpfilter.ko installed: its sections, once it has
+    ended well with a clean console; its guest run time printed."""
+    kver = harness.kernel_release()
+    extra = {**system_libraries(), f"/lib/modules/{kver}/extra/bpfilter.ko": str(module)}
+    result = harness.run_scenario((ROOT / "tools/vm/scenarios" / name).read_text(), extra,
+                                  timeout=timeout)
+    print(f"{name}: guest run {result.seconds:.1f} s")
+    assert result.status == 0, result.output
+    assert not BAD_CONSOLE.search(result.console), result.console
+    return sections(result.output)
+
+
 def test_kmod_rmmod_races_and_helper_deaths(module):
     """bpfilter.ko's lifetime under attack (tools/vm/scenarios/kmod-rmmod.sh): the helper
     runs with a noexec /tmp; helpers killed for a timeout leave nothing unpacked behind;
@@ -467,15 +480,7 @@ def test_kmod_rmmod_races_and_helper_deaths(module):
     helper and does not keep the device (so rmmod is not stuck); and rmmod, round after
     round, racing with callers, opens of /dev/bpfilter and a helper killed under it,
     always unloads, with a clean console."""
-    kver = harness.kernel_release()
-    extra = {**system_libraries(), f"/lib/modules/{kver}/extra/bpfilter.ko": str(module)}
-    script = (ROOT / "tools/vm/scenarios/kmod-rmmod.sh").read_text()
-    result = harness.run_scenario(script, extra, timeout=2400)
-    out = result.output
-    assert result.status == 0, out
-    s = sections(out)
-    print(f"guest run: {result.seconds:.1f} s")
-
+    s = _module_scenario(module, "kmod-rmmod.sh", timeout=2400)
     assert "iptables with a noexec /tmp: ok" in s["noexec"], s["noexec"]
 
     leak = s["leak"]
@@ -500,7 +505,6 @@ def test_kmod_rmmod_races_and_helper_deaths(module):
     assert "not unloaded" not in race, race
     assert re.search(r"^rounds: (\d+), unloaded: \1$", race, re.M), race
     assert "bpfilter: unloaded\nhelper file: removed\nextractions: 0" in race, race
-    assert not BAD_CONSOLE.search(result.console), result.console
 
 
 # enum xt_addrtype_t's types that IPv6 rules may test, in the scenario's order
