@@ -184,28 +184,22 @@ static void bpfilter_forget_helper(void)
 static void bpfilter_kill(int err)
 {
 	struct task_struct *p;
-	bool children = false;
 
 	if (bpfilter.helper)
 		kill_pid(bpfilter.helper, SIGKILL, 1);
 	/*
 	 * PyInstaller's bootloader runs the service in a child, which may not
-	 * have opened the device yet: orphaned, it would go on starting up. The
-	 * bootloader itself removes what it unpacked (TMPDIR/_MEI*) once its child
-	 * is gone, and exits: killed too, it would leave that behind at every
-	 * timeout. It is killed only while it has no child, still unpacking.
+	 * have opened the device yet: orphaned, it would go on starting up. What
+	 * the bootloader unpacked stays behind (it does not clean up after a
+	 * killed child either): the next helper removes it (transport/device.py).
 	 */
 	if (bpfilter.spawned) {
 		rcu_read_lock();
-		for_each_process(p) {
-			if (task_tgid(rcu_dereference(p->real_parent)) == bpfilter.spawned) {
+		for_each_process(p)
+			if (task_tgid(rcu_dereference(p->real_parent)) == bpfilter.spawned)
 				send_sig(SIGKILL, p, 1);
-				children = true;
-			}
-		}
 		rcu_read_unlock();
-		if (!children)
-			kill_pid(bpfilter.spawned, SIGKILL, 1);
+		kill_pid(bpfilter.spawned, SIGKILL, 1);
 	}
 	if (bpfilter.call)
 		bpfilter_finish(err);

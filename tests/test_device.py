@@ -2,6 +2,7 @@
 a FIFO, and a poll() that says what the test needs it to."""
 import os
 import select
+import subprocess
 import threading
 
 import pytest
@@ -103,3 +104,19 @@ def test_a_request_taken_back_after_poll_does_not_block_the_loop(loop):
         thread.join(2)
         pytest.fail("the loop blocked in read() after poll() said readable")
     assert len(polls) == 2 and isinstance(ended[0], _Stop), ended
+
+
+def test_a_killed_helpers_extraction_is_removed_by_the_next(tmp_path):
+    """_MEI* directories beside ours that no process maps or holds open are left by
+    killed helpers (bpfilter.ko's timeout); ours, one in use and anything else stay."""
+    for name in ("_MEIours", "_MEIstale", "_MEIbusy", "other"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "libpython.so").write_bytes(b"x")
+    holder = subprocess.Popen(["sleep", "30"], stdin=open(tmp_path / "_MEIbusy" / "libpython.so"))
+    try:
+        removed = device.remove_stale_extractions(str(tmp_path / "_MEIours"))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert removed == [str(tmp_path / "_MEIstale")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["_MEIbusy", "_MEIours", "other"]

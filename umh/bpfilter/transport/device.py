@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import select
+import shutil
+import sys
 
 from .. import ctnetns, forked, proto
 from ..klog import KernelLog
@@ -43,11 +45,48 @@ def _next_header(fd: int) -> bytes | None:
     return first + _read_exact(fd, proto.request.sizeof() - len(first))
 
 
+def _in_use(prefix: str) -> bool:
+    """Whether a process maps a file under prefix, or holds one open."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/maps") as maps:
+                if any(prefix in line for line in maps):
+                    return True
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(prefix):
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def remove_stale_extractions(ours: str | None = getattr(sys, "_MEIPASS", None)) -> list[str]:
+    """What helpers before us unpacked and left behind: PyInstaller's bootloader
+    removes its _MEI* directory when its child exits, but bpfilter.ko kills both
+    when a helper times out, and a helper killed while starting leaves a partial
+    one. bpfilter.ko starts one helper at a time, all unpacking beside the helper
+    (TMPDIR): a sibling of ours that nothing maps or holds open is dead. Returns
+    what was removed."""
+    if not ours:
+        return []   # not frozen: nothing unpacked
+    parent, removed = os.path.dirname(ours.rstrip("/")), []
+    for name in sorted(os.listdir(parent)):
+        path = os.path.join(parent, name)
+        if (not name.startswith("_MEI") or path == ours.rstrip("/") or os.path.islink(path)
+                or not os.path.isdir(path) or _in_use(path + "/")):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
 def serve_device(device: str, bpffs: str = DEFAULT_ROOT) -> None:
     """The helper of bpfilter.ko: requests come from /dev/bpfilter, which the module
     lets only the process it spawned open; the module already checked the caller's
     CAP_NET_ADMIN and put the caller's netns in our fd table."""
     log_to_kernel()
+    for path in remove_stale_extractions():
+        log(f"removed {path}, unpacked by a helper that was killed")
     ensure_bpffs(bpffs)
     service = Service(Store(bpffs))
     dev = os.open(device, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
