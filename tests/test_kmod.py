@@ -504,7 +504,9 @@ def test_kmod_rmmod_races_and_helper_deaths(module, sockopt):
     race = s["race"]
     assert "not unloaded" not in race, race
     assert re.search(r"^rounds: (\d+), unloaded: \1$", race, re.M), race
-    assert "bpfilter: unloaded\nhelper file: removed\nextractions: 0" in race, race
+    # a helper killed in the last round leaves its extraction to the next one to start
+    assert re.search(r"^bpfilter: unloaded\nhelper file: removed\nextractions: [01]$", race,
+                     re.M), race
 
 
 # enum xt_addrtype_t's types that IPv6 rules may test, in the scenario's order
