@@ -2,11 +2,14 @@
 a FIFO, and a poll() that says what the test needs it to."""
 import os
 import select
+import socket
 import subprocess
 import threading
+import time
 
 import pytest
 
+from bpfilter import proto
 from bpfilter.transport import device
 
 
@@ -15,8 +18,12 @@ class _Stop(Exception):
 
 
 class _Ring:
+    """The LOG ring's place in poll(): a pipe nobody writes to."""
+    def __init__(self):
+        self.read, self.write = os.pipe()
+
     def fileno(self):
-        return -1
+        return self.read
 
 
 class _Service:
@@ -24,6 +31,7 @@ class _Service:
 
     def __init__(self, store):
         self.log_ring = _Ring()
+        self.store = {}         # the pinned tables SHUTDOWN detaches: none
 
     def sweep(self, live):
         pass
@@ -120,3 +128,53 @@ def test_a_killed_helpers_extraction_is_removed_by_the_next(tmp_path):
         holder.wait()
     assert removed == [str(tmp_path / "_MEIstale")]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["_MEIbusy", "_MEIours", "other"]
+def _request(id_: int, op=proto.Op.GETSOCKOPT, payload: bytes = b"") -> bytes:
+    return proto.request.build(dict(version=proto.VERSION, op=op, family=2, optname=64,
+                                    netns_cookie=id_, netns_inum=id_, pid=1, len=len(payload),
+                                    netns_fd=-1, id=id_)) + payload
+
+
+def _reply(sock: socket.socket) -> tuple:
+    head = proto.reply.parse(sock.recv(proto.reply.sizeof(), socket.MSG_WAITALL))
+    body = sock.recv(head.len, socket.MSG_WAITALL) if head.len else b""
+    return head.id, head.status, body
+
+
+def test_requests_are_answered_each_in_its_thread_by_id(monkeypatch):
+    """bpfilter.ko hands out every caller's request at once: one that takes long (a big
+    replace in one namespace) does not hold up the next (another's listing), whose reply
+    comes first, carrying its id; SHUTDOWN waits for what is still running."""
+    ours, theirs = socket.socketpair()
+    slow = threading.Event()
+
+    def handled(service, req, payload, netns_fd, log_refusals=True):
+        if req.id == 1:
+            slow.wait(10)
+        return 0, f"answer {req.id}".encode()
+
+    for name, value in (("log_to_kernel", lambda: None), ("ensure_bpffs", lambda root: None),
+                        ("Service", _Service), ("Store", lambda root: None),
+                        ("KernelLog", _Log), ("live_netns_inums", set),
+                        ("handled", handled)):
+        monkeypatch.setattr(device, name, value)
+    monkeypatch.setattr(device.os, "open", lambda path, flags, *args: os.dup(ours.fileno()))
+    monkeypatch.setattr(device.ctnetns, "use_device", lambda fd: None)
+    ended = []
+    thread = threading.Thread(target=lambda: ended.append(device.serve_device("dev", "/x")),
+                              daemon=True)
+    thread.start()
+    theirs.settimeout(1)
+    theirs.sendall(_request(1, payload=b"big replace"))
+    theirs.sendall(_request(2))
+    started = time.monotonic()
+    assert _reply(theirs) == (2, 0, b"answer 2")
+    assert time.monotonic() - started < 1
+    theirs.sendall(_request(3, op=proto.Op.SHUTDOWN))
+    with pytest.raises(socket.timeout):
+        _reply(theirs)      # not before request 1 is done
+    theirs.settimeout(10)
+    slow.set()
+    assert _reply(theirs) == (1, 0, b"answer 1")
+    assert _reply(theirs) == (3, 0, b"")
+    thread.join(5)
+    assert ended == [None]

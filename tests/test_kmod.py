@@ -509,6 +509,30 @@ def test_kmod_rmmod_races_and_helper_deaths(module, sockopt):
                      re.M), race
 
 
+def test_kmod_answers_one_namespace_beside_anothers_big_replace(module):
+    """Requests are outstanding at once (an id each) and the helper answers each in its
+    thread: while one namespace's 20,001-rule replace is compiled, another namespace's
+    `iptables -L` is answered within 1 s of what it takes alone, the replace still
+    running (tools/vm/scenarios/kmod-concurrent.sh)."""
+    kver = harness.kernel_release()
+    extra = {**system_libraries(), f"/lib/modules/{kver}/extra/bpfilter.ko": str(module)}
+    script = (ROOT / "tools/vm/scenarios/kmod-concurrent.sh").read_text()
+    result = harness.run_scenario(script, extra, timeout=1800)
+    out = result.output
+    assert result.status == 0, out
+    s = sections(out)
+    print(f"guest run: {result.seconds:.1f} s")
+    alone = [int(t) for t in re.search(r"alone \(cs\): (.*)$", s["alone"], re.M)[1].split()]
+    beside = s["beside a replace"]
+    during = [int(t) for t in re.search(r"replace \(cs\): (.*)$", beside, re.M)[1].split()]
+    print(f"listing alone (cs): {alone}; beside the replace: {during}")
+    assert "a: replacing\n" in beside and "a: still replacing" in beside, beside
+    assert max(during) <= max(alone) + 100, (alone, during)
+    assert "a: restored\nrules in a: 20001" in beside, beside
+    assert "bpfilter: unloaded" in s["rmmod"]
+    assert not BAD_CONSOLE.search(result.console), result.console
+
+
 # enum xt_addrtype_t's types that IPv6 rules may test, in the scenario's order
 ADDRTYPE6 = (("UNSPEC", 1 << 0), ("UNICAST", 1 << 1), ("LOCAL", 1 << 2), ("ANYCAST", 1 << 4),
              ("MULTICAST", 1 << 5), ("UNREACHABLE", 1 << 7))

@@ -570,18 +570,43 @@ def test_editable_install_builds_the_shim(tmp_path):
     assert "Py" not in undefined
 
 
+def _header_numbers(tmp_path, *exprs: str) -> list[int]:
+    """C expressions of kmod/bpfilter_proto.h, as the compiler has them."""
+    source = tmp_path / "numbers.c"
+    source.write_text('#include <stddef.h>\n#include <stdio.h>\n#include "bpfilter_proto.h"\n'
+                      'int main(void) {\n' +
+                      "".join(f'printf("%llu\\n", (unsigned long long)({e}));\n' for e in exprs) +
+                      'return 0; }\n')
+    binary = tmp_path / "numbers"
+    subprocess.run(["gcc", "-I", os.path.join(MAIN, "kmod"), "-o", str(binary), str(source)],
+                   check=True)
+    out = subprocess.run([str(binary)], capture_output=True, text=True, check=True).stdout
+    return [int(n) for n in out.split()]
+
+
 def test_ioctl_numbers_match_the_header(tmp_path):
     """proto.py's /dev/bpfilter ioctls are the header's _IOW() values, and their
     argument has the header's layout."""
-    source = tmp_path / "ioc.c"
-    source.write_text('#include <stddef.h>\n#include <stdio.h>\n#include "bpfilter_proto.h"\n'
-                      'int main(void) { printf("%u %u %zu %zu\\n", BPFILTER_IOC_CONNTRACK_GET, '
-                      'BPFILTER_IOC_CONNTRACK_PUT, sizeof(struct bpfilter_conntrack), '
-                      'offsetof(struct bpfilter_conntrack, family)); return 0; }\n')
-    binary = tmp_path / "ioc"
-    subprocess.run(["gcc", "-I", os.path.join(MAIN, "kmod"), "-o", str(binary), str(source)],
-                   check=True)
-    numbers = subprocess.run([str(binary)], capture_output=True, text=True, check=True).stdout
+    numbers = _header_numbers(tmp_path, "BPFILTER_IOC_CONNTRACK_GET", "BPFILTER_IOC_CONNTRACK_PUT",
+                              "sizeof(struct bpfilter_conntrack)",
+                              "offsetof(struct bpfilter_conntrack, family)")
     built = proto.conntrack.build(dict(netns_fd=-1, family=0x0a0b0c0d))
-    assert numbers.split() == [str(proto.IOC_CONNTRACK_GET), str(proto.IOC_CONNTRACK_PUT),
-                               str(len(built)), str(built.index(bytes([0x0d, 0x0c, 0x0b, 0x0a])))]
+    assert numbers == [proto.IOC_CONNTRACK_GET, proto.IOC_CONNTRACK_PUT,
+                       len(built), built.index(bytes([0x0d, 0x0c, 0x0b, 0x0a]))]
+
+
+def test_request_and_reply_are_the_headers(tmp_path):
+    """proto.py's request and reply: the header's fields, at its offsets, of its sizes,
+    with its magic, version and payload limit."""
+    layouts = []
+    for c_name, struct in (("bpfilter_request", proto.request), ("bpfilter_reply", proto.reply)):
+        at = 0
+        for field in struct.subcons:
+            layouts.append((f"offsetof(struct {c_name}, {field.name})", at))
+            layouts.append((f"sizeof(((struct {c_name} *)0)->{field.name})", field.sizeof()))
+            at += field.sizeof()
+        layouts.append((f"sizeof(struct {c_name})", at))
+    layouts += [("BPFILTER_MAGIC", proto.MAGIC), ("BPFILTER_PROTO_VERSION", proto.VERSION),
+                ("BPFILTER_MAX_PAYLOAD", proto.MAX_PAYLOAD)]
+    numbers = _header_numbers(tmp_path, *(expr for expr, _ in layouts))
+    assert dict(zip((e for e, _ in layouts), numbers)) == dict(layouts)

@@ -6,6 +6,7 @@ import os
 import select
 import shutil
 import sys
+import threading
 
 from .. import ctnetns, forked, proto
 from ..klog import KernelLog
@@ -78,6 +79,24 @@ def remove_stale_extractions(ours: str | None = getattr(sys, "_MEIPASS", None)) 
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed
+# Requests answered at once, each in its thread: bpfilter.ko hands out every caller's
+# request as it comes, and one namespace's slow replace must not hold up another's
+# listing (the service locks what two requests share). Past this many, the next
+# request waits in the module, its payload not copied into our memory yet.
+WORKERS = 16
+
+
+class _Replies:
+    """Replies written whole, one after the other, from the requests' threads."""
+
+    def __init__(self, dev: int):
+        self.dev, self.lock = dev, threading.Lock()
+
+    def send(self, req, status: int, reply: bytes = b"") -> None:
+        data = memoryview(proto.build_reply(status, reply, req.id))
+        with self.lock:
+            while data:
+                data = data[os.write(self.dev, data):]
 
 
 def serve_device(device: str, bpffs: str = DEFAULT_ROOT) -> None:
@@ -97,37 +116,65 @@ def serve_device(device: str, bpffs: str = DEFAULT_ROOT) -> None:
     waiting = select.poll()
     waiting.register(dev, select.POLLIN)
     waiting.register(service.log_ring, select.POLLIN)
+    replies = _Replies(dev)
+    slots = threading.BoundedSemaphore(WORKERS)
+    workers: set[threading.Thread] = set()
+
+    def answer(req, payload: bytes, netns_fd) -> None:
+        try:
+            # bpfilter.ko prints refusals itself, with the caller's context
+            status, reply = handled(service, req, payload, netns_fd, log_refusals=False)
+        finally:
+            if netns_fd is not None:
+                os.close(netns_fd)
+            slots.release()
+        try:
+            replies.send(req, status, reply)
+        except OSError:
+            pass   # the module let go of us: the main loop finds out too
+        finally:
+            workers.discard(threading.current_thread())
+
     try:
         while True:
-            service.sweep(live_netns_inums())
+            idle = not workers
+            if idle:
+                service.sweep(live_netns_inums())
             ready = {fd for fd, _ in waiting.poll(SWEEP_INTERVAL * 1000)}
-            if not ready:
+            if not ready and idle:
                 service.when_idle()
             if service.log_ring.fileno() in ready:
                 kernel_log.drain()
             if dev not in ready:
                 continue
-            header = _next_header(dev)
-            if header is None:
-                continue
-            req = proto.request.parse(header)
-            payload = _read_exact(dev, req.len)
-            netns_fd = req.netns_fd if req.netns_fd >= 0 else None
+            slots.acquire()
             try:
-                if req.op == proto.Op.SHUTDOWN:
-                    log("bpfilter.ko is unloading: detaching every table")
-                    kernel_log.drain()
-                    service.close()
-                    for key in list(service.store.keys()):
-                        service.store.remove(key)
-                    os.write(dev, proto.build_reply(0))
-                    return
-                # bpfilter.ko prints refusals itself, with the caller's context
-                status, reply = handled(service, req, payload, netns_fd, log_refusals=False)
-            finally:
-                if netns_fd is not None:
-                    os.close(netns_fd)
-            os.write(dev, proto.build_reply(status, reply))
+                header = _next_header(dev)
+                if header is None:
+                    slots.release()
+                    continue
+                req = proto.request.parse(header)
+                payload = _read_exact(dev, req.len)
+            except BaseException:
+                slots.release()
+                raise
+            netns_fd = req.netns_fd if req.netns_fd >= 0 else None
+            if req.op == proto.Op.SHUTDOWN:
+                slots.release()
+                # what callers who gave up left running ends first
+                for worker in list(workers):
+                    worker.join()
+                log("bpfilter.ko is unloading: detaching every table")
+                kernel_log.drain()
+                service.close()
+                for key in list(service.store.keys()):
+                    service.store.remove(key)
+                replies.send(req, 0)
+                return
+            worker = threading.Thread(target=answer, args=(req, payload, netns_fd),
+                                      name=f"request {req.id}", daemon=True)
+            workers.add(worker)
+            worker.start()
     finally:
         ctnetns.use_device(None)
         forked.keep_in_children(dev)
