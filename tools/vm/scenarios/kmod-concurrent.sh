@@ -26,7 +26,7 @@ say beside a replace
 awk 'BEGIN {
 	print "*filter"; print ":INPUT ACCEPT [0:0]"; print ":FORWARD ACCEPT [0:0]"
 	print ":OUTPUT ACCEPT [0:0]"
-	for (i = 0; i < 20001; i++)
+	for (i = 0; i < 3001; i++)
 		printf "-A INPUT -s 10.%d.%d.%d/32 -j DROP\n", int(i / 65536), int(i / 256) % 256, i % 256
 	print "COMMIT" }' >/tmp/big.rules
 echo 900 >/sys/module/bpfilter/parameters/timeout
