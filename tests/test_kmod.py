@@ -511,7 +511,7 @@ def test_kmod_rmmod_races_and_helper_deaths(module, sockopt):
 
 def test_kmod_answers_one_namespace_beside_anothers_big_replace(module):
     """Requests are outstanding at once (an id each) and the helper answers each in its
-    thread: while one namespace's 3,001-rule replace is compiled, another namespace's
+    thread: while one namespace's 15,001-rule replace is compiled, another namespace's
     `iptables -L` is answered within 1 s of what it takes alone, the replace still
     running (tools/vm/scenarios/kmod-concurrent.sh)."""
     s = _module_scenario(module, "kmod-concurrent.sh", timeout=1800)
@@ -521,7 +521,7 @@ def test_kmod_answers_one_namespace_beside_anothers_big_replace(module):
     print(f"listing alone (cs): {alone}; beside the replace: {during}")
     assert "a: replacing\n" in beside and "a: still replacing" in beside, beside
     assert max(during) <= max(alone) + 100, (alone, during)
-    assert "a: restored\nrules in a: 3001" in beside, beside
+    assert "a: restored\nrules in a: 15001" in beside, beside
     assert "bpfilter: unloaded" in s["rmmod"]
 
 
