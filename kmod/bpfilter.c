@@ -6,7 +6,7 @@
  *
  * The helper is embedded in the module (bpfilter_umh_blob.S), written to
  * umh_path and started as a usermode helper; it serves requests through
- * /dev/bpfilter (protocol: bpfilter_proto.h), one at a time. A helper that dies
+ * /dev/bpfilter (protocol: bpfilter_proto.h), several at a time. A helper that dies
  * or stalls is replaced on the next request; the BPF objects it attached stay
  * pinned, and keep filtering, until its successor takes them over. Unloading
  * asks the helper to detach everything and exit.
@@ -73,18 +73,20 @@ MODULE_PARM_DESC(timeout, "seconds the helper has to start or to answer before i
 extern const char bpfilter_umh_start[], bpfilter_umh_end[];
 
 struct bpfilter_call {
-	refcount_t ref;		/* the caller's, and bpfilter.call's while outstanding */
+	refcount_t ref;		/* the caller's, and the queue's while outstanding */
+	struct list_head node;	/* in bpfilter.queue, then bpfilter.sent */
 	struct bpfilter_request req;
 	void *payload;		/* req.len bytes */
 	struct net *net;	/* the caller's, for netns_fd; NULL for SHUTDOWN */
 	struct bpfilter_reply rep;
 	void *reply;		/* rep.len bytes */
 	int err;		/* why there is no reply */
+	bool sent;		/* read whole by the helper: in bpfilter.sent */
 	bool done;
 };
 
 static struct {
-	struct mutex call_lock;		/* one call, and one spawn, at a time */
+	struct mutex spawn_lock;	/* one spawn at a time */
 	struct mutex lock;		/* everything below */
 	wait_queue_head_t helper_wq;	/* the helper waiting for a request */
 	wait_queue_head_t caller_wq;	/* callers waiting for the helper or a reply */
@@ -92,17 +94,29 @@ static struct {
 	struct pid *helper;		/* the process serving through helper_file */
 	struct file *helper_file;
 	int open_files;			/* helper_file and files of helpers we killed */
-	struct bpfilter_call *call;	/* outstanding: sent, or being sent, and unanswered */
+	/*
+	 * Outstanding calls: queued, oldest first, until the helper has read them
+	 * whole (the first may be partly read: read_pos), then sent until their
+	 * reply is in. A reply's header is gathered in rep, then names its call by
+	 * id (writing), whose payload follows.
+	 */
+	struct list_head queue;
+	struct list_head sent;
 	size_t read_pos;
+	struct bpfilter_reply rep;
+	struct bpfilter_call *writing;
 	size_t write_pos;
-	bool request_pending;		/* call is not completely read yet */
+	u32 next_id;
 	bool ready;
 	bool exiting;
+	bool closed;			/* unloading, and the helper was told: no more opens */
 } bpfilter = {
-	.call_lock = __MUTEX_INITIALIZER(bpfilter.call_lock),
+	.spawn_lock = __MUTEX_INITIALIZER(bpfilter.spawn_lock),
 	.lock = __MUTEX_INITIALIZER(bpfilter.lock),
 	.helper_wq = __WAIT_QUEUE_HEAD_INITIALIZER(bpfilter.helper_wq),
 	.caller_wq = __WAIT_QUEUE_HEAD_INITIALIZER(bpfilter.caller_wq),
+	.queue = LIST_HEAD_INIT(bpfilter.queue),
+	.sent = LIST_HEAD_INIT(bpfilter.sent),
 };
 
 static unsigned long bpfilter_timeout(void)
@@ -125,6 +139,7 @@ static struct bpfilter_call *bpfilter_call_new(u16 op, u32 family, int optname,
 		}
 	}
 	refcount_set(&call->ref, 1);
+	INIT_LIST_HEAD(&call->node);
 	call->req = (struct bpfilter_request) {
 		.magic = BPFILTER_MAGIC,
 		.version = BPFILTER_PROTO_VERSION,
@@ -154,17 +169,38 @@ static void bpfilter_call_put(struct bpfilter_call *call)
 	kfree(call);
 }
 
-/* Ends the outstanding call, answered (err 0) or not; bpfilter.lock held. */
-static void bpfilter_finish(int err)
+/* Ends an outstanding call, answered (err 0) or not; bpfilter.lock held. */
+static void bpfilter_finish(struct bpfilter_call *call, int err)
 {
-	struct bpfilter_call *call = bpfilter.call;
-
-	WRITE_ONCE(bpfilter.call, NULL);
-	WRITE_ONCE(bpfilter.request_pending, false);
+	if (call == bpfilter.writing) {
+		bpfilter.writing = NULL;
+		bpfilter.write_pos = 0;
+	}
+	if (list_first_entry_or_null(&bpfilter.queue, struct bpfilter_call, node) == call)
+		bpfilter.read_pos = 0;
+	list_del_init(&call->node);
 	call->err = err;
 	WRITE_ONCE(call->done, true);
 	wake_up_all(&bpfilter.caller_wq);
 	bpfilter_call_put(call);
+}
+
+/* Ends every outstanding call unanswered: the helper is gone. bpfilter.lock held. */
+static void bpfilter_finish_all(int err)
+{
+	struct bpfilter_call *call, *next;
+
+	list_for_each_entry_safe(call, next, &bpfilter.sent, node)
+		bpfilter_finish(call, err);
+	list_for_each_entry_safe(call, next, &bpfilter.queue, node)
+		bpfilter_finish(call, err);
+	bpfilter.write_pos = 0;
+}
+
+/* bpfilter.lock held. */
+static bool bpfilter_outstanding(void)
+{
+	return !list_empty(&bpfilter.queue) || !list_empty(&bpfilter.sent);
 }
 
 /* bpfilter.lock held. */
@@ -188,7 +224,9 @@ static void bpfilter_kill(int err)
 		kill_pid(bpfilter.helper, SIGKILL, 1);
 	/*
 	 * PyInstaller's bootloader runs the service in a child, which may not
-	 * have opened the device yet: orphaned, it would go on starting up.
+	 * have opened the device yet: orphaned, it would go on starting up. What
+	 * the bootloader unpacked stays behind (it does not clean up after a
+	 * killed child either): the next helper removes it (transport/device.py).
 	 */
 	if (bpfilter.spawned) {
 		rcu_read_lock();
@@ -198,8 +236,7 @@ static void bpfilter_kill(int err)
 		rcu_read_unlock();
 		kill_pid(bpfilter.spawned, SIGKILL, 1);
 	}
-	if (bpfilter.call)
-		bpfilter_finish(err);
+	bpfilter_finish_all(err);
 	bpfilter_forget_helper();
 }
 
@@ -351,12 +388,13 @@ static int bpfilter_umh_setup(struct subprocess_info *info, struct cred *new)
 	return 0;
 }
 
-/* bpfilter.call_lock held, bpfilter.lock not. */
+/* bpfilter.spawn_lock held, bpfilter.lock not. */
 static int bpfilter_spawn(void)
 {
-	static char *envp[] = { "HOME=/", "PATH=/sbin:/bin:/usr/sbin:/usr/bin", NULL };
 	char *argv[] = { umh_path, "serve", "--device", BPFILTER_DEVICE, NULL };
+	char *envp[] = { "HOME=/", "PATH=/sbin:/bin:/usr/sbin:/usr/bin", NULL, NULL };
 	struct subprocess_info *info;
+	char *tmpdir;
 	int err;
 
 	err = bpfilter_umh_file(false);
@@ -364,11 +402,24 @@ static int bpfilter_spawn(void)
 		pr_err("cannot write the helper to %s: error %d\n", umh_path, err);
 		return err;
 	}
+	/*
+	 * PyInstaller's bootloader unpacks the helper's libraries into TMPDIR and
+	 * maps them executable: beside the helper, where executing is allowed (it is
+	 * executed from there), not in a /tmp that may be mounted noexec.
+	 */
+	tmpdir = kasprintf(GFP_KERNEL, "TMPDIR=%.*s", (int)(kbasename(umh_path) - umh_path),
+			   umh_path);
+	if (!tmpdir)
+		return -ENOMEM;
+	envp[2] = tmpdir;
 	info = call_usermodehelper_setup(umh_path, argv, envp, GFP_KERNEL,
 					 bpfilter_umh_setup, NULL, NULL);
-	if (!info)
+	if (!info) {
+		kfree(tmpdir);
 		return -ENOMEM;
+	}
 	err = call_usermodehelper_exec(info, UMH_WAIT_EXEC);
+	kfree(tmpdir);
 	mutex_lock(&bpfilter.lock);
 	if (err) {
 		pr_err("cannot start the helper %s: error %d\n", umh_path, err);
@@ -382,12 +433,10 @@ static int bpfilter_spawn(void)
 }
 
 /*
- * Waits until a helper serves the device and has no call outstanding (one a
- * caller gave up on may still be), starting a helper if none is running.
- * bpfilter.call_lock and bpfilter.lock held; bpfilter.lock is dropped while
- * waiting.
+ * Waits until a helper serves the device, starting one if none is running.
+ * bpfilter.lock held, dropped while waiting.
  */
-static int bpfilter_wait_idle(void)
+static int bpfilter_wait_ready(void)
 {
 	unsigned long deadline = jiffies + bpfilter_timeout();
 	bool spawned = false;
@@ -395,19 +444,30 @@ static int bpfilter_wait_idle(void)
 	int err;
 
 	for (;;) {
-		if (bpfilter.helper_file && !bpfilter.call)
+		if (bpfilter.helper_file)
 			return 0;
-		if (!bpfilter.helper_file && !bpfilter_spawned_alive()) {
+		if (!bpfilter_spawned_alive()) {
 			if (spawned) {
 				pr_err("the helper exited before it opened " BPFILTER_DEVICE "\n");
 				return -EPIPE;
 			}
+			/* one spawn at a time: the others find it started */
 			mutex_unlock(&bpfilter.lock);
-			err = bpfilter_spawn();
+			if (mutex_lock_killable(&bpfilter.spawn_lock)) {
+				mutex_lock(&bpfilter.lock);
+				return -EINTR;
+			}
 			mutex_lock(&bpfilter.lock);
+			err = 0;
+			if (!bpfilter.helper_file && !bpfilter_spawned_alive()) {
+				mutex_unlock(&bpfilter.lock);
+				err = bpfilter_spawn();
+				mutex_lock(&bpfilter.lock);
+				spawned = true;
+			}
+			mutex_unlock(&bpfilter.spawn_lock);
 			if (err)
 				return err;
-			spawned = true;
 			continue;
 		}
 		if (time_after_eq(jiffies, deadline)) {
@@ -422,31 +482,31 @@ static int bpfilter_wait_idle(void)
 		mutex_unlock(&bpfilter.lock);
 		/* Polled: nothing tells us when a helper dies before it opens the device. */
 		ret = wait_event_killable_timeout(bpfilter.caller_wq,
-						  READ_ONCE(bpfilter.helper_file) &&
-						  !READ_ONCE(bpfilter.call), HZ / 10);
+						  READ_ONCE(bpfilter.helper_file), HZ / 10);
 		mutex_lock(&bpfilter.lock);
 		if (ret < 0)
 			return -EINTR;
 	}
 }
 
-/* Sends a call and waits for its reply: 0 with call->rep filled in, or -errno. */
+/*
+ * Sends a call and waits for its reply: 0 with call->rep filled in, or -errno.
+ * Calls from any number of callers are outstanding at once, each with its id;
+ * the helper answers them in any order.
+ */
 static int bpfilter_transact(struct bpfilter_call *call)
 {
+	struct bpfilter_call *first;
 	long ret;
 	int err;
 
-	if (mutex_lock_killable(&bpfilter.call_lock))
-		return -EINTR;
 	mutex_lock(&bpfilter.lock);
-	err = bpfilter_wait_idle();
+	err = bpfilter_wait_ready();
 	if (err)
 		goto out;
 	refcount_inc(&call->ref);
-	WRITE_ONCE(bpfilter.call, call);
-	bpfilter.read_pos = 0;
-	bpfilter.write_pos = 0;
-	WRITE_ONCE(bpfilter.request_pending, true);
+	call->req.id = bpfilter.next_id++;
+	list_add_tail(&call->node, &bpfilter.queue);
 	wake_up_interruptible(&bpfilter.helper_wq);
 	mutex_unlock(&bpfilter.lock);
 
@@ -454,31 +514,32 @@ static int bpfilter_transact(struct bpfilter_call *call)
 					  bpfilter_timeout());
 	mutex_lock(&bpfilter.lock);
 	if (!call->done) {
+		first = list_first_entry_or_null(&bpfilter.queue, struct bpfilter_call, node);
 		if (!ret) {
 			pr_err("the helper did not answer within %u s (op %u, optname %d): killing it\n",
 			       timeout, call->req.op, call->req.optname);
 			bpfilter_kill(-ETIMEDOUT);
-		} else if (!bpfilter.read_pos) {
-			bpfilter_finish(-EINTR);
+		} else if (!call->sent && !(call == first && bpfilter.read_pos)) {
+			bpfilter_finish(call, -EINTR);
 		}
 		/*
 		 * Otherwise the helper has begun to read it: it stays outstanding,
-		 * its reply unread, so that the stream stays in step.
+		 * its reply to be discarded, so that the stream stays in step.
 		 */
 	}
 	err = call->done ? call->err : -EINTR;
 out:
 	mutex_unlock(&bpfilter.lock);
-	mutex_unlock(&bpfilter.call_lock);
 	return err;
 }
 
 /* The helper's answer to a transacted call, its message (if any) logged. */
 static int bpfilter_status(const struct bpfilter_call *call)
 {
+	/* the caller decides how often there is one: a flood must not fill the log */
 	if (call->rep.status < 0 && call->rep.len)
-		pr_info("%.*s\n", (int)min_t(u32, call->rep.len, BPFILTER_MSG_MAX),
-			(const char *)call->reply);
+		pr_info_ratelimited("%.*s\n", (int)min_t(u32, call->rep.len, BPFILTER_MSG_MAX),
+				    (const char *)call->reply);
 	return call->rep.status;
 }
 
@@ -629,6 +690,8 @@ static struct nf_sockopt_ops bpfilter_ipv6_sockopts = {
 	.owner		= THIS_MODULE,
 };
 
+static const struct file_operations bpfilter_fops;
+
 static int bpfilter_open(struct inode *inode, struct file *file)
 {
 	struct task_struct *parent;
@@ -643,7 +706,10 @@ static int bpfilter_open(struct inode *inode, struct file *file)
 	ours = bpfilter.spawned &&
 	       (tgid == bpfilter.spawned || task_tgid(parent) == bpfilter.spawned);
 	rcu_read_unlock();
-	if (!ours) {
+	if (bpfilter.closed) {
+		/* the module is going: nothing may begin to use its code */
+		err = -ENODEV;
+	} else if (!ours) {
 		err = -EPERM;
 	} else if (bpfilter.helper_file) {
 		err = -EBUSY;
@@ -654,6 +720,8 @@ static int bpfilter_open(struct inode *inode, struct file *file)
 			bpfilter.helper = get_pid(tgid);
 			WRITE_ONCE(bpfilter.open_files, bpfilter.open_files + 1);
 			wake_up_all(&bpfilter.caller_wq);
+			/* last: a failed open puts the file's operations (see bpfilter_fops) */
+			replace_fops(file, &bpfilter_fops);
 		}
 	}
 	mutex_unlock(&bpfilter.lock);
@@ -662,12 +730,21 @@ static int bpfilter_open(struct inode *inode, struct file *file)
 
 static int bpfilter_release(struct inode *inode, struct file *file)
 {
+	/*
+	 * Put back by __fput() once this has returned (bpfilter_fops.owner): module
+	 * exit, which may go on as soon as open_files is 0, waits for it.
+	 */
+	__module_get(THIS_MODULE);
 	mutex_lock(&bpfilter.lock);
 	if (bpfilter.helper_file == file) {
-		if (bpfilter.call) {
+		if (bpfilter_outstanding()) {
+			struct bpfilter_call *call = list_first_entry_or_null(&bpfilter.sent,
+				struct bpfilter_call, node) ?: list_first_entry(&bpfilter.queue,
+				struct bpfilter_call, node);
+
 			pr_err("the helper exited without answering (op %u, optname %d)\n",
-			       bpfilter.call->req.op, bpfilter.call->req.optname);
-			bpfilter_finish(-EPIPE);
+			       call->req.op, call->req.optname);
+			bpfilter_finish_all(-EPIPE);
 		} else if (!bpfilter.exiting) {
 			pr_warn("the helper exited; the next request starts another\n");
 		}
@@ -693,8 +770,8 @@ static ssize_t bpfilter_read(struct file *file, char __user *buf, size_t count, 
 			ret = -EPIPE;
 			goto out;
 		}
-		call = bpfilter.call;
-		if (bpfilter.request_pending) {
+		call = list_first_entry_or_null(&bpfilter.queue, struct bpfilter_call, node);
+		if (call) {
 			if (bpfilter.read_pos || !call->net || call->req.netns_fd >= 0)
 				break;
 			/* Installed here: this runs in the helper, and the number is its own. */
@@ -704,18 +781,19 @@ static ssize_t bpfilter_read(struct file *file, char __user *buf, size_t count, 
 				break;
 			}
 			pr_err("cannot give the helper the caller's netns: error %d\n", fd);
-			bpfilter_finish(fd);
+			bpfilter_finish(call, fd);
+			continue;
 		}
 		mutex_unlock(&bpfilter.lock);
 		if (file->f_flags & O_NONBLOCK)
 			return -EAGAIN;
 		if (wait_event_interruptible(bpfilter.helper_wq,
-					     READ_ONCE(bpfilter.request_pending) ||
+					     !list_empty_careful(&bpfilter.queue) ||
 					     READ_ONCE(bpfilter.helper_file) != file))
 			return -ERESTARTSYS;
 		mutex_lock(&bpfilter.lock);
 	}
-	call = bpfilter.call;
+	/* one request per read at most: the helper reads each by its header's len */
 	pos = bpfilter.read_pos;
 	count = min_t(size_t, count, hdr + call->req.len - pos);
 	if (pos < hdr) {
@@ -730,8 +808,11 @@ static ssize_t bpfilter_read(struct file *file, char __user *buf, size_t count, 
 		goto out;
 	}
 	bpfilter.read_pos += count;
-	if (bpfilter.read_pos == hdr + call->req.len)
-		WRITE_ONCE(bpfilter.request_pending, false);
+	if (bpfilter.read_pos == hdr + call->req.len) {
+		bpfilter.read_pos = 0;
+		call->sent = true;
+		list_move_tail(&call->node, &bpfilter.sent);
+	}
 	ret = count;
 out:
 	mutex_unlock(&bpfilter.lock);
@@ -747,6 +828,21 @@ static int bpfilter_check_reply(const struct bpfilter_reply *rep)
 	return 0;
 }
 
+/* bpfilter.lock held. */
+static struct bpfilter_call *bpfilter_sent_call(u32 id)
+{
+	struct bpfilter_call *call;
+
+	list_for_each_entry(call, &bpfilter.sent, node)
+		if (call->req.id == id)
+			return call;
+	return NULL;
+}
+
+/*
+ * A reply: its header, whose id names a call the helper has read, then its
+ * payload, in as many writes as the helper likes; replies one after the other.
+ */
 static ssize_t bpfilter_write(struct file *file, const char __user *buf, size_t count,
 			      loff_t *ppos)
 {
@@ -756,45 +852,54 @@ static ssize_t bpfilter_write(struct file *file, const char __user *buf, size_t 
 	ssize_t ret;
 
 	mutex_lock(&bpfilter.lock);
-	call = bpfilter.call;
 	if (bpfilter.helper_file != file) {
 		ret = -EPIPE;
-		goto out;
-	}
-	if (!call || bpfilter.request_pending) {
-		pr_err("the helper wrote a reply to no request\n");
-		ret = -EPROTO;
 		goto out;
 	}
 	pos = bpfilter.write_pos;
 	if (pos < hdr) {
 		n = min_t(size_t, count, hdr - pos);
-		if (copy_from_user((u8 *)&call->rep + pos, buf, n)) {
+		if (copy_from_user((u8 *)&bpfilter.rep + pos, buf, n)) {
 			ret = -EFAULT;
 			goto out;
 		}
 		pos += n;
-		if (pos == hdr) {
-			ret = bpfilter_check_reply(&call->rep);
-			if (ret) {
-				pr_err("the helper wrote a malformed reply\n");
-				bpfilter_finish(-EIO);
+		bpfilter.write_pos = pos;
+		if (pos < hdr) {
+			ret = n;
+			goto out;
+		}
+		bpfilter.write_pos = 0;
+		ret = bpfilter_check_reply(&bpfilter.rep);
+		if (ret) {
+			pr_err("the helper wrote a malformed reply\n");
+			bpfilter_kill(-EIO);
+			goto out;
+		}
+		call = bpfilter_sent_call(bpfilter.rep.id);
+		if (!call) {
+			pr_err("the helper wrote a reply to no request (id %u)\n", bpfilter.rep.id);
+			bpfilter_kill(-EIO);
+			ret = -EPROTO;
+			goto out;
+		}
+		call->rep = bpfilter.rep;
+		if (call->rep.len) {
+			call->reply = kvmalloc(call->rep.len, GFP_KERNEL);
+			if (!call->reply) {
+				bpfilter_kill(-ENOMEM);
+				ret = -ENOMEM;
 				goto out;
 			}
-			if (call->rep.len) {
-				call->reply = kvmalloc(call->rep.len, GFP_KERNEL);
-				if (!call->reply) {
-					bpfilter_finish(-ENOMEM);
-					ret = -ENOMEM;
-					goto out;
-				}
-			}
 		}
+		bpfilter.writing = call;
+		bpfilter.write_pos = pos;
 	}
+	call = bpfilter.writing;
 	if (count > n) {
 		if (count - n > hdr + call->rep.len - pos) {
 			pr_err("the helper wrote more than its reply\n");
-			bpfilter_finish(-EIO);
+			bpfilter_kill(-EIO);
 			ret = -EPROTO;
 			goto out;
 		}
@@ -806,7 +911,7 @@ static ssize_t bpfilter_write(struct file *file, const char __user *buf, size_t 
 	}
 	bpfilter.write_pos = pos;
 	if (pos == hdr + call->rep.len)
-		bpfilter_finish(0);
+		bpfilter_finish(call, 0);
 	ret = count;
 out:
 	mutex_unlock(&bpfilter.lock);
@@ -1171,12 +1276,6 @@ static const struct btf_kfunc_id_set bpfilter_kfunc_set = {
 };
 
 /*
- * No .owner: the helper holds the device open for as long as the module is
- * loaded, and a reference from it would make the module impossible to unload.
- * Module exit waits for every file to be released instead; a release that has
- * counted itself out has nothing left to run but its return.
- */
-/*
  * Readable when a request waits: the helper sleeps in poll() between requests so
  * that it can also wake on a timer, to drop the tables of deleted namespaces.
  */
@@ -1185,11 +1284,24 @@ static __poll_t bpfilter_poll(struct file *file, poll_table *wait)
 	poll_wait(file, &bpfilter.helper_wq, wait);
 	if (READ_ONCE(bpfilter.helper_file) != file)
 		return EPOLLERR;
-	return READ_ONCE(bpfilter.request_pending) ? EPOLLIN | EPOLLRDNORM : 0;
+	return !list_empty_careful(&bpfilter.queue) ? EPOLLIN | EPOLLRDNORM : 0;
 }
 
+/*
+ * The helper holds the device open for as long as the module is loaded: a
+ * reference to the module from its open file would make the module impossible to
+ * unload, and the helper is only told to exit by module exit. So the file holds
+ * none while open; module exit refuses new opens (bpfilter.closed) and waits for
+ * every open file to be released (open_files). What may still run the module's
+ * code after that is covered by a reference: bpfilter_release() takes one, which
+ * __fput() puts back through .owner once the release has returned, and module exit
+ * waits for it too. bpfilter_open() installs these operations on success only:
+ * the ones the misc device opens with have no owner, so that a helper spawned
+ * while the module is unloading (to detach the tables) can still open it, which
+ * fops_get() would refuse.
+ */
 static const struct file_operations bpfilter_fops = {
-	.open		= bpfilter_open,
+	.owner		= THIS_MODULE,
 	.release	= bpfilter_release,
 	.read		= bpfilter_read,
 	.poll		= bpfilter_poll,
@@ -1197,10 +1309,14 @@ static const struct file_operations bpfilter_fops = {
 	.unlocked_ioctl	= bpfilter_ioctl,
 };
 
+static const struct file_operations bpfilter_open_fops = {
+	.open		= bpfilter_open,
+};
+
 static struct miscdevice bpfilter_dev = {
 	.minor	= MISC_DYNAMIC_MINOR,
 	.name	= "bpfilter",
-	.fops	= &bpfilter_fops,
+	.fops	= &bpfilter_open_fops,
 	.mode	= 0600,
 };
 
@@ -1309,6 +1425,10 @@ static void bpfilter_shutdown(void)
 	if (err)
 		pr_err("the helper did not shut down (error %d): what it attached stays pinned under /run/bpfilter/bpffs\n",
 		       err);
+	/* From here open_files only goes down. */
+	mutex_lock(&bpfilter.lock);
+	bpfilter.closed = true;
+	mutex_unlock(&bpfilter.lock);
 	if (!wait_event_timeout(bpfilter.caller_wq, !READ_ONCE(bpfilter.open_files),
 				bpfilter_timeout())) {
 		pr_err("the helper did not exit within %u s: killing it\n", timeout);
@@ -1317,10 +1437,21 @@ static void bpfilter_shutdown(void)
 		mutex_unlock(&bpfilter.lock);
 	}
 	/* The device's operations are this module's code. */
-	wait_event(bpfilter.caller_wq, !READ_ONCE(bpfilter.open_files));
 	mutex_lock(&bpfilter.lock);
+	while (bpfilter.open_files) {
+		mutex_unlock(&bpfilter.lock);
+		wait_event(bpfilter.caller_wq, !READ_ONCE(bpfilter.open_files));
+		mutex_lock(&bpfilter.lock);
+	}
 	bpfilter_forget_helper();
 	mutex_unlock(&bpfilter.lock);
+	/*
+	 * And the end of the last release: its reference is put back after it has
+	 * returned (bpfilter_fops). While unloading nothing else can take one
+	 * (try_module_get() fails), so what is left is -1, "unloading".
+	 */
+	while (module_refcount(THIS_MODULE) >= 0)
+		schedule_timeout_uninterruptible(1);
 }
 
 static int __init bpfilter_init(void)
@@ -1365,9 +1496,9 @@ static int __init bpfilter_init(void)
 	err = register_pernet_subsys(&bpfilter_net_ops);
 	if (err)
 		goto err_ct;
-	mutex_lock(&bpfilter.call_lock);
+	mutex_lock(&bpfilter.spawn_lock);
 	err = bpfilter_spawn();
-	mutex_unlock(&bpfilter.call_lock);
+	mutex_unlock(&bpfilter.spawn_lock);
 	if (err)
 		goto err_pernet;
 	WRITE_ONCE(bpfilter.ready, true);

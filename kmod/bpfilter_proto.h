@@ -4,7 +4,7 @@
  * (bpfilter.ko, or the LD_PRELOAD shim of `bpfilter exec`) and the translator
  * service. umh/bpfilter/proto.py is its construct twin; a test checks they agree.
  *
- * One request, one reply, on a stream. A request is a header followed by `len`
+ * Requests and replies on a stream. A request is a header followed by `len`
  * payload bytes: for a set, the caller's optval; for a get, the caller's optval
  * buffer as passed in (the kernel's get handlers read their input from it), whose
  * size is the caller's optlen. The caller's network namespace travels as a file
@@ -13,9 +13,12 @@
  *
  * bpfilter.ko's transport is the misc device /dev/bpfilter, which only the helper
  * the module spawned may open: read() blocks until a request is pending and returns
- * its header and payload as a stream (as many reads as the helper's buffer needs);
- * write() takes the reply the same way, and the caller's syscall returns once the
- * whole reply is in.
+ * its header and payload as a stream (as many reads as the helper's buffer needs,
+ * never more than one request in a read); write() takes replies the same way, one
+ * after the other, and the caller's syscall returns once the whole reply is in.
+ * Several requests may be outstanding, from callers in any namespace: each has an
+ * id, which its reply carries back, and the helper answers them in any order. The
+ * shim sends one request per connection (id 0).
  *
  * The reply's payload: for a get, the bytes to copy back to optval (at most
  * optlen; *optlen becomes len); for IPT_SO_SET_REPLACE, the old counters to write
@@ -30,7 +33,7 @@
 #include <linux/types.h>
 
 #define BPFILTER_MAGIC		0x62706674	/* "bpft" */
-#define BPFILTER_PROTO_VERSION	1
+#define BPFILTER_PROTO_VERSION	2
 #define BPFILTER_MAX_PAYLOAD	(512u << 20)	/* XT_MAX_TABLE_SIZE */
 
 enum bpfilter_op {
@@ -51,6 +54,8 @@ struct bpfilter_request {
 	__u32 pid;		/* the calling thread, for logs */
 	__u32 len;		/* payload bytes that follow */
 	__s32 netns_fd;		/* see above; -1 when it comes by SCM_RIGHTS */
+	__u32 id;		/* the reply's */
+	__u32 reserved;		/* 0 */
 };
 
 struct bpfilter_reply {
@@ -59,6 +64,7 @@ struct bpfilter_reply {
 	__u16 reserved;
 	__s32 status;		/* 0 or -errno */
 	__u32 len;		/* payload bytes that follow */
+	__u32 id;		/* the request's */
 };
 
 /*

@@ -355,6 +355,39 @@ def test_replies_are_bounded_by_the_caller(stub, fresh_netns):
     assert [len(r.payload) for r in s.requests] == [84, 84, 40]
 
 
+def test_a_bad_optlen_is_efault_as_in_the_kernel(stub, fresh_netns):
+    """The kernel reads and writes *optlen with get_user()/put_user(): an unmapped or
+    read-only optlen is EFAULT, never a crash of the caller; the same calls without the
+    shim are the reference."""
+    s = stub(lambda req: (0, b"A" * 20))
+    code = """
+        import mmap
+        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, 255)
+        buf = ctypes.create_string_buffer(96)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_long]
+        page = libc.mmap(None, 4096, mmap.PROT_READ | mmap.PROT_WRITE,
+                         mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        ctypes.c_uint.from_address(page).value = 84
+        libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.mprotect(page, 4096, mmap.PROT_READ)
+        libc.getsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                    ctypes.c_void_p]
+        out = {}
+        for name, optlen in (("null", None), ("unmapped", 8), ("read-only", page)):
+            rc = libc.getsockopt(s.fileno(), 0, 64, buf, optlen)
+            out[name] = [rc, ctypes.get_errno() if rc else 0]
+        print(json.dumps(out))
+    """
+    out = child(fresh_netns, s.path, code)
+    assert out["null"] == out["unmapped"] == [-1, errno.EFAULT], out
+    # answered, but the length cannot be written back: ip_getsockopt()'s put_user()
+    assert out["read-only"] == [-1, errno.EFAULT], out
+    kernel = child(fresh_netns, s.path, code, preload=False)
+    assert kernel["null"] == kernel["unmapped"] == [-1, errno.EFAULT], kernel
+
+
 def test_concurrent_calls_and_both_fopens(stub, fresh_netns):
     """Threads calling at once each get their own reply; fopen64 is answered like fopen."""
     def answer(req):
@@ -537,18 +570,43 @@ def test_editable_install_builds_the_shim(tmp_path):
     assert "Py" not in undefined
 
 
+def _header_numbers(tmp_path, *exprs: str) -> list[int]:
+    """C expressions of kmod/bpfilter_proto.h, as the compiler has them."""
+    source = tmp_path / "numbers.c"
+    source.write_text('#include <stddef.h>\n#include <stdio.h>\n#include "bpfilter_proto.h"\n'
+                      'int main(void) {\n' +
+                      "".join(f'printf("%llu\\n", (unsigned long long)({e}));\n' for e in exprs) +
+                      'return 0; }\n')
+    binary = tmp_path / "numbers"
+    subprocess.run(["gcc", "-I", os.path.join(MAIN, "kmod"), "-o", str(binary), str(source)],
+                   check=True)
+    out = subprocess.run([str(binary)], capture_output=True, text=True, check=True).stdout
+    return [int(n) for n in out.split()]
+
+
 def test_ioctl_numbers_match_the_header(tmp_path):
     """proto.py's /dev/bpfilter ioctls are the header's _IOW() values, and their
     argument has the header's layout."""
-    source = tmp_path / "ioc.c"
-    source.write_text('#include <stddef.h>\n#include <stdio.h>\n#include "bpfilter_proto.h"\n'
-                      'int main(void) { printf("%u %u %zu %zu\\n", BPFILTER_IOC_CONNTRACK_GET, '
-                      'BPFILTER_IOC_CONNTRACK_PUT, sizeof(struct bpfilter_conntrack), '
-                      'offsetof(struct bpfilter_conntrack, family)); return 0; }\n')
-    binary = tmp_path / "ioc"
-    subprocess.run(["gcc", "-I", os.path.join(MAIN, "kmod"), "-o", str(binary), str(source)],
-                   check=True)
-    numbers = subprocess.run([str(binary)], capture_output=True, text=True, check=True).stdout
+    numbers = _header_numbers(tmp_path, "BPFILTER_IOC_CONNTRACK_GET", "BPFILTER_IOC_CONNTRACK_PUT",
+                              "sizeof(struct bpfilter_conntrack)",
+                              "offsetof(struct bpfilter_conntrack, family)")
     built = proto.conntrack.build(dict(netns_fd=-1, family=0x0a0b0c0d))
-    assert numbers.split() == [str(proto.IOC_CONNTRACK_GET), str(proto.IOC_CONNTRACK_PUT),
-                               str(len(built)), str(built.index(bytes([0x0d, 0x0c, 0x0b, 0x0a])))]
+    assert numbers == [proto.IOC_CONNTRACK_GET, proto.IOC_CONNTRACK_PUT,
+                       len(built), built.index(bytes([0x0d, 0x0c, 0x0b, 0x0a]))]
+
+
+def test_request_and_reply_are_the_headers(tmp_path):
+    """proto.py's request and reply: the header's fields, at its offsets, of its sizes,
+    with its magic, version and payload limit."""
+    layouts = []
+    for c_name, struct in (("bpfilter_request", proto.request), ("bpfilter_reply", proto.reply)):
+        at = 0
+        for field in struct.subcons:
+            layouts.append((f"offsetof(struct {c_name}, {field.name})", at))
+            layouts.append((f"sizeof(((struct {c_name} *)0)->{field.name})", field.sizeof()))
+            at += field.sizeof()
+        layouts.append((f"sizeof(struct {c_name})", at))
+    layouts += [("BPFILTER_MAGIC", proto.MAGIC), ("BPFILTER_PROTO_VERSION", proto.VERSION),
+                ("BPFILTER_MAX_PAYLOAD", proto.MAX_PAYLOAD)]
+    numbers = _header_numbers(tmp_path, *(expr for expr, _ in layouts))
+    assert dict(zip((e for e, _ in layouts), numbers)) == dict(layouts)

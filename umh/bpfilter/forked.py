@@ -11,14 +11,49 @@ it: a lock another thread held at the fork stays held in the child forever. So f
 pure computation on what it is given (no lock of ours, no I/O but its pipe, no
 import); the interpreter's own locks are made anew in the child, and it leaves by
 os._exit, running nothing else (no atexit, no flush of a buffer another thread held).
+
+A child is the caller's helper and nothing more: it dies with the thread that forked it
+(PR_SET_PDEATHSIG), so that a helper killed for a timeout leaves no worker running, and
+it closes the files registered with close_in_children() (bpfilter.ko's /dev/bpfilter):
+a fork copies every descriptor, O_CLOEXEC or not, and a worker holding the device open
+would keep the module from unloading after its helper is gone.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import pickle
 import signal
 from contextlib import contextmanager
 from typing import Callable, Iterator
+
+PR_SET_PDEATHSIG = 1
+
+# descriptors a forked child closes first: the caller's, never its work's
+_not_inherited: set[int] = set()
+
+
+def close_in_children(fd: int) -> None:
+    _not_inherited.add(fd)
+
+
+def keep_in_children(fd: int) -> None:
+    """Before fd is closed: its number may be reused for a file the work needs."""
+    _not_inherited.discard(fd)
+
+
+def become_worker(parent: int) -> None:
+    """In the child, before the work: die with the parent, drop what is not ours."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0):
+        os._exit(1)
+    if os.getppid() != parent:   # the parent died before the signal was asked for
+        os._exit(1)
+    for fd in list(_not_inherited):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 class Child:
@@ -31,6 +66,7 @@ class Child:
             read, write = os.pipe()
         except OSError:
             return
+        parent = os.getpid()
         try:
             pid = os.fork()
         except OSError:
@@ -40,6 +76,7 @@ class Child:
         if pid == 0:   # the child: compute, answer, and leave without running anything else
             status = 1
             try:
+                become_worker(parent)
                 os.close(read)
                 data = pickle.dumps(fn(*args), pickle.HIGHEST_PROTOCOL)
                 with os.fdopen(write, "wb") as out:

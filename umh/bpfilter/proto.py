@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import enum
 
-from construct import Const, Int16un, Int32sn, Int32un, Int64un, Struct
+from construct import Const, Default, Int16un, Int32sn, Int32un, Int64un, Struct
 
 MAGIC = 0x62706674
-VERSION = 1
+VERSION = 2
 MAX_PAYLOAD = 512 << 20
 HEADER = "kmod/bpfilter_proto.h"
 
@@ -45,6 +45,8 @@ request = Struct(
     "pid" / Int32un,
     "len" / Int32un,
     "netns_fd" / Int32sn,
+    "id" / Default(Int32un, 0),
+    "reserved" / Default(Int32un, 0),
 )
 
 reply = Struct(
@@ -53,8 +55,10 @@ reply = Struct(
     "reserved" / Int16un,
     "status" / Int32sn,
     "len" / Int32un,
+    "id" / Default(Int32un, 0),
 )
 
 
-def build_reply(status: int, payload: bytes = b"") -> bytes:
-    return reply.build(dict(version=VERSION, reserved=0, status=status, len=len(payload))) + payload
+def build_reply(status: int, payload: bytes = b"", id: int = 0) -> bytes:
+    return reply.build(dict(version=VERSION, reserved=0, status=status, len=len(payload),
+                            id=id)) + payload

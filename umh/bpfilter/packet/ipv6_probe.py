@@ -25,6 +25,8 @@ import sys
 
 import cffi
 
+from .. import forked
+
 CLONE_NEWNET = 0x40000000
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 _TABLE = "bpfilter_probe"
@@ -75,10 +77,12 @@ def walk_bounded_by_packet() -> bool:
     nft = shutil.which("nft")
     code = 2
     if nft is not None:
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:
             code = 3
             try:
+                forked.become_worker(parent)   # not holding bpfilter.ko's device
                 code = _probe_in_child(nft)
             finally:
                 os._exit(code)

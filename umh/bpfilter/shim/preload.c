@@ -318,9 +318,24 @@ static int finish(int sock, const struct bpfilter_reply *reply, void *dst, const
 	return reply->status ? fail(-reply->status) : 0;
 }
 
+/*
+ * Copies between the caller's memory and ours through the kernel, as its
+ * get_user() and put_user() would: a bad pointer is EFAULT, not a crash.
+ */
+static bool user_copy(void *to, const void *from, size_t len, bool out)
+{
+	struct iovec local = { .iov_base = out ? (void *)from : to, .iov_len = len };
+	struct iovec remote = { .iov_base = out ? to : (void *)from, .iov_len = len };
+	ssize_t n = out ? process_vm_writev(getpid(), &local, 1, &remote, 1, 0)
+			: process_vm_readv(getpid(), &local, 1, &remote, 1, 0);
+
+	return n == (ssize_t)len;
+}
+
 EXPORT int getsockopt(int fd, int level, int optname, void *restrict optval,
 		      socklen_t *restrict optlen)
 {
+	socklen_t len;
 	int family = forwarded(fd, level, optname, true);
 	const char *path = service_path();
 	struct bpfilter_request req;
@@ -329,21 +344,23 @@ EXPORT int getsockopt(int fd, int level, int optname, void *restrict optval,
 
 	if (!family)
 		return real_getsockopt(fd, level, optname, optval, optlen);
-	if (!optlen)
+	if (!optlen || !user_copy(&len, optlen, sizeof(len), false))
 		return fail(EFAULT);
 	req = (struct bpfilter_request){
-		.op = BPFILTER_OP_GETSOCKOPT, .family = family, .optname = optname, .len = *optlen,
+		.op = BPFILTER_OP_GETSOCKOPT, .family = family, .optname = optname, .len = len,
 	};
 	sock = ask(&req, optval, &reply, path);
 	if (sock < 0)
 		return -1;
-	if (reply.status == 0 && reply.len > *optlen) {
+	if (reply.status == 0 && reply.len > len) {
 		close(sock);
 		return bad_reply(path, "more bytes than the caller's optlen");
 	}
 	if (finish(sock, &reply, optval, path) < 0)
 		return -1;
-	*optlen = reply.len;
+	len = reply.len;
+	if (!user_copy(optlen, &len, sizeof(len), true))
+		return fail(EFAULT);
 	return 0;
 }
 
