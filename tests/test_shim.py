@@ -599,9 +599,9 @@ def test_request_and_reply_are_the_headers(tmp_path):
     """proto.py's request and reply: the header's fields, at its offsets, of its sizes,
     with its magic, version and payload limit."""
     layouts = []
-    for c_name, struct in (("bpfilter_request", proto.request), ("bpfilter_reply", proto.reply)):
+    for c_name, header in (("bpfilter_request", proto.request), ("bpfilter_reply", proto.reply)):
         at = 0
-        for field in struct.subcons:
+        for field in header.subcons:
             layouts.append((f"offsetof(struct {c_name}, {field.name})", at))
             layouts.append((f"sizeof(((struct {c_name} *)0)->{field.name})", field.sizeof()))
             at += field.sizeof()
