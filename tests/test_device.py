@@ -33,7 +33,7 @@ class _Service:
         self.log_ring = _Ring()
         self.store = {}         # the pinned tables SHUTDOWN detaches: none
 
-    def sweep(self, live):
+    def sweep(self):
         pass
 
     def when_idle(self):
@@ -84,7 +84,7 @@ def loop(monkeypatch, tmp_path):
     os.mkfifo(fifo)
     for name, value in (("log_to_kernel", lambda: None), ("ensure_bpffs", lambda root: None),
                         ("Service", _Service), ("Store", lambda root: None),
-                        ("KernelLog", _Log), ("live_netns_inums", set)):
+                        ("KernelLog", _Log)):
         monkeypatch.setattr(device, name, value)
     monkeypatch.setattr(device.select, "poll", Poll)
     monkeypatch.setattr(device.os, "open", open_)
@@ -154,7 +154,7 @@ def test_requests_are_answered_each_in_its_thread_by_id(monkeypatch):
 
     for name, value in (("log_to_kernel", lambda: None), ("ensure_bpffs", lambda root: None),
                         ("Service", _Service), ("Store", lambda root: None),
-                        ("KernelLog", _Log), ("live_netns_inums", set),
+                        ("KernelLog", _Log),
                         ("handled", handled)):
         monkeypatch.setattr(device, name, value)
     monkeypatch.setattr(device.os, "open", lambda path, flags, *args: os.dup(ours.fileno()))
