@@ -83,10 +83,14 @@ def footprint(pins: str, prog_fd: int) -> dict:
         info = bpf.map_info(fd)
         maps[info["id"]] = dict(info, bytes=_map_bytes(info))
 
-    for name in sorted(os.listdir(pins)):
-        if name.startswith("link_"):
+    # the table's own pins and those of its committed generation (store.py), maps only
+    generation = os.path.join(pins, os.readlink(os.path.join(pins, "current")))
+    paths = [os.path.join(d, n) for d in (pins, generation) for n in sorted(os.listdir(d))]
+    for path in paths:
+        name = os.path.basename(path)
+        if name.startswith(("link_", "prog_")) or not os.path.isfile(path) or os.path.islink(path):
             continue
-        fd = bpf.obj_get(os.path.join(pins, name))
+        fd = bpf.obj_get(path)
         try:
             note(fd)
         finally:
