@@ -119,10 +119,12 @@ def test_kmod_end_to_end(module, nocap):
     assert "-A udp_in -p udp -m udp --dport 11 -j DROP" in s["save"]
     assert "save round trip: equal" in s["save"]
 
-    # The filtering is BPF: the dispatchers and rulesets, netfilter links, no ip_tables.
-    assert "bpf programs: 6 netfilter links: 3" in s["bpf"]
+    # The filtering is BPF: the dispatchers and rulesets, netfilter links, no ip_tables;
+    # and the service's tracing program that sees namespaces go (netnswatch.py).
+    assert "bpf programs: 7 netfilter links: 3" in s["bpf"]
+    assert "program bpfilter_nsref\n" in s["bpf"]
     # A dispatcher per hook, and the ruleset programs it tail-calls.
-    assert len(re.findall(r"^program bpfilter_\w+$", s["bpf"], re.M)) == 3, s["bpf"]
+    assert len(re.findall(r"^program bpfilter_(?!nsref$)\w+$", s["bpf"], re.M)) == 3, s["bpf"]
     for name in ("filter_INPUT", "filter_FORWARD", "filter_OUTPUT"):
         assert f"program {name}\n" in s["bpf"]
     assert "ip_tables: not loaded" in s["bpf"]
