@@ -86,9 +86,9 @@ def helper_start_times(log: str) -> list[float]:
     return times
 
 
-def test_kmod_end_to_end(module, nocap):
+def test_kmod_end_to_end(module, nocap, sockopt):
     kver = harness.kernel_release()
-    extra = {**system_libraries(), "/usr/bin/nocap": str(nocap),
+    extra = {**system_libraries(), "/usr/bin/nocap": str(nocap), "/usr/bin/sockopt": str(sockopt),
              f"/lib/modules/{kver}/extra/bpfilter.ko": str(module)}
     script = (ROOT / "tools/vm/scenarios/kmod.sh").read_text()
     result = harness.run_scenario(script, extra, timeout=300)
@@ -136,6 +136,12 @@ def test_kmod_end_to_end(module, nocap):
     # IPv6's socket options are claimed too, and the helper answers them
     # (test_kmod_ipv6_reject_addrtype_conntrack drives ip6tables through it).
     assert s["ipv6"].strip() == "Chain INPUT (policy ACCEPT)", s["ipv6"]
+
+    # A get is sent with only what the kernel reads of its buffer: a huge optlen that
+    # is not the table's is the kernel's EINVAL, not over the payload limit (ENOMEM).
+    assert s["bigget"].split("\n")[1:3] == [
+        "get 65 with optlen 629145600: Invalid argument",
+        "get 65 with optlen 39: Invalid argument"], s["bigget"]
 
     # A killed helper: the pinned rules keep filtering, the next command starts another.
     kill = s["kill"]
