@@ -125,7 +125,7 @@ static unsigned long bpfilter_timeout(void)
 }
 
 static struct bpfilter_call *bpfilter_call_new(u16 op, u32 family, int optname,
-					       struct net *net, u32 len)
+					       struct net *net, u32 len, u32 optlen)
 {
 	struct bpfilter_call *call = kzalloc(sizeof(*call), GFP_KERNEL);
 
@@ -149,6 +149,7 @@ static struct bpfilter_call *bpfilter_call_new(u16 op, u32 family, int optname,
 		.pid = task_pid_nr(current),
 		.len = len,
 		.netns_fd = -1,
+		.optlen = optlen,
 	};
 	if (net) {
 		call->net = get_net(net);
@@ -592,7 +593,7 @@ static int bpfilter_set(struct sock *sk, int optname, sockptr_t arg, unsigned in
 		return err;
 	if (len > BPFILTER_MAX_PAYLOAD)
 		return -ENOMEM;
-	call = bpfilter_call_new(BPFILTER_OP_SETSOCKOPT, family, optname, sock_net(sk), len);
+	call = bpfilter_call_new(BPFILTER_OP_SETSOCKOPT, family, optname, sock_net(sk), len, len);
 	if (!call)
 		return -ENOMEM;
 	if (copy_from_sockptr(call->payload, arg, len)) {
@@ -613,6 +614,7 @@ static int bpfilter_get(struct sock *sk, int optname, void __user *user, int *le
 			u32 family)
 {
 	struct bpfilter_call *call;
+	u32 reads;
 	int err;
 
 	err = bpfilter_may_call(sk);
@@ -620,12 +622,21 @@ static int bpfilter_get(struct sock *sk, int optname, void __user *user, int *le
 		return err;
 	if (*len < 0)
 		return -EINVAL;
-	if (*len > BPFILTER_MAX_PAYLOAD)
-		return -ENOMEM;
-	call = bpfilter_call_new(BPFILTER_OP_GETSOCKOPT, family, optname, sock_net(sk), *len);
+	/*
+	 * Only what ip_tables would copy from user: the helper checks *len as it does,
+	 * and iptables' buffer for the entries (any size the caller says) stays where
+	 * it is until the answer is written to it.
+	 */
+	BUILD_BUG_ON(IP6T_SO_GET_INFO != IPT_SO_GET_INFO ||
+		     IP6T_SO_GET_ENTRIES != IPT_SO_GET_ENTRIES);
+	BUILD_BUG_ON(sizeof(struct ip6t_getinfo) != sizeof(struct ipt_getinfo) ||
+		     sizeof(struct ip6t_get_entries) != sizeof(struct ipt_get_entries));
+	reads = bpfilter_get_reads(family, optname, *len);
+	call = bpfilter_call_new(BPFILTER_OP_GETSOCKOPT, family, optname, sock_net(sk), reads,
+				 *len);
 	if (!call)
 		return -ENOMEM;
-	if (copy_from_user(call->payload, user, *len)) {
+	if (copy_from_user(call->payload, user, reads)) {
 		err = -EFAULT;
 		goto out;
 	}
@@ -1325,7 +1336,7 @@ static int bpfilter_names_show(struct seq_file *seq, u32 family)
 	struct bpfilter_call *call;
 	int err;
 
-	call = bpfilter_call_new(BPFILTER_OP_TABLE_NAMES, family, 0, seq_file_single_net(seq), 0);
+	call = bpfilter_call_new(BPFILTER_OP_TABLE_NAMES, family, 0, seq_file_single_net(seq), 0, 0);
 	if (!call)
 		return -ENOMEM;
 	err = bpfilter_transact(call);
@@ -1415,7 +1426,7 @@ static void bpfilter_shutdown(void)
 	mutex_lock(&bpfilter.lock);
 	bpfilter.exiting = true;
 	mutex_unlock(&bpfilter.lock);
-	call = bpfilter_call_new(BPFILTER_OP_SHUTDOWN, NFPROTO_UNSPEC, 0, NULL, 0);
+	call = bpfilter_call_new(BPFILTER_OP_SHUTDOWN, NFPROTO_UNSPEC, 0, NULL, 0, 0);
 	if (call) {
 		err = bpfilter_transact(call);
 		if (!err)

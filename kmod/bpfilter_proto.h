@@ -5,11 +5,14 @@
  * service. umh/bpfilter/proto.py is its construct twin; a test checks they agree.
  *
  * Requests and replies on a stream. A request is a header followed by `len`
- * payload bytes: for a set, the caller's optval; for a get, the caller's optval
- * buffer as passed in (the kernel's get handlers read their input from it), whose
- * size is the caller's optlen. The caller's network namespace travels as a file
- * descriptor: from the shim, by SCM_RIGHTS on the unix socket (netns_fd is -1);
- * from bpfilter.ko, installed in the helper's fd table, its number in netns_fd.
+ * payload bytes: for a set, the caller's optval (`len` is its optlen); for a get,
+ * only the bytes of the caller's optval buffer the kernel's get handler would copy
+ * from user (bpfilter_get_reads(): a header, not the whole buffer iptables passes
+ * for the entries, which may be as large as a table), the caller's optlen in
+ * `optlen`, which the service checks as the kernel does. The caller's network
+ * namespace travels as a file descriptor: from the shim, by SCM_RIGHTS on the
+ * unix socket (netns_fd is -1); from bpfilter.ko, installed in the helper's fd
+ * table, its number in netns_fd.
  *
  * bpfilter.ko's transport is the misc device /dev/bpfilter, which only the helper
  * the module spawned may open: read() blocks until a request is pending and returns
@@ -31,6 +34,8 @@
 
 #include <linux/ioctl.h>
 #include <linux/types.h>
+#include <linux/netfilter_ipv4/ip_tables.h>
+#include <linux/netfilter_ipv6/ip6_tables.h>
 
 #define BPFILTER_MAGIC		0x62706674	/* "bpft" */
 #define BPFILTER_PROTO_VERSION	2
@@ -55,8 +60,31 @@ struct bpfilter_request {
 	__u32 len;		/* payload bytes that follow */
 	__s32 netns_fd;		/* see above; -1 when it comes by SCM_RIGHTS */
 	__u32 id;		/* the reply's */
-	__u32 reserved;		/* 0 */
+	__u32 optlen;		/* the caller's: len for a set, see above for a get */
 };
+
+/*
+ * The bytes of a get's optval that its request carries: what do_ipt_get_ctl() and
+ * do_ip6t_get_ctl() copy from user once optlen has passed their check (the table's
+ * name of an ipt_getinfo, the ipt_get_entries header, an xt_get_revision), and
+ * nothing when it fails or the option is unknown, their answer then EINVAL
+ * whatever optval holds. ip6t_getinfo and ip6t_get_entries are laid out as the
+ * IPv4 structs, with the same option numbers.
+ */
+static inline __u32 bpfilter_get_reads(__u32 family, __s32 optname, __u32 optlen)
+{
+	switch (optname) {
+	case IPT_SO_GET_INFO:
+		return optlen == sizeof(struct ipt_getinfo) ? XT_TABLE_MAXNAMELEN : 0;
+	case IPT_SO_GET_ENTRIES:
+		return optlen >= sizeof(struct ipt_get_entries) ? sizeof(struct ipt_get_entries) : 0;
+	}
+	if (family == NFPROTO_IPV4 ?
+	    optname == IPT_SO_GET_REVISION_MATCH || optname == IPT_SO_GET_REVISION_TARGET :
+	    optname == IP6T_SO_GET_REVISION_MATCH || optname == IP6T_SO_GET_REVISION_TARGET)
+		return optlen == sizeof(struct xt_get_revision) ? sizeof(struct xt_get_revision) : 0;
+	return 0;
+}
 
 struct bpfilter_reply {
 	__u32 magic;

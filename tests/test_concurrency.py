@@ -50,11 +50,8 @@ def timed_list(svc: Service, ns: str) -> float:
 
 def send_request(sock: socket.socket, fd: int, op: int, optname: int = 0,
                  payload: bytes = b"") -> None:
-    header = proto.request.build(dict(
-        version=proto.VERSION, op=op, family=2, optname=optname, netns_cookie=0,
-        netns_inum=0, pid=os.getpid(), len=len(payload), netns_fd=-1))
-    sock.sendmsg([header + payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                       struct.pack("i", fd))])
+    request = proto.build_request(op, 2, optname, payload, pid=os.getpid())
+    sock.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
 
 
 def read_reply(sock: socket.socket) -> tuple[int, bytes]:
@@ -202,10 +199,9 @@ def test_replaces_of_one_namespace_take_turns(nets, monkeypatch):
     service = svcmod.Service(Store(t.bpffs))
     try:
         def request(ns: str, op: int, optname: int, payload: bytes) -> tuple[int, bytes]:
-            req = proto.request.parse(proto.request.build(dict(
-                version=proto.VERSION, op=op, family=2, optname=optname, netns_cookie=0,
-                netns_inum=0, pid=os.getpid(), len=len(payload), netns_fd=-1)))
-            return svcmod.handled(service, req, payload, fds[ns])
+            request = proto.build_request(op, 2, optname, payload, pid=os.getpid())
+            req = proto.request.parse(request)
+            return svcmod.handled(service, req, request[proto.request.sizeof():], fds[ns])
 
         def replace(ns: str, blob: bytes, answers: dict) -> None:
             answers[threading.current_thread().name] = request(

@@ -86,9 +86,9 @@ def helper_start_times(log: str) -> list[float]:
     return times
 
 
-def test_kmod_end_to_end(module, nocap):
+def test_kmod_end_to_end(module, nocap, sockopt):
     kver = harness.kernel_release()
-    extra = {**system_libraries(), "/usr/bin/nocap": str(nocap),
+    extra = {**system_libraries(), "/usr/bin/nocap": str(nocap), "/usr/bin/sockopt": str(sockopt),
              f"/lib/modules/{kver}/extra/bpfilter.ko": str(module)}
     script = (ROOT / "tools/vm/scenarios/kmod.sh").read_text()
     result = harness.run_scenario(script, extra, timeout=300)
@@ -119,10 +119,12 @@ def test_kmod_end_to_end(module, nocap):
     assert "-A udp_in -p udp -m udp --dport 11 -j DROP" in s["save"]
     assert "save round trip: equal" in s["save"]
 
-    # The filtering is BPF: the dispatchers and rulesets, netfilter links, no ip_tables.
-    assert "bpf programs: 6 netfilter links: 3" in s["bpf"]
+    # The filtering is BPF: the dispatchers and rulesets, netfilter links, no ip_tables;
+    # and the service's tracing program that sees namespaces go (netnswatch.py).
+    assert "bpf programs: 7 netfilter links: 3" in s["bpf"]
+    assert "program bpfilter_nsref\n" in s["bpf"]
     # A dispatcher per hook, and the ruleset programs it tail-calls.
-    assert len(re.findall(r"^program bpfilter_\w+$", s["bpf"], re.M)) == 3, s["bpf"]
+    assert len(re.findall(r"^program bpfilter_(?!nsref$)\w+$", s["bpf"], re.M)) == 3, s["bpf"]
     for name in ("filter_INPUT", "filter_FORWARD", "filter_OUTPUT"):
         assert f"program {name}\n" in s["bpf"]
     assert "ip_tables: not loaded" in s["bpf"]
@@ -134,6 +136,12 @@ def test_kmod_end_to_end(module, nocap):
     # IPv6's socket options are claimed too, and the helper answers them
     # (test_kmod_ipv6_reject_addrtype_conntrack drives ip6tables through it).
     assert s["ipv6"].strip() == "Chain INPUT (policy ACCEPT)", s["ipv6"]
+
+    # A get is sent with only what the kernel reads of its buffer: a huge optlen that
+    # is not the table's is the kernel's EINVAL, not over the payload limit (ENOMEM).
+    assert s["bigget"].split("\n")[1:3] == [
+        "get 65 with optlen 629145600: Invalid argument",
+        "get 65 with optlen 39: Invalid argument"], s["bigget"]
 
     # A killed helper: the pinned rules keep filtering, the next command starts another.
     kill = s["kill"]

@@ -1134,10 +1134,10 @@ def test_replace_is_atomic_under_traffic(svc):
 # ---------------------------------------------------------------- 6. bad input
 
 def _header(op=proto.Op.GETSOCKOPT, optname=X.IPT_SO_GET_INFO, length=0, version=proto.VERSION,
-            family=2, magic=None) -> bytes:
+            family=2, magic=None, optlen=0) -> bytes:
     data = proto.request.build(dict(version=version, op=op, family=family, optname=optname,
                                     netns_cookie=0, netns_inum=0, pid=os.getpid(), len=length,
-                                    netns_fd=-1))
+                                    netns_fd=-1, optlen=optlen))
     return data if magic is None else struct.pack("<I", magic) + data[4:]
 
 
@@ -1306,8 +1306,11 @@ def test_bad_input_leaves_the_ruleset_filtering(svc, nets):
         ("unknown operation", _header(op=9, length=len(info)) + info, ns, EINVAL),
         ("a family iptables has not", _header(length=len(info), family=7) + info, ns,
          -errno.EAFNOSUPPORT),
-        ("GET_INFO of the wrong size", _header(length=20) + info[:20], ns, EINVAL),
-        ("unknown getsockopt", _header(optname=99, length=len(info)) + info, ns, EINVAL),
+        ("GET_INFO of the wrong size", _header(optlen=20), ns, EINVAL),
+        ("unknown getsockopt", _header(optname=99, optlen=len(info)), ns, EINVAL),
+        # a get carries only what the kernel reads of optval: the name of GET_INFO's
+        ("a get with more than its header", _header(length=len(info), optlen=len(info)) + info,
+         ns, EPROTO),
         ("SET_ADD_COUNTERS for no entries", _header(op=proto.Op.SETSOCKOPT,
                                                     optname=X.IPT_SO_SET_ADD_COUNTERS,
                                                     length=40) + bytes(40), ns, EINVAL),

@@ -19,11 +19,14 @@ import sys
 import tempfile
 import textwrap
 import threading
+import types
 
 import pytest
 
-from bpfilter import netns, proto
+from bpfilter import check, netns, proto
 from bpfilter.abi import codec, sockopt
+from bpfilter.errors import BpfilterError
+from bpfilter.model import Family
 from bpfilter_lab import namespaces
 
 MAIN = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -220,9 +223,11 @@ def test_list_fresh_table(stub, fresh_netns, fresh_filter):
         assert h["pid"] > 0 and h["pid"] != os.getpid()
         assert h["len"] == len(r.payload)
     get_info, get_entries = s.requests
-    # iptables leaves its buffers uninitialised past the table name.
-    assert len(get_info.payload) == 84 and get_info.payload[:7] == b"filter\0"
-    assert len(get_entries.payload) == 40 + size         # struct ipt_get_entries + entrytable
+    # Of iptables' buffers, what the kernel reads: GET_INFO's table name (iptables
+    # leaves the rest uninitialised), GET_ENTRIES' header, not the room for the entries.
+    assert (len(get_info.payload), get_info.header["optlen"]) == (32, 84)
+    assert get_info.payload[:7] == b"filter\0"
+    assert (len(get_entries.payload), get_entries.header["optlen"]) == (40, 40 + size)
     assert get_entries.payload[:7] == b"filter\0"
     assert struct.unpack_from("=I", get_entries.payload, 32)[0] == size
 
@@ -299,8 +304,8 @@ def test_revisions_and_errors_map_to_errno(stub, fresh_netns, fresh_filter):
     done = shimmed(fresh_netns, s.path, "ip6tables-legacy", "-S")
     assert done.returncode != 0 and os.strerror(errno.EHOSTDOWN) in done.stderr
     first = s.requests[0]
-    assert (first.header["family"], first.header["optname"], first.header["len"]) == \
-           (NFPROTO_IPV6, IPT_SO_GET_INFO, 84)
+    assert (first.header["family"], first.header["optname"], first.header["len"],
+            first.header["optlen"]) == (NFPROTO_IPV6, IPT_SO_GET_INFO, 32, 84)
 
 
 def test_counters_land_at_the_callers_pointer(stub, fresh_netns, fresh_filter):
@@ -352,7 +357,9 @@ def test_replies_are_bounded_by_the_caller(stub, fresh_netns):
     assert out["short"] == [0, 0, 20, (b"A" * 20 + b"x" * 76).hex()]
     assert out["over"] == [-1, errno.EPROTO, 84, (b"y" * 96).hex()]
     assert out["add"] == [-1, errno.EPROTO]
-    assert [len(r.payload) for r in s.requests] == [84, 84, 40]
+    # GET_INFO carries the table's name, what the kernel reads; a set its whole optval
+    assert [(len(r.payload), r.header["optlen"]) for r in s.requests] == [(32, 84), (32, 84),
+                                                                          (40, 40)]
 
 
 def test_a_bad_optlen_is_efault_as_in_the_kernel(stub, fresh_netns):
@@ -388,6 +395,42 @@ def test_a_bad_optlen_is_efault_as_in_the_kernel(stub, fresh_netns):
     assert kernel["null"] == kernel["unmapped"] == [-1, errno.EFAULT], kernel
 
 
+def test_a_get_carries_only_what_the_kernel_reads(stub, fresh_netns):
+    """iptables passes a buffer as large as the table for GET_ENTRIES, and a caller may
+    pass any size: the kernel reads only the ipt_get_entries header and answers an
+    optlen that is not the header plus its size EINVAL. So does the shim with the
+    service's answer (service.get_answer, here through `bpfilter check`'s responder),
+    and the service is sent the header, not the buffer."""
+    responder = check._Responder(Family.IPV4)
+
+    def answer(req):
+        try:
+            return responder.handle(types.SimpleNamespace(**req.header), req.payload, None)
+        except BpfilterError as err:
+            return -err.errno, str(err).encode()
+
+    s = stub(answer)
+    code = """
+        import mmap
+        huge = 64 << 20
+        # mapped, not touched: a shim that sent the whole buffer could
+        buf = mmap.mmap(-1, huge, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        head = ctypes.c_char.from_buffer(buf)
+        ctypes.memmove(ctypes.addressof(head), b"filter", 6)
+        at = ctypes.c_void_p(ctypes.addressof(head))
+        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, 255)
+        out = dict(huge=get(s.fileno(), 0, 65, at, huge), short=get(s.fileno(), 0, 65, at, 39))
+        print(json.dumps(out))
+    """
+    out = child(fresh_netns, s.path, code)
+    kernel = child(fresh_netns, s.path, code, preload=False)
+    assert out == kernel == dict(huge=[-1, errno.EINVAL, 64 << 20], short=[-1, errno.EINVAL, 39])
+    assert [(r.header["optname"], r.header["optlen"], r.header["len"], len(r.payload))
+            for r in s.requests] == [(IPT_SO_GET_ENTRIES, 64 << 20, 40, 40),
+                                     (IPT_SO_GET_ENTRIES, 39, 0, 0)]
+    assert s.requests[0].payload == b"filter" + bytes(34)
+
+
 def test_concurrent_calls_and_both_fopens(stub, fresh_netns):
     """Threads calling at once each get their own reply; fopen64 is answered like fopen."""
     def answer(req):
@@ -402,9 +445,10 @@ def test_concurrent_calls_and_both_fopens(stub, fresh_netns):
         def worker(n):
             sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, 255)
             for i in range(25):
-                mine = f"{n}:{i}".encode().ljust(84, b".")
+                # the name, what a GET_INFO carries, comes back reversed
+                mine = f"{n}:{i}".encode().ljust(32, b".")
                 buf = ctypes.create_string_buffer(mine, 84)
-                if get(sock.fileno(), 0, 64, buf, 84) != (0, 0, 84) or buf.raw != mine[::-1]:
+                if get(sock.fileno(), 0, 64, buf, 84) != (0, 0, 32) or buf.raw[:32] != mine[::-1]:
                     bad.append((n, i))
         threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
         for t in threads: t.start()
@@ -610,3 +654,15 @@ def test_request_and_reply_are_the_headers(tmp_path):
                 ("BPFILTER_MAX_PAYLOAD", proto.MAX_PAYLOAD)]
     numbers = _header_numbers(tmp_path, *(expr for expr, _ in layouts))
     assert dict(zip((e for e, _ in layouts), numbers)) == dict(layouts)
+
+
+def test_get_reads_is_the_headers(tmp_path):
+    """What a get's request carries of optval: proto.get_reads (the service's check)
+    is bpfilter_get_reads (bpfilter.ko's and the shim's), for every option of both
+    families and the lengths around each struct's."""
+    cases = [(family, optname, optlen) for family in (NFPROTO_IPV4, NFPROTO_IPV6)
+             for optname in range(62, 72)
+             for optlen in (0, 1, 29, 30, 31, 32, 39, 40, 41, 83, 84, 85, 1 << 20, 2**32 - 1)]
+    numbers = _header_numbers(tmp_path, *(f"bpfilter_get_reads({f}, {n}, {l}u)" for f, n, l in cases))
+    assert dict(zip(cases, numbers)) == {c: proto.get_reads(*c) for c in cases}
+    assert proto.get_reads(NFPROTO_IPV6, 68, 30) == proto.get_reads(NFPROTO_IPV4, 66, 30) == 30

@@ -78,9 +78,7 @@ def decoder() -> "dict[str, bytes]":
 
 
 def request(op, family: Family, optname: int = 0, payload: bytes = b"") -> bytes:
-    return proto.request.build(dict(version=proto.VERSION, op=op, family=family, optname=optname,
-                                    netns_cookie=0, netns_inum=0, pid=1, len=len(payload),
-                                    netns_fd=-1)) + payload
+    return proto.build_request(op, family, optname, payload, pid=1)
 
 
 # the initial filter table: its three policies and the final ERROR entry

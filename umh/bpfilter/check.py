@@ -62,21 +62,18 @@ class _Responder:
         return self.tables[name]
 
     def handle(self, req, payload: bytes, netns_fd: Optional[int]) -> tuple[int, bytes]:
-        from .service import revision_answer   # the service's own answer
+        from .service import get_answer   # the service's own answer
         if req.op == proto.Op.GETSOCKOPT:
-            if req.optname == X.IPT_SO_GET_INFO:
-                name = X.cstr(payload[:X.XT_TABLE_MAXNAMELEN - 1])
-                return 0, codec.getinfo_bytes(self.table(name))
-            if req.optname == X.IPT_SO_GET_ENTRIES:
-                header = codec.parse_get_entries(payload)
-                raw = self.table(header["name"])
-                zeros = bytes(X.SIZEOF_XT_COUNTERS * len(raw.entries))
-                return 0, (payload[:X.SIZEOF_IPT_GET_ENTRIES]
-                           + codec.with_counters(raw, codec.kernel_entries(raw), zeros))
-            return revision_answer(self.abi, req.optname, payload)
+            return get_answer(self.abi, req.optname, req.optlen, payload,
+                              lambda name: codec.getinfo_bytes(self.table(name)), self._entries)
         if req.op == proto.Op.SETSOCKOPT and req.optname == X.IPT_SO_SET_REPLACE:
             return self._replace(payload)
         return 0, b""   # ADD_COUNTERS: nothing to count into
+
+    def _entries(self, name: str, size: int) -> bytes:
+        raw = self.table(name)
+        zeros = bytes(X.SIZEOF_XT_COUNTERS * len(raw.entries))
+        return codec.with_counters(raw, codec.kernel_entries(raw), zeros)
 
     def _replace(self, blob: bytes) -> tuple[int, bytes]:
         raw = codec.parse_replace(blob, optlen=len(blob), family=self.family)

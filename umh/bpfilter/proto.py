@@ -6,6 +6,9 @@ import enum
 
 from construct import Const, Default, Int16un, Int32sn, Int32un, Int64un, Struct
 
+from .abi import families
+from .abi import xtables as X
+
 MAGIC = 0x62706674
 VERSION = 2
 MAX_PAYLOAD = 512 << 20
@@ -46,8 +49,33 @@ request = Struct(
     "len" / Int32un,
     "netns_fd" / Int32sn,
     "id" / Default(Int32un, 0),
-    "reserved" / Default(Int32un, 0),
+    "optlen" / Default(Int32un, 0),
 )
+
+
+def get_reads(family: int, optname: int, optlen: int) -> int:
+    """bpfilter_get_reads(): how many bytes of a get's optval its request carries,
+    those the kernel's handler copies from user once optlen has passed its check."""
+    if optname == X.IPT_SO_GET_INFO:
+        return X.XT_TABLE_MAXNAMELEN if optlen == X.SIZEOF_IPT_GETINFO else 0
+    if optname == X.IPT_SO_GET_ENTRIES:
+        return X.SIZEOF_IPT_GET_ENTRIES if optlen >= X.SIZEOF_IPT_GET_ENTRIES else 0
+    abi = families.of(family)
+    if optname in (abi.so_get_revision_match, abi.so_get_revision_target):
+        size = X.xt_get_revision.sizeof()
+        return size if optlen == size else 0
+    return 0
+
+
+def build_request(op: int, family: int, optname: int = 0, optval: bytes = b"", **header) -> bytes:
+    """A request and its payload, as bpfilter.ko and the shim send them for a caller
+    that passes optval (its optlen bytes): a get carries only what the kernel reads
+    of it. header: the other fields (netns_inum, pid, netns_fd, id...)."""
+    payload = optval[:get_reads(family, optname, len(optval))] if op == Op.GETSOCKOPT else optval
+    fields = dict(netns_cookie=0, netns_inum=0, pid=0, netns_fd=-1, version=VERSION)
+    fields.update(header)
+    return request.build(dict(fields, op=op, family=family, optname=optname, len=len(payload),
+                              optlen=len(optval))) + payload
 
 reply = Struct(
     "magic" / Const(MAGIC, Int32un),

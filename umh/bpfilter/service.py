@@ -24,7 +24,7 @@ import time
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from . import ctnetns, netns, netnswatch, proto
 from .abi import codec, families
@@ -362,7 +362,7 @@ class Service:
             raise BpfilterError(errno.EINVAL, f"unknown operation {req.op}")
         with self.locked(inum, cookie):
             if req.op == proto.Op.GETSOCKOPT:
-                return where.get(req.optname, payload)
+                return where.get(req.optname, req.optlen, payload)
             return where.set(req.optname, payload)
 
 
@@ -371,11 +371,35 @@ def _name(raw: bytes) -> str:
     return X.cstr(raw[:-1])
 
 
-def revision_answer(abi: X.EntryFamily, optname: int, payload: bytes) -> tuple[int, bytes]:
+def get_answer(abi: X.EntryFamily, optname: int, optlen: int, payload: bytes,
+               info: Callable[[str], bytes],
+               entries: Callable[[str, int], bytes]) -> tuple[int, bytes]:
+    """A getsockopt as do_ipt_get_ctl() (do_ip6t_get_ctl()) answers it, with the
+    caller's optlen checked as it checks it and payload the bytes of optval it
+    reads (proto.get_reads); info(name) is the table's ipt_getinfo, entries(name,
+    size) its entries for a caller that expects size bytes of them."""
+    reads = proto.get_reads(abi.family, optname, optlen)
+    if len(payload) != reads:
+        raise BpfilterError(errno.EPROTO, f"getsockopt {optname} with optlen {optlen} carries "
+                                          f"{len(payload)} bytes of optval, not {reads}")
+    if optname == X.IPT_SO_GET_INFO:
+        if optlen != X.SIZEOF_IPT_GETINFO:
+            raise BpfilterError(errno.EINVAL, f"IPT_SO_GET_INFO with length {optlen}")
+        return 0, info(_name(payload))
+    if optname == X.IPT_SO_GET_ENTRIES:
+        header = codec.parse_get_entries_header(payload, optlen)
+        return 0, payload + entries(header["name"], header["size"])
+    if optname in (abi.so_get_revision_match, abi.so_get_revision_target):
+        return _revision_answer(abi, optname, optlen, payload)
+    raise BpfilterError(errno.EINVAL, f"unknown getsockopt {optname}")
+
+
+def _revision_answer(abi: X.EntryFamily, optname: int, optlen: int,
+                     payload: bytes) -> tuple[int, bytes]:
     """GET_REVISION_MATCH / _TARGET: whether bpfilter has that revision of the
     extension in the family, as xt_find_revision() answers for the kernel's."""
-    if len(payload) != X.xt_get_revision.sizeof():
-        raise BpfilterError(errno.EINVAL, f"GET_REVISION with length {len(payload)}")
+    if optlen != X.xt_get_revision.sizeof():
+        raise BpfilterError(errno.EINVAL, f"GET_REVISION with length {optlen}")
     name, revision = _name(payload[:X.XT_EXTENSION_MAXNAMELEN]), payload[-1]
     known = (known_match_revisions if optname == abi.so_get_revision_match
              else known_target_revisions)(name, abi.family)
@@ -518,24 +542,16 @@ class _Caller:
 
     # -- getsockopt -----------------------------------------------------------
 
-    def get(self, optname: int, payload: bytes) -> tuple[int, bytes]:
-        if optname == X.IPT_SO_GET_INFO:
-            if len(payload) != X.SIZEOF_IPT_GETINFO:
-                raise BpfilterError(errno.EINVAL, f"IPT_SO_GET_INFO with length {len(payload)}")
-            return 0, codec.getinfo_bytes(self.table(_name(payload[:X.XT_TABLE_MAXNAMELEN])).raw)
-        if optname == X.IPT_SO_GET_ENTRIES:
-            header = codec.parse_get_entries(payload)
-            state = self.table(header["name"])
-            if header["size"] != state.raw.size:
-                raise BpfilterError(errno.EAGAIN, f"IPT_SO_GET_ENTRIES: size {header['size']} "
-                                                  f"but the table has {state.raw.size}")
-            return 0, payload[:X.SIZEOF_IPT_GET_ENTRIES] + state.entries()
-        if optname in (self.abi.so_get_revision_match, self.abi.so_get_revision_target):
-            return self._revision(optname, payload)
-        raise BpfilterError(errno.EINVAL, f"unknown getsockopt {optname}")
+    def get(self, optname: int, optlen: int, payload: bytes) -> tuple[int, bytes]:
+        return get_answer(self.abi, optname, optlen, payload,
+                          lambda name: codec.getinfo_bytes(self.table(name).raw), self._entries)
 
-    def _revision(self, optname: int, payload: bytes) -> tuple[int, bytes]:
-        return revision_answer(self.abi, optname, payload)
+    def _entries(self, name: str, size: int) -> bytes:
+        state = self.table(name)
+        if size != state.raw.size:
+            raise BpfilterError(errno.EAGAIN, f"IPT_SO_GET_ENTRIES: size {size} "
+                                              f"but the table has {state.raw.size}")
+        return state.entries()
 
     # -- setsockopt -----------------------------------------------------------
 

@@ -95,19 +95,17 @@ BACKENDS: dict[str, Callable[[], object]] = {"kernel": KernelBackend,
 def service_request(socket_path: str, netns_path: str, op: int, optname: int = 0,
                     payload: bytes = b"", family: int = Family.IPV4) -> tuple[int, bytes]:
     """One request to a running `bpfilter serve` (kmod/bpfilter_proto.h), made as
-    the preload shim makes it: the namespace `netns_path` names rides along by
-    SCM_RIGHTS. Returns (status, reply payload)."""
+    the preload shim makes it for a caller passing payload as optval: the namespace
+    `netns_path` names rides along by SCM_RIGHTS. Returns (status, reply payload)."""
     from bpfilter import proto
 
     ns_fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        header = proto.request.build(dict(
-            version=proto.VERSION, op=op, family=family, optname=optname, netns_cookie=0,
-            netns_inum=os.fstat(ns_fd).st_ino, pid=os.getpid(), len=len(payload), netns_fd=-1))
+        request = proto.build_request(op, family, optname, payload,
+                                      netns_inum=os.fstat(ns_fd).st_ino, pid=os.getpid())
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(30)
             s.connect(socket_path)
-            request = header + payload
             sent = s.sendmsg([request],
                              [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", ns_fd))])
             if sent < len(request):   # a large table's GET_ENTRIES outgrows the socket buffer

@@ -1,7 +1,7 @@
 # bpfilter.ko end to end (tests/test_kmod.py): installed where modprobe finds it, the
 # unmodified iptables-legacy drives it, packets between two namespaces are filtered by
-# its BPF programs. Needs the module in /lib/modules/$(uname -r)/extra, nocap (nocap.c)
-# and the shared libraries a Debian system has (the frozen helper is dynamically linked).
+# its BPF programs. Needs the module in /lib/modules/$(uname -r)/extra, nocap (nocap.c),
+# sockopt (sockopt.c) and the shared libraries a Debian system has (the frozen helper is dynamically linked).
 . /etc/bpfilter-vm/lib.sh
 # traffic PORT...: 3 datagrams to each port of rcv, then what arrived where.
 traffic() {
@@ -83,6 +83,13 @@ echo "rules after: $(ip netns exec rcv iptables-legacy -S | grep -c '^-A')"
 
 say ipv6
 ip6tables-legacy -L -n 2>&1 | head -1 || true
+
+say bigget
+# IPT_SO_GET_ENTRIES (65) with a 600 MB optlen, not the filter table's header plus
+# size: ip_tables reads the header and answers EINVAL; so does bpfilter.ko, which
+# copies the header alone (the whole buffer would be over its 512 MB payload limit)
+ip netns exec rcv sockopt get 65 629145600 filter
+ip netns exec rcv sockopt get 65 39 filter
 
 say kill
 pid=$(helper_pid)

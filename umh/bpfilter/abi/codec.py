@@ -688,15 +688,22 @@ def get_entries_request(name: str, size: int) -> bytes:
     return ipt_get_entries.build(dict(name=name_field(name, XT_TABLE_MAXNAMELEN), size=size)) + bytes(size)
 
 
+def parse_get_entries_header(header: bytes, optlen: int) -> dict:
+    """The ipt_get_entries header of a buffer of optlen bytes, as the kernel's
+    get_entries() checks it, which reads nothing else of the buffer: optlen must be
+    exactly the header plus size."""
+    if optlen < SIZEOF_IPT_GET_ENTRIES:
+        raise invalid(f"ipt_get_entries is at least {SIZEOF_IPT_GET_ENTRIES} bytes, got {optlen}")
+    g = ipt_get_entries.parse(header[:SIZEOF_IPT_GET_ENTRIES])
+    if optlen != SIZEOF_IPT_GET_ENTRIES + g.size:
+        raise invalid(f"ipt_get_entries announces {g.size} bytes of entries but carries {optlen - SIZEOF_IPT_GET_ENTRIES}")
+    return dict(name=cstr(g.name[: XT_TABLE_MAXNAMELEN - 1]), size=g.size)
+
+
 def parse_get_entries(data: bytes) -> dict:
-    """An ipt_get_entries as the kernel's get_entries() checks it: the option
-    length must be exactly the header plus size."""
-    if len(data) < SIZEOF_IPT_GET_ENTRIES:
-        raise invalid(f"ipt_get_entries is at least {SIZEOF_IPT_GET_ENTRIES} bytes, got {len(data)}")
-    g = ipt_get_entries.parse(data[:SIZEOF_IPT_GET_ENTRIES])
-    if len(data) != SIZEOF_IPT_GET_ENTRIES + g.size:
-        raise invalid(f"ipt_get_entries announces {g.size} bytes of entries but carries {len(data) - SIZEOF_IPT_GET_ENTRIES}")
-    return dict(name=cstr(g.name[: XT_TABLE_MAXNAMELEN - 1]), size=g.size, entries=data[SIZEOF_IPT_GET_ENTRIES:])
+    """A whole ipt_get_entries (the kernel's answer), checked as get_entries() checks
+    its argument."""
+    return dict(parse_get_entries_header(data, len(data)), entries=data[SIZEOF_IPT_GET_ENTRIES:])
 
 
 def build_counters_info(name: str, counters: "list[tuple[int, int]]") -> bytes:

@@ -346,8 +346,10 @@ EXPORT int getsockopt(int fd, int level, int optname, void *restrict optval,
 		return real_getsockopt(fd, level, optname, optval, optlen);
 	if (!optlen || !user_copy(&len, optlen, sizeof(len), false))
 		return fail(EFAULT);
+	/* Only what the kernel would read: iptables' buffer for the entries may be large. */
 	req = (struct bpfilter_request){
-		.op = BPFILTER_OP_GETSOCKOPT, .family = family, .optname = optname, .len = len,
+		.op = BPFILTER_OP_GETSOCKOPT, .family = family, .optname = optname,
+		.len = bpfilter_get_reads(family, optname, len), .optlen = len,
 	};
 	sock = ask(&req, optval, &reply, path);
 	if (sock < 0)
@@ -411,6 +413,7 @@ EXPORT int setsockopt(int fd, int level, int optname, const void *optval, sockle
 	}
 	req = (struct bpfilter_request){
 		.op = BPFILTER_OP_SETSOCKOPT, .family = family, .optname = optname, .len = optlen,
+		.optlen = optlen,
 	};
 	sock = ask(&req, optval, &reply, path);
 	if (sock < 0)
