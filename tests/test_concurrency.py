@@ -13,7 +13,6 @@ import re
 import socket
 import struct
 import subprocess
-import tempfile
 import threading
 import time
 
