@@ -184,7 +184,8 @@ attach() {
 detach() {
 	rm -r /tmp/bpf/hook
 	tries=0
-	until [ -z "$(bpftool link show)" ]; do
+	# netfilter links only: the helper keeps its own iterator link (netnswatch)
+	until [ -z "$(bpftool link show | grep -E '^[0-9]+: (type 10|netfilter) ')" ]; do
 		tries=$((tries + 1)); [ $tries -lt 50 ] || { echo "a link stays"; return 1; }
 		sleep 0.1
 	done
