@@ -32,7 +32,7 @@ from bpfilter.netns import entered
 from bpfilter.packet import facts
 from bpfilter.packet.primitives import MISMATCH, RuleOutcome
 from bpfilter_lab.scratch import replace_blob
-from bpfilter.service import revision_answer
+from bpfilter.service import get_answer
 from bpfilter.abi import ipv6
 
 pytestmark = pytest.mark.kernel
@@ -191,7 +191,7 @@ def revision(kind: str, name: str, rev: int) -> int:
     optname = (ipv6.IP6T_SO_GET_REVISION_MATCH if kind == "match"
                else ipv6.IP6T_SO_GET_REVISION_TARGET)
     payload = xt_get_revision.build(dict(name=name.encode().ljust(29, b"\0"), revision=rev))
-    return revision_answer(ipv6.IPV6, optname, payload)[0]
+    return get_answer(ipv6.IPV6, optname, len(payload), payload, info=None, entries=None)[0]
 
 
 def test_get_revision_answers_for_ipv6():

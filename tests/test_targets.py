@@ -26,7 +26,7 @@ from bpfilter.bpf import syscall as bpf
 from bpfilter.errors import BpfilterError
 from bpfilter.loader import load_filter_table
 from bpfilter.model import Family, Hook
-from bpfilter.service import revision_answer
+from bpfilter.service import get_answer
 from bpfilter.abi import ipv4
 from bpfilter.abi import xtables as X
 from bpfilter.netns import entered
@@ -142,7 +142,7 @@ def test_log_uid_is_refused(family):
 def revision(kind: str, name: str, rev: int) -> int:
     optname = ipv4.IPT_SO_GET_REVISION_MATCH if kind == "match" else ipv4.IPT_SO_GET_REVISION_TARGET
     payload = X.xt_get_revision.build(dict(name=name.encode().ljust(29, b"\0"), revision=rev))
-    return revision_answer(ipv4.IPV4, optname, payload)[0]
+    return get_answer(ipv4.IPV4, optname, len(payload), payload, info=None, entries=None)[0]
 
 
 def test_get_revision_target_answers_from_the_registry():
