@@ -75,7 +75,7 @@ def _enter_host_namespaces() -> None:
            for ns, nstype in (("net", netns.CLONE_NEWNET), ("mnt", netns.CLONE_NEWNS))}
     try:
         for nstype, fd in fds.items():
-            netns.enter_for_good(f"/proc/self/fd/{fd}", nstype)
+            netns.enter_for_good(fd, nstype)
     except OSError as err:   # a container may forbid it: serve where we are
         log(f"cannot move to the host's namespaces (those of pid {owner}): {err}; "
             f"the service keeps those it was started in")

@@ -51,13 +51,9 @@ def entered(path_or_name: str):
         os.close(original)
 
 
-def enter_for_good(path: str, nstype: int) -> None:
-    """Move the calling thread into the namespace at path (of kind nstype) and stay."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        _setns(fd, path, nstype)
-    finally:
-        os.close(fd)
+def enter_for_good(fd: int, nstype: int) -> None:
+    """Move the calling thread into the namespace fd names (of kind nstype) and stay."""
+    _setns(fd, f"fd {fd}", nstype)
 
 
 def ident(path: "str | None" = None) -> int:

@@ -79,6 +79,8 @@ def remove_stale_extractions(ours: str | None = getattr(sys, "_MEIPASS", None)) 
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed
+
+
 # Requests answered at once, each in its thread: bpfilter.ko hands out every caller's
 # request as it comes, and one namespace's slow replace must not hold up another's
 # listing (the service locks what two requests share). Past this many, the next

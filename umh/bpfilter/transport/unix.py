@@ -228,7 +228,7 @@ class _Connections:
 
 def _housekeeping(service: Service, stop: threading.Event) -> None:
     """The sweep and the idle work, beside the requests rather than between them:
-    a walk of /proc delays no one's answer."""
+    neither delays anyone's answer."""
     while not stop.wait(SWEEP_INTERVAL):
         try:
             service.sweep()
