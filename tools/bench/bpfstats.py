@@ -16,6 +16,7 @@ from bpfilter.bpf.asm import Assembler
 from bpfilter.errors import BpfilterError
 from bpfilter.model import Family
 from bpfilter.netfilter import NF_ACCEPT, NF_INET_LOCAL_IN
+from bpfilter.store import CURRENT
 from bpfilter_lab.packets import Packet
 
 from netlab import PAYLOAD
@@ -84,7 +85,7 @@ def footprint(pins: str, prog_fd: int) -> dict:
         maps[info["id"]] = dict(info, bytes=_map_bytes(info))
 
     # the table's own pins and those of its committed generation (store.py), maps only
-    generation = os.path.join(pins, os.readlink(os.path.join(pins, "current")))
+    generation = os.path.join(pins, os.readlink(os.path.join(pins, CURRENT)))
     paths = [os.path.join(d, n) for d in (pins, generation) for n in sorted(os.listdir(d))]
     for path in paths:
         name = os.path.basename(path)
