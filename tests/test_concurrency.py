@@ -432,6 +432,30 @@ def test_the_kernels_own_table_is_named_as_what_is_in_the_way(svc, nets):
     assert inum_of(ns) not in svc.pinned()
 
 
+def test_the_kernels_own_table_made_after_ours_is_told_while_it_filters(svc, nets):
+    """The other way round: bpfilter's table first, then plain iptables-legacy makes
+    the kernel's beside it (netfilter lets it in) and fills it. Both tables then
+    decide every packet: bpfilter answers no request for its table while the
+    kernel's can decide otherwise than ACCEPT, says why and what to do, and answers
+    again once the kernel's is as the kernel made it."""
+    (ns,) = nets(1)
+    svc.ok(ns, "iptables-legacy", "-A", "INPUT", "-s", "192.0.2.1", "-j", "DROP")
+    svc.kok(ns, "iptables-legacy", "-L", "-n")   # the kernel's, empty: harmless
+    assert "filter" in svc.kok(ns, "cat", "/proc/net/ip_tables_names").split()
+    assert "-A INPUT -s 192.0.2.1/32 -j DROP" in svc.ok(ns, "iptables-legacy", "-S")
+    svc.kok(ns, "iptables-legacy", "-A", "OUTPUT", "-p", "udp", "-j", "DROP")
+    done = svc.exec(ns, "iptables-legacy", "-S")
+    assert done.returncode != 0
+    assert "the kernel's own iptables table 'filter' was made in this network namespace " \
+        "after bpfilter's" in done.stderr and "iptables-legacy -t filter -F" in done.stderr, \
+        done.stderr
+    svc.kok(ns, "iptables-legacy", "-F")
+    svc.kok(ns, "iptables-legacy", "-P", "FORWARD", "DROP")
+    assert svc.exec(ns, "iptables-legacy", "-S").returncode != 0   # a policy decides too
+    svc.kok(ns, "iptables-legacy", "-P", "FORWARD", "ACCEPT")
+    assert "-A INPUT -s 192.0.2.1/32 -j DROP" in svc.ok(ns, "iptables-legacy", "-S")
+
+
 def test_an_nftables_chain_at_the_tables_priority_is_named(svc, nets):
     """An nftables base chain at priority filter (0) at one of filter's hooks: the
     same refusal by netfilter, told as what it is."""

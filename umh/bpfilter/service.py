@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
-from . import ctnetns, netns, netnswatch, proto
+from . import ctnetns, kerneltables, netns, netnswatch, proto
 from .abi import codec, families
 from .abi import xtables as X
 from .decode import table_from_blob
@@ -443,17 +443,30 @@ class _Caller:
             raise BpfilterError(errno.EIO, f"{self.abi.command} table '{name}' of this namespace: "
                                            f"{state.broken}; it filters as it did, and "
                                            f"`bpfilter flush` detaches every table")
+        if kerneltables.filters(self.netns_path, self.family, name):
+            raise BpfilterError(errno.EBUSY, self._beside_ours(name))
         return state
+
+    @property
+    def netns_path(self) -> str:
+        return f"/proc/self/fd/{self.netns_fd}"
+
+    def _beside_ours(self, name: str) -> str:
+        cmd = self.abi.command
+        return (f"the kernel's own {cmd} table '{name}' was made in this network namespace "
+                f"after bpfilter's ({cmd}-legacy was run here without bpfilter) and holds "
+                f"rules or a policy other than ACCEPT: both tables decide every packet, and "
+                f"bpfilter answers for its own only once the kernel's is back as the kernel "
+                f"made it. Run without bpfilter: `{cmd}-legacy -t {name} -F; {cmd}-legacy "
+                f"-t {name} -X` and set every policy to ACCEPT (the kernel keeps the empty "
+                f"table until the namespace goes, or `rmmod {kerneltables.holder(self.family, name)}`)")
 
     def _priority_taken(self, name: str) -> str:
         """Why netfilter refused our hook, and what to do: nf_hook_entries_grow()
         admits no BPF hook at a priority another hook of that hook point has (the
         other way round it lets the kernel's own hook in beside ours)."""
-        with netns.entered(f"/proc/self/fd/{self.netns_fd}"):
-            # thread-self: /proc/net is the thread group leader's namespace
-            with open(f"/proc/thread-self/net/{self.abi.names_file}") as names:
-                kernels = name in names.read().split()
-        module = f"{'ip6' if self.family == Family.IPV6 else 'ip'}table_{name}"
+        kernels = kerneltables.exists(self.netns_path, self.family, name)
+        module = kerneltables.holder(self.family, name)
         if kernels:
             return (f"the kernel's own {self.abi.command} table '{name}' exists in this network "
                     f"namespace ({self.abi.command} was run here without bpfilter) and holds "
@@ -482,7 +495,7 @@ class _Caller:
         service, store = self.service, self.service.store
         ruleset = load_ruleset(table, service.environment(), previous and previous.ruleset)
         slots = previous.slots if previous else {}
-        netns_path = f"/proc/self/fd/{self.netns_fd}"
+        netns_path = self.netns_path
         had_conntrack = previous is not None and previous.ruleset.uses_conntrack
         needs_conntrack = ruleset.uses_conntrack
         held = False   # a hold that failed has nothing to give back
