@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from bpfilter import proto
+from bpfilter import memory, proto
 from bpfilter.transport import device
 
 
@@ -29,9 +29,13 @@ class _Ring:
 class _Service:
     closed = False
 
-    def __init__(self, store):
+    def __init__(self, store, beside_ip_tables=True):
         self.log_ring = _Ring()
         self.store = {}         # the pinned tables SHUTDOWN detaches: none
+        self.budget = memory.Budget()
+
+    def reserve(self, req, caller_pid):
+        return self.budget.reserve(0, None)
 
     def sweep(self):
         pass
@@ -147,9 +151,10 @@ def test_requests_are_answered_each_in_its_thread_by_id(monkeypatch):
     ours, theirs = socket.socketpair()
     slow = threading.Event()
 
-    def handled(service, req, payload, netns_fd, log_refusals=True):
+    def handled(service, req, payload, netns_fd, log_refusals=True, reservation=None):
         if req.id == 1:
             slow.wait(10)
+        reservation.release()
         return 0, f"answer {req.id}".encode()
 
     for name, value in (("log_to_kernel", lambda: None), ("ensure_bpffs", lambda root: None),

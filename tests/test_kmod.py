@@ -143,6 +143,13 @@ def test_kmod_end_to_end(module, nocap, sockopt):
         "get 65 with optlen 629145600: Invalid argument",
         "get 65 with optlen 39: Invalid argument"], s["bigget"]
 
+    # A replace that would pass the caller's memory cgroup's limit in the helper.
+    memcg = s["memcg"]
+    assert "rules after: 5\nsmall restore: ok\nrules after: 100" in memcg, memcg
+    assert re.search(r"bpfilter needs \d+ MiB more to translate this request, which the "
+                     r"caller's memory cgroup /small has not left under its limit", s["log"]), \
+        s["log"]
+
     # A killed helper: the pinned rules keep filtering, the next command starts another.
     kill = s["kill"]
     assert "helper killed\ntraffic: 9:0 10:3 11:0\niptables after the kill: ok" in kill

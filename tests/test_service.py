@@ -1426,7 +1426,7 @@ except PermissionError:
         assert theirs == kernel.stderr.splitlines(), (argv, ours.stderr, kernel.stderr)
     assert svc.ok(ns, "iptables-legacy", "-S") == rules
     assert_filters(ns)
-    assert "refused, the caller lacks CAP_NET_ADMIN" in svc.log_text()
+    assert "refused: permission denied: iptables needs CAP_NET_ADMIN" in svc.log_text()
 
 
 # ---------------------------------------------------------------- 8. per namespace

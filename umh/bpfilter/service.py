@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
-from . import ctnetns, kerneltables, netns, netnswatch, proto
+from . import ctnetns, kerneltables, memory, netns, netnswatch, proto
 from .abi import codec, families
 from .abi import xtables as X
 from .decode import table_from_blob
@@ -157,8 +157,12 @@ class Service:
     (ctnetns). Requests of other namespaces go on meanwhile: a long compile holds
     the interpreter only a few milliseconds at a time, and bpf() lets go of it."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, beside_ip_tables: bool = True):
+        """beside_ip_tables: whether the kernel's own ip_tables may serve the same
+        namespaces (socket mode); not with bpfilter.ko, which holds its socket
+        options and its names files (whose reading the module asks us to answer)."""
         self.store = store
+        self.beside_ip_tables = beside_ip_tables
         self.tables: dict[TableKey, TableState] = {}
         self.log_ring = LogRing.pinned(store.root)
         self._netns_refs = netnswatch.open_watch(log)
@@ -169,6 +173,7 @@ class Service:
         self._netns_locks: dict[tuple[int, int], list] = {}
         self._guard = threading.Lock()
         self._in_flight = 0   # requests being handled, under _guard
+        self.budget = memory.Budget()
         self._recover()
 
     # -- lifetime -------------------------------------------------------------
@@ -311,6 +316,16 @@ class Service:
 
     # -- requests -------------------------------------------------------------
 
+    def reserve(self, req, caller_pid: int) -> memory.Reservation:
+        """The memory req makes the service spend, reserved for it before its payload
+        is read, in the machine and, for a replace, the memory cgroup of the caller
+        (who has that pid in our pid namespace); or BpfilterError(ENOMEM), as the
+        kernel's charge to the caller's cgroup would fail."""
+        replace = req.op == proto.Op.SETSOCKOPT and req.optname == X.IPT_SO_SET_REPLACE
+        # the kernel charges its caller's cgroup for a table, not for reading one
+        cgroup = self.budget.caller_cgroup(caller_pid) if replace else None
+        return self.budget.reserve(memory.needed(replace, req.len), cgroup)
+
     def handle(self, req, payload: bytes, netns_fd: Optional[int]) -> tuple[int, bytes]:
         self._last_request = time.monotonic()
         with self._paused_collector():
@@ -443,7 +458,8 @@ class _Caller:
             raise BpfilterError(errno.EIO, f"{self.abi.command} table '{name}' of this namespace: "
                                            f"{state.broken}; it filters as it did, and "
                                            f"`bpfilter flush` detaches every table")
-        if kerneltables.filters(self.netns_path, self.family, name):
+        if self.service.beside_ip_tables and \
+                kerneltables.filters(self.netns_path, self.family, name):
             raise BpfilterError(errno.EBUSY, self._beside_ours(name))
         return state
 
@@ -465,7 +481,8 @@ class _Caller:
         """Why netfilter refused our hook, and what to do: nf_hook_entries_grow()
         admits no BPF hook at a priority another hook of that hook point has (the
         other way round it lets the kernel's own hook in beside ours)."""
-        kernels = kerneltables.exists(self.netns_path, self.family, name)
+        kernels = self.service.beside_ip_tables and \
+            kerneltables.exists(self.netns_path, self.family, name)
         module = kerneltables.holder(self.family, name)
         if kernels:
             return (f"the kernel's own {self.abi.command} table '{name}' exists in this network "
@@ -599,7 +616,7 @@ class _Caller:
         state.kernel_entries = entries
         old = self._retire(previous, state)
         log(f"netns {self.inum}: {self.abi.command} table {raw.name} replaced in {time.monotonic() - started:.3f} s: "
-            f"{raw.num_entries} entries, " + ", ".join(f"{r.hook.chain_name} {r.insn_count} insns"
+            f"{raw.num_entries} entries, {len(blob)} bytes, " + ", ".join(f"{r.hook.chain_name} {r.insn_count} insns"
                                                        for r in state.ruleset.hooks.values()))
         return 0, old
 
@@ -626,12 +643,14 @@ class _Caller:
         return old[0]
 
 
-def handled(service: Service, req, payload: bytes, netns_fd,
-             log_refusals: bool = True) -> tuple[int, bytes]:
-    """Never raises: every failure becomes an errno and a message for the caller."""
+def handled(service: Service, req, payload: bytes, netns_fd, log_refusals: bool = True,
+            reservation: Optional[memory.Reservation] = None) -> tuple[int, bytes]:
+    """Never raises: every failure becomes an errno and a message for the caller.
+    What was reserved for the request (Service.reserve) is given back at the end."""
     what = f"pid {req.pid} op {req.op} optname {req.optname}"
     try:
-        return service.handle(req, payload, netns_fd)
+        with memory.spending(reservation):
+            return service.handle(req, payload, netns_fd)
     except BpfilterError as err:
         if log_refusals:
             log(f"{what}: {err}")

@@ -91,6 +91,27 @@ say bigget
 ip netns exec rcv sockopt get 65 629145600 filter
 ip netns exec rcv sockopt get 65 39 filter
 
+say memcg
+# A replace bpfilter would spend more memory on than the caller's memory cgroup has
+# left under its limit: refused as the kernel's charge to that cgroup fails (ENOMEM),
+# the rules in force unchanged; a small one from the same cgroup is taken.
+mkdir -p /sys/fs/cgroup && mount -t cgroup2 cgroup2 /sys/fs/cgroup
+echo +memory >/sys/fs/cgroup/cgroup.subtree_control
+mkdir /sys/fs/cgroup/small
+echo $((64 << 20)) >/sys/fs/cgroup/small/memory.max
+sources() {
+	printf '*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n'
+	seq 0 $(($1 - 1)) | awk '{ printf "-A INPUT -s 10.%d.%d.%d/32 -j DROP\n", $1 / 65536 % 256, $1 / 256 % 256, $1 % 256 }'
+	echo COMMIT
+}
+in_small() { sh -c 'echo $$ >/sys/fs/cgroup/small/cgroup.procs && exec "$@"' sh "$@"; }
+ip netns exec rcv iptables-legacy-save >/tmp/before-memcg
+sources 20000 | in_small ip netns exec rcv iptables-legacy-restore 2>&1 | tail -1 || true
+echo "rules after: $(ip netns exec rcv iptables-legacy -S | grep -c '^-A')"
+sources 100 | in_small ip netns exec rcv iptables-legacy-restore && echo "small restore: ok"
+echo "rules after: $(ip netns exec rcv iptables-legacy -S | grep -c '^-A')"
+ip netns exec rcv iptables-legacy-restore </tmp/before-memcg
+
 say kill
 pid=$(helper_pid)
 kill -9 "$pid"

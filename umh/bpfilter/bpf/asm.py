@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Union
 
+from .. import memory
 from . import insn as I
 from .insn import Insn, Kfunc, Label, MapRef, Slot
 
@@ -48,6 +49,7 @@ class Assembler:
         # whether one is a callback (its loading then needs them declared in BTF)
         self.functions: list[tuple[int, str]] = []
         self.has_callbacks = False
+        self._reserved_for = 0   # instructions the request's memory reservation covers
 
     def label(self, name: str) -> Label:
         self._counter += 1
@@ -82,6 +84,11 @@ class Assembler:
                 self.items.append(item)
             else:
                 self.items.extend(item)
+        while len(self.items) > self._reserved_for:
+            # a program's instructions are what a request spends most on: reserved
+            # as they come (ENOMEM past the caller's limit), not once all are there
+            memory.spend_insns(memory.INSNS_PER_SPEND)
+            self._reserved_for += memory.INSNS_PER_SPEND
 
     def __len__(self) -> int:
         return len(self.items)

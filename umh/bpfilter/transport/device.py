@@ -9,6 +9,7 @@ import sys
 import threading
 
 from .. import ctnetns, forked, proto
+from ..errors import BpfilterError
 from ..klog import KernelLog
 from ..paths import DEFAULT_ROOT
 from ..service import (SWEEP_INTERVAL, Service, handled, log,
@@ -30,6 +31,12 @@ def _read_exact(fd: int, size: int) -> bytes:
             raise EOFError("the device closed")
         data += chunk
     return bytes(data)
+
+
+def _discard(fd: int, size: int) -> None:
+    """The payload of a request refused before it was read, let go of a piece at a time."""
+    while size:
+        size -= len(_read_exact(fd, min(size, 1 << 16)))
 
 
 def _next_header(fd: int) -> bytes | None:
@@ -109,7 +116,7 @@ def serve_device(device: str, bpffs: str = DEFAULT_ROOT) -> None:
     for path in remove_stale_extractions():
         log(f"removed {path}, unpacked by a helper that was killed")
     ensure_bpffs(bpffs)
-    service = Service(Store(bpffs))
+    service = Service(Store(bpffs), beside_ip_tables=False)
     dev = os.open(device, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     forked.close_in_children(dev)
     ctnetns.use_device(dev)   # conntrack is switched on by the module, no nft needed
@@ -122,10 +129,11 @@ def serve_device(device: str, bpffs: str = DEFAULT_ROOT) -> None:
     slots = threading.BoundedSemaphore(WORKERS)
     workers: set[threading.Thread] = set()
 
-    def answer(req, payload: bytes, netns_fd) -> None:
+    def answer(req, payload: bytes, netns_fd, reservation) -> None:
         try:
             # bpfilter.ko prints refusals itself, with the caller's context
-            status, reply = handled(service, req, payload, netns_fd, log_refusals=False)
+            status, reply = handled(service, req, payload, netns_fd, log_refusals=False,
+                                    reservation=reservation)
         finally:
             if netns_fd is not None:
                 os.close(netns_fd)
@@ -156,12 +164,26 @@ def serve_device(device: str, bpffs: str = DEFAULT_ROOT) -> None:
                     slots.release()
                     continue
                 req = proto.request.parse(header)
-                payload = _read_exact(dev, req.len)
+                try:
+                    reservation = service.reserve(req, req.pid)
+                except BpfilterError as err:   # bpfilter.ko prints it, as other refusals
+                    if req.netns_fd >= 0:
+                        os.close(req.netns_fd)
+                    _discard(dev, req.len)
+                    replies.send(req, -err.errno, str(err).encode())
+                    slots.release()
+                    continue
+                try:
+                    payload = _read_exact(dev, req.len)
+                except BaseException:
+                    reservation.release()
+                    raise
             except BaseException:
                 slots.release()
                 raise
             netns_fd = req.netns_fd if req.netns_fd >= 0 else None
             if req.op == proto.Op.SHUTDOWN:
+                reservation.release()
                 slots.release()
                 # what callers who gave up left running ends first
                 for worker in list(workers):
@@ -173,7 +195,7 @@ def serve_device(device: str, bpffs: str = DEFAULT_ROOT) -> None:
                     service.store.remove(key)
                 replies.send(req, 0)
                 return
-            worker = threading.Thread(target=answer, args=(req, payload, netns_fd),
+            worker = threading.Thread(target=answer, args=(req, payload, netns_fd, reservation),
                                       name=f"request {req.id}", daemon=True)
             workers.add(worker)
             worker.start()

@@ -84,17 +84,15 @@ def peer(sock: socket.socket) -> Optional[Peer]:
         return None
 
 
-def peer_may_administer(sock: socket.socket) -> bool:
+def peer_may_administer(who: Optional[Peer]) -> bool:
     """The kernel demands CAP_NET_ADMIN for iptables' socket options; the peer must
     hold it (effective) in the service's user namespace."""
-    who = peer(sock)
     return who is not None and who.same_userns and bool(who.caps & (1 << CAP_NET_ADMIN))
 
 
-def peer_may_list(sock: socket.socket) -> bool:
+def peer_may_list(who: Optional[Peer]) -> bool:
     """The kernel's /proc/net/ip_tables_names is root's, mode 0440: readable by its
     owner (fsuid 0) or whoever may override read permissions, CAP_NET_ADMIN or not."""
-    who = peer(sock)
     dac = (1 << CAP_DAC_OVERRIDE) | (1 << CAP_DAC_READ_SEARCH)
     return who is not None and who.same_userns and (who.fsuid == 0 or bool(who.caps & dac))
 
@@ -145,31 +143,53 @@ def serve_connection(service: Service, conn: socket.socket) -> None:
         if req.len > proto.MAX_PAYLOAD:
             conn.sendall(proto.build_reply(-errno.EINVAL, b"payload too large"))
             return
+        # as the kernel: the caller's capability, then its memory, then its bytes
+        who = peer(conn)
+        try:
+            _check_peer(req, who)
+            reservation = service.reserve(req, who.pid)
+        except BpfilterError as err:
+            log(f"pid {who.pid if who else req.pid}: refused: {err}")
+            _discard(conn, req.len, deadline)
+            conn.sendall(proto.build_reply(-err.errno, str(err).encode()))
+            return
         try:
             payload = _recv_exact(conn, req.len, fds, deadline)
-        except (BpfilterError, OSError) as err:
-            log(f"dropped a client: {err}")
+        except (BpfilterError, OSError, _Probe) as err:
+            reservation.release()
+            log(f"dropped a client: {err or 'it hung up'}")
             return
-        status, reply = _answer(service, conn, req, payload, fds[0] if fds else None)
+        status, reply = handled(service, req, payload, fds[0] if fds else None,
+                                reservation=reservation)
         # the reply too: a client that does not read it holds its thread no longer
         conn.settimeout(CLIENT_TIMEOUT)
         conn.sendall(proto.build_reply(status, reply))
-    except OSError as err:
+    except (BpfilterError, OSError) as err:
         log(f"client went away: {err}")
     finally:
         for fd in fds:
             os.close(fd)
 
 
-def _answer(service: Service, conn, req, payload: bytes, netns_fd) -> tuple[int, bytes]:
+def _check_peer(req, who: Optional[Peer]) -> None:
     if req.op == proto.Op.TABLE_NAMES:
-        if not peer_may_list(conn):
-            log(f"pid {req.pid}: refused the table names, the caller is not root")
-            return -errno.EACCES, b"permission denied: the table names are root's to read"
-    elif not peer_may_administer(conn):
-        log(f"pid {req.pid}: refused, the caller lacks CAP_NET_ADMIN")
-        return -errno.EPERM, b"permission denied: iptables needs CAP_NET_ADMIN"
-    return handled(service, req, payload, netns_fd)
+        if not peer_may_list(who):
+            raise BpfilterError(errno.EACCES, "permission denied: the table names are root's "
+                                              "to read")
+    elif not peer_may_administer(who):
+        raise BpfilterError(errno.EPERM, "permission denied: iptables needs CAP_NET_ADMIN")
+
+
+def _discard(sock: socket.socket, size: int, deadline: float) -> None:
+    """The payload of a request refused before it was read, read and let go of a
+    piece at a time: the client reads our answer once it has sent it all."""
+    fds: list[int] = []
+    try:
+        while size:
+            size -= len(_recv_exact(sock, min(size, 1 << 16), fds, deadline))
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 class _Connections:
