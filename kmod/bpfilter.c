@@ -56,6 +56,7 @@
 #include <net/route.h>
 #include <net/sock.h>
 
+#include "bpfilter_nat.h"
 #include "bpfilter_proto.h"
 
 #define BPFILTER_DEVICE		"/dev/bpfilter"
@@ -948,10 +949,14 @@ static long bpfilter_ioctl(struct file *file, unsigned int cmd, unsigned long ar
 	long err = 0;
 	int i;
 
-	if (cmd != BPFILTER_IOC_CONNTRACK_GET && cmd != BPFILTER_IOC_CONNTRACK_PUT)
+	if (cmd != BPFILTER_IOC_CONNTRACK_GET && cmd != BPFILTER_IOC_CONNTRACK_PUT &&
+	    cmd != BPFILTER_IOC_NAT_ATTACH && cmd != BPFILTER_IOC_NAT_DETACH &&
+	    cmd != BPFILTER_IOC_NAT_QUERY)
 		return -ENOTTY;
 	if (READ_ONCE(bpfilter.helper_file) != file)
 		return -EPERM;
+	if (cmd != BPFILTER_IOC_CONNTRACK_GET && cmd != BPFILTER_IOC_CONNTRACK_PUT)
+		return bpfilter_nat_ioctl(cmd, arg);
 	if (copy_from_user(&ct, (const void __user *)arg, sizeof(ct)))
 		return -EFAULT;
 	for (i = 0; i < ARRAY_SIZE(bpfilter_ct_families); i++)
@@ -1279,6 +1284,8 @@ BTF_KFUNCS_START(bpfilter_kfunc_ids)
 BTF_ID_FLAGS(func, bpfilter_reject, KF_TRUSTED_ARGS)
 BTF_ID_FLAGS(func, bpfilter_addr_type, KF_TRUSTED_ARGS)
 BTF_ID_FLAGS(func, bpfilter_addr_type6, KF_TRUSTED_ARGS)
+BTF_ID_FLAGS(func, bpfilter_nat, KF_TRUSTED_ARGS)		/* nat.c */
+BTF_ID_FLAGS(func, bpfilter_set_mark, KF_TRUSTED_ARGS)		/* nat.c */
 BTF_KFUNCS_END(bpfilter_kfunc_ids)
 
 static const struct btf_kfunc_id_set bpfilter_kfunc_set = {
@@ -1480,12 +1487,17 @@ static int __init bpfilter_init(void)
 	 */
 	err = register_btf_kfunc_id_set(BPF_PROG_TYPE_NETFILTER, &bpfilter_kfunc_set);
 	if (err) {
-		pr_err("cannot register the kfuncs of REJECT and addrtype (error %d)\n", err);
+		pr_err("cannot register the kfuncs of REJECT, addrtype, the nat targets and MARK (error %d)\n", err);
+		return err;
+	}
+	err = bpfilter_nat_init();
+	if (err) {
+		pr_err("cannot set up the nat table's lookups and kfuncs (error %d)\n", err);
 		return err;
 	}
 	err = register_module_notifier(&bpfilter_module_nb);
 	if (err)
-		return err;
+		goto err_nat;
 	err = nf_register_sockopt(&bpfilter_ipv4_sockopts);
 	if (err) {
 		pr_err("cannot take iptables' socket options (error %d)%s\n", err,
@@ -1527,6 +1539,8 @@ err_ipv4:
 	nf_unregister_sockopt(&bpfilter_ipv4_sockopts);
 err_notifier:
 	unregister_module_notifier(&bpfilter_module_nb);
+err_nat:
+	bpfilter_nat_exit();
 	return err;
 }
 
@@ -1540,6 +1554,7 @@ static void __exit bpfilter_exit(void)
 	bpfilter_shutdown();
 	misc_deregister(&bpfilter_dev);
 	/* After the shutdown: the tables reading conntrack are gone by now. */
+	bpfilter_nat_exit();
 	unregister_pernet_subsys(&bpfilter_ct_net_ops);
 	err = bpfilter_umh_file(true);
 	if (err && err != -ENOENT)

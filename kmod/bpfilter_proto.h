@@ -113,4 +113,39 @@ struct bpfilter_conntrack {
 #define BPFILTER_IOC_CONNTRACK_GET	_IOW('b', 1, struct bpfilter_conntrack)
 #define BPFILTER_IOC_CONNTRACK_PUT	_IOW('b', 2, struct bpfilter_conntrack)
 
+/*
+ * The nat table's chains run where iptable_nat's do: as lookups of the kernel's NAT
+ * core (nf_nat_ipv4_register_fn()), which calls them for the first packet of a
+ * connection only. NAT_ATTACH registers prog_fd (a BPF_PROG_TYPE_NETFILTER program,
+ * expected attach type BPF_NETFILTER) as the lookup of the namespace of netns_fd for
+ * that family and hook, at that priority, or puts it in place of the one registered
+ * there (priority then unchanged). NAT_DETACH unregisters the lookup of the
+ * namespace whose cookie is netns_cookie, family and hook; NAT_QUERY only tells
+ * whether there is one; both ENOENT if there is none. A lookup holds no reference on
+ * its namespace, as iptable_nat's does not: it goes with the namespace (or the
+ * module), and outlives the helper.
+ */
+struct bpfilter_nat_attach {
+	__s32 netns_fd;		/* NAT_ATTACH: a file descriptor of the network namespace */
+	__u32 family;		/* NFPROTO_IPV4 (2) or NFPROTO_IPV6 (10) */
+	__u32 hook;		/* NF_INET_PRE_ROUTING, _LOCAL_IN, _LOCAL_OUT or _POST_ROUTING */
+	__s32 priority;		/* NAT_ATTACH: NF_IP_PRI_NAT_DST or NF_IP_PRI_NAT_SRC */
+	__s32 prog_fd;		/* NAT_ATTACH */
+	__u32 pad;		/* 0 */
+	__u64 netns_cookie;	/* NAT_DETACH, NAT_QUERY: the namespace's SO_NETNS_COOKIE */
+};
+
+#define BPFILTER_IOC_NAT_ATTACH		_IOW('b', 3, struct bpfilter_nat_attach)
+#define BPFILTER_IOC_NAT_DETACH		_IOW('b', 4, struct bpfilter_nat_attach)
+#define BPFILTER_IOC_NAT_QUERY		_IOW('b', 5, struct bpfilter_nat_attach)
+
+/* bpfilter_nat()'s `how`: the target whose work it does. */
+enum bpfilter_nat_how {
+	BPFILTER_NAT_SNAT,
+	BPFILTER_NAT_DNAT,
+	BPFILTER_NAT_MASQUERADE,
+	BPFILTER_NAT_REDIRECT,
+	BPFILTER_NAT_NETMAP,
+};
+
 #endif /* _BPFILTER_PROTO_H */

@@ -92,7 +92,7 @@ def loop(monkeypatch, tmp_path):
         monkeypatch.setattr(device, name, value)
     monkeypatch.setattr(device.select, "poll", Poll)
     monkeypatch.setattr(device.os, "open", open_)
-    monkeypatch.setattr(device.ctnetns, "use_device", lambda fd: None)
+    monkeypatch.setattr(device.kmodule, "use_device", lambda fd: None)
     return fifo, polls
 
 
@@ -163,7 +163,7 @@ def test_requests_are_answered_each_in_its_thread_by_id(monkeypatch):
                         ("handled", handled)):
         monkeypatch.setattr(device, name, value)
     monkeypatch.setattr(device.os, "open", lambda path, flags, *args: os.dup(ours.fileno()))
-    monkeypatch.setattr(device.ctnetns, "use_device", lambda fd: None)
+    monkeypatch.setattr(device.kmodule, "use_device", lambda fd: None)
     ended = []
     thread = threading.Thread(target=lambda: ended.append(device.serve_device("dev", "/x")),
                               daemon=True)

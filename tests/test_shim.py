@@ -637,6 +637,17 @@ def test_ioctl_numbers_match_the_header(tmp_path):
     built = proto.conntrack.build(dict(netns_fd=-1, family=0x0a0b0c0d))
     assert numbers == [proto.IOC_CONNTRACK_GET, proto.IOC_CONNTRACK_PUT,
                        len(built), built.index(bytes([0x0d, 0x0c, 0x0b, 0x0a]))]
+    fields = [f.name for f in proto.nat_attach.subcons]
+    numbers = _header_numbers(tmp_path, "BPFILTER_IOC_NAT_ATTACH", "BPFILTER_IOC_NAT_DETACH",
+                              "BPFILTER_IOC_NAT_QUERY",
+                              "sizeof(struct bpfilter_nat_attach)",
+                              *(f"offsetof(struct bpfilter_nat_attach, {f})" for f in fields),
+                              *(f"BPFILTER_NAT_{how.name}" for how in proto.NatHow))
+    offsets = [proto.nat_attach.subcons[i].sizeof() for i in range(len(fields))]
+    assert numbers == [proto.IOC_NAT_ATTACH, proto.IOC_NAT_DETACH, proto.IOC_NAT_QUERY,
+                       proto.nat_attach.sizeof(),
+                       *(sum(offsets[:i]) for i in range(len(fields))),
+                       *(how.value for how in proto.NatHow)]
 
 
 def test_request_and_reply_are_the_headers(tmp_path):

@@ -8,9 +8,11 @@
  *
  *   udp send ADDR PORT COUNT   COUNT one-byte datagrams to ADDR:PORT
  *   udp recv PORT SECONDS      print how many datagrams arrived on PORT in SECONDS
- *   udp serve PORT SECONDS     for SECONDS, echo UDP datagrams and accept TCP
+ *   udp serve PORT SECONDS [peers]
+ *                              for SECONDS, echo UDP datagrams and accept TCP
  *                              connections on PORT (so that only a firewall can
- *                              refuse them)
+ *                              refuse them); with "peers", a line for each, with the
+ *                              address and port it came from (what NAT made of it)
  *   udp ask ADDR PORT [SIZE [FROM]]
  *                              one datagram (SIZE bytes, default 1) from a connect()ed
  *                              socket (bound to the local address FROM), then what
@@ -46,7 +48,7 @@ static char buf[MAX_DATAGRAM];
 static int usage(void)
 {
 	fprintf(stderr, "usage: udp send ADDR PORT COUNT | udp recv PORT SECONDS | "
-		"udp serve PORT SECONDS | udp ask ADDR PORT [SIZE [FROM]] | udp connect ADDR PORT | "
+		"udp serve PORT SECONDS [peers] | udp ask ADDR PORT [SIZE [FROM]] | udp connect ADDR PORT | "
 		"udp solicit ADDR HOPS\n");
 	return 2;
 }
@@ -168,7 +170,26 @@ static int do_recv(int port, int seconds)
 	return 0;
 }
 
-static int do_serve(int port, int seconds)
+/* "udp|tcp from ADDR port PORT" for a datagram or connection from `from`. */
+static void print_peer(const char *proto, const struct sockaddr_storage *from)
+{
+	char host[INET6_ADDRSTRLEN];
+	const void *addr;
+	int port;
+
+	if (from->ss_family == AF_INET) {
+		addr = &((const struct sockaddr_in *)from)->sin_addr;
+		port = ntohs(((const struct sockaddr_in *)from)->sin_port);
+	} else {
+		addr = &((const struct sockaddr_in6 *)from)->sin6_addr;
+		port = ntohs(((const struct sockaddr_in6 *)from)->sin6_port);
+	}
+	inet_ntop(from->ss_family, addr, host, sizeof(host));
+	printf("%s from %s port %s\n", proto, host, port < 1024 ? "low" : "high");
+	fflush(stdout);
+}
+
+static int do_serve(int port, int seconds, int peers)
 {
 	long deadline = now_ms() + seconds * 1000L;
 	/* UDP then TCP, IPv4 then IPv6 */
@@ -198,13 +219,22 @@ static int do_serve(int port, int seconds)
 			if (!(p[i].revents & POLLIN))
 				continue;
 			n = recvfrom(p[i].fd, buf, sizeof(buf), 0, (struct sockaddr *)&from, &len);
+			if (n >= 0 && peers)
+				print_peer("udp", &from);
 			if (n >= 0 && sendto(p[i].fd, buf, n, 0, (struct sockaddr *)&from, len) == n)
 				echoed++;
 		}
 		for (int i = 2; i < 4; i++) {
+			struct sockaddr_storage from;
+			socklen_t len = sizeof(from);
+
 			/* Left open: the client's reset ends it, and nothing more is sent. */
-			if (p[i].revents & POLLIN && accept(p[i].fd, NULL, NULL) >= 0)
+			if (p[i].revents & POLLIN &&
+			    accept(p[i].fd, (struct sockaddr *)&from, &len) >= 0) {
 				accepted++;
+				if (peers)
+					print_peer("tcp", &from);
+			}
 		}
 	}
 	printf("echoed %d accepted %d\n", echoed, accepted);
@@ -344,8 +374,8 @@ int main(int argc, char **argv)
 			      argc == 6 ? argv[5] : NULL);
 	if (argc == 4 && !strcmp(argv[1], "recv"))
 		return do_recv(atoi(argv[2]), atoi(argv[3]));
-	if (argc == 4 && !strcmp(argv[1], "serve"))
-		return do_serve(atoi(argv[2]), atoi(argv[3]));
+	if ((argc == 4 || (argc == 5 && !strcmp(argv[4], "peers"))) && !strcmp(argv[1], "serve"))
+		return do_serve(atoi(argv[2]), atoi(argv[3]), argc == 5);
 	if (argc == 4 && !strcmp(argv[1], "connect"))
 		return do_connect(argv[2], atoi(argv[3]));
 	if (argc == 4 && !strcmp(argv[1], "solicit"))

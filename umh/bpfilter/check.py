@@ -22,7 +22,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Optional
 
-from . import proto
+from . import memory, proto
 from .abi import codec, families
 from .abi import xtables as X
 from .bpf.syscall import BpfError
@@ -60,6 +60,10 @@ class _Responder:
             blob = codec.initial_replace(name, self.family)
             self.tables[name] = codec.parse_replace(blob, family=self.family)
         return self.tables[name]
+
+    def reserve(self, req, caller_pid: int) -> memory.Reservation:
+        """Nothing: what a check spends is its own process's memory."""
+        return memory.Reservation(None, 0, None)
 
     def handle(self, req, payload: bytes, netns_fd: Optional[int]) -> tuple[int, bytes]:
         from .service import get_answer   # the service's own answer

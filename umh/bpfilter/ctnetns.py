@@ -24,14 +24,12 @@ namespace and family, nftables' table is one per namespace and family (`ip` or
 from __future__ import annotations
 
 import errno
-import fcntl
-import os
 import shutil
 import subprocess
 from contextlib import nullcontext
 from typing import Optional
 
-from . import netns, proto
+from . import kmodule, netns, proto
 from .errors import BpfilterError
 from .netfilter import NFPROTO_IPV4, NFPROTO_IPV6
 
@@ -51,16 +49,6 @@ def _on(family: int) -> str:
     return _off(family) + (f"table {_NFT_FAMILY[family]} {TABLE} {{\n\tchain keep_conntrack_on "
                            f"{{\n\t\tct state invalid\n\t}}\n}}\n")
 
-# /dev/bpfilter's fd when this process is bpfilter.ko's helper (use_device()).
-_device: Optional[int] = None
-
-
-def use_device(device_fd: Optional[int]) -> None:
-    """Ask bpfilter.ko, through its device, from now on (None: nftables again)."""
-    global _device
-    _device = device_fd
-
-
 def _nft(script: str, netns_path: Optional[str]) -> None:
     nft = shutil.which("nft")
     if nft is None:
@@ -75,21 +63,16 @@ def _nft(script: str, netns_path: Optional[str]) -> None:
 
 
 def _ioctl(request: int, netns_path: Optional[str], family: int) -> None:
-    fd = os.open(netns_path or "/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        fcntl.ioctl(_device, request, proto.conntrack.build(dict(netns_fd=fd, family=family)))
-    except OSError as e:
-        on = request == proto.IOC_CONNTRACK_GET
-        raise BpfilterError(e.errno or errno.EIO, f"bpfilter.ko cannot turn connection tracking "
-                                                  f"{'on' if on else 'off'}: {e.strerror}") from None
-    finally:
-        os.close(fd)
+    on = request == proto.IOC_CONNTRACK_GET
+    with kmodule.netns_fd(netns_path) as fd:
+        kmodule.ioctl(request, proto.conntrack.build(dict(netns_fd=fd, family=family)),
+                      f"turn connection tracking {'on' if on else 'off'}")
 
 
 def hold(netns_path: Optional[str], family: int = NFPROTO_IPV4) -> None:
     """Conntrack on in the namespace (the calling thread's if None) for one table of
     family (NFPROTO_IPV4 or NFPROTO_IPV6)."""
-    if _device is not None:
+    if kmodule.present():
         _ioctl(proto.IOC_CONNTRACK_GET, netns_path, family)
     else:
         _nft(_on(family), netns_path)
@@ -98,7 +81,7 @@ def hold(netns_path: Optional[str], family: int = NFPROTO_IPV4) -> None:
 def release(netns_path: Optional[str], family: int = NFPROTO_IPV4) -> None:
     """One table's hold given back: conntrack back to what the namespace had without
     bpfilter once no table of that family holds it."""
-    if _device is not None:
+    if kmodule.present():
         _ioctl(proto.IOC_CONNTRACK_PUT, netns_path, family)
     else:
         _nft(_off(family), netns_path)

@@ -77,7 +77,7 @@ def table_from_raw(raw: RawTable, previous: "tuple[RawTable, Table] | None" = No
             match = decoded.get(context)
             if match is None:
                 match = decoded[context] = ext.decode_match(m.name, m.revision, m.data, ip,
-                                                            family, place, e.hook_mask)
+                                                            family, place, e.hook_mask, raw.name)
             rule_matches.append(match)
         matches.append(rule_matches)
         t = e.target
@@ -86,7 +86,8 @@ def table_from_raw(raw: RawTable, previous: "tuple[RawTable, Table] | None" = No
                 check_builtin_target(e)
                 builtin_checked.add(id(t))
         else:
-            targets[e.index] = ext.decode_target(t.name, t.revision, t.data, ip, family, place)
+            targets[e.index] = ext.decode_target(t.name, t.revision, t.data, ip, family, place,
+                                                 e.hook_mask, raw.name)
     check_do_replace(raw)
     supported = implemented(family)
     if raw.name not in supported:

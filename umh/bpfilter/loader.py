@@ -28,7 +28,7 @@ from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import Optional
 
-from . import ctnetns, netns
+from . import ctnetns, kmodule, netns
 from .decode import table_from_blob
 from .bpf import syscall as bpf
 from .bpf.btf import Btf
@@ -326,11 +326,18 @@ def attach_slots(ruleset: Ruleset, netns_path: Optional[str] = None) -> dict[Hoo
                                                  expected_attach_type=bpf.BPF_NETFILTER))
             slots[hook] = HookSlot(hook, array_fd, disp_fd)
             slots[hook].fill(rules)
-        with netns.entered(netns_path) if netns_path else nullcontext():
+        kind = TABLES[table.name]
+        if kind.nat_lookups:
+            cookie = netns.cookie(netns_path)
             for slot in slots.values():
-                slot.link_fd = _owned(undo, bpf.link_create_netfilter(
-                    slot.dispatcher_fd, table.family, slot.hook,
-                    TABLES[table.name].priority(slot.hook)))
+                kmodule.nat_attach(netns_path, table.family, slot.hook,
+                                   kind.priority(slot.hook), slot.dispatcher_fd)
+                undo.callback(kmodule.nat_detach, cookie, table.family, slot.hook)
+        else:
+            with netns.entered(netns_path) if netns_path else nullcontext():
+                for slot in slots.values():
+                    slot.link_fd = _owned(undo, bpf.link_create_netfilter(
+                        slot.dispatcher_fd, table.family, slot.hook, kind.priority(slot.hook)))
         undo.pop_all()
     return slots
 

@@ -111,7 +111,9 @@ def _meminfo() -> dict[str, int]:
 
 
 class Reservation:
-    def __init__(self, budget: "Budget", nbytes: int, cgroup: Optional[str]):
+    """What a request holds of a Budget (None: of none, a check's own process)."""
+
+    def __init__(self, budget: Optional["Budget"], nbytes: int, cgroup: Optional[str]):
         self.budget, self.nbytes, self.cgroup = budget, nbytes, cgroup
         self.levels = _levels(cgroup) if cgroup else []
         self.owner = os.getpid()   # a forked child's copy reserves nothing

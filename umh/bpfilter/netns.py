@@ -6,6 +6,8 @@ ever moves the caller) into a namespace for the duration of a request.
 """
 import contextlib
 import os
+import socket
+import struct
 
 import cffi
 
@@ -13,6 +15,7 @@ CLONE_NEWNET = 0x40000000
 CLONE_NEWNS = 0x00020000
 NETNS_RUN_DIR = "/run/netns"
 SELF = "/proc/thread-self/ns/net"
+SO_NETNS_COOKIE = 71
 
 _ffi = cffi.FFI()
 _ffi.cdef("int setns(int fd, int nstype);")
@@ -54,6 +57,14 @@ def entered(path_or_name: str):
 def enter_for_good(fd: int, nstype: int) -> None:
     """Move the calling thread into the namespace fd names (of kind nstype) and stay."""
     _setns(fd, f"fd {fd}", nstype)
+
+
+def cookie(path_or_name: "str | None" = None) -> int:
+    """The namespace's cookie (SO_NETNS_COOKIE), which no other namespace ever has
+    (the calling thread's by default)."""
+    with entered(path_or_name) if path_or_name else contextlib.nullcontext():
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            return struct.unpack("<Q", probe.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
 
 
 def ident(path: "str | None" = None) -> int:

@@ -29,6 +29,29 @@ def _IOW(type_: str, nr: int, size: int) -> int:
 IOC_CONNTRACK_GET = _IOW("b", 1, conntrack.sizeof())
 IOC_CONNTRACK_PUT = _IOW("b", 2, conntrack.sizeof())
 
+# struct bpfilter_nat_attach: a nat chain's program as the NAT core's lookup
+nat_attach = Struct(
+    "netns_fd" / Default(Int32sn, -1),
+    "family" / Int32un,
+    "hook" / Int32un,       # NF_INET_*
+    "priority" / Default(Int32sn, 0),
+    "prog_fd" / Default(Int32sn, -1),
+    "pad" / Default(Int32un, 0),
+    "netns_cookie" / Default(Int64un, 0),
+)
+IOC_NAT_ATTACH = _IOW("b", 3, nat_attach.sizeof())
+IOC_NAT_DETACH = _IOW("b", 4, nat_attach.sizeof())
+IOC_NAT_QUERY = _IOW("b", 5, nat_attach.sizeof())
+
+
+class NatHow(enum.IntEnum):
+    """enum bpfilter_nat_how: the target bpfilter_nat() does the work of."""
+    SNAT = 0
+    DNAT = 1
+    MASQUERADE = 2
+    REDIRECT = 3
+    NETMAP = 4
+
 
 class Op(enum.IntEnum):
     GETSOCKOPT = 1

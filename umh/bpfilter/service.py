@@ -15,9 +15,7 @@ import errno
 import fcntl
 import gc
 import os
-import socket
 import stat
-import struct
 import sys
 import threading
 import time
@@ -26,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
-from . import ctnetns, kerneltables, memory, netns, netnswatch, proto
+from . import ctnetns, kerneltables, kmodule, memory, netns, netnswatch, proto
 from .abi import codec, families
 from .abi import xtables as X
 from .decode import table_from_blob
@@ -38,9 +36,8 @@ from .klog import LogRing, devkmsg_unlimited
 from .loader import HookSlot, Ruleset, attach_slots, load_ruleset
 from .model import Family, Hook, Table
 from .store import Store, TableKey
-from .tables import implemented, kernel_tables
+from .tables import TABLES, implemented, kernel_tables
 
-SO_NETNS_COOKIE = 71
 NS_GET_NSTYPE = 0xb703   # linux/nsfs.h: _IO(0xb7, 0x3)
 SWEEP_INTERVAL = 2.0
 # Requests that come without a pause of SWEEP_INTERVAL never let when_idle collect:
@@ -135,11 +132,7 @@ def netns_identity(netns_fd: int) -> tuple[int, int]:
     if not _is_netns(netns_fd):
         raise BpfilterError(errno.EINVAL, "the request's namespace descriptor is not a "
                                           "network namespace")
-    inum = os.fstat(netns_fd).st_ino
-    with netns.entered(f"/proc/self/fd/{netns_fd}"):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            cookie = struct.unpack("<Q", probe.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
-    return inum, cookie
+    return os.fstat(netns_fd).st_ino, netns.cookie(f"/proc/self/fd/{netns_fd}")
 
 
 class Service:
@@ -261,7 +254,12 @@ class Service:
             ours = [bpf.link_info(slot.link_fd)["id"] for state in list(self.tables.values())
                     for slot in state.slots.values() if slot.link_fd is not None]
             dead = self._netns_refs.dead(ours)
-        except OSError as err:   # BpfError too; nothing known: nothing is detached
+            # A nat table holds no reference on its namespace, as iptable_nat's does
+            # not: its lookups go with the namespace, which the module tells.
+            dead |= {key.cookie for key, state in list(self.tables.items())
+                     if TABLES[key.table].nat_lookups and state.slots
+                     and not kmodule.nat_attached(key.cookie, key.family, next(iter(state.slots)))}
+        except (OSError, BpfilterError) as err:   # nothing known: nothing is detached
             log(f"cannot tell which namespaces died: {err}")
             return
         for key in [k for k in list(self.tables) if k.cookie in dead]:
@@ -446,6 +444,11 @@ class _Caller:
                 raise BpfilterError(errno.ENOENT, f"{self.abi.command} table '{name}' does not "
                                                   f"exist in bpfilter (supported: "
                                                   f"{', '.join(supported)})")
+            if TABLES[name].nat_lookups and not kmodule.present():
+                raise BpfilterError(errno.EOPNOTSUPP, f"{self.abi.command} table '{name}' needs "
+                                                      f"bpfilter.ko: its chains are lookups of the "
+                                                      f"kernel's NAT core, which only the module "
+                                                      f"can register (`modprobe bpfilter`)")
             blob = codec.initial_replace(name, self.family)
             raw, table = table_from_blob(blob, self.family)
             try:

@@ -15,6 +15,7 @@ from .listing import render
 from .loader import HookSlot, Ruleset
 from .model import Family, Hook
 from .store import Store, TableKey
+from .tables import TABLES
 
 _MAP_TYPES = {value: name[len("BPF_MAP_TYPE_"):].lower()
               for name, value in vars(syscall).items() if name.startswith("BPF_MAP_TYPE_")}
@@ -61,16 +62,22 @@ def _map_line(map_id: int) -> str:
 
 
 def _show_hook(hook: Hook, ruleset: Ruleset, slot: HookSlot, kallsyms: Kallsyms) -> None:
-    link = syscall.link_info(slot.link_fd)
-    print(f"{hook.chain_name}: link {link['id']} at {Family(link['pf']).name.lower()} "
-          f"{Hook(link['hooknum']).name}, priority {link['priority']}")
     prog_fd = ruleset.hooks[hook].prog_fd
-    dispatcher_fd = syscall.prog_get_fd_by_id(link["prog_id"])
-    try:
-        print(_prog_line("dispatcher", dispatcher_fd))
-        map_ids = syscall.prog_info(dispatcher_fd)["map_ids"]
-    finally:
-        os.close(dispatcher_fd)
+    map_ids = []
+    if slot.link_fd is None:   # the nat table's: a lookup bpfilter.ko registered
+        kind = TABLES[ruleset.table.name]
+        print(f"{hook.chain_name}: the NAT core's lookup at "
+              f"{ruleset.table.family.name.lower()} {hook.name}, priority {kind.priority(hook)}")
+    else:
+        link = syscall.link_info(slot.link_fd)
+        print(f"{hook.chain_name}: link {link['id']} at {Family(link['pf']).name.lower()} "
+              f"{Hook(link['hooknum']).name}, priority {link['priority']}")
+        dispatcher_fd = syscall.prog_get_fd_by_id(link["prog_id"])
+        try:
+            print(_prog_line("dispatcher", dispatcher_fd))
+            map_ids = syscall.prog_info(dispatcher_fd)["map_ids"]
+        finally:
+            os.close(dispatcher_fd)
     print(_prog_line("ruleset", prog_fd))
     for map_id in sorted(set(map_ids + syscall.prog_info(prog_fd)["map_ids"])):
         print(_map_line(map_id))

@@ -30,12 +30,14 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
+from . import kmodule
 from .bpf import syscall as bpf
 from .abi.xtables import RawTable
 from .decode import table_from_blob
 from .loader import HookRules, HookSlot, Ruleset
 from .paths import DEFAULT_ROOT
 from .model import Family, Hook
+from .tables import TABLES
 
 BPF_FS_MAGIC = "bpf"
 _CHUNK = 1 << 16
@@ -226,7 +228,8 @@ class Store:
         os.makedirs(self.path(key), mode=0o700, exist_ok=True)
         for hook, slot in slots.items():
             _pin(slot.prog_array_fd, self.path(key, f"slot_{hook.chain_name}"))
-            _pin(slot.link_fd, self.path(key, f"link_{hook.chain_name}"))
+            if slot.link_fd is not None:   # a nat table's lookups are the module's
+                _pin(slot.link_fd, self.path(key, f"link_{hook.chain_name}"))
 
     # -- finding tables again
 
@@ -289,9 +292,10 @@ class Store:
             for name in sorted(os.listdir(self.path(key))):
                 if name.startswith("slot_"):
                     chain = name[len("slot_"):]
+                    link = self.path(key, f"link_{chain}")
                     slots[_HOOK_OF[chain]] = HookSlot(
                         _HOOK_OF[chain], _opened(undo, self.path(key, name)), dispatcher_fd=None,
-                        link_fd=_opened(undo, self.path(key, f"link_{chain}")))
+                        link_fd=None if TABLES[key.table].nat_lookups else _opened(undo, link))
             undo.pop_all()
         return slots
 
@@ -318,6 +322,9 @@ class Store:
                     bpf.link_detach(fd)
                 finally:
                     os.close(fd)
+            elif name.startswith("slot_") and TABLES[key.table].nat_lookups \
+                    and kmodule.present():
+                kmodule.nat_detach(key.cookie, key.family, _HOOK_OF[name[len("slot_"):]])
         shutil.rmtree(path)
         netns_dir = os.path.dirname(path.rstrip("/"))
         if not os.listdir(netns_dir):

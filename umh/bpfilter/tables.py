@@ -31,6 +31,10 @@ class TableType:
     priorities: tuple[int, ...]     # one per hook, in `hooks` order
     families: frozenset[Family]
     implemented: bool
+    # Its chains are the NAT core's lookups (nf_nat_ipv4_register_fn(), as iptable_nat
+    # registers them), run for a connection's first packet only, rather than hooks:
+    # through bpfilter.ko, which registers them (kmod/nat.c).
+    nat_lookups: bool = False
 
     @property
     def valid_hooks(self) -> int:
@@ -50,7 +54,7 @@ FILTER = TableType("filter", *_same(NF_IP_PRI_FILTER, *_FILTER_HOOKS), BOTH, Tru
 MANGLE = TableType("mangle", *_same(NF_IP_PRI_MANGLE, *Hook), BOTH, False)
 NAT = TableType("nat", (Hook.PRE_ROUTING, Hook.LOCAL_IN, Hook.LOCAL_OUT, Hook.POST_ROUTING),
                 (NF_IP_PRI_NAT_DST, NF_IP_PRI_NAT_SRC, NF_IP_PRI_NAT_DST, NF_IP_PRI_NAT_SRC),
-                BOTH, False)
+                BOTH, True, nat_lookups=True)
 RAW = TableType("raw", *_same(NF_IP_PRI_RAW, Hook.PRE_ROUTING, Hook.LOCAL_OUT), BOTH, False)
 SECURITY = TableType("security", *_same(NF_IP_PRI_SECURITY, *_FILTER_HOOKS), BOTH, False)
 

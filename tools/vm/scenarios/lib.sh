@@ -33,11 +33,14 @@ bpf_objects_freed() {
 	done
 	bpf_objects
 }
-# serve NS SECONDS PORT...: UDP echo and TCP accept on each port, in the background.
+# serve NS SECONDS PORT...: UDP echo and TCP accept on each port, in the background
+# (with SERVE_PEERS=peers, a line per datagram or connection says where it came from).
 serve() {
 	ns=$1 seconds=$2; shift 2
 	for port in "$@"; do rm -f "/tmp/serve.$ns.$port"; done
-	for port in "$@"; do ip netns exec $ns udp serve "$port" "$seconds" >"/tmp/serve.$ns.$port" & done
+	for port in "$@"; do
+		ip netns exec $ns udp serve "$port" "$seconds" ${SERVE_PEERS:-} >"/tmp/serve.$ns.$port" &
+	done
 	for port in "$@"; do
 		tries=0
 		until grep -qs listening "/tmp/serve.$ns.$port"; do

@@ -45,6 +45,7 @@ class _Extension:
     families: ClassVar[tuple[Family, ...]] = (Family.IPV4,)
     proto: ClassVar[Optional[int]] = None   # the kernel's xt_match.proto / xt_target.proto
     hooks: ClassVar[Optional[int]] = None   # xt_match.hooks / xt_target.hooks: 1 << NF_INET_*
+    table: ClassVar[Optional[str]] = None   # xt_match.table / xt_target.table: the only one
     # Linux registers the extension once for every family (NFPROTO_UNSPEC) rather
     # than per family: its lookup then answers EPROTOTYPE, not ENOENT, for a revision
     # it does not have.
@@ -172,13 +173,17 @@ class _Registry:
                             "by bpfilter; the whole table is refused")
 
     def checked(self, name: str, revision: int, payload: bytes, ip: IpHeader, family: Family,
-                where: str, hook_mask: int = 0) -> _Extension:
+                where: str, hook_mask: int = 0, table: Optional[str] = None) -> _Extension:
         """The extension, after xt_check_match()/xt_check_target()'s generic checks:
-        the payload size, the hooks the rule is reachable from, then the protocol."""
+        the payload size, the table, the hooks the rule is reachable from, then the
+        protocol."""
         ext = self.find(name, revision, family, where)
         if len(payload) != ext.payload_size():
             raise BpfilterError(errno.EINVAL, f"{where}: {self.kind} '{name}': invalid size "
                                               f"{len(payload)} (kernel expects {ext.payload_size()})")
+        if ext.table is not None and table is not None and table != ext.table:
+            raise BpfilterError(errno.EINVAL, f"{where}: {self.kind} '{name}' is only valid in "
+                                              f"the {ext.table} table, not {table}")
         if ext.hooks is not None and hook_mask & ~ext.hooks:
             raise BpfilterError(errno.EINVAL, f"{where}: {self.kind} '{name}' is used from hooks "
                                               f"{_hook_names(hook_mask)}, but only valid from "
@@ -213,8 +218,8 @@ def known_target_revisions(name: str, family: Family) -> list[int]:
 
 
 def decode_match(name: str, revision: int, payload: bytes, ip: IpHeader, family: Family,
-                 where: str, hook_mask: int = 0) -> Match:
-    ext = _MATCHES.checked(name, revision, payload, ip, family, where, hook_mask)
+                 where: str, hook_mask: int = 0, table: Optional[str] = None) -> Match:
+    ext = _MATCHES.checked(name, revision, payload, ip, family, where, hook_mask, table)
     match = ext.decode(payload, where)
     ext.check_hooks(match, hook_mask, where)
     return match
@@ -242,8 +247,8 @@ def describe_match(match: Match, family: Family) -> str:
 
 
 def decode_target(name: str, revision: int, payload: bytes, ip: IpHeader, family: Family,
-                  where: str) -> ExtensionTarget:
-    ext = _TARGETS.checked(name, revision, payload, ip, family, where)
+                  where: str, hook_mask: int = 0, table: Optional[str] = None) -> ExtensionTarget:
+    ext = _TARGETS.checked(name, revision, payload, ip, family, where, hook_mask, table)
     return ext.decode(payload, ip, where)
 
 
@@ -323,3 +328,5 @@ from . import (addrtype, comment, conntrack, icmp, iprange, length, limit, log, 
                mac, mark, multiport, owner, pkttype, reject, tcp, ttl, udp)
 # IPv6's extension-header matches, esp (both families) and IPv4's ah
 from . import ah, esp, eui64, frag, hbh, ipv6header, mh, rt  # noqa: E402,F401
+# the nat table's targets
+from . import nat  # noqa: E402,F401

@@ -1,15 +1,18 @@
-"""-m mark: --mark VALUE[/MASK] (struct xt_mark_mtinfo1, revision 1)."""
+"""-m mark: --mark VALUE[/MASK] (struct xt_mark_mtinfo1, revision 1), and -j MARK."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from construct import Int8un, Int32ul, Struct
 
-from ..bpf.insn import BPF_LDX_MEM, BPF_STX_MEM, BPF_W, R1, R6, R7
+from ..bpf import insn as I
+from ..bpf.insn import (BPF_ALU32_IMM, BPF_CALL_KFUNC, BPF_DW, BPF_LDX_MEM, BPF_MOV64_IMM,
+                        BPF_STX_MEM, BPF_W, R1, R2, R3, R6, R7, Kfunc)
 from ..packet import facts
 from ..packet.primitives import emit_masked_equal
-from ..model import Match
-from . import BOTH_FAMILIES, MatchExtension, register_match, xt_invert
+from ..model import ExtensionTarget, Match
+from . import (BOTH_FAMILIES, MODULE, MatchExtension, TargetExtension, missing_kfunc,
+               register_match, register_target, xt_invert)
 
 xt_mark_mtinfo1 = Struct(
     "mark" / Int32ul,
@@ -58,3 +61,71 @@ class Mark(MatchExtension):
         value = f"0x{match.mark:x}" if match.mask == 0xFFFFFFFF else \
             f"0x{match.mark:x}/0x{match.mask:x}"
         return f"mark match{bang} {value}"
+
+
+# -j MARK (struct xt_mark_tginfo2, revision 2, every table since Linux 5.x):
+# mark_tg() sets skb->mark = (skb->mark & ~mask) ^ mark and goes on to the next rule.
+# A netfilter program may read skb->mark but not write it: bpfilter.ko's kfunc does.
+SET_MARK_KFUNC = Kfunc("bpfilter_set_mark", MODULE)
+
+xt_mark_tginfo2 = Struct(
+    "mark" / Int32ul,
+    "mask" / Int32ul,
+)
+
+
+@dataclass(frozen=True)
+class MarkTarget(ExtensionTarget):
+    mark: int
+    mask: int
+    name = "MARK"
+    revision = 2
+
+
+@register_target
+class SetMark(TargetExtension):
+    name = "MARK"
+    families = BOTH_FAMILIES
+    revision = 2
+    family_independent = True
+    struct = xt_mark_tginfo2
+    # the mark the next rules' `-m mark` read is the one written here
+    facts = frozenset({"skb", "mark"})
+
+    def decode(self, payload: bytes, ip, where: str) -> MarkTarget:
+        mark, mask = self.packed.unpack_from(payload)   # no checkentry
+        return MarkTarget(mark, mask)
+
+    def unsupported(self, target: MarkTarget) -> "str | None":
+        missing = missing_kfunc(SET_MARK_KFUNC)
+        if missing:
+            return (f"needs bpfilter.ko (kernel module mode) to write the packet's mark: a "
+                    f"netfilter BPF program cannot ({missing})")
+        return None
+
+    def describe(self, target: MarkTarget) -> str:
+        # libxt_MARK's mark_tg_print(): the or/and/xor spellings of set-xmark
+        mark, mask = target.mark, target.mask
+        if mark == mask:
+            return f"MARK or 0x{mark:x}"
+        if mark == 0:
+            return f"MARK and 0x{~mask & 0xFFFFFFFF:x}"
+        if mask == 0:
+            return f"MARK xor 0x{mark:x}"
+        if mask == 0xFFFFFFFF:
+            return f"MARK set 0x{mark:x}"
+        return f"MARK xset 0x{mark:x}/0x{mask:x}"
+
+    def emit(self, target: MarkTarget, asm, next_rule) -> None:
+        asm.emit(BPF_LDX_MEM(BPF_DW, R1, R6, facts.SKB),
+                 BPF_MOV64_IMM(R2, _s32(target.mark)), BPF_MOV64_IMM(R3, _s32(target.mask)),
+                 BPF_CALL_KFUNC(SET_MARK_KFUNC),
+                 BPF_LDX_MEM(BPF_W, R1, R6, facts.MARK),
+                 BPF_ALU32_IMM(I.BPF_AND, R1, _s32(~target.mask & 0xFFFFFFFF)),
+                 BPF_ALU32_IMM(I.BPF_XOR, R1, _s32(target.mark)),
+                 BPF_STX_MEM(BPF_W, R6, R1, facts.MARK))
+
+
+def _s32(value: int) -> int:
+    """A u32 as the signed 32-bit immediate that holds its bits."""
+    return value - (1 << 32) if value & 0x80000000 else value

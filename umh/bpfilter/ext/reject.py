@@ -25,7 +25,7 @@ from ..bpf.insn import (BPF_CALL_KFUNC, BPF_DW, BPF_EXIT_INSN, BPF_LDX_MEM, BPF_
                         BPF_STX_MEM, R0, R1, R2, R3, R6, R8, Kfunc)
 from ..packet import facts
 from ..errors import BpfilterError
-from ..model import ExtensionTarget, Family, Ip6Header, IpHeader
+from ..model import ExtensionTarget, Family, Hook, Ip6Header, IpHeader
 from ..netfilter import NF_DROP
 from . import MODULE, TargetExtension, missing_kfunc, register_target
 from .tcp import IPPROTO_TCP
@@ -86,6 +86,8 @@ class RejectTarget(ExtensionTarget):
 class Reject(TargetExtension):
     name = "REJECT"
     struct = ipt_reject_info
+    table = "filter"
+    hooks = (1 << Hook.LOCAL_IN.value) | (1 << Hook.FORWARD.value) | (1 << Hook.LOCAL_OUT.value)
     facts = frozenset({"skb", "nf_state"})
     names = REJECT_WITH
 

@@ -8,7 +8,7 @@ import shutil
 import sys
 import threading
 
-from .. import ctnetns, forked, proto
+from .. import forked, kmodule, proto
 from ..errors import BpfilterError
 from ..klog import KernelLog
 from ..paths import DEFAULT_ROOT
@@ -119,7 +119,7 @@ def serve_device(device: str, bpffs: str = DEFAULT_ROOT) -> None:
     service = Service(Store(bpffs), beside_ip_tables=False)
     dev = os.open(device, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     forked.close_in_children(dev)
-    ctnetns.use_device(dev)   # conntrack is switched on by the module, no nft needed
+    kmodule.use_device(dev)   # conntrack, nat lookups: asked of the module
     kernel_log = KernelLog(service.log_ring, log)
     log(f"serving bpfilter.ko through {device}, tables pinned under {bpffs}")
     waiting = select.poll()
@@ -200,7 +200,7 @@ def serve_device(device: str, bpffs: str = DEFAULT_ROOT) -> None:
             workers.add(worker)
             worker.start()
     finally:
-        ctnetns.use_device(None)
+        kmodule.use_device(None)
         forked.keep_in_children(dev)
         os.close(dev)
         if not service.closed:

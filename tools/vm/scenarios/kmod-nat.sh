@@ -1,0 +1,89 @@
+# The nat table through bpfilter.ko (tests/test_kmod.py): the same connections through
+# fw, first with the kernel's ip_tables (the reference), then, unloaded, with
+# bpfilter.ko; what the servers see (the addresses NAT made), what the clients get,
+# and the nat table's counters must be the same.
+#
+# fw routes between lan (10.1.0.0/24, its vin0) and wan (10.2.0.0/24, its vout0).
+. /etc/bpfilter-vm/lib.sh
+
+namespaces() {
+	for ns in fw lan wan; do ip netns del $ns 2>/dev/null || true; ip netns add $ns; done
+	ip link add vin0 netns fw type veth peer name eth0 netns lan
+	ip link add vout0 netns fw type veth peer name eth0 netns wan
+	ip -n fw addr add 10.1.0.1/24 dev vin0
+	ip -n fw addr add 10.2.0.1/24 dev vout0
+	ip -n lan addr add 10.1.0.2/24 dev eth0
+	ip -n wan addr add 10.2.0.2/24 dev eth0
+	for ns in fw lan wan; do ip -n $ns link set lo up; done
+	for dev in vin0 vout0; do ip -n fw link set $dev up; done
+	for ns in lan wan; do ip -n $ns link set eth0 up; done
+	ip -n lan route add default via 10.1.0.1
+	ip -n wan route add default via 10.2.0.1
+	ip -n fw route add default via 10.2.0.2   # for fw's own connection to 10.9.9.9
+	ip netns exec fw sh -c 'echo 1 >/proc/sys/net/ipv4/ip_forward'
+}
+
+# peers NS PORT: what the server on PORT in NS saw, in order
+peers() { grep -E '^(udp|tcp) from' "/tmp/serve.$1.$2" | sed "s/^/$1:$2 /" || true; }
+
+nat_probes() {
+	namespaces
+	ip netns exec fw iptables-legacy-restore <<'RULES'
+*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:PUBLISH - [0:0]
+:MARK-MASQ - [0:0]
+-A PREROUTING -d 10.1.0.1/32 -j PUBLISH
+-A PREROUTING -d 10.3.0.0/24 -j NETMAP --to 10.2.0.0/24
+-A PUBLISH -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.2.0.2:80
+-A PUBLISH -p udp -m udp --dport 5353 -j MARK-MASQ
+-A PUBLISH -p udp -m udp --dport 5353 -j DNAT --to-destination 10.2.0.2:53
+-A PUBLISH -p tcp -m tcp --dport 2222 -j REDIRECT --to-ports 22
+-A MARK-MASQ -j MARK --or-mark 0x4000
+-A OUTPUT -d 10.9.9.9/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.2.0.2:80
+-A POSTROUTING -m mark --mark 0x4000/0x4000 -j MASQUERADE
+-A POSTROUTING -s 10.1.0.2/32 -o vout0 -p tcp -m tcp --dport 82 -j SNAT --to-source 10.2.0.1
+-A POSTROUTING -o vout0 -p tcp -m tcp --dport 80 ! -s 10.1.0.0/24 -j MASQUERADE --to-ports 40000-40100
+COMMIT
+RULES
+	SERVE_PEERS=peers
+	serve wan 25 80 81 82 53 54
+	serve fw 25 22
+	SERVE_PEERS=
+	connect nat lan 10.1.0.1 8080          # DNAT: wan sees lan's own address
+	ask nat lan 10.1.0.1 5353              # marked, DNAT, masqueraded by the mark
+	ask nat lan 10.1.0.1 5353              # the same connection: translated, not looked up
+	connect nat lan 10.2.0.2 81            # through, untranslated
+	connect nat lan 10.2.0.2 82            # SNAT
+	connect nat lan 10.1.0.1 2222          # REDIRECT to fw's own 22
+	ask nat lan 10.3.0.2 54                # NETMAP
+	connect nat fw 10.9.9.9 80             # fw's own connection: OUTPUT DNAT, then MASQUERADE
+	connect nat lan 10.1.0.1 8081          # nothing published there: fw itself refuses
+	wait
+	for port in 80 81 82 53 54; do peers wan $port; done
+	peers fw 22
+	ip netns exec fw iptables-legacy -t nat -L -v -n -x
+}
+
+phases() {
+	say "$1 nat"
+	nat_probes
+}
+
+trap 'say log; dmesg | sed -n "s/^\[ *\([0-9.]*\)\] \(bpfilter: .*\)/\1 \2/p"' EXIT
+phases reference
+say unload ip_tables
+for ns in fw lan wan; do ip netns del $ns; done
+for m in iptable_nat iptable_filter xt_nat xt_MASQUERADE xt_REDIRECT xt_NETMAP xt_mark \
+	xt_tcpudp ip_tables; do
+	loaded $m && unload $m
+done
+loaded ip_tables && echo "ip_tables: loaded" || echo "ip_tables: not loaded"
+depmod -a
+modprobe bpfilter
+phases bpfilter
+say objects
+bpf_objects

@@ -1,0 +1,80 @@
+"""bpfilter.ko as its helper reaches it: the /dev/bpfilter it serves requests through,
+on which it asks the module for what user space cannot do (ioctls; the contract is
+kmod/bpfilter_proto.h). Without the module (`bpfilter serve`) there is no device, and
+what needs it is done otherwise or refused."""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+from . import proto
+from .errors import BpfilterError
+
+_device: Optional[int] = None
+
+
+def use_device(device_fd: Optional[int]) -> None:
+    """Ask bpfilter.ko through this descriptor of /dev/bpfilter from now on (None: no
+    module)."""
+    global _device
+    _device = device_fd
+
+
+def present() -> bool:
+    return _device is not None
+
+
+@contextmanager
+def netns_fd(netns_path: Optional[str]) -> Iterator[int]:
+    """A descriptor of the namespace at netns_path (the calling thread's if None)."""
+    fd = os.open(netns_path or "/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def ioctl(request: int, arg: bytes, what: str) -> None:
+    """The module does `what`, or BpfilterError with its errno."""
+    if _device is None:
+        raise BpfilterError(errno.EOPNOTSUPP, f"{what} needs bpfilter.ko (kernel module mode)")
+    try:
+        fcntl.ioctl(_device, request, arg)
+    except OSError as e:
+        raise BpfilterError(e.errno or errno.EIO, f"bpfilter.ko cannot {what}: {e.strerror}") \
+            from None
+
+
+def nat_attach(netns_path: Optional[str], family: int, hook: int, priority: int,
+               prog_fd: int) -> None:
+    """prog_fd as the NAT core's lookup of the namespace for family and hook."""
+    with netns_fd(netns_path) as fd:
+        ioctl(proto.IOC_NAT_ATTACH,
+              proto.nat_attach.build(dict(netns_fd=fd, family=family, hook=hook,
+                                          priority=priority, prog_fd=prog_fd)),
+              "register the nat table's lookup")
+
+
+def nat_detach(cookie: int, family: int, hook: int) -> bool:
+    """The namespace's lookup unregistered; False if it had none (gone with it)."""
+    return _nat_lookup(proto.IOC_NAT_DETACH, cookie, family, hook, "unregister")
+
+
+def nat_attached(cookie: int, family: int, hook: int) -> bool:
+    """Whether the namespace with that cookie has our lookup (False once it is gone)."""
+    return _nat_lookup(proto.IOC_NAT_QUERY, cookie, family, hook, "find")
+
+
+def _nat_lookup(request: int, cookie: int, family: int, hook: int, verb: str) -> bool:
+    try:
+        ioctl(request, proto.nat_attach.build(dict(family=family, hook=hook,
+                                                   netns_cookie=cookie)),
+              f"{verb} the nat table's lookup")
+    except BpfilterError as err:
+        if err.errno == errno.ENOENT:
+            return False
+        raise
+    return True
