@@ -1,6 +1,8 @@
 """`bpfilter check`: every table and family of a save file through the service's
 pipeline, what it refuses said, nothing attached."""
+import re
 import subprocess
+import uuid
 import sys
 from pathlib import Path
 
@@ -85,3 +87,38 @@ def test_the_realworld_fixtures_that_load_pass(name):
     status, outcomes, stderr = check(text, guess_family(text))
     assert status == 0, stderr
     assert outcomes and all(o.refusal is None for o in outcomes), outcomes
+
+
+NAT_HEAD = ("*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
+            ":POSTROUTING ACCEPT [0:0]\n")
+FILTER_HEAD = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
+
+
+@pytest.mark.parametrize("head, rule", [
+    (NAT_HEAD, "-A POSTROUTING -p tcp -j DNAT --to-destination 10.0.0.1"),
+    (NAT_HEAD, "-A PREROUTING -j SNAT --to-source 10.0.0.1"),
+    (NAT_HEAD, "-A OUTPUT -j MASQUERADE"),
+    (NAT_HEAD, "-A INPUT -p tcp -j REDIRECT --to-ports 80"),
+    (NAT_HEAD, "-A INPUT -j REJECT"),
+    (NAT_HEAD, "-A POSTROUTING -j NETMAP --to 10.1.0.0/24"),
+    (NAT_HEAD, "-A PREROUTING -j MARK --set-xmark 0x1/0xff"),
+    (FILTER_HEAD, "-A FORWARD -j MASQUERADE"),
+    (FILTER_HEAD, "-A OUTPUT -p tcp -j DNAT --to-destination 10.0.0.1:80"),
+    (FILTER_HEAD, "-A INPUT -j MARK --or-mark 0x4000"),
+], ids=lambda v: v if v.startswith("-A") else "")
+def test_a_target_outside_its_table_or_hooks_gets_the_kernels_answer(head, rule):
+    """x_tables' checks of a target's table and hooks (DNAT outside PREROUTING and
+    OUTPUT is EINVAL, as xt_nat has it): the restore fails, or not, as on the kernel."""
+    text = head + rule + "\nCOMMIT\n"
+    ns = f"bpft-check-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        kernel = subprocess.run(["ip", "netns", "exec", ns, "iptables-legacy-restore"],
+                                input=text, text=True, capture_output=True)
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=True)
+    status, outcomes, stderr = check(text, Family.IPV4)
+    assert (status != 0) == (kernel.returncode != 0), (kernel.stderr, stderr, outcomes)
+    if status:   # iptables' own line, after bpfilter's naming the rule and why
+        assert stderr.splitlines()[-1] == kernel.stderr.splitlines()[-1]
+        assert re.search(r"only valid (in the \w+ table|from)", stderr), stderr

@@ -36,7 +36,6 @@ _COMMON = """
     match rateest: revision N is not supported by bpfilter
     match recent: revision N is not supported by bpfilter
     match sctp: revision N is not supported by bpfilter
-    match statistic: revision N is not supported by bpfilter
     match string: revision N is not supported by bpfilter
     match tcpmss: revision N is not supported by bpfilter
     match time: revision N is not supported by bpfilter
@@ -49,7 +48,7 @@ _COMMON = """
     target HMARK: revision N is not supported by bpfilter
     target IDLETIMER: revision N is not supported by bpfilter
     target LOG: --log-uid is not supported by bpfilter
-    target MARK: revision N is not supported by bpfilter
+    target MARK: needs bpfilter.ko (kernel module mode) to write the packet's mark
     target NFLOG: revision N is not supported by bpfilter
     target NFQUEUE: revision N is not supported by bpfilter
     target RATEEST: revision N is not supported by bpfilter

@@ -538,24 +538,37 @@ def test_kmod_nat_table_through_the_kernels_nat_core(module):
     assert result.status == 0, out
     s = sections(out)
     print(f"guest run: {result.seconds:.1f} s")
-    assert "ip_tables: not loaded" in s["unload ip_tables"]
-    ref, ours = s["reference nat"], s["bpfilter nat"]
-    # what the reference answers and sees, so that a probe that tests nothing shows
-    for line in ("nat tcp 10.1.0.1 8080: connected", "nat udp 10.1.0.1 5353: reply",
-                 "nat tcp 10.2.0.2 81: connected", "nat tcp 10.2.0.2 82: connected",
-                 "nat tcp 10.1.0.1 2222: connected", "nat udp 10.3.0.2 54: reply",
-                 "nat tcp 10.9.9.9 80: connected", "nat tcp 10.1.0.1 8081: Connection refused",
-                 "wan:80 tcp from 10.1.0.2 port high", "wan:53 udp from 10.2.0.1 port high",
-                 "wan:81 tcp from 10.1.0.2 port high", "wan:82 tcp from 10.2.0.1 port high",
-                 "wan:54 udp from 10.1.0.2 port high", "fw:22 tcp from 10.1.0.2 port high",
-                 "wan:80 tcp from 10.2.0.1 port high"):
-        assert f"{line}\n" in ref, ref
-    seen = [line for line in ref.splitlines() if re.match(r"(wan|fw):\d+ ", line)]
-    assert _answers(ref, "nat") == _answers(ours, "nat"), ours
-    assert seen == [line for line in ours.splitlines() if re.match(r"(wan|fw):\d+ ", line)], ours
-    assert _listing(ref) == _listing(ours), "\n".join(difflib.unified_diff(
-        _listing(ref).splitlines(), _listing(ours).splitlines(), "kernel", "bpfilter",
-        lineterm=""))
+    assert "ip_tables: not loaded\nip6_tables: not loaded" in s["unload ip_tables ip6_tables"]
+    expected = {
+        "nat": ("nat tcp 10.1.0.1 8080: connected", "nat udp 10.1.0.1 5353: reply",
+                "nat tcp 10.2.0.2 81: connected", "nat tcp 10.2.0.2 82: connected",
+                "nat tcp 10.1.0.1 2222: connected", "nat udp 10.3.0.2 54: reply",
+                "nat tcp 10.9.9.9 80: connected", "nat tcp 10.1.0.1 8081: Connection refused",
+                "wan:80 tcp from 10.1.0.2 port high", "wan:53 udp from 10.2.0.1 port high",
+                "wan:81 tcp from 10.1.0.2 port high", "wan:82 tcp from 10.2.0.1 port high",
+                "wan:54 udp from 10.1.0.2 port high", "fw:22 tcp from 10.1.0.2 port high",
+                "wan:80 tcp from 10.2.0.1 port high"),
+        "nat6": ("nat6 tcp 2001:db8:1::1 8080: connected", "nat6 udp 2001:db8:1::1 5353: reply",
+                 "nat6 tcp 2001:db8:2::2 81: connected", "nat6 tcp 2001:db8:2::2 82: connected",
+                 "nat6 tcp 2001:db8:1::1 2222: connected", "nat6 udp 2001:db8:3::2 54: reply",
+                 "wan:80 tcp from 2001:db8:1::2 port high",
+                 "wan:53 udp from 2001:db8:2::1 port high",
+                 "wan:81 tcp from 2001:db8:1::2 port high",
+                 "wan:82 tcp from 2001:db8:2::1 port high",
+                 "wan:54 udp from 2001:db8:2::1 port high",   # NETMAP, then MASQUERADE
+                 "fw:22 tcp from 2001:db8:1::2 port high")}
+    for name, lines in expected.items():
+        ref, ours = s[f"reference {name}"], s[f"bpfilter {name}"]
+        # what the reference answers and sees, so that a probe that tests nothing shows
+        for line in lines:
+            assert f"{line}\n" in ref, ref
+        seen = [line for line in ref.splitlines() if re.match(r"(wan|fw):\d+ ", line)]
+        assert _answers(ref, name) == _answers(ours, name), ours
+        assert seen == [line for line in ours.splitlines()
+                        if re.match(r"(wan|fw):\d+ ", line)], ours
+        assert _listing(ref) == _listing(ours), "\n".join(difflib.unified_diff(
+            _listing(ref).splitlines(), _listing(ours).splitlines(), "kernel", "bpfilter",
+            lineterm=""))
 
 
 def test_kmod_answers_one_namespace_beside_anothers_big_replace(module):

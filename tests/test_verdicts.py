@@ -694,6 +694,31 @@ CASES = [
          {"OUTPUT 1": (2, 88), "OUTPUT 2": (2, 88), "X 1": (3, 132), "X 2": (1, 44),
           "OUTPUT policy": (1, 44)}),
 
+    # -- statistic ------------------------------------------------------------------
+    case("statistic nth: every third packet, from the first",
+         "-A OUTPUT -m statistic --mode nth --every 3 --packet 0 -j DROP",
+         [(OUT, udp(), DROP), (OUT, udp(), ACCEPT), (OUT, udp(), ACCEPT)] * 2 + [(OUT, udp(), DROP)],
+         {"OUTPUT 1": (3, 132), "OUTPUT policy": (4, 176)}),
+    case("statistic nth: --packet starts later; inverted",
+         "-A OUTPUT -m statistic --mode nth ! --every 2 --packet 1 -j DROP",
+         [(OUT, udp(), DROP), (OUT, udp(), ACCEPT), (OUT, udp(), DROP), (OUT, udp(), ACCEPT)],
+         {"OUTPUT 1": (2, 88), "OUTPUT policy": (2, 88)}),
+    case("statistic nth: a packet an earlier test of the rule fails does not count",
+         "-A OUTPUT -p tcp -m statistic --mode nth --every 2 --packet 0 -j DROP",
+         [(OUT, tcp(), DROP), (OUT, udp(), ACCEPT), (OUT, tcp(), ACCEPT), (OUT, tcp(), DROP)],
+         {"OUTPUT 1": (2, 112), "OUTPUT policy": (2, 100)}),
+    case("statistic nth: two rules, two counters",
+         "-A OUTPUT -p udp -m statistic --mode nth --every 2 --packet 1 -j DROP\n"
+         "-A OUTPUT -m statistic --mode nth --every 2 --packet 0 -j DROP",
+         [(OUT, udp(), DROP), (OUT, udp(), DROP), (OUT, udp(), ACCEPT), (OUT, udp(), DROP)],
+         {"OUTPUT 1": (2, 88), "OUTPUT 2": (1, 44), "OUTPUT policy": (1, 44)}),
+    case("statistic random: probability 0 and 1 (kube-proxy's last endpoint has none)",
+         "-A OUTPUT -p udp -m statistic --mode random --probability 0 -j DROP\n"
+         "-A OUTPUT -p udp -m statistic --mode random --probability 1 -j ACCEPT\n"
+         "-A OUTPUT -m statistic --mode random ! --probability 1 -j ACCEPT\n-A OUTPUT -j DROP",
+         [(OUT, udp(), ACCEPT), (OUT, tcp(), DROP)],
+         {"OUTPUT 2": (1, 44), "OUTPUT 4": (1, 56)}),
+
     # -- other hooks ------------------------------------------------------------------
     case("INPUT", ":INPUT DROP\n-A INPUT -p tcp --dport 22 -j ACCEPT\n-A OUTPUT -j DROP",
          [(IN, tcp(dport=22), ACCEPT), (IN, tcp(dport=23), DROP)],

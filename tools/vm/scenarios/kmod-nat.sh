@@ -68,20 +68,59 @@ RULES
 	ip netns exec fw iptables-legacy -t nat -L -v -n -x
 }
 
+# The same through ip6tables' nat table, on lib.sh's IPv6 router (2001:db8:1::/64 on
+# lan's side, 2001:db8:2::/64 on wan's).
+nat6_probes() {
+	router
+	ip netns exec fw ip6tables-legacy-restore <<'RULES'
+*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+-A PREROUTING -d 2001:db8:1::1/128 -p tcp -m tcp --dport 8080 -j DNAT --to-destination [2001:db8:2::2]:80
+-A PREROUTING -d 2001:db8:1::1/128 -p udp -m udp --dport 5353 -j DNAT --to-destination [2001:db8:2::2]:53
+-A PREROUTING -d 2001:db8:1::1/128 -p tcp -m tcp --dport 2222 -j REDIRECT --to-ports 22
+-A PREROUTING -d 2001:db8:3::/64 -j NETMAP --to 2001:db8:2::/64
+-A POSTROUTING -o vout0 -p udp -j MASQUERADE
+-A POSTROUTING -o vout0 -p tcp -m tcp --dport 82 -j SNAT --to-source 2001:db8:2::1
+COMMIT
+RULES
+	SERVE_PEERS=peers
+	serve wan 25 80 81 82 53 54
+	serve fw 25 22
+	SERVE_PEERS=
+	connect nat6 lan 2001:db8:1::1 8080      # DNAT
+	ask nat6 lan 2001:db8:1::1 5353          # DNAT, then MASQUERADE
+	connect nat6 lan 2001:db8:2::2 81        # through, untranslated
+	connect nat6 lan 2001:db8:2::2 82        # SNAT
+	connect nat6 lan 2001:db8:1::1 2222      # REDIRECT
+	ask nat6 lan 2001:db8:3::2 54            # NETMAP
+	kill $(jobs -p) 2>/dev/null || true
+	wait
+	for port in 80 81 82 53 54; do peers wan $port; done
+	peers fw 22
+	ip netns exec fw ip6tables-legacy -t nat -L -v -n -x
+}
+
 phases() {
 	say "$1 nat"
 	nat_probes
+	say "$1 nat6"
+	nat6_probes
 }
 
 trap 'say log; dmesg | sed -n "s/^\[ *\([0-9.]*\)\] \(bpfilter: .*\)/\1 \2/p"' EXIT
 phases reference
-say unload ip_tables
+say unload ip_tables ip6_tables
 for ns in fw lan wan; do ip netns del $ns; done
-for m in iptable_nat iptable_filter xt_nat xt_MASQUERADE xt_REDIRECT xt_NETMAP xt_mark \
-	xt_tcpudp ip_tables; do
+for m in iptable_nat iptable_filter ip6table_nat ip6table_filter xt_nat xt_MASQUERADE \
+	xt_REDIRECT xt_NETMAP xt_mark xt_tcpudp ip_tables ip6_tables; do
 	loaded $m && unload $m
 done
-loaded ip_tables && echo "ip_tables: loaded" || echo "ip_tables: not loaded"
+for m in ip_tables ip6_tables; do
+	loaded $m && echo "$m: loaded" || echo "$m: not loaded"
+done
 depmod -a
 modprobe bpfilter
 phases bpfilter

@@ -46,6 +46,7 @@ BPF_FUNC_spin_lock = 93
 BPF_FUNC_spin_unlock = 94
 BPF_FUNC_probe_read_kernel = 113
 BPF_FUNC_jiffies64 = 118
+BPF_FUNC_get_prandom_u32 = 7
 BPF_FUNC_loop = 181
 BPF_FUNC_ringbuf_reserve = 131
 BPF_FUNC_ringbuf_submit = 132
@@ -187,6 +188,9 @@ def BPF_LD_MAP_VALUE(dst, map_ref: MapRef, value_off: int) -> list[Insn]:
 def BPF_LDX_MEM(size, dst, src, off): return Insn(BPF_LDX | size | BPF_MEM, dst, src, off)
 def BPF_STX_MEM(size, dst, src, off): return Insn(BPF_STX | size | BPF_MEM, dst, src, off)
 def BPF_ST_MEM(size, dst, off, imm): return Insn(BPF_ST | size | BPF_MEM, dst, 0, off, imm)
+BPF_FETCH = 0x01   # an atomic op that also loads the old value into src
+
+
 def BPF_ATOMIC_OP(size, op, dst, src, off): return Insn(BPF_STX | size | BPF_ATOMIC, dst, src, off, op)
 
 

@@ -328,5 +328,5 @@ from . import (addrtype, comment, conntrack, icmp, iprange, length, limit, log, 
                mac, mark, multiport, owner, pkttype, reject, tcp, ttl, udp)
 # IPv6's extension-header matches, esp (both families) and IPv4's ah
 from . import ah, esp, eui64, frag, hbh, ipv6header, mh, rt  # noqa: E402,F401
-# the nat table's targets
-from . import nat  # noqa: E402,F401
+# the nat table's targets, and what kube-proxy's rules use with them
+from . import nat, statistic  # noqa: E402,F401
