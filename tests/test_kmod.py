@@ -531,7 +531,10 @@ def test_kmod_nat_table_through_the_kernels_nat_core(module):
     addresses, the clients get the same answers, the nat table counts the same first
     packets, as with ip_tables in the same guest (tools/vm/scenarios/kmod-nat.sh)."""
     kver = harness.kernel_release()
-    extra = {**system_libraries(), f"/lib/modules/{kver}/extra/bpfilter.ko": str(module)}
+    extra = {**system_libraries(), f"/lib/modules/{kver}/extra/bpfilter.ko": str(module),
+             **{f"/etc/bpfilter-vm/{name}.rules": str(ROOT / f"tests/realworld/nat/{name}.rules")
+                for name in ("docker-classic-v27", "docker-current-usernet-portmap",
+                             "docker-current-swarm-portmap", "libvirt-nat-network")}}
     script = (ROOT / "tools/vm/scenarios/kmod-nat.sh").read_text()
     result = harness.run_scenario(script, extra, timeout=900)
     out = result.output
@@ -557,6 +560,11 @@ def test_kmod_nat_table_through_the_kernels_nat_core(module):
                  "wan:82 tcp from 2001:db8:2::1 port high",
                  "wan:54 udp from 2001:db8:2::1 port high",   # NETMAP, then MASQUERADE
                  "fw:22 tcp from 2001:db8:1::2 port high")}
+    # Docker's and libvirt's filter and nat tables load, and read back, as on ip_tables
+    ref, ours = s["reference realworld"], s["bpfilter realworld"]
+    assert ref.count(": restored\n") == 4 and "-j MASQUERADE" in ref and "-j DNAT" in ref, ref
+    assert ours == ref, "\n".join(difflib.unified_diff(ref.splitlines(), ours.splitlines(),
+                                                      "kernel", "bpfilter", lineterm=""))
     for name, lines in expected.items():
         ref, ours = s[f"reference {name}"], s[f"bpfilter {name}"]
         # what the reference answers and sees, so that a probe that tests nothing shows

@@ -103,11 +103,31 @@ RULES
 	ip netns exec fw ip6tables-legacy -t nat -L -v -n -x
 }
 
+# Real rulesets with a nat table (../shared/realworld, in /etc/bpfilter-vm/): their
+# filter and nat tables (the others are not bpfilter's yet) restored in a namespace
+# of their own, and saved back with the counters.
+realworld_loads() {
+	for name in docker-classic-v27 docker-current-usernet-portmap docker-current-swarm-portmap \
+		libvirt-nat-network; do
+		ip netns del rw 2>/dev/null || true
+		ip netns add rw
+		awk '/^\*/ { keep = ($0 == "*nat" || $0 == "*filter") } keep' \
+			"/etc/bpfilter-vm/$name.rules" | ip netns exec rw iptables-legacy-restore
+		echo "$name: restored"
+		for table in nat filter; do
+			ip netns exec rw iptables-legacy-save -c -t $table | grep -v '^#'
+		done
+	done
+	ip netns del rw
+}
+
 phases() {
 	say "$1 nat"
 	nat_probes
 	say "$1 nat6"
 	nat6_probes
+	say "$1 realworld"
+	realworld_loads
 }
 
 trap 'say log; dmesg | sed -n "s/^\[ *\([0-9.]*\)\] \(bpfilter: .*\)/\1 \2/p"' EXIT
