@@ -560,6 +560,12 @@ def test_kmod_nat_table_through_the_kernels_nat_core(module):
                  "wan:82 tcp from 2001:db8:2::1 port high",
                  "wan:54 udp from 2001:db8:2::1 port high",   # NETMAP, then MASQUERADE
                  "fw:22 tcp from 2001:db8:1::2 port high")}
+    # A dead helper leaves the lookups registered; the next one recovers the table.
+    death = s["helper death"]
+    assert "helper killed\nafter-death tcp 10.1.0.1 8080: connected\n" \
+        "wan:80 tcp from 10.1.0.2 port high\n" in death, death
+    assert re.search(r"^\s+2\s+120 DNAT .*tcp dpt:8080 to:10.2.0.2:80$", death, re.M), death
+    assert "helper: a new one serves" in death
     # Docker's and libvirt's filter and nat tables load, and read back, as on ip_tables
     ref, ours = s["reference realworld"], s["bpfilter realworld"]
     assert ref.count(": restored\n") == 4 and "-j MASQUERADE" in ref and "-j DNAT" in ref, ref

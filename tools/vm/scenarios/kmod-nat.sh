@@ -130,19 +130,25 @@ phases() {
 	realworld_loads
 }
 
-trap 'say log; dmesg | sed -n "s/^\[ *\([0-9.]*\)\] \(bpfilter: .*\)/\1 \2/p"' EXIT
-phases reference
-say unload ip_tables ip6_tables
-for ns in fw lan wan; do ip netns del $ns; done
-for m in iptable_nat iptable_filter ip6table_nat ip6table_filter xt_nat xt_MASQUERADE \
-	xt_REDIRECT xt_NETMAP xt_mark xt_tcpudp ip_tables ip6_tables; do
-	loaded $m && unload $m
-done
-for m in ip_tables ip6_tables; do
-	loaded $m && echo "$m: loaded" || echo "$m: not loaded"
-done
-depmod -a
-modprobe bpfilter
-phases bpfilter
+reference_then_bpfilter iptable_nat iptable_filter ip6table_nat ip6table_filter xt_nat \
+	xt_MASQUERADE xt_REDIRECT xt_NETMAP xt_mark xt_tcpudp
+
+say helper death
+# The bindings are the kernel's and the lookups the module's: a dead helper takes
+# neither with it. A new connection is still bound by the chains, and the next
+# command's helper recovers the table, its counters included.
+nat_probes >/dev/null
+SERVE_PEERS=peers
+serve wan 20 80
+SERVE_PEERS=
+pid=$(helper_pid)
+kill -9 "$pid"
+while [ -d "/proc/$pid" ]; do sleep 0.1; done
+echo "helper killed"
+connect after-death lan 10.1.0.1 8080
+wait
+peers wan 80
+ip netns exec fw iptables-legacy -t nat -L PUBLISH -v -n -x
+[ "$(helper_pid)" != "$pid" ] && echo "helper: a new one serves"
 say objects
 bpf_objects

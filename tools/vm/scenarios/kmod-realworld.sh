@@ -178,19 +178,6 @@ phases() {
 	ufw6_probes
 }
 
-# bpfilter's refusals name the rule: show them, whatever ends the script
-trap 'say log; dmesg | sed -n "s/^\[ *\([0-9.]*\)\] \(bpfilter: .*\)/\1 \2/p"' EXIT
-phases reference
-say unload ip_tables ip6_tables
-for ns in fw lan wan; do ip netns del $ns; done
-for m in iptable_filter ip6table_filter ipt_REJECT ip6t_REJECT ip6t_rt xt_addrtype \
-	xt_conntrack xt_state xt_multiport xt_limit xt_hl xt_comment xt_LOG nf_log_syslog \
-	xt_tcpudp ip_tables ip6_tables; do
-	loaded $m && unload $m
-done
-for m in ip_tables ip6_tables; do
-	loaded $m && echo "$m: loaded" || echo "$m: not loaded"
-done
-depmod -a
-modprobe bpfilter
-phases bpfilter
+reference_then_bpfilter iptable_filter ip6table_filter ipt_REJECT ip6t_REJECT ip6t_rt \
+	xt_addrtype xt_conntrack xt_state xt_multiport xt_limit xt_hl xt_comment xt_LOG \
+	nf_log_syslog xt_tcpudp

@@ -99,3 +99,23 @@ router() {
 }
 # ask NAME NS ADDR PORT [SIZE [FROM]]: a UDP probe's outcome
 ask() { echo "$1 udp $3 $4${6:+ from $6}: $(ip netns exec $2 udp ask $3 $4 $5 $6)"; }
+
+# reference_then_bpfilter MODULE...: the scenario's `phases` run first against the
+# kernel's ip_tables and ip6_tables (the reference), then, with those and MODULE...
+# unloaded (and fw, lan and wan deleted), against bpfilter.ko. bpfilter's refusals
+# name the rule: the kernel log's lines are shown whatever ends the script.
+reference_then_bpfilter() {
+	trap 'say log; dmesg | sed -n "s/^\[ *\([0-9.]*\)\] \(bpfilter: .*\)/\1 \2/p"' EXIT
+	phases reference
+	say unload ip_tables ip6_tables
+	for ns in fw lan wan; do ip netns del $ns; done
+	for m in "$@" ip_tables ip6_tables; do
+		loaded $m && unload $m
+	done
+	for m in ip_tables ip6_tables; do
+		loaded $m && echo "$m: loaded" || echo "$m: not loaded"
+	done
+	depmod -a
+	modprobe bpfilter
+	phases bpfilter
+}
