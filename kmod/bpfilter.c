@@ -1285,7 +1285,8 @@ BTF_ID_FLAGS(func, bpfilter_reject, KF_TRUSTED_ARGS)
 BTF_ID_FLAGS(func, bpfilter_addr_type, KF_TRUSTED_ARGS)
 BTF_ID_FLAGS(func, bpfilter_addr_type6, KF_TRUSTED_ARGS)
 BTF_ID_FLAGS(func, bpfilter_nat, KF_TRUSTED_ARGS)		/* nat.c */
-BTF_ID_FLAGS(func, bpfilter_set_mark, KF_TRUSTED_ARGS)		/* nat.c */
+BTF_ID_FLAGS(func, bpfilter_set_mark, KF_TRUSTED_ARGS)		/* mark.c */
+BTF_ID_FLAGS(func, bpfilter_connmark, KF_TRUSTED_ARGS)		/* mark.c */
 BTF_KFUNCS_END(bpfilter_kfunc_ids)
 
 static const struct btf_kfunc_id_set bpfilter_kfunc_set = {
@@ -1487,7 +1488,7 @@ static int __init bpfilter_init(void)
 	 */
 	err = register_btf_kfunc_id_set(BPF_PROG_TYPE_NETFILTER, &bpfilter_kfunc_set);
 	if (err) {
-		pr_err("cannot register the kfuncs of REJECT, addrtype, the nat targets and MARK (error %d)\n", err);
+		pr_err("cannot register the kfuncs of REJECT, addrtype, the nat targets, MARK and CONNMARK (error %d)\n", err);
 		return err;
 	}
 	err = bpfilter_nat_init();

@@ -297,19 +297,6 @@ __bpf_kfunc int bpfilter_nat(struct sk_buff *skb, const struct nf_hook_state *st
 	}
 }
 
-/**
- * bpfilter_set_mark - what xt_mark's mark_tg() does: skb->mark = (skb->mark & ~mask) ^ mark
- * @skb: the packet, from the program's context
- * @mark: the rule's xt_mark_tginfo2 mark
- * @mask: its mask
- *
- * A netfilter program may read skb->mark but not write it.
- */
-__bpf_kfunc void bpfilter_set_mark(struct sk_buff *skb, u32 mark, u32 mask)
-{
-	skb->mark = (skb->mark & ~mask) ^ mark;
-}
-
 __bpf_kfunc_end_defs();
 
 int bpfilter_nat_init(void)

@@ -425,7 +425,8 @@ def test_kmod_kfuncs(module, kfuncs):
     assert "ip6_tables: not loaded" in s["unload ip6_tables"]
 
     depends = re.search(r"^depends: (.*)$", s["modprobe"], re.M)[1]
-    assert set(depends.split(",")) == {"nf_conntrack", "nf_reject_ipv4", "nf_reject_ipv6"}
+    assert set(depends.split(",")) == {"nf_conntrack", "nf_nat", "nf_reject_ipv4",
+                                       "nf_reject_ipv6"}
     for dep in ("nf_reject_ipv4", "nf_reject_ipv6", "nf_conntrack"):
         assert f"{dep} used by: bpfilter," in s["modprobe"], s["modprobe"]
 
@@ -433,13 +434,18 @@ def test_kmod_kfuncs(module, kfuncs):
     assert "kfunc bpfilter_addr_type6: state addr_hi addr_lo flags\n" in s["btf"], s["btf"]
     assert "kfunc bpfilter_addr_type: state addr flags\n" in s["btf"], s["btf"]
     assert "kfunc bpfilter_reject: skb state with\n" in s["btf"], s["btf"]
+    assert "kfunc bpfilter_nat: skb state range range__sz how\n" in s["btf"], s["btf"]
+    assert "kfunc bpfilter_set_mark: skb mark mask\n" in s["btf"], s["btf"]
+    assert "kfunc bpfilter_connmark: skb ctmark ctmask nfmask how\n" in s["btf"], s["btf"]
 
     # test_run: reject -EINVAL three times, addr_type 16 (no type) three times,
-    # addr_type6 0 three times
+    # addr_type6 0 three times, nat -EINVAL for each target (no namespace, no
+    # conntrack entry), connmark nothing written in each mode
     runs = re.findall(r"^(.+): (Return value: \d+); answers: (.*)$", s["test run"], re.M)
     assert len(runs) == 2 + 6 * 4, s["test run"]
     for name, ret, answers in runs:
-        assert (ret, answers) == ("Return value: 1", "-22 -22 -22 16 16 16 0 0 0"), name
+        assert (ret, answers) == ("Return value: 1", "-22 -22 -22 16 16 16 0 0 0 "
+                                  "-22 -22 -22 -22 -22 0 0 0"), name
 
     # REJECT at FORWARD, each kind ip6tables has; what the probes meet is the same
     ref, ours = s["reference reject6"], s["bpfilter reject6"]

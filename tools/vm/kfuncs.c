@@ -6,14 +6,17 @@
  * module's BTF object id (bpftool btf dump file /sys/kernel/btf/bpfilter,
  * bpftool btf show), 0 leaving a kfunc out (a module without it).
  *
- *   kfuncs probe DIR BTF_OBJ REJECT ADDR_TYPE ADDR_TYPE6
+ *   kfuncs probe DIR BTF_OBJ REJECT ADDR_TYPE ADDR_TYPE6 [NAT SET_MARK CONNMARK]
  *       pins DIR/prog, a program that calls every kfunc with the skb and the state
  *       of its context: bpfilter_reject() with 3, 6 and 7 (port-unreachable,
  *       host-prohibited and tcp-reset for IPv4; addr-unreach, tcp-reset and
  *       policy-fail for IPv6), bpfilter_addr_type() for 127.0.0.1 and
  *       bpfilter_addr_type6() for ::1, each with flags 0, limit-iface-in and
- *       limit-iface-out; it keeps their answers in DIR/results and returns
- *       NF_ACCEPT. What BPF_PROG_TEST_RUN gives it is up to `bpftool prog run`.
+ *       limit-iface-out; bpfilter_nat() for each of its five targets with a zeroed
+ *       struct nf_nat_range2, bpfilter_set_mark() (no answer), bpfilter_connmark()
+ *       in each of its three modes (the low 32 bits of its answer); it keeps their
+ *       answers in DIR/results and returns NF_ACCEPT. What BPF_PROG_TEST_RUN gives
+ *       it is up to `bpftool prog run`.
  *   kfuncs hook DIR BTF_OBJ REJECT ADDR_TYPE6 FROM_SKB SLICE PF HOOKNUM WITH
  *       pins DIR/prog and DIR/link, a program attached at the netfilter hook
  *       HOOKNUM of family PF in the caller's namespace that drops every packet;
@@ -56,7 +59,10 @@
 
 static const int reject_with[] = { 3, 6, 7 };
 static const int addrtype_flags[] = { 0, XT_ADDRTYPE_LIMIT_IFACE_IN, XT_ADDRTYPE_LIMIT_IFACE_OUT };
-#define RESULTS 9
+#define NAT_HOWS 5
+#define CONNMARK_MODES 3
+#define NAT_RANGE2_SIZE 44
+#define RESULTS (9 + NAT_HOWS + CONNMARK_MODES)
 #define UNSET INT32_MIN
 
 #define INSN(c, d, s, o, i) \
@@ -178,9 +184,10 @@ static int module_btf(int btf_obj)
 	return fd;
 }
 
-static int probe(const char *dir, int btf_obj, int reject, int addr_type, int addr_type6)
+static int probe(const char *dir, int btf_obj, int reject, int addr_type, int addr_type6,
+		 int nat, int set_mark, int connmark)
 {
-	struct bpf_insn insns[128];
+	struct bpf_insn insns[256];
 	int n = 0, slot = 0, map, prog, btf, i;
 
 	btf = module_btf(btf_obj);
@@ -222,6 +229,40 @@ static int probe(const char *dir, int btf_obj, int reject, int addr_type, int ad
 		insns[n++] = LD_IMM64_HI(1ULL << 56);
 		insns[n++] = MOV64_IMM(BPF_REG_4, addrtype_flags[i]);
 		insns[n++] = CALL_KFUNC(addr_type6);
+		insns[n++] = STX_W(BPF_REG_9, BPF_REG_0, slot * 4);
+	}
+	for (i = 0; i < NAT_HOWS; i++, slot++) {
+		if (!nat)
+			continue;
+		/* a zeroed range on the stack, 44 bytes at fp-48 */
+		insns[n++] = MOV64_IMM(BPF_REG_1, 0);
+		for (int at = -48; at < -4; at += 8)
+			insns[n++] = STX_DW(BPF_REG_10, BPF_REG_1, at);
+		insns[n++] = STX_W(BPF_REG_10, BPF_REG_1, -8);
+		insns[n++] = MOV64_REG(BPF_REG_1, BPF_REG_8);
+		insns[n++] = MOV64_REG(BPF_REG_2, BPF_REG_7);
+		insns[n++] = MOV64_REG(BPF_REG_3, BPF_REG_10);
+		insns[n++] = ADD64_IMM(BPF_REG_3, -48);
+		insns[n++] = MOV64_IMM(BPF_REG_4, NAT_RANGE2_SIZE);
+		insns[n++] = MOV64_IMM(BPF_REG_5, i);
+		insns[n++] = CALL_KFUNC(nat);
+		insns[n++] = STX_W(BPF_REG_9, BPF_REG_0, slot * 4);
+	}
+	if (set_mark) {
+		insns[n++] = MOV64_REG(BPF_REG_1, BPF_REG_8);
+		insns[n++] = MOV64_IMM(BPF_REG_2, 0x5);
+		insns[n++] = MOV64_IMM(BPF_REG_3, 0xff);
+		insns[n++] = CALL_KFUNC(set_mark);
+	}
+	for (i = 0; i < CONNMARK_MODES; i++, slot++) {
+		if (!connmark)
+			continue;
+		insns[n++] = MOV64_REG(BPF_REG_1, BPF_REG_8);
+		insns[n++] = MOV64_IMM(BPF_REG_2, 0x5);
+		insns[n++] = MOV64_IMM(BPF_REG_3, 0xff);
+		insns[n++] = MOV64_IMM(BPF_REG_4, 0xff);
+		insns[n++] = MOV64_IMM(BPF_REG_5, i);
+		insns[n++] = CALL_KFUNC(connmark);
 		insns[n++] = STX_W(BPF_REG_9, BPF_REG_0, slot * 4);
 	}
 	insns[n++] = MOV64_IMM(BPF_REG_0, NF_ACCEPT);
@@ -396,8 +437,10 @@ static int results(const char *dir)
 
 int main(int argc, char **argv)
 {
-	if (argc == 7 && !strcmp(argv[1], "probe"))
-		return probe(argv[2], atoi(argv[3]), atoi(argv[4]), atoi(argv[5]), atoi(argv[6]));
+	if ((argc == 7 || argc == 10) && !strcmp(argv[1], "probe"))
+		return probe(argv[2], atoi(argv[3]), atoi(argv[4]), atoi(argv[5]), atoi(argv[6]),
+			     argc == 10 ? atoi(argv[7]) : 0, argc == 10 ? atoi(argv[8]) : 0,
+			     argc == 10 ? atoi(argv[9]) : 0);
 	if (argc == 11 && !strcmp(argv[1], "hook"))
 		return hook(argv[2], atoi(argv[3]), atoi(argv[4]), atoi(argv[5]), atoi(argv[6]),
 			    atoi(argv[7]), atoi(argv[8]), atoi(argv[9]), atoi(argv[10]));
@@ -405,7 +448,7 @@ int main(int argc, char **argv)
 		return results(argv[2]);
 	if (argc == 5 && !strcmp(argv[1], "send6"))
 		return send6(argv[2], argv[3], atoi(argv[4]));
-	fprintf(stderr, "usage: kfuncs probe DIR BTF_OBJ REJECT ADDR_TYPE ADDR_TYPE6 | "
+	fprintf(stderr, "usage: kfuncs probe DIR BTF_OBJ REJECT ADDR_TYPE ADDR_TYPE6 [NAT SET_MARK CONNMARK] | "
 		"kfuncs hook DIR BTF_OBJ REJECT ADDR_TYPE6 FROM_SKB SLICE PF HOOKNUM WITH | "
 		"kfuncs results DIR | kfuncs send6 SRC DST PORT\n");
 	return 2;

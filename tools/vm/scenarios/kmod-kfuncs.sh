@@ -117,7 +117,7 @@ echo "$btf" | awk '
 	/^\[[0-9]+\] FUNC_PROTO / { id = substr($1, 2, length($1) - 2); inproto = 1; next }
 	/^\[/ { inproto = 0 }
 	inproto && /^\t/ { gsub("\047", "", $1); protos[id] = protos[id] " " $1 }
-	/^\[[0-9]+\] FUNC \047bpfilter_(reject|addr_type|addr_type6)\047/ {
+	/^\[[0-9]+\] FUNC \047bpfilter_(reject|addr_type|addr_type6|nat|set_mark|connmark)\047/ {
 		name = $3; gsub("\047", "", name); split($4, t, "="); funcs[name] = t[2]
 	}
 	END { for (f in funcs) print "kfunc " f ":" protos[funcs[f]] }' | sort
@@ -126,10 +126,14 @@ obj=$(bpftool btf show | sed -n 's/^\([0-9]*\): name \[*bpfilter\]* .*/\1/p')
 reject=$(id_of bpfilter_reject)
 addr_type=$(id_of bpfilter_addr_type)
 addr_type6=$(id_of bpfilter_addr_type6)
+nat=$(id_of bpfilter_nat)
+set_mark=$(id_of bpfilter_set_mark)
+connmark=$(id_of bpfilter_connmark)
 
 say test run
 mkdir /sys/fs/bpf/kfuncs
-kfuncs probe /sys/fs/bpf/kfuncs "$obj" "$reject" "$addr_type" "$addr_type6"
+kfuncs probe /sys/fs/bpf/kfuncs "$obj" "$reject" "$addr_type" "$addr_type6" "$nat" "$set_mark" \
+	"$connmark"
 echo "probe loaded"
 hex() { echo "$1" | tr -d ' ' | xxd -r -p >"$2"; }
 # bpf_prog_test_run_nf() wants the link-layer header at every hook but LOCAL_OUT
@@ -206,7 +210,7 @@ attach -1
 for src in $SOURCES; do
 	ip netns exec cli kfuncs send6 $src 2001:db8:2::2 9
 	tries=0
-	until answers=$(kfuncs results /tmp/bpf/hook) && [ "$answers" != "- - - - - - - - -" ]; do
+	until answers=$(kfuncs results /tmp/bpf/hook) && echo "$answers" | grep -q '[0-9]'; do
 		tries=$((tries + 1)); [ $tries -lt 20 ] || break
 		sleep 0.1
 	done
@@ -221,7 +225,8 @@ for ns in cli rtr srv; do ip netns del $ns; done
 
 say rmmod
 mkdir /sys/fs/bpf/kfuncs
-kfuncs probe /sys/fs/bpf/kfuncs "$obj" "$reject" "$addr_type" "$addr_type6"
+kfuncs probe /sys/fs/bpf/kfuncs "$obj" "$reject" "$addr_type" "$addr_type6" "$nat" "$set_mark" \
+	"$connmark"
 # a program calling the module's kfuncs holds the module
 rmmod bpfilter 2>/dev/null && echo "with a program: unloaded" || echo "with a program: in use"
 rm -r /sys/fs/bpf/kfuncs

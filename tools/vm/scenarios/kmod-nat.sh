@@ -48,6 +48,20 @@ nat_probes() {
 -A POSTROUTING -s 10.1.0.2/32 -o vout0 -p tcp -m tcp --dport 82 -j SNAT --to-source 10.2.0.1
 -A POSTROUTING -o vout0 -p tcp -m tcp --dport 80 ! -s 10.1.0.0/24 -j MASQUERADE --to-ports 40000-40100
 COMMIT
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A FORWARD -j CONNMARK --restore-mark --mask 0xff
+-A FORWARD -p tcp -m mark --mark 0x5/0xff
+-A FORWARD -p tcp -m tcp --dport 81 -m connmark --mark 0x0/0xff -j CONNMARK --set-xmark 0x5/0xff
+-A FORWARD -m connmark --mark 0x5/0xff
+-A FORWARD -p udp -m connmark ! --mark 0x5/0xff
+-A FORWARD -p udp -j MARK --set-xmark 0x30/0xf0
+-A FORWARD -p udp -j CONNMARK --save-mark --nfmask 0xf0 --ctmask 0xf0
+-A FORWARD -p udp -m connmark --mark 0x30/0xf0
+-A FORWARD -j CONNMARK --set-mark 0x100/0x100 --left-shift-mark 1
+COMMIT
 RULES
 	SERVE_PEERS=peers
 	serve wan 25 80 81 82 53 54
@@ -66,6 +80,8 @@ RULES
 	for port in 80 81 82 53 54; do peers wan $port; done
 	peers fw 22
 	ip netns exec fw iptables-legacy -t nat -L -v -n -x
+	echo
+	ip netns exec fw iptables-legacy -L FORWARD -v -n -x
 }
 
 # The same through ip6tables' nat table, on lib.sh's IPv6 router (2001:db8:1::/64 on
@@ -131,7 +147,7 @@ phases() {
 }
 
 reference_then_bpfilter iptable_nat iptable_filter ip6table_nat ip6table_filter xt_nat \
-	xt_MASQUERADE xt_REDIRECT xt_NETMAP xt_mark xt_tcpudp
+	xt_MASQUERADE xt_REDIRECT xt_NETMAP xt_mark xt_connmark xt_tcpudp
 
 say helper death
 # The bindings are the kernel's and the lookups the module's: a dead helper takes

@@ -329,4 +329,4 @@ from . import (addrtype, comment, conntrack, icmp, iprange, length, limit, log, 
 # IPv6's extension-header matches, esp (both families) and IPv4's ah
 from . import ah, esp, eui64, frag, hbh, ipv6header, mh, rt  # noqa: E402,F401
 # the nat table's targets, and what kube-proxy's rules use with them
-from . import nat, statistic  # noqa: E402,F401
+from . import connmark, nat, statistic  # noqa: E402,F401
