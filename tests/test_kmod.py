@@ -73,6 +73,20 @@ def sections(output: str) -> dict[str, str]:
     return dict(zip(parts[1::2], parts[2::2]))
 
 
+def reference_then_bpfilter(scenario: str, extra: dict, timeout: int) -> dict[str, str]:
+    """The sections of a scenario built on lib.sh's reference_then_bpfilter: it ran to
+    its end, with nothing amiss on the console, and ip_tables and ip6_tables were
+    unloaded between its two phases."""
+    result = harness.run_scenario((ROOT / "tools/vm/scenarios" / scenario).read_text(), extra,
+                                  timeout=timeout)
+    assert result.status == 0, result.output
+    assert not BAD_CONSOLE.search(result.console), result.console
+    s = sections(result.output)
+    print(f"guest run: {result.seconds:.1f} s")
+    assert "ip_tables: not loaded\nip6_tables: not loaded" in s["unload ip_tables ip6_tables"]
+    return s
+
+
 def helper_start_times(log: str) -> list[float]:
     """Seconds from each helper's start to its serving the device, from the kernel log."""
     times, started = [], None
@@ -182,8 +196,6 @@ def test_kmod_end_to_end(module, nocap, sockopt):
     assert "bpfilter: refusing to load ip_tables: bpfilter handles iptables" in log
     assert "bpfilter: bpfilter.ko is unloading: detaching every table" in log
     assert "ip_tables is loaded; unload it (and iptable_*) first" in log
-    for bad in ("WARNING:", "BUG:", "Call Trace:"):
-        assert bad not in result.console, result.console
 
 
 def test_kmod_conntrack_and_reject(module):
@@ -229,8 +241,6 @@ def test_kmod_conntrack_and_reject(module):
     assert "with REJECT rules: in use\nbpfilter: unloaded\n" in s["rmmod"]
 
     assert "ip_tables: not loaded" in s["unload ip_tables"]
-    for bad in ("WARNING:", "BUG:", "Call Trace:"):
-        assert bad not in result.console, result.console
 
 
 def test_kmod_addrtype_and_realworld_rulesets(module):
@@ -245,13 +255,7 @@ def test_kmod_addrtype_and_realworld_rulesets(module):
              f"/boot/config-{kver}": str(harness.kernel_tree(kver) / f"boot/config-{kver}"),
              **{f"/etc/bpfilter-vm/{name}.rules": str(ROOT / f"tests/realworld/{name}.rules")
                 for name in ("fail2ban", "ufw", "firewalld.ip6", "ufw.ip6")}}
-    script = (ROOT / "tools/vm/scenarios/kmod-realworld.sh").read_text()
-    result = harness.run_scenario(script, extra, timeout=1200)
-    out = result.output
-    assert result.status == 0, out
-    s = sections(out)
-    print(f"guest run: {result.seconds:.1f} s")
-    assert "ip_tables: not loaded\nip6_tables: not loaded" in s["unload ip_tables ip6_tables"]
+    s = reference_then_bpfilter("kmod-realworld.sh", extra, timeout=1200)
 
     # what the reference answers, so that a probe that tests nothing shows
     expected = {
@@ -306,8 +310,6 @@ def test_kmod_addrtype_and_realworld_rulesets(module):
     assert len(rejects) == 2 and "0" not in rejects, s["bpfilter firewalld6"]
     assert len(re.findall(r"^\s+1\s+\d+ ACCEPT .*ipv6-icmptype 13[56] HL match HL == 255$",
                           s["bpfilter ufw6"], re.M)) == 2, s["bpfilter ufw6"]
-    for bad in ("WARNING:", "BUG:", "Call Trace:"):
-        assert bad not in result.console, result.console
 
 
 def test_kmod_ipv6_reject_addrtype_conntrack(module):
@@ -402,8 +404,6 @@ def test_kmod_ipv6_reject_addrtype_conntrack(module):
     assert "bpf programs: 0 netfilter links: 0\nhelper file: removed\n" in rmmod
     assert "ip6_tables_names: removed\nnew flow: conntrack entries +0" in rmmod
     assert "refus" not in s["log"], s["log"]
-    for bad in ("WARNING:", "BUG:", "Call Trace:"):
-        assert bad not in result.console, result.console
 
 
 def test_kmod_kfuncs(module, kfuncs):
@@ -541,13 +541,7 @@ def test_kmod_nat_table_through_the_kernels_nat_core(module):
              **{f"/etc/bpfilter-vm/{name}.rules": str(ROOT / f"tests/realworld/nat/{name}.rules")
                 for name in ("docker-classic-v27", "docker-current-usernet-portmap",
                              "docker-current-swarm-portmap", "libvirt-nat-network")}}
-    script = (ROOT / "tools/vm/scenarios/kmod-nat.sh").read_text()
-    result = harness.run_scenario(script, extra, timeout=900)
-    out = result.output
-    assert result.status == 0, out
-    s = sections(out)
-    print(f"guest run: {result.seconds:.1f} s")
-    assert "ip_tables: not loaded\nip6_tables: not loaded" in s["unload ip_tables ip6_tables"]
+    s = reference_then_bpfilter("kmod-nat.sh", extra, timeout=900)
     expected = {
         "nat": ("nat tcp 10.1.0.1 8080: connected", "nat udp 10.1.0.1 5353: reply",
                 "nat tcp 10.2.0.2 81: connected", "nat tcp 10.2.0.2 82: connected",
