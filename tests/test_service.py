@@ -1353,8 +1353,7 @@ def test_bad_input_leaves_the_ruleset_filtering(svc, nets):
     unchanged()
 
     # -- what bpfilter does not implement: refused whole, by rule and extension
-    for rule, names in (("-m statistic --mode nth --every 2 --packet 0 -j ACCEPT",
-                         "match 'statistic'"),
+    for rule, names in (("-m recent --name x --rcheck -j ACCEPT", "match 'recent'"),
                         ("-p tcp -j REJECT --reject-with tcp-reset",
                          "target 'REJECT' needs bpfilter.ko (kernel module mode)")):
         text = USER_CHAINS.replace("COMMIT", f"-A X {rule}\nCOMMIT")
