@@ -20,15 +20,20 @@ from .model import Family
 
 
 def exists(netns_path: str, family: Family, name: str) -> bool:
-    """Whether the kernel has made its table `name` in that namespace (read from
-    its names file: asking ip_tables for the table would make it)."""
+    """Whether the kernel has made its table `name` in that namespace."""
     with netns.entered(netns_path):
-        # thread-self: /proc/net is the thread group leader's namespace
-        try:
-            with open(f"/proc/thread-self/net/{families.of(family).names_file}") as names:
-                return name in names.read().split()
-        except FileNotFoundError:   # no x_tables for that family in this kernel
-            return False
+        return _listed(family, name)
+
+
+def _listed(family: Family, name: str) -> bool:
+    """Whether the calling thread's namespace has the kernel's table `name`, read from
+    its names file (asking ip_tables for the table would make it)."""
+    # thread-self: /proc/net is the thread group leader's namespace
+    try:
+        with open(f"/proc/thread-self/net/{families.of(family).names_file}") as names:
+            return name in names.read().split()
+    except FileNotFoundError:   # no x_tables for that family in this kernel
+        return False
 
 
 @functools.lru_cache(maxsize=None)
@@ -40,9 +45,9 @@ def _initial(family: Family, name: str):
 def filters(netns_path: str, family: Family, name: str) -> bool:
     """Whether the kernel's table `name` exists there and can decide a packet
     otherwise than ACCEPT: it holds a rule, or a policy other than ACCEPT."""
-    if not exists(netns_path, family, name):
-        return False
     with netns.entered(netns_path):
+        if not _listed(family, name):
+            return False
         info = codec.parse_getinfo(sockopt.get_info(name, family))
         initial, entries = _initial(family, name)
         if (info["size"], info["num_entries"]) != (initial.size, initial.num_entries):

@@ -114,7 +114,7 @@ class Reservation:
     """What a request holds of a Budget (None: of none, a check's own process)."""
 
     def __init__(self, budget: Optional["Budget"], nbytes: int, cgroup: Optional[str]):
-        self.budget, self.nbytes, self.cgroup = budget, nbytes, cgroup
+        self.budget, self.nbytes = budget, nbytes
         self.levels = _levels(cgroup) if cgroup else []
         self.owner = os.getpid()   # a forked child's copy reserves nothing
 

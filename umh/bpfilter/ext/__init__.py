@@ -225,6 +225,14 @@ def decode_match(name: str, revision: int, payload: bytes, ip: IpHeader, family:
     return match
 
 
+def match_key(rule: Rule, match: Match) -> int:
+    """The key of a match's own state (limit's bucket, statistic's nth counter): its
+    rule's entry and its position in the rule, by identity, so that two equal
+    matches in one rule have a state each, as the kernel's checkentry makes them."""
+    position = next(i for i, other in enumerate(rule.matches) if other is match)
+    return rule.entry << 32 | position
+
+
 def _hook_names(mask: int) -> str:
     return "/".join(h.chain_name for h in Hook if mask & (1 << h.value))
 

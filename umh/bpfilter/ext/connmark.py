@@ -30,7 +30,6 @@ from ..packet import facts
 from ..packet.primitives import emit_masked_equal
 from . import (BOTH_FAMILIES, MODULE, MatchExtension, TargetExtension, missing_kfunc,
                register_match, register_target, xt_invert)
-from .mark import _s32
 
 CONNMARK_KFUNC = Kfunc("bpfilter_connmark", MODULE)
 XT_CONNMARK_SET, XT_CONNMARK_SAVE, XT_CONNMARK_RESTORE = 0, 1, 2
@@ -188,8 +187,8 @@ class _Connmark(TargetExtension):
         done = asm.label("connmark_done")
         how = t.mode | t.shift_dir << 8 | t.shift_bits << 16
         asm.emit(BPF_LDX_MEM(BPF_DW, R1, R6, facts.SKB),
-                 BPF_MOV64_IMM(R2, _s32(t.ctmark)), BPF_MOV64_IMM(R3, _s32(t.ctmask)),
-                 BPF_MOV64_IMM(R4, _s32(t.nfmask)), BPF_MOV64_IMM(R5, how),
+                 BPF_MOV64_IMM(R2, t.ctmark), BPF_MOV64_IMM(R3, t.ctmask),
+                 BPF_MOV64_IMM(R4, t.nfmask), BPF_MOV64_IMM(R5, how),
                  BPF_CALL_KFUNC(CONNMARK_KFUNC),
                  BPF_MOV64_REG(R1, R0), BPF_ALU64_IMM(I.BPF_RSH, R1, 32),
                  BPF_JMP_IMM(I.BPF_JEQ, R1, 0, done),

@@ -47,7 +47,7 @@ from ..packet import facts
 from ..packet.primitives import HOTDROP, MISMATCH
 from ..errors import BpfilterError
 from ..model import Match, Table
-from . import BOTH_FAMILIES, MatchExtension, register_match
+from . import BOTH_FAMILIES, MatchExtension, match_key, register_match
 
 XT_LIMIT_SCALE = 10000
 U32 = 0xFFFFFFFF
@@ -162,7 +162,7 @@ class Limit(MatchExtension):
         out.hotdrops = True
         asm.emit(BPF_MOV64_REG(R1, MISMATCH), BPF_ALU64_REG(I.BPF_OR, R1, HOTDROP),
                  BPF_JMP_IMM(I.BPF_JNE, R1, 0, done),
-                 BPF_LD_IMM64(R1, bucket_key(out.rule, m)), BPF_STX_MEM(BPF_DW, R6, R1, _KEY),
+                 BPF_LD_IMM64(R1, match_key(out.rule, m)), BPF_STX_MEM(BPF_DW, R6, R1, _KEY),
                  BPF_LD_MAP_FD(R1, LIMITS), BPF_MOV64_REG(R2, R6),
                  BPF_ALU64_IMM(I.BPF_ADD, R2, _KEY),
                  BPF_EMIT_CALL(I.BPF_FUNC_map_lookup_elem),
@@ -196,15 +196,8 @@ class Limit(MatchExtension):
         asm.place(done)
 
 
-def bucket_key(rule, match: LimitMatch) -> int:
-    """The bucket of a limit match: its rule's entry and its position in the rule
-    (by identity: two equal limit matches in one rule have a bucket each)."""
-    position = next(i for i, other in enumerate(rule.matches) if other is match)
-    return rule.entry << 32 | position
-
-
 def buckets(table: Table) -> list[tuple[int, LimitMatch]]:
-    return [(bucket_key(rule, m), m) for chain in table.chains.values()
+    return [(match_key(rule, m), m) for chain in table.chains.values()
             for rule in chain.rules for m in rule.matches if isinstance(m, LimitMatch)]
 
 

@@ -118,14 +118,11 @@ class SetMark(TargetExtension):
 
     def emit(self, target: MarkTarget, asm, next_rule) -> None:
         asm.emit(BPF_LDX_MEM(BPF_DW, R1, R6, facts.SKB),
-                 BPF_MOV64_IMM(R2, _s32(target.mark)), BPF_MOV64_IMM(R3, _s32(target.mask)),
+                 # u32 immediates: Insn.encode() keeps their low 32 bits
+                 BPF_MOV64_IMM(R2, target.mark), BPF_MOV64_IMM(R3, target.mask),
                  BPF_CALL_KFUNC(SET_MARK_KFUNC),
                  BPF_LDX_MEM(BPF_W, R1, R6, facts.MARK),
-                 BPF_ALU32_IMM(I.BPF_AND, R1, _s32(~target.mask & 0xFFFFFFFF)),
-                 BPF_ALU32_IMM(I.BPF_XOR, R1, _s32(target.mark)),
+                 BPF_ALU32_IMM(I.BPF_AND, R1, ~target.mask & 0xFFFFFFFF),
+                 BPF_ALU32_IMM(I.BPF_XOR, R1, target.mark),
                  BPF_STX_MEM(BPF_W, R6, R1, facts.MARK))
 
-
-def _s32(value: int) -> int:
-    """A u32 as the signed 32-bit immediate that holds its bits."""
-    return value - (1 << 32) if value & 0x80000000 else value

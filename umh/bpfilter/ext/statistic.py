@@ -36,7 +36,7 @@ from ..errors import BpfilterError
 from ..model import Match, Table
 from ..packet import facts
 from ..packet.primitives import HOTDROP, MISMATCH
-from . import BOTH_FAMILIES, MatchExtension, register_match
+from . import BOTH_FAMILIES, MatchExtension, match_key, register_match
 
 XT_STATISTIC_MODE_RANDOM, XT_STATISTIC_MODE_NTH = 0, 1
 XT_STATISTIC_INVERT = 0x1
@@ -127,7 +127,7 @@ class Statistic(MatchExtension):
                      BPF_JMP_REG(I.BPF_JLT, R2, R1, decided), BPF_MOV64_IMM(R0, 1))
         else:
             found = asm.label("statistic_found")
-            asm.emit(BPF_LD_IMM64(R1, _key(out.rule, m)), BPF_STX_MEM(BPF_DW, R6, R1, _KEY),
+            asm.emit(BPF_LD_IMM64(R1, match_key(out.rule, m)), BPF_STX_MEM(BPF_DW, R6, R1, _KEY),
                      BPF_LD_MAP_FD(R1, COUNTERS), BPF_MOV64_REG(R2, R6),
                      BPF_ALU64_IMM(I.BPF_ADD, R2, _KEY),
                      BPF_EMIT_CALL(I.BPF_FUNC_map_lookup_elem),
@@ -150,13 +150,7 @@ class Statistic(MatchExtension):
         asm.place(skip)
 
 
-def _key(rule, match: StatisticMatch) -> int:
-    """A match's counter: its rule's entry and its position in the rule."""
-    position = next(i for i, other in enumerate(rule.matches) if other is match)
-    return rule.entry << 32 | position
-
-
 def _nth_matches(table: Table) -> list[tuple[int, StatisticMatch]]:
-    return [(_key(rule, m), m) for chain in table.chains.values() for rule in chain.rules
+    return [(match_key(rule, m), m) for chain in table.chains.values() for rule in chain.rules
             for m in rule.matches
             if isinstance(m, StatisticMatch) and m.mode == XT_STATISTIC_MODE_NTH]
