@@ -16,7 +16,7 @@ from bpfilter import forked
 from bpfilter.decode import table_from_blob
 from bpfilter.compiler import classifier, multifield
 from bpfilter.compiler.classifier import Run, segments
-from bpfilter.compiler.runs import (MAIN, PROJECTION, RECORD_SIZE, UNWALKED, VERDICT_ACCEPT,
+from bpfilter.compiler.runs import (CALLS, MAIN, PROJECTION, RECORD_SIZE, UNWALKED, VERDICT_ACCEPT,
                                     VERDICT_DROP, VERDICT_HOTDROP, TupleSpace, lower, port_blocks)
 from bpfilter.compiler.multifield import MultiFieldRun
 from bpfilter.ext.tcp import TcpMatch
@@ -581,3 +581,28 @@ def test_what_covers_a_rule():
     assert covers(ip_only, port80) and covers(ip_only, tcp16) and covers(ports, port80)
     assert not covers(port80, ports) and not covers(ports, tcp16)   # a fragment matches tcp16
     assert not covers(ip_only, any16) and covers(any16, tcp16)
+
+
+def test_a_run_of_jumps_is_one_run_whatever_its_number_of_chains():
+    """kube-proxy's KUBE-SERVICES: one `-d VIP -p tcp --dport P -j KUBE-SVC-X` per
+    service is one tuple, each key naming its chain among the run's calls."""
+    decls = "\n".join(f":SVC{i} -" for i in range(300))
+    rules = chain_rules(decls + "\n" + "\n".join(
+        f"-A INPUT -d 172.30.{i // 256}.{i % 256} -p tcp --dport {80 + i % 3} -j SVC{i}"
+        for i in range(300)))
+    [run] = segments(rules, TupleSpace())
+    assert isinstance(run, Run) and len(run.rules) == 300 and len(run.tuples) == 1
+    assert [target.chain for target in run.calls] == [f"SVC{i}" for i in range(300)]
+    assert sorted(value for _, value in run.keys.values() if value >= CALLS) == \
+        list(range(CALLS, CALLS + 300))
+
+
+def test_a_rule_sharing_the_key_of_a_jump_starts_a_new_run():
+    """The lookup would find the -j rule again after its chain returns, never the later
+    rule: that rule cannot be in the run (a -g, or a verdict, holding it can)."""
+    decls = ":J -\n:G -\n"
+    first = [f"-A INPUT -d 10.0.0.{i} -j J" for i in range(1, 21)]
+    again = ["-A INPUT -d 10.0.0.3 -j ACCEPT"]
+    rest = [f"-A INPUT -d 10.0.1.{i} -g G" for i in range(1, 21)] + ["-A INPUT -d 10.0.1.3 -j DROP"]
+    a, b = segments(chain_rules(decls + "\n".join(first + again + rest)), TupleSpace())
+    assert len(a.rules) == 20 and a.cut_by is b.rules[0] and len(b.rules) == 22

@@ -14,7 +14,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools" / "vm"))
+sys.path.insert(0, str(ROOT / "tools" / "bench"))
 import harness  # noqa: E402
+import kubeproxy  # noqa: E402
 
 pytestmark = pytest.mark.vm
 
@@ -530,7 +532,30 @@ def test_kmod_rmmod_races_and_helper_deaths(module, sockopt):
                      re.M), race
 
 
-def test_kmod_nat_table_through_the_kernels_nat_core(module):
+# kmod-nat.sh's kube-proxy-shaped ruleset: this many Services
+KUBE_SERVICES = 30
+
+
+def _kube_listing(text: str, random_chains: set[str]) -> str:
+    """_listing's lines, without the counters of the rules in `random_chains` (where
+    statistic's coin decided)."""
+    out, chain = [], None
+    for line in _listing(text).splitlines():
+        if line.startswith("Chain "):
+            chain = line.split()[1]
+        elif chain in random_chains and re.match(r"\s+\d+\s+\d+ ", line):
+            line = re.sub(r"^\s+\d+\s+\d+ ", "", line)
+        out.append(line)
+    return "\n".join(out)
+
+
+def _chain_counters(text: str, chain: str) -> list[int]:
+    """The packet counters of the chain's rules in the first listing of it."""
+    body = re.search(rf"^Chain {re.escape(chain)} .*\n.*\n((?:\s+\d+\s+\d+ .*\n)*)", text, re.M)
+    return [int(line.split()[0]) for line in body[1].splitlines()]
+
+
+def test_kmod_nat_table_through_the_kernels_nat_core(module, tmp_path):
     """The nat table: DNAT (PREROUTING and OUTPUT), SNAT, MASQUERADE (by a mark set
     with -j MARK, and with a port range), REDIRECT and NETMAP on a router between two
     namespaces, bound by the kernel's NAT core (kmod/nat.c): the servers see the same
@@ -541,6 +566,9 @@ def test_kmod_nat_table_through_the_kernels_nat_core(module):
              **{f"/etc/bpfilter-vm/{name}.rules": str(ROOT / f"tests/realworld/nat/{name}.rules")
                 for name in ("docker-classic-v27", "docker-current-usernet-portmap",
                              "docker-current-swarm-portmap", "libvirt-nat-network")}}
+    kube = tmp_path / "kube-proxy.rules"
+    kube.write_text(kubeproxy.iptables(KUBE_SERVICES))
+    extra["/etc/bpfilter-vm/kube-proxy.rules"] = str(kube)
     s = reference_then_bpfilter("kmod-nat.sh", extra, timeout=900)
     expected = {
         "nat": ("nat tcp 10.1.0.1 8080: connected", "nat udp 10.1.0.1 5353: reply",
@@ -560,6 +588,25 @@ def test_kmod_nat_table_through_the_kernels_nat_core(module):
                  "wan:82 tcp from 2001:db8:2::1 port high",
                  "wan:54 udp from 2001:db8:2::1 port high",   # NETMAP, then MASQUERADE
                  "fw:22 tcp from 2001:db8:1::2 port high")}
+    # kube-proxy's Services: the last one's ClusterIP and NodePort reached, its two
+    # endpoints both used (statistic's coin: the split differs from run to run), the
+    # rest counted as ip_tables counts it
+    last = kubeproxy.Service(KUBE_SERVICES - 1, KUBE_SERVICES)
+    ref, ours = s["reference kube"], s["bpfilter kube"]
+    answers = _answers(ref, "kube")
+    assert answers == [f"kube tcp {last.ip} 80: connected"] * 16 + \
+        ["kube tcp 10.1.0.1 32000: connected"] * 8 + [f"kube tcp {last.ip} 80: connected",
+                                                    "kube tcp 10.1.0.1 32001: Connection refused"], ref
+    assert _answers(ours, "kube") == answers, ours
+    for text in (ref, ours):
+        assert re.search(r"^\s+25 wan:8080 tcp from 10.2.0.1 port high$", text, re.M), text
+        dnat = [_chain_counters(text, sep)[1] for sep in last.seps]
+        assert sum(dnat) == 25 and min(dnat) > 0, (dnat, text)
+    random_chains = {last.svc, *last.seps}
+    assert _kube_listing(ref, random_chains) == _kube_listing(ours, random_chains), \
+        "\n".join(difflib.unified_diff(_kube_listing(ref, random_chains).splitlines(),
+                                       _kube_listing(ours, random_chains).splitlines(),
+                                       "kernel", "bpfilter", lineterm=""))
     # A dead helper leaves the lookups registered; the next one recovers the table.
     death = s["helper death"]
     assert "helper killed\nafter-death tcp 10.1.0.1 8080: connected\n" \

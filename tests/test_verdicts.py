@@ -52,6 +52,20 @@ def raw(proto: int, src=A, dst=B, **kw) -> Packet:
 
 # ---------------------------------------------------------------- the cases
 
+# a run of jumps in three tuples (-d/32 with a port, -d/24, a port alone); C1 and C2
+# return for port 53
+JUMP_RUN = """
+:OUTPUT DROP
+:C1 -
+:C2 -
+-A OUTPUT -d 10.0.0.1 -p udp --dport 53 -j C1
+-A OUTPUT -d 10.0.0.2 -p udp --dport 54 -j C2
+-A OUTPUT -d 10.0.0.0/24 -j C2
+-A OUTPUT -p udp --dport 53 -j ACCEPT
+-A C1 -s 1.1.1.1 -j DROP
+-A C2 -p udp --dport 54 -j DROP
+"""
+
 # three user chains, each jumping to the next: OUTPUT -> A -> B -> C
 NESTED = """
 :A -
@@ -622,6 +636,31 @@ CASES = [
          [(OUT, udp(), DROP), (OUT, tcp(), ACCEPT)],
          {"OUTPUT 1": (2, 100), "A 1": (2, 100), "B 1": (2, 100), "C 1": (1, 44),
           "C return": (2, 100), "B 2": (1, 44), "B return": (1, 56), "OUTPUT policy": (1, 56)}),
+    # Runs of jumps (classified: a dispatch, lookups again past a -j that returned)
+    case("a run of jumps: a returning chain's rule, then the next rule of another tuple",
+         JUMP_RUN, [(OUT, udp(dst="10.0.0.1"), ACCEPT), (OUT, udp(dst="10.0.0.2", dport=54), DROP),
+                    (OUT, udp(dst="10.0.0.9"), ACCEPT), (OUT, tcp(dst="10.0.0.1", dport=53), DROP)],
+         {"OUTPUT 1": (1, 44), "C1 return": (1, 44), "OUTPUT 3": (3, 144), "C2 return": (3, 144),
+          "OUTPUT 4": (2, 88), "OUTPUT 2": (1, 44), "C2 1": (1, 44), "OUTPUT policy": (1, 56)}),
+    case("a run of jumps: a rule sharing a -j rule's key comes after it returns",
+         ":OUTPUT DROP\n:C1 -\n:C2 -\n" + "\n".join(
+             [f"-A OUTPUT -d 10.0.0.{i} -p udp --dport 53 -j C{1 + i % 2}" for i in range(1, 5)]
+             + ["-A OUTPUT -d 10.0.0.1 -p udp --dport 53 -j ACCEPT",
+                "-A OUTPUT -d 10.0.0.2 -p udp --dport 53 -j C1",
+                "-A C2 -p udp --dport 54 -j DROP"]),
+         [(OUT, udp(dst="10.0.0.1"), ACCEPT), (OUT, udp(dst="10.0.0.2"), DROP),
+          (OUT, udp(dst="10.0.0.3"), DROP)],
+         {"OUTPUT 1": (1, 44), "C2 return": (2, 88), "OUTPUT 5": (1, 44), "OUTPUT 2": (1, 44),
+          "C1 return": (2, 88), "OUTPUT 6": (1, 44), "OUTPUT policy": (2, 88),
+          "OUTPUT 3": (1, 44)}),
+    case("a run of jumps: -g's chain returns, and so does the run's chain",
+         ":OUTPUT DROP\n:A -\n:G -\n-A OUTPUT -j A\n-A OUTPUT -j ACCEPT\n"
+         "-A A -d 10.0.0.1 -g G\n-A A -d 10.0.0.2 -j G\n-A A -d 10.0.0.0/24 -j DROP\n"
+         "-A G -p tcp -j ACCEPT",
+         [(OUT, udp(dst="10.0.0.1"), ACCEPT), (OUT, udp(dst="10.0.0.2"), DROP),
+          (OUT, tcp(dst="10.0.0.1"), ACCEPT)],
+         {"OUTPUT 1": (3, 144), "A 1": (2, 100), "G return": (2, 88), "OUTPUT 2": (1, 44),
+          "A 2": (1, 44), "A 3": (1, 44), "G 1": (1, 56)}),
     case("nested 3 deep: verdict from the deepest chain",
          NESTED,
          (OUT, tcp(src="10.0.0.1"), DROP),

@@ -119,6 +119,32 @@ RULES
 	ip netns exec fw ip6tables-legacy -t nat -L -v -n -x
 }
 
+# kube-proxy's filter and nat tables (tools/bench/kubeproxy.py's, KUBE_SERVICES Services)
+# on fw as a node: lan connects to the last Service's ClusterIP and to its NodePort on
+# fw, fw itself to the ClusterIP; wan holds the Service's two endpoints. Every
+# connection is masqueraded (none comes from the pods' network).
+kube_probes() {
+	namespaces
+	ip -n wan addr add 10.96.0.1/32 dev eth0
+	ip -n wan addr add 10.96.0.2/32 dev eth0
+	ip -n fw route add 10.96.0.0/24 via 10.2.0.2
+	ip netns exec fw iptables-legacy-restore /etc/bpfilter-vm/kube-proxy.rules
+	SERVE_PEERS=peers
+	serve wan 60 8080
+	SERVE_PEERS=
+	vip=$(sed -n 's/.*-d \(172\.30\.[0-9.]*\) --dport 80 -j KUBE-SVC.*/\1/p' \
+		/etc/bpfilter-vm/kube-proxy.rules | tail -1)
+	for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16; do connect kube lan "$vip" 80; done
+	for i in 1 2 3 4 5 6 7 8; do connect kube lan 10.1.0.1 32000; done
+	connect kube fw "$vip" 80
+	connect kube lan 10.1.0.1 32001             # no such NodePort: fw refuses
+	kill $(jobs -p) 2>/dev/null || true
+	wait
+	peers wan 8080 | sort | uniq -c
+	ip netns exec fw iptables-legacy -t nat -L -v -n -x
+	ip netns exec fw iptables-legacy -L -v -n -x
+}
+
 # Real rulesets with a nat table (../shared/realworld, in /etc/bpfilter-vm/): their
 # filter and nat tables (the others are not bpfilter's yet) restored in a namespace
 # of their own, and saved back with the counters.
@@ -144,6 +170,8 @@ phases() {
 	nat6_probes
 	say "$1 realworld"
 	realworld_loads
+	say "$1 kube"
+	kube_probes
 }
 
 reference_then_bpfilter iptable_nat iptable_filter ip6table_nat ip6table_filter xt_nat \

@@ -2,7 +2,7 @@
 
 Where it applies (chosen per run of a chain, see `segments`): a run is a maximal
 sequence of consecutive rules, each
-  - with a final verdict (ACCEPT or DROP),
+  - with a final verdict (ACCEPT or DROP) or a jump to a user chain (-j, -g),
   - matching on source/destination under any mask (no `!`), on the protocol exactly
     or any (no `!`), on no interface and no fragment flag,
   - with at most one match that looks at packets: tcp or udp port ranges (no `!`,
@@ -48,6 +48,18 @@ Exactness where the kernel is subtle:
     "hotdrop" for the rules with -p.
 A projection whose keys and values are those of a main tuple (a blocklist's: no port
 rule, no -p) is that tuple: it shares its id, keys and filter.
+
+Runs of jumps (kube-proxy's KUBE-SERVICES: one `-d VIP -p tcp --dport P -j KUBE-SVC-X`
+per service): a key's value names the rule's jump among its run's `calls`, and the
+program calls the run's dispatch, which jumps to that chain. A chain jumped to with -j
+may return, and the kernel then goes on with the rule after the one that jumped: the
+next rule the packet matches. Each tuple's lookup finds the first rule holding the
+packet's key there, so the lookups are made again, for entries past the one that
+returned, at most once per tuple (codegen's rounds). That finds the kernel's next
+rule only if no later rule shares a key with a -j rule in one tuple (the lookup would
+find the -j rule again, never the later one): such a rule starts a new run. A run of
+jumps has at most MAX_CALL_TUPLES tuples (its rounds cost a lookup of every tuple
+each).
 """
 from __future__ import annotations
 
@@ -62,11 +74,12 @@ from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU32_REG, BPF_ALU64_IMM, BPF_ALU64_R
                         BPF_EMIT_CALL, BPF_H, BPF_JMP_IMM, BPF_LD_MAP_FD, BPF_LDX_MEM,
                         BPF_MOV32_IMM, BPF_MOV64_REG, BPF_ST_MEM, BPF_STX_MEM, BPF_W, FP, R0, R1,
                         R2, R6, R9, MapRef)
-from ..model import Family, IpHeader, Rule
+from ..model import Family, IpHeader, Jump, Rule
 from ..packet import facts
 from . import multifield
-from .runs import (MAIN, PROJECTION, RECORD_SIZE, UNWALKED, VERDICT_HOTDROP, Classified, Lowered,
-                   Masks, TupleSpace, eligible, lower, port_blocks, same_rule)
+from .runs import (CALLS, MAIN, PROJECTION, RECORD_SIZE, UNWALKED, VERDICT_CALL, VERDICT_HOTDROP,
+                   Classified, Lowered, Masks, TupleSpace, eligible, lower, port_blocks,
+                   same_rule)
 
 MIN_RUN = 16
 # Runs of the ruleset being replaced are taken over from this size (EarlierRuns).
@@ -76,6 +89,7 @@ TAKEOVER_MIN = 256
 # walks. Runs of varied prefixes and port ranges (more tuples than rules) stay code.
 MAX_TUPLES = 32
 RULES_PER_TUPLE = 4
+MAX_CALL_TUPLES = 4
 
 # The hash map of every run's keys (the tuple space's and multifield's).
 MAP = MapRef("classifier")
@@ -166,17 +180,26 @@ def segments(rules: list[Rule], space: "TupleSpace",
     pooled: list[Lowered] = []
     by_entry = {rule.entry: rule for rule in rules}
     merged = space.family in multifield.FAMILIES
+    # the run's keys a -j rule holds, with what a later rule must not share (see the
+    # module docstring); and whether it jumps at all
+    jump_keys: set[tuple] = set()
+    jumps = False
 
     def flush(cut_by: Optional[Rule] = None) -> None:
-        nonlocal run, count
+        nonlocal run, count, jumps
         classified = tuple_space_run(space, run, by_entry, cut_by) if len(run) >= MIN_RUN else None
         if classified:
             flush_pooled()
             out.append(classified)
+        elif jumps:   # multifield takes no jumps
+            flush_pooled()
+            out.extend(by_entry[low.entry] for low in run)
         else:
             pooled.extend(run)
         run = []
         count = TupleCount(space.family)
+        jump_keys.clear()
+        jumps = False
 
     def flush_pooled() -> None:
         rest = pooled[:]
@@ -191,6 +214,22 @@ def segments(rules: list[Rule], space: "TupleSpace",
                 out.extend(plan.rules)
             rest = rest[taken:]
         out.extend(by_entry[low.entry] for low in rest)
+
+    def fits(low: Lowered) -> bool:
+        """Count `low` in the run if it can join it."""
+        calls = jumps or low.verdict == VERDICT_CALL
+        limit = MAX_CALL_TUPLES if calls else MAX_TUPLES
+        if not count.add(low, limit) or count.count > limit:
+            return False
+        if calls:
+            keys = [(masks, fields, verdict) for masks, fields, _, verdict
+                    in rule_keys(low, space.family)]
+            if jump_keys.intersection((masks, fields) for masks, fields, _ in keys):
+                return False
+            if isinstance(by_entry[low.entry].target, Jump):
+                jump_keys.update((masks, fields) for masks, fields, verdict in keys
+                                 if verdict == VERDICT_CALL)
+        return True
 
     at = 0
     while at < len(rules):
@@ -209,9 +248,10 @@ def segments(rules: list[Rule], space: "TupleSpace",
             out.append(taken)
             at += len(taken.rules)
             continue
-        if not count.add(low, MAX_TUPLES):
+        if not fits(low):
             flush(cut_by=rule)
-            count.add(low)
+            fits(low)
+        jumps = jumps or low.verdict == VERDICT_CALL
         run.append(low)
         at += 1
     flush()
@@ -375,16 +415,20 @@ def tuple_space_run(space: TupleSpace, lows: list[Lowered], by_entry: dict[int, 
         return None   # known from the factored tuples, before a key is made
     groups: dict[Masks, list] = {}
     base = lows[0].entry
+    calls: dict = {}   # a jump's target -> its index in the run's calls
     for low in lows:
+        call = low.verdict == VERDICT_CALL and CALLS + calls.setdefault(
+            by_entry[low.entry].target, len(calls))
         for masks, fields, entry, verdict in rule_keys(low, space.family):
-            groups.setdefault(masks, []).append((fields, entry - base, verdict))
+            groups.setdefault(masks, []).append(
+                (fields, entry - base, call if verdict == VERDICT_CALL else verdict))
     # a projection with the keys and values of a main tuple is that tuple
     twins = {masks: twin for masks in groups if masks.structure != MAIN
              and groups.get(twin := masks._replace(structure=MAIN)) == groups[masks]}
     ids = len(groups) - len(twins)
     if ids > MAX_TUPLES or ids * RULES_PER_TUPLE > len(lows):
         return None
-    run = Run([by_entry[low.entry] for low in lows], {}, bytearray(), 0, cut_by)
+    run = Run([by_entry[low.entry] for low in lows], {}, bytearray(), 0, cut_by, list(calls))
     layout = KEYS[space.family]
     made: dict[Masks, tuple] = {}   # tid, filter (relative), bits
     for masks, members in sorted(groups.items(), key=lambda group: group[0].structure):
@@ -476,9 +520,10 @@ def emit_filter_check(asm: Assembler, layout: "KeyLayout", key: int, scratch_fp:
              BPF_JMP_IMM(I.BPF_JEQ, R2, 0, missed))
 
 
-def emit_key(asm: Assembler, layout: KeyLayout, key: int, tid: int, masks: Masks) -> None:
+def emit_key(asm: Assembler, layout: KeyLayout, key: int, tid: int, masks: Masks,
+             l4_bit_only: bool = False) -> None:
     """The key of tuple `tid` for the packet (R6 = &facts) at R6 + `key` (8-aligned);
-    its l4 byte is R9 if the tuple keeps it."""
+    its l4 byte is R9 (`l4_bit_only`: R9's lowest bit) if the tuple keeps it."""
     asm.emit(BPF_ST_MEM(BPF_W, R6, key + layout.tuple, tid))
     for fact, key_off, mask in ((facts.SADDR, layout.saddr, masks.saddr),
                                 (facts.DADDR, layout.daddr, masks.daddr)):
@@ -497,7 +542,10 @@ def emit_key(asm: Assembler, layout: KeyLayout, key: int, tid: int, masks: Masks
     if masks.proto:
         asm.emit(BPF_LDX_MEM(BPF_B, R1, R6, facts.PROTO),
                  BPF_STX_MEM(BPF_B, R6, R1, key + layout.proto))
-    if masks.l4:
+    if masks.l4 and l4_bit_only:
+        asm.emit(BPF_MOV64_REG(R1, R9), BPF_ALU64_IMM(I.BPF_AND, R1, 1),
+                 BPF_STX_MEM(BPF_B, R6, R1, key + layout.l4))
+    elif masks.l4:
         asm.emit(BPF_STX_MEM(BPF_B, R6, R9, key + layout.l4))
 
 

@@ -13,6 +13,13 @@ or CONTINUE when it ran off its end or hit RETURN. RETURN in a built-in chain, a
 goto'd chain returning to a built-in one, go to the policy, as the kernel's
 underflow does.
 
+A chain called from one place only is inlined there instead (its RETURN a jump to
+where the call would have returned): BPF allows a program MAX_SUBPROGRAMS
+subprograms, and rulesets such as kube-proxy's have a chain per service and per
+endpoint, each jumped to from one rule. Chains called from many places are inlined,
+smallest first, only as far as needed to stay within that limit; the verifier walks a
+called chain anew at every call site anyway, so inlining costs it nothing more.
+
 Counters: every entry (rule, policy, implicit RETURN of a user chain) has a slot in a
 per-CPU array, bumped with skb->len when the entry is reached and its matches hold,
 before its target runs, as ipt_do_table() does. A match that "hotdrops" drops the
@@ -27,7 +34,7 @@ from .. import ext
 from ..abi.codec import gc_paused
 from ..bpf import insn as I
 from ..bpf.asm import Assembler
-from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU64_IMM, BPF_ATOMIC_OP, BPF_B, BPF_CALL_REL, BPF_DW,
+from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU64_IMM, BPF_ALU64_REG, BPF_ATOMIC_OP, BPF_B, BPF_CALL_REL, BPF_DW,
                         BPF_EMIT_CALL, BPF_EXIT_INSN, BPF_H, BPF_JMP32_IMM, BPF_JMP_A,
                         BPF_JMP_IMM, BPF_JMP_REG, BPF_LD_MAP_FD, BPF_LDX_MEM, BPF_MOV32_IMM,
                         BPF_MOV64_IMM, BPF_MOV64_REG, BPF_ST_MEM, BPF_STX_MEM, BPF_W, FP, R0,
@@ -40,11 +47,14 @@ from ..model import (Accept, Chain, Drop, Fallthrough, Family, Goto, Hook, Jump,
 from ..packet import facts, flavour
 from ..packet.ipv6 import WALK, WALK_FOUND
 from . import classifier, multifield
-from .runs import INF, VERDICT_ACCEPT, VERDICT_HOTDROP, Classified, TupleSpace
+from .runs import (CALLS, INF, VERDICT_ACCEPT, VERDICT_DROP, VERDICT_HOTDROP, Classified,
+                   TupleSpace)
 from ..packet.primitives import RuleOutcome
 
 NF_DROP, NF_ACCEPT = 0, 1
 CONTINUE = 2
+# A run's dispatch, after a -g that returned: the run's chain returns.
+RUN_RETURN = 3
 
 COUNTERS = MapRef("counters")
 CLASSIFIER = classifier.MAP
@@ -53,6 +63,9 @@ PROG_ARRAY = MapRef("prog_array")
 
 # BPF allows 8 frames; the main program is one of them.
 MAX_CALL_FRAMES = 8
+# BPF_MAX_SUBPROGS is 256, the main program one of them; chains are called subprograms
+# up to this many, which leaves room for the callbacks of matches' loops.
+MAX_SUBPROGRAMS = 256 - 16
 
 # The instructions the verifier may walk for one hook's program beyond the program
 # itself, counted as it walks them: a user chain's code once for each path of calls
@@ -191,6 +204,18 @@ def check_frames(table: Table) -> None:
                                 f"bpfilter supports at most {MAX_CALL_FRAMES - 1} (BPF call frames)")
 
 
+def _jump_tuples(run: Classified) -> dict[int, tuple]:
+    """Tuple id -> (the first entry of its keys that jumps, or None; its last entry)."""
+    tuples: dict[int, tuple] = {}
+    for key, (entry, value) in run.keys.items():
+        tid = int.from_bytes(key[:4], "little")
+        first, last = tuples.get(tid, (None, -1))
+        if value >= CALLS and (first is None or entry < first):
+            first = entry
+        tuples[tid] = (first, max(last, entry))
+    return tuples
+
+
 class _HookCompiler:
     def __init__(self, table: Table, offsets: facts.KernelOffsets, segments, needs: frozenset):
         self.table = table
@@ -205,14 +230,16 @@ class _HookCompiler:
         self.called: list[str] = []            # those keys, in the order first called
         self.size: dict[str, int] = {}         # chain key -> its code's instructions
         self.calls: dict[str, list[str]] = {}  # chain key -> the key each call site calls
+        self.dispatches: dict[str, Classified] = {}   # subprogram key -> its run of jumps
 
     def compile(self, chain: Chain) -> Assembler:
         """The hook program of `chain` (check_frames passed)."""
         asm = self.asm
+        self.inlined = self._chains_to_inline(chain)
         drop = asm.label("drop")
         facts.emit_prologue(asm, self.offsets, drop, self.flavour, self.needs)
         policy = asm.label("policy")
-        self._emit_rules(chain, policy=policy, drop=drop, key_fp=_MAIN_KEY_FP)
+        self._emit_rules(chain, chain.key, ret=policy, drop=drop, key_fp=_MAIN_KEY_FP)
         asm.place(policy)
         self._emit_count(chain.tail_entry, _MAIN_KEY_FP)
         asm.emit(BPF_MOV64_IMM(R0, NF_ACCEPT if chain.policy is Verdict.ACCEPT else NF_DROP),
@@ -224,11 +251,46 @@ class _HookCompiler:
         # emitting one may ask for more (self.entries grows, in order).
         emitted = 0
         while emitted < len(self.called):
-            self._emit_subprog(self.table.chains[self.called[emitted]])
+            key = self.called[emitted]
+            if key in self.dispatches:
+                self._emit_dispatch(key, self.dispatches[key])
+            else:
+                self._emit_subprog(self.table.chains[key])
             emitted += 1
         self._check_expansion(chain)
         asm.emit_subprograms()
         return asm
+
+    def _chains_to_inline(self, hook_chain: Chain) -> set[str]:
+        """The user chains reached from `hook_chain` to inline at their call sites:
+        those called from one place, those a run of jumps calls (its dispatch is a
+        frame of its own: inlined there, the chain takes no frame more than a call
+        from plain code does), and the smallest of the others as far as needed to
+        call no more than MAX_SUBPROGRAMS, dispatches included."""
+        chains = self.table.chains
+        sites: dict[str, int] = {}
+        inline: set[str] = set()
+        dispatches = 0
+        reached, todo = {hook_chain.key}, [hook_chain.key]
+        while todo:
+            key = todo.pop()
+            for rule in chains[key].rules:
+                if rule.reachable and isinstance(rule.target, (Jump, Goto)):
+                    callee = rule.target.chain
+                    sites[callee] = sites.get(callee, 0) + 1
+                    if callee not in reached:
+                        reached.add(callee)
+                        todo.append(callee)
+            for segment in self.segments[key]:
+                if isinstance(segment, Classified) and segment.calls:
+                    dispatches += 1
+                    inline.update(target.chain for target in segment.calls)
+        inline.update(key for key, count in sites.items() if count == 1)
+        called = sorted((key for key in sites if key not in inline),
+                        key=lambda key: (len(chains[key].rules) * sites[key], key), reverse=True)
+        while called and len(called) + dispatches > MAX_SUBPROGRAMS:
+            inline.add(called.pop())
+        return inline
 
     def _check_expansion(self, chain: Chain) -> None:
         """Refuse a program the verifier would walk beyond VERIFIER_BUDGET (its
@@ -243,11 +305,13 @@ class _HookCompiler:
         total = walk(chain.key)
         if total - sum(self.size.values()) > VERIFIER_BUDGET:
             widest = max(self.called, key=lambda k: len(self.calls.get(k, ())), default=chain.key)
+            name = (self.table.chains[widest].name if widest in self.table.chains
+                    else f"{self.dispatches[widest].rules[0].entry}'s run of jumps")
             raise BpfilterError(
                 errno.EOPNOTSUPP,
                 f"chain {chain.name}: its calls of user chains expand to {total} instructions "
                 f"for the BPF verifier, which checks a user chain anew at every call site "
-                f"(chain {self.table.chains[widest].name} alone makes "
+                f"(chain {name} alone makes "
                 f"{len(self.calls.get(widest, ()))} calls); bpfilter refuses more than "
                 f"{VERIFIER_BUDGET} beyond the program's own")
 
@@ -262,19 +326,22 @@ class _HookCompiler:
         start = len(asm.items)
         asm.place(self.entries[chain.key])
         asm.emit(BPF_MOV64_REG(R6, R1))
-        drop = asm.label("drop")
-        self._emit_rules(chain, policy=None, drop=drop, key_fp=_SUBPROG_KEY_FP)
+        drop, ret = asm.label("drop"), asm.label("return")
+        self._emit_rules(chain, chain.key, ret=ret, drop=drop, key_fp=_SUBPROG_KEY_FP)
         self._emit_count(chain.tail_entry, _SUBPROG_KEY_FP)
+        asm.place(ret)
         asm.emit(BPF_MOV64_IMM(R0, CONTINUE), BPF_EXIT_INSN())
         asm.place(drop)
         asm.emit(BPF_MOV64_IMM(R0, NF_DROP), BPF_EXIT_INSN())
         self.size[chain.key] = len(asm.items) - start
 
-    def _emit_rules(self, chain: Chain, policy, drop, key_fp: int) -> None:
-        self.caller = chain.key
+    def _emit_rules(self, chain: Chain, owner: str, ret, drop, key_fp: int) -> None:
+        """The chain's rules in the code of `owner` (the hook's chain or the
+        subprogram's), RETURN going to `ret`: the policy, the subprogram's CONTINUE,
+        or for an inlined chain where its call returns to."""
         for segment in self.segments[chain.key]:
             if isinstance(segment, Classified):
-                self._emit_run(segment, drop, key_fp)
+                self._emit_run(segment, owner, ret, drop, key_fp)
                 continue
             rule = segment
             next_rule = self.asm.label(f"e{rule.entry}_next")
@@ -284,40 +351,48 @@ class _HookCompiler:
                 ext.emit_match(match, self.table.family, self.asm, out)
             out.finish(next_rule, drop)
             self._emit_count(rule.entry, key_fp)
-            self._emit_target(rule, policy, next_rule)
+            self._emit_target(rule, owner, ret, next_rule, drop, key_fp)
             self.asm.place(next_rule)
 
-    def _emit_target(self, rule: Rule, policy, next_rule) -> None:
+    def _emit_target(self, rule: Rule, owner: str, ret, next_rule, drop, key_fp: int) -> None:
         asm = self.asm
         target = rule.target
         if isinstance(target, (Accept, Drop)):
             asm.emit(BPF_MOV64_IMM(R0, NF_ACCEPT if isinstance(target, Accept) else NF_DROP),
                      BPF_EXIT_INSN())
         elif isinstance(target, Return):
-            if policy is not None:
-                asm.emit(BPF_JMP_A(policy))
-            else:
-                asm.emit(BPF_MOV64_IMM(R0, CONTINUE), BPF_EXIT_INSN())
+            asm.emit(BPF_JMP_A(ret))
         elif isinstance(target, Fallthrough):
             pass
         elif isinstance(target, (Jump, Goto)):
-            asm.emit(BPF_MOV64_REG(R1, R6), BPF_CALL_REL(self._subprog(target.chain)))
-            self.calls.setdefault(self.caller, []).append(target.chain)
-            if isinstance(target, Jump):
-                asm.emit(BPF_JMP_IMM(I.BPF_JEQ, R0, CONTINUE, next_rule))
-            elif policy is not None:
-                asm.emit(BPF_JMP_IMM(I.BPF_JEQ, R0, CONTINUE, policy))
-            asm.emit(BPF_EXIT_INSN())
+            # -g X returns where this chain's RETURN would
+            back = next_rule if isinstance(target, Jump) else ret
+            self._emit_jump(target.chain, owner, back, drop, key_fp)
         else:
             ext.emit_target(target, self.table.family, asm, next_rule)
 
-    def _emit_run(self, run, drop, key_fp: int) -> None:
+    def _emit_jump(self, key: str, owner: str, back, drop, key_fp: int) -> None:
+        """Run user chain `key`, on to `back` if it returns: inlined, or called."""
+        asm = self.asm
+        if key in self.inlined:
+            callee = self.table.chains[key]
+            self._emit_rules(callee, owner, ret=back, drop=drop, key_fp=key_fp)
+            self._emit_count(callee.tail_entry, key_fp)
+            asm.emit(BPF_JMP_A(back))
+            return
+        asm.emit(BPF_MOV64_REG(R1, R6), BPF_CALL_REL(self._subprog(key)),
+                 BPF_JMP_IMM(I.BPF_JEQ, R0, CONTINUE, back), BPF_EXIT_INSN())
+        self.calls.setdefault(owner, []).append(key)
+
+    def _emit_run(self, run, owner: str, ret, drop, key_fp: int) -> None:
         """The first match of a run: the smallest entry any tuple's lookup finds
         (R7, with its verdict in R8), or nothing and on to the code after the run.
         Tuple space runs look their entries up, multifield runs search buckets."""
         asm = self.asm
         after, projected, lookups = asm.label("run_end"), asm.label("ip_only"), asm.label("run")
         decide, unwalked = asm.label("run_decide"), asm.label("unwalked")
+        if run.calls:
+            asm.emit(BPF_MOV64_IMM(R9, 0))   # the rounds' floor (_emit_rounds)
         # Which lookups: IPv6's projection for packets whose extension headers cannot
         # be walked (ip6_packet_match() decides those before any match), the ip
         # projection for packets a port match would hotdrop.
@@ -347,12 +422,29 @@ class _HookCompiler:
             asm.emit(BPF_MOV64_IMM(R9, 0), BPF_JMP_IMM(I.BPF_JNE, R2, 0, l4_known),
                      BPF_MOV64_IMM(R9, 1))
             asm.place(l4_known)
-            self._emit_lookups(run.tuples, key_fp, decide)
-            asm.place(projected)
-            self._emit_lookups(run.ip_tuples, key_fp, decide)
+            main_lookups = asm.label("main_lookups")
+            asm.place(main_lookups)
+            # each structure's lookups, from where the checks above go for it
+            structures = [(None, run.tuples), (projected, run.ip_tuples)]
             if self.table.family is Family.IPV6:
-                asm.place(unwalked)
-                self._emit_lookups(run.unwalked_tuples, key_fp, decide)
+                structures.append((unwalked, run.unwalked_tuples))
+            calling = _jump_tuples(run) if run.calls else None
+            main = [t.tid for t in run.tuples]
+            for entry, tuples in structures:
+                if entry is not None:
+                    asm.place(entry)
+                    if calling is not None and [t.tid for t in tuples] == main:
+                        # the main tuples' twins (no ports, no -p, so no l4 bit in
+                        # their keys): their rounds
+                        asm.emit(BPF_JMP_A(main_lookups))
+                        continue
+                if calling is None:
+                    self._emit_lookups(tuples, key_fp, decide)
+                else:
+                    self._emit_rounds(run, tuples, calling, owner, ret, drop, key_fp, after)
+            if calling is not None:
+                asm.place(after)
+                return
         asm.place(decide)
         accept = asm.label("run_accept")
         asm.emit(BPF_JMP32_IMM(I.BPF_JEQ, R7, INF, after),
@@ -366,24 +458,115 @@ class _HookCompiler:
         asm.emit(BPF_MOV64_IMM(R0, NF_ACCEPT), BPF_EXIT_INSN())
         asm.place(after)
 
-    def _emit_lookups(self, tuples, key_fp: int, decide) -> None:
+    def _emit_rounds(self, run, tuples, calling: dict, owner: str, ret, drop, key_fp: int,
+                     after) -> None:
+        """A run of jumps' lookups of one structure, then the first rule found: its
+        verdict, or its jump through the run's dispatch. A jump that returns (-j)
+        makes the next round look again for entries past its own: R9 holds that
+        floor, plus one, above the l4 bit. A tuple gives at most one rule a packet
+        (classifier.segments), so as many rounds as tuples find them all; a structure
+        whose keys jump nowhere takes one, and one whose tuples hold no rule after its
+        first jump's takes one."""
+        asm = self.asm
+        accept = asm.label("run_accept")
+        first_jump = min((calling[t.tid][0] for t in tuples if calling[t.tid][0] is not None),
+                         default=None)
+        jumps = first_jump is not None
+        # a round past the first finds a rule after the first jump, each in a tuple of
+        # its own
+        later = sum(1 for t in tuples if jumps and calling[t.tid][1] > first_jump)
+        rounds = min(len(tuples), 1 + later)
+        for round_ in range(rounds):
+            decide = asm.label("run_decide")
+            self._emit_lookups(tuples, key_fp, decide, floor=round_ > 0, floored=True)
+            asm.place(decide)
+            asm.emit(BPF_JMP32_IMM(I.BPF_JEQ, R7, INF, after),
+                     BPF_JMP_IMM(I.BPF_JEQ, R8, VERDICT_HOTDROP, drop),
+                     BPF_MOV64_REG(R1, R7))
+            if run.base:   # the run's entries count from its first rule
+                asm.emit(BPF_ALU32_IMM(I.BPF_ADD, R1, run.base))
+            self._emit_count(I.R1, key_fp, entry_in_register=True)
+            asm.emit(BPF_JMP_IMM(I.BPF_JEQ, R8, VERDICT_ACCEPT, accept),
+                     BPF_JMP_IMM(I.BPF_JEQ, R8, VERDICT_DROP, drop))
+            if not jumps:
+                continue
+            asm.emit(BPF_MOV64_REG(R1, R6), BPF_MOV64_REG(R2, R8),
+                     BPF_CALL_REL(self._dispatch(run, owner)),
+                     BPF_JMP_IMM(I.BPF_JEQ, R0, RUN_RETURN, ret),
+                     BPF_JMP_IMM(I.BPF_JEQ, R0, CONTINUE, after if round_ == rounds - 1
+                                 else (next_round := asm.label("run_round"))),
+                     BPF_EXIT_INSN())
+            if round_ < rounds - 1:
+                asm.place(next_round)
+                asm.emit(BPF_MOV64_REG(R1, R9), BPF_ALU64_IMM(I.BPF_AND, R1, 1),
+                         BPF_MOV64_REG(R9, R7), BPF_ALU64_IMM(I.BPF_ADD, R9, 1),
+                         BPF_ALU64_IMM(I.BPF_LSH, R9, 1), BPF_ALU64_REG(I.BPF_OR, R9, R1))
+        asm.emit(BPF_JMP_A(after))
+        asm.place(accept)
+        asm.emit(BPF_MOV64_IMM(R0, NF_ACCEPT), BPF_EXIT_INSN())
+
+    def _dispatch(self, run, owner: str):
+        """The label of the run's dispatch subprogram, one call site more."""
+        key = f"dispatch {run.serial}"
+        if key not in self.entries:
+            self.entries[key] = self.asm.label(f"dispatch_{run.serial}")
+            self.called.append(key)
+            self.dispatches[key] = run
+        self.calls.setdefault(owner, []).append(key)
+        return self.entries[key]
+
+    def _emit_dispatch(self, key: str, run) -> None:
+        """R2 (a key's value, CALLS + the index of a jump in run.calls) -> that jump:
+        CONTINUE if its chain returned to a -j, RUN_RETURN to a -g, or the verdict.
+        A binary search over the indexes; each chain inlined at its leaf."""
+        asm = self.asm
+        start = len(asm.items)
+        asm.place(self.entries[key])
+        asm.emit(BPF_MOV64_REG(R6, R1), BPF_MOV64_REG(R7, R2))
+        drop, returned, goto_returned = asm.label("drop"), asm.label("return"), asm.label("gone")
+
+        def search(lo: int, hi: int) -> None:
+            while hi - lo > 1:
+                mid, upper = (lo + hi) // 2, asm.label("upper")
+                asm.emit(BPF_JMP_IMM(I.BPF_JGE, R7, CALLS + mid, upper))
+                search(lo, mid)
+                asm.place(upper)
+                lo = mid
+            target = run.calls[lo]
+            self._emit_jump(target.chain, key, returned if isinstance(target, Jump)
+                            else goto_returned, drop, _SUBPROG_KEY_FP)
+        search(0, len(run.calls))
+        asm.place(returned)
+        asm.emit(BPF_MOV64_IMM(R0, CONTINUE), BPF_EXIT_INSN())
+        asm.place(goto_returned)
+        asm.emit(BPF_MOV64_IMM(R0, RUN_RETURN), BPF_EXIT_INSN())
+        asm.place(drop)
+        asm.emit(BPF_MOV64_IMM(R0, NF_DROP), BPF_EXIT_INSN())
+        self.size[key] = len(asm.items) - start
+
+    def _emit_lookups(self, tuples, key_fp: int, decide, floor: bool = False,
+                      floored: bool = False) -> None:
         """R7/R8 = the smallest (entry, verdict) over the tuples' lookups, then to
-        `decide`. R9 holds the packet's l4 bit; the counter's key (key_fp) is the
-        filters' scratch."""
+        `decide`. R9 holds the packet's l4 bit, and in a run of jumps (`floored`) the
+        entry past which to look above it, heeded with `floor` (_emit_rounds). The
+        counter's key (key_fp) is the filters' scratch."""
         asm = self.asm
         layout, key = classifier.KEYS[self.table.family], self.lookup_key
         asm.emit(BPF_MOV32_IMM(R7, INF), BPF_MOV64_IMM(R8, 0))
         for t in tuples:
             missed = asm.label("miss")
-            classifier.emit_key(asm, layout, key, t.tid, t.masks)
+            classifier.emit_key(asm, layout, key, t.tid, t.masks, l4_bit_only=floored)
             classifier.emit_filter_check(asm, layout, key, key_fp, t, missed)
             asm.emit(BPF_LD_MAP_FD(R1, CLASSIFIER),
                      BPF_MOV64_REG(R2, R6), BPF_ALU64_IMM(I.BPF_ADD, R2, key),
                      BPF_EMIT_CALL(I.BPF_FUNC_map_lookup_elem),
                      BPF_JMP_IMM(I.BPF_JEQ, R0, 0, missed),
                      BPF_LDX_MEM(BPF_W, R1, R0, 0),
-                     BPF_JMP_REG(I.BPF_JGE, R1, R7, missed),
-                     BPF_MOV64_REG(R7, R1),
+                     BPF_JMP_REG(I.BPF_JGE, R1, R7, missed))
+            if floor:
+                asm.emit(BPF_MOV64_REG(R2, R9), BPF_ALU64_IMM(I.BPF_RSH, R2, 1),
+                         BPF_JMP_REG(I.BPF_JLT, R1, R2, missed))
+            asm.emit(BPF_MOV64_REG(R7, R1),
                      BPF_LDX_MEM(BPF_W, R8, R0, 4))
             asm.place(missed)
         asm.emit(BPF_JMP_A(decide))

@@ -11,10 +11,14 @@ from typing import NamedTuple, Optional
 from ..ext.comment import CommentMatch
 from ..ext.tcp import TcpMatch
 from ..ext.udp import UdpMatch
-from ..model import Accept, Drop, Family, Interface, Ip6Header, IpHeader, Rule
+from ..model import Accept, Drop, Family, Goto, Interface, Ip6Header, IpHeader, Jump, Rule
 
 INF = 0xFFFFFFFF
 VERDICT_DROP, VERDICT_ACCEPT, VERDICT_HOTDROP = 0, 1, 2
+# A rule jumping to a user chain (-j or -g): its key's value is CALLS + the index of its
+# target in its run's `calls` (classifier.py; multifield takes no such rule).
+VERDICT_CALL = 3
+CALLS = 4
 # multifield.RECORDS' values
 RECORD_SIZE = 32
 
@@ -58,6 +62,8 @@ class Classified:
     records: bytearray                   # multifield.RECORDS' values, RECORD_SIZE bytes each
     record_base: int                     # its records' first slot in multifield.RECORDS
     cut_by: Optional[Rule]               # the rule it ended at for want of room, if any
+    # the distinct jumps (Jump or Goto targets) of its rules, a key's value CALLS + index
+    calls: list = field(default_factory=list)
     # one per run classified, kept when it is taken over
     serial: int = field(default_factory=_serials.__next__)
 
@@ -86,7 +92,7 @@ def _mask(mask: bytes) -> tuple[int, int]:
             bits - (~int.from_bytes(mask, "big") & ((1 << bits) - 1)).bit_length())
 
 
-_VERDICTS = {Accept: VERDICT_ACCEPT, Drop: VERDICT_DROP}
+_VERDICTS = {Accept: VERDICT_ACCEPT, Drop: VERDICT_DROP, Jump: VERDICT_CALL, Goto: VERDICT_CALL}
 _NO_INTERFACE = Interface(bytes(16), bytes(16))   # what iptables writes without -i/-o
 
 

@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""A kube-proxy-shaped ruleset with N Services, as kube-proxy 1.3x's iptables mode
+writes it (pkg/proxy/iptables/proxier.go; ../shared/realworld/kube-proxy-iptables-mode.rules
+is its own test's output) and as its nftables mode writes the same Services
+(pkg/proxy/nftables: a verdict map from address, protocol and port to each Service's
+chain).
+
+Every Service is a ClusterIP on TCP port 80 with two endpoints on port 8080, chosen by
+`statistic --mode random --probability 0.5`; every fifth of the first 10,000 has a
+NodePort (30000 + its number / 5), and so has the last one (LAST_NODEPORT). The last
+Service's ClusterIP is what the benchmark connects to (its rule is the last of
+KUBE-SERVICES, which ip_tables walks to the end); its endpoints are ENDPOINTS, which
+the benchmark's server namespace holds.
+
+    python3 tools/bench/kubeproxy.py iptables N > rules    # filter and nat
+    python3 tools/bench/kubeproxy.py nft N > rules.nft
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+import sys
+
+CLUSTER_CIDR = "10.244.0.0/16"     # the pods' addresses (KUBE-SVC's masquerade test)
+SERVICE_NET = ipaddress.IPv4Address("172.30.0.0")
+ENDPOINT_NET = ipaddress.IPv4Address("10.128.0.0")
+ENDPOINTS = ("10.96.0.1", "10.96.0.2")    # the last Service's, held by the server
+SERVICE_PORT, TARGET_PORT = 80, 8080
+NODEPORT_EVERY, NODEPORT_BASE, NODEPORTS = 5, 30000, 2000
+LAST_NODEPORT = NODEPORT_BASE + NODEPORTS   # the last Service's
+MASQ_MARK = "0x4000"
+
+
+def _hash(text: str) -> str:
+    """kube-proxy's chain suffix: base32 of sha256, 16 characters."""
+    return base64.b32encode(hashlib.sha256(text.encode()).digest()).decode()[:16]
+
+
+class Service:
+    def __init__(self, number: int, count: int):
+        self.number = number
+        self.name = f"ns{number // 100}/svc{number}:p80"
+        self.ip = str(SERVICE_NET + number)
+        last = number == count - 1
+        self.endpoints = ENDPOINTS if last else tuple(
+            str(ENDPOINT_NET + 2 * number + k) for k in range(2))
+        self.svc = "KUBE-SVC-" + _hash(self.name + "tcp")
+        self.ext = "KUBE-EXT-" + _hash(self.name + "tcp")
+        self.seps = ["KUBE-SEP-" + _hash(self.name + "tcp" + ep) for ep in self.endpoints]
+        self.nodeport = (LAST_NODEPORT if last
+                         else NODEPORT_BASE + number // NODEPORT_EVERY
+                         if number % NODEPORT_EVERY == 0 and number < NODEPORTS * NODEPORT_EVERY
+                         else None)
+
+
+def services(count: int) -> list[Service]:
+    return [Service(i, count) for i in range(count)]
+
+
+def iptables(count: int) -> str:
+    """filter and nat, for iptables-restore."""
+    svcs = services(count)
+    out = ["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]"]
+    out += [f":{c} - [0:0]" for c in ("KUBE-EXTERNAL-SERVICES", "KUBE-FIREWALL", "KUBE-FORWARD",
+                                      "KUBE-NODEPORTS", "KUBE-PROXY-FIREWALL", "KUBE-SERVICES")]
+    out += [
+        '-A INPUT -m conntrack --ctstate NEW -m comment --comment "kubernetes load balancer firewall" -j KUBE-PROXY-FIREWALL',
+        '-A INPUT -m comment --comment "kubernetes health check service ports" -j KUBE-NODEPORTS',
+        '-A INPUT -m conntrack --ctstate NEW -m comment --comment "kubernetes externally-visible service portals" -j KUBE-EXTERNAL-SERVICES',
+        "-A INPUT -j KUBE-FIREWALL",
+        '-A FORWARD -m conntrack --ctstate NEW -m comment --comment "kubernetes load balancer firewall" -j KUBE-PROXY-FIREWALL',
+        '-A FORWARD -m comment --comment "kubernetes forwarding rules" -j KUBE-FORWARD',
+        '-A FORWARD -m conntrack --ctstate NEW -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
+        '-A FORWARD -m conntrack --ctstate NEW -m comment --comment "kubernetes externally-visible service portals" -j KUBE-EXTERNAL-SERVICES',
+        '-A OUTPUT -m conntrack --ctstate NEW -m comment --comment "kubernetes load balancer firewall" -j KUBE-PROXY-FIREWALL',
+        '-A OUTPUT -m conntrack --ctstate NEW -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
+        "-A OUTPUT -j KUBE-FIREWALL",
+        '-A KUBE-FIREWALL -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m comment --comment "block incoming localnet connections" -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP',
+        "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP",
+        f'-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark {MASQ_MARK}/{MASQ_MARK} -j ACCEPT',
+        '-A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT',
+        "COMMIT", "*nat", ":PREROUTING ACCEPT [0:0]", ":INPUT ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]",
+        ":POSTROUTING ACCEPT [0:0]",
+        ":KUBE-MARK-MASQ - [0:0]", ":KUBE-NODEPORTS - [0:0]", ":KUBE-POSTROUTING - [0:0]",
+        ":KUBE-SERVICES - [0:0]",
+    ]
+    for s in svcs:
+        out += [f":{s.svc} - [0:0]"] + [f":{sep} - [0:0]" for sep in s.seps]
+        if s.nodeport:
+            out.append(f":{s.ext} - [0:0]")
+    out += [
+        '-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
+        '-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
+        '-A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING',
+        f"-A KUBE-MARK-MASQ -j MARK --or-mark {MASQ_MARK}",
+        f"-A KUBE-POSTROUTING -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN",
+        f"-A KUBE-POSTROUTING -j MARK --xor-mark {MASQ_MARK}",
+        '-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE --random-fully',
+    ]
+    for s in svcs:
+        if s.nodeport:
+            out.append(f'-A KUBE-NODEPORTS -m comment --comment {s.name} -m tcp -p tcp '
+                       f'--dport {s.nodeport} -j {s.ext}')
+    for s in svcs:
+        out.append(f'-A KUBE-SERVICES -m comment --comment "{s.name} cluster IP" -m tcp -p tcp '
+                   f'-d {s.ip} --dport {SERVICE_PORT} -j {s.svc}')
+    out.append('-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this '
+               'must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS')
+    for s in svcs:
+        if s.nodeport:
+            out += [f'-A {s.ext} -m comment --comment "masquerade traffic for {s.name} external '
+                    f'destinations" -j KUBE-MARK-MASQ', f"-A {s.ext} -j {s.svc}"]
+        out.append(f'-A {s.svc} -m comment --comment "{s.name} cluster IP" -m tcp -p tcp '
+                   f'-d {s.ip} --dport {SERVICE_PORT} ! -s {CLUSTER_CIDR} -j KUBE-MARK-MASQ')
+        out.append(f'-A {s.svc} -m comment --comment "{s.name} -> {s.endpoints[0]}:{TARGET_PORT}" '
+                   f'-m statistic --mode random --probability 0.5000000000 -j {s.seps[0]}')
+        out.append(f'-A {s.svc} -m comment --comment "{s.name} -> {s.endpoints[1]}:{TARGET_PORT}" '
+                   f'-j {s.seps[1]}')
+        for ep, sep in zip(s.endpoints, s.seps):
+            out += [f"-A {sep} -m comment --comment {s.name} -s {ep} -j KUBE-MARK-MASQ",
+                    f"-A {sep} -m comment --comment {s.name} -m tcp -p tcp "
+                    f"-j DNAT --to-destination {ep}:{TARGET_PORT}"]
+    out += ["COMMIT", ""]
+    return "\n".join(out)
+
+
+def nft(count: int) -> str:
+    """The same Services as kube-proxy's nftables mode writes them: a verdict map."""
+    svcs = services(count)
+
+    def chain(name: str, *statements: str) -> list[str]:
+        return [f"  chain {name} {{", *(f"    {s}" for s in statements), "  }"]
+
+    def vmap(name: str, key: str, elements: list[str]) -> list[str]:
+        return [f"  map {name} {{", f"    type {key} : verdict",
+                *([f"    elements = {{ " + ",\n      ".join(elements) + " }"] if elements else []),
+                "  }"]
+
+    out = ["table ip kube-proxy {"]
+    out += chain("mark-for-masquerade", f"meta mark set meta mark or {MASQ_MARK}")
+    out += chain("masquerading", f"meta mark & {MASQ_MARK} == 0 return",
+                 f"meta mark set meta mark xor {MASQ_MARK}", "masquerade fully-random")
+    out += chain("nat-prerouting", "type nat hook prerouting priority -100;", "jump services")
+    out += chain("nat-output", "type nat hook output priority -100;", "jump services")
+    out += chain("nat-postrouting", "type nat hook postrouting priority 100;",
+                 "jump masquerading")
+    out += vmap("service-ips", "ipv4_addr . inet_proto . inet_service",
+                [f"{s.ip} . tcp . {SERVICE_PORT} : goto {s.svc.lower()}" for s in svcs])
+    out += vmap("service-nodeports", "inet_proto . inet_service",
+                [f"tcp . {s.nodeport} : goto {s.ext.lower()}" for s in svcs if s.nodeport])
+    out += chain("nodeports", "meta l4proto . th dport vmap @service-nodeports")
+    out += chain("services", "ip daddr . meta l4proto . th dport vmap @service-ips",
+                 "fib daddr type local jump nodeports")
+    for s in svcs:
+        if s.nodeport:
+            out += chain(s.ext.lower(), "jump mark-for-masquerade", f"goto {s.svc.lower()}")
+        out += chain(s.svc.lower(),
+                     f"ip daddr {s.ip} tcp dport {SERVICE_PORT} ip saddr != {CLUSTER_CIDR} "
+                     "jump mark-for-masquerade",
+                     f"numgen random mod 2 vmap {{ 0 : goto {s.seps[0].lower()}, "
+                     f"1 : goto {s.seps[1].lower()} }}")
+        for ep, sep in zip(s.endpoints, s.seps):
+            out += chain(sep.lower(), f"ip saddr {ep} jump mark-for-masquerade",
+                         f"meta l4proto tcp dnat to {ep}:{TARGET_PORT}")
+    out += ["}", ""]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    kind, count = sys.argv[1], int(sys.argv[2])
+    sys.stdout.write({"iptables": iptables, "nft": nft}[kind](count))
