@@ -12,8 +12,7 @@ Service's ClusterIP is what the benchmark connects to (its rule is the last of
 KUBE-SERVICES, which ip_tables walks to the end); its endpoints are ENDPOINTS, which
 the benchmark's server namespace holds.
 
-    python3 tools/bench/kubeproxy.py iptables N > rules    # filter and nat
-    python3 tools/bench/kubeproxy.py nft N > rules.nft
+    python3 tools/bench/kubeproxy.py iptables|iptables-change|nft|nft-change N
 """
 from __future__ import annotations
 
@@ -58,71 +57,107 @@ def services(count: int) -> list[Service]:
     return [Service(i, count) for i in range(count)]
 
 
+FILTER = [
+    "*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]",
+    *(f":{c} - [0:0]" for c in ("KUBE-EXTERNAL-SERVICES", "KUBE-FIREWALL", "KUBE-FORWARD",
+                                 "KUBE-NODEPORTS", "KUBE-PROXY-FIREWALL", "KUBE-SERVICES")),
+    '-A INPUT -m conntrack --ctstate NEW -m comment --comment "kubernetes load balancer firewall" -j KUBE-PROXY-FIREWALL',
+    '-A INPUT -m comment --comment "kubernetes health check service ports" -j KUBE-NODEPORTS',
+    '-A INPUT -m conntrack --ctstate NEW -m comment --comment "kubernetes externally-visible service portals" -j KUBE-EXTERNAL-SERVICES',
+    "-A INPUT -j KUBE-FIREWALL",
+    '-A FORWARD -m conntrack --ctstate NEW -m comment --comment "kubernetes load balancer firewall" -j KUBE-PROXY-FIREWALL',
+    '-A FORWARD -m comment --comment "kubernetes forwarding rules" -j KUBE-FORWARD',
+    '-A FORWARD -m conntrack --ctstate NEW -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
+    '-A FORWARD -m conntrack --ctstate NEW -m comment --comment "kubernetes externally-visible service portals" -j KUBE-EXTERNAL-SERVICES',
+    '-A OUTPUT -m conntrack --ctstate NEW -m comment --comment "kubernetes load balancer firewall" -j KUBE-PROXY-FIREWALL',
+    '-A OUTPUT -m conntrack --ctstate NEW -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
+    "-A OUTPUT -j KUBE-FIREWALL",
+    '-A KUBE-FIREWALL -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m comment --comment "block incoming localnet connections" -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP',
+    "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP",
+    f'-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark {MASQ_MARK}/{MASQ_MARK} -j ACCEPT',
+    '-A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT',
+    "COMMIT",
+]
+# the nat chains kube-proxy writes whole at every sync (with --noflush too)
+TOP_CHAINS = ("KUBE-MARK-MASQ", "KUBE-NODEPORTS", "KUBE-POSTROUTING", "KUBE-SERVICES")
+
+
+def _nat_top(svcs: list[Service]) -> list[str]:
+    out = [f":{chain} - [0:0]" for chain in TOP_CHAINS]
+    out += [f"-A KUBE-MARK-MASQ -j MARK --or-mark {MASQ_MARK}",
+            f"-A KUBE-POSTROUTING -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN",
+            f"-A KUBE-POSTROUTING -j MARK --xor-mark {MASQ_MARK}",
+            '-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" '
+            '-j MASQUERADE --random-fully']
+    out += [f"-A KUBE-NODEPORTS -m comment --comment {s.name} -m tcp -p tcp --dport {s.nodeport} "
+            f"-j {s.ext}" for s in svcs if s.nodeport]
+    out += [f'-A KUBE-SERVICES -m comment --comment "{s.name} cluster IP" -m tcp -p tcp '
+            f'-d {s.ip} --dport {SERVICE_PORT} -j {s.svc}' for s in svcs]
+    out.append('-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this '
+               'must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS')
+    return out
+
+
+def _service_chains(s: Service) -> tuple[list[str], list[str]]:
+    """A Service's chains: their declarations, their rules."""
+    chains = [s.svc, *s.seps, *([s.ext] if s.nodeport else [])]
+    rules = []
+    if s.nodeport:
+        rules += [f'-A {s.ext} -m comment --comment "masquerade traffic for {s.name} external '
+                  f'destinations" -j KUBE-MARK-MASQ', f"-A {s.ext} -j {s.svc}"]
+    rules += [f'-A {s.svc} -m comment --comment "{s.name} cluster IP" -m tcp -p tcp '
+              f'-d {s.ip} --dport {SERVICE_PORT} ! -s {CLUSTER_CIDR} -j KUBE-MARK-MASQ',
+              f'-A {s.svc} -m comment --comment "{s.name} -> {s.endpoints[0]}:{TARGET_PORT}" '
+              f'-m statistic --mode random --probability 0.5000000000 -j {s.seps[0]}',
+              f'-A {s.svc} -m comment --comment "{s.name} -> {s.endpoints[1]}:{TARGET_PORT}" '
+              f'-j {s.seps[1]}']
+    for ep, sep in zip(s.endpoints, s.seps):
+        rules += [f"-A {sep} -m comment --comment {s.name} -s {ep} -j KUBE-MARK-MASQ",
+                  f"-A {sep} -m comment --comment {s.name} -m tcp -p tcp "
+                  f"-j DNAT --to-destination {ep}:{TARGET_PORT}"]
+    return [f":{c} - [0:0]" for c in chains], rules
+
+
 def iptables(count: int) -> str:
     """filter and nat, for iptables-restore."""
     svcs = services(count)
-    out = ["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]"]
-    out += [f":{c} - [0:0]" for c in ("KUBE-EXTERNAL-SERVICES", "KUBE-FIREWALL", "KUBE-FORWARD",
-                                      "KUBE-NODEPORTS", "KUBE-PROXY-FIREWALL", "KUBE-SERVICES")]
-    out += [
-        '-A INPUT -m conntrack --ctstate NEW -m comment --comment "kubernetes load balancer firewall" -j KUBE-PROXY-FIREWALL',
-        '-A INPUT -m comment --comment "kubernetes health check service ports" -j KUBE-NODEPORTS',
-        '-A INPUT -m conntrack --ctstate NEW -m comment --comment "kubernetes externally-visible service portals" -j KUBE-EXTERNAL-SERVICES',
-        "-A INPUT -j KUBE-FIREWALL",
-        '-A FORWARD -m conntrack --ctstate NEW -m comment --comment "kubernetes load balancer firewall" -j KUBE-PROXY-FIREWALL',
-        '-A FORWARD -m comment --comment "kubernetes forwarding rules" -j KUBE-FORWARD',
-        '-A FORWARD -m conntrack --ctstate NEW -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
-        '-A FORWARD -m conntrack --ctstate NEW -m comment --comment "kubernetes externally-visible service portals" -j KUBE-EXTERNAL-SERVICES',
-        '-A OUTPUT -m conntrack --ctstate NEW -m comment --comment "kubernetes load balancer firewall" -j KUBE-PROXY-FIREWALL',
-        '-A OUTPUT -m conntrack --ctstate NEW -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
-        "-A OUTPUT -j KUBE-FIREWALL",
-        '-A KUBE-FIREWALL -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m comment --comment "block incoming localnet connections" -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP',
-        "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP",
-        f'-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark {MASQ_MARK}/{MASQ_MARK} -j ACCEPT',
-        '-A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT',
-        "COMMIT", "*nat", ":PREROUTING ACCEPT [0:0]", ":INPUT ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]",
-        ":POSTROUTING ACCEPT [0:0]",
-        ":KUBE-MARK-MASQ - [0:0]", ":KUBE-NODEPORTS - [0:0]", ":KUBE-POSTROUTING - [0:0]",
-        ":KUBE-SERVICES - [0:0]",
-    ]
-    for s in svcs:
-        out += [f":{s.svc} - [0:0]"] + [f":{sep} - [0:0]" for sep in s.seps]
-        if s.nodeport:
-            out.append(f":{s.ext} - [0:0]")
-    out += [
-        '-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
-        '-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
-        '-A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING',
-        f"-A KUBE-MARK-MASQ -j MARK --or-mark {MASQ_MARK}",
-        f"-A KUBE-POSTROUTING -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN",
-        f"-A KUBE-POSTROUTING -j MARK --xor-mark {MASQ_MARK}",
-        '-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE --random-fully',
-    ]
-    for s in svcs:
-        if s.nodeport:
-            out.append(f'-A KUBE-NODEPORTS -m comment --comment {s.name} -m tcp -p tcp '
-                       f'--dport {s.nodeport} -j {s.ext}')
-    for s in svcs:
-        out.append(f'-A KUBE-SERVICES -m comment --comment "{s.name} cluster IP" -m tcp -p tcp '
-                   f'-d {s.ip} --dport {SERVICE_PORT} -j {s.svc}')
-    out.append('-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this '
-               'must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS')
-    for s in svcs:
-        if s.nodeport:
-            out += [f'-A {s.ext} -m comment --comment "masquerade traffic for {s.name} external '
-                    f'destinations" -j KUBE-MARK-MASQ', f"-A {s.ext} -j {s.svc}"]
-        out.append(f'-A {s.svc} -m comment --comment "{s.name} cluster IP" -m tcp -p tcp '
-                   f'-d {s.ip} --dport {SERVICE_PORT} ! -s {CLUSTER_CIDR} -j KUBE-MARK-MASQ')
-        out.append(f'-A {s.svc} -m comment --comment "{s.name} -> {s.endpoints[0]}:{TARGET_PORT}" '
-                   f'-m statistic --mode random --probability 0.5000000000 -j {s.seps[0]}')
-        out.append(f'-A {s.svc} -m comment --comment "{s.name} -> {s.endpoints[1]}:{TARGET_PORT}" '
-                   f'-j {s.seps[1]}')
-        for ep, sep in zip(s.endpoints, s.seps):
-            out += [f"-A {sep} -m comment --comment {s.name} -s {ep} -j KUBE-MARK-MASQ",
-                    f"-A {sep} -m comment --comment {s.name} -m tcp -p tcp "
-                    f"-j DNAT --to-destination {ep}:{TARGET_PORT}"]
-    out += ["COMMIT", ""]
-    return "\n".join(out)
+    chains = [_service_chains(s) for s in svcs]
+    out = [*FILTER, "*nat", ":PREROUTING ACCEPT [0:0]", ":INPUT ACCEPT [0:0]",
+           ":OUTPUT ACCEPT [0:0]", ":POSTROUTING ACCEPT [0:0]"]
+    top = _nat_top(svcs)
+    out += [line for line in top if line.startswith(":")]
+    out += [line for decls, _ in chains for line in decls]
+    out += ['-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
+            '-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
+            '-A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING']
+    out += [line for line in top if not line.startswith(":")]
+    out += [line for _, rules in chains for line in rules]
+    return "\n".join([*out, "COMMIT", ""])
+
+
+def _moved(count: int) -> tuple[Service, Service]:
+    """The first Service before and after its first endpoint moves (the change)."""
+    before = Service(0, count)
+    after = Service(0, count)
+    after.endpoints = ("10.127.255.254", before.endpoints[1])
+    after.seps = ["KUBE-SEP-" + _hash(after.name + "tcp" + ep) for ep in after.endpoints]
+    return before, after
+
+
+def iptables_change(count: int) -> str:
+    """One Service's first endpoint moved, as kube-proxy writes it for
+    iptables-restore --noflush: its top chains whole, the Service's changed chains,
+    the old endpoint's chain deleted."""
+    out = ["*nat", *_nat_top(services(count))]
+    if count:
+        before, after = _moved(count)
+        decls, rules = _service_chains(after)
+        # (a chain is flushed by its declaration, and only an empty one can be deleted)
+        out[1:1] = [d for d in decls if d != f":{before.seps[1]} - [0:0]"] + \
+            [f":{before.seps[0]} - [0:0]"]
+        out += [r for r in rules if not r.startswith(f"-A {before.seps[1]} ")]
+        out.append(f"-X {before.seps[0]}")
+    return "\n".join([*out, "COMMIT", ""])
 
 
 def nft(count: int) -> str:
@@ -167,6 +202,30 @@ def nft(count: int) -> str:
     return "\n".join(out)
 
 
+def nft_change(count: int) -> str:
+    """The same change as kube-proxy's nftables mode makes it: the new endpoint's chain,
+    the Service's chain rewritten, the old endpoint's chain deleted."""
+    if not count:
+        return ("flush chain ip kube-proxy nodeports\n"
+                "add rule ip kube-proxy nodeports meta l4proto . th dport vmap @service-nodeports\n")
+    before, after = _moved(count)
+    new, svc = after.seps[0].lower(), after.svc.lower()
+    ep = after.endpoints[0]
+    return "\n".join([
+        f"add chain ip kube-proxy {new}",
+        f"add rule ip kube-proxy {new} ip saddr {ep} jump mark-for-masquerade",
+        f"add rule ip kube-proxy {new} meta l4proto tcp dnat to {ep}:{TARGET_PORT}",
+        f"flush chain ip kube-proxy {svc}",
+        f"add rule ip kube-proxy {svc} ip daddr {after.ip} tcp dport {SERVICE_PORT} "
+        f"ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade",
+        f"add rule ip kube-proxy {svc} numgen random mod 2 vmap {{ 0 : goto {new}, "
+        f"1 : goto {after.seps[1].lower()} }}",
+        f"delete chain ip kube-proxy {before.seps[0].lower()}", ""])
+
+
+KINDS = {"iptables": iptables, "iptables-change": iptables_change, "nft": nft,
+         "nft-change": nft_change}
+
 if __name__ == "__main__":
     kind, count = sys.argv[1], int(sys.argv[2])
-    sys.stdout.write({"iptables": iptables, "nft": nft}[kind](count))
+    sys.stdout.write(KINDS[kind](count))

@@ -8,11 +8,17 @@
  *
  *   udp send ADDR PORT COUNT   COUNT one-byte datagrams to ADDR:PORT
  *   udp recv PORT SECONDS      print how many datagrams arrived on PORT in SECONDS
- *   udp serve PORT SECONDS [peers]
+ *   udp serve PORT SECONDS [peers|drain]
  *                              for SECONDS, echo UDP datagrams and accept TCP
  *                              connections on PORT (so that only a firewall can
  *                              refuse them); with "peers", a line for each, with the
- *                              address and port it came from (what NAT made of it)
+ *                              address and port it came from (what NAT made of it);
+ *                              with "drain", each connection reset once accepted
+ *                              (for connrate: a server that keeps up)
+ *   udp connrate ADDR PORT SECONDS
+ *                              TCP connections to ADDR:PORT one after another for
+ *                              SECONDS, each reset once made: "connections N in
+ *                              MS ms, failed F"
  *   udp ask ADDR PORT [SIZE [FROM]]
  *                              one datagram (SIZE bytes, default 1) from a connect()ed
  *                              socket (bound to the local address FROM), then what
@@ -48,7 +54,7 @@ static char buf[MAX_DATAGRAM];
 static int usage(void)
 {
 	fprintf(stderr, "usage: udp send ADDR PORT COUNT | udp recv PORT SECONDS | "
-		"udp serve PORT SECONDS [peers] | udp ask ADDR PORT [SIZE [FROM]] | udp connect ADDR PORT | "
+		"udp serve PORT SECONDS [peers|drain] | udp connrate ADDR PORT SECONDS | udp ask ADDR PORT [SIZE [FROM]] | udp connect ADDR PORT | "
 		"udp solicit ADDR HOPS\n");
 	return 2;
 }
@@ -189,7 +195,9 @@ static void print_peer(const char *proto, const struct sockaddr_storage *from)
 	fflush(stdout);
 }
 
-static int do_serve(int port, int seconds, int peers)
+static void reset(int fd);
+
+static int do_serve(int port, int seconds, int peers, int drain)
 {
 	long deadline = now_ms() + seconds * 1000L;
 	/* UDP then TCP, IPv4 then IPv6 */
@@ -228,16 +236,54 @@ static int do_serve(int port, int seconds, int peers)
 			struct sockaddr_storage from;
 			socklen_t len = sizeof(from);
 
+			int fd;
+
 			/* Left open: the client's reset ends it, and nothing more is sent. */
 			if (p[i].revents & POLLIN &&
-			    accept(p[i].fd, (struct sockaddr *)&from, &len) >= 0) {
+			    (fd = accept(p[i].fd, (struct sockaddr *)&from, &len)) >= 0) {
 				accepted++;
 				if (peers)
 					print_peer("tcp", &from);
+				if (drain)
+					reset(fd);
 			}
 		}
 	}
 	printf("echoed %d accepted %d\n", echoed, accepted);
+	return 0;
+}
+
+static void reset(int fd)
+{
+	static const struct linger abort_now = { .l_onoff = 1, .l_linger = 0 };
+
+	setsockopt(fd, SOL_SOCKET, SO_LINGER, &abort_now, sizeof(abort_now));
+	close(fd);
+}
+
+static int do_connrate(const char *addr, int port, int seconds)
+{
+	struct sockaddr_storage to;
+	socklen_t tolen = peer(addr, port, &to);
+	long start = now_ms(), deadline = start + 1000L * seconds;
+	long made = 0, failed = 0;
+
+	if (!tolen)
+		return usage();
+	while (now_ms() < deadline) {
+		int fd = socket(to.ss_family, SOCK_STREAM, 0);
+
+		if (fd < 0) {
+			perror("socket");
+			return 1;
+		}
+		if (connect(fd, (struct sockaddr *)&to, tolen) == 0)
+			made++;
+		else
+			failed++;
+		reset(fd);
+	}
+	printf("connections %ld in %ld ms, failed %ld\n", made, now_ms() - start, failed);
 	return 0;
 }
 
@@ -374,8 +420,12 @@ int main(int argc, char **argv)
 			      argc == 6 ? argv[5] : NULL);
 	if (argc == 4 && !strcmp(argv[1], "recv"))
 		return do_recv(atoi(argv[2]), atoi(argv[3]));
-	if ((argc == 4 || (argc == 5 && !strcmp(argv[4], "peers"))) && !strcmp(argv[1], "serve"))
-		return do_serve(atoi(argv[2]), atoi(argv[3]), argc == 5);
+	if ((argc == 4 || (argc == 5 && (!strcmp(argv[4], "peers") || !strcmp(argv[4], "drain"))))
+	    && !strcmp(argv[1], "serve"))
+		return do_serve(atoi(argv[2]), atoi(argv[3]), argc == 5 && !strcmp(argv[4], "peers"),
+				argc == 5 && !strcmp(argv[4], "drain"));
+	if (argc == 5 && !strcmp(argv[1], "connrate"))
+		return do_connrate(argv[2], atoi(argv[3]), atoi(argv[4]));
 	if (argc == 4 && !strcmp(argv[1], "connect"))
 		return do_connect(argv[2], atoi(argv[3]));
 	if (argc == 4 && !strcmp(argv[1], "solicit"))

@@ -22,8 +22,16 @@ S16 = 1 << 15
 VERIFIER_HEADROOM_REACH = 1 << 14
 
 
+# BPF_COMPLEXITY_LIMIT_INSNS: the most instructions a privileged program may have
+MAX_INSNS = 1_000_000
+
+
 class AsmError(Exception):
     pass
+
+
+class TooLarge(AsmError):
+    """The program passed MAX_INSNS: raised as it does, not once all is emitted."""
 
 
 def _place_slots(ins: Insn, slots: "dict[str, int] | None") -> Insn:
@@ -84,6 +92,8 @@ class Assembler:
                 self.items.append(item)
             else:
                 self.items.extend(item)
+        if len(self.items) > MAX_INSNS:
+            raise TooLarge(f"more than {MAX_INSNS} instructions")
         while len(self.items) > self._reserved_for:
             # a program's instructions are what a request spends most on: reserved
             # as they come (ENOMEM past the caller's limit), not once all are there

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from .. import ext
 from ..abi.codec import gc_paused
 from ..bpf import insn as I
-from ..bpf.asm import Assembler
+from ..bpf.asm import MAX_INSNS, Assembler, TooLarge
 from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU64_IMM, BPF_ALU64_REG, BPF_ATOMIC_OP, BPF_B, BPF_CALL_REL, BPF_DW,
                         BPF_EMIT_CALL, BPF_EXIT_INSN, BPF_H, BPF_JMP32_IMM, BPF_JMP_A,
                         BPF_JMP_IMM, BPF_JMP_REG, BPF_LD_MAP_FD, BPF_LDX_MEM, BPF_MOV32_IMM,
@@ -128,9 +128,19 @@ def compile_table(table: Table, offsets: facts.KernelOffsets,
     needs = facts_needed(table, segments)
     slots = facts.layout(needs)
     programs = [HookProgram(chain.hook, f"{table.name}_{chain.name}"[:15],
-                            _HookCompiler(table, offsets, segments, needs).compile(chain), slots)
+                            _compile_hook(table, offsets, segments, needs, chain), slots)
                 for chain in table.hook_chains()]
     return CompiledTable(programs, space, list(runs.values()), needs)
+
+
+def _compile_hook(table: Table, offsets: facts.KernelOffsets, segments, needs: frozenset,
+                  chain: Chain) -> Assembler:
+    try:
+        return _HookCompiler(table, offsets, segments, needs).compile(chain)
+    except TooLarge:
+        raise BpfilterError(
+            errno.E2BIG, f"chain {chain.name}: its program, with the user chains it reaches, "
+            f"passes the {MAX_INSNS} instructions BPF allows a program") from None
 
 
 def facts_needed(table: Table, segments: "dict | None" = None) -> frozenset:

@@ -1,0 +1,120 @@
+#!/usr/bin/env python3
+"""The kube-proxy benchmark: kube-proxy's rules for 0, 1,000 and 10,000 Services
+(kubeproxy.py) in one guest of the VM harness (tools/vm), loaded by ip_tables, by
+nftables (kube-proxy's nftables mode: a verdict map) and by bpfilter.ko, one after the
+other (tools/vm/scenarios/bench-kube.sh):
+
+    python3 tools/bench/kube.py [--sizes 0,1000,10000] [--seconds 5] [--out DIR]
+
+For each system and size: the time to apply the ruleset, the time to change one
+Service as kube-proxy does (iptables-restore --noflush; one nft -f), and new TCP
+connections per second to the last Service's ClusterIP, DNATed to its endpoints,
+relative to the same system with 0 Services. The guest runs under TCG (no KVM here):
+times are the guest's, many times slower than the host's, and only their ratios
+compare. Output: a table on stdout, results.json and table.txt in DIR (default
+results/kube-<date>).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tools" / "bench"))
+sys.path.insert(0, str(ROOT / "tools" / "vm"))
+import harness  # noqa: E402
+import kubeproxy  # noqa: E402
+
+SYSTEMS = ("iptables", "nftables", "bpfilter")
+
+
+def _system_libraries() -> dict[str, str]:
+    """The C library and zlib, which the frozen helper links against."""
+    listed = subprocess.run(["dpkg", "-L", "libc6", "zlib1g"], capture_output=True, text=True,
+                            check=True).stdout.split()
+    return {path: str(Path(path).resolve()) for path in listed
+            if re.fullmatch(r"(/usr)?/lib/x86_64-linux-gnu/[^/]+\.so[.0-9]*", path)}
+
+
+def _inputs(directory: Path, sizes: list[int], seconds: int) -> dict[str, str]:
+    """The guest's /etc/bpfilter-vm/kube/ files, written into `directory`."""
+    files = {"sizes": " ".join(map(str, sizes)) + "\n", "seconds": f"{seconds}\n"}
+    for n in sizes:
+        files[f"{n}.rules"] = kubeproxy.iptables(n)
+        files[f"{n}.change.rules"] = kubeproxy.iptables_change(n)
+        files[f"{n}.nft"] = kubeproxy.nft(n)
+        files[f"{n}.change.nft"] = kubeproxy.nft_change(n)
+        files[f"{n}.vip"] = (kubeproxy.Service(n - 1, n).ip if n else "172.30.255.254") + "\n"
+    for name, text in files.items():
+        (directory / name).write_text(text)
+    return {f"/etc/bpfilter-vm/kube/{name}": str(directory / name) for name in files}
+
+
+def parse(output: str) -> dict:
+    """{system: {size: {...}}} from the scenario's result and refused lines."""
+    results: dict = {system: {} for system in SYSTEMS}
+    for system, n, apply, change, made, ms in re.findall(
+            r"^result (\S+) (\d+) (\d+) (\d+) (\d+) (\d+)$", output, re.M):
+        results[system][int(n)] = {"apply_s": int(apply) / 100, "change_s": int(change) / 100,
+                                    "conn_per_s": int(made) * 1000 / max(int(ms), 1)}
+    for system, n, what in re.findall(r"^refused (\S+) (\d+) (.*)$", output, re.M):
+        results[system][int(n)] = {"refused": what}
+    return results
+
+
+def table(results: dict, sizes: list[int]) -> str:
+    lines = [f"{'system':<10} {'Services':>8} {'apply s':>8} {'change s':>9} {'conn/s':>8} "
+             f"{'vs 0':>6}"]
+    for system in SYSTEMS:
+        base = results[system].get(0, {}).get("conn_per_s")
+        for n in sizes:
+            r = results[system].get(n)
+            if r is None:
+                lines.append(f"{system:<10} {n:>8} (no result)")
+            elif "refused" in r:
+                lines.append(f"{system:<10} {n:>8} refused: {r['refused']}")
+            else:
+                ratio = f"{r['conn_per_s'] / base:.2f}" if base else "-"
+                lines.append(f"{system:<10} {n:>8} {r['apply_s']:>8.2f} {r['change_s']:>9.2f} "
+                             f"{r['conn_per_s']:>8.0f} {ratio:>6}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="0,1000,10000")
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--out", default=str(ROOT / "results" /
+                                             f"kube-{datetime.date.today().isoformat()}"))
+    parser.add_argument("--timeout", type=int, default=5400)
+    args = parser.parse_args()
+    sizes = [int(n) for n in args.sizes.split(",")]
+    subprocess.run(["bash", str(ROOT / "tools/build-helper.sh"), "--kdir",
+                    str(harness.kernel_build_dir())], check=True)
+    kver = harness.kernel_release()
+    with tempfile.TemporaryDirectory(prefix="bpfilter-kube.") as tmp:
+        extra = {**_system_libraries(), **_inputs(Path(tmp), sizes, args.seconds),
+                 f"/lib/modules/{kver}/extra/bpfilter.ko": str(ROOT / "bpfilter.ko")}
+        script = (ROOT / "tools/vm/scenarios/bench-kube.sh").read_text()
+        result = harness.run_scenario(script, extra, timeout=args.timeout,
+                                      console_to=sys.stderr if os.environ.get("VERBOSE") else None)
+    results = parse(result.output)
+    text = table(results, sizes)
+    print(text)
+    os.makedirs(args.out, exist_ok=True)
+    Path(args.out, "table.txt").write_text(text + "\n")
+    Path(args.out, "results.json").write_text(json.dumps(
+        {"sizes": sizes, "seconds": args.seconds, "guest_seconds": result.seconds,
+         "results": results, "output": result.output}, indent=1))
+    return 0 if result.status == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
