@@ -99,3 +99,32 @@ def test_ipv6_mixes_have_the_rate_targets():
     found = report.targets(results)
     assert [(t["target"], t["family"], t["met"]) for t in found] == [
         (report.RATE_TARGETS[0][0], 6, True), (report.RATE_TARGETS[1][0], 6, False)]
+
+
+def test_kube_proxy_rulesets_load_as_kube_proxy_applies_them(tmp_path):
+    """tools/bench/kubeproxy.py's rulesets, which kube.py measures: the kernel's
+    iptables and nftables take them and their changes (iptables-restore --noflush,
+    nft -f), and the change moves the first Service's endpoint in both."""
+    sys.path.insert(0, os.path.join(ROOT, "tools", "bench"))
+    import kubeproxy
+    _, after = kubeproxy._moved(3)
+    for n in (0, 3):
+        name = f"bpfl-kube{n}"
+        subprocess.run(["ip", "netns", "add", name], check=True)
+        try:
+            run = lambda argv, text: subprocess.run(  # noqa: E731
+                ["ip", "netns", "exec", name, *argv], input=text, text=True,
+                capture_output=True, check=True)
+            run(["iptables-legacy-restore"], kubeproxy.iptables(n))
+            run(["iptables-legacy-restore", "--noflush"], kubeproxy.iptables_change(n))
+            run(["nft", "-f", "-"], kubeproxy.nft(n))
+            run(["nft", "-f", "-"], kubeproxy.nft_change(n))
+            saved = run(["iptables-legacy-save", "-t", "nat"], "").stdout
+            listed = run(["nft", "list", "table", "ip", "kube-proxy"], "").stdout
+            assert sum(line.startswith("-A KUBE-SERVICES") and "-j KUBE-SVC-" in line
+                       for line in saved.splitlines()) == n
+            assert (f"--to-destination {after.endpoints[0]}:" in saved) == bool(n)
+            assert (f"dnat to {after.endpoints[0]}:" in listed) == bool(n)
+            assert saved.count(":KUBE-SEP-") == 2 * n
+        finally:
+            subprocess.run(["ip", "netns", "del", name], check=True)

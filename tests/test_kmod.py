@@ -632,6 +632,34 @@ def test_kmod_nat_table_through_the_kernels_nat_core(module, tmp_path):
             lineterm=""))
 
 
+def test_kmod_docker_container_behind_a_bridge(module):
+    """Docker's filter and nat tables for one container behind the bridge docker0,
+    TCP and UDP ports published (tools/vm/scenarios/kmod-docker.sh): the published
+    ports reached from outside with the client's own address, the container's own
+    connection masqueraded, the host reaching its published port (OUTPUT DNAT), an
+    unpublished port refused by the host; the same answers, the same peers and the
+    same counters in both tables as with ip_tables in the same guest."""
+    kver = harness.kernel_release()
+    extra = {**system_libraries(), f"/lib/modules/{kver}/extra/bpfilter.ko": str(module)}
+    s = reference_then_bpfilter("kmod-docker.sh", extra, timeout=900)
+    ref, ours = s["reference docker"], s["bpfilter docker"]
+    for line in ("docker tcp 10.2.0.1 8080: connected", "docker udp 10.2.0.1 5353: reply",
+                 "docker tcp 10.2.0.1 8081: Connection refused",
+                 "docker tcp 10.2.0.2 81: connected",
+                 "ctr:80 tcp from 10.2.0.2 port high",     # the client's own address
+                 "ctr:53 udp from 10.2.0.2 port high",
+                 "wan:81 tcp from 10.2.0.1 port high"):    # masqueraded
+        assert f"{line}\n" in ref, ref
+    assert len(_answers(ref, "docker")) == 8, ref
+    assert _answers(ours, "docker") == _answers(ref, "docker"), ours
+    seen = lambda text: [line for line in text.splitlines()  # noqa: E731
+                         if re.match(r"(ctr|wan):\d+ ", line)]
+    assert seen(ours) == seen(ref), ours
+    assert _listing(ref) == _listing(ours), "\n".join(difflib.unified_diff(
+        _listing(ref).splitlines(), _listing(ours).splitlines(), "kernel", "bpfilter",
+        lineterm=""))
+
+
 def test_kmod_answers_one_namespace_beside_anothers_big_replace(module):
     """Requests are outstanding at once (an id each) and the helper answers each in its
     thread: while one namespace's 15,001-rule replace is compiled, another namespace's

@@ -9,7 +9,8 @@ other (tools/vm/scenarios/bench-kube.sh):
 For each system and size: the time to apply the ruleset, the time to change one
 Service as kube-proxy does (iptables-restore --noflush; one nft -f), and new TCP
 connections per second to the last Service's ClusterIP, DNATed to its endpoints,
-relative to the same system with 0 Services. The guest runs under TCG (no KVM here):
+relative to the same system with 0 Services (then: the same connections straight to
+an endpoint, through the same node and its filter table). The guest runs under TCG (no KVM here):
 times are the guest's, many times slower than the host's, and only their ratios
 compare. Output: a table on stdout, results.json and table.txt in DIR (default
 results/kube-<date>).
@@ -51,7 +52,9 @@ def _inputs(directory: Path, sizes: list[int], seconds: int) -> dict[str, str]:
         files[f"{n}.change.rules"] = kubeproxy.iptables_change(n)
         files[f"{n}.nft"] = kubeproxy.nft(n)
         files[f"{n}.change.nft"] = kubeproxy.nft_change(n)
-        files[f"{n}.vip"] = (kubeproxy.Service(n - 1, n).ip if n else "172.30.255.254") + "\n"
+        # with no Service, the baseline: the same connections to an endpoint itself
+        files[f"{n}.vip"] = (f"{kubeproxy.Service(n - 1, n).ip} {kubeproxy.SERVICE_PORT}" if n
+                             else f"{kubeproxy.ENDPOINTS[0]} {kubeproxy.TARGET_PORT}") + "\n"
     for name, text in files.items():
         (directory / name).write_text(text)
     return {f"/etc/bpfilter-vm/kube/{name}": str(directory / name) for name in files}

@@ -6,7 +6,8 @@
 #   change  the time to change one Service as kube-proxy does, with
 #           iptables-restore --noflush (nft: one nft -f of the changed chains),
 #   rate    new TCP connections per second from lan to the last Service's ClusterIP,
-#           each DNATed to one of its two endpoints on wan and reset once made.
+#           each DNATed to one of its two endpoints on wan and reset once made (with
+#           no Service: to the endpoint itself).
 # A line per measurement: "result SYSTEM SERVICES apply-cs change-cs connections ms",
 # or "refused SYSTEM SERVICES what it said".
 . /etc/bpfilter-vm/lib.sh
@@ -15,29 +16,10 @@ DIR=/etc/bpfilter-vm/kube
 RATE_SECONDS=$(cat $DIR/seconds)
 now() { read up _ </proc/uptime; echo "${up%.*}${up#*.}"; }
 
-node() {
-	for ns in fw lan wan; do ip netns del $ns 2>/dev/null; ip netns add $ns; done
-	ip link add vin0 netns fw type veth peer name eth0 netns lan
-	ip link add vout0 netns fw type veth peer name eth0 netns wan
-	ip -n fw addr add 10.1.0.1/24 dev vin0
-	ip -n fw addr add 10.2.0.1/24 dev vout0
-	ip -n lan addr add 10.1.0.2/24 dev eth0
-	ip -n wan addr add 10.2.0.2/24 dev eth0
-	ip -n wan addr add 10.96.0.1/32 dev eth0
-	ip -n wan addr add 10.96.0.2/32 dev eth0
-	for ns in fw lan wan; do ip -n $ns link set lo up; done
-	for dev in vin0 vout0; do ip -n fw link set $dev up; done
-	for ns in lan wan; do ip -n $ns link set eth0 up; done
-	ip -n lan route add default via 10.1.0.1
-	ip -n wan route add default via 10.2.0.1
-	ip -n fw route add 10.96.0.0/24 via 10.2.0.2
-	ip netns exec fw sh -c 'echo 1 >/proc/sys/net/ipv4/ip_forward'
-}
-
 # measure SYSTEM N APPLY CHANGE: load, change, then the connection rate
 measure() {
 	system=$1 n=$2
-	node
+	kube_node
 	start=$(now)
 	out=$(eval "$3" 2>&1)
 	status=$?
@@ -51,10 +33,10 @@ measure() {
 	status=$?
 	change=$(($(now) - start))
 	[ $status -eq 0 ] || { echo "refused $system $n change: $(echo "$out" | tail -1)"; return; }
-	vip=$(cat $DIR/$n.vip)
+	read vip port <$DIR/$n.vip
 	ip netns exec wan udp serve 8080 $((RATE_SECONDS + 5)) drain >/tmp/serve.out &
 	until grep -qs listening /tmp/serve.out; do sleep 0.1; done
-	rate=$(ip netns exec lan udp connrate "$vip" 80 "$RATE_SECONDS")
+	rate=$(ip netns exec lan udp connrate "$vip" "$port" "$RATE_SECONDS")
 	kill %1 2>/dev/null
 	wait
 	echo "result $system $n $apply $change $(echo "$rate" | sed 's/connections \([0-9]*\) in \([0-9]*\) ms.*/\1 \2/')"

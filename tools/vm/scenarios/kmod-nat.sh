@@ -2,32 +2,11 @@
 # fw, first with the kernel's ip_tables (the reference), then, unloaded, with
 # bpfilter.ko; what the servers see (the addresses NAT made), what the clients get,
 # and the nat table's counters must be the same.
-#
-# fw routes between lan (10.1.0.0/24, its vin0) and wan (10.2.0.0/24, its vout0).
+# fw routes between lan and wan (lib.sh's router4).
 . /etc/bpfilter-vm/lib.sh
 
-namespaces() {
-	for ns in fw lan wan; do ip netns del $ns 2>/dev/null || true; ip netns add $ns; done
-	ip link add vin0 netns fw type veth peer name eth0 netns lan
-	ip link add vout0 netns fw type veth peer name eth0 netns wan
-	ip -n fw addr add 10.1.0.1/24 dev vin0
-	ip -n fw addr add 10.2.0.1/24 dev vout0
-	ip -n lan addr add 10.1.0.2/24 dev eth0
-	ip -n wan addr add 10.2.0.2/24 dev eth0
-	for ns in fw lan wan; do ip -n $ns link set lo up; done
-	for dev in vin0 vout0; do ip -n fw link set $dev up; done
-	for ns in lan wan; do ip -n $ns link set eth0 up; done
-	ip -n lan route add default via 10.1.0.1
-	ip -n wan route add default via 10.2.0.1
-	ip -n fw route add default via 10.2.0.2   # for fw's own connection to 10.9.9.9
-	ip netns exec fw sh -c 'echo 1 >/proc/sys/net/ipv4/ip_forward'
-}
-
-# peers NS PORT: what the server on PORT in NS saw, in order
-peers() { grep -E '^(udp|tcp) from' "/tmp/serve.$1.$2" | sed "s/^/$1:$2 /" || true; }
-
 nat_probes() {
-	namespaces
+	router4
 	ip netns exec fw iptables-legacy-restore <<'RULES'
 *nat
 :PREROUTING ACCEPT [0:0]
@@ -124,10 +103,7 @@ RULES
 # fw, fw itself to the ClusterIP; wan holds the Service's two endpoints. Every
 # connection is masqueraded (none comes from the pods' network).
 kube_probes() {
-	namespaces
-	ip -n wan addr add 10.96.0.1/32 dev eth0
-	ip -n wan addr add 10.96.0.2/32 dev eth0
-	ip -n fw route add 10.96.0.0/24 via 10.2.0.2
+	kube_node
 	ip netns exec fw iptables-legacy-restore /etc/bpfilter-vm/kube-proxy.rules
 	SERVE_PEERS=peers
 	serve wan 60 8080

@@ -97,18 +97,50 @@ router() {
 	ip -n lan addr add 2001:db8:ffff::2/128 dev eth0 nodad
 	settle
 }
+# peers NS PORT: what `serve` (with SERVE_PEERS=peers) on PORT in NS saw, in order
+peers() { grep -E '^(udp|tcp) from' "/tmp/serve.$1.$2" | sed "s/^/$1:$2 /" || true; }
+
+# lan -- fw -- wan over IPv4: fw routes between lan (10.1.0.0/24, its vin0) and wan
+# (10.2.0.0/24, its vout0), and its own connections go to wan
+router4() {
+	for ns in fw lan wan; do ip netns del $ns 2>/dev/null || true; ip netns add $ns; done
+	ip link add vin0 netns fw type veth peer name eth0 netns lan
+	ip link add vout0 netns fw type veth peer name eth0 netns wan
+	ip -n fw addr add 10.1.0.1/24 dev vin0
+	ip -n fw addr add 10.2.0.1/24 dev vout0
+	ip -n lan addr add 10.1.0.2/24 dev eth0
+	ip -n wan addr add 10.2.0.2/24 dev eth0
+	for ns in fw lan wan; do ip -n $ns link set lo up; done
+	for dev in vin0 vout0; do ip -n fw link set $dev up; done
+	for ns in lan wan; do ip -n $ns link set eth0 up; done
+	ip -n lan route add default via 10.1.0.1
+	ip -n wan route add default via 10.2.0.1
+	ip -n fw route add default via 10.2.0.2
+	ip netns exec fw sh -c 'echo 1 >/proc/sys/net/ipv4/ip_forward'
+}
+
+# router4 as a Kubernetes node: wan also holds the endpoints of the last Service of
+# tools/bench/kubeproxy.py's rulesets
+kube_node() {
+	router4
+	ip -n wan addr add 10.96.0.1/32 dev eth0
+	ip -n wan addr add 10.96.0.2/32 dev eth0
+	ip -n fw route add 10.96.0.0/24 via 10.2.0.2
+}
+
 # ask NAME NS ADDR PORT [SIZE [FROM]]: a UDP probe's outcome
 ask() { echo "$1 udp $3 $4${6:+ from $6}: $(ip netns exec $2 udp ask $3 $4 $5 $6)"; }
 
 # reference_then_bpfilter MODULE...: the scenario's `phases` run first against the
 # kernel's ip_tables and ip6_tables (the reference), then, with those and MODULE...
-# unloaded (and fw, lan and wan deleted), against bpfilter.ko. bpfilter's refusals
+# unloaded (and the namespaces $NAMESPACES, by default fw, lan and wan, deleted),
+# against bpfilter.ko. bpfilter's refusals
 # name the rule: the kernel log's lines are shown whatever ends the script.
 reference_then_bpfilter() {
 	trap 'say log; dmesg | sed -n "s/^\[ *\([0-9.]*\)\] \(bpfilter: .*\)/\1 \2/p"' EXIT
 	phases reference
 	say unload ip_tables ip6_tables
-	for ns in fw lan wan; do ip netns del $ns; done
+	for ns in ${NAMESPACES:-fw lan wan}; do ip netns del $ns; done
 	for m in "$@" ip_tables ip6_tables; do
 		loaded $m && unload $m
 	done
