@@ -21,7 +21,7 @@ from bpfilter.decode import table_from_raw
 from bpfilter.loader import load_filter_table
 from bpfilter.compiler import classifier
 from bpfilter_lab.packets import Packet
-from verdicts import (ACCEPT, DROP, FWD, IN, OUT, Case, blob_of, case, entry_index,
+from verdicts import (ACCEPT, DROP, FWD, IN, OUT, TEMPLATED, Case, blob_of, case, entry_index,
                       kernel_agrees, listing_agrees, named, output_only, payload_agrees,
                       run_case)
 
@@ -661,6 +661,24 @@ CASES = [
           (OUT, tcp(dst="10.0.0.1"), ACCEPT)],
          {"OUTPUT 1": (3, 144), "A 1": (2, 100), "G return": (2, 88), "OUTPUT 2": (1, 44),
           "A 2": (1, 44), "A 3": (1, 44), "G 1": (1, 56)}),
+    case("300 user chains, each jumped to from one rule (BPF allows 256 subprograms)",
+         "\n".join([f":C{i} -" for i in range(300)]
+                   + [f"-A OUTPUT -p udp --dport {1000 + i} -j C{i}" for i in range(300)]
+                   + [f"-A C{i} -s {'10.1.2.3' if i == 299 else '10.9.9.9'} -j DROP"
+                      for i in range(300)]),
+         [(OUT, udp(dport=1299), DROP), (OUT, udp(dport=1005), ACCEPT)],
+         {"OUTPUT 300": (1, 44), "C299 1": (1, 44), "OUTPUT 6": (1, 44), "C5 return": (1, 44),
+          "OUTPUT policy": (1, 44)}),
+    # chain templates (compiler/templates.py): 10 chains of each shape, their
+    # addresses, ports, probability and the instance they jump to read from a record
+    case("chains of one shape share a template: each instance's own constants and counters",
+         TEMPLATED,
+         [(OUT, tcp(dport=1003), ACCEPT), (OUT, tcp(dport=1005, dst="192.168.7.5"), DROP),
+          (OUT, tcp(dport=1007, src="10.1.2.4"), ACCEPT), (OUT, tcp(dport=1009), DROP)],
+         {"OUTPUT 4": (1, 56), "S3 1": (1, 56), "T3 return": (1, 56), "S3 2": (1, 56),
+          "OUTPUT 6": (1, 56), "S5 1": (1, 56), "T5 1": (1, 56),
+          "OUTPUT 8": (1, 56), "S7 2": (1, 56), "OUTPUT policy": (1, 56),
+          "OUTPUT 10": (1, 56), "S9 1": (1, 56), "T9 return": (1, 56)}),
     case("nested 3 deep: verdict from the deepest chain",
          NESTED,
          (OUT, tcp(src="10.0.0.1"), DROP),

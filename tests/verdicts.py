@@ -274,3 +274,14 @@ def listing_agrees(netns: str, c: Case) -> None:
     ours = {chain.name: [listing.options(rule, table.family) for rule in chain.rules]
             for chain in table.chains.values()}
     assert ours == kernel_listing(netns, c.family)
+
+
+# ten S chains and ten T chains, each ten of one shape: S<i> jumps (or, S9, goes) to
+# T<i> for tcp port 1000 + i from 10.1.2.3, then accepts (S9: never reached after the
+# goto); T<i> drops what goes to 192.168.7.<i>
+TEMPLATED = "\n".join(
+    [":OUTPUT DROP"] + [f":S{i} -\n:T{i} -" for i in range(10)]
+    + [f"-A OUTPUT -p tcp --dport {1000 + i} -j S{i}" for i in range(10)]
+    + [f"-A S{i} -s 10.1.2.3 -p tcp -m tcp --dport {1000 + i} -{'g' if i == 9 else 'j'} T{i}\n"
+       f"-A S{i} -m statistic --mode random --probability 1 -j ACCEPT" for i in range(10)]
+    + [f"-A T{i} -d 192.168.7.{i} -j DROP" for i in range(10)])

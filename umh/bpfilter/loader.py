@@ -36,6 +36,7 @@ from .packet import facts
 from . import ext
 from .compiler.classifier import KEYS, VALUE_SIZE
 from .compiler.runs import RECORD_SIZE, Classified, TupleSpace
+from .compiler.templates import INSTANCES
 from .bpf.insn import Kfunc, MapRef
 from .errors import BpfilterError
 from .compiler.codegen import (CLASSIFIER, CLASSIFIER_RECORDS, COUNTERS, PROG_ARRAY,
@@ -264,6 +265,14 @@ def load_ruleset(table: Table, environment: Optional[dict[MapRef, int]] = None,
             undo.callback(classifier.release)
             classifier.write(compiled.runs)
             maps.update(classifier.maps())
+        planned = compiled.templates
+        if planned is not None and planned.count:
+            # the chain templates' records (compiler/templates.py), read-only to programs
+            fd = _owned(transient, bpf.map_create(bpf.BPF_MAP_TYPE_ARRAY, 4, planned.record_size,
+                                                  planned.count, f"{table.name}_tmpl"))
+            bpf.map_update_batch(fd, array.array("I", range(planned.count)).tobytes(),
+                                 planned.records, planned.count)
+            maps[INSTANCES] = fd
         for ref, fd in ext.table_maps(table).items():
             maps[ref] = _owned(transient, fd)
         kfuncs = _Kfuncs(btf, transient)

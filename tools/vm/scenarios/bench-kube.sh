@@ -25,7 +25,8 @@ measure() {
 	status=$?
 	apply=$(($(now) - start))
 	if [ $status -ne 0 ]; then
-		echo "refused $system $n $(echo "$out" | tail -1)"
+		echo "refused $system $n $(echo "$out" | tail -1)" \
+			"$(dmesg | sed -n 's/.*\(bpfilter: .*\)/\1/p' | tail -1)"
 		return
 	fi
 	start=$(now)

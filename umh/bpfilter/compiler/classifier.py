@@ -74,12 +74,12 @@ from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU32_REG, BPF_ALU64_IMM, BPF_ALU64_R
                         BPF_EMIT_CALL, BPF_H, BPF_JMP_IMM, BPF_LD_MAP_FD, BPF_LDX_MEM,
                         BPF_MOV32_IMM, BPF_MOV64_REG, BPF_ST_MEM, BPF_STX_MEM, BPF_W, FP, R0, R1,
                         R2, R6, R9, MapRef)
-from ..model import Family, IpHeader, Jump, Rule
+from ..model import Family, Goto, IpHeader, Jump, Rule
 from ..packet import facts
 from . import multifield
-from .runs import (CALLS, MAIN, PROJECTION, RECORD_SIZE, UNWALKED, VERDICT_CALL, VERDICT_HOTDROP,
-                   Classified, Lowered, Masks, TupleSpace, eligible, lower, port_blocks,
-                   same_rule)
+from .runs import (CALLS, CASE_BITS, MAIN, MAX_CASES, PROJECTION, RECORD_SIZE, UNWALKED,
+                   VERDICT_CALL, VERDICT_HOTDROP, Classified, Lowered, Masks, TemplateCase,
+                   TupleSpace, eligible, lower, port_blocks, same_rule)
 
 MIN_RUN = 16
 # Runs of the ruleset being replaced are taken over from this size (EarlierRuns).
@@ -268,7 +268,10 @@ class EarlierRuns:
     def __init__(self, runs: list[Classified]):
         self.by_first: dict[IpHeader, list[Classified]] = {}   # by their first rule's
         for run in runs:
-            self.by_first.setdefault(run.rules[0].ip, []).append(run)
+            # (instance numbers are the ruleset's own: runs jumping to templates' are
+            # classified anew)
+            if not any(isinstance(call, TemplateCase) for call in run.calls):
+                self.by_first.setdefault(run.rules[0].ip, []).append(run)
         self.rules: list[Rule] = []   # the chain being segmented
         self.stretch = (0, 0)         # eligible rules from, to (last one found)
         self.merging_until = 0
@@ -415,10 +418,10 @@ def tuple_space_run(space: TupleSpace, lows: list[Lowered], by_entry: dict[int, 
         return None   # known from the factored tuples, before a key is made
     groups: dict[Masks, list] = {}
     base = lows[0].entry
-    calls: dict = {}   # a jump's target -> its index in the run's calls
+    calls: dict = {}   # a jump's target (or TemplateCase) -> its index in the run's calls
     for low in lows:
-        call = low.verdict == VERDICT_CALL and CALLS + calls.setdefault(
-            by_entry[low.entry].target, len(calls))
+        call = low.verdict == VERDICT_CALL and _call_value(by_entry[low.entry].target, calls,
+                                                           space.instances)
         for masks, fields, entry, verdict in rule_keys(low, space.family):
             groups.setdefault(masks, []).append(
                 (fields, entry - base, call if verdict == VERDICT_CALL else verdict))
@@ -426,7 +429,7 @@ def tuple_space_run(space: TupleSpace, lows: list[Lowered], by_entry: dict[int, 
     twins = {masks: twin for masks in groups if masks.structure != MAIN
              and groups.get(twin := masks._replace(structure=MAIN)) == groups[masks]}
     ids = len(groups) - len(twins)
-    if ids > MAX_TUPLES or ids * RULES_PER_TUPLE > len(lows):
+    if ids > MAX_TUPLES or ids * RULES_PER_TUPLE > len(lows) or len(calls) > MAX_CASES:
         return None
     run = Run([by_entry[low.entry] for low in lows], {}, bytearray(), 0, cut_by, list(calls))
     layout = KEYS[space.family]
@@ -453,6 +456,16 @@ def tuple_space_run(space: TupleSpace, lows: list[Lowered], by_entry: dict[int, 
         tid, first, bits = made[masks]
         structures[masks.structure].append(LookupTuple(tid, masks, run.record_base + first, bits))
     return run
+
+
+def _call_value(target, calls: dict, instances: dict) -> int:
+    """A jump's key value: CALLS + its case's index, with the instance's number above
+    for a chain template's instance."""
+    instance = instances.get(target.chain)
+    if instance is None:
+        return CALLS + calls.setdefault(target, len(calls))
+    case = TemplateCase(instance[0], isinstance(target, Goto))
+    return CALLS + calls.setdefault(case, len(calls)) + (instance[1] << CASE_BITS)
 
 
 def filter_bits(keys: int) -> int:

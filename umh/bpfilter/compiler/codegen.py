@@ -18,7 +18,10 @@ where the call would have returned): BPF allows a program MAX_SUBPROGRAMS
 subprograms, and rulesets such as kube-proxy's have a chain per service and per
 endpoint, each jumped to from one rule. Chains called from many places are inlined,
 smallest first, only as far as needed to stay within that limit; the verifier walks a
-called chain anew at every call site anyway, so inlining costs it nothing more.
+called chain anew at every call site anyway, so inlining costs it nothing more. Chains
+of one shape are one subprogram, a template taking an instance number (templates.py);
+a classified run of jumps calls its dispatch, a subprogram that runs the chain the
+lookup named (classifier.py).
 
 Counters: every entry (rule, policy, implicit RETURN of a user chain) has a slot in a
 per-CPU array, bumped with skb->len when the entry is reached and its matches hold,
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .. import ext
 from ..abi.codec import gc_paused
@@ -46,9 +50,18 @@ from ..model import (Accept, Chain, Drop, Fallthrough, Family, Goto, Hook, Jump,
                      Table, Verdict)
 from ..packet import facts, flavour
 from ..packet.ipv6 import WALK, WALK_FOUND
-from . import classifier, multifield
-from .runs import (CALLS, INF, VERDICT_ACCEPT, VERDICT_DROP, VERDICT_HOTDROP, Classified,
-                   TupleSpace)
+from ..packet.primitives import RECORD_FP, Hole, emit_hole
+from . import classifier, multifield, templates
+from .runs import (CALLS, CASE_BITS, INF, VERDICT_ACCEPT, VERDICT_DROP, VERDICT_HOTDROP,
+                   Classified, TemplateCase, TupleSpace)
+
+MAX_CASE = (1 << CASE_BITS) - 1
+
+
+class _InRegister(NamedTuple):
+    """A template's instance number held in a register (a dispatch's)."""
+
+    reg: int
 from ..packet.primitives import RuleOutcome
 
 NF_DROP, NF_ACCEPT = 0, 1
@@ -104,6 +117,7 @@ class CompiledTable:
     space: TupleSpace      # where its runs' keys and records are
     runs: list[Classified]  # what the CLASSIFIER maps must hold for it
     needs: frozenset                   # the optional fact groups its programs read
+    templates: templates.Templates = None   # what the INSTANCES map must hold for it
 
 
 @gc_paused()
@@ -120,6 +134,8 @@ def compile_table(table: Table, offsets: facts.KernelOffsets,
         space, earlier = previous.space, classifier.EarlierRuns(previous.runs)
     else:
         space = TupleSpace(table.family)
+    planned = templates.plan(table)
+    space.instances = planned.instance_of
     # Entries no hook reaches never run: they are compiled into nothing.
     segments = {key: classifier.segments([r for r in chain.rules if r.reachable], space, earlier)
                 for key, chain in table.chains.items()}
@@ -128,15 +144,15 @@ def compile_table(table: Table, offsets: facts.KernelOffsets,
     needs = facts_needed(table, segments)
     slots = facts.layout(needs)
     programs = [HookProgram(chain.hook, f"{table.name}_{chain.name}"[:15],
-                            _compile_hook(table, offsets, segments, needs, chain), slots)
+                            _compile_hook(table, offsets, segments, needs, planned, chain), slots)
                 for chain in table.hook_chains()]
-    return CompiledTable(programs, space, list(runs.values()), needs)
+    return CompiledTable(programs, space, list(runs.values()), needs, planned)
 
 
 def _compile_hook(table: Table, offsets: facts.KernelOffsets, segments, needs: frozenset,
-                  chain: Chain) -> Assembler:
+                  planned: templates.Templates, chain: Chain) -> Assembler:
     try:
-        return _HookCompiler(table, offsets, segments, needs).compile(chain)
+        return _HookCompiler(table, offsets, segments, needs, planned).compile(chain)
     except TooLarge:
         raise BpfilterError(
             errno.E2BIG, f"chain {chain.name}: its program, with the user chains it reaches, "
@@ -227,8 +243,10 @@ def _jump_tuples(run: Classified) -> dict[int, tuple]:
 
 
 class _HookCompiler:
-    def __init__(self, table: Table, offsets: facts.KernelOffsets, segments, needs: frozenset):
+    def __init__(self, table: Table, offsets: facts.KernelOffsets, segments, needs: frozenset,
+                 planned: templates.Templates):
         self.table = table
+        self.templates = planned
         self.offsets = offsets
         self.segments = segments
         self.needs = needs   # the optional fact groups the prologue reads
@@ -241,6 +259,7 @@ class _HookCompiler:
         self.size: dict[str, int] = {}         # chain key -> its code's instructions
         self.calls: dict[str, list[str]] = {}  # chain key -> the key each call site calls
         self.dispatches: dict[str, Classified] = {}   # subprogram key -> its run of jumps
+        self.template_keys: dict[str, templates.Template] = {}   # subprogram key -> template
 
     def compile(self, chain: Chain) -> Assembler:
         """The hook program of `chain` (check_frames passed)."""
@@ -264,6 +283,8 @@ class _HookCompiler:
             key = self.called[emitted]
             if key in self.dispatches:
                 self._emit_dispatch(key, self.dispatches[key])
+            elif key in self.template_keys:
+                self._emit_template(key, self.template_keys[key])
             else:
                 self._emit_subprog(self.table.chains[key])
             emitted += 1
@@ -273,17 +294,24 @@ class _HookCompiler:
 
     def _chains_to_inline(self, hook_chain: Chain) -> set[str]:
         """The user chains reached from `hook_chain` to inline at their call sites:
-        those called from one place, those a run of jumps calls (its dispatch is a
-        frame of its own: inlined there, the chain takes no frame more than a call
-        from plain code does), and the smallest of the others as far as needed to
-        call no more than MAX_SUBPROGRAMS, dispatches included."""
+        those called from one place, and the smallest of the others as far as needed
+        to call no more than MAX_SUBPROGRAMS, dispatches included. (A run of jumps'
+        dispatch inlines its chains whatever this says: it is a frame of its own, and
+        inlined there a chain takes no frame more than a call from plain code does.)"""
         chains = self.table.chains
+        instance_of = self.templates.instance_of
         sites: dict[str, int] = {}
-        inline: set[str] = set()
         dispatches = 0
         reached, todo = {hook_chain.key}, [hook_chain.key]
+        shaped: set[int] = set()   # templates reached: their code is their first chain's
         while todo:
             key = todo.pop()
+            if key in instance_of:
+                index = instance_of[key][0]
+                if index in shaped:
+                    continue
+                shaped.add(index)
+                dispatches += 1   # (its subprogram)
             for rule in chains[key].rules:
                 if rule.reachable and isinstance(rule.target, (Jump, Goto)):
                     callee = rule.target.chain
@@ -294,8 +322,14 @@ class _HookCompiler:
             for segment in self.segments[key]:
                 if isinstance(segment, Classified) and segment.calls:
                     dispatches += 1
-                    inline.update(target.chain for target in segment.calls)
-        inline.update(key for key, count in sites.items() if count == 1)
+                    # (a chain only dispatches call needs no subprogram)
+                    for target in segment.calls:
+                        if not isinstance(target, TemplateCase):
+                            sites[target.chain] -= sum(rule.target == target
+                                                       for rule in segment.rules)
+        for key in instance_of:   # called as their template
+            sites.pop(key, None)
+        inline = {key for key, count in sites.items() if count <= 1}
         called = sorted((key for key in sites if key not in inline),
                         key=lambda key: (len(chains[key].rules) * sites[key], key), reverse=True)
         while called and len(called) + dispatches > MAX_SUBPROGRAMS:
@@ -315,13 +349,17 @@ class _HookCompiler:
         total = walk(chain.key)
         if total - sum(self.size.values()) > VERIFIER_BUDGET:
             widest = max(self.called, key=lambda k: len(self.calls.get(k, ())), default=chain.key)
-            name = (self.table.chains[widest].name if widest in self.table.chains
-                    else f"{self.dispatches[widest].rules[0].entry}'s run of jumps")
+            if widest in self.table.chains:
+                name = f"chain {self.table.chains[widest].name}"
+            elif widest in self.dispatches:
+                name = f"the run of jumps from entry {self.dispatches[widest].rules[0].entry}"
+            else:
+                name = f"the template of chain {self.template_keys[widest].exemplar.name}"
             raise BpfilterError(
                 errno.EOPNOTSUPP,
                 f"chain {chain.name}: its calls of user chains expand to {total} instructions "
                 f"for the BPF verifier, which checks a user chain anew at every call site "
-                f"(chain {name} alone makes "
+                f"({name} alone makes "
                 f"{len(self.calls.get(widest, ()))} calls); bpfilter refuses more than "
                 f"{VERIFIER_BUDGET} beyond the program's own")
 
@@ -378,13 +416,22 @@ class _HookCompiler:
             # -g X returns where this chain's RETURN would
             back = next_rule if isinstance(target, Jump) else ret
             self._emit_jump(target.chain, owner, back, drop, key_fp)
+        elif isinstance(target, templates.TemplateCall):
+            self._emit_template_call(target.index, owner, ret if target.goto else next_rule,
+                                     target.instance)
         else:
             ext.emit_target(target, self.table.family, asm, next_rule)
 
-    def _emit_jump(self, key: str, owner: str, back, drop, key_fp: int) -> None:
-        """Run user chain `key`, on to `back` if it returns: inlined, or called."""
+    def _emit_jump(self, key: str, owner: str, back, drop, key_fp: int,
+                   inline: bool = False) -> None:
+        """Run user chain `key`, on to `back` if it returns: inlined (if `inline` or
+        chosen to be), or called."""
         asm = self.asm
-        if key in self.inlined:
+        if key in self.templates.instance_of:
+            index, instance = self.templates.instance_of[key]
+            self._emit_template_call(index, owner, back, instance)
+            return
+        if inline or key in self.inlined:
             callee = self.table.chains[key]
             self._emit_rules(callee, owner, ret=back, drop=drop, key_fp=key_fp)
             self._emit_count(callee.tail_entry, key_fp)
@@ -393,6 +440,64 @@ class _HookCompiler:
         asm.emit(BPF_MOV64_REG(R1, R6), BPF_CALL_REL(self._subprog(key)),
                  BPF_JMP_IMM(I.BPF_JEQ, R0, CONTINUE, back), BPF_EXIT_INSN())
         self.calls.setdefault(owner, []).append(key)
+
+    def _emit_template_call(self, index: int, owner: str, back, instance) -> None:
+        """Run the instance of template `index` (a number, a Hole of this template's
+        record, or a register holding it), on to `back` if it returns."""
+        asm = self.asm
+        key = f"template {index}"
+        if key not in self.entries:
+            self.entries[key] = asm.label(f"template_{index}")
+            self.called.append(key)
+            self.template_keys[key] = self.templates.templates[index]
+        asm.emit(BPF_MOV64_REG(R1, R6))
+        if isinstance(instance, Hole):
+            emit_hole(asm, R2, instance)
+        elif isinstance(instance, _InRegister):
+            asm.emit(BPF_MOV64_REG(R2, instance.reg))
+        else:
+            asm.emit(BPF_MOV64_IMM(R2, instance))
+        asm.emit(BPF_CALL_REL(self.entries[key]), BPF_JMP_IMM(I.BPF_JEQ, R0, CONTINUE, back),
+                 BPF_EXIT_INSN())
+        self.calls.setdefault(owner, []).append(key)
+
+    def _emit_template(self, key: str, template: templates.Template) -> None:
+        """A template's subprogram (R1 = &facts, R2 = the instance): its record found,
+        then its exemplar's rules, their constants read from the record, each rule
+        counted at the record's first entry + its position."""
+        asm = self.asm
+        start = len(asm.items)
+        key_fp = _SUBPROG_KEY_FP
+        asm.place(self.entries[key])
+        drop, ret = asm.label("drop"), asm.label("return")
+        asm.emit(BPF_MOV64_REG(R6, R1), BPF_STX_MEM(BPF_W, FP, R2, key_fp),
+                 BPF_LD_MAP_FD(R1, templates.INSTANCES),
+                 BPF_MOV64_REG(R2, FP), BPF_ALU64_IMM(I.BPF_ADD, R2, key_fp),
+                 BPF_EMIT_CALL(I.BPF_FUNC_map_lookup_elem),
+                 BPF_JMP_IMM(I.BPF_JEQ, R0, 0, ret),   # (every instance has its record)
+                 BPF_STX_MEM(BPF_DW, FP, R0, RECORD_FP))
+
+        def count(position: int) -> None:
+            asm.emit(BPF_LDX_MEM(BPF_DW, I.R1, FP, RECORD_FP), BPF_LDX_MEM(BPF_W, I.R1, I.R1, 0))
+            if position:
+                asm.emit(BPF_ALU64_IMM(I.BPF_ADD, I.R1, position))
+            self._emit_count(I.R1, key_fp, entry_in_register=True)
+        for position, rule in enumerate(template.rules):
+            next_rule = asm.label("t_next")
+            out = RuleOutcome(asm, rule)
+            self.flavour.emit_ip_match(asm, rule.ip, out)
+            for match in rule.matches:
+                ext.emit_match(match, self.table.family, asm, out)
+            out.finish(next_rule, drop)
+            count(position)
+            self._emit_target(rule, key, ret, next_rule, drop, key_fp)
+            asm.place(next_rule)
+        count(len(template.rules))
+        asm.place(ret)
+        asm.emit(BPF_MOV64_IMM(R0, CONTINUE), BPF_EXIT_INSN())
+        asm.place(drop)
+        asm.emit(BPF_MOV64_IMM(R0, NF_DROP), BPF_EXIT_INSN())
+        self.size[key] = len(asm.items) - start
 
     def _emit_run(self, run, owner: str, ret, drop, key_fp: int) -> None:
         """The first match of a run: the smallest entry any tuple's lookup finds
@@ -532,7 +637,9 @@ class _HookCompiler:
         asm = self.asm
         start = len(asm.items)
         asm.place(self.entries[key])
-        asm.emit(BPF_MOV64_REG(R6, R1), BPF_MOV64_REG(R7, R2))
+        # R7: the case; R8: a template's instance
+        asm.emit(BPF_MOV64_REG(R6, R1), BPF_MOV64_REG(R7, R2), BPF_ALU64_IMM(I.BPF_AND, R7, MAX_CASE),
+                 BPF_MOV64_REG(R8, R2), BPF_ALU64_IMM(I.BPF_RSH, R8, CASE_BITS))
         drop, returned, goto_returned = asm.label("drop"), asm.label("return"), asm.label("gone")
 
         def search(lo: int, hi: int) -> None:
@@ -543,8 +650,13 @@ class _HookCompiler:
                 asm.place(upper)
                 lo = mid
             target = run.calls[lo]
+            if isinstance(target, TemplateCase):
+                self._emit_template_call(target.index, key,
+                                         goto_returned if target.goto else returned,
+                                         _InRegister(R8))
+                return
             self._emit_jump(target.chain, key, returned if isinstance(target, Jump)
-                            else goto_returned, drop, _SUBPROG_KEY_FP)
+                            else goto_returned, drop, _SUBPROG_KEY_FP, inline=True)
         search(0, len(run.calls))
         asm.place(returned)
         asm.emit(BPF_MOV64_IMM(R0, CONTINUE), BPF_EXIT_INSN())

@@ -19,6 +19,18 @@ VERDICT_DROP, VERDICT_ACCEPT, VERDICT_HOTDROP = 0, 1, 2
 # target in its run's `calls` (classifier.py; multifield takes no such rule).
 VERDICT_CALL = 3
 CALLS = 4
+# A jump to a chain template's instance (templates.py): its key's value is CALLS + the
+# index of its TemplateCase in the run's calls, plus the instance's number above
+# CASE_BITS; a run has at most MAX_CASES calls.
+CASE_BITS = 12
+MAX_CASES = (1 << CASE_BITS) - CALLS
+
+
+class TemplateCase(NamedTuple):
+    """A run's jumps (-j, or -g: `goto`) to instances of template `index`."""
+
+    index: int
+    goto: bool
 # multifield.RECORDS' values
 RECORD_SIZE = 32
 
@@ -227,6 +239,9 @@ class TupleSpace:
         self.family = family
         self.next_tid = 0
         self.next_record = 0
+        # chain key -> (template, instance) of the chain templates of the ruleset
+        # being classified (compile_table sets it)
+        self.instances: dict[str, tuple[int, int]] = {}
 
     def new_tid(self) -> int:
         self.next_tid += 1

@@ -26,12 +26,13 @@ from construct import Bytes, Int32un, Struct
 
 from ..bpf import insn as I
 from ..bpf.insn import (BPF_ALU64_IMM, BPF_CALL_KFUNC, BPF_DW, BPF_EXIT_INSN, BPF_JMP_IMM,
-                        BPF_LDX_MEM, BPF_MOV64_IMM, BPF_MOV64_REG, BPF_ST_MEM, BPF_W, R0, R1,
-                        R2, R3, R4, R5, R6, Kfunc)
+                        BPF_LDX_MEM, BPF_MOV64_IMM, BPF_MOV64_REG, R0, R1, R2, R3, R4, R5, R6,
+                        Kfunc)
 from ..errors import BpfilterError
 from ..model import ExtensionTarget, Family, Hook, IpHeader
 from ..netfilter import NF_ACCEPT, NF_DROP
 from ..packet import facts
+from ..packet.primitives import emit_store_words
 from ..proto import NatHow
 from . import MODULE, TargetExtension, missing_kfunc, register_target
 from .reject import NF_STATE
@@ -160,9 +161,8 @@ class _Nat(TargetExtension):
         return f"to:{describe_range(target.range, self.family)}{_options(target.range)}"
 
     def emit(self, target: NatTarget, asm, next_rule) -> None:
-        packed = target.range.packed()
-        asm.emit(BPF_ST_MEM(BPF_W, R6, NAT_RANGE + at, struct.unpack_from("<i", packed, at)[0])
-                 for at in range(0, RANGE2_SIZE, 4))
+        # (a template's range is a HoleBlock of its instances' records)
+        emit_store_words(asm, R6, NAT_RANGE, target.range.packed())
         accept = asm.label("nat_bound")
         asm.emit(BPF_LDX_MEM(BPF_DW, R1, R6, facts.SKB),
                  BPF_LDX_MEM(BPF_DW, R2, R6, NF_STATE),

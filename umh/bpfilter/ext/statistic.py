@@ -35,7 +35,7 @@ from ..bpf.insn import (BPF_ALU64_IMM, BPF_ALU64_REG, BPF_ATOMIC_OP, BPF_DW, BPF
 from ..errors import BpfilterError
 from ..model import Match, Table
 from ..packet import facts
-from ..packet.primitives import HOTDROP, MISMATCH
+from ..packet.primitives import HOTDROP, MISMATCH, emit_const
 from . import BOTH_FAMILIES, MatchExtension, match_key, register_match
 
 XT_STATISTIC_MODE_RANDOM, XT_STATISTIC_MODE_NTH = 0, 1
@@ -121,9 +121,9 @@ class Statistic(MatchExtension):
                  BPF_JMP_IMM(I.BPF_JNE, R1, 0, skip))
         if m.mode == XT_STATISTIC_MODE_RANDOM:
             asm.emit(BPF_EMIT_CALL(I.BPF_FUNC_get_prandom_u32),
-                     BPF_ALU64_IMM(I.BPF_AND, R0, 0x7FFFFFFF),
-                     BPF_LD_IMM64(R1, m.probability),
-                     BPF_MOV64_REG(R2, R0), BPF_MOV64_IMM(R0, 0),
+                     BPF_ALU64_IMM(I.BPF_AND, R0, 0x7FFFFFFF), BPF_MOV64_REG(R2, R0))
+            emit_const(asm, R1, m.probability)   # a template's Hole, or the number
+            asm.emit(BPF_MOV64_IMM(R0, 0),
                      BPF_JMP_REG(I.BPF_JLT, R2, R1, decided), BPF_MOV64_IMM(R0, 1))
         else:
             found = asm.label("statistic_found")

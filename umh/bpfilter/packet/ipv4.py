@@ -9,7 +9,7 @@ from ..model import IpHeader
 from . import facts
 from .facts import (DADDR, FRAGOFF, PROTO, SADDR, THOFF, TOT_LEN, TTL, Flavour, KernelOffsets,
                     emit_slice)
-from .primitives import RuleOutcome, emit_masked_equal, emit_name_equal, emit_nonzero
+from .primitives import Hole, RuleOutcome, emit_masked_equal, emit_name_equal, emit_nonzero
 
 IP_OFFSET_MASK = 0x1FFF
 IPV4_HEADER = 20
@@ -41,8 +41,10 @@ class Ipv4(Flavour):
     def emit_ip_match(self, asm, ip: IpHeader, out: RuleOutcome) -> None:
         for prefix, off in ((ip.src, SADDR), (ip.dst, DADDR)):
             if not prefix.is_any:
+                addr = prefix.addr   # a template's Hole, or the bytes
                 emit_masked_equal(asm, off, 4, int.from_bytes(prefix.mask, "little"),
-                                  int.from_bytes(prefix.addr, "little"), prefix.invert, out)
+                                  addr if isinstance(addr, Hole) else int.from_bytes(addr, "little"),
+                                  prefix.invert, out)
         for iface, off in ((ip.in_iface, facts.IN_NAME), (ip.out_iface, facts.OUT_NAME)):
             if not iface.is_any:
                 emit_name_equal(asm, off, iface.name, iface.mask, iface.invert, out)

@@ -10,14 +10,102 @@ one that never holds marks the rule as never matching.
 """
 from __future__ import annotations
 
+import struct
+
 from ..bpf import insn as I
 from ..bpf.asm import Assembler
-from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_DW, BPF_ENDIAN,
-                        BPF_H, BPF_JMP_IMM, BPF_LD_IMM64, BPF_LDX_MEM, BPF_MOV64_IMM, BPF_MOV64_REG,
-                        BPF_W, R0, R1, R2, R3, R4, R5, R6)
+from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU32_REG, BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B,
+                        BPF_DW, BPF_ENDIAN, BPF_H, BPF_JMP_IMM, BPF_LD_IMM64, BPF_LDX_MEM,
+                        BPF_MOV64_IMM, BPF_MOV64_REG, BPF_ST_MEM, BPF_STX_MEM, BPF_W, FP, R0, R1,
+                        R2, R3, R4, R5, R6)
 
 _SIZE = {1: BPF_B, 2: BPF_H, 4: BPF_W}
 MISMATCH, HOTDROP = R4, R5
+# A chain template's subprogram (compiler/templates.py) keeps its record's address in
+# its frame here: where the code of its rules reads their constants.
+RECORD_FP = -16
+
+
+class Hole:
+    """A rule's constant that a template's instances each have their own of: a u32
+    word of the instance's record, at `offset`. Emitters take it where they take the
+    number (the rule model holds it in its place) and load it where they would write
+    an immediate. Their choices of code compare it: it compares as `exemplar`, the
+    value of the first instance, and every instance of a template answers those
+    comparisons alike (templates.py's shape). It does no arithmetic: an emitter that
+    computed with it would compute with one instance's value for all."""
+
+    __slots__ = ("offset", "exemplar")
+
+    def __init__(self, offset: int, exemplar: int):
+        self.offset, self.exemplar = offset, exemplar
+
+    def _value(self, other):
+        return other.exemplar if isinstance(other, Hole) else other
+
+    def __eq__(self, other):
+        return self.exemplar == self._value(other)
+
+    def __ne__(self, other):
+        return self.exemplar != self._value(other)
+
+    def __lt__(self, other):
+        return self.exemplar < self._value(other)
+
+    def __le__(self, other):
+        return self.exemplar <= self._value(other)
+
+    def __gt__(self, other):
+        return self.exemplar > self._value(other)
+
+    def __ge__(self, other):
+        return self.exemplar >= self._value(other)
+
+    def __bool__(self):
+        return bool(self.exemplar)
+
+    # unhashable: a cache keyed by value would hand it an immediate made for another
+    __hash__ = None
+
+    def __repr__(self):
+        return f"Hole({self.offset}, {self.exemplar})"
+
+
+class HoleBlock(bytes):
+    """Bytes of a template's instance record (a NAT range) at `offset`: the exemplar's
+    bytes, which only emit_store_words may use."""
+
+    offset: int
+
+    def __new__(cls, exemplar: bytes, offset: int):
+        block = super().__new__(cls, exemplar)
+        block.offset = offset
+        return block
+
+
+def emit_hole(asm: Assembler, reg: int, hole: Hole) -> None:
+    """reg = the instance's word for `hole`."""
+    asm.emit(BPF_LDX_MEM(BPF_DW, reg, FP, RECORD_FP), BPF_LDX_MEM(BPF_W, reg, reg, hole.offset))
+
+
+def emit_const(asm: Assembler, reg: int, value) -> None:
+    """reg = value, an unsigned 32-bit number or a Hole."""
+    if isinstance(value, Hole):
+        emit_hole(asm, reg, value)
+    else:
+        asm.emit(BPF_LD_IMM64(reg, value))
+
+
+def emit_store_words(asm: Assembler, base: int, off: int, data: bytes) -> None:
+    """*(base + off) = data, 4-byte words; a HoleBlock's come from the record."""
+    if isinstance(data, HoleBlock):
+        for at in range(0, len(data), 4):
+            asm.emit(BPF_LDX_MEM(BPF_DW, R0, FP, RECORD_FP),
+                     BPF_LDX_MEM(BPF_W, R0, R0, data.offset + at),
+                     BPF_STX_MEM(BPF_W, base, R0, off + at))
+        return
+    asm.emit(BPF_ST_MEM(BPF_W, base, off + at, struct.unpack_from("<i", data, at)[0])
+             for at in range(0, len(data), 4))
 
 
 def emit_nonzero_bit(asm: Assembler, reg: int, tmp: int) -> None:
@@ -84,7 +172,10 @@ def emit_masked_equal(asm: Assembler, off: int, size: int, mask: int, value: int
     asm.emit(BPF_LDX_MEM(_SIZE[size], R1, R6, off))
     if mask != full:
         asm.emit(BPF_ALU32_IMM(I.BPF_AND, R1, mask))
-    if value:
+    if isinstance(value, Hole):
+        emit_hole(asm, R0, value)
+        asm.emit(BPF_ALU32_REG(I.BPF_XOR, R1, R0))
+    elif value:
         asm.emit(BPF_ALU32_IMM(I.BPF_XOR, R1, value))
     if invert:
         _invert_bit(asm, R1)
@@ -116,12 +207,19 @@ def emit_name_equal(asm: Assembler, off: int, name: bytes, mask: bytes, invert: 
 
 def _mov_const(asm: Assembler, reg: int, value: int) -> None:
     """reg = value, an unsigned 32-bit value (a mov's immediate is sign-extended)."""
+    if isinstance(value, Hole):
+        emit_hole(asm, reg, value)
+        return
     asm.emit(BPF_MOV64_IMM(reg, value) if value < 1 << 31 else BPF_LD_IMM64(reg, value))
 
 
 def _alu_const(asm: Assembler, op: int, reg: int, value: int) -> None:
-    """reg op= value, an unsigned 32-bit value, through R0 if it needs 64 bits."""
-    if value < 1 << 31:
+    """reg op= value, an unsigned 32-bit value, through R0 if it needs 64 bits (or is
+    a Hole)."""
+    if isinstance(value, Hole):
+        emit_hole(asm, R0, value)
+        asm.emit(BPF_ALU64_REG(op, reg, R0))
+    elif value < 1 << 31:
         asm.emit(BPF_ALU64_IMM(op, reg, value))
     else:
         asm.emit(BPF_LD_IMM64(R0, value), BPF_ALU64_REG(op, reg, R0))

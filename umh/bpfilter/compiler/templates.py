@@ -1,0 +1,254 @@
+"""Chain templates: user chains of one shape compiled once, their constants in a map.
+
+kube-proxy writes three chains per Service (KUBE-SVC-*, two KUBE-SEP-*), each of the
+same rules but for addresses, ports, a probability and the chains they jump to: as
+code, 10,000 Services pass the 1,000,000 instructions BPF allows a program, and
+verifying 1,000 takes long. Chains of one shape (the same rules, but for those
+constants) that are at least TEMPLATE_MIN are a template: one subprogram, called with
+an instance number, which reads each constant ("hole") from the instance's record in
+INSTANCES. A Service is then a record, whatever the number of Services.
+
+Shapes: a rule's shape is its rule with its holes taken out, and for each hole what
+the emitters' choices of code depend on (zero, all ones, its size; a port range's
+bounds equal or not): every instance of a template gets the code of the first, its exemplar, whose
+model holds Holes (packet.primitives) where the constants were; they compare as the
+exemplar's values and do no arithmetic. What can hold holes: IPv4 addresses under a
+mask, tcp and udp port ranges, statistic's probability (random mode), a NAT range, and
+a jump to a chain of another template (its instance number); the other parts of a
+shape must be the same in every instance: the rest of the ip part, comment (no code),
+mark, MARK, ACCEPT, DROP, RETURN, jumps to other chains. A match or target with state
+of its own per rule (limit, statistic's nth) is never in a template.
+
+Levels: a chain's shape depends on whether the chains it jumps to are templates, so
+chains are shaped callees first (by their height in the call graph).
+
+Counters: a chain's entries are consecutive, its first one is its record's first
+word; rule i counts entry first + i, the implicit RETURN first + len(rules).
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field, replace
+from ..bpf.insn import MapRef
+from ..ext.comment import CommentMatch
+from ..ext.mark import MarkMatch, MarkTarget
+from ..ext.nat import NatTarget
+from ..ext.ports import PortRange
+from ..ext.statistic import XT_STATISTIC_MODE_RANDOM, StatisticMatch
+from ..ext.tcp import TcpMatch
+from ..ext.udp import UdpMatch
+from ..model import Accept, Chain, Drop, Fallthrough, Family, Goto, IpHeader, Jump, Return, Table
+from ..packet.primitives import Hole, HoleBlock
+
+TEMPLATE_MIN = 8
+TEMPLATE_MAX_RULES = 12
+INSTANCES = MapRef("chain_instances")
+HEADER = 4   # a record's first word: its chain's first entry
+
+
+@dataclass(frozen=True)
+class TemplateCall:
+    """In a template's rules: -j or -g (`goto`) to an instance of template `index`,
+    its number the record's word `instance`."""
+
+    index: int
+    goto: bool
+    instance: Hole
+
+
+@dataclass
+class Template:
+    index: int
+    exemplar: Chain
+    rules: list          # the exemplar's rules, Holes in place of their constants
+    size: int            # its records' bytes
+    instances: list[str] = field(default_factory=list)   # chain keys, in instance order
+
+
+@dataclass
+class Templates:
+    templates: list[Template] = field(default_factory=list)
+    instance_of: dict[str, tuple[int, int]] = field(default_factory=dict)   # key -> (t, n)
+    record_size: int = 0
+    records: bytes = b""
+
+    @property
+    def count(self) -> int:
+        return len(self.instance_of)
+
+
+class _Holes:
+    """The holes of one chain's rules as they are taken out: values, then offsets."""
+
+    def __init__(self):
+        self.words: list = []     # int (a u32) or bytes (a block), in record order
+        self.offset = HEADER
+
+    def word(self, value: int) -> Hole:
+        hole = Hole(self.offset, value)
+        self.words.append(value)
+        self.offset += 4
+        return hole
+
+    def block(self, value: bytes) -> HoleBlock:
+        block = HoleBlock(value, self.offset)
+        self.words.append(bytes(value))
+        self.offset += len(value)
+        return block
+
+
+def _predicates(value: int) -> tuple:
+    """What the emitters' choices of code may ask of a hole's value."""
+    return (value == 0, value == 0xFFFF, value > 0xFFFF, value >= 1 << 31,
+            value == 0xFFFFFFFF)
+
+
+def _prefix(prefix, holes: _Holes):
+    if not any(prefix.mask):
+        return prefix, prefix
+    value = int.from_bytes(prefix.addr, "little")
+    return ("addr", prefix.mask, prefix.invert, _predicates(value)), \
+        prefix._replace(addr=holes.word(value))
+
+
+def _ports(ports: PortRange, holes: _Holes):
+    if (ports.lo, ports.hi, ports.invert) == (0, 0xFFFF, False):
+        return ports, ports
+    shape = ("ports", ports.invert, _predicates(ports.lo), _predicates(ports.hi),
+             ports.lo == ports.hi)
+    return shape, replace(ports, lo=holes.word(ports.lo), hi=holes.word(ports.hi))
+
+
+def _match(match, holes: _Holes):
+    if isinstance(match, CommentMatch):
+        return ("comment",), match
+    if isinstance(match, (TcpMatch, UdpMatch)):
+        (sport_shape, sport), (dport_shape, dport) = _ports(match.sport, holes), \
+            _ports(match.dport, holes)
+        rest = replace(match, sport=PortRange(), dport=PortRange())
+        return (rest, sport_shape, dport_shape), replace(match, sport=sport, dport=dport)
+    if isinstance(match, StatisticMatch) and match.mode == XT_STATISTIC_MODE_RANDOM:
+        return (replace(match, probability=0), _predicates(match.probability)), \
+            replace(match, probability=holes.word(match.probability))
+    if isinstance(match, MarkMatch):
+        return match, match
+    return None
+
+
+class _HoledRange:
+    """A NAT range whose bytes are a template's HoleBlock (NatTarget's emitter only
+    packs it)."""
+
+    def __init__(self, block: HoleBlock):
+        self.block = block
+
+    def packed(self) -> bytes:
+        return self.block
+
+
+def _target(target, holes: _Holes, template_of: dict[str, int]):
+    if isinstance(target, (Accept, Drop, Return, Fallthrough, MarkTarget)):
+        return target, target
+    if isinstance(target, (Jump, Goto)):
+        index = template_of.get(target.chain)
+        if index is None:
+            return target, target
+        goto = isinstance(target, Goto)
+        return ("call", index, goto), (target.chain, goto)   # instance: filled by the caller
+    if isinstance(target, NatTarget):
+        return (replace(target, range=None),), \
+            replace(target, range=_HoledRange(holes.block(target.range.packed())))
+    return None
+
+
+def _shape(chain: Chain, template_of: dict[str, int], instance_of: dict[str, tuple]):
+    """(shape, holes, holed rules) of a chain, or None if it cannot be a template."""
+    rules = chain.rules
+    if not 0 < len(rules) <= TEMPLATE_MAX_RULES or not all(r.reachable for r in rules):
+        return None
+    first = rules[0].entry
+    if any(r.entry != first + i for i, r in enumerate(rules)) or \
+            chain.tail_entry != first + len(rules):
+        return None
+    holes = _Holes()
+    shape, holed = [], []
+    for rule in rules:
+        if not isinstance(rule.ip, IpHeader):
+            return None
+        (src_shape, src), (dst_shape, dst) = _prefix(rule.ip.src, holes), \
+            _prefix(rule.ip.dst, holes)
+        ip = rule.ip._replace(src=src, dst=dst)
+        ip_shape = (rule.ip._replace(src=None, dst=None), src_shape, dst_shape)
+        matches, match_shapes = [], []
+        for match in rule.matches:
+            made = _match(match, holes)
+            if made is None:
+                return None
+            match_shapes.append(made[0])
+            matches.append(made[1])
+        made = _target(rule.target, holes, template_of)
+        if made is None:
+            return None
+        target_shape, target = made
+        if isinstance(target, tuple):   # a jump to a template's instance
+            key, goto = target
+            target = TemplateCall(template_of[key], goto, holes.word(instance_of[key][1]))
+        shape.append((ip_shape, tuple(match_shapes), target_shape))
+        holed.append(replace(rule, ip=ip, matches=matches, target=target))
+    return tuple(shape), holes, holed
+
+
+def _heights(table: Table) -> dict[str, int]:
+    """Chain key -> 1 + the height of the highest chain it jumps to (0: none)."""
+    heights: dict[str, int] = {}
+    for root in table.chains:
+        stack = [(root, False)]
+        while stack:
+            key, expanded = stack.pop()
+            if key in heights:
+                continue
+            callees = [r.target.chain for r in table.chains[key].rules
+                       if r.reachable and isinstance(r.target, (Jump, Goto))]
+            if expanded:
+                heights[key] = 1 + max((heights.get(c, 0) for c in callees), default=-1)
+                continue
+            stack.append((key, True))
+            stack.extend((c, False) for c in callees if c not in heights)
+    return heights
+
+
+def plan(table: Table) -> Templates:
+    """The table's templates and their instances' records (IPv4 tables only)."""
+    out = Templates()
+    if table.family is not Family.IPV4:
+        return out
+    heights = _heights(table)
+    template_of: dict[str, int] = {}
+    records: list[bytes] = []
+    user = [c for c in table.chains.values() if not c.builtin]
+    for height in sorted({heights.get(c.key, 0) for c in user}):
+        groups: dict = {}
+        for chain in user:
+            if heights.get(chain.key, 0) != height:
+                continue
+            made = _shape(chain, template_of, out.instance_of)
+            if made is not None:
+                groups.setdefault(made[0], []).append((chain, made[1], made[2]))
+        for members in groups.values():
+            if len(members) < TEMPLATE_MIN:
+                continue
+            exemplar, holes, holed = members[0]
+            template = Template(len(out.templates), exemplar, holed, holes.offset)
+            out.templates.append(template)
+            for chain, chain_holes, _ in members:
+                template_of[chain.key] = template.index
+                out.instance_of[chain.key] = (template.index, len(records))
+                template.instances.append(chain.key)
+                records.append(struct.pack("<I", chain.rules[0].entry) + b"".join(
+                    struct.pack("<I", w) if isinstance(w, int) else w
+                    for w in chain_holes.words))
+    if records:
+        out.record_size = -(-max(len(r) for r in records) // 8) * 8
+        out.records = b"".join(r.ljust(out.record_size, b"\0") for r in records)
+    return out
+
