@@ -136,12 +136,14 @@ def compile_table(table: Table, offsets: facts.KernelOffsets,
         space = TupleSpace(table.family)
     planned = templates.plan(table)
     space.instances = planned.instance_of
-    # Entries no hook reaches never run: they are compiled into nothing.
+    # Entries no hook reaches never run: they are compiled into nothing. A template's
+    # chains are its code (its exemplar's rules, never classified: too few).
     segments = {key: classifier.segments([r for r in chain.rules if r.reachable], space, earlier)
-                for key, chain in table.chains.items()}
+                for key, chain in table.chains.items() if key not in planned.instance_of}
     runs = {s.serial: s for chain in segments.values() for s in chain
             if isinstance(s, Classified)}
-    needs = facts_needed(table, segments)
+    needs = facts_needed(table, {**segments, **{t.exemplar.key: t.exemplar.rules
+                                                for t in planned.templates}})
     slots = facts.layout(needs)
     programs = [HookProgram(chain.hook, f"{table.name}_{chain.name}"[:15],
                             _compile_hook(table, offsets, segments, needs, planned, chain), slots)
@@ -319,7 +321,7 @@ class _HookCompiler:
                     if callee not in reached:
                         reached.add(callee)
                         todo.append(callee)
-            for segment in self.segments[key]:
+            for segment in self.segments.get(key, ()):
                 if isinstance(segment, Classified) and segment.calls:
                     dispatches += 1
                     # (a chain only dispatches call needs no subprogram)

@@ -111,28 +111,37 @@ def _prefix(prefix, holes: _Holes):
         prefix._replace(addr=holes.word(value))
 
 
-def _ports(ports: PortRange, holes: _Holes):
+def _ports(ports: PortRange, holes: _Holes, build: bool):
     if (ports.lo, ports.hi, ports.invert) == (0, 0xFFFF, False):
         return ports, ports
     shape = ("ports", ports.invert, _predicates(ports.lo), _predicates(ports.hi),
              ports.lo == ports.hi)
-    return shape, replace(ports, lo=holes.word(ports.lo), hi=holes.word(ports.hi))
+    lo, hi = holes.word(ports.lo), holes.word(ports.hi)
+    return shape, build and replace(ports, lo=lo, hi=hi)
 
 
-def _match(match, holes: _Holes):
+def _match(match, holes: _Holes, build: bool):
+    """(shape, holed match: only if `build`, for a template's exemplar), or None."""
     if isinstance(match, CommentMatch):
         return ("comment",), match
     if isinstance(match, (TcpMatch, UdpMatch)):
-        (sport_shape, sport), (dport_shape, dport) = _ports(match.sport, holes), \
-            _ports(match.dport, holes)
-        rest = replace(match, sport=PortRange(), dport=PortRange())
-        return (rest, sport_shape, dport_shape), replace(match, sport=sport, dport=dport)
+        (sport_shape, sport), (dport_shape, dport) = _ports(match.sport, holes, build), \
+            _ports(match.dport, holes, build)
+        rest = (type(match), *(getattr(match, f) for f in _FIELDS[type(match)]))
+        return (rest, sport_shape, dport_shape), \
+            build and replace(match, sport=sport, dport=dport)
     if isinstance(match, StatisticMatch) and match.mode == XT_STATISTIC_MODE_RANDOM:
-        return (replace(match, probability=0), _predicates(match.probability)), \
-            replace(match, probability=holes.word(match.probability))
+        hole = holes.word(match.probability)
+        return (StatisticMatch, match.invert, _predicates(match.probability)), \
+            build and replace(match, probability=hole)
     if isinstance(match, MarkMatch):
         return match, match
     return None
+
+
+# what else than ports a tcp or udp match's code depends on
+_FIELDS = {TcpMatch: ("flags_mask", "flags_cmp", "invert_flags", "option", "invert_option"),
+           UdpMatch: ()}
 
 
 class _HoledRange:
@@ -146,7 +155,7 @@ class _HoledRange:
         return self.block
 
 
-def _target(target, holes: _Holes, template_of: dict[str, int]):
+def _target(target, holes: _Holes, template_of: dict[str, int], build: bool):
     if isinstance(target, (Accept, Drop, Return, Fallthrough, MarkTarget)):
         return target, target
     if isinstance(target, (Jump, Goto)):
@@ -156,13 +165,16 @@ def _target(target, holes: _Holes, template_of: dict[str, int]):
         goto = isinstance(target, Goto)
         return ("call", index, goto), (target.chain, goto)   # instance: filled by the caller
     if isinstance(target, NatTarget):
-        return (replace(target, range=None),), \
-            replace(target, range=_HoledRange(holes.block(target.range.packed())))
+        block = holes.block(target.range.packed())
+        return (NatTarget, target.name, target.revision, target.how, target.family), \
+            build and replace(target, range=_HoledRange(block))
     return None
 
 
-def _shape(chain: Chain, template_of: dict[str, int], instance_of: dict[str, tuple]):
-    """(shape, holes, holed rules) of a chain, or None if it cannot be a template."""
+def _shape(chain: Chain, template_of: dict[str, int], instance_of: dict[str, tuple],
+           build: bool = False):
+    """(shape, holes, holed rules: only if `build`) of a chain, or None if it cannot
+    be a template."""
     rules = chain.rules
     if not 0 < len(rules) <= TEMPLATE_MAX_RULES or not all(r.reachable for r in rules):
         return None
@@ -181,12 +193,12 @@ def _shape(chain: Chain, template_of: dict[str, int], instance_of: dict[str, tup
         ip_shape = (rule.ip._replace(src=None, dst=None), src_shape, dst_shape)
         matches, match_shapes = [], []
         for match in rule.matches:
-            made = _match(match, holes)
+            made = _match(match, holes, build)
             if made is None:
                 return None
             match_shapes.append(made[0])
             matches.append(made[1])
-        made = _target(rule.target, holes, template_of)
+        made = _target(rule.target, holes, template_of, build)
         if made is None:
             return None
         target_shape, target = made
@@ -194,7 +206,8 @@ def _shape(chain: Chain, template_of: dict[str, int], instance_of: dict[str, tup
             key, goto = target
             target = TemplateCall(template_of[key], goto, holes.word(instance_of[key][1]))
         shape.append((ip_shape, tuple(match_shapes), target_shape))
-        holed.append(replace(rule, ip=ip, matches=matches, target=target))
+        if build:
+            holed.append(replace(rule, ip=ip, matches=matches, target=target))
     return tuple(shape), holes, holed
 
 
@@ -237,7 +250,8 @@ def plan(table: Table) -> Templates:
         for members in groups.values():
             if len(members) < TEMPLATE_MIN:
                 continue
-            exemplar, holes, holed = members[0]
+            exemplar, holes, _ = members[0]
+            _, _, holed = _shape(exemplar, template_of, out.instance_of, build=True)
             template = Template(len(out.templates), exemplar, holed, holes.offset)
             out.templates.append(template)
             for chain, chain_holes, _ in members:

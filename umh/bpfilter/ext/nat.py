@@ -57,6 +57,8 @@ nat_range2 = Struct("flags" / Int32un, "min_addr" / Bytes(16), "max_addr" / Byte
                     "min_proto" / Bytes(2), "max_proto" / Bytes(2), "base_proto" / Bytes(2),
                     "pad" / Bytes(2))
 RANGE2_SIZE = 44   # sizeof(struct nf_nat_range2), which bpfilter_nat() takes
+_RANGE2 = struct.Struct("=I16s16s2s2s2s2x")
+assert _RANGE2.size == nat_range2.sizeof() == RANGE2_SIZE
 
 # The range handed to the kfunc, written where the program's frame keeps it.
 NAT_RANGE = facts.reserve("nat_range", RANGE2_SIZE)
@@ -78,10 +80,9 @@ class NatRange:
     base_proto: bytes = bytes(2)
 
     def packed(self) -> bytes:
-        return nat_range2.build(dict(flags=self.flags, min_addr=self.min_addr,
-                                     max_addr=self.max_addr, min_proto=self.min_proto,
-                                     max_proto=self.max_proto, base_proto=self.base_proto,
-                                     pad=bytes(2)))
+        """nat_range2's bytes (packed by struct: a table may have tens of thousands)."""
+        return _RANGE2.pack(self.flags, self.min_addr, self.max_addr, self.min_proto,
+                            self.max_proto, self.base_proto)
 
 
 @dataclass(frozen=True, kw_only=True)
