@@ -560,7 +560,10 @@ def test_kmod_nat_table_through_the_kernels_nat_core(module, tmp_path):
     with -j MARK, and with a port range), REDIRECT and NETMAP on a router between two
     namespaces, bound by the kernel's NAT core (kmod/nat.c): the servers see the same
     addresses, the clients get the same answers, the nat table counts the same first
-    packets, as with ip_tables in the same guest (tools/vm/scenarios/kmod-nat.sh)."""
+    packets, as with ip_tables in the same guest (tools/vm/scenarios/kmod-nat.sh).
+    kube-proxy's tables for KUBE_SERVICES Services (its KUBE-SERVICES a run of jumps,
+    its KUBE-SVC and KUBE-SEP chains templates): ClusterIP and NodePort connections
+    spread over the last Service's endpoints, the same counters."""
     kver = harness.kernel_release()
     extra = {**system_libraries(), f"/lib/modules/{kver}/extra/bpfilter.ko": str(module),
              **{f"/etc/bpfilter-vm/{name}.rules": str(ROOT / f"tests/realworld/nat/{name}.rules")

@@ -22,7 +22,7 @@ import ipaddress
 import sys
 
 CLUSTER_CIDR = "10.244.0.0/16"     # the pods' addresses (KUBE-SVC's masquerade test)
-SERVICE_NET = ipaddress.IPv4Address("172.30.0.0")
+SERVICE_NET = ipaddress.IPv4Address("172.30.0.0")   # its first host address is the first's
 ENDPOINT_NET = ipaddress.IPv4Address("10.128.0.0")
 ENDPOINTS = ("10.96.0.1", "10.96.0.2")    # the last Service's, held by the server
 SERVICE_PORT, TARGET_PORT = 80, 8080
@@ -40,7 +40,7 @@ class Service:
     def __init__(self, number: int, count: int):
         self.number = number
         self.name = f"ns{number // 100}/svc{number}:p80"
-        self.ip = str(SERVICE_NET + number)
+        self.ip = str(SERVICE_NET + 1 + number)
         last = number == count - 1
         self.endpoints = ENDPOINTS if last else tuple(
             str(ENDPOINT_NET + 2 * number + k) for k in range(2))

@@ -354,10 +354,10 @@ def _base_initramfs(kver: str) -> tuple[Path, frozenset[str]]:
 
 
 def _boot(kernel: Path, initrd: Path, timeout: float,
-          console_to: Optional[IO[str]]) -> tuple[bytes, bytes, float]:
+          console_to: Optional[IO[str]], memory_mb: int = 1024) -> tuple[bytes, bytes, float]:
     """Runs the guest to its power-off: (console, ttyS1's bytes, seconds)."""
     output = initrd.parent / "ttyS1"
-    cmd = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "1",
+    cmd = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", str(memory_mb), "-smp", "1",
            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
            "-kernel", str(kernel), "-initrd", str(initrd), "-append", APPEND,
            "-serial", "stdio", "-serial", f"file:{output}"]
@@ -397,7 +397,7 @@ def _tail(console: bytes, lines: int = 40) -> str:
 
 def run_scenario(script: str, extra_files: Optional[Mapping[str, str]] = None,
                  module: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT,
-                 console_to: Optional[IO[str]] = None) -> Result:
+                 console_to: Optional[IO[str]] = None, memory_mb: int = 1024) -> Result:
     """Boots a fresh guest, runs script with sh (dash) as root in /tmp and returns its
     exit status and output (stdout and stderr together). The script may read
     /etc/bpfilter-vm/lib.sh, the functions the scenarios share.
@@ -406,7 +406,7 @@ def run_scenario(script: str, extra_files: Optional[Mapping[str, str]] = None,
     module, a host .ko built against kernel_build_dir(), is loaded (dependencies first)
     before the script runs, which finds its guest path in $BPFILTER_VM_MODULE; a module
     that does not load makes the status 125. console_to receives the kernel's console
-    as it comes.
+    as it comes. memory_mb is the guest's memory.
     """
     kver = kernel_release()
     kernel = kernel_tree(kver) / "boot" / f"vmlinuz-{kver}"
@@ -429,7 +429,7 @@ def run_scenario(script: str, extra_files: Optional[Mapping[str, str]] = None,
                 cpio.file(guest_path(where), Path(module).read_bytes())
                 cpio.file("etc/bpfilter-vm/module", where.encode())
             cpio.close()
-        console, raw, seconds = _boot(kernel, initrd, timeout, console_to)
+        console, raw, seconds = _boot(kernel, initrd, timeout, console_to, memory_mb)
     start = raw.find(BEGIN)
     end = END.search(raw, start + len(BEGIN)) if start >= 0 else None
     if not end:

@@ -59,7 +59,9 @@ for m in iptable_nat iptable_filter xt_nat xt_MASQUERADE xt_mark xt_statistic xt
 done
 loaded ip_tables && echo "ip_tables: loaded" || echo "ip_tables: not loaded"
 depmod -a
-modprobe bpfilter
+# The helper has a minute to answer by default: under TCG, decoding and compiling the
+# 50 MB replace of 10,000 Services takes longer (the host takes seconds)
+modprobe bpfilter timeout=900
 for n in $(cat $DIR/sizes); do
 	measure bpfilter "$n" "ip netns exec fw iptables-legacy-restore $DIR/$n.rules" \
 		"ip netns exec fw iptables-legacy-restore --noflush $DIR/$n.change.rules"
