@@ -136,7 +136,8 @@ def iptables(count: int) -> str:
 
 
 def _moved(count: int) -> tuple[Service, Service]:
-    """The first Service before and after its first endpoint moves (the change)."""
+    """The first Service before and after its first endpoint moves (the change; with
+    one Service, nothing moves: only the top chains are written again)."""
     before = Service(0, count)
     after = Service(0, count)
     after.endpoints = ("10.127.255.254", before.endpoints[1])
@@ -149,7 +150,7 @@ def iptables_change(count: int) -> str:
     iptables-restore --noflush: its top chains whole, the Service's changed chains,
     the old endpoint's chain deleted."""
     out = ["*nat", *_nat_top(services(count))]
-    if count:
+    if count > 1:   # (the last Service, the one the bench connects to, stays)
         before, after = _moved(count)
         decls, rules = _service_chains(after)
         # (a chain is flushed by its declaration, and only an empty one can be deleted)
@@ -205,7 +206,7 @@ def nft(count: int) -> str:
 def nft_change(count: int) -> str:
     """The same change as kube-proxy's nftables mode makes it: the new endpoint's chain,
     the Service's chain rewritten, the old endpoint's chain deleted."""
-    if not count:
+    if count <= 1:
         return ("flush chain ip kube-proxy nodeports\n"
                 "add rule ip kube-proxy nodeports meta l4proto . th dport vmap @service-nodeports\n")
     before, after = _moved(count)
