@@ -55,14 +55,28 @@ def kallsyms():
     return Kallsyms.read()
 
 
+# a user chain called from two places: a subprogram (one called once is inlined)
+CALLED_TWICE = """*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:TWICE - [0:0]
+-A OUTPUT -p udp -j TWICE
+-A OUTPUT -p tcp -j TWICE
+-A TWICE -d 10.0.0.1 -j DROP
+COMMIT
+"""
+
+
 def test_demo_programs_as_bpftool_prints_them(kallsyms):
-    loaded = load_filter_table(replace_blob(demo.RULESET), attach=False)
-    try:
-        code = []
-        for rules in loaded.hooks.values():
-            code += assert_as_bpftool(rules.prog_fd, kallsyms)
-    finally:
-        loaded.close()
+    code = []
+    for ruleset in (demo.RULESET, CALLED_TWICE):
+        loaded = load_filter_table(replace_blob(ruleset), attach=False)
+        try:
+            for rules in loaded.hooks.values():
+                code += assert_as_bpftool(rules.prog_fd, kallsyms)
+        finally:
+            loaded.close()
     text = "\n".join(code)
     # what the compiler emits, as the kernel translated it
     for pattern in (r"\(79\) r7 = \*\(u64 \*\)\(r1 \+\d+\)", r"\(7a\) \*\(u64 \*\)\(r6 \+0\) = 0",
