@@ -61,15 +61,6 @@ def sockopt():
     return _static_tool("sockopt")
 
 
-def system_libraries() -> dict[str, str]:
-    """Guest path -> host file for the C library and zlib, which every Debian system has
-    and the frozen helper links against; the guest otherwise only holds what its own
-    tools need."""
-    listed = _run(["dpkg", "-L", "libc6", "zlib1g"]).stdout.split()
-    return {path: str(Path(path).resolve()) for path in listed
-            if re.fullmatch(r"(/usr)?/lib/x86_64-linux-gnu/[^/]+\.so[.0-9]*", path)}
-
-
 def sections(output: str) -> dict[str, str]:
     parts = re.split(r"^== (.+)$", output, flags=re.M)
     return dict(zip(parts[1::2], parts[2::2]))
@@ -104,8 +95,8 @@ def helper_start_times(log: str) -> list[float]:
 
 def test_kmod_end_to_end(module, nocap, sockopt):
     kver = harness.kernel_release()
-    extra = {**system_libraries(), "/usr/bin/nocap": str(nocap), "/usr/bin/sockopt": str(sockopt),
-             f"/lib/modules/{kver}/extra/bpfilter.ko": str(module)}
+    extra = {**harness.system_libraries(), "/usr/bin/nocap": str(nocap),
+             "/usr/bin/sockopt": str(sockopt), f"/lib/modules/{kver}/extra/bpfilter.ko": str(module)}
     script = (ROOT / "tools/vm/scenarios/kmod.sh").read_text()
     result = harness.run_scenario(script, extra, timeout=300)
     out = result.output
@@ -205,7 +196,7 @@ def test_kmod_conntrack_and_reject(module):
     through the module's kfuncs: the same probes, and the same counters, as with
     the kernel's ip_tables in the same guest (tools/vm/scenarios/kmod-targets.sh)."""
     kver = harness.kernel_release()
-    extra = {**system_libraries(), f"/lib/modules/{kver}/extra/bpfilter.ko": str(module)}
+    extra = {**harness.system_libraries(), f"/lib/modules/{kver}/extra/bpfilter.ko": str(module)}
     script = (ROOT / "tools/vm/scenarios/kmod-targets.sh").read_text()
     result = harness.run_scenario(script, extra, timeout=300)
     out = result.output
@@ -252,7 +243,7 @@ def test_kmod_addrtype_and_realworld_rulesets(module):
     answers, and the same counters, as the kernel's ip_tables and ip6_tables in the same
     guest (tools/vm/scenarios/kmod-realworld.sh)."""
     kver = harness.kernel_release()
-    extra = {**system_libraries(), f"/lib/modules/{kver}/extra/bpfilter.ko": str(module),
+    extra = {**harness.system_libraries(), f"/lib/modules/{kver}/extra/bpfilter.ko": str(module),
              # as on Debian: limit's HZ (its kernel has no /proc/config.gz)
              f"/boot/config-{kver}": str(harness.kernel_tree(kver) / f"boot/config-{kver}"),
              **{f"/etc/bpfilter-vm/{name}.rules": str(ROOT / f"tests/realworld/{name}.rules")
@@ -321,7 +312,7 @@ def test_kmod_ipv6_reject_addrtype_conntrack(module):
     `-L -v` counters as with the kernel's ip6_tables in the same guest, and rmmod
     leaves nothing behind (tools/vm/scenarios/kmod6.sh)."""
     kver = harness.kernel_release()
-    extra = {**system_libraries(), f"/lib/modules/{kver}/extra/bpfilter.ko": str(module)}
+    extra = {**harness.system_libraries(), f"/lib/modules/{kver}/extra/bpfilter.ko": str(module)}
     script = (ROOT / "tools/vm/scenarios/kmod6.sh").read_text()
     result = harness.run_scenario(script, extra, timeout=900)
     out = result.output
@@ -417,7 +408,7 @@ def test_kmod_kfuncs(module, kfuncs):
     kernel's ip6t_REJECT and bpfilter_addr_type6() the matches of its xt_addrtype,
     which run first on the same probes (tools/vm/scenarios/kmod-kfuncs.sh)."""
     kver = harness.kernel_release()
-    extra = {**system_libraries(), "/usr/bin/kfuncs": str(kfuncs),
+    extra = {**harness.system_libraries(), "/usr/bin/kfuncs": str(kfuncs),
              f"/lib/modules/{kver}/extra/bpfilter.ko": str(module)}
     script = (ROOT / "tools/vm/scenarios/kmod-kfuncs.sh").read_text()
     result = harness.run_scenario(script, extra, timeout=600)
@@ -493,7 +484,7 @@ def _module_scenario(module, name: str, timeout: int, tools=()) -> dict[str, str
     (/usr/bin/NAME): its sections, once it has ended well with a clean console; its
     guest run time printed."""
     kver = harness.kernel_release()
-    extra = {**system_libraries(), f"/lib/modules/{kver}/extra/bpfilter.ko": str(module),
+    extra = {**harness.system_libraries(), f"/lib/modules/{kver}/extra/bpfilter.ko": str(module),
              **{f"/usr/bin/{tool.name.rsplit('-', 1)[0]}": str(tool) for tool in tools}}
     result = harness.run_scenario((ROOT / "tools/vm/scenarios" / name).read_text(), extra,
                                   timeout=timeout)
@@ -565,7 +556,7 @@ def test_kmod_nat_table_through_the_kernels_nat_core(module, tmp_path):
     its KUBE-SVC and KUBE-SEP chains templates): ClusterIP and NodePort connections
     spread over the last Service's endpoints, the same counters."""
     kver = harness.kernel_release()
-    extra = {**system_libraries(), f"/lib/modules/{kver}/extra/bpfilter.ko": str(module),
+    extra = {**harness.system_libraries(), f"/lib/modules/{kver}/extra/bpfilter.ko": str(module),
              **{f"/etc/bpfilter-vm/{name}.rules": str(ROOT / f"tests/realworld/nat/{name}.rules")
                 for name in ("docker-classic-v27", "docker-current-usernet-portmap",
                              "docker-current-swarm-portmap", "libvirt-nat-network")}}
@@ -643,7 +634,7 @@ def test_kmod_docker_container_behind_a_bridge(module):
     unpublished port refused by the host; the same answers, the same peers and the
     same counters in both tables as with ip_tables in the same guest."""
     kver = harness.kernel_release()
-    extra = {**system_libraries(), f"/lib/modules/{kver}/extra/bpfilter.ko": str(module)}
+    extra = {**harness.system_libraries(), f"/lib/modules/{kver}/extra/bpfilter.ko": str(module)}
     s = reference_then_bpfilter("kmod-docker.sh", extra, timeout=900)
     ref, ours = s["reference docker"], s["bpfilter docker"]
     for line in ("docker tcp 10.2.0.1 8080: connected", "docker udp 10.2.0.1 5353: reply",

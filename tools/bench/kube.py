@@ -37,14 +37,6 @@ import kubeproxy  # noqa: E402
 SYSTEMS = ("iptables", "nftables", "bpfilter")
 
 
-def _system_libraries() -> dict[str, str]:
-    """The C library and zlib, which the frozen helper links against."""
-    listed = subprocess.run(["dpkg", "-L", "libc6", "zlib1g"], capture_output=True, text=True,
-                            check=True).stdout.split()
-    return {path: str(Path(path).resolve()) for path in listed
-            if re.fullmatch(r"(/usr)?/lib/x86_64-linux-gnu/[^/]+\.so[.0-9]*", path)}
-
-
 def _inputs(directory: Path, sizes: list[int], seconds: int) -> dict[str, str]:
     """The guest's /etc/bpfilter-vm/kube/ files, written into `directory`."""
     files = {"sizes": " ".join(map(str, sizes)) + "\n", "seconds": f"{seconds}\n"}
@@ -110,7 +102,7 @@ def main() -> int:
                     str(harness.kernel_build_dir())], check=True)
     kver = harness.kernel_release()
     with tempfile.TemporaryDirectory(prefix="bpfilter-kube.") as tmp:
-        extra = {**_system_libraries(), **_inputs(Path(tmp), sizes, args.seconds),
+        extra = {**harness.system_libraries(), **_inputs(Path(tmp), sizes, args.seconds),
                  f"/lib/modules/{kver}/extra/bpfilter.ko": str(ROOT / "bpfilter.ko")}
         script = (ROOT / "tools/vm/scenarios/bench-kube.sh").read_text()
         result = harness.run_scenario(script, extra, timeout=args.timeout, memory_mb=args.memory,

@@ -90,6 +90,15 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return proc
 
 
+def system_libraries() -> dict[str, str]:
+    """Guest path -> host file for the C library and zlib, which every Debian system has
+    and the frozen helper links against; the guest otherwise only holds what its own
+    tools need."""
+    listed = _run(["dpkg", "-L", "libc6", "zlib1g"]).stdout.split()
+    return {path: str(Path(path).resolve()) for path in listed
+            if re.fullmatch(r"(/usr)?/lib/x86_64-linux-gnu/[^/]+\.so[.0-9]*", path)}
+
+
 @functools.lru_cache(maxsize=None)
 def kernel_release() -> str:
     """The guest's `uname -r`: $BPFILTER_VM_KVER, or the newest 6.12 cloud kernel in

@@ -31,6 +31,7 @@ packet without counting the rule.
 from __future__ import annotations
 
 import errno
+from collections import Counter
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -38,8 +39,9 @@ from .. import ext
 from ..abi.codec import gc_paused
 from ..bpf import insn as I
 from ..bpf.asm import MAX_INSNS, Assembler, TooLarge
-from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU64_IMM, BPF_ALU64_REG, BPF_ATOMIC_OP, BPF_B, BPF_CALL_REL, BPF_DW,
-                        BPF_EMIT_CALL, BPF_EXIT_INSN, BPF_H, BPF_JMP32_IMM, BPF_JMP_A,
+from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU64_IMM, BPF_ALU64_REG, BPF_ATOMIC_OP, BPF_B,
+                        BPF_CALL_REL, BPF_DW, BPF_EMIT_CALL, BPF_EXIT_INSN, BPF_H, BPF_JMP32_IMM,
+                        BPF_JMP_A,
                         BPF_JMP_IMM, BPF_JMP_REG, BPF_LD_MAP_FD, BPF_LDX_MEM, BPF_MOV32_IMM,
                         BPF_MOV64_IMM, BPF_MOV64_REG, BPF_ST_MEM, BPF_STX_MEM, BPF_W, FP, R0,
                         R1, R2, R3, R6, R7, R8, R9, MapRef)
@@ -50,20 +52,12 @@ from ..model import (Accept, Chain, Drop, Fallthrough, Family, Goto, Hook, Jump,
                      Table, Verdict)
 from ..packet import facts, flavour
 from ..packet.ipv6 import WALK, WALK_FOUND
-from ..packet.primitives import RECORD_FP, Hole, emit_hole
+from ..packet.primitives import RECORD_FP, Hole, RuleOutcome, emit_hole
 from . import classifier, multifield, templates
 from .runs import (CALLS, CASE_BITS, INF, VERDICT_ACCEPT, VERDICT_DROP, VERDICT_HOTDROP,
                    Classified, TemplateCase, TupleSpace)
 
 MAX_CASE = (1 << CASE_BITS) - 1
-
-
-class _InRegister(NamedTuple):
-    """A template's instance number held in a register (a dispatch's)."""
-
-    reg: int
-from ..packet.primitives import RuleOutcome
-
 NF_DROP, NF_ACCEPT = 0, 1
 CONTINUE = 2
 # A run's dispatch, after a -g that returned: the run's chain returns.
@@ -232,16 +226,23 @@ def check_frames(table: Table) -> None:
                                 f"bpfilter supports at most {MAX_CALL_FRAMES - 1} (BPF call frames)")
 
 
-def _jump_tuples(run: Classified) -> dict[int, tuple]:
+def _jump_tuples(run: Classified, family: Family) -> dict[int, tuple]:
     """Tuple id -> (the first entry of its keys that jumps, or None; its last entry)."""
+    at = classifier.KEYS[family].tuple
     tuples: dict[int, tuple] = {}
     for key, (entry, value) in run.keys.items():
-        tid = int.from_bytes(key[:4], "little")
+        tid = int.from_bytes(key[at:at + 4], "little")
         first, last = tuples.get(tid, (None, -1))
         if value >= CALLS and (first is None or entry < first):
             first = entry
         tuples[tid] = (first, max(last, entry))
     return tuples
+
+
+class _InRegister(NamedTuple):
+    """A template's instance number held in a register (a dispatch's)."""
+
+    reg: int
 
 
 class _HookCompiler:
@@ -303,7 +304,7 @@ class _HookCompiler:
         chains = self.table.chains
         instance_of = self.templates.instance_of
         sites: dict[str, int] = {}
-        dispatches = 0
+        others = 0   # dispatches' and templates' subprograms
         reached, todo = {hook_chain.key}, [hook_chain.key]
         shaped: set[int] = set()   # templates reached: their code is their first chain's
         while todo:
@@ -313,7 +314,7 @@ class _HookCompiler:
                 if index in shaped:
                     continue
                 shaped.add(index)
-                dispatches += 1   # (its subprogram)
+                others += 1
             for rule in chains[key].rules:
                 if rule.reachable and isinstance(rule.target, (Jump, Goto)):
                     callee = rule.target.chain
@@ -323,18 +324,17 @@ class _HookCompiler:
                         todo.append(callee)
             for segment in self.segments.get(key, ()):
                 if isinstance(segment, Classified) and segment.calls:
-                    dispatches += 1
+                    others += 1
                     # (a chain only dispatches call needs no subprogram)
-                    for target in segment.calls:
-                        if not isinstance(target, TemplateCase):
-                            sites[target.chain] -= sum(rule.target == target
-                                                       for rule in segment.rules)
+                    for target, count in Counter(rule.target for rule in segment.rules).items():
+                        if isinstance(target, (Jump, Goto)) and target.chain not in instance_of:
+                            sites[target.chain] -= count
         for key in instance_of:   # called as their template
             sites.pop(key, None)
         inline = {key for key, count in sites.items() if count <= 1}
         called = sorted((key for key in sites if key not in inline),
                         key=lambda key: (len(chains[key].rules) * sites[key], key), reverse=True)
-        while called and len(called) + dispatches > MAX_SUBPROGRAMS:
+        while called and len(called) + others > MAX_SUBPROGRAMS:
             inline.add(called.pop())
         return inline
 
@@ -393,16 +393,20 @@ class _HookCompiler:
             if isinstance(segment, Classified):
                 self._emit_run(segment, owner, ret, drop, key_fp)
                 continue
-            rule = segment
-            next_rule = self.asm.label(f"e{rule.entry}_next")
-            out = RuleOutcome(self.asm, rule)
-            self.flavour.emit_ip_match(self.asm, rule.ip, out)
-            for match in rule.matches:
-                ext.emit_match(match, self.table.family, self.asm, out)
-            out.finish(next_rule, drop)
-            self._emit_count(rule.entry, key_fp)
-            self._emit_target(rule, owner, ret, next_rule, drop, key_fp)
-            self.asm.place(next_rule)
+            self._emit_rule(segment, owner, ret, drop, key_fp,
+                            lambda entry=segment.entry: self._emit_count(entry, key_fp))
+
+    def _emit_rule(self, rule: Rule, owner: str, ret, drop, key_fp: int, count) -> None:
+        """One rule as code: its tests, then `count()` (its counter), then its target."""
+        next_rule = self.asm.label(f"e{rule.entry}_next")
+        out = RuleOutcome(self.asm, rule)
+        self.flavour.emit_ip_match(self.asm, rule.ip, out)
+        for match in rule.matches:
+            ext.emit_match(match, self.table.family, self.asm, out)
+        out.finish(next_rule, drop)
+        count()
+        self._emit_target(rule, owner, ret, next_rule, drop, key_fp)
+        self.asm.place(next_rule)
 
     def _emit_target(self, rule: Rule, owner: str, ret, next_rule, drop, key_fp: int) -> None:
         asm = self.asm
@@ -485,15 +489,7 @@ class _HookCompiler:
                 asm.emit(BPF_ALU64_IMM(I.BPF_ADD, I.R1, position))
             self._emit_count(I.R1, key_fp, entry_in_register=True)
         for position, rule in enumerate(template.rules):
-            next_rule = asm.label("t_next")
-            out = RuleOutcome(asm, rule)
-            self.flavour.emit_ip_match(asm, rule.ip, out)
-            for match in rule.matches:
-                ext.emit_match(match, self.table.family, asm, out)
-            out.finish(next_rule, drop)
-            count(position)
-            self._emit_target(rule, key, ret, next_rule, drop, key_fp)
-            asm.place(next_rule)
+            self._emit_rule(rule, key, ret, drop, key_fp, lambda at=position: count(at))
         count(len(template.rules))
         asm.place(ret)
         asm.emit(BPF_MOV64_IMM(R0, CONTINUE), BPF_EXIT_INSN())
@@ -545,7 +541,7 @@ class _HookCompiler:
             structures = [(None, run.tuples), (projected, run.ip_tuples)]
             if self.table.family is Family.IPV6:
                 structures.append((unwalked, run.unwalked_tuples))
-            calling = _jump_tuples(run) if run.calls else None
+            calling = _jump_tuples(run, self.table.family) if run.calls else None
             main = [t.tid for t in run.tuples]
             for entry, tuples in structures:
                 if entry is not None:
@@ -564,16 +560,24 @@ class _HookCompiler:
                 return
         asm.place(decide)
         accept = asm.label("run_accept")
-        asm.emit(BPF_JMP32_IMM(I.BPF_JEQ, R7, INF, after),
-                 BPF_JMP_IMM(I.BPF_JEQ, R8, VERDICT_HOTDROP, drop))
-        if run.base:   # the run's entries count from its first rule
-            asm.emit(BPF_ALU32_IMM(I.BPF_ADD, R7, run.base))
-        self._emit_count(R7, key_fp, entry_in_register=True)
-        asm.emit(BPF_JMP_IMM(I.BPF_JEQ, R8, VERDICT_ACCEPT, accept),
-                 BPF_MOV64_IMM(R0, NF_DROP), BPF_EXIT_INSN())
+        self._emit_first_match(run, key_fp, after, drop, accept)
+        asm.emit(BPF_MOV64_IMM(R0, NF_DROP), BPF_EXIT_INSN())
         asm.place(accept)
         asm.emit(BPF_MOV64_IMM(R0, NF_ACCEPT), BPF_EXIT_INSN())
         asm.place(after)
+
+    def _emit_first_match(self, run, key_fp: int, after, drop, accept) -> None:
+        """The run's first match, R7 (its entry, INF for none) and R8 (its value): on
+        to `after` if none, to `drop` on a hotdrop; else it is counted, and to `accept`
+        if it accepts. (R7 is kept: a run of jumps looks past it.)"""
+        asm = self.asm
+        asm.emit(BPF_JMP32_IMM(I.BPF_JEQ, R7, INF, after),
+                 BPF_JMP_IMM(I.BPF_JEQ, R8, VERDICT_HOTDROP, drop),
+                 BPF_MOV64_REG(R1, R7))
+        if run.base:   # the run's entries count from its first rule
+            asm.emit(BPF_ALU32_IMM(I.BPF_ADD, R1, run.base))
+        self._emit_count(R1, key_fp, entry_in_register=True)
+        asm.emit(BPF_JMP_IMM(I.BPF_JEQ, R8, VERDICT_ACCEPT, accept))
 
     def _emit_rounds(self, run, tuples, calling: dict, owner: str, ret, drop, key_fp: int,
                      after) -> None:
@@ -597,14 +601,8 @@ class _HookCompiler:
             decide = asm.label("run_decide")
             self._emit_lookups(tuples, key_fp, decide, floor=round_ > 0, floored=True)
             asm.place(decide)
-            asm.emit(BPF_JMP32_IMM(I.BPF_JEQ, R7, INF, after),
-                     BPF_JMP_IMM(I.BPF_JEQ, R8, VERDICT_HOTDROP, drop),
-                     BPF_MOV64_REG(R1, R7))
-            if run.base:   # the run's entries count from its first rule
-                asm.emit(BPF_ALU32_IMM(I.BPF_ADD, R1, run.base))
-            self._emit_count(I.R1, key_fp, entry_in_register=True)
-            asm.emit(BPF_JMP_IMM(I.BPF_JEQ, R8, VERDICT_ACCEPT, accept),
-                     BPF_JMP_IMM(I.BPF_JEQ, R8, VERDICT_DROP, drop))
+            self._emit_first_match(run, key_fp, after, drop, accept)
+            asm.emit(BPF_JMP_IMM(I.BPF_JEQ, R8, VERDICT_DROP, drop))
             if not jumps:
                 continue
             asm.emit(BPF_MOV64_REG(R1, R6), BPF_MOV64_REG(R2, R8),
@@ -640,7 +638,8 @@ class _HookCompiler:
         start = len(asm.items)
         asm.place(self.entries[key])
         # R7: the case; R8: a template's instance
-        asm.emit(BPF_MOV64_REG(R6, R1), BPF_MOV64_REG(R7, R2), BPF_ALU64_IMM(I.BPF_AND, R7, MAX_CASE),
+        asm.emit(BPF_MOV64_REG(R6, R1),
+                 BPF_MOV64_REG(R7, R2), BPF_ALU64_IMM(I.BPF_AND, R7, MAX_CASE),
                  BPF_MOV64_REG(R8, R2), BPF_ALU64_IMM(I.BPF_RSH, R8, CASE_BITS))
         drop, returned, goto_returned = asm.label("drop"), asm.label("return"), asm.label("gone")
 

@@ -24,13 +24,6 @@ CALLS = 4
 # CASE_BITS; a run has at most MAX_CASES calls.
 CASE_BITS = 12
 MAX_CASES = (1 << CASE_BITS) - CALLS
-
-
-class TemplateCase(NamedTuple):
-    """A run's jumps (-j, or -g: `goto`) to instances of template `index`."""
-
-    index: int
-    goto: bool
 # multifield.RECORDS' values
 RECORD_SIZE = 32
 
@@ -44,6 +37,13 @@ RECORD_SIZE = 32
 #               there a rule with -p drops the packet wherever its addresses match,
 #               a rule without matches it (ip6_packet_match()).
 MAIN, PROJECTION, UNWALKED = 0, 1, 2
+
+
+class TemplateCase(NamedTuple):
+    """A run's jumps (-j, or -g: `goto`) to instances of template `index`."""
+
+    index: int
+    goto: bool
 
 
 class Masks(NamedTuple):

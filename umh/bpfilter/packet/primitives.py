@@ -88,20 +88,13 @@ def emit_hole(asm: Assembler, reg: int, hole: Hole) -> None:
     asm.emit(BPF_LDX_MEM(BPF_DW, reg, FP, RECORD_FP), BPF_LDX_MEM(BPF_W, reg, reg, hole.offset))
 
 
-def emit_const(asm: Assembler, reg: int, value) -> None:
-    """reg = value, an unsigned 32-bit number or a Hole."""
-    if isinstance(value, Hole):
-        emit_hole(asm, reg, value)
-    else:
-        asm.emit(BPF_LD_IMM64(reg, value))
-
-
 def emit_store_words(asm: Assembler, base: int, off: int, data: bytes) -> None:
-    """*(base + off) = data, 4-byte words; a HoleBlock's come from the record."""
+    """*(base + off) = data, 4-byte words; a HoleBlock's come from the record (through
+    R0 and R1)."""
     if isinstance(data, HoleBlock):
+        asm.emit(BPF_LDX_MEM(BPF_DW, R1, FP, RECORD_FP))
         for at in range(0, len(data), 4):
-            asm.emit(BPF_LDX_MEM(BPF_DW, R0, FP, RECORD_FP),
-                     BPF_LDX_MEM(BPF_W, R0, R0, data.offset + at),
+            asm.emit(BPF_LDX_MEM(BPF_W, R0, R1, data.offset + at),
                      BPF_STX_MEM(BPF_W, base, R0, off + at))
         return
     asm.emit(BPF_ST_MEM(BPF_W, base, off + at, struct.unpack_from("<i", data, at)[0])
@@ -205,8 +198,9 @@ def emit_name_equal(asm: Assembler, off: int, name: bytes, mask: bytes, invert: 
     out.mismatch(R1)
 
 
-def _mov_const(asm: Assembler, reg: int, value: int) -> None:
-    """reg = value, an unsigned 32-bit value (a mov's immediate is sign-extended)."""
+def emit_const(asm: Assembler, reg: int, value: int) -> None:
+    """reg = value, an unsigned 32-bit value (a mov's immediate is sign-extended), or a
+    template's Hole."""
     if isinstance(value, Hole):
         emit_hole(asm, reg, value)
         return
@@ -246,7 +240,7 @@ def emit_outside(asm: Assembler, dst: int, off: int, size: int, lo: int, hi: int
         _alu_const(asm, I.BPF_SUB, dst, lo)
         asm.emit(BPF_ALU64_IMM(I.BPF_RSH, dst, 63))
     if hi < full:
-        _mov_const(asm, R0, hi)
+        emit_const(asm, R0, hi)
         asm.emit(BPF_ALU64_REG(I.BPF_SUB, R0, R3),
                  BPF_ALU64_IMM(I.BPF_RSH, R0, 63), BPF_ALU64_REG(I.BPF_OR, dst, R0))
 
