@@ -57,6 +57,7 @@
 #include <net/sock.h>
 
 #include "bpfilter_nat.h"
+#include "bpfilter_xtmatch.h"
 #include "bpfilter_proto.h"
 
 #define BPFILTER_DEVICE		"/dev/bpfilter"
@@ -951,10 +952,13 @@ static long bpfilter_ioctl(struct file *file, unsigned int cmd, unsigned long ar
 
 	if (cmd != BPFILTER_IOC_CONNTRACK_GET && cmd != BPFILTER_IOC_CONNTRACK_PUT &&
 	    cmd != BPFILTER_IOC_NAT_ATTACH && cmd != BPFILTER_IOC_NAT_DETACH &&
-	    cmd != BPFILTER_IOC_NAT_QUERY)
+	    cmd != BPFILTER_IOC_NAT_QUERY && cmd != BPFILTER_IOC_XT_MATCH_CREATE &&
+	    cmd != BPFILTER_IOC_XT_MATCH_DESTROY)
 		return -ENOTTY;
 	if (READ_ONCE(bpfilter.helper_file) != file)
 		return -EPERM;
+	if (cmd == BPFILTER_IOC_XT_MATCH_CREATE || cmd == BPFILTER_IOC_XT_MATCH_DESTROY)
+		return bpfilter_xt_ioctl(cmd, arg);
 	if (cmd != BPFILTER_IOC_CONNTRACK_GET && cmd != BPFILTER_IOC_CONNTRACK_PUT)
 		return bpfilter_nat_ioctl(cmd, arg);
 	if (copy_from_user(&ct, (const void __user *)arg, sizeof(ct)))
@@ -1287,6 +1291,7 @@ BTF_ID_FLAGS(func, bpfilter_addr_type6, KF_TRUSTED_ARGS)
 BTF_ID_FLAGS(func, bpfilter_nat, KF_TRUSTED_ARGS)		/* nat.c */
 BTF_ID_FLAGS(func, bpfilter_set_mark, KF_TRUSTED_ARGS)		/* mark.c */
 BTF_ID_FLAGS(func, bpfilter_connmark, KF_TRUSTED_ARGS)		/* mark.c */
+BTF_ID_FLAGS(func, bpfilter_xt_match, KF_TRUSTED_ARGS)		/* xtmatch.c */
 BTF_KFUNCS_END(bpfilter_kfunc_ids)
 
 static const struct btf_kfunc_id_set bpfilter_kfunc_set = {
@@ -1488,7 +1493,7 @@ static int __init bpfilter_init(void)
 	 */
 	err = register_btf_kfunc_id_set(BPF_PROG_TYPE_NETFILTER, &bpfilter_kfunc_set);
 	if (err) {
-		pr_err("cannot register the kfuncs of REJECT, addrtype, the nat targets, MARK and CONNMARK (error %d)\n", err);
+		pr_err("cannot register the kfuncs of REJECT, addrtype, the nat targets, MARK, CONNMARK and the kernel's matches (error %d)\n", err);
 		return err;
 	}
 	err = bpfilter_nat_init();
@@ -1496,9 +1501,12 @@ static int __init bpfilter_init(void)
 		pr_err("cannot set up the nat table's lookups and kfuncs (error %d)\n", err);
 		return err;
 	}
-	err = register_module_notifier(&bpfilter_module_nb);
+	err = bpfilter_xt_init();
 	if (err)
 		goto err_nat;
+	err = register_module_notifier(&bpfilter_module_nb);
+	if (err)
+		goto err_xt;
 	err = nf_register_sockopt(&bpfilter_ipv4_sockopts);
 	if (err) {
 		pr_err("cannot take iptables' socket options (error %d)%s\n", err,
@@ -1540,6 +1548,8 @@ err_ipv4:
 	nf_unregister_sockopt(&bpfilter_ipv4_sockopts);
 err_notifier:
 	unregister_module_notifier(&bpfilter_module_nb);
+err_xt:
+	bpfilter_xt_exit();
 err_nat:
 	bpfilter_nat_exit();
 	return err;
@@ -1554,7 +1564,8 @@ static void __exit bpfilter_exit(void)
 	nf_unregister_sockopt(&bpfilter_ipv4_sockopts);
 	bpfilter_shutdown();
 	misc_deregister(&bpfilter_dev);
-	/* After the shutdown: the tables reading conntrack are gone by now. */
+	/* After the shutdown: the tables reading conntrack and running matches are gone by now. */
+	bpfilter_xt_exit();
 	bpfilter_nat_exit();
 	unregister_pernet_subsys(&bpfilter_ct_net_ops);
 	err = bpfilter_umh_file(true);

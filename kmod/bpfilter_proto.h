@@ -148,4 +148,44 @@ enum bpfilter_nat_how {
 	BPFILTER_NAT_NETMAP,
 };
 
+/*
+ * The kernel's own matches (kmod/xtmatch.c), for rules whose match is state the
+ * kernel keeps and shows elsewhere (recent's lists in /proc/net/xt_recent, nfacct's
+ * objects). XT_MATCH_CREATE does what ip_tables does with a rule's match: finds the
+ * extension (family, name, revision; loading its module), then xt_check_match()
+ * with the payload at `info` (info_size bytes, the rule's XT_ALIGNed payload), in
+ * the namespace of netns_fd, for the table, the hooks the rule is reachable from and
+ * its protocol (proto, inv_proto: `! -p`); the kernel's errno if that refuses it.
+ * Then the instance is kept and its number written to `id`, which the programs pass
+ * to bpfilter_xt_match(). XT_MATCH_DESTROY destroys instance `id` of the namespace
+ * whose cookie is netns_cookie (ENOENT if it has none of that number: it went with
+ * its namespace) once no program runs it. An instance outlives the helper, and goes
+ * with its namespace or the module.
+ */
+struct bpfilter_xt_match {
+	__s32 netns_fd;			/* CREATE */
+	__u32 family;			/* CREATE: NFPROTO_IPV4 or NFPROTO_IPV6 */
+	char name[XT_EXTENSION_MAXNAMELEN];	/* CREATE */
+	__u8 revision;			/* CREATE */
+	__u16 proto;			/* CREATE */
+	char table[XT_TABLE_MAXNAMELEN];	/* CREATE */
+	__u32 hook_mask;		/* CREATE: 1 << NF_INET_* */
+	__u32 info_size;		/* CREATE */
+	__u64 info;			/* CREATE: the payload's address */
+	__u32 id;			/* CREATE: out; DESTROY: in */
+	__u8 inv_proto;			/* CREATE */
+	__u8 pad[3];			/* 0 */
+	__u64 netns_cookie;		/* DESTROY */
+};
+
+#define BPFILTER_IOC_XT_MATCH_CREATE	_IOWR('b', 6, struct bpfilter_xt_match)
+#define BPFILTER_IOC_XT_MATCH_DESTROY	_IOW('b', 7, struct bpfilter_xt_match)
+
+/* bpfilter_xt_match()'s answer: the rule's outcome bits (mismatch | hotdrop << 1). */
+enum bpfilter_xt_verdict {
+	BPFILTER_XT_MATCH = 0,
+	BPFILTER_XT_MISMATCH = 1,
+	BPFILTER_XT_HOTDROP = 2,
+};
+
 #endif /* _BPFILTER_PROTO_H */

@@ -34,7 +34,7 @@ _COMMON = """
     match policy: revision N is not supported by bpfilter
     match quota: revision N is not supported by bpfilter
     match rateest: revision N is not supported by bpfilter
-    match recent: revision N is not supported by bpfilter
+    match recent: needs bpfilter.ko (kernel module mode)
     match sctp: revision N is not supported by bpfilter
     match string: revision N is not supported by bpfilter
     match tcpmss: revision N is not supported by bpfilter

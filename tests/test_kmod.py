@@ -57,6 +57,11 @@ def kfuncs():
 
 
 @pytest.fixture(scope="module")
+def nfacct():
+    return _static_tool("nfacct")
+
+
+@pytest.fixture(scope="module")
 def sockopt():
     return _static_tool("sockopt")
 
@@ -552,17 +557,20 @@ def test_kmod_nat_table_through_the_kernels_nat_core(module, tmp_path):
     namespaces, bound by the kernel's NAT core (kmod/nat.c): the servers see the same
     addresses, the clients get the same answers, the nat table counts the same first
     packets, as with ip_tables in the same guest (tools/vm/scenarios/kmod-nat.sh).
-    kube-proxy's tables for KUBE_SERVICES Services (its KUBE-SERVICES a run of jumps,
-    its KUBE-SVC and KUBE-SEP chains templates): ClusterIP and NodePort connections
-    spread over the last Service's endpoints, the same counters."""
+    kube-proxy's tables for KUBE_SERVICES Services, for iptables and for ip6tables (its
+    KUBE-SERVICES a run of jumps, its KUBE-SVC and KUBE-SEP chains templates):
+    ClusterIP and NodePort connections spread over the last Service's endpoints, a
+    client of a Service with session affinity kept on one endpoint (-m recent: the
+    kernel's xt_recent through bpfilter.ko), the same counters."""
     kver = harness.kernel_release()
     extra = {**harness.system_libraries(), f"/lib/modules/{kver}/extra/bpfilter.ko": str(module),
              **{f"/etc/bpfilter-vm/{name}.rules": str(ROOT / f"tests/realworld/nat/{name}.rules")
                 for name in ("docker-classic-v27", "docker-current-usernet-portmap",
                              "docker-current-swarm-portmap", "libvirt-nat-network")}}
-    kube = tmp_path / "kube-proxy.rules"
-    kube.write_text(kubeproxy.iptables(KUBE_SERVICES))
-    extra["/etc/bpfilter-vm/kube-proxy.rules"] = str(kube)
+    for name, ipv6 in (("kube-proxy", False), ("kube-proxy6", True)):
+        kube = tmp_path / f"{name}.rules"
+        kube.write_text(kubeproxy.iptables(KUBE_SERVICES, affine=True, ipv6=ipv6))
+        extra[f"/etc/bpfilter-vm/{name}.rules"] = str(kube)
     s = reference_then_bpfilter("kmod-nat.sh", extra, timeout=900)
     expected = {
         "nat": ("nat tcp 10.1.0.1 8080: connected", "nat udp 10.1.0.1 5353: reply",
@@ -585,22 +593,37 @@ def test_kmod_nat_table_through_the_kernels_nat_core(module, tmp_path):
     # kube-proxy's Services: the last one's ClusterIP and NodePort reached, its two
     # endpoints both used (statistic's coin: the split differs from run to run), the
     # rest counted as ip_tables counts it
-    last = kubeproxy.Service(KUBE_SERVICES - 1, KUBE_SERVICES)
-    ref, ours = s["reference kube"], s["bpfilter kube"]
-    answers = _answers(ref, "kube")
-    assert answers == [f"kube tcp {last.ip} 80: connected"] * 16 + \
-        ["kube tcp 10.1.0.1 32000: connected"] * 8 + [f"kube tcp {last.ip} 80: connected",
-                                                    "kube tcp 10.1.0.1 32001: Connection refused"], ref
-    assert _answers(ours, "kube") == answers, ours
-    for text in (ref, ours):
-        assert re.search(r"^\s+25 wan:8080 tcp from 10.2.0.1 port high$", text, re.M), text
-        dnat = [_chain_counters(text, sep)[1] for sep in last.seps]
-        assert sum(dnat) == 25 and min(dnat) > 0, (dnat, text)
-    random_chains = {last.svc, *last.seps}
-    assert _kube_listing(ref, random_chains) == _kube_listing(ours, random_chains), \
-        "\n".join(difflib.unified_diff(_kube_listing(ref, random_chains).splitlines(),
-                                       _kube_listing(ours, random_chains).splitlines(),
-                                       "kernel", "bpfilter", lineterm=""))
+    for tag, ipv6, node, masqueraded, lan in (("", False, "10.1.0.1", "10.2.0.1", "10.1.0.2"),
+                                              ("6", True, "2001:db8:1::1", "2001:db8:2::1",
+                                               "2001:0db8:0001:0000:0000:0000:0000:0002")):
+        last = kubeproxy.Service(KUBE_SERVICES - 1, KUBE_SERVICES, ipv6=ipv6)
+        affine = kubeproxy.Service(KUBE_SERVICES - 2, KUBE_SERVICES, affine=True, ipv6=ipv6)
+        ref, ours = s[f"reference kube{tag}"], s[f"bpfilter kube{tag}"]
+        answers = _answers(ref, f"kube{tag}")
+        assert answers == [f"kube{tag} tcp {last.ip} 80: connected"] * 16 + \
+            [f"kube{tag} tcp {node} 32000: connected"] * 8 + \
+            [f"kube{tag} tcp {last.ip} 80: connected",
+             f"kube{tag} tcp {node} 32001: Connection refused"], ref
+        assert _answers(ours, f"kube{tag}") == answers, ours
+        assert _answers(ref, f"affine{tag}") == _answers(ours, f"affine{tag}") == \
+            [f"affine{tag} tcp {affine.ip} 80: connected"] * 8, ours
+        for text in (ref, ours):
+            assert re.search(rf"^\s+33 wan:8080 tcp from {masqueraded} port high$", text,
+                             re.M), text
+            dnat = [_chain_counters(text, sep)[1] for sep in last.seps]
+            assert sum(dnat) == 25 and min(dnat) > 0, (dnat, text)
+            # session affinity: every connection of lan's to the endpoint its first got,
+            # lan remembered in that endpoint's list only
+            dnat = sorted(_chain_counters(text, sep)[1] for sep in affine.seps)
+            assert dnat == [0, 8], (dnat, text)
+            lists = sorted(re.findall(r"^recent (KUBE-SEP-\w+): (.*)$", text, re.M))
+            assert [name for name, _ in lists] == sorted(affine.seps), text
+            assert sorted(content for _, content in lists) == ["", f"src={lan} "], text
+        random_chains = {last.svc, *last.seps, affine.svc, *affine.seps}
+        assert _kube_listing(ref, random_chains) == _kube_listing(ours, random_chains), \
+            "\n".join(difflib.unified_diff(_kube_listing(ref, random_chains).splitlines(),
+                                           _kube_listing(ours, random_chains).splitlines(),
+                                           "kernel", "bpfilter", lineterm=""))
     # A dead helper leaves the lookups registered; the next one recovers the table.
     death = s["helper death"]
     assert "helper killed\nafter-death tcp 10.1.0.1 8080: connected\n" \
@@ -628,7 +651,8 @@ def test_kmod_nat_table_through_the_kernels_nat_core(module, tmp_path):
 
 def test_kmod_docker_container_behind_a_bridge(module):
     """Docker's filter and nat tables for one container behind the bridge docker0,
-    TCP and UDP ports published (tools/vm/scenarios/kmod-docker.sh): the published
+    TCP and UDP ports published, over IPv4 and over IPv6 (ip6tables' tables, as Docker
+    writes them with ip6tables on) (tools/vm/scenarios/kmod-docker.sh): the published
     ports reached from outside with the client's own address, the container's own
     connection masqueraded, the host reaching its published port (OUTPUT DNAT), an
     unpublished port refused by the host; the same answers, the same peers and the
@@ -636,19 +660,99 @@ def test_kmod_docker_container_behind_a_bridge(module):
     kver = harness.kernel_release()
     extra = {**harness.system_libraries(), f"/lib/modules/{kver}/extra/bpfilter.ko": str(module)}
     s = reference_then_bpfilter("kmod-docker.sh", extra, timeout=900)
-    ref, ours = s["reference docker"], s["bpfilter docker"]
-    for line in ("docker tcp 10.2.0.1 8080: connected", "docker udp 10.2.0.1 5353: reply",
-                 "docker tcp 10.2.0.1 8081: Connection refused",
-                 "docker tcp 10.2.0.2 81: connected",
-                 "ctr:80 tcp from 10.2.0.2 port high",     # the client's own address
-                 "ctr:53 udp from 10.2.0.2 port high",
-                 "wan:81 tcp from 10.2.0.1 port high"):    # masqueraded
+    for name, host, outside in (("docker", "10.2.0.1", "10.2.0.2"),
+                                ("docker6", "2001:db8:2::1", "2001:db8:2::2")):
+        ref, ours = s[f"reference {name}"], s[f"bpfilter {name}"]
+        for line in (f"{name} tcp {host} 8080: connected", f"{name} udp {host} 5353: reply",
+                     f"{name} tcp {host} 8081: Connection refused",
+                     f"{name} tcp {outside} 81: connected",
+                     f"ctr:80 tcp from {outside} port high",     # the client's own address
+                     f"ctr:53 udp from {outside} port high",
+                     f"wan:81 tcp from {host} port high"):       # masqueraded
+            assert f"{line}\n" in ref, ref
+        assert len(_answers(ref, name)) == 8, ref
+        assert _answers(ours, name) == _answers(ref, name), ours
+        seen = lambda text: [line for line in text.splitlines()  # noqa: E731
+                             if re.match(r"(ctr|wan):\d+ ", line)]
+        assert seen(ours) == seen(ref), ours
+        assert _listing(ref) == _listing(ours), "\n".join(difflib.unified_diff(
+            _listing(ref).splitlines(), _listing(ours).splitlines(), "kernel", "bpfilter",
+            lineterm=""))
+
+
+def test_kmod_recent_and_nfacct_are_the_kernels(module, nfacct):
+    """-m recent and -m nfacct run by the module as the kernel's own xt_recent and
+    xt_nfacct (tools/vm/scenarios/kmod-recent.sh): port knocking and a flood limit, over
+    IPv4 and IPv6, from two addresses; the lists in /proc/net/xt_recent survive a
+    replace, take the administrator's writes, go with the last rule naming them; an
+    nfacct object counts what its rule sees; what the checkentries refuse is refused;
+    all as with ip_tables in the same guest. The lists outlive the helper; a deleted
+    namespace gives xt_recent back."""
+    kver = harness.kernel_release()
+    extra = {**harness.system_libraries(), f"/lib/modules/{kver}/extra/bpfilter.ko": str(module),
+             "/usr/bin/nfacct": str(nfacct)}
+    s = reference_then_bpfilter("kmod-recent.sh", extra, timeout=900)
+    ref, ours = s["reference recent"], s["bpfilter recent"]
+    for server in ("198.18.0.2", "fd00::2"):
+        one, two = ("198.18.0.1", "198.18.0.3") if "." in server else ("fd00::1", "fd00::3")
+        for name, port, source, answer in (
+                ("closed", 7002, one, "no reply"), ("knock", 7001, one, "no reply"),
+                ("knocked", 7002, one, "reply"), ("other", 7002, two, "no reply"),
+                ("flood 1", 7003, one, "reply"), ("flood 3", 7003, one, "reply"),
+                ("flood 4", 7003, one, "no reply"), ("flood other", 7003, two, "reply")):
+            assert f"{name} udp {server} {port} from {source}: {answer}\n" in ref, ref
+    for line in ("list knock: src=198.18.0.1 src=fd00:0000:0000:0000:0000:0000:0000:0001 ",
+                 "after a replace udp 198.18.0.2 7002 from 198.18.0.1: reply",
+                 "flushed udp 198.18.0.2 7002 from 198.18.0.1: no reply",
+                 "added udp 198.18.0.2 7002 from 198.18.0.3: reply",
+                 "removed udp 198.18.0.2 7002 from 198.18.0.3: no reply",
+                 "--set --seconds: iptables: Invalid argument. Run `dmesg' for more information.",
+                 "udp_in: pkts 2 bytes 276",    # a 100-byte datagram over IPv4, one over IPv6
+                 "no such object: iptables: No chain/target/match by that name.",
+                 "lists left: "):
         assert f"{line}\n" in ref, ref
-    assert len(_answers(ref, "docker")) == 8, ref
-    assert _answers(ours, "docker") == _answers(ref, "docker"), ours
+    answers = lambda text: [line for line in text.splitlines()  # noqa: E731
+                            if re.match(r"(.* udp .*: |list |lists |hitcount|--set|udp_in|no such)",
+                                        line)]
+    assert answers(ours) == answers(ref), "\n".join(difflib.unified_diff(
+        answers(ref), answers(ours), "kernel", "bpfilter", lineterm=""))
+    assert _listing(ref) == _listing(ours), "\n".join(difflib.unified_diff(
+        _listing(ref).splitlines(), _listing(ours).splitlines(), "kernel", "bpfilter",
+        lineterm=""))
+    killed = s["bpfilter helper killed"]
+    assert "helper killed\nknocked udp 198.18.0.2 7002 from 198.18.0.1: reply\n" in killed, killed
+    assert "list knock: src=198.18.0.1 \n" in killed, killed
+    assert "xt_recent: unloaded\nbpfilter: unloaded" in s["rmmod"], s["rmmod"]
+
+
+def test_kmod_libvirt_default_network(module):
+    """libvirt's default network (its filter and nat tables for virbr0,
+    tools/vm/scenarios/kmod-libvirt.sh): the guest's connection and datagrams
+    masqueraded into MASQUERADE's port range, the host's DNS reached over the bridge,
+    the network closed to the outside (REJECT), the host's own multicast from its bridge
+    address left alone by the RETURN rule; the same answers, peers and counters as
+    with ip_tables in the same guest."""
+    kver = harness.kernel_release()
+    extra = {**harness.system_libraries(), f"/lib/modules/{kver}/extra/bpfilter.ko": str(module),
+             "/etc/bpfilter-vm/libvirt-nat-network.rules":
+                 str(ROOT / "tests/realworld/nat/libvirt-nat-network.rules")}
+    s = reference_then_bpfilter("kmod-libvirt.sh", extra, timeout=900)
+    ref, ours = s["reference libvirt"], s["bpfilter libvirt"]
+    for line in ("libvirt tcp 10.2.0.2 80: connected", "libvirt udp 10.2.0.2 53: reply",
+                 "libvirt udp 192.168.122.1 53: reply",
+                 "libvirt tcp 192.168.122.2 80: Connection refused",
+                 "libvirt udp 192.168.122.2 53: Connection refused",
+                 "wan:80 tcp from 10.2.0.1 port high",       # masqueraded
+                 "wan:53 udp from 10.2.0.1 port high",
+                 "fw:53 udp from 192.168.122.2 port high"):
+        assert f"{line}\n" in ref, ref
+    assert len(_answers(ref, "libvirt")) == 7, ref
+    assert _answers(ours, "libvirt") == _answers(ref, "libvirt"), ours
     seen = lambda text: [line for line in text.splitlines()  # noqa: E731
-                         if re.match(r"(ctr|wan):\d+ ", line)]
+                         if re.match(r"(fw|wan):\d+ ", line)]
     assert seen(ours) == seen(ref), ours
+    # the multicast went through the RETURN rule, not a MASQUERADE
+    assert re.search(r"^\s+1\s+\d+ RETURN .* 224\.0\.0\.0/24\s*$", ref, re.M), ref
     assert _listing(ref) == _listing(ours), "\n".join(difflib.unified_diff(
         _listing(ref).splitlines(), _listing(ours).splitlines(), "kernel", "bpfilter",
         lineterm=""))

@@ -649,6 +649,16 @@ def test_ioctl_numbers_match_the_header(tmp_path):
                        *(sum(offsets[:i]) for i in range(len(fields))),
                        *(how.value for how in proto.NatHow)]
 
+    fields = [f.name for f in proto.xt_match.subcons]
+    numbers = _header_numbers(tmp_path, "BPFILTER_IOC_XT_MATCH_CREATE",
+                              "BPFILTER_IOC_XT_MATCH_DESTROY", "sizeof(struct bpfilter_xt_match)",
+                              *(f"offsetof(struct bpfilter_xt_match, {f})" for f in fields),
+                              *(f"BPFILTER_XT_{v.name}" for v in proto.XtVerdict))
+    offsets = [proto.xt_match.subcons[i].sizeof() for i in range(len(fields))]
+    assert numbers == [proto.IOC_XT_MATCH_CREATE, proto.IOC_XT_MATCH_DESTROY,
+                       proto.xt_match.sizeof(), *(sum(offsets[:i]) for i in range(len(fields))),
+                       *(v.value for v in proto.XtVerdict)]
+
 
 def test_request_and_reply_are_the_headers(tmp_path):
     """proto.py's request and reply: the header's fields, at its offsets, of its sizes,

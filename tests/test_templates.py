@@ -14,7 +14,7 @@ from bpfilter.decode import table_from_blob
 from bpfilter.model import Family
 from bpfilter.packet import facts
 from bpfilter_lab.scratch import replace_blob
-from verdicts import TEMPLATED, ruleset
+from verdicts import TEMPLATED, TEMPLATED6, ruleset
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "tools", "bench"))
@@ -23,12 +23,14 @@ import kubeproxy  # noqa: E402
 pytestmark = pytest.mark.kernel
 
 
-def filter_table(rules: str):
-    return table_from_blob(replace_blob(ruleset(rules)), Family.IPV4)[1]
+def filter_table(rules: str, family: Family = Family.IPV4):
+    return table_from_blob(replace_blob(ruleset(rules), family=family), family)[1]
 
 
-def test_chains_of_one_shape_are_one_template_with_a_record_each():
-    planned = templates.plan(filter_table(TEMPLATED))
+@pytest.mark.parametrize("family, rules", [(Family.IPV4, TEMPLATED), (Family.IPV6, TEMPLATED6)],
+                         ids=["ipv4", "ipv6"])
+def test_chains_of_one_shape_are_one_template_with_a_record_each(family, rules):
+    planned = templates.plan(filter_table(rules, family))
     by_chain = {key: planned.templates[t].exemplar.name
                 for key, (t, _) in planned.instance_of.items()}
     # S9 goes (-g) where the others jump: a shape of its own, and alone
@@ -51,18 +53,22 @@ def test_what_the_code_depends_on_splits_shapes():
     assert sorted(planned.instance_of) == sorted([f"A{i}" for i in range(8)] + ["B7"])
 
 
-def _nat_program_sizes(services: int, monkeypatch) -> list[int]:
+def _nat_program_sizes(services: int, family: Family, monkeypatch) -> list[int]:
     # decoded as bpfilter.ko's helper would (addrtype, MARK and DNAT need the module
     # only to run, not to compile)
     monkeypatch.setattr(ext, "unsupported_match", lambda match, family: None)
     monkeypatch.setattr(ext, "unsupported_target", lambda target, family: None)
-    blob = replace_blob(kubeproxy.iptables(services), "nat")
-    table = table_from_blob(blob, Family.IPV4)[1]
+    blob = replace_blob(kubeproxy.iptables(services, ipv6=family is Family.IPV6), "nat",
+                        family=family)
+    table = table_from_blob(blob, family)[1]
     compiled = codegen.compile_table(table, facts.KernelOffsets.from_btf(Btf.vmlinux()))
     return [len(program.asm.items) for program in compiled.programs]
 
 
-def test_kube_proxys_programs_do_not_grow_with_its_services(monkeypatch):
+@pytest.mark.parametrize("family", list(Family), ids=lambda f: f.name.lower())
+def test_kube_proxys_programs_do_not_grow_with_its_services(family, monkeypatch):
     """KUBE-SERVICES a run of jumps, every KUBE-SVC, KUBE-SEP and KUBE-EXT chain an
-    instance of a template: 500 or 2,000 Services make the same programs."""
-    assert _nat_program_sizes(500, monkeypatch) == _nat_program_sizes(2000, monkeypatch)
+    instance of a template: 500 or 2,000 Services make the same programs, for
+    iptables' tables and for ip6tables' (an IPv6 cluster)."""
+    assert _nat_program_sizes(500, family, monkeypatch) == \
+        _nat_program_sizes(2000, family, monkeypatch)

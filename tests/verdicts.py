@@ -279,9 +279,17 @@ def listing_agrees(netns: str, c: Case) -> None:
 # ten S chains and ten T chains, each ten of one shape: S<i> jumps (or, S9, goes) to
 # T<i> for tcp port 1000 + i from 10.1.2.3, then accepts (S9: never reached after the
 # goto); T<i> drops what goes to 192.168.7.<i>
-TEMPLATED = "\n".join(
-    [":OUTPUT DROP"] + [f":S{i} -\n:T{i} -" for i in range(10)]
-    + [f"-A OUTPUT -p tcp --dport {1000 + i} -j S{i}" for i in range(10)]
-    + [f"-A S{i} -s 10.1.2.3 -p tcp -m tcp --dport {1000 + i} -{'g' if i == 9 else 'j'} T{i}\n"
-       f"-A S{i} -m statistic --mode random --probability 1 -j ACCEPT" for i in range(10)]
-    + [f"-A T{i} -d 192.168.7.{i} -j DROP" for i in range(10)])
+def templated(source: str, destinations: str) -> str:
+    """Twenty chains of two shapes (compiler/templates.py), S0 to S9 jumping to T0 to
+    T9 (S9 going), each with constants of its own; T{i} drops destinations.format(i)."""
+    return "\n".join(
+        [":OUTPUT DROP"] + [f":S{i} -\n:T{i} -" for i in range(10)]
+        + [f"-A OUTPUT -p tcp --dport {1000 + i} -j S{i}" for i in range(10)]
+        + [f"-A S{i} -s {source} -p tcp -m tcp --dport {1000 + i} -{'g' if i == 9 else 'j'} "
+           f"T{i}\n-A S{i} -m statistic --mode random --probability 1 -j ACCEPT"
+           for i in range(10)]
+        + [f"-A T{i} -d {destinations.format(i)} -j DROP" for i in range(10)])
+
+
+TEMPLATED = templated("10.1.2.3", "192.168.7.{}")
+TEMPLATED6 = templated("2001:db8:1::3", "2001:db8:7::{}")

@@ -10,7 +10,11 @@ Every Service is a ClusterIP on TCP port 80 with two endpoints on port 8080, cho
 NodePort (30000 + its number / 5), and so has the last one (LAST_NODEPORT). The last
 Service's ClusterIP is what the benchmark connects to (its rule is the last of
 KUBE-SERVICES, which ip_tables walks to the end); its endpoints are ENDPOINTS, which
-the benchmark's server namespace holds.
+the benchmark's server namespace holds. With `affine`, the one before it has
+`sessionAffinity: ClientIP` (kube-proxy's `-m recent` rules: a client's connections
+stay with the endpoint its first one got, for three hours) and AFFINE_ENDPOINTS.
+
+`iptables(N, ipv6=True)` is the same Services on an IPv6 cluster, for ip6tables.
 
     python3 tools/bench/kubeproxy.py iptables|iptables-change|nft|nft-change N
 """
@@ -25,6 +29,8 @@ CLUSTER_CIDR = "10.244.0.0/16"     # the pods' addresses (KUBE-SVC's masquerade 
 SERVICE_NET = ipaddress.IPv4Address("172.30.0.0")   # its first host address is the first's
 ENDPOINT_NET = ipaddress.IPv4Address("10.128.0.0")
 ENDPOINTS = ("10.96.0.1", "10.96.0.2")    # the last Service's, held by the server
+AFFINE_ENDPOINTS = ("10.96.0.3", "10.96.0.4")   # the affine Service's, held there too
+AFFINITY_SECONDS = 10800    # kube-proxy's default sessionAffinityConfig timeout
 SERVICE_PORT, TARGET_PORT = 80, 8080
 NODEPORT_EVERY, NODEPORT_BASE, NODEPORTS = 5, 30000, 2000
 LAST_NODEPORT = NODEPORT_BASE + NODEPORTS   # the last Service's
@@ -36,14 +42,26 @@ def _hash(text: str) -> str:
     return base64.b32encode(hashlib.sha256(text.encode()).digest()).decode()[:16]
 
 
+# an IPv6 cluster's (kube-proxy writes the same rules for ip6tables)
+CLUSTER_CIDR6 = "fd00:10:244::/64"
+SERVICE_NET6 = ipaddress.IPv6Address("fd00:30::")
+ENDPOINT_NET6 = ipaddress.IPv6Address("fd00:10:128::")
+ENDPOINTS6 = ("fd00:96::1", "fd00:96::2")
+AFFINE_ENDPOINTS6 = ("fd00:96::3", "fd00:96::4")
+
+
 class Service:
-    def __init__(self, number: int, count: int):
+    def __init__(self, number: int, count: int, affine: bool = False, ipv6: bool = False):
         self.number = number
         self.name = f"ns{number // 100}/svc{number}:p80"
-        self.ip = str(SERVICE_NET + 1 + number)
+        self.ip = str((SERVICE_NET6 if ipv6 else SERVICE_NET) + 1 + number)
         last = number == count - 1
-        self.endpoints = ENDPOINTS if last else tuple(
-            str(ENDPOINT_NET + 2 * number + k) for k in range(2))
+        self.affine = affine and number == count - 2
+        endpoint_net = ENDPOINT_NET6 if ipv6 else ENDPOINT_NET
+        self.endpoints = ((ENDPOINTS6 if ipv6 else ENDPOINTS) if last
+                          else (AFFINE_ENDPOINTS6 if ipv6 else AFFINE_ENDPOINTS) if self.affine
+                          else tuple(str(endpoint_net + 2 * number + k) for k in range(2)))
+        self.ipv6 = ipv6
         self.svc = "KUBE-SVC-" + _hash(self.name + "tcp")
         self.ext = "KUBE-EXT-" + _hash(self.name + "tcp")
         self.seps = ["KUBE-SEP-" + _hash(self.name + "tcp" + ep) for ep in self.endpoints]
@@ -53,8 +71,13 @@ class Service:
                          else None)
 
 
-def services(count: int) -> list[Service]:
-    return [Service(i, count) for i in range(count)]
+    def target(self, endpoint: str) -> str:
+        """An endpoint's address and port as kube-proxy writes them (net.JoinHostPort)."""
+        return f"[{endpoint}]:{TARGET_PORT}" if self.ipv6 else f"{endpoint}:{TARGET_PORT}"
+
+
+def services(count: int, affine: bool = False, ipv6: bool = False) -> list[Service]:
+    return [Service(i, count, affine, ipv6) for i in range(count)]
 
 
 FILTER = [
@@ -105,24 +128,35 @@ def _service_chains(s: Service) -> tuple[list[str], list[str]]:
     if s.nodeport:
         rules += [f'-A {s.ext} -m comment --comment "masquerade traffic for {s.name} external '
                   f'destinations" -j KUBE-MARK-MASQ', f"-A {s.ext} -j {s.svc}"]
-    rules += [f'-A {s.svc} -m comment --comment "{s.name} cluster IP" -m tcp -p tcp '
-              f'-d {s.ip} --dport {SERVICE_PORT} ! -s {CLUSTER_CIDR} -j KUBE-MARK-MASQ',
-              f'-A {s.svc} -m comment --comment "{s.name} -> {s.endpoints[0]}:{TARGET_PORT}" '
+    cluster, host_mask = (CLUSTER_CIDR6, "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff") if s.ipv6 \
+        else (CLUSTER_CIDR, "255.255.255.255")
+    rules.append(f'-A {s.svc} -m comment --comment "{s.name} cluster IP" -m tcp -p tcp '
+                 f'-d {s.ip} --dport {SERVICE_PORT} ! -s {cluster} -j KUBE-MARK-MASQ')
+    # an affine Service's client goes back to the endpoint it is remembered by
+    recent = lambda sep: f"-m recent --name {sep} --mask {host_mask} --rsource"  # noqa: E731
+    if s.affine:
+        rules += [f'-A {s.svc} -m comment --comment "{s.name} -> {s.target(ep)}" '
+                  f'{recent(sep)} --rcheck --seconds {AFFINITY_SECONDS} --reap -j {sep}'
+                  for ep, sep in zip(s.endpoints, s.seps)]
+    rules += [f'-A {s.svc} -m comment --comment "{s.name} -> {s.target(s.endpoints[0])}" '
               f'-m statistic --mode random --probability 0.5000000000 -j {s.seps[0]}',
-              f'-A {s.svc} -m comment --comment "{s.name} -> {s.endpoints[1]}:{TARGET_PORT}" '
+              f'-A {s.svc} -m comment --comment "{s.name} -> {s.target(s.endpoints[1])}" '
               f'-j {s.seps[1]}']
     for ep, sep in zip(s.endpoints, s.seps):
+        remember = f"{recent(sep)} --set " if s.affine else ""
         rules += [f"-A {sep} -m comment --comment {s.name} -s {ep} -j KUBE-MARK-MASQ",
-                  f"-A {sep} -m comment --comment {s.name} -m tcp -p tcp "
-                  f"-j DNAT --to-destination {ep}:{TARGET_PORT}"]
+                  f"-A {sep} -m comment --comment {s.name} {remember}-m tcp -p tcp "
+                  f"-j DNAT --to-destination {s.target(ep)}"]
     return [f":{c} - [0:0]" for c in chains], rules
 
 
-def iptables(count: int) -> str:
-    """filter and nat, for iptables-restore."""
-    svcs = services(count)
+def iptables(count: int, affine: bool = False, ipv6: bool = False) -> str:
+    """filter and nat, for iptables-restore (ip6tables-restore with ipv6)."""
+    svcs = services(count, affine, ipv6)
     chains = [_service_chains(s) for s in svcs]
-    out = [*FILTER, "*nat", ":PREROUTING ACCEPT [0:0]", ":INPUT ACCEPT [0:0]",
+    # IPv6 has no localnet to guard (kube-proxy writes KUBE-FIREWALL's rule for IPv4)
+    filter_table = [line for line in FILTER if not (ipv6 and "127.0.0.0/8" in line)]
+    out = [*filter_table, "*nat", ":PREROUTING ACCEPT [0:0]", ":INPUT ACCEPT [0:0]",
            ":OUTPUT ACCEPT [0:0]", ":POSTROUTING ACCEPT [0:0]"]
     top = _nat_top(svcs)
     out += [line for line in top if line.startswith(":")]

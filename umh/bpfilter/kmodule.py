@@ -4,6 +4,7 @@ kmod/bpfilter_proto.h). Without the module (`bpfilter serve`) there is no device
 what needs it is done otherwise or refused."""
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
@@ -73,6 +74,35 @@ def _nat_lookup(request: int, cookie: int, family: int, hook: int, verb: str) ->
         ioctl(request, proto.nat_attach.build(dict(family=family, hook=hook,
                                                    netns_cookie=cookie)),
               f"{verb} the nat table's lookup")
+    except BpfilterError as err:
+        if err.errno == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
+def xt_match_create(netns_path: Optional[str], family: int, name: str, revision: int,
+                    payload: bytes, table: str, hook_mask: int, proto_: int, inv_proto: bool,
+                    what: str) -> int:
+    """The kernel's own match `name` for a rule of `table` in the namespace, checked and
+    set up by its checkentry as ip_tables would (kmod/xtmatch.c): its instance number."""
+    info = ctypes.create_string_buffer(payload, len(payload))
+    with netns_fd(netns_path) as fd:
+        arg = bytearray(proto.xt_match.build(dict(
+            netns_fd=fd, family=family, name=name, revision=revision, proto=proto_,
+            table=table, hook_mask=hook_mask, info_size=len(payload),
+            info=ctypes.addressof(info), inv_proto=int(inv_proto))))
+        ioctl(proto.IOC_XT_MATCH_CREATE, arg, what)
+    return proto.xt_match.parse(bytes(arg)).id
+
+
+def xt_match_destroy(cookie: int, instance: int) -> bool:
+    """Instance `instance` of the namespace with that cookie destroyed once no program
+    runs it; False if it had none of that number (gone with the namespace)."""
+    try:
+        ioctl(proto.IOC_XT_MATCH_DESTROY,
+              proto.xt_match.build(dict(id=instance, netns_cookie=cookie)),
+              f"destroy kernel match instance {instance}")
     except BpfilterError as err:
         if err.errno == errno.ENOENT:
             return False

@@ -37,6 +37,7 @@ from . import ext
 from .compiler.classifier import KEYS, VALUE_SIZE
 from .compiler.runs import RECORD_SIZE, Classified, TupleSpace
 from .compiler.templates import INSTANCES
+from .ext import xtmatch
 from .bpf.insn import Kfunc, MapRef
 from .errors import BpfilterError
 from .compiler.codegen import (CLASSIFIER, CLASSIFIER_RECORDS, COUNTERS, PROG_ARRAY,
@@ -66,6 +67,8 @@ class Ruleset:
     hooks: dict[Hook, HookRules] = field(default_factory=dict)
     compiled: Optional[CompiledTable] = None        # None when recovered from a pin
     classifier: Optional["ClassifierMaps"] = None   # shared with the rulesets after it
+    # the kernel matches this load made (ext/xtmatch.py), until a generation holds them
+    kernel_matches: Optional[xtmatch.HeldInstances] = None
 
     @functools.cached_property
     def uses_conntrack(self) -> bool:
@@ -109,6 +112,9 @@ class Ruleset:
         for fd in self.fds():
             os.close(fd)
         self.hooks.clear()
+        if self.kernel_matches is not None:
+            held, self.kernel_matches = self.kernel_matches, None
+            held.release()
         if self.classifier is not None:
             self.classifier.release()
             self.classifier = None
@@ -239,11 +245,12 @@ def _owned(undo: ExitStack, fd: int) -> int:
 
 
 def load_ruleset(table: Table, environment: Optional[dict[MapRef, int]] = None,
-                 previous: Optional[Ruleset] = None) -> Ruleset:
-    """Compile and load `table` (nothing attached). `environment`: the maps the loader's
-    caller provides to extensions (the service's log ring, for LOG rules; see
-    ext.environment_maps). `previous`, the ruleset it is to replace, lends its
-    classified runs and their maps (see ClassifierMaps). On failure nothing stays
+                 previous: Optional[Ruleset] = None, netns_path: Optional[str] = None) -> Ruleset:
+    """Compile and load `table` (nothing attached) for the namespace at `netns_path` (the
+    calling thread's if None), where its kernel matches are set up. `environment`: the
+    maps the loader's caller provides to extensions (the service's log ring, for LOG
+    rules; see ext.environment_maps). `previous`, the ruleset it is to replace, lends
+    its classified runs and their maps (see ClassifierMaps). On failure nothing stays
     loaded."""
     btf = Btf.vmlinux()
     compiled = compile_table(table, facts.KernelOffsets.from_btf(btf),
@@ -275,6 +282,12 @@ def load_ruleset(table: Table, environment: Optional[dict[MapRef, int]] = None,
             maps[INSTANCES] = fd
         for ref, fd in ext.table_maps(table).items():
             maps[ref] = _owned(transient, fd)
+        held = xtmatch.held_instances(table, netns_path, netns.cookie(netns_path)) \
+            if xtmatch.has_kernel_matches(table) else None
+        if held is not None:
+            ruleset.kernel_matches = held
+            undo.callback(held.release)
+            maps[xtmatch.INSTANCES] = held.fd
         kfuncs = _Kfuncs(btf, transient)
         for program in compiled.programs:
             asm = program.asm
@@ -394,9 +407,10 @@ def load_filter_table(replace_blob: bytes, netns_name: Optional[str] = None,
     """The whole path for a SET_REPLACE payload of `family`: validate, model, compile,
     load, and unless told otherwise attach in `netns_name`. `environment`: see
     load_ruleset."""
-    ruleset = load_ruleset(table_from_blob(replace_blob, family)[1], environment)
-    conntrack = attach and ruleset.uses_conntrack
     where = netns_name and netns.path_of(netns_name)
+    ruleset = load_ruleset(table_from_blob(replace_blob, family)[1], environment,
+                           netns_path=where or None)
+    conntrack = attach and ruleset.uses_conntrack
     held = False   # a hold that failed has nothing to give back
     try:
         if conntrack:

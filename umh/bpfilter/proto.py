@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import enum
 
-from construct import Const, Default, Int16un, Int32sn, Int32un, Int64un, Struct
+from construct import (Bytes, Const, Default, Int8un, Int16un, Int32sn, Int32un, Int64un,
+                       PaddedString, Struct)
 
 from .abi import families
 from .abi import xtables as X
@@ -42,6 +43,39 @@ nat_attach = Struct(
 IOC_NAT_ATTACH = _IOW("b", 3, nat_attach.sizeof())
 IOC_NAT_DETACH = _IOW("b", 4, nat_attach.sizeof())
 IOC_NAT_QUERY = _IOW("b", 5, nat_attach.sizeof())
+
+
+# struct bpfilter_xt_match: a rule's match made by the kernel's x_tables (kmod/xtmatch.c)
+xt_match = Struct(
+    "netns_fd" / Default(Int32sn, -1),
+    "family" / Default(Int32un, 0),
+    "name" / Default(PaddedString(X.XT_EXTENSION_MAXNAMELEN, "ascii"), ""),
+    "revision" / Default(Int8un, 0),
+    "proto" / Default(Int16un, 0),
+    "table" / Default(PaddedString(X.XT_TABLE_MAXNAMELEN, "ascii"), ""),
+    "hook_mask" / Default(Int32un, 0),
+    "info_size" / Default(Int32un, 0),
+    "info" / Default(Int64un, 0),        # the payload's address
+    "id" / Default(Int32un, 0),
+    "inv_proto" / Default(Int8un, 0),
+    "pad" / Default(Bytes(3), bytes(3)),
+    "netns_cookie" / Default(Int64un, 0),
+)
+
+
+def _IOWR(type_: str, nr: int, size: int) -> int:
+    return 3 << 30 | size << 16 | ord(type_) << 8 | nr
+
+
+IOC_XT_MATCH_CREATE = _IOWR("b", 6, xt_match.sizeof())
+IOC_XT_MATCH_DESTROY = _IOW("b", 7, xt_match.sizeof())
+
+
+class XtVerdict(enum.IntEnum):
+    """enum bpfilter_xt_verdict: bpfilter_xt_match()'s answer, the rule's outcome bits."""
+    MATCH = 0
+    MISMATCH = 1
+    HOTDROP = 2
 
 
 class NatHow(enum.IntEnum):

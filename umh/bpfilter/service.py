@@ -513,9 +513,10 @@ class _Caller:
         (every policy ACCEPT, as no table at all): a service dying before the
         commit leaves it to the next one to detach."""
         service, store = self.service, self.service.store
-        ruleset = load_ruleset(table, service.environment(), previous and previous.ruleset)
-        slots = previous.slots if previous else {}
         netns_path = self.netns_path
+        ruleset = load_ruleset(table, service.environment(), previous and previous.ruleset,
+                               netns_path)
+        slots = previous.slots if previous else {}
         had_conntrack = previous is not None and previous.ruleset.uses_conntrack
         needs_conntrack = ruleset.uses_conntrack
         held = False   # a hold that failed has nothing to give back

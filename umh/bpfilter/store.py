@@ -10,6 +10,8 @@ service leaves every table filtering and a new one finds them again.
             counters    its per-CPU counters
             added       counter offsets from IPT_SO_SET_ADD_COUNTERS
             blob        the ipt_replace blob iptables set (an array map of chunks)
+            xt_instances  the instances of its kernel matches (ext/xtmatch.py), which
+                        bpfilter.ko keeps for it and is told to destroy as it goes
 
 A replace stages its ruleset as a new generation, then commits it by renaming a
 symlink to it over `current`: that one rename is the commit point. Only then are
@@ -34,6 +36,7 @@ from . import kmodule
 from .bpf import syscall as bpf
 from .abi.xtables import RawTable
 from .decode import table_from_blob
+from .ext import xtmatch
 from .loader import HookRules, HookSlot, Ruleset
 from .paths import DEFAULT_ROOT
 from .model import Family, Hook
@@ -179,9 +182,13 @@ class Store:
             bpf.obj_pin(ruleset.offsets_fd, os.path.join(path, "added"))
             for hook, rules in ruleset.hooks.items():
                 bpf.obj_pin(rules.prog_fd, os.path.join(path, f"prog_{hook.chain_name}"))
+            if ruleset.kernel_matches is not None:
+                bpf.obj_pin(ruleset.kernel_matches.fd, os.path.join(path, xtmatch.PIN))
         except BaseException:
             shutil.rmtree(path, ignore_errors=True)
             raise
+        if ruleset.kernel_matches is not None:
+            ruleset.kernel_matches.pinned = True   # the generation holds them from here on
         return gen
 
     def commit(self, key: TableKey, gen: str) -> None:
@@ -206,7 +213,19 @@ class Store:
         return sorted(n for n in names if n.startswith(_GENERATION))
 
     def discard(self, key: TableKey, gen: str) -> None:
-        shutil.rmtree(self.path(key, gen))
+        """The generation unpinned, and what the module holds for it given back (its
+        kernel matches: ext/xtmatch.py)."""
+        path = self.path(key, gen)
+        try:
+            held = os.path.join(path, xtmatch.PIN)
+            if os.path.lexists(held) and kmodule.present():
+                fd = bpf.obj_get(held)
+                try:
+                    xtmatch.release_pinned(fd, key.cookie)
+                finally:
+                    os.close(fd)
+        finally:
+            shutil.rmtree(path)
 
     def discard_uncommitted(self, key: TableKey) -> None:
         """Every generation but the committed one (a replace that died before its
@@ -325,6 +344,8 @@ class Store:
             elif name.startswith("slot_") and TABLES[key.table].nat_lookups \
                     and kmodule.present():
                 kmodule.nat_detach(key.cookie, key.family, _HOOK_OF[name[len("slot_"):]])
+        for gen in self.generations(key):
+            self.discard(key, gen)
         shutil.rmtree(path)
         netns_dir = os.path.dirname(path.rstrip("/"))
         if not os.listdir(netns_dir):

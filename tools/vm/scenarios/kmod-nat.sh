@@ -98,27 +98,42 @@ RULES
 	ip netns exec fw ip6tables-legacy -t nat -L -v -n -x
 }
 
-# kube-proxy's filter and nat tables (tools/bench/kubeproxy.py's, KUBE_SERVICES Services)
-# on fw as a node: lan connects to the last Service's ClusterIP and to its NodePort on
-# fw, fw itself to the ClusterIP; wan holds the Service's two endpoints. Every
-# connection is masqueraded (none comes from the pods' network).
+# kube_probes 4|6: kube-proxy's filter and nat tables (tools/bench/kubeproxy.py's,
+# KUBE_SERVICES Services; for 6, ip6tables' of an IPv6 cluster) on fw as a node: lan
+# connects to the last Service's ClusterIP and to its NodePort on fw, fw itself to the
+# ClusterIP; wan holds the Service's two endpoints. Every connection is masqueraded
+# (none comes from the pods' network). lan also connects to the Service before it,
+# whose session affinity keeps lan on one endpoint, remembered in the kernel's recent
+# lists (one per endpoint).
 kube_probes() {
-	kube_node
-	ip netns exec fw iptables-legacy-restore /etc/bpfilter-vm/kube-proxy.rules
+	if [ "$1" = 6 ]; then
+		kube6_node
+		command=ip6tables-legacy rules=/etc/bpfilter-vm/kube-proxy6.rules
+		vips='fd00:30::[0-9a-f]*' node=2001:db8:1::1 tag=6
+	else
+		kube_node
+		command=iptables-legacy rules=/etc/bpfilter-vm/kube-proxy.rules
+		vips='172\.30\.[0-9.]*' node=10.1.0.1 tag=
+	fi
+	ip netns exec fw $command-restore $rules
 	SERVE_PEERS=peers
 	serve wan 60 8080
 	SERVE_PEERS=
-	vip=$(sed -n 's/.*-d \(172\.30\.[0-9.]*\) --dport 80 -j KUBE-SVC.*/\1/p' \
-		/etc/bpfilter-vm/kube-proxy.rules | tail -1)
-	for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16; do connect kube lan "$vip" 80; done
-	for i in 1 2 3 4 5 6 7 8; do connect kube lan 10.1.0.1 32000; done
-	connect kube fw "$vip" 80
-	connect kube lan 10.1.0.1 32001             # no such NodePort: fw refuses
+	vip=$(sed -n "s/.*-d \($vips\) --dport 80 -j KUBE-SVC.*/\1/p" $rules | tail -1)
+	affine=$(sed -n "s/.*-d \($vips\) --dport 80 -j KUBE-SVC.*/\1/p" $rules | tail -2 | head -1)
+	for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16; do connect kube$tag lan "$vip" 80; done
+	for i in 1 2 3 4 5 6 7 8; do connect kube$tag lan $node 32000; done
+	connect kube$tag fw "$vip" 80
+	connect kube$tag lan $node 32001             # no such NodePort: fw refuses
+	for i in 1 2 3 4 5 6 7 8; do connect affine$tag lan "$affine" 80; done
 	kill $(jobs -p) 2>/dev/null || true
 	wait
 	peers wan 8080 | sort | uniq -c
-	ip netns exec fw iptables-legacy -t nat -L -v -n -x
-	ip netns exec fw iptables-legacy -L -v -n -x
+	for list in $(ip netns exec fw ls /proc/net/xt_recent); do
+		echo "recent $list: $(ip netns exec fw sed 's/ ttl:.*//' /proc/net/xt_recent/$list | tr '\n' ' ')"
+	done
+	ip netns exec fw $command -t nat -L -v -n -x
+	ip netns exec fw $command -L -v -n -x
 }
 
 # Real rulesets with a nat table (../shared/realworld, in /etc/bpfilter-vm/): their
@@ -147,11 +162,13 @@ phases() {
 	say "$1 realworld"
 	realworld_loads
 	say "$1 kube"
-	kube_probes
+	kube_probes 4
+	say "$1 kube6"
+	kube_probes 6
 }
 
 reference_then_bpfilter iptable_nat iptable_filter ip6table_nat ip6table_filter xt_nat \
-	xt_MASQUERADE xt_REDIRECT xt_NETMAP xt_mark xt_connmark xt_tcpudp
+	xt_MASQUERADE xt_REDIRECT xt_NETMAP xt_mark xt_connmark xt_recent xt_tcpudp
 
 say helper death
 # The bindings are the kernel's and the lookups the module's: a dead helper takes

@@ -12,6 +12,16 @@ unload() {
 		sleep 0.1
 	done
 }
+# unloaded MODULE: unload() that waits longer (what holds the module may let go of it
+# only after the helper's next sweep) and says whether it went, rather than failing
+unloaded() {
+	tries=0
+	until rmmod "$1" 2>/dev/null; do
+		tries=$((tries + 1)); [ $tries -lt 150 ] || break
+		sleep 0.1
+	done
+	loaded "$1" && echo "$1: in use" || echo "$1: unloaded"
+}
 # The pid of the helper process serving /dev/bpfilter (PyInstaller's bootloader is its parent).
 helper_pid() {
 	for fd in /proc/[0-9]*/fd/*; do
@@ -120,12 +130,24 @@ router4() {
 }
 
 # router4 as a Kubernetes node: wan also holds the endpoints of the last Service of
-# tools/bench/kubeproxy.py's rulesets
+# tools/bench/kubeproxy.py's rulesets, and of the affine one before it
 kube_node() {
 	router4
-	ip -n wan addr add 10.96.0.1/32 dev eth0
-	ip -n wan addr add 10.96.0.2/32 dev eth0
+	for ep in 10.96.0.1 10.96.0.2 10.96.0.3 10.96.0.4; do ip -n wan addr add $ep/32 dev eth0; done
 	ip -n fw route add 10.96.0.0/24 via 10.2.0.2
+}
+
+# router, over IPv6, as a node of an IPv6 cluster (kubeproxy.py's ipv6 rulesets): the
+# Services' addresses routed towards wan, and lan connecting to them from its own
+# network's address (not one fw has no route back to)
+kube6_node() {
+	router
+	for ep in fd00:96::1 fd00:96::2 fd00:96::3 fd00:96::4; do
+		ip -n wan addr add $ep/128 dev eth0 nodad
+	done
+	ip -n fw route add fd00:96::/64 via 2001:db8:2::2
+	ip -n fw route add fd00:30::/64 via 2001:db8:2::2
+	ip -n lan route add fd00:30::/64 via 2001:db8:1::1 src 2001:db8:1::2
 }
 
 # ask NAME NS ADDR PORT [SIZE [FROM]]: a UDP probe's outcome

@@ -12,12 +12,13 @@ Shapes: a rule's shape is its rule with its holes taken out, and for each hole w
 the emitters' choices of code depend on (zero, all ones, its size; a port range's
 bounds equal or not): every instance of a template gets the code of the first, its exemplar, whose
 model holds Holes (packet.primitives) where the constants were; they compare as the
-exemplar's values and do no arithmetic. What can hold holes: IPv4 addresses under a
-mask, tcp and udp port ranges, statistic's probability (random mode), a NAT range, and
+exemplar's values and do no arithmetic. What can hold holes: IPv4 and IPv6 addresses
+under a mask, tcp and udp port ranges, statistic's probability (random mode), a NAT range, and
 a jump to a chain of another template (its instance number); the other parts of a
 shape must be the same in every instance: the rest of the ip part, comment (no code),
 mark, MARK, ACCEPT, DROP, RETURN, jumps to other chains. A match or target with state
-of its own per rule (limit, statistic's nth) is never in a template.
+of its own per rule (limit, statistic's nth, the kernel's own matches) is never in a
+template.
 
 Levels: a chain's shape depends on whether the chains it jumps to are templates, so
 chains are shaped callees first (by their height in the call graph).
@@ -37,7 +38,8 @@ from ..ext.ports import PortRange
 from ..ext.statistic import XT_STATISTIC_MODE_RANDOM, StatisticMatch
 from ..ext.tcp import TcpMatch
 from ..ext.udp import UdpMatch
-from ..model import Accept, Chain, Drop, Fallthrough, Family, Goto, IpHeader, Jump, Return, Table
+from ..model import (Accept, Chain, Drop, Fallthrough, Goto, Ip6Header, IpHeader, Jump, Return,
+                     Table)
 from ..packet.primitives import Hole, HoleBlock
 
 TEMPLATE_MIN = 8
@@ -106,6 +108,9 @@ def _predicates(value: int) -> tuple:
 def _prefix(prefix, holes: _Holes):
     if not any(prefix.mask):
         return prefix, prefix
+    if len(prefix.addr) == 16:   # IPv6's code never looks at the address's value
+        return ("addr6", prefix.mask, prefix.invert), \
+            prefix._replace(addr=holes.block(prefix.addr))
     value = int.from_bytes(prefix.addr, "little")
     return ("addr", prefix.mask, prefix.invert, _predicates(value)), \
         prefix._replace(addr=holes.word(value))
@@ -185,7 +190,7 @@ def _shape(chain: Chain, template_of: dict[str, int], instance_of: dict[str, tup
     holes = _Holes()
     shape, holed = [], []
     for rule in rules:
-        if not isinstance(rule.ip, IpHeader):
+        if not isinstance(rule.ip, (IpHeader, Ip6Header)):
             return None
         (src_shape, src), (dst_shape, dst) = _prefix(rule.ip.src, holes), \
             _prefix(rule.ip.dst, holes)
@@ -231,10 +236,8 @@ def _heights(table: Table) -> dict[str, int]:
 
 
 def plan(table: Table) -> Templates:
-    """The table's templates and their instances' records (IPv4 tables only)."""
+    """The table's templates and their instances' records."""
     out = Templates()
-    if table.family is not Family.IPV4:
-        return out
     heights = _heights(table)
     template_of: dict[str, int] = {}
     records: list[bytes] = []

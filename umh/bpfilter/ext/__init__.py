@@ -96,6 +96,11 @@ class MatchExtension(_Extension):
         """Model of the payload; rejects what the kernel's checkentry rejects."""
         raise NotImplementedError
 
+    def decode_in(self, payload: bytes, where: str, hook_mask: int, table: Optional[str]) -> Match:
+        """decode(), for a match whose model keeps what checkentry is given beside the
+        payload (the hooks, the table)."""
+        return self.decode(payload, where)
+
     def check_hooks(self, match: Match, hook_mask: int, where: str) -> None:
         """What checkentry rejects for the hooks the rule is reachable from, beyond
         `hooks` (which the generic check tests)."""
@@ -220,7 +225,7 @@ def known_target_revisions(name: str, family: Family) -> list[int]:
 def decode_match(name: str, revision: int, payload: bytes, ip: IpHeader, family: Family,
                  where: str, hook_mask: int = 0, table: Optional[str] = None) -> Match:
     ext = _MATCHES.checked(name, revision, payload, ip, family, where, hook_mask, table)
-    match = ext.decode(payload, where)
+    match = ext.decode_in(payload, where, hook_mask, table)
     ext.check_hooks(match, hook_mask, where)
     return match
 
@@ -338,3 +343,5 @@ from . import (addrtype, comment, conntrack, icmp, iprange, length, limit, log, 
 from . import ah, esp, eui64, frag, hbh, ipv6header, mh, rt  # noqa: E402,F401
 # the nat table's targets, and what kube-proxy's rules use with them
 from . import connmark, nat, statistic  # noqa: E402,F401
+# what only the kernel's own extensions can be, run by bpfilter.ko (ext/xtmatch.py)
+from . import nfacct, recent  # noqa: E402,F401

@@ -40,11 +40,11 @@ from ..bpf.asm import Assembler
 from ..bpf.btfgen import BtfBuilder
 from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU32_REG, BPF_ALU64_IMM, BPF_ALU64_REG, BPF_DW,
                         BPF_EMIT_CALL, BPF_EXIT_INSN, BPF_JMP32_IMM, BPF_JMP_IMM,
-                        BPF_JMP_REG, BPF_LD_IMM64, BPF_LD_MAP_FD, BPF_LD_MAP_VALUE, BPF_LDX_MEM,
+                        BPF_JMP_REG, BPF_LD_MAP_VALUE, BPF_LDX_MEM,
                         BPF_MOV32_IMM, BPF_MOV64_IMM, BPF_MOV64_REG, BPF_STX_MEM, BPF_W, MapRef,
-                        R0, R1, R2, R3, R6, R8, R9)
+                        R0, R1, R2, R3, R8, R9)
 from ..packet import facts
-from ..packet.primitives import HOTDROP, MISMATCH
+from ..packet.primitives import HOTDROP, MISMATCH, emit_skip_if_decided, emit_state_lookup
 from ..errors import BpfilterError
 from ..model import Match, Table
 from . import BOTH_FAMILIES, MatchExtension, match_key, register_match
@@ -160,13 +160,9 @@ class Limit(MatchExtension):
         update, capped = asm.label("limit_update"), asm.label("limit_capped")
         store, unlock = asm.label("limit_store"), asm.label("limit_unlock")
         out.hotdrops = True
-        asm.emit(BPF_MOV64_REG(R1, MISMATCH), BPF_ALU64_REG(I.BPF_OR, R1, HOTDROP),
-                 BPF_JMP_IMM(I.BPF_JNE, R1, 0, done),
-                 BPF_LD_IMM64(R1, match_key(out.rule, m)), BPF_STX_MEM(BPF_DW, R6, R1, _KEY),
-                 BPF_LD_MAP_FD(R1, LIMITS), BPF_MOV64_REG(R2, R6),
-                 BPF_ALU64_IMM(I.BPF_ADD, R2, _KEY),
-                 BPF_EMIT_CALL(I.BPF_FUNC_map_lookup_elem),
-                 BPF_MOV64_IMM(R8, 2), BPF_JMP_IMM(I.BPF_JEQ, R0, 0, outcome),
+        emit_skip_if_decided(asm, done)
+        emit_state_lookup(asm, LIMITS, match_key(out.rule, m), _KEY)
+        asm.emit(BPF_MOV64_IMM(R8, 2), BPF_JMP_IMM(I.BPF_JEQ, R0, 0, outcome),
                  BPF_MOV64_REG(R9, R0),
                  BPF_EMIT_CALL(I.BPF_FUNC_jiffies64), BPF_MOV64_REG(R8, R0),
                  BPF_MOV64_REG(R1, R9), BPF_EMIT_CALL(I.BPF_FUNC_spin_lock),

@@ -30,12 +30,13 @@ from construct import Int16ul, Int32ul, Int64ul, Struct
 from ..bpf import insn as I
 from ..bpf import syscall as bpf
 from ..bpf.insn import (BPF_ALU64_IMM, BPF_ALU64_REG, BPF_ATOMIC_OP, BPF_DW, BPF_EMIT_CALL,
-                        BPF_JMP_IMM, BPF_JMP_REG, BPF_LD_IMM64, BPF_LD_MAP_FD, BPF_MOV64_IMM,
-                        BPF_MOV64_REG, BPF_STX_MEM, MapRef, R0, R1, R2, R6, R8)
+                        BPF_JMP_IMM, BPF_JMP_REG, BPF_LD_IMM64, BPF_MOV64_IMM,
+                        BPF_MOV64_REG, MapRef, R0, R1, R2, R8)
 from ..errors import BpfilterError
 from ..model import Match, Table
 from ..packet import facts
-from ..packet.primitives import HOTDROP, MISMATCH, emit_const
+from ..packet.primitives import (HOTDROP, MISMATCH, emit_const, emit_skip_if_decided,
+                                 emit_state_lookup)
 from . import BOTH_FAMILIES, MatchExtension, match_key, register_match
 
 XT_STATISTIC_MODE_RANDOM, XT_STATISTIC_MODE_NTH = 0, 1
@@ -117,8 +118,7 @@ class Statistic(MatchExtension):
         with them, so the code runs only when both are 0 (the kernel stops at the
         first match that fails, and neither draws nor counts then)."""
         skip, decided = asm.label("statistic_skip"), asm.label("statistic_decided")
-        asm.emit(BPF_MOV64_REG(R1, MISMATCH), BPF_ALU64_REG(I.BPF_OR, R1, HOTDROP),
-                 BPF_JMP_IMM(I.BPF_JNE, R1, 0, skip))
+        emit_skip_if_decided(asm, skip)
         if m.mode == XT_STATISTIC_MODE_RANDOM:
             asm.emit(BPF_EMIT_CALL(I.BPF_FUNC_get_prandom_u32),
                      BPF_ALU64_IMM(I.BPF_AND, R0, 0x7FFFFFFF), BPF_MOV64_REG(R2, R0))
@@ -127,11 +127,8 @@ class Statistic(MatchExtension):
                      BPF_JMP_REG(I.BPF_JLT, R2, R1, decided), BPF_MOV64_IMM(R0, 1))
         else:
             found = asm.label("statistic_found")
-            asm.emit(BPF_LD_IMM64(R1, match_key(out.rule, m)), BPF_STX_MEM(BPF_DW, R6, R1, _KEY),
-                     BPF_LD_MAP_FD(R1, COUNTERS), BPF_MOV64_REG(R2, R6),
-                     BPF_ALU64_IMM(I.BPF_ADD, R2, _KEY),
-                     BPF_EMIT_CALL(I.BPF_FUNC_map_lookup_elem),
-                     BPF_JMP_IMM(I.BPF_JNE, R0, 0, found),
+            emit_state_lookup(asm, COUNTERS, match_key(out.rule, m), _KEY)
+            asm.emit(BPF_JMP_IMM(I.BPF_JNE, R0, 0, found),
                      # no counter (the loader makes one for each): fail closed
                      BPF_MOV64_IMM(R0, 1), BPF_JMP_IMM(I.BPF_JA, 0, 0, decided))
             asm.place(found)

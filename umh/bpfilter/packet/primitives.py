@@ -15,8 +15,8 @@ import struct
 from ..bpf import insn as I
 from ..bpf.asm import Assembler
 from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU32_REG, BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B,
-                        BPF_DW, BPF_ENDIAN, BPF_H, BPF_JMP_IMM, BPF_LD_IMM64, BPF_LDX_MEM,
-                        BPF_MOV64_IMM, BPF_MOV64_REG, BPF_ST_MEM, BPF_STX_MEM, BPF_W, FP, R0, R1,
+                        BPF_DW, BPF_EMIT_CALL, BPF_ENDIAN, BPF_H, BPF_JMP_IMM, BPF_LD_IMM64,
+                        BPF_LD_MAP_FD, BPF_LDX_MEM, BPF_MOV64_IMM, BPF_MOV64_REG, BPF_ST_MEM, BPF_STX_MEM, BPF_W, FP, R0, R1,
                         R2, R3, R4, R5, R6)
 
 _SIZE = {1: BPF_B, 2: BPF_H, 4: BPF_W}
@@ -148,6 +148,23 @@ class RuleOutcome:
             asm.emit(BPF_JMP_IMM(I.BPF_JNE, HOTDROP, 0, drop))
 
 
+def emit_skip_if_decided(asm: Assembler, skip) -> None:
+    """To `skip` once a test of the rule failed or a match hotdropped: the kernel stops
+    at the first match that fails, so a match with side effects (state it updates, a
+    counter, the kernel's own match) must not run after one."""
+    asm.emit(BPF_MOV64_REG(R1, MISMATCH), BPF_ALU64_REG(I.BPF_OR, R1, HOTDROP),
+             BPF_JMP_IMM(I.BPF_JNE, R1, 0, skip))
+
+
+def emit_state_lookup(asm: Assembler, state_map, key: int, key_slot) -> None:
+    """R0 = the value of `key` (a u64, written at the facts' `key_slot`, where helpers
+    can read it from any frame) in the per-rule state map `state_map`, or NULL."""
+    asm.emit(BPF_LD_IMM64(R1, key), BPF_STX_MEM(BPF_DW, R6, R1, key_slot),
+             BPF_LD_MAP_FD(R1, state_map), BPF_MOV64_REG(R2, R6),
+             BPF_ALU64_IMM(I.BPF_ADD, R2, key_slot),
+             BPF_EMIT_CALL(I.BPF_FUNC_map_lookup_elem))
+
+
 def _invert_bit(asm: Assembler, reg: int) -> None:
     emit_nonzero_bit(asm, reg, R3)
     asm.emit(BPF_ALU64_IMM(I.BPF_XOR, reg, 1))
@@ -178,7 +195,9 @@ def emit_masked_equal(asm: Assembler, off: int, size: int, mask: int, value: int
 def emit_name_equal(asm: Assembler, off: int, name: bytes, mask: bytes, invert: bool,
                     out: RuleOutcome) -> None:
     """Holds iff ((field ^ name) & mask) == 0 over 16 bytes, != invert: the kernel's
-    ifname_compare_aligned(), compared 8 bytes at a time as it does."""
+    ifname_compare_aligned(), compared 8 bytes at a time as it does, and IPv6's
+    ipv6_masked_addr_cmp(). A template's IPv6 address is a HoleBlock, read from the
+    instance's record."""
     chunks = [(o, int.from_bytes(name[o:o + 8], "little"), int.from_bytes(mask[o:o + 8], "little"))
               for o in range(0, len(name), 8)]
     chunks = [c for c in chunks if c[2]]
@@ -188,8 +207,13 @@ def emit_name_equal(asm: Assembler, off: int, name: bytes, mask: bytes, invert: 
         return
     for i, (o, value, m) in enumerate(chunks):
         acc = R1 if i == 0 else R2
-        asm.emit(BPF_LDX_MEM(BPF_DW, acc, R6, off + o),
-                 BPF_LD_IMM64(R3, value), BPF_ALU64_REG(I.BPF_XOR, acc, R3),
+        asm.emit(BPF_LDX_MEM(BPF_DW, acc, R6, off + o))
+        if isinstance(name, HoleBlock):
+            asm.emit(BPF_LDX_MEM(BPF_DW, R3, FP, RECORD_FP),
+                     BPF_LDX_MEM(BPF_DW, R3, R3, name.offset + o))
+        else:
+            asm.emit(BPF_LD_IMM64(R3, value))
+        asm.emit(BPF_ALU64_REG(I.BPF_XOR, acc, R3),
                  BPF_LD_IMM64(R3, m), BPF_ALU64_REG(I.BPF_AND, acc, R3))
         if i:
             asm.emit(BPF_ALU64_REG(I.BPF_OR, R1, R2))

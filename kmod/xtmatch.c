@@ -1,0 +1,335 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * The kernel's own matches, for what a BPF program cannot do as the kernel does.
+ *
+ * Some matches are state the kernel keeps and shows elsewhere: recent's address
+ * lists, which /proc/net/xt_recent/<name> lists and takes writes into, and which
+ * rules of any table (ip_tables' too) share by name; nfacct's counters, which
+ * nfnetlink_acct owns. A copy in BPF maps would be another list, not the one the
+ * administrator reads and writes. So bpfilter.ko makes each such rule's match what
+ * ip_tables makes of it: the extension found by xt_request_find_match() (loading
+ * its module), its payload checked and set up by xt_check_match() in the rule's
+ * namespace, table and hooks (checkentry: recent's table and its /proc entry,
+ * nfacct's reference on its object), kept here as an instance, and destroyed as
+ * cleanup_entry() does. The helper's programs call bpfilter_xt_match() with the
+ * instance's number where the rule's match is, and it runs the extension's ->match
+ * with what ipt_do_table()/ip6t_do_table() give it.
+ *
+ * An instance belongs to the table generation that the helper loaded it for, not
+ * to the helper: a helper that dies leaves it to the programs still attached. The
+ * helper destroys it once the generation is gone (replaced, or its table
+ * removed); its namespace going, or the module, destroys what is left.
+ *
+ * x_tables is reached through symbol_get(): bpfilter.ko loads on a kernel without
+ * it, where these matches are refused.
+ */
+#include <linux/bpf.h>
+#include <linux/btf.h>
+#include <linux/idr.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/module.h>
+#include <linux/mutex.h>
+#include <linux/netfilter/x_tables.h>
+#include <linux/netfilter_ipv4/ip_tables.h>
+#include <linux/netfilter_ipv6/ip6_tables.h>
+#include <linux/slab.h>
+#include <net/ipv6.h>
+#include <net/net_namespace.h>
+
+#include "bpfilter_proto.h"
+#include "bpfilter_xtmatch.h"
+
+/* A payload larger than this is no match's: recent's is 232 bytes. */
+#define BPFILTER_XT_MAX_INFO	4096
+
+struct bpfilter_xt_instance {
+	struct net *net;		/* not counted: the namespace destroys us on its way out */
+	u64 cookie;			/* its net_cookie, which no other namespace ever has */
+	struct xt_match *match;		/* holds the extension's module */
+	void *info;			/* the payload, as checkentry left it */
+	u8 family;
+	bool ipv6_proto;		/* the rule has -p: ip6_packet_match() finds thoff */
+};
+
+/* Read under RCU by the kfunc (the programs run under it), changed under the mutex. */
+static DEFINE_IDR(bpfilter_xt_instances);
+static DEFINE_MUTEX(bpfilter_xt_lock);
+
+/* x_tables' functions, once a first instance needed them (held until unload). */
+static struct xt_match *(*bpfilter_xt_find)(u8 af, const char *name, u8 revision);
+static int (*bpfilter_xt_check)(struct xt_mtchk_param *par, unsigned int size, u16 proto,
+				bool inv_proto);
+
+static int bpfilter_xt_symbols(void)
+{
+	if (bpfilter_xt_find && bpfilter_xt_check)
+		return 0;
+	if (!bpfilter_xt_find)
+		bpfilter_xt_find = symbol_request(xt_request_find_match);
+	if (!bpfilter_xt_check)
+		bpfilter_xt_check = symbol_request(xt_check_match);
+	return bpfilter_xt_find && bpfilter_xt_check ? 0 : -EOPNOTSUPP;
+}
+
+/* cleanup_match(), once no program can be running the instance. */
+static void bpfilter_xt_destroy(struct bpfilter_xt_instance *inst)
+{
+	struct xt_mtdtor_param par = {
+		.net = inst->net,
+		.match = inst->match,
+		.matchinfo = inst->info,
+		.family = inst->family,
+	};
+
+	if (par.match->destroy)
+		par.match->destroy(&par);
+	module_put(par.match->me);
+	kvfree(inst->info);
+	kfree(inst);
+}
+
+static long bpfilter_xt_create(struct bpfilter_xt_match *req, void __user *arg)
+{
+	/* What checkentry may read of the rule (entryinfo): its ip part's protocol. */
+	union {
+		struct ipt_entry v4;
+		struct ip6t_entry v6;
+	} entry = {};
+	struct xt_mtchk_param par = {};
+	struct bpfilter_xt_instance *inst;
+	struct xt_match *match;
+	struct net *net;
+	void *info;
+	long err;
+	int id;
+
+	if ((req->family != NFPROTO_IPV4 && req->family != NFPROTO_IPV6) ||
+	    !req->info_size || req->info_size > BPFILTER_XT_MAX_INFO ||
+	    strnlen(req->name, sizeof(req->name)) == sizeof(req->name) ||
+	    strnlen(req->table, sizeof(req->table)) == sizeof(req->table))
+		return -EINVAL;
+	mutex_lock(&bpfilter_xt_lock);
+	err = bpfilter_xt_symbols();
+	mutex_unlock(&bpfilter_xt_lock);
+	if (err)
+		return err;
+	net = get_net_ns_by_fd(req->netns_fd);
+	if (IS_ERR(net))
+		return PTR_ERR(net);
+	match = bpfilter_xt_find(req->family, req->name, req->revision);
+	if (IS_ERR(match)) {
+		err = PTR_ERR(match);
+		goto out_net;
+	}
+	info = kvzalloc(req->info_size, GFP_KERNEL_ACCOUNT);
+	inst = kzalloc(sizeof(*inst), GFP_KERNEL_ACCOUNT);
+	err = -ENOMEM;
+	if (!info || !inst)
+		goto out_free;
+	err = -EFAULT;
+	if (copy_from_user(info, u64_to_user_ptr(req->info), req->info_size))
+		goto out_free;
+	if (req->family == NFPROTO_IPV4) {
+		entry.v4.ip.proto = req->proto;
+		entry.v4.ip.invflags = req->inv_proto ? IPT_INV_PROTO : 0;
+	} else {
+		entry.v6.ipv6.proto = req->proto;
+		entry.v6.ipv6.flags = req->proto ? IP6T_F_PROTO : 0;
+		entry.v6.ipv6.invflags = req->inv_proto ? IP6T_INV_PROTO : 0;
+	}
+	par.net = net;
+	par.table = req->table;
+	par.entryinfo = &entry;
+	par.match = match;
+	par.matchinfo = info;
+	par.hook_mask = req->hook_mask;
+	par.family = req->family;
+	/* its size, table, hooks and protocol, then its checkentry */
+	err = bpfilter_xt_check(&par, req->info_size, req->proto, req->inv_proto);
+	if (err)
+		goto out_free;
+	inst->net = net;
+	inst->cookie = net->net_cookie;
+	inst->match = match;
+	inst->info = info;
+	inst->family = req->family;
+	inst->ipv6_proto = req->family == NFPROTO_IPV6 && req->proto;
+	mutex_lock(&bpfilter_xt_lock);
+	/* cyclic: a number the helper gave back is not another instance's soon after */
+	id = idr_alloc_cyclic(&bpfilter_xt_instances, inst, 1, INT_MAX, GFP_KERNEL);
+	mutex_unlock(&bpfilter_xt_lock);
+	if (id < 0) {
+		err = id;
+		goto out_destroy;
+	}
+	req->id = id;
+	if (copy_to_user(arg, req, sizeof(*req))) {
+		mutex_lock(&bpfilter_xt_lock);
+		idr_remove(&bpfilter_xt_instances, id);
+		mutex_unlock(&bpfilter_xt_lock);
+		err = -EFAULT;
+		goto out_destroy;
+	}
+	put_net(net);
+	return 0;
+
+out_destroy:
+	/* checked: destroyed as cleanup_match() does (no program knows its number) */
+	bpfilter_xt_destroy(inst);
+	put_net(net);
+	return err;
+out_free:
+	kfree(inst);
+	kvfree(info);
+	module_put(match->me);
+out_net:
+	put_net(net);
+	return err;
+}
+
+static long bpfilter_xt_release(const struct bpfilter_xt_match *req)
+{
+	struct bpfilter_xt_instance *inst;
+
+	mutex_lock(&bpfilter_xt_lock);
+	inst = idr_find(&bpfilter_xt_instances, req->id);
+	if (!inst || inst->cookie != req->netns_cookie) {
+		mutex_unlock(&bpfilter_xt_lock);
+		return -ENOENT;
+	}
+	idr_remove(&bpfilter_xt_instances, req->id);
+	mutex_unlock(&bpfilter_xt_lock);
+	synchronize_net();
+	bpfilter_xt_destroy(inst);
+	return 0;
+}
+
+long bpfilter_xt_ioctl(unsigned int cmd, unsigned long arg)
+{
+	struct bpfilter_xt_match req;
+
+	if (copy_from_user(&req, (const void __user *)arg, sizeof(req)))
+		return -EFAULT;
+	if (memchr_inv(req.pad, 0, sizeof(req.pad)))
+		return -EINVAL;
+	if (cmd == BPFILTER_IOC_XT_MATCH_CREATE)
+		return bpfilter_xt_create(&req, (void __user *)arg);
+	return bpfilter_xt_release(&req);
+}
+
+/* Every instance of `net` (NULL: all), destroyed once no program runs them. */
+static void bpfilter_xt_destroy_all(struct net *net)
+{
+	struct bpfilter_xt_instance *inst, **gone;
+	unsigned int count = 0, i;
+	int id;
+
+	mutex_lock(&bpfilter_xt_lock);
+	idr_for_each_entry(&bpfilter_xt_instances, inst, id)
+		if (!net || inst->net == net)
+			count++;
+	gone = count ? kvcalloc(count, sizeof(*gone), GFP_KERNEL) : NULL;
+	i = 0;
+	idr_for_each_entry(&bpfilter_xt_instances, inst, id) {
+		if (net && inst->net != net)
+			continue;
+		idr_remove(&bpfilter_xt_instances, id);
+		if (gone) {
+			gone[i++] = inst;
+		} else {	/* no room to batch them: a grace period each */
+			synchronize_net();
+			bpfilter_xt_destroy(inst);
+		}
+	}
+	mutex_unlock(&bpfilter_xt_lock);
+	if (!i)
+		goto out;
+	synchronize_net();
+	while (i)
+		bpfilter_xt_destroy(gone[--i]);
+out:
+	kvfree(gone);
+}
+
+/*
+ * Before the namespace's own exits: x_tables' extensions tear their per-namespace
+ * state down in theirs (recent's /proc directory), as they expect ip_tables' rules
+ * to be gone by then or to go right after.
+ */
+static void __net_exit bpfilter_xt_net_pre_exit(struct net *net)
+{
+	bpfilter_xt_destroy_all(net);
+}
+
+static struct pernet_operations bpfilter_xt_net_ops = {
+	.pre_exit = bpfilter_xt_net_pre_exit,
+};
+
+__bpf_kfunc_start_defs();
+
+/**
+ * bpfilter_xt_match - a rule's kernel match, as ipt_do_table()/ip6t_do_table() run it
+ * @skb: the packet, from the program's context
+ * @state: its hook state, from the program's context
+ * @id: the instance BPFILTER_IOC_XT_MATCH_CREATE made for the rule's match
+ *
+ * The extension's ->match with the packet's fragment offset and transport header
+ * offset as the table walk computes them, under local_bh_disable() as there.
+ *
+ * Return: enum bpfilter_xt_verdict: the match holds, does not, or set
+ * par->hotdrop; also HOTDROP for an instance this namespace and family do not have
+ * (never for the helper's programs; a packet is not let through on a doubt).
+ */
+__bpf_kfunc u32 bpfilter_xt_match(struct sk_buff *skb, const struct nf_hook_state *state, u32 id)
+{
+	struct xt_action_param par = {};
+	struct bpfilter_xt_instance *inst;
+	bool matched;
+
+	if (!state->net)
+		return BPFILTER_XT_HOTDROP;
+	inst = idr_find(&bpfilter_xt_instances, id);
+	if (!inst || inst->net != state->net || inst->family != state->pf)
+		return BPFILTER_XT_HOTDROP;
+	par.match = inst->match;
+	par.matchinfo = inst->info;
+	par.state = state;
+	if (inst->family == NFPROTO_IPV4) {
+		par.fragoff = ntohs(ip_hdr(skb)->frag_off) & IP_OFFSET;
+		par.thoff = ip_hdrlen(skb);
+	} else if (inst->ipv6_proto) {
+		unsigned short fragoff = 0;
+		int thoff = 0;
+
+		/* the program walked the same headers before it called us */
+		if (ipv6_find_hdr(skb, &thoff, -1, &fragoff, NULL) < 0)
+			return BPFILTER_XT_HOTDROP;
+		par.thoff = thoff;
+		par.fragoff = fragoff;
+	}
+	local_bh_disable();
+	matched = inst->match->match(skb, &par);
+	local_bh_enable();
+	if (par.hotdrop)
+		return BPFILTER_XT_HOTDROP;
+	return matched ? BPFILTER_XT_MATCH : BPFILTER_XT_MISMATCH;
+}
+
+__bpf_kfunc_end_defs();
+
+int bpfilter_xt_init(void)
+{
+	return register_pernet_subsys(&bpfilter_xt_net_ops);
+}
+
+void bpfilter_xt_exit(void)
+{
+	unregister_pernet_subsys(&bpfilter_xt_net_ops);
+	bpfilter_xt_destroy_all(NULL);
+	idr_destroy(&bpfilter_xt_instances);
+	if (bpfilter_xt_find)
+		symbol_put(xt_request_find_match);
+	if (bpfilter_xt_check)
+		symbol_put(xt_check_match);
+}

@@ -1,0 +1,186 @@
+"""Matches the kernel runs itself: its own x_tables extension, through bpfilter.ko.
+
+Some matches are state the kernel keeps and shows elsewhere: recent's address lists
+(/proc/net/xt_recent/NAME, which the administrator reads and writes, and which the
+rules of every table of the namespace share by name), nfacct's objects (nfnetlink's
+accounting). A copy in BPF maps would be another list, not the kernel's. So for such
+a rule bpfilter.ko makes what ip_tables makes (kmod/xtmatch.c): the extension found by
+(family, name, revision), the payload checked and set up by its checkentry in the
+rule's namespace, table and hooks, an instance the programs name when they call
+bpfilter_xt_match() to run its ->match. What checkentry refuses, the kernel's errno
+refuses, naming the rule. Without the module (`bpfilter serve`) such a table is
+refused.
+
+An extension is only run this way when its ->match needs nothing more than what the
+table walk gives it (the packet, the hook state, the fragment and transport offsets),
+and does not write the packet.
+
+Lifetimes, as the kernel's: every load of a table makes its instances afresh (the
+kernel's replace runs every checkentry of the new table before the old table's
+destroy, so recent's lists carry over, being found by name), the instance numbers in
+an INSTANCES map the programs read (key: match_key()). That map outlives the load:
+the table's generation (store.py) pins it and gives the instances back when it goes
+(release_pinned); a load that never got that far gives them back itself
+(HeldInstances.release).
+"""
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+from ..bpf import insn as I
+from ..bpf import syscall as bpf
+from ..bpf.insn import (BPF_ALU64_IMM, BPF_CALL_KFUNC, BPF_DW, BPF_JMP_IMM, BPF_LDX_MEM, BPF_MOV64_IMM,
+                        BPF_MOV64_REG, BPF_W, Kfunc, MapRef, R0, R1, R2, R3, R6)
+from ..errors import BpfilterError
+from ..model import Match, Table
+from ..packet import facts
+from ..packet.primitives import HOTDROP, MISMATCH, emit_skip_if_decided, emit_state_lookup
+from .. import kmodule, proto
+from . import MODULE, MatchExtension, match_key, missing_kfunc
+from .reject import NF_STATE
+
+XT_MATCH_KFUNC = Kfunc("bpfilter_xt_match", MODULE)
+INSTANCES = MapRef("xt_instances")
+# key: match_key() of the rule's match; value: its instance number
+KEY, VALUE = struct.Struct("<Q"), struct.Struct("<I")
+PIN = "xt_instances"    # its name in a generation's directory
+
+_KEY = facts.reserve("xt_match", KEY.size)
+
+
+@dataclass(frozen=True)
+class KernelMatchModel(Match):
+    """What a kernel match is to bpfilter: the payload the kernel checks, and the
+    hooks the rule is reachable from, which its check takes too. The extension's model
+    adds what its listing shows."""
+    payload: bytes
+    hook_mask: int
+
+
+class KernelMatch(MatchExtension):
+    """An extension whose ->match bpfilter.ko runs (see the module's docstring). A
+    subclass gives its payload's struct, decode_fields() (the model's other fields,
+    and what checkentry refuses that is worth a message of our own: the kernel's
+    check runs anyway) and describe()."""
+
+    model: ClassVar[type]
+    facts = frozenset({"skb", "nf_state", "xt_match"})
+
+    def decode_fields(self, payload: bytes, where: str) -> dict:
+        raise NotImplementedError
+
+    def decode_in(self, payload: bytes, where: str, hook_mask: int, table: Optional[str]):
+        return self.model(revision=self.revision, payload=payload, hook_mask=hook_mask,
+                          **self.decode_fields(payload, where))
+
+    def unsupported(self, match: KernelMatchModel) -> Optional[str]:
+        missing = missing_kfunc(XT_MATCH_KFUNC)
+        if missing:
+            return (f"needs bpfilter.ko (kernel module mode): it is the kernel's own "
+                    f"xt_{self.name}, whose state the kernel keeps ({missing})")
+        return None
+
+    def table_maps(self, table: Table) -> dict[MapRef, int]:
+        return {}   # INSTANCES is held by the load (held_instances), not transient
+
+    def emit(self, match: KernelMatchModel, asm, out) -> None:
+        """bpfilter_xt_match() on the rule's instance if every earlier test of the rule
+        held (the kernel stops at the first that fails, and recent's --set must not
+        see the packet then); its answer is the rule's outcome bits. No instance (the
+        loader makes one for every such match, so never): the packet is dropped."""
+        skip, found, decided = (asm.label("xt_skip"), asm.label("xt_found"),
+                                asm.label("xt_decided"))
+        out.hotdrops = True
+        emit_skip_if_decided(asm, skip)
+        emit_state_lookup(asm, INSTANCES, match_key(out.rule, match), _KEY)
+        asm.emit(BPF_JMP_IMM(I.BPF_JNE, R0, 0, found),
+                 BPF_MOV64_IMM(R0, proto.XtVerdict.HOTDROP), BPF_JMP_IMM(I.BPF_JA, 0, 0, decided))
+        asm.place(found)
+        asm.emit(BPF_LDX_MEM(BPF_W, R3, R0, 0),
+                 BPF_LDX_MEM(BPF_DW, R1, R6, facts.SKB), BPF_LDX_MEM(BPF_DW, R2, R6, NF_STATE),
+                 BPF_CALL_KFUNC(XT_MATCH_KFUNC))
+        asm.place(decided)
+        asm.emit(BPF_MOV64_REG(MISMATCH, R0), BPF_ALU64_IMM(I.BPF_AND, MISMATCH, 1),
+                 BPF_MOV64_REG(HOTDROP, R0), BPF_ALU64_IMM(I.BPF_RSH, HOTDROP, 1))
+        asm.place(skip)
+
+
+def c_string(field: bytes) -> str:
+    """A name field of a payload, as the kernel reads it: up to its first NUL."""
+    return field.split(b"\0", 1)[0].decode("latin-1")
+
+
+def _kernel_matches(table: Table) -> list[tuple[int, object, KernelMatchModel]]:
+    return [(match_key(rule, m), rule, m) for chain in table.chains.values()
+            for rule in chain.rules for m in rule.matches if isinstance(m, KernelMatchModel)]
+
+
+def has_kernel_matches(table: Table) -> bool:
+    return any(isinstance(m, KernelMatchModel) for chain in table.chains.values()
+               for rule in chain.rules for m in rule.matches)
+
+
+class HeldInstances:
+    """The instances one load of a table made, and the INSTANCES map naming them. The
+    load owns them until its generation is pinned (store.py), then the generation."""
+
+    def __init__(self, fd: int, cookie: int, instances: list[int]):
+        self.fd, self.cookie, self.instances = fd, cookie, instances
+        self.pinned = False
+
+    def release(self) -> None:
+        """Closes the map; gives the instances back unless a generation holds them."""
+        try:
+            if not self.pinned:
+                _destroy(self.cookie, self.instances)
+        finally:
+            os.close(self.fd)
+
+
+def held_instances(table: Table, netns_path: Optional[str], cookie: int) -> Optional[HeldInstances]:
+    """The instances of every kernel match of `table` in the namespace (cookie: its
+    SO_NETNS_COOKIE), made in rule order as the kernel's translate_table() checks
+    them; None if it has none. On failure (the first the kernel refuses), none."""
+    found = _kernel_matches(table)
+    if not found:
+        return None
+    made: list[int] = []
+    try:
+        for key, rule, m in found:
+            made.append(kmodule.xt_match_create(
+                netns_path, int(table.family), m.name, m.revision, m.payload, table.name,
+                m.hook_mask, rule.ip.proto, rule.ip.invert_proto,
+                f"set up match '{m.name}' of the rule at entry {rule.entry} (its checkentry)"))
+        fd = bpf.map_create(bpf.BPF_MAP_TYPE_HASH, KEY.size, VALUE.size, len(found),
+                            f"{table.name}_xt")
+        try:
+            bpf.map_update_batch(fd, b"".join(KEY.pack(key) for key, _, _ in found),
+                                 b"".join(VALUE.pack(i) for i in made), len(found))
+        except BaseException:
+            os.close(fd)
+            raise
+    except BaseException:
+        _destroy(cookie, made)
+        raise
+    return HeldInstances(fd, cookie, made)
+
+
+def release_pinned(fd: int, cookie: int) -> None:
+    """The instances a generation's pinned INSTANCES map names, given back."""
+    count = bpf.map_info(fd)["max_entries"]
+    _, values = bpf.map_lookup_batch(fd, KEY.size, VALUE.size, count)
+    _destroy(cookie, [v for (v,) in VALUE.iter_unpack(values)])
+
+
+def _destroy(cookie: int, instances: list[int]) -> None:
+    errors = []
+    for instance in instances:
+        try:
+            kmodule.xt_match_destroy(cookie, instance)
+        except BpfilterError as err:
+            errors.append(err)
+    if errors:
+        raise BpfilterError(errors[0].errno, "; ".join(map(str, errors)))
