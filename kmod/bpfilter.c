@@ -953,11 +953,12 @@ static long bpfilter_ioctl(struct file *file, unsigned int cmd, unsigned long ar
 	if (cmd != BPFILTER_IOC_CONNTRACK_GET && cmd != BPFILTER_IOC_CONNTRACK_PUT &&
 	    cmd != BPFILTER_IOC_NAT_ATTACH && cmd != BPFILTER_IOC_NAT_DETACH &&
 	    cmd != BPFILTER_IOC_NAT_QUERY && cmd != BPFILTER_IOC_XT_MATCH_CREATE &&
-	    cmd != BPFILTER_IOC_XT_MATCH_DESTROY)
+	    cmd != BPFILTER_IOC_XT_MATCH_DESTROY && cmd != BPFILTER_IOC_XT_MATCH_LIST)
 		return -ENOTTY;
 	if (READ_ONCE(bpfilter.helper_file) != file)
 		return -EPERM;
-	if (cmd == BPFILTER_IOC_XT_MATCH_CREATE || cmd == BPFILTER_IOC_XT_MATCH_DESTROY)
+	if (cmd == BPFILTER_IOC_XT_MATCH_CREATE || cmd == BPFILTER_IOC_XT_MATCH_DESTROY ||
+	    cmd == BPFILTER_IOC_XT_MATCH_LIST)
 		return bpfilter_xt_ioctl(cmd, arg);
 	if (cmd != BPFILTER_IOC_CONNTRACK_GET && cmd != BPFILTER_IOC_CONNTRACK_PUT)
 		return bpfilter_nat_ioctl(cmd, arg);

@@ -156,11 +156,16 @@ enum bpfilter_nat_how {
  * with the payload at `info` (info_size bytes, the rule's XT_ALIGNed payload), in
  * the namespace of netns_fd, for the table, the hooks the rule is reachable from and
  * its protocol (proto, inv_proto: `! -p`); the kernel's errno if that refuses it.
- * Then the instance is kept and its number written to `id`, which the programs pass
- * to bpfilter_xt_match(). XT_MATCH_DESTROY destroys instance `id` of the namespace
- * whose cookie is netns_cookie (ENOENT if it has none of that number: it went with
- * its namespace) once no program runs it. An instance outlives the helper, and goes
- * with its namespace or the module.
+ * Only extensions the module knows need nothing more of the table walk are taken
+ * (recent, nfacct; EOPNOTSUPP otherwise). Then the instance is kept and its number
+ * written to `id`, which the programs pass to bpfilter_xt_match(). XT_MATCH_DESTROY
+ * destroys, once no program runs them, the instances of the namespace whose cookie is
+ * netns_cookie among the info_size / 4 numbers (__u32) at `info`, and answers how
+ * many it found (one not found went with its namespace). XT_MATCH_LIST writes a
+ * struct bpfilter_xt_instance_ref per instance, of every namespace, at `info` (as
+ * many as info_size bytes hold) and answers how many there are: a helper starting
+ * destroys those no pinned table names (a dead helper's unfinished load). An
+ * instance outlives the helper, and goes with its namespace or the module.
  */
 struct bpfilter_xt_match {
 	__s32 netns_fd;			/* CREATE */
@@ -170,16 +175,23 @@ struct bpfilter_xt_match {
 	__u16 proto;			/* CREATE */
 	char table[XT_TABLE_MAXNAMELEN];	/* CREATE */
 	__u32 hook_mask;		/* CREATE: 1 << NF_INET_* */
-	__u32 info_size;		/* CREATE */
-	__u64 info;			/* CREATE: the payload's address */
-	__u32 id;			/* CREATE: out; DESTROY: in */
+	__u32 info_size;		/* bytes at info */
+	__u64 info;			/* CREATE: the payload; DESTROY: ids; LIST: refs */
+	__u32 id;			/* CREATE: out */
 	__u8 inv_proto;			/* CREATE */
 	__u8 pad[3];			/* 0 */
 	__u64 netns_cookie;		/* DESTROY */
 };
 
+struct bpfilter_xt_instance_ref {
+	__u64 netns_cookie;
+	__u32 id;
+	__u32 pad;
+};
+
 #define BPFILTER_IOC_XT_MATCH_CREATE	_IOWR('b', 6, struct bpfilter_xt_match)
 #define BPFILTER_IOC_XT_MATCH_DESTROY	_IOW('b', 7, struct bpfilter_xt_match)
+#define BPFILTER_IOC_XT_MATCH_LIST	_IOW('b', 8, struct bpfilter_xt_match)
 
 /* bpfilter_xt_match()'s answer: the rule's outcome bits (mismatch | hotdrop << 1). */
 enum bpfilter_xt_verdict {

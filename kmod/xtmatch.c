@@ -42,6 +42,14 @@
 
 /* A payload larger than this is no match's: recent's is 232 bytes. */
 #define BPFILTER_XT_MAX_INFO	4096
+/* Instances named by one DESTROY or LIST: the helper batches by table load. */
+#define BPFILTER_XT_MAX_BATCH	(1u << 20)
+
+/*
+ * The extensions run this way: their ->match needs nothing more than the packet,
+ * the hook state and the offsets given below, and writes nothing of the packet.
+ */
+static const char *const bpfilter_xt_allowed[] = { "recent", "nfacct" };
 
 struct bpfilter_xt_instance {
 	struct net *net;		/* not counted: the namespace destroys us on its way out */
@@ -61,15 +69,49 @@ static struct xt_match *(*bpfilter_xt_find)(u8 af, const char *name, u8 revision
 static int (*bpfilter_xt_check)(struct xt_mtchk_param *par, unsigned int size, u16 proto,
 				bool inv_proto);
 
+/*
+ * Loading x_tables registers its pernet operations, which waits for namespaces being
+ * torn down, whose pre_exit takes bpfilter_xt_lock: so it is loaded without the lock
+ * held, and whoever publishes second gives its reference back.
+ */
 static int bpfilter_xt_symbols(void)
 {
-	if (bpfilter_xt_find && bpfilter_xt_check)
+	typeof(bpfilter_xt_find) find;
+	typeof(bpfilter_xt_check) check;
+
+	mutex_lock(&bpfilter_xt_lock);
+	find = bpfilter_xt_find;
+	check = bpfilter_xt_check;
+	mutex_unlock(&bpfilter_xt_lock);
+	if (find && check)
 		return 0;
-	if (!bpfilter_xt_find)
-		bpfilter_xt_find = symbol_request(xt_request_find_match);
-	if (!bpfilter_xt_check)
-		bpfilter_xt_check = symbol_request(xt_check_match);
-	return bpfilter_xt_find && bpfilter_xt_check ? 0 : -EOPNOTSUPP;
+	find = symbol_request(xt_request_find_match);
+	check = symbol_request(xt_check_match);
+	mutex_lock(&bpfilter_xt_lock);
+	if (find && !bpfilter_xt_find) {
+		bpfilter_xt_find = find;
+		find = NULL;
+	}
+	if (check && !bpfilter_xt_check) {
+		bpfilter_xt_check = check;
+		check = NULL;
+	}
+	mutex_unlock(&bpfilter_xt_lock);
+	if (find)
+		symbol_put(xt_request_find_match);
+	if (check)
+		symbol_put(xt_check_match);
+	return READ_ONCE(bpfilter_xt_find) && READ_ONCE(bpfilter_xt_check) ? 0 : -EOPNOTSUPP;
+}
+
+static bool bpfilter_xt_allowed_name(const char *name)
+{
+	int i;
+
+	for (i = 0; i < ARRAY_SIZE(bpfilter_xt_allowed); i++)
+		if (!strcmp(name, bpfilter_xt_allowed[i]))
+			return true;
+	return false;
 }
 
 /* cleanup_match(), once no program can be running the instance. */
@@ -109,9 +151,9 @@ static long bpfilter_xt_create(struct bpfilter_xt_match *req, void __user *arg)
 	    strnlen(req->name, sizeof(req->name)) == sizeof(req->name) ||
 	    strnlen(req->table, sizeof(req->table)) == sizeof(req->table))
 		return -EINVAL;
-	mutex_lock(&bpfilter_xt_lock);
+	if (!bpfilter_xt_allowed_name(req->name))
+		return -EOPNOTSUPP;
 	err = bpfilter_xt_symbols();
-	mutex_unlock(&bpfilter_xt_lock);
 	if (err)
 		return err;
 	net = get_net_ns_by_fd(req->netns_fd);
@@ -168,6 +210,7 @@ static long bpfilter_xt_create(struct bpfilter_xt_match *req, void __user *arg)
 		mutex_lock(&bpfilter_xt_lock);
 		idr_remove(&bpfilter_xt_instances, id);
 		mutex_unlock(&bpfilter_xt_lock);
+		synchronize_net();	/* its number was there to be found */
 		err = -EFAULT;
 		goto out_destroy;
 	}
@@ -188,21 +231,75 @@ out_net:
 	return err;
 }
 
+/* Destroys what is left in `gone` (count of them), after one grace period. */
+static void bpfilter_xt_destroy_removed(struct bpfilter_xt_instance **gone, unsigned int count)
+{
+	if (!count)
+		return;
+	synchronize_net();
+	while (count)
+		bpfilter_xt_destroy(gone[--count]);
+}
+
+/* The instances of the namespace netns_cookie among the ids at `info`: their count. */
 static long bpfilter_xt_release(const struct bpfilter_xt_match *req)
 {
+	struct bpfilter_xt_instance *inst, **gone;
+	unsigned int count = req->info_size / sizeof(u32), found = 0, i;
+	u32 *ids;
+
+	if (req->info_size % sizeof(u32) || count > BPFILTER_XT_MAX_BATCH)
+		return -EINVAL;
+	if (!count)
+		return 0;
+	ids = vmemdup_user(u64_to_user_ptr(req->info), req->info_size);
+	if (IS_ERR(ids))
+		return PTR_ERR(ids);
+	gone = kvcalloc(count, sizeof(*gone), GFP_KERNEL);
+	if (!gone) {
+		kvfree(ids);
+		return -ENOMEM;
+	}
+	mutex_lock(&bpfilter_xt_lock);
+	for (i = 0; i < count; i++) {
+		inst = idr_find(&bpfilter_xt_instances, ids[i]);
+		/* not there: gone with its namespace (another's number is not ours) */
+		if (!inst || inst->cookie != req->netns_cookie)
+			continue;
+		idr_remove(&bpfilter_xt_instances, ids[i]);
+		gone[found++] = inst;
+	}
+	mutex_unlock(&bpfilter_xt_lock);
+	/* one grace period for the batch: a table's instances go together */
+	bpfilter_xt_destroy_removed(gone, found);
+	kvfree(gone);
+	kvfree(ids);
+	return found;
+}
+
+/* Every instance's namespace cookie and number, as many as fit at `info`: their count. */
+static long bpfilter_xt_list(const struct bpfilter_xt_match *req)
+{
+	struct bpfilter_xt_instance_ref __user *out = u64_to_user_ptr(req->info);
+	unsigned int room = req->info_size / sizeof(*out), total = 0;
+	struct bpfilter_xt_instance_ref ref = {};
 	struct bpfilter_xt_instance *inst;
+	int id, err = 0;
 
 	mutex_lock(&bpfilter_xt_lock);
-	inst = idr_find(&bpfilter_xt_instances, req->id);
-	if (!inst || inst->cookie != req->netns_cookie) {
-		mutex_unlock(&bpfilter_xt_lock);
-		return -ENOENT;
+	idr_for_each_entry(&bpfilter_xt_instances, inst, id) {
+		if (total < room) {
+			ref.netns_cookie = inst->cookie;
+			ref.id = id;
+			if (copy_to_user(&out[total], &ref, sizeof(ref))) {
+				err = -EFAULT;
+				break;
+			}
+		}
+		total++;
 	}
-	idr_remove(&bpfilter_xt_instances, req->id);
 	mutex_unlock(&bpfilter_xt_lock);
-	synchronize_net();
-	bpfilter_xt_destroy(inst);
-	return 0;
+	return err ?: total;
 }
 
 long bpfilter_xt_ioctl(unsigned int cmd, unsigned long arg)
@@ -215,6 +312,8 @@ long bpfilter_xt_ioctl(unsigned int cmd, unsigned long arg)
 		return -EINVAL;
 	if (cmd == BPFILTER_IOC_XT_MATCH_CREATE)
 		return bpfilter_xt_create(&req, (void __user *)arg);
+	if (cmd == BPFILTER_IOC_XT_MATCH_LIST)
+		return bpfilter_xt_list(&req);
 	return bpfilter_xt_release(&req);
 }
 
@@ -243,12 +342,7 @@ static void bpfilter_xt_destroy_all(struct net *net)
 		}
 	}
 	mutex_unlock(&bpfilter_xt_lock);
-	if (!i)
-		goto out;
-	synchronize_net();
-	while (i)
-		bpfilter_xt_destroy(gone[--i]);
-out:
+	bpfilter_xt_destroy_removed(gone, i);
 	kvfree(gone);
 }
 

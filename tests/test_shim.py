@@ -651,13 +651,17 @@ def test_ioctl_numbers_match_the_header(tmp_path):
 
     fields = [f.name for f in proto.xt_match.subcons]
     numbers = _header_numbers(tmp_path, "BPFILTER_IOC_XT_MATCH_CREATE",
-                              "BPFILTER_IOC_XT_MATCH_DESTROY", "sizeof(struct bpfilter_xt_match)",
+                              "BPFILTER_IOC_XT_MATCH_DESTROY", "BPFILTER_IOC_XT_MATCH_LIST",
+                              "sizeof(struct bpfilter_xt_match)",
                               *(f"offsetof(struct bpfilter_xt_match, {f})" for f in fields),
-                              *(f"BPFILTER_XT_{v.name}" for v in proto.XtVerdict))
+                              *(f"BPFILTER_XT_{v.name}" for v in proto.XtVerdict),
+                              "sizeof(struct bpfilter_xt_instance_ref)",
+                              "offsetof(struct bpfilter_xt_instance_ref, id)")
     offsets = [proto.xt_match.subcons[i].sizeof() for i in range(len(fields))]
     assert numbers == [proto.IOC_XT_MATCH_CREATE, proto.IOC_XT_MATCH_DESTROY,
+                       proto.IOC_XT_MATCH_LIST,
                        proto.xt_match.sizeof(), *(sum(offsets[:i]) for i in range(len(fields))),
-                       *(v.value for v in proto.XtVerdict)]
+                       *(v.value for v in proto.XtVerdict), proto.xt_instance_ref.sizeof(), 8]
 
 
 def test_request_and_reply_are_the_headers(tmp_path):

@@ -4,6 +4,7 @@ kmod/bpfilter_proto.h). Without the module (`bpfilter serve`) there is no device
 what needs it is done otherwise or refused."""
 from __future__ import annotations
 
+import array
 import ctypes
 import errno
 import fcntl
@@ -38,12 +39,14 @@ def netns_fd(netns_path: Optional[str]) -> Iterator[int]:
         os.close(fd)
 
 
-def ioctl(request: int, arg: bytes, what: str) -> None:
-    """The module does `what`, or BpfilterError with its errno."""
+def ioctl(request: int, arg: "bytes | bytearray", what: str) -> int:
+    """The module does `what` (its answer, a count for some), or BpfilterError with its
+    errno. A bytearray `arg` receives what the module writes back into it."""
     if _device is None:
         raise BpfilterError(errno.EOPNOTSUPP, f"{what} needs bpfilter.ko (kernel module mode)")
     try:
-        fcntl.ioctl(_device, request, arg)
+        # a mutable buffer: fcntl then answers the ioctl's return value, not a copy
+        return fcntl.ioctl(_device, request, arg if isinstance(arg, bytearray) else bytearray(arg))
     except OSError as e:
         raise BpfilterError(e.errno or errno.EIO, f"bpfilter.ko cannot {what}: {e.strerror}") \
             from None
@@ -96,15 +99,30 @@ def xt_match_create(netns_path: Optional[str], family: int, name: str, revision:
     return proto.xt_match.parse(bytes(arg)).id
 
 
-def xt_match_destroy(cookie: int, instance: int) -> bool:
-    """Instance `instance` of the namespace with that cookie destroyed once no program
-    runs it; False if it had none of that number (gone with the namespace)."""
-    try:
-        ioctl(proto.IOC_XT_MATCH_DESTROY,
-              proto.xt_match.build(dict(id=instance, netns_cookie=cookie)),
-              f"destroy kernel match instance {instance}")
-    except BpfilterError as err:
-        if err.errno == errno.ENOENT:
-            return False
-        raise
-    return True
+def xt_match_destroy(cookie: int, instances: list[int]) -> int:
+    """Those of the instances that the namespace with that cookie has, destroyed once
+    no program runs them (one grace period for all): how many it had (the others went
+    with it)."""
+    if not instances:
+        return 0
+    ids = array.array("I", instances)
+    address, count = ids.buffer_info()
+    return ioctl(proto.IOC_XT_MATCH_DESTROY,
+                 proto.xt_match.build(dict(info=address, info_size=count * ids.itemsize,
+                                           netns_cookie=cookie)),
+                 f"destroy {len(instances)} kernel match instance(s)")
+
+
+def xt_match_list() -> list[tuple[int, int]]:
+    """(netns cookie, number) of every instance the module keeps."""
+    room = 0
+    while True:
+        buffer = ctypes.create_string_buffer(max(room, 1) * proto.xt_instance_ref.sizeof())
+        total = ioctl(proto.IOC_XT_MATCH_LIST,
+                      proto.xt_match.build(dict(info=ctypes.addressof(buffer),
+                                                info_size=room * proto.xt_instance_ref.sizeof())),
+                      "list the kernel match instances")
+        if total <= room:
+            refs = proto.xt_instance_ref[total].parse(buffer.raw[:total * proto.xt_instance_ref.sizeof()])
+            return [(ref.netns_cookie, ref.id) for ref in refs]
+        room = total + 64   # more may come meanwhile

@@ -112,12 +112,14 @@ class Ruleset:
         for fd in self.fds():
             os.close(fd)
         self.hooks.clear()
-        if self.kernel_matches is not None:
-            held, self.kernel_matches = self.kernel_matches, None
-            held.release()
-        if self.classifier is not None:
-            self.classifier.release()
-            self.classifier = None
+        try:
+            if self.kernel_matches is not None:
+                held, self.kernel_matches = self.kernel_matches, None
+                held.release()
+        finally:
+            if self.classifier is not None:
+                self.classifier.release()
+                self.classifier = None
 
 
 class ClassifierMaps:

@@ -69,6 +69,13 @@ def _IOWR(type_: str, nr: int, size: int) -> int:
 
 IOC_XT_MATCH_CREATE = _IOWR("b", 6, xt_match.sizeof())
 IOC_XT_MATCH_DESTROY = _IOW("b", 7, xt_match.sizeof())
+IOC_XT_MATCH_LIST = _IOW("b", 8, xt_match.sizeof())
+# struct bpfilter_xt_instance_ref: what XT_MATCH_LIST writes per instance
+xt_instance_ref = Struct(
+    "netns_cookie" / Int64un,
+    "id" / Int32un,
+    "pad" / Default(Int32un, 0),
+)
 
 
 class XtVerdict(enum.IntEnum):

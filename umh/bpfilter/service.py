@@ -31,7 +31,7 @@ from .decode import table_from_blob
 from .bpf import syscall as bpf
 from .bpf.syscall import BpfError
 from .errors import BpfilterError
-from .ext import known_match_revisions, known_target_revisions
+from .ext import known_match_revisions, known_target_revisions, xtmatch
 from .klog import LogRing, devkmsg_unlimited
 from .loader import HookSlot, Ruleset, attach_slots, load_ruleset
 from .model import Family, Hook, Table
@@ -194,6 +194,11 @@ class Service:
                 self.tables[key] = state
                 if state.broken is None:
                     log(f"recovered {what}")
+        if kmodule.present():
+            # a helper that died in a load leaves the kernel matches it made for it
+            _logged("giving back the kernel matches no table names", lambda: log(
+                f"gave back {xtmatch.release_unnamed(self.store.kernel_matches())} kernel "
+                "match instance(s) no table names"))
 
     def _recover_table(self, key: TableKey) -> Optional[TableState]:
         """Make the hooks run what the committed generation says (a service that died
@@ -430,6 +435,7 @@ class _Caller:
                  family: Family):
         self.service, self.inum, self.cookie, self.netns_fd = service, inum, cookie, netns_fd
         self.family, self.abi = family, families.of(family)
+        self.stranded: Optional[str] = None   # a generation a failed swap left running
 
     def key(self, table: str) -> TableKey:
         return TableKey(self.inum, self.cookie, self.family, table)
@@ -536,7 +542,8 @@ class _Caller:
             undo = [slot.close for slot in slots.values()] if previous is None else []
             if previous is None and os.path.isdir(store.path(key)):
                 undo.append(lambda: store.remove(key))
-            elif previous is not None and gen is not None and store.committed(key) != gen:
+            elif previous is not None and gen is not None and store.committed(key) != gen \
+                    and self.stranded != gen:
                 undo.append(lambda: store.discard(key, gen))   # (committed: see _swap)
             undo.append(ruleset.close)
             if held:
@@ -570,8 +577,14 @@ class _Caller:
                 # Committed stays the new one: a new service would swap the rest in.
                 log(f"netns {self.inum}: table {key.table} is {gen} in the store while its "
                     f"hooks may run {previous.generation}: restart the service to recover it")
-            for hook in swapped:
-                _logged("swapping back", lambda: previous.slots[hook].fill(previous.ruleset.hooks[hook]))
+            back = [_logged("swapping back",
+                            lambda: previous.slots[hook].fill(previous.ruleset.hooks[hook]))
+                    for hook in swapped]
+            if not all(back):
+                # a hook still runs it: its pins (its kernel matches) must stay
+                self.stranded = gen
+                log(f"netns {self.inum}: table {key.table}: {gen} stays pinned, a hook still "
+                    f"runs it: restart the service to recover the table")
             raise
 
     # -- getsockopt -----------------------------------------------------------

@@ -219,13 +219,27 @@ class Store:
         try:
             held = os.path.join(path, xtmatch.PIN)
             if os.path.lexists(held) and kmodule.present():
-                fd = bpf.obj_get(held)
-                try:
-                    xtmatch.release_pinned(fd, key.cookie)
-                finally:
-                    os.close(fd)
+                kmodule.xt_match_destroy(key.cookie, self._pinned_instances(held))
         finally:
             shutil.rmtree(path)
+
+    @staticmethod
+    def _pinned_instances(path: str) -> list[int]:
+        fd = bpf.obj_get(path)
+        try:
+            return xtmatch.pinned_instances(fd)
+        finally:
+            os.close(fd)
+
+    def kernel_matches(self) -> dict[int, set[int]]:
+        """netns cookie -> the kernel match instances its pinned generations name."""
+        named: dict[int, set[int]] = {}
+        for key in self.keys():
+            for gen in self.generations(key):
+                held = self.path(key, os.path.join(gen, xtmatch.PIN))
+                if os.path.lexists(held):
+                    named.setdefault(key.cookie, set()).update(self._pinned_instances(held))
+        return named
 
     def discard_uncommitted(self, key: TableKey) -> None:
         """Every generation but the committed one (a replace that died before its

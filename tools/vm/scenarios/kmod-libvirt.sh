@@ -7,22 +7,9 @@
 . /etc/bpfilter-vm/lib.sh
 
 namespaces() {
-	for ns in fw vm wan; do ip netns del $ns 2>/dev/null || true; ip netns add $ns; done
-	ip -n fw link add virbr0 type bridge
-	ip -n fw addr add 192.168.122.1/24 dev virbr0
-	ip link add vnet0 netns fw type veth peer name eth0 netns vm
-	ip -n fw link set vnet0 master virbr0
-	ip link add vout0 netns fw type veth peer name eth0 netns wan
-	ip -n fw addr add 10.2.0.1/24 dev vout0
-	ip -n vm addr add 192.168.122.2/24 dev eth0
-	ip -n wan addr add 10.2.0.2/24 dev eth0
-	for ns in fw vm wan; do ip -n $ns link set lo up; done
-	for dev in virbr0 vnet0 vout0; do ip -n fw link set $dev up; done
-	for ns in vm wan; do ip -n $ns link set eth0 up; done
-	ip -n vm route add default via 192.168.122.1
+	bridged vm virbr0 192.168.122.1/24 192.168.122.2/24
 	ip -n wan route add 192.168.122.0/24 via 10.2.0.1
 	ip -n fw route add default via 10.2.0.2
-	ip netns exec fw sh -c 'echo 1 >/proc/sys/net/ipv4/ip_forward'
 }
 
 libvirt_probes() {
@@ -44,11 +31,7 @@ libvirt_probes() {
 	ask libvirt wan 192.168.122.2 53            # likewise
 	# the host's own multicast from its bridge address leaves unmasqueraded (RETURN)
 	ask libvirt fw 224.0.0.251 5353 1 192.168.122.1
-	kill $(jobs -p) 2>/dev/null || true
-	wait
-	peers wan 80
-	peers wan 53
-	peers fw 53
+	finish_probes "wan 80" "wan 53" "fw 53"
 	ip netns exec fw iptables-legacy -t nat -L -v -n -x
 	echo
 	ip netns exec fw iptables-legacy -L -v -n -x

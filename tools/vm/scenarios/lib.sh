@@ -109,6 +109,32 @@ router() {
 }
 # peers NS PORT: what `serve` (with SERVE_PEERS=peers) on PORT in NS saw, in order
 peers() { grep -E '^(udp|tcp) from' "/tmp/serve.$1.$2" | sed "s/^/$1:$2 /" || true; }
+# finish_probes "NS PORT"...: the servers stopped, then what each of those saw
+finish_probes() {
+	kill $(jobs -p) 2>/dev/null || true
+	wait
+	for server in "$@"; do peers $server; done
+}
+
+# bridged GUEST BRIDGE HOST-ADDR/LEN GUEST-ADDR/LEN: the host fw with the bridge BRIDGE
+# (its address HOST-ADDR) and GUEST behind it, its default route through fw; wan
+# outside, on fw's vout0 (10.2.0.0/24); fw forwards IPv4
+bridged() {
+	for ns in fw $1 wan; do ip netns del $ns 2>/dev/null || true; ip netns add $ns; done
+	ip -n fw link add $2 type bridge
+	ip -n fw addr add $3 dev $2
+	ip link add veth0 netns fw type veth peer name eth0 netns $1
+	ip -n fw link set veth0 master $2
+	ip link add vout0 netns fw type veth peer name eth0 netns wan
+	ip -n fw addr add 10.2.0.1/24 dev vout0
+	ip -n $1 addr add $4 dev eth0
+	ip -n wan addr add 10.2.0.2/24 dev eth0
+	for ns in fw $1 wan; do ip -n $ns link set lo up; done
+	for dev in $2 veth0 vout0; do ip -n fw link set $dev up; done
+	for ns in $1 wan; do ip -n $ns link set eth0 up; done
+	ip -n $1 route add default via ${3%/*}
+	ip netns exec fw sh -c 'echo 1 >/proc/sys/net/ipv4/ip_forward'
+}
 
 # lan -- fw -- wan over IPv4: fw routes between lan (10.1.0.0/24, its vin0) and wan
 # (10.2.0.0/24, its vout0), and its own connections go to wan

@@ -19,9 +19,10 @@ Lifetimes, as the kernel's: every load of a table makes its instances afresh (th
 kernel's replace runs every checkentry of the new table before the old table's
 destroy, so recent's lists carry over, being found by name), the instance numbers in
 an INSTANCES map the programs read (key: match_key()). That map outlives the load:
-the table's generation (store.py) pins it and gives the instances back when it goes
-(release_pinned); a load that never got that far gives them back itself
-(HeldInstances.release).
+the table's generation (store.py) pins it and gives the instances back when it goes;
+a load that never got that far gives them back itself (HeldInstances.release), and a
+helper that died in between leaves them to the next one, which gives back every
+instance no pinned generation names (release_unnamed) before it serves.
 """
 from __future__ import annotations
 
@@ -113,9 +114,13 @@ def c_string(field: bytes) -> str:
     return field.split(b"\0", 1)[0].decode("latin-1")
 
 
-def _kernel_matches(table: Table) -> list[tuple[int, object, KernelMatchModel]]:
-    return [(match_key(rule, m), rule, m) for chain in table.chains.values()
-            for rule in chain.rules for m in rule.matches if isinstance(m, KernelMatchModel)]
+def _kernel_matches(table: Table) -> dict[int, tuple[object, KernelMatchModel]]:
+    """match_key() -> (rule, match) of every kernel match, in rule order. Two equal
+    matches of one rule are one model (decode shares it), so one key: one instance
+    serves both, which each run as the kernel runs its two (recent's list, nfacct's
+    object, are found by name either way)."""
+    return {match_key(rule, m): (rule, m) for chain in table.chains.values()
+            for rule in chain.rules for m in rule.matches if isinstance(m, KernelMatchModel)}
 
 
 def has_kernel_matches(table: Table) -> bool:
@@ -135,7 +140,7 @@ class HeldInstances:
         """Closes the map; gives the instances back unless a generation holds them."""
         try:
             if not self.pinned:
-                _destroy(self.cookie, self.instances)
+                kmodule.xt_match_destroy(self.cookie, self.instances)
         finally:
             os.close(self.fd)
 
@@ -149,7 +154,7 @@ def held_instances(table: Table, netns_path: Optional[str], cookie: int) -> Opti
         return None
     made: list[int] = []
     try:
-        for key, rule, m in found:
+        for rule, m in found.values():
             made.append(kmodule.xt_match_create(
                 netns_path, int(table.family), m.name, m.revision, m.payload, table.name,
                 m.hook_mask, rule.ip.proto, rule.ip.invert_proto,
@@ -157,30 +162,34 @@ def held_instances(table: Table, netns_path: Optional[str], cookie: int) -> Opti
         fd = bpf.map_create(bpf.BPF_MAP_TYPE_HASH, KEY.size, VALUE.size, len(found),
                             f"{table.name}_xt")
         try:
-            bpf.map_update_batch(fd, b"".join(KEY.pack(key) for key, _, _ in found),
-                                 b"".join(VALUE.pack(i) for i in made), len(found))
+            bpf.map_update_batch(fd, b"".join(map(KEY.pack, found)),
+                                 b"".join(map(VALUE.pack, made)), len(found))
         except BaseException:
             os.close(fd)
             raise
-    except BaseException:
-        _destroy(cookie, made)
+    except BaseException as failure:
+        try:
+            kmodule.xt_match_destroy(cookie, made)
+        except BpfilterError as err:
+            # the caller needs the load's own error; what is left goes with the namespace
+            failure.add_note(f"(and giving back its kernel matches failed: {err})")
         raise
     return HeldInstances(fd, cookie, made)
 
 
-def release_pinned(fd: int, cookie: int) -> None:
-    """The instances a generation's pinned INSTANCES map names, given back."""
+def pinned_instances(fd: int) -> list[int]:
+    """The instance numbers a generation's pinned INSTANCES map names."""
     count = bpf.map_info(fd)["max_entries"]
     _, values = bpf.map_lookup_batch(fd, KEY.size, VALUE.size, count)
-    _destroy(cookie, [v for (v,) in VALUE.iter_unpack(values)])
+    return [v for (v,) in VALUE.iter_unpack(values)]
 
 
-def _destroy(cookie: int, instances: list[int]) -> None:
-    errors = []
-    for instance in instances:
-        try:
-            kmodule.xt_match_destroy(cookie, instance)
-        except BpfilterError as err:
-            errors.append(err)
-    if errors:
-        raise BpfilterError(errors[0].errno, "; ".join(map(str, errors)))
+def release_unnamed(named: dict[int, set[int]]) -> int:
+    """Destroys the module's instances that no pinned generation names (`named`: netns
+    cookie -> instance numbers): what a helper that died left between making a load's
+    instances and pinning them. Only while no load is under way. How many went."""
+    orphans: dict[int, list[int]] = {}
+    for cookie, instance in kmodule.xt_match_list():
+        if instance not in named.get(cookie, ()):
+            orphans.setdefault(cookie, []).append(instance)
+    return sum(kmodule.xt_match_destroy(cookie, ids) for cookie, ids in orphans.items())

@@ -116,10 +116,12 @@ def serve_device(device: str, bpffs: str = DEFAULT_ROOT) -> None:
     for path in remove_stale_extractions():
         log(f"removed {path}, unpacked by a helper that was killed")
     ensure_bpffs(bpffs)
-    service = Service(Store(bpffs), beside_ip_tables=False)
     dev = os.open(device, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     forked.close_in_children(dev)
-    kmodule.use_device(dev)   # conntrack, nat lookups: asked of the module
+    # conntrack, nat lookups, kernel matches: asked of the module, recovery included
+    # (what it drops of a dead helper's work it gives back to the module)
+    kmodule.use_device(dev)
+    service = Service(Store(bpffs), beside_ip_tables=False)
     kernel_log = KernelLog(service.log_ring, log)
     log(f"serving bpfilter.ko through {device}, tables pinned under {bpffs}")
     waiting = select.poll()
