@@ -544,7 +544,7 @@ def test_bad_ipv6_input_leaves_both_families_filtering(svc, nets):
     unchanged()
     # what bpfilter does not implement for IPv6: refused whole, by rule and extension
     for rule, names in (("-j NFLOG --nflog-group 3", "target 'NFLOG'"),
-                        ("-m recent --set", "match 'recent'"),
+                        ("-m quota --quota 1000", "match 'quota'"),
                         ("-m string --algo bm --string six", "match 'string'"),
                         ("-p tcp -m connlimit --connlimit-above 2", "match 'connlimit'")):
         done = svc.exec(ns, IP6TABLES, "-A", "X", *rule.split())
