@@ -23,7 +23,7 @@ from bpfilter.compiler import classifier
 from bpfilter_lab.packets import Packet
 from verdicts import (ACCEPT, DROP, FWD, IN, OUT, TEMPLATED, Case, blob_of, case, entry_index,
                       kernel_agrees, listing_agrees, named, output_only, payload_agrees,
-                      run_case)
+                      run_case, templated_case)
 
 pytestmark = pytest.mark.kernel
 
@@ -671,14 +671,7 @@ CASES = [
           "OUTPUT policy": (1, 44)}),
     # chain templates (compiler/templates.py): 10 chains of each shape, their
     # addresses, ports, probability and the instance they jump to read from a record
-    case("chains of one shape share a template: each instance's own constants and counters",
-         TEMPLATED,
-         [(OUT, tcp(dport=1003), ACCEPT), (OUT, tcp(dport=1005, dst="192.168.7.5"), DROP),
-          (OUT, tcp(dport=1007, src="10.1.2.4"), ACCEPT), (OUT, tcp(dport=1009), DROP)],
-         {"OUTPUT 4": (1, 56), "S3 1": (1, 56), "T3 return": (1, 56), "S3 2": (1, 56),
-          "OUTPUT 6": (1, 56), "S5 1": (1, 56), "T5 1": (1, 56),
-          "OUTPUT 8": (1, 56), "S7 2": (1, 56), "OUTPUT policy": (1, 56),
-          "OUTPUT 10": (1, 56), "S9 1": (1, 56), "T9 return": (1, 56)}),
+    templated_case(case, tcp, TEMPLATED, "192.168.7.{}", "10.1.2.4", 56),
     case("nested 3 deep: verdict from the deepest chain",
          NESTED,
          (OUT, tcp(src="10.0.0.1"), DROP),

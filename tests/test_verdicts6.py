@@ -36,7 +36,7 @@ from bpfilter_lab.packets import (AuthenticationHeader, DestinationOptions, Frag
                                   Packet, Routing, icmpv6_error, mld_query,
                                   neighbour_solicitation)
 from verdicts import (ACCEPT, DROP, FWD, IN, OUT, TEMPLATED6, case, kernel_agrees,
-                      listing_agrees, output_only, run_case)
+                      listing_agrees, output_only, run_case, templated_case)
 
 pytestmark = pytest.mark.kernel
 
@@ -454,14 +454,7 @@ CASES = [
             "FORWARD policy": (1, 64)}),
     # chain templates (compiler/templates.py): 10 chains of each shape, their IPv6
     # addresses, ports, probability and the instance they jump to read from a record
-    v6case("chains of one shape share a template: each instance's own constants and counters",
-           TEMPLATED6,
-           [(OUT, tcp(dport=1003), ACCEPT), (OUT, tcp(dport=1005, dst="2001:db8:7::5"), DROP),
-            (OUT, tcp(dport=1007, src="2001:db8:1::4"), ACCEPT), (OUT, tcp(dport=1009), DROP)],
-           {"OUTPUT 4": (1, 76), "S3 1": (1, 76), "T3 return": (1, 76), "S3 2": (1, 76),
-            "OUTPUT 6": (1, 76), "S5 1": (1, 76), "T5 1": (1, 76),
-            "OUTPUT 8": (1, 76), "S7 2": (1, 76), "OUTPUT policy": (1, 76),
-            "OUTPUT 10": (1, 76), "S9 1": (1, 76), "T9 return": (1, 76)}),
+    templated_case(v6case, tcp, TEMPLATED6, "2001:db8:7::{}", "2001:db8:1::4", 76),
 ]
 
 # A packet whose extension headers cannot be walked: 41 bytes, a hop-by-hop header

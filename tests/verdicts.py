@@ -293,3 +293,16 @@ def templated(source: str, destinations: str) -> str:
 
 TEMPLATED = templated("10.1.2.3", "192.168.7.{}")
 TEMPLATED6 = templated("2001:db8:1::3", "2001:db8:7::{}")
+
+
+def templated_case(make_case, tcp, rules: str, destinations: str, stranger: str, size: int):
+    """The templates' case for a family: `rules` templated()'s for the source `tcp`
+    sends from by default, `stranger` a source no S chain takes, `size` a packet's."""
+    return make_case(
+        "chains of one shape share a template: each instance's own constants and counters",
+        rules,
+        [(OUT, tcp(dport=1003), ACCEPT), (OUT, tcp(dport=1005, dst=destinations.format(5)), DROP),
+         (OUT, tcp(dport=1007, src=stranger), ACCEPT), (OUT, tcp(dport=1009), DROP)],
+        {counted: (1, size) for counted in (
+            "OUTPUT 4", "S3 1", "T3 return", "S3 2", "OUTPUT 6", "S5 1", "T5 1", "OUTPUT 8",
+            "S7 2", "OUTPUT policy", "OUTPUT 10", "S9 1", "T9 return")})

@@ -284,8 +284,7 @@ def load_ruleset(table: Table, environment: Optional[dict[MapRef, int]] = None,
             maps[INSTANCES] = fd
         for ref, fd in ext.table_maps(table).items():
             maps[ref] = _owned(transient, fd)
-        held = xtmatch.held_instances(table, netns_path, netns.cookie(netns_path)) \
-            if xtmatch.has_kernel_matches(table) else None
+        held = xtmatch.held_instances(table, netns_path)
         if held is not None:
             ruleset.kernel_matches = held
             undo.callback(held.release)

@@ -41,10 +41,9 @@ from ..bpf import insn as I
 from ..bpf.asm import MAX_INSNS, Assembler, TooLarge
 from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU64_IMM, BPF_ALU64_REG, BPF_ATOMIC_OP, BPF_B,
                         BPF_CALL_REL, BPF_DW, BPF_EMIT_CALL, BPF_EXIT_INSN, BPF_H, BPF_JMP32_IMM,
-                        BPF_JMP_A,
-                        BPF_JMP_IMM, BPF_JMP_REG, BPF_LD_MAP_FD, BPF_LDX_MEM, BPF_MOV32_IMM,
-                        BPF_MOV64_IMM, BPF_MOV64_REG, BPF_ST_MEM, BPF_STX_MEM, BPF_W, FP, R0,
-                        R1, R2, R3, R6, R7, R8, R9, MapRef)
+                        BPF_JMP_A, BPF_JMP_IMM, BPF_JMP_REG, BPF_LD_MAP_FD, BPF_LDX_MEM,
+                        BPF_MOV32_IMM, BPF_MOV64_IMM, BPF_MOV64_REG, BPF_ST_MEM, BPF_STX_MEM,
+                        BPF_W, FP, R0, R1, R2, R3, R6, R7, R8, R9, MapRef)
 from ..errors import BpfilterError
 from ..ext.tcp import EVIL_FRAGMENT_OFFSET, IPPROTO_TCP
 from ..ext.udp import IPPROTO_UDP

@@ -96,9 +96,9 @@ class MatchExtension(_Extension):
         """Model of the payload; rejects what the kernel's checkentry rejects."""
         raise NotImplementedError
 
-    def decode_in(self, payload: bytes, where: str, hook_mask: int, table: Optional[str]) -> Match:
+    def decode_in(self, payload: bytes, where: str, hook_mask: int) -> Match:
         """decode(), for a match whose model keeps what checkentry is given beside the
-        payload (the hooks, the table)."""
+        payload (the hooks the rule is reachable from)."""
         return self.decode(payload, where)
 
     def check_hooks(self, match: Match, hook_mask: int, where: str) -> None:
@@ -225,7 +225,7 @@ def known_target_revisions(name: str, family: Family) -> list[int]:
 def decode_match(name: str, revision: int, payload: bytes, ip: IpHeader, family: Family,
                  where: str, hook_mask: int = 0, table: Optional[str] = None) -> Match:
     ext = _MATCHES.checked(name, revision, payload, ip, family, where, hook_mask, table)
-    match = ext.decode_in(payload, where, hook_mask, table)
+    match = ext.decode_in(payload, where, hook_mask)
     ext.check_hooks(match, hook_mask, where)
     return match
 

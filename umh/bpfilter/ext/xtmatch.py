@@ -39,7 +39,7 @@ from ..errors import BpfilterError
 from ..model import Match, Table
 from ..packet import facts
 from ..packet.primitives import HOTDROP, MISMATCH, emit_skip_if_decided, emit_state_lookup
-from .. import kmodule, proto
+from .. import kmodule, netns, proto
 from . import MODULE, MatchExtension, match_key, missing_kfunc
 from .reject import NF_STATE
 
@@ -73,7 +73,7 @@ class KernelMatch(MatchExtension):
     def decode_fields(self, payload: bytes, where: str) -> dict:
         raise NotImplementedError
 
-    def decode_in(self, payload: bytes, where: str, hook_mask: int, table: Optional[str]):
+    def decode_in(self, payload: bytes, where: str, hook_mask: int):
         return self.model(revision=self.revision, payload=payload, hook_mask=hook_mask,
                           **self.decode_fields(payload, where))
 
@@ -83,9 +83,6 @@ class KernelMatch(MatchExtension):
             return (f"needs bpfilter.ko (kernel module mode): it is the kernel's own "
                     f"xt_{self.name}, whose state the kernel keeps ({missing})")
         return None
-
-    def table_maps(self, table: Table) -> dict[MapRef, int]:
-        return {}   # INSTANCES is held by the load (held_instances), not transient
 
     def emit(self, match: KernelMatchModel, asm, out) -> None:
         """bpfilter_xt_match() on the rule's instance if every earlier test of the rule
@@ -123,11 +120,6 @@ def _kernel_matches(table: Table) -> dict[int, tuple[object, KernelMatchModel]]:
             for rule in chain.rules for m in rule.matches if isinstance(m, KernelMatchModel)}
 
 
-def has_kernel_matches(table: Table) -> bool:
-    return any(isinstance(m, KernelMatchModel) for chain in table.chains.values()
-               for rule in chain.rules for m in rule.matches)
-
-
 class HeldInstances:
     """The instances one load of a table made, and the INSTANCES map naming them. The
     load owns them until its generation is pinned (store.py), then the generation."""
@@ -145,13 +137,15 @@ class HeldInstances:
             os.close(self.fd)
 
 
-def held_instances(table: Table, netns_path: Optional[str], cookie: int) -> Optional[HeldInstances]:
-    """The instances of every kernel match of `table` in the namespace (cookie: its
-    SO_NETNS_COOKIE), made in rule order as the kernel's translate_table() checks
-    them; None if it has none. On failure (the first the kernel refuses), none."""
+def held_instances(table: Table, netns_path: Optional[str]) -> Optional[HeldInstances]:
+    """The instances of every kernel match of `table` in the namespace at netns_path
+    (the calling thread's if None), made in rule order as the kernel's
+    translate_table() checks them; None if it has none. On failure (the first the
+    kernel refuses), none."""
     found = _kernel_matches(table)
     if not found:
         return None
+    cookie = netns.cookie(netns_path)
     made: list[int] = []
     try:
         for rule, m in found.values():
