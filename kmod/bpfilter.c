@@ -19,6 +19,7 @@
 #include <linux/compat.h>
 #include <linux/file.h>
 #include <linux/fs.h>
+#include <linux/fs_struct.h>
 #include <linux/icmp.h>
 #include <linux/miscdevice.h>
 #include <linux/poll.h>
@@ -267,6 +268,16 @@ static int bpfilter_unlink(const char *path)
 	err = mnt_want_write(dir.mnt);
 	if (err)
 		goto out;
+#ifdef BPFILTER_HAVE_START_REMOVING
+	/* the parent locked and the name looked up in one call; ENOENT if absent */
+	dentry = start_removing(mnt_idmap(dir.mnt), dir.dentry, &QSTR_LEN(name, strlen(name)));
+	if (IS_ERR(dentry)) {
+		err = PTR_ERR(dentry);
+	} else {
+		err = vfs_unlink(mnt_idmap(dir.mnt), d_inode(dir.dentry), dentry, NULL);
+		end_removing(dentry);
+	}
+#else
 	inode_lock_nested(d_inode(dir.dentry), I_MUTEX_PARENT);
 	dentry = lookup_one_len(name, dir.dentry, strlen(name));
 	if (IS_ERR(dentry)) {
@@ -279,6 +290,7 @@ static int bpfilter_unlink(const char *path)
 		dput(dentry);
 	}
 	inode_unlock(d_inode(dir.dentry));
+#endif
 	mnt_drop_write(dir.mnt);
 out:
 	path_put(&dir);
@@ -332,7 +344,13 @@ static void bpfilter_umh_work_fn(struct work_struct *work)
 {
 	struct bpfilter_umh_work *w = container_of(work, struct bpfilter_umh_work, work);
 
+#ifdef scoped_with_init_fs
+	/* a kernel thread's own root is an empty filesystem now: resolve in init's */
+	scoped_with_init_fs()
+		w->err = w->remove ? bpfilter_unlink(umh_path) : bpfilter_write_umh();
+#else
 	w->err = w->remove ? bpfilter_unlink(umh_path) : bpfilter_write_umh();
+#endif
 }
 
 /*
@@ -1284,6 +1302,11 @@ __bpf_kfunc u32 bpfilter_addr_type6(const struct nf_hook_state *state, u64 addr_
 }
 
 __bpf_kfunc_end_defs();
+
+#ifndef KF_TRUSTED_ARGS
+/* kernels that dropped the flag check every kfunc's pointer arguments so */
+#define KF_TRUSTED_ARGS 0
+#endif
 
 BTF_KFUNCS_START(bpfilter_kfunc_ids)
 BTF_ID_FLAGS(func, bpfilter_reject, KF_TRUSTED_ARGS)

@@ -31,9 +31,10 @@ def _run(cmd, **kw):
 
 @pytest.fixture(scope="module")
 def module():
-    """bpfilter.ko for the guest's kernel, its helper (re)built only if stale."""
-    _run(["bash", str(ROOT / "tools/build-helper.sh"), "--kdir", str(harness.kernel_build_dir())])
-    return ROOT / "bpfilter.ko"
+    """bpfilter.ko for the guest's kernel ($BPFILTER_VM_KERNEL, see tools/vm), its
+    helper (re)built only if stale."""
+    _run(["bash", str(ROOT / "tools/build-helper.sh"), "--helper-only"])
+    return harness.build_module(ROOT)
 
 
 def _static_tool(name: str) -> Path:
@@ -71,12 +72,13 @@ def sections(output: str) -> dict[str, str]:
     return dict(zip(parts[1::2], parts[2::2]))
 
 
-def reference_then_bpfilter(scenario: str, extra: dict, timeout: int) -> dict[str, str]:
+def reference_then_bpfilter(scenario: str, extra: dict, timeout: int,
+                            kver: "str | None" = None) -> dict[str, str]:
     """The sections of a scenario built on lib.sh's reference_then_bpfilter: it ran to
     its end, with nothing amiss on the console, and ip_tables and ip6_tables were
-    unloaded between its two phases."""
+    unloaded between its two phases. kver: the guest's kernel, if not the default."""
     result = harness.run_scenario((ROOT / "tools/vm/scenarios" / scenario).read_text(), extra,
-                                  timeout=timeout)
+                                  timeout=timeout, kver=kver)
     assert result.status == 0, result.output
     assert not BAD_CONSOLE.search(result.console), result.console
     s = sections(result.output)
@@ -241,6 +243,57 @@ def test_kmod_conntrack_and_reject(module):
     assert "ip_tables: not loaded" in s["unload ip_tables"]
 
 
+# what the reference answers, so that a probe that tests nothing shows
+REALWORLD_ANSWERS = {
+    "addrtype": ["udp 10.1.0.1 9: reply", "udp 10.1.0.1 10: no reply",
+                 "udp 10.1.0.1 11: reply", "udp 10.2.0.2 9: reply",
+                 "udp 10.1.0.1 12: Operation not permitted", "udp 127.0.0.1 9: reply"],
+    "fail2ban": ["tcp 10.1.0.1 22: connected", "tcp 10.2.0.1 22: No route to host",
+                 "tcp 10.2.0.1 25: connected", "udp 10.1.0.1 7100: No route to host",
+                 "ping 10.2.0.1: answered", "udp 10.2.0.2 53: reply",
+                 "tcp 10.1.0.2 80: connected", "udp 10.1.0.2 53: No route to host"],
+    "ufw": ["tcp 10.1.0.1 22: connected", "udp 10.1.0.1 22: reply",
+            "tcp 10.2.0.1 80: no answer", "udp 10.2.0.1 137: no reply",
+            "ping 10.2.0.1: answered", "udp 10.2.0.2 53: reply",
+            "udp 10.1.0.1 9999: reply"],
+    "firewalld6": [
+        "tcp 2001:db8:1::1 22: connected",
+        "tcp 2001:db8:1::1 80: Permission denied",            # icmp6-adm-prohibited
+        "udp 2001:db8:1::1 53: Permission denied",
+        "udp 2001:db8:1::1 9999: reply", "tcp 2001:db8:2::1 22: connected",
+        "ping 2001:db8:1::1: answered",
+        "solicit 2001:db8:1::1 hop limit 255: advertised",
+        "udp 2001:db8:2::2 53: reply",                        # fw's own flow
+        "udp 2001:db8:2::2 53: Permission denied",            # forwarded
+        "ping 2001:db8:2::2: answered"],
+    "ufw6": [
+        "tcp 2001:db8:1::1 22: connected", "tcp 2001:db8:1::1 443: connected",
+        "tcp 2001:db8:2::1 5432: connected", "tcp 2001:db8:2::1 25: no answer",
+        "udp 2001:db8:1::1 137: no reply", "udp 2001:db8:1::1 9999: no reply",
+        "ping 2001:db8:1::1: answered",
+        "solicit 2001:db8:1::1 hop limit 255: advertised",
+        "solicit 2001:db8:1::1 hop limit 64: no advertisement",
+        "udp 2001:db8:2::2 53: reply", "udp 2001:db8:1::1 9999: reply",   # fw's own
+        "udp 2001:db8:2::2 53: no reply",                                # forwarded
+        "ping 2001:db8:2::2: answered"],
+}
+
+
+def _realworld_files(kver: str, module) -> dict[str, str]:
+    return {**harness.system_libraries(), f"/lib/modules/{kver}/extra/bpfilter.ko": str(module),
+            # as on Debian: limit's HZ (its kernel has no /proc/config.gz)
+            f"/boot/config-{kver}": str(harness.kernel_config(kver)),
+            **{f"/etc/bpfilter-vm/{name}.rules": str(ROOT / f"tests/realworld/{name}.rules")
+               for name in ("fail2ban", "ufw", "firewalld.ip6", "ufw.ip6")}}
+
+
+def _same_answers_and_counters(ref: str, ours: str, name: str) -> None:
+    assert _answers(ref, name) == _answers(ours, name)
+    assert _listing(ref) == _listing(ours), "\n".join(difflib.unified_diff(
+        _listing(ref).splitlines(), _listing(ours).splitlines(), "kernel", "bpfilter",
+        lineterm=""))
+
+
 def test_kmod_addrtype_and_realworld_rulesets(module):
     """addrtype through the module's kfunc, and the fixtures (tests/realworld/) that
     `bpfilter serve` refuses: fail2ban and ufw through iptables, firewalld.ip6 and
@@ -248,55 +301,13 @@ def test_kmod_addrtype_and_realworld_rulesets(module):
     answers, and the same counters, as the kernel's ip_tables and ip6_tables in the same
     guest (tools/vm/scenarios/kmod-realworld.sh)."""
     kver = harness.kernel_release()
-    extra = {**harness.system_libraries(), f"/lib/modules/{kver}/extra/bpfilter.ko": str(module),
-             # as on Debian: limit's HZ (its kernel has no /proc/config.gz)
-             f"/boot/config-{kver}": str(harness.kernel_tree(kver) / f"boot/config-{kver}"),
-             **{f"/etc/bpfilter-vm/{name}.rules": str(ROOT / f"tests/realworld/{name}.rules")
-                for name in ("fail2ban", "ufw", "firewalld.ip6", "ufw.ip6")}}
-    s = reference_then_bpfilter("kmod-realworld.sh", extra, timeout=1200)
-
-    # what the reference answers, so that a probe that tests nothing shows
-    expected = {
-        "addrtype": ["udp 10.1.0.1 9: reply", "udp 10.1.0.1 10: no reply",
-                     "udp 10.1.0.1 11: reply", "udp 10.2.0.2 9: reply",
-                     "udp 10.1.0.1 12: Operation not permitted", "udp 127.0.0.1 9: reply"],
-        "fail2ban": ["tcp 10.1.0.1 22: connected", "tcp 10.2.0.1 22: No route to host",
-                     "tcp 10.2.0.1 25: connected", "udp 10.1.0.1 7100: No route to host",
-                     "ping 10.2.0.1: answered", "udp 10.2.0.2 53: reply",
-                     "tcp 10.1.0.2 80: connected", "udp 10.1.0.2 53: No route to host"],
-        "ufw": ["tcp 10.1.0.1 22: connected", "udp 10.1.0.1 22: reply",
-                "tcp 10.2.0.1 80: no answer", "udp 10.2.0.1 137: no reply",
-                "ping 10.2.0.1: answered", "udp 10.2.0.2 53: reply",
-                "udp 10.1.0.1 9999: reply"],
-        "firewalld6": [
-            "tcp 2001:db8:1::1 22: connected",
-            "tcp 2001:db8:1::1 80: Permission denied",            # icmp6-adm-prohibited
-            "udp 2001:db8:1::1 53: Permission denied",
-            "udp 2001:db8:1::1 9999: reply", "tcp 2001:db8:2::1 22: connected",
-            "ping 2001:db8:1::1: answered",
-            "solicit 2001:db8:1::1 hop limit 255: advertised",
-            "udp 2001:db8:2::2 53: reply",                        # fw's own flow
-            "udp 2001:db8:2::2 53: Permission denied",            # forwarded
-            "ping 2001:db8:2::2: answered"],
-        "ufw6": [
-            "tcp 2001:db8:1::1 22: connected", "tcp 2001:db8:1::1 443: connected",
-            "tcp 2001:db8:2::1 5432: connected", "tcp 2001:db8:2::1 25: no answer",
-            "udp 2001:db8:1::1 137: no reply", "udp 2001:db8:1::1 9999: no reply",
-            "ping 2001:db8:1::1: answered",
-            "solicit 2001:db8:1::1 hop limit 255: advertised",
-            "solicit 2001:db8:1::1 hop limit 64: no advertisement",
-            "udp 2001:db8:2::2 53: reply", "udp 2001:db8:1::1 9999: reply",   # fw's own
-            "udp 2001:db8:2::2 53: no reply",                                # forwarded
-            "ping 2001:db8:2::2: answered"],
-    }
-    for name, answers in expected.items():
+    s = reference_then_bpfilter("kmod-realworld.sh", _realworld_files(kver, module), timeout=1200)
+    for name, answers in REALWORLD_ANSWERS.items():
         ref, ours = s[f"reference {name}"], s[f"bpfilter {name}"]
         for answer in answers:
             assert f"{name} {answer}\n" in ref, ref
-        assert _answers(ref, name) == _answers(ours, name)
-        assert _listing(ref) == _listing(ours), "\n".join(difflib.unified_diff(
-            _listing(ref).splitlines(), _listing(ours).splitlines(), "kernel", "bpfilter",
-            lineterm=""))
+        _same_answers_and_counters(ref, ours, name)
+
     # the broadcasts reached a rule: addrtype's BROADCAST DROP, ufw's skip-to-policy
     assert re.search(r"^\s+5\s+\d+ DROP .*ADDRTYPE match dst-type BROADCAST",
                      s["bpfilter addrtype"], re.M), s["bpfilter addrtype"]
@@ -813,34 +824,29 @@ def _listing(text: str) -> str:
                      if line.startswith(("Chain ", "    pkts")) or re.match(r"\s+\d+\s+\d+ ", line))
 
 
-def test_dkms_builds_and_installs(module, tmp_path):
+def test_dkms_builds_and_installs(module):
     """DKMS builds the module from an installed source tree (the helper built
-    beforehand) against the guest kernel's headers, and installs it."""
+    beforehand) against the guest kernel's installed headers, in a root of the kernel's
+    Debian release, and installs it there."""
     kver = harness.kernel_release()
+    root = harness.kernel_root(kver)
     version = re.search(r'^PACKAGE_VERSION="(.+)"', (ROOT / "dkms.conf").read_text(), re.M)[1]
-    sources, tree = tmp_path / "src", tmp_path / "dkms"
-    tree.mkdir()
-    _run(["make", "-C", str(ROOT), "dkms-source", f"DKMS_SOURCE={sources}/bpfilter-{version}"])
-    dkms = ["dkms", "--sourcetree", str(sources), "--dkmstree", str(tree), "-k", kver,
-            "--kernelsourcedir", str(harness.kernel_build_dir())]
-    _run([*dkms, "build", f"bpfilter/{version}"])
-    built = tree / "bpfilter" / version / kver / "x86_64/module/bpfilter.ko"
+    work = Path(f"/tmp/bpfilter-dkms-test-{kver}")   # in the root, which other kernels share
+    if (root / work.relative_to("/")).exists():
+        shutil.rmtree(root / work.relative_to("/"))
+    sources, tree = work / "src", work / "dkms"
+    (root / tree.relative_to("/")).mkdir(parents=True)
+    _run(["make", "-C", str(ROOT), "dkms-source",
+          f"DKMS_SOURCE={root}{sources}/bpfilter-{version}"])
+    dkms = ["dkms", "--sourcetree", str(sources), "--dkmstree", str(tree), "-k", kver]
+    harness.in_root(root, [*dkms, "build", f"bpfilter/{version}"])
+    # (compressed as the kernel's own modules are, where DKMS does so: .ko.xz)
+    built, = (root / tree.relative_to("/") / "bpfilter" / version / kver / "x86_64/module"
+              ).glob("bpfilter.ko*")
     info = _run(["modinfo", "-F", "vermagic", str(built)]).stdout
     assert info.startswith(f"{kver} "), info
-
-    # Installing needs the kernel's module directory, which this host may not have: what
-    # is made for the test is removed after it.
-    moddir = Path("/lib/modules") / kver
-    made = next((p for p in (moddir.parent, moddir) if not p.exists()), None)
-    if made:
-        shutil.copytree(harness.kernel_tree(kver) / "lib/modules" / kver, moddir, symlinks=True,
-                        ignore=shutil.ignore_patterns("kernel"))
-    try:
-        _run([*dkms, "install", "--no-depmod", f"bpfilter/{version}"])
-        installed = moddir / "updates/dkms/bpfilter.ko"
-        assert installed.read_bytes() == built.read_bytes()
-        _run([*dkms, "remove", f"bpfilter/{version}"])
-        assert not installed.exists()
-    finally:
-        if made:
-            shutil.rmtree(made)
+    harness.in_root(root, [*dkms, "install", "--no-depmod", f"bpfilter/{version}"])
+    installed = root / "lib/modules" / kver / "updates/dkms" / built.name
+    assert installed.read_bytes() == built.read_bytes()
+    harness.in_root(root, [*dkms, "remove", f"bpfilter/{version}"])
+    assert not installed.exists()

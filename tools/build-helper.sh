@@ -5,8 +5,10 @@
 #   tools/build-helper.sh                 helper, then the module for the running kernel
 #   tools/build-helper.sh --kdir DIR      ... for the kernel whose build directory is DIR
 #   tools/build-helper.sh --helper-only   the helper alone (what a DKMS source tree needs)
+#   tools/build-helper.sh --helper-only --out FILE   the helper built afresh into FILE
 #
-# The helper is rebuilt only when the package's sources, Python or PyInstaller change.
+# The helper is rebuilt only when the package's sources, Python or PyInstaller change;
+# the same sources give the same bytes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -17,13 +19,24 @@ while [ $# -gt 0 ]; do
     case $1 in
     --kdir) kdir=$2; shift 2 ;;
     --helper-only) module=no; shift ;;
-    *) echo "usage: $0 [--kdir DIR] [--helper-only]" >&2; exit 2 ;;
+    --out) out=$(realpath "$2"); shift 2 ;;
+    *) echo "usage: $0 [--kdir DIR] [--helper-only [--out FILE]]" >&2; exit 2 ;;
     esac
 done
 
 python=${PYTHON:-python3}
 helper=build/bpfilter-umh
 work=build/pyinstaller
+if [ -n "${out:-}" ]; then
+    helper=$out
+    work=$out.work
+    rm -f "$helper.key"
+fi
+
+# one build at a time (the test suite's halves may each ask for it)
+mkdir -p build
+exec 9>build/.helper.lock
+flock 9
 
 if ! "$python" -c 'import PyInstaller' 2>/dev/null; then
     "$python" -m pip install -q --disable-pip-version-check --root-user-action=ignore pyinstaller
@@ -59,7 +72,9 @@ EOF
     excluded=(bpfilter._preload bpfilter_lab numpy cryptography yaml setuptools distutils
               charset_normalizer ssl asyncio http xml email lzma bz2 tkinter
               unittest pydoc pytest _hashlib readline decimal _decimal)
-    "$python" -m PyInstaller --noconfirm --clean --log-level WARN --onefile --strip \
+    # Same sources, same bytes: marshalled sets ordered as a fixed hash seed orders
+    # them, and no build time in what PyInstaller writes.
+    PYTHONHASHSEED=0 SOURCE_DATE_EPOCH=0 "$python" -m PyInstaller --noconfirm --clean --log-level WARN --onefile --strip \
         --name bpfilter-umh --distpath "$work/dist" --workpath "$work/work" \
         --specpath "$work" --paths "$root/umh" --collect-submodules bpfilter \
         "${excluded[@]/#/--exclude-module=}" "$work/bpfilter-umh.py"

@@ -98,12 +98,12 @@ def main() -> int:
     parser.add_argument("--memory", type=int, default=4096, help="the guest's MiB")
     args = parser.parse_args()
     sizes = [int(n) for n in args.sizes.split(",")]
-    subprocess.run(["bash", str(ROOT / "tools/build-helper.sh"), "--kdir",
-                    str(harness.kernel_build_dir())], check=True)
+    subprocess.run(["bash", str(ROOT / "tools/build-helper.sh"), "--helper-only"], check=True)
+    module = harness.build_module(ROOT)
     kver = harness.kernel_release()
     with tempfile.TemporaryDirectory(prefix="bpfilter-kube.") as tmp:
         extra = {**harness.system_libraries(), **_inputs(Path(tmp), sizes, args.seconds),
-                 f"/lib/modules/{kver}/extra/bpfilter.ko": str(ROOT / "bpfilter.ko")}
+                 f"/lib/modules/{kver}/extra/bpfilter.ko": str(module)}
         script = (ROOT / "tools/vm/scenarios/bench-kube.sh").read_text()
         result = harness.run_scenario(script, extra, timeout=args.timeout, memory_mb=args.memory,
                                       console_to=sys.stderr if os.environ.get("VERBOSE") else None)

@@ -1,21 +1,25 @@
-"""A throwaway qemu guest with Debian's 6.12 cloud kernel, for what the host's kernel
-cannot be trusted with: loading bpfilter.ko, owning the iptables socket options,
-keeping ip_tables unloaded.
+"""A throwaway qemu guest with one of Debian's kernels (kernel(): Debian 13's 6.12
+unless told), for what the host's kernel cannot be trusted with: loading bpfilter.ko,
+owning the iptables socket options, keeping ip_tables unloaded.
 
     from harness import run_scenario
     result = run_scenario("iptables-legacy -L", extra_files={"/usr/bin/x": "build/x"})
     result.status, result.output
 
-The kernel, its headers and busybox come from Debian's archive through apt (no install,
-only `apt-get download`) and are unpacked once into $BPFILTER_VM_CACHE (default
-~/.cache/bpfilter-vm). iptables-legacy, ip, bpftool and dash (the guest's sh) are the
-host's own, with the shared libraries ldd names. The initramfs holding all that is built once per kernel
-and host tools; each run appends a small second archive (scenario, extra files,
-module), which the kernel unpacks over the first.
+The kernel and busybox come from Debian's archive through apt (no install, only
+`apt-get download`, with the harness's own view of the release's suites) and are
+unpacked once into $BPFILTER_VM_CACHE (default ~/.cache/bpfilter-vm); modules for it
+are built in a root of its Debian release (build_root, build_module). iptables-legacy,
+ip, bpftool and dash (the guest's sh) are the host's own, with the shared libraries ldd
+names. The initramfs holding all that is built once per kernel and host tools; each
+run appends a small second archive (scenario, extra files, module), which the kernel
+unpacks over the first.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import logging
@@ -36,7 +40,6 @@ log = logging.getLogger("bpfilter.vm")
 HERE = Path(__file__).resolve().parent
 # the shell functions scenarios share, in every guest as /etc/bpfilter-vm/lib.sh
 SCENARIO_LIB = HERE / "scenarios" / "lib.sh"
-FLAVOUR = "cloud-amd64"
 DEFAULT_TIMEOUT = 180
 APPEND = "console=ttyS0 panic=-1 oops=panic"
 
@@ -83,6 +86,14 @@ def cache_dir() -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _locked(name: str):
+    """One process at a time for what several test runs (one per kernel) share."""
+    with open(cache_dir() / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
     if proc.returncode:
@@ -99,23 +110,121 @@ def system_libraries() -> dict[str, str]:
             if re.fullmatch(r"(/usr)?/lib/x86_64-linux-gnu/[^/]+\.so[.0-9]*", path)}
 
 
+# A kernel is chosen by $BPFILTER_VM_KERNEL, "SERIES:FLAVOUR:SUITE" (the newest release of
+# the series that suite's mirror has, e.g. "7.3:rt:trixie-backports"), or pinned by
+# $BPFILTER_VM_KVER, a `uname -r` (e.g. "7.3.4+deb13-cloud-amd64"). Debian 13's 6.12
+# unless told.
+DEFAULT_KERNEL = "6.12:cloud:trixie"
+# the distribution a kernel's "+debN" belongs to
+DEBIAN_RELEASES = {"12": "bookworm", "13": "trixie", "14": "forky"}
+ARCHIVE_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+# how long apt's lists of a distribution are trusted before they are fetched again
+LISTS_MAX_AGE = 6 * 3600
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    release: str        # "7.3.4+deb13"
+    flavour: str        # "cloud-amd64"
+    distribution: str   # "trixie": its packages are found in its suites
+
+    @property
+    def kver(self) -> str:
+        return f"{self.release}-{self.flavour}"
+
+    def __str__(self) -> str:
+        return self.kver
+
+
+def host_distribution() -> str:
+    return re.search(r"^VERSION_CODENAME=(\S+)", Path("/etc/os-release").read_text(), re.M)[1]
+
+
+def _apt_options(distribution: str) -> list[str]:
+    """apt-get/apt-cache options for a private view of `distribution`'s suites (its
+    own sources, lists and cache under the cache directory), its lists fetched when
+    missing or stale: the host's apt configuration is neither needed nor touched."""
+    base = cache_dir() / f"apt-{distribution}"
+    lists = base / "lists"
+    sources = base / "sources.list"
+    options = ["-o", f"Dir::Etc::SourceList={sources}", "-o", "Dir::Etc::SourceParts=/dev/null",
+               "-o", f"Dir::State::Lists={lists}", "-o", f"Dir::Cache={base / 'cache'}",
+               "-o", "Dir::State::status=/dev/null", "-o", "APT::Sandbox::User=root"]
+    stamp = lists / "updated"
+    with _locked(f"apt-{distribution}"):
+        if not stamp.exists() or time.time() - stamp.stat().st_mtime > LISTS_MAX_AGE:
+            (lists / "partial").mkdir(parents=True, exist_ok=True)
+            (base / "cache/archives/partial").mkdir(parents=True, exist_ok=True)
+            sources.write_text("".join(
+                f"deb [signed-by={ARCHIVE_KEYRING}] {mirror} {suite} main\n"
+                for mirror, suite in _suites(distribution)))
+            _run(["apt-get", *options, "-q", "update"])
+            stamp.touch()
+    return options
+
+
+def _suites(distribution: str) -> list[tuple[str, str]]:
+    debian, security = "http://deb.debian.org/debian", "http://deb.debian.org/debian-security"
+    return [(debian, distribution), (debian, f"{distribution}-updates"),
+            (debian, f"{distribution}-backports"), (security, f"{distribution}-security")]
+
+
+def _known(distribution: str, pattern: str) -> list[str]:
+    """Package names of `distribution` matching the regular expression."""
+    listed = _run(["apt-cache", *_apt_options(distribution), "search", "--names-only",
+                   pattern]).stdout
+    return [line.split(" - ")[0] for line in listed.splitlines()]
+
+
+def _depends(distribution: str, package: str) -> list[str]:
+    """The package names its Depends field names (alternatives and versions dropped)."""
+    shown = _run(["apt-cache", *_apt_options(distribution), "show", "--no-all-versions",
+                  package]).stdout
+    field = re.search(r"^Depends: (.*)$", shown, re.M)
+    return [re.split(r"[ (]", alt.strip())[0] for alt in field[1].split(",")
+            for alt in [alt.split("|")[0]]] if field else []
+
+
 @functools.lru_cache(maxsize=None)
-def kernel_release() -> str:
-    """The guest's `uname -r`: $BPFILTER_VM_KVER, or the newest 6.12 cloud kernel in
-    apt's lists (from bookworm-security, or backports where setup.sh had to add it)."""
-    pinned = os.environ.get("BPFILTER_VM_KVER")
+def kernel(spec: Optional[str] = None) -> Kernel:
+    """The guest's kernel: `spec` ("SERIES:FLAVOUR:SUITE", or a `uname -r`), else
+    $BPFILTER_VM_KVER, else $BPFILTER_VM_KERNEL, else DEFAULT_KERNEL."""
+    spec = spec or os.environ.get("BPFILTER_VM_KVER") or os.environ.get("BPFILTER_VM_KERNEL") \
+        or DEFAULT_KERNEL
+    pinned = re.fullmatch(r"(\d[^-]*\+deb(\d+))-(.+)", spec)
     if pinned:
-        return pinned
-    names = _run(["apt-cache", "search", "--names-only",
-                  rf"^linux-headers-6\.12\.[0-9]+\+deb12-{FLAVOUR}$"]).stdout
-    found = re.findall(rf"^linux-headers-(6\.12\.(\d+)\+deb12-{FLAVOUR}) ", names, re.M)
+        release, debian, flavour = pinned.groups()
+        if debian not in DEBIAN_RELEASES:
+            raise VMError(f"{spec}: no Debian release is known for +deb{debian}")
+        return Kernel(release, flavour, DEBIAN_RELEASES[debian])
+    parts = spec.split(":")
+    if len(parts) != 3:
+        raise VMError(f"{spec}: a kernel is SERIES:FLAVOUR:SUITE (e.g. "
+                      "7.3:cloud:trixie-backports) or a release (e.g. 7.3.4+deb13-cloud-amd64)")
+    series, flavour, suite = parts
+    flavour = flavour if flavour.endswith("-amd64") else f"{flavour}-amd64"
+    distribution = suite.split("-")[0]
+    # the newest release of the series the mirror has, in that suite only
+    found = []
+    for name in _known(distribution, rf"^linux-headers-{re.escape(series)}\.[0-9]+\+deb[0-9]+-"
+                                     rf"{flavour}$"):
+        name = name.removeprefix("linux-headers-")
+        policy = _run(["apt-cache", *_apt_options(distribution), "policy",
+                       f"linux-headers-{name}"]).stdout
+        if re.search(rf" {re.escape(suite)}/main ", policy):
+            found.append(name.removesuffix(f"-{flavour}"))
     if not found:
-        raise VMError(f"apt knows no {FLAVOUR} 6.12 kernel: run tools/vm/setup.sh, which "
-                      "adds the suite that has it and updates apt's lists")
-    return max(found, key=lambda kver_patch: int(kver_patch[1]))[0]
+        raise VMError(f"the mirror's {suite} has no {series} {flavour} kernel")
+    newest = max(found, key=lambda r: [int(n) for n in re.findall(r"\d+", r)])
+    return Kernel(newest, flavour, distribution)
 
 
-def _fetch(packages: list[str], dest: Path,
+def kernel_release() -> str:
+    """The guest kernel's `uname -r`."""
+    return kernel().kver
+
+
+def _fetch(packages: list[str], dest: Path, distribution: str,
            prepare: Optional[Callable[[Path], None]] = None) -> Path:
     """The packages' files unpacked under dest, downloaded the first time only;
     prepare(tree) finishes the unpacked tree before it moves to dest."""
@@ -126,12 +235,7 @@ def _fetch(packages: list[str], dest: Path,
     try:
         debs = work / "debs"
         debs.mkdir()
-        try:
-            # apt's unprivileged downloader cannot write into root's cache.
-            _run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", *packages],
-                 cwd=debs)
-        except VMError as e:
-            raise VMError(f"{e}apt's lists may be out of date: run tools/vm/setup.sh") from None
+        _run(["apt-get", *_apt_options(distribution), "download", "-q", *packages], cwd=debs)
         for deb in sorted(debs.iterdir()):
             _run(["dpkg-deb", "-x", str(deb), str(work / "root")])
         if prepare:
@@ -148,35 +252,167 @@ def _fetch(packages: list[str], dest: Path,
     return dest
 
 
+def _kernel_packages(k: Kernel) -> list[str]:
+    """The packages holding k's image and modules: one -unsigned image package (6.12),
+    or what its image package depends on (newer kernels split it into base, binary and
+    modules packages, and sign the binary only)."""
+    kver = k.kver
+    if _known(k.distribution, rf"^linux-image-{re.escape(kver)}-unsigned$"):
+        return [f"linux-image-{kver}-unsigned"]
+    parts = [d for d in _depends(k.distribution, f"linux-image-{kver}")
+             if re.fullmatch(rf"linux-(base|binary|modules)-{re.escape(kver)}", d)]
+    if not any(p.startswith("linux-binary-") for p in parts):
+        raise VMError(f"linux-image-{kver}: no image package found among its dependencies")
+    return parts
+
+
 def kernel_tree(kver: Optional[str] = None) -> Path:
-    """The unpacked kernel packages of kver: boot/, lib/modules/ (with depmod's
-    indexes), usr/src/linux-headers-*, usr/lib/linux-kbuild-*."""
-    kver = kver or kernel_release()
-    abi = kver.removesuffix(f"-{FLAVOUR}")
+    """The unpacked kernel packages of kver: lib/modules/KVER (with depmod's indexes,
+    the image and config: lib/modules/KVER/vmlinuz and config whatever the packages'
+    layout). Its headers are in its build root (kernel_root)."""
+    k = kernel(kver)
+    kver = k.kver
     dest = cache_dir() / f"kernel-{kver}"
 
     def prepare(tree: Path):
-        # Debian's per-flavour Makefile includes the common one by its installed path.
-        makefile = tree / "usr/src" / f"linux-headers-{kver}" / "Makefile"
-        makefile.write_text(makefile.read_text().replace(
-            "include /usr/src/", f"include {dest}/usr/src/"))
+        # Newer packages install under /usr/lib/modules only (merged /usr)
+        if not (tree / "lib").exists():
+            (tree / "lib").symlink_to("usr/lib")
+        moddir = tree / "lib/modules" / kver
+        for name, old in (("vmlinuz", f"boot/vmlinuz-{kver}"), ("config", f"boot/config-{kver}")):
+            if not (moddir / name).exists():
+                (moddir / name).symlink_to(os.path.relpath(tree / old, moddir.resolve()))
         # The package leaves modules.dep to its postinst; the guest's subset needs it.
         _run(["depmod", "-b", str(tree), kver])
 
-    return _fetch([f"linux-image-{kver}-unsigned", f"linux-headers-{kver}",
-                   f"linux-headers-{abi}-common", f"linux-kbuild-{abi}"], dest, prepare)
+    return _fetch(_kernel_packages(k), dest, k.distribution, prepare)
 
 
-def kernel_build_dir(kver: Optional[str] = None) -> Path:
-    """Where `make -C DIR M=$PWD modules` builds an out-of-tree module for the guest."""
-    kver = kver or kernel_release()
-    return kernel_tree(kver) / "usr/src" / f"linux-headers-{kver}"
+def kernel_config(kver: Optional[str] = None) -> Path:
+    kver = kernel(kver).kver
+    return kernel_tree(kver) / "lib/modules" / kver / "config"
+
+
+# what a build root holds beyond debootstrap's minimal base (the kernel's headers and
+# compiler come with linux-headers-KVER)
+BUILD_ROOT_PACKAGES = ("make", "gcc", "libc6-dev", "libelf-dev", "dwarves", "kmod", "dkms",
+                       "ca-certificates")
+
+
+def build_root(distribution: str) -> Path:
+    """A Debian root of `distribution` for building its kernels' modules and packages
+    (its kbuild tools need its C library, its kernels its compiler), made once."""
+    dest = cache_dir() / f"root-{distribution}"
+    with _locked(dest.name):
+        if not (dest / "etc/bpfilter-build-root").exists():
+            _debootstrap(distribution, dest, BUILD_ROOT_PACKAGES)
+    return dest
+
+
+def clean_root(distribution: str, dest: Path) -> Path:
+    """At dest, a fresh copy of a minimal Debian root of `distribution` (debootstrap's
+    minbase, made once): a clean system to install packages on."""
+    pristine = cache_dir() / f"pristine-{distribution}"
+    with _locked(pristine.name):
+        if not (pristine / "etc/bpfilter-build-root").exists():
+            _debootstrap(distribution, pristine, ())
+    if dest.exists():
+        shutil.rmtree(dest)
+    _run(["cp", "-a", str(pristine), str(dest)])
+    return dest
+
+
+def _debootstrap(distribution: str, dest: Path, packages: tuple[str, ...]) -> None:
+    started = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
+    try:
+        _run(["debootstrap", "--variant=minbase",
+              *([f"--include={','.join(packages)}"] if packages else []),
+              distribution, str(work), "http://deb.debian.org/debian"])
+        (work / "etc/apt/sources.list").write_text("".join(
+            f"deb [signed-by={ARCHIVE_KEYRING}] {mirror} {suite} main\n"
+            for mirror, suite in _suites(distribution)))
+        (work / "etc/bpfilter-build-root").write_text(distribution + "\n")
+        if dest.exists():
+            shutil.rmtree(dest)
+        work.rename(dest)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    log.info("made the %s root %s in %.1f s", distribution, dest.name, time.monotonic() - started)
+
+
+def in_root(root: Path, command: list[str], system: bool = False,
+            **kw) -> subprocess.CompletedProcess:
+    """command run chrooted in root, with /proc (objtool reads it) mounted in a mount
+    namespace of its own, gone with it; `system`: also /sys, /sys/fs/bpf, /dev and a
+    /run of its own, for bpfilter itself."""
+    mounts = ['mount -t proc proc "$0/proc"']
+    if system:
+        mounts += ['mount -t sysfs sysfs "$0/sys"', 'mount -t bpf bpf "$0/sys/fs/bpf"',
+                   'mount -t tmpfs tmpfs "$0/run"', 'mount -t devtmpfs devtmpfs "$0/dev"']
+    script = " && ".join(mounts) + ' && exec chroot "$0" "$@"'
+    return _run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+                 str(root), *command], **kw)
+
+
+def kernel_root(kver: Optional[str] = None) -> Path:
+    """The build root of kver's distribution with kver's headers installed (by apt, as a
+    user would: their compiler and kbuild come with them)."""
+    k = kernel(kver)
+    root = build_root(k.distribution)
+    if not (root / "lib/modules" / k.kver / "build").exists():
+        install_in_root(root, ["apt-get", "install", "-y", "-q", "--no-install-recommends",
+                               f"linux-headers-{k.kver}"])
+    return root
+
+
+def install_in_root(root: Path, apt_command: list[str]) -> None:
+    """An apt-get command run in root with fresh lists, one at a time."""
+    with _locked(root.name):
+        shutil.copy("/etc/resolv.conf", root / "etc/resolv.conf")
+        in_root(root, ["apt-get", "-q", "update"])
+        in_root(root, ["env", "DEBIAN_FRONTEND=noninteractive", *apt_command])
+
+
+def build_external(name: str, files: Mapping[str, Path], kver: Optional[str] = None) -> Path:
+    """The out-of-tree module directory `name`, made of `files` (its path -> a host
+    file or directory), built for kver in the build root of its Debian release, as that
+    release's kbuild and compiler build it, without warnings: the directory, one per
+    kernel and name, so that builds for several kernels coexist."""
+    k = kernel(kver)
+    root = kernel_root(k.kver)
+    work = root / "build" / k.kver / name
+    with _locked(f"module-{k.kver}"):
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+        for name, host in files.items():
+            (work / name).parent.mkdir(parents=True, exist_ok=True)
+            if Path(host).is_dir():
+                shutil.copytree(host, work / name,
+                                ignore=shutil.ignore_patterns("*.o", "*.cmd", "*.ko", "*.mod*"))
+            else:
+                shutil.copy(host, work / name)
+        built = in_root(root, ["make", "-C", f"/lib/modules/{k.kver}/build",
+                               f"M=/{work.relative_to(root)}", "modules"])
+    warnings = [line for line in (built.stdout + built.stderr).splitlines() if "warning:" in line]
+    if warnings:
+        raise VMError(f"{name} for {k.kver} built with warnings:\n" + "\n".join(warnings))
+    return work
+
+
+def build_module(sources: Path, kver: Optional[str] = None) -> Path:
+    """bpfilter.ko built from `sources` (Kbuild, kmod/, build/bpfilter-umh) for kver
+    (see build_external)."""
+    files = {name: sources / name for name in ("Kbuild", "kmod", "build/bpfilter-umh")}
+    return build_external("bpfilter", files, kver) / "bpfilter.ko"
 
 
 def _busybox() -> Path:
     # Static, and only a toolbox around the programs under test: the first one fetched
     # serves for good.
-    return _fetch(["busybox-static"], cache_dir() / "busybox") / "bin/busybox"
+    return _fetch(["busybox-static"], cache_dir() / "busybox", host_distribution()) / "bin/busybox"
 
 
 def _udp_sender() -> Path:
@@ -315,7 +551,7 @@ def _base_initramfs(kver: str) -> tuple[Path, frozenset[str]]:
     for program in programs:
         st = os.stat(program)
         key.update(f"{program}:{st.st_size}:{st.st_mtime_ns}".encode())
-    image = cache_dir() / f"base-{key.hexdigest()[:16]}.cpio"
+    image = cache_dir() / f"base-{kver}-{key.hexdigest()[:16]}.cpio"
     dirs_file = image.with_suffix(".dirs")
     if image.exists() and dirs_file.exists():
         return image, frozenset(dirs_file.read_text().split("\n"))
@@ -354,7 +590,7 @@ def _base_initramfs(kver: str) -> tuple[Path, frozenset[str]]:
             cpio.close()
         dirs_file.write_text("\n".join(sorted(cpio.dirs)))
         built.rename(image)
-    for old in cache_dir().glob("base-*"):
+    for old in cache_dir().glob(f"base-{kver}-*"):
         if old not in (image, dirs_file):
             old.unlink()
     log.info("built the initramfs (%d MiB) in %.1f s", image.stat().st_size >> 20,
@@ -406,19 +642,20 @@ def _tail(console: bytes, lines: int = 40) -> str:
 
 def run_scenario(script: str, extra_files: Optional[Mapping[str, str]] = None,
                  module: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT,
-                 console_to: Optional[IO[str]] = None, memory_mb: int = 1024) -> Result:
+                 console_to: Optional[IO[str]] = None, memory_mb: int = 1024,
+                 kver: Optional[str] = None) -> Result:
     """Boots a fresh guest, runs script with sh (dash) as root in /tmp and returns its
     exit status and output (stdout and stderr together). The script may read
     /etc/bpfilter-vm/lib.sh, the functions the scenarios share.
 
     extra_files maps a path in the guest to a host file copied there (mode kept).
-    module, a host .ko built against kernel_build_dir(), is loaded (dependencies first)
+    module, a host .ko built for the kernel (build_module), is loaded (dependencies first)
     before the script runs, which finds its guest path in $BPFILTER_VM_MODULE; a module
     that does not load makes the status 125. console_to receives the kernel's console
-    as it comes. memory_mb is the guest's memory.
+    as it comes. memory_mb is the guest's memory. kver: the guest's kernel (see kernel()).
     """
-    kver = kernel_release()
-    kernel = kernel_tree(kver) / "boot" / f"vmlinuz-{kver}"
+    kver = kernel(kver).kver
+    image = kernel_tree(kver) / "lib/modules" / kver / "vmlinuz"
     base, base_dirs = _base_initramfs(kver)
     with tempfile.TemporaryDirectory(prefix="bpfilter-vm.") as tmp:
         initrd = Path(tmp) / "initrd"
@@ -438,7 +675,7 @@ def run_scenario(script: str, extra_files: Optional[Mapping[str, str]] = None,
                 cpio.file(guest_path(where), Path(module).read_bytes())
                 cpio.file("etc/bpfilter-vm/module", where.encode())
             cpio.close()
-        console, raw, seconds = _boot(kernel, initrd, timeout, console_to, memory_mb)
+        console, raw, seconds = _boot(image, initrd, timeout, console_to, memory_mb)
     start = raw.find(BEGIN)
     end = END.search(raw, start + len(BEGIN)) if start >= 0 else None
     if not end:

@@ -1,15 +1,16 @@
 #!/usr/bin/env python3
-"""Runs shell commands in a fresh qemu guest with Debian's 6.12 cloud kernel, prints
-their output and exits with their status. The first run downloads the kernel (about
-50 MB, cached); later ones boot in seconds. Needs tools/vm/setup.sh once, as root.
+"""Runs shell commands in a fresh qemu guest with one of Debian's kernels (default:
+Debian 13's 6.12; BPFILTER_VM_KERNEL, see README.md), prints their output and exits
+with their status. The first run downloads the kernel (cached); later ones boot in
+seconds. Needs tools/vm/setup.sh once, as root.
 Exits 124 when the guest gives no result (timeout, kernel panic), 125 when --module
 does not load.
 
     python3 tools/vm/run.py -c 'iptables-legacy -L -v -n'
     python3 tools/vm/run.py --scenario tools/vm/scenarios/iptables-udp-drop.sh
     python3 tools/vm/run.py --extra build/helper:/usr/bin/helper -c 'helper --version'
-    make -C "$(python3 tools/vm/run.py --kernel-build-dir)" M=$PWD/kmod modules
-    python3 tools/vm/run.py --module kmod/bpfilter.ko -c 'lsmod; dmesg | tail'
+    python3 tools/vm/run.py --build-module     # bpfilter.ko for the guest: its path
+    python3 tools/vm/run.py --module PATH.ko -c 'lsmod; dmesg | tail'
 """
 import argparse
 import logging
@@ -33,8 +34,9 @@ def main() -> int:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--scenario", type=Path, metavar="FILE", help="shell script to run")
     what.add_argument("-c", dest="command", metavar="COMMANDS", help="shell commands to run")
-    what.add_argument("--kernel-build-dir", action="store_true",
-                      help="fetch the kernel and print the directory to build modules against")
+    what.add_argument("--build-module", action="store_true",
+                      help="build bpfilter.ko for the guest's kernel (its helper built "
+                           "beforehand: tools/build-helper.sh --helper-only); print its path")
     parser.add_argument("--extra", type=extra, action="append", default=[],
                         metavar="FILE:GUESTPATH", help="copy a host file into the guest")
     parser.add_argument("--module", metavar="PATH.ko", help="load this module before the scenario")
@@ -46,8 +48,8 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="[vm] %(message)s", stream=sys.stderr)
 
     try:
-        if args.kernel_build_dir:
-            print(harness.kernel_build_dir())
+        if args.build_module:
+            print(harness.build_module(Path(__file__).resolve().parents[2]))
             return 0
         script = args.scenario.read_text() if args.scenario else args.command
         result = harness.run_scenario(script, dict(args.extra), module=args.module,

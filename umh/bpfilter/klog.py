@@ -25,6 +25,7 @@ from typing import Iterator, Optional
 from .bpf import syscall as bpf
 from .bpf.btf import Btf, BtfError
 from .bpf.insn import MapRef
+from .errors import BpfilterError
 from .model import Family
 
 # struct xt_log_info's logflags (include/uapi/linux/netfilter/xt_LOG.h)
@@ -779,7 +780,11 @@ class KernelLog:
 
     def __init__(self, ring: LogRing, note, kmsg: str = "/dev/kmsg"):
         self.ring, self.note = ring, note
-        self._kmsg = os.open(kmsg, os.O_WRONLY)
+        try:
+            self._kmsg = os.open(kmsg, os.O_WRONLY)
+        except OSError as err:
+            raise BpfilterError(err.errno, f"cannot open {kmsg}, where LOG rules' lines go: "
+                                           f"{err.strerror}") from None
         self.lost = 0
         self.initial_netns = initial_netns()
 

@@ -165,17 +165,13 @@ ufw6_probes() {
 	listing ip6tables
 }
 
+# /etc/bpfilter-vm/phases, if given, names the rulesets to run (default: all)
 phases() {
-	say "$1 addrtype"
-	addrtype_probes
-	say "$1 fail2ban"
-	fail2ban_probes
-	say "$1 ufw"
-	ufw_probes
-	say "$1 firewalld6"
-	firewalld6_probes
-	say "$1 ufw6"
-	ufw6_probes
+	for ruleset in $(cat /etc/bpfilter-vm/phases 2>/dev/null ||
+			echo addrtype fail2ban ufw firewalld6 ufw6); do
+		say "$1 $ruleset"
+		${ruleset}_probes
+	done
 }
 
 reference_then_bpfilter iptable_filter ip6table_filter ipt_REJECT ip6t_REJECT ip6t_rt \

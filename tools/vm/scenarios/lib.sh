@@ -179,16 +179,30 @@ kube6_node() {
 # ask NAME NS ADDR PORT [SIZE [FROM]]: a UDP probe's outcome
 ask() { echo "$1 udp $3 $4${6:+ from $6}: $(ip netns exec $2 udp ask $3 $4 $5 $6)"; }
 
+# legacy_xtables: whether this kernel has the legacy iptables tables at all
+# (CONFIG_NETFILTER_XTABLES_LEGACY, optional since 6.17: Debian's rt kernel has none)
+legacy_xtables() {
+	grep -q '/iptable_filter\.ko' /lib/modules/$(uname -r)/modules.builtin ||
+		[ -n "$(find /lib/modules/$(uname -r)/kernel/net/ipv4/netfilter -name 'iptable_filter.ko*')" ]
+}
+
 # reference_then_bpfilter MODULE...: the scenario's `phases` run first against the
-# kernel's ip_tables and ip6_tables (the reference), then, with those and MODULE...
+# kernel's ip_tables and ip6_tables (the reference; none on a kernel without legacy
+# xtables, where the test compares with another kernel's reference), then, with those and MODULE...
 # unloaded (and the namespaces $NAMESPACES, by default fw, lan and wan, deleted),
 # against bpfilter.ko. bpfilter's refusals
 # name the rule: the kernel log's lines are shown whatever ends the script.
 reference_then_bpfilter() {
 	trap 'say log; dmesg | sed -n "s/^\[ *\([0-9.]*\)\] \(bpfilter: .*\)/\1 \2/p"' EXIT
-	phases reference
-	say unload ip_tables ip6_tables
-	for ns in ${NAMESPACES:-fw lan wan}; do ip netns del $ns; done
+	if legacy_xtables; then
+		phases reference
+		say unload ip_tables ip6_tables
+		for ns in ${NAMESPACES:-fw lan wan}; do ip netns del $ns; done
+	else
+		say reference
+		echo "none: this kernel has no legacy xtables"
+		say unload ip_tables ip6_tables
+	fi
 	for m in "$@" ip_tables ip6_tables; do
 		loaded $m && unload $m
 	done
