@@ -270,7 +270,7 @@ static int bpfilter_unlink(const char *path)
 		goto out;
 #ifdef BPFILTER_HAVE_START_REMOVING
 	/* the parent locked and the name looked up in one call; ENOENT if absent */
-	dentry = start_removing(mnt_idmap(dir.mnt), dir.dentry, &QSTR_LEN(name, strlen(name)));
+	dentry = start_removing(mnt_idmap(dir.mnt), dir.dentry, &QSTR(name));
 	if (IS_ERR(dentry)) {
 		err = PTR_ERR(dentry);
 	} else {
@@ -279,7 +279,11 @@ static int bpfilter_unlink(const char *path)
 	}
 #else
 	inode_lock_nested(d_inode(dir.dentry), I_MUTEX_PARENT);
+#ifdef BPFILTER_HAVE_LOOKUP_NOPERM
+	dentry = lookup_noperm(&QSTR(name), dir.dentry);
+#else
 	dentry = lookup_one_len(name, dir.dentry, strlen(name));
+#endif
 	if (IS_ERR(dentry)) {
 		err = PTR_ERR(dentry);
 	} else {

@@ -42,8 +42,7 @@ def _static_tool(name: str) -> Path:
     source = ROOT / f"tools/vm/{name}.c"
     binary = harness.cache_dir() / f"{name}-{hashlib.sha256(source.read_bytes()).hexdigest()[:16]}"
     if not binary.exists():
-        _run(["gcc", "-static", "-O2", "-Wall", "-Werror", "-o", f"{binary}.tmp", str(source)])
-        Path(f"{binary}.tmp").rename(binary)
+        harness.static_binary(source, binary)
     return binary
 
 
@@ -839,14 +838,15 @@ def test_dkms_builds_and_installs(module):
     _run(["make", "-C", str(ROOT), "dkms-source",
           f"DKMS_SOURCE={root}{sources}/bpfilter-{version}"])
     dkms = ["dkms", "--sourcetree", str(sources), "--dkmstree", str(tree), "-k", kver]
-    harness.in_root(root, [*dkms, "build", f"bpfilter/{version}"])
-    # (compressed as the kernel's own modules are, where DKMS does so: .ko.xz)
-    built, = (root / tree.relative_to("/") / "bpfilter" / version / kver / "x86_64/module"
-              ).glob("bpfilter.ko*")
-    info = _run(["modinfo", "-F", "vermagic", str(built)]).stdout
-    assert info.startswith(f"{kver} "), info
-    harness.in_root(root, [*dkms, "install", "--no-depmod", f"bpfilter/{version}"])
-    installed = root / "lib/modules" / kver / "updates/dkms" / built.name
-    assert installed.read_bytes() == built.read_bytes()
-    harness.in_root(root, [*dkms, "remove", f"bpfilter/{version}"])
-    assert not installed.exists()
+    with harness.using_root(root):
+        harness.in_root(root, [*dkms, "build", f"bpfilter/{version}"])
+        # (compressed as the kernel's own modules are, where DKMS does so: .ko.xz)
+        built, = (root / tree.relative_to("/") / "bpfilter" / version / kver / "x86_64/module"
+                  ).glob("bpfilter.ko*")
+        info = _run(["modinfo", "-F", "vermagic", str(built)]).stdout
+        assert info.startswith(f"{kver} "), info
+        harness.in_root(root, [*dkms, "install", "--no-depmod", f"bpfilter/{version}"])
+        installed = root / "lib/modules" / kver / "updates/dkms" / built.name
+        assert installed.read_bytes() == built.read_bytes()
+        harness.in_root(root, [*dkms, "remove", f"bpfilter/{version}"])
+        assert not installed.exists()

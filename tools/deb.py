@@ -31,6 +31,11 @@ def build_depends() -> str:
     return ", ".join(d.strip() for d in field.replace("\n", " ").split(",") if d.strip())
 
 
+def libc_version(ldd_version: str) -> tuple[int, ...]:
+    """From `ldd --version`'s first line, e.g. "ldd (Debian GLIBC 2.41-12) 2.41"."""
+    return tuple(int(n) for n in ldd_version.splitlines()[0].rsplit(" ", 1)[1].split("."))
+
+
 def source_tree(dest: Path) -> None:
     """The tracked files, and the helper built beforehand."""
     if dest.exists():
@@ -59,9 +64,18 @@ def main() -> int:
     if work.exists():
         shutil.rmtree(work)
     source_tree(work / f"bpfilter-{version}")
+    host_libc = libc_version(subprocess.run(["ldd", "--version"], check=True,
+                                            capture_output=True, text=True).stdout)
+    root_libc = libc_version(harness.in_root(root, ["ldd", "--version"]).stdout)
+    if host_libc > root_libc:
+        print(f"the helper would need the C library {host_libc} of this host, newer than "
+              f"{args.release}'s {root_libc}: build on the oldest release supported",
+              file=sys.stderr)
+        return 1
     try:
-        harness.in_root(root, ["sh", "-c", f"cd /build/deb/bpfilter-{version} && "
-                                           "dpkg-buildpackage -b -us -uc"])
+        with harness.using_root(root):
+            harness.in_root(root, ["sh", "-c", f"cd /build/deb/bpfilter-{version} && "
+                                               "dpkg-buildpackage -b -us -uc"])
     except harness.VMError as e:
         print(e, file=sys.stderr)
         return 1

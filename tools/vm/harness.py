@@ -87,11 +87,17 @@ def cache_dir() -> Path:
 
 
 @contextlib.contextmanager
-def _locked(name: str):
-    """One process at a time for what several test runs (one per kernel) share."""
+def _locked(name: str, shared: bool = False):
+    """One process at a time (or, `shared`, any number of them but none holding it
+    alone) for what several test runs (one per kernel) share."""
     with open(cache_dir() / f"{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
+
+
+def using_root(root: Path):
+    """Held while building in root: apt changes it only when no one is (install_in_root)."""
+    return _locked(root.name, shared=True)
 
 
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
@@ -111,7 +117,8 @@ def system_libraries() -> dict[str, str]:
 
 
 # A kernel is chosen by $BPFILTER_VM_KERNEL, "SERIES:FLAVOUR:SUITE" (the newest release of
-# the series that suite's mirror has, e.g. "7.3:rt:trixie-backports"), or pinned by
+# the series that suite's mirror has, e.g. "7:rt:trixie-backports": backports keeps only
+# its newest), or pinned by
 # $BPFILTER_VM_KVER, a `uname -r` (e.g. "7.3.4+deb13-cloud-amd64"). Debian 13's 6.12
 # unless told.
 DEFAULT_KERNEL = "6.12:cloud:trixie"
@@ -200,13 +207,13 @@ def kernel(spec: Optional[str] = None) -> Kernel:
     parts = spec.split(":")
     if len(parts) != 3:
         raise VMError(f"{spec}: a kernel is SERIES:FLAVOUR:SUITE (e.g. "
-                      "7.3:cloud:trixie-backports) or a release (e.g. 7.3.4+deb13-cloud-amd64)")
+                      "7:cloud:trixie-backports) or a release (e.g. 7.3.4+deb13-cloud-amd64)")
     series, flavour, suite = parts
     flavour = flavour if flavour.endswith("-amd64") else f"{flavour}-amd64"
     distribution = suite.split("-")[0]
-    # the newest release of the series the mirror has, in that suite only
+    # the newest release of the series ("7": any 7.x) the mirror has, in that suite only
     found = []
-    for name in _known(distribution, rf"^linux-headers-{re.escape(series)}\.[0-9]+\+deb[0-9]+-"
+    for name in _known(distribution, rf"^linux-headers-{re.escape(series)}(\.[0-9]+)+\+deb[0-9]+-"
                                      rf"{flavour}$"):
         name = name.removeprefix("linux-headers-")
         policy = _run(["apt-cache", *_apt_options(distribution), "policy",
@@ -272,7 +279,7 @@ def kernel_tree(kver: Optional[str] = None) -> Path:
     layout). Its headers are in its build root (kernel_root)."""
     k = kernel(kver)
     kver = k.kver
-    dest = cache_dir() / f"kernel-{kver}"
+    dest = cache_dir() / f"linux-{kver}"   # (kernel-*: the layout before image links)
 
     def prepare(tree: Path):
         # Newer packages install under /usr/lib/modules only (merged /usr)
@@ -378,27 +385,30 @@ def install_in_root(root: Path, apt_command: list[str]) -> None:
 def build_external(name: str, files: Mapping[str, Path], kver: Optional[str] = None) -> Path:
     """The out-of-tree module directory `name`, made of `files` (its path -> a host
     file or directory), built for kver in the build root of its Debian release, as that
-    release's kbuild and compiler build it, without warnings: the directory, one per
-    kernel and name, so that builds for several kernels coexist."""
+    release's kbuild and compiler build it, without warnings: the directory (a new
+    one each time, so that builds beside each other never share one)."""
     k = kernel(kver)
     root = kernel_root(k.kver)
-    work = root / "build" / k.kver / name
-    with _locked(f"module-{k.kver}"):
-        if work.exists():
-            shutil.rmtree(work)
-        work.mkdir(parents=True)
-        for name, host in files.items():
-            (work / name).parent.mkdir(parents=True, exist_ok=True)
+    builds = root / "build" / k.kver
+    builds.mkdir(parents=True, exist_ok=True)
+    for old in builds.glob(f"{name}.*"):   # other runs' builds, long done
+        if time.time() - old.stat().st_mtime > 24 * 3600:
+            shutil.rmtree(old, ignore_errors=True)
+    # a directory of its own: another run's build for the same kernel leaves it alone
+    work = Path(tempfile.mkdtemp(prefix=f"{name}.", dir=builds))
+    with using_root(root):
+        for path, host in files.items():
+            (work / path).parent.mkdir(parents=True, exist_ok=True)
             if Path(host).is_dir():
-                shutil.copytree(host, work / name,
+                shutil.copytree(host, work / path,
                                 ignore=shutil.ignore_patterns("*.o", "*.cmd", "*.ko", "*.mod*"))
             else:
-                shutil.copy(host, work / name)
+                shutil.copy(host, work / path)
         built = in_root(root, ["make", "-C", f"/lib/modules/{k.kver}/build",
                                f"M=/{work.relative_to(root)}", "modules"])
     warnings = [line for line in (built.stdout + built.stderr).splitlines() if "warning:" in line]
     if warnings:
-        raise VMError(f"{name} for {k.kver} built with warnings:\n" + "\n".join(warnings))
+        raise VMError(f"{work.name} for {k.kver} built with warnings:\n" + "\n".join(warnings))
     return work
 
 
@@ -419,9 +429,22 @@ def _udp_sender() -> Path:
     source = HERE / "udp.c"
     binary = cache_dir() / f"udp-{hashlib.sha256(source.read_bytes()).hexdigest()[:16]}"
     if not binary.exists():
-        _run(["gcc", "-static", "-O2", "-Wall", "-Werror", "-o", f"{binary}.tmp", str(source)])
-        os.rename(f"{binary}.tmp", binary)
+        static_binary(source, binary)
     return binary
+
+
+def static_binary(source: Path, binary: Path) -> None:
+    """source compiled static into binary, atomically: test runs beside each other may
+    compile it at once."""
+    fd, tmp = tempfile.mkstemp(prefix=binary.name + ".", dir=binary.parent)
+    os.close(fd)
+    try:
+        _run(["gcc", "-static", "-O2", "-Wall", "-Werror", "-o", tmp, str(source)])
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, binary)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 class Cpio:
@@ -588,7 +611,9 @@ def _base_initramfs(kver: str) -> tuple[Path, frozenset[str]]:
                     cpio.symlink(guest_path(applet), "/usr/bin/busybox")
             _add_tree(cpio, modules / "lib/modules", "usr/lib/modules")
             cpio.close()
-        dirs_file.write_text("\n".join(sorted(cpio.dirs)))
+        listed = Path(work) / "base.dirs"
+        listed.write_text("\n".join(sorted(cpio.dirs)))
+        os.replace(listed, dirs_file)
         built.rename(image)
     for old in cache_dir().glob(f"base-{kver}-*"):
         if old not in (image, dirs_file):

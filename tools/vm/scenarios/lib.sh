@@ -183,7 +183,8 @@ ask() { echo "$1 udp $3 $4${6:+ from $6}: $(ip netns exec $2 udp ask $3 $4 $5 $6
 # (CONFIG_NETFILTER_XTABLES_LEGACY, optional since 6.17: Debian's rt kernel has none)
 legacy_xtables() {
 	grep -q '/iptable_filter\.ko' /lib/modules/$(uname -r)/modules.builtin ||
-		[ -n "$(find /lib/modules/$(uname -r)/kernel/net/ipv4/netfilter -name 'iptable_filter.ko*')" ]
+		[ -n "$(find /lib/modules/$(uname -r)/kernel/net/ipv4/netfilter \
+			-name 'iptable_filter.ko*' 2>/dev/null)" ]
 }
 
 # reference_then_bpfilter MODULE...: the scenario's `phases` run first against the
