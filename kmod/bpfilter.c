@@ -344,17 +344,18 @@ struct bpfilter_umh_work {
 	int err;
 };
 
+#ifndef scoped_with_init_fs
+/* kernels whose kernel threads share init's filesystem have no such scope */
+#define scoped_with_init_fs()
+#endif
+
 static void bpfilter_umh_work_fn(struct work_struct *work)
 {
 	struct bpfilter_umh_work *w = container_of(work, struct bpfilter_umh_work, work);
 
-#ifdef scoped_with_init_fs
-	/* a kernel thread's own root is an empty filesystem now: resolve in init's */
+	/* a kernel thread's own root may be an empty filesystem: resolve in init's */
 	scoped_with_init_fs()
 		w->err = w->remove ? bpfilter_unlink(umh_path) : bpfilter_write_umh();
-#else
-	w->err = w->remove ? bpfilter_unlink(umh_path) : bpfilter_write_umh();
-#endif
 }
 
 /*

@@ -17,6 +17,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools" / "vm"))
+sys.path.insert(0, str(ROOT / "tools"))
+import deb  # noqa: E402
 import harness  # noqa: E402
 from test_kmod import (  # noqa: E402
     REALWORLD_ANSWERS, _realworld_files, _same_answers_and_counters, reference_then_bpfilter)
@@ -31,7 +33,6 @@ RULESETS = ("fail2ban", "ufw")
 # The root's own namespaces, PID 1 included: a bpfilter service moves to PID 1's network
 # and mount namespaces (see daemon.py), which must be the root's, not this host's.
 SANDBOX = ("unshare", "--pid", "--fork", "--mount-proc", "--propagation", "unchanged", "--net")
-VERSION = re.search(r'^PACKAGE_VERSION="(.+)"', (ROOT / "dkms.conf").read_text(), re.M)[1]
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +53,12 @@ def installed(debs):
     harness.install_in_root(root, ["apt-get", "install", "-y", "-q", "--no-install-recommends",
                                    *(f"linux-headers-{k.kver}" for k in kernels)])
     (root / "tmp/debs").mkdir()
-    for deb in debs:
-        shutil.copy(deb, root / "tmp/debs")
+    for package in debs:
+        shutil.copy(package, root / "tmp/debs")
     # as a user installs a downloaded package: apt resolves what it depends on
     harness.install_in_root(root, ["apt-get", "install", "-y", "-q", "--no-install-recommends",
-                                   *(f"/tmp/debs/{deb.name}" for deb in debs
-                                     if "dbgsym" not in deb.name)])
+                                   *(f"/tmp/debs/{package.name}" for package in debs
+                                     if "dbgsym" not in package.name)])
     yield root, kernels
     shutil.rmtree(root)
 
@@ -71,7 +72,7 @@ def test_dkms_built_the_module_for_every_kernel_with_headers(installed):
     root, kernels = installed
     status = harness.in_root(root, ["dkms", "status"]).stdout
     for k in kernels:
-        assert f"bpfilter/{VERSION}, {k.kver}, x86_64: installed" in status, status
+        assert f"bpfilter/{deb.VERSION}, {k.kver}, x86_64: installed" in status, status
         info = subprocess.run(["modinfo", "-F", "vermagic", str(_module(root, k.kver))],
                               capture_output=True, text=True, check=True).stdout
         assert info.startswith(f"{k.kver} "), info
@@ -86,7 +87,7 @@ def test_the_helper_runs_on_the_newest_c_library(installed):
     supported), serves the unmodified iptables-legacy on Debian 13's, newer, through the
     bpfilter package's client, in a namespace of its own."""
     root, _ = installed
-    helper = f"/usr/src/bpfilter-{VERSION}/build/bpfilter-umh"
+    helper = f"/usr/src/bpfilter-{deb.VERSION}/build/bpfilter-umh"
     script = f"""{helper} serve --socket /run/umh.sock 2>/run/umh.log &
 for i in $(seq 100); do [ -S /run/umh.sock ] && break; sleep 0.1; done
 bpfilter exec --socket /run/umh.sock -- iptables-legacy -A INPUT -p udp --dport 9 -j DROP
@@ -104,9 +105,9 @@ def test_the_helper_is_reproducible(debs, tmp_path):
     fresh = tmp_path / "bpfilter-umh"
     subprocess.run(["bash", str(ROOT / "tools/build-helper.sh"), "--helper-only", "--out",
                     str(fresh)], check=True, capture_output=True)
-    dkms, = [deb for deb in debs if deb.name.startswith("bpfilter-dkms_")]
+    dkms, = [package for package in debs if package.name.startswith("bpfilter-dkms_")]
     subprocess.run(["dpkg-deb", "-x", str(dkms), str(tmp_path / "deb")], check=True)
-    packaged = tmp_path / "deb" / f"usr/src/bpfilter-{VERSION}/build/bpfilter-umh"
+    packaged = tmp_path / "deb" / f"usr/src/bpfilter-{deb.VERSION}/build/bpfilter-umh"
     assert fresh.read_bytes() == packaged.read_bytes()
 
 
@@ -122,14 +123,14 @@ def test_the_bpfilter_command_on_debians_python(installed):
 
 def test_the_packaged_module_filters_on_each_kernel(installed, tmp_path):
     root, kernels = installed
+    phases = tmp_path / "phases"
+    phases.write_text(" ".join(RULESETS) + "\n")
     runs = {}
     for k in kernels:
         module = tmp_path / f"bpfilter-{k.kver}.ko"
         packed = _module(root, k.kver)
         module.write_bytes(lzma.decompress(packed.read_bytes()) if packed.suffix == ".xz"
                            else packed.read_bytes())
-        phases = tmp_path / "phases"
-        phases.write_text(" ".join(RULESETS) + "\n")
         files = {**_realworld_files(k.kver, module), "/etc/bpfilter-vm/phases": str(phases)}
         runs[k.kver] = reference_then_bpfilter("kmod-realworld.sh", files, timeout=900,
                                                   kver=k.kver), k

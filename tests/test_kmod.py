@@ -15,6 +15,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools" / "vm"))
 sys.path.insert(0, str(ROOT / "tools" / "bench"))
+sys.path.insert(0, str(ROOT / "tools"))
+import deb  # noqa: E402
 import harness  # noqa: E402
 import kubeproxy  # noqa: E402
 
@@ -829,7 +831,7 @@ def test_dkms_builds_and_installs(module):
     Debian release, and installs it there."""
     kver = harness.kernel_release()
     root = harness.kernel_root(kver)
-    version = re.search(r'^PACKAGE_VERSION="(.+)"', (ROOT / "dkms.conf").read_text(), re.M)[1]
+    version = deb.VERSION
     work = Path(f"/tmp/bpfilter-dkms-test-{kver}")   # in the root, which other kernels share
     if (root / work.relative_to("/")).exists():
         shutil.rmtree(root / work.relative_to("/"))

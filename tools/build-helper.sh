@@ -74,8 +74,9 @@ EOF
               unittest pydoc pytest _hashlib readline decimal _decimal)
     # Same sources, same bytes: marshalled sets ordered as a fixed hash seed orders
     # them, and no build time in what PyInstaller writes.
-    PYTHONHASHSEED=0 SOURCE_DATE_EPOCH=0 "$python" -m PyInstaller --noconfirm --clean --log-level WARN --onefile --strip \
-        --name bpfilter-umh --distpath "$work/dist" --workpath "$work/work" \
+    PYTHONHASHSEED=0 SOURCE_DATE_EPOCH=0 "$python" -m PyInstaller --noconfirm --clean \
+        --log-level WARN --onefile --strip --name bpfilter-umh --distpath "$work/dist" \
+        --workpath "$work/work" \
         --specpath "$work" --paths "$root/umh" --collect-submodules bpfilter \
         "${excluded[@]/#/--exclude-module=}" "$work/bpfilter-umh.py"
     mv "$work/dist/bpfilter-umh" "$helper"

@@ -24,6 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools" / "vm"))
 import harness  # noqa: E402
 
+# the package's version, DKMS's as the package installs it
+VERSION = re.search(r'^PACKAGE_VERSION="(.+)"', (ROOT / "dkms.conf").read_text(), re.M)[1]
+
 
 def build_depends() -> str:
     control = (ROOT / "debian/control").read_text()
@@ -57,13 +60,6 @@ def main() -> int:
     args = parser.parse_args()
     subprocess.run(["bash", str(ROOT / "tools/build-helper.sh"), "--helper-only"], check=True)
     root = harness.build_root(args.release)
-    harness.install_in_root(root, ["apt-get", "satisfy", "-y", "-q", "--no-install-recommends",
-                                   build_depends() + ", build-essential, lintian, fakeroot"])
-    version = re.search(r'^PACKAGE_VERSION="(.+)"', (ROOT / "dkms.conf").read_text(), re.M)[1]
-    work = root / "build" / "deb"
-    if work.exists():
-        shutil.rmtree(work)
-    source_tree(work / f"bpfilter-{version}")
     host_libc = libc_version(subprocess.run(["ldd", "--version"], check=True,
                                             capture_output=True, text=True).stdout)
     root_libc = libc_version(harness.in_root(root, ["ldd", "--version"]).stdout)
@@ -72,17 +68,22 @@ def main() -> int:
               f"{args.release}'s {root_libc}: build on the oldest release supported",
               file=sys.stderr)
         return 1
+    harness.install_in_root(root, ["apt-get", "satisfy", "-y", "-q", "--no-install-recommends",
+                                   build_depends() + ", build-essential, lintian, fakeroot"])
+    work = root / "build" / "deb"
+    if work.exists():
+        shutil.rmtree(work)
+    source_tree(work / f"bpfilter-{VERSION}")
     try:
         with harness.using_root(root):
-            harness.in_root(root, ["sh", "-c", f"cd /build/deb/bpfilter-{version} && "
+            harness.in_root(root, ["sh", "-c", f"cd /build/deb/bpfilter-{VERSION} && "
                                                "dpkg-buildpackage -b -us -uc"])
     except harness.VMError as e:
         print(e, file=sys.stderr)
         return 1
     changes, = work.glob("*.changes")
-    lint = subprocess.run(["unshare", "--mount", "--propagation", "private", "chroot", str(root),
-                           "lintian", "--info", "--display-info", "--fail-on", "error,warning",
-                           f"/build/deb/{changes.name}"], capture_output=True, text=True)
+    lint = harness.in_root(root, ["lintian", "--info", "--display-info", "--fail-on",
+                                  "error,warning", f"/build/deb/{changes.name}"], check=False)
     args.out.mkdir(parents=True, exist_ok=True)
     for old in args.out.glob("*.deb"):
         old.unlink()

@@ -118,9 +118,8 @@ def system_libraries() -> dict[str, str]:
 
 # A kernel is chosen by $BPFILTER_VM_KERNEL, "SERIES:FLAVOUR:SUITE" (the newest release of
 # the series that suite's mirror has, e.g. "7:rt:trixie-backports": backports keeps only
-# its newest), or pinned by
-# $BPFILTER_VM_KVER, a `uname -r` (e.g. "7.3.4+deb13-cloud-amd64"). Debian 13's 6.12
-# unless told.
+# its newest), or pinned by $BPFILTER_VM_KVER, a `uname -r` (e.g.
+# "7.3.4+deb13-cloud-amd64"). Debian 13's 6.12 unless told.
 DEFAULT_KERNEL = "6.12:cloud:trixie"
 # the distribution a kernel's "+debN" belongs to
 DEBIAN_RELEASES = {"12": "bookworm", "13": "trixie", "14": "forky"}
@@ -162,18 +161,19 @@ def _apt_options(distribution: str) -> list[str]:
         if not stamp.exists() or time.time() - stamp.stat().st_mtime > LISTS_MAX_AGE:
             (lists / "partial").mkdir(parents=True, exist_ok=True)
             (base / "cache/archives/partial").mkdir(parents=True, exist_ok=True)
-            sources.write_text("".join(
-                f"deb [signed-by={ARCHIVE_KEYRING}] {mirror} {suite} main\n"
-                for mirror, suite in _suites(distribution)))
+            sources.write_text(_sources_list(distribution))
             _run(["apt-get", *options, "-q", "update"])
             stamp.touch()
     return options
 
 
-def _suites(distribution: str) -> list[tuple[str, str]]:
+def _sources_list(distribution: str) -> str:
+    """An apt sources.list of the release's suites: its own, updates, backports, security."""
     debian, security = "http://deb.debian.org/debian", "http://deb.debian.org/debian-security"
-    return [(debian, distribution), (debian, f"{distribution}-updates"),
-            (debian, f"{distribution}-backports"), (security, f"{distribution}-security")]
+    suites = [(debian, distribution), (debian, f"{distribution}-updates"),
+              (debian, f"{distribution}-backports"), (security, f"{distribution}-security")]
+    return "".join(f"deb [signed-by={ARCHIVE_KEYRING}] {mirror} {suite} main\n"
+                   for mirror, suite in suites)
 
 
 def _known(distribution: str, pattern: str) -> list[str]:
@@ -188,8 +188,10 @@ def _depends(distribution: str, package: str) -> list[str]:
     shown = _run(["apt-cache", *_apt_options(distribution), "show", "--no-all-versions",
                   package]).stdout
     field = re.search(r"^Depends: (.*)$", shown, re.M)
-    return [re.split(r"[ (]", alt.strip())[0] for alt in field[1].split(",")
-            for alt in [alt.split("|")[0]]] if field else []
+    if not field:
+        return []
+    # "a (>= 1) | b, c" -> a, c
+    return [re.match(r"\s*([^\s(|]+)", dep)[1] for dep in field[1].split(",")]
 
 
 @functools.lru_cache(maxsize=None)
@@ -212,14 +214,16 @@ def kernel(spec: Optional[str] = None) -> Kernel:
     flavour = flavour if flavour.endswith("-amd64") else f"{flavour}-amd64"
     distribution = suite.split("-")[0]
     # the newest release of the series ("7": any 7.x) the mirror has, in that suite only
+    candidates = _known(distribution, rf"^linux-headers-{re.escape(series)}(\.[0-9]+)+\+deb[0-9]+-"
+                                      rf"{flavour}$")
     found = []
-    for name in _known(distribution, rf"^linux-headers-{re.escape(series)}(\.[0-9]+)+\+deb[0-9]+-"
-                                     rf"{flavour}$"):
-        name = name.removeprefix("linux-headers-")
-        policy = _run(["apt-cache", *_apt_options(distribution), "policy",
-                       f"linux-headers-{name}"]).stdout
-        if re.search(rf" {re.escape(suite)}/main ", policy):
-            found.append(name.removesuffix(f"-{flavour}"))
+    if candidates:
+        # one section per package: "linux-headers-...:" then its versions and suites
+        policy = _run(["apt-cache", *_apt_options(distribution), "policy", *candidates]).stdout
+        sections = re.split(r"^(\S+):$", policy, flags=re.M)
+        for name, versions in zip(sections[1::2], sections[2::2]):
+            if re.search(rf" {re.escape(suite)}/main ", versions):
+                found.append(name.removeprefix("linux-headers-").removesuffix(f"-{flavour}"))
     if not found:
         raise VMError(f"the mirror's {suite} has no {series} {flavour} kernel")
     newest = max(found, key=lambda r: [int(n) for n in re.findall(r"\d+", r)])
@@ -309,23 +313,24 @@ BUILD_ROOT_PACKAGES = ("make", "gcc", "libc6-dev", "libelf-dev", "dwarves", "kmo
 def build_root(distribution: str) -> Path:
     """A Debian root of `distribution` for building its kernels' modules and packages
     (its kbuild tools need its C library, its kernels its compiler), made once."""
-    dest = cache_dir() / f"root-{distribution}"
-    with _locked(dest.name):
-        if not (dest / "etc/bpfilter-build-root").exists():
-            _debootstrap(distribution, dest, BUILD_ROOT_PACKAGES)
-    return dest
+    return _made_root(cache_dir() / f"root-{distribution}", distribution, BUILD_ROOT_PACKAGES)
 
 
 def clean_root(distribution: str, dest: Path) -> Path:
     """At dest, a fresh copy of a minimal Debian root of `distribution` (debootstrap's
     minbase, made once): a clean system to install packages on."""
-    pristine = cache_dir() / f"pristine-{distribution}"
-    with _locked(pristine.name):
-        if not (pristine / "etc/bpfilter-build-root").exists():
-            _debootstrap(distribution, pristine, ())
+    pristine = _made_root(cache_dir() / f"pristine-{distribution}", distribution, ())
     if dest.exists():
         shutil.rmtree(dest)
     _run(["cp", "-a", str(pristine), str(dest)])
+    return dest
+
+
+def _made_root(dest: Path, distribution: str, packages: tuple[str, ...]) -> Path:
+    """dest, a root debootstrap made once (minbase and `packages`)."""
+    with _locked(dest.name):
+        if not (dest / "etc/bpfilter-build-root").exists():
+            _debootstrap(distribution, dest, packages)
     return dest
 
 
@@ -336,9 +341,7 @@ def _debootstrap(distribution: str, dest: Path, packages: tuple[str, ...]) -> No
         _run(["debootstrap", "--variant=minbase",
               *([f"--include={','.join(packages)}"] if packages else []),
               distribution, str(work), "http://deb.debian.org/debian"])
-        (work / "etc/apt/sources.list").write_text("".join(
-            f"deb [signed-by={ARCHIVE_KEYRING}] {mirror} {suite} main\n"
-            for mirror, suite in _suites(distribution)))
+        (work / "etc/apt/sources.list").write_text(_sources_list(distribution))
         (work / "etc/bpfilter-build-root").write_text(distribution + "\n")
         if dest.exists():
             shutil.rmtree(dest)
@@ -349,18 +352,21 @@ def _debootstrap(distribution: str, dest: Path, packages: tuple[str, ...]) -> No
     log.info("made the %s root %s in %.1f s", distribution, dest.name, time.monotonic() - started)
 
 
-def in_root(root: Path, command: list[str], system: bool = False,
+def in_root(root: Path, command: list[str], system: bool = False, check: bool = True,
             **kw) -> subprocess.CompletedProcess:
     """command run chrooted in root, with /proc (objtool reads it) mounted in a mount
     namespace of its own, gone with it; `system`: also /sys, /sys/fs/bpf, /dev and a
-    /run of its own, for bpfilter itself."""
+    /run of its own, for bpfilter itself. A failure raises VMError, unless not `check`."""
     mounts = ['mount -t proc proc "$0/proc"']
     if system:
         mounts += ['mount -t sysfs sysfs "$0/sys"', 'mount -t bpf bpf "$0/sys/fs/bpf"',
                    'mount -t tmpfs tmpfs "$0/run"', 'mount -t devtmpfs devtmpfs "$0/dev"']
     script = " && ".join(mounts) + ' && exec chroot "$0" "$@"'
-    return _run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
-                 str(root), *command], **kw)
+    cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(root),
+           *command]
+    if not check:
+        return subprocess.run(cmd, capture_output=True, text=True, **kw)
+    return _run(cmd, **kw)
 
 
 def kernel_root(kver: Optional[str] = None) -> Path:

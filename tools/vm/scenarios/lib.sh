@@ -189,10 +189,10 @@ legacy_xtables() {
 
 # reference_then_bpfilter MODULE...: the scenario's `phases` run first against the
 # kernel's ip_tables and ip6_tables (the reference; none on a kernel without legacy
-# xtables, where the test compares with another kernel's reference), then, with those and MODULE...
-# unloaded (and the namespaces $NAMESPACES, by default fw, lan and wan, deleted),
-# against bpfilter.ko. bpfilter's refusals
-# name the rule: the kernel log's lines are shown whatever ends the script.
+# xtables, where the test compares with another kernel's reference), then, with those
+# and MODULE... unloaded (and the namespaces $NAMESPACES, by default fw, lan and wan,
+# deleted), against bpfilter.ko. bpfilter's refusals name the rule: the kernel log's
+# lines are shown whatever ends the script.
 reference_then_bpfilter() {
 	trap 'say log; dmesg | sed -n "s/^\[ *\([0-9.]*\)\] \(bpfilter: .*\)/\1 \2/p"' EXIT
 	if legacy_xtables; then
