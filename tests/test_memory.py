@@ -8,6 +8,7 @@ unchanged) or taken; and the reservation held to what the service's memory grows
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -18,6 +19,7 @@ import pytest
 
 from bpfilter import memory
 from bpfilter.errors import BpfilterError
+from kmsg import logging_everywhere
 from test_concurrency import shim_env
 from test_service import PY, nets, svc  # noqa: F401
 
@@ -110,7 +112,10 @@ def test_the_reservation_covers_what_a_replace_spends(svc, nets, rules):
     (ns,) = nets(1)
     svc.ok(ns, "iptables-legacy", "-L", "-n")   # the initial table: not the replace's
     before = peak(svc.pid)
-    svc.ok(ns, "iptables-legacy-restore", input=rules)
+    # (LOG rules load in `bpfilter serve` only where its lines reach the kernel log
+    # unthrottled: issue 17's gap, see README)
+    with logging_everywhere() if rules is LOGS else contextlib.nullcontext():
+        svc.ok(ns, "iptables-legacy-restore", input=rules)
     grown = peak(svc.pid) - before
     (line,) = [line for line in svc.log_text().splitlines() if "replaced in" in line]
     size = int(re.search(r"(\d+) bytes", line).group(1))

@@ -624,6 +624,7 @@ class _Caller:
             in_place = None   # self.table() refuses it
         raw, table = table_from_blob(blob, self.family, optlen=len(blob),
                                      previous=in_place and (in_place.raw, in_place.ruleset.table))
+        decoded = time.monotonic()
         previous = self.table(raw.name)
         if raw.num_counters != previous.raw.num_entries:
             raise BpfilterError(errno.EAGAIN, f"num_counters {raw.num_counters} but table "
@@ -631,8 +632,12 @@ class _Caller:
         entries = previous.successor_entries(raw)
         state = self._install(previous.key, blob, raw, table, previous)
         state.kernel_entries = entries
+        installed = time.monotonic()
         old = self._retire(previous, state)
-        log(f"netns {self.inum}: {self.abi.command} table {raw.name} replaced in {time.monotonic() - started:.3f} s: "
+        done = time.monotonic()
+        log(f"netns {self.inum}: {self.abi.command} table {raw.name} replaced in {done - started:.3f} s "
+            f"(decoded {decoded - started:.3f}, compiled, loaded and swapped in "
+            f"{installed - decoded:.3f}, the previous one retired {done - installed:.3f}): "
             f"{raw.num_entries} entries, {len(blob)} bytes, " + ", ".join(f"{r.hook.chain_name} {r.insn_count} insns"
                                                        for r in state.ruleset.hooks.values()))
         return 0, old

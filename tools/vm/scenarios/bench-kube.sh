@@ -66,3 +66,5 @@ for n in $(cat $DIR/sizes); do
 	measure bpfilter "$n" "ip netns exec fw iptables-legacy-restore $DIR/$n.rules" \
 		"ip netns exec fw iptables-legacy-restore --noflush $DIR/$n.change.rules"
 done
+# the helper's own account of each replace (decode, compile and load, retire)
+dmesg | sed -n 's/.*\(bpfilter: .*replaced in.*\)/\1/p' | sed 's/, [^,]* insns.*//'

@@ -73,6 +73,7 @@ class Templates:
     instance_of: dict[str, tuple[int, int]] = field(default_factory=dict)   # key -> (t, n)
     record_size: int = 0
     records: bytes = b""
+    parts: "_Parts" = None   # for the plan of the table replacing this one
 
     @property
     def count(self) -> int:
@@ -125,7 +126,7 @@ def _ports(ports: PortRange, holes: _Holes, build: bool):
     return shape, build and replace(ports, lo=lo, hi=hi)
 
 
-def _match(match, holes: _Holes, build: bool):
+def _match(match, holes: _Holes, build: bool = False):
     """(shape, holed match: only if `build`, for a template's exemplar), or None."""
     if isinstance(match, CommentMatch):
         return ("comment",), match
@@ -176,33 +177,73 @@ def _target(target, holes: _Holes, template_of: dict[str, int], build: bool):
     return None
 
 
-def _shape(chain: Chain, template_of: dict[str, int], instance_of: dict[str, tuple],
-           build: bool = False):
-    """(shape, holes, holed rules: only if `build`) of a chain, or None if it cannot
-    be a template."""
+class _Parts:
+    """The shapes and hole values of ip parts and matches, by object. The decoder
+    shares these between the rules that repeat them, and a replace's unchanged rules
+    with the table they replace (decode.table_from_raw): each is shaped once. An
+    entry keeps its object, so that its id is not another's."""
+
+    def __init__(self, earlier: "_Parts | None" = None):
+        self.earlier = earlier.seen if earlier is not None else {}
+        self.seen: dict[int, tuple] = {}
+
+    def get(self, part, shape_of) -> tuple:
+        """(shape or None, hole values) of `part`."""
+        known = self.seen.get(id(part)) or self.earlier.get(id(part))
+        if known is None or known[0] is not part:
+            holes = _Holes()
+            made = shape_of(part, holes)
+            known = (part, made and made[0], holes.words)
+        self.seen[id(part)] = known
+        return known[1], known[2]
+
+
+def _ip_shape(ip, holes: _Holes):
+    if not isinstance(ip, (IpHeader, Ip6Header)):
+        return None
+    (src_shape, src), (dst_shape, dst) = _prefix(ip.src, holes), _prefix(ip.dst, holes)
+    return (ip._replace(src=None, dst=None), src_shape, dst_shape), ip._replace(src=src, dst=dst)
+
+
+def _rules_shape(chain: Chain) -> bool:
+    """Whether the chain's rules can be a template's instance, whatever their parts."""
     rules = chain.rules
     if not 0 < len(rules) <= TEMPLATE_MAX_RULES or not all(r.reachable for r in rules):
-        return None
+        return False
     first = rules[0].entry
-    if any(r.entry != first + i for i, r in enumerate(rules)) or \
-            chain.tail_entry != first + len(rules):
+    return all(r.entry == first + i for i, r in enumerate(rules)) and \
+        chain.tail_entry == first + len(rules)
+
+
+def _shape(chain: Chain, template_of: dict[str, int], instance_of: dict[str, tuple],
+           parts: "_Parts | None" = None):
+    """(shape, holes, holed rules) of a chain, or None if it cannot be a template.
+    With `parts`, its rules' parts are shaped once there and no holed rules are made
+    (an instance's); without, they are (the exemplar's)."""
+    if not _rules_shape(chain):
         return None
+    build = parts is None
     holes = _Holes()
     shape, holed = [], []
-    for rule in rules:
-        if not isinstance(rule.ip, (IpHeader, Ip6Header)):
+    for rule in chain.rules:
+        if build:
+            ip_shape, ip = _ip_shape(rule.ip, holes) or (None, None)
+        else:
+            ip_shape, words = parts.get(rule.ip, _ip_shape)
+            holes.words += words
+        if ip_shape is None:
             return None
-        (src_shape, src), (dst_shape, dst) = _prefix(rule.ip.src, holes), \
-            _prefix(rule.ip.dst, holes)
-        ip = rule.ip._replace(src=src, dst=dst)
-        ip_shape = (rule.ip._replace(src=None, dst=None), src_shape, dst_shape)
         matches, match_shapes = [], []
         for match in rule.matches:
-            made = _match(match, holes, build)
-            if made is None:
+            if build:
+                match_shape, holed_match = _match(match, holes, True) or (None, None)
+                matches.append(holed_match)
+            else:
+                match_shape, words = parts.get(match, _match)
+                holes.words += words
+            if match_shape is None:
                 return None
-            match_shapes.append(made[0])
-            matches.append(made[1])
+            match_shapes.append(match_shape)
         made = _target(rule.target, holes, template_of, build)
         if made is None:
             return None
@@ -235,9 +276,10 @@ def _heights(table: Table) -> dict[str, int]:
     return heights
 
 
-def plan(table: Table) -> Templates:
-    """The table's templates and their instances' records."""
-    out = Templates()
+def plan(table: Table, previous: "Templates | None" = None) -> Templates:
+    """The table's templates and their instances' records. `previous`: the plan of
+    the table it replaces, whose rules' parts it may share."""
+    out = Templates(parts=_Parts(previous and previous.parts))
     heights = _heights(table)
     template_of: dict[str, int] = {}
     records: list[bytes] = []
@@ -247,17 +289,17 @@ def plan(table: Table) -> Templates:
         for chain in user:
             if heights.get(chain.key, 0) != height:
                 continue
-            made = _shape(chain, template_of, out.instance_of)
+            made = _shape(chain, template_of, out.instance_of, out.parts)
             if made is not None:
-                groups.setdefault(made[0], []).append((chain, made[1], made[2]))
+                groups.setdefault(made[0], []).append((chain, made[1]))
         for members in groups.values():
             if len(members) < TEMPLATE_MIN:
                 continue
-            exemplar, holes, _ = members[0]
-            _, _, holed = _shape(exemplar, template_of, out.instance_of, build=True)
+            exemplar, holes = members[0]
+            _, _, holed = _shape(exemplar, template_of, out.instance_of)
             template = Template(len(out.templates), exemplar, holed, holes.offset)
             out.templates.append(template)
-            for chain, chain_holes, _ in members:
+            for chain, chain_holes in members:
                 template_of[chain.key] = template.index
                 out.instance_of[chain.key] = (template.index, len(records))
                 template.instances.append(chain.key)

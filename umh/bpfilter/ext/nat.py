@@ -183,11 +183,11 @@ class _Compat(_Nat):
     struct = ipv4_multi_range_compat
 
     def _range(self, payload: bytes, where: str) -> NatRange:
-        mr = ipv4_multi_range_compat.parse(payload[:ipv4_multi_range_compat.sizeof()])
-        if mr.rangesize != 1:
+        rangesize, flags, min_ip, max_ip, low, high = self.packed.unpack_from(payload)
+        if rangesize != 1:
             raise BpfilterError(errno.EINVAL, f"{where}: {self.name}: multiple ranges no "
-                                              f"longer supported (rangesize {mr.rangesize})")
-        return NatRange(mr.flags, mr.min_ip + bytes(12), mr.max_ip + bytes(12), mr.min, mr.max)
+                                              f"longer supported (rangesize {rangesize})")
+        return NatRange(flags, min_ip + bytes(12), max_ip + bytes(12), low, high)
 
 
 class _Range(_Nat):
@@ -195,8 +195,7 @@ class _Range(_Nat):
     struct = nat_range
 
     def _range(self, payload: bytes, where: str) -> NatRange:
-        r = nat_range.parse(payload[:nat_range.sizeof()])
-        return NatRange(r.flags, r.min_addr, r.max_addr, r.min_proto, r.max_proto)
+        return NatRange(*self.packed.unpack_from(payload))
 
 
 class _Range2(_Nat):
@@ -204,8 +203,7 @@ class _Range2(_Nat):
     struct = nat_range2
 
     def _range(self, payload: bytes, where: str) -> NatRange:
-        r = nat_range2.parse(payload[:nat_range2.sizeof()])
-        return NatRange(r.flags, r.min_addr, r.max_addr, r.min_proto, r.max_proto, r.base_proto)
+        return NatRange(*self.packed.unpack_from(payload)[:6])   # (then its padding)
 
 
 _SNAT = dict(name="SNAT", how=NatHow.SNAT, hooks=_POST | _IN)
