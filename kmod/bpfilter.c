@@ -1321,6 +1321,9 @@ BTF_ID_FLAGS(func, bpfilter_nat, KF_TRUSTED_ARGS)		/* nat.c */
 BTF_ID_FLAGS(func, bpfilter_set_mark, KF_TRUSTED_ARGS)		/* mark.c */
 BTF_ID_FLAGS(func, bpfilter_connmark, KF_TRUSTED_ARGS)		/* mark.c */
 BTF_ID_FLAGS(func, bpfilter_xt_match, KF_TRUSTED_ARGS)		/* xtmatch.c */
+BTF_ID_FLAGS(func, bpfilter_xt_target, KF_TRUSTED_ARGS)		/* xtmatch.c */
+BTF_ID_FLAGS(func, bpfilter_route_snapshot, KF_TRUSTED_ARGS)	/* mangle.c */
+BTF_ID_FLAGS(func, bpfilter_reroute, KF_TRUSTED_ARGS)		/* mangle.c */
 BTF_KFUNCS_END(bpfilter_kfunc_ids)
 
 static const struct btf_kfunc_id_set bpfilter_kfunc_set = {

@@ -158,7 +158,12 @@ enum bpfilter_nat_how {
  * its protocol (proto, inv_proto: `! -p`); the kernel's errno if that refuses it.
  * Only extensions the module knows need nothing more of the table walk are taken
  * (recent, nfacct; EOPNOTSUPP otherwise). Then the instance is kept and its number
- * written to `id`, which the programs pass to bpfilter_xt_match(). XT_MATCH_DESTROY
+ * written to `id`, which the programs pass to bpfilter_xt_match(). With `target`
+ * set, the same for a rule's target: xt_check_target(), and bpfilter_xt_target()
+ * runs it (TOS, DSCP, TTL, HL, TCPMSS, CHECKSUM, CLASSIFY, CT, NOTRACK); its
+ * checkentry sees the rule's entry at `entry` (ipt_entry or ip6t_entry and its
+ * matches, as in the replace), its matches found as translate_table() finds them
+ * (TCPMSS looks for tcp's SYN test there). XT_MATCH_DESTROY
  * destroys, once no program runs them, the instances of the namespace whose cookie is
  * netns_cookie among the info_size / 4 numbers (__u32) at `info`, and answers how
  * many it found (one not found went with its namespace). XT_MATCH_LIST writes a
@@ -179,8 +184,12 @@ struct bpfilter_xt_match {
 	__u64 info;			/* CREATE: the payload; DESTROY: ids; LIST: refs */
 	__u32 id;			/* CREATE: out */
 	__u8 inv_proto;			/* CREATE */
-	__u8 pad[3];			/* 0 */
+	__u8 target;			/* CREATE: 1: a target (bpfilter_xt_target()) */
+	__u8 pad[2];			/* 0 */
 	__u64 netns_cookie;		/* DESTROY */
+	__u64 entry;			/* CREATE, a target: its rule's entry up to the target */
+	__u32 entry_size;		/* its bytes: target_offset */
+	__u32 pad2;			/* 0 */
 };
 
 struct bpfilter_xt_instance_ref {
@@ -199,5 +208,8 @@ enum bpfilter_xt_verdict {
 	BPFILTER_XT_MISMATCH = 1,
 	BPFILTER_XT_HOTDROP = 2,
 };
+
+/* sizeof(struct bpfilter_route_snap) (mangle.c): the stack bpfilter_route_snapshot() fills. */
+#define BPFILTER_ROUTE_SNAP_SIZE	48
 
 #endif /* _BPFILTER_PROTO_H */

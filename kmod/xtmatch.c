@@ -20,8 +20,14 @@
  * helper destroys it once the generation is gone (replaced, or its table
  * removed); its namespace going, or the module, destroys what is left.
  *
+ * Targets likewise (bpfilter_xt_target()): those that rewrite the packet or set up
+ * its conntrack template (TOS and DSCP, TTL and HL, TCPMSS, CHECKSUM, CLASSIFY, CT
+ * and NOTRACK) are the kernel's own ->target, checked by xt_check_target() as
+ * ip_tables checks them (their table and hook restrictions included), run as
+ * ipt_do_table() runs them, destroyed as cleanup_entry() does.
+ *
  * x_tables is reached through symbol_get(): bpfilter.ko loads on a kernel without
- * it, where these matches are refused.
+ * it, where these matches and targets are refused.
  */
 #include <linux/bpf.h>
 #include <linux/btf.h>
@@ -42,19 +48,36 @@
 
 /* A payload larger than this is no match's: recent's is 232 bytes. */
 #define BPFILTER_XT_MAX_INFO	4096
+/* An entry up to its target is smaller than this: the kernel's are, at most 64 KiB. */
+#define BPFILTER_XT_MAX_ENTRY	U16_MAX
 /* Instances named by one DESTROY or LIST: the helper batches by table load. */
 #define BPFILTER_XT_MAX_BATCH	(1u << 20)
 
 /*
  * The extensions run this way: their ->match needs nothing more than the packet,
- * the hook state and the offsets given below, and writes nothing of the packet.
+ * the hook state and the offsets given below, and writes nothing of the packet:
+ * state the kernel keeps and shows (recent, nfacct), and what it reads of the packet
+ * as each rule meets it, or keeps beside it (its conntrack entry, its route).
  */
-static const char *const bpfilter_xt_allowed[] = { "recent", "nfacct" };
+static const char *const bpfilter_xt_allowed[] = {
+	"recent", "nfacct", "dscp", "tos", "ecn", "tcpmss", "connbytes", "connlabel", "helper",
+	"cpu", "realm", "rpfilter",
+};
+/*
+ * The targets run this way: their ->target needs the packet, the hook state and
+ * the offsets below; what it writes of the packet (a header field, with the
+ * checksums it updates), of skb->priority or of the conntrack template is what
+ * ip_tables' rule would write.
+ */
+static const char *const bpfilter_xt_allowed_targets[] = {
+	"TOS", "DSCP", "TTL", "HL", "TCPMSS", "CHECKSUM", "CLASSIFY", "CT", "NOTRACK",
+};
 
 struct bpfilter_xt_instance {
 	struct net *net;		/* not counted: the namespace destroys us on its way out */
 	u64 cookie;			/* its net_cookie, which no other namespace ever has */
-	struct xt_match *match;		/* holds the extension's module */
+	struct xt_match *match;		/* a match's: holds the extension's module */
+	struct xt_target *target;	/* a target's: likewise */
 	void *info;			/* the payload, as checkentry left it */
 	u8 family;
 	bool ipv6_proto;		/* the rule has -p: ip6_packet_match() finds thoff */
@@ -68,67 +91,197 @@ static DEFINE_MUTEX(bpfilter_xt_lock);
 static struct xt_match *(*bpfilter_xt_find)(u8 af, const char *name, u8 revision);
 static int (*bpfilter_xt_check)(struct xt_mtchk_param *par, unsigned int size, u16 proto,
 				bool inv_proto);
+static struct xt_target *(*bpfilter_xt_find_target)(u8 af, const char *name, u8 revision);
+static int (*bpfilter_xt_check_target)(struct xt_tgchk_param *par, unsigned int size,
+				       u16 proto, bool inv_proto);
 
 /*
  * Loading x_tables registers its pernet operations, which waits for namespaces being
  * torn down, whose pre_exit takes bpfilter_xt_lock: so it is loaded without the lock
  * held, and whoever publishes second gives its reference back.
  */
+/* Publishes *got as *slot unless another did first; gives back what is not kept. */
+#define bpfilter_xt_publish(slot, got, symbol)		\
+	do {						\
+		mutex_lock(&bpfilter_xt_lock);		\
+		if ((got) && !(slot)) {			\
+			(slot) = (got);			\
+			(got) = NULL;			\
+		}					\
+		mutex_unlock(&bpfilter_xt_lock);	\
+		if (got)				\
+			symbol_put(symbol);		\
+	} while (0)
+
 static int bpfilter_xt_symbols(void)
 {
 	typeof(bpfilter_xt_find) find;
 	typeof(bpfilter_xt_check) check;
+	typeof(bpfilter_xt_find_target) find_target;
+	typeof(bpfilter_xt_check_target) check_target;
 
 	mutex_lock(&bpfilter_xt_lock);
 	find = bpfilter_xt_find;
 	check = bpfilter_xt_check;
+	find_target = bpfilter_xt_find_target;
+	check_target = bpfilter_xt_check_target;
 	mutex_unlock(&bpfilter_xt_lock);
-	if (find && check)
+	if (find && check && find_target && check_target)
 		return 0;
 	find = symbol_request(xt_request_find_match);
+	bpfilter_xt_publish(bpfilter_xt_find, find, xt_request_find_match);
 	check = symbol_request(xt_check_match);
-	mutex_lock(&bpfilter_xt_lock);
-	if (find && !bpfilter_xt_find) {
-		bpfilter_xt_find = find;
-		find = NULL;
-	}
-	if (check && !bpfilter_xt_check) {
-		bpfilter_xt_check = check;
-		check = NULL;
-	}
-	mutex_unlock(&bpfilter_xt_lock);
-	if (find)
-		symbol_put(xt_request_find_match);
-	if (check)
-		symbol_put(xt_check_match);
-	return READ_ONCE(bpfilter_xt_find) && READ_ONCE(bpfilter_xt_check) ? 0 : -EOPNOTSUPP;
+	bpfilter_xt_publish(bpfilter_xt_check, check, xt_check_match);
+	find_target = symbol_request(xt_request_find_target);
+	bpfilter_xt_publish(bpfilter_xt_find_target, find_target, xt_request_find_target);
+	check_target = symbol_request(xt_check_target);
+	bpfilter_xt_publish(bpfilter_xt_check_target, check_target, xt_check_target);
+	return READ_ONCE(bpfilter_xt_find) && READ_ONCE(bpfilter_xt_check) &&
+	       READ_ONCE(bpfilter_xt_find_target) && READ_ONCE(bpfilter_xt_check_target) ?
+	       0 : -EOPNOTSUPP;
 }
 
-static bool bpfilter_xt_allowed_name(const char *name)
+/* Gives back the extensions bpfilter_xt_entry() held (the first `held`), and the entry. */
+static void bpfilter_xt_entry_free(void *e, u8 family, unsigned int held)
 {
-	int i;
+	unsigned int pos = family == NFPROTO_IPV4 ? sizeof(struct ipt_entry) :
+						    sizeof(struct ip6t_entry);
+	struct xt_entry_match *m;
 
-	for (i = 0; i < ARRAY_SIZE(bpfilter_xt_allowed); i++)
-		if (!strcmp(name, bpfilter_xt_allowed[i]))
+	for (; held; held--, pos += m->u.match_size) {
+		m = e + pos;
+		module_put(m->u.kernel.match->me);
+	}
+	kvfree(e);
+}
+
+static bool bpfilter_xt_allowed_name(const char *name, bool target)
+{
+	const char *const *names = target ? bpfilter_xt_allowed_targets : bpfilter_xt_allowed;
+	int i, count = target ? ARRAY_SIZE(bpfilter_xt_allowed_targets) :
+				ARRAY_SIZE(bpfilter_xt_allowed);
+
+	for (i = 0; i < count; i++)
+		if (!strcmp(name, names[i]))
 			return true;
 	return false;
 }
 
-/* cleanup_match(), once no program can be running the instance. */
+/* cleanup_match() or cleanup_entry()'s target part, once no program can run the instance. */
 static void bpfilter_xt_destroy(struct bpfilter_xt_instance *inst)
 {
-	struct xt_mtdtor_param par = {
-		.net = inst->net,
-		.match = inst->match,
-		.matchinfo = inst->info,
-		.family = inst->family,
-	};
+	if (inst->target) {
+		struct xt_tgdtor_param par = {
+			.net = inst->net,
+			.target = inst->target,
+			.targinfo = inst->info,
+			.family = inst->family,
+		};
 
-	if (par.match->destroy)
-		par.match->destroy(&par);
-	module_put(par.match->me);
+		if (par.target->destroy)
+			par.target->destroy(&par);
+		module_put(par.target->me);
+	} else {
+		struct xt_mtdtor_param par = {
+			.net = inst->net,
+			.match = inst->match,
+			.matchinfo = inst->info,
+			.family = inst->family,
+		};
+
+		if (par.match->destroy)
+			par.match->destroy(&par);
+		module_put(par.match->me);
+	}
 	kvfree(inst->info);
 	kfree(inst);
+}
+
+/*
+ * A target's rule as its checkentry may walk it (par->entryinfo): the entry up to the
+ * target, from the replace, its matches' extensions found as translate_table()'s
+ * find_check_match() finds them (each held), target_offset where they end. Where
+ * none is given, the entry has only the protocol.
+ */
+static void *bpfilter_xt_entry(const struct bpfilter_xt_match *req, unsigned int *held)
+{
+	unsigned int head = req->family == NFPROTO_IPV4 ? sizeof(struct ipt_entry) :
+							  sizeof(struct ip6t_entry);
+	struct xt_entry_match *m;
+	struct xt_match *match;
+	unsigned int pos;
+	void *e;
+
+	*held = 0;
+	if (req->entry_size < head || req->entry_size > BPFILTER_XT_MAX_ENTRY)
+		return ERR_PTR(-EINVAL);
+	e = vmemdup_user(u64_to_user_ptr(req->entry), req->entry_size);
+	if (IS_ERR(e))
+		return e;
+	if (req->family == NFPROTO_IPV4)
+		((struct ipt_entry *)e)->target_offset = req->entry_size;
+	else
+		((struct ip6t_entry *)e)->target_offset = req->entry_size;
+	for (pos = head; pos < req->entry_size; pos += m->u.match_size) {
+		m = e + pos;
+		if (req->entry_size - pos < sizeof(*m) || m->u.match_size < sizeof(*m) ||
+		    m->u.match_size > req->entry_size - pos ||
+		    strnlen(m->u.user.name, sizeof(m->u.user.name)) == sizeof(m->u.user.name)) {
+			match = ERR_PTR(-EINVAL);
+		} else {
+			match = bpfilter_xt_find(req->family, m->u.user.name, m->u.user.revision);
+		}
+		if (IS_ERR(match)) {
+			bpfilter_xt_entry_free(e, req->family, *held);
+			return match;
+		}
+		m->u.kernel.match = match;
+		(*held)++;
+	}
+	return e;
+}
+
+/* The target's or match's checkentry, as translate_table()'s check_target() or check_match(). */
+static int bpfilter_xt_check_entry(struct bpfilter_xt_match *req, struct net *net, void *entry,
+				   struct bpfilter_xt_instance *inst)
+{
+	if (req->target) {
+		struct xt_tgchk_param par = {
+			.net = net,
+			.table = req->table,
+			.entryinfo = entry,
+			.target = inst->target,
+			.targinfo = inst->info,
+			.hook_mask = req->hook_mask,
+			.family = req->family,
+		};
+		unsigned int held = 0;
+		int err;
+
+		if (req->entry_size) {
+			par.entryinfo = bpfilter_xt_entry(req, &held);
+			if (IS_ERR(par.entryinfo))
+				return PTR_ERR(par.entryinfo);
+		}
+		/* its size, table, hooks and protocol, then its checkentry */
+		err = bpfilter_xt_check_target(&par, req->info_size, req->proto, req->inv_proto);
+		if (req->entry_size)
+			bpfilter_xt_entry_free((void *)par.entryinfo, req->family, held);
+		return err;
+	} else {
+		struct xt_mtchk_param par = {
+			.net = net,
+			.table = req->table,
+			.entryinfo = entry,
+			.match = inst->match,
+			.matchinfo = inst->info,
+			.hook_mask = req->hook_mask,
+			.family = req->family,
+		};
+
+		/* its size, table, hooks and protocol, then its checkentry */
+		return bpfilter_xt_check(&par, req->info_size, req->proto, req->inv_proto);
+	}
 }
 
 static long bpfilter_xt_create(struct bpfilter_xt_match *req, void __user *arg)
@@ -138,20 +291,19 @@ static long bpfilter_xt_create(struct bpfilter_xt_match *req, void __user *arg)
 		struct ipt_entry v4;
 		struct ip6t_entry v6;
 	} entry = {};
-	struct xt_mtchk_param par = {};
 	struct bpfilter_xt_instance *inst;
-	struct xt_match *match;
+	struct module *owner;
 	struct net *net;
-	void *info;
 	long err;
 	int id;
 
 	if ((req->family != NFPROTO_IPV4 && req->family != NFPROTO_IPV6) ||
-	    !req->info_size || req->info_size > BPFILTER_XT_MAX_INFO ||
+	    (!req->info_size && !req->target) || req->info_size > BPFILTER_XT_MAX_INFO ||
+	    req->target > 1 ||
 	    strnlen(req->name, sizeof(req->name)) == sizeof(req->name) ||
 	    strnlen(req->table, sizeof(req->table)) == sizeof(req->table))
 		return -EINVAL;
-	if (!bpfilter_xt_allowed_name(req->name))
+	if (!bpfilter_xt_allowed_name(req->name, req->target))
 		return -EOPNOTSUPP;
 	err = bpfilter_xt_symbols();
 	if (err)
@@ -159,18 +311,28 @@ static long bpfilter_xt_create(struct bpfilter_xt_match *req, void __user *arg)
 	net = get_net_ns_by_fd(req->netns_fd);
 	if (IS_ERR(net))
 		return PTR_ERR(net);
-	match = bpfilter_xt_find(req->family, req->name, req->revision);
-	if (IS_ERR(match)) {
-		err = PTR_ERR(match);
+	inst = kzalloc(sizeof(*inst), GFP_KERNEL_ACCOUNT);
+	if (!inst) {
+		err = -ENOMEM;
 		goto out_net;
 	}
-	info = kvzalloc(req->info_size, GFP_KERNEL_ACCOUNT);
-	inst = kzalloc(sizeof(*inst), GFP_KERNEL_ACCOUNT);
+	if (req->target) {
+		inst->target = bpfilter_xt_find_target(req->family, req->name, req->revision);
+		err = IS_ERR(inst->target) ? PTR_ERR(inst->target) : 0;
+		owner = err ? NULL : inst->target->me;
+	} else {
+		inst->match = bpfilter_xt_find(req->family, req->name, req->revision);
+		err = IS_ERR(inst->match) ? PTR_ERR(inst->match) : 0;
+		owner = err ? NULL : inst->match->me;
+	}
+	if (err)
+		goto out_inst;
+	inst->info = kvzalloc(req->info_size, GFP_KERNEL_ACCOUNT);
 	err = -ENOMEM;
-	if (!info || !inst)
+	if (!inst->info)
 		goto out_free;
 	err = -EFAULT;
-	if (copy_from_user(info, u64_to_user_ptr(req->info), req->info_size))
+	if (copy_from_user(inst->info, u64_to_user_ptr(req->info), req->info_size))
 		goto out_free;
 	if (req->family == NFPROTO_IPV4) {
 		entry.v4.ip.proto = req->proto;
@@ -180,21 +342,11 @@ static long bpfilter_xt_create(struct bpfilter_xt_match *req, void __user *arg)
 		entry.v6.ipv6.flags = req->proto ? IP6T_F_PROTO : 0;
 		entry.v6.ipv6.invflags = req->inv_proto ? IP6T_INV_PROTO : 0;
 	}
-	par.net = net;
-	par.table = req->table;
-	par.entryinfo = &entry;
-	par.match = match;
-	par.matchinfo = info;
-	par.hook_mask = req->hook_mask;
-	par.family = req->family;
-	/* its size, table, hooks and protocol, then its checkentry */
-	err = bpfilter_xt_check(&par, req->info_size, req->proto, req->inv_proto);
+	err = bpfilter_xt_check_entry(req, net, &entry, inst);
 	if (err)
 		goto out_free;
 	inst->net = net;
 	inst->cookie = net->net_cookie;
-	inst->match = match;
-	inst->info = info;
 	inst->family = req->family;
 	inst->ipv6_proto = req->family == NFPROTO_IPV6 && req->proto;
 	mutex_lock(&bpfilter_xt_lock);
@@ -218,14 +370,15 @@ static long bpfilter_xt_create(struct bpfilter_xt_match *req, void __user *arg)
 	return 0;
 
 out_destroy:
-	/* checked: destroyed as cleanup_match() does (no program knows its number) */
+	/* checked: destroyed as cleanup_entry() does (no program knows its number) */
 	bpfilter_xt_destroy(inst);
 	put_net(net);
 	return err;
 out_free:
+	kvfree(inst->info);
+	module_put(owner);
+out_inst:
 	kfree(inst);
-	kvfree(info);
-	module_put(match->me);
 out_net:
 	put_net(net);
 	return err;
@@ -308,7 +461,7 @@ long bpfilter_xt_ioctl(unsigned int cmd, unsigned long arg)
 
 	if (copy_from_user(&req, (const void __user *)arg, sizeof(req)))
 		return -EFAULT;
-	if (memchr_inv(req.pad, 0, sizeof(req.pad)))
+	if (memchr_inv(req.pad, 0, sizeof(req.pad)) || req.pad2 || (req.entry_size && !req.target))
 		return -EINVAL;
 	if (cmd == BPFILTER_IOC_XT_MATCH_CREATE)
 		return bpfilter_xt_create(&req, (void __user *)arg);
@@ -360,6 +513,41 @@ static struct pernet_operations bpfilter_xt_net_ops = {
 	.pre_exit = bpfilter_xt_net_pre_exit,
 };
 
+/* The fragment and transport offsets ipt_do_table()/ip6t_do_table() give extensions. */
+static bool bpfilter_xt_offsets(const struct bpfilter_xt_instance *inst, struct sk_buff *skb,
+				struct xt_action_param *par)
+{
+	if (inst->family == NFPROTO_IPV4) {
+		par->fragoff = ntohs(ip_hdr(skb)->frag_off) & IP_OFFSET;
+		par->thoff = ip_hdrlen(skb);
+	} else if (inst->ipv6_proto) {
+		unsigned short fragoff = 0;
+		int thoff = 0;
+
+		/* the program walked the same headers before it called us */
+		if (ipv6_find_hdr(skb, &thoff, -1, &fragoff, NULL) < 0)
+			return false;
+		par->thoff = thoff;
+		par->fragoff = fragoff;
+	}
+	return true;
+}
+
+/* The namespace's and family's instance of that number, and of that kind. */
+static struct bpfilter_xt_instance *bpfilter_xt_instance(const struct nf_hook_state *state,
+							 u32 id, bool target)
+{
+	struct bpfilter_xt_instance *inst;
+
+	if (!state->net)
+		return NULL;
+	inst = idr_find(&bpfilter_xt_instances, id);
+	if (!inst || inst->net != state->net || inst->family != state->pf ||
+	    !inst->target != !target)
+		return NULL;
+	return inst;
+}
+
 __bpf_kfunc_start_defs();
 
 /**
@@ -377,37 +565,54 @@ __bpf_kfunc_start_defs();
  */
 __bpf_kfunc u32 bpfilter_xt_match(struct sk_buff *skb, const struct nf_hook_state *state, u32 id)
 {
+	struct bpfilter_xt_instance *inst = bpfilter_xt_instance(state, id, false);
 	struct xt_action_param par = {};
-	struct bpfilter_xt_instance *inst;
 	bool matched;
 
-	if (!state->net)
-		return BPFILTER_XT_HOTDROP;
-	inst = idr_find(&bpfilter_xt_instances, id);
-	if (!inst || inst->net != state->net || inst->family != state->pf)
+	if (!inst)
 		return BPFILTER_XT_HOTDROP;
 	par.match = inst->match;
 	par.matchinfo = inst->info;
 	par.state = state;
-	if (inst->family == NFPROTO_IPV4) {
-		par.fragoff = ntohs(ip_hdr(skb)->frag_off) & IP_OFFSET;
-		par.thoff = ip_hdrlen(skb);
-	} else if (inst->ipv6_proto) {
-		unsigned short fragoff = 0;
-		int thoff = 0;
-
-		/* the program walked the same headers before it called us */
-		if (ipv6_find_hdr(skb, &thoff, -1, &fragoff, NULL) < 0)
-			return BPFILTER_XT_HOTDROP;
-		par.thoff = thoff;
-		par.fragoff = fragoff;
-	}
+	if (!bpfilter_xt_offsets(inst, skb, &par))
+		return BPFILTER_XT_HOTDROP;
 	local_bh_disable();
 	matched = inst->match->match(skb, &par);
 	local_bh_enable();
 	if (par.hotdrop)
 		return BPFILTER_XT_HOTDROP;
 	return matched ? BPFILTER_XT_MATCH : BPFILTER_XT_MISMATCH;
+}
+
+/**
+ * bpfilter_xt_target - a rule's kernel target, as ipt_do_table()/ip6t_do_table() run it
+ * @skb: the packet, from the program's context
+ * @state: its hook state, from the program's context
+ * @id: the instance BPFILTER_IOC_XT_MATCH_CREATE made for the rule's target
+ *
+ * The extension's ->target with the offsets the table walk computes, under
+ * local_bh_disable() as there.
+ *
+ * Return: its verdict: XT_CONTINUE to go on with the next rule, or NF_DROP (also
+ * for an instance this namespace and family do not have).
+ */
+__bpf_kfunc u32 bpfilter_xt_target(struct sk_buff *skb, const struct nf_hook_state *state, u32 id)
+{
+	struct bpfilter_xt_instance *inst = bpfilter_xt_instance(state, id, true);
+	struct xt_action_param par = {};
+	unsigned int verdict;
+
+	if (!inst)
+		return NF_DROP;
+	par.target = inst->target;
+	par.targinfo = inst->info;
+	par.state = state;
+	if (!bpfilter_xt_offsets(inst, skb, &par))
+		return NF_DROP;
+	local_bh_disable();
+	verdict = inst->target->target(skb, &par);
+	local_bh_enable();
+	return verdict;
 }
 
 __bpf_kfunc_end_defs();
@@ -426,4 +631,8 @@ void bpfilter_xt_exit(void)
 		symbol_put(xt_request_find_match);
 	if (bpfilter_xt_check)
 		symbol_put(xt_check_match);
+	if (bpfilter_xt_find_target)
+		symbol_put(xt_request_find_target);
+	if (bpfilter_xt_check_target)
+		symbol_put(xt_check_target);
 }

@@ -20,31 +20,40 @@ svc, nets = test_service.svc, test_service.nets     # a private service
 _COMMON = """
     match addrtype: needs bpfilter.ko (kernel module mode) for the kernel's address type lookup, which a netfilter BPF program cannot make
     match bpf: revision N is not supported by bpfilter
-    match connbytes: revision N is not supported by bpfilter
-    match connlabel: revision N is not supported by bpfilter
+    match cgroup: revision N is not supported by bpfilter
+    match cluster: revision N is not supported by bpfilter
+    match connbytes: needs bpfilter.ko (kernel module mode)
+    match connlabel: needs bpfilter.ko (kernel module mode)
     match connlimit: revision N is not supported by bpfilter
-    match cpu: revision N is not supported by bpfilter
+    match cpu: needs bpfilter.ko (kernel module mode)
     match dccp: revision N is not supported by bpfilter
-    match dscp: revision N is not supported by bpfilter
-    match ecn: revision N is not supported by bpfilter
+    match dscp: needs bpfilter.ko (kernel module mode)
+    match ecn: needs bpfilter.ko (kernel module mode)
     match hashlimit: revision N is not supported by bpfilter
-    match helper: revision N is not supported by bpfilter
+    match helper: needs bpfilter.ko (kernel module mode)
     match ipcomp: revision N is not supported by bpfilter
+    match owner: --suppl-groups is not supported by bpfilter
     match physdev: revision N is not supported by bpfilter
     match policy: revision N is not supported by bpfilter
     match quota: revision N is not supported by bpfilter
     match rateest: revision N is not supported by bpfilter
     match recent: needs bpfilter.ko (kernel module mode)
+    match rpfilter: needs bpfilter.ko (kernel module mode)
     match sctp: revision N is not supported by bpfilter
+    match socket: revision N is not supported by bpfilter
     match string: revision N is not supported by bpfilter
-    match tcpmss: revision N is not supported by bpfilter
+    match tcpmss: needs bpfilter.ko (kernel module mode)
     match time: revision N is not supported by bpfilter
-    match tos: revision N is not supported by bpfilter
+    match tos: needs bpfilter.ko (kernel module mode)
     match u32: revision N is not supported by bpfilter
-    table mangle
     table nat
-    table raw
     target AUDIT: revision N is not supported by bpfilter
+    target CHECKSUM: needs bpfilter.ko (kernel module mode)
+    target CLASSIFY: needs bpfilter.ko (kernel module mode)
+    target CONNMARK: needs bpfilter.ko (kernel module mode) to write the connection's or the packet's mark
+    target CONNSECMARK: revision N is not supported by bpfilter
+    target CT: needs bpfilter.ko (kernel module mode)
+    target DSCP: needs bpfilter.ko (kernel module mode)
     target HMARK: revision N is not supported by bpfilter
     target IDLETIMER: revision N is not supported by bpfilter
     target LOG: --log-uid is not supported by bpfilter
@@ -53,14 +62,21 @@ _COMMON = """
     target NFQUEUE: revision N is not supported by bpfilter
     target RATEEST: revision N is not supported by bpfilter
     target SYNPROXY: revision N is not supported by bpfilter
+    target TCPMSS: needs bpfilter.ko (kernel module mode)
+    target TCPOPTSTRIP: revision N is not supported by bpfilter
     target TEE: revision N is not supported by bpfilter
+    target TOS: needs bpfilter.ko (kernel module mode)
+    target TPROXY: revision N is not supported by bpfilter
+    target TRACE: revision N is not supported by bpfilter
 """
 # What the kernel takes and bpfilter (`bpfilter serve`, no bpfilter.ko) refuses, per
 # family: "<match|target> NAME: the reason's first clause", or "table NAME".
 UNSUPPORTED = {
     Family.IPV4: _COMMON + """
     match osf: revision N is not supported by bpfilter
-    match realm: revision N is not supported by bpfilter
+    match realm: needs bpfilter.ko (kernel module mode)
+    target ECN: revision N is not supported by bpfilter
+    target TTL: needs bpfilter.ko (kernel module mode)
     target REJECT: needs bpfilter.ko (kernel module mode) to send its icmp-admin-prohibited answer
     target REJECT: needs bpfilter.ko (kernel module mode) to send its icmp-host-prohibited answer
     target REJECT: needs bpfilter.ko (kernel module mode) to send its icmp-host-unreachable answer
@@ -71,6 +87,9 @@ UNSUPPORTED = {
     """,
     Family.IPV6: _COMMON + """
     match srh: revision N is not supported by bpfilter
+    target DNPT: revision N is not supported by bpfilter
+    target HL: needs bpfilter.ko (kernel module mode)
+    target SNPT: revision N is not supported by bpfilter
     target REJECT: needs bpfilter.ko (kernel module mode) to send its icmp6-addr-unreachable answer
     target REJECT: needs bpfilter.ko (kernel module mode) to send its icmp6-adm-prohibited answer
     target REJECT: needs bpfilter.ko (kernel module mode) to send its icmp6-no-route answer

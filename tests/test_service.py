@@ -830,11 +830,13 @@ def test_a_log_flood_in_one_namespace_leaves_room_for_the_others(svc, nets):
     are told, naming it. (The kernel's printk never refuses a line.)"""
     tag = uuid.uuid4().hex[:6]
     flood, quiet = nets(2)
-    for ns, prefix in ((flood, "flood"), (quiet, "quiet")):
-        svc.ok(ns, "iptables-legacy", "-A", "OUTPUT", "-p", "udp", "--dport", "9", "-j", "LOG",
-               "--log-prefix", f"{prefix}-{tag}: ")
     ring_holds = (4 << 20) // 368           # RING_SIZE over an IPv4 record with its header
+    # (LOG rules load in `bpfilter serve` only where its lines reach the kernel log
+    # unthrottled: issue 17's gap, see README)
     with logging_everywhere():
+        for ns, prefix in ((flood, "flood"), (quiet, "quiet")):
+            svc.ok(ns, "iptables-legacy", "-A", "OUTPUT", "-p", "udp", "--dport", "9", "-j",
+                   "LOG", "--log-prefix", f"{prefix}-{tag}: ")
         os.kill(svc.pid, signal.SIGSTOP)
         try:
             for ns, count in ((flood, ring_holds + 1000), (quiet, 5)):

@@ -8,13 +8,19 @@
  *
  *   udp send ADDR PORT COUNT   COUNT one-byte datagrams to ADDR:PORT
  *   udp recv PORT SECONDS      print how many datagrams arrived on PORT in SECONDS
- *   udp serve PORT SECONDS [peers|drain]
+ *   udp serve PORT SECONDS [peers|drain|headers]
  *                              for SECONDS, echo UDP datagrams and accept TCP
  *                              connections on PORT (so that only a firewall can
  *                              refuse them); with "peers", a line for each, with the
  *                              address and port it came from (what NAT made of it);
  *                              with "drain", each connection reset once accepted
- *                              (for connrate: a server that keeps up)
+ *                              (for connrate: a server that keeps up); with
+ *                              "headers", as "peers" and what the headers said: a
+ *                              datagram's TTL (hop limit) and TOS (traffic class), a
+ *                              connection's MSS (TCP_MAXSEG: the SYN's MSS option,
+ *                              less the options every segment carries); and each
+ *                              echo sent from the address its datagram was sent
+ *                              to (for a server with several)
  *   udp connrate ADDR PORT SECONDS
  *                              TCP connections to ADDR:PORT one after another for
  *                              SECONDS, each reset once made: "connections N in
@@ -33,6 +39,7 @@
  *                              back) or "no advertisement"; the kernel answers only a
  *                              hop limit of 255, firewalls often look at it too
  */
+#define _GNU_SOURCE	/* struct in6_pktinfo */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <net/if.h>
@@ -54,7 +61,7 @@ static char buf[MAX_DATAGRAM];
 static int usage(void)
 {
 	fprintf(stderr, "usage: udp send ADDR PORT COUNT | udp recv PORT SECONDS | "
-		"udp serve PORT SECONDS [peers|drain] | udp connrate ADDR PORT SECONDS | udp ask ADDR PORT [SIZE [FROM]] | udp connect ADDR PORT | "
+		"udp serve PORT SECONDS [peers|drain|headers] | udp connrate ADDR PORT SECONDS | udp ask ADDR PORT [SIZE [FROM]] | udp connect ADDR PORT | "
 		"udp solicit ADDR HOPS\n");
 	return 2;
 }
@@ -197,8 +204,51 @@ static void print_peer(const char *proto, const struct sockaddr_storage *from)
 
 static void reset(int fd);
 
-static int do_serve(int port, int seconds, int peers, int drain)
+enum serve_mode { SERVE_QUIET, SERVE_PEERS, SERVE_DRAIN, SERVE_HEADERS };
+
+/*
+ * A datagram's TTL and TOS (IPv6: hop limit and traffic class), from its cmsgs; its
+ * destination address kept in `reply` (a cmsg for sendmsg) so that the echo leaves
+ * from it.
+ */
+static void print_headers(struct msghdr *msg, struct msghdr *reply)
 {
+	struct cmsghdr *out = CMSG_FIRSTHDR(reply);
+	int ttl = -1, tos = -1;
+
+	reply->msg_controllen = 0;
+	for (struct cmsghdr *c = CMSG_FIRSTHDR(msg); c; c = CMSG_NXTHDR(msg, c)) {
+		if ((c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_PKTINFO) ||
+		    (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_PKTINFO)) {
+			memcpy(out, c, c->cmsg_len);
+			if (c->cmsg_level == IPPROTO_IP) {
+				struct in_pktinfo *info = (struct in_pktinfo *)CMSG_DATA(out);
+
+				info->ipi_spec_dst = info->ipi_addr;
+				info->ipi_ifindex = 0;
+			} else {
+				((struct in6_pktinfo *)CMSG_DATA(out))->ipi6_ifindex = 0;
+			}
+			reply->msg_controllen = CMSG_SPACE(c->cmsg_len - CMSG_LEN(0));
+		}
+		if (c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_TTL)
+			memcpy(&ttl, CMSG_DATA(c), sizeof(ttl));
+		else if (c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_TOS)
+			tos = *(unsigned char *)CMSG_DATA(c);
+		else if (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_HOPLIMIT)
+			memcpy(&ttl, CMSG_DATA(c), sizeof(ttl));
+		else if (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_TCLASS)
+			memcpy(&tos, CMSG_DATA(c), sizeof(tos));
+	}
+	printf("  ttl %d tos 0x%02x\n", ttl, tos);
+	fflush(stdout);
+}
+
+static int do_serve(int port, int seconds, enum serve_mode mode)
+{
+	int peers = mode == SERVE_PEERS || mode == SERVE_HEADERS, drain = mode == SERVE_DRAIN;
+	static const int on = 1;
+	char control[256], reply_control[256];
 	long deadline = now_ms() + seconds * 1000L;
 	/* UDP then TCP, IPv4 then IPv6 */
 	struct pollfd p[4] = {
@@ -212,6 +262,16 @@ static int do_serve(int port, int seconds, int peers, int drain)
 	for (int i = 0; i < 4; i++)
 		if (p[i].fd < 0)
 			return 1;
+	if (mode == SERVE_HEADERS &&
+	    (setsockopt(p[0].fd, IPPROTO_IP, IP_RECVTTL, &on, sizeof(on)) ||
+	     setsockopt(p[0].fd, IPPROTO_IP, IP_RECVTOS, &on, sizeof(on)) ||
+	     setsockopt(p[0].fd, IPPROTO_IP, IP_PKTINFO, &on, sizeof(on)) ||
+	     setsockopt(p[1].fd, IPPROTO_IPV6, IPV6_RECVPKTINFO, &on, sizeof(on)) ||
+	     setsockopt(p[1].fd, IPPROTO_IPV6, IPV6_RECVHOPLIMIT, &on, sizeof(on)) ||
+	     setsockopt(p[1].fd, IPPROTO_IPV6, IPV6_RECVTCLASS, &on, sizeof(on)))) {
+		perror("setsockopt");
+		return 1;
+	}
 	printf("listening %d\n", port);
 	fflush(stdout);
 	for (long left; (left = deadline - now_ms()) > 0;) {
@@ -221,15 +281,35 @@ static int do_serve(int port, int seconds, int peers, int drain)
 		}
 		for (int i = 0; i < 2; i++) {
 			struct sockaddr_storage from;
-			socklen_t len = sizeof(from);
+			struct iovec iov = { .iov_base = buf, .iov_len = sizeof(buf) };
+			struct msghdr msg = {
+				.msg_name = &from, .msg_namelen = sizeof(from), .msg_iov = &iov,
+				.msg_iovlen = 1, .msg_control = control,
+				.msg_controllen = sizeof(control),
+			};
+			struct msghdr reply = {
+				.msg_name = &from, .msg_iov = &iov, .msg_iovlen = 1,
+				.msg_control = reply_control,
+				.msg_controllen = sizeof(reply_control),
+			};
 			ssize_t n;
 
 			if (!(p[i].revents & POLLIN))
 				continue;
-			n = recvfrom(p[i].fd, buf, sizeof(buf), 0, (struct sockaddr *)&from, &len);
-			if (n >= 0 && peers)
+			n = recvmsg(p[i].fd, &msg, 0);
+			if (n < 0)
+				continue;
+			if (peers)
 				print_peer("udp", &from);
-			if (n >= 0 && sendto(p[i].fd, buf, n, 0, (struct sockaddr *)&from, len) == n)
+			reply.msg_namelen = msg.msg_namelen;
+			iov.iov_len = n;
+			if (mode == SERVE_HEADERS)
+				print_headers(&msg, &reply);
+			else
+				reply.msg_controllen = 0;
+			if (!reply.msg_controllen)
+				reply.msg_control = NULL;
+			if (sendmsg(p[i].fd, &reply, 0) == n)
 				echoed++;
 		}
 		for (int i = 2; i < 4; i++) {
@@ -244,6 +324,14 @@ static int do_serve(int port, int seconds, int peers, int drain)
 				accepted++;
 				if (peers)
 					print_peer("tcp", &from);
+				if (mode == SERVE_HEADERS) {
+					int mss = -1;
+					socklen_t size = sizeof(mss);
+
+					getsockopt(fd, IPPROTO_TCP, TCP_MAXSEG, &mss, &size);
+					printf("  mss %d\n", mss);
+					fflush(stdout);
+				}
 				if (drain)
 					reset(fd);
 			}
@@ -422,10 +510,15 @@ int main(int argc, char **argv)
 			      argc == 6 ? argv[5] : NULL);
 	if (argc == 4 && !strcmp(argv[1], "recv"))
 		return do_recv(atoi(argv[2]), atoi(argv[3]));
-	if ((argc == 4 || (argc == 5 && (!strcmp(argv[4], "peers") || !strcmp(argv[4], "drain"))))
-	    && !strcmp(argv[1], "serve"))
-		return do_serve(atoi(argv[2]), atoi(argv[3]), argc == 5 && !strcmp(argv[4], "peers"),
-				argc == 5 && !strcmp(argv[4], "drain"));
+	if (argc >= 4 && argc <= 5 && !strcmp(argv[1], "serve")) {
+		static const char *const modes[] = { "", "peers", "drain", "headers" };
+		const char *mode = argc == 5 ? argv[4] : "";
+
+		for (int m = 0; m < 4; m++)
+			if (!strcmp(mode, modes[m]))
+				return do_serve(atoi(argv[2]), atoi(argv[3]), m);
+		return usage();
+	}
 	if (argc == 5 && !strcmp(argv[1], "connrate"))
 		return do_connrate(argv[2], atoi(argv[3]), atoi(argv[4]));
 	if (argc == 4 && !strcmp(argv[1], "connect"))

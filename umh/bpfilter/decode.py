@@ -87,7 +87,7 @@ def table_from_raw(raw: RawTable, previous: "tuple[RawTable, Table] | None" = No
                 builtin_checked.add(id(t))
         else:
             targets[e.index] = ext.decode_target(t.name, t.revision, t.data, ip, family, place,
-                                                 e.hook_mask, raw.name)
+                                                 e.hook_mask, raw.name, e.raw[:e.target_offset])
     check_do_replace(raw)
     supported = implemented(family)
     if raw.name not in supported:

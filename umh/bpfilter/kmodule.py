@@ -86,15 +86,19 @@ def _nat_lookup(request: int, cookie: int, family: int, hook: int, verb: str) ->
 
 def xt_match_create(netns_path: Optional[str], family: int, name: str, revision: int,
                     payload: bytes, table: str, hook_mask: int, proto_: int, inv_proto: bool,
-                    what: str) -> int:
-    """The kernel's own match `name` for a rule of `table` in the namespace, checked and
-    set up by its checkentry as ip_tables would (kmod/xtmatch.c): its instance number."""
-    info = ctypes.create_string_buffer(payload, len(payload))
+                    what: str, entry: Optional[bytes] = None) -> int:
+    """The kernel's own match `name` (a target, with its rule's `entry` up to it) for
+    a rule of `table` in the namespace, checked and set up by its checkentry as
+    ip_tables would (kmod/xtmatch.c): its instance number."""
+    info = ctypes.create_string_buffer(payload, max(len(payload), 1))   # NOTRACK's is empty
+    rule = ctypes.create_string_buffer(entry or b"", max(len(entry or b""), 1))
     with netns_fd(netns_path) as fd:
         arg = bytearray(proto.xt_match.build(dict(
             netns_fd=fd, family=family, name=name, revision=revision, proto=proto_,
             table=table, hook_mask=hook_mask, info_size=len(payload),
-            info=ctypes.addressof(info), inv_proto=int(inv_proto))))
+            info=ctypes.addressof(info), inv_proto=int(inv_proto),
+            target=int(entry is not None), entry=ctypes.addressof(rule) if entry else 0,
+            entry_size=len(entry or b""))))
         ioctl(proto.IOC_XT_MATCH_CREATE, arg, what)
     return proto.xt_match.parse(bytes(arg)).id
 

@@ -58,8 +58,12 @@ xt_match = Struct(
     "info" / Default(Int64un, 0),        # the payload's address
     "id" / Default(Int32un, 0),
     "inv_proto" / Default(Int8un, 0),
-    "pad" / Default(Bytes(3), bytes(3)),
+    "target" / Default(Int8un, 0),       # 1: a target's instance
+    "pad" / Default(Bytes(2), bytes(2)),
     "netns_cookie" / Default(Int64un, 0),
+    "entry" / Default(Int64un, 0),       # a target's rule's entry up to it: its address
+    "entry_size" / Default(Int32un, 0),
+    "pad2" / Default(Int32un, 0),
 )
 
 

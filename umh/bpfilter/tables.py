@@ -35,6 +35,9 @@ class TableType:
     # registers them), run for a connection's first packet only, rather than hooks:
     # through bpfilter.ko, which registers them (kmod/nat.c).
     nat_lookups: bool = False
+    # Hooks where a packet whose route-deciding fields the rules changed is routed
+    # again (iptable_mangle's OUTPUT: compiler/reroute.py).
+    reroutes: tuple[Hook, ...] = ()
 
     @property
     def valid_hooks(self) -> int:
@@ -51,11 +54,12 @@ def _same(priority: int, *hooks: Hook) -> tuple:
 _FILTER_HOOKS = (Hook.LOCAL_IN, Hook.FORWARD, Hook.LOCAL_OUT)
 
 FILTER = TableType("filter", *_same(NF_IP_PRI_FILTER, *_FILTER_HOOKS), BOTH, True)
-MANGLE = TableType("mangle", *_same(NF_IP_PRI_MANGLE, *Hook), BOTH, False)
+MANGLE = TableType("mangle", *_same(NF_IP_PRI_MANGLE, *Hook), BOTH, True,
+                   reroutes=(Hook.LOCAL_OUT,))
 NAT = TableType("nat", (Hook.PRE_ROUTING, Hook.LOCAL_IN, Hook.LOCAL_OUT, Hook.POST_ROUTING),
                 (NF_IP_PRI_NAT_DST, NF_IP_PRI_NAT_SRC, NF_IP_PRI_NAT_DST, NF_IP_PRI_NAT_SRC),
                 BOTH, True, nat_lookups=True)
-RAW = TableType("raw", *_same(NF_IP_PRI_RAW, Hook.PRE_ROUTING, Hook.LOCAL_OUT), BOTH, False)
+RAW = TableType("raw", *_same(NF_IP_PRI_RAW, Hook.PRE_ROUTING, Hook.LOCAL_OUT), BOTH, True)
 SECURITY = TableType("security", *_same(NF_IP_PRI_SECURITY, *_FILTER_HOOKS), BOTH, False)
 
 TABLES: dict[str, TableType] = {t.name: t for t in (FILTER, MANGLE, NAT, RAW, SECURITY)}

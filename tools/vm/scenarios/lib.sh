@@ -107,8 +107,9 @@ router() {
 	ip -n lan addr add 2001:db8:ffff::2/128 dev eth0 nodad
 	settle
 }
-# peers NS PORT: what `serve` (with SERVE_PEERS=peers) on PORT in NS saw, in order
-peers() { grep -E '^(udp|tcp) from' "/tmp/serve.$1.$2" | sed "s/^/$1:$2 /" || true; }
+# peers NS PORT: what `serve` (with SERVE_PEERS=peers or headers) on PORT in NS saw,
+# in order
+peers() { grep -E '^((udp|tcp) from|  )' "/tmp/serve.$1.$2" | sed "s/^/$1:$2 /" || true; }
 # finish_probes "NS PORT"...: the servers stopped, then what each of those saw
 finish_probes() {
 	kill $(jobs -p) 2>/dev/null || true

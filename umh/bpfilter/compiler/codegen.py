@@ -47,12 +47,12 @@ from ..bpf.insn import (BPF_ALU32_IMM, BPF_ALU64_IMM, BPF_ALU64_REG, BPF_ATOMIC_
 from ..errors import BpfilterError
 from ..ext.tcp import EVIL_FRAGMENT_OFFSET, IPPROTO_TCP
 from ..ext.udp import IPPROTO_UDP
-from ..model import (Accept, Chain, Drop, Fallthrough, Family, Goto, Hook, Jump, Return, Rule,
-                     Table, Verdict)
+from ..model import (Accept, Chain, Drop, ExtensionTarget, Fallthrough, Family, Goto, Hook, Jump,
+                     Return, Rule, Table, Verdict)
 from ..packet import facts, flavour
 from ..packet.ipv6 import WALK, WALK_FOUND
 from ..packet.primitives import RECORD_FP, Hole, RuleOutcome, emit_hole
-from . import classifier, multifield, templates
+from . import classifier, multifield, reroute, templates
 from .runs import (CALLS, CASE_BITS, INF, VERDICT_ACCEPT, VERDICT_DROP, VERDICT_HOTDROP,
                    Classified, TemplateCase, TupleSpace)
 
@@ -137,6 +137,9 @@ def compile_table(table: Table, offsets: facts.KernelOffsets,
             if isinstance(s, Classified)}
     needs = facts_needed(table, {**segments, **{t.exemplar.key: t.exemplar.rules
                                                 for t in planned.templates}})
+    if reroute.rerouted(table):
+        needs |= reroute.FACTS
+    check_stale(table, needs)
     slots = facts.layout(needs)
     programs = [HookProgram(chain.hook, f"{table.name}_{chain.name}"[:15],
                             _compile_hook(table, offsets, segments, needs, planned, chain), slots)
@@ -213,6 +216,22 @@ def call_frames(table: Table) -> dict[str, tuple[int, int]]:
     return frames
 
 
+def check_stale(table: Table, needs: frozenset) -> None:
+    """Refuse a table where a target's write would leave facts its rules read stale
+    (TargetExtension.stale): the prologue reads them once, the kernel reads the
+    packet as each rule meets it."""
+    for chain in table.chains.values():
+        for rule in chain.rules:
+            if isinstance(rule.target, ExtensionTarget):
+                stale = ext.stale_facts(rule.target, table.family) & needs
+                if stale:
+                    raise BpfilterError(
+                        errno.EOPNOTSUPP, f"chain {chain.name}: target '{rule.target.name}' "
+                        f"of the rule at entry {rule.entry} changes what other rules of the "
+                        f"table read ({', '.join(sorted(stale))}), which bpfilter reads once "
+                        f"per packet; the whole table is refused")
+
+
 def check_frames(table: Table) -> None:
     """Refuse a table whose hooks would nest more BPF call frames than BPF allows."""
     frames = call_frames(table)
@@ -269,6 +288,10 @@ class _HookCompiler:
         self.inlined = self._chains_to_inline(chain)
         drop = asm.label("drop")
         facts.emit_prologue(asm, self.offsets, drop, self.flavour, self.needs)
+        rerouted = chain.hook in reroute.rerouted(self.table)
+        if rerouted:
+            reroute.emit_snapshot(asm)
+            rules_start = len(asm.items)
         policy = asm.label("policy")
         self._emit_rules(chain, chain.key, ret=policy, drop=drop, key_fp=_MAIN_KEY_FP)
         asm.place(policy)
@@ -277,6 +300,8 @@ class _HookCompiler:
                  BPF_EXIT_INSN())
         asm.place(drop)
         asm.emit(BPF_MOV64_IMM(R0, NF_DROP), BPF_EXIT_INSN())
+        if rerouted:
+            reroute.emit_epilogue(asm, rules_start)
         self.size[chain.key] = len(asm.items)
         # Subprograms are laid out after main, each emitted once however often called;
         # emitting one may ask for more (self.entries grows, in order).
@@ -425,7 +450,7 @@ class _HookCompiler:
             self._emit_template_call(target.index, owner, ret if target.goto else next_rule,
                                      target.instance)
         else:
-            ext.emit_target(target, self.table.family, asm, next_rule)
+            ext.emit_target(rule, self.table.family, asm, next_rule)
 
     def _emit_jump(self, key: str, owner: str, back, drop, key_fp: int,
                    inline: bool = False) -> None:

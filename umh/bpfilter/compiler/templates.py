@@ -309,5 +309,6 @@ def plan(table: Table, previous: "Templates | None" = None) -> Templates:
     if records:
         out.record_size = -(-max(len(r) for r in records) // 8) * 8
         out.records = b"".join(r.ljust(out.record_size, b"\0") for r in records)
+    out.parts.earlier = {}   # nothing of the previous table kept beyond its replace
     return out
 

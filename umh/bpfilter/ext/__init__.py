@@ -45,7 +45,8 @@ class _Extension:
     families: ClassVar[tuple[Family, ...]] = (Family.IPV4,)
     proto: ClassVar[Optional[int]] = None   # the kernel's xt_match.proto / xt_target.proto
     hooks: ClassVar[Optional[int]] = None   # xt_match.hooks / xt_target.hooks: 1 << NF_INET_*
-    table: ClassVar[Optional[str]] = None   # xt_match.table / xt_target.table: the only one
+    # xt_match.table / xt_target.table: the only one (a few checkentries allow two)
+    table: ClassVar["str | tuple[str, ...] | None"] = None
     # Linux registers the extension once for every family (NFPROTO_UNSPEC) rather
     # than per family: its lookup then answers EPROTOTYPE, not ENOENT, for a revision
     # it does not have.
@@ -134,6 +135,20 @@ class TargetExtension(_Extension):
         may look at the rule's ip part, as REJECT's tcp-reset does)."""
         raise NotImplementedError
 
+    def decode_in(self, payload: bytes, ip: IpHeader, where: str, hook_mask: int,
+                  entry: bytes) -> ExtensionTarget:
+        """decode(), for a target whose model keeps what checkentry is given beside the
+        payload (the hooks the rule is reachable from, its entry)."""
+        return self.decode(payload, ip, where)
+
+    def emit_rule(self, rule: Rule, target: ExtensionTarget, asm: Assembler, next_rule) -> None:
+        """emit(), for a target whose code depends on its rule (its per-rule state)."""
+        self.emit(target, asm, next_rule)
+
+    # Fact groups the target's write leaves stale for the rules after it (what it
+    # changes that the prologue read once): a table whose rules read one is refused.
+    stale: ClassVar[frozenset[str]] = frozenset()
+
     def describe(self, target: ExtensionTarget) -> str:
         """The target's options as `iptables -L -n` shows them after the addresses."""
         raise NotImplementedError
@@ -186,9 +201,10 @@ class _Registry:
         if len(payload) != ext.payload_size():
             raise BpfilterError(errno.EINVAL, f"{where}: {self.kind} '{name}': invalid size "
                                               f"{len(payload)} (kernel expects {ext.payload_size()})")
-        if ext.table is not None and table is not None and table != ext.table:
+        valid = (ext.table,) if isinstance(ext.table, str) else ext.table
+        if valid is not None and table is not None and table not in valid:
             raise BpfilterError(errno.EINVAL, f"{where}: {self.kind} '{name}' is only valid in "
-                                              f"the {ext.table} table, not {table}")
+                                              f"the {' or '.join(valid)} table, not {table}")
         if ext.hooks is not None and hook_mask & ~ext.hooks:
             raise BpfilterError(errno.EINVAL, f"{where}: {self.kind} '{name}' is used from hooks "
                                               f"{_hook_names(hook_mask)}, but only valid from "
@@ -260,13 +276,19 @@ def describe_match(match: Match, family: Family) -> str:
 
 
 def decode_target(name: str, revision: int, payload: bytes, ip: IpHeader, family: Family,
-                  where: str, hook_mask: int = 0, table: Optional[str] = None) -> ExtensionTarget:
+                  where: str, hook_mask: int = 0, table: Optional[str] = None,
+                  entry: bytes = b"") -> ExtensionTarget:
+    """`entry`: the rule's entry up to its target, as the replace has it."""
     ext = _TARGETS.checked(name, revision, payload, ip, family, where, hook_mask, table)
-    return ext.decode(payload, ip, where)
+    return ext.decode_in(payload, ip, where, hook_mask, entry)
 
 
 def unsupported_match(match: Match, family: Family) -> Optional[str]:
     return _MATCHES.of(match, family).unsupported(match)
+
+
+def stale_facts(target: ExtensionTarget, family: Family) -> frozenset[str]:
+    return _TARGETS.of(target, family).stale
 
 
 def unsupported_target(target: ExtensionTarget, family: Family) -> Optional[str]:
@@ -288,8 +310,8 @@ def missing_kfunc(kfunc: Kfunc) -> Optional[str]:
     return None
 
 
-def emit_target(target: ExtensionTarget, family: Family, asm: Assembler, next_rule) -> None:
-    _TARGETS.of(target, family).emit(target, asm, next_rule)
+def emit_target(rule: Rule, family: Family, asm: Assembler, next_rule) -> None:
+    _TARGETS.of(rule.target, family).emit_rule(rule, rule.target, asm, next_rule)
 
 
 def describe_target(target: ExtensionTarget, family: Family) -> str:
@@ -345,3 +367,4 @@ from . import ah, esp, eui64, frag, hbh, ipv6header, mh, rt  # noqa: E402,F401
 from . import connmark, nat, statistic  # noqa: E402,F401
 # what only the kernel's own extensions can be, run by bpfilter.ko (ext/xtmatch.py)
 from . import nfacct, recent  # noqa: E402,F401
+from . import connstate, ct, dscp, hl, skbinfo, tcpmss  # noqa: E402,F401

@@ -1,4 +1,5 @@
-"""Matches the kernel runs itself: its own x_tables extension, through bpfilter.ko.
+"""Matches and targets the kernel runs itself: its own x_tables extension, through
+bpfilter.ko.
 
 Some matches are state the kernel keeps and shows elsewhere: recent's address lists
 (/proc/net/xt_recent/NAME, which the administrator reads and writes, and which the
@@ -14,6 +15,14 @@ refused.
 An extension is only run this way when its ->match needs nothing more than what the
 table walk gives it (the packet, the hook state, the fragment and transport offsets),
 and does not write the packet.
+
+Targets that write the packet or its conntrack template (TOS, TTL, TCPMSS, CT, ...)
+are the kernel's own the same way (bpfilter_xt_target()): what they write, checksums
+included, is what ip_tables' rule writes, because it is the same function. A target
+either goes on with the next rule (XT_CONTINUE) or ends the walk with its verdict.
+What the prologue read once and the target changes is read again after it (the
+packet's length), or kept as the target left it (TTL's arithmetic, ttl.py); a table
+reading facts a target leaves stale otherwise (`stale`) is refused.
 
 Lifetimes, as the kernel's: every load of a table makes its instances afresh (the
 kernel's replace runs every checkentry of the new table before the old table's
@@ -33,17 +42,23 @@ from typing import ClassVar, Optional
 
 from ..bpf import insn as I
 from ..bpf import syscall as bpf
-from ..bpf.insn import (BPF_ALU64_IMM, BPF_CALL_KFUNC, BPF_DW, BPF_JMP_IMM, BPF_LDX_MEM, BPF_MOV64_IMM,
-                        BPF_MOV64_REG, BPF_W, Kfunc, MapRef, R0, R1, R2, R3, R6)
+from ..bpf.btf import Btf
+from ..bpf.insn import (BPF_ALU64_IMM, BPF_CALL_KFUNC, BPF_DW, BPF_EXIT_INSN, BPF_JMP32_IMM,
+                        BPF_JMP_IMM, BPF_LDX_MEM, BPF_MOV64_IMM, BPF_MOV64_REG, BPF_STX_MEM,
+                        BPF_W, Kfunc, MapRef, R0, R1, R2, R3, R6)
 from ..errors import BpfilterError
-from ..model import Match, Table
+from ..model import ExtensionTarget, Match, Table
 from ..packet import facts
 from ..packet.primitives import HOTDROP, MISMATCH, emit_skip_if_decided, emit_state_lookup
 from .. import kmodule, netns, proto
-from . import MODULE, MatchExtension, match_key, missing_kfunc
+from . import (MODULE, MatchExtension, TargetExtension, match_key, missing_kfunc, register_match,
+               register_target)
 from .reject import NF_STATE
 
 XT_MATCH_KFUNC = Kfunc("bpfilter_xt_match", MODULE)
+XT_TARGET_KFUNC = Kfunc("bpfilter_xt_target", MODULE)
+XT_CONTINUE = 0xFFFFFFFF
+NF_DROP, NF_ACCEPT = 0, 1
 INSTANCES = MapRef("xt_instances")
 # key: match_key() of the rule's match; value: its instance number
 KEY, VALUE = struct.Struct("<Q"), struct.Struct("<I")
@@ -69,6 +84,8 @@ class KernelMatch(MatchExtension):
 
     model: ClassVar[type]
     facts = frozenset({"skb", "nf_state", "xt_match"})
+    # why the kernel's own: the refusal without the module says it
+    why: ClassVar[str] = "whose state the kernel keeps"
 
     def decode_fields(self, payload: bytes, where: str) -> dict:
         raise NotImplementedError
@@ -81,7 +98,7 @@ class KernelMatch(MatchExtension):
         missing = missing_kfunc(XT_MATCH_KFUNC)
         if missing:
             return (f"needs bpfilter.ko (kernel module mode): it is the kernel's own "
-                    f"xt_{self.name}, whose state the kernel keeps ({missing})")
+                    f"xt_{self.name}, {self.why} ({missing})")
         return None
 
     def emit(self, match: KernelMatchModel, asm, out) -> None:
@@ -106,18 +123,93 @@ class KernelMatch(MatchExtension):
         asm.place(skip)
 
 
+@dataclass(frozen=True)
+class KernelTargetModel(ExtensionTarget):
+    """What a kernel target is to bpfilter: as KernelMatchModel, and its rule's entry
+    up to it (the ip part and the matches), which its checkentry may look at."""
+    payload: bytes
+    hook_mask: int
+    entry: bytes
+
+
+# a rule's target's key among its matches' (match_key): past any match position
+TARGET_POSITION = 0xFFFFFFFF
+
+
+def target_key(rule) -> int:
+    return rule.entry << 32 | TARGET_POSITION
+
+
+class KernelTarget(TargetExtension):
+    """A target whose ->target bpfilter.ko runs (see the module's docstring): as
+    KernelMatch, and refresh() for the facts its write changes."""
+
+    model: ClassVar[type]
+    facts = frozenset({"skb", "nf_state", "xt_match"})
+    why: ClassVar[str] = "which writes the packet"
+
+    def decode_fields(self, payload: bytes, where: str) -> dict:
+        raise NotImplementedError
+
+    def decode_in(self, payload: bytes, ip, where: str, hook_mask: int, entry: bytes):
+        return self.model(revision=self.revision, payload=payload, hook_mask=hook_mask,
+                          entry=entry, **self.decode_fields(payload, where))
+
+    def unsupported(self, target: KernelTargetModel) -> Optional[str]:
+        missing = missing_kfunc(XT_TARGET_KFUNC)
+        if missing:
+            return (f"needs bpfilter.ko (kernel module mode): it is the kernel's own "
+                    f"{self.name}, {self.why} ({missing})")
+        return None
+
+    def refresh(self, target: KernelTargetModel, asm) -> None:
+        """After the target went on: what it changed of the facts the next rules read,
+        as it left it. The packet's length (byte counters) is read again anyway."""
+
+    def emit_rule(self, rule, target: KernelTargetModel, asm, next_rule) -> None:
+        """bpfilter_xt_target() on the rule's instance: XT_CONTINUE goes on to the next
+        rule, NF_ACCEPT accepts, anything else drops (a netfilter program returns only
+        those two; the targets run here return nothing else). No instance: a drop."""
+        found, accept, went_on = (asm.label("xt_target"), asm.label("xt_accept"),
+                                  asm.label("xt_went_on"))
+        emit_state_lookup(asm, INSTANCES, target_key(rule), _KEY)
+        asm.emit(BPF_JMP_IMM(I.BPF_JNE, R0, 0, found),
+                 BPF_MOV64_IMM(R0, NF_DROP), BPF_EXIT_INSN())
+        asm.place(found)
+        asm.emit(BPF_LDX_MEM(BPF_W, R3, R0, 0),
+                 BPF_LDX_MEM(BPF_DW, R1, R6, facts.SKB), BPF_LDX_MEM(BPF_DW, R2, R6, NF_STATE),
+                 BPF_CALL_KFUNC(XT_TARGET_KFUNC),
+                 BPF_JMP32_IMM(I.BPF_JEQ, R0, XT_CONTINUE, went_on),
+                 BPF_JMP32_IMM(I.BPF_JEQ, R0, NF_ACCEPT, accept),
+                 BPF_MOV64_IMM(R0, NF_DROP), BPF_EXIT_INSN())
+        asm.place(accept)
+        asm.emit(BPF_MOV64_IMM(R0, NF_ACCEPT), BPF_EXIT_INSN())
+        asm.place(went_on)
+        skb_len = Btf.vmlinux().member("sk_buff", "len")[0]
+        asm.emit(BPF_LDX_MEM(BPF_DW, R1, R6, facts.SKB), BPF_LDX_MEM(BPF_W, R1, R1, skb_len),
+                 BPF_STX_MEM(BPF_W, R6, R1, facts.LEN))
+        self.refresh(target, asm)
+
+
 def c_string(field: bytes) -> str:
     """A name field of a payload, as the kernel reads it: up to its first NUL."""
     return field.split(b"\0", 1)[0].decode("latin-1")
 
 
-def _kernel_matches(table: Table) -> dict[int, tuple[object, KernelMatchModel]]:
-    """match_key() -> (rule, match) of every kernel match, in rule order. Two equal
-    matches of one rule are one model (decode shares it), so one key: one instance
-    serves both, which each run as the kernel runs its two (recent's list, nfacct's
-    object, are found by name either way)."""
-    return {match_key(rule, m): (rule, m) for chain in table.chains.values()
-            for rule in chain.rules for m in rule.matches if isinstance(m, KernelMatchModel)}
+def _kernel_extensions(table: Table) -> dict[int, tuple[object, object]]:
+    """match_key() or target_key() -> (rule, match or target) of every kernel match and
+    target, in rule order. Two equal matches of one rule are one model (decode shares
+    it), so one key: one instance serves both, which each run as the kernel runs its
+    two (recent's list, nfacct's object, are found by name either way)."""
+    found = {}
+    for chain in table.chains.values():
+        for rule in chain.rules:
+            for m in rule.matches:
+                if isinstance(m, KernelMatchModel):
+                    found[match_key(rule, m)] = (rule, m)
+            if isinstance(rule.target, KernelTargetModel):
+                found[target_key(rule)] = (rule, rule.target)
+    return found
 
 
 class HeldInstances:
@@ -138,21 +230,24 @@ class HeldInstances:
 
 
 def held_instances(table: Table, netns_path: Optional[str]) -> Optional[HeldInstances]:
-    """The instances of every kernel match of `table` in the namespace at netns_path
-    (the calling thread's if None), made in rule order as the kernel's
+    """The instances of every kernel match and target of `table` in the namespace at
+    netns_path (the calling thread's if None), made in rule order as the kernel's
     translate_table() checks them; None if it has none. On failure (the first the
     kernel refuses), none."""
-    found = _kernel_matches(table)
+    found = _kernel_extensions(table)
     if not found:
         return None
     cookie = netns.cookie(netns_path)
     made: list[int] = []
     try:
         for rule, m in found.values():
+            target = isinstance(m, KernelTargetModel)
+            kind = "target" if target else "match"
             made.append(kmodule.xt_match_create(
                 netns_path, int(table.family), m.name, m.revision, m.payload, table.name,
                 m.hook_mask, rule.ip.proto, rule.ip.invert_proto,
-                f"set up match '{m.name}' of the rule at entry {rule.entry} (its checkentry)"))
+                f"set up {kind} '{m.name}' of the rule at entry {rule.entry} (its checkentry)",
+                m.entry if target else None))
         fd = bpf.map_create(bpf.BPF_MAP_TYPE_HASH, KEY.size, VALUE.size, len(found),
                             f"{table.name}_xt")
         try:
@@ -187,3 +282,44 @@ def release_unnamed(named: dict[int, set[int]]) -> int:
         if instance not in named.get(cookie, ()):
             orphans.setdefault(cookie, []).append(instance)
     return sum(kmodule.xt_match_destroy(cookie, ids) for cookie, ids in orphans.items())
+
+
+@dataclass(frozen=True)
+class PlainKernelMatch(KernelMatchModel):
+    """A kernel match whose model is its payload's fields as they are (plain_kernel_match)."""
+    name: str
+    revision: int
+    fields: tuple = ()   # (field name, value) of the payload, in layout order
+
+
+@dataclass(frozen=True)
+class PlainKernelTarget(KernelTargetModel):
+    """A kernel target whose model is its payload's fields as they are."""
+    name: str
+    revision: int
+    fields: tuple = ()
+
+
+def _fields(ext, payload: bytes) -> tuple:
+    parsed = ext.struct.parse(payload) if ext.struct.sizeof() else {}
+    return tuple((k, v) for k, v in parsed.items() if not k.startswith("_"))
+
+
+def plain_kernel_extension(kind: str, name: str, struct, families, describe,
+                           revisions=(0,), why: str = "", **restrictions) -> None:
+    """Registers the kernel's own match or target (`kind`) `name`, for which
+    bpfilter's model is its payload's fields: nothing of it is compiled, the kernel's
+    checkentry judges it. `describe(fields dict) -> str` lists it; `restrictions`:
+    the extension's proto, hooks, table, family_independent, stale, refresh."""
+    base, model = (KernelMatch, PlainKernelMatch) if kind == "match" else \
+        (KernelTarget, PlainKernelTarget)
+    register = register_match if kind == "match" else register_target
+    for revision in revisions:
+        body = dict(name=name, revision=revision, families=tuple(families), struct=struct,
+                    model=model, **restrictions,
+                    decode_fields=lambda self, payload, where: dict(
+                        name=self.name, fields=_fields(self, payload)),
+                    describe=lambda self, m: describe(dict(m.fields)))
+        if why:
+            body["why"] = why
+        register(type(f"Kernel{kind.title()}_{name}_{revision}", (base,), body))

@@ -1,0 +1,56 @@
+"""Matches of what the kernel keeps beside the packet, run by bpfilter.ko as the
+kernel's own (ext/xtmatch.py): -m ecn (xt_ecn.c), -m connbytes (its conntrack
+accounting, which checkentry turns on), -m connlabel (its conntrack labels), -m helper
+(its conntrack helper), -m cpu, -m realm (the route's realm, IPv4), -m rpfilter (a
+route lookup of the source, in raw and mangle PREROUTING)."""
+from __future__ import annotations
+
+from construct import Bytes, Int8un, Int32sn, Int32un, Int64un, Int16un, Padding, Struct
+
+from . import BOTH_FAMILIES
+from ..model import Family, Hook
+from .xtmatch import c_string, plain_kernel_extension
+
+xt_ecn_info = Struct("operation" / Int8un, "invert" / Int8un, "ip_ect" / Int8un,
+                     "tcp_ect" / Int8un)
+xt_connbytes_info = Struct("from_" / Int64un, "to" / Int64un, "what" / Int8un,
+                           "direction" / Int8un, Padding(6))
+xt_connlabel_mtinfo = Struct("bit" / Int16un, "options" / Int16un)
+xt_helper_info = Struct("invert" / Int32sn, "name" / Bytes(30), Padding(2))
+xt_cpu_info = Struct("cpu" / Int32un, "invert" / Int32un)
+xt_realm_info = Struct("id" / Int32un, "mask" / Int32un, "invert" / Int8un, Padding(3))
+xt_rpfilter_info = Struct("flags" / Int8un)
+_RPFILTER_WORDS = ((1, "loose"), (2, "validmark"), (4, "accept-local"), (8, "invert"))
+_REALM_HOOKS = sum(1 << h.value for h in (Hook.POST_ROUTING, Hook.FORWARD, Hook.LOCAL_OUT,
+                                          Hook.LOCAL_IN))
+_READS = "which reads what the kernel keeps beside the packet"
+
+
+def _bang(f: dict) -> str:
+    return "! " if f["invert"] else ""
+
+
+plain_kernel_extension("match", "ecn", xt_ecn_info, BOTH_FAMILIES, why=_READS,
+                       describe=lambda f: f"ECN match {_bang(f)}0x{f['operation']:x}")
+plain_kernel_extension("match", "connbytes", xt_connbytes_info, BOTH_FAMILIES, why=_READS,
+                       family_independent=True,
+                       describe=lambda f: f"connbytes {f['from_']}:{f['to']} "
+                       f"mode {f['what']} direction {f['direction']}")
+plain_kernel_extension("match", "connlabel", xt_connlabel_mtinfo, BOTH_FAMILIES, why=_READS,
+                       family_independent=True,
+                       describe=lambda f: f"connlabel {'! ' if f['options'] & 1 else ''}"
+                       f"{f['bit']}")
+plain_kernel_extension("match", "helper", xt_helper_info, BOTH_FAMILIES, why=_READS,
+                       family_independent=True,
+                       describe=lambda f: f'helper match {_bang(f)}"{c_string(f["name"])}"')
+plain_kernel_extension("match", "cpu", xt_cpu_info, BOTH_FAMILIES, why=_READS,
+                       family_independent=True,
+                       describe=lambda f: f"cpu {_bang(f)}{f['cpu']}")
+plain_kernel_extension("match", "realm", xt_realm_info, (Family.IPV4,), why=_READS,
+                       hooks=_REALM_HOOKS,
+                       describe=lambda f: f"realm {_bang(f)}0x{f['id']:x}/0x{f['mask']:x}")
+plain_kernel_extension("match", "rpfilter", xt_rpfilter_info, BOTH_FAMILIES, why=_READS,
+                       hooks=1 << Hook.PRE_ROUTING.value, table=("raw", "mangle"),
+                       describe=lambda f: " ".join(["rpfilter", *(word for bit, word in
+                                                                  _RPFILTER_WORDS
+                                                                  if f["flags"] & bit)]))
