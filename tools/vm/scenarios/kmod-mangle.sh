@@ -31,7 +31,7 @@ uplinks() {
 	ip -n cli addr add 198.18.1.2/24 dev eth0
 	# addresses fw has no route back to (rpfilter)
 	ip -n cli addr add 198.18.7.7/32 dev eth0
-	ip -n cli addr add fd07::7/128 dev eth0 nodad
+	ip -n cli addr add fd07::7/128 dev eth0 nodad preferred_lft 0   # never a source it picks
 	ip -n srv addr add 198.18.2.2/24 dev eth1
 	ip -n srv addr add 198.18.3.2/24 dev eth2
 	ip -n srv addr add $SVC4/32 dev lo

@@ -127,7 +127,7 @@ def compile_table(table: Table, offsets: facts.KernelOffsets,
         space, earlier = previous.space, classifier.EarlierRuns(previous.runs)
     else:
         space = TupleSpace(table.family)
-    planned = templates.plan(table, previous and previous.templates)
+    planned = templates.plan(table)
     space.instances = planned.instance_of
     # Entries no hook reaches never run: they are compiled into nothing. A template's
     # chains are its code (its exemplar's rules, never classified: too few).

@@ -73,7 +73,6 @@ class Templates:
     instance_of: dict[str, tuple[int, int]] = field(default_factory=dict)   # key -> (t, n)
     record_size: int = 0
     records: bytes = b""
-    parts: "_Parts" = None   # for the plan of the table replacing this one
 
     @property
     def count(self) -> int:
@@ -178,23 +177,20 @@ def _target(target, holes: _Holes, template_of: dict[str, int], build: bool):
 
 
 class _Parts:
-    """The shapes and hole values of ip parts and matches, by object. The decoder
-    shares these between the rules that repeat them, and a replace's unchanged rules
-    with the table they replace (decode.table_from_raw): each is shaped once. An
-    entry keeps its object, so that its id is not another's."""
+    """The shapes and hole values of ip parts and matches, by object: the decoder
+    shares these between the rules that repeat them (decode.table_from_raw), so each
+    is shaped once. An entry keeps its object, so that its id is not another's."""
 
-    def __init__(self, earlier: "_Parts | None" = None):
-        self.earlier = earlier.seen if earlier is not None else {}
+    def __init__(self):
         self.seen: dict[int, tuple] = {}
 
     def get(self, part, shape_of) -> tuple:
         """(shape or None, hole values) of `part`."""
-        known = self.seen.get(id(part)) or self.earlier.get(id(part))
-        if known is None or known[0] is not part:
+        known = self.seen.get(id(part))
+        if known is None:
             holes = _Holes()
             made = shape_of(part, holes)
-            known = (part, made and made[0], holes.words)
-        self.seen[id(part)] = known
+            known = self.seen[id(part)] = (part, made and made[0], holes.words)
         return known[1], known[2]
 
 
@@ -276,10 +272,10 @@ def _heights(table: Table) -> dict[str, int]:
     return heights
 
 
-def plan(table: Table, previous: "Templates | None" = None) -> Templates:
-    """The table's templates and their instances' records. `previous`: the plan of
-    the table it replaces, whose rules' parts it may share."""
-    out = Templates(parts=_Parts(previous and previous.parts))
+def plan(table: Table) -> Templates:
+    """The table's templates and their instances' records."""
+    out = Templates()
+    parts = _Parts()
     heights = _heights(table)
     template_of: dict[str, int] = {}
     records: list[bytes] = []
@@ -289,7 +285,7 @@ def plan(table: Table, previous: "Templates | None" = None) -> Templates:
         for chain in user:
             if heights.get(chain.key, 0) != height:
                 continue
-            made = _shape(chain, template_of, out.instance_of, out.parts)
+            made = _shape(chain, template_of, out.instance_of, parts)
             if made is not None:
                 groups.setdefault(made[0], []).append((chain, made[1]))
         for members in groups.values():
@@ -309,6 +305,5 @@ def plan(table: Table, previous: "Templates | None" = None) -> Templates:
     if records:
         out.record_size = -(-max(len(r) for r in records) // 8) * 8
         out.records = b"".join(r.ljust(out.record_size, b"\0") for r in records)
-    out.parts.earlier = {}   # nothing of the previous table kept beyond its replace
     return out
 
