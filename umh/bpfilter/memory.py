@@ -11,6 +11,7 @@ than the machine has available: reserved, not charged, as a cgroup limit reads i
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import threading
@@ -213,3 +214,18 @@ class Budget:
                 self.per_cgroup[level] -= reservation.nbytes
                 if self.per_cgroup[level] <= 0:
                     del self.per_cgroup[level]
+
+
+M_ARENA_MAX = -8   # mallopt(3)
+SERVICE_ARENAS = 2
+
+
+def cap_malloc_arenas(count: int = SERVICE_ARENAS) -> None:
+    """glibc gives a thread that allocates beside others an arena of its own (up to
+    eight per core), and an arena keeps what it grew to: with a thread per request, the
+    service's RSS would step up with how many requests once ran at the same time, not
+    with what it holds. A few arenas keep it to what the tables need."""
+    try:
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, count)
+    except (OSError, AttributeError):
+        pass   # another C library, with a policy of its own

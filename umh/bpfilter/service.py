@@ -167,6 +167,7 @@ class Service:
         self._guard = threading.Lock()
         self._in_flight = 0   # requests being handled, under _guard
         self.budget = memory.Budget()
+        memory.cap_malloc_arenas()
         self._recover()
 
     # -- lifetime -------------------------------------------------------------
