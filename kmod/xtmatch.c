@@ -20,9 +20,10 @@
  * helper destroys it once the generation is gone (replaced, or its table
  * removed); its namespace going, or the module, destroys what is left.
  *
- * Targets likewise (bpfilter_xt_target()): those that rewrite the packet or set up
- * its conntrack template (TOS and DSCP, TTL and HL, TCPMSS, CHECKSUM, CLASSIFY, CT
- * and NOTRACK) are the kernel's own ->target, checked by xt_check_target() as
+ * Targets likewise (bpfilter_xt_target()): those that rewrite the packet, set up
+ * its conntrack template, mark it for tracing or hand it to a local socket (TOS and
+ * DSCP, TTL and HL, ECN, TCPMSS, TCPOPTSTRIP, CHECKSUM, CLASSIFY, CT and NOTRACK,
+ * TRACE, TPROXY) are the kernel's own ->target, checked by xt_check_target() as
  * ip_tables checks them (their table and hook restrictions included), run as
  * ipt_do_table() runs them, destroyed as cleanup_entry() does.
  *
@@ -55,22 +56,25 @@
 
 /*
  * The extensions run this way: their ->match needs nothing more than the packet,
- * the hook state and the offsets given below, and writes nothing of the packet:
- * state the kernel keeps and shows (recent, nfacct), and what it reads of the packet
- * as each rule meets it, or keeps beside it (its conntrack entry, its route).
+ * the hook state and the offsets given below, and writes nothing of the packet but
+ * the mark socket's --restore-skmark copies from the socket found (which the program
+ * reads again): state the kernel keeps and shows (recent, nfacct), and what it reads
+ * of the packet as each rule meets it, or keeps beside it (its conntrack entry, its
+ * route, its bridge ports, its socket).
  */
 static const char *const bpfilter_xt_allowed[] = {
 	"recent", "nfacct", "dscp", "tos", "ecn", "tcpmss", "connbytes", "connlabel", "helper",
-	"cpu", "realm", "rpfilter",
+	"cpu", "realm", "rpfilter", "physdev", "socket",
 };
 /*
  * The targets run this way: their ->target needs the packet, the hook state and
  * the offsets below; what it writes of the packet (a header field, with the
- * checksums it updates), of skb->priority or of the conntrack template is what
- * ip_tables' rule would write.
+ * checksums it updates), of skb->priority, skb->nf_trace, the packet's socket or
+ * of the conntrack template is what ip_tables' rule would write.
  */
 static const char *const bpfilter_xt_allowed_targets[] = {
 	"TOS", "DSCP", "TTL", "HL", "TCPMSS", "CHECKSUM", "CLASSIFY", "CT", "NOTRACK",
+	"ECN", "TCPOPTSTRIP", "TRACE", "TPROXY",
 };
 
 struct bpfilter_xt_instance {

@@ -33,14 +33,14 @@ _COMMON = """
     match helper: needs bpfilter.ko (kernel module mode)
     match ipcomp: revision N is not supported by bpfilter
     match owner: --suppl-groups is not supported by bpfilter
-    match physdev: revision N is not supported by bpfilter
+    match physdev: needs bpfilter.ko (kernel module mode)
     match policy: revision N is not supported by bpfilter
     match quota: revision N is not supported by bpfilter
     match rateest: revision N is not supported by bpfilter
     match recent: needs bpfilter.ko (kernel module mode)
     match rpfilter: needs bpfilter.ko (kernel module mode)
     match sctp: revision N is not supported by bpfilter
-    match socket: revision N is not supported by bpfilter
+    match socket: needs bpfilter.ko (kernel module mode)
     match string: revision N is not supported by bpfilter
     match tcpmss: needs bpfilter.ko (kernel module mode)
     match time: revision N is not supported by bpfilter
@@ -63,11 +63,11 @@ _COMMON = """
     target RATEEST: revision N is not supported by bpfilter
     target SYNPROXY: revision N is not supported by bpfilter
     target TCPMSS: needs bpfilter.ko (kernel module mode)
-    target TCPOPTSTRIP: revision N is not supported by bpfilter
+    target TCPOPTSTRIP: needs bpfilter.ko (kernel module mode)
     target TEE: revision N is not supported by bpfilter
     target TOS: needs bpfilter.ko (kernel module mode)
-    target TPROXY: revision N is not supported by bpfilter
-    target TRACE: revision N is not supported by bpfilter
+    target TPROXY: needs bpfilter.ko (kernel module mode)
+    target TRACE: needs bpfilter.ko (kernel module mode)
 """
 # What the kernel takes and bpfilter (`bpfilter serve`, no bpfilter.ko) refuses, per
 # family: "<match|target> NAME: the reason's first clause", or "table NAME".
@@ -75,7 +75,7 @@ UNSUPPORTED = {
     Family.IPV4: _COMMON + """
     match osf: revision N is not supported by bpfilter
     match realm: needs bpfilter.ko (kernel module mode)
-    target ECN: revision N is not supported by bpfilter
+    target ECN: needs bpfilter.ko (kernel module mode)
     target TTL: needs bpfilter.ko (kernel module mode)
     target REJECT: needs bpfilter.ko (kernel module mode) to send its icmp-admin-prohibited answer
     target REJECT: needs bpfilter.ko (kernel module mode) to send its icmp-host-prohibited answer

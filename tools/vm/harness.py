@@ -58,6 +58,7 @@ GUEST_MODULES = (
     "kernel/net/ipv6/netfilter/",
     "kernel/drivers/net/veth.ko",
     "kernel/net/bridge/bridge.ko",
+    "kernel/net/bridge/br_netfilter.ko",
 )
 # The guest is merged-/usr like the host, so a path ldd prints resolves in both.
 MERGED_USR = {"bin": "usr/bin", "sbin": "usr/sbin", "lib": "usr/lib", "lib64": "usr/lib64"}

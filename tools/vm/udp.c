@@ -8,7 +8,7 @@
  *
  *   udp send ADDR PORT COUNT   COUNT one-byte datagrams to ADDR:PORT
  *   udp recv PORT SECONDS      print how many datagrams arrived on PORT in SECONDS
- *   udp serve PORT SECONDS [peers|drain|headers]
+ *   udp serve PORT SECONDS [peers|drain|headers|transparent]
  *                              for SECONDS, echo UDP datagrams and accept TCP
  *                              connections on PORT (so that only a firewall can
  *                              refuse them); with "peers", a line for each, with the
@@ -18,9 +18,14 @@
  *                              "headers", as "peers" and what the headers said: a
  *                              datagram's TTL (hop limit) and TOS (traffic class), a
  *                              connection's MSS (TCP_MAXSEG: the SYN's MSS option,
- *                              less the options every segment carries); and each
+ *                              less the options every segment carries) and the
+ *                              options it agreed (TCP_INFO: sack, ts, wscale, ecn,
+ *                              as the SYN offered them); and each
  *                              echo sent from the address its datagram was sent
- *                              to (for a server with several)
+ *                              to (for a server with several); with
+ *                              "transparent", as "peers", its TCP sockets
+ *                              IP_TRANSPARENT (a TPROXY target's), and the address
+ *                              each connection was made to
  *   udp connrate ADDR PORT SECONDS
  *                              TCP connections to ADDR:PORT one after another for
  *                              SECONDS, each reset once made: "connections N in
@@ -61,7 +66,7 @@ static char buf[MAX_DATAGRAM];
 static int usage(void)
 {
 	fprintf(stderr, "usage: udp send ADDR PORT COUNT | udp recv PORT SECONDS | "
-		"udp serve PORT SECONDS [peers|drain|headers] | udp connrate ADDR PORT SECONDS | udp ask ADDR PORT [SIZE [FROM]] | udp connect ADDR PORT | "
+		"udp serve PORT SECONDS [peers|drain|headers|transparent] | udp connrate ADDR PORT SECONDS | udp ask ADDR PORT [SIZE [FROM]] | udp connect ADDR PORT | "
 		"udp solicit ADDR HOPS\n");
 	return 2;
 }
@@ -204,7 +209,7 @@ static void print_peer(const char *proto, const struct sockaddr_storage *from)
 
 static void reset(int fd);
 
-enum serve_mode { SERVE_QUIET, SERVE_PEERS, SERVE_DRAIN, SERVE_HEADERS };
+enum serve_mode { SERVE_QUIET, SERVE_PEERS, SERVE_DRAIN, SERVE_HEADERS, SERVE_TRANSPARENT };
 
 /*
  * A datagram's TTL and TOS (IPv6: hop limit and traffic class), from its cmsgs; its
@@ -246,7 +251,8 @@ static void print_headers(struct msghdr *msg, struct msghdr *reply)
 
 static int do_serve(int port, int seconds, enum serve_mode mode)
 {
-	int peers = mode == SERVE_PEERS || mode == SERVE_HEADERS, drain = mode == SERVE_DRAIN;
+	int peers = mode == SERVE_PEERS || mode == SERVE_HEADERS || mode == SERVE_TRANSPARENT;
+	int drain = mode == SERVE_DRAIN;
 	static const int on = 1;
 	char control[256], reply_control[256];
 	long deadline = now_ms() + seconds * 1000L;
@@ -269,6 +275,12 @@ static int do_serve(int port, int seconds, enum serve_mode mode)
 	     setsockopt(p[1].fd, IPPROTO_IPV6, IPV6_RECVPKTINFO, &on, sizeof(on)) ||
 	     setsockopt(p[1].fd, IPPROTO_IPV6, IPV6_RECVHOPLIMIT, &on, sizeof(on)) ||
 	     setsockopt(p[1].fd, IPPROTO_IPV6, IPV6_RECVTCLASS, &on, sizeof(on)))) {
+		perror("setsockopt");
+		return 1;
+	}
+	if (mode == SERVE_TRANSPARENT &&
+	    (setsockopt(p[2].fd, IPPROTO_IP, IP_TRANSPARENT, &on, sizeof(on)) ||
+	     setsockopt(p[3].fd, IPPROTO_IPV6, IPV6_TRANSPARENT, &on, sizeof(on)))) {
 		perror("setsockopt");
 		return 1;
 	}
@@ -328,8 +340,36 @@ static int do_serve(int port, int seconds, enum serve_mode mode)
 					int mss = -1;
 					socklen_t size = sizeof(mss);
 
+					struct tcp_info info = { 0 };
+					socklen_t info_size = sizeof(info);
+
 					getsockopt(fd, IPPROTO_TCP, TCP_MAXSEG, &mss, &size);
 					printf("  mss %d\n", mss);
+					getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &info_size);
+					printf("  options%s%s%s%s\n",
+					       info.tcpi_options & TCPI_OPT_SACK ? " sack" : "",
+					       info.tcpi_options & TCPI_OPT_TIMESTAMPS ? " ts" : "",
+					       info.tcpi_options & TCPI_OPT_WSCALE ? " wscale" : "",
+					       info.tcpi_options & TCPI_OPT_ECN ? " ecn" : "");
+					fflush(stdout);
+				}
+				if (mode == SERVE_TRANSPARENT) {
+					struct sockaddr_storage to;
+					char host[INET6_ADDRSTRLEN];
+					socklen_t to_len = sizeof(to);
+					int to_port;
+
+					getsockname(fd, (struct sockaddr *)&to, &to_len);
+					if (to.ss_family == AF_INET) {
+						inet_ntop(AF_INET, &((struct sockaddr_in *)&to)->sin_addr,
+							  host, sizeof(host));
+						to_port = ntohs(((struct sockaddr_in *)&to)->sin_port);
+					} else {
+						inet_ntop(AF_INET6, &((struct sockaddr_in6 *)&to)->sin6_addr,
+							  host, sizeof(host));
+						to_port = ntohs(((struct sockaddr_in6 *)&to)->sin6_port);
+					}
+					printf("  to %s port %d\n", host, to_port);
 					fflush(stdout);
 				}
 				if (drain)
@@ -511,10 +551,10 @@ int main(int argc, char **argv)
 	if (argc == 4 && !strcmp(argv[1], "recv"))
 		return do_recv(atoi(argv[2]), atoi(argv[3]));
 	if (argc >= 4 && argc <= 5 && !strcmp(argv[1], "serve")) {
-		static const char *const modes[] = { "", "peers", "drain", "headers" };
+		static const char *const modes[] = { "", "peers", "drain", "headers", "transparent" };
 		const char *mode = argc == 5 ? argv[4] : "";
 
-		for (int m = 0; m < 4; m++)
+		for (int m = 0; m < 5; m++)
 			if (!strcmp(mode, modes[m]))
 				return do_serve(atoi(argv[2]), atoi(argv[3]), m);
 		return usage();

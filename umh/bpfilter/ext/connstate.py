@@ -2,7 +2,8 @@
 kernel's own (ext/xtmatch.py): -m ecn (xt_ecn.c), -m connbytes (its conntrack
 accounting, which checkentry turns on), -m connlabel (its conntrack labels), -m helper
 (its conntrack helper), -m cpu, -m realm (the route's realm, IPv4), -m rpfilter (a
-route lookup of the source, in raw and mangle PREROUTING)."""
+route lookup of the source, in raw and mangle PREROUTING), -m physdev (the bridge ports
+br_netfilter notes for bridged traffic; its checkentry loads br_netfilter)."""
 from __future__ import annotations
 
 from construct import Bytes, Int8un, Int32sn, Int32un, Int64un, Int16un, Padding, Struct
@@ -20,6 +21,13 @@ xt_helper_info = Struct("invert" / Int32sn, "name" / Bytes(30), Padding(2))
 xt_cpu_info = Struct("cpu" / Int32un, "invert" / Int32un)
 xt_realm_info = Struct("id" / Int32un, "mask" / Int32un, "invert" / Int8un, Padding(3))
 xt_rpfilter_info = Struct("flags" / Int8un)
+xt_physdev_info = Struct("physindev" / Bytes(16), "in_mask" / Bytes(16), "physoutdev" / Bytes(16),
+                         "out_mask" / Bytes(16), "invert" / Int8un, "bitmask" / Int8un,
+                         Padding(6))
+# XT_PHYSDEV_OP_IN, _OUT, _BRIDGED, _ISIN, _ISOUT
+_PHYSDEV_WORDS = ((1, "physdev-in", "physindev"), (2, "physdev-out", "physoutdev"),
+                  (4, "physdev-is-bridged", None), (8, "physdev-is-in", None),
+                  (16, "physdev-is-out", None))
 _RPFILTER_WORDS = ((1, "loose"), (2, "validmark"), (4, "accept-local"), (8, "invert"))
 _REALM_HOOKS = sum(1 << h.value for h in (Hook.POST_ROUTING, Hook.FORWARD, Hook.LOCAL_OUT,
                                           Hook.LOCAL_IN))
@@ -54,3 +62,16 @@ plain_kernel_extension("match", "rpfilter", xt_rpfilter_info, BOTH_FAMILIES, why
                        describe=lambda f: " ".join(["rpfilter", *(word for bit, word in
                                                                   _RPFILTER_WORDS
                                                                   if f["flags"] & bit)]))
+
+
+def _describe_physdev(f: dict) -> str:
+    words = ["PHYSDEV match"]
+    for bit, word, name in _PHYSDEV_WORDS:
+        if f["bitmask"] & bit:
+            bang = "! " if f["invert"] & bit else ""
+            words.append(f"{bang}--{word}" + (f" {c_string(f[name])}" if name else ""))
+    return " ".join(words)
+
+
+plain_kernel_extension("match", "physdev", xt_physdev_info, BOTH_FAMILIES, why=_READS,
+                       family_independent=True, describe=_describe_physdev)

@@ -101,6 +101,10 @@ class KernelMatch(MatchExtension):
                     f"xt_{self.name}, {self.why} ({missing})")
         return None
 
+    def after_call(self, match: KernelMatchModel, asm) -> None:
+        """After the extension's ->match ran (R0, its answer, kept): what it changed of
+        the facts, as it left it."""
+
     def emit(self, match: KernelMatchModel, asm, out) -> None:
         """bpfilter_xt_match() on the rule's instance if every earlier test of the rule
         held (the kernel stops at the first that fails, and recent's --set must not
@@ -117,6 +121,7 @@ class KernelMatch(MatchExtension):
         asm.emit(BPF_LDX_MEM(BPF_W, R3, R0, 0),
                  BPF_LDX_MEM(BPF_DW, R1, R6, facts.SKB), BPF_LDX_MEM(BPF_DW, R2, R6, NF_STATE),
                  BPF_CALL_KFUNC(XT_MATCH_KFUNC))
+        self.after_call(match, asm)
         asm.place(decided)
         asm.emit(BPF_MOV64_REG(MISMATCH, R0), BPF_ALU64_IMM(I.BPF_AND, MISMATCH, 1),
                  BPF_MOV64_REG(HOTDROP, R0), BPF_ALU64_IMM(I.BPF_RSH, HOTDROP, 1))
@@ -310,7 +315,8 @@ def plain_kernel_extension(kind: str, name: str, struct, families, describe,
     """Registers the kernel's own match or target (`kind`) `name`, for which
     bpfilter's model is its payload's fields: nothing of it is compiled, the kernel's
     checkentry judges it. `describe(fields dict) -> str` lists it; `restrictions`:
-    the extension's proto, hooks, table, family_independent, stale, refresh."""
+    the extension's proto, hooks, table, family_independent, facts, facts_of, stale,
+    refresh (a target's), after_call (a match's)."""
     base, model = (KernelMatch, PlainKernelMatch) if kind == "match" else \
         (KernelTarget, PlainKernelTarget)
     register = register_match if kind == "match" else register_target
