@@ -824,50 +824,37 @@ def _same(s: dict[str, str], part: str) -> str:
     return ref
 
 
-def test_kmod_trace_ecn_and_tcpoptstrip(module):
-    """TRACE, ECN and TCPOPTSTRIP (tools/vm/scenarios/kmod-trace.sh), against ip_tables
-    and ip6_tables in the same guest. A packet traced in raw is logged at every rule it
-    passes in raw, mangle, nat and filter, both families, with the kernel's names: user
-    chains, their conditional and unconditional RETURNs, policies, an unconditional
-    ACCEPT rule (which the kernel names "policy"), a rule found by bpfilter's
-    classifier; ECN takes ECE/CWR off a SYN (the server agrees no ECN, and a later -m
+def test_kmod_log_ecn_tproxy_and_physdev(module):
+    """LOG, ECN, TCPOPTSTRIP, TPROXY and -m socket, -m physdev
+    (tools/vm/scenarios/kmod-log-ecn-tproxy.sh), against ip_tables and ip6_tables in the
+    same guest. LOG rules (--log-uid, --log-tcp-options) print the kernel's lines with
+    the guest's default printk settings, both families (bpfilter.ko runs the kernel's
+    own xt_LOG); ECN takes ECE/CWR off a SYN (the server agrees no ECN, and a later -m
     ecn sees them gone) and sets the ECT codepoint; TCPOPTSTRIP strips SACK and
-    timestamps (the server agrees neither); checkentry refusals are the kernel's; the
-    counters of every table are the kernel's."""
+    timestamps (the server agrees neither); a router's mangle PREROUTING hands
+    connections to a port of wan to its own transparent listener, which sees them made
+    to wan's address, while another port passes to wan, IPv4 and IPv6; -m physdev in the
+    FORWARD chain of a bridge's host, both families; the answers, what each server saw,
+    checkentry refusals and every counter are the kernel's."""
     kver = harness.kernel_release()
     extra = {**harness.system_libraries(), f"/lib/modules/{kver}/extra/bpfilter.ko": str(module)}
-    s = reference_then_bpfilter("kmod-trace.sh", extra, timeout=900)
-    trace, ecn = _same(s, "trace"), _same(s, "ecn")
+    s = reference_then_bpfilter("kmod-log-ecn-tproxy.sh", extra, timeout=900)
+    logged, ecn = _same(s, "log"), _same(s, "ecn")
+    proxy, bridge = _same(s, "tproxy"), _same(s, "physdev")
     # the reference did what the scenario means, so that the comparison is of that
-    for line in ("raw:PREROUTING:policy:2 IN=tr0", "mangle:PREROUTING:rule:1 IN=tr0",
-                 "mangle:MARKS:return:2 IN=tr0", "mangle:MARKS:rule:1 IN=tr0",
-                 "mangle:PREROUTING:policy:2 IN=tr0", "nat:PREROUTING:policy:2 IN=tr0",
-                 "filter:INPUT:rule:2 IN=tr0", "filter:CHK:return:3 IN=tr0",
-                 "filter:CHK:rule:2 IN=tr0", "filter:INPUT:rule:13 IN=tr0",
-                 "filter:INPUT:rule:14 IN=tr0", "raw:OUTPUT:policy:2 IN= OUT=tr0",
-                 "filter:OUTPUT:policy:2 IN= OUT=tr0"):
-        for family in ("SRC=198.18.30.", "SRC=fd30:"):
-            assert re.search(rf"^TRACE: {re.escape(line)} .*{family}", trace, re.M), trace
+    for src in ("198.18.30.2 ", "fd30:0000:0000:0000:0000:0000:0000:0002 "):
+        assert re.search(rf"^LOGGED: IN=tr0 OUT= MAC=\S+ SRC={src}.* DPT=7101 ", logged,
+                         re.M), logged
+    for src in ("198.18.30.1 ", "fd30:0000:0000:0000:0000:0000:0000:0001 "):
+        assert re.search(rf"^LOGGED: IN= OUT=tr0 SRC={src}.* UID=0 GID=0 $", logged, re.M), logged
+    assert len(re.findall(r"^LOGGED: ", logged, re.M)) == 4, logged
     for line in ("wan:7201   options sack ts wscale\n", "wan:7203   options wscale ecn\n",
                  "wan:7204   options sack ts wscale ecn\n", "tos 0x01",
-                 "ECN on udp: iptables: Invalid argument.", "TRACE in mangle: iptables: "):
+                 "ECN on udp: iptables: Invalid argument.",
+                 "ECN in filter: iptables: Invalid argument."):
         assert line in ecn, ecn
     assert re.search(r"^\[1:\d+\] -A FORWARD -p tcp -m tcp --dport 7201 -m ecn --ecn-tcp-ece "
                      r"--ecn-tcp-cwr$", ecn, re.M), ecn
-
-
-def test_kmod_tproxy_socket_and_physdev(module):
-    """TPROXY and -m socket (tools/vm/scenarios/kmod-tproxy.sh), IPv4 and IPv6: a router
-    whose mangle PREROUTING hands connections to a port of wan to its own transparent
-    listener, which sees them made to wan's address, while another port passes to wan;
-    -m physdev in the FORWARD chain of a bridge's host, both families; against ip_tables
-    and ip6_tables in the same guest: the answers, what each server saw, checkentry
-    refusals and every counter the same."""
-    kver = harness.kernel_release()
-    extra = {**harness.system_libraries(), f"/lib/modules/{kver}/extra/bpfilter.ko": str(module)}
-    s = reference_then_bpfilter("kmod-tproxy.sh", extra, timeout=900)
-    proxy, bridge = _same(s, "tproxy"), _same(s, "physdev")
-    # the reference did what the scenario means, so that the comparison is of that
     for addr in ("10.2.0.2", "2001:db8:2::2"):
         for line in (f"proxied tcp {addr} 7401: connected", f"passed tcp {addr} 7402: connected",
                      f"fw:7400   to {addr} port 7401"):
@@ -883,7 +870,7 @@ def test_kmod_tproxy_socket_and_physdev(module):
 @pytest.mark.kernels
 def test_kmod_iptables_test_files_of_the_kernels_extensions():
     """iptables' own test files for the kernel's matches and targets bpfilter.ko runs
-    (tools/vm/scenarios/kmod-tfiles.sh: TRACE, ECN, TCPOPTSTRIP, TOS, DSCP, TTL, HL,
+    (tools/vm/scenarios/kmod-tfiles.sh: ECN, TCPOPTSTRIP, TOS, DSCP, TTL, HL,
     TCPMSS, CHECKSUM, CLASSIFY, CT, NOTRACK; dscp, tos, ecn, tcpmss, connbytes,
     connlabel, helper, cpu, realm, rpfilter), both families, against ip_tables and
     ip6_tables in the same guest: every case, on every chain its file names, answers
@@ -899,8 +886,8 @@ def test_kmod_iptables_test_files_of_the_kernels_extensions():
                 for t in [*suite.glob("*.t"), *suite.glob("ip6/*.t")]}}
     s = reference_then_bpfilter("kmod-tfiles.sh", extra, timeout=1500, kver=kver)
     cases = _same(s, "test files")
-    assert "libxt_TRACE.t iptables-legacy -t raw -A OUTPUT -j TRACE: 0 \n" \
-           "-A PREROUTING -j TRACE\n-A OUTPUT -j TRACE\n" in cases, cases
+    assert "libipt_ECN.t iptables-legacy -t mangle -A POSTROUTING -p tcp -j ECN " \
+           "--ecn-tcp-remove: 0 \n" in cases, cases
     assert "libxt_TCPOPTSTRIP.t ip6tables-legacy -t mangle -A FORWARD -p tcp -j TCPOPTSTRIP " \
            "--strip-options 2,3,4,5,6,7: 0 \n" in cases, cases
 

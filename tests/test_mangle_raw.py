@@ -14,11 +14,12 @@ from bpfilter.abi import codec
 from bpfilter.abi.xtables import SIZEOF_IPT_REPLACE, ipt_replace
 from bpfilter.bpf.btf import Btf
 from bpfilter.bpf.insn import Kfunc
-from bpfilter.compiler import reroute, trace
-from bpfilter.compiler.codegen import COUNTERS, compile_table
+from bpfilter.compiler import reroute
+from bpfilter.compiler.codegen import compile_table
 from bpfilter.decode import table_from_blob
 from bpfilter.errors import BpfilterError
-from bpfilter.ext.xtmatch import XT_MATCH_KFUNC
+from bpfilter.ext.log import KernelLogTarget
+from bpfilter.ext.xtmatch import XT_MATCH_KFUNC, XT_TARGET_KFUNC
 from bpfilter.loader import load_filter_table
 from bpfilter.model import Family, Hook
 from bpfilter.packet import facts
@@ -86,7 +87,6 @@ KERNEL_RULES = [
     ("mangle", "-A FORWARD -p tcp -j ECN --ecn-tcp-remove", "target 'ECN'", Family.IPV4),
     ("mangle", "-A FORWARD -p tcp -j TCPOPTSTRIP --strip-options timestamp",
      "target 'TCPOPTSTRIP'", None),
-    ("raw", "-A PREROUTING -p udp -j TRACE", "target 'TRACE'", None),
     ("mangle", "-A PREROUTING -p tcp -j TPROXY --on-port 7400 --tproxy-mark 1",
      "target 'TPROXY'", None),
     ("mangle", "-A PREROUTING -p tcp -m socket --transparent --restore-skmark",
@@ -221,29 +221,6 @@ def test_only_mangle_output_is_routed_again(with_the_modules_kfuncs, family):
 
 
 @FAMILIES
-def test_every_counted_entry_is_traced_with_the_module(with_the_modules_kfuncs, family):
-    """ipt_do_table() traces a packet at every rule it passes, after the rule's counter
-    and before its target: each count of an entry (rules, a classified run's, a
-    chain's policy or RETURN) is followed by the trace call, in every table."""
-    rules = [":CHK - [0:0]", "-A INPUT -p udp -j CHK", "-A CHK -p udp --dport 7 -j RETURN",
-             *(f"-A INPUT -p udp --dport {port} -j ACCEPT" for port in range(7000, 7020)),
-             "-A OUTPUT -j ACCEPT"]
-    for program in compiled("mangle", family, *rules).programs:
-        items = program.asm.items
-        counts = [i for i, insn in enumerate(items) if insn.imm == COUNTERS]
-        traces = [i for i, insn in enumerate(items) if insn.imm == trace.TRACE_KFUNC]
-        assert counts and len(traces) == len(counts), program.name
-        assert all(c < t for c, t in zip(counts, traces)), program.name
-
-
-@FAMILIES
-def test_nothing_is_traced_without_the_module(family):
-    table_ = compiled("mangle", family, "-A INPUT -p udp -j ACCEPT")
-    assert table_.trace_info is None
-    assert not any(insn.imm == trace.TRACE_KFUNC for p in table_.programs for insn in p.asm.items)
-
-
-@FAMILIES
 def test_socket_restore_skmark_reads_the_mark_again(with_the_modules_kfuncs, family):
     """xt_socket's --restore-skmark writes the socket's mark into the packet's: after
     the match the mark fact is read again, so that a later -m mark sees it."""
@@ -257,3 +234,16 @@ def test_socket_restore_skmark_reads_the_mark_again(with_the_modules_kfuncs, fam
     items = next(p for p in plain.programs if p.hook is Hook.PRE_ROUTING).asm.items
     call = next(i for i, insn in enumerate(items) if insn.imm == XT_MATCH_KFUNC)
     assert not any(insn.off == facts.MARK for insn in items[call:call + 4])
+
+
+@FAMILIES
+def test_log_is_the_kernels_own_with_the_module(with_the_modules_kfuncs, family):
+    """With bpfilter.ko, LOG is xt_LOG run by the module (the kernel prints the line,
+    --log-uid included); without it, the log ring's (ext/log.py)."""
+    rules = ['-A INPUT -p udp -j LOG --log-prefix "in: " --log-uid']
+    _, model = table_from_blob(replace_blob(table("mangle", *rules), "mangle", family), family)
+    target = next(r.target for c in model.chains.values() for r in c.rules)
+    assert isinstance(target, KernelLogTarget) and target.prefix == b"in: ", target
+    table_ = compile_table(model, facts.KernelOffsets.from_btf(Btf.vmlinux()))
+    program = next(p for p in table_.programs if p.hook is Hook.LOCAL_IN)
+    assert _calls(program.asm, XT_TARGET_KFUNC) == 1

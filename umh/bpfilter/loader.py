@@ -37,7 +37,6 @@ from . import ext
 from .compiler.classifier import KEYS, VALUE_SIZE
 from .compiler.runs import RECORD_SIZE, Classified, TupleSpace
 from .compiler.templates import INSTANCES
-from .compiler.trace import TRACE_INFO
 from .ext import xtmatch
 from .bpf.insn import Kfunc, MapRef
 from .errors import BpfilterError
@@ -283,12 +282,6 @@ def load_ruleset(table: Table, environment: Optional[dict[MapRef, int]] = None,
             bpf.map_update_batch(fd, array.array("I", range(planned.count)).tobytes(),
                                  planned.records, planned.count)
             maps[INSTANCES] = fd
-        if compiled.trace_info is not None:
-            fd = _owned(transient, bpf.map_create(bpf.BPF_MAP_TYPE_ARRAY, 4,
-                                                  len(compiled.trace_info), 1,
-                                                  f"{table.name}_trace"))
-            bpf.map_update(fd, bytes(4), compiled.trace_info)
-            maps[TRACE_INFO] = fd
         for ref, fd in ext.table_maps(table).items():
             maps[ref] = _owned(transient, fd)
         held = xtmatch.held_instances(table, netns_path)

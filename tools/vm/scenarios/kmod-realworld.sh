@@ -8,8 +8,6 @@
 # (10.1.0.0/24, 2001:db8:1::/64), its vout0 wan (10.2.0.0/24, 2001:db8:2::/64), and it
 # routes between them. The IPv6 phases build them with lib.sh's router.
 . /etc/bpfilter-vm/lib.sh
-# bpfilter writes LOG's lines through /dev/kmsg, which ratelimits them unless told not to
-echo on >/proc/sys/kernel/printk_devkmsg
 
 # Fresh namespaces for each ruleset: no conntrack entry, no limit credit carried over.
 namespaces() {

@@ -69,6 +69,11 @@ class _Extension:
     def payload_size(cls) -> int:
         return xt_align(cls.packed.size)
 
+    def facts_of(self, model) -> frozenset[str]:
+        """The fact groups this match or target reads; every one in `facts` unless
+        overridden."""
+        return self.facts
+
     def table_maps(self, table) -> dict[MapRef, int]:
         """Maps its code refers to, made afresh for every load of `table` (as the
         kernel's checkentry makes per-rule state afresh); the caller closes them."""
@@ -105,10 +110,6 @@ class MatchExtension(_Extension):
     def check_hooks(self, match: Match, hook_mask: int, where: str) -> None:
         """What checkentry rejects for the hooks the rule is reachable from, beyond
         `hooks` (which the generic check tests)."""
-
-    def facts_of(self, match: Match) -> frozenset[str]:
-        """The fact groups this match reads; every one in `facts` unless overridden."""
-        return self.facts
 
     def frames(self, match: Match) -> int:
         """BPF call frames the match's code opens below its rule's (a bpf_loop()
@@ -354,7 +355,7 @@ def facts_needed(rule: Rule, family: Family) -> frozenset[str]:
     """The fact groups a rule's matches and target read."""
     needed = [_MATCHES.of(m, family).facts_of(m) for m in rule.matches]
     if isinstance(rule.target, ExtensionTarget):
-        needed.append(_TARGETS.of(rule.target, family).facts)
+        needed.append(_TARGETS.of(rule.target, family).facts_of(rule.target))
     return frozenset().union(*needed)
 
 
@@ -368,4 +369,4 @@ from . import connmark, nat, statistic  # noqa: E402,F401
 # what only the kernel's own extensions can be, run by bpfilter.ko (ext/xtmatch.py)
 from . import nfacct, recent  # noqa: E402,F401
 from . import connstate, ct, dscp, ecn, hl, skbinfo, tcpmss, tcpoptstrip  # noqa: E402,F401
-from . import tproxy, trace  # noqa: E402,F401
+from . import tproxy  # noqa: E402,F401

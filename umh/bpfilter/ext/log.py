@@ -3,9 +3,12 @@
 iptables and ip6tables (xt_LOG registers the same target, payload and checkentry
 for both families).
 
-The rule copies what the kernel's log line is made of into the log ring, and the
-service writes the line (klog.py); then the packet goes on to the next rule, as
-after the kernel's log_tg() (XT_CONTINUE).
+With bpfilter.ko, the rule is the kernel's own xt_LOG, run by the module
+(ext/xtmatch.py): the kernel prints the line (nf_log_packet(), its facility and
+ratelimits, --log-uid included), as with ip_tables. Without it (`bpfilter serve`), the
+rule copies what the kernel's log line is made of into the log ring, and the service
+writes the line (klog.py) to /dev/kmsg. Either way the packet goes on to the next rule,
+as after the kernel's log_tg() (XT_CONTINUE).
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ from ..bpf.insn import (BPF_ALU64_IMM, BPF_ALU64_REG, BPF_ATOMIC_OP, BPF_B, BPF_
 from ..packet import facts
 from ..errors import BpfilterError
 from ..model import ExtensionTarget, IpHeader
-from . import BOTH_FAMILIES, TargetExtension, register_target
+from . import BOTH_FAMILIES, TargetExtension, missing_kfunc, register_target
+from .xtmatch import XT_TARGET_KFUNC, KernelTarget, KernelTargetModel
 
 PREFIX_SIZE = 30
 LEVELS = 8
@@ -48,6 +52,24 @@ class LogTarget(ExtensionTarget):
     revision = 0
 
 
+@dataclass(frozen=True)
+class KernelLogTarget(KernelTargetModel):
+    """LOG with bpfilter.ko: the kernel's own."""
+    level: int
+    logflags: int
+    prefix: bytes
+    name = "LOG"
+    revision = 0
+
+
+class _KernelLog(KernelTarget):
+    """xt_LOG as bpfilter.ko runs it (Log hands it its rules when the module is there)."""
+    name = "LOG"
+    families = BOTH_FAMILIES
+    struct = xt_log_info
+    why = "which prints the line"
+
+
 @register_target
 class Log(TargetExtension):
     name = "LOG"
@@ -65,7 +87,21 @@ class Log(TargetExtension):
             raise BpfilterError(errno.EINVAL, f"{where}: LOG: the prefix is not NUL-terminated")
         return LogTarget(level, logflags, prefix.split(b"\0", 1)[0])
 
+    def decode_in(self, payload: bytes, ip: IpHeader, where: str, hook_mask: int,
+                  entry: bytes):
+        target = self.decode(payload, ip, where)
+        if missing_kfunc(XT_TARGET_KFUNC):
+            return target
+        return KernelLogTarget(payload=payload, hook_mask=hook_mask, entry=entry,
+                               level=target.level, logflags=target.logflags,
+                               prefix=target.prefix)
+
+    def facts_of(self, target) -> frozenset[str]:
+        return _KernelLog.facts if isinstance(target, KernelLogTarget) else self.facts
+
     def unsupported(self, target: LogTarget) -> "str | None":
+        if isinstance(target, KernelLogTarget):
+            return None
         if target.logflags & K.XT_LOG_UID:
             return ("--log-uid is not supported by bpfilter: it prints the credentials of the "
                     "file behind the packet's socket, which a netfilter BPF program cannot read")
@@ -74,6 +110,12 @@ class Log(TargetExtension):
     def describe(self, target: LogTarget) -> str:
         prefix = f' prefix "{target.prefix.decode(errors="replace")}"' if target.prefix else ""
         return f"LOG flags {target.logflags} level {target.level}{prefix}"
+
+    def emit_rule(self, rule, target, asm, next_rule) -> None:
+        if isinstance(target, KernelLogTarget):
+            _KERNEL_LOG[self.family].emit_rule(rule, target, asm, next_rule)
+        else:
+            self.emit(target, asm, next_rule)
 
     def emit(self, target: LogTarget, asm, next_rule) -> None:
         o = _offsets()
@@ -308,3 +350,6 @@ def _emit_skb_facts(asm, k: facts.KernelOffsets) -> None:
 
 
 facts.OPTIONAL["skb"] = _emit_skb_facts
+
+
+_KERNEL_LOG = {family: _KernelLog(family) for family in BOTH_FAMILIES}
