@@ -868,6 +868,7 @@ def test_kmod_log_ecn_tproxy_and_physdev(module):
 
 
 @pytest.mark.kernels
+@pytest.mark.conformance
 def test_kmod_iptables_test_files_of_the_kernels_extensions():
     """iptables' own test files for the kernel's matches and targets bpfilter.ko runs
     (tools/vm/scenarios/kmod-tfiles.sh: ECN, TCPOPTSTRIP, TOS, DSCP, TTL, HL,
@@ -876,7 +877,7 @@ def test_kmod_iptables_test_files_of_the_kernels_extensions():
     ip6_tables in the same guest: every case, on every chain its file names, answers
     as the kernel's (exit status, complaint, listing). The answers are the kernel's
     checkentries', which bpfilter.ko calls on every kernel alike: run once, on the
-    default kernel."""
+    default kernel, by tools/conformance.sh (its guest takes minutes)."""
     kver = harness.kernel(harness.DEFAULT_KERNEL).kver
     _run(["bash", str(ROOT / "tools/build-helper.sh"), "--helper-only"])
     module = harness.build_module(ROOT, kver)
