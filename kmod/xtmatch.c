@@ -22,10 +22,10 @@
  *
  * Targets likewise (bpfilter_xt_target()): those that rewrite the packet, set up
  * its conntrack template or hand it to a local socket (TOS and DSCP, TTL and HL,
- * ECN, TCPMSS, TCPOPTSTRIP, CHECKSUM, CLASSIFY, CT and NOTRACK, TPROXY), and LOG, which prints the kernel's line itself, are the kernel's
- * own ->target, checked by xt_check_target() as
- * ip_tables checks them (their table and hook restrictions included), run as
- * ipt_do_table() runs them, destroyed as cleanup_entry() does.
+ * ECN, TCPMSS, TCPOPTSTRIP, CHECKSUM, CLASSIFY, CT and NOTRACK, TPROXY), and LOG,
+ * which prints the kernel's line itself, are the kernel's own ->target, checked by
+ * xt_check_target() as ip_tables checks them (their table and hook restrictions
+ * included), run as ipt_do_table() runs them, destroyed as cleanup_entry() does.
  *
  * x_tables is reached through symbol_get(): bpfilter.ko loads on a kernel without
  * it, where these matches and targets are refused.
@@ -69,8 +69,8 @@ static const char *const bpfilter_xt_allowed[] = {
 /*
  * The targets run this way: their ->target needs the packet, the hook state and
  * the offsets below; what it writes of the packet (a header field, with the
- * checksums it updates), of skb->priority, the packet's socket or
- * of the conntrack template, or prints (LOG), is what ip_tables' rule would.
+ * checksums it updates), of skb->priority, the packet's socket or of the
+ * conntrack template, or prints (LOG), is what ip_tables' rule would.
  */
 static const char *const bpfilter_xt_allowed_targets[] = {
 	"TOS", "DSCP", "TTL", "HL", "TCPMSS", "CHECKSUM", "CLASSIFY", "CT", "NOTRACK",

@@ -288,11 +288,15 @@ def _realworld_files(kver: str, module) -> dict[str, str]:
                for name in ("fail2ban", "ufw", "firewalld.ip6", "ufw.ip6")}}
 
 
+def _assert_same_text(ref: str, ours: str, ref_name: str = "kernel") -> None:
+    """bpfilter's text equals the reference's; if not, the diff says where."""
+    assert ours == ref, "\n".join(difflib.unified_diff(
+        ref.splitlines(), ours.splitlines(), ref_name, "bpfilter", lineterm=""))
+
+
 def _same_answers_and_counters(ref: str, ours: str, name: str) -> None:
     assert _answers(ref, name) == _answers(ours, name)
-    assert _listing(ref) == _listing(ours), "\n".join(difflib.unified_diff(
-        _listing(ref).splitlines(), _listing(ours).splitlines(), "kernel", "bpfilter",
-        lineterm=""))
+    _assert_same_text(_listing(ref), _listing(ours))
 
 
 def test_kmod_addrtype_and_realworld_rulesets(module):
@@ -379,9 +383,7 @@ def test_kmod_ipv6_reject_addrtype_conntrack(module):
         for answer in answers:
             assert f"{name} {answer}\n" in ref, ref
         assert _answers(ref, name) == _answers(ours, name)
-        assert _listing(ref) == _listing(ours), "\n".join(difflib.unified_diff(
-            _listing(ref).splitlines(), _listing(ours).splitlines(), "ip6_tables", "bpfilter",
-            lineterm=""))
+        _assert_same_text(_listing(ref), _listing(ours), "ip6_tables")
     for phase in ("reference reject", "bpfilter reject"):
         assert "tables: filter\n" in s[phase]
     # the frozen helper asked the guest's kernel how its IPv6 walk ends (ipv6_probe.py)
@@ -632,10 +634,7 @@ def test_kmod_nat_table_through_the_kernels_nat_core(module, tmp_path):
             assert [name for name, _ in lists] == sorted(affine.seps), text
             assert sorted(content for _, content in lists) == ["", f"src={lan} "], text
         random_chains = {last.svc, *last.seps, affine.svc, *affine.seps}
-        assert _kube_listing(ref, random_chains) == _kube_listing(ours, random_chains), \
-            "\n".join(difflib.unified_diff(_kube_listing(ref, random_chains).splitlines(),
-                                           _kube_listing(ours, random_chains).splitlines(),
-                                           "kernel", "bpfilter", lineterm=""))
+        _assert_same_text(_kube_listing(ref, random_chains), _kube_listing(ours, random_chains))
     # A dead helper leaves the lookups registered; the next one recovers the table.
     death = s["helper death"]
     assert "helper killed\nafter-death tcp 10.1.0.1 8080: connected\n" \
@@ -645,8 +644,7 @@ def test_kmod_nat_table_through_the_kernels_nat_core(module, tmp_path):
     # Docker's and libvirt's filter and nat tables load, and read back, as on ip_tables
     ref, ours = s["reference realworld"], s["bpfilter realworld"]
     assert ref.count(": restored\n") == 4 and "-j MASQUERADE" in ref and "-j DNAT" in ref, ref
-    assert ours == ref, "\n".join(difflib.unified_diff(ref.splitlines(), ours.splitlines(),
-                                                      "kernel", "bpfilter", lineterm=""))
+    _assert_same_text(ref, ours)
     for name, lines in expected.items():
         ref, ours = s[f"reference {name}"], s[f"bpfilter {name}"]
         # what the reference answers and sees, so that a probe that tests nothing shows
@@ -656,9 +654,7 @@ def test_kmod_nat_table_through_the_kernels_nat_core(module, tmp_path):
         assert _answers(ref, name) == _answers(ours, name), ours
         assert seen == [line for line in ours.splitlines()
                         if re.match(r"(wan|fw):\d+ ", line)], ours
-        assert _listing(ref) == _listing(ours), "\n".join(difflib.unified_diff(
-            _listing(ref).splitlines(), _listing(ours).splitlines(), "kernel", "bpfilter",
-            lineterm=""))
+        _assert_same_text(_listing(ref), _listing(ours))
 
 
 def test_kmod_docker_container_behind_a_bridge(module):
@@ -687,9 +683,7 @@ def test_kmod_docker_container_behind_a_bridge(module):
         seen = lambda text: [line for line in text.splitlines()  # noqa: E731
                              if re.match(r"(ctr|wan):\d+ ", line)]
         assert seen(ours) == seen(ref), ours
-        assert _listing(ref) == _listing(ours), "\n".join(difflib.unified_diff(
-            _listing(ref).splitlines(), _listing(ours).splitlines(), "kernel", "bpfilter",
-            lineterm=""))
+        _assert_same_text(_listing(ref), _listing(ours))
 
 
 def test_kmod_recent_and_nfacct_are_the_kernels(module, nfacct):
@@ -729,9 +723,7 @@ def test_kmod_recent_and_nfacct_are_the_kernels(module, nfacct):
                                         line)]
     assert answers(ours) == answers(ref), "\n".join(difflib.unified_diff(
         answers(ref), answers(ours), "kernel", "bpfilter", lineterm=""))
-    assert _listing(ref) == _listing(ours), "\n".join(difflib.unified_diff(
-        _listing(ref).splitlines(), _listing(ours).splitlines(), "kernel", "bpfilter",
-        lineterm=""))
+    _assert_same_text(_listing(ref), _listing(ours))
     killed = s["bpfilter helper killed"]
     assert "helper killed\nknocked udp 198.18.0.2 7002 from 198.18.0.1: reply\n" in killed, killed
     assert "list knock: src=198.18.0.1 \n" in killed, killed
@@ -772,9 +764,7 @@ def test_kmod_libvirt_default_network(module):
     assert seen(ours) == seen(ref), ours
     # the multicast went through the RETURN rule, not a MASQUERADE
     assert re.search(r"^\s+1\s+\d+ RETURN .* 224\.0\.0\.0/24\s*$", ref, re.M), ref
-    assert _listing(ref) == _listing(ours), "\n".join(difflib.unified_diff(
-        _listing(ref).splitlines(), _listing(ours).splitlines(), "kernel", "bpfilter",
-        lineterm=""))
+    _assert_same_text(_listing(ref), _listing(ours))
 
 
 def test_kmod_mangle_and_raw_tables(module):
@@ -812,15 +802,13 @@ def test_kmod_mangle_and_raw_tables(module):
         assert "TOS in filter: iptables: Invalid argument." in ref, ref
         assert re.search(r"^\[4:\d+\] -A FORWARD -p udp -m conntrack --ctstate UNTRACKED",
                          ref, re.M), ref
-    assert ours == ref, "\n".join(difflib.unified_diff(
-        ref.splitlines(), ours.splitlines(), "kernel", "bpfilter", lineterm=""))
+    _assert_same_text(ref, ours)
 
 
 def _same(s: dict[str, str], part: str) -> str:
     """The reference's section `part`, which bpfilter's must equal."""
-    ref, ours = s[f"reference {part}"], s[f"bpfilter {part}"]
-    assert ours == ref, "\n".join(difflib.unified_diff(
-        ref.splitlines(), ours.splitlines(), "kernel", "bpfilter", lineterm=""))
+    ref = s[f"reference {part}"]
+    _assert_same_text(ref, s[f"bpfilter {part}"])
     return ref
 
 

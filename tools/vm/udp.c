@@ -189,20 +189,28 @@ static int do_recv(int port, int seconds)
 }
 
 /* "udp|tcp from ADDR port PORT" for a datagram or connection from `from`. */
-static void print_peer(const char *proto, const struct sockaddr_storage *from)
+/* The address of `sa` as text into `host`; its port. */
+static int address_and_port(const struct sockaddr_storage *sa, char host[INET6_ADDRSTRLEN])
 {
-	char host[INET6_ADDRSTRLEN];
 	const void *addr;
 	int port;
 
-	if (from->ss_family == AF_INET) {
-		addr = &((const struct sockaddr_in *)from)->sin_addr;
-		port = ntohs(((const struct sockaddr_in *)from)->sin_port);
+	if (sa->ss_family == AF_INET) {
+		addr = &((const struct sockaddr_in *)sa)->sin_addr;
+		port = ntohs(((const struct sockaddr_in *)sa)->sin_port);
 	} else {
-		addr = &((const struct sockaddr_in6 *)from)->sin6_addr;
-		port = ntohs(((const struct sockaddr_in6 *)from)->sin6_port);
+		addr = &((const struct sockaddr_in6 *)sa)->sin6_addr;
+		port = ntohs(((const struct sockaddr_in6 *)sa)->sin6_port);
 	}
-	inet_ntop(from->ss_family, addr, host, sizeof(host));
+	inet_ntop(sa->ss_family, addr, host, INET6_ADDRSTRLEN);
+	return port;
+}
+
+static void print_peer(const char *proto, const struct sockaddr_storage *from)
+{
+	char host[INET6_ADDRSTRLEN];
+	int port = address_and_port(from, host);
+
 	printf("%s from %s port %s\n", proto, host, port < 1024 ? "low" : "high");
 	fflush(stdout);
 }
@@ -360,15 +368,7 @@ static int do_serve(int port, int seconds, enum serve_mode mode)
 					int to_port;
 
 					getsockname(fd, (struct sockaddr *)&to, &to_len);
-					if (to.ss_family == AF_INET) {
-						inet_ntop(AF_INET, &((struct sockaddr_in *)&to)->sin_addr,
-							  host, sizeof(host));
-						to_port = ntohs(((struct sockaddr_in *)&to)->sin_port);
-					} else {
-						inet_ntop(AF_INET6, &((struct sockaddr_in6 *)&to)->sin6_addr,
-							  host, sizeof(host));
-						to_port = ntohs(((struct sockaddr_in6 *)&to)->sin6_port);
-					}
+					to_port = address_and_port(&to, host);
 					printf("  to %s port %d\n", host, to_port);
 					fflush(stdout);
 				}
