@@ -21,7 +21,8 @@ SVC4=198.18.9.9 SVC6=fd09::9
 
 uplinks() {
 	fresh cli fw srv
-	# IPv6 with static neighbours (lib.sh's link), IPv4 with ARP
+	# static neighbours, IPv6 (lib.sh's link) and IPv4 on the uplinks: an ARP probe of a
+	# stale entry, due whenever its timer says, would be counted as arriving (arrived)
 	link fw vin0 02:bf:0a:01:00:01 fd01::1/64 cli eth0 02:bf:0a:01:00:02 fd01::2/64
 	link fw vout1 02:bf:0a:02:00:01 fd02::1/64 srv eth1 02:bf:0a:02:00:02 fd02::2/64
 	link fw vout2 02:bf:0a:03:00:01 fd03::1/64 srv eth2 02:bf:0a:03:00:02 fd03::2/64
@@ -34,6 +35,10 @@ uplinks() {
 	ip -n cli addr add fd07::7/128 dev eth0 nodad preferred_lft 0   # never a source it picks
 	ip -n srv addr add 198.18.2.2/24 dev eth1
 	ip -n srv addr add 198.18.3.2/24 dev eth2
+	ip -n fw neigh add 198.18.2.2 lladdr 02:bf:0a:02:00:02 dev vout1 nud permanent
+	ip -n fw neigh add 198.18.3.2 lladdr 02:bf:0a:03:00:02 dev vout2 nud permanent
+	ip -n srv neigh add 198.18.2.1 lladdr 02:bf:0a:02:00:01 dev eth1 nud permanent
+	ip -n srv neigh add 198.18.3.1 lladdr 02:bf:0a:03:00:01 dev eth2 nud permanent
 	ip -n srv addr add $SVC4/32 dev lo
 	ip -n srv addr add $SVC6/128 dev lo nodad
 	ip -n cli route add default via 198.18.1.1
@@ -111,7 +116,6 @@ RULES6=$(echo "$RULES4" | sed -e 's/-j TTL --ttl-set 33/-j HL --hl-set 33/' \
 	-e 's/-m ttl --ttl-eq 58/-m hl --hl-eq 58/')
 
 # arrived NAME DEV: whether srv's DEV (an uplink) received anything since last asked
-# (fw's neighbour resolution on it included: it goes there because of the route)
 arrived() {
 	now=$(ip netns exec srv cat /sys/class/net/$2/statistics/rx_packets)
 	eval "before=\${rx_$2:-0}; rx_$2=$now"
