@@ -12,7 +12,7 @@ modules clean:
 dkms-source: $(HELPER)
 	install -d $(DKMS_SOURCE)/kmod $(DKMS_SOURCE)/build
 	install -m 644 Kbuild Makefile dkms.conf $(DKMS_SOURCE)/
-	install -m 644 kmod/bpfilter.c kmod/nat.c kmod/mark.c kmod/xtmatch.c kmod/mangle.c kmod/bpfilter_nat.h kmod/bpfilter_xtmatch.h kmod/bpfilter_proto.h kmod/bpfilter_umh_blob.S $(DKMS_SOURCE)/kmod/
+	install -m 644 kmod/bpfilter.c kmod/nat.c kmod/mark.c kmod/xtmatch.c kmod/mangle.c kmod/trace.c kmod/bpfilter_nat.h kmod/bpfilter_xtmatch.h kmod/bpfilter_proto.h kmod/bpfilter_umh_blob.S $(DKMS_SOURCE)/kmod/
 	install -m 755 $(HELPER) $(DKMS_SOURCE)/build/bpfilter-umh
 
 .PHONY: modules clean dkms-source

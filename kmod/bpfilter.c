@@ -1324,6 +1324,7 @@ BTF_ID_FLAGS(func, bpfilter_xt_match, KF_TRUSTED_ARGS)		/* xtmatch.c */
 BTF_ID_FLAGS(func, bpfilter_xt_target, KF_TRUSTED_ARGS)		/* xtmatch.c */
 BTF_ID_FLAGS(func, bpfilter_route_snapshot, KF_TRUSTED_ARGS)	/* mangle.c */
 BTF_ID_FLAGS(func, bpfilter_reroute, KF_TRUSTED_ARGS)		/* mangle.c */
+BTF_ID_FLAGS(func, bpfilter_trace, KF_TRUSTED_ARGS)		/* trace.c */
 BTF_KFUNCS_END(bpfilter_kfunc_ids)
 
 static const struct btf_kfunc_id_set bpfilter_kfunc_set = {

@@ -212,4 +212,26 @@ enum bpfilter_xt_verdict {
 /* sizeof(struct bpfilter_route_snap) (mangle.c): the stack bpfilter_route_snapshot() fills. */
 #define BPFILTER_ROUTE_SNAP_SIZE	48
 
+/*
+ * What bpfilter_trace() (trace.c) needs to name a rule as ip_tables' trace_packet()
+ * does, one per table, in a BPF array map's only value: its chains in entry order,
+ * then a bit per entry (bit e % 8 of byte e / 8) set for an unconditional standard
+ * target with a verdict (a chain's tail: "policy" in a built-in chain, else "return").
+ */
+#define BPFILTER_TRACE_NAME_SIZE	32
+#define BPFILTER_TRACE_BUILTIN		1
+
+struct bpfilter_trace_chain {
+	__u32 first;		/* a user chain's ERROR head, a built-in chain's first entry */
+	__u32 flags;		/* BPFILTER_TRACE_BUILTIN */
+	char name[BPFILTER_TRACE_NAME_SIZE];
+};
+
+struct bpfilter_trace_info {
+	char table[BPFILTER_TRACE_NAME_SIZE];
+	__u32 entries;
+	__u32 chains;
+	struct bpfilter_trace_chain chain[];
+};
+
 #endif /* _BPFILTER_PROTO_H */

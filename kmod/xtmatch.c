@@ -21,8 +21,9 @@
  * removed); its namespace going, or the module, destroys what is left.
  *
  * Targets likewise (bpfilter_xt_target()): those that rewrite the packet, set up
- * its conntrack template or hand it to a local socket (TOS and DSCP, TTL and HL,
- * ECN, TCPMSS, TCPOPTSTRIP, CHECKSUM, CLASSIFY, CT and NOTRACK, TPROXY), and LOG,
+ * its conntrack template, mark it for tracing or hand it to a local socket (TOS and
+ * DSCP, TTL and HL, ECN, TCPMSS, TCPOPTSTRIP, CHECKSUM, CLASSIFY, CT and NOTRACK,
+ * TRACE, TPROXY), and LOG,
  * which prints the kernel's line itself, are the kernel's own ->target, checked by
  * xt_check_target() as ip_tables checks them (their table and hook restrictions
  * included), run as ipt_do_table() runs them, destroyed as cleanup_entry() does.
@@ -69,12 +70,12 @@ static const char *const bpfilter_xt_allowed[] = {
 /*
  * The targets run this way: their ->target needs the packet, the hook state and
  * the offsets below; what it writes of the packet (a header field, with the
- * checksums it updates), of skb->priority, the packet's socket or of the
- * conntrack template, or prints (LOG), is what ip_tables' rule would.
+ * checksums it updates), of skb->priority, skb->nf_trace, the packet's socket or
+ * of the conntrack template, or prints (LOG), is what ip_tables' rule would.
  */
 static const char *const bpfilter_xt_allowed_targets[] = {
 	"TOS", "DSCP", "TTL", "HL", "TCPMSS", "CHECKSUM", "CLASSIFY", "CT", "NOTRACK",
-	"ECN", "TCPOPTSTRIP", "TPROXY", "LOG",
+	"ECN", "TCPOPTSTRIP", "TRACE", "TPROXY", "LOG",
 };
 
 struct bpfilter_xt_instance {

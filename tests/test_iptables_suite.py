@@ -67,7 +67,7 @@ _COMMON = """
     target TEE: revision N is not supported by bpfilter
     target TOS: needs bpfilter.ko (kernel module mode)
     target TPROXY: needs bpfilter.ko (kernel module mode)
-    target TRACE: revision N is not supported by bpfilter
+    target TRACE: needs bpfilter.ko (kernel module mode)
 """
 # What the kernel takes and bpfilter (`bpfilter serve`, no bpfilter.ko) refuses, per
 # family: "<match|target> NAME: the reason's first clause", or "table NAME".

@@ -812,12 +812,18 @@ def _same(s: dict[str, str], part: str) -> str:
     return ref
 
 
-def test_kmod_log_ecn_tproxy_and_physdev(module):
-    """LOG, ECN, TCPOPTSTRIP, TPROXY and -m socket, -m physdev
-    (tools/vm/scenarios/kmod-log-ecn-tproxy.sh), against ip_tables and ip6_tables in the
-    same guest. LOG rules (--log-uid, --log-tcp-options) print the kernel's lines with
-    the guest's default printk settings, both families (bpfilter.ko runs the kernel's
-    own xt_LOG); ECN takes ECE/CWR off a SYN (the server agrees no ECN, and a later -m
+def test_kmod_log_trace_ecn_tproxy_and_physdev(module):
+    """LOG, TRACE, ECN, TCPOPTSTRIP, TPROXY and -m socket, -m physdev
+    (tools/vm/scenarios/kmod-log-trace-ecn-tproxy.sh), against ip_tables and ip6_tables
+    in the same guest. LOG rules (--log-uid, --log-tcp-options) print the kernel's lines
+    with the guest's default printk settings, both families (bpfilter.ko runs the
+    kernel's own xt_LOG); a packet traced in raw is logged at every rule it passes in
+    raw, mangle, nat and filter, both families, with the kernel's names (user chains,
+    their conditional and unconditional RETURNs, policies, an unconditional ACCEPT rule,
+    which the kernel names "policy", a rule found by bpfilter's classifier), the tables
+    loaded before the raw table's TRACE rule included, and nothing once the raw table is
+    flushed, every counter kept; only while it traces does tracing hold bpfilter.ko;
+    ECN takes ECE/CWR off a SYN (the server agrees no ECN, and a later -m
     ecn sees them gone) and sets the ECT codepoint; TCPOPTSTRIP strips SACK and
     timestamps (the server agrees neither); a router's mangle PREROUTING hands
     connections to a port of wan to its own transparent listener, which sees them made
@@ -826,8 +832,8 @@ def test_kmod_log_ecn_tproxy_and_physdev(module):
     checkentry refusals and every counter are the kernel's."""
     kver = harness.kernel_release()
     extra = {**harness.system_libraries(), f"/lib/modules/{kver}/extra/bpfilter.ko": str(module)}
-    s = reference_then_bpfilter("kmod-log-ecn-tproxy.sh", extra, timeout=900)
-    logged, ecn = _same(s, "log"), _same(s, "ecn")
+    s = reference_then_bpfilter("kmod-log-trace-ecn-tproxy.sh", extra, timeout=1200)
+    logged, traced, ecn = _same(s, "log"), _same(s, "trace"), _same(s, "ecn")
     proxy, bridge = _same(s, "tproxy"), _same(s, "physdev")
     # the reference did what the scenario means, so that the comparison is of that
     for src in ("198.18.30.2 ", "fd30:0000:0000:0000:0000:0000:0000:0002 "):
@@ -836,6 +842,23 @@ def test_kmod_log_ecn_tproxy_and_physdev(module):
     for src in ("198.18.30.1 ", "fd30:0000:0000:0000:0000:0000:0000:0001 "):
         assert re.search(rf"^LOGGED: IN= OUT=tr0 SRC={src}.* UID=0 GID=0 $", logged, re.M), logged
     assert len(re.findall(r"^LOGGED: ", logged, re.M)) == 4, logged
+    for line in ("raw:PREROUTING:policy:2 IN=tr0", "mangle:PREROUTING:rule:1 IN=tr0",
+                 "mangle:MARKS:return:2 IN=tr0", "mangle:MARKS:rule:1 IN=tr0",
+                 "mangle:PREROUTING:policy:2 IN=tr0", "nat:PREROUTING:policy:2 IN=tr0",
+                 "filter:INPUT:rule:2 IN=tr0", "filter:CHK:return:3 IN=tr0",
+                 "filter:CHK:rule:2 IN=tr0", "filter:INPUT:rule:13 IN=tr0",
+                 "filter:INPUT:rule:14 IN=tr0", "raw:OUTPUT:policy:2 IN= OUT=tr0",
+                 "filter:OUTPUT:policy:2 IN= OUT=tr0"):
+        for family in ("SRC=198.18.30.", "SRC=fd30:"):
+            assert re.search(rf"^TRACE: {re.escape(line)} .*{family}", traced, re.M), traced
+    # the datagrams sent once the raw table was flushed are counted, and not traced
+    for line in ("untraced udp 198.18.30.1 7101: reply", "untraced udp fd30::1 7101: reply"):
+        assert line in traced, traced
+    assert len(re.findall(r"^\[2:\d+\] -A MARKS -p udp -m udp --dport 7101 -j RETURN$",
+                          traced, re.M)) == 2, traced
+    assert len(re.findall(r"^TRACE: mangle:MARKS:rule:1 IN=tr0 ", traced, re.M)) == 2, traced
+    held = int(re.search(r"is held (-?\d+) times more", s["bpfilter trace holds"])[1])
+    assert held > 0, s["bpfilter trace holds"]
     for line in ("wan:7201   options sack ts wscale\n", "wan:7203   options wscale ecn\n",
                  "wan:7204   options sack ts wscale ecn\n", "tos 0x01",
                  "ECN on udp: iptables: Invalid argument.",
@@ -859,7 +882,7 @@ def test_kmod_log_ecn_tproxy_and_physdev(module):
 @pytest.mark.conformance
 def test_kmod_iptables_test_files_of_the_kernels_extensions():
     """iptables' own test files for the kernel's matches and targets bpfilter.ko runs
-    (tools/vm/scenarios/kmod-tfiles.sh: ECN, TCPOPTSTRIP, TOS, DSCP, TTL, HL,
+    (tools/vm/scenarios/kmod-tfiles.sh: TRACE, ECN, TCPOPTSTRIP, TOS, DSCP, TTL, HL,
     TCPMSS, CHECKSUM, CLASSIFY, CT, NOTRACK; dscp, tos, ecn, tcpmss, connbytes,
     connlabel, helper, cpu, realm, rpfilter), both families, against ip_tables and
     ip6_tables in the same guest: every case, on every chain its file names, answers
@@ -875,6 +898,8 @@ def test_kmod_iptables_test_files_of_the_kernels_extensions():
                 for t in [*suite.glob("*.t"), *suite.glob("ip6/*.t")]}}
     s = reference_then_bpfilter("kmod-tfiles.sh", extra, timeout=1500, kver=kver)
     cases = _same(s, "test files")
+    assert "libxt_TRACE.t iptables-legacy -t raw -A OUTPUT -j TRACE: 0 \n" \
+           "-A PREROUTING -j TRACE\n-A OUTPUT -j TRACE\n" in cases, cases
     assert "libipt_ECN.t iptables-legacy -t mangle -A POSTROUTING -p tcp -j ECN " \
            "--ecn-tcp-remove: 0 \n" in cases, cases
     assert "libxt_TCPOPTSTRIP.t ip6tables-legacy -t mangle -A FORWARD -p tcp -j TCPOPTSTRIP " \

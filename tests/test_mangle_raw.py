@@ -14,13 +14,14 @@ from bpfilter.abi import codec
 from bpfilter.abi.xtables import SIZEOF_IPT_REPLACE, ipt_replace
 from bpfilter.bpf.btf import Btf
 from bpfilter.bpf.insn import Kfunc
-from bpfilter.compiler import reroute
-from bpfilter.compiler.codegen import compile_table
+from bpfilter.compiler import reroute, trace
+from bpfilter.compiler.codegen import COUNTERS, compile_table
 from bpfilter.decode import table_from_blob
 from bpfilter.errors import BpfilterError
 from bpfilter.ext.log import KernelLogTarget
 from bpfilter.ext.xtmatch import XT_MATCH_KFUNC, XT_TARGET_KFUNC
-from bpfilter.loader import load_filter_table
+from bpfilter.bpf import syscall as bpf
+from bpfilter.loader import load_filter_table, load_twin
 from bpfilter.model import Family, Hook
 from bpfilter.packet import facts
 from bpfilter_lab.packets import Packet
@@ -87,6 +88,7 @@ KERNEL_RULES = [
     ("mangle", "-A FORWARD -p tcp -j ECN --ecn-tcp-remove", "target 'ECN'", Family.IPV4),
     ("mangle", "-A FORWARD -p tcp -j TCPOPTSTRIP --strip-options timestamp",
      "target 'TCPOPTSTRIP'", None),
+    ("raw", "-A PREROUTING -p udp -j TRACE", "target 'TRACE'", None),
     ("mangle", "-A PREROUTING -p tcp -j TPROXY --on-port 7400 --tproxy-mark 1",
      "target 'TPROXY'", None),
     ("mangle", "-A PREROUTING -p tcp -m socket --transparent --restore-skmark",
@@ -155,9 +157,9 @@ def with_the_modules_kfuncs(monkeypatch):
         lambda cls, name: Module() if name == "bpfilter" else real(cls, name)))
 
 
-def compiled(name: str, family: Family, *rules: str):
+def compiled(name: str, family: Family, *rules: str, traced: bool = False):
     _, model = table_from_blob(replace_blob(table(name, *rules), name, family), family)
-    return compile_table(model, facts.KernelOffsets.from_btf(Btf.vmlinux()))
+    return compile_table(model, facts.KernelOffsets.from_btf(Btf.vmlinux()), traced=traced)
 
 
 STALE = [
@@ -218,6 +220,70 @@ def test_only_mangle_output_is_routed_again(with_the_modules_kfuncs, family):
     assert [i for i in exits if snapshot < i < rerouted + 4] == [rerouted + 3], exits
     raw = compiled("raw", family, "-A OUTPUT -p udp -j DROP")
     assert not any(_calls(p.asm, reroute.REROUTE_KFUNC) for p in raw.programs)
+
+
+@FAMILIES
+def test_every_counted_entry_of_a_traced_table_is_traced(with_the_modules_kfuncs, family):
+    """ipt_do_table() traces a packet at every rule it passes, after the rule's counter
+    and before its target: in a traced table (its namespace's raw table has a TRACE
+    rule), each count of an entry (rules, a classified run's, a chain's policy or
+    RETURN) is followed by the trace call."""
+    rules = [":CHK - [0:0]", "-A INPUT -p udp -j CHK", "-A CHK -p udp --dport 7 -j RETURN",
+             *(f"-A INPUT -p udp --dport {port} -j ACCEPT" for port in range(7000, 7020)),
+             "-A OUTPUT -j ACCEPT"]
+    for program in compiled("mangle", family, *rules, traced=True).programs:
+        items = program.asm.items
+        counts = [i for i, insn in enumerate(items) if insn.imm == COUNTERS]
+        traces = [i for i, insn in enumerate(items) if insn.imm == trace.TRACE_KFUNC]
+        assert counts and len(traces) == len(counts), program.name
+        assert all(c < t for c, t in zip(counts, traces)), program.name
+
+
+@FAMILIES
+def test_an_untraced_table_calls_nothing_of_the_modules_to_trace(with_the_modules_kfuncs,
+                                                                   family):
+    """Untraced (no TRACE rule in its raw table), a table's programs hold nothing of
+    bpfilter.ko for tracing, so that `rmmod bpfilter` is not refused for it."""
+    table_ = compiled("mangle", family, "-A INPUT -p udp -j ACCEPT")
+    assert table_.trace_info is None
+    assert not any(insn.imm == trace.TRACE_KFUNC for p in table_.programs for insn in p.asm.items)
+
+
+@FAMILIES
+def test_only_a_trace_rule_makes_its_namespace_trace(with_the_modules_kfuncs, family):
+    raw_rules = ["-A PREROUTING -p udp --dport 7 -j TRACE", "-A OUTPUT -j ACCEPT"]
+    for rules, traces in ((raw_rules, True), (raw_rules[1:], False)):
+        _, model = table_from_blob(replace_blob(table("raw", *rules), "raw", family), family)
+        assert trace.sets_trace(model) is traces, rules
+
+
+@FAMILIES
+def test_a_twin_goes_on_with_its_tables_counters_and_state(family):
+    """When its namespace starts or stops tracing, a table is loaded again (its twin,
+    loader.load_twin) and goes on as one table with it: counters, statistic's nth
+    phase and limit's bucket are where the first left them."""
+    rules = ["-A PREROUTING -p udp --dport 7 -m statistic --mode nth --every 3 --packet 0 -j DROP",
+             "-A PREROUTING -p udp --dport 8 -m limit --limit 1/hour --limit-burst 2 -j DROP"]
+    loaded = load_filter_table(replace_blob(table("mangle", *rules), "mangle", family),
+                               attach=False, family=family)
+    twin = None
+    try:
+        pre = loaded.ruleset.hooks[Hook.PRE_ROUTING].prog_fd
+        run = lambda fd, port: bpf.nf_test_run(fd, Hook.PRE_ROUTING, udp(family, port))[0]
+        assert [run(pre, 7) for _ in range(4)] == [DROP, ACCEPT, ACCEPT, DROP]
+        assert [run(pre, 8) for _ in range(1)] == [DROP]
+        twin = load_twin(loaded.ruleset, traced=False)
+        again = twin.hooks[Hook.PRE_ROUTING].prog_fd
+        assert again != pre and bpf.prog_info(again)["id"] != bpf.prog_info(pre)["id"]
+        # the nth counter goes on from 4, the bucket has one credit left
+        assert [run(again, 7) for _ in range(3)] == [ACCEPT, ACCEPT, DROP]
+        assert [run(again, 8) for _ in range(2)] == [DROP, ACCEPT]
+        assert [pkts for pkts, _ in twin.counters()][:2] == [3, 2]
+        assert twin.counters() == loaded.ruleset.counters()
+    finally:
+        if twin is not None:
+            twin.close()
+        loaded.close()
 
 
 @FAMILIES

@@ -124,7 +124,7 @@ def table_from_raw(raw: RawTable, previous: "tuple[RawTable, Table] | None" = No
             target = targets[e.index] if e.index in targets else _target(
                 e, where, by_offset, chain_of_jump, layout.goto_flag)
             chain.rules.append(Rule(e.index, ips[e.index], matches[e.index], target,
-                                    _reached(e)))
+                                    _reached(e), unconditional(e, layout)))
     return Table(raw.name, family, {starts[i].key: starts[i] for i in sorted(starts)},
                  raw.num_entries)
 

@@ -37,6 +37,7 @@ from . import ext
 from .compiler.classifier import KEYS, VALUE_SIZE
 from .compiler.runs import RECORD_SIZE, Classified, TupleSpace
 from .compiler.templates import INSTANCES
+from .compiler.trace import TRACE_INFO
 from .ext import xtmatch
 from .bpf.insn import Kfunc, MapRef
 from .errors import BpfilterError
@@ -69,6 +70,18 @@ class Ruleset:
     classifier: Optional["ClassifierMaps"] = None   # shared with the rulesets after it
     # the kernel matches this load made (ext/xtmatch.py), until a generation holds them
     kernel_matches: Optional[xtmatch.HeldInstances] = None
+
+    @functools.cached_property
+    def traced(self) -> bool:
+        """Whether its programs trace (compiler/trace.py): they read its trace info."""
+        if self.compiled is not None:
+            return self.compiled.trace_info is not None
+        maps = _state_maps(self)
+        try:
+            return f"{self.table.name}{_TRACE_INFO_SUFFIX}" in maps
+        finally:
+            for fd in maps.values():
+                os.close(fd)
 
     @functools.cached_property
     def uses_conntrack(self) -> bool:
@@ -241,28 +254,76 @@ def _sum_u64(arrays: list[bytes]) -> bytes:
     return bytes(out)
 
 
+_TRACE_INFO_SUFFIX = "_trace"   # the TRACE_INFO map's kernel name, after its table's
+
+
 def _owned(undo: ExitStack, fd: int) -> int:
     undo.callback(os.close, fd)
     return fd
 
 
 def load_ruleset(table: Table, environment: Optional[dict[MapRef, int]] = None,
-                 previous: Optional[Ruleset] = None, netns_path: Optional[str] = None) -> Ruleset:
+                 previous: Optional[Ruleset] = None, netns_path: Optional[str] = None,
+                 traced: bool = False) -> Ruleset:
     """Compile and load `table` (nothing attached) for the namespace at `netns_path` (the
     calling thread's if None), where its kernel matches are set up. `environment`: the
     maps the loader's caller provides to extensions (the service's log ring, for LOG
     rules; see ext.environment_maps). `previous`, the ruleset it is to replace, lends
-    its classified runs and their maps (see ClassifierMaps). On failure nothing stays
-    loaded."""
+    its classified runs and their maps (see ClassifierMaps). `traced`: its programs
+    trace (compiler/trace.py). On failure nothing stays loaded."""
+    return _load(table, environment, previous, netns_path, traced, None)
+
+
+def load_twin(ruleset: Ruleset, traced: bool, environment: Optional[dict[MapRef, int]] = None,
+              netns_path: Optional[str] = None) -> Ruleset:
+    """`ruleset`'s table loaded again, its programs tracing or not (compiler/trace.py),
+    as one table with it: the twin counts in its counters, keeps state in its
+    extensions' maps (limit's buckets, statistic's counters) and runs its kernel match
+    instances; only programs and read-only maps are new. Its generation must name
+    the same instances (Store.discard gives back only those no other names)."""
+    return _load(ruleset.table, environment, ruleset, netns_path, traced,
+                 _state_maps(ruleset))
+
+
+def _state_maps(ruleset: Ruleset) -> dict[str, int]:
+    """The maps `ruleset`'s programs use, by their kernel names (a table's are distinct):
+    new fds, the caller's to close."""
+    maps: dict[str, int] = {}
+    try:
+        for rules in ruleset.hooks.values():
+            for map_id in bpf.prog_info(rules.prog_fd)["map_ids"]:
+                fd = bpf.map_get_fd_by_id(map_id)
+                name = bpf.map_info(fd)["name"]
+                if name in maps:
+                    os.close(fd)
+                else:
+                    maps[name] = fd
+    except BaseException:
+        for fd in maps.values():
+            os.close(fd)
+        raise
+    return maps
+
+
+def _load(table: Table, environment: Optional[dict[MapRef, int]], previous: Optional[Ruleset],
+          netns_path: Optional[str], traced: bool,
+          kept: Optional[dict[str, int]]) -> Ruleset:
+    """load_ruleset(), or with `kept` (previous's maps by name, owned here) its twin."""
     btf = Btf.vmlinux()
-    compiled = compile_table(table, facts.KernelOffsets.from_btf(btf),
-                             previous.compiled if previous else None)
     size = max(table.num_entries, 1)
     with ExitStack() as undo, ExitStack() as transient:
-        counters_fd = _owned(undo, bpf.map_create(bpf.BPF_MAP_TYPE_PERCPU_ARRAY, 4, COUNTER.size,
-                                                  size, f"{table.name}_ctrs"))
-        offsets_fd = _owned(undo, bpf.map_create(bpf.BPF_MAP_TYPE_ARRAY, 4, COUNTER.size, size,
-                                                 f"{table.name}_added"))
+        for fd in (kept or {}).values():
+            transient.callback(os.close, fd)
+        compiled = compile_table(table, facts.KernelOffsets.from_btf(btf),
+                                 previous.compiled if previous else None, traced)
+        if kept is not None:
+            counters_fd = _owned(undo, os.dup(previous.counters_fd))
+            offsets_fd = _owned(undo, os.dup(previous.offsets_fd))
+        else:
+            counters_fd = _owned(undo, bpf.map_create(bpf.BPF_MAP_TYPE_PERCPU_ARRAY, 4,
+                                                      COUNTER.size, size, f"{table.name}_ctrs"))
+            offsets_fd = _owned(undo, bpf.map_create(bpf.BPF_MAP_TYPE_ARRAY, 4, COUNTER.size,
+                                                     size, f"{table.name}_added"))
         ruleset = Ruleset(table, counters_fd, offsets_fd, compiled=compiled)
         maps = {COUNTERS: counters_fd, **(environment or {})}
         if compiled.runs:
@@ -282,9 +343,21 @@ def load_ruleset(table: Table, environment: Optional[dict[MapRef, int]] = None,
             bpf.map_update_batch(fd, array.array("I", range(planned.count)).tobytes(),
                                  planned.records, planned.count)
             maps[INSTANCES] = fd
+        if compiled.trace_info is not None:
+            fd = _owned(transient, bpf.map_create(bpf.BPF_MAP_TYPE_ARRAY, 4,
+                                                  len(compiled.trace_info), 1,
+                                                  f"{table.name}{_TRACE_INFO_SUFFIX}"))
+            bpf.map_update(fd, bytes(4), compiled.trace_info)
+            maps[TRACE_INFO] = fd
         for ref, fd in ext.table_maps(table).items():
             maps[ref] = _owned(transient, fd)
-        held = xtmatch.held_instances(table, netns_path)
+            if kept is not None:   # the twin keeps the state its table kept
+                maps[ref] = kept.get(bpf.map_info(fd)["name"], fd)
+        if kept is not None:
+            instances = kept.get(f"{table.name}{xtmatch.INSTANCES_SUFFIX}")
+            held = instances and xtmatch.HeldInstances(os.dup(instances), 0, [], pinned=True)
+        else:
+            held = xtmatch.held_instances(table, netns_path)
         if held is not None:
             ruleset.kernel_matches = held
             undo.callback(held.release)

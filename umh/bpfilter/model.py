@@ -189,6 +189,9 @@ class Rule:
     # it): an entry none reaches never runs, so it is compiled into nothing, and its
     # jumps are no edges of the call graph (they may loop, and the kernel allows it).
     reachable: bool = True
+    # No match and an ip part all zero bytes, as the kernel's unconditional() tests:
+    # with a verdict, ipt_do_table()'s trace names the entry its chain's end.
+    unconditional: bool = False
 
 
 @dataclass

@@ -30,10 +30,11 @@ from .abi import xtables as X
 from .decode import table_from_blob
 from .bpf import syscall as bpf
 from .bpf.syscall import BpfError
+from .compiler import trace
 from .errors import BpfilterError
 from .ext import known_match_revisions, known_target_revisions, xtmatch
 from .klog import LogRing, devkmsg_unlimited
-from .loader import HookSlot, Ruleset, attach_slots, load_ruleset
+from .loader import HookSlot, Ruleset, attach_slots, load_ruleset, load_twin
 from .model import Family, Hook, Table
 from .store import Store, TableKey
 from .tables import TABLES, implemented, kernel_tables
@@ -521,8 +522,16 @@ class _Caller:
         commit leaves it to the next one to detach."""
         service, store = self.service, self.service.store
         netns_path = self.netns_path
+        traced = self._traced(key, table)
         ruleset = load_ruleset(table, service.environment(), previous and previous.ruleset,
-                               netns_path)
+                               netns_path, traced)
+        # the family's other tables trace as the raw table says: loaded again before
+        # anything changes, so that one that cannot refuses the replace
+        try:
+            twins = self._load_twins(traced) if key.table == "raw" else []
+        except BaseException:
+            ruleset.close()
+            raise
         slots = previous.slots if previous else {}
         had_conntrack = previous is not None and previous.ruleset.uses_conntrack
         needs_conntrack = ruleset.uses_conntrack
@@ -547,6 +556,7 @@ class _Caller:
                     and self.stranded != gen:
                 undo.append(lambda: store.discard(key, gen))   # (committed: see _swap)
             undo.append(ruleset.close)
+            undo.extend(twin.close for _, twin in twins)
             if held:
                 undo.append(lambda: ctnetns.release(netns_path, self.family))
             for action in undo:
@@ -558,7 +568,71 @@ class _Caller:
                     lambda: ctnetns.release(netns_path, self.family))
         state = TableState(key, raw, ruleset, slots, generation=gen)
         service.tables[key] = state
+        for sibling, twin in twins:
+            self._put_twin(sibling, twin)
         return state
+
+    def _traced(self, key: TableKey, table: Table) -> bool:
+        """Whether `table`, to be the table of `key`, traces (compiler/trace.py): the
+        raw table of its namespace and family has a TRACE rule, or it is that table
+        and has one."""
+        if key.table == "raw":
+            return trace.sets_trace(table)
+        raw = self.service.tables.get(self.key("raw"))
+        return raw is not None and raw.ruleset is not None and \
+            trace.sets_trace(raw.ruleset.table)
+
+    def _load_twins(self, traced: bool) -> list[tuple[TableState, Ruleset]]:
+        """Twins (loader.load_twin) of the other tables of the caller's namespace and
+        family whose programs trace otherwise; if one cannot be loaded, none, and why."""
+        twins: list[tuple[TableState, Ruleset]] = []
+        try:
+            for key, state in list(self.service.tables.items()):
+                if key == self.key("raw") or key != self.key(key.table) \
+                        or state.ruleset is None or state.ruleset.traced == traced:
+                    continue
+                try:
+                    twins.append((state, load_twin(state.ruleset, traced,
+                                                   self.service.environment())))
+                except (BpfilterError, BpfError) as err:
+                    raise BpfilterError(
+                        err.errno or errno.EINVAL,
+                        f"{self.abi.command} table '{key.table}' of this namespace cannot "
+                        f"{'be traced' if traced else 'stop being traced'} (its programs "
+                        f"{'with' if traced else 'without'} TRACE's logging): {err}") from None
+        except BaseException:
+            for _, twin in twins:
+                _logged(f"netns {self.inum}: closing a twin", twin.close)
+            raise
+        return twins
+
+    def _put_twin(self, state: TableState, twin: Ruleset) -> None:
+        """The twin in its table's place, as a replace puts a ruleset in (staged,
+        committed, its hooks swapped), its table's counters and state its own. After
+        the raw table's commit, which nothing may undo: a failure is logged, and the
+        table goes on as it was."""
+        key, store = state.key, self.service.store
+        what = (f"netns {self.inum}: table {key.table} "
+                f"{'traced' if twin.traced else 'no longer traced'}")
+        gen = None
+        try:
+            gen = store.stage(key, twin, store.committed_blob(key))
+            store.commit(key, gen)
+            self._swap(state, twin, gen)
+        except BaseException:
+            log(f"{what}: failed, it goes on as it was:\n{traceback.format_exc()}")
+            if gen is not None and store.committed(key) != gen and self.stranded != gen:
+                _logged(f"{what}: unpinning {gen}", lambda: store.discard(key, gen))
+            _logged(f"{what}: closing the twin", twin.close)
+            return
+        previous, before = state.ruleset, state.generation
+        state.ruleset, state.generation = twin, gen
+        _logged(f"{what}: waiting for the previous programs", bpf.wait_for_programs)
+        _logged(f"{what}: dropping the previous classified runs",
+                lambda: twin.took_over(previous))
+        _logged(f"{what}: closing the previous ruleset", previous.close)
+        _logged(f"{what}: unpinning {before}", lambda: store.discard_uncommitted(key))
+        log(what)
 
     def _swap(self, previous: TableState, ruleset: Ruleset, gen: str) -> None:
         """Every hook's slot to `ruleset`, committed as `gen`. If one fails, the

@@ -191,6 +191,14 @@ class Store:
             ruleset.kernel_matches.pinned = True   # the generation holds them from here on
         return gen
 
+    def committed_blob(self, key: TableKey) -> bytes:
+        """The replace blob of the table's committed generation."""
+        fd = bpf.obj_get(self.path(key, os.path.join(self.committed(key), "blob")))
+        try:
+            return read_blob(fd)
+        finally:
+            os.close(fd)
+
     def commit(self, key: TableKey, gen: str) -> None:
         """The commit point: `gen` becomes the table's generation in one rename."""
         tmp = self.path(key, "new_" + CURRENT)
@@ -214,12 +222,18 @@ class Store:
 
     def discard(self, key: TableKey, gen: str) -> None:
         """The generation unpinned, and what the module holds for it given back (its
-        kernel matches: ext/xtmatch.py)."""
+        kernel matches: ext/xtmatch.py), but for what the committed generation names
+        too (a twin's, loader.load_twin)."""
         path = self.path(key, gen)
         try:
             held = os.path.join(path, xtmatch.PIN)
             if os.path.lexists(held) and kmodule.present():
-                kmodule.xt_match_destroy(key.cookie, self._pinned_instances(held))
+                instances = set(self._pinned_instances(held))
+                keep = self.committed(key)
+                kept = keep and self.path(key, os.path.join(keep, xtmatch.PIN))
+                if keep != gen and kept and os.path.lexists(kept):
+                    instances -= set(self._pinned_instances(kept))
+                kmodule.xt_match_destroy(key.cookie, sorted(instances))
         finally:
             shutil.rmtree(path)
 

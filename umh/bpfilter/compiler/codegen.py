@@ -52,7 +52,7 @@ from ..model import (Accept, Chain, Drop, ExtensionTarget, Fallthrough, Family, 
 from ..packet import facts, flavour
 from ..packet.ipv6 import WALK, WALK_FOUND
 from ..packet.primitives import RECORD_FP, Hole, RuleOutcome, emit_hole
-from . import classifier, multifield, reroute, templates
+from . import classifier, multifield, reroute, templates, trace
 from .runs import (CALLS, CASE_BITS, INF, VERDICT_ACCEPT, VERDICT_DROP, VERDICT_HOTDROP,
                    Classified, TemplateCase, TupleSpace)
 
@@ -111,12 +111,14 @@ class CompiledTable:
     runs: list[Classified]  # what the CLASSIFIER maps must hold for it
     needs: frozenset                   # the optional fact groups its programs read
     templates: templates.Templates = None   # what the INSTANCES map must hold for it
+    trace_info: "bytes | None" = None       # what the TRACE_INFO map must hold, if it traces
 
 
 @gc_paused()
 def compile_table(table: Table, offsets: facts.KernelOffsets,
-                  previous: "CompiledTable | None" = None) -> CompiledTable:
-    """The table's programs. With `previous`, the table it replaces, runs whose rules
+                  previous: "CompiledTable | None" = None, traced: bool = False) -> CompiledTable:
+    """The table's programs; `traced`: they log the rules a traced packet passes
+    (compiler/trace.py). With `previous`, the table it replaces, runs whose rules
     are there again are taken over rather than classified anew (classifier.EarlierRuns),
     in previous's tuple space, unless that space holds more slots of runs gone than
     of runs in use."""
@@ -139,18 +141,24 @@ def compile_table(table: Table, offsets: facts.KernelOffsets,
                                                 for t in planned.templates}})
     if reroute.rerouted(table):
         needs |= reroute.FACTS
+    trace_info = trace.table_info(table, traced)
+    if trace_info is not None:
+        needs |= trace.FACTS
     check_stale(table, needs)
     slots = facts.layout(needs)
     programs = [HookProgram(chain.hook, f"{table.name}_{chain.name}"[:15],
-                            _compile_hook(table, offsets, segments, needs, planned, chain), slots)
+                            _compile_hook(table, offsets, segments, needs, planned, chain,
+                                          trace_info), slots)
                 for chain in table.hook_chains()]
-    return CompiledTable(programs, space, list(runs.values()), needs, planned)
+    return CompiledTable(programs, space, list(runs.values()), needs, planned, trace_info)
 
 
 def _compile_hook(table: Table, offsets: facts.KernelOffsets, segments, needs: frozenset,
-                  planned: templates.Templates, chain: Chain) -> Assembler:
+                  planned: templates.Templates, chain: Chain,
+                  trace_info: "bytes | None") -> Assembler:
     try:
-        return _HookCompiler(table, offsets, segments, needs, planned).compile(chain)
+        return _HookCompiler(table, offsets, segments, needs, planned,
+                             trace_info).compile(chain)
     except TooLarge:
         raise BpfilterError(
             errno.E2BIG, f"chain {chain.name}: its program, with the user chains it reaches, "
@@ -265,8 +273,10 @@ class _InRegister(NamedTuple):
 
 class _HookCompiler:
     def __init__(self, table: Table, offsets: facts.KernelOffsets, segments, needs: frozenset,
-                 planned: templates.Templates):
+                 planned: templates.Templates, trace_info: "bytes | None" = None):
         self.table = table
+        # every count is followed by the entry's trace, if the packet is traced
+        self.trace_size = len(trace_info) if trace_info is not None else None
         self.templates = planned
         self.offsets = offsets
         self.segments = segments
@@ -736,3 +746,5 @@ class _HookCompiler:
             BPF_ATOMIC_OP(BPF_DW, I.BPF_ADD, R0, R1, 8),
         )
         asm.place(skip)
+        if self.trace_size is not None:
+            trace.emit_call(asm, key_fp, self.trace_size)

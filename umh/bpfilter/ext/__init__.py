@@ -369,4 +369,4 @@ from . import connmark, nat, statistic  # noqa: E402,F401
 # what only the kernel's own extensions can be, run by bpfilter.ko (ext/xtmatch.py)
 from . import nfacct, recent  # noqa: E402,F401
 from . import connstate, ct, dscp, ecn, hl, skbinfo, tcpmss, tcpoptstrip  # noqa: E402,F401
-from . import tproxy  # noqa: E402,F401
+from . import tproxy, trace  # noqa: E402,F401

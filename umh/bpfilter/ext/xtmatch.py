@@ -60,6 +60,7 @@ XT_TARGET_KFUNC = Kfunc("bpfilter_xt_target", MODULE)
 XT_CONTINUE = 0xFFFFFFFF
 NF_DROP, NF_ACCEPT = 0, 1
 INSTANCES = MapRef("xt_instances")
+INSTANCES_SUFFIX = "_xt"   # its kernel name, after its table's
 # key: match_key() of the rule's match; value: its instance number
 KEY, VALUE = struct.Struct("<Q"), struct.Struct("<I")
 PIN = "xt_instances"    # its name in a generation's directory
@@ -221,9 +222,9 @@ class HeldInstances:
     """The instances one load of a table made, and the INSTANCES map naming them. The
     load owns them until its generation is pinned (store.py), then the generation."""
 
-    def __init__(self, fd: int, cookie: int, instances: list[int]):
+    def __init__(self, fd: int, cookie: int, instances: list[int], pinned: bool = False):
         self.fd, self.cookie, self.instances = fd, cookie, instances
-        self.pinned = False
+        self.pinned = pinned   # a generation holds them (a twin's: its table's)
 
     def release(self) -> None:
         """Closes the map; gives the instances back unless a generation holds them."""
@@ -254,7 +255,7 @@ def held_instances(table: Table, netns_path: Optional[str]) -> Optional[HeldInst
                 f"set up {kind} '{m.name}' of the rule at entry {rule.entry} (its checkentry)",
                 m.entry if target else None))
         fd = bpf.map_create(bpf.BPF_MAP_TYPE_HASH, KEY.size, VALUE.size, len(found),
-                            f"{table.name}_xt")
+                            f"{table.name}{INSTANCES_SUFFIX}")
         try:
             bpf.map_update_batch(fd, b"".join(map(KEY.pack, found)),
                                  b"".join(map(VALUE.pack, made)), len(found))

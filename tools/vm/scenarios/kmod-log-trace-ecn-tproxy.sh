@@ -1,14 +1,14 @@
-# LOG, ECN, TCPOPTSTRIP, transparent proxying and bridged traffic (tests/test_kmod.py),
-# first against ip_tables and ip6_tables (the reference), then against bpfilter.ko; the
-# two must say the same.
+# LOG, TRACE, ECN, TCPOPTSTRIP, transparent proxying and bridged traffic
+# (tests/test_kmod.py), first against ip_tables and ip6_tables (the reference), then
+# against bpfilter.ko; the two must say the same.
 #
-# LOG's lines are printed only in the initial namespace (nf_log_syslog's rule), so the
-# logging host is the guest's own namespace, named "host" here, with tcli behind a
-# veth of fixed addresses, and the guest's printk settings are Debian's defaults: the
-# lines then differ between the phases only by what each packet makes anew (IP id,
-# an ephemeral port, IPv6's flow label), which they are stripped of. TPROXY and -m
-# socket are in mangle PREROUTING, -m physdev in filter FORWARD of a bridge, IPv4 and
-# IPv6.
+# LOG's and TRACE's lines are printed only in the initial namespace (nf_log_syslog's
+# rule), so the logging host is the guest's own namespace, named "host" here, with
+# tcli behind a veth of fixed addresses, and the guest's printk settings are Debian's
+# defaults: the lines then differ between the phases only by what each packet makes
+# anew (IP id, an ephemeral port, IPv6's flow label), which they are stripped of.
+# TPROXY and -m socket are in mangle PREROUTING, -m physdev in filter FORWARD of a
+# bridge, IPv4 and IPv6.
 . /etc/bpfilter-vm/lib.sh
 
 log_net() {
@@ -54,6 +54,79 @@ log_probes() {
 			$cmd -t $t -F
 		done
 	done
+}
+
+# Every table: a traced packet's trace names built-in chains, user chains and their
+# RETURNs (conditional: "rule"; unconditional: "return"), policies, an unconditional
+# verdict rule (named "policy" by the kernel, as a chain's end would be) and a rule
+# found among many by bpfilter's classifier. The raw table comes last, so that the
+# others were loaded untraced (bpfilter loads them again when it gains TRACE).
+trace_rules() {
+	ports=$(seq 7090 7110)
+	printf '%s\n' '*mangle' ':PREROUTING ACCEPT [0:0]' ':INPUT ACCEPT [0:0]' \
+		':FORWARD ACCEPT [0:0]' ':OUTPUT ACCEPT [0:0]' ':POSTROUTING ACCEPT [0:0]' \
+		':MARKS - [0:0]' '-A PREROUTING -p udp -j MARKS' \
+		'-A MARKS -p udp --dport 7101 -j RETURN' '-A MARKS -j RETURN' \
+		'-A MARKS -j ACCEPT' COMMIT
+	printf '%s\n' '*nat' ':PREROUTING ACCEPT [0:0]' ':INPUT ACCEPT [0:0]' \
+		':OUTPUT ACCEPT [0:0]' ':POSTROUTING ACCEPT [0:0]' \
+		"-A PREROUTING -p udp --dport 7199 -j DNAT --to-destination $1" COMMIT
+	printf '%s\n' '*filter' ':INPUT ACCEPT [0:0]' ':FORWARD ACCEPT [0:0]' \
+		':OUTPUT ACCEPT [0:0]' ':CHK - [0:0]' '-A INPUT -p tcp -j DROP' \
+		'-A INPUT -p udp -j CHK'
+	for port in $ports; do echo "-A INPUT -p udp --dport $port -j ACCEPT"; done
+	printf '%s\n' '-A INPUT -j ACCEPT' '-A CHK -m mark --mark 5 -j DROP' \
+		'-A CHK -p udp --dport 7101 -j RETURN' \
+		'-A OUTPUT -p tcp -j DROP' '-A OUTPUT -j ACCEPT' COMMIT
+	printf '%s\n' '*raw' ':PREROUTING ACCEPT [0:0]' ':OUTPUT ACCEPT [0:0]' \
+		'-A PREROUTING -p udp --dport 7100:7101 -j TRACE' \
+		'-A OUTPUT -p udp --sport 7100:7101 -j TRACE' COMMIT
+}
+
+# bpfilter.ko's references (programs calling its functions hold it), once those of
+# programs let go of are given back (after a grace period, by a worker)
+module_refs() {
+	last=-1
+	for _ in $(seq 40); do
+		now=$(cat /sys/module/bpfilter/refcnt)
+		[ "$now" = "$last" ] && break
+		last=$now
+		sleep 0.5
+	done
+	echo "$now"
+}
+
+trace_probes() {
+	# TRACE's checkentry needs the logger, which the kernel's request from there does
+	# not load in this guest (ENOENT, ip_tables' as bpfilter's): loaded as admins do
+	modprobe nf_log_syslog
+	log_net
+	dmesg -c >/dev/null
+	trace_rules 198.18.30.1:7100 | ip netns exec host iptables-legacy-restore
+	trace_rules '[fd30::1]:7100' | ip netns exec host ip6tables-legacy-restore
+	SERVE_PEERS= serve host 30 7100 7101
+	for addr in 198.18.30.1 fd30::1; do
+		for port in 7100 7101; do ask "traced" tcli $addr $port; done
+	done
+	[ "$1" = bpfilter ] && traced_refs=$(module_refs)
+	# no TRACE rule left: nothing is traced, every counter stays
+	for cmd in iptables-legacy ip6tables-legacy; do ip netns exec host $cmd -t raw -F; done
+	[ "$1" = bpfilter ] && untraced_refs=$(module_refs)
+	for addr in 198.18.30.1 fd30::1; do ask "untraced" tcli $addr 7101; done
+	finish_probes
+	dmesg | grep -o 'TRACE: .*' | sed -E 's/ ID=[0-9]+//; s/ FLOWLBL=[0-9]+//;
+		s/([SD]PT)=[0-9]{5}/\1=ephemeral/g'
+	for t in raw mangle nat filter; do
+		for cmd in iptables-legacy ip6tables-legacy; do
+			ip netns exec host $cmd-save -c -t $t | grep -v '^#'
+			$cmd -t $t -F
+			$cmd -t $t -X
+		done
+	done
+	if [ "$1" = bpfilter ]; then
+		say "$1 trace holds"
+		echo "while tracing, bpfilter.ko is held $((traced_refs - untraced_refs)) times more"
+	fi
 }
 
 # lan sends with ECN; fw (mangle FORWARD) takes it off the SYNs to 7201, sets the ECT
@@ -179,6 +252,8 @@ bridged_probes() {
 phases() {
 	say "$1 log"
 	log_probes
+	say "$1 trace"
+	trace_probes $1
 	say "$1 ecn"
 	ecn_probes
 	say "$1 tproxy"
@@ -191,5 +266,6 @@ phases() {
 }
 
 NAMESPACES="host tcli fw lan wan g1 g2"
-reference_then_bpfilter iptable_mangle iptable_filter ip6table_mangle ip6table_filter
+reference_then_bpfilter iptable_raw iptable_mangle iptable_nat iptable_filter ip6table_raw \
+	ip6table_mangle ip6table_nat ip6table_filter
 say done
