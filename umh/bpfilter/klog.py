@@ -11,6 +11,14 @@ are re-done here byte for byte, on the copied bytes.
 
 What cannot be the kernel's line exactly is not written; it is counted as lost with
 lines the full ring dropped, and the count is logged (see README, LOG).
+
+/dev/kmsg rate-limits what a writer sends through one open file (10 lines in 5
+seconds, past which it drops them silently) unless kernel.printk_devkmsg=on, which no
+distribution sets; the kernel's own LOG lines are not rate-limited. So the lines go
+through a file opened afresh for every KMSG_BURST of them: none is dropped on a
+stock system. They differ from the kernel's in their syslog facility (user: /dev/kmsg
+takes no line as the kernel's) and their timing (when the service drains the ring).
+With kernel.printk_devkmsg=off /dev/kmsg takes nothing: LOG rules are refused.
 """
 from __future__ import annotations
 
@@ -25,7 +33,6 @@ from typing import Iterator, Optional
 from .bpf import syscall as bpf
 from .bpf.btf import Btf, BtfError
 from .bpf.insn import MapRef
-from .errors import BpfilterError
 from .model import Family
 
 # struct xt_log_info's logflags (include/uapi/linux/netfilter/xt_LOG.h)
@@ -36,7 +43,8 @@ XT_LOG_UID = 0x08
 XT_LOG_MACDECODE = 0x20
 
 _SINK = ("LOG rules need the service's log ring (bpfilter serve and bpfilter.ko's helper "
-         "have one, and write its lines to /dev/kmsg, which needs kernel.printk_devkmsg=on)")
+         "have one, and write its lines to /dev/kmsg, which kernel.printk_devkmsg=off "
+         "closes to them)")
 LOG_RING = MapRef("log_ring", _SINK)
 LOG_LOST = MapRef("log_lost", _SINK)
 # Every namespace's records share LOG_RING; a namespace may have at most its share
@@ -756,11 +764,14 @@ def _sysctl(path: str) -> str:
         return f.read().strip()
 
 
-def devkmsg_unlimited() -> bool:
-    """Whether /dev/kmsg takes every line: with printk_devkmsg=ratelimit (the
-    default) the kernel silently drops a writer's lines past 10 in 5 seconds, and
-    with "off" all of them."""
-    return _sysctl(PRINTK_DEVKMSG) == "on"
+# /dev/kmsg's rate limit per open file when printk_devkmsg=ratelimit (the default):
+# DEFAULT_RATELIMIT_BURST lines in DEFAULT_RATELIMIT_INTERVAL
+KMSG_BURST = 10
+
+
+def devkmsg_writable() -> bool:
+    """Whether /dev/kmsg takes lines from userspace: not with printk_devkmsg=off."""
+    return _sysctl(PRINTK_DEVKMSG) != "off"
 
 
 def initial_netns() -> int:
@@ -779,19 +790,27 @@ class KernelLog:
     lines), which must not go through the LOG lines' path."""
 
     def __init__(self, ring: LogRing, note, kmsg: str = "/dev/kmsg"):
-        self.ring, self.note = ring, note
-        try:
-            self._kmsg = os.open(kmsg, os.O_WRONLY)
-        except OSError as err:
-            raise BpfilterError(err.errno, f"cannot open {kmsg}, where LOG rules' lines go: "
-                                           f"{err.strerror}") from None
+        self.ring, self.note, self.path = ring, note, kmsg
+        self._kmsg: Optional[int] = None
+        self._on_file = 0        # lines written through the open file
         self.lost = 0
         self.initial_netns = initial_netns()
+
+    def _write(self, line: bytes) -> None:
+        """One line, through a file that took fewer than KMSG_BURST (see the module's
+        doc); OSError if /dev/kmsg refuses it."""
+        if self._kmsg is not None and self._on_file >= KMSG_BURST:
+            self.close()
+        if self._kmsg is None:
+            self._kmsg = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            self._on_file = 0
+        self._on_file += 1
+        os.write(self._kmsg, line)
 
     def drain(self) -> int:
         """Write every waiting record's line; how many were written."""
         written, lost, why = 0, 0, set()
-        writable = devkmsg_unlimited()
+        writable = devkmsg_writable()
         log_all_netns = _sysctl(NF_LOG_ALL_NETNS) != "0"
         # before the records are credited: a namespace's entry goes once its losses
         # are told
@@ -810,9 +829,14 @@ class KernelLog:
                 continue
             if not writable:
                 lost += 1
-                why.add("kernel.printk_devkmsg is not 'on'")
+                why.add("kernel.printk_devkmsg is 'off'")
                 continue
-            os.write(self._kmsg, b"<%d>" % level + text + b"\n")
+            try:
+                self._write(b"<%d>" % level + text + b"\n")
+            except OSError as err:
+                lost += 1
+                why.add(f"{self.path}: {err.strerror}")
+                continue
             written += 1
         full = self.ring.newly_dropped()
         if full:
@@ -825,4 +849,6 @@ class KernelLog:
         return written
 
     def close(self) -> None:
-        os.close(self._kmsg)
+        if self._kmsg is not None:
+            os.close(self._kmsg)
+            self._kmsg = None

@@ -33,7 +33,7 @@ from .bpf.syscall import BpfError
 from .compiler import trace
 from .errors import BpfilterError
 from .ext import known_match_revisions, known_target_revisions, xtmatch
-from .klog import LogRing, devkmsg_unlimited
+from .klog import LogRing, devkmsg_writable
 from .loader import HookSlot, Ruleset, attach_slots, load_ruleset, load_twin
 from .model import Family, Hook, Table
 from .store import Store, TableKey
@@ -303,9 +303,8 @@ class Service:
 
     def environment(self) -> dict:
         """The maps the service provides to the tables it loads: its log ring, whose
-        lines it writes to /dev/kmsg, only while the kernel does not rate-limit that
-        (otherwise it would drop most of the lines of LOG rules)."""
-        return self.log_ring.maps() if devkmsg_unlimited() else {}
+        lines it writes to /dev/kmsg, unless kernel.printk_devkmsg=off closes that."""
+        return self.log_ring.maps() if devkmsg_writable() else {}
 
     def close(self) -> None:
         """Let go of file descriptors only: what is pinned keeps filtering."""
