@@ -857,6 +857,25 @@ def test_a_log_flood_in_one_namespace_leaves_room_for_the_others(svc, nets):
     assert f"netns {inum_of(flood)} had its share of the ring in flight" in svc.log_text()
 
 
+def test_the_helpers_own_lines_all_reach_the_kernel_log(monkeypatch):
+    """bpfilter.ko's helper logs to the kernel log (where a refusal's line names the
+    rule: iptables says to run dmesg); a burst of its lines gets there whole with
+    printk_devkmsg=ratelimit, a stock system's, as the kernel's own lines would."""
+    from bpfilter import service as service_module
+    tag = f"helper-burst-{os.getpid()}"
+    monkeypatch.setattr(service_module, "_log_sink", None)
+    kmsg = Kmsg()
+    try:
+        with sysctls({PRINTK_DEVKMSG: "ratelimit"}):
+            service_module.log_to_kernel()
+            service_module.log("\n".join(f"{tag} {i}" for i in range(30)))
+        lines = kmsg.wait(lambda lines: len([t for *_, t in lines if tag in t]) >= 30)
+    finally:
+        service_module._log_sink.close()
+        kmsg.close()
+    assert [t for *_, t in lines if tag in t] == [f"bpfilter: {tag} {i}" for i in range(30)]
+
+
 def test_log_is_refused_while_dev_kmsg_takes_no_line(svc, nets):
     (ns,) = nets(1)
     with sysctls({PRINTK_DEVKMSG: "off"}):

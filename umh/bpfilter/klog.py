@@ -27,6 +27,7 @@ import ipaddress
 import mmap
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -774,6 +775,38 @@ def devkmsg_writable() -> bool:
     return _sysctl(PRINTK_DEVKMSG) != "off"
 
 
+class KmsgWriter:
+    """Lines into the kernel log through /dev/kmsg (or `path`), none of them dropped by
+    its rate limit: through a file opened afresh for every KMSG_BURST lines (see the
+    module's doc). Threads may share one."""
+
+    def __init__(self, path: str = "/dev/kmsg"):
+        self.path = path
+        self._fd: Optional[int] = None
+        self._on_file = 0        # lines written through the open file
+        self._lock = threading.Lock()
+
+    def write(self, line: bytes) -> None:
+        """One line (its newline included); OSError if /dev/kmsg refuses it."""
+        with self._lock:
+            if self._fd is not None and self._on_file >= KMSG_BURST:
+                self._close()
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+                self._on_file = 0
+            self._on_file += 1
+            os.write(self._fd, line)
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+
 def initial_netns() -> int:
     """The inode of the initial network namespace, init's: a constant only since
     Linux 6.18. The service's own is the fallback: it runs there."""
@@ -791,21 +824,9 @@ class KernelLog:
 
     def __init__(self, ring: LogRing, note, kmsg: str = "/dev/kmsg"):
         self.ring, self.note, self.path = ring, note, kmsg
-        self._kmsg: Optional[int] = None
-        self._on_file = 0        # lines written through the open file
+        self._kmsg = KmsgWriter(kmsg)
         self.lost = 0
         self.initial_netns = initial_netns()
-
-    def _write(self, line: bytes) -> None:
-        """One line, through a file that took fewer than KMSG_BURST (see the module's
-        doc); OSError if /dev/kmsg refuses it."""
-        if self._kmsg is not None and self._on_file >= KMSG_BURST:
-            self.close()
-        if self._kmsg is None:
-            self._kmsg = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-            self._on_file = 0
-        self._on_file += 1
-        os.write(self._kmsg, line)
 
     def drain(self) -> int:
         """Write every waiting record's line; how many were written."""
@@ -832,7 +853,7 @@ class KernelLog:
                 why.add("kernel.printk_devkmsg is 'off'")
                 continue
             try:
-                self._write(b"<%d>" % level + text + b"\n")
+                self._kmsg.write(b"<%d>" % level + text + b"\n")
             except OSError as err:
                 lost += 1
                 why.add(f"{self.path}: {err.strerror}")
@@ -849,6 +870,4 @@ class KernelLog:
         return written
 
     def close(self) -> None:
-        if self._kmsg is not None:
-            os.close(self._kmsg)
-            self._kmsg = None
+        self._kmsg.close()

@@ -33,7 +33,7 @@ from .bpf.syscall import BpfError
 from .compiler import trace
 from .errors import BpfilterError
 from .ext import known_match_revisions, known_target_revisions, xtmatch
-from .klog import LogRing, devkmsg_writable
+from .klog import KmsgWriter, LogRing, devkmsg_writable
 from .loader import HookSlot, Ruleset, attach_slots, load_ruleset, load_twin
 from .model import Family, Hook, Table
 from .store import Store, TableKey
@@ -48,18 +48,25 @@ SWEEP_INTERVAL = 2.0
 COLLECT_EVERY = 100
 
 
-_log_sink = None   # None: stderr
+_log_sink: Optional[KmsgWriter] = None   # None: stderr
 
 
 def log(message: str) -> None:
     for line in message.splitlines() or [""]:
-        print(f"bpfilter: {line}", file=_log_sink or sys.stderr, flush=True)
+        if _log_sink is None:
+            print(f"bpfilter: {line}", file=sys.stderr, flush=True)
+            continue
+        try:
+            _log_sink.write(f"bpfilter: {line}\n".encode(errors="replace"))
+        except OSError:   # printk_devkmsg=off: nowhere to say it
+            pass
 
 
 def log_to_kernel() -> None:
-    """A helper spawned by bpfilter.ko has no stderr: its lines go to the kernel log."""
+    """A helper spawned by bpfilter.ko has no stderr: its lines go to the kernel log,
+    every one of them (a refusal's names the rule: `dmesg`, iptables says)."""
     global _log_sink
-    _log_sink = open("/dev/kmsg", "w", buffering=1)
+    _log_sink = KmsgWriter()
 
 
 def _logged(what: str, action) -> bool:
