@@ -823,7 +823,7 @@ class KernelLog:
     lines), which must not go through the LOG lines' path."""
 
     def __init__(self, ring: LogRing, note, kmsg: str = "/dev/kmsg"):
-        self.ring, self.note, self.path = ring, note, kmsg
+        self.ring, self.note = ring, note
         self._kmsg = KmsgWriter(kmsg)
         self.lost = 0
         self.initial_netns = initial_netns()
@@ -856,7 +856,7 @@ class KernelLog:
                 self._kmsg.write(b"<%d>" % level + text + b"\n")
             except OSError as err:
                 lost += 1
-                why.add(f"{self.path}: {err.strerror}")
+                why.add(f"{self._kmsg.path}: {err.strerror}")
                 continue
             written += 1
         full = self.ring.newly_dropped()
