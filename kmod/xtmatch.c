@@ -48,8 +48,8 @@
 #include "bpfilter_proto.h"
 #include "bpfilter_xtmatch.h"
 
-/* A payload larger than this is no match's: recent's is 232 bytes. */
-#define BPFILTER_XT_MAX_INFO	4096
+/* A payload larger than this is no match's: cgroup's revision 1 is 4112 bytes. */
+#define BPFILTER_XT_MAX_INFO	8192
 /* An entry up to its target is smaller than this: the kernel's are, at most 64 KiB. */
 #define BPFILTER_XT_MAX_ENTRY	U16_MAX
 /* Instances named by one DESTROY or LIST: the helper batches by table load. */
@@ -59,23 +59,29 @@
  * The extensions run this way: their ->match needs nothing more than the packet,
  * the hook state and the offsets given below, and writes nothing of the packet but
  * the mark socket's --restore-skmark copies from the socket found (which the program
- * reads again): state the kernel keeps and shows (recent, nfacct), and what it reads
- * of the packet as each rule meets it, or keeps beside it (its conntrack entry, its
- * route, its bridge ports, its socket).
+ * reads again): state the kernel keeps and shows (recent, nfacct, hashlimit,
+ * connlimit's counts), what it reads of the packet as each rule meets it, or keeps
+ * beside it (its conntrack entry, its route, its bridge ports, its socket, its cgroup,
+ * its IPsec policy), and what only its code reads (string's textsearch, u32, time's
+ * clock).
  */
 static const char *const bpfilter_xt_allowed[] = {
 	"recent", "nfacct", "dscp", "tos", "ecn", "tcpmss", "connbytes", "connlabel", "helper",
-	"cpu", "realm", "rpfilter", "physdev", "socket",
+	"cpu", "realm", "rpfilter", "physdev", "socket", "hashlimit", "connlimit", "string",
+	"time", "u32", "cgroup", "policy",
 };
 /*
  * The targets run this way: their ->target needs the packet, the hook state and
  * the offsets below; what it writes of the packet (a header field, with the
  * checksums it updates), of skb->priority, skb->nf_trace, the packet's socket or
- * of the conntrack template, or prints (LOG), is what ip_tables' rule would.
+ * of the conntrack template, or prints (LOG), is what ip_tables' rule would; or it
+ * hands the packet to a subsystem without changing it (NFLOG, AUDIT) or counts it
+ * (IDLETIMER's timer, RATEEST's estimator).
  */
 static const char *const bpfilter_xt_allowed_targets[] = {
 	"TOS", "DSCP", "TTL", "HL", "TCPMSS", "CHECKSUM", "CLASSIFY", "CT", "NOTRACK",
-	"ECN", "TCPOPTSTRIP", "TRACE", "TPROXY", "LOG",
+	"ECN", "TCPOPTSTRIP", "TRACE", "TPROXY", "LOG", "NFLOG", "AUDIT", "IDLETIMER",
+	"RATEEST",
 };
 
 struct bpfilter_xt_instance {

@@ -19,34 +19,25 @@ svc, nets = test_service.svc, test_service.nets     # a private service
 _COMMON = """
     match addrtype: needs bpfilter.ko (kernel module mode) for the kernel's address type lookup, which a netfilter BPF program cannot make
     match bpf: revision N is not supported by bpfilter
-    match cgroup: revision N is not supported by bpfilter
+    match cgroup: needs bpfilter.ko (kernel module mode)
     match cluster: revision N is not supported by bpfilter
     match connbytes: needs bpfilter.ko (kernel module mode)
     match connlabel: needs bpfilter.ko (kernel module mode)
-    match connlimit: revision N is not supported by bpfilter
-    match cpu: needs bpfilter.ko (kernel module mode)
-    match dccp: revision N is not supported by bpfilter
-    match dscp: needs bpfilter.ko (kernel module mode)
-    match ecn: needs bpfilter.ko (kernel module mode)
-    match hashlimit: revision N is not supported by bpfilter
+    match connlimit: needs bpfilter.ko (kernel module mode)
+    match hashlimit: needs bpfilter.ko (kernel module mode)
     match helper: needs bpfilter.ko (kernel module mode)
-    match ipcomp: revision N is not supported by bpfilter
     match owner: --suppl-groups is not supported by bpfilter
     match physdev: needs bpfilter.ko (kernel module mode)
-    match policy: revision N is not supported by bpfilter
-    match quota: revision N is not supported by bpfilter
+    match policy: needs bpfilter.ko (kernel module mode)
     match rateest: revision N is not supported by bpfilter
     match recent: needs bpfilter.ko (kernel module mode)
     match rpfilter: needs bpfilter.ko (kernel module mode)
-    match sctp: revision N is not supported by bpfilter
     match socket: needs bpfilter.ko (kernel module mode)
-    match string: revision N is not supported by bpfilter
-    match tcpmss: needs bpfilter.ko (kernel module mode)
-    match time: revision N is not supported by bpfilter
-    match tos: needs bpfilter.ko (kernel module mode)
-    match u32: revision N is not supported by bpfilter
+    match string: needs bpfilter.ko (kernel module mode)
+    match time: needs bpfilter.ko (kernel module mode)
+    match u32: needs bpfilter.ko (kernel module mode)
     table nat
-    target AUDIT: revision N is not supported by bpfilter
+    target AUDIT: needs bpfilter.ko (kernel module mode)
     target CHECKSUM: needs bpfilter.ko (kernel module mode)
     target CLASSIFY: needs bpfilter.ko (kernel module mode)
     target CONNMARK: needs bpfilter.ko (kernel module mode) to write the connection's or the packet's mark
@@ -54,12 +45,12 @@ _COMMON = """
     target CT: needs bpfilter.ko (kernel module mode)
     target DSCP: needs bpfilter.ko (kernel module mode)
     target HMARK: revision N is not supported by bpfilter
-    target IDLETIMER: revision N is not supported by bpfilter
+    target IDLETIMER: needs bpfilter.ko (kernel module mode)
     target LOG: --log-uid is not supported by bpfilter
     target MARK: needs bpfilter.ko (kernel module mode) to write the packet's mark
-    target NFLOG: revision N is not supported by bpfilter
+    target NFLOG: needs bpfilter.ko (kernel module mode)
     target NFQUEUE: revision N is not supported by bpfilter
-    target RATEEST: revision N is not supported by bpfilter
+    target RATEEST: needs bpfilter.ko (kernel module mode)
     target SYNPROXY: revision N is not supported by bpfilter
     target TCPMSS: needs bpfilter.ko (kernel module mode)
     target TCPOPTSTRIP: needs bpfilter.ko (kernel module mode)

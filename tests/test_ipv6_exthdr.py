@@ -42,7 +42,9 @@ pytestmark = pytest.mark.kernel
 A, B = "2001:db8:1::3", "2001:db8:7::8"     # default source and destination
 C, D, E = "2001:db8:9::1", "2001:db8:9::2", "2001:db8:9::3"   # routing header addresses
 A4, B4 = "10.1.2.3", "192.168.7.8"
-ESP, MOBILITY, NONE = 50, 135, 59
+ESP, MOBILITY, NONE, COMP, DCCP, SCTP = 50, 135, 59, 108, 33, 132
+DATA, INIT, SACK, ABORT = (0, 0, b"\x01" * 12), (1, 0, bytes(16)), (3, 0, bytes(12)), (6, 0, b"")
+EMPTY = (3, 0, b"", 0)     # a chunk whose length says 0
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,34 @@ def esp(spi: int, src=A, dst=B, header_len=8, **kw) -> Packet:
     """ESP: SPI, sequence number 1, then the payload; `header_len` cuts the header."""
     return Upper(src, dst, ESP, header=(spi.to_bytes(4, "big") + bytes([0, 0, 0, 1]))[:header_len],
                  **kw)
+
+
+def ipcomp(cpi: int, src=A, dst=B, header_len=4, **kw) -> Packet:
+    """IPComp: next header (udp), flags 0, the 16-bit CPI; `header_len` cuts it."""
+    return Upper(src, dst, COMP, header=(bytes([17, 0]) + cpi.to_bytes(2, "big"))[:header_len],
+                 **kw)
+
+
+def dccp(sport=1500, dport=6, type_=2, x=1, part=b"", options=b"", doff=None, cut=None,
+         src=A, dst=B, **kw) -> Packet:
+    """DCCP: ports, data offset (default: the header and options, in words), type and
+    X bit, a 48-bit (X) or 24-bit sequence number, the type's own part, the options;
+    `cut` keeps only that many bytes of it all."""
+    fixed = 16 if x else 12
+    hdr = (sport.to_bytes(2, "big") + dport.to_bytes(2, "big") +
+           bytes([doff if doff is not None else (fixed + len(part) + len(options)) // 4, 0, 0, 0,
+                  type_ << 1 | x]) + bytes(fixed - 9) + part + options)
+    return Upper(src, dst, DCCP, header=hdr[:cut], **kw)
+
+
+def sctp(*chunks, sport=1500, dport=6, src=A, dst=B, **kw) -> Packet:
+    """SCTP: ports, verification tag, checksum (zero), then chunks (type, flags, value,
+    and the length it states if not its own), each padded to 4 bytes; no payload unless
+    asked (the walk would read it as chunks)."""
+    body = b"".join(bytes([t, f]) + (c[0] if c else 4 + len(v)).to_bytes(2, "big")
+                    + v + bytes(-len(v) % 4) for t, f, v, *c in chunks)
+    hdr = sport.to_bytes(2, "big") + dport.to_bytes(2, "big") + bytes(8) + body
+    return Upper(src, dst, SCTP, header=hdr, **{"payload_len": 0, **kw})
 
 
 def mobility(mh_type: int, proto=NONE, header_len=6, **kw) -> Packet:
@@ -373,6 +403,68 @@ ESP_MH_CASES = [
            [(OUT, esp(5, header_len=7, payload_len=0), DROP),
             (OUT, esp(5, ext=(Fragment(offset=8),)), ACCEPT)],
            {"OUTPUT 2": (1, 64)}),
+    v6case("ipcomp --ipcompspi: the 16-bit CPI against a 32-bit range",
+           "-A OUTPUT -p ipcomp -m ipcomp --ipcompspi 5:70000 -j DROP\n"
+           "-A OUTPUT -p ipcomp -m ipcomp ! --ipcompspi 0:4 -j ACCEPT\n:OUTPUT DROP",
+           [(OUT, ipcomp(0xFFFF), DROP), (OUT, ipcomp(4), DROP),
+            (OUT, ipcomp(5, header_len=3, payload_len=0), DROP),
+            (OUT, ipcomp(5, ext=(Fragment(offset=8),)), DROP)],
+           {"OUTPUT 1": (1, 60), "OUTPUT policy": (2, 124)}),
+    v6case("dccp: ports, then types (REQUEST, DATA)",
+           "-A OUTPUT -p dccp -m dccp --sport 1000:2000 ! --dport 5 --dccp-types REQUEST,DATA "
+           "-j DROP",
+           [(OUT, dccp(), DROP), (OUT, dccp(type_=0, x=0, part=bytes(4)), DROP),
+            (OUT, dccp(type_=3, part=bytes(8)), ACCEPT), (OUT, dccp(dport=5), ACCEPT),
+            (OUT, dccp(sport=999), ACCEPT), (OUT, dccp(ext=(HBH,)), DROP)],
+           {"OUTPUT 1": (3, 224), "OUTPUT policy": (3, 224)}),
+    v6case("dccp --dccp-option: a kind the walk steps on, past the type's part",
+           "-A OUTPUT -p dccp -m dccp --dccp-option 32 -j DROP\n"
+           "-A OUTPUT -p dccp -m dccp ! --dccp-types RESET --dccp-option 33 -j DROP",
+           [(OUT, dccp(options=b"\x01\x20\x03\x00" + bytes(4)), DROP),
+            (OUT, dccp(options=b"\x21\x04\x20\x00" + bytes(4)), DROP),
+            (OUT, dccp(type_=7, part=b"\x20" * 12, options=b"\x21\x02\x00\x00"), ACCEPT),
+            (OUT, dccp(options=b"\x00\x00\x00\x20"), DROP),
+            (OUT, dccp(options=b"\x02\x00\x20\x00"), DROP),
+            (OUT, dccp(options=b"\x22\x00\x00\x21"), DROP),
+            (OUT, dccp(options=b"\x22\x06\x00\x21\x00\x00\x00\x00"), ACCEPT)],
+           {"OUTPUT 1": (3, 232), "OUTPUT 2": (2, 156), "OUTPUT policy": (2, 168)}),
+    v6case("dccp: a short header, a data offset short of the fixed part, options cut: "
+           "dropped; a later fragment: no match",
+           "-A OUTPUT -p dccp -m dccp --dccp-option 1 -j ACCEPT\n"
+           "-A OUTPUT -p dccp -m dccp --sport 1500 -j ACCEPT\n:OUTPUT DROP",
+           [(OUT, dccp(cut=11, payload_len=0), DROP), (OUT, dccp(doff=3), DROP),
+            (OUT, dccp(type_=3, doff=6, part=bytes(8)), ACCEPT),
+            (OUT, dccp(doff=20, payload_len=16), DROP),
+            (OUT, dccp(doff=20, payload_len=64), ACCEPT),
+            (OUT, dccp(doff=20, options=b"\x01" + bytes(63), payload_len=0), ACCEPT),
+            (OUT, dccp(ext=(Fragment(offset=8),)), DROP)],
+           {"OUTPUT 1": (1, 120), "OUTPUT 2": (2, 200), "OUTPUT policy": (1, 64)}),
+    v6case("sctp: ports; any chunk of a type, its flags as asked",
+           "-A OUTPUT -p sctp -m sctp --sport 1000:2000 ! --dport 5 -j DROP\n"
+           "-A OUTPUT -p sctp -m sctp --chunk-types any DATA:Be,INIT -j DROP",
+           [(OUT, sctp(SACK), DROP), (OUT, sctp(SACK, dport=5), ACCEPT),
+            (OUT, sctp(SACK, INIT, sport=1), DROP), (OUT, sctp((0, 0x02, b"x"), sport=1), DROP),
+            (OUT, sctp((0, 0x03, b"x"), SACK, sport=1), ACCEPT)],
+           {"OUTPUT 1": (1, 68), "OUTPUT 2": (2, 148), "OUTPUT policy": (2, 144)}),
+    v6case("sctp: all of the types, only the types; --chunk-types all ALL never matches",
+           "-A OUTPUT -p sctp -m sctp --chunk-types all INIT,SACK -j DROP\n"
+           "-A OUTPUT -p sctp -m sctp --chunk-types only DATA:E,SACK -j DROP\n"
+           "-A OUTPUT -p sctp -m sctp --chunk-types all ALL -j DROP",
+           [(OUT, sctp(SACK, DATA, INIT), DROP), (OUT, sctp(INIT, INIT), ACCEPT),
+            (OUT, sctp((0, 1, b"x"), SACK), DROP), (OUT, sctp((0, 0, b"x"), SACK), ACCEPT),
+            (OUT, sctp(DATA, ABORT), ACCEPT)],
+           {"OUTPUT 1": (1, 104), "OUTPUT 2": (1, 76), "OUTPUT policy": (3, 240)}),
+    v6case("sctp: a chunk of length 0, or cut, drops the packet unless `only` said no first",
+           "-A OUTPUT -p sctp -m sctp --chunk-types only INIT -j ACCEPT\n"
+           "-A OUTPUT -p sctp -j ACCEPT\n:OUTPUT DROP",
+           [(OUT, sctp(SACK, EMPTY), ACCEPT), (OUT, sctp(INIT, EMPTY), DROP),
+            (OUT, sctp(), DROP), (OUT, sctp(INIT, payload_len=2), DROP),
+            (OUT, sctp(INIT, INIT), ACCEPT), (OUT, sctp(INIT, ext=(Fragment(offset=8),)), ACCEPT)],
+           {"OUTPUT 1": (1, 92), "OUTPUT 2": (2, 120)}),
+    v6case("sctp: `any` says yes before a chunk it cannot walk",
+           "-A OUTPUT -p sctp -m sctp --chunk-types any INIT -j ACCEPT\n:OUTPUT DROP",
+           [(OUT, sctp(INIT, EMPTY), ACCEPT), (OUT, sctp(SACK, EMPTY), DROP)],
+           {"OUTPUT 1": (1, 76)}),
     v6case("mh --mh-type, a range, !",
            "-A OUTPUT -p mobility-header -m mh --mh-type 5 -j DROP\n"
            "-A OUTPUT -p mobility-header -m mh ! --mh-type 1:7 -j DROP",
@@ -393,6 +485,28 @@ IPV4_CASES = [
             (OUT, esp(5, src=A4, dst=B4, header_len=6, payload_len=0), DROP),
             (OUT, esp(5, src=A4, dst=B4, frag_offset=3), ACCEPT)],
            {"OUTPUT 1": (1, 44), "OUTPUT 2": (2, 80)}),
+    v4case("IPv4 ipcomp --ipcompspi",
+           "-A OUTPUT -p ipcomp -m ipcomp ! --ipcompspi 7 -j DROP\n-A OUTPUT -p ipcomp -j ACCEPT\n"
+           ":OUTPUT DROP",
+           [(OUT, ipcomp(8, src=A4, dst=B4), DROP), (OUT, ipcomp(7, src=A4, dst=B4), ACCEPT),
+            (OUT, ipcomp(8, src=A4, dst=B4, frag_offset=3), ACCEPT)],
+           {"OUTPUT 1": (1, 40), "OUTPUT 2": (2, 76)}),
+    v4case("IPv4 dccp: ports, types and an option",
+           "-A OUTPUT -p dccp -m dccp --dport 6 --dccp-types DATA --dccp-option 32 -j DROP\n"
+           "-A OUTPUT -p dccp -m dccp --dccp-option 32 -j ACCEPT\n:OUTPUT DROP",
+           [(OUT, dccp(src=A4, dst=B4, options=b"\x20\x02\x00\x00"), DROP),
+            (OUT, dccp(src=A4, dst=B4, type_=3, part=bytes(8), options=b"\x20\x02\x00\x00"),
+             ACCEPT),
+            (OUT, dccp(src=A4, dst=B4, options=b"\x20\x02\x00\x00", frag_offset=3), DROP)],
+           {"OUTPUT 1": (1, 56), "OUTPUT 2": (1, 64), "OUTPUT policy": (1, 36)}),
+    v4case("IPv4 sctp: ports and chunk types; `all` walks every chunk",
+           "-A OUTPUT -p sctp -m sctp --dport 6 --chunk-types all DATA,INIT -j DROP\n"
+           "-A OUTPUT -p sctp -m sctp --chunk-types any SACK -j ACCEPT\n:OUTPUT DROP",
+           [(OUT, sctp(INIT, DATA, src=A4, dst=B4), DROP),
+            (OUT, sctp(INIT, SACK, src=A4, dst=B4), ACCEPT),
+            (OUT, sctp(SACK, EMPTY, src=A4, dst=B4), DROP),
+            (OUT, sctp(SACK, EMPTY, src=A4, dst=B4, dport=7), ACCEPT)],
+           {"OUTPUT 1": (1, 68), "OUTPUT 2": (2, 120)}),
     v4case("IPv4 ah --ahspi",
            "-A OUTPUT -p ah -m ah --ahspi 0x1234 -j DROP\n"
            "-A OUTPUT -p ah -m ah ! --ahspi 7 -j ACCEPT\n"
@@ -426,6 +540,15 @@ CHAIN_CASES = [
            {"OUTPUT 1": (4, 336), "X 1": (1, 120), "X 2": (1, 72), "X 3": (1, 72),
             "X return": (1, 72), "OUTPUT policy": (1, 72)}),
 ]
+
+CHAIN_CASES.append(
+    v6case("sctp's walk and dccp's option from a user chain",
+           ":X -\n-A OUTPUT -j X\n-A X -p sctp -m sctp --chunk-types only SACK -j DROP\n"
+           "-A X -p dccp -m dccp --dccp-option 32 -j DROP",
+           [(OUT, sctp(SACK, SACK), DROP), (OUT, sctp(SACK, INIT), ACCEPT),
+            (OUT, dccp(options=b"\x20\x02\x00\x00"), DROP)],
+           {"OUTPUT 1": (3, 248), "X 1": (1, 84), "X 2": (1, 76), "X return": (1, 88),
+            "OUTPUT policy": (1, 88)}))
 
 CASES = [*RT_CASES, rt_overrun_case(walk_bounded_by_packet()), *FRAG_CASES, *HBH_CASES,
          *IPV6HEADER_CASES, *AH_CASES, *ESP_MH_CASES, *IPV4_CASES, *EUI64_CASES, *CHAIN_CASES]

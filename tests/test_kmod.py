@@ -883,8 +883,10 @@ def test_kmod_log_trace_ecn_tproxy_and_physdev(module):
 def test_kmod_iptables_test_files_of_the_kernels_extensions():
     """iptables' own test files for the kernel's matches and targets bpfilter.ko runs
     (tools/vm/scenarios/kmod-tfiles.sh: TRACE, ECN, TCPOPTSTRIP, TOS, DSCP, TTL, HL,
-    TCPMSS, CHECKSUM, CLASSIFY, CT, NOTRACK; dscp, tos, ecn, tcpmss, connbytes,
-    connlabel, helper, cpu, realm, rpfilter), both families, against ip_tables and
+    TCPMSS, CHECKSUM, CLASSIFY, CT, NOTRACK, NFLOG, AUDIT, IDLETIMER, RATEEST; connbytes,
+    connlabel, helper, realm, rpfilter, hashlimit, connlimit, string, time, u32, cgroup,
+    policy; and bpfilter's own dscp, tos, ecn, tcpmss, cpu, quota, dccp, sctp, ipcomp
+    through the module), both families, against ip_tables and
     ip6_tables in the same guest: every case, on every chain its file names, answers
     as the kernel's (exit status, complaint, listing). The answers are the kernel's
     checkentries', which bpfilter.ko calls on every kernel alike: run once, on the

@@ -94,14 +94,9 @@ KERNEL_RULES = [
     ("mangle", "-A PREROUTING -p tcp -m socket --transparent --restore-skmark",
      "match 'socket'", None),
     ("mangle", "-A FORWARD -m physdev --physdev-in p1", "match 'physdev'", None),
-    ("mangle", "-A INPUT -m dscp --dscp 0x0a", "match 'dscp'", None),
-    ("mangle", "-A INPUT -m tos --tos 0x10", "match 'tos'", None),
-    ("mangle", "-A INPUT -p tcp -m tcpmss --mss 1000:1400", "match 'tcpmss'", None),
-    ("mangle", "-A INPUT -m ecn --ecn-ip-ect 1", "match 'ecn'", None),
     ("mangle", "-A INPUT -m connbytes --connbytes 10: --connbytes-dir both "
                "--connbytes-mode bytes", "match 'connbytes'", None),
     ("mangle", "-A INPUT -m helper --helper ftp", "match 'helper'", None),
-    ("mangle", "-A INPUT -m cpu --cpu 0", "match 'cpu'", None),
     ("mangle", "-A INPUT -m realm --realm 3", "match 'realm'", Family.IPV4),
 ]
 

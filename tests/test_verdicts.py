@@ -705,6 +705,56 @@ CASES = [
     case("a big packet counts all its bytes", "-A OUTPUT -p udp",
          (OUT, udp(payload_len=1000), ACCEPT), {"OUTPUT 1": (1, 1028), "OUTPUT policy": (1, 1028)}),
 
+    # -- the DS field, ECN bits and flags, the CPU -------------------------------------
+    case("dscp: the DS field's upper 6 bits, whatever the ECN bits",
+         "-A OUTPUT -m dscp --dscp 0x2e -j DROP\n-A OUTPUT -m dscp ! --dscp 0 -j DROP",
+         [(OUT, udp(tos=0xB8), DROP), (OUT, udp(tos=0xBB), DROP), (OUT, udp(tos=0x04), DROP),
+          (OUT, udp(tos=0x03), ACCEPT)],
+         {"OUTPUT 1": (2, 88), "OUTPUT 2": (1, 44), "OUTPUT policy": (1, 44)}),
+    case("tos: the byte under a mask, inverted",
+         "-A OUTPUT -m tos --tos 0x10/0x3f -j DROP\n-A OUTPUT -m tos ! --tos 0x08 -j DROP",
+         [(OUT, udp(tos=0x10), DROP), (OUT, udp(tos=0x90), DROP), (OUT, udp(tos=0x18), DROP),
+          (OUT, udp(tos=0x08), ACCEPT)],
+         {"OUTPUT 1": (2, 88), "OUTPUT 2": (1, 44), "OUTPUT policy": (1, 44)}),
+    case("ecn: the IP header's ECT codepoint",
+         "-A OUTPUT -m ecn --ecn-ip-ect 1 -j DROP\n-A OUTPUT -m ecn ! --ecn-ip-ect 0 -j DROP",
+         [(OUT, udp(tos=0xB9), DROP), (OUT, udp(tos=0x03), DROP), (OUT, udp(tos=0xB8), ACCEPT)],
+         {"OUTPUT 1": (1, 44), "OUTPUT 2": (1, 44), "OUTPUT policy": (1, 44)}),
+    case("ecn: ECE and CWR, read afresh; a short tcp header fails the match, no drop",
+         "-A OUTPUT -p tcp -m ecn --ecn-tcp-ece ! --ecn-tcp-cwr -j DROP\n"
+         "-A OUTPUT -p tcp -m ecn --ecn-tcp-cwr --ecn-ip-ect 2 -j DROP",
+         [(OUT, tcp(flags=SYN | 0x40), DROP), (OUT, tcp(flags=SYN | 0xC0), ACCEPT),
+          (OUT, tcp(flags=0x80, tos=0x02), DROP), (OUT, tcp(flags=0x40, truncate_l4=19), ACCEPT)],
+         {"OUTPUT 1": (1, 56), "OUTPUT 2": (1, 56), "OUTPUT policy": (2, 95)}),
+    case("cpu: no CPU 4095 here",
+         "-A OUTPUT -m cpu --cpu 4095 -j ACCEPT\n-A OUTPUT -m cpu ! --cpu 4095 -j DROP",
+         (OUT, udp(), DROP), {"OUTPUT 2": (1, 44)}),
+
+    # -- tcpmss: the first MSS option the walk steps on, read as the rule meets it ----
+    case("tcpmss: the MSS in range; none, cut short, or out of range fails",
+         "-A OUTPUT -p tcp -m tcpmss --mss 1000:1500 -j DROP",
+         [(OUT, tcp(tcp_options=MSS), DROP),
+          (OUT, tcp(tcp_options=b"\x01\x01" + MSS + b"\x00\x00"), DROP),
+          (OUT, tcp(tcp_options=b"\x02\x04\x02\x18"), ACCEPT),
+          (OUT, tcp(tcp_options=b"\x01\x01\x02\x04"), ACCEPT),
+          (OUT, tcp(tcp_options=b"\x08\x06\x02\x04\x05\xb4\x00\x00"), ACCEPT),
+          (OUT, tcp(), ACCEPT)],
+         {"OUTPUT 1": (2, 124), "OUTPUT policy": (4, 240)}),
+    case("tcpmss: inverted, no MSS option matches",
+         "-A OUTPUT -p tcp -m tcpmss ! --mss 1460 -j DROP",
+         [(OUT, tcp(), DROP), (OUT, tcp(tcp_options=MSS), ACCEPT),
+          (OUT, tcp(tcp_options=b"\x00\x00" + MSS[:2]), DROP)],
+         {"OUTPUT 1": (2, 116), "OUTPUT policy": (1, 60)}),
+    case("tcpmss: a header, a data offset or options it cannot read drop the packet; a "
+         "later fragment's bytes are read as a header (data offset 0 here)",
+         "-A OUTPUT -p tcp -m tcpmss --mss 0:65535 -j ACCEPT\n-A OUTPUT -p tcp -j ACCEPT\n"
+         ":OUTPUT DROP",
+         [(OUT, tcp(truncate_l4=19), DROP), (OUT, tcp(tcp_doff=4), DROP),
+          (OUT, tcp(tcp_doff=15, payload_len=39), DROP),
+          (OUT, tcp(tcp_doff=15, payload_len=40), ACCEPT),
+          (OUT, tcp(frag_offset=100), DROP), (OUT, tcp(frag_offset=100, payload_len=20), DROP)],
+         {"OUTPUT 2": (1, 80)}),
+
     # -- limit (1/hour: no token comes back during a test) -------------------------
     case("limit: the burst passes, then the bucket is empty",
          "-A OUTPUT -m limit --limit 1/hour --limit-burst 3 -j DROP",
@@ -742,6 +792,24 @@ CASES = [
          "-A X -m limit --limit 1/hour --limit-burst 3 -j RETURN\n-A X -j DROP",
          [(OUT, udp(), ACCEPT), (OUT, udp(), DROP)],
          {"OUTPUT 1": (2, 88), "OUTPUT 2": (2, 88), "X 1": (3, 132), "X 2": (1, 44),
+          "OUTPUT policy": (1, 44)}),
+
+    # -- quota ----------------------------------------------------------------------
+    case("quota: packets the remaining bytes cover pass; one they do not empties it",
+         "-A OUTPUT -m quota --quota 150 -j ACCEPT\n-A OUTPUT -j DROP",
+         [(OUT, udp(), ACCEPT), (OUT, tcp(), ACCEPT), (OUT, tcp(), DROP), (OUT, udp(), DROP)],
+         {"OUTPUT 1": (2, 100), "OUTPUT 2": (2, 100)}),
+    case("quota: inverted, counted alike; a packet an earlier test fails takes nothing",
+         "-A OUTPUT -p udp -m quota ! --quota 100 -j DROP\n"
+         "-A OUTPUT -m quota --quota 56 -j DROP",
+         [(OUT, tcp(), DROP), (OUT, udp(), ACCEPT), (OUT, udp(), ACCEPT), (OUT, udp(), DROP),
+          (OUT, tcp(), ACCEPT)],
+         {"OUTPUT 1": (1, 44), "OUTPUT 2": (1, 56), "OUTPUT policy": (3, 144)}),
+    case("quota: each rule has its own count, a chain reached twice one",
+         ":X -\n-A OUTPUT -j X\n-A OUTPUT -j X\n-A X -m quota --quota 100 -j RETURN\n"
+         "-A X -j DROP",
+         [(OUT, udp(), ACCEPT), (OUT, udp(), DROP)],
+         {"OUTPUT 1": (2, 88), "OUTPUT 2": (1, 44), "X 1": (2, 88), "X 2": (1, 44),
           "OUTPUT policy": (1, 44)}),
 
     # -- statistic ------------------------------------------------------------------

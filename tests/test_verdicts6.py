@@ -338,6 +338,26 @@ CASES = [
            [(OUT, udp(ttl=0), ACCEPT), (OUT, udp(ttl=64), ACCEPT), (OUT, udp(ttl=255), DROP)],
            {"OUTPUT 1": (1, 64), "OUTPUT 2": (2, 128), "OUTPUT 3": (1, 64),
             "OUTPUT policy": (2, 128)}),
+    # -- the traffic class: dscp, tos, ecn -------------------------------------------
+    v6case("dscp and tos read the traffic class, across the version and flow label",
+           "-A OUTPUT -m dscp --dscp 0x2e -j DROP\n-A OUTPUT -m tos --tos 0x03/0x03 -j DROP",
+           [(OUT, udp(tos=0xB9), DROP), (OUT, udp(tos=0x03, flow_label=0xFFFFF), DROP),
+            (OUT, udp(tos=0x02, flow_label=0xFFFFF), ACCEPT)],
+           {"OUTPUT 1": (1, 64), "OUTPUT 2": (1, 64), "OUTPUT policy": (1, 64)}),
+    v6case("ecn: the ECT codepoint, and ECE read from the tcp header",
+           "-A OUTPUT -m ecn ! --ecn-ip-ect 0 -j DROP\n"
+           "-A OUTPUT -p tcp -m ecn --ecn-tcp-ece -j DROP",
+           [(OUT, udp(tos=0x01), DROP), (OUT, tcp(flags=SYN | 0x40), DROP),
+            (OUT, tcp(flags=SYN), ACCEPT)],
+           {"OUTPUT 1": (1, 64), "OUTPUT 2": (1, 76), "OUTPUT policy": (1, 76)}),
+
+    v6case("tcpmss past extension headers; a short header drops",
+           "-A OUTPUT -p tcp -m tcpmss --mss 1460 -j DROP\n-A OUTPUT -p tcp -j ACCEPT\n"
+           ":OUTPUT DROP",
+           [(OUT, tcp(tcp_options=MSS, ext=(HBH, DST)), DROP), (OUT, tcp(), ACCEPT),
+            (OUT, tcp(truncate_l4=19), DROP)],
+           {"OUTPUT 1": (1, 96), "OUTPUT 2": (1, 76)}),
+
     # -- mark (test runs and the kernel's raw socket send with mark 0) ----------------
     v6case("mark: values, masks, inversion",
            "-A OUTPUT -m mark --mark 1\n-A OUTPUT -m mark ! --mark 0xffffffff\n"

@@ -6,7 +6,12 @@
 TFILES="libxt_TRACE.t libipt_ECN.t libxt_TCPOPTSTRIP.t libxt_TOS.t libxt_DSCP.t libipt_TTL.t
 	libip6t_HL.t libxt_TCPMSS.t libxt_CHECKSUM.t libxt_CLASSIFY.t libxt_CT.t libxt_NOTRACK.t
 	libxt_dscp.t libxt_tos.t libxt_ecn.t libxt_tcpmss.t libxt_connbytes.t libxt_connlabel.t
-	libxt_helper.t libxt_cpu.t libipt_realm.t libxt_rpfilter.t"
+	libxt_helper.t libxt_cpu.t libipt_realm.t libxt_rpfilter.t libxt_hashlimit.t
+	libxt_connlimit.t libipt_connlimit.t libip6t_connlimit.t libxt_quota.t libxt_string.t
+	libxt_time.t libxt_u32.t libxt_cgroup.t libxt_policy.t libipt_policy.t
+	libip6t_policy.t libxt_NFLOG.t libxt_AUDIT.t libxt_IDLETIMER.t
+	libxt_RATEEST.t libxt_dccp.t
+	libxt_sctp.t libxt_ipcomp.t"
 
 # tfile FILE COMMAND: each case of iptables' test file FILE, for each of its chains:
 # COMMAND's exit status and first line of complaint. The cases accumulate until the

@@ -47,6 +47,7 @@ BPF_FUNC_spin_unlock = 94
 BPF_FUNC_probe_read_kernel = 113
 BPF_FUNC_jiffies64 = 118
 BPF_FUNC_get_prandom_u32 = 7
+BPF_FUNC_get_smp_processor_id = 8
 BPF_FUNC_loop = 181
 BPF_FUNC_ringbuf_reserve = 131
 BPF_FUNC_ringbuf_submit = 132

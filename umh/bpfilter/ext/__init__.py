@@ -92,6 +92,11 @@ class _Extension:
             raise BpfilterError(errno.EINVAL, f"{where}: {self.kind} '{self.name}' is only valid "
                                               f"for protocol {self.proto} (use -p without '!')")
 
+    def check_ip_payload(self, ip: IpHeader, payload: bytes, where: str) -> None:
+        """check_ip(), for an extension whose checkentry asks for a protocol only for
+        some of its options."""
+        self.check_ip(ip, where)
+
 
 class MatchExtension(_Extension):
     """What bpfilter knows of one match (name, revision) of one family."""
@@ -210,7 +215,7 @@ class _Registry:
             raise BpfilterError(errno.EINVAL, f"{where}: {self.kind} '{name}' is used from hooks "
                                               f"{_hook_names(hook_mask)}, but only valid from "
                                               f"{_hook_names(ext.hooks)}")
-        ext.check_ip(ip, where)
+        ext.check_ip_payload(ip, payload, where)
         return ext
 
     def of(self, model, family: Family) -> _Extension:
@@ -363,10 +368,10 @@ def facts_needed(rule: Rule, family: Family) -> frozenset[str]:
 from . import (addrtype, comment, conntrack, icmp, iprange, length, limit, log,  # noqa: E402,F401
                mac, mark, multiport, owner, pkttype, reject, tcp, ttl, udp)
 # IPv6's extension-header matches, esp (both families) and IPv4's ah
-from . import ah, esp, eui64, frag, hbh, ipv6header, mh, rt  # noqa: E402,F401
+from . import ah, dccp, esp, eui64, frag, hbh, ipv6header, mh, rt, sctp  # noqa: E402,F401
 # the nat table's targets, and what kube-proxy's rules use with them
 from . import connmark, nat, statistic  # noqa: E402,F401
 # what only the kernel's own extensions can be, run by bpfilter.ko (ext/xtmatch.py)
-from . import nfacct, recent  # noqa: E402,F401
-from . import connstate, ct, dscp, ecn, hl, skbinfo, tcpmss, tcpoptstrip  # noqa: E402,F401
-from . import tproxy, trace  # noqa: E402,F401
+from . import nfacct, quota, recent  # noqa: E402,F401
+from . import connstate, cpu, ct, dscp, ecn, hl, skbinfo, tcpmss, tcpoptstrip  # noqa: E402,F401
+from . import kernelside, tproxy, trace  # noqa: E402,F401

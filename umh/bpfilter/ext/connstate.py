@@ -1,7 +1,7 @@
 """Matches of what the kernel keeps beside the packet, run by bpfilter.ko as the
-kernel's own (ext/xtmatch.py): -m ecn (xt_ecn.c), -m connbytes (its conntrack
-accounting, which checkentry turns on), -m connlabel (its conntrack labels), -m helper
-(its conntrack helper), -m cpu, -m realm (the route's realm, IPv4), -m rpfilter (a
+kernel's own (ext/xtmatch.py): -m connbytes (its conntrack accounting, which
+checkentry turns on), -m connlabel (its conntrack labels), -m helper (its conntrack
+helper), -m realm (the route's realm, IPv4), -m rpfilter (a
 route lookup of the source, in raw and mangle PREROUTING), -m physdev (the bridge ports
 br_netfilter notes for bridged traffic; its checkentry loads br_netfilter)."""
 from __future__ import annotations
@@ -12,13 +12,10 @@ from . import BOTH_FAMILIES
 from ..model import Family, Hook
 from .xtmatch import c_string, plain_kernel_extension
 
-xt_ecn_info = Struct("operation" / Int8un, "invert" / Int8un, "ip_ect" / Int8un,
-                     "tcp_ect" / Int8un)
 xt_connbytes_info = Struct("from_" / Int64un, "to" / Int64un, "what" / Int8un,
                            "direction" / Int8un, Padding(6))
 xt_connlabel_mtinfo = Struct("bit" / Int16un, "options" / Int16un)
 xt_helper_info = Struct("invert" / Int32sn, "name" / Bytes(30), Padding(2))
-xt_cpu_info = Struct("cpu" / Int32un, "invert" / Int32un)
 xt_realm_info = Struct("id" / Int32un, "mask" / Int32un, "invert" / Int8un, Padding(3))
 xt_rpfilter_info = Struct("flags" / Int8un)
 xt_physdev_info = Struct("physindev" / Bytes(16), "in_mask" / Bytes(16), "physoutdev" / Bytes(16),
@@ -38,8 +35,6 @@ def _bang(f: dict) -> str:
     return "! " if f["invert"] else ""
 
 
-plain_kernel_extension("match", "ecn", xt_ecn_info, BOTH_FAMILIES, why=_READS,
-                       describe=lambda f: f"ECN match {_bang(f)}0x{f['operation']:x}")
 plain_kernel_extension("match", "connbytes", xt_connbytes_info, BOTH_FAMILIES, why=_READS,
                        family_independent=True,
                        describe=lambda f: f"connbytes {f['from_']}:{f['to']} "
@@ -51,9 +46,6 @@ plain_kernel_extension("match", "connlabel", xt_connlabel_mtinfo, BOTH_FAMILIES,
 plain_kernel_extension("match", "helper", xt_helper_info, BOTH_FAMILIES, why=_READS,
                        family_independent=True,
                        describe=lambda f: f'helper match {_bang(f)}"{c_string(f["name"])}"')
-plain_kernel_extension("match", "cpu", xt_cpu_info, BOTH_FAMILIES, why=_READS,
-                       family_independent=True,
-                       describe=lambda f: f"cpu {_bang(f)}{f['cpu']}")
 plain_kernel_extension("match", "realm", xt_realm_info, (Family.IPV4,), why=_READS,
                        hooks=_REALM_HOOKS,
                        describe=lambda f: f"realm {_bang(f)}0x{f['id']:x}/0x{f['mask']:x}")

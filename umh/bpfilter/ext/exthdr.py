@@ -69,9 +69,10 @@ def emit_thoff(asm) -> None:
     asm.emit(BPF_LDX_MEM(BPF_W, R7, R6, facts.THOFF))
 
 
-def emit_read(asm, at: int, size: int, out: RuleOutcome, dst=BUF) -> None:
+def emit_read(asm, at: int, size: int, out: RuleOutcome, dst=BUF, short_fails=False) -> None:
     """`size` bytes from R7 + `at` into `dst` (a facts Slot); skb_header_pointer()
-    returning NULL, the packet being shorter, makes the kernel's match hotdrop."""
+    returning NULL, the packet being shorter, makes the kernel's match hotdrop, or
+    with `short_fails` just fail."""
     assert size <= 16 or dst is not BUF
     asm.emit(BPF_MOV64_REG(R8, MISMATCH), BPF_MOV64_REG(R9, HOTDROP),
              BPF_MOV64_REG(R1, R6), BPF_ALU64_IMM(I.BPF_ADD, R1, dst),
@@ -83,7 +84,10 @@ def emit_read(asm, at: int, size: int, out: RuleOutcome, dst=BUF) -> None:
              BPF_MOV64_REG(MISMATCH, R8), BPF_MOV64_REG(HOTDROP, R9),
              BPF_MOV64_REG(R1, R0))
     emit_nonzero_bit(asm, R1, R3)
-    out.hotdrop(R1)
+    if short_fails:
+        out.mismatch(R1)
+    else:
+        out.hotdrop(R1)
 
 
 def emit_length(asm, unit: int, extra: int) -> None:

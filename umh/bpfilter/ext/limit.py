@@ -203,36 +203,48 @@ def create_buckets(table: Table) -> Optional[int]:
     found = buckets(table)
     if not found:
         return None
-    btf_fd = bpf.btf_load(_BUCKET_BTF)
+    now = jiffies()
+    return create_locked_state(f"{table.name}_limit", _BUCKET_BTF,
+                               [(key, BUCKET.pack(0, m.credit, now)) for key, m in found])
+
+
+def create_locked_state(name: str, btf: tuple[bytes, int, int],
+                        values: list[tuple[int, bytes]]) -> int:
+    """A hash map of per-match state whose value holds a bpf_spin_lock (first), its
+    `btf` (blob, key type id, value type id), keyed by match_key() (a u64), filled with
+    `values`."""
+    blob, key_type, value_type = btf
+    btf_fd = bpf.btf_load(blob)
     try:
-        fd = bpf.map_create(bpf.BPF_MAP_TYPE_HASH, KEY.size, BUCKET.size, len(found),
-                            f"{table.name}_limit", btf=(btf_fd, _BTF_U64, _BTF_BUCKET))
+        fd = bpf.map_create(bpf.BPF_MAP_TYPE_HASH, KEY.size, len(values[0][1]), len(values),
+                            name, btf=(btf_fd, key_type, value_type))
     finally:
         os.close(btf_fd)
     try:
-        now = jiffies()
-        keys = b"".join(KEY.pack(key) for key, _ in found)
-        values = b"".join(BUCKET.pack(0, m.credit, now) for _, m in found)
-        bpf.map_update_batch(fd, keys, values, len(found))
+        bpf.map_update_batch(fd, b"".join(KEY.pack(key) for key, _ in values),
+                             b"".join(value for _, value in values), len(values))
     except BaseException:
         os.close(fd)
         raise
     return fd
 
 
-def _btf_blob() -> tuple[bytes, int, int]:
-    """Raw BTF for the bucket: (blob, id of u64, id of the bucket struct)."""
+def locked_value_btf(name: str, size: int,
+                     fields: list[tuple[str, int, int]]) -> tuple[bytes, int, int]:
+    """Raw BTF for a u64 key and a value struct `name` of `size` bytes: a bpf_spin_lock
+    at 0, then `fields` (name, byte offset, size 4 or 8, unsigned)."""
     b = BtfBuilder()
-    u32 = b.integer("unsigned int", 4, False)
+    widths = {4: b.integer("unsigned int", 4, False)}
     int32 = b.integer("int", 4, True)
     lock = b.struct("bpf_spin_lock", 4, [("val", int32, 0)])
-    u64 = b.integer("unsigned long long", 8, False)
-    bucket = b.struct("limit_bucket", BUCKET.size,
-                      [("lock", lock, 0), ("credit", u32, 8 * B_CREDIT), ("prev", u64, 8 * B_PREV)])
-    return b.blob(), u64, bucket
+    widths[8] = b.integer("unsigned long long", 8, False)
+    value = b.struct(name, size, [("lock", lock, 0),
+                                  *((f, widths[width], 8 * at) for f, at, width in fields)])
+    return b.blob(), widths[8], value
 
 
-_BUCKET_BTF, _BTF_U64, _BTF_BUCKET = _btf_blob()
+_BUCKET_BTF = locked_value_btf("limit_bucket", BUCKET.size,
+                               [("credit", B_CREDIT, 4), ("prev", B_PREV, 8)])
 _JIFFIES = MapRef("jiffies")
 
 

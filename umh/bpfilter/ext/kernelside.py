@@ -1,0 +1,115 @@
+"""Matches and targets bpfilter.ko runs as the kernel's own (ext/xtmatch.py) because
+what they keep or reach lives only in the kernel:
+
+  hashlimit  its buckets, listed under /proc/net/ipt_hashlimit/ (ip6t_hashlimit/)
+  connlimit  the kernel's connection counting (nf_conncount)
+  string     the kernel's textsearch (bm, kmp), over the skb's fragments
+  time       the packet's arrival time against the kernel's clock and time zone
+  u32        its little program over the packet
+  cgroup     the sending socket's cgroup
+  policy     the IPsec state the packet went through or will
+and targets that hand the packet to a kernel subsystem without changing it: NFLOG
+(nfnetlink_log), AUDIT, IDLETIMER (its sysfs timers) and RATEEST (rate estimators).
+bpfilter.ko runs only those it lists (kmod/xtmatch.c); not yet bpf (a BPF program run
+from the module's kfunc, nested in bpfilter's), cluster (which rewrites pkt_type, a
+fact the prologue reads once), TEE (a copy sent through the hooks from inside them)
+and HMARK (which writes the mark): those are refused.
+
+bpfilter's model of each is its payload: the kernel's checkentry judges it, with its
+errno, when the table is loaded. Without bpfilter.ko such a table is refused.
+"""
+from __future__ import annotations
+
+from construct import Bytes, Int8sn, Int8un, Int16un, Int32un, Int64un, Padding, Struct
+
+from . import BOTH_FAMILIES
+from .xtmatch import c_string, plain_kernel_extension
+
+_STATE = "whose state only the kernel keeps"
+_CODE = "which only the kernel's code can run"
+_HANDS = "which hands the packet to a kernel subsystem"
+
+xt_hashlimit_mtinfo1 = Struct("name" / Bytes(16), "mode" / Int32un, "avg" / Int32un,
+                              "burst" / Int32un, Padding(56 - 28))
+xt_hashlimit_mtinfo2 = Struct("name" / Bytes(255), Padding(1), "avg" / Int64un,
+                              "burst" / Int64un, "mode" / Int32un, Padding(304 - 276))
+xt_hashlimit_mtinfo3 = Struct("name" / Bytes(255), Padding(1), "avg" / Int64un,
+                              "burst" / Int64un, "mode" / Int32un, Padding(312 - 276))
+xt_connlimit_info = Struct("mask" / Bytes(16), "limit" / Int32un, "flags" / Int32un, Padding(8))
+xt_string_info = Struct("from_offset" / Int16un, "to_offset" / Int16un, "algo" / Bytes(16),
+                        "pattern" / Bytes(128), "patlen" / Int8un, "flags" / Int8un,
+                        Padding(10))
+xt_time_info = Struct("date_start" / Int32un, "date_stop" / Int32un, "daytime_start" / Int32un,
+                      "daytime_stop" / Int32un, "monthdays" / Int32un, "weekdays" / Int8un,
+                      "flags" / Int8un, Padding(2))
+xt_u32 = Struct("program" / Bytes(1984))
+xt_cgroup_info_v0 = Struct("id" / Int32un, "invert" / Int32un)
+xt_cgroup_info_v1 = Struct("has_path" / Int8un, "has_classid" / Int8un,
+                           "invert_path" / Int8un, "invert_classid" / Int8un,
+                           "path" / Bytes(4096), "classid" / Int32un, Padding(8))
+xt_cgroup_info_v2 = Struct("has_path" / Int8un, "has_classid" / Int8un,
+                           "invert_path" / Int8un, "invert_classid" / Int8un,
+                           "path" / Bytes(512), Padding(12))
+xt_policy_info = Struct("elements" / Bytes(308), "flags" / Int16un, "len" / Int16un)
+xt_nflog_info = Struct("len" / Int32un, "group" / Int16un, "threshold" / Int16un,
+                       "flags" / Int16un, Padding(2), "prefix" / Bytes(64))
+xt_audit_info = Struct("type" / Int8un)
+idletimer_tg_info = Struct("timeout" / Int32un, "label" / Bytes(28), Padding(8))
+idletimer_tg_info_v1 = Struct("timeout" / Int32un, "label" / Bytes(28), "send_nl_msg" / Int8un,
+                              "timer_type" / Int8un, Padding(14))
+xt_rateest_target_info = Struct("name" / Bytes(16), "interval" / Int8sn, "ewma_log" / Int8un,
+                                Padding(14))
+
+XT_HASHLIMIT_INVERT = 0x08
+XT_STRING_FLAG_INVERT = 0x01
+XT_CONNLIMIT_INVERT = 0x01
+XT_AUDIT_TYPES = ("accept", "drop", "reject")
+
+
+def _hashlimit(f: dict) -> str:
+    return f"limit: {'above' if f['mode'] & XT_HASHLIMIT_INVERT else 'up to'} " \
+           f"{f['avg']} burst {f['burst']} name {c_string(f['name'])}"
+
+
+for revision, struct in ((1, xt_hashlimit_mtinfo1), (2, xt_hashlimit_mtinfo2),
+                         (3, xt_hashlimit_mtinfo3)):
+    plain_kernel_extension("match", "hashlimit", struct, BOTH_FAMILIES, revisions=(revision,),
+                           why=_STATE, describe=_hashlimit)
+plain_kernel_extension("match", "connlimit", xt_connlimit_info, BOTH_FAMILIES, revisions=(1,),
+                       why=_STATE, family_independent=True,
+                       describe=lambda f: "#conn "
+                       f"{'<=' if f['flags'] & XT_CONNLIMIT_INVERT else '>'} {f['limit']}")
+plain_kernel_extension("match", "string", xt_string_info, BOTH_FAMILIES, revisions=(1,),
+                       why=_CODE, family_independent=True,
+                       describe=lambda f: f"STRING match "
+                       f"{'!' if f['flags'] & XT_STRING_FLAG_INVERT else ''}"
+                       f"{f['pattern'][:f['patlen']]!r} ALGO name {c_string(f['algo'])}")
+plain_kernel_extension("match", "time", xt_time_info, BOTH_FAMILIES, why=_STATE,
+                       family_independent=True,
+                       describe=lambda f: f"TIME from {f['daytime_start']} to {f['daytime_stop']}")
+plain_kernel_extension("match", "u32", xt_u32, BOTH_FAMILIES, why=_CODE,
+                       family_independent=True, describe=lambda f: "u32")
+for revision, struct in ((0, xt_cgroup_info_v0), (1, xt_cgroup_info_v1), (2, xt_cgroup_info_v2)):
+    plain_kernel_extension("match", "cgroup", struct, BOTH_FAMILIES, revisions=(revision,),
+                           why=_STATE, family_independent=True,
+                           describe=lambda f: "cgroup " + (c_string(f["path"]) if "path" in f
+                                                           else str(f.get("id", ""))))
+plain_kernel_extension("match", "policy", xt_policy_info, BOTH_FAMILIES, why=_STATE,
+                       describe=lambda f: "policy match")
+
+plain_kernel_extension("target", "NFLOG", xt_nflog_info, BOTH_FAMILIES, why=_HANDS,
+                       family_independent=True,
+                       describe=lambda f: f"nflog-group {f['group']}"
+                       + (f' nflog-prefix "{c_string(f["prefix"])}"' if f["prefix"][0] else ""))
+plain_kernel_extension("target", "AUDIT", xt_audit_info, BOTH_FAMILIES, why=_HANDS,
+                       family_independent=True,
+                       describe=lambda f: "AUDIT " + (XT_AUDIT_TYPES[f["type"]]
+                                                      if f["type"] < 3 else "??"))
+for revision, struct in ((0, idletimer_tg_info), (1, idletimer_tg_info_v1)):
+    plain_kernel_extension("target", "IDLETIMER", struct, BOTH_FAMILIES, why=_HANDS,
+                           revisions=(revision,), family_independent=True,
+                           describe=lambda f: f"timeout:{f['timeout']} "
+                           f"label:{c_string(f['label'])}")
+plain_kernel_extension("target", "RATEEST", xt_rateest_target_info, BOTH_FAMILIES, why=_HANDS,
+                       family_independent=True,
+                       describe=lambda f: f"name {c_string(f['name'])}")
