@@ -76,7 +76,6 @@ UNSUPPORTED = {
     target REJECT: needs bpfilter.ko (kernel module mode) to send its icmp-proto-unreachable answer
     """,
     Family.IPV6: _COMMON + """
-    match srh: revision N is not supported by bpfilter
     target DNPT: revision N is not supported by bpfilter
     target HL: needs bpfilter.ko (kernel module mode)
     target SNPT: revision N is not supported by bpfilter

@@ -114,6 +114,16 @@ def sctp(*chunks, sport=1500, dport=6, src=A, dst=B, **kw) -> Packet:
     return Upper(src, dst, SCTP, header=hdr, **{"payload_len": 0, **kw})
 
 
+def srh(segments_left: int, *segments: str, last_entry=None, tag=b"\0\0", type_=4,
+        hdrlen=None) -> RawHeader:
+    """A segment routing header (routing type 4): length, type, segments left, last
+    entry (default: the last index), flags, tag as its two bytes, the segments."""
+    sids = b"".join(socket.inet_pton(socket.AF_INET6, a) for a in segments)
+    last = len(segments) - 1 if last_entry is None else last_entry
+    return RawHeader(43, bytes([2 * len(segments) if hdrlen is None else hdrlen, type_,
+                                segments_left, last, 0]) + tag + sids)
+
+
 def mobility(mh_type: int, proto=NONE, header_len=6, **kw) -> Packet:
     """A mobility header: payload proto, length 0 (8 bytes), type, reserved, checksum."""
     return Upper(A, B, MOBILITY, header=bytes([proto, 0, mh_type, 0, 0, 0])[:header_len],
@@ -465,6 +475,31 @@ ESP_MH_CASES = [
            "-A OUTPUT -p sctp -m sctp --chunk-types any INIT -j ACCEPT\n:OUTPUT DROP",
            [(OUT, sctp(INIT, EMPTY), ACCEPT), (OUT, sctp(SACK, EMPTY), DROP)],
            {"OUTPUT 1": (1, 76)}),
+    v6case("srh: a type 4 header's fields; anything else fails, never drops",
+           "-A OUTPUT -m srh --srh-next-hdr 17 --srh-segs-left-eq 1 --srh-last-entry-gt 1 "
+           "--srh-hdr-len-lt 7 -j DROP\n-A OUTPUT -m srh ! --srh-tag 256 -j ACCEPT\n"
+           "-A OUTPUT -m srh -j DROP",
+           [(OUT, udp(ext=(srh(1, C, D, E),)), DROP),
+            (OUT, udp(ext=(srh(1, C, D),)), ACCEPT),
+            (OUT, udp(ext=(srh(1, C, D, E, tag=b"\x00\x01"),)), DROP),
+            (OUT, udp(ext=(srh(1, C, D, tag=b"\x00\x01"),)), DROP),
+            (OUT, udp(ext=(srh(2, C, D),)), ACCEPT),
+            (OUT, udp(ext=(srh(1, C, D, E, type_=0),)), ACCEPT),
+            (OUT, udp(ext=(srh(1, C, D, hdrlen=9),)), ACCEPT),
+            (OUT, udp(), ACCEPT)],
+           {"OUTPUT 1": (2, 240), "OUTPUT 2": (1, 104), "OUTPUT 3": (1, 104),
+            "OUTPUT policy": (4, 392)}),
+    v6case("srh: the previous, next and last segment ids under their masks",
+           f"-A OUTPUT -m srh --srh-psid {E}/128 --srh-nsid {C}/64 -j DROP\n"
+           f"-A OUTPUT -m srh ! --srh-lsid {C}/128 -j DROP\n"
+           f"-A OUTPUT -m srh --srh-nsid ::/0 -j DROP",
+           [(OUT, udp(ext=(srh(1, C, D, E),)), DROP),
+            (OUT, udp(ext=(srh(1, "2001:db8:8::1", D, E),)), DROP),
+            (OUT, udp(ext=(srh(2, C, D, E),)), DROP),
+            (OUT, udp(ext=(srh(0, C, D, E),)), ACCEPT),
+            (OUT, udp(ext=(srh(1, C, D, E, last_entry=1),)), DROP)],
+           {"OUTPUT 1": (1, 120), "OUTPUT 2": (1, 120), "OUTPUT 3": (2, 240),
+            "OUTPUT policy": (1, 120)}),
     v6case("mh --mh-type, a range, !",
            "-A OUTPUT -p mobility-header -m mh --mh-type 5 -j DROP\n"
            "-A OUTPUT -p mobility-header -m mh ! --mh-type 1:7 -j DROP",

@@ -545,7 +545,7 @@ def test_bad_ipv6_input_leaves_both_families_filtering(svc, nets):
     # what bpfilter does not implement for IPv6, or only with bpfilter.ko: refused
     # whole, by rule and extension
     for rule, names in (("-j NFLOG --nflog-group 3", "target 'NFLOG'"),
-                        ("-m srh --srh-next-hdr 17", "match 'srh'"),
+                        ("-j NFQUEUE --queue-num 3", "target 'NFQUEUE'"),
                         ("-m string --algo bm --string six", "match 'string'"),
                         ("-p tcp -m connlimit --connlimit-above 2", "match 'connlimit'")):
         done = svc.exec(ns, IP6TABLES, "-A", "X", *rule.split())

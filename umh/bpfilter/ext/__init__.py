@@ -368,7 +368,7 @@ def facts_needed(rule: Rule, family: Family) -> frozenset[str]:
 from . import (addrtype, comment, conntrack, icmp, iprange, length, limit, log,  # noqa: E402,F401
                mac, mark, multiport, owner, pkttype, reject, tcp, ttl, udp)
 # IPv6's extension-header matches, esp (both families) and IPv4's ah
-from . import ah, dccp, esp, eui64, frag, hbh, ipv6header, mh, rt, sctp  # noqa: E402,F401
+from . import ah, dccp, esp, eui64, frag, hbh, ipv6header, mh, rt, sctp, srh  # noqa: E402,F401
 # the nat table's targets, and what kube-proxy's rules use with them
 from . import connmark, nat, statistic  # noqa: E402,F401
 # what only the kernel's own extensions can be, run by bpfilter.ko (ext/xtmatch.py)
