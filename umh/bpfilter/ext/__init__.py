@@ -260,6 +260,14 @@ def match_key(rule: Rule, match: Match) -> int:
     return rule.entry << 32 | position
 
 
+def keyed_matches(table: Table, model: type) -> list[tuple[int, Match]]:
+    """Every match of `table` whose model is `model`, with its match_key(): the
+    state a load makes afresh for each (limit's buckets, statistic's counters,
+    quota's counts)."""
+    return [(match_key(rule, m), m) for chain in table.chains.values()
+            for rule in chain.rules for m in rule.matches if isinstance(m, model)]
+
+
 def _hook_names(mask: int) -> str:
     return "/".join(h.chain_name for h in Hook if mask & (1 << h.value))
 

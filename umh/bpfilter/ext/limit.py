@@ -47,7 +47,7 @@ from ..packet import facts
 from ..packet.primitives import HOTDROP, MISMATCH, emit_skip_if_decided, emit_state_lookup
 from ..errors import BpfilterError
 from ..model import Match, Table
-from . import BOTH_FAMILIES, MatchExtension, match_key, register_match
+from . import BOTH_FAMILIES, MatchExtension, keyed_matches, match_key, register_match
 
 XT_LIMIT_SCALE = 10000
 U32 = 0xFFFFFFFF
@@ -192,15 +192,10 @@ class Limit(MatchExtension):
         asm.place(done)
 
 
-def buckets(table: Table) -> list[tuple[int, LimitMatch]]:
-    return [(match_key(rule, m), m) for chain in table.chains.values()
-            for rule in chain.rules for m in rule.matches if isinstance(m, LimitMatch)]
-
-
 def create_buckets(table: Table) -> Optional[int]:
     """The LIMITS map for `table`, every bucket full and stamped with the current
     jiffies as limit_mt_check() leaves it; None when the table has no limit match."""
-    found = buckets(table)
+    found = keyed_matches(table, LimitMatch)
     if not found:
         return None
     now = jiffies()

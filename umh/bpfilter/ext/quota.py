@@ -24,7 +24,7 @@ from ..errors import BpfilterError
 from ..model import Match, Table
 from ..packet import facts
 from ..packet.primitives import HOTDROP, MISMATCH, emit_skip_if_decided, emit_state_lookup
-from . import BOTH_FAMILIES, MatchExtension, match_key, register_match
+from . import BOTH_FAMILIES, MatchExtension, keyed_matches, match_key, register_match
 from .limit import create_locked_state, locked_value_btf
 
 XT_QUOTA_INVERT = 0x1
@@ -68,8 +68,7 @@ class Quota(MatchExtension):
         return QuotaMatch(quota, bool(flags & XT_QUOTA_INVERT))
 
     def table_maps(self, table: Table) -> dict[MapRef, int]:
-        found = [(match_key(rule, m), m) for chain in table.chains.values()
-                 for rule in chain.rules for m in rule.matches if isinstance(m, QuotaMatch)]
+        found = keyed_matches(table, QuotaMatch)
         if not found:
             return {}
         return {QUOTAS: create_locked_state(f"{table.name}_quota", _BTF,

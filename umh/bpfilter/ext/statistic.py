@@ -37,7 +37,7 @@ from ..model import Match, Table
 from ..packet import facts
 from ..packet.primitives import (HOTDROP, MISMATCH, emit_const, emit_skip_if_decided,
                                  emit_state_lookup)
-from . import BOTH_FAMILIES, MatchExtension, match_key, register_match
+from . import BOTH_FAMILIES, MatchExtension, keyed_matches, match_key, register_match
 
 XT_STATISTIC_MODE_RANDOM, XT_STATISTIC_MODE_NTH = 0, 1
 XT_STATISTIC_INVERT = 0x1
@@ -92,7 +92,8 @@ class Statistic(MatchExtension):
         return None
 
     def table_maps(self, table: Table) -> dict[MapRef, int]:
-        keys = [key for key, m in _nth_matches(table)]
+        keys = [key for key, m in keyed_matches(table, StatisticMatch)
+                if m.mode == XT_STATISTIC_MODE_NTH]
         if not keys:
             return {}
         # the kernel's counters start afresh with every load (checkentry)
@@ -147,7 +148,3 @@ class Statistic(MatchExtension):
         asm.place(skip)
 
 
-def _nth_matches(table: Table) -> list[tuple[int, StatisticMatch]]:
-    return [(match_key(rule, m), m) for chain in table.chains.values() for rule in chain.rules
-            for m in rule.matches
-            if isinstance(m, StatisticMatch) and m.mode == XT_STATISTIC_MODE_NTH]
