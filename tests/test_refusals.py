@@ -67,8 +67,9 @@ UNSUPPORTED = [
     ("-m addrtype --dst-type LOCAL -j ACCEPT", "match 'addrtype' needs bpfilter.ko"),
     ("-m string --algo bm --string hello", "match 'string'"),
     ("-j LOG --log-prefix x --log-uid", "target 'LOG' --log-uid"),
-    ("-p tcp -j REJECT --reject-with tcp-reset", "target 'REJECT' needs bpfilter.ko"),
-    ("-j REJECT", "target 'REJECT' needs bpfilter.ko"),
+    ("-j NFLOG --nflog-group 3", "target 'NFLOG'"),
+    ("-m connbytes --connbytes 10 --connbytes-dir both --connbytes-mode packets",
+     "match 'connbytes'"),
     ("-j NFQUEUE --queue-num 3", "target 'NFQUEUE'"),
     ("-j QUEUE", "QUEUE"),
 ]

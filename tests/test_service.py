@@ -936,6 +936,41 @@ BLOCKLIST_TRAFFIC = {
 COMMAND = {Family.IPV4: "iptables-legacy", Family.IPV6: "ip6tables-legacy"}
 
 
+def test_rejected_connections_are_answered_as_by_the_kernel(svc, nets):
+    """REJECT through `bpfilter exec` on a stock system: the service sends the
+    answers (answers.py), so a connect() a reset answers fails at once with
+    ECONNREFUSED, a connected datagram socket hears of its unreachable port, and a
+    prohibited host is unreachable, in the namespace the rules were written in;
+    the rules count each packet, as the kernel's do (test_reject_served.py compares
+    the answers' bytes)."""
+    (ns,) = nets(1)
+    for rule in ("-A OUTPUT -p tcp --dport 81 -j REJECT --reject-with tcp-reset",
+                 "-A INPUT -p udp --dport 82 -j REJECT",
+                 "-A INPUT -p udp --dport 83 -j REJECT --reject-with icmp-host-prohibited"):
+        svc.ok(ns, "iptables-legacy", *rule.split())
+    with netns.entered(ns):
+        stream = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        datagrams = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+    with stream, datagrams[0], datagrams[1]:
+        stream.settimeout(10)
+        started = time.monotonic()
+        with pytest.raises(ConnectionRefusedError):
+            stream.connect(("127.0.0.1", 81))
+        assert time.monotonic() - started < 5     # answered, not timed out
+        for sock, port, error in ((datagrams[0], 82, errno.ECONNREFUSED),
+                                  (datagrams[1], 83, errno.EHOSTUNREACH)):
+            sock.settimeout(5)
+            sock.connect(("127.0.0.1", port))
+            sock.send(b"anyone?")
+            with pytest.raises(OSError) as raised:
+                sock.recv(100)
+            assert raised.value.errno == error, raised.value
+    listed = svc.ok(ns, "iptables-legacy", "-L", "-v", "-n", "-x")
+    counts = [line.split()[0] for line in listed.splitlines() if "REJECT" in line]
+    assert counts == ["1", "1", "1"], listed
+    assert "answers not sent" not in svc.log_text(), svc.log_text()
+
+
 @pytest.mark.parametrize("family", list(Family), ids=["ipv4", "ipv6"])
 def test_editing_a_large_classified_table(svc, family):
     """Edits of one rule of a 10k-rule blocklist, a classified run, as iptables (and
@@ -1375,8 +1410,7 @@ def test_bad_input_leaves_the_ruleset_filtering(svc, nets):
 
     # -- what bpfilter does not implement: refused whole, by rule and extension
     for rule, names in (("-m recent --name x --rcheck -j ACCEPT", "match 'recent'"),
-                        ("-p tcp -j REJECT --reject-with tcp-reset",
-                         "target 'REJECT' needs bpfilter.ko (kernel module mode)")):
+                        ("-j NFLOG --nflog-group 2", "target 'NFLOG'")):
         text = USER_CHAINS.replace("COMMIT", f"-A X {rule}\nCOMMIT")
         done = svc.exec(ns, "iptables-legacy-restore", input=text)
         assert done.returncode != 0

@@ -1,5 +1,5 @@
 """Target extensions: LOG and REJECT as the kernel checks them, LOG's verdicts,
-counters and lines through TEST_RUN, and REJECT's refusal. LOG is tested for both
+counters and lines through TEST_RUN, and REJECT's need of the service's ring. LOG is tested for both
 families (ip6tables registers the same target): its lines through TEST_RUN are compared
 with the kernel LOG target's for the same crafted packets sent through its OUTPUT.
 
@@ -122,14 +122,20 @@ def test_a_bad_log_after_a_reject_still_gets_the_kernels_errno(fresh_netns):
                                          "icmp-port-unreachable", "icmp-proto-unreachable",
                                          "icmp-net-prohibited", "icmp-host-prohibited",
                                          "icmp-admin-prohibited", "tcp-reset"])
-def test_valid_reject_is_refused_as_needing_the_module(fresh_netns, reject_with):
+def test_valid_reject_without_the_module_needs_the_services_ring(fresh_netns, reject_with):
+    """The service sends the answer (test_reject_served.py): loaded with its ring,
+    refused without one, saying so."""
     blob = replace_blob(ruleset("-A INPUT -p udp -j ACCEPT", "-A INPUT -p tcp -j ACCEPT",
                                 f"-A INPUT -p tcp -j REJECT --reject-with {reject_with}"))
     err = ours(blob)
     assert err.errno == errno.EOPNOTSUPP, err
-    assert ("chain INPUT rule 3 (entry 2): target 'REJECT' needs bpfilter.ko (kernel module "
-            f"mode) to send its {reject_with} answer") in str(err), err
-    assert kernel_refusal(blob, fresh_netns) == 0   # the kernel takes it: a refusal, not a check
+    assert "REJECT rules without bpfilter.ko need the service's ring" in str(err), err
+    ring = klog.LogRing.create()
+    try:
+        load_filter_table(blob, attach=False, environment=ring.maps(klog.ANSWER_REFS)).close()
+    finally:
+        ring.close()
+    assert kernel_refusal(blob, fresh_netns) == 0
 
 
 @FAMILIES

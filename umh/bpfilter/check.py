@@ -28,7 +28,7 @@ from .abi import xtables as X
 from .bpf.syscall import BpfError
 from .decode import table_from_raw
 from .errors import BpfilterError
-from .klog import LogRing
+from .klog import ANSWER_REFS, LogRing
 from .loader import load_ruleset
 from .model import Family
 from .tables import kernel_tables
@@ -100,7 +100,7 @@ def _verify(table) -> tuple[Optional[str], list[tuple[str, int]]]:
     ring of their own), then let them go."""
     ring = LogRing.create()
     try:
-        ruleset = load_ruleset(table, ring.maps())
+        ruleset = load_ruleset(table, {**ring.maps(), **ring.maps(ANSWER_REFS)})
     except (BpfilterError, BpfError) as err:   # the verifier's refusal is bpfilter's too
         return str(err), []
     finally:

@@ -29,7 +29,7 @@ import os
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
 from .bpf import syscall as bpf
 from .bpf.btf import Btf, BtfError
@@ -46,8 +46,26 @@ XT_LOG_MACDECODE = 0x20
 _SINK = ("LOG rules need the service's log ring (bpfilter serve and bpfilter.ko's helper "
          "have one, and write its lines to /dev/kmsg, which kernel.printk_devkmsg=off "
          "closes to them)")
-LOG_RING = MapRef("log_ring", _SINK)
-LOG_LOST = MapRef("log_lost", _SINK)
+_ANSWERS = ("REJECT rules without bpfilter.ko need the service's ring (bpfilter serve has "
+            "one, and sends their answers)")
+
+
+class RingRefs(NamedTuple):
+    """The ring's maps as a kind of record names them: LOG's are offered only while
+    /dev/kmsg takes lines, REJECT's always; both name the same maps."""
+    ring: MapRef
+    lost: MapRef
+    share: MapRef
+    drained: MapRef
+    budget: MapRef
+
+
+LOG_REFS = RingRefs(*(MapRef(name, _SINK) for name in
+                      ("log_ring", "log_lost", "log_share", "log_drained", "log_budget")))
+ANSWER_REFS = RingRefs(*(MapRef(name, _ANSWERS) for name in
+                         ("answer_ring", "answer_lost", "answer_share", "answer_drained",
+                          "answer_budget")))
+LOG_RING, LOG_LOST = LOG_REFS.ring, LOG_REFS.lost
 # Every namespace's records share LOG_RING; a namespace may have at most its share
 # of the ring in flight (written, not yet drained), so that one namespace's flood
 # cannot evict the lines of the others (the kernel's printk never refuses a line).
@@ -56,9 +74,7 @@ LOG_LOST = MapRef("log_lost", _SINK)
 # (written by the service only): bytes of the namespace's records drained ever;
 # LOG_BUDGET (the service's): BUDGET.share, the bytes a namespace may have in
 # flight, then zeros for a new LOG_SHARE entry.
-LOG_SHARE = MapRef("log_share", _SINK)
-LOG_DRAINED = MapRef("log_drained", _SINK)
-LOG_BUDGET = MapRef("log_budget", _SINK)
+LOG_SHARE, LOG_DRAINED, LOG_BUDGET = LOG_REFS.share, LOG_REFS.drained, LOG_REFS.budget
 SHARE = struct.Struct("<QQ")          # charged, lost
 BUDGET = struct.Struct("<Q16x")       # share, then the zeros
 SHARE_CHARGED, SHARE_LOST = 0, 8
@@ -86,6 +102,16 @@ R_FAMILY = 31        # u8 the rule's family (NFPROTO_IPV4, NFPROTO_IPV6): which 
 R_IN = 32            # 16 bytes, zero without an input device
 R_OUT = 48
 R_PREFIX = 64        # 30 bytes, NUL-terminated, padded to 32
+# A REJECT rule's record (R_LEVEL = REJECT_RECORD, which no LOG level is) holds, in
+# the prefix's place, what nf_send_reset() and icmp_send() ask of the skb beside its
+# bytes; R_LOGFLAGS holds --reject-with
+REJECT_RECORD = 0xFF
+R_HOOK = R_PREFIX        # u8 nf_hook_state->hook
+R_IP_SUMMED = R_PREFIX + 1   # u8 skb->ip_summed
+R_CSUM_VALID = R_PREFIX + 2  # u8 skb->csum_valid
+R_PKT_TYPE = R_PREFIX + 3    # u8 skb->pkt_type
+R_CSUM = R_PREFIX + 4        # u32 skb->csum (csum_start, csum_offset when partial)
+R_HEADROOM = R_PREFIX + 8    # u32 skb->data - skb->head
 # skb_is_gso() && skb_is_gso_tcp(), which the LEN= of a packet whose length field is
 # 0 depends on (iph_totlen(), ipv6_payload_len()): skb_shinfo()'s gso_size and gso_type
 R_GSO_READ = 96      # u8 0: both read
@@ -103,6 +129,11 @@ R_PACKET = R_MAC + MAC_MAX
 # keeps them within it) and any header chain a sane packet has (RFC 7112); a line
 # that reads further is lost.
 CAPTURE_CLASSES = {Family.IPV4: (192,), Family.IPV6: (128, 256, 512, 1280)}
+# A REJECT answer quotes up to 548 bytes of an IPv4 packet (576 less the headers) and
+# 1232 of an IPv6 one (1280 less them); a checksum the kernel verifies before it
+# answers covers the whole packet: up to a typical MTU, after which the answer is
+# lost unless the skb's checksum state spares the verification
+ANSWER_CLASSES = {Family.IPV4: (128, 576, 1600), Family.IPV6: (128, 512, 1280, 1600)}
 # skb_shinfo()->gso_type bits of skb_is_gso_tcp() (include/linux/skbuff.h)
 SKB_GSO_TCPV4, SKB_GSO_TCPV6 = 1 << 0, 1 << 4
 
@@ -655,10 +686,9 @@ class LogRing:
             raise
         return cls(ring_fd, fds)
 
-    def maps(self) -> dict[MapRef, int]:
-        return {LOG_RING: self.ring_fd, LOG_LOST: self.lost_fd,
-                LOG_SHARE: self.fds["log_share"], LOG_DRAINED: self.fds["log_drained"],
-                LOG_BUDGET: self.fds["log_budget"]}
+    def maps(self, refs: RingRefs = LOG_REFS) -> dict[MapRef, int]:
+        return dict(zip(refs, (self.ring_fd, self.lost_fd, self.fds["log_share"],
+                               self.fds["log_drained"], self.fds["log_budget"])))
 
     def budget(self) -> int:
         raw = bpf.map_lookup(self.fds["log_budget"], struct.pack("<I", 0), BUDGET.size)
@@ -822,10 +852,12 @@ class KernelLog:
     """Drains a LogRing into /dev/kmsg; `note` gets bpfilter's own remarks (lost
     lines), which must not go through the LOG lines' path."""
 
-    def __init__(self, ring: LogRing, note, kmsg: str = "/dev/kmsg"):
+    def __init__(self, ring: LogRing, note, kmsg: str = "/dev/kmsg", answers=None):
+        """`answers`: what sends REJECT records' answers (answers.Answers)."""
         self.ring, self.note = ring, note
         self._kmsg = KmsgWriter(kmsg)
-        self.lost = 0
+        self.answers = answers
+        self.lost = self.unanswered = 0
         self.initial_netns = initial_netns()
 
     def drain(self) -> int:
@@ -839,7 +871,20 @@ class KernelLog:
             if inum == self.initial_netns or log_all_netns:
                 lost += over
                 why.add(f"netns {inum} had its share of the ring in flight")
+        unanswered, not_answered = 0, set()
         for record in self.ring.records():
+            if record.u8(R_LEVEL) == REJECT_RECORD:
+                try:
+                    if self.answers is None:
+                        raise Unreproducible("this service sends no answers")
+                    self.answers.send(record)
+                except (Unreproducible, OSError) as err:
+                    unanswered += 1
+                    not_answered.add(str(err))
+                except Exception as err:   # a bug of ours: the next answers still go
+                    unanswered += 1
+                    not_answered.add(repr(err))
+                continue
             if record.u32(R_NETNS) != self.initial_netns and not log_all_netns:
                 continue   # nf_log_allowed(): the kernel would not log it either
             try:
@@ -863,6 +908,10 @@ class KernelLog:
         if full:
             why.add("the ring buffer was full")
         lost += full
+        if unanswered:
+            self.unanswered += unanswered
+            self.note(f"REJECT: {unanswered} answers not sent ({'; '.join(sorted(not_answered))}),"
+                      f" {self.unanswered} since start")
         if lost:
             self.lost += lost
             self.note(f"LOG: {lost} lines lost ({'; '.join(sorted(why))}), "

@@ -33,7 +33,7 @@ from .bpf.syscall import BpfError
 from .compiler import trace
 from .errors import BpfilterError
 from .ext import known_match_revisions, known_target_revisions, xtmatch
-from .klog import KmsgWriter, LogRing, devkmsg_writable
+from .klog import ANSWER_REFS, KmsgWriter, LogRing, devkmsg_writable
 from .loader import HookSlot, Ruleset, attach_slots, load_ruleset, load_twin
 from .model import Family, Hook, Table
 from .store import Store, TableKey
@@ -309,9 +309,11 @@ class Service:
         self._uncollected = 0
 
     def environment(self) -> dict:
-        """The maps the service provides to the tables it loads: its log ring, whose
-        lines it writes to /dev/kmsg, unless kernel.printk_devkmsg=off closes that."""
-        return self.log_ring.maps() if devkmsg_writable() else {}
+        """The maps the service provides to the tables it loads: its ring, through
+        which REJECT rules have it send their answers, and LOG rules have it write
+        their lines to /dev/kmsg, unless kernel.printk_devkmsg=off closes that."""
+        answers = self.log_ring.maps(ANSWER_REFS)
+        return {**answers, **self.log_ring.maps()} if devkmsg_writable() else answers
 
     def close(self) -> None:
         """Let go of file descriptors only: what is pinned keeps filtering."""

@@ -17,17 +17,23 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional
 
 from construct import Int32un, Struct
 
-from ..bpf.insn import (BPF_CALL_KFUNC, BPF_DW, BPF_EXIT_INSN, BPF_LDX_MEM, BPF_MOV64_IMM,
-                        BPF_STX_MEM, R0, R1, R2, R3, R6, R8, Kfunc)
+from .. import klog as K
+from ..bpf import insn as I
+from ..bpf.btf import Btf
+from ..bpf.insn import (BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_CALL_KFUNC, BPF_DW,
+                        BPF_EXIT_INSN, BPF_LDX_MEM, BPF_MOV64_IMM, BPF_ST_MEM, BPF_STX_MEM, BPF_W,
+                        R0, R1, R2, R3, R6, R7, R8, Kfunc)
 from ..packet import facts
 from ..errors import BpfilterError
 from ..model import ExtensionTarget, Family, Hook, Ip6Header, IpHeader
 from ..netfilter import NF_DROP
 from . import MODULE, TargetExtension, missing_kfunc, register_target
+from .ring import emit_record
 from .tcp import IPPROTO_TCP
 
 # enum ipt_reject_with, and what iptables calls each
@@ -104,13 +110,13 @@ class Reject(TargetExtension):
 
     def unsupported(self, target: RejectTarget) -> Optional[str]:
         missing = missing_kfunc(REJECT_KFUNC)
-        if missing:
+        if missing and self.family == Family.IPV6:
             answer = self.names.get(target.with_, "(null)")
             if answer == "(null)":   # a value iptables has no name for
                 answer = f"reject-with {target.with_}"
-            return (f"needs bpfilter.ko (kernel module mode) to send its {answer} answer: a "
-                    "netfilter BPF program cannot, and dropping silently instead would change "
-                    f"what peers see ({missing})")
+            return (f"needs bpfilter.ko (kernel module mode) to send its {answer} answer: "
+                    "the service sends IPv4's only, and dropping silently instead would "
+                    f"change what peers see ({missing})")
         return None
 
     def describe(self, target: RejectTarget) -> str:
@@ -118,6 +124,9 @@ class Reject(TargetExtension):
         return f"reject-with {answer}"
 
     def emit(self, target: RejectTarget, asm, next_rule) -> None:
+        if missing_kfunc(REJECT_KFUNC):
+            self._emit_served(target, asm)
+            return
         # the kfunc does what reject_tg() or reject_tg6() does for `with` (a value
         # neither knows sends nothing), and the rule drops as they do
         asm.emit(BPF_LDX_MEM(BPF_DW, R1, R6, facts.SKB),
@@ -125,6 +134,39 @@ class Reject(TargetExtension):
                  BPF_MOV64_IMM(R3, target.with_),
                  BPF_CALL_KFUNC(REJECT_KFUNC),
                  BPF_MOV64_IMM(R0, NF_DROP), BPF_EXIT_INSN())
+
+
+    def _emit_served(self, target: RejectTarget, asm) -> None:
+        """Without bpfilter.ko: the packet and what the kernel's answer depends on go
+        to the service's ring (the record LOG writes, of ANSWER_CLASSES), whose
+        drain sends the answer (answers.py); the rule drops, as reject_tg() does."""
+        o = _offsets()
+
+        def header(asm) -> None:
+            asm.emit(BPF_ST_MEM(BPF_B, R7, K.R_LEVEL, K.REJECT_RECORD),
+                     BPF_ST_MEM(BPF_B, R7, K.R_LOGFLAGS, target.with_),
+                     BPF_LDX_MEM(BPF_DW, R1, R6, NF_STATE),
+                     BPF_LDX_MEM(BPF_B, R1, R1, o.state_hook),
+                     BPF_STX_MEM(BPF_B, R7, R1, K.R_HOOK),
+                     BPF_LDX_MEM(BPF_DW, R2, R6, facts.SKB))
+            for (bit, width), field in ((o.skb_ip_summed, K.R_IP_SUMMED),
+                                        (o.skb_csum_valid, K.R_CSUM_VALID),
+                                        (o.skb_pkt_type, K.R_PKT_TYPE)):
+                byte, shift = divmod(bit, 8)
+                asm.emit(BPF_LDX_MEM(BPF_B, R1, R2, byte))
+                if shift:
+                    asm.emit(BPF_ALU64_IMM(I.BPF_RSH, R1, shift))
+                asm.emit(BPF_ALU64_IMM(I.BPF_AND, R1, (1 << width) - 1),
+                         BPF_STX_MEM(BPF_B, R7, R1, field))
+            asm.emit(BPF_LDX_MEM(BPF_W, R1, R2, o.skb_csum),
+                     BPF_STX_MEM(BPF_W, R7, R1, K.R_CSUM),
+                     BPF_LDX_MEM(BPF_DW, R1, R2, o.skb_data),
+                     BPF_LDX_MEM(BPF_DW, R3, R2, o.skb_head),
+                     BPF_ALU64_REG(I.BPF_SUB, R1, R3),
+                     BPF_STX_MEM(BPF_W, R7, R1, K.R_HEADROOM))
+
+        emit_record(asm, self.family, K.ANSWER_REFS, K.ANSWER_CLASSES[self.family], header)
+        asm.emit(BPF_MOV64_IMM(R0, NF_DROP), BPF_EXIT_INSN())
 
 
 @register_target
@@ -144,3 +186,27 @@ class Reject6(Reject):
             raise BpfilterError(errno.EINVAL, f"{where}: REJECT: --reject-with tcp-reset is "
                                               "only valid with -p tcp")
         return RejectTarget(with_)
+
+@dataclass(frozen=True)
+class _Offsets:
+    state_hook: int
+    skb_ip_summed: "tuple[int, int]"     # (bit offset, width)
+    skb_csum_valid: "tuple[int, int]"
+    skb_pkt_type: "tuple[int, int]"
+    skb_csum: int
+    skb_data: int
+    skb_head: int
+
+
+@lru_cache(maxsize=1)
+def _offsets() -> _Offsets:
+    btf = Btf.vmlinux()
+    return _Offsets(
+        state_hook=btf.member("nf_hook_state", "hook")[0],
+        skb_ip_summed=btf.bitfield("sk_buff", "ip_summed"),
+        skb_csum_valid=btf.bitfield("sk_buff", "csum_valid"),
+        skb_pkt_type=btf.bitfield("sk_buff", "pkt_type"),
+        skb_csum=btf.member("sk_buff", "csum")[0],
+        skb_data=btf.member("sk_buff", "data")[0],
+        skb_head=btf.member("sk_buff", "head")[0],
+    )

@@ -20,6 +20,7 @@ from typing import Optional
 
 from .. import proto
 from ..errors import BpfilterError
+from ..answers import Answers
 from ..klog import KernelLog
 from ..paths import DEFAULT_ROOT, DEFAULT_SOCKET
 from ..service import SWEEP_INTERVAL, Service, handled, log
@@ -257,6 +258,17 @@ def _housekeeping(service: Service, stop: threading.Event) -> None:
             log(f"housekeeping failed: {err!r}")
 
 
+def _draining(kernel_log: KernelLog, ring, stop: threading.Event) -> None:
+    """The ring's records (LOG lines, REJECT answers) as they come, beside the
+    requests: a flood of them delays no one's answer."""
+    while not stop.is_set():
+        try:
+            if select.select([ring], [], [], SWEEP_INTERVAL)[0]:
+                kernel_log.drain()
+        except Exception as err:   # never the end of draining
+            log(f"draining the ring failed: {err!r}")
+
+
 def serve(socket_path: str = DEFAULT_SOCKET, bpffs: str = DEFAULT_ROOT, ready=None) -> None:
     ensure_bpffs(bpffs)
     service = Service(Store(bpffs))
@@ -270,7 +282,7 @@ def serve(socket_path: str = DEFAULT_SOCKET, bpffs: str = DEFAULT_ROOT, ready=No
     finally:
         os.umask(old_umask)
     listener.listen(128)
-    kernel_log = KernelLog(service.log_ring, log)
+    kernel_log = KernelLog(service.log_ring, log, answers=Answers())
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     # A thread waiting for the interpreter gets it after at most this long: a
     # request's thread takes it back after each of its system calls, so this,
@@ -286,18 +298,18 @@ def serve(socket_path: str = DEFAULT_SOCKET, bpffs: str = DEFAULT_ROOT, ready=No
     sweeper = threading.Thread(target=_housekeeping, args=(service, stop), daemon=True,
                                name="bpfilter housekeeping")
     sweeper.start()
+    drainer = threading.Thread(target=_draining, args=(kernel_log, service.log_ring, stop),
+                               daemon=True, name="bpfilter ring")
+    drainer.start()
     try:
         while True:
-            ready = select.select([listener, service.log_ring], [], [], SWEEP_INTERVAL)[0]
-            if service.log_ring in ready:
-                kernel_log.drain()
-            if listener in ready:
-                conn, _ = listener.accept()
-                connections.take(conn)
+            conn, _ = listener.accept()
+            connections.take(conn)
     finally:
         listener.close()
         stop.set()
         sweeper.join()
+        drainer.join()
         connections.wait(1.0)
         kernel_log.drain()
         kernel_log.close()
