@@ -17,7 +17,6 @@ pytestmark = pytest.mark.kernel
 svc, nets = test_service.svc, test_service.nets     # a private service
 
 _COMMON = """
-    match addrtype: needs bpfilter.ko (kernel module mode) for the kernel's address type lookup, which a netfilter BPF program cannot make
     match bpf: revision N is not supported by bpfilter
     match cgroup: needs bpfilter.ko (kernel module mode)
     match cluster: revision N is not supported by bpfilter
@@ -67,25 +66,12 @@ UNSUPPORTED = {
     match realm: needs bpfilter.ko (kernel module mode)
     target ECN: needs bpfilter.ko (kernel module mode)
     target TTL: needs bpfilter.ko (kernel module mode)
-    target REJECT: needs bpfilter.ko (kernel module mode) to send its icmp-admin-prohibited answer
-    target REJECT: needs bpfilter.ko (kernel module mode) to send its icmp-host-prohibited answer
-    target REJECT: needs bpfilter.ko (kernel module mode) to send its icmp-host-unreachable answer
-    target REJECT: needs bpfilter.ko (kernel module mode) to send its icmp-net-prohibited answer
-    target REJECT: needs bpfilter.ko (kernel module mode) to send its icmp-net-unreachable answer
-    target REJECT: needs bpfilter.ko (kernel module mode) to send its icmp-port-unreachable answer
-    target REJECT: needs bpfilter.ko (kernel module mode) to send its icmp-proto-unreachable answer
     """,
     Family.IPV6: _COMMON + """
+    match addrtype: needs bpfilter.ko (kernel module mode) for the kernel's address type lookup, which a netfilter BPF program cannot make
     target DNPT: revision N is not supported by bpfilter
     target HL: needs bpfilter.ko (kernel module mode)
     target SNPT: revision N is not supported by bpfilter
-    target REJECT: needs bpfilter.ko (kernel module mode) to send its icmp6-addr-unreachable answer
-    target REJECT: needs bpfilter.ko (kernel module mode) to send its icmp6-adm-prohibited answer
-    target REJECT: needs bpfilter.ko (kernel module mode) to send its icmp6-no-route answer
-    target REJECT: needs bpfilter.ko (kernel module mode) to send its icmp6-policy-fail answer
-    target REJECT: needs bpfilter.ko (kernel module mode) to send its icmp6-port-unreachable answer
-    target REJECT: needs bpfilter.ko (kernel module mode) to send its icmp6-reject-route answer
-    target REJECT: needs bpfilter.ko (kernel module mode) to send its tcp-reset answer
     """,
 }
 

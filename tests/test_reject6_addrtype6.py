@@ -13,7 +13,8 @@ import subprocess
 
 import pytest
 
-from bpfilter import ext
+from bpfilter import ext, klog
+from bpfilter.loader import load_filter_table
 from bpfilter.abi import codec, sockopt
 from bpfilter.abi.ipv6 import IP6T_F_PROTO, IP6T_INV_PROTO, SIZEOF_IP6T_ENTRY
 from bpfilter.abi.xtables import SIZEOF_XT_ENTRY_HEADER, ipt_replace, xt_get_revision
@@ -138,31 +139,43 @@ def test_the_flag_alone_makes_tcp_reset_valid(fresh_netns):
     blob = crafted("-A INPUT -p tcp -j REJECT --reject-with tcp-reset")
     assert codec.parse_replace(blob, family=V6).entries[0].ip.flags & IP6T_F_PROTO
     assert kernels(blob, fresh_netns) == 0
-    assert ours(blob).errno == errno.EOPNOTSUPP    # valid: refused only for want of the module
+    served(blob)
 
 
 REJECT_WITH = ["icmp6-no-route", "icmp6-adm-prohibited", "icmp6-addr-unreachable",
                "icmp6-port-unreachable", "icmp6-policy-fail", "icmp6-reject-route", "tcp-reset"]
 
 
+def served(blob: bytes) -> None:
+    """Valid: without the module, loaded with the service's ring (which sends the
+    answer, test_reject_served.py), and refused, saying so, without one."""
+    with pytest.raises(BpfilterError) as info:
+        load_filter_table(blob, attach=False, family=V6)
+    assert info.value.errno == errno.EOPNOTSUPP, info.value
+    assert "REJECT rules without bpfilter.ko need the service's ring" in str(info.value)
+    ring = klog.LogRing.create()
+    try:
+        load_filter_table(blob, attach=False, family=V6,
+                          environment=ring.maps(klog.ANSWER_REFS)).close()
+    finally:
+        ring.close()
+
+
 @pytest.mark.parametrize("reject_with", REJECT_WITH)
-def test_valid_reject_is_refused_as_needing_the_module(fresh_netns, reject_with):
+def test_valid_reject_is_served_without_the_module(fresh_netns, reject_with):
     blob = replace_blob(ruleset("-A INPUT -p udp -j ACCEPT",
                                 f"-A INPUT -p tcp -j REJECT --reject-with {reject_with}"),
                         family=V6)
-    err = ours(blob)
-    assert err.errno == errno.EOPNOTSUPP, err
-    assert ("chain INPUT rule 2 (entry 1): target 'REJECT' needs bpfilter.ko (kernel module "
-            f"mode) to send its {reject_with} answer") in str(err), err
+    served(blob)
     assert kernels(blob, fresh_netns) == 0
 
 
-def test_not_neighbour_passes_checkentry_and_is_refused_too(fresh_netns):
+def test_not_neighbour_passes_checkentry_and_is_served_too(fresh_netns):
     """IP6T_ICMP6_NOT_NEIGHBOUR (2), which ip6tables cannot spell: the kernel takes it
-    (and sends nothing for it), so it is valid, and needs the module as the others."""
+    (and sends nothing for it), so it is valid, and served as the others."""
     blob = crafted("-A INPUT -j REJECT", [("target", 0, u32(NOT_NEIGHBOUR))])
     assert kernels(blob, fresh_netns) == 0
-    assert ours(blob).errno == errno.EOPNOTSUPP
+    served(blob)
 
 
 def test_reject_listed_as_ip6tables_lists_it(fresh_netns):

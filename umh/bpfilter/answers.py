@@ -56,6 +56,14 @@ ICMP_ERRORS = frozenset({3, 4, 5, 11, 12})      # icmp_pointers[type].error
 NR_ICMP_TYPES = 18
 IPT_TCP_RESET = 7
 ICMP_QUOTE = 576 - 20 - 8
+# enum ip6t_reject_with -> ICMPV6_DEST_UNREACH's code (reject_tg6())
+ICMPV6_DEST_UNREACH, ICMPV6_INFOMSG_MASK = 1, 0x80
+ICMP6_CODES = {0: 0, 1: 1, 2: 2, 3: 3, 4: 4, 7: 5, 8: 6}
+IP6T_TCP_RESET = 6
+ICMP6_QUOTE = 1280 - 40 - 8
+IPV6_AUTOFLOWLABEL = 70
+NEXTHDR_FRAGMENT, NEXTHDR_AUTH, NEXTHDR_NONE = 44, 51, 59
+IPV6_EXT_HEADERS = frozenset({0, 43, 44, 51, 59, 60})
 
 
 def _sum16(data: bytes, total: int = 0) -> int:
@@ -128,11 +136,16 @@ class _Skb:
         if summed == CHECKSUM_COMPLETE:
             if self.hook not in (NF_INET_PRE_ROUTING, NF_INET_LOCAL_IN):
                 return True
-            csum = self.record.u32(K.R_CSUM)
-            folded = _sum16(struct.pack("!I", csum))
-            if covered and _sum16(b"", pseudo(self.length - dataoff, proto) + folded) == 0xFFFF:
-                return True
-            if not covered and folded == 0xFFFF:
+            # skb->csum: the sum of the packet from its network header, in the
+            # kernel's (host, little-endian) order
+            folded = _sum16(struct.pack("<I", self.record.u32(K.R_CSUM)))
+            if self.family == Family.IPV6:
+                headers = self.header(0, dataoff)
+                if headers is not None:
+                    # csum_sub(skb->csum, the headers' sum)
+                    folded = _sum16(b"", folded + (~_sum16(headers) & 0xFFFF))
+            if (_sum16(b"", pseudo(self.length - dataoff, proto) + folded) if covered
+                    else folded) == 0xFFFF:
                 return True
         data = self.whole()
         if self.family == Family.IPV6:
@@ -229,6 +242,8 @@ class Answers:
         route = _route4(daddr)
         if route.kind in (RTN_BROADCAST, RTN_MULTICAST):
             return False
+        # ip4_dst_hoplimit() of the original's route, the reset not yet rerouted
+        ttl = route.hoplimit or int(_sysctl("ipv4/ip_default_ttl"))
         segment = _reset_segment(tcp, skb.length - ihl)
         check = checksum(segment, _pseudo4(daddr, saddr, len(segment), IPPROTO_TCP))
         segment = segment[:16] + struct.pack("!H", check) + segment[18:]
@@ -236,6 +251,7 @@ class Answers:
             # nf_reject_iphdr_put(): tos 0, DF (and so id 0), ttl ip4_dst_hoplimit(),
             # the original's addresses swapped, whether or not its destination is ours
             s.setsockopt(socket.SOL_IP, socket.IP_TOS, 0)
+            s.setsockopt(socket.SOL_IP, socket.IP_TTL, ttl)
             s.setsockopt(socket.SOL_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
             s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
             s.setsockopt(socket.SOL_SOCKET, SO_MARK, _reply_mark("ipv4", skb.mark))
@@ -282,7 +298,168 @@ class Answers:
     # -- IPv6 ------------------------------------------------------------------
 
     def _answer6(self, skb: _Skb, with_: int, inum: int) -> bool:
-        raise K.Unreproducible("IPv6 answers are not sent yet")
+        ip6 = skb.header(0, 40)
+        if ip6 is None:
+            return False
+        saddr, daddr = ip6[8:24], ip6[24:40]
+
+        def pseudo(length: int, p: int) -> int:
+            return _pseudo6(saddr, daddr, length, p)
+
+        if with_ == IP6T_TCP_RESET:
+            return self._reset6(skb, ip6, saddr, daddr, pseudo)
+        code = ICMP6_CODES.get(with_)
+        if code is None:
+            return False
+        # reject6_csum_ok()
+        if not skb.csum_unnecessary():
+            thoff, proto, frag = _skip_exthdr(skb, 40, ip6[6])
+            if thoff < 0 or thoff >= skb.length or frag & 0xFFF8:
+                return False
+            if _verified(skb, thoff, proto) and not skb.checksum_ok(thoff, proto, pseudo):
+                return False
+        return self._unreach6(skb, saddr, daddr, code, inum)
+
+    def _reset6(self, skb: _Skb, ip6: bytes, saddr: bytes, daddr: bytes, pseudo) -> bool:
+        if not (_unicast6(saddr) and _unicast6(daddr)):
+            return False
+        # nf_reject_ip6_tcphdr_get()
+        thoff, proto, _ = _skip_exthdr(skb, 40, ip6[6])
+        if thoff < 0 or thoff > skb.length:
+            return False
+        tcp_len = skb.length - thoff
+        if proto != IPPROTO_TCP or tcp_len < 20:
+            return False
+        tcp = skb.header(thoff, 20)
+        if tcp is None or tcp[13] & TCP_RST:
+            return False
+        if not skb.checksum_ok(thoff, IPPROTO_TCP, pseudo):
+            return False
+        segment = _reset_segment(tcp, tcp_len)
+        check = checksum(segment, _pseudo6(daddr, saddr, len(segment), IPPROTO_TCP))
+        segment = segment[:16] + struct.pack("!H", check) + segment[18:]
+        with socket.socket(socket.AF_INET6, socket.SOCK_RAW, IPPROTO_TCP) as s:
+            # nf_reject_ip6hdr_put(): traffic class and flow label 0, hop limit
+            # ip6_dst_hoplimit(), the original's addresses swapped
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS, 0)
+            s.setsockopt(socket.IPPROTO_IPV6, IPV6_AUTOFLOWLABEL, 0)
+            s.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+            s.setsockopt(socket.SOL_SOCKET, SO_MARK, _reply_mark("ipv6", skb.mark))
+            s.bind((socket.inet_ntop(socket.AF_INET6, daddr), 0))
+            s.sendto(segment, (socket.inet_ntop(socket.AF_INET6, saddr), 0))
+        return True
+
+    def _unreach6(self, skb: _Skb, saddr: bytes, daddr: bytes, code: int, inum: int) -> bool:
+        # icmp6_send()
+        local = _local6(daddr)
+        if daddr[0] == 0xFF or skb.record.u8(K.R_PKT_TYPE) != PACKET_HOST:
+            return False
+        if saddr == bytes(16) or saddr[0] == 0xFF:
+            return False
+        if _ineligible6(skb):
+            return False
+        in_name = K._cstr(skb.record.raw[K.R_IN:K.R_IN + 16]).decode()
+        scope = 0
+        if _needs_scope6(saddr):
+            scope = socket.if_nametoindex(in_name) if in_name else 0
+        back = _route(socket.AF_INET6, saddr)
+        # a looped-back packet (an OUTPUT one's device is lo) skips the limits, as
+        # does an answer leaving through lo; the per-peer timeout is no longer
+        # shortened for wider routes (since 0201eedb69b2, in 6.18.y: on older kernels
+        # the kernel's answers are limited more loosely)
+        in_loopback = in_name in ("", "lo")
+        if not in_loopback and not back.loopback and (
+                _ratemasked6(ICMPV6_DEST_UNREACH)):
+            timeout = int(_sysctl("ipv6/icmp/ratelimit")) / 1000
+            bucket = self._buckets.setdefault((inum, saddr), _Bucket(time.monotonic()))
+            if not bucket.allow(time.monotonic(), timeout):
+                return False
+        quote = skb.data[:min(skb.length, ICMP6_QUOTE)]
+        if len(quote) < min(skb.length, ICMP6_QUOTE):
+            raise K.Unreproducible("the quote reaches past the bytes copied")
+        message = struct.pack("!BBHI", ICMPV6_DEST_UNREACH, code, 0, 0) + quote
+        with socket.socket(socket.AF_INET6, socket.SOCK_RAW, IPPROTO_ICMPV6) as s:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS, 0)
+            s.setsockopt(socket.SOL_SOCKET, SO_MARK, _reply_mark("ipv6", skb.mark))
+            if local:
+                s.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+                s.bind((socket.inet_ntop(socket.AF_INET6, daddr), 0, 0,
+                        scope if _needs_scope6(daddr) else 0))
+            # the kernel computes an ICMPv6 socket's checksums
+            s.sendto(message, (socket.inet_ntop(socket.AF_INET6, saddr), 0, 0, scope))
+        return True
+
+
+def _skip_exthdr(skb: _Skb, start: int, nexthdr: int) -> tuple[int, int, int]:
+    """ipv6_skip_exthdr(): (offset or -1, the header there, the fragment offset
+    field seen)."""
+    frag = 0
+    while nexthdr in IPV6_EXT_HEADERS:
+        if nexthdr == NEXTHDR_NONE:
+            return -1, nexthdr, frag
+        hp = skb.header(start, 2)
+        if hp is None:
+            return -1, nexthdr, frag
+        if nexthdr == NEXTHDR_FRAGMENT:
+            fp = skb.header(start + 2, 2)
+            if fp is None:
+                return -1, nexthdr, frag
+            frag = struct.unpack("!H", fp)[0]
+            if frag & ~0x7:
+                break
+            length = 8
+        elif nexthdr == NEXTHDR_AUTH:
+            length = (hp[1] + 2) << 2
+        else:
+            length = (hp[1] + 1) << 3
+        nexthdr = hp[0]
+        start += length
+    return start, nexthdr, frag
+
+
+def _ineligible6(skb: _Skb) -> bool:
+    """is_ineligible(): an ICMPv6 error (or what cannot be told from one) gets none."""
+    if skb.length < 40:
+        return True
+    ptr, nexthdr, frag = _skip_exthdr(skb, 40, skb.data[6])
+    if ptr < 0:
+        return False
+    if nexthdr == IPPROTO_ICMPV6:
+        kind = skb.header(ptr, 1)
+        if kind is None and frag != 0:
+            return False
+        return kind is None or not kind[0] & ICMPV6_INFOMSG_MASK
+    return False
+
+
+def _unicast6(address: bytes) -> bool:
+    """ipv6_addr_type() & IPV6_ADDR_UNICAST: not multicast, unspecified, or a
+    v4-mapped or other reserved kind the kernel does not call unicast."""
+    ip = ipaddress.IPv6Address(address)
+    return not (ip.is_multicast or ip.is_unspecified)
+
+
+def _needs_scope6(address: bytes) -> bool:
+    ip = ipaddress.IPv6Address(address)
+    return ip.is_link_local or (ip.is_multicast and address[1] & 0xF in (1, 2))
+
+
+def _local6(address: bytes) -> bool:
+    """ipv6_chk_addr(net, addr, dev, 0): configured on any device of the namespace."""
+    from pyroute2 import IPRoute
+    text = str(ipaddress.IPv6Address(address))
+    with IPRoute() as ipr:
+        return any(a.get_attr("IFA_ADDRESS") == text for a in ipr.get_addr(family=socket.AF_INET6))
+
+
+def _ratemasked6(kind: int) -> bool:
+    """icmpv6_mask_allow() false: the type is rate-limited (net.ipv6.icmp.ratemask,
+    a list of ranges)."""
+    for part in _sysctl("ipv6/icmp/ratemask").split(","):
+        low, _, high = part.partition("-")
+        if part and int(low) <= kind <= int(high or low):
+            return True
+    return False
 
 
 def _verified(skb: _Skb, dataoff: int, proto: int) -> bool:
@@ -316,6 +493,7 @@ def _reply_mark(family: str, mark: int) -> int:
 class _Route:
     kind: int
     loopback: bool
+    hoplimit: Optional[int]      # the route's RTAX_HOPLIMIT metric
 
 
 def _route4(address: bytes) -> _Route:
@@ -337,4 +515,6 @@ def _route(domain: int, address: bytes) -> _Route:
         if oif:
             (link,) = ipr.link("get", index=oif)
             loopback = bool(link["flags"] & IFF_LOOPBACK)
-        return _Route(answer["type"], loopback)
+        metrics = answer.get_attr("RTA_METRICS")
+        hoplimit = metrics.get_attr("RTAX_HOPLIMIT") if metrics else None
+        return _Route(answer["type"], loopback, hoplimit)

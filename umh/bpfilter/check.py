@@ -29,6 +29,7 @@ from .bpf.syscall import BpfError
 from .decode import table_from_raw
 from .errors import BpfilterError
 from .klog import ANSWER_REFS, LogRing
+from .localroutes import LocalRoutes
 from .loader import load_ruleset
 from .model import Family
 from .tables import kernel_tables
@@ -98,13 +99,15 @@ class _Responder:
 def _verify(table) -> tuple[Optional[str], list[tuple[str, int]]]:
     """Compile and load the table's programs as the service would (LOG rules with a
     ring of their own), then let them go."""
-    ring = LogRing.create()
+    ring, routes = LogRing.create(), LocalRoutes.create()
     try:
-        ruleset = load_ruleset(table, {**ring.maps(), **ring.maps(ANSWER_REFS)})
+        ruleset = load_ruleset(table, {**ring.maps(), **ring.maps(ANSWER_REFS),
+                                       **routes.maps()})
     except (BpfilterError, BpfError) as err:   # the verifier's refusal is bpfilter's too
         return str(err), []
     finally:
         ring.close()
+        routes.close()
     try:
         return None, [(r.program.name, r.insn_count) for r in ruleset.hooks.values()]
     finally:

@@ -127,8 +127,9 @@ class NetnsRefs:
             os.close(fd)
         return [RECORD.unpack_from(data, at) for at in range(0, len(data), RECORD.size)]
 
-    def dead(self, ours: Iterable[int]) -> set[int]:
-        """Cookies of the namespaces whose only references are our links (ids `ours`)."""
+    def dead(self, ours: Iterable[int], also: Optional[dict[int, int]] = None) -> set[int]:
+        """Cookies of the namespaces whose only references are our links (ids `ours`)
+        and what else of ours holds them (`also`: {cookie: references}, our sockets)."""
         ours = set(ours)
         refs: dict[int, int] = {}
         held: dict[int, int] = {}
@@ -137,7 +138,9 @@ class NetnsRefs:
                 continue
             refs[cookie] = count
             held[cookie] = held.get(cookie, 0) + (link_id in ours)
-        return {cookie for cookie, count in refs.items() if count == held[cookie] > 0}
+        also = also or {}
+        return {cookie for cookie, count in refs.items()
+                if held[cookie] > 0 and count == held[cookie] + also.get(cookie, 0)}
 
     def close(self) -> None:
         os.close(self._link)

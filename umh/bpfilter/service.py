@@ -33,7 +33,9 @@ from .bpf.syscall import BpfError
 from .compiler import trace
 from .errors import BpfilterError
 from .ext import known_match_revisions, known_target_revisions, xtmatch
+from .ext.addrtype import needs_local_routes
 from .klog import ANSWER_REFS, KmsgWriter, LogRing, devkmsg_writable
+from .localroutes import LocalRoutes
 from .loader import HookSlot, Ruleset, attach_slots, load_ruleset, load_twin
 from .model import Family, Hook, Table
 from .store import Store, TableKey
@@ -166,6 +168,7 @@ class Service:
         self.beside_ip_tables = beside_ip_tables
         self.tables: dict[TableKey, TableState] = {}
         self.log_ring = LogRing.pinned(store.root)
+        self.local_routes = LocalRoutes.pinned(store.root, log)
         self._netns_refs = netnswatch.open_watch(log)
         self._last_request: Optional[float] = None   # since the last collection
         self._uncollected = 0                          # requests since the last collection
@@ -177,6 +180,7 @@ class Service:
         self.budget = memory.Budget()
         memory.cap_malloc_arenas()
         self._recover()
+        self._follow_local_routes()
 
     # -- lifetime -------------------------------------------------------------
 
@@ -267,7 +271,7 @@ class Service:
         try:
             ours = [bpf.link_info(slot.link_fd)["id"] for state in list(self.tables.values())
                     for slot in state.slots.values() if slot.link_fd is not None]
-            dead = self._netns_refs.dead(ours)
+            dead = self._netns_refs.dead(ours, self.local_routes.followed())
             # A nat table holds no reference on its namespace, as iptable_nat's does
             # not: its lookups go with the namespace, which the module tells.
             dead |= {key.cookie for key, state in list(self.tables.items())
@@ -283,6 +287,22 @@ class Service:
                 log(f"netns {key.inum} is gone: detaching table {key.table}")
                 self.tables.pop(key).close()
                 self.store.remove(key)
+        self.local_routes.forget(self._reading_local_routes())
+
+    def _reading_local_routes(self) -> set[tuple[int, int]]:
+        """The namespaces (inum, cookie) with a table that reads the local routes."""
+        return {(key.inum, key.cookie) for key, state in list(self.tables.items())
+                if state.ruleset is not None and needs_local_routes(state.ruleset.table)}
+
+    def _follow_local_routes(self) -> None:
+        """After a recovery: the mirrors of the namespaces whose tables read them."""
+        for inum, cookie in self._reading_local_routes():
+            path = netns.find(inum)
+            if path is None:
+                log(f"netns {inum}: no path to it, its local routes are not followed")
+                continue
+            _logged(f"netns {inum}: following its local routes",
+                    lambda: self.local_routes.follow(inum, cookie, path))
 
     def when_idle(self) -> None:
         """Once no request came for SWEEP_INTERVAL, the work the requests since the
@@ -311,9 +331,10 @@ class Service:
     def environment(self) -> dict:
         """The maps the service provides to the tables it loads: its ring, through
         which REJECT rules have it send their answers, and LOG rules have it write
-        their lines to /dev/kmsg, unless kernel.printk_devkmsg=off closes that."""
-        answers = self.log_ring.maps(ANSWER_REFS)
-        return {**answers, **self.log_ring.maps()} if devkmsg_writable() else answers
+        their lines to /dev/kmsg, unless kernel.printk_devkmsg=off closes that; its
+        mirror of the namespaces' local routing tables, for addrtype rules."""
+        always = {**self.log_ring.maps(ANSWER_REFS), **self.local_routes.maps()}
+        return {**always, **self.log_ring.maps()} if devkmsg_writable() else always
 
     def close(self) -> None:
         """Let go of file descriptors only: what is pinned keeps filtering."""
@@ -324,6 +345,7 @@ class Service:
             state.close()
         self.tables.clear()
         self.log_ring.close()
+        self.local_routes.close()
         if self._netns_refs is not None:
             self._netns_refs.close()
 
@@ -531,6 +553,10 @@ class _Caller:
         service, store = self.service, self.service.store
         netns_path = self.netns_path
         traced = self._traced(key, table)
+        if needs_local_routes(table):
+            # filled before the first packet meets the rules (forgotten, if the replace
+            # fails, by the next sweep)
+            service.local_routes.follow(self.inum, self.cookie, netns_path)
         ruleset = load_ruleset(table, service.environment(), previous and previous.ruleset,
                                netns_path, traced)
         # the family's other tables trace as the raw table says: loaded again before

@@ -23,20 +23,24 @@ XT_ADDRTYPE_* bits v, from which the rule computes match_type6() for its own mas
 from __future__ import annotations
 
 import errno
+import struct
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional
 
 from construct import Int16un, Int32un, Struct
 
 from ..bpf import insn as I
+from ..bpf.btf import Btf
 from ..bpf.insn import (BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_CALL_KFUNC, BPF_DW,
-                        BPF_LDX_MEM, BPF_MOV64_IMM, BPF_MOV64_REG, BPF_STX_MEM, BPF_W, R0, R1,
-                        R2, R3, R4, R6, R8, Kfunc)
+                        BPF_EMIT_CALL, BPF_JMP_IMM, BPF_JMP_REG, BPF_LD_MAP_FD, BPF_LDX_MEM,
+                        BPF_MOV64_IMM, BPF_MOV64_REG, BPF_ST_MEM, BPF_STX_MEM, BPF_W, R0, R1,
+                        R2, R3, R4, R6, R8, Kfunc, MapRef)
 from ..packet import facts
 from ..errors import BpfilterError
 from ..model import Family, Hook, Match
 from ..packet.primitives import emit_nonzero_bit
-from . import MODULE, MatchExtension, missing_kfunc, register_match
+from . import MODULE, MatchExtension, environment_maps, missing_kfunc, register_match
 
 ADDR_TYPE_KFUNC = Kfunc("bpfilter_addr_type", MODULE)
 ADDR_TYPE6_KFUNC = Kfunc("bpfilter_addr_type6", MODULE)
@@ -80,6 +84,9 @@ _GROUPS = {}   # (address, limit) -> (fact group, offset of its byte)
 
 def _reader(addr_off: int, limit: int, slot: int):
     def read(asm, k: facts.KernelOffsets) -> None:
+        if missing_kfunc(ADDR_TYPE_KFUNC):
+            _emit_local_lookup(asm, addr_off, limit, slot)
+            return
         asm.emit(BPF_MOV64_REG(R1, R8),
                  BPF_LDX_MEM(BPF_W, R2, R6, addr_off),
                  BPF_MOV64_IMM(R3, limit),
@@ -88,12 +95,84 @@ def _reader(addr_off: int, limit: int, slot: int):
     return read
 
 
+# Without bpfilter.ko: __inet_dev_addr_type() on the service's mirror of every
+# namespace's local routing table (localroutes.py), an LPM trie keyed by
+# (ROUTE_KEY_PREFIX + the route's prefix length, netns inum, address) whose values
+# are the route's (type, first nexthop's device). The key is built in the facts.
+LOCAL_ROUTES = MapRef("local_routes", "addrtype rules without bpfilter.ko need the service's "
+                                      "mirror of the local routing table (bpfilter serve has one)")
+ROUTE_KEY = struct.Struct("<II4s")     # prefixlen, netns inum, the address (network order)
+ROUTE_VALUE = struct.Struct("<II")     # RTN_* type, device ifindex
+ROUTE_KEY_PREFIX = 32                  # the inum's bits, always all matched
+_KEY = facts.reserve("addrtype_key", 16)
+RTN_UNICAST, RTN_BROADCAST, RTN_MULTICAST = 1, 3, 5
+
+
+def _emit_local_lookup(asm, addr_off: int, limit: int, slot: int) -> None:
+    o = _offsets()
+    store = asm.label("addrtype_store")
+    asm.emit(BPF_LDX_MEM(BPF_W, R2, R6, addr_off),    # the address's first byte lowest
+             # ipv4_is_zeronet() || ipv4_is_lbcast()
+             BPF_MOV64_IMM(R1, RTN_BROADCAST),
+             BPF_MOV64_REG(R3, R2), BPF_ALU64_IMM(I.BPF_AND, R3, 0xFF),
+             BPF_JMP_IMM(I.BPF_JEQ, R3, 0, store),
+             BPF_MOV64_REG(R3, R2), BPF_ALU64_IMM(I.BPF_ADD, R3, 1),
+             BPF_ALU64_IMM(I.BPF_RSH, R3, 32),
+             BPF_JMP_IMM(I.BPF_JNE, R3, 0, store),
+             # ipv4_is_multicast()
+             BPF_MOV64_IMM(R1, RTN_MULTICAST),
+             BPF_MOV64_REG(R3, R2), BPF_ALU64_IMM(I.BPF_AND, R3, 0xF0),
+             BPF_JMP_IMM(I.BPF_JEQ, R3, 0xE0, store),
+             BPF_ST_MEM(BPF_W, R6, _KEY, ROUTE_KEY_PREFIX + 32),
+             BPF_LDX_MEM(BPF_DW, R3, R8, o.state_net),
+             BPF_LDX_MEM(BPF_W, R3, R3, o.net_inum),
+             BPF_STX_MEM(BPF_W, R6, R3, _KEY + 4),
+             BPF_STX_MEM(BPF_W, R6, R2, _KEY + 8),
+             *BPF_LD_MAP_FD(R1, LOCAL_ROUTES),
+             BPF_MOV64_REG(R2, R6), BPF_ALU64_IMM(I.BPF_ADD, R2, _KEY),
+             BPF_EMIT_CALL(I.BPF_FUNC_map_lookup_elem),
+             # no route in the local table: unicast
+             BPF_MOV64_IMM(R1, RTN_UNICAST),
+             BPF_JMP_IMM(I.BPF_JEQ, R0, 0, store),
+             BPF_LDX_MEM(BPF_W, R1, R0, 0))
+    if limit:
+        # the route's type only if its device is the hook's (none: any device)
+        device = o.state_in if limit == XT_ADDRTYPE_LIMIT_IFACE_IN else o.state_out
+        asm.emit(BPF_LDX_MEM(BPF_DW, R3, R8, device),
+                 BPF_JMP_IMM(I.BPF_JEQ, R3, 0, store),
+                 BPF_LDX_MEM(BPF_W, R3, R3, o.dev_ifindex),
+                 BPF_LDX_MEM(BPF_W, R2, R0, 4),
+                 BPF_JMP_REG(I.BPF_JEQ, R2, R3, store),
+                 BPF_MOV64_IMM(R1, RTN_UNICAST))
+    asm.place(store)
+    asm.emit(BPF_STX_MEM(BPF_B, R6, R1, slot))
+
+
+@dataclass(frozen=True)
+class _Offsets:
+    state_net: int
+    state_in: int
+    state_out: int
+    net_inum: int
+    dev_ifindex: int
+
+
+@lru_cache(maxsize=1)
+def _offsets() -> _Offsets:
+    btf = Btf.vmlinux()
+    return _Offsets(state_net=btf.member("nf_hook_state", "net")[0],
+                    state_in=btf.member("nf_hook_state", "in")[0],
+                    state_out=btf.member("nf_hook_state", "out")[0],
+                    net_inum=btf.member("net", "ns.inum")[0],
+                    dev_ifindex=btf.member("net_device", "ifindex")[0])
+
+
 for _a, (_addr, _addr_off) in enumerate(_ADDRESSES):
     for _l, (_limit, _suffix) in enumerate(_LIMITS):
         _group, _slot = f"addrtype_{_addr}{_suffix}", _TYPES + _a * len(_LIMITS) + _l
         _GROUPS[(_addr, _limit)] = _group, _slot
         facts.OPTIONAL[_group] = _reader(_addr_off, _limit, _slot)
-        facts.REGIONS_OF[_group] = ("addrtype",)
+        facts.REGIONS_OF[_group] = ("addrtype", "addrtype_key")
 
 # IPv6: a u32 answer of bpfilter_addr_type6() per (address, device) pair, in a region
 # of its own (IPv4 tables keep their six bytes).
@@ -161,14 +240,17 @@ class _Addrtype(MatchExtension):
     name = "addrtype"
 
     kfunc = ADDR_TYPE_KFUNC
+    environment = (LOCAL_ROUTES,)
 
     def unsupported(self, match: AddrtypeMatch) -> Optional[str]:
         if not match.tests():
             return None     # no lookup: the match always holds
         missing = missing_kfunc(self.kfunc)
-        if missing:
+        if missing and self.family == Family.IPV6:
             return ("needs bpfilter.ko (kernel module mode) for the kernel's address type "
-                    f"lookup, which a netfilter BPF program cannot make ({missing})")
+                    "lookup, which a netfilter BPF program cannot make: IPv6's asks the "
+                    "whole routing (policy rules, every table), which the service does not "
+                    f"mirror as it does IPv4's local table ({missing})")
         return None
 
     def facts_of(self, match: AddrtypeMatch) -> frozenset[str]:
@@ -244,6 +326,7 @@ class AddrtypeV1(_Addrtype):
 class Addrtype6(AddrtypeV1):
     families = (Family.IPV6,)
     kfunc = ADDR_TYPE6_KFUNC
+    environment = ()
 
     def decode(self, payload: bytes, where: str) -> Addrtype6Match:
         v1 = super().decode(payload, where)
@@ -291,3 +374,8 @@ class Addrtype6(AddrtypeV1):
             if invert:
                 asm.emit(BPF_ALU64_IMM(I.BPF_XOR, R1, 1))
             out.mismatch(R1)
+
+
+def needs_local_routes(table) -> bool:
+    """Whether the table's programs read the service's mirror of the local table."""
+    return LOCAL_ROUTES in environment_maps(table) and bool(missing_kfunc(ADDR_TYPE_KFUNC))

@@ -6,9 +6,11 @@ reset or ICMP error REJECT sends. bpfilter.ko registers a kfunc for netfilter
 programs, bpfilter_reject(skb, state, with), that calls the kernel's own
 nf_send_reset()/nf_send_unreach() exactly as ipt_REJECT's reject_tg() does; the
 rule calls it and returns NF_DROP, as reject_tg() does. Without the module (the
-kfunc is not in the kernel's BTF) REJECT is decoded and checked as the kernel checks
-it, then refused: dropping silently instead would be a different firewall (peers
-time out instead of failing fast).
+kfunc is not in the kernel's BTF) the rule writes the packet and what the answer
+depends on to the service's ring and drops; the service sends the answer the kernel
+would (answers.py). Where no service drains a ring (a bare load), the table is
+refused: dropping silently instead would be a different firewall (peers time out
+instead of failing fast).
 
 The kfunc reads `with` by the hook's family (state->pf), as ipt_REJECT and ip6t_REJECT
 are two targets: the IPv6 class differs only in its names and its checkentry.
@@ -18,7 +20,6 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Optional
 
 from construct import Int32un, Struct
 
@@ -107,17 +108,6 @@ class Reject(TargetExtension):
             raise BpfilterError(errno.EINVAL, f"{where}: REJECT: --reject-with tcp-reset is "
                                               "only valid with -p tcp")
         return RejectTarget(with_)
-
-    def unsupported(self, target: RejectTarget) -> Optional[str]:
-        missing = missing_kfunc(REJECT_KFUNC)
-        if missing and self.family == Family.IPV6:
-            answer = self.names.get(target.with_, "(null)")
-            if answer == "(null)":   # a value iptables has no name for
-                answer = f"reject-with {target.with_}"
-            return (f"needs bpfilter.ko (kernel module mode) to send its {answer} answer: "
-                    "the service sends IPv4's only, and dropping silently instead would "
-                    f"change what peers see ({missing})")
-        return None
 
     def describe(self, target: RejectTarget) -> str:
         answer = self.names.get(target.with_, f"{target.with_}")
