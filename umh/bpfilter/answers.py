@@ -22,6 +22,7 @@ whose checksum the kernel would verify but which is longer than the record holds
 """
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import socket
@@ -170,6 +171,10 @@ class _Bucket:
         return allowed
 
 
+class _NoRoute(Exception):
+    """The namespace has no route for the answer: the kernel sends none either."""
+
+
 def _sysctl(name: str) -> str:
     with open(f"/proc/sys/net/{name}") as f:
         return f.read().strip()
@@ -200,9 +205,16 @@ class Answers:
         """Answer as the kernel would; False when the kernel sends nothing either."""
         skb = _Skb.of(record)
         with netns.entered(self._netns(record.u32(K.R_NETNS))):
-            if skb.family == Family.IPV4:
-                return self._answer4(skb, record.u8(K.R_LOGFLAGS), record.u32(K.R_NETNS))
-            return self._answer6(skb, record.u8(K.R_LOGFLAGS), record.u32(K.R_NETNS))
+            try:
+                if skb.family == Family.IPV4:
+                    return self._answer4(skb, record.u8(K.R_LOGFLAGS), record.u32(K.R_NETNS))
+                return self._answer6(skb, record.u8(K.R_LOGFLAGS), record.u32(K.R_NETNS))
+            except _NoRoute:
+                return False
+            except OSError as err:
+                if err.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EPERM):
+                    return False     # no route, or OUTPUT's rules dropped it: as the kernel's
+                raise
 
     # -- IPv4 ------------------------------------------------------------------
 
@@ -508,8 +520,8 @@ def _route(domain: int, address: bytes) -> _Route:
         try:
             (answer,) = ipr.route("get", dst=str(ipaddress.ip_address(address)),
                                   family=domain)
-        except Exception as err:    # no route: the kernel has none to answer along
-            raise K.Unreproducible(f"no route: {err}") from None
+        except Exception:    # no route: the kernel finds none to answer along either
+            raise _NoRoute() from None
         oif = answer.get_attr("RTA_OIF")
         loopback = False
         if oif:

@@ -79,8 +79,8 @@ class LocalRoutes:
         self._stale: set[int] = set()     # mirrors that lost events, to make anew
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        from pyroute2.netlink.rtnl.marshal import MarshalRtnl
-        self._marshal = MarshalRtnl()
+        self._marshal = None    # pyroute2's, once a namespace is followed (not in
+                                # bpfilter.ko's helper, which never follows one)
         self._stop = False
         self._thread = threading.Thread(target=self._follow_events, daemon=True,
                                         name="bpfilter local routes")
@@ -126,6 +126,8 @@ class LocalRoutes:
         if stale is not None:
             stale.events.close()
         from pyroute2 import IPRoute
+        from pyroute2.netlink.rtnl.marshal import MarshalRtnl
+        self._marshal = self._marshal or MarshalRtnl()
         with entered(netns_path):
             # a socket of our own for the events: pyroute2's keep to the thread that
             # made them, and the events are read by another
