@@ -29,7 +29,6 @@ _COMMON = """
     match physdev: needs bpfilter.ko (kernel module mode)
     match policy: needs bpfilter.ko (kernel module mode)
     match rateest: revision N is not supported by bpfilter
-    match recent: needs bpfilter.ko (kernel module mode)
     match rpfilter: needs bpfilter.ko (kernel module mode)
     match socket: needs bpfilter.ko (kernel module mode)
     match string: needs bpfilter.ko (kernel module mode)

@@ -8,13 +8,15 @@ the client's link is compared (only the IP id of ICMP errors, which the kernel
 draws from a hashed counter, and the checksum over it are left out), and real
 sockets see the same errors.
 """
-import errno
+import contextlib
 import select
 import socket
 import struct
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import pytest
 
@@ -95,113 +97,6 @@ PACKETS = [
 ]
 
 
-def _pair(prefix: str):
-    client = namespaces.scratch(prefix + "c")
-    server = namespaces.scratch(prefix + "s")
-    return client, server
-
-
-def _wire(client: str, server: str) -> None:
-    with namespaces.netlink(client) as ipr:
-        ipr.link("add", ifname="vc", kind="veth", peer={"ifname": "vs", "net_ns_fd": server})
-    for ns, dev, address in ((client, "vc", CLIENT), (server, "vs", SERVER)):
-        with namespaces.netlink(ns) as ipr:
-            index = ipr.link_lookup(ifname=dev)[0]
-            ipr.addr("add", index=index, address=address, prefixlen=24)
-            ipr.link("set", index=index, state="up")
-
-
-def _exchange(client: str, packets: list[bytes], settle: float = 0.3) -> list[list[bytes]]:
-    """Each packet sent from the client; the IPv4 packets that came back for each."""
-    with entered(client):
-        capture = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-        sender = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-    answers = []
-    with capture, sender:
-        capture.bind(("vc", 0))
-        for packet in packets:
-            sender.sendto(packet, (SERVER, 0))
-            got, end = [], time.monotonic() + settle
-            while (left := end - time.monotonic()) > 0:
-                if not select.select([capture], [], [], left)[0]:
-                    break
-                frame, address = capture.recvfrom(65536)
-                if address[2] != socket.PACKET_OUTGOING and frame[12:14] == b"\x08\x00":
-                    got.append(frame[14:])
-            answers.append(got)
-    return answers
-
-
-def _comparable(packet: bytes) -> bytes:
-    """The answer less what the kernel draws at random, an ICMP error's IP id (its
-    header checksum covers it), and a reset's checksum: the kernel leaves the
-    reset's to the device (CHECKSUM_PARTIAL), so on a veth it holds the pseudo-
-    header's sum only (ours must be whole: see _reset_checksum_whole)."""
-    if packet[9] == 1:
-        return packet[:4] + b"\0\0" + packet[6:10] + b"\0\0" + packet[12:]
-    if packet[9] == 6:
-        return packet[:36] + b"\0\0" + packet[38:]
-    return packet
-
-
-def _reset_checksum_whole(packet: bytes) -> bool:
-    pseudo = packet[12:20] + struct.pack("!HH", 6, len(packet) - 20)
-    return checksum(pseudo + packet[20:]) == 0
-
-
-@pytest.fixture
-def drained_ring():
-    """The service's ring, drained by Answers while the test runs; its notes."""
-    ring = klog.LogRing.create()
-    notes = []
-    writer = klog.KernelLog(ring, notes.append, kmsg="/dev/null", answers=Answers())
-    stop = threading.Event()
-
-    def drain():
-        while not stop.is_set():
-            if select.select([ring], [], [], 0.05)[0]:
-                writer.drain()
-
-    thread = threading.Thread(target=drain, daemon=True)
-    thread.start()
-    yield ring, notes
-    stop.set()
-    thread.join()
-    writer.close()
-    ring.close()
-
-
-def test_answers_are_the_kernels_byte_for_byte(drained_ring):
-    ring, notes = drained_ring
-    with namespaces.scratch("rjkc") as kc, namespaces.scratch("rjks") as ks, \
-            namespaces.scratch("rjbc") as bc, namespaces.scratch("rjbs") as bs:
-        _wire(kc, ks)
-        _wire(bc, bs)
-        done = subprocess.run(["ip", "netns", "exec", ks, f"{COMMAND[Family.IPV4]}-restore"],
-                              input=RULES, capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr
-        table = load_filter_table(replace_blob(RULES), bs, environment=ring.maps(
-            klog.ANSWER_REFS))
-        try:
-            kernel = _exchange(kc, [p for _, p in PACKETS])
-            ours = _exchange(bc, [p for _, p in PACKETS])
-        finally:
-            table.close()
-    differences = []
-    for (what, _), k, o in zip(PACKETS, kernel, ours):
-        if list(map(_comparable, k)) != list(map(_comparable, o)):
-            differences.append(f"{what}:\n  kernel {[p.hex() for p in k]}\n  ours   "
-                               f"{[p.hex() for p in o]}")
-    assert not differences, "\n".join(differences)
-    answered = [what for (what, _), k in zip(PACKETS, kernel) if k]
-    assert answered == [what for what, _ in PACKETS[:3]] + [
-        "udp port unreachable", "udp without checksum", "host prohibited",
-        "tcp admin prohibited, tos kept", "an echo request is answered"], answered
-    resets = [p for answers in ours for p in answers if p[9] == 6]
-    assert len(resets) == 3 and all(map(_reset_checksum_whole, resets))
-    assert not notes, notes
-
-
 # -- IPv6 ---------------------------------------------------------------------
 
 CLIENT6, SERVER6 = "fd77::1", "fd77::2"
@@ -273,140 +168,189 @@ PACKETS6 = [
 ]
 
 
-def _wire6(client: str, server: str) -> None:
+def _comparable4(packet: bytes) -> bytes:
+    """The answer less what the kernel draws at random, an ICMP error's IP id (its
+    header checksum covers it), and a reset's checksum: the kernel leaves the
+    reset's to the device (CHECKSUM_PARTIAL), so on a veth it holds the pseudo-
+    header's sum only (ours must be whole: see _reset_checksum_whole)."""
+    if packet[9] == 1:
+        return packet[:4] + b"\0\0" + packet[6:10] + b"\0\0" + packet[12:]
+    if packet[9] == 6:
+        return packet[:36] + b"\0\0" + packet[38:]
+    return packet
+
+
+def _reset_checksum_whole(packet: bytes) -> bool:
+    pseudo = packet[12:20] + struct.pack("!HH", 6, len(packet) - 20)
+    return checksum(pseudo + packet[20:]) == 0
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What differs between the families' exchanges."""
+    domain: int
+    client: str
+    server: str
+    prefix: int
+    ethertype: bytes
+    rules: str
+    comparable: Callable[[bytes], bytes]
+
+    def answer(self, ip: bytes) -> bool:
+        """An answer of the server's (IPv6: not neighbour discovery)."""
+        if self.domain == socket.AF_INET:
+            return True
+        return ip[8:24] == socket.inet_pton(socket.AF_INET6, self.server) and not (
+            ip[6] == 58 and ip[40] in (133, 134, 135, 136))
+
+    def icmp_error(self, ip: bytes) -> bool:
+        return ip[9] == 1 if self.domain == socket.AF_INET else ip[6] == 58 and ip[40] == 1
+
+
+SETUPS = {Family.IPV4: Setup(socket.AF_INET, CLIENT, SERVER, 24, b"\x08\x00", RULES,
+                             _comparable4),
+          Family.IPV6: Setup(socket.AF_INET6, CLIENT6, SERVER6, 64, b"\x86\xdd", RULES6,
+                             lambda packet: packet)}
+FAMILIES = pytest.mark.parametrize("family", list(SETUPS), ids=["ipv4", "ipv6"])
+
+
+def _wire(client: str, server: str, setup: Setup) -> None:
     with namespaces.netlink(client) as ipr:
         ipr.link("add", ifname="vc", kind="veth", peer={"ifname": "vs", "net_ns_fd": server})
-    for ns, dev, address in ((client, "vc", CLIENT6), (server, "vs", SERVER6)):
+    for ns, dev, address in ((client, "vc", setup.client), (server, "vs", setup.server)):
         with namespaces.netlink(ns) as ipr:
             index = ipr.link_lookup(ifname=dev)[0]
-            ipr.addr("add", index=index, address=address, prefixlen=64,
-                     flags=0x02)   # IFA_F_NODAD
+            ipr.addr("add", index=index, address=address, prefixlen=setup.prefix,
+                     **({"flags": 0x02} if setup.domain == socket.AF_INET6 else {}))  # NODAD
             ipr.link("set", index=index, state="up")
 
 
-def _exchange6(client: str, packets: list[bytes], settle: float = 0.3) -> list[list[bytes]]:
-    """Each packet sent from the client; the IPv6 packets that came back for each,
-    neighbour discovery and MLD aside."""
+def _exchange(client: str, packets: list[bytes], setup: Setup, settle: float = 0.3,
+              together: bool = False) -> list[list[bytes]]:
+    """Each packet sent from the client (`together`: all at once); the server's
+    packets that came back for each (for all)."""
     with entered(client):
         capture = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-        sender = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        sender = socket.socket(setup.domain, socket.SOCK_RAW, socket.IPPROTO_RAW)
     answers = []
     with capture, sender:
         capture.bind(("vc", 0))
-        for packet in packets:
-            sender.sendto(packet, (SERVER6, 0))
+        for batch in ([packets] if together else [[p] for p in packets]):
+            for packet in batch:
+                sender.sendto(packet, (setup.server, 0))
             got, end = [], time.monotonic() + settle
             while (left := end - time.monotonic()) > 0:
                 if not select.select([capture], [], [], left)[0]:
                     break
                 frame, address = capture.recvfrom(65536)
-                if address[2] == socket.PACKET_OUTGOING or frame[12:14] != b"\x86\xdd":
-                    continue
-                ip = frame[14:]
-                if ip[8:24] != socket.inet_pton(socket.AF_INET6, SERVER6) or (
-                        ip[6] == 58 and ip[40] in (133, 134, 135, 136)):
-                    continue     # neither the server's nor neighbour discovery
-                got.append(ip)
+                if address[2] != socket.PACKET_OUTGOING and frame[12:14] == setup.ethertype \
+                        and setup.answer(frame[14:]):
+                    got.append(frame[14:])
             answers.append(got)
     return answers
 
 
-def _warm_up6(client: str) -> None:
+def _warm_up(client: str, setup: Setup) -> None:
     """Until the server answers (a reset: no ICMP error, which would spend the
     peer's tokens): neighbours known both ways, so no answer waits on discovery."""
+    reset = tcp(81) if setup.domain == socket.AF_INET else tcp6(81)
     for _ in range(50):
-        if _exchange6(client, [tcp6(81)], settle=0.1)[0]:
+        if _exchange(client, [reset], setup, settle=0.1)[0]:
             return
     raise AssertionError("the server never answered")
 
 
-def test_ipv6_answers_are_the_kernels_byte_for_byte(drained_ring):
-    """The same for ip6tables' REJECT, whose ICMPv6 errors carry the flow label the
-    kernel derives from the flow (the same for our socket's) and whose resets have
-    none."""
-    ring, notes = drained_ring
+@pytest.fixture
+def drained_ring():
+    """The service's ring, drained by Answers while the test runs; its notes."""
+    ring = klog.LogRing.create()
+    notes = []
+    writer = klog.KernelLog(ring, notes.append, kmsg="/dev/null", answers=Answers())
+    stop = threading.Event()
+
+    def drain():
+        while not stop.is_set():
+            if select.select([ring], [], [], 0.05)[0]:
+                writer.drain()
+
+    thread = threading.Thread(target=drain, daemon=True)
+    thread.start()
+    yield ring, notes
+    stop.set()
+    thread.join()
+    writer.close()
+    ring.close()
+
+
+@contextlib.contextmanager
+def kernel_and_ours(ring, family: Family):
+    """(the kernel's client, ours): each a client beside a server whose REJECT rules
+    are the kernel's or bpfilter's, answered by the ring's drain."""
+    setup = SETUPS[family]
     with namespaces.scratch("rjkc") as kc, namespaces.scratch("rjks") as ks, \
             namespaces.scratch("rjbc") as bc, namespaces.scratch("rjbs") as bs:
-        _wire6(kc, ks)
-        _wire6(bc, bs)
-        done = subprocess.run(["ip", "netns", "exec", ks, f"{COMMAND[Family.IPV6]}-restore"],
-                              input=RULES6, capture_output=True, text=True)
+        _wire(kc, ks, setup)
+        _wire(bc, bs, setup)
+        done = subprocess.run(["ip", "netns", "exec", ks, f"{COMMAND[family]}-restore"],
+                              input=setup.rules, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
-        table = load_filter_table(replace_blob(RULES6, family=Family.IPV6), bs,
-                                  environment=ring.maps(klog.ANSWER_REFS), family=Family.IPV6)
+        table = load_filter_table(replace_blob(setup.rules, family=family), bs,
+                                  environment=ring.maps(klog.ANSWER_REFS), family=family)
         try:
-            _warm_up6(kc)
-            _warm_up6(bc)
-            kernel = _exchange6(kc, [p for _, p in PACKETS6])
-            ours = _exchange6(bc, [p for _, p in PACKETS6])
+            _warm_up(kc, setup)
+            _warm_up(bc, setup)
+            yield kc, bc
         finally:
             table.close()
+
+
+# the packets each family's kernel answers
+ANSWERED = {
+    Family.IPV4: [what for what, _ in PACKETS[:3]] + [
+        "udp port unreachable", "udp without checksum", "host prohibited",
+        "tcp admin prohibited, tos kept", "an echo request is answered"],
+    Family.IPV6: [what for what, _ in PACKETS6[:3]] + [
+        "udp port unreachable", "adm prohibited, a long quote", "addr unreachable",
+        "an echo request is answered"],
+}
+
+
+@FAMILIES
+def test_answers_are_the_kernels_byte_for_byte(drained_ring, family):
+    """Resets and ICMP errors for every --reject-with, and none where the kernel sends
+    none (a reset, a bad checksum, an ICMP error, a later fragment, a protocol whose
+    checksum cannot hold); IPv6's errors carry the flow label the kernel derives from
+    the flow (the same for our socket's), its resets none."""
+    ring, notes = drained_ring
+    setup, packets = SETUPS[family], PACKETS if family == Family.IPV4 else PACKETS6
+    with kernel_and_ours(ring, family) as (kernel_client, our_client):
+        kernel = _exchange(kernel_client, [p for _, p in packets], setup)
+        ours = _exchange(our_client, [p for _, p in packets], setup)
     differences = []
-    for (what, _), k, o in zip(PACKETS6, kernel, ours):
-        if k != o:
+    for (what, _), k, o in zip(packets, kernel, ours):
+        if list(map(setup.comparable, k)) != list(map(setup.comparable, o)):
             differences.append(f"{what}:\n  kernel {[p.hex() for p in k]}\n  ours   "
                                f"{[p.hex() for p in o]}")
     assert not differences, "\n".join(differences)
-    answered = [what for (what, _), k in zip(PACKETS6, kernel) if k]
-    assert answered == [what for what, _ in PACKETS6[:3]] + [
-        "udp port unreachable", "adm prohibited, a long quote", "addr unreachable",
-        "an echo request is answered"], answered
+    assert [what for (what, _), k in zip(packets, kernel) if k] == ANSWERED[family]
+    if family == Family.IPV4:
+        resets = [p for answers in ours for p in answers if p[9] == 6]
+        assert len(resets) == 3 and all(map(_reset_checksum_whole, resets))
     assert not notes, notes
 
 
-def _burst(client: str, packet: bytes, family: Family, count: int = 10) -> int:
-    """`count` copies of the packet at once; how many answers came back."""
-    domain, server = ((socket.AF_INET, SERVER) if family == Family.IPV4
-                      else (socket.AF_INET6, SERVER6))
-    with entered(client):
-        capture = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-        sender = socket.socket(domain, socket.SOCK_RAW, socket.IPPROTO_RAW)
-    with capture, sender:
-        capture.bind(("vc", 0))
-        for _ in range(count):
-            sender.sendto(packet, (server, 0))
-        answers, end = 0, time.monotonic() + 1.0
-        while (left := end - time.monotonic()) > 0:
-            if not select.select([capture], [], [], left)[0]:
-                break
-            frame, address = capture.recvfrom(65536)
-            ip = frame[14:]
-            if address[2] == socket.PACKET_OUTGOING:
-                continue
-            if (family == Family.IPV4 and frame[12:14] == b"\x08\x00" and ip[9] == 1
-                    or family == Family.IPV6 and frame[12:14] == b"\x86\xdd" and ip[6] == 58
-                    and ip[40] == 1):
-                answers += 1
-    return answers
-
-
-@pytest.mark.parametrize("family", [Family.IPV4, Family.IPV6], ids=["ipv4", "ipv6"])
+@FAMILIES
 def test_a_burst_is_answered_within_the_peers_icmp_rate_limit(drained_ring, family):
     """inet_peer_xrlim_allow(): six errors to a new peer at once, then one per
     net.ipv4.icmp_ratelimit (net.ipv6.icmp.ratelimit): the kernel's and ours, for
     ten datagrams at once."""
     ring, notes = drained_ring
-    rules, wire = (RULES, _wire) if family == Family.IPV4 else (RULES6, _wire6)
+    setup = SETUPS[family]
     packet = udp(82) if family == Family.IPV4 else udp6(82)
-    with namespaces.scratch("rjkc") as kc, namespaces.scratch("rjks") as ks, \
-            namespaces.scratch("rjbc") as bc, namespaces.scratch("rjbs") as bs:
-        wire(kc, ks)
-        wire(bc, bs)
-        done = subprocess.run(["ip", "netns", "exec", ks, f"{COMMAND[family]}-restore"],
-                              input=rules, capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr
-        table = load_filter_table(replace_blob(rules, family=family), bs,
-                                  environment=ring.maps(klog.ANSWER_REFS), family=family)
-        try:
-            if family == Family.IPV6:
-                _warm_up6(kc)
-                _warm_up6(bc)
-            else:
-                _exchange(kc, [tcp(81)])
-                _exchange(bc, [tcp(81)])
-            kernel, ours = _burst(kc, packet, family), _burst(bc, packet, family)
-        finally:
-            table.close()
+    with kernel_and_ours(ring, family) as clients:
+        kernel, ours = (sum(map(setup.icmp_error, _exchange(client, [packet] * 10, setup,
+                                                            settle=1.0, together=True)[0]))
+                        for client in clients)
     assert kernel == ours, (kernel, ours)
     assert kernel < 10
     assert not notes, notes

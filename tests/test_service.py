@@ -971,6 +971,32 @@ def test_rejected_connections_are_answered_as_by_the_kernel(svc, nets):
     assert "answers not sent" not in svc.log_text(), svc.log_text()
 
 
+def _pairs(svc, nets, rules: str, subnet: str, prefix: int):
+    """Two (client, server) pairs of namespaces on a veth each (the client .1, the
+    server .2 of `subnet`), `rules` in the first server's kernel iptables and through
+    bpfilter in the second's."""
+    kc, ks, bc, bs = nets(4)
+    for client, server in ((kc, ks), (bc, bs)):
+        with namespaces.netlink(client) as ipr:
+            ipr.link("add", ifname="vc", kind="veth", peer={"ifname": "vs", "net_ns_fd": server})
+        for ns, dev, address in ((client, "vc", f"{subnet}.1"), (server, "vs", f"{subnet}.2")):
+            with namespaces.netlink(ns) as ipr:
+                index = ipr.link_lookup(ifname=dev)[0]
+                ipr.addr("add", index=index, address=address, prefixlen=prefix)
+                ipr.link("set", index=index, state="up")
+    svc.kok(ks, "iptables-legacy-restore", input=rules)
+    svc.ok(bs, "iptables-legacy-restore", input=rules)
+    return (kc, ks), (bc, bs)
+
+
+def _same_listing(svc, kernel_ns: str, our_ns: str) -> str:
+    """`iptables -L -v -x`, counters and all, the same in both; the kernel's."""
+    listing = ["iptables-legacy", "-L", "-v", "-n", "-x"]
+    kernel, ours = svc.kok(kernel_ns, *listing), svc.ok(our_ns, *listing)
+    assert ours == kernel, f"kernel:\n{kernel}\nours:\n{ours}"
+    return kernel
+
+
 ADDRTYPE_RULES = """*filter
 :INPUT ACCEPT [0:0]
 :FORWARD ACCEPT [0:0]
@@ -1031,27 +1057,97 @@ def test_addrtype_asks_the_local_routes_as_the_kernel(svc, nets):
     routing table (localroutes.py) and follows its changes, so every rule counts
     what the kernel's counts, for an address gained and lost under the rules, and
     routes of every type added to the local table."""
-    kc, ks, bc, bs = nets(4)
-    for client, server in ((kc, ks), (bc, bs)):
-        with namespaces.netlink(client) as ipr:
-            ipr.link("add", ifname="vc", kind="veth", peer={"ifname": "vs", "net_ns_fd": server})
-        for ns, dev, address in ((client, "vc", "10.81.0.1"), (server, "vs", "10.81.0.2")):
-            with namespaces.netlink(ns) as ipr:
-                index = ipr.link_lookup(ifname=dev)[0]
-                ipr.addr("add", index=index, address=address, prefixlen=24)
-                ipr.link("set", index=index, state="up")
-    svc.kok(ks, "iptables-legacy-restore", input=ADDRTYPE_RULES)
-    svc.ok(bs, "iptables-legacy-restore", input=ADDRTYPE_RULES)
+    (kc, ks), (bc, bs) = _pairs(svc, nets, ADDRTYPE_RULES, "10.81.0", 24)
     _addrtype_traffic(kc, ks)
     _addrtype_traffic(bc, bs)
-    listing = ["iptables-legacy", "-L", "-v", "-n", "-x"]
-    kernel, ours = svc.kok(ks, *listing), svc.ok(bs, *listing)
-    assert ours == kernel, f"kernel:\n{kernel}\nours:\n{ours}"
+    kernel = _same_listing(svc, ks, bs)
     counts = [int(line.split()[0]) for line in kernel.splitlines() if "ADDRTYPE" in line]
     # (the client has no multicast route; a type the local table's failing routes
     # make is UNICAST: only those two rules see nothing)
     assert sum(1 for count in counts if count) == len(counts) - 2 and len(set(counts)) > 3
     assert "local routes" not in svc.log_text(), svc.log_text()
+
+
+RECENT_RULES = """*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A INPUT -p udp --dport 5000 -m recent --set --name lim
+-A INPUT -p udp --dport 5000 -m recent --update --seconds 30 --hitcount 4 --name lim -j DROP
+-A INPUT -p udp --dport 5001 -m recent --name once --rcheck -j DROP
+-A INPUT -p udp --dport 5001 -m recent --name once --set
+-A INPUT -p udp --dport 5002 -m recent --name once --remove
+-A INPUT -p udp --dport 5003 -m recent --name lim ! --rcheck --seconds 60
+-A INPUT -p udp --dport 5004 -m recent --name lim --rcheck --seconds 60 --reap --hitcount 2
+-A INPUT -p udp --dport 5010 -m recent --name many --set
+-A INPUT -p udp --dport 5011 -m recent --name many --rcheck
+-A INPUT -p udp --dport 5012 -m recent --name net --mask 255.255.255.0 --set
+-A INPUT -p udp --dport 5013 -m recent --name net --mask 255.255.255.0 --rcheck
+-A OUTPUT -p udp -m recent --name out --rdest --set
+-A OUTPUT -p udp --dport 6000 -m recent --name out --rdest --rcheck --hitcount 3 -j DROP
+COMMIT
+"""
+
+
+def _recent_traffic(client: str, server: str) -> None:
+    """Datagrams that set, update, check, remove and reap entries, from more source
+    addresses than a list keeps (100: the oldest are evicted), and from the server."""
+    def send(ns, port, sources=("10.85.0.1",), target="10.85.0.2", count=1):
+        for source in sources:
+            with netns.entered(ns):
+                tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            with tx:
+                tx.bind((source, 0))
+                for _ in range(count):
+                    try:
+                        tx.sendto(b"x" * 10, (target, port))
+                    except PermissionError:
+                        pass    # dropped at OUTPUT: the kernel's EPERM either way
+        time.sleep(0.05)
+
+    many = [f"10.85.1.{i}" for i in range(1, 106)]
+    with namespaces.netlink(client) as ipr:
+        index = ipr.link_lookup(ifname="vc")[0]
+        for address in many:
+            ipr.addr("add", index=index, address=address, prefixlen=16)
+    send(client, 5000, count=8)
+    send(client, 5001, count=2)
+    send(client, 5002)
+    send(client, 5001)
+    send(client, 5003)
+    send(client, 5004)
+    send(client, 5010, many)
+    send(client, 5011, many[:10] + many[-5:])
+    send(client, 5012, many[:3])
+    send(client, 5013, ["10.85.0.1", many[50]])
+    send(server, 6000, ("10.85.0.2",), "10.85.0.1", count=5)
+
+
+def test_recent_lists_behave_as_the_kernels(svc, nets):
+    """-m recent through `bpfilter exec`, without the module: set, update with
+    --seconds and --hitcount, rcheck (inverted too), remove, reap, --rdest, --mask,
+    and a list given more addresses than it keeps, whose oldest go: every rule
+    counts what the kernel's xt_recent makes it count, the lists going on across a
+    replace."""
+    (kc, ks), (bc, bs) = _pairs(svc, nets, RECENT_RULES, "10.85.0", 16)
+    _recent_traffic(kc, ks)
+    _recent_traffic(bc, bs)
+    # a replace keeps the lists: their entries still answer
+    for ns, run in ((ks, svc.kok), (bs, svc.ok)):
+        run(ns, "iptables-legacy", "-A", "INPUT", "-p", "udp", "--dport", "5020", "-m",
+            "recent", "--name", "many", "--rcheck")
+    for client in (kc, bc):
+        with netns.entered(client):
+            tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with tx:
+            tx.bind(("10.85.1.100", 0))
+            tx.sendto(b"x", ("10.85.0.2", 5020))
+    time.sleep(0.2)
+    kernel = _same_listing(svc, ks, bs)
+    counts = {line.split("dpt:")[1].split()[0] if "dpt:" in line else "any":
+              int(line.split()[0]) for line in kernel.splitlines() if "recent:" in line}
+    # the oldest five of 105 evicted; one added after the replace still listed
+    assert counts["5011"] == 10 and counts["5020"] == 1 and len(set(counts.values())) > 4
 
 
 @pytest.mark.parametrize("family", list(Family), ids=["ipv4", "ipv6"])
@@ -1492,7 +1588,7 @@ def test_bad_input_leaves_the_ruleset_filtering(svc, nets):
     unchanged()
 
     # -- what bpfilter does not implement: refused whole, by rule and extension
-    for rule, names in (("-m recent --name x --rcheck -j ACCEPT", "match 'recent'"),
+    for rule, names in (("-m recent --name x --rcheck --rttl -j ACCEPT", "match 'recent'"),
                         ("-j NFLOG --nflog-group 2", "target 'NFLOG'")):
         text = USER_CHAINS.replace("COMMIT", f"-A X {rule}\nCOMMIT")
         done = svc.exec(ns, "iptables-legacy-restore", input=text)

@@ -12,6 +12,8 @@ import pytest
 from bpfilter import ext
 from bpfilter.abi import codec
 from bpfilter.ext.nfacct import xt_nfacct_match_info
+from bpfilter.loader import load_filter_table
+from bpfilter.recentlists import RecentLists
 from bpfilter.ext.recent import XT_RECENT_CHECK, XT_RECENT_REAP, XT_RECENT_SET, XT_RECENT_TTL
 from bpfilter.model import Family, IpHeader, Prefix
 from bpfilter_lab.scratch import replace_blob
@@ -49,8 +51,10 @@ def first_rule(blob: bytes, family: Family):
 
 @FAMILIES
 @pytest.mark.parametrize("rule", RECENT)
-def test_recent_is_listed_as_the_kernel_lists_it_and_refused_without_the_module(
+def test_recent_is_listed_as_the_kernel_lists_it_and_served_without_the_module(
         fresh_netns, family, rule):
+    """Without the module the service's lists serve it (test_service.py,
+    test_recent_lists_behave_as_the_kernels), --rttl aside: refused."""
     text = ruleset(f"-A INPUT {rule}")
     blob = replace_blob(text, family=family)
     _, match = first_rule(blob, family)
@@ -63,7 +67,15 @@ def test_recent_is_listed_as_the_kernel_lists_it_and_refused_without_the_module(
         (line, ext.describe_match(match, family))
     err = ours(blob, family=family)
     assert err.errno == errno.EOPNOTSUPP, err
-    assert "match 'recent' needs bpfilter.ko (kernel module mode)" in str(err), err
+    if "--rttl" in rule:
+        assert "match 'recent' needs bpfilter.ko (kernel module mode) for --rttl" in str(err)
+        return
+    assert "recent rules without bpfilter.ko need the service's lists" in str(err), err
+    lists = RecentLists.create()
+    try:
+        load_filter_table(blob, attach=False, environment=lists.maps(), family=family).close()
+    finally:
+        lists.close()
 
 
 # (what, the payload's bytes at an offset): what recent_mt_check() refuses, and one it takes
@@ -93,7 +105,7 @@ def test_recent_payloads_the_kernel_refuses_are_refused_alike(fresh_netns, famil
     if kernel:
         assert (kernel, err.errno) == (errno.EINVAL, errno.EINVAL), err
         assert "recent: invalid options" in str(err)
-    else:   # valid: needs the module, which runs the kernel's own check too
+    else:   # valid: needs the module (--rttl) or the service's lists
         assert err.errno == errno.EOPNOTSUPP, err
 
 

@@ -4,8 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # strace: the codec tests capture what the binaries pass; nfct, nfacct: commands of
-# iptables' own .t test files (tests/iptables_suite.py)
-packages=(iptables nftables iproute2 bpftool tcpdump kmod strace nfct nfacct)
+# iptables' own .t test files (tests/iptables_suite.py); ufw: Debian's own, run through
+# bpfilter (tests/test_ufw.py; installing it enables nothing)
+packages=(iptables nftables iproute2 bpftool tcpdump kmod strace nfct nfacct ufw)
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -34,8 +34,10 @@ from .compiler import trace
 from .errors import BpfilterError
 from .ext import known_match_revisions, known_target_revisions, xtmatch
 from .ext.addrtype import needs_local_routes
+from .ext.recent import served_lists
 from .klog import ANSWER_REFS, KmsgWriter, LogRing, devkmsg_writable
 from .localroutes import LocalRoutes
+from .recentlists import RecentLists
 from .loader import HookSlot, Ruleset, attach_slots, load_ruleset, load_twin
 from .model import Family, Hook, Table
 from .store import Store, TableKey
@@ -169,6 +171,7 @@ class Service:
         self.tables: dict[TableKey, TableState] = {}
         self.log_ring = LogRing.pinned(store.root)
         self.local_routes = LocalRoutes.pinned(store.root, log)
+        self.recent_lists = RecentLists.pinned(store.root)
         self._netns_refs = netnswatch.open_watch(log)
         self._last_request: Optional[float] = None   # since the last collection
         self._uncollected = 0                          # requests since the last collection
@@ -288,6 +291,16 @@ class Service:
                 self.tables.pop(key).close()
                 self.store.remove(key)
         self.local_routes.forget(self._reading_local_routes())
+        self.retain_recent_lists()
+
+    def retain_recent_lists(self) -> None:
+        """The recent lists some table names; the others go, with their entries."""
+        named: dict[int, set[str]] = {}
+        for key, state in list(self.tables.items()):
+            if state.ruleset is not None:
+                named.setdefault(key.inum, set()).update(
+                    name for name, _, _ in served_lists(state.ruleset.table))
+        self.recent_lists.retain(named)
 
     def _reading_local_routes(self) -> set[tuple[int, int]]:
         """The namespaces (inum, cookie) with a table that reads the local routes."""
@@ -332,8 +345,10 @@ class Service:
         """The maps the service provides to the tables it loads: its ring, through
         which REJECT rules have it send their answers, and LOG rules have it write
         their lines to /dev/kmsg, unless kernel.printk_devkmsg=off closes that; its
-        mirror of the namespaces' local routing tables, for addrtype rules."""
-        always = {**self.log_ring.maps(ANSWER_REFS), **self.local_routes.maps()}
+        mirror of the namespaces' local routing tables, for addrtype rules; the lists
+        of recent rules."""
+        always = {**self.log_ring.maps(ANSWER_REFS), **self.local_routes.maps(),
+                  **self.recent_lists.maps()}
         return {**always, **self.log_ring.maps()} if devkmsg_writable() else always
 
     def close(self) -> None:
@@ -346,6 +361,7 @@ class Service:
         self.tables.clear()
         self.log_ring.close()
         self.local_routes.close()
+        self.recent_lists.close()
         if self._netns_refs is not None:
             self._netns_refs.close()
 
@@ -553,6 +569,7 @@ class _Caller:
         service, store = self.service, self.service.store
         netns_path = self.netns_path
         traced = self._traced(key, table)
+        service.recent_lists.ensure(self.inum, served_lists(table))
         if needs_local_routes(table):
             # filled before the first packet meets the rules (forgotten, if the replace
             # fails, by the next sweep)
@@ -602,6 +619,10 @@ class _Caller:
                     lambda: ctnetns.release(netns_path, self.family))
         state = TableState(key, raw, ruleset, slots, generation=gen)
         service.tables[key] = state
+        if served_lists(table) or (previous is not None and previous.ruleset is not None
+                                   and served_lists(previous.ruleset.table)):
+            _logged(f"netns {self.inum}: forgetting the recent lists no table names",
+                    service.retain_recent_lists)
         for sibling, twin in twins:
             self._put_twin(sibling, twin)
         return state
