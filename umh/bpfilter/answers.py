@@ -458,7 +458,10 @@ def _needs_scope6(address: bytes) -> bool:
 
 def _local6(address: bytes) -> bool:
     """ipv6_chk_addr(net, addr, dev, 0): configured on any device of the namespace."""
-    from pyroute2 import IPRoute
+    try:
+        from pyroute2 import IPRoute
+    except ImportError as err:
+        raise K.Unreproducible(f"pyroute2 is missing from this build ({err})") from None
     text = str(ipaddress.IPv6Address(address))
     with IPRoute() as ipr:
         return any(a.get_attr("IFA_ADDRESS") == text for a in ipr.get_addr(family=socket.AF_INET6))
@@ -515,7 +518,10 @@ def _route4(address: bytes) -> _Route:
 def _route(domain: int, address: bytes) -> _Route:
     """The calling thread's namespace's route to `address`: its type and whether it
     leaves through a loopback device."""
-    from pyroute2 import IPRoute
+    try:
+        from pyroute2 import IPRoute
+    except ImportError as err:   # bpfilter.ko's frozen helper leaves it out
+        raise K.Unreproducible(f"pyroute2 is missing from this build ({err})") from None
     with IPRoute() as ipr:
         try:
             (answer,) = ipr.route("get", dst=str(ipaddress.ip_address(address)),

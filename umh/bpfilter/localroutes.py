@@ -31,6 +31,7 @@ import threading
 from typing import Callable, Optional
 
 from .bpf import syscall as bpf
+from .errors import BpfilterError
 from .ext.addrtype import LOCAL_ROUTES, ROUTE_KEY, ROUTE_KEY_PREFIX, ROUTE_VALUE
 from .netns import entered
 
@@ -125,8 +126,12 @@ class LocalRoutes:
             self._stale.discard(inum)
         if stale is not None:
             stale.events.close()
-        from pyroute2 import IPRoute
-        from pyroute2.netlink.rtnl.marshal import MarshalRtnl
+        try:
+            from pyroute2 import IPRoute
+            from pyroute2.netlink.rtnl.marshal import MarshalRtnl
+        except ImportError as err:   # bpfilter.ko's frozen helper leaves it out
+            raise BpfilterError(errno.EOPNOTSUPP, "addrtype rules without bpfilter.ko need "
+                                f"pyroute2, which this build of bpfilter lacks ({err})")
         self._marshal = self._marshal or MarshalRtnl()
         with entered(netns_path):
             # a socket of our own for the events: pyroute2's keep to the thread that
