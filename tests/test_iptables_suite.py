@@ -27,6 +27,7 @@ _COMMON = """
     match helper: needs bpfilter.ko (kernel module mode)
     match owner: --suppl-groups is not supported by bpfilter
     match physdev: needs bpfilter.ko (kernel module mode)
+    match recent: needs bpfilter.ko (kernel module mode) for --rttl (the kernel may then keep two entries for one address)
     match policy: needs bpfilter.ko (kernel module mode)
     match rateest: revision N is not supported by bpfilter
     match rpfilter: needs bpfilter.ko (kernel module mode)

@@ -514,13 +514,15 @@ def _module_scenario(module, name: str, timeout: int, tools=(),
     return sections(result.output)
 
 
+@pytest.mark.kernels
 def test_kmod_rmmod_races_and_helper_deaths(module, sockopt):
     """bpfilter.ko's lifetime under attack (tools/vm/scenarios/kmod-rmmod.sh): the helper
     runs with a noexec /tmp; helpers killed for a timeout leave nothing unpacked behind;
     a flood of refusals is rate-limited in the kernel log; and rmmod, round after round,
     racing with callers, opens of /dev/bpfilter and a helper killed under it, always
     unloads, with a clean console. (Compile workers that die with their helper:
-    tests/test_forked.py.)"""
+    tests/test_forked.py.) Its guest runs for minutes: once, on the default kernel,
+    beside the tests on this host (marker kernels), not in each kernel's VM part."""
     s = _module_scenario(module, "kmod-rmmod.sh", timeout=2400, tools=[sockopt])
     assert "iptables with a noexec /tmp: ok" in s["noexec"], s["noexec"]
 
@@ -963,10 +965,12 @@ def _listing(text: str) -> str:
                      if line.startswith(("Chain ", "    pkts")) or re.match(r"\s+\d+\s+\d+ ", line))
 
 
+@pytest.mark.kernels
 def test_dkms_builds_and_installs(module):
     """DKMS builds the module from an installed source tree (the helper built
     beforehand) against the guest kernel's installed headers, in a root of the kernel's
-    Debian release, and installs it there."""
+    Debian release, and installs it there. Once, for the default kernel (marker
+    kernels): test_deb.py builds the packaged module with DKMS for every kernel."""
     kver = harness.kernel_release()
     root = harness.kernel_root(kver)
     version = deb.VERSION
