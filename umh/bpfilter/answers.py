@@ -256,9 +256,8 @@ class Answers:
             return False
         # ip4_dst_hoplimit() of the original's route, the reset not yet rerouted
         ttl = route.hoplimit or int(_sysctl("ipv4/ip_default_ttl"))
-        segment = _reset_segment(tcp, skb.length - ihl)
-        check = checksum(segment, _pseudo4(daddr, saddr, len(segment), IPPROTO_TCP))
-        segment = segment[:16] + struct.pack("!H", check) + segment[18:]
+        segment = _reset_segment(tcp, skb.length - ihl,
+                                 lambda n: _pseudo4(daddr, saddr, n, IPPROTO_TCP))
         with socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_TCP) as s:
             # nf_reject_iphdr_put(): tos 0, DF (and so id 0), ttl ip4_dst_hoplimit(),
             # the original's addresses swapped, whether or not its destination is ours
@@ -347,9 +346,8 @@ class Answers:
             return False
         if not skb.checksum_ok(thoff, IPPROTO_TCP, pseudo):
             return False
-        segment = _reset_segment(tcp, tcp_len)
-        check = checksum(segment, _pseudo6(daddr, saddr, len(segment), IPPROTO_TCP))
-        segment = segment[:16] + struct.pack("!H", check) + segment[18:]
+        segment = _reset_segment(tcp, tcp_len,
+                                 lambda n: _pseudo6(daddr, saddr, n, IPPROTO_TCP))
         with socket.socket(socket.AF_INET6, socket.SOCK_RAW, IPPROTO_TCP) as s:
             # nf_reject_ip6hdr_put(): traffic class and flow label 0, hop limit
             # ip6_dst_hoplimit(), the original's addresses swapped
@@ -363,13 +361,13 @@ class Answers:
 
     def _unreach6(self, skb: _Skb, saddr: bytes, daddr: bytes, code: int, inum: int) -> bool:
         # icmp6_send()
-        local = _local6(daddr)
         if daddr[0] == 0xFF or skb.record.u8(K.R_PKT_TYPE) != PACKET_HOST:
             return False
         if saddr == bytes(16) or saddr[0] == 0xFF:
             return False
         if _ineligible6(skb):
             return False
+        local = _local6(daddr)
         in_name = K._cstr(skb.record.raw[K.R_IN:K.R_IN + 16]).decode()
         scope = 0
         if _needs_scope6(saddr):
@@ -485,9 +483,9 @@ def _verified(skb: _Skb, dataoff: int, proto: int) -> bool:
     return proto not in UNVERIFIED
 
 
-def _reset_segment(tcp: bytes, tcp_len: int) -> bytes:
+def _reset_segment(tcp: bytes, tcp_len: int, pseudo) -> bytes:
     """nf_reject_ip_tcphdr_put() / nf_reject_ip6_tcphdr_put(): the reset's header,
-    its checksum zero."""
+    its checksum whole over `pseudo(length)`, the pseudo-header's sum."""
     sport, dport, seq, ack_seq = struct.unpack_from("!HHII", tcp)
     doff, flags = tcp[12] >> 4, tcp[13]
     if flags & TCP_ACK:
@@ -496,7 +494,10 @@ def _reset_segment(tcp: bytes, tcp_len: int) -> bytes:
         ack_out = (seq + bool(flags & TCP_SYN) + bool(flags & TCP_FIN) + tcp_len
                    - doff * 4) & 0xFFFFFFFF
         seq_out, flags_out = 0, TCP_RST | TCP_ACK
-    return struct.pack("!HHIIBBHHH", dport, sport, seq_out, ack_out, 5 << 4, flags_out, 0, 0, 0)
+    segment = struct.pack("!HHIIBBHHH", dport, sport, seq_out, ack_out, 5 << 4, flags_out,
+                          0, 0, 0)
+    return segment[:16] + struct.pack("!H", checksum(segment, pseudo(len(segment)))) + \
+        segment[18:]
 
 
 def _reply_mark(family: str, mark: int) -> int:

@@ -61,10 +61,10 @@ class RecentLists:
     def maps(self) -> dict:
         return {ref: self.fds[name] for name, ref in _PINS.items()}
 
-    def ensure(self, inum: int, lists: list[tuple[str, bytes, int]]) -> None:
+    def ensure(self, inum: int, lists: list[tuple[str, bytes]]) -> None:
         """The lists a table about to be loaded names, made (with the mask of the
         first rule to name each) unless they exist."""
-        for name, mask, _family in lists:
+        for name, mask in lists:
             key = LIST_KEY.pack(inum, 0, list_id(name))
             if bpf.map_lookup(self.fds["recent_lists"], key, LIST_VALUE.size) is None:
                 bpf.map_update(self.fds["recent_lists"], key, LIST_VALUE.pack(0, 0, 0, mask),

@@ -299,7 +299,7 @@ class Service:
         for key, state in list(self.tables.items()):
             if state.ruleset is not None:
                 named.setdefault(key.inum, set()).update(
-                    name for name, _, _ in served_lists(state.ruleset.table))
+                    name for name, _ in served_lists(state.ruleset.table))
         self.recent_lists.retain(named)
 
     def _reading_local_routes(self) -> set[tuple[int, int]]:

@@ -219,10 +219,10 @@ def list_id(name: str) -> int:
                           "little")
 
 
-def served_lists(table) -> list[tuple[str, bytes, int]]:
-    """(name, mask, family) of every recent match of `table` run without the module,
-    in rule order: what recent_mt_check() makes or references, in that order."""
-    return [(m.list_name, m.mask, table.family) for chain in table.chains.values()
+def served_lists(table) -> list[tuple[str, bytes]]:
+    """(name, mask) of every recent match of `table` run without the module, in rule
+    order: what recent_mt_check() makes or references, in that order."""
+    return [(m.list_name, m.mask) for chain in table.chains.values()
             for rule in chain.rules for m in rule.matches if isinstance(m, ServedRecentMatch)]
 
 
