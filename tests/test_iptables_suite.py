@@ -20,7 +20,6 @@ _COMMON = """
     match bpf: revision N is not supported by bpfilter
     match cgroup: needs bpfilter.ko (kernel module mode)
     match cluster: revision N is not supported by bpfilter
-    match connbytes: needs bpfilter.ko (kernel module mode)
     match connlabel: needs bpfilter.ko (kernel module mode)
     match connlimit: needs bpfilter.ko (kernel module mode)
     match hashlimit: needs bpfilter.ko (kernel module mode)

@@ -94,8 +94,6 @@ KERNEL_RULES = [
     ("mangle", "-A PREROUTING -p tcp -m socket --transparent --restore-skmark",
      "match 'socket'", None),
     ("mangle", "-A FORWARD -m physdev --physdev-in p1", "match 'physdev'", None),
-    ("mangle", "-A INPUT -m connbytes --connbytes 10: --connbytes-dir both "
-               "--connbytes-mode bytes", "match 'connbytes'", None),
     ("mangle", "-A INPUT -m helper --helper ftp", "match 'helper'", None),
     ("mangle", "-A INPUT -m realm --realm 3", "match 'realm'", Family.IPV4),
 ]

@@ -68,8 +68,6 @@ UNSUPPORTED = [
     ("-m string --algo bm --string hello", "match 'string'"),
     ("-j LOG --log-prefix x --log-uid", "target 'LOG' --log-uid"),
     ("-j NFLOG --nflog-group 3", "target 'NFLOG'"),
-    ("-m connbytes --connbytes 10 --connbytes-dir both --connbytes-mode packets",
-     "match 'connbytes'"),
     ("-j NFQUEUE --queue-num 3", "target 'NFQUEUE'"),
     ("-j QUEUE", "QUEUE"),
 ]

@@ -1150,6 +1150,75 @@ def test_recent_lists_behave_as_the_kernels(svc, nets):
     assert counts["5011"] == 10 and counts["5020"] == 1 and len(set(counts.values())) > 4
 
 
+CONNBYTES_RULES = """*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A INPUT -p udp -m connbytes --connbytes 3:5 --connbytes-dir original --connbytes-mode packets
+-A INPUT -p udp -m connbytes --connbytes 4 --connbytes-dir both --connbytes-mode packets
+-A INPUT -p udp -m connbytes ! --connbytes 2:6 --connbytes-dir original --connbytes-mode packets
+-A INPUT -p udp -m connbytes --connbytes 0:1 --connbytes-dir reply --connbytes-mode packets
+-A INPUT -p udp -m connbytes --connbytes 300:1000 --connbytes-dir original --connbytes-mode bytes
+-A INPUT -p udp -m connbytes --connbytes 1200 --connbytes-dir both --connbytes-mode bytes
+-A INPUT -p udp -m connbytes --connbytes 100:200 --connbytes-dir original --connbytes-mode avgpkt
+-A INPUT -p udp -m connbytes ! --connbytes 0:150 --connbytes-dir both --connbytes-mode avgpkt
+-A INPUT -p udp -m connbytes --connbytes 0:10 --connbytes-dir reply --connbytes-mode avgpkt
+-A OUTPUT -p udp -m connbytes --connbytes 2 --connbytes-dir reply --connbytes-mode packets
+-A OUTPUT -p udp -m connbytes --connbytes 0:2 --connbytes-dir both --connbytes-mode packets
+COMMIT
+"""
+
+
+def _connbytes_traffic(client: str) -> None:
+    """Three flows of datagrams of growing size, each answered by the server's echo."""
+    with netns.entered(client):
+        flows = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]
+    for n, flow in enumerate(flows):
+        with flow:
+            flow.settimeout(1)
+            for size in range(8):
+                flow.sendto(b"x" * (40 + 60 * size + n), ("10.86.0.2", 7000 + n))
+                flow.recv(2000)
+
+
+def _echo(server: str, ports) -> list[socket.socket]:
+    with netns.entered(server):
+        listeners = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in ports]
+    for listener, port in zip(listeners, ports):
+        listener.bind(("10.86.0.2", port))
+
+        def echo(sock=listener):
+            while True:
+                try:
+                    data, peer = sock.recvfrom(2000)
+                    sock.sendto(data, peer)
+                except OSError:
+                    return
+        threading.Thread(target=echo, daemon=True).start()
+    return listeners
+
+
+def test_connbytes_counts_as_the_kernels(svc, nets):
+    """-m connbytes through `bpfilter exec`, without the module: packets, bytes and
+    average packet size, in each direction and both, ranges with and without an end
+    and inverted. Its load turns conntrack's accounting on as the kernel's checkentry
+    does (a stock namespace has it off), and every rule counts what the kernel's
+    xt_connbytes makes it count."""
+    (kc, ks), (bc, bs) = _pairs(svc, nets, CONNBYTES_RULES, "10.86.0", 24)
+    for ns in (ks, bs):
+        assert svc.kok(ns, "sysctl", "-n", "net.netfilter.nf_conntrack_acct").strip() == "1"
+    listeners = _echo(ks, (7000, 7001, 7002)) + _echo(bs, (7000, 7001, 7002))
+    try:
+        _connbytes_traffic(kc)
+        _connbytes_traffic(bc)
+    finally:
+        for listener in listeners:
+            listener.close()
+    kernel = _same_listing(svc, ks, bs)
+    counts = [int(line.split()[0]) for line in kernel.splitlines() if "connbytes" in line]
+    assert len(counts) == 11 and len(set(counts)) > 5 and 0 < min(counts[:9]), kernel
+
+
 @pytest.mark.parametrize("family", list(Family), ids=["ipv4", "ipv6"])
 def test_editing_a_large_classified_table(svc, family):
     """Edits of one rule of a 10k-rule blocklist, a classified run, as iptables (and

@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import shutil
 import subprocess
+import sys
 from contextlib import nullcontext
 from typing import Optional
 
@@ -34,6 +35,7 @@ from .errors import BpfilterError
 from .netfilter import NFPROTO_IPV4, NFPROTO_IPV6
 
 TABLE = "bpfilter_conntrack"
+ACCOUNTING = "/proc/sys/net/netfilter/nf_conntrack_acct"
 # nftables' table family: its ct expression takes conntrack for that family only
 _NFT_FAMILY = {NFPROTO_IPV4: "ip", NFPROTO_IPV6: "ip6"}
 
@@ -76,6 +78,25 @@ def hold(netns_path: Optional[str], family: int = NFPROTO_IPV4) -> None:
         _ioctl(proto.IOC_CONNTRACK_GET, netns_path, family)
     else:
         _nft(_on(family), netns_path)
+
+
+def force_accounting(netns_path: Optional[str]) -> None:
+    """Conntrack's accounting on in the namespace (the calling thread's if None), as
+    connbytes_mt_check() turns it on, with its warning: for good (the kernel never
+    turns it back off), and only for entries made from then on."""
+    with netns.entered(netns_path) if netns_path else nullcontext():
+        try:
+            # /proc/sys/net is the opening thread's namespace's
+            with open(ACCOUNTING, "r+") as setting:
+                if setting.read().strip() != "0":
+                    return
+                setting.seek(0)
+                setting.write("1\n")
+        except OSError as err:
+            raise BpfilterError(errno.EOPNOTSUPP, f"connbytes needs conntrack's accounting, "
+                                                  f"which cannot be turned on: {ACCOUNTING}: "
+                                                  f"{err.strerror}") from None
+    print("bpfilter: connbytes: Forcing CT accounting to be enabled", file=sys.stderr)
 
 
 def release(netns_path: Optional[str], family: int = NFPROTO_IPV4) -> None:

@@ -89,6 +89,12 @@ class Ruleset:
         needs = self.compiled.needs if self.compiled else facts_needed(self.table)
         return bool(needs & facts.READ_CONNTRACK)
 
+    @functools.cached_property
+    def counts_conntrack(self) -> bool:
+        """Whether its programs read conntrack's accounting (it must be on)."""
+        needs = self.compiled.needs if self.compiled else facts_needed(self.table)
+        return bool(needs & facts.COUNT_CONNTRACK)
+
     def counters(self) -> list[tuple[int, int]]:
         """(packets, bytes) per table entry: summed over CPUs, plus added offsets."""
         return list(COUNTER.iter_unpack(self.packed_counters()))
@@ -490,6 +496,8 @@ def load_filter_table(replace_blob: bytes, netns_name: Optional[str] = None,
         if conntrack:
             ctnetns.hold(where, family)
             held = True
+            if ruleset.counts_conntrack:
+                ctnetns.force_accounting(where)
         return LoadedTable(ruleset, attach_slots(ruleset, netns_name) if attach else {},
                            conntrack=conntrack, conntrack_netns=where)
     except BaseException:

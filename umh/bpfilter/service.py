@@ -592,6 +592,8 @@ class _Caller:
             if needs_conntrack and not had_conntrack:
                 ctnetns.hold(netns_path, self.family)   # before the first packet meets the new rules
                 held = True
+            if ruleset.counts_conntrack:
+                ctnetns.force_accounting(netns_path)
             gen = store.stage(key, ruleset, blob)
             if previous is None:
                 slots = attach_slots(ruleset, netns_path)

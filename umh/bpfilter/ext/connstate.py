@@ -1,19 +1,15 @@
 """Matches of what the kernel keeps beside the packet, run by bpfilter.ko as the
-kernel's own (ext/xtmatch.py): -m connbytes (its conntrack accounting, which
-checkentry turns on), -m connlabel (its conntrack labels), -m helper (its conntrack
-helper), -m realm (the route's realm, IPv4), -m rpfilter (a
-route lookup of the source, in raw and mangle PREROUTING), -m physdev (the bridge ports
+kernel's own (ext/xtmatch.py): -m connlabel (its conntrack labels), -m helper (its
+conntrack helper), -m realm (the route's realm, IPv4), -m rpfilter (a route lookup of the source, in raw and mangle PREROUTING), -m physdev (the bridge ports
 br_netfilter notes for bridged traffic; its checkentry loads br_netfilter)."""
 from __future__ import annotations
 
-from construct import Bytes, Int8un, Int32sn, Int32un, Int64un, Int16un, Padding, Struct
+from construct import Bytes, Int8un, Int32sn, Int32un, Int16un, Padding, Struct
 
 from . import BOTH_FAMILIES
 from ..model import Family, Hook
 from .xtmatch import c_string, plain_kernel_extension
 
-xt_connbytes_info = Struct("from_" / Int64un, "to" / Int64un, "what" / Int8un,
-                           "direction" / Int8un, Padding(6))
 xt_connlabel_mtinfo = Struct("bit" / Int16un, "options" / Int16un)
 xt_helper_info = Struct("invert" / Int32sn, "name" / Bytes(30), Padding(2))
 xt_realm_info = Struct("id" / Int32un, "mask" / Int32un, "invert" / Int8un, Padding(3))
@@ -35,10 +31,6 @@ def _bang(f: dict) -> str:
     return "! " if f["invert"] else ""
 
 
-plain_kernel_extension("match", "connbytes", xt_connbytes_info, BOTH_FAMILIES, why=_READS,
-                       family_independent=True,
-                       describe=lambda f: f"connbytes {f['from_']}:{f['to']} "
-                       f"mode {f['what']} direction {f['direction']}")
 plain_kernel_extension("match", "connlabel", xt_connlabel_mtinfo, BOTH_FAMILIES, why=_READS,
                        family_independent=True,
                        describe=lambda f: f"connlabel {'! ' if f['options'] & 1 else ''}"

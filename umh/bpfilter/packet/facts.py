@@ -166,6 +166,9 @@ OPTIONAL: dict = {}
 # Groups that read the kernel's conntrack entry, which exists only in a namespace that
 # asked for conntrack (nf_ct_netns_get): whoever attaches a table reading one turns it on.
 READ_CONNTRACK: set[str] = set()
+# Groups reading conntrack's accounting, which the kernel's checkentry of their match
+# turns on (connbytes): whoever loads a table reading one does the same.
+COUNT_CONNTRACK: set[str] = set()
 
 
 class Flavour:
