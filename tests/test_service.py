@@ -1150,6 +1150,68 @@ def test_recent_lists_behave_as_the_kernels(svc, nets):
     assert counts["5011"] == 10 and counts["5020"] == 1 and len(set(counts.values())) > 4
 
 
+HASHLIMIT_RULES = """*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A INPUT -p udp --dport 5000 -m hashlimit --hashlimit-upto 1/hour --hashlimit-burst 3 --hashlimit-mode srcip --hashlimit-name perhost
+-A INPUT -p udp --dport 5001 -m hashlimit --hashlimit-above 1/hour --hashlimit-burst 2 --hashlimit-mode srcip,dstport,srcport --hashlimit-name perport
+-A INPUT -p udp --dport 5002 -m hashlimit --hashlimit-upto 1/hour --hashlimit-burst 2 --hashlimit-mode srcip --hashlimit-srcmask 24 --hashlimit-name net
+-A INPUT -p udp --dport 5003 -m hashlimit --hashlimit-upto 1/hour --hashlimit-burst 4 --hashlimit-name all
+-A INPUT -p udp --dport 5004 -m hashlimit --hashlimit-upto 2kb/hour --hashlimit-burst 3kb --hashlimit-mode srcip --hashlimit-name bytes
+-A INPUT -p udp --dport 5005 -m hashlimit --hashlimit-upto 2/sec --hashlimit-burst 5 --hashlimit-mode srcip --hashlimit-name window --hashlimit-rate-match --hashlimit-rate-interval 20
+-A INPUT -p udp --dport 5006 -m hashlimit --hashlimit-upto 1/hour --hashlimit-burst 1 --hashlimit-mode srcip --hashlimit-htable-size 2 --hashlimit-htable-max 3 --hashlimit-name small
+-A INPUT -p udp --dport 5007 -m hashlimit --hashlimit-upto 1/hour --hashlimit-burst 50 --hashlimit-mode srcip --hashlimit-name perhost
+-A INPUT -p udp --dport 5008 -m hashlimit --hashlimit-upto 1/hour --hashlimit-burst 1 --hashlimit-mode srcip --hashlimit-htable-expire 1000 --hashlimit-htable-gcinterval 300 --hashlimit-name brief
+-A OUTPUT -p udp --dport 6000 -m hashlimit --hashlimit-upto 1/min --hashlimit-burst 2 --hashlimit-mode dstip,dstport --hashlimit-name out
+COMMIT
+"""
+
+
+def _hashlimit_traffic(client: str, server: str, after=lambda: None) -> None:
+    """Datagrams from several sources of one /24 and another, to every rule, more
+    than the buckets hold; then, after `after`, some more."""
+    def send(ns, port, sources=("10.87.0.1",), target="10.87.0.2", count=1, size=10):
+        for source in sources:
+            with netns.entered(ns):
+                tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            with tx:
+                tx.bind((source, 0))
+                for _ in range(count):
+                    tx.sendto(b"x" * size, (target, port))
+        time.sleep(0.05)
+
+    hosts = [f"10.87.1.{i}" for i in range(1, 6)] + ["10.87.2.1"]
+    with namespaces.netlink(client) as ipr:
+        index = ipr.link_lookup(ifname="vc")[0]
+        for address in hosts:
+            ipr.addr("add", index=index, address=address, prefixlen=16)
+    for port in range(5000, 5008):
+        send(client, port, hosts, count=10 if port == 5005 else 5, size=300)
+    send(client, 5008, count=3)
+    time.sleep(1.5)      # past its expiry, collected: a full bucket again
+    send(client, 5008, count=3)
+    send(server, 6000, ("10.87.0.2",), "10.87.0.1", count=5)
+    after()
+    send(client, 5000, hosts[:2], count=2)
+
+
+def test_hashlimit_buckets_behave_as_the_kernels(svc, nets):
+    """-m hashlimit through `bpfilter exec`, without the module: per source, per
+    port, per /24, one bucket for all, bytes, a rate match, a full htable (its new
+    sources dropped), a second rule of a name taking the first's configuration,
+    expiry, and the htables going on across a replace: every rule counts what the
+    kernel's xt_hashlimit makes it count."""
+    (kc, ks), (bc, bs) = _pairs(svc, nets, HASHLIMIT_RULES, "10.87.0", 16)
+    for (client, server), run in (((kc, ks), svc.kok), ((bc, bs), svc.ok)):
+        _hashlimit_traffic(client, server, lambda: run(
+            server, "iptables-legacy", "-A", "INPUT", "-p", "udp", "--dport", "5020",
+            "-j", "ACCEPT"))
+    kernel = _same_listing(svc, ks, bs)
+    counts = [int(line.split()[0]) for line in kernel.splitlines() if "limit:" in line]
+    assert len(counts) == 10 and len(set(counts)) > 5, kernel
+
+
 CONNBYTES_RULES = """*filter
 :INPUT ACCEPT [0:0]
 :FORWARD ACCEPT [0:0]

@@ -30,7 +30,7 @@ from .decode import table_from_raw
 from .errors import BpfilterError
 from .klog import ANSWER_REFS, LogRing
 from .localroutes import LocalRoutes
-from .recentlists import RecentLists
+from .sharedstate import SharedState
 from .loader import load_ruleset
 from .model import Family
 from .tables import kernel_tables
@@ -100,16 +100,16 @@ class _Responder:
 def _verify(table) -> tuple[Optional[str], list[tuple[str, int]]]:
     """Compile and load the table's programs as the service would (LOG rules with a
     ring of their own), then let them go."""
-    ring, routes, lists = LogRing.create(), LocalRoutes.create(), RecentLists.create()
+    ring, routes, shared = LogRing.create(), LocalRoutes.create(), SharedState.create()
     try:
         ruleset = load_ruleset(table, {**ring.maps(), **ring.maps(ANSWER_REFS),
-                                       **routes.maps(), **lists.maps()})
+                                       **routes.maps(), **shared.maps()})
     except (BpfilterError, BpfError) as err:   # the verifier's refusal is bpfilter's too
         return str(err), []
     finally:
         ring.close()
         routes.close()
-        lists.close()
+        shared.close()
     try:
         return None, [(r.program.name, r.insn_count) for r in ruleset.hooks.values()]
     finally:

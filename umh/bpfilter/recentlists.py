@@ -13,7 +13,8 @@ import os
 from .bpf import syscall as bpf
 from .bpf.btfgen import BtfBuilder
 from .ext.recent import (ENTRY_KEY, ENTRY_VALUE, LIST_KEY, LIST_VALUE, RECENT_BLANK,
-                         RECENT_ENTRIES, RECENT_LISTS, list_id)
+                         RECENT_ENTRIES, RECENT_LISTS, list_id, served_lists)
+from .model import Table
 
 MAX_LISTS = 4096
 MAX_ENTRIES = 1 << 16
@@ -21,7 +22,7 @@ _PINS = {"recent_lists": RECENT_LISTS, "recent_entries": RECENT_ENTRIES,
          "recent_blank": RECENT_BLANK}
 
 
-def _locked_btf(name: str, key_size: int, value_size: int) -> tuple[bytes, int, int]:
+def locked_btf(name: str, key_size: int, value_size: int) -> tuple[bytes, int, int]:
     """BTF for a key of `key_size` bytes and a value with a bpf_spin_lock first."""
     b = BtfBuilder()
     u8 = b.integer("unsigned char", 1, False)
@@ -38,7 +39,7 @@ class RecentLists:
         self.fds = fds
 
     @classmethod
-    def pinned(cls, root: str) -> "RecentLists":
+    def pinned(cls, root: str, log=None) -> "RecentLists":
         fds: dict[str, int] = {}
         try:
             for name in _PINS:
@@ -61,19 +62,23 @@ class RecentLists:
     def maps(self) -> dict:
         return {ref: self.fds[name] for name, ref in _PINS.items()}
 
-    def ensure(self, inum: int, lists: list[tuple[str, bytes]]) -> None:
+    def names(self, table: Table) -> bool:
+        return bool(served_lists(table))
+
+    def prepare(self, inum: int, table: Table) -> None:
         """The lists a table about to be loaded names, made (with the mask of the
         first rule to name each) unless they exist."""
-        for name, mask in lists:
+        for name, mask in served_lists(table):
             key = LIST_KEY.pack(inum, 0, list_id(name))
             if bpf.map_lookup(self.fds["recent_lists"], key, LIST_VALUE.size) is None:
                 bpf.map_update(self.fds["recent_lists"], key, LIST_VALUE.pack(0, 0, 0, mask),
                                bpf.BPF_NOEXIST)
 
-    def retain(self, named: dict[int, set[str]]) -> None:
-        """Every list, and its entries, that no table names any more: `named` gives,
-        for each namespace with tables, the lists they name."""
-        ids = {inum: {list_id(n) for n in names} for inum, names in named.items()}
+    def retain(self, tables: dict[int, list[Table]]) -> None:
+        """Every list, and its entries, that no table names any more: `tables` gives,
+        for each namespace with tables, its tables."""
+        ids = {inum: {list_id(name) for table in named for name, _ in served_lists(table)}
+               for inum, named in tables.items()}
         lists, entries = self.fds["recent_lists"], self.fds["recent_entries"]
         gone = set()
         key = None
@@ -108,7 +113,7 @@ def _create_closing_btf(name: str) -> int:
     key_size, value_size, entries = ((LIST_KEY.size, LIST_VALUE.size, MAX_LISTS)
                                      if name == "recent_lists"
                                      else (ENTRY_KEY.size, ENTRY_VALUE.size, MAX_ENTRIES))
-    blob, key_type, value_type = _locked_btf(name, key_size, value_size)
+    blob, key_type, value_type = locked_btf(name, key_size, value_size)
     btf_fd = bpf.btf_load(blob)
     try:
         return bpf.map_create(bpf.BPF_MAP_TYPE_HASH, key_size, value_size, entries, short,

@@ -34,10 +34,9 @@ from .compiler import trace
 from .errors import BpfilterError
 from .ext import known_match_revisions, known_target_revisions, xtmatch
 from .ext.addrtype import needs_local_routes
-from .ext.recent import served_lists
 from .klog import ANSWER_REFS, KmsgWriter, LogRing, devkmsg_writable
 from .localroutes import LocalRoutes
-from .recentlists import RecentLists
+from .sharedstate import SharedState
 from .loader import HookSlot, Ruleset, attach_slots, load_ruleset, load_twin
 from .model import Family, Hook, Table
 from .store import Store, TableKey
@@ -171,7 +170,7 @@ class Service:
         self.tables: dict[TableKey, TableState] = {}
         self.log_ring = LogRing.pinned(store.root)
         self.local_routes = LocalRoutes.pinned(store.root, log)
-        self.recent_lists = RecentLists.pinned(store.root)
+        self.shared = SharedState.pinned(store.root, log)
         self._netns_refs = netnswatch.open_watch(log)
         self._last_request: Optional[float] = None   # since the last collection
         self._uncollected = 0                          # requests since the last collection
@@ -236,6 +235,8 @@ class Service:
                 slot.fill(gen.rules[hook])
             store.discard_uncommitted(key)
             raw, table = table_from_blob(gen.blob, key.family)
+            # its rules bound to what they share, as when it was loaded
+            self.shared.prepare(key.inum, table)
         except BaseException:
             if gen is not None:
                 gen.close()
@@ -291,16 +292,16 @@ class Service:
                 self.tables.pop(key).close()
                 self.store.remove(key)
         self.local_routes.forget(self._reading_local_routes())
-        self.retain_recent_lists()
+        self.retain_shared()
 
-    def retain_recent_lists(self) -> None:
-        """The recent lists some table names; the others go, with their entries."""
-        named: dict[int, set[str]] = {}
+    def retain_shared(self) -> None:
+        """What recent lists and hashlimit htables some table names; the others go,
+        with their entries."""
+        named: dict[int, list[Table]] = {}
         for key, state in list(self.tables.items()):
             if state.ruleset is not None:
-                named.setdefault(key.inum, set()).update(
-                    name for name, _ in served_lists(state.ruleset.table))
-        self.recent_lists.retain(named)
+                named.setdefault(key.inum, []).append(state.ruleset.table)
+        self.shared.retain(named)
 
     def _reading_local_routes(self) -> set[tuple[int, int]]:
         """The namespaces (inum, cookie) with a table that reads the local routes."""
@@ -348,7 +349,7 @@ class Service:
         mirror of the namespaces' local routing tables, for addrtype rules; the lists
         of recent rules."""
         always = {**self.log_ring.maps(ANSWER_REFS), **self.local_routes.maps(),
-                  **self.recent_lists.maps()}
+                  **self.shared.maps()}
         return {**always, **self.log_ring.maps()} if devkmsg_writable() else always
 
     def close(self) -> None:
@@ -361,7 +362,7 @@ class Service:
         self.tables.clear()
         self.log_ring.close()
         self.local_routes.close()
-        self.recent_lists.close()
+        self.shared.close()
         if self._netns_refs is not None:
             self._netns_refs.close()
 
@@ -569,7 +570,7 @@ class _Caller:
         service, store = self.service, self.service.store
         netns_path = self.netns_path
         traced = self._traced(key, table)
-        service.recent_lists.ensure(self.inum, served_lists(table))
+        service.shared.prepare(self.inum, table)
         if needs_local_routes(table):
             # filled before the first packet meets the rules (forgotten, if the replace
             # fails, by the next sweep)
@@ -621,10 +622,10 @@ class _Caller:
                     lambda: ctnetns.release(netns_path, self.family))
         state = TableState(key, raw, ruleset, slots, generation=gen)
         service.tables[key] = state
-        if served_lists(table) or (previous is not None and previous.ruleset is not None
-                                   and served_lists(previous.ruleset.table)):
-            _logged(f"netns {self.inum}: forgetting the recent lists no table names",
-                    service.retain_recent_lists)
+        if service.shared.names(table) or (previous is not None and previous.ruleset is not None
+                                           and service.shared.names(previous.ruleset.table)):
+            _logged(f"netns {self.inum}: forgetting the recent lists and htables no table names",
+                    service.retain_shared)
         for sibling, twin in twins:
             self._put_twin(sibling, twin)
         return state

@@ -22,6 +22,7 @@ from ..model import Family
 from ..tables import kernel_tables
 from . import families
 from .xtables import (
+    CHECKENTRY_WRITES,
     HOOK_NAMES,
     INT_MAX,
     NF_ACCEPT,
@@ -573,6 +574,9 @@ def _payload_to_user(kind: str, obj, size: int) -> bytes:
         usersize = 4
     elif kind == "target" and obj.name == XT_ERROR_TARGET:
         usersize = XT_FUNCTION_MAXNAMELEN
+    written = CHECKENTRY_WRITES.get((kind, obj.name, obj.revision))
+    if written is not None:
+        data = written(data)
     if usersize is not None:
         data = data[:usersize] + bytes(max(0, len(data) - usersize))
     return data

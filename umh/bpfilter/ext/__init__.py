@@ -381,5 +381,6 @@ from . import ah, dccp, esp, eui64, frag, hbh, ipv6header, mh, rt, sctp, srh  # 
 from . import connmark, nat, statistic  # noqa: E402,F401
 # what only the kernel's own extensions can be, run by bpfilter.ko (ext/xtmatch.py)
 from . import nfacct, quota, recent  # noqa: E402,F401
-from . import connbytes, connstate, cpu, ct, dscp, ecn, hl, skbinfo, tcpmss, tcpoptstrip  # noqa: E402,F401
+from . import connbytes, connstate, cpu, ct, dscp, ecn, hl, skbinfo, tcpmss  # noqa: E402,F401
+from . import hashlimit, tcpoptstrip  # noqa: E402,F401
 from . import kernelside, tproxy, trace  # noqa: E402,F401

@@ -1,7 +1,6 @@
 """Matches and targets bpfilter.ko runs as the kernel's own (ext/xtmatch.py) because
 what they keep or reach lives only in the kernel:
 
-  hashlimit  its buckets, listed under /proc/net/ipt_hashlimit/ (ip6t_hashlimit/)
   connlimit  the kernel's connection counting (nf_conncount)
   string     the kernel's textsearch (bm, kmp), over the skb's fragments
   time       the packet's arrival time against the kernel's clock and time zone
@@ -20,7 +19,7 @@ errno, when the table is loaded. Without bpfilter.ko such a table is refused.
 """
 from __future__ import annotations
 
-from construct import Bytes, Int8sn, Int8un, Int16un, Int32un, Int64un, Padding, Struct
+from construct import Bytes, Int8sn, Int8un, Int16un, Int32un, Padding, Struct
 
 from . import BOTH_FAMILIES
 from .xtmatch import c_string, plain_kernel_extension
@@ -29,12 +28,6 @@ _STATE = "whose state only the kernel keeps"
 _CODE = "which only the kernel's code can run"
 _HANDS = "which hands the packet to a kernel subsystem"
 
-xt_hashlimit_mtinfo1 = Struct("name" / Bytes(16), "mode" / Int32un, "avg" / Int32un,
-                              "burst" / Int32un, Padding(56 - 28))
-xt_hashlimit_mtinfo2 = Struct("name" / Bytes(255), Padding(1), "avg" / Int64un,
-                              "burst" / Int64un, "mode" / Int32un, Padding(304 - 276))
-xt_hashlimit_mtinfo3 = Struct("name" / Bytes(255), Padding(1), "avg" / Int64un,
-                              "burst" / Int64un, "mode" / Int32un, Padding(312 - 276))
 xt_connlimit_info = Struct("mask" / Bytes(16), "limit" / Int32un, "flags" / Int32un, Padding(8))
 xt_string_info = Struct("from_offset" / Int16un, "to_offset" / Int16un, "algo" / Bytes(16),
                         "pattern" / Bytes(128), "patlen" / Int8un, "flags" / Int8un,
@@ -60,21 +53,11 @@ idletimer_tg_info_v1 = Struct("timeout" / Int32un, "label" / Bytes(28), "send_nl
 xt_rateest_target_info = Struct("name" / Bytes(16), "interval" / Int8sn, "ewma_log" / Int8un,
                                 Padding(14))
 
-XT_HASHLIMIT_INVERT = 0x08
 XT_STRING_FLAG_INVERT = 0x01
 XT_CONNLIMIT_INVERT = 0x01
 XT_AUDIT_TYPES = ("accept", "drop", "reject")
 
 
-def _hashlimit(f: dict) -> str:
-    return f"limit: {'above' if f['mode'] & XT_HASHLIMIT_INVERT else 'up to'} " \
-           f"{f['avg']} burst {f['burst']} name {c_string(f['name'])}"
-
-
-for revision, struct in ((1, xt_hashlimit_mtinfo1), (2, xt_hashlimit_mtinfo2),
-                         (3, xt_hashlimit_mtinfo3)):
-    plain_kernel_extension("match", "hashlimit", struct, BOTH_FAMILIES, revisions=(revision,),
-                           why=_STATE, describe=_hashlimit)
 plain_kernel_extension("match", "connlimit", xt_connlimit_info, BOTH_FAMILIES, revisions=(1,),
                        why=_STATE, family_independent=True,
                        describe=lambda f: "#conn "
