@@ -27,7 +27,7 @@ _COMMON = """
     match physdev: needs bpfilter.ko (kernel module mode)
     match recent: needs bpfilter.ko (kernel module mode) for --rttl (the kernel may then keep two entries for one address)
     match policy: needs bpfilter.ko (kernel module mode)
-    match rateest: revision N is not supported by bpfilter
+    match rateest: needs bpfilter.ko (kernel module mode)
     match rpfilter: needs bpfilter.ko (kernel module mode)
     match socket: needs bpfilter.ko (kernel module mode)
     match string: needs bpfilter.ko (kernel module mode)
@@ -41,7 +41,7 @@ _COMMON = """
     target CONNSECMARK: revision N is not supported by bpfilter
     target CT: needs bpfilter.ko (kernel module mode)
     target DSCP: needs bpfilter.ko (kernel module mode)
-    target HMARK: revision N is not supported by bpfilter
+    target HMARK: needs bpfilter.ko (kernel module mode)
     target IDLETIMER: needs bpfilter.ko (kernel module mode)
     target LOG: --log-uid is not supported by bpfilter
     target MARK: needs bpfilter.ko (kernel module mode) to write the packet's mark

@@ -780,7 +780,8 @@ def test_kmod_mangle_and_raw_tables(module):
     are the MSS of the SYN the server accepts; NOTRACK and CT --notrack leave no
     conntrack entry and are UNTRACKED in filter; rpfilter drops a source with no route
     back; the kernel's own matches (ttl after TTL, dscp, tos, tcpmss, connbytes,
-    helper) and CLASSIFY, CHECKSUM and CT --zone run; what the checkentries refuse (TOS outside mangle, CT outside raw, TCPMSS
+    helper) and CLASSIFY, CHECKSUM and CT --zone run; HMARK's mark picks uplink 2 and the
+    next rule's -m mark sees it; TEE's copy leaves by uplink 2 beside the original; what the checkentries refuse (TOS outside mangle, CT outside raw, TCPMSS
     without a SYN test, PMTU clamping in PREROUTING) is refused with the kernel's
     errno; every table's `-save -c` counters are the kernel's."""
     kver = harness.kernel_release()
@@ -795,6 +796,8 @@ def test_kmod_mangle_and_raw_tables(module):
                          "connmarked eth2: yes", f"marked in OUTPUT udp {svc} 7003: reply",
                          "rerouted eth2: yes", "rerouted eth1: no",
                          "conntrack entries made: 0", f"notrack udp {svc} 7007: reply",
+                         "hmarked eth1: no", "hmarked eth2: yes", "teed eth1: yes",
+                         "teed eth2: yes",
                          f"unroutable source udp {svc} 7012 from "
                          f"{'fd07::7' if ':' in svc else '198.18.7.7'}: no reply"):
                 assert f"{line}\n" in ref, ref
@@ -886,9 +889,9 @@ def test_kmod_log_trace_ecn_tproxy_and_physdev(module):
 def test_kmod_iptables_test_files_of_the_kernels_extensions():
     """iptables' own test files for the kernel's matches and targets bpfilter.ko runs
     (tools/vm/scenarios/kmod-tfiles.sh: TRACE, ECN, TCPOPTSTRIP, TOS, DSCP, TTL, HL,
-    TCPMSS, CHECKSUM, CLASSIFY, CT, NOTRACK, NFLOG, AUDIT, IDLETIMER, RATEEST; connbytes,
-    connlabel, helper, realm, rpfilter, hashlimit, connlimit, string, time, u32, cgroup,
-    policy; and bpfilter's own dscp, tos, ecn, tcpmss, cpu, quota, dccp, sctp, ipcomp
+    TCPMSS, CHECKSUM, CLASSIFY, CT, NOTRACK, NFLOG, AUDIT, IDLETIMER, RATEEST, HMARK;
+    connbytes, connlabel, helper, realm, rpfilter, hashlimit, connlimit, string, time, u32,
+    cgroup, policy, rateest; and bpfilter's own dscp, tos, ecn, tcpmss, cpu, quota, dccp, sctp, ipcomp
     through the module), both families, against ip_tables and
     ip6_tables in the same guest: every case, on every chain its file names, answers
     as the kernel's (exit status, complaint, listing). The answers are the kernel's
@@ -909,6 +912,80 @@ def test_kmod_iptables_test_files_of_the_kernels_extensions():
            "--ecn-tcp-remove: 0 \n" in cases, cases
     assert "libxt_TCPOPTSTRIP.t ip6tables-legacy -t mangle -A FORWARD -p tcp -j TCPOPTSTRIP " \
            "--strip-options 2,3,4,5,6,7: 0 \n" in cases, cases
+
+
+def tfile_cases(section: str) -> tuple[dict[str, str], dict[tuple[str, str, str], str]]:
+    """A kmod-tfiles.sh section: each case (its line up to the colon) -> its status and
+    complaint; and each (file, tool, table) block's listing."""
+    cases, listings, block = {}, {}, []
+    for line in section.splitlines():
+        found = re.match(r"^(\S+\.t) (\S+) -t (\S+) -A \S+ .*?: (\d+) ?(.*)$", line)
+        if found:
+            case = line[:line.index(f": {found.group(4)}", found.end(3))]
+            cases[case] = f"{found.group(4)} {found.group(5)}"
+            key = found.group(1, 2, 3)
+            if block and block[0] != key:
+                block = []
+            if not block:
+                block = [key, []]
+                listings[key] = ""
+            continue
+        if block:
+            listings[block[0]] += line + "\n"
+    return cases, listings
+
+
+@pytest.mark.kernels
+@pytest.mark.conformance
+def test_kmod_every_iptables_test_file():
+    """Every iptables test file (tests/iptables-tests: both families, every table),
+    case by case on every chain it names, through bpfilter.ko and through ip_tables and
+    ip6_tables in the same guest (tools/vm/scenarios/kmod-tfiles.sh). A case agrees when
+    the exit status and complaint are the kernel's and its table's listing after its
+    file is the kernel's; at least 97% of the filter table's cases agree, and every
+    other case is a refusal naming its reason (bpfilter.ko's EOPNOTSUPP: "Operation not
+    supported"). The figures are printed."""
+    kver = harness.kernel(harness.DEFAULT_KERNEL).kver
+    _run(["bash", str(ROOT / "tools/build-helper.sh"), "--helper-only"])
+    module = harness.build_module(ROOT, kver)
+    suite = ROOT / "tests/iptables-tests"
+    files = sorted([*suite.glob("*.t"), *suite.glob("ip6/*.t")], key=lambda t: t.name)
+    listed = Path(harness.cache_dir()) / "tfiles-all"
+    listed.write_text("\n".join(t.name for t in files) + "\n")
+    extra = {**harness.system_libraries(), f"/lib/modules/{kver}/extra/bpfilter.ko": str(module),
+             "/etc/bpfilter-vm/tfiles": str(listed),
+             **{f"/etc/bpfilter-vm/t/{t.name}": str(t) for t in files}}
+    s = reference_then_bpfilter("kmod-tfiles.sh", extra, timeout=5400, kver=kver)
+    kernel, kernel_lists = tfile_cases(s["reference test files"])
+    ours, our_lists = tfile_cases(s["bpfilter test files"])
+    assert kernel.keys() == ours.keys()
+    agree, refused, other = {}, {}, {}
+    for case, answer in kernel.items():
+        file, tool, table = case.split(" ")[0], case.split(" ")[1], case.split(" ")[3]
+        same = ours[case] == answer and our_lists.get((file, tool, table)) == \
+            kernel_lists.get((file, tool, table))
+        family = "ipv6" if tool.startswith("ip6") else "ipv4"
+        where = (family, table == "filter")
+        agree.setdefault(where, 0)
+        if same:
+            agree[where] += 1
+        elif "Operation not supported" in ours[case] or "not supported" in ours[case]:
+            refused.setdefault(where, []).append(case)
+        else:
+            other.setdefault(where, []).append((case, answer, ours[case]))
+    for (family, is_filter), count in sorted(agree.items()):
+        total = count + len(refused.get((family, is_filter), [])) + \
+            len(other.get((family, is_filter), []))
+        print(f"{family} {'filter' if is_filter else 'other tables'}: {count}/{total} "
+              f"agree ({100 * count / total:.1f}%), "
+              f"{len(refused.get((family, is_filter), []))} refused")
+    for where, cases in sorted(refused.items()):
+        print(f"refused {where}: " + "; ".join(sorted({c.split(' ', 5)[5][:60] for c in cases})))
+    assert not other, other
+    for family in ("ipv4", "ipv6"):
+        count = agree[(family, True)]
+        total = count + len(refused.get((family, True), []))
+        assert count >= 0.97 * total, (family, count, total)
 
 
 @pytest.mark.kernels

@@ -1212,6 +1212,36 @@ def test_hashlimit_buckets_behave_as_the_kernels(svc, nets):
     assert len(counts) == 10 and len(set(counts)) > 5, kernel
 
 
+def test_a_refused_table_leaves_no_htable_behind(svc, nets):
+    """A table whose second hashlimit rule is a rate match of the first's htable is
+    refused (EINVAL, hashlimit_mt_check_common()), and the htable its first rule made
+    goes with it: the next table naming it makes it anew, with its own burst, for
+    bpfilter as for the kernel."""
+    head = HASHLIMIT_RULES.split("-A INPUT")[0]
+    first = head + (
+        "-A INPUT -p udp -m hashlimit --hashlimit-upto 1/hour --hashlimit-burst 1 "
+        "--hashlimit-name again\n-A INPUT -p udp -m hashlimit --hashlimit-upto 1/hour "
+        "--hashlimit-name again --hashlimit-rate-match\nCOMMIT\n")
+    second = head + (
+        "-A INPUT -p udp -m hashlimit --hashlimit-upto 1/hour --hashlimit-burst 4 "
+        "--hashlimit-name again\nCOMMIT\n")
+    (kc, ks), (bc, bs) = _pairs(svc, nets, second.replace("burst 4", "burst 2"), "10.88.0", 24)
+    for server, run in ((ks, svc.kok), (bs, svc.ok)):
+        run(server, "iptables-legacy", "-F")      # the htable goes with its rule
+        with pytest.raises(AssertionError):
+            run(server, "iptables-legacy-restore", input=first)
+        run(server, "iptables-legacy-restore", input=second)
+    for client in (kc, bc):
+        with netns.entered(client):
+            tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with tx:
+            for _ in range(6):
+                tx.sendto(b"x", ("10.88.0.2", 9))
+    time.sleep(0.1)
+    kernel = _same_listing(svc, ks, bs)
+    assert re.search(r"^\s+4\s+\d+\s+17\s+--.*burst 4", kernel, re.M), kernel
+
+
 CONNBYTES_RULES = """*filter
 :INPUT ACCEPT [0:0]
 :FORWARD ACCEPT [0:0]

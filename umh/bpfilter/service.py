@@ -570,19 +570,27 @@ class _Caller:
         service, store = self.service, self.service.store
         netns_path = self.netns_path
         traced = self._traced(key, table)
-        service.shared.prepare(self.inum, table)
+        try:
+            service.shared.prepare(self.inum, table)
+            ruleset = load_ruleset(table, service.environment(), previous and previous.ruleset,
+                                   netns_path, traced)
+        except BaseException:
+            # what its checkentries made goes with it, as with the kernel's cleanup
+            _logged(f"netns {self.inum}: forgetting what a refused table made",
+                    service.retain_shared)
+            raise
         if needs_local_routes(table):
             # filled before the first packet meets the rules (forgotten, if the replace
             # fails, by the next sweep)
             service.local_routes.follow(self.inum, self.cookie, netns_path)
-        ruleset = load_ruleset(table, service.environment(), previous and previous.ruleset,
-                               netns_path, traced)
         # the family's other tables trace as the raw table says: loaded again before
         # anything changes, so that one that cannot refuses the replace
         try:
             twins = self._load_twins(traced) if key.table == "raw" else []
         except BaseException:
             ruleset.close()
+            _logged(f"netns {self.inum}: forgetting what a refused table made",
+                    service.retain_shared)
             raise
         slots = previous.slots if previous else {}
         had_conntrack = previous is not None and previous.ruleset.uses_conntrack
@@ -610,6 +618,7 @@ class _Caller:
                     and self.stranded != gen:
                 undo.append(lambda: store.discard(key, gen))   # (committed: see _swap)
             undo.append(ruleset.close)
+            undo.append(service.retain_shared)
             undo.extend(twin.close for _, twin in twins)
             if held:
                 undo.append(lambda: ctnetns.release(netns_path, self.family))

@@ -12,7 +12,9 @@
 # which accepts them) are routed again (ip_route_me_harder()); TTL/HL, DSCP and TOS rewrites are seen by srv's socket, a
 # clamped MSS in the SYN srv accepts; NOTRACK makes datagrams UNTRACKED in filter and
 # leaves no conntrack entry; the kernel's own matches (dscp, tos, ttl after TTL, tcpmss,
-# connbytes, helper) count what they see; rpfilter drops what comes from an address
+# connbytes, helper) count what they see; HMARK's mark (its hash, modulo 1, plus 1)
+# picks uplink 2 and the next rule's -m mark sees it; TEE's copy goes out by uplink 2
+# beside the original's on uplink 1; rpfilter drops what comes from an address
 # with no route back; refusals are the kernel's. Each phase ends
 # with every table's counters (iptables-save -c).
 . /etc/bpfilter-vm/lib.sh
@@ -81,6 +83,9 @@ COMMIT
 -A PREROUTING -j CONNMARK --restore-mark
 -A PREROUTING -i vin0 -p udp -m udp --dport 7001 -j MARK --set-mark 1
 -A PREROUTING -i vin0 -p tcp -m tcp --dport 7002 -m mark --mark 0 -j MARK --set-mark 1
+-A PREROUTING -i vin0 -p udp -m udp --dport 7013 -j HMARK --hmark-tuple src,dst --hmark-mod 1 --hmark-offset 1
+-A PREROUTING -i vin0 -p udp -m udp --dport 7013 -m mark --mark 1
+-A PREROUTING -i vin0 -p udp -m udp --dport 7014 -j TEE --gateway 198.18.3.2
 -A PREROUTING -j CONNMARK --save-mark
 -A FORWARD -p udp -m udp --dport 7004 -j TTL --ttl-set 33
 -A FORWARD -p udp -m udp --dport 7004 -m ttl --ttl-eq 33
@@ -113,7 +118,7 @@ COMMIT'
 # IPv6: the same, with HL for TTL; DSCP and TOS write the traffic class
 RULES6=$(echo "$RULES4" | sed -e 's/-j TTL --ttl-set 33/-j HL --hl-set 33/' \
 	-e 's/-m ttl --ttl-eq 33/-m hl --hl-eq 33/' -e 's/-j TTL --ttl-dec 5/-j HL --hl-dec 5/' \
-	-e 's/-m ttl --ttl-eq 58/-m hl --hl-eq 58/')
+	-e 's/-m ttl --ttl-eq 58/-m hl --hl-eq 58/' -e 's/--gateway 198.18.3.2/--gateway fd03::2/')
 
 # arrived NAME DEV: whether srv's DEV (an uplink) received anything since last asked
 arrived() {
@@ -128,7 +133,8 @@ mangle_probes() {
 	uplinks
 	echo "$RULES4" | ip netns exec fw iptables-legacy-restore || echo "restore: refused"
 	echo "$RULES6" | ip netns exec fw ip6tables-legacy-restore || echo "restore6: refused"
-	SERVE_PEERS=headers serve srv 90 7001 7002 7003 7004 7005 7006 7007 7008 7009 7010 7011 7012
+	SERVE_PEERS=headers serve srv 90 7001 7002 7003 7004 7005 7006 7007 7008 7009 7010 7011 7012 \
+		7013 7014
 	arrived start eth1 >/dev/null; arrived start eth2 >/dev/null
 	for svc in $SVC4 $SVC6; do
 		case $svc in *:*) spoofed=fd07::7 ;; *) spoofed=198.18.7.7 ;; esac
@@ -152,6 +158,10 @@ mangle_probes() {
 		ask "tos" cli $svc 7010
 		ask "ttl dec" cli $svc 7011
 		ask "classify" cli $svc 7012
+		ask "hmarked" cli $svc 7013
+		arrived hmarked eth1; arrived hmarked eth2
+		ask "teed" cli $svc 7014
+		arrived teed eth1; arrived teed eth2
 	done
 	# what the checkentries refuse, with the kernel's errno
 	echo "TOS in filter: $(ip netns exec fw iptables-legacy -A FORWARD -j TOS --set-tos 0x10 2>&1 | head -1)"

@@ -292,7 +292,16 @@ def bind(table, existing: dict[str, HtableConfig]) -> None:
     for name, cfg in served_htables(table):
         found.setdefault(name, cfg)
     for chain in table.chains.values():
-        for rule in chain.rules:
+        for position, rule in enumerate(chain.rules, 1):
+            for m in rule.matches:
+                # hashlimit_mt_check_common(): a rate match and a token bucket of one
+                # htable would read each other's state
+                if isinstance(m, ServedHashlimitMatch) and \
+                        (m.cfg.mode ^ found[m.table_name].mode) & XT_HASHLIMIT_RATE_MATCH:
+                    raise BpfilterError(errno.EINVAL, f"chain {chain.name} rule {position}: "
+                                                      f"hashlimit: htable {m.table_name!r} "
+                                                      f"is {'not ' if m.cfg.mode & XT_HASHLIMIT_RATE_MATCH else ''}"
+                                                      f"a rate match's")
             rule.matches = [replace(m, htable=found[m.table_name])
                             if isinstance(m, ServedHashlimitMatch) else m
                             for m in rule.matches]
@@ -486,7 +495,8 @@ def _emit_recalc(asm, m: ServedHashlimitMatch, h: HtableConfig, hz: int) -> None
     # R2 = delta
     if m.revision >= 3 and h.mode & XT_HASHLIMIT_RATE_MATCH:
         window = asm.label("hashlimit_window")
-        asm.emit(BPF_LDX_MEM(BPF_W, R3, R8, U_INTERVAL), BPF_ALU64_IMM(I.BPF_MUL, R3, hz),
+        # (u64)(interval * HZ): a u32 product, as the kernel's
+        asm.emit(BPF_LDX_MEM(BPF_W, R3, R8, U_INTERVAL), BPF_ALU32_IMM(I.BPF_MUL, R3, hz),
                  BPF_JMP_REG(I.BPF_JLT, R2, R3, end),
                  BPF_STX_MEM(BPF_DW, R8, R7, E_PREV),
                  # prev_window = current_rate * interval > delta * rate

@@ -2,26 +2,32 @@
 what they keep or reach lives only in the kernel:
 
   connlimit  the kernel's connection counting (nf_conncount)
+  rateest    the rate estimators of RATEEST targets
+  osf        the operating system fingerprints nfnetlink_osf loads
   string     the kernel's textsearch (bm, kmp), over the skb's fragments
   time       the packet's arrival time against the kernel's clock and time zone
   u32        its little program over the packet
   cgroup     the sending socket's cgroup
   policy     the IPsec state the packet went through or will
 and targets that hand the packet to a kernel subsystem without changing it: NFLOG
-(nfnetlink_log), AUDIT, IDLETIMER (its sysfs timers) and RATEEST (rate estimators).
+(nfnetlink_log), AUDIT, IDLETIMER (its sysfs timers), RATEEST (rate estimators) and TEE
+(nf_dup_ipv4/6: the copy passes the namespace's hooks, bpfilter's programs run again
+inside the target, as ip_tables' do).
 bpfilter.ko runs only those it lists (kmod/xtmatch.c); not yet bpf (a BPF program run
-from the module's kfunc, nested in bpfilter's), cluster (which rewrites pkt_type, a
-fact the prologue reads once), TEE (a copy sent through the hooks from inside them)
-and HMARK (which writes the mark): those are refused.
+from the module's kfunc, nested in bpfilter's) and cluster (which rewrites pkt_type, a
+fact the prologue reads once): those are refused.
 
 bpfilter's model of each is its payload: the kernel's checkentry judges it, with its
 errno, when the table is loaded. Without bpfilter.ko such a table is refused.
 """
 from __future__ import annotations
 
+import ipaddress
+
 from construct import Bytes, Int8sn, Int8un, Int16un, Int32un, Padding, Struct
 
 from . import BOTH_FAMILIES
+from ..model import Family, Hook
 from .xtmatch import c_string, plain_kernel_extension
 
 _STATE = "whose state only the kernel keeps"
@@ -50,9 +56,18 @@ xt_audit_info = Struct("type" / Int8un)
 idletimer_tg_info = Struct("timeout" / Int32un, "label" / Bytes(28), Padding(8))
 idletimer_tg_info_v1 = Struct("timeout" / Int32un, "label" / Bytes(28), "send_nl_msg" / Int8un,
                               "timer_type" / Int8un, Padding(14))
+xt_rateest_match_info = Struct("name1" / Bytes(16), "name2" / Bytes(16), "flags" / Int16un,
+                               "mode" / Int16un, "bps1" / Int32un, "pps1" / Int32un,
+                               "bps2" / Int32un, "pps2" / Int32un, Padding(4),
+                               "_est1" / Bytes(8), "_est2" / Bytes(8))
+xt_osf_info = Struct("genre" / Bytes(32), "len" / Int32un, "flags" / Int32un,
+                     "loglevel" / Int32un, "ttl" / Int32un)
+xt_tee_tginfo = Struct("gw" / Bytes(16), "oif" / Bytes(16), "_priv" / Bytes(8))
 xt_rateest_target_info = Struct("name" / Bytes(16), "interval" / Int8sn, "ewma_log" / Int8un,
                                 Padding(14))
 
+IPPROTO_TCP = 6
+_OSF_HOOKS = sum(1 << h.value for h in (Hook.LOCAL_IN, Hook.PRE_ROUTING, Hook.FORWARD))
 XT_STRING_FLAG_INVERT = 0x01
 XT_CONNLIMIT_INVERT = 0x01
 XT_AUDIT_TYPES = ("accept", "drop", "reject")
@@ -79,6 +94,15 @@ for revision, struct in ((0, xt_cgroup_info_v0), (1, xt_cgroup_info_v1), (2, xt_
                                                            else str(f.get("id", ""))))
 plain_kernel_extension("match", "policy", xt_policy_info, BOTH_FAMILIES, why=_STATE,
                        describe=lambda f: "policy match")
+# the fingerprints nfnetlink_osf loads
+plain_kernel_extension("match", "osf", xt_osf_info, (Family.IPV4,), why=_STATE,
+                       proto=IPPROTO_TCP, hooks=_OSF_HOOKS,
+                       describe=lambda f: f"OS fingerprint match {c_string(f['genre'])}")
+# the estimators RATEEST targets make, found by name (xt_rateest_lookup())
+plain_kernel_extension("match", "rateest", xt_rateest_match_info, BOTH_FAMILIES, why=_STATE,
+                       family_independent=True,
+                       describe=lambda f: f"rateest {c_string(f['name1'])}"
+                       + (f" {c_string(f['name2'])}" if f["name2"][0] else ""))
 
 plain_kernel_extension("target", "NFLOG", xt_nflog_info, BOTH_FAMILIES, why=_HANDS,
                        family_independent=True,
@@ -93,6 +117,13 @@ for revision, struct in ((0, idletimer_tg_info), (1, idletimer_tg_info_v1)):
                            revisions=(revision,), family_independent=True,
                            describe=lambda f: f"timeout:{f['timeout']} "
                            f"label:{c_string(f['label'])}")
+# a copy routed to --gateway (nf_dup_ipv4/6), which passes the hooks of the namespace,
+# bpfilter's programs among them, before the original goes on
+plain_kernel_extension("target", "TEE", xt_tee_tginfo, BOTH_FAMILIES, why=_HANDS,
+                       revisions=(1,),
+                       describe=lambda f: "TEE gw:" + (str(ipaddress.ip_address(f["gw"][:4]))
+                                                      if not any(f["gw"][4:])
+                                                      else str(ipaddress.ip_address(f["gw"]))))
 plain_kernel_extension("target", "RATEEST", xt_rateest_target_info, BOTH_FAMILIES, why=_HANDS,
                        family_independent=True,
                        describe=lambda f: f"name {c_string(f['name'])}")

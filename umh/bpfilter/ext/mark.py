@@ -1,11 +1,13 @@
-"""-m mark: --mark VALUE[/MASK] (struct xt_mark_mtinfo1, revision 1), and -j MARK."""
+"""-m mark: --mark VALUE[/MASK] (struct xt_mark_mtinfo1, revision 1), -j MARK, and
+-j HMARK (the kernel's own: its hash of the packet's or its connection's tuple)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from construct import Int8un, Int32ul, Struct
+from construct import Bytes, Int8un, Int16ul, Int32ul, Padding, Struct
 
 from ..bpf import insn as I
+from ..bpf.btf import Btf
 from ..bpf.insn import (BPF_ALU32_IMM, BPF_CALL_KFUNC, BPF_DW, BPF_LDX_MEM, BPF_MOV64_IMM,
                         BPF_STX_MEM, BPF_W, R1, R2, R3, R6, R7, Kfunc)
 from ..packet import facts
@@ -13,6 +15,7 @@ from ..packet.primitives import emit_masked_equal
 from ..model import ExtensionTarget, Match
 from . import (BOTH_FAMILIES, MODULE, MatchExtension, TargetExtension, missing_kfunc,
                register_match, register_target, xt_invert)
+from .xtmatch import plain_kernel_extension
 
 xt_mark_mtinfo1 = Struct(
     "mark" / Int32ul,
@@ -126,3 +129,24 @@ class SetMark(TargetExtension):
                  BPF_ALU32_IMM(I.BPF_XOR, R1, target.mark),
                  BPF_STX_MEM(BPF_W, R6, R1, facts.MARK))
 
+
+
+# -j HMARK (struct xt_hmark_info, revision 0): hmark_tg_v4/v6 write the mark from
+# their hash; the kernel's own, run by bpfilter.ko (ext/xtmatch.py). The next rules'
+# `-m mark` read what it wrote.
+xt_hmark_info = Struct("src_mask" / Bytes(16), "dst_mask" / Bytes(16), "port_mask" / Int32ul,
+                       "port_set" / Int32ul, "flags" / Int32ul, "proto_mask" / Int16ul,
+                       Padding(2), "hashrnd" / Int32ul, "hmodulus" / Int32ul,
+                       "hoffset" / Int32ul)
+
+
+def _reread_mark(self, target, asm) -> None:
+    skb_mark = Btf.vmlinux().member("sk_buff", "mark")[0]
+    asm.emit(BPF_LDX_MEM(BPF_DW, R1, R6, facts.SKB), BPF_LDX_MEM(BPF_W, R1, R1, skb_mark),
+             BPF_STX_MEM(BPF_W, R6, R1, facts.MARK))
+
+
+plain_kernel_extension("target", "HMARK", xt_hmark_info, BOTH_FAMILIES,
+                       facts=frozenset({"skb", "nf_state", "xt_match", "mark"}),
+                       refresh=_reread_mark,
+                       describe=lambda f: f"HMARK mod {f['hmodulus']} + 0x{f['hoffset']:x}")
