@@ -61,7 +61,6 @@ _COMMON = """
 UNSUPPORTED = {
     Family.IPV4: _COMMON + """
     match osf: revision N is not supported by bpfilter
-    match realm: needs bpfilter.ko (kernel module mode)
     target ECN: needs bpfilter.ko (kernel module mode)
     target TTL: needs bpfilter.ko (kernel module mode)
     """,

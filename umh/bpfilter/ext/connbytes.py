@@ -31,8 +31,8 @@ from ..bpf.insn import (BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_DW, BPF_EMIT_CA
 from ..errors import BpfilterError
 from ..model import Match
 from ..packet import facts
-from . import BOTH_FAMILIES, missing_kfunc, register_match
-from .xtmatch import XT_MATCH_KFUNC, KernelMatch, PlainKernelMatch, _fields
+from . import BOTH_FAMILIES, register_match
+from .xtmatch import PlainKernelMatch, ServedKernelMatch, _fields
 
 xt_connbytes_info = Struct("from_" / Int64un, "to" / Int64un, "what" / Int8un,
                            "direction" / Int8un, Padding(6))
@@ -125,7 +125,7 @@ class ServedConnbytesMatch(Match):
 
 
 @register_match
-class Connbytes(KernelMatch):
+class Connbytes(ServedKernelMatch):
     name = "connbytes"
     revision = 0
     families = BOTH_FAMILIES
@@ -133,13 +133,13 @@ class Connbytes(KernelMatch):
     struct = xt_connbytes_info
     model = PlainKernelMatch
     why = "which reads conntrack's accounting"
+    served_model = ServedConnbytesMatch
+    served_facts = frozenset({"ctacct"})
 
     def decode_fields(self, payload: bytes, where: str) -> dict:
         return dict(name=self.name, fields=_fields(self, payload))
 
-    def decode_in(self, payload: bytes, where: str, hook_mask: int):
-        if not missing_kfunc(XT_MATCH_KFUNC):
-            return super().decode_in(payload, where, hook_mask)
+    def served(self, payload: bytes, where: str) -> ServedConnbytesMatch:
         p = self.struct.parse(payload)
         # connbytes_mt_check()
         if p.what > XT_CONNBYTES_AVGPKT or p.direction > XT_CONNBYTES_DIR_BOTH:
@@ -148,25 +148,17 @@ class Connbytes(KernelMatch):
                                               f"({p.what}, {p.direction})")
         return ServedConnbytesMatch(p.from_, p.to, p.what, p.direction)
 
-    def unsupported(self, match) -> Optional[str]:
-        if isinstance(match, ServedConnbytesMatch):
-            acct_offsets()
-            return None
-        return super().unsupported(match)
-
-    def facts_of(self, match) -> frozenset[str]:
-        return frozenset({"ctacct"}) if isinstance(match, ServedConnbytesMatch) else self.facts
+    def served_unsupported(self, match) -> Optional[str]:
+        acct_offsets()
+        return None
 
     def describe(self, m) -> str:
         f = m.__dict__ if isinstance(m, ServedConnbytesMatch) else dict(m.fields)
         return f"connbytes {f['from_']}:{f['to']} connbytes mode {_WHAT[f['what']]} " \
                f"connbytes direction {_DIRECTION[f['direction']]}"
 
-    def emit(self, match, asm, out) -> None:
-        if isinstance(match, ServedConnbytesMatch):
-            _emit_served(match, asm, out)
-        else:
-            super().emit(match, asm, out)
+    def emit_served(self, match, asm, out) -> None:
+        _emit_served(match, asm, out)
 
 
 def _emit_served(m: ServedConnbytesMatch, asm, out) -> None:

@@ -1,18 +1,18 @@
 """Matches of what the kernel keeps beside the packet, run by bpfilter.ko as the
 kernel's own (ext/xtmatch.py): -m connlabel (its conntrack labels), -m helper (its
-conntrack helper), -m realm (the route's realm, IPv4), -m rpfilter (a route lookup of the source, in raw and mangle PREROUTING), -m physdev (the bridge ports
-br_netfilter notes for bridged traffic; its checkentry loads br_netfilter)."""
+conntrack helper), -m rpfilter (a route lookup of the source, in raw and mangle
+PREROUTING), -m physdev (the bridge ports br_netfilter notes for bridged traffic; its
+checkentry loads br_netfilter)."""
 from __future__ import annotations
 
-from construct import Bytes, Int8un, Int32sn, Int32un, Int16un, Padding, Struct
+from construct import Bytes, Int8un, Int32sn, Int16un, Padding, Struct
 
 from . import BOTH_FAMILIES
-from ..model import Family, Hook
+from ..model import Hook
 from .xtmatch import c_string, plain_kernel_extension
 
 xt_connlabel_mtinfo = Struct("bit" / Int16un, "options" / Int16un)
 xt_helper_info = Struct("invert" / Int32sn, "name" / Bytes(30), Padding(2))
-xt_realm_info = Struct("id" / Int32un, "mask" / Int32un, "invert" / Int8un, Padding(3))
 xt_rpfilter_info = Struct("flags" / Int8un)
 xt_physdev_info = Struct("physindev" / Bytes(16), "in_mask" / Bytes(16), "physoutdev" / Bytes(16),
                          "out_mask" / Bytes(16), "invert" / Int8un, "bitmask" / Int8un,
@@ -22,8 +22,6 @@ _PHYSDEV_WORDS = ((1, "physdev-in", "physindev"), (2, "physdev-out", "physoutdev
                   (4, "physdev-is-bridged", None), (8, "physdev-is-in", None),
                   (16, "physdev-is-out", None))
 _RPFILTER_WORDS = ((1, "loose"), (2, "validmark"), (4, "accept-local"), (8, "invert"))
-_REALM_HOOKS = sum(1 << h.value for h in (Hook.POST_ROUTING, Hook.FORWARD, Hook.LOCAL_OUT,
-                                          Hook.LOCAL_IN))
 _READS = "which reads what the kernel keeps beside the packet"
 
 
@@ -38,9 +36,6 @@ plain_kernel_extension("match", "connlabel", xt_connlabel_mtinfo, BOTH_FAMILIES,
 plain_kernel_extension("match", "helper", xt_helper_info, BOTH_FAMILIES, why=_READS,
                        family_independent=True,
                        describe=lambda f: f'helper match {_bang(f)}"{c_string(f["name"])}"')
-plain_kernel_extension("match", "realm", xt_realm_info, (Family.IPV4,), why=_READS,
-                       hooks=_REALM_HOOKS,
-                       describe=lambda f: f"realm {_bang(f)}0x{f['id']:x}/0x{f['mask']:x}")
 plain_kernel_extension("match", "rpfilter", xt_rpfilter_info, BOTH_FAMILIES, why=_READS,
                        hooks=1 << Hook.PRE_ROUTING.value, table=("raw", "mangle"),
                        describe=lambda f: " ".join(["rpfilter", *(word for bit, word in

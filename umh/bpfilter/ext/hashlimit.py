@@ -44,9 +44,9 @@ from ..model import Family, Match
 from ..packet import facts
 from ..packet.ipv6 import WALK, WALK_FOUND
 from ..packet.primitives import HOTDROP, MISMATCH, emit_skip_if_decided
-from . import BOTH_FAMILIES, missing_kfunc, register_match
+from . import BOTH_FAMILIES, register_match
 from .limit import kernel_hz
-from .xtmatch import XT_MATCH_KFUNC, KernelMatch, PlainKernelMatch, _fields, c_string
+from .xtmatch import PlainKernelMatch, ServedKernelMatch, _fields, c_string
 
 BPF_FUNC_map_update_elem, BPF_NOEXIST = 2, 1
 
@@ -219,34 +219,25 @@ def _truncate_v3(payload: bytes) -> bytes:
 CHECKENTRY_WRITES[("match", "hashlimit", 3)] = _truncate_v3
 
 
-class _Hashlimit(KernelMatch):
+class _Hashlimit(ServedKernelMatch):
     name = "hashlimit"
     families = BOTH_FAMILIES
     model = PlainKernelMatch
     why = "whose buckets the kernel lists under /proc/net/ipt_hashlimit"
     environment = ()    # set below, with the maps
+    served_model = ServedHashlimitMatch
+    served_facts = frozenset({"skb", "hashlimit"})
 
     def decode_fields(self, payload: bytes, where: str) -> dict:
         return dict(name=self.name, fields=_fields(self, payload))
 
-    def decode_in(self, payload: bytes, where: str, hook_mask: int):
-        if not missing_kfunc(XT_MATCH_KFUNC):
-            return super().decode_in(payload, where, hook_mask)
+    def served(self, payload: bytes, where: str) -> ServedHashlimitMatch:
         p = self.struct.parse(payload)
         name = xt_check_proc_name(p.name, where)
         cfg = HtableConfig(p.mode, p.avg, p.burst, p.size, p.max, p.gc_interval, p.expire,
                            p.get("interval", 0), p.srcmask, p.dstmask)
         return ServedHashlimitMatch(name, check(cfg, self.revision, self.family, where),
                                     self.revision)
-
-    def unsupported(self, match) -> Optional[str]:
-        if isinstance(match, ServedHashlimitMatch):
-            return None
-        return super().unsupported(match)
-
-    def facts_of(self, match) -> frozenset[str]:
-        return frozenset({"skb", "hashlimit"}) if isinstance(match, ServedHashlimitMatch) \
-            else self.facts
 
     def describe(self, m) -> str:
         if isinstance(m, ServedHashlimitMatch):
@@ -257,11 +248,8 @@ class _Hashlimit(KernelMatch):
         return f"limit: {'above' if mode & XT_HASHLIMIT_INVERT else 'up to'} {avg} " \
                f"burst {burst} name {name}"
 
-    def emit(self, match, asm, out) -> None:
-        if isinstance(match, ServedHashlimitMatch):
-            _emit_served(self.family, match, asm, out)
-        else:
-            super().emit(match, asm, out)
+    def emit_served(self, match, asm, out) -> None:
+        _emit_served(self.family, match, asm, out)
 
 
 for _revision in (1, 2, 3):

@@ -45,7 +45,7 @@ from ..packet import facts
 from ..packet.primitives import HOTDROP, MISMATCH, emit_skip_if_decided
 from . import BOTH_FAMILIES, missing_kfunc, register_match
 from .limit import kernel_hz
-from .xtmatch import XT_MATCH_KFUNC, KernelMatch, KernelMatchModel, c_string
+from .xtmatch import XT_MATCH_KFUNC, KernelMatchModel, ServedKernelMatch, c_string
 
 BPF_FUNC_map_update_elem, BPF_FUNC_map_delete_elem = 2, 3
 BPF_FUNC_for_each_map_elem, BPF_NOEXIST = 164, 1
@@ -103,21 +103,18 @@ class ServedRecentMatch(Match):
     name = "recent"
 
 
-class _Recent(KernelMatch):
+class _Recent(ServedKernelMatch):
     name = "recent"
     families = BOTH_FAMILIES
     model = RecentMatch
     environment = (RECENT_LISTS, RECENT_ENTRIES, RECENT_BLANK)
+    served_model = ServedRecentMatch
+    served_facts = frozenset({"skb", "recent"})
 
-    def decode_in(self, payload: bytes, where: str, hook_mask: int):
-        if missing_kfunc(XT_MATCH_KFUNC):
-            return ServedRecentMatch(revision=self.revision,
-                                     **self.decode_fields(payload, where))
-        return super().decode_in(payload, where, hook_mask)
+    def served(self, payload: bytes, where: str) -> ServedRecentMatch:
+        return ServedRecentMatch(revision=self.revision, **self.decode_fields(payload, where))
 
-    def unsupported(self, match) -> Optional[str]:
-        if not isinstance(match, ServedRecentMatch):
-            return super().unsupported(match)
+    def served_unsupported(self, match) -> Optional[str]:
         why = None
         if match.check_set & XT_RECENT_TTL:
             why = "--rttl (the kernel may then keep two entries for one address)"
@@ -128,16 +125,8 @@ class _Recent(KernelMatch):
         return (f"needs bpfilter.ko (kernel module mode) for {why}: the kernel's own "
                 f"xt_recent ({missing_kfunc(XT_MATCH_KFUNC)})")
 
-    def facts_of(self, match) -> frozenset[str]:
-        if isinstance(match, ServedRecentMatch):
-            return frozenset({"skb", "recent"})
-        return self.facts
-
-    def emit(self, match, asm, out) -> None:
-        if isinstance(match, ServedRecentMatch):
-            _emit_served(self.family, match, asm, out)
-        else:
-            super().emit(match, asm, out)
+    def emit_served(self, match, asm, out) -> None:
+        _emit_served(self.family, match, asm, out)
 
     def decode_fields(self, payload: bytes, where: str) -> dict:
         p = self.struct.parse(payload)

@@ -129,6 +129,45 @@ class KernelMatch(MatchExtension):
         asm.place(skip)
 
 
+class ServedKernelMatch(KernelMatch):
+    """A kernel match bpfilter also runs in BPF when the module is not there: with
+    bpfilter.ko the kernel's own (its state, its listing, the kernel's), without it
+    (`bpfilter serve`) served(), a model of `served_model` whose code is emit_served()
+    on the facts `served_facts`."""
+
+    served_model: ClassVar[type]
+    served_facts: ClassVar[frozenset] = frozenset()
+
+    def served(self, payload: bytes, where: str) -> Match:
+        """The payload decoded, with what the kernel's checkentry refuses refused."""
+        raise NotImplementedError
+
+    def served_unsupported(self, match) -> Optional[str]:
+        return None
+
+    def emit_served(self, match, asm, out) -> None:
+        raise NotImplementedError
+
+    def decode_in(self, payload: bytes, where: str, hook_mask: int):
+        if missing_kfunc(XT_MATCH_KFUNC):
+            return self.served(payload, where)
+        return super().decode_in(payload, where, hook_mask)
+
+    def unsupported(self, match) -> Optional[str]:
+        if isinstance(match, self.served_model):
+            return self.served_unsupported(match)
+        return super().unsupported(match)
+
+    def facts_of(self, match) -> frozenset[str]:
+        return self.served_facts if isinstance(match, self.served_model) else self.facts
+
+    def emit(self, match, asm, out) -> None:
+        if isinstance(match, self.served_model):
+            self.emit_served(match, asm, out)
+        else:
+            super().emit(match, asm, out)
+
+
 @dataclass(frozen=True)
 class KernelTargetModel(ExtensionTarget):
     """What a kernel target is to bpfilter: as KernelMatchModel, and its rule's entry
