@@ -374,6 +374,15 @@ def test_dead_code_after_exit_is_dropped_and_the_program_loads(offsets):
     assert run(asm, 20, 28) == [1, 0]
 
 
+def test_code_after_arithmetic_whose_op_bits_are_a_jumps_is_kept():
+    """BPF_MOD shares BPF_EXIT's op bits, BPF_ADD BPF_JA's: only a jump ends a path."""
+    asm = Assembler()
+    asm.emit(BPF_MOV64_IMM(R0, 7), BPF_ALU64_IMM(I.BPF_MOD, R0, 4),
+             BPF_ALU64_IMM(I.BPF_ADD, R0, 1), BPF_EXIT_INSN())
+    assert asm.resolve() == [BPF_MOV64_IMM(R0, 7), BPF_ALU64_IMM(I.BPF_MOD, R0, 4),
+                             BPF_ALU64_IMM(I.BPF_ADD, R0, 1), BPF_EXIT_INSN()]
+
+
 def test_dead_code_between_jump_and_its_label_shortens_the_jump():
     asm = Assembler()
     end = asm.label("end")

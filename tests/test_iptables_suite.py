@@ -31,7 +31,6 @@ _COMMON = """
     match rpfilter: needs bpfilter.ko (kernel module mode)
     match socket: needs bpfilter.ko (kernel module mode)
     match string: needs bpfilter.ko (kernel module mode)
-    match time: needs bpfilter.ko (kernel module mode)
     match u32: needs bpfilter.ko (kernel module mode)
     table nat
     target AUDIT: needs bpfilter.ko (kernel module mode)

@@ -1285,6 +1285,46 @@ def test_realm_reads_the_routes_realm_as_the_kernel(svc, nets):
     assert counts == [0, 7, 7, 7, 10, 2, 0], kernel
 
 
+def _time_rules() -> str:
+    """-m time rules around now (UTC, as the kernel's clock without --kerneltz): the
+    date, the time of day (a window around now, one that wraps midnight, one that
+    excludes now), today's and tomorrow's weekday and day of the month."""
+    import datetime
+    now = datetime.datetime.now(datetime.timezone.utc)
+    day = datetime.timedelta(days=1)
+    hhmm = lambda t: t.strftime("%H:%M:%S")   # noqa: E731
+    around = f"--timestart {hhmm(now - datetime.timedelta(hours=1))} " \
+             f"--timestop {hhmm(now + datetime.timedelta(hours=1))}"
+    outside = f"--timestart {hhmm(now + datetime.timedelta(hours=1))} " \
+              f"--timestop {hhmm(now - datetime.timedelta(hours=1))}"
+    rules = [f"--datestart {(now - day).date()} --datestop {(now + day).date()}",
+             f"--datestop {(now - day).date()}",
+             around, outside, f"{outside} --contiguous",
+             "--timestart 00:00 --timestop 23:59:59 --kerneltz",
+             f"--weekdays {now.strftime('%a')}", f"--weekdays {(now + day).strftime('%a')}",
+             f"--monthdays {now.day}", f"--monthdays {(now + day).day}",
+             f"{around} --weekdays {now.strftime('%a')} --monthdays {now.day}"]
+    return "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n" + \
+        "".join(f"-A OUTPUT -p udp -m time {rule}\n" for rule in rules) + "COMMIT\n"
+
+
+def test_time_reads_the_kernels_clock(svc, nets):
+    """-m time through `bpfilter exec`, without the module: date ranges, time-of-day
+    windows (one wrapping midnight, --contiguous), weekdays and days of the month,
+    around the current time: every rule counts what the kernel's xt_time makes it."""
+    rules = _time_rules()
+    (kc, ks), (bc, bs) = _pairs(svc, nets, rules, "10.90.0", 24)
+    for server in (ks, bs):
+        with netns.entered(server):
+            tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with tx:
+            for _ in range(3):
+                tx.sendto(b"x", ("10.90.0.1", 9))
+    kernel = _same_listing(svc, ks, bs)
+    counts = [int(line.split()[0]) for line in kernel.splitlines() if "TIME" in line]
+    assert counts == [3, 0, 3, 0, 0, 3, 3, 0, 3, 0, 3], kernel
+
+
 CONNBYTES_RULES = """*filter
 :INPUT ACCEPT [0:0]
 :FORWARD ACCEPT [0:0]

@@ -1,6 +1,7 @@
 """What matches run without bpfilter.ko share by name across the tables of a
 namespace, kept by the service as the kernel keeps it: -m recent's lists
-(recentlists.py), -m hashlimit's htables (hashlimits.py). Each part gives the maps
+(recentlists.py), -m hashlimit's htables (hashlimits.py); and what they read of the
+kernel that a program cannot (wallclock.py: -m time's clock and time zone). Each part gives the maps
 the programs read (maps()), makes what a table about to be compiled names and binds
 its rules to it (prepare(), as its checkentries would), and lets go of what no table
 names any more (retain(), as the destroy of its last rule would)."""
@@ -11,8 +12,9 @@ from typing import Callable
 from .hashlimits import Hashlimits
 from .model import Table
 from .recentlists import RecentLists
+from .wallclock import WallClock
 
-PARTS = (RecentLists, Hashlimits)
+PARTS = (RecentLists, Hashlimits, WallClock)
 
 
 class SharedState:

@@ -161,7 +161,9 @@ class Assembler:
                 work.append(self.labels[ins.imm])
             if isinstance(ins.off, Label):
                 work.append(self.labels[ins.off])
-            if ins.op == I.BPF_EXIT or (ins.op == I.BPF_JA and ins.is_jump()):
+            # (an ALU instruction's op may have their bits: BPF_MOD is BPF_EXIT's)
+            if ins.klass in (I.BPF_JMP, I.BPF_JMP32) and \
+                    (ins.op == I.BPF_EXIT or (ins.op == I.BPF_JA and ins.is_jump())):
                 continue
             work.append(i + 1)
         if all(reachable):

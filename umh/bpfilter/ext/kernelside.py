@@ -5,7 +5,6 @@ what they keep or reach lives only in the kernel:
   rateest    the rate estimators of RATEEST targets
   osf        the operating system fingerprints nfnetlink_osf loads
   string     the kernel's textsearch (bm, kmp), over the skb's fragments
-  time       the packet's arrival time against the kernel's clock and time zone
   u32        its little program over the packet
   cgroup     the sending socket's cgroup
   policy     the IPsec state the packet went through or will
@@ -38,9 +37,6 @@ xt_connlimit_info = Struct("mask" / Bytes(16), "limit" / Int32un, "flags" / Int3
 xt_string_info = Struct("from_offset" / Int16un, "to_offset" / Int16un, "algo" / Bytes(16),
                         "pattern" / Bytes(128), "patlen" / Int8un, "flags" / Int8un,
                         Padding(10))
-xt_time_info = Struct("date_start" / Int32un, "date_stop" / Int32un, "daytime_start" / Int32un,
-                      "daytime_stop" / Int32un, "monthdays" / Int32un, "weekdays" / Int8un,
-                      "flags" / Int8un, Padding(2))
 xt_u32 = Struct("program" / Bytes(1984))
 xt_cgroup_info_v0 = Struct("id" / Int32un, "invert" / Int32un)
 xt_cgroup_info_v1 = Struct("has_path" / Int8un, "has_classid" / Int8un,
@@ -82,9 +78,6 @@ plain_kernel_extension("match", "string", xt_string_info, BOTH_FAMILIES, revisio
                        describe=lambda f: f"STRING match "
                        f"{'!' if f['flags'] & XT_STRING_FLAG_INVERT else ''}"
                        f"{f['pattern'][:f['patlen']]!r} ALGO name {c_string(f['algo'])}")
-plain_kernel_extension("match", "time", xt_time_info, BOTH_FAMILIES, why=_STATE,
-                       family_independent=True,
-                       describe=lambda f: f"TIME from {f['daytime_start']} to {f['daytime_stop']}")
 plain_kernel_extension("match", "u32", xt_u32, BOTH_FAMILIES, why=_CODE,
                        family_independent=True, describe=lambda f: "u32")
 for revision, struct in ((0, xt_cgroup_info_v0), (1, xt_cgroup_info_v1), (2, xt_cgroup_info_v2)):
