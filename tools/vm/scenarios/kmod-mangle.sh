@@ -83,7 +83,7 @@ COMMIT
 -A PREROUTING -j CONNMARK --restore-mark
 -A PREROUTING -i vin0 -p udp -m udp --dport 7001 -j MARK --set-mark 1
 -A PREROUTING -i vin0 -p tcp -m tcp --dport 7002 -m mark --mark 0 -j MARK --set-mark 1
--A PREROUTING -i vin0 -p udp -m udp --dport 7013 -j HMARK --hmark-tuple src,dst --hmark-mod 1 --hmark-offset 1
+-A PREROUTING -i vin0 -p udp -m udp --dport 7013 -j HMARK --hmark-tuple src,dst --hmark-mod 1 --hmark-offset 1 --hmark-rnd 0x1
 -A PREROUTING -i vin0 -p udp -m udp --dport 7013 -m mark --mark 1
 -A PREROUTING -i vin0 -p udp -m udp --dport 7014 -j TEE --gateway 198.18.3.2
 -A PREROUTING -j CONNMARK --save-mark
