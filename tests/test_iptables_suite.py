@@ -50,7 +50,7 @@ _COMMON = """
     target SYNPROXY: revision N is not supported by bpfilter
     target TCPMSS: needs bpfilter.ko (kernel module mode)
     target TCPOPTSTRIP: needs bpfilter.ko (kernel module mode)
-    target TEE: revision N is not supported by bpfilter
+    target TEE: needs bpfilter.ko (kernel module mode)
     target TOS: needs bpfilter.ko (kernel module mode)
     target TPROXY: needs bpfilter.ko (kernel module mode)
     target TRACE: needs bpfilter.ko (kernel module mode)
@@ -59,7 +59,7 @@ _COMMON = """
 # family: "<match|target> NAME: the reason's first clause", or "table NAME".
 UNSUPPORTED = {
     Family.IPV4: _COMMON + """
-    match osf: revision N is not supported by bpfilter
+    match osf: needs bpfilter.ko (kernel module mode)
     target ECN: needs bpfilter.ko (kernel module mode)
     target TTL: needs bpfilter.ko (kernel module mode)
     """,
