@@ -158,6 +158,7 @@ mangle_probes() {
 		ask "tos" cli $svc 7010
 		ask "ttl dec" cli $svc 7011
 		ask "classify" cli $svc 7012
+		arrived before eth1 >/dev/null; arrived before eth2 >/dev/null
 		ask "hmarked" cli $svc 7013
 		arrived hmarked eth1; arrived hmarked eth2
 		ask "teed" cli $svc 7014

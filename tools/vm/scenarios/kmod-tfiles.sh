@@ -75,6 +75,6 @@ phases() {
 }
 
 NAMESPACES="fw"
-reference_then_bpfilter iptable_raw iptable_mangle iptable_filter ip6table_raw \
-	ip6table_mangle ip6table_filter
+reference_then_bpfilter iptable_raw iptable_mangle iptable_filter iptable_nat \
+	ip6table_raw ip6table_mangle ip6table_filter ip6table_nat
 say done
