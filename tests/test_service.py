@@ -1089,21 +1089,27 @@ COMMIT
 """
 
 
+def _datagrams(ns: str, target: str, port: int, sources, count: int = 1,
+               size: int = 10) -> None:
+    """`count` datagrams from each of `sources` (addresses of ns) to target:port."""
+    for source in sources:
+        with netns.entered(ns):
+            tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with tx:
+            tx.bind((source, 0))
+            for _ in range(count):
+                try:
+                    tx.sendto(b"x" * size, (target, port))
+                except PermissionError:
+                    pass    # dropped at OUTPUT: the kernel's EPERM either way
+    time.sleep(0.05)
+
+
 def _recent_traffic(client: str, server: str) -> None:
     """Datagrams that set, update, check, remove and reap entries, from more source
     addresses than a list keeps (100: the oldest are evicted), and from the server."""
     def send(ns, port, sources=("10.85.0.1",), target="10.85.0.2", count=1):
-        for source in sources:
-            with netns.entered(ns):
-                tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            with tx:
-                tx.bind((source, 0))
-                for _ in range(count):
-                    try:
-                        tx.sendto(b"x" * 10, (target, port))
-                    except PermissionError:
-                        pass    # dropped at OUTPUT: the kernel's EPERM either way
-        time.sleep(0.05)
+        _datagrams(ns, target, port, sources, count)
 
     many = [f"10.85.1.{i}" for i in range(1, 106)]
     with namespaces.netlink(client) as ipr:
@@ -1172,14 +1178,7 @@ def _hashlimit_traffic(client: str, server: str, after=lambda: None) -> None:
     """Datagrams from several sources of one /24 and another, to every rule, more
     than the buckets hold; then, after `after`, some more."""
     def send(ns, port, sources=("10.87.0.1",), target="10.87.0.2", count=1, size=10):
-        for source in sources:
-            with netns.entered(ns):
-                tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            with tx:
-                tx.bind((source, 0))
-                for _ in range(count):
-                    tx.sendto(b"x" * size, (target, port))
-        time.sleep(0.05)
+        _datagrams(ns, target, port, sources, count, size)
 
     hosts = [f"10.87.1.{i}" for i in range(1, 6)] + ["10.87.2.1"]
     with namespaces.netlink(client) as ipr:

@@ -48,20 +48,7 @@ class Hashlimits:
 
     @classmethod
     def pinned(cls, root: str, log=lambda line: None) -> "Hashlimits":
-        fds: dict[str, int] = {}
-        try:
-            for name in _PINS:
-                path = os.path.join(root, name)
-                if os.path.exists(path):
-                    fds[name] = bpf.obj_get(path)
-                else:
-                    fds[name] = _create(name)
-                    bpf.obj_pin(fds[name], path)
-        except BaseException:
-            for fd in fds.values():
-                os.close(fd)
-            raise
-        made = cls(fds, log)
+        made = cls(bpf.pinned_maps(root, _PINS, _create), log)
         made._collector = threading.Thread(target=made._collect, name="hashlimit-gc",
                                            daemon=True)
         made._collector.start()

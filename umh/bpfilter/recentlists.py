@@ -40,20 +40,7 @@ class RecentLists:
 
     @classmethod
     def pinned(cls, root: str, log=None) -> "RecentLists":
-        fds: dict[str, int] = {}
-        try:
-            for name in _PINS:
-                path = os.path.join(root, name)
-                if os.path.exists(path):
-                    fds[name] = bpf.obj_get(path)
-                else:
-                    fds[name] = _create_closing_btf(name)
-                    bpf.obj_pin(fds[name], path)
-        except BaseException:
-            for fd in fds.values():
-                os.close(fd)
-            raise
-        return cls(fds)
+        return cls(bpf.pinned_maps(root, _PINS, _create_closing_btf))
 
     @classmethod
     def create(cls) -> "RecentLists":

@@ -47,13 +47,7 @@ class WallClock:
 
     @classmethod
     def pinned(cls, root: str, log=lambda line: None) -> "WallClock":
-        path = os.path.join(root, _NAME)
-        if os.path.exists(path):
-            fd = bpf.obj_get(path)
-        else:
-            fd = _create()
-            bpf.obj_pin(fd, path)
-        made = cls(fd)
+        made = cls(bpf.pinned_maps(root, (_NAME,), lambda _: _create())[_NAME])
         made.refresh()
         made._follower = threading.Thread(target=made._follow, args=(log,), name="wallclock",
                                           daemon=True)

@@ -716,6 +716,26 @@ def obj_get(path: str) -> int:
     return _call(BPF_OBJ_GET, attr, path)
 
 
+def pinned_maps(root: str, names, make) -> dict:
+    """The maps `names` pinned under the bpffs directory `root` (a restarted service's
+    programs still read them), each missing one made by make(name) and pinned there;
+    name -> fd. On failure, none is left open."""
+    fds: dict = {}
+    try:
+        for name in names:
+            path = os.path.join(root, name)
+            if os.path.exists(path):
+                fds[name] = obj_get(path)
+            else:
+                fds[name] = make(name)
+                obj_pin(fds[name], path)
+    except BaseException:
+        for fd in fds.values():
+            os.close(fd)
+        raise
+    return fds
+
+
 def _get_fd_by_id(cmd: int, obj_id: int) -> int:
     attr = ffi.new("struct bpf_id_attr *")
     attr.id = obj_id

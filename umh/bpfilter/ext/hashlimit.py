@@ -43,7 +43,7 @@ from ..errors import BpfilterError
 from ..model import Family, Match
 from ..packet import facts
 from ..packet.ipv6 import WALK, WALK_FOUND
-from ..packet.primitives import HOTDROP, MISMATCH, emit_skip_if_decided
+from ..packet.primitives import emit_answer_and_hotdrop, emit_skip_if_decided
 from . import BOTH_FAMILIES, register_match
 from .limit import kernel_hz
 from .xtmatch import PlainKernelMatch, ServedKernelMatch, _fields, c_string
@@ -435,10 +435,7 @@ def _emit_served(family: Family, m: ServedHashlimitMatch, asm, out) -> None:
     asm.place(hotdrop)
     asm.emit(BPF_MOV64_IMM(R9, 2))
     asm.place(outcome)
-    asm.emit(BPF_MOV64_REG(HOTDROP, R9), BPF_ALU64_IMM(I.BPF_RSH, HOTDROP, 1),
-             BPF_MOV64_REG(MISMATCH, R9), BPF_ALU64_IMM(I.BPF_AND, MISMATCH, 1),
-             BPF_ALU64_IMM(I.BPF_XOR, MISMATCH, 1),
-             BPF_ALU64_REG(I.BPF_OR, MISMATCH, HOTDROP))
+    emit_answer_and_hotdrop(asm, R9)
     asm.place(done)
 
 

@@ -42,7 +42,7 @@ from ..bpf.insn import (BPF_ALU64_IMM, BPF_ALU64_REG, BPF_ATOMIC_OP, BPF_DW, BPF
 from ..errors import BpfilterError
 from ..model import Family, Match
 from ..packet import facts
-from ..packet.primitives import HOTDROP, MISMATCH, emit_skip_if_decided
+from ..packet.primitives import emit_answer_and_hotdrop, emit_skip_if_decided
 from . import BOTH_FAMILIES, missing_kfunc, register_match
 from .limit import kernel_hz
 from .xtmatch import XT_MATCH_KFUNC, KernelMatchModel, ServedKernelMatch, c_string
@@ -292,11 +292,7 @@ def _emit_served(family: int, m: ServedRecentMatch, asm, out) -> None:
     asm.emit(BPF_LDX_MEM(BPF_DW, R1, R6, _SCRATCH + C_LRU), BPF_STX_MEM(BPF_DW, R8, R1, E_LRU),
              BPF_MOV64_REG(R1, R8), BPF_EMIT_CALL(I.BPF_FUNC_spin_unlock))
     asm.place(outcome)
-    asm.emit(BPF_MOV64_REG(HOTDROP, R7), BPF_ALU64_IMM(I.BPF_RSH, HOTDROP, 1),
-             BPF_MOV64_REG(MISMATCH, R7), BPF_ALU64_IMM(I.BPF_AND, MISMATCH, 1),
-             BPF_ALU64_IMM(I.BPF_XOR, MISMATCH, 1),
-             # a hotdrop's outcome is not a match's
-             BPF_ALU64_REG(I.BPF_OR, MISMATCH, HOTDROP))
+    emit_answer_and_hotdrop(asm, R7)
     asm.place(done)
 
 

@@ -156,6 +156,16 @@ def emit_skip_if_decided(asm: Assembler, skip) -> None:
              BPF_JMP_IMM(I.BPF_JNE, R1, 0, skip))
 
 
+def emit_answer_and_hotdrop(asm: Assembler, reg: int) -> None:
+    """The rule's outcome from `reg` (a callee-saved register that outlived a stateful
+    match's helper calls): bit 0, the match's answer; bit 1, a hotdrop, whose outcome
+    is not a match's. Only where emit_skip_if_decided() let the match run."""
+    asm.emit(BPF_MOV64_REG(HOTDROP, reg), BPF_ALU64_IMM(I.BPF_RSH, HOTDROP, 1),
+             BPF_MOV64_REG(MISMATCH, reg), BPF_ALU64_IMM(I.BPF_AND, MISMATCH, 1),
+             BPF_ALU64_IMM(I.BPF_XOR, MISMATCH, 1),
+             BPF_ALU64_REG(I.BPF_OR, MISMATCH, HOTDROP))
+
+
 def emit_state_lookup(asm: Assembler, state_map, key: int, key_slot) -> None:
     """R0 = the value of `key` (a u64, written at the facts' `key_slot`, where helpers
     can read it from any frame) in the per-rule state map `state_map`, or NULL."""
