@@ -32,7 +32,7 @@ from ..errors import BpfilterError
 from ..model import Match
 from ..packet import facts
 from . import BOTH_FAMILIES, register_match
-from .xtmatch import PlainKernelMatch, ServedKernelMatch, _fields
+from .xtmatch import ServedKernelMatch
 
 xt_connbytes_info = Struct("from_" / Int64un, "to" / Int64un, "what" / Int8un,
                            "direction" / Int8un, Padding(6))
@@ -131,13 +131,9 @@ class Connbytes(ServedKernelMatch):
     families = BOTH_FAMILIES
     family_independent = True
     struct = xt_connbytes_info
-    model = PlainKernelMatch
     why = "which reads conntrack's accounting"
     served_model = ServedConnbytesMatch
     served_facts = frozenset({"ctacct"})
-
-    def decode_fields(self, payload: bytes, where: str) -> dict:
-        return dict(name=self.name, fields=_fields(self, payload))
 
     def served(self, payload: bytes, where: str) -> ServedConnbytesMatch:
         p = self.struct.parse(payload)
@@ -153,7 +149,7 @@ class Connbytes(ServedKernelMatch):
         return None
 
     def describe(self, m) -> str:
-        f = m.__dict__ if isinstance(m, ServedConnbytesMatch) else dict(m.fields)
+        f = self.fields_of(m)
         return f"connbytes {f['from_']}:{f['to']} connbytes mode {_WHAT[f['what']]} " \
                f"connbytes direction {_DIRECTION[f['direction']]}"
 

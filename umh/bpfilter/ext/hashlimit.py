@@ -46,7 +46,7 @@ from ..packet.ipv6 import WALK, WALK_FOUND
 from ..packet.primitives import emit_answer_and_hotdrop, emit_skip_if_decided
 from . import BOTH_FAMILIES, register_match
 from .limit import kernel_hz
-from .xtmatch import PlainKernelMatch, ServedKernelMatch, _fields, c_string
+from .xtmatch import ServedKernelMatch, c_string
 
 BPF_FUNC_map_update_elem, BPF_NOEXIST = 2, 1
 
@@ -222,14 +222,10 @@ CHECKENTRY_WRITES[("match", "hashlimit", 3)] = _truncate_v3
 class _Hashlimit(ServedKernelMatch):
     name = "hashlimit"
     families = BOTH_FAMILIES
-    model = PlainKernelMatch
     why = "whose buckets the kernel lists under /proc/net/ipt_hashlimit"
     environment = ()    # set below, with the maps
     served_model = ServedHashlimitMatch
     served_facts = frozenset({"skb", "hashlimit"})
-
-    def decode_fields(self, payload: bytes, where: str) -> dict:
-        return dict(name=self.name, fields=_fields(self, payload))
 
     def served(self, payload: bytes, where: str) -> ServedHashlimitMatch:
         p = self.struct.parse(payload)

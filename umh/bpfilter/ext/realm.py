@@ -22,7 +22,7 @@ from ..model import Family, Hook, Match
 from ..packet import facts
 from ..packet.primitives import emit_masked_equal
 from . import register_match
-from .xtmatch import PlainKernelMatch, ServedKernelMatch, _fields
+from .xtmatch import ServedKernelMatch
 
 xt_realm_info = Struct("id" / Int32un, "mask" / Int32un, "invert" / Int8un, Padding(3))
 _REALM_HOOKS = sum(1 << h.value for h in (Hook.POST_ROUTING, Hook.FORWARD, Hook.LOCAL_OUT,
@@ -73,13 +73,9 @@ class Realm(ServedKernelMatch):
     families = (Family.IPV4,)
     struct = xt_realm_info
     hooks = _REALM_HOOKS
-    model = PlainKernelMatch
     why = "which reads the packet's route"
     served_model = ServedRealmMatch
     served_facts = frozenset({"realm"})
-
-    def decode_fields(self, payload: bytes, where: str) -> dict:
-        return dict(name=self.name, fields=_fields(self, payload))
 
     def served(self, payload: bytes, where: str) -> ServedRealmMatch:
         p = self.struct.parse(payload)     # no checkentry
@@ -90,7 +86,7 @@ class Realm(ServedKernelMatch):
         return None
 
     def describe(self, m) -> str:
-        f = m.__dict__ if isinstance(m, ServedRealmMatch) else dict(m.fields)
+        f = self.fields_of(m)
         return f"realm {'! ' if f['invert'] else ''}0x{f['id']:x}/0x{f['mask']:x}"
 
     def emit_served(self, m: ServedRealmMatch, asm, out) -> None:

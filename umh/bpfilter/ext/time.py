@@ -26,7 +26,7 @@ from ..errors import BpfilterError
 from ..model import Match
 from ..packet import facts
 from . import BOTH_FAMILIES, register_match
-from .xtmatch import PlainKernelMatch, ServedKernelMatch, _fields
+from .xtmatch import ServedKernelMatch
 
 BPF_FUNC_ktime_get_tai_ns = 208
 
@@ -98,14 +98,10 @@ class Time(ServedKernelMatch):
     families = BOTH_FAMILIES
     family_independent = True
     struct = xt_time_info
-    model = PlainKernelMatch
     why = "which reads the kernel's clock"
     served_model = ServedTimeMatch
     served_facts = frozenset({"time"})
     environment = (WALLCLOCK,)
-
-    def decode_fields(self, payload: bytes, where: str) -> dict:
-        return dict(name=self.name, fields=_fields(self, payload))
 
     def served(self, payload: bytes, where: str) -> ServedTimeMatch:
         p = self.struct.parse(payload)
@@ -120,7 +116,7 @@ class Time(ServedKernelMatch):
                                p.monthdays, p.weekdays, p.flags)
 
     def describe(self, m) -> str:
-        f = m.__dict__ if isinstance(m, ServedTimeMatch) else dict(m.fields)
+        f = self.fields_of(m)
         return f"TIME from {f['daytime_start']} to {f['daytime_stop']}"
 
     def emit_served(self, m: ServedTimeMatch, asm, out) -> None:

@@ -137,6 +137,14 @@ class ServedKernelMatch(KernelMatch):
 
     served_model: ClassVar[type]
     served_facts: ClassVar[frozenset] = frozenset()
+    model: ClassVar[type] = None    # PlainKernelMatch, set below
+
+    def decode_fields(self, payload: bytes, where: str) -> dict:
+        return dict(name=self.name, fields=_fields(self, payload))
+
+    def fields_of(self, match) -> dict:
+        """Either model's fields by name, for describe()."""
+        return match.__dict__ if isinstance(match, self.served_model) else dict(match.fields)
 
     def served(self, payload: bytes, where: str) -> Match:
         """The payload decoded, with what the kernel's checkentry refuses refused."""
@@ -335,6 +343,9 @@ class PlainKernelMatch(KernelMatchModel):
     name: str
     revision: int
     fields: tuple = ()   # (field name, value) of the payload, in layout order
+
+
+ServedKernelMatch.model = PlainKernelMatch
 
 
 @dataclass(frozen=True)
