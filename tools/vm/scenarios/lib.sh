@@ -206,6 +206,14 @@ reference_then_bpfilter() {
 		say unload ip_tables ip6_tables
 	fi
 	for m in "$@" ip_tables ip6_tables; do
+		case $m in
+		ip_tables | ip6_tables)
+			# and the tables the scenario's commands loaded beside those named
+			for user in $(sed -n "s/^$m [0-9]* [0-9]* \([^ ]*\).*/\1/p" /proc/modules |
+				tr , ' '); do
+				[ "$user" = - ] || { loaded $user && unload $user; }
+			done ;;
+		esac
 		loaded $m && unload $m
 	done
 	for m in ip_tables ip6_tables; do
