@@ -60,7 +60,8 @@
  * the hook state and the offsets given below, and writes nothing of the packet but
  * the mark socket's --restore-skmark copies from the socket found (which the program
  * reads again): state the kernel keeps and shows (recent, nfacct, hashlimit,
- * connlimit's counts, rateest's estimators, osf's fingerprints), what it reads of the
+ * connlimit's counts, rateest's estimators, osf's fingerprints, IPVS's connections),
+ * what it reads of the
  * packet as each rule meets it, or keeps beside it (its conntrack entry, its route, its
  * bridge ports, its socket, its cgroup, its IPsec policy), and what only its code reads
  * (string's textsearch, u32, time's clock).
@@ -68,7 +69,7 @@
 static const char *const bpfilter_xt_allowed[] = {
 	"recent", "nfacct", "dscp", "tos", "ecn", "tcpmss", "connbytes", "connlabel", "helper",
 	"cpu", "realm", "rpfilter", "physdev", "socket", "hashlimit", "connlimit", "string",
-	"time", "u32", "cgroup", "policy", "rateest", "osf",
+	"time", "u32", "cgroup", "policy", "rateest", "osf", "ipvs",
 };
 /*
  * The targets run this way: their ->target needs the packet, the hook state and
@@ -76,7 +77,7 @@ static const char *const bpfilter_xt_allowed[] = {
  * checksums it updates), of skb->priority, skb->nf_trace, the packet's socket or
  * of the conntrack template, or skb->mark (HMARK: the program reads it again), or
  * prints (LOG), is what ip_tables' rule would; or it hands the packet to a subsystem
- * without changing it (NFLOG, AUDIT), counts it (IDLETIMER's timer, RATEEST's
+ * without changing it (NFLOG, AUDIT, LED's trigger), counts it (IDLETIMER's timer, RATEEST's
  * estimator) or sends a copy of it (TEE: nf_dup_ipv4/6 route it through the
  * namespace's hooks, bpfilter's programs included, from inside the target, as from
  * ip_tables' rule; nf_skb_duplicated keeps the copy's own TEE rules from copying).
@@ -84,7 +85,7 @@ static const char *const bpfilter_xt_allowed[] = {
 static const char *const bpfilter_xt_allowed_targets[] = {
 	"TOS", "DSCP", "TTL", "HL", "TCPMSS", "CHECKSUM", "CLASSIFY", "CT", "NOTRACK",
 	"ECN", "TCPOPTSTRIP", "TRACE", "TPROXY", "LOG", "NFLOG", "AUDIT", "IDLETIMER",
-	"RATEEST", "HMARK", "TEE",
+	"RATEEST", "HMARK", "TEE", "LED",
 };
 
 struct bpfilter_xt_instance {

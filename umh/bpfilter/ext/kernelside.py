@@ -4,12 +4,14 @@ what they keep or reach lives only in the kernel:
   connlimit  the kernel's connection counting (nf_conncount)
   rateest    the rate estimators of RATEEST targets
   osf        the operating system fingerprints nfnetlink_osf loads
+  ipvs       IPVS's connections
   string     the kernel's textsearch (bm, kmp), over the skb's fragments
   u32        its little program over the packet
   cgroup     the sending socket's cgroup
   policy     the IPsec state the packet went through or will
 and targets that hand the packet to a kernel subsystem without changing it: NFLOG
-(nfnetlink_log), AUDIT, IDLETIMER (its sysfs timers), RATEEST (rate estimators) and TEE
+(nfnetlink_log), AUDIT, IDLETIMER (its sysfs timers), RATEEST (rate estimators), LED
+(its trigger) and TEE
 (nf_dup_ipv4/6: the copy passes the namespace's hooks, bpfilter's programs run again
 inside the target, as ip_tables' do).
 bpfilter.ko runs only those it lists (kmod/xtmatch.c); not yet bpf (a BPF program run
@@ -58,6 +60,11 @@ xt_rateest_match_info = Struct("name1" / Bytes(16), "name2" / Bytes(16), "flags"
                                "_est1" / Bytes(8), "_est2" / Bytes(8))
 xt_osf_info = Struct("genre" / Bytes(32), "len" / Int32un, "flags" / Int32un,
                      "loglevel" / Int32un, "ttl" / Int32un)
+xt_ipvs_mtinfo = Struct("vaddr" / Bytes(16), "vmask" / Bytes(16), "vport" / Int16un,
+                        "l4proto" / Int8un, "fwd_method" / Int8un, "vportctl" / Int16un,
+                        "invert" / Int8un, "bitmask" / Int8un)
+xt_led_info = Struct("id" / Bytes(27), "always_blink" / Int8un, "delay" / Int32un,
+                     "_internal" / Bytes(8))
 xt_tee_tginfo = Struct("gw" / Bytes(16), "oif" / Bytes(16), "_priv" / Bytes(8))
 xt_rateest_target_info = Struct("name" / Bytes(16), "interval" / Int8sn, "ewma_log" / Int8un,
                                 Padding(14))
@@ -91,6 +98,9 @@ plain_kernel_extension("match", "policy", xt_policy_info, BOTH_FAMILIES, why=_ST
 plain_kernel_extension("match", "osf", xt_osf_info, (Family.IPV4,), why=_STATE,
                        proto=IPPROTO_TCP, hooks=_OSF_HOOKS,
                        describe=lambda f: f"OS fingerprint match {c_string(f['genre'])}")
+# IPVS's connections (ip_vs_conn)
+plain_kernel_extension("match", "ipvs", xt_ipvs_mtinfo, BOTH_FAMILIES, why=_STATE,
+                       family_independent=True, describe=lambda f: "ipvs")
 # the estimators RATEEST targets make, found by name (xt_rateest_lookup())
 plain_kernel_extension("match", "rateest", xt_rateest_match_info, BOTH_FAMILIES, why=_STATE,
                        family_independent=True,
@@ -117,6 +127,9 @@ plain_kernel_extension("target", "TEE", xt_tee_tginfo, BOTH_FAMILIES, why=_HANDS
                        describe=lambda f: "TEE gw:" + (str(ipaddress.ip_address(f["gw"][:4]))
                                                       if not any(f["gw"][4:])
                                                       else str(ipaddress.ip_address(f["gw"]))))
+plain_kernel_extension("target", "LED", xt_led_info, BOTH_FAMILIES, why=_HANDS,
+                       family_independent=True,
+                       describe=lambda f: f"led-trigger-id:\"{c_string(f['id'])}\"")
 plain_kernel_extension("target", "RATEEST", xt_rateest_target_info, BOTH_FAMILIES, why=_HANDS,
                        family_independent=True,
                        describe=lambda f: f"name {c_string(f['name'])}")
