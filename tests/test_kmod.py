@@ -884,36 +884,6 @@ def test_kmod_log_trace_ecn_tproxy_and_physdev(module):
                      r"--physdev-in p1 --physdev-out p2 -j DROP$", bridge, re.M), bridge
 
 
-@pytest.mark.kernels
-@pytest.mark.conformance
-def test_kmod_iptables_test_files_of_the_kernels_extensions():
-    """iptables' own test files for the kernel's matches and targets bpfilter.ko runs
-    (tools/vm/scenarios/kmod-tfiles.sh: TRACE, ECN, TCPOPTSTRIP, TOS, DSCP, TTL, HL,
-    TCPMSS, CHECKSUM, CLASSIFY, CT, NOTRACK, NFLOG, AUDIT, IDLETIMER, RATEEST, HMARK;
-    connbytes, connlabel, helper, realm, rpfilter, hashlimit, connlimit, string, time, u32,
-    cgroup, policy, rateest; and bpfilter's own dscp, tos, ecn, tcpmss, cpu, quota, dccp, sctp, ipcomp
-    through the module), both families, against ip_tables and
-    ip6_tables in the same guest: every case, on every chain its file names, answers
-    as the kernel's (exit status, complaint, listing). The answers are the kernel's
-    checkentries', which bpfilter.ko calls on every kernel alike: run once, on the
-    default kernel, by tools/conformance.sh (its guest takes minutes)."""
-    kver = harness.kernel(harness.DEFAULT_KERNEL).kver
-    _run(["bash", str(ROOT / "tools/build-helper.sh"), "--helper-only"])
-    module = harness.build_module(ROOT, kver)
-    suite = ROOT / "tests/iptables-tests"
-    extra = {**harness.system_libraries(), f"/lib/modules/{kver}/extra/bpfilter.ko": str(module),
-             **{f"/etc/bpfilter-vm/t/{t.name}": str(t)
-                for t in [*suite.glob("*.t"), *suite.glob("ip6/*.t")]}}
-    s = reference_then_bpfilter("kmod-tfiles.sh", extra, timeout=1500, kver=kver)
-    cases = _same(s, "test files")
-    assert "libxt_TRACE.t iptables-legacy -t raw -A OUTPUT -j TRACE: 0 \n" \
-           "-A PREROUTING -j TRACE\n-A OUTPUT -j TRACE\n" in cases, cases
-    assert "libipt_ECN.t iptables-legacy -t mangle -A POSTROUTING -p tcp -j ECN " \
-           "--ecn-tcp-remove: 0 \n" in cases, cases
-    assert "libxt_TCPOPTSTRIP.t ip6tables-legacy -t mangle -A FORWARD -p tcp -j TCPOPTSTRIP " \
-           "--strip-options 2,3,4,5,6,7: 0 \n" in cases, cases
-
-
 def tfile_cases(section: str) -> tuple[dict[str, str], dict[tuple[str, str, str], str]]:
     """A kmod-tfiles.sh section: each case (its line up to the colon) -> its status and
     complaint; and each (file, tool, table) block's listing."""

@@ -1,21 +1,10 @@
-# iptables' own test files for the kernel's matches and targets bpfilter.ko runs
-# (tests/test_kmod.py; TFILES: the harness puts them in /etc/bpfilter-vm/t), case by
-# case on every chain each names, first against ip_tables and ip6_tables (the
-# reference), then against bpfilter.ko; the two must say the same.
+# iptables' own test files (tests/test_kmod.py: the harness puts them in
+# /etc/bpfilter-vm/t, and their names in /etc/bpfilter-vm/tfiles), case by case on every
+# chain each names, first against ip_tables and ip6_tables (the reference), then
+# against bpfilter.ko.
 . /etc/bpfilter-vm/lib.sh
-TFILES="libxt_TRACE.t libipt_ECN.t libxt_TCPOPTSTRIP.t libxt_TOS.t libxt_DSCP.t libipt_TTL.t
-	libip6t_HL.t libxt_TCPMSS.t libxt_CHECKSUM.t libxt_CLASSIFY.t libxt_CT.t libxt_NOTRACK.t
-	libxt_dscp.t libxt_tos.t libxt_ecn.t libxt_tcpmss.t libxt_connbytes.t libxt_connlabel.t
-	libxt_helper.t libxt_cpu.t libipt_realm.t libxt_rpfilter.t libxt_hashlimit.t
-	libxt_connlimit.t libipt_connlimit.t libip6t_connlimit.t libxt_quota.t libxt_string.t
-	libxt_time.t libxt_u32.t libxt_cgroup.t libxt_policy.t libipt_policy.t
-	libip6t_policy.t libxt_NFLOG.t libxt_AUDIT.t libxt_IDLETIMER.t
-	libxt_RATEEST.t libxt_rateest.t libxt_HMARK.t libxt_dccp.t
-	libxt_sctp.t libxt_ipcomp.t"
-
-# /etc/bpfilter-vm/tfiles, when the harness gives it, names the files instead (all of
-# them: tests/test_kmod.py's conformance run)
-[ -f /etc/bpfilter-vm/tfiles ] && TFILES=$(cat /etc/bpfilter-vm/tfiles)
+# the files to run, by name (tests/test_kmod.py gives all of them)
+TFILES=$(cat /etc/bpfilter-vm/tfiles)
 
 # tfile FILE COMMAND: each case of iptables' test file FILE, for each of its chains:
 # COMMAND's exit status and first line of complaint. The cases accumulate until the
