@@ -1,6 +1,5 @@
 """limit's dependence on the kernel: its HZ, and how iptables lists its rates."""
 import subprocess
-import time
 
 import pytest
 
@@ -12,17 +11,11 @@ from bpfilter_lab.scratch import replace_blob
 
 pytestmark = pytest.mark.kernel
 
-HZ_CHOICES = (100, 250, 300, 1000)    # the kernel's Kconfig offers these
-
-
 def test_hz_is_the_rate_jiffies_advance_at():
-    """CONFIG_HZ as read agrees with jiffies against CLOCK_MONOTONIC over a second
-    (the choices are 20% apart at least; a second's jitter is far below that)."""
-    j0, t0 = limit.jiffies(), time.monotonic()
-    time.sleep(1)
-    j1, t1 = limit.jiffies(), time.monotonic()
-    rate = (j1 - j0) / (t1 - t0)
-    assert min(HZ_CHOICES, key=lambda hz: abs(hz - rate)) == limit.kernel_hz(), rate
+    """CONFIG_HZ as read agrees with jiffies' rate against CLOCK_MONOTONIC (the
+    Kconfig choices are 20% apart at least), which is what is used where no
+    configuration file says it (a minimal guest's case)."""
+    assert limit.measured_hz() == limit.kernel_hz() in limit.HZ_CHOICES
 
 
 RATES = ["5/sec", "7/min", "3/hour", "1/day", "10000/sec", "13/sec", "999/min", "59/hour"]
@@ -51,3 +44,4 @@ def test_credits_as_the_kernel_computes_them():
     assert limit.user2credits(2000, 250) == 2000 * 250 * 128 // 10000
     assert limit.user2credits(20000, 250) == 2 * 250 * 128
     assert limit.user2credits(864000000 * 2, 250) == (172800 * 32000) & 0xFFFFFFFF
+

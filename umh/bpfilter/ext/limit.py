@@ -29,6 +29,7 @@ import gzip
 import os
 import re
 import struct
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -76,11 +77,17 @@ KEY = struct.Struct("<Q")          # entry << 32 | the match's position in the r
 _KEY = facts.reserve("limit", KEY.size)
 
 
+# the values Kconfig lets CONFIG_HZ take (kernel/Kconfig.hz)
+HZ_CHOICES = (100, 250, 300, 1000)
+
+
 @functools.lru_cache(maxsize=1)
 def kernel_hz() -> int:
     """CONFIG_HZ of the running kernel, on which every credit count depends: from
     /proc/config.gz, or from /boot/config-RELEASE where distributions whose kernels
-    lack the former (Debian's) install the running kernel's build configuration."""
+    lack the former (Debian's) install the running kernel's build configuration; else
+    measured: jiffies counted over half a second, which tells the Kconfig choices
+    apart."""
     found = None
     for path, opener in (("/proc/config.gz", gzip.open),
                          (f"/boot/config-{os.uname().release}", open)):
@@ -91,10 +98,21 @@ def kernel_hz() -> int:
             continue
         if found:
             return int(found.group(1))
-    raise BpfilterError(errno.EOPNOTSUPP, "limit: the kernel's HZ is unknown (no CONFIG_HZ "
-                                          "in /proc/config.gz or /boot/config-RELEASE), and "
-                                          "xt_limit's credits depend on it; the whole table is "
-                                          "refused")
+    return measured_hz()
+
+
+def measured_hz(seconds: float = 0.5) -> int:
+    """The HZ_CHOICES value nearest jiffies' rate against CLOCK_MONOTONIC."""
+    try:
+        (t0, j0), (t1, j1) = jiffies(2, seconds)
+    except OSError as err:
+        raise BpfilterError(errno.EOPNOTSUPP, f"limit: the kernel's HZ is unknown (no "
+                                              f"CONFIG_HZ in /proc/config.gz or "
+                                              f"/boot/config-RELEASE, and jiffies cannot be "
+                                              f"read: {err}), and xt_limit's credits depend "
+                                              f"on it; the whole table is refused") from None
+    rate = (j1 - j0) / (t1 - t0)
+    return min(HZ_CHOICES, key=lambda hz: abs(hz - rate))
 
 
 def credits_per_jiffy(hz: int) -> int:
@@ -243,19 +261,27 @@ _BUCKET_BTF = locked_value_btf("limit_bucket", BUCKET.size,
 _JIFFIES = MapRef("jiffies")
 
 
-def jiffies() -> int:
+def jiffies(samples: int = 1, between: float = 0.0) -> "int | list[tuple[float, int]]":
     """The kernel's jiffies now, as limit_mt_check() reads it: a two-instruction
-    program run once writes bpf_jiffies64() where this can read it."""
+    program run once writes bpf_jiffies64() where this can read it. With `samples`
+    above 1: (CLOCK_MONOTONIC, jiffies) that many times, `between` seconds apart, from
+    one load of the program."""
     fd = bpf.map_create(bpf.BPF_MAP_TYPE_ARRAY, 4, 8, 1, "limit_jiffies")
     try:
         code = _jiffies_program().assemble(map_fd={_JIFFIES: fd}.__getitem__)
         prog = bpf.prog_load(bpf.BPF_PROG_TYPE_NETFILTER, code, "limit_jiffies",
                              expected_attach_type=bpf.BPF_NETFILTER)
+        taken = []
         try:
-            bpf.nf_test_run(prog, bpf.NF_INET_LOCAL_OUT, b"\x45" + bytes(19))
+            for i in range(samples):
+                if i:
+                    time.sleep(between)
+                now = time.monotonic()
+                bpf.nf_test_run(prog, bpf.NF_INET_LOCAL_OUT, b"\x45" + bytes(19))
+                taken.append((now, struct.unpack("<Q", bpf.map_lookup(fd, bytes(4), 8))[0]))
         finally:
             os.close(prog)
-        return struct.unpack("<Q", bpf.map_lookup(fd, bytes(4), 8))[0]
+        return taken[0][1] if samples == 1 else taken
     finally:
         os.close(fd)
 
