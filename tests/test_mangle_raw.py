@@ -95,7 +95,6 @@ KERNEL_RULES = [
      "match 'socket'", None),
     ("mangle", "-A FORWARD -m physdev --physdev-in p1", "match 'physdev'", None),
     ("mangle", "-A INPUT -m helper --helper ftp", "match 'helper'", None),
-    ("mangle", "-A INPUT -m realm --realm 3", "match 'realm'", Family.IPV4),
 ]
 
 

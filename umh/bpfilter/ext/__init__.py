@@ -54,6 +54,8 @@ class _Extension:
     # Fact groups (compiler.facts.OPTIONAL) the extension reads: the prologue reads a
     # group only for tables that have a rule needing it.
     facts: ClassVar[frozenset[str]] = frozenset()
+    # the kfunc that runs it, for the kernel's own (None: bpfilter's BPF runs it)
+    runs_in: ClassVar[Optional[Kfunc]] = None
     struct: ClassVar  # construct Struct of the payload
     packed: ClassVar[Packed]  # struct, compiled on registration for decode()
     # It reads the transport header at the offset ip_packet_match() found (par->thoff).
@@ -180,6 +182,14 @@ class _Registry:
     def revisions(self, name: str, family: Family) -> list[int]:
         return sorted(r for (n, r, f) in self.extensions if n == name and f == family)
 
+    def answered(self, name: str, family: Family) -> list[int]:
+        """revisions(), but for the kernel's own extensions only where the kernel runs
+        them (bpfilter.ko's kfunc is there): without it they are Linux's to answer for,
+        which may not have them (xt_LED, xt_ipvs)."""
+        return sorted(r for (n, r, f), ext in self.extensions.items()
+                      if n == name and f == family
+                      and (ext.runs_in is None or not missing_kfunc(ext.runs_in)))
+
     def find(self, name: str, revision: int, family: Family, where: str) -> _Extension:
         ext = self.extensions.get((name, revision, family))
         if ext is not None:
@@ -233,7 +243,7 @@ def known_match_revisions(name: str, family: Family) -> list[int]:
     that bpfilter implements among them). iptables then loads the extension as with
     the kernel, and a rule bpfilter cannot honour is refused by the replace, with a
     message naming it, rather than by iptables not finding the extension."""
-    return sorted({*_MATCHES.revisions(name, family), *linux.revisions("match", name, family)})
+    return sorted({*_MATCHES.answered(name, family), *linux.revisions("match", name, family)})
 
 
 def known_target_revisions(name: str, family: Family) -> list[int]:
@@ -241,7 +251,7 @@ def known_target_revisions(name: str, family: Family) -> list[int]:
     ip_tables' own two targets."""
     if name in (XT_STANDARD_TARGET, XT_ERROR_TARGET):
         return [0]
-    return sorted({*_TARGETS.revisions(name, family), *linux.revisions("target", name, family)})
+    return sorted({*_TARGETS.answered(name, family), *linux.revisions("target", name, family)})
 
 
 def decode_match(name: str, revision: int, payload: bytes, ip: IpHeader, family: Family,

@@ -87,6 +87,7 @@ class KernelMatch(MatchExtension):
     facts = frozenset({"skb", "nf_state", "xt_match"})
     # why the kernel's own: the refusal without the module says it
     why: ClassVar[str] = "whose state the kernel keeps"
+    runs_in = XT_MATCH_KFUNC
 
     def decode_fields(self, payload: bytes, where: str) -> dict:
         raise NotImplementedError
@@ -137,6 +138,7 @@ class ServedKernelMatch(KernelMatch):
 
     served_model: ClassVar[type]
     served_facts: ClassVar[frozenset] = frozenset()
+    runs_in = None     # BPF runs it where the module does not
     model: ClassVar[type] = None    # PlainKernelMatch, set below
 
     def decode_fields(self, payload: bytes, where: str) -> dict:
@@ -200,6 +202,7 @@ class KernelTarget(TargetExtension):
     model: ClassVar[type]
     facts = frozenset({"skb", "nf_state", "xt_match"})
     why: ClassVar[str] = "which writes the packet"
+    runs_in = XT_TARGET_KFUNC
 
     def decode_fields(self, payload: bytes, where: str) -> dict:
         raise NotImplementedError
