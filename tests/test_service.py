@@ -1231,12 +1231,7 @@ def test_a_refused_table_leaves_no_htable_behind(svc, nets):
             run(server, "iptables-legacy-restore", input=first)
         run(server, "iptables-legacy-restore", input=second)
     for client in (kc, bc):
-        with netns.entered(client):
-            tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        with tx:
-            for _ in range(6):
-                tx.sendto(b"x", ("10.88.0.2", 9))
-    time.sleep(0.1)
+        _datagrams(client, "10.88.0.2", 9, ("10.88.0.1",), count=6, size=1)
     kernel = _same_listing(svc, ks, bs)
     assert re.search(r"^\s+4\s+\d+\s+17\s+--.*burst 4", kernel, re.M), kernel
 
@@ -1314,11 +1309,7 @@ def test_time_reads_the_kernels_clock(svc, nets):
     rules = _time_rules()
     (kc, ks), (bc, bs) = _pairs(svc, nets, rules, "10.90.0", 24)
     for server in (ks, bs):
-        with netns.entered(server):
-            tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        with tx:
-            for _ in range(3):
-                tx.sendto(b"x", ("10.90.0.1", 9))
+        _datagrams(server, "10.90.0.1", 9, ("10.90.0.2",), count=3, size=1)
     kernel = _same_listing(svc, ks, bs)
     counts = [int(line.split()[0]) for line in kernel.splitlines() if "TIME" in line]
     assert counts == [3, 0, 3, 0, 0, 3, 3, 0, 3, 0, 3], kernel
