@@ -27,7 +27,6 @@ _COMMON = """
     match physdev: needs bpfilter.ko (kernel module mode)
     match recent: needs bpfilter.ko (kernel module mode) for --rttl (the kernel may then keep two entries for one address)
     match policy: needs bpfilter.ko (kernel module mode)
-    match rateest: needs bpfilter.ko (kernel module mode)
     match rpfilter: needs bpfilter.ko (kernel module mode)
     match socket: needs bpfilter.ko (kernel module mode)
     match string: needs bpfilter.ko (kernel module mode)
@@ -46,7 +45,6 @@ _COMMON = """
     target MARK: needs bpfilter.ko (kernel module mode) to write the packet's mark
     target NFLOG: needs bpfilter.ko (kernel module mode)
     target NFQUEUE: revision N is not supported by bpfilter
-    target RATEEST: needs bpfilter.ko (kernel module mode)
     target SYNPROXY: revision N is not supported by bpfilter
     target TCPMSS: needs bpfilter.ko (kernel module mode)
     target TCPOPTSTRIP: needs bpfilter.ko (kernel module mode)

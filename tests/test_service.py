@@ -1315,6 +1315,95 @@ def test_time_reads_the_kernels_clock(svc, nets):
     assert counts == [3, 0, 3, 0, 0, 3, 3, 0, 3, 0, 3], kernel
 
 
+RATEEST_RULES = """*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A INPUT -p udp --dport 7000 -j RATEEST --rateest-name fast --rateest-interval 250ms --rateest-ewmalog 500ms
+-A INPUT -p udp --dport 7100 -j RATEEST --rateest-name slow --rateest-interval 250ms --rateest-ewmalog 500ms
+-A INPUT -p udp --dport 7001 -m rateest --rateest fast --rateest-gt --rateest-pps 5
+-A INPUT -p udp --dport 7001 -m rateest --rateest fast --rateest-lt --rateest-pps 1
+-A INPUT -p udp --dport 7001 -m rateest --rateest fast --rateest-gt --rateest-bps 2kbit
+-A INPUT -p udp --dport 7001 -m rateest --rateest1 fast --rateest-gt --rateest-pps --rateest2 slow
+-A INPUT -p udp --dport 7001 -m rateest --rateest-delta --rateest fast --rateest-pps1 1000 --rateest-lt --rateest-pps2 1000
+-A INPUT -p udp --dport 7001 -m rateest --rateest slow ! --rateest-eq --rateest-pps 0
+COMMIT
+"""
+
+
+def _rateest_traffic(client: str, subnet: str) -> None:
+    """From `client` (.1 of subnet) to the server (.2): a probe to port 7001, idle;
+    two seconds of 20 datagrams a second to 7000 and 4 to 7100, a probe; four
+    seconds of nothing (the averages decay), a probe."""
+    server = f"{subnet}.2"
+
+    def probe():
+        _datagrams(client, server, 7001, (f"{subnet}.1",), size=1)
+
+    probe()
+    with netns.entered(client):
+        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with tx:
+        for i in range(40):
+            tx.sendto(b"x" * 10, (server, 7000))
+            if i % 5 == 0:
+                tx.sendto(b"x" * 10, (server, 7100))
+            time.sleep(0.05)
+    probe()
+    time.sleep(4)
+    probe()
+
+
+def test_rate_estimators_rise_and_decay_as_the_kernels(svc, nets):
+    """RATEEST and -m rateest through `bpfilter exec`, without the module: two
+    estimators fed at 20 and 4 datagrams a second, read by absolute, relative, delta
+    and inverted comparisons of packets and bytes a second, idle, busy and decayed:
+    every rule counts what the kernel's estimators make it count (both sides'
+    traffic at once, the timers being the clocks' own)."""
+    (kc, ks), (bc, bs) = _pairs(svc, nets, RATEEST_RULES, "10.91.0", 24)
+    sides = [threading.Thread(target=_rateest_traffic, args=(client, "10.91.0"))
+             for client in (kc, bc)]
+    for side in sides:
+        side.start()
+    for side in sides:
+        side.join()
+    kernel = _same_listing(svc, ks, bs)
+    counts = [int(line.split()[0]) for line in kernel.splitlines()
+              if "RATEEST" in line or "rateest" in line]
+    # RATEEST: every datagram; probes: idle, busy, decayed
+    assert counts == [40, 8, 1, 2, 1, 1, 1, 1], kernel
+
+
+def test_rateest_checks_as_the_kernels(svc, nets):
+    """RATEEST's and rateest's checkentries without the module, against the kernel's
+    on the same commands: an estimator no rule made (ENOENT), one asked for another
+    interval (EINVAL), one shared by the families' rules, and the last rule naming
+    one taking it along."""
+    commands = [
+        "iptables-legacy -A INPUT -m rateest --rateest A --rateest-lt --rateest-pps 1",
+        "iptables-legacy -A INPUT -j RATEEST --rateest-name A --rateest-interval 250ms "
+        "--rateest-ewmalog 500ms",
+        "iptables-legacy -A INPUT -j RATEEST --rateest-name A --rateest-interval 500ms "
+        "--rateest-ewmalog 1s",
+        "ip6tables-legacy -A INPUT -m rateest --rateest A --rateest-gt --rateest-bps 1kbit",
+        "ip6tables-legacy -A INPUT -m rateest --rateest1 A --rateest-gt --rateest-bps "
+        "--rateest2 B",
+        "iptables-legacy -F",
+        "iptables-legacy -A INPUT -j RATEEST --rateest-name A --rateest-interval 500ms "
+        "--rateest-ewmalog 1s",
+        "ip6tables-legacy -F",
+        "iptables-legacy -A INPUT -j RATEEST --rateest-name A --rateest-interval 500ms "
+        "--rateest-ewmalog 1s",
+        "iptables-legacy -S",
+    ]
+    kernel_ns, our_ns = nets(2)
+    for command in commands:
+        argv = command.split()
+        kernel, ours = svc.kernel(kernel_ns, *argv), svc.exec(our_ns, *argv)
+        assert (ours.returncode, ours.stdout) == (kernel.returncode, kernel.stdout), command
+        assert ours.stderr.splitlines()[-1:] == kernel.stderr.splitlines()[-1:], command
+
+
 CONNBYTES_RULES = """*filter
 :INPUT ACCEPT [0:0]
 :FORWARD ACCEPT [0:0]

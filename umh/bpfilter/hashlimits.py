@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import os
 import struct
-import threading
-import time
-from typing import Callable, Optional
+from typing import Callable
 
 from .bpf import syscall as bpf
+from .duetimers import DueTimers
 from .ext.hashlimit import (ENTRY_KEY, ENTRY_VALUE, E_EXPIRES, HASHLIMIT_BLANK, HASHLIMIT_TABLES,
                             TABLE_KEY, HtableConfig, bind, served_htables, table_id)
 from .ext.limit import jiffies
@@ -40,18 +39,12 @@ _SHORT = {"hashlimit_tables": "bpf_hltables", "hashlimit_blank": "bpf_hlblank",
 class Hashlimits:
     def __init__(self, fds: dict[str, int], log: Callable[[str], None] = lambda line: None):
         self.fds = fds
-        self.log = log
-        self._stop = threading.Event()
-        self._lock = threading.Lock()    # ensure/retain against the collector
-        self._next_gc: dict[bytes, float] = {}
-        self._collector: Optional[threading.Thread] = None
+        self.timers = DueTimers("hashlimit: collecting expired entries", log)
 
     @classmethod
     def pinned(cls, root: str, log=lambda line: None) -> "Hashlimits":
         made = cls(bpf.pinned_maps(root, _PINS, _create), log)
-        made._collector = threading.Thread(target=made._collect, name="hashlimit-gc",
-                                           daemon=True)
-        made._collector.start()
+        made.timers.start(made.collect_due, "hashlimit-gc")
         return made
 
     @classmethod
@@ -64,7 +57,7 @@ class Hashlimits:
     def configs(self, inum: int, family: int) -> dict[str, HtableConfig]:
         """The htables of a namespace's family, by name."""
         found = {}
-        for key, value in self._items("hashlimit_configs", TABLE_KEY.size, CONFIG_VALUE.size):
+        for key, value in self._configs():
             k_inum, k_family, _ = TABLE_KEY.unpack(key)
             if (k_inum, k_family) == (inum, family):
                 packed, length, name = CONFIG_VALUE.unpack(value)
@@ -77,7 +70,7 @@ class Hashlimits:
         if not served_htables(table):
             return
         family = int(table.family)
-        with self._lock:
+        with self.timers.lock:
             existing = self.configs(inum, family)
             bind(table, existing)
             for name, cfg in served_htables(table):
@@ -103,48 +96,30 @@ class Hashlimits:
         ids = {inum: {(int(table.family), table_id(name)) for table in named
                       for name, _ in served_htables(table)}
                for inum, named in tables.items()}
-        with self._lock:
-            for key, _ in self._items("hashlimit_configs", TABLE_KEY.size, CONFIG_VALUE.size):
+        with self.timers.lock:
+            for key, _ in self._configs():
                 inum, family, ident = TABLE_KEY.unpack(key)
                 if (family, ident) not in ids.get(inum, ()):
                     bpf.map_delete(self.fds["hashlimit_tables"], key)
                     bpf.map_delete(self.fds["hashlimit_configs"], key)
-                    self._next_gc.pop(key, None)
+                    self.timers.next.pop(key, None)
 
-    def _items(self, name: str, key_size: int, value_size: int) -> list[tuple[bytes, bytes]]:
-        fd, out, key = self.fds[name], [], None
-        while (key := bpf.map_next_key(fd, key, key_size)) is not None:
-            value = bpf.map_lookup(fd, key, value_size)
-            if value is not None:
-                out.append((key, value))
-        return out
+    def _configs(self) -> list[tuple[bytes, bytes]]:
+        return bpf.map_items(self.fds["hashlimit_configs"], TABLE_KEY.size, CONFIG_VALUE.size)
 
     # -- htable_gc() ---------------------------------------------------------------
-
-    def _collect(self) -> None:
-        while not self._stop.wait(self._until_next()):
-            try:
-                self.collect_due(time.monotonic())
-            except Exception as err:     # the next round tries again
-                self.log(f"hashlimit: collecting expired entries failed: {err}")
-
-    def _until_next(self) -> float:
-        if not self._next_gc:
-            return 0.25     # htables made meanwhile are found by the next round
-        return max(0.0, min(0.25, min(self._next_gc.values()) - time.monotonic()))
 
     def collect_due(self, now: float) -> int:
         """htable_gc() of every htable whose interval ran out; how many entries went."""
         gone = 0
-        with self._lock:
+        with self.timers.lock:
             due = []
-            for key, value in self._items("hashlimit_configs", TABLE_KEY.size,
-                                          CONFIG_VALUE.size):
+            for key, value in self._configs():
                 cfg = HtableConfig.unpack(value)
-                when = self._next_gc.setdefault(key, now + cfg.gc_interval / 1000)
+                when = self.timers.next.setdefault(key, now + cfg.gc_interval / 1000)
                 if when <= now:
                     due.append(key)
-                    self._next_gc[key] = now + cfg.gc_interval / 1000
+                    self.timers.next[key] = now + cfg.gc_interval / 1000
             if not due:
                 return 0
             jiffies_now = jiffies()
@@ -177,9 +152,7 @@ class Hashlimits:
         return gone
 
     def close(self) -> None:
-        self._stop.set()
-        if self._collector is not None:
-            self._collector.join()
+        self.timers.stop()
         for fd in self.fds.values():
             os.close(fd)
 

@@ -1,8 +1,9 @@
 """What matches run without bpfilter.ko share by name across the tables of a
 namespace, kept by the service as the kernel keeps it: -m recent's lists
-(recentlists.py), -m hashlimit's htables (hashlimits.py); and what they read of the
-kernel that a program cannot (wallclock.py: -m time's clock and time zone). Each part gives the maps
-the programs read (maps()), makes what a table about to be compiled names and binds
+(recentlists.py), -m hashlimit's htables (hashlimits.py), RATEEST's estimators
+(rateests.py); and what they read of the kernel that a program cannot (wallclock.py:
+-m time's clock and time zone). Each part gives the maps the programs read (maps()),
+makes what a table about to be compiled names and binds
 its rules to it (prepare(), as its checkentries would), and lets go of what no table
 names any more (retain(), as the destroy of its last rule would)."""
 from __future__ import annotations
@@ -11,10 +12,11 @@ from typing import Callable
 
 from .hashlimits import Hashlimits
 from .model import Table
+from .rateests import RateEstimators
 from .recentlists import RecentLists
 from .wallclock import WallClock
 
-PARTS = (RecentLists, Hashlimits, WallClock)
+PARTS = (RecentLists, Hashlimits, RateEstimators, WallClock)
 
 
 class SharedState:

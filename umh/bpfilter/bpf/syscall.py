@@ -79,6 +79,7 @@ BPF_LINK_TYPE_NETFILTER = 10
 BPF_ANY = 0
 BPF_NOEXIST = 1
 BPF_EXIST = 2
+BPF_F_LOCK = 4       # (lookups too)
 
 # map_create flags
 BPF_F_NO_PREALLOC = 1 << 0
@@ -363,16 +364,27 @@ def map_update(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
     _call(BPF_MAP_UPDATE_ELEM, _elem_attr(fd, kbuf, vbuf, flags))
 
 
-def map_lookup(fd: int, key: bytes, value_size: int) -> "bytes | None":
-    """``value_size`` must be percpu_value_size(...) for per-CPU maps."""
+def map_lookup(fd: int, key: bytes, value_size: int, flags: int = 0) -> "bytes | None":
+    """``value_size`` must be percpu_value_size(...) for per-CPU maps; `flags`:
+    BPF_F_LOCK copies a value holding a bpf_spin_lock under it."""
     kbuf = ffi.from_buffer(key)
     vbuf = ffi.new("char[]", value_size)
-    if _sys_bpf(BPF_MAP_LOOKUP_ELEM, _elem_attr(fd, kbuf, vbuf)) < 0:
+    if _sys_bpf(BPF_MAP_LOOKUP_ELEM, _elem_attr(fd, kbuf, vbuf, flags)) < 0:
         err = ffi.errno
         if err == _errno.ENOENT:
             return None
         raise BpfError(err, "BPF_MAP_LOOKUP_ELEM")
     return ffi.buffer(vbuf)[:]
+
+
+def map_items(fd: int, key_size: int, value_size: int) -> list[tuple[bytes, bytes]]:
+    """Every (key, value) of a hash map, one by one (what goes meanwhile is left out)."""
+    out, key = [], None
+    while (key := map_next_key(fd, key, key_size)) is not None:
+        value = map_lookup(fd, key, value_size)
+        if value is not None:
+            out.append((key, value))
+    return out
 
 
 def map_delete(fd: int, key: bytes) -> bool:

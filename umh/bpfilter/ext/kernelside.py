@@ -2,7 +2,6 @@
 what they keep or reach lives only in the kernel:
 
   connlimit  the kernel's connection counting (nf_conncount)
-  rateest    the rate estimators of RATEEST targets
   osf        the operating system fingerprints nfnetlink_osf loads
   ipvs       IPVS's connections
   string     the kernel's textsearch (bm, kmp), over the skb's fragments
@@ -10,8 +9,7 @@ what they keep or reach lives only in the kernel:
   cgroup     the sending socket's cgroup
   policy     the IPsec state the packet went through or will
 and targets that hand the packet to a kernel subsystem without changing it: NFLOG
-(nfnetlink_log), AUDIT, IDLETIMER (its sysfs timers), RATEEST (rate estimators), LED
-(its trigger) and TEE
+(nfnetlink_log), AUDIT, IDLETIMER (its sysfs timers), LED (its trigger) and TEE
 (nf_dup_ipv4/6: the copy passes the namespace's hooks, bpfilter's programs run again
 inside the target, as ip_tables' do).
 bpfilter.ko runs only those it lists (kmod/xtmatch.c); not yet bpf (a BPF program run
@@ -19,13 +17,14 @@ from the module's kfunc, nested in bpfilter's) and cluster (which rewrites pkt_t
 fact the prologue reads once): those are refused.
 
 bpfilter's model of each is its payload: the kernel's checkentry judges it, with its
-errno, when the table is loaded. Without bpfilter.ko such a table is refused.
+errno, when the table is loaded. Without bpfilter.ko such a table is refused. (RATEEST
+and rateest, which bpfilter runs without it too, are in rateest.py.)
 """
 from __future__ import annotations
 
 import ipaddress
 
-from construct import Bytes, Int8sn, Int8un, Int16un, Int32un, Padding, Struct
+from construct import Bytes, Int8un, Int16un, Int32un, Padding, Struct
 
 from . import BOTH_FAMILIES
 from ..model import Family, Hook
@@ -54,10 +53,6 @@ xt_audit_info = Struct("type" / Int8un)
 idletimer_tg_info = Struct("timeout" / Int32un, "label" / Bytes(28), Padding(8))
 idletimer_tg_info_v1 = Struct("timeout" / Int32un, "label" / Bytes(28), "send_nl_msg" / Int8un,
                               "timer_type" / Int8un, Padding(14))
-xt_rateest_match_info = Struct("name1" / Bytes(16), "name2" / Bytes(16), "flags" / Int16un,
-                               "mode" / Int16un, "bps1" / Int32un, "pps1" / Int32un,
-                               "bps2" / Int32un, "pps2" / Int32un, Padding(4),
-                               "_est1" / Bytes(8), "_est2" / Bytes(8))
 xt_osf_info = Struct("genre" / Bytes(32), "len" / Int32un, "flags" / Int32un,
                      "loglevel" / Int32un, "ttl" / Int32un)
 xt_ipvs_mtinfo = Struct("vaddr" / Bytes(16), "vmask" / Bytes(16), "vport" / Int16un,
@@ -66,8 +61,6 @@ xt_ipvs_mtinfo = Struct("vaddr" / Bytes(16), "vmask" / Bytes(16), "vport" / Int1
 xt_led_info = Struct("id" / Bytes(27), "always_blink" / Int8un, "delay" / Int32un,
                      "_internal" / Bytes(8))
 xt_tee_tginfo = Struct("gw" / Bytes(16), "oif" / Bytes(16), "_priv" / Bytes(8))
-xt_rateest_target_info = Struct("name" / Bytes(16), "interval" / Int8sn, "ewma_log" / Int8un,
-                                Padding(14))
 
 IPPROTO_TCP = 6
 _OSF_HOOKS = sum(1 << h.value for h in (Hook.LOCAL_IN, Hook.PRE_ROUTING, Hook.FORWARD))
@@ -101,11 +94,6 @@ plain_kernel_extension("match", "osf", xt_osf_info, (Family.IPV4,), why=_STATE,
 # IPVS's connections (ip_vs_conn)
 plain_kernel_extension("match", "ipvs", xt_ipvs_mtinfo, BOTH_FAMILIES, why=_STATE,
                        family_independent=True, describe=lambda f: "ipvs")
-# the estimators RATEEST targets make, found by name (xt_rateest_lookup())
-plain_kernel_extension("match", "rateest", xt_rateest_match_info, BOTH_FAMILIES, why=_STATE,
-                       family_independent=True,
-                       describe=lambda f: f"rateest {c_string(f['name1'])}"
-                       + (f" {c_string(f['name2'])}" if f["name2"][0] else ""))
 
 plain_kernel_extension("target", "NFLOG", xt_nflog_info, BOTH_FAMILIES, why=_HANDS,
                        family_independent=True,
@@ -130,6 +118,3 @@ plain_kernel_extension("target", "TEE", xt_tee_tginfo, BOTH_FAMILIES, why=_HANDS
 plain_kernel_extension("target", "LED", xt_led_info, BOTH_FAMILIES, why=_HANDS,
                        family_independent=True,
                        describe=lambda f: f"led-trigger-id:\"{c_string(f['id'])}\"")
-plain_kernel_extension("target", "RATEEST", xt_rateest_target_info, BOTH_FAMILIES, why=_HANDS,
-                       family_independent=True,
-                       describe=lambda f: f"name {c_string(f['name'])}")

@@ -247,6 +247,49 @@ class KernelTarget(TargetExtension):
         self.refresh(target, asm)
 
 
+class ServedKernelTarget(KernelTarget):
+    """A kernel target bpfilter also runs in BPF when the module is not there, as
+    ServedKernelMatch: with bpfilter.ko the kernel's own, without it served(), a model
+    of `served_model` whose code is emit_served() on the facts `served_facts`."""
+
+    served_model: ClassVar[type]
+    served_facts: ClassVar[frozenset] = frozenset()
+    runs_in = None
+    model: ClassVar[type] = None    # PlainKernelTarget, set below
+
+    def decode_fields(self, payload: bytes, where: str) -> dict:
+        return dict(name=self.name, fields=_fields(self, payload))
+
+    def fields_of(self, target) -> dict:
+        """Either model's fields by name, for describe()."""
+        return target.__dict__ if isinstance(target, self.served_model) else dict(target.fields)
+
+    def served(self, payload: bytes, ip, where: str) -> ExtensionTarget:
+        raise NotImplementedError
+
+    def emit_served(self, target, asm, next_rule) -> None:
+        raise NotImplementedError
+
+    def decode_in(self, payload: bytes, ip, where: str, hook_mask: int, entry: bytes):
+        if missing_kfunc(XT_TARGET_KFUNC):
+            return self.served(payload, ip, where)
+        return super().decode_in(payload, ip, where, hook_mask, entry)
+
+    def unsupported(self, target) -> Optional[str]:
+        if isinstance(target, self.served_model):
+            return None
+        return super().unsupported(target)
+
+    def facts_of(self, target) -> frozenset[str]:
+        return self.served_facts if isinstance(target, self.served_model) else self.facts
+
+    def emit_rule(self, rule, target, asm, next_rule) -> None:
+        if isinstance(target, self.served_model):
+            self.emit_served(target, asm, next_rule)
+        else:
+            super().emit_rule(rule, target, asm, next_rule)
+
+
 def c_string(field: bytes) -> str:
     """A name field of a payload, as the kernel reads it: up to its first NUL."""
     return field.split(b"\0", 1)[0].decode("latin-1")
@@ -357,6 +400,9 @@ class PlainKernelTarget(KernelTargetModel):
     name: str
     revision: int
     fields: tuple = ()
+
+
+ServedKernelTarget.model = PlainKernelTarget
 
 
 def _fields(ext, payload: bytes) -> tuple:
