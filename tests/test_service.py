@@ -1404,6 +1404,42 @@ def test_rateest_checks_as_the_kernels(svc, nets):
         assert ours.stderr.splitlines()[-1:] == kernel.stderr.splitlines()[-1:], command
 
 
+U32_RULES = """*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A INPUT -m u32 --u32 "0x0=0x0&&0x0=0x1"
+-A INPUT -p udp -m u32 --u32 "0>>22&0x3C@0&0xFFFF=7000"
+-A INPUT -p udp -m u32 ! --u32 "0>>22&0x3C@8=0x41414141"
+-A INPUT -p udp -m u32 --u32 "0>>22&0x3C@8>>24=0x41:0x42,0x50"
+-A INPUT -p udp -m u32 --u32 "6&0xFF=17&&8>>24=0x3f:0x40&&0>>22&0x3C@4>>16=0x9:0x20"
+-A INPUT -p udp -m u32 --u32 "0>>22&0x3C@20=0x0:0xffffffff"
+-A INPUT -p udp -m u32 --u32 "0>>22&0x3C@8<<8=0x41414100"
+-A INPUT -p udp -m u32 --u32 "0xffffffff=0x0:0xffffffff"
+-A INPUT -p udp -m u32 --u32 "0@0xfffffff0@0=0x0:0xffffffff"
+COMMIT
+"""
+
+
+def test_u32_reads_the_packet_as_the_kernels(svc, nets):
+    """-m u32 through `bpfilter exec`, without the module: words at fixed places and
+    past the IP header (`@`), masks, shifts, ranges, several tests, `!`, words past
+    the packet's end and offsets that wrap: every rule counts what the kernel's
+    xt_u32 makes it count."""
+    (kc, ks), (bc, bs) = _pairs(svc, nets, U32_RULES, "10.92.0", 24)
+    for client in (kc, bc):
+        with netns.entered(client):
+            tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with tx:
+            for port, data in ((7000, b"AAAAxyz"), (7001, b"AAAAxyz"), (7000, b"B" * 30),
+                               (7000, b""), (7002, b"PQRSTUVWXYZ0123456789")):
+                tx.sendto(data, ("10.92.0.2", port))
+        time.sleep(0.1)
+    kernel = _same_listing(svc, ks, bs)
+    counts = [int(line.split()[0]) for line in kernel.splitlines() if "u32" in line]
+    assert counts == [0, 3, 3, 4, 3, 2, 2, 0, 0], kernel
+
+
 CONNBYTES_RULES = """*filter
 :INPUT ACCEPT [0:0]
 :FORWARD ACCEPT [0:0]

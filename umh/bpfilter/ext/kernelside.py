@@ -5,7 +5,6 @@ what they keep or reach lives only in the kernel:
   osf        the operating system fingerprints nfnetlink_osf loads
   ipvs       IPVS's connections
   string     the kernel's textsearch (bm, kmp), over the skb's fragments
-  u32        its little program over the packet
   cgroup     the sending socket's cgroup
   policy     the IPsec state the packet went through or will
 and targets that hand the packet to a kernel subsystem without changing it: NFLOG
@@ -18,7 +17,7 @@ fact the prologue reads once): those are refused.
 
 bpfilter's model of each is its payload: the kernel's checkentry judges it, with its
 errno, when the table is loaded. Without bpfilter.ko such a table is refused. (RATEEST
-and rateest, which bpfilter runs without it too, are in rateest.py.)
+and rateest, u32, which bpfilter runs without it too, are in rateest.py, u32.py.)
 """
 from __future__ import annotations
 
@@ -38,7 +37,6 @@ xt_connlimit_info = Struct("mask" / Bytes(16), "limit" / Int32un, "flags" / Int3
 xt_string_info = Struct("from_offset" / Int16un, "to_offset" / Int16un, "algo" / Bytes(16),
                         "pattern" / Bytes(128), "patlen" / Int8un, "flags" / Int8un,
                         Padding(10))
-xt_u32 = Struct("program" / Bytes(1984))
 xt_cgroup_info_v0 = Struct("id" / Int32un, "invert" / Int32un)
 xt_cgroup_info_v1 = Struct("has_path" / Int8un, "has_classid" / Int8un,
                            "invert_path" / Int8un, "invert_classid" / Int8un,
@@ -78,8 +76,6 @@ plain_kernel_extension("match", "string", xt_string_info, BOTH_FAMILIES, revisio
                        describe=lambda f: f"STRING match "
                        f"{'!' if f['flags'] & XT_STRING_FLAG_INVERT else ''}"
                        f"{f['pattern'][:f['patlen']]!r} ALGO name {c_string(f['algo'])}")
-plain_kernel_extension("match", "u32", xt_u32, BOTH_FAMILIES, why=_CODE,
-                       family_independent=True, describe=lambda f: "u32")
 for revision, struct in ((0, xt_cgroup_info_v0), (1, xt_cgroup_info_v1), (2, xt_cgroup_info_v2)):
     plain_kernel_extension("match", "cgroup", struct, BOTH_FAMILIES, revisions=(revision,),
                            why=_STATE, family_independent=True,
