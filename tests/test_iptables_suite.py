@@ -22,7 +22,6 @@ _COMMON = """
     match cluster: revision N is not supported by bpfilter
     match connlabel: needs bpfilter.ko (kernel module mode)
     match connlimit: needs bpfilter.ko (kernel module mode)
-    match helper: needs bpfilter.ko (kernel module mode)
     match owner: --suppl-groups is not supported by bpfilter
     match physdev: needs bpfilter.ko (kernel module mode)
     match recent: needs bpfilter.ko (kernel module mode) for --rttl (the kernel may then keep two entries for one address)

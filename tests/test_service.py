@@ -1440,6 +1440,93 @@ def test_u32_reads_the_packet_as_the_kernels(svc, nets):
     assert counts == [0, 3, 3, 4, 3, 2, 2, 0, 0], kernel
 
 
+HELPER_RULES = """*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A INPUT -p tcp --tcp-flags PSH PSH -m helper --helper ftp
+-A INPUT -p tcp --tcp-flags PSH PSH -m helper ! --helper ftp
+-A INPUT -p tcp --syn -m helper --helper ftp
+-A INPUT -p tcp -m helper --helper irc
+-A INPUT -p tcp --tcp-flags PSH PSH -m helper --helper ftp-21
+-A INPUT -p tcp -m helper --helper f
+-A OUTPUT -p tcp --tcp-flags PSH PSH -m helper --helper ftp
+COMMIT
+"""
+# the server's conntrack gives connections to port 21 the ftp helper (the kernel
+# assigns none by itself), with nftables: conntrack's set-up, not rules under test
+FTP_HELPER = """table ip helpers {
+    ct helper ftp-std { type "ftp" protocol tcp; }
+    chain pre { type filter hook prerouting priority 0; tcp dport 21 ct helper set "ftp-std"; }
+}
+"""
+
+
+def _ftp_passive(client: str, server: str, subnet: str) -> None:
+    """An FTP control connection from client to server:21 whose PASV answer the
+    server's ftp helper reads, and the data connection it expects, each a request
+    and its answer."""
+    address = f"{subnet}.2"
+    with netns.entered(server):
+        control, data = socket.socket(), socket.socket()
+    control.bind((address, 21))
+    data.bind((address, 0))
+    port = data.getsockname()[1]
+    for listener in (control, data):
+        listener.listen(1)
+        listener.settimeout(10)
+
+    def serve():
+        with control, data:
+            c, _ = control.accept()
+            with c:
+                c.sendall(b"220 ready\r\n")
+                c.recv(100)
+                c.sendall(f"227 Entering Passive Mode ({subnet.replace('.', ',')},2,"
+                          f"{port >> 8},{port & 255}).\r\n".encode())
+                d, _ = data.accept()
+                with d:
+                    d.recv(100)
+                    d.sendall(b"listing")
+                c.recv(100)
+
+    side = threading.Thread(target=serve)
+    side.start()
+    with netns.entered(client):
+        c, d = socket.socket(), socket.socket()
+    with c, d:
+        c.settimeout(10)
+        d.settimeout(10)
+        c.connect((address, 21))
+        c.recv(100)
+        c.sendall(b"PASV\r\n")
+        c.recv(100)
+        d.connect((address, port))
+        d.sendall(b"LIST\r\n")
+        d.recv(100)
+        c.sendall(b"QUIT\r\n")
+    side.join()
+    time.sleep(0.1)
+
+
+def test_helper_reads_the_expecting_helper_as_the_kernels(svc, nets):
+    """-m helper through `bpfilter exec`, without the module: the data connection the
+    server's ftp helper expected matches `ftp` (and `ftp-21`, compared over the
+    helper's name, not `f`), both ways, the control connection none: every rule
+    counts what the kernel's xt_helper makes it count."""
+    (kc, ks), (bc, bs) = _pairs(svc, nets, HELPER_RULES, "10.93.0", 24)
+    for client, server in ((kc, ks), (bc, bs)):
+        subprocess.run(["ip", "netns", "exec", server, "nft", "-f", "-"], input=FTP_HELPER,
+                       text=True, check=True)
+        _ftp_passive(client, server, "10.93.0")
+    # (only segments that carry data, and SYNs: how many bare ACKs TCP sends is its own)
+    listing = ["iptables-legacy", "-L", "-v", "-n", "-x"]
+    kernel = [line for line in svc.kok(ks, *listing).splitlines() if "helper" in line]
+    ours = [line for line in svc.ok(bs, *listing).splitlines() if "helper" in line]
+    assert ours == kernel
+    assert [int(line.split()[0]) for line in kernel] == [1, 2, 1, 0, 1, 0, 1], kernel
+
+
 CONNBYTES_RULES = """*filter
 :INPUT ACCEPT [0:0]
 :FORWARD ACCEPT [0:0]

@@ -24,14 +24,15 @@ from typing import Optional
 from construct import Int8un, Int64un, Padding, Struct
 
 from ..bpf import insn as I
-from ..bpf.btf import Btf, BtfError
-from ..bpf.insn import (BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_DW, BPF_EMIT_CALL, BPF_JMP_A,
-                        BPF_JMP_IMM, BPF_JMP_REG, BPF_LD_IMM64, BPF_LDX_MEM, BPF_MOV64_IMM,
-                        BPF_MOV64_REG, BPF_ST_MEM, R0, R1, R2, R3, R6, R7)
+from ..bpf.btf import BtfError
+from ..bpf.insn import (BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_DW, BPF_JMP_A, BPF_JMP_IMM,
+                        BPF_JMP_REG, BPF_LD_IMM64, BPF_LDX_MEM, BPF_MOV64_IMM, BPF_ST_MEM, R0,
+                        R1, R2, R3, R6, R7)
 from ..errors import BpfilterError
 from ..model import Match
 from ..packet import facts
 from . import BOTH_FAMILIES, register_match
+from .ctext import NFCT_PTRMASK, conntrack_btf, emit_ext_find, ext_offsets, probe
 from .xtmatch import ServedKernelMatch
 
 xt_connbytes_info = Struct("from_" / Int64un, "to" / Int64un, "what" / Int8un,
@@ -40,7 +41,6 @@ XT_CONNBYTES_PKTS, XT_CONNBYTES_BYTES, XT_CONNBYTES_AVGPKT = 0, 1, 2
 XT_CONNBYTES_DIR_ORIGINAL, XT_CONNBYTES_DIR_REPLY, XT_CONNBYTES_DIR_BOTH = 0, 1, 2
 _WHAT = ("packets", "bytes", "avgpkt")
 _DIRECTION = ("original", "reply", "both")
-NFCT_PTRMASK = ~7
 
 # The "ctacct" region: whether the entry has counters, then struct nf_conn_counter[2]
 # as the kernel keeps them (original, reply; each packets then bytes, u64).
@@ -55,57 +55,35 @@ facts.COUNT_CONNTRACK.add("ctacct")
 @dataclass(frozen=True)
 class AcctOffsets:
     nfct: int
-    ext: int            # nf_conn->ext
-    ext_offset: int     # &nf_ct_ext->offset[NF_CT_EXT_ACCT]
     counter: int        # nf_conn_acct->counter
     counters_size: int
 
 
+def _acct(b) -> AcctOffsets:
+    counters_size = 2 * b.struct_size("nf_conn_counter")
+    if counters_size != 32 or b.member("nf_conn_counter", "bytes")[0] != 8:
+        raise BtfError("struct nf_conn_counter is not {packets, bytes}")
+    return AcctOffsets(nfct=b.member("sk_buff", "_nfct")[0],
+                       counter=b.member("nf_conn_acct", "counter")[0],
+                       counters_size=counters_size)
+
+
 @functools.lru_cache(maxsize=1)
 def acct_offsets() -> AcctOffsets:
-    failures = []
-    for btf in (Btf.vmlinux, lambda: Btf.module("nf_conntrack")):
-        try:
-            b = btf()
-            counters_size = 2 * b.struct_size("nf_conn_counter")
-            if counters_size != 32 or b.member("nf_conn_counter", "bytes")[0] != 8:
-                raise BtfError("struct nf_conn_counter is not {packets, bytes}")
-            return AcctOffsets(
-                nfct=b.member("sk_buff", "_nfct")[0], ext=b.member("nf_conn", "ext")[0],
-                ext_offset=b.member("nf_ct_ext", "offset")[0]
-                + b.enum_value("nf_ct_ext_id", "NF_CT_EXT_ACCT"),
-                counter=b.member("nf_conn_acct", "counter")[0], counters_size=counters_size)
-        except BtfError as err:
-            failures.append(str(err))
-    raise BpfilterError(errno.EOPNOTSUPP, f"connbytes needs conntrack's accounting extension "
-                                          f"in the kernel's BTF ({'; '.join(failures)}); the "
-                                          f"whole table is refused")
-
-
-def _probe(asm, dst: int, size: int) -> None:
-    """bpf_probe_read_kernel(facts + dst, size, R3): nf_conn and its extensions are not
-    types netfilter programs dereference."""
-    asm.emit(BPF_MOV64_REG(R1, R6), BPF_ALU64_IMM(I.BPF_ADD, R1, dst), BPF_MOV64_IMM(R2, size),
-             BPF_EMIT_CALL(I.BPF_FUNC_probe_read_kernel))
+    ext_offsets("NF_CT_EXT_ACCT")
+    return conntrack_btf("connbytes needs conntrack's accounting extension", _acct)
 
 
 def _read_counters(asm, k: facts.KernelOffsets) -> None:
     """The prologue's part (R7 = skb): nf_ct_get(), nf_conn_acct_find(), its counters.
-    The counters' slots hold the extension's address and offset on the way."""
+    The counters' slots are the walk's scratch on the way."""
     o = acct_offsets()
     done = asm.label("ctacct_done")
     asm.emit(BPF_LDX_MEM(BPF_DW, R3, R7, o.nfct), BPF_ALU64_IMM(I.BPF_AND, R3, NFCT_PTRMASK),
-             BPF_JMP_IMM(I.BPF_JEQ, R3, 0, done), BPF_ALU64_IMM(I.BPF_ADD, R3, o.ext))
-    _probe(asm, ACCT_COUNTERS, 8)
-    asm.emit(BPF_JMP_IMM(I.BPF_JNE, R0, 0, done),
-             BPF_LDX_MEM(BPF_DW, R3, R6, ACCT_COUNTERS), BPF_JMP_IMM(I.BPF_JEQ, R3, 0, done),
-             BPF_ALU64_IMM(I.BPF_ADD, R3, o.ext_offset))
-    _probe(asm, ACCT_COUNTERS + 8, 1)
-    asm.emit(BPF_JMP_IMM(I.BPF_JNE, R0, 0, done),
-             BPF_LDX_MEM(BPF_B, R1, R6, ACCT_COUNTERS + 8), BPF_JMP_IMM(I.BPF_JEQ, R1, 0, done),
-             BPF_LDX_MEM(BPF_DW, R3, R6, ACCT_COUNTERS), BPF_ALU64_REG(I.BPF_ADD, R3, R1),
-             BPF_ALU64_IMM(I.BPF_ADD, R3, o.counter))
-    _probe(asm, ACCT_COUNTERS, o.counters_size)
+             BPF_JMP_IMM(I.BPF_JEQ, R3, 0, done))
+    emit_ext_find(asm, "NF_CT_EXT_ACCT", ACCT_COUNTERS, done)
+    asm.emit(BPF_ALU64_IMM(I.BPF_ADD, R3, o.counter))
+    probe(asm, ACCT_COUNTERS, o.counters_size)
     asm.emit(BPF_JMP_IMM(I.BPF_JNE, R0, 0, done), BPF_ST_MEM(BPF_B, R6, ACCT_PRESENT, 1))
     asm.place(done)
 

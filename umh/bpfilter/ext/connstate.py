@@ -1,18 +1,17 @@
 """Matches of what the kernel keeps beside the packet, run by bpfilter.ko as the
-kernel's own (ext/xtmatch.py): -m connlabel (its conntrack labels), -m helper (its
-conntrack helper), -m rpfilter (a route lookup of the source, in raw and mangle
-PREROUTING), -m physdev (the bridge ports br_netfilter notes for bridged traffic; its
-checkentry loads br_netfilter)."""
+kernel's own (ext/xtmatch.py): -m connlabel (its conntrack labels), -m rpfilter (a
+route lookup of the source, in raw and mangle PREROUTING), -m physdev (the bridge
+ports br_netfilter notes for bridged traffic; its checkentry loads br_netfilter).
+(-m helper, which bpfilter runs without the module too, is in helper.py.)"""
 from __future__ import annotations
 
-from construct import Bytes, Int8un, Int32sn, Int16un, Padding, Struct
+from construct import Bytes, Int8un, Int16un, Padding, Struct
 
 from . import BOTH_FAMILIES
 from ..model import Hook
 from .xtmatch import c_string, plain_kernel_extension
 
 xt_connlabel_mtinfo = Struct("bit" / Int16un, "options" / Int16un)
-xt_helper_info = Struct("invert" / Int32sn, "name" / Bytes(30), Padding(2))
 xt_rpfilter_info = Struct("flags" / Int8un)
 xt_physdev_info = Struct("physindev" / Bytes(16), "in_mask" / Bytes(16), "physoutdev" / Bytes(16),
                          "out_mask" / Bytes(16), "invert" / Int8un, "bitmask" / Int8un,
@@ -25,17 +24,10 @@ _RPFILTER_WORDS = ((1, "loose"), (2, "validmark"), (4, "accept-local"), (8, "inv
 _READS = "which reads what the kernel keeps beside the packet"
 
 
-def _bang(f: dict) -> str:
-    return "! " if f["invert"] else ""
-
-
 plain_kernel_extension("match", "connlabel", xt_connlabel_mtinfo, BOTH_FAMILIES, why=_READS,
                        family_independent=True,
                        describe=lambda f: f"connlabel {'! ' if f['options'] & 1 else ''}"
                        f"{f['bit']}")
-plain_kernel_extension("match", "helper", xt_helper_info, BOTH_FAMILIES, why=_READS,
-                       family_independent=True,
-                       describe=lambda f: f'helper match {_bang(f)}"{c_string(f["name"])}"')
 plain_kernel_extension("match", "rpfilter", xt_rpfilter_info, BOTH_FAMILIES, why=_READS,
                        hooks=1 << Hook.PRE_ROUTING.value, table=("raw", "mangle"),
                        describe=lambda f: " ".join(["rpfilter", *(word for bit, word in
