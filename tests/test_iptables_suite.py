@@ -28,7 +28,6 @@ _COMMON = """
     match policy: needs bpfilter.ko (kernel module mode)
     match rpfilter: needs bpfilter.ko (kernel module mode)
     match socket: needs bpfilter.ko (kernel module mode)
-    match string: needs bpfilter.ko (kernel module mode)
     table nat
     target AUDIT: needs bpfilter.ko (kernel module mode)
     target CHECKSUM: needs bpfilter.ko (kernel module mode)

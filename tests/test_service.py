@@ -1527,6 +1527,66 @@ def test_helper_reads_the_expecting_helper_as_the_kernels(svc, nets):
     assert [int(line.split()[0]) for line in kernel] == [1, 2, 1, 0, 1, 0, 1], kernel
 
 
+STRING_RULES = """*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A INPUT -p udp -m string --algo bm --string "hello"
+-A INPUT -p udp -m string --algo kmp --string "hello"
+-A INPUT -p udp -m string --algo bm --string "HeLLo" --icase
+-A INPUT -p udp -m string --algo kmp ! --string "HeLLo" --icase
+-A INPUT -p udp -m string --algo bm --string "hello" --from 30 --to 40
+-A INPUT -p udp -m string --algo kmp --string "hello" --from 28 --to 33
+-A INPUT -p udp -m string --algo bm --hex-string "|dfff|" --icase
+-A INPUT -p udp -m string --algo kmp --hex-string "|dfff|" --icase
+-A INPUT -p udp -m string --algo bm --string "abcabd"
+-A OUTPUT -p tcp -m string --algo bm --string "needle"
+-A OUTPUT -p tcp -m string --algo kmp --string "needle" --to 3000
+COMMIT
+"""
+
+
+def test_string_searches_as_the_kernels(svc, nets):
+    """-m string through `bpfilter exec`, without the module: bm and kmp, --icase (with
+    the kernel's Latin-1 case folding, under which its bm misses a match its kmp
+    finds), --from/--to, `!`, datagrams of every size, and a TCP stream whose data
+    the kernel keeps in page fragments: every rule counts what the kernel's xt_string
+    makes it count."""
+    (kc, ks), (bc, bs) = _pairs(svc, nets, STRING_RULES, "10.94.0", 24)
+    datagrams = (b"hello world", b"xxHELLOxx", b"nothing here", b"..hello", b"abcabcabd",
+                 b"AAa\xdf\xff\xdf\xffAa\xff\xdfA", b"x" * 1400 + b"hello")
+    for client, server in ((kc, ks), (bc, bs)):
+        with netns.entered(client):
+            tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with tx:
+            for data in datagrams:
+                tx.sendto(data, ("10.94.0.2", 9))
+        with netns.entered(server):
+            listener = socket.socket()
+        with listener:
+            listener.bind(("10.94.0.2", 7000))
+            listener.listen(1)
+            with netns.entered(client):
+                c = socket.socket()
+            with c:
+                c.connect(("10.94.0.2", 7000))
+                conn, _ = listener.accept()
+                with conn:
+                    for at in (100, 2500, 9000):
+                        conn.sendall(b"." * at + b"needle" + b"." * 50)
+                        received = 0
+                        while received < at + 56:
+                            received += len(c.recv(65536))
+        time.sleep(0.1)
+    listing = ["iptables-legacy", "-L", "-v", "-n", "-x"]
+    kernel = [line for line in svc.kok(ks, *listing).splitlines() if "STRING" in line]
+    ours = [line for line in svc.ok(bs, *listing).splitlines() if "STRING" in line]
+    assert ours == kernel
+    counts = [int(line.split()[0]) for line in kernel]
+    assert counts[:9] == [3, 3, 4, 3, 1, 1, 0, 1, 1] and counts[9] >= 3 and counts[10] >= 1, \
+        kernel
+
+
 CONNBYTES_RULES = """*filter
 :INPUT ACCEPT [0:0]
 :FORWARD ACCEPT [0:0]

@@ -4,7 +4,6 @@ what they keep or reach lives only in the kernel:
   connlimit  the kernel's connection counting (nf_conncount)
   osf        the operating system fingerprints nfnetlink_osf loads
   ipvs       IPVS's connections
-  string     the kernel's textsearch (bm, kmp), over the skb's fragments
   cgroup     the sending socket's cgroup
   policy     the IPsec state the packet went through or will
 and targets that hand the packet to a kernel subsystem without changing it: NFLOG
@@ -17,7 +16,8 @@ fact the prologue reads once): those are refused.
 
 bpfilter's model of each is its payload: the kernel's checkentry judges it, with its
 errno, when the table is loaded. Without bpfilter.ko such a table is refused. (RATEEST
-and rateest, u32, which bpfilter runs without it too, are in rateest.py, u32.py.)
+and rateest, string and u32, which bpfilter runs without it too, have files of their
+own.)
 """
 from __future__ import annotations
 
@@ -34,9 +34,6 @@ _CODE = "which only the kernel's code can run"
 _HANDS = "which hands the packet to a kernel subsystem"
 
 xt_connlimit_info = Struct("mask" / Bytes(16), "limit" / Int32un, "flags" / Int32un, Padding(8))
-xt_string_info = Struct("from_offset" / Int16un, "to_offset" / Int16un, "algo" / Bytes(16),
-                        "pattern" / Bytes(128), "patlen" / Int8un, "flags" / Int8un,
-                        Padding(10))
 xt_cgroup_info_v0 = Struct("id" / Int32un, "invert" / Int32un)
 xt_cgroup_info_v1 = Struct("has_path" / Int8un, "has_classid" / Int8un,
                            "invert_path" / Int8un, "invert_classid" / Int8un,
@@ -62,7 +59,6 @@ xt_tee_tginfo = Struct("gw" / Bytes(16), "oif" / Bytes(16), "_priv" / Bytes(8))
 
 IPPROTO_TCP = 6
 _OSF_HOOKS = sum(1 << h.value for h in (Hook.LOCAL_IN, Hook.PRE_ROUTING, Hook.FORWARD))
-XT_STRING_FLAG_INVERT = 0x01
 XT_CONNLIMIT_INVERT = 0x01
 XT_AUDIT_TYPES = ("accept", "drop", "reject")
 
@@ -71,11 +67,6 @@ plain_kernel_extension("match", "connlimit", xt_connlimit_info, BOTH_FAMILIES, r
                        why=_STATE, family_independent=True,
                        describe=lambda f: "#conn "
                        f"{'<=' if f['flags'] & XT_CONNLIMIT_INVERT else '>'} {f['limit']}")
-plain_kernel_extension("match", "string", xt_string_info, BOTH_FAMILIES, revisions=(1,),
-                       why=_CODE, family_independent=True,
-                       describe=lambda f: f"STRING match "
-                       f"{'!' if f['flags'] & XT_STRING_FLAG_INVERT else ''}"
-                       f"{f['pattern'][:f['patlen']]!r} ALGO name {c_string(f['algo'])}")
 for revision, struct in ((0, xt_cgroup_info_v0), (1, xt_cgroup_info_v1), (2, xt_cgroup_info_v2)):
     plain_kernel_extension("match", "cgroup", struct, BOTH_FAMILIES, revisions=(revision,),
                            why=_STATE, family_independent=True,
