@@ -24,7 +24,6 @@ _COMMON = """
     match connlimit: needs bpfilter.ko (kernel module mode)
     match owner: --suppl-groups is not supported by bpfilter
     match recent: needs bpfilter.ko (kernel module mode) for --rttl (the kernel may then keep two entries for one address)
-    match policy: needs bpfilter.ko (kernel module mode)
     match rpfilter: needs bpfilter.ko (kernel module mode)
     match socket: needs bpfilter.ko (kernel module mode)
     table nat

@@ -1654,6 +1654,32 @@ def test_physdev_sees_the_bridge_ports_as_the_kernels(svc, nets):
     assert _same_rules(svc, kb, ob, "PHYSDEV") == [1, 1, 0, 0, 3, 2, 3, 2, 5, 5, 2, 0, 1, 0]
 
 
+POLICY_RULES = """*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A INPUT -p udp -m policy --dir in --pol ipsec
+-A INPUT -p udp -m policy --dir in --pol none
+-A INPUT -p udp -m policy --dir in --pol ipsec --strict --reqid 5 --proto esp --mode transport
+-A INPUT -p udp -m policy --dir in --pol ipsec ! --reqid 5
+-A OUTPUT -p udp -m policy --dir out --pol ipsec --spi 0x200
+-A OUTPUT -p udp -m policy --dir out --pol none
+-A OUTPUT -p udp -m policy --dir out --pol ipsec --strict --reqid 6 --next --reqid 7
+COMMIT
+"""
+
+
+def test_policy_sees_no_ipsec_as_the_kernels(svc, nets):
+    """-m policy through `bpfilter exec`, without the module, both directions: traffic
+    that no IPsec state touched (this kernel has no ESP or AH to make one) meets
+    --pol none, not --pol ipsec, strict or not, as with the kernel's xt_policy."""
+    (kc, ks), (bc, bs) = _pairs(svc, nets, POLICY_RULES, "10.96.0", 24)
+    for client, server in ((kc, ks), (bc, bs)):
+        _datagrams(client, "10.96.0.2", 9, ("10.96.0.1",), count=3, size=5)
+        _datagrams(server, "10.96.0.1", 9, ("10.96.0.2",), count=2, size=5)
+    assert _same_rules(svc, ks, bs, "policy match") == [0, 3, 0, 0, 0, 2, 0]
+
+
 CONNBYTES_RULES = """*filter
 :INPUT ACCEPT [0:0]
 :FORWARD ACCEPT [0:0]

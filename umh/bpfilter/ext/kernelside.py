@@ -5,7 +5,6 @@ what they keep or reach lives only in the kernel:
   osf        the operating system fingerprints nfnetlink_osf loads
   ipvs       IPVS's connections
   cgroup     the sending socket's cgroup
-  policy     the IPsec state the packet went through or will
 and targets that hand the packet to a kernel subsystem without changing it: NFLOG
 (nfnetlink_log), AUDIT, IDLETIMER (its sysfs timers), LED (its trigger) and TEE
 (nf_dup_ipv4/6: the copy passes the namespace's hooks, bpfilter's programs run again
@@ -16,8 +15,8 @@ fact the prologue reads once): those are refused.
 
 bpfilter's model of each is its payload: the kernel's checkentry judges it, with its
 errno, when the table is loaded. Without bpfilter.ko such a table is refused. (RATEEST
-and rateest, string and u32, which bpfilter runs without it too, have files of their
-own.)
+and rateest, string, u32 and policy, which bpfilter runs without it too, have files of
+their own.)
 """
 from __future__ import annotations
 
@@ -41,7 +40,6 @@ xt_cgroup_info_v1 = Struct("has_path" / Int8un, "has_classid" / Int8un,
 xt_cgroup_info_v2 = Struct("has_path" / Int8un, "has_classid" / Int8un,
                            "invert_path" / Int8un, "invert_classid" / Int8un,
                            "path" / Bytes(512), Padding(12))
-xt_policy_info = Struct("elements" / Bytes(308), "flags" / Int16un, "len" / Int16un)
 xt_nflog_info = Struct("len" / Int32un, "group" / Int16un, "threshold" / Int16un,
                        "flags" / Int16un, Padding(2), "prefix" / Bytes(64))
 xt_audit_info = Struct("type" / Int8un)
@@ -72,8 +70,6 @@ for revision, struct in ((0, xt_cgroup_info_v0), (1, xt_cgroup_info_v1), (2, xt_
                            why=_STATE, family_independent=True,
                            describe=lambda f: "cgroup " + (c_string(f["path"]) if "path" in f
                                                            else str(f.get("id", ""))))
-plain_kernel_extension("match", "policy", xt_policy_info, BOTH_FAMILIES, why=_STATE,
-                       describe=lambda f: "policy match")
 # the fingerprints nfnetlink_osf loads
 plain_kernel_extension("match", "osf", xt_osf_info, (Family.IPV4,), why=_STATE,
                        proto=IPPROTO_TCP, hooks=_OSF_HOOKS,
