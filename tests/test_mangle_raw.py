@@ -93,8 +93,7 @@ KERNEL_RULES = [
      "target 'TPROXY'", None),
     ("mangle", "-A PREROUTING -p tcp -m socket --transparent --restore-skmark",
      "match 'socket'", None),
-    ("mangle", "-A FORWARD -m physdev --physdev-in p1", "match 'physdev'", None),
-    ("mangle", "-A INPUT -m helper --helper ftp", "match 'helper'", None),
+    ("mangle", "-A INPUT -m connlabel --label 1", "match 'connlabel'", None),
 ]
 
 

@@ -65,7 +65,8 @@ UNSUPPORTED = [
     ("-j MARK --set-mark 1", "target 'MARK' needs bpfilter.ko"),
     ("-j CONNMARK --save-mark", "target 'CONNMARK' needs bpfilter.ko"),
     ("-p tcp -m connlimit --connlimit-above 2", "match 'connlimit' needs bpfilter.ko"),
-    ("-m string --algo bm --string hello", "match 'string'"),
+    ("-m string --algo fsm --hex-string |00000161|", "match 'string' --algo fsm"),
+    ("-m connlabel --label 1", "match 'connlabel' needs bpfilter.ko"),
     ("-j LOG --log-prefix x --log-uid", "target 'LOG' --log-uid"),
     ("-j NFLOG --nflog-group 3", "target 'NFLOG'"),
     ("-j NFQUEUE --queue-num 3", "target 'NFQUEUE'"),
@@ -86,10 +87,10 @@ def test_unsupported_extension_refuses_the_table(fresh_netns, rule, names):
 
 def test_unsupported_rule_in_a_chain_no_hook_reaches_still_refuses(fresh_netns):
     """The kernel checks every entry, reachable or not; so does bpfilter."""
-    blob = replace_blob(ruleset("-A X -m string --algo bm --string unused"))
+    blob = replace_blob(ruleset("-A X -m connlabel --label 1"))
     err = refused(blob, fresh_netns)
     assert err.errno == errno.EOPNOTSUPP
-    assert "chain X rule 1" in str(err) and "match 'string'" in str(err)
+    assert "chain X rule 1" in str(err) and "match 'connlabel'" in str(err)
 
 
 def tcp_rule_blob(proto: int, invert_proto: bool) -> bytes:
