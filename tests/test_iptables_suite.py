@@ -36,7 +36,6 @@ _COMMON = """
     target DSCP: needs bpfilter.ko (kernel module mode)
     target HMARK: needs bpfilter.ko (kernel module mode)
     target IDLETIMER: needs bpfilter.ko (kernel module mode)
-    target LOG: --log-uid is not supported by bpfilter
     target MARK: needs bpfilter.ko (kernel module mode) to write the packet's mark
     target NFLOG: needs bpfilter.ko (kernel module mode)
     target NFQUEUE: revision N is not supported by bpfilter

@@ -67,7 +67,6 @@ UNSUPPORTED = [
     ("-p tcp -m connlimit --connlimit-above 2", "match 'connlimit' needs bpfilter.ko"),
     ("-m string --algo fsm --hex-string |00000161|", "match 'string' --algo fsm"),
     ("-m connlabel --label 1", "match 'connlabel' needs bpfilter.ko"),
-    ("-j LOG --log-prefix x --log-uid", "target 'LOG' --log-uid"),
     ("-j NFLOG --nflog-group 3", "target 'NFLOG'"),
     ("-j NFQUEUE --queue-num 3", "target 'NFQUEUE'"),
     ("-j QUEUE", "QUEUE"),

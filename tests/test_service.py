@@ -642,7 +642,7 @@ LOG_RULES = """\
 -A FORWARD -j logged
 -A logged -j LOG --log-prefix "fwd: " --log-level 7 --log-ip-options
 -A logged -p tcp -j DROP
--A OUTPUT -j LOG --log-prefix "out: " --log-level 3
+-A OUTPUT -j LOG --log-prefix "out: " --log-level 3 --log-uid
 COMMIT
 """
 PEER, FAR = "198.18.0.2", "198.19.9.9"
@@ -671,7 +671,8 @@ LOG_TRAFFIC = [
 LOG_PIECES = ("in-udp: IN=vin0 OUT= MAC=", "in-tcp: ", "OPT (94040000)", "SEQ=", "URGP=",
               "MACSRC=", "PROTO=ICMP TYPE=8", "fwd: IN=vin0 OUT=vout0", "INCOMPLETE [",
               "FRAG:3", "MF", "TYPE=3 CODE=4 [SRC=", "MTU=", "GATEWAY=", "PROTO=ESP SPI=",
-              "PROTO=AH SPI=", "PROTO=47 ", "out: IN= OUT=vout0", "MARK=0x42")
+              "PROTO=AH SPI=", "PROTO=47 ", "out: IN= OUT=vout0", "MARK=0x42",
+              "UID=0 GID=0 ")
 
 # IPv6: every packet logged twice on its path, without and with the flags, so that
 # each extension header is seen both ways.
@@ -688,7 +689,7 @@ LOG_RULES6 = """\
 -A logged -j LOG --log-prefix "fwd6: " --log-level 7
 -A logged -j LOG --log-prefix "fwd6-opt: " --log-level 5 --log-ip-options --log-tcp-options
 -A logged -p tcp -j DROP
--A OUTPUT -j LOG --log-prefix "out6: " --log-level 3
+-A OUTPUT -j LOG --log-prefix "out6: " --log-level 3 --log-uid
 -A OUTPUT -j LOG --log-prefix "out6-opt: " --log-ip-options --log-tcp-sequence --log-tcp-options
 COMMIT
 """
@@ -771,7 +772,7 @@ LOG_PIECES6 = ("in6: IN=vin0 OUT= MAC=02:bf:00:00:01:01:02:bf:00:00:01:02:86:dd 
                "PROTO=UDPLITE ", "INCOMPLETE [4 bytes] ", "[TRUNCATED] ", "OPT ( ESP SPI=0x0 )] ",
                "AH INCOMPLETE [6 bytes] )", "INCOMPLETE [42949", "FRAG:TRUNCATED ",
                "PROTO=UDP SPT=", "out6: IN= OUT=vout0", "MARK=0x42", "LEN=1248 ", "LEN=1448 ",
-               "ESP INCOMPLETE [4 bytes] )", "OPT ( ) TRUNCATED", "LEN=760 ")
+               "ESP INCOMPLETE [4 bytes] )", "OPT ( ) TRUNCATED", "LEN=760 ", "UID=0 GID=0 ")
 # (rules, traffic, the prefixes of the test's lines, pieces, levels)
 LOGGED = {Family.IPV4: (LOG_RULES, LOG_TRAFFIC, r"(in-\w+|fwd|out): IN=", LOG_PIECES,
                         {3, 4, 6, 7}),

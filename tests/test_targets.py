@@ -138,13 +138,6 @@ def test_valid_reject_without_the_module_needs_the_services_ring(fresh_netns, re
     assert kernel_refusal(blob, fresh_netns) == 0
 
 
-@FAMILIES
-def test_log_uid_is_refused(family):
-    err = ours(replace_blob(ruleset("-A OUTPUT -j LOG --log-uid"), family=family), family=family)
-    assert err.errno == errno.EOPNOTSUPP
-    assert "chain OUTPUT rule 1" in str(err) and "--log-uid" in str(err)
-
-
 def revision(kind: str, name: str, rev: int) -> int:
     optname = ipv4.IPT_SO_GET_REVISION_MATCH if kind == "match" else ipv4.IPT_SO_GET_REVISION_TARGET
     payload = X.xt_get_revision.build(dict(name=name.encode().ljust(29, b"\0"), revision=rev))

@@ -117,7 +117,12 @@ R_HEADROOM = R_PREFIX + 8    # u32 skb->data - skb->head
 R_GSO_READ = 96      # u8 0: both read
 R_GSO_SIZE = 98      # u16
 R_GSO_TYPE = 100     # u32
-R_MAC = 104
+# --log-uid: the credentials of the file behind skb->sk (nf_log_dump_sk_uid_gid()),
+# when R_SK_IDS says they were found
+R_SK_IDS = R_PREFIX + 31     # u8, after the prefix's NUL (a LOG record's)
+R_UID = 104          # u32 f_cred->fsuid
+R_GID = 108          # u32 f_cred->fsgid
+R_MAC = 112
 MAC_MAX = 64         # link-layer header bytes copied (dump_mac_header reads at most this)
 R_PACKET = R_MAC + MAC_MAX
 # How many packet bytes a record holds: min(skb->len, the class), in the smallest
@@ -372,9 +377,18 @@ def _dump_ipv4_packet(m: _LineBuffer, r: Record, iphoff: int) -> None:
             _dump_spi(m, r, thoff, 8, 0)    # struct ip_esp_hdr
     else:
         m.add(f"PROTO={proto} ")
+    if iphoff == 0:
+        _dump_sk_uid_gid(m, r)
     mark = r.u32(R_MARK)
     if iphoff == 0 and mark:
         m.add(f"MARK=0x{mark:x} ")
+
+
+def _dump_sk_uid_gid(m: _LineBuffer, r: Record) -> None:
+    """With --log-uid: nf_log_dump_sk_uid_gid()'s UID= and GID= (the ids as the
+    initial namespace sees them: the kernel's own numbers)."""
+    if r.u8(R_LOGFLAGS) & XT_LOG_UID and r.u8(R_SK_IDS):
+        m.add(f"UID={r.u32(R_UID)} GID={r.u32(R_GID)} ")
 
 
 def _dump_spi(m: _LineBuffer, r: Record, thoff: int, header_size: int, spi_at: int) -> None:
@@ -515,6 +529,8 @@ def _dump_ipv6_packet(m: _LineBuffer, r: Record, ip6hoff: int, recurse: bool) ->
             return
     else:
         m.add(f"PROTO={current} ")
+    if recurse:
+        _dump_sk_uid_gid(m, r)
     mark = r.u32(R_MARK)
     if recurse and mark:
         m.add(f"MARK=0x{mark:x} ")

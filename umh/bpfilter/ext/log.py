@@ -7,7 +7,9 @@ With bpfilter.ko, the rule is the kernel's own xt_LOG, run by the module
 (ext/xtmatch.py): the kernel prints the line (nf_log_packet(), its facility and
 ratelimits, --log-uid included), as with ip_tables. Without it (`bpfilter serve`), the
 rule copies what the kernel's log line is made of into the log ring, and the service
-writes the line (klog.py) to /dev/kmsg. Either way the packet goes on to the next rule,
+writes the line (klog.py) to /dev/kmsg; --log-uid's ids are those of the file behind
+skb->sk, read as nf_log_dump_sk_uid_gid() reads them (the "logsk" fact group:
+owner.py's walk, a request socket being no full socket here). Either way the packet goes on to the next rule,
 as after the kernel's log_tg() (XT_CONTINUE).
 """
 from __future__ import annotations
@@ -23,11 +25,17 @@ from ..packet import facts
 from ..errors import BpfilterError
 from ..model import ExtensionTarget, IpHeader
 from . import BOTH_FAMILIES, TargetExtension, missing_kfunc, register_target
+from .owner import emit_socket_creds
 from .ring import _offsets, emit_record
 from .xtmatch import XT_TARGET_KFUNC, KernelTarget, KernelTargetModel
 
 PREFIX_SIZE = 30
 LEVELS = 8
+
+# --log-uid's facts, as owner.emit_socket_creds() lays them out
+LOGSK = facts.reserve("logsk", 16)
+LOGSK_FILE, LOGSK_FSUID, LOGSK_FSGID = LOGSK + 1, LOGSK + 4, LOGSK + 8
+facts.OPTIONAL["logsk"] = lambda asm, k: emit_socket_creds(asm, LOGSK, via_listener=False)
 
 xt_log_info = Struct(
     "level" / Int8un,
@@ -90,15 +98,9 @@ class Log(TargetExtension):
                                prefix=target.prefix)
 
     def facts_of(self, target) -> frozenset[str]:
-        return _KernelLog.facts if isinstance(target, KernelLogTarget) else self.facts
-
-    def unsupported(self, target: LogTarget) -> "str | None":
         if isinstance(target, KernelLogTarget):
-            return None
-        if target.logflags & K.XT_LOG_UID:
-            return ("--log-uid is not supported by bpfilter: it prints the credentials of the "
-                    "file behind the packet's socket, which a netfilter BPF program cannot read")
-        return None
+            return _KernelLog.facts
+        return self.facts | ({"logsk"} if target.logflags & K.XT_LOG_UID else set())
 
     def describe(self, target: LogTarget) -> str:
         prefix = f' prefix "{target.prefix.decode(errors="replace")}"' if target.prefix else ""
@@ -118,6 +120,11 @@ class Log(TargetExtension):
             for off in range(0, 32, 4):
                 asm.emit(BPF_ST_MEM(BPF_W, R7, K.R_PREFIX + off,
                                     int.from_bytes(prefix[off:off + 4], "little")))
+            if target.logflags & K.XT_LOG_UID:
+                asm.emit(BPF_LDX_MEM(BPF_B, R1, R6, LOGSK_FILE),
+                         BPF_STX_MEM(BPF_B, R7, R1, K.R_SK_IDS),
+                         BPF_LDX_MEM(BPF_W, R1, R6, LOGSK_FSUID), BPF_STX_MEM(BPF_W, R7, R1, K.R_UID),
+                         BPF_LDX_MEM(BPF_W, R1, R6, LOGSK_FSGID), BPF_STX_MEM(BPF_W, R7, R1, K.R_GID))
 
         emit_record(asm, self.family, K.LOG_REFS, K.CAPTURE_CLASSES[self.family], header)
 

@@ -17,9 +17,9 @@ from construct import Int8un, Int32un, Struct
 
 from ..bpf import insn as I
 from ..bpf.btf import Btf
-from ..bpf.insn import (BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_DW, BPF_EMIT_CALL, BPF_JMP_IMM,
-                        BPF_JMP_REG, BPF_LDX_MEM, BPF_MOV64_IMM, BPF_MOV64_REG, BPF_ST_MEM,
-                        BPF_STX_MEM, FP, R0, R1, R2, R3, R6, R7, R8)
+from ..bpf.insn import (BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_DW, BPF_EMIT_CALL, BPF_JMP_A,
+                        BPF_JMP_IMM, BPF_JMP_REG, BPF_LDX_MEM, BPF_MOV64_IMM, BPF_MOV64_REG,
+                        BPF_ST_MEM, BPF_STX_MEM, FP, R0, R1, R2, R3, R6, R7, R8)
 from ..packet import facts
 from ..packet.primitives import emit_outside
 from ..errors import BpfilterError
@@ -32,6 +32,7 @@ INVALID_ID = 0xFFFFFFFF                 # (uid_t)-1: make_kuid() gives no valid 
 TCP_TIME_WAIT, TCP_NEW_SYN_RECV = 6, 12
 
 OWNER = facts.reserve("owner", 16)
+# (emit_socket_creds()'s layout)
 OWNER_SOCKET = OWNER        # u8: a full socket of this namespace, with a struct socket
 OWNER_FILE = OWNER + 1      # u8: ... and a file behind it
 OWNER_FSUID = OWNER + 4     # u32: the file's f_cred->fsuid
@@ -84,40 +85,47 @@ def _read_pointer(asm, base_slot: int, field: int, gone) -> None:
              BPF_JMP_IMM(I.BPF_JEQ, R1, 0, gone))
 
 
-def _emit_owner_facts(asm, k) -> None:
+def emit_socket_creds(asm, base: int, via_listener: bool) -> None:
+    """The prologue's read (R7 = skb, R8 = the hook state) of skb->sk's credentials
+    into the facts at `base`: u8 a full socket of this namespace with a struct socket,
+    u8 and a file behind it, then the file's fsuid and fsgid (u32 at +4, +8). A
+    request socket stands for its listener when `via_listener` (skb_to_full_sk(), as
+    owner_mt() has it), else for no socket (sk_fullsock(), as the log's
+    nf_log_dump_sk_uid_gid()); a time-wait socket for none either way."""
     o = _offsets()
-    done, full = asm.label("owner_done"), asm.label("owner_full_sk")
+    done, full = asm.label("sk_creds_done"), asm.label("sk_creds_full_sk")
     asm.emit(BPF_LDX_MEM(BPF_DW, R1, R7, o.skb_sk),
              BPF_JMP_IMM(I.BPF_JEQ, R1, 0, done),
              BPF_STX_MEM(BPF_DW, FP, R1, _SK))
-    # sk_to_full_sk()
     asm.emit(BPF_MOV64_REG(R1, FP), BPF_ALU64_IMM(I.BPF_ADD, R1, _TMP), BPF_MOV64_IMM(R2, 1),
              BPF_LDX_MEM(BPF_DW, R3, FP, _SK), BPF_ALU64_IMM(I.BPF_ADD, R3, o.sk_state),
              BPF_EMIT_CALL(I.BPF_FUNC_probe_read_kernel),
              BPF_LDX_MEM(BPF_B, R1, FP, _TMP),
              BPF_JMP_IMM(I.BPF_JEQ, R1, TCP_TIME_WAIT, done),
              BPF_JMP_IMM(I.BPF_JNE, R1, TCP_NEW_SYN_RECV, full))
+    if not via_listener:
+        asm.emit(BPF_JMP_A(done))
     _read_pointer(asm, _SK, o.rsk_listener, done)
     asm.emit(BPF_STX_MEM(BPF_DW, FP, R1, _SK))
     asm.place(full)
-    # owner_mt(): a socket of another namespace counts as none
+    # a socket of another namespace counts as none
     _read_pointer(asm, _SK, o.sk_net, done)
     asm.emit(BPF_LDX_MEM(BPF_DW, R2, R8, o.state_net),
              BPF_JMP_REG(I.BPF_JNE, R1, R2, done))
     _read_pointer(asm, _SK, o.sk_socket, done)
-    asm.emit(BPF_ST_MEM(BPF_B, R6, OWNER_SOCKET, 1), BPF_STX_MEM(BPF_DW, FP, R1, _SK))
+    asm.emit(BPF_ST_MEM(BPF_B, R6, base, 1), BPF_STX_MEM(BPF_DW, FP, R1, _SK))
     _read_pointer(asm, _SK, o.socket_file, done)
     asm.emit(BPF_STX_MEM(BPF_DW, FP, R1, _SK))
     _read_pointer(asm, _SK, o.file_cred, done)
-    asm.emit(BPF_ST_MEM(BPF_B, R6, OWNER_FILE, 1), BPF_STX_MEM(BPF_DW, FP, R1, _SK))
-    for field, off in ((o.fsuid, OWNER_FSUID), (o.fsgid, OWNER_FSGID)):
+    asm.emit(BPF_ST_MEM(BPF_B, R6, base + 1, 1), BPF_STX_MEM(BPF_DW, FP, R1, _SK))
+    for field, off in ((o.fsuid, base + 4), (o.fsgid, base + 8)):
         asm.emit(BPF_MOV64_REG(R1, R6), BPF_ALU64_IMM(I.BPF_ADD, R1, off), BPF_MOV64_IMM(R2, 4),
                  BPF_LDX_MEM(BPF_DW, R3, FP, _SK), BPF_ALU64_IMM(I.BPF_ADD, R3, field),
                  BPF_EMIT_CALL(I.BPF_FUNC_probe_read_kernel))
     asm.place(done)
 
 
-facts.OPTIONAL["owner"] = _emit_owner_facts
+facts.OPTIONAL["owner"] = lambda asm, k: emit_socket_creds(asm, OWNER, via_listener=True)
 
 
 @dataclass(frozen=True)
