@@ -17,7 +17,6 @@ pytestmark = pytest.mark.kernel
 svc, nets = test_service.svc, test_service.nets     # a private service
 
 _COMMON = """
-    match bpf: revision N is not supported by bpfilter
     match cgroup: needs bpfilter.ko (kernel module mode)
     match cluster: revision N is not supported by bpfilter
     match connlabel: needs bpfilter.ko (kernel module mode)

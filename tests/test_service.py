@@ -1681,6 +1681,46 @@ def test_policy_sees_no_ipsec_as_the_kernels(svc, nets):
     assert _same_rules(svc, ks, bs, "policy match") == [0, 3, 0, 0, 0, 2, 0]
 
 
+CBPF_RULES = """*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A INPUT -m bpf --bytecode "4,48 0 0 9,21 0 1 6,6 0 0 1,6 0 0 0"
+-A INPUT -m bpf --bytecode "4,48 0 0 9,21 0 1 17,6 0 0 1,6 0 0 0"
+-A INPUT -m bpf --bytecode "7,48 0 0 9,21 0 4 17,177 0 0 0,72 0 0 2,21 0 1 7000,6 0 0 1,6 0 0 0"
+-A INPUT -m bpf --bytecode "4,32 0 0 4294963200,21 0 1 2048,6 0 0 7,6 0 0 0"
+-A INPUT -m bpf --bytecode "5,48 0 0 4293918729,21 0 1 17,6 0 0 1,6 0 0 0,6 0 0 0"
+-A INPUT -m bpf --bytecode "4,128 0 0 0,37 0 1 100,6 0 0 1,6 0 0 0"
+-A INPUT -m bpf --bytecode "6,0 0 0 5,2 0 0 3,97 0 0 3,21 0 1 5,6 0 0 1,6 0 0 0"
+-A INPUT -m bpf --bytecode "5,0 0 0 0,7 0 0 0,132 0 0 0,60 0 0 0,22 0 0 0"
+-A INPUT -m bpf --bytecode "4,64 0 0 4000,21 0 1 0,6 0 0 1,6 0 0 0"
+-A INPUT -m bpf --bytecode "4,32 0 0 4294963220,21 0 1 0,6 0 0 1,6 0 0 0"
+COMMIT
+"""
+
+
+def test_classic_bpf_programs_run_as_the_kernels(svc, nets):
+    """-m bpf --bytecode through `bpfilter exec`: classic programs loading the packet
+    (absolute, indexed, past its end, from SKF_NET_OFF), its length, the protocol and
+    mark, with the memory cells, a division by X = 0 and every kind of jump, translated
+    into the rule's code: every rule counts what the kernel's xt_bpf makes it count;
+    programs the kernel's checker refuses are refused."""
+    (kc, ks), (bc, bs) = _pairs(svc, nets, CBPF_RULES, "10.97.0", 24)
+    for client in (kc, bc):
+        with netns.entered(client):
+            tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with tx:
+            for port, size in ((7000, 5), (7001, 5), (7000, 300)):
+                tx.sendto(b"x" * size, ("10.97.0.2", port))
+        time.sleep(0.1)
+    assert _same_rules(svc, ks, bs, "match bpf") == [0, 3, 2, 3, 3, 1, 3, 0, 0, 3]
+    for ns, run in ((ks, svc.kernel), (bs, svc.exec)):
+        # a jump out of the program; a cell read before any store
+        for program in ("3,21 0 4 17,6 0 0 1,6 0 0 0", "3,96 0 0 3,6 0 0 1,6 0 0 0"):
+            done = run(ns, "iptables-legacy", "-A", "INPUT", "-m", "bpf", "--bytecode", program)
+            assert done.returncode != 0 and "Invalid argument" in done.stderr, done.stderr
+
+
 CONNBYTES_RULES = """*filter
 :INPUT ACCEPT [0:0]
 :FORWARD ACCEPT [0:0]

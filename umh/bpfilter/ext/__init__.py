@@ -392,5 +392,5 @@ from . import connmark, nat, statistic  # noqa: E402,F401
 # what only the kernel's own extensions can be, run by bpfilter.ko (ext/xtmatch.py)
 from . import nfacct, quota, recent  # noqa: E402,F401
 from . import connbytes, connstate, cpu, ct, dscp, ecn, hl, skbinfo, tcpmss  # noqa: E402,F401
-from . import hashlimit, helper, physdev, policy, rateest, realm, string, tcpoptstrip, time, u32  # noqa: E402,F401
+from . import cbpf, hashlimit, helper, physdev, policy, rateest, realm, string, tcpoptstrip, time, u32  # noqa: E402,F401
 from . import kernelside, tproxy, trace  # noqa: E402,F401
