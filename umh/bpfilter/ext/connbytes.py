@@ -32,7 +32,8 @@ from ..errors import BpfilterError
 from ..model import Match
 from ..packet import facts
 from . import BOTH_FAMILIES, register_match
-from .ctext import NFCT_PTRMASK, conntrack_btf, emit_ext_find, ext_offsets, probe
+from .ctext import NFCT_PTRMASK, conntrack_btf, emit_ext_find, ext_offsets
+from .kread import probe
 from .xtmatch import ServedKernelMatch
 
 xt_connbytes_info = Struct("from_" / Int64un, "to" / Int64un, "what" / Int8un,

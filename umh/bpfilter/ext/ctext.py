@@ -1,8 +1,7 @@
 """Conntrack's extensions as nf_ct_ext_find() finds them, for matches that read one in
 BPF without bpfilter.ko (connbytes' accounting, helper's master's helper): the entry's
 extension area (nf_conn->ext) and its offset for the extension's id, at offsets from
-BTF. nf_conn and its extensions are not types netfilter programs may dereference: each
-step is a bpf_probe_read_kernel() into the facts' scratch."""
+BTF, read with kread.py's steps."""
 from __future__ import annotations
 
 import errno
@@ -10,9 +9,10 @@ import functools
 
 from ..bpf import insn as I
 from ..bpf.btf import Btf, BtfError
-from ..bpf.insn import (BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_DW, BPF_EMIT_CALL, BPF_JMP_IMM,
-                        BPF_LDX_MEM, BPF_MOV64_IMM, BPF_MOV64_REG, R0, R1, R2, R3, R6)
+from ..bpf.insn import (BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_DW, BPF_JMP_IMM, BPF_LDX_MEM,
+                        R0, R1, R3, R6)
 from ..errors import BpfilterError
+from .kread import emit_read_pointer, probe
 
 NFCT_PTRMASK = ~7
 
@@ -36,20 +36,6 @@ def ext_offsets(ext_id: str) -> tuple[int, int]:
     return conntrack_btf(f"conntrack's extension {ext_id}", lambda b: (
         b.member("nf_conn", "ext")[0],
         b.member("nf_ct_ext", "offset")[0] + b.enum_value("nf_ct_ext_id", ext_id)))
-
-
-def probe(asm, dst: int, size: int) -> None:
-    """bpf_probe_read_kernel(facts + dst, size, R3)."""
-    asm.emit(BPF_MOV64_REG(R1, R6), BPF_ALU64_IMM(I.BPF_ADD, R1, dst), BPF_MOV64_IMM(R2, size),
-             BPF_EMIT_CALL(I.BPF_FUNC_probe_read_kernel))
-
-
-def emit_read_pointer(asm, scratch: int, missing) -> None:
-    """R3 = *(u64 *)R3, through the facts' 8 bytes at `scratch`; to `missing` if that
-    cannot be read or is NULL."""
-    probe(asm, scratch, 8)
-    asm.emit(BPF_JMP_IMM(I.BPF_JNE, R0, 0, missing), BPF_LDX_MEM(BPF_DW, R3, R6, scratch),
-             BPF_JMP_IMM(I.BPF_JEQ, R3, 0, missing))
 
 
 def emit_ext_find(asm, ext_id: str, scratch: int, missing) -> None:

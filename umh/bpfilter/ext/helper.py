@@ -26,7 +26,8 @@ from ..bpf.insn import (BPF_ALU64_IMM, BPF_B, BPF_DW, BPF_JMP_IMM, BPF_LDX_MEM, 
 from ..model import Match
 from ..packet import facts
 from . import BOTH_FAMILIES, register_match
-from .ctext import NFCT_PTRMASK, conntrack_btf, emit_ext_find, emit_read_pointer, probe
+from .ctext import NFCT_PTRMASK, conntrack_btf, emit_ext_find
+from .kread import emit_read_pointer, probe
 from .xtmatch import ServedKernelMatch, c_string
 
 NAME_SIZE = 30

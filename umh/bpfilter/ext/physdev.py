@@ -34,6 +34,7 @@ from ..errors import BpfilterError
 from ..model import Hook, Match
 from ..packet import facts
 from . import BOTH_FAMILIES, missing_kfunc, register_match
+from .kread import emit_read_pointer, emit_skb_ext_find, probe, skb_ext_offsets
 from .xtmatch import XT_MATCH_KFUNC, ServedKernelMatch, c_string
 
 IFNAMSIZ = 16
@@ -63,12 +64,8 @@ _TMP = _REGION + 56          # u64
 def _offsets() -> dict[str, int]:
     try:
         b = Btf.vmlinux()
+        skb_ext_offsets("SKB_EXT_BRIDGE_NF")
         return dict(
-            active=b.member("sk_buff", "active_extensions")[0],
-            extensions=b.member("sk_buff", "extensions")[0],
-            ext_offset=b.member("skb_ext", "offset")[0]
-            + b.enum_value("skb_ext_id", "SKB_EXT_BRIDGE_NF"),
-            bridge_bit=1 << b.enum_value("skb_ext_id", "SKB_EXT_BRIDGE_NF"),
             physinif=b.member("nf_bridge_info", "physinif")[0],
             physoutdev=b.member("nf_bridge_info", "physoutdev")[0],
             state_net=b.member("nf_hook_state", "net")[0],
@@ -82,51 +79,32 @@ def _offsets() -> dict[str, int]:
                                               f"is refused") from None
 
 
-def _probe(asm, dst: int, size: int) -> None:
-    """bpf_probe_read_kernel(facts + dst, size, R3)."""
-    asm.emit(BPF_MOV64_REG(R1, R6), BPF_ALU64_IMM(I.BPF_ADD, R1, dst), BPF_MOV64_IMM(R2, size),
-             BPF_EMIT_CALL(I.BPF_FUNC_probe_read_kernel))
-
-
-def _pointer(asm, dst: int, missing) -> None:
-    """R3 = the u64 at R3, kept at facts + dst; to `missing` if unread or NULL."""
-    _probe(asm, dst, 8)
-    asm.emit(BPF_JMP_IMM(I.BPF_JNE, R0, 0, missing), BPF_LDX_MEM(BPF_DW, R3, R6, dst),
-             BPF_JMP_IMM(I.BPF_JEQ, R3, 0, missing))
-
-
 def _read_ports(asm, k: facts.KernelOffsets) -> None:
     """The prologue's part (R7 = skb, R8 = the hook state)."""
     o = _offsets()
     done, no_out = asm.label("physdev_done"), asm.label("physdev_no_out")
-    asm.emit(BPF_LDX_MEM(BPF_B, R1, R7, o["active"]), BPF_ALU64_IMM(I.BPF_AND, R1, o["bridge_bit"]),
-             BPF_JMP_IMM(I.BPF_JEQ, R1, 0, done), BPF_ST_MEM(BPF_B, R6, BRIDGED, 1),
-             BPF_MOV64_REG(R3, R7), BPF_ALU64_IMM(I.BPF_ADD, R3, o["extensions"]))
-    # nf_bridge_info_get(): the extension area, and its offset in 8-byte chunks
-    _pointer(asm, _NODE, done)
-    asm.emit(BPF_ALU64_IMM(I.BPF_ADD, R3, o["ext_offset"]))
-    _probe(asm, _TMP, 1)
-    asm.emit(BPF_JMP_IMM(I.BPF_JNE, R0, 0, done),
-             BPF_LDX_MEM(BPF_B, R1, R6, _TMP), BPF_ALU64_IMM(I.BPF_LSH, R1, 3),
-             BPF_LDX_MEM(BPF_DW, R3, R6, _NODE), BPF_ALU64_REG(I.BPF_ADD, R3, R1),
-             BPF_STX_MEM(BPF_DW, R6, R3, _NODE),
-             BPF_ALU64_IMM(I.BPF_ADD, R3, o["physinif"]))
-    _probe(asm, _IFINDEX, 4)
+    active, bit, _, _ = skb_ext_offsets("SKB_EXT_BRIDGE_NF")
+    asm.emit(BPF_LDX_MEM(BPF_B, R1, R7, active), BPF_ALU64_IMM(I.BPF_AND, R1, bit),
+             BPF_JMP_IMM(I.BPF_JEQ, R1, 0, done), BPF_ST_MEM(BPF_B, R6, BRIDGED, 1))
+    # nf_bridge_info_get()
+    emit_skb_ext_find(asm, R7, "SKB_EXT_BRIDGE_NF", _NODE, done)
+    asm.emit(BPF_STX_MEM(BPF_DW, R6, R3, _NODE), BPF_ALU64_IMM(I.BPF_ADD, R3, o["physinif"]))
+    probe(asm, _IFINDEX, 4)
     asm.emit(BPF_LDX_MEM(BPF_DW, R3, R6, _NODE), BPF_ALU64_IMM(I.BPF_ADD, R3, o["physoutdev"]))
-    _pointer(asm, _TMP, no_out)
+    emit_read_pointer(asm, _TMP, no_out)
     asm.emit(BPF_ALU64_IMM(I.BPF_ADD, R3, o["name"]))
-    _probe(asm, OUT_NAME, IFNAMSIZ)
+    probe(asm, OUT_NAME, IFNAMSIZ)
     asm.emit(BPF_JMP_IMM(I.BPF_JNE, R0, 0, no_out), BPF_ST_MEM(BPF_B, R6, OUT_FOUND, 1))
     asm.place(no_out)
     # dev_get_by_index_rcu(state->net, physinif): its bucket's first node
     asm.emit(BPF_LDX_MEM(BPF_DW, R3, R8, o["state_net"]),
              BPF_ALU64_IMM(I.BPF_ADD, R3, o["index_head"]))
-    _pointer(asm, _TMP, done)
+    emit_read_pointer(asm, _TMP, done)
     asm.emit(BPF_LDX_MEM(BPF_W, R1, R6, _IFINDEX),
              BPF_ALU64_IMM(I.BPF_AND, R1, NETDEV_HASHENTRIES - 1),
              BPF_ALU64_IMM(I.BPF_LSH, R1, 3), BPF_ALU64_REG(I.BPF_ADD, R3, R1),
              BPF_ST_MEM(BPF_DW, R6, _NODE, 0))
-    _probe(asm, _NODE, 8)
+    probe(asm, _NODE, 8)
     walk = asm.subprogram("physdev_walk", lambda: _emit_walk(asm, o))
     asm.emit(BPF_MOV64_IMM(R1, MAX_CHAIN), *BPF_LD_FUNC(R2, walk), BPF_MOV64_REG(R3, R6),
              BPF_MOV64_IMM(R4, 0), BPF_EMIT_CALL(I.BPF_FUNC_loop))
@@ -145,16 +123,16 @@ def _emit_walk(asm, o: dict) -> None:
              BPF_JMP_IMM(I.BPF_JNE, R7, 0, more), *stop())
     asm.place(more)
     asm.emit(BPF_MOV64_REG(R3, R7), BPF_ALU64_IMM(I.BPF_ADD, R3, o["ifindex"] - o["index_hlist"]))
-    _probe(asm, _TMP, 4)
+    probe(asm, _TMP, 4)
     asm.emit(BPF_JMP_IMM(I.BPF_JNE, R0, 0, other), BPF_LDX_MEM(BPF_W, R1, R6, _TMP),
              BPF_LDX_MEM(BPF_W, R2, R6, _IFINDEX), BPF_JMP_REG(I.BPF_JNE, R1, R2, other),
              BPF_MOV64_REG(R3, R7), BPF_ALU64_IMM(I.BPF_ADD, R3, o["name"] - o["index_hlist"]))
-    _probe(asm, IN_NAME, IFNAMSIZ)
+    probe(asm, IN_NAME, IFNAMSIZ)
     asm.emit(BPF_JMP_IMM(I.BPF_JNE, R0, 0, other), BPF_ST_MEM(BPF_B, R6, IN_FOUND, 1), *stop())
     asm.place(other)
     # the next node (hlist_node.next, its first member)
     asm.emit(BPF_ST_MEM(BPF_DW, R6, _NODE, 0), BPF_MOV64_REG(R3, R7))
-    _probe(asm, _NODE, 8)
+    probe(asm, _NODE, 8)
     asm.emit(BPF_MOV64_IMM(R0, 0), BPF_EXIT_INSN())
 
 

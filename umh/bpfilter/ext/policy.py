@@ -22,7 +22,7 @@ from construct import Array, Bytes, Int8un, Int16un, Int32un, Padding, Struct
 
 from ..bpf import insn as I
 from ..bpf.btf import Btf, BtfError
-from ..bpf.insn import (BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_DW, BPF_EMIT_CALL, BPF_JMP_A,
+from ..bpf.insn import (BPF_ALU64_IMM, BPF_ALU64_REG, BPF_B, BPF_DW, BPF_JMP_A,
                         BPF_JMP_IMM, BPF_JMP_REG, BPF_LD_IMM64, BPF_LDX_MEM, BPF_MOV64_IMM,
                         BPF_MOV64_REG, BPF_W, R0, R1, R2, R3, R6, R7, R8, R9)
 from ..errors import BpfilterError
@@ -30,6 +30,7 @@ from ..model import Family, Hook, Match
 from ..packet import facts
 from ..packet.primitives import emit_answer_and_hotdrop, emit_skip_if_decided
 from . import BOTH_FAMILIES, missing_kfunc, register_match
+from .kread import emit_read_pointer, emit_skb_ext_find, probe, skb_ext_offsets
 from .xtmatch import XT_MATCH_KFUNC, ServedKernelMatch
 
 XT_POLICY_MAX_ELEM = 4
@@ -81,12 +82,8 @@ class ServedPolicyMatch(Match):
 def _offsets() -> dict[str, int]:
     try:
         b = Btf.vmlinux()
+        skb_ext_offsets("SKB_EXT_SEC_PATH")
         return dict(
-            active=b.member("sk_buff", "active_extensions")[0],
-            extensions=b.member("sk_buff", "extensions")[0],
-            ext_offset=b.member("skb_ext", "offset")[0]
-            + b.enum_value("skb_ext_id", "SKB_EXT_SEC_PATH"),
-            sec_path_bit=1 << b.enum_value("skb_ext_id", "SKB_EXT_SEC_PATH"),
             sp_len=b.member("sec_path", "len")[0], sp_xvec=b.member("sec_path", "xvec")[0],
             refdst=b.member("sk_buff", "_skb_refdst")[0],
             dst_xfrm=b.member("dst_entry", "xfrm")[0], child=b.member("xfrm_dst", "child")[0],
@@ -190,20 +187,12 @@ def _net(addr: bytes, mask: bytes) -> str:
     return f"{ipaddress.IPv6Address(addr)}/{ipaddress.IPv6Address(mask)}"
 
 
-def _probe(asm, dst: int, size: int) -> None:
-    """bpf_probe_read_kernel(facts + dst, size, R3)."""
-    asm.emit(BPF_MOV64_REG(R1, R6), BPF_ALU64_IMM(I.BPF_ADD, R1, dst), BPF_MOV64_IMM(R2, size),
-             BPF_EMIT_CALL(I.BPF_FUNC_probe_read_kernel))
-
-
 def _pointer_at(asm, base: int, off: int, missing, offset_reg: Optional[int] = None) -> None:
     """R3 = *(u64 *)(base + off (+ offset_reg)); to `missing` if unread or NULL."""
     asm.emit(BPF_MOV64_REG(R3, base), BPF_ALU64_IMM(I.BPF_ADD, R3, off))
     if offset_reg is not None:
         asm.emit(BPF_ALU64_REG(I.BPF_ADD, R3, offset_reg))
-    _probe(asm, _TMP, 8)
-    asm.emit(BPF_JMP_IMM(I.BPF_JNE, R0, 0, missing), BPF_LDX_MEM(BPF_DW, R3, R6, _TMP),
-             BPF_JMP_IMM(I.BPF_JEQ, R3, 0, missing))
+    emit_read_pointer(asm, _TMP, missing)
 
 
 def _emit_read_state(asm, o: dict, state: int) -> None:
@@ -212,7 +201,7 @@ def _emit_read_state(asm, o: dict, state: int) -> None:
                              ("proto", S_PROTO, 1), ("mode", S_MODE, 1), ("spi", S_SPI, 4),
                              ("reqid", S_REQID, 4)):
         asm.emit(BPF_MOV64_REG(R3, state), BPF_ALU64_IMM(I.BPF_ADD, R3, o[field]))
-        _probe(asm, dst, size)
+        probe(asm, dst, size)
 
 
 def _emit_state_matches(asm, family: int, e: PolicyElem, differs) -> None:
@@ -261,16 +250,11 @@ def _emit_in(asm, m: ServedPolicyMatch, family: int, o: dict, answered) -> None:
     """match_policy_in(): R7 = the sec_path, R8 = its len."""
     strict = bool(m.flags & XT_POLICY_MATCH_STRICT)
     none, walked = asm.label("policy_no_sp"), asm.label("policy_walked")
-    asm.emit(BPF_LDX_MEM(BPF_DW, R7, R6, facts.SKB), BPF_LDX_MEM(BPF_B, R1, R7, o["active"]),
-             BPF_ALU64_IMM(I.BPF_AND, R1, o["sec_path_bit"]), BPF_JMP_IMM(I.BPF_JEQ, R1, 0, none))
-    # skb_sec_path(): the extension area, and its offset in 8-byte chunks
-    _pointer_at(asm, R7, o["extensions"], none)
-    asm.emit(BPF_MOV64_REG(R7, R3), BPF_ALU64_IMM(I.BPF_ADD, R3, o["ext_offset"]))
-    _probe(asm, _TMP, 1)
-    asm.emit(BPF_JMP_IMM(I.BPF_JNE, R0, 0, none), BPF_LDX_MEM(BPF_B, R1, R6, _TMP),
-             BPF_ALU64_IMM(I.BPF_LSH, R1, 3), BPF_ALU64_REG(I.BPF_ADD, R7, R1),
-             BPF_MOV64_REG(R3, R7), BPF_ALU64_IMM(I.BPF_ADD, R3, o["sp_len"]))
-    _probe(asm, _TMP, 4)
+    # skb_sec_path()
+    asm.emit(BPF_LDX_MEM(BPF_DW, R7, R6, facts.SKB))
+    emit_skb_ext_find(asm, R7, "SKB_EXT_SEC_PATH", S_SADDR, none)
+    asm.emit(BPF_MOV64_REG(R7, R3), BPF_ALU64_IMM(I.BPF_ADD, R3, o["sp_len"]))
+    probe(asm, _TMP, 4)
     asm.emit(BPF_JMP_IMM(I.BPF_JNE, R0, 0, none), BPF_LDX_MEM(BPF_W, R8, R6, _TMP))
     if strict:
         asm.emit(BPF_MOV64_IMM(R9, 0), BPF_JMP_IMM(I.BPF_JNE, R8, len(m.elements), answered))
