@@ -22,7 +22,6 @@ _COMMON = """
     match connlabel: needs bpfilter.ko (kernel module mode)
     match connlimit: needs bpfilter.ko (kernel module mode)
     match owner: --suppl-groups is not supported by bpfilter
-    match recent: needs bpfilter.ko (kernel module mode) for --rttl (the kernel may then keep two entries for one address)
     match rpfilter: needs bpfilter.ko (kernel module mode)
     match socket: needs bpfilter.ko (kernel module mode)
     table nat

@@ -61,7 +61,7 @@ def refused(blob: bytes, netns_name: str) -> BpfilterError:
 # Each: a rule, where it sits, and what the message must name. The offending rule is
 # the second of chain Y, reached from OUTPUT through X, so the position is not trivial.
 UNSUPPORTED = [
-    ("-m recent --name x --rcheck --rttl -j ACCEPT", "match 'recent' needs bpfilter.ko"),
+    ("-m recent --name x --rcheck --hitcount 40 -j ACCEPT", "match 'recent' needs bpfilter.ko"),
     ("-j MARK --set-mark 1", "target 'MARK' needs bpfilter.ko"),
     ("-j CONNMARK --save-mark", "target 'CONNMARK' needs bpfilter.ko"),
     ("-p tcp -m connlimit --connlimit-above 2", "match 'connlimit' needs bpfilter.ko"),

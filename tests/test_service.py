@@ -1095,8 +1095,12 @@ RECENT_RULES = """*filter
 -A INPUT -p udp --dport 5011 -m recent --name many --rcheck
 -A INPUT -p udp --dport 5012 -m recent --name net --mask 255.255.255.0 --set
 -A INPUT -p udp --dport 5013 -m recent --name net --mask 255.255.255.0 --rcheck
+-A INPUT -p udp --dport 5030 -m recent --name ttl --set
+-A INPUT -p udp --dport 5031 -m recent --name ttl --rcheck --rttl
+-A INPUT -p udp --dport 5032 -m recent --name ttl --update --rttl
 -A OUTPUT -p udp -m recent --name out --rdest --set
 -A OUTPUT -p udp --dport 6000 -m recent --name out --rdest --rcheck --hitcount 3 -j DROP
+-A OUTPUT -p udp --dport 6001 -m recent --name out --rdest --rcheck --rttl
 COMMIT
 """
 
@@ -1139,14 +1143,25 @@ def _recent_traffic(client: str, server: str) -> None:
     send(client, 5012, many[:3])
     send(client, 5013, ["10.85.0.1", many[50]])
     send(server, 6000, ("10.85.0.2",), "10.85.0.1", count=5)
+    send(server, 6001, ("10.85.0.2",), "10.85.0.1")
+    # --rttl: the TTL the last --set or --update saw must be the packet's
+    with netns.entered(client):
+        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with tx:
+        tx.bind(("10.85.0.1", 0))
+        for port, ttl in ((5030, 64), (5031, 64), (5031, 10), (5032, 10), (5032, 64),
+                          (5030, 20), (5031, 64), (5031, 20), (5032, 20)):
+            tx.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+            tx.sendto(b"x", ("10.85.0.2", port))
+    time.sleep(0.05)
 
 
 def test_recent_lists_behave_as_the_kernels(svc, nets):
     """-m recent through `bpfilter exec`, without the module: set, update with
     --seconds and --hitcount, rcheck (inverted too), remove, reap, --rdest, --mask,
-    and a list given more addresses than it keeps, whose oldest go: every rule
-    counts what the kernel's xt_recent makes it count, the lists going on across a
-    replace."""
+    --rttl, and a list given more addresses than it keeps, whose oldest go: every
+    rule counts what the kernel's xt_recent makes it count, the lists going on
+    across a replace."""
     (kc, ks), (bc, bs) = _pairs(svc, nets, RECENT_RULES, "10.85.0", 16)
     _recent_traffic(kc, ks)
     _recent_traffic(bc, bs)
@@ -1166,6 +1181,8 @@ def test_recent_lists_behave_as_the_kernels(svc, nets):
               int(line.split()[0]) for line in kernel.splitlines() if "recent:" in line}
     # the oldest five of 105 evicted; one added after the replace still listed
     assert counts["5011"] == 10 and counts["5020"] == 1 and len(set(counts.values())) > 4
+    # --rttl: the second of each pair; a --set and an --update leave their TTL
+    assert counts["5031"] == counts["5032"] == 2 and counts["6001"] == 1, kernel
 
 
 HASHLIMIT_RULES = """*filter

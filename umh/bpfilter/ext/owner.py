@@ -71,7 +71,7 @@ class SockOffsets:
 
 
 @functools.lru_cache(maxsize=1)
-def _offsets() -> SockOffsets:
+def sock_offsets() -> SockOffsets:
     return SockOffsets.from_btf(Btf.vmlinux())
 
 
@@ -92,7 +92,7 @@ def emit_socket_creds(asm, base: int, via_listener: bool) -> None:
     request socket stands for its listener when `via_listener` (skb_to_full_sk(), as
     owner_mt() has it), else for no socket (sk_fullsock(), as the log's
     nf_log_dump_sk_uid_gid()); a time-wait socket for none either way."""
-    o = _offsets()
+    o = sock_offsets()
     done, full = asm.label("sk_creds_done"), asm.label("sk_creds_full_sk")
     asm.emit(BPF_LDX_MEM(BPF_DW, R1, R7, o.skb_sk),
              BPF_JMP_IMM(I.BPF_JEQ, R1, 0, done),
@@ -155,7 +155,7 @@ class Owner(MatchExtension):
             if match & flag and (INVALID_ID in (lo, hi) or hi < lo):
                 raise BpfilterError(errno.EINVAL, f"{where}: owner: invalid {what} range "
                                                   f"{lo}-{hi}")
-        _offsets()
+        sock_offsets()
         return OwnerMatch((uid_min, uid_max), (gid_min, gid_max), match & XT_OWNER_MASK,
                           invert & XT_OWNER_MASK)
 

@@ -14,9 +14,11 @@ its timestamps (jiffies, a ring of 32 as the kernel's default
 roundup_pow_of_two(ip_pkt_list_tot) keeps), its index and count, and its place in
 the list's LRU order. A list holds at most ip_list_tot (100) entries: a new one
 evicts the least recently set or updated, --reap removes the list's least recent
-when it is older than --seconds, as the kernel's LRU list does. Refused without the
-module: --rttl (the kernel may then keep two entries for one address, told apart by
-TTL) and a --hitcount above the 32 stamps an entry keeps. Where it differs: the
+when it is older than --seconds, as the kernel's LRU list does. An entry keeps the TTL
+its last --set or --update saw (the packet's, one more where it leaves by forwarding
+or comes from no socket of the namespace, as recent_mt() counts it), which --rttl
+lookups must meet (either being 0 meets any). Refused without the module: a
+--hitcount above the 32 stamps an entry keeps. Where it differs: the
 kernel serialises every list operation under one lock, here each step (a lookup, an
 entry's stamps under its own lock, the count under the list's) is atomic, so two
 CPUs setting new addresses into a full list at once may both evict; and there is
@@ -34,7 +36,7 @@ from typing import Optional
 from construct import Bytes, Int8un, Int32ul, Padding, Struct
 
 from ..bpf import insn as I
-from ..bpf.insn import (BPF_ALU64_IMM, BPF_ALU64_REG, BPF_ATOMIC_OP, BPF_DW, BPF_EMIT_CALL,
+from ..bpf.insn import (BPF_ALU64_IMM, BPF_ALU64_REG, BPF_ATOMIC_OP, BPF_B, BPF_DW, BPF_EMIT_CALL,
                         BPF_EXIT_INSN, BPF_FETCH, BPF_H, BPF_JMP_A, BPF_JMP_IMM, BPF_JMP_REG,
                         BPF_LD_FUNC, BPF_LD_IMM64, BPF_LD_MAP_FD, BPF_LD_MAP_VALUE,
                         BPF_LDX_MEM, BPF_MOV64_IMM, BPF_MOV64_REG, BPF_ST_MEM, BPF_STX_MEM,
@@ -45,6 +47,8 @@ from ..packet import facts
 from ..packet.primitives import emit_answer_and_hotdrop, emit_skip_if_decided
 from . import BOTH_FAMILIES, missing_kfunc, register_match
 from .limit import kernel_hz
+from .owner import sock_offsets
+from .reject import NF_STATE
 from .xtmatch import XT_MATCH_KFUNC, KernelMatchModel, ServedKernelMatch, c_string
 
 BPF_FUNC_map_update_elem, BPF_FUNC_map_delete_elem = 2, 3
@@ -109,16 +113,14 @@ class _Recent(ServedKernelMatch):
     model = RecentMatch
     environment = (RECENT_LISTS, RECENT_ENTRIES, RECENT_BLANK)
     served_model = ServedRecentMatch
-    served_facts = frozenset({"skb", "recent"})
+    served_facts = frozenset({"skb", "recent", "nf_state"})
 
     def served(self, payload: bytes, where: str) -> ServedRecentMatch:
         return ServedRecentMatch(revision=self.revision, **self.decode_fields(payload, where))
 
     def served_unsupported(self, match) -> Optional[str]:
         why = None
-        if match.check_set & XT_RECENT_TTL:
-            why = "--rttl (the kernel may then keep two entries for one address)"
-        elif match.hit_count > NSTAMPS:
+        if match.hit_count > NSTAMPS:
             why = f"a --hitcount above {NSTAMPS}, the timestamps an entry keeps here"
         if why is None:
             return None
@@ -188,18 +190,19 @@ LIST_KEY = struct.Struct("<IIQ")
 LIST_VALUE = struct.Struct("<IIQ16s")
 L_ENTRIES, L_CLOCK, L_MASK = 4, 8, 16
 # RECENT_ENTRIES: key (netns inum, family, list id, the masked address), value (lock,
-# index, nstamps, LRU stamp, NSTAMPS jiffies)
+# index, nstamps, ttl, LRU stamp, NSTAMPS jiffies)
 ENTRY_KEY = struct.Struct("<IIQ16s")
-ENTRY_VALUE = struct.Struct(f"<IHHQ{NSTAMPS}Q")
-E_INDEX, E_NSTAMPS, E_LRU, E_STAMPS = 4, 6, 8, 16
+ENTRY_VALUE = struct.Struct(f"<IHBBQ{NSTAMPS}Q")
+E_INDEX, E_NSTAMPS, E_TTL, E_LRU, E_STAMPS = 4, 6, 7, 8, 16
 
 # the facts' scratch (the stack is short: user chains' frames sit on it too): the
 # entry's key, whose first 16 bytes with a 0 family are the list's; now; the walks'
 # findings, the list's least LRU stamp (all ones once the second walk removed it)
 # and that entry's newest timestamp. The walks' context is the scratch itself.
-_SCRATCH = facts.reserve("recent", 56)
+_SCRATCH = facts.reserve("recent", 64)
 _KEY, _NOW = _SCRATCH, _SCRATCH + 32
 C_LRU, C_LAST = 40, 48
+_TTL = _SCRATCH + 56      # u8: the TTL recent_mt() counts
 
 
 def list_id(name: str) -> int:
@@ -251,6 +254,14 @@ def _emit_served(family: int, m: ServedRecentMatch, asm, out) -> None:
              BPF_EMIT_CALL(I.BPF_FUNC_map_lookup_elem),
              BPF_JMP_IMM(I.BPF_JEQ, R0, 0, missing),
              BPF_MOV64_REG(R8, R0))
+    _emit_ttl(asm, family)
+    if m.check_set & XT_RECENT_TTL:
+        # recent_entry_lookup(): ttl == e->ttl || ttl == 0 || e->ttl == 0
+        met = label("recent_ttl_met")
+        asm.emit(BPF_LDX_MEM(BPF_B, R1, R6, _TTL), BPF_JMP_IMM(I.BPF_JEQ, R1, 0, met),
+                 BPF_LDX_MEM(BPF_B, R2, R8, E_TTL), BPF_JMP_IMM(I.BPF_JEQ, R2, 0, met),
+                 BPF_JMP_REG(I.BPF_JNE, R1, R2, missing))
+        asm.place(met)
     if m.check_set & XT_RECENT_SET:
         asm.emit(BPF_MOV64_IMM(R7, ret0 ^ 1), BPF_JMP_A(update))
     elif m.check_set & XT_RECENT_REMOVE:
@@ -273,6 +284,7 @@ def _emit_served(family: int, m: ServedRecentMatch, asm, out) -> None:
     if not m.check_set & XT_RECENT_SET:
         asm.emit(BPF_MOV64_IMM(R7, ret0), BPF_JMP_A(outcome))
     else:
+        _emit_ttl(asm, family)
         _emit_new_entry(asm, outcome)
         asm.emit(BPF_MOV64_IMM(R7, ret0 ^ 1))
     # recent_entry_update(): the next stamp, the list's tail
@@ -285,15 +297,39 @@ def _emit_served(family: int, m: ServedRecentMatch, asm, out) -> None:
              BPF_ALU64_REG(I.BPF_ADD, R2, R8),
              BPF_LDX_MEM(BPF_DW, R3, R6, _NOW), BPF_STX_MEM(BPF_DW, R2, R3, E_STAMPS),
              BPF_ALU64_IMM(I.BPF_ADD, R1, 1), BPF_STX_MEM(BPF_H, R8, R1, E_INDEX),
-             BPF_LDX_MEM(BPF_H, R2, R8, E_NSTAMPS),
+             BPF_LDX_MEM(BPF_B, R2, R8, E_NSTAMPS),
              BPF_JMP_REG(I.BPF_JLE, R1, R2, finish),
-             BPF_STX_MEM(BPF_H, R8, R1, E_NSTAMPS))
+             BPF_STX_MEM(BPF_B, R8, R1, E_NSTAMPS))
     asm.place(finish)
-    asm.emit(BPF_LDX_MEM(BPF_DW, R1, R6, _SCRATCH + C_LRU), BPF_STX_MEM(BPF_DW, R8, R1, E_LRU),
+    asm.emit(BPF_LDX_MEM(BPF_B, R1, R6, _TTL), BPF_STX_MEM(BPF_B, R8, R1, E_TTL),
+             BPF_LDX_MEM(BPF_DW, R1, R6, _SCRATCH + C_LRU), BPF_STX_MEM(BPF_DW, R8, R1, E_LRU),
              BPF_MOV64_REG(R1, R8), BPF_EMIT_CALL(I.BPF_FUNC_spin_unlock))
     asm.place(outcome)
     emit_answer_and_hotdrop(asm, R7)
     asm.place(done)
+
+
+def _emit_ttl(asm, family: int) -> None:
+    """_TTL = the packet's TTL (hop limit), one more (a u8's wrap) where it leaves
+    (an output device) and comes from no socket of the hook's namespace: the TTL
+    before forwarding, as recent_mt() counts it."""
+    o = sock_offsets()
+    keep, more = asm.label("recent_ttl_kept"), asm.label("recent_ttl_more")
+    asm.emit(BPF_LDX_MEM(BPF_B, R1, R6, facts.TTL), BPF_STX_MEM(BPF_B, R6, R1, _TTL),
+             BPF_LDX_MEM(BPF_B, R1, R6, facts.OUT_NAME), BPF_JMP_IMM(I.BPF_JEQ, R1, 0, keep),
+             BPF_LDX_MEM(BPF_DW, R1, R6, facts.SKB), BPF_LDX_MEM(BPF_DW, R1, R1, o.skb_sk),
+             BPF_JMP_IMM(I.BPF_JEQ, R1, 0, more),
+             BPF_ALU64_IMM(I.BPF_ADD, R1, o.sk_net), BPF_MOV64_REG(R3, R1),
+             BPF_MOV64_REG(R1, R6), BPF_ALU64_IMM(I.BPF_ADD, R1, _NOW), BPF_MOV64_IMM(R2, 8),
+             BPF_EMIT_CALL(I.BPF_FUNC_probe_read_kernel),
+             BPF_LDX_MEM(BPF_DW, R1, R6, _NOW), BPF_LDX_MEM(BPF_DW, R2, R6, NF_STATE),
+             BPF_LDX_MEM(BPF_DW, R2, R2, o.state_net), BPF_JMP_REG(I.BPF_JEQ, R1, R2, keep))
+    asm.place(more)
+    asm.emit(BPF_LDX_MEM(BPF_B, R1, R6, _TTL), BPF_ALU64_IMM(I.BPF_ADD, R1, 1),
+             BPF_STX_MEM(BPF_B, R6, R1, _TTL))
+    asm.place(keep)
+    # (_NOW, its scratch, is the clock again)
+    asm.emit(BPF_EMIT_CALL(I.BPF_FUNC_jiffies64), BPF_STX_MEM(BPF_DW, R6, R0, _NOW))
 
 
 def _key_in_r2():
@@ -306,7 +342,7 @@ def _emit_hits(asm, m: ServedRecentMatch, ret0: int) -> None:
     end, hit = asm.label("recent_hits_end"), asm.label("recent_hit")
     asm.emit(BPF_MOV64_REG(R1, R8), BPF_EMIT_CALL(I.BPF_FUNC_spin_lock),
              BPF_MOV64_IMM(R7, ret0), BPF_MOV64_IMM(R4, 0),
-             BPF_LDX_MEM(BPF_H, R2, R8, E_NSTAMPS))
+             BPF_LDX_MEM(BPF_B, R2, R8, E_NSTAMPS))
     _emit_time(asm, m, R3)
     for i in range(NSTAMPS):
         skip = asm.label("recent_stamp_skip")
