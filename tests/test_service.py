@@ -2245,7 +2245,7 @@ def test_bad_input_leaves_the_ruleset_filtering(svc, nets):
     unchanged()
 
     # -- what bpfilter does not implement: refused whole, by rule and extension
-    for rule, names in (("-m recent --name x --rcheck --rttl -j ACCEPT", "match 'recent'"),
+    for rule, names in (("-m connlabel --label 1 -j ACCEPT", "match 'connlabel'"),
                         ("-j NFLOG --nflog-group 2", "target 'NFLOG'")):
         text = USER_CHAINS.replace("COMMIT", f"-A X {rule}\nCOMMIT")
         done = svc.exec(ns, "iptables-legacy-restore", input=text)

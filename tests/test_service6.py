@@ -546,7 +546,7 @@ def test_bad_ipv6_input_leaves_both_families_filtering(svc, nets):
     # whole, by rule and extension
     for rule, names in (("-j NFLOG --nflog-group 3", "target 'NFLOG'"),
                         ("-j NFQUEUE --queue-num 3", "target 'NFQUEUE'"),
-                        ("-m string --algo bm --string six", "match 'string'"),
+                        ("-m connlabel --label 6", "match 'connlabel'"),
                         ("-p tcp -m connlimit --connlimit-above 2", "match 'connlimit'")):
         done = svc.exec(ns, IP6TABLES, "-A", "X", *rule.split())
         assert done.returncode != 0

@@ -54,7 +54,7 @@ def first_rule(blob: bytes, family: Family):
 def test_recent_is_listed_as_the_kernel_lists_it_and_served_without_the_module(
         fresh_netns, family, rule):
     """Without the module the service's lists serve it (test_service.py,
-    test_recent_lists_behave_as_the_kernels), --rttl aside: refused."""
+    test_recent_lists_behave_as_the_kernels), --rttl included."""
     text = ruleset(f"-A INPUT {rule}")
     blob = replace_blob(text, family=family)
     _, match = first_rule(blob, family)
@@ -67,9 +67,6 @@ def test_recent_is_listed_as_the_kernel_lists_it_and_served_without_the_module(
         (line, ext.describe_match(match, family))
     err = ours(blob, family=family)
     assert err.errno == errno.EOPNOTSUPP, err
-    if "--rttl" in rule:
-        assert "match 'recent' needs bpfilter.ko (kernel module mode) for --rttl" in str(err)
-        return
     assert "recent rules without bpfilter.ko need the service's lists" in str(err), err
     lists = RecentLists.create()
     try:
@@ -105,7 +102,7 @@ def test_recent_payloads_the_kernel_refuses_are_refused_alike(fresh_netns, famil
     if kernel:
         assert (kernel, err.errno) == (errno.EINVAL, errno.EINVAL), err
         assert "recent: invalid options" in str(err)
-    else:   # valid: needs the module (--rttl) or the service's lists
+    else:   # valid: needs the service's lists
         assert err.errno == errno.EOPNOTSUPP, err
 
 

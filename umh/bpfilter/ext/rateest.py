@@ -252,8 +252,11 @@ def served_estimators(table: Table) -> list[Checked]:
     """Every served RATEEST target and rateest match of `table`, in entry order, each
     rule's matches before its target (the kernel's check order)."""
     found = []
+    served = (ServedRateestMatch, ServedRateestTarget)
     rules = sorted(((rule, chain.name, position) for chain in table.chains.values()
-                    for position, rule in enumerate(chain.rules, 1)),
+                    for position, rule in enumerate(chain.rules, 1)
+                    if isinstance(rule.target, ServedRateestTarget)
+                    or any(isinstance(m, served) for m in rule.matches)),
                    key=lambda found: found[0].entry)
     for rule, chain, position in rules:
         where = f"chain {chain} rule {position} (entry {rule.entry})"
