@@ -86,6 +86,7 @@ class Hashlimits:
                 raw = name.encode("latin-1")
                 bpf.map_update(self.fds["hashlimit_configs"], key,
                                CONFIG_VALUE.pack(cfg.pack(), len(raw), raw))
+                self.timers.wake()
 
     def names(self, table: Table) -> bool:
         return bool(served_htables(table))

@@ -126,8 +126,8 @@ class RateEstimators:
         bpf.map_update(self.fds["rateest_counters"], key, COUNTERS.pack(0, 0, 0))
         bpf.map_update(self.fds["rateest_rates"], key, RATES.pack(0, 0))
         bpf.map_update(self.fds["rateest_configs"], key, CONFIG.pack(interval, ewma_log, 0, 0))
-        # (the timer finds it within a quarter of a second)
         self.timers.next[key] = time.monotonic() + self._period(interval)
+        self.timers.wake()
 
     def retain(self, tables: dict[int, list[Table]]) -> None:
         """Every estimator no rule of its namespace names any more goes: `tables`
