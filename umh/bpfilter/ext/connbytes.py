@@ -32,7 +32,7 @@ from ..errors import BpfilterError
 from ..model import Match
 from ..packet import facts
 from . import BOTH_FAMILIES, register_match
-from .ctext import NFCT_PTRMASK, conntrack_btf, emit_ext_find, ext_offsets
+from .ctext import conntrack_btf, emit_ext_find, emit_nf_ct_get, ext_offsets
 from .kread import probe
 from .xtmatch import ServedKernelMatch
 
@@ -55,7 +55,6 @@ facts.COUNT_CONNTRACK.add("ctacct")
 
 @dataclass(frozen=True)
 class AcctOffsets:
-    nfct: int
     counter: int        # nf_conn_acct->counter
     counters_size: int
 
@@ -64,8 +63,7 @@ def _acct(b) -> AcctOffsets:
     counters_size = 2 * b.struct_size("nf_conn_counter")
     if counters_size != 32 or b.member("nf_conn_counter", "bytes")[0] != 8:
         raise BtfError("struct nf_conn_counter is not {packets, bytes}")
-    return AcctOffsets(nfct=b.member("sk_buff", "_nfct")[0],
-                       counter=b.member("nf_conn_acct", "counter")[0],
+    return AcctOffsets(counter=b.member("nf_conn_acct", "counter")[0],
                        counters_size=counters_size)
 
 
@@ -80,8 +78,7 @@ def _read_counters(asm, k: facts.KernelOffsets) -> None:
     The counters' slots are the walk's scratch on the way."""
     o = acct_offsets()
     done = asm.label("ctacct_done")
-    asm.emit(BPF_LDX_MEM(BPF_DW, R3, R7, o.nfct), BPF_ALU64_IMM(I.BPF_AND, R3, NFCT_PTRMASK),
-             BPF_JMP_IMM(I.BPF_JEQ, R3, 0, done))
+    emit_nf_ct_get(asm, R7, done)
     emit_ext_find(asm, "NF_CT_EXT_ACCT", ACCT_COUNTERS, done)
     asm.emit(BPF_ALU64_IMM(I.BPF_ADD, R3, o.counter))
     probe(asm, ACCT_COUNTERS, o.counters_size)

@@ -30,6 +30,17 @@ def conntrack_btf(what: str, read) -> object:
                                           f"({'; '.join(failures)}); the whole table is refused")
 
 
+@functools.lru_cache(maxsize=1)
+def _nfct() -> int:
+    return Btf.vmlinux().member("sk_buff", "_nfct")[0]
+
+
+def emit_nf_ct_get(asm, skb: int, missing) -> None:
+    """R3 = nf_ct_get(skb) (`skb` a register); to `missing` without an entry."""
+    asm.emit(BPF_LDX_MEM(BPF_DW, R3, skb, _nfct()), BPF_ALU64_IMM(I.BPF_AND, R3, NFCT_PTRMASK),
+             BPF_JMP_IMM(I.BPF_JEQ, R3, 0, missing))
+
+
 @functools.lru_cache(maxsize=None)
 def ext_offsets(ext_id: str) -> tuple[int, int]:
     """(nf_conn->ext, &nf_ct_ext->offset[ext_id])."""

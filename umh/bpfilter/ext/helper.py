@@ -21,12 +21,12 @@ from construct import Bytes, Int32sn, Padding, Struct
 
 from ..abi.xtables import CHECKENTRY_WRITES
 from ..bpf import insn as I
-from ..bpf.insn import (BPF_ALU64_IMM, BPF_B, BPF_DW, BPF_JMP_IMM, BPF_LDX_MEM, BPF_MOV64_IMM,
+from ..bpf.insn import (BPF_ALU64_IMM, BPF_B, BPF_JMP_IMM, BPF_LDX_MEM, BPF_MOV64_IMM,
                         BPF_ST_MEM, R0, R1, R3, R6, R7)
 from ..model import Match
 from ..packet import facts
 from . import BOTH_FAMILIES, register_match
-from .ctext import NFCT_PTRMASK, conntrack_btf, emit_ext_find
+from .ctext import conntrack_btf, emit_ext_find, emit_nf_ct_get
 from .kread import emit_read_pointer, probe
 from .xtmatch import ServedKernelMatch, c_string
 
@@ -44,7 +44,6 @@ facts.READ_CONNTRACK.add("cthelper")
 
 @dataclass(frozen=True)
 class HelperOffsets:
-    nfct: int
     master: int
     helper: int      # nf_conn_help->helper
     name: int        # nf_conntrack_helper->name
@@ -53,7 +52,7 @@ class HelperOffsets:
 @functools.lru_cache(maxsize=1)
 def _offsets() -> HelperOffsets:
     return conntrack_btf("helper needs conntrack's helper extension", lambda b: HelperOffsets(
-        nfct=b.member("sk_buff", "_nfct")[0], master=b.member("nf_conn", "master")[0],
+        master=b.member("nf_conn", "master")[0],
         helper=b.member("nf_conn_help", "helper")[0],
         name=b.member("nf_conntrack_helper", "name")[0]))
 
@@ -62,8 +61,8 @@ def _read_helper(asm, k: facts.KernelOffsets) -> None:
     """The prologue's part (R7 = skb)."""
     o = _offsets()
     done = asm.label("cthelper_done")
-    asm.emit(BPF_LDX_MEM(BPF_DW, R3, R7, o.nfct), BPF_ALU64_IMM(I.BPF_AND, R3, NFCT_PTRMASK),
-             BPF_JMP_IMM(I.BPF_JEQ, R3, 0, done), BPF_ALU64_IMM(I.BPF_ADD, R3, o.master))
+    emit_nf_ct_get(asm, R7, done)
+    asm.emit(BPF_ALU64_IMM(I.BPF_ADD, R3, o.master))
     emit_read_pointer(asm, HELPER_NAME, done)
     emit_ext_find(asm, "NF_CT_EXT_HELPER", HELPER_NAME, done)
     asm.emit(BPF_ALU64_IMM(I.BPF_ADD, R3, o.helper))

@@ -29,7 +29,6 @@ from ..model import Family, Hook
 from .xtmatch import c_string, plain_kernel_extension
 
 _STATE = "whose state only the kernel keeps"
-_CODE = "which only the kernel's code can run"
 _HANDS = "which hands the packet to a kernel subsystem"
 
 xt_connlimit_info = Struct("mask" / Bytes(16), "limit" / Int32un, "flags" / Int32un, Padding(8))

@@ -254,7 +254,7 @@ def _emit_served(family: int, m: ServedRecentMatch, asm, out) -> None:
              BPF_EMIT_CALL(I.BPF_FUNC_map_lookup_elem),
              BPF_JMP_IMM(I.BPF_JEQ, R0, 0, missing),
              BPF_MOV64_REG(R8, R0))
-    _emit_ttl(asm, family)
+    _emit_ttl(asm)
     if m.check_set & XT_RECENT_TTL:
         # recent_entry_lookup(): ttl == e->ttl || ttl == 0 || e->ttl == 0
         met = label("recent_ttl_met")
@@ -284,7 +284,7 @@ def _emit_served(family: int, m: ServedRecentMatch, asm, out) -> None:
     if not m.check_set & XT_RECENT_SET:
         asm.emit(BPF_MOV64_IMM(R7, ret0), BPF_JMP_A(outcome))
     else:
-        _emit_ttl(asm, family)
+        _emit_ttl(asm)
         _emit_new_entry(asm, outcome)
         asm.emit(BPF_MOV64_IMM(R7, ret0 ^ 1))
     # recent_entry_update(): the next stamp, the list's tail
@@ -309,10 +309,11 @@ def _emit_served(family: int, m: ServedRecentMatch, asm, out) -> None:
     asm.place(done)
 
 
-def _emit_ttl(asm, family: int) -> None:
+def _emit_ttl(asm) -> None:
     """_TTL = the packet's TTL (hop limit), one more (a u8's wrap) where it leaves
     (an output device) and comes from no socket of the hook's namespace: the TTL
-    before forwarding, as recent_mt() counts it."""
+    before forwarding, as recent_mt() counts it. (C_LAST, which only the walks after
+    it fill, holds the socket's namespace on the way.)"""
     o = sock_offsets()
     keep, more = asm.label("recent_ttl_kept"), asm.label("recent_ttl_more")
     asm.emit(BPF_LDX_MEM(BPF_B, R1, R6, facts.TTL), BPF_STX_MEM(BPF_B, R6, R1, _TTL),
@@ -320,16 +321,14 @@ def _emit_ttl(asm, family: int) -> None:
              BPF_LDX_MEM(BPF_DW, R1, R6, facts.SKB), BPF_LDX_MEM(BPF_DW, R1, R1, o.skb_sk),
              BPF_JMP_IMM(I.BPF_JEQ, R1, 0, more),
              BPF_ALU64_IMM(I.BPF_ADD, R1, o.sk_net), BPF_MOV64_REG(R3, R1),
-             BPF_MOV64_REG(R1, R6), BPF_ALU64_IMM(I.BPF_ADD, R1, _NOW), BPF_MOV64_IMM(R2, 8),
-             BPF_EMIT_CALL(I.BPF_FUNC_probe_read_kernel),
-             BPF_LDX_MEM(BPF_DW, R1, R6, _NOW), BPF_LDX_MEM(BPF_DW, R2, R6, NF_STATE),
+             BPF_MOV64_REG(R1, R6), BPF_ALU64_IMM(I.BPF_ADD, R1, _SCRATCH + C_LAST),
+             BPF_MOV64_IMM(R2, 8), BPF_EMIT_CALL(I.BPF_FUNC_probe_read_kernel),
+             BPF_LDX_MEM(BPF_DW, R1, R6, _SCRATCH + C_LAST), BPF_LDX_MEM(BPF_DW, R2, R6, NF_STATE),
              BPF_LDX_MEM(BPF_DW, R2, R2, o.state_net), BPF_JMP_REG(I.BPF_JEQ, R1, R2, keep))
     asm.place(more)
     asm.emit(BPF_LDX_MEM(BPF_B, R1, R6, _TTL), BPF_ALU64_IMM(I.BPF_ADD, R1, 1),
              BPF_STX_MEM(BPF_B, R6, R1, _TTL))
     asm.place(keep)
-    # (_NOW, its scratch, is the clock again)
-    asm.emit(BPF_EMIT_CALL(I.BPF_FUNC_jiffies64), BPF_STX_MEM(BPF_DW, R6, R0, _NOW))
 
 
 def _key_in_r2():
