@@ -58,35 +58,45 @@
 /*
  * The extensions run this way: their ->match needs nothing more than the packet,
  * the hook state and the offsets given below, and writes nothing of the packet but
- * the mark socket's --restore-skmark copies from the socket found (which the program
- * reads again): state the kernel keeps and shows (recent, nfacct, hashlimit,
- * connlimit's counts, rateest's estimators, osf's fingerprints, IPVS's connections),
- * what it reads of the
- * packet as each rule meets it, or keeps beside it (its conntrack entry, its route, its
- * bridge ports, its socket, its cgroup, its IPsec policy), and what only its code reads
- * (string's textsearch, u32, time's clock).
+ * the mark socket's --restore-skmark copies from the socket found and the packet
+ * type cluster turns from multicast to host (which the program reads again): state
+ * the kernel keeps and shows (recent, nfacct, hashlimit, connlimit's counts, rateest's
+ * estimators, osf's fingerprints, IPVS's connections), what it reads of the packet as
+ * each rule meets it, or keeps beside it (its conntrack entry, its route, its bridge
+ * ports, its socket, its cgroup, its IPsec policy), and what only its code reads
+ * (string's textsearch, u32, time's clock, cluster's hash).
  */
 static const char *const bpfilter_xt_allowed[] = {
 	"recent", "nfacct", "dscp", "tos", "ecn", "tcpmss", "connbytes", "connlabel", "helper",
 	"cpu", "realm", "rpfilter", "physdev", "socket", "hashlimit", "connlimit", "string",
-	"time", "u32", "cgroup", "policy", "rateest", "osf", "ipvs",
+	"time", "u32", "cgroup", "policy", "rateest", "osf", "ipvs", "cluster",
 };
 /*
  * The targets run this way: their ->target needs the packet, the hook state and
  * the offsets below; what it writes of the packet (a header field, with the
- * checksums it updates), of skb->priority, skb->nf_trace, the packet's socket or
- * of the conntrack template, or skb->mark (HMARK: the program reads it again), or
- * prints (LOG), is what ip_tables' rule would; or it hands the packet to a subsystem
- * without changing it (NFLOG, AUDIT, LED's trigger), counts it (IDLETIMER's timer, RATEEST's
- * estimator) or sends a copy of it (TEE: nf_dup_ipv4/6 route it through the
- * namespace's hooks, bpfilter's programs included, from inside the target, as from
- * ip_tables' rule; nf_skb_duplicated keeps the copy's own TEE rules from copying).
+ * checksums it updates; SNPT's and DNPT's address, which the program reads again), of
+ * skb->priority, skb->nf_trace, skb->secmark or the conntrack entry's (CONNSECMARK),
+ * the packet's socket or the conntrack template, or skb->mark (HMARK: the program
+ * reads it again), or prints (LOG), is what ip_tables' rule would; or it hands the
+ * packet to a subsystem without changing it (NFLOG, AUDIT, LED's trigger), counts it
+ * (IDLETIMER's timer, RATEEST's estimator) or sends a copy of it (TEE: nf_dup_ipv4/6
+ * route it through the namespace's hooks, bpfilter's programs included, from inside
+ * the target, as from ip_tables' rule; nf_skb_duplicated keeps the copy's own TEE
+ * rules from copying).
  */
 static const char *const bpfilter_xt_allowed_targets[] = {
 	"TOS", "DSCP", "TTL", "HL", "TCPMSS", "CHECKSUM", "CLASSIFY", "CT", "NOTRACK",
 	"ECN", "TCPOPTSTRIP", "TRACE", "TPROXY", "LOG", "NFLOG", "AUDIT", "IDLETIMER",
-	"RATEEST", "HMARK", "TEE", "LED",
+	"RATEEST", "HMARK", "TEE", "LED", "CONNSECMARK", "SNPT", "DNPT", "SYNPROXY",
 };
+/*
+ * Targets that may take the packet (NF_STOLEN): SYNPROXY answers a client's SYN, or
+ * opens the connection to the server on its ACK, and frees the packet. A netfilter
+ * program cannot say NF_STOLEN, only drop it, which frees it again: such a target is
+ * given a reference of its own to free, and its NF_STOLEN is the program's NF_DROP
+ * (the packet goes nowhere either way; only the drop's tracepoint tells them apart).
+ */
+static const char *const bpfilter_xt_stealing_targets[] = { "SYNPROXY" };
 
 struct bpfilter_xt_instance {
 	struct net *net;		/* not counted: the namespace destroys us on its way out */
@@ -95,6 +105,7 @@ struct bpfilter_xt_instance {
 	struct xt_target *target;	/* a target's: likewise */
 	void *info;			/* the payload, as checkentry left it */
 	u8 family;
+	bool steals;			/* a target that may answer NF_STOLEN */
 	bool ipv6_proto;		/* the rule has -p: ip6_packet_match() finds thoff */
 };
 
@@ -364,6 +375,9 @@ static long bpfilter_xt_create(struct bpfilter_xt_match *req, void __user *arg)
 	inst->cookie = net->net_cookie;
 	inst->family = req->family;
 	inst->ipv6_proto = req->family == NFPROTO_IPV6 && req->proto;
+	inst->steals = req->target &&
+		       match_string(bpfilter_xt_stealing_targets,
+				    ARRAY_SIZE(bpfilter_xt_stealing_targets), req->name) >= 0;
 	mutex_lock(&bpfilter_xt_lock);
 	/* cyclic: a number the helper gave back is not another instance's soon after */
 	id = idr_alloc_cyclic(&bpfilter_xt_instances, inst, 1, INT_MAX, GFP_KERNEL);
@@ -606,10 +620,12 @@ __bpf_kfunc u32 bpfilter_xt_match(struct sk_buff *skb, const struct nf_hook_stat
  * @id: the instance BPFILTER_IOC_XT_MATCH_CREATE made for the rule's target
  *
  * The extension's ->target with the offsets the table walk computes, under
- * local_bh_disable() as there.
+ * local_bh_disable() as there. A target that may take the packet holds a reference
+ * of its own while it runs (see bpfilter_xt_stealing_targets).
  *
- * Return: its verdict: XT_CONTINUE to go on with the next rule, or NF_DROP (also
- * for an instance this namespace and family do not have).
+ * Return: its verdict: XT_CONTINUE to go on with the next rule, NF_ACCEPT, or NF_DROP
+ * (also for a packet the target took, and for an instance this namespace and family
+ * do not have).
  */
 __bpf_kfunc u32 bpfilter_xt_target(struct sk_buff *skb, const struct nf_hook_state *state, u32 id)
 {
@@ -624,9 +640,16 @@ __bpf_kfunc u32 bpfilter_xt_target(struct sk_buff *skb, const struct nf_hook_sta
 	par.state = state;
 	if (!bpfilter_xt_offsets(inst, skb, &par))
 		return NF_DROP;
+	if (inst->steals)
+		skb_get(skb);
 	local_bh_disable();
 	verdict = inst->target->target(skb, &par);
 	local_bh_enable();
+	if (!inst->steals)
+		return verdict;
+	if (verdict == NF_STOLEN)
+		return NF_DROP;
+	consume_skb(skb);
 	return verdict;
 }
 

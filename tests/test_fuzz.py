@@ -123,21 +123,22 @@ def test_a_revision_of_limit_linux_lacks_is_eprototype(family):
     assert ours is not None and ours.errno == errno.EPROTOTYPE, ours
 
 
-SUPPL_GROUPS = "*filter\n-A OUTPUT -m owner --gid-owner 0 --suppl-groups -j ACCEPT\nCOMMIT\n"
+NFLOG = "*filter\n-A OUTPUT -j NFLOG --nflog-group 3\nCOMMIT\n"
 TARGET_NAME_AT = 2   # after target_size
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=FAMILY_IDS)
-def test_owner_suppl_groups_is_refused_after_the_kernels_checks(family):
-    """--suppl-groups is bpfilter's own refusal (EOPNOTSUPP): it must come after every
-    check of the kernel's, here a later entry's target that does not exist (the final
-    ERROR entry's renamed ERHOR: ENOENT). bpfilter refused at the owner match first."""
+def test_a_refusal_of_bpfilters_comes_after_the_kernels_checks(family):
+    """Without bpfilter.ko, NFLOG is bpfilter's own refusal (EOPNOTSUPP): it must come
+    after every check of the kernel's, here a later entry's target that does not exist
+    (the final ERROR entry's renamed ERHOR: ENOENT)."""
     def rename_last_target(blob, raw):
         last = raw.entries[-1]
         blob[_at(raw, last.index, last.target_offset + TARGET_NAME_AT + 2)] = ord("H")
-    ours, theirs = ours_and_the_kernels(family, SUPPL_GROUPS, rename_last_target)
+    ours, theirs = ours_and_the_kernels(family, NFLOG, rename_last_target)
     assert theirs == errno.ENOENT
     assert ours is not None and ours.errno == errno.ENOENT, ours
-    ours, theirs = ours_and_the_kernels(family, SUPPL_GROUPS, lambda blob, raw: None)
+    ours, theirs = ours_and_the_kernels(family, NFLOG, lambda blob, raw: None)
     assert theirs is None
-    assert ours.errno == errno.EOPNOTSUPP and "match 'owner' --suppl-groups" in str(ours), ours
+    assert ours.errno == errno.EOPNOTSUPP and "target 'NFLOG'" in str(ours) \
+        and "needs bpfilter.ko" in str(ours), ours

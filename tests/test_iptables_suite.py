@@ -18,10 +18,9 @@ svc, nets = test_service.svc, test_service.nets     # a private service
 
 _COMMON = """
     match cgroup: needs bpfilter.ko (kernel module mode)
-    match cluster: revision N is not supported by bpfilter
+    match cluster: needs bpfilter.ko (kernel module mode)
     match connlabel: needs bpfilter.ko (kernel module mode)
     match connlimit: needs bpfilter.ko (kernel module mode)
-    match owner: --suppl-groups is not supported by bpfilter
     match rpfilter: needs bpfilter.ko (kernel module mode)
     match socket: needs bpfilter.ko (kernel module mode)
     table nat
@@ -29,15 +28,15 @@ _COMMON = """
     target CHECKSUM: needs bpfilter.ko (kernel module mode)
     target CLASSIFY: needs bpfilter.ko (kernel module mode)
     target CONNMARK: needs bpfilter.ko (kernel module mode) to write the connection's or the packet's mark
-    target CONNSECMARK: revision N is not supported by bpfilter
+    target CONNSECMARK: needs bpfilter.ko (kernel module mode)
     target CT: needs bpfilter.ko (kernel module mode)
     target DSCP: needs bpfilter.ko (kernel module mode)
     target HMARK: needs bpfilter.ko (kernel module mode)
     target IDLETIMER: needs bpfilter.ko (kernel module mode)
     target MARK: needs bpfilter.ko (kernel module mode) to write the packet's mark
     target NFLOG: needs bpfilter.ko (kernel module mode)
-    target NFQUEUE: revision N is not supported by bpfilter
-    target SYNPROXY: revision N is not supported by bpfilter
+    target NFQUEUE: revision N is refused
+    target SYNPROXY: needs bpfilter.ko (kernel module mode)
     target TCPMSS: needs bpfilter.ko (kernel module mode)
     target TCPOPTSTRIP: needs bpfilter.ko (kernel module mode)
     target TEE: needs bpfilter.ko (kernel module mode)
@@ -55,9 +54,9 @@ UNSUPPORTED = {
     """,
     Family.IPV6: _COMMON + """
     match addrtype: needs bpfilter.ko (kernel module mode) for the kernel's address type lookup, which a netfilter BPF program cannot make
-    target DNPT: revision N is not supported by bpfilter
+    target DNPT: needs bpfilter.ko (kernel module mode)
     target HL: needs bpfilter.ko (kernel module mode)
-    target SNPT: revision N is not supported by bpfilter
+    target SNPT: needs bpfilter.ko (kernel module mode)
     """,
 }
 

@@ -781,9 +781,12 @@ def test_kmod_mangle_and_raw_tables(module):
     conntrack entry and are UNTRACKED in filter; rpfilter drops a source with no route
     back; the kernel's own matches (ttl after TTL, dscp, tos, tcpmss, connbytes,
     helper) and CLASSIFY, CHECKSUM and CT --zone run; HMARK's mark picks uplink 2 and the
-    next rule's -m mark sees it; a TEE rule loads; what the checkentries refuse (TOS outside mangle, CT outside raw, TCPMSS
-    without a SYN test, PMTU clamping in PREROUTING) is refused with the kernel's
-    errno; every table's `-save -c` counters are the kernel's."""
+    next rule's -m mark sees it; a TEE rule loads; cluster's hash and CONNSECMARK run;
+    IPv6's SNPT and DNPT translate a prefix there and back, the next rules seeing the
+    address each wrote; what the checkentries refuse (TOS outside mangle, CT outside
+    raw, TCPMSS without a SYN test, PMTU clamping in PREROUTING, CONNSECMARK outside
+    mangle, SNPT in PREROUTING) is refused with the kernel's errno; every table's
+    `-save -c` counters are the kernel's."""
     kver = harness.kernel_release()
     extra = {**harness.system_libraries(), f"/lib/modules/{kver}/extra/bpfilter.ko": str(module)}
     s = reference_then_bpfilter("kmod-mangle.sh", extra, timeout=900)
@@ -804,7 +807,25 @@ def test_kmod_mangle_and_raw_tables(module):
                            (7010, "ttl 63 tos 0x10"), (7011, "ttl 58 tos 0x00"),
                            (7006, "mss 988"), (7002, "mss 1228")):
             assert f"srv:{port}   {seen}\n" in ref, ref
-        assert "TOS in filter: iptables: Invalid argument." in ref, ref
+        for line in ("TOS in filter: iptables: Invalid argument.",
+                     "CONNSECMARK in filter: iptables: Invalid argument.",
+                     "SNPT in PREROUTING: ip6tables: Invalid argument.",
+                     "npt udp fd09::9 7016: reply"):
+            assert line in ref, ref
+        # srv saw cli's datagram from the translated prefix, which the rule after SNPT
+        # saw too, and the answer came back to cli's address past DNPT
+        assert re.search(r"^srv:7016 udp from fd0a::", ref, re.M), ref
+        # SYNPROXY: cli's handshake with fw's cookie, then srv's own with fw, from cli
+        for svc, cli in (("198.18.9.9", "198.18.1.2"), ("fd09::9", "fd01::2")):
+            assert f"synproxy tcp {svc} 7017: connected\n" in ref, ref
+            assert re.search(rf"^srv:7017 tcp from {cli} ", ref, re.M), ref
+        # cluster's hash put cli's sources on both nodes
+        for node in (1, 2):
+            assert re.search(rf"^\[[1-9]\d*:\d+\] -A PREROUTING .* --cluster-local-nodemask "
+                             rf"0x0000000{node} ", ref, re.M), ref
+        for rule in (r"-A POSTROUTING -s fd0a::/64 -o vout1 -p udp -m udp --dport 7016",
+                     r"-A PREROUTING -d fd01::2/128 -i vout1 -p udp -m udp --sport 7016"):
+            assert re.search(rf"^\[1:\d+\] {rule}$", ref, re.M), ref
         assert re.search(r"^\[4:\d+\] -A FORWARD -p udp -m conntrack --ctstate UNTRACKED",
                          ref, re.M), ref
     _assert_same_text(ref, ours)

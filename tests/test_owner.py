@@ -33,26 +33,34 @@ RULES = """*filter
 -A OUTPUT -p udp --dport 7003 -m owner --gid-owner 500 -j DROP
 -A OUTPUT -p udp --dport 7004 -m owner --uid-owner 1001 --gid-owner 500-600 -j DROP
 -A OUTPUT -p udp --dport 7005 -m owner --socket-exists -j DROP
+-A OUTPUT -p udp --dport 7006 -m owner --gid-owner 700-710 --suppl-groups -j DROP
+-A OUTPUT -p udp --dport 7007 -m owner ! --gid-owner 700 --suppl-groups -j DROP
+-A OUTPUT -p udp --dport 7008 -m owner --uid-owner 1000-1999 ! --gid-owner 600-800 --suppl-groups -j DROP
 -A OUTPUT -p tcp -m owner ! --uid-owner 0
 -A OUTPUT -p tcp -m owner --uid-owner 0
 -A OUTPUT -p tcp -m owner --socket-exists
 -A OUTPUT -p tcp -m owner ! --socket-exists
 COMMIT
 """
-USERS = [(0, 0), (1000, 500), (1001, 550), (1500, 100), (2000, 600), (4294967294, 4294967294)]
+# (uid, gid, supplementary groups)
+USERS = [(0, 0, ()), (1000, 500, ()), (1001, 550, (705,)), (1500, 100, (100, 200, 700)),
+         (2000, 600, (900,)), (1200, 705, (1, 2)), (1300, 40, tuple(range(3000, 3100)) + (710,)),
+         (4294967294, 4294967294, ())]
+PORTS = range(7001, 7009)
 LOOPBACK = {Family.IPV4: (socket.AF_INET, "127.0.0.1"), Family.IPV6: (socket.AF_INET6, "::1")}
 
 
-def send_as(netns: str, uid: int, gid: int, port: int, family: Family = Family.IPV4) -> int:
-    """0 if a datagram from (uid, gid) to the loopback address's port left, else the
-    errno."""
+def send_as(netns: str, uid: int, gid: int, port: int, family: Family = Family.IPV4,
+            groups=()) -> int:
+    """0 if a datagram from (uid, gid, supplementary groups) to the loopback address's
+    port left, else the errno."""
     domain, loopback = LOOPBACK[family]
     pid = os.fork()
     if pid == 0:
         code = 100
         try:
             with entered(netns):
-                os.setgroups([])
+                os.setgroups(list(groups))
                 os.setgid(gid)
                 os.setuid(uid)
                 with socket.socket(domain, socket.SOCK_DGRAM) as s:
@@ -93,8 +101,8 @@ def test_owner_matches_as_the_kernel(two_namespaces, family):
     try:
         results = {}
         for ns in (kns, bns):
-            results[ns] = [send_as(ns, uid, gid, port, family) for uid, gid in USERS
-                           for port in range(7001, 7006)]
+            results[ns] = [send_as(ns, uid, gid, port, family, groups)
+                           for uid, gid, groups in USERS for port in PORTS]
             results[ns].append(connect_closed_port(ns, family))
         ours = table.counters()
     finally:
@@ -103,7 +111,11 @@ def test_owner_matches_as_the_kernel(two_namespaces, family):
     assert ours == kernel_counters(kns, family=family)
     # the cases did something: drops for some users, a reset counted as fileless
     dropped = results[kns][:-1].count(errno.EPERM)
-    assert 0 < dropped < len(USERS) * 5
+    assert 0 < dropped < len(USERS) * len(PORTS)
+    # --suppl-groups decided some: a user dropped only for a supplementary group
+    by_port = dict(zip([(u, p) for u, _, _ in USERS for p in PORTS], results[kns]))
+    assert by_port[1001, 7006] == by_port[1500, 7006] == by_port[1300, 7006] == errno.EPERM
+    assert by_port[1000, 7006] == 0 and by_port[1500, 7007] == 0
     assert results[kns][-1] == errno.ECONNREFUSED
 
 

@@ -23,6 +23,7 @@ from .abi import xtables as X
 from .abi.codec import (check_builtin_target, check_do_replace, gc_paused, parse_replace,
                         unconditional)
 from .abi.xtables import RawEntry, RawTable
+from .ext.linux import QUEUE_WHY
 from .tables import implemented
 
 _STANDARD_VERDICTS = {-X.NF_ACCEPT - 1: Accept(), -X.NF_DROP - 1: Drop(), X.XT_RETURN: Return()}
@@ -266,8 +267,10 @@ def _target(e: RawEntry, where: _Places, by_offset, chain_of_jump, goto_flag: in
         raise _unsupported(f"{where[e.index]}: ERROR target inside a chain")
     if t.verdict < 0:
         if t.verdict not in _STANDARD_VERDICTS:
-            name = "QUEUE" if t.verdict == -X.NF_QUEUE - 1 else f"verdict {t.verdict}"
-            raise _unsupported(f"{where[e.index]}: {name} is not supported by bpfilter")
+            if t.verdict == -X.NF_QUEUE - 1:
+                raise _unsupported(f"{where[e.index]}: QUEUE is refused: {QUEUE_WHY}")
+            raise _unsupported(f"{where[e.index]}: verdict {t.verdict} is not supported by "
+                               "bpfilter")
         return _STANDARD_VERDICTS[t.verdict]
     target_index = by_offset.get(t.verdict)
     if target_index == e.index + 1:

@@ -15,8 +15,12 @@
 # connbytes, helper) count what they see; HMARK's mark (its hash, modulo 1, plus 1)
 # picks uplink 2 and the next rule's -m mark sees it; TEE's rule loads (its traffic is
 # not probed here: the server's answers to the copy race the counters); rpfilter drops what comes from an address
-# with no route back; refusals are the kernel's. Each phase ends
-# with every table's counters (iptables-save -c).
+# with no route back; cluster's hash splits two nodes' share of a flow and CONNSECMARK
+# copies (an unset) security mark; IPv6's SNPT hands srv a datagram from cli's
+# prefix translated (fd01::/64 to fd0a::/64) whose answer DNPT translates back;
+# SYNPROXY answers cli's untracked SYN with a cookie and opens the connection to srv
+# on cli's ACK (fw's nf_conntrack_tcp_loose off, as its recipe has it, so that the
+# ACK is INVALID rather than picked up); refusals are the kernel's. Each phase ends with every table's counters (iptables-save -c).
 . /etc/bpfilter-vm/lib.sh
 
 SVC4=198.18.9.9 SVC6=fd09::9
@@ -32,6 +36,11 @@ uplinks() {
 	ip -n fw addr add 198.18.2.1/24 dev vout1
 	ip -n fw addr add 198.18.3.1/24 dev vout2
 	ip -n cli addr add 198.18.1.2/24 dev eth0
+	# more sources, for cluster's hash
+	for host in 3 4 5 6; do
+		ip -n cli addr add 198.18.1.$host/24 dev eth0
+		ip -n cli addr add fd01::$host/64 dev eth0 nodad preferred_lft 0
+	done
 	# addresses fw has no route back to (rpfilter)
 	ip -n cli addr add 198.18.7.7/32 dev eth0
 	ip -n cli addr add fd07::7/128 dev eth0 nodad preferred_lft 0   # never a source it picks
@@ -47,6 +56,7 @@ uplinks() {
 	ip -n cli route add default via fd01::1
 	ip -n srv route add 198.18.1.0/24 via 198.18.2.1
 	ip -n srv route add fd01::/64 via fd02::1
+	ip -n srv route add fd0a::/64 via fd02::1
 	ip -n fw route add $SVC4/32 via 198.18.2.2
 	ip -n fw route add $SVC6/128 via fd02::2
 	ip -n fw route add $SVC4/32 via 198.18.3.2 table 100
@@ -71,6 +81,7 @@ RULES4='*raw
 -A PREROUTING -i vin0 -p udp -m udp --dport 7007 -j NOTRACK
 -A PREROUTING -i vin0 -p udp -m udp --dport 7008 -j CT --notrack
 -A PREROUTING -i vout1 -p udp -m udp --sport 7007:7008 -j NOTRACK
+-A PREROUTING -i vin0 -p tcp -m tcp --dport 7017 --tcp-flags FIN,SYN,RST,ACK SYN -j CT --notrack
 -A OUTPUT -p udp -m udp --dport 7009 -j CT --zone 7
 COMMIT
 *mangle
@@ -86,6 +97,10 @@ COMMIT
 -A PREROUTING -i vin0 -p udp -m udp --dport 7013 -j HMARK --hmark-tuple src,dst --hmark-mod 1 --hmark-offset 1 --hmark-rnd 0x1
 -A PREROUTING -i vin0 -p udp -m udp --dport 7013 -m mark --mark 1
 -A PREROUTING -i vin0 -p udp -m udp --dport 7014 -j TEE --gateway 198.18.3.2
+-A PREROUTING -i vin0 -p udp -m udp --dport 7015 -m cluster --cluster-total-nodes 2 --cluster-local-node 1 --cluster-hash-seed 0xdeadbeef
+-A PREROUTING -i vin0 -p udp -m udp --dport 7015 -m cluster --cluster-total-nodes 2 --cluster-local-node 2 --cluster-hash-seed 0xdeadbeef
+-A PREROUTING -i vin0 -p udp -m udp --dport 7015 -m cluster --cluster-total-nodes 2 ! --cluster-local-node 1 --cluster-hash-seed 0xdeadbeef -m pkttype --pkt-type unicast
+-A PREROUTING -i vin0 -p udp -m udp --dport 7015 -j CONNSECMARK --save
 -A PREROUTING -j CONNMARK --save-mark
 -A FORWARD -p udp -m udp --dport 7004 -j TTL --ttl-set 33
 -A FORWARD -p udp -m udp --dport 7004 -m ttl --ttl-eq 33
@@ -106,6 +121,7 @@ COMMIT
 -A LOCAL -p udp -m udp --dport 7003 -j MARK --set-mark 1
 -A LOCAL -p udp -m udp --dport 7003 -j ACCEPT
 -A POSTROUTING -o vout2
+-A POSTROUTING -p udp -m udp --dport 7015 -j CONNSECMARK --restore
 COMMIT
 *filter
 :INPUT ACCEPT [0:0]
@@ -113,12 +129,20 @@ COMMIT
 :OUTPUT ACCEPT [0:0]
 -A FORWARD -p udp -m conntrack --ctstate UNTRACKED
 -A FORWARD -m helper --helper ftp
+-A FORWARD -i vin0 -p tcp -m tcp --dport 7017 -m conntrack --ctstate INVALID,UNTRACKED -j SYNPROXY --sack-perm --timestamp --wscale 7 --mss 1400
+-A FORWARD -i vin0 -p tcp -m tcp --dport 7017 -m conntrack --ctstate INVALID -j DROP
 COMMIT'
 
 # IPv6: the same, with HL for TTL; DSCP and TOS write the traffic class
 RULES6=$(echo "$RULES4" | sed -e 's/-j TTL --ttl-set 33/-j HL --hl-set 33/' \
 	-e 's/-m ttl --ttl-eq 33/-m hl --hl-eq 33/' -e 's/-j TTL --ttl-dec 5/-j HL --hl-dec 5/' \
-	-e 's/-m ttl --ttl-eq 58/-m hl --hl-eq 58/' -e 's/--gateway 198.18.3.2/--gateway fd03::2/')
+	-e 's/-m ttl --ttl-eq 58/-m hl --hl-eq 58/' -e 's/--gateway 198.18.3.2/--gateway fd03::2/' \
+	-e 's|^-A POSTROUTING -o vout2$|&\
+-A POSTROUTING -o vout1 -s fd01::/64 -p udp -m udp --dport 7016 -j SNPT --src-pfx fd01::/64 --dst-pfx fd0a::/64\
+-A POSTROUTING -o vout1 -s fd0a::/64 -p udp -m udp --dport 7016|' \
+	-e 's|^-A PREROUTING -j CONNMARK --save-mark$|&\
+-A PREROUTING -i vout1 -d fd0a::/64 -p udp -m udp --sport 7016 -j DNPT --src-pfx fd0a::/64 --dst-pfx fd01::/64\
+-A PREROUTING -i vout1 -d fd01::2 -p udp -m udp --sport 7016|')
 
 # arrived NAME DEV: whether srv's DEV (an uplink) received anything since last asked
 arrived() {
@@ -133,8 +157,9 @@ mangle_probes() {
 	uplinks
 	echo "$RULES4" | ip netns exec fw iptables-legacy-restore || echo "restore: refused"
 	echo "$RULES6" | ip netns exec fw ip6tables-legacy-restore || echo "restore6: refused"
+	ip netns exec fw sh -c 'echo 0 >/proc/sys/net/netfilter/nf_conntrack_tcp_loose'
 	SERVE_PEERS=headers serve srv 90 7001 7002 7003 7004 7005 7006 7007 7008 7009 7010 7011 7012 \
-		7013
+		7013 7015 7016 7017
 	arrived start eth1 >/dev/null; arrived start eth2 >/dev/null
 	for svc in $SVC4 $SVC6; do
 		case $svc in *:*) spoofed=fd07::7 ;; *) spoofed=198.18.7.7 ;; esac
@@ -161,13 +186,19 @@ mangle_probes() {
 		arrived before eth1 >/dev/null; arrived before eth2 >/dev/null
 		ask "hmarked" cli $svc 7013
 		arrived hmarked eth1; arrived hmarked eth2
+		case $svc in *:*) net=fd01:: ;; *) net=198.18.1. ;; esac
+		for host in 2 3 4 5 6; do ask "cluster" cli $svc 7015 1 $net$host; done
+		connect "synproxy" cli $svc 7017
 	done
+	ask "npt" cli $SVC6 7016
 	# what the checkentries refuse, with the kernel's errno
 	echo "TOS in filter: $(ip netns exec fw iptables-legacy -A FORWARD -j TOS --set-tos 0x10 2>&1 | head -1)"
 	echo "CT in mangle: $(ip netns exec fw iptables-legacy -t mangle -A PREROUTING -j CT --notrack 2>&1 | head -1)"
 	echo "TCPMSS without SYN: $(ip netns exec fw iptables-legacy -t mangle -A FORWARD -p tcp -j TCPMSS --set-mss 1000 2>&1 | head -1)"
+	echo "CONNSECMARK in filter: $(ip netns exec fw iptables-legacy -A FORWARD -j CONNSECMARK --save 2>&1 | head -1)"
+	echo "SNPT in PREROUTING: $(ip netns exec fw ip6tables-legacy -t mangle -A PREROUTING -j SNPT --src-pfx fd01::/64 --dst-pfx fd0a::/64 2>&1 | head -1)"
 	echo "pmtu in PREROUTING: $(ip netns exec fw iptables-legacy -t mangle -A PREROUTING -p tcp --tcp-flags SYN,RST SYN -j TCPMSS --clamp-mss-to-pmtu 2>&1 | head -1)"
-	finish_probes "srv 7004" "srv 7005" "srv 7006" "srv 7002" "srv 7010" "srv 7011"
+	finish_probes "srv 7004" "srv 7005" "srv 7006" "srv 7002" "srv 7010" "srv 7011" "srv 7016" "srv 7017"
 	for t in raw mangle filter; do
 		ip netns exec fw iptables-legacy-save -c -t $t | grep -v '^#'
 		ip netns exec fw ip6tables-legacy-save -c -t $t | grep -v '^#'

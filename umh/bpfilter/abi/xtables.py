@@ -257,6 +257,8 @@ USERSIZE = {
     ("target", "IDLETIMER", 1): 40,
     ("target", "SECMARK", 1): 260,
     ("target", "LED", 0): 32,
+    ("target", "SNPT", 0): 34,
+    ("target", "DNPT", 0): 34,
 }
 
 # Extensions whose checkentry writes into its payload what GET_ENTRIES then returns

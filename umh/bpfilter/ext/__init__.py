@@ -203,10 +203,12 @@ class _Registry:
                                      f"(Linux has {', '.join(map(str, known))})")
         # one Linux has for the family is refused as unsupported (EOPNOTSUPP); any
         # other name does not exist, and the kernel answers ENOENT
+        why = linux.REFUSED_WHY.get((self.kind, name))
+        why = f"is refused: {why}" if why else "is not supported by bpfilter"
         raise BpfilterError(errno.EOPNOTSUPP if linux.revisions(self.kind, name, family)
                             else errno.ENOENT,
-                            f"{where}: {self.kind} '{name}' revision {revision} is not supported "
-                            "by bpfilter; the whole table is refused")
+                            f"{where}: {self.kind} '{name}' revision {revision} {why}; the "
+                            "whole table is refused")
 
     def checked(self, name: str, revision: int, payload: bytes, ip: IpHeader, family: Family,
                 where: str, hook_mask: int = 0, table: Optional[str] = None) -> _Extension:
@@ -393,4 +395,4 @@ from . import connmark, nat, statistic  # noqa: E402,F401
 from . import nfacct, quota, recent  # noqa: E402,F401
 from . import connbytes, connstate, cpu, ct, dscp, ecn, hl, skbinfo, tcpmss  # noqa: E402,F401
 from . import cbpf, hashlimit, helper, physdev, policy, rateest, realm, string, tcpoptstrip, time, u32  # noqa: E402,F401
-from . import kernelside, tproxy, trace  # noqa: E402,F401
+from . import cluster, kernelside, npt, secmark, synproxy, tproxy, trace  # noqa: E402,F401

@@ -9,8 +9,7 @@ and targets that hand the packet to a kernel subsystem without changing it: NFLO
 (nfnetlink_log), AUDIT, IDLETIMER (its sysfs timers), LED (its trigger) and TEE
 (nf_dup_ipv4/6: the copy passes the namespace's hooks, bpfilter's programs run again
 inside the target, as ip_tables' do).
-bpfilter.ko runs only those it lists (kmod/xtmatch.c); not cluster (which rewrites
-pkt_type, a fact the prologue reads once): it is refused. (-m bpf's classic programs
+bpfilter.ko runs only those it lists (kmod/xtmatch.c). (-m bpf's classic programs
 are translated into the rules' own code: cbpf.py.)
 
 bpfilter's model of each is its payload: the kernel's checkentry judges it, with its

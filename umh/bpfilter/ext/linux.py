@@ -54,3 +54,12 @@ REVISIONS: dict[tuple[Family, str], dict[str, tuple[int, ...]]] = {
 def revisions(kind: str, name: str, family: Family) -> tuple[int, ...]:
     """The revisions of match or target `name` Linux has for the family; () for none."""
     return REVISIONS[family, kind].get(name, ())
+
+
+# Why bpfilter refuses an extension Linux has that it has no file for, where that is
+# not for want of work but because it cannot be exact.
+QUEUE_WHY = ("a netfilter BPF program's verdict is a drop or an accept, never a queue, "
+             "and bpfilter.ko cannot queue the packet on the program's behalf: nf_queue() "
+             "resumes past a hook index the program does not have, and userspace's "
+             "verdict would reach the packet while the program still holds it")
+REFUSED_WHY: dict[tuple[str, str], str] = {("target", "NFQUEUE"): QUEUE_WHY}

@@ -67,7 +67,7 @@ def _looped_back_ipv6(asm) -> None:
 
 
 # One group per family: the same region, filled by the family's rule.
-_GROUP = {Family.IPV4: "pkttype", Family.IPV6: "pkttype6"}
+FACT_GROUP = {Family.IPV4: "pkttype", Family.IPV6: "pkttype6"}
 facts.OPTIONAL["pkttype"] = lambda asm, k: _read_pkttype(asm, k, _looped_back_ipv4)
 facts.OPTIONAL["pkttype6"] = lambda asm, k: _read_pkttype(asm, k, _looped_back_ipv6)
 facts.REGIONS_OF["pkttype6"] = ("pkttype",)
@@ -81,7 +81,7 @@ class Pkttype(MatchExtension):
     struct = xt_pkttype_info
 
     def facts_of(self, match: PkttypeMatch) -> frozenset[str]:
-        return frozenset({_GROUP[self.family]})
+        return frozenset({FACT_GROUP[self.family]})
 
     def decode(self, payload: bytes, where: str) -> PkttypeMatch:
         # pkttype has no checkentry: every payload of the right size is valid
