@@ -68,8 +68,9 @@ UNSUPPORTED = [
     ("-m string --algo fsm --hex-string |00000161|", "match 'string' --algo fsm"),
     ("-m connlabel --label 1", "match 'connlabel' needs bpfilter.ko"),
     ("-j NFLOG --nflog-group 3", "target 'NFLOG'"),
-    ("-j NFQUEUE --queue-num 3", "target 'NFQUEUE'"),
-    ("-j QUEUE", "QUEUE"),
+    ("-j NFQUEUE --queue-num 3", "target 'NFQUEUE' revision 3 is refused: a netfilter BPF "
+                                 "program's verdict is a drop or an accept, never a queue"),
+    ("-j QUEUE", "QUEUE is refused: a netfilter BPF program's verdict"),
 ]
 
 

@@ -186,13 +186,17 @@ def _emit_walk_step(asm, record: bool, bounded: bool) -> None:
     _emit_read(asm, 4, badmsg)
     asm.place(read)
     if record:
+        # the first header of its type keeps its offset, in every slot at every turn
+        # without a branch: slot |= R8 if the slot is empty and R7 is its type. A
+        # branch would leave the verifier a state per set of types met so far, and
+        # bpf_loop()'s turns converge only once the states repeat.
         for nexthdr, slot in EXTHDR_OFFSET.items():
-            other = asm.label("other_type")
-            asm.emit(BPF_JMP_IMM(I.BPF_JNE, R7, nexthdr, other),
-                     BPF_LDX_MEM(BPF_W, R1, R6, slot),
-                     BPF_JMP_IMM(I.BPF_JNE, R1, 0, other),
-                     BPF_STX_MEM(BPF_W, R6, R8, slot))
-            asm.place(other)
+            asm.emit(BPF_MOV64_REG(R2, R7), BPF_ALU64_IMM(I.BPF_XOR, R2, nexthdr),
+                     BPF_LDX_MEM(BPF_W, R1, R6, slot), BPF_ALU64_REG(I.BPF_OR, R2, R1))
+            _nonzero_bit(asm, R2)
+            # R2: 0 to record, 1 not to; then all ones or nothing
+            asm.emit(BPF_ALU64_IMM(I.BPF_SUB, R2, 1), BPF_ALU64_REG(I.BPF_AND, R2, R8),
+                     BPF_ALU64_REG(I.BPF_OR, R1, R2), BPF_STX_MEM(BPF_W, R6, R1, slot))
     not_fragment, not_auth = asm.label("not_fragment"), asm.label("not_auth")
     asm.emit(BPF_JMP_IMM(I.BPF_JNE, R7, NEXTHDR_FRAGMENT, not_fragment),
              BPF_LDX_MEM(BPF_H, R1, FP, _SCRATCH_FP + 2), BPF_ENDIAN(I.BPF_TO_BE, R1, 16),
