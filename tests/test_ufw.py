@@ -7,75 +7,19 @@ the same fate: accepted, dropped (a timeout), or, past the limit's sixth connect
 service, answers.py), the rules counting alike (but for the answers themselves at
 OUTPUT, see _inbound).
 
-ufw drives `iptables` (/usr/sbin/iptables, whatever Debian's alternatives make it);
-each run gets a private mount namespace in which that is the legacy binary (the
-setsockopt ABI bpfilter serves, the kernel's legacy tables for the reference) and
-/etc/ufw a copy of its own, so that the host's stays untouched.
+How ufw runs in its namespace: bpfilter_lab/ufw.py.
 """
+
 import errno
-import os
-import shutil
 import socket
-import subprocess
-import tempfile
 
 import pytest
 
 from bpfilter import netns
-from bpfilter_lab import namespaces
-from test_service import PY, nets, svc  # noqa: F401,F811  (fixtures)
+from bpfilter_lab.ufw import ADDRESSES, COMMANDS, Host
+from test_service import nets, svc  # noqa: F401,F811  (fixtures)
 
 pytestmark = pytest.mark.kernel
-
-UFW = ["ufw --force enable", "ufw allow 22/tcp", "ufw deny 23/tcp", "ufw limit 2222/tcp",
-       "ufw reload"]
-ADDRESSES = {socket.AF_INET: ("10.86.0.1", "10.86.0.2", 24),
-             socket.AF_INET6: ("fd86::1", "fd86::2", 64)}
-# a private mount namespace: the legacy xtables binary in the nft one's place (every
-# iptables name Debian's alternatives give points at one or the other), and the ufw
-# configuration copied
-PRIVATE = """set -e
-mount --make-rprivate /
-mount --bind /usr/sbin/xtables-legacy-multi /usr/sbin/xtables-nft-multi
-mount --bind "$ETC/ufw" /etc/ufw
-mount --bind "$ETC/default-ufw" /etc/default/ufw
-exec "$@"
-"""
-
-
-class Host:
-    """A namespace ufw runs in (through bpfilter or on the kernel's iptables), with a
-    peer on a veth, and ufw's configuration of its own."""
-
-    def __init__(self, svc, server: str, peer: str, through_bpfilter: bool):
-        self.svc, self.server, self.peer = svc, server, peer
-        self.through_bpfilter = through_bpfilter
-        self.etc = tempfile.mkdtemp(prefix="bpft-ufw-")
-        shutil.copytree("/etc/ufw", os.path.join(self.etc, "ufw"), symlinks=True)
-        shutil.copy2("/etc/default/ufw", os.path.join(self.etc, "default-ufw"))
-        with namespaces.netlink(peer) as ipr:
-            ipr.link("add", ifname="vp", kind="veth", peer={"ifname": "vs", "net_ns_fd": server})
-        for ns, dev, which in ((peer, "vp", 0), (server, "vs", 1)):
-            with namespaces.netlink(ns) as ipr:
-                index = ipr.link_lookup(ifname=dev)[0]
-                for family, (*addresses, prefix) in ADDRESSES.items():
-                    ipr.addr("add", index=index, address=addresses[which], prefixlen=prefix,
-                             **({"flags": 0x02} if family == socket.AF_INET6 else {}))
-                ipr.link("set", index=index, state="up")
-
-    def run(self, command: str) -> str:
-        argv = command.split()
-        if self.through_bpfilter:
-            argv = [PY, "-m", "bpfilter", "exec", "--", *argv]
-        done = subprocess.run(["unshare", "-m", "sh", "-c", PRIVATE, "private",
-                               "ip", "netns", "exec", self.server, *argv],
-                              env={**self.svc.env, "ETC": self.etc}, capture_output=True,
-                              text=True, timeout=300)
-        assert done.returncode == 0, f"{command}: {done.stdout}{done.stderr}"
-        return done.stdout
-
-    def close(self) -> None:
-        shutil.rmtree(self.etc, ignore_errors=True)
 
 
 def _listen(ns: str, family: int, ports) -> list[socket.socket]:
@@ -141,10 +85,11 @@ def _inbound(listing: str) -> str:
 
 def test_ufw_through_bpfilter_is_ufw_on_the_kernel(svc, nets):
     kernel_server, kernel_peer, our_server, our_peer = nets(4)
-    hosts = [Host(svc, kernel_server, kernel_peer, False), Host(svc, our_server, our_peer, True)]
+    hosts = [Host(svc.env, kernel_server, kernel_peer, False),
+             Host(svc.env, our_server, our_peer, True)]
     try:
         for host in hosts:
-            for command in UFW:
+            for command in COMMANDS:
                 host.run(command)
         kernel, ours = hosts
         for save in ("iptables-legacy-save", "ip6tables-legacy-save"):
