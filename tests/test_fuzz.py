@@ -142,3 +142,17 @@ def test_a_refusal_of_bpfilters_comes_after_the_kernels_checks(family):
     assert theirs is None
     assert ours.errno == errno.EOPNOTSUPP and "target 'NFLOG'" in str(ours) \
         and "needs bpfilter.ko" in str(ours), ours
+
+
+SYNPROXY = "*filter\n-A INPUT -p tcp -j SYNPROXY --mss 1460\nCOMMIT\n"
+IPT_IP_PROTO_AT = 80     # struct ipt_ip's proto, after the addresses and interfaces
+
+
+def test_synproxy_on_a_rule_not_for_tcp_is_einval_as_in_the_kernel():
+    """SYNPROXY's checkentry wants -p tcp (EINVAL): without the module, bpfilter's
+    generic protocol check says it too, rather than its own refusal (EOPNOTSUPP)."""
+    def udp(blob, raw):
+        struct.pack_into("<H", blob, _at(raw, 0, IPT_IP_PROTO_AT), 17)
+    ours, theirs = ours_and_the_kernels(FAMILIES[0], SYNPROXY, udp)
+    assert theirs == errno.EINVAL
+    assert ours is not None and ours.errno == errno.EINVAL and "SYNPROXY" in str(ours), ours

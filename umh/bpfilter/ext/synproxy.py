@@ -3,7 +3,8 @@ bpfilter.ko (ext/xtmatch.py). It answers a client's SYN with a SYN cookie and op
 the connection to the server once the client's ACK proves the cookie, through the
 conntrack hooks its checkentry registers; the packets it answers it takes
 (NF_STOLEN), which the module makes the program's drop. Its checkentry wants a rule
-for TCP (-p tcp, not inverted) and conntrack's synproxy extension."""
+for TCP (-p tcp, not inverted: EINVAL, the generic protocol check's answer too, which
+bpfilter makes without the module as well) and conntrack's synproxy extension."""
 from __future__ import annotations
 
 from construct import Int8un, Int16un, Struct
@@ -12,6 +13,7 @@ from ..model import Hook
 from . import BOTH_FAMILIES
 from .xtmatch import plain_kernel_extension
 
+IPPROTO_TCP = 6
 XT_SYNPROXY_OPT_MSS, XT_SYNPROXY_OPT_WSCALE = 0x01, 0x02
 XT_SYNPROXY_OPT_SACK_PERM, XT_SYNPROXY_OPT_TIMESTAMP = 0x04, 0x08
 
@@ -35,4 +37,4 @@ def _describe(f: dict) -> str:
 plain_kernel_extension("target", "SYNPROXY", xt_synproxy_info, BOTH_FAMILIES,
                        why="which answers the client itself (SYN cookies)",
                        hooks=(1 << Hook.LOCAL_IN.value) | (1 << Hook.FORWARD.value),
-                       describe=_describe)
+                       proto=IPPROTO_TCP, describe=_describe)
