@@ -226,7 +226,11 @@ def _emit_walk_step(asm, record: bool, bounded: bool) -> None:
         asm.emit(BPF_LDX_MEM(BPF_W, R1, R6, LEN), BPF_ALU64_REG(I.BPF_SUB, R1, R8),
                  BPF_JMP_REG(I.BPF_JLT, R1, R3, badmsg))
     asm.emit(BPF_LDX_MEM(BPF_B, R1, FP, _SCRATCH_FP), BPF_STX_MEM(BPF_B, R6, R1, PROTO),
-             BPF_ALU64_REG(I.BPF_ADD, R8, R3), BPF_STX_MEM(BPF_W, R6, R8, THOFF),
+             # THOFF in two halves: the verifier keeps no range for a word written in
+             # parts, so bpf_loop()'s turns converge at once rather than as the
+             # offset's range widens turn by turn
+             BPF_ALU64_REG(I.BPF_ADD, R8, R3), BPF_STX_MEM(BPF_H, R6, R8, THOFF),
+             BPF_ALU64_IMM(I.BPF_RSH, R8, 16), BPF_STX_MEM(BPF_H, R6, R8, THOFF + 2),
              BPF_MOV64_IMM(R0, 0), BPF_EXIT_INSN())
     for label, outcome in ((found, WALK_FOUND), (enoent, WALK_ENOENT), (badmsg, WALK_EBADMSG)):
         asm.place(label)
