@@ -783,7 +783,8 @@ def test_kmod_mangle_and_raw_tables(module):
     helper) and CLASSIFY, CHECKSUM and CT --zone run; HMARK's mark picks uplink 2 and the
     next rule's -m mark sees it; a TEE rule loads; cluster's hash and CONNSECMARK run;
     IPv6's SNPT and DNPT translate a prefix there and back, the next rules seeing the
-    address each wrote; what the checkentries refuse (TOS outside mangle, CT outside
+    address each wrote; SYNPROXY answers a client with SYN cookies and opens the
+    server's connection where the kernel does; what the checkentries refuse (TOS outside mangle, CT outside
     raw, TCPMSS without a SYN test, PMTU clamping in PREROUTING, CONNSECMARK outside
     mangle, SNPT in PREROUTING) is refused with the kernel's errno; every table's
     `-save -c` counters are the kernel's."""
@@ -815,10 +816,12 @@ def test_kmod_mangle_and_raw_tables(module):
         # srv saw cli's datagram from the translated prefix, which the rule after SNPT
         # saw too, and the answer came back to cli's address past DNPT
         assert re.search(r"^srv:7016 udp from fd0a::", ref, re.M), ref
-        # SYNPROXY: cli's handshake with fw's cookie, then srv's own with fw, from cli
-        for svc, cli in (("198.18.9.9", "198.18.1.2"), ("fd09::9", "fd01::2")):
+        # SYNPROXY: cli's handshake with fw's cookie (the SYN and the ACK meet the
+        # rule); srv's own with fw, which 7.3's kernel does not complete here, ip_tables'
+        # as well as ours, is compared below
+        for svc in ("198.18.9.9", "fd09::9"):
             assert f"synproxy tcp {svc} 7017: connected\n" in ref, ref
-            assert re.search(rf"^srv:7017 tcp from {cli} ", ref, re.M), ref
+        assert ref.count("synproxy rule: 2 packets\n") == 2, ref
         # cluster's hash put cli's sources on both nodes
         for node in (1, 2):
             assert re.search(rf"^\[[1-9]\d*:\d+\] -A PREROUTING .* --cluster-local-nodemask "
